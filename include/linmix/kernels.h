@@ -1,0 +1,86 @@
+// The fast kernels of linmix: the parallel (training / prefill) form and the recurrent
+// (generation) step of every mechanism, with their state structs. The float64 references
+// they are tested against live in src/ref/. Shapes are given per function; all tensors are
+// contiguous row-major float32. Outputs come first, then inputs, then weights, then dims.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace linmix {
+
+struct AttnDims {
+  int64_t B, T, H, D, E;
+};
+
+// ---- softmax (src/mixers/softmax.cpp) ----
+// Tiled online softmax (FlashAttention algorithm): O(T) extra memory.
+// y: (B,T,H,E); q, k: (B,T,H,D); v: (B,T,H,E). window 0 = unlimited.
+void softmax_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d,
+                     float scale, bool causal, int64_t window);
+
+// Key/value cache of one sequence. k: (len,H,D), v: (len,H,E), oldest first. With a window
+// only the last window-1 entries are kept between steps (all a future query can see).
+struct KVCache {
+  int64_t H = 0, D = 0, E = 0, window = 0;
+  std::vector<float> k, v;
+  int64_t len() const { return D ? static_cast<int64_t>(k.size()) / (H * D) : 0; }
+};
+// One causal token: y: (H,E); q, k: (H,D); v: (H,E). `scratch` is reused across calls.
+void softmax_step(float* y, KVCache& cache, const float* q, const float* k, const float* v, float scale,
+                  std::vector<float>& scratch);
+
+// ---- linear (src/mixers/linear.cpp) ----
+// Chunked linear attention (intra-chunk quadratic, inter-chunk state S, z), phi = elu + 1.
+void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
+                    bool causal);
+// State of one sequence: S: (H,D,E), z: (H,D).
+struct LinearState {
+  int64_t H = 0, D = 0, E = 0;
+  std::vector<float> S, z;
+};
+// One causal token: y: (H,E); q, k: (H,D); v: (H,E).
+void linear_step(float* y, LinearState& st, const float* q, const float* k, const float* v, float eps,
+                 std::vector<float>& scratch);
+
+// ---- AFT family (src/mixers/aft.cpp) ----
+// Banded AFT: position t mixes s in the band [t - lo, t + hi] with bias w(t, s, c), and every
+// other allowed s (s <= t when causal) with bias 0, through running prefix / suffix sums.
+// aft_simple: empty band (lo = -1, hi = 0); aft_local: lo = hi = window - 1 (hi = 0 causal);
+// aft_conv: the kernel support; aft_full: lo = hi = T (everything in the band).
+// The bias is constant over a channel block: bias(t, s, block) -> float.
+struct AftBand {
+  int64_t lo, hi;
+  // channel blocks [c0, c1) over which the bias is constant; a block is processed as a unit
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  // bias for (t, s) in the block with index bi; only called for s in the band
+  float (*bias)(const void* ctx, int64_t t, int64_t s, int64_t bi);
+  const void* ctx;
+};
+// y, q, k, v: (B,T,C). Extra memory O(T C) (the suffix sums, non-causal only).
+void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
+                 bool causal, const AftBand& band);
+
+// Recurrent AFT state of one sequence: the running sums over positions that left the band
+// (num, den scaled by exp(-max), per channel) and the band's last `lo` (k, v) rows.
+struct AftState {
+  int64_t C = 0;
+  std::vector<float> num, den, max;  // (C)
+  std::vector<float> k, v;           // (L,C), oldest first, L <= lo
+  int64_t pos = 0;                   // tokens seen so far (absolute position of the next one)
+  int64_t len() const { return C ? static_cast<int64_t>(k.size()) / C : 0; }
+};
+// One causal token at position st.pos: y, q, k, v: (C). lo = -1 (simple), K - 1 (conv),
+// window - 1 (local) or a huge value (full, keeps everything).
+void aft_step(float* y, AftState& st, const float* q, const float* k, const float* v, int64_t lo,
+              const AftBand& band, std::vector<float>& scratch);
+
+// ---- rwkv4 (src/mixers/rwkv4.cpp) ----
+// State of the numerically stable WKV scan, per channel: a (numerator), b (denominator),
+// both scaled by exp(-p). Initial a = b = 0, p = -1e38.
+// Scans T tokens starting from (a, bb, p), updating them in place.
+// y, k, v: (T, C) with row stride `stride` (C for one sequence, so B sequences are B calls);
+// w (decay rate > 0), u (bonus): (C); a, bb, p: (C).
+void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const float* v, const float* w,
+                const float* u, int64_t T, int64_t C, int64_t stride);
+
+}  // namespace linmix

@@ -1,0 +1,34 @@
+// safetensors I/O (https://github.com/huggingface/safetensors format):
+//   [u64 little-endian header length N][N bytes JSON header][raw data]
+// The JSON maps tensor name -> {"dtype", "shape", "data_offsets": [begin, end]} (offsets
+// relative to the data section) plus an optional "__metadata__" string map.
+//
+// Reading validates everything against the file size before any data is touched: header
+// length, JSON syntax, dtype (F32; F16 and BF16 are widened to float32), shape, offsets
+// in range, byte count == numel * itemsize, and no two tensors overlapping.
+// Writing is atomic: a temporary file in the same directory, fsync, then rename.
+#pragma once
+#include <map>
+#include <string>
+
+#include "linmix/tensor.h"
+
+namespace linmix {
+
+struct SafeTensors {
+  TensorMap tensors;
+  std::map<std::string, std::string> metadata;
+};
+
+// Parses an in-memory file image; `what` names it in error messages.
+SafeTensors parse_safetensors(const std::string& bytes, const std::string& what);
+SafeTensors read_safetensors(const std::string& path);
+std::string serialize_safetensors(const TensorMap& tensors,
+                                  const std::map<std::string, std::string>& metadata = {});
+void write_safetensors(const std::string& path, const TensorMap& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+// Writes `bytes` to `path` atomically (temp file in the same directory + fsync + rename).
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
+}  // namespace linmix

@@ -1,0 +1,37 @@
+#include "linmix/tensor.h"
+
+#include <cmath>
+
+namespace linmix {
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ",";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+void check_shape(const std::string& name, const Tensor& t, const std::vector<int64_t>& expected) {
+  LINMIX_CHECK(t.shape == expected, "tensor '" + name + "': expected shape " +
+                                        shape_str(expected) + ", found " + shape_str(t.shape));
+}
+
+void check_finite(const std::string& name, const Tensor& t) {
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (!std::isfinite(t.data[static_cast<size_t>(i)])) {
+      throw Error("tensor '" + name + "': element " + std::to_string(i) + " is " +
+                  (std::isnan(t.data[static_cast<size_t>(i)]) ? "NaN" : "infinite") +
+                  "; inputs must be finite");
+    }
+  }
+}
+
+}  // namespace linmix

@@ -1,0 +1,201 @@
+#include "linmix/safetensors.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+namespace linmix {
+namespace {
+
+using json = nlohmann::json;
+
+// Upper bound on the JSON header, as in the reference implementation (100 MB).
+constexpr uint64_t kMaxHeader = 100u * 1000u * 1000u;
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float v;
+  if (exp == 0) {
+    v = std::ldexp(static_cast<float>(man), -24);  // zero / subnormal
+  } else if (exp == 31) {
+    v = man ? std::nanf("") : INFINITY;
+  } else {
+    v = std::ldexp(static_cast<float>(man | 0x400u), static_cast<int>(exp) - 25);
+  }
+  return sign ? -v : v;
+}
+
+float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+}  // namespace
+
+SafeTensors parse_safetensors(const std::string& bytes, const std::string& what) {
+  const uint64_t size = bytes.size();
+  LINMIX_CHECK(size >= 8, what + ": truncated safetensors file (" + std::to_string(size) +
+                              " bytes; the 8-byte header length is missing)");
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[static_cast<size_t>(i)]);
+  LINMIX_CHECK(n <= size - 8, what + ": header length " + std::to_string(n) +
+                                  " runs past the end of the file (" + std::to_string(size) +
+                                  " bytes): truncated or not a safetensors file");
+  LINMIX_CHECK(n <= kMaxHeader, what + ": header length " + std::to_string(n) + " exceeds the 100 MB limit");
+  json h;
+  try {
+    h = json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+  } catch (const json::exception& e) {
+    throw Error(what + ": header is not valid JSON (" + std::string(e.what()) + ")");
+  }
+  LINMIX_CHECK(h.is_object(), what + ": header JSON is not an object");
+  const uint64_t data_size = size - 8 - n;
+  const char* data = bytes.data() + 8 + n;
+
+  SafeTensors out;
+  struct Range {
+    uint64_t b, e;
+    std::string name;
+  };
+  std::vector<Range> ranges;
+  for (auto it = h.begin(); it != h.end(); ++it) {
+    const std::string& name = it.key();
+    const json& e = it.value();
+    if (name == "__metadata__") {
+      LINMIX_CHECK(e.is_object(), what + ": __metadata__ is not an object");
+      for (auto m = e.begin(); m != e.end(); ++m) {
+        LINMIX_CHECK(m.value().is_string(), what + ": __metadata__ value '" + m.key() + "' is not a string");
+        out.metadata[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    const std::string tn = what + ": tensor '" + name + "'";
+    LINMIX_CHECK(e.is_object() && e.contains("dtype") && e.contains("shape") && e.contains("data_offsets"),
+                 tn + ": entry must have dtype, shape and data_offsets");
+    LINMIX_CHECK(e["dtype"].is_string(), tn + ": dtype is not a string");
+    const std::string dtype = e["dtype"].get<std::string>();
+    size_t item = 0;
+    if (dtype == "F32") item = 4;
+    else if (dtype == "F16" || dtype == "BF16") item = 2;
+    else throw Error(tn + ": unsupported dtype " + dtype + " (expected F32, F16 or BF16)");
+    LINMIX_CHECK(e["shape"].is_array(), tn + ": shape is not an array");
+    std::vector<int64_t> shape;
+    uint64_t numel = 1;
+    for (const json& d : e["shape"]) {
+      LINMIX_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0),
+                   tn + ": shape entries must be non-negative integers");
+      const uint64_t dv = d.get<uint64_t>();
+      LINMIX_CHECK(dv < (1ull << 40) && (dv == 0 || numel <= (1ull << 40) / dv), tn + ": shape too large");
+      numel *= dv;
+      shape.push_back(static_cast<int64_t>(dv));
+    }
+    const json& off = e["data_offsets"];
+    LINMIX_CHECK(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(),
+                 tn + ": data_offsets must be two non-negative integers");
+    const uint64_t b = off[0].get<uint64_t>(), en = off[1].get<uint64_t>();
+    LINMIX_CHECK(b <= en && en <= data_size,
+                 tn + ": data_offsets [" + std::to_string(b) + "," + std::to_string(en) +
+                     "] out of range (data section is " + std::to_string(data_size) + " bytes)");
+    LINMIX_CHECK(en - b == numel * item, tn + ": data_offsets cover " + std::to_string(en - b) +
+                                             " bytes but shape " + shape_str(shape) + " of " + dtype +
+                                             " needs " + std::to_string(numel * item));
+    ranges.push_back({b, en, name});
+    Tensor t;
+    t.shape = shape;
+    t.data.resize(numel);
+    const char* p = data + b;
+    if (item == 4) {
+      std::memcpy(t.data.data(), p, numel * 4);
+    } else {
+      for (uint64_t i = 0; i < numel; ++i) {
+        uint16_t v;
+        std::memcpy(&v, p + 2 * i, 2);
+        t.data[i] = dtype == "F16" ? half_to_float(v) : bf16_to_float(v);
+      }
+    }
+    out.tensors[name] = std::move(t);
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.b < b.b; });
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    LINMIX_CHECK(ranges[i].b >= ranges[i - 1].e || ranges[i].b == ranges[i].e || ranges[i - 1].b == ranges[i - 1].e,
+                 what + ": tensors '" + ranges[i - 1].name + "' and '" + ranges[i].name +
+                     "' have overlapping data_offsets");
+  }
+  return out;
+}
+
+SafeTensors read_safetensors(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  LINMIX_CHECK(f.good(), path + ": cannot open (" + std::strerror(errno) + ")");
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  LINMIX_CHECK(!f.bad(), path + ": read error");
+  return parse_safetensors(ss.str(), path);
+}
+
+std::string serialize_safetensors(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
+  json h = json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  uint64_t off = 0;
+  for (const auto& [name, t] : tensors) {
+    LINMIX_CHECK(static_cast<int64_t>(t.data.size()) == numel_of(t.shape),
+                 "tensor '" + name + "': data size does not match shape " + shape_str(t.shape));
+    const uint64_t nb = t.data.size() * 4;
+    h[name] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {off, off + nb}}};
+    off += nb;
+  }
+  std::string hs = h.dump();
+  while ((hs.size() + 8) % 8) hs.push_back(' ');  // keep the data section 8-byte aligned
+  std::string out(8, '\0');
+  const uint64_t n = hs.size();
+  for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
+  out += hs;
+  out.reserve(out.size() + off);
+  for (const auto& [name, t] : tensors) out.append(reinterpret_cast<const char*>(t.data.data()), t.data.size() * 4);
+  return out;
+}
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  LINMIX_CHECK(fd >= 0, path + ": cannot create temporary file " + tmp + " (" + std::strerror(errno) + ")");
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      const std::string err = std::strerror(errno);
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      throw Error(path + ": write failed (" + err + ")");
+    }
+    done += static_cast<size_t>(w);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    const std::string err = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    throw Error(path + ": write failed (" + err + ")");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string err = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    throw Error(path + ": cannot rename temporary file into place (" + err + ")");
+  }
+}
+
+void write_safetensors(const std::string& path, const TensorMap& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  write_file_atomic(path, serialize_safetensors(tensors, metadata));
+}
+
+}  // namespace linmix

@@ -1,0 +1,180 @@
+// linear — linear attention, "Transformers are RNNs" (Katharopoulos et al. 2020), phi = elu+1.
+// parallel: chunked. Within a chunk of kChunk positions the causal part is the small
+// quadratic A = phi(Q) phi(K)^T (masked); across chunks the running state S = sum phi(k) v^T,
+// z = sum phi(k) carries the prefix (paper eq. 10-12). Non-causal: one S, z for all.
+// recurrent: S, z per head, one token at a time (paper eq. 18-20).
+#include "../ref/attention_ref.h"
+#include "common.h"
+#include "linmix/kernels.h"
+
+namespace linmix {
+
+namespace {
+constexpr int64_t kChunk = 64;
+}
+
+void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
+                    bool causal) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+#pragma omp parallel
+  {
+    // Qf, Kf: (kChunk,D) phi-mapped rows; Vc: (kChunk,E); A: (kChunk,kChunk);
+    // S: (D,E), z: (D); num: (E).
+    std::vector<float> Qf(kChunk * D), Kf(kChunk * D), Vc(kChunk * E), A(kChunk * kChunk), S(D * E), z(D), num(E);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        auto qrow = [&](int64_t t) { return q + ((b * T + t) * H + h) * D; };
+        auto krow = [&](int64_t t) { return k + ((b * T + t) * H + h) * D; };
+        auto vrow = [&](int64_t t) { return v + ((b * T + t) * H + h) * E; };
+        std::fill(S.begin(), S.end(), 0.0f);
+        std::fill(z.begin(), z.end(), 0.0f);
+        auto absorb = [&](int64_t n) {  // S += Kf^T Vc, z += sum Kf over n rows
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t x = 0; x < D; ++x) {
+              const float kx = Kf[j * D + x];
+              z[x] += kx;
+              for (int64_t e = 0; e < E; ++e) S[x * E + e] += kx * Vc[j * E + e];
+            }
+        };
+        auto load = [&](int64_t t0, int64_t n) {
+          for (int64_t j = 0; j < n; ++j) {
+            for (int64_t x = 0; x < D; ++x) Kf[j * D + x] = phi_elu(krow(t0 + j)[x]);
+            for (int64_t x = 0; x < D; ++x) Qf[j * D + x] = phi_elu(qrow(t0 + j)[x]);
+            std::copy(vrow(t0 + j), vrow(t0 + j) + E, &Vc[j * E]);
+          }
+        };
+        // y_i = (phi(q_i)^T S + intra) / (phi(q_i) . z + intra_den + eps)
+        auto emit = [&](int64_t t0, int64_t n, bool intra) {
+          if (intra)
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t j = 0; j <= i; ++j) {
+                float a = 0.0f;
+                for (int64_t x = 0; x < D; ++x) a += Qf[i * D + x] * Kf[j * D + x];
+                A[i * kChunk + j] = a;
+              }
+          for (int64_t i = 0; i < n; ++i) {
+            float den = 0.0f;
+            std::fill(num.begin(), num.end(), 0.0f);
+            for (int64_t x = 0; x < D; ++x) {
+              const float qx = Qf[i * D + x];
+              den += qx * z[x];
+              for (int64_t e = 0; e < E; ++e) num[e] += qx * S[x * E + e];
+            }
+            if (intra)
+              for (int64_t j = 0; j <= i; ++j) {
+                const float a = A[i * kChunk + j];
+                den += a;
+                for (int64_t e = 0; e < E; ++e) num[e] += a * Vc[j * E + e];
+              }
+            float* yr = y + ((b * T + t0 + i) * H + h) * E;
+            const float inv = 1.0f / (den + eps);
+            for (int64_t e = 0; e < E; ++e) yr[e] = num[e] * inv;
+          }
+        };
+        if (causal) {
+          for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+            const int64_t n = std::min(kChunk, T - t0);
+            load(t0, n);
+            emit(t0, n, true);  // prefix through S, z (chunks < this one) + the chunk itself
+            absorb(n);
+          }
+        } else {
+          for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+            const int64_t n = std::min(kChunk, T - t0);
+            load(t0, n);
+            absorb(n);
+          }
+          for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+            const int64_t n = std::min(kChunk, T - t0);
+            load(t0, n);
+            emit(t0, n, false);
+          }
+        }
+      }
+  }
+}
+
+void linear_step(float* y, LinearState& st, const float* q, const float* k, const float* v, float eps,
+                 std::vector<float>& scratch) {
+  const int64_t H = st.H, D = st.D, E = st.E;
+  scratch.resize(static_cast<size_t>(D));
+  for (int64_t h = 0; h < H; ++h) {
+    float* S = &st.S[h * D * E];
+    float* z = &st.z[h * D];
+    for (int64_t x = 0; x < D; ++x) {  // S += phi(k) v^T, z += phi(k)
+      const float kx = phi_elu(k[h * D + x]);
+      z[x] += kx;
+      for (int64_t e = 0; e < E; ++e) S[x * E + e] += kx * v[h * E + e];
+    }
+    float den = 0.0f;
+    float* yr = y + h * E;
+    std::fill(yr, yr + E, 0.0f);
+    for (int64_t x = 0; x < D; ++x) {
+      const float qx = phi_elu(q[h * D + x]);
+      den += qx * z[x];
+      for (int64_t e = 0; e < E; ++e) yr[e] += qx * S[x * E + e];
+    }
+    const float inv = 1.0f / (den + eps);
+    for (int64_t e = 0; e < E; ++e) yr[e] *= inv;
+  }
+}
+
+namespace {
+
+AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
+
+MixerSpec make_spec() {
+  MixerSpec s;
+  s.name = "linear";
+  s.paper = "Katharopoulos et al. 2020, Transformers are RNNs";
+  s.summary = "linear attention with phi = elu + 1";
+  s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};
+  s.params = {{"eps", 1e-6, false, 0.0, "denominator epsilon"}};
+  s.state = {{"S", "B,H,D,E"}, {"z", "B,H,D"}};
+  s.state_size = "H D (E + 1) per sequence";
+  s.time = "O(T H D E) (+ O(T chunk H D) intra-chunk when causal)";
+  s.memory = "O(chunk^2 + D E) per head";
+  s.reference = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
+    ref::linear_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(),
+                            to_double(c.t("v")).data(), {d.B, d.T, d.H, d.D, d.E}, c.p("eps"), c.causal);
+    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
+  };
+  s.parallel = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    Tensor y({d.B, d.T, d.H, d.E});
+    linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
+    return TensorMap{{"y", std::move(y)}};
+  };
+  s.recurrent = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    Tensor y({d.B, d.T, d.H, d.E}), S({d.B, d.H, d.D, d.E}), z({d.B, d.H, d.D});
+    if (c.has("state.S")) {
+      S = c.t("state.S");
+      z = c.t("state.z");
+    }
+    LinearState st{d.H, d.D, d.E, {}, {}};
+    std::vector<float> scratch;
+    for (int64_t b = 0; b < d.B; ++b) {
+      st.S.assign(S.ptr() + b * d.H * d.D * d.E, S.ptr() + (b + 1) * d.H * d.D * d.E);
+      st.z.assign(z.ptr() + b * d.H * d.D, z.ptr() + (b + 1) * d.H * d.D);
+      for (int64_t t = 0; t < d.T; ++t) {
+        const int64_t row = (b * d.T + t) * d.H;
+        linear_step(y.ptr() + row * d.E, st, c.t("q").ptr() + row * d.D, c.t("k").ptr() + row * d.D,
+                    c.t("v").ptr() + row * d.E, float(c.p("eps")), scratch);
+      }
+      std::copy(st.S.begin(), st.S.end(), S.ptr() + b * d.H * d.D * d.E);
+      std::copy(st.z.begin(), st.z.end(), z.ptr() + b * d.H * d.D);
+    }
+    return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}, {"state.z", std::move(z)}};
+  };
+  return s;
+}
+
+}  // namespace
+
+MixerSpec linear_spec() { return make_spec(); }
+
+}  // namespace linmix

@@ -1,0 +1,217 @@
+// The mixer registry and the validation every call goes through before a kernel runs.
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include "common.h"
+
+namespace linmix {
+
+const char* mode_name(Mode m) {
+  switch (m) {
+    case Mode::Reference: return "reference";
+    case Mode::Parallel: return "parallel";
+    case Mode::Recurrent: return "recurrent";
+  }
+  return "?";
+}
+
+Mode parse_mode(const std::string& s) {
+  if (s == "reference") return Mode::Reference;
+  if (s == "parallel") return Mode::Parallel;
+  if (s == "recurrent") return Mode::Recurrent;
+  throw Error("unknown mode '" + s + "' (expected reference, parallel or recurrent)");
+}
+
+const Tensor& Call::t(const std::string& name) const {
+  auto it = in.find(name);
+  LINMIX_CHECK(it != in.end(), "missing input tensor '" + name + "'");
+  return it->second;
+}
+
+const std::vector<MixerSpec>& mixers() {
+  static const std::vector<MixerSpec> all = {softmax_spec(),   linear_spec(),    aft_full_spec(),
+                                             aft_local_spec(), aft_simple_spec(), aft_conv_spec(),
+                                             rwkv4_spec()};
+  return all;
+}
+
+const MixerSpec& find_mixer(const std::string& name) {
+  std::string known;
+  for (const auto& m : mixers()) {
+    if (m.name == name) return m;
+    known += (known.empty() ? "" : ", ") + m.name;
+  }
+  throw Error("unknown mixer '" + name + "' (known: " + known + ")");
+}
+
+namespace {
+
+std::vector<std::string> split_dims(const std::string& dims) {
+  std::vector<std::string> out;
+  std::stringstream ss(dims);
+  std::string d;
+  while (std::getline(ss, d, ',')) out.push_back(d);
+  return out;
+}
+
+// Binds the symbolic dims of `spec` against `t`, or throws naming the tensor.
+void bind_dims(const std::string& name, const std::string& dims_text, const Tensor& t,
+               std::map<std::string, int64_t>& dims) {
+  const auto dims_v = split_dims(dims_text);
+  auto expected = [&] {
+    std::string s = "[" + dims_text + "]";
+    std::vector<int64_t> known;
+    bool all = true;
+    for (const auto& d : dims_v) {
+      if (dims.count(d)) known.push_back(dims.at(d));
+      else all = false;
+    }
+    if (all) s += " = " + shape_str(known);
+    return s;
+  };
+  LINMIX_CHECK(static_cast<int64_t>(dims_v.size()) == t.rank(),
+               "tensor '" + name + "': expected rank " + std::to_string(dims_v.size()) + " " + expected() +
+                   ", found rank " + std::to_string(t.rank()) + " " + shape_str(t.shape));
+  for (size_t i = 0; i < dims_v.size(); ++i) {
+    const std::string& d = dims_v[i];
+    const bool literal = !d.empty() && std::isdigit(static_cast<unsigned char>(d[0]));
+    const int64_t want = literal ? std::atoll(d.c_str()) : (dims.count(d) ? dims.at(d) : -1);
+    if (want >= 0 && want != t.shape[i]) {
+      throw Error("tensor '" + name + "': expected shape " + expected() + ", found " + shape_str(t.shape) +
+                  " (dim " + std::to_string(i) + " '" + d + "' should be " + std::to_string(want) + ")");
+    }
+    LINMIX_CHECK(t.shape[i] >= 1 || d == "L",
+                 "tensor '" + name + "': dim " + std::to_string(i) + " '" + d + "' is 0; it must be at least 1");
+    if (!literal) dims[d] = t.shape[i];
+  }
+}
+
+double parse_number(const std::string& key, const std::string& value) {
+  LINMIX_CHECK(!value.empty(), "param '" + key + "': empty value");
+  errno = 0;
+  char* end = nullptr;
+  const double v = std::strtod(value.c_str(), &end);
+  LINMIX_CHECK(end && *end == '\0' && errno != ERANGE && std::isfinite(v),
+               "param '" + key + "': malformed value '" + value + "' (expected a finite number)");
+  return v;
+}
+
+}  // namespace
+
+TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
+                    const std::map<std::string, std::string>& raw_params, const TensorMap& in) {
+  const MixerSpec& spec = find_mixer(name);
+  if (causal && !spec.causal_ok) throw Error("mixer '" + name + "' has no causal form; drop --causal");
+  if (!causal && !spec.noncausal_ok) throw Error("mixer '" + name + "' is causal only; pass --causal");
+  if (mode == Mode::Recurrent && !causal) throw Error("the recurrent form is defined only with --causal");
+
+  Call call{in, {}, {}, {}, causal};
+  for (const auto& p : spec.params) {
+    call.params[p.name] = p.def;
+    call.given[p.name] = false;
+  }
+  for (const auto& [key, value] : raw_params) {
+    auto it = std::find_if(spec.params.begin(), spec.params.end(), [&](const ParamSpec& p) { return p.name == key; });
+    if (it == spec.params.end()) {
+      std::string known;
+      for (const auto& p : spec.params) known += (known.empty() ? "" : ", ") + p.name;
+      throw Error("unknown param '" + key + "' for mixer '" + name + "' (known: " + (known.empty() ? "none" : known) + ")");
+    }
+    const double v = parse_number(key, value);
+    LINMIX_CHECK(!it->integer || v == std::floor(v), "param '" + key + "': expected an integer, found '" + value + "'");
+    LINMIX_CHECK(v >= it->min, "param '" + key + "': must be >= " + std::to_string(it->min) + ", found " + value);
+    call.params[key] = v;
+    call.given[key] = true;
+  }
+
+  std::set<std::string> allowed;
+  for (const auto& ts : spec.inputs) {
+    allowed.insert(ts.name);
+    auto it = in.find(ts.name);
+    if (it == in.end()) {
+      LINMIX_CHECK(ts.optional, "missing input tensor '" + ts.name + "' (expected [" + ts.dims + "])");
+      continue;
+    }
+    bind_dims(ts.name, ts.dims, it->second, call.dims);
+  }
+  // State tensors: only in recurrent mode, and all or none of them.
+  int n_state = 0;
+  for (const auto& ts : spec.state) {
+    const std::string sn = "state." + ts.name;
+    allowed.insert(sn);
+    if (in.count(sn)) ++n_state;
+  }
+  if (n_state > 0) {
+    LINMIX_CHECK(mode == Mode::Recurrent, "state tensors are accepted only with --mode recurrent");
+    for (const auto& ts : spec.state) {
+      const std::string sn = "state." + ts.name;
+      LINMIX_CHECK(in.count(sn), "missing state tensor '" + sn + "' (state tensors must be given together)");
+      bind_dims(sn, ts.dims, in.at(sn), call.dims);
+    }
+  }
+  for (const auto& [tn, t] : in) {
+    LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'");
+    check_finite(tn, t);
+  }
+  if (spec.check) spec.check(call);
+
+  switch (mode) {
+    case Mode::Reference: return spec.reference(call);
+    case Mode::Parallel: return spec.parallel(call);
+    case Mode::Recurrent:
+      LINMIX_CHECK(spec.recurrent, "mixer '" + name + "' has no recurrent form");
+      return spec.recurrent(call);
+  }
+  throw Error("unreachable mode");
+}
+
+TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int64_t>& dims, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  TensorMap in;
+  for (const auto& ts : spec.inputs) {
+    if (ts.optional) continue;
+    std::vector<int64_t> shape;
+    for (const auto& d : split_dims(ts.dims)) {
+      LINMIX_CHECK(dims.count(d), "example_inputs: no size given for dim '" + d + "'");
+      shape.push_back(dims.at(d));
+    }
+    Tensor t(shape);
+    for (auto& x : t.data) x = normal(rng);
+    in[ts.name] = std::move(t);
+  }
+  if (spec.example_fix) spec.example_fix(in);
+  return in;
+}
+
+std::string describe_mixers() {
+  std::ostringstream o;
+  for (const auto& m : mixers()) {
+    o << m.name << " — " << m.summary << "\n";
+    o << "  paper:   " << m.paper << "\n";
+    o << "  causal:  " << (m.causal_ok ? "yes" : "no") << "   non-causal: " << (m.noncausal_ok ? "yes" : "no") << "\n";
+    o << "  forms:   reference (float64, T x T weights), parallel";
+    if (m.recurrent) o << ", recurrent";
+    o << "\n  inputs: ";
+    for (const auto& t : m.inputs) o << " " << t.name << "[" << t.dims << "]" << (t.optional ? "?" : "");
+    o << "\n  params: ";
+    if (m.params.empty()) o << " none";
+    for (const auto& p : m.params) {
+      o << " " << p.name << "=";
+      if (!p.def_text.empty()) o << p.def_text;
+      else o << p.def;
+    }
+    o << "\n  state:  ";
+    if (m.state.empty()) o << " none";
+    for (const auto& t : m.state) o << " state." << t.name << "[" << t.dims << "]";
+    o << "  (" << m.state_size << ")\n";
+    o << "  time:    " << m.time << "   extra memory: " << m.memory << "\n\n";
+  }
+  return o.str();
+}
+
+}  // namespace linmix

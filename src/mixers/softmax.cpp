@@ -1,0 +1,203 @@
+// softmax — scaled dot-product attention, the O(T^2) baseline (MIXERS.md "softmax").
+// parallel: tiled online softmax (Dao et al. 2022, Algorithm 1): per query tile a running
+// row max m, row sum l and unnormalised accumulator, so extra memory is O(tile^2 + T).
+// recurrent: a key/value cache (causal only).
+#include <cmath>
+
+#include "../ref/attention_ref.h"
+#include "common.h"
+#include "linmix/kernels.h"
+
+namespace linmix {
+
+namespace {
+constexpr int64_t kTileQ = 32;  // query rows per tile
+constexpr int64_t kTileK = 64;  // key rows per tile
+}  // namespace
+
+void softmax_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d,
+                     float scale, bool causal, int64_t window) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+#pragma omp parallel
+  {
+    // Per-thread tiles: Qb (kTileQ,D), Kb (kTileK,D), Vb (kTileK,E), Sb (kTileQ,kTileK),
+    // acc (kTileQ,E), m and l (kTileQ).
+    std::vector<float> Qb(kTileQ * D), Kb(kTileK * D), Vb(kTileK * E), Sb(kTileQ * kTileK), acc(kTileQ * E),
+        m(kTileQ), l(kTileQ);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t t0 = 0; t0 < T; t0 += kTileQ) {
+          const int64_t nq = std::min(kTileQ, T - t0);
+          for (int64_t i = 0; i < nq; ++i)
+            for (int64_t x = 0; x < D; ++x) Qb[i * D + x] = scale * q[((b * T + t0 + i) * H + h) * D + x];
+          std::fill(m.begin(), m.end(), kNegInf);
+          std::fill(l.begin(), l.end(), 0.0f);
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          // Keys any row of this tile may see.
+          const int64_t s_begin = window > 0 ? std::max<int64_t>(0, t0 - window + 1) : 0;
+          const int64_t s_end = causal ? t0 + nq : (window > 0 ? std::min(T, t0 + nq - 1 + window) : T);
+          for (int64_t s0 = s_begin; s0 < s_end; s0 += kTileK) {
+            const int64_t nk = std::min(kTileK, s_end - s0);
+            for (int64_t j = 0; j < nk; ++j) {
+              const float* kr = k + ((b * T + s0 + j) * H + h) * D;
+              const float* vr = v + ((b * T + s0 + j) * H + h) * E;
+              std::copy(kr, kr + D, &Kb[j * D]);
+              std::copy(vr, vr + E, &Vb[j * E]);
+            }
+            for (int64_t i = 0; i < nq; ++i) {
+              const int64_t t = t0 + i;
+              float* srow = &Sb[i * kTileK];
+              float rmax = kNegInf;
+              for (int64_t j = 0; j < nk; ++j) {
+                const int64_t s = s0 + j;
+                float a = kNegInf;
+                if (ref::attn_allowed(t, s, causal, window)) {
+                  a = 0.0f;
+                  for (int64_t x = 0; x < D; ++x) a += Qb[i * D + x] * Kb[j * D + x];
+                }
+                srow[j] = a;
+                rmax = std::max(rmax, a);
+              }
+              if (rmax == kNegInf) continue;  // no allowed key in this tile for row t
+              const float mnew = std::max(m[i], rmax);
+              const float corr = std::exp(m[i] - mnew);  // 0 when m was -inf
+              float* ar = &acc[i * E];
+              float lsum = 0.0f;
+              for (int64_t e = 0; e < E; ++e) ar[e] *= corr;
+              for (int64_t j = 0; j < nk; ++j) {
+                const float p = std::exp(srow[j] - mnew);
+                lsum += p;
+                const float* vr = &Vb[j * E];
+                for (int64_t e = 0; e < E; ++e) ar[e] += p * vr[e];
+              }
+              l[i] = l[i] * corr + lsum;
+              m[i] = mnew;
+            }
+          }
+          for (int64_t i = 0; i < nq; ++i) {
+            float* yr = y + ((b * T + t0 + i) * H + h) * E;
+            const float inv = 1.0f / l[i];
+            for (int64_t e = 0; e < E; ++e) yr[e] = acc[i * E + e] * inv;
+          }
+        }
+      }
+  }
+}
+
+void softmax_step(float* y, KVCache& c, const float* q, const float* k, const float* v, float scale,
+                  std::vector<float>& scratch) {
+  const int64_t H = c.H, D = c.D, E = c.E;
+  c.k.insert(c.k.end(), k, k + H * D);
+  c.v.insert(c.v.end(), v, v + H * E);
+  const int64_t L = c.len();
+  const int64_t first = c.window > 0 ? std::max<int64_t>(0, L - c.window) : 0;  // t - s < window
+  scratch.resize(static_cast<size_t>(L));
+  for (int64_t h = 0; h < H; ++h) {
+    float mx = kNegInf;
+    for (int64_t s = first; s < L; ++s) {
+      float a = 0.0f;
+      for (int64_t x = 0; x < D; ++x) a += q[h * D + x] * c.k[(s * H + h) * D + x];
+      scratch[s] = a * scale;
+      mx = std::max(mx, scratch[s]);
+    }
+    float sum = 0.0f;
+    float* yr = y + h * E;
+    std::fill(yr, yr + E, 0.0f);
+    for (int64_t s = first; s < L; ++s) {
+      const float p = std::exp(scratch[s] - mx);
+      sum += p;
+      for (int64_t e = 0; e < E; ++e) yr[e] += p * c.v[(s * H + h) * E + e];
+    }
+    for (int64_t e = 0; e < E; ++e) yr[e] /= sum;
+  }
+  // Keep only what a later query can see: the last window-1 positions.
+  if (c.window > 0 && L > c.window - 1) {
+    const int64_t drop = L - (c.window - 1);
+    c.k.erase(c.k.begin(), c.k.begin() + drop * H * D);
+    c.v.erase(c.v.begin(), c.v.begin() + drop * H * E);
+  }
+}
+
+namespace {
+
+AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
+double softmax_scale(const Call& c) { return c.given.at("scale") ? c.p("scale") : 1.0 / std::sqrt(double(c.d("D"))); }
+
+TensorMap softmax_reference(const Call& c) {
+  const AttnDims d = attn_dims(c);
+  std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
+  ref::softmax_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(),
+                           to_double(c.t("v")).data(), {d.B, d.T, d.H, d.D, d.E}, softmax_scale(c), c.causal,
+                           c.ip("window"));
+  return {{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
+}
+
+TensorMap softmax_parallel(const Call& c) {
+  const AttnDims d = attn_dims(c);
+  Tensor y({d.B, d.T, d.H, d.E});
+  softmax_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(softmax_scale(c)), c.causal,
+                  c.ip("window"));
+  return {{"y", std::move(y)}};
+}
+
+TensorMap softmax_recurrent(const Call& c) {
+  const AttnDims d = attn_dims(c);
+  const int64_t window = c.ip("window");
+  const bool has_state = c.has("state.k");
+  const int64_t L0 = has_state ? c.d("L") : 0;
+  Tensor y({d.B, d.T, d.H, d.E});
+  std::vector<KVCache> caches(static_cast<size_t>(d.B));
+  std::vector<float> scratch;
+  for (int64_t b = 0; b < d.B; ++b) {
+    KVCache& kc = caches[b];
+    kc.H = d.H, kc.D = d.D, kc.E = d.E, kc.window = window;
+    if (has_state) {
+      const float* sk = c.t("state.k").ptr() + b * L0 * d.H * d.D;
+      const float* sv = c.t("state.v").ptr() + b * L0 * d.H * d.E;
+      kc.k.assign(sk, sk + L0 * d.H * d.D);
+      kc.v.assign(sv, sv + L0 * d.H * d.E);
+    }
+    for (int64_t t = 0; t < d.T; ++t) {
+      const int64_t row = (b * d.T + t) * d.H;
+      softmax_step(y.ptr() + row * d.E, kc, c.t("q").ptr() + row * d.D, c.t("k").ptr() + row * d.D,
+                   c.t("v").ptr() + row * d.E, float(softmax_scale(c)), scratch);
+    }
+  }
+  const int64_t L = caches[0].len();
+  Tensor sk({d.B, L, d.H, d.D}), sv({d.B, L, d.H, d.E});
+  for (int64_t b = 0; b < d.B; ++b) {
+    std::copy(caches[b].k.begin(), caches[b].k.end(), sk.ptr() + b * L * d.H * d.D);
+    std::copy(caches[b].v.begin(), caches[b].v.end(), sv.ptr() + b * L * d.H * d.E);
+  }
+  return {{"y", std::move(y)}, {"state.k", std::move(sk)}, {"state.v", std::move(sv)}};
+}
+
+}  // namespace
+
+MixerSpec softmax_spec() {
+  MixerSpec s;
+  s.name = "softmax";
+  s.paper = "Vaswani et al. 2017 (attention); Dao et al. 2022 (FlashAttention tiling)";
+  s.summary = "scaled dot-product attention, the quadratic baseline";
+  s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};
+  s.params = {{"scale", 0.0, false, -1e300, "logit scale", "1/sqrt(D)"},
+              {"window", 0, true, 0, "local window (0 = unlimited)"}};
+  s.state = {{"k", "B,L,H,D"}, {"v", "B,L,H,E"}};
+  s.state_size = "KV cache: L (H D + H E) per sequence, L = tokens seen (window-1 with a window)";
+  s.time = "O(T^2 H D) (O(T window H D) with a window)";
+  s.memory = "O(T) parallel (tiled), O(T^2) reference";
+  s.check = [](const Call& c) {
+    if (c.has("state.k") && c.ip("window") > 0)
+      LINMIX_CHECK(c.d("L") <= c.ip("window") - 1, "tensor 'state.k': a cache for window " +
+                                                       std::to_string(c.ip("window")) + " holds at most " +
+                                                       std::to_string(c.ip("window") - 1) + " positions, found " +
+                                                       std::to_string(c.d("L")));
+  };
+  s.reference = softmax_reference;
+  s.parallel = softmax_parallel;
+  s.recurrent = softmax_recurrent;
+  return s;
+}
+
+}  // namespace linmix

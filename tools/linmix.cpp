@@ -1,0 +1,151 @@
+// The `linmix` command: parses arguments, calls the library, prints. Every user error is one
+// line "linmix: <message>" on stderr and exit code 2.
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include "linmix/mixer.h"
+#include "linmix/safetensors.h"
+
+using namespace linmix;
+
+namespace {
+
+std::map<std::string, std::string> parse_params(const std::vector<std::string>& kvs) {
+  std::map<std::string, std::string> out;
+  for (const auto& kv : kvs) {
+    const auto eq = kv.find('=');
+    LINMIX_CHECK(eq != std::string::npos && eq > 0, "malformed --param '" + kv + "' (expected KEY=VALUE)");
+    const std::string key = kv.substr(0, eq);
+    LINMIX_CHECK(!out.count(key), "param '" + key + "' given twice");
+    out[key] = kv.substr(eq + 1);
+  }
+  return out;
+}
+
+int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params,
+            const std::string& in_path, const std::string& out_path) {
+  const Mode m = parse_mode(mode);
+  const MixerSpec& spec = find_mixer(mixer);  // unknown names fail before any file is read
+  (void)spec;
+  const auto kv = parse_params(params);
+  const SafeTensors in = read_safetensors(in_path);
+  const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors);
+  write_safetensors(out_path, out, {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}});
+  return 0;
+}
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  double m = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::fabs(double(a.data[i]) - double(b.data[i])));
+  return m;
+}
+double max_abs(const Tensor& a) {
+  double m = 0;
+  for (float x : a.data) m = std::max(m, std::fabs(double(x)));
+  return m;
+}
+
+// Generates inputs for every mechanism, writes them as safetensors, runs every form through
+// the same path as `linmix mix` and prints how closely the forms agree.
+int cmd_demo(int64_t T, const std::string& dir, uint64_t seed) {
+  std::filesystem::create_directories(dir);
+  const std::map<std::string, int64_t> dims = {{"B", 2}, {"T", T},  {"H", 4},  {"D", 16},
+                                               {"E", 16}, {"C", 64}, {"Tw", T}, {"K", 7}};
+  std::printf("linmix demo: B=2 T=%lld H=4 D=E=16 C=64, N(0,1) inputs (seed %llu); files in %s/\n",
+              static_cast<long long>(T), static_cast<unsigned long long>(seed), dir.c_str());
+  std::printf("%-11s %-10s %-10s %13s %12s %12s %s\n", "mixer", "causal", "form", "max|y-ref|", "tolerance",
+              "time (ms)", "");
+  int failures = 0;
+  for (const auto& spec : mixers()) {
+    for (bool causal : {false, true}) {
+      if ((causal && !spec.causal_ok) || (!causal && !spec.noncausal_ok)) continue;
+      const std::string stem = dir + "/" + spec.name + (causal ? "_causal" : "");
+      write_safetensors(stem + ".in.safetensors", example_inputs(spec, dims, seed));
+      const TensorMap in = read_safetensors(stem + ".in.safetensors").tensors;
+      Tensor ref;
+      for (Mode m : {Mode::Reference, Mode::Parallel, Mode::Recurrent}) {
+        if (m == Mode::Recurrent && !causal) continue;
+        const auto t0 = std::chrono::steady_clock::now();
+        const TensorMap out = run_mixer(spec.name, m, causal, spec.example_params, in);
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        write_safetensors(stem + "." + mode_name(m) + ".out.safetensors", out);
+        if (m == Mode::Reference) {
+          ref = out.at("y");
+          std::printf("%-11s %-10s %-10s %13s %12s %12.2f\n", spec.name.c_str(), causal ? "causal" : "non-causal",
+                      mode_name(m), "-", "-", ms);
+          continue;
+        }
+        // MIXERS.md: max |err| <= 1e-4 * max(1, max |ref|) against the float64 reference.
+        const double err = max_abs_diff(out.at("y"), ref), tol = 1e-4 * std::max(1.0, max_abs(ref));
+        const bool ok = err <= tol;
+        failures += !ok;
+        std::printf("%-11s %-10s %-10s %13.3e %12.1e %12.2f %s\n", spec.name.c_str(), causal ? "causal" : "non-causal",
+                    mode_name(m), err, tol, ms, ok ? "ok" : "MISMATCH");
+      }
+    }
+  }
+  std::printf("%s: every form %s the float64 reference\n", failures ? "FAIL" : "OK",
+              failures ? "does NOT match" : "matches");
+  return failures ? 1 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"linmix: linear-time token mixers (see ../shared/MIXERS.md for the contract)"};
+  app.require_subcommand(1);
+
+  auto* mix = app.add_subcommand("mix", "run one mechanism on tensors from a safetensors file");
+  std::string mixer, mode = "parallel", in_path, out_path;
+  bool causal = false;
+  std::vector<std::string> params;
+  mix->add_option("--mixer", mixer, "mechanism name (see `linmix mixers`)")->required();
+  mix->add_flag("--causal", causal, "position t uses positions s <= t only");
+  mix->add_option("--mode", mode, "reference | parallel | recurrent")->capture_default_str();
+  mix->add_option("--param", params, "KEY=VALUE mechanism parameter (repeatable)");
+  mix->add_option("--in", in_path, "input safetensors")->required();
+  mix->add_option("--out", out_path, "output safetensors (written atomically)")->required();
+
+  auto* list = app.add_subcommand("mixers", "list every mechanism: inputs, params, forms, state, complexity");
+
+  auto* demo = app.add_subcommand("demo", "run every mechanism in every form on generated inputs");
+  int64_t demo_T = 256;
+  uint64_t seed = 1;
+  std::string dir = "linmix-demo";
+  demo->add_option("--T", demo_T, "sequence length")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  demo->add_option("--seed", seed, "random seed")->capture_default_str();
+  demo->add_option("--dir", dir, "where the input and output files go")->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::string msg = e.what();
+    for (char& ch : msg)
+      if (ch == '\n') ch = ' ';
+    std::fprintf(stderr, "linmix: %s (see linmix --help)\n", msg.c_str());
+    return 2;
+  }
+  try {
+    if (*mix) return cmd_mix(mixer, causal, mode, params, in_path, out_path);
+    if (*list) {
+      std::cout << describe_mixers();
+      return 0;
+    }
+    if (*demo) return cmd_demo(demo_T, dir, seed);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "linmix: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "linmix: internal error: %s\n", e.what());
+    return 3;
+  }
+  return 0;
+}
