@@ -1,0 +1,132 @@
+#!/usr/bin/python3
+"""`linmix mix` against an independent float64 PyTorch evaluation of MIXERS.md.
+
+For every mechanism, causal and non-causal where defined, every form (reference,
+parallel, recurrent), T in {1, 7, 64, 257, 1024}: fresh N(0,1) inputs (a new seed each run
+unless LINMIX_SEED is set; the seed is printed), written to safetensors, run through the
+`linmix` binary, compared with python/oracle.py. Also: a sequence split across two
+recurrent calls with the state passed along, and stability inputs (keys, biases in +-60).
+
+Usage: oracle_test.py PATH/TO/linmix
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import oracle  # noqa: E402
+import st  # noqa: E402
+
+LINMIX = os.path.abspath(sys.argv[1])
+SEED = int(os.environ.get("LINMIX_SEED", time.time_ns() % (2**31)))
+rng = np.random.default_rng(SEED)
+TMP = tempfile.mkdtemp(prefix="linmix-oracle-")
+B, H, D, E, C = 2, 3, 5, 4, 6
+passed, failed = 0, 0
+
+
+def normal(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def uniform60(*shape):
+    return rng.uniform(-60, 60, shape).astype(np.float32)
+
+
+def run(mixer, causal, mode, params, tensors):
+    inp, out = os.path.join(TMP, "in.safetensors"), os.path.join(TMP, "out.safetensors")
+    st.save(inp, tensors)
+    cmd = [LINMIX, "mix", "--mixer", mixer, "--mode", mode, "--in", inp, "--out", out]
+    cmd += ["--causal"] if causal else []
+    for k, v in params.items():
+        cmd += ["--param", f"{k}={v}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
+    return st.load(out)
+
+
+def check(name, got, ref, tol_factor):
+    # MIXERS.md: max |err| <= tol_factor * max(1, max |ref|)
+    global passed, failed
+    err = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
+    tol = tol_factor * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
+    ok = np.all(np.isfinite(got)) and err <= tol
+    passed += ok
+    failed += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {name:62s} err {err:.2e} tol {tol:.1e}", flush=True)
+
+
+def cases(T, stable):
+    """(mixer, causal flags, params, inputs dict, oracle fn(inputs as float64 torch, causal))."""
+    keys = uniform60 if stable else normal
+    out = []
+    q, k, v = normal(B, T, H, D), keys(B, T, H, D), normal(B, T, H, E)
+    out.append(("softmax", (False, True), {}, dict(q=q, k=k, v=v),
+                lambda x, c: oracle.softmax(x["q"], x["k"], x["v"], c)))
+    if T >= 7 and not stable:
+        out.append(("softmax", (False, True), {"window": 3, "scale": 0.3}, dict(q=q, k=k, v=v),
+                    lambda x, c: oracle.softmax(x["q"], x["k"], x["v"], c, scale=0.3, window=3)))
+    out.append(("linear", (False, True), {}, dict(q=q, k=k, v=v),
+                lambda x, c: oracle.linear(x["q"], x["k"], x["v"], c)))
+    q, k, v = normal(B, T, C), keys(B, T, C), normal(B, T, C)
+    Tw = T + 3  # a model stores w for a longer context; the top-left T x T block is used
+    w = keys(Tw, Tw)
+    out.append(("aft_full", (False, True), {}, dict(q=q, k=k, v=v, w=w),
+                lambda x, c: oracle.aft_full(x["q"], x["k"], x["v"], x["w"], c)))
+    out.append(("aft_local", (False, True), {"window": 4}, dict(q=q, k=k, v=v, w=w),
+                lambda x, c: oracle.aft_local(x["q"], x["k"], x["v"], x["w"], c, 4)))
+    out.append(("aft_simple", (False, True), {}, dict(q=q, k=k, v=v),
+                lambda x, c: oracle.aft_simple(x["q"], x["k"], x["v"], c)))
+    out.append(("aft_conv", (False,), {}, dict(q=q, k=k, v=v, u=keys(3, 5)),
+                lambda x, c: oracle.aft_conv(x["q"], x["k"], x["v"], x["u"], c)))
+    out.append(("aft_conv", (True,), {}, dict(q=q, k=k, v=v, u=keys(2, 4)),
+                lambda x, c: oracle.aft_conv(x["q"], x["k"], x["v"], x["u"], c)))
+    wdec = np.exp(normal(C)) if not stable else rng.uniform(1e-3, 60, C).astype(np.float32)
+    out.append(("rwkv4", (True,), {}, dict(k=k, v=v, w=wdec, u=keys(C)),
+                lambda x, c: oracle.rwkv4(x["k"], x["v"], x["w"], x["u"])))
+    return out
+
+
+def split_at(tensors, t1, t2):
+    """Slices the time axis (axis 1 of every [B,T,...] input) to [t1, t2)."""
+    return {n: (a[:, t1:t2] if a.ndim >= 3 else a) for n, a in tensors.items()}
+
+
+def main():
+    print(f"oracle test: linmix={LINMIX} seed={SEED} (set LINMIX_SEED to repeat)")
+    for stable in (False, True):
+        for T in ((1, 7, 64, 257, 1024) if not stable else (257,)):
+            for mixer, flags, params, tensors, fn in cases(T, stable):
+                x64 = {n: torch.from_numpy(a.astype(np.float64)) for n, a in tensors.items()}
+                for causal in flags:
+                    ref = fn(x64, causal).numpy()
+                    tag = f"{mixer}{'' if not params else str(params)} T={T} {'causal' if causal else 'non-causal'}"
+                    tag += " stability(+-60)" if stable else ""
+                    # float32 kernels: MIXERS.md's 1e-4, kept for the +-60 inputs too (measured
+                    # there: <= 1e-5 relative; the stabilised forms lose no more than rounding).
+                    tol32 = 1e-4
+                    # --mode reference runs in float64; only the final rounding to float32 remains.
+                    check(f"{tag} reference", run(mixer, causal, "reference", params, tensors)["y"], ref, 1e-6)
+                    check(f"{tag} parallel", run(mixer, causal, "parallel", params, tensors)["y"], ref, tol32)
+                    if not causal:
+                        continue
+                    check(f"{tag} recurrent", run(mixer, causal, "recurrent", params, tensors)["y"], ref, tol32)
+                    if T >= 2:  # two calls, the state of the first passed to the second
+                        t1 = T // 2 + (T % 3)
+                        o1 = run(mixer, causal, "recurrent", params, split_at(tensors, 0, t1))
+                        second = split_at(tensors, t1, T)
+                        second.update({n: a for n, a in o1.items() if n.startswith("state.")})
+                        o2 = run(mixer, causal, "recurrent", params, second)
+                        check(f"{tag} recurrent split at {t1}", np.concatenate([o1["y"], o2["y"]], axis=1), ref, tol32)
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

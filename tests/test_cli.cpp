@@ -1,0 +1,156 @@
+// Bad input through the `linmix mix` command: each case is a one-line error naming the
+// problem, exit code 2, no crash, and an existing output file is left untouched.
+#include <fstream>
+#include <sstream>
+
+#include "linmix/mixer.h"
+#include "linmix/safetensors.h"
+#include "test_util.h"
+
+using namespace linmix;
+
+namespace {
+
+struct Result {
+  int code;
+  std::string err;
+};
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+Result run_linmix(const std::string& args, const std::string& dir) {
+  const std::string err_path = dir + "/stderr.txt";
+  const std::string cmd = std::string(LINMIX_BIN) + " " + args + " > " + dir + "/stdout.txt 2> " + err_path;
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(err_path)};
+}
+
+class MixCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir = test::tmp_dir();
+    in_path = dir + "/in.safetensors";
+    out_path = dir + "/out.safetensors";
+    good = example_inputs(find_mixer("linear"), {{"B", 2}, {"T", 5}, {"H", 2}, {"D", 3}, {"E", 4}}, 1);
+    std::ofstream(out_path) << "previous output";
+  }
+  // Runs `linmix mix` on `in_bytes` and expects exit 2, a single-line error containing
+  // `needle`, and the earlier output file unchanged.
+  void expect_rejected(const std::string& in_bytes, const std::string& flags, const std::string& needle) {
+    std::ofstream(in_path, std::ios::binary) << in_bytes;
+    const Result r = run_linmix("mix " + flags + " --in " + in_path + " --out " + out_path, dir);
+    EXPECT_EQ(r.code, 2) << flags << ": " << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+    EXPECT_EQ(r.err.rfind("linmix: ", 0), 0u) << r.err;
+    EXPECT_EQ(slurp(out_path), "previous output") << "output file touched by a failed run";
+  }
+  std::string dir, in_path, out_path;
+  TensorMap good;
+};
+
+TEST_F(MixCli, GoodInputRuns) {
+  write_safetensors(in_path, good);
+  const Result r = run_linmix("mix --mixer linear --causal --mode recurrent --in " + in_path + " --out " + out_path, dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto out = read_safetensors(out_path);
+  EXPECT_EQ(out.tensors.at("y").shape, (std::vector<int64_t>{2, 5, 2, 4}));
+  EXPECT_TRUE(out.tensors.count("state.S") && out.tensors.count("state.z"));
+  EXPECT_EQ(out.metadata.at("mixer"), "linear");
+}
+
+TEST_F(MixCli, RejectsBadTensors) {
+  TensorMap m = good;
+  m.erase("k");
+  expect_rejected(serialize_safetensors(m), "--mixer linear", "missing input tensor 'k'");
+  m = good;
+  m["k"] = Tensor({2, 5, 2});
+  expect_rejected(serialize_safetensors(m), "--mixer linear", "tensor 'k': expected rank 4");
+  m = good;
+  m["v"] = Tensor({2, 6, 2, 4});
+  expect_rejected(serialize_safetensors(m), "--mixer linear", "tensor 'v': expected shape");
+  m = good;
+  m["q"].data[7] = std::nanf("");
+  expect_rejected(serialize_safetensors(m), "--mixer linear", "tensor 'q': element 7 is NaN");
+  m = good;
+  m["extra"] = Tensor({1});
+  expect_rejected(serialize_safetensors(m), "--mixer linear", "unexpected tensor 'extra'");
+  m = good;
+  m["state.S"] = Tensor({2, 2, 3, 4});
+  m["state.z"] = Tensor({2, 2, 3});
+  expect_rejected(serialize_safetensors(m), "--mixer linear --causal", "only with --mode recurrent");
+  m.erase("state.z");
+  expect_rejected(serialize_safetensors(m), "--mixer linear --causal --mode recurrent", "missing state tensor 'state.z'");
+}
+
+TEST_F(MixCli, RejectsBadArguments) {
+  const std::string bytes = serialize_safetensors(good);
+  expect_rejected(bytes, "--mixer nosuch", "unknown mixer 'nosuch'");
+  expect_rejected(bytes, "--mixer linear --param bogus=1", "unknown param 'bogus'");
+  expect_rejected(bytes, "--mixer linear --param eps=abc", "param 'eps': malformed value 'abc'");
+  expect_rejected(bytes, "--mixer linear --param eps", "malformed --param 'eps'");
+  expect_rejected(bytes, "--mixer linear --param eps=-1", "param 'eps': must be >=");
+  expect_rejected(bytes, "--mixer softmax --param window=2.5", "expected an integer");
+  expect_rejected(bytes, "--mixer linear --mode sideways", "unknown mode 'sideways'");
+  expect_rejected(bytes, "--mixer linear --mode recurrent", "only with --causal");
+  expect_rejected(bytes, "--mixer linear --no-such-flag", "no-such-flag");
+  TensorMap r = example_inputs(find_mixer("rwkv4"), {{"B", 1}, {"T", 3}, {"C", 4}}, 1);
+  expect_rejected(serialize_safetensors(r), "--mixer rwkv4", "causal only; pass --causal");
+  r["w"].data[2] = -0.5f;
+  expect_rejected(serialize_safetensors(r), "--mixer rwkv4 --causal", "tensor 'w': the decay rate must be > 0");
+  TensorMap a = example_inputs(find_mixer("aft_conv"), {{"B", 1}, {"T", 3}, {"C", 4}, {"H", 2}, {"K", 4}}, 1);
+  expect_rejected(serialize_safetensors(a), "--mixer aft_conv", "odd kernel size");
+  a = example_inputs(find_mixer("aft_full"), {{"B", 1}, {"T", 6}, {"C", 4}, {"Tw", 5}}, 1);
+  expect_rejected(serialize_safetensors(a), "--mixer aft_full", "Tw = 5 is smaller");
+  expect_rejected(serialize_safetensors(a), "--mixer aft_local --param window=2", "Tw = 5 is smaller");
+}
+
+TEST_F(MixCli, RejectsBadFiles) {
+  const std::string bytes = serialize_safetensors(good);
+  expect_rejected(bytes.substr(0, 5), "--mixer linear", "truncated");
+  expect_rejected(bytes.substr(0, bytes.size() - 10), "--mixer linear", "out of range");
+  std::string huge = bytes;
+  huge[5] = '\x7f';  // header length far past the end of the file
+  expect_rejected(huge, "--mixer linear", "runs past the end");
+  std::string garbled = bytes;
+  garbled[8] = '#';
+  expect_rejected(garbled, "--mixer linear", "not valid JSON");
+  // Rewrite the header by hand for dtype and offset faults.
+  auto with_header = [&](const std::string& json, size_t data_bytes) {
+    std::string out(8, '\0');
+    for (int i = 0; i < 8; ++i) out[i] = char((json.size() >> (8 * i)) & 0xff);
+    return out + json + std::string(data_bytes, '\0');
+  };
+  expect_rejected(with_header(R"({"q":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}})", 4), "--mixer linear",
+                  "unsupported dtype I32");
+  expect_rejected(with_header(R"({"q":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})", 8), "--mixer linear",
+                  "unsupported dtype F64");
+  expect_rejected(with_header(R"({"q":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                              R"("k":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                              12),
+                  "--mixer linear", "overlapping");
+  expect_rejected(with_header(R"({"q":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 8), "--mixer linear",
+                  "out of range");
+  // Missing input file.
+  const Result r = run_linmix("mix --mixer linear --in " + dir + "/nope.safetensors --out " + out_path, dir);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("nope.safetensors"), std::string::npos) << r.err;
+}
+
+TEST(Cli, MixersListsEveryMechanism) {
+  const std::string dir = test::tmp_dir();
+  const Result r = run_linmix("mixers", dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string out = slurp(dir + "/stdout.txt");
+  for (const auto& spec : mixers()) {
+    EXPECT_NE(out.find(spec.name + " — "), std::string::npos) << spec.name;
+  }
+  EXPECT_NE(out.find("O(T C)"), std::string::npos);
+}
+
+}  // namespace
