@@ -115,7 +115,7 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& what)
     t.data.resize(numel);
     const char* p = data + b;
     if (item == 4) {
-      std::memcpy(t.data.data(), p, numel * 4);
+      if (numel) std::memcpy(t.data.data(), p, numel * 4);
     } else {
       for (uint64_t i = 0; i < numel; ++i) {
         uint16_t v;
