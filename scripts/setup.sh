@@ -8,7 +8,7 @@ PKGS=(
   libopenblas-dev libopenblas0
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev
-  libhwy-dev
+  libhwy-dev libfftw3-dev
   python3 python3-numpy python3-torch
 )
 

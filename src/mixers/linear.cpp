@@ -1,95 +1,37 @@
 // linear — linear attention, "Transformers are RNNs" (Katharopoulos et al. 2020), phi = elu+1.
-// parallel: chunked. Within a chunk of kChunk positions the causal part is the small
-// quadratic A = phi(Q) phi(K)^T (masked); across chunks the running state S = sum phi(k) v^T,
-// z = sum phi(k) carries the prefix (paper eq. 10-12). Non-causal: one S, z for all.
+// parallel: phi applied once per row, then the chunked product of kernels/linear_product.h
+// (intra-chunk masked quadratic, inter-chunk state S = sum phi(k) v^T, z = sum phi(k);
+// paper eq. 10-12). Non-causal: one S, z for all positions.
 // recurrent: S, z per head, one token at a time (paper eq. 18-20).
 #include "../ref/attention_ref.h"
+#include "../kernels/linear_product.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
 namespace linmix {
-
-namespace {
-constexpr int64_t kChunk = 64;
-}
 
 void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
                     bool causal) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    // Qf, Kf: (kChunk,D) phi-mapped rows; Vc: (kChunk,E); A: (kChunk,kChunk);
-    // S: (D,E), z: (D); num: (E).
-    std::vector<float> Qf(kChunk * D), Kf(kChunk * D), Vc(kChunk * E), A(kChunk * kChunk), S(D * E), z(D), num(E);
+    // Qf, Kf: (T,D) phi-mapped rows of one head; den: (T).
+    std::vector<float> Qf(T * D), Kf(T * D), den(T);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        auto qrow = [&](int64_t t) { return q + ((b * T + t) * H + h) * D; };
-        auto krow = [&](int64_t t) { return k + ((b * T + t) * H + h) * D; };
-        auto vrow = [&](int64_t t) { return v + ((b * T + t) * H + h) * E; };
-        std::fill(S.begin(), S.end(), 0.0f);
-        std::fill(z.begin(), z.end(), 0.0f);
-        auto absorb = [&](int64_t n) {  // S += Kf^T Vc, z += sum Kf over n rows
-          for (int64_t j = 0; j < n; ++j)
-            for (int64_t x = 0; x < D; ++x) {
-              const float kx = Kf[j * D + x];
-              z[x] += kx;
-              for (int64_t e = 0; e < E; ++e) S[x * E + e] += kx * Vc[j * E + e];
-            }
-        };
-        auto load = [&](int64_t t0, int64_t n) {
-          for (int64_t j = 0; j < n; ++j) {
-            for (int64_t x = 0; x < D; ++x) Kf[j * D + x] = phi_elu(krow(t0 + j)[x]);
-            for (int64_t x = 0; x < D; ++x) Qf[j * D + x] = phi_elu(qrow(t0 + j)[x]);
-            std::copy(vrow(t0 + j), vrow(t0 + j) + E, &Vc[j * E]);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t x = 0; x < D; ++x) {
+            Qf[t * D + x] = phi_elu(q[((b * T + t) * H + h) * D + x]);
+            Kf[t * D + x] = phi_elu(k[((b * T + t) * H + h) * D + x]);
           }
-        };
-        // y_i = (phi(q_i)^T S + intra) / (phi(q_i) . z + intra_den + eps)
-        auto emit = [&](int64_t t0, int64_t n, bool intra) {
-          if (intra)
-            for (int64_t i = 0; i < n; ++i)
-              for (int64_t j = 0; j <= i; ++j) {
-                float a = 0.0f;
-                for (int64_t x = 0; x < D; ++x) a += Qf[i * D + x] * Kf[j * D + x];
-                A[i * kChunk + j] = a;
-              }
-          for (int64_t i = 0; i < n; ++i) {
-            float den = 0.0f;
-            std::fill(num.begin(), num.end(), 0.0f);
-            for (int64_t x = 0; x < D; ++x) {
-              const float qx = Qf[i * D + x];
-              den += qx * z[x];
-              for (int64_t e = 0; e < E; ++e) num[e] += qx * S[x * E + e];
-            }
-            if (intra)
-              for (int64_t j = 0; j <= i; ++j) {
-                const float a = A[i * kChunk + j];
-                den += a;
-                for (int64_t e = 0; e < E; ++e) num[e] += a * Vc[j * E + e];
-              }
-            float* yr = y + ((b * T + t0 + i) * H + h) * E;
-            const float inv = 1.0f / (den + eps);
-            for (int64_t e = 0; e < E; ++e) yr[e] = num[e] * inv;
-          }
-        };
-        if (causal) {
-          for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
-            const int64_t n = std::min(kChunk, T - t0);
-            load(t0, n);
-            emit(t0, n, true);  // prefix through S, z (chunks < this one) + the chunk itself
-            absorb(n);
-          }
-        } else {
-          for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
-            const int64_t n = std::min(kChunk, T - t0);
-            load(t0, n);
-            absorb(n);
-          }
-          for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
-            const int64_t n = std::min(kChunk, T - t0);
-            load(t0, n);
-            emit(t0, n, false);
-          }
+        float* yh = y + (b * T * H + h) * E;
+        linear_product(yh, den.data(), Qf.data(), Kf.data(), v + (b * T * H + h) * E,
+                       {T, D, E, D, D, H * E, H * E, causal});
+        // y_t = phi(q_t)^T S / (phi(q_t) . z + eps)
+        for (int64_t t = 0; t < T; ++t) {
+          const float inv = 1.0f / (den[t] + eps);
+          for (int64_t e = 0; e < E; ++e) yh[t * H * E + e] *= inv;
         }
       }
   }

@@ -1,0 +1,87 @@
+#include "linear_product.h"
+
+#include <algorithm>
+
+namespace linmix {
+
+void gemm_nt_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                 int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (int64_t x = 0; x < k; ++x) acc += A[i * lda + x] * B[j * ldb + x];
+      C[i * ldc + j] += acc;
+    }
+}
+
+void gemm_nn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                 int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t x = 0; x < k; ++x) {
+      const float a = A[i * lda + x];
+      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] += a * B[x * ldb + j];
+    }
+}
+
+void gemm_tn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                 int64_t ldc) {
+  for (int64_t x = 0; x < k; ++x)
+    for (int64_t i = 0; i < m; ++i) {
+      const float a = A[x * lda + i];
+      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] += a * B[x * ldb + j];
+    }
+}
+
+void linear_product(float* y, float* den, const float* q, const float* k, const float* v, const LinearProductArgs& a,
+                    const std::function<float(int64_t chunk)>& rescale) {
+  const int64_t T = a.T, D = a.D, E = a.E;
+  // S: (D,E) running sum of k v^T; z: (D) running sum of k; A: (chunk,chunk) intra-chunk scores.
+  std::vector<float> S(D * E, 0.0f), z(D, 0.0f), A(kLinearChunk * kLinearChunk);
+  auto absorb = [&](int64_t t0, int64_t n) {  // S += K^T V, z += sum K over rows [t0, t0+n)
+    gemm_tn_acc(S.data(), k + t0 * a.ldk, v + t0 * a.ldv, D, E, n, a.ldk, a.ldv, E);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t x = 0; x < D; ++x) z[x] += k[(t0 + j) * a.ldk + x];
+  };
+  // y rows [t0, t0+n) = Q S (+ masked intra-chunk part); den likewise with z.
+  auto emit = [&](int64_t t0, int64_t n, bool intra) {
+    for (int64_t i = 0; i < n; ++i) std::fill(y + (t0 + i) * a.ldy, y + (t0 + i) * a.ldy + E, 0.0f);
+    gemm_nn_acc(y + t0 * a.ldy, q + t0 * a.ldq, S.data(), n, E, D, a.ldq, E, a.ldy);
+    if (den)
+      for (int64_t i = 0; i < n; ++i) {
+        float d = 0.0f;
+        for (int64_t x = 0; x < D; ++x) d += q[(t0 + i) * a.ldq + x] * z[x];
+        den[t0 + i] = d;
+      }
+    if (!intra) return;
+    std::fill(A.begin(), A.end(), 0.0f);
+    gemm_nt_acc(A.data(), q + t0 * a.ldq, k + t0 * a.ldk, n, n, D, a.ldq, a.ldk, kLinearChunk);
+    for (int64_t i = 0; i < n; ++i) {
+      float* yr = y + (t0 + i) * a.ldy;
+      float d = 0.0f;
+      for (int64_t j = 0; j <= i; ++j) {  // causal mask inside the chunk
+        const float w = A[i * kLinearChunk + j];
+        d += w;
+        const float* vr = v + (t0 + j) * a.ldv;
+        for (int64_t e = 0; e < E; ++e) yr[e] += w * vr[e];
+      }
+      if (den) den[t0 + i] += d;
+    }
+  };
+  if (a.causal) {
+    for (int64_t t0 = 0, c = 0; t0 < T; t0 += kLinearChunk, ++c) {
+      const int64_t n = std::min(kLinearChunk, T - t0);
+      if (rescale) {
+        const float f = rescale(c);
+        for (float& s : S) s *= f;
+        for (float& s : z) s *= f;
+      }
+      emit(t0, n, true);
+      absorb(t0, n);
+    }
+  } else {
+    for (int64_t t0 = 0; t0 < T; t0 += kLinearChunk) absorb(t0, std::min(kLinearChunk, T - t0));
+    for (int64_t t0 = 0; t0 < T; t0 += kLinearChunk) emit(t0, std::min(kLinearChunk, T - t0), false);
+  }
+}
+
+}  // namespace linmix

@@ -1,0 +1,44 @@
+// Shared primitive of the linear-attention family (linear, performer, norm_linear, flow):
+// the kernelised product with its normaliser, for one head, in chunked form.
+//
+//   y_i   = sum_{j in J(i)} (q_i . k_j) v_j          q: (T,D) rows, k: (T,D), v: (T,E), y: (T,E)
+//   den_i = sum_{j in J(i)} (q_i . k_j)              den: (T) (optional)
+//   J(i)  = {j <= i} when causal, all j otherwise
+//
+// Causal form (Katharopoulos et al. 2020, eq. 10-12, chunked as in flash-linear-attention):
+// chunks of kLinearChunk rows; within a chunk the small masked quadratic A = Q K^T, across
+// chunks the running state S = sum k v^T (D,E) and z = sum k (D). Extra memory O(chunk^2 + D E).
+// `rescale(c)`, when given, is called before chunk c (rows [c*kLinearChunk, ...)) and returns a
+// factor the carried state is multiplied by: performer keeps its key features scaled by a
+// running max and shrinks the state when the max grows.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace linmix {
+
+constexpr int64_t kLinearChunk = 64;
+
+struct LinearProductArgs {
+  int64_t T, D, E;
+  int64_t ldq, ldk, ldv, ldy;  // row strides in elements
+  bool causal;
+};
+
+void linear_product(float* y, float* den, const float* q, const float* k, const float* v, const LinearProductArgs& a,
+                    const std::function<float(int64_t chunk)>& rescale = {});
+
+// Small dense helpers (row-major, leading dimensions in elements), loops ordered so the
+// inner loop runs over contiguous memory.
+// C (m,n) += A (m,k) . B (n,k)^T
+void gemm_nt_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                 int64_t ldc);
+// C (m,n) += A (m,k) . B (k,n)
+void gemm_nn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                 int64_t ldc);
+// C (m,n) += A (k,m)^T . B (k,n)
+void gemm_tn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                 int64_t ldc);
+
+}  // namespace linmix
