@@ -54,7 +54,8 @@ double max_abs(const Tensor& a) {
 int cmd_demo(int64_t T, const std::string& dir, uint64_t seed) {
   std::filesystem::create_directories(dir);
   const std::map<std::string, int64_t> dims = {{"B", 2}, {"T", T},  {"H", 4},  {"D", 16},
-                                               {"E", 16}, {"C", 64}, {"Tw", T}, {"K", 7}};
+                                               {"E", 16}, {"C", 64}, {"Tw", T}, {"K", 7},
+                                               {"M", 32}, {"S", 16}, {"N", 8}};
   std::printf("linmix demo: B=2 T=%lld H=4 D=E=16 C=64, N(0,1) inputs (seed %llu); files in %s/\n",
               static_cast<long long>(T), static_cast<unsigned long long>(seed), dir.c_str());
   std::printf("%-11s %-10s %-10s %13s %12s %12s %s\n", "mixer", "causal", "form", "max|y-ref|", "tolerance",

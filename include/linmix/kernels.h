@@ -84,3 +84,25 @@ void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const f
                 const float* u, int64_t T, int64_t C, int64_t stride);
 
 }  // namespace linmix
+
+namespace linmix {
+
+// ---- performer (src/mixers/performer.cpp) ----
+// FAVOR+ positive random features. proj: (M,D) rows omega_m. y, q, k, v as softmax.
+// Queries are stabilised by their row max, keys by the running max over s <= t (the global
+// max when non-causal), with the carried state rescaled when it grows.
+void performer_forward(float* y, const float* q, const float* k, const float* v, const float* proj,
+                       const AttnDims& d, int64_t M, bool causal);
+// State of one sequence: S: (H,M,E), z: (H,M), both scaled by exp(-kmax[h]); kmax: (H).
+struct PerformerState {
+  int64_t H = 0, M = 0, E = 0;
+  std::vector<float> S, z, kmax;
+};
+void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, const float* proj,
+                    int64_t D, std::vector<float>& scratch);
+// Orthogonal Gaussian random features (Choromanski et al. 2021, sec. 2.4 / 4): blocks of D
+// orthonormal rows (QR of a Gaussian matrix), each row scaled by an independent chi_D norm.
+// Returns (M,D) row-major, deterministic in seed.
+std::vector<float> orthogonal_gaussian_features(int64_t M, int64_t D, uint64_t seed);
+
+}  // namespace linmix

@@ -76,7 +76,7 @@ const MixerSpec& find_mixer(const std::string& name);
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in);
 
-// N(0,1) inputs for every (non-optional) input of `spec`, sized by `dims` (B, T, H, D, E,
+// N(0,1) inputs for every input of `spec` (optional ones included), sized by `dims` (B, T, H, D, E,
 // C, Tw, K, ...), passed through spec.example_fix. Deterministic in `seed`.
 TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int64_t>& dims, uint64_t seed);
 

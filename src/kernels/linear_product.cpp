@@ -1,6 +1,7 @@
 #include "linear_product.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace linmix {
 
@@ -33,25 +34,44 @@ void gemm_tn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n,
 }
 
 void linear_product(float* y, float* den, const float* q, const float* k, const float* v, const LinearProductArgs& a,
-                    const std::function<float(int64_t chunk)>& rescale) {
+                    const float* g) {
   const int64_t T = a.T, D = a.D, E = a.E;
-  // S: (D,E) running sum of k v^T; z: (D) running sum of k; A: (chunk,chunk) intra-chunk scores.
-  std::vector<float> S(D * E, 0.0f), z(D, 0.0f), A(kLinearChunk * kLinearChunk);
+  // S: (D,E) running sum of k v^T; z: (D) running sum of k; A: (chunk,chunk) intra-chunk
+  // scores; Ks: (chunk,D) keys scaled by e^{g_j - g_last} (only with g).
+  std::vector<float> S(D * E, 0.0f), z(D, 0.0f), A(kLinearChunk * kLinearChunk), Ks(g ? kLinearChunk * D : 0);
+  float g_state = g && T > 0 ? g[0] : 0.0f;  // the state is scaled by e^{-g_state}
   auto absorb = [&](int64_t t0, int64_t n) {  // S += K^T V, z += sum K over rows [t0, t0+n)
-    gemm_tn_acc(S.data(), k + t0 * a.ldk, v + t0 * a.ldv, D, E, n, a.ldk, a.ldv, E);
+    const float* kk = k + t0 * a.ldk;
+    int64_t ldk = a.ldk;
+    if (g) {
+      const float gl = g[t0 + n - 1], f = std::exp(g_state - gl);
+      for (float& s : S) s *= f;
+      for (float& s : z) s *= f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float fj = std::exp(g[t0 + j] - gl);
+        for (int64_t x = 0; x < D; ++x) Ks[j * D + x] = kk[j * a.ldk + x] * fj;
+      }
+      kk = Ks.data(), ldk = D, g_state = gl;
+    }
+    gemm_tn_acc(S.data(), kk, v + t0 * a.ldv, D, E, n, ldk, a.ldv, E);
     for (int64_t j = 0; j < n; ++j)
-      for (int64_t x = 0; x < D; ++x) z[x] += k[(t0 + j) * a.ldk + x];
+      for (int64_t x = 0; x < D; ++x) z[x] += kk[j * ldk + x];
   };
   // y rows [t0, t0+n) = Q S (+ masked intra-chunk part); den likewise with z.
   auto emit = [&](int64_t t0, int64_t n, bool intra) {
     for (int64_t i = 0; i < n; ++i) std::fill(y + (t0 + i) * a.ldy, y + (t0 + i) * a.ldy + E, 0.0f);
     gemm_nn_acc(y + t0 * a.ldy, q + t0 * a.ldq, S.data(), n, E, D, a.ldq, E, a.ldy);
-    if (den)
-      for (int64_t i = 0; i < n; ++i) {
-        float d = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      float d = 0.0f;
+      if (den)
         for (int64_t x = 0; x < D; ++x) d += q[(t0 + i) * a.ldq + x] * z[x];
-        den[t0 + i] = d;
+      if (g) {  // the state's scale e^{-g_state} -> the row's e^{-g_i}
+        const float f = std::exp(g_state - g[t0 + i]);
+        for (int64_t e = 0; e < E; ++e) y[(t0 + i) * a.ldy + e] *= f;
+        d *= f;
       }
+      if (den) den[t0 + i] = d;
+    }
     if (!intra) return;
     std::fill(A.begin(), A.end(), 0.0f);
     gemm_nt_acc(A.data(), q + t0 * a.ldq, k + t0 * a.ldk, n, n, D, a.ldq, a.ldk, kLinearChunk);
@@ -59,7 +79,7 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
       float* yr = y + (t0 + i) * a.ldy;
       float d = 0.0f;
       for (int64_t j = 0; j <= i; ++j) {  // causal mask inside the chunk
-        const float w = A[i * kLinearChunk + j];
+        const float w = A[i * kLinearChunk + j] * (g ? std::exp(g[t0 + j] - g[t0 + i]) : 1.0f);
         d += w;
         const float* vr = v + (t0 + j) * a.ldv;
         for (int64_t e = 0; e < E; ++e) yr[e] += w * vr[e];
@@ -68,13 +88,8 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
     }
   };
   if (a.causal) {
-    for (int64_t t0 = 0, c = 0; t0 < T; t0 += kLinearChunk, ++c) {
+    for (int64_t t0 = 0; t0 < T; t0 += kLinearChunk) {
       const int64_t n = std::min(kLinearChunk, T - t0);
-      if (rescale) {
-        const float f = rescale(c);
-        for (float& s : S) s *= f;
-        for (float& s : z) s *= f;
-      }
       emit(t0, n, true);
       absorb(t0, n);
     }

@@ -8,12 +8,13 @@
 // Causal form (Katharopoulos et al. 2020, eq. 10-12, chunked as in flash-linear-attention):
 // chunks of kLinearChunk rows; within a chunk the small masked quadratic A = Q K^T, across
 // chunks the running state S = sum k v^T (D,E) and z = sum k (D). Extra memory O(chunk^2 + D E).
-// `rescale(c)`, when given, is called before chunk c (rows [c*kLinearChunk, ...)) and returns a
-// factor the carried state is multiplied by: performer keeps its key features scaled by a
-// running max and shrinks the state when the max grows.
+// `g`, when given (causal only), is a non-decreasing per-row log scale: every key row j is
+// taken as k_j e^{g_j} and every query row i as q_i e^{-g_i}, i.e. A_ij is multiplied by
+// e^{g_j - g_i} <= 1 and the carried state is kept scaled by e^{-g} of the last row absorbed.
+// Performer passes its running key max here so that nothing overflows and a row underflows
+// no more than the recurrent form does.
 #pragma once
 #include <cstdint>
-#include <functional>
 #include <vector>
 
 namespace linmix {
@@ -27,7 +28,7 @@ struct LinearProductArgs {
 };
 
 void linear_product(float* y, float* den, const float* q, const float* k, const float* v, const LinearProductArgs& a,
-                    const std::function<float(int64_t chunk)>& rescale = {});
+                    const float* g = nullptr);
 
 // Small dense helpers (row-major, leading dimensions in elements), loops ordered so the
 // inner loop runs over contiguous memory.

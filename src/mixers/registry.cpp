@@ -35,7 +35,9 @@ const Tensor& Call::t(const std::string& name) const {
 const std::vector<MixerSpec>& mixers() {
   static const std::vector<MixerSpec> all = {softmax_spec(),   linear_spec(),    aft_full_spec(),
                                              aft_local_spec(), aft_simple_spec(), aft_conv_spec(),
-                                             rwkv4_spec()};
+                                             rwkv4_spec(),   performer_spec(), flow_spec(),
+                                             flash_spec(),   norm_linear_spec(), block_softmax_spec(),
+                                             s4d_spec(),     mamba_spec(),     fnet_spec()};
   return all;
 }
 
@@ -174,7 +176,6 @@ TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int6
   std::normal_distribution<float> normal(0.0f, 1.0f);
   TensorMap in;
   for (const auto& ts : spec.inputs) {
-    if (ts.optional) continue;
     std::vector<int64_t> shape;
     for (const auto& d : split_dims(ts.dims)) {
       LINMIX_CHECK(dims.count(d), "example_inputs: no size given for dim '" + d + "'");

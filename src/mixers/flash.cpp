@@ -1,0 +1,183 @@
+// flash — FLASH mixed-chunk attention (Hua et al. 2022, "Transformer Quality in Linear Time",
+// sec. 3.2 and its pseudo-code). Single head; positions are cut into groups of G (T padded
+// with positions that contribute nothing):
+//   within a group:  y_quad = relu(Q_g K_g^T / G)^2 V_g   (masked s <= t when causal)
+//   across groups:   causal y_lin,g = lin_q_g (sum_{h<g} lin_k_h^T V_h) / G;
+//                    non-causal y_lin = lin_q (sum_all lin_k^T V) / T
+// parallel: per group two small GEMMs for the quadratic part and a carried (S,E) state for
+// the linear part. recurrent: the current group's rows (< G) plus the (S,E) state.
+#include "../kernels/linear_product.h"
+#include "common.h"
+#include "linmix/kernels.h"
+
+namespace linmix {
+
+namespace {
+
+struct FlashDims {
+  int64_t B, T, S, E, G;
+};
+
+void flash_forward(float* y, const float* qq, const float* qk, const float* lq, const float* lk, const float* v,
+                   const FlashDims& d, bool causal) {
+  const int64_t T = d.T, S = d.S, E = d.E, G = d.G;
+#pragma omp parallel
+  {
+    // A: (G,G) group scores (G is at most T here); M: (S,E) linear state.
+    std::vector<float> A(std::min(G, T) * std::min(G, T)), M(S * E);
+#pragma omp for schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b) {
+      const int64_t o = b * T;
+      std::fill(M.begin(), M.end(), 0.0f);
+      std::fill(y + o * E, y + (o + T) * E, 0.0f);
+      if (!causal) {
+        gemm_tn_acc(M.data(), lk + o * S, v + o * E, S, E, T, S, E, E);
+        for (float& m : M) m /= float(T);
+      }
+      for (int64_t g0 = 0; g0 < T; g0 += G) {
+        const int64_t n = std::min(G, T - g0), ld = std::min(G, T);
+        std::fill(A.begin(), A.end(), 0.0f);
+        gemm_nt_acc(A.data(), qq + (o + g0) * S, qk + (o + g0) * S, n, n, S, S, S, ld);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            const float a = std::max(0.0f, A[i * ld + j] / float(G));
+            A[i * ld + j] = (causal && j > i) ? 0.0f : a * a;
+          }
+        gemm_nn_acc(y + (o + g0) * E, A.data(), v + (o + g0) * E, n, E, n, ld, E, E);
+        // linear part: causal sees the groups before this one only
+        gemm_nn_acc(y + (o + g0) * E, lq + (o + g0) * S, M.data(), n, E, S, S, E, E);
+        if (causal) {
+          std::vector<float> add(S * E, 0.0f);
+          gemm_tn_acc(add.data(), lk + (o + g0) * S, v + (o + g0) * E, S, E, n, S, E, E);
+          for (int64_t x = 0; x < S * E; ++x) M[x] += add[x] / float(G);
+        }
+      }
+    }
+  }
+}
+
+// T x T weights in float64: W_ij = [same group, j <= i if causal] relu(qq_i . qk_j / G)^2
+// + lin_q_i . lin_k_j / G for earlier groups (causal) or / T for all j (non-causal).
+void flash_ref(double* y, const double* qq, const double* qk, const double* lq, const double* lk, const double* v,
+               const FlashDims& d, bool causal) {
+  const int64_t T = d.T, S = d.S, E = d.E, G = d.G;
+  std::vector<double> W(T * T);
+  for (int64_t b = 0; b < d.B; ++b) {
+    auto dot = [&](const double* a, const double* c, int64_t i, int64_t j) {
+      double s = 0;
+      for (int64_t x = 0; x < S; ++x) s += a[(b * T + i) * S + x] * c[(b * T + j) * S + x];
+      return s;
+    };
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = 0; j < T; ++j) {
+        double w = 0;
+        if (i / G == j / G && (!causal || j <= i)) {
+          const double a = std::max(0.0, dot(qq, qk, i, j) / double(G));
+          w += a * a;
+        }
+        if (causal && j / G < i / G) w += dot(lq, lk, i, j) / double(G);
+        if (!causal) w += dot(lq, lk, i, j) / double(T);
+        W[i * T + j] = w;
+      }
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t e = 0; e < E; ++e) {
+        double acc = 0;
+        for (int64_t j = 0; j < T; ++j) acc += W[i * T + j] * v[(b * T + j) * E + e];
+        y[(b * T + i) * E + e] = acc;
+      }
+  }
+}
+
+FlashDims flash_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("S"), c.d("E"), c.ip("group")}; }
+
+MixerSpec make_spec() {
+  MixerSpec s;
+  s.name = "flash";
+  s.paper = "Hua et al. 2022, Transformer Quality in Linear Time (FLASH / GAU)";
+  s.summary = "mixed-chunk attention: relu^2 attention inside groups of G, linear attention across groups";
+  s.inputs = {{"quad_q", "B,T,S"}, {"quad_k", "B,T,S"}, {"lin_q", "B,T,S"}, {"lin_k", "B,T,S"}, {"v", "B,T,E"}};
+  s.params = {{"group", 256, true, 1, "group size G"}};
+  s.example_params = {{"group", "16"}};
+  s.state = {{"quad_k", "B,L,S"}, {"lin_k", "B,L,S"}, {"v", "B,L,E"}, {"M", "B,S,E"}};
+  s.state_size = "(G-1) (2 S + E) + S E per sequence";
+  s.time = "O(T G (S + E) + T S E)";
+  s.memory = "O(G^2 + S E)";
+  s.check = [](const Call& c) {
+    if (c.has("state.M"))
+      LINMIX_CHECK(c.d("L") < c.ip("group"), "tensor 'state.quad_k': holds at most group-1 = " +
+                                                 std::to_string(c.ip("group") - 1) + " rows, found " +
+                                                 std::to_string(c.d("L")));
+  };
+  s.reference = [](const Call& c) {
+    const FlashDims d = flash_dims(c);
+    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.E));
+    flash_ref(y.data(), to_double(c.t("quad_q")).data(), to_double(c.t("quad_k")).data(),
+              to_double(c.t("lin_q")).data(), to_double(c.t("lin_k")).data(), to_double(c.t("v")).data(), d, c.causal);
+    return TensorMap{{"y", from_double({d.B, d.T, d.E}, y)}};
+  };
+  s.parallel = [](const Call& c) {
+    const FlashDims d = flash_dims(c);
+    Tensor y({d.B, d.T, d.E});
+    flash_forward(y.ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
+                  c.t("v").ptr(), d, c.causal);
+    return TensorMap{{"y", std::move(y)}};
+  };
+  s.recurrent = [](const Call& c) {
+    const FlashDims d = flash_dims(c);
+    const int64_t S = d.S, E = d.E, G = d.G, T = d.T;
+    const int64_t L0 = c.has("state.M") ? c.d("L") : 0;
+    Tensor y({d.B, T, E}), Mout({d.B, S, E});
+    std::vector<std::vector<float>> gk(d.B), gl(d.B), gv(d.B);  // current group rows per sequence
+    for (int64_t b = 0; b < d.B; ++b) {
+      float* M = Mout.ptr() + b * S * E;
+      if (L0) {
+        gk[b].assign(c.t("state.quad_k").ptr() + b * L0 * S, c.t("state.quad_k").ptr() + (b + 1) * L0 * S);
+        gl[b].assign(c.t("state.lin_k").ptr() + b * L0 * S, c.t("state.lin_k").ptr() + (b + 1) * L0 * S);
+        gv[b].assign(c.t("state.v").ptr() + b * L0 * E, c.t("state.v").ptr() + (b + 1) * L0 * E);
+      }
+      if (c.has("state.M")) std::copy(c.t("state.M").ptr() + b * S * E, c.t("state.M").ptr() + (b + 1) * S * E, M);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t o = b * T + t;
+        const float *qq = c.t("quad_q").ptr() + o * S, *lq = c.t("lin_q").ptr() + o * S;
+        gk[b].insert(gk[b].end(), c.t("quad_k").ptr() + o * S, c.t("quad_k").ptr() + (o + 1) * S);
+        gl[b].insert(gl[b].end(), c.t("lin_k").ptr() + o * S, c.t("lin_k").ptr() + (o + 1) * S);
+        gv[b].insert(gv[b].end(), c.t("v").ptr() + o * E, c.t("v").ptr() + (o + 1) * E);
+        const int64_t L = static_cast<int64_t>(gv[b].size()) / E;
+        float* yr = y.ptr() + o * E;
+        for (int64_t j = 0; j < L; ++j) {
+          float a = 0.0f;
+          for (int64_t x = 0; x < S; ++x) a += qq[x] * gk[b][j * S + x];
+          a = std::max(0.0f, a / float(G));
+          for (int64_t e = 0; e < E; ++e) yr[e] += a * a * gv[b][j * E + e];
+        }
+        for (int64_t x = 0; x < S; ++x)
+          for (int64_t e = 0; e < E; ++e) yr[e] += lq[x] * M[x * E + e];
+        if (L == G) {  // the group is complete: fold it into the linear state
+          for (int64_t j = 0; j < G; ++j)
+            for (int64_t x = 0; x < S; ++x)
+              for (int64_t e = 0; e < E; ++e) M[x * E + e] += gl[b][j * S + x] * gv[b][j * E + e] / float(G);
+          gk[b].clear(), gl[b].clear(), gv[b].clear();
+        }
+      }
+    }
+    const int64_t L = static_cast<int64_t>(gv[0].size()) / E;
+    Tensor sk({d.B, L, S}), sl({d.B, L, S}), sv({d.B, L, E});
+    for (int64_t b = 0; b < d.B; ++b) {
+      std::copy(gk[b].begin(), gk[b].end(), sk.ptr() + b * L * S);
+      std::copy(gl[b].begin(), gl[b].end(), sl.ptr() + b * L * S);
+      std::copy(gv[b].begin(), gv[b].end(), sv.ptr() + b * L * E);
+    }
+    return TensorMap{{"y", std::move(y)},
+                     {"state.quad_k", std::move(sk)},
+                     {"state.lin_k", std::move(sl)},
+                     {"state.v", std::move(sv)},
+                     {"state.M", std::move(Mout)}};
+  };
+  return s;
+}
+
+}  // namespace
+
+MixerSpec flash_spec() { return make_spec(); }
+
+}  // namespace linmix

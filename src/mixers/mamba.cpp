@@ -1,0 +1,183 @@
+// mamba — the selective scan of Mamba (Gu & Dao 2023, Algorithm 2 / selective_scan_ref):
+//   dt_t = softplus(delta_t + delta_bias)   (or delta_t + delta_bias with delta_softplus=0)
+//   h_t = exp(dt_t A) * h_{t-1} + dt_t Bm_t u_t      h: (C,N) per sequence
+//   y_t = Cm_t . h_t + D u_t;   y_t *= silu(z_t) when z is given
+// parallel: threads over (batch, channel block); per chunk of kChunk steps the decays
+// exp(dt A) and inputs dt Bm u of the block are computed in one vectorisable pass, then the
+// scan runs over them. recurrent: one token for all channels, h carried as state.
+#include "common.h"
+#include "linmix/kernels.h"
+
+namespace linmix {
+
+namespace {
+
+constexpr int64_t kChunk = 32;   // time steps whose decays are computed together
+constexpr int64_t kCBlock = 16;  // channels per task
+
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+// Inputs of one call; optional tensors are null.
+struct MambaArgs {
+  const float *u, *delta, *A, *Bm, *Cm, *D, *z, *bias;
+  int64_t B, T, C, N;
+  bool use_softplus;
+  float dt(int64_t b, int64_t t, int64_t c) const {
+    const float x = delta[(b * T + t) * C + c] + (bias ? bias[c] : 0.0f);
+    return use_softplus ? softplus(x) : x;
+  }
+  float out(float acc, int64_t b, int64_t t, int64_t c) const {  // + D u, gate
+    const int64_t i = (b * T + t) * C + c;
+    if (D) acc += D[c] * u[i];
+    if (z) acc *= silu(z[i]);
+    return acc;
+  }
+};
+
+MambaArgs args_of(const Call& c) {
+  auto opt = [&](const char* n) { return c.has(n) ? c.t(n).ptr() : nullptr; };
+  return {c.t("u").ptr(), c.t("delta").ptr(), c.t("A").ptr(), c.t("Bm").ptr(), c.t("Cm").ptr(), opt("D"), opt("z"),
+          opt("delta_bias"), c.d("B"), c.d("T"), c.d("C"), c.d("N"), c.ip("delta_softplus") != 0};
+}
+
+void mamba_forward(float* y, const MambaArgs& a) {
+  const int64_t T = a.T, C = a.C, N = a.N, nblk = (C + kCBlock - 1) / kCBlock;
+#pragma omp parallel
+  {
+    // dA, dBu: (kChunk, kCBlock, N) decays and inputs of one chunk; h: (kCBlock, N).
+    std::vector<float> dA(kChunk * kCBlock * N), dBu(kChunk * kCBlock * N), h(kCBlock * N);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t c0 = blk * kCBlock, nc = std::min(kCBlock, C - c0);
+        std::fill(h.begin(), h.end(), 0.0f);
+        for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+          const int64_t nt = std::min(kChunk, T - t0);
+          for (int64_t i = 0; i < nt; ++i)
+            for (int64_t j = 0; j < nc; ++j) {
+              const int64_t t = t0 + i, c = c0 + j;
+              const float dt = a.dt(b, t, c), du = dt * a.u[(b * T + t) * C + c];
+              const float* Ar = a.A + c * N;
+              const float* Br = a.Bm + (b * T + t) * N;
+              float* da = &dA[(i * kCBlock + j) * N];
+              float* db = &dBu[(i * kCBlock + j) * N];
+              for (int64_t n = 0; n < N; ++n) da[n] = std::exp(dt * Ar[n]), db[n] = du * Br[n];
+            }
+          for (int64_t i = 0; i < nt; ++i) {
+            const int64_t t = t0 + i;
+            const float* Cr = a.Cm + (b * T + t) * N;
+            for (int64_t j = 0; j < nc; ++j) {
+              float* hr = &h[j * N];
+              const float* da = &dA[(i * kCBlock + j) * N];
+              const float* db = &dBu[(i * kCBlock + j) * N];
+              float acc = 0.0f;
+              for (int64_t n = 0; n < N; ++n) {
+                hr[n] = da[n] * hr[n] + db[n];
+                acc += Cr[n] * hr[n];
+              }
+              y[(b * T + t) * C + c0 + j] = a.out(acc, b, t, c0 + j);
+            }
+          }
+        }
+      }
+  }
+}
+
+// T x T weights in float64: with cum_t = sum_{r<=t} dt_r,
+//   W_ts = sum_n Cm_t[n] exp(A[c,n] (cum_t - cum_s)) dt_s Bm_s[n]   (s <= t)
+//   y_t = sum_s W_ts u_s + D u_t, then the gate.
+TensorMap mamba_reference(const Call& c) {
+  const MambaArgs a = args_of(c);
+  const int64_t B = a.B, T = a.T, C = a.C, N = a.N;
+  std::vector<double> y(B * T * C), cum(T), dt(T), W(T * T);
+  auto sp = [](double x) { return x > 30 ? x : std::log1p(std::exp(x)); };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t ch = 0; ch < C; ++ch) {
+      double run = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const double x = double(a.delta[(b * T + t) * C + ch]) + (a.bias ? a.bias[ch] : 0.0);
+        dt[t] = a.use_softplus ? sp(x) : x;
+        cum[t] = (run += dt[t]);
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t s = 0; s < T; ++s) {
+          double w = 0;
+          if (s <= t)
+            for (int64_t n = 0; n < N; ++n)
+              w += double(a.Cm[(b * T + t) * N + n]) * std::exp(double(a.A[ch * N + n]) * (cum[t] - cum[s])) * dt[s] *
+                   double(a.Bm[(b * T + s) * N + n]);
+          W[t * T + s] = w;
+        }
+      for (int64_t t = 0; t < T; ++t) {
+        double acc = 0;
+        for (int64_t s = 0; s < T; ++s) acc += W[t * T + s] * a.u[(b * T + s) * C + ch];
+        const int64_t i = (b * T + t) * C + ch;
+        if (a.D) acc += double(a.D[ch]) * a.u[i];
+        if (a.z) acc *= double(a.z[i]) / (1 + std::exp(-double(a.z[i])));
+        y[i] = acc;
+      }
+    }
+  return {{"y", from_double({B, T, C}, y)}};
+}
+
+TensorMap mamba_recurrent(const Call& c) {
+  const MambaArgs a = args_of(c);
+  const int64_t B = a.B, T = a.T, C = a.C, N = a.N;
+  Tensor y({B, T, C}), h({B, C, N});
+  if (c.has("state.h")) h = c.t("state.h");
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)  // one token: every channel's state advances once
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const float dt = a.dt(b, t, ch), du = dt * a.u[(b * T + t) * C + ch];
+        float* hr = h.ptr() + (b * C + ch) * N;
+        float acc = 0.0f;
+        for (int64_t n = 0; n < N; ++n) {
+          hr[n] = std::exp(dt * a.A[ch * N + n]) * hr[n] + du * a.Bm[(b * T + t) * N + n];
+          acc += a.Cm[(b * T + t) * N + n] * hr[n];
+        }
+        y.data[(b * T + t) * C + ch] = a.out(acc, b, t, ch);
+      }
+  return {{"y", std::move(y)}, {"state.h", std::move(h)}};
+}
+
+MixerSpec make_spec() {
+  MixerSpec s;
+  s.name = "mamba";
+  s.paper = "Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces";
+  s.summary = "selective scan: input-dependent dt, B, C over a diagonal real state";
+  s.causal_ok = true;
+  s.noncausal_ok = false;
+  s.inputs = {{"u", "B,T,C"},  {"delta", "B,T,C"}, {"A", "C,N"},         {"Bm", "B,T,N"},
+              {"Cm", "B,T,N"}, {"D", "C", true},   {"z", "B,T,C", true}, {"delta_bias", "C", true}};
+  s.params = {{"delta_softplus", 1, true, 0, "1: dt = softplus(delta + bias); 0: dt = delta + bias"}};
+  s.state = {{"h", "B,C,N"}};
+  s.state_size = "C N per sequence";
+  s.time = "O(T C N)";
+  s.memory = "O(chunk C N) per thread";
+  s.example_fix = [](TensorMap& in) {  // Mamba's A = -exp(A_log)
+    for (auto& x : in["A"].data) x = -std::exp(x);
+  };
+  s.check = [](const Call& c) {
+    LINMIX_CHECK(c.p("delta_softplus") <= 1, "param 'delta_softplus': must be 0 or 1");
+    const Tensor& A = c.t("A");
+    for (int64_t i = 0; i < A.numel(); ++i)
+      LINMIX_CHECK(A.data[i] <= 0.0f, "tensor 'A': must be <= 0 (Mamba uses A = -exp(A_log)); A[" + std::to_string(i) +
+                                          "] = " + std::to_string(A.data[i]));
+  };
+  s.reference = mamba_reference;
+  s.parallel = [](const Call& c) {
+    const MambaArgs a = args_of(c);
+    Tensor y({a.B, a.T, a.C});
+    mamba_forward(y.ptr(), a);
+    return TensorMap{{"y", std::move(y)}};
+  };
+  s.recurrent = mamba_recurrent;
+  return s;
+}
+
+}  // namespace
+
+MixerSpec mamba_spec() { return make_spec(); }
+
+}  // namespace linmix

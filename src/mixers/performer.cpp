@@ -1,0 +1,247 @@
+// performer — FAVOR+ (Choromanski et al. 2021, "Rethinking Attention with Performers").
+//   x' = x D^(-1/4);  phi(x)_m = exp(omega_m . x' - |x'|^2 / 2) / sqrt(M)   (positive features, eq. 7)
+//   y_t = phi(q_t)^T S / (phi(q_t) . z),  S = sum_s phi(k_s) v_s^T, z = sum_s phi(k_s)
+// Stabilising shifts cancel between numerator and denominator: queries subtract their own
+// row max; keys subtract the max over all keys (non-causal) or the running max over keys
+// s <= t (causal, both forms), the carried S, z being rescaled by exp(old max - new max) <= 1.
+#include <random>
+
+#include "../kernels/linear_product.h"
+#include "common.h"
+#include "linmix/kernels.h"
+
+namespace linmix {
+
+namespace {
+
+constexpr float kEmptyMax = -1e38f;  // the max of nothing; finite so a saved state stays finite
+
+// logits (n,M) = omega . x' - |x'|^2 / 2 for n rows of x with row stride ldx.
+void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const float* proj, int64_t M, int64_t D) {
+  const float s = std::pow(float(D), -0.25f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xr = x + i * ldx;
+    float sq = 0.0f;
+    for (int64_t j = 0; j < D; ++j) sq += (xr[j] * s) * (xr[j] * s);
+    for (int64_t m = 0; m < M; ++m) {
+      float a = 0.0f;
+      for (int64_t j = 0; j < D; ++j) a += proj[m * D + j] * xr[j];
+      out[i * M + m] = a * s - 0.5f * sq;
+    }
+  }
+}
+
+}  // namespace
+
+void performer_forward(float* y, const float* q, const float* k, const float* v, const float* proj,
+                       const AttnDims& d, int64_t M, bool causal) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+  const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
+#pragma omp parallel
+  {
+    // Qf, Kf: (T,M) features of one head; den: (T); g: (T) running key max (causal).
+    std::vector<float> Qf(T * M), Kf(T * M), den(T), g(T);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row0 = b * T * H + h;
+        feature_logits(Qf.data(), q + row0 * D, H * D, T, proj, M, D);
+        feature_logits(Kf.data(), k + row0 * D, H * D, T, proj, M, D);
+        for (int64_t t = 0; t < T; ++t) {  // queries: per-row max
+          float* r = &Qf[t * M];
+          const float mx = *std::max_element(r, r + M);
+          for (int64_t m = 0; m < M; ++m) r[m] = std::exp(r[m] - mx) * inv_sqrt_m;
+        }
+        // keys: non-causal, one max over all keys; causal, the running max g_t over keys s <= t,
+        // each key stored as exp(logit - g_t) and linear_product told g (scales e^{g_j - g_i}).
+        if (causal) {
+          float run = kEmptyMax;
+          for (int64_t t = 0; t < T; ++t) {
+            float* r = &Kf[t * M];
+            g[t] = run = std::max(run, *std::max_element(r, r + M));
+            for (int64_t m = 0; m < M; ++m) r[m] = std::exp(r[m] - run) * inv_sqrt_m;
+          }
+        } else {
+          const float mx = *std::max_element(Kf.begin(), Kf.end());
+          for (float& x : Kf) x = std::exp(x - mx) * inv_sqrt_m;
+        }
+        float* yh = y + row0 * E;
+        linear_product(yh, den.data(), Qf.data(), Kf.data(), v + row0 * E, {T, M, E, M, M, H * E, H * E, causal},
+                       causal ? g.data() : nullptr);
+        for (int64_t t = 0; t < T; ++t) {
+          const float inv = 1.0f / den[t];
+          for (int64_t e = 0; e < E; ++e) yh[t * H * E + e] *= inv;
+        }
+      }
+  }
+}
+
+void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, const float* proj,
+                    int64_t D, std::vector<float>& scratch) {
+  const int64_t H = st.H, M = st.M, E = st.E;
+  scratch.resize(static_cast<size_t>(2 * M));
+  float *fq = scratch.data(), *fk = fq + M;
+  for (int64_t h = 0; h < H; ++h) {
+    float* S = &st.S[h * M * E];
+    float* z = &st.z[h * M];
+    feature_logits(fk, k + h * D, D, 1, proj, M, D);
+    const float mnew = std::max(st.kmax[h], *std::max_element(fk, fk + M));
+    const float shrink = std::exp(st.kmax[h] - mnew);
+    st.kmax[h] = mnew;
+    for (int64_t m = 0; m < M; ++m) {
+      const float f = std::exp(fk[m] - mnew);
+      z[m] = z[m] * shrink + f;
+      for (int64_t e = 0; e < E; ++e) S[m * E + e] = S[m * E + e] * shrink + f * v[h * E + e];
+    }
+    feature_logits(fq, q + h * D, D, 1, proj, M, D);
+    const float qmax = *std::max_element(fq, fq + M);
+    float den = 0.0f;
+    float* yr = y + h * E;
+    std::fill(yr, yr + E, 0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      const float f = std::exp(fq[m] - qmax);
+      den += f * z[m];
+      for (int64_t e = 0; e < E; ++e) yr[e] += f * S[m * E + e];
+    }
+    for (int64_t e = 0; e < E; ++e) yr[e] /= den;
+  }
+}
+
+std::vector<float> orthogonal_gaussian_features(int64_t M, int64_t D, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<float> out(static_cast<size_t>(M * D));
+  std::vector<double> G(static_cast<size_t>(D * D));
+  for (int64_t r0 = 0; r0 < M; r0 += D) {
+    for (double& g : G) g = normal(rng);
+    // Orthonormalise the rows (modified Gram-Schmidt, twice for full float64 orthogonality).
+    for (int pass = 0; pass < 2; ++pass)
+      for (int64_t i = 0; i < D; ++i) {
+        double* gi = &G[i * D];
+        for (int64_t j = 0; j < i; ++j) {
+          const double* gj = &G[j * D];
+          double dot = 0;
+          for (int64_t x = 0; x < D; ++x) dot += gi[x] * gj[x];
+          for (int64_t x = 0; x < D; ++x) gi[x] -= dot * gj[x];
+        }
+        double nrm = 0;
+        for (int64_t x = 0; x < D; ++x) nrm += gi[x] * gi[x];
+        nrm = std::sqrt(nrm);
+        for (int64_t x = 0; x < D; ++x) gi[x] /= nrm;
+      }
+    for (int64_t i = 0; i < D && r0 + i < M; ++i) {
+      double chi = 0;  // |g| for g ~ N(0, I_D): chi distributed with D degrees of freedom
+      for (int64_t x = 0; x < D; ++x) {
+        const double g = normal(rng);
+        chi += g * g;
+      }
+      chi = std::sqrt(chi);
+      for (int64_t x = 0; x < D; ++x) out[(r0 + i) * D + x] = float(G[i * D + x] * chi);
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// y_t = sum_s A_ts v_s / sum_s A_ts, A_ts = phi(q_t) . phi(k_s): the T x T weights, float64,
+// with the features exactly as the paper writes them (no shifts).
+void performer_ref(double* y, const double* q, const double* k, const double* v, const double* proj, const AttnDims& d,
+                   int64_t M, bool causal) {
+  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
+  const double s = std::pow(double(D), -0.25);
+  auto phi = [&](const double* x, double* out) {
+    double sq = 0;
+    for (int64_t j = 0; j < D; ++j) sq += x[j] * s * x[j] * s;
+    for (int64_t m = 0; m < M; ++m) {
+      double a = 0;
+      for (int64_t j = 0; j < D; ++j) a += proj[m * D + j] * x[j] * s;
+      out[m] = std::exp(a - sq / 2) / std::sqrt(double(M));
+    }
+  };
+  std::vector<double> fq(T * M), fk(T * M), A(T * T);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < T; ++t) {
+        phi(q + ((b * T + t) * H + h) * D, &fq[t * M]);
+        phi(k + ((b * T + t) * H + h) * D, &fk[t * M]);
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        double den = 0;
+        for (int64_t s2 = 0; s2 < T; ++s2) {
+          double a = 0;
+          if (!causal || s2 <= t)
+            for (int64_t m = 0; m < M; ++m) a += fq[t * M + m] * fk[s2 * M + m];
+          A[t * T + s2] = a;
+          den += a;
+        }
+        for (int64_t e = 0; e < E; ++e) {
+          double num = 0;
+          for (int64_t s2 = 0; s2 < T; ++s2) num += A[t * T + s2] * v[((b * T + s2) * H + h) * E + e];
+          y[((b * T + t) * H + h) * E + e] = num / den;
+        }
+      }
+    }
+}
+
+AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
+
+MixerSpec make_spec() {
+  MixerSpec s;
+  s.name = "performer";
+  s.paper = "Choromanski et al. 2021, Rethinking Attention with Performers (FAVOR+)";
+  s.summary = "softmax-kernel attention through M positive random features";
+  s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}, {"proj", "M,D"}};
+  s.state = {{"S", "B,H,M,E"}, {"z", "B,H,M"}, {"kmax", "B,H"}};
+  s.state_size = "H M (E + 1) + H per sequence (S, z scaled by exp(-kmax))";
+  s.time = "O(T H M (D + E))";
+  s.memory = "O(T M) per head (features) + O(chunk^2 + M E)";
+  s.example_fix = [](TensorMap& in) {  // a real feature draw instead of plain N(0,1) rows
+    const int64_t M = in["proj"].dim(0), D = in["proj"].dim(1);
+    in["proj"].data = orthogonal_gaussian_features(M, D, 42);
+  };
+  s.reference = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
+    performer_ref(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(), to_double(c.t("v")).data(),
+                  to_double(c.t("proj")).data(), d, c.d("M"), c.causal);
+    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
+  };
+  s.parallel = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    Tensor y({d.B, d.T, d.H, d.E});
+    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, c.d("M"),
+                      c.causal);
+    return TensorMap{{"y", std::move(y)}};
+  };
+  s.recurrent = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    const int64_t M = c.d("M");
+    Tensor y({d.B, d.T, d.H, d.E}), S({d.B, d.H, M, d.E}), z({d.B, d.H, M}), kmax({d.B, d.H}, kEmptyMax);
+    if (c.has("state.S")) S = c.t("state.S"), z = c.t("state.z"), kmax = c.t("state.kmax");
+    PerformerState st{d.H, M, d.E, {}, {}, {}};
+    std::vector<float> scratch;
+    for (int64_t b = 0; b < d.B; ++b) {
+      st.S.assign(S.ptr() + b * d.H * M * d.E, S.ptr() + (b + 1) * d.H * M * d.E);
+      st.z.assign(z.ptr() + b * d.H * M, z.ptr() + (b + 1) * d.H * M);
+      st.kmax.assign(kmax.ptr() + b * d.H, kmax.ptr() + (b + 1) * d.H);
+      for (int64_t t = 0; t < d.T; ++t) {
+        const int64_t row = (b * d.T + t) * d.H;
+        performer_step(y.ptr() + row * d.E, st, c.t("q").ptr() + row * d.D, c.t("k").ptr() + row * d.D,
+                       c.t("v").ptr() + row * d.E, c.t("proj").ptr(), d.D, scratch);
+      }
+      std::copy(st.S.begin(), st.S.end(), S.ptr() + b * d.H * M * d.E);
+      std::copy(st.z.begin(), st.z.end(), z.ptr() + b * d.H * M);
+      std::copy(st.kmax.begin(), st.kmax.end(), kmax.ptr() + b * d.H);
+    }
+    return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}, {"state.z", std::move(z)},
+                     {"state.kmax", std::move(kmax)}};
+  };
+  return s;
+}
+
+}  // namespace
+
+MixerSpec performer_spec() { return make_spec(); }
+
+}  // namespace linmix

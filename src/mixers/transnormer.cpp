@@ -1,0 +1,179 @@
+// norm_linear, block_softmax — TransNormer (Qin et al. 2022, "The Devil in Linear
+// Transformer"): NormAttention (linear attention without the denominator, its output
+// normalised by SRMSNorm; sec. 4.1) and DiagAttention (softmax attention restricted to
+// non-overlapping blocks; sec. 4.2).
+// norm_linear parallel: phi = elu + 1 per row, the chunked product of
+// kernels/linear_product.h without normaliser, then SRMS per head; recurrent: S (D,E) per head.
+// block_softmax parallel: the tiled softmax kernel on each block; recurrent: the current
+// block's key/value rows (< block).
+#include "../kernels/linear_product.h"
+#include "../ref/attention_ref.h"
+#include "common.h"
+#include "linmix/kernels.h"
+
+namespace linmix {
+
+namespace {
+
+AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
+
+void srms(float* x, int64_t E, float eps) {  // x / sqrt(mean(x^2) + eps)
+  float ms = 0.0f;
+  for (int64_t e = 0; e < E; ++e) ms += x[e] * x[e];
+  const float inv = 1.0f / std::sqrt(ms / float(E) + eps);
+  for (int64_t e = 0; e < E; ++e) x[e] *= inv;
+}
+
+void norm_linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
+                         bool causal) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+#pragma omp parallel
+  {
+    std::vector<float> Qf(T * D), Kf(T * D);  // (T,D) phi rows of one head
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row0 = b * T * H + h;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t x = 0; x < D; ++x) {
+            Qf[t * D + x] = phi_elu(q[(row0 + t * H) * D + x]);
+            Kf[t * D + x] = phi_elu(k[(row0 + t * H) * D + x]);
+          }
+        float* yh = y + row0 * E;
+        linear_product(yh, nullptr, Qf.data(), Kf.data(), v + row0 * E, {T, D, E, D, D, H * E, H * E, causal});
+        for (int64_t t = 0; t < T; ++t) srms(yh + t * H * E, E, eps);
+      }
+  }
+}
+
+MixerSpec norm_linear() {
+  MixerSpec s;
+  s.name = "norm_linear";
+  s.paper = "Qin et al. 2022, The Devil in Linear Transformer (TransNormer NormAttention)";
+  s.summary = "linear attention without denominator, output normalised by SRMSNorm";
+  s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};
+  s.params = {{"eps", 1e-6, false, 0.0, "SRMSNorm epsilon"}};
+  s.state = {{"S", "B,H,D,E"}};
+  s.state_size = "H D E per sequence";
+  s.time = "O(T H D E)";
+  s.memory = "O(T D) per head + O(chunk^2 + D E)";
+  s.reference = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
+    ref::norm_linear_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(),
+                                 to_double(c.t("v")).data(), {d.B, d.T, d.H, d.D, d.E}, c.p("eps"), c.causal);
+    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
+  };
+  s.parallel = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    Tensor y({d.B, d.T, d.H, d.E});
+    norm_linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
+    return TensorMap{{"y", std::move(y)}};
+  };
+  s.recurrent = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    const int64_t H = d.H, D = d.D, E = d.E;
+    Tensor y({d.B, d.T, H, E}), S({d.B, H, D, E});
+    if (c.has("state.S")) S = c.t("state.S");
+    const float eps = float(c.p("eps"));
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t t = 0; t < d.T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t row = (b * d.T + t) * H + h;
+          const float *q = c.t("q").ptr() + row * D, *k = c.t("k").ptr() + row * D, *v = c.t("v").ptr() + row * E;
+          float* Sh = S.ptr() + (b * H + h) * D * E;
+          float* yr = y.ptr() + row * E;
+          for (int64_t x = 0; x < D; ++x) {  // S += phi(k) v^T; y = phi(q)^T S
+            const float kx = phi_elu(k[x]);
+            for (int64_t e = 0; e < E; ++e) Sh[x * E + e] += kx * v[e];
+          }
+          for (int64_t x = 0; x < D; ++x) {
+            const float qx = phi_elu(q[x]);
+            for (int64_t e = 0; e < E; ++e) yr[e] += qx * Sh[x * E + e];
+          }
+          srms(yr, E, eps);
+        }
+    return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}};
+  };
+  return s;
+}
+
+MixerSpec block_softmax() {
+  MixerSpec s;
+  s.name = "block_softmax";
+  s.paper = "Qin et al. 2022, The Devil in Linear Transformer (TransNormer DiagAttention)";
+  s.summary = "softmax attention inside non-overlapping blocks (scale 1/sqrt(D))";
+  s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};
+  s.params = {{"block", 64, true, 1, "block length"}};
+  s.example_params = {{"block", "16"}};
+  s.state = {{"k", "B,L,H,D"}, {"v", "B,L,H,E"}};
+  s.state_size = "the current block's rows: < block (H D + H E) per sequence";
+  s.time = "O(T block H D)";
+  s.memory = "O(block) (tiled)";
+  s.check = [](const Call& c) {
+    if (c.has("state.k"))
+      LINMIX_CHECK(c.d("L") < c.ip("block"), "tensor 'state.k': holds at most block-1 = " +
+                                                 std::to_string(c.ip("block") - 1) + " rows, found " +
+                                                 std::to_string(c.d("L")));
+  };
+  s.reference = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
+    ref::softmax_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(),
+                             to_double(c.t("v")).data(), {d.B, d.T, d.H, d.D, d.E}, 1.0 / std::sqrt(double(d.D)),
+                             c.causal, 0, c.ip("block"));
+    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
+  };
+  s.parallel = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    const int64_t blk = c.ip("block"), nblk = (d.T + blk - 1) / blk, HD = d.H * d.D, HE = d.H * d.E;
+    Tensor y({d.B, d.T, d.H, d.E});
+    const float scale = 1.0f / std::sqrt(float(d.D));
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t i = 0; i < nblk; ++i) {  // each block is an independent attention problem
+        const int64_t t0 = b * d.T + i * blk, n = std::min(blk, d.T - i * blk);
+        softmax_forward(y.ptr() + t0 * HE, c.t("q").ptr() + t0 * HD, c.t("k").ptr() + t0 * HD,
+                        c.t("v").ptr() + t0 * HE, {1, n, d.H, d.D, d.E}, scale, c.causal, 0);
+      }
+    return TensorMap{{"y", std::move(y)}};
+  };
+  s.recurrent = [](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    const int64_t blk = c.ip("block"), HD = d.H * d.D, HE = d.H * d.E;
+    const int64_t L0 = c.has("state.k") ? c.d("L") : 0;
+    const float scale = 1.0f / std::sqrt(float(d.D));
+    Tensor y({d.B, d.T, d.H, d.E});
+    std::vector<KVCache> caches(d.B);
+    std::vector<float> scratch;
+    for (int64_t b = 0; b < d.B; ++b) {
+      KVCache& kc = caches[b];
+      kc.H = d.H, kc.D = d.D, kc.E = d.E, kc.window = 0;
+      if (L0) {
+        kc.k.assign(c.t("state.k").ptr() + b * L0 * HD, c.t("state.k").ptr() + (b + 1) * L0 * HD);
+        kc.v.assign(c.t("state.v").ptr() + b * L0 * HE, c.t("state.v").ptr() + (b + 1) * L0 * HE);
+      }
+      for (int64_t t = 0; t < d.T; ++t) {
+        const int64_t row = b * d.T + t;
+        softmax_step(y.ptr() + row * HE, kc, c.t("q").ptr() + row * HD, c.t("k").ptr() + row * HD,
+                     c.t("v").ptr() + row * HE, scale, scratch);
+        if (kc.len() == blk) kc.k.clear(), kc.v.clear();  // block complete: the next one starts empty
+      }
+    }
+    const int64_t L = caches[0].len();
+    Tensor sk({d.B, L, d.H, d.D}), sv({d.B, L, d.H, d.E});
+    for (int64_t b = 0; b < d.B; ++b) {
+      std::copy(caches[b].k.begin(), caches[b].k.end(), sk.ptr() + b * L * HD);
+      std::copy(caches[b].v.begin(), caches[b].v.end(), sv.ptr() + b * L * HE);
+    }
+    return TensorMap{{"y", std::move(y)}, {"state.k", std::move(sk)}, {"state.v", std::move(sv)}};
+  };
+  return s;
+}
+
+}  // namespace
+
+MixerSpec norm_linear_spec() { return norm_linear(); }
+MixerSpec block_softmax_spec() { return block_softmax(); }
+
+}  // namespace linmix
