@@ -107,3 +107,127 @@ def rwkv4(k, v, w, u):
         a = decay * a + ek * v[:, t]
         b = decay * b + ek
     return torch.stack(ys, dim=1)
+
+
+def performer(q, k, v, proj, causal):
+    # phi(x)_m = exp(omega_m . x' - |x'|^2 / 2) / sqrt(M), x' = x D^(-1/4); no shifts (float64)
+    D, M = q.shape[-1], proj.shape[0]
+
+    def phi(x):
+        xs = x * D ** -0.25
+        return torch.exp(xs @ proj.T - (xs * xs).sum(-1, keepdim=True) / 2) / math.sqrt(M)
+
+    fq, fk = phi(q), phi(k)
+    kv = torch.einsum("bshm,bshe->bshme", fk, v)
+    if causal:
+        S, z = kv.cumsum(dim=1), fk.cumsum(dim=1)
+        return torch.einsum("bthm,bthme->bthe", fq, S) / torch.einsum("bthm,bthm->bth", fq, z).unsqueeze(-1)
+    S, z = kv.sum(dim=1), fk.sum(dim=1)
+    return torch.einsum("bthm,bhme->bthe", fq, S) / torch.einsum("bthm,bhm->bth", fq, z).unsqueeze(-1)
+
+
+def flow(q, k, v, causal, eps=1e-6):
+    # MIXERS.md "flow", as tensor algebra (the official Flowformer code's shape of it)
+    Q, K = torch.sigmoid(q), torch.sigmoid(k)
+    T = q.shape[1]
+    dot = lambda a, b: (a * b).sum(-1)  # noqa: E731  over D, broadcasting [B,T,H,D]
+    if not causal:
+        I = 1.0 / dot(Q + eps, K.sum(1, keepdim=True) + eps)
+        O = 1.0 / dot(K + eps, Q.sum(1, keepdim=True) + eps)
+        Ihat = dot(Q + eps, (K * O.unsqueeze(-1)).sum(1, keepdim=True) + eps)
+        Ohat = torch.clamp(dot(K + eps, (Q * I.unsqueeze(-1)).sum(1, keepdim=True) + eps), -1.0, 1.0)
+        alloc = torch.sigmoid(Ihat)
+        comp = torch.softmax(Ohat, dim=1) * T
+        kv = torch.einsum("bthd,bthe->bhde", K, v * comp.unsqueeze(-1))
+        return torch.einsum("bthd,bhde->bthe", Q * I.unsqueeze(-1), kv) * alloc.unsqueeze(-1)
+    r = torch.arange(1, T + 1, dtype=q.dtype).view(1, T, 1)
+    I = r / dot(Q + eps, K.cumsum(1) + eps)
+    O = r / dot(K + eps, Q.cumsum(1) + eps)
+    Ihat = dot(Q + eps, (K * O.unsqueeze(-1)).cumsum(1) + eps) / r
+    Ohat = torch.clamp(dot(K + eps, (Q * I.unsqueeze(-1)).cumsum(1) + eps) / r, -1.0, 1.0)
+    alloc = torch.sigmoid(Ihat)
+    comp = torch.exp(Ohat) / torch.exp(Ohat).cumsum(1) * r
+    kv = torch.einsum("bthd,bthe->bthde", K, v * comp.unsqueeze(-1)).cumsum(1)
+    return torch.einsum("bthd,bthde->bthe", Q * (I / r).unsqueeze(-1), kv) * alloc.unsqueeze(-1)
+
+
+def flash(quad_q, quad_k, lin_q, lin_k, v, causal, group):
+    # the paper's mixed-chunk pseudo-code: pad T to a multiple of G, reshape into groups
+    B, T, S = quad_q.shape
+    G = group
+    pad = (-T) % G
+    P = lambda x: F.pad(x, (0, 0, 0, pad)).view(B, (T + pad) // G, G, x.shape[-1])  # noqa: E731
+    qq, qk, lq, lk, vv = P(quad_q), P(quad_k), P(lin_q), P(lin_k), P(v)
+    kern = torch.relu(torch.einsum("bgns,bgms->bgnm", qq, qk) / G) ** 2
+    if causal:
+        kern = kern * torch.tril(torch.ones(G, G, dtype=q_dtype(quad_q)))
+    quad = torch.einsum("bgnm,bgme->bgne", kern, vv)
+    if causal:
+        lin_kv = torch.einsum("bgns,bgne->bgse", lk, vv) / G
+        lin_kv = lin_kv.cumsum(1) - lin_kv  # exclusive: groups before g
+        lin = torch.einsum("bgns,bgse->bgne", lq, lin_kv)
+    else:
+        lin_kv = torch.einsum("bgns,bgne->bse", lk, vv) / T
+        lin = torch.einsum("bgns,bse->bgne", lq, lin_kv)
+    return (quad + lin).reshape(B, T + pad, -1)[:, :T]
+
+
+def q_dtype(x):
+    return x.dtype
+
+
+def norm_linear(q, k, v, causal, eps=1e-6):
+    fq, fk = phi_elu(q), phi_elu(k)
+    kv = torch.einsum("bshd,bshe->bshde", fk, v)
+    if causal:
+        o = torch.einsum("bthd,bthde->bthe", fq, kv.cumsum(dim=1))
+    else:
+        o = torch.einsum("bthd,bhde->bthe", fq, kv.sum(dim=1))
+    return o / torch.sqrt((o * o).mean(-1, keepdim=True) + eps)
+
+
+def block_softmax(q, k, v, causal, block):
+    T = q.shape[1]
+    parts = [softmax(q[:, i:i + block], k[:, i:i + block], v[:, i:i + block], causal) for i in range(0, T, block)]
+    return torch.cat(parts, dim=1)
+
+
+def s4d(u, log_dt, A_re, A_im, C_re, C_im, D):
+    # kernel by a Vandermonde product, convolution by torch.fft (zero-padded to 2T)
+    T = u.shape[1]
+    dt = torch.exp(log_dt).unsqueeze(-1)  # [C,1]
+    A = torch.complex(A_re, A_im)
+    Cc = torch.complex(C_re, C_im)
+    dtA = dt * A  # [C,N]
+    Ct = Cc * (torch.exp(dtA) - 1.0) / A
+    l = torch.arange(T, dtype=u.dtype)
+    K = 2 * torch.einsum("cn,cnl->cl", Ct, torch.exp(dtA.unsqueeze(-1) * l)).real  # [C,T]
+    n = 2 * T
+    Uf = torch.fft.rfft(u.transpose(1, 2), n=n)  # [B,C,F]
+    Kf = torch.fft.rfft(K, n=n)
+    y = torch.fft.irfft(Uf * Kf, n=n)[..., :T].transpose(1, 2)
+    return y + D * u
+
+
+def mamba(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=True):
+    # the selective_scan_ref recurrence, vectorised over batch, channels and state
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    dt = F.softplus(delta) if delta_softplus else delta
+    dA = torch.exp(torch.einsum("btc,cn->btcn", dt, A))
+    dBu = torch.einsum("btc,btn,btc->btcn", dt, Bm, u)
+    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(u.shape[1]):
+        h = dA[:, t] * h + dBu[:, t]
+        ys.append(torch.einsum("bcn,bn->bc", h, Cm[:, t]))
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def fnet(x):
+    return torch.fft.fft2(x, dim=(1, 2)).real

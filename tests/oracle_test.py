@@ -90,6 +90,48 @@ def cases(T, stable):
     wdec = np.exp(normal(C)) if not stable else rng.uniform(1e-3, 60, C).astype(np.float32)
     out.append(("rwkv4", (True,), {}, dict(k=k, v=v, w=wdec, u=keys(C)),
                 lambda x, c: oracle.rwkv4(x["k"], x["v"], x["w"], x["u"])))
+    out += more_cases(T, stable)
+    return out
+
+
+def ssm_inputs(T, Bsz=B, Cn=C, N=4):
+    u = normal(Bsz, T, Cn)
+    s4 = dict(u=u, log_dt=rng.uniform(np.log(1e-3), np.log(1e-1), Cn).astype(np.float32),
+              A_re=(-0.5 * np.exp(0.5 * normal(Cn, N))).astype(np.float32), A_im=3 * normal(Cn, N),
+              C_re=normal(Cn, N), C_im=normal(Cn, N), D=normal(Cn))
+    mb = dict(u=u, delta=normal(Bsz, T, Cn), A=(-np.exp(normal(Cn, N))).astype(np.float32), Bm=normal(Bsz, T, N),
+              Cm=normal(Bsz, T, N), D=normal(Cn), z=normal(Bsz, T, Cn), delta_bias=normal(Cn))
+    return s4, mb
+
+
+def more_cases(T, stable):
+    out = []
+    big = (lambda *s: 10 * normal(*s)) if stable else normal  # performer: |x| ~ 10 (see test_mixers.cpp)
+    q, k, v = big(B, T, H, D), big(B, T, H, D), normal(B, T, H, E)
+    proj = normal(7, D)  # any feature rows: the kernel takes them as given
+    out.append(("performer", (False, True), {}, dict(q=q, k=k, v=v, proj=proj),
+                lambda x, c: oracle.performer(x["q"], x["k"], x["v"], x["proj"], c)))
+    q, k = normal(B, T, H, D), (uniform60 if stable else normal)(B, T, H, D)
+    out.append(("flow", (False, True), {}, dict(q=q, k=k, v=v), lambda x, c: oracle.flow(x["q"], x["k"], x["v"], c)))
+    out.append(("norm_linear", (False, True), {}, dict(q=q, k=k, v=v),
+                lambda x, c: oracle.norm_linear(x["q"], x["k"], x["v"], c)))
+    out.append(("block_softmax", (False, True), {"block": 16}, dict(q=q, k=k, v=v),
+                lambda x, c: oracle.block_softmax(x["q"], x["k"], x["v"], c, 16)))
+    S = 5
+    fl = dict(quad_q=normal(B, T, S), quad_k=normal(B, T, S), lin_q=normal(B, T, S), lin_k=normal(B, T, S),
+              v=normal(B, T, E))
+    if stable:
+        fl["quad_k"] *= 10
+    for G in (16, 256):
+        out.append(("flash", (False, True), {"group": G}, fl,
+                    lambda x, c, G=G: oracle.flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], c, G)))
+    s4, mb = ssm_inputs(T)
+    out.append(("s4d", (True,), {}, s4, lambda x, c: oracle.s4d(**x)))
+    out.append(("mamba", (True,), {}, mb, lambda x, c: oracle.mamba(**x)))
+    bare = {n: mb[n] for n in ("u", "delta", "A", "Bm", "Cm")}
+    bare["delta"] = np.abs(bare["delta"])  # dt = delta itself: keep it >= 0 so h decays
+    out.append(("mamba", (True,), {"delta_softplus": 0}, bare, lambda x, c: oracle.mamba(**x, delta_softplus=False)))
+    out.append(("fnet", (False,), {}, dict(x=normal(B, T, C)), lambda x, c: oracle.fnet(x["x"])))
     return out
 
 
@@ -124,6 +166,19 @@ def main():
                         second.update({n: a for n, a in o1.items() if n.startswith("state.")})
                         o2 = run(mixer, causal, "recurrent", params, second)
                         check(f"{tag} recurrent split at {t1}", np.concatenate([o1["y"], o2["y"]], axis=1), ref, tol32)
+    # Long scans (T = 4096): the linear-time recurrences, parallel and recurrent, vs the oracle.
+    T = 4096
+    s4, mb = ssm_inputs(T, Bsz=1, Cn=3)
+    kk, vv = uniform60(1, T, 3), normal(1, T, 3)
+    long_cases = [("s4d", {}, s4, lambda x: oracle.s4d(**x)), ("mamba", {}, mb, lambda x: oracle.mamba(**x)),
+                  ("rwkv4", {}, dict(k=kk, v=vv, w=np.exp(normal(3)), u=uniform60(3)),
+                   lambda x: oracle.rwkv4(x["k"], x["v"], x["w"], x["u"])),
+                  ("aft_simple", {}, dict(q=normal(1, T, 3), k=kk, v=vv),
+                   lambda x: oracle.aft_simple(x["q"], x["k"], x["v"], True))]
+    for mixer, params, tensors, fn in long_cases:
+        ref = fn({n: torch.from_numpy(a.astype(np.float64)) for n, a in tensors.items()}).numpy()
+        for mode in ("parallel", "recurrent"):
+            check(f"{mixer} T={T} causal long scan {mode}", run(mixer, True, mode, params, tensors)["y"], ref, 1e-4)
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

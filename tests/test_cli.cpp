@@ -110,6 +110,38 @@ TEST_F(MixCli, RejectsBadArguments) {
   expect_rejected(serialize_safetensors(a), "--mixer aft_local --param window=2", "Tw = 5 is smaller");
 }
 
+TEST_F(MixCli, RejectsOutOfDomainInputs) {
+  TensorMap x = example_inputs(find_mixer("fnet"), {{"B", 1}, {"T", 4}, {"C", 3}}, 1);
+  expect_rejected(serialize_safetensors(x), "--mixer fnet --causal", "has no causal form; drop --causal");
+  TensorMap s = example_inputs(find_mixer("s4d"), {{"B", 1}, {"T", 4}, {"C", 3}, {"N", 2}}, 1);
+  expect_rejected(serialize_safetensors(s), "--mixer s4d", "causal only; pass --causal");
+  s["A_re"].data[1] = 0.25f;
+  expect_rejected(serialize_safetensors(s), "--mixer s4d --causal", "tensor 'A_re': must be < 0");
+  TensorMap m = example_inputs(find_mixer("mamba"), {{"B", 1}, {"T", 4}, {"C", 3}, {"N", 2}}, 1);
+  expect_rejected(serialize_safetensors(m), "--mixer mamba --causal --param delta_softplus=2", "must be 0 or 1");
+  m["A"].data[0] = 1.0f;
+  expect_rejected(serialize_safetensors(m), "--mixer mamba --causal", "tensor 'A': must be <= 0");
+  m = example_inputs(find_mixer("mamba"), {{"B", 1}, {"T", 4}, {"C", 3}, {"N", 2}}, 1);
+  m["z"] = Tensor({1, 4, 2});
+  expect_rejected(serialize_safetensors(m), "--mixer mamba --causal", "tensor 'z': expected shape");
+  TensorMap p = example_inputs(find_mixer("performer"), {{"B", 1}, {"T", 4}, {"H", 1}, {"D", 3}, {"E", 2}, {"M", 5}}, 1);
+  p["proj"] = Tensor({5, 4});
+  expect_rejected(serialize_safetensors(p), "--mixer performer", "tensor 'proj': expected shape");
+  TensorMap f = example_inputs(find_mixer("flash"), {{"B", 1}, {"T", 4}, {"S", 3}, {"E", 2}}, 1);
+  expect_rejected(serialize_safetensors(f), "--mixer flash --param group=0", "param 'group': must be >=");
+}
+
+TEST(Cli, FeaturesWritesProj) {
+  const std::string dir = test::tmp_dir();
+  const Result r = run_linmix("features --M 10 --D 4 --seed 3 --out " + dir + "/p.safetensors", dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto st = read_safetensors(dir + "/p.safetensors");
+  EXPECT_EQ(st.tensors.at("proj").shape, (std::vector<int64_t>{10, 4}));
+  const Result bad = run_linmix("features --M 0 --D 4 --out " + dir + "/q.safetensors", dir);
+  EXPECT_EQ(bad.code, 2);
+  EXPECT_FALSE(std::filesystem::exists(dir + "/q.safetensors"));
+}
+
 TEST_F(MixCli, RejectsBadFiles) {
   const std::string bytes = serialize_safetensors(good);
   expect_rejected(bytes.substr(0, 5), "--mixer linear", "truncated");

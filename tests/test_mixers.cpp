@@ -3,6 +3,7 @@
 //  - a sequence split across two recurrent calls, state passed along, equals one call;
 //  - stability: keys and biases up to +-60 give finite outputs equal to the reference;
 //  - one-token sanity facts that follow from the formulas alone.
+#include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "test_util.h"
 
@@ -205,6 +206,33 @@ TEST(MixerFacts, AftVariantsNest) {
   for (bool causal : {false, true})
     test::expect_close(run_mixer("aft_full", Mode::Parallel, causal, {}, in).at("y"),
                        run_mixer("aft_simple", Mode::Parallel, causal, {}, simple_in).at("y"), "aft_full(w=0)");
+}
+
+}  // namespace
+
+namespace {
+
+// Performer's feature generator: each block of D rows is orthogonal, and the row norms are
+// chi_D distributed: E|w|^2 = D. With 64 blocks of D = 8 the mean of |w|^2 over 512 rows has
+// standard deviation sqrt(2 D / 512) = 0.125, so |mean - D| < 0.75 fails with p < 1e-8.
+TEST(PerformerFeatures, OrthogonalBlocksWithChiNorms) {
+  const int64_t D = 8, M = 512 + 3;  // a partial last block too
+  const std::vector<float> w = orthogonal_gaussian_features(M, D, 123);
+  ASSERT_EQ(static_cast<int64_t>(w.size()), M * D);
+  auto dot = [&](int64_t i, int64_t j) {
+    double s = 0;
+    for (int64_t x = 0; x < D; ++x) s += double(w[i * D + x]) * w[j * D + x];
+    return s;
+  };
+  double mean_sq = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    mean_sq += dot(i, i) / double(M);
+    for (int64_t j = (i / D) * D; j < i; ++j)  // same block: orthogonal
+      EXPECT_NEAR(dot(i, j) / std::sqrt(dot(i, i) * dot(j, j)), 0.0, 1e-5) << i << "," << j;
+  }
+  EXPECT_NEAR(mean_sq, double(D), 0.75);
+  EXPECT_EQ(orthogonal_gaussian_features(M, D, 123), w) << "deterministic in the seed";
+  EXPECT_NE(orthogonal_gaussian_features(M, D, 124), w);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <iostream>
 
+#include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "linmix/safetensors.h"
 
@@ -121,6 +122,15 @@ int main(int argc, char** argv) {
   demo->add_option("--seed", seed, "random seed")->capture_default_str();
   demo->add_option("--dir", dir, "where the input and output files go")->capture_default_str();
 
+  auto* feats = app.add_subcommand("features", "orthogonal Gaussian random features for performer (tensor 'proj')");
+  int64_t fM = 0, fD = 0;
+  uint64_t fseed = 0;
+  std::string fout;
+  feats->add_option("--M", fM, "number of features")->required()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  feats->add_option("--D", fD, "query/key width")->required()->check(CLI::Range(int64_t(1), int64_t(1) << 14));
+  feats->add_option("--seed", fseed, "random seed")->capture_default_str();
+  feats->add_option("--out", fout, "output safetensors (tensor 'proj' [M,D])")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -141,6 +151,12 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*demo) return cmd_demo(demo_T, dir, seed);
+    if (*feats) {
+      Tensor proj({fM, fD});
+      proj.data = orthogonal_gaussian_features(fM, fD, fseed);
+      write_safetensors(fout, {{"proj", proj}}, {{"generator", "orthogonal_gaussian"}, {"seed", std::to_string(fseed)}});
+      return 0;
+    }
   } catch (const Error& e) {
     std::fprintf(stderr, "linmix: %s\n", e.what());
     return 2;
