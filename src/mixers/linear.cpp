@@ -76,7 +76,7 @@ MixerSpec make_spec() {
   s.state = {{"S", "B,H,D,E"}, {"z", "B,H,D"}};
   s.state_size = "H D (E + 1) per sequence";
   s.time = "O(T H D E) (+ O(T chunk H D) intra-chunk when causal)";
-  s.memory = "O(chunk^2 + D E) per head";
+  s.memory = "O(T D) per head (phi rows) + O(chunk^2 + D E)";
   s.reference = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));

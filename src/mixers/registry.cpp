@@ -191,6 +191,15 @@ TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int6
 
 std::string describe_mixers() {
   std::ostringstream o;
+  // The summary table (the AFT paper's Table 1, extended to every mechanism), then details.
+  o << "| mixer | causal | non-causal | forms | time | extra memory (parallel) | recurrent state |\n";
+  o << "|---|---|---|---|---|---|---|\n";
+  for (const auto& m : mixers()) {
+    o << "| " << m.name << " | " << (m.causal_ok ? "yes" : "no") << " | " << (m.noncausal_ok ? "yes" : "no")
+      << " | ref, par" << (m.recurrent ? ", rec" : "") << " | " << m.time << " | " << m.memory << " | "
+      << m.state_size << " |\n";
+  }
+  o << "\n";
   for (const auto& m : mixers()) {
     o << m.name << " — " << m.summary << "\n";
     o << "  paper:   " << m.paper << "\n";
