@@ -2,17 +2,19 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace linmix {
 
 void gemm_nt_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                  int64_t ldc) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      float acc = 0.0f;
-      for (int64_t x = 0; x < k; ++x) acc += A[i * lda + x] * B[j * ldb + x];
-      C[i * ldc + j] += acc;
-    }
+  // B^T (k,n) copied once so the inner loop runs along contiguous j: it vectorises without
+  // reassociating a dot-product reduction.
+  thread_local std::vector<float> Bt;
+  Bt.resize(static_cast<size_t>(k * n));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t x = 0; x < k; ++x) Bt[x * n + j] = B[j * ldb + x];
+  gemm_nn_acc(C, A, Bt.data(), m, n, k, lda, n, ldc);
 }
 
 void gemm_nn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,

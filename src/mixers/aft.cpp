@@ -8,6 +8,7 @@
 // catastrophically when the band's k + w dominate). Cost O(T (band + 1) C), extra memory O(T C)
 // for the suffix sums (non-causal) and O(band) otherwise.
 #include "../ref/channel_ref.h"
+#include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -23,7 +24,7 @@ constexpr float kEmptyMax = -1e38f;
 inline void running_add(float* m, float* num, float* den, const float* x, const float* val, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
     const float mn = std::max(m[c], x[c]);
-    const float a = std::exp(m[c] - mn), e = std::exp(x[c] - mn);
+    const float a = exp_fast(m[c] - mn), e = exp_fast(x[c] - mn);
     num[c] = num[c] * a + e * val[c];
     den[c] = den[c] * a + e;
     m[c] = mn;
@@ -72,13 +73,13 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
           for (int64_t c = 0; c < n; ++c) M[c] = std::max(M[c], ks[c] + w);
         }
         for (int64_t c = 0; c < n; ++c) {
-          const float a = std::exp(pm[c] - M[c]);
+          const float a = exp_fast(pm[c] - M[c]);
           num[c] = pn[c] * a;
           den[c] = pd[c] * a;
         }
         if (!causal)
           for (int64_t c = 0; c < n; ++c) {
-            const float a = std::exp(sm[suf * n + c] - M[c]);
+            const float a = exp_fast(sm[suf * n + c] - M[c]);
             num[c] += sn[suf * n + c] * a;
             den[c] += sd[suf * n + c] * a;
           }
@@ -86,7 +87,7 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
           const float w = wb[s - s_lo];
           const float *ks = row(k, s), *vs = row(v, s);
           for (int64_t c = 0; c < n; ++c) {
-            const float e = std::exp(ks[c] + w - M[c]);
+            const float e = exp_fast(ks[c] + w - M[c]);
             num[c] += e * vs[c];
             den[c] += e;
           }

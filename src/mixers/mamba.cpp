@@ -5,6 +5,7 @@
 // parallel: threads over (batch, channel block); per chunk of kChunk steps the decays
 // exp(dt A) and inputs dt Bm u of the block are computed in one vectorisable pass, then the
 // scan runs over them. recurrent: one token for all channels, h carried as state.
+#include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -15,8 +16,7 @@ namespace {
 constexpr int64_t kChunk = 32;   // time steps whose decays are computed together
 constexpr int64_t kCBlock = 16;  // channels per task
 
-inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
 
 // Inputs of one call; optional tensors are null.
 struct MambaArgs {
@@ -25,7 +25,7 @@ struct MambaArgs {
   bool use_softplus;
   float dt(int64_t b, int64_t t, int64_t c) const {
     const float x = delta[(b * T + t) * C + c] + (bias ? bias[c] : 0.0f);
-    return use_softplus ? softplus(x) : x;
+    return use_softplus ? softplus_fast(x) : x;
   }
   float out(float acc, int64_t b, int64_t t, int64_t c) const {  // + D u, gate
     const int64_t i = (b * T + t) * C + c;
@@ -62,7 +62,7 @@ void mamba_forward(float* y, const MambaArgs& a) {
               const float* Br = a.Bm + (b * T + t) * N;
               float* da = &dA[(i * kCBlock + j) * N];
               float* db = &dBu[(i * kCBlock + j) * N];
-              for (int64_t n = 0; n < N; ++n) da[n] = std::exp(dt * Ar[n]), db[n] = du * Br[n];
+              for (int64_t n = 0; n < N; ++n) da[n] = exp_fast(dt * Ar[n]), db[n] = du * Br[n];
             }
           for (int64_t i = 0; i < nt; ++i) {
             const int64_t t = t0 + i;

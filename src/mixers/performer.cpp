@@ -7,6 +7,7 @@
 #include <random>
 
 #include "../kernels/linear_product.h"
+#include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -50,7 +51,7 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
         for (int64_t t = 0; t < T; ++t) {  // queries: per-row max
           float* r = &Qf[t * M];
           const float mx = *std::max_element(r, r + M);
-          for (int64_t m = 0; m < M; ++m) r[m] = std::exp(r[m] - mx) * inv_sqrt_m;
+          for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - mx) * inv_sqrt_m;
         }
         // keys: non-causal, one max over all keys; causal, the running max g_t over keys s <= t,
         // each key stored as exp(logit - g_t) and linear_product told g (scales e^{g_j - g_i}).
@@ -59,11 +60,11 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
           for (int64_t t = 0; t < T; ++t) {
             float* r = &Kf[t * M];
             g[t] = run = std::max(run, *std::max_element(r, r + M));
-            for (int64_t m = 0; m < M; ++m) r[m] = std::exp(r[m] - run) * inv_sqrt_m;
+            for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - run) * inv_sqrt_m;
           }
         } else {
           const float mx = *std::max_element(Kf.begin(), Kf.end());
-          for (float& x : Kf) x = std::exp(x - mx) * inv_sqrt_m;
+          for (float& x : Kf) x = exp_fast(x - mx) * inv_sqrt_m;
         }
         float* yh = y + row0 * E;
         linear_product(yh, den.data(), Qf.data(), Kf.data(), v + row0 * E, {T, M, E, M, M, H * E, H * E, causal},

@@ -6,6 +6,7 @@
 // threaded over (batch, channel block); recurrent: the same update one token at a time with
 // the state (a, b, p) carried across calls.
 #include "../ref/channel_ref.h"
+#include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -21,12 +22,12 @@ void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const f
       // output: the past (a, b at exponent p) plus the bonus term e^{u + k_t}
       const float ww = u[c] + kt[c];
       float q = std::max(p[c], ww);
-      float e1 = std::exp(p[c] - q), e2 = std::exp(ww - q);
+      float e1 = exp_fast(p[c] - q), e2 = exp_fast(ww - q);
       yt[c] = (e1 * a[c] + e2 * vt[c]) / (e1 * bb[c] + e2);
       // state: decay the past by e^{-w}, add e^{k_t} v_t
       const float wd = p[c] - w[c];
       q = std::max(wd, kt[c]);
-      e1 = std::exp(wd - q), e2 = std::exp(kt[c] - q);
+      e1 = exp_fast(wd - q), e2 = exp_fast(kt[c] - q);
       a[c] = e1 * a[c] + e2 * vt[c];
       bb[c] = e1 * bb[c] + e2;
       p[c] = q;

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "../ref/attention_ref.h"
+#include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -66,7 +67,7 @@ void softmax_forward(float* y, const float* q, const float* k, const float* v, c
               float lsum = 0.0f;
               for (int64_t e = 0; e < E; ++e) ar[e] *= corr;
               for (int64_t j = 0; j < nk; ++j) {
-                const float p = std::exp(srow[j] - mnew);
+                const float p = exp_fast(srow[j] - mnew);
                 lsum += p;
                 const float* vr = &Vb[j * E];
                 for (int64_t e = 0; e < E; ++e) ar[e] += p * vr[e];

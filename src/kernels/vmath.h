@@ -1,0 +1,80 @@
+// Vectorisable elementwise math. std::exp is an opaque libm call that stops GCC from
+// vectorising a loop; exp_fast is plain arithmetic, so loops over it compile to SIMD.
+//
+// exp_fast(x): range reduction x = n ln2 + r, |r| <= ln2/2 (ln2 split in a short high part
+// and a correction so n ln2 is exact), a degree-6 minimax polynomial for e^r (the classic
+// single-precision coefficients), and 2^n assembled in the exponent bits. Max relative error
+// about 2 ulp over the normal range (tests/test_vmath.cpp checks it against std::exp).
+// Below -87.33 (where 2^n would be subnormal) it returns 0, +inf above 88.72, NaN for NaN.
+#pragma once
+#include <bit>
+#include <cstdint>
+
+namespace linmix {
+
+inline float exp_fast(float x) {
+  const float hi = 88.7228391f, lo = -87.3365447f;
+  const bool under = x < lo, over = x > hi, nan = x != x;
+  float xc = x < lo ? lo : (x > hi ? hi : x);
+  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n for n in [-126, 128] as 2^a 2^b with a, b in [-63, 64]: both normal, no overflow.
+  const int32_t ni = static_cast<int32_t>(n), a = ni >> 1, b = ni - a;
+  const float sa = std::bit_cast<float>(static_cast<int32_t>((a + 127) << 23));
+  const float sb = std::bit_cast<float>(static_cast<int32_t>((b + 127) << 23));
+  float out = p * sa * sb;
+  out = under ? 0.0f : out;
+  out = over ? __builtin_inff() : out;
+  return nan ? x : out;
+}
+
+// log_fast(x), x > 0 normal: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log x = e ln2 + log m,
+// log m by the classic degree-9 single-precision polynomial in f = m - 1. About 1 ulp.
+// x <= 0 or subnormal is outside its contract (callers pass 1 + something positive).
+inline float log_fast(float x) {
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  int32_t e = ((bits >> 23) & 0xff) - 126;                              // x = m 2^e, m in [0.5, 1)
+  float m = std::bit_cast<float>(static_cast<int32_t>((bits & 0x007fffff) | 0x3f000000));
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * fe;
+}
+
+// log(1 + y) for y >= 0, accurate for tiny y too: with u = 1 + y rounded,
+// log1p(y) = log(u) * y / (u - 1) (Goldberg's correction), and y itself when u == 1.
+inline float log1p_fast(float y) {
+  const float u = 1.0f + y;
+  const float d = u - 1.0f;
+  return d == 0.0f ? y : log_fast(u) * (y / d);
+}
+
+// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow, exact tails.
+inline float softplus_fast(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  return (x > 0.0f ? x : 0.0f) + log1p_fast(exp_fast(-ax));
+}
+
+}  // namespace linmix

@@ -1,0 +1,54 @@
+// exp_fast against std::exp (evaluated in double) over its whole range.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../src/kernels/vmath.h"
+
+using linmix::exp_fast;
+using linmix::log_fast;
+using linmix::softplus_fast;
+
+TEST(VMath, ExpFastMatchesStdExp) {
+  double worst = 0;
+  for (double x = -87.3; x <= 88.7; x += 1.0 / 1024) {
+    const float xf = float(x);
+    const double want = std::exp(double(xf));
+    const double rel = std::fabs(double(exp_fast(xf)) - want) / want;
+    worst = std::max(worst, rel);
+  }
+  // float32 has a 2^-24 = 6e-8 half-ulp; the reduction and polynomial add about one ulp.
+  EXPECT_LT(worst, 2.5e-7);
+}
+
+TEST(VMath, ExpFastEdges) {
+  EXPECT_EQ(exp_fast(0.0f), 1.0f);
+  EXPECT_EQ(exp_fast(-1e38f), 0.0f);
+  EXPECT_EQ(exp_fast(-std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_EQ(exp_fast(-100.0f), 0.0f);
+  EXPECT_TRUE(std::isinf(exp_fast(100.0f)));
+  EXPECT_TRUE(std::isinf(exp_fast(std::numeric_limits<float>::infinity())));
+  EXPECT_TRUE(std::isnan(exp_fast(std::nanf(""))));
+}
+
+TEST(VMath, LogFastMatchesStdLog) {
+  double worst = 0;
+  for (double l = -80; l <= 80; l += 1.0 / 512) {  // x from 1.8e-35 to 5.5e34
+    const float xf = float(std::exp(l));
+    const double want = std::log(double(xf));
+    worst = std::max(worst, std::fabs(double(log_fast(xf)) - want) / std::max(1.0, std::fabs(want)));
+  }
+  EXPECT_LT(worst, 2.5e-7);
+  EXPECT_EQ(log_fast(1.0f), 0.0f);
+}
+
+TEST(VMath, SoftplusFastMatchesFormula) {
+  double worst = 0;
+  for (double x = -80; x <= 80; x += 1.0 / 256) {
+    const float xf = float(x);
+    const double want = std::log1p(std::exp(double(xf)));
+    worst = std::max(worst, std::fabs(double(softplus_fast(xf)) - want) / want);
+  }
+  EXPECT_LT(worst, 5e-7);  // relative, tails included (softplus(-80) = 1.8e-35)
+}
