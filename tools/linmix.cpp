@@ -28,14 +28,15 @@ std::map<std::string, std::string> parse_params(const std::vector<std::string>& 
 }
 
 int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params,
-            const std::string& in_path, const std::string& out_path) {
+            bool grad, const std::string& in_path, const std::string& out_path) {
   const Mode m = parse_mode(mode);
   const MixerSpec& spec = find_mixer(mixer);  // unknown names fail before any file is read
   (void)spec;
   const auto kv = parse_params(params);
   const SafeTensors in = read_safetensors(in_path);
-  const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors);
-  write_safetensors(out_path, out, {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}});
+  const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad);
+  write_safetensors(out_path, out,
+                    {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}});
   return 0;
 }
 
@@ -109,6 +110,8 @@ int main(int argc, char** argv) {
   mix->add_flag("--causal", causal, "position t uses positions s <= t only");
   mix->add_option("--mode", mode, "reference | parallel | recurrent")->capture_default_str();
   mix->add_option("--param", params, "KEY=VALUE mechanism parameter (repeatable)");
+  bool grad = false;
+  mix->add_flag("--grad", grad, "also write d<name> = d sum(y * dy) / d<name> for every input (IN holds dy)");
   mix->add_option("--in", in_path, "input safetensors")->required();
   mix->add_option("--out", out_path, "output safetensors (written atomically)")->required();
 
@@ -145,7 +148,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    if (*mix) return cmd_mix(mixer, causal, mode, params, in_path, out_path);
+    if (*mix) return cmd_mix(mixer, causal, mode, params, grad, in_path, out_path);
     if (*list) {
       std::cout << describe_mixers();
       return 0;

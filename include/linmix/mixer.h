@@ -64,17 +64,37 @@ struct MixerSpec {
   std::map<std::string, std::string> example_params;
   std::function<void(TensorMap&)> example_fix;
   std::function<void(const Call&)> check;  // mechanism-specific checks beyond shapes (optional)
+  std::string y_dims;  // symbolic shape of the output y, e.g. "B,T,H,E"
   std::function<TensorMap(const Call&)> reference;  // float64 inside; returns {"y"}
   std::function<TensorMap(const Call&)> parallel;   // returns {"y"}
+  // Gradients of sum(y * dy) with respect to every input tensor present, named d<name>,
+  // plus y. reference_grad: the float64 reference differentiated by a tape (src/ref/tape.h);
+  // backward: the hand-written backward of the parallel form (absent where not written yet).
+  std::function<TensorMap(const Call&, const Tensor& dy)> reference_grad;
+  std::function<TensorMap(const Call&, const Tensor& dy)> backward;
+  // The reference on float64 inputs (same names as the call's tensors), returning y: what
+  // finite-difference checks perturb.
+  std::function<std::vector<double>(const Call&, const std::map<std::string, std::vector<double>>&)> reference64;
   std::function<TensorMap(const Call&)> recurrent;  // reads state.* if present; returns y + state.*
 };
 
 const std::vector<MixerSpec>& mixers();
 const MixerSpec& find_mixer(const std::string& name);
 
-// Validates and runs one mixer call. raw_params are the user's KEY=VALUE strings.
+// Validates and runs one mixer call. raw_params are the user's KEY=VALUE strings. With
+// grad, `in` must also hold dy (shaped like y) and the result adds d<name> for every input
+// tensor (reference: float64 tape; parallel: the hand-written backward).
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
-                    const std::map<std::string, std::string>& raw_params, const TensorMap& in);
+                    const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false);
+
+// Validates like run_mixer, then evaluates the float64 reference on x64 (tensor name ->
+// values, laid out like the same-named tensors of `in`, which give the shapes). Returns y.
+std::vector<double> reference_f64(const std::string& name, bool causal,
+                                  const std::map<std::string, std::string>& raw_params, const TensorMap& in,
+                                  const std::map<std::string, std::vector<double>>& x64);
+
+// The concrete shape of symbolic dims ("B,T,C") under a call's bound dims.
+std::vector<int64_t> dims_shape(const std::string& dims, const Call& c);
 
 // N(0,1) inputs for every input of `spec` (optional ones included), sized by `dims` (B, T, H, D, E,
 // C, Tw, K, ...), passed through spec.example_fix. Deterministic in `seed`.

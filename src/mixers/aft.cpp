@@ -211,26 +211,24 @@ AftBand make_band(Variant var, const Call& c, BiasCtx& ctx) {
   return band;
 }
 
-TensorMap aft_reference(Variant var, const Call& c) {
+// The reference of one variant, on any scalar (double, or ad::Var for the gradient).
+template <class S>
+std::vector<S> aft_reference(Variant var, const Call& c, const RefIn<S>& x) {
   const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-  ref::AftBias<double> bias;
+  ref::AftBias<S> bias;
   bias.causal = c.causal;
   bias.C = C;
-  std::vector<double> w, u;
   if (var == Variant::Full || var == Variant::Local) {
-    w = to_double(c.t("w"));
-    bias.w = w.data(), bias.Tw = c.d("Tw");
-    bias.kind = var == Variant::Full ? ref::AftBias<double>::Full : ref::AftBias<double>::Local;
+    bias.w = x.at("w").data(), bias.Tw = c.d("Tw");
+    bias.kind = var == Variant::Full ? ref::AftBias<S>::Full : ref::AftBias<S>::Local;
     if (var == Variant::Local) bias.window = c.ip("window");
   } else if (var == Variant::Conv) {
-    u = to_double(c.t("u"));
-    bias.kind = ref::AftBias<double>::Conv;
-    bias.u = u.data(), bias.H = c.d("H"), bias.K = c.d("K");
+    bias.kind = ref::AftBias<S>::Conv;
+    bias.u = x.at("u").data(), bias.H = c.d("H"), bias.K = c.d("K");
   }
-  std::vector<double> y(static_cast<size_t>(B * T * C));
-  ref::aft_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(), to_double(c.t("v")).data(),
-                       B, T, C, bias);
-  return {{"y", from_double({B, T, C}, y)}};
+  std::vector<S> y(B * T * C);
+  ref::aft_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), B, T, C, bias);
+  return y;
 }
 
 TensorMap aft_parallel(Variant var, const Call& c) {
@@ -373,7 +371,8 @@ MixerSpec aft_spec(Variant var) {
       };
       break;
   }
-  s.reference = [var](const Call& c) { return aft_reference(var, c); };
+  s.y_dims = "B,T,C";
+  set_reference(s, [var](const Call& c, const auto& x) { return aft_reference(var, c, x); });
   s.parallel = [var](const Call& c) { return aft_parallel(var, c); };
   s.recurrent = [var](const Call& c) { return aft_recurrent(var, c); };
   return s;

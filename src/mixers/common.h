@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "../ref/tape.h"
 #include "linmix/mixer.h"
 
 namespace linmix {
@@ -22,6 +23,56 @@ inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : std::exp(x); }  // elu(x) + 1
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Inputs of a reference evaluation, by tensor name, in the reference's scalar.
+template <class S>
+using RefIn = std::map<std::string, std::vector<S>>;
+template <class X>
+using scalar_of = typename std::decay_t<X>::mapped_type::value_type;
+template <class S>
+const S* opt_in(const RefIn<S>& x, const char* name) {
+  auto it = x.find(name);
+  return it == x.end() ? nullptr : it->second.data();
+}
+inline bool is_input_name(const std::string& n) { return n != "dy" && n.rfind("state.", 0) != 0; }
+
+// Installs spec.reference (float64) and spec.reference_grad (the same template run on
+// ad::Var, differentiated by the tape) from one generic reference
+//   f(const Call&, const RefIn<S>&) -> std::vector<S> y  (laid out as spec.y_dims).
+template <class F>
+void set_reference(MixerSpec& s, F f) {
+  const std::string yd = s.y_dims;
+  s.reference64 = [f](const Call& c, const RefIn<double>& x) { return f(c, x); };
+  s.reference = [f, yd](const Call& c) {
+    RefIn<double> x;
+    for (const auto& [n, t] : c.in)
+      if (is_input_name(n)) x[n] = to_double(t);
+    return TensorMap{{"y", from_double(dims_shape(yd, c), f(c, x))}};
+  };
+  s.reference_grad = [f, yd](const Call& c, const Tensor& dy) {
+    ad::TapeScope scope;
+    RefIn<ad::Var> x;
+    for (const auto& [n, t] : c.in) {
+      if (!is_input_name(n)) continue;
+      auto& v = x[n];
+      for (float e : t.data) v.push_back(ad::Var::leaf(e));
+    }
+    const std::vector<ad::Var> y = f(c, x);
+    ad::Var loss = 0.0;
+    for (size_t i = 0; i < y.size(); ++i) loss += y[i] * double(dy.data[i]);
+    const std::vector<double> g = ad::backward(scope.tape, loss);
+    TensorMap out;
+    Tensor yt(dims_shape(yd, c));
+    for (size_t i = 0; i < y.size(); ++i) yt.data[i] = float(y[i].v);
+    out["y"] = std::move(yt);
+    for (const auto& [n, vars] : x) {
+      Tensor gt(c.in.at(n).shape);
+      for (size_t i = 0; i < vars.size(); ++i) gt.data[i] = float(g[vars[i].i]);
+      out["d" + n] = std::move(gt);
+    }
+    return out;
+  };
+}
 
 // Registration: each mechanism file defines one of these.
 MixerSpec softmax_spec();

@@ -7,6 +7,7 @@
 // parallel: per group two small GEMMs for the quadratic part and a carried (S,E) state for
 // the linear part. recurrent: the current group's rows (< G) plus the (S,E) state.
 #include "../kernels/linear_product.h"
+#include "../ref/attention_ref.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -56,38 +57,6 @@ void flash_forward(float* y, const float* qq, const float* qk, const float* lq, 
   }
 }
 
-// T x T weights in float64: W_ij = [same group, j <= i if causal] relu(qq_i . qk_j / G)^2
-// + lin_q_i . lin_k_j / G for earlier groups (causal) or / T for all j (non-causal).
-void flash_ref(double* y, const double* qq, const double* qk, const double* lq, const double* lk, const double* v,
-               const FlashDims& d, bool causal) {
-  const int64_t T = d.T, S = d.S, E = d.E, G = d.G;
-  std::vector<double> W(T * T);
-  for (int64_t b = 0; b < d.B; ++b) {
-    auto dot = [&](const double* a, const double* c, int64_t i, int64_t j) {
-      double s = 0;
-      for (int64_t x = 0; x < S; ++x) s += a[(b * T + i) * S + x] * c[(b * T + j) * S + x];
-      return s;
-    };
-    for (int64_t i = 0; i < T; ++i)
-      for (int64_t j = 0; j < T; ++j) {
-        double w = 0;
-        if (i / G == j / G && (!causal || j <= i)) {
-          const double a = std::max(0.0, dot(qq, qk, i, j) / double(G));
-          w += a * a;
-        }
-        if (causal && j / G < i / G) w += dot(lq, lk, i, j) / double(G);
-        if (!causal) w += dot(lq, lk, i, j) / double(T);
-        W[i * T + j] = w;
-      }
-    for (int64_t i = 0; i < T; ++i)
-      for (int64_t e = 0; e < E; ++e) {
-        double acc = 0;
-        for (int64_t j = 0; j < T; ++j) acc += W[i * T + j] * v[(b * T + j) * E + e];
-        y[(b * T + i) * E + e] = acc;
-      }
-  }
-}
-
 FlashDims flash_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("S"), c.d("E"), c.ip("group")}; }
 
 MixerSpec make_spec() {
@@ -108,13 +77,15 @@ MixerSpec make_spec() {
                                                  std::to_string(c.ip("group") - 1) + " rows, found " +
                                                  std::to_string(c.d("L")));
   };
-  s.reference = [](const Call& c) {
+  s.y_dims = "B,T,E";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
     const FlashDims d = flash_dims(c);
-    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.E));
-    flash_ref(y.data(), to_double(c.t("quad_q")).data(), to_double(c.t("quad_k")).data(),
-              to_double(c.t("lin_q")).data(), to_double(c.t("lin_k")).data(), to_double(c.t("v")).data(), d, c.causal);
-    return TensorMap{{"y", from_double({d.B, d.T, d.E}, y)}};
-  };
+    std::vector<S> y(d.B * d.T * d.E);
+    ref::flash_ref<S>(y.data(), x.at("quad_q").data(), x.at("quad_k").data(), x.at("lin_q").data(),
+                      x.at("lin_k").data(), x.at("v").data(), d.B, d.T, d.S, d.E, d.G, c.causal);
+    return y;
+  });
   s.parallel = [](const Call& c) {
     const FlashDims d = flash_dims(c);
     Tensor y({d.B, d.T, d.E});

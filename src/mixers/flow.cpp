@@ -6,6 +6,7 @@
 // y_i = alloc_i (Q_i I_i / r_i)^T sum_j K_j (v_j comp_j)^T through kernels/linear_product.
 // recurrent: the prefix sums and KV (D,E) as state.
 #include "../kernels/linear_product.h"
+#include "../ref/attention_ref.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -127,65 +128,6 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
 
 namespace {
 
-// The literal formula in float64: every sum written out over its index set, then the T x T
-// weights W_ij = (Q_i I_i / r_i) . K_j comp_j (j allowed), y_i = alloc_i sum_j W_ij v_j.
-void flow_ref(double* y, const double* q, const double* k, const double* v, const AttnDims& d, bool causal) {
-  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
-  const double eps = 1e-6;
-  std::vector<double> Q(T * D), K(T * D), I(T), O(T), Ih(T), Oh(T), comp(T), W(T * T);
-  auto sig = [](double x) { return 1 / (1 + std::exp(-x)); };
-  auto lim = [&](int64_t i) { return causal ? i + 1 : T; };  // the index set is j < lim(i)
-  auto r = [&](int64_t i) { return causal ? double(i + 1) : 1.0; };
-  for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t x = 0; x < D; ++x) {
-          Q[t * D + x] = sig(q[((b * T + t) * H + h) * D + x]);
-          K[t * D + x] = sig(k[((b * T + t) * H + h) * D + x]);
-        }
-      for (int64_t i = 0; i < T; ++i) {
-        double a = 0, c = 0;
-        for (int64_t x = 0; x < D; ++x) {
-          double sk = 0, sq = 0;
-          for (int64_t j = 0; j < lim(i); ++j) sk += K[j * D + x], sq += Q[j * D + x];
-          a += (Q[i * D + x] + eps) * (sk + eps);
-          c += (K[i * D + x] + eps) * (sq + eps);
-        }
-        I[i] = r(i) / a;
-        O[i] = r(i) / c;
-      }
-      for (int64_t i = 0; i < T; ++i) {
-        double a = 0, c = 0;
-        for (int64_t x = 0; x < D; ++x) {
-          double sko = 0, sqi = 0;
-          for (int64_t j = 0; j < lim(i); ++j) sko += K[j * D + x] * O[j], sqi += Q[j * D + x] * I[j];
-          a += (Q[i * D + x] + eps) * (sko + eps);
-          c += (K[i * D + x] + eps) * (sqi + eps);
-        }
-        Ih[i] = a / r(i);
-        Oh[i] = std::clamp(c / r(i), -1.0, 1.0);
-      }
-      for (int64_t i = 0; i < T; ++i) {
-        double z = 0;
-        for (int64_t j = 0; j < lim(i); ++j) z += std::exp(Oh[j]);
-        comp[i] = std::exp(Oh[i]) / z * (causal ? r(i) : double(T));
-      }
-      for (int64_t i = 0; i < T; ++i)
-        for (int64_t j = 0; j < T; ++j) {
-          double w = 0;
-          if (j < lim(i))
-            for (int64_t x = 0; x < D; ++x) w += Q[i * D + x] * I[i] / r(i) * K[j * D + x];
-          W[i * T + j] = w * comp[j];
-        }
-      for (int64_t i = 0; i < T; ++i)
-        for (int64_t e = 0; e < E; ++e) {
-          double acc = 0;
-          for (int64_t j = 0; j < T; ++j) acc += W[i * T + j] * v[((b * T + j) * H + h) * E + e];
-          y[((b * T + i) * H + h) * E + e] = acc * sig(Ih[i]);
-        }
-    }
-}
-
 AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 
 MixerSpec make_spec() {
@@ -204,13 +146,14 @@ MixerSpec make_spec() {
       LINMIX_CHECK(c.t("state.pos").data[0] >= 0 && c.t("state.pos").data[0] == std::floor(c.t("state.pos").data[0]),
                    "tensor 'state.pos': not a position");
   };
-  s.reference = [](const Call& c) {
+  s.y_dims = "B,T,H,E";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
-    flow_ref(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(), to_double(c.t("v")).data(), d,
-             c.causal);
-    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
-  };
+    std::vector<S> y(d.B * d.T * d.H * d.E);
+    ref::flow_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, c.causal);
+    return y;
+  });
   s.parallel = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     Tensor y({d.B, d.T, d.H, d.E});

@@ -77,13 +77,14 @@ MixerSpec make_spec() {
   s.state_size = "H D (E + 1) per sequence";
   s.time = "O(T H D E) (+ O(T chunk H D) intra-chunk when causal)";
   s.memory = "O(T D) per head (phi rows) + O(chunk^2 + D E)";
-  s.reference = [](const Call& c) {
+  s.y_dims = "B,T,H,E";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
-    ref::linear_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(),
-                            to_double(c.t("v")).data(), {d.B, d.T, d.H, d.D, d.E}, c.p("eps"), c.causal);
-    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
-  };
+    std::vector<S> y(d.B * d.T * d.H * d.E);
+    ref::linear_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, S(c.p("eps")), c.causal);
+    return y;
+  });
   s.parallel = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     Tensor y({d.B, d.T, d.H, d.E});

@@ -6,6 +6,7 @@
 // exp(dt A) and inputs dt Bm u of the block are computed in one vectorisable pass, then the
 // scan runs over them. recurrent: one token for all channels, h carried as state.
 #include "../kernels/vmath.h"
+#include "../ref/channel_ref.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -84,43 +85,6 @@ void mamba_forward(float* y, const MambaArgs& a) {
   }
 }
 
-// T x T weights in float64: with cum_t = sum_{r<=t} dt_r,
-//   W_ts = sum_n Cm_t[n] exp(A[c,n] (cum_t - cum_s)) dt_s Bm_s[n]   (s <= t)
-//   y_t = sum_s W_ts u_s + D u_t, then the gate.
-TensorMap mamba_reference(const Call& c) {
-  const MambaArgs a = args_of(c);
-  const int64_t B = a.B, T = a.T, C = a.C, N = a.N;
-  std::vector<double> y(B * T * C), cum(T), dt(T), W(T * T);
-  auto sp = [](double x) { return x > 30 ? x : std::log1p(std::exp(x)); };
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t ch = 0; ch < C; ++ch) {
-      double run = 0;
-      for (int64_t t = 0; t < T; ++t) {
-        const double x = double(a.delta[(b * T + t) * C + ch]) + (a.bias ? a.bias[ch] : 0.0);
-        dt[t] = a.use_softplus ? sp(x) : x;
-        cum[t] = (run += dt[t]);
-      }
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t s = 0; s < T; ++s) {
-          double w = 0;
-          if (s <= t)
-            for (int64_t n = 0; n < N; ++n)
-              w += double(a.Cm[(b * T + t) * N + n]) * std::exp(double(a.A[ch * N + n]) * (cum[t] - cum[s])) * dt[s] *
-                   double(a.Bm[(b * T + s) * N + n]);
-          W[t * T + s] = w;
-        }
-      for (int64_t t = 0; t < T; ++t) {
-        double acc = 0;
-        for (int64_t s = 0; s < T; ++s) acc += W[t * T + s] * a.u[(b * T + s) * C + ch];
-        const int64_t i = (b * T + t) * C + ch;
-        if (a.D) acc += double(a.D[ch]) * a.u[i];
-        if (a.z) acc *= double(a.z[i]) / (1 + std::exp(-double(a.z[i])));
-        y[i] = acc;
-      }
-    }
-  return {{"y", from_double({B, T, C}, y)}};
-}
-
 TensorMap mamba_recurrent(const Call& c) {
   const MambaArgs a = args_of(c);
   const int64_t B = a.B, T = a.T, C = a.C, N = a.N;
@@ -165,7 +129,16 @@ MixerSpec make_spec() {
       LINMIX_CHECK(A.data[i] <= 0.0f, "tensor 'A': must be <= 0 (Mamba uses A = -exp(A_log)); A[" + std::to_string(i) +
                                           "] = " + std::to_string(A.data[i]));
   };
-  s.reference = mamba_reference;
+  s.y_dims = "B,T,C";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
+    const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+    std::vector<S> y(B * T * C);
+    ref::mamba_ref<S>(y.data(), x.at("u").data(), x.at("delta").data(), x.at("A").data(), x.at("Bm").data(),
+                      x.at("Cm").data(), opt_in(x, "D"), opt_in(x, "z"), opt_in(x, "delta_bias"),
+                      c.ip("delta_softplus") != 0, B, T, C, c.d("N"));
+    return y;
+  });
   s.parallel = [](const Call& c) {
     const MambaArgs a = args_of(c);
     Tensor y({a.B, a.T, a.C});

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "../kernels/linear_product.h"
+#include "../ref/attention_ref.h"
 #include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
@@ -145,46 +146,6 @@ std::vector<float> orthogonal_gaussian_features(int64_t M, int64_t D, uint64_t s
 
 namespace {
 
-// y_t = sum_s A_ts v_s / sum_s A_ts, A_ts = phi(q_t) . phi(k_s): the T x T weights, float64,
-// with the features exactly as the paper writes them (no shifts).
-void performer_ref(double* y, const double* q, const double* k, const double* v, const double* proj, const AttnDims& d,
-                   int64_t M, bool causal) {
-  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
-  const double s = std::pow(double(D), -0.25);
-  auto phi = [&](const double* x, double* out) {
-    double sq = 0;
-    for (int64_t j = 0; j < D; ++j) sq += x[j] * s * x[j] * s;
-    for (int64_t m = 0; m < M; ++m) {
-      double a = 0;
-      for (int64_t j = 0; j < D; ++j) a += proj[m * D + j] * x[j] * s;
-      out[m] = std::exp(a - sq / 2) / std::sqrt(double(M));
-    }
-  };
-  std::vector<double> fq(T * M), fk(T * M), A(T * T);
-  for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t t = 0; t < T; ++t) {
-        phi(q + ((b * T + t) * H + h) * D, &fq[t * M]);
-        phi(k + ((b * T + t) * H + h) * D, &fk[t * M]);
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        double den = 0;
-        for (int64_t s2 = 0; s2 < T; ++s2) {
-          double a = 0;
-          if (!causal || s2 <= t)
-            for (int64_t m = 0; m < M; ++m) a += fq[t * M + m] * fk[s2 * M + m];
-          A[t * T + s2] = a;
-          den += a;
-        }
-        for (int64_t e = 0; e < E; ++e) {
-          double num = 0;
-          for (int64_t s2 = 0; s2 < T; ++s2) num += A[t * T + s2] * v[((b * T + s2) * H + h) * E + e];
-          y[((b * T + t) * H + h) * E + e] = num / den;
-        }
-      }
-    }
-}
-
 AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 
 MixerSpec make_spec() {
@@ -201,13 +162,15 @@ MixerSpec make_spec() {
     const int64_t M = in["proj"].dim(0), D = in["proj"].dim(1);
     in["proj"].data = orthogonal_gaussian_features(M, D, 42);
   };
-  s.reference = [](const Call& c) {
+  s.y_dims = "B,T,H,E";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
-    performer_ref(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(), to_double(c.t("v")).data(),
-                  to_double(c.t("proj")).data(), d, c.d("M"), c.causal);
-    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
-  };
+    std::vector<S> y(d.B * d.T * d.H * d.E);
+    ref::performer_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), x.at("proj").data(), d,
+                          c.d("M"), c.causal);
+    return y;
+  });
   s.parallel = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     Tensor y({d.B, d.T, d.H, d.E});

@@ -104,9 +104,20 @@ double parse_number(const std::string& key, const std::string& value) {
 
 }  // namespace
 
-TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
-                    const std::map<std::string, std::string>& raw_params, const TensorMap& in) {
-  const MixerSpec& spec = find_mixer(name);
+std::vector<int64_t> dims_shape(const std::string& dims, const Call& c) {
+  std::vector<int64_t> shape;
+  for (const auto& d : split_dims(dims)) shape.push_back(c.d(d));
+  return shape;
+}
+
+namespace {
+
+// Every check a call goes through before a kernel runs; returns the bound call.
+Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std::string, std::string>& raw_params,
+              const TensorMap& in, bool grad) {
+  const std::string& name = spec.name;
+  if (grad && mode == Mode::Recurrent)
+    throw Error("--grad differentiates the parallel or reference form; use --mode parallel or reference");
   if (causal && !spec.causal_ok) throw Error("mixer '" + name + "' has no causal form; drop --causal");
   if (!causal && !spec.noncausal_ok) throw Error("mixer '" + name + "' is causal only; pass --causal");
   if (mode == Mode::Recurrent && !causal) throw Error("the recurrent form is defined only with --causal");
@@ -155,11 +166,43 @@ TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
       bind_dims(sn, ts.dims, in.at(sn), call.dims);
     }
   }
+  if (grad) {
+    allowed.insert("dy");
+    LINMIX_CHECK(in.count("dy"), "--grad needs the tensor 'dy' (the gradient of the loss with respect to y, shaped like y)");
+    bind_dims("dy", spec.y_dims, in.at("dy"), call.dims);
+  }
   for (const auto& [tn, t] : in) {
-    LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'");
+    LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'" +
+                                        (tn == "dy" ? " (dy is read only with --grad)" : ""));
     check_finite(tn, t);
   }
   if (spec.check) spec.check(call);
+  return call;
+}
+
+}  // namespace
+
+std::vector<double> reference_f64(const std::string& name, bool causal,
+                                  const std::map<std::string, std::string>& raw_params, const TensorMap& in,
+                                  const std::map<std::string, std::vector<double>>& x64) {
+  const MixerSpec& spec = find_mixer(name);
+  const Call call = validate(spec, Mode::Reference, causal, raw_params, in, false);
+  for (const auto& [n, v] : x64)
+    LINMIX_CHECK(in.count(n) && static_cast<int64_t>(v.size()) == in.at(n).numel(),
+                 "reference_f64: '" + n + "' does not match the call's tensors");
+  return spec.reference64(call, x64);
+}
+
+TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
+                    const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad) {
+  const MixerSpec& spec = find_mixer(name);
+  const Call call = validate(spec, mode, causal, raw_params, in, grad);
+  if (grad) {
+    const Tensor& dy = in.at("dy");
+    if (mode == Mode::Reference) return spec.reference_grad(call, dy);
+    LINMIX_CHECK(spec.backward, "mixer '" + name + "' has no backward for its parallel form yet (use --mode reference)");
+    return spec.backward(call, dy);
+  }
 
   switch (mode) {
     case Mode::Reference: return spec.reference(call);

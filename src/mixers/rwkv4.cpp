@@ -61,13 +61,14 @@ MixerSpec make_spec() {
       LINMIX_CHECK(w.data[i] > 0.0f, "tensor 'w': the decay rate must be > 0 (w = exp(time_decay)); w[" +
                                          std::to_string(i) + "] = " + std::to_string(w.data[i]));
   };
-  s.reference = [](const Call& c) {
+  s.y_dims = "B,T,C";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
     const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-    std::vector<double> y(static_cast<size_t>(B * T * C));
-    ref::rwkv4_ref<double>(y.data(), to_double(c.t("k")).data(), to_double(c.t("v")).data(),
-                           to_double(c.t("w")).data(), to_double(c.t("u")).data(), B, T, C);
-    return TensorMap{{"y", from_double({B, T, C}, y)}};
-  };
+    std::vector<S> y(B * T * C);
+    ref::rwkv4_ref<S>(y.data(), x.at("k").data(), x.at("v").data(), x.at("w").data(), x.at("u").data(), B, T, C);
+    return y;
+  });
   s.parallel = [](const Call& c) {
     const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
     Tensor y({B, T, C});

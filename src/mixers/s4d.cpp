@@ -8,6 +8,7 @@
 #include <complex>
 
 #include "../kernels/fft.h"
+#include "../ref/channel_ref.h"
 #include "common.h"
 #include "linmix/kernels.h"
 
@@ -111,33 +112,6 @@ TensorMap s4d_recurrent(const Call& c) {
   return {{"y", std::move(y)}, {"state.x_re", std::move(xr)}, {"state.x_im", std::move(xi)}};
 }
 
-// T x T weights in float64 with the kernel from its closed form
-// K_l = 2 Re sum_n Ct_n exp(l dt A_n) (exp evaluated directly, not by repeated products).
-TensorMap s4d_reference(const Call& c) {
-  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
-  std::vector<double> y(B * T * C), W(T * T);
-  for (int64_t ch = 0; ch < C; ++ch) {
-    const double dt = std::exp(double(c.t("log_dt").data[ch]));
-    std::vector<double> K(T, 0.0);
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t i = ch * N + n;
-      const cd A(c.t("A_re").data[i], c.t("A_im").data[i]), Cc(c.t("C_re").data[i], c.t("C_im").data[i]);
-      const cd Ct = Cc * (std::exp(dt * A) - 1.0) / A;
-      for (int64_t l = 0; l < T; ++l) K[l] += 2 * (Ct * std::exp(double(l) * dt * A)).real();
-    }
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t s = 0; s < T; ++s) W[t * T + s] = s <= t ? K[t - s] : 0.0;
-    const double Dc = c.t("D").data[ch];
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t) {
-        double acc = Dc * c.t("u").data[(b * T + t) * C + ch];
-        for (int64_t s = 0; s < T; ++s) acc += W[t * T + s] * c.t("u").data[(b * T + s) * C + ch];
-        y[(b * T + t) * C + ch] = acc;
-      }
-  }
-  return {{"y", from_double({B, T, C}, y)}};
-}
-
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "s4d";
@@ -162,7 +136,15 @@ MixerSpec make_spec() {
       LINMIX_CHECK(a.data[i] < 0.0f, "tensor 'A_re': must be < 0 (a stable diagonal SSM); A_re[" + std::to_string(i) +
                                          "] = " + std::to_string(a.data[i]));
   };
-  s.reference = s4d_reference;
+  s.y_dims = "B,T,C";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
+    const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+    std::vector<S> y(B * T * C);
+    ref::s4d_ref<S>(y.data(), x.at("u").data(), x.at("log_dt").data(), x.at("A_re").data(), x.at("A_im").data(),
+                    x.at("C_re").data(), x.at("C_im").data(), x.at("D").data(), B, T, C, c.d("N"));
+    return y;
+  });
   s.parallel = s4d_parallel;
   s.recurrent = s4d_recurrent;
   return s;

@@ -125,15 +125,6 @@ namespace {
 AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 double softmax_scale(const Call& c) { return c.given.at("scale") ? c.p("scale") : 1.0 / std::sqrt(double(c.d("D"))); }
 
-TensorMap softmax_reference(const Call& c) {
-  const AttnDims d = attn_dims(c);
-  std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
-  ref::softmax_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(),
-                           to_double(c.t("v")).data(), {d.B, d.T, d.H, d.D, d.E}, softmax_scale(c), c.causal,
-                           c.ip("window"));
-  return {{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
-}
-
 TensorMap softmax_parallel(const Call& c) {
   const AttnDims d = attn_dims(c);
   Tensor y({d.B, d.T, d.H, d.E});
@@ -195,7 +186,15 @@ MixerSpec softmax_spec() {
                                                        std::to_string(c.ip("window") - 1) + " positions, found " +
                                                        std::to_string(c.d("L")));
   };
-  s.reference = softmax_reference;
+  s.y_dims = "B,T,H,E";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
+    const AttnDims d = attn_dims(c);
+    std::vector<S> y(d.B * d.T * d.H * d.E);
+    ref::softmax_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, S(softmax_scale(c)),
+                        c.causal, c.ip("window"));
+    return y;
+  });
   s.parallel = softmax_parallel;
   s.recurrent = softmax_recurrent;
   return s;

@@ -57,13 +57,15 @@ MixerSpec norm_linear() {
   s.state_size = "H D E per sequence";
   s.time = "O(T H D E)";
   s.memory = "O(T D) per head + O(chunk^2 + D E)";
-  s.reference = [](const Call& c) {
+  s.y_dims = "B,T,H,E";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
-    ref::norm_linear_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(),
-                                 to_double(c.t("v")).data(), {d.B, d.T, d.H, d.D, d.E}, c.p("eps"), c.causal);
-    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
-  };
+    std::vector<S> y(d.B * d.T * d.H * d.E);
+    ref::norm_linear_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, S(c.p("eps")),
+                            c.causal);
+    return y;
+  });
   s.parallel = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     Tensor y({d.B, d.T, d.H, d.E});
@@ -116,14 +118,15 @@ MixerSpec block_softmax() {
                                                  std::to_string(c.ip("block") - 1) + " rows, found " +
                                                  std::to_string(c.d("L")));
   };
-  s.reference = [](const Call& c) {
+  s.y_dims = "B,T,H,E";
+  set_reference(s, [](const Call& c, const auto& x) {
+    using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<double> y(static_cast<size_t>(d.B * d.T * d.H * d.E));
-    ref::softmax_ref<double>(y.data(), to_double(c.t("q")).data(), to_double(c.t("k")).data(),
-                             to_double(c.t("v")).data(), {d.B, d.T, d.H, d.D, d.E}, 1.0 / std::sqrt(double(d.D)),
-                             c.causal, 0, c.ip("block"));
-    return TensorMap{{"y", from_double({d.B, d.T, d.H, d.E}, y)}};
-  };
+    std::vector<S> y(d.B * d.T * d.H * d.E);
+    ref::softmax_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d,
+                        S(1.0 / std::sqrt(double(d.D))), c.causal, 0, c.ip("block"));
+    return y;
+  });
   s.parallel = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t blk = c.ip("block"), nblk = (d.T + blk - 1) / blk, HD = d.H * d.D, HE = d.H * d.E;

@@ -1,0 +1,151 @@
+// Gradients of sum(y * dy), for every mechanism and causal flag:
+//  - the reference backward (the float64 reference differentiated by src/ref/tape.h) against
+//    central finite differences of the float64 reference, element by element, tiny shapes;
+//  - the hand-written backward of the parallel form against the reference backward,
+//    relative RMS error <= 1e-3 per tensor (MIXERS.md's gradient tolerance), T in {1, 7, 64};
+//  - the parallel backward stays finite and correct under the stability inputs.
+#include <random>
+
+#include "linmix/mixer.h"
+#include "test_util.h"
+
+using namespace linmix;
+
+namespace {
+
+struct Case {
+  std::string mixer;
+  bool causal;
+  std::map<std::string, std::string> params;
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.mixer << (c.causal ? " causal" : " non-causal"); }
+
+std::vector<Case> grad_cases() {
+  std::vector<Case> out;
+  for (const auto& spec : mixers())
+    for (bool causal : {false, true}) {
+      if ((causal && !spec.causal_ok) || (!causal && !spec.noncausal_ok)) continue;
+      std::map<std::string, std::string> p = spec.example_params;
+      if (spec.name == "flash") p["group"] = "3";  // several groups, a padded last one
+      if (spec.name == "block_softmax") p["block"] = "3";
+      if (spec.name == "aft_local") p["window"] = "2";
+      out.push_back({spec.name, causal, p});
+      if (spec.name == "softmax") out.push_back({spec.name, causal, {{"window", "2"}}});
+    }
+  return out;
+}
+
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  std::string n = info.param.mixer + (info.param.causal ? "_causal" : "_noncausal");
+  for (const auto& [k, v] : info.param.params) n += "_" + k + v;
+  return n;
+}
+
+std::map<std::string, int64_t> dims_for(const Case& c, int64_t T) {
+  return {{"B", 2}, {"T", T},  {"H", 2},  {"D", 3}, {"E", 2}, {"C", 4}, {"Tw", T + 1},
+          {"K", c.mixer == "aft_conv" && c.causal ? 2 : 3}, {"M", 3}, {"S", 3}, {"N", 2}};
+}
+
+TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
+  const Tensor y = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in).at("y");
+  Tensor dy(y.shape);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  for (float& x : dy.data) x = normal(rng);
+  in["dy"] = std::move(dy);
+  return in;
+}
+
+// relative RMS error of got against want (want's RMS floored at 1e-12)
+double rel_rms(const Tensor& got, const Tensor& want) {
+  double e = 0, r = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    const double d = double(got.data[i]) - double(want.data[i]);
+    e += d * d;
+    r += double(want.data[i]) * want.data[i];
+  }
+  return std::sqrt(e / std::max(r, 1e-24));
+}
+
+class Grad : public ::testing::TestWithParam<Case> {};
+
+TEST_P(Grad, ReferenceBackwardMatchesFiniteDifferences) {
+  const Case& c = GetParam();
+  const MixerSpec& spec = find_mixer(c.mixer);
+  const TensorMap in = with_dy(example_inputs(spec, dims_for(c, 5), 17), c, 18);
+  const TensorMap g = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in, true);
+  std::map<std::string, std::vector<double>> x64;
+  for (const auto& [n, t] : in)
+    if (n != "dy") x64[n] = std::vector<double>(t.data.begin(), t.data.end());
+  const Tensor& dy = in.at("dy");
+  TensorMap in_nody = in;
+  in_nody.erase("dy");
+  auto loss = [&](const std::map<std::string, std::vector<double>>& x) {
+    const std::vector<double> y = reference_f64(c.mixer, c.causal, c.params, in_nody, x);
+    double l = 0;
+    for (size_t i = 0; i < y.size(); ++i) l += y[i] * dy.data[i];
+    return l;
+  };
+  for (const auto& [n, vals] : x64) {
+    ASSERT_TRUE(g.count("d" + n)) << "no gradient for " << n;
+    Tensor fd(in.at(n).shape);
+    for (size_t i = 0; i < vals.size(); ++i) {
+      // central differences in float64: truncation O(h^2) ~ 1e-10, rounding ~ 1e-16 / h ~ 1e-10
+      const double h = 1e-5 * std::max(1.0, std::fabs(vals[i]));
+      auto xp = x64, xm = x64;
+      xp[n][i] += h;
+      xm[n][i] -= h;
+      fd.data[i] = float((loss(xp) - loss(xm)) / (2 * h));
+    }
+    // The tape gradient is exact in float64 and rounded to float32 (6e-8 relative); the
+    // finite difference is good to ~1e-9 relative: 1e-5 leaves room and still catches any
+    // wrong term.
+    EXPECT_LE(rel_rms(g.at("d" + n), fd), 1e-5) << "d" << n;
+  }
+}
+
+TEST_P(Grad, ParallelBackwardMatchesReferenceBackward) {
+  const Case& c = GetParam();
+  const MixerSpec& spec = find_mixer(c.mixer);
+  if (!spec.backward) GTEST_SKIP() << c.mixer << ": no parallel backward yet (issue 4 note)";
+  for (int64_t T : {1, 7, 64}) {
+    const TensorMap in = with_dy(example_inputs(spec, dims_for(c, T), 100 + T), c, 200 + T);
+    const TensorMap want = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in, true);
+    const TensorMap got = run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in, true);
+    for (const auto& [n, t] : want) {
+      if (n == "y") continue;
+      ASSERT_TRUE(got.count(n)) << n;
+      ASSERT_EQ(got.at(n).shape, t.shape) << n;
+      // MIXERS.md: 1e-3 relative RMS for float32 gradients against float64.
+      EXPECT_LE(rel_rms(got.at(n), t), 1e-3) << n << " T=" << T;
+    }
+    test::expect_close(got.at("y"), want.at("y"), "y from the backward call T=" + std::to_string(T));
+  }
+}
+
+TEST_P(Grad, ParallelBackwardStableForLargeKeys) {
+  const Case& c = GetParam();
+  const MixerSpec& spec = find_mixer(c.mixer);
+  if (!spec.backward) GTEST_SKIP() << c.mixer << ": no parallel backward yet (issue 4 note)";
+  TensorMap in = example_inputs(spec, dims_for(c, 33), 5);
+  for (const char* name : {"k", "w", "u"}) {
+    if (!in.count(name) || c.mixer == "performer" || (c.mixer == "rwkv4" && std::string(name) == "w")) continue;
+    for (float& x : in[name].data) x = std::clamp(20.0f * x, -60.0f, 60.0f);
+  }
+  if (c.mixer == "performer")
+    for (const char* name : {"q", "k"})
+      for (float& x : in[name].data) x *= 5.0f;
+  in = with_dy(in, c, 6);
+  const TensorMap want = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in, true);
+  const TensorMap got = run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in, true);
+  for (const auto& [n, t] : want) {
+    if (n == "y") continue;
+    for (float x : got.at(n).data) ASSERT_TRUE(std::isfinite(x)) << n;
+    EXPECT_LE(rel_rms(got.at(n), t), 1e-3) << n;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, Grad, ::testing::ValuesIn(grad_cases()), case_name);
+
+}  // namespace
