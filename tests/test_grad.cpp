@@ -57,15 +57,31 @@ TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
   return in;
 }
 
-// relative RMS error of got against want (want's RMS floored at 1e-12)
-double rel_rms(const Tensor& got, const Tensor& want) {
-  double e = 0, r = 0;
+double rms(const Tensor& t) {
+  double r = 0;
+  for (float x : t.data) r += double(x) * x;
+  return std::sqrt(r / std::max<int64_t>(1, t.numel()));
+}
+
+// RMS error of got against want, relative to want's RMS floored at `floor`.
+double rel_rms(const Tensor& got, const Tensor& want, double floor = 1e-30) {
+  double e = 0;
   for (int64_t i = 0; i < want.numel(); ++i) {
     const double d = double(got.data[i]) - double(want.data[i]);
     e += d * d;
-    r += double(want.data[i]) * want.data[i];
   }
-  return std::sqrt(e / std::max(r, 1e-24));
+  return std::sqrt(e / std::max<int64_t>(1, want.numel())) / std::max(rms(want), floor);
+}
+
+// The floor for comparing the gradients of one call: a gradient that vanishes in exact
+// arithmetic (dq, dk of a normalised mechanism at T = 1, where y = v whatever q and k) is
+// float32 rounding noise in the parallel form; it is compared at 1e-4 of the largest
+// gradient's RMS instead of its own (so 1e-7 of that scale overall).
+double grad_floor(const TensorMap& want) {
+  double m = 0;
+  for (const auto& [n, t] : want)
+    if (n != "y") m = std::max(m, rms(t));
+  return 1e-4 * m;
 }
 
 class Grad : public ::testing::TestWithParam<Case> {};
@@ -118,7 +134,7 @@ TEST_P(Grad, ParallelBackwardMatchesReferenceBackward) {
       ASSERT_TRUE(got.count(n)) << n;
       ASSERT_EQ(got.at(n).shape, t.shape) << n;
       // MIXERS.md: 1e-3 relative RMS for float32 gradients against float64.
-      EXPECT_LE(rel_rms(got.at(n), t), 1e-3) << n << " T=" << T;
+      EXPECT_LE(rel_rms(got.at(n), t, grad_floor(want)), 1e-3) << n << " T=" << T;
     }
     test::expect_close(got.at("y"), want.at("y"), "y from the backward call T=" + std::to_string(T));
   }
@@ -142,7 +158,7 @@ TEST_P(Grad, ParallelBackwardStableForLargeKeys) {
   for (const auto& [n, t] : want) {
     if (n == "y") continue;
     for (float x : got.at(n).data) ASSERT_TRUE(std::isfinite(x)) << n;
-    EXPECT_LE(rel_rms(got.at(n), t), 1e-3) << n;
+    EXPECT_LE(rel_rms(got.at(n), t, grad_floor(want)), 1e-3) << n;
   }
 }
 

@@ -33,6 +33,9 @@ void softmax_step(float* y, KVCache& cache, const float* q, const float* k, cons
 // Chunked linear attention (intra-chunk quadratic, inter-chunk state S, z), phi = elu + 1.
 void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
                     bool causal);
+// Gradient of sum(y * dy): dq, dk (B,T,H,D), dv (B,T,H,E), written. O(T) extra memory.
+void linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                     const float* dy, const AttnDims& d, float eps, bool causal);
 // State of one sequence: S: (H,D,E), z: (H,D).
 struct LinearState {
   int64_t H = 0, D = 0, E = 0;

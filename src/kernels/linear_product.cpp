@@ -102,3 +102,36 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
 }
 
 }  // namespace linmix
+
+namespace linmix {
+
+void linear_product_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                             const float* dnum, int64_t lddn, const float* dden, const LinearProductArgs& a,
+                             const float* g) {
+  const int64_t T = a.T, D = a.D, E = a.E, E1 = E + 1;
+  if (T == 0) return;
+  // gn = [dnum_t, dden_t], vn = [v_s, 1]: (T, E+1), so (dnum_t . v_s + dden_t) = gn_t . vn_s.
+  std::vector<float> gn(T * E1), vn(T * E1), grev;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e = 0; e < E; ++e) gn[t * E1 + e] = dnum[t * lddn + e], vn[t * E1 + e] = v[t * a.ldv + e];
+    gn[t * E1 + E] = dden ? dden[t] : 0.0f;
+    vn[t * E1 + E] = 1.0f;
+  }
+  // dq_t = sum_{s <= t} w_ts (gn_t . vn_s) k_s: a forward-time product.
+  linear_product(dq, nullptr, gn.data(), vn.data(), k, {T, E1, D, E1, E1, a.ldk, D, a.causal}, g);
+  // The other two sum over t >= s: run the product on time-reversed views (negative row
+  // strides), where the log scale becomes -g reversed (still non-decreasing).
+  if (g) {
+    grev.resize(T);
+    for (int64_t t = 0; t < T; ++t) grev[t] = -g[T - 1 - t];
+  }
+  const int64_t L = T - 1;
+  // dk_s = sum_{t >= s} w_ts (vn_s . gn_t) q_t
+  linear_product(dk + L * D, nullptr, vn.data() + L * E1, gn.data() + L * E1, q + L * a.ldq,
+                 {T, E1, D, -E1, -E1, -a.ldq, -D, a.causal}, g ? grev.data() : nullptr);
+  // dv_s = sum_{t >= s} w_ts (k_s . q_t) dnum_t
+  linear_product(dv + L * E, nullptr, k + L * a.ldk, q + L * a.ldq, dnum + L * lddn,
+                 {T, D, E, -a.ldk, -a.ldq, -lddn, -E, a.causal}, g ? grev.data() : nullptr);
+}
+
+}  // namespace linmix

@@ -43,3 +43,19 @@ void gemm_tn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n,
                  int64_t ldc);
 
 }  // namespace linmix
+
+namespace linmix {
+
+// Backward of linear_product for one head. With w_ts = e^{g_s - g_t} (1 without g),
+// num_t = sum_s w_ts (q_t . k_s) v_s and den_t = sum_s w_ts (q_t . k_s) over s in J(t):
+//   dq_t = sum_{s in J(t)} w_ts (dnum_t . v_s + dden_t) k_s
+//   dk_s = sum_{t: s in J(t)} w_ts (dnum_t . v_s + dden_t) q_t
+//   dv_s = sum_{t: s in J(t)} w_ts (q_t . k_s) dnum_t
+// each computed as one more chunked product (the last two running backwards in time), so
+// memory stays O(T (D + E)). dq, dk: (T,D) contiguous; dv: (T,E) contiguous (written, not
+// accumulated). dnum: (T,E) with row stride lddn; dden: (T) or null.
+void linear_product_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                             const float* dnum, int64_t lddn, const float* dden, const LinearProductArgs& a,
+                             const float* g = nullptr);
+
+}  // namespace linmix

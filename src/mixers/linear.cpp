@@ -37,6 +37,50 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
   }
 }
 
+// Backward of linear_forward. Per head: phi rows and the forward product are recomputed,
+// then with r_t = 1 / (den_t + eps):  dnum_t = dy_t r_t,  dden_t = -(dy_t . y_t) r_t,
+// the product's backward (kernels/linear_product.h), and phi'(x) = 1 (x > 0) or e^x.
+// dq, dk: (B,T,H,D); dv: (B,T,H,E), written. Extra memory O(T (D + E)) per thread.
+void linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                     const float* dy, const AttnDims& d, float eps, bool causal) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+#pragma omp parallel
+  {
+    std::vector<float> Qf(T * D), Kf(T * D), num(T * E), den(T), dnum(T * E), dden(T), dQ(T * D), dK(T * D),
+        dV(T * E);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row0 = b * T * H + h;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t x = 0; x < D; ++x) {
+            Qf[t * D + x] = phi_elu(q[(row0 + t * H) * D + x]);
+            Kf[t * D + x] = phi_elu(k[(row0 + t * H) * D + x]);
+          }
+        const LinearProductArgs args{T, D, E, D, D, H * E, E, causal};
+        linear_product(num.data(), den.data(), Qf.data(), Kf.data(), v + row0 * E, args);
+        for (int64_t t = 0; t < T; ++t) {
+          const float r = 1.0f / (den[t] + eps);
+          const float* g = dy + (row0 + t * H) * E;
+          float gy = 0.0f;
+          for (int64_t e = 0; e < E; ++e) gy += g[e] * num[t * E + e] * r, dnum[t * E + e] = g[e] * r;
+          dden[t] = -gy * r;
+        }
+        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dnum.data(), E,
+                                dden.data(), args);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t o = (row0 + t * H);
+          for (int64_t x = 0; x < D; ++x) {
+            const float qx = q[o * D + x], kx = k[o * D + x];
+            dq[o * D + x] = dQ[t * D + x] * (qx > 0.0f ? 1.0f : std::exp(qx));
+            dk[o * D + x] = dK[t * D + x] * (kx > 0.0f ? 1.0f : std::exp(kx));
+          }
+          std::copy(&dV[t * E], &dV[t * E] + E, dv + o * E);
+        }
+      }
+  }
+}
+
 void linear_step(float* y, LinearState& st, const float* q, const float* k, const float* v, float eps,
                  std::vector<float>& scratch) {
   const int64_t H = st.H, D = st.D, E = st.E;
@@ -90,6 +134,14 @@ MixerSpec make_spec() {
     Tensor y({d.B, d.T, d.H, d.E});
     linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
     return TensorMap{{"y", std::move(y)}};
+  };
+  s.backward = [](const Call& c, const Tensor& dy) {
+    const AttnDims d = attn_dims(c);
+    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
+    linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
+    linear_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d,
+                    float(c.p("eps")), c.causal);
+    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
   };
   s.recurrent = [](const Call& c) {
     const AttnDims d = attn_dims(c);
