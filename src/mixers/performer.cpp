@@ -78,6 +78,82 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
   }
 }
 
+// Backward of performer_forward. The stabilising shifts (query row max, key max) leave y
+// unchanged, so they are constants for the gradient; per head: features and the forward
+// product are recomputed, dnum = dy / den, dden = -(dy . y) / den, the product's backward
+// gives d(features); a feature f = exp(l - shift) gives dl = df f; and
+// l_m(x) = omega_m . x' - |x'|^2 / 2, x' = x D^(-1/4) gives
+//   dx = D^(-1/4) (sum_m dl_m omega_m - (sum_m dl_m) x'),  dproj_m += sum over rows dl_m x'.
+void performer_backward(float* dq, float* dk, float* dv, float* dproj, const float* q, const float* k, const float* v,
+                        const float* proj, const float* dy, const AttnDims& d, int64_t M, bool causal) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+  const float inv_sqrt_m = 1.0f / std::sqrt(float(M)), sc = std::pow(float(D), -0.25f);
+  std::fill(dproj, dproj + M * D, 0.0f);
+#pragma omp parallel
+  {
+    std::vector<float> Qf(T * M), Kf(T * M), g(T), num(T * E), den(T), dnum(T * E), dden(T), dQ(T * M), dK(T * M),
+        dV(T * E), dp(M * D, 0.0f);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row0 = b * T * H + h;
+        feature_logits(Qf.data(), q + row0 * D, H * D, T, proj, M, D);
+        feature_logits(Kf.data(), k + row0 * D, H * D, T, proj, M, D);
+        for (int64_t t = 0; t < T; ++t) {
+          float* r = &Qf[t * M];
+          const float mx = *std::max_element(r, r + M);
+          for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - mx) * inv_sqrt_m;
+        }
+        if (causal) {
+          float run = kEmptyMax;
+          for (int64_t t = 0; t < T; ++t) {
+            float* r = &Kf[t * M];
+            g[t] = run = std::max(run, *std::max_element(r, r + M));
+            for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - run) * inv_sqrt_m;
+          }
+        } else {
+          const float mx = *std::max_element(Kf.begin(), Kf.end());
+          for (float& x : Kf) x = exp_fast(x - mx) * inv_sqrt_m;
+        }
+        const float* gp = causal ? g.data() : nullptr;
+        const LinearProductArgs args{T, M, E, M, M, H * E, E, causal};
+        linear_product(num.data(), den.data(), Qf.data(), Kf.data(), v + row0 * E, args, gp);
+        for (int64_t t = 0; t < T; ++t) {
+          const float* gy = dy + (row0 + t * H) * E;
+          float s = 0.0f;
+          for (int64_t e = 0; e < E; ++e) s += gy[e] * num[t * E + e];
+          for (int64_t e = 0; e < E; ++e) dnum[t * E + e] = gy[e] / den[t];
+          dden[t] = -s / (den[t] * den[t]);
+        }
+        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dnum.data(), E,
+                                dden.data(), args, gp);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t o = row0 + t * H;
+          std::copy(&dV[t * E], &dV[t * E] + E, dv + o * E);
+          for (int pass = 0; pass < 2; ++pass) {  // queries, then keys
+            const float* x = (pass == 0 ? q : k) + o * D;
+            float* dx = (pass == 0 ? dq : dk) + o * D;
+            const float* f = (pass == 0 ? Qf : Kf).data() + t * M;
+            const float* df = (pass == 0 ? dQ : dK).data() + t * M;
+            float sum_dl = 0.0f;
+            std::fill(dx, dx + D, 0.0f);
+            for (int64_t m = 0; m < M; ++m) {
+              const float dl = df[m] * f[m];
+              sum_dl += dl;
+              for (int64_t j = 0; j < D; ++j) {
+                dx[j] += dl * proj[m * D + j];
+                dp[m * D + j] += dl * sc * x[j];
+              }
+            }
+            for (int64_t j = 0; j < D; ++j) dx[j] = sc * (dx[j] - sum_dl * sc * x[j]);
+          }
+        }
+      }
+#pragma omp critical
+    for (int64_t i = 0; i < M * D; ++i) dproj[i] += dp[i];
+  }
+}
+
 void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, const float* proj,
                     int64_t D, std::vector<float>& scratch) {
   const int64_t H = st.H, M = st.M, E = st.E;
@@ -177,6 +253,20 @@ MixerSpec make_spec() {
     performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, c.d("M"),
                       c.causal);
     return TensorMap{{"y", std::move(y)}};
+  };
+  s.backward = [](const Call& c, const Tensor& dy) {
+    const AttnDims d = attn_dims(c);
+    const int64_t M = c.d("M");
+    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E}),
+        dproj({M, d.D});
+    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, M, c.causal);
+    performer_backward(dq.ptr(), dk.ptr(), dv.ptr(), dproj.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(),
+                       c.t("proj").ptr(), dy.ptr(), d, M, c.causal);
+    return TensorMap{{"y", std::move(y)},
+                     {"dq", std::move(dq)},
+                     {"dk", std::move(dk)},
+                     {"dv", std::move(dv)},
+                     {"dproj", std::move(dproj)}};
   };
   s.recurrent = [](const Call& c) {
     const AttnDims d = attn_dims(c);

@@ -46,6 +46,52 @@ void norm_linear_forward(float* y, const float* q, const float* k, const float* 
   }
 }
 
+// Backward of norm_linear_forward. Per head the product o = phi(Q) phi(K)^T V (masked) is
+// recomputed; SRMS backward: with y = o r, r = (mean(o^2) + eps)^(-1/2),
+//   do = r (dy - y (dy . y) / E);
+// then the product's backward and phi'(x) = 1 (x > 0) or e^x.
+void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                          const float* dy, const AttnDims& d, float eps, bool causal) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+#pragma omp parallel
+  {
+    std::vector<float> Qf(T * D), Kf(T * D), o(T * E), dO(T * E), dQ(T * D), dK(T * D), dV(T * E);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row0 = b * T * H + h;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t x = 0; x < D; ++x) {
+            Qf[t * D + x] = phi_elu(q[(row0 + t * H) * D + x]);
+            Kf[t * D + x] = phi_elu(k[(row0 + t * H) * D + x]);
+          }
+        const LinearProductArgs args{T, D, E, D, D, H * E, E, causal};
+        linear_product(o.data(), nullptr, Qf.data(), Kf.data(), v + row0 * E, args);
+        for (int64_t t = 0; t < T; ++t) {
+          const float* ot = &o[t * E];
+          const float* g = dy + (row0 + t * H) * E;
+          float ms = 0.0f;
+          for (int64_t e = 0; e < E; ++e) ms += ot[e] * ot[e];
+          const float r = 1.0f / std::sqrt(ms / float(E) + eps);
+          float gy = 0.0f;
+          for (int64_t e = 0; e < E; ++e) gy += g[e] * ot[e] * r;
+          for (int64_t e = 0; e < E; ++e) dO[t * E + e] = r * (g[e] - ot[e] * r * gy / float(E));
+        }
+        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dO.data(), E,
+                                nullptr, args);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t o2 = row0 + t * H;
+          for (int64_t x = 0; x < D; ++x) {
+            const float qx = q[o2 * D + x], kx = k[o2 * D + x];
+            dq[o2 * D + x] = dQ[t * D + x] * (qx > 0.0f ? 1.0f : std::exp(qx));
+            dk[o2 * D + x] = dK[t * D + x] * (kx > 0.0f ? 1.0f : std::exp(kx));
+          }
+          std::copy(&dV[t * E], &dV[t * E] + E, dv + o2 * E);
+        }
+      }
+  }
+}
+
 MixerSpec norm_linear() {
   MixerSpec s;
   s.name = "norm_linear";
@@ -71,6 +117,14 @@ MixerSpec norm_linear() {
     Tensor y({d.B, d.T, d.H, d.E});
     norm_linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
     return TensorMap{{"y", std::move(y)}};
+  };
+  s.backward = [](const Call& c, const Tensor& dy) {
+    const AttnDims d = attn_dims(c);
+    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
+    norm_linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
+    norm_linear_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d,
+                         float(c.p("eps")), c.causal);
+    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
   };
   s.recurrent = [](const Call& c) {
     const AttnDims d = attn_dims(c);
