@@ -15,8 +15,15 @@ struct AttnDims {
 // ---- softmax (src/mixers/softmax.cpp) ----
 // Tiled online softmax (FlashAttention algorithm): O(T) extra memory.
 // y: (B,T,H,E); q, k: (B,T,H,D); v: (B,T,H,E). window 0 = unlimited.
+// lse (B,H,T), optional: the log-sum-exp of each row's scaled logits, saved for backward.
 void softmax_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d,
-                     float scale, bool causal, int64_t window);
+                     float scale, bool causal, int64_t window, float* lse = nullptr);
+// FlashAttention backward (Dao et al. 2022, Algorithm 2 in spirit): P recomputed tile by tile
+// from the saved lse; D_t = dy_t . y_t; dS = P (dy . v - D); dq = scale dS k, dk = scale dS^T q,
+// dv = P^T dy. Extra memory O(T (D + E)) per head. dq, dk, dv written.
+void softmax_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                      const float* y, const float* lse, const float* dy, const AttnDims& d, float scale, bool causal,
+                      int64_t window);
 
 // Key/value cache of one sequence. k: (len,H,D), v: (len,H,E), oldest first. With a window
 // only the last window-1 entries are kept between steps (all a future query can see).

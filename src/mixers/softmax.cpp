@@ -17,7 +17,7 @@ constexpr int64_t kTileK = 64;  // key rows per tile
 }  // namespace
 
 void softmax_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d,
-                     float scale, bool causal, int64_t window) {
+                     float scale, bool causal, int64_t window, float* lse) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -80,7 +80,74 @@ void softmax_forward(float* y, const float* q, const float* k, const float* v, c
             float* yr = y + ((b * T + t0 + i) * H + h) * E;
             const float inv = 1.0f / l[i];
             for (int64_t e = 0; e < E; ++e) yr[e] = acc[i * E + e] * inv;
+            if (lse) lse[(b * H + h) * T + t0 + i] = m[i] + std::log(l[i]);
           }
+        }
+      }
+  }
+}
+
+void softmax_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                      const float* y, const float* lse, const float* dy, const AttnDims& d, float scale, bool causal,
+                      int64_t window) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+#pragma omp parallel
+  {
+    // Per head: dQ (T,D), dK (T,D), dV (T,E) accumulators and Dt (T) = dy_t . y_t; per tile:
+    // Qb (kTileQ,D) scaled queries, Kb (kTileK,D), Vb (kTileK,E).
+    std::vector<float> dQ(T * D), dK(T * D), dV(T * E), Dt(T), Qb(kTileQ * D), Kb(kTileK * D), Vb(kTileK * E);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        auto row = [&](int64_t t) { return (b * T + t) * H + h; };
+        std::fill(dQ.begin(), dQ.end(), 0.0f);
+        std::fill(dK.begin(), dK.end(), 0.0f);
+        std::fill(dV.begin(), dV.end(), 0.0f);
+        for (int64_t t = 0; t < T; ++t) {
+          float s = 0.0f;
+          for (int64_t e = 0; e < E; ++e) s += dy[row(t) * E + e] * y[row(t) * E + e];
+          Dt[t] = s;
+        }
+        const float* L = lse + (b * H + h) * T;
+        for (int64_t t0 = 0; t0 < T; t0 += kTileQ) {
+          const int64_t nq = std::min(kTileQ, T - t0);
+          for (int64_t i = 0; i < nq; ++i)
+            for (int64_t x = 0; x < D; ++x) Qb[i * D + x] = scale * q[row(t0 + i) * D + x];
+          const int64_t s_begin = window > 0 ? std::max<int64_t>(0, t0 - window + 1) : 0;
+          const int64_t s_end = causal ? t0 + nq : (window > 0 ? std::min(T, t0 + nq - 1 + window) : T);
+          for (int64_t s0 = s_begin; s0 < s_end; s0 += kTileK) {
+            const int64_t nk = std::min(kTileK, s_end - s0);
+            for (int64_t j = 0; j < nk; ++j) {
+              std::copy(k + row(s0 + j) * D, k + row(s0 + j) * D + D, &Kb[j * D]);
+              std::copy(v + row(s0 + j) * E, v + row(s0 + j) * E + E, &Vb[j * E]);
+            }
+            for (int64_t i = 0; i < nq; ++i) {
+              const int64_t t = t0 + i;
+              const float* gt = dy + row(t) * E;
+              for (int64_t j = 0; j < nk; ++j) {
+                const int64_t s = s0 + j;
+                if (!ref::attn_allowed(t, s, causal, window)) continue;
+                float a = 0.0f;
+                for (int64_t x = 0; x < D; ++x) a += Qb[i * D + x] * Kb[j * D + x];
+                const float P = std::exp(a - L[t]);  // recomputed from the saved log-sum-exp
+                float dP = 0.0f;
+                for (int64_t e = 0; e < E; ++e) {
+                  dV[s * E + e] += P * gt[e];
+                  dP += gt[e] * Vb[j * E + e];
+                }
+                const float dS = P * (dP - Dt[t]) * scale;  // d(scale q.k)/dq = scale k
+                for (int64_t x = 0; x < D; ++x) {
+                  dQ[t * D + x] += dS * Kb[j * D + x];
+                  dK[s * D + x] += dS * q[row(t) * D + x];
+                }
+              }
+            }
+          }
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          std::copy(&dQ[t * D], &dQ[t * D] + D, dq + row(t) * D);
+          std::copy(&dK[t * D], &dK[t * D] + D, dk + row(t) * D);
+          std::copy(&dV[t * E], &dV[t * E] + E, dv + row(t) * E);
         }
       }
   }
@@ -131,6 +198,18 @@ TensorMap softmax_parallel(const Call& c) {
   softmax_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(softmax_scale(c)), c.causal,
                   c.ip("window"));
   return {{"y", std::move(y)}};
+}
+
+TensorMap softmax_grad(const Call& c, const Tensor& dy) {
+  const AttnDims d = attn_dims(c);
+  const float scale = float(softmax_scale(c));
+  Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
+  std::vector<float> lse(d.B * d.H * d.T);
+  softmax_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, scale, c.causal, c.ip("window"),
+                  lse.data());
+  softmax_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), y.ptr(), lse.data(),
+                   dy.ptr(), d, scale, c.causal, c.ip("window"));
+  return {{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
 }
 
 TensorMap softmax_recurrent(const Call& c) {
@@ -196,6 +275,7 @@ MixerSpec softmax_spec() {
     return y;
   });
   s.parallel = softmax_parallel;
+  s.backward = softmax_grad;
   s.recurrent = softmax_recurrent;
   return s;
 }

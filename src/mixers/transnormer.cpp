@@ -195,6 +195,25 @@ MixerSpec block_softmax() {
       }
     return TensorMap{{"y", std::move(y)}};
   };
+  s.backward = [](const Call& c, const Tensor& dy) {
+    const AttnDims d = attn_dims(c);
+    const int64_t blk = c.ip("block"), nblk = (d.T + blk - 1) / blk, HD = d.H * d.D, HE = d.H * d.E;
+    const float scale = 1.0f / std::sqrt(float(d.D));
+    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t i = 0; i < nblk; ++i) {  // blocks are independent: forward + backward each
+        const int64_t t0 = b * d.T + i * blk, n = std::min(blk, d.T - i * blk);
+        const AttnDims bd{1, n, d.H, d.D, d.E};
+        std::vector<float> lse(d.H * n);
+        softmax_forward(y.ptr() + t0 * HE, c.t("q").ptr() + t0 * HD, c.t("k").ptr() + t0 * HD,
+                        c.t("v").ptr() + t0 * HE, bd, scale, c.causal, 0, lse.data());
+        softmax_backward(dq.ptr() + t0 * HD, dk.ptr() + t0 * HD, dv.ptr() + t0 * HE, c.t("q").ptr() + t0 * HD,
+                         c.t("k").ptr() + t0 * HD, c.t("v").ptr() + t0 * HE, y.ptr() + t0 * HE, lse.data(),
+                         dy.ptr() + t0 * HE, bd, scale, c.causal, 0);
+      }
+    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
+  };
   s.recurrent = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t blk = c.ip("block"), HD = d.H * d.D, HE = d.H * d.E;
