@@ -13,7 +13,7 @@
 namespace linmix {
 
 void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const float* v, const float* w,
-                const float* u, int64_t T, int64_t C, int64_t stride) {
+                const float* u, int64_t T, int64_t C, int64_t stride, float* mo, float* dn) {
   for (int64_t t = 0; t < T; ++t) {
     const float* kt = k + t * stride;
     const float* vt = v + t * stride;
@@ -23,7 +23,9 @@ void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const f
       const float ww = u[c] + kt[c];
       float q = std::max(p[c], ww);
       float e1 = exp_fast(p[c] - q), e2 = exp_fast(ww - q);
-      yt[c] = (e1 * a[c] + e2 * vt[c]) / (e1 * bb[c] + e2);
+      const float den = e1 * bb[c] + e2;
+      yt[c] = (e1 * a[c] + e2 * vt[c]) / den;
+      if (mo) mo[t * stride + c] = q, dn[t * stride + c] = den;  // D_t = den e^{q}: saved for backward
       // state: decay the past by e^{-w}, add e^{k_t} v_t
       const float wd = p[c] - w[c];
       q = std::max(wd, kt[c]);
@@ -31,6 +33,42 @@ void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const f
       a[c] = e1 * a[c] + e2 * vt[c];
       bb[c] = e1 * bb[c] + e2;
       p[c] = q;
+    }
+  }
+}
+
+void rwkv4_backward(float* dk, float* dv, float* dw, float* du, const float* k, const float* v, const float* w,
+                    const float* u, const float* y, const float* mo, const float* dn, const float* dy, int64_t T,
+                    int64_t C, int64_t stride) {
+  // Reverse scan. With D_s = dn_s e^{m_s} and g_s = dy_s:
+  //   G_t = sum_{s>t} e^{-(s-1-t) w} g_s / D_s,       H_t = same with g_s y_s
+  //   G'_t = sum_{s>t} (s-1-t) e^{-(s-1-t) w} g_s / D_s, H'_t likewise
+  //   dv_t = e^{u+k_t} g_t / D_t + e^{k_t} G_t
+  //   dk_t = e^{u+k_t} (v_t - y_t) g_t / D_t + e^{k_t} (v_t G_t - H_t)
+  //   du  += e^{u+k_t} (v_t - y_t) g_t / D_t,   dw -= e^{k_t} (v_t G'_t - H'_t)
+  // G, H, G', H' are kept as (gg, hh, gg2, hh2) e^{q} with a running exponent q, so every
+  // exponential has a non-positive argument; G_{t-1} = g_t / D_t + e^{-w} G_t and
+  // G'_{t-1} = e^{-w} (G'_t + G_t).
+  for (int64_t c = 0; c < C; ++c) du[c] = 0.0f, dw[c] = 0.0f;
+  std::vector<float> gg(C, 0.0f), hh(C, 0.0f), gg2(C, 0.0f), hh2(C, 0.0f), q(C, -1e38f);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t o = t * stride;
+    for (int64_t c = 0; c < C; ++c) {
+      const float inv = dy[o + c] / dn[o + c];  // g_t / D_t = inv e^{-m_t}
+      const float eb = exp_fast(u[c] + k[o + c] - mo[o + c]);
+      const float ek = exp_fast(k[o + c] + q[c]);
+      const float vy = v[o + c] - y[o + c];
+      dv[o + c] = eb * inv + ek * gg[c];
+      dk[o + c] = eb * vy * inv + ek * (v[o + c] * gg[c] - hh[c]);
+      du[c] += eb * vy * inv;
+      dw[c] -= ek * (v[o + c] * gg2[c] - hh2[c]);
+      const float qn = std::max(-mo[o + c], q[c] - w[c]);
+      const float a1 = exp_fast(-mo[o + c] - qn), a2 = exp_fast(q[c] - w[c] - qn);
+      gg2[c] = (gg2[c] + gg[c]) * a2;
+      hh2[c] = (hh2[c] + hh[c]) * a2;
+      gg[c] = inv * a1 + gg[c] * a2;
+      hh[c] = inv * y[o + c] * a1 + hh[c] * a2;
+      q[c] = qn;
     }
   }
 }
@@ -84,6 +122,28 @@ MixerSpec make_spec() {
                    c.t("u").ptr() + c0, T, n, C);
       }
     return TensorMap{{"y", std::move(y)}};
+  };
+  s.backward = [](const Call& c, const Tensor& dy) {
+    const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+    Tensor y({B, T, C}), dk({B, T, C}), dv({B, T, C}), dw({C}), du({C});
+    std::vector<float> mo(B * T * C), dn(B * T * C), dwb(B * C), dub(B * C);  // saved: O(T C)
+    const int64_t nblk = (C + kBlock - 1) / kBlock;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t c0 = blk * kBlock, n = std::min(kBlock, C - c0), off = b * T * C + c0;
+        float a[kBlock] = {}, bb[kBlock] = {}, p[kBlock];
+        std::fill(p, p + kBlock, kInitP);
+        const float *k = c.t("k").ptr() + off, *v = c.t("v").ptr() + off, *w = c.t("w").ptr() + c0,
+                    *u = c.t("u").ptr() + c0;
+        rwkv4_scan(y.ptr() + off, a, bb, p, k, v, w, u, T, n, C, mo.data() + off, dn.data() + off);
+        rwkv4_backward(dk.ptr() + off, dv.ptr() + off, dwb.data() + b * C + c0, dub.data() + b * C + c0, k, v, w, u,
+                       y.ptr() + off, mo.data() + off, dn.data() + off, dy.ptr() + off, T, n, C);
+      }
+    for (int64_t b = 0; b < B; ++b)  // parameter gradients accumulate over the batch
+      for (int64_t ch = 0; ch < C; ++ch) dw.data[ch] += dwb[b * C + ch], du.data[ch] += dub[b * C + ch];
+    return TensorMap{{"y", std::move(y)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}, {"dw", std::move(dw)},
+                     {"du", std::move(du)}};
   };
   s.recurrent = [](const Call& c) {
     const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
