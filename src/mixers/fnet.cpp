@@ -12,11 +12,11 @@ namespace linmix {
 
 namespace {
 
-TensorMap fnet_parallel(const Call& c) {
-  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), Ch = C / 2 + 1;
+// y = Re(DFT_T(DFT_C(x))) of x: (B,T,C), one 2-D FFT per sequence.
+Tensor fnet_apply(const float* x, int64_t B, int64_t T, int64_t C) {
+  const int64_t Ch = C / 2 + 1;
   const RealFft fft(T, C);
   Tensor y({B, T, C});
-  const float* x = c.t("x").ptr();
 #pragma omp parallel
   {
     RealBuf in = alloc_real(T * C);
@@ -33,7 +33,18 @@ TensorMap fnet_parallel(const Call& c) {
         }
     }
   }
-  return {{"y", std::move(y)}};
+  return y;
+}
+
+TensorMap fnet_parallel(const Call& c) {
+  return {{"y", fnet_apply(c.t("x").ptr(), c.d("B"), c.d("T"), c.d("C"))}};
+}
+
+// The DFT matrices are symmetric, so y = Re(F_T x F_C) has dx = Re(F_T dy F_C): the same
+// transform applied to dy (MIXERS.md "fnet").
+TensorMap fnet_grad(const Call& c, const Tensor& dy) {
+  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+  return {{"y", fnet_apply(c.t("x").ptr(), B, T, C)}, {"dx", fnet_apply(dy.ptr(), B, T, C)}};
 }
 
 MixerSpec make_spec() {
@@ -56,6 +67,7 @@ MixerSpec make_spec() {
     return y;
   });
   s.parallel = fnet_parallel;
+  s.backward = fnet_grad;
   return s;
 }
 
