@@ -67,8 +67,15 @@ struct AftBand {
   const void* ctx;
 };
 // y, q, k, v: (B,T,C). Extra memory O(T C) (the suffix sums, non-causal only).
+// o_out, lse_out (B,T,C), optional: o = num / den and lse = log sum_s exp(k_s + w_ts), saved
+// for the backward.
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
-                 bool causal, const AftBand& band);
+                 bool causal, const AftBand& band, float* o_out = nullptr, float* lse_out = nullptr);
+// Backward for q, k, v (the bias gradient is the variant's own, in aft.cpp): dq, dk, dv
+// (B,T,C) written. Extra memory O(T C) per (batch, channel block) task.
+void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
+                  const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
+                  const AftBand& band);
 
 // Recurrent AFT state of one sequence: the running sums over positions that left the band
 // (num, den scaled by exp(-max), per channel) and the band's last `lo` (k, v) rows.

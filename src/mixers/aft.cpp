@@ -31,10 +31,21 @@ inline void running_add(float* m, float* num, float* den, const float* x, const 
   }
 }
 
+// Adds exp(x) * (v1, v2) to two running sums kept scaled by exp(-m), per channel.
+inline void running_add2(float* m, float* s1, float* s2, const float* x, const float* v1, const float* v2, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float mn = std::max(m[c], x[c]);
+    const float a = exp_fast(m[c] - mn), e = exp_fast(x[c] - mn);
+    s1[c] = s1[c] * a + e * v1[c];
+    s2[c] = s2[c] * a + e * v2[c];
+    m[c] = mn;
+  }
+}
+
 }  // namespace
 
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
-                 bool causal, const AftBand& band) {
+                 bool causal, const AftBand& band, float* o_out, float* lse_out) {
   const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
@@ -95,7 +106,83 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
         const float* qt = row(q, t);
         float* yt = y + (b * T + t) * C + c0;
         for (int64_t c = 0; c < n; ++c) yt[c] = sigmoidf(qt[c]) * num[c] / den[c];
+        if (o_out)  // saved for backward: o = num / den and lse = log(sum_s exp(k_s + w_ts))
+          for (int64_t c = 0; c < n; ++c) {
+            o_out[(b * T + t) * C + c0 + c] = num[c] / den[c];
+            lse_out[(b * T + t) * C + c0 + c] = M[c] + std::log(den[c]);
+          }
       }
+    }
+}
+
+void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
+                  const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
+                  const AftBand& band) {
+  // With h_t = dy_t sigma(q_t) and P_ts = exp(k_s + w_ts - lse_t):
+  //   dq_t = dy_t o_t sigma'(q_t),  dv_s = sum_t P_ts h_t = A_s,
+  //   dk_s = sum_t P_ts h_t (v_s - o_t) = v_s A_s - B_s,  B_s = sum_t P_ts h_t o_t.
+  // The sums over t run over the transposed sets: the band t in [s - hi, s + lo] directly, the
+  // far positions as running sums of exp(-lse_t) (h_t, h_t o_t) with their own running max:
+  // t >= s + lo + 1 (a suffix), and non-causal also t <= s - hi - 1 (a prefix).
+  const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t bi = 0; bi < nblocks; ++bi) {
+      const int64_t c0 = band.blocks[bi].first, n = band.blocks[bi].second - c0;
+      auto at = [&](int64_t t) { return (b * T + t) * C + c0; };
+      // h, ho, nl (-lse): (T,n); A, Bs: (T,n); running sums m, s1, s2: (n).
+      std::vector<float> h(T * n), ho(T * n), nl(T * n), A(T * n, 0.0f), Bs(T * n, 0.0f), m(n), s1(n), s2(n);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = 0; c < n; ++c) {
+          const float sg = sigmoidf(q[at(t) + c]), g = dy[at(t) + c];
+          h[t * n + c] = g * sg;
+          ho[t * n + c] = g * sg * o[at(t) + c];
+          nl[t * n + c] = -lse[at(t) + c];
+          dq[at(t) + c] = g * o[at(t) + c] * sg * (1.0f - sg);
+        }
+      auto far = [&](int64_t s) {  // A_s, B_s += exp(k_s + m) (s1, s2)
+        for (int64_t c = 0; c < n; ++c) {
+          const float e = exp_fast(k[at(s) + c] + m[c]);
+          A[s * n + c] += e * s1[c];
+          Bs[s * n + c] += e * s2[c];
+        }
+      };
+      auto reset = [&] {
+        std::fill(m.begin(), m.end(), -1e38f);
+        std::fill(s1.begin(), s1.end(), 0.0f);
+        std::fill(s2.begin(), s2.end(), 0.0f);
+      };
+      reset();
+      for (int64_t s = T - 1; s >= 0; --s) {  // suffix: t >= s + lo + 1
+        const int64_t t = s + band.lo + 1;
+        if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
+        far(s);
+      }
+      if (!causal) {
+        reset();
+        for (int64_t s = 0; s < T; ++s) {  // prefix: t <= s - hi - 1
+          const int64_t t = s - band.hi - 1;
+          if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
+          far(s);
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) {  // the band, as in the forward
+        const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
+        const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);
+        for (int64_t s = s_lo; s <= s_hi; ++s) {
+          const float w = band.bias(band.ctx, t, s, bi);
+          for (int64_t c = 0; c < n; ++c) {
+            const float P = exp_fast(k[at(s) + c] + w + nl[t * n + c]);
+            A[s * n + c] += P * h[t * n + c];
+            Bs[s * n + c] += P * ho[t * n + c];
+          }
+        }
+      }
+      for (int64_t s = 0; s < T; ++s)
+        for (int64_t c = 0; c < n; ++c) {
+          dv[at(s) + c] = A[s * n + c];
+          dk[at(s) + c] = v[at(s) + c] * A[s * n + c] - Bs[s * n + c];
+        }
     }
 }
 
@@ -240,6 +327,63 @@ TensorMap aft_parallel(Variant var, const Call& c) {
   return {{"y", std::move(y)}};
 }
 
+// Gradient of the band's bias: sum over batch and the block's channels of
+// P_ts h_t (v_s - o_t), into dw[t, s] (full, local; rows t are owned by one thread) or
+// du[head, t - s + shift] (conv; per-thread partial sums, then reduced).
+void aft_bias_grad(float* dbias, int64_t dbias_size, Variant var, const BiasCtx& ctx, const AftBand& band,
+                   const float* q, const float* k, const float* v, const float* o, const float* lse, const float* dy,
+                   int64_t B, int64_t T, int64_t C, bool causal) {
+  std::fill(dbias, dbias + dbias_size, 0.0f);
+#pragma omp parallel
+  {
+    std::vector<double> local(var == Variant::Conv ? dbias_size : 0, 0.0);
+#pragma omp for schedule(dynamic)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
+      const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);
+      for (int64_t s = s_lo; s <= s_hi; ++s)
+        for (int64_t bi = 0; bi < static_cast<int64_t>(band.blocks.size()); ++bi) {
+          const float w = band.bias(band.ctx, t, s, bi);
+          float acc = 0.0f;
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t c = band.blocks[bi].first; c < band.blocks[bi].second; ++c) {
+              const int64_t it = (b * T + t) * C + c, is = (b * T + s) * C + c;
+              const float P = exp_fast(k[is] + w - lse[it]);
+              acc += P * dy[it] * sigmoidf(q[it]) * (v[is] - o[it]);
+            }
+          if (var == Variant::Conv) local[ctx.head[bi] * ctx.K + (t - s + ctx.shift)] += acc;
+          else dbias[t * ctx.Tw + s] += acc;
+        }
+    }
+    if (var == Variant::Conv) {
+#pragma omp critical
+      for (int64_t i = 0; i < dbias_size; ++i) dbias[i] += float(local[i]);
+    }
+  }
+}
+
+TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy) {
+  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+  BiasCtx ctx;
+  const AftBand band = make_band(var, c, ctx);
+  const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+  Tensor y({B, T, C}), dq({B, T, C}), dk({B, T, C}), dv({B, T, C});
+  std::vector<float> o(B * T * C), lse(B * T * C);  // saved by the forward: O(T C)
+  aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.data(), lse.data());
+  aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band);
+  TensorMap out{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
+  if (var == Variant::Full || var == Variant::Local) {
+    Tensor dw(c.t("w").shape);
+    aft_bias_grad(dw.ptr(), dw.numel(), var, ctx, band, q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal);
+    out["dw"] = std::move(dw);
+  } else if (var == Variant::Conv) {
+    Tensor du(c.t("u").shape);
+    aft_bias_grad(du.ptr(), du.numel(), var, ctx, band, q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal);
+    out["du"] = std::move(du);
+  }
+  return out;
+}
+
 bool has_sums(Variant var) { return var != Variant::Full; }
 bool has_ring(Variant var) { return var != Variant::Simple; }
 
@@ -374,6 +518,7 @@ MixerSpec aft_spec(Variant var) {
   s.y_dims = "B,T,C";
   set_reference(s, [var](const Call& c, const auto& x) { return aft_reference(var, c, x); });
   s.parallel = [var](const Call& c) { return aft_parallel(var, c); };
+  s.backward = [var](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy); };
   s.recurrent = [var](const Call& c) { return aft_recurrent(var, c); };
   return s;
 }
