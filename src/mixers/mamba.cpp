@@ -85,6 +85,118 @@ void mamba_forward(float* y, const MambaArgs& a) {
   }
 }
 
+// Backward of mamba_forward, per (batch, channel block) task. h is checkpointed at chunk
+// starts in a forward sweep, each chunk's states are recomputed from its checkpoint, and the
+// chunk is walked backwards:
+//   g = dy (times silu(z) with a gate; dz = dy y_pre silu'(z)),  dD += g u,  du = g D
+//   dh += Cm_t g,  dCm_t += g h_t
+//   b = dt Bm u:   dBm_t += dh dt u,  du += sum_n dh dt Bm,  ddt += sum_n dh Bm u
+//   a = exp(dt A): ddt += sum_n dh h_{t-1} a A,  dA += dh h_{t-1} a dt,  then dh *= a
+//   ddelta = ddt sigma(delta + bias) (softplus) or ddt;  dbias += ddelta
+// Extra memory O(T/chunk C N + chunk C N) per task plus per-thread parameter accumulators.
+struct MambaGrads {
+  float *du, *ddelta, *dA, *dBm, *dCm, *dD, *dz, *dbias;  // dD, dz, dbias null when absent
+};
+
+void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
+  const int64_t B = a.B, T = a.T, C = a.C, N = a.N, nblk = (C + kCBlock - 1) / kCBlock;
+  const int64_t nchunks = (T + kChunk - 1) / kChunk;
+  std::fill(g.dA, g.dA + C * N, 0.0f);
+  std::fill(g.dBm, g.dBm + B * T * N, 0.0f);
+  std::fill(g.dCm, g.dCm + B * T * N, 0.0f);
+  if (g.dD) std::fill(g.dD, g.dD + C, 0.0f);
+  if (g.dbias) std::fill(g.dbias, g.dbias + C, 0.0f);
+#pragma omp parallel
+  {
+    // per thread: parameter accumulators; per task: checkpoints hc (nchunks+1, kCBlock, N),
+    // chunk states hs (kChunk+1, kCBlock, N), decays da (kChunk, kCBlock, N), dh (kCBlock, N)
+    std::vector<float> lA(C * N, 0.0f), lB(B * T * N, 0.0f), lC(B * T * N, 0.0f), lD(C, 0.0f), lbias(C, 0.0f);
+    std::vector<float> hc((nchunks + 1) * kCBlock * N), hs((kChunk + 1) * kCBlock * N), da(kChunk * kCBlock * N),
+        dh(kCBlock * N);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t c0 = blk * kCBlock, nc = std::min(kCBlock, C - c0);
+        auto step = [&](int64_t t, const float* hp, float* hn, float* dav) {  // h_t from h_{t-1}
+          for (int64_t j = 0; j < nc; ++j) {
+            const int64_t c = c0 + j;
+            const float dt = a.dt(b, t, c), du = dt * a.u[(b * T + t) * C + c];
+            for (int64_t n = 0; n < N; ++n) {
+              const float e = exp_fast(dt * a.A[c * N + n]);
+              if (dav) dav[j * N + n] = e;
+              hn[j * N + n] = e * hp[j * N + n] + du * a.Bm[(b * T + t) * N + n];
+            }
+          }
+        };
+        std::fill(hc.begin(), hc.begin() + kCBlock * N, 0.0f);
+        for (int64_t ch = 0; ch < nchunks; ++ch) {  // checkpoints: h before each chunk
+          std::copy(&hc[ch * kCBlock * N], &hc[(ch + 1) * kCBlock * N], hs.begin());
+          const int64_t t0 = ch * kChunk, nt = std::min(kChunk, T - t0);
+          for (int64_t i = 0; i < nt; ++i) step(t0 + i, &hs[(i % 2) * kCBlock * N], &hs[((i + 1) % 2) * kCBlock * N], nullptr);
+          std::copy(&hs[(nt % 2) * kCBlock * N], &hs[(nt % 2) * kCBlock * N] + kCBlock * N, &hc[(ch + 1) * kCBlock * N]);
+        }
+        std::fill(dh.begin(), dh.end(), 0.0f);
+        for (int64_t ch = nchunks - 1; ch >= 0; --ch) {
+          const int64_t t0 = ch * kChunk, nt = std::min(kChunk, T - t0);
+          std::copy(&hc[ch * kCBlock * N], &hc[(ch + 1) * kCBlock * N], hs.begin());  // hs[i] = h_{t0+i-1}
+          for (int64_t i = 0; i < nt; ++i)
+            step(t0 + i, &hs[i * kCBlock * N], &hs[(i + 1) * kCBlock * N], &da[i * kCBlock * N]);
+          for (int64_t i = nt - 1; i >= 0; --i) {
+            const int64_t t = t0 + i;
+            const float* Cr = a.Cm + (b * T + t) * N;
+            const float* Br = a.Bm + (b * T + t) * N;
+            for (int64_t j = 0; j < nc; ++j) {
+              const int64_t c = c0 + j, it = (b * T + t) * C + c;
+              const float* h = &hs[(i + 1) * kCBlock * N + j * N];
+              const float* hp = &hs[i * kCBlock * N + j * N];
+              const float* av = &da[i * kCBlock * N + j * N];
+              float* d = &dh[j * N];
+              float gy = dy[it];
+              if (a.z) {
+                float ypre = 0.0f;
+                for (int64_t n = 0; n < N; ++n) ypre += Cr[n] * h[n];
+                if (a.D) ypre += a.D[c] * a.u[it];
+                const float sz = 1.0f / (1.0f + exp_fast(-a.z[it]));
+                g.dz[it] = gy * ypre * sz * (1.0f + a.z[it] * (1.0f - sz));
+                gy *= a.z[it] * sz;
+              }
+              float du = 0.0f;
+              if (a.D) {
+                lD[c] += gy * a.u[it];
+                du = gy * a.D[c];
+              }
+              const float x = a.delta[it] + (a.bias ? a.bias[c] : 0.0f);
+              const float dt = a.use_softplus ? softplus_fast(x) : x;
+              float ddt = 0.0f;
+              for (int64_t n = 0; n < N; ++n) {
+                d[n] += Cr[n] * gy;
+                lC[(b * T + t) * N + n] += gy * h[n];
+                lB[(b * T + t) * N + n] += d[n] * dt * a.u[it];
+                du += d[n] * dt * Br[n];
+                ddt += d[n] * (Br[n] * a.u[it] + hp[n] * av[n] * a.A[c * N + n]);
+                lA[c * N + n] += d[n] * hp[n] * av[n] * dt;
+                d[n] *= av[n];
+              }
+              g.du[it] = du;
+              const float dd = a.use_softplus ? ddt / (1.0f + exp_fast(-x)) : ddt;
+              g.ddelta[it] = dd;
+              lbias[c] += dd;
+            }
+          }
+        }
+      }
+#pragma omp critical
+    {
+      for (int64_t i = 0; i < C * N; ++i) g.dA[i] += lA[i];
+      for (int64_t i = 0; i < B * T * N; ++i) g.dBm[i] += lB[i], g.dCm[i] += lC[i];
+      for (int64_t c = 0; c < C; ++c) {
+        if (g.dD) g.dD[c] += lD[c];
+        if (g.dbias) g.dbias[c] += lbias[c];
+      }
+    }
+  }
+}
+
 TensorMap mamba_recurrent(const Call& c) {
   const MambaArgs a = args_of(c);
   const int64_t B = a.B, T = a.T, C = a.C, N = a.N;
@@ -146,6 +258,24 @@ MixerSpec make_spec() {
     return TensorMap{{"y", std::move(y)}};
   };
   s.recurrent = mamba_recurrent;
+  s.backward = [](const Call& c, const Tensor& dy) {
+    const MambaArgs a = args_of(c);
+    const int64_t B = a.B, T = a.T, C = a.C, N = a.N;
+    TensorMap out;
+    out["y"] = Tensor({B, T, C});
+    mamba_forward(out["y"].ptr(), a);
+    for (const char* n : {"du", "ddelta"}) out[n] = Tensor({B, T, C});
+    out["dA"] = Tensor({C, N});
+    out["dBm"] = Tensor({B, T, N});
+    out["dCm"] = Tensor({B, T, N});
+    if (a.D) out["dD"] = Tensor({C});
+    if (a.z) out["dz"] = Tensor({B, T, C});
+    if (a.bias) out["ddelta_bias"] = Tensor({C});
+    auto p = [&](const char* n) { return out.count(n) ? out[n].ptr() : nullptr; };
+    mamba_backward({p("du"), p("ddelta"), p("dA"), p("dBm"), p("dCm"), p("dD"), p("dz"), p("ddelta_bias")}, a,
+                   dy.ptr());
+    return out;
+  };
   return s;
 }
 
