@@ -88,6 +88,94 @@ TensorMap s4d_parallel(const Call& c) {
   return {{"y", std::move(y)}};
 }
 
+// Backward. With g = dy and the causal convolution y = K * u + D u:
+//   dD = sum g u,  du = D g + sum_{t>=s} K_{t-s} g_t,  dK_l = sum_b sum_t g_t u_{t-l}
+// (both correlations as FFT products with a conjugate, zero-padded to 2T). Then through
+// K_l = 2 Re sum_n Ct_n z_n^l, z = exp(dt A), Ct = C (z - 1) / A, with complex gradients
+// G_w = dL/dRe(w) + i dL/dIm(w) (for holomorphic w = h(p): G_p = conj(h'(p)) G_w):
+//   G_Ct = 2 sum_l dK_l conj(z^l),  G_z = 2 sum_l dK_l conj(Ct l z^(l-1)) + conj(C / A) G_Ct
+//   G_C = conj((z - 1) / A) G_Ct,  G_A = conj(-C (z - 1) / A^2) G_Ct + conj(dt z) G_z
+//   dL/d dt = sum_n Re(conj(G_z) A z),  d log_dt = dt dL/d dt.
+TensorMap s4d_grad(const Call& c, const Tensor& dy) {
+  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
+  const S4dParams p = discretise(c);
+  const int64_t L = 2 * T, F = L / 2 + 1;
+  const RealFft fft(L);
+  const float *u = c.t("u").ptr(), *D = c.t("D").ptr(), *g = dy.ptr();
+  Tensor y({B, T, C}), du({B, T, C}), dlog_dt({C}), dA_re({C, N}), dA_im({C, N}), dC_re({C, N}), dC_im({C, N}),
+      dD({C});
+#pragma omp parallel
+  {
+    RealBuf buf = alloc_real(L);
+    ComplexBuf Kf = alloc_complex(F), Uf = alloc_complex(F), Gf = alloc_complex(F), tmp = alloc_complex(F);
+    std::vector<double> K(T), dK(T);
+    std::vector<cd> pw(N);
+    auto spectrum = [&](fftw_complex* out, auto value) {  // FFT of a length-T signal, zero-padded
+      for (int64_t t = 0; t < T; ++t) buf[t] = value(t);
+      for (int64_t l = T; l < L; ++l) buf[l] = 0;
+      fft.forward(buf.get(), out);
+    };
+    // buf = irfft(a * (conj b if conj_b else b)) / L
+    auto product = [&](const fftw_complex* a, const fftw_complex* b, bool conj_b) {
+      for (int64_t f = 0; f < F; ++f) {
+        const cd z = cd(a[f][0], a[f][1]) * (conj_b ? std::conj(cd(b[f][0], b[f][1])) : cd(b[f][0], b[f][1]));
+        tmp[f][0] = z.real(), tmp[f][1] = z.imag();
+      }
+      fft.inverse(tmp.get(), buf.get());
+      for (int64_t l = 0; l < L; ++l) buf[l] /= double(L);
+    };
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < C; ++ch) {
+      for (int64_t n = 0; n < N; ++n) pw[n] = 1.0;
+      for (int64_t l = 0; l < T; ++l) {
+        double kl = 0;
+        for (int64_t n = 0; n < N; ++n) kl += (p.Ct[ch * N + n] * pw[n]).real(), pw[n] *= p.Abar[ch * N + n];
+        K[l] = 2 * kl;
+      }
+      spectrum(Kf.get(), [&](int64_t t) { return K[t]; });
+      std::fill(dK.begin(), dK.end(), 0.0);
+      double dDc = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        auto at = [&](int64_t t) { return (b * T + t) * C + ch; };
+        spectrum(Uf.get(), [&](int64_t t) { return double(u[at(t)]); });
+        spectrum(Gf.get(), [&](int64_t t) { return double(g[at(t)]); });
+        product(Uf.get(), Kf.get(), false);  // y = K * u + D u
+        for (int64_t t = 0; t < T; ++t) y.data[at(t)] = float(buf[t] + double(D[ch]) * u[at(t)]);
+        product(Gf.get(), Kf.get(), true);  // du_s = sum_{t>=s} K_{t-s} g_t + D g_s
+        for (int64_t t = 0; t < T; ++t) du.data[at(t)] = float(buf[t] + double(D[ch]) * g[at(t)]);
+        product(Gf.get(), Uf.get(), true);  // dK_l += sum_t g_t u_{t-l}
+        for (int64_t l = 0; l < T; ++l) dK[l] += buf[l];
+        for (int64_t t = 0; t < T; ++t) dDc += double(g[at(t)]) * u[at(t)];
+      }
+      dD.data[ch] = float(dDc);
+      const double dt = std::exp(double(c.t("log_dt").data[ch]));
+      double ddt = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i = ch * N + n;
+        const cd z = p.Abar[i], Ct = p.Ct[i];
+        const cd A(c.t("A_re").data[i], c.t("A_im").data[i]), Cc(c.t("C_re").data[i], c.t("C_im").data[i]);
+        cd S0 = 0, S1 = 0, zl = 1;  // sum dK_l conj(z^l), sum dK_l l conj(z^(l-1))
+        for (int64_t l = 0; l < T; ++l) {
+          S0 += dK[l] * std::conj(zl);
+          if (l + 1 < T) S1 += dK[l + 1] * double(l + 1) * std::conj(zl);
+          zl *= z;
+        }
+        const cd GCt = 2.0 * S0;
+        const cd Gz = 2.0 * std::conj(Ct) * S1 + std::conj(Cc / A) * GCt;
+        const cd GC = std::conj((z - 1.0) / A) * GCt;
+        const cd GA = std::conj(-Cc * (z - 1.0) / (A * A)) * GCt + std::conj(dt * z) * Gz;
+        ddt += (std::conj(Gz) * A * z).real();
+        dA_re.data[i] = float(GA.real()), dA_im.data[i] = float(GA.imag());
+        dC_re.data[i] = float(GC.real()), dC_im.data[i] = float(GC.imag());
+      }
+      dlog_dt.data[ch] = float(dt * ddt);
+    }
+  }
+  return {{"y", std::move(y)},         {"du", std::move(du)},       {"dlog_dt", std::move(dlog_dt)},
+          {"dA_re", std::move(dA_re)}, {"dA_im", std::move(dA_im)}, {"dC_re", std::move(dC_re)},
+          {"dC_im", std::move(dC_im)}, {"dD", std::move(dD)}};
+}
+
 TensorMap s4d_recurrent(const Call& c) {
   const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
   const S4dParams p = discretise(c);
@@ -147,6 +235,7 @@ MixerSpec make_spec() {
   });
   s.parallel = s4d_parallel;
   s.recurrent = s4d_recurrent;
+  s.backward = s4d_grad;
   return s;
 }
 
