@@ -57,6 +57,79 @@ void flash_forward(float* y, const float* qq, const float* qk, const float* lq, 
   }
 }
 
+// Backward, per sequence. Quadratic part per group (s = Q K^T, A = relu(s / G)^2 masked):
+//   dV += A^T dY,  dA = dY V^T,  dS = dA 2 relu(s / G) / G,  dQq = dS Kq,  dKq = dS^T Qq.
+// Linear part, M_g = sum_{h<g} lin_k_h^T V_h / G (causal) or lin_k^T V / T (non-causal):
+//   dlin_q_g = dY_g M_g^T,  dM_g = lin_q_g^T dY_g,  and with R_h the dM of every group that
+//   sees group h (the later ones, or all): dlin_k_h = V_h R_h^T / n,  dV_h += lin_k_h R_h / n.
+struct FlashGrads {
+  float *dqq, *dqk, *dlq, *dlk, *dv;
+};
+
+void flash_backward(const FlashGrads& g, const float* qq, const float* qk, const float* lq, const float* lk,
+                    const float* v, const float* dy, const FlashDims& d, bool causal) {
+  const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ld = std::min(G, T);
+#pragma omp parallel
+  {
+    // A, dS: (G,G); M, dM, R: (S,E)
+    std::vector<float> A(ld * ld), dS(ld * ld), M(S * E), dM(S * E), R(S * E);
+#pragma omp for schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b) {
+      const int64_t o = b * T;
+      for (float* p : {g.dqq, g.dqk, g.dlq, g.dlk}) std::fill(p + o * S, p + (o + T) * S, 0.0f);
+      std::fill(g.dv + o * E, g.dv + (o + T) * E, 0.0f);
+      std::fill(M.begin(), M.end(), 0.0f);
+      if (!causal) {
+        gemm_tn_acc(M.data(), lk + o * S, v + o * E, S, E, T, S, E, E);
+        for (float& m : M) m /= float(T);
+      }
+      std::fill(R.begin(), R.end(), 0.0f);
+      for (int64_t g0 = 0; g0 < T; g0 += G) {  // forward sweep: quadratic part, dlin_q, dM
+        const int64_t n = std::min(G, T - g0), r0 = o + g0;
+        std::fill(A.begin(), A.end(), 0.0f);
+        gemm_nt_acc(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld);
+        std::fill(dS.begin(), dS.end(), 0.0f);
+        gemm_nt_acc(dS.data(), dy + r0 * E, v + r0 * E, n, n, E, E, E, ld);  // dA = dY V^T
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            const float r = std::max(0.0f, A[i * ld + j] / float(G));
+            const bool keep = !(causal && j > i);
+            A[i * ld + j] = keep ? r * r : 0.0f;
+            dS[i * ld + j] = keep ? dS[i * ld + j] * 2.0f * r / float(G) : 0.0f;
+          }
+        gemm_tn_acc(g.dv + r0 * E, A.data(), dy + r0 * E, n, E, n, ld, E, E);
+        gemm_nn_acc(g.dqq + r0 * S, dS.data(), qk + r0 * S, n, S, n, ld, S, S);
+        gemm_tn_acc(g.dqk + r0 * S, dS.data(), qq + r0 * S, n, S, n, ld, S, S);
+        gemm_nt_acc(g.dlq + r0 * S, dy + r0 * E, M.data(), n, S, E, E, E, S);
+        if (causal) {
+          std::vector<float> add(S * E, 0.0f);
+          gemm_tn_acc(add.data(), lk + r0 * S, v + r0 * E, S, E, n, S, E, E);
+          for (int64_t x = 0; x < S * E; ++x) M[x] += add[x] / float(G);
+        } else {
+          gemm_tn_acc(R.data(), lq + r0 * S, dy + r0 * E, S, E, n, S, E, E);  // total dM
+        }
+      }
+      const float scale = causal ? 1.0f / float(G) : 1.0f / float(T);
+      auto lin_k_grad = [&](int64_t r0, int64_t n) {  // dlin_k += V R^T scale, dV += lin_k R scale
+        for (float& x : dM) x = 0.0f;
+        for (int64_t x = 0; x < S * E; ++x) dM[x] = R[x] * scale;
+        gemm_nt_acc(g.dlk + r0 * S, v + r0 * E, dM.data(), n, S, E, E, E, S);
+        gemm_nn_acc(g.dv + r0 * E, lk + r0 * S, dM.data(), n, E, S, S, E, E);
+      };
+      if (!causal) {
+        for (int64_t g0 = 0; g0 < T; g0 += G) lin_k_grad(o + g0, std::min(G, T - g0));
+      } else {
+        const int64_t last = ((T - 1) / G) * G;
+        for (int64_t g0 = last; g0 >= 0; g0 -= G) {  // R = sum of dM over later groups
+          const int64_t n = std::min(G, T - g0), r0 = o + g0;
+          lin_k_grad(r0, n);
+          gemm_tn_acc(R.data(), lq + r0 * S, dy + r0 * E, S, E, n, S, E, E);
+        }
+      }
+    }
+  }
+}
+
 FlashDims flash_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("S"), c.d("E"), c.ip("group")}; }
 
 MixerSpec make_spec() {
@@ -92,6 +165,20 @@ MixerSpec make_spec() {
     flash_forward(y.ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
                   c.t("v").ptr(), d, c.causal);
     return TensorMap{{"y", std::move(y)}};
+  };
+  s.backward = [](const Call& c, const Tensor& dy) {
+    const FlashDims d = flash_dims(c);
+    TensorMap out;
+    out["y"] = Tensor({d.B, d.T, d.E});
+    flash_forward(out["y"].ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
+                  c.t("v").ptr(), d, c.causal);
+    for (const char* n : {"dquad_q", "dquad_k", "dlin_q", "dlin_k"}) out[n] = Tensor({d.B, d.T, d.S});
+    out["dv"] = Tensor({d.B, d.T, d.E});
+    flash_backward({out["dquad_q"].ptr(), out["dquad_k"].ptr(), out["dlin_q"].ptr(), out["dlin_k"].ptr(),
+                    out["dv"].ptr()},
+                   c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(), c.t("v").ptr(),
+                   dy.ptr(), d, c.causal);
+    return out;
   };
   s.recurrent = [](const Call& c) {
     const FlashDims d = flash_dims(c);
