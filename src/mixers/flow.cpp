@@ -126,6 +126,154 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
   }
 }
 
+// Backward of flow_forward, per head. The forward is recomputed with every intermediate kept
+// (O(T (D + E)) per head); "scan" is a prefix sum when causal and the total otherwise, and
+// its adjoint "rscan" a suffix sum or the total. With R_i = r_i (causal) or 1, and the
+// competition multiplier n_i = r_i or T:
+//   cK = scan K, cQ = scan Q;  a_i = (Q_i+eps).(cK_i+eps), I_i = R_i / a_i;  c_i, O_i alike
+//   cKO = scan(K O), cQI = scan(Q I);  Ih_i = (Q_i+eps).(cKO_i+eps) / R_i;  Oraw_i alike, clamped
+//   e = exp(Oh), Z = scan e, comp_i = e_i / Z_i n_i;  alloc = sigma(Ih)
+//   o_i = sum_j (Q_i I_i / R_i . K_j) (v_j comp_j) over j <= i (or all);  y = o alloc
+// and the backward walks these lines in reverse (each adjoint written next to its line).
+void flow_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* dy,
+                   const AttnDims& d, bool causal) {
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+#pragma omp parallel
+  {
+    std::vector<float> Q(T * D), K(T * D), cK(T * D), cQ(T * D), cKO(T * D), cQI(T * D), Qs(T * D), Vc(T * E),
+        o(T * E), a(T), c(T), I(T), O(T), Ih(T), Oraw(T), e(T), Z(T), comp(T), alloc(T), dQ(T * D), dK(T * D),
+        dQs(T * D), dKp(T * D), dVc(T * E), dO_(T * E), dI(T), dOv(T), dcKO(T * D), dcQI(T * D), dcK(T * D),
+        dcQ(T * D), de(T), dZ(T), tmp(T * D);
+    auto scan = [&](float* x, int64_t w) {  // in place, rows of width w
+      if (causal) {
+        for (int64_t t = 1; t < T; ++t)
+          for (int64_t j = 0; j < w; ++j) x[t * w + j] += x[(t - 1) * w + j];
+      } else {
+        for (int64_t t = 1; t < T; ++t)
+          for (int64_t j = 0; j < w; ++j) x[j] += x[t * w + j];
+        for (int64_t t = 1; t < T; ++t) std::copy(x, x + w, x + t * w);
+      }
+    };
+    auto rscan = [&](float* x, int64_t w) {
+      if (causal) {
+        for (int64_t t = T - 2; t >= 0; --t)
+          for (int64_t j = 0; j < w; ++j) x[t * w + j] += x[(t + 1) * w + j];
+      } else {
+        scan(x, w);
+      }
+    };
+    auto dot_e = [&](const float* x, const float* y2) {
+      float s = 0.0f;
+      for (int64_t j = 0; j < D; ++j) s += (x[j] + kEps) * (y2[j] + kEps);
+      return s;
+    };
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row0 = b * T * H + h;
+        auto R = [&](int64_t t) { return causal ? float(t + 1) : 1.0f; };
+        auto ncomp = [&](int64_t t) { return causal ? float(t + 1) : float(T); };
+        // ---- forward, keeping intermediates
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < D; ++j) {
+            Q[t * D + j] = sigmoidf(q[(row0 + t * H) * D + j]);
+            K[t * D + j] = sigmoidf(k[(row0 + t * H) * D + j]);
+          }
+        cK = K, cQ = Q;
+        scan(cK.data(), D), scan(cQ.data(), D);
+        for (int64_t t = 0; t < T; ++t) {
+          a[t] = dot_e(&Q[t * D], &cK[t * D]), I[t] = R(t) / a[t];
+          c[t] = dot_e(&K[t * D], &cQ[t * D]), O[t] = R(t) / c[t];
+          for (int64_t j = 0; j < D; ++j) cKO[t * D + j] = K[t * D + j] * O[t], cQI[t * D + j] = Q[t * D + j] * I[t];
+        }
+        scan(cKO.data(), D), scan(cQI.data(), D);
+        for (int64_t t = 0; t < T; ++t) {
+          Ih[t] = dot_e(&Q[t * D], &cKO[t * D]) / R(t);
+          Oraw[t] = dot_e(&K[t * D], &cQI[t * D]) / R(t);
+          e[t] = std::exp(std::clamp(Oraw[t], -1.0f, 1.0f));
+          alloc[t] = sigmoidf(Ih[t]);
+        }
+        Z = e;
+        scan(Z.data(), 1);
+        for (int64_t t = 0; t < T; ++t) {
+          comp[t] = e[t] / Z[t] * ncomp(t);
+          for (int64_t x = 0; x < E; ++x) Vc[t * E + x] = v[(row0 + t * H) * E + x] * comp[t];
+          for (int64_t j = 0; j < D; ++j) Qs[t * D + j] = Q[t * D + j] * I[t] / R(t);
+        }
+        const LinearProductArgs args{T, D, E, D, D, E, E, causal};
+        linear_product(o.data(), nullptr, Qs.data(), K.data(), Vc.data(), args);
+        // ---- backward
+        std::fill(dQ.begin(), dQ.end(), 0.0f);
+        std::fill(dK.begin(), dK.end(), 0.0f);
+        std::vector<float> dalloc(T);
+        for (int64_t t = 0; t < T; ++t) {  // y = o alloc
+          const float* g = dy + (row0 + t * H) * E;
+          float s = 0.0f;
+          for (int64_t x = 0; x < E; ++x) dO_[t * E + x] = g[x] * alloc[t], s += g[x] * o[t * E + x];
+          dalloc[t] = s;
+        }
+        linear_product_backward(dQs.data(), dKp.data(), dVc.data(), Qs.data(), K.data(), Vc.data(), dO_.data(), E,
+                                nullptr, args);
+        for (int64_t t = 0; t < T; ++t) {  // Vc = v comp; Qs = Q I / R
+          float dcomp = 0.0f, di = 0.0f;
+          for (int64_t x = 0; x < E; ++x) {
+            dv[(row0 + t * H) * E + x] = dVc[t * E + x] * comp[t];
+            dcomp += dVc[t * E + x] * v[(row0 + t * H) * E + x];
+          }
+          for (int64_t j = 0; j < D; ++j) {
+            dQ[t * D + j] += dQs[t * D + j] * I[t] / R(t);
+            di += dQs[t * D + j] * Q[t * D + j] / R(t);
+            dK[t * D + j] += dKp[t * D + j];
+          }
+          dI[t] = di;
+          de[t] = dcomp * ncomp(t) / Z[t];  // comp = e / Z n
+          dZ[t] = -dcomp * e[t] * ncomp(t) / (Z[t] * Z[t]);
+        }
+        rscan(dZ.data(), 1);  // Z = scan e
+        for (int64_t t = 0; t < T; ++t) {
+          de[t] += dZ[t];
+          const float dOh = de[t] * e[t];
+          const float dOraw = (Oraw[t] > -1.0f && Oraw[t] < 1.0f) ? dOh : 0.0f;
+          const float dIh = dalloc[t] * alloc[t] * (1.0f - alloc[t]);
+          for (int64_t j = 0; j < D; ++j) {  // Ih, Oraw: dot products with the scanned sums
+            dQ[t * D + j] += dIh * (cKO[t * D + j] + kEps) / R(t);
+            dcKO[t * D + j] = dIh * (Q[t * D + j] + kEps) / R(t);
+            dK[t * D + j] += dOraw * (cQI[t * D + j] + kEps) / R(t);
+            dcQI[t * D + j] = dOraw * (K[t * D + j] + kEps) / R(t);
+          }
+        }
+        rscan(dcKO.data(), D), rscan(dcQI.data(), D);
+        for (int64_t t = 0; t < T; ++t) {  // cKO = scan(K O), cQI = scan(Q I)
+          float dO2 = 0.0f;
+          for (int64_t j = 0; j < D; ++j) {
+            dK[t * D + j] += dcKO[t * D + j] * O[t];
+            dO2 += dcKO[t * D + j] * K[t * D + j];
+            dQ[t * D + j] += dcQI[t * D + j] * I[t];
+            dI[t] += dcQI[t * D + j] * Q[t * D + j];
+          }
+          dOv[t] = dO2;
+        }
+        for (int64_t t = 0; t < T; ++t) {  // I = R / a, O = R / c
+          const float da = -dI[t] * R(t) / (a[t] * a[t]), dc = -dOv[t] * R(t) / (c[t] * c[t]);
+          for (int64_t j = 0; j < D; ++j) {
+            dQ[t * D + j] += da * (cK[t * D + j] + kEps);
+            dcK[t * D + j] = da * (Q[t * D + j] + kEps);
+            dK[t * D + j] += dc * (cQ[t * D + j] + kEps);
+            dcQ[t * D + j] = dc * (K[t * D + j] + kEps);
+          }
+        }
+        rscan(dcK.data(), D), rscan(dcQ.data(), D);
+        for (int64_t t = 0; t < T; ++t)  // cK = scan K, cQ = scan Q; then the sigmoids
+          for (int64_t j = 0; j < D; ++j) {
+            const float gq = dQ[t * D + j] + dcQ[t * D + j], gk = dK[t * D + j] + dcK[t * D + j];
+            const float sq = Q[t * D + j], sk = K[t * D + j];
+            dq[(row0 + t * H) * D + j] = gq * sq * (1.0f - sq);
+            dk[(row0 + t * H) * D + j] = gk * sk * (1.0f - sk);
+          }
+      }
+  }
+}
+
 namespace {
 
 AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
@@ -159,6 +307,14 @@ MixerSpec make_spec() {
     Tensor y({d.B, d.T, d.H, d.E});
     flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, c.causal);
     return TensorMap{{"y", std::move(y)}};
+  };
+  s.backward = [](const Call& c, const Tensor& dy) {
+    const AttnDims d = attn_dims(c);
+    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
+    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, c.causal);
+    flow_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d,
+                  c.causal);
+    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
   };
   s.recurrent = [](const Call& c) {
     const AttnDims d = attn_dims(c);
