@@ -38,11 +38,12 @@ def uniform60(*shape):
     return rng.uniform(-60, 60, shape).astype(np.float32)
 
 
-def run(mixer, causal, mode, params, tensors):
+def run(mixer, causal, mode, params, tensors, grad=False):
     inp, out = os.path.join(TMP, "in.safetensors"), os.path.join(TMP, "out.safetensors")
     st.save(inp, tensors)
     cmd = [LINMIX, "mix", "--mixer", mixer, "--mode", mode, "--in", inp, "--out", out]
     cmd += ["--causal"] if causal else []
+    cmd += ["--grad"] if grad else []
     for k, v in params.items():
         cmd += ["--param", f"{k}={v}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -60,6 +61,16 @@ def check(name, got, ref, tol_factor):
     passed += ok
     failed += not ok
     print(f"{'ok  ' if ok else 'FAIL'} {name:62s} err {err:.2e} tol {tol:.1e}", flush=True)
+
+
+def check_rms(name, got, ref, tol, floor):
+    global passed, failed
+    err = float(np.sqrt(np.mean((got.astype(np.float64) - ref) ** 2))) if ref.size else 0.0
+    scale = max(float(np.sqrt(np.mean(ref ** 2))) if ref.size else 0.0, floor, 1e-30)
+    ok = bool(np.all(np.isfinite(got))) and (err == 0 or err / scale <= tol)
+    passed += ok
+    failed += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {name:62s} rel-rms {err / scale:.2e} tol {tol:.0e}", flush=True)
 
 
 def cases(T, stable):
@@ -166,6 +177,29 @@ def main():
                         second.update({n: a for n, a in o1.items() if n.startswith("state.")})
                         o2 = run(mixer, causal, "recurrent", params, second)
                         check(f"{tag} recurrent split at {t1}", np.concatenate([o1["y"], o2["y"]], axis=1), ref, tol32)
+    # Gradients: `linmix mix --grad` against torch.autograd of the same float64 oracle.
+    for T in (1, 7, 64, 257):
+        for mixer, flags, params, tensors, fn in cases(T, False):
+            for causal in flags:
+                x64 = {n: torch.from_numpy(a.astype(np.float64)).requires_grad_(True) for n, a in tensors.items()}
+                y = fn(x64, causal)
+                dy = normal(*y.shape)
+                (y * torch.from_numpy(dy.astype(np.float64))).sum().backward()
+                want = {"d" + n: t.grad.numpy() if t.grad is not None else np.zeros(t.shape) for n, t in x64.items()}
+                # a gradient that vanishes in exact arithmetic (e.g. dq of a normalised mechanism at
+                # T = 1, y = v whatever q) is float32 rounding noise, a difference of terms of the
+                # size of the other gradients each rounded at ~(D + M) 2^-24 ~ 1e-6 relative:
+                # compare it at 1e-3 of the largest gradient's RMS (1e-6 of that scale overall)
+                floor = 1e-3 * max(float(np.sqrt(np.mean(g ** 2))) for g in want.values())
+                tag = f"{mixer}{'' if not params else str(params)} T={T} {'causal' if causal else 'non-causal'}"
+                modes = ("parallel", "reference") if T <= 64 else ("parallel",)
+                for mode in modes:
+                    got = run(mixer, causal, mode, params, {**tensors, "dy": dy}, grad=True)
+                    for n, g in want.items():
+                        # MIXERS.md: 1e-3 relative RMS for float32 gradients; the reference
+                        # backward is float64 rounded to float32 at the end.
+                        check_rms(f"{tag} {mode} {n}", got[n], g, 1e-3 if mode == "parallel" else 1e-5, floor)
+
     # Long scans (T = 4096): the linear-time recurrences, parallel and recurrent, vs the oracle.
     T = 4096
     s4, mb = ssm_inputs(T, Bsz=1, Cn=3)
