@@ -131,6 +131,30 @@ TEST_F(MixCli, RejectsOutOfDomainInputs) {
   expect_rejected(serialize_safetensors(f), "--mixer flash --param group=0", "param 'group': must be >=");
 }
 
+TEST_F(MixCli, GradWritesEveryInputGradient) {
+  TensorMap m = good;
+  m["dy"] = Tensor({2, 5, 2, 4}, 0.5f);
+  write_safetensors(in_path, m);
+  const Result r = run_linmix("mix --mixer linear --causal --grad --in " + in_path + " --out " + out_path, dir);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto out = read_safetensors(out_path);
+  for (const char* n : {"y", "dq", "dk", "dv"}) EXPECT_TRUE(out.tensors.count(n)) << n;
+  EXPECT_EQ(out.tensors.at("dq").shape, good.at("q").shape);
+}
+
+TEST_F(MixCli, RejectsBadGradInput) {
+  expect_rejected(serialize_safetensors(good), "--mixer linear --grad", "--grad needs the tensor 'dy'");
+  TensorMap m = good;
+  m["dy"] = Tensor({2, 5, 2, 3});
+  expect_rejected(serialize_safetensors(m), "--mixer linear --grad", "tensor 'dy': expected shape");
+  m["dy"] = Tensor({2, 5, 2, 4});
+  expect_rejected(serialize_safetensors(m), "--mixer linear", "dy is read only with --grad");
+  expect_rejected(serialize_safetensors(m), "--mixer linear --causal --mode recurrent --grad",
+                  "use --mode parallel or reference");
+  m["dy"].data[3] = std::nanf("");
+  expect_rejected(serialize_safetensors(m), "--mixer linear --grad", "tensor 'dy': element 3 is NaN");
+}
+
 TEST(Cli, FeaturesWritesProj) {
   const std::string dir = test::tmp_dir();
   const Result r = run_linmix("features --M 10 --D 4 --seed 3 --out " + dir + "/p.safetensors", dir);

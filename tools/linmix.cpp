@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 
 #include "linmix/kernels.h"
@@ -27,8 +28,18 @@ std::map<std::string, std::string> parse_params(const std::vector<std::string>& 
   return out;
 }
 
+// Peak resident memory of this process (VmHWM of /proc/self/status), in MiB; -1 if unknown.
+double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::atof(line.c_str() + 6) / 1024.0;
+  return -1;
+}
+
 int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params,
-            bool grad, const std::string& in_path, const std::string& out_path) {
+            bool grad, bool stats, const std::string& in_path, const std::string& out_path) {
+  const auto t0 = std::chrono::steady_clock::now();
   const Mode m = parse_mode(mode);
   const MixerSpec& spec = find_mixer(mixer);  // unknown names fail before any file is read
   (void)spec;
@@ -37,6 +48,10 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
   const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad);
   write_safetensors(out_path, out,
                     {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}});
+  if (stats)
+    std::fprintf(stderr, "linmix stats: wall_ms=%.3f peak_rss_mib=%.1f\n",
+                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(),
+                 peak_rss_mib());
   return 0;
 }
 
@@ -112,6 +127,8 @@ int main(int argc, char** argv) {
   mix->add_option("--param", params, "KEY=VALUE mechanism parameter (repeatable)");
   bool grad = false;
   mix->add_flag("--grad", grad, "also write d<name> = d sum(y * dy) / d<name> for every input (IN holds dy)");
+  bool stats = false;
+  mix->add_flag("--stats", stats, "print wall time and peak resident memory to stderr");
   mix->add_option("--in", in_path, "input safetensors")->required();
   mix->add_option("--out", out_path, "output safetensors (written atomically)")->required();
 
@@ -148,7 +165,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    if (*mix) return cmd_mix(mixer, causal, mode, params, grad, in_path, out_path);
+    if (*mix) return cmd_mix(mixer, causal, mode, params, grad, stats, in_path, out_path);
     if (*list) {
       std::cout << describe_mixers();
       return 0;
