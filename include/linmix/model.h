@@ -1,0 +1,80 @@
+// The linmix language model: embedding, pre-LayerNorm blocks whose token mixer is any
+// mechanism of the registry, a channel mixer (GELU MLP or RWKV channel-mix), final
+// LayerNorm, output head. Forward and backward are written by hand (llm.c style); the token
+// mixers run through their parallel forward / backward; generation runs their recurrent form.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "linmix/tensor.h"
+
+namespace linmix {
+
+struct LayerConfig {
+  std::string mixer;                          // a registry name (softmax, linear, rwkv4, aft_conv, ...)
+  std::map<std::string, std::string> params;  // passed to the mixer (window, block, ...)
+};
+
+struct ModelConfig {
+  int64_t vocab = 256;   // byte-level
+  int64_t d_model = 128;
+  int64_t n_layer = 4;
+  int64_t n_head = 4;    // multi-head mixers: D = E = d_model / n_head; aft_conv: its kernel heads
+  int64_t ctx = 256;     // longest training context (aft_full / aft_local store w for it)
+  std::string channel_mix = "mlp";  // "mlp" (GELU, ffn_mult x) or "rwkv" (RWKV-4 channel-mix)
+  int64_t ffn_mult = 4;
+  int64_t features = 32;  // performer random features M
+  int64_t kernel = 7;     // aft_conv kernel size K
+  bool ln0 = false;       // LayerNorm on the embedding (RWKV-4's blocks.0.ln0)
+  std::vector<LayerConfig> layers;  // one per layer
+
+  // JSON: {"d_model":..,"n_layer":..,"mixer":"rwkv4" | "layers":[{"mixer":..,"params":{..}}],..}
+  static ModelConfig from_json(const std::string& text);
+  std::string to_json() const;
+  void validate() const;  // throws Error naming the bad field
+};
+
+// Names of the parameters that are fixed buffers, not trained (performer's features).
+bool is_buffer_param(const std::string& name);
+
+class Model {
+ public:
+  explicit Model(ModelConfig cfg);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  TensorMap& params() { return params_; }
+  const TensorMap& params() const { return params_; }
+  void init(uint64_t seed);  // GPT-2 / RWKV style initialisation, deterministic
+  int64_t num_params() const;
+
+  // inputs, targets: (B,T) tokens (targets < 0 are not counted). Returns the mean loss over
+  // counted positions; with grads, adds d(mean loss)/d(param) * grad_scale into them.
+  double forward_backward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, TensorMap* grads,
+                          float grad_scale = 1.0f, int64_t* counted = nullptr);
+  // logits (B,T,V) of the parallel form.
+  std::vector<float> logits(const int32_t* inputs, int64_t B, int64_t T);
+
+  // Recurrent form, one sequence: the whole state of every layer.
+  struct State {
+    std::vector<TensorMap> mix;                       // per layer: the mixer's state.* tensors
+    std::vector<std::vector<float>> att_prev, ffn_prev;  // per layer: token-shift inputs (C)
+    int64_t pos = 0;
+  };
+  State new_state() const;
+  // Feeds one token; writes logits (V).
+  void step(int32_t token, State& st, float* logits);
+
+ private:
+  struct Acts;
+  ModelConfig cfg_;
+  TensorMap params_;
+  std::unique_ptr<Acts> acts_;
+};
+
+}  // namespace linmix

@@ -1,0 +1,127 @@
+#include "layers.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace linmix::nn {
+
+void matmul_forward(float* out, const float* in, const float* W, const float* bias, int64_t N, int64_t IC,
+                    int64_t OC) {
+  if (N == 0) return;
+  if (bias) {
+    for (int64_t i = 0; i < N; ++i) std::copy(bias, bias + OC, out + i * OC);
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(OC), int(IC), 1.0f, in, int(IC), W, int(IC),
+              bias ? 1.0f : 0.0f, out, int(OC));
+}
+
+void matmul_backward(float* din, float* dW, float* dbias, const float* dout, const float* in, const float* W,
+                     int64_t N, int64_t IC, int64_t OC, bool accumulate) {
+  if (N == 0) return;
+  if (din)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(IC), int(OC), 1.0f, dout, int(OC), W, int(IC),
+                accumulate ? 1.0f : 0.0f, din, int(IC));
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(OC), int(IC), int(N), 1.0f, dout, int(OC), in, int(IC),
+              1.0f, dW, int(IC));
+  if (dbias)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t o = 0; o < OC; ++o) dbias[o] += dout[i * OC + o];
+}
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
+                       int64_t N, int64_t C) {
+  for (int64_t i = 0; i < N; ++i) {
+    const float* xi = x + i * C;
+    double m = 0, v = 0;
+    for (int64_t c = 0; c < C; ++c) m += xi[c];
+    m /= double(C);
+    for (int64_t c = 0; c < C; ++c) v += (xi[c] - m) * (xi[c] - m);
+    v /= double(C);
+    const float s = float(1.0 / std::sqrt(v + 1e-5));
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = (xi[c] - float(m)) * s * w[c] + b[c];
+    mean[i] = float(m), rstd[i] = s;
+  }
+}
+
+void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
+                        const float* mean, const float* rstd, int64_t N, int64_t C) {
+  for (int64_t i = 0; i < N; ++i) {
+    const float *g = dout + i * C, *xi = x + i * C;
+    // xhat = (x - mean) rstd;  dxhat = g w;
+    // dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
+    float m1 = 0.0f, m2 = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float xh = (xi[c] - mean[i]) * rstd[i], dxh = g[c] * w[c];
+      m1 += dxh, m2 += dxh * xh;
+      dw[c] += g[c] * xh;
+      db[c] += g[c];
+    }
+    m1 /= float(C), m2 /= float(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const float xh = (xi[c] - mean[i]) * rstd[i];
+      dx[i * C + c] += rstd[i] * (g[c] * w[c] - m1 - xh * m2);
+    }
+  }
+}
+
+namespace {
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
+}
+
+void gelu_forward(float* out, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = x[i];
+    out[i] = 0.5f * u * (1.0f + std::tanh(kGeluScale * (u + 0.044715f * u * u * u)));
+  }
+}
+
+void gelu_backward(float* dx, const float* x, const float* dout, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = x[i], a = kGeluScale * (u + 0.044715f * u * u * u), th = std::tanh(a);
+    const float da = kGeluScale * (1.0f + 3.0f * 0.044715f * u * u);
+    dx[i] = dout[i] * (0.5f * (1.0f + th) + 0.5f * u * (1.0f - th * th) * da);
+  }
+}
+
+void shift_forward(float* out, const float* x, int64_t B, int64_t T, int64_t C) {
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(out + b * T * C, out + b * T * C + C, 0.0f);
+    if (T > 1) std::copy(x + b * T * C, x + (b * T + T - 1) * C, out + (b * T + 1) * C);
+  }
+}
+
+void shift_backward(float* dx, const float* dout, int64_t B, int64_t T, int64_t C) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t + 1 < T; ++t)
+      for (int64_t c = 0; c < C; ++c) dx[(b * T + t) * C + c] += dout[(b * T + t + 1) * C + c];
+}
+
+double crossentropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                                     int64_t V, float scale, int64_t* counted) {
+  double loss = 0;
+  int64_t n = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const float* l = logits + i * V;
+    float* d = dlogits ? dlogits + i * V : nullptr;
+    if (targets[i] < 0) {
+      if (d) std::fill(d, d + V, 0.0f);
+      continue;
+    }
+    const float mx = *std::max_element(l, l + V);
+    double z = 0;
+    for (int64_t v = 0; v < V; ++v) z += std::exp(double(l[v] - mx));
+    loss += std::log(z) - double(l[targets[i]] - mx);
+    ++n;
+    if (d) {
+      for (int64_t v = 0; v < V; ++v) d[v] = float(std::exp(double(l[v] - mx)) / z) * scale;
+      d[targets[i]] -= scale;
+    }
+  }
+  if (counted) *counted = n;
+  return loss;
+}
+
+}  // namespace linmix::nn

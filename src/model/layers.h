@@ -1,0 +1,37 @@
+// Dense layers of the language model, llm.c style: <layer>_forward / <layer>_backward pairs
+// on row-major buffers of N = B*T rows. Activation gradients are written (=), parameter
+// gradients accumulate (+=). GEMMs go to OpenBLAS.
+#pragma once
+#include <cstdint>
+
+namespace linmix::nn {
+
+// out (N,OC) = in (N,IC) W^T (+ bias);  W: (OC,IC), bias: (OC) or null.
+void matmul_forward(float* out, const float* in, const float* W, const float* bias, int64_t N, int64_t IC,
+                    int64_t OC);
+// din (N,IC) = dout W (written; or added when accumulate), dW += dout^T in, dbias += sum dout.
+void matmul_backward(float* din, float* dW, float* dbias, const float* dout, const float* in, const float* W,
+                     int64_t N, int64_t IC, int64_t OC, bool accumulate = false);
+
+// LayerNorm over C (eps 1e-5): out = (x - mean) rstd * w + b; mean, rstd: (N) saved.
+void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
+                       int64_t N, int64_t C);
+// dx += (accumulates, as it feeds a residual stream), dw += , db +=
+void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
+                        const float* mean, const float* rstd, int64_t N, int64_t C);
+
+// GELU, tanh approximation (as GPT-2).
+void gelu_forward(float* out, const float* x, int64_t n);
+void gelu_backward(float* dx, const float* x, const float* dout, int64_t n);  // dx written
+
+// Token shift: out[b,t] = x[b,t-1], zeros at t = 0. x, out: (B,T,C).
+void shift_forward(float* out, const float* x, int64_t B, int64_t T, int64_t C);
+// dx[b,t] += dout[b,t+1]
+void shift_backward(float* dx, const float* dout, int64_t B, int64_t T, int64_t C);
+
+// Cross-entropy of logits (N,V) against targets (N, -1 = ignored): returns the summed loss and
+// the number of counted rows; dlogits (N,V) = (softmax - onehot) * scale where counted.
+double crossentropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                                     int64_t V, float scale, int64_t* counted);
+
+}  // namespace linmix::nn

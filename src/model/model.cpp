@@ -1,0 +1,571 @@
+// The language model: forward, backward and the recurrent step. Shapes: N = B*T rows of C.
+#include "linmix/model.h"
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "layers.h"
+#include "linmix/kernels.h"
+#include "linmix/mixer.h"
+
+namespace linmix {
+
+namespace {
+
+using json = nlohmann::json;
+
+enum class Kind { Attn, Aft, Rwkv };
+
+Kind kind_of(const std::string& m) {
+  if (m == "softmax" || m == "linear" || m == "performer" || m == "flow" || m == "norm_linear" ||
+      m == "block_softmax")
+    return Kind::Attn;
+  if (m == "aft_full" || m == "aft_local" || m == "aft_simple" || m == "aft_conv") return Kind::Aft;
+  if (m == "rwkv4") return Kind::Rwkv;
+  throw Error("mixer '" + m + "' is not available as a language-model layer yet (available: softmax, linear, "
+              "performer, flow, norm_linear, block_softmax, aft_full, aft_local, aft_simple, aft_conv, rwkv4)");
+}
+
+float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+std::string P(int64_t i, const char* name) { return "blocks." + std::to_string(i) + "." + name; }
+
+}  // namespace
+
+// ---------------------------------------------------------------- config
+
+ModelConfig ModelConfig::from_json(const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(std::string("model config is not valid JSON (") + e.what() + ")");
+  }
+  LINMIX_CHECK(j.is_object(), "model config must be a JSON object");
+  ModelConfig c;
+  static const std::vector<std::string> known = {"vocab",   "d_model",  "n_layer",  "n_head", "ctx",
+                                                 "channel_mix", "ffn_mult", "features", "kernel", "ln0",
+                                                 "mixer",   "params",   "layers"};
+  for (auto it = j.begin(); it != j.end(); ++it)
+    LINMIX_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
+                 "model config: unknown field '" + it.key() + "'");
+  auto geti = [&](const char* k, int64_t& dst) {
+    if (!j.contains(k)) return;
+    LINMIX_CHECK(j[k].is_number_integer(), std::string("model config: '") + k + "' must be an integer");
+    dst = j[k].get<int64_t>();
+  };
+  geti("vocab", c.vocab), geti("d_model", c.d_model), geti("n_layer", c.n_layer), geti("n_head", c.n_head);
+  geti("ctx", c.ctx), geti("ffn_mult", c.ffn_mult), geti("features", c.features), geti("kernel", c.kernel);
+  if (j.contains("channel_mix")) {
+    LINMIX_CHECK(j["channel_mix"].is_string(), "model config: 'channel_mix' must be a string");
+    c.channel_mix = j["channel_mix"].get<std::string>();
+  }
+  if (j.contains("ln0")) {
+    LINMIX_CHECK(j["ln0"].is_boolean(), "model config: 'ln0' must be true or false");
+    c.ln0 = j["ln0"].get<bool>();
+  }
+  auto params_of = [](const json& p) {
+    std::map<std::string, std::string> out;
+    LINMIX_CHECK(p.is_object(), "model config: 'params' must be an object");
+    for (auto it = p.begin(); it != p.end(); ++it)
+      out[it.key()] = it.value().is_string() ? it.value().get<std::string>() : it.value().dump();
+    return out;
+  };
+  if (j.contains("layers")) {
+    LINMIX_CHECK(j["layers"].is_array(), "model config: 'layers' must be an array");
+    for (const json& l : j["layers"]) {
+      LINMIX_CHECK(l.is_object() && l.contains("mixer") && l["mixer"].is_string(),
+                   "model config: every layer needs a \"mixer\" name");
+      c.layers.push_back({l["mixer"].get<std::string>(), l.contains("params") ? params_of(l["params"])
+                                                                               : std::map<std::string, std::string>{}});
+    }
+    if (!j.contains("n_layer")) c.n_layer = static_cast<int64_t>(c.layers.size());
+  } else {
+    const std::string m = j.contains("mixer") ? j["mixer"].get<std::string>() : "rwkv4";
+    const auto p = j.contains("params") ? params_of(j["params"]) : std::map<std::string, std::string>{};
+    for (int64_t i = 0; i < c.n_layer; ++i) c.layers.push_back({m, p});
+  }
+  c.validate();
+  return c;
+}
+
+std::string ModelConfig::to_json() const {
+  json j = {{"vocab", vocab},       {"d_model", d_model},   {"n_layer", n_layer}, {"n_head", n_head},
+            {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"features", features},
+            {"kernel", kernel},     {"ln0", ln0}};
+  j["layers"] = json::array();
+  for (const auto& l : layers) j["layers"].push_back({{"mixer", l.mixer}, {"params", l.params}});
+  return j.dump();
+}
+
+void ModelConfig::validate() const {
+  LINMIX_CHECK(vocab >= 2 && vocab <= (1 << 20), "model config: vocab must be in [2, 2^20]");
+  LINMIX_CHECK(d_model >= 1 && d_model <= 16384, "model config: d_model must be in [1, 16384]");
+  LINMIX_CHECK(n_layer >= 1 && n_layer <= 256, "model config: n_layer must be in [1, 256]");
+  LINMIX_CHECK(n_head >= 1 && d_model % n_head == 0, "model config: n_head must divide d_model");
+  LINMIX_CHECK(ctx >= 1 && ctx <= (1 << 20), "model config: ctx must be in [1, 2^20]");
+  LINMIX_CHECK(ffn_mult >= 1 && ffn_mult <= 64, "model config: ffn_mult must be in [1, 64]");
+  LINMIX_CHECK(features >= 1 && kernel >= 1, "model config: features and kernel must be >= 1");
+  LINMIX_CHECK(channel_mix == "mlp" || channel_mix == "rwkv",
+               "model config: channel_mix must be \"mlp\" or \"rwkv\", found \"" + channel_mix + "\"");
+  LINMIX_CHECK(static_cast<int64_t>(layers.size()) == n_layer,
+               "model config: " + std::to_string(layers.size()) + " layers given for n_layer = " + std::to_string(n_layer));
+  for (const auto& l : layers) {
+    find_mixer(l.mixer);  // unknown names fail here
+    kind_of(l.mixer);
+    LINMIX_CHECK(find_mixer(l.mixer).causal_ok, "mixer '" + l.mixer + "' has no causal form for a language model");
+  }
+}
+
+bool is_buffer_param(const std::string& name) { return name.size() > 9 && name.rfind("att.proj") == name.size() - 8; }
+
+// ---------------------------------------------------------------- parameters
+
+Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
+  cfg_.validate();
+  const int64_t C = cfg_.d_model, V = cfg_.vocab, F = cfg_.ffn_mult * C;
+  auto add = [&](const std::string& n, std::vector<int64_t> s) { params_[n] = Tensor(std::move(s)); };
+  add("emb.weight", {V, C});
+  if (cfg_.ln0) add("blocks.0.ln0.weight", {C}), add("blocks.0.ln0.bias", {C});
+  for (int64_t i = 0; i < cfg_.n_layer; ++i) {
+    const std::string& m = cfg_.layers[i].mixer;
+    for (const char* n : {"ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"}) add(P(i, n), {C});
+    if (kind_of(m) == Kind::Rwkv) {
+      for (const char* n : {"att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_decay", "att.time_first"})
+        add(P(i, n), {C});
+      for (const char* n : {"att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight"})
+        add(P(i, n), {C, C});
+    } else {
+      for (const char* n : {"att.q.weight", "att.k.weight", "att.v.weight", "att.o.weight"}) add(P(i, n), {C, C});
+      if (m == "performer") add(P(i, "att.proj"), {cfg_.features, C / cfg_.n_head});
+      if (m == "aft_full" || m == "aft_local") add(P(i, "att.w"), {cfg_.ctx, cfg_.ctx});
+      if (m == "aft_conv") add(P(i, "att.u"), {cfg_.n_head, cfg_.kernel});
+    }
+    if (cfg_.channel_mix == "rwkv") {
+      add(P(i, "ffn.time_mix_k"), {C}), add(P(i, "ffn.time_mix_r"), {C});
+      add(P(i, "ffn.key.weight"), {F, C}), add(P(i, "ffn.value.weight"), {C, F});
+      add(P(i, "ffn.receptance.weight"), {C, C});
+    } else {
+      add(P(i, "mlp.fc.weight"), {F, C}), add(P(i, "mlp.fc.bias"), {F});
+      add(P(i, "mlp.proj.weight"), {C, F}), add(P(i, "mlp.proj.bias"), {C});
+    }
+  }
+  add("ln_out.weight", {C}), add("ln_out.bias", {C});
+  add("head.weight", {V, C});
+}
+
+int64_t Model::num_params() const {
+  int64_t n = 0;
+  for (const auto& [name, t] : params_)
+    if (!is_buffer_param(name)) n += t.numel();
+  return n;
+}
+
+void Model::init(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t C = cfg_.d_model, L = cfg_.n_layer;
+  const float std_out = 0.02f / std::sqrt(2.0f * float(L));
+  for (auto& [name, t] : params_) {  // std::map: a fixed order, so the draw is deterministic
+    auto ends = [&](const std::string& s) { return name.size() >= s.size() && name.rfind(s) == name.size() - s.size(); };
+    const int64_t layer = name.rfind("blocks.", 0) == 0 ? std::atoll(name.c_str() + 7) : 0;
+    const float depth = L > 1 ? float(layer) / float(L - 1) : 0.0f;
+    if (ends("ln0.weight") || ends("ln1.weight") || ends("ln2.weight") || ends("ln_out.weight")) {
+      std::fill(t.data.begin(), t.data.end(), 1.0f);
+    } else if (ends(".bias") || ends("att.w") || ends("att.u")) {
+      std::fill(t.data.begin(), t.data.end(), 0.0f);
+    } else if (ends("time_mix_k") || ends("time_mix_v") || ends("time_mix_r")) {
+      for (int64_t c = 0; c < C; ++c)  // RWKV-4's ratio init: later channels keep more of x
+        t.data[c] = std::pow(float(c) / float(C), 1.0f - depth * 0.5f) * (ends("time_mix_v") ? 1.0f : 0.8f) + 0.1f;
+    } else if (ends("time_decay")) {
+      for (int64_t c = 0; c < C; ++c)
+        t.data[c] = -5.0f + 8.0f * std::pow(float(c) / float(std::max<int64_t>(C - 1, 1)), 0.7f + 1.3f * depth);
+    } else if (ends("time_first")) {
+      std::fill(t.data.begin(), t.data.end(), std::log(0.3f));
+    } else if (ends("att.proj")) {
+      t.data = orthogonal_gaussian_features(t.dim(0), t.dim(1), seed * 1000003 + static_cast<uint64_t>(layer));
+    } else {
+      const bool out = ends("att.o.weight") || ends("att.output.weight") || ends("mlp.proj.weight") ||
+                       ends("ffn.value.weight");
+      const float s = out ? std_out : 0.02f;
+      for (float& x : t.data) x = s * normal(rng);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- forward / backward
+
+// Activations of one forward pass, kept for the backward. Per layer, all (N, C) unless noted.
+struct Model::Acts {
+  struct Layer {
+    std::vector<float> x_in, a, mean1, rstd1, q, k, v, y, att_out, x_mid, b, mean2, rstd2;
+    std::vector<float> xx, xk, xv, xr, r, wkv, rw;           // rwkv time-mix
+    std::vector<float> h_pre, h, xx2, xk2, xr2, kpre, kk, vv, r2;  // channel mix (h_pre, h, kpre, kk: (N,F))
+  };
+  std::vector<Layer> layers;
+  std::vector<float> x0, e0, mean0, rstd0, xf, lnf, meanf, rstdf, logits;
+};
+
+Model::~Model() = default;
+
+namespace {
+
+// Builds the mixer inputs of layer i from its projections. q, k, v: (N, C).
+TensorMap mixer_inputs(const ModelConfig& cfg, const TensorMap& params, int64_t i, int64_t B, int64_t T,
+                       const float* q, const float* k, const float* v) {
+  const int64_t C = cfg.d_model, H = cfg.n_head, D = C / H;
+  const std::string& m = cfg.layers[i].mixer;
+  TensorMap in;
+  const Kind kind = kind_of(m);
+  const std::vector<int64_t> shape = kind == Kind::Attn ? std::vector<int64_t>{B, T, H, D}
+                                                        : std::vector<int64_t>{B, T, C};
+  auto put = [&](const char* n, const float* src) {
+    if (!src) return;
+    Tensor t(shape);
+    std::copy(src, src + t.numel(), t.data.begin());
+    in[n] = std::move(t);
+  };
+  put("q", q), put("k", k), put("v", v);
+  if (m == "performer") in["proj"] = params.at(P(i, "att.proj"));
+  if (m == "aft_full" || m == "aft_local") in["w"] = params.at(P(i, "att.w"));
+  if (m == "aft_conv") in["u"] = params.at(P(i, "att.u"));
+  if (kind == Kind::Rwkv) {
+    Tensor w({C});
+    const Tensor& td = params.at(P(i, "att.time_decay"));
+    for (int64_t c = 0; c < C; ++c) w.data[c] = std::exp(td.data[c]);
+    in["w"] = std::move(w);
+    in["u"] = params.at(P(i, "att.time_first"));
+  }
+  return in;
+}
+
+void mix_shift(float* out, const float* x, const float* xx, const float* mix, int64_t N, int64_t C) {
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = x[i * C + c] * mix[c] + xx[i * C + c] * (1.0f - mix[c]);
+}
+
+}  // namespace
+
+double Model::forward_backward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,
+                               TensorMap* grads, float grad_scale, int64_t* counted_out) {
+  const ModelConfig& c = cfg_;
+  const int64_t C = c.d_model, V = c.vocab, F = c.ffn_mult * C, N = B * T;
+  LINMIX_CHECK(T >= 1 && B >= 1, "forward: empty batch");
+  for (int64_t i = 0; i < N; ++i)
+    LINMIX_CHECK(inputs[i] >= 0 && inputs[i] < V, "token " + std::to_string(inputs[i]) + " is outside the vocabulary");
+  if (!acts_) acts_ = std::make_unique<Acts>();
+  Acts& A = *acts_;
+  A.layers.resize(c.n_layer);
+  auto W = [&](const std::string& n) { return params_.at(n).ptr(); };
+  auto sized = [](std::vector<float>& v, int64_t n) -> float* {
+    v.assign(static_cast<size_t>(n), 0.0f);
+    return v.data();
+  };
+
+  // embedding (+ ln0)
+  float* x = sized(A.x0, N * C);
+  for (int64_t i = 0; i < N; ++i) std::copy(W("emb.weight") + inputs[i] * C, W("emb.weight") + (inputs[i] + 1) * C, x + i * C);
+  if (c.ln0) {
+    sized(A.e0, N * C), sized(A.mean0, N), sized(A.rstd0, N);
+    nn::layernorm_forward(A.e0.data(), A.mean0.data(), A.rstd0.data(), A.x0.data(), W("blocks.0.ln0.weight"),
+                          W("blocks.0.ln0.bias"), N, C);
+  }
+  std::vector<float> cur(c.ln0 ? A.e0 : A.x0);
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    auto& L = A.layers[l];
+    const std::string& m = c.layers[l].mixer;
+    L.x_in = cur;
+    sized(L.a, N * C), sized(L.mean1, N), sized(L.rstd1, N);
+    nn::layernorm_forward(L.a.data(), L.mean1.data(), L.rstd1.data(), L.x_in.data(), W(P(l, "ln1.weight")),
+                          W(P(l, "ln1.bias")), N, C);
+    sized(L.att_out, N * C);
+    if (kind_of(m) == Kind::Rwkv) {
+      sized(L.xx, N * C), sized(L.xk, N * C), sized(L.xv, N * C), sized(L.xr, N * C);
+      nn::shift_forward(L.xx.data(), L.a.data(), B, T, C);
+      mix_shift(L.xk.data(), L.a.data(), L.xx.data(), W(P(l, "att.time_mix_k")), N, C);
+      mix_shift(L.xv.data(), L.a.data(), L.xx.data(), W(P(l, "att.time_mix_v")), N, C);
+      mix_shift(L.xr.data(), L.a.data(), L.xx.data(), W(P(l, "att.time_mix_r")), N, C);
+      sized(L.k, N * C), sized(L.v, N * C), sized(L.r, N * C);
+      nn::matmul_forward(L.k.data(), L.xk.data(), W(P(l, "att.key.weight")), nullptr, N, C, C);
+      nn::matmul_forward(L.v.data(), L.xv.data(), W(P(l, "att.value.weight")), nullptr, N, C, C);
+      nn::matmul_forward(L.r.data(), L.xr.data(), W(P(l, "att.receptance.weight")), nullptr, N, C, C);
+      for (float& r : L.r) r = sigmoid(r);
+      L.wkv = run_mixer(m, Mode::Parallel, true, c.layers[l].params,
+                        mixer_inputs(c, params_, l, B, T, nullptr, L.k.data(), L.v.data()))
+                  .at("y")
+                  .data;
+      sized(L.rw, N * C);
+      for (int64_t i = 0; i < N * C; ++i) L.rw[i] = L.r[i] * L.wkv[i];
+      nn::matmul_forward(L.att_out.data(), L.rw.data(), W(P(l, "att.output.weight")), nullptr, N, C, C);
+    } else {
+      sized(L.q, N * C), sized(L.k, N * C), sized(L.v, N * C);
+      nn::matmul_forward(L.q.data(), L.a.data(), W(P(l, "att.q.weight")), nullptr, N, C, C);
+      nn::matmul_forward(L.k.data(), L.a.data(), W(P(l, "att.k.weight")), nullptr, N, C, C);
+      nn::matmul_forward(L.v.data(), L.a.data(), W(P(l, "att.v.weight")), nullptr, N, C, C);
+      L.y = run_mixer(m, Mode::Parallel, true, c.layers[l].params,
+                      mixer_inputs(c, params_, l, B, T, L.q.data(), L.k.data(), L.v.data()))
+                .at("y")
+                .data;
+      nn::matmul_forward(L.att_out.data(), L.y.data(), W(P(l, "att.o.weight")), nullptr, N, C, C);
+    }
+    sized(L.x_mid, N * C);
+    for (int64_t i = 0; i < N * C; ++i) L.x_mid[i] = L.x_in[i] + L.att_out[i];
+    sized(L.b, N * C), sized(L.mean2, N), sized(L.rstd2, N);
+    nn::layernorm_forward(L.b.data(), L.mean2.data(), L.rstd2.data(), L.x_mid.data(), W(P(l, "ln2.weight")),
+                          W(P(l, "ln2.bias")), N, C);
+    std::vector<float> out2(N * C);
+    if (c.channel_mix == "rwkv") {
+      sized(L.xx2, N * C), sized(L.xk2, N * C), sized(L.xr2, N * C);
+      nn::shift_forward(L.xx2.data(), L.b.data(), B, T, C);
+      mix_shift(L.xk2.data(), L.b.data(), L.xx2.data(), W(P(l, "ffn.time_mix_k")), N, C);
+      mix_shift(L.xr2.data(), L.b.data(), L.xx2.data(), W(P(l, "ffn.time_mix_r")), N, C);
+      sized(L.kpre, N * F), sized(L.kk, N * F), sized(L.vv, N * C), sized(L.r2, N * C);
+      nn::matmul_forward(L.kpre.data(), L.xk2.data(), W(P(l, "ffn.key.weight")), nullptr, N, C, F);
+      for (int64_t i = 0; i < N * F; ++i) L.kk[i] = L.kpre[i] > 0 ? L.kpre[i] * L.kpre[i] : 0.0f;
+      nn::matmul_forward(L.vv.data(), L.kk.data(), W(P(l, "ffn.value.weight")), nullptr, N, F, C);
+      nn::matmul_forward(L.r2.data(), L.xr2.data(), W(P(l, "ffn.receptance.weight")), nullptr, N, C, C);
+      for (int64_t i = 0; i < N * C; ++i) L.r2[i] = sigmoid(L.r2[i]), out2[i] = L.r2[i] * L.vv[i];
+    } else {
+      sized(L.h_pre, N * F), sized(L.h, N * F);
+      nn::matmul_forward(L.h_pre.data(), L.b.data(), W(P(l, "mlp.fc.weight")), W(P(l, "mlp.fc.bias")), N, C, F);
+      nn::gelu_forward(L.h.data(), L.h_pre.data(), N * F);
+      nn::matmul_forward(out2.data(), L.h.data(), W(P(l, "mlp.proj.weight")), W(P(l, "mlp.proj.bias")), N, F, C);
+    }
+    for (int64_t i = 0; i < N * C; ++i) cur[i] = L.x_mid[i] + out2[i];
+  }
+  A.xf = cur;
+  sized(A.lnf, N * C), sized(A.meanf, N), sized(A.rstdf, N), sized(A.logits, N * V);
+  nn::layernorm_forward(A.lnf.data(), A.meanf.data(), A.rstdf.data(), A.xf.data(), W("ln_out.weight"),
+                        W("ln_out.bias"), N, C);
+  nn::matmul_forward(A.logits.data(), A.lnf.data(), W("head.weight"), nullptr, N, C, V);
+  if (!targets) return 0.0;
+
+  // loss; dlogits scaled so that the gradient is of the mean over counted positions
+  int64_t counted = 0;
+  nn::crossentropy_forward_backward(nullptr, A.logits.data(), targets, N, V, 0.0f, &counted);
+  if (counted_out) *counted_out = counted;
+  std::vector<float> dlogits(grads ? N * V : 0);
+  const double loss_sum = nn::crossentropy_forward_backward(
+      grads ? dlogits.data() : nullptr, A.logits.data(), targets, N, V,
+      counted ? grad_scale / float(counted) : 0.0f, nullptr);
+  const double loss = counted ? loss_sum / double(counted) : 0.0;
+  if (!grads) return loss;
+
+  // ---------------- backward
+  auto G = [&](const std::string& n) {
+    auto it = grads->find(n);
+    if (it == grads->end()) it = grads->emplace(n, Tensor(params_.at(n).shape)).first;
+    return it->second.ptr();
+  };
+  std::vector<float> dlnf(N * C), dx(N * C, 0.0f);
+  nn::matmul_backward(dlnf.data(), G("head.weight"), nullptr, dlogits.data(), A.lnf.data(), W("head.weight"), N, C, V);
+  nn::layernorm_backward(dx.data(), G("ln_out.weight"), G("ln_out.bias"), dlnf.data(), A.xf.data(), W("ln_out.weight"),
+                         A.meanf.data(), A.rstdf.data(), N, C);
+  for (int64_t l = c.n_layer - 1; l >= 0; --l) {
+    auto& L = A.layers[l];
+    const std::string& m = c.layers[l].mixer;
+    // x_out = x_mid + channel_mix(ln2(x_mid)); dx holds d x_out
+    std::vector<float> dout2(dx), db(N * C);
+    if (c.channel_mix == "rwkv") {
+      std::vector<float> dvv(N * C), dr2(N * C), dkk(N * F), dxk2(N * C), dxr2(N * C), dxx2(N * C, 0.0f);
+      for (int64_t i = 0; i < N * C; ++i) {
+        dvv[i] = dout2[i] * L.r2[i];
+        dr2[i] = dout2[i] * L.vv[i] * L.r2[i] * (1.0f - L.r2[i]);
+      }
+      nn::matmul_backward(dxr2.data(), G(P(l, "ffn.receptance.weight")), nullptr, dr2.data(), L.xr2.data(),
+                          W(P(l, "ffn.receptance.weight")), N, C, C);
+      nn::matmul_backward(dkk.data(), G(P(l, "ffn.value.weight")), nullptr, dvv.data(), L.kk.data(),
+                          W(P(l, "ffn.value.weight")), N, F, C);
+      for (int64_t i = 0; i < N * F; ++i) dkk[i] = L.kpre[i] > 0 ? dkk[i] * 2.0f * L.kpre[i] : 0.0f;
+      nn::matmul_backward(dxk2.data(), G(P(l, "ffn.key.weight")), nullptr, dkk.data(), L.xk2.data(),
+                          W(P(l, "ffn.key.weight")), N, C, F);
+      const float *mk = W(P(l, "ffn.time_mix_k")), *mr = W(P(l, "ffn.time_mix_r"));
+      float *gmk = G(P(l, "ffn.time_mix_k")), *gmr = G(P(l, "ffn.time_mix_r"));
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const int64_t j = i * C + ch;
+          db[j] = dxk2[j] * mk[ch] + dxr2[j] * mr[ch];
+          dxx2[j] = dxk2[j] * (1.0f - mk[ch]) + dxr2[j] * (1.0f - mr[ch]);
+          gmk[ch] += dxk2[j] * (L.b[j] - L.xx2[j]);
+          gmr[ch] += dxr2[j] * (L.b[j] - L.xx2[j]);
+        }
+      nn::shift_backward(db.data(), dxx2.data(), B, T, C);
+    } else {
+      std::vector<float> dh(N * F);
+      nn::matmul_backward(dh.data(), G(P(l, "mlp.proj.weight")), G(P(l, "mlp.proj.bias")), dout2.data(), L.h.data(),
+                          W(P(l, "mlp.proj.weight")), N, F, C);
+      nn::gelu_backward(dh.data(), L.h_pre.data(), dh.data(), N * F);
+      nn::matmul_backward(db.data(), G(P(l, "mlp.fc.weight")), G(P(l, "mlp.fc.bias")), dh.data(), L.b.data(),
+                          W(P(l, "mlp.fc.weight")), N, C, F);
+    }
+    // dx (d x_mid) = dx + ln2 backward(db)
+    nn::layernorm_backward(dx.data(), G(P(l, "ln2.weight")), G(P(l, "ln2.bias")), db.data(), L.x_mid.data(),
+                           W(P(l, "ln2.weight")), L.mean2.data(), L.rstd2.data(), N, C);
+    // x_mid = x_in + att(ln1(x_in))
+    std::vector<float> da(N * C, 0.0f);
+    if (kind_of(m) == Kind::Rwkv) {
+      std::vector<float> drw(N * C), dwkv(N * C), dr(N * C), dxk(N * C), dxv(N * C), dxr(N * C), dxx(N * C, 0.0f);
+      nn::matmul_backward(drw.data(), G(P(l, "att.output.weight")), nullptr, dx.data(), L.rw.data(),
+                          W(P(l, "att.output.weight")), N, C, C);
+      for (int64_t i = 0; i < N * C; ++i) {
+        dwkv[i] = drw[i] * L.r[i];
+        dr[i] = drw[i] * L.wkv[i] * L.r[i] * (1.0f - L.r[i]);
+      }
+      TensorMap in = mixer_inputs(c, params_, l, B, T, nullptr, L.k.data(), L.v.data());
+      in["dy"] = Tensor({B, T, C});
+      in["dy"].data = dwkv;
+      const TensorMap g = run_mixer(m, Mode::Parallel, true, c.layers[l].params, in, true);
+      float *gtd = G(P(l, "att.time_decay")), *gtf = G(P(l, "att.time_first"));
+      for (int64_t ch = 0; ch < C; ++ch) {
+        gtd[ch] += g.at("dw").data[ch] * in.at("w").data[ch];  // w = exp(time_decay)
+        gtf[ch] += g.at("du").data[ch];
+      }
+      nn::matmul_backward(dxk.data(), G(P(l, "att.key.weight")), nullptr, g.at("dk").ptr(), L.xk.data(),
+                          W(P(l, "att.key.weight")), N, C, C);
+      nn::matmul_backward(dxv.data(), G(P(l, "att.value.weight")), nullptr, g.at("dv").ptr(), L.xv.data(),
+                          W(P(l, "att.value.weight")), N, C, C);
+      nn::matmul_backward(dxr.data(), G(P(l, "att.receptance.weight")), nullptr, dr.data(), L.xr.data(),
+                          W(P(l, "att.receptance.weight")), N, C, C);
+      const float *mk = W(P(l, "att.time_mix_k")), *mv = W(P(l, "att.time_mix_v")), *mr = W(P(l, "att.time_mix_r"));
+      float *gmk = G(P(l, "att.time_mix_k")), *gmv = G(P(l, "att.time_mix_v")), *gmr = G(P(l, "att.time_mix_r"));
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const int64_t j = i * C + ch;
+          da[j] = dxk[j] * mk[ch] + dxv[j] * mv[ch] + dxr[j] * mr[ch];
+          dxx[j] = dxk[j] * (1.0f - mk[ch]) + dxv[j] * (1.0f - mv[ch]) + dxr[j] * (1.0f - mr[ch]);
+          const float diff = L.a[j] - L.xx[j];
+          gmk[ch] += dxk[j] * diff, gmv[ch] += dxv[j] * diff, gmr[ch] += dxr[j] * diff;
+        }
+      nn::shift_backward(da.data(), dxx.data(), B, T, C);
+    } else {
+      std::vector<float> dy(N * C);
+      nn::matmul_backward(dy.data(), G(P(l, "att.o.weight")), nullptr, dx.data(), L.y.data(), W(P(l, "att.o.weight")),
+                          N, C, C);
+      TensorMap in = mixer_inputs(c, params_, l, B, T, L.q.data(), L.k.data(), L.v.data());
+      Tensor dyt(in.at("q").shape);
+      if (m.rfind("aft", 0) != 0) dyt.shape.back() = C / c.n_head;  // (B,T,H,E) with E = D
+      dyt.data = dy;
+      in["dy"] = std::move(dyt);
+      const TensorMap g = run_mixer(m, Mode::Parallel, true, c.layers[l].params, in, true);
+      nn::matmul_backward(da.data(), G(P(l, "att.q.weight")), nullptr, g.at("dq").ptr(), L.a.data(),
+                          W(P(l, "att.q.weight")), N, C, C, true);
+      nn::matmul_backward(da.data(), G(P(l, "att.k.weight")), nullptr, g.at("dk").ptr(), L.a.data(),
+                          W(P(l, "att.k.weight")), N, C, C, true);
+      nn::matmul_backward(da.data(), G(P(l, "att.v.weight")), nullptr, g.at("dv").ptr(), L.a.data(),
+                          W(P(l, "att.v.weight")), N, C, C, true);
+      if (g.count("dw")) {
+        float* gw = G(P(l, "att.w"));
+        for (int64_t i = 0; i < g.at("dw").numel(); ++i) gw[i] += g.at("dw").data[i];
+      }
+      if (g.count("du")) {
+        float* gu = G(P(l, "att.u"));
+        for (int64_t i = 0; i < g.at("du").numel(); ++i) gu[i] += g.at("du").data[i];
+      }
+    }
+    // dx (d x_in) = dx + ln1 backward(da)
+    nn::layernorm_backward(dx.data(), G(P(l, "ln1.weight")), G(P(l, "ln1.bias")), da.data(), L.x_in.data(),
+                           W(P(l, "ln1.weight")), L.mean1.data(), L.rstd1.data(), N, C);
+  }
+  std::vector<float> demb(N * C, 0.0f);
+  if (c.ln0) {
+    nn::layernorm_backward(demb.data(), G("blocks.0.ln0.weight"), G("blocks.0.ln0.bias"), dx.data(), A.x0.data(),
+                           W("blocks.0.ln0.weight"), A.mean0.data(), A.rstd0.data(), N, C);
+  } else {
+    demb = dx;
+  }
+  float* ge = G("emb.weight");
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t ch = 0; ch < C; ++ch) ge[inputs[i] * C + ch] += demb[i * C + ch];
+  return loss;
+}
+
+std::vector<float> Model::logits(const int32_t* inputs, int64_t B, int64_t T) {
+  forward_backward(inputs, nullptr, B, T, nullptr);
+  return acts_->logits;
+}
+
+// ---------------------------------------------------------------- recurrent step
+
+Model::State Model::new_state() const {
+  State s;
+  s.mix.resize(cfg_.n_layer);
+  s.att_prev.assign(cfg_.n_layer, std::vector<float>(cfg_.d_model, 0.0f));
+  s.ffn_prev.assign(cfg_.n_layer, std::vector<float>(cfg_.d_model, 0.0f));
+  return s;
+}
+
+void Model::step(int32_t token, State& st, float* logits_out) {
+  const ModelConfig& c = cfg_;
+  const int64_t C = c.d_model, V = c.vocab, F = c.ffn_mult * C;
+  LINMIX_CHECK(token >= 0 && token < V, "token " + std::to_string(token) + " is outside the vocabulary");
+  auto W = [&](const std::string& n) { return params_.at(n).ptr(); };
+  float mean, rstd;
+  std::vector<float> x(W("emb.weight") + token * C, W("emb.weight") + (token + 1) * C), a(C), o(C), q(C), k(C), v(C),
+      r(C), tmp(C), h(F), h2(F);
+  if (c.ln0) nn::layernorm_forward(x.data(), &mean, &rstd, x.data(), W("blocks.0.ln0.weight"), W("blocks.0.ln0.bias"), 1, C);
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    const std::string& m = c.layers[l].mixer;
+    nn::layernorm_forward(a.data(), &mean, &rstd, x.data(), W(P(l, "ln1.weight")), W(P(l, "ln1.bias")), 1, C);
+    TensorMap in;
+    if (kind_of(m) == Kind::Rwkv) {
+      const float *mk = W(P(l, "att.time_mix_k")), *mv = W(P(l, "att.time_mix_v")), *mr = W(P(l, "att.time_mix_r"));
+      std::vector<float> xk(C), xv(C), xr(C);
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const float p = st.att_prev[l][ch];
+        xk[ch] = a[ch] * mk[ch] + p * (1 - mk[ch]);
+        xv[ch] = a[ch] * mv[ch] + p * (1 - mv[ch]);
+        xr[ch] = a[ch] * mr[ch] + p * (1 - mr[ch]);
+      }
+      st.att_prev[l] = a;
+      nn::matmul_forward(k.data(), xk.data(), W(P(l, "att.key.weight")), nullptr, 1, C, C);
+      nn::matmul_forward(v.data(), xv.data(), W(P(l, "att.value.weight")), nullptr, 1, C, C);
+      nn::matmul_forward(r.data(), xr.data(), W(P(l, "att.receptance.weight")), nullptr, 1, C, C);
+      in = mixer_inputs(c, params_, l, 1, 1, nullptr, k.data(), v.data());
+    } else {
+      nn::matmul_forward(q.data(), a.data(), W(P(l, "att.q.weight")), nullptr, 1, C, C);
+      nn::matmul_forward(k.data(), a.data(), W(P(l, "att.k.weight")), nullptr, 1, C, C);
+      nn::matmul_forward(v.data(), a.data(), W(P(l, "att.v.weight")), nullptr, 1, C, C);
+      in = mixer_inputs(c, params_, l, 1, 1, q.data(), k.data(), v.data());
+    }
+    for (const auto& [n, t] : st.mix[l]) in[n] = t;
+    TensorMap out = run_mixer(m, Mode::Recurrent, true, c.layers[l].params, in);
+    st.mix[l].clear();
+    for (auto& [n, t] : out)
+      if (n.rfind("state.", 0) == 0) st.mix[l][n] = std::move(t);
+    const std::vector<float>& y = out.at("y").data;
+    if (kind_of(m) == Kind::Rwkv) {
+      for (int64_t ch = 0; ch < C; ++ch) tmp[ch] = sigmoid(r[ch]) * y[ch];
+      nn::matmul_forward(o.data(), tmp.data(), W(P(l, "att.output.weight")), nullptr, 1, C, C);
+    } else {
+      nn::matmul_forward(o.data(), y.data(), W(P(l, "att.o.weight")), nullptr, 1, C, C);
+    }
+    for (int64_t ch = 0; ch < C; ++ch) x[ch] += o[ch];
+    nn::layernorm_forward(a.data(), &mean, &rstd, x.data(), W(P(l, "ln2.weight")), W(P(l, "ln2.bias")), 1, C);
+    if (c.channel_mix == "rwkv") {
+      const float *mk = W(P(l, "ffn.time_mix_k")), *mr = W(P(l, "ffn.time_mix_r"));
+      std::vector<float> xk(C), xr(C);
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const float p = st.ffn_prev[l][ch];
+        xk[ch] = a[ch] * mk[ch] + p * (1 - mk[ch]);
+        xr[ch] = a[ch] * mr[ch] + p * (1 - mr[ch]);
+      }
+      st.ffn_prev[l] = a;
+      nn::matmul_forward(h.data(), xk.data(), W(P(l, "ffn.key.weight")), nullptr, 1, C, F);
+      for (float& e : h) e = e > 0 ? e * e : 0.0f;
+      nn::matmul_forward(o.data(), h.data(), W(P(l, "ffn.value.weight")), nullptr, 1, F, C);
+      nn::matmul_forward(r.data(), xr.data(), W(P(l, "ffn.receptance.weight")), nullptr, 1, C, C);
+      for (int64_t ch = 0; ch < C; ++ch) x[ch] += sigmoid(r[ch]) * o[ch];
+    } else {
+      nn::matmul_forward(h.data(), a.data(), W(P(l, "mlp.fc.weight")), W(P(l, "mlp.fc.bias")), 1, C, F);
+      nn::gelu_forward(h2.data(), h.data(), F);
+      nn::matmul_forward(o.data(), h2.data(), W(P(l, "mlp.proj.weight")), W(P(l, "mlp.proj.bias")), 1, F, C);
+      for (int64_t ch = 0; ch < C; ++ch) x[ch] += o[ch];
+    }
+  }
+  nn::layernorm_forward(a.data(), &mean, &rstd, x.data(), W("ln_out.weight"), W("ln_out.bias"), 1, C);
+  nn::matmul_forward(logits_out, a.data(), W("head.weight"), nullptr, 1, C, V);
+  st.pos += 1;
+}
+
+}  // namespace linmix

@@ -1,0 +1,127 @@
+// The language model with each token mixer: its hand-written backward against central
+// finite differences of its own loss, and its recurrent form against its parallel form.
+#include <random>
+
+#include "linmix/model.h"
+#include "test_util.h"
+
+using namespace linmix;
+
+namespace {
+
+struct ModelCase {
+  std::string mixer, channel_mix, params;
+};
+
+void PrintTo(const ModelCase& c, std::ostream* os) { *os << c.mixer << "/" << c.channel_mix; }
+
+std::vector<ModelCase> model_cases() {
+  std::vector<ModelCase> out;
+  for (const char* m : {"softmax", "linear", "performer", "flow", "norm_linear", "aft_full", "aft_simple", "rwkv4"})
+    out.push_back({m, "mlp", "{}"});
+  out.push_back({"block_softmax", "mlp", R"({"block": 4})"});
+  out.push_back({"aft_local", "mlp", R"({"window": 3})"});
+  out.push_back({"aft_conv", "rwkv", "{}"});
+  out.push_back({"rwkv4", "rwkv", "{}"});
+  out.push_back({"softmax", "rwkv", R"({"window": 4})"});
+  return out;
+}
+
+std::string name_of(const ::testing::TestParamInfo<ModelCase>& i) {
+  return i.param.mixer + "_" + i.param.channel_mix + (i.param.params == "{}" ? "" : "_params");
+}
+
+ModelConfig tiny(const ModelCase& c, bool ln0 = false) {
+  return ModelConfig::from_json(R"({"vocab": 32, "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "features": 8,
+    "kernel": 3, "ffn_mult": 2, "mixer": ")" + c.mixer + R"(", "channel_mix": ")" + c.channel_mix +
+                                R"(", "ln0": )" + (ln0 ? "true" : "false") + R"(, "params": )" + c.params + "}");
+}
+
+// A model with weights large enough (x8 the 0.02 init) that every path carries gradient.
+std::unique_ptr<Model> make(const ModelCase& c, bool ln0 = false) {
+  auto m = std::make_unique<Model>(tiny(c, ln0));
+  m->init(7);
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> n(0.0f, 0.3f);
+  for (auto& [name, t] : m->params())
+    if (!is_buffer_param(name) && name.find("ln") == std::string::npos)
+      for (float& x : t.data) x = x * 8.0f + (name.find("time_") != std::string::npos ? n(rng) : 0.0f);
+  return m;
+}
+
+class ModelGrad : public ::testing::TestWithParam<ModelCase> {};
+
+// For every parameter tensor, the directional derivative along a random direction equals the
+// central difference (L(p + h u) - L(p - h u)) / 2h. The model is float32 (the mixers have no
+// float64 parallel form; their float64 references are checked by finite differences in
+// test_grad.cpp): with h = 1e-3 the truncation error is ~1e-3 relative (measured: 5% at
+// h = 1e-2) and the loss's float32 rounding (~1e-6 of a loss of ~3) divided by h adds ~1e-3
+// absolute, so the check is 2e-2 relative plus 1e-3 absolute.
+TEST_P(ModelGrad, MatchesFiniteDifferences) {
+  auto m = make(GetParam(), GetParam().mixer == "rwkv4");
+  const int64_t B = 2, T = 9;
+  std::vector<int32_t> in(B * T), tg(B * T);
+  std::mt19937_64 rng(11);
+  for (auto& x : in) x = int32_t(rng() % 32);
+  for (auto& x : tg) x = int32_t(rng() % 32);
+  tg[3] = -1;  // an ignored position
+  TensorMap grads;
+  m->forward_backward(in.data(), tg.data(), B, T, &grads);
+  std::normal_distribution<float> n01;
+  for (auto& [name, p] : m->params()) {
+    if (is_buffer_param(name)) continue;
+    ASSERT_TRUE(grads.count(name)) << name;
+    std::vector<float> u(p.numel());
+    for (float& x : u) x = n01(rng);
+    double analytic = 0;
+    for (int64_t i = 0; i < p.numel(); ++i) analytic += double(grads.at(name).data[i]) * u[i];
+    const float h = 1e-3f;
+    const std::vector<float> saved = p.data;
+    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] + h * u[i];
+    const double lp = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
+    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] - h * u[i];
+    const double lm = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
+    p.data = saved;
+    const double fd = (lp - lm) / (2 * h);
+    EXPECT_NEAR(analytic, fd, 2e-2 * std::fabs(fd) + 1e-3) << name;
+  }
+}
+
+// Token-by-token recurrent logits equal the parallel form's, for every position.
+TEST_P(ModelGrad, RecurrentLogitsEqualParallel) {
+  auto m = make(GetParam(), true);
+  const int64_t T = 13;
+  std::vector<int32_t> in(T);
+  std::mt19937_64 rng(5);
+  for (auto& x : in) x = int32_t(rng() % 32);
+  const std::vector<float> par = m->logits(in.data(), 1, T);
+  Model::State st = m->new_state();
+  std::vector<float> lg(32);
+  for (int64_t t = 0; t < T; ++t) {
+    m->step(in[t], st, lg.data());
+    double err = 0, ref = 0;
+    for (int v = 0; v < 32; ++v) {
+      err = std::max(err, std::fabs(double(lg[v]) - par[t * 32 + v]));
+      ref = std::max(ref, std::fabs(double(par[t * 32 + v])));
+    }
+    EXPECT_LE(err, 1e-4 * std::max(1.0, ref)) << "t=" << t;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, ModelGrad, ::testing::ValuesIn(model_cases()), name_of);
+
+TEST(ModelConfig, RejectsBadConfigs) {
+  EXPECT_THROW(ModelConfig::from_json("{"), Error);
+  EXPECT_THROW(ModelConfig::from_json(R"({"mixer": "nosuch"})"), Error);
+  EXPECT_THROW(ModelConfig::from_json(R"({"mixer": "fnet"})"), Error);
+  EXPECT_THROW(ModelConfig::from_json(R"({"d_model": 10, "n_head": 3})"), Error);
+  EXPECT_THROW(ModelConfig::from_json(R"({"channel_mix": "moe"})"), Error);
+  EXPECT_THROW(ModelConfig::from_json(R"({"bogus": 1})"), Error);
+  const ModelConfig c = ModelConfig::from_json(
+      R"({"n_layer": 2, "layers": [{"mixer": "block_softmax", "params": {"block": 8}}, {"mixer": "norm_linear"}]})");
+  EXPECT_EQ(c.layers[0].mixer, "block_softmax");
+  EXPECT_EQ(c.layers[0].params.at("block"), "8");
+  EXPECT_EQ(ModelConfig::from_json(c.to_json()).to_json(), c.to_json());
+}
+
+}  // namespace
