@@ -7,10 +7,12 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <random>
 
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "linmix/safetensors.h"
+#include "linmix/train.h"
 
 using namespace linmix;
 
@@ -151,6 +153,49 @@ int main(int argc, char** argv) {
   feats->add_option("--seed", fseed, "random seed")->capture_default_str();
   feats->add_option("--out", fout, "output safetensors (tensor 'proj' [M,D])")->required();
 
+  auto* tr = app.add_subcommand("train", "train a language model (byte-level) on a text file or a synthetic task");
+  TrainOptions topt;
+  std::string config_path;
+  tr->add_option("--data", topt.data, "text file (first 90% train, last 10% validation)");
+  tr->add_option("--task", topt.task, "synthetic task instead of a file: recall | copy");
+  tr->add_option("--config", config_path, "model config JSON file (default: a 4-layer RWKV-4, d_model 128)");
+  tr->add_option("--mixer", mixer, "shorthand: every layer uses this token mixer (MLP channel mix unless rwkv4)");
+  tr->add_option("--out", topt.out, "run directory: ckpt.safetensors, log.jsonl")->capture_default_str();
+  tr->add_flag("--resume", topt.resume, "continue from OUT/ckpt.safetensors");
+  tr->add_option("--steps", topt.steps, "optimizer steps")->capture_default_str()->check(CLI::PositiveNumber);
+  tr->add_option("--batch", topt.batch, "sequences per micro-batch")->capture_default_str()->check(CLI::PositiveNumber);
+  tr->add_option("--seq", topt.seq, "tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  tr->add_option("--accum", topt.accum, "micro-batches per step (gradient accumulation)")->capture_default_str()->check(CLI::PositiveNumber);
+  tr->add_option("--lr", topt.lr, "peak learning rate")->capture_default_str()->check(CLI::PositiveNumber);
+  tr->add_option("--warmup", topt.warmup, "warm-up steps")->capture_default_str()->check(CLI::NonNegativeNumber);
+  tr->add_option("--weight-decay", topt.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
+  tr->add_option("--clip", topt.clip, "gradient clipping (global norm; 0 = off)")->capture_default_str();
+  tr->add_option("--eval-every", topt.eval_every, "evaluate every N steps")->capture_default_str();
+  tr->add_option("--ckpt-every", topt.ckpt_every, "checkpoint every N steps")->capture_default_str();
+  tr->add_option("--time-budget", topt.time_budget_s, "stop after this many seconds of training (0 = off)");
+  tr->add_option("--seed", topt.seed, "seed (initialisation and batches)")->capture_default_str();
+
+  auto* gen = app.add_subcommand("generate", "sample text from a checkpoint with the recurrent form, streaming");
+  std::string model_path, prompt = "\n";
+  int64_t ntok = 200;
+  SampleOptions sopt;
+  gen->add_option("--model", model_path, "checkpoint (OUT/ckpt.safetensors of linmix train)")->required();
+  gen->add_option("--prompt", prompt, "prompt text")->capture_default_str();
+  gen->add_option("--tokens", ntok, "tokens to generate")->capture_default_str()->check(CLI::Range(int64_t(0), int64_t(1) << 24));
+  gen->add_option("--temperature", sopt.temperature, "0 = greedy")->capture_default_str()->check(CLI::NonNegativeNumber);
+  gen->add_option("--top-k", sopt.top_k, "keep the k most likely (0 = all)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  gen->add_option("--top-p", sopt.top_p, "nucleus mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  gen->add_option("--seed", sopt.seed, "sampling seed")->capture_default_str();
+
+  auto* ev = app.add_subcommand("eval", "bits per character of a checkpoint on a text file");
+  std::string eval_file, eval_mode = "parallel";
+  int64_t eval_seq = 128, eval_windows = 64;
+  ev->add_option("--model", model_path, "checkpoint")->required();
+  ev->add_option("--data", eval_file, "text file")->required();
+  ev->add_option("--mode", eval_mode, "parallel | recurrent (the two agree)")->capture_default_str();
+  ev->add_option("--seq", eval_seq, "window length")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  ev->add_option("--windows", eval_windows, "windows, spread over the file")->capture_default_str()->check(CLI::PositiveNumber);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -171,6 +216,55 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*demo) return cmd_demo(demo_T, dir, seed);
+    if (*tr) {
+      if (!config_path.empty()) {
+        std::ifstream f(config_path);
+        LINMIX_CHECK(f.good(), config_path + ": cannot open the model config");
+        topt.config.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+      } else if (!mixer.empty()) {
+        const std::string cm = mixer == "rwkv4" ? "rwkv" : "mlp";
+        topt.config = R"({"mixer": ")" + mixer + R"(", "channel_mix": ")" + cm +
+                      R"(", "d_model": 128, "n_layer": 4, "n_head": 4, "ctx": 256})";
+      }
+      const TrainResult r = train(topt);
+      std::printf("trained %lld steps in %.1f s (%.0f tok/s): train loss %.4f", static_cast<long long>(r.steps_done),
+                  r.seconds, r.tokens_per_s, r.train_loss);
+      if (topt.task.empty()) std::printf(", validation loss %.4f = %.4f bpc\n", r.val_loss, r.val_bpc);
+      else std::printf(", %s accuracy %.4f\n", topt.task.c_str(), r.val_acc);
+      std::printf("checkpoint: %s/ckpt.safetensors\n", topt.out.c_str());
+      return 0;
+    }
+    if (*gen) {
+      Checkpoint ck = load_checkpoint(model_path);
+      Model& m = *ck.model;
+      const int64_t V = m.config().vocab;
+      Model::State st = m.new_state();
+      std::vector<float> lg(V);
+      LINMIX_CHECK(!prompt.empty(), "--prompt must not be empty");
+      for (unsigned char ch : prompt) m.step(ch, st, lg.data());
+      std::mt19937_64 rng(sopt.seed);
+      std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+      for (int64_t i = 0; i < ntok; ++i) {
+        const int32_t t = sample_token(lg.data(), V, sopt, rng);
+        std::fputc(t, stdout);
+        std::fflush(stdout);
+        m.step(t, st, lg.data());
+      }
+      std::fputc('\n', stdout);
+      return 0;
+    }
+    if (*ev) {
+      Checkpoint ck = load_checkpoint(model_path);
+      std::ifstream f(eval_file, std::ios::binary);
+      LINMIX_CHECK(f.good(), eval_file + ": cannot open");
+      std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      LINMIX_CHECK(eval_mode == "parallel" || eval_mode == "recurrent", "--mode must be parallel or recurrent");
+      const double loss = evaluate_split(*ck.model, bytes, eval_seq, eval_windows, eval_mode == "recurrent");
+      std::printf("%s: %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", eval_file.c_str(),
+                  eval_mode.c_str(), static_cast<long long>(eval_windows), static_cast<long long>(eval_seq), loss,
+                  loss / std::log(2.0));
+      return 0;
+    }
     if (*feats) {
       Tensor proj({fM, fD});
       proj.data = orthogonal_gaussian_features(fM, fD, fseed);

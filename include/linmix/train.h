@@ -1,0 +1,89 @@
+// Training, evaluation, checkpoints, sampling and data for the linmix language model.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "linmix/model.h"
+
+namespace linmix {
+
+// ---- data
+// A byte corpus split by bytes: the first 90% train, the last 10% validation.
+struct Corpus {
+  std::vector<uint8_t> train, val;
+  static Corpus from_file(const std::string& path);
+  static Corpus from_bytes(std::vector<uint8_t> bytes);
+};
+
+// One batch: inputs and targets (B,T); targets < 0 are not scored.
+struct Batch {
+  int64_t B = 0, T = 0;
+  std::vector<int32_t> inputs, targets;
+};
+
+// Synthetic tasks generated in-process (Zoology-style): "recall" (multi-query associative
+// recall: key-value pairs, then queried keys whose values are scored) and "copy" (a random
+// string, a separator, the string again, scored).
+Batch synthetic_batch(const std::string& task, int64_t B, int64_t T, int64_t vocab, uint64_t seed);
+Batch corpus_batch(const std::vector<uint8_t>& split, int64_t B, int64_t T, uint64_t seed);
+
+// ---- optimizer / checkpoint
+struct AdamW {
+  double lr = 3e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+  TensorMap m, v;  // moments, by parameter name
+  int64_t t = 0;   // steps taken
+  void step(TensorMap& params, const TensorMap& grads, double lr_now);
+};
+
+struct Checkpoint {
+  std::unique_ptr<Model> model;
+  AdamW opt;
+  int64_t step = 0;
+  std::string meta_json;  // the run's options, as saved
+};
+// Writes params, optimizer moments, step and the config (metadata) atomically.
+void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, int64_t step,
+                     const std::string& meta_json);
+// Refuses (Error naming the problem) anything truncated, corrupt, or not matching its config.
+Checkpoint load_checkpoint(const std::string& path);
+
+// ---- training
+struct TrainOptions {
+  std::string data;      // text file; empty with a task
+  std::string task;      // "", "recall" or "copy"
+  std::string config = R"({"mixer": "rwkv4", "channel_mix": "rwkv", "d_model": 128, "n_layer": 4, "n_head": 4, "ctx": 256})";
+  std::string out = "linmix-run";  // directory: ckpt.safetensors, log.jsonl
+  bool resume = false;
+  int64_t steps = 600, batch = 16, seq = 128, accum = 1;
+  double lr = 3e-3, min_lr_ratio = 0.1, weight_decay = 0.1, clip = 1.0;
+  int64_t warmup = 30, eval_every = 100, eval_batches = 8, ckpt_every = 100;
+  double time_budget_s = 0;  // > 0: stop (and checkpoint) once training time passes this
+  uint64_t seed = 1;
+  bool quiet = false;
+};
+struct TrainResult {
+  int64_t steps_done = 0;
+  double train_loss = 0, val_loss = 0, val_bpc = 0, val_acc = -1, tokens_per_s = 0, seconds = 0;
+  std::vector<std::pair<int64_t, double>> losses;  // (step, train loss)
+};
+TrainResult train(const TrainOptions& opt);
+
+double lr_at(const TrainOptions& o, int64_t step);  // warm-up, then cosine to min_lr_ratio
+
+// Mean loss (nats per token) of the model on windows of `seq` tokens of a split; in recurrent
+// mode each window runs token by token from a fresh state (so the two modes agree).
+double evaluate_split(Model& m, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows, bool recurrent);
+
+// ---- sampling
+struct SampleOptions {
+  double temperature = 1.0, top_p = 1.0;
+  int64_t top_k = 0;  // 0 = all
+  uint64_t seed = 1;
+};
+int32_t sample_token(const float* logits, int64_t V, const SampleOptions& o, std::mt19937_64& rng);
+
+}  // namespace linmix

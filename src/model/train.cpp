@@ -1,0 +1,395 @@
+// Data, AdamW, checkpoints, the training loop, evaluation and sampling.
+#include "linmix/train.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "linmix/safetensors.h"
+
+namespace linmix {
+
+namespace {
+using json = nlohmann::json;
+
+uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c = 0) {  // splitmix64 over the parts
+  uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) ^ (c * 0xD6E8FEB86659FD93ull);
+  x ^= x >> 30, x *= 0xBF58476D1CE4E5B9ull, x ^= x >> 27, x *= 0x94D049BB133111EBull, x ^= x >> 31;
+  return x;
+}
+}  // namespace
+
+// ---------------------------------------------------------------- data
+
+Corpus Corpus::from_bytes(std::vector<uint8_t> bytes) {
+  LINMIX_CHECK(bytes.size() >= 100, "corpus too small (" + std::to_string(bytes.size()) + " bytes; need at least 100)");
+  Corpus c;
+  const size_t cut = bytes.size() * 9 / 10;
+  c.train.assign(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(cut));
+  c.val.assign(bytes.begin() + static_cast<std::ptrdiff_t>(cut), bytes.end());
+  return c;
+}
+
+Corpus Corpus::from_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  LINMIX_CHECK(f.good(), path + ": cannot open the data file");
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  return from_bytes(std::move(bytes));
+}
+
+Batch corpus_batch(const std::vector<uint8_t>& split, int64_t B, int64_t T, uint64_t seed) {
+  LINMIX_CHECK(static_cast<int64_t>(split.size()) > T + 1,
+               "data split of " + std::to_string(split.size()) + " bytes is shorter than a window of " +
+                   std::to_string(T + 1));
+  Batch b{B, T, std::vector<int32_t>(B * T), std::vector<int32_t>(B * T)};
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int64_t> pos(0, static_cast<int64_t>(split.size()) - T - 1);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t p = pos(rng);
+    for (int64_t t = 0; t < T; ++t) b.inputs[i * T + t] = split[p + t], b.targets[i * T + t] = split[p + t + 1];
+  }
+  return b;
+}
+
+Batch synthetic_batch(const std::string& task, int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
+  LINMIX_CHECK(task == "recall" || task == "copy", "unknown task '" + task + "' (expected recall or copy)");
+  LINMIX_CHECK(vocab >= 16 && T >= 8, "synthetic tasks need vocab >= 16 and seq >= 8");
+  Batch b{B, T, std::vector<int32_t>(B * T, 0), std::vector<int32_t>(B * T, -1)};
+  std::mt19937_64 rng(seed);
+  const int32_t sep = 1, half = int32_t((vocab - 2) / 2);
+  for (int64_t i = 0; i < B; ++i) {
+    int32_t* in = &b.inputs[i * T];
+    int32_t* tg = &b.targets[i * T];
+    if (task == "copy") {  // s_1 .. s_n SEP s_1 .. s_n: the second copy is scored
+      const int64_t n = (T - 1) / 2;
+      std::uniform_int_distribution<int32_t> tok(2, int32_t(vocab - 1));
+      std::vector<int32_t> s(n);
+      for (auto& x : s) x = tok(rng);
+      std::vector<int32_t> seq(s);
+      seq.push_back(sep);
+      seq.insert(seq.end(), s.begin(), s.end());
+      seq.resize(T + 1, 0);
+      for (int64_t t = 0; t < T; ++t) {
+        in[t] = seq[t];
+        if (t >= n && t < 2 * n) tg[t] = seq[t + 1];
+      }
+    } else {  // multi-query associative recall: k v pairs, then queried keys, score their values
+      const int64_t pairs = std::max<int64_t>(1, T / 4);
+      std::vector<int32_t> keys(half);
+      for (int32_t k = 0; k < half; ++k) keys[k] = 2 + k;
+      std::shuffle(keys.begin(), keys.end(), rng);
+      keys.resize(std::min<int64_t>(pairs, half));
+      std::uniform_int_distribution<int32_t> val(2 + half, 2 + 2 * half - 1);
+      std::vector<int32_t> vals(keys.size());
+      for (auto& x : vals) x = val(rng);
+      std::vector<int32_t> seq;
+      for (size_t j = 0; j < keys.size(); ++j) seq.push_back(keys[j]), seq.push_back(vals[j]);
+      std::uniform_int_distribution<size_t> pick(0, keys.size() - 1);
+      std::vector<int64_t> scored;
+      while (static_cast<int64_t>(seq.size()) + 2 <= T + 1) {
+        const size_t j = pick(rng);
+        seq.push_back(keys[j]);
+        scored.push_back(static_cast<int64_t>(seq.size()) - 1);  // predicting the value after this key
+        seq.push_back(vals[j]);
+      }
+      seq.resize(T + 1, 0);
+      for (int64_t t = 0; t < T; ++t) in[t] = seq[t];
+      for (int64_t p : scored)
+        if (p < T) tg[p] = seq[p + 1];
+    }
+  }
+  return b;
+}
+
+// ---------------------------------------------------------------- optimizer
+
+void AdamW::step(TensorMap& params, const TensorMap& grads, double lr_now) {
+  ++t;
+  const double bc1 = 1 - std::pow(beta1, double(t)), bc2 = 1 - std::pow(beta2, double(t));
+  for (auto& [name, p] : params) {
+    if (is_buffer_param(name)) continue;
+    auto g = grads.find(name);
+    if (g == grads.end()) continue;
+    Tensor& m1 = m[name];
+    Tensor& m2 = v[name];
+    if (m1.numel() != p.numel()) m1 = Tensor(p.shape), m2 = Tensor(p.shape);
+    const bool decay = p.rank() >= 2;  // matrices and embeddings; not gains, biases, mixes
+    for (int64_t i = 0; i < p.numel(); ++i) {
+      const float gi = g->second.data[i];
+      m1.data[i] = float(beta1 * m1.data[i] + (1 - beta1) * gi);
+      m2.data[i] = float(beta2 * m2.data[i] + (1 - beta2) * gi * gi);
+      const double upd = (m1.data[i] / bc1) / (std::sqrt(m2.data[i] / bc2) + eps);
+      p.data[i] = float(p.data[i] - lr_now * (upd + (decay ? weight_decay * p.data[i] : 0.0)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- checkpoints
+
+void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, int64_t step,
+                     const std::string& meta_json) {
+  TensorMap all = model.params();
+  for (const auto& [n, t] : opt.m) all["opt.m." + n] = t;
+  for (const auto& [n, t] : opt.v) all["opt.v." + n] = t;
+  write_safetensors(path, all,
+                    {{"linmix", "checkpoint"},
+                     {"config", model.config().to_json()},
+                     {"step", std::to_string(step)},
+                     {"adam_t", std::to_string(opt.t)},
+                     {"run", meta_json}});
+}
+
+Checkpoint load_checkpoint(const std::string& path) {
+  SafeTensors st = read_safetensors(path);
+  LINMIX_CHECK(st.metadata.count("linmix") && st.metadata.at("linmix") == "checkpoint" && st.metadata.count("config"),
+               path + ": not a linmix checkpoint (no config in its metadata)");
+  Checkpoint ck;
+  ck.model = std::make_unique<Model>(ModelConfig::from_json(st.metadata.at("config")));
+  try {
+    ck.step = std::stoll(st.metadata.count("step") ? st.metadata.at("step") : "0");
+    ck.opt.t = std::stoll(st.metadata.count("adam_t") ? st.metadata.at("adam_t") : "0");
+  } catch (const std::exception&) {
+    throw Error(path + ": malformed step in the checkpoint metadata");
+  }
+  ck.meta_json = st.metadata.count("run") ? st.metadata.at("run") : "{}";
+  for (auto& [name, t] : ck.model->params()) {
+    auto it = st.tensors.find(name);
+    LINMIX_CHECK(it != st.tensors.end(), path + ": missing tensor '" + name + "'");
+    check_shape(name, it->second, t.shape);
+    check_finite(name, it->second);
+    t = std::move(it->second);
+    for (const char* pre : {"opt.m.", "opt.v."}) {
+      auto o = st.tensors.find(pre + name);
+      if (o == st.tensors.end()) continue;
+      check_shape(pre + name, o->second, t.shape);
+      (std::string(pre) == "opt.m." ? ck.opt.m : ck.opt.v)[name] = std::move(o->second);
+    }
+  }
+  return ck;
+}
+
+// ---------------------------------------------------------------- training
+
+double lr_at(const TrainOptions& o, int64_t step) {
+  if (step < o.warmup) return o.lr * double(step + 1) / double(o.warmup);
+  const double p = o.steps > o.warmup ? double(step - o.warmup) / double(o.steps - o.warmup) : 1.0;
+  const double cosine = 0.5 * (1 + std::cos(3.14159265358979323846 * std::min(1.0, p)));
+  return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine);
+}
+
+double evaluate_split(Model& m, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows, bool recurrent) {
+  const int64_t n = static_cast<int64_t>(split.size()) - 1;
+  LINMIX_CHECK(n >= seq, "evaluation split shorter than one window of " + std::to_string(seq));
+  const int64_t windows = std::min(max_windows, n / seq);
+  const int64_t stride = n / windows;  // windows spread evenly over the split
+  double total = 0;
+  int64_t count = 0;
+  const int64_t V = m.config().vocab;
+  std::vector<float> lg(V);
+  for (int64_t w = 0; w < windows; ++w) {
+    const int64_t p = w * stride;
+    if (recurrent) {
+      Model::State st = m.new_state();
+      for (int64_t t = 0; t < seq; ++t) {
+        m.step(split[p + t], st, lg.data());
+        const float mx = *std::max_element(lg.begin(), lg.end());
+        double z = 0;
+        for (float x : lg) z += std::exp(double(x - mx));
+        total += std::log(z) - double(lg[split[p + t + 1]] - mx);
+        ++count;
+      }
+    } else {
+      std::vector<int32_t> in(seq), tg(seq);
+      for (int64_t t = 0; t < seq; ++t) in[t] = split[p + t], tg[t] = split[p + t + 1];
+      int64_t c = 0;
+      total += m.forward_backward(in.data(), tg.data(), 1, seq, nullptr, 1.0f, &c) * double(c);
+      count += c;
+    }
+  }
+  return total / double(count);
+}
+
+namespace {
+
+double grad_norm(const TensorMap& g) {
+  double s = 0;
+  for (const auto& [n, t] : g)
+    for (float x : t.data) s += double(x) * x;
+  return std::sqrt(s);
+}
+
+// Accuracy (argmax) and mean loss on the scored positions of a synthetic batch.
+std::pair<double, double> task_metrics(Model& m, const Batch& b) {
+  int64_t counted = 0;
+  const double loss = m.forward_backward(b.inputs.data(), b.targets.data(), b.B, b.T, nullptr, 1.0f, &counted);
+  const std::vector<float> lg = m.logits(b.inputs.data(), b.B, b.T);
+  const int64_t V = m.config().vocab;
+  int64_t right = 0, n = 0;
+  for (int64_t i = 0; i < b.B * b.T; ++i) {
+    if (b.targets[i] < 0) continue;
+    const float* l = &lg[i * V];
+    right += (std::max_element(l, l + V) - l) == b.targets[i];
+    ++n;
+  }
+  return {n ? double(right) / double(n) : 0.0, loss};
+}
+
+std::string fmt_time(double s) {
+  char buf[32];
+  const int64_t t = static_cast<int64_t>(s);
+  std::snprintf(buf, sizeof buf, "%lld:%02lld", static_cast<long long>(t / 60), static_cast<long long>(t % 60));
+  return buf;
+}
+
+}  // namespace
+
+TrainResult train(const TrainOptions& o) {
+  LINMIX_CHECK(o.steps >= 1 && o.batch >= 1 && o.seq >= 2 && o.accum >= 1, "steps, batch, accum >= 1 and seq >= 2");
+  LINMIX_CHECK(o.data.empty() != o.task.empty(), "give exactly one of --data FILE or --task recall|copy");
+  std::filesystem::create_directories(o.out);
+  const std::string ckpt = o.out + "/ckpt.safetensors", logp = o.out + "/log.jsonl";
+  Corpus corpus;
+  if (!o.data.empty()) corpus = Corpus::from_file(o.data);
+  std::unique_ptr<Model> model;
+  AdamW opt;
+  opt.lr = o.lr, opt.weight_decay = o.weight_decay;
+  int64_t start = 0;
+  const json run = {{"data", o.data}, {"task", o.task}, {"seed", o.seed}, {"steps", o.steps}, {"batch", o.batch},
+                    {"seq", o.seq},   {"accum", o.accum}, {"lr", o.lr}};
+  if (o.resume) {
+    Checkpoint ck = load_checkpoint(ckpt);
+    model = std::move(ck.model);
+    opt.m = std::move(ck.opt.m), opt.v = std::move(ck.opt.v), opt.t = ck.opt.t;
+    start = ck.step;
+  } else {
+    model = std::make_unique<Model>(ModelConfig::from_json(o.config));
+    model->init(o.seed);
+  }
+  const ModelConfig& cfg = model->config();
+  LINMIX_CHECK(o.seq <= cfg.ctx || [&] {
+    for (const auto& l : cfg.layers)
+      if (l.mixer == "aft_full" || l.mixer == "aft_local") return false;
+    return true;
+  }(), "seq " + std::to_string(o.seq) + " exceeds the model's ctx " + std::to_string(cfg.ctx) + " (aft_full/aft_local)");
+  std::ofstream log(logp, o.resume ? std::ios::app : std::ios::trunc);
+  const bool tty = !o.quiet && isatty(STDERR_FILENO);
+  if (!o.quiet)
+    std::fprintf(stderr, "linmix train: %lld parameters, %s, %s; steps %lld..%lld, batch %lld x %lld x %lld\n",
+                 static_cast<long long>(model->num_params()), cfg.layers[0].mixer.c_str(),
+                 o.task.empty() ? o.data.c_str() : ("task " + o.task).c_str(), static_cast<long long>(start),
+                 static_cast<long long>(o.steps), static_cast<long long>(o.accum), static_cast<long long>(o.batch),
+                 static_cast<long long>(o.seq));
+  TrainResult res;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  auto evaluate = [&](json& rec) {
+    if (o.task.empty()) {
+      res.val_loss = evaluate_split(*model, corpus.val, o.seq, o.eval_batches * o.batch, false);
+      res.val_bpc = res.val_loss / std::log(2.0);
+      rec["val_loss"] = res.val_loss, rec["val_bpc"] = res.val_bpc;
+    } else {
+      double acc = 0, loss = 0;
+      for (int64_t i = 0; i < o.eval_batches; ++i) {
+        const auto [a, l] = task_metrics(*model, synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, mix_seed(o.seed, 1u << 30, i)));
+        acc += a / double(o.eval_batches), loss += l / double(o.eval_batches);
+      }
+      res.val_acc = acc, res.val_loss = loss;
+      rec["val_loss"] = loss, rec["val_acc"] = acc;
+    }
+  };
+  int64_t tokens = 0, step = start;
+  for (; step < o.steps; ++step) {
+    TensorMap grads;
+    double loss = 0;
+    for (int64_t a = 0; a < o.accum; ++a) {  // the batch of a step depends only on (seed, step, a)
+      const uint64_t s = mix_seed(o.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(a));
+      const Batch b = o.task.empty() ? corpus_batch(corpus.train, o.batch, o.seq, s)
+                                     : synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, s);
+      loss += model->forward_backward(b.inputs.data(), b.targets.data(), b.B, b.T, &grads, 1.0f / float(o.accum)) /
+              double(o.accum);
+      tokens += b.B * b.T;
+    }
+    const double gn = grad_norm(grads);
+    if (o.clip > 0 && gn > o.clip)
+      for (auto& [n, t] : grads)
+        for (float& x : t.data) x *= float(o.clip / gn);
+    const double lr = lr_at(o, step);
+    opt.step(model->params(), grads, lr);
+    res.train_loss = loss;
+    res.losses.push_back({step + 1, loss});
+    const double secs = elapsed();
+    res.tokens_per_s = double(tokens) / std::max(secs, 1e-9);
+    json rec = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", gn}, {"tok_s", res.tokens_per_s},
+                {"time_s", secs}};
+    const bool last = step + 1 == o.steps || (o.time_budget_s > 0 && secs >= o.time_budget_s);
+    const bool do_eval = (o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last;
+    if (do_eval) evaluate(rec);
+    log << rec.dump() << "\n" << std::flush;
+    if (!o.quiet) {
+      const double eta = double(o.steps - step - 1) * secs / double(step + 1 - start);
+      if (tty) {
+        const int width = 24, fill = int(width * double(step + 1) / double(o.steps));
+        std::fprintf(stderr, "\r[%s%s] step %lld/%lld loss %.4f | %.0f tok/s | ETA %s ", std::string(fill, '#').c_str(),
+                     std::string(width - fill, '.').c_str(), static_cast<long long>(step + 1),
+                     static_cast<long long>(o.steps), loss, res.tokens_per_s, fmt_time(eta).c_str());
+        if (do_eval) std::fprintf(stderr, "\n");
+      }
+      if (do_eval || (!tty && (step + 1) % 10 == 0)) {
+        std::fprintf(stderr, "step %lld/%lld loss %.4f lr %.2e %.0f tok/s", static_cast<long long>(step + 1),
+                     static_cast<long long>(o.steps), loss, lr, res.tokens_per_s);
+        if (do_eval && o.task.empty()) std::fprintf(stderr, " | val loss %.4f bpc %.4f", res.val_loss, res.val_bpc);
+        if (do_eval && !o.task.empty()) std::fprintf(stderr, " | val acc %.4f", res.val_acc);
+        std::fprintf(stderr, "\n");
+      }
+    }
+    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last) save_checkpoint(ckpt, *model, opt, step + 1, run.dump());
+    if (last) {
+      ++step;
+      break;
+    }
+  }
+  res.steps_done = step;
+  res.seconds = elapsed();
+  return res;
+}
+
+// ---------------------------------------------------------------- sampling
+
+int32_t sample_token(const float* logits, int64_t V, const SampleOptions& o, std::mt19937_64& rng) {
+  if (o.temperature <= 0) return int32_t(std::max_element(logits, logits + V) - logits);
+  std::vector<std::pair<float, int32_t>> p(V);
+  const float mx = *std::max_element(logits, logits + V);
+  double z = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    p[i] = {float(std::exp(double(logits[i] - mx) / o.temperature)), int32_t(i)};
+    z += p[i].first;
+  }
+  std::sort(p.begin(), p.end(), [](auto& a, auto& b) { return a.first > b.first; });
+  int64_t keep = o.top_k > 0 ? std::min<int64_t>(o.top_k, V) : V;
+  double cum = 0;
+  for (int64_t i = 0; i < keep; ++i) {  // nucleus: the smallest prefix with mass >= top_p
+    cum += p[i].first / z;
+    if (cum >= o.top_p) {
+      keep = i + 1;
+      break;
+    }
+  }
+  double mass = 0;
+  for (int64_t i = 0; i < keep; ++i) mass += p[i].first;
+  std::uniform_real_distribution<double> u(0.0, mass);
+  double r = u(rng);
+  for (int64_t i = 0; i < keep; ++i) {
+    r -= p[i].first;
+    if (r <= 0) return p[i].second;
+  }
+  return p[keep - 1].second;
+}
+
+}  // namespace linmix
