@@ -9,7 +9,8 @@ PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev
   libhwy-dev libfftw3-dev
-  python3 python3-numpy python3-torch
+  fortunes
+  python3 python3-numpy python3-torch python3-matplotlib
 )
 
 missing=()

@@ -186,6 +186,7 @@ int main(int argc, char** argv) {
   gen->add_option("--top-k", sopt.top_k, "keep the k most likely (0 = all)")->capture_default_str()->check(CLI::NonNegativeNumber);
   gen->add_option("--top-p", sopt.top_p, "nucleus mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   gen->add_option("--seed", sopt.seed, "sampling seed")->capture_default_str();
+  gen->add_flag("--stats", stats, "print ms per generated token and peak memory to stderr");
 
   auto* ev = app.add_subcommand("eval", "bits per character of a checkpoint on a text file");
   std::string eval_file, eval_mode = "parallel";
@@ -231,7 +232,7 @@ int main(int argc, char** argv) {
                   r.seconds, r.tokens_per_s, r.train_loss);
       if (topt.task.empty()) std::printf(", validation loss %.4f = %.4f bpc\n", r.val_loss, r.val_bpc);
       else std::printf(", %s accuracy %.4f\n", topt.task.c_str(), r.val_acc);
-      std::printf("checkpoint: %s/ckpt.safetensors\n", topt.out.c_str());
+      std::printf("checkpoint: %s/ckpt.safetensors; peak memory %.1f MiB\n", topt.out.c_str(), peak_rss_mib());
       return 0;
     }
     if (*gen) {
@@ -244,6 +245,7 @@ int main(int argc, char** argv) {
       for (unsigned char ch : prompt) m.step(ch, st, lg.data());
       std::mt19937_64 rng(sopt.seed);
       std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+      const auto g0 = std::chrono::steady_clock::now();
       for (int64_t i = 0; i < ntok; ++i) {
         const int32_t t = sample_token(lg.data(), V, sopt, rng);
         std::fputc(t, stdout);
@@ -251,6 +253,11 @@ int main(int argc, char** argv) {
         m.step(t, st, lg.data());
       }
       std::fputc('\n', stdout);
+      if (stats)
+        std::fprintf(stderr, "linmix stats: ms_per_token=%.4f peak_rss_mib=%.1f\n",
+                     std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - g0).count() /
+                         double(std::max<int64_t>(ntok, 1)),
+                     peak_rss_mib());
       return 0;
     }
     if (*ev) {
