@@ -27,6 +27,9 @@ MIXERS = [
     ("aft_simple", {"mixer": "aft_simple"}),
     ("aft_conv", {"mixer": "aft_conv"}),
     ("rwkv4", {"mixer": "rwkv4"}),
+    ("flash", {"mixer": "flash", "params": {"group": 32}, "qk_dim": 32, "expand": 2}),
+    ("s4d", {"mixer": "s4d", "state": 32}),
+    ("mamba", {"mixer": "mamba", "state": 16, "expand": 2}),
 ]
 
 

@@ -29,6 +29,9 @@ struct ModelConfig {
   int64_t features = 32;  // performer random features M
   int64_t kernel = 7;     // aft_conv kernel size K
   bool ln0 = false;       // LayerNorm on the embedding (RWKV-4's blocks.0.ln0)
+  int64_t state = 16;     // s4d / mamba state size N
+  int64_t qk_dim = 32;    // flash (GAU) shared query/key width S
+  int64_t expand = 2;     // flash (GAU) and mamba inner width = expand * d_model
   std::vector<LayerConfig> layers;  // one per layer
 
   // JSON: {"d_model":..,"n_layer":..,"mixer":"rwkv4" | "layers":[{"mixer":..,"params":{..}}],..}
@@ -64,6 +67,7 @@ class Model {
   struct State {
     std::vector<TensorMap> mix;                       // per layer: the mixer's state.* tensors
     std::vector<std::vector<float>> att_prev, ffn_prev;  // per layer: token-shift inputs (C)
+    std::vector<std::vector<float>> conv;                // per layer: mamba's last 3 conv inputs
     int64_t pos = 0;
   };
   State new_state() const;
@@ -72,6 +76,19 @@ class Model {
 
  private:
   struct Acts;
+  struct LayerActs;
+  TensorMap s4d_inputs(int64_t l, int64_t B, int64_t T, const float* u) const;
+  TensorMap flash_inputs(int64_t l, int64_t N, const float* Z, const float* V, int64_t B, int64_t T) const;
+  TensorMap mamba_inputs(int64_t l, int64_t B, int64_t T, const float* xs, const float* dbc, const float* delta,
+                         const float* z) const;
+  void flash_layer_forward(int64_t l, int64_t B, int64_t T, LayerActs& L);
+  void flash_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, const float* dout, float* da,
+                            TensorMap& grads);
+  void mamba_layer_forward(int64_t l, int64_t B, int64_t T, LayerActs& L);
+  void mamba_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, const float* dout, float* da,
+                            TensorMap& grads);
+  std::vector<float> mixer_step(int64_t l, TensorMap in, State& st);
+  void step_special(int64_t l, const float* a, float* o, State& st);
   ModelConfig cfg_;
   TensorMap params_;
   std::unique_ptr<Acts> acts_;

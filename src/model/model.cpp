@@ -15,7 +15,7 @@ namespace {
 
 using json = nlohmann::json;
 
-enum class Kind { Attn, Aft, Rwkv };
+enum class Kind { Attn, Aft, Rwkv, S4d, Flash, Mamba };
 
 Kind kind_of(const std::string& m) {
   if (m == "softmax" || m == "linear" || m == "performer" || m == "flow" || m == "norm_linear" ||
@@ -23,8 +23,10 @@ Kind kind_of(const std::string& m) {
     return Kind::Attn;
   if (m == "aft_full" || m == "aft_local" || m == "aft_simple" || m == "aft_conv") return Kind::Aft;
   if (m == "rwkv4") return Kind::Rwkv;
-  throw Error("mixer '" + m + "' is not available as a language-model layer yet (available: softmax, linear, "
-              "performer, flow, norm_linear, block_softmax, aft_full, aft_local, aft_simple, aft_conv, rwkv4)");
+  if (m == "s4d") return Kind::S4d;
+  if (m == "flash") return Kind::Flash;
+  if (m == "mamba") return Kind::Mamba;
+  throw Error("mixer '" + m + "' has no causal form, so it cannot be a language-model layer");
 }
 
 float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
@@ -46,7 +48,7 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
   ModelConfig c;
   static const std::vector<std::string> known = {"vocab",   "d_model",  "n_layer",  "n_head", "ctx",
                                                  "channel_mix", "ffn_mult", "features", "kernel", "ln0",
-                                                 "mixer",   "params",   "layers"};
+                                                 "mixer",   "params",   "layers", "state", "qk_dim", "expand"};
   for (auto it = j.begin(); it != j.end(); ++it)
     LINMIX_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
                  "model config: unknown field '" + it.key() + "'");
@@ -57,6 +59,7 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
   };
   geti("vocab", c.vocab), geti("d_model", c.d_model), geti("n_layer", c.n_layer), geti("n_head", c.n_head);
   geti("ctx", c.ctx), geti("ffn_mult", c.ffn_mult), geti("features", c.features), geti("kernel", c.kernel);
+  geti("state", c.state), geti("qk_dim", c.qk_dim), geti("expand", c.expand);
   if (j.contains("channel_mix")) {
     LINMIX_CHECK(j["channel_mix"].is_string(), "model config: 'channel_mix' must be a string");
     c.channel_mix = j["channel_mix"].get<std::string>();
@@ -93,7 +96,7 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
 std::string ModelConfig::to_json() const {
   json j = {{"vocab", vocab},       {"d_model", d_model},   {"n_layer", n_layer}, {"n_head", n_head},
             {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"features", features},
-            {"kernel", kernel},     {"ln0", ln0}};
+            {"kernel", kernel},     {"ln0", ln0}, {"state", state}, {"qk_dim", qk_dim}, {"expand", expand}};
   j["layers"] = json::array();
   for (const auto& l : layers) j["layers"].push_back({{"mixer", l.mixer}, {"params", l.params}});
   return j.dump();
@@ -107,6 +110,8 @@ void ModelConfig::validate() const {
   LINMIX_CHECK(ctx >= 1 && ctx <= (1 << 20), "model config: ctx must be in [1, 2^20]");
   LINMIX_CHECK(ffn_mult >= 1 && ffn_mult <= 64, "model config: ffn_mult must be in [1, 64]");
   LINMIX_CHECK(features >= 1 && kernel >= 1, "model config: features and kernel must be >= 1");
+  LINMIX_CHECK(state >= 1 && state <= 1024 && qk_dim >= 1 && qk_dim <= 4096 && expand >= 1 && expand <= 16,
+               "model config: state in [1, 1024], qk_dim in [1, 4096], expand in [1, 16]");
   LINMIX_CHECK(channel_mix == "mlp" || channel_mix == "rwkv",
                "model config: channel_mix must be \"mlp\" or \"rwkv\", found \"" + channel_mix + "\"");
   LINMIX_CHECK(static_cast<int64_t>(layers.size()) == n_layer,
@@ -136,6 +141,25 @@ Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
         add(P(i, n), {C});
       for (const char* n : {"att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight"})
         add(P(i, n), {C, C});
+    } else if (kind_of(m) == Kind::S4d) {
+      const int64_t N = cfg_.state;
+      add(P(i, "att.log_dt"), {C}), add(P(i, "att.D"), {C}), add(P(i, "att.o.weight"), {C, C});
+      for (const char* n : {"att.A_re", "att.A_im", "att.C_re", "att.C_im"}) add(P(i, n), {C, N});
+    } else if (kind_of(m) == Kind::Flash) {
+      const int64_t e = cfg_.expand * C, S = cfg_.qk_dim;
+      add(P(i, "att.wu.weight"), {e, C}), add(P(i, "att.wu.bias"), {e});
+      add(P(i, "att.wv.weight"), {e, C}), add(P(i, "att.wv.bias"), {e});
+      add(P(i, "att.wz.weight"), {S, C}), add(P(i, "att.wz.bias"), {S});
+      add(P(i, "att.gamma"), {4, S}), add(P(i, "att.beta"), {4, S});
+      add(P(i, "att.o.weight"), {C, e});
+    } else if (kind_of(m) == Kind::Mamba) {
+      const int64_t Ei = cfg_.expand * C, N = cfg_.state, R = (C + 15) / 16;
+      add(P(i, "att.in_proj.weight"), {2 * Ei, C});
+      add(P(i, "att.conv.weight"), {Ei, 4}), add(P(i, "att.conv.bias"), {Ei});
+      add(P(i, "att.x_proj.weight"), {R + 2 * N, Ei});
+      add(P(i, "att.dt_proj.weight"), {Ei, R}), add(P(i, "att.dt_proj.bias"), {Ei});
+      add(P(i, "att.A_log"), {Ei, N}), add(P(i, "att.D"), {Ei});
+      add(P(i, "att.out_proj.weight"), {C, Ei});
     } else {
       for (const char* n : {"att.q.weight", "att.k.weight", "att.v.weight", "att.o.weight"}) add(P(i, n), {C, C});
       if (m == "performer") add(P(i, "att.proj"), {cfg_.features, C / cfg_.n_head});
@@ -183,11 +207,34 @@ void Model::init(uint64_t seed) {
         t.data[c] = -5.0f + 8.0f * std::pow(float(c) / float(std::max<int64_t>(C - 1, 1)), 0.7f + 1.3f * depth);
     } else if (ends("time_first")) {
       std::fill(t.data.begin(), t.data.end(), std::log(0.3f));
+    } else if (ends("att.log_dt")) {  // S4D: dt log-uniform in [1e-3, 1e-1]
+      for (int64_t c = 0; c < C; ++c) t.data[c] = std::log(1e-3f) + std::log(100.0f) * float(c) / float(std::max<int64_t>(C - 1, 1));
+    } else if (ends("att.A_re")) {  // S4D-Lin: A_n = -1/2 + i pi n
+      std::fill(t.data.begin(), t.data.end(), -0.5f);
+    } else if (ends("att.A_im")) {
+      for (int64_t r = 0; r < t.dim(0); ++r)
+        for (int64_t n = 0; n < t.dim(1); ++n) t.data[r * t.dim(1) + n] = 3.14159265f * float(n);
+    } else if (ends("att.C_re") || ends("att.C_im")) {
+      for (float& x : t.data) x = 0.5f * normal(rng);
+    } else if (ends("att.D") || ends("att.gamma")) {
+      for (float& x : t.data) x = 1.0f + 0.02f * normal(rng);
+    } else if (ends("att.beta") || ends("att.wu.bias") || ends("att.wv.bias") || ends("att.wz.bias")) {
+      std::fill(t.data.begin(), t.data.end(), 0.0f);
+    } else if (ends("att.A_log")) {  // Mamba: A = -(1..N)
+      for (int64_t r = 0; r < t.dim(0); ++r)
+        for (int64_t n = 0; n < t.dim(1); ++n) t.data[r * t.dim(1) + n] = std::log(float(n + 1));
+    } else if (ends("att.dt_proj.bias")) {  // Mamba: softplus^-1 of dt log-uniform in [1e-3, 1e-1]
+      for (int64_t r = 0; r < t.numel(); ++r) {
+        const float dt = std::exp(std::log(1e-3f) + std::log(100.0f) * float(r) / float(std::max<int64_t>(t.numel() - 1, 1)));
+        t.data[r] = dt + std::log(-std::expm1(-dt));
+      }
+    } else if (ends("att.conv.weight")) {
+      for (float& x : t.data) x = 0.3f * normal(rng);
     } else if (ends("att.proj")) {
       t.data = orthogonal_gaussian_features(t.dim(0), t.dim(1), seed * 1000003 + static_cast<uint64_t>(layer));
     } else {
       const bool out = ends("att.o.weight") || ends("att.output.weight") || ends("mlp.proj.weight") ||
-                       ends("ffn.value.weight");
+                       ends("ffn.value.weight") || ends("att.out_proj.weight");
       const float s = out ? std_out : 0.02f;
       for (float& x : t.data) x = s * normal(rng);
     }
@@ -197,13 +244,15 @@ void Model::init(uint64_t seed) {
 // ---------------------------------------------------------------- forward / backward
 
 // Activations of one forward pass, kept for the backward. Per layer, all (N, C) unless noted.
-struct Model::Acts {
-  struct Layer {
+struct Model::LayerActs {
     std::vector<float> x_in, a, mean1, rstd1, q, k, v, y, att_out, x_mid, b, mean2, rstd2;
     std::vector<float> xx, xk, xv, xr, r, wkv, rw;           // rwkv time-mix
     std::vector<float> h_pre, h, xx2, xk2, xr2, kpre, kk, vv, r2;  // channel mix (h_pre, h, kpre, kk: (N,F))
-  };
-  std::vector<Layer> layers;
+    std::map<std::string, std::vector<float>> ex;  // s4d / flash / mamba intermediates, by name
+};
+
+struct Model::Acts {
+  std::vector<LayerActs> layers;
   std::vector<float> x0, e0, mean0, rstd0, xf, lnf, meanf, rstdf, logits;
 };
 
@@ -243,6 +292,42 @@ TensorMap mixer_inputs(const ModelConfig& cfg, const TensorMap& params, int64_t 
 void mix_shift(float* out, const float* x, const float* xx, const float* mix, int64_t N, int64_t C) {
   for (int64_t i = 0; i < N; ++i)
     for (int64_t c = 0; c < C; ++c) out[i * C + c] = x[i * C + c] * mix[c] + xx[i * C + c] * (1.0f - mix[c]);
+}
+
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+float dsilu(float x) {  // d silu / dx
+  const float s = 1.0f / (1.0f + std::exp(-x));
+  return s * (1.0f + x * (1.0f - s));
+}
+
+// Mamba's causal depthwise convolution (kernel 4): out[t,c] = b[c] + sum_j w[c,j] x[t-3+j, c],
+// rows before the sequence start (or, one token at a time, the carried `prev` rows) are zeros.
+void conv4_forward(float* out, const float* x, const float* w, const float* b, int64_t B, int64_t T, int64_t E) {
+  for (int64_t bb = 0; bb < B; ++bb)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < E; ++c) {
+        float acc = b[c];
+        for (int64_t j = 0; j < 4; ++j) {
+          const int64_t s = t - 3 + j;
+          if (s >= 0) acc += w[c * 4 + j] * x[(bb * T + s) * E + c];
+        }
+        out[(bb * T + t) * E + c] = acc;
+      }
+}
+void conv4_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int64_t B,
+                    int64_t T, int64_t E) {
+  for (int64_t bb = 0; bb < B; ++bb)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < E; ++c) {
+        const float g = dout[(bb * T + t) * E + c];
+        db[c] += g;
+        for (int64_t j = 0; j < 4; ++j) {
+          const int64_t s = t - 3 + j;
+          if (s < 0) continue;
+          dw[c * 4 + j] += g * x[(bb * T + s) * E + c];
+          dx[(bb * T + s) * E + c] += g * w[c * 4 + j];
+        }
+      }
 }
 
 }  // namespace
@@ -298,6 +383,16 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
       sized(L.rw, N * C);
       for (int64_t i = 0; i < N * C; ++i) L.rw[i] = L.r[i] * L.wkv[i];
       nn::matmul_forward(L.att_out.data(), L.rw.data(), W(P(l, "att.output.weight")), nullptr, N, C, C);
+    } else if (kind_of(m) == Kind::S4d) {  // y = s4d(a); out = gelu(y) Wo^T
+      L.y = run_mixer(m, Mode::Parallel, true, c.layers[l].params, s4d_inputs(l, B, T, L.a.data())).at("y").data;
+      auto& g = L.ex["gelu"];
+      g.resize(N * C);
+      nn::gelu_forward(g.data(), L.y.data(), N * C);
+      nn::matmul_forward(L.att_out.data(), g.data(), W(P(l, "att.o.weight")), nullptr, N, C, C);
+    } else if (kind_of(m) == Kind::Flash) {
+      flash_layer_forward(l, B, T, L);
+    } else if (kind_of(m) == Kind::Mamba) {
+      mamba_layer_forward(l, B, T, L);
     } else {
       sized(L.q, N * C), sized(L.k, N * C), sized(L.v, N * C);
       nn::matmul_forward(L.q.data(), L.a.data(), W(P(l, "att.q.weight")), nullptr, N, C, C);
@@ -438,6 +533,25 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
           gmk[ch] += dxk[j] * diff, gmv[ch] += dxv[j] * diff, gmr[ch] += dxr[j] * diff;
         }
       nn::shift_backward(da.data(), dxx.data(), B, T, C);
+    } else if (kind_of(m) == Kind::S4d) {
+      std::vector<float> dg(N * C);
+      nn::matmul_backward(dg.data(), G(P(l, "att.o.weight")), nullptr, dx.data(), L.ex["gelu"].data(),
+                          W(P(l, "att.o.weight")), N, C, C);
+      nn::gelu_backward(dg.data(), L.y.data(), dg.data(), N * C);
+      TensorMap in = s4d_inputs(l, B, T, L.a.data());
+      in["dy"] = Tensor({B, T, C});
+      in["dy"].data = dg;
+      const TensorMap g = run_mixer(m, Mode::Parallel, true, c.layers[l].params, in, true);
+      da = g.at("du").data;
+      for (const char* n : {"log_dt", "A_re", "A_im", "C_re", "C_im", "D"}) {
+        float* gp = G(P(l, (std::string("att.") + n).c_str()));
+        const Tensor& d = g.at(std::string("d") + n);
+        for (int64_t i = 0; i < d.numel(); ++i) gp[i] += d.data[i];
+      }
+    } else if (kind_of(m) == Kind::Flash) {
+      flash_layer_backward(l, B, T, L, dx.data(), da.data(), *grads);
+    } else if (kind_of(m) == Kind::Mamba) {
+      mamba_layer_backward(l, B, T, L, dx.data(), da.data(), *grads);
     } else {
       std::vector<float> dy(N * C);
       nn::matmul_backward(dy.data(), G(P(l, "att.o.weight")), nullptr, dx.data(), L.y.data(), W(P(l, "att.o.weight")),
@@ -480,6 +594,192 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   return loss;
 }
 
+
+// ---------------------------------------------------------------- s4d / flash / mamba layers
+
+TensorMap Model::s4d_inputs(int64_t l, int64_t B, int64_t T, const float* u) const {
+  const int64_t C = cfg_.d_model;
+  TensorMap in;
+  in["u"] = Tensor({B, T, C});
+  std::copy(u, u + B * T * C, in["u"].data.begin());
+  for (const char* n : {"log_dt", "A_re", "A_im", "C_re", "C_im", "D"}) in[n] = params_.at(P(l, (std::string("att.") + n).c_str()));
+  return in;
+}
+
+// GAU (FLASH, Hua et al. 2022, sec. 2): U = silu(a Wu + bu), V = silu(a Wv + bv) (e = expand C),
+// Z = silu(a Wz + bz) (S); quad_q, quad_k, lin_q, lin_k = Z gamma_j + beta_j; O = U * flash(...)(V);
+// out = O Wo^T.
+TensorMap Model::flash_inputs(int64_t l, int64_t N, const float* Z, const float* V, int64_t B, int64_t T) const {
+  const int64_t S = cfg_.qk_dim, e = cfg_.expand * cfg_.d_model;
+  const float *gm = params_.at(P(l, "att.gamma")).ptr(), *bt = params_.at(P(l, "att.beta")).ptr();
+  TensorMap in;
+  const char* names[4] = {"quad_q", "quad_k", "lin_q", "lin_k"};
+  for (int j = 0; j < 4; ++j) {
+    Tensor t({B, T, S});
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t x = 0; x < S; ++x) t.data[i * S + x] = Z[i * S + x] * gm[j * S + x] + bt[j * S + x];
+    in[names[j]] = std::move(t);
+  }
+  in["v"] = Tensor({B, T, e});
+  std::copy(V, V + N * e, in["v"].data.begin());
+  return in;
+}
+
+void Model::flash_layer_forward(int64_t l, int64_t B, int64_t T, LayerActs& L) {
+  const int64_t C = cfg_.d_model, N = B * T, S = cfg_.qk_dim, e = cfg_.expand * C;
+  auto W = [&](const char* n) { return params_.at(P(l, n)).ptr(); };
+  auto& up = L.ex["u_pre"], &vp = L.ex["v_pre"], &zp = L.ex["z_pre"], &U = L.ex["u"], &V = L.ex["v"], &Z = L.ex["z"];
+  up.resize(N * e), vp.resize(N * e), zp.resize(N * S), U.resize(N * e), V.resize(N * e), Z.resize(N * S);
+  nn::matmul_forward(up.data(), L.a.data(), W("att.wu.weight"), W("att.wu.bias"), N, C, e);
+  nn::matmul_forward(vp.data(), L.a.data(), W("att.wv.weight"), W("att.wv.bias"), N, C, e);
+  nn::matmul_forward(zp.data(), L.a.data(), W("att.wz.weight"), W("att.wz.bias"), N, C, S);
+  for (int64_t i = 0; i < N * e; ++i) U[i] = silu(up[i]), V[i] = silu(vp[i]);
+  for (int64_t i = 0; i < N * S; ++i) Z[i] = silu(zp[i]);
+  L.y = run_mixer("flash", Mode::Parallel, true, cfg_.layers[l].params, flash_inputs(l, N, Z.data(), V.data(), B, T))
+            .at("y")
+            .data;  // A: (N, e)
+  auto& O = L.ex["o"];
+  O.resize(N * e);
+  for (int64_t i = 0; i < N * e; ++i) O[i] = U[i] * L.y[i];
+  nn::matmul_forward(L.att_out.data(), O.data(), W("att.o.weight"), nullptr, N, e, C);
+}
+
+void Model::flash_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, const float* dout, float* da,
+                                 TensorMap& grads) {
+  const int64_t C = cfg_.d_model, N = B * T, S = cfg_.qk_dim, e = cfg_.expand * C;
+  auto W = [&](const char* n) { return params_.at(P(l, n)).ptr(); };
+  auto G = [&](const char* n) {
+    const std::string k = P(l, n);
+    auto it = grads.find(k);
+    if (it == grads.end()) it = grads.emplace(k, Tensor(params_.at(k).shape)).first;
+    return it->second.ptr();
+  };
+  auto &U = L.ex["u"], &V = L.ex["v"], &Z = L.ex["z"];
+  std::vector<float> dO(N * e), dU(N * e), dA(N * e), dZ(N * S, 0.0f);
+  nn::matmul_backward(dO.data(), G("att.o.weight"), nullptr, dout, L.ex["o"].data(), W("att.o.weight"), N, e, C);
+  for (int64_t i = 0; i < N * e; ++i) dU[i] = dO[i] * L.y[i], dA[i] = dO[i] * U[i];
+  TensorMap in = flash_inputs(l, N, Z.data(), V.data(), B, T);
+  in["dy"] = Tensor({B, T, e});
+  in["dy"].data = dA;
+  const TensorMap g = run_mixer("flash", Mode::Parallel, true, cfg_.layers[l].params, in, true);
+  const float* gm = W("att.gamma");
+  float *ggm = G("att.gamma"), *gbt = G("att.beta");
+  const char* names[4] = {"dquad_q", "dquad_k", "dlin_q", "dlin_k"};
+  for (int j = 0; j < 4; ++j) {
+    const float* dq = g.at(names[j]).ptr();
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t x = 0; x < S; ++x) {
+        dZ[i * S + x] += dq[i * S + x] * gm[j * S + x];
+        ggm[j * S + x] += dq[i * S + x] * Z[i * S + x];
+        gbt[j * S + x] += dq[i * S + x];
+      }
+  }
+  std::vector<float> dV(g.at("dv").data);
+  for (int64_t i = 0; i < N * e; ++i) dU[i] *= dsilu(L.ex["u_pre"][i]), dV[i] *= dsilu(L.ex["v_pre"][i]);
+  for (int64_t i = 0; i < N * S; ++i) dZ[i] *= dsilu(L.ex["z_pre"][i]);
+  nn::matmul_backward(da, G("att.wu.weight"), G("att.wu.bias"), dU.data(), L.a.data(), W("att.wu.weight"), N, C, e, true);
+  nn::matmul_backward(da, G("att.wv.weight"), G("att.wv.bias"), dV.data(), L.a.data(), W("att.wv.weight"), N, C, e, true);
+  nn::matmul_backward(da, G("att.wz.weight"), G("att.wz.bias"), dZ.data(), L.a.data(), W("att.wz.weight"), N, C, S, true);
+}
+
+// Mamba block (Gu & Dao 2023, Fig. 3): [x, z] = a W_in; x = silu(conv4(x)); [dt_r, Bm, Cm] = x W_x;
+// delta = dt_r W_dt; y = selective_scan(x, delta, A = -exp(A_log), Bm, Cm, D, z, dt bias); out = y W_out.
+TensorMap Model::mamba_inputs(int64_t l, int64_t B, int64_t T, const float* xs, const float* dbc, const float* delta,
+                              const float* z) const {
+  const int64_t Ei = cfg_.expand * cfg_.d_model, N = cfg_.state, R = (cfg_.d_model + 15) / 16, NR = B * T;
+  TensorMap in;
+  auto put = [&](const char* n, std::vector<int64_t> shape, const float* src) {
+    Tensor t(std::move(shape));
+    std::copy(src, src + t.numel(), t.data.begin());
+    in[n] = std::move(t);
+  };
+  put("u", {B, T, Ei}, xs), put("delta", {B, T, Ei}, delta), put("z", {B, T, Ei}, z);
+  Tensor Bm({B, T, N}), Cm({B, T, N});
+  for (int64_t i = 0; i < NR; ++i)
+    for (int64_t n = 0; n < N; ++n) {
+      Bm.data[i * N + n] = dbc[i * (R + 2 * N) + R + n];
+      Cm.data[i * N + n] = dbc[i * (R + 2 * N) + R + N + n];
+    }
+  in["Bm"] = std::move(Bm), in["Cm"] = std::move(Cm);
+  Tensor A({Ei, N});
+  const Tensor& al = params_.at(P(l, "att.A_log"));
+  for (int64_t i = 0; i < A.numel(); ++i) A.data[i] = -std::exp(al.data[i]);
+  in["A"] = std::move(A);
+  in["D"] = params_.at(P(l, "att.D"));
+  in["delta_bias"] = params_.at(P(l, "att.dt_proj.bias"));
+  return in;
+}
+
+void Model::mamba_layer_forward(int64_t l, int64_t B, int64_t T, LayerActs& L) {
+  const int64_t C = cfg_.d_model, NR = B * T, Ei = cfg_.expand * C, N = cfg_.state, R = (C + 15) / 16;
+  auto W = [&](const char* n) { return params_.at(P(l, n)).ptr(); };
+  auto &xz = L.ex["xz"], &xp = L.ex["xp"], &xc = L.ex["xc"], &xs = L.ex["xs"], &z = L.ex["z"], &dbc = L.ex["dbc"],
+       &dtr = L.ex["dtr"], &delta = L.ex["delta"];
+  xz.resize(NR * 2 * Ei), xp.resize(NR * Ei), xc.resize(NR * Ei), xs.resize(NR * Ei), z.resize(NR * Ei);
+  dbc.resize(NR * (R + 2 * N)), dtr.resize(NR * R), delta.resize(NR * Ei);
+  nn::matmul_forward(xz.data(), L.a.data(), W("att.in_proj.weight"), nullptr, NR, C, 2 * Ei);
+  for (int64_t i = 0; i < NR; ++i) {
+    std::copy(&xz[i * 2 * Ei], &xz[i * 2 * Ei] + Ei, &xp[i * Ei]);
+    std::copy(&xz[i * 2 * Ei] + Ei, &xz[(i + 1) * 2 * Ei], &z[i * Ei]);
+  }
+  conv4_forward(xc.data(), xp.data(), W("att.conv.weight"), W("att.conv.bias"), B, T, Ei);
+  for (int64_t i = 0; i < NR * Ei; ++i) xs[i] = silu(xc[i]);
+  nn::matmul_forward(dbc.data(), xs.data(), W("att.x_proj.weight"), nullptr, NR, Ei, R + 2 * N);
+  for (int64_t i = 0; i < NR; ++i) std::copy(&dbc[i * (R + 2 * N)], &dbc[i * (R + 2 * N)] + R, &dtr[i * R]);
+  nn::matmul_forward(delta.data(), dtr.data(), W("att.dt_proj.weight"), nullptr, NR, R, Ei);
+  L.y = run_mixer("mamba", Mode::Parallel, true, cfg_.layers[l].params,
+                  mamba_inputs(l, B, T, xs.data(), dbc.data(), delta.data(), z.data()))
+            .at("y")
+            .data;
+  nn::matmul_forward(L.att_out.data(), L.y.data(), W("att.out_proj.weight"), nullptr, NR, Ei, C);
+}
+
+void Model::mamba_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, const float* dout, float* da,
+                                 TensorMap& grads) {
+  const int64_t C = cfg_.d_model, NR = B * T, Ei = cfg_.expand * C, N = cfg_.state, R = (C + 15) / 16;
+  auto W = [&](const char* n) { return params_.at(P(l, n)).ptr(); };
+  auto G = [&](const char* n) {
+    const std::string k = P(l, n);
+    auto it = grads.find(k);
+    if (it == grads.end()) it = grads.emplace(k, Tensor(params_.at(k).shape)).first;
+    return it->second.ptr();
+  };
+  std::vector<float> dy(NR * Ei);
+  nn::matmul_backward(dy.data(), G("att.out_proj.weight"), nullptr, dout, L.y.data(), W("att.out_proj.weight"), NR,
+                      Ei, C);
+  TensorMap in = mamba_inputs(l, B, T, L.ex["xs"].data(), L.ex["dbc"].data(), L.ex["delta"].data(), L.ex["z"].data());
+  in["dy"] = Tensor({B, T, Ei});
+  in["dy"].data = dy;
+  const TensorMap g = run_mixer("mamba", Mode::Parallel, true, cfg_.layers[l].params, in, true);
+  float *gal = G("att.A_log"), *gD = G("att.D"), *gb = G("att.dt_proj.bias");
+  const Tensor& dA = g.at("dA");
+  for (int64_t i = 0; i < dA.numel(); ++i) gal[i] += dA.data[i] * in.at("A").data[i];  // A = -exp(A_log)
+  for (int64_t i = 0; i < Ei; ++i) gD[i] += g.at("dD").data[i], gb[i] += g.at("ddelta_bias").data[i];
+  std::vector<float> ddtr(NR * R), ddbc(NR * (R + 2 * N)), dxs(g.at("du").data), dxz(NR * 2 * Ei, 0.0f);
+  nn::matmul_backward(ddtr.data(), G("att.dt_proj.weight"), nullptr, g.at("ddelta").ptr(), L.ex["dtr"].data(),
+                      W("att.dt_proj.weight"), NR, R, Ei);
+  for (int64_t i = 0; i < NR; ++i) {
+    std::copy(&ddtr[i * R], &ddtr[i * R] + R, &ddbc[i * (R + 2 * N)]);
+    for (int64_t n = 0; n < N; ++n) {
+      ddbc[i * (R + 2 * N) + R + n] = g.at("dBm").data[i * N + n];
+      ddbc[i * (R + 2 * N) + R + N + n] = g.at("dCm").data[i * N + n];
+    }
+  }
+  nn::matmul_backward(dxs.data(), G("att.x_proj.weight"), nullptr, ddbc.data(), L.ex["xs"].data(),
+                      W("att.x_proj.weight"), NR, Ei, R + 2 * N, true);
+  std::vector<float> dxc(NR * Ei), dxp(NR * Ei, 0.0f);
+  for (int64_t i = 0; i < NR * Ei; ++i) dxc[i] = dxs[i] * dsilu(L.ex["xc"][i]);
+  conv4_backward(dxp.data(), G("att.conv.weight"), G("att.conv.bias"), dxc.data(), L.ex["xp"].data(),
+                 W("att.conv.weight"), B, T, Ei);
+  for (int64_t i = 0; i < NR; ++i)
+    for (int64_t c = 0; c < Ei; ++c) {
+      dxz[i * 2 * Ei + c] = dxp[i * Ei + c];
+      dxz[i * 2 * Ei + Ei + c] = g.at("dz").data[i * Ei + c];
+    }
+  nn::matmul_backward(da, G("att.in_proj.weight"), nullptr, dxz.data(), L.a.data(), W("att.in_proj.weight"), NR, C,
+                      2 * Ei, true);
+}
+
 std::vector<float> Model::logits(const int32_t* inputs, int64_t B, int64_t T) {
   forward_backward(inputs, nullptr, B, T, nullptr);
   return acts_->logits;
@@ -487,8 +787,69 @@ std::vector<float> Model::logits(const int32_t* inputs, int64_t B, int64_t T) {
 
 // ---------------------------------------------------------------- recurrent step
 
+// One recurrent mixer call for layer l: the layer's state.* tensors in, updated, y out.
+std::vector<float> Model::mixer_step(int64_t l, TensorMap in, State& st) {
+  for (const auto& [n, t] : st.mix[l]) in[n] = t;
+  TensorMap out = run_mixer(cfg_.layers[l].mixer, Mode::Recurrent, true, cfg_.layers[l].params, in);
+  st.mix[l].clear();
+  for (auto& [n, t] : out)
+    if (n.rfind("state.", 0) == 0) st.mix[l][n] = std::move(t);
+  return out.at("y").data;
+}
+
+// The token mix of one token for the s4d, flash (GAU) and mamba layers: a (C) -> o (C).
+void Model::step_special(int64_t l, const float* a, float* o, State& st) {
+  const int64_t C = cfg_.d_model;
+  auto W = [&](const char* n) { return params_.at(P(l, n)).ptr(); };
+  switch (kind_of(cfg_.layers[l].mixer)) {
+    case Kind::S4d: {
+      std::vector<float> y = mixer_step(l, s4d_inputs(l, 1, 1, a), st), g(C);
+      nn::gelu_forward(g.data(), y.data(), C);
+      nn::matmul_forward(o, g.data(), W("att.o.weight"), nullptr, 1, C, C);
+      break;
+    }
+    case Kind::Flash: {
+      const int64_t S = cfg_.qk_dim, e = cfg_.expand * C;
+      std::vector<float> U(e), V(e), Z(S);
+      nn::matmul_forward(U.data(), a, W("att.wu.weight"), W("att.wu.bias"), 1, C, e);
+      nn::matmul_forward(V.data(), a, W("att.wv.weight"), W("att.wv.bias"), 1, C, e);
+      nn::matmul_forward(Z.data(), a, W("att.wz.weight"), W("att.wz.bias"), 1, C, S);
+      for (float& x : U) x = silu(x);
+      for (float& x : V) x = silu(x);
+      for (float& x : Z) x = silu(x);
+      const std::vector<float> A = mixer_step(l, flash_inputs(l, 1, Z.data(), V.data(), 1, 1), st);
+      for (int64_t i = 0; i < e; ++i) U[i] *= A[i];
+      nn::matmul_forward(o, U.data(), W("att.o.weight"), nullptr, 1, e, C);
+      break;
+    }
+    case Kind::Mamba: {
+      const int64_t Ei = cfg_.expand * C, N = cfg_.state, R = (C + 15) / 16;
+      std::vector<float> xz(2 * Ei), xs(Ei), dbc(R + 2 * N), delta(Ei);
+      nn::matmul_forward(xz.data(), a, W("att.in_proj.weight"), nullptr, 1, C, 2 * Ei);
+      std::vector<float>& prev = st.conv[l];  // the last 3 conv inputs, oldest first: (3, Ei)
+      if (prev.empty()) prev.assign(3 * Ei, 0.0f);
+      const float *cw = W("att.conv.weight"), *cb = W("att.conv.bias");
+      for (int64_t c = 0; c < Ei; ++c) {
+        float acc = cb[c] + cw[c * 4 + 3] * xz[c];
+        for (int64_t j = 0; j < 3; ++j) acc += cw[c * 4 + j] * prev[j * Ei + c];
+        xs[c] = silu(acc);
+      }
+      std::copy(prev.begin() + Ei, prev.end(), prev.begin());
+      std::copy(xz.begin(), xz.begin() + Ei, prev.begin() + 2 * Ei);
+      nn::matmul_forward(dbc.data(), xs.data(), W("att.x_proj.weight"), nullptr, 1, Ei, R + 2 * N);
+      nn::matmul_forward(delta.data(), dbc.data(), W("att.dt_proj.weight"), nullptr, 1, R, Ei);
+      const std::vector<float> y = mixer_step(l, mamba_inputs(l, 1, 1, xs.data(), dbc.data(), delta.data(), xz.data() + Ei), st);
+      nn::matmul_forward(o, y.data(), W("att.out_proj.weight"), nullptr, 1, Ei, C);
+      break;
+    }
+    default:
+      throw Error("step_special: not an s4d / flash / mamba layer");
+  }
+}
+
 Model::State Model::new_state() const {
   State s;
+  s.conv.resize(cfg_.n_layer);
   s.mix.resize(cfg_.n_layer);
   s.att_prev.assign(cfg_.n_layer, std::vector<float>(cfg_.d_model, 0.0f));
   s.ffn_prev.assign(cfg_.n_layer, std::vector<float>(cfg_.d_model, 0.0f));
@@ -507,8 +868,10 @@ void Model::step(int32_t token, State& st, float* logits_out) {
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string& m = c.layers[l].mixer;
     nn::layernorm_forward(a.data(), &mean, &rstd, x.data(), W(P(l, "ln1.weight")), W(P(l, "ln1.bias")), 1, C);
-    TensorMap in;
-    if (kind_of(m) == Kind::Rwkv) {
+    const Kind kind = kind_of(m);
+    if (kind == Kind::S4d || kind == Kind::Flash || kind == Kind::Mamba) {
+      step_special(l, a.data(), o.data(), st);
+    } else if (kind == Kind::Rwkv) {
       const float *mk = W(P(l, "att.time_mix_k")), *mv = W(P(l, "att.time_mix_v")), *mr = W(P(l, "att.time_mix_r"));
       std::vector<float> xk(C), xv(C), xr(C);
       for (int64_t ch = 0; ch < C; ++ch) {
@@ -521,23 +884,15 @@ void Model::step(int32_t token, State& st, float* logits_out) {
       nn::matmul_forward(k.data(), xk.data(), W(P(l, "att.key.weight")), nullptr, 1, C, C);
       nn::matmul_forward(v.data(), xv.data(), W(P(l, "att.value.weight")), nullptr, 1, C, C);
       nn::matmul_forward(r.data(), xr.data(), W(P(l, "att.receptance.weight")), nullptr, 1, C, C);
-      in = mixer_inputs(c, params_, l, 1, 1, nullptr, k.data(), v.data());
+      const std::vector<float> y = mixer_step(l, mixer_inputs(c, params_, l, 1, 1, nullptr, k.data(), v.data()), st);
+      for (int64_t ch = 0; ch < C; ++ch) tmp[ch] = sigmoid(r[ch]) * y[ch];
+      nn::matmul_forward(o.data(), tmp.data(), W(P(l, "att.output.weight")), nullptr, 1, C, C);
     } else {
       nn::matmul_forward(q.data(), a.data(), W(P(l, "att.q.weight")), nullptr, 1, C, C);
       nn::matmul_forward(k.data(), a.data(), W(P(l, "att.k.weight")), nullptr, 1, C, C);
       nn::matmul_forward(v.data(), a.data(), W(P(l, "att.v.weight")), nullptr, 1, C, C);
-      in = mixer_inputs(c, params_, l, 1, 1, q.data(), k.data(), v.data());
-    }
-    for (const auto& [n, t] : st.mix[l]) in[n] = t;
-    TensorMap out = run_mixer(m, Mode::Recurrent, true, c.layers[l].params, in);
-    st.mix[l].clear();
-    for (auto& [n, t] : out)
-      if (n.rfind("state.", 0) == 0) st.mix[l][n] = std::move(t);
-    const std::vector<float>& y = out.at("y").data;
-    if (kind_of(m) == Kind::Rwkv) {
-      for (int64_t ch = 0; ch < C; ++ch) tmp[ch] = sigmoid(r[ch]) * y[ch];
-      nn::matmul_forward(o.data(), tmp.data(), W(P(l, "att.output.weight")), nullptr, 1, C, C);
-    } else {
+      const std::vector<float> y =
+          mixer_step(l, mixer_inputs(c, params_, l, 1, 1, q.data(), k.data(), v.data()), st);
       nn::matmul_forward(o.data(), y.data(), W(P(l, "att.o.weight")), nullptr, 1, C, C);
     }
     for (int64_t ch = 0; ch < C; ++ch) x[ch] += o[ch];
