@@ -32,6 +32,9 @@ struct ModelConfig {
   int64_t state = 16;     // s4d / mamba state size N
   int64_t qk_dim = 32;    // flash (GAU) shared query/key width S
   int64_t expand = 2;     // flash (GAU) and mamba inner width = expand * d_model
+  int pos_emb = -1;       // learned absolute positions: 1 on, 0 off, -1 = on iff a layer is
+                          // attention-like (softmax, linear, performer, flow, TransNormer, flash)
+  bool uses_pos_emb() const;
   std::vector<LayerConfig> layers;  // one per layer
 
   // JSON: {"d_model":..,"n_layer":..,"mixer":"rwkv4" | "layers":[{"mixer":..,"params":{..}}],..}

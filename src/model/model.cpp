@@ -48,7 +48,7 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
   ModelConfig c;
   static const std::vector<std::string> known = {"vocab",   "d_model",  "n_layer",  "n_head", "ctx",
                                                  "channel_mix", "ffn_mult", "features", "kernel", "ln0",
-                                                 "mixer",   "params",   "layers", "state", "qk_dim", "expand"};
+                                                 "mixer",   "params",   "layers", "state", "qk_dim", "expand", "pos_emb"};
   for (auto it = j.begin(); it != j.end(); ++it)
     LINMIX_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
                  "model config: unknown field '" + it.key() + "'");
@@ -63,6 +63,10 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
   if (j.contains("channel_mix")) {
     LINMIX_CHECK(j["channel_mix"].is_string(), "model config: 'channel_mix' must be a string");
     c.channel_mix = j["channel_mix"].get<std::string>();
+  }
+  if (j.contains("pos_emb")) {
+    LINMIX_CHECK(j["pos_emb"].is_boolean(), "model config: 'pos_emb' must be true or false");
+    c.pos_emb = j["pos_emb"].get<bool>() ? 1 : 0;
   }
   if (j.contains("ln0")) {
     LINMIX_CHECK(j["ln0"].is_boolean(), "model config: 'ln0' must be true or false");
@@ -96,7 +100,8 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
 std::string ModelConfig::to_json() const {
   json j = {{"vocab", vocab},       {"d_model", d_model},   {"n_layer", n_layer}, {"n_head", n_head},
             {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"features", features},
-            {"kernel", kernel},     {"ln0", ln0}, {"state", state}, {"qk_dim", qk_dim}, {"expand", expand}};
+            {"kernel", kernel},     {"ln0", ln0}, {"state", state}, {"qk_dim", qk_dim}, {"expand", expand},
+            {"pos_emb", uses_pos_emb()}};
   j["layers"] = json::array();
   for (const auto& l : layers) j["layers"].push_back({{"mixer", l.mixer}, {"params", l.params}});
   return j.dump();
@@ -123,6 +128,13 @@ void ModelConfig::validate() const {
   }
 }
 
+bool ModelConfig::uses_pos_emb() const {
+  if (pos_emb >= 0) return pos_emb == 1;
+  for (const auto& l : layers)  // default: the attention-like mixers carry no order of their own
+    if (kind_of(l.mixer) == Kind::Attn || kind_of(l.mixer) == Kind::Flash) return true;
+  return false;
+}
+
 bool is_buffer_param(const std::string& name) { return name.size() > 9 && name.rfind("att.proj") == name.size() - 8; }
 
 // ---------------------------------------------------------------- parameters
@@ -132,6 +144,7 @@ Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
   const int64_t C = cfg_.d_model, V = cfg_.vocab, F = cfg_.ffn_mult * C;
   auto add = [&](const std::string& n, std::vector<int64_t> s) { params_[n] = Tensor(std::move(s)); };
   add("emb.weight", {V, C});
+  if (cfg_.uses_pos_emb()) add("pos.weight", {cfg_.ctx, C});
   if (cfg_.ln0) add("blocks.0.ln0.weight", {C}), add("blocks.0.ln0.bias", {C});
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
     const std::string& m = cfg_.layers[i].mixer;
@@ -351,6 +364,12 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   // embedding (+ ln0)
   float* x = sized(A.x0, N * C);
   for (int64_t i = 0; i < N; ++i) std::copy(W("emb.weight") + inputs[i] * C, W("emb.weight") + (inputs[i] + 1) * C, x + i * C);
+  if (c.uses_pos_emb()) {  // learned absolute positions (GPT-2 style)
+    LINMIX_CHECK(T <= c.ctx, "sequence of " + std::to_string(T) + " tokens is longer than the model's ctx " +
+                                 std::to_string(c.ctx) + " (it has learned positions)");
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t ch = 0; ch < C; ++ch) x[i * C + ch] += W("pos.weight")[(i % T) * C + ch];
+  }
   if (c.ln0) {
     sized(A.e0, N * C), sized(A.mean0, N), sized(A.rstd0, N);
     nn::layernorm_forward(A.e0.data(), A.mean0.data(), A.rstd0.data(), A.x0.data(), W("blocks.0.ln0.weight"),
@@ -587,6 +606,11 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
                            W("blocks.0.ln0.weight"), A.mean0.data(), A.rstd0.data(), N, C);
   } else {
     demb = dx;
+  }
+  if (c.uses_pos_emb()) {
+    float* gp = G("pos.weight");
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t ch = 0; ch < C; ++ch) gp[(i % T) * C + ch] += demb[i * C + ch];
   }
   float* ge = G("emb.weight");
   for (int64_t i = 0; i < N; ++i)
@@ -864,6 +888,11 @@ void Model::step(int32_t token, State& st, float* logits_out) {
   float mean, rstd;
   std::vector<float> x(W("emb.weight") + token * C, W("emb.weight") + (token + 1) * C), a(C), o(C), q(C), k(C), v(C),
       r(C), tmp(C), h(F), h2(F);
+  if (c.uses_pos_emb()) {
+    LINMIX_CHECK(st.pos < c.ctx, "position " + std::to_string(st.pos) + " is past the model's ctx " +
+                                     std::to_string(c.ctx) + " (learned positions end there)");
+    for (int64_t ch = 0; ch < C; ++ch) x[ch] += W("pos.weight")[st.pos * C + ch];
+  }
   if (c.ln0) nn::layernorm_forward(x.data(), &mean, &rstd, x.data(), W("blocks.0.ln0.weight"), W("blocks.0.ln0.bias"), 1, C);
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string& m = c.layers[l].mixer;
