@@ -23,6 +23,26 @@ inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : std::exp(x); }  // elu(x) + 1
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+inline float dphi_elu(float x) { return x > 0.0f ? 1.0f : std::exp(x); }  // d(elu(x) + 1)/dx
+
+// Gathers one head of a (B,T,H,D) tensor into contiguous (T,D) rows, mapped by f; row0 is
+// the row index b*T*H + h of the head's first element.
+template <class F>
+void gather_head(float* dst, const float* src, int64_t row0, int64_t T, int64_t H, int64_t D, F f) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t x = 0; x < D; ++x) dst[t * D + x] = f(src[(row0 + t * H) * D + x]);
+}
+
+// Scatters (T,D) head gradients back into a (B,T,H,D) tensor through phi = elu + 1:
+// dx = d(phi(x)) phi'(x).
+inline void scatter_head_dphi(float* dx, const float* dphi, const float* x, int64_t row0, int64_t T, int64_t H,
+                              int64_t D) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < D; ++j) {
+      const int64_t o = (row0 + t * H) * D + j;
+      dx[o] = dphi[t * D + j] * dphi_elu(x[o]);
+    }
+}
 
 // Inputs of a reference evaluation, by tensor name, in the reference's scalar.
 template <class S>

@@ -20,11 +20,8 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t x = 0; x < D; ++x) {
-            Qf[t * D + x] = phi_elu(q[((b * T + t) * H + h) * D + x]);
-            Kf[t * D + x] = phi_elu(k[((b * T + t) * H + h) * D + x]);
-          }
+        gather_head(Qf.data(), q, b * T * H + h, T, H, D, phi_elu);
+        gather_head(Kf.data(), k, b * T * H + h, T, H, D, phi_elu);
         float* yh = y + (b * T * H + h) * E;
         linear_product(yh, den.data(), Qf.data(), Kf.data(), v + (b * T * H + h) * E,
                        {T, D, E, D, D, H * E, H * E, causal});
@@ -52,11 +49,8 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t x = 0; x < D; ++x) {
-            Qf[t * D + x] = phi_elu(q[(row0 + t * H) * D + x]);
-            Kf[t * D + x] = phi_elu(k[(row0 + t * H) * D + x]);
-          }
+        gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
+        gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
         const LinearProductArgs args{T, D, E, D, D, H * E, E, causal};
         linear_product(num.data(), den.data(), Qf.data(), Kf.data(), v + row0 * E, args);
         for (int64_t t = 0; t < T; ++t) {
@@ -68,15 +62,9 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
         }
         linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dnum.data(), E,
                                 dden.data(), args);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t o = (row0 + t * H);
-          for (int64_t x = 0; x < D; ++x) {
-            const float qx = q[o * D + x], kx = k[o * D + x];
-            dq[o * D + x] = dQ[t * D + x] * (qx > 0.0f ? 1.0f : std::exp(qx));
-            dk[o * D + x] = dK[t * D + x] * (kx > 0.0f ? 1.0f : std::exp(kx));
-          }
-          std::copy(&dV[t * E], &dV[t * E] + E, dv + o * E);
-        }
+        scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);
+        scatter_head_dphi(dk, dK.data(), k, row0, T, H, D);
+        for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
       }
   }
 }

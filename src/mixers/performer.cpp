@@ -33,12 +33,37 @@ void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const fl
   }
 }
 
+// Stabilised features of one head (row0 = b*T*H + h): Qf, Kf (T,M). Queries: exp(l - row max);
+// keys: exp(l - g_t) with g_t the running max over keys s <= t (causal, saved in g) or the max
+// over all keys (non-causal). All / sqrt(M).
+void head_features(float* Qf, float* Kf, float* g, const float* q, const float* k, const float* proj, int64_t row0,
+                   int64_t T, int64_t H, int64_t D, int64_t M, bool causal) {
+  const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
+  feature_logits(Qf, q + row0 * D, H * D, T, proj, M, D);
+  feature_logits(Kf, k + row0 * D, H * D, T, proj, M, D);
+  for (int64_t t = 0; t < T; ++t) {
+    float* r = Qf + t * M;
+    const float mx = *std::max_element(r, r + M);
+    for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - mx) * inv_sqrt_m;
+  }
+  if (causal) {
+    float run = kEmptyMax;
+    for (int64_t t = 0; t < T; ++t) {
+      float* r = Kf + t * M;
+      g[t] = run = std::max(run, *std::max_element(r, r + M));
+      for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - run) * inv_sqrt_m;
+    }
+  } else {
+    const float mx = *std::max_element(Kf, Kf + T * M);
+    for (int64_t i = 0; i < T * M; ++i) Kf[i] = exp_fast(Kf[i] - mx) * inv_sqrt_m;
+  }
+}
+
 }  // namespace
 
 void performer_forward(float* y, const float* q, const float* k, const float* v, const float* proj,
                        const AttnDims& d, int64_t M, bool causal) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
-  const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
 #pragma omp parallel
   {
     // Qf, Kf: (T,M) features of one head; den: (T); g: (T) running key max (causal).
@@ -47,26 +72,7 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        feature_logits(Qf.data(), q + row0 * D, H * D, T, proj, M, D);
-        feature_logits(Kf.data(), k + row0 * D, H * D, T, proj, M, D);
-        for (int64_t t = 0; t < T; ++t) {  // queries: per-row max
-          float* r = &Qf[t * M];
-          const float mx = *std::max_element(r, r + M);
-          for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - mx) * inv_sqrt_m;
-        }
-        // keys: non-causal, one max over all keys; causal, the running max g_t over keys s <= t,
-        // each key stored as exp(logit - g_t) and linear_product told g (scales e^{g_j - g_i}).
-        if (causal) {
-          float run = kEmptyMax;
-          for (int64_t t = 0; t < T; ++t) {
-            float* r = &Kf[t * M];
-            g[t] = run = std::max(run, *std::max_element(r, r + M));
-            for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - run) * inv_sqrt_m;
-          }
-        } else {
-          const float mx = *std::max_element(Kf.begin(), Kf.end());
-          for (float& x : Kf) x = exp_fast(x - mx) * inv_sqrt_m;
-        }
+        head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal);
         float* yh = y + row0 * E;
         linear_product(yh, den.data(), Qf.data(), Kf.data(), v + row0 * E, {T, M, E, M, M, H * E, H * E, causal},
                        causal ? g.data() : nullptr);
@@ -87,7 +93,7 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
 void performer_backward(float* dq, float* dk, float* dv, float* dproj, const float* q, const float* k, const float* v,
                         const float* proj, const float* dy, const AttnDims& d, int64_t M, bool causal) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
-  const float inv_sqrt_m = 1.0f / std::sqrt(float(M)), sc = std::pow(float(D), -0.25f);
+  const float sc = std::pow(float(D), -0.25f);
   std::fill(dproj, dproj + M * D, 0.0f);
 #pragma omp parallel
   {
@@ -97,24 +103,7 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        feature_logits(Qf.data(), q + row0 * D, H * D, T, proj, M, D);
-        feature_logits(Kf.data(), k + row0 * D, H * D, T, proj, M, D);
-        for (int64_t t = 0; t < T; ++t) {
-          float* r = &Qf[t * M];
-          const float mx = *std::max_element(r, r + M);
-          for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - mx) * inv_sqrt_m;
-        }
-        if (causal) {
-          float run = kEmptyMax;
-          for (int64_t t = 0; t < T; ++t) {
-            float* r = &Kf[t * M];
-            g[t] = run = std::max(run, *std::max_element(r, r + M));
-            for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - run) * inv_sqrt_m;
-          }
-        } else {
-          const float mx = *std::max_element(Kf.begin(), Kf.end());
-          for (float& x : Kf) x = exp_fast(x - mx) * inv_sqrt_m;
-        }
+        head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal);
         const float* gp = causal ? g.data() : nullptr;
         const LinearProductArgs args{T, M, E, M, M, H * E, E, causal};
         linear_product(num.data(), den.data(), Qf.data(), Kf.data(), v + row0 * E, args, gp);

@@ -34,11 +34,8 @@ void norm_linear_forward(float* y, const float* q, const float* k, const float* 
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t x = 0; x < D; ++x) {
-            Qf[t * D + x] = phi_elu(q[(row0 + t * H) * D + x]);
-            Kf[t * D + x] = phi_elu(k[(row0 + t * H) * D + x]);
-          }
+        gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
+        gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
         float* yh = y + row0 * E;
         linear_product(yh, nullptr, Qf.data(), Kf.data(), v + row0 * E, {T, D, E, D, D, H * E, H * E, causal});
         for (int64_t t = 0; t < T; ++t) srms(yh + t * H * E, E, eps);
@@ -60,11 +57,8 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t x = 0; x < D; ++x) {
-            Qf[t * D + x] = phi_elu(q[(row0 + t * H) * D + x]);
-            Kf[t * D + x] = phi_elu(k[(row0 + t * H) * D + x]);
-          }
+        gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
+        gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
         const LinearProductArgs args{T, D, E, D, D, H * E, E, causal};
         linear_product(o.data(), nullptr, Qf.data(), Kf.data(), v + row0 * E, args);
         for (int64_t t = 0; t < T; ++t) {
@@ -79,15 +73,9 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
         }
         linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dO.data(), E,
                                 nullptr, args);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t o2 = row0 + t * H;
-          for (int64_t x = 0; x < D; ++x) {
-            const float qx = q[o2 * D + x], kx = k[o2 * D + x];
-            dq[o2 * D + x] = dQ[t * D + x] * (qx > 0.0f ? 1.0f : std::exp(qx));
-            dk[o2 * D + x] = dK[t * D + x] * (kx > 0.0f ? 1.0f : std::exp(kx));
-          }
-          std::copy(&dV[t * E], &dV[t * E] + E, dv + o2 * E);
-        }
+        scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);
+        scatter_head_dphi(dk, dK.data(), k, row0, T, H, D);
+        for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
       }
   }
 }
