@@ -91,6 +91,7 @@ class Model {
   void mamba_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, const float* dout, float* da,
                             TensorMap& grads);
   std::vector<float> mixer_step(int64_t l, TensorMap in, State& st);
+  float* grad_slot(TensorMap& grads, const std::string& name) const;
   void step_special(int64_t l, const float* a, float* o, State& st);
   ModelConfig cfg_;
   TensorMap params_;

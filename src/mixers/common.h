@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../ref/tape.h"
+#include "linmix/kernels.h"
 #include "linmix/mixer.h"
 
 namespace linmix {
@@ -91,6 +92,30 @@ void set_reference(MixerSpec& s, F f) {
       out["d" + n] = std::move(gt);
     }
     return out;
+  };
+}
+
+// parallel and backward for the q, k, v mechanisms with one `eps` param (linear, norm_linear):
+// y (B,T,H,E) from forward; backward returns y and dq, dk, dv.
+using QkvForward = void (*)(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
+                            bool causal);
+using QkvBackward = void (*)(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                             const float* dy, const AttnDims& d, float eps, bool causal);
+inline void set_qkv_eps_forms(MixerSpec& s, QkvForward fwd, QkvBackward bwd) {
+  auto dims = [](const Call& c) { return AttnDims{c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; };
+  s.parallel = [fwd, dims](const Call& c) {
+    const AttnDims d = dims(c);
+    Tensor y({d.B, d.T, d.H, d.E});
+    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
+    return TensorMap{{"y", std::move(y)}};
+  };
+  s.backward = [fwd, bwd, dims](const Call& c, const Tensor& dy) {
+    const AttnDims d = dims(c);
+    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
+    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
+    bwd(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d, float(c.p("eps")),
+        c.causal);
+    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
   };
 }
 

@@ -117,20 +117,7 @@ MixerSpec make_spec() {
     ref::linear_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, S(c.p("eps")), c.causal);
     return y;
   });
-  s.parallel = [](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    Tensor y({d.B, d.T, d.H, d.E});
-    linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
-    return TensorMap{{"y", std::move(y)}};
-  };
-  s.backward = [](const Call& c, const Tensor& dy) {
-    const AttnDims d = attn_dims(c);
-    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
-    linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
-    linear_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d,
-                    float(c.p("eps")), c.causal);
-    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
-  };
+  set_qkv_eps_forms(s, linear_forward, linear_backward);
   s.recurrent = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     Tensor y({d.B, d.T, d.H, d.E}), S({d.B, d.H, d.D, d.E}), z({d.B, d.H, d.D});

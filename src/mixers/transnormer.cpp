@@ -100,20 +100,7 @@ MixerSpec norm_linear() {
                             c.causal);
     return y;
   });
-  s.parallel = [](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    Tensor y({d.B, d.T, d.H, d.E});
-    norm_linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
-    return TensorMap{{"y", std::move(y)}};
-  };
-  s.backward = [](const Call& c, const Tensor& dy) {
-    const AttnDims d = attn_dims(c);
-    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
-    norm_linear_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
-    norm_linear_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d,
-                         float(c.p("eps")), c.causal);
-    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
-  };
+  set_qkv_eps_forms(s, norm_linear_forward, norm_linear_backward);
   s.recurrent = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t H = d.H, D = d.D, E = d.E;

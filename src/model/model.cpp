@@ -467,11 +467,7 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   if (!grads) return loss;
 
   // ---------------- backward
-  auto G = [&](const std::string& n) {
-    auto it = grads->find(n);
-    if (it == grads->end()) it = grads->emplace(n, Tensor(params_.at(n).shape)).first;
-    return it->second.ptr();
-  };
+  auto G = [&](const std::string& n) { return grad_slot(*grads, n); };
   std::vector<float> dlnf(N * C), dx(N * C, 0.0f);
   nn::matmul_backward(dlnf.data(), G("head.weight"), nullptr, dlogits.data(), A.lnf.data(), W("head.weight"), N, C, V);
   nn::layernorm_backward(dx.data(), G("ln_out.weight"), G("ln_out.bias"), dlnf.data(), A.xf.data(), W("ln_out.weight"),
@@ -621,6 +617,13 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
 
 // ---------------------------------------------------------------- s4d / flash / mamba layers
 
+// The gradient accumulator of parameter `name`, created (zeros) on first use.
+float* Model::grad_slot(TensorMap& grads, const std::string& name) const {
+  auto it = grads.find(name);
+  if (it == grads.end()) it = grads.emplace(name, Tensor(params_.at(name).shape)).first;
+  return it->second.ptr();
+}
+
 TensorMap Model::s4d_inputs(int64_t l, int64_t B, int64_t T, const float* u) const {
   const int64_t C = cfg_.d_model;
   TensorMap in;
@@ -672,12 +675,7 @@ void Model::flash_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, 
                                  TensorMap& grads) {
   const int64_t C = cfg_.d_model, N = B * T, S = cfg_.qk_dim, e = cfg_.expand * C;
   auto W = [&](const char* n) { return params_.at(P(l, n)).ptr(); };
-  auto G = [&](const char* n) {
-    const std::string k = P(l, n);
-    auto it = grads.find(k);
-    if (it == grads.end()) it = grads.emplace(k, Tensor(params_.at(k).shape)).first;
-    return it->second.ptr();
-  };
+  auto G = [&](const char* n) { return grad_slot(grads, P(l, n)); };
   auto &U = L.ex["u"], &V = L.ex["v"], &Z = L.ex["z"];
   std::vector<float> dO(N * e), dU(N * e), dA(N * e), dZ(N * S, 0.0f);
   nn::matmul_backward(dO.data(), G("att.o.weight"), nullptr, dout, L.ex["o"].data(), W("att.o.weight"), N, e, C);
@@ -762,12 +760,7 @@ void Model::mamba_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, 
                                  TensorMap& grads) {
   const int64_t C = cfg_.d_model, NR = B * T, Ei = cfg_.expand * C, N = cfg_.state, R = (C + 15) / 16;
   auto W = [&](const char* n) { return params_.at(P(l, n)).ptr(); };
-  auto G = [&](const char* n) {
-    const std::string k = P(l, n);
-    auto it = grads.find(k);
-    if (it == grads.end()) it = grads.emplace(k, Tensor(params_.at(k).shape)).first;
-    return it->second.ptr();
-  };
+  auto G = [&](const char* n) { return grad_slot(grads, P(l, n)); };
   std::vector<float> dy(NR * Ei);
   nn::matmul_backward(dy.data(), G("att.out_proj.weight"), nullptr, dout, L.y.data(), W("att.out_proj.weight"), NR,
                       Ei, C);
