@@ -95,6 +95,9 @@ void set_reference(MixerSpec& s, F f) {
   };
 }
 
+// (B,T,H,D,E) of a multi-head call.
+inline AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
+
 // parallel and backward for the q, k, v mechanisms with one `eps` param (linear, norm_linear):
 // y (B,T,H,E) from forward; backward returns y and dq, dk, dv.
 using QkvForward = void (*)(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
@@ -102,7 +105,7 @@ using QkvForward = void (*)(float* y, const float* q, const float* k, const floa
 using QkvBackward = void (*)(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
                              const float* dy, const AttnDims& d, float eps, bool causal);
 inline void set_qkv_eps_forms(MixerSpec& s, QkvForward fwd, QkvBackward bwd) {
-  auto dims = [](const Call& c) { return AttnDims{c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; };
+  auto dims = attn_dims;
   s.parallel = [fwd, dims](const Call& c) {
     const AttnDims d = dims(c);
     Tensor y({d.B, d.T, d.H, d.E});

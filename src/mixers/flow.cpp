@@ -270,7 +270,6 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
 
 namespace {
 
-AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 
 MixerSpec make_spec() {
   MixerSpec s;

@@ -96,7 +96,6 @@ void linear_step(float* y, LinearState& st, const float* q, const float* k, cons
 
 namespace {
 
-AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 
 MixerSpec make_spec() {
   MixerSpec s;

@@ -211,7 +211,6 @@ std::vector<float> orthogonal_gaussian_features(int64_t M, int64_t D, uint64_t s
 
 namespace {
 
-AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 
 MixerSpec make_spec() {
   MixerSpec s;

@@ -189,7 +189,6 @@ void softmax_step(float* y, KVCache& c, const float* q, const float* k, const fl
 
 namespace {
 
-AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 double softmax_scale(const Call& c) { return c.given.at("scale") ? c.p("scale") : 1.0 / std::sqrt(double(c.d("D"))); }
 
 TensorMap softmax_parallel(const Call& c) {

@@ -15,7 +15,6 @@ namespace linmix {
 
 namespace {
 
-AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 
 void srms(float* x, int64_t E, float eps) {  // x / sqrt(mean(x^2) + eps)
   float ms = 0.0f;
