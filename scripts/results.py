@@ -71,8 +71,10 @@ def main():
         curves[name] = [(x["time_s"], x["loss"]) for x in log]
         final = log[-1]
         g = subprocess.run([a.linmix, "generate", "--model", os.path.join(run, "ckpt.safetensors"), "--prompt",
-                            "ROMEO:", "--tokens", "200", "--temperature", "0.8", "--stats"],
-                           capture_output=True, text=True)
+                            "ROMEO:", "--tokens", "120", "--temperature", "0.8", "--stats"],
+                           capture_output=True, text=True)  # 6 + 120 < ctx 128 (learned positions)
+        if g.returncode != 0:
+            print(g.stderr, file=sys.stderr)
         ms = float(re.search(r"ms_per_token=([\d.]+)", g.stderr).group(1))
         rows.append((name, dict(params=params, steps=final["step"], bpc=final["val_bpc"], tok_s=final["tok_s"],
                                 mem=mem, ms=ms, sample=g.stdout.strip()[:160])))

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <random>
 
 #include "linmix/kernels.h"
@@ -197,6 +198,13 @@ int main(int argc, char** argv) {
   ev->add_option("--seq", eval_seq, "window length")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   ev->add_option("--windows", eval_windows, "windows, spread over the file")->capture_default_str()->check(CLI::PositiveNumber);
 
+  auto* lg = app.add_subcommand("logits", "logits [T,V] of a token sequence, for cross-checks");
+  std::string tokens_csv, logits_mode = "parallel";
+  lg->add_option("--model", model_path, "checkpoint (linmix, or RWKV-4 safetensors with BlinkDL or HF names)")->required();
+  lg->add_option("--tokens", tokens_csv, "comma-separated token ids")->required();
+  lg->add_option("--mode", logits_mode, "parallel | recurrent")->capture_default_str();
+  lg->add_option("--out", out_path, "output safetensors (tensor 'logits' [T,V])")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -270,6 +278,33 @@ int main(int argc, char** argv) {
       std::printf("%s: %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", eval_file.c_str(),
                   eval_mode.c_str(), static_cast<long long>(eval_windows), static_cast<long long>(eval_seq), loss,
                   loss / std::log(2.0));
+      return 0;
+    }
+    if (*lg) {
+      Checkpoint ck = load_checkpoint(model_path);
+      Model& m = *ck.model;
+      std::vector<int32_t> toks;
+      std::stringstream ss(tokens_csv);
+      std::string item;
+      while (std::getline(ss, item, ',')) {
+        char* end = nullptr;
+        const long v = std::strtol(item.c_str(), &end, 10);
+        LINMIX_CHECK(!item.empty() && end && *end == '\0', "--tokens: '" + item + "' is not an integer");
+        LINMIX_CHECK(v >= 0 && v < m.config().vocab,
+                     "--tokens: " + item + " is outside the vocabulary [0, " + std::to_string(m.config().vocab) + ")");
+        toks.push_back(int32_t(v));
+      }
+      LINMIX_CHECK(!toks.empty(), "--tokens: no tokens");
+      const int64_t T = static_cast<int64_t>(toks.size()), V = m.config().vocab;
+      Tensor out({T, V});
+      if (logits_mode == "parallel") {
+        out.data = m.logits(toks.data(), 1, T);
+      } else {
+        LINMIX_CHECK(logits_mode == "recurrent", "--mode must be parallel or recurrent");
+        Model::State st = m.new_state();
+        for (int64_t t = 0; t < T; ++t) m.step(toks[t], st, out.ptr() + t * V);
+      }
+      write_safetensors(out_path, {{"logits", out}}, {{"mode", logits_mode}});
       return 0;
     }
     if (*feats) {

@@ -49,7 +49,13 @@ struct Checkpoint {
 void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, int64_t step,
                      const std::string& meta_json);
 // Refuses (Error naming the problem) anything truncated, corrupt, or not matching its config.
+// Also loads plain RWKV-4 checkpoints (BlinkDL or Hugging Face names, see rwkv_import.cpp).
 Checkpoint load_checkpoint(const std::string& path);
+
+// RWKV-4 import (src/io/rwkv_import.cpp): shape (V, C, L, F) inferred from the tensors; every
+// missing or mis-shaped tensor is an Error naming it.
+bool looks_like_rwkv4(const TensorMap& tensors);
+std::unique_ptr<Model> import_rwkv4(TensorMap tensors, const std::string& what);
 
 // ---- training
 struct TrainOptions {

@@ -148,9 +148,13 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW& o
 
 Checkpoint load_checkpoint(const std::string& path) {
   SafeTensors st = read_safetensors(path);
-  LINMIX_CHECK(st.metadata.count("linmix") && st.metadata.at("linmix") == "checkpoint" && st.metadata.count("config"),
-               path + ": not a linmix checkpoint (no config in its metadata)");
   Checkpoint ck;
+  const bool ours = st.metadata.count("linmix") && st.metadata.at("linmix") == "checkpoint" && st.metadata.count("config");
+  if (!ours && looks_like_rwkv4(st.tensors)) {
+    ck.model = import_rwkv4(std::move(st.tensors), path);
+    return ck;
+  }
+  LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV-4 checkpoint");
   ck.model = std::make_unique<Model>(ModelConfig::from_json(st.metadata.at("config")));
   try {
     ck.step = std::stoll(st.metadata.count("step") ? st.metadata.at("step") : "0");

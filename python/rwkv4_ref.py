@@ -1,0 +1,100 @@
+"""An independent PyTorch implementation of the RWKV-4 language model of MIXERS.md ("The
+RWKV-4 language model"), token by token, in float64, with the plain (unstabilised) WKV
+recurrence. Weights by BlinkDL's names."""
+import torch
+import torch.nn.functional as F
+
+
+def rwkv4_logits(w, tokens):
+    """w: dict name -> float64 tensor (BlinkDL names); tokens: list of ints. Returns [T, V]."""
+    L = 0
+    while f"blocks.{L}.ln1.weight" in w:
+        L += 1
+    C = w["emb.weight"].shape[1]
+    ln = lambda x, n: F.layer_norm(x, (C,), w[n + ".weight"], w[n + ".bias"], eps=1e-5)  # noqa: E731
+    vec = lambda n: w[n].reshape(-1)  # noqa: E731
+    att_prev = [torch.zeros(C, dtype=torch.float64) for _ in range(L)]
+    ffn_prev = [torch.zeros(C, dtype=torch.float64) for _ in range(L)]
+    num = [torch.zeros(C, dtype=torch.float64) for _ in range(L)]  # sum_i e^{-(t-1-i)w + k_i} v_i
+    den = [torch.zeros(C, dtype=torch.float64) for _ in range(L)]
+    out = []
+    for tok in tokens:
+        x = ln(w["emb.weight"][tok], "blocks.0.ln0")
+        for i in range(L):
+            p = f"blocks.{i}."
+            xa = ln(x, p + "ln1")
+            mk, mv, mr = vec(p + "att.time_mix_k"), vec(p + "att.time_mix_v"), vec(p + "att.time_mix_r")
+            xk = xa * mk + att_prev[i] * (1 - mk)
+            xv = xa * mv + att_prev[i] * (1 - mv)
+            xr = xa * mr + att_prev[i] * (1 - mr)
+            att_prev[i] = xa
+            r = torch.sigmoid(w[p + "att.receptance.weight"] @ xr)
+            k = w[p + "att.key.weight"] @ xk
+            v = w[p + "att.value.weight"] @ xv
+            decay = torch.exp(vec(p + "att.time_decay"))  # w = exp(time_decay)
+            bonus = torch.exp(vec(p + "att.time_first") + k)
+            wkv = (num[i] + bonus * v) / (den[i] + bonus)
+            num[i] = torch.exp(-decay) * num[i] + torch.exp(k) * v
+            den[i] = torch.exp(-decay) * den[i] + torch.exp(k)
+            x = x + w[p + "att.output.weight"] @ (r * wkv)
+            xf = ln(x, p + "ln2")
+            fk, fr = vec(p + "ffn.time_mix_k"), vec(p + "ffn.time_mix_r")
+            xk = xf * fk + ffn_prev[i] * (1 - fk)
+            xr = xf * fr + ffn_prev[i] * (1 - fr)
+            ffn_prev[i] = xf
+            rr = torch.sigmoid(w[p + "ffn.receptance.weight"] @ xr)
+            kk = torch.relu(w[p + "ffn.key.weight"] @ xk) ** 2
+            x = x + rr * (w[p + "ffn.value.weight"] @ kk)
+        out.append(w["head.weight"] @ ln(x, "ln_out"))
+    return torch.stack(out)
+
+
+def random_rwkv4(V, C, L, seed=0, F_mult=4):
+    """Random-weight RWKV-4 with BlinkDL names and shapes (mixes as [1,1,C])."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    w = {"emb.weight": r(V, C), "blocks.0.ln0.weight": 1 + r(C, scale=0.1), "blocks.0.ln0.bias": r(C, scale=0.1),
+         "ln_out.weight": 1 + r(C, scale=0.1), "ln_out.bias": r(C, scale=0.1), "head.weight": r(V, C, scale=0.3)}
+    for i in range(L):
+        p = f"blocks.{i}."
+        for n in ("ln1", "ln2"):
+            w[p + n + ".weight"] = 1 + r(C, scale=0.1)
+            w[p + n + ".bias"] = r(C, scale=0.1)
+        for n in ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "ffn.time_mix_k", "ffn.time_mix_r"):
+            w[p + n] = torch.rand(1, 1, C, generator=g, dtype=torch.float64)
+        w[p + "att.time_decay"] = r(C, scale=1.0) - 1.0
+        w[p + "att.time_first"] = r(C, scale=0.5)
+        for n in ("key", "value", "receptance", "output"):
+            w[p + f"att.{n}.weight"] = r(C, C, scale=C ** -0.5)
+        w[p + "ffn.key.weight"] = r(F_mult * C, C, scale=C ** -0.5)
+        w[p + "ffn.value.weight"] = r(C, F_mult * C, scale=(F_mult * C) ** -0.5)
+        w[p + "ffn.receptance.weight"] = r(C, C, scale=C ** -0.5)
+    return w
+
+
+HF_NAMES = [  # (BlinkDL pattern, Hugging Face pattern)
+    ("emb.weight", "rwkv.embeddings.weight"),
+    ("blocks.0.ln0.", "rwkv.blocks.0.pre_ln."),
+    ("att.time_mix_k", "attention.time_mix_key"), ("att.time_mix_v", "attention.time_mix_value"),
+    ("att.time_mix_r", "attention.time_mix_receptance"), ("att.", "attention."),
+    ("ffn.time_mix_k", "feed_forward.time_mix_key"), ("ffn.time_mix_r", "feed_forward.time_mix_receptance"),
+    ("ffn.", "feed_forward."), ("ln_out.", "rwkv.ln_out."),
+]
+
+
+def to_hf(w):
+    out = {}
+    for n, t in w.items():
+        h = n
+        for a, b in HF_NAMES:
+            if a in h:
+                h = h.replace(a, b)
+                break
+        if h.startswith("blocks.") and ".ln0." not in n:
+            h = "rwkv." + h
+            for a, b in HF_NAMES[2:]:
+                if "." + a in h:
+                    h = h.replace("." + a, "." + b)
+                    break
+        out[h] = t
+    return out

@@ -1,0 +1,83 @@
+#!/usr/bin/python3
+"""RWKV-4 checkpoints: random-weight models in BlinkDL names (through a .pth and
+scripts/convert_rwkv4.py) and in Hugging Face names load into linmix, whose logits in both
+modes equal an independent float64 PyTorch RWKV-4 (python/rwkv4_ref.py) within 1e-4
+relative; bad files are refused.  Usage: rwkv4_test.py PATH/TO/linmix"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import rwkv4_ref  # noqa: E402
+import st  # noqa: E402
+
+LINMIX = os.path.abspath(sys.argv[1])
+TMP = tempfile.mkdtemp(prefix="linmix-rwkv-")
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    passed += bool(ok)
+    failed += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+
+
+def linmix(*args):
+    return subprocess.run([LINMIX, *args], capture_output=True, text=True)
+
+
+def main():
+    V, C, L = 53, 24, 3
+    w = rwkv4_ref.random_rwkv4(V, C, L, seed=7)
+    tokens = [int(x) for x in np.random.default_rng(1).integers(0, V, 40)]
+    ref = rwkv4_ref.rwkv4_logits(w, tokens).numpy()
+    scale = max(1.0, float(np.abs(ref).max()))
+    # BlinkDL names: .pth -> convert_rwkv4.py -> safetensors
+    pth, blink = os.path.join(TMP, "m.pth"), os.path.join(TMP, "blink.safetensors")
+    torch.save({n: t.float() for n, t in w.items()}, pth)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_rwkv4.py"), pth, blink],
+                       capture_output=True, text=True)
+    check("convert_rwkv4.py", r.returncode == 0, r.stderr.strip())
+    hf = os.path.join(TMP, "hf.safetensors")
+    st.save(hf, {n: t.numpy() for n, t in rwkv4_ref.to_hf(w).items()})
+    for label, path in (("BlinkDL", blink), ("Hugging Face", hf)):
+        for mode in ("parallel", "recurrent"):
+            out = os.path.join(TMP, "logits.safetensors")
+            r = linmix("logits", "--model", path, "--tokens", ",".join(map(str, tokens)), "--mode", mode, "--out", out)
+            if r.returncode != 0:
+                check(f"{label} {mode}", False, r.stderr.strip())
+                continue
+            got = st.load(out)["logits"]
+            err = float(np.abs(got - ref).max()) / scale
+            check(f"{label} names, {mode} mode: logits vs PyTorch float64", err <= 1e-4, f"max rel err {err:.2e}")
+    # bad files: a missing tensor, a mis-shaped tensor, a truncated .pth
+    bad = dict(w)
+    del bad["blocks.1.att.key.weight"]
+    p = os.path.join(TMP, "bad.safetensors")
+    st.save(p, {n: t.numpy() for n, t in bad.items()})
+    r = linmix("logits", "--model", p, "--tokens", "1", "--out", os.path.join(TMP, "x.safetensors"))
+    check("missing tensor refused", r.returncode == 2 and "blocks.1.att.key.weight" in r.stderr, r.stderr.strip())
+    bad = dict(w)
+    bad["blocks.0.ffn.value.weight"] = bad["blocks.0.ffn.value.weight"][:, :5]
+    st.save(p, {n: t.numpy() for n, t in bad.items()})
+    r = linmix("logits", "--model", p, "--tokens", "1", "--out", os.path.join(TMP, "x.safetensors"))
+    check("mis-shaped tensor refused", r.returncode == 2 and "blocks.0.ffn.value.weight" in r.stderr, r.stderr.strip())
+    with open(pth, "rb") as f:
+        head = f.read(1000)
+    with open(pth + ".cut", "wb") as f:
+        f.write(head)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_rwkv4.py"), pth + ".cut", p],
+                       capture_output=True, text=True)
+    check("truncated .pth refused by the converter", r.returncode == 2 and "cannot load" in r.stderr, r.stderr.strip())
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
