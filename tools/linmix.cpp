@@ -1,6 +1,7 @@
 // The `linmix` command: parses arguments, calls the library, prints. Every user error is one
 // line "linmix: <message>" on stderr and exit code 2.
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -13,6 +14,7 @@
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "linmix/safetensors.h"
+#include "linmix/tokenizer.h"
 #include "linmix/train.h"
 
 using namespace linmix;
@@ -56,6 +58,23 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(),
                  peak_rss_mib());
   return 0;
+}
+
+// "1,2,3" -> ids, each an integer in [0, vocab).
+std::vector<int32_t> parse_ids(const std::string& csv, int64_t vocab, const std::string& flag) {
+  std::vector<int32_t> ids;
+  std::stringstream ss(csv);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    errno = 0;
+    const long v = std::strtol(item.c_str(), &end, 10);
+    LINMIX_CHECK(!item.empty() && end && *end == '\0' && errno == 0, flag + ": '" + item + "' is not an integer");
+    LINMIX_CHECK(v >= 0 && v < vocab, flag + ": " + item + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    ids.push_back(int32_t(v));
+  }
+  LINMIX_CHECK(!ids.empty(), flag + ": no token ids");
+  return ids;
 }
 
 double max_abs_diff(const Tensor& a, const Tensor& b) {
@@ -188,6 +207,15 @@ int main(int argc, char** argv) {
   gen->add_option("--top-p", sopt.top_p, "nucleus mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   gen->add_option("--seed", sopt.seed, "sampling seed")->capture_default_str();
   gen->add_flag("--stats", stats, "print ms per generated token and peak memory to stderr");
+  std::string tokenizer_path = "bytes";
+  gen->add_option("--tokenizer", tokenizer_path, "bytes, or an RWKV World vocabulary file")->capture_default_str();
+
+  auto* tok = app.add_subcommand("tokenize", "encode text to token ids (or --decode ids to text)");
+  std::string tok_text, tok_file, tok_decode;
+  tok->add_option("--tokenizer", tokenizer_path, "bytes, or an RWKV World vocabulary file")->required();
+  tok->add_option("--text", tok_text, "text to encode");
+  tok->add_option("--file", tok_file, "file to encode");
+  tok->add_option("--decode", tok_decode, "comma-separated ids to decode (@FILE reads them from a file)");
 
   auto* ev = app.add_subcommand("eval", "bits per character of a checkpoint on a text file");
   std::string eval_file, eval_mode = "parallel";
@@ -250,13 +278,18 @@ int main(int argc, char** argv) {
       Model::State st = m.new_state();
       std::vector<float> lg(V);
       LINMIX_CHECK(!prompt.empty(), "--prompt must not be empty");
-      for (unsigned char ch : prompt) m.step(ch, st, lg.data());
+      const auto tk = Tokenizer::load(tokenizer_path);
+      LINMIX_CHECK(tk->vocab_size() <= V, "tokenizer " + tk->name() + " has " + std::to_string(tk->vocab_size()) +
+                                              " tokens, the model only " + std::to_string(V));
+      for (int32_t id : tk->encode(prompt)) m.step(id, st, lg.data());
       std::mt19937_64 rng(sopt.seed);
       std::fwrite(prompt.data(), 1, prompt.size(), stdout);
       const auto g0 = std::chrono::steady_clock::now();
       for (int64_t i = 0; i < ntok; ++i) {
-        const int32_t t = sample_token(lg.data(), V, sopt, rng);
-        std::fputc(t, stdout);
+        int32_t t = sample_token(lg.data(), V, sopt, rng);
+        if (t >= tk->vocab_size()) t = 0;  // a model row past the tokenizer: stop sampling it
+        const std::string piece = tk->decode({t});
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
         std::fflush(stdout);
         m.step(t, st, lg.data());
       }
@@ -280,21 +313,34 @@ int main(int argc, char** argv) {
                   loss / std::log(2.0));
       return 0;
     }
+    if (*tok) {
+      const auto tk = Tokenizer::load(tokenizer_path);
+      if (!tok_decode.empty() && tok_decode[0] == '@') {
+        std::ifstream f(tok_decode.substr(1));
+        LINMIX_CHECK(f.good(), tok_decode.substr(1) + ": cannot open");
+        tok_decode.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+        while (!tok_decode.empty() && std::isspace(static_cast<unsigned char>(tok_decode.back()))) tok_decode.pop_back();
+      }
+      if (!tok_decode.empty()) {
+        const std::string s = tk->decode(parse_ids(tok_decode, tk->vocab_size(), "--decode"));
+        std::fwrite(s.data(), 1, s.size(), stdout);
+        return 0;
+      }
+      std::string text = tok_text;
+      if (!tok_file.empty()) {
+        std::ifstream f(tok_file, std::ios::binary);
+        LINMIX_CHECK(f.good(), tok_file + ": cannot open");
+        text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+      }
+      const std::vector<int32_t> ids = tk->encode(text);
+      for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%d", i ? "," : "", ids[i]);
+      std::printf("\n");
+      return 0;
+    }
     if (*lg) {
       Checkpoint ck = load_checkpoint(model_path);
       Model& m = *ck.model;
-      std::vector<int32_t> toks;
-      std::stringstream ss(tokens_csv);
-      std::string item;
-      while (std::getline(ss, item, ',')) {
-        char* end = nullptr;
-        const long v = std::strtol(item.c_str(), &end, 10);
-        LINMIX_CHECK(!item.empty() && end && *end == '\0', "--tokens: '" + item + "' is not an integer");
-        LINMIX_CHECK(v >= 0 && v < m.config().vocab,
-                     "--tokens: " + item + " is outside the vocabulary [0, " + std::to_string(m.config().vocab) + ")");
-        toks.push_back(int32_t(v));
-      }
-      LINMIX_CHECK(!toks.empty(), "--tokens: no tokens");
+      const std::vector<int32_t> toks = parse_ids(tokens_csv, m.config().vocab, "--tokens");
       const int64_t T = static_cast<int64_t>(toks.size()), V = m.config().vocab;
       Tensor out({T, V});
       if (logits_mode == "parallel") {
