@@ -207,8 +207,10 @@ int main(int argc, char** argv) {
   gen->add_option("--top-p", sopt.top_p, "nucleus mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   gen->add_option("--seed", sopt.seed, "sampling seed")->capture_default_str();
   gen->add_flag("--stats", stats, "print ms per generated token and peak memory to stderr");
-  std::string tokenizer_path = "bytes";
+  std::string tokenizer_path = "bytes", state_in, state_out;
   gen->add_option("--tokenizer", tokenizer_path, "bytes, or an RWKV World vocabulary file")->capture_default_str();
+  gen->add_option("--state-in", state_in, "continue from a saved state (safetensors)");
+  gen->add_option("--state-out", state_out, "save the final state (safetensors, written atomically)");
 
   auto* tok = app.add_subcommand("tokenize", "encode text to token ids (or --decode ids to text)");
   std::string tok_text, tok_file, tok_decode;
@@ -276,6 +278,12 @@ int main(int argc, char** argv) {
       Model& m = *ck.model;
       const int64_t V = m.config().vocab;
       Model::State st = m.new_state();
+      if (!state_in.empty()) {
+        SafeTensors s = read_safetensors(state_in);
+        LINMIX_CHECK(s.metadata.count("config") && s.metadata.at("config") == m.config().to_json(),
+                     state_in + ": the state was saved by a model with another config");
+        st = m.state_from_tensors(s.tensors);
+      }
       std::vector<float> lg(V);
       LINMIX_CHECK(!prompt.empty(), "--prompt must not be empty");
       const auto tk = Tokenizer::load(tokenizer_path);
@@ -294,6 +302,7 @@ int main(int argc, char** argv) {
         m.step(t, st, lg.data());
       }
       std::fputc('\n', stdout);
+      if (!state_out.empty()) write_safetensors(state_out, m.state_tensors(st), {{"config", m.config().to_json()}});
       if (stats)
         std::fprintf(stderr, "linmix stats: ms_per_token=%.4f peak_rss_mib=%.1f\n",
                      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - g0).count() /

@@ -74,6 +74,10 @@ class Model {
     int64_t pos = 0;
   };
   State new_state() const;
+  // A state as tensors ("pos", "layer.L.att_prev", "layer.L.state.*", ...) and back; loading
+  // checks every tensor against this model and throws Error naming the first mismatch.
+  TensorMap state_tensors(const State& st) const;
+  State state_from_tensors(const TensorMap& t) const;
   // Feeds one token; writes logits (V).
   void step(int32_t token, State& st, float* logits);
 

@@ -864,6 +864,54 @@ void Model::step_special(int64_t l, const float* a, float* o, State& st) {
   }
 }
 
+TensorMap Model::state_tensors(const State& st) const {
+  TensorMap out;
+  out["pos"] = Tensor({1}, float(st.pos));
+  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    const std::string p = "layer." + std::to_string(l) + ".";
+    auto vec = [&](const std::string& n, const std::vector<float>& v) {
+      Tensor t({static_cast<int64_t>(v.size())});
+      t.data = v;
+      out[p + n] = std::move(t);
+    };
+    vec("att_prev", st.att_prev[l]);
+    vec("ffn_prev", st.ffn_prev[l]);
+    if (!st.conv[l].empty()) vec("conv", st.conv[l]);
+    for (const auto& [n, t] : st.mix[l]) out[p + n] = t;
+  }
+  return out;
+}
+
+Model::State Model::state_from_tensors(const TensorMap& t) const {
+  State st = new_state();
+  auto it = t.find("pos");
+  LINMIX_CHECK(it != t.end() && it->second.numel() == 1 && it->second.data[0] >= 0 &&
+                   it->second.data[0] == std::floor(it->second.data[0]),
+               "state: missing or malformed tensor 'pos'");
+  st.pos = static_cast<int64_t>(it->second.data[0]);
+  for (const auto& [n, x] : t) {
+    if (n == "pos") continue;
+    check_finite(n, x);
+    LINMIX_CHECK(n.rfind("layer.", 0) == 0, "state: unexpected tensor '" + n + "'");
+    const size_t dot = n.find('.', 6);
+    LINMIX_CHECK(dot != std::string::npos, "state: unexpected tensor '" + n + "'");
+    const int64_t l = std::atoll(n.substr(6, dot - 6).c_str());
+    LINMIX_CHECK(l >= 0 && l < cfg_.n_layer, "state: tensor '" + n + "' names a layer this model does not have");
+    const std::string rest = n.substr(dot + 1);
+    if (rest == "att_prev" || rest == "ffn_prev") {
+      check_shape(n, x, {cfg_.d_model});
+      (rest == "att_prev" ? st.att_prev : st.ffn_prev)[l] = x.data;
+    } else if (rest == "conv") {
+      check_shape(n, x, {3 * cfg_.expand * cfg_.d_model});
+      st.conv[l] = x.data;
+    } else {
+      LINMIX_CHECK(rest.rfind("state.", 0) == 0, "state: unexpected tensor '" + n + "'");
+      st.mix[l][rest] = x;  // validated by the mixer on the next step (names, shapes)
+    }
+  }
+  return st;
+}
+
 Model::State Model::new_state() const {
   State s;
   s.conv.resize(cfg_.n_layer);
