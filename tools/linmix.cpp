@@ -61,7 +61,8 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
 }
 
 // "1,2,3" -> ids, each an integer in [0, vocab).
-std::vector<int32_t> parse_ids(const std::string& csv, int64_t vocab, const std::string& flag) {
+std::vector<int32_t> parse_ids(const std::string& csv, int64_t vocab, const std::string& flag,
+                               bool allow_ignore = false) {
   std::vector<int32_t> ids;
   std::stringstream ss(csv);
   std::string item;
@@ -70,7 +71,8 @@ std::vector<int32_t> parse_ids(const std::string& csv, int64_t vocab, const std:
     errno = 0;
     const long v = std::strtol(item.c_str(), &end, 10);
     LINMIX_CHECK(!item.empty() && end && *end == '\0' && errno == 0, flag + ": '" + item + "' is not an integer");
-    LINMIX_CHECK(v >= 0 && v < vocab, flag + ": " + item + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    LINMIX_CHECK((v >= 0 || (allow_ignore && v == -1)) && v < vocab,
+                 flag + ": " + item + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
     ids.push_back(int32_t(v));
   }
   LINMIX_CHECK(!ids.empty(), flag + ": no token ids");
@@ -235,6 +237,15 @@ int main(int argc, char** argv) {
   lg->add_option("--mode", logits_mode, "parallel | recurrent")->capture_default_str();
   lg->add_option("--out", out_path, "output safetensors (tensor 'logits' [T,V])")->required();
 
+  auto* gr = app.add_subcommand("grad", "mean loss and every parameter's gradient on given tokens (for cross-checks)");
+  std::string targets_csv;
+  int64_t grad_batch = 1;
+  gr->add_option("--model", model_path, "checkpoint")->required();
+  gr->add_option("--tokens", tokens_csv, "B*T comma-separated input ids, batch-major")->required();
+  gr->add_option("--targets", targets_csv, "B*T target ids (-1 = not scored)")->required();
+  gr->add_option("--batch", grad_batch, "B")->capture_default_str()->check(CLI::PositiveNumber);
+  gr->add_option("--out", out_path, "output safetensors: d<param> for every trained parameter")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -344,6 +355,23 @@ int main(int argc, char** argv) {
       const std::vector<int32_t> ids = tk->encode(text);
       for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%d", i ? "," : "", ids[i]);
       std::printf("\n");
+      return 0;
+    }
+    if (*gr) {
+      Checkpoint ck = load_checkpoint(model_path);
+      Model& m = *ck.model;
+      const std::vector<int32_t> in = parse_ids(tokens_csv, m.config().vocab, "--tokens");
+      const std::vector<int32_t> tg = parse_ids(targets_csv, m.config().vocab, "--targets", true);
+      LINMIX_CHECK(in.size() == tg.size(), "--tokens and --targets differ in length");
+      LINMIX_CHECK(static_cast<int64_t>(in.size()) % grad_batch == 0, "--batch does not divide the token count");
+      TensorMap grads;
+      const double loss = m.forward_backward(in.data(), tg.data(), grad_batch,
+                                             static_cast<int64_t>(in.size()) / grad_batch, &grads);
+      TensorMap out;
+      for (auto& [n, t] : grads) out["d" + n] = std::move(t);
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%.17g", loss);
+      write_safetensors(out_path, out, {{"loss", buf}});
       return 0;
     }
     if (*lg) {
