@@ -46,7 +46,8 @@ def loss(cfg, p, inputs, targets):
             wkv = oracle.rwkv4(k, v, torch.exp(P("att.time_decay")), P("att.time_first"))
             out = (r * wkv) @ P("att.output.weight").T
         elif m == "s4d":
-            y = oracle.s4d(a, P("att.log_dt"), P("att.A_re"), P("att.A_im"), P("att.C_re"), P("att.C_im"), P("att.D"))
+            y = oracle.s4d(a, P("att.log_dt"), -torch.exp(P("att.log_A_re")), P("att.A_im"), P("att.C_re"),
+                           P("att.C_im"), P("att.D"))
             out = F.gelu(y, approximate="tanh") @ P("att.o.weight").T
         elif m == "flash":
             U = F.silu(a @ P("att.wu.weight").T + P("att.wu.bias"))

@@ -43,7 +43,6 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     runs_dir = os.path.join(ROOT, "build", "results")
-    rows, curves = [], {}
     for name, cfg in MIXERS:
         if a.only and name not in a.only.split(","):
             continue
@@ -63,12 +62,12 @@ def main():
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr, file=sys.stderr)
-            rows.append((name, None))
+            if os.path.exists(os.path.join(run, "row.json")):
+                os.remove(os.path.join(run, "row.json"))
             continue
         params = int(re.search(r"linmix train: (\d+) parameters", r.stderr).group(1))
         mem = float(re.search(r"peak memory ([\d.]+) MiB", r.stdout).group(1))
         log = [json.loads(l) for l in open(os.path.join(run, "log.jsonl"))]
-        curves[name] = [(x["time_s"], x["loss"]) for x in log]
         final = log[-1]
         g = subprocess.run([a.linmix, "generate", "--model", os.path.join(run, "ckpt.safetensors"), "--prompt",
                             "ROMEO:", "--tokens", "120", "--temperature", "0.8", "--stats"],
@@ -76,11 +75,23 @@ def main():
         if g.returncode != 0:
             print(g.stderr, file=sys.stderr)
         ms = float(re.search(r"ms_per_token=([\d.]+)", g.stderr).group(1))
-        rows.append((name, dict(params=params, steps=final["step"], bpc=final["val_bpc"], tok_s=final["tok_s"],
-                                mem=mem, ms=ms, sample=g.stdout.strip()[:160])))
+        row = dict(params=params, steps=final["step"], bpc=final["val_bpc"], tok_s=final["tok_s"], mem=mem, ms=ms,
+                   sample=g.stdout.strip()[:160])
+        with open(os.path.join(run, "row.json"), "w") as f:
+            json.dump(row, f)
         print(f"   bpc {final['val_bpc']:.4f}  {final['tok_s']:.0f} tok/s  {mem:.0f} MiB  {ms:.3f} ms/token",
               flush=True)
 
+    # The table holds every mechanism with a finished run (so --only refreshes some rows).
+    rows, curves = [], {}
+    for name, _ in MIXERS:
+        run = os.path.join(runs_dir, name)
+        if os.path.exists(os.path.join(run, "row.json")):
+            rows.append((name, json.load(open(os.path.join(run, "row.json")))))
+            log = [json.loads(l) for l in open(os.path.join(run, "log.jsonl"))]
+            curves[name] = [(x["time_s"], x["loss"]) for x in log]
+        else:
+            rows.append((name, None))
     lines = [
         "# Results: every causal token mixer on tiny Shakespeare",
         "",

@@ -157,7 +157,8 @@ Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
     } else if (kind_of(m) == Kind::S4d) {
       const int64_t N = cfg_.state;
       add(P(i, "att.log_dt"), {C}), add(P(i, "att.D"), {C}), add(P(i, "att.o.weight"), {C, C});
-      for (const char* n : {"att.A_re", "att.A_im", "att.C_re", "att.C_im"}) add(P(i, n), {C, N});
+      // A_re = -exp(log_A_re) (as S4D parametrises it): the SSM stays stable whatever the optimizer does
+      for (const char* n : {"att.log_A_re", "att.A_im", "att.C_re", "att.C_im"}) add(P(i, n), {C, N});
     } else if (kind_of(m) == Kind::Flash) {
       const int64_t e = cfg_.expand * C, S = cfg_.qk_dim;
       add(P(i, "att.wu.weight"), {e, C}), add(P(i, "att.wu.bias"), {e});
@@ -222,8 +223,8 @@ void Model::init(uint64_t seed) {
       std::fill(t.data.begin(), t.data.end(), std::log(0.3f));
     } else if (ends("att.log_dt")) {  // S4D: dt log-uniform in [1e-3, 1e-1]
       for (int64_t c = 0; c < C; ++c) t.data[c] = std::log(1e-3f) + std::log(100.0f) * float(c) / float(std::max<int64_t>(C - 1, 1));
-    } else if (ends("att.A_re")) {  // S4D-Lin: A_n = -1/2 + i pi n
-      std::fill(t.data.begin(), t.data.end(), -0.5f);
+    } else if (ends("att.log_A_re")) {  // S4D-Lin: A_n = -1/2 + i pi n
+      std::fill(t.data.begin(), t.data.end(), std::log(0.5f));
     } else if (ends("att.A_im")) {
       for (int64_t r = 0; r < t.dim(0); ++r)
         for (int64_t n = 0; n < t.dim(1); ++n) t.data[r * t.dim(1) + n] = 3.14159265f * float(n);
@@ -558,11 +559,13 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
       in["dy"].data = dg;
       const TensorMap g = run_mixer(m, Mode::Parallel, true, c.layers[l].params, in, true);
       da = g.at("du").data;
-      for (const char* n : {"log_dt", "A_re", "A_im", "C_re", "C_im", "D"}) {
+      for (const char* n : {"log_dt", "A_im", "C_re", "C_im", "D"}) {
         float* gp = G(P(l, (std::string("att.") + n).c_str()));
         const Tensor& d = g.at(std::string("d") + n);
         for (int64_t i = 0; i < d.numel(); ++i) gp[i] += d.data[i];
       }
+      float* gla = G(P(l, "att.log_A_re"));  // A_re = -exp(log_A_re): d log_A_re = dA_re A_re
+      for (int64_t i = 0; i < g.at("dA_re").numel(); ++i) gla[i] += g.at("dA_re").data[i] * in.at("A_re").data[i];
     } else if (kind_of(m) == Kind::Flash) {
       flash_layer_backward(l, B, T, L, dx.data(), da.data(), *grads);
     } else if (kind_of(m) == Kind::Mamba) {
@@ -629,7 +632,10 @@ TensorMap Model::s4d_inputs(int64_t l, int64_t B, int64_t T, const float* u) con
   TensorMap in;
   in["u"] = Tensor({B, T, C});
   std::copy(u, u + B * T * C, in["u"].data.begin());
-  for (const char* n : {"log_dt", "A_re", "A_im", "C_re", "C_im", "D"}) in[n] = params_.at(P(l, (std::string("att.") + n).c_str()));
+  for (const char* n : {"log_dt", "A_im", "C_re", "C_im", "D"}) in[n] = params_.at(P(l, (std::string("att.") + n).c_str()));
+  Tensor A_re = params_.at(P(l, "att.log_A_re"));
+  for (float& x : A_re.data) x = -std::exp(x);
+  in["A_re"] = std::move(A_re);
   return in;
 }
 

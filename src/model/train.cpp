@@ -257,6 +257,8 @@ std::string fmt_time(double s) {
 TrainResult train(const TrainOptions& o) {
   LINMIX_CHECK(o.steps >= 1 && o.batch >= 1 && o.seq >= 2 && o.accum >= 1, "steps, batch, accum >= 1 and seq >= 2");
   LINMIX_CHECK(o.data.empty() != o.task.empty(), "give exactly one of --data FILE or --task recall|copy");
+  LINMIX_CHECK(o.task.empty() || o.task == "recall" || o.task == "copy",
+               "unknown task '" + o.task + "' (expected recall or copy)");
   std::filesystem::create_directories(o.out);
   const std::string ckpt = o.out + "/ckpt.safetensors", logp = o.out + "/log.jsonl";
   Corpus corpus;
