@@ -73,22 +73,29 @@ S phi_elu_ref(S x) {
   return x > 0 ? x + 1 : exp(x);
 }
 
+// A (T,T) = phi(q_t) . phi(k_s) for one (batch, head), zero where s > t when causal.
+template <class S>
+void phi_kernel_matrix(S* A, const S* q, const S* k, const AttnDims& d, int64_t b, int64_t h, bool causal) {
+  const int64_t T = d.T, H = d.H, D = d.D;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t s = 0; s < T; ++s) {
+      S a = 0;
+      if (!causal || s <= t)
+        for (int64_t i = 0; i < D; ++i)
+          a += phi_elu_ref(q[((b * T + t) * H + h) * D + i]) * phi_elu_ref(k[((b * T + s) * H + h) * D + i]);
+      A[t * T + s] = a;
+    }
+}
+
 // y_t = sum_s A_ts v_s / (sum_s A_ts + eps), A_ts = phi(q_t) . phi(k_s), s <= t when causal.
 // (Equal to phi(q_t)^T S / (phi(q_t) . z + eps) of MIXERS.md by linearity.)
 template <class S>
 void linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S eps, bool causal) {
-  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
+  const int64_t T = d.T, H = d.H, E = d.E;
   std::vector<S> A(static_cast<size_t>(T * T));
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t s = 0; s < T; ++s) {
-          S a = 0;
-          if (!causal || s <= t)
-            for (int64_t i = 0; i < D; ++i)
-              a += phi_elu_ref(q[((b * T + t) * H + h) * D + i]) * phi_elu_ref(k[((b * T + s) * H + h) * D + i]);
-          A[t * T + s] = a;
-        }
+      phi_kernel_matrix(A.data(), q, k, d, b, h, causal);
       for (int64_t t = 0; t < T; ++t) {
         S den = 0;
         for (int64_t s = 0; s < T; ++s) den += A[t * T + s];
@@ -105,18 +112,11 @@ void linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S e
 // (s <= t when causal), srms(x) = x / sqrt(mean(x^2) + eps) over the E values of a head.
 template <class S>
 void norm_linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S eps, bool causal) {
-  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
+  const int64_t T = d.T, H = d.H, E = d.E;
   std::vector<S> A(static_cast<size_t>(T * T)), o(static_cast<size_t>(E));
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t s = 0; s < T; ++s) {
-          S a = 0;
-          if (!causal || s <= t)
-            for (int64_t i = 0; i < D; ++i)
-              a += phi_elu_ref(q[((b * T + t) * H + h) * D + i]) * phi_elu_ref(k[((b * T + s) * H + h) * D + i]);
-          A[t * T + s] = a;
-        }
+      phi_kernel_matrix(A.data(), q, k, d, b, h, causal);
       for (int64_t t = 0; t < T; ++t) {
         S ms = 0;
         for (int64_t e = 0; e < E; ++e) {
