@@ -457,8 +457,8 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   if (!targets) return 0.0;
 
   // loss; dlogits scaled so that the gradient is of the mean over counted positions
-  int64_t counted = 0;
-  nn::crossentropy_forward_backward(nullptr, A.logits.data(), targets, N, V, 0.0f, &counted);
+  // the scale needs the number of scored positions before the (single) cross-entropy pass
+  const int64_t counted = std::count_if(targets, targets + N, [](int32_t t) { return t >= 0; });
   if (counted_out) *counted_out = counted;
   std::vector<float> dlogits(grads ? N * V : 0);
   const double loss_sum = nn::crossentropy_forward_backward(
