@@ -98,3 +98,27 @@ def to_hf(w):
                     break
         out[h] = t
     return out
+
+
+QUANTIZED = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
+             "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
+
+
+def quantize(w, dtype):
+    """The weights an inference engine with `dtype` storage stands for: every block matrix and
+    the head rounded (bf16: to nearest even; int8: per output row, scale = max|w| / 127,
+    q = round-half-even(w / scale) clamped to +-127, w' = q * scale in float32)."""
+    out = {}
+    for n, t in w.items():
+        if n == "head.weight" or n.endswith(QUANTIZED):
+            t32 = t.float()
+            if dtype == "bf16":
+                t32 = t32.to(torch.bfloat16).float()
+            else:
+                s = t32.abs().amax(dim=1, keepdim=True) / 127.0
+                s = torch.where(s > 0, s, torch.ones_like(s))
+                t32 = torch.clamp(torch.round(t32 / s), -127, 127) * s
+            out[n] = t32.to(t.dtype)
+        else:
+            out[n] = t
+    return out

@@ -35,7 +35,7 @@ def linmix(*args):
 def main():
     V, C, L = 53, 24, 3
     w = rwkv4_ref.random_rwkv4(V, C, L, seed=7)
-    tokens = [int(x) for x in np.random.default_rng(1).integers(0, V, 40)]
+    tokens = [int(x) for x in np.random.default_rng(1).integers(0, V, 150)]
     ref = rwkv4_ref.rwkv4_logits(w, tokens).numpy()
     scale = max(1.0, float(np.abs(ref).max()))
     # BlinkDL names: .pth -> convert_rwkv4.py -> safetensors
@@ -46,16 +46,43 @@ def main():
     check("convert_rwkv4.py", r.returncode == 0, r.stderr.strip())
     hf = os.path.join(TMP, "hf.safetensors")
     st.save(hf, {n: t.numpy() for n, t in rwkv4_ref.to_hf(w).items()})
+    # the training model's two forms, and the inference engine: sequence mode in chunks of
+    # 1, 7, 64 (the state carried between calls) and decode (one token per call)
+    modes = [("parallel", []), ("recurrent", []), ("sequence", ["--chunk", "1"]), ("sequence", ["--chunk", "7"]),
+             ("sequence", ["--chunk", "64"]), ("decode", [])]
     for label, path in (("BlinkDL", blink), ("Hugging Face", hf)):
-        for mode in ("parallel", "recurrent"):
+        for mode, extra in modes:
             out = os.path.join(TMP, "logits.safetensors")
-            r = linmix("logits", "--model", path, "--tokens", ",".join(map(str, tokens)), "--mode", mode, "--out", out)
+            r = linmix("logits", "--model", path, "--tokens", ",".join(map(str, tokens)), "--mode", mode, *extra,
+                       "--out", out)
+            name = f"{label} names, {mode} mode {' '.join(extra)}"
             if r.returncode != 0:
-                check(f"{label} {mode}", False, r.stderr.strip())
+                check(name, False, r.stderr.strip())
                 continue
             got = st.load(out)["logits"]
             err = float(np.abs(got - ref).max()) / scale
-            check(f"{label} names, {mode} mode: logits vs PyTorch float64", err <= 1e-4, f"max rel err {err:.2e}")
+            check(f"{name}: logits vs PyTorch float64", err <= 1e-4, f"max rel err {err:.2e}")
+    # BF16 / INT8 weights: the engine equals the float64 reference run on weights rounded the
+    # same way here (bf16: round to nearest even; int8: per-row scale max|w|/127, round half even)
+    for dt in ("bf16", "int8"):
+        wq = rwkv4_ref.quantize(w, dt)
+        refq = rwkv4_ref.rwkv4_logits(wq, tokens).numpy()
+        for mode, extra in (("sequence", ["--chunk", "7"]), ("decode", [])):
+            out = os.path.join(TMP, "logits.safetensors")
+            r = linmix("logits", "--model", blink, "--tokens", ",".join(map(str, tokens)), "--mode", mode, *extra,
+                       "--dtype", dt, "--out", out)
+            name = f"{dt} weights, {mode} mode {' '.join(extra)}"
+            if r.returncode != 0:
+                check(name, False, r.stderr.strip())
+                continue
+            got = st.load(out)["logits"]
+            err = float(np.abs(got - refq).max()) / scale
+            far = float(np.abs(refq - ref).max()) / scale
+            check(f"{name}: logits vs PyTorch float64 of the {dt}-rounded weights", err <= 1e-4,
+                  f"max rel err {err:.2e} (rounding itself moves them {far:.2e})")
+    r = linmix("logits", "--model", blink, "--tokens", "1,2", "--mode", "decode", "--dtype", "fp8",
+               "--out", os.path.join(TMP, "x.safetensors"))
+    check("unknown --dtype refused", r.returncode == 2 and "fp8" in r.stderr, r.stderr.strip())
     # bad files: a missing tensor, a mis-shaped tensor, a truncated .pth
     bad = dict(w)
     del bad["blocks.1.att.key.weight"]

@@ -13,6 +13,9 @@
 
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
+#include "linmix/model.h"
+#include "linmix/quant.h"
+#include "linmix/rwkv4.h"
 #include "linmix/safetensors.h"
 #include "linmix/tokenizer.h"
 #include "linmix/train.h"
@@ -213,6 +216,9 @@ int main(int argc, char** argv) {
   gen->add_option("--tokenizer", tokenizer_path, "bytes, or an RWKV World vocabulary file")->capture_default_str();
   gen->add_option("--state-in", state_in, "continue from a saved state (safetensors)");
   gen->add_option("--state-out", state_out, "save the final state (safetensors, written atomically)");
+  std::string dtype = "f32";
+  gen->add_option("--dtype", dtype, "weights of the RWKV-4 engine: f32 | bf16 | int8 (RWKV-4 models only)")
+      ->capture_default_str();
 
   auto* tok = app.add_subcommand("tokenize", "encode text to token ids (or --decode ids to text)");
   std::string tok_text, tok_file, tok_decode;
@@ -226,7 +232,10 @@ int main(int argc, char** argv) {
   int64_t eval_seq = 128, eval_windows = 64;
   ev->add_option("--model", model_path, "checkpoint")->required();
   ev->add_option("--data", eval_file, "text file")->required();
-  ev->add_option("--mode", eval_mode, "parallel | recurrent (the two agree)")->capture_default_str();
+  ev->add_option("--mode", eval_mode, "parallel | recurrent | sequence (the RWKV-4 engine; all agree)")
+      ->capture_default_str();
+  ev->add_option("--dtype", dtype, "weights of the RWKV-4 engine (sequence mode): f32 | bf16 | int8")
+      ->capture_default_str();
   ev->add_option("--seq", eval_seq, "window length")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   ev->add_option("--windows", eval_windows, "windows, spread over the file")->capture_default_str()->check(CLI::PositiveNumber);
 
@@ -234,7 +243,14 @@ int main(int argc, char** argv) {
   std::string tokens_csv, logits_mode = "parallel";
   lg->add_option("--model", model_path, "checkpoint (linmix, or RWKV-4 safetensors with BlinkDL or HF names)")->required();
   lg->add_option("--tokens", tokens_csv, "comma-separated token ids")->required();
-  lg->add_option("--mode", logits_mode, "parallel | recurrent")->capture_default_str();
+  int64_t logits_chunk = 64;
+  lg->add_option("--mode", logits_mode,
+                 "parallel | recurrent (the training model) | sequence | decode (the RWKV-4 engine)")
+      ->capture_default_str();
+  lg->add_option("--chunk", logits_chunk, "sequence mode: tokens per call, the state carried between calls")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  lg->add_option("--dtype", dtype, "weights of the RWKV-4 engine: f32 | bf16 | int8")->capture_default_str();
   lg->add_option("--out", out_path, "output safetensors (tensor 'logits' [T,V])")->required();
 
   auto* gr = app.add_subcommand("grad", "mean loss and every parameter's gradient on given tokens (for cross-checks)");
@@ -300,7 +316,15 @@ int main(int argc, char** argv) {
       const auto tk = Tokenizer::load(tokenizer_path);
       LINMIX_CHECK(tk->vocab_size() <= V, "tokenizer " + tk->name() + " has " + std::to_string(tk->vocab_size()) +
                                               " tokens, the model only " + std::to_string(V));
-      for (int32_t id : tk->encode(prompt)) m.step(id, st, lg.data());
+      const WType wt = parse_wtype(dtype);
+      std::unique_ptr<Rwkv4Engine> eng;
+      if (Rwkv4Engine::supports(m.config())) eng = std::make_unique<Rwkv4Engine>(m, wt);
+      else LINMIX_CHECK(wt == WType::F32, "--dtype " + dtype + " needs an RWKV-4 model");
+      const std::vector<int32_t> pids = tk->encode(prompt);
+      LINMIX_CHECK(!pids.empty(), "the prompt encodes to no tokens");
+      if (eng) eng->sequence(pids.data(), int64_t(pids.size()), st, lg.data());
+      else
+        for (int32_t id : pids) m.step(id, st, lg.data());
       std::mt19937_64 rng(sopt.seed);
       std::fwrite(prompt.data(), 1, prompt.size(), stdout);
       const auto g0 = std::chrono::steady_clock::now();
@@ -310,7 +334,8 @@ int main(int argc, char** argv) {
         const std::string piece = tk->decode({t});
         std::fwrite(piece.data(), 1, piece.size(), stdout);
         std::fflush(stdout);
-        m.step(t, st, lg.data());
+        if (eng) eng->step(t, st, lg.data());
+        else m.step(t, st, lg.data());
       }
       std::fputc('\n', stdout);
       if (!state_out.empty()) write_safetensors(state_out, m.state_tensors(st), {{"config", m.config().to_json()}});
@@ -326,8 +351,16 @@ int main(int argc, char** argv) {
       std::ifstream f(eval_file, std::ios::binary);
       LINMIX_CHECK(f.good(), eval_file + ": cannot open");
       std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-      LINMIX_CHECK(eval_mode == "parallel" || eval_mode == "recurrent", "--mode must be parallel or recurrent");
-      const double loss = evaluate_split(*ck.model, bytes, eval_seq, eval_windows, eval_mode == "recurrent");
+      LINMIX_CHECK(eval_mode == "parallel" || eval_mode == "recurrent" || eval_mode == "sequence",
+                   "--mode must be parallel, recurrent or sequence");
+      double loss;
+      if (eval_mode == "sequence") {
+        Rwkv4Engine eng(*ck.model, parse_wtype(dtype));
+        loss = evaluate_split(eng, bytes, eval_seq, eval_windows);
+      } else {
+        LINMIX_CHECK(dtype == "f32", "--dtype applies to --mode sequence only");
+        loss = evaluate_split(*ck.model, bytes, eval_seq, eval_windows, eval_mode == "recurrent");
+      }
       std::printf("%s: %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", eval_file.c_str(),
                   eval_mode.c_str(), static_cast<long long>(eval_windows), static_cast<long long>(eval_seq), loss,
                   loss / std::log(2.0));
@@ -380,12 +413,25 @@ int main(int argc, char** argv) {
       const std::vector<int32_t> toks = parse_ids(tokens_csv, m.config().vocab, "--tokens");
       const int64_t T = static_cast<int64_t>(toks.size()), V = m.config().vocab;
       Tensor out({T, V});
+      LINMIX_CHECK(logits_mode == "parallel" || logits_mode == "recurrent" || logits_mode == "sequence" ||
+                       logits_mode == "decode",
+                   "--mode must be parallel, recurrent, sequence or decode");
+      const WType wt = parse_wtype(dtype);
+      LINMIX_CHECK(wt == WType::F32 || logits_mode == "sequence" || logits_mode == "decode",
+                   "--dtype applies to the sequence and decode modes only");
       if (logits_mode == "parallel") {
         out.data = m.logits(toks.data(), 1, T);
-      } else {
-        LINMIX_CHECK(logits_mode == "recurrent", "--mode must be parallel or recurrent");
+      } else if (logits_mode == "recurrent") {
         Model::State st = m.new_state();
         for (int64_t t = 0; t < T; ++t) m.step(toks[t], st, out.ptr() + t * V);
+      } else {
+        Rwkv4Engine eng(m, wt);
+        Model::State st = m.new_state();
+        if (logits_mode == "decode")
+          for (int64_t t = 0; t < T; ++t) eng.step(toks[t], st, out.ptr() + t * V);
+        else
+          for (int64_t t0 = 0; t0 < T; t0 += logits_chunk)
+            eng.sequence(toks.data() + t0, std::min(logits_chunk, T - t0), st, out.ptr() + t0 * V, true);
       }
       write_safetensors(out_path, {{"logits", out}}, {{"mode", logits_mode}});
       return 0;

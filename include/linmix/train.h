@@ -11,6 +11,8 @@
 
 namespace linmix {
 
+class Rwkv4Engine;
+
 // ---- data
 // A byte corpus split by bytes: the first 90% train, the last 10% validation.
 struct Corpus {
@@ -83,6 +85,8 @@ double lr_at(const TrainOptions& o, int64_t step);  // warm-up, then cosine to m
 // Mean loss (nats per token) of the model on windows of `seq` tokens of a split; in recurrent
 // mode each window runs token by token from a fresh state (so the two modes agree).
 double evaluate_split(Model& m, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows, bool recurrent);
+// The same windows through the RWKV-4 inference engine's sequence mode (any weight type).
+double evaluate_split(Rwkv4Engine& e, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows);
 
 // ---- sampling
 struct SampleOptions {

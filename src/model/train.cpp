@@ -1,5 +1,6 @@
 // Data, AdamW, checkpoints, the training loop, evaluation and sampling.
 #include "linmix/train.h"
+#include "linmix/rwkv4.h"
 
 #include <unistd.h>
 
@@ -218,6 +219,31 @@ double evaluate_split(Model& m, const std::vector<uint8_t>& split, int64_t seq, 
     }
   }
   return total / double(count);
+}
+
+double evaluate_split(Rwkv4Engine& e, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows) {
+  const int64_t n = static_cast<int64_t>(split.size()) - 1;
+  LINMIX_CHECK(n >= seq, "evaluation split shorter than one window of " + std::to_string(seq));
+  const int64_t windows = std::min(max_windows, n / seq);
+  const int64_t stride = n / windows;  // the windows of the Model overload
+  const int64_t V = e.config().vocab;
+  std::vector<float> lg(seq * V);
+  std::vector<int32_t> in(seq);
+  double total = 0;
+  for (int64_t w = 0; w < windows; ++w) {
+    const int64_t p = w * stride;
+    for (int64_t t = 0; t < seq; ++t) in[t] = split[p + t];
+    Model::State st = e.new_state();
+    e.sequence(in.data(), seq, st, lg.data(), true);
+    for (int64_t t = 0; t < seq; ++t) {
+      const float* l = lg.data() + t * V;
+      const float mx = *std::max_element(l, l + V);
+      double z = 0;
+      for (int64_t i = 0; i < V; ++i) z += std::exp(double(l[i] - mx));
+      total += std::log(z) - double(l[split[p + t + 1]] - mx);
+    }
+  }
+  return total / double(windows * seq);
 }
 
 namespace {

@@ -1,0 +1,48 @@
+// RWKV-4 inference engine: the language model of MIXERS.md ("The RWKV-4 language model") for
+// generation, with weights in FP32, BF16 or INT8 (per-row scales, FP32 accumulation).
+//   sequence(): T tokens at once from any state (prefill): every projection is one GEMM over
+//               the T rows, the WKV recurrence one scan per channel block;
+//   step():     one token (decode): matrix-vector products that stream the weights once,
+//               no allocation.
+// Both read and update the same Model::State as Model::step, so states saved by either path
+// continue in the other; sequence() in chunks of any size equals step() token by token.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "linmix/model.h"
+#include "linmix/quant.h"
+
+namespace linmix {
+
+class Rwkv4Engine {
+ public:
+  // True when the model is an RWKV-4 LM (every layer rwkv4, RWKV channel-mix, ln0, no
+  // learned positions); otherwise `why` says what differs.
+  static bool supports(const ModelConfig& c, std::string* why = nullptr);
+  // Copies (and converts) the weights of `m`; throws Error when !supports(m.config()).
+  Rwkv4Engine(const Model& m, WType wtype);
+  ~Rwkv4Engine();
+
+  // Feeds T >= 1 tokens. logits: (T,V) when all_logits, else (V) for the last token; may be null.
+  void sequence(const int32_t* tokens, int64_t T, Model::State& st, float* logits, bool all_logits = false);
+  // Feeds one token; logits (V).
+  void step(int32_t token, Model::State& st, float* logits);
+
+  const ModelConfig& config() const { return cfg_; }
+  Model::State new_state() const;  // the zero state (as Model::new_state)
+  // Bytes of weights step() reads per token (all matrices, one embedding row, the vectors).
+  double step_bytes() const;
+  // Multiply-add FLOPs (2 per MAC) of sequence() per token: projections, and the head when
+  // the logits of that token are computed.
+  double flops_per_token(bool with_head) const;
+
+ private:
+  struct Impl;
+  ModelConfig cfg_;
+  std::unique_ptr<Impl> p_;
+};
+
+}  // namespace linmix

@@ -1,0 +1,36 @@
+// Matrix-vector products for one-token decode, with weights in FP32, BF16 or INT8 (per-row
+// scales). Accumulation is FP32 in every case; activations stay FP32. AVX-512 kernels are
+// chosen at run time when the CPU has AVX-512 (F + BW), AVX2 + FMA otherwise (the baseline).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "linmix/quant.h"
+
+namespace linmix {
+
+// A row-major (rows, cols) weight matrix in one of the three storage types.
+struct QMatrix {
+  int64_t rows = 0, cols = 0;
+  WType type = WType::F32;
+  std::vector<float> f32;      // F32
+  std::vector<uint16_t> bf16;  // BF16: the upper half of the FP32 word, rounded to nearest even
+  std::vector<int8_t> i8;      // I8: round(w / scale[row]), scale = max|w_row| / 127
+  std::vector<float> scale;    // I8: (rows)
+
+  static QMatrix from_f32(const float* W, int64_t rows, int64_t cols, WType type);
+  void to_f32(float* out) const;        // the weights this matrix stands for, (rows, cols)
+  size_t bytes() const;                 // storage read by one gemv (weights + scales)
+};
+
+// y (rows) = W x. Parallel over row blocks (OpenMP).
+void gemv(const QMatrix& W, const float* x, float* y);
+// Name of the kernel family gemv uses on this CPU ("avx512" | "avx2").
+const char* gemv_isa();
+
+float bf16_to_f32(uint16_t h);
+uint16_t f32_to_bf16(float f);  // round to nearest even; NaN stays NaN
+
+}  // namespace linmix

@@ -1,0 +1,138 @@
+// The RWKV-4 inference engine: sequence mode in chunks of 1, 7 and 64 gives the same logits and
+// the same state as the training model's recurrent step token by token, from a zero state and
+// from a state half-way through; states cross between the two paths; the gemv kernels of every
+// weight type equal a float64 product of the weights they stand for.
+#include <random>
+
+#include "../src/kernels/gemv.h"
+#include "linmix/model.h"
+#include "linmix/rwkv4.h"
+#include "test_util.h"
+
+using namespace linmix;
+
+namespace {
+
+std::unique_ptr<Model> rwkv_model() {
+  auto m = std::make_unique<Model>(ModelConfig::from_json(
+      R"({"vocab": 50, "d_model": 40, "n_layer": 3, "ffn_mult": 4, "mixer": "rwkv4", "channel_mix": "rwkv", "ln0": true})"));
+  m->init(11);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> n(0.0f, 0.3f);
+  for (auto& [name, t] : m->params())  // larger than the init so that every path matters
+    if (name.find("ln") == std::string::npos)
+      for (float& x : t.data) x = x * 6.0f + (name.find("time_") != std::string::npos ? n(rng) : 0.0f);
+  return m;
+}
+
+double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0, s = 1e-6;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, double(std::fabs(a[i] - b[i]))), s = std::max(s, double(std::fabs(b[i])));
+  return m / s;
+}
+
+void expect_same_state(const Model& m, const Model::State& a, const Model::State& b, double tol) {
+  const TensorMap ta = m.state_tensors(a), tb = m.state_tensors(b);
+  ASSERT_EQ(ta.size(), tb.size());
+  for (const auto& [n, t] : ta) {
+    ASSERT_TRUE(tb.count(n)) << n;
+    EXPECT_LE(max_rel(t.data, tb.at(n).data), tol) << n;
+  }
+}
+
+}  // namespace
+
+TEST(Rwkv4Engine, SequenceChunksEqualTokenByToken) {
+  auto m = rwkv_model();
+  const int64_t T = 150, V = 50;
+  std::vector<int32_t> toks(T);
+  std::mt19937 rng(3);
+  for (auto& t : toks) t = int32_t(rng() % V);
+  // the reference: the training model's recurrent step
+  Model::State ref = m->new_state();
+  std::vector<float> want(T * V);
+  for (int64_t t = 0; t < T; ++t) m->step(toks[t], ref, want.data() + t * V);
+  Rwkv4Engine eng(*m, WType::F32);
+  for (int64_t chunk : {1, 7, 64, 150}) {
+    Model::State st = eng.new_state();
+    std::vector<float> got(T * V);
+    for (int64_t t0 = 0; t0 < T; t0 += chunk)
+      eng.sequence(toks.data() + t0, std::min(chunk, T - t0), st, got.data() + t0 * V, true);
+    EXPECT_LE(max_rel(got, want), 1e-5) << "chunk " << chunk;
+    EXPECT_EQ(st.pos, T);
+    expect_same_state(*m, st, ref, 1e-5);
+  }
+  // decode, and a prefill whose last logits only are asked for
+  Model::State st = eng.new_state();
+  std::vector<float> got(T * V), last(V);
+  for (int64_t t = 0; t < T; ++t) eng.step(toks[t], st, got.data() + t * V);
+  EXPECT_LE(max_rel(got, want), 1e-5);
+  expect_same_state(*m, st, ref, 1e-5);
+  Model::State st2 = eng.new_state();
+  eng.sequence(toks.data(), T, st2, last.data());
+  EXPECT_LE(max_rel(last, std::vector<float>(want.end() - V, want.end())), 1e-5);
+}
+
+TEST(Rwkv4Engine, ContinuesFromAStateOfTheOtherPath) {
+  auto m = rwkv_model();
+  const int64_t T = 90, V = 50;
+  std::vector<int32_t> toks(T);
+  for (int64_t t = 0; t < T; ++t) toks[t] = int32_t((t * 7 + 3) % V);
+  Model::State ref = m->new_state();
+  std::vector<float> want(V);
+  for (int64_t t = 0; t < T; ++t) m->step(toks[t], ref, want.data());
+  Rwkv4Engine eng(*m, WType::F32);
+  // first 33 tokens by the model's step, saved and reloaded as tensors, the rest by the engine
+  Model::State half = m->new_state();
+  std::vector<float> lg(V);
+  for (int64_t t = 0; t < 33; ++t) m->step(toks[t], half, lg.data());
+  Model::State st = m->state_from_tensors(m->state_tensors(half));
+  eng.sequence(toks.data() + 33, T - 33, st, lg.data());
+  EXPECT_LE(max_rel(lg, want), 1e-5);
+  expect_same_state(*m, st, ref, 1e-5);
+  // and the other way round: the engine's state continues in the model's step
+  Model::State e = eng.new_state();
+  eng.sequence(toks.data(), 50, e, nullptr);
+  for (int64_t t = 50; t < T; ++t) m->step(toks[t], e, lg.data());
+  EXPECT_LE(max_rel(lg, want), 1e-5);
+}
+
+TEST(Rwkv4Engine, RejectsOtherModelsAndBadStates) {
+  Model softmax(ModelConfig::from_json(R"({"vocab": 20, "d_model": 16, "n_layer": 1, "mixer": "softmax"})"));
+  EXPECT_THROW(Rwkv4Engine(softmax, WType::F32), Error);
+  auto m = rwkv_model();
+  Rwkv4Engine eng(*m, WType::I8);
+  Model::State st = eng.new_state();
+  std::vector<float> lg(50);
+  EXPECT_THROW(eng.step(50, st, lg.data()), Error);
+  st.att_prev.pop_back();
+  EXPECT_THROW(eng.step(1, st, lg.data()), Error);
+}
+
+TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {5, 3}, {37, 24}, {64, 768}, {300, 131}}) {
+    std::vector<float> W(rows * cols), x(cols), y(rows), deq(rows * cols);
+    for (auto& e : W) e = n(rng);
+    for (auto& e : x) e = n(rng);
+    for (WType t : {WType::F32, WType::BF16, WType::I8}) {
+      const QMatrix q = QMatrix::from_f32(W.data(), rows, cols, t);
+      q.to_f32(deq.data());
+      gemv(q, x.data(), y.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        double want = 0, mag = 0;
+        for (int64_t c = 0; c < cols; ++c) want += double(deq[r * cols + c]) * x[c], mag += std::fabs(deq[r * cols + c] * x[c]);
+        EXPECT_NEAR(y[r], want, 1e-5 * mag + 1e-6) << wtype_name(t) << " " << rows << "x" << cols << " row " << r;
+      }
+      // the rounding itself: bf16 keeps 8 bits of mantissa, int8 steps of max|w_row| / 127
+      for (int64_t i = 0; i < rows * cols; ++i) {
+        const float tol = t == WType::F32 ? 0.0f : t == WType::BF16 ? std::fabs(W[i]) / 256.0f : q.scale[i / cols] * 0.5f;
+        EXPECT_LE(std::fabs(deq[i] - W[i]), tol * 1.0001f) << wtype_name(t);
+      }
+    }
+  }
+  EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(f32_to_bf16(bf16_to_f32(0x3f81)), 0x3f81);
+  EXPECT_THROW(parse_wtype("fp8"), Error);
+}
