@@ -5,7 +5,8 @@ set -euo pipefail
 
 PKGS=(
   build-essential cmake ninja-build pkg-config
-  libopenblas-dev libopenblas0
+  libopenblas-dev libopenblas0 libopenblas0-openmp
+  libicu-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev
   libhwy-dev libfftw3-dev

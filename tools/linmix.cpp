@@ -11,6 +11,7 @@
 #include <sstream>
 #include <random>
 
+#include "linmix/bench.h"
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "linmix/model.h"
@@ -262,6 +263,23 @@ int main(int argc, char** argv) {
   gr->add_option("--batch", grad_batch, "B")->capture_default_str()->check(CLI::PositiveNumber);
   gr->add_option("--out", out_path, "output safetensors: d<param> for every trained parameter")->required();
 
+  auto* bn = app.add_subcommand("bench", "benchmarks against the machine's limits measured in the same run");
+  bool bench_model_flag = false;
+  ModelBenchOptions mbo;
+  bn->add_flag("--model", bench_model_flag, "the RWKV-4 inference engine on the 169M shape (random weights)");
+  bn->add_option("--threads", mbo.threads, "threads (OpenMP and OpenBLAS)")->capture_default_str()->check(CLI::Range(1, 1024));
+  bn->add_option("--decode-tokens", mbo.decode_tokens, "tokens timed in decode")->capture_default_str()->check(CLI::Range(1, 1 << 20));
+  bn->add_option("--prefill-tokens", mbo.prefill_tokens, "tokens of the prefill")->capture_default_str()->check(CLI::Range(1, 1 << 20));
+  bn->add_option("--layers", mbo.n_layer, "model layers (12 = 169M)")->capture_default_str()->check(CLI::Range(1, 1000));
+  bn->add_option("--d-model", mbo.d_model, "model width (768 = 169M)")->capture_default_str()->check(CLI::Range(1, 1 << 16));
+  bn->add_option("--vocab", mbo.vocab, "vocabulary (50277 = 169M)")->capture_default_str()->check(CLI::Range(1, 1 << 24));
+  bn->add_option("--dtypes", mbo.dtypes, "weight types to run")->capture_default_str()->delimiter(',');
+  bn->add_option("--checkpoint", mbo.checkpoint, "also: perplexity of this trained RWKV-4 in each weight type");
+  bn->add_option("--data", mbo.data, "text file for --checkpoint");
+  bn->add_option("--eval-seq", mbo.eval_seq, "window length for --checkpoint")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  bn->add_option("--eval-windows", mbo.eval_windows, "windows for --checkpoint")->capture_default_str()->check(CLI::PositiveNumber);
+  bn->add_option("--out", mbo.out, "write the report as JSON (atomically)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -435,6 +453,12 @@ int main(int argc, char** argv) {
       }
       write_safetensors(out_path, {{"logits", out}}, {{"mode", logits_mode}});
       return 0;
+    }
+    if (*bn) {
+      LINMIX_CHECK(bench_model_flag, "linmix bench: choose --model");
+      LINMIX_CHECK(mbo.checkpoint.empty() == mbo.data.empty(), "--checkpoint and --data go together");
+      for (const auto& d : mbo.dtypes) parse_wtype(d);
+      return bench_model(mbo);
     }
     if (*feats) {
       Tensor proj({fM, fD});

@@ -151,6 +151,14 @@ void rows_avx2(const T* W, const float* x, float* y, int64_t r0, int64_t r1, int
 // ---- AVX-512 (F + BW), chosen at run time ----
 #define LINMIX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2")))
 
+LINMIX_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LINMIX_AVX512 inline __m512 load16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+LINMIX_AVX512 inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 LINMIX_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 LINMIX_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
@@ -160,20 +168,28 @@ LINMIX_AVX512 inline __m512 load16(const int8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
+constexpr int64_t kAhead = 0;  // prefetch distance, in blocks of 4 rows beyond the next
 template <class T>
-LINMIX_AVX512 void rows_avx512(const T* W, const float* x, float* y, int64_t r0, int64_t r1, int64_t cols) {
+LINMIX_AVX512 void rows_avx512(const T* W, const float* x, float* y, int64_t r0, int64_t r1, int64_t cols,
+                               int64_t rows_total) {
   const int64_t cv = cols & ~int64_t(15);
-  const __mmask16 full = 0xffff, tail = __mmask16((1u << (cols - cv)) - 1u);
+  const __mmask16 tail = __mmask16((1u << (cols - cv)) - 1u);
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
     const T *w0 = W + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    // the next 4 rows (contiguous) are prefetched at the pace this block is read: rows of a
+    // few cache lines are too short for the hardware stream prefetcher to ramp up
+    const char* next = reinterpret_cast<const char*>(w3 + cols + kAhead * 4 * cols);
+    const bool pf = r + 4 * (kAhead + 2) <= rows_total;
     for (int64_t i = 0; i < cv; i += 16) {
+      if (pf)
+        for (int64_t l = 0; l < int64_t(4 * 16 * sizeof(T)); l += 64) _mm_prefetch(next + 4 * i * sizeof(T) + l, _MM_HINT_T0);
       const __m512 xv = _mm512_loadu_ps(x + i);
-      a0 = _mm512_fmadd_ps(load16(w0 + i, full), xv, a0);
-      a1 = _mm512_fmadd_ps(load16(w1 + i, full), xv, a1);
-      a2 = _mm512_fmadd_ps(load16(w2 + i, full), xv, a2);
-      a3 = _mm512_fmadd_ps(load16(w3 + i, full), xv, a3);
+      a0 = _mm512_fmadd_ps(load16(w0 + i), xv, a0);
+      a1 = _mm512_fmadd_ps(load16(w1 + i), xv, a1);
+      a2 = _mm512_fmadd_ps(load16(w2 + i), xv, a2);
+      a3 = _mm512_fmadd_ps(load16(w3 + i), xv, a3);
     }
     if (tail) {
       const __m512 xv = _mm512_maskz_loadu_ps(tail, x + cv);
@@ -188,7 +204,7 @@ LINMIX_AVX512 void rows_avx512(const T* W, const float* x, float* y, int64_t r0,
   for (; r < r1; ++r) {
     const T* w = W + r * cols;
     __m512 a = _mm512_setzero_ps();
-    for (int64_t i = 0; i < cv; i += 16) a = _mm512_fmadd_ps(load16(w + i, full), _mm512_loadu_ps(x + i), a);
+    for (int64_t i = 0; i < cv; i += 16) a = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a);
     if (tail) a = _mm512_fmadd_ps(load16(w + cv, tail), _mm512_maskz_loadu_ps(tail, x + cv), a);
     y[r] = _mm512_reduce_add_ps(a);
   }
@@ -208,7 +224,7 @@ void gemv_t(const T* W, const float* x, float* y, int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)
   for (int64_t b = 0; b < nblk; ++b) {
     const int64_t r0 = b * kRows, r1 = std::min(rows, r0 + kRows);
-    if (wide) rows_avx512(W, x, y, r0, r1, cols);
+    if (wide) rows_avx512(W, x, y, r0, r1, cols, rows);
     else rows_avx2(W, x, y, r0, r1, cols);
   }
 }
