@@ -13,9 +13,10 @@ using namespace linmix;
 
 namespace {
 
-std::unique_ptr<Model> rwkv_model() {
+std::unique_ptr<Model> rwkv_model(bool ln0 = true) {
   auto m = std::make_unique<Model>(ModelConfig::from_json(
-      R"({"vocab": 50, "d_model": 40, "n_layer": 3, "ffn_mult": 4, "mixer": "rwkv4", "channel_mix": "rwkv", "ln0": true})"));
+      R"({"vocab": 50, "d_model": 40, "n_layer": 3, "ffn_mult": 4, "mixer": "rwkv4", "channel_mix": "rwkv", "ln0": )" +
+      std::string(ln0 ? "true" : "false") + "}"));
   m->init(11);
   std::mt19937_64 rng(5);
   std::normal_distribution<float> n(0.0f, 0.3f);
@@ -42,8 +43,10 @@ void expect_same_state(const Model& m, const Model::State& a, const Model::State
 
 }  // namespace
 
-TEST(Rwkv4Engine, SequenceChunksEqualTokenByToken) {
-  auto m = rwkv_model();
+class Rwkv4EngineLn0 : public ::testing::TestWithParam<bool> {};
+
+TEST_P(Rwkv4EngineLn0, SequenceChunksEqualTokenByToken) {
+  auto m = rwkv_model(GetParam());
   const int64_t T = 150, V = 50;
   std::vector<int32_t> toks(T);
   std::mt19937 rng(3);
@@ -72,6 +75,8 @@ TEST(Rwkv4Engine, SequenceChunksEqualTokenByToken) {
   eng.sequence(toks.data(), T, st2, last.data());
   EXPECT_LE(max_rel(last, std::vector<float>(want.end() - V, want.end())), 1e-5);
 }
+
+INSTANTIATE_TEST_SUITE_P(WithAndWithoutLn0, Rwkv4EngineLn0, ::testing::Bool());
 
 TEST(Rwkv4Engine, ContinuesFromAStateOfTheOtherPath) {
   auto m = rwkv_model();

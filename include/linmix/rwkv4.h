@@ -19,8 +19,8 @@ namespace linmix {
 
 class Rwkv4Engine {
  public:
-  // True when the model is an RWKV-4 LM (every layer rwkv4, RWKV channel-mix, ln0, no
-  // learned positions); otherwise `why` says what differs.
+  // True when the model is an RWKV-4 LM (every layer rwkv4, RWKV channel-mix, no learned
+  // positions; ln0 or not); otherwise `why` says what differs.
   static bool supports(const ModelConfig& c, std::string* why = nullptr);
   // Copies (and converts) the weights of `m`; throws Error when !supports(m.config()).
   Rwkv4Engine(const Model& m, WType wtype);

@@ -83,7 +83,6 @@ bool Rwkv4Engine::supports(const ModelConfig& c, std::string* why) {
   for (const auto& l : c.layers)
     if (l.mixer != "rwkv4") return no("layer mixer '" + l.mixer + "' is not rwkv4");
   if (c.channel_mix != "rwkv") return no("channel mix is '" + c.channel_mix + "', not rwkv");
-  if (!c.ln0) return no("the model has no ln0");
   if (c.uses_pos_emb()) return no("the model has learned positions");
   return true;
 }
@@ -101,7 +100,7 @@ Rwkv4Engine::Rwkv4Engine(const Model& m, WType wtype) : cfg_(m.config()), p_(std
     return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], t);
   };
   I.emb = vec("emb.weight");
-  I.ln0w = vec("blocks.0.ln0.weight"), I.ln0b = vec("blocks.0.ln0.bias");
+  if (cfg_.ln0) I.ln0w = vec("blocks.0.ln0.weight"), I.ln0b = vec("blocks.0.ln0.bias");
   I.lnfw = vec("ln_out.weight"), I.lnfb = vec("ln_out.bias");
   I.head = mat("head.weight", wtype);
   I.layers.resize(I.L);
@@ -180,7 +179,8 @@ void Rwkv4Engine::step(int32_t token, Model::State& st, float* logits) {
   ensure_state(st, I.L, C);
   float *x = I.x.data(), *a = I.a.data(), *xk = I.xk.data(), *xv = I.xv.data(), *xr = I.xr.data(), *k = I.k.data(),
         *v = I.v.data(), *r = I.r.data(), *y = I.y.data(), *h = I.h.data(), *o = I.o.data();
-  layernorm_rows(x, I.emb.data() + int64_t(token) * C, I.ln0w.data(), I.ln0b.data(), 1, C);
+  if (cfg_.ln0) layernorm_rows(x, I.emb.data() + int64_t(token) * C, I.ln0w.data(), I.ln0b.data(), 1, C);
+  else std::copy(I.emb.data() + int64_t(token) * C, I.emb.data() + int64_t(token + 1) * C, x);
   for (int64_t l = 0; l < I.L; ++l) {
     const Impl::Layer& Y = I.layers[l];
     float* prev = st.att_prev[l].data();
@@ -230,7 +230,7 @@ void Rwkv4Engine::sequence(const int32_t* tokens, int64_t T, Model::State& st, f
           *K = I.K.data(), *Vv = I.Vv.data(), *R = I.R.data(), *Y = I.Y.data(), *H = I.H.data();
     for (int64_t t = 0; t < n; ++t)
       std::copy(I.emb.data() + int64_t(tokens[t0 + t]) * C, I.emb.data() + int64_t(tokens[t0 + t] + 1) * C, X + t * C);
-    layernorm_rows(X, X, I.ln0w.data(), I.ln0b.data(), n, C);
+    if (cfg_.ln0) layernorm_rows(X, X, I.ln0w.data(), I.ln0b.data(), n, C);
     for (int64_t l = 0; l < I.L; ++l) {
       const Impl::Layer& L = I.layers[l];
       // token shift: row t mixes with row t-1, row 0 with the state's last row
