@@ -11,7 +11,7 @@ PKGS=(
   libcli11-dev nlohmann-json3-dev
   libhwy-dev libfftw3-dev
   fortunes
-  python3 python3-numpy python3-torch python3-matplotlib
+  python3 python3-numpy python3-torch python3-matplotlib python3-regex
 )
 
 missing=()

@@ -102,8 +102,36 @@ def main():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_rwkv4.py"), pth + ".cut", p],
                        capture_output=True, text=True)
     check("truncated .pth refused by the converter", r.returncode == 2 and "cannot load" in r.stderr, r.stderr.strip())
+    generate_with_bpe()
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
+
+
+def generate_with_bpe():
+    """End to end with the real GPT-NeoX tokenizer: a random RWKV-4 with the Pile vocabulary
+    (V = 50277) generates greedily; the text equals greedy decoding of the float64 reference
+    with the Python BPE (python/bpe_tokenizer.py), for f32 weights, and for int8 weights against
+    the reference run on the int8-rounded weights."""
+    tok_path = os.path.join(ROOT, "..", "shared", "data", "20B_tokenizer.json")
+    if not os.path.exists(tok_path):
+        check("generate with 20B_tokenizer.json", False, "(../shared/data is missing)")
+        return
+    import bpe_tokenizer
+    bpe = bpe_tokenizer.Bpe(tok_path)
+    w = rwkv4_ref.random_rwkv4(50277, 16, 2, seed=3)
+    path = os.path.join(TMP, "pile.safetensors")
+    st.save(path, {n: t.float().numpy() for n, t in w.items()})
+    prompt, n = "The quick brown fox", 12
+    for dt, wref in (("f32", w), ("int8", rwkv4_ref.quantize(w, "int8"))):
+        ids = bpe.encode(prompt)
+        for _ in range(n):
+            ids.append(int(rwkv4_ref.rwkv4_logits(wref, ids)[-1].argmax()))
+        want = bpe.decode(ids)
+        r = subprocess.run([LINMIX, "generate", "--model", path, "--tokenizer", tok_path, "--prompt", prompt,
+                            "--tokens", str(n), "--temperature", "0", "--dtype", dt], capture_output=True)
+        got = r.stdout.rstrip(b"\n")
+        check(f"generate --tokenizer 20B_tokenizer.json --dtype {dt}: greedy text equals the reference's",
+              r.returncode == 0 and got == want, repr(got[:80]) + (" vs " + repr(want[:80]) if got != want else ""))
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", sopt.seed, "sampling seed")->capture_default_str();
   gen->add_flag("--stats", stats, "print ms per generated token and peak memory to stderr");
   std::string tokenizer_path = "bytes", state_in, state_out;
-  gen->add_option("--tokenizer", tokenizer_path, "bytes, or an RWKV World vocabulary file")->capture_default_str();
+  gen->add_option("--tokenizer", tokenizer_path, "bytes, an RWKV World vocabulary, or a Hugging Face tokenizer.json (byte-level BPE)")->capture_default_str();
   gen->add_option("--state-in", state_in, "continue from a saved state (safetensors)");
   gen->add_option("--state-out", state_out, "save the final state (safetensors, written atomically)");
   std::string dtype = "f32";
@@ -223,7 +223,7 @@ int main(int argc, char** argv) {
 
   auto* tok = app.add_subcommand("tokenize", "encode text to token ids (or --decode ids to text)");
   std::string tok_text, tok_file, tok_decode;
-  tok->add_option("--tokenizer", tokenizer_path, "bytes, or an RWKV World vocabulary file")->required();
+  tok->add_option("--tokenizer", tokenizer_path, "bytes, an RWKV World vocabulary, or a Hugging Face tokenizer.json (byte-level BPE)")->required();
   tok->add_option("--text", tok_text, "text to encode");
   tok->add_option("--file", tok_file, "file to encode");
   tok->add_option("--decode", tok_decode, "comma-separated ids to decode (@FILE reads them from a file)");

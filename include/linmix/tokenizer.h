@@ -1,5 +1,7 @@
-// Tokenizers: bytes (linmix's own models) and the RWKV "World" vocabulary (greedy longest
-// match over bytes, rwkv_vocab_v20230424.txt). Tokenizer::load detects the type from the file.
+// Tokenizers: bytes (linmix's own models), the RWKV "World" vocabulary (greedy longest match
+// over bytes, rwkv_vocab_v20230424.txt) and byte-level BPE from a Hugging Face tokenizer.json
+// (GPT-2 / GPT-NeoX, e.g. 20B_tokenizer.json of the RWKV-4 Pile models). Tokenizer::load
+// detects the type from the file.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -42,6 +44,31 @@ class WorldTokenizer : public Tokenizer {
   std::vector<std::string> tokens_;  // id -> bytes
   std::unordered_map<std::string, int32_t> ids_;
   int64_t max_len_ = 0, vocab_ = 0;
+};
+
+// Byte-level BPE (Radford et al. 2019; Hugging Face `tokenizers` JSON, model type "BPE"):
+//   1. added tokens are cut out first (leftmost-longest; those marked "normalized" are matched
+//      after normalisation), each is one id;
+//   2. the normalizer (none or NFC, by ICU) runs on the rest;
+//   3. the ByteLevel pre-tokenizer splits it with the GPT-2 pattern
+//        's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+//      (Unicode categories and White_Space from ICU);
+//   4. each piece's UTF-8 bytes are merged by rank (the lowest-ranked adjacent pair first,
+//      leftmost among equals) until no merge applies.
+// decode concatenates the tokens' bytes. Input must be valid UTF-8.
+class BpeTokenizer : public Tokenizer {
+ public:
+  explicit BpeTokenizer(const std::string& path);
+  ~BpeTokenizer() override;
+  std::vector<int32_t> encode(const std::string& text) const override;
+  std::string decode(const std::vector<int32_t>& ids) const override;
+  int64_t vocab_size() const override { return vocab_; }
+  std::string name() const override { return "byte-level-bpe"; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> p_;
+  int64_t vocab_ = 0;
 };
 
 }  // namespace linmix

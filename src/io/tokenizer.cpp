@@ -147,12 +147,10 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
   f.read(head.data(), 64);
   head.resize(static_cast<size_t>(f.gcount()));
   const size_t first = head.find_first_not_of(" \t\r\n");
-  if (first != std::string::npos && head[first] == '{')
-    throw Error(path + ": Hugging Face tokenizer.json (byte-level BPE) is not supported yet; use an RWKV World "
-                "vocabulary or 'bytes'");
+  if (first != std::string::npos && head[first] == '{') return std::make_unique<BpeTokenizer>(path);
   if (first != std::string::npos && std::isdigit(static_cast<unsigned char>(head[first])))
     return std::make_unique<WorldTokenizer>(path);
-  throw Error(path + ": unrecognised tokenizer file (expected an RWKV World vocabulary)");
+  throw Error(path + ": unrecognised tokenizer file (expected an RWKV World vocabulary or a tokenizer.json)");
 }
 
 }  // namespace linmix
