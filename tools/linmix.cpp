@@ -279,6 +279,15 @@ int main(int argc, char** argv) {
   bn->add_option("--eval-seq", mbo.eval_seq, "window length for --checkpoint")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   bn->add_option("--eval-windows", mbo.eval_windows, "windows for --checkpoint")->capture_default_str()->check(CLI::PositiveNumber);
   bn->add_option("--out", mbo.out, "write the report as JSON (atomically)");
+  MixerBenchOptions xbo;
+  bn->add_option("--mixers", xbo.mixers, "mechanisms (default: all)")->delimiter(',');
+  bn->add_option("--T", xbo.T, "sequence lengths (default 256,512,...,65536)")->delimiter(',')->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+  bn->add_option("--thread-counts", xbo.threads, "thread counts to run (default 1,2)")->delimiter(',')->check(CLI::Range(1, 1024));
+  bn->add_option("--max-seconds", xbo.max_seconds, "skip a size predicted to take longer than this")->capture_default_str()->check(CLI::PositiveNumber);
+  bn->add_option("--step-tokens", xbo.step_tokens, "tokens timed in the recurrent step")->capture_default_str()->check(CLI::Range(1, 1 << 20));
+  bool no_backward = false, no_step = false;
+  bn->add_flag("--no-backward", no_backward, "skip forward + backward");
+  bn->add_flag("--no-step", no_step, "skip the recurrent step");
 
   try {
     app.parse(argc, argv);
@@ -455,7 +464,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*bn) {
-      LINMIX_CHECK(bench_model_flag, "linmix bench: choose --model");
+      if (!bench_model_flag) {
+        xbo.backward = !no_backward, xbo.step = !no_step, xbo.out = mbo.out;
+        return bench_mixers(xbo);
+      }
       LINMIX_CHECK(mbo.checkpoint.empty() == mbo.data.empty(), "--checkpoint and --data go together");
       for (const auto& d : mbo.dtypes) parse_wtype(d);
       return bench_model(mbo);

@@ -2,6 +2,7 @@
 // same run, so that every speed is reported as a fraction of a limit or a ratio to a peer.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -33,5 +34,27 @@ struct ModelBenchOptions {
 // `linmix bench --model`: RWKV-4 decode and prefill against the bandwidth and sgemm limits.
 // Prints a table; returns 0.
 int bench_model(const ModelBenchOptions& o);
+
+struct MixerBenchOptions {
+  std::vector<std::string> mixers;  // empty = every mechanism
+  std::vector<int64_t> T;           // empty = 256, 512, ..., 65536
+  std::vector<int> threads{1, 2};
+  double max_seconds = 20.0;        // a size whose predicted run time exceeds this is skipped
+  double max_input_gib = 4.0;       // ... and one whose inputs exceed this
+  int64_t step_tokens = 256;        // tokens timed in the recurrent step
+  bool backward = true, step = true;
+  std::string out;                  // JSON report path ("" = none)
+};
+// `linmix bench`: every mechanism's parallel forward, forward + backward and recurrent step
+// against T, with time, tokens/s, GFLOP/s (chunked and attention forms) or GB/s (scans), peak
+// extra memory, and the fitted exponent of time in T; sgemm and triad in the same run.
+int bench_mixers(const MixerBenchOptions& o);
+
+// The dims and params linmix bench gives mechanism `name` at length T (d_model 512: H 8,
+// D = E = 64; C 512; performer M 64; flash S 128, E 512; s4d / mamba N 16; aft_conv K 64).
+std::map<std::string, int64_t> bench_dims(const std::string& name, int64_t T);
+std::map<std::string, std::string> bench_params(const std::string& name);
+// FLOPs of the algorithm linmix runs for the forward (0 where not defined: scans, FFTs).
+double bench_flops(const std::string& name, int64_t T);
 
 }  // namespace linmix

@@ -87,6 +87,12 @@ const MixerSpec& find_mixer(const std::string& name);
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false);
 
+// Validates like run_mixer and returns the bound call without running it (benchmarks time the
+// spec's forms on it). The call refers to `in`, which must outlive it; tensors of `in` may be
+// replaced by same-shaped ones (a recurrent state) between calls.
+Call validate_call(const std::string& name, Mode mode, bool causal,
+                   const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false);
+
 // Validates like run_mixer, then evaluates the float64 reference on x64 (tensor name ->
 // values, laid out like the same-named tensors of `in`, which give the shapes). Returns y.
 std::vector<double> reference_f64(const std::string& name, bool causal,

@@ -1,33 +1,62 @@
 #include "linear_product.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace linmix {
 
-void gemm_nt_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
-                 int64_t ldc) {
-  // B^T (k,n) copied once so the inner loop runs along contiguous j: it vectorises without
-  // reassociating a dot-product reduction.
-  thread_local std::vector<float> Bt;
-  Bt.resize(static_cast<size_t>(k * n));
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t x = 0; x < k; ++x) Bt[x * n + j] = B[j * ldb + x];
-  gemm_nn_acc(C, A, Bt.data(), m, n, k, lda, n, ldc);
-}
-
-void gemm_nn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
-                 int64_t ldc) {
+// The small products of the chunked forms go to OpenBLAS (C += A B with beta = 1). Called from
+// inside the mixers' OpenMP loops over (batch, head), where the OpenMP build of OpenBLAS runs
+// each product on the calling thread. The backward passes run these products on time-reversed
+// views (negative leading dimensions), which BLAS does not take: those use the plain loops.
+namespace {
+void loop_nn(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+             int64_t ldc) {
   for (int64_t i = 0; i < m; ++i)
     for (int64_t x = 0; x < k; ++x) {
       const float a = A[i * lda + x];
       for (int64_t j = 0; j < n; ++j) C[i * ldc + j] += a * B[x * ldb + j];
     }
 }
+}  // namespace
+
+void gemm_nt_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                 int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;
+  if (lda >= k && ldb >= k && ldc >= n) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, A, int(lda), B, int(ldb), 1.0f,
+                C, int(ldc));
+    return;
+  }
+  thread_local std::vector<float> Bt;  // B^T (k,n) copied once, so the loop runs along contiguous j
+  Bt.resize(static_cast<size_t>(k * n));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t x = 0; x < k; ++x) Bt[x * n + j] = B[j * ldb + x];
+  loop_nn(C, A, Bt.data(), m, n, k, lda, n, ldc);
+}
+
+void gemm_nn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                 int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;
+  if (lda >= k && ldb >= n && ldc >= n) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.0f, A, int(lda), B, int(ldb),
+                1.0f, C, int(ldc));
+    return;
+  }
+  loop_nn(C, A, B, m, n, k, lda, ldb, ldc);
+}
 
 void gemm_tn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                  int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;
+  if (lda >= m && ldb >= n && ldc >= n) {
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(m), int(n), int(k), 1.0f, A, int(lda), B, int(ldb), 1.0f,
+                C, int(ldc));
+    return;
+  }
   for (int64_t x = 0; x < k; ++x)
     for (int64_t i = 0; i < m; ++i) {
       const float a = A[x * lda + i];
@@ -77,17 +106,17 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
     if (!intra) return;
     std::fill(A.begin(), A.end(), 0.0f);
     gemm_nt_acc(A.data(), q + t0 * a.ldq, k + t0 * a.ldk, n, n, D, a.ldq, a.ldk, kLinearChunk);
-    for (int64_t i = 0; i < n; ++i) {
-      float* yr = y + (t0 + i) * a.ldy;
+    for (int64_t i = 0; i < n; ++i) {  // causal mask (and decay) inside the chunk, row sums
+      float* Ar = A.data() + i * kLinearChunk;
       float d = 0.0f;
-      for (int64_t j = 0; j <= i; ++j) {  // causal mask inside the chunk
-        const float w = A[i * kLinearChunk + j] * (g ? std::exp(g[t0 + j] - g[t0 + i]) : 1.0f);
-        d += w;
-        const float* vr = v + (t0 + j) * a.ldv;
-        for (int64_t e = 0; e < E; ++e) yr[e] += w * vr[e];
+      for (int64_t j = 0; j <= i; ++j) {
+        if (g) Ar[j] *= std::exp(g[t0 + j] - g[t0 + i]);
+        d += Ar[j];
       }
+      std::fill(Ar + i + 1, Ar + n, 0.0f);
       if (den) den[t0 + i] += d;
     }
+    gemm_nn_acc(y + t0 * a.ldy, A.data(), v + t0 * a.ldv, n, E, n, kLinearChunk, a.ldv, a.ldy);
   };
   if (a.causal) {
     for (int64_t t0 = 0; t0 < T; t0 += kLinearChunk) {

@@ -9,6 +9,7 @@
 
 #include "../ref/tape.h"
 #include "linmix/kernels.h"
+#include "../kernels/vmath.h"
 #include "linmix/mixer.h"
 
 namespace linmix {
@@ -20,11 +21,11 @@ inline Tensor from_double(std::vector<int64_t> shape, const std::vector<double>&
   return t;
 }
 
-inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : std::exp(x); }  // elu(x) + 1
+inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }  // exp_fast: loops vectorise
+inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : exp_fast(x); }  // elu(x) + 1
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-inline float dphi_elu(float x) { return x > 0.0f ? 1.0f : std::exp(x); }  // d(elu(x) + 1)/dx
+inline float dphi_elu(float x) { return x > 0.0f ? 1.0f : exp_fast(x); }  // d(elu(x) + 1)/dx
 
 // Gathers one head of a (B,T,H,D) tensor into contiguous (T,D) rows, mapped by f; row0 is
 // the row index b*T*H + h of the head's first element.

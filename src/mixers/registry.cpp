@@ -193,6 +193,11 @@ std::vector<double> reference_f64(const std::string& name, bool causal,
   return spec.reference64(call, x64);
 }
 
+Call validate_call(const std::string& name, Mode mode, bool causal,
+                   const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad) {
+  return validate(find_mixer(name), mode, causal, raw_params, in, grad);
+}
+
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad) {
   const MixerSpec& spec = find_mixer(name);

@@ -1,0 +1,210 @@
+// linmix bench: the mechanisms' parallel forward, forward + backward and recurrent step
+// against T, measured beside the machine's sgemm and triad limits in the same run.
+#include <malloc.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "linmix/bench.h"
+#include "linmix/error.h"
+#include "linmix/mixer.h"
+#include "linmix/safetensors.h"
+
+namespace linmix {
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+constexpr int64_t kH = 8, kD = 64, kC = 512, kM = 64, kS = 128, kN = 16, kK = 64, kChunk = 64, kTile = 64;
+
+// Memory: one run with every buffer of 64 KiB or more mmapped (and unmapped when freed), so
+// the peak RSS above the level at its start is what the run touched. Time: then the heap
+// keeps freed memory (as in a steady loop of calls, no page faults), a warm-up run, and the
+// best of up to 5 runs while the total stays under ~1 s.
+template <class F>
+double time_best(F&& f, double* extra_bytes) {
+  mallopt(M_MMAP_THRESHOLD, 1 << 16);
+  mallopt(M_TRIM_THRESHOLD, 0);
+  malloc_trim(0);
+  reset_peak_rss();
+  double t0 = now_s();
+  f();
+  double first = now_s() - t0;
+  if (extra_bytes) *extra_bytes = peak_extra_bytes();
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  if (first > 5.0) return first;  // long runs: one is enough (page faults are a small share)
+  f();
+  double best = 1e30, total = 0;
+  for (int r = 0; r < 5 && (r < 1 || total < 1.0); ++r) {
+    t0 = now_s();
+    f();
+    const double t = now_s() - t0;
+    best = std::min(best, t), total += t;
+  }
+  return best;
+}
+
+double fit_exponent(const std::vector<std::pair<double, double>>& pts) {  // least squares of log t on log T
+  if (pts.size() < 2) return NAN;
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (auto [x, y] : pts) sx += std::log(x), sy += std::log(y), sxx += std::log(x) * std::log(x), sxy += std::log(x) * std::log(y);
+  const double n = double(pts.size());
+  return (n * sxy - sx * sy) / (n * sxx - sx * sx);
+}
+
+}  // namespace
+
+std::map<std::string, int64_t> bench_dims(const std::string& name, int64_t T) {
+  std::map<std::string, int64_t> d{{"B", 1}, {"T", T}, {"H", kH}, {"D", kD}, {"E", kD}, {"C", kC}, {"M", kM},
+                                   {"N", kN}, {"K", kK}, {"S", kS}, {"Tw", T}};
+  if (name == "flash") d["E"] = kC;
+  return d;
+}
+
+std::map<std::string, std::string> bench_params(const std::string& name) {
+  if (name == "aft_local") return {{"window", "128"}};
+  if (name == "block_softmax") return {{"block", "64"}};
+  if (name == "flash") return {{"group", "256"}};
+  return {};
+}
+
+double bench_flops(const std::string& n, int64_t T) {
+  const double t = double(T), H = kH, D = kD, E = kD;
+  // chunked product per head (linear_product.cpp, causal, chunk c): Q S and K^T V (2 T D E
+  // each), the intra-chunk Q K^T (2 T c D) and the masked scores times V (2 T c E, full blocks)
+  auto chunked = [&](double Dk, double Ev) { return H * t * (4 * Dk * Ev + 2 * kChunk * Dk + 2 * kChunk * Ev); };
+  if (n == "linear" || n == "norm_linear") return chunked(D, E);
+  if (n == "performer") return chunked(kM, E) + H * 2 * 2 * t * kM * D;  // + the features of q and k
+  if (n == "flow") return chunked(D, E) + H * 2 * 2 * t * D;               // + the flow normalisers
+  // tiled causal softmax: the tiles on and below the diagonal, Q K^T and P V
+  if (n == "softmax") return H * 2 * (D + E) * t * (t + kTile) / 2;
+  if (n == "block_softmax") return H * 2 * (D + E) * t * 64;
+  if (n == "flash") {  // groups of G: relu^2 (Q K^T, A V) inside; linear attention across
+    const double G = 256, Ef = kC;
+    return 2 * t * G * (kS + Ef) + 4 * t * kS * Ef;
+  }
+  return 0.0;
+}
+
+int bench_mixers(const MixerBenchOptions& o) {
+  std::vector<int64_t> Ts = o.T;
+  if (Ts.empty())
+    for (int64_t t = 256; t <= 65536; t *= 2) Ts.push_back(t);
+  std::vector<std::string> names = o.mixers;
+  if (names.empty())
+    for (const auto& m : mixers()) names.push_back(m.name);
+  for (const auto& n : names) find_mixer(n);  // unknown names fail before any timing
+  nlohmann::json rep;
+  rep["runs"] = nlohmann::json::array();
+  std::printf("linmix bench: B=1, d_model 512 (H=%lld, D=E=%lld; C=%lld), T up to %lld\n", (long long)kH,
+              (long long)kD, (long long)kC, (long long)Ts.back());
+  for (int th : o.threads) {
+    set_threads(th);
+    const double bw = measure_triad_gbs(int64_t(1) << 25, 5), gf = measure_sgemm_gflops(2048, 3);
+    rep["limits"][std::to_string(th)] = {{"triad_gbs", bw}, {"sgemm_gflops", gf}};
+    std::printf("\n== %d thread%s: triad %.1f GB/s, sgemm %.1f GFLOP/s\n", th, th > 1 ? "s" : "", bw, gf);
+    std::printf("%-14s %6s %-7s %11s %12s %9s %9s %11s\n", "mixer", "T", "form", "ms", "tokens/s", "GFLOP/s",
+                "GB/s", "extra MiB");
+    for (const std::string& name : names) {
+      const MixerSpec& spec = find_mixer(name);
+      const bool causal = spec.causal_ok;
+      const auto params = bench_params(name);
+      std::map<std::string, double> last;  // form -> seconds at the previous T
+      std::map<std::string, std::vector<std::pair<double, double>>> curve;
+      for (int64_t T : Ts) {
+        const auto dims = bench_dims(name, T);
+        double in_bytes = 0;
+        for (const auto& ts : spec.inputs) {
+          double n = 4;
+          std::string d;
+          for (char ch : ts.dims + ",")
+            if (ch == ',') n *= double(dims.at(d)), d.clear();
+            else d += ch;
+          in_bytes += n;
+        }
+        if (in_bytes > o.max_input_gib * double(1 << 30)) {
+          std::printf("%-14s %6lld skipped: inputs %.1f GiB\n", name.c_str(), (long long)T, in_bytes / double(1 << 30));
+          continue;
+        }
+        TensorMap in = example_inputs(spec, dims, 1);
+        auto record = [&](const std::string& form, double s, double extra, double flops, double bytes) {
+          const double tps = form == "step" ? 1.0 / s : double(T) / s;
+          nlohmann::json r{{"mixer", name}, {"T", T}, {"threads", th}, {"form", form}, {"seconds", s},
+                           {"tokens_per_s", tps}};
+          if (form != "step") r["extra_bytes"] = extra;
+          if (flops > 0) r["gflops"] = flops / s / 1e9, r["of_sgemm"] = flops / s / 1e9 / gf;
+          if (bytes > 0) r["gbs"] = bytes / s / 1e9, r["of_triad"] = bytes / s / 1e9 / bw;
+          rep["runs"].push_back(r);
+          if (form != "step" && T >= 1024) curve[form].emplace_back(double(T), s);
+          std::printf("%-14s %6lld %-7s %11.3f %12.0f %9s %9s %11s\n", name.c_str(), (long long)T, form.c_str(), s * 1e3,
+                      tps, flops > 0 ? std::to_string(int(std::lround(flops / s / 1e9))).c_str() : "",
+                      bytes > 0 ? std::to_string(int(std::lround(bytes / s / 1e9))).c_str() : "",
+                      form == "step" ? "" : std::to_string(int(std::lround(extra / double(1 << 20)))).c_str());
+          std::fflush(stdout);
+        };
+        auto too_slow = [&](const std::string& form) {  // the next size would take > max_seconds
+          auto it = last.find(form);
+          const bool quad = name == "softmax" || name == "aft_full";
+          return it != last.end() && it->second * (quad ? 4.2 : 2.2) > o.max_seconds;
+        };
+        const double flops = bench_flops(name, T);
+        // bytes a scan must move: its inputs and its output, once
+        const bool quadratic = name == "softmax" || name == "aft_full";
+        const double bytes = flops > 0 || quadratic ? 0.0 : in_bytes + 4.0 * double(T) * double(dims.at("C"));
+        if (!too_slow("fwd")) {
+          const Call call = validate_call(name, Mode::Parallel, causal, params, in);
+          double extra = 0;
+          const double s = time_best([&] { spec.parallel(call); }, &extra);
+          last["fwd"] = s;
+          record("fwd", s, extra, flops, bytes);
+        } else {
+          std::printf("%-14s %6lld fwd     skipped: predicted over %.0f s\n", name.c_str(), (long long)T, o.max_seconds);
+        }
+        if (o.backward && spec.backward && !too_slow("fwdbwd")) {
+          TensorMap gin = in;
+          Tensor dy(dims_shape(spec.y_dims, validate_call(name, Mode::Parallel, causal, params, in)));
+          std::mt19937_64 rng(2);
+          std::normal_distribution<float> nd(0.0f, 1.0f);
+          for (float& x : dy.data) x = nd(rng);
+          gin["dy"] = std::move(dy);
+          const Call call = validate_call(name, Mode::Parallel, causal, params, gin, true);
+          double extra = 0;
+          const double s = time_best([&] { spec.backward(call, gin.at("dy")); }, &extra);
+          last["fwdbwd"] = s;
+          record("fwdbwd", s, extra, 0.0, 0.0);
+        }
+        if (o.step && spec.recurrent && causal && T == Ts.front()) {
+          // per token, through run_mixer as generation calls it (validation, state in and out)
+          auto sd = bench_dims(name, 1);
+          sd["Tw"] = o.step_tokens + 8;  // aft_full / aft_local: w covers every position stepped
+          TensorMap sin = example_inputs(spec, sd, 3);
+          auto one = [&] {
+            for (auto& [k, v] : run_mixer(name, Mode::Recurrent, true, params, sin))
+              if (k.rfind("state.", 0) == 0) sin[k] = std::move(v);
+          };
+          for (int i = 0; i < 8; ++i) one();  // warm-up; the state exists from here on
+          const double t0 = now_s();
+          for (int64_t i = 0; i < o.step_tokens; ++i) one();
+          record("step", (now_s() - t0) / double(o.step_tokens), 0.0, 0.0, 0.0);
+        }
+      }
+      for (auto& [form, pts] : curve) {
+        const double e = fit_exponent(pts);
+        rep["exponents"][std::to_string(th)][name][form] = e;
+        std::printf("%-14s exponent of time in T (T >= 1024, %s): %.3f\n", name.c_str(), form.c_str(), e);
+      }
+    }
+  }
+  if (!o.out.empty()) write_file_atomic(o.out, rep.dump(1) + "\n");
+  return 0;
+}
+
+}  // namespace linmix
