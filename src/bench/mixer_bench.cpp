@@ -117,7 +117,7 @@ int bench_mixers(const MixerBenchOptions& o) {
       const MixerSpec& spec = find_mixer(name);
       const bool causal = spec.causal_ok;
       const auto params = bench_params(name);
-      std::map<std::string, double> last;  // form -> seconds at the previous T
+      std::map<std::string, double> last, prev;  // form -> seconds at the previous two sizes
       std::map<std::string, std::vector<std::pair<double, double>>> curve;
       for (int64_t T : Ts) {
         const auto dims = bench_dims(name, T);
@@ -153,7 +153,9 @@ int bench_mixers(const MixerBenchOptions& o) {
         auto too_slow = [&](const std::string& form) {  // the next size would take > max_seconds
           auto it = last.find(form);
           const bool quad = name == "softmax" || name == "aft_full";
-          return it != last.end() && it->second * (quad ? 4.2 : 2.2) > o.max_seconds;
+          double grow = quad ? 4.2 : 2.2;
+          if (it != last.end() && prev.count(form)) grow = std::max(grow, it->second / prev.at(form));
+          return it != last.end() && it->second * grow > o.max_seconds;
         };
         const double flops = bench_flops(name, T);
         // bytes a scan must move: its inputs and its output, once
@@ -163,6 +165,7 @@ int bench_mixers(const MixerBenchOptions& o) {
           const Call call = validate_call(name, Mode::Parallel, causal, params, in);
           double extra = 0;
           const double s = time_best([&] { spec.parallel(call); }, &extra);
+          if (last.count("fwd")) prev["fwd"] = last["fwd"];
           last["fwd"] = s;
           record("fwd", s, extra, flops, bytes);
         } else {
@@ -178,6 +181,7 @@ int bench_mixers(const MixerBenchOptions& o) {
           const Call call = validate_call(name, Mode::Parallel, causal, params, gin, true);
           double extra = 0;
           const double s = time_best([&] { spec.backward(call, gin.at("dy")); }, &extra);
+          if (last.count("fwdbwd")) prev["fwdbwd"] = last["fwdbwd"];
           last["fwdbwd"] = s;
           record("fwdbwd", s, extra, 0.0, 0.0);
         }

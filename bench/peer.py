@@ -1,0 +1,444 @@
+#!/usr/bin/python3
+"""The peers of `linmix bench`: for every mechanism, the plain-PyTorch CPU implementation a
+competent user would write (float32; chunked where that helps, a token loop where the formula
+is a recurrence, FFTs where it is a convolution), timed with the same shapes, thread counts and
+protocol as linmix: forward, forward + backward (autograd), and the recurrent step per token.
+Each peer is first checked against the independent float64 oracle (python/oracle.py).
+
+Usage: peer.py [--T 256,512,...] [--threads 1,2] [--mixers a,b] [--max-seconds S] --out peer.json"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import oracle  # noqa: E402
+
+F = torch.nn.functional
+H, D, C, M, S, N, K, CHUNK, G = 8, 64, 512, 64, 128, 16, 64, 64, 256
+EPS = 1e-6
+MIXERS = ["softmax", "linear", "aft_full", "aft_local", "aft_simple", "aft_conv", "rwkv4", "performer", "flow",
+          "flash", "norm_linear", "block_softmax", "s4d", "mamba", "fnet"]
+WINDOW, BLOCK = 128, 64
+
+
+# ---------------------------------------------------------------- inputs (linmix layouts)
+
+def inputs(name, T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if name in ("softmax", "linear", "flow", "norm_linear", "block_softmax", "performer"):
+        x = {"q": n(1, T, H, D), "k": n(1, T, H, D), "v": n(1, T, H, D)}
+        if name == "performer":
+            x["proj"] = torch.linalg.qr(n(D, D))[0][:M] * torch.sqrt((n(M, D) ** 2).sum(-1, keepdim=True))
+        return x
+    if name.startswith("aft"):
+        x = {"q": n(1, T, C), "k": n(1, T, C), "v": n(1, T, C)}
+        if name in ("aft_full", "aft_local"):
+            x["w"] = n(T, T) * 0.1
+        if name == "aft_conv":
+            x["u"] = n(H, K)
+        return x
+    if name == "rwkv4":
+        return {"k": n(1, T, C), "v": n(1, T, C), "w": torch.exp(n(C)), "u": n(C)}
+    if name == "flash":
+        return {"quad_q": n(1, T, S), "quad_k": n(1, T, S), "lin_q": n(1, T, S), "lin_k": n(1, T, S), "v": n(1, T, C)}
+    if name == "s4d":
+        return {"u": n(1, T, C), "log_dt": -4.6 + 2.3 * (0.5 + 0.5 * torch.tanh(n(C))), "A_re": -0.5 * torch.exp(0.5 * n(C, N)),
+                "A_im": 3 * n(C, N), "C_re": n(C, N), "C_im": n(C, N), "D": n(C)}
+    if name == "mamba":
+        return {"u": n(1, T, C), "delta": n(1, T, C), "A": -torch.exp(n(C, N)), "Bm": n(1, T, N), "Cm": n(1, T, N), "D": n(C)}
+    if name == "fnet":
+        return {"x": n(1, T, C)}
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------- forwards
+
+def chunked(fq, fk, v, normalize=True, c=CHUNK, eps=EPS):
+    """Causal (kernelised) linear attention in chunks of c, [B,T,H,D] layouts: within a chunk the
+    masked c x c scores, across chunks the exclusive prefix of the chunk states K^T V."""
+    B, T, Hh, Dk = fq.shape
+    E = v.shape[-1]
+    pad = (-T) % c
+    if pad:
+        fq, fk, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (fq, fk, v))
+    n = (T + pad) // c
+    Q = fq.permute(0, 2, 1, 3).reshape(B, Hh, n, c, Dk)
+    Kc = fk.permute(0, 2, 1, 3).reshape(B, Hh, n, c, Dk)
+    V = v.permute(0, 2, 1, 3).reshape(B, Hh, n, c, E)
+    kv = Kc.transpose(-1, -2) @ V
+    Sx = kv.cumsum(2) - kv
+    A = (Q @ Kc.transpose(-1, -2)) * torch.tril(torch.ones(c, c))
+    y = Q @ Sx + A @ V
+    if normalize:
+        z = Kc.sum(3)
+        Z = z.cumsum(2) - z
+        den = (Q * Z.unsqueeze(3)).sum(-1) + A.sum(-1)
+        y = y / (den + eps).unsqueeze(-1)
+    return y.reshape(B, Hh, n * c, E)[:, :, :T].permute(0, 2, 1, 3)
+
+
+def f_softmax(q, k, v):
+    T = q.shape[1]
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    s = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    return (torch.softmax(s, -1) @ vh).transpose(1, 2)
+
+
+def f_linear(q, k, v):
+    return chunked(F.elu(q) + 1, F.elu(k) + 1, v)
+
+
+def f_norm_linear(q, k, v):
+    o = chunked(F.elu(q) + 1, F.elu(k) + 1, v, normalize=False)
+    return o / torch.sqrt((o * o).mean(-1, keepdim=True) + EPS)
+
+
+def performer_features(x, proj, is_query):
+    xs = x * D ** -0.25
+    logits = xs @ proj.T - (xs * xs).sum(-1, keepdim=True) / 2
+    # stabilisers that cancel in the ratio: the row max for queries, the global max for keys
+    shift = logits.amax(-1, keepdim=True) if is_query else logits.amax().detach()
+    return torch.exp(logits - shift) / math.sqrt(proj.shape[0])
+
+
+def f_performer(q, k, v, proj):
+    return chunked(performer_features(q, proj, True), performer_features(k, proj, False), v, eps=0.0)
+
+
+def f_flow(q, k, v):
+    Q, Kk = torch.sigmoid(q), torch.sigmoid(k)
+    T = q.shape[1]
+    r = torch.arange(1, T + 1, dtype=q.dtype).view(1, T, 1)
+    dot = lambda a, b: (a * b).sum(-1)  # noqa: E731
+    I = r / dot(Q + EPS, Kk.cumsum(1) + EPS)
+    O = r / dot(Kk + EPS, Q.cumsum(1) + EPS)
+    Ihat = dot(Q + EPS, (Kk * O.unsqueeze(-1)).cumsum(1) + EPS) / r
+    Ohat = torch.clamp(dot(Kk + EPS, (Q * I.unsqueeze(-1)).cumsum(1) + EPS) / r, -1.0, 1.0)
+    e = torch.exp(Ohat)
+    comp = e / e.cumsum(1) * r
+    y = chunked(Q * (I / r).unsqueeze(-1), Kk, v * comp.unsqueeze(-1), normalize=False)
+    return y * torch.sigmoid(Ihat).unsqueeze(-1)
+
+
+def f_block_softmax(q, k, v):
+    B, T = q.shape[:2]
+    n = T // BLOCK
+    r = lambda x: x.reshape(B, n, BLOCK, H, D).permute(0, 1, 3, 2, 4)  # noqa: E731
+    s = (r(q) @ r(k).transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    s = s.masked_fill(torch.triu(torch.ones(BLOCK, BLOCK, dtype=torch.bool), 1), float("-inf"))
+    return (torch.softmax(s, -1) @ r(v)).permute(0, 1, 3, 2, 4).reshape(B, T, H, D)
+
+
+def _aft_dense(q, k, v, bias):  # bias [T,T] with -inf above the diagonal
+    ek = torch.exp(k - k.amax(1, keepdim=True))
+    ew = torch.exp(bias - bias.amax())
+    return torch.sigmoid(q) * (ew @ (ek * v)) / (ew @ ek)
+
+
+def f_aft_full(q, k, v, w):
+    T = q.shape[1]
+    return _aft_dense(q, k, v, w[:T, :T].masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")))
+
+
+def f_aft_local(q, k, v, w):
+    T = q.shape[1]
+    t = torch.arange(T)
+    near = (t.view(T, 1) - t.view(1, T)).abs() < WINDOW
+    b = torch.where(near, w[:T, :T], torch.zeros(()))
+    return _aft_dense(q, k, v, b.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")))
+
+
+def f_aft_simple(q, k, v):
+    ek = torch.exp(k - k.amax(1, keepdim=True))
+    return torch.sigmoid(q) * (ek * v).cumsum(1) / ek.cumsum(1)
+
+
+def f_aft_conv(q, k, v, u):
+    # weights e^{k_s + w_{t,s}}: w = u_h[t-s] inside the kernel, 0 outside (MIXERS.md), so the
+    # sums are running sums plus a depthwise causal convolution with e^{u} - 1
+    T = q.shape[1]
+    ek = torch.exp(k - k.amax(1, keepdim=True))
+    kern = (torch.exp(u) - 1).repeat_interleave(C // H, 0).flip(-1).unsqueeze(1)  # [C,1,K]
+    conv = lambda x: F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), kern, groups=C).transpose(1, 2)  # noqa: E731
+    ekv = ek * v
+    return torch.sigmoid(q) * (ekv.cumsum(1) + conv(ekv)) / (ek.cumsum(1) + conv(ek))
+
+
+def f_rwkv4(k, v, w, u):  # the stabilised RWKV-4 recurrence, a token loop (ChatRWKV's RNN form)
+    B, T, Cc = k.shape
+    aa = torch.zeros(B, Cc)
+    bb = torch.zeros(B, Cc)
+    pp = torch.full((B, Cc), -1e38)
+    ys = []
+    for t in range(T):
+        kt, vt = k[:, t], v[:, t]
+        ww = u + kt
+        p = torch.maximum(pp, ww)
+        e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+        ys.append((e1 * aa + e2 * vt) / (e1 * bb + e2))
+        ww = pp - w
+        p = torch.maximum(ww, kt)
+        e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
+        aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
+    return torch.stack(ys, 1)
+
+
+def f_flash(quad_q, quad_k, lin_q, lin_k, v):
+    return oracle.flash(quad_q, quad_k, lin_q, lin_k, v, True, G)
+
+
+def f_s4d(u, log_dt, A_re, A_im, C_re, C_im, D):  # noqa: N803
+    return oracle.s4d(u, log_dt, A_re, A_im, C_re, C_im, D)
+
+
+def f_mamba(u, delta, A, Bm, Cm, D):  # noqa: N803  selective_scan_ref: a token loop over (B, C, N) state
+    dt = F.softplus(delta)
+    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1])
+    ys = []
+    for t0 in range(0, u.shape[1], 1024):  # the discretised inputs a block of time at a time
+        dA = torch.exp(dt[:, t0:t0 + 1024].unsqueeze(-1) * A)
+        dBu = (dt[:, t0:t0 + 1024] * u[:, t0:t0 + 1024]).unsqueeze(-1) * Bm[:, t0:t0 + 1024].unsqueeze(2)
+        for t in range(dA.shape[1]):
+            h = dA[:, t] * h + dBu[:, t]
+            ys.append((h * Cm[:, t0 + t].unsqueeze(1)).sum(-1))
+    return torch.stack(ys, 1) + D * u
+
+
+def f_fnet(x):
+    return torch.fft.fft2(x, dim=(1, 2)).real
+
+
+FWD = {"softmax": f_softmax, "linear": f_linear, "norm_linear": f_norm_linear, "performer": f_performer,
+       "flow": f_flow, "block_softmax": f_block_softmax, "aft_full": f_aft_full, "aft_local": f_aft_local,
+       "aft_simple": f_aft_simple, "aft_conv": f_aft_conv, "rwkv4": f_rwkv4, "flash": f_flash, "s4d": f_s4d,
+       "mamba": f_mamba, "fnet": f_fnet}
+
+
+def reference(name, x):  # the float64 oracle on the same inputs
+    d = {n: t.double() for n, t in x.items()}
+    if name == "softmax":
+        return oracle.softmax(d["q"], d["k"], d["v"], True)
+    if name in ("linear", "norm_linear", "flow"):
+        return getattr(oracle, name)(d["q"], d["k"], d["v"], True)
+    if name == "performer":
+        return oracle.performer(d["q"], d["k"], d["v"], d["proj"], True)
+    if name == "block_softmax":
+        return oracle.block_softmax(d["q"], d["k"], d["v"], True, BLOCK)
+    if name == "aft_full":
+        return oracle.aft_full(d["q"], d["k"], d["v"], d["w"], True)
+    if name == "aft_local":
+        return oracle.aft_local(d["q"], d["k"], d["v"], d["w"], True, WINDOW)
+    if name == "aft_simple":
+        return oracle.aft_simple(d["q"], d["k"], d["v"], True)
+    if name == "aft_conv":
+        return oracle.aft_conv(d["q"], d["k"], d["v"], d["u"], True)
+    if name == "rwkv4":
+        return oracle.rwkv4(d["k"], d["v"], d["w"], d["u"])
+    if name == "flash":
+        return oracle.flash(d["quad_q"], d["quad_k"], d["lin_q"], d["lin_k"], d["v"], True, G)
+    if name == "s4d":
+        return oracle.s4d(*(d[n] for n in ("u", "log_dt", "A_re", "A_im", "C_re", "C_im", "D")))
+    if name == "mamba":
+        return oracle.mamba(d["u"], d["delta"], d["A"], d["Bm"], d["Cm"], d["D"])
+    if name == "fnet":
+        return oracle.fnet(d["x"])
+
+
+# ---------------------------------------------------------------- recurrent steps (B = 1)
+
+def make_step(name, x):
+    """A closure feeding one token per call with the state carried, or None where a
+    competent user would not write one (no O(1) state, or no simple form)."""
+    st = {}
+    if name == "softmax":
+        st["k"], st["v"] = torch.zeros(1, 0, H, D), torch.zeros(1, 0, H, D)
+
+        def step(t):
+            q, k, v = x["q"][:, t:t + 1], x["k"][:, t:t + 1], x["v"][:, t:t + 1]
+            st["k"], st["v"] = torch.cat([st["k"], k], 1), torch.cat([st["v"], v], 1)
+            s = torch.einsum("bqhd,bkhd->bhqk", q, st["k"]) / math.sqrt(D)
+            return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), st["v"])
+        return step
+    if name in ("linear", "norm_linear", "performer"):
+        Dk = M if name == "performer" else D
+        st["S"], st["z"] = torch.zeros(H, Dk, D), torch.zeros(H, Dk)
+
+        def feats(t, which):
+            if name == "performer":
+                return performer_features(x[which][0, t], x["proj"], True)
+            return F.elu(x[which][0, t]) + 1
+
+        def step(t):
+            fq, fk, v = feats(t, "q"), feats(t, "k"), x["v"][0, t]
+            st["S"] += fk.unsqueeze(-1) * v.unsqueeze(1)
+            st["z"] += fk
+            o = torch.einsum("hd,hde->he", fq, st["S"])
+            if name == "norm_linear":
+                return o / torch.sqrt((o * o).mean(-1, keepdim=True) + EPS)
+            return o / ((fq * st["z"]).sum(-1, keepdim=True) + (0.0 if name == "performer" else EPS))
+        return step
+    if name == "aft_simple":
+        st["num"], st["den"] = torch.zeros(C), torch.zeros(C)
+
+        def step(t):
+            ek = torch.exp(x["k"][0, t])
+            st["num"] += ek * x["v"][0, t]
+            st["den"] += ek
+            return torch.sigmoid(x["q"][0, t]) * st["num"] / st["den"]
+        return step
+    if name == "rwkv4":
+        st["a"], st["b"], st["p"] = torch.zeros(C), torch.zeros(C), torch.full((C,), -1e38)
+        w, u = x["w"], x["u"]
+
+        def step(t):
+            kt, vt = x["k"][0, t], x["v"][0, t]
+            ww = u + kt
+            p = torch.maximum(st["p"], ww)
+            e1, e2 = torch.exp(st["p"] - p), torch.exp(ww - p)
+            y = (e1 * st["a"] + e2 * vt) / (e1 * st["b"] + e2)
+            ww = st["p"] - w
+            p = torch.maximum(ww, kt)
+            e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
+            st["a"], st["b"], st["p"] = e1 * st["a"] + e2 * vt, e1 * st["b"] + e2, p
+            return y
+        return step
+    if name == "mamba":
+        st["h"] = torch.zeros(C, N)
+
+        def step(t):
+            dt = F.softplus(x["delta"][0, t])
+            st["h"] = torch.exp(dt.unsqueeze(-1) * x["A"]) * st["h"] + (dt * x["u"][0, t]).unsqueeze(-1) * x["Bm"][0, t]
+            return st["h"] @ x["Cm"][0, t] + x["D"] * x["u"][0, t]
+        return step
+    if name == "s4d":
+        dt = torch.exp(x["log_dt"]).unsqueeze(-1)
+        A = torch.complex(x["A_re"], x["A_im"])
+        dA = torch.exp(dt * A)
+        Ct = torch.complex(x["C_re"], x["C_im"]) * (dA - 1) / A
+        st["h"] = torch.zeros(C, N, dtype=torch.complex64)
+
+        def step(t):
+            ut = x["u"][0, t]
+            st["h"] = dA * st["h"] + ut.unsqueeze(-1)
+            return 2 * (Ct * st["h"]).sum(-1).real + x["D"] * ut
+        return step
+    return None
+
+
+# ---------------------------------------------------------------- timing
+
+def time_best(f):
+    f()  # warm-up
+    best, total = float("inf"), 0.0
+    for r in range(5):
+        t0 = time.perf_counter()
+        f()
+        t = time.perf_counter() - t0
+        best, total = min(best, t), total + t
+        if total > 1.0:
+            break
+    return best
+
+
+def fits(name, T):
+    if name == "softmax":
+        return T <= 8192  # the H x T x T scores and their softmax
+    if name in ("aft_full", "aft_local"):
+        return T <= 8192  # the T x T bias, its exp and masks
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", default=",".join(str(256 << i) for i in range(9)))
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--mixers", default=",".join(MIXERS))
+    ap.add_argument("--max-seconds", type=float, default=20.0)
+    ap.add_argument("--step-tokens", type=int, default=256)
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    Ts = [int(t) for t in a.T.split(",")]
+    names = a.mixers.split(",")
+    for n in names:
+        if n not in FWD:
+            sys.exit(f"peer.py: unknown mixer '{n}'")
+    rep = {"torch": torch.__version__, "runs": [], "check": {}}
+    # correctness first: each peer against the float64 oracle
+    for name in names:
+        x = inputs(name, 200 if name not in ("block_softmax",) else 256, seed=5)
+        with torch.no_grad():
+            y = FWD[name](**x).double()
+            ref = reference(name, x)
+        err = float((y - ref).abs().max() / max(1.0, float(ref.abs().max())))
+        rep["check"][name] = err
+        print(f"peer {name:14s} vs float64 oracle: max rel err {err:.2e}", flush=True)
+        if not err < 1e-3:
+            sys.exit(f"peer.py: the {name} peer disagrees with the oracle ({err:.2e})")
+    for th in [int(t) for t in a.threads.split(",")]:
+        torch.set_num_threads(th)
+        print(f"\n== {th} thread(s), torch {torch.__version__}", flush=True)
+        for name in names:
+            last, prev = {}, {}
+            for T in Ts:
+                if not fits(name, T):
+                    print(f"{name:14s} {T:6d} skipped: does not fit", flush=True)
+                    continue
+                x = inputs(name, T)
+                quad = name in ("softmax", "aft_full", "aft_local")
+                grow = 4.2 if quad else 2.2
+                for form in ("fwd", "fwdbwd"):
+                    if form == "fwdbwd" and a.no_backward:
+                        continue
+                    if form in prev and form in last:  # the growth measured over the last doubling
+                        grow = max(grow, last[form] / prev[form])
+                    if form in last and last[form] * grow > a.max_seconds:
+                        print(f"{name:14s} {T:6d} {form:7s} skipped: predicted over {a.max_seconds:.0f} s", flush=True)
+                        continue
+                    if form == "fwd":
+                        def run():
+                            with torch.no_grad():
+                                FWD[name](**x)
+                    else:
+                        xg = {n: t.clone().requires_grad_(n not in ("proj",)) for n, t in x.items()}
+                        dy = torch.randn_like(FWD[name](**x))
+
+                        def run():
+                            for t in xg.values():
+                                t.grad = None
+                            FWD[name](**xg).backward(dy)
+                    s = time_best(run)
+                    if form in last:
+                        prev[form] = last[form]
+                    last[form] = s
+                    rep["runs"].append({"mixer": name, "T": T, "threads": th, "form": form, "seconds": s})
+                    print(f"{name:14s} {T:6d} {form:7s} {s * 1e3:11.3f} ms", flush=True)
+                if T == Ts[0]:
+                    xs = inputs(name, a.step_tokens + 8, seed=3)
+                    step = make_step(name, xs)
+                    if step is not None:
+                        with torch.no_grad():
+                            for t in range(8):
+                                step(t)
+                            t0 = time.perf_counter()
+                            for t in range(8, 8 + a.step_tokens):
+                                step(t)
+                            s = (time.perf_counter() - t0) / a.step_tokens
+                        rep["runs"].append({"mixer": name, "T": T, "threads": th, "form": "step", "seconds": s})
+                        print(f"{name:14s} {T:6d} step    {s * 1e6:11.1f} us/token", flush=True)
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rep, f, indent=1)
+    os.replace(tmp, a.out)
+
+
+if __name__ == "__main__":
+    main()
