@@ -11,57 +11,59 @@ namespace linmix {
 // The small products of the chunked forms go to OpenBLAS (C += A B with beta = 1). Called from
 // inside the mixers' OpenMP loops over (batch, head), where the OpenMP build of OpenBLAS runs
 // each product on the calling thread. The backward passes run these products on time-reversed
-// views (negative leading dimensions), which BLAS does not take: those use the plain loops.
+// views (negative leading dimensions), which BLAS does not take: such operands are first
+// copied into contiguous per-thread buffers (O(rows x cols), against the O(m n k) product).
 namespace {
-void loop_nn(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
-             int64_t ldc) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t x = 0; x < k; ++x) {
-      const float a = A[i * lda + x];
-      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] += a * B[x * ldb + j];
-    }
+
+// A (rows, cols) view with row stride ld, as a BLAS operand: itself when ld >= cols, else a
+// contiguous copy in buf.
+const float* operand(const float* A, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& buf, int64_t& ld_out) {
+  if (ld >= cols) {
+    ld_out = ld;
+    return A;
+  }
+  buf.resize(static_cast<size_t>(rows * cols));
+  for (int64_t i = 0; i < rows; ++i) std::copy(A + i * ld, A + i * ld + cols, buf.data() + i * cols);
+  ld_out = cols;
+  return buf.data();
 }
+
+// C (m,n, row stride ldc) += op(A) op(B), op(A): (m,k), op(B): (k,n); A stored (ar, ac), B (br, bc).
+void gemm_acc(bool ta, bool tb, float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k,
+              int64_t lda, int64_t ldb, int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;
+  thread_local std::vector<float> pa, pb, pc;
+  int64_t la, lb;
+  const float* a = operand(A, ta ? k : m, ta ? m : k, lda, pa, la);
+  const float* b = operand(B, tb ? n : k, tb ? k : n, ldb, pb, lb);
+  float* c = C;
+  int64_t lc = ldc;
+  if (ldc < n) {  // a reversed output view: accumulate into a contiguous copy, then write back
+    pc.resize(static_cast<size_t>(m * n));
+    for (int64_t i = 0; i < m; ++i) std::copy(C + i * ldc, C + i * ldc + n, pc.data() + i * n);
+    c = pc.data(), lc = n;
+  }
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m), int(n), int(k),
+              1.0f, a, int(la), b, int(lb), 1.0f, c, int(lc));
+  if (c != C)
+    for (int64_t i = 0; i < m; ++i) std::copy(pc.data() + i * n, pc.data() + (i + 1) * n, C + i * ldc);
+}
+
 }  // namespace
 
 void gemm_nt_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                  int64_t ldc) {
-  if (m == 0 || n == 0 || k == 0) return;
-  if (lda >= k && ldb >= k && ldc >= n) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, A, int(lda), B, int(ldb), 1.0f,
-                C, int(ldc));
-    return;
-  }
-  thread_local std::vector<float> Bt;  // B^T (k,n) copied once, so the loop runs along contiguous j
-  Bt.resize(static_cast<size_t>(k * n));
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t x = 0; x < k; ++x) Bt[x * n + j] = B[j * ldb + x];
-  loop_nn(C, A, Bt.data(), m, n, k, lda, n, ldc);
+  gemm_acc(false, true, C, A, B, m, n, k, lda, ldb, ldc);
 }
 
 void gemm_nn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                  int64_t ldc) {
-  if (m == 0 || n == 0 || k == 0) return;
-  if (lda >= k && ldb >= n && ldc >= n) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.0f, A, int(lda), B, int(ldb),
-                1.0f, C, int(ldc));
-    return;
-  }
-  loop_nn(C, A, B, m, n, k, lda, ldb, ldc);
+  gemm_acc(false, false, C, A, B, m, n, k, lda, ldb, ldc);
 }
 
 void gemm_tn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                  int64_t ldc) {
-  if (m == 0 || n == 0 || k == 0) return;
-  if (lda >= m && ldb >= n && ldc >= n) {
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(m), int(n), int(k), 1.0f, A, int(lda), B, int(ldb), 1.0f,
-                C, int(ldc));
-    return;
-  }
-  for (int64_t x = 0; x < k; ++x)
-    for (int64_t i = 0; i < m; ++i) {
-      const float a = A[x * lda + i];
-      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] += a * B[x * ldb + j];
-    }
+  gemm_acc(true, false, C, A, B, m, n, k, lda, ldb, ldc);
 }
 
 void linear_product(float* y, float* den, const float* q, const float* k, const float* v, const LinearProductArgs& a,

@@ -1,0 +1,186 @@
+#!/usr/bin/python3
+"""Merges `linmix bench` and `bench/peer.py` reports into the benchmark table (markdown) and the
+plot (time and extra memory against T, log-log, every mechanism), and checks the targets of
+issue 7.  Usage: report.py --linmix A.json [B.json ...] --peer P.json [...] --md OUT.md --png OUT.png
+Later files override earlier ones for the same (mixer, T, threads, form)."""
+import argparse
+import json
+import math
+import os
+
+CHUNKED = ["linear", "performer", "norm_linear", "flash", "flow"]
+RECURRENCES = ["rwkv4", "mamba", "s4d", "aft_simple", "aft_local", "aft_conv"]
+LINEAR_TIME = ["linear", "performer", "norm_linear", "flash", "flow", "rwkv4", "mamba", "s4d", "aft_simple",
+               "aft_local", "aft_conv", "block_softmax"]
+
+
+def load(paths):
+    runs, limits, extra = {}, {}, {}
+    for p in paths:
+        r = json.load(open(p))
+        for x in r["runs"]:
+            runs[(x["mixer"], x["T"], x["threads"], x["form"])] = x
+        limits.update(r.get("limits", {}))
+        for k in ("check", "torch"):
+            if k in r:
+                extra[k] = r[k]
+    return runs, limits, extra
+
+
+def fit(points):
+    pts = [(math.log(t), math.log(s)) for t, s in points]
+    if len(pts) < 2:
+        return float("nan")
+    n = len(pts)
+    sx = sum(x for x, _ in pts)
+    sy = sum(y for _, y in pts)
+    sxx = sum(x * x for x, _ in pts)
+    sxy = sum(x * y for x, y in pts)
+    return (n * sxy - sx * sy) / (n * sxx - sx * sx)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--linmix", nargs="+", required=True)
+    ap.add_argument("--peer", nargs="*", default=[])
+    ap.add_argument("--md", required=True)
+    ap.add_argument("--png")
+    ap.add_argument("--T", type=int, default=4096, help="the length the targets are read at")
+    a = ap.parse_args()
+    L, limits, _ = load(a.linmix)
+    P, _, pinfo = load(a.peer) if a.peer else ({}, {}, {})
+    mixers = sorted({k[0] for k in L}, key=lambda m: (m != "softmax", m))
+    threads = sorted({k[2] for k in L})
+    T0 = a.T
+    out = ["# linmix bench", "",
+           "Produced by `bash bench/run.sh` (`linmix bench`, `bench/peer.py`, `bench/report.py`): B = 1, "
+           "d_model 512 (H = 8, D = E = 64; C = 512 per channel), causal. Peers: plain PyTorch "
+           f"{pinfo.get('torch', '?')} on the CPU, same thread count, each checked against the float64 oracle first. "
+           "Times are the best of up to 5 runs after a warm-up; `extra` is the peak resident memory a run added "
+           "(VmHWM). The machine's limits are measured in the same run.", ""]
+    for th in threads:
+        lim = limits.get(str(th), {})
+        out += [f"## {th} thread{'s' if th > 1 else ''}: sgemm {lim.get('sgemm_gflops', float('nan')):.0f} GFLOP/s, "
+                f"triad {lim.get('triad_gbs', float('nan')):.1f} GB/s", "",
+                f"At T = {T0}:", "",
+                "| mixer | fwd ms | peer fwd ms | linmix / peer speed | fwd+bwd ms | fwd+bwd / fwd | peer fwd+bwd ms | "
+                "GFLOP/s (of sgemm) | GB/s (of triad) | extra MiB (fwd) | step µs | peer step µs | step speed-up | "
+                "exponent fwd (T ≥ 1024) | exponent fwd+bwd |",
+                "|---|" + "---|" * 14]
+        for m in mixers:
+            g = lambda form, src=L, T=T0: src.get((m, T, th, form))  # noqa: E731
+            f, fb, st = g("fwd"), g("fwdbwd"), None
+            st = next((x for (mm, T, tt, form), x in L.items() if mm == m and tt == th and form == "step"), None)
+            pf, pfb = g("fwd", P), g("fwdbwd", P)
+            pst = next((x for (mm, T, tt, form), x in P.items() if mm == m and tt == th and form == "step"), None)
+            cell = lambda x, k="seconds", s=1e3, fmt="{:.2f}": fmt.format(x[k] * s) if x and k in x else "—"  # noqa: E731
+            ratio = f"{pf['seconds'] / f['seconds']:.2f}x" if f and pf else "—"
+            fbr = f"{fb['seconds'] / f['seconds']:.2f}" if f and fb else "—"
+            gf = f"{f['gflops']:.0f} ({100 * f['of_sgemm']:.0f}%)" if f and "gflops" in f else "—"
+            gb = f"{f['gbs']:.1f} ({100 * f['of_triad']:.0f}%)" if f and "gbs" in f else "—"
+            sr = f"{pst['seconds'] / st['seconds']:.1f}x" if st and pst else "—"
+            ex = lambda form: fit([(T, x["seconds"]) for (mm, T, tt, ff), x in L.items()  # noqa: E731
+                                   if mm == m and tt == th and ff == form and T >= 1024])
+            out.append(f"| {m} | {cell(f)} | {cell(pf)} | {ratio} | {cell(fb)} | {fbr} | {cell(pfb)} | {gf} | {gb} | "
+                       f"{cell(f, 'extra_bytes', 1 / 2 ** 20, '{:.0f}')} | {cell(st, 'seconds', 1e6, '{:.1f}')} | "
+                       f"{cell(pst, 'seconds', 1e6, '{:.1f}')} | {sr} | {ex('fwd'):.3f} | {ex('fwdbwd'):.3f} |")
+        out.append("")
+    # targets (2 threads when present)
+    th = 2 if 2 in threads else threads[-1]
+    g = lambda m, form, T=T0, src=L: src.get((m, T, th, form))  # noqa: E731
+    lim = limits.get(str(th), {})
+    res = []
+
+    def target(name, ok, detail):
+        res.append(f"| {name} | {'met' if ok else 'NOT met'} | {detail} |")
+
+    for m in CHUNKED:
+        f, pf = g(m, "fwd"), g(m, "fwd", src=P)
+        if f and pf and "of_sgemm" in f:
+            r = pf["seconds"] / f["seconds"]
+            target(f"{m}: ≥ 2x peer and ≥ 50% of sgemm at T={T0}", r >= 2 and f["of_sgemm"] >= 0.5,
+                   f"{r:.2f}x peer, {100 * f['of_sgemm']:.0f}% of sgemm ({f['gflops']:.0f} GFLOP/s)")
+    for m in RECURRENCES:
+        f, pf = g(m, "fwd"), g(m, "fwd", src=P)
+        if f and pf:
+            r = pf["seconds"] / f["seconds"]
+            bwf = f.get("of_triad", float("nan"))
+            target(f"{m}: ≥ 10x peer, ≥ 50% of the bandwidth bound at T={T0}", r >= 10 and bwf >= 0.5,
+                   f"{r:.1f}x peer, {100 * bwf:.0f}% of triad")
+    for m in LINEAR_TIME:
+        pts = [(T, x["seconds"]) for (mm, T, tt, ff), x in L.items() if mm == m and tt == th and ff == "fwd" and T >= 1024]
+        if len(pts) >= 2:
+            e = fit(pts)
+            target(f"{m}: exponent ≤ 1.10 (T = {min(p[0] for p in pts)}..{max(p[0] for p in pts)})", e <= 1.10, f"{e:.3f}")
+    f, pf = g("softmax", "fwd", 1024), g("softmax", "fwd", 1024, P)
+    if f and pf:
+        target("tiled softmax ≥ 0.8x torch matmul+softmax at T=1024", pf["seconds"] / f["seconds"] >= 0.8,
+               f"{pf['seconds'] / f['seconds']:.2f}x")
+    big = max((T for (mm, T, tt, ff) in L if mm == "softmax" and tt == th and ff == "fwd"), default=0)
+    if big:
+        x = L[("softmax", big, th, "fwd")]
+        target("tiled softmax runs T=65536 in O(T) memory", big >= 65536,
+               f"largest T run: {big}, extra {x['extra_bytes'] / 2 ** 20:.0f} MiB (the T x T scores would be "
+               f"{8 * big * big * 4 / 2 ** 30:.0f} GiB)")
+    for T in (1024, 16384):
+        sm = g("softmax", "fwd", T)
+        best = min(((x["seconds"], m) for (m, TT, tt, ff), x in L.items() if TT == T and tt == th and ff == "fwd"
+                    and m in LINEAR_TIME), default=None)
+        if sm and best:
+            r = sm["seconds"] / best[0]
+            need = 8 if T == 16384 else 1
+            target(f"fastest linear-time mechanism vs tiled softmax at T={T} (≥ {need}x)", r >= need,
+                   f"{best[1]}: {r:.1f}x")
+    for m in mixers:
+        st = next((x for (mm, T, tt, ff), x in L.items() if mm == m and tt == th and ff == "step"), None)
+        pst = next((x for (mm, T, tt, ff), x in P.items() if mm == m and tt == th and ff == "step"), None)
+        if st and pst:
+            r = pst["seconds"] / st["seconds"]
+            target(f"{m}: recurrent step ≥ 20x a PyTorch step", r >= 20, f"{r:.1f}x ({st['seconds'] * 1e6:.1f} µs vs "
+                   f"{pst['seconds'] * 1e6:.1f} µs)")
+    for m in mixers:
+        f, fb = g(m, "fwd"), g(m, "fwdbwd")
+        if f and fb:
+            r = fb["seconds"] / f["seconds"]
+            target(f"{m}: fwd+bwd ≤ 3.5x fwd at T={T0}", r <= 3.5, f"{r:.2f}")
+    out += [f"## Targets ({th} threads)", "", "| target | status | measured |", "|---|---|---|"] + res + [""]
+    n_met = sum("| met |" in r for r in res)
+    out.insert(2, f"Targets met: {n_met} of {len(res)} (see the end).")
+    out.insert(3, "")
+    tmp = a.md + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(out) + "\n")
+    os.replace(tmp, a.md)
+    print("\n".join(out))
+    if a.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(1, 2, figsize=(14, 6))
+        cmap = plt.get_cmap("tab20")
+        for i, m in enumerate(mixers):
+            for j, (key, scale) in enumerate((("seconds", 1e3), ("extra_bytes", 1 / 2 ** 20))):
+                pts = sorted((T, x[key] * scale) for (mm, T, tt, ff), x in L.items()
+                             if mm == m and tt == th and ff == "fwd" and key in x and x[key] > 0)
+                if pts:
+                    ax[j].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=cmap(i % 20),
+                               lw=2.5 if m == "softmax" else 1.2, label=m)
+        ppts = sorted((T, x["seconds"] * 1e3) for (mm, T, tt, ff), x in P.items() if mm == "softmax" and tt == th and ff == "fwd")
+        if ppts:
+            ax[0].plot([p[0] for p in ppts], [p[1] for p in ppts], "k--", lw=1.5, label="torch softmax (peer)")
+        for j, yl in enumerate(("forward time (ms)", "peak extra memory, forward (MiB)")):
+            ax[j].set_xscale("log", base=2)
+            ax[j].set_yscale("log")
+            ax[j].set_xlabel("T (tokens)")
+            ax[j].set_ylabel(yl)
+            ax[j].grid(True, which="both", alpha=0.3)
+        ax[0].legend(fontsize=7, ncol=2)
+        fig.suptitle(f"linmix bench: B=1, d_model 512, causal, {th} threads")
+        fig.tight_layout()
+        tmp = a.png + ".tmp.png"
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, a.png)
+
+
+if __name__ == "__main__":
+    main()
