@@ -76,6 +76,12 @@ struct MixerSpec {
   // finite-difference checks perturb.
   std::function<std::vector<double>(const Call&, const std::map<std::string, std::vector<double>>&)> reference64;
   std::function<TensorMap(const Call&)> recurrent;  // reads state.* if present; returns y + state.*
+  // The generation path (where written): stepper(call), given a validated recurrent call with
+  // B = 1, T = 1 and no state, returns a step function that keeps the state itself; each step
+  // reads the call's per-token input tensors (the caller overwrites their values in place
+  // between steps; the other inputs stay fixed) and writes y (one token). No validation, no
+  // tensor copies, no allocation per token (the softmax KV cache grows by amortised doubling).
+  std::function<std::function<void(float* y)>(const Call&)> stepper;
 };
 
 const std::vector<MixerSpec>& mixers();

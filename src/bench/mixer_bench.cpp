@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <functional>
+#include <memory>
 #include <random>
 
 #include "linmix/bench.h"
@@ -186,18 +188,32 @@ int bench_mixers(const MixerBenchOptions& o) {
           record("fwdbwd", s, extra, 0.0, 0.0);
         }
         if (o.step && spec.recurrent && causal && T == Ts.front()) {
-          // per token, through run_mixer as generation calls it (validation, state in and out)
+          // per token, B = 1, the state carried: the allocation-free stepper (the generation
+          // path) where the mechanism has one, else run_mixer (validation, state in and out)
           auto sd = bench_dims(name, 1);
           sd["Tw"] = o.step_tokens + 8;  // aft_full / aft_local: w covers every position stepped
           TensorMap sin = example_inputs(spec, sd, 3);
-          auto one = [&] {
-            for (auto& [k, v] : run_mixer(name, Mode::Recurrent, true, params, sin))
-              if (k.rfind("state.", 0) == 0) sin[k] = std::move(v);
-          };
+          std::function<void()> one;
+          int64_t ny = 1;
+          for (int64_t x : dims_shape(spec.y_dims, validate_call(name, Mode::Recurrent, true, params, sin))) ny *= x;
+          std::vector<float> y(size_t(ny), 0.0f);
+          std::unique_ptr<Call> call;
+          std::function<void(float*)> step;
+          if (spec.stepper) {
+            call = std::make_unique<Call>(validate_call(name, Mode::Recurrent, true, params, sin));
+            step = spec.stepper(*call);
+            one = [&] { step(y.data()); };
+          } else {
+            one = [&] {
+              for (auto& [k, v] : run_mixer(name, Mode::Recurrent, true, params, sin))
+                if (k.rfind("state.", 0) == 0) sin[k] = std::move(v);
+            };
+          }
           for (int i = 0; i < 8; ++i) one();  // warm-up; the state exists from here on
           const double t0 = now_s();
           for (int64_t i = 0; i < o.step_tokens; ++i) one();
           record("step", (now_s() - t0) / double(o.step_tokens), 0.0, 0.0, 0.0);
+          rep["runs"].back()["path"] = spec.stepper ? "stepper" : "run_mixer";
         }
       }
       for (auto& [form, pts] : curve) {

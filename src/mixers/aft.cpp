@@ -520,6 +520,19 @@ MixerSpec aft_spec(Variant var) {
   s.parallel = [var](const Call& c) { return aft_parallel(var, c); };
   s.backward = [var](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy); };
   s.recurrent = [var](const Call& c) { return aft_recurrent(var, c); };
+  s.stepper = [var](const Call& c) -> std::function<void(float*)> {
+    const int64_t C = c.d("C");
+    auto ctx = std::make_shared<BiasCtx>();
+    auto band = std::make_shared<AftBand>(make_band(var, c, *ctx));  // band.ctx points into *ctx
+    auto st = std::make_shared<AftState>();
+    st->C = C, st->num.assign(C, 0.0f), st->den.assign(C, 0.0f), st->max.assign(C, kEmptyMax);
+    auto scratch = std::make_shared<std::vector<float>>();
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+    return [=](float* y) {
+      (void)ctx;  // keeps the bias context the band points into alive
+      aft_step(y, *st, q, k, v, band->lo, *band, *scratch);
+    };
+  };
   return s;
 }
 

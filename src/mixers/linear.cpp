@@ -139,6 +139,15 @@ MixerSpec make_spec() {
     }
     return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}, {"state.z", std::move(z)}};
   };
+  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+    const AttnDims d = attn_dims(c);
+    auto st = std::make_shared<LinearState>(LinearState{d.H, d.D, d.E, std::vector<float>(d.H * d.D * d.E, 0.0f),
+                                                        std::vector<float>(d.H * d.D, 0.0f)});
+    auto scratch = std::make_shared<std::vector<float>>(d.D);
+    const float eps = float(c.p("eps"));
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+    return [st, scratch, eps, q, k, v](float* y) { linear_step(y, *st, q, k, v, eps, *scratch); };
+  };
   return s;
 }
 

@@ -258,6 +258,25 @@ MixerSpec make_spec() {
     return TensorMap{{"y", std::move(y)}};
   };
   s.recurrent = mamba_recurrent;
+  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+    const int64_t C = c.d("C"), N = c.d("N");
+    auto h = std::make_shared<std::vector<float>>(C * N, 0.0f);
+    return [c, h, C, N](float* y) {
+      const MambaArgs a = args_of(c);  // pointers into the call's tensors (no copies)
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const float dt = a.dt(0, 0, ch), du = dt * a.u[ch];
+        float* hr = h->data() + ch * N;
+        const float *A = a.A + ch * N, *Bm = a.Bm, *Cm = a.Cm;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t n = 0; n < N; ++n) {
+          hr[n] = exp_fast(dt * A[n]) * hr[n] + du * Bm[n];
+          acc += Cm[n] * hr[n];
+        }
+        y[ch] = a.out(acc, 0, 0, ch);
+      }
+    };
+  };
   s.backward = [](const Call& c, const Tensor& dy) {
     const MambaArgs a = args_of(c);
     const int64_t B = a.B, T = a.T, C = a.C, N = a.N;

@@ -279,6 +279,17 @@ MixerSpec make_spec() {
     return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}, {"state.z", std::move(z)},
                      {"state.kmax", std::move(kmax)}};
   };
+  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+    const AttnDims d = attn_dims(c);
+    const int64_t M = c.d("M");
+    auto st = std::make_shared<PerformerState>(PerformerState{d.H, M, d.E, std::vector<float>(d.H * M * d.E, 0.0f),
+                                                              std::vector<float>(d.H * M, 0.0f),
+                                                              std::vector<float>(d.H, kEmptyMax)});
+    auto scratch = std::make_shared<std::vector<float>>();
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *proj = c.t("proj").ptr();
+    const int64_t D = d.D;
+    return [=](float* y) { performer_step(y, *st, q, k, v, proj, D, *scratch); };
+  };
   return s;
 }
 

@@ -173,6 +173,16 @@ MixerSpec make_spec() {
     return TensorMap{{"y", std::move(y)}, {"state.a", std::move(a)}, {"state.b", std::move(bb)},
                      {"state.p", std::move(p)}};
   };
+  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+    const int64_t C = c.d("C");
+    auto st = std::make_shared<std::vector<float>>(3 * C, 0.0f);  // a, b, p
+    std::fill(st->begin() + 2 * C, st->end(), kInitP);
+    const float *k = c.t("k").ptr(), *v = c.t("v").ptr(), *w = c.t("w").ptr(), *u = c.t("u").ptr();
+    return [=](float* y) {
+      float* s = st->data();
+      rwkv4_scan(y, s, s + C, s + 2 * C, k, v, w, u, 1, C, C);
+    };
+  };
   return s;
 }
 

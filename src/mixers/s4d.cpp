@@ -235,6 +235,30 @@ MixerSpec make_spec() {
   });
   s.parallel = s4d_parallel;
   s.recurrent = s4d_recurrent;
+  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+    const int64_t C = c.d("C"), N = c.d("N");
+    const S4dParams p = discretise(c);  // once: the discretised A and C of every channel
+    auto ab = std::make_shared<std::vector<float>>(4 * C * N);  // Abar re, im; Ct re, im
+    for (int64_t i = 0; i < C * N; ++i)
+      (*ab)[i] = float(p.Abar[i].real()), (*ab)[C * N + i] = float(p.Abar[i].imag()),
+      (*ab)[2 * C * N + i] = float(p.Ct[i].real()), (*ab)[3 * C * N + i] = float(p.Ct[i].imag());
+    auto x = std::make_shared<std::vector<float>>(2 * C * N, 0.0f);  // state re, im
+    const float *u = c.t("u").ptr(), *D = c.t("D").ptr();
+    return [=](float* y) {
+      const float *ar = ab->data(), *ai = ar + C * N, *cr = ai + C * N, *ci = cr + C * N;
+      float *xr = x->data(), *xi = xr + C * N;
+      for (int64_t ch = 0; ch < C; ++ch) {
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t n = ch * N; n < (ch + 1) * N; ++n) {  // x = Abar x + u; y += Re(Ct x)
+          const float r = ar[n] * xr[n] - ai[n] * xi[n] + u[ch], i = ar[n] * xi[n] + ai[n] * xr[n];
+          xr[n] = r, xi[n] = i;
+          acc += cr[n] * r - ci[n] * i;
+        }
+        y[ch] = 2.0f * acc + D[ch] * u[ch];
+      }
+    };
+  };
   s.backward = s4d_grad;
   return s;
 }

@@ -276,6 +276,16 @@ MixerSpec softmax_spec() {
   s.parallel = softmax_parallel;
   s.backward = softmax_grad;
   s.recurrent = softmax_recurrent;
+  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+    const AttnDims d = attn_dims(c);
+    auto kc = std::make_shared<KVCache>();
+    kc->H = d.H, kc->D = d.D, kc->E = d.E, kc->window = c.ip("window");
+    kc->k.reserve(4096 * d.H * d.D), kc->v.reserve(4096 * d.H * d.E);
+    auto scratch = std::make_shared<std::vector<float>>();
+    const float scale = float(softmax_scale(c));
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+    return [=](float* y) { softmax_step(y, *kc, q, k, v, scale, *scratch); };
+  };
   return s;
 }
 

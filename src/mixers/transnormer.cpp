@@ -125,6 +125,29 @@ MixerSpec norm_linear() {
         }
     return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}};
   };
+  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+    const AttnDims d = attn_dims(c);
+    const int64_t H = d.H, D = d.D, E = d.E;
+    auto S = std::make_shared<std::vector<float>>(H * D * E, 0.0f);
+    const float eps = float(c.p("eps"));
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+    return [=](float* y) {
+      for (int64_t h = 0; h < H; ++h) {  // S += phi(k) v^T; y = srms(phi(q)^T S)
+        float* Sh = S->data() + h * D * E;
+        float* yr = y + h * E;
+        std::fill(yr, yr + E, 0.0f);
+        for (int64_t x = 0; x < D; ++x) {
+          const float kx = phi_elu(k[h * D + x]);
+          for (int64_t e = 0; e < E; ++e) Sh[x * E + e] += kx * v[h * E + e];
+        }
+        for (int64_t x = 0; x < D; ++x) {
+          const float qx = phi_elu(q[h * D + x]);
+          for (int64_t e = 0; e < E; ++e) yr[e] += qx * Sh[x * E + e];
+        }
+        srms(yr, E, eps);
+      }
+    };
+  };
   return s;
 }
 
