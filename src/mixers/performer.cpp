@@ -8,6 +8,8 @@
 
 #include "../kernels/linear_product.h"
 #include "../ref/attention_ref.h"
+#include <cblas.h>
+
 #include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
@@ -18,18 +20,20 @@ namespace {
 
 constexpr float kEmptyMax = -1e38f;  // the max of nothing; finite so a saved state stays finite
 
-// logits (n,M) = omega . x' - |x'|^2 / 2 for n rows of x with row stride ldx.
+// logits (n,M) = omega . x' - |x'|^2 / 2 for n rows of x with row stride ldx: one GEMM
+// (x' omega^T, OpenBLAS) and the row norms.
 void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const float* proj, int64_t M, int64_t D) {
   const float s = std::pow(float(D), -0.25f);
+  if (n == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(M), int(D), s, x, int(ldx), proj, int(D), 0.0f, out,
+              int(M));
   for (int64_t i = 0; i < n; ++i) {
     const float* xr = x + i * ldx;
     float sq = 0.0f;
-    for (int64_t j = 0; j < D; ++j) sq += (xr[j] * s) * (xr[j] * s);
-    for (int64_t m = 0; m < M; ++m) {
-      float a = 0.0f;
-      for (int64_t j = 0; j < D; ++j) a += proj[m * D + j] * xr[j];
-      out[i * M + m] = a * s - 0.5f * sq;
-    }
+#pragma omp simd reduction(+ : sq)
+    for (int64_t j = 0; j < D; ++j) sq += xr[j] * xr[j];
+    const float h = 0.5f * s * s * sq;
+    for (int64_t m = 0; m < M; ++m) out[i * M + m] -= h;
   }
 }
 
@@ -116,26 +120,26 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
         }
         linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dnum.data(), E,
                                 dden.data(), args, gp);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t o = row0 + t * H;
-          std::copy(&dV[t * E], &dV[t * E] + E, dv + o * E);
-          for (int pass = 0; pass < 2; ++pass) {  // queries, then keys
-            const float* x = (pass == 0 ? q : k) + o * D;
-            float* dx = (pass == 0 ? dq : dk) + o * D;
-            const float* f = (pass == 0 ? Qf : Kf).data() + t * M;
-            const float* df = (pass == 0 ? dQ : dK).data() + t * M;
+        for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
+        // per pass: dl = df f (T,M); dx = sc (dl proj - rowsum(dl) sc x) (one GEMM);
+        // dproj += sc dl^T x (one GEMM)
+        for (int pass = 0; pass < 2; ++pass) {  // queries, then keys
+          const float* x = (pass == 0 ? q : k) + row0 * D;
+          float* dx = (pass == 0 ? dq : dk) + row0 * D;
+          float* dl = (pass == 0 ? dQ : dK).data();  // overwritten with dl
+          const float* f = (pass == 0 ? Qf : Kf).data();
+          for (int64_t i = 0; i < T * M; ++i) dl[i] *= f[i];
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(D), int(M), sc, dl, int(M), proj, int(D),
+                      0.0f, dx, int(H * D));
+          for (int64_t t = 0; t < T; ++t) {
             float sum_dl = 0.0f;
-            std::fill(dx, dx + D, 0.0f);
-            for (int64_t m = 0; m < M; ++m) {
-              const float dl = df[m] * f[m];
-              sum_dl += dl;
-              for (int64_t j = 0; j < D; ++j) {
-                dx[j] += dl * proj[m * D + j];
-                dp[m * D + j] += dl * sc * x[j];
-              }
-            }
-            for (int64_t j = 0; j < D; ++j) dx[j] = sc * (dx[j] - sum_dl * sc * x[j]);
+#pragma omp simd reduction(+ : sum_dl)
+            for (int64_t m = 0; m < M; ++m) sum_dl += dl[t * M + m];
+            const float c2 = sc * sc * sum_dl;
+            for (int64_t j = 0; j < D; ++j) dx[t * H * D + j] -= c2 * x[t * H * D + j];
           }
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(D), int(T), sc, dl, int(M), x, int(H * D), 1.0f,
+                      dp.data(), int(D));
         }
       }
 #pragma omp critical
