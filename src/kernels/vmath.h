@@ -12,6 +12,10 @@
 
 namespace linmix {
 
+// max by value: std::max returns a reference, and a select through a reference keeps GCC
+// from vectorising the loop around it. NaN handling as std::max (a NaN first argument wins).
+inline float vmax(float a, float b) { return a < b ? b : a; }
+
 inline float exp_fast(float x) {
   const float hi = 88.7228391f, lo = -87.3365447f;
   const bool under = x < lo, over = x > hi, nan = x != x;

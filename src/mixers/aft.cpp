@@ -21,9 +21,11 @@ namespace {
 constexpr float kEmptyMax = -1e38f;
 
 // Adds exp(x) * val to the running sum (num, den) kept scaled by exp(-m), per channel.
-inline void running_add(float* m, float* num, float* den, const float* x, const float* val, int64_t n) {
+inline void running_add(float* __restrict m, float* __restrict num, float* __restrict den, const float* __restrict x,
+                        const float* __restrict val, int64_t n) {
+#pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    const float mn = std::max(m[c], x[c]);
+    const float mn = vmax(m[c], x[c]);
     const float a = exp_fast(m[c] - mn), e = exp_fast(x[c] - mn);
     num[c] = num[c] * a + e * val[c];
     den[c] = den[c] * a + e;
@@ -32,9 +34,11 @@ inline void running_add(float* m, float* num, float* den, const float* x, const 
 }
 
 // Adds exp(x) * (v1, v2) to two running sums kept scaled by exp(-m), per channel.
-inline void running_add2(float* m, float* s1, float* s2, const float* x, const float* v1, const float* v2, int64_t n) {
+inline void running_add2(float* __restrict m, float* __restrict s1, float* __restrict s2, const float* __restrict x,
+                         const float* __restrict v1, const float* __restrict v2, int64_t n) {
+#pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    const float mn = std::max(m[c], x[c]);
+    const float mn = vmax(m[c], x[c]);
     const float a = exp_fast(m[c] - mn), e = exp_fast(x[c] - mn);
     s1[c] = s1[c] * a + e * v1[c];
     s2[c] = s2[c] * a + e * v2[c];
@@ -56,6 +60,10 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
       // for every j: sm, sn, sd (T+1, n). M, num, den, x (n): per-row work; wb: band biases.
       std::vector<float> pm(n, kEmptyMax), pn(n, 0.0f), pd(n, 0.0f), M(n), num(n), den(n), x(n), wb;
       std::vector<float> sm, sn, sd;
+      // raw restrict views: through std::vector::operator[] GCC reloads the data pointer in every
+      // loop and does not vectorise it
+      float *__restrict pM = M.data(), *__restrict pnum = num.data(), *__restrict pden = den.data();
+      float *__restrict ppm = pm.data(), *__restrict ppn = pn.data(), *__restrict ppd = pd.data();
       if (!causal) {
         sm.assign((T + 1) * n, kEmptyMax);
         sn.assign((T + 1) * n, 0.0f);
@@ -76,40 +84,40 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
         const int64_t suf = causal ? T : std::max(s_hi + 1, s_lo);  // suffix starts after the band
         std::copy(pm.begin(), pm.end(), M.begin());
         if (!causal)
-          for (int64_t c = 0; c < n; ++c) M[c] = std::max(M[c], sm[suf * n + c]);
+          for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], sm[suf * n + c]);
         wb.resize(static_cast<size_t>(std::max<int64_t>(0, s_hi - s_lo + 1)));
         for (int64_t s = s_lo; s <= s_hi; ++s) {
           const float w = wb[s - s_lo] = band.bias(band.ctx, t, s, bi);
           const float* ks = row(k, s);
-          for (int64_t c = 0; c < n; ++c) M[c] = std::max(M[c], ks[c] + w);
+          for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], ks[c] + w);
         }
         for (int64_t c = 0; c < n; ++c) {
-          const float a = exp_fast(pm[c] - M[c]);
-          num[c] = pn[c] * a;
-          den[c] = pd[c] * a;
+          const float a = exp_fast(ppm[c] - pM[c]);
+          pnum[c] = ppn[c] * a;
+          pden[c] = ppd[c] * a;
         }
         if (!causal)
           for (int64_t c = 0; c < n; ++c) {
-            const float a = exp_fast(sm[suf * n + c] - M[c]);
-            num[c] += sn[suf * n + c] * a;
-            den[c] += sd[suf * n + c] * a;
+            const float a = exp_fast(sm[suf * n + c] - pM[c]);
+            pnum[c] += sn[suf * n + c] * a;
+            pden[c] += sd[suf * n + c] * a;
           }
         for (int64_t s = s_lo; s <= s_hi; ++s) {
           const float w = wb[s - s_lo];
           const float *ks = row(k, s), *vs = row(v, s);
           for (int64_t c = 0; c < n; ++c) {
-            const float e = exp_fast(ks[c] + w - M[c]);
-            num[c] += e * vs[c];
-            den[c] += e;
+            const float e = exp_fast(ks[c] + w - pM[c]);
+            pnum[c] += e * vs[c];
+            pden[c] += e;
           }
         }
         const float* qt = row(q, t);
         float* yt = y + (b * T + t) * C + c0;
-        for (int64_t c = 0; c < n; ++c) yt[c] = sigmoidf(qt[c]) * num[c] / den[c];
+        for (int64_t c = 0; c < n; ++c) yt[c] = sigmoidf(qt[c]) * pnum[c] / pden[c];
         if (o_out)  // saved for backward: o = num / den and lse = log(sum_s exp(k_s + w_ts))
           for (int64_t c = 0; c < n; ++c) {
-            o_out[(b * T + t) * C + c0 + c] = num[c] / den[c];
-            lse_out[(b * T + t) * C + c0 + c] = M[c] + std::log(den[c]);
+            o_out[(b * T + t) * C + c0 + c] = pnum[c] / pden[c];
+            lse_out[(b * T + t) * C + c0 + c] = pM[c] + std::log(pden[c]);
           }
       }
     }
@@ -210,7 +218,7 @@ void aft_step(float* y, AftState& st, const float* q, const float* k, const floa
     for (int64_t c = c0; c < c1; ++c) M[c] = st.max[c];
     for (int64_t i = 0; i < L; ++i) {
       const float w = band.bias(band.ctx, t, first + i, bi);
-      for (int64_t c = c0; c < c1; ++c) M[c] = std::max(M[c], st.k[i * C + c] + w);
+      for (int64_t c = c0; c < c1; ++c) M[c] = vmax(M[c], st.k[i * C + c] + w);
     }
     for (int64_t c = c0; c < c1; ++c) {
       const float a = std::exp(st.max[c] - M[c]);
@@ -254,7 +262,7 @@ float bias_u(const void* ctx, int64_t t, int64_t s, int64_t bi) {
 }
 float bias_zero(const void*, int64_t, int64_t, int64_t) { return 0.0f; }
 
-constexpr int64_t kBlock = 64;        // channels per block: a row of the block fits a cache line x4
+constexpr int64_t kBlock = 256;  // channels per block (aft_simple/full/local; conv: per head): long inner loops
 constexpr int64_t kHuge = int64_t(1) << 40;  // "band covers everything" (aft_full)
 
 // Band and bias of one variant for a call; `ctx` must outlive the band.

@@ -106,7 +106,7 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
           for (int64_t t = 0; t < T; ++t) {
             alloc[t] = sigmoidf(dot_eps(&Q[t * D], sKO.data(), D));
             Oh[t] = std::clamp(dot_eps(&K[t * D], sQI.data(), D), -1.0f, 1.0f);
-            omax = std::max(omax, Oh[t]);
+            omax = vmax(omax, Oh[t]);
           }
           for (int64_t t = 0; t < T; ++t) sumexp += std::exp(Oh[t] - omax);
           for (int64_t t = 0; t < T; ++t) {

@@ -58,10 +58,10 @@ void softmax_forward(float* y, const float* q, const float* k, const float* v, c
                   for (int64_t x = 0; x < D; ++x) a += Qb[i * D + x] * Kb[j * D + x];
                 }
                 srow[j] = a;
-                rmax = std::max(rmax, a);
+                rmax = vmax(rmax, a);
               }
               if (rmax == kNegInf) continue;  // no allowed key in this tile for row t
-              const float mnew = std::max(m[i], rmax);
+              const float mnew = vmax(m[i], rmax);
               const float corr = std::exp(m[i] - mnew);  // 0 when m was -inf
               float* ar = &acc[i * E];
               float lsum = 0.0f;
@@ -167,7 +167,7 @@ void softmax_step(float* y, KVCache& c, const float* q, const float* k, const fl
       float a = 0.0f;
       for (int64_t x = 0; x < D; ++x) a += q[h * D + x] * c.k[(s * H + h) * D + x];
       scratch[s] = a * scale;
-      mx = std::max(mx, scratch[s]);
+      mx = vmax(mx, scratch[s]);
     }
     float sum = 0.0f;
     float* yr = y + h * E;
