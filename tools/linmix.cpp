@@ -269,6 +269,7 @@ int main(int argc, char** argv) {
   bn->add_flag("--model", bench_model_flag, "the RWKV-4 inference engine on the 169M shape (random weights)");
   bn->add_option("--threads", mbo.threads, "threads (OpenMP and OpenBLAS)")->capture_default_str()->check(CLI::Range(1, 1024));
   bn->add_option("--decode-tokens", mbo.decode_tokens, "tokens timed in decode")->capture_default_str()->check(CLI::Range(1, 1 << 20));
+  bn->add_option("--rounds", mbo.rounds, "decode rounds, each beside its own bandwidth measurement")->capture_default_str()->check(CLI::Range(1, 1000));
   bn->add_option("--prefill-tokens", mbo.prefill_tokens, "tokens of the prefill")->capture_default_str()->check(CLI::Range(1, 1 << 20));
   bn->add_option("--layers", mbo.n_layer, "model layers (12 = 169M)")->capture_default_str()->check(CLI::Range(1, 1000));
   bn->add_option("--d-model", mbo.d_model, "model width (768 = 169M)")->capture_default_str()->check(CLI::Range(1, 1 << 16));

@@ -14,6 +14,9 @@ void set_threads(int n);
 // STREAM-like triad a = b + s c over three float arrays of n elements, best of reps, in GB/s
 // counting 12 bytes per element (STREAM's convention: the write-allocate read is not counted).
 double measure_triad_gbs(int64_t n, int reps);
+// A read-only stream (a sum over n floats, SIMD, all threads), best of reps, GB/s: the ceiling
+// of a kernel that only reads, such as a matrix-vector product over weights that miss the cache.
+double measure_read_gbs(int64_t n, int reps);
 // OpenBLAS sgemm of n x n matrices, best of reps, GFLOP/s (2 n^3 per product).
 double measure_sgemm_gflops(int64_t n, int reps);
 
@@ -26,6 +29,7 @@ struct ModelBenchOptions {
   int threads = 2;
   int64_t vocab = 50277, d_model = 768, n_layer = 12, ffn_mult = 4;  // RWKV-4 169M
   int64_t decode_tokens = 32, prefill_tokens = 1024;
+  int rounds = 5;  // decode: rounds of (triad, read, decode_tokens tokens), interleaved
   std::vector<std::string> dtypes{"f32", "bf16", "int8"};
   std::string checkpoint, data;  // optional: perplexity of a trained RWKV-4 in each dtype
   int64_t eval_seq = 256, eval_windows = 32;

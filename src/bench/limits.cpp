@@ -54,6 +54,32 @@ double measure_triad_gbs(int64_t n, int reps) {
   return 12.0 * double(n) / best / 1e9;
 }
 
+double measure_read_gbs(int64_t n, int reps) {
+  constexpr int64_t kW = 64;  // independent partial sums: the adds never wait on each other
+  n = n / kW * kW;
+  std::vector<float> a(n, 1.0f);
+  double best = 1e30, sink = 0;
+  for (int r = 0; r < reps + 1; ++r) {  // the first pass faults the pages in
+    const double t0 = now_s();
+    float total = 0.0f;
+#pragma omp parallel reduction(+ : total)
+    {
+      alignas(64) float acc[kW] = {};
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; i += kW)
+#pragma omp simd
+        for (int64_t j = 0; j < kW; ++j) acc[j] += a[i + j];
+      for (int64_t j = 0; j < kW; ++j) total += acc[j];
+    }
+    const double t = now_s() - t0;
+    sink += total;
+    if (r) best = std::min(best, t);
+  }
+  volatile double keep = sink;
+  (void)keep;
+  return 4.0 * double(n) / best / 1e9;
+}
+
 double measure_sgemm_gflops(int64_t n, int reps) {
   std::vector<float> A(n * n, 0.5f), B(n * n, 0.25f), C(n * n);
   double best = 1e30;

@@ -1,6 +1,6 @@
 // linmix bench --model: the RWKV-4 inference engine on the 169M shape with random weights.
 //   decode: ms per token in each weight type, as a fraction of the bandwidth bound
-//           (bytes of weights read per token / measured triad bandwidth);
+//           (bytes of weights read per token / triad bandwidth measured beside it);
 //   prefill: sequence mode over prefill_tokens, GFLOP/s as a fraction of the measured sgemm.
 #include <algorithm>
 #include <chrono>
@@ -21,6 +21,11 @@ namespace {
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
 }  // namespace
 
 int bench_model(const ModelBenchOptions& o) {
@@ -30,10 +35,13 @@ int bench_model(const ModelBenchOptions& o) {
   std::printf("linmix bench --model: RWKV-4 L=%lld C=%lld V=%lld F=%lld, random weights, %d threads\n",
               (long long)o.n_layer, (long long)o.d_model, (long long)o.vocab, (long long)(o.ffn_mult * o.d_model),
               o.threads);
-  const double bw = measure_triad_gbs(int64_t(1) << 25, 5);
-  const double gf = measure_sgemm_gflops(2048, 3);
-  std::printf("limits: triad bandwidth %.1f GB/s, sgemm (2048^3) %.1f GFLOP/s\n", bw, gf);
-  rep["triad_gbs"] = bw, rep["sgemm_gflops"] = gf;
+  // The machine is shared: its bandwidth drifts by tens of percent within a minute. Each limit is
+  // therefore measured again right beside what is compared with it (decode rounds interleave
+  // triad, read stream and decode; prefill follows its own sgemm), and ratios are per round.
+  const double bw0 = measure_triad_gbs(int64_t(1) << 25, 5), rd0 = measure_read_gbs(int64_t(1) << 26, 5);
+  const double gf0 = measure_sgemm_gflops(2048, 3);
+  std::printf("limits at start: triad %.1f GB/s, read stream %.1f GB/s, sgemm (2048^3) %.1f GFLOP/s\n", bw0, rd0, gf0);
+  rep["triad_gbs"] = bw0, rep["read_gbs"] = rd0, rep["sgemm_gflops"] = gf0;
 
   ModelConfig cfg = ModelConfig::from_json(
       "{\"vocab\": " + std::to_string(o.vocab) + ", \"d_model\": " + std::to_string(o.d_model) +
@@ -47,21 +55,33 @@ int bench_model(const ModelBenchOptions& o) {
   std::vector<int32_t> toks(std::max(o.prefill_tokens, o.decode_tokens + 4));
   for (size_t i = 0; i < toks.size(); ++i) toks[i] = int32_t((i * 7919 + 13) % o.vocab);
   std::vector<float> lg(o.vocab);
-  std::printf("%-6s %10s %12s %10s %10s %12s %10s %10s %10s %10s\n", "dtype", "MB/token", "decode ms", "GB/s",
-              "of bound", "prefill tok/s", "GFLOP/s", "of sgemm", "all-logits", "of sgemm");
-  std::printf("%-6s %10s %12s %10s %10s %12s %10s %10s %10s %10s\n", "", "", "", "", "", "", "", "", "GFLOP/s", "");
+  std::printf("decode: median of %d rounds of %lld tokens, each beside a triad and a read-stream measurement;\n"
+              "'of triad' = (bytes of weights per token / decode time) / triad GB/s of the same round\n\n",
+              o.rounds, (long long)o.decode_tokens);
+  std::printf("%-6s %9s %10s %8s %9s %8s %8s %12s %9s %9s %10s %9s\n", "dtype", "MB/token", "decode ms", "GB/s",
+              "of triad", "of read", "triad", "prefill tok/s", "GFLOP/s", "of sgemm", "all-logits", "of sgemm");
+  std::printf("%-6s %9s %10s %8s %9s %8s %8s %12s %9s %9s %10s %9s\n", "", "", "", "", "", "", "GB/s", "", "", "",
+              "GFLOP/s", "");
   double f32_ms = 0;
   for (const std::string& dt : o.dtypes) {
     Rwkv4Engine eng(model, parse_wtype(dt));
     nlohmann::json r;
-    // decode: 4 warm-up tokens, then the mean over decode_tokens
+    // decode: 4 warm-up tokens, then rounds of (limits, decode_tokens tokens)
     Model::State st = eng.new_state();
     for (int i = 0; i < 4; ++i) eng.step(toks[i], st, lg.data());
-    const double t0 = now_s();
-    for (int64_t i = 0; i < o.decode_tokens; ++i) eng.step(toks[4 + i], st, lg.data());
-    const double ms = (now_s() - t0) * 1e3 / double(o.decode_tokens);
-    const double bytes = eng.step_bytes(), gbs = bytes / (ms * 1e-3) / 1e9;
+    const double bytes = eng.step_bytes();
+    std::vector<double> ms_r, tri_r, rd_r, of_tri, of_rd;
+    for (int round = 0; round < o.rounds; ++round) {
+      const double tri = measure_triad_gbs(int64_t(1) << 25, 3), rd = measure_read_gbs(int64_t(1) << 26, 3);
+      const double t0 = now_s();
+      for (int64_t i = 0; i < o.decode_tokens; ++i) eng.step(toks[(4 + i) % toks.size()], st, lg.data());
+      const double m = (now_s() - t0) * 1e3 / double(o.decode_tokens);
+      ms_r.push_back(m), tri_r.push_back(tri), rd_r.push_back(rd);
+      of_tri.push_back(bytes / (m * 1e-3) / 1e9 / tri), of_rd.push_back(bytes / (m * 1e-3) / 1e9 / rd);
+    }
+    const double ms = median(ms_r), gbs = bytes / (ms * 1e-3) / 1e9, bw = median(tri_r);
     if (dt == "f32") f32_ms = ms;
+    r["decode_rounds_ms"] = ms_r, r["decode_rounds_triad_gbs"] = tri_r, r["decode_rounds_read_gbs"] = rd_r;
     // prefill: best of 3 runs of prefill_tokens from a zero state, logits of the last token
     double best = 1e30;
     for (int rep_i = 0; rep_i < 3; ++rep_i) {
@@ -71,7 +91,7 @@ int bench_model(const ModelBenchOptions& o) {
       best = std::min(best, now_s() - p0);
     }
     const double flops = eng.flops_per_token(false) * double(o.prefill_tokens) + 2.0 * double(o.vocab * o.d_model);
-    const double pgf = flops / best / 1e9;
+    const double pgf = flops / best / 1e9, gf = measure_sgemm_gflops(2048, 3);
     // sequence mode with the logits of every token (scoring a text: eval, perplexity)
     double best_all = 1e30;
     {
@@ -84,10 +104,14 @@ int bench_model(const ModelBenchOptions& o) {
       }
     }
     const double agf = eng.flops_per_token(true) * double(o.prefill_tokens) / best_all / 1e9;
-    r["all_logits_s"] = best_all, r["all_logits_gflops"] = agf, r["all_logits_of_sgemm"] = agf / gf;
-    std::printf("%-6s %10.1f %12.2f %10.1f %9.0f%% %12.0f %10.1f %9.0f%% %10.1f %9.0f%%\n", dt.c_str(), bytes / 1e6, ms,
-                gbs, 100.0 * gbs / bw, double(o.prefill_tokens) / best, pgf, 100.0 * pgf / gf, agf, 100.0 * agf / gf);
-    r["bytes_per_token"] = bytes, r["decode_ms"] = ms, r["decode_gbs"] = gbs, r["decode_of_bandwidth"] = gbs / bw;
+    const double gf2 = measure_sgemm_gflops(2048, 3);
+    r["all_logits_s"] = best_all, r["all_logits_gflops"] = agf, r["all_logits_of_sgemm"] = agf / gf2;
+    std::printf("%-6s %9.1f %10.2f %8.1f %8.0f%% %7.0f%% %8.1f %12.0f %9.1f %8.0f%% %10.1f %8.0f%%\n", dt.c_str(),
+                bytes / 1e6, ms, gbs, 100.0 * median(of_tri), 100.0 * median(of_rd), bw, double(o.prefill_tokens) / best,
+                pgf, 100.0 * pgf / gf, agf, 100.0 * agf / gf2);
+    r["bytes_per_token"] = bytes, r["decode_ms"] = ms, r["decode_gbs"] = gbs, r["decode_triad_gbs"] = bw;
+    r["decode_of_bandwidth"] = median(of_tri), r["decode_of_read"] = median(of_rd);
+    r["prefill_sgemm_gflops"] = gf, r["all_logits_sgemm_gflops"] = gf2;
     r["prefill_tokens"] = o.prefill_tokens, r["prefill_s"] = best, r["prefill_gflops"] = pgf;
     r["prefill_of_sgemm"] = pgf / gf;
     if (f32_ms > 0) r["decode_speedup_vs_f32"] = f32_ms / ms;
