@@ -394,10 +394,10 @@ def main():
                     continue
                 x = inputs(name, T)
                 quad = name in ("softmax", "aft_full", "aft_local")
-                grow = 4.2 if quad else 2.2
                 for form in ("fwd", "fwdbwd"):
                     if form == "fwdbwd" and a.no_backward:
                         continue
+                    grow = 4.2 if quad else 2.2
                     if form in prev and form in last:  # the growth measured over the last doubling
                         grow = max(grow, last[form] / prev[form])
                     if form in last and last[form] * grow > a.max_seconds:

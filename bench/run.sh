@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole benchmark from a clean clone: linmix bench (every mechanism, 1 and 2 threads, T =
+# 256 ... 65536, the machine's sgemm and triad in the same run), tiled softmax at T = 65536,
+# the PyTorch peers (bench/peer.py) and the report (bench/report.py: table, targets, plot).
+#
+#   bash bench/run.sh                 # full run (about an hour on 2 cores): docs/bench.md, docs/bench.png
+#   bash bench/run.sh --quick         # smoke run (a minute): T = 256, 512, one thread, into build/bench-quick
+#   options: --dir DIR (JSON, markdown and plot go here; default build/bench, docs/ for the
+#            report of a full run), --bin PATH (a built linmix; skips setup and build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=0
+dir=""
+bin=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --dir) dir="$2"; shift ;;
+    --bin) bin="$2"; shift ;;
+    *) echo "bench/run.sh: unknown option '$1'" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -z "$bin" ]; then
+  bash scripts/setup.sh
+  bash scripts/build.sh release
+  bin=./build/release/linmix
+fi
+[ -x "$bin" ] || { echo "bench/run.sh: no linmix binary at '$bin'" >&2; exit 2; }
+# Debian's python3, where python3-torch lives
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+
+if [ "$quick" = 1 ]; then
+  dir="${dir:-build/bench-quick}"
+  mkdir -p "$dir"
+  "$bin" bench --T 256,512 --thread-counts 1 --step-tokens 8 --out "$dir/linmix.json"
+  "$py" bench/peer.py --T 256,512 --threads 1 --step-tokens 8 --out "$dir/peer.json"
+  "$py" bench/report.py --linmix "$dir/linmix.json" --peer "$dir/peer.json" --T 512 \
+    --md "$dir/bench.md" --png "$dir/bench.png"
+  exit 0
+fi
+
+dir="${dir:-build/bench}"
+mkdir -p "$dir"
+md="$dir/bench.md"
+png="$dir/bench.png"
+[ "$dir" = build/bench ] && md=docs/bench.md && png=docs/bench.png
+"$bin" bench --thread-counts 1,2 --out "$dir/linmix.json"
+# the tiled softmax at T = 65536 (about 5 minutes): it runs, in O(T) memory
+"$bin" bench --mixers softmax --T 65536 --thread-counts 2 --no-backward --no-step --max-seconds 3600 \
+  --out "$dir/softmax_65536.json"
+# the peers up to T = 16384 (the targets are read at T = 1024 and 4096; PyTorch's quadratic
+# softmax and dense AFT stop at 8192 where their T x T buffers stop fitting)
+"$py" bench/peer.py --T 256,512,1024,2048,4096,8192,16384 --threads 1,2 --out "$dir/peer.json"
+"$py" bench/report.py --linmix "$dir/linmix.json" "$dir/softmax_65536.json" --peer "$dir/peer.json" \
+  --md "$md" --png "$png"

@@ -1,0 +1,64 @@
+#!/usr/bin/python3
+"""Smoke test of the benchmark pipeline (bench/run.sh --quick): linmix bench, the PyTorch peers
+and the report run end to end at T = 256, 512 on one thread, and what they write is complete:
+every mechanism has a forward at each T, a forward+backward where it has a backward, a
+recurrent step where it has one, limits that were measured, peers for every mechanism (each
+checked against the float64 oracle inside peer.py), a markdown table with the targets and a
+PNG plot.  Speed is not judged here (benchmarks, not timed tests).
+Usage: bench_smoke_test.py path/to/linmix"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    table = subprocess.run([binary, "mixers"], capture_output=True, text=True, check=True).stdout
+    mixers = [ln.split("|")[1].strip() for ln in table.splitlines()
+              if ln.startswith("| ") and not ln.startswith("| mixer")]
+    causal = {ln.split("|")[1].strip() for ln in table.splitlines()
+              if ln.startswith("| ") and ln.split("|")[2].strip() == "yes"}
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["bash", os.path.join(ROOT, "bench", "run.sh"), "--quick", "--bin", binary, "--dir", d],
+                       check=True, cwd=ROOT)
+        lin = json.load(open(os.path.join(d, "linmix.json")))
+        peer = json.load(open(os.path.join(d, "peer.json")))
+        lim = lin["limits"]["1"]
+        assert lim["sgemm_gflops"] > 0 and lim["triad_gbs"] > 0, lim
+        runs = {(r["mixer"], r["T"], r["form"]): r for r in lin["runs"]}
+        names = sorted({r["mixer"] for r in lin["runs"]})
+        assert names == sorted(mixers) and len(names) == 15, (names, mixers)
+        for m in names:
+            for T in (256, 512):
+                r = runs.get((m, T, "fwd"))
+                assert r and r["seconds"] > 0 and r["tokens_per_s"] > 0, (m, T, r)
+                assert "extra_bytes" in r, (m, T)
+        # the backward of every mechanism and the step of every causal one with a recurrent form
+        bwd = {m for (m, T, f) in runs if f == "fwdbwd"}
+        steps = {m for (m, T, f) in runs if f == "step"}
+        assert bwd == set(names), set(names) - bwd
+        assert steps == causal and "fnet" not in causal, causal ^ steps
+        assert all(runs[(m, 256, "step")]["seconds"] > 0 for m in steps)
+        # GFLOP/s for the chunked and attention forms, GB/s for the scans
+        for m in ("linear", "performer", "flow", "flash", "norm_linear", "softmax", "block_softmax"):
+            assert runs[(m, 512, "fwd")]["gflops"] > 0, m
+        for m in ("rwkv4", "aft_simple", "mamba", "s4d"):
+            assert runs[(m, 512, "fwd")]["gbs"] > 0, m
+        pnames = {r["mixer"] for r in peer["runs"]}
+        assert pnames == set(names), set(names) ^ pnames
+        assert all(e < 1e-3 for e in peer["check"].values()), peer["check"]
+        md = open(os.path.join(d, "bench.md")).read()
+        assert "## Targets" in md and "linmix / peer speed" in md, md[:500]
+        for m in names:
+            assert f"| {m} |" in md, m
+        png = open(os.path.join(d, "bench.png"), "rb").read()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000, len(png)
+    print("bench smoke test: ok")
+
+
+if __name__ == "__main__":
+    main()
