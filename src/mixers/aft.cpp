@@ -221,14 +221,14 @@ void aft_step(float* y, AftState& st, const float* q, const float* k, const floa
       for (int64_t c = c0; c < c1; ++c) M[c] = vmax(M[c], st.k[i * C + c] + w);
     }
     for (int64_t c = c0; c < c1; ++c) {
-      const float a = std::exp(st.max[c] - M[c]);
+      const float a = exp_fast(st.max[c] - M[c]);
       num[c] = st.num[c] * a;
       den[c] = st.den[c] * a;
     }
     for (int64_t i = 0; i < L; ++i) {
       const float w = band.bias(band.ctx, t, first + i, bi);
       for (int64_t c = c0; c < c1; ++c) {
-        const float e = std::exp(st.k[i * C + c] + w - M[c]);
+        const float e = exp_fast(st.k[i * C + c] + w - M[c]);
         num[c] += e * st.v[i * C + c];
         den[c] += e;
       }

@@ -150,30 +150,27 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
 void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, const float* proj,
                     int64_t D, std::vector<float>& scratch) {
   const int64_t H = st.H, M = st.M, E = st.E;
-  scratch.resize(static_cast<size_t>(2 * M));
-  float *fq = scratch.data(), *fk = fq + M;
+  scratch.resize(static_cast<size_t>(2 * M * H));
+  // heads in parallel when the state is large (each core streams its heads through its L2)
+#pragma omp parallel for schedule(static) if (H * M * E >= (1 << 15))
   for (int64_t h = 0; h < H; ++h) {
+    float *fq = scratch.data() + 2 * M * h, *fk = fq + M;
     float* S = &st.S[h * M * E];
     float* z = &st.z[h * M];
     feature_logits(fk, k + h * D, D, 1, proj, M, D);
     const float mnew = std::max(st.kmax[h], *std::max_element(fk, fk + M));
     const float shrink = std::exp(st.kmax[h] - mnew);
     st.kmax[h] = mnew;
-    for (int64_t m = 0; m < M; ++m) {
-      const float f = std::exp(fk[m] - mnew);
-      z[m] = z[m] * shrink + f;
-      for (int64_t e = 0; e < E; ++e) S[m * E + e] = S[m * E + e] * shrink + f * v[h * E + e];
-    }
     feature_logits(fq, q + h * D, D, 1, proj, M, D);
     const float qmax = *std::max_element(fq, fq + M);
     float den = 0.0f;
-    float* yr = y + h * E;
-    std::fill(yr, yr + E, 0.0f);
-    for (int64_t m = 0; m < M; ++m) {
-      const float f = std::exp(fq[m] - qmax);
-      den += f * z[m];
-      for (int64_t e = 0; e < E; ++e) yr[e] += f * S[m * E + e];
+    for (int64_t m = 0; m < M; ++m) {  // features: fk = e^{logit - running key max}, fq = e^{logit - row max}
+      fk[m] = exp_fast(fk[m] - mnew), fq[m] = exp_fast(fq[m] - qmax);
+      z[m] = z[m] * shrink + fk[m];
+      den += fq[m] * z[m];
     }
+    float* yr = y + h * E;
+    state_step(S, yr, fk, fq, v + h * E, shrink, M, E);  // S = shrink S + fk v^T; y = fq^T S
     for (int64_t e = 0; e < E; ++e) yr[e] /= den;
   }
 }

@@ -23,6 +23,15 @@ void srms(float* x, int64_t E, float eps) {  // x / sqrt(mean(x^2) + eps)
   for (int64_t e = 0; e < E; ++e) x[e] *= inv;
 }
 
+// One token of one head: S (D,E) += phi(k) v^T; y (E) = srms(phi(q)^T S). fx: 2 D scratch.
+void norm_linear_step(float* S, float* y, const float* q, const float* k, const float* v, int64_t D, int64_t E,
+                      float eps, float* fx) {
+  float *kx = fx, *qx = fx + D;
+  for (int64_t x = 0; x < D; ++x) kx[x] = phi_elu(k[x]), qx[x] = phi_elu(q[x]);
+  state_step(S, y, kx, qx, v, 1.0f, D, E);
+  srms(y, E, eps);
+}
+
 void norm_linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
                          bool causal) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
@@ -106,6 +115,7 @@ MixerSpec norm_linear() {
     Tensor y({d.B, d.T, H, E}), S({d.B, H, D, E});
     if (c.has("state.S")) S = c.t("state.S");
     const float eps = float(c.p("eps"));
+    std::vector<float> fx(2 * D);
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t t = 0; t < d.T; ++t)
         for (int64_t h = 0; h < H; ++h) {
@@ -113,15 +123,7 @@ MixerSpec norm_linear() {
           const float *q = c.t("q").ptr() + row * D, *k = c.t("k").ptr() + row * D, *v = c.t("v").ptr() + row * E;
           float* Sh = S.ptr() + (b * H + h) * D * E;
           float* yr = y.ptr() + row * E;
-          for (int64_t x = 0; x < D; ++x) {  // S += phi(k) v^T; y = phi(q)^T S
-            const float kx = phi_elu(k[x]);
-            for (int64_t e = 0; e < E; ++e) Sh[x * E + e] += kx * v[e];
-          }
-          for (int64_t x = 0; x < D; ++x) {
-            const float qx = phi_elu(q[x]);
-            for (int64_t e = 0; e < E; ++e) yr[e] += qx * Sh[x * E + e];
-          }
-          srms(yr, E, eps);
+          norm_linear_step(Sh, yr, q, k, v, D, E, eps, fx.data());
         }
     return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}};
   };
@@ -131,21 +133,13 @@ MixerSpec norm_linear() {
     auto S = std::make_shared<std::vector<float>>(H * D * E, 0.0f);
     const float eps = float(c.p("eps"));
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+    auto fx = std::make_shared<std::vector<float>>(2 * D * H);
     return [=](float* y) {
-      for (int64_t h = 0; h < H; ++h) {  // S += phi(k) v^T; y = srms(phi(q)^T S)
-        float* Sh = S->data() + h * D * E;
-        float* yr = y + h * E;
-        std::fill(yr, yr + E, 0.0f);
-        for (int64_t x = 0; x < D; ++x) {
-          const float kx = phi_elu(k[h * D + x]);
-          for (int64_t e = 0; e < E; ++e) Sh[x * E + e] += kx * v[h * E + e];
-        }
-        for (int64_t x = 0; x < D; ++x) {
-          const float qx = phi_elu(q[h * D + x]);
-          for (int64_t e = 0; e < E; ++e) yr[e] += qx * Sh[x * E + e];
-        }
-        srms(yr, E, eps);
-      }
+      // heads in parallel when the state is large (each core streams its heads through its L2)
+#pragma omp parallel for schedule(static) if (H * D * E >= (1 << 15))
+      for (int64_t h = 0; h < H; ++h)
+        norm_linear_step(S->data() + h * D * E, y + h * E, q + h * D, k + h * D, v + h * E, D, E, eps,
+                         fx->data() + 2 * D * h);
     };
   };
   return s;
