@@ -16,7 +16,8 @@ namespace linmix {
 // from vectorising the loop around it. NaN handling as std::max (a NaN first argument wins).
 inline float vmax(float a, float b) { return a < b ? b : a; }
 
-inline float exp_fast(float x) {
+// always_inline: a loop that calls it vectorises only when it is inlined, and GCC sometimes declines
+[[gnu::always_inline]] inline float exp_fast(float x) {
   const float hi = 88.7228391f, lo = -87.3365447f;
   const bool under = x < lo, over = x > hi, nan = x != x;
   float xc = x < lo ? lo : (x > hi ? hi : x);
@@ -43,7 +44,7 @@ inline float exp_fast(float x) {
 // log_fast(x), x > 0 normal: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log x = e ln2 + log m,
 // log m by the classic degree-9 single-precision polynomial in f = m - 1. About 1 ulp.
 // x <= 0 or subnormal is outside its contract (callers pass 1 + something positive).
-inline float log_fast(float x) {
+[[gnu::always_inline]] inline float log_fast(float x) {
   const int32_t bits = std::bit_cast<int32_t>(x);
   int32_t e = ((bits >> 23) & 0xff) - 126;                              // x = m 2^e, m in [0.5, 1)
   float m = std::bit_cast<float>(static_cast<int32_t>((bits & 0x007fffff) | 0x3f000000));
@@ -69,14 +70,14 @@ inline float log_fast(float x) {
 
 // log(1 + y) for y >= 0, accurate for tiny y too: with u = 1 + y rounded,
 // log1p(y) = log(u) * y / (u - 1) (Goldberg's correction), and y itself when u == 1.
-inline float log1p_fast(float y) {
+[[gnu::always_inline]] inline float log1p_fast(float y) {
   const float u = 1.0f + y;
   const float d = u - 1.0f;
   return d == 0.0f ? y : log_fast(u) * (y / d);
 }
 
 // softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow, exact tails.
-inline float softplus_fast(float x) {
+[[gnu::always_inline]] inline float softplus_fast(float x) {
   const float ax = x < 0.0f ? -x : x;
   return (x > 0.0f ? x : 0.0f) + log1p_fast(exp_fast(-ax));
 }

@@ -28,6 +28,14 @@ struct MambaArgs {
     const float x = delta[(b * T + t) * C + c] + (bias ? bias[c] : 0.0f);
     return use_softplus ? softplus_fast(x) : x;
   }
+  // dt of n channels from c0 at (b, t) into out: the same values as dt(), in loops that vectorise
+  void dt_row(float* out, int64_t b, int64_t t, int64_t c0, int64_t n) const {
+    const float* x = delta + (b * T + t) * C + c0;
+    for (int64_t j = 0; j < n; ++j) out[j] = x[j] + (bias ? bias[c0 + j] : 0.0f);
+    if (use_softplus)
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = softplus_fast(out[j]);
+  }
   float out(float acc, int64_t b, int64_t t, int64_t c) const {  // + D u, gate
     const int64_t i = (b * T + t) * C + c;
     if (D) acc += D[c] * u[i];
@@ -64,7 +72,8 @@ void mamba_forward(float* y, const MambaArgs& a) {
           const int64_t nt = std::min(kChunk, T - t0);
           for (int64_t i = 0; i < nt; ++i) {
             const int64_t t = t0 + i;
-            for (int64_t j = 0; j < nc; ++j) dt[j] = a.dt(b, t, c0 + j), du[j] = dt[j] * a.u[(b * T + t) * C + c0 + j];
+            a.dt_row(dt.data(), b, t, c0, nc);
+            for (int64_t j = 0; j < nc; ++j) du[j] = dt[j] * a.u[(b * T + t) * C + c0 + j];
             const float* Br = a.Bm + (b * T + t) * N;
             for (int64_t n = 0; n < N; ++n) {
               float* __restrict da = &dA[(i * N + n) * kFBlock];
@@ -117,6 +126,10 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
   std::fill(g.dCm, g.dCm + B * T * N, 0.0f);
   if (g.dD) std::fill(g.dD, g.dD + C, 0.0f);
   if (g.dbias) std::fill(g.dbias, g.dbias + C, 0.0f);
+  std::vector<float> dts(B * T * C);  // dt of every (b, t, c), once: O(T C) like the gradients
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) a.dt_row(&dts[(b * T + t) * C], b, t, 0, C);
 #pragma omp parallel
   {
     // per thread: parameter accumulators; per task: checkpoints hc (nchunks+1, kCBlock, N),
@@ -131,7 +144,7 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
         auto step = [&](int64_t t, const float* hp, float* hn, float* dav) {  // h_t from h_{t-1}
           for (int64_t j = 0; j < nc; ++j) {
             const int64_t c = c0 + j;
-            const float dt = a.dt(b, t, c), du = dt * a.u[(b * T + t) * C + c];
+            const float dt = dts[(b * T + t) * C + c], du = dt * a.u[(b * T + t) * C + c];
             for (int64_t n = 0; n < N; ++n) {
               const float e = exp_fast(dt * a.A[c * N + n]);
               if (dav) dav[j * N + n] = e;
@@ -178,7 +191,7 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
                 du = gy * a.D[c];
               }
               const float x = a.delta[it] + (a.bias ? a.bias[c] : 0.0f);
-              const float dt = a.use_softplus ? softplus_fast(x) : x;
+              const float dt = dts[it];
               float ddt = 0.0f;
 #pragma omp simd reduction(+ : du, ddt)
               for (int64_t n = 0; n < N; ++n) {
@@ -272,22 +285,32 @@ MixerSpec make_spec() {
   };
   s.recurrent = mamba_recurrent;
   s.stepper = [](const Call& c) -> std::function<void(float*)> {
-    const int64_t C = c.d("C"), N = c.d("N");
-    auto h = std::make_shared<std::vector<float>>(C * N, 0.0f);
-    return [c, h, C, N](float* y) {
-      const MambaArgs a = args_of(c);  // pointers into the call's tensors (no copies)
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const float dt = a.dt(0, 0, ch), du = dt * a.u[ch];
-        float* hr = h->data() + ch * N;
-        const float *A = a.A + ch * N, *Bm = a.Bm, *Cm = a.Cm;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t n = 0; n < N; ++n) {
-          hr[n] = exp_fast(dt * A[n]) * hr[n] + du * Bm[n];
-          acc += Cm[n] * hr[n];
+    // Channels innermost, as in the forward: h and A stored (N, C), so every inner loop runs
+    // over C contiguous channels in SIMD lanes and no per-channel horizontal sum is needed.
+    const MambaArgs a = args_of(c);  // pointers into the call's tensors (no copies)
+    const int64_t C = a.C, N = a.N;
+    auto buf = std::make_shared<std::vector<float>>(2 * C * N + 3 * C, 0.0f);  // h, At, dt, du, acc
+    float* At = buf->data() + C * N;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t ch = 0; ch < C; ++ch) At[n * C + ch] = a.A[ch * N + n];
+    return [a, buf, C, N](float* y) {
+      float *h = buf->data(), *At = h + C * N, *dt = At + C * N, *du = dt + C, *acc = du + C;
+      for (int64_t ch = 0; ch < C; ++ch) dt[ch] = a.delta[ch] + (a.bias ? a.bias[ch] : 0.0f);
+      if (a.use_softplus)  // as MambaArgs::dt, in a loop of its own so that it vectorises
+#pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) dt[ch] = softplus_fast(dt[ch]);
+      for (int64_t ch = 0; ch < C; ++ch) du[ch] = dt[ch] * a.u[ch], acc[ch] = 0.0f;
+      for (int64_t n = 0; n < N; ++n) {
+        float* __restrict hn = h + n * C;
+        const float* __restrict An = At + n * C;
+        const float bn = a.Bm[n], cn = a.Cm[n];
+#pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) {
+          hn[ch] = exp_fast(dt[ch] * An[ch]) * hn[ch] + du[ch] * bn;
+          acc[ch] += cn * hn[ch];
         }
-        y[ch] = a.out(acc, 0, 0, ch);
       }
+      for (int64_t ch = 0; ch < C; ++ch) y[ch] = a.out(acc[ch], 0, 0, ch);
     };
   };
   s.backward = [](const Call& c, const Tensor& dy) {
