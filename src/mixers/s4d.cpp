@@ -38,6 +38,30 @@ S4dParams discretise(const Call& c) {
   return p;
 }
 
+// The convolution kernel of channel ch: K_l = 2 Re sum_n Ct_n Abar_n^l for l < T, into K.
+// Real and imaginary parts in separate arrays (w: 6 N scratch), so the loop over modes runs in
+// SIMD lanes; std::complex's operator* goes through __muldc3 (its inf/NaN recovery) and ran
+// scalar. The same products and sums as (Ct * pw).real() and pw *= Abar.
+void s4d_kernel(const S4dParams& p, int64_t ch, int64_t T, double* K, double* w) {
+  const int64_t N = p.N;
+  double *pr = w, *pi = pr + N, *ar = pi + N, *ai = ar + N, *cr = ai + N, *ci = cr + N;
+  for (int64_t n = 0; n < N; ++n) {
+    pr[n] = 1.0, pi[n] = 0.0;
+    ar[n] = p.Abar[ch * N + n].real(), ai[n] = p.Abar[ch * N + n].imag();
+    cr[n] = p.Ct[ch * N + n].real(), ci[n] = p.Ct[ch * N + n].imag();
+  }
+  for (int64_t l = 0; l < T; ++l) {
+    double k = 0;
+#pragma omp simd reduction(+ : k)
+    for (int64_t n = 0; n < N; ++n) {
+      k += cr[n] * pr[n] - ci[n] * pi[n];
+      const double r = pr[n] * ar[n] - pi[n] * ai[n], im = pr[n] * ai[n] + pi[n] * ar[n];
+      pr[n] = r, pi[n] = im;
+    }
+    K[l] = 2 * k;
+  }
+}
+
 TensorMap s4d_parallel(const Call& c) {
   const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
   const S4dParams p = discretise(c);
@@ -52,18 +76,10 @@ TensorMap s4d_parallel(const Call& c) {
   {
     RealBuf buf = alloc_real(L);
     ComplexBuf spec = alloc_complex(F);
-    std::vector<cd> pw(N);
+    std::vector<double> w(6 * N);
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < C; ++ch) {
-      for (int64_t n = 0; n < N; ++n) pw[n] = 1.0;
-      for (int64_t l = 0; l < T; ++l) {  // K_l = 2 Re sum_n Ct_n Abar_n^l
-        double k = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          k += (p.Ct[ch * N + n] * pw[n]).real();
-          pw[n] *= p.Abar[ch * N + n];
-        }
-        buf[l] = 2 * k;
-      }
+      s4d_kernel(p, ch, T, buf.get(), w.data());  // K_l = 2 Re sum_n Ct_n Abar_n^l
       for (int64_t l = T; l < L; ++l) buf[l] = 0;
       fft.forward(buf.get(), spec.get());
       for (int64_t f = 0; f < F; ++f) Kf[ch * F + f] = cd(spec[f][0], spec[f][1]);
@@ -109,7 +125,7 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
     RealBuf buf = alloc_real(L);
     ComplexBuf Kf = alloc_complex(F), Uf = alloc_complex(F), Gf = alloc_complex(F), tmp = alloc_complex(F);
     std::vector<double> K(T), dK(T);
-    std::vector<cd> pw(N);
+    std::vector<double> w(6 * N);
     auto spectrum = [&](fftw_complex* out, auto value) {  // FFT of a length-T signal, zero-padded
       for (int64_t t = 0; t < T; ++t) buf[t] = value(t);
       for (int64_t l = T; l < L; ++l) buf[l] = 0;
@@ -126,12 +142,7 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
     };
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < C; ++ch) {
-      for (int64_t n = 0; n < N; ++n) pw[n] = 1.0;
-      for (int64_t l = 0; l < T; ++l) {
-        double kl = 0;
-        for (int64_t n = 0; n < N; ++n) kl += (p.Ct[ch * N + n] * pw[n]).real(), pw[n] *= p.Abar[ch * N + n];
-        K[l] = 2 * kl;
-      }
+      s4d_kernel(p, ch, T, K.data(), w.data());
       spectrum(Kf.get(), [&](int64_t t) { return K[t]; });
       std::fill(dK.begin(), dK.end(), 0.0);
       double dDc = 0;
