@@ -117,7 +117,7 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
         if (o_out)  // saved for backward: o = num / den and lse = log(sum_s exp(k_s + w_ts))
           for (int64_t c = 0; c < n; ++c) {
             o_out[(b * T + t) * C + c0 + c] = pnum[c] / pden[c];
-            lse_out[(b * T + t) * C + c0 + c] = pM[c] + std::log(pden[c]);
+            lse_out[(b * T + t) * C + c0 + c] = pM[c] + log_fast(pden[c]);
           }
       }
     }
