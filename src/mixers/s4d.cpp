@@ -249,25 +249,32 @@ MixerSpec make_spec() {
   s.stepper = [](const Call& c) -> std::function<void(float*)> {
     const int64_t C = c.d("C"), N = c.d("N");
     const S4dParams p = discretise(c);  // once: the discretised A and C of every channel
-    auto ab = std::make_shared<std::vector<float>>(4 * C * N);  // Abar re, im; Ct re, im
-    for (int64_t i = 0; i < C * N; ++i)
-      (*ab)[i] = float(p.Abar[i].real()), (*ab)[C * N + i] = float(p.Abar[i].imag()),
-      (*ab)[2 * C * N + i] = float(p.Ct[i].real()), (*ab)[3 * C * N + i] = float(p.Ct[i].imag());
-    auto x = std::make_shared<std::vector<float>>(2 * C * N, 0.0f);  // state re, im
+    // Channels innermost ((n, c) layouts): every inner loop runs over C contiguous channels in
+    // SIMD lanes, with no per-channel horizontal sum.
+    auto ab = std::make_shared<std::vector<float>>(4 * C * N);  // Abar re, im; Ct re, im: (N, C)
+    for (int64_t ch = 0; ch < C; ++ch)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i = ch * N + n, o = n * C + ch;
+        (*ab)[o] = float(p.Abar[i].real()), (*ab)[C * N + o] = float(p.Abar[i].imag()),
+        (*ab)[2 * C * N + o] = float(p.Ct[i].real()), (*ab)[3 * C * N + o] = float(p.Ct[i].imag());
+      }
+    auto x = std::make_shared<std::vector<float>>(2 * C * N + C, 0.0f);  // state re, im (N, C); acc (C)
     const float *u = c.t("u").ptr(), *D = c.t("D").ptr();
     return [=](float* y) {
       const float *ar = ab->data(), *ai = ar + C * N, *cr = ai + C * N, *ci = cr + C * N;
-      float *xr = x->data(), *xi = xr + C * N;
-      for (int64_t ch = 0; ch < C; ++ch) {
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t n = ch * N; n < (ch + 1) * N; ++n) {  // x = Abar x + u; y += Re(Ct x)
-          const float r = ar[n] * xr[n] - ai[n] * xi[n] + u[ch], i = ar[n] * xi[n] + ai[n] * xr[n];
-          xr[n] = r, xi[n] = i;
-          acc += cr[n] * r - ci[n] * i;
+      float *xr = x->data(), *xi = xr + C * N, *acc = xi + C * N;
+      std::fill(acc, acc + C, 0.0f);
+      for (int64_t n = 0; n < N; ++n) {  // x = Abar x + u; acc += Re(Ct x)
+        const int64_t o = n * C;
+#pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const float r = ar[o + ch] * xr[o + ch] - ai[o + ch] * xi[o + ch] + u[ch],
+                      i = ar[o + ch] * xi[o + ch] + ai[o + ch] * xr[o + ch];
+          xr[o + ch] = r, xi[o + ch] = i;
+          acc[ch] += cr[o + ch] * r - ci[o + ch] * i;
         }
-        y[ch] = 2.0f * acc + D[ch] * u[ch];
       }
+      for (int64_t ch = 0; ch < C; ++ch) y[ch] = 2.0f * acc[ch] + D[ch] * u[ch];
     };
   };
   s.backward = s4d_grad;
