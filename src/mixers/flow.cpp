@@ -18,6 +18,7 @@ constexpr float kEps = 1e-6f;
 
 inline float dot_eps(const float* a, const float* b, int64_t D) {  // (a + eps) . (b + eps)
   float s = 0.0f;
+#pragma omp simd reduction(+ : s)  // SIMD partial sums: a serial chain of D adds was the forward's bottleneck
   for (int64_t x = 0; x < D; ++x) s += (a[x] + kEps) * (b[x] + kEps);
   return s;
 }
@@ -67,7 +68,8 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
   {
     // Q, K: (T,D) sigmoid rows, Q later scaled to Q I / r; Vc: (T,E) = v comp;
     // alloc: (T); scalars I, O, Ohat: (T); running sums: (D).
-    std::vector<float> Q(T * D), K(T * D), Vc(T * E), alloc(T), I(T), O(T), Oh(T), sK(D), sQ(D), sKO(D), sQI(D);
+    std::vector<float> Q(T * D), K(T * D), Vc(T * E), Yh(T * E), alloc(T), I(T), O(T), Oh(T), sK(D), sQ(D), sKO(D),
+        sQI(D);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
@@ -115,10 +117,9 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
             for (int64_t x = 0; x < D; ++x) Q[t * D + x] *= I[t];
           }
         }
-        float* yh = y + row0 * E;
-        linear_product(yh, nullptr, Q.data(), K.data(), Vc.data(), {T, D, E, D, D, E, H * E, causal});
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t e = 0; e < E; ++e) yh[t * H * E + e] *= alloc[t];
+        // the product into contiguous rows, then scaled by alloc into y's strided rows
+        linear_product(Yh.data(), nullptr, Q.data(), K.data(), Vc.data(), {T, D, E, D, D, E, E, causal});
+        scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return alloc[t]; });
       }
   }
 }

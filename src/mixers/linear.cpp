@@ -16,20 +16,19 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
 #pragma omp parallel
   {
     // Qf, Kf: (T,D) phi-mapped rows of one head; den: (T).
-    std::vector<float> Qf(T * D), Kf(T * D), den(T);
+    // Qf, Kf: (T,D) phi-mapped rows of one head; Vh, Yh: (T,E) its values and outputs, all
+    // contiguous (the products then run on contiguous operands); den: (T).
+    std::vector<float> Qf(T * D), Kf(T * D), Vh(T * E), Yh(T * E), den(T);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        gather_head(Qf.data(), q, b * T * H + h, T, H, D, phi_elu);
-        gather_head(Kf.data(), k, b * T * H + h, T, H, D, phi_elu);
-        float* yh = y + (b * T * H + h) * E;
-        linear_product(yh, den.data(), Qf.data(), Kf.data(), v + (b * T * H + h) * E,
-                       {T, D, E, D, D, H * E, H * E, causal});
+        const int64_t row0 = b * T * H + h;
+        gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
+        gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
+        gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
+        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E, causal});
         // y_t = phi(q_t)^T S / (phi(q_t) . z + eps)
-        for (int64_t t = 0; t < T; ++t) {
-          const float inv = 1.0f / (den[t] + eps);
-          for (int64_t e = 0; e < E; ++e) yh[t * H * E + e] *= inv;
-        }
+        scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return 1.0f / (den[t] + eps); });
       }
   }
 }

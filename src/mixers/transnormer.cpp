@@ -37,16 +37,22 @@ void norm_linear_forward(float* y, const float* q, const float* k, const float* 
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    std::vector<float> Qf(T * D), Kf(T * D);  // (T,D) phi rows of one head
+    // (T,D) phi rows of one head, (T,E) its values and outputs: contiguous operands
+    std::vector<float> Qf(T * D), Kf(T * D), Vh(T * E), Yh(T * E);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
         gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
-        float* yh = y + row0 * E;
-        linear_product(yh, nullptr, Qf.data(), Kf.data(), v + row0 * E, {T, D, E, D, D, H * E, H * E, causal});
-        for (int64_t t = 0; t < T; ++t) srms(yh + t * H * E, E, eps);
+        gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
+        linear_product(Yh.data(), nullptr, Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E, causal});
+        scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) {  // srms: 1 / sqrt(mean(o^2) + eps)
+          const float* r = Yh.data() + t * E;
+          float ms = 0.0f;
+          for (int64_t e = 0; e < E; ++e) ms += r[e] * r[e];
+          return 1.0f / std::sqrt(ms / float(E) + eps);
+        });
       }
   }
 }
