@@ -156,13 +156,24 @@ void linear_product_backward(float* dq, float* dk, float* dv, const float* q, co
     grev.resize(T);
     for (int64_t t = 0; t < T; ++t) grev[t] = -g[T - 1 - t];
   }
-  const int64_t L = T - 1;
+  // Time-reversed contiguous copies (row i = row T-1-i), made once: BLAS takes no negative
+  // strides, and copying per product call cost more than the products.
+  auto reversed = [T](const float* src, int64_t ld, int64_t cols) {
+    std::vector<float> r(static_cast<size_t>(T * cols));
+    for (int64_t i = 0; i < T; ++i) std::copy(src + (T - 1 - i) * ld, src + (T - 1 - i) * ld + cols, r.data() + i * cols);
+    return r;
+  };
+  const std::vector<float> vr = reversed(vn.data(), E1, E1), gr = reversed(gn.data(), E1, E1),
+                           qr = reversed(q, a.ldq, D), kr = reversed(k, a.ldk, D), dr = reversed(dnum, lddn, E);
+  std::vector<float> out(static_cast<size_t>(T * std::max(D, E)));
   // dk_s = sum_{t >= s} w_ts (vn_s . gn_t) q_t
-  linear_product(dk + L * D, nullptr, vn.data() + L * E1, gn.data() + L * E1, q + L * a.ldq,
-                 {T, E1, D, -E1, -E1, -a.ldq, -D, a.causal}, g ? grev.data() : nullptr);
+  linear_product(out.data(), nullptr, vr.data(), gr.data(), qr.data(), {T, E1, D, E1, E1, D, D, a.causal},
+                 g ? grev.data() : nullptr);
+  for (int64_t i = 0; i < T; ++i) std::copy(&out[i * D], &out[(i + 1) * D], dk + (T - 1 - i) * D);
   // dv_s = sum_{t >= s} w_ts (k_s . q_t) dnum_t
-  linear_product(dv + L * E, nullptr, k + L * a.ldk, q + L * a.ldq, dnum + L * lddn,
-                 {T, D, E, -a.ldk, -a.ldq, -lddn, -E, a.causal}, g ? grev.data() : nullptr);
+  linear_product(out.data(), nullptr, kr.data(), qr.data(), dr.data(), {T, D, E, D, D, E, E, a.causal},
+                 g ? grev.data() : nullptr);
+  for (int64_t i = 0; i < T; ++i) std::copy(&out[i * E], &out[(i + 1) * E], dv + (T - 1 - i) * E);
 }
 
 }  // namespace linmix

@@ -23,8 +23,8 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
-        gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
+        gather_head(Qf.data(), q, row0, T, H, D, [](float x) { return phi_elu(x); });
+        gather_head(Kf.data(), k, row0, T, H, D, [](float x) { return phi_elu(x); });
         gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
         linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E, causal});
         // y_t = phi(q_t)^T S / (phi(q_t) . z + eps)
@@ -42,28 +42,31 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    std::vector<float> Qf(T * D), Kf(T * D), num(T * E), den(T), dnum(T * E), dden(T), dQ(T * D), dK(T * D),
-        dV(T * E);
+    std::vector<float> Qf(T * D), Kf(T * D), Vh(T * E), G(T * E), num(T * E), den(T), dnum(T * E), dden(T),
+        dQ(T * D), dK(T * D), dV(T * E);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
-        gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
-        const LinearProductArgs args{T, D, E, D, D, H * E, E, causal};
-        linear_product(num.data(), den.data(), Qf.data(), Kf.data(), v + row0 * E, args);
+        gather_head(Qf.data(), q, row0, T, H, D, [](float x) { return phi_elu(x); });
+        gather_head(Kf.data(), k, row0, T, H, D, [](float x) { return phi_elu(x); });
+        gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
+        gather_head(G.data(), dy, row0, T, H, E, [](float x) { return x; });
+        const LinearProductArgs args{T, D, E, D, D, E, E, causal};
+        linear_product(num.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), args);
         for (int64_t t = 0; t < T; ++t) {
           const float r = 1.0f / (den[t] + eps);
-          const float* g = dy + (row0 + t * H) * E;
+          const float* g = &G[t * E];
           float gy = 0.0f;
+#pragma omp simd reduction(+ : gy)
           for (int64_t e = 0; e < E; ++e) gy += g[e] * num[t * E + e] * r, dnum[t * E + e] = g[e] * r;
           dden[t] = -gy * r;
         }
-        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dnum.data(), E,
+        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dnum.data(), E,
                                 dden.data(), args);
         scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);
         scatter_head_dphi(dk, dK.data(), k, row0, T, H, D);
-        for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
+        scatter_head(dv, dV.data(), row0, T, H, E, [](int64_t) { return 1.0f; });
       }
   }
 }

@@ -43,8 +43,8 @@ void norm_linear_forward(float* y, const float* q, const float* k, const float* 
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
-        gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
+        gather_head(Qf.data(), q, row0, T, H, D, [](float x) { return phi_elu(x); });
+        gather_head(Kf.data(), k, row0, T, H, D, [](float x) { return phi_elu(x); });
         gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
         linear_product(Yh.data(), nullptr, Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E, causal});
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) {  // srms: 1 / sqrt(mean(o^2) + eps)
@@ -71,8 +71,8 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Qf.data(), q, row0, T, H, D, phi_elu);
-        gather_head(Kf.data(), k, row0, T, H, D, phi_elu);
+        gather_head(Qf.data(), q, row0, T, H, D, [](float x) { return phi_elu(x); });
+        gather_head(Kf.data(), k, row0, T, H, D, [](float x) { return phi_elu(x); });
         const LinearProductArgs args{T, D, E, D, D, H * E, E, causal};
         linear_product(o.data(), nullptr, Qf.data(), Kf.data(), v + row0 * E, args);
         for (int64_t t = 0; t < T; ++t) {
