@@ -6,6 +6,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/vmath.h"
+
 namespace linmix {
 
 // The small products of the chunked forms go to OpenBLAS (C += A B with beta = 1). Called from
@@ -77,11 +79,11 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
     const float* kk = k + t0 * a.ldk;
     int64_t ldk = a.ldk;
     if (g) {
-      const float gl = g[t0 + n - 1], f = std::exp(g_state - gl);
+      const float gl = g[t0 + n - 1], f = exp_fast(g_state - gl);
       for (float& s : S) s *= f;
       for (float& s : z) s *= f;
       for (int64_t j = 0; j < n; ++j) {
-        const float fj = std::exp(g[t0 + j] - gl);
+        const float fj = exp_fast(g[t0 + j] - gl);
         for (int64_t x = 0; x < D; ++x) Ks[j * D + x] = kk[j * a.ldk + x] * fj;
       }
       kk = Ks.data(), ldk = D, g_state = gl;
@@ -96,10 +98,13 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
     gemm_nn_acc(y + t0 * a.ldy, q + t0 * a.ldq, S.data(), n, E, D, a.ldq, E, a.ldy);
     for (int64_t i = 0; i < n; ++i) {
       float d = 0.0f;
-      if (den)
-        for (int64_t x = 0; x < D; ++x) d += q[(t0 + i) * a.ldq + x] * z[x];
+      if (den) {
+        const float* qi = q + (t0 + i) * a.ldq;
+#pragma omp simd reduction(+ : d)
+        for (int64_t x = 0; x < D; ++x) d += qi[x] * z[x];
+      }
       if (g) {  // the state's scale e^{-g_state} -> the row's e^{-g_i}
-        const float f = std::exp(g_state - g[t0 + i]);
+        const float f = exp_fast(g_state - g[t0 + i]);
         for (int64_t e = 0; e < E; ++e) y[(t0 + i) * a.ldy + e] *= f;
         d *= f;
       }
@@ -111,10 +116,13 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
     for (int64_t i = 0; i < n; ++i) {  // causal mask (and decay) inside the chunk, row sums
       float* Ar = A.data() + i * kLinearChunk;
       float d = 0.0f;
-      for (int64_t j = 0; j <= i; ++j) {
-        if (g) Ar[j] *= std::exp(g[t0 + j] - g[t0 + i]);
-        d += Ar[j];
+      if (g) {
+        const float gi = g[t0 + i];
+#pragma omp simd
+        for (int64_t j = 0; j <= i; ++j) Ar[j] *= exp_fast(g[t0 + j] - gi);
       }
+#pragma omp simd reduction(+ : d)
+      for (int64_t j = 0; j <= i; ++j) d += Ar[j];
       std::fill(Ar + i + 1, Ar + n, 0.0f);
       if (den) den[t0 + i] += d;
     }

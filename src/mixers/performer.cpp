@@ -40,6 +40,14 @@ void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const fl
 // Stabilised features of one head (row0 = b*T*H + h): Qf, Kf (T,M). Queries: exp(l - row max);
 // keys: exp(l - g_t) with g_t the running max over keys s <= t (causal, saved in g) or the max
 // over all keys (non-causal). All / sqrt(M).
+// max of n floats in SIMD partial maxima (std::max_element runs a serial chain of compares)
+inline float row_max(const float* r, int64_t n) {
+  float mx = kEmptyMax;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, r[i]);
+  return mx;
+}
+
 void head_features(float* Qf, float* Kf, float* g, const float* q, const float* k, const float* proj, int64_t row0,
                    int64_t T, int64_t H, int64_t D, int64_t M, bool causal) {
   const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
@@ -47,14 +55,14 @@ void head_features(float* Qf, float* Kf, float* g, const float* q, const float* 
   feature_logits(Kf, k + row0 * D, H * D, T, proj, M, D);
   for (int64_t t = 0; t < T; ++t) {
     float* r = Qf + t * M;
-    const float mx = *std::max_element(r, r + M);
+    const float mx = row_max(r, M);
     for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - mx) * inv_sqrt_m;
   }
   if (causal) {
     float run = kEmptyMax;
     for (int64_t t = 0; t < T; ++t) {
       float* r = Kf + t * M;
-      g[t] = run = std::max(run, *std::max_element(r, r + M));
+      g[t] = run = std::max(run, row_max(r, M));
       for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - run) * inv_sqrt_m;
     }
   } else {
@@ -71,19 +79,17 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
 #pragma omp parallel
   {
     // Qf, Kf: (T,M) features of one head; den: (T); g: (T) running key max (causal).
-    std::vector<float> Qf(T * M), Kf(T * M), den(T), g(T);
+    // Vh, Yh: (T,E) the head's values and outputs, contiguous
+    std::vector<float> Qf(T * M), Kf(T * M), Vh(T * E), Yh(T * E), den(T), g(T);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
         head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal);
-        float* yh = y + row0 * E;
-        linear_product(yh, den.data(), Qf.data(), Kf.data(), v + row0 * E, {T, M, E, M, M, H * E, H * E, causal},
+        gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
+        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, M, E, M, M, E, E, causal},
                        causal ? g.data() : nullptr);
-        for (int64_t t = 0; t < T; ++t) {
-          const float inv = 1.0f / den[t];
-          for (int64_t e = 0; e < E; ++e) yh[t * H * E + e] *= inv;
-        }
+        scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return 1.0f / den[t]; });
       }
   }
 }
