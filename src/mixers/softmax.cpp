@@ -2,8 +2,11 @@
 // parallel: tiled online softmax (Dao et al. 2022, Algorithm 1): per query tile a running
 // row max m, row sum l and unnormalised accumulator, so extra memory is O(tile^2 + T).
 // recurrent: a key/value cache (causal only).
+#include <cblas.h>
+
 #include <cmath>
 
+#include "../kernels/linear_product.h"
 #include "../ref/attention_ref.h"
 #include "../kernels/vmath.h"
 #include "common.h"
@@ -12,17 +15,38 @@
 namespace linmix {
 
 namespace {
-constexpr int64_t kTileQ = 32;  // query rows per tile
+constexpr int64_t kTileQ = 64;  // query rows per tile
 constexpr int64_t kTileK = 64;  // key rows per tile
+
+// The keys row t may see inside the tile [s0, s0 + nk): j in [lo, hi] (empty when lo > hi);
+// the same set as ref::attn_allowed (causal: s <= t; window: |t - s| < window).
+inline void allowed_range(int64_t t, int64_t s0, int64_t nk, bool causal, int64_t window, int64_t& lo, int64_t& hi) {
+  lo = 0, hi = nk - 1;
+  if (causal) hi = std::min(hi, t - s0);
+  if (window > 0) lo = std::max(lo, t - window + 1 - s0), hi = std::min(hi, t + window - 1 - s0);
+}
+
+// Copies n rows of head h (row stride H * cols) starting at time t0 into a contiguous (n, cols)
+// tile, times scale.
+inline void load_rows(float* dst, const float* src, int64_t b, int64_t t0, int64_t n, int64_t T, int64_t H,
+                      int64_t h, int64_t cols, float scale = 1.0f) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* r = src + ((b * T + t0 + i) * H + h) * cols;
+#pragma omp simd
+    for (int64_t x = 0; x < cols; ++x) dst[i * cols + x] = scale * r[x];
+  }
+}
 }  // namespace
 
+// Every tile product is a GEMM (OpenBLAS, on the calling thread): S = Q K^T, then the online
+// softmax update of the rows (SIMD), then acc += P V.
 void softmax_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d,
                      float scale, bool causal, int64_t window, float* lse) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    // Per-thread tiles: Qb (kTileQ,D), Kb (kTileK,D), Vb (kTileK,E), Sb (kTileQ,kTileK),
-    // acc (kTileQ,E), m and l (kTileQ).
+    // Per-thread tiles: Qb (kTileQ,D), Kb (kTileK,D), Vb (kTileK,E), Sb (kTileQ,kTileK) scores
+    // then probabilities, acc (kTileQ,E), m and l (kTileQ).
     std::vector<float> Qb(kTileQ * D), Kb(kTileK * D), Vb(kTileK * E), Sb(kTileQ * kTileK), acc(kTileQ * E),
         m(kTileQ), l(kTileQ);
 #pragma omp for collapse(2) schedule(dynamic)
@@ -30,8 +54,7 @@ void softmax_forward(float* y, const float* q, const float* k, const float* v, c
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t t0 = 0; t0 < T; t0 += kTileQ) {
           const int64_t nq = std::min(kTileQ, T - t0);
-          for (int64_t i = 0; i < nq; ++i)
-            for (int64_t x = 0; x < D; ++x) Qb[i * D + x] = scale * q[((b * T + t0 + i) * H + h) * D + x];
+          load_rows(Qb.data(), q, b, t0, nq, T, H, h, D, scale);
           std::fill(m.begin(), m.end(), kNegInf);
           std::fill(l.begin(), l.end(), 0.0f);
           std::fill(acc.begin(), acc.end(), 0.0f);
@@ -40,41 +63,36 @@ void softmax_forward(float* y, const float* q, const float* k, const float* v, c
           const int64_t s_end = causal ? t0 + nq : (window > 0 ? std::min(T, t0 + nq - 1 + window) : T);
           for (int64_t s0 = s_begin; s0 < s_end; s0 += kTileK) {
             const int64_t nk = std::min(kTileK, s_end - s0);
-            for (int64_t j = 0; j < nk; ++j) {
-              const float* kr = k + ((b * T + s0 + j) * H + h) * D;
-              const float* vr = v + ((b * T + s0 + j) * H + h) * E;
-              std::copy(kr, kr + D, &Kb[j * D]);
-              std::copy(vr, vr + E, &Vb[j * E]);
-            }
+            load_rows(Kb.data(), k, b, s0, nk, T, H, h, D);
+            load_rows(Vb.data(), v, b, s0, nk, T, H, h, E);
+            std::fill(Sb.begin(), Sb.end(), 0.0f);
+            gemm_nt_acc(Sb.data(), Qb.data(), Kb.data(), nq, nk, D, D, D, kTileK);
             for (int64_t i = 0; i < nq; ++i) {
-              const int64_t t = t0 + i;
               float* srow = &Sb[i * kTileK];
-              float rmax = kNegInf;
-              for (int64_t j = 0; j < nk; ++j) {
-                const int64_t s = s0 + j;
-                float a = kNegInf;
-                if (ref::attn_allowed(t, s, causal, window)) {
-                  a = 0.0f;
-                  for (int64_t x = 0; x < D; ++x) a += Qb[i * D + x] * Kb[j * D + x];
-                }
-                srow[j] = a;
-                rmax = vmax(rmax, a);
+              int64_t lo, hi;
+              allowed_range(t0 + i, s0, nk, causal, window, lo, hi);
+              if (lo > hi) {  // no allowed key in this tile for this row: P row 0, state unchanged
+                std::fill(srow, srow + nk, 0.0f);
+                continue;
               }
-              if (rmax == kNegInf) continue;  // no allowed key in this tile for row t
+              float rmax = kNegInf;
+#pragma omp simd reduction(max : rmax)
+              for (int64_t j = lo; j <= hi; ++j) rmax = std::max(rmax, srow[j]);
               const float mnew = vmax(m[i], rmax);
-              const float corr = std::exp(m[i] - mnew);  // 0 when m was -inf
+              const float corr = exp_fast(m[i] - mnew);  // 0 when m was -inf
               float* ar = &acc[i * E];
-              float lsum = 0.0f;
               for (int64_t e = 0; e < E; ++e) ar[e] *= corr;
+              float lsum = 0.0f;
+#pragma omp simd reduction(+ : lsum)
               for (int64_t j = 0; j < nk; ++j) {
-                const float p = exp_fast(srow[j] - mnew);
+                const float p = j >= lo && j <= hi ? exp_fast(srow[j] - mnew) : 0.0f;
+                srow[j] = p;
                 lsum += p;
-                const float* vr = &Vb[j * E];
-                for (int64_t e = 0; e < E; ++e) ar[e] += p * vr[e];
               }
               l[i] = l[i] * corr + lsum;
               m[i] = mnew;
             }
+            gemm_nn_acc(acc.data(), Sb.data(), Vb.data(), nq, E, nk, kTileK, E, E);  // acc += P V
           }
           for (int64_t i = 0; i < nq; ++i) {
             float* yr = y + ((b * T + t0 + i) * H + h) * E;
@@ -87,6 +105,9 @@ void softmax_forward(float* y, const float* q, const float* k, const float* v, c
   }
 }
 
+// FlashAttention-2 style backward, per (query tile, key tile), every product a GEMM:
+//   P = exp(S - lse) (masked),  dV += P^T dY,  dP = dY V^T,  dS = P (dP - D_t) scale,
+//   dQ += dS K,  dK += dS^T q   (S = scale q . k; D_t = dy_t . y_t).
 void softmax_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
                       const float* y, const float* lse, const float* dy, const AttnDims& d, float scale, bool causal,
                       int64_t window) {
@@ -94,8 +115,10 @@ void softmax_backward(float* dq, float* dk, float* dv, const float* q, const flo
 #pragma omp parallel
   {
     // Per head: dQ (T,D), dK (T,D), dV (T,E) accumulators and Dt (T) = dy_t . y_t; per tile:
-    // Qb (kTileQ,D) scaled queries, Kb (kTileK,D), Vb (kTileK,E).
-    std::vector<float> dQ(T * D), dK(T * D), dV(T * E), Dt(T), Qb(kTileQ * D), Kb(kTileK * D), Vb(kTileK * E);
+    // Qb (kTileQ,D) scaled queries, Qr the same unscaled, G (kTileQ,E) dy rows, Kb (kTileK,D),
+    // Vb (kTileK,E), P and dS (kTileQ,kTileK).
+    std::vector<float> dQ(T * D), dK(T * D), dV(T * E), Dt(T), Qb(kTileQ * D), Qr(kTileQ * D), G(kTileQ * E),
+        Kb(kTileK * D), Vb(kTileK * E), P(kTileQ * kTileK), dS(kTileQ * kTileK);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
@@ -105,43 +128,43 @@ void softmax_backward(float* dq, float* dk, float* dv, const float* q, const flo
         std::fill(dV.begin(), dV.end(), 0.0f);
         for (int64_t t = 0; t < T; ++t) {
           float s = 0.0f;
-          for (int64_t e = 0; e < E; ++e) s += dy[row(t) * E + e] * y[row(t) * E + e];
+          const float *g = dy + row(t) * E, *yr = y + row(t) * E;
+#pragma omp simd reduction(+ : s)
+          for (int64_t e = 0; e < E; ++e) s += g[e] * yr[e];
           Dt[t] = s;
         }
         const float* L = lse + (b * H + h) * T;
         for (int64_t t0 = 0; t0 < T; t0 += kTileQ) {
           const int64_t nq = std::min(kTileQ, T - t0);
-          for (int64_t i = 0; i < nq; ++i)
-            for (int64_t x = 0; x < D; ++x) Qb[i * D + x] = scale * q[row(t0 + i) * D + x];
+          load_rows(Qr.data(), q, b, t0, nq, T, H, h, D);
+          load_rows(Qb.data(), q, b, t0, nq, T, H, h, D, scale);
+          load_rows(G.data(), dy, b, t0, nq, T, H, h, E);
           const int64_t s_begin = window > 0 ? std::max<int64_t>(0, t0 - window + 1) : 0;
           const int64_t s_end = causal ? t0 + nq : (window > 0 ? std::min(T, t0 + nq - 1 + window) : T);
           for (int64_t s0 = s_begin; s0 < s_end; s0 += kTileK) {
             const int64_t nk = std::min(kTileK, s_end - s0);
-            for (int64_t j = 0; j < nk; ++j) {
-              std::copy(k + row(s0 + j) * D, k + row(s0 + j) * D + D, &Kb[j * D]);
-              std::copy(v + row(s0 + j) * E, v + row(s0 + j) * E + E, &Vb[j * E]);
-            }
+            load_rows(Kb.data(), k, b, s0, nk, T, H, h, D);
+            load_rows(Vb.data(), v, b, s0, nk, T, H, h, E);
+            std::fill(P.begin(), P.end(), 0.0f);
+            std::fill(dS.begin(), dS.end(), 0.0f);
+            gemm_nt_acc(P.data(), Qb.data(), Kb.data(), nq, nk, D, D, D, kTileK);   // S
+            gemm_nt_acc(dS.data(), G.data(), Vb.data(), nq, nk, E, E, E, kTileK);   // dP
             for (int64_t i = 0; i < nq; ++i) {
               const int64_t t = t0 + i;
-              const float* gt = dy + row(t) * E;
+              int64_t lo, hi;
+              allowed_range(t, s0, nk, causal, window, lo, hi);
+              float *pr = &P[i * kTileK], *dr = &dS[i * kTileK];
+              const float lt = L[t], dt = Dt[t];
+#pragma omp simd
               for (int64_t j = 0; j < nk; ++j) {
-                const int64_t s = s0 + j;
-                if (!ref::attn_allowed(t, s, causal, window)) continue;
-                float a = 0.0f;
-                for (int64_t x = 0; x < D; ++x) a += Qb[i * D + x] * Kb[j * D + x];
-                const float P = std::exp(a - L[t]);  // recomputed from the saved log-sum-exp
-                float dP = 0.0f;
-                for (int64_t e = 0; e < E; ++e) {
-                  dV[s * E + e] += P * gt[e];
-                  dP += gt[e] * Vb[j * E + e];
-                }
-                const float dS = P * (dP - Dt[t]) * scale;  // d(scale q.k)/dq = scale k
-                for (int64_t x = 0; x < D; ++x) {
-                  dQ[t * D + x] += dS * Kb[j * D + x];
-                  dK[s * D + x] += dS * q[row(t) * D + x];
-                }
+                const float p = j >= lo && j <= hi ? exp_fast(pr[j] - lt) : 0.0f;  // from the saved lse
+                pr[j] = p;
+                dr[j] = p * (dr[j] - dt) * scale;  // d(scale q.k)/dq = scale k
               }
             }
+            gemm_tn_acc(&dV[s0 * E], P.data(), G.data(), nk, E, nq, kTileK, E, E);    // dV += P^T dY
+            gemm_nn_acc(&dQ[t0 * D], dS.data(), Kb.data(), nq, D, nk, kTileK, D, D);  // dQ += dS K
+            gemm_tn_acc(&dK[s0 * D], dS.data(), Qr.data(), nk, D, nq, kTileK, D, D);  // dK += dS^T q
           }
         }
         for (int64_t t = 0; t < T; ++t) {
@@ -162,21 +185,23 @@ void softmax_step(float* y, KVCache& c, const float* q, const float* k, const fl
   const int64_t first = c.window > 0 ? std::max<int64_t>(0, L - c.window) : 0;  // t - s < window
   scratch.resize(static_cast<size_t>(L));
   for (int64_t h = 0; h < H; ++h) {
+    // scores = K q and y = V^T p over the cached rows of head h (row stride H D): two GEMVs
+    const int64_t n = L - first;
+    float* sc = scratch.data() + first;
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(D), scale, &c.k[(first * H + h) * D], int(H * D), q + h * D,
+                1, 0.0f, sc, 1);
     float mx = kNegInf;
-    for (int64_t s = first; s < L; ++s) {
-      float a = 0.0f;
-      for (int64_t x = 0; x < D; ++x) a += q[h * D + x] * c.k[(s * H + h) * D + x];
-      scratch[s] = a * scale;
-      mx = vmax(mx, scratch[s]);
-    }
+#pragma omp simd reduction(max : mx)
+    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, sc[s]);
     float sum = 0.0f;
-    float* yr = y + h * E;
-    std::fill(yr, yr + E, 0.0f);
-    for (int64_t s = first; s < L; ++s) {
-      const float p = std::exp(scratch[s] - mx);
-      sum += p;
-      for (int64_t e = 0; e < E; ++e) yr[e] += p * c.v[(s * H + h) * E + e];
+#pragma omp simd reduction(+ : sum)
+    for (int64_t s = 0; s < n; ++s) {
+      sc[s] = exp_fast(sc[s] - mx);
+      sum += sc[s];
     }
+    float* yr = y + h * E;
+    cblas_sgemv(CblasRowMajor, CblasTrans, int(n), int(E), 1.0f, &c.v[(first * H + h) * E], int(H * E), sc, 1, 0.0f,
+                yr, 1);
     for (int64_t e = 0; e < E; ++e) yr[e] /= sum;
   }
   // Keep only what a later query can see: the last window-1 positions.
