@@ -44,8 +44,10 @@ double time_best(F&& f, double* extra_bytes) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   if (first > 5.0) return first;  // long runs: one is enough (page faults are a small share)
   f();
+  // the machine is shared: short runs are repeated more (at least 5, until ~0.5 s, at most 50)
+  // so that the best of them escapes the other tenants' bursts; long runs up to 5 times
   double best = 1e30, total = 0;
-  for (int r = 0; r < 5 && (r < 1 || total < 1.0); ++r) {
+  for (int r = 0; r < 50 && (r < 5 ? (r < 1 || total < 1.0) : total < 0.5); ++r) {
     t0 = now_s();
     f();
     const double t = now_s() - t0;
@@ -199,20 +201,28 @@ int bench_mixers(const MixerBenchOptions& o) {
           std::vector<float> y(size_t(ny), 0.0f);
           std::unique_ptr<Call> call;
           std::function<void(float*)> step;
-          if (spec.stepper) {
-            call = std::make_unique<Call>(validate_call(name, Mode::Recurrent, true, params, sin));
-            step = spec.stepper(*call);
-            one = [&] { step(y.data()); };
-          } else {
-            one = [&] {
-              for (auto& [k, v] : run_mixer(name, Mode::Recurrent, true, params, sin))
-                if (k.rfind("state.", 0) == 0) sin[k] = std::move(v);
-            };
+          const TensorMap sin0 = sin;
+          // best of 5 sequences of step_tokens tokens, each from a fresh state (a KV cache grows
+          // to the same length in each)
+          double best = 1e30;
+          for (int rep = 0; rep < 5; ++rep) {
+            if (spec.stepper) {
+              call = std::make_unique<Call>(validate_call(name, Mode::Recurrent, true, params, sin));
+              step = spec.stepper(*call);
+              one = [&] { step(y.data()); };
+            } else {
+              sin = sin0;
+              one = [&] {
+                for (auto& [k, v] : run_mixer(name, Mode::Recurrent, true, params, sin))
+                  if (k.rfind("state.", 0) == 0) sin[k] = std::move(v);
+              };
+            }
+            for (int i = 0; i < 8; ++i) one();  // warm-up; the state exists from here on
+            const double t0 = now_s();
+            for (int64_t i = 0; i < o.step_tokens; ++i) one();
+            best = std::min(best, (now_s() - t0) / double(o.step_tokens));
           }
-          for (int i = 0; i < 8; ++i) one();  // warm-up; the state exists from here on
-          const double t0 = now_s();
-          for (int64_t i = 0; i < o.step_tokens; ++i) one();
-          record("step", (now_s() - t0) / double(o.step_tokens), 0.0, 0.0, 0.0);
+          record("step", best, 0.0, 0.0, 0.0);
           rep["runs"].back()["path"] = spec.stepper ? "stepper" : "run_mixer";
         }
       }
