@@ -56,7 +56,7 @@ def main():
            "Produced by `bash bench/run.sh` (`linmix bench`, `bench/peer.py`, `bench/report.py`): B = 1, "
            "d_model 512 (H = 8, D = E = 64; C = 512 per channel), causal. Peers: plain PyTorch "
            f"{pinfo.get('torch', '?')} on the CPU, same thread count, each checked against the float64 oracle first. "
-           "Times are the best of up to 5 runs after a warm-up; `extra` is the peak resident memory a run added "
+           "Times are the best of 5 to 50 runs after a warm-up (short runs are repeated until ~0.5 s), steps the best of 5 sequences of 256 tokens; `extra` is the peak resident memory a run added "
            "(VmHWM). The machine's limits are measured in the same run.", ""]
     for th in threads:
         lim = limits.get(str(th), {})
