@@ -198,6 +198,30 @@ TEST_F(MixCli, RejectsBadFiles) {
   EXPECT_NE(r.err.find("nope.safetensors"), std::string::npos) << r.err;
 }
 
+// linmix bench refuses bad arguments before it measures anything (each of these would otherwise
+// run a benchmark of a minute first): one line, exit 2, and no report file written.
+TEST(Cli, BenchRejectsBadArgumentsFirst) {
+  const std::string dir = test::tmp_dir(), out = dir + "/report.json";
+  const std::string ck = dir + "/not_a_checkpoint.safetensors";
+  std::ofstream(ck) << "not a checkpoint";
+  const std::pair<std::string, std::string> cases[] = {
+      {"bench --mixers nosuch --out " + out, "unknown mixer 'nosuch'"},
+      {"bench --T 0 --out " + out, "--T"},
+      {"bench --model --dtypes fp8 --out " + out, "unknown weight type 'fp8'"},
+      {"bench --model --checkpoint " + ck + " --out " + out, "--checkpoint and --data go together"},
+      {"bench --model --checkpoint " + ck + " --data " + dir + "/missing.txt --out " + out, ck},
+      {"bench --model --checkpoint " + dir + "/missing.safetensors --data " + ck + " --out " + out, "missing"},
+  };
+  for (const auto& [args, needle] : cases) {
+    const Result r = run_linmix(args, dir);
+    EXPECT_EQ(r.code, 2) << args << ": " << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+    EXPECT_FALSE(std::ifstream(out).good()) << args << ": wrote a report";
+    EXPECT_EQ(slurp(dir + "/stdout.txt").find("limits"), std::string::npos) << args << ": measured before refusing";
+  }
+}
+
 TEST(Cli, MixersListsEveryMechanism) {
   const std::string dir = test::tmp_dir();
   const Result r = run_linmix("mixers", dir);

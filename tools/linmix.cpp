@@ -1,6 +1,7 @@
 // The `linmix` command: parses arguments, calls the library, prints. Every user error is one
 // line "linmix: <message>" on stderr and exit code 2.
 #include <CLI/CLI.hpp>
+#include <malloc.h>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -48,6 +49,13 @@ double peak_rss_mib() {
 
 int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params,
             bool grad, bool stats, const std::string& in_path, const std::string& out_path) {
+  if (stats) {
+    // the peak resident set then is the peak of live memory: every buffer of 64 KiB or more is
+    // mapped when allocated and unmapped when freed (glibc's adaptive threshold otherwise keeps
+    // freed buffers in per-thread heaps, and the peak depends on which thread ran what)
+    mallopt(M_MMAP_THRESHOLD, 1 << 16);
+    mallopt(M_TRIM_THRESHOLD, 0);
+  }
   const auto t0 = std::chrono::steady_clock::now();
   const Mode m = parse_mode(mode);
   const MixerSpec& spec = find_mixer(mixer);  // unknown names fail before any file is read

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "linmix/bench.h"
 #include "linmix/error.h"
@@ -29,6 +30,17 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int bench_model(const ModelBenchOptions& o) {
+  // the optional quality check's inputs are read first: a bad path fails before any timing
+  std::optional<Checkpoint> ck;
+  std::vector<uint8_t> text;
+  if (!o.checkpoint.empty()) {
+    ck = load_checkpoint(o.checkpoint);
+    std::string why;
+    LINMIX_CHECK(Rwkv4Engine::supports(ck->model->config(), &why), o.checkpoint + ": not an RWKV-4 model: " + why);
+    std::ifstream f(o.data, std::ios::binary);
+    LINMIX_CHECK(f.good(), o.data + ": cannot open");
+    text.assign((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  }
   set_threads(o.threads);
   nlohmann::json rep;
   rep["threads"] = o.threads;
@@ -122,16 +134,13 @@ int bench_model(const ModelBenchOptions& o) {
       if (dt != "f32")
         std::printf("%s decode is %.2fx the f32 decode\n", dt.c_str(), rep["dtypes"][dt]["decode_speedup_vs_f32"].get<double>());
 
-  if (!o.checkpoint.empty()) {  // quality of the rounded weights on a trained model
-    Checkpoint ck = load_checkpoint(o.checkpoint);
-    std::ifstream f(o.data, std::ios::binary);
-    LINMIX_CHECK(f.good(), o.data + ": cannot open");
-    std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (ck) {  // quality of the rounded weights on a trained model
+    const std::vector<uint8_t>& bytes = text;
     std::printf("\nperplexity of %s on %s (%lld windows of %lld):\n", o.checkpoint.c_str(), o.data.c_str(),
                 (long long)o.eval_windows, (long long)o.eval_seq);
     double base = 0;
     for (const std::string& dt : o.dtypes) {
-      Rwkv4Engine eng(*ck.model, parse_wtype(dt));
+      Rwkv4Engine eng(*ck->model, parse_wtype(dt));
       const double loss = evaluate_split(eng, bytes, o.eval_seq, o.eval_windows), ppl = std::exp(loss);
       if (dt == "f32") base = ppl;
       std::printf("  %-5s loss %.6f nats/token, perplexity %.5f", dt.c_str(), loss, ppl);
