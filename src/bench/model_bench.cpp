@@ -32,7 +32,7 @@ double median(std::vector<double> v) {
 int bench_model(const ModelBenchOptions& o) {
   // the optional quality check's inputs are read first: a bad path fails before any timing
   std::optional<Checkpoint> ck;
-  std::vector<uint8_t> text;
+  std::vector<uint8_t> text;  // --data, for the perplexity of --checkpoint
   if (!o.checkpoint.empty()) {
     ck = load_checkpoint(o.checkpoint);
     std::string why;
@@ -135,13 +135,12 @@ int bench_model(const ModelBenchOptions& o) {
         std::printf("%s decode is %.2fx the f32 decode\n", dt.c_str(), rep["dtypes"][dt]["decode_speedup_vs_f32"].get<double>());
 
   if (ck) {  // quality of the rounded weights on a trained model
-    const std::vector<uint8_t>& bytes = text;
     std::printf("\nperplexity of %s on %s (%lld windows of %lld):\n", o.checkpoint.c_str(), o.data.c_str(),
                 (long long)o.eval_windows, (long long)o.eval_seq);
     double base = 0;
     for (const std::string& dt : o.dtypes) {
       Rwkv4Engine eng(*ck->model, parse_wtype(dt));
-      const double loss = evaluate_split(eng, bytes, o.eval_seq, o.eval_windows), ppl = std::exp(loss);
+      const double loss = evaluate_split(eng, text, o.eval_seq, o.eval_windows), ppl = std::exp(loss);
       if (dt == "f32") base = ppl;
       std::printf("  %-5s loss %.6f nats/token, perplexity %.5f", dt.c_str(), loss, ppl);
       if (base > 0 && dt != "f32") std::printf(" (%+.3f%% vs f32)", 100.0 * (ppl / base - 1.0));

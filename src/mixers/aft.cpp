@@ -19,18 +19,15 @@ namespace {
 // Stands in for -inf as the max of an empty running sum so that saved states stay finite
 // (MIXERS.md uses the same convention, p = -1e38, for RWKV).
 constexpr float kEmptyMax = -1e38f;
-// rows ahead prefetched by the sweeps over a channel block (strided rows defeat the hardware
-// prefetchers at every page)
-constexpr int64_t kAhead = 8;
 
 // Adds exp(x) * val to the running sum (num, den) kept scaled by exp(-m), per channel.
 inline void running_add(float* __restrict m, float* __restrict num, float* __restrict den, const float* __restrict x,
                         const float* __restrict val, int64_t n) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    // of e^{m - mn} and e^{x - mn} one is e^0 = 1 exactly: one exp_fast of -|m - x| gives both
-    const float mn = vmax(m[c], x[c]), d = m[c] - x[c], f = exp_fast(d < 0.0f ? d : -d);
-    const float a = d < 0.0f ? f : 1.0f, e = d < 0.0f ? 1.0f : f;
+    const float mn = vmax(m[c], x[c]);
+    float a, e;
+    exp_pair(m[c], x[c], a, e);  // e^{m - mn}, e^{x - mn}
     num[c] = num[c] * a + e * val[c];
     den[c] = den[c] * a + e;
     m[c] = mn;
@@ -42,9 +39,9 @@ inline void running_add2(float* __restrict m, float* __restrict s1, float* __res
                          const float* __restrict v1, const float* __restrict v2, int64_t n) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    // of e^{m - mn} and e^{x - mn} one is e^0 = 1 exactly: one exp_fast of -|m - x| gives both
-    const float mn = vmax(m[c], x[c]), d = m[c] - x[c], f = exp_fast(d < 0.0f ? d : -d);
-    const float a = d < 0.0f ? f : 1.0f, e = d < 0.0f ? 1.0f : f;
+    const float mn = vmax(m[c], x[c]);
+    float a, e;
+    exp_pair(m[c], x[c], a, e);  // e^{m - mn}, e^{x - mn}
     s1[c] = s1[c] * a + e * v1[c];
     s2[c] = s2[c] * a + e * v2[c];
     m[c] = mn;
@@ -82,11 +79,11 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
       }
       int64_t next = 0;  // next position to move into the prefix sums
       for (int64_t t = 0; t < T; ++t) {
-        if (C > n && t + kAhead < T)  // a block's rows are C floats apart: prefetched by hand
-          for (int64_t c = 0; c < n; c += 16) {
-            __builtin_prefetch(row(k, t + kAhead) + c), __builtin_prefetch(row(v, t + kAhead) + c);
-            __builtin_prefetch(row(q, t + kAhead) + c), __builtin_prefetch(y + (b * T + t + kAhead) * C + c0 + c, 1);
-          }
+        if (C > n && t + kPrefetchRows < T) {  // a block's rows are C floats apart (common.h)
+          const int64_t ta = t + kPrefetchRows;
+          prefetch_floats(row(k, ta), n), prefetch_floats(row(v, ta), n), prefetch_floats(row(q, ta), n);
+          prefetch_floats<true>(y + (b * T + ta) * C + c0, n);
+        }
         const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
         const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);  // band is [s_lo, s_hi]
         const int64_t prefix_end = std::min(s_lo, causal ? t + 1 : T);

@@ -74,8 +74,8 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Q.data(), q, row0, T, H, D, [](float x) { return sigmoidf(x); });
-        gather_head(K.data(), k, row0, T, H, D, [](float x) { return sigmoidf(x); });
+        gather_head(Q.data(), q, row0, T, H, D, sigmoid_fn);
+        gather_head(K.data(), k, row0, T, H, D, sigmoid_fn);
         std::fill(sK.begin(), sK.end(), 0.0f);
         std::fill(sQ.begin(), sQ.end(), 0.0f);
         std::fill(sKO.begin(), sKO.end(), 0.0f);
@@ -172,8 +172,8 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
         auto R = [&](int64_t t) { return causal ? float(t + 1) : 1.0f; };
         auto ncomp = [&](int64_t t) { return causal ? float(t + 1) : float(T); };
         // ---- forward, keeping intermediates
-        gather_head(Q.data(), q, row0, T, H, D, [](float x) { return sigmoidf(x); });
-        gather_head(K.data(), k, row0, T, H, D, [](float x) { return sigmoidf(x); });
+        gather_head(Q.data(), q, row0, T, H, D, sigmoid_fn);
+        gather_head(K.data(), k, row0, T, H, D, sigmoid_fn);
         cK = K, cQ = Q;
         scan(cK.data(), D), scan(cQ.data(), D);
         for (int64_t t = 0; t < T; ++t) {

@@ -15,7 +15,6 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    // Qf, Kf: (T,D) phi-mapped rows of one head; den: (T).
     // Qf, Kf: (T,D) phi-mapped rows of one head; Vh, Yh: (T,E) its values and outputs, all
     // contiguous (the products then run on contiguous operands); den: (T).
     std::vector<float> Qf(T * D), Kf(T * D), Vh(T * E), Yh(T * E), den(T);
@@ -23,9 +22,9 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Qf.data(), q, row0, T, H, D, [](float x) { return phi_elu(x); });
-        gather_head(Kf.data(), k, row0, T, H, D, [](float x) { return phi_elu(x); });
-        gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
+        gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
+        gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
+        gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
         linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E, causal});
         // y_t = phi(q_t)^T S / (phi(q_t) . z + eps)
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return 1.0f / (den[t] + eps); });
@@ -48,10 +47,10 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Qf.data(), q, row0, T, H, D, [](float x) { return phi_elu(x); });
-        gather_head(Kf.data(), k, row0, T, H, D, [](float x) { return phi_elu(x); });
-        gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
-        gather_head(G.data(), dy, row0, T, H, E, [](float x) { return x; });
+        gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
+        gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
+        gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
+        gather_head(G.data(), dy, row0, T, H, E, identity_fn);
         const LinearProductArgs args{T, D, E, D, D, E, E, causal};
         linear_product(num.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), args);
         for (int64_t t = 0; t < T; ++t) {

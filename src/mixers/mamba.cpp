@@ -295,10 +295,7 @@ MixerSpec make_spec() {
       for (int64_t ch = 0; ch < C; ++ch) At[n * C + ch] = a.A[ch * N + n];
     return [a, buf, C, N](float* y) {
       float *h = buf->data(), *At = h + C * N, *dt = At + C * N, *du = dt + C, *acc = du + C;
-      for (int64_t ch = 0; ch < C; ++ch) dt[ch] = a.delta[ch] + (a.bias ? a.bias[ch] : 0.0f);
-      if (a.use_softplus)  // as MambaArgs::dt, in a loop of its own so that it vectorises
-#pragma omp simd
-        for (int64_t ch = 0; ch < C; ++ch) dt[ch] = softplus_fast(dt[ch]);
+      a.dt_row(dt, 0, 0, 0, C);
       for (int64_t ch = 0; ch < C; ++ch) du[ch] = dt[ch] * a.u[ch], acc[ch] = 0.0f;
       for (int64_t n = 0; n < N; ++n) {
         float* __restrict hn = h + n * C;

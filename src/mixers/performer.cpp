@@ -37,9 +37,6 @@ void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const fl
   }
 }
 
-// Stabilised features of one head (row0 = b*T*H + h): Qf, Kf (T,M). Queries: exp(l - row max);
-// keys: exp(l - g_t) with g_t the running max over keys s <= t (causal, saved in g) or the max
-// over all keys (non-causal). All / sqrt(M).
 // max of n floats in SIMD partial maxima (std::max_element runs a serial chain of compares)
 inline float row_max(const float* r, int64_t n) {
   float mx = kEmptyMax;
@@ -48,6 +45,9 @@ inline float row_max(const float* r, int64_t n) {
   return mx;
 }
 
+// Stabilised features of one head (row0 = b*T*H + h): Qf, Kf (T,M). Queries: exp(l - row max);
+// keys: exp(l - g_t) with g_t the running max over keys s <= t (causal, saved in g) or the max
+// over all keys (non-causal). All / sqrt(M).
 void head_features(float* Qf, float* Kf, float* g, const float* q, const float* k, const float* proj, int64_t row0,
                    int64_t T, int64_t H, int64_t D, int64_t M, bool causal) {
   const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
@@ -86,7 +86,7 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
         head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal);
-        gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
+        gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
         linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, M, E, M, M, E, E, causal},
                        causal ? g.data() : nullptr);
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return 1.0f / den[t]; });
@@ -164,11 +164,11 @@ void performer_step(float* y, PerformerState& st, const float* q, const float* k
     float* S = &st.S[h * M * E];
     float* z = &st.z[h * M];
     feature_logits(fk, k + h * D, D, 1, proj, M, D);
-    const float mnew = std::max(st.kmax[h], *std::max_element(fk, fk + M));
+    const float mnew = std::max(st.kmax[h], row_max(fk, M));
     const float shrink = std::exp(st.kmax[h] - mnew);
     st.kmax[h] = mnew;
     feature_logits(fq, q + h * D, D, 1, proj, M, D);
-    const float qmax = *std::max_element(fq, fq + M);
+    const float qmax = row_max(fq, M);
     float den = 0.0f;
     for (int64_t m = 0; m < M; ++m) {  // features: fk = e^{logit - running key max}, fq = e^{logit - row max}
       fk[m] = exp_fast(fk[m] - mnew), fq[m] = exp_fast(fq[m] - qmax);

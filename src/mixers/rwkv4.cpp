@@ -13,11 +13,6 @@
 namespace linmix {
 
 namespace {
-// Rows ahead that a scan over a block of channels prefetches: a block's rows are `stride`
-// floats apart, a stride the hardware prefetchers lose at every page (rwkv4 at T = 65536 ran at
-// a third of its per-token speed at T = 1024 without it).
-constexpr int64_t kAhead = 8;
-
 // One scan; Save: also write mo, dn. Pointers are restrict (distinct arrays, as documented):
 // with possible aliasing (and std::max) GCC ran a scalar loop (17.6 ns/element).
 template <bool Save>
@@ -29,30 +24,25 @@ void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, f
     const float* kt = k + t * stride;
     const float* vt = v + t * stride;
     float* yt = y + t * stride;
-    if (stride > C && t + kAhead < T)  // rows of a channel block are strided: prefetch by hand
-      for (int64_t c = 0; c < C; c += 16) {
-        __builtin_prefetch(kt + kAhead * stride + c);
-        __builtin_prefetch(vt + kAhead * stride + c);
-        __builtin_prefetch(yt + kAhead * stride + c, 1);
-      }
+    if (stride > C && t + kPrefetchRows < T) {  // rows of a channel block are strided (common.h)
+      const int64_t a = kPrefetchRows * stride;
+      prefetch_floats(kt + a, C), prefetch_floats(vt + a, C), prefetch_floats<true>(yt + a, C);
+    }
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       // output: the past (a, b at exponent p) plus the bonus term e^{u + k_t}
-      // Of the two exponentials against their max q, one is e^0 = 1 exactly: one exp_fast of
-      // -|difference| gives both (bit for bit the values of two exp_fast calls, at half the cost).
       const float ww = u[c] + kt[c];
       const float pc = p[c];
       float q = pc < ww ? ww : pc;  // std::max returns a reference, which GCC cannot vectorise
-      float d = pc - ww, e = exp_fast(d < 0.0f ? d : -d);
-      float e1 = d < 0.0f ? e : 1.0f, e2 = d < 0.0f ? 1.0f : e;
+      float e1, e2;
+      exp_pair(pc, ww, e1, e2);  // e^{pc - q}, e^{ww - q}
       const float den = e1 * bb[c] + e2;
       yt[c] = (e1 * a[c] + e2 * vt[c]) / den;
       if constexpr (Save) mo[t * stride + c] = q, dn[t * stride + c] = den;  // D_t = den e^{q}: for backward
       // state: decay the past by e^{-w}, add e^{k_t} v_t
       const float wd = pc - w[c], kc = kt[c];
       q = wd < kc ? kc : wd;
-      d = wd - kc, e = exp_fast(d < 0.0f ? d : -d);
-      e1 = d < 0.0f ? e : 1.0f, e2 = d < 0.0f ? 1.0f : e;
+      exp_pair(wd, kc, e1, e2);
       a[c] = e1 * a[c] + e2 * vt[c];
       bb[c] = e1 * bb[c] + e2;
       p[c] = q;
@@ -90,13 +80,11 @@ void rwkv4_backward(float* __restrict dk, float* __restrict dv, float* __restric
   for (int64_t c = 0; c < C; ++c) q[c] = -1e38f;
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t o = t * stride;
-    if (stride > C && t >= kAhead)  // strided rows, walked backwards: prefetched by hand
-      for (int64_t c = 0; c < C; c += 16) {
-        const int64_t a = o - kAhead * stride + c;
-        __builtin_prefetch(k + a), __builtin_prefetch(v + a), __builtin_prefetch(y + a);
-        __builtin_prefetch(mo + a), __builtin_prefetch(dn + a), __builtin_prefetch(dy + a);
-        __builtin_prefetch(dk + a, 1), __builtin_prefetch(dv + a, 1);
-      }
+    if (stride > C && t >= kPrefetchRows) {  // strided rows, walked backwards (common.h)
+      const int64_t a = o - kPrefetchRows * stride;
+      for (const float* r : {k + a, v + a, y + a, mo + a, dn + a, dy + a}) prefetch_floats(r, C);
+      prefetch_floats<true>(dk + a, C), prefetch_floats<true>(dv + a, C);
+    }
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const float inv = dy[o + c] / dn[o + c];  // g_t / D_t = inv e^{-m_t}
@@ -109,9 +97,8 @@ void rwkv4_backward(float* __restrict dk, float* __restrict dv, float* __restric
       dw[c] -= ek * (v[o + c] * gg2[c] - hh2[c]);
       const float qa = -mo[o + c], qb = q[c] - w[c];
       const float qn = qa < qb ? qb : qa;  // not std::max: its reference result stops vectorisation
-      // one of the two is e^0 = 1 (as in the forward: one exp_fast of -|qa - qb|)
-      const float dq = qa - qb, ea = exp_fast(dq < 0.0f ? dq : -dq);
-      const float a1 = dq < 0.0f ? ea : 1.0f, a2 = dq < 0.0f ? 1.0f : ea;
+      float a1, a2;
+      exp_pair(qa, qb, a1, a2);  // e^{qa - qn}, e^{qb - qn}
       gg2[c] = (gg2[c] + gg[c]) * a2;
       hh2[c] = (hh2[c] + hh[c]) * a2;
       gg[c] = inv * a1 + gg[c] * a2;

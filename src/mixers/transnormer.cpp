@@ -16,10 +16,14 @@ namespace linmix {
 namespace {
 
 
-void srms(float* x, int64_t E, float eps) {  // x / sqrt(mean(x^2) + eps)
+float srms_scale(const float* x, int64_t E, float eps) {  // 1 / sqrt(mean(x^2) + eps)
   float ms = 0.0f;
   for (int64_t e = 0; e < E; ++e) ms += x[e] * x[e];
-  const float inv = 1.0f / std::sqrt(ms / float(E) + eps);
+  return 1.0f / std::sqrt(ms / float(E) + eps);
+}
+
+void srms(float* x, int64_t E, float eps) {  // x / sqrt(mean(x^2) + eps)
+  const float inv = srms_scale(x, E, eps);
   for (int64_t e = 0; e < E; ++e) x[e] *= inv;
 }
 
@@ -43,16 +47,11 @@ void norm_linear_forward(float* y, const float* q, const float* k, const float* 
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Qf.data(), q, row0, T, H, D, [](float x) { return phi_elu(x); });
-        gather_head(Kf.data(), k, row0, T, H, D, [](float x) { return phi_elu(x); });
-        gather_head(Vh.data(), v, row0, T, H, E, [](float x) { return x; });
+        gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
+        gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
+        gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
         linear_product(Yh.data(), nullptr, Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E, causal});
-        scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) {  // srms: 1 / sqrt(mean(o^2) + eps)
-          const float* r = Yh.data() + t * E;
-          float ms = 0.0f;
-          for (int64_t e = 0; e < E; ++e) ms += r[e] * r[e];
-          return 1.0f / std::sqrt(ms / float(E) + eps);
-        });
+        scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return srms_scale(Yh.data() + t * E, E, eps); });
       }
   }
 }
@@ -71,8 +70,8 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h;
-        gather_head(Qf.data(), q, row0, T, H, D, [](float x) { return phi_elu(x); });
-        gather_head(Kf.data(), k, row0, T, H, D, [](float x) { return phi_elu(x); });
+        gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
+        gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
         const LinearProductArgs args{T, D, E, D, D, H * E, E, causal};
         linear_product(o.data(), nullptr, Qf.data(), Kf.data(), v + row0 * E, args);
         for (int64_t t = 0; t < T; ++t) {
