@@ -1,4 +1,4 @@
-"""Independent float64 PyTorch evaluation of ../shared/MIXERS.md, written from the text of
+"""Independent float64 PyTorch evaluation of docs/MIXERS.md, written from the text of
 that file (not from linmix's C++). Where the C++ reference materialises T x T weights, this
 oracle prefers other equivalent forms (cumulative sums, explicit recurrences, masked
 softmax over a 4-D logit tensor) so the two are not the same code twice.
@@ -231,3 +231,32 @@ def mamba(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=T
 
 def fnet(x):
     return torch.fft.fft2(x, dim=(1, 2)).real
+
+
+def _num(p, name, default):
+    return float(p[name]) if name in p else default
+
+
+# The oracle of every mechanism, keyed by registry name: fn(x, causal, params) -> y, where x
+# holds the call's float64 tensors by their MIXERS.md names and params the call's KEY=VALUE
+# strings (defaults as MIXERS.md). tests/oracle_test.py fails naming any registry mechanism
+# missing here.
+ORACLES = {
+    "softmax": lambda x, c, p: softmax(x["q"], x["k"], x["v"], c, scale=float(p["scale"]) if "scale" in p else None,
+                                       window=int(_num(p, "window", 0))),
+    "linear": lambda x, c, p: linear(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6)),
+    "aft_full": lambda x, c, p: aft_full(x["q"], x["k"], x["v"], x["w"], c),
+    "aft_local": lambda x, c, p: aft_local(x["q"], x["k"], x["v"], x["w"], c, int(p["window"])),
+    "aft_simple": lambda x, c, p: aft_simple(x["q"], x["k"], x["v"], c),
+    "aft_conv": lambda x, c, p: aft_conv(x["q"], x["k"], x["v"], x["u"], c),
+    "rwkv4": lambda x, c, p: rwkv4(x["k"], x["v"], x["w"], x["u"]),
+    "performer": lambda x, c, p: performer(x["q"], x["k"], x["v"], x["proj"], c),
+    "flow": lambda x, c, p: flow(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6)),
+    "flash": lambda x, c, p: flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], c,
+                                   int(_num(p, "group", 256))),
+    "norm_linear": lambda x, c, p: norm_linear(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6)),
+    "block_softmax": lambda x, c, p: block_softmax(x["q"], x["k"], x["v"], c, int(_num(p, "block", 64))),
+    "s4d": lambda x, c, p: s4d(**x),
+    "mamba": lambda x, c, p: mamba(**x, delta_softplus=_num(p, "delta_softplus", 1) != 0),
+    "fnet": lambda x, c, p: fnet(x["x"]),
+}

@@ -37,7 +37,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=60.0, help="training seconds per mechanism")
     ap.add_argument("--linmix", default=os.path.join(ROOT, "build/release/linmix"))
-    ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
+    ap.add_argument("--data", default=os.path.join(ROOT, "data", "tinyshakespeare.txt"))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
     ap.add_argument("--only", default="", help="comma-separated subset")
     ap.add_argument("--plot-only", action="store_true", help="rebuild the table and plot from finished runs")

@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import bpe_tokenizer  # noqa: E402
 
 LINMIX = os.path.abspath(sys.argv[1])
-TOK = os.path.join(ROOT, "..", "shared", "data", "20B_tokenizer.json")
-SHAKES = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+TOK = os.path.join(ROOT, "data", "20B_tokenizer.json")
+SHAKES = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 passed = failed = 0
 
 
@@ -61,7 +61,7 @@ def random_text(rng):
 
 def main():
     if not os.path.exists(TOK):
-        print("0 passed, 1 failed  (../shared/data is missing)")
+        print("0 passed, 1 failed  (data/ is missing from the checkout)")
         return 1
     py = bpe_tokenizer.Bpe(TOK)
     tmp = tempfile.mkdtemp(prefix="linmix-bpe-")

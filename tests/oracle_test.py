@@ -1,14 +1,17 @@
 #!/usr/bin/python3
 """`linmix mix` against an independent float64 PyTorch evaluation of MIXERS.md.
 
-For every mechanism, causal and non-causal where defined, every form (reference,
-parallel, recurrent), T in {1, 7, 64, 257, 1024}: fresh N(0,1) inputs (a new seed each run
-unless LINMIX_SEED is set; the seed is printed), written to safetensors, run through the
-`linmix` binary, compared with python/oracle.py. Also: a sequence split across two
+Driven by the registry (`linmix mixers --json`): every mechanism, causal and non-causal where
+defined, each of its test param sets, every form (reference, parallel, recurrent), T in
+{1, 7, 64, 257, 1024}: its example inputs (`linmix example`: N(0,1) draws in the mechanism's
+domain, a new seed each run unless LINMIX_SEED is set; the seed is printed), run through the
+`linmix` binary, compared with python/oracle.py's ORACLES. A mechanism without an oracle fails
+by name. Also: a sequence split across two
 recurrent calls with the state passed along, and stability inputs (keys, biases in +-60).
 
 Usage: oracle_test.py PATH/TO/linmix
 """
+import json
 import os
 import subprocess
 import sys
@@ -73,36 +76,79 @@ def check_rms(name, got, ref, tol, floor):
     print(f"{'ok  ' if ok else 'FAIL'} {name:62s} rel-rms {err / scale:.2e} tol {tol:.0e}", flush=True)
 
 
+SPECS = json.loads(subprocess.run([LINMIX, "mixers", "--json"], capture_output=True, text=True, check=True).stdout)
+
+
+def fail(msg):
+    global failed
+    failed += 1
+    print(f"FAIL {msg}", flush=True)
+
+
+def example(mixer, causal, T, stress=0):
+    """The mechanism's example inputs (registry sizes at the test scale, its domain rules, its
+    stability rule with stress), drawn by `linmix example` from a fresh seed."""
+    out = os.path.join(TMP, "example.safetensors")
+    cmd = [LINMIX, "example", "--mixer", mixer, "--T", str(T), "--seed", str(int(rng.integers(2**31))),
+           "--stress", str(stress), "--out", out] + (["--causal"] if causal else [])
+    subprocess.run(cmd, check=True, capture_output=True)
+    return st.load(out)
+
+
+def flags(spec):
+    return [c for c, ok in ((False, spec["noncausal"]), (True, spec["causal"])) if ok]
+
+
 def cases(T, stable):
-    """(mixer, causal flags, params, inputs dict, oracle fn(inputs as float64 torch, causal))."""
-    keys = uniform60 if stable else normal
+    """(mixer, causal flags, params, inputs dict, oracle fn(inputs as float64 torch, causal)):
+    every registry mechanism with each of its test param sets, on its example inputs, and the
+    extra cases below. A mechanism without an oracle is reported by coverage() and skipped."""
     out = []
-    q, k, v = normal(B, T, H, D), keys(B, T, H, D), normal(B, T, H, E)
-    out.append(("softmax", (False, True), {}, dict(q=q, k=k, v=v),
-                lambda x, c: oracle.softmax(x["q"], x["k"], x["v"], c)))
-    if T >= 7 and not stable:
-        out.append(("softmax", (False, True), {"window": 3, "scale": 0.3}, dict(q=q, k=k, v=v),
-                    lambda x, c: oracle.softmax(x["q"], x["k"], x["v"], c, scale=0.3, window=3)))
-    out.append(("linear", (False, True), {}, dict(q=q, k=k, v=v),
-                lambda x, c: oracle.linear(x["q"], x["k"], x["v"], c)))
-    q, k, v = normal(B, T, C), keys(B, T, C), normal(B, T, C)
-    Tw = T + 3  # a model stores w for a longer context; the top-left T x T block is used
-    w = keys(Tw, Tw)
-    out.append(("aft_full", (False, True), {}, dict(q=q, k=k, v=v, w=w),
-                lambda x, c: oracle.aft_full(x["q"], x["k"], x["v"], x["w"], c)))
-    out.append(("aft_local", (False, True), {"window": 4}, dict(q=q, k=k, v=v, w=w),
-                lambda x, c: oracle.aft_local(x["q"], x["k"], x["v"], x["w"], c, 4)))
-    out.append(("aft_simple", (False, True), {}, dict(q=q, k=k, v=v),
-                lambda x, c: oracle.aft_simple(x["q"], x["k"], x["v"], c)))
-    out.append(("aft_conv", (False,), {}, dict(q=q, k=k, v=v, u=keys(3, 5)),
-                lambda x, c: oracle.aft_conv(x["q"], x["k"], x["v"], x["u"], c)))
-    out.append(("aft_conv", (True,), {}, dict(q=q, k=k, v=v, u=keys(2, 4)),
-                lambda x, c: oracle.aft_conv(x["q"], x["k"], x["v"], x["u"], c)))
-    wdec = np.exp(normal(C)) if not stable else rng.uniform(1e-3, 60, C).astype(np.float32)
-    out.append(("rwkv4", (True,), {}, dict(k=k, v=v, w=wdec, u=keys(C)),
-                lambda x, c: oracle.rwkv4(x["k"], x["v"], x["w"], x["u"])))
-    out += more_cases(T, stable)
+    for spec in SPECS:
+        name = spec["name"]
+        if name not in oracle.ORACLES:
+            continue
+        sets = [dict(spec["example_params"])] + [{**spec["example_params"], **m} for m in spec["more_params"]]
+        for params in sets:
+            for causal in flags(spec):
+                fn = (lambda x, c, n=name, p=params: oracle.ORACLES[n](x, c, p))
+                out.append((name, (causal,), params, example(name, causal, T, 1 if stable else 0), fn))
+    if not stable:
+        out += extra_cases(T)
     return out
+
+
+def extra_cases(T):
+    """Params and domains the registry's examples do not reach."""
+    out = []
+    ok = oracle.ORACLES
+    if T >= 7 and "softmax" in ok:
+        x = example("softmax", False, T)
+        out.append(("softmax", (False, True), {"window": 3, "scale": 0.3}, x,
+                    lambda x, c: ok["softmax"](x, c, {"window": 3, "scale": 0.3})))
+    if "flash" in ok:  # one group holds the whole sequence (the default G = 256)
+        out.append(("flash", (False, True), {"group": 256}, example("flash", True, T),
+                    lambda x, c: ok["flash"](x, c, {"group": 256})))
+    if "mamba" in ok:  # dt = delta itself: keep it >= 0 so h decays; no D, z, bias
+        mb = example("mamba", True, T)
+        bare = {n: mb[n] for n in ("u", "delta", "A", "Bm", "Cm")}
+        bare["delta"] = np.abs(bare["delta"])
+        out.append(("mamba", (True,), {"delta_softplus": 0}, bare,
+                    lambda x, c: ok["mamba"](x, c, {"delta_softplus": 0})))
+    return out
+
+
+def coverage():
+    """Every registry mechanism has an oracle; every oracle names a registry mechanism."""
+    names = [s["name"] for s in SPECS]
+    for n in names:
+        if n in oracle.ORACLES:
+            print(f"ok   {n}: oracle present", flush=True)
+        else:
+            fail(f"{n}: no oracle in python/oracle.py ORACLES (every mechanism needs one)")
+    for n in oracle.ORACLES:
+        if n not in names:
+            fail(f"{n}: python/oracle.py has an oracle for a mechanism the registry does not list")
 
 
 def ssm_inputs(T, Bsz=B, Cn=C, N=4):
@@ -115,37 +161,6 @@ def ssm_inputs(T, Bsz=B, Cn=C, N=4):
     return s4, mb
 
 
-def more_cases(T, stable):
-    out = []
-    big = (lambda *s: 10 * normal(*s)) if stable else normal  # performer: |x| ~ 10 (see test_mixers.cpp)
-    q, k, v = big(B, T, H, D), big(B, T, H, D), normal(B, T, H, E)
-    proj = normal(7, D)  # any feature rows: the kernel takes them as given
-    out.append(("performer", (False, True), {}, dict(q=q, k=k, v=v, proj=proj),
-                lambda x, c: oracle.performer(x["q"], x["k"], x["v"], x["proj"], c)))
-    q, k = normal(B, T, H, D), (uniform60 if stable else normal)(B, T, H, D)
-    out.append(("flow", (False, True), {}, dict(q=q, k=k, v=v), lambda x, c: oracle.flow(x["q"], x["k"], x["v"], c)))
-    out.append(("norm_linear", (False, True), {}, dict(q=q, k=k, v=v),
-                lambda x, c: oracle.norm_linear(x["q"], x["k"], x["v"], c)))
-    out.append(("block_softmax", (False, True), {"block": 16}, dict(q=q, k=k, v=v),
-                lambda x, c: oracle.block_softmax(x["q"], x["k"], x["v"], c, 16)))
-    S = 5
-    fl = dict(quad_q=normal(B, T, S), quad_k=normal(B, T, S), lin_q=normal(B, T, S), lin_k=normal(B, T, S),
-              v=normal(B, T, E))
-    if stable:
-        fl["quad_k"] *= 10
-    for G in (16, 256):
-        out.append(("flash", (False, True), {"group": G}, fl,
-                    lambda x, c, G=G: oracle.flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], c, G)))
-    s4, mb = ssm_inputs(T)
-    out.append(("s4d", (True,), {}, s4, lambda x, c: oracle.s4d(**x)))
-    out.append(("mamba", (True,), {}, mb, lambda x, c: oracle.mamba(**x)))
-    bare = {n: mb[n] for n in ("u", "delta", "A", "Bm", "Cm")}
-    bare["delta"] = np.abs(bare["delta"])  # dt = delta itself: keep it >= 0 so h decays
-    out.append(("mamba", (True,), {"delta_softplus": 0}, bare, lambda x, c: oracle.mamba(**x, delta_softplus=False)))
-    out.append(("fnet", (False,), {}, dict(x=normal(B, T, C)), lambda x, c: oracle.fnet(x["x"])))
-    return out
-
-
 def split_at(tensors, t1, t2):
     """Slices the time axis (axis 1 of every [B,T,...] input) to [t1, t2)."""
     return {n: (a[:, t1:t2] if a.ndim >= 3 else a) for n, a in tensors.items()}
@@ -153,6 +168,7 @@ def split_at(tensors, t1, t2):
 
 def main():
     print(f"oracle test: linmix={LINMIX} seed={SEED} (set LINMIX_SEED to repeat)")
+    coverage()
     for stable in (False, True):
         for T in ((1, 7, 64, 257, 1024) if not stable else (257,)):
             for mixer, flags, params, tensors, fn in cases(T, stable):

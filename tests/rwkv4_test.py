@@ -112,9 +112,9 @@ def generate_with_bpe():
     (V = 50277) generates greedily; the text equals greedy decoding of the float64 reference
     with the Python BPE (python/bpe_tokenizer.py), for f32 weights, and for int8 weights against
     the reference run on the int8-rounded weights."""
-    tok_path = os.path.join(ROOT, "..", "shared", "data", "20B_tokenizer.json")
+    tok_path = os.path.join(ROOT, "data", "20B_tokenizer.json")
     if not os.path.exists(tok_path):
-        check("generate with 20B_tokenizer.json", False, "(../shared/data is missing)")
+        check("generate with 20B_tokenizer.json", False, "(data/ is missing from the checkout)")
         return
     import bpe_tokenizer
     bpe = bpe_tokenizer.Bpe(tok_path)

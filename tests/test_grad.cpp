@@ -27,11 +27,13 @@ std::vector<Case> grad_cases() {
     for (bool causal : {false, true}) {
       if ((causal && !spec.causal_ok) || (!causal && !spec.noncausal_ok)) continue;
       std::map<std::string, std::string> p = spec.example_params;
-      if (spec.name == "flash") p["group"] = "3";  // several groups, a padded last one
-      if (spec.name == "block_softmax") p["block"] = "3";
-      if (spec.name == "aft_local") p["window"] = "2";
+      for (const auto& [k, v] : spec.small_params) p[k] = v;  // several groups / blocks in tiny T
       out.push_back({spec.name, causal, p});
-      if (spec.name == "softmax") out.push_back({spec.name, causal, {{"window", "2"}}});
+      for (const auto& more : spec.more_params) {
+        auto pm = p;
+        for (const auto& [k, v] : more) pm[k] = v;
+        out.push_back({spec.name, causal, pm});
+      }
     }
   return out;
 }
@@ -43,8 +45,7 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 }
 
 std::map<std::string, int64_t> dims_for(const Case& c, int64_t T) {
-  return {{"B", 2}, {"T", T},  {"H", 2},  {"D", 3}, {"E", 2}, {"C", 4}, {"Tw", T + 1},
-          {"K", c.mixer == "aft_conv" && c.causal ? 2 : 3}, {"M", 3}, {"S", 3}, {"N", 2}};
+  return example_dims(find_mixer(c.mixer), Scale::Grad, T, c.causal);
 }
 
 TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
@@ -147,13 +148,7 @@ TEST_P(Grad, ParallelBackwardStableForLargeKeys) {
   const MixerSpec& spec = find_mixer(c.mixer);
   ASSERT_TRUE(spec.backward) << c.mixer << " has no parallel backward";
   TensorMap in = example_inputs(spec, dims_for(c, 33), 5);
-  for (const char* name : {"k", "w", "u"}) {
-    if (!in.count(name) || c.mixer == "performer" || (c.mixer == "rwkv4" && std::string(name) == "w")) continue;
-    for (float& x : in[name].data) x = std::clamp(20.0f * x, -60.0f, 60.0f);
-  }
-  if (c.mixer == "performer")
-    for (const char* name : {"q", "k"})
-      for (float& x : in[name].data) x *= 5.0f;
+  stress_inputs(spec, in, true);  // the spec's stability rule, gradient version
   in = with_dy(in, c, 6);
   const TensorMap want = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in, true);
   const TensorMap got = run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in, true);

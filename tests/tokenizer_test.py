@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import world_tokenizer  # noqa: E402
 
 LINMIX = os.path.abspath(sys.argv[1])
-VOCAB = os.path.join(ROOT, "..", "shared", "data", "rwkv_vocab_v20230424.txt")
-SHAKES = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+VOCAB = os.path.join(ROOT, "data", "rwkv_vocab_v20230424.txt")
+SHAKES = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 passed = failed = 0
 
 
@@ -44,7 +44,7 @@ def linmix_decode(ids, out_path):
 
 def main():
     if not os.path.exists(VOCAB):
-        print("0 passed, 1 failed  (../shared/data is missing)")
+        print("0 passed, 1 failed  (data/ is missing from the checkout)")
         return 1
     py = world_tokenizer.World(VOCAB)
     tmp = tempfile.mkdtemp(prefix="linmix-tok-")

@@ -106,9 +106,6 @@ double max_abs(const Tensor& a) {
 // the same path as `linmix mix` and prints how closely the forms agree.
 int cmd_demo(int64_t T, const std::string& dir, uint64_t seed) {
   std::filesystem::create_directories(dir);
-  const std::map<std::string, int64_t> dims = {{"B", 2}, {"T", T},  {"H", 4},  {"D", 16},
-                                               {"E", 16}, {"C", 64}, {"Tw", T}, {"K", 7},
-                                               {"M", 32}, {"S", 16}, {"N", 8}};
   std::printf("linmix demo: B=2 T=%lld H=4 D=E=16 C=64, N(0,1) inputs (seed %llu); files in %s/\n",
               static_cast<long long>(T), static_cast<unsigned long long>(seed), dir.c_str());
   std::printf("%-11s %-10s %-10s %13s %12s %12s %s\n", "mixer", "causal", "form", "max|y-ref|", "tolerance",
@@ -118,7 +115,7 @@ int cmd_demo(int64_t T, const std::string& dir, uint64_t seed) {
     for (bool causal : {false, true}) {
       if ((causal && !spec.causal_ok) || (!causal && !spec.noncausal_ok)) continue;
       const std::string stem = dir + "/" + spec.name + (causal ? "_causal" : "");
-      write_safetensors(stem + ".in.safetensors", example_inputs(spec, dims, seed));
+      write_safetensors(stem + ".in.safetensors", example_inputs(spec, example_dims(spec, Scale::Demo, T, causal), seed));
       const TensorMap in = read_safetensors(stem + ".in.safetensors").tensors;
       Tensor ref;
       for (Mode m : {Mode::Reference, Mode::Parallel, Mode::Recurrent}) {
@@ -150,7 +147,7 @@ int cmd_demo(int64_t T, const std::string& dir, uint64_t seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"linmix: linear-time token mixers (see ../shared/MIXERS.md for the contract)"};
+  CLI::App app{"linmix: linear-time token mixers (see docs/MIXERS.md for the contract)"};
   app.require_subcommand(1);
 
   auto* mix = app.add_subcommand("mix", "run one mechanism on tensors from a safetensors file");
@@ -169,6 +166,25 @@ int main(int argc, char** argv) {
   mix->add_option("--out", out_path, "output safetensors (written atomically)")->required();
 
   auto* list = app.add_subcommand("mixers", "list every mechanism: inputs, params, forms, state, complexity");
+  bool list_json = false;
+  list->add_flag("--json", list_json, "the registry as JSON (what the Python tools iterate)");
+
+  auto* ex = app.add_subcommand("example", "write a mechanism's example inputs (the tests' draws) to safetensors");
+  int64_t ex_T = 7;
+  uint64_t ex_seed = 1;
+  std::string ex_scale = "test";
+  int ex_stress = 0;
+  ex->add_option("--mixer", mixer, "mechanism name")->required();
+  ex->add_flag("--causal", causal, "sizes for the causal form (e.g. aft_conv's K)");
+  ex->add_option("--T", ex_T, "sequence length")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  ex->add_option("--seed", ex_seed, "random seed")->capture_default_str();
+  ex->add_option("--scale", ex_scale, "test | grad | demo | bench: the harness sizes")->capture_default_str();
+  std::vector<std::string> ex_dims;
+  ex->add_option("--dim", ex_dims, "LETTER=SIZE: override one dim (repeatable)");
+  ex->add_option("--stress", ex_stress, "stability inputs (0 = none, 1 = forms, 2 = gradients)");
+  bool ex_dy = false;
+  ex->add_flag("--dy", ex_dy, "also write dy, N(0,1) shaped like y (the input of --grad)");
+  ex->add_option("--out", out_path, "output safetensors")->required();
 
   auto* demo = app.add_subcommand("demo", "run every mechanism in every form on generated inputs");
   int64_t demo_T = 256;
@@ -314,19 +330,41 @@ int main(int argc, char** argv) {
   try {
     if (*mix) return cmd_mix(mixer, causal, mode, params, grad, stats, in_path, out_path);
     if (*list) {
-      std::cout << describe_mixers();
+      std::cout << (list_json ? mixers_json() : describe_mixers());
       return 0;
     }
     if (*demo) return cmd_demo(demo_T, dir, seed);
+    if (*ex) {
+      const MixerSpec& spec = find_mixer(mixer);
+      LINMIX_CHECK(causal ? spec.causal_ok : spec.noncausal_ok,
+                   "mixer '" + mixer + "' has no " + (causal ? "causal" : "non-causal") + " form");
+      LINMIX_CHECK(ex_stress >= 0 && ex_stress <= 2, "--stress must be 0, 1 or 2");
+      auto dims = example_dims(spec, parse_scale(ex_scale), ex_T, causal);
+      for (const auto& [k, v] : parse_params(ex_dims)) {
+        char* end = nullptr;
+        const long long n = std::strtoll(v.c_str(), &end, 10);
+        LINMIX_CHECK(!v.empty() && *end == '\0' && n >= 1 && n <= (1 << 24), "--dim " + k + "=" + v + ": not a size");
+        dims[k] = n;
+      }
+      TensorMap in = example_inputs(spec, dims, ex_seed);
+      if (ex_stress) stress_inputs(spec, in, ex_stress == 2);
+      if (ex_dy) {
+        Tensor dy(dims_shape(spec.y_dims, validate_call(mixer, Mode::Parallel, causal, spec.example_params, in)));
+        std::mt19937_64 rng(ex_seed ^ 0x9e3779b97f4a7c15ull);
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        for (float& x : dy.data) x = normal(rng);
+        in["dy"] = std::move(dy);
+      }
+      write_safetensors(out_path, in, {{"mixer", mixer}, {"seed", std::to_string(ex_seed)}});
+      return 0;
+    }
     if (*tr) {
       if (!config_path.empty()) {
         std::ifstream f(config_path);
         LINMIX_CHECK(f.good(), config_path + ": cannot open the model config");
         topt.config.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
       } else if (!mixer.empty()) {
-        const std::string cm = mixer == "rwkv4" ? "rwkv" : "mlp";
-        topt.config = R"({"mixer": ")" + mixer + R"(", "channel_mix": ")" + cm +
-                      R"(", "d_model": 128, "n_layer": 4, "n_head": 4, "ctx": 256})";
+        topt.config = ModelConfig::for_mixer(mixer).to_json();
       }
       const TrainResult r = train(topt);
       std::printf("trained %lld steps in %.1f s (%.0f tok/s): train loss %.4f", static_cast<long long>(r.steps_done),

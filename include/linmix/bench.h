@@ -54,11 +54,7 @@ struct MixerBenchOptions {
 // extra memory, and the fitted exponent of time in T; sgemm and triad in the same run.
 int bench_mixers(const MixerBenchOptions& o);
 
-// The dims and params linmix bench gives mechanism `name` at length T (d_model 512: H 8,
-// D = E = 64; C 512; performer M 64; flash S 128, E 512; s4d / mamba N 16; aft_conv K 64).
-std::map<std::string, int64_t> bench_dims(const std::string& name, int64_t T);
-std::map<std::string, std::string> bench_params(const std::string& name);
-// FLOPs of the algorithm linmix runs for the forward (0 where not defined: scans, FFTs).
-double bench_flops(const std::string& name, int64_t T);
+// The dims, params and FLOP count of each mechanism come from its MixerSpec (example_dims at
+// Scale::Bench, bench_params, flops).
 
 }  // namespace linmix

@@ -6,11 +6,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "linmix/dims.h"
+
 namespace linmix {
 
-struct AttnDims {
-  int64_t B, T, H, D, E;
-};
 
 // ---- softmax (src/mixers/softmax.cpp) ----
 // Tiled online softmax (FlashAttention algorithm): O(T) extra memory.
@@ -76,6 +75,10 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
 void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
                   const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
                   const AftBand& band);
+
+// The max of an empty running sum: stands in for -inf so that saved states stay finite
+// (MIXERS.md uses the same convention, p = -1e38, for RWKV).
+constexpr float kAftEmptyMax = -1e38f;
 
 // Recurrent AFT state of one sequence: the running sums over positions that left the band
 // (num, den scaled by exp(-max), per channel) and the band's last `lo` (k, v) rows.

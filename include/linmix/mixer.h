@@ -1,4 +1,4 @@
-// The mixer interface: every mechanism of ../shared/MIXERS.md is a MixerSpec in one registry.
+// The mixer interface: every mechanism of docs/MIXERS.md is a MixerSpec in one registry.
 //
 // A spec declares its input tensors with symbolic dimensions ("B,T,H,D"), its params with
 // defaults and bounds, which of causal / non-causal it defines, its recurrent state tensors,
@@ -18,6 +18,11 @@ namespace linmix {
 enum class Mode { Reference, Parallel, Recurrent };
 const char* mode_name(Mode m);
 Mode parse_mode(const std::string& s);
+
+// Harness scales: tests of the forms (small, crossing every block), gradient tests (tiny:
+// finite differences per element), the demo, and the benchmarks (d_model 512).
+enum class Scale { Test, Grad, Demo, Bench };
+Scale parse_scale(const std::string& s);  // "test", "grad", "demo", "bench"
 
 struct TensorSpec {
   std::string name;
@@ -82,6 +87,25 @@ struct MixerSpec {
   // between steps; the other inputs stay fixed) and writes y (one token). No validation, no
   // tensor copies, no allocation per token (the softmax KV cache grows by amortised doubling).
   std::function<std::function<void(float* y)>(const Call&)> stepper;
+
+  // ---- What the harnesses (tests, demo, benchmarks, Python tools) know of the mechanism ----
+  // Sizes of the mechanism's own dim letters (Tw, K, M, S, N, L, ...) at a harness scale; the
+  // harness sets B, T, H, D, E, C first (example_dims below) and this may also adjust them.
+  std::function<void(std::map<std::string, int64_t>& dims, Scale scale, bool causal)> own_dims;
+  // Further param sets every form and gradient test runs besides example_params (e.g. a window).
+  std::vector<std::map<std::string, std::string>> more_params;
+  // Params merged over example_params at the gradient tests' tiny sizes (so that several
+  // groups / blocks / windows fit in T = 5).
+  std::map<std::string, std::string> small_params;
+  // The stability inputs: pushes the draws of example_inputs to the edge of float32's exp
+  // range (for_grad: the milder version the float32 gradients are tested on). Unset: keys and
+  // biases (k, w, u) scaled by 20 and clipped to +-60 (stress_inputs below).
+  std::function<void(TensorMap& in, bool for_grad)> stress;
+  // Benchmarks: params, FLOPs of the forward the parallel form runs (0 = not a FLOP-bound
+  // kernel: judged in GB/s instead), and whether time grows as T^2.
+  std::map<std::string, std::string> bench_params;
+  std::function<double(const std::map<std::string, int64_t>& dims, bool causal)> flops;
+  bool quadratic = false;
 };
 
 const std::vector<MixerSpec>& mixers();
@@ -112,7 +136,18 @@ std::vector<int64_t> dims_shape(const std::string& dims, const Call& c);
 // C, Tw, K, ...), passed through spec.example_fix. Deterministic in `seed`.
 TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int64_t>& dims, uint64_t seed);
 
+// Every dim of `spec`'s inputs sized for a harness scale at length T: B, T, H, D, E, C from the
+// scale's table, then spec.own_dims.
+std::map<std::string, int64_t> example_dims(const MixerSpec& spec, Scale scale, int64_t T, bool causal);
+
+// Applies spec.stress (or the default: k, w, u times 20, clipped to +-60) to example inputs.
+void stress_inputs(const MixerSpec& spec, TensorMap& in, bool for_grad);
+
 // Human-readable listing of every mechanism (the `linmix mixers` command).
 std::string describe_mixers();
+// The registry as JSON (`linmix mixers --json`): per mechanism its inputs with symbolic dims,
+// params with defaults and bounds, forms, causal flags, state tensors, complexity, and the
+// harness data (example, more and small params; test dims at T = 7; bench params).
+std::string mixers_json();
 
 }  // namespace linmix

@@ -39,6 +39,9 @@ struct ModelConfig {
 
   // JSON: {"d_model":..,"n_layer":..,"mixer":"rwkv4" | "layers":[{"mixer":..,"params":{..}}],..}
   static ModelConfig from_json(const std::string& text);
+  // The default model around one mechanism (`linmix train --mixer NAME`): 4 layers of d_model
+  // 128, 4 heads, ctx 256, the channel mix the mechanism's layer prefers.
+  static ModelConfig for_mixer(const std::string& mixer);
   std::string to_json() const;
   void validate() const;  // throws Error naming the bad field
 };

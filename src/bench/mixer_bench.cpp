@@ -24,7 +24,6 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-constexpr int64_t kH = 8, kD = 64, kC = 512, kM = 64, kS = 128, kN = 16, kK = 64, kChunk = 64, kTile = 64;
 
 // Memory: one run with every buffer of 64 KiB or more mmapped (and unmapped when freed), so
 // the peak RSS above the level at its start is what the run touched. Time: then the heap
@@ -66,38 +65,6 @@ double fit_exponent(const std::vector<std::pair<double, double>>& pts) {  // lea
 
 }  // namespace
 
-std::map<std::string, int64_t> bench_dims(const std::string& name, int64_t T) {
-  std::map<std::string, int64_t> d{{"B", 1}, {"T", T}, {"H", kH}, {"D", kD}, {"E", kD}, {"C", kC}, {"M", kM},
-                                   {"N", kN}, {"K", kK}, {"S", kS}, {"Tw", T}};
-  if (name == "flash") d["E"] = kC;
-  return d;
-}
-
-std::map<std::string, std::string> bench_params(const std::string& name) {
-  if (name == "aft_local") return {{"window", "128"}};
-  if (name == "block_softmax") return {{"block", "64"}};
-  if (name == "flash") return {{"group", "256"}};
-  return {};
-}
-
-double bench_flops(const std::string& n, int64_t T) {
-  const double t = double(T), H = kH, D = kD, E = kD;
-  // chunked product per head (linear_product.cpp, causal, chunk c): Q S and K^T V (2 T D E
-  // each), the intra-chunk Q K^T (2 T c D) and the masked scores times V (2 T c E, full blocks)
-  auto chunked = [&](double Dk, double Ev) { return H * t * (4 * Dk * Ev + 2 * kChunk * Dk + 2 * kChunk * Ev); };
-  if (n == "linear" || n == "norm_linear") return chunked(D, E);
-  if (n == "performer") return chunked(kM, E) + H * 2 * 2 * t * kM * D;  // + the features of q and k
-  if (n == "flow") return chunked(D, E) + H * 2 * 2 * t * D;               // + the flow normalisers
-  // tiled causal softmax: the tiles on and below the diagonal, Q K^T and P V
-  if (n == "softmax") return H * 2 * (D + E) * t * (t + kTile) / 2;
-  if (n == "block_softmax") return H * 2 * (D + E) * t * 64;
-  if (n == "flash") {  // groups of G: relu^2 (Q K^T, A V) inside; linear attention across
-    const double G = 256, Ef = kC;
-    return 2 * t * G * (kS + Ef) + 4 * t * kS * Ef;
-  }
-  return 0.0;
-}
-
 int bench_mixers(const MixerBenchOptions& o) {
   std::vector<int64_t> Ts = o.T;
   if (Ts.empty())
@@ -108,8 +75,11 @@ int bench_mixers(const MixerBenchOptions& o) {
   for (const auto& n : names) find_mixer(n);  // unknown names fail before any timing
   nlohmann::json rep;
   rep["runs"] = nlohmann::json::array();
-  std::printf("linmix bench: B=1, d_model 512 (H=%lld, D=E=%lld; C=%lld), T up to %lld\n", (long long)kH,
-              (long long)kD, (long long)kC, (long long)Ts.back());
+  {
+    const auto d = example_dims(find_mixer(names.front()), Scale::Bench, 1, true);
+    std::printf("linmix bench: B=1, d_model 512 (H=%lld, D=E=%lld; C=%lld), T up to %lld\n", (long long)d.at("H"),
+                (long long)d.at("D"), (long long)d.at("C"), (long long)Ts.back());
+  }
   for (int th : o.threads) {
     set_threads(th);
     const double bw = measure_triad_gbs(int64_t(1) << 25, 5), gf = measure_sgemm_gflops(2048, 3);
@@ -120,11 +90,11 @@ int bench_mixers(const MixerBenchOptions& o) {
     for (const std::string& name : names) {
       const MixerSpec& spec = find_mixer(name);
       const bool causal = spec.causal_ok;
-      const auto params = bench_params(name);
+      const auto& params = spec.bench_params;
       std::map<std::string, double> last, prev;  // form -> seconds at the previous two sizes
       std::map<std::string, std::vector<std::pair<double, double>>> curve;
       for (int64_t T : Ts) {
-        const auto dims = bench_dims(name, T);
+        const auto dims = example_dims(spec, Scale::Bench, T, causal);
         double in_bytes = 0;
         for (const auto& ts : spec.inputs) {
           double n = 4;
@@ -156,15 +126,13 @@ int bench_mixers(const MixerBenchOptions& o) {
         };
         auto too_slow = [&](const std::string& form) {  // the next size would take > max_seconds
           auto it = last.find(form);
-          const bool quad = name == "softmax" || name == "aft_full";
-          double grow = quad ? 4.2 : 2.2;
+          double grow = spec.quadratic ? 4.2 : 2.2;
           if (it != last.end() && prev.count(form)) grow = std::max(grow, it->second / prev.at(form));
           return it != last.end() && it->second * grow > o.max_seconds;
         };
-        const double flops = bench_flops(name, T);
+        const double flops = spec.flops ? spec.flops(dims, causal) : 0.0;
         // bytes a scan must move: its inputs and its output, once
-        const bool quadratic = name == "softmax" || name == "aft_full";
-        const double bytes = flops > 0 || quadratic ? 0.0 : in_bytes + 4.0 * double(T) * double(dims.at("C"));
+        const double bytes = flops > 0 || spec.quadratic ? 0.0 : in_bytes + 4.0 * double(T) * double(dims.at("C"));
         if (!too_slow("fwd")) {
           const Call call = validate_call(name, Mode::Parallel, causal, params, in);
           double extra = 0;
@@ -192,7 +160,7 @@ int bench_mixers(const MixerBenchOptions& o) {
         if (o.step && spec.recurrent && causal && T == Ts.front()) {
           // per token, B = 1, the state carried: the allocation-free stepper (the generation
           // path) where the mechanism has one, else run_mixer (validation, state in and out)
-          auto sd = bench_dims(name, 1);
+          auto sd = example_dims(spec, Scale::Bench, 1, true);
           sd["Tw"] = o.step_tokens + 8;  // aft_full / aft_local: w covers every position stepped
           TensorMap sin = example_inputs(spec, sd, 3);
           std::function<void()> one;

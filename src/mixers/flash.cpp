@@ -7,9 +7,47 @@
 // parallel: per group two small GEMMs for the quadratic part and a carried (S,E) state for
 // the linear part. recurrent: the current group's rows (< G) plus the (S,E) state.
 #include "../kernels/linear_product.h"
-#include "../ref/attention_ref.h"
+#include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- flash: the float64 reference (the literal formula, templated for the tape) ----
+// FLASH mixed-chunk attention as T x T weights: W_ij = [same group, j <= i if causal]
+// relu(qq_i . qk_j / G)^2 + lin_q_i . lin_k_j / G for earlier groups (causal) or / T for all
+// j (non-causal). qq, qk, lq, lk: (B,T,S); v, y: (B,T,E).
+template <class S>
+void flash_ref(S* y, const S* qq, const S* qk, const S* lq, const S* lk, const S* v, int64_t B, int64_t T,
+               int64_t Sd, int64_t E, int64_t G, bool causal) {
+  std::vector<S> W(T * T);
+  for (int64_t b = 0; b < B; ++b) {
+    auto dot = [&](const S* a, const S* c, int64_t i, int64_t j) {
+      S s = 0;
+      for (int64_t x = 0; x < Sd; ++x) s += a[(b * T + i) * Sd + x] * c[(b * T + j) * Sd + x];
+      return s;
+    };
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = 0; j < T; ++j) {
+        S w = 0;
+        if (i / G == j / G && (!causal || j <= i)) {
+          const S a = std::max(S(0), dot(qq, qk, i, j) / double(G));
+          w += a * a;
+        }
+        if (causal && j / G < i / G) w += dot(lq, lk, i, j) / double(G);
+        if (!causal) w += dot(lq, lk, i, j) / double(T);
+        W[i * T + j] = w;
+      }
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t e = 0; e < E; ++e) {
+        S acc = 0;
+        for (int64_t j = 0; j < T; ++j) acc += W[i * T + j] * v[(b * T + j) * E + e];
+        y[(b * T + i) * E + e] = acc;
+      }
+  }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 
@@ -135,6 +173,17 @@ FlashDims flash_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("S"), c.d(
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "flash";
+  s.small_params = {{"group", "3"}};  // several groups, a padded last one
+  s.bench_params = {{"group", "256"}};
+  s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {
+    d["S"] = scale == Scale::Test ? 5 : scale == Scale::Grad ? 3 : scale == Scale::Demo ? 16 : 128;
+    if (scale == Scale::Bench) d["E"] = d["C"];  // GAU's expanded value width
+  };
+  // groups of G (bench: 256): relu^2 (Q K^T, A V) inside; linear attention across
+  s.flops = [](const std::map<std::string, int64_t>& d, bool) {
+    const double T = double(d.at("T")), S = double(d.at("S")), E = double(d.at("E")), G = 256;
+    return 2 * T * G * (S + E) + 4 * T * S * E;
+  };
   s.paper = "Hua et al. 2022, Transformer Quality in Linear Time (FLASH / GAU)";
   s.summary = "mixed-chunk attention: relu^2 attention inside groups of G, linear attention across groups";
   s.inputs = {{"quad_q", "B,T,S"}, {"quad_k", "B,T,S"}, {"lin_q", "B,T,S"}, {"lin_k", "B,T,S"}, {"v", "B,T,E"}};

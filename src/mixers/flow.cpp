@@ -6,9 +6,75 @@
 // y_i = alloc_i (Q_i I_i / r_i)^T sum_j K_j (v_j comp_j)^T through kernels/linear_product.
 // recurrent: the prefix sums and KV (D,E) as state.
 #include "../kernels/linear_product.h"
-#include "../ref/attention_ref.h"
+#include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- flow: the float64 reference (the literal formula, templated for the tape) ----
+// Flow-Attention, the literal formula of MIXERS.md: every sum written out over its index set
+// (j < lim(i): all j, or j <= i when causal), then the T x T weights
+// W_ij = (Q_i I_i / r_i) . K_j comp_j, y_i = alloc_i sum_j W_ij v_j.
+template <class S>
+void flow_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, bool causal) {
+  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
+  const double eps = 1e-6;
+  std::vector<S> Q(T * D), K(T * D), I(T), O(T), Ih(T), Oh(T), comp(T), W(T * T);
+  auto sig = [](const S& x) { return S(1) / (1 + exp(-x)); };
+  auto lim = [&](int64_t i) { return causal ? i + 1 : T; };
+  auto r = [&](int64_t i) { return causal ? double(i + 1) : 1.0; };
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t x = 0; x < D; ++x) {
+          Q[t * D + x] = sig(q[((b * T + t) * H + h) * D + x]);
+          K[t * D + x] = sig(k[((b * T + t) * H + h) * D + x]);
+        }
+      for (int64_t i = 0; i < T; ++i) {
+        S a = 0, c = 0;
+        for (int64_t x = 0; x < D; ++x) {
+          S sk = 0, sq = 0;
+          for (int64_t j = 0; j < lim(i); ++j) sk += K[j * D + x], sq += Q[j * D + x];
+          a += (Q[i * D + x] + eps) * (sk + eps);
+          c += (K[i * D + x] + eps) * (sq + eps);
+        }
+        I[i] = r(i) / a;
+        O[i] = r(i) / c;
+      }
+      for (int64_t i = 0; i < T; ++i) {
+        S a = 0, c = 0;
+        for (int64_t x = 0; x < D; ++x) {
+          S sko = 0, sqi = 0;
+          for (int64_t j = 0; j < lim(i); ++j) sko += K[j * D + x] * O[j], sqi += Q[j * D + x] * I[j];
+          a += (Q[i * D + x] + eps) * (sko + eps);
+          c += (K[i * D + x] + eps) * (sqi + eps);
+        }
+        Ih[i] = a / r(i);
+        Oh[i] = std::clamp(c / r(i), S(-1.0), S(1.0));
+      }
+      for (int64_t i = 0; i < T; ++i) {
+        S z = 0;
+        for (int64_t j = 0; j < lim(i); ++j) z += exp(Oh[j]);
+        comp[i] = exp(Oh[i]) / z * (causal ? r(i) : double(T));
+      }
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t j = 0; j < T; ++j) {
+          S w = 0;
+          if (j < lim(i))
+            for (int64_t x = 0; x < D; ++x) w += Q[i * D + x] * I[i] / r(i) * K[j * D + x];
+          W[i * T + j] = w * comp[j];
+        }
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t e = 0; e < E; ++e) {
+          S acc = 0;
+          for (int64_t j = 0; j < T; ++j) acc += W[i * T + j] * v[((b * T + j) * H + h) * E + e];
+          y[((b * T + i) * H + h) * E + e] = acc * sig(Ih[i]);
+        }
+    }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 
@@ -275,6 +341,15 @@ namespace {
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "flow";
+  // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
+  // (2 T D E each), the intra-chunk Q K^T (2 T c D) and the masked scores times V (2 T c E)
+  // plus the flow normalisers (2 dot products of D per token and head, q and k)
+  s.flops = [](const std::map<std::string, int64_t>& d, bool) {
+    const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
+    const double c = double(kLinearChunk);
+    (void)D;
+    return H * T * (4 * D * E + 2 * c * D + 2 * c * E) + H * 2 * 2 * T * D;
+  };
   s.paper = "Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows";
   s.summary = "Flow-Attention: sigmoid kernels with flow conservation (competition, allocation)";
   s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};

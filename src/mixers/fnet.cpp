@@ -4,9 +4,47 @@
 // for real x, Re X[t, c] = Re X[(T - t) % T, (C - c) % C] (Hermitian symmetry).
 
 #include "../kernels/fft.h"
-#include "../ref/channel_ref.h"
+#include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- fnet: the float64 reference (the literal formula, templated for the tape) ----
+// FNet with materialised DFT matrices: with e^{-ia} e^{-ib} = cos a cos b - sin a sin b - i(...),
+//   y = Re(F_T x F_C) = cos_T x cos_C - sin_T x sin_C.   x, y: (B,T,C).
+template <class S>
+void fnet_ref(S* y, const S* x, int64_t B, int64_t T, int64_t C) {
+  auto mats = [](int64_t n, std::vector<double>& cs, std::vector<double>& sn) {
+    cs.resize(n * n), sn.resize(n * n);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        const double a = 2 * 3.14159265358979323846 * double((i * j) % n) / double(n);
+        cs[i * n + j] = std::cos(a), sn[i * n + j] = std::sin(a);
+      }
+  };
+  std::vector<double> cT, sT, cC, sC;
+  std::vector<S> xc(T * C), xs(T * C);
+  mats(T, cT, sT);
+  mats(C, cC, sC);
+  for (int64_t b = 0; b < B; ++b) {
+    const S* xb = x + b * T * C;
+    for (int64_t s = 0; s < T; ++s)
+      for (int64_t c = 0; c < C; ++c) {
+        S a = 0, d = 0;
+        for (int64_t k = 0; k < C; ++k) a += xb[s * C + k] * cC[k * C + c], d += xb[s * C + k] * sC[k * C + c];
+        xc[s * C + c] = a, xs[s * C + c] = d;
+      }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < C; ++c) {
+        S acc = 0;
+        for (int64_t s = 0; s < T; ++s) acc += cT[t * T + s] * xc[s * C + c] - sT[t * T + s] * xs[s * C + c];
+        y[(b * T + t) * C + c] = acc;
+      }
+  }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 

@@ -3,10 +3,36 @@
 // (intra-chunk masked quadratic, inter-chunk state S = sum phi(k) v^T, z = sum phi(k);
 // paper eq. 10-12). Non-causal: one S, z for all positions.
 // recurrent: S, z per head, one token at a time (paper eq. 18-20).
-#include "../ref/attention_ref.h"
+#include "../ref/ref_util.h"
 #include "../kernels/linear_product.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- linear: the float64 reference (the literal formula, templated for the tape) ----
+// y_t = sum_s A_ts v_s / (sum_s A_ts + eps), A_ts = phi(q_t) . phi(k_s), s <= t when causal.
+// (Equal to phi(q_t)^T S / (phi(q_t) . z + eps) of MIXERS.md by linearity.)
+template <class S>
+void linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S eps, bool causal) {
+  const int64_t T = d.T, H = d.H, E = d.E;
+  std::vector<S> A(static_cast<size_t>(T * T));
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      phi_kernel_matrix(A.data(), q, k, d, b, h, causal);
+      for (int64_t t = 0; t < T; ++t) {
+        S den = 0;
+        for (int64_t s = 0; s < T; ++s) den += A[t * T + s];
+        for (int64_t e = 0; e < E; ++e) {
+          S num = 0;
+          for (int64_t s = 0; s < T; ++s) num += A[t * T + s] * v[((b * T + s) * H + h) * E + e];
+          y[((b * T + t) * H + h) * E + e] = num / (den + eps);
+        }
+      }
+    }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 
@@ -99,6 +125,14 @@ namespace {
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "linear";
+  // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
+  // (2 T D E each), the intra-chunk Q K^T (2 T c D) and the masked scores times V (2 T c E)
+  s.flops = [](const std::map<std::string, int64_t>& d, bool) {
+    const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
+    const double c = double(kLinearChunk);
+    (void)D;
+    return H * T * (4 * D * E + 2 * c * D + 2 * c * E);
+  };
   s.paper = "Katharopoulos et al. 2020, Transformers are RNNs";
   s.summary = "linear attention with phi = elu + 1";
   s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};

@@ -6,9 +6,48 @@
 // exp(dt A) and inputs dt Bm u of the block are computed in one vectorisable pass, then the
 // scan runs over them. recurrent: one token for all channels, h carried as state.
 #include "../kernels/vmath.h"
-#include "../ref/channel_ref.h"
+#include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- mamba: the float64 reference (the literal formula, templated for the tape) ----
+// Mamba's selective scan as T x T weights: with cum_t = sum_{r<=t} dt_r,
+//   W_ts = sum_n Cm_t[n] exp(A[c,n] (cum_t - cum_s)) dt_s Bm_s[n]   (s <= t)
+//   y_t = (sum_s W_ts u_s + D u_t) * silu(z_t).   D, z, bias may be null.
+template <class S>
+void mamba_ref(S* y, const S* u, const S* delta, const S* A, const S* Bm, const S* Cm, const S* D, const S* z,
+               const S* bias, bool use_softplus, int64_t B, int64_t T, int64_t C, int64_t N) {
+  std::vector<S> cum(T), dt(T), W(T * T);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      S run = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const S x = delta[(b * T + t) * C + c] + (bias ? bias[c] : S(0));
+        dt[t] = use_softplus ? (x > 30 ? x : log1p(exp(x))) : x;
+        cum[t] = (run += dt[t]);
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t s = 0; s < T; ++s) {
+          S w = 0;
+          if (s <= t)
+            for (int64_t n = 0; n < N; ++n)
+              w += Cm[(b * T + t) * N + n] * exp(A[c * N + n] * (cum[t] - cum[s])) * dt[s] * Bm[(b * T + s) * N + n];
+          W[t * T + s] = w;
+        }
+      for (int64_t t = 0; t < T; ++t) {
+        S acc = 0;
+        for (int64_t s = 0; s < T; ++s) acc += W[t * T + s] * u[(b * T + s) * C + c];
+        const int64_t i = (b * T + t) * C + c;
+        if (D) acc += D[c] * u[i];
+        if (z) acc *= z[i] / (1 + exp(-z[i]));
+        y[i] = acc;
+      }
+    }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 
@@ -246,6 +285,9 @@ TensorMap mamba_recurrent(const Call& c) {
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "mamba";
+  s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {
+    d["N"] = scale == Scale::Test ? 4 : scale == Scale::Grad ? 2 : scale == Scale::Demo ? 8 : 16;
+  };
   s.paper = "Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces";
   s.summary = "selective scan: input-dependent dt, B, C over a diagonal real state";
   s.causal_ok = true;

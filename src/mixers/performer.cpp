@@ -7,12 +7,59 @@
 #include <random>
 
 #include "../kernels/linear_product.h"
-#include "../ref/attention_ref.h"
+#include "../ref/ref_util.h"
 #include <cblas.h>
 
 #include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- performer: the float64 reference (the literal formula, templated for the tape) ----
+// Performer: y_t = sum_s A_ts v_s / sum_s A_ts, A_ts = phi(q_t) . phi(k_s) (s <= t when
+// causal), phi(x)_m = exp(omega_m . x' - |x'|^2 / 2) / sqrt(M), x' = x D^(-1/4): the features
+// exactly as the paper writes them (no shifts). proj: (M,D).
+template <class S>
+void performer_ref(S* y, const S* q, const S* k, const S* v, const S* proj, const AttnDims& d, int64_t M,
+                   bool causal) {
+  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
+  const double sc = std::pow(double(D), -0.25);
+  auto phi = [&](const S* x, S* out) {
+    S sq = 0;
+    for (int64_t j = 0; j < D; ++j) sq += x[j] * sc * x[j] * sc;
+    for (int64_t m = 0; m < M; ++m) {
+      S a = 0;
+      for (int64_t j = 0; j < D; ++j) a += proj[m * D + j] * x[j] * sc;
+      out[m] = exp(a - sq / 2) / std::sqrt(double(M));
+    }
+  };
+  std::vector<S> fq(T * M), fk(T * M), A(T * T);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t t = 0; t < T; ++t) {
+        phi(q + ((b * T + t) * H + h) * D, &fq[t * M]);
+        phi(k + ((b * T + t) * H + h) * D, &fk[t * M]);
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        S den = 0;
+        for (int64_t s2 = 0; s2 < T; ++s2) {
+          S a = 0;
+          if (!causal || s2 <= t)
+            for (int64_t m = 0; m < M; ++m) a += fq[t * M + m] * fk[s2 * M + m];
+          A[t * T + s2] = a;
+          den += a;
+        }
+        for (int64_t e = 0; e < E; ++e) {
+          S num = 0;
+          for (int64_t s2 = 0; s2 < T; ++s2) num += A[t * T + s2] * v[((b * T + s2) * H + h) * E + e];
+          y[((b * T + t) * H + h) * E + e] = num / den;
+        }
+      }
+    }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 
@@ -222,6 +269,25 @@ namespace {
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "performer";
+  // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
+  // (2 T M E each), the intra-chunk Q K^T (2 T c M) and the masked scores times V (2 T c E)
+  // with M features in place of D, plus the feature logits of q and k (2 T M D each)
+  s.flops = [](const std::map<std::string, int64_t>& d, bool) {
+    const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
+    const double c = double(kLinearChunk);
+    (void)D;
+    return H * T * (4 * double(d.at("M")) * E + 2 * c * double(d.at("M")) + 2 * c * E) + H * 2 * 2 * T * double(d.at("M")) * D;
+  };
+  s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {
+    d["M"] = scale == Scale::Test ? 7 : scale == Scale::Grad ? 3 : scale == Scale::Demo ? 32 : 64;
+  };
+  // |q|, |k| ~ 10 (5 for the gradients): feature logits near -100 .. +40, outside float32's exp
+  // range without the max shifts, inside float64's (keys at +-60 would underflow even float64:
+  // the formula itself is 0/0 there)
+  s.stress = [](TensorMap& in, bool for_grad) {
+    for (const char* name : {"q", "k"})
+      for (float& x : in[name].data) x *= for_grad ? 5.0f : 10.0f;
+  };
   s.paper = "Choromanski et al. 2021, Rethinking Attention with Performers (FAVOR+)";
   s.summary = "softmax-kernel attention through M positive random features";
   s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}, {"proj", "M,D"}};

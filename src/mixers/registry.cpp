@@ -6,6 +6,8 @@
 #include <set>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "common.h"
 
 namespace linmix {
@@ -235,6 +237,70 @@ TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int6
   }
   if (spec.example_fix) spec.example_fix(in);
   return in;
+}
+
+Scale parse_scale(const std::string& s) {
+  if (s == "test") return Scale::Test;
+  if (s == "grad") return Scale::Grad;
+  if (s == "demo") return Scale::Demo;
+  if (s == "bench") return Scale::Bench;
+  throw Error("unknown scale '" + s + "' (expected test, grad, demo or bench)");
+}
+
+std::map<std::string, int64_t> example_dims(const MixerSpec& spec, Scale scale, int64_t T, bool causal) {
+  std::map<std::string, int64_t> d;
+  switch (scale) {  // multi-head sizes that cross nothing by accident: H, D, E all different
+    case Scale::Test: d = {{"B", 2}, {"H", 3}, {"D", 5}, {"E", 4}, {"C", 6}}; break;
+    case Scale::Grad: d = {{"B", 2}, {"H", 2}, {"D", 3}, {"E", 2}, {"C", 4}}; break;
+    case Scale::Demo: d = {{"B", 2}, {"H", 4}, {"D", 16}, {"E", 16}, {"C", 64}}; break;
+    case Scale::Bench: d = {{"B", 1}, {"H", 8}, {"D", 64}, {"E", 64}, {"C", 512}}; break;
+  }
+  d["T"] = T;
+  if (spec.own_dims) spec.own_dims(d, scale, causal);
+  return d;
+}
+
+void stress_inputs(const MixerSpec& spec, TensorMap& in, bool for_grad) {
+  if (spec.stress) return spec.stress(in, for_grad);
+  // Keys and position biases pushed to +-60 (an N(0,1) draw times 20, clipped): exponents of
+  // e^120 differences that overflow or underflow float32 without a max shift.
+  for (const char* name : {"k", "w", "u"})
+    if (in.count(name))
+      for (float& x : in[name].data) x = std::clamp(20.0f * x, -60.0f, 60.0f);
+}
+
+std::string mixers_json() {
+  using json = nlohmann::json;
+  json all = json::array();
+  for (const auto& m : mixers()) {
+    json j{{"name", m.name},       {"paper", m.paper},         {"summary", m.summary},
+           {"causal", m.causal_ok}, {"noncausal", m.noncausal_ok}, {"y", m.y_dims},
+           {"time", m.time},       {"memory", m.memory},       {"state_size", m.state_size},
+           {"quadratic", m.quadratic}};
+    j["forms"] = json::array({"reference", "parallel"});
+    if (m.recurrent) j["forms"].push_back("recurrent");
+    j["backward"] = bool(m.backward);
+    j["inputs"] = json::array();
+    for (const auto& t : m.inputs) j["inputs"].push_back({{"name", t.name}, {"dims", t.dims}, {"optional", t.optional}});
+    j["state"] = json::array();
+    for (const auto& t : m.state) j["state"].push_back({{"name", "state." + t.name}, {"dims", t.dims}});
+    j["params"] = json::array();
+    for (const auto& p : m.params) {
+      json pj{{"name", p.name}, {"default", p.def}, {"integer", p.integer}, {"min", p.min}, {"help", p.help}};
+      if (!p.def_text.empty()) pj["default_text"] = p.def_text;
+      j["params"].push_back(pj);
+    }
+    j["example_params"] = m.example_params;
+    j["more_params"] = m.more_params;
+    j["small_params"] = m.small_params;
+    j["bench_params"] = m.bench_params;
+    for (bool causal : {false, true}) {
+      if ((causal && !m.causal_ok) || (!causal && !m.noncausal_ok)) continue;
+      j["test_dims"][causal ? "causal" : "noncausal"] = example_dims(m, Scale::Test, 7, causal);
+    }
+    all.push_back(j);
+  }
+  return all.dump(1) + "\n";
 }
 
 std::string describe_mixers() {

@@ -5,10 +5,39 @@
 // sees a positive argument. parallel: the scan over T, vectorised over channels and
 // threaded over (batch, channel block); recurrent: the same update one token at a time with
 // the state (a, b, p) carried across calls.
-#include "../ref/channel_ref.h"
+#include "../ref/ref_util.h"
 #include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- rwkv4: the float64 reference (the literal formula, templated for the tape) ----
+// RWKV-4 WKV: y_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) / (same without v).
+template <class S>
+void rwkv4_ref(S* y, const S* k, const S* v, const S* w, const S* u, int64_t B, int64_t T, int64_t C) {
+  std::vector<S> L(static_cast<size_t>(T * T));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      auto at = [&](const S* x, int64_t t) { return x[(b * T + t) * C + c]; };
+      for (int64_t t = 0; t < T; ++t) {
+        S mx = -std::numeric_limits<S>::infinity();
+        for (int64_t i = 0; i <= t; ++i) {
+          L[t * T + i] = i < t ? -S(t - 1 - i) * w[c] + at(k, i) : u[c] + at(k, t);
+          mx = std::max(mx, L[t * T + i]);
+        }
+        S num = 0, den = 0;
+        for (int64_t i = 0; i <= t; ++i) {
+          const S e = exp(L[t * T + i] - mx);
+          num += e * at(v, i);
+          den += e;
+        }
+        y[(b * T + t) * C + c] = num / den;
+      }
+    }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 
@@ -116,6 +145,14 @@ constexpr int64_t kBlock = 256;
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "rwkv4";
+  // keys and bonuses pushed to +-60 (times 20, clipped); decay rates from tiny to large
+  // (the gradients: keys and bonuses only)
+  s.stress = [](TensorMap& in, bool for_grad) {
+    for (const char* name : {"k", "u"})
+      for (float& x : in[name].data) x = std::clamp(20.0f * x, -60.0f, 60.0f);
+    if (!for_grad)
+      for (float& x : in["w"].data) x = std::min(60.0f, x * x * 10.0f + 1e-3f);
+  };
   s.paper = "Peng et al. 2023, RWKV: Reinventing RNNs for the Transformer Era";
   s.summary = "RWKV-4 WKV: exponentially decaying (w) attention with a bonus (u) for the current token";
   s.causal_ok = true;

@@ -8,9 +8,49 @@
 #include <complex>
 
 #include "../kernels/fft.h"
-#include "../ref/channel_ref.h"
+#include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- s4d: the float64 reference (the literal formula, templated for the tape) ----
+// S4D as T x T weights per channel, the kernel from its closed form (complex arithmetic
+// written out in real and imaginary parts so it also runs on ad::Var):
+//   K_l = 2 Re sum_n Ct_n exp(l dt A_n),  Ct = C (exp(dt A) - 1) / A,  W_ts = K_{t-s} (s <= t)
+//   y_t = sum_s W_ts u_s + D u_t.   u, y: (B,T,C); log_dt, D: (C); A_*, C_*: (C,N).
+template <class S>
+void s4d_ref(S* y, const S* u, const S* log_dt, const S* A_re, const S* A_im, const S* C_re, const S* C_im,
+             const S* D, int64_t B, int64_t T, int64_t C, int64_t N) {
+  std::vector<S> K(T), W(T * T);
+  for (int64_t c = 0; c < C; ++c) {
+    const S dt = exp(log_dt[c]);
+    for (int64_t l = 0; l < T; ++l) K[l] = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t i = c * N + n;
+      const S ar = A_re[i], ai = A_im[i], cr = C_re[i], ci = C_im[i];
+      // exp(dt A) - 1
+      const S er = exp(dt * ar) * cos(dt * ai) - 1, ei = exp(dt * ar) * sin(dt * ai);
+      // (C (exp(dt A) - 1)) / A
+      const S nr = cr * er - ci * ei, ni = cr * ei + ci * er, den = ar * ar + ai * ai;
+      const S tr = (nr * ar + ni * ai) / den, ti = (ni * ar - nr * ai) / den;
+      for (int64_t l = 0; l < T; ++l) {  // Re(Ct exp(l dt A))
+        const S mag = exp(double(l) * dt * ar), ph = double(l) * dt * ai;
+        K[l] += 2 * mag * (tr * cos(ph) - ti * sin(ph));
+      }
+    }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t s = 0; s < T; ++s) W[t * T + s] = s <= t ? K[t - s] : S(0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        S acc = D[c] * u[(b * T + t) * C + c];
+        for (int64_t s = 0; s < T; ++s) acc += W[t * T + s] * u[(b * T + s) * C + c];
+        y[(b * T + t) * C + c] = acc;
+      }
+  }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 
@@ -214,6 +254,9 @@ TensorMap s4d_recurrent(const Call& c) {
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "s4d";
+  s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {
+    d["N"] = scale == Scale::Test ? 4 : scale == Scale::Grad ? 2 : scale == Scale::Demo ? 8 : 16;
+  };
   s.paper = "Gu et al. 2022, On the Parameterization and Initialization of Diagonal State Space Models (S4D)";
   s.summary = "diagonal complex state space model, convolution kernel via FFT";
   s.causal_ok = true;

@@ -7,7 +7,7 @@
 #include <cmath>
 
 #include "../kernels/linear_product.h"
-#include "../ref/attention_ref.h"
+#include "../ref/ref_util.h"
 #include "../kernels/vmath.h"
 #include "common.h"
 #include "linmix/kernels.h"
@@ -273,6 +273,13 @@ TensorMap softmax_recurrent(const Call& c) {
 MixerSpec softmax_spec() {
   MixerSpec s;
   s.name = "softmax";
+  s.more_params = {{{"window", "3"}}};
+  s.quadratic = true;
+  // tiled causal softmax: the tiles on and below the diagonal, Q K^T and P V
+  s.flops = [](const std::map<std::string, int64_t>& d, bool) {
+    const double T = double(d.at("T"));
+    return double(d.at("H")) * 2 * double(d.at("D") + d.at("E")) * T * (T + double(kTileK)) / 2;
+  };
   s.paper = "Vaswani et al. 2017 (attention); Dao et al. 2022 (FlashAttention tiling)";
   s.summary = "scaled dot-product attention, the quadratic baseline";
   s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};

@@ -97,6 +97,16 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
   return c;
 }
 
+ModelConfig ModelConfig::for_mixer(const std::string& mixer) {
+  ModelConfig c;
+  c.d_model = 128, c.n_layer = 4, c.n_head = 4, c.ctx = 256;
+  find_mixer(mixer);  // unknown names fail here, naming the known ones
+  c.channel_mix = kind_of(mixer) == Kind::Rwkv ? "rwkv" : "mlp";
+  c.layers.assign(size_t(c.n_layer), LayerConfig{mixer, {}});
+  c.validate();
+  return c;
+}
+
 std::string ModelConfig::to_json() const {
   json j = {{"vocab", vocab},       {"d_model", d_model},   {"n_layer", n_layer}, {"n_head", n_head},
             {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"features", features},

@@ -1,15 +1,39 @@
-// norm_linear, block_softmax — TransNormer (Qin et al. 2022, "The Devil in Linear
-// Transformer"): NormAttention (linear attention without the denominator, its output
-// normalised by SRMSNorm; sec. 4.1) and DiagAttention (softmax attention restricted to
-// non-overlapping blocks; sec. 4.2).
-// norm_linear parallel: phi = elu + 1 per row, the chunked product of
-// kernels/linear_product.h without normaliser, then SRMS per head; recurrent: S (D,E) per head.
-// block_softmax parallel: the tiled softmax kernel on each block; recurrent: the current
-// block's key/value rows (< block).
+// norm_linear — TransNormer's NormAttention (Qin et al. 2022, "The Devil in Linear
+// Transformer", sec. 4.1): linear attention without the denominator, its output normalised by
+// SRMSNorm. parallel: phi = elu + 1 per row, the chunked product of kernels/linear_product.h
+// without normaliser, then SRMS per head; recurrent: S (D,E) per head.
 #include "../kernels/linear_product.h"
-#include "../ref/attention_ref.h"
+#include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
+
+namespace linmix::ref {
+
+// ---- norm_linear: the float64 reference (the literal formula, templated for the tape) ----
+// TransNormer NormAttention: y_t = srms(sum_s A_ts v_s), A_ts = phi(q_t) . phi(k_s)
+// (s <= t when causal), srms(x) = x / sqrt(mean(x^2) + eps) over the E values of a head.
+template <class S>
+void norm_linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S eps, bool causal) {
+  const int64_t T = d.T, H = d.H, E = d.E;
+  std::vector<S> A(static_cast<size_t>(T * T)), o(static_cast<size_t>(E));
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      phi_kernel_matrix(A.data(), q, k, d, b, h, causal);
+      for (int64_t t = 0; t < T; ++t) {
+        S ms = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          S acc = 0;
+          for (int64_t s = 0; s < T; ++s) acc += A[t * T + s] * v[((b * T + s) * H + h) * E + e];
+          o[e] = acc;
+          ms += acc * acc;
+        }
+        const S inv = 1 / sqrt(ms / S(E) + eps);
+        for (int64_t e = 0; e < E; ++e) y[((b * T + t) * H + h) * E + e] = o[e] * inv;
+      }
+    }
+}
+
+}  // namespace linmix::ref
 
 namespace linmix {
 
@@ -96,6 +120,14 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
 MixerSpec norm_linear() {
   MixerSpec s;
   s.name = "norm_linear";
+  // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
+  // (2 T D E each), the intra-chunk Q K^T (2 T c D) and the masked scores times V (2 T c E)
+  s.flops = [](const std::map<std::string, int64_t>& d, bool) {
+    const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
+    const double c = double(kLinearChunk);
+    (void)D;
+    return H * T * (4 * D * E + 2 * c * D + 2 * c * E);
+  };
   s.paper = "Qin et al. 2022, The Devil in Linear Transformer (TransNormer NormAttention)";
   s.summary = "linear attention without denominator, output normalised by SRMSNorm";
   s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};
@@ -150,102 +182,8 @@ MixerSpec norm_linear() {
   return s;
 }
 
-MixerSpec block_softmax() {
-  MixerSpec s;
-  s.name = "block_softmax";
-  s.paper = "Qin et al. 2022, The Devil in Linear Transformer (TransNormer DiagAttention)";
-  s.summary = "softmax attention inside non-overlapping blocks (scale 1/sqrt(D))";
-  s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};
-  s.params = {{"block", 64, true, 1, "block length"}};
-  s.example_params = {{"block", "16"}};
-  s.state = {{"k", "B,L,H,D"}, {"v", "B,L,H,E"}};
-  s.state_size = "the current block's rows: < block (H D + H E) per sequence";
-  s.time = "O(T block H D)";
-  s.memory = "O(block) (tiled)";
-  s.check = [](const Call& c) {
-    if (c.has("state.k"))
-      LINMIX_CHECK(c.d("L") < c.ip("block"), "tensor 'state.k': holds at most block-1 = " +
-                                                 std::to_string(c.ip("block") - 1) + " rows, found " +
-                                                 std::to_string(c.d("L")));
-  };
-  s.y_dims = "B,T,H,E";
-  set_reference(s, [](const Call& c, const auto& x) {
-    using S = scalar_of<decltype(x)>;
-    const AttnDims d = attn_dims(c);
-    std::vector<S> y(d.B * d.T * d.H * d.E);
-    ref::softmax_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d,
-                        S(1.0 / std::sqrt(double(d.D))), c.causal, 0, c.ip("block"));
-    return y;
-  });
-  s.parallel = [](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    const int64_t blk = c.ip("block"), nblk = (d.T + blk - 1) / blk, HD = d.H * d.D, HE = d.H * d.E;
-    Tensor y({d.B, d.T, d.H, d.E});
-    const float scale = 1.0f / std::sqrt(float(d.D));
-#pragma omp parallel for collapse(2) schedule(dynamic)
-    for (int64_t b = 0; b < d.B; ++b)
-      for (int64_t i = 0; i < nblk; ++i) {  // each block is an independent attention problem
-        const int64_t t0 = b * d.T + i * blk, n = std::min(blk, d.T - i * blk);
-        softmax_forward(y.ptr() + t0 * HE, c.t("q").ptr() + t0 * HD, c.t("k").ptr() + t0 * HD,
-                        c.t("v").ptr() + t0 * HE, {1, n, d.H, d.D, d.E}, scale, c.causal, 0);
-      }
-    return TensorMap{{"y", std::move(y)}};
-  };
-  s.backward = [](const Call& c, const Tensor& dy) {
-    const AttnDims d = attn_dims(c);
-    const int64_t blk = c.ip("block"), nblk = (d.T + blk - 1) / blk, HD = d.H * d.D, HE = d.H * d.E;
-    const float scale = 1.0f / std::sqrt(float(d.D));
-    Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
-#pragma omp parallel for collapse(2) schedule(dynamic)
-    for (int64_t b = 0; b < d.B; ++b)
-      for (int64_t i = 0; i < nblk; ++i) {  // blocks are independent: forward + backward each
-        const int64_t t0 = b * d.T + i * blk, n = std::min(blk, d.T - i * blk);
-        const AttnDims bd{1, n, d.H, d.D, d.E};
-        std::vector<float> lse(d.H * n);
-        softmax_forward(y.ptr() + t0 * HE, c.t("q").ptr() + t0 * HD, c.t("k").ptr() + t0 * HD,
-                        c.t("v").ptr() + t0 * HE, bd, scale, c.causal, 0, lse.data());
-        softmax_backward(dq.ptr() + t0 * HD, dk.ptr() + t0 * HD, dv.ptr() + t0 * HE, c.t("q").ptr() + t0 * HD,
-                         c.t("k").ptr() + t0 * HD, c.t("v").ptr() + t0 * HE, y.ptr() + t0 * HE, lse.data(),
-                         dy.ptr() + t0 * HE, bd, scale, c.causal, 0);
-      }
-    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
-  };
-  s.recurrent = [](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    const int64_t blk = c.ip("block"), HD = d.H * d.D, HE = d.H * d.E;
-    const int64_t L0 = c.has("state.k") ? c.d("L") : 0;
-    const float scale = 1.0f / std::sqrt(float(d.D));
-    Tensor y({d.B, d.T, d.H, d.E});
-    std::vector<KVCache> caches(d.B);
-    std::vector<float> scratch;
-    for (int64_t b = 0; b < d.B; ++b) {
-      KVCache& kc = caches[b];
-      kc.H = d.H, kc.D = d.D, kc.E = d.E, kc.window = 0;
-      if (L0) {
-        kc.k.assign(c.t("state.k").ptr() + b * L0 * HD, c.t("state.k").ptr() + (b + 1) * L0 * HD);
-        kc.v.assign(c.t("state.v").ptr() + b * L0 * HE, c.t("state.v").ptr() + (b + 1) * L0 * HE);
-      }
-      for (int64_t t = 0; t < d.T; ++t) {
-        const int64_t row = b * d.T + t;
-        softmax_step(y.ptr() + row * HE, kc, c.t("q").ptr() + row * HD, c.t("k").ptr() + row * HD,
-                     c.t("v").ptr() + row * HE, scale, scratch);
-        if (kc.len() == blk) kc.k.clear(), kc.v.clear();  // block complete: the next one starts empty
-      }
-    }
-    const int64_t L = caches[0].len();
-    Tensor sk({d.B, L, d.H, d.D}), sv({d.B, L, d.H, d.E});
-    for (int64_t b = 0; b < d.B; ++b) {
-      std::copy(caches[b].k.begin(), caches[b].k.end(), sk.ptr() + b * L * HD);
-      std::copy(caches[b].v.begin(), caches[b].v.end(), sv.ptr() + b * L * HE);
-    }
-    return TensorMap{{"y", std::move(y)}, {"state.k", std::move(sk)}, {"state.v", std::move(sv)}};
-  };
-  return s;
-}
-
 }  // namespace
 
 MixerSpec norm_linear_spec() { return norm_linear(); }
-MixerSpec block_softmax_spec() { return block_softmax(); }
 
 }  // namespace linmix

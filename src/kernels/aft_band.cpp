@@ -1,0 +1,254 @@
+// The banded-sum kernel of the Attention Free Transformer (Zhai et al. 2021), shared by
+// aft_full, aft_local, aft_simple and aft_conv (src/mixers/aft_*.cpp):
+//   y_t = sigma(q_t) * sum_s exp(k_s + w_ts) v_s / sum_s exp(k_s + w_ts)   (per channel)
+// All four variants share one kernel. Position t sees a band [t - lo, t + hi] where the
+// bias w_ts may be non-zero, and every other allowed position with w = 0. The far positions
+// are summed as running prefix (and, non-causal, suffix) sums, each kept with its own running
+// max so no exp overflows or underflows; the band is summed directly. The two sets are
+// disjoint, so nothing is ever subtracted (a "global sum minus the band" form would cancel
+// catastrophically when the band's k + w dominate). Cost O(T (band + 1) C), extra memory O(T C)
+// for the suffix sums (non-causal) and O(band) otherwise.
+#include "../mixers/common.h"
+#include "vmath.h"
+#include "linmix/kernels.h"
+
+namespace linmix {
+
+namespace {
+
+// Stands in for -inf as the max of an empty running sum so that saved states stay finite
+// (MIXERS.md uses the same convention, p = -1e38, for RWKV).
+constexpr float kEmptyMax = kAftEmptyMax;
+
+// Adds exp(x) * val to the running sum (num, den) kept scaled by exp(-m), per channel.
+inline void running_add(float* __restrict m, float* __restrict num, float* __restrict den, const float* __restrict x,
+                        const float* __restrict val, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const float mn = vmax(m[c], x[c]);
+    float a, e;
+    exp_pair(m[c], x[c], a, e);  // e^{m - mn}, e^{x - mn}
+    num[c] = num[c] * a + e * val[c];
+    den[c] = den[c] * a + e;
+    m[c] = mn;
+  }
+}
+
+// Adds exp(x) * (v1, v2) to two running sums kept scaled by exp(-m), per channel.
+inline void running_add2(float* __restrict m, float* __restrict s1, float* __restrict s2, const float* __restrict x,
+                         const float* __restrict v1, const float* __restrict v2, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const float mn = vmax(m[c], x[c]);
+    float a, e;
+    exp_pair(m[c], x[c], a, e);  // e^{m - mn}, e^{x - mn}
+    s1[c] = s1[c] * a + e * v1[c];
+    s2[c] = s2[c] * a + e * v2[c];
+    m[c] = mn;
+  }
+}
+
+}  // namespace
+
+void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
+                 bool causal, const AftBand& band, float* o_out, float* lse_out) {
+  const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t bi = 0; bi < nblocks; ++bi) {
+      const int64_t c0 = band.blocks[bi].first, n = band.blocks[bi].second - c0;
+      auto row = [&](const float* x, int64_t t) { return x + (b * T + t) * C + c0; };
+      // Prefix sums over s < band start: pm, pn, pd (n). Suffix sums (non-causal) over s >= j,
+      // for every j: sm, sn, sd (T+1, n). M, num, den, x (n): per-row work; wb: band biases.
+      std::vector<float> pm(n, kEmptyMax), pn(n, 0.0f), pd(n, 0.0f), M(n), num(n), den(n), x(n), wb;
+      std::vector<float> sm, sn, sd;
+      // raw restrict views: through std::vector::operator[] GCC reloads the data pointer in every
+      // loop and does not vectorise it
+      float *__restrict pM = M.data(), *__restrict pnum = num.data(), *__restrict pden = den.data();
+      float *__restrict ppm = pm.data(), *__restrict ppn = pn.data(), *__restrict ppd = pd.data();
+      if (!causal) {
+        sm.assign((T + 1) * n, kEmptyMax);
+        sn.assign((T + 1) * n, 0.0f);
+        sd.assign((T + 1) * n, 0.0f);
+        for (int64_t j = T - 1; j >= 0; --j) {
+          std::copy(&sm[(j + 1) * n], &sm[(j + 2) * n], &sm[j * n]);
+          std::copy(&sn[(j + 1) * n], &sn[(j + 2) * n], &sn[j * n]);
+          std::copy(&sd[(j + 1) * n], &sd[(j + 2) * n], &sd[j * n]);
+          running_add(&sm[j * n], &sn[j * n], &sd[j * n], row(k, j), row(v, j), n);
+        }
+      }
+      int64_t next = 0;  // next position to move into the prefix sums
+      for (int64_t t = 0; t < T; ++t) {
+        if (C > n && t + kPrefetchRows < T) {  // a block's rows are C floats apart (common.h)
+          const int64_t ta = t + kPrefetchRows;
+          prefetch_floats(row(k, ta), n), prefetch_floats(row(v, ta), n), prefetch_floats(row(q, ta), n);
+          prefetch_floats<true>(y + (b * T + ta) * C + c0, n);
+        }
+        const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
+        const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);  // band is [s_lo, s_hi]
+        const int64_t prefix_end = std::min(s_lo, causal ? t + 1 : T);
+        for (; next < prefix_end; ++next) running_add(pm.data(), pn.data(), pd.data(), row(k, next), row(v, next), n);
+        const int64_t suf = causal ? T : std::max(s_hi + 1, s_lo);  // suffix starts after the band
+        std::copy(pm.begin(), pm.end(), M.begin());
+        if (!causal)
+          for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], sm[suf * n + c]);
+        wb.resize(static_cast<size_t>(std::max<int64_t>(0, s_hi - s_lo + 1)));
+        for (int64_t s = s_lo; s <= s_hi; ++s) {
+          const float w = wb[s - s_lo] = band.bias(band.ctx, t, s, bi);
+          const float* ks = row(k, s);
+          for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], ks[c] + w);
+        }
+        if (causal && s_lo > s_hi) {  // no band (aft_simple): M is the prefix max, the scale e^0 = 1
+          std::copy(ppn, ppn + n, pnum);
+          std::copy(ppd, ppd + n, pden);
+        } else {
+          for (int64_t c = 0; c < n; ++c) {
+            const float a = exp_fast(ppm[c] - pM[c]);
+            pnum[c] = ppn[c] * a;
+            pden[c] = ppd[c] * a;
+          }
+        }
+        if (!causal)
+          for (int64_t c = 0; c < n; ++c) {
+            const float a = exp_fast(sm[suf * n + c] - pM[c]);
+            pnum[c] += sn[suf * n + c] * a;
+            pden[c] += sd[suf * n + c] * a;
+          }
+        for (int64_t s = s_lo; s <= s_hi; ++s) {
+          const float w = wb[s - s_lo];
+          const float *ks = row(k, s), *vs = row(v, s);
+          for (int64_t c = 0; c < n; ++c) {
+            const float e = exp_fast(ks[c] + w - pM[c]);
+            pnum[c] += e * vs[c];
+            pden[c] += e;
+          }
+        }
+        const float* qt = row(q, t);
+        float* yt = y + (b * T + t) * C + c0;
+        for (int64_t c = 0; c < n; ++c) yt[c] = sigmoidf(qt[c]) * pnum[c] / pden[c];
+        if (o_out)  // saved for backward: o = num / den and lse = log(sum_s exp(k_s + w_ts))
+          for (int64_t c = 0; c < n; ++c) {
+            o_out[(b * T + t) * C + c0 + c] = pnum[c] / pden[c];
+            lse_out[(b * T + t) * C + c0 + c] = pM[c] + log_fast(pden[c]);
+          }
+      }
+    }
+}
+
+void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
+                  const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
+                  const AftBand& band) {
+  // With h_t = dy_t sigma(q_t) and P_ts = exp(k_s + w_ts - lse_t):
+  //   dq_t = dy_t o_t sigma'(q_t),  dv_s = sum_t P_ts h_t = A_s,
+  //   dk_s = sum_t P_ts h_t (v_s - o_t) = v_s A_s - B_s,  B_s = sum_t P_ts h_t o_t.
+  // The sums over t run over the transposed sets: the band t in [s - hi, s + lo] directly, the
+  // far positions as running sums of exp(-lse_t) (h_t, h_t o_t) with their own running max:
+  // t >= s + lo + 1 (a suffix), and non-causal also t <= s - hi - 1 (a prefix).
+  const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t bi = 0; bi < nblocks; ++bi) {
+      const int64_t c0 = band.blocks[bi].first, n = band.blocks[bi].second - c0;
+      auto at = [&](int64_t t) { return (b * T + t) * C + c0; };
+      // h, ho, nl (-lse): (T,n); A, Bs: (T,n); running sums m, s1, s2: (n).
+      std::vector<float> h(T * n), ho(T * n), nl(T * n), A(T * n, 0.0f), Bs(T * n, 0.0f), m(n), s1(n), s2(n);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = 0; c < n; ++c) {
+          const float sg = sigmoidf(q[at(t) + c]), g = dy[at(t) + c];
+          h[t * n + c] = g * sg;
+          ho[t * n + c] = g * sg * o[at(t) + c];
+          nl[t * n + c] = -lse[at(t) + c];
+          dq[at(t) + c] = g * o[at(t) + c] * sg * (1.0f - sg);
+        }
+      auto far = [&](int64_t s) {  // A_s, B_s += exp(k_s + m) (s1, s2)
+        for (int64_t c = 0; c < n; ++c) {
+          const float e = exp_fast(k[at(s) + c] + m[c]);
+          A[s * n + c] += e * s1[c];
+          Bs[s * n + c] += e * s2[c];
+        }
+      };
+      auto reset = [&] {
+        std::fill(m.begin(), m.end(), -1e38f);
+        std::fill(s1.begin(), s1.end(), 0.0f);
+        std::fill(s2.begin(), s2.end(), 0.0f);
+      };
+      reset();
+      for (int64_t s = T - 1; s >= 0; --s) {  // suffix: t >= s + lo + 1
+        const int64_t t = s + band.lo + 1;
+        if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
+        far(s);
+      }
+      if (!causal) {
+        reset();
+        for (int64_t s = 0; s < T; ++s) {  // prefix: t <= s - hi - 1
+          const int64_t t = s - band.hi - 1;
+          if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
+          far(s);
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) {  // the band, as in the forward
+        const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
+        const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);
+        for (int64_t s = s_lo; s <= s_hi; ++s) {
+          const float w = band.bias(band.ctx, t, s, bi);
+          for (int64_t c = 0; c < n; ++c) {
+            const float P = exp_fast(k[at(s) + c] + w + nl[t * n + c]);
+            A[s * n + c] += P * h[t * n + c];
+            Bs[s * n + c] += P * ho[t * n + c];
+          }
+        }
+      }
+      for (int64_t s = 0; s < T; ++s)
+        for (int64_t c = 0; c < n; ++c) {
+          dv[at(s) + c] = A[s * n + c];
+          dk[at(s) + c] = v[at(s) + c] * A[s * n + c] - Bs[s * n + c];
+        }
+    }
+}
+
+void aft_step(float* y, AftState& st, const float* q, const float* k, const float* v, int64_t lo,
+              const AftBand& band, std::vector<float>& scratch) {
+  const int64_t C = st.C, t = st.pos;
+  st.k.insert(st.k.end(), k, k + C);
+  st.v.insert(st.v.end(), v, v + C);
+  // Ring invariant: st.k holds positions [t - len + 1, t]; those before t - lo leave the band.
+  auto retire = [&](int64_t keep) {
+    int64_t drop = 0;
+    while (st.len() - drop > std::max<int64_t>(keep, 0)) {
+      running_add(st.max.data(), st.num.data(), st.den.data(), &st.k[drop * C], &st.v[drop * C], C);
+      ++drop;
+    }
+    st.k.erase(st.k.begin(), st.k.begin() + drop * C);
+    st.v.erase(st.v.begin(), st.v.begin() + drop * C);
+  };
+  retire(lo + 1);
+  const int64_t L = st.len(), first = t - L + 1;
+  scratch.resize(static_cast<size_t>(3 * C));
+  float *M = scratch.data(), *num = M + C, *den = num + C;
+  for (int64_t bi = 0; bi < static_cast<int64_t>(band.blocks.size()); ++bi) {
+    const int64_t c0 = band.blocks[bi].first, c1 = band.blocks[bi].second;
+    for (int64_t c = c0; c < c1; ++c) M[c] = st.max[c];
+    for (int64_t i = 0; i < L; ++i) {
+      const float w = band.bias(band.ctx, t, first + i, bi);
+      for (int64_t c = c0; c < c1; ++c) M[c] = vmax(M[c], st.k[i * C + c] + w);
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const float a = exp_fast(st.max[c] - M[c]);
+      num[c] = st.num[c] * a;
+      den[c] = st.den[c] * a;
+    }
+    for (int64_t i = 0; i < L; ++i) {
+      const float w = band.bias(band.ctx, t, first + i, bi);
+      for (int64_t c = c0; c < c1; ++c) {
+        const float e = exp_fast(st.k[i * C + c] + w - M[c]);
+        num[c] += e * st.v[i * C + c];
+        den[c] += e;
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) y[c] = sigmoidf(q[c]) * num[c] / den[c];
+  st.pos = t + 1;
+  retire(lo);  // keep only the last lo rows: all the next band can reach
+}
+
+}  // namespace linmix

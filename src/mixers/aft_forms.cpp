@@ -1,0 +1,223 @@
+// The forms shared by the four AFT variants (aft_full, aft_local, aft_simple, aft_conv): the
+// parallel form, its backward (with the gradient of the variant's bias), the recurrent form and
+// the stepper, all over the banded-sum kernel of src/kernels/aft_band.cpp. Each variant's file
+// declares its spec (inputs, params, state, checks, reference) and calls set_aft_forms.
+#include "aft_forms.h"
+
+#include "common.h"
+#include "linmix/kernels.h"
+
+namespace linmix {
+
+namespace {
+
+using Variant = AftVariant;
+
+// What the bias callback reads: w (Tw,Tw) for full/local; u (H,K) for conv.
+struct BiasCtx {
+  const float* w = nullptr;
+  int64_t Tw = 0;
+  const float* u = nullptr;
+  int64_t K = 0, shift = 0;   // conv: index = t - s + shift
+  std::vector<int64_t> head;  // conv: head of each channel block
+};
+
+float bias_w(const void* ctx, int64_t t, int64_t s, int64_t) {
+  const auto* c = static_cast<const BiasCtx*>(ctx);
+  return c->w[t * c->Tw + s];
+}
+float bias_u(const void* ctx, int64_t t, int64_t s, int64_t bi) {
+  const auto* c = static_cast<const BiasCtx*>(ctx);
+  return c->u[c->head[bi] * c->K + (t - s + c->shift)];
+}
+float bias_zero(const void*, int64_t, int64_t, int64_t) { return 0.0f; }
+
+constexpr int64_t kBlock = 256;  // channels per block (aft_simple/full/local; conv: per head): long inner loops
+constexpr int64_t kHuge = int64_t(1) << 40;  // "band covers everything" (aft_full)
+
+// Band and bias of one variant for a call; `ctx` must outlive the band.
+AftBand make_band(Variant var, const Call& c, BiasCtx& ctx) {
+  const int64_t C = c.d("C");
+  AftBand band{};
+  band.ctx = &ctx;
+  auto split = [&](int64_t c0, int64_t c1, int64_t h) {
+    for (int64_t x = c0; x < c1; x += kBlock) {
+      band.blocks.push_back({x, std::min(c1, x + kBlock)});
+      ctx.head.push_back(h);
+    }
+  };
+  switch (var) {
+    case Variant::Simple:
+      band.lo = -1, band.hi = 0, band.bias = bias_zero;
+      split(0, C, 0);
+      break;
+    case Variant::Full:
+      ctx.w = c.t("w").ptr(), ctx.Tw = c.d("Tw");
+      band.lo = kHuge, band.hi = c.causal ? 0 : kHuge, band.bias = bias_w;
+      split(0, C, 0);
+      break;
+    case Variant::Local: {
+      const int64_t win = c.ip("window");
+      ctx.w = c.t("w").ptr(), ctx.Tw = c.d("Tw");
+      band.lo = win - 1, band.hi = c.causal ? 0 : win - 1, band.bias = bias_w;
+      split(0, C, 0);
+      break;
+    }
+    case Variant::Conv: {
+      const int64_t H = c.d("H"), K = c.d("K"), Ch = C / H;
+      ctx.u = c.t("u").ptr(), ctx.K = K;
+      if (c.causal) band.lo = K - 1, band.hi = 0, ctx.shift = 0;
+      else band.lo = band.hi = ctx.shift = (K - 1) / 2;
+      band.bias = bias_u;
+      for (int64_t h = 0; h < H; ++h) split(h * Ch, (h + 1) * Ch, h);
+      break;
+    }
+  }
+  return band;
+}
+
+TensorMap aft_parallel(Variant var, const Call& c) {
+  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+  BiasCtx ctx;
+  const AftBand band = make_band(var, c, ctx);
+  Tensor y({B, T, C});
+  aft_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), B, T, C, c.causal, band);
+  return {{"y", std::move(y)}};
+}
+
+// Gradient of the band's bias: sum over batch and the block's channels of
+// P_ts h_t (v_s - o_t), into dw[t, s] (full, local; rows t are owned by one thread) or
+// du[head, t - s + shift] (conv; per-thread partial sums, then reduced).
+void aft_bias_grad(float* dbias, int64_t dbias_size, Variant var, const BiasCtx& ctx, const AftBand& band,
+                   const float* q, const float* k, const float* v, const float* o, const float* lse, const float* dy,
+                   int64_t B, int64_t T, int64_t C, bool causal) {
+  std::fill(dbias, dbias + dbias_size, 0.0f);
+#pragma omp parallel
+  {
+    std::vector<double> local(var == Variant::Conv ? dbias_size : 0, 0.0);
+#pragma omp for schedule(dynamic)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
+      const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);
+      for (int64_t s = s_lo; s <= s_hi; ++s)
+        for (int64_t bi = 0; bi < static_cast<int64_t>(band.blocks.size()); ++bi) {
+          const float w = band.bias(band.ctx, t, s, bi);
+          float acc = 0.0f;
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t c = band.blocks[bi].first; c < band.blocks[bi].second; ++c) {
+              const int64_t it = (b * T + t) * C + c, is = (b * T + s) * C + c;
+              const float P = exp_fast(k[is] + w - lse[it]);
+              acc += P * dy[it] * sigmoidf(q[it]) * (v[is] - o[it]);
+            }
+          if (var == Variant::Conv) local[ctx.head[bi] * ctx.K + (t - s + ctx.shift)] += acc;
+          else dbias[t * ctx.Tw + s] += acc;
+        }
+    }
+    if (var == Variant::Conv) {
+#pragma omp critical
+      for (int64_t i = 0; i < dbias_size; ++i) dbias[i] += float(local[i]);
+    }
+  }
+}
+
+TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy) {
+  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+  BiasCtx ctx;
+  const AftBand band = make_band(var, c, ctx);
+  const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+  Tensor y({B, T, C}), dq({B, T, C}), dk({B, T, C}), dv({B, T, C});
+  std::vector<float> o(B * T * C), lse(B * T * C);  // saved by the forward: O(T C)
+  aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.data(), lse.data());
+  aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band);
+  TensorMap out{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
+  if (var == Variant::Full || var == Variant::Local) {
+    Tensor dw(c.t("w").shape);
+    aft_bias_grad(dw.ptr(), dw.numel(), var, ctx, band, q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal);
+    out["dw"] = std::move(dw);
+  } else if (var == Variant::Conv) {
+    Tensor du(c.t("u").shape);
+    aft_bias_grad(du.ptr(), du.numel(), var, ctx, band, q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal);
+    out["du"] = std::move(du);
+  }
+  return out;
+}
+
+bool has_sums(Variant var) { return var != Variant::Full; }
+bool has_ring(Variant var) { return var != Variant::Simple; }
+
+TensorMap aft_recurrent(Variant var, const Call& c) {
+  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+  BiasCtx ctx;
+  const AftBand band = make_band(var, c, ctx);
+  const bool has_state = c.has(has_sums(var) ? "state.num" : "state.k");
+  const int64_t L0 = has_state && has_ring(var) ? c.d("L") : 0;
+  int64_t pos0 = 0;
+  if (has_state && var == Variant::Local) pos0 = static_cast<int64_t>(c.t("state.pos").data[0]);
+  if (var == Variant::Full) pos0 = L0;
+  Tensor y({B, T, C});
+  std::vector<AftState> states(static_cast<size_t>(B));
+  std::vector<float> scratch;
+  for (int64_t b = 0; b < B; ++b) {
+    AftState& st = states[b];
+    st.C = C, st.pos = pos0;
+    st.num.assign(C, 0.0f), st.den.assign(C, 0.0f), st.max.assign(C, kAftEmptyMax);
+    if (has_state && has_sums(var)) {
+      for (auto [name, vec] : {std::pair{"state.num", &st.num}, {"state.den", &st.den}, {"state.max", &st.max}})
+        vec->assign(c.t(name).ptr() + b * C, c.t(name).ptr() + (b + 1) * C);
+    }
+    if (has_state && has_ring(var)) {
+      st.k.assign(c.t("state.k").ptr() + b * L0 * C, c.t("state.k").ptr() + (b + 1) * L0 * C);
+      st.v.assign(c.t("state.v").ptr() + b * L0 * C, c.t("state.v").ptr() + (b + 1) * L0 * C);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t off = (b * T + t) * C;
+      aft_step(y.ptr() + off, st, c.t("q").ptr() + off, c.t("k").ptr() + off, c.t("v").ptr() + off, band.lo, band,
+               scratch);
+    }
+  }
+  TensorMap out{{"y", std::move(y)}};
+  if (has_sums(var)) {
+    Tensor num({B, C}), den({B, C}), mx({B, C});
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy(states[b].num.begin(), states[b].num.end(), num.ptr() + b * C);
+      std::copy(states[b].den.begin(), states[b].den.end(), den.ptr() + b * C);
+      std::copy(states[b].max.begin(), states[b].max.end(), mx.ptr() + b * C);
+    }
+    out["state.num"] = std::move(num), out["state.den"] = std::move(den), out["state.max"] = std::move(mx);
+  }
+  if (has_ring(var)) {
+    const int64_t L = states[0].len();
+    Tensor sk({B, L, C}), sv({B, L, C});
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy(states[b].k.begin(), states[b].k.end(), sk.ptr() + b * L * C);
+      std::copy(states[b].v.begin(), states[b].v.end(), sv.ptr() + b * L * C);
+    }
+    out["state.k"] = std::move(sk), out["state.v"] = std::move(sv);
+  }
+  if (var == Variant::Local) out["state.pos"] = Tensor({1}, float(states[0].pos));
+  return out;
+}
+
+}  // namespace
+
+void set_aft_forms(MixerSpec& s, AftVariant var) {
+  s.y_dims = "B,T,C";
+  s.parallel = [var](const Call& c) { return aft_parallel(var, c); };
+  s.backward = [var](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy); };
+  s.recurrent = [var](const Call& c) { return aft_recurrent(var, c); };
+  s.stepper = [var](const Call& c) -> std::function<void(float*)> {
+    const int64_t C = c.d("C");
+    auto ctx = std::make_shared<BiasCtx>();
+    auto band = std::make_shared<AftBand>(make_band(var, c, *ctx));  // band.ctx points into *ctx
+    auto st = std::make_shared<AftState>();
+    st->C = C, st->num.assign(C, 0.0f), st->den.assign(C, 0.0f), st->max.assign(C, kAftEmptyMax);
+    auto scratch = std::make_shared<std::vector<float>>();
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+    return [=](float* y) {
+      (void)ctx;  // keeps the bias context the band points into alive
+      aft_step(y, *st, q, k, v, band->lo, *band, *scratch);
+    };
+  };
+}
+
+}  // namespace linmix

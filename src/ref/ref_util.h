@@ -1,0 +1,116 @@
+// Building blocks shared by several float64 references (each mechanism's own reference lives in
+// its file under src/mixers/, in namespace linmix::ref): the masked softmax attention (softmax,
+// block_softmax), the phi = elu + 1 kernel matrix (linear, norm_linear) and the AFT formula
+// with a given bias (the four AFT variants). Templated on the scalar: double, or ad::Var for
+// the reference gradient.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "linmix/dims.h"
+
+namespace linmix::ref {
+
+// Unqualified math: std:: for double, ad:: (found by argument lookup) for ad::Var.
+using std::cos;
+using std::exp;
+using std::log1p;
+using std::sin;
+using std::sqrt;
+
+using linmix::AttnDims;
+
+// Allowed pair (t, s) under MIXERS.md's causal flag, `window` (0 = unlimited) and
+// `block` (block_softmax: t and s in the same block of `block` positions; 0 = no blocks).
+inline bool attn_allowed(int64_t t, int64_t s, bool causal, int64_t window, int64_t block = 0) {
+  if (causal && s > t) return false;
+  if (window > 0 && (t - s >= window || s - t >= window)) return false;
+  if (block > 0 && t / block != s / block) return false;
+  return true;
+}
+
+// y_t = sum_s softmax_s(scale * q_t . k_s) v_s over the allowed s.
+template <class S>
+void softmax_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S scale, bool causal,
+                 int64_t window, int64_t block = 0) {
+  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
+  std::vector<S> A(static_cast<size_t>(T * T));
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      auto Q = [&](int64_t t, int64_t i) { return q[((b * T + t) * H + h) * D + i]; };
+      auto K = [&](int64_t t, int64_t i) { return k[((b * T + t) * H + h) * D + i]; };
+      auto V = [&](int64_t t, int64_t i) { return v[((b * T + t) * H + h) * E + i]; };
+      for (int64_t t = 0; t < T; ++t) {
+        S mx = -std::numeric_limits<S>::infinity();
+        for (int64_t s = 0; s < T; ++s) {
+          S a = -std::numeric_limits<S>::infinity();
+          if (attn_allowed(t, s, causal, window, block)) {
+            a = 0;
+            for (int64_t i = 0; i < D; ++i) a += Q(t, i) * K(s, i);
+            a *= scale;
+          }
+          A[t * T + s] = a;
+          mx = std::max(mx, a);
+        }
+        S sum = 0;
+        for (int64_t s = 0; s < T; ++s) sum += (A[t * T + s] = exp(A[t * T + s] - mx));
+        for (int64_t s = 0; s < T; ++s) A[t * T + s] /= sum;
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t e = 0; e < E; ++e) {
+          S acc = 0;
+          for (int64_t s = 0; s < T; ++s) acc += A[t * T + s] * V(s, e);
+          y[((b * T + t) * H + h) * E + e] = acc;
+        }
+    }
+}
+
+template <class S>
+S phi_elu_ref(S x) {
+  return x > 0 ? x + 1 : exp(x);
+}
+
+// A (T,T) = phi(q_t) . phi(k_s) for one (batch, head), zero where s > t when causal.
+template <class S>
+void phi_kernel_matrix(S* A, const S* q, const S* k, const AttnDims& d, int64_t b, int64_t h, bool causal) {
+  const int64_t T = d.T, H = d.H, D = d.D;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t s = 0; s < T; ++s) {
+      S a = 0;
+      if (!causal || s <= t)
+        for (int64_t i = 0; i < D; ++i)
+          a += phi_elu_ref(q[((b * T + t) * H + h) * D + i]) * phi_elu_ref(k[((b * T + s) * H + h) * D + i]);
+      A[t * T + s] = a;
+    }
+}
+
+// The AFT formula for a given pairwise bias bias(t, s, c) (each variant writes its own):
+// y_t = sigma(q_t) * sum_s exp(k_s + w_ts) v_s / sum_s exp(k_s + w_ts), elementwise in C, over
+// s <= t when causal (AFT never excludes any other position: far ones just get w = 0).
+template <class S, class Bias>
+void aft_ref(S* y, const S* q, const S* k, const S* v, int64_t B, int64_t T, int64_t C, bool causal, Bias bias) {
+  std::vector<S> W(static_cast<size_t>(T * T));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      auto at = [&](const S* x, int64_t t) { return x[(b * T + t) * C + c]; };
+      for (int64_t t = 0; t < T; ++t) {
+        S mx = -std::numeric_limits<S>::infinity();
+        for (int64_t s = 0; s < T; ++s) {
+          W[t * T + s] = !causal || s <= t ? at(k, s) + bias(t, s, c) : -std::numeric_limits<S>::infinity();
+          mx = std::max(mx, W[t * T + s]);
+        }
+        S den = 0, num = 0;
+        for (int64_t s = 0; s < T; ++s) {
+          const S e = exp(W[t * T + s] - mx);
+          den += e;
+          num += e * at(v, s);
+        }
+        y[(b * T + t) * C + c] = num / den / (1 + exp(-at(q, t)));
+      }
+    }
+}
+
+}  // namespace linmix::ref
