@@ -5,11 +5,13 @@ is a recurrence, FFTs where it is a convolution), timed with the same shapes, th
 protocol as linmix: forward, forward + backward (autograd), and the recurrent step per token.
 Each peer is first checked against the independent float64 oracle (python/oracle.py).
 
-Usage: peer.py [--T 256,512,...] [--threads 1,2] [--mixers a,b] [--max-seconds S] --out peer.json"""
+Usage: peer.py --bin build/release/linmix [--T 256,512,...] [--threads 1,2] [--mixers a,b] [--max-seconds S] --out peer.json"""
 import argparse
 import json
 import math
 import os
+import subprocess
+import tempfile
 import sys
 import time
 
@@ -18,44 +20,31 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "python"))
 import oracle  # noqa: E402
+import st  # noqa: E402
+
+TMP = tempfile.mkdtemp(prefix="linmix-peer-")
 
 F = torch.nn.functional
-H, D, C, M, S, N, K, CHUNK, G = 8, 64, 512, 64, 128, 16, 64, 64, 256
+H, D, C, M, S, N, K, CHUNK, G = 8, 64, 512, 64, 128, 16, 64, 64, 256  # linmix bench's sizes
+WINDOW, BLOCK = 128, 64  # the bench_params of aft_local and block_softmax
 EPS = 1e-6
-MIXERS = ["softmax", "linear", "aft_full", "aft_local", "aft_simple", "aft_conv", "rwkv4", "performer", "flow",
-          "flash", "norm_linear", "block_softmax", "s4d", "mamba", "fnet"]
-WINDOW, BLOCK = 128, 64
 
 
-# ---------------------------------------------------------------- inputs (linmix layouts)
+# ---------------------------------------------------------------- inputs: the registry's own
 
-def inputs(name, T, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    n = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    if name in ("softmax", "linear", "flow", "norm_linear", "block_softmax", "performer"):
-        x = {"q": n(1, T, H, D), "k": n(1, T, H, D), "v": n(1, T, H, D)}
-        if name == "performer":
-            x["proj"] = torch.linalg.qr(n(D, D))[0][:M] * torch.sqrt((n(M, D) ** 2).sum(-1, keepdim=True))
-        return x
-    if name.startswith("aft"):
-        x = {"q": n(1, T, C), "k": n(1, T, C), "v": n(1, T, C)}
-        if name in ("aft_full", "aft_local"):
-            x["w"] = n(T, T) * 0.1
-        if name == "aft_conv":
-            x["u"] = n(H, K)
-        return x
-    if name == "rwkv4":
-        return {"k": n(1, T, C), "v": n(1, T, C), "w": torch.exp(n(C)), "u": n(C)}
-    if name == "flash":
-        return {"quad_q": n(1, T, S), "quad_k": n(1, T, S), "lin_q": n(1, T, S), "lin_k": n(1, T, S), "v": n(1, T, C)}
-    if name == "s4d":
-        return {"u": n(1, T, C), "log_dt": -4.6 + 2.3 * (0.5 + 0.5 * torch.tanh(n(C))), "A_re": -0.5 * torch.exp(0.5 * n(C, N)),
-                "A_im": 3 * n(C, N), "C_re": n(C, N), "C_im": n(C, N), "D": n(C)}
-    if name == "mamba":
-        return {"u": n(1, T, C), "delta": n(1, T, C), "A": -torch.exp(n(C, N)), "Bm": n(1, T, N), "Cm": n(1, T, N), "D": n(C)}
-    if name == "fnet":
-        return {"x": n(1, T, C)}
-    raise KeyError(name)
+def registry(binary):
+    """Every mechanism's spec (`linmix mixers --json`), by name."""
+    out = subprocess.run([binary, "mixers", "--json"], capture_output=True, text=True, check=True).stdout
+    return {m["name"]: m for m in json.loads(out)}
+
+
+def inputs(binary, spec, T, seed=1):
+    """The inputs `linmix bench` times (`linmix example --scale bench`), as float32 torch."""
+    path = os.path.join(TMP, "in.safetensors")
+    cmd = [binary, "example", "--mixer", spec["name"], "--scale", "bench", "--T", str(T), "--seed", str(seed),
+           "--out", path] + (["--causal"] if spec["causal"] else [])
+    subprocess.run(cmd, check=True, capture_output=True)
+    return {n: torch.from_numpy(a) for n, a in st.load(path).items()}
 
 
 # ---------------------------------------------------------------- forwards
@@ -199,8 +188,8 @@ def f_s4d(u, log_dt, A_re, A_im, C_re, C_im, D):  # noqa: N803
     return oracle.s4d(u, log_dt, A_re, A_im, C_re, C_im, D)
 
 
-def f_mamba(u, delta, A, Bm, Cm, D):  # noqa: N803  selective_scan_ref: a token loop over (B, C, N) state
-    dt = F.softplus(delta)
+def f_mamba(u, delta, A, Bm, Cm, D, z=None, delta_bias=None):  # noqa: N803  selective_scan_ref: a token loop
+    dt = F.softplus(delta if delta_bias is None else delta + delta_bias)
     h = torch.zeros(u.shape[0], u.shape[2], A.shape[1])
     ys = []
     for t0 in range(0, u.shape[1], 1024):  # the discretised inputs a block of time at a time
@@ -209,7 +198,8 @@ def f_mamba(u, delta, A, Bm, Cm, D):  # noqa: N803  selective_scan_ref: a token 
         for t in range(dA.shape[1]):
             h = dA[:, t] * h + dBu[:, t]
             ys.append((h * Cm[:, t0 + t].unsqueeze(1)).sum(-1))
-    return torch.stack(ys, 1) + D * u
+    y = torch.stack(ys, 1) + D * u
+    return y if z is None else y * F.silu(z)
 
 
 def f_fnet(x):
@@ -222,34 +212,9 @@ FWD = {"softmax": f_softmax, "linear": f_linear, "norm_linear": f_norm_linear, "
        "mamba": f_mamba, "fnet": f_fnet}
 
 
-def reference(name, x):  # the float64 oracle on the same inputs
+def reference(spec, x):  # the float64 oracle on the same inputs, with linmix bench's params
     d = {n: t.double() for n, t in x.items()}
-    if name == "softmax":
-        return oracle.softmax(d["q"], d["k"], d["v"], True)
-    if name in ("linear", "norm_linear", "flow"):
-        return getattr(oracle, name)(d["q"], d["k"], d["v"], True)
-    if name == "performer":
-        return oracle.performer(d["q"], d["k"], d["v"], d["proj"], True)
-    if name == "block_softmax":
-        return oracle.block_softmax(d["q"], d["k"], d["v"], True, BLOCK)
-    if name == "aft_full":
-        return oracle.aft_full(d["q"], d["k"], d["v"], d["w"], True)
-    if name == "aft_local":
-        return oracle.aft_local(d["q"], d["k"], d["v"], d["w"], True, WINDOW)
-    if name == "aft_simple":
-        return oracle.aft_simple(d["q"], d["k"], d["v"], True)
-    if name == "aft_conv":
-        return oracle.aft_conv(d["q"], d["k"], d["v"], d["u"], True)
-    if name == "rwkv4":
-        return oracle.rwkv4(d["k"], d["v"], d["w"], d["u"])
-    if name == "flash":
-        return oracle.flash(d["quad_q"], d["quad_k"], d["lin_q"], d["lin_k"], d["v"], True, G)
-    if name == "s4d":
-        return oracle.s4d(*(d[n] for n in ("u", "log_dt", "A_re", "A_im", "C_re", "C_im", "D")))
-    if name == "mamba":
-        return oracle.mamba(d["u"], d["delta"], d["A"], d["Bm"], d["Cm"], d["D"])
-    if name == "fnet":
-        return oracle.fnet(d["x"])
+    return oracle.ORACLES[spec["name"]](d, spec["causal"], spec["bench_params"])
 
 
 # ---------------------------------------------------------------- recurrent steps (B = 1)
@@ -314,9 +279,10 @@ def make_step(name, x):
         st["h"] = torch.zeros(C, N)
 
         def step(t):
-            dt = F.softplus(x["delta"][0, t])
+            dt = F.softplus(x["delta"][0, t] + x["delta_bias"]) if "delta_bias" in x else F.softplus(x["delta"][0, t])
             st["h"] = torch.exp(dt.unsqueeze(-1) * x["A"]) * st["h"] + (dt * x["u"][0, t]).unsqueeze(-1) * x["Bm"][0, t]
-            return st["h"] @ x["Cm"][0, t] + x["D"] * x["u"][0, t]
+            y = st["h"] @ x["Cm"][0, t] + x["D"] * x["u"][0, t]
+            return y * F.silu(x["z"][0, t]) if "z" in x else y
         return step
     if name == "s4d":
         dt = torch.exp(x["log_dt"]).unsqueeze(-1)
@@ -360,24 +326,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default=",".join(str(256 << i) for i in range(9)))
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--mixers", default=",".join(MIXERS))
+    ap.add_argument("--bin", required=True, help="the linmix binary (its registry names the mechanisms)")
+    ap.add_argument("--mixers", default="", help="a,b,... (default: every mechanism of the registry)")
     ap.add_argument("--max-seconds", type=float, default=20.0)
     ap.add_argument("--step-tokens", type=int, default=256)
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     Ts = [int(t) for t in a.T.split(",")]
-    names = a.mixers.split(",")
+    specs = registry(os.path.abspath(a.bin))
+    names = a.mixers.split(",") if a.mixers else list(specs)
     for n in names:
-        if n not in FWD:
+        if n not in specs:
             sys.exit(f"peer.py: unknown mixer '{n}'")
+    # every mechanism has a peer and an oracle: a missing one fails here, by name
+    missing = [n for n in names if n not in FWD or n not in oracle.ORACLES]
+    if missing:
+        sys.exit("peer.py: no PyTorch peer (FWD) or oracle for " + ", ".join(missing))
     rep = {"torch": torch.__version__, "runs": [], "check": {}}
     # correctness first: each peer against the float64 oracle
     for name in names:
-        x = inputs(name, 200 if name not in ("block_softmax",) else 256, seed=5)
+        x = inputs(a.bin, specs[name], 200 if name not in ("block_softmax",) else 256, seed=5)
         with torch.no_grad():
             y = FWD[name](**x).double()
-            ref = reference(name, x)
+            ref = reference(specs[name], x)
         err = float((y - ref).abs().max() / max(1.0, float(ref.abs().max())))
         rep["check"][name] = err
         print(f"peer {name:14s} vs float64 oracle: max rel err {err:.2e}", flush=True)
@@ -392,8 +364,8 @@ def main():
                 if not fits(name, T):
                     print(f"{name:14s} {T:6d} skipped: does not fit", flush=True)
                     continue
-                x = inputs(name, T)
-                quad = name in ("softmax", "aft_full", "aft_local")
+                x = inputs(a.bin, specs[name], T)
+                quad = specs[name]["quadratic"] or name == "aft_local"  # aft_local: a T x T dense peer
                 for form in ("fwd", "fwdbwd"):
                     if form == "fwdbwd" and a.no_backward:
                         continue
@@ -422,7 +394,7 @@ def main():
                     rep["runs"].append({"mixer": name, "T": T, "threads": th, "form": form, "seconds": s})
                     print(f"{name:14s} {T:6d} {form:7s} {s * 1e3:11.3f} ms", flush=True)
                 if T == Ts[0]:
-                    xs = inputs(name, a.step_tokens + 8, seed=3)
+                    xs = inputs(a.bin, specs[name], a.step_tokens + 8, seed=3)
                     step = make_step(name, xs)
                     if step is not None:
                         with torch.no_grad():

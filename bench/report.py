@@ -1,17 +1,32 @@
 #!/usr/bin/python3
 """Merges `linmix bench` and `bench/peer.py` reports into the benchmark table (markdown) and the
 plot (time and extra memory against T, log-log, every mechanism), and checks the targets of
-issue 7.  Usage: report.py --linmix A.json [B.json ...] --peer P.json [...] --md OUT.md --png OUT.png
+issue 7.  Usage: report.py --bin build/release/linmix --linmix A.json [B.json ...] --peer P.json [...] --md OUT.md --png OUT.png
 Later files override earlier ones for the same (mixer, T, threads, form)."""
 import argparse
 import json
 import math
 import os
 
-CHUNKED = ["linear", "performer", "norm_linear", "flash", "flow"]
-RECURRENCES = ["rwkv4", "mamba", "s4d", "aft_simple", "aft_local", "aft_conv"]
-LINEAR_TIME = ["linear", "performer", "norm_linear", "flash", "flow", "rwkv4", "mamba", "s4d", "aft_simple",
-               "aft_local", "aft_conv", "block_softmax"]
+import subprocess
+import sys
+
+# The target classes come from the registry (`--bin`: `linmix mixers --json`) and the runs:
+# linear-time = not quadratic; FLOP-bound = its forward reports GFLOP/s (the spec has a FLOP
+# count) and is linear-time; bandwidth-bound = its forward reports GB/s.
+CHUNKED, RECURRENCES, LINEAR_TIME = [], [], []
+
+
+def classify(specs, L):
+    for name, spec in specs.items():
+        fwd = [x for (m, T, th, f), x in L.items() if m == name and f == "fwd"]
+        if spec["quadratic"]:
+            continue
+        LINEAR_TIME.append(name)
+        if any("gflops" in x for x in fwd):
+            CHUNKED.append(name)
+        elif any("gbs" in x for x in fwd):
+            RECURRENCES.append(name)
 
 
 def load(paths):
@@ -46,9 +61,19 @@ def main():
     ap.add_argument("--md", required=True)
     ap.add_argument("--png")
     ap.add_argument("--T", type=int, default=4096, help="the length the targets are read at")
+    ap.add_argument("--bin", required=True, help="the linmix binary (its registry names the mechanisms)")
     a = ap.parse_args()
     L, limits, _ = load(a.linmix)
     P, _, pinfo = load(a.peer) if a.peer else ({}, {}, {})
+    out = subprocess.run([a.bin, "mixers", "--json"], capture_output=True, text=True, check=True).stdout
+    specs = {m["name"]: m for m in json.loads(out)}
+    # every mechanism of the registry is in the report, with its peer: a missing one fails by name
+    missing = [f"{m} (no linmix bench run)" for m in specs if not any(k[0] == m for k in L)]
+    if a.peer:
+        missing += [f"{m} (no PyTorch peer run)" for m in specs if not any(k[0] == m for k in P)]
+    if missing:
+        sys.exit("report.py: missing " + ", ".join(missing))
+    classify(specs, L)
     mixers = sorted({k[0] for k in L}, key=lambda m: (m != "softmax", m))
     threads = sorted({k[2] for k in L})
     T0 = a.T

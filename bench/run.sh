@@ -37,8 +37,8 @@ if [ "$quick" = 1 ]; then
   dir="${dir:-build/bench-quick}"
   mkdir -p "$dir"
   "$bin" bench --T 256,512 --thread-counts 1 --step-tokens 8 --out "$dir/linmix.json"
-  "$py" bench/peer.py --T 256,512 --threads 1 --step-tokens 8 --out "$dir/peer.json"
-  "$py" bench/report.py --linmix "$dir/linmix.json" --peer "$dir/peer.json" --T 512 \
+  "$py" bench/peer.py --bin "$bin" --T 256,512 --threads 1 --step-tokens 8 --out "$dir/peer.json"
+  "$py" bench/report.py --bin "$bin" --linmix "$dir/linmix.json" --peer "$dir/peer.json" --T 512 \
     --md "$dir/bench.md" --png "$dir/bench.png"
   exit 0
 fi
@@ -54,6 +54,6 @@ png="$dir/bench.png"
   --out "$dir/softmax_65536.json"
 # the peers up to T = 16384 (the targets are read at T = 1024 and 4096; PyTorch's quadratic
 # softmax and dense AFT stop at 8192 where their T x T buffers stop fitting)
-"$py" bench/peer.py --T 256,512,1024,2048,4096,8192,16384 --threads 1,2 --out "$dir/peer.json"
-"$py" bench/report.py --linmix "$dir/linmix.json" "$dir/softmax_65536.json" --peer "$dir/peer.json" \
+"$py" bench/peer.py --bin "$bin" --T 256,512,1024,2048,4096,8192,16384 --threads 1,2 --out "$dir/peer.json"
+"$py" bench/report.py --bin "$bin" --linmix "$dir/linmix.json" "$dir/softmax_65536.json" --peer "$dir/peer.json" \
   --md "$md" --png "$png"
