@@ -110,7 +110,7 @@ TEST(Rwkv4Engine, RejectsOtherModelsAndBadStates) {
   Model::State st = eng.new_state();
   std::vector<float> lg(50);
   EXPECT_THROW(eng.step(50, st, lg.data()), Error);
-  st.att_prev.pop_back();
+  st.layer.pop_back();
   EXPECT_THROW(eng.step(1, st, lg.data()), Error);
 }
 

@@ -1,51 +1,57 @@
-// The allocation-free steppers (MixerSpec::stepper, the generation path) against the recurrent
-// form run over the whole sequence: token by token they give the same outputs.
-#include <random>
-
+// The steppers (MixerSpec::stepper: the only recurrent code of a mechanism, the generation path
+// and, through recurrent_by_steps, `--mode recurrent`): every causal mechanism has one, and a
+// state saved mid-sequence and loaded into a fresh stepper continues bit for bit. (Their
+// outputs are checked against the float64 reference in test_mixers.cpp, through the recurrent
+// form.)
 #include "linmix/mixer.h"
 #include "test_util.h"
 
 using namespace linmix;
 
 namespace {
-bool per_token(const TensorSpec& ts) { return ("," + ts.dims + ",").find(",T,") != std::string::npos; }
+bool per_token(const TensorSpec& ts) { return ts.dims.rfind("B,T", 0) == 0; }
 }  // namespace
 
-TEST(Stepper, EqualsTheRecurrentFormTokenByToken) {
-  int with = 0;
+TEST(Stepper, EveryCausalMechanismHasOne) {
+  for (const MixerSpec& spec : mixers())
+    if (spec.causal_ok) EXPECT_TRUE(bool(spec.stepper)) << spec.name << " is causal but has no stepper";
+}
+
+TEST(Stepper, SavedStateContinuesBitForBit) {
   for (const MixerSpec& spec : mixers()) {
     if (!spec.stepper) continue;
-    ++with;
     const int64_t T = 37;
-    std::map<std::string, int64_t> dims{{"B", 1}, {"T", T}, {"H", 2}, {"D", 4}, {"E", 3}, {"C", 6}, {"M", 5},
-                                        {"N", 3}, {"K", 4}, {"S", 4}, {"Tw", T}};
-    std::map<std::string, std::string> params;
-    for (const auto& [k, v] : spec.example_params) params[k] = v;
+    auto dims = example_dims(spec, Scale::Test, T, true);
+    dims["B"] = 1;
     const TensorMap all = example_inputs(spec, dims, 7);
-    const TensorMap want = run_mixer(spec.name, Mode::Recurrent, true, params, all);
-    // one token at a time: the per-token tensors (those with a T dim) overwritten in place
     auto d1 = dims;
     d1["T"] = 1;
     TensorMap one = example_inputs(spec, d1, 8);
     for (const auto& ts : spec.inputs)
       if (!per_token(ts) && all.count(ts.name)) one[ts.name] = all.at(ts.name);
-    const Call call = validate_call(spec.name, Mode::Recurrent, true, params, one);
-    auto step = spec.stepper(call);
-    const Tensor& yw = want.at("y");
-    const int64_t per = yw.numel() / T;
-    std::vector<float> y(per);
-    for (int64_t t = 0; t < T; ++t) {
+    const Call call = validate_call(spec.name, Mode::Recurrent, true, spec.example_params, one);
+    const int64_t ny = numel_of(dims_shape(spec.y_dims, call));
+    auto feed = [&](int64_t t) {
       for (const auto& ts : spec.inputs) {
         if (!per_token(ts) || !all.count(ts.name)) continue;
         const Tensor& src = all.at(ts.name);
         const int64_t n = src.numel() / T;
         std::copy(src.ptr() + t * n, src.ptr() + (t + 1) * n, one.at(ts.name).ptr());
       }
-      step(y.data());
-      for (int64_t i = 0; i < per; ++i)
-        EXPECT_NEAR(y[i], yw.data[t * per + i], 1e-5f * std::max(1.0f, std::fabs(yw.data[t * per + i])))
-            << spec.name << " t=" << t << " i=" << i;
+    };
+    for (int64_t t1 : {1, 5, 20}) {
+      Stepper a = spec.stepper(call), b = spec.stepper(call);
+      std::vector<float> ya(ny), yb(ny);
+      for (int64_t t = 0; t < t1; ++t) feed(t), a.step(ya.data());
+      b.load(a.save());
+      for (int64_t t = t1; t < T; ++t) {
+        feed(t);
+        a.step(ya.data()), b.step(yb.data());
+        ASSERT_EQ(ya, yb) << spec.name << " t=" << t << " after a state saved at " << t1;
+      }
+      const TensorMap sa = a.save(), sb = b.save();
+      ASSERT_EQ(sa.size(), spec.state.size()) << spec.name;
+      for (const auto& [n, t] : sa) EXPECT_EQ(t.data, sb.at(n).data) << spec.name << " " << n;
     }
   }
-  EXPECT_GE(with, 11);  // softmax, linear, performer, norm_linear, rwkv4, the four AFT, s4d, mamba
 }

@@ -13,6 +13,7 @@
 #include <random>
 
 #include "linmix/bench.h"
+#include "linmix/generate.h"
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "linmix/model.h"
@@ -144,6 +145,144 @@ int cmd_demo(int64_t T, const std::string& dir, uint64_t seed) {
   return failures ? 1 : 0;
 }
 
+
+int cmd_mixers(bool json) {
+  std::cout << (json ? mixers_json() : describe_mixers());
+  return 0;
+}
+
+int cmd_example(const std::string& mixer, bool causal, int64_t T, uint64_t seed, const std::string& scale,
+                const std::vector<std::string>& dim_overrides, int stress, bool with_dy, const std::string& out) {
+  const MixerSpec& spec = find_mixer(mixer);
+  LINMIX_CHECK(causal ? spec.causal_ok : spec.noncausal_ok,
+               "mixer '" + mixer + "' has no " + (causal ? "causal" : "non-causal") + " form");
+  LINMIX_CHECK(stress >= 0 && stress <= 2, "--stress must be 0, 1 or 2");
+  auto dims = example_dims(spec, parse_scale(scale), T, causal);
+  for (const auto& [k, v] : parse_params(dim_overrides)) {
+    char* end = nullptr;
+    const long long n = std::strtoll(v.c_str(), &end, 10);
+    LINMIX_CHECK(!v.empty() && *end == '\0' && n >= 1 && n <= (1 << 24), "--dim " + k + "=" + v + ": not a size");
+    dims[k] = n;
+  }
+  TensorMap in = example_inputs(spec, dims, seed);
+  if (stress) stress_inputs(spec, in, stress == 2);
+  if (with_dy) {
+    Tensor dy(dims_shape(spec.y_dims, validate_call(mixer, Mode::Parallel, causal, spec.example_params, in)));
+    std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (float& x : dy.data) x = normal(rng);
+    in["dy"] = std::move(dy);
+  }
+  write_safetensors(out, in, {{"mixer", mixer}, {"seed", std::to_string(seed)}});
+  return 0;
+}
+
+int cmd_train(TrainOptions topt, const std::string& config_path, const std::string& mixer) {
+  if (!config_path.empty()) {
+    std::ifstream f(config_path);
+    LINMIX_CHECK(f.good(), config_path + ": cannot open the model config");
+    topt.config.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  } else if (!mixer.empty()) {
+    topt.config = ModelConfig::for_mixer(mixer).to_json();
+  }
+  const TrainResult r = train(topt);
+  std::printf("trained %lld steps in %.1f s (%.0f tok/s): train loss %.4f", static_cast<long long>(r.steps_done),
+              r.seconds, r.tokens_per_s, r.train_loss);
+  if (topt.task.empty()) std::printf(", validation loss %.4f = %.4f bpc\n", r.val_loss, r.val_bpc);
+  else std::printf(", %s accuracy %.4f\n", topt.task.c_str(), r.val_acc);
+  std::printf("checkpoint: %s/ckpt.safetensors; peak memory %.1f MiB\n", topt.out.c_str(), peak_rss_mib());
+  return 0;
+}
+
+int cmd_generate(const std::string& model_path, const GenerateOptions& o, bool stats) {
+  Checkpoint ck = load_checkpoint(model_path);
+  const GenerateResult r = generate(*ck.model, o, [](const std::string& piece) {
+    std::fwrite(piece.data(), 1, piece.size(), stdout);
+    std::fflush(stdout);
+  });
+  std::fputc('\n', stdout);
+  if (stats) std::fprintf(stderr, "linmix stats: ms_per_token=%.4f peak_rss_mib=%.1f\n", r.ms_per_token, peak_rss_mib());
+  return 0;
+}
+
+std::vector<uint8_t> read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  LINMIX_CHECK(f.good(), path + ": cannot open");
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+int cmd_eval(const std::string& model_path, const std::string& file, const std::string& mode, const std::string& dtype,
+             int64_t seq, int64_t windows) {
+  Checkpoint ck = load_checkpoint(model_path);
+  const double loss = evaluate_bytes(*ck.model, read_bytes(file), mode, dtype, seq, windows);
+  std::printf("%s: %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", file.c_str(), mode.c_str(),
+              static_cast<long long>(windows), static_cast<long long>(seq), loss, loss / std::log(2.0));
+  return 0;
+}
+
+int cmd_tokenize(const std::string& tokenizer, const std::string& text, const std::string& file, std::string decode) {
+  const auto tk = Tokenizer::load(tokenizer);
+  if (!decode.empty() && decode[0] == '@') {
+    const std::vector<uint8_t> b = read_bytes(decode.substr(1));
+    decode.assign(b.begin(), b.end());
+    while (!decode.empty() && std::isspace(static_cast<unsigned char>(decode.back()))) decode.pop_back();
+  }
+  if (!decode.empty()) {
+    const std::string s = tk->decode(parse_ids(decode, tk->vocab_size(), "--decode"));
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    return 0;
+  }
+  std::string all = text;
+  if (!file.empty()) {
+    const std::vector<uint8_t> b = read_bytes(file);
+    all.assign(b.begin(), b.end());
+  }
+  const std::vector<int32_t> ids = tk->encode(all);
+  for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%d", i ? "," : "", ids[i]);
+  std::printf("\n");
+  return 0;
+}
+
+int cmd_grad(const std::string& model_path, const std::string& tokens, const std::string& targets, int64_t batch,
+             const std::string& out_path) {
+  Checkpoint ck = load_checkpoint(model_path);
+  Model& m = *ck.model;
+  const std::vector<int32_t> in = parse_ids(tokens, m.config().vocab, "--tokens");
+  const std::vector<int32_t> tg = parse_ids(targets, m.config().vocab, "--targets", true);
+  LINMIX_CHECK(in.size() == tg.size(), "--tokens and --targets differ in length");
+  LINMIX_CHECK(static_cast<int64_t>(in.size()) % batch == 0, "--batch does not divide the token count");
+  TensorMap grads;
+  const double loss = m.forward_backward(in.data(), tg.data(), batch, static_cast<int64_t>(in.size()) / batch, &grads);
+  TensorMap out;
+  for (auto& [n, t] : grads) out["d" + n] = std::move(t);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", loss);
+  write_safetensors(out_path, out, {{"loss", buf}});
+  return 0;
+}
+
+int cmd_logits(const std::string& model_path, const std::string& tokens, const std::string& mode, int64_t chunk,
+               const std::string& dtype, const std::string& out_path) {
+  Checkpoint ck = load_checkpoint(model_path);
+  const std::vector<int32_t> toks = parse_ids(tokens, ck.model->config().vocab, "--tokens");
+  write_safetensors(out_path, {{"logits", sequence_logits(*ck.model, toks, mode, chunk, dtype)}}, {{"mode", mode}});
+  return 0;
+}
+
+int cmd_bench(bool model, const ModelBenchOptions& mbo, const MixerBenchOptions& xbo) {
+  if (!model) return bench_mixers(xbo);
+  LINMIX_CHECK(mbo.checkpoint.empty() == mbo.data.empty(), "--checkpoint and --data go together");
+  for (const auto& d : mbo.dtypes) parse_wtype(d);
+  return bench_model(mbo);
+}
+
+int cmd_features(int64_t M, int64_t D, uint64_t seed, const std::string& out) {
+  Tensor proj({M, D});
+  proj.data = orthogonal_gaussian_features(M, D, seed);
+  write_safetensors(out, {{"proj", proj}}, {{"generator", "orthogonal_gaussian"}, {"seed", std::to_string(seed)}});
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -226,12 +365,12 @@ int main(int argc, char** argv) {
   tr->add_option("--seed", topt.seed, "seed (initialisation and batches)")->capture_default_str();
 
   auto* gen = app.add_subcommand("generate", "sample text from a checkpoint with the recurrent form, streaming");
-  std::string model_path, prompt = "\n";
-  int64_t ntok = 200;
-  SampleOptions sopt;
+  std::string model_path;
+  GenerateOptions gopt;
+  SampleOptions& sopt = gopt.sample;
   gen->add_option("--model", model_path, "checkpoint (OUT/ckpt.safetensors of linmix train)")->required();
-  gen->add_option("--prompt", prompt, "prompt text")->capture_default_str();
-  gen->add_option("--tokens", ntok, "tokens to generate")->capture_default_str()->check(CLI::Range(int64_t(0), int64_t(1) << 24));
+  gen->add_option("--prompt", gopt.prompt, "prompt text")->capture_default_str();
+  gen->add_option("--tokens", gopt.tokens, "tokens to generate")->capture_default_str()->check(CLI::Range(int64_t(0), int64_t(1) << 24));
   gen->add_option("--temperature", sopt.temperature, "0 = greedy")->capture_default_str()->check(CLI::NonNegativeNumber);
   gen->add_option("--top-k", sopt.top_k, "keep the k most likely (0 = all)")->capture_default_str()->check(CLI::NonNegativeNumber);
   gen->add_option("--top-p", sopt.top_p, "nucleus mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
@@ -329,202 +468,23 @@ int main(int argc, char** argv) {
   }
   try {
     if (*mix) return cmd_mix(mixer, causal, mode, params, grad, stats, in_path, out_path);
-    if (*list) {
-      std::cout << (list_json ? mixers_json() : describe_mixers());
-      return 0;
-    }
+    if (*list) return cmd_mixers(list_json);
     if (*demo) return cmd_demo(demo_T, dir, seed);
-    if (*ex) {
-      const MixerSpec& spec = find_mixer(mixer);
-      LINMIX_CHECK(causal ? spec.causal_ok : spec.noncausal_ok,
-                   "mixer '" + mixer + "' has no " + (causal ? "causal" : "non-causal") + " form");
-      LINMIX_CHECK(ex_stress >= 0 && ex_stress <= 2, "--stress must be 0, 1 or 2");
-      auto dims = example_dims(spec, parse_scale(ex_scale), ex_T, causal);
-      for (const auto& [k, v] : parse_params(ex_dims)) {
-        char* end = nullptr;
-        const long long n = std::strtoll(v.c_str(), &end, 10);
-        LINMIX_CHECK(!v.empty() && *end == '\0' && n >= 1 && n <= (1 << 24), "--dim " + k + "=" + v + ": not a size");
-        dims[k] = n;
-      }
-      TensorMap in = example_inputs(spec, dims, ex_seed);
-      if (ex_stress) stress_inputs(spec, in, ex_stress == 2);
-      if (ex_dy) {
-        Tensor dy(dims_shape(spec.y_dims, validate_call(mixer, Mode::Parallel, causal, spec.example_params, in)));
-        std::mt19937_64 rng(ex_seed ^ 0x9e3779b97f4a7c15ull);
-        std::normal_distribution<float> normal(0.0f, 1.0f);
-        for (float& x : dy.data) x = normal(rng);
-        in["dy"] = std::move(dy);
-      }
-      write_safetensors(out_path, in, {{"mixer", mixer}, {"seed", std::to_string(ex_seed)}});
-      return 0;
-    }
-    if (*tr) {
-      if (!config_path.empty()) {
-        std::ifstream f(config_path);
-        LINMIX_CHECK(f.good(), config_path + ": cannot open the model config");
-        topt.config.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-      } else if (!mixer.empty()) {
-        topt.config = ModelConfig::for_mixer(mixer).to_json();
-      }
-      const TrainResult r = train(topt);
-      std::printf("trained %lld steps in %.1f s (%.0f tok/s): train loss %.4f", static_cast<long long>(r.steps_done),
-                  r.seconds, r.tokens_per_s, r.train_loss);
-      if (topt.task.empty()) std::printf(", validation loss %.4f = %.4f bpc\n", r.val_loss, r.val_bpc);
-      else std::printf(", %s accuracy %.4f\n", topt.task.c_str(), r.val_acc);
-      std::printf("checkpoint: %s/ckpt.safetensors; peak memory %.1f MiB\n", topt.out.c_str(), peak_rss_mib());
-      return 0;
-    }
+    if (*ex) return cmd_example(mixer, causal, ex_T, ex_seed, ex_scale, ex_dims, ex_stress, ex_dy, out_path);
+    if (*tr) return cmd_train(topt, config_path, mixer);
     if (*gen) {
-      Checkpoint ck = load_checkpoint(model_path);
-      Model& m = *ck.model;
-      const int64_t V = m.config().vocab;
-      Model::State st = m.new_state();
-      if (!state_in.empty()) {
-        SafeTensors s = read_safetensors(state_in);
-        LINMIX_CHECK(s.metadata.count("config") && s.metadata.at("config") == m.config().to_json(),
-                     state_in + ": the state was saved by a model with another config");
-        st = m.state_from_tensors(s.tensors);
-      }
-      std::vector<float> lg(V);
-      LINMIX_CHECK(!prompt.empty(), "--prompt must not be empty");
-      const auto tk = Tokenizer::load(tokenizer_path);
-      LINMIX_CHECK(tk->vocab_size() <= V, "tokenizer " + tk->name() + " has " + std::to_string(tk->vocab_size()) +
-                                              " tokens, the model only " + std::to_string(V));
-      const WType wt = parse_wtype(dtype);
-      std::unique_ptr<Rwkv4Engine> eng;
-      if (Rwkv4Engine::supports(m.config())) eng = std::make_unique<Rwkv4Engine>(m, wt);
-      else LINMIX_CHECK(wt == WType::F32, "--dtype " + dtype + " needs an RWKV-4 model");
-      const std::vector<int32_t> pids = tk->encode(prompt);
-      LINMIX_CHECK(!pids.empty(), "the prompt encodes to no tokens");
-      if (eng) eng->sequence(pids.data(), int64_t(pids.size()), st, lg.data());
-      else
-        for (int32_t id : pids) m.step(id, st, lg.data());
-      std::mt19937_64 rng(sopt.seed);
-      std::fwrite(prompt.data(), 1, prompt.size(), stdout);
-      const auto g0 = std::chrono::steady_clock::now();
-      for (int64_t i = 0; i < ntok; ++i) {
-        int32_t t = sample_token(lg.data(), V, sopt, rng);
-        if (t >= tk->vocab_size()) t = 0;  // a model row past the tokenizer: stop sampling it
-        const std::string piece = tk->decode({t});
-        std::fwrite(piece.data(), 1, piece.size(), stdout);
-        std::fflush(stdout);
-        if (eng) eng->step(t, st, lg.data());
-        else m.step(t, st, lg.data());
-      }
-      std::fputc('\n', stdout);
-      if (!state_out.empty()) write_safetensors(state_out, m.state_tensors(st), {{"config", m.config().to_json()}});
-      if (stats)
-        std::fprintf(stderr, "linmix stats: ms_per_token=%.4f peak_rss_mib=%.1f\n",
-                     std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - g0).count() /
-                         double(std::max<int64_t>(ntok, 1)),
-                     peak_rss_mib());
-      return 0;
+      gopt.tokenizer = tokenizer_path, gopt.state_in = state_in, gopt.state_out = state_out, gopt.dtype = dtype;
+      return cmd_generate(model_path, gopt, stats);
     }
-    if (*ev) {
-      Checkpoint ck = load_checkpoint(model_path);
-      std::ifstream f(eval_file, std::ios::binary);
-      LINMIX_CHECK(f.good(), eval_file + ": cannot open");
-      std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-      LINMIX_CHECK(eval_mode == "parallel" || eval_mode == "recurrent" || eval_mode == "sequence",
-                   "--mode must be parallel, recurrent or sequence");
-      double loss;
-      if (eval_mode == "sequence") {
-        Rwkv4Engine eng(*ck.model, parse_wtype(dtype));
-        loss = evaluate_split(eng, bytes, eval_seq, eval_windows);
-      } else {
-        LINMIX_CHECK(dtype == "f32", "--dtype applies to --mode sequence only");
-        loss = evaluate_split(*ck.model, bytes, eval_seq, eval_windows, eval_mode == "recurrent");
-      }
-      std::printf("%s: %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", eval_file.c_str(),
-                  eval_mode.c_str(), static_cast<long long>(eval_windows), static_cast<long long>(eval_seq), loss,
-                  loss / std::log(2.0));
-      return 0;
-    }
-    if (*tok) {
-      const auto tk = Tokenizer::load(tokenizer_path);
-      if (!tok_decode.empty() && tok_decode[0] == '@') {
-        std::ifstream f(tok_decode.substr(1));
-        LINMIX_CHECK(f.good(), tok_decode.substr(1) + ": cannot open");
-        tok_decode.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-        while (!tok_decode.empty() && std::isspace(static_cast<unsigned char>(tok_decode.back()))) tok_decode.pop_back();
-      }
-      if (!tok_decode.empty()) {
-        const std::string s = tk->decode(parse_ids(tok_decode, tk->vocab_size(), "--decode"));
-        std::fwrite(s.data(), 1, s.size(), stdout);
-        return 0;
-      }
-      std::string text = tok_text;
-      if (!tok_file.empty()) {
-        std::ifstream f(tok_file, std::ios::binary);
-        LINMIX_CHECK(f.good(), tok_file + ": cannot open");
-        text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-      }
-      const std::vector<int32_t> ids = tk->encode(text);
-      for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%d", i ? "," : "", ids[i]);
-      std::printf("\n");
-      return 0;
-    }
-    if (*gr) {
-      Checkpoint ck = load_checkpoint(model_path);
-      Model& m = *ck.model;
-      const std::vector<int32_t> in = parse_ids(tokens_csv, m.config().vocab, "--tokens");
-      const std::vector<int32_t> tg = parse_ids(targets_csv, m.config().vocab, "--targets", true);
-      LINMIX_CHECK(in.size() == tg.size(), "--tokens and --targets differ in length");
-      LINMIX_CHECK(static_cast<int64_t>(in.size()) % grad_batch == 0, "--batch does not divide the token count");
-      TensorMap grads;
-      const double loss = m.forward_backward(in.data(), tg.data(), grad_batch,
-                                             static_cast<int64_t>(in.size()) / grad_batch, &grads);
-      TensorMap out;
-      for (auto& [n, t] : grads) out["d" + n] = std::move(t);
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%.17g", loss);
-      write_safetensors(out_path, out, {{"loss", buf}});
-      return 0;
-    }
-    if (*lg) {
-      Checkpoint ck = load_checkpoint(model_path);
-      Model& m = *ck.model;
-      const std::vector<int32_t> toks = parse_ids(tokens_csv, m.config().vocab, "--tokens");
-      const int64_t T = static_cast<int64_t>(toks.size()), V = m.config().vocab;
-      Tensor out({T, V});
-      LINMIX_CHECK(logits_mode == "parallel" || logits_mode == "recurrent" || logits_mode == "sequence" ||
-                       logits_mode == "decode",
-                   "--mode must be parallel, recurrent, sequence or decode");
-      const WType wt = parse_wtype(dtype);
-      LINMIX_CHECK(wt == WType::F32 || logits_mode == "sequence" || logits_mode == "decode",
-                   "--dtype applies to the sequence and decode modes only");
-      if (logits_mode == "parallel") {
-        out.data = m.logits(toks.data(), 1, T);
-      } else if (logits_mode == "recurrent") {
-        Model::State st = m.new_state();
-        for (int64_t t = 0; t < T; ++t) m.step(toks[t], st, out.ptr() + t * V);
-      } else {
-        Rwkv4Engine eng(m, wt);
-        Model::State st = m.new_state();
-        if (logits_mode == "decode")
-          for (int64_t t = 0; t < T; ++t) eng.step(toks[t], st, out.ptr() + t * V);
-        else
-          for (int64_t t0 = 0; t0 < T; t0 += logits_chunk)
-            eng.sequence(toks.data() + t0, std::min(logits_chunk, T - t0), st, out.ptr() + t0 * V, true);
-      }
-      write_safetensors(out_path, {{"logits", out}}, {{"mode", logits_mode}});
-      return 0;
-    }
+    if (*ev) return cmd_eval(model_path, eval_file, eval_mode, dtype, eval_seq, eval_windows);
+    if (*tok) return cmd_tokenize(tokenizer_path, tok_text, tok_file, tok_decode);
+    if (*gr) return cmd_grad(model_path, tokens_csv, targets_csv, grad_batch, out_path);
+    if (*lg) return cmd_logits(model_path, tokens_csv, logits_mode, logits_chunk, dtype, out_path);
     if (*bn) {
-      if (!bench_model_flag) {
-        xbo.backward = !no_backward, xbo.step = !no_step, xbo.out = mbo.out;
-        return bench_mixers(xbo);
-      }
-      LINMIX_CHECK(mbo.checkpoint.empty() == mbo.data.empty(), "--checkpoint and --data go together");
-      for (const auto& d : mbo.dtypes) parse_wtype(d);
-      return bench_model(mbo);
+      xbo.backward = !no_backward, xbo.step = !no_step, xbo.out = mbo.out;
+      return cmd_bench(bench_model_flag, mbo, xbo);
     }
-    if (*feats) {
-      Tensor proj({fM, fD});
-      proj.data = orthogonal_gaussian_features(fM, fD, fseed);
-      write_safetensors(fout, {{"proj", proj}}, {{"generator", "orthogonal_gaussian"}, {"seed", std::to_string(fseed)}});
-      return 0;
-    }
+    if (*feats) return cmd_features(fM, fD, fseed, fout);
   } catch (const Error& e) {
     std::fprintf(stderr, "linmix: %s\n", e.what());
     return 2;

@@ -54,6 +54,13 @@ struct Call {
   int64_t ip(const std::string& name) const { return static_cast<int64_t>(params.at(name)); }
 };
 
+// The recurrent step of one sequence (MixerSpec::stepper).
+struct Stepper {
+  std::function<void(float* y)> step;
+  std::function<TensorMap()> save;
+  std::function<void(const TensorMap&)> load;
+};
+
 struct MixerSpec {
   std::string name;
   std::string paper;
@@ -80,13 +87,16 @@ struct MixerSpec {
   // The reference on float64 inputs (same names as the call's tensors), returning y: what
   // finite-difference checks perturb.
   std::function<std::vector<double>(const Call&, const std::map<std::string, std::vector<double>>&)> reference64;
-  std::function<TensorMap(const Call&)> recurrent;  // reads state.* if present; returns y + state.*
-  // The generation path (where written): stepper(call), given a validated recurrent call with
-  // B = 1, T = 1 and no state, returns a step function that keeps the state itself; each step
-  // reads the call's per-token input tensors (the caller overwrites their values in place
-  // between steps; the other inputs stay fixed) and writes y (one token). No validation, no
-  // tensor copies, no allocation per token (the softmax KV cache grows by amortised doubling).
-  std::function<std::function<void(float* y)>(const Call&)> stepper;
+  // The recurrent form, one token at a time (where defined): stepper(call), given a validated
+  // recurrent call with B = 1 and T = 1, returns a Stepper that keeps the state of one sequence
+  // itself. step(y) reads the call's per-token input tensors (the caller overwrites their values
+  // in place between steps; the other inputs stay fixed) and writes y of one token: no
+  // validation, no tensor copies, no allocation per token (the softmax KV cache grows by
+  // amortised doubling). save() returns the state as the spec's state tensors ("state.<name>",
+  // B = 1); load() sets it from such tensors (validated by the caller). This is the only
+  // recurrent code of a mechanism: `--mode recurrent` is recurrent_by_steps over it, and
+  // generation calls it directly.
+  std::function<Stepper(const Call&)> stepper;
 
   // ---- What the harnesses (tests, demo, benchmarks, Python tools) know of the mechanism ----
   // Sizes of the mechanism's own dim letters (Tw, K, M, S, N, L, ...) at a harness scale; the
@@ -142,6 +152,10 @@ std::map<std::string, int64_t> example_dims(const MixerSpec& spec, Scale scale, 
 
 // Applies spec.stress (or the default: k, w, u times 20, clipped to +-60) to example inputs.
 void stress_inputs(const MixerSpec& spec, TensorMap& in, bool for_grad);
+
+// The recurrent form of a call with any B and T, state.* in and out, run through spec.stepper one
+// sequence and one token at a time.
+TensorMap recurrent_by_steps(const MixerSpec& spec, const Call& c);
 
 // Human-readable listing of every mechanism (the `linmix mixers` command).
 std::string describe_mixers();

@@ -13,9 +13,14 @@
 
 namespace linmix {
 
+class LayerRun;
+class MixerLayer;
+
 struct LayerConfig {
   std::string mixer;                          // a registry name (softmax, linear, rwkv4, aft_conv, ...)
-  std::map<std::string, std::string> params;  // passed to the mixer (window, block, ...)
+  // the mixer's params (window, block, ...) and the layer's knobs (features, kernel, state,
+  // qk_dim, expand: these override the model-wide defaults below and are not passed on)
+  std::map<std::string, std::string> params;
 };
 
 struct ModelConfig {
@@ -26,6 +31,7 @@ struct ModelConfig {
   int64_t ctx = 256;     // longest training context (aft_full / aft_local store w for it)
   std::string channel_mix = "mlp";  // "mlp" (GELU, ffn_mult x) or "rwkv" (RWKV-4 channel-mix)
   int64_t ffn_mult = 4;
+  // model-wide defaults of the layers' knobs (a layer's params may override them):
   int64_t features = 32;  // performer random features M
   int64_t kernel = 7;     // aft_conv kernel size K
   bool ln0 = false;       // LayerNorm on the embedding (RWKV-4's blocks.0.ln0)
@@ -35,6 +41,8 @@ struct ModelConfig {
   int pos_emb = -1;       // learned absolute positions: 1 on, 0 off, -1 = on iff a layer is
                           // attention-like (softmax, linear, performer, flow, TransNormer, flash)
   bool uses_pos_emb() const;
+  // A layer's knob: its params' value if set (an integer), else the model-wide default.
+  int64_t knob(const LayerConfig& l, const std::string& name) const;
   std::vector<LayerConfig> layers;  // one per layer
 
   // JSON: {"d_model":..,"n_layer":..,"mixer":"rwkv4" | "layers":[{"mixer":..,"params":{..}}],..}
@@ -69,12 +77,21 @@ class Model {
   // logits (B,T,V) of the parallel form.
   std::vector<float> logits(const int32_t* inputs, int64_t B, int64_t T);
 
-  // Recurrent form, one sequence: the whole state of every layer.
+  // Recurrent form, one sequence: the whole state of every layer. Each layer's own state lives in
+  // `layer` as tensors (the RWKV-4 time-mix token shift "att_prev", Mamba's "conv" window, the
+  // mechanism's "state.*"; empty = zero) until Model::step starts the layer's runtime (its
+  // allocation-free stepper), which then owns it; flush() writes the runtimes' state back.
   struct State {
-    std::vector<TensorMap> mix;                       // per layer: the mixer's state.* tensors
-    std::vector<std::vector<float>> att_prev, ffn_prev;  // per layer: token-shift inputs (C)
-    std::vector<std::vector<float>> conv;                // per layer: mamba's last 3 conv inputs
+    State();
+    State(int64_t n_layer, int64_t d_model);
+    ~State();
+    State(State&&) noexcept;
+    State& operator=(State&&) noexcept;
+    std::vector<TensorMap> layer;                  // per layer: its own state tensors
+    std::vector<std::vector<float>> ffn_prev;      // per layer: the RWKV channel mix's token shift (C)
     int64_t pos = 0;
+    std::vector<std::unique_ptr<LayerRun>> run;    // per layer: the runtime, while Model::step runs it
+    void flush();                                  // runtimes' state -> layer tensors; runtimes dropped
   };
   State new_state() const;
   // A state as tensors ("pos", "layer.L.att_prev", "layer.L.state.*", ...) and back; loading
@@ -86,23 +103,10 @@ class Model {
 
  private:
   struct Acts;
-  struct LayerActs;
-  TensorMap s4d_inputs(int64_t l, int64_t B, int64_t T, const float* u) const;
-  TensorMap flash_inputs(int64_t l, int64_t N, const float* Z, const float* V, int64_t B, int64_t T) const;
-  TensorMap mamba_inputs(int64_t l, int64_t B, int64_t T, const float* xs, const float* dbc, const float* delta,
-                         const float* z) const;
-  void flash_layer_forward(int64_t l, int64_t B, int64_t T, LayerActs& L);
-  void flash_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, const float* dout, float* da,
-                            TensorMap& grads);
-  void mamba_layer_forward(int64_t l, int64_t B, int64_t T, LayerActs& L);
-  void mamba_layer_backward(int64_t l, int64_t B, int64_t T, LayerActs& L, const float* dout, float* da,
-                            TensorMap& grads);
-  std::vector<float> mixer_step(int64_t l, TensorMap in, State& st);
-  float* grad_slot(TensorMap& grads, const std::string& name) const;
-  void step_special(int64_t l, const float* a, float* o, State& st);
   ModelConfig cfg_;
   TensorMap params_;
   std::unique_ptr<Acts> acts_;
+  std::vector<std::unique_ptr<MixerLayer>> layers_;
 };
 
 }  // namespace linmix

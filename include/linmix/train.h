@@ -54,7 +54,7 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW& o
 // Also loads plain RWKV-4 checkpoints (BlinkDL or Hugging Face names, see rwkv_import.cpp).
 Checkpoint load_checkpoint(const std::string& path);
 
-// RWKV-4 import (src/io/rwkv_import.cpp): shape (V, C, L, F) inferred from the tensors; every
+// RWKV-4 import (src/model/rwkv_import.cpp): shape (V, C, L, F) inferred from the tensors; every
 // missing or mis-shaped tensor is an Error naming it.
 bool looks_like_rwkv4(const TensorMap& tensors);
 std::unique_ptr<Model> import_rwkv4(TensorMap tensors, const std::string& what);

@@ -157,41 +157,26 @@ int bench_mixers(const MixerBenchOptions& o) {
           last["fwdbwd"] = s;
           record("fwdbwd", s, extra, 0.0, 0.0);
         }
-        if (o.step && spec.recurrent && causal && T == Ts.front()) {
-          // per token, B = 1, the state carried: the allocation-free stepper (the generation
-          // path) where the mechanism has one, else run_mixer (validation, state in and out)
+        if (o.step && spec.stepper && causal && T == Ts.front()) {
+          // per token, B = 1, the state carried: the allocation-free stepper (the generation path)
           auto sd = example_dims(spec, Scale::Bench, 1, true);
-          sd["Tw"] = o.step_tokens + 8;  // aft_full / aft_local: w covers every position stepped
+          sd["Tw"] = o.step_tokens + 8;  // a position bias w (Tw, Tw) covers every position stepped
           TensorMap sin = example_inputs(spec, sd, 3);
-          std::function<void()> one;
           int64_t ny = 1;
           for (int64_t x : dims_shape(spec.y_dims, validate_call(name, Mode::Recurrent, true, params, sin))) ny *= x;
           std::vector<float> y(size_t(ny), 0.0f);
-          std::unique_ptr<Call> call;
-          std::function<void(float*)> step;
-          const TensorMap sin0 = sin;
           // best of 5 sequences of step_tokens tokens, each from a fresh state (a KV cache grows
           // to the same length in each)
           double best = 1e30;
           for (int rep = 0; rep < 5; ++rep) {
-            if (spec.stepper) {
-              call = std::make_unique<Call>(validate_call(name, Mode::Recurrent, true, params, sin));
-              step = spec.stepper(*call);
-              one = [&] { step(y.data()); };
-            } else {
-              sin = sin0;
-              one = [&] {
-                for (auto& [k, v] : run_mixer(name, Mode::Recurrent, true, params, sin))
-                  if (k.rfind("state.", 0) == 0) sin[k] = std::move(v);
-              };
-            }
-            for (int i = 0; i < 8; ++i) one();  // warm-up; the state exists from here on
+            const Call call = validate_call(name, Mode::Recurrent, true, params, sin);
+            Stepper st = spec.stepper(call);
+            for (int i = 0; i < 8; ++i) st.step(y.data());  // warm-up; the state exists from here on
             const double t0 = now_s();
-            for (int64_t i = 0; i < o.step_tokens; ++i) one();
+            for (int64_t i = 0; i < o.step_tokens; ++i) st.step(y.data());
             best = std::min(best, (now_s() - t0) / double(o.step_tokens));
           }
           record("step", best, 0.0, 0.0, 0.0);
-          rep["runs"].back()["path"] = spec.stepper ? "stepper" : "run_mixer";
         }
       }
       for (auto& [form, pts] : curve) {

@@ -145,58 +145,6 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy) {
 bool has_sums(Variant var) { return var != Variant::Full; }
 bool has_ring(Variant var) { return var != Variant::Simple; }
 
-TensorMap aft_recurrent(Variant var, const Call& c) {
-  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-  BiasCtx ctx;
-  const AftBand band = make_band(var, c, ctx);
-  const bool has_state = c.has(has_sums(var) ? "state.num" : "state.k");
-  const int64_t L0 = has_state && has_ring(var) ? c.d("L") : 0;
-  int64_t pos0 = 0;
-  if (has_state && var == Variant::Local) pos0 = static_cast<int64_t>(c.t("state.pos").data[0]);
-  if (var == Variant::Full) pos0 = L0;
-  Tensor y({B, T, C});
-  std::vector<AftState> states(static_cast<size_t>(B));
-  std::vector<float> scratch;
-  for (int64_t b = 0; b < B; ++b) {
-    AftState& st = states[b];
-    st.C = C, st.pos = pos0;
-    st.num.assign(C, 0.0f), st.den.assign(C, 0.0f), st.max.assign(C, kAftEmptyMax);
-    if (has_state && has_sums(var)) {
-      for (auto [name, vec] : {std::pair{"state.num", &st.num}, {"state.den", &st.den}, {"state.max", &st.max}})
-        vec->assign(c.t(name).ptr() + b * C, c.t(name).ptr() + (b + 1) * C);
-    }
-    if (has_state && has_ring(var)) {
-      st.k.assign(c.t("state.k").ptr() + b * L0 * C, c.t("state.k").ptr() + (b + 1) * L0 * C);
-      st.v.assign(c.t("state.v").ptr() + b * L0 * C, c.t("state.v").ptr() + (b + 1) * L0 * C);
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t off = (b * T + t) * C;
-      aft_step(y.ptr() + off, st, c.t("q").ptr() + off, c.t("k").ptr() + off, c.t("v").ptr() + off, band.lo, band,
-               scratch);
-    }
-  }
-  TensorMap out{{"y", std::move(y)}};
-  if (has_sums(var)) {
-    Tensor num({B, C}), den({B, C}), mx({B, C});
-    for (int64_t b = 0; b < B; ++b) {
-      std::copy(states[b].num.begin(), states[b].num.end(), num.ptr() + b * C);
-      std::copy(states[b].den.begin(), states[b].den.end(), den.ptr() + b * C);
-      std::copy(states[b].max.begin(), states[b].max.end(), mx.ptr() + b * C);
-    }
-    out["state.num"] = std::move(num), out["state.den"] = std::move(den), out["state.max"] = std::move(mx);
-  }
-  if (has_ring(var)) {
-    const int64_t L = states[0].len();
-    Tensor sk({B, L, C}), sv({B, L, C});
-    for (int64_t b = 0; b < B; ++b) {
-      std::copy(states[b].k.begin(), states[b].k.end(), sk.ptr() + b * L * C);
-      std::copy(states[b].v.begin(), states[b].v.end(), sv.ptr() + b * L * C);
-    }
-    out["state.k"] = std::move(sk), out["state.v"] = std::move(sv);
-  }
-  if (var == Variant::Local) out["state.pos"] = Tensor({1}, float(states[0].pos));
-  return out;
-}
 
 }  // namespace
 
@@ -204,8 +152,7 @@ void set_aft_forms(MixerSpec& s, AftVariant var) {
   s.y_dims = "B,T,C";
   s.parallel = [var](const Call& c) { return aft_parallel(var, c); };
   s.backward = [var](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy); };
-  s.recurrent = [var](const Call& c) { return aft_recurrent(var, c); };
-  s.stepper = [var](const Call& c) -> std::function<void(float*)> {
+  s.stepper = [var](const Call& c) {
     const int64_t C = c.d("C");
     auto ctx = std::make_shared<BiasCtx>();
     auto band = std::make_shared<AftBand>(make_band(var, c, *ctx));  // band.ctx points into *ctx
@@ -213,10 +160,29 @@ void set_aft_forms(MixerSpec& s, AftVariant var) {
     st->C = C, st->num.assign(C, 0.0f), st->den.assign(C, 0.0f), st->max.assign(C, kAftEmptyMax);
     auto scratch = std::make_shared<std::vector<float>>();
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
-    return [=](float* y) {
+    auto step = [=](float* y) {
       (void)ctx;  // keeps the bias context the band points into alive
       aft_step(y, *st, q, k, v, band->lo, *band, *scratch);
     };
+    // the spec's state: running sums (all but aft_full), the band's last (k, v) rows (all but
+    // aft_simple), aft_local's absolute position (its bias w_ts reads it; aft_full's ring holds
+    // every past row, so its position is the ring's length)
+    auto save = [=] {
+      TensorMap m;
+      if (has_sums(var))
+        m["state.num"] = state_tensor({1, C}, st->num), m["state.den"] = state_tensor({1, C}, st->den),
+        m["state.max"] = state_tensor({1, C}, st->max);
+      if (has_ring(var))
+        m["state.k"] = state_tensor({1, st->len(), C}, st->k), m["state.v"] = state_tensor({1, st->len(), C}, st->v);
+      if (var == Variant::Local) m["state.pos"] = Tensor({1}, float(st->pos));
+      return m;
+    };
+    auto load = [=](const TensorMap& m) {
+      if (has_sums(var)) state_load(st->num, m, "state.num"), state_load(st->den, m, "state.den"), state_load(st->max, m, "state.max");
+      if (has_ring(var)) state_load(st->k, m, "state.k"), state_load(st->v, m, "state.v");
+      st->pos = var == Variant::Local ? static_cast<int64_t>(m.at("state.pos").data[0]) : st->len();
+    };
+    return Stepper{step, save, load};
   };
 }
 

@@ -75,35 +75,26 @@ MixerSpec block_softmax() {
       }
     return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
   };
-  s.recurrent = [](const Call& c) {
+  s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
-    const int64_t blk = c.ip("block"), HD = d.H * d.D, HE = d.H * d.E;
-    const int64_t L0 = c.has("state.k") ? c.d("L") : 0;
+    const int64_t blk = c.ip("block");
+    auto kc = std::make_shared<KVCache>();
+    kc->H = d.H, kc->D = d.D, kc->E = d.E, kc->window = 0;
+    kc->k.reserve(blk * d.H * d.D), kc->v.reserve(blk * d.H * d.E);
+    auto scratch = std::make_shared<std::vector<float>>();
     const float scale = 1.0f / std::sqrt(float(d.D));
-    Tensor y({d.B, d.T, d.H, d.E});
-    std::vector<KVCache> caches(d.B);
-    std::vector<float> scratch;
-    for (int64_t b = 0; b < d.B; ++b) {
-      KVCache& kc = caches[b];
-      kc.H = d.H, kc.D = d.D, kc.E = d.E, kc.window = 0;
-      if (L0) {
-        kc.k.assign(c.t("state.k").ptr() + b * L0 * HD, c.t("state.k").ptr() + (b + 1) * L0 * HD);
-        kc.v.assign(c.t("state.v").ptr() + b * L0 * HE, c.t("state.v").ptr() + (b + 1) * L0 * HE);
-      }
-      for (int64_t t = 0; t < d.T; ++t) {
-        const int64_t row = b * d.T + t;
-        softmax_step(y.ptr() + row * HE, kc, c.t("q").ptr() + row * HD, c.t("k").ptr() + row * HD,
-                     c.t("v").ptr() + row * HE, scale, scratch);
-        if (kc.len() == blk) kc.k.clear(), kc.v.clear();  // block complete: the next one starts empty
-      }
-    }
-    const int64_t L = caches[0].len();
-    Tensor sk({d.B, L, d.H, d.D}), sv({d.B, L, d.H, d.E});
-    for (int64_t b = 0; b < d.B; ++b) {
-      std::copy(caches[b].k.begin(), caches[b].k.end(), sk.ptr() + b * L * HD);
-      std::copy(caches[b].v.begin(), caches[b].v.end(), sv.ptr() + b * L * HE);
-    }
-    return TensorMap{{"y", std::move(y)}, {"state.k", std::move(sk)}, {"state.v", std::move(sv)}};
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+    auto step = [=](float* y) {
+      softmax_step(y, *kc, q, k, v, scale, *scratch);
+      if (kc->len() == blk) kc->k.clear(), kc->v.clear();  // block complete: the next one starts empty
+    };
+    auto save = [=] {
+      const int64_t L = kc->len();
+      return TensorMap{{"state.k", state_tensor({1, L, kc->H, kc->D}, kc->k)},
+                       {"state.v", state_tensor({1, L, kc->H, kc->E}, kc->v)}};
+    };
+    auto load = [=](const TensorMap& m) { state_load(kc->k, m, "state.k"), state_load(kc->v, m, "state.v"); };
+    return Stepper{step, save, load};
   };
   return s;
 }

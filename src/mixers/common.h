@@ -103,6 +103,23 @@ inline void scatter_head_dphi(float* dx, const float* dphi, const float* x, int6
   }
 }
 
+// Steppers' state as tensors of one sequence (MixerSpec::stepper save / load).
+inline Tensor state_tensor(std::vector<int64_t> shape, const float* src) {
+  Tensor t(std::move(shape));
+  std::copy(src, src + t.numel(), t.data.begin());
+  return t;
+}
+inline Tensor state_tensor(std::vector<int64_t> shape, const std::vector<float>& v) {
+  Tensor t(std::move(shape));
+  LINMIX_CHECK(t.numel() == static_cast<int64_t>(v.size()), "state_tensor: size mismatch");
+  t.data = v;
+  return t;
+}
+inline void state_load(std::vector<float>& dst, const TensorMap& st, const std::string& name) {
+  const Tensor& t = st.at(name);
+  dst.assign(t.data.begin(), t.data.end());
+}
+
 // Inputs of a reference evaluation, by tensor name, in the reference's scalar.
 template <class S>
 using RefIn = std::map<std::string, std::vector<S>>;

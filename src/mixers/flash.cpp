@@ -229,56 +229,50 @@ MixerSpec make_spec() {
                    dy.ptr(), d, c.causal);
     return out;
   };
-  s.recurrent = [](const Call& c) {
+  // one token: the current group's rows (quadratic part) and M, the linear state of the groups
+  // before (folded in when a group completes)
+  s.stepper = [](const Call& c) {
     const FlashDims d = flash_dims(c);
-    const int64_t S = d.S, E = d.E, G = d.G, T = d.T;
-    const int64_t L0 = c.has("state.M") ? c.d("L") : 0;
-    Tensor y({d.B, T, E}), Mout({d.B, S, E});
-    std::vector<std::vector<float>> gk(d.B), gl(d.B), gv(d.B);  // current group rows per sequence
-    for (int64_t b = 0; b < d.B; ++b) {
-      float* M = Mout.ptr() + b * S * E;
-      if (L0) {
-        gk[b].assign(c.t("state.quad_k").ptr() + b * L0 * S, c.t("state.quad_k").ptr() + (b + 1) * L0 * S);
-        gl[b].assign(c.t("state.lin_k").ptr() + b * L0 * S, c.t("state.lin_k").ptr() + (b + 1) * L0 * S);
-        gv[b].assign(c.t("state.v").ptr() + b * L0 * E, c.t("state.v").ptr() + (b + 1) * L0 * E);
+    const int64_t S = d.S, E = d.E, G = d.G;
+    struct St {
+      std::vector<float> gk, gl, gv, M;
+    };
+    auto st = std::make_shared<St>();
+    st->gk.reserve(G * S), st->gl.reserve(G * S), st->gv.reserve(G * E), st->M.assign(S * E, 0.0f);
+    const float *qq = c.t("quad_q").ptr(), *lq = c.t("lin_q").ptr(), *qk = c.t("quad_k").ptr(),
+                *lk = c.t("lin_k").ptr(), *v = c.t("v").ptr();
+    auto step = [=](float* yr) {
+      St& z = *st;
+      z.gk.insert(z.gk.end(), qk, qk + S), z.gl.insert(z.gl.end(), lk, lk + S), z.gv.insert(z.gv.end(), v, v + E);
+      const int64_t L = static_cast<int64_t>(z.gv.size()) / E;
+      std::fill(yr, yr + E, 0.0f);
+      for (int64_t j = 0; j < L; ++j) {
+        float a = 0.0f;
+        for (int64_t x = 0; x < S; ++x) a += qq[x] * z.gk[j * S + x];
+        a = std::max(0.0f, a / float(G));
+        for (int64_t e = 0; e < E; ++e) yr[e] += a * a * z.gv[j * E + e];
       }
-      if (c.has("state.M")) std::copy(c.t("state.M").ptr() + b * S * E, c.t("state.M").ptr() + (b + 1) * S * E, M);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t o = b * T + t;
-        const float *qq = c.t("quad_q").ptr() + o * S, *lq = c.t("lin_q").ptr() + o * S;
-        gk[b].insert(gk[b].end(), c.t("quad_k").ptr() + o * S, c.t("quad_k").ptr() + (o + 1) * S);
-        gl[b].insert(gl[b].end(), c.t("lin_k").ptr() + o * S, c.t("lin_k").ptr() + (o + 1) * S);
-        gv[b].insert(gv[b].end(), c.t("v").ptr() + o * E, c.t("v").ptr() + (o + 1) * E);
-        const int64_t L = static_cast<int64_t>(gv[b].size()) / E;
-        float* yr = y.ptr() + o * E;
-        for (int64_t j = 0; j < L; ++j) {
-          float a = 0.0f;
-          for (int64_t x = 0; x < S; ++x) a += qq[x] * gk[b][j * S + x];
-          a = std::max(0.0f, a / float(G));
-          for (int64_t e = 0; e < E; ++e) yr[e] += a * a * gv[b][j * E + e];
-        }
-        for (int64_t x = 0; x < S; ++x)
-          for (int64_t e = 0; e < E; ++e) yr[e] += lq[x] * M[x * E + e];
-        if (L == G) {  // the group is complete: fold it into the linear state
-          for (int64_t j = 0; j < G; ++j)
-            for (int64_t x = 0; x < S; ++x)
-              for (int64_t e = 0; e < E; ++e) M[x * E + e] += gl[b][j * S + x] * gv[b][j * E + e] / float(G);
-          gk[b].clear(), gl[b].clear(), gv[b].clear();
-        }
+      for (int64_t x = 0; x < S; ++x)
+        for (int64_t e = 0; e < E; ++e) yr[e] += lq[x] * z.M[x * E + e];
+      if (L == G) {  // the group is complete: fold it into the linear state
+        for (int64_t j = 0; j < G; ++j)
+          for (int64_t x = 0; x < S; ++x)
+            for (int64_t e = 0; e < E; ++e) z.M[x * E + e] += z.gl[j * S + x] * z.gv[j * E + e] / float(G);
+        z.gk.clear(), z.gl.clear(), z.gv.clear();
       }
-    }
-    const int64_t L = static_cast<int64_t>(gv[0].size()) / E;
-    Tensor sk({d.B, L, S}), sl({d.B, L, S}), sv({d.B, L, E});
-    for (int64_t b = 0; b < d.B; ++b) {
-      std::copy(gk[b].begin(), gk[b].end(), sk.ptr() + b * L * S);
-      std::copy(gl[b].begin(), gl[b].end(), sl.ptr() + b * L * S);
-      std::copy(gv[b].begin(), gv[b].end(), sv.ptr() + b * L * E);
-    }
-    return TensorMap{{"y", std::move(y)},
-                     {"state.quad_k", std::move(sk)},
-                     {"state.lin_k", std::move(sl)},
-                     {"state.v", std::move(sv)},
-                     {"state.M", std::move(Mout)}};
+    };
+    auto save = [=] {
+      const int64_t L = static_cast<int64_t>(st->gv.size()) / E;
+      return TensorMap{{"state.quad_k", state_tensor({1, L, S}, st->gk)},
+                       {"state.lin_k", state_tensor({1, L, S}, st->gl)},
+                       {"state.v", state_tensor({1, L, E}, st->gv)},
+                       {"state.M", state_tensor({1, S, E}, st->M)}};
+    };
+    auto load = [=](const TensorMap& m) {
+      state_load(st->gk, m, "state.quad_k"), state_load(st->gl, m, "state.lin_k");
+      state_load(st->gv, m, "state.v"), state_load(st->M, m, "state.M");
+    };
+    return Stepper{step, save, load};
   };
   return s;
 }

@@ -385,43 +385,31 @@ MixerSpec make_spec() {
                   c.causal);
     return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
   };
-  s.recurrent = [](const Call& c) {
+  s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t H = d.H, D = d.D, E = d.E;
-    TensorMap st_out;
-    for (const char* n : {"sumK", "sumQ", "sumKO", "sumQI"}) st_out[std::string("state.") + n] = Tensor({d.B, H, D});
-    st_out["state.sumexp"] = Tensor({d.B, H});
-    st_out["state.KV"] = Tensor({d.B, H, D, E});
-    int64_t pos = 0;
-    if (c.has("state.KV")) {
-      for (auto& [name, t] : st_out) t = c.t(name);
-      pos = static_cast<int64_t>(c.t("state.pos").data[0]);
-    }
-    Tensor y({d.B, d.T, H, E});
-    std::vector<float> scratch;
-    for (int64_t b = 0; b < d.B; ++b) {
-      FlowState st;
-      st.H = H, st.D = D, st.E = E, st.pos = pos;
-      auto load = [&](std::vector<float>& dst, const char* n, int64_t per) {
-        const float* p = st_out.at(std::string("state.") + n).ptr() + b * per;
-        dst.assign(p, p + per);
-      };
-      load(st.sumK, "sumK", H * D), load(st.sumQ, "sumQ", H * D), load(st.sumKO, "sumKO", H * D);
-      load(st.sumQI, "sumQI", H * D), load(st.sumexp, "sumexp", H), load(st.KV, "KV", H * D * E);
-      for (int64_t t = 0; t < d.T; ++t) {
-        const int64_t row = (b * d.T + t) * H;
-        flow_step(y.ptr() + row * E, st, c.t("q").ptr() + row * D, c.t("k").ptr() + row * D, c.t("v").ptr() + row * E,
-                  scratch);
-      }
-      auto store = [&](const std::vector<float>& src, const char* n) {
-        std::copy(src.begin(), src.end(), st_out.at(std::string("state.") + n).ptr() + b * int64_t(src.size()));
-      };
-      store(st.sumK, "sumK"), store(st.sumQ, "sumQ"), store(st.sumKO, "sumKO"), store(st.sumQI, "sumQI");
-      store(st.sumexp, "sumexp"), store(st.KV, "KV");
-    }
-    st_out["state.pos"] = Tensor({1}, float(pos + d.T));
-    st_out["y"] = std::move(y);
-    return st_out;
+    auto st = std::make_shared<FlowState>();
+    st->H = H, st->D = D, st->E = E, st->pos = 0;
+    for (auto* v : {&st->sumK, &st->sumQ, &st->sumKO, &st->sumQI}) v->assign(H * D, 0.0f);
+    st->sumexp.assign(H, 0.0f), st->KV.assign(H * D * E, 0.0f);
+    auto scratch = std::make_shared<std::vector<float>>();
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+    auto save = [=] {
+      return TensorMap{{"state.sumK", state_tensor({1, H, D}, st->sumK)},
+                       {"state.sumQ", state_tensor({1, H, D}, st->sumQ)},
+                       {"state.sumKO", state_tensor({1, H, D}, st->sumKO)},
+                       {"state.sumQI", state_tensor({1, H, D}, st->sumQI)},
+                       {"state.sumexp", state_tensor({1, H}, st->sumexp)},
+                       {"state.KV", state_tensor({1, H, D, E}, st->KV)},
+                       {"state.pos", Tensor({1}, float(st->pos))}};
+    };
+    auto load = [=](const TensorMap& m) {
+      state_load(st->sumK, m, "state.sumK"), state_load(st->sumQ, m, "state.sumQ");
+      state_load(st->sumKO, m, "state.sumKO"), state_load(st->sumQI, m, "state.sumQI");
+      state_load(st->sumexp, m, "state.sumexp"), state_load(st->KV, m, "state.KV");
+      st->pos = static_cast<int64_t>(m.at("state.pos").data[0]);
+    };
+    return Stepper{[=](float* y) { flow_step(y, *st, q, k, v, *scratch); }, save, load};
   };
   return s;
 }

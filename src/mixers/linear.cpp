@@ -150,36 +150,19 @@ MixerSpec make_spec() {
     return y;
   });
   set_qkv_eps_forms(s, linear_forward, linear_backward);
-  s.recurrent = [](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    Tensor y({d.B, d.T, d.H, d.E}), S({d.B, d.H, d.D, d.E}), z({d.B, d.H, d.D});
-    if (c.has("state.S")) {
-      S = c.t("state.S");
-      z = c.t("state.z");
-    }
-    LinearState st{d.H, d.D, d.E, {}, {}};
-    std::vector<float> scratch;
-    for (int64_t b = 0; b < d.B; ++b) {
-      st.S.assign(S.ptr() + b * d.H * d.D * d.E, S.ptr() + (b + 1) * d.H * d.D * d.E);
-      st.z.assign(z.ptr() + b * d.H * d.D, z.ptr() + (b + 1) * d.H * d.D);
-      for (int64_t t = 0; t < d.T; ++t) {
-        const int64_t row = (b * d.T + t) * d.H;
-        linear_step(y.ptr() + row * d.E, st, c.t("q").ptr() + row * d.D, c.t("k").ptr() + row * d.D,
-                    c.t("v").ptr() + row * d.E, float(c.p("eps")), scratch);
-      }
-      std::copy(st.S.begin(), st.S.end(), S.ptr() + b * d.H * d.D * d.E);
-      std::copy(st.z.begin(), st.z.end(), z.ptr() + b * d.H * d.D);
-    }
-    return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}, {"state.z", std::move(z)}};
-  };
-  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+  s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     auto st = std::make_shared<LinearState>(LinearState{d.H, d.D, d.E, std::vector<float>(d.H * d.D * d.E, 0.0f),
                                                         std::vector<float>(d.H * d.D, 0.0f)});
     auto scratch = std::make_shared<std::vector<float>>(d.D);
     const float eps = float(c.p("eps"));
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
-    return [st, scratch, eps, q, k, v](float* y) { linear_step(y, *st, q, k, v, eps, *scratch); };
+    return Stepper{[st, scratch, eps, q, k, v](float* y) { linear_step(y, *st, q, k, v, eps, *scratch); },
+                   [st] {
+                     return TensorMap{{"state.S", state_tensor({1, st->H, st->D, st->E}, st->S)},
+                                      {"state.z", state_tensor({1, st->H, st->D}, st->z)}};
+                   },
+                   [st](const TensorMap& m) { state_load(st->S, m, "state.S"), state_load(st->z, m, "state.z"); }};
   };
   return s;
 }

@@ -262,25 +262,6 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
   }
 }
 
-TensorMap mamba_recurrent(const Call& c) {
-  const MambaArgs a = args_of(c);
-  const int64_t B = a.B, T = a.T, C = a.C, N = a.N;
-  Tensor y({B, T, C}), h({B, C, N});
-  if (c.has("state.h")) h = c.t("state.h");
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t)  // one token: every channel's state advances once
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const float dt = a.dt(b, t, ch), du = dt * a.u[(b * T + t) * C + ch];
-        float* hr = h.ptr() + (b * C + ch) * N;
-        float acc = 0.0f;
-        for (int64_t n = 0; n < N; ++n) {
-          hr[n] = std::exp(dt * a.A[ch * N + n]) * hr[n] + du * a.Bm[(b * T + t) * N + n];
-          acc += a.Cm[(b * T + t) * N + n] * hr[n];
-        }
-        y.data[(b * T + t) * C + ch] = a.out(acc, b, t, ch);
-      }
-  return {{"y", std::move(y)}, {"state.h", std::move(h)}};
-}
 
 MixerSpec make_spec() {
   MixerSpec s;
@@ -325,8 +306,7 @@ MixerSpec make_spec() {
     mamba_forward(y.ptr(), a);
     return TensorMap{{"y", std::move(y)}};
   };
-  s.recurrent = mamba_recurrent;
-  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+  s.stepper = [](const Call& c) {
     // Channels innermost, as in the forward: h and A stored (N, C), so every inner loop runs
     // over C contiguous channels in SIMD lanes and no per-channel horizontal sum is needed.
     const MambaArgs a = args_of(c);  // pointers into the call's tensors (no copies)
@@ -335,7 +315,18 @@ MixerSpec make_spec() {
     float* At = buf->data() + C * N;
     for (int64_t n = 0; n < N; ++n)
       for (int64_t ch = 0; ch < C; ++ch) At[n * C + ch] = a.A[ch * N + n];
-    return [a, buf, C, N](float* y) {
+    auto save = [=] {  // the spec's (1, C, N) layout
+      Tensor h({1, C, N});
+      for (int64_t ch = 0; ch < C; ++ch)
+        for (int64_t n = 0; n < N; ++n) h.data[ch * N + n] = (*buf)[n * C + ch];
+      return TensorMap{{"state.h", std::move(h)}};
+    };
+    auto load = [=](const TensorMap& m) {
+      const Tensor& h = m.at("state.h");
+      for (int64_t ch = 0; ch < C; ++ch)
+        for (int64_t n = 0; n < N; ++n) (*buf)[n * C + ch] = h.data[ch * N + n];
+    };
+    auto step = [a, buf, C, N](float* y) {
       float *h = buf->data(), *At = h + C * N, *dt = At + C * N, *du = dt + C, *acc = du + C;
       a.dt_row(dt, 0, 0, 0, C);
       for (int64_t ch = 0; ch < C; ++ch) du[ch] = dt[ch] * a.u[ch], acc[ch] = 0.0f;
@@ -351,6 +342,7 @@ MixerSpec make_spec() {
       }
       for (int64_t ch = 0; ch < C; ++ch) y[ch] = a.out(acc[ch], 0, 0, ch);
     };
+    return Stepper{step, save, load};
   };
   s.backward = [](const Call& c, const Tensor& dy) {
     const MambaArgs a = args_of(c);

@@ -146,38 +146,23 @@ MixerSpec norm_linear() {
     return y;
   });
   set_qkv_eps_forms(s, norm_linear_forward, norm_linear_backward);
-  s.recurrent = [](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    const int64_t H = d.H, D = d.D, E = d.E;
-    Tensor y({d.B, d.T, H, E}), S({d.B, H, D, E});
-    if (c.has("state.S")) S = c.t("state.S");
-    const float eps = float(c.p("eps"));
-    std::vector<float> fx(2 * D);
-    for (int64_t b = 0; b < d.B; ++b)
-      for (int64_t t = 0; t < d.T; ++t)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t row = (b * d.T + t) * H + h;
-          const float *q = c.t("q").ptr() + row * D, *k = c.t("k").ptr() + row * D, *v = c.t("v").ptr() + row * E;
-          float* Sh = S.ptr() + (b * H + h) * D * E;
-          float* yr = y.ptr() + row * E;
-          norm_linear_step(Sh, yr, q, k, v, D, E, eps, fx.data());
-        }
-    return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}};
-  };
-  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+  s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t H = d.H, D = d.D, E = d.E;
     auto S = std::make_shared<std::vector<float>>(H * D * E, 0.0f);
+    auto save = [=] { return TensorMap{{"state.S", state_tensor({1, H, D, E}, *S)}}; };
+    auto load = [=](const TensorMap& m) { state_load(*S, m, "state.S"); };
     const float eps = float(c.p("eps"));
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
     auto fx = std::make_shared<std::vector<float>>(2 * D * H);
-    return [=](float* y) {
+    auto step = [=](float* y) {
       // heads in parallel when the state is large (each core streams its heads through its L2)
 #pragma omp parallel for schedule(static) if (H * D * E >= (1 << 15))
       for (int64_t h = 0; h < H; ++h)
         norm_linear_step(S->data() + h * D * E, y + h * E, q + h * D, k + h * D, v + h * E, D, E, eps,
                          fx->data() + 2 * D * h);
     };
+    return Stepper{step, save, load};
   };
   return s;
 }

@@ -329,30 +329,7 @@ MixerSpec make_spec() {
                      {"dv", std::move(dv)},
                      {"dproj", std::move(dproj)}};
   };
-  s.recurrent = [](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    const int64_t M = c.d("M");
-    Tensor y({d.B, d.T, d.H, d.E}), S({d.B, d.H, M, d.E}), z({d.B, d.H, M}), kmax({d.B, d.H}, kEmptyMax);
-    if (c.has("state.S")) S = c.t("state.S"), z = c.t("state.z"), kmax = c.t("state.kmax");
-    PerformerState st{d.H, M, d.E, {}, {}, {}};
-    std::vector<float> scratch;
-    for (int64_t b = 0; b < d.B; ++b) {
-      st.S.assign(S.ptr() + b * d.H * M * d.E, S.ptr() + (b + 1) * d.H * M * d.E);
-      st.z.assign(z.ptr() + b * d.H * M, z.ptr() + (b + 1) * d.H * M);
-      st.kmax.assign(kmax.ptr() + b * d.H, kmax.ptr() + (b + 1) * d.H);
-      for (int64_t t = 0; t < d.T; ++t) {
-        const int64_t row = (b * d.T + t) * d.H;
-        performer_step(y.ptr() + row * d.E, st, c.t("q").ptr() + row * d.D, c.t("k").ptr() + row * d.D,
-                       c.t("v").ptr() + row * d.E, c.t("proj").ptr(), d.D, scratch);
-      }
-      std::copy(st.S.begin(), st.S.end(), S.ptr() + b * d.H * M * d.E);
-      std::copy(st.z.begin(), st.z.end(), z.ptr() + b * d.H * M);
-      std::copy(st.kmax.begin(), st.kmax.end(), kmax.ptr() + b * d.H);
-    }
-    return TensorMap{{"y", std::move(y)}, {"state.S", std::move(S)}, {"state.z", std::move(z)},
-                     {"state.kmax", std::move(kmax)}};
-  };
-  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+  s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t M = c.d("M");
     auto st = std::make_shared<PerformerState>(PerformerState{d.H, M, d.E, std::vector<float>(d.H * M * d.E, 0.0f),
@@ -361,7 +338,15 @@ MixerSpec make_spec() {
     auto scratch = std::make_shared<std::vector<float>>();
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *proj = c.t("proj").ptr();
     const int64_t D = d.D;
-    return [=](float* y) { performer_step(y, *st, q, k, v, proj, D, *scratch); };
+    auto save = [=] {
+      return TensorMap{{"state.S", state_tensor({1, st->H, st->M, st->E}, st->S)},
+                       {"state.z", state_tensor({1, st->H, st->M}, st->z)},
+                       {"state.kmax", state_tensor({1, st->H}, st->kmax)}};
+    };
+    auto load = [=](const TensorMap& m) {
+      state_load(st->S, m, "state.S"), state_load(st->z, m, "state.z"), state_load(st->kmax, m, "state.kmax");
+    };
+    return Stepper{[=](float* y) { performer_step(y, *st, q, k, v, proj, D, *scratch); }, save, load};
   };
   return s;
 }

@@ -215,10 +215,92 @@ TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
     case Mode::Reference: return spec.reference(call);
     case Mode::Parallel: return spec.parallel(call);
     case Mode::Recurrent:
-      LINMIX_CHECK(spec.recurrent, "mixer '" + name + "' has no recurrent form");
-      return spec.recurrent(call);
+      LINMIX_CHECK(spec.stepper, "mixer '" + name + "' has no recurrent form");
+      return recurrent_by_steps(spec, call);
   }
   throw Error("unreachable mode");
+}
+
+namespace {
+bool per_token(const std::string& dims) { return dims.rfind("B,T,", 0) == 0 || dims == "B,T"; }
+bool per_batch(const std::string& dims) { return dims.rfind("B,", 0) == 0; }
+}  // namespace
+
+TensorMap recurrent_by_steps(const MixerSpec& spec, const Call& c) {
+  const int64_t B = c.d("B"), T = c.d("T");
+  // one sequence's tensors: per-token inputs as (1, 1, ...) rows overwritten at every step, the
+  // rest (weights) as given; per-batch ones (B, ...) sliced
+  TensorMap one;
+  auto row_of = [](const Tensor& t, int64_t n) { return t.numel() / n; };
+  for (const auto& ts : spec.inputs) {
+    if (!c.has(ts.name)) continue;
+    const Tensor& t = c.t(ts.name);
+    if (per_token(ts.dims)) {
+      std::vector<int64_t> shape = t.shape;
+      shape[0] = shape[1] = 1;
+      one[ts.name] = Tensor(shape);
+    } else {
+      LINMIX_CHECK(!per_batch(ts.dims), "recurrent_by_steps: per-batch input '" + ts.name + "' is not supported");
+      one[ts.name] = t;
+    }
+  }
+  auto dims1 = c.dims;
+  dims1["B"] = 1, dims1["T"] = 1;
+  const Call c1{one, dims1, c.params, c.given, true};
+  std::vector<std::pair<const Tensor*, Tensor*>> rows;  // per-token inputs: source, one-token buffer
+  for (const auto& ts : spec.inputs)
+    if (c.has(ts.name) && per_token(ts.dims)) rows.emplace_back(&c.t(ts.name), &one.at(ts.name));
+  Tensor y(dims_shape(spec.y_dims, c));
+  const int64_t ny = row_of(y, B * T);
+  const bool has_state = !spec.state.empty() && c.has("state." + spec.state.front().name);
+  std::vector<TensorMap> finals(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    Stepper st = spec.stepper(c1);
+    if (has_state) {
+      TensorMap s1;
+      for (const auto& ts : spec.state) {
+        const Tensor& t = c.t("state." + ts.name);
+        if (!per_batch(ts.dims)) {
+          s1["state." + ts.name] = t;
+          continue;
+        }
+        std::vector<int64_t> shape = t.shape;
+        shape[0] = 1;
+        Tensor part(shape);
+        const int64_t n = row_of(t, B);
+        std::copy(t.ptr() + b * n, t.ptr() + (b + 1) * n, part.ptr());
+        s1["state." + ts.name] = std::move(part);
+      }
+      st.load(s1);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      for (const auto& [src, dst] : rows) {
+        const int64_t n = dst->numel();
+        std::copy(src->ptr() + (b * T + t) * n, src->ptr() + (b * T + t + 1) * n, dst->ptr());
+      }
+      st.step(y.ptr() + (b * T + t) * ny);
+    }
+    finals[size_t(b)] = st.save();
+  }
+  TensorMap out{{"y", std::move(y)}};
+  for (const auto& ts : spec.state) {  // stacked over the batch (all sequences have the same length)
+    const std::string n = "state." + ts.name;
+    const Tensor& first = finals[0].at(n);
+    if (!per_batch(ts.dims)) {
+      out[n] = first;
+      continue;
+    }
+    std::vector<int64_t> shape = first.shape;
+    shape[0] = B;
+    Tensor all(shape);
+    for (int64_t b = 0; b < B; ++b) {
+      const Tensor& part = finals[size_t(b)].at(n);
+      LINMIX_CHECK(part.numel() == first.numel(), "recurrent_by_steps: state '" + n + "' differs in size across the batch");
+      std::copy(part.data.begin(), part.data.end(), all.ptr() + b * first.numel());
+    }
+    out[n] = std::move(all);
+  }
+  return out;
 }
 
 TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int64_t>& dims, uint64_t seed) {
@@ -278,7 +360,7 @@ std::string mixers_json() {
            {"time", m.time},       {"memory", m.memory},       {"state_size", m.state_size},
            {"quadratic", m.quadratic}};
     j["forms"] = json::array({"reference", "parallel"});
-    if (m.recurrent) j["forms"].push_back("recurrent");
+    if (m.stepper) j["forms"].push_back("recurrent");
     j["backward"] = bool(m.backward);
     j["inputs"] = json::array();
     for (const auto& t : m.inputs) j["inputs"].push_back({{"name", t.name}, {"dims", t.dims}, {"optional", t.optional}});
@@ -310,7 +392,7 @@ std::string describe_mixers() {
   o << "|---|---|---|---|---|---|---|\n";
   for (const auto& m : mixers()) {
     o << "| " << m.name << " | " << (m.causal_ok ? "yes" : "no") << " | " << (m.noncausal_ok ? "yes" : "no")
-      << " | ref, par" << (m.recurrent ? ", rec" : "") << " | " << m.time << " | " << m.memory << " | "
+      << " | ref, par" << (m.stepper ? ", rec" : "") << " | " << m.time << " | " << m.memory << " | "
       << m.state_size << " |\n";
   }
   o << "\n";
@@ -319,7 +401,7 @@ std::string describe_mixers() {
     o << "  paper:   " << m.paper << "\n";
     o << "  causal:  " << (m.causal_ok ? "yes" : "no") << "   non-causal: " << (m.noncausal_ok ? "yes" : "no") << "\n";
     o << "  forms:   reference (float64, T x T weights), parallel";
-    if (m.recurrent) o << ", recurrent";
+    if (m.stepper) o << ", recurrent";
     o << "\n  inputs: ";
     for (const auto& t : m.inputs) o << " " << t.name << "[" << t.dims << "]" << (t.optional ? "?" : "");
     o << "\n  params: ";

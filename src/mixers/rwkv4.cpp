@@ -217,28 +217,27 @@ MixerSpec make_spec() {
     return TensorMap{{"y", std::move(y)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}, {"dw", std::move(dw)},
                      {"du", std::move(du)}};
   };
-  s.recurrent = [](const Call& c) {
-    const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-    Tensor y({B, T, C}), a({B, C}), bb({B, C}), p({B, C}, kInitP);
-    if (c.has("state.a")) a = c.t("state.a"), bb = c.t("state.b"), p = c.t("state.p");
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t) {  // one token at a time: the generation path
-        const int64_t off = (b * T + t) * C;
-        rwkv4_scan(y.ptr() + off, a.ptr() + b * C, bb.ptr() + b * C, p.ptr() + b * C, c.t("k").ptr() + off,
-                   c.t("v").ptr() + off, c.t("w").ptr(), c.t("u").ptr(), 1, C, C);
-      }
-    return TensorMap{{"y", std::move(y)}, {"state.a", std::move(a)}, {"state.b", std::move(bb)},
-                     {"state.p", std::move(p)}};
-  };
-  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+  s.stepper = [](const Call& c) {
     const int64_t C = c.d("C");
     auto st = std::make_shared<std::vector<float>>(3 * C, 0.0f);  // a, b, p
     std::fill(st->begin() + 2 * C, st->end(), kInitP);
     const float *k = c.t("k").ptr(), *v = c.t("v").ptr(), *w = c.t("w").ptr(), *u = c.t("u").ptr();
-    return [=](float* y) {
+    auto step = [=](float* y) {
       float* s = st->data();
       rwkv4_scan(y, s, s + C, s + 2 * C, k, v, w, u, 1, C, C);
     };
+    auto save = [=] {
+      TensorMap m;
+      for (int i = 0; i < 3; ++i) m[std::string("state.") + "abp"[i]] = state_tensor({1, C}, st->data() + i * C);
+      return m;
+    };
+    auto load = [=](const TensorMap& m) {
+      for (int i = 0; i < 3; ++i) {
+        const Tensor& t = m.at(std::string("state.") + "abp"[i]);
+        std::copy(t.data.begin(), t.data.end(), st->begin() + i * C);
+      }
+    };
+    return Stepper{step, save, load};
   };
   return s;
 }

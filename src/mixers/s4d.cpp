@@ -227,29 +227,6 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
           {"dC_im", std::move(dC_im)}, {"dD", std::move(dD)}};
 }
 
-TensorMap s4d_recurrent(const Call& c) {
-  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
-  const S4dParams p = discretise(c);
-  using cf = std::complex<float>;
-  std::vector<cf> Abar(p.Abar.begin(), p.Abar.end()), Ct(p.Ct.begin(), p.Ct.end());
-  Tensor y({B, T, C}), xr({B, C, N}), xi({B, C, N});
-  if (c.has("state.x_re")) xr = c.t("state.x_re"), xi = c.t("state.x_im");
-  const float *u = c.t("u").ptr(), *D = c.t("D").ptr();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const int64_t i = (b * T + t) * C + ch;
-        float acc = 0.0f;
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t s = (b * C + ch) * N + n;
-          const cf x = Abar[ch * N + n] * cf(xr.data[s], xi.data[s]) + u[i];
-          xr.data[s] = x.real(), xi.data[s] = x.imag();
-          acc += (Ct[ch * N + n] * x).real();
-        }
-        y.data[i] = 2.0f * acc + D[ch] * u[i];
-      }
-  return {{"y", std::move(y)}, {"state.x_re", std::move(xr)}, {"state.x_im", std::move(xi)}};
-}
 
 MixerSpec make_spec() {
   MixerSpec s;
@@ -288,8 +265,7 @@ MixerSpec make_spec() {
     return y;
   });
   s.parallel = s4d_parallel;
-  s.recurrent = s4d_recurrent;
-  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+  s.stepper = [](const Call& c) {
     const int64_t C = c.d("C"), N = c.d("N");
     const S4dParams p = discretise(c);  // once: the discretised A and C of every channel
     // Channels innermost ((n, c) layouts): every inner loop runs over C contiguous channels in
@@ -303,7 +279,20 @@ MixerSpec make_spec() {
       }
     auto x = std::make_shared<std::vector<float>>(2 * C * N + C, 0.0f);  // state re, im (N, C); acc (C)
     const float *u = c.t("u").ptr(), *D = c.t("D").ptr();
-    return [=](float* y) {
+    auto save = [=] {  // the spec's (1, C, N) layout
+      Tensor xr({1, C, N}), xi({1, C, N});
+      for (int64_t ch = 0; ch < C; ++ch)
+        for (int64_t n = 0; n < N; ++n)
+          xr.data[ch * N + n] = (*x)[n * C + ch], xi.data[ch * N + n] = (*x)[C * N + n * C + ch];
+      return TensorMap{{"state.x_re", std::move(xr)}, {"state.x_im", std::move(xi)}};
+    };
+    auto load = [=](const TensorMap& m) {
+      const Tensor &xr = m.at("state.x_re"), &xi = m.at("state.x_im");
+      for (int64_t ch = 0; ch < C; ++ch)
+        for (int64_t n = 0; n < N; ++n)
+          (*x)[n * C + ch] = xr.data[ch * N + n], (*x)[C * N + n * C + ch] = xi.data[ch * N + n];
+    };
+    auto step = [=](float* y) {
       const float *ar = ab->data(), *ai = ar + C * N, *cr = ai + C * N, *ci = cr + C * N;
       float *xr = x->data(), *xi = xr + C * N, *acc = xi + C * N;
       std::fill(acc, acc + C, 0.0f);
@@ -319,6 +308,7 @@ MixerSpec make_spec() {
       }
       for (int64_t ch = 0; ch < C; ++ch) y[ch] = 2.0f * acc[ch] + D[ch] * u[ch];
     };
+    return Stepper{step, save, load};
   };
   s.backward = s4d_grad;
   return s;

@@ -236,37 +236,6 @@ TensorMap softmax_grad(const Call& c, const Tensor& dy) {
   return {{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
 }
 
-TensorMap softmax_recurrent(const Call& c) {
-  const AttnDims d = attn_dims(c);
-  const int64_t window = c.ip("window");
-  const bool has_state = c.has("state.k");
-  const int64_t L0 = has_state ? c.d("L") : 0;
-  Tensor y({d.B, d.T, d.H, d.E});
-  std::vector<KVCache> caches(static_cast<size_t>(d.B));
-  std::vector<float> scratch;
-  for (int64_t b = 0; b < d.B; ++b) {
-    KVCache& kc = caches[b];
-    kc.H = d.H, kc.D = d.D, kc.E = d.E, kc.window = window;
-    if (has_state) {
-      const float* sk = c.t("state.k").ptr() + b * L0 * d.H * d.D;
-      const float* sv = c.t("state.v").ptr() + b * L0 * d.H * d.E;
-      kc.k.assign(sk, sk + L0 * d.H * d.D);
-      kc.v.assign(sv, sv + L0 * d.H * d.E);
-    }
-    for (int64_t t = 0; t < d.T; ++t) {
-      const int64_t row = (b * d.T + t) * d.H;
-      softmax_step(y.ptr() + row * d.E, kc, c.t("q").ptr() + row * d.D, c.t("k").ptr() + row * d.D,
-                   c.t("v").ptr() + row * d.E, float(softmax_scale(c)), scratch);
-    }
-  }
-  const int64_t L = caches[0].len();
-  Tensor sk({d.B, L, d.H, d.D}), sv({d.B, L, d.H, d.E});
-  for (int64_t b = 0; b < d.B; ++b) {
-    std::copy(caches[b].k.begin(), caches[b].k.end(), sk.ptr() + b * L * d.H * d.D);
-    std::copy(caches[b].v.begin(), caches[b].v.end(), sv.ptr() + b * L * d.H * d.E);
-  }
-  return {{"y", std::move(y)}, {"state.k", std::move(sk)}, {"state.v", std::move(sv)}};
-}
 
 }  // namespace
 
@@ -307,8 +276,7 @@ MixerSpec softmax_spec() {
   });
   s.parallel = softmax_parallel;
   s.backward = softmax_grad;
-  s.recurrent = softmax_recurrent;
-  s.stepper = [](const Call& c) -> std::function<void(float*)> {
+  s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     auto kc = std::make_shared<KVCache>();
     kc->H = d.H, kc->D = d.D, kc->E = d.E, kc->window = c.ip("window");
@@ -316,7 +284,13 @@ MixerSpec softmax_spec() {
     auto scratch = std::make_shared<std::vector<float>>();
     const float scale = float(softmax_scale(c));
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
-    return [=](float* y) { softmax_step(y, *kc, q, k, v, scale, *scratch); };
+    auto save = [=] {
+      const int64_t L = kc->len();
+      return TensorMap{{"state.k", state_tensor({1, L, kc->H, kc->D}, kc->k)},
+                       {"state.v", state_tensor({1, L, kc->H, kc->E}, kc->v)}};
+    };
+    auto load = [=](const TensorMap& m) { state_load(kc->k, m, "state.k"), state_load(kc->v, m, "state.v"); };
+    return Stepper{[=](float* y) { softmax_step(y, *kc, q, k, v, scale, *scratch); }, save, load};
   };
   return s;
 }

@@ -11,6 +11,11 @@ namespace linmix::nn {
 void matmul_forward(float* out, const float* in, const float* W, const float* bias, int64_t N, int64_t IC,
                     int64_t OC) {
   if (N == 0) return;
+  if (N == 1) {  // one token (the recurrent step): a matrix-vector product, not a GEMM of one row
+    if (bias) std::copy(bias, bias + OC, out);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(OC), int(IC), 1.0f, W, int(IC), in, 1, bias ? 1.0f : 0.0f, out, 1);
+    return;
+  }
   if (bias) {
     for (int64_t i = 0; i < N; ++i) std::copy(bias, bias + OC, out + i * OC);
   }

@@ -125,14 +125,7 @@ Rwkv4Engine::Rwkv4Engine(const Model& m, WType wtype) : cfg_(m.config()), p_(std
 
 Rwkv4Engine::~Rwkv4Engine() = default;
 
-Model::State Rwkv4Engine::new_state() const {
-  Model::State s;
-  s.conv.resize(cfg_.n_layer);
-  s.mix.resize(cfg_.n_layer);
-  s.att_prev.assign(cfg_.n_layer, std::vector<float>(cfg_.d_model, 0.0f));
-  s.ffn_prev.assign(cfg_.n_layer, std::vector<float>(cfg_.d_model, 0.0f));
-  return s;
-}
+Model::State Rwkv4Engine::new_state() const { return Model::State(cfg_.n_layer, cfg_.d_model); }
 
 double Rwkv4Engine::step_bytes() const {
   const Impl& I = *p_;
@@ -150,24 +143,28 @@ double Rwkv4Engine::flops_per_token(bool with_head) const {
 }
 
 namespace {
-// The layer's wkv state as the rwkv4 mixer stores it: state.a, state.b, state.p of shape (1, C).
+// The layers' state as the model's RWKV-4 time-mix layers keep it (a Model::step runtime's
+// state is flushed back into tensors first): "att_prev" (C) and the rwkv4 mixer's
+// "state.a", "state.b", "state.p" (1, C); zeros (p = -1e38) where a layer has none yet.
 void ensure_state(Model::State& st, int64_t L, int64_t C) {
-  LINMIX_CHECK(int64_t(st.mix.size()) == L && int64_t(st.att_prev.size()) == L && int64_t(st.ffn_prev.size()) == L,
-               "state: it has " + std::to_string(st.mix.size()) + " layers, the model " + std::to_string(L));
+  LINMIX_CHECK(int64_t(st.layer.size()) == L && int64_t(st.ffn_prev.size()) == L && int64_t(st.run.size()) == L,
+               "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L));
+  st.flush();
   for (int64_t l = 0; l < L; ++l) {
-    auto& m = st.mix[l];
+    auto& m = st.layer[l];
     if (m.empty()) {
+      m["att_prev"] = Tensor({C}, 0.0f);
       m["state.a"] = Tensor({1, C}, 0.0f);
       m["state.b"] = Tensor({1, C}, 0.0f);
       m["state.p"] = Tensor({1, C}, kInitP);
     }
-    for (const char* n : {"state.a", "state.b", "state.p"}) {
+    for (const char* n : {"att_prev", "state.a", "state.b", "state.p"}) {
       auto it = m.find(n);
       LINMIX_CHECK(it != m.end() && it->second.numel() == C,
                    "state: layer " + std::to_string(l) + " lacks a well-formed '" + n + "'");
     }
-    LINMIX_CHECK(int64_t(st.att_prev[l].size()) == C && int64_t(st.ffn_prev[l].size()) == C,
-                 "state: layer " + std::to_string(l) + " has token-shift vectors of the wrong size");
+    LINMIX_CHECK(int64_t(st.ffn_prev[l].size()) == C,
+                 "state: layer " + std::to_string(l) + " has a token-shift vector of the wrong size");
   }
 }
 }  // namespace
@@ -183,7 +180,7 @@ void Rwkv4Engine::step(int32_t token, Model::State& st, float* logits) {
   else std::copy(I.emb.data() + int64_t(token) * C, I.emb.data() + int64_t(token + 1) * C, x);
   for (int64_t l = 0; l < I.L; ++l) {
     const Impl::Layer& Y = I.layers[l];
-    float* prev = st.att_prev[l].data();
+    float* prev = st.layer[l].at("att_prev").ptr();
     layernorm_rows(a, x, Y.ln1w.data(), Y.ln1b.data(), 1, C);
     for (int64_t c = 0; c < C; ++c) {
       xk[c] = a[c] * Y.amk[c] + prev[c] * (1 - Y.amk[c]);
@@ -192,7 +189,7 @@ void Rwkv4Engine::step(int32_t token, Model::State& st, float* logits) {
     }
     std::copy(a, a + C, prev);
     gemv(Y.Wk, xk, k), gemv(Y.Wv, xv, v), gemv(Y.Wr, xr, r);
-    auto& ms = st.mix[l];
+    auto& ms = st.layer[l];
     rwkv4_scan(y, ms["state.a"].ptr(), ms["state.b"].ptr(), ms["state.p"].ptr(), k, v, Y.w.data(), Y.u.data(), 1, C,
                C);
     for (int64_t c = 0; c < C; ++c) y[c] *= sigmoidf(r[c]);
@@ -251,10 +248,10 @@ void Rwkv4Engine::sequence(const int32_t* tokens, int64_t T, Model::State& st, f
       {
         const std::vector<float>* mixes[] = {&L.amk, &L.amv, &L.amr};
         float* outs[] = {XK, XV, XR};
-        shift_mix(A, st.att_prev[l], mixes, outs, 3);
+        shift_mix(A, st.layer[l].at("att_prev").data, mixes, outs, 3);
       }
       I.matmul(K, XK, L.Wk, n, false), I.matmul(Vv, XV, L.Wv, n, false), I.matmul(R, XR, L.Wr, n, false);
-      auto& ms = st.mix[l];
+      auto& ms = st.layer[l];
       float *sa = ms["state.a"].ptr(), *sb = ms["state.b"].ptr(), *sp = ms["state.p"].ptr();
       const int64_t nblk = (C + kScanBlock - 1) / kScanBlock;
 #pragma omp parallel for schedule(static)

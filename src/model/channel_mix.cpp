@@ -1,0 +1,97 @@
+#include "channel_mix.h"
+
+#include "layers.h"
+
+namespace linmix {
+
+ParamShapes ChannelMix::shapes() const {
+  if (rwkv_)
+    return {{"ffn.time_mix_k", {C_}}, {"ffn.time_mix_r", {C_}}, {"ffn.key.weight", {F_, C_}},
+            {"ffn.value.weight", {C_, F_}}, {"ffn.receptance.weight", {C_, C_}}};
+  return {{"mlp.fc.weight", {F_, C_}}, {"mlp.fc.bias", {F_}}, {"mlp.proj.weight", {C_, F_}}, {"mlp.proj.bias", {C_}}};
+}
+
+void ChannelMix::forward(const LayerIO& io, const float* b, float* out, int64_t B, int64_t T) {
+  const int64_t N = B * T, C = C_, F = F_;
+  b_ = b;
+  if (rwkv_) {
+    for (auto* v : {&xx_, &xk_, &xr_, &vv_, &r_}) v->assign(N * C, 0.0f);
+    kpre_.assign(N * F, 0.0f), kk_.assign(N * F, 0.0f);
+    nn::shift_forward(xx_.data(), b, B, T, C);
+    mix_shift(xk_.data(), b, xx_.data(), io.w("ffn.time_mix_k"), N, C);
+    mix_shift(xr_.data(), b, xx_.data(), io.w("ffn.time_mix_r"), N, C);
+    nn::matmul_forward(kpre_.data(), xk_.data(), io.w("ffn.key.weight"), nullptr, N, C, F);
+    for (int64_t i = 0; i < N * F; ++i) kk_[i] = kpre_[i] > 0 ? kpre_[i] * kpre_[i] : 0.0f;
+    nn::matmul_forward(vv_.data(), kk_.data(), io.w("ffn.value.weight"), nullptr, N, F, C);
+    nn::matmul_forward(r_.data(), xr_.data(), io.w("ffn.receptance.weight"), nullptr, N, C, C);
+    for (int64_t i = 0; i < N * C; ++i) r_[i] = sigmoid1(r_[i]), out[i] = r_[i] * vv_[i];
+  } else {
+    h_pre_.assign(N * F, 0.0f), h_.assign(N * F, 0.0f);
+    nn::matmul_forward(h_pre_.data(), b, io.w("mlp.fc.weight"), io.w("mlp.fc.bias"), N, C, F);
+    nn::gelu_forward(h_.data(), h_pre_.data(), N * F);
+    nn::matmul_forward(out, h_.data(), io.w("mlp.proj.weight"), io.w("mlp.proj.bias"), N, F, C);
+  }
+}
+
+void ChannelMix::backward(const LayerIO& io, const float* dout, float* db, int64_t B, int64_t T) {
+  const int64_t N = B * T, C = C_, F = F_;
+  if (rwkv_) {
+    std::vector<float> dvv(N * C), dr2(N * C), dkk(N * F), dxk2(N * C), dxr2(N * C), dxx2(N * C, 0.0f);
+    for (int64_t i = 0; i < N * C; ++i) {
+      dvv[i] = dout[i] * r_[i];
+      dr2[i] = dout[i] * vv_[i] * r_[i] * (1.0f - r_[i]);
+    }
+    nn::matmul_backward(dxr2.data(), io.g("ffn.receptance.weight"), nullptr, dr2.data(), xr_.data(),
+                        io.w("ffn.receptance.weight"), N, C, C);
+    nn::matmul_backward(dkk.data(), io.g("ffn.value.weight"), nullptr, dvv.data(), kk_.data(),
+                        io.w("ffn.value.weight"), N, F, C);
+    for (int64_t i = 0; i < N * F; ++i) dkk[i] = kpre_[i] > 0 ? dkk[i] * 2.0f * kpre_[i] : 0.0f;
+    nn::matmul_backward(dxk2.data(), io.g("ffn.key.weight"), nullptr, dkk.data(), xk_.data(), io.w("ffn.key.weight"),
+                        N, C, F);
+    const float *mk = io.w("ffn.time_mix_k"), *mr = io.w("ffn.time_mix_r");
+    float *gmk = io.g("ffn.time_mix_k"), *gmr = io.g("ffn.time_mix_r");
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const int64_t j = i * C + ch;
+        db[j] = dxk2[j] * mk[ch] + dxr2[j] * mr[ch];
+        dxx2[j] = dxk2[j] * (1.0f - mk[ch]) + dxr2[j] * (1.0f - mr[ch]);
+        gmk[ch] += dxk2[j] * (b_[j] - xx_[j]);
+        gmr[ch] += dxr2[j] * (b_[j] - xx_[j]);
+      }
+    nn::shift_backward(db, dxx2.data(), B, T, C);
+  } else {
+    std::vector<float> dh(N * F);
+    nn::matmul_backward(dh.data(), io.g("mlp.proj.weight"), io.g("mlp.proj.bias"), dout, h_.data(),
+                        io.w("mlp.proj.weight"), N, F, C);
+    nn::gelu_backward(dh.data(), h_pre_.data(), dh.data(), N * F);
+    nn::matmul_backward(db, io.g("mlp.fc.weight"), io.g("mlp.fc.bias"), dh.data(), b_, io.w("mlp.fc.weight"), N, C, F);
+  }
+}
+
+void ChannelMix::step(const LayerIO& io, const float* b, float* out, std::vector<float>& prev) {
+  const int64_t C = C_, F = F_;
+  sh_.resize(F), so_.resize(C), sk_.resize(C), sr_.resize(C);
+  if (rwkv_) {
+    const float *mk = io.w("ffn.time_mix_k"), *mr = io.w("ffn.time_mix_r");
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const float p = prev[ch];
+      sk_[ch] = b[ch] * mk[ch] + p * (1 - mk[ch]);
+      sr_[ch] = b[ch] * mr[ch] + p * (1 - mr[ch]);
+    }
+    std::copy(b, b + C, prev.begin());
+    nn::matmul_forward(sh_.data(), sk_.data(), io.w("ffn.key.weight"), nullptr, 1, C, F);
+    for (float& e : sh_) e = e > 0 ? e * e : 0.0f;
+    nn::matmul_forward(so_.data(), sh_.data(), io.w("ffn.value.weight"), nullptr, 1, F, C);
+    sg_.resize(C);
+    nn::matmul_forward(sg_.data(), sr_.data(), io.w("ffn.receptance.weight"), nullptr, 1, C, C);
+    for (int64_t ch = 0; ch < C; ++ch) out[ch] = sigmoid1(sg_[ch]) * so_[ch];
+  } else {
+    std::vector<float>& h2 = sk_;
+    h2.resize(F);
+    nn::matmul_forward(sh_.data(), b, io.w("mlp.fc.weight"), io.w("mlp.fc.bias"), 1, C, F);
+    nn::gelu_forward(h2.data(), sh_.data(), F);
+    nn::matmul_forward(out, h2.data(), io.w("mlp.proj.weight"), io.w("mlp.proj.bias"), 1, F, C);
+  }
+}
+
+}  // namespace linmix

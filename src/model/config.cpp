@@ -1,0 +1,144 @@
+// The model config: JSON in and out, validation, defaults.
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+
+#include "linmix/model.h"
+#include "mixer_layer.h"
+
+namespace linmix {
+
+using json = nlohmann::json;
+
+// ---------------------------------------------------------------- config
+
+ModelConfig ModelConfig::from_json(const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(std::string("model config is not valid JSON (") + e.what() + ")");
+  }
+  LINMIX_CHECK(j.is_object(), "model config must be a JSON object");
+  ModelConfig c;
+  static const std::vector<std::string> known = {"vocab",   "d_model",  "n_layer",  "n_head", "ctx",
+                                                 "channel_mix", "ffn_mult", "features", "kernel", "ln0",
+                                                 "mixer",   "params",   "layers", "state", "qk_dim", "expand", "pos_emb"};
+  for (auto it = j.begin(); it != j.end(); ++it)
+    LINMIX_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
+                 "model config: unknown field '" + it.key() + "'");
+  auto geti = [&](const char* k, int64_t& dst) {
+    if (!j.contains(k)) return;
+    LINMIX_CHECK(j[k].is_number_integer(), std::string("model config: '") + k + "' must be an integer");
+    dst = j[k].get<int64_t>();
+  };
+  geti("vocab", c.vocab), geti("d_model", c.d_model), geti("n_layer", c.n_layer), geti("n_head", c.n_head);
+  geti("ctx", c.ctx), geti("ffn_mult", c.ffn_mult), geti("features", c.features), geti("kernel", c.kernel);
+  geti("state", c.state), geti("qk_dim", c.qk_dim), geti("expand", c.expand);
+  if (j.contains("channel_mix")) {
+    LINMIX_CHECK(j["channel_mix"].is_string(), "model config: 'channel_mix' must be a string");
+    c.channel_mix = j["channel_mix"].get<std::string>();
+  }
+  if (j.contains("pos_emb")) {
+    LINMIX_CHECK(j["pos_emb"].is_boolean(), "model config: 'pos_emb' must be true or false");
+    c.pos_emb = j["pos_emb"].get<bool>() ? 1 : 0;
+  }
+  if (j.contains("ln0")) {
+    LINMIX_CHECK(j["ln0"].is_boolean(), "model config: 'ln0' must be true or false");
+    c.ln0 = j["ln0"].get<bool>();
+  }
+  auto params_of = [](const json& p) {
+    std::map<std::string, std::string> out;
+    LINMIX_CHECK(p.is_object(), "model config: 'params' must be an object");
+    for (auto it = p.begin(); it != p.end(); ++it)
+      out[it.key()] = it.value().is_string() ? it.value().get<std::string>() : it.value().dump();
+    return out;
+  };
+  if (j.contains("layers")) {
+    LINMIX_CHECK(j["layers"].is_array(), "model config: 'layers' must be an array");
+    for (const json& l : j["layers"]) {
+      LINMIX_CHECK(l.is_object() && l.contains("mixer") && l["mixer"].is_string(),
+                   "model config: every layer needs a \"mixer\" name");
+      c.layers.push_back({l["mixer"].get<std::string>(), l.contains("params") ? params_of(l["params"])
+                                                                               : std::map<std::string, std::string>{}});
+    }
+    if (!j.contains("n_layer")) c.n_layer = static_cast<int64_t>(c.layers.size());
+  } else {
+    const std::string m = j.contains("mixer") ? j["mixer"].get<std::string>() : "rwkv4";
+    const auto p = j.contains("params") ? params_of(j["params"]) : std::map<std::string, std::string>{};
+    for (int64_t i = 0; i < c.n_layer; ++i) c.layers.push_back({m, p});
+  }
+  c.validate();
+  return c;
+}
+
+ModelConfig ModelConfig::for_mixer(const std::string& mixer) {
+  ModelConfig c;
+  c.d_model = 128, c.n_layer = 4, c.n_head = 4, c.ctx = 256;
+  find_mixer(mixer);  // unknown names fail here, naming the known ones
+  c.channel_mix = layer_channel_mix(mixer);
+  c.layers.assign(size_t(c.n_layer), LayerConfig{mixer, {}});
+  c.validate();
+  return c;
+}
+
+std::string ModelConfig::to_json() const {
+  json j = {{"vocab", vocab},       {"d_model", d_model},   {"n_layer", n_layer}, {"n_head", n_head},
+            {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"features", features},
+            {"kernel", kernel},     {"ln0", ln0}, {"state", state}, {"qk_dim", qk_dim}, {"expand", expand},
+            {"pos_emb", uses_pos_emb()}};
+  j["layers"] = json::array();
+  for (const auto& l : layers) j["layers"].push_back({{"mixer", l.mixer}, {"params", l.params}});
+  return j.dump();
+}
+
+void ModelConfig::validate() const {
+  LINMIX_CHECK(vocab >= 2 && vocab <= (1 << 20), "model config: vocab must be in [2, 2^20]");
+  LINMIX_CHECK(d_model >= 1 && d_model <= 16384, "model config: d_model must be in [1, 16384]");
+  LINMIX_CHECK(n_layer >= 1 && n_layer <= 256, "model config: n_layer must be in [1, 256]");
+  LINMIX_CHECK(n_head >= 1 && d_model % n_head == 0, "model config: n_head must divide d_model");
+  LINMIX_CHECK(ctx >= 1 && ctx <= (1 << 20), "model config: ctx must be in [1, 2^20]");
+  LINMIX_CHECK(ffn_mult >= 1 && ffn_mult <= 64, "model config: ffn_mult must be in [1, 64]");
+  LINMIX_CHECK(features >= 1 && kernel >= 1, "model config: features and kernel must be >= 1");
+  LINMIX_CHECK(state >= 1 && state <= 1024 && qk_dim >= 1 && qk_dim <= 4096 && expand >= 1 && expand <= 16,
+               "model config: state in [1, 1024], qk_dim in [1, 4096], expand in [1, 16]");
+  LINMIX_CHECK(channel_mix == "mlp" || channel_mix == "rwkv",
+               "model config: channel_mix must be \"mlp\" or \"rwkv\", found \"" + channel_mix + "\"");
+  LINMIX_CHECK(static_cast<int64_t>(layers.size()) == n_layer,
+               "model config: " + std::to_string(layers.size()) + " layers given for n_layer = " + std::to_string(n_layer));
+  for (const auto& l : layers) {
+    has_mixer_layer(l.mixer);  // unknown names and mixers without a layer fail here
+    for (const char* k : {"features", "kernel", "state", "qk_dim", "expand"})
+      if (l.params.count(k)) knob(l, k);  // malformed knobs fail here
+  }
+}
+
+bool ModelConfig::uses_pos_emb() const {
+  if (pos_emb >= 0) return pos_emb == 1;
+  for (const auto& l : layers)  // default: the attention-like mixers carry no order of their own
+    if (layer_wants_positions(l.mixer)) return true;
+  return false;
+}
+
+int64_t ModelConfig::knob(const LayerConfig& l, const std::string& name) const {
+  const std::map<std::string, std::pair<int64_t, int64_t>> bounds = {
+      {"features", {1, 1 << 16}}, {"kernel", {1, 1 << 16}}, {"state", {1, 1024}}, {"qk_dim", {1, 4096}},
+      {"expand", {1, 16}}};
+  auto it = l.params.find(name);
+  if (it == l.params.end()) {
+    if (name == "features") return features;
+    if (name == "kernel") return kernel;
+    if (name == "state") return state;
+    if (name == "qk_dim") return qk_dim;
+    if (name == "expand") return expand;
+    throw Error("model config: unknown layer knob '" + name + "'");
+  }
+  char* end = nullptr;
+  const long long v = std::strtoll(it->second.c_str(), &end, 10);
+  const auto [lo, hi] = bounds.at(name);
+  LINMIX_CHECK(!it->second.empty() && *end == '\0' && v >= lo && v <= hi,
+               "model config: layer param '" + name + "' must be an integer in [" + std::to_string(lo) + ", " +
+                   std::to_string(hi) + "], found '" + it->second + "'");
+  return v;
+}
+
+}  // namespace linmix

@@ -1,0 +1,95 @@
+#include "linmix/generate.h"
+
+#include <chrono>
+#include <memory>
+#include <random>
+
+#include "linmix/quant.h"
+#include "linmix/rwkv4.h"
+#include "linmix/safetensors.h"
+#include "linmix/tokenizer.h"
+
+namespace linmix {
+
+GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<void(const std::string&)>& emit) {
+  const int64_t V = m.config().vocab;
+  LINMIX_CHECK(!o.prompt.empty(), "--prompt must not be empty");
+  LINMIX_CHECK(o.tokens >= 0, "--tokens must be >= 0");
+  Model::State st = m.new_state();
+  if (!o.state_in.empty()) {
+    SafeTensors s = read_safetensors(o.state_in);
+    LINMIX_CHECK(s.metadata.count("config") && s.metadata.at("config") == m.config().to_json(),
+                 o.state_in + ": the state was saved by a model with another config");
+    st = m.state_from_tensors(s.tensors);
+  }
+  const auto tk = Tokenizer::load(o.tokenizer);
+  LINMIX_CHECK(tk->vocab_size() <= V, "tokenizer " + tk->name() + " has " + std::to_string(tk->vocab_size()) +
+                                          " tokens, the model only " + std::to_string(V));
+  const WType wt = parse_wtype(o.dtype);
+  std::unique_ptr<Rwkv4Engine> eng;
+  if (Rwkv4Engine::supports(m.config())) eng = std::make_unique<Rwkv4Engine>(m, wt);
+  else LINMIX_CHECK(wt == WType::F32, "--dtype " + o.dtype + " needs an RWKV-4 model");
+  const std::vector<int32_t> pids = tk->encode(o.prompt);
+  LINMIX_CHECK(!pids.empty(), "the prompt encodes to no tokens");
+  std::vector<float> lg(static_cast<size_t>(V));
+  if (eng) eng->sequence(pids.data(), int64_t(pids.size()), st, lg.data());
+  else
+    for (int32_t id : pids) m.step(id, st, lg.data());
+  emit(o.prompt);
+  std::mt19937_64 rng(o.sample.seed);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < o.tokens; ++i) {
+    int32_t t = sample_token(lg.data(), V, o.sample, rng);
+    if (t >= tk->vocab_size()) t = 0;  // a model row past the tokenizer: stop sampling it
+    emit(tk->decode({t}));
+    if (eng) eng->step(t, st, lg.data());
+    else m.step(t, st, lg.data());
+  }
+  GenerateResult r;
+  r.prompt_tokens = int64_t(pids.size()), r.generated = o.tokens;
+  r.ms_per_token = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() /
+                   double(std::max<int64_t>(o.tokens, 1));
+  if (!o.state_out.empty()) write_safetensors(o.state_out, m.state_tensors(st), {{"config", m.config().to_json()}});
+  return r;
+}
+
+Tensor sequence_logits(Model& m, const std::vector<int32_t>& toks, const std::string& mode, int64_t chunk,
+                       const std::string& dtype) {
+  const int64_t T = static_cast<int64_t>(toks.size()), V = m.config().vocab;
+  LINMIX_CHECK(mode == "parallel" || mode == "recurrent" || mode == "sequence" || mode == "decode",
+               "--mode must be parallel, recurrent, sequence or decode");
+  LINMIX_CHECK(chunk >= 1, "--chunk must be >= 1");
+  const WType wt = parse_wtype(dtype);
+  LINMIX_CHECK(wt == WType::F32 || mode == "sequence" || mode == "decode",
+               "--dtype applies to the sequence and decode modes only");
+  Tensor out({T, V});
+  if (mode == "parallel") {
+    out.data = m.logits(toks.data(), 1, T);
+  } else if (mode == "recurrent") {
+    Model::State st = m.new_state();
+    for (int64_t t = 0; t < T; ++t) m.step(toks[t], st, out.ptr() + t * V);
+  } else {
+    Rwkv4Engine eng(m, wt);
+    Model::State st = m.new_state();
+    if (mode == "decode")
+      for (int64_t t = 0; t < T; ++t) eng.step(toks[t], st, out.ptr() + t * V);
+    else
+      for (int64_t t0 = 0; t0 < T; t0 += chunk)
+        eng.sequence(toks.data() + t0, std::min(chunk, T - t0), st, out.ptr() + t0 * V, true);
+  }
+  return out;
+}
+
+double evaluate_bytes(Model& m, const std::vector<uint8_t>& bytes, const std::string& mode, const std::string& dtype,
+                      int64_t seq, int64_t windows) {
+  LINMIX_CHECK(mode == "parallel" || mode == "recurrent" || mode == "sequence",
+               "--mode must be parallel, recurrent or sequence");
+  if (mode == "sequence") {
+    Rwkv4Engine eng(m, parse_wtype(dtype));
+    return evaluate_split(eng, bytes, seq, windows);
+  }
+  LINMIX_CHECK(dtype == "f32", "--dtype applies to --mode sequence only");
+  return evaluate_split(m, bytes, seq, windows, mode == "recurrent");
+}
+
+}  // namespace linmix

@@ -1,0 +1,134 @@
+// The table of layer kinds keyed by mixer name, and the helpers the layer files share.
+#include "mixer_layer.h"
+
+#include <cmath>
+#include <functional>
+#include <map>
+
+namespace linmix {
+
+std::unique_ptr<MixerLayer> attention_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> aft_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> rwkv4_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> s4d_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> gau_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> mamba_layer(const ModelConfig& cfg, int64_t index);
+
+namespace {
+
+struct Kind {
+  std::unique_ptr<MixerLayer> (*make)(const ModelConfig&, int64_t);
+  bool positions;           // learned absolute positions by default (the mixer has no order of its own)
+  const char* channel_mix;  // the channel mix `linmix train --mixer NAME` pairs it with
+};
+
+// One line per mechanism that can be a language-model layer (causal ones only).
+const std::map<std::string, Kind>& table() {
+  static const std::map<std::string, Kind> t = {
+      {"softmax", {attention_layer, true, "mlp"}},
+      {"linear", {attention_layer, true, "mlp"}},
+      {"performer", {attention_layer, true, "mlp"}},
+      {"flow", {attention_layer, true, "mlp"}},
+      {"norm_linear", {attention_layer, true, "mlp"}},
+      {"block_softmax", {attention_layer, true, "mlp"}},
+      {"aft_full", {aft_layer, false, "mlp"}},
+      {"aft_local", {aft_layer, false, "mlp"}},
+      {"aft_simple", {aft_layer, false, "mlp"}},
+      {"aft_conv", {aft_layer, false, "mlp"}},
+      {"rwkv4", {rwkv4_layer, false, "rwkv"}},
+      {"s4d", {s4d_layer, false, "mlp"}},
+      {"flash", {gau_layer, true, "mlp"}},
+      {"mamba", {mamba_layer, false, "mlp"}},
+  };
+  return t;
+}
+
+const Kind& kind(const std::string& mixer) {
+  find_mixer(mixer);  // unknown names fail here, naming the known ones
+  auto it = table().find(mixer);
+  LINMIX_CHECK(it != table().end(), "mixer '" + mixer + "' has no causal form, so it cannot be a language-model layer");
+  return it->second;
+}
+
+}  // namespace
+
+std::unique_ptr<MixerLayer> make_mixer_layer(const ModelConfig& cfg, int64_t index) {
+  return kind(cfg.layers.at(size_t(index)).mixer).make(cfg, index);
+}
+bool has_mixer_layer(const std::string& mixer) { return kind(mixer).make != nullptr; }
+bool layer_wants_positions(const std::string& mixer) { return kind(mixer).positions; }
+std::string layer_channel_mix(const std::string& mixer) { return kind(mixer).channel_mix; }
+
+float* LayerIO::g(const std::string& n) const {
+  LINMIX_CHECK(grads, "LayerIO: no gradients in this pass");
+  auto it = grads->find(prefix + n);
+  if (it == grads->end()) it = grads->emplace(prefix + n, Tensor(params.at(prefix + n).shape)).first;
+  return it->second.ptr();
+}
+
+namespace {
+// The layer's knobs, which are not the mixer's params.
+const char* const kKnobs[] = {"features", "kernel", "state", "qk_dim", "expand"};
+std::map<std::string, std::string> mixer_params(const LayerConfig& lc) {
+  auto p = lc.params;
+  for (const char* k : kKnobs) p.erase(k);
+  return p;
+}
+}  // namespace
+
+Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in) {
+  return run_mixer(lc.mixer, Mode::Parallel, true, mixer_params(lc), in).at("y");
+}
+
+TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy) {
+  in["dy"] = tensor_of(std::move(y_shape), dy);
+  return run_mixer(lc.mixer, Mode::Parallel, true, mixer_params(lc), in, true);
+}
+
+Tensor tensor_of(std::vector<int64_t> shape, const float* src) {
+  Tensor t(std::move(shape));
+  std::copy(src, src + t.numel(), t.data.begin());
+  return t;
+}
+
+MixerStep::MixerStep(const LayerConfig& lc, TensorMap in, const TensorMap& state) : in_(std::move(in)) {
+  const auto params = mixer_params(lc);
+  if (!state.empty()) {  // the state's names and shapes, checked like `linmix mix --mode recurrent`
+    TensorMap with = in_;
+    for (const auto& [n, t] : state) with[n] = t;
+    validate_call(lc.mixer, Mode::Recurrent, true, params, with);
+  }
+  call_ = std::make_unique<Call>(validate_call(lc.mixer, Mode::Recurrent, true, params, in_));
+  const MixerSpec& spec = find_mixer(lc.mixer);
+  LINMIX_CHECK(spec.stepper, "mixer '" + lc.mixer + "' has no recurrent form");
+  st_ = spec.stepper(*call_);
+  if (!state.empty()) st_.load(state);
+}
+
+TensorMap split_layer_state(const TensorMap& state, const std::vector<std::pair<std::string, int64_t>>& own,
+                            TensorMap& own_out, int64_t index) {
+  TensorMap mix;
+  for (const auto& [n, t] : state) {
+    auto it = std::find_if(own.begin(), own.end(), [&](const auto& o) { return o.first == n; });
+    if (it != own.end()) {
+      LINMIX_CHECK(t.rank() == 1 && t.numel() == it->second,
+                   "state: tensor 'layer." + std::to_string(index) + "." + n + "' should have shape [" +
+                       std::to_string(it->second) + "], found " + shape_str(t.shape));
+      own_out[n] = t;
+    } else {
+      LINMIX_CHECK(n.rfind("state.", 0) == 0,
+                   "state: unexpected tensor 'layer." + std::to_string(index) + "." + n + "'");
+      mix[n] = t;
+    }
+  }
+  return mix;
+}
+
+float sigmoid1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+float silu1(float x) { return x / (1.0f + std::exp(-x)); }
+float dsilu1(float x) {  // d silu / dx
+  const float s = 1.0f / (1.0f + std::exp(-x));
+  return s * (1.0f + x * (1.0f - s));
+}
+
+}  // namespace linmix

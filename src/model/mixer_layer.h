@@ -1,0 +1,124 @@
+// The token-mixing layer of a language-model block, one class per layer kind (one file each
+// under src/model/): attention-like q/k/v/o (attention_layer.cpp), AFT (aft_layer.cpp), RWKV-4
+// time-mix (rwkv4_layer.cpp), S4D (s4d_layer.cpp), GAU (gau_layer.cpp), Mamba (mamba_layer.cpp).
+// Each declares its parameters and their initialisation, runs forward and backward on the
+// block's normalised input (keeping its own activations between the two), and starts a
+// recurrent runtime (LayerRun) with its own state. make_mixer_layer() picks the class from a
+// table keyed by mixer name (mixer_layer.cpp): a mechanism that fits an existing kind is one
+// line there; a new kind is one file and one line.
+#pragma once
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "linmix/mixer.h"
+#include "linmix/model.h"
+
+namespace linmix {
+
+// A layer's view of the model's parameters and gradients: names relative to "blocks.<i>.".
+struct LayerIO {
+  const TensorMap& params;
+  TensorMap* grads;    // null in forward-only and recurrent use
+  std::string prefix;  // "blocks.<i>."
+  const float* w(const std::string& n) const { return params.at(prefix + n).ptr(); }
+  const Tensor& t(const std::string& n) const { return params.at(prefix + n); }
+  float* g(const std::string& n) const;  // d(loss)/d(param): the accumulator, created as zeros
+};
+
+// One layer's recurrent runtime (one sequence): the mechanism's stepper and the layer's own
+// buffers (token shift, convolution window). step() is allocation-free.
+class LayerRun {
+ public:
+  virtual ~LayerRun() = default;
+  virtual void step(const float* a, float* out) = 0;  // a: the block's normalised input (C); out (C)
+  // The layer's state as tensors: its own ("att_prev", "conv", ...) and the mixer's "state.*".
+  virtual TensorMap save() const = 0;
+};
+
+// What a layer's init reads: the model's generator (shared, so the draws are in the model's
+// parameter order), the seed, and the layer's depth = layer / (n_layer - 1).
+struct InitCtx {
+  std::mt19937_64& rng;
+  std::normal_distribution<float>& normal;
+  uint64_t seed;
+  float depth;
+};
+
+using ParamShapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+
+class MixerLayer {
+ public:
+  MixerLayer(const ModelConfig& cfg, int64_t index)
+      : cfg_(cfg), lc_(cfg.layers.at(size_t(index))), index_(index), C_(cfg.d_model) {}
+  virtual ~MixerLayer() = default;
+
+  // Its parameters, named under "blocks.<i>." (e.g. "att.q.weight"), with shapes.
+  virtual ParamShapes shapes() const = 0;
+  // Initialises one of its parameters; false: the model's default rule (0.02 N(0,1), scaled
+  // down for output projections). Draws come from the model's one generator, in its order.
+  virtual bool init(const std::string& name, Tensor& t, InitCtx& ctx) const {
+    (void)name, (void)t, (void)ctx;
+    return false;
+  }
+  // a (B*T, C) -> out (B*T, C), written; keeps what backward needs (a must stay valid).
+  virtual void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) = 0;
+  // dout (B*T, C) -> da (B*T, C), added; parameter gradients into io.grads.
+  virtual void backward(const LayerIO& io, const float* dout, float* da, int64_t B, int64_t T) = 0;
+  // A recurrent runtime from `state` (empty = the zero state); validates it, naming what is wrong.
+  // The runtime reads the parameters as they are now.
+  virtual std::unique_ptr<LayerRun> start(const LayerIO& io, const TensorMap& state) const = 0;
+
+ protected:
+  const ModelConfig& cfg_;
+  const LayerConfig& lc_;
+  int64_t index_, C_;
+};
+
+// The layer of cfg.layers[index], from the table keyed by mixer name.
+std::unique_ptr<MixerLayer> make_mixer_layer(const ModelConfig& cfg, int64_t index);
+// Table facts used by ModelConfig: whether the mixer has a layer, whether that layer needs
+// learned positions (attention-like: no order of its own), its preferred channel mix.
+bool has_mixer_layer(const std::string& mixer);
+bool layer_wants_positions(const std::string& mixer);
+std::string layer_channel_mix(const std::string& mixer);
+
+// ---- helpers the layer files share
+
+// The mixer's parallel forward / hand-written backward on `in` (validated like any call).
+Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in);
+TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy);
+// A tensor of `shape` holding a copy of src.
+Tensor tensor_of(std::vector<int64_t> shape, const float* src);
+
+// The mechanism's stepper for one layer: the one-token input buffers it reads (written by the
+// layer before each step), its weights, the validated call. Not movable (the stepper points in).
+class MixerStep {
+ public:
+  // `in`: every input of the mechanism, per-token ones shaped (1, 1, ...); `state`: its
+  // "state.*" tensors or none (zero state). Validates both.
+  MixerStep(const LayerConfig& lc, TensorMap in, const TensorMap& state);
+  MixerStep(const MixerStep&) = delete;
+  MixerStep& operator=(const MixerStep&) = delete;
+  float* buf(const std::string& name) { return in_.at(name).ptr(); }
+  void step(float* y) { st_.step(y); }
+  TensorMap save() const { return st_.save(); }
+
+ private:
+  TensorMap in_;
+  std::unique_ptr<Call> call_;
+  Stepper st_;
+};
+
+// Splits a layer state into its own tensors (named in `own`, checked against their sizes) and
+// the mixer's "state.*"; anything else is an error naming the tensor.
+TensorMap split_layer_state(const TensorMap& state, const std::vector<std::pair<std::string, int64_t>>& own,
+                            TensorMap& own_out, int64_t index);
+
+float sigmoid1(float x);
+float silu1(float x);
+float dsilu1(float x);
+
+}  // namespace linmix
