@@ -14,23 +14,26 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MIXERS = [
-    ("softmax", {"mixer": "softmax"}),
-    ("linear", {"mixer": "linear"}),
-    ("performer", {"mixer": "performer", "features": 32}),
-    ("flow", {"mixer": "flow"}),
-    ("norm_linear", {"mixer": "norm_linear"}),
-    ("block_softmax", {"mixer": "block_softmax", "params": {"block": 32}}),
-    ("transnormer", {"layers": [{"mixer": "block_softmax", "params": {"block": 32}}] * 2 + [{"mixer": "norm_linear"}] * 2}),
-    ("aft_full", {"mixer": "aft_full"}),
-    ("aft_local", {"mixer": "aft_local", "params": {"window": 32}}),
-    ("aft_simple", {"mixer": "aft_simple"}),
-    ("aft_conv", {"mixer": "aft_conv"}),
-    ("rwkv4", {"mixer": "rwkv4"}),
-    ("flash", {"mixer": "flash", "params": {"group": 32}, "qk_dim": 32, "expand": 2}),
-    ("s4d", {"mixer": "s4d", "state": 32}),
-    ("mamba", {"mixer": "mamba", "state": 16, "expand": 2}),
-]
+# The experiment's settings where a mechanism's registry example does not fit a 128-token context
+# (every other causal mechanism of `linmix mixers --json` runs with its example params), and
+# the TransNormer stack (2 block_softmax + 2 norm_linear layers) as an extra row.
+SETTINGS = {
+    "performer": {"features": 32},
+    "block_softmax": {"params": {"block": 32}},
+    "aft_local": {"params": {"window": 32}},
+    "flash": {"params": {"group": 32}, "qk_dim": 32, "expand": 2},
+    "s4d": {"state": 32},
+    "mamba": {"state": 16, "expand": 2},
+}
+EXTRA = [("transnormer", {"layers": [{"mixer": "block_softmax", "params": {"block": 32}}] * 2 +
+                          [{"mixer": "norm_linear"}] * 2})]
+
+
+def mixers(linmix):
+    specs = json.loads(subprocess.run([linmix, "mixers", "--json"], capture_output=True, text=True, check=True).stdout)
+    out = [(m["name"], {"mixer": m["name"], **SETTINGS.get(m["name"], {"params": m["example_params"]})})
+           for m in specs if m["causal"]]
+    return out + EXTRA
 
 
 def main():
@@ -44,6 +47,7 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     runs_dir = os.path.join(ROOT, "build", "results")
+    MIXERS = mixers(a.linmix)
     for name, cfg in MIXERS:
         if a.plot_only or (a.only and name not in a.only.split(",")):
             continue

@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""The whole language model's gradient, for every causal token mixer: `linmix grad` (the
+"""The whole language model's gradient, for every causal token mixer of the registry
+(`linmix mixers --json`; one missing from python/model_ref.py fails by name): `linmix grad` (the
 hand-written backward, float32) against torch.autograd of an independent float64 PyTorch
 implementation of the model (python/model_ref.py). Per parameter tensor, relative RMS error
 <= 1e-3 (MIXERS.md's gradient tolerance), a vanishing gradient compared at 1e-3 of the
@@ -23,13 +24,11 @@ LINMIX = os.path.abspath(sys.argv[1])
 TMP = tempfile.mkdtemp(prefix="linmix-mgrad-")
 passed = failed = 0
 
-CASES = [
-    ("softmax", "mlp", {}), ("softmax", "rwkv", {"window": 5}), ("linear", "mlp", {}), ("performer", "mlp", {}),
-    ("flow", "mlp", {}), ("norm_linear", "mlp", {}), ("block_softmax", "mlp", {"block": 4}),
-    ("aft_full", "mlp", {}), ("aft_local", "mlp", {"window": 3}), ("aft_simple", "mlp", {}),
-    ("aft_conv", "rwkv", {}), ("rwkv4", "rwkv", {}), ("flash", "mlp", {"group": 4}), ("s4d", "mlp", {}),
-    ("mamba", "mlp", {}),
-]
+SPECS = json.loads(subprocess.run([LINMIX, "mixers", "--json"], capture_output=True, text=True, check=True).stdout)
+# every causal mechanism as a layer with the MLP channel mix, with its small-size params (several
+# blocks / groups / windows in T = 11), and the RWKV channel mix with three of them
+CASES = [(s["name"], "mlp", {**s["example_params"], **s["small_params"]}) for s in SPECS if s["causal"]]
+CASES += [("softmax", "rwkv", {"window": 5}), ("aft_conv", "rwkv", {}), ("rwkv4", "rwkv", {})]
 
 
 def check(name, ok, detail=""):
@@ -56,6 +55,9 @@ def main():
     targets[0, 4] = -1
     for mixer, cm, params in CASES:
         name = f"{mixer}/{cm}{'' if not params else ' ' + json.dumps(params)}"
+        if mixer not in model_ref.LAYERS:
+            check(name, False, "no layer in python/model_ref.py LAYERS (every causal mechanism needs one)")
+            continue
         cfg = {"vocab": 128, "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "features": 8, "kernel": 3,
                "ffn_mult": 2, "state": 4, "qk_dim": 8, "mixer": mixer, "channel_mix": cm, "params": params,
                "ln0": mixer == "rwkv4"}

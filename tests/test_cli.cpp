@@ -234,3 +234,34 @@ TEST(Cli, MixersListsEveryMechanism) {
 }
 
 }  // namespace
+
+// `linmix mixers --json` lists every mechanism of the registry with its spec; `linmix example`
+// writes a mechanism's example inputs (what the Python tests and peers read) and refuses bad
+// arguments with a one-line error and exit 2.
+TEST(RegistryCli, JsonListsEveryMechanismAndExampleWritesItsInputs) {
+  const std::string dir = test::tmp_dir();
+  ASSERT_EQ(run_linmix("mixers --json", dir).code, 0);
+  const std::string js = slurp(dir + "/stdout.txt");
+  for (const auto& spec : mixers()) {
+    EXPECT_NE(js.find("\"name\": \"" + spec.name + "\""), std::string::npos) << spec.name;
+    for (bool causal : {false, true}) {
+      if ((causal && !spec.causal_ok) || (!causal && !spec.noncausal_ok)) continue;
+      const std::string out = dir + "/" + spec.name + ".safetensors";
+      const Result r = run_linmix("example --mixer " + spec.name + (causal ? " --causal" : "") +
+                                      " --T 9 --seed 4 --stress 1 --dy --out " + out, dir);
+      ASSERT_EQ(r.code, 0) << spec.name << ": " << r.err;
+      TensorMap want = example_inputs(spec, example_dims(spec, Scale::Test, 9, causal), 4);
+      stress_inputs(spec, want, false);
+      const TensorMap got = read_safetensors(out).tensors;
+      for (const auto& [n, t] : want) EXPECT_EQ(got.at(n).data, t.data) << spec.name << " " << n;
+      EXPECT_TRUE(got.count("dy")) << spec.name;
+    }
+  }
+  for (const std::string bad : {"example --mixer nope --out x", "example --mixer fnet --causal --out x",
+                                "example --mixer linear --scale huge --out x", "example --mixer linear --stress 3 --out x",
+                                "example --mixer linear --dim D=0 --out x"}) {
+    const Result r = run_linmix(bad, dir);
+    EXPECT_EQ(r.code, 2) << bad << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << bad << ": " << r.err;
+  }
+}

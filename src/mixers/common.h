@@ -197,21 +197,4 @@ inline void set_qkv_eps_forms(MixerSpec& s, QkvForward fwd, QkvBackward bwd) {
   };
 }
 
-// Registration: each mechanism file defines one of these.
-MixerSpec softmax_spec();
-MixerSpec linear_spec();
-MixerSpec aft_full_spec();
-MixerSpec aft_local_spec();
-MixerSpec aft_simple_spec();
-MixerSpec aft_conv_spec();
-MixerSpec rwkv4_spec();
-MixerSpec performer_spec();
-MixerSpec flow_spec();
-MixerSpec flash_spec();
-MixerSpec norm_linear_spec();
-MixerSpec block_softmax_spec();
-MixerSpec s4d_spec();
-MixerSpec mamba_spec();
-MixerSpec fnet_spec();
-
 }  // namespace linmix

@@ -34,12 +34,30 @@ const Tensor& Call::t(const std::string& name) const {
   return it->second;
 }
 
+// Registration: each mechanism's file defines its spec function; the registry lists them in
+// this order (the order of `linmix mixers`, the tests and the benchmarks).
+MixerSpec softmax_spec();
+MixerSpec linear_spec();
+MixerSpec aft_full_spec();
+MixerSpec aft_local_spec();
+MixerSpec aft_simple_spec();
+MixerSpec aft_conv_spec();
+MixerSpec rwkv4_spec();
+MixerSpec performer_spec();
+MixerSpec flow_spec();
+MixerSpec flash_spec();
+MixerSpec norm_linear_spec();
+MixerSpec block_softmax_spec();
+MixerSpec s4d_spec();
+MixerSpec mamba_spec();
+MixerSpec fnet_spec();
+
 const std::vector<MixerSpec>& mixers() {
-  static const std::vector<MixerSpec> all = {softmax_spec(),   linear_spec(),    aft_full_spec(),
-                                             aft_local_spec(), aft_simple_spec(), aft_conv_spec(),
-                                             rwkv4_spec(),   performer_spec(), flow_spec(),
-                                             flash_spec(),   norm_linear_spec(), block_softmax_spec(),
-                                             s4d_spec(),     mamba_spec(),     fnet_spec()};
+  static const std::vector<MixerSpec> all = {
+      softmax_spec(),   linear_spec(),      aft_full_spec(),      aft_local_spec(), aft_simple_spec(),
+      aft_conv_spec(),  rwkv4_spec(),       performer_spec(),     flow_spec(),      flash_spec(),
+      norm_linear_spec(), block_softmax_spec(), s4d_spec(),       mamba_spec(),     fnet_spec(),
+  };
   return all;
 }
 
