@@ -211,12 +211,17 @@ std::vector<uint8_t> read_bytes(const std::string& path) {
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
-int cmd_eval(const std::string& model_path, const std::string& file, const std::string& mode, const std::string& dtype,
-             int64_t seq, int64_t windows) {
+int cmd_eval(const std::string& model_path, const std::string& file, const std::string& tokenizer,
+             const std::string& mode, const std::string& dtype, int64_t seq, int64_t windows) {
   Checkpoint ck = load_checkpoint(model_path);
-  const double loss = evaluate_bytes(*ck.model, read_bytes(file), mode, dtype, seq, windows);
-  std::printf("%s: %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", file.c_str(), mode.c_str(),
-              static_cast<long long>(windows), static_cast<long long>(seq), loss, loss / std::log(2.0));
+  const EvalResult r = evaluate_file(*ck.model, read_bytes(file), tokenizer, mode, dtype, seq, windows);
+  if (tokenizer == "bytes")
+    std::printf("%s: %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", file.c_str(), mode.c_str(),
+                static_cast<long long>(r.windows), static_cast<long long>(seq), r.loss, r.bits_per_byte);
+  else
+    std::printf("%s: %s mode, %lld windows of %lld tokens (%lld bytes scored): loss %.6f nats/token = %.6f bits/byte\n",
+                file.c_str(), mode.c_str(), static_cast<long long>(r.windows), static_cast<long long>(seq),
+                static_cast<long long>(r.bytes), r.loss, r.bits_per_byte);
   return 0;
 }
 
@@ -251,6 +256,8 @@ int cmd_grad(const std::string& model_path, const std::string& tokens, const std
   const std::vector<int32_t> tg = parse_ids(targets, m.config().vocab, "--targets", true);
   LINMIX_CHECK(in.size() == tg.size(), "--tokens and --targets differ in length");
   LINMIX_CHECK(static_cast<int64_t>(in.size()) % batch == 0, "--batch does not divide the token count");
+  LINMIX_CHECK(std::any_of(tg.begin(), tg.end(), [](int32_t t) { return t >= 0; }),
+               "--targets: every target is -1, nothing is scored (the loss would be undefined)");
   TensorMap grads;
   const double loss = m.forward_backward(in.data(), tg.data(), batch, static_cast<int64_t>(in.size()) / batch, &grads);
   TensorMap out;
@@ -396,6 +403,8 @@ int main(int argc, char** argv) {
   int64_t eval_seq = 128, eval_windows = 64;
   ev->add_option("--model", model_path, "checkpoint")->required();
   ev->add_option("--data", eval_file, "text file")->required();
+  ev->add_option("--tokenizer", tokenizer_path, "bytes, or the model's tokenizer (tokenizer.json or an RWKV World vocabulary)")
+      ->capture_default_str();
   ev->add_option("--mode", eval_mode, "parallel | recurrent | sequence (the RWKV-4 engine; all agree)")
       ->capture_default_str();
   ev->add_option("--dtype", dtype, "weights of the RWKV-4 engine (sequence mode): f32 | bf16 | int8")
@@ -476,7 +485,7 @@ int main(int argc, char** argv) {
       gopt.tokenizer = tokenizer_path, gopt.state_in = state_in, gopt.state_out = state_out, gopt.dtype = dtype;
       return cmd_generate(model_path, gopt, stats);
     }
-    if (*ev) return cmd_eval(model_path, eval_file, eval_mode, dtype, eval_seq, eval_windows);
+    if (*ev) return cmd_eval(model_path, eval_file, tokenizer_path, eval_mode, dtype, eval_seq, eval_windows);
     if (*tok) return cmd_tokenize(tokenizer_path, tok_text, tok_file, tok_decode);
     if (*gr) return cmd_grad(model_path, tokens_csv, targets_csv, grad_batch, out_path);
     if (*lg) return cmd_logits(model_path, tokens_csv, logits_mode, logits_chunk, dtype, out_path);

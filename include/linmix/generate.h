@@ -34,9 +34,15 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
 Tensor sequence_logits(Model& m, const std::vector<int32_t>& tokens, const std::string& mode, int64_t chunk,
                        const std::string& dtype);
 
-// Mean loss (nats per byte) over `windows` windows of `seq` bytes spread over `bytes`, in "parallel",
-// "recurrent" (the model) or "sequence" (the RWKV-4 engine, any dtype) mode: all agree.
-double evaluate_bytes(Model& m, const std::vector<uint8_t>& bytes, const std::string& mode, const std::string& dtype,
-                      int64_t seq, int64_t windows);
+// Loss of a text file: up to `windows` windows of `seq` tokens spread over it (tokenized with
+// `tokenizer`: "bytes" or the model's own), in "parallel", "recurrent" (the model) or
+// "sequence" (the RWKV-4 engine, any dtype) mode: all agree.
+struct EvalResult {
+  double loss = 0;           // mean nats per scored token
+  int64_t windows = 0, tokens = 0, bytes = 0;  // what was scored: windows, target tokens, their bytes
+  double bits_per_byte = 0;  // loss * tokens / bytes / ln 2 (= bpc for byte-level models)
+};
+EvalResult evaluate_file(Model& m, const std::vector<uint8_t>& bytes, const std::string& tokenizer,
+                         const std::string& mode, const std::string& dtype, int64_t seq, int64_t windows);
 
 }  // namespace linmix

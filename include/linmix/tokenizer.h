@@ -41,6 +41,7 @@ class WorldTokenizer : public Tokenizer {
   std::string name() const override { return "rwkv-world"; }
 
  private:
+  std::vector<bool> seen_;           // ids given by the file
   std::vector<std::string> tokens_;  // id -> bytes
   std::unordered_map<std::string, int32_t> ids_;
   int64_t max_len_ = 0, vocab_ = 0;

@@ -84,15 +84,30 @@ double lr_at(const TrainOptions& o, int64_t step);  // warm-up, then cosine to m
 
 // Mean loss (nats per token) of the model on windows of `seq` tokens of a split; in recurrent
 // mode each window runs token by token from a fresh state (so the two modes agree).
-double evaluate_split(Model& m, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows, bool recurrent);
+// The windows: min(max_windows, (n - 1) / seq) of them, spread evenly (eval_windows).
+double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows, bool recurrent);
 // The same windows through the RWKV-4 inference engine's sequence mode (any weight type).
-double evaluate_split(Rwkv4Engine& e, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows);
+double evaluate_split(Rwkv4Engine& e, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows);
+inline double evaluate_split(Model& m, const std::vector<uint8_t>& bytes, int64_t seq, int64_t max_windows,
+                             bool recurrent) {
+  return evaluate_split(m, std::vector<int32_t>(bytes.begin(), bytes.end()), seq, max_windows, recurrent);
+}
+inline double evaluate_split(Rwkv4Engine& e, const std::vector<uint8_t>& bytes, int64_t seq, int64_t max_windows) {
+  return evaluate_split(e, std::vector<int32_t>(bytes.begin(), bytes.end()), seq, max_windows);
+}
+// How many windows of seq tokens, and where (window w starts at w * stride), evaluate_split
+// scores in n tokens.
+inline std::pair<int64_t, int64_t> eval_windows(int64_t n, int64_t seq, int64_t max_windows) {
+  const int64_t windows = std::min(max_windows, (n - 1) / seq);
+  return {windows, windows > 0 ? (n - 1) / windows : 0};
+}
 
 // ---- sampling
 struct SampleOptions {
   double temperature = 1.0, top_p = 1.0;
   int64_t top_k = 0;  // 0 = all
   uint64_t seed = 1;
+  void validate() const;  // finite temperature >= 0, top_p in (0, 1], top_k >= 0; Error otherwise
 };
 int32_t sample_token(const float* logits, int64_t V, const SampleOptions& o, std::mt19937_64& rng);
 

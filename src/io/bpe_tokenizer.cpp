@@ -213,15 +213,24 @@ BpeTokenizer::BpeTokenizer(const std::string& path) : p_(std::make_unique<Impl>(
       }
       return out;
     };
+    // token ids: integers in [0, 2^20) (no negative, fractional or huge id reaches an index)
+    constexpr int64_t kMaxId = int64_t(1) << 20;  // a model's largest vocabulary
+    auto token_id = [&](const json& v, const std::string& what) -> int64_t {
+      if (!v.is_number_integer()) fail("token id of " + what + " is not an integer: " + v.dump());
+      if (v.is_number_unsigned() ? v.get<uint64_t>() >= uint64_t(kMaxId) : (v.get<int64_t>() < 0 || v.get<int64_t>() >= kMaxId))
+        fail("token id " + v.dump() + " of " + what + " is outside [0, " + std::to_string(kMaxId) + ")");
+      return v.get<int64_t>();
+    };
     int64_t V = 0;
-    for (const auto& [k, v] : m.at("vocab").items()) V = std::max<int64_t>(V, v.get<int64_t>() + 1);
-    for (const json& a : j.value("added_tokens", json::array())) V = std::max<int64_t>(V, a.at("id").get<int64_t>() + 1);
-    if (V <= 0 || V > (int64_t(1) << 24)) fail("vocabulary size " + std::to_string(V) + " out of range");
+    for (const auto& [k, v] : m.at("vocab").items()) V = std::max<int64_t>(V, token_id(v, "'" + k + "'") + 1);
+    for (const json& a : j.value("added_tokens", json::array()))
+      V = std::max<int64_t>(V, token_id(a.at("id"), "an added token") + 1);
+    if (V <= 0) fail("empty vocabulary");
     p_->tokens.assign(size_t(V), std::string());
     std::vector<bool> seen(size_t(V), false);
     for (const auto& [k, v] : m.at("vocab").items()) {
-      const int64_t id = v.get<int64_t>();
-      if (id < 0) fail("negative token id for '" + k + "'");
+      const int64_t id = token_id(v, "'" + k + "'");
+      if (seen[size_t(id)]) fail("token id " + std::to_string(id) + " is given twice in the vocabulary");
       const std::string b = to_bytes(k);
       p_->tokens[size_t(id)] = b, seen[size_t(id)] = true;
       p_->ids.emplace(b, int32_t(id));
@@ -251,7 +260,7 @@ BpeTokenizer::BpeTokenizer(const std::string& path) : p_(std::make_unique<Impl>(
       p_->merges.emplace(uint64_t(uint32_t(li->second)) << 32 | uint32_t(ri->second), std::make_pair(rank++, mi->second));
     }
     for (const json& a : j.value("added_tokens", json::array())) {
-      const int32_t id = a.at("id").get<int32_t>();
+      const int32_t id = int32_t(token_id(a.at("id"), "an added token"));
       const std::string content = a.at("content").get<std::string>();
       if (content.empty()) fail("empty added token");
       if (a.value("single_word", false) || a.value("lstrip", false) || a.value("rstrip", false))

@@ -1,5 +1,7 @@
 #include "linmix/tokenizer.h"
 
+#include <algorithm>
+
 #include <fstream>
 #include <sstream>
 
@@ -49,7 +51,15 @@ std::string python_literal(const std::string& lit, const std::string& where) {
   std::string out;
   auto hex = [&](size_t at, size_t n) {
     LINMIX_CHECK(at + n <= lit.size() - 1, where + ": truncated escape in " + lit);
-    return static_cast<uint32_t>(std::stoul(lit.substr(at, n), nullptr, 16));
+    uint32_t v = 0;
+    for (size_t k = at; k < at + n; ++k) {
+      const char c = lit[k];
+      const int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+      LINMIX_CHECK(d >= 0, where + ": bad hex digit in the escape of " + lit);
+      v = v * 16 + uint32_t(d);
+    }
+    LINMIX_CHECK(v <= 0x10FFFF, where + ": escape beyond Unicode in " + lit);
+    return v;
   };
   for (size_t i = q0 + 1; i + 1 < lit.size(); ++i) {
     if (lit[i] != '\\') {
@@ -93,19 +103,21 @@ WorldTokenizer::WorldTokenizer(const std::string& path) {
     const std::string where = path + ":" + std::to_string(lineno);
     const size_t a = line.find(' '), b = line.rfind(' ');
     LINMIX_CHECK(a != std::string::npos && b > a, where + ": expected 'ID LITERAL LENGTH'");
-    int64_t id = -1, len = -1;
-    try {
-      id = std::stoll(line.substr(0, a));
-      len = std::stoll(line.substr(b + 1));
-    } catch (const std::exception&) {
-      throw Error(where + ": expected 'ID LITERAL LENGTH'");
-    }
+    // ID and LENGTH: plain decimal integers (no sign, no trailing characters)
+    auto decimal = [&](const std::string& t) {
+      LINMIX_CHECK(!t.empty() && t.size() <= 9 && std::all_of(t.begin(), t.end(), [](char c) { return c >= '0' && c <= '9'; }),
+                   where + ": expected 'ID LITERAL LENGTH', found '" + t + "' for a number");
+      return std::stoll(t);
+    };
+    const int64_t id = decimal(line.substr(0, a)), len = decimal(line.substr(b + 1));
     const std::string tok = python_literal(line.substr(a + 1, b - a - 1), where);
     LINMIX_CHECK(static_cast<int64_t>(tok.size()) == len,
                  where + ": token is " + std::to_string(tok.size()) + " bytes, the file says " + std::to_string(len));
-    LINMIX_CHECK(id >= 1 && id < (1 << 24), where + ": token id out of range");
-    if (static_cast<int64_t>(tokens_.size()) <= id) tokens_.resize(id + 1);
-    tokens_[id] = tok;
+    // ids up to 2^20 (a model's largest vocabulary): a sparse huge id cannot blow up memory
+    LINMIX_CHECK(id >= 1 && id < (1 << 20), where + ": token id " + std::to_string(id) + " outside [1, 2^20)");
+    if (static_cast<int64_t>(tokens_.size()) <= id) tokens_.resize(id + 1), seen_.resize(id + 1, false);
+    LINMIX_CHECK(!seen_[size_t(id)], where + ": token id " + std::to_string(id) + " is given twice");
+    tokens_[id] = tok, seen_[size_t(id)] = true;
     LINMIX_CHECK(ids_.emplace(tok, int32_t(id)).second, where + ": duplicate token");
     max_len_ = std::max<int64_t>(max_len_, len);
   }

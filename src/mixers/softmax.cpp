@@ -259,6 +259,21 @@ MixerSpec softmax_spec() {
   s.time = "O(T^2 H D) (O(T window H D) with a window)";
   s.memory = "O(T) parallel (tiled), O(T^2) reference";
   s.check = [](const Call& c) {
+    // |scale q.k| <= |scale| |q| |k|: a bound past float32's range would make the logits inf
+    // and the output NaN where the float64 reference is finite: refused instead
+    auto max_norm = [&](const Tensor& t, int64_t w) {
+      double m = 0;
+      for (int64_t r = 0; r < t.numel() / w; ++r) {
+        double s = 0;
+        for (int64_t i = 0; i < w; ++i) s += double(t.data[r * w + i]) * t.data[r * w + i];
+        m = std::max(m, s);
+      }
+      return std::sqrt(m);
+    };
+    const int64_t D = c.d("D");
+    const double bound = std::fabs(softmax_scale(c)) * max_norm(c.t("q"), D) * max_norm(c.t("k"), D);
+    LINMIX_CHECK(bound < 1e37, "param 'scale': |scale| |q| |k| reaches " + std::to_string(bound) +
+                                   ", past float32's range (3.4e38): the logits would overflow");
     if (c.has("state.k") && c.ip("window") > 0)
       LINMIX_CHECK(c.d("L") <= c.ip("window") - 1, "tensor 'state.k': a cache for window " +
                                                        std::to_string(c.ip("window")) + " holds at most " +

@@ -1,6 +1,7 @@
 #include "linmix/generate.h"
 
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <random>
 
@@ -15,6 +16,7 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
   const int64_t V = m.config().vocab;
   LINMIX_CHECK(!o.prompt.empty(), "--prompt must not be empty");
   LINMIX_CHECK(o.tokens >= 0, "--tokens must be >= 0");
+  o.sample.validate();
   Model::State st = m.new_state();
   if (!o.state_in.empty()) {
     SafeTensors s = read_safetensors(o.state_in);
@@ -23,6 +25,9 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
     st = m.state_from_tensors(s.tensors);
   }
   const auto tk = Tokenizer::load(o.tokenizer);
+  LINMIX_CHECK(o.tokenizer != "bytes" || V <= 256, "this model has " + std::to_string(V) +
+                                                      " tokens, not bytes: pass its --tokenizer (a tokenizer.json or an "
+                                                      "RWKV World vocabulary)");
   LINMIX_CHECK(tk->vocab_size() <= V, "tokenizer " + tk->name() + " has " + std::to_string(tk->vocab_size()) +
                                           " tokens, the model only " + std::to_string(V));
   const WType wt = parse_wtype(o.dtype);
@@ -80,16 +85,35 @@ Tensor sequence_logits(Model& m, const std::vector<int32_t>& toks, const std::st
   return out;
 }
 
-double evaluate_bytes(Model& m, const std::vector<uint8_t>& bytes, const std::string& mode, const std::string& dtype,
-                      int64_t seq, int64_t windows) {
+EvalResult evaluate_file(Model& m, const std::vector<uint8_t>& bytes, const std::string& tokenizer,
+                         const std::string& mode, const std::string& dtype, int64_t seq, int64_t windows) {
   LINMIX_CHECK(mode == "parallel" || mode == "recurrent" || mode == "sequence",
                "--mode must be parallel, recurrent or sequence");
+  LINMIX_CHECK(seq >= 2 && windows >= 1, "--seq must be >= 2 and --windows >= 1");
+  const int64_t V = m.config().vocab;
+  LINMIX_CHECK(tokenizer != "bytes" || V <= 256, "this model has " + std::to_string(V) +
+                                                     " tokens, not bytes: pass its --tokenizer (a tokenizer.json or "
+                                                     "an RWKV World vocabulary)");
+  const auto tk = Tokenizer::load(tokenizer);
+  LINMIX_CHECK(tk->vocab_size() <= V, "tokenizer " + tk->name() + " has " + std::to_string(tk->vocab_size()) +
+                                          " tokens, the model only " + std::to_string(V));
+  const std::vector<int32_t> ids = tk->encode(std::string(bytes.begin(), bytes.end()));
+  const auto [nw, stride] = eval_windows(int64_t(ids.size()), seq, windows);
+  LINMIX_CHECK(nw >= 1, "the file has " + std::to_string(ids.size()) + " tokens, fewer than one window of " +
+                            std::to_string(seq) + " + 1");
+  EvalResult r;
+  r.windows = nw, r.tokens = nw * seq;
+  for (int64_t w = 0; w < nw; ++w)  // the bytes of the scored targets
+    for (int64_t t = 1; t <= seq; ++t) r.bytes += int64_t(tk->decode({ids[size_t(w * stride + t)]}).size());
   if (mode == "sequence") {
     Rwkv4Engine eng(m, parse_wtype(dtype));
-    return evaluate_split(eng, bytes, seq, windows);
+    r.loss = evaluate_split(eng, ids, seq, windows);
+  } else {
+    LINMIX_CHECK(dtype == "f32", "--dtype applies to --mode sequence only");
+    r.loss = evaluate_split(m, ids, seq, windows, mode == "recurrent");
   }
-  LINMIX_CHECK(dtype == "f32", "--dtype applies to --mode sequence only");
-  return evaluate_split(m, bytes, seq, windows, mode == "recurrent");
+  r.bits_per_byte = r.loss * double(r.tokens) / double(std::max<int64_t>(r.bytes, 1)) / std::log(2.0);
+  return r;
 }
 
 }  // namespace linmix

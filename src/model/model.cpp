@@ -233,8 +233,8 @@ Model::State Model::state_from_tensors(const TensorMap& t) const {
   State st = new_state();
   auto it = t.find("pos");
   LINMIX_CHECK(it != t.end() && it->second.numel() == 1 && it->second.data[0] >= 0 &&
-                   it->second.data[0] == std::floor(it->second.data[0]),
-               "state: missing or malformed tensor 'pos'");
+                   it->second.data[0] <= float(1 << 24) && it->second.data[0] == std::floor(it->second.data[0]),
+               "state: missing or malformed tensor 'pos' (an integer position in [0, 2^24])");
   st.pos = static_cast<int64_t>(it->second.data[0]);
   for (const auto& [n, x] : t) {
     if (n == "pos") continue;

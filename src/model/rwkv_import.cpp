@@ -60,6 +60,8 @@ std::unique_ptr<Model> import_rwkv4(TensorMap tensors, const std::string& what) 
   const Tensor& emb = need("emb.weight");
   LINMIX_CHECK(emb.rank() == 2, what + ": tensor 'emb.weight': expected rank 2 [V,C], found " + shape_str(emb.shape));
   const int64_t V = emb.dim(0), C = emb.dim(1);
+  LINMIX_CHECK(V >= 2 && C >= 1, what + ": tensor 'emb.weight': expected [V,C] with V >= 2 and C >= 1, found " +
+                                     shape_str(emb.shape));
   int64_t L = 0;
   while (tensors.count("blocks." + std::to_string(L) + ".ln1.weight")) ++L;
   LINMIX_CHECK(L >= 1, what + ": RWKV-4 checkpoint without blocks (no 'blocks.0.ln1.weight')");

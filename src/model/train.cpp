@@ -157,12 +157,16 @@ Checkpoint load_checkpoint(const std::string& path) {
   }
   LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV-4 checkpoint");
   ck.model = std::make_unique<Model>(ModelConfig::from_json(st.metadata.at("config")));
-  try {
-    ck.step = std::stoll(st.metadata.count("step") ? st.metadata.at("step") : "0");
-    ck.opt.t = std::stoll(st.metadata.count("adam_t") ? st.metadata.at("adam_t") : "0");
-  } catch (const std::exception&) {
-    throw Error(path + ": malformed step in the checkpoint metadata");
-  }
+  // step and adam_t: plain non-negative decimal integers ("-5" or "3abc" are refused)
+  auto count = [&](const char* key) -> int64_t {
+    if (!st.metadata.count(key)) return 0;
+    const std::string& v = st.metadata.at(key);
+    LINMIX_CHECK(!v.empty() && v.size() <= 15 && std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; }),
+                 path + ": malformed '" + key + "' in the checkpoint metadata: '" + v + "' (a non-negative integer)");
+    return std::stoll(v);
+  };
+  ck.step = count("step");
+  ck.opt.t = count("adam_t");
   ck.meta_json = st.metadata.count("run") ? st.metadata.at("run") : "{}";
   for (auto& [name, t] : ck.model->params()) {
     auto it = st.tensors.find(name);
@@ -174,6 +178,7 @@ Checkpoint load_checkpoint(const std::string& path) {
       auto o = st.tensors.find(pre + name);
       if (o == st.tensors.end()) continue;
       check_shape(pre + name, o->second, t.shape);
+      check_finite(pre + name, o->second);
       (std::string(pre) == "opt.m." ? ck.opt.m : ck.opt.v)[name] = std::move(o->second);
     }
   }
@@ -189,11 +194,10 @@ double lr_at(const TrainOptions& o, int64_t step) {
   return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine);
 }
 
-double evaluate_split(Model& m, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows, bool recurrent) {
+double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows, bool recurrent) {
   const int64_t n = static_cast<int64_t>(split.size()) - 1;
   LINMIX_CHECK(n >= seq, "evaluation split shorter than one window of " + std::to_string(seq));
-  const int64_t windows = std::min(max_windows, n / seq);
-  const int64_t stride = n / windows;  // windows spread evenly over the split
+  const auto [windows, stride] = eval_windows(n + 1, seq, max_windows);  // spread evenly over the split
   double total = 0;
   int64_t count = 0;
   const int64_t V = m.config().vocab;
@@ -221,11 +225,10 @@ double evaluate_split(Model& m, const std::vector<uint8_t>& split, int64_t seq, 
   return total / double(count);
 }
 
-double evaluate_split(Rwkv4Engine& e, const std::vector<uint8_t>& split, int64_t seq, int64_t max_windows) {
+double evaluate_split(Rwkv4Engine& e, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows) {
   const int64_t n = static_cast<int64_t>(split.size()) - 1;
   LINMIX_CHECK(n >= seq, "evaluation split shorter than one window of " + std::to_string(seq));
-  const int64_t windows = std::min(max_windows, n / seq);
-  const int64_t stride = n / windows;  // the windows of the Model overload
+  const auto [windows, stride] = eval_windows(n + 1, seq, max_windows);  // spread evenly over the split
   const int64_t V = e.config().vocab;
   std::vector<float> lg(seq * V);
   std::vector<int32_t> in(seq);
@@ -393,6 +396,13 @@ TrainResult train(const TrainOptions& o) {
 }
 
 // ---------------------------------------------------------------- sampling
+
+void SampleOptions::validate() const {
+  LINMIX_CHECK(std::isfinite(temperature) && temperature >= 0,
+               "--temperature must be a finite number >= 0 (0 = greedy), found " + std::to_string(temperature));
+  LINMIX_CHECK(std::isfinite(top_p) && top_p > 0 && top_p <= 1, "--top-p must be in (0, 1], found " + std::to_string(top_p));
+  LINMIX_CHECK(top_k >= 0, "--top-k must be >= 0 (0 = all)");
+}
 
 int32_t sample_token(const float* logits, int64_t V, const SampleOptions& o, std::mt19937_64& rng) {
   if (o.temperature <= 0) return int32_t(std::max_element(logits, logits + V) - logits);

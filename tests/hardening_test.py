@@ -1,0 +1,186 @@
+#!/usr/bin/python3
+"""Bad input through the real binary (issue 12): each case found by hand or by fuzzing, each a
+clean refusal (exit 2, one line "linmix: ...") or the right answer, never a signal, a wrong
+answer or exit 3. Usage: hardening_test.py PATH/TO/linmix"""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import rwkv4_ref  # noqa: E402
+import st  # noqa: E402
+
+LINMIX = os.path.abspath(sys.argv[1])
+TMP = tempfile.mkdtemp(prefix="linmix-hard-")
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    passed += bool(ok)
+    failed += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+
+
+def linmix(*args):
+    return subprocess.run([LINMIX, *args], capture_output=True, text=True, errors="replace", timeout=300)
+
+
+def refused(name, args, needle=""):
+    r = linmix(*args)
+    lines = r.stderr.strip().split("\n")
+    ok = r.returncode == 2 and len(lines) == 1 and lines[0].startswith("linmix: ") and needle in r.stderr
+    check(f"{name}: refused", ok, f"(exit {r.returncode}) {r.stderr.strip()[:200]}")
+
+
+def path(name):
+    return os.path.join(TMP, name)
+
+
+def tokenizer_json(vocab_ids, added):
+    """A tiny byte-level BPE tokenizer.json: every byte a token, no merges."""
+    b2c = {}
+    n = 0
+    for b in range(256):
+        if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255:
+            b2c[b] = chr(b)
+        else:
+            b2c[b] = chr(256 + n)
+            n += 1
+    vocab = {b2c[b]: b for b in range(256)}
+    vocab.update(vocab_ids)
+    return {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "normalizer": None}
+
+
+def write(p, text):
+    with open(p, "w") as f:
+        f.write(text)
+    return p
+
+
+def main():
+    corpus = write(path("corpus.txt"), "the quick brown fox jumps over the lazy dog. " * 300)
+    run = path("run")
+    r = linmix("train", "--data", corpus, "--mixer", "linear", "--steps", "2", "--batch", "2", "--seq", "16",
+               "--out", run)
+    check("a tiny linmix model trains", r.returncode == 0, r.stderr.strip()[-200:])
+    model = os.path.join(run, "ckpt.safetensors")
+
+    # tokenizer.json: ids that are negative, huge, fractional or overflowing refuse cleanly
+    for label, vocab_ids, added in [
+            ("added token id -1", {}, [{"id": -1, "content": "<x>", "special": True}]),
+            ("added token id -1000000", {}, [{"id": -1000000, "content": "<x>", "special": True}]),
+            ("added token id 1e300", {}, [{"id": 1e300, "content": "<x>", "special": True}]),
+            ("vocab id 2^63-1", {"ab": 9223372036854775807}, []),
+            ("vocab id 2^64-1", {"ab": 18446744073709551615}, []),
+            ("vocab id 2.5", {"ab": 2.5}, []),
+            ("duplicate vocab id", {"ab": 65}, [])]:
+        p = write(path("tok.json"), json.dumps(tokenizer_json(vocab_ids, added)))
+        refused(f"tokenizer.json with {label}", ["tokenize", "--tokenizer", p, "--text", "hi"])
+    ok_tok = write(path("ok.json"), json.dumps(tokenizer_json({}, [])))
+    r = linmix("tokenize", "--tokenizer", ok_tok, "--text", "hi")
+    check("the same tokenizer.json without the bad id works", r.returncode == 0 and r.stdout.strip() == "104,105",
+          r.stdout.strip() + r.stderr.strip())
+
+    # World vocabulary: duplicate ids, huge ids, bad numbers and bad escapes
+    base = "".join(f"{b + 1} b'\\x{b:02x}' 1\n" for b in range(256))
+    for label, extra in [("duplicate id", "5 'zz' 2\n"), ("id 16777215", "16777215 'zz' 2\n"),
+                         ("id 3abc", "3abc 'zz' 2\n"), ("negative length", "300 'zz' -2\n"),
+                         ("bad hex escape", "300 '\\xZZ' 1\n")]:
+        p = write(path("world.txt"), base + extra)
+        refused(f"World vocabulary with {label}", ["tokenize", "--tokenizer", p, "--text", "hi"])
+
+    # an RWKV-4 checkpoint whose embedding has width 0 (was SIGFPE)
+    w = {n: t.numpy() for n, t in rwkv4_ref.random_rwkv4(10, 8, 1, seed=1).items()}
+    w["emb.weight"] = np.zeros((10, 0), np.float32)
+    w["blocks.0.ffn.key.weight"] = np.zeros((32, 0), np.float32)
+    bad_rwkv = path("rwkv0.safetensors")
+    st.save(bad_rwkv, w)
+    refused("RWKV-4 checkpoint with C = 0 (logits)", ["logits", "--model", bad_rwkv, "--tokens", "1", "--out",
+                                                        path("l.safetensors")], "emb.weight")
+    refused("RWKV-4 checkpoint with C = 0 (generate)", ["generate", "--model", bad_rwkv, "--tokens", "2"])
+    refused("RWKV-4 checkpoint with C = 0 (eval)", ["eval", "--model", bad_rwkv, "--data", corpus])
+
+    # saved states with absurd positions
+    state = path("state.safetensors")
+    r = linmix("generate", "--model", model, "--tokens", "3", "--state-out", state)
+    check("a state saves", r.returncode == 0, r.stderr.strip())
+    header_meta = None
+    with open(state, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header_meta = json.loads(f.read(n)).get("__metadata__")
+    good = st.load(state)
+    for pos in (math.inf, 1e30, -1.0, 2.5):
+        bad = dict(good)
+        bad["pos"] = np.array([pos], np.float32)
+        p = path("badstate.safetensors")
+        st.save(p, bad, metadata=header_meta)
+        refused(f"state with pos = {pos}", ["generate", "--model", model, "--state-in", p, "--tokens", "2"], "pos")
+
+    # sampling options
+    for flag, val in (("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan"), ("--top-p", "0")):
+        refused(f"generate {flag} {val}", ["generate", "--model", model, "--tokens", "2", flag, val])
+
+    # softmax logits past float32's range (the reference is finite; the kernel would give NaN)
+    x = {"q": np.ones((1, 4, 1, 2), np.float32), "k": np.ones((1, 4, 1, 2), np.float32),
+         "v": np.ones((1, 4, 1, 2), np.float32)}
+    st.save(path("sm.safetensors"), x)
+    refused("mix softmax scale=3e38", ["mix", "--mixer", "softmax", "--param", "scale=3e38", "--in",
+                                       path("sm.safetensors"), "--out", path("y.safetensors")], "scale")
+
+    # eval reports what it evaluated
+    r = linmix("eval", "--model", model, "--data", corpus, "--windows", "1000000000", "--seq", "16")
+    got = r.stdout.split(" windows")[0].split()[-1] if r.returncode == 0 else "?"
+    want = (len(open(corpus, "rb").read()) - 1) // 16
+    check("eval --windows 1e9 reports the windows it scored", got == str(want), f"{got} vs {want}: {r.stdout.strip()}")
+
+    # grad with nothing scored
+    refused("grad with every target -1", ["grad", "--model", model, "--tokens", "1,2,3", "--targets", "-1,-1,-1",
+                                          "--out", path("g.safetensors")], "target")
+
+    # checkpoints whose metadata or moments are bad: refused on --resume
+    ck = st.load(model)
+    with open(model, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n))["__metadata__"]
+    for label, key, val in (("step -5", "step", "-5"), ("step 3abc", "step", "3abc"), ("adam_t 1e3", "adam_t", "1e3")):
+        d = path("bad_" + key)
+        os.makedirs(d, exist_ok=True)
+        st.save(os.path.join(d, "ckpt.safetensors"), ck, metadata={**meta, key: val})
+        refused(f"train --resume from a checkpoint with {label}",
+                ["train", "--data", corpus, "--resume", "--out", d, "--steps", "3"], key)
+    d = path("bad_moments")
+    os.makedirs(d, exist_ok=True)
+    nan = dict(ck)
+    m1 = next(n for n in nan if n.startswith("opt.m."))
+    nan[m1] = nan[m1] * np.nan
+    st.save(os.path.join(d, "ckpt.safetensors"), nan, metadata=meta)
+    refused("train --resume with NaN Adam moments", ["train", "--data", corpus, "--resume", "--out", d,
+                                                     "--steps", "3"], m1)
+
+    # an RWKV-4 model with a BPE vocabulary: bytes refused, its tokenizer accepted
+    w = {n: t.numpy() for n, t in rwkv4_ref.random_rwkv4(300, 8, 1, seed=2).items()}
+    big = path("rwkv300.safetensors")
+    st.save(big, w)
+    refused("generate a 300-token model with --tokenizer bytes", ["generate", "--model", big, "--tokens", "2"],
+            "tokenizer")
+    refused("eval a 300-token model as bytes", ["eval", "--model", big, "--data", corpus], "tokenizer")
+    r = linmix("eval", "--model", big, "--data", corpus, "--tokenizer", ok_tok, "--seq", "16", "--windows", "4")
+    check("eval --tokenizer scores a model's own tokens", r.returncode == 0 and "bits/byte" in r.stdout,
+          r.stdout.strip() + r.stderr.strip())
+
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
