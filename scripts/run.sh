@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build.sh release
 bash scripts/corpus.sh build/corpus/fortunes.txt
-./build/release/linmix train --data build/corpus/fortunes.txt --out build/run --steps 600 "$@"
+./build/release/linmix train --data build/corpus/fortunes.txt --out build/run --force --steps 600 "$@"
 echo "--- sample (recurrent form, temperature 0.8, top-p 0.95):"
 ./build/release/linmix generate --model build/run/ckpt.safetensors --prompt "The " --tokens 300 \
   --temperature 0.8 --top-p 0.95 --seed 1

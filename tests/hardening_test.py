@@ -67,6 +67,55 @@ def write(p, text):
     return p
 
 
+def log_records(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def lost_work(corpus, model):
+    """Nothing a user saved is lost or silently mixed."""
+    run = path("lw")
+    args = ["train", "--data", corpus, "--mixer", "linear", "--batch", "2", "--seq", "16", "--warmup", "1",
+            "--lr", "1e-3", "--out", run]
+    r = linmix(*args, "--steps", "4")
+    check("a run of 4 steps", r.returncode == 0, r.stderr.strip()[-200:])
+    before = open(os.path.join(run, "ckpt.safetensors"), "rb").read()
+    refused("train into an --out holding a run", [*args, "--steps", "4"], "--resume")
+    check("the refused run left the checkpoint as it was", open(os.path.join(run, "ckpt.safetensors"), "rb").read() == before)
+    refused("--resume with another --batch", ["train", "--resume", "--out", run, "--batch", "3", "--steps", "6"], "batch")
+    refused("--resume with another --lr", ["train", "--resume", "--out", run, "--lr", "2e-3", "--steps", "6"], "lr")
+    refused("--resume with another model", ["train", "--resume", "--out", run, "--mixer", "softmax", "--steps", "6"],
+            "config")
+    # a log that ran past the checkpoint (a kill between the two): one record per step after resuming
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 9}) + "\n" + '{"step": 6, "lo')
+    stale = os.path.join(run, "ckpt.safetensors.tmp.999999999")
+    write(stale, "left by a writer that was killed")
+    r = linmix("train", "--resume", "--out", run, "--steps", "8")
+    check("--resume with only --steps continues with the run's arguments", r.returncode == 0, r.stderr.strip()[-200:])
+    recs = log_records(run)
+    check("the log has one record per step after a resume", [x["step"] for x in recs] == list(range(1, 9)),
+          str([x["step"] for x in recs]))
+    # the schedule is the run's (4 steps: from step 5 on, the floor lr * 0.1), not re-stretched to 8
+    check("a longer --steps keeps the run's cosine schedule", all(abs(x["lr"] - 1e-4) < 1e-12 for x in recs[4:]),
+          str([x["lr"] for x in recs]))
+    check("a dead writer's temporary file is removed by the next write", not os.path.exists(stale))
+    r = linmix(*args, "--steps", "2", "--force")
+    check("--force starts a new run there", r.returncode == 0 and [x["step"] for x in log_records(run)] == [1, 2],
+          r.stderr.strip()[-200:])
+    # outputs that are inputs, --out and --data that are not what they must be
+    refused("generate --state-out = --model", ["generate", "--model", model, "--tokens", "1", "--state-out", model],
+            "overwritten")
+    refused("logits --out = --model", ["logits", "--model", model, "--tokens", "1", "--out", model], "overwritten")
+    refused("grad --out = --model", ["grad", "--model", model, "--tokens", "1", "--targets", "2", "--out", model],
+            "overwritten")
+    x = path("x.safetensors")
+    st.save(x, {"q": np.ones((1, 2, 1, 2)), "k": np.ones((1, 2, 1, 2)), "v": np.ones((1, 2, 1, 2))})
+    refused("mix --out = --in", ["mix", "--mixer", "linear", "--in", x, "--out", x], "overwritten")
+    refused("train --out on a file", ["train", "--data", corpus, "--out", corpus, "--steps", "1"], "directory")
+    refused("train --data on a directory", ["train", "--data", TMP, "--out", path("r2"), "--steps", "1"], "--data")
+
+
 def main():
     corpus = write(path("corpus.txt"), "the quick brown fox jumps over the lazy dog. " * 300)
     run = path("run")
@@ -178,6 +227,7 @@ def main():
     check("eval --tokenizer scores a model's own tokens", r.returncode == 0 and "bits/byte" in r.stdout,
           r.stdout.strip() + r.stderr.strip())
 
+    lost_work(corpus, model)
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

@@ -133,3 +133,19 @@ TEST(TensorView, StridesAndShapeChecks) {
   t.data[1] = std::nanf("");
   EXPECT_THROW(check_finite("t", t), Error);
 }
+
+// The format as the reference implementation reads it: the tensors tile the data section
+// exactly (no gap, no trailing bytes), and the header is JSON text (a NUL inside it is refused,
+// whatever follows the NUL).
+TEST(Safetensors, StrictLayout) {
+  const std::string data = f32_bytes({1, 2, 3, 4});
+  const std::string x = R"("x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})";
+  EXPECT_NO_THROW(parse_safetensors(file_bytes("{" + x + R"(,"y":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", data), "ok"));
+  EXPECT_NO_THROW(parse_safetensors(file_bytes("{" + x + "}    ", data.substr(0, 8)), "space padding"));
+  expect_error(file_bytes("{" + x + R"(,"y":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}})", data), "gap of 4 bytes");
+  expect_error(file_bytes(R"({"y":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", data), "gap of 8 bytes");
+  expect_error(file_bytes("{" + x + "}", data), "8 bytes after the last tensor");
+  expect_error(file_bytes("{}", "junk"), "4 bytes after the last tensor");
+  expect_error(file_bytes("{" + x + std::string("}\0garbage", 9), data.substr(0, 8)), "NUL byte");
+  expect_error(file_bytes(std::string("{}\0", 3), ""), "NUL byte");
+}

@@ -27,6 +27,19 @@ using namespace linmix;
 
 namespace {
 
+// An output that would overwrite one of the command's inputs is refused.
+void refuse_same(const std::string& out, const std::vector<std::string>& inputs, const std::string& what) {
+  if (out.empty()) return;
+  std::error_code e1;
+  const auto co = std::filesystem::weakly_canonical(out, e1);
+  for (const auto& in : inputs) {
+    if (in.empty()) continue;
+    std::error_code e2;
+    const auto ci = std::filesystem::weakly_canonical(in, e2);
+    LINMIX_CHECK(e1 || e2 || co != ci, what + " " + out + " is also an input of this command: it would be overwritten");
+  }
+}
+
 std::map<std::string, std::string> parse_params(const std::vector<std::string>& kvs) {
   std::map<std::string, std::string> out;
   for (const auto& kv : kvs) {
@@ -357,7 +370,8 @@ int main(int argc, char** argv) {
   tr->add_option("--config", config_path, "model config JSON file (default: a 4-layer RWKV-4, d_model 128)");
   tr->add_option("--mixer", mixer, "shorthand: every layer uses this token mixer (MLP channel mix unless rwkv4)");
   tr->add_option("--out", topt.out, "run directory: ckpt.safetensors, log.jsonl")->capture_default_str();
-  tr->add_flag("--resume", topt.resume, "continue from OUT/ckpt.safetensors");
+  tr->add_flag("--resume", topt.resume, "continue from OUT/ckpt.safetensors (with the run's arguments)");
+  tr->add_flag("--force", topt.force, "start a new run in an OUT that holds one (replacing its checkpoint and log)");
   tr->add_option("--steps", topt.steps, "optimizer steps")->capture_default_str()->check(CLI::PositiveNumber);
   tr->add_option("--batch", topt.batch, "sequences per micro-batch")->capture_default_str()->check(CLI::PositiveNumber);
   tr->add_option("--seq", topt.seq, "tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 20));
@@ -476,11 +490,24 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    if (*mix) refuse_same(out_path, {in_path}, "--out");
+    if (*gen) refuse_same(state_out, {model_path, state_in, tokenizer_path}, "--state-out");
+    if (*lg || *gr) refuse_same(out_path, {model_path}, "--out");
+    if (*ex) refuse_same(out_path, {}, "--out");
     if (*mix) return cmd_mix(mixer, causal, mode, params, grad, stats, in_path, out_path);
     if (*list) return cmd_mixers(list_json);
     if (*demo) return cmd_demo(demo_T, dir, seed);
     if (*ex) return cmd_example(mixer, causal, ex_T, ex_seed, ex_scale, ex_dims, ex_stress, ex_dy, out_path);
-    if (*tr) return cmd_train(topt, config_path, mixer);
+    if (*tr) {
+      for (const char* k : {"data", "task", "config", "mixer", "steps", "batch", "seq", "accum", "lr", "warmup",
+                            "weight-decay", "clip", "seed"})
+        if (tr->get_option(std::string("--") + k)->count()) {
+          std::string key = k;
+          std::replace(key.begin(), key.end(), '-', '_');
+          topt.given.insert(key);
+        }
+      return cmd_train(topt, config_path, mixer);
+    }
     if (*gen) {
       gopt.tokenizer = tokenizer_path, gopt.state_in = state_in, gopt.state_out = state_out, gopt.dtype = dtype;
       return cmd_generate(model_path, gopt, stats);

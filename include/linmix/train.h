@@ -4,6 +4,7 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,10 @@ struct TrainOptions {
   std::string config = R"({"mixer": "rwkv4", "channel_mix": "rwkv", "d_model": 128, "n_layer": 4, "n_head": 4, "ctx": 256})";
   std::string out = "linmix-run";  // directory: ckpt.safetensors, log.jsonl
   bool resume = false;
+  bool force = false;  // start a new run in an --out that holds one (its checkpoint and log are replaced)
+  // The options the user gave explicitly (the CLI's names without dashes: "batch", "lr", ...): on
+  // --resume the others are taken from the run, and a given one that differs is refused.
+  std::set<std::string> given;
   int64_t steps = 600, batch = 16, seq = 128, accum = 1;
   double lr = 3e-3, min_lr_ratio = 0.1, weight_decay = 0.1, clip = 1.0;
   int64_t warmup = 30, eval_every = 100, eval_batches = 8, ckpt_every = 100;

@@ -1,6 +1,7 @@
 #include "linmix/safetensors.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -52,9 +54,14 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& what)
                                   " runs past the end of the file (" + std::to_string(size) +
                                   " bytes): truncated or not a safetensors file");
   LINMIX_CHECK(n <= kMaxHeader, what + ": header length " + std::to_string(n) + " exceeds the 100 MB limit");
+  // the header is JSON text, padded with spaces at most: a NUL (and whatever hides after it) is refused
+  const auto hb = bytes.begin() + 8, he = hb + static_cast<std::ptrdiff_t>(n);
+  LINMIX_CHECK(std::find(hb, he, '\0') == he, what + ": the header contains a NUL byte (at " +
+                                                  std::to_string(std::find(hb, he, '\0') - hb) + " of " +
+                                                  std::to_string(n) + ")");
   json h;
   try {
-    h = json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+    h = json::parse(hb, he);
   } catch (const json::exception& e) {
     throw Error(what + ": header is not valid JSON (" + std::string(e.what()) + ")");
   }
@@ -125,12 +132,19 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& what)
     }
     out.tensors[name] = std::move(t);
   }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.b < b.b; });
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    LINMIX_CHECK(ranges[i].b >= ranges[i - 1].e || ranges[i].b == ranges[i].e || ranges[i - 1].b == ranges[i - 1].e,
-                 what + ": tensors '" + ranges[i - 1].name + "' and '" + ranges[i].name +
-                     "' have overlapping data_offsets");
+  // As the reference implementation: the tensors tile the data section exactly, in offset
+  // order, with no overlap, no gap and no trailing bytes.
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.b < b.b || (a.b == b.b && a.e < b.e); });
+  uint64_t end = 0;
+  std::string prev = "the start of the data section";
+  for (const Range& r : ranges) {
+    LINMIX_CHECK(r.b >= end, what + ": tensors " + prev + " and '" + r.name + "' have overlapping data_offsets");
+    LINMIX_CHECK(r.b == end, what + ": a gap of " + std::to_string(r.b - end) + " bytes between " + prev +
+                                 " and tensor '" + r.name + "' (data_offsets must be contiguous)");
+    end = r.e, prev = "'" + r.name + "'";
   }
+  LINMIX_CHECK(end == data_size, what + ": " + std::to_string(data_size - end) +
+                                     " bytes after the last tensor (the data section must end with it)");
   return out;
 }
 
@@ -165,7 +179,27 @@ std::string serialize_safetensors(const TensorMap& tensors, const std::map<std::
   return out;
 }
 
+namespace {
+// Temporary files of writers that died (a kill during a write) are removed by the next write of
+// the same path: "<path>.tmp.<pid>" whose pid no longer runs.
+void remove_stale_tmp(const std::string& path) {
+  std::error_code ec;
+  const std::filesystem::path p(path);
+  const std::filesystem::path dir = p.has_parent_path() ? p.parent_path() : std::filesystem::path(".");
+  const std::string prefix = p.filename().string() + ".tmp.";
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind(prefix, 0) != 0) continue;
+    const std::string pid = n.substr(prefix.size());
+    if (pid.empty() || pid.size() > 9 || !std::all_of(pid.begin(), pid.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      continue;
+    if (::kill(pid_t(std::stol(pid)), 0) != 0 && errno == ESRCH) std::filesystem::remove(e.path(), ec);
+  }
+}
+}  // namespace
+
 void write_file_atomic(const std::string& path, const std::string& bytes) {
+  remove_stale_tmp(path);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   LINMIX_CHECK(fd >= 0, path + ": cannot create temporary file " + tmp + " (" + std::strerror(errno) + ")");

@@ -283,29 +283,130 @@ std::string fmt_time(double s) {
 
 }  // namespace
 
-TrainResult train(const TrainOptions& o) {
+namespace {
+
+// --out: created if missing, a directory, writable (probed now, not at the first checkpoint).
+void prepare_out(const std::string& out) {
+  std::error_code ec;
+  std::filesystem::create_directories(out, ec);
+  LINMIX_CHECK(!ec || std::filesystem::is_directory(out), out + ": cannot create the run directory (" + ec.message() + ")");
+  LINMIX_CHECK(std::filesystem::is_directory(out), out + ": --out must be a directory");
+  const std::string probe = out + "/.linmix-write-test." + std::to_string(::getpid());
+  {
+    std::ofstream f(probe);
+    LINMIX_CHECK(f.good() && (f << "x") && f.flush(), out + ": the run directory is not writable");
+  }
+  std::filesystem::remove(probe, ec);
+}
+
+bool same_file(const std::string& a, const std::string& b) {
+  std::error_code e1, e2;
+  const auto ca = std::filesystem::weakly_canonical(a, e1), cb = std::filesystem::weakly_canonical(b, e2);
+  return !e1 && !e2 && ca == cb;
+}
+
+// On --resume: the run's stored arguments fill those not given; a given one that differs is
+// refused (a run is continued as it was started). --steps may grow; the schedule stays the run's.
+void merge_run_args(TrainOptions& o, const json& run, const std::string& ckpt) {
+  auto take = [&](const char* key, auto& field) {
+    if (!run.contains(key)) return;
+    using T = std::decay_t<decltype(field)>;
+    const T stored = run.at(key).get<T>();
+    if (o.given.count(key) && !(field == stored)) {
+      std::ostringstream a, b;
+      a << field, b << stored;
+      throw Error("--" + std::string(key) + " " + a.str() + " differs from the run's " + b.str() + " (" + ckpt +
+                  "): resume with the run's arguments, or start a new run with --force");
+    }
+    field = stored;
+  };
+  take("data", o.data), take("task", o.task), take("seed", o.seed), take("batch", o.batch), take("seq", o.seq);
+  take("accum", o.accum), take("lr", o.lr), take("warmup", o.warmup), take("weight_decay", o.weight_decay);
+  take("clip", o.clip), take("min_lr_ratio", o.min_lr_ratio);
+  if (run.contains("steps") && !o.given.count("steps")) o.steps = run.at("steps").get<int64_t>();
+}
+
+// The log keeps one record per step: those past the checkpoint being resumed are dropped.
+void trim_log(const std::string& logp, int64_t upto) {
+  std::ifstream f(logp);
+  if (!f.good()) return;
+  std::string line, kept;
+  while (std::getline(f, line)) {
+    try {
+      const json r = json::parse(line);
+      if (r.value("step", int64_t(0)) > upto) continue;
+    } catch (const json::exception&) {
+      continue;  // a record cut by a kill
+    }
+    kept += line + "\n";
+  }
+  write_file_atomic(logp, kept);
+}
+
+}  // namespace
+
+TrainResult train(const TrainOptions& opts) {
+  TrainOptions o = opts;
   LINMIX_CHECK(o.steps >= 1 && o.batch >= 1 && o.seq >= 2 && o.accum >= 1, "steps, batch, accum >= 1 and seq >= 2");
-  LINMIX_CHECK(o.data.empty() != o.task.empty(), "give exactly one of --data FILE or --task recall|copy");
-  LINMIX_CHECK(o.task.empty() || o.task == "recall" || o.task == "copy",
-               "unknown task '" + o.task + "' (expected recall or copy)");
-  std::filesystem::create_directories(o.out);
+  prepare_out(o.out);
   const std::string ckpt = o.out + "/ckpt.safetensors", logp = o.out + "/log.jsonl";
-  Corpus corpus;
-  if (!o.data.empty()) corpus = Corpus::from_file(o.data);
+  const bool has_run = std::filesystem::exists(ckpt) || std::filesystem::exists(logp);
+  LINMIX_CHECK(o.resume || o.force || !has_run, o.out + " holds a run (ckpt.safetensors / log.jsonl): pass --resume to "
+                                                        "continue it or --force to replace it");
+  LINMIX_CHECK(!o.resume || std::filesystem::exists(ckpt), ckpt + ": no checkpoint to resume");
   std::unique_ptr<Model> model;
   AdamW opt;
-  opt.lr = o.lr, opt.weight_decay = o.weight_decay;
-  int64_t start = 0;
-  const json run = {{"data", o.data}, {"task", o.task}, {"seed", o.seed}, {"steps", o.steps}, {"batch", o.batch},
-                    {"seq", o.seq},   {"accum", o.accum}, {"lr", o.lr}};
+  int64_t start = 0, schedule_steps = o.steps;
   if (o.resume) {
     Checkpoint ck = load_checkpoint(ckpt);
+    json stored;
+    try {
+      stored = json::parse(ck.meta_json);
+    } catch (const json::exception&) {
+      throw Error(ckpt + ": malformed run arguments in the checkpoint metadata");
+    }
+    LINMIX_CHECK(stored.is_object(), ckpt + ": malformed run arguments in the checkpoint metadata");
+    try {
+      merge_run_args(o, stored, ckpt);
+      schedule_steps = stored.contains("schedule_steps") ? stored.at("schedule_steps").get<int64_t>()
+                                                         : stored.value("steps", o.steps);
+    } catch (const json::exception& e) {
+      throw Error(ckpt + ": malformed run arguments in the checkpoint metadata (" + e.what() + ")");
+    }
+    if (o.given.count("config") || o.given.count("mixer")) {
+      const std::string want = ModelConfig::from_json(o.config).to_json();
+      LINMIX_CHECK(want == ck.model->config().to_json(),
+                   "the given model config differs from the run's (" + ckpt + "): resume without --config / --mixer, "
+                   "or start a new run with --force");
+    }
     model = std::move(ck.model);
     opt.m = std::move(ck.opt.m), opt.v = std::move(ck.opt.v), opt.t = ck.opt.t;
     start = ck.step;
-  } else {
+    LINMIX_CHECK(start <= o.steps, "the run is at step " + std::to_string(start) + ", past --steps " +
+                                        std::to_string(o.steps));
+  }
+  LINMIX_CHECK(o.data.empty() != o.task.empty(), "give exactly one of --data FILE or --task recall|copy");
+  LINMIX_CHECK(o.task.empty() || o.task == "recall" || o.task == "copy",
+               "unknown task '" + o.task + "' (expected recall or copy)");
+  LINMIX_CHECK(o.data.empty() || (!same_file(o.data, ckpt) && !same_file(o.data, logp)),
+               "--data " + o.data + " is the run's own checkpoint or log");
+  opt.lr = o.lr, opt.weight_decay = o.weight_decay;
+  Corpus corpus;
+  if (!o.data.empty()) {
+    LINMIX_CHECK(std::filesystem::is_regular_file(o.data), o.data + ": --data must be a readable file");
+    corpus = Corpus::from_file(o.data);
+  }
+  TrainOptions sched = o;  // the learning-rate schedule of the run as it was started
+  sched.steps = schedule_steps;
+  const json run = {{"data", o.data},   {"task", o.task}, {"seed", o.seed},   {"steps", o.steps},
+                    {"batch", o.batch}, {"seq", o.seq},   {"accum", o.accum}, {"lr", o.lr},
+                    {"warmup", o.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
+                    {"min_lr_ratio", o.min_lr_ratio}, {"schedule_steps", schedule_steps}};
+  if (!o.resume) {
     model = std::make_unique<Model>(ModelConfig::from_json(o.config));
     model->init(o.seed);
+  } else {
+    trim_log(logp, start);
   }
   const ModelConfig& cfg = model->config();
   LINMIX_CHECK(o.seq <= cfg.ctx || [&] {
@@ -347,15 +448,25 @@ TrainResult train(const TrainOptions& o) {
       const uint64_t s = mix_seed(o.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(a));
       const Batch b = o.task.empty() ? corpus_batch(corpus.train, o.batch, o.seq, s)
                                      : synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, s);
-      loss += model->forward_backward(b.inputs.data(), b.targets.data(), b.B, b.T, &grads, 1.0f / float(o.accum)) /
-              double(o.accum);
+      try {
+        loss += model->forward_backward(b.inputs.data(), b.targets.data(), b.B, b.T, &grads, 1.0f / float(o.accum)) /
+                double(o.accum);
+      } catch (const Error& e) {  // a non-finite activation: the run diverged
+        if (std::string(e.what()).find("finite") == std::string::npos) throw;
+        throw Error("training diverged: loss is NaN/inf at step " + std::to_string(step + 1) + " (" + e.what() +
+                    "); the last checkpoint is kept in " + o.out);
+      }
       tokens += b.B * b.T;
     }
     const double gn = grad_norm(grads);
+    LINMIX_CHECK(std::isfinite(loss) && std::isfinite(gn), "training diverged: loss is NaN/inf at step " +
+                                                               std::to_string(step + 1) + " (loss " + std::to_string(loss) +
+                                                               ", gradient norm " + std::to_string(gn) +
+                                                               "); the last checkpoint is kept in " + o.out);
     if (o.clip > 0 && gn > o.clip)
       for (auto& [n, t] : grads)
         for (float& x : t.data) x *= float(o.clip / gn);
-    const double lr = lr_at(o, step);
+    const double lr = lr_at(sched, step);
     opt.step(model->params(), grads, lr);
     res.train_loss = loss;
     res.losses.push_back({step + 1, loss});
