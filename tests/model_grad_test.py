@@ -3,8 +3,7 @@
 (`linmix mixers --json`; one missing from python/model_ref.py fails by name): `linmix grad` (the
 hand-written backward, float32) against torch.autograd of an independent float64 PyTorch
 implementation of the model (python/model_ref.py). Per parameter tensor, relative RMS error
-<= 1e-3 (MIXERS.md's gradient tolerance), a vanishing gradient compared at 1e-3 of the
-largest gradient's RMS; the losses agree to 1e-5.  Usage: model_grad_test.py PATH/TO/linmix"""
+<= 1e-3 (MIXERS.md's gradient tolerance) against its own RMS; the losses agree to 1e-5.  Usage: model_grad_test.py PATH/TO/linmix"""
 import json
 import os
 import struct
@@ -75,8 +74,12 @@ def main():
         w = st.load(ck)
         # weights large enough that every path carries gradient (the 0.02 init is nearly linear)
         g = np.random.default_rng(5)
+        # (the SSM time steps and decays keep their init: scaled, dt falls to 1e-12..1e-4 and the
+        # SSM path goes dead, its true gradients far below any tolerance)
+        ssm_time = ("att.log_dt", "att.log_A_re", "att.dt_proj.bias", "att.A_log")
         for n in w:
-            if n.startswith("opt.") or ".ln" in n or n.startswith("ln_out") or n.endswith("att.proj"):
+            if n.startswith("opt.") or ".ln" in n or n.startswith("ln_out") or n.endswith("att.proj") or \
+                    n.endswith(ssm_time):
                 continue
             w[n] = w[n] * 4 + (0.3 * g.standard_normal(w[n].shape) if "time_" in n else 0)
         big = os.path.join(run, "big.safetensors")
@@ -97,7 +100,8 @@ def main():
         check(f"{name}: loss", abs(got_loss - loss.item()) <= 1e-5 * max(1, abs(loss.item())),
               f"{got_loss:.7f} vs {loss.item():.7f}")
         want = {n: t.grad.numpy() for n, t in p.items() if t.requires_grad}
-        floor = 1e-3 * max(float(np.sqrt(np.mean(v ** 2))) for v in want.values())
+        # each tensor against its own RMS (a floor of 1e-7 of the largest only for exact zeros)
+        floor = 1e-7 * max(float(np.sqrt(np.mean(v ** 2))) for v in want.values())
         worst, worst_name = 0.0, ""
         for n, v in want.items():
             gv = got.get("d" + n)

@@ -78,6 +78,30 @@ TEST_P(Rwkv4EngineLn0, SequenceChunksEqualTokenByToken) {
 
 INSTANTIATE_TEST_SUITE_P(WithAndWithoutLn0, Rwkv4EngineLn0, ::testing::Bool());
 
+// Past every blocking of sequence(): C crosses a scan block (kScanBlock + 16 channels), and one
+// call of T = kPass + 76 tokens crosses an internal pass; equal to the model's recurrent step.
+TEST(Rwkv4Engine, CrossesScanBlocksAndPasses) {
+  const int64_t C = Rwkv4Engine::kScanBlock + 16, T = Rwkv4Engine::kPass + 76, V = 30;
+  Model m(ModelConfig::from_json(R"({"vocab": 30, "d_model": )" + std::to_string(C) +
+                                 R"(, "n_layer": 2, "ffn_mult": 2, "mixer": "rwkv4", "channel_mix": "rwkv", "ln0": true})"));
+  m.init(4);
+  std::mt19937_64 rng(6);
+  std::normal_distribution<float> n(0.0f, 0.3f);
+  for (auto& [name, t] : m.params())
+    if (name.find("ln") == std::string::npos)
+      for (float& x : t.data) x = x * 6.0f + (name.find("time_") != std::string::npos ? n(rng) : 0.0f);
+  std::vector<int32_t> toks(T);
+  for (auto& t : toks) t = int32_t(rng() % V);
+  Model::State ref = m.new_state();
+  std::vector<float> want(T * V), got(T * V);
+  for (int64_t t = 0; t < T; ++t) m.step(toks[t], ref, want.data() + t * V);
+  Rwkv4Engine eng(m, WType::F32);
+  Model::State st = eng.new_state();
+  eng.sequence(toks.data(), T, st, got.data(), true);
+  EXPECT_LE(max_rel(got, want), 1e-4);
+  expect_same_state(m, st, ref, 1e-4);
+}
+
 TEST(Rwkv4Engine, ContinuesFromAStateOfTheOtherPath) {
   auto m = rwkv_model();
   const int64_t T = 90, V = 50;

@@ -159,6 +159,27 @@ TEST_P(Grad, ParallelBackwardStableForLargeKeys) {
   }
 }
 
+// The backward at sizes past every blocking constant of the kernels (see test_mixers.cpp).
+TEST_P(Grad, ParallelBackwardCrossesEveryBlock) {
+  const Case& c = GetParam();
+  const MixerSpec& spec = find_mixer(c.mixer);
+  if (spec.blocking.empty()) GTEST_SKIP() << "no blocking constants";
+  int64_t T = 9, bc = 0;
+  for (const auto& [dim, b] : spec.blocking) {
+    if (dim == "T") T = std::max(T, 2 * b + 3);
+    if (dim == "C") bc = std::max(bc, b);
+  }
+  auto dims = example_dims(spec, Scale::Grad, T, c.causal);
+  if (bc) dims["C"] = dims.at("H") * (bc + 3);
+  const TensorMap in = with_dy(example_inputs(spec, dims, 41), c, 42);
+  const TensorMap want = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in, true);
+  const TensorMap got = run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in, true);
+  for (const auto& [n, t] : want) {
+    if (n == "y") continue;
+    EXPECT_LE(rel_rms(got.at(n), t, grad_floor(want)), 1e-3) << n << " T=" << T << " C=" << dims.at("C");
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(All, Grad, ::testing::ValuesIn(grad_cases()), case_name);
 
 }  // namespace

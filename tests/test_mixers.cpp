@@ -137,6 +137,27 @@ TEST_P(MixerForms, StableForLargeKeysAndBiases) {
     test::expect_close(run_mixer(c.mixer, Mode::Recurrent, c.causal, c.params, in).at("y"), ref, "recurrent");
 }
 
+// Sizes past every blocking constant the mechanism's kernels declare (channel blocks, time
+// chunks, tiles): a block's offset dropped or a partial block mishandled shows here.
+TEST_P(MixerForms, CrossesEveryBlock) {
+  const Case& c = GetParam();
+  const MixerSpec& spec = find_mixer(c.mixer);
+  if (spec.blocking.empty()) GTEST_SKIP() << "no blocking constants";
+  int64_t T = 9, bc = 0;
+  for (const auto& [dim, b] : spec.blocking) {
+    if (dim == "T") T = std::max(T, 2 * b + 3);
+    if (dim == "C") bc = std::max(bc, b);
+  }
+  auto dims = example_dims(spec, Scale::Test, T, c.causal);
+  if (bc) dims["C"] = dims.at("H") * (bc + 3);  // every head (aft_conv blocks per head) crosses it too
+  const TensorMap in = example_inputs(spec, dims, 31);
+  const Tensor ref = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in).at("y");
+  const std::string at = " T=" + std::to_string(T) + " C=" + std::to_string(dims.at("C"));
+  test::expect_close(run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in).at("y"), ref, "parallel" + at);
+  if (c.causal)
+    test::expect_close(run_mixer(c.mixer, Mode::Recurrent, c.causal, c.params, in).at("y"), ref, "recurrent" + at);
+}
+
 INSTANTIATE_TEST_SUITE_P(All, MixerForms, ::testing::ValuesIn(all_cases()), case_name);
 INSTANTIATE_TEST_SUITE_P(Causal, RecurrentSplit, ::testing::ValuesIn(causal_cases()), case_name);
 

@@ -1,5 +1,6 @@
 // The language model with each token mixer: its hand-written backward against central
 // finite differences of its own loss, and its recurrent form against its parallel form.
+#include <cstring>
 #include <random>
 
 #include "linmix/mixer.h"
@@ -51,8 +52,15 @@ std::unique_ptr<Model> make(const ModelCase& c, bool ln0 = false) {
   m->init(7);
   std::mt19937_64 rng(3);
   std::normal_distribution<float> n(0.0f, 0.3f);
+  // (the SSM time steps and decays keep their init: scaled, dt falls to 1e-12 and the SSM path
+  // goes dead, its gradients too small for any check)
+  auto ssm_time = [](const std::string& n) {
+    for (const char* k : {"att.log_dt", "att.log_A_re", "att.dt_proj.bias", "att.A_log"})
+      if (n.size() >= std::strlen(k) && n.compare(n.size() - std::strlen(k), std::string::npos, k) == 0) return true;
+    return false;
+  };
   for (auto& [name, t] : m->params())
-    if (!is_buffer_param(name) && name.find("ln") == std::string::npos)
+    if (!is_buffer_param(name) && name.find("ln") == std::string::npos && !ssm_time(name))
       for (float& x : t.data) x = x * 8.0f + (name.find("time_") != std::string::npos ? n(rng) : 0.0f);
   return m;
 }

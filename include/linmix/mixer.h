@@ -116,6 +116,9 @@ struct MixerSpec {
   std::map<std::string, std::string> bench_params;
   std::function<double(const std::map<std::string, int64_t>& dims, bool causal)> flops;
   bool quadratic = false;
+  // The blocking constants of its kernels, by the dim they block (channel blocks, time chunks,
+  // tiles): the tests run sizes that cross every one (a new constant listed here cannot hide).
+  std::vector<std::pair<std::string, int64_t>> blocking;
 };
 
 const std::vector<MixerSpec>& mixers();

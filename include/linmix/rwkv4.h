@@ -19,6 +19,9 @@ namespace linmix {
 
 class Rwkv4Engine {
  public:
+  // The blocking of sequence(): internal passes of kPass tokens (bound its memory), scan tasks of
+  // kScanBlock channels. Tests run sizes that cross both.
+  static constexpr int64_t kPass = 1024, kScanBlock = 64;
   // True when the model is an RWKV-4 LM (every layer rwkv4, RWKV channel-mix, no learned
   // positions; ln0 or not); otherwise `why` says what differs.
   static bool supports(const ModelConfig& c, std::string* why = nullptr);

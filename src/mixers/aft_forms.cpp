@@ -150,6 +150,7 @@ bool has_ring(Variant var) { return var != Variant::Simple; }
 
 void set_aft_forms(MixerSpec& s, AftVariant var) {
   s.y_dims = "B,T,C";
+  s.blocking = {{"C", kBlock}};  // channel blocks (aft_conv: within each head)
   s.parallel = [var](const Call& c) { return aft_parallel(var, c); };
   s.backward = [var](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy); };
   s.stepper = [var](const Call& c) {

@@ -54,7 +54,8 @@ namespace linmix {
 namespace {
 
 constexpr int64_t kChunk = 32;   // time steps whose decays are computed together
-constexpr int64_t kCBlock = 16;  // channels per task
+constexpr int64_t kCBlock = 16;  // channels per task (backward)
+constexpr int64_t kFBlock = 64;  // channels per task (forward)
 
 inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
 
@@ -93,7 +94,6 @@ void mamba_forward(float* y, const MambaArgs& a) {
   // Per (batch, block of kFBlock channels) task, time in chunks of kChunk. Layouts put the
   // channel innermost ((n, j) with j the channel), so every inner loop runs over kFBlock
   // contiguous channels in SIMD lanes: dA = exp(dt A), dBu = dt u B, h = dA h + dBu, y += C h.
-  constexpr int64_t kFBlock = 64;
   const int64_t T = a.T, C = a.C, N = a.N, nblk = (C + kFBlock - 1) / kFBlock;
 #pragma omp parallel
   {
@@ -266,6 +266,7 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "mamba";
+  s.blocking = {{"C", kCBlock}, {"C", kFBlock}, {"T", kChunk}};
   s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {
     d["N"] = scale == Scale::Test ? 4 : scale == Scale::Grad ? 2 : scale == Scale::Demo ? 8 : 16;
   };

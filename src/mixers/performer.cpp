@@ -269,6 +269,7 @@ namespace {
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "performer";
+  s.blocking = {{"T", kLinearChunk}};
   // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
   // (2 T M E each), the intra-chunk Q K^T (2 T c M) and the masked scores times V (2 T c E)
   // with M features in place of D, plus the feature logits of q and k (2 T M D each)

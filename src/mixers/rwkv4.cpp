@@ -145,6 +145,7 @@ constexpr int64_t kBlock = 256;
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "rwkv4";
+  s.blocking = {{"C", kBlock}};
   // keys and bonuses pushed to +-60 (times 20, clipped); decay rates from tiny to large
   // (the gradients: keys and bonuses only)
   s.stress = [](TensorMap& in, bool for_grad) {

@@ -242,6 +242,7 @@ TensorMap softmax_grad(const Call& c, const Tensor& dy) {
 MixerSpec softmax_spec() {
   MixerSpec s;
   s.name = "softmax";
+  s.blocking = {{"T", kTileQ}, {"T", kTileK}};
   s.more_params = {{{"window", "3"}}};
   s.quadratic = true;
   // tiled causal softmax: the tiles on and below the diagonal, Q K^T and P V

@@ -19,8 +19,8 @@ namespace linmix {
 namespace {
 
 constexpr float kInitP = -1e38f;   // MIXERS.md: the running max of an empty sum
-constexpr int64_t kChunk = 1024;   // rows per internal pass of sequence(): bounds its memory
-constexpr int64_t kScanBlock = 64;  // channels per scan task
+constexpr int64_t kChunk = Rwkv4Engine::kPass;  // rows per internal pass of sequence(): bounds its memory
+constexpr int64_t kScanBlock = Rwkv4Engine::kScanBlock;  // channels per scan task
 
 std::string P(int64_t i, const char* name) { return "blocks." + std::to_string(i) + "." + name; }
 
