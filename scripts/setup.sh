@@ -10,6 +10,7 @@ PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev
   libhwy-dev libfftw3-dev
+  clang libclang-rt-14-dev libomp-14-dev
   fortunes
   python3 python3-numpy python3-torch python3-matplotlib python3-regex
 )

@@ -51,7 +51,9 @@ struct ModelConfig {
   // 128, 4 heads, ctx 256, the channel mix the mechanism's layer prefers.
   static ModelConfig for_mixer(const std::string& mixer);
   std::string to_json() const;
-  void validate() const;  // throws Error naming the bad field
+  void validate() const;  // throws Error naming the bad field (and a model past kMaxParams)
+  int64_t param_count() const;  // floats the model's parameters take (computed, nothing allocated)
+  static constexpr int64_t kMaxParams = int64_t(1) << 32;
 };
 
 // Names of the parameters that are fixed buffers, not trained (performer's features).

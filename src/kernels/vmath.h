@@ -20,7 +20,10 @@ inline float vmax(float a, float b) { return a < b ? b : a; }
 [[gnu::always_inline]] inline float exp_fast(float x) {
   const float hi = 88.7228391f, lo = -87.3365447f;
   const bool under = x < lo, over = x > hi, nan = x != x;
-  float xc = x < lo ? lo : (x > hi ? hi : x);
+  // clamped with comparisons that are false for NaN, so a NaN becomes lo here: it must not reach
+  // the float -> int conversion below (undefined behaviour); the result is NaN again at the end
+  float xc = x > lo ? x : lo;
+  xc = xc < hi ? xc : hi;
   const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;

@@ -181,7 +181,7 @@ void set_aft_forms(MixerSpec& s, AftVariant var) {
     auto load = [=](const TensorMap& m) {
       if (has_sums(var)) state_load(st->num, m, "state.num"), state_load(st->den, m, "state.den"), state_load(st->max, m, "state.max");
       if (has_ring(var)) state_load(st->k, m, "state.k"), state_load(st->v, m, "state.v");
-      st->pos = var == Variant::Local ? static_cast<int64_t>(m.at("state.pos").data[0]) : st->len();
+      st->pos = var == Variant::Local ? position_of(m.at("state.pos"), "state.pos") : st->len();
     };
     return Stepper{step, save, load};
   };

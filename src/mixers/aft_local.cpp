@@ -24,9 +24,8 @@ MixerSpec aft_local_spec() {
   s.memory = "O(T C) non-causal (suffix sums), O(window C) causal";
   s.check = [](const Call& c) {
     LINMIX_CHECK(c.given.at("window"), "mixer 'aft_local' needs --param window=N (N >= 1)");
-    const int64_t pos = c.has("state.pos") ? static_cast<int64_t>(c.t("state.pos").data[0]) : 0;
+    const int64_t pos = c.has("state.pos") ? position_of(c.t("state.pos"), "state.pos") : 0;
     if (c.has("state.pos")) {
-      LINMIX_CHECK(c.t("state.pos").data[0] == float(pos) && pos >= 0, "tensor 'state.pos': not a position");
       LINMIX_CHECK(c.d("L") == std::min(pos, c.ip("window") - 1),
                    "tensor 'state.k': expected " + std::to_string(std::min(pos, c.ip("window") - 1)) +
                        " rows for position " + std::to_string(pos) + ", found " + std::to_string(c.d("L")));

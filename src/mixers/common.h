@@ -103,6 +103,15 @@ inline void scatter_head_dphi(float* dx, const float* dphi, const float* x, int6
   }
 }
 
+// A position held in a float tensor (state.pos): an integer in [0, 2^24] (exact in float32), or
+// an Error naming the tensor. Never casts an out-of-range float (undefined behaviour).
+inline int64_t position_of(const Tensor& t, const std::string& name) {
+  const float p = t.numel() == 1 ? t.data[0] : -1.0f;
+  LINMIX_CHECK(p >= 0 && p <= float(1 << 24) && p == std::floor(p),
+               "tensor '" + name + "': not a position (an integer in [0, 2^24])");
+  return static_cast<int64_t>(p);
+}
+
 // Steppers' state as tensors of one sequence (MixerSpec::stepper save / load).
 inline Tensor state_tensor(std::vector<int64_t> shape, const float* src) {
   Tensor t(std::move(shape));

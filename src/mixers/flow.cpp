@@ -360,9 +360,7 @@ MixerSpec make_spec() {
   s.time = "O(T H D E)";
   s.memory = "O(T (D + E)) per head";
   s.check = [](const Call& c) {
-    if (c.has("state.pos"))
-      LINMIX_CHECK(c.t("state.pos").data[0] >= 0 && c.t("state.pos").data[0] == std::floor(c.t("state.pos").data[0]),
-                   "tensor 'state.pos': not a position");
+    if (c.has("state.pos")) position_of(c.t("state.pos"), "state.pos");
   };
   s.y_dims = "B,T,H,E";
   set_reference(s, [](const Call& c, const auto& x) {
@@ -408,7 +406,7 @@ MixerSpec make_spec() {
       state_load(st->sumK, m, "state.sumK"), state_load(st->sumQ, m, "state.sumQ");
       state_load(st->sumKO, m, "state.sumKO"), state_load(st->sumQI, m, "state.sumQI");
       state_load(st->sumexp, m, "state.sumexp"), state_load(st->KV, m, "state.KV");
-      st->pos = static_cast<int64_t>(m.at("state.pos").data[0]);
+      st->pos = position_of(m.at("state.pos"), "state.pos");
     };
     return Stepper{[=](float* y) { flow_step(y, *st, q, k, v, *scratch); }, save, load};
   };

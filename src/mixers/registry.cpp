@@ -147,7 +147,8 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
     call.params[p.name] = p.def;
     call.given[p.name] = false;
   }
-  for (const auto& [key, value] : raw_params) {
+  for (const auto& [key_, value] : raw_params) {
+    const std::string& key = key_;  // (a structured binding cannot be captured before C++20's clang 16)
     auto it = std::find_if(spec.params.begin(), spec.params.end(), [&](const ParamSpec& p) { return p.name == key; });
     if (it == spec.params.end()) {
       std::string known;

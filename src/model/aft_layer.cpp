@@ -79,7 +79,7 @@ class AftRun : public LayerRun {
     mix_ = std::make_unique<MixerStep>(lc, std::move(in), split_layer_state(state, {}, own, index));
     // the position of the next token (w_ts is read at absolute positions: aft_local keeps it,
     // aft_full's ring holds every past row)
-    if (state.count("state.pos")) pos_ = static_cast<int64_t>(state.at("state.pos").data[0]);
+    if (state.count("state.pos")) pos_ = int64_t(state.at("state.pos").data[0]);  // validated by MixerStep
     else if (state.count("state.k") && lc.mixer == "aft_full") pos_ = state.at("state.k").dim(1);
   }
   void step(const float* a, float* out) override {

@@ -11,7 +11,8 @@ using json = nlohmann::json;
 
 // ---------------------------------------------------------------- config
 
-ModelConfig ModelConfig::from_json(const std::string& text) {
+namespace {
+ModelConfig from_json_impl(const std::string& text) {
   json j;
   try {
     j = json::parse(text);
@@ -70,6 +71,16 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
   c.validate();
   return c;
 }
+}  // namespace
+
+ModelConfig ModelConfig::from_json(const std::string& text) {
+  try {
+    return from_json_impl(text);
+  } catch (const nlohmann::json::exception& e) {  // a field of the wrong type or range
+    throw Error(std::string("model config: a field has the wrong type (") + e.what() + ")");
+  }
+
+}
 
 ModelConfig ModelConfig::for_mixer(const std::string& mixer) {
   ModelConfig c;
@@ -109,7 +120,27 @@ void ModelConfig::validate() const {
     has_mixer_layer(l.mixer);  // unknown names and mixers without a layer fail here
     for (const char* k : {"features", "kernel", "state", "qk_dim", "expand"})
       if (l.params.count(k)) knob(l, k);  // malformed knobs fail here
+  }  const double n = double(param_count());
+  LINMIX_CHECK(n <= double(kMaxParams), "model config: " + std::to_string(int64_t(n)) +
+                                            " parameters, more than linmix's limit of 2^32");
+}
+
+int64_t ModelConfig::param_count() const {  // the shapes Model's constructor allocates, summed
+  auto numel = [](const std::vector<int64_t>& s) {
+    double n = 1;
+    for (int64_t d : s) n *= double(d);
+    return n;
+  };
+  double n = 2.0 * double(vocab) * double(d_model) + 2.0 * double(d_model);  // emb, head, ln_out
+  if (uses_pos_emb()) n += double(ctx) * double(d_model);
+  if (ln0) n += 2.0 * double(d_model);
+  const double F = double(ffn_mult) * double(d_model), C = double(d_model);
+  for (int64_t i = 0; i < n_layer; ++i) {
+    n += 4 * C + (channel_mix == "rwkv" ? 2 * C + 2 * F * C + C * C : 2 * F * C + F + C);
+    for (const auto& [name, shape] : make_mixer_layer(*this, i)->shapes()) n += numel(shape);
+    if (n > 1e18) break;
   }
+  return n > 1e18 ? int64_t(1e18) : int64_t(n);
 }
 
 bool ModelConfig::uses_pos_emb() const {

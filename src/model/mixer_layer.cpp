@@ -108,7 +108,8 @@ MixerStep::MixerStep(const LayerConfig& lc, TensorMap in, const TensorMap& state
 TensorMap split_layer_state(const TensorMap& state, const std::vector<std::pair<std::string, int64_t>>& own,
                             TensorMap& own_out, int64_t index) {
   TensorMap mix;
-  for (const auto& [n, t] : state) {
+  for (const auto& [n_, t] : state) {
+    const std::string& n = n_;  // (clang 14 cannot capture a structured binding)
     auto it = std::find_if(own.begin(), own.end(), [&](const auto& o) { return o.first == n; });
     if (it != own.end()) {
       LINMIX_CHECK(t.rank() == 1 && t.numel() == it->second,

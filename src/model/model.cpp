@@ -52,7 +52,8 @@ void Model::init(uint64_t seed) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t L = cfg_.n_layer;
   const float std_out = 0.02f / std::sqrt(2.0f * float(L));
-  for (auto& [name, t] : params_) {  // std::map: a fixed order, so the draw is deterministic
+  for (auto& [name_, t] : params_) {  // std::map: a fixed order, so the draw is deterministic
+    const std::string& name = name_;  // (clang 14 cannot capture a structured binding)
     auto ends = [&](const std::string& s) { return name.size() >= s.size() && name.rfind(s) == name.size() - s.size(); };
     const bool block = name.rfind("blocks.", 0) == 0;
     const int64_t layer = block ? std::atoll(name.c_str() + 7) : 0;
@@ -304,6 +305,9 @@ void Model::step(int32_t token, State& st, float* logits_out) {
   }
   nn::layernorm_forward(a, &mean, &rstd, x, W("ln_out.weight"), W("ln_out.bias"), 1, C);
   nn::matmul_forward(logits_out, a, W("head.weight"), nullptr, 1, C, V);
+  for (int64_t i = 0; i < V; ++i)  // a model (or state) whose numbers overflow float32 is refused, not sampled
+    LINMIX_CHECK(std::isfinite(logits_out[i]), "the logits are not finite at position " + std::to_string(st.pos) +
+                                                   ": the model's weights or state overflow float32");
   st.pos += 1;
 }
 

@@ -156,7 +156,14 @@ Checkpoint load_checkpoint(const std::string& path) {
     return ck;
   }
   LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV-4 checkpoint");
-  ck.model = std::make_unique<Model>(ModelConfig::from_json(st.metadata.at("config")));
+  const ModelConfig cfg = ModelConfig::from_json(st.metadata.at("config"));
+  {  // the file must hold the parameters its config declares: a tiny file cannot make us allocate
+    int64_t held = 0;
+    for (const auto& [n, t] : st.tensors) held += t.numel();
+    LINMIX_CHECK(cfg.param_count() <= held, path + ": its config declares " + std::to_string(cfg.param_count()) +
+                                                " parameters, the file holds " + std::to_string(held) + " numbers");
+  }
+  ck.model = std::make_unique<Model>(cfg);
   // step and adam_t: plain non-negative decimal integers ("-5" or "3abc" are refused)
   auto count = [&](const char* key) -> int64_t {
     if (!st.metadata.count(key)) return 0;
