@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Converts an RWKV-4 PyTorch checkpoint (.pth, BlinkDL's names) to safetensors, keeping the
-names and validating the shapes.  Usage: scripts/convert_rwkv4.py IN.pth OUT.safetensors"""
+names and validating the shapes.  Usage: scripts/convert_rwkv4.py IN.pth OUT.safetensors [--tokenizer PATH]
+(--tokenizer records the model's tokenizer in the metadata: linmix generate / eval then use it.)"""
 import os
 import sys
 
@@ -11,6 +12,10 @@ import st  # noqa: E402
 
 
 def main():
+    tok = None  # --tokenizer PATH: recorded in the metadata, so that generate / eval find it
+    if len(sys.argv) == 5 and sys.argv[3] == "--tokenizer":
+        tok = sys.argv[4]
+        sys.argv = sys.argv[:3]
     if len(sys.argv) != 3:
         print(__doc__.strip(), file=sys.stderr)
         return 2
@@ -41,7 +46,7 @@ def main():
             print(f"convert_rwkv4: tensor '{n}': expected shape {shape}, found {list(got)}", file=sys.stderr)
             return 2
     tmp = sys.argv[2] + ".tmp"
-    st.save(tmp, {n: t.float().numpy() for n, t in w.items()})
+    st.save(tmp, {n: t.float().numpy() for n, t in w.items()}, metadata={"tokenizer": tok} if tok else None)
     os.replace(tmp, sys.argv[2])
     print(f"convert_rwkv4: {len(w)} tensors, V={V} C={C} L={L} -> {sys.argv[2]}")
     return 0

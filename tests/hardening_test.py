@@ -116,6 +116,48 @@ def lost_work(corpus, model):
     refused("train --data on a directory", ["train", "--data", TMP, "--out", path("r2"), "--steps", "1"], "--data")
 
 
+def cli(corpus, model):
+    """A CLI people know how to use."""
+    r = linmix("help")
+    check("linmix help lists the commands", r.returncode == 0 and all(c in r.stdout for c in ("train", "generate", "info")),
+          r.stdout[:200])
+    refused("an unknown command", ["frobnicate"], "commands: mix")
+    r = linmix("--version")
+    check("linmix --version", r.returncode == 0 and r.stdout.startswith("linmix "), r.stdout.strip())
+    r = linmix("info", model)
+    check("linmix info: config, parameters, tokenizer, step", r.returncode == 0 and all(
+        k in r.stdout for k in ("parameters:", "tokenizer:  bytes", "step:       2", '"mixer":"linear"')), r.stdout)
+    refused("linmix info on a corpus file", ["info", corpus])
+    r = linmix("generate", "--model", model, "--tokens", "5", "--threads", "1")
+    check("generate --threads 1, tokens/s at the end", r.returncode == 0 and "tokens/s" in r.stderr, r.stderr.strip())
+    refused("generate --threads 0", ["generate", "--model", model, "--threads", "0"])
+    n = len(open(corpus, "rb").read())
+    r = linmix("eval", "--model", model, "--data", corpus, "--seq", "16", "--windows", "100000")
+    want = (n - int(n * 0.9) - 1) // 16
+    got = r.stdout.split(" windows")[0].split()[-1] if r.returncode == 0 else "?"
+    check("eval scores the validation split by default", "(val)" in r.stdout and got == str(want), f"{got} vs {want}")
+    r = linmix("eval", "--model", model, "--data", corpus, "--seq", "16", "--windows", "100000", "--split", "all")
+    got = r.stdout.split(" windows")[0].split()[-1] if r.returncode == 0 else "?"
+    check("eval --split all scores the whole file", got == str((n - 1) // 16), got)
+    # generation of a model with learned positions past its ctx: the context is cropped
+    cfgp = write(path("short.json"), json.dumps({"mixer": "softmax", "d_model": 16, "n_layer": 1, "n_head": 2,
+                                                 "ctx": 16}))
+    run = path("short")
+    r = linmix("train", "--data", corpus, "--config", cfgp, "--steps", "1", "--batch", "1", "--seq", "16", "--out", run)
+    short = os.path.join(run, "ckpt.safetensors")
+    r = linmix("generate", "--model", short, "--tokens", "50", "--temperature", "0", "--prompt", "abc")
+    check("generate 50 tokens from a model of ctx 16 (cropped context)", r.returncode == 0, r.stderr.strip()[-200:])
+    # a model whose numbers overflow float32: refused, not sampled
+    ck = st.load(short)
+    with open(short, "rb") as f:
+        (hn,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(hn))["__metadata__"]
+    ck["head.weight"] = ck["head.weight"] * 0 + 3e38
+    huge = path("huge.safetensors")
+    st.save(huge, ck, metadata=meta)
+    refused("generate from a model with overflowing logits", ["generate", "--model", huge, "--tokens", "3"], "finite")
+
+
 def main():
     corpus = write(path("corpus.txt"), "the quick brown fox jumps over the lazy dog. " * 300)
     run = path("run")
@@ -187,7 +229,7 @@ def main():
                                        path("sm.safetensors"), "--out", path("y.safetensors")], "scale")
 
     # eval reports what it evaluated
-    r = linmix("eval", "--model", model, "--data", corpus, "--windows", "1000000000", "--seq", "16")
+    r = linmix("eval", "--model", model, "--data", corpus, "--windows", "1000000000", "--seq", "16", "--split", "all")
     got = r.stdout.split(" windows")[0].split()[-1] if r.returncode == 0 else "?"
     want = (len(open(corpus, "rb").read()) - 1) // 16
     check("eval --windows 1e9 reports the windows it scored", got == str(want), f"{got} vs {want}: {r.stdout.strip()}")
@@ -228,6 +270,7 @@ def main():
           r.stdout.strip() + r.stderr.strip())
 
     lost_work(corpus, model)
+    cli(corpus, model)
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

@@ -207,13 +207,26 @@ int cmd_train(TrainOptions topt, const std::string& config_path, const std::stri
   return 0;
 }
 
-int cmd_generate(const std::string& model_path, const GenerateOptions& o, bool stats) {
+// The tokenizer a command uses: the one given, else the one the checkpoint names (a tokenizer
+// file that exists, or bytes), else bytes.
+std::string tokenizer_for(const Checkpoint& ck, const std::string& given) {
+  if (!given.empty()) return given;
+  if (!ck.tokenizer.empty() && ck.tokenizer != "bytes" && ck.tokenizer.rfind("task:", 0) != 0 &&
+      std::filesystem::exists(ck.tokenizer))
+    return ck.tokenizer;
+  return "bytes";
+}
+
+int cmd_generate(const std::string& model_path, GenerateOptions o, bool stats) {
   Checkpoint ck = load_checkpoint(model_path);
+  o.tokenizer = tokenizer_for(ck, o.tokenizer);
   const GenerateResult r = generate(*ck.model, o, [](const std::string& piece) {
     std::fwrite(piece.data(), 1, piece.size(), stdout);
     std::fflush(stdout);
   });
   std::fputc('\n', stdout);
+  std::fprintf(stderr, "linmix generate: %lld tokens in %.2f s (%.1f tokens/s)\n", static_cast<long long>(r.generated),
+               r.seconds, double(r.generated) / std::max(r.seconds, 1e-9));
   if (stats) std::fprintf(stderr, "linmix stats: ms_per_token=%.4f peak_rss_mib=%.1f\n", r.ms_per_token, peak_rss_mib());
   return 0;
 }
@@ -224,16 +237,26 @@ std::vector<uint8_t> read_bytes(const std::string& path) {
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
-int cmd_eval(const std::string& model_path, const std::string& file, const std::string& tokenizer,
-             const std::string& mode, const std::string& dtype, int64_t seq, int64_t windows) {
+int cmd_eval(const std::string& model_path, const std::string& file, const std::string& split,
+             const std::string& tokenizer, const std::string& mode, const std::string& dtype, int64_t seq,
+             int64_t windows) {
+  LINMIX_CHECK(split == "val" || split == "train" || split == "all", "--split must be val, train or all");
   Checkpoint ck = load_checkpoint(model_path);
-  const EvalResult r = evaluate_file(*ck.model, read_bytes(file), tokenizer, mode, dtype, seq, windows);
-  if (tokenizer == "bytes")
-    std::printf("%s: %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", file.c_str(), mode.c_str(),
-                static_cast<long long>(r.windows), static_cast<long long>(seq), r.loss, r.bits_per_byte);
+  const std::string tk = tokenizer_for(ck, tokenizer);
+  std::vector<uint8_t> bytes = read_bytes(file);
+  if (split != "all") {  // split by bytes as training does: the first 90% train, the last 10% validation
+    const Corpus c = Corpus::from_bytes(std::move(bytes));
+    bytes = split == "val" ? c.val : c.train;
+  }
+  const EvalResult r = evaluate_file(*ck.model, bytes, tk, mode, dtype, seq, windows);
+  if (tk == "bytes")
+    std::printf("%s (%s): %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", file.c_str(),
+                split.c_str(), mode.c_str(), static_cast<long long>(r.windows), static_cast<long long>(seq), r.loss,
+                r.bits_per_byte);
   else
-    std::printf("%s: %s mode, %lld windows of %lld tokens (%lld bytes scored): loss %.6f nats/token = %.6f bits/byte\n",
-                file.c_str(), mode.c_str(), static_cast<long long>(r.windows), static_cast<long long>(seq),
+    std::printf("%s (%s): %s mode, %lld windows of %lld tokens (%lld bytes scored): loss %.6f nats/token = %.6f "
+                "bits/byte\n",
+                file.c_str(), split.c_str(), mode.c_str(), static_cast<long long>(r.windows), static_cast<long long>(seq),
                 static_cast<long long>(r.bytes), r.loss, r.bits_per_byte);
   return 0;
 }
@@ -286,6 +309,15 @@ int cmd_logits(const std::string& model_path, const std::string& tokens, const s
   Checkpoint ck = load_checkpoint(model_path);
   const std::vector<int32_t> toks = parse_ids(tokens, ck.model->config().vocab, "--tokens");
   write_safetensors(out_path, {{"logits", sequence_logits(*ck.model, toks, mode, chunk, dtype)}}, {{"mode", mode}});
+  return 0;
+}
+
+int cmd_info(const std::string& path) {
+  Checkpoint ck = load_checkpoint(path);
+  const ModelConfig& c = ck.model->config();
+  std::printf("%s\n  kind:       %s\n  config:     %s\n  parameters: %lld\n  tokenizer:  %s\n  step:       %lld\n",
+              path.c_str(), ck.imported ? "RWKV-4 checkpoint (imported)" : "linmix checkpoint", c.to_json().c_str(),
+              static_cast<long long>(ck.model->num_params()), ck.tokenizer.c_str(), static_cast<long long>(ck.step));
   return 0;
 }
 
@@ -397,8 +429,8 @@ int main(int argc, char** argv) {
   gen->add_option("--top-p", sopt.top_p, "nucleus mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   gen->add_option("--seed", sopt.seed, "sampling seed")->capture_default_str();
   gen->add_flag("--stats", stats, "print ms per generated token and peak memory to stderr");
-  std::string tokenizer_path = "bytes", state_in, state_out;
-  gen->add_option("--tokenizer", tokenizer_path, "bytes, an RWKV World vocabulary, or a Hugging Face tokenizer.json (byte-level BPE)")->capture_default_str();
+  std::string tokenizer_path, state_in, state_out;  // tokenizer: "" = the checkpoint's (or bytes)
+  gen->add_option("--tokenizer", tokenizer_path, "bytes, an RWKV World vocabulary, or a Hugging Face tokenizer.json (byte-level BPE); default: the one the checkpoint names, else bytes");
   gen->add_option("--state-in", state_in, "continue from a saved state (safetensors)");
   gen->add_option("--state-out", state_out, "save the final state (safetensors, written atomically)");
   std::string dtype = "f32";
@@ -417,8 +449,10 @@ int main(int argc, char** argv) {
   int64_t eval_seq = 128, eval_windows = 64;
   ev->add_option("--model", model_path, "checkpoint")->required();
   ev->add_option("--data", eval_file, "text file")->required();
-  ev->add_option("--tokenizer", tokenizer_path, "bytes, or the model's tokenizer (tokenizer.json or an RWKV World vocabulary)")
+  std::string eval_split = "val";
+  ev->add_option("--split", eval_split, "val (the last 10%, training's validation) | train (the first 90%) | all")
       ->capture_default_str();
+  ev->add_option("--tokenizer", tokenizer_path, "bytes, or the model's tokenizer (tokenizer.json or an RWKV World vocabulary); default: the one the checkpoint names, else bytes");
   ev->add_option("--mode", eval_mode, "parallel | recurrent | sequence (the RWKV-4 engine; all agree)")
       ->capture_default_str();
   ev->add_option("--dtype", dtype, "weights of the RWKV-4 engine (sequence mode): f32 | bf16 | int8")
@@ -449,6 +483,11 @@ int main(int argc, char** argv) {
   gr->add_option("--batch", grad_batch, "B")->capture_default_str()->check(CLI::PositiveNumber);
   gr->add_option("--out", out_path, "output safetensors: d<param> for every trained parameter")->required();
 
+  auto* info = app.add_subcommand("info", "a checkpoint's config, parameter count, tokenizer and step");
+  info->add_option("model", model_path, "checkpoint (linmix, or an RWKV-4 safetensors file)")->required();
+
+  auto* hlp = app.add_subcommand("help", "list the commands (linmix COMMAND --help for one)");
+
   auto* bn = app.add_subcommand("bench", "benchmarks against the machine's limits measured in the same run");
   bool bench_model_flag = false;
   ModelBenchOptions mbo;
@@ -476,11 +515,31 @@ int main(int argc, char** argv) {
   bn->add_flag("--no-backward", no_backward, "skip forward + backward");
   bn->add_flag("--no-step", no_step, "skip the recurrent step");
 
+  // --threads on every command that computes (bench has its own --threads / --thread-counts)
+  int threads = 0;
+  for (auto* sc : {mix, demo, ex, tr, gen, ev, lg, gr})
+    sc->add_option("--threads", threads, "threads (OpenMP and OpenBLAS; default: all cores)")->check(CLI::Range(1, 1024));
+  app.set_version_flag("--version", std::string("linmix ") + LINMIX_VERSION);
+  // an unknown command names the commands
+  if (argc >= 2 && argv[1][0] != '-') {
+    std::string known;
+    bool found = false;
+    for (const auto* sc : app.get_subcommands({})) {
+      known += (known.empty() ? "" : ", ") + sc->get_name();
+      found = found || sc->get_name() == argv[1];
+    }
+    if (!found) {
+      std::fprintf(stderr, "linmix: unknown command '%s' (commands: %s; linmix help)\n", argv[1], known.c_str());
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::string msg = e.what();
@@ -489,7 +548,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "linmix: %s (see linmix --help)\n", msg.c_str());
     return 2;
   }
+  if (*hlp) {
+    std::printf("linmix %s: linear-time token mixers. Commands (linmix COMMAND --help for one):\n", LINMIX_VERSION);
+    for (const auto* sc : app.get_subcommands({}))
+      std::printf("  %-10s %s\n", sc->get_name().c_str(), sc->get_description().c_str());
+    return 0;
+  }
+  if (threads > 0) set_threads(threads);
   try {
+    if (*info) return cmd_info(model_path);
     if (*mix) refuse_same(out_path, {in_path}, "--out");
     if (*gen) refuse_same(state_out, {model_path, state_in, tokenizer_path}, "--state-out");
     if (*lg || *gr) refuse_same(out_path, {model_path}, "--out");
@@ -512,7 +579,7 @@ int main(int argc, char** argv) {
       gopt.tokenizer = tokenizer_path, gopt.state_in = state_in, gopt.state_out = state_out, gopt.dtype = dtype;
       return cmd_generate(model_path, gopt, stats);
     }
-    if (*ev) return cmd_eval(model_path, eval_file, tokenizer_path, eval_mode, dtype, eval_seq, eval_windows);
+    if (*ev) return cmd_eval(model_path, eval_file, eval_split, tokenizer_path, eval_mode, dtype, eval_seq, eval_windows);
     if (*tok) return cmd_tokenize(tokenizer_path, tok_text, tok_file, tok_decode);
     if (*gr) return cmd_grad(model_path, tokens_csv, targets_csv, grad_batch, out_path);
     if (*lg) return cmd_logits(model_path, tokens_csv, logits_mode, logits_chunk, dtype, out_path);

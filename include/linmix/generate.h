@@ -24,6 +24,7 @@ struct GenerateOptions {
 struct GenerateResult {
   int64_t prompt_tokens = 0, generated = 0;
   double ms_per_token = 0;  // the sampling loop: one model step, one sample, one decode per token
+  double seconds = 0;       // the sampling loop in all
 };
 // Feeds the prompt (the engine's sequence mode for RWKV-4 models, else the model's recurrent
 // step), then samples `tokens` tokens, each decoded and passed to `emit` as it comes.

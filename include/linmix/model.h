@@ -41,6 +41,9 @@ struct ModelConfig {
   int pos_emb = -1;       // learned absolute positions: 1 on, 0 off, -1 = on iff a layer is
                           // attention-like (softmax, linear, performer, flow, TransNormer, flash)
   bool uses_pos_emb() const;
+  // The longest sequence the model's parameters cover (learned positions, AFT's bias w): ctx,
+  // or 0 when unbounded (a recurrent model).
+  int64_t context_limit() const;
   // A layer's knob: its params' value if set (an integer), else the model-wide default.
   int64_t knob(const LayerConfig& l, const std::string& name) const;
   std::vector<LayerConfig> layers;  // one per layer

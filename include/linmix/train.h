@@ -47,10 +47,14 @@ struct Checkpoint {
   AdamW opt;
   int64_t step = 0;
   std::string meta_json;  // the run's options, as saved
+  bool imported = false;  // an RWKV-4 checkpoint (BlinkDL or Hugging Face names)
+  // The tokenizer the model was trained or imported with, from the metadata "tokenizer":
+  // "bytes", "task:<name>", a tokenizer file, or "" when the file does not say.
+  std::string tokenizer;
 };
-// Writes params, optimizer moments, step and the config (metadata) atomically.
+// Writes params, optimizer moments, step, the config and the tokenizer (metadata) atomically.
 void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, int64_t step,
-                     const std::string& meta_json);
+                     const std::string& meta_json, const std::string& tokenizer = "bytes");
 // Refuses (Error naming the problem) anything truncated, corrupt, or not matching its config.
 // Also loads plain RWKV-4 checkpoints (BlinkDL or Hugging Face names, see rwkv_import.cpp).
 Checkpoint load_checkpoint(const std::string& path);

@@ -150,6 +150,13 @@ bool ModelConfig::uses_pos_emb() const {
   return false;
 }
 
+int64_t ModelConfig::context_limit() const {
+  if (uses_pos_emb()) return ctx;
+  for (const auto& l : layers)
+    if (layer_bounded_by_ctx(l.mixer)) return ctx;
+  return 0;
+}
+
 int64_t ModelConfig::knob(const LayerConfig& l, const std::string& name) const {
   const std::map<std::string, std::pair<int64_t, int64_t>> bounds = {
       {"features", {1, 1 << 16}}, {"kernel", {1, 1 << 16}}, {"state", {1, 1024}}, {"qk_dim", {1, 4096}},

@@ -37,9 +37,25 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
   const std::vector<int32_t> pids = tk->encode(o.prompt);
   LINMIX_CHECK(!pids.empty(), "the prompt encodes to no tokens");
   std::vector<float> lg(static_cast<size_t>(V));
+  // A model whose parameters cover ctx positions (learned positions, AFT's bias) continues past
+  // them as nanoGPT does: the context is cropped to its last ctx/2 tokens, which are fed again
+  // from a fresh state (a saved --state-in is then left behind).
+  const int64_t limit = eng ? 0 : m.config().context_limit();
+  std::vector<int32_t> history;
+  auto feed = [&](int32_t t) {
+    if (limit > 0 && st.pos >= limit) {
+      const size_t keep = size_t(std::max<int64_t>(limit / 2, 1)) - 1;
+      const std::vector<int32_t> tail(history.end() - std::min(keep, history.size()), history.end());
+      st = m.new_state();
+      history = tail;
+      for (int32_t h : tail) m.step(h, st, lg.data());
+    }
+    m.step(t, st, lg.data());
+    history.push_back(t);
+  };
   if (eng) eng->sequence(pids.data(), int64_t(pids.size()), st, lg.data());
   else
-    for (int32_t id : pids) m.step(id, st, lg.data());
+    for (int32_t id : pids) feed(id);
   emit(o.prompt);
   std::mt19937_64 rng(o.sample.seed);
   const auto t0 = std::chrono::steady_clock::now();
@@ -48,12 +64,12 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
     if (t >= tk->vocab_size()) t = 0;  // a model row past the tokenizer: stop sampling it
     emit(tk->decode({t}));
     if (eng) eng->step(t, st, lg.data());
-    else m.step(t, st, lg.data());
+    else feed(t);
   }
   GenerateResult r;
   r.prompt_tokens = int64_t(pids.size()), r.generated = o.tokens;
-  r.ms_per_token = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() /
-                   double(std::max<int64_t>(o.tokens, 1));
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.ms_per_token = 1e3 * r.seconds / double(std::max<int64_t>(o.tokens, 1));
   if (!o.state_out.empty()) write_safetensors(o.state_out, m.state_tensors(st), {{"config", m.config().to_json()}});
   return r;
 }

@@ -20,6 +20,7 @@ struct Kind {
   std::unique_ptr<MixerLayer> (*make)(const ModelConfig&, int64_t);
   bool positions;           // learned absolute positions by default (the mixer has no order of its own)
   const char* channel_mix;  // the channel mix `linmix train --mixer NAME` pairs it with
+  bool bounded = false;     // its parameters cover ctx positions only (AFT's learned bias w)
 };
 
 // One line per mechanism that can be a language-model layer (causal ones only).
@@ -31,8 +32,8 @@ const std::map<std::string, Kind>& table() {
       {"flow", {attention_layer, true, "mlp"}},
       {"norm_linear", {attention_layer, true, "mlp"}},
       {"block_softmax", {attention_layer, true, "mlp"}},
-      {"aft_full", {aft_layer, false, "mlp"}},
-      {"aft_local", {aft_layer, false, "mlp"}},
+      {"aft_full", {aft_layer, false, "mlp", true}},
+      {"aft_local", {aft_layer, false, "mlp", true}},
       {"aft_simple", {aft_layer, false, "mlp"}},
       {"aft_conv", {aft_layer, false, "mlp"}},
       {"rwkv4", {rwkv4_layer, false, "rwkv"}},
@@ -58,6 +59,7 @@ std::unique_ptr<MixerLayer> make_mixer_layer(const ModelConfig& cfg, int64_t ind
 bool has_mixer_layer(const std::string& mixer) { return kind(mixer).make != nullptr; }
 bool layer_wants_positions(const std::string& mixer) { return kind(mixer).positions; }
 std::string layer_channel_mix(const std::string& mixer) { return kind(mixer).channel_mix; }
+bool layer_bounded_by_ctx(const std::string& mixer) { return kind(mixer).bounded; }
 
 float* LayerIO::g(const std::string& n) const {
   LINMIX_CHECK(grads, "LayerIO: no gradients in this pass");

@@ -84,6 +84,7 @@ std::unique_ptr<MixerLayer> make_mixer_layer(const ModelConfig& cfg, int64_t ind
 bool has_mixer_layer(const std::string& mixer);
 bool layer_wants_positions(const std::string& mixer);
 std::string layer_channel_mix(const std::string& mixer);
+bool layer_bounded_by_ctx(const std::string& mixer);  // its parameters cover ctx positions only
 
 // ---- helpers the layer files share
 

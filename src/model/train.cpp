@@ -135,7 +135,7 @@ void AdamW::step(TensorMap& params, const TensorMap& grads, double lr_now) {
 // ---------------------------------------------------------------- checkpoints
 
 void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, int64_t step,
-                     const std::string& meta_json) {
+                     const std::string& meta_json, const std::string& tokenizer) {
   TensorMap all = model.params();
   for (const auto& [n, t] : opt.m) all["opt.m." + n] = t;
   for (const auto& [n, t] : opt.v) all["opt.v." + n] = t;
@@ -144,17 +144,21 @@ void save_checkpoint(const std::string& path, const Model& model, const AdamW& o
                      {"config", model.config().to_json()},
                      {"step", std::to_string(step)},
                      {"adam_t", std::to_string(opt.t)},
-                     {"run", meta_json}});
+                     {"run", meta_json},
+                     {"tokenizer", tokenizer}});
 }
 
 Checkpoint load_checkpoint(const std::string& path) {
   SafeTensors st = read_safetensors(path);
   Checkpoint ck;
   const bool ours = st.metadata.count("linmix") && st.metadata.at("linmix") == "checkpoint" && st.metadata.count("config");
+  ck.tokenizer = st.metadata.count("tokenizer") ? st.metadata.at("tokenizer") : "";
   if (!ours && looks_like_rwkv4(st.tensors)) {
     ck.model = import_rwkv4(std::move(st.tensors), path);
+    ck.imported = true;
     return ck;
   }
+  if (ck.tokenizer.empty()) ck.tokenizer = "bytes";  // linmix checkpoints before the field: byte-level
   LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV-4 checkpoint");
   const ModelConfig cfg = ModelConfig::from_json(st.metadata.at("config"));
   {  // the file must hold the parameters its config declares: a tiny file cannot make us allocate
@@ -502,7 +506,7 @@ TrainResult train(const TrainOptions& opts) {
         std::fprintf(stderr, "\n");
       }
     }
-    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last) save_checkpoint(ckpt, *model, opt, step + 1, run.dump());
+    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last) save_checkpoint(ckpt, *model, opt, step + 1, run.dump(), o.task.empty() ? "bytes" : "task:" + o.task);
     if (last) {
       ++step;
       break;
