@@ -139,6 +139,19 @@ def cli(corpus, model):
     r = linmix("eval", "--model", model, "--data", corpus, "--seq", "16", "--windows", "100000", "--split", "all")
     got = r.stdout.split(" windows")[0].split()[-1] if r.returncode == 0 else "?"
     check("eval --split all scores the whole file", got == str((n - 1) // 16), got)
+    # eval's modes agree (an RWKV-4 model: the model's parallel and recurrent forms, the engine)
+    rw = path("rw")
+    linmix("train", "--data", corpus, "--mixer", "rwkv4", "--steps", "2", "--batch", "2", "--seq", "16", "--out", rw)
+    losses = {}
+    for mode in ("parallel", "recurrent", "sequence"):
+        r = linmix("eval", "--model", os.path.join(rw, "ckpt.safetensors"), "--data", corpus, "--seq", "32",
+                   "--windows", "3", "--mode", mode)
+        losses[mode] = float(r.stdout.split("loss ")[1].split()[0]) if r.returncode == 0 else math.nan
+    check("eval: parallel, recurrent and sequence modes agree",
+          max(losses.values()) - min(losses.values()) < 1e-4 * max(losses.values()), str(losses))
+    r = linmix("demo", "--T", "20", "--dir", path("demo"))
+    check("linmix demo: every form matches the reference", r.returncode == 0 and "OK: every form" in r.stdout,
+          r.stdout.strip()[-200:])
     # generation of a model with learned positions past its ctx: the context is cropped
     cfgp = write(path("short.json"), json.dumps({"mixer": "softmax", "d_model": 16, "n_layer": 1, "n_head": 2,
                                                  "ctx": 16}))

@@ -44,6 +44,8 @@ std::vector<Case> causal_cases() {
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
   std::string n = info.param.mixer + (info.param.causal ? "_causal" : "_noncausal");
   for (const auto& [k, v] : info.param.params) n += "_" + k + v;
+  for (char& ch : n)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';  // "0.5" is no test name
   return n;
 }
 

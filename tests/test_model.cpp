@@ -33,14 +33,27 @@ std::vector<ModelCase> model_cases() {
   out.push_back({"aft_conv", "rwkv", "{}"});
   out.push_back({"rwkv4", "rwkv", "{}"});
   out.push_back({"softmax", "rwkv", R"({"window": 4})"});
+  out.push_back({"mixed", "rwkv", "{}"});
+  out.push_back({"mixed", "mlp", "{}"});
   return out;
 }
 
 std::string name_of(const ::testing::TestParamInfo<ModelCase>& i) {
+  if (i.param.mixer == "mixed") return "mixed_" + i.param.channel_mix;
   return i.param.mixer + "_" + i.param.channel_mix + (i.param.params == "{}" ? "" : "_params");
 }
 
+// A model whose layers differ: one of each layer kind, knobs set per layer.
+const char* const kMixedLayers = R"([{"mixer": "softmax", "params": {"window": 4}}, {"mixer": "rwkv4"},
+    {"mixer": "mamba", "params": {"state": 3, "expand": 1}}, {"mixer": "aft_conv", "params": {"kernel": 2}},
+    {"mixer": "flash", "params": {"group": 4, "qk_dim": 4}}, {"mixer": "s4d", "params": {"state": 2}},
+    {"mixer": "performer", "params": {"features": 5}}])";
+
 ModelConfig tiny(const ModelCase& c, bool ln0 = false) {
+  if (c.mixer == "mixed")
+    return ModelConfig::from_json(R"({"vocab": 32, "d_model": 16, "n_head": 2, "ctx": 16, "ffn_mult": 2, "channel_mix": ")" +
+                                  c.channel_mix + R"(", "ln0": )" + (ln0 ? "true" : "false") + R"(, "layers": )" +
+                                  kMixedLayers + "}");
   return ModelConfig::from_json(R"({"vocab": 32, "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "features": 8,
     "kernel": 3, "ffn_mult": 2, "state": 4, "qk_dim": 8, "mixer": ")" + c.mixer + R"(", "channel_mix": ")" + c.channel_mix +
                                 R"(", "ln0": )" + (ln0 ? "true" : "false") + R"(, "params": )" + c.params + "}");
@@ -146,3 +159,20 @@ TEST(ModelConfig, RejectsBadConfigs) {
 }
 
 }  // namespace
+
+// A layer's knobs in its params override the model-wide defaults, per layer, and are not passed
+// to the mixer (which would refuse them as unknown params).
+TEST(ModelConfig, LayerKnobsOverrideDefaults) {
+  Model m(ModelConfig::from_json(R"({"vocab": 32, "d_model": 16, "n_head": 2, "ctx": 16, "features": 7, "state": 6,
+    "layers": [{"mixer": "performer", "params": {"features": 5}}, {"mixer": "performer"},
+               {"mixer": "mamba", "params": {"state": 3, "expand": 1}}, {"mixer": "mamba"}]})"));
+  EXPECT_EQ(m.params().at("blocks.0.att.proj").shape, (std::vector<int64_t>{5, 8}));
+  EXPECT_EQ(m.params().at("blocks.1.att.proj").shape, (std::vector<int64_t>{7, 8}));
+  EXPECT_EQ(m.params().at("blocks.2.att.A_log").shape, (std::vector<int64_t>{16, 3}));
+  EXPECT_EQ(m.params().at("blocks.3.att.A_log").shape, (std::vector<int64_t>{32, 6}));
+  m.init(1);
+  const std::vector<int32_t> toks = {1, 2, 3, 4};
+  EXPECT_EQ(m.logits(toks.data(), 1, 4).size(), size_t(4 * 32));
+  EXPECT_THROW(ModelConfig::from_json(R"({"layers": [{"mixer": "mamba", "params": {"state": "x"}}]})"), Error);
+  EXPECT_THROW(ModelConfig::from_json(R"({"layers": [{"mixer": "mamba", "params": {"state": 0}}]})"), Error);
+}

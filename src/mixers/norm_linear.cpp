@@ -120,6 +120,7 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
 MixerSpec norm_linear() {
   MixerSpec s;
   s.name = "norm_linear";
+  s.more_params = {{{"eps", "0.5"}}};  // an eps that matters (the default 1e-6 hides a wrong use)
   s.blocking = {{"T", kLinearChunk}};
   // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
   // (2 T D E each), the intra-chunk Q K^T (2 T c D) and the masked scores times V (2 T c E)
