@@ -359,6 +359,9 @@ void trim_log(const std::string& logp, int64_t upto) {
 TrainResult train(const TrainOptions& opts) {
   TrainOptions o = opts;
   LINMIX_CHECK(o.steps >= 1 && o.batch >= 1 && o.seq >= 2 && o.accum >= 1, "steps, batch, accum >= 1 and seq >= 2");
+  LINMIX_CHECK(double(o.batch) * double(o.seq) <= double(1 << 24),
+               "--batch x --seq = " + std::to_string(double(o.batch) * double(o.seq)) +
+                   " tokens per micro-batch, more than 2^24 (use --accum for larger steps)");
   prepare_out(o.out);
   const std::string ckpt = o.out + "/ckpt.safetensors", logp = o.out + "/log.jsonl";
   const bool has_run = std::filesystem::exists(ckpt) || std::filesystem::exists(logp);
