@@ -273,3 +273,20 @@ TEST(Train, AccumulatedMicroBatchesEqualOneBatch) {
     for (int64_t i = 0; i < t.numel(); ++i)
       EXPECT_NEAR(acc.at(n).data[i], t.data[i], 1e-6 + 1e-4 * std::fabs(t.data[i])) << n << " " << i;
 }
+
+// --clip: the global norm is brought down to the bound, directions kept; under it nothing changes.
+TEST(Train, ClipGradNorm) {
+  TensorMap g{{"a", Tensor({2}, 3.0f)}, {"b", Tensor({1}, 4.0f)}};  // norm sqrt(9 + 9 + 16) = sqrt(34)
+  const double norm = std::sqrt(34.0);
+  TensorMap same = g;
+  clip_grad_norm(same, norm, 10.0);
+  EXPECT_EQ(same.at("a").data, g.at("a").data);
+  clip_grad_norm(g, norm, 1.0);
+  double n2 = 0;
+  for (const auto& [k, t] : g)
+    for (float x : t.data) n2 += double(x) * x;
+  EXPECT_NEAR(std::sqrt(n2), 1.0, 1e-6);
+  EXPECT_NEAR(g.at("a").data[0] / g.at("b").data[0], 3.0 / 4.0, 1e-6);
+  clip_grad_norm(g, 1.0, 0.0);  // 0 = off
+  EXPECT_NEAR(g.at("b").data[0], 4.0 / norm, 1e-6);
+}

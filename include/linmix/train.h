@@ -89,7 +89,9 @@ struct TrainResult {
 };
 TrainResult train(const TrainOptions& opt);
 
-double lr_at(const TrainOptions& o, int64_t step);  // warm-up, then cosine to min_lr_ratio
+double lr_at(const TrainOptions& o, int64_t step);
+// --clip: scales every gradient by max_norm / norm when the global norm exceeds max_norm > 0.
+void clip_grad_norm(TensorMap& grads, double norm, double max_norm);  // warm-up, then cosine to min_lr_ratio
 
 // Mean loss (nats per token) of the model on windows of `seq` tokens of a split; in recurrent
 // mode each window runs token by token from a fresh state (so the two modes agree).

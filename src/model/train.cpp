@@ -198,6 +198,12 @@ Checkpoint load_checkpoint(const std::string& path) {
 
 // ---------------------------------------------------------------- training
 
+void clip_grad_norm(TensorMap& grads, double norm, double max_norm) {
+  if (max_norm <= 0 || norm <= max_norm) return;
+  for (auto& [n, t] : grads)
+    for (float& x : t.data) x *= float(max_norm / norm);
+}
+
 double lr_at(const TrainOptions& o, int64_t step) {
   if (step < o.warmup) return o.lr * double(step + 1) / double(o.warmup);
   const double p = o.steps > o.warmup ? double(step - o.warmup) / double(o.steps - o.warmup) : 1.0;
@@ -477,9 +483,7 @@ TrainResult train(const TrainOptions& opts) {
                                                                std::to_string(step + 1) + " (loss " + std::to_string(loss) +
                                                                ", gradient norm " + std::to_string(gn) +
                                                                "); the last checkpoint is kept in " + o.out);
-    if (o.clip > 0 && gn > o.clip)
-      for (auto& [n, t] : grads)
-        for (float& x : t.data) x *= float(o.clip / gn);
+    clip_grad_norm(grads, gn, o.clip);
     const double lr = lr_at(sched, step);
     opt.step(model->params(), grads, lr);
     res.train_loss = loss;
