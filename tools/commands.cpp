@@ -1,0 +1,338 @@
+// The commands of the `linmix` binary: each calls the library and prints (tools/commands.h).
+#include <malloc.h>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <random>
+
+#include "linmix/bench.h"
+#include "linmix/generate.h"
+#include "linmix/kernels.h"
+#include "linmix/mixer.h"
+#include "linmix/model.h"
+#include "linmix/quant.h"
+#include "linmix/rwkv4.h"
+#include "linmix/safetensors.h"
+#include "linmix/tokenizer.h"
+#include "linmix/train.h"
+
+#include "commands.h"
+
+namespace linmix::cli {
+
+
+
+// An output that would overwrite one of the command's inputs is refused.
+void refuse_same(const std::string& out, const std::vector<std::string>& inputs, const std::string& what) {
+  if (out.empty()) return;
+  std::error_code e1;
+  const auto co = std::filesystem::weakly_canonical(out, e1);
+  for (const auto& in : inputs) {
+    if (in.empty()) continue;
+    std::error_code e2;
+    const auto ci = std::filesystem::weakly_canonical(in, e2);
+    LINMIX_CHECK(e1 || e2 || co != ci, what + " " + out + " is also an input of this command: it would be overwritten");
+  }
+}
+
+std::map<std::string, std::string> parse_params(const std::vector<std::string>& kvs) {
+  std::map<std::string, std::string> out;
+  for (const auto& kv : kvs) {
+    const auto eq = kv.find('=');
+    LINMIX_CHECK(eq != std::string::npos && eq > 0, "malformed --param '" + kv + "' (expected KEY=VALUE)");
+    const std::string key = kv.substr(0, eq);
+    LINMIX_CHECK(!out.count(key), "param '" + key + "' given twice");
+    out[key] = kv.substr(eq + 1);
+  }
+  return out;
+}
+
+// Peak resident memory of this process (VmHWM of /proc/self/status), in MiB; -1 if unknown.
+double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::atof(line.c_str() + 6) / 1024.0;
+  return -1;
+}
+
+int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params,
+            bool grad, bool stats, const std::string& in_path, const std::string& out_path) {
+  if (stats) {
+    // the peak resident set then is the peak of live memory: every buffer of 64 KiB or more is
+    // mapped when allocated and unmapped when freed (glibc's adaptive threshold otherwise keeps
+    // freed buffers in per-thread heaps, and the peak depends on which thread ran what)
+    mallopt(M_MMAP_THRESHOLD, 1 << 16);
+    mallopt(M_TRIM_THRESHOLD, 0);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  const Mode m = parse_mode(mode);
+  const MixerSpec& spec = find_mixer(mixer);  // unknown names fail before any file is read
+  (void)spec;
+  const auto kv = parse_params(params);
+  const SafeTensors in = read_safetensors(in_path);
+  const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad);
+  write_safetensors(out_path, out,
+                    {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}});
+  if (stats)
+    std::fprintf(stderr, "linmix stats: wall_ms=%.3f peak_rss_mib=%.1f\n",
+                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(),
+                 peak_rss_mib());
+  return 0;
+}
+
+// "1,2,3" -> ids, each an integer in [0, vocab).
+std::vector<int32_t> parse_ids(const std::string& csv, int64_t vocab, const std::string& flag,
+                               bool allow_ignore = false) {
+  std::vector<int32_t> ids;
+  std::stringstream ss(csv);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    errno = 0;
+    const long v = std::strtol(item.c_str(), &end, 10);
+    LINMIX_CHECK(!item.empty() && end && *end == '\0' && errno == 0, flag + ": '" + item + "' is not an integer");
+    LINMIX_CHECK((v >= 0 || (allow_ignore && v == -1)) && v < vocab,
+                 flag + ": " + item + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    ids.push_back(int32_t(v));
+  }
+  LINMIX_CHECK(!ids.empty(), flag + ": no token ids");
+  return ids;
+}
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  double m = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::fabs(double(a.data[i]) - double(b.data[i])));
+  return m;
+}
+double max_abs(const Tensor& a) {
+  double m = 0;
+  for (float x : a.data) m = std::max(m, std::fabs(double(x)));
+  return m;
+}
+
+// Generates inputs for every mechanism, writes them as safetensors, runs every form through
+// the same path as `linmix mix` and prints how closely the forms agree.
+int cmd_demo(int64_t T, const std::string& dir, uint64_t seed) {
+  std::filesystem::create_directories(dir);
+  std::printf("linmix demo: B=2 T=%lld H=4 D=E=16 C=64, N(0,1) inputs (seed %llu); files in %s/\n",
+              static_cast<long long>(T), static_cast<unsigned long long>(seed), dir.c_str());
+  std::printf("%-11s %-10s %-10s %13s %12s %12s %s\n", "mixer", "causal", "form", "max|y-ref|", "tolerance",
+              "time (ms)", "");
+  int failures = 0;
+  for (const auto& spec : mixers()) {
+    for (bool causal : {false, true}) {
+      if ((causal && !spec.causal_ok) || (!causal && !spec.noncausal_ok)) continue;
+      const std::string stem = dir + "/" + spec.name + (causal ? "_causal" : "");
+      write_safetensors(stem + ".in.safetensors", example_inputs(spec, example_dims(spec, Scale::Demo, T, causal), seed));
+      const TensorMap in = read_safetensors(stem + ".in.safetensors").tensors;
+      Tensor ref;
+      for (Mode m : {Mode::Reference, Mode::Parallel, Mode::Recurrent}) {
+        if (m == Mode::Recurrent && !causal) continue;
+        const auto t0 = std::chrono::steady_clock::now();
+        const TensorMap out = run_mixer(spec.name, m, causal, spec.example_params, in);
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        write_safetensors(stem + "." + mode_name(m) + ".out.safetensors", out);
+        if (m == Mode::Reference) {
+          ref = out.at("y");
+          std::printf("%-11s %-10s %-10s %13s %12s %12.2f\n", spec.name.c_str(), causal ? "causal" : "non-causal",
+                      mode_name(m), "-", "-", ms);
+          continue;
+        }
+        // MIXERS.md: max |err| <= 1e-4 * max(1, max |ref|) against the float64 reference.
+        const double err = max_abs_diff(out.at("y"), ref), tol = 1e-4 * std::max(1.0, max_abs(ref));
+        const bool ok = err <= tol;
+        failures += !ok;
+        std::printf("%-11s %-10s %-10s %13.3e %12.1e %12.2f %s\n", spec.name.c_str(), causal ? "causal" : "non-causal",
+                    mode_name(m), err, tol, ms, ok ? "ok" : "MISMATCH");
+      }
+    }
+  }
+  std::printf("%s: every form %s the float64 reference\n", failures ? "FAIL" : "OK",
+              failures ? "does NOT match" : "matches");
+  return failures ? 1 : 0;
+}
+
+
+int cmd_mixers(bool json) {
+  std::cout << (json ? mixers_json() : describe_mixers());
+  return 0;
+}
+
+int cmd_example(const std::string& mixer, bool causal, int64_t T, uint64_t seed, const std::string& scale,
+                const std::vector<std::string>& dim_overrides, int stress, bool with_dy, const std::string& out) {
+  const MixerSpec& spec = find_mixer(mixer);
+  LINMIX_CHECK(causal ? spec.causal_ok : spec.noncausal_ok,
+               "mixer '" + mixer + "' has no " + (causal ? "causal" : "non-causal") + " form");
+  LINMIX_CHECK(stress >= 0 && stress <= 2, "--stress must be 0, 1 or 2");
+  auto dims = example_dims(spec, parse_scale(scale), T, causal);
+  for (const auto& [k, v] : parse_params(dim_overrides)) {
+    char* end = nullptr;
+    const long long n = std::strtoll(v.c_str(), &end, 10);
+    LINMIX_CHECK(!v.empty() && *end == '\0' && n >= 1 && n <= (1 << 24), "--dim " + k + "=" + v + ": not a size");
+    dims[k] = n;
+  }
+  TensorMap in = example_inputs(spec, dims, seed);
+  if (stress) stress_inputs(spec, in, stress == 2);
+  if (with_dy) {
+    Tensor dy(dims_shape(spec.y_dims, validate_call(mixer, Mode::Parallel, causal, spec.example_params, in)));
+    std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (float& x : dy.data) x = normal(rng);
+    in["dy"] = std::move(dy);
+  }
+  write_safetensors(out, in, {{"mixer", mixer}, {"seed", std::to_string(seed)}});
+  return 0;
+}
+
+int cmd_train(TrainOptions topt, const std::string& config_path, const std::string& mixer) {
+  if (!config_path.empty()) {
+    std::ifstream f(config_path);
+    LINMIX_CHECK(f.good(), config_path + ": cannot open the model config");
+    topt.config.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  } else if (!mixer.empty()) {
+    topt.config = ModelConfig::for_mixer(mixer).to_json();
+  }
+  const TrainResult r = train(topt);
+  std::printf("trained %lld steps in %.1f s (%.0f tok/s): train loss %.4f", static_cast<long long>(r.steps_done),
+              r.seconds, r.tokens_per_s, r.train_loss);
+  if (topt.task.empty()) std::printf(", validation loss %.4f = %.4f bpc\n", r.val_loss, r.val_bpc);
+  else std::printf(", %s accuracy %.4f\n", topt.task.c_str(), r.val_acc);
+  std::printf("checkpoint: %s/ckpt.safetensors; peak memory %.1f MiB\n", topt.out.c_str(), peak_rss_mib());
+  return 0;
+}
+
+// The tokenizer a command uses: the one given, else the one the checkpoint names (a tokenizer
+// file that exists, or bytes), else bytes.
+std::string tokenizer_for(const Checkpoint& ck, const std::string& given) {
+  if (!given.empty()) return given;
+  if (!ck.tokenizer.empty() && ck.tokenizer != "bytes" && ck.tokenizer.rfind("task:", 0) != 0 &&
+      std::filesystem::exists(ck.tokenizer))
+    return ck.tokenizer;
+  return "bytes";
+}
+
+int cmd_generate(const std::string& model_path, GenerateOptions o, bool stats) {
+  Checkpoint ck = load_checkpoint(model_path);
+  o.tokenizer = tokenizer_for(ck, o.tokenizer);
+  const GenerateResult r = generate(*ck.model, o, [](const std::string& piece) {
+    std::fwrite(piece.data(), 1, piece.size(), stdout);
+    std::fflush(stdout);
+  });
+  std::fputc('\n', stdout);
+  std::fprintf(stderr, "linmix generate: %lld tokens in %.2f s (%.1f tokens/s)\n", static_cast<long long>(r.generated),
+               r.seconds, double(r.generated) / std::max(r.seconds, 1e-9));
+  if (stats) std::fprintf(stderr, "linmix stats: ms_per_token=%.4f peak_rss_mib=%.1f\n", r.ms_per_token, peak_rss_mib());
+  return 0;
+}
+
+std::vector<uint8_t> read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  LINMIX_CHECK(f.good(), path + ": cannot open");
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+int cmd_eval(const std::string& model_path, const std::string& file, const std::string& split,
+             const std::string& tokenizer, const std::string& mode, const std::string& dtype, int64_t seq,
+             int64_t windows) {
+  LINMIX_CHECK(split == "val" || split == "train" || split == "all", "--split must be val, train or all");
+  Checkpoint ck = load_checkpoint(model_path);
+  const std::string tk = tokenizer_for(ck, tokenizer);
+  std::vector<uint8_t> bytes = read_bytes(file);
+  if (split != "all") {  // split by bytes as training does: the first 90% train, the last 10% validation
+    const Corpus c = Corpus::from_bytes(std::move(bytes));
+    bytes = split == "val" ? c.val : c.train;
+  }
+  const EvalResult r = evaluate_file(*ck.model, bytes, tk, mode, dtype, seq, windows);
+  if (tk == "bytes")
+    std::printf("%s (%s): %s mode, %lld windows of %lld: loss %.6f nats/char = %.6f bpc\n", file.c_str(),
+                split.c_str(), mode.c_str(), static_cast<long long>(r.windows), static_cast<long long>(seq), r.loss,
+                r.bits_per_byte);
+  else
+    std::printf("%s (%s): %s mode, %lld windows of %lld tokens (%lld bytes scored): loss %.6f nats/token = %.6f "
+                "bits/byte\n",
+                file.c_str(), split.c_str(), mode.c_str(), static_cast<long long>(r.windows), static_cast<long long>(seq),
+                static_cast<long long>(r.bytes), r.loss, r.bits_per_byte);
+  return 0;
+}
+
+int cmd_tokenize(const std::string& tokenizer, const std::string& text, const std::string& file, std::string decode) {
+  const auto tk = Tokenizer::load(tokenizer);
+  if (!decode.empty() && decode[0] == '@') {
+    const std::vector<uint8_t> b = read_bytes(decode.substr(1));
+    decode.assign(b.begin(), b.end());
+    while (!decode.empty() && std::isspace(static_cast<unsigned char>(decode.back()))) decode.pop_back();
+  }
+  if (!decode.empty()) {
+    const std::string s = tk->decode(parse_ids(decode, tk->vocab_size(), "--decode"));
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    return 0;
+  }
+  std::string all = text;
+  if (!file.empty()) {
+    const std::vector<uint8_t> b = read_bytes(file);
+    all.assign(b.begin(), b.end());
+  }
+  const std::vector<int32_t> ids = tk->encode(all);
+  for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%d", i ? "," : "", ids[i]);
+  std::printf("\n");
+  return 0;
+}
+
+int cmd_grad(const std::string& model_path, const std::string& tokens, const std::string& targets, int64_t batch,
+             const std::string& out_path) {
+  Checkpoint ck = load_checkpoint(model_path);
+  Model& m = *ck.model;
+  const std::vector<int32_t> in = parse_ids(tokens, m.config().vocab, "--tokens");
+  const std::vector<int32_t> tg = parse_ids(targets, m.config().vocab, "--targets", true);
+  LINMIX_CHECK(in.size() == tg.size(), "--tokens and --targets differ in length");
+  LINMIX_CHECK(static_cast<int64_t>(in.size()) % batch == 0, "--batch does not divide the token count");
+  LINMIX_CHECK(std::any_of(tg.begin(), tg.end(), [](int32_t t) { return t >= 0; }),
+               "--targets: every target is -1, nothing is scored (the loss would be undefined)");
+  TensorMap grads;
+  const double loss = m.forward_backward(in.data(), tg.data(), batch, static_cast<int64_t>(in.size()) / batch, &grads);
+  TensorMap out;
+  for (auto& [n, t] : grads) out["d" + n] = std::move(t);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", loss);
+  write_safetensors(out_path, out, {{"loss", buf}});
+  return 0;
+}
+
+int cmd_logits(const std::string& model_path, const std::string& tokens, const std::string& mode, int64_t chunk,
+               const std::string& dtype, const std::string& out_path) {
+  Checkpoint ck = load_checkpoint(model_path);
+  const std::vector<int32_t> toks = parse_ids(tokens, ck.model->config().vocab, "--tokens");
+  write_safetensors(out_path, {{"logits", sequence_logits(*ck.model, toks, mode, chunk, dtype)}}, {{"mode", mode}});
+  return 0;
+}
+
+int cmd_info(const std::string& path) {
+  Checkpoint ck = load_checkpoint(path);
+  const ModelConfig& c = ck.model->config();
+  std::printf("%s\n  kind:       %s\n  config:     %s\n  parameters: %lld\n  tokenizer:  %s\n  step:       %lld\n",
+              path.c_str(), ck.imported ? "RWKV-4 checkpoint (imported)" : "linmix checkpoint", c.to_json().c_str(),
+              static_cast<long long>(ck.model->num_params()), ck.tokenizer.c_str(), static_cast<long long>(ck.step));
+  return 0;
+}
+
+int cmd_bench(bool model, const ModelBenchOptions& mbo, const MixerBenchOptions& xbo) {
+  if (!model) return bench_mixers(xbo);
+  LINMIX_CHECK(mbo.checkpoint.empty() == mbo.data.empty(), "--checkpoint and --data go together");
+  for (const auto& d : mbo.dtypes) parse_wtype(d);
+  return bench_model(mbo);
+}
+
+int cmd_features(int64_t M, int64_t D, uint64_t seed, const std::string& out) {
+  Tensor proj({M, D});
+  proj.data = orthogonal_gaussian_features(M, D, seed);
+  write_safetensors(out, {{"proj", proj}}, {{"generator", "orthogonal_gaussian"}, {"seed", std::to_string(seed)}});
+  return 0;
+}
+
+}  // namespace linmix::cli
