@@ -66,6 +66,8 @@ ModelConfig from_json_impl(const std::string& text) {
   } else {
     const std::string m = j.contains("mixer") ? j["mixer"].get<std::string>() : "rwkv4";
     const auto p = j.contains("params") ? params_of(j["params"]) : std::map<std::string, std::string>{};
+    // bounded before the layers are made (n_layer 2e14 was an out-of-memory, found by fuzzing)
+    LINMIX_CHECK(c.n_layer >= 1 && c.n_layer <= 256, "model config: n_layer must be in [1, 256]");
     for (int64_t i = 0; i < c.n_layer; ++i) c.layers.push_back({m, p});
   }
   c.validate();
