@@ -225,6 +225,7 @@ int cmd_generate(const std::string& model_path, GenerateOptions o, bool stats) {
     std::fflush(stdout);
   });
   std::fputc('\n', stdout);
+  std::fflush(stdout);  // the text ends before the summary line on stderr
   std::fprintf(stderr, "linmix generate: %lld tokens in %.2f s (%.1f tokens/s)\n", static_cast<long long>(r.generated),
                r.seconds, double(r.generated) / std::max(r.seconds, 1e-9));
   if (stats) std::fprintf(stderr, "linmix stats: ms_per_token=%.4f peak_rss_mib=%.1f\n", r.ms_per_token, peak_rss_mib());
