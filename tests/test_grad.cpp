@@ -165,14 +165,9 @@ TEST_P(Grad, ParallelBackwardStableForLargeKeys) {
 TEST_P(Grad, ParallelBackwardCrossesEveryBlock) {
   const Case& c = GetParam();
   const MixerSpec& spec = find_mixer(c.mixer);
-  if (spec.blocking.empty()) GTEST_SKIP() << "no blocking constants";
-  int64_t T = 9, bc = 0;
-  for (const auto& [dim, b] : spec.blocking) {
-    if (dim == "T") T = std::max(T, 2 * b + 3);
-    if (dim == "C") bc = std::max(bc, b);
-  }
-  auto dims = example_dims(spec, Scale::Grad, T, c.causal);
-  if (bc) dims["C"] = dims.at("H") * (bc + 3);
+  const auto dims = crossing_dims(spec, Scale::Grad, c.causal);
+  if (dims.empty()) GTEST_SKIP() << "no blocking constants";
+  const int64_t T = dims.at("T");
   const TensorMap in = with_dy(example_inputs(spec, dims, 41), c, 42);
   const TensorMap want = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in, true);
   const TensorMap got = run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in, true);

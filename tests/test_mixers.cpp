@@ -144,14 +144,9 @@ TEST_P(MixerForms, StableForLargeKeysAndBiases) {
 TEST_P(MixerForms, CrossesEveryBlock) {
   const Case& c = GetParam();
   const MixerSpec& spec = find_mixer(c.mixer);
-  if (spec.blocking.empty()) GTEST_SKIP() << "no blocking constants";
-  int64_t T = 9, bc = 0;
-  for (const auto& [dim, b] : spec.blocking) {
-    if (dim == "T") T = std::max(T, 2 * b + 3);
-    if (dim == "C") bc = std::max(bc, b);
-  }
-  auto dims = example_dims(spec, Scale::Test, T, c.causal);
-  if (bc) dims["C"] = dims.at("H") * (bc + 3);  // every head (aft_conv blocks per head) crosses it too
+  const auto dims = crossing_dims(spec, Scale::Test, c.causal);
+  if (dims.empty()) GTEST_SKIP() << "no blocking constants";
+  const int64_t T = dims.at("T");
   const TensorMap in = example_inputs(spec, dims, 31);
   const Tensor ref = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in).at("y");
   const std::string at = " T=" + std::to_string(T) + " C=" + std::to_string(dims.at("C"));

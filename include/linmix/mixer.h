@@ -153,6 +153,11 @@ TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int6
 // scale's table, then spec.own_dims.
 std::map<std::string, int64_t> example_dims(const MixerSpec& spec, Scale scale, int64_t T, bool causal);
 
+// example_dims past every blocking constant of spec.blocking (T = 2 block + 3; C = H (block + 3),
+// so that every head crosses a channel block too), for the tests that must cross them all;
+// empty when the spec lists none.
+std::map<std::string, int64_t> crossing_dims(const MixerSpec& spec, Scale scale, bool causal);
+
 // Applies spec.stress (or the default: k, w, u times 20, clipped to +-60) to example inputs.
 void stress_inputs(const MixerSpec& spec, TensorMap& in, bool for_grad);
 

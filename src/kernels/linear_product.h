@@ -21,6 +21,13 @@ namespace linmix {
 
 constexpr int64_t kLinearChunk = 64;
 
+// FLOPs of the causal chunked product for H heads of T rows: Q S and K^T V (2 T Dk E each),
+// the intra-chunk Q K^T (2 T c Dk) and the masked scores times V (2 T c E), c = kLinearChunk.
+inline double chunked_product_flops(double T, double H, double Dk, double E) {
+  const double c = double(kLinearChunk);
+  return H * T * (4 * Dk * E + 2 * c * Dk + 2 * c * E);
+}
+
 struct LinearProductArgs {
   int64_t T, D, E;
   int64_t ldq, ldk, ldv, ldy;  // row strides in elements

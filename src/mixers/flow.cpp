@@ -342,14 +342,11 @@ MixerSpec make_spec() {
   MixerSpec s;
   s.name = "flow";
   s.blocking = {{"T", kLinearChunk}};
-  // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
-  // (2 T D E each), the intra-chunk Q K^T (2 T c D) and the masked scores times V (2 T c E)
+  // the chunked product of kernels/linear_product.h
   // plus the flow normalisers (2 dot products of D per token and head, q and k)
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
-    const double c = double(kLinearChunk);
-    (void)D;
-    return H * T * (4 * D * E + 2 * c * D + 2 * c * E) + H * 2 * 2 * T * D;
+    return chunked_product_flops(T, H, D, E) + H * 2 * 2 * T * D;
   };
   s.paper = "Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows";
   s.summary = "Flow-Attention: sigmoid kernels with flow conservation (competition, allocation)";

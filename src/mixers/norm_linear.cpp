@@ -122,13 +122,10 @@ MixerSpec norm_linear() {
   s.name = "norm_linear";
   s.more_params = {{{"eps", "0.5"}}};  // an eps that matters (the default 1e-6 hides a wrong use)
   s.blocking = {{"T", kLinearChunk}};
-  // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
-  // (2 T D E each), the intra-chunk Q K^T (2 T c D) and the masked scores times V (2 T c E)
+  // the chunked product of kernels/linear_product.h
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
-    const double c = double(kLinearChunk);
-    (void)D;
-    return H * T * (4 * D * E + 2 * c * D + 2 * c * E);
+    return chunked_product_flops(T, H, D, E);
   };
   s.paper = "Qin et al. 2022, The Devil in Linear Transformer (TransNormer NormAttention)";
   s.summary = "linear attention without denominator, output normalised by SRMSNorm";

@@ -270,14 +270,11 @@ MixerSpec make_spec() {
   MixerSpec s;
   s.name = "performer";
   s.blocking = {{"T", kLinearChunk}};
-  // the chunked product per head (kernels/linear_product.cpp, causal, chunk c): Q S and K^T V
-  // (2 T M E each), the intra-chunk Q K^T (2 T c M) and the masked scores times V (2 T c E)
+  // the chunked product of kernels/linear_product.h
   // with M features in place of D, plus the feature logits of q and k (2 T M D each)
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
-    const double c = double(kLinearChunk);
-    (void)D;
-    return H * T * (4 * double(d.at("M")) * E + 2 * c * double(d.at("M")) + 2 * c * E) + H * 2 * 2 * T * double(d.at("M")) * D;
+    return chunked_product_flops(T, H, double(d.at("M")), E) + H * 2 * 2 * T * double(d.at("M")) * D;
   };
   s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {
     d["M"] = scale == Scale::Test ? 7 : scale == Scale::Grad ? 3 : scale == Scale::Demo ? 32 : 64;

@@ -361,6 +361,18 @@ std::map<std::string, int64_t> example_dims(const MixerSpec& spec, Scale scale, 
   return d;
 }
 
+std::map<std::string, int64_t> crossing_dims(const MixerSpec& spec, Scale scale, bool causal) {
+  if (spec.blocking.empty()) return {};
+  int64_t T = 9, bc = 0;
+  for (const auto& [dim, b] : spec.blocking) {
+    if (dim == "T") T = std::max(T, 2 * b + 3);
+    if (dim == "C") bc = std::max(bc, b);
+  }
+  auto dims = example_dims(spec, scale, T, causal);
+  if (bc) dims["C"] = dims.at("H") * (bc + 3);
+  return dims;
+}
+
 void stress_inputs(const MixerSpec& spec, TensorMap& in, bool for_grad) {
   if (spec.stress) return spec.stress(in, for_grad);
   // Keys and position biases pushed to +-60 (an N(0,1) draw times 20, clipped): exponents of
