@@ -51,6 +51,15 @@ std::map<std::string, int64_t> dims_for(const Case& c, int64_t T) {
 }
 
 TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
+  // mechanisms whose parallel form starts from a given state: a random one, so that every
+  // gradient test also checks d(state.*)
+  const MixerSpec& spec = find_mixer(c.mixer);
+  std::map<std::string, int64_t> dims;
+  if (spec.state_all_modes) {
+    const Call call = validate_call(c.mixer, Mode::Reference, c.causal, c.params, in);
+    dims = call.dims;
+  }
+  for (auto& [n, t] : example_state(spec, dims, seed + 7)) in[n] = std::move(t);
   const Tensor y = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in).at("y");
   Tensor dy(y.shape);
   std::mt19937_64 rng(seed);

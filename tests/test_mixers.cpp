@@ -56,7 +56,7 @@ std::map<std::string, int64_t> dims_for(const std::string& mixer, int64_t T, boo
 TensorMap slice_time(const TensorMap& in, int64_t t1, int64_t t2) {
   TensorMap out;
   for (const auto& [name, t] : in) {
-    if (t.rank() < 3) {  // weights (w, u, ...) are not per-token
+    if (t.rank() < 3 || name.rfind("state.", 0) == 0) {  // weights (w, u, ...) and states are not per-token
       out[name] = t;
       continue;
     }
@@ -153,6 +153,40 @@ TEST_P(MixerForms, CrossesEveryBlock) {
   test::expect_close(run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in).at("y"), ref, "parallel" + at);
   if (c.causal)
     test::expect_close(run_mixer(c.mixer, Mode::Recurrent, c.causal, c.params, in).at("y"), ref, "recurrent" + at);
+}
+
+// Mechanisms whose every form starts from a given state (state_all_modes): from a random
+// state, reference, parallel and recurrent agree on y and on the final state; a parallel call
+// split in two (the first call's state passed on) equals one call; past every chunk boundary.
+TEST_P(MixerForms, InitialStateInEveryMode) {
+  const Case& c = GetParam();
+  const MixerSpec& spec = find_mixer(c.mixer);
+  if (!spec.state_all_modes) GTEST_SKIP() << "state only in the recurrent form";
+  auto dims = crossing_dims(spec, Scale::Test, c.causal);
+  for (int64_t T : {int64_t(1), int64_t(7), dims.at("T")}) {
+    dims["T"] = T;
+    TensorMap in = example_inputs(spec, dims, 300 + T);
+    for (auto& [n, t] : example_state(spec, dims, 400 + T)) in[n] = std::move(t);
+    const TensorMap ref = run_mixer(c.mixer, Mode::Reference, true, c.params, in);
+    const std::string at = " T=" + std::to_string(T);
+    for (Mode m : {Mode::Parallel, Mode::Recurrent}) {
+      const TensorMap got = run_mixer(c.mixer, m, true, c.params, in);
+      for (const auto& [n, t] : ref) {
+        ASSERT_TRUE(got.count(n)) << n;
+        test::expect_close(got.at(n), t, std::string(mode_name(m)) + " " + n + at);
+      }
+    }
+    if (T < 3) continue;
+    const int64_t t1 = T / 2 + 1;
+    const TensorMap first = run_mixer(c.mixer, Mode::Parallel, true, c.params, slice_time(in, 0, t1));
+    TensorMap second_in = slice_time(in, t1, T);
+    for (const auto& [n, t] : first)
+      if (n.rfind("state.", 0) == 0) second_in[n] = t;
+    const TensorMap second = run_mixer(c.mixer, Mode::Parallel, true, c.params, second_in);
+    test::expect_close(concat_time(first.at("y"), second.at("y")), ref.at("y"), "parallel split y" + at);
+    for (const auto& [n, t] : ref)
+      if (n != "y") test::expect_close(second.at(n), t, "parallel split " + n + at);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(All, MixerForms, ::testing::ValuesIn(all_cases()), case_name);

@@ -70,6 +70,10 @@ struct MixerSpec {
   std::vector<TensorSpec> inputs;
   std::vector<ParamSpec> params;
   std::vector<TensorSpec> state;  // recurrent state tensors, named without the "state." prefix
+  // The reference and parallel forms too take state.* (the state before token 0) and return the
+  // final state (a chunked prefill from any state); with --grad the gradient includes d(state.*).
+  // Otherwise state.* is accepted only by the recurrent form.
+  bool state_all_modes = false;
   std::string time, memory, state_size;
   // Demo/test inputs: example_params are the params to run with; example_fix maps N(0,1)
   // draws into the mechanism's domain (e.g. rwkv4's decay w > 0).
@@ -148,6 +152,10 @@ std::vector<int64_t> dims_shape(const std::string& dims, const Call& c);
 // N(0,1) inputs for every input of `spec` (optional ones included), sized by `dims` (B, T, H, D, E,
 // C, Tw, K, ...), passed through spec.example_fix. Deterministic in `seed`.
 TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int64_t>& dims, uint64_t seed);
+
+// An initial state for every state tensor of a state_all_modes spec ("state.<name>", N(0,1)
+// draws, deterministic in `seed`); empty for the others.
+TensorMap example_state(const MixerSpec& spec, const std::map<std::string, int64_t>& dims, uint64_t seed);
 
 // Every dim of `spec`'s inputs sized for a harness scale at length T: B, T, H, D, E, C from the
 // scale's table, then spec.own_dims.

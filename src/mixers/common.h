@@ -144,35 +144,60 @@ inline bool is_input_name(const std::string& n) { return n != "dy" && n.rfind("s
 // Installs spec.reference (float64) and spec.reference_grad (the same template run on
 // ad::Var, differentiated by the tape) from one generic reference
 //   f(const Call&, const RefIn<S>&) -> std::vector<S> y  (laid out as spec.y_dims).
+// With spec.state_all_modes, f also sees the call's state.* tensors (the state before token 0,
+// absent = zeros) and returns y followed by the final state tensors in spec.state order; the
+// reference then returns them as state.*, and the tape gives d(state.*) too.
 template <class F>
 void set_reference(MixerSpec& s, F f) {
   const std::string yd = s.y_dims;
-  s.reference64 = [f](const Call& c, const RefIn<double>& x) { return f(c, x); };
-  s.reference = [f, yd](const Call& c) {
+  const bool with_state = s.state_all_modes;
+  std::vector<std::pair<std::string, std::string>> states;  // name, dims
+  for (const auto& t : s.state) states.emplace_back("state." + t.name, t.dims);
+  auto input = [with_state](const std::string& n) { return is_input_name(n) || (with_state && n.rfind("state.", 0) == 0); };
+  s.reference64 = [f, yd](const Call& c, const RefIn<double>& x) {
+    std::vector<double> y = f(c, x);
+    y.resize(size_t(numel_of(dims_shape(yd, c))));
+    return y;
+  };
+  s.reference = [f, yd, input, with_state, states](const Call& c) {
     RefIn<double> x;
     for (const auto& [n, t] : c.in)
-      if (is_input_name(n)) x[n] = to_double(t);
-    return TensorMap{{"y", from_double(dims_shape(yd, c), f(c, x))}};
+      if (input(n)) x[n] = to_double(t);
+    const std::vector<double> all = f(c, x);
+    const auto ys = dims_shape(yd, c);
+    const size_t ny = size_t(numel_of(ys));
+    TensorMap out{{"y", from_double(ys, {all.begin(), all.begin() + int64_t(ny)})}};
+    if (with_state) {
+      size_t at = ny;
+      for (const auto& [n, d] : states) {
+        const auto sh = dims_shape(d, c);
+        const size_t m = size_t(numel_of(sh));
+        LINMIX_CHECK(all.size() >= at + m, "reference: final state '" + n + "' missing");
+        out[n] = from_double(sh, {all.begin() + int64_t(at), all.begin() + int64_t(at + m)});
+        at += m;
+      }
+    }
+    return out;
   };
-  s.reference_grad = [f, yd](const Call& c, const Tensor& dy) {
+  s.reference_grad = [f, yd, input](const Call& c, const Tensor& dy) {
     ad::TapeScope scope;
     RefIn<ad::Var> x;
     for (const auto& [n, t] : c.in) {
-      if (!is_input_name(n)) continue;
+      if (!input(n)) continue;
       auto& v = x[n];
       for (float e : t.data) v.push_back(ad::Var::leaf(e));
     }
     const std::vector<ad::Var> y = f(c, x);
     ad::Var loss = 0.0;
-    for (size_t i = 0; i < y.size(); ++i) loss += y[i] * double(dy.data[i]);
+    for (size_t i = 0; i < size_t(dy.numel()); ++i) loss += y[i] * double(dy.data[i]);
     const std::vector<double> g = ad::backward(scope.tape, loss);
     TensorMap out;
     Tensor yt(dims_shape(yd, c));
-    for (size_t i = 0; i < y.size(); ++i) yt.data[i] = float(y[i].v);
+    for (size_t i = 0; i < size_t(yt.numel()); ++i) yt.data[i] = float(y[i].v);
     out["y"] = std::move(yt);
     for (const auto& [n, vars] : x) {
       Tensor gt(c.in.at(n).shape);
-      for (size_t i = 0; i < vars.size(); ++i) gt.data[i] = float(g[vars[i].i]);
+      for (size_t i = 0; i < vars.size(); ++i) gt.data[i] = vars[i].i < 0 ? 0.0f : float(g[vars[i].i]);
       out["d" + n] = std::move(gt);
     }
     return out;

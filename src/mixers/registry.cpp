@@ -51,12 +51,21 @@ MixerSpec block_softmax_spec();
 MixerSpec s4d_spec();
 MixerSpec mamba_spec();
 MixerSpec fnet_spec();
+MixerSpec retention_spec();
+MixerSpec gla_spec();
+MixerSpec deltanet_spec();
+MixerSpec gated_deltanet_spec();
+MixerSpec rwkv5_spec();
+MixerSpec rwkv6_spec();
+MixerSpec rwkv7_spec();
+MixerSpec mamba2_spec();
 
 const std::vector<MixerSpec>& mixers() {
   static const std::vector<MixerSpec> all = {
       softmax_spec(),   linear_spec(),      aft_full_spec(),      aft_local_spec(), aft_simple_spec(),
       aft_conv_spec(),  rwkv4_spec(),       performer_spec(),     flow_spec(),      flash_spec(),
       norm_linear_spec(), block_softmax_spec(), s4d_spec(),       mamba_spec(),     fnet_spec(),
+      gla_spec(),
   };
   return all;
 }
@@ -180,7 +189,8 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
     if (in.count(sn)) ++n_state;
   }
   if (n_state > 0) {
-    LINMIX_CHECK(mode == Mode::Recurrent, "state tensors are accepted only with --mode recurrent");
+    LINMIX_CHECK(mode == Mode::Recurrent || spec.state_all_modes,
+                 "state tensors are accepted only with --mode recurrent (mixer '" + name + "')");
     for (const auto& ts : spec.state) {
       const std::string sn = "state." + ts.name;
       LINMIX_CHECK(in.count(sn), "missing state tensor '" + sn + "' (state tensors must be given together)");
@@ -340,6 +350,21 @@ TensorMap example_inputs(const MixerSpec& spec, const std::map<std::string, int6
   return in;
 }
 
+TensorMap example_state(const MixerSpec& spec, const std::map<std::string, int64_t>& dims, uint64_t seed) {
+  TensorMap out;
+  if (!spec.state_all_modes) return out;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const auto& ts : spec.state) {
+    std::vector<int64_t> shape;
+    for (const auto& d : split_dims(ts.dims)) shape.push_back(dims.at(d));
+    Tensor t(shape);
+    for (auto& x : t.data) x = normal(rng);
+    out["state." + ts.name] = std::move(t);
+  }
+  return out;
+}
+
 Scale parse_scale(const std::string& s) {
   if (s == "test") return Scale::Test;
   if (s == "grad") return Scale::Grad;
@@ -393,6 +418,7 @@ std::string mixers_json() {
     j["forms"] = json::array({"reference", "parallel"});
     if (m.stepper) j["forms"].push_back("recurrent");
     j["backward"] = bool(m.backward);
+    j["state_all_modes"] = m.state_all_modes;
     j["inputs"] = json::array();
     for (const auto& t : m.inputs) j["inputs"].push_back({{"name", t.name}, {"dims", t.dims}, {"optional", t.optional}});
     j["state"] = json::array();

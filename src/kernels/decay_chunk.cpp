@@ -1,0 +1,398 @@
+#include "decay_chunk.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/linear_product.h"
+#include "kernels/vmath.h"
+
+namespace linmix {
+
+namespace {
+
+// Per-thread scratch of the score builders.
+struct ScoreWork {
+  std::vector<float> ex, xf, ey, yf, t1, t2;
+};
+
+// A (n x n, row stride n), written: A_ts = sum_d X_t[d] Y_s[d] e^{cx_t[d] - cy_s[d]} for s <= t
+// (s < t when strict), zero elsewhere. cy is a cumulative sum of log decays (non-increasing in
+// s); the caller guarantees cx_t <= cy_s for every kept pair (both exponents below are <= 0).
+void scores(float* A, const float* X, const float* cx, const float* Y, const float* cy, int64_t n, int64_t D,
+            bool strict, ScoreWork& w) {
+  std::fill(A, A + n * n, 0.0f);
+  w.xf.resize(size_t(kDecaySub * D)), w.yf.resize(size_t(n * D));
+  for (int64_t i0 = 0; i0 < n; i0 += kDecaySub) {
+    const int64_t i1 = std::min(i0 + kDecaySub, n), m = i1 - i0;
+    if (i0 > 0) {  // rows of sub-block i against all earlier columns, relative to cy at i0 - 1
+      const float* ref = cy + (i0 - 1) * D;
+      for (int64_t t = i0; t < i1; ++t)
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) w.xf[(t - i0) * D + d] = X[t * D + d] * exp_fast(cx[t * D + d] - ref[d]);
+      for (int64_t s = 0; s < i0; ++s)
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) w.yf[s * D + d] = Y[s * D + d] * exp_fast(ref[d] - cy[s * D + d]);
+      gemm_nt_acc(A + i0 * n, w.xf.data(), w.yf.data(), m, i0, D, D, D, n);
+    }
+    for (int64_t t = i0; t < i1; ++t)  // the diagonal sub-block, pairwise in log space
+      for (int64_t s = i0; s < (strict ? t : t + 1); ++s) {
+        const float *xt = X + t * D, *ys = Y + s * D, *ct = cx + t * D, *cs = cy + s * D;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += xt[d] * ys[d] * exp_fast(ct[d] - cs[d]);
+        A[t * n + s] = acc;
+      }
+  }
+}
+
+// Backward of scores: given dA (n x n, masked as A), adds dX_t += sum_s dA_ts Y_s e^{cx_t - cy_s}
+// and dY_s += sum_t dA_ts X_t e^{cx_t - cy_s}.
+void scores_backward(float* dX, float* dY, const float* dA, const float* X, const float* cx, const float* Y,
+                     const float* cy, int64_t n, int64_t D, bool strict, ScoreWork& w) {
+  w.ex.resize(size_t(kDecaySub * D)), w.xf.resize(size_t(kDecaySub * D));
+  w.ey.resize(size_t(n * D)), w.yf.resize(size_t(n * D));
+  w.t1.resize(size_t(kDecaySub * D)), w.t2.resize(size_t(n * D));
+  for (int64_t i0 = 0; i0 < n; i0 += kDecaySub) {
+    const int64_t i1 = std::min(i0 + kDecaySub, n), m = i1 - i0;
+    if (i0 > 0) {
+      const float* ref = cy + (i0 - 1) * D;
+      for (int64_t t = i0; t < i1; ++t)
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t o = (t - i0) * D + d;
+          w.ex[o] = exp_fast(cx[t * D + d] - ref[d]), w.xf[o] = X[t * D + d] * w.ex[o];
+        }
+      for (int64_t s = 0; s < i0; ++s)
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t o = s * D + d;
+          w.ey[o] = exp_fast(ref[d] - cy[o]), w.yf[o] = Y[o] * w.ey[o];
+        }
+      std::fill(w.t1.begin(), w.t1.begin() + m * D, 0.0f);
+      gemm_nn_acc(w.t1.data(), dA + i0 * n, w.yf.data(), m, D, i0, n, D, D);  // (m,i0)(i0,D)
+      for (int64_t o = 0; o < m * D; ++o) dX[i0 * D + o] += w.t1[o] * w.ex[o];
+      std::fill(w.t2.begin(), w.t2.begin() + i0 * D, 0.0f);
+      gemm_tn_acc(w.t2.data(), dA + i0 * n, w.xf.data(), i0, D, m, n, D, D);  // (i0,m)(m,D)
+      for (int64_t o = 0; o < i0 * D; ++o) dY[o] += w.t2[o] * w.ey[o];
+    }
+    for (int64_t t = i0; t < i1; ++t)
+      for (int64_t s = i0; s < (strict ? t : t + 1); ++s) {
+        const float g = dA[t * n + s];
+        if (g == 0.0f) continue;
+        const float *xt = X + t * D, *ys = Y + s * D, *ct = cx + t * D, *cs = cy + s * D;
+        float *dxt = dX + t * D, *dys = dY + s * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const float e = g * exp_fast(ct[d] - cs[d]);
+          dxt[d] += e * ys[d], dys[d] += e * xt[d];
+        }
+      }
+  }
+}
+
+// Cumulative sums of a chunk's log decays g (n rows of D): c inclusive, cp exclusive (c - g).
+void cumsums(float* c, float* cp, const float* g, int64_t n, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) cp[d] = 0.0f, c[d] = g[d];
+  for (int64_t t = 1; t < n; ++t)
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) cp[t * D + d] = c[(t - 1) * D + d], c[t * D + d] = cp[t * D + d] + g[t * D + d];
+}
+
+// out (n,D) = X o e^{c}
+void times_exp(float* out, const float* X, const float* c, int64_t n, int64_t D) {
+#pragma omp simd
+  for (int64_t o = 0; o < n * D; ++o) out[o] = X[o] * exp_fast(c[o]);
+}
+// out (n,D) = X o e^{cL - c}
+void times_exp_to_end(float* out, const float* X, const float* c, int64_t n, int64_t D) {
+  const float* cl = c + (n - 1) * D;
+  for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[t * D + d] = X[t * D + d] * exp_fast(cl[d] - c[t * D + d]);
+}
+// S (D,E) rows scaled by e^{cL}.
+void decay_rows(float* S, const float* cl, int64_t D, int64_t E) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float f = exp_fast(cl[d]);
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) S[d * E + e] *= f;
+  }
+}
+// Zeroes A (n x n) above the diagonal (and on it when strict).
+void mask_upper(float* A, int64_t n, bool strict) {
+  for (int64_t t = 0; t < n; ++t) std::fill(A + t * n + (strict ? t : t + 1), A + (t + 1) * n, 0.0f);
+}
+// dg of a chunk from the gradients of its cumulative sums: dg_tau = sum_{t >= tau} dc_t
+// + sum_{t > tau} dcp_t + dcL (dc, dcp: (n,D); dcL: (D)).
+void decay_grad(float* dg, const float* dc, const float* dcp, const float* dcL, int64_t n, int64_t D) {
+  std::vector<float> run(dcL, dcL + D);  // small (D); once per chunk
+  for (int64_t t = n - 1; t >= 0; --t)
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      run[size_t(d)] += dc[t * D + d];
+      dg[t * D + d] = run[size_t(d)];
+      run[size_t(d)] += dcp[t * D + d];
+    }
+}
+
+struct Chunk {
+  int64_t t0, n;
+};
+std::vector<Chunk> chunks_of(int64_t T) {
+  std::vector<Chunk> out;
+  for (int64_t t0 = 0; t0 < T; t0 += kDecayChunk) out.push_back({t0, std::min(kDecayChunk, T - t0)});
+  return out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// gated
+
+void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
+                   int64_t D, int64_t E, bool shift) {
+  const int64_t L = kDecayChunk;
+  std::vector<float> c(L * D), cp(L * D), qd(L * D), kt(L * D), A(L * L);
+  ScoreWork w;
+  for (const Chunk& ch : chunks_of(T)) {
+    const int64_t t0 = ch.t0, n = ch.n;
+    const float *qc = q + t0 * D, *kc = k + t0 * D, *vc = v + t0 * E;
+    float* yc = y + t0 * E;
+    cumsums(c.data(), cp.data(), g + t0 * D, n, D);
+    const float* cq = shift ? cp.data() : c.data();
+    times_exp(qd.data(), qc, cq, n, D);
+    std::fill(yc, yc + n * E, 0.0f);
+    gemm_nn_acc(yc, qd.data(), S, n, E, D, D, E, E);  // (q o e^{cq}) S0
+    scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
+    gemm_nn_acc(yc, A.data(), vc, n, E, n, n, E, E);  // + A V
+    decay_rows(S, c.data() + (n - 1) * D, D, E);      // S = e^{cL} S0 + (k o e^{cL - c})^T V
+    times_exp_to_end(kt.data(), kc, c.data(), n, D);
+    gemm_tn_acc(S, kt.data(), vc, D, E, n, D, E, E);
+  }
+}
+
+void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
+                    const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
+                    bool shift) {
+  const int64_t L = kDecayChunk;
+  const auto chunks = chunks_of(T);
+  std::vector<float> c(L * D), cp(L * D), qd(L * D), kt(L * D), A(L * L), dA(L * L), dkt(L * D), dc(L * D),
+      dcp(L * D), dcL(D), dS(D * E, 0.0f);
+  std::vector<float> states(chunks.size() * D * E);  // the state at every chunk start
+  {
+    std::vector<float> S(S0, S0 + D * E);
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      const int64_t t0 = chunks[i].t0, n = chunks[i].n;
+      std::copy(S.begin(), S.end(), states.begin() + int64_t(i) * D * E);
+      cumsums(c.data(), cp.data(), g + t0 * D, n, D);
+      decay_rows(S.data(), c.data() + (n - 1) * D, D, E);
+      times_exp_to_end(kt.data(), k + t0 * D, c.data(), n, D);
+      gemm_tn_acc(S.data(), kt.data(), v + t0 * E, D, E, n, D, E, E);
+    }
+  }
+  ScoreWork w;
+  for (size_t i = chunks.size(); i-- > 0;) {
+    const int64_t t0 = chunks[i].t0, n = chunks[i].n;
+    const float *qc = q + t0 * D, *kc = k + t0 * D, *vc = v + t0 * E, *dyc = dy + t0 * E;
+    const float* Sc = states.data() + int64_t(i) * D * E;
+    float *dqc = dq + t0 * D, *dkc = dk + t0 * D, *dvc = dv + t0 * E;
+    cumsums(c.data(), cp.data(), g + t0 * D, n, D);
+    const float* cq = shift ? cp.data() : c.data();
+    const float* cl = c.data() + (n - 1) * D;
+    times_exp(qd.data(), qc, cq, n, D);
+    times_exp_to_end(kt.data(), kc, c.data(), n, D);
+    scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
+    // dq = (dy S0^T) o e^{cq}  (+ the intra part below)
+    std::fill(dqc, dqc + n * D, 0.0f);
+    std::fill(dkc, dkc + n * D, 0.0f);
+    gemm_nt_acc(dqc, dyc, Sc, n, D, E, E, E, D);
+    for (int64_t o = 0; o < n * D; ++o) dqc[o] *= exp_fast(cq[o]);
+    // dA = dy V^T (masked); dv = A^T dy + kt dS
+    std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
+    gemm_nt_acc(dA.data(), dyc, vc, n, n, E, E, E, n);
+    mask_upper(dA.data(), n, shift);
+    std::fill(dvc, dvc + n * E, 0.0f);
+    gemm_tn_acc(dvc, A.data(), dyc, n, E, n, n, E, E);
+    gemm_nn_acc(dvc, kt.data(), dS.data(), n, E, D, D, E, E);
+    scores_backward(dqc, dkc, dA.data(), qc, cq, kc, c.data(), n, D, shift, w);
+    // dkt = V dS^T; dk += dkt o e^{cL - c}
+    std::fill(dkt.begin(), dkt.begin() + n * D, 0.0f);
+    gemm_nt_acc(dkt.data(), vc, dS.data(), n, D, E, E, E, D);
+    std::fill(dcL.begin(), dcL.end(), 0.0f);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t o = t * D + d;
+        dcL[size_t(d)] += kt[o] * dkt[o];
+        dkc[o] += dkt[o] * exp_fast(cl[d] - c[o]);
+      }
+    // decay gradients: q carries e^{cq}, k carries e^{-c} everywhere; S0 and kt carry e^{cL}
+    for (int64_t d = 0; d < D; ++d) {
+      float s = 0.0f;
+      for (int64_t e = 0; e < E; ++e) s += Sc[d * E + e] * dS[d * E + e];
+      dcL[size_t(d)] += s * exp_fast(cl[d]);
+    }
+    for (int64_t o = 0; o < n * D; ++o) {
+      const float qq = qc[o] * dqc[o];
+      dc[o] = -kc[o] * dkc[o] + (shift ? 0.0f : qq);
+      dcp[o] = shift ? qq : 0.0f;
+    }
+    decay_grad(dg + t0 * D, dc.data(), dcp.data(), dcL.data(), n, D);
+    // dS0 of this chunk = e^{cL} o dS + qd^T dy
+    decay_rows(dS.data(), cl, D, E);
+    gemm_tn_acc(dS.data(), qd.data(), dyc, D, E, n, D, E, E);
+  }
+  std::copy(dS.begin(), dS.end(), dS0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dplr
+
+namespace {
+
+struct DplrChunk {  // everything of one chunk that the forward and the backward both need
+  std::vector<float> c, cp, Aab, Aak, Arb, Ark, ad, rd, U, kt, bt;
+  explicit DplrChunk(int64_t D, int64_t E)
+      : c(kDecayChunk * D), cp(kDecayChunk * D), Aab(kDecayChunk * kDecayChunk), Aak(kDecayChunk * kDecayChunk),
+        Arb(kDecayChunk * kDecayChunk), Ark(kDecayChunk * kDecayChunk), ad(kDecayChunk * D), rd(kDecayChunk * D),
+        U(kDecayChunk * E), kt(kDecayChunk * D), bt(kDecayChunk * D) {}
+};
+
+// Scores, decayed factors and U of a chunk (rows [0, n) of the given pointers) from state S0.
+void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, const float* k, const float* v,
+                const float* a, const float* b, int64_t n, int64_t D, int64_t E, ScoreWork& sw) {
+  cumsums(z.c.data(), z.cp.data(), w, n, D);
+  scores(z.Aab.data(), a, z.cp.data(), b, z.c.data(), n, D, true, sw);
+  scores(z.Aak.data(), a, z.cp.data(), k, z.c.data(), n, D, true, sw);
+  scores(z.Arb.data(), r, z.c.data(), b, z.c.data(), n, D, false, sw);
+  scores(z.Ark.data(), r, z.c.data(), k, z.c.data(), n, D, false, sw);
+  times_exp(z.ad.data(), a, z.cp.data(), n, D);
+  times_exp(z.rd.data(), r, z.c.data(), n, D);
+  times_exp_to_end(z.kt.data(), k, z.c.data(), n, D);
+  times_exp_to_end(z.bt.data(), b, z.c.data(), n, D);
+  // (I - Aab) U = Aak V + ad S0, by forward substitution
+  float* U = z.U.data();
+  std::fill(U, U + n * E, 0.0f);
+  gemm_nn_acc(U, z.Aak.data(), v, n, E, n, n, E, E);
+  gemm_nn_acc(U, z.ad.data(), S0, n, E, D, D, E, E);
+  for (int64_t t = 1; t < n; ++t)
+    for (int64_t s = 0; s < t; ++s) {
+      const float f = z.Aab[t * n + s];
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) U[t * E + e] += f * U[s * E + e];
+    }
+}
+
+}  // namespace
+
+void dplr_forward(float* y, float* S, const float* r, const float* w, const float* k, const float* v, const float* a,
+                  const float* b, int64_t T, int64_t D, int64_t E) {
+  DplrChunk z(D, E);
+  ScoreWork sw;
+  for (const Chunk& ch : chunks_of(T)) {
+    const int64_t t0 = ch.t0, n = ch.n;
+    const int64_t oD = t0 * D, oE = t0 * E;
+    dplr_chunk(z, S, r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, sw);
+    float* yc = y + oE;
+    std::fill(yc, yc + n * E, 0.0f);
+    gemm_nn_acc(yc, z.rd.data(), S, n, E, D, D, E, E);      // (r o e^c) S0
+    gemm_nn_acc(yc, z.Ark.data(), v + oE, n, E, n, n, E, E);  // + Ark V
+    gemm_nn_acc(yc, z.Arb.data(), z.U.data(), n, E, n, n, E, E);  // + Arb U
+    decay_rows(S, z.c.data() + (n - 1) * D, D, E);  // S = e^{cL} S0 + kt^T V + bt^T U
+    gemm_tn_acc(S, z.kt.data(), v + oE, D, E, n, D, E, E);
+    gemm_tn_acc(S, z.bt.data(), z.U.data(), D, E, n, D, E, E);
+  }
+}
+
+void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float* db, float* dS0, const float* dy,
+                   const float* S0, const float* r, const float* w, const float* k, const float* v, const float* a,
+                   const float* b, int64_t T, int64_t D, int64_t E) {
+  const int64_t L = kDecayChunk;
+  const auto chunks = chunks_of(T);
+  DplrChunk z(D, E);
+  ScoreWork sw;
+  std::vector<float> states(chunks.size() * D * E), S(S0, S0 + D * E);
+  for (size_t i = 0; i < chunks.size(); ++i) {  // the state at every chunk start
+    const int64_t t0 = chunks[i].t0, n = chunks[i].n;
+    const int64_t oD = t0 * D, oE = t0 * E;
+    std::copy(S.begin(), S.end(), states.begin() + int64_t(i) * D * E);
+    dplr_chunk(z, S.data(), r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, sw);
+    decay_rows(S.data(), z.c.data() + (n - 1) * D, D, E);
+    gemm_tn_acc(S.data(), z.kt.data(), v + oE, D, E, n, D, E, E);
+    gemm_tn_acc(S.data(), z.bt.data(), z.U.data(), D, E, n, D, E, E);
+  }
+  std::vector<float> dS(D * E, 0.0f), dU(L * E), dR(L * E), dA(L * L), tmp(L * D), dc(L * D), dcp(L * D), dcL(D);
+  for (size_t i = chunks.size(); i-- > 0;) {
+    const int64_t t0 = chunks[i].t0, n = chunks[i].n;
+    const int64_t oD = t0 * D, oE = t0 * E;
+    const float* Sc = states.data() + int64_t(i) * D * E;
+    const float *rc = r + oD, *kc = k + oD, *vc = v + oE, *ac = a + oD, *bc = b + oD, *dyc = dy + oE;
+    float *drc = dr + oD, *dkc = dk + oD, *dvc = dv + oE, *dac = da + oD, *dbc = db + oD;
+    dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw);
+    const float* cl = z.c.data() + (n - 1) * D;
+    // dU = Arb^T dY + bt dS; (I - Aab)^T dR = dU by backward substitution
+    std::fill(dU.begin(), dU.begin() + n * E, 0.0f);
+    gemm_tn_acc(dU.data(), z.Arb.data(), dyc, n, E, n, n, E, E);
+    gemm_nn_acc(dU.data(), z.bt.data(), dS.data(), n, E, D, D, E, E);
+    std::copy(dU.begin(), dU.begin() + n * E, dR.begin());
+    for (int64_t t = n - 1; t >= 0; --t)
+      for (int64_t s = t + 1; s < n; ++s) {
+        const float f = z.Aab[s * n + t];
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) dR[t * E + e] += f * dR[s * E + e];
+      }
+    // dV = Ark^T dY + Aak^T dR + kt dS
+    std::fill(dvc, dvc + n * E, 0.0f);
+    gemm_tn_acc(dvc, z.Ark.data(), dyc, n, E, n, n, E, E);
+    gemm_tn_acc(dvc, z.Aak.data(), dR.data(), n, E, n, n, E, E);
+    gemm_nn_acc(dvc, z.kt.data(), dS.data(), n, E, D, D, E, E);
+    // dr = (dY S0^T) o e^{c}, da = (dR S0^T) o e^{cp}; then the intra-chunk score gradients
+    std::fill(drc, drc + n * D, 0.0f), std::fill(dac, dac + n * D, 0.0f);
+    std::fill(dkc, dkc + n * D, 0.0f), std::fill(dbc, dbc + n * D, 0.0f);
+    gemm_nt_acc(drc, dyc, Sc, n, D, E, E, E, D);
+    gemm_nt_acc(dac, dR.data(), Sc, n, D, E, E, E, D);
+    for (int64_t o = 0; o < n * D; ++o) drc[o] *= exp_fast(z.c[o]), dac[o] *= exp_fast(z.cp[o]);
+    auto score_grad = [&](const float* G, const float* U, bool strict, float* dX, const float* X, const float* cx,
+                          float* dY, const float* Y) {
+      std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
+      gemm_nt_acc(dA.data(), G, U, n, n, E, E, E, n);
+      mask_upper(dA.data(), n, strict);
+      scores_backward(dX, dY, dA.data(), X, cx, Y, z.c.data(), n, D, strict, sw);
+    };
+    score_grad(dyc, z.U.data(), false, drc, rc, z.c.data(), dbc, bc);      // Arb
+    score_grad(dyc, vc, false, drc, rc, z.c.data(), dkc, kc);              // Ark
+    score_grad(dR.data(), z.U.data(), true, dac, ac, z.cp.data(), dbc, bc);  // Aab
+    score_grad(dR.data(), vc, true, dac, ac, z.cp.data(), dkc, kc);          // Aak
+    // kt, bt: dkt = V dS^T, dbt = U dS^T
+    std::fill(dcL.begin(), dcL.end(), 0.0f);
+    for (int pass = 0; pass < 2; ++pass) {
+      const float* Xv = pass == 0 ? vc : z.U.data();
+      const float* Xt = pass == 0 ? z.kt.data() : z.bt.data();
+      float* dX = pass == 0 ? dkc : dbc;
+      std::fill(tmp.begin(), tmp.begin() + n * D, 0.0f);
+      gemm_nt_acc(tmp.data(), Xv, dS.data(), n, D, E, E, E, D);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t o = t * D + d;
+          dcL[size_t(d)] += Xt[o] * tmp[o];
+          dX[o] += tmp[o] * exp_fast(cl[d] - z.c[o]);
+        }
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      float s = 0.0f;
+      for (int64_t e = 0; e < E; ++e) s += Sc[d * E + e] * dS[d * E + e];
+      dcL[size_t(d)] += s * exp_fast(cl[d]);
+    }
+    for (int64_t o = 0; o < n * D; ++o) {
+      dc[o] = rc[o] * drc[o] - kc[o] * dkc[o] - bc[o] * dbc[o];
+      dcp[o] = ac[o] * dac[o];
+    }
+    decay_grad(dw + oD, dc.data(), dcp.data(), dcL.data(), n, D);
+    // dS0 of this chunk = e^{cL} o dS + rd^T dY + ad^T dR
+    decay_rows(dS.data(), cl, D, E);
+    gemm_tn_acc(dS.data(), z.rd.data(), dyc, D, E, n, D, E, E);
+    gemm_tn_acc(dS.data(), z.ad.data(), dR.data(), D, E, n, D, E, E);
+  }
+  std::copy(dS.begin(), dS.end(), dS0);
+}
+
+}  // namespace linmix

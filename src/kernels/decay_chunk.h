@@ -1,0 +1,103 @@
+// The chunked forms of the decaying linear recurrences (docs/MIXERS.md, "Decaying linear
+// attention, delta rules, RWKV-5/6/7 and Mamba-2"), for one head on contiguous rows, starting
+// from a given state and handing the final state on. Two primitives serve all eight mechanisms:
+//
+// gated (retention, gla, rwkv5, rwkv6, mamba2), key-first state S (D,E):
+//   S_t = diag(e^{g_t}) S_{t-1} + k_t v_t^T;  y_t = S_t^T q_t            (shift = false)
+//                                             y_t = S_{t-1}^T q_t         (shift = true, RWKV's
+//                                             read-out before the update; the bonus is the caller's)
+// dplr, the diagonal-plus-low-rank delta rule (deltanet, gated_deltanet, rwkv7):
+//   S_t = diag(e^{w_t}) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T;  y_t = S_t^T r_t
+//
+// Chunks of kDecayChunk rows. Inside a chunk, c is the cumulative sum of the log decays and
+// every decay between positions is evaluated as e^{c_t - c_s} for s before t (exponent <= 0,
+// never e^{+c}): pairwise in log space inside diagonal sub-blocks of kDecaySub rows, and
+// between sub-blocks as one product whose two factors are both taken relative to the sub-block
+// boundary (Yang et al. 2023, secondary chunking), so a log decay of -30 per step stays finite.
+// The products of a chunk (scores, their application, the state update) are BLAS GEMMs.
+//
+// Backward: the states at chunk starts are kept from a forward sweep (T / chunk states of D E:
+// memory linear in T), then chunks run in reverse with the state gradient dS. Decay gradients
+// come from one rule: a factor x e^{c_t} (e^{-c_s}) has d c_t = x . dx (d c_s = -x . dx), then
+// dg_tau = sum of dc over the cumulative sums that contain g_tau.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace linmix {
+
+constexpr int64_t kDecayChunk = 64;
+constexpr int64_t kDecaySub = 16;
+
+// FLOPs of gated_forward per head: Q S, the state update K^T V (2 T D E each), scores (2 T L D)
+// and their product with V (2 T L E), L = kDecayChunk (about half of them masked, counted whole
+// as the other chunked forms count them).
+inline double gated_flops(double T, double D, double E) {
+  const double L = double(kDecayChunk);
+  return T * (4 * D * E + 2 * L * D + 2 * L * E);
+}
+// dplr: four score matrices, the substitution (L^2 E), four state products.
+inline double dplr_flops(double T, double D, double E) {
+  const double L = double(kDecayChunk);
+  return T * (8 * D * E + 8 * L * D + 6 * L * E);
+}
+
+// One head. q, k, g: (T,D); v: (T,E); y: (T,E) written; S: (D,E), the state before token 0 on
+// entry and after the last token on return. g <= 0 (log decays), one row per token.
+void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
+                   int64_t D, int64_t E, bool shift);
+// Backward of gated_forward from the initial state S0 (D,E): given dy (T,E), writes dq, dk, dg
+// (T,D), dv (T,E), dS0 (D,E).
+void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
+                    const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
+                    bool shift);
+
+// One head. r, w, k, a, b: (T,D); v: (T,E); y: (T,E) written; S (D,E) in and out as above.
+void dplr_forward(float* y, float* S, const float* r, const float* w, const float* k, const float* v, const float* a,
+                  const float* b, int64_t T, int64_t D, int64_t E);
+void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float* db, float* dS0, const float* dy,
+                   const float* S0, const float* r, const float* w, const float* k, const float* v, const float* a,
+                   const float* b, int64_t T, int64_t D, int64_t E);
+
+// The recurrent steps (one token, one head; allocation-free).
+// gated: S = diag(e^{g}) S + k v^T, y = S^T q (shift: y = S_old^T q, read before the update).
+inline void gated_step(float* __restrict S, float* __restrict y, const float* q, const float* k, const float* v,
+                       const float* decay /* e^{g}, (D) */, int64_t D, int64_t E, bool shift) {
+  for (int64_t e = 0; e < E; ++e) y[e] = 0.0f;
+  for (int64_t x = 0; x < D; ++x) {
+    float* __restrict s = S + x * E;
+    const float qx = q[x], kx = k[x], f = decay[x];
+    if (shift) {
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) y[e] += qx * s[e], s[e] = s[e] * f + kx * v[e];
+    } else {
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) {
+        const float n = s[e] * f + kx * v[e];
+        s[e] = n, y[e] += qx * n;
+      }
+    }
+  }
+}
+// dplr: u = a^T S (E, scratch), S = diag(e^{w}) S + b u^T + k v^T, y = S^T r.
+inline void dplr_step(float* __restrict S, float* __restrict y, float* __restrict u, const float* r,
+                      const float* decay /* e^{w} */, const float* k, const float* v, const float* a, const float* b,
+                      int64_t D, int64_t E) {
+  for (int64_t e = 0; e < E; ++e) u[e] = 0.0f, y[e] = 0.0f;
+  for (int64_t x = 0; x < D; ++x) {
+    const float ax = a[x];
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) u[e] += ax * S[x * E + e];
+  }
+  for (int64_t x = 0; x < D; ++x) {
+    float* __restrict s = S + x * E;
+    const float f = decay[x], bx = b[x], kx = k[x], rx = r[x];
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) {
+      const float n = s[e] * f + bx * u[e] + kx * v[e];
+      s[e] = n, y[e] += rx * n;
+    }
+  }
+}
+
+}  // namespace linmix

@@ -1,0 +1,181 @@
+// What the eight decaying / delta-rule mechanisms (retention, gla, deltanet, gated_deltanet,
+// rwkv5, rwkv6, rwkv7, mamba2) share around the chunked kernels of kernels/decay_chunk.h: the
+// per-head gathers of their (B,T,H,X) inputs, the state in and out (state.S (B,H,D,E), the
+// state before token 0 in every mode), the domain checks, the "fast decay" stress draw of
+// MIXERS.md, and the spec fields common to all eight.
+#pragma once
+#include <random>
+#include <string>
+
+#include "../kernels/decay_chunk.h"
+#include "../ref/ref_util.h"
+#include "common.h"
+
+namespace linmix {
+
+// One head's rows of a (B,T,H,W) (or (B,T,H) with W = 1) input, contiguous (T,W).
+inline std::vector<float> head_rows(const Call& c, const std::string& name, int64_t b, int64_t h, int64_t W) {
+  const int64_t T = c.d("T"), H = c.d("H");
+  std::vector<float> out(size_t(T * W));
+  gather_head(out.data(), c.t(name).ptr(), b * T * H + h, T, H, W, identity_fn);
+  return out;
+}
+inline std::vector<float> head_rows(const Tensor& t, int64_t b, int64_t h, int64_t T, int64_t H, int64_t W) {
+  std::vector<float> out(size_t(T * W));
+  gather_head(out.data(), t.ptr(), b * T * H + h, T, H, W, identity_fn);
+  return out;
+}
+// Writes (T,W) rows of one head into a (B,T,H,W) tensor.
+inline void put_head(Tensor& dst, const float* src, int64_t b, int64_t h, int64_t T, int64_t H, int64_t W) {
+  scatter_head(dst.ptr(), src, b * T * H + h, T, H, W, [](int64_t) { return 1.0f; });
+}
+// The state before token 0 of head bh = b H + h (n floats): state.<name> or zeros.
+inline std::vector<float> head_state(const Call& c, const std::string& name, int64_t bh, int64_t n) {
+  const std::string sn = "state." + name;
+  if (!c.has(sn)) return std::vector<float>(size_t(n), 0.0f);
+  const float* p = c.t(sn).ptr() + bh * n;
+  return {p, p + n};
+}
+
+// Every head (b, h) in parallel.
+template <class F>
+void each_head(int64_t B, int64_t H, F f) {
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) f(b, h);
+}
+
+// One head of a gated mechanism (kernels/decay_chunk.h gated_*): prep fills the kernel's
+// operands (q with the read-out scale folded in, k, g: (T,Dk); v: (T,E); S0: (Dk,E)); the
+// driver runs the chunked forward (y, the final S) and, with dy, the backward (dq, dk, dg,
+// dv, dS0, with respect to the operands); post maps them to the mechanism's tensors.
+struct GatedHead {
+  int64_t b = 0, h = 0;
+  std::vector<float> q, k, v, g, S0, y, S, dy, dq, dk, dv, dg, dS0;
+};
+template <class Prep, class Post>
+void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool shift, Prep prep, Post post) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
+  each_head(B, H, [&](int64_t b, int64_t h) {
+    GatedHead z;
+    z.b = b, z.h = h;
+    prep(z);
+    z.S = z.S0;
+    z.y.resize(size_t(T * E));
+    gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift);
+    if (dy) {
+      z.dy = head_rows(*dy, b, h, T, H, E);
+      z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
+      z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
+      gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
+                     z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift);
+    }
+    post(z);
+  });
+}
+
+// One head of a delta-rule mechanism (kernels/decay_chunk.h dplr_*), as GatedHead.
+struct DplrHead {
+  int64_t b = 0, h = 0;
+  std::vector<float> r, w, k, v, a, bb, S0, y, S, dy, dr, dw, dk, dv, da, db, dS0;
+};
+template <class Prep, class Post>
+void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep, Post post) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
+  each_head(B, H, [&](int64_t b, int64_t h) {
+    DplrHead z;
+    z.b = b, z.h = h;
+    prep(z);
+    z.S = z.S0;
+    z.y.resize(size_t(T * E));
+    dplr_forward(z.y.data(), z.S.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(), T,
+                 D, E);
+    if (dy) {
+      z.dy = head_rows(*dy, b, h, T, H, E);
+      for (auto* x : {&z.dr, &z.dw, &z.dk, &z.da, &z.db}) x->resize(size_t(T * D));
+      z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(D * E));
+      dplr_backward(z.dr.data(), z.dw.data(), z.dk.data(), z.dv.data(), z.da.data(), z.db.data(), z.dS0.data(),
+                    z.dy.data(), z.S0.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(),
+                    T, D, E);
+    }
+    post(z);
+  });
+}
+
+// The output tensors of a run: y, the final state.S (B,H,D,E) and with dy the named gradients of the
+// given shapes (dstate.S when the call has state.S).
+inline TensorMap decay_outputs(const Call& c, bool grad, const std::vector<std::pair<std::string, std::vector<int64_t>>>& grads) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), E = c.d("E");
+  TensorMap out{{"y", Tensor({B, T, H, E})}, {"state.S", Tensor({B, H, c.d("D"), E})}};
+  if (grad)
+    for (const auto& [n, sh] : grads)
+      if (c.has(n.substr(1))) out[n] = Tensor(sh);  // d<input> for every input present
+  return out;
+}
+// Copies n floats of one head's state into a (B,H,...) tensor of out, when out has it.
+inline void put_state(TensorMap& out, const std::string& name, const std::vector<float>& S, int64_t bh) {
+  auto it = out.find(name);
+  if (it != out.end()) std::copy(S.begin(), S.end(), it->second.ptr() + bh * int64_t(S.size()));
+}
+// The read-out scale: the param when given, else 1/sqrt(D) (def_sqrt) or 1.
+inline float readout_scale(const Call& c, bool def_sqrt) {
+  if (c.given.at("scale")) return float(c.p("scale"));
+  return def_sqrt ? float(1.0 / std::sqrt(double(c.d("D")))) : 1.0f;
+}
+
+// Domain: every value of `name` is <= 0 (a log decay).
+inline void check_log_decay(const Call& c, const std::string& name) {
+  if (!c.has(name)) return;
+  for (float x : c.t(name).data)
+    LINMIX_CHECK(x <= 0.0f, "tensor '" + name + "': log decays must be <= 0 (decay exp(" + name +
+                                ") in (0, 1]), found " + std::to_string(x));
+}
+inline void check_flag(const Call& c, const std::string& p) {
+  LINMIX_CHECK(c.p(p) == 0.0 || c.p(p) == 1.0, "param '" + p + "': must be 0 or 1");
+}
+
+// Fresh N(0,1) draws for a stress rule, deterministic in the tensor's size and a salt.
+inline std::vector<float> stress_draw(size_t n, uint64_t salt) {
+  std::mt19937_64 rng(0x5eed0000ULL + n * 131 + salt);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(n);
+  for (float& v : x) v = normal(rng);
+  return x;
+}
+// MIXERS.md's fast decay: log decay = -exp(x), to about -30 per step (for_grad: -exp(x - 1)).
+inline void fast_log_decay(Tensor& t, bool for_grad, uint64_t salt) {
+  const auto x = stress_draw(t.data.size(), salt);
+  for (size_t i = 0; i < x.size(); ++i) t.data[i] = -std::exp(x[i] - (for_grad ? 1.0f : 0.0f));
+}
+
+// The fields every one of the eight shares: causal only, state S (B,H,D,E) in every mode, the
+// chunk as blocking constant, the time and memory of the chunked forms.
+inline void decay_spec_common(MixerSpec& s) {
+  s.noncausal_ok = false;
+  s.state_all_modes = true;
+  s.state = {{"S", "B,H,D,E"}};
+  s.state_size = "H D E per sequence";
+  s.time = "O(T H D E) + O(T chunk H (D + E)), chunk " + std::to_string(kDecayChunk);
+  s.memory = "O(chunk (chunk + D + E)) per head (backward: + the state at each chunk start)";
+  s.y_dims = "B,T,H,E";
+  s.blocking = {{"T", kDecayChunk}, {"T", kDecaySub}};
+}
+
+// The float64 references' helpers (templated for the tape).
+namespace ref {
+// x / sqrt(sum x^2 + 1e-6) over n entries (fla's l2norm), in place into out.
+template <class S>
+void l2norm(S* out, const S* x, int64_t n) {
+  S ss = 1e-6;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const S inv = S(1.0) / sqrt(ss);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv;
+}
+// y (T,E) appended with the final states: the references' return layout under state_all_modes.
+template <class S>
+void append(std::vector<S>& out, const std::vector<S>& more) {
+  out.insert(out.end(), more.begin(), more.end());
+}
+}  // namespace ref
+
+}  // namespace linmix
