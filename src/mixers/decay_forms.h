@@ -64,7 +64,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
     z.y.resize(size_t(T * E));
     gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift);
     if (dy) {
-      z.dy = head_rows(*dy, b, h, T, H, E);
+      if (z.dy.empty()) z.dy = head_rows(*dy, b, h, T, H, E);  // prep may give the kernel's own dy
       z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
       z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
       gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),

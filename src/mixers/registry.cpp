@@ -65,7 +65,8 @@ const std::vector<MixerSpec>& mixers() {
       softmax_spec(),   linear_spec(),      aft_full_spec(),      aft_local_spec(), aft_simple_spec(),
       aft_conv_spec(),  rwkv4_spec(),       performer_spec(),     flow_spec(),      flash_spec(),
       norm_linear_spec(), block_softmax_spec(), s4d_spec(),       mamba_spec(),     fnet_spec(),
-      gla_spec(),
+      retention_spec(), gla_spec(),       deltanet_spec(),      gated_deltanet_spec(), rwkv5_spec(),
+      rwkv6_spec(),     rwkv7_spec(),       mamba2_spec(),
   };
   return all;
 }

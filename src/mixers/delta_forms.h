@@ -1,0 +1,187 @@
+// The delta rule (DeltaNet, Schlag et al. 2021; chunked by Yang et al. 2024) and its gated form
+// (Gated DeltaNet, Yang, Kautz & Hatamizadeh 2024), shared by deltanet.cpp and gated_deltanet.cpp:
+//   S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  y_t = scale S_t^T q_t
+// (g = 0 for deltanet), q and k first l2-normalised (param l2norm, default 1).
+// parallel: the diagonal-plus-low-rank chunked kernel (kernels/decay_chunk.h dplr_*, the WY /
+// UT-transform form generalised) with r = scale q, w = g, k' = beta k, a = k, b = -e^{g} beta k;
+// backward: dplr_backward and the chain rule through that map and the normalisation.
+#pragma once
+#include "decay_forms.h"
+
+namespace linmix {
+
+namespace ref {
+template <class S>
+std::vector<S> delta_ref(const Call& c, const RefIn<S>& x, bool gated) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
+  const S scale = c.given.at("scale") ? c.p("scale") : 1.0 / std::sqrt(double(D));
+  const bool norm = c.p("l2norm") != 0;
+  const S *q = x.at("q").data(), *k = x.at("k").data(), *v = x.at("v").data(), *beta = x.at("beta").data();
+  const S *g = gated ? x.at("g").data() : nullptr, *S0 = opt_in(x, "state.S");
+  std::vector<S> y(B * T * H * E), fin(B * H * D * E), qn(D), kn(D), sk(E);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      S* St = &fin[(b * H + h) * D * E];
+      for (int64_t i = 0; i < D * E; ++i) St[i] = S0 ? S0[(b * H + h) * D * E + i] : S(0.0);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t rt = (b * T + t) * H + h;
+        if (norm) l2norm(qn.data(), q + rt * D, D), l2norm(kn.data(), k + rt * D, D);
+        else std::copy(q + rt * D, q + (rt + 1) * D, qn.begin()), std::copy(k + rt * D, k + (rt + 1) * D, kn.begin());
+        const S f = gated ? exp(g[rt]) : S(1.0);
+        // S = f S;  S += beta k (v - S^T k)^T
+        for (int64_t i = 0; i < D * E; ++i) St[i] = f * St[i];
+        for (int64_t e = 0; e < E; ++e) {
+          sk[e] = 0.0;
+          for (int64_t d = 0; d < D; ++d) sk[e] += St[d * E + e] * kn[d];
+        }
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t e = 0; e < E; ++e) St[d * E + e] += beta[rt] * kn[d] * (v[rt * E + e] - sk[e]);
+        for (int64_t e = 0; e < E; ++e) {
+          S acc = 0.0;
+          for (int64_t d = 0; d < D; ++d) acc += qn[d] * St[d * E + e];
+          y[rt * E + e] = scale * acc;
+        }
+      }
+    }
+  append(y, fin);
+  return y;
+}
+}  // namespace ref
+
+// x (T,D) rows replaced by x / sqrt(|x|^2 + 1e-6); inv (T) keeps 1 / sqrt(...).
+inline void l2norm_rows(std::vector<float>& x, std::vector<float>& inv, int64_t T, int64_t D) {
+  inv.resize(size_t(T));
+  for (int64_t t = 0; t < T; ++t) {
+    float s = 1e-6f;
+    for (int64_t d = 0; d < D; ++d) s += x[t * D + d] * x[t * D + d];
+    inv[size_t(t)] = 1.0f / std::sqrt(s);
+    for (int64_t d = 0; d < D; ++d) x[t * D + d] *= inv[size_t(t)];
+  }
+}
+// d(raw) from d(normalised) xn: (dxn - xn (xn . dxn)) inv, in place in dx.
+inline void l2norm_rows_backward(std::vector<float>& dx, const std::vector<float>& xn, const std::vector<float>& inv,
+                                 int64_t T, int64_t D) {
+  for (int64_t t = 0; t < T; ++t) {
+    float dot = 0.0f;
+    for (int64_t d = 0; d < D; ++d) dot += xn[t * D + d] * dx[t * D + d];
+    for (int64_t d = 0; d < D; ++d) dx[t * D + d] = (dx[t * D + d] - xn[t * D + d] * dot) * inv[size_t(t)];
+  }
+}
+
+inline TensorMap delta_run(const Call& c, const Tensor* dy, bool gated) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
+  const float scale = readout_scale(c, true);
+  const bool norm = c.p("l2norm") != 0;
+  TensorMap out = decay_outputs(c, dy, {{"dq", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
+                                        {"dbeta", {B, T, H}}, {"dg", {B, T, H}}, {"dstate.S", {B, H, D, E}}});
+  auto prep = [&](DplrHead& z) {
+    std::vector<float> qn = head_rows(c, "q", z.b, z.h, D), kn = head_rows(c, "k", z.b, z.h, D), iq, ik;
+    const std::vector<float> beta = head_rows(c, "beta", z.b, z.h, 1);
+    const std::vector<float> g = gated ? head_rows(c, "g", z.b, z.h, 1) : std::vector<float>(size_t(T), 0.0f);
+    if (norm) l2norm_rows(qn, iq, T, D), l2norm_rows(kn, ik, T, D);
+    z.r = qn, z.a = kn, z.k = kn, z.bb = kn, z.w.resize(size_t(T * D));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t o = t * D + d;
+        z.r[o] *= scale, z.k[o] *= beta[size_t(t)], z.bb[o] *= -std::exp(g[size_t(t)]) * beta[size_t(t)];
+        z.w[o] = g[size_t(t)];
+      }
+    z.v = head_rows(c, "v", z.b, z.h, E);
+    z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+  };
+  auto post = [&](DplrHead& z) {
+    put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
+    put_state(out, "state.S", z.S, z.b * H + z.h);
+    if (!dy) return;
+    // recover the map's inputs: kn = a, beta, e^{g}
+    std::vector<float> qn = head_rows(c, "q", z.b, z.h, D), kr = head_rows(c, "k", z.b, z.h, D), iq, ik;
+    if (norm) l2norm_rows(qn, iq, T, D), l2norm_rows(kr, ik, T, D);
+    const std::vector<float> beta = head_rows(c, "beta", z.b, z.h, 1);
+    const std::vector<float> g = gated ? head_rows(c, "g", z.b, z.h, 1) : std::vector<float>(size_t(T), 0.0f);
+    std::vector<float> dq(size_t(T * D)), dk(size_t(T * D)), dbeta(static_cast<size_t>(T)), dg(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) {
+      const float bt = beta[size_t(t)], eg = std::exp(g[size_t(t)]);
+      float sb = 0.0f, sw = 0.0f, sbd = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t o = t * D + d;
+        dq[size_t(o)] = scale * z.dr[o];
+        dk[size_t(o)] = bt * z.dk[o] + z.da[o] - eg * bt * z.db[o];
+        sb += kr[o] * (z.dk[o] - eg * z.db[o]);  // d beta
+        sbd += z.bb[o] * z.db[o];                // d g through b = -e^{g} beta k
+        sw += z.dw[o];
+      }
+      dbeta[size_t(t)] = sb, dg[size_t(t)] = sw + sbd;
+    }
+    if (norm) l2norm_rows_backward(dq, qn, iq, T, D), l2norm_rows_backward(dk, kr, ik, T, D);
+    put_head(out["dq"], dq.data(), z.b, z.h, T, H, D), put_head(out["dk"], dk.data(), z.b, z.h, T, H, D);
+    put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E), put_head(out["dbeta"], dbeta.data(), z.b, z.h, T, H, 1);
+    if (gated) put_head(out["dg"], dg.data(), z.b, z.h, T, H, 1);
+    put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
+  };
+  dplr_heads(c, dy, D, E, prep, post);
+  return out;
+}
+
+inline void delta_spec(MixerSpec& s, bool gated) {
+  decay_spec_common(s);
+  s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}, {"beta", "B,T,H"}};
+  if (gated) s.inputs.push_back({"g", "B,T,H"});
+  s.params = {{"scale", 0.0, false, -1e300, "read-out scale", "1/sqrt(D)"},
+              {"l2norm", 1, true, 0, "1: q, k replaced by q / |q|, k / |k| first (fla's use_qk_l2norm_in_kernel)"}};
+  s.more_params = {{{"l2norm", "0"}, {"scale", "0.7"}}};
+  s.example_fix = [gated](TensorMap& in) {
+    // beta = sigma(x) (g = logsigmoid(x) / 16); k scaled by 1 / sqrt(D) so that raw keys (l2norm
+    // 0) keep the transition near a contraction as unit keys do
+    for (float& x : in["beta"].data) x = 1.0f / (1.0f + std::exp(-x));
+    if (gated)
+      for (float& x : in["g"].data) x = -std::log1p(std::exp(-x)) / 16.0f;
+    Tensor& k = in["k"];
+    const float f = 1.0f / std::sqrt(float(k.shape.back()));
+    for (float& x : k.data) x *= f;
+  };
+  s.stress = [gated](TensorMap& in, bool for_grad) {
+    if (gated) fast_log_decay(in["g"], for_grad, 9);
+    for (float& x : in["beta"].data) x = 2.0f * x;  // beta in (0, 2): the edge of the contraction
+  };
+  s.check = [gated](const Call& c) {
+    check_flag(c, "l2norm");
+    if (gated) check_log_decay(c, "g");
+  };
+  s.flops = [](const std::map<std::string, int64_t>& d, bool) {
+    return double(d.at("H")) * dplr_flops(double(d.at("T")), double(d.at("D")), double(d.at("E")));
+  };
+  set_reference(s, [gated](const Call& c, const auto& x) { return ref::delta_ref(c, x, gated); });
+  s.parallel = [gated](const Call& c) { return delta_run(c, nullptr, gated); };
+  s.backward = [gated](const Call& c, const Tensor& dy) { return delta_run(c, &dy, gated); };
+  s.stepper = [gated](const Call& c) {
+    const int64_t H = c.d("H"), D = c.d("D"), E = c.d("E");
+    const float scale = readout_scale(c, true);
+    const bool norm = c.p("l2norm") != 0;
+    // S; then per head scratch: r, k', b, kn, decay (D each), u (E)
+    auto buf = std::make_shared<std::vector<float>>(H * D * E + 5 * D + E, 0.0f);
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *beta = c.t("beta").ptr(),
+                *g = gated ? c.t("g").ptr() : nullptr;
+    auto step = [=](float* y) {
+      float *S = buf->data(), *r = S + H * D * E, *kb = r + D, *bb = kb + D, *kn = bb + D, *f = kn + D, *u = f + D;
+      for (int64_t h = 0; h < H; ++h) {
+        float sq = 1e-6f, sk = 1e-6f;
+        for (int64_t d = 0; d < D; ++d) sq += q[h * D + d] * q[h * D + d], sk += k[h * D + d] * k[h * D + d];
+        const float iq = norm ? 1.0f / std::sqrt(sq) : 1.0f, ik = norm ? 1.0f / std::sqrt(sk) : 1.0f;
+        const float eg = g ? exp_fast(g[h]) : 1.0f, bt = beta[h];
+        for (int64_t d = 0; d < D; ++d) {
+          kn[d] = k[h * D + d] * ik, r[d] = scale * q[h * D + d] * iq;
+          kb[d] = bt * kn[d], bb[d] = -eg * bt * kn[d], f[d] = eg;
+        }
+        dplr_step(S + h * D * E, y + h * E, u, r, f, kb, v + h * E, kn, bb, D, E);
+      }
+    };
+    auto save = [=] { return TensorMap{{"state.S", state_tensor({1, H, D, E}, buf->data())}}; };
+    auto load = [=](const TensorMap& m) {
+      const Tensor& t = m.at("state.S");
+      std::copy(t.data.begin(), t.data.end(), buf->begin());
+    };
+    return Stepper{step, save, load};
+  };
+}
+
+}  // namespace linmix

@@ -1,0 +1,143 @@
+// The RWKV-5 / RWKV-6 WKV (Peng et al. 2024, "Eagle and Finch"), shared by rwkv5.cpp (w
+// (H,D) constant in time) and rwkv6.cpp (w (B,T,H,D) per token):
+//   y_t = scale (S_{t-1} + diag(u) k_t v_t^T)^T r_t,  S_t = diag(e^{w_t}) S_{t-1} + k_t v_t^T.
+// parallel: the gated chunked kernel with the read-out one step earlier (shift) plus the
+// diagonal bonus scale (r_t . (u o k_t)) v_t; backward: gated_backward plus the bonus terms.
+#pragma once
+#include "decay_forms.h"
+
+namespace linmix {
+
+namespace ref {
+// The literal recurrence; w is (B,T,H,D) (per_token) or (H,D). Returns y then the final S.
+template <class S>
+std::vector<S> rwkv56_ref(const Call& c, const RefIn<S>& x, bool per_token) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
+  const S scale = c.given.at("scale") ? c.p("scale") : 1.0;
+  const S *r = x.at("r").data(), *k = x.at("k").data(), *v = x.at("v").data(), *w = x.at("w").data(),
+          *u = x.at("u").data();
+  const S* S0 = opt_in(x, "state.S");
+  std::vector<S> y(B * T * H * E), fin(B * H * D * E);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      S* St = &fin[(b * H + h) * D * E];
+      for (int64_t i = 0; i < D * E; ++i) St[i] = S0 ? S0[(b * H + h) * D * E + i] : S(0.0);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t rt = (b * T + t) * H + h;
+        for (int64_t e = 0; e < E; ++e) {
+          S acc = 0.0;
+          for (int64_t d = 0; d < D; ++d)
+            acc += r[rt * D + d] * (St[d * E + e] + u[h * D + d] * k[rt * D + d] * v[rt * E + e]);
+          y[rt * E + e] = scale * acc;
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const S f = exp(per_token ? w[rt * D + d] : w[h * D + d]);
+          for (int64_t e = 0; e < E; ++e) St[d * E + e] = f * St[d * E + e] + k[rt * D + d] * v[rt * E + e];
+        }
+      }
+    }
+  append(y, fin);
+  return y;
+}
+}  // namespace ref
+
+inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
+  const float scale = readout_scale(c, false);
+  const float* u = c.t("u").ptr();
+  const std::vector<int64_t> wshape = per_token ? std::vector<int64_t>{B, T, H, D} : std::vector<int64_t>{H, D};
+  TensorMap out = decay_outputs(c, dy, {{"dr", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
+                                        {"dw", wshape}, {"du", {H, D}}, {"dstate.S", {B, H, D, E}}});
+  auto prep = [&](GatedHead& z) {
+    z.q = head_rows(c, "r", z.b, z.h, D), z.k = head_rows(c, "k", z.b, z.h, D), z.v = head_rows(c, "v", z.b, z.h, E);
+    for (float& x : z.q) x *= scale;
+    if (per_token) z.g = head_rows(c, "w", z.b, z.h, D);
+    else {
+      z.g.resize(size_t(T * D));
+      for (int64_t t = 0; t < T; ++t) std::copy(c.t("w").ptr() + z.h * D, c.t("w").ptr() + (z.h + 1) * D, &z.g[t * D]);
+    }
+    z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+  };
+  auto post = [&](GatedHead& z) {
+    const float* uh = u + z.h * D;
+    std::vector<float> du(dy ? D : 0, 0.0f);
+    for (int64_t t = 0; t < T; ++t) {  // the bonus (q holds scale r)
+      const float *qt = &z.q[t * D], *kt = &z.k[t * D], *vt = &z.v[t * E];
+      float beta = 0.0f;
+      for (int64_t d = 0; d < D; ++d) beta += qt[d] * uh[d] * kt[d];
+      for (int64_t e = 0; e < E; ++e) z.y[t * E + e] += beta * vt[e];
+      if (!dy) continue;
+      const float* gy = &z.dy[t * E];
+      float dbeta = 0.0f;
+      for (int64_t e = 0; e < E; ++e) dbeta += gy[e] * vt[e], z.dv[t * E + e] += beta * gy[e];
+      for (int64_t d = 0; d < D; ++d) {
+        z.dq[t * D + d] += dbeta * uh[d] * kt[d];
+        z.dk[t * D + d] += dbeta * uh[d] * qt[d];
+        du[size_t(d)] += dbeta * qt[d] * kt[d];
+      }
+    }
+    put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
+    put_state(out, "state.S", z.S, z.b * H + z.h);
+    if (!dy) return;
+    for (float& x : z.dq) x *= scale;
+    put_head(out["dr"], z.dq.data(), z.b, z.h, T, H, D), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
+    put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E);
+    put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
+    if (per_token) put_head(out["dw"], z.dg.data(), z.b, z.h, T, H, D);
+#pragma omp critical(rwkv56_weights)
+    {
+      for (int64_t d = 0; d < D; ++d) out["du"].data[size_t(z.h * D + d)] += du[size_t(d)];
+      if (!per_token)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t d = 0; d < D; ++d) out["dw"].data[size_t(z.h * D + d)] += z.dg[t * D + d];
+    }
+  };
+  gated_heads(c, dy, D, E, true, prep, post);
+  return out;
+}
+
+// Everything of the spec that rwkv5 and rwkv6 share.
+inline void rwkv56_spec(MixerSpec& s, bool per_token) {
+  decay_spec_common(s);
+  s.inputs = {{"r", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}, {"w", per_token ? "B,T,H,D" : "H,D"}, {"u", "H,D"}};
+  s.params = {{"scale", 1.0, false, -1e300, "read-out scale"}};
+  s.more_params = {{{"scale", "0.7"}}};
+  s.example_fix = [](TensorMap& in) {  // w = -exp(x - 3) (u = x)
+    for (float& x : in["w"].data) x = -std::exp(x - 3.0f);
+  };
+  s.stress = [per_token](TensorMap& in, bool for_grad) { fast_log_decay(in["w"], for_grad, per_token ? 6 : 5); };
+  s.check = [](const Call& c) { check_log_decay(c, "w"); };
+  s.flops = [](const std::map<std::string, int64_t>& d, bool) {
+    return double(d.at("H")) * gated_flops(double(d.at("T")), double(d.at("D")), double(d.at("E")));
+  };
+  set_reference(s, [per_token](const Call& c, const auto& x) { return ref::rwkv56_ref(c, x, per_token); });
+  s.parallel = [per_token](const Call& c) { return rwkv56_run(c, nullptr, per_token); };
+  s.backward = [per_token](const Call& c, const Tensor& dy) { return rwkv56_run(c, &dy, per_token); };
+  s.stepper = [per_token](const Call& c) {
+    const int64_t H = c.d("H"), D = c.d("D"), E = c.d("E");
+    const float scale = readout_scale(c, false);
+    auto buf = std::make_shared<std::vector<float>>(H * D * E + 2 * D, 0.0f);  // S, scaled r, decays
+    const float *r = c.t("r").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *w = c.t("w").ptr(), *u = c.t("u").ptr();
+    auto step = [=](float* y) {
+      float *S = buf->data(), *rs = S + H * D * E, *f = rs + D;
+      for (int64_t h = 0; h < H; ++h) {
+        float beta = 0.0f;
+        for (int64_t d = 0; d < D; ++d) {
+          rs[d] = scale * r[h * D + d], f[d] = exp_fast(w[h * D + d]);
+          beta += rs[d] * u[h * D + d] * k[h * D + d];
+        }
+        gated_step(S + h * D * E, y + h * E, rs, k + h * D, v + h * E, f, D, E, true);
+        for (int64_t e = 0; e < E; ++e) y[h * E + e] += beta * v[h * E + e];
+      }
+    };
+    auto save = [=] { return TensorMap{{"state.S", state_tensor({1, H, D, E}, buf->data())}}; };
+    auto load = [=](const TensorMap& m) {
+      const Tensor& t = m.at("state.S");
+      std::copy(t.data.begin(), t.data.end(), buf->begin());
+    };
+    (void)per_token;  // w is read through the same pointer: per token (overwritten per step) or fixed (H,D)
+    return Stepper{step, save, load};
+  };
+}
+
+}  // namespace linmix
