@@ -13,6 +13,7 @@ std::unique_ptr<MixerLayer> rwkv4_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> s4d_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> gau_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> mamba_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> decay_layer(const ModelConfig& cfg, int64_t index);
 
 namespace {
 
@@ -40,6 +41,14 @@ const std::map<std::string, Kind>& table() {
       {"s4d", {s4d_layer, false, "mlp"}},
       {"flash", {gau_layer, true, "mlp"}},
       {"mamba", {mamba_layer, false, "mlp"}},
+      {"retention", {decay_layer, false, "mlp"}},
+      {"gla", {decay_layer, false, "mlp"}},
+      {"deltanet", {decay_layer, false, "mlp"}},
+      {"gated_deltanet", {decay_layer, false, "mlp"}},
+      {"rwkv5", {decay_layer, false, "rwkv"}},
+      {"rwkv6", {decay_layer, false, "rwkv"}},
+      {"rwkv7", {decay_layer, false, "mlp"}},
+      {"mamba2", {decay_layer, false, "mlp"}},
   };
   return t;
 }
