@@ -237,6 +237,148 @@ def _num(p, name, default):
     return float(p[name]) if name in p else default
 
 
+# ---- Decaying linear attention, delta rules, RWKV-5/6/7 and Mamba-2 (MIXERS.md). Causal only.
+# Each takes the initial state S0 (key-first [B,H,D,E]; mamba2 h0 [B,H,E,N]; None = zeros) and
+# returns (y, final state). Written from the text: the retention decay-matrix form, the other
+# recurrences token by token in the layouts MIXERS.md states.
+
+def _scale(p, D, default_sqrt):
+    return float(p["scale"]) if "scale" in p else (1.0 / math.sqrt(D) if default_sqrt else 1.0)
+
+
+def _state0(S0, B, H, D, E, like):
+    return torch.zeros(B, H, D, E, dtype=like.dtype) if S0 is None else S0
+
+
+def retention(q, k, v, gamma, scale, S0=None):
+    # y_t = scale (sum_{s<=t} gamma^(t-s) (q_t . k_s) v_s + gamma^(t+1) S0^T q_t): the T x T form
+    B, T, H, D = q.shape
+    E = v.shape[3]
+    n = torch.arange(T, dtype=q.dtype)
+    expo = (n.view(T, 1) - n.view(1, T)).clamp(min=0)
+    lg = torch.log(gamma).view(H, 1, 1)
+    Gam = torch.exp(expo.unsqueeze(0) * lg) * (n.view(T, 1) >= n.view(1, T))  # [H,T,S]
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * Gam
+    y = torch.einsum("bhts,bshe->bthe", scores, v)
+    S0 = _state0(S0, B, H, D, E, q)
+    init = torch.exp((n + 1).view(1, T, 1) * lg.view(1, 1, H))  # gamma^(t+1): [1,T,H]
+    y = y + init.unsqueeze(-1) * torch.einsum("bthd,bhde->bthe", q, S0)
+    tail = torch.exp((T - 1 - n).view(1, T, 1) * lg.view(1, 1, H))  # gamma^(T-1-s)
+    S = torch.exp(T * lg.view(1, H, 1, 1)) * S0 + torch.einsum("bsh,bshd,bshe->bhde", tail.expand(B, T, H), k, v)
+    return scale * y, S
+
+
+def gla(q, k, v, g, scale, S0=None):
+    B, T, H, D = q.shape
+    S = _state0(S0, B, H, D, v.shape[3], q)
+    ys = []
+    for t in range(T):
+        S = torch.exp(g[:, t]).unsqueeze(-1) * S + torch.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
+        ys.append(torch.einsum("bhd,bhde->bhe", q[:, t], S))
+    return scale * torch.stack(ys, dim=1), S
+
+
+def _l2norm(x):
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def delta_rule(q, k, v, beta, scale, l2norm=True, g=None, S0=None):
+    # S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T (g = 0: DeltaNet)
+    if l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    B, T, H, D = q.shape
+    E = v.shape[3]
+    S = _state0(S0, B, H, D, E, q)
+    eye = torch.eye(D, dtype=q.dtype)
+    ys = []
+    for t in range(T):
+        kt, bt = k[:, t], beta[:, t]
+        trans = eye - bt[..., None, None] * torch.einsum("bhd,bhf->bhdf", kt, kt)
+        if g is not None:
+            trans = torch.exp(g[:, t])[..., None, None] * trans
+        S = trans @ S + bt[..., None, None] * torch.einsum("bhd,bhe->bhde", kt, v[:, t])
+        ys.append(torch.einsum("bhd,bhde->bhe", q[:, t], S))
+    return scale * torch.stack(ys, dim=1), S
+
+
+def rwkv56(r, k, v, w, u, scale, S0=None):
+    # y_t = scale (S_{t-1} + diag(u) k_t v_t^T)^T r_t; S_t = diag(e^{w_t}) S_{t-1} + k_t v_t^T.
+    # w: [B,T,H,D] (rwkv6) or [H,D] (rwkv5, constant in time)
+    B, T, H, D = r.shape
+    S = _state0(S0, B, H, D, v.shape[3], r)
+    ys = []
+    for t in range(T):
+        kv = torch.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
+        ys.append(torch.einsum("bhd,bhde->bhe", r[:, t], S + u.unsqueeze(-1) * kv))
+        wt = w[:, t] if w.dim() == 4 else w.unsqueeze(0)
+        S = torch.exp(wt).unsqueeze(-1) * S + kv
+    return scale * torch.stack(ys, dim=1), S
+
+
+def rwkv7(r, w, k, v, a, b, scale, S0=None):
+    # BlinkDL's value-first form: St = St diag(e^w) + St a b^T + v k^T, out = St r; St = S^T
+    B, T, H, D = r.shape
+    E = v.shape[3]
+    St = _state0(S0, B, H, D, E, r).transpose(-1, -2)  # [B,H,E,D]
+    ys = []
+    for t in range(T):
+        St = (St * torch.exp(w[:, t]).unsqueeze(-2) + (St @ a[:, t].unsqueeze(-1)) @ b[:, t].unsqueeze(-2)
+              + v[:, t].unsqueeze(-1) @ k[:, t].unsqueeze(-2))
+        ys.append((St @ r[:, t].unsqueeze(-1)).squeeze(-1))
+    return scale * torch.stack(ys, dim=1), St.transpose(-1, -2)
+
+
+def mamba2(x, dt, A, Bm, Cm, D=None, z=None, dt_bias=None, dt_softplus=True, h0=None):
+    # h [B,H,E,N] (mamba_ssm's layout); head h reads group h // (H // G)
+    Bsz, T, H, E = x.shape
+    G, N = Bm.shape[2], Bm.shape[3]
+    rep = H // G
+    Bh, Ch = Bm.repeat_interleave(rep, dim=2), Cm.repeat_interleave(rep, dim=2)  # [B,T,H,N]
+    d = dt + (dt_bias if dt_bias is not None else 0.0)
+    d = F.softplus(d) if dt_softplus else d
+    h = torch.zeros(Bsz, H, E, N, dtype=x.dtype) if h0 is None else h0
+    ys = []
+    for t in range(T):
+        dA = torch.exp(d[:, t] * A)  # [B,H]
+        h = dA[..., None, None] * h + torch.einsum("bh,bhe,bhn->bhen", d[:, t], x[:, t], Bh[:, t])
+        ys.append(torch.einsum("bhen,bhn->bhe", h, Ch[:, t]))
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + D.view(1, 1, H, 1) * x
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h
+
+
+def _st(x):
+    return x.get("state.S")
+
+
+# Every state-carrying mechanism: fn(x, params) -> (y, {"state.<name>": final state}), x with the
+# optional initial state "state.<name>".
+STATE_ORACLES = {
+    "retention": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
+        *retention(x["q"], x["k"], x["v"], x["gamma"], _scale(p, x["q"].shape[3], True), _st(x))),
+    "gla": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
+        *gla(x["q"], x["k"], x["v"], x["g"], _scale(p, x["q"].shape[3], True), _st(x))),
+    "deltanet": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
+        *delta_rule(x["q"], x["k"], x["v"], x["beta"], _scale(p, x["q"].shape[3], True),
+                    _num(p, "l2norm", 1) != 0, None, _st(x))),
+    "gated_deltanet": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
+        *delta_rule(x["q"], x["k"], x["v"], x["beta"], _scale(p, x["q"].shape[3], True),
+                    _num(p, "l2norm", 1) != 0, x["g"], _st(x))),
+    "rwkv5": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
+        *rwkv56(x["r"], x["k"], x["v"], x["w"], x["u"], _scale(p, 0, False), _st(x))),
+    "rwkv6": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
+        *rwkv56(x["r"], x["k"], x["v"], x["w"], x["u"], _scale(p, 0, False), _st(x))),
+    "rwkv7": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
+        *rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], _scale(p, 0, False), _st(x))),
+    "mamba2": lambda x, p: (lambda y, h: (y, {"state.h": h}))(
+        *mamba2(x["x"], x["dt"], x["A"], x["Bm"], x["Cm"], x.get("D"), x.get("z"), x.get("dt_bias"),
+                _num(p, "dt_softplus", 1) != 0, x.get("state.h"))),
+}
+
+
 # The oracle of every mechanism, keyed by registry name: fn(x, causal, params) -> y, where x
 # holds the call's float64 tensors by their MIXERS.md names and params the call's KEY=VALUE
 # strings (defaults as MIXERS.md). tests/oracle_test.py fails naming any registry mechanism
@@ -260,3 +402,4 @@ ORACLES = {
     "mamba": lambda x, c, p: mamba(**x, delta_softplus=_num(p, "delta_softplus", 1) != 0),
     "fnet": lambda x, c, p: fnet(x["x"]),
 }
+ORACLES.update({n: (lambda x, c, p, f=f: f(x, p)[0]) for n, f in STATE_ORACLES.items()})

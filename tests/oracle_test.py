@@ -55,6 +55,22 @@ def run(mixer, causal, mode, params, tensors, grad=False):
     return st.load(out)
 
 
+def refused(mixer, causal, params, tensors, what):
+    """A call MIXERS.md refuses: exit code 2 and a one-line message."""
+    global passed, failed
+    inp, out = os.path.join(TMP, "bad.safetensors"), os.path.join(TMP, "bad-out.safetensors")
+    st.save(inp, tensors)
+    cmd = [LINMIX, "mix", "--mixer", mixer, "--mode", "parallel", "--in", inp, "--out", out]
+    cmd += ["--causal"] if causal else []
+    for k, v in params.items():
+        cmd += ["--param", f"{k}={v}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    ok = r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    passed += ok
+    failed += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {mixer} refuses {what}: exit {r.returncode} {r.stderr.strip()[:80]}", flush=True)
+
+
 def check(name, got, ref, tol_factor):
     # MIXERS.md: max |err| <= tol_factor * max(1, max |ref|)
     global passed, failed
@@ -135,7 +151,101 @@ def extra_cases(T):
         bare["delta"] = np.abs(bare["delta"])
         out.append(("mamba", (True,), {"delta_softplus": 0}, bare,
                     lambda x, c: ok["mamba"](x, c, {"delta_softplus": 0})))
+    if "mamba2" in ok:  # one group shared by all heads; and the bare form (no D, z, dt_bias; d = dt)
+        m2 = example("mamba2", True, T)
+        one = dict(m2, Bm=m2["Bm"][:, :, :1].copy(), Cm=m2["Cm"][:, :, :1].copy())
+        out.append(("mamba2", (True,), {}, one, lambda x, c: ok["mamba2"](x, c, {})))
+        bare = {n: m2[n] for n in ("x", "dt", "A", "Bm", "Cm")}
+        bare["dt"] = np.abs(bare["dt"]) * 0.1
+        out.append(("mamba2", (True,), {"dt_softplus": 0}, bare,
+                    lambda x, c: ok["mamba2"](x, c, {"dt_softplus": 0})))
     return out
+
+
+def state_specs():
+    return {s["name"]: s for s in SPECS if s.get("state_all_modes")}
+
+
+def initial_state(spec, tensors):
+    """A random state before token 0 (N(0,1)), shaped by the spec's state dims bound on tensors."""
+    dims = {}
+    for inp in spec["inputs"]:
+        if inp["name"] in tensors:
+            for d, n in zip(inp["dims"].split(","), tensors[inp["name"]].shape):
+                dims[d] = n
+    return {st_["name"]: normal(*[dims[d] for d in st_["dims"].split(",")]) for st_ in spec["state"]}
+
+
+def state_checks():
+    """MIXERS.md's state contract for the mechanisms whose every form takes state.*: from a random
+    initial state, every mode gives the oracle's y and final state; a parallel call split in two
+    with the state passed on equals one call."""
+    for name, spec in state_specs().items():
+        if name not in oracle.STATE_ORACLES:
+            fail(f"{name}: no state oracle in python/oracle.py STATE_ORACLES")
+            continue
+        params = dict(spec["example_params"])
+        for T in (1, 7, 131):
+            for stress in (0, 1):
+                tensors = example(name, True, T, stress)
+                tensors.update(initial_state(spec, tensors))
+                x64 = {n: torch.from_numpy(a.astype(np.float64)) for n, a in tensors.items()}
+                y_ref, fin = oracle.STATE_ORACLES[name](x64, params)
+                tag = f"{name} T={T} from a state{' fast decay' if stress else ''}"
+                for mode, tol in (("reference", 1e-6), ("parallel", 1e-4), ("recurrent", 1e-4)):
+                    got = run(name, True, mode, params, tensors)
+                    check(f"{tag} {mode} y", got["y"], y_ref.numpy(), tol)
+                    for n, S in fin.items():
+                        check(f"{tag} {mode} {n}", got[n], S.numpy(), tol)
+                if T >= 3:
+                    t1 = T // 2 + 1
+                    o1 = run(name, True, "parallel", params, split_at(tensors, 0, t1))
+                    second = split_at(tensors, t1, T)
+                    second.update({n: a for n, a in o1.items() if n.startswith("state.")})
+                    o2 = run(name, True, "parallel", params, second)
+                    check(f"{tag} parallel split at {t1} y", np.concatenate([o1["y"], o2["y"]], axis=1), y_ref.numpy(), 1e-4)
+                    for n, S in fin.items():
+                        check(f"{tag} parallel split at {t1} {n}", o2[n], S.numpy(), 1e-4)
+
+
+def refusals():
+    """Every domain error of MIXERS.md's new section: exit 2, one line."""
+    specs = state_specs()
+    for name in specs:
+        x = example(name, True, 5)
+        refused(name, False, {}, x, "a call without --causal")
+    for name, decay in (("gla", "g"), ("gated_deltanet", "g"), ("rwkv5", "w"), ("rwkv6", "w"), ("rwkv7", "w"),
+                        ("mamba2", "A")):
+        if name in specs:
+            x = example(name, True, 5)
+            x[decay] = np.abs(x[decay]) + 0.1
+            refused(name, True, {}, x, f"a positive log decay {decay}")
+    if "retention" in specs:
+        for bad in (0.0, 1.5, -0.5):
+            x = example("retention", True, 5)
+            x["gamma"][0] = bad
+            refused("retention", True, {}, x, f"gamma = {bad}")
+    for name in ("deltanet", "gated_deltanet"):
+        if name in specs:
+            refused(name, True, {"l2norm": 2}, example(name, True, 5), "l2norm = 2")
+    if "mamba2" in specs:
+        refused("mamba2", True, {"dt_softplus": 2}, example("mamba2", True, 5), "dt_softplus = 2")
+        x = example("mamba2", True, 5)  # H = 4 heads, 3 groups
+        x["Bm"] = np.concatenate([x["Bm"], x["Bm"][:, :, :1]], axis=2)
+        x["Cm"] = np.concatenate([x["Cm"], x["Cm"][:, :, :1]], axis=2)
+        refused("mamba2", True, {}, x, "H not a multiple of G")
+        x = example("mamba2", True, 5)
+        x["state.h"] = normal(2, 4, 3, 3)  # E, N swapped
+        refused("mamba2", True, {}, x, "a transposed state")
+    for name in specs:
+        if name == "mamba2":
+            continue
+        x = example(name, True, 5)
+        first = next(i for i in SPECS if i["name"] == name)["inputs"][0]["name"]
+        B_, T_, H_, D_ = x[first].shape
+        E_ = next(a for n, a in x.items() if n == "v").shape[3]
+        x["state.S"] = normal(B_, H_, E_, D_)  # value-first: the transpose of the contract
+        refused(name, True, {}, x, "a value-first (transposed) state")
 
 
 def coverage():
@@ -193,9 +303,14 @@ def main():
                         second.update({n: a for n, a in o1.items() if n.startswith("state.")})
                         o2 = run(mixer, causal, "recurrent", params, second)
                         check(f"{tag} recurrent split at {t1}", np.concatenate([o1["y"], o2["y"]], axis=1), ref, tol32)
-    # Gradients: `linmix mix --grad` against torch.autograd of the same float64 oracle.
+    state_checks()
+    refusals()
+    # Gradients: `linmix mix --grad` against torch.autograd of the same float64 oracle (from a
+    # random initial state where the parallel form takes one: d(state.*) too).
     for T in (1, 7, 64, 257):
         for mixer, flags, params, tensors, fn in cases(T, False):
+            if mixer in state_specs():
+                tensors = dict(tensors, **initial_state(state_specs()[mixer], tensors))
             for causal in flags:
                 x64 = {n: torch.from_numpy(a.astype(np.float64)).requires_grad_(True) for n, a in tensors.items()}
                 y = fn(x64, causal)
