@@ -88,11 +88,68 @@ def _mamba(a, P, prm, cfg):
                         delta_softplus=bool(int(prm.get("delta_softplus", 1)))) @ P("att.out_proj.weight").T
 
 
+# ---- the layer of the eight decaying / delta-rule mechanisms (src/model/decay_layer.cpp, written
+# here from its description): every per-token input = map(a W^T (+ b)), every per-head weight =
+# map(raw) or RetNet's fixed gammas; rwkv7's a = -kk, b = kk sigmoid(iclr) with kk = l2norm per
+# head; out = y Wo^T.
+_MAPS = {
+    "id": lambda x: x,
+    "sigmoid": torch.sigmoid,
+    "logsig16": lambda x: F.logsigmoid(x) / 16,
+    "negexp": lambda x: -torch.exp(x),
+    "rwkv7w": lambda x: -math.exp(-0.5) * torch.sigmoid(x),
+}
+# name: (per-token inputs (name, map, per-head width "D" / "1" / "N" (one group)), weights (name, map))
+_DECAY = {
+    "retention": ([("q", "id"), ("k", "id"), ("v", "id")], [("gamma", "fixed")]),
+    "gla": ([("q", "id"), ("k", "id"), ("v", "id"), ("g", "logsig16")], []),
+    "deltanet": ([("q", "id"), ("k", "id"), ("v", "id"), ("beta", "sigmoid")], []),
+    "gated_deltanet": ([("q", "id"), ("k", "id"), ("v", "id"), ("beta", "sigmoid"), ("g", "logsig16")], []),
+    "rwkv5": ([("r", "id"), ("k", "id"), ("v", "id")], [("w", "negexp"), ("u", "id")]),
+    "rwkv6": ([("r", "id"), ("k", "id"), ("v", "id"), ("w", "negexp")], [("u", "id")]),
+    "rwkv7": ([("r", "id"), ("w", "rwkv7w"), ("k", "id"), ("v", "id"), ("kk", "id"), ("iclr", "id")], []),
+    "mamba2": ([("x", "id"), ("dt", "id"), ("Bm", "id"), ("Cm", "id"), ("z", "id")],
+               [("A", "negexp"), ("D", "id"), ("dt_bias", "id")]),
+}
+
+def _decay(m):
+    def f(a, P, prm, cfg, Pd):
+        B, T, C = a.shape
+        H = cfg["n_head"]
+        Dh = C // H
+        projs, weights = _DECAY[m]
+        x = {}
+        for n, mp in projs:
+            raw = a @ P(f"att.{n}.weight").T
+            if f"att.{n}.bias" in Pd:
+                raw = raw + P(f"att.{n}.bias")
+            val = _MAPS[mp](raw)
+            if n in ("Bm", "Cm"):
+                x[n] = val.reshape(B, T, 1, -1)
+            elif raw.shape[-1] == H:
+                x[n] = val.reshape(B, T, H)
+            else:
+                x[n] = val.reshape(B, T, H, Dh)
+        for n, mp in weights:
+            if mp == "fixed":  # RetNet: gamma_h = 1 - 2^(-5-h)
+                x[n] = 1 - torch.pow(2.0, -5.0 - torch.arange(H, dtype=a.dtype))
+            else:
+                x[n] = _MAPS[mp](P(f"att.{n}"))
+        if m == "rwkv7":
+            kk = x.pop("kk")
+            kk = kk / torch.sqrt((kk * kk).sum(-1, keepdim=True) + 1e-6)
+            x["a"], x["b"] = -kk, kk * torch.sigmoid(x.pop("iclr"))
+        y = oracle.ORACLES[m](x, True, {k: v for k, v in prm.items() if k != "state"})
+        return y.reshape(B, T, C) @ P("att.o.weight").T
+    return f
+
+
 # The layer of every mechanism that can be a language-model layer, keyed by registry name (as
 # src/model/mixer_layer.cpp); tests/model_grad_test.py fails naming a causal mechanism missing here.
 LAYERS = {m: _attention(m) for m in ("softmax", "linear", "performer", "flow", "norm_linear", "block_softmax")}
 LAYERS.update({m: _aft(m) for m in ("aft_full", "aft_local", "aft_simple", "aft_conv")})
 LAYERS.update({"rwkv4": _rwkv4, "s4d": _s4d, "flash": _gau, "mamba": _mamba})
+LAYERS.update({m: _decay(m) for m in _DECAY})
 # layers with no order of their own: learned positions by default
 POSITIONS = {"softmax", "linear", "performer", "flow", "norm_linear", "block_softmax", "flash"}
 
@@ -114,7 +171,11 @@ def loss(cfg, p, inputs, targets):
     for i, layer in enumerate(cfg["layers"]):
         m, prm = layer["mixer"], layer.get("params", {})
         P = lambda n, i=i: p[f"blocks.{i}.{n}"]  # noqa: E731
-        out = LAYERS[m](_ln(x, p, f"blocks.{i}.ln1"), P, prm, cfg)
+        fn = LAYERS[m]
+        if m in _DECAY:  # it reads which optional parameters (biases) the checkpoint has
+            out = fn(_ln(x, p, f"blocks.{i}.ln1"), P, prm, cfg, {n[len(f"blocks.{i}."):] for n in p if n.startswith(f"blocks.{i}.")})
+        else:
+            out = fn(_ln(x, p, f"blocks.{i}.ln1"), P, prm, cfg)
         x = x + out
         b2 = _ln(x, p, f"blocks.{i}.ln2")
         if cfg["channel_mix"] == "rwkv":
