@@ -206,10 +206,116 @@ def f_fnet(x):
     return torch.fft.fft2(x, dim=(1, 2)).real
 
 
+# The decaying / delta-rule mechanisms, in the chunked PyTorch forms a user would write from the
+# papers (chunks of CHUNK, the decays within a chunk taken relative to the chunk start, the
+# per-chunk products batched; a loop over chunks for the state).
+def gated_chunks(q, k, v, g, shift=False, c=CHUNK):
+    """S_t = diag(e^{g_t}) S_{t-1} + k_t v_t^T; y_t = S_t^T q_t (shift: S_{t-1}^T q_t). [B,T,H,X]."""
+    B, T, Hh, Dk = q.shape
+    E = v.shape[-1]
+    pad = (-T) % c
+    if pad:
+        q, k, v, g = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, g))
+    n = (T + pad) // c
+    q, k, v, g = (x.reshape(B, n, c, Hh, -1).transpose(2, 3) for x in (q, k, v, g))  # [B,n,H,c,X]
+    cs = g.cumsum(3)
+    cq = cs - g if shift else cs
+    qd, kd = q * torch.exp(cq), k * torch.exp(-cs)
+    mask = torch.tril(torch.ones(c, c, dtype=torch.bool), -1 if shift else 0)
+    A = (qd @ kd.transpose(-1, -2)).masked_fill(~mask, 0)
+    y = A @ v
+    kt = k * torch.exp(cs[..., -1:, :] - cs)
+    S = torch.zeros(B, Hh, Dk, E)
+    ys = []
+    for i in range(n):
+        ys.append(y[:, i] + qd[:, i] @ S)
+        S = torch.exp(cs[:, i, :, -1]).unsqueeze(-1) * S + kt[:, i].transpose(-1, -2) @ v[:, i]
+    out = torch.stack(ys, 1).transpose(2, 3).reshape(B, n * c, Hh, E)
+    return out[:, :T]
+
+
+def dplr_chunks(r, w, k, v, a, b, c=CHUNK):
+    """S_t = (diag(e^{w_t}) + b_t a_t^T) S_{t-1} + k_t v_t^T, y_t = S_t^T r_t: the chunked WY form
+    (U = (I - Aab)^-1 (Aak V + ad S0) by a batched triangular solve, then a loop over chunks)."""
+    B, T, Hh, Dk = r.shape
+    E = v.shape[-1]
+    pad = (-T) % c
+    if pad:
+        r, w, k, v, a, b = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (r, w, k, v, a, b))
+    n = (T + pad) // c
+    r, w, k, v, a, b = (x.reshape(B, n, c, Hh, -1).transpose(2, 3) for x in (r, w, k, v, a, b))
+    cs = w.cumsum(3)
+    cp = cs - w
+    strict = torch.tril(torch.ones(c, c, dtype=torch.bool), -1)
+    incl = torch.tril(torch.ones(c, c, dtype=torch.bool))
+    ad, rd = a * torch.exp(cp), r * torch.exp(cs)
+    kd, bd = k * torch.exp(-cs), b * torch.exp(-cs)
+    Aab = (ad @ bd.transpose(-1, -2)).masked_fill(~strict, 0)
+    Aak = (ad @ kd.transpose(-1, -2)).masked_fill(~strict, 0)
+    Arb = (rd @ bd.transpose(-1, -2)).masked_fill(~incl, 0)
+    Ark = (rd @ kd.transpose(-1, -2)).masked_fill(~incl, 0)
+    M = torch.eye(c) - Aab
+    U0 = torch.linalg.solve_triangular(M, Aak @ v, upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(M, ad, upper=False, unitriangular=True)
+    kt, bt = k * torch.exp(cs[..., -1:, :] - cs), b * torch.exp(cs[..., -1:, :] - cs)
+    S = torch.zeros(B, Hh, Dk, E)
+    ys = []
+    for i in range(n):
+        U = U0[:, i] + W[:, i] @ S
+        ys.append(rd[:, i] @ S + Ark[:, i] @ v[:, i] + Arb[:, i] @ U)
+        S = (torch.exp(cs[:, i, :, -1]).unsqueeze(-1) * S + kt[:, i].transpose(-1, -2) @ v[:, i]
+             + bt[:, i].transpose(-1, -2) @ U)
+    return torch.stack(ys, 1).transpose(2, 3).reshape(B, n * c, Hh, E)[:, :T]
+
+
+def f_retention(q, k, v, gamma):
+    g = torch.log(gamma).view(1, 1, -1, 1).expand_as(q)
+    return gated_chunks(q / math.sqrt(q.shape[-1]), k, v, g)
+
+
+def f_gla(q, k, v, g):
+    return gated_chunks(q / math.sqrt(q.shape[-1]), k, v, g)
+
+
+def f_rwkv56(r, k, v, w, u):
+    ww = w if w.dim() == 4 else w.unsqueeze(0).unsqueeze(0).expand_as(r)
+    bonus = (r * u * k).sum(-1, keepdim=True) * v
+    return gated_chunks(r, k, v, ww, shift=True) + bonus
+
+
+def f_mamba2(x, dt, A, Bm, Cm, D, z=None, dt_bias=None):  # noqa: N803
+    Hh, rep = x.shape[2], x.shape[2] // Bm.shape[2]
+    d = F.softplus(dt + dt_bias) if dt_bias is not None else F.softplus(dt)
+    Bh, Ch = Bm.repeat_interleave(rep, 2), Cm.repeat_interleave(rep, 2)
+    g = (d * A).unsqueeze(-1).expand_as(Bh)
+    y = gated_chunks(Ch, d.unsqueeze(-1) * Bh, x, g) + D.view(1, 1, Hh, 1) * x
+    return y if z is None else y * F.silu(z)
+
+
+def _l2(x):
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def f_deltanet(q, k, v, beta, g=None):
+    qn, kn = _l2(q) / math.sqrt(q.shape[-1]), _l2(k)
+    gg = torch.zeros_like(beta) if g is None else g
+    bb = beta.unsqueeze(-1)
+    return dplr_chunks(qn, gg.unsqueeze(-1).expand_as(kn), bb * kn, v, kn, -torch.exp(gg).unsqueeze(-1) * bb * kn)
+
+
+def f_gated_deltanet(q, k, v, beta, g):
+    return f_deltanet(q, k, v, beta, g)
+
+
+def f_rwkv7(r, w, k, v, a, b):
+    return dplr_chunks(r, w, k, v, a, b)
+
+
 FWD = {"softmax": f_softmax, "linear": f_linear, "norm_linear": f_norm_linear, "performer": f_performer,
        "flow": f_flow, "block_softmax": f_block_softmax, "aft_full": f_aft_full, "aft_local": f_aft_local,
        "aft_simple": f_aft_simple, "aft_conv": f_aft_conv, "rwkv4": f_rwkv4, "flash": f_flash, "s4d": f_s4d,
-       "mamba": f_mamba, "fnet": f_fnet}
+       "mamba": f_mamba, "fnet": f_fnet, "retention": f_retention, "gla": f_gla, "deltanet": f_deltanet,
+       "gated_deltanet": f_gated_deltanet, "rwkv5": f_rwkv56, "rwkv6": f_rwkv56, "rwkv7": f_rwkv7, "mamba2": f_mamba2}
 
 
 def reference(spec, x):  # the float64 oracle on the same inputs, with linmix bench's params
@@ -296,6 +402,21 @@ def make_step(name, x):
             st["h"] = dA * st["h"] + ut.unsqueeze(-1)
             return 2 * (Ct * st["h"]).sum(-1).real + x["D"] * ut
         return step
+    if name in ("retention", "gla", "rwkv5", "rwkv6", "deltanet", "gated_deltanet", "rwkv7", "mamba2"):
+        st["S"] = None
+
+        def step(t):  # the recurrence of MIXERS.md on one token, the state carried
+            one = {n: (tt[:, t:t + 1] if tt.dim() >= 3 and tt.shape[0] == 1 and n not in ("A",) else tt)
+                   for n, tt in x.items()}
+            if name == "mamba2":
+                y, h = oracle.mamba2(*(one[n].double() for n in ("x", "dt", "A", "Bm", "Cm", "D")),
+                                     z=one.get("z"), dt_bias=one.get("dt_bias"), h0=st["S"])
+                st["S"] = h
+                return y
+            y, fin = oracle.STATE_ORACLES[name]({**one, **({"state.S": st["S"]} if st["S"] is not None else {})}, {})
+            st["S"] = fin["state.S"]
+            return y
+        return None if name == "mamba2" else step
     return None
 
 
