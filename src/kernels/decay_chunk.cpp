@@ -12,27 +12,46 @@ namespace {
 
 // Per-thread scratch of the score builders.
 struct ScoreWork {
-  std::vector<float> ex, xf, ey, yf, t1, t2;
+  std::vector<float> ex, xf, ey, yf, t1, t2, t3;
 };
+
+// A diagonal sub-block [i0, i1) may join the products when its decays stay moderate: with the
+// reference c at i0 - 1 (0 before the chunk), the key-side factors e^{ref - cy_s} of its own rows
+// grow to e^{span}; up to kFactorSpan both factors stay far inside float32 (e^{+-40}), so the
+// block's scores are one product like the others (then masked). Beyond it (the fast-decay draw),
+// pairwise in log space.
+constexpr float kFactorSpan = 40.0f;
+bool block_factorable(const float* ref, const float* cy_last, int64_t D) {
+  float span = 0.0f;
+  for (int64_t d = 0; d < D; ++d) span = std::max(span, ref[d] - cy_last[d]);
+  return span <= kFactorSpan;
+}
 
 // A (n x n, row stride n), written: A_ts = sum_d X_t[d] Y_s[d] e^{cx_t[d] - cy_s[d]} for s <= t
 // (s < t when strict), zero elsewhere. cy is a cumulative sum of log decays (non-increasing in
-// s); the caller guarantees cx_t <= cy_s for every kept pair (both exponents below are <= 0).
+// s); the caller guarantees cx_t <= cy at the sub-block start for every row t of the sub-block.
 void scores(float* A, const float* X, const float* cx, const float* Y, const float* cy, int64_t n, int64_t D,
             bool strict, ScoreWork& w) {
   std::fill(A, A + n * n, 0.0f);
-  w.xf.resize(size_t(kDecaySub * D)), w.yf.resize(size_t(n * D));
+  w.xf.resize(size_t(kDecaySub * D)), w.yf.resize(size_t(n * D)), w.ey.resize(size_t(D));
   for (int64_t i0 = 0; i0 < n; i0 += kDecaySub) {
     const int64_t i1 = std::min(i0 + kDecaySub, n), m = i1 - i0;
-    if (i0 > 0) {  // rows of sub-block i against all earlier columns, relative to cy at i0 - 1
-      const float* ref = cy + (i0 - 1) * D;
+    float* ref = w.ey.data();  // cy at i0 - 1, zeros before the chunk
+    for (int64_t d = 0; d < D; ++d) ref[d] = i0 > 0 ? cy[(i0 - 1) * D + d] : 0.0f;
+    const bool fast = block_factorable(ref, cy + (i1 - 1) * D, D);
+    const int64_t cols = fast ? i1 : i0;  // columns taken by the product
+    if (cols > 0) {  // rows of sub-block i against columns [0, cols), relative to ref
       for (int64_t t = i0; t < i1; ++t)
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) w.xf[(t - i0) * D + d] = X[t * D + d] * exp_fast(cx[t * D + d] - ref[d]);
-      for (int64_t s = 0; s < i0; ++s)
+      for (int64_t s = 0; s < cols; ++s)
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) w.yf[s * D + d] = Y[s * D + d] * exp_fast(ref[d] - cy[s * D + d]);
-      gemm_nt_acc(A + i0 * n, w.xf.data(), w.yf.data(), m, i0, D, D, D, n);
+      gemm_nt_acc(A + i0 * n, w.xf.data(), w.yf.data(), m, cols, D, D, D, n);
+    }
+    if (fast) {  // mask the block's upper part
+      for (int64_t t = i0; t < i1; ++t) std::fill(A + t * n + (strict ? t : t + 1), A + t * n + i1, 0.0f);
+      continue;
     }
     for (int64_t t = i0; t < i1; ++t)  // the diagonal sub-block, pairwise in log space
       for (int64_t s = i0; s < (strict ? t : t + 1); ++s) {
@@ -52,29 +71,35 @@ void scores_backward(float* dX, float* dY, const float* dA, const float* X, cons
   w.ex.resize(size_t(kDecaySub * D)), w.xf.resize(size_t(kDecaySub * D));
   w.ey.resize(size_t(n * D)), w.yf.resize(size_t(n * D));
   w.t1.resize(size_t(kDecaySub * D)), w.t2.resize(size_t(n * D));
+  std::vector<float>& refv = w.t3;
+  refv.resize(size_t(D));
   for (int64_t i0 = 0; i0 < n; i0 += kDecaySub) {
     const int64_t i1 = std::min(i0 + kDecaySub, n), m = i1 - i0;
-    if (i0 > 0) {
-      const float* ref = cy + (i0 - 1) * D;
+    float* ref = refv.data();
+    for (int64_t d = 0; d < D; ++d) ref[d] = i0 > 0 ? cy[(i0 - 1) * D + d] : 0.0f;
+    const bool fast = block_factorable(ref, cy + (i1 - 1) * D, D);
+    const int64_t cols = fast ? i1 : i0;
+    if (cols > 0) {  // dA is zero above the diagonal: the block's masked entries add nothing
       for (int64_t t = i0; t < i1; ++t)
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
           const int64_t o = (t - i0) * D + d;
           w.ex[o] = exp_fast(cx[t * D + d] - ref[d]), w.xf[o] = X[t * D + d] * w.ex[o];
         }
-      for (int64_t s = 0; s < i0; ++s)
+      for (int64_t s = 0; s < cols; ++s)
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
           const int64_t o = s * D + d;
           w.ey[o] = exp_fast(ref[d] - cy[o]), w.yf[o] = Y[o] * w.ey[o];
         }
       std::fill(w.t1.begin(), w.t1.begin() + m * D, 0.0f);
-      gemm_nn_acc(w.t1.data(), dA + i0 * n, w.yf.data(), m, D, i0, n, D, D);  // (m,i0)(i0,D)
+      gemm_nn_acc(w.t1.data(), dA + i0 * n, w.yf.data(), m, D, cols, n, D, D);  // (m,cols)(cols,D)
       for (int64_t o = 0; o < m * D; ++o) dX[i0 * D + o] += w.t1[o] * w.ex[o];
-      std::fill(w.t2.begin(), w.t2.begin() + i0 * D, 0.0f);
-      gemm_tn_acc(w.t2.data(), dA + i0 * n, w.xf.data(), i0, D, m, n, D, D);  // (i0,m)(m,D)
-      for (int64_t o = 0; o < i0 * D; ++o) dY[o] += w.t2[o] * w.ey[o];
+      std::fill(w.t2.begin(), w.t2.begin() + cols * D, 0.0f);
+      gemm_tn_acc(w.t2.data(), dA + i0 * n, w.xf.data(), cols, D, m, n, D, D);  // (cols,m)(m,D)
+      for (int64_t o = 0; o < cols * D; ++o) dY[o] += w.t2[o] * w.ey[o];
     }
+    if (fast) continue;
     for (int64_t t = i0; t < i1; ++t)
       for (int64_t s = i0; s < (strict ? t : t + 1); ++s) {
         const float g = dA[t * n + s];
