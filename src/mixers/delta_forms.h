@@ -130,14 +130,21 @@ inline void delta_spec(MixerSpec& s, bool gated) {
               {"l2norm", 1, true, 0, "1: q, k replaced by q / |q|, k / |k| first (fla's use_qk_l2norm_in_kernel)"}};
   s.more_params = {{{"l2norm", "0"}, {"scale", "0.7"}}};
   s.example_fix = [gated](TensorMap& in) {
-    // beta = sigma(x) (g = logsigmoid(x) / 16); k scaled by 1 / sqrt(D) so that raw keys (l2norm
-    // 0) keep the transition near a contraction as unit keys do
+    // beta = sigma(x) (g = logsigmoid(x) / 16); every key row rescaled to a norm in [0.5, 1)
+    // (from its own draw), so that raw keys (l2norm 0) keep I - beta k k^T a contraction for
+    // beta < 2 as unit keys do, and the normalisation (l2norm 1) still sees non-unit keys
     for (float& x : in["beta"].data) x = 1.0f / (1.0f + std::exp(-x));
     if (gated)
       for (float& x : in["g"].data) x = -std::log1p(std::exp(-x)) / 16.0f;
     Tensor& k = in["k"];
-    const float f = 1.0f / std::sqrt(float(k.shape.back()));
-    for (float& x : k.data) x *= f;
+    const int64_t D = k.shape.back();
+    for (int64_t row = 0; row < k.numel() / D; ++row) {
+      float* kr = k.ptr() + row * D;
+      float n = 1e-12f;
+      for (int64_t d = 0; d < D; ++d) n += kr[d] * kr[d];
+      const float target = 0.5f + 0.5f * std::fabs(kr[0]) / (1.0f + std::fabs(kr[0]));
+      for (int64_t d = 0; d < D; ++d) kr[d] *= target / std::sqrt(n);
+    }
   };
   s.stress = [gated](TensorMap& in, bool for_grad) {
     if (gated) fast_log_decay(in["g"], for_grad, 9);
