@@ -89,9 +89,10 @@ def _mamba(a, P, prm, cfg):
 
 
 # ---- the layer of the eight decaying / delta-rule mechanisms (src/model/decay_layer.cpp, written
-# here from its description): every per-token input = map(a W^T (+ b)), every per-head weight =
-# map(raw) or RetNet's fixed gammas; rwkv7's a = -kk, b = kk sigmoid(iclr) with kk = l2norm per
-# head; out = y Wo^T.
+# here from its description): [RWKV token shift: x = a mu + a_prev (1 - mu) per projection] ->
+# projections (+ bias) [-> short causal depthwise conv, kernel 4, no bias, then SiLU] -> the map
+# into the domain -> the mixer -> [Mamba-2: y silu(z)] -> norm (per-head RMSNorm, per-head
+# GroupNorm, or RMSNorm over all channels) -> [gate: swish or sigmoid of its projection] -> Wo.
 _MAPS = {
     "id": lambda x: x,
     "sigmoid": torch.sigmoid,
@@ -99,48 +100,77 @@ _MAPS = {
     "negexp": lambda x: -torch.exp(x),
     "rwkv7w": lambda x: -math.exp(-0.5) * torch.sigmoid(x),
 }
-# name: (per-token inputs (name, map, per-head width "D" / "1" / "N" (one group)), weights (name, map))
+# name: per-token projections (name, map, conv), weights (name, map), norm, eps, gate, token shift
+_QKV = [("q", "id", False), ("k", "id", False), ("v", "id", False)]
+_CQKV = [("q", "id", True), ("k", "id", True), ("v", "id", True)]
 _DECAY = {
-    "retention": ([("q", "id"), ("k", "id"), ("v", "id")], [("gamma", "fixed")]),
-    "gla": ([("q", "id"), ("k", "id"), ("v", "id"), ("g", "logsig16")], []),
-    "deltanet": ([("q", "id"), ("k", "id"), ("v", "id"), ("beta", "sigmoid")], []),
-    "gated_deltanet": ([("q", "id"), ("k", "id"), ("v", "id"), ("beta", "sigmoid"), ("g", "logsig16")], []),
-    "rwkv5": ([("r", "id"), ("k", "id"), ("v", "id")], [("w", "negexp"), ("u", "id")]),
-    "rwkv6": ([("r", "id"), ("k", "id"), ("v", "id"), ("w", "negexp")], [("u", "id")]),
-    "rwkv7": ([("r", "id"), ("w", "rwkv7w"), ("k", "id"), ("v", "id"), ("kk", "id"), ("iclr", "id")], []),
-    "mamba2": ([("x", "id"), ("dt", "id"), ("Bm", "id"), ("Cm", "id"), ("z", "id")],
-               [("A", "negexp"), ("D", "id"), ("dt_bias", "id")]),
+    "retention": (_QKV, [("gamma", "fixed")], "group", 1e-5, "swish", False),
+    "gla": (_QKV + [("g", "logsig16", False)], [], "rms_head", 1e-5, "swish", False),
+    "deltanet": (_CQKV + [("beta", "sigmoid", False)], [], "rms_head", 1e-5, "swish", False),
+    "gated_deltanet": (_CQKV + [("beta", "sigmoid", False), ("g", "logsig16", False)], [], "rms_head", 1e-5, "swish",
+                       False),
+    "rwkv5": ([("r", "id", False), ("k", "id", False), ("v", "id", False)], [("w", "negexp"), ("u", "id")], "group",
+              64e-5, "swish", True),
+    "rwkv6": ([("r", "id", False), ("k", "id", False), ("v", "id", False), ("w", "negexp", False)], [("u", "id")],
+              "group", 64e-5, "swish", True),
+    "rwkv7": ([("r", "id", False), ("w", "rwkv7w", False), ("k", "id", False), ("v", "id", False), ("kk", "id", False),
+               ("iclr", "id", False)], [], "group", 64e-5, "sigmoid", True),
+    "mamba2": ([("x", "id", True), ("dt", "id", False), ("Bm", "id", True), ("Cm", "id", True), ("z", "id", False)],
+               [("A", "negexp"), ("D", "id"), ("dt_bias", "id")], "rms_all", 1e-5, None, False),
 }
+
 
 def _decay(m):
     def f(a, P, prm, cfg, Pd):
         B, T, C = a.shape
         H = cfg["n_head"]
         Dh = C // H
-        projs, weights = _DECAY[m]
-        x = {}
-        for n, mp in projs:
-            raw = a @ P(f"att.{n}.weight").T
+        projs, weights, norm, eps, gate, shift = _DECAY[m]
+        prev = _shift(a)
+
+        def proj(n, conv):
+            xin = a * P(f"att.{n}.mix") + prev * (1 - P(f"att.{n}.mix")) if shift else a
+            raw = xin @ P(f"att.{n}.weight").T
             if f"att.{n}.bias" in Pd:
                 raw = raw + P(f"att.{n}.bias")
-            val = _MAPS[mp](raw)
+            if conv:  # out[t] = sum_j w[:, j] raw[t - 3 + j]
+                w = P(f"att.{n}.conv")
+                rp = F.pad(raw, (0, 0, 3, 0))
+                raw = F.silu(sum(w[:, j] * rp[:, j:j + T] for j in range(4)))
+            return raw
+
+        x = {}
+        for n, mp, conv in projs:
+            val = _MAPS[mp](proj(n, conv))
             if n in ("Bm", "Cm"):
                 x[n] = val.reshape(B, T, 1, -1)
-            elif raw.shape[-1] == H:
+            elif val.shape[-1] == H and n in ("beta", "dt", "g") and m != "gla":
                 x[n] = val.reshape(B, T, H)
             else:
                 x[n] = val.reshape(B, T, H, Dh)
         for n, mp in weights:
-            if mp == "fixed":  # RetNet: gamma_h = 1 - 2^(-5-h)
-                x[n] = 1 - torch.pow(2.0, -5.0 - torch.arange(H, dtype=a.dtype))
-            else:
-                x[n] = _MAPS[mp](P(f"att.{n}"))
+            x[n] = 1 - torch.pow(2.0, -5.0 - torch.arange(H, dtype=a.dtype)) if mp == "fixed" else _MAPS[mp](P(f"att.{n}"))
         if m == "rwkv7":
             kk = x.pop("kk")
             kk = kk / torch.sqrt((kk * kk).sum(-1, keepdim=True) + 1e-6)
             x["a"], x["b"] = -kk, kk * torch.sigmoid(x.pop("iclr"))
-        y = oracle.ORACLES[m](x, True, {k: v for k, v in prm.items() if k != "state"})
-        return y.reshape(B, T, C) @ P("att.o.weight").T
+        z = x.pop("z", None)
+        y = oracle.ORACLES[m](x, True, {k: v for k, v in prm.items() if k != "state"}).reshape(B, T, C)
+        if z is not None:
+            y = y * F.silu(z.reshape(B, T, C))
+        w = P("att.ln_x.weight")
+        if norm == "rms_all":
+            y = y / torch.sqrt((y * y).mean(-1, keepdim=True) + eps) * w
+        else:
+            yh = y.reshape(B, T, H, Dh)
+            if norm == "group":
+                yh = yh - yh.mean(-1, keepdim=True)
+            yh = yh / torch.sqrt((yh * yh).mean(-1, keepdim=True) + eps)
+            y = (yh * w).reshape(B, T, C) if norm == "rms_head" else yh.reshape(B, T, C) * w + P("att.ln_x.bias")
+        if gate is not None:
+            g = proj("gate", False)
+            y = y * (F.silu(g) if gate == "swish" else torch.sigmoid(g))
+        return y @ P("att.o.weight").T
     return f
 
 

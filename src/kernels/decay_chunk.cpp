@@ -10,9 +10,14 @@ namespace linmix {
 
 namespace {
 
+// The in-chunk cumulative sums of log decays are kept in double: a decay is a difference of two
+// of them, and in float32 a sum of -1e4 leaves 1e-3 of absolute error in a step of -0.01.
+using Cum = double;
+
 // Per-thread scratch of the score builders.
 struct ScoreWork {
-  std::vector<float> ex, xf, ey, yf, t1, t2, t3;
+  std::vector<float> ex, xf, ey, yf, t1, t2;
+  std::vector<Cum> ref;
 };
 
 // A diagonal sub-block [i0, i1) may join the products when its decays stay moderate: with the
@@ -20,9 +25,13 @@ struct ScoreWork {
 // grow to e^{span}; up to kFactorSpan both factors stay far inside float32 (e^{+-40}), so the
 // block's scores are one product like the others (then masked). Beyond it (the fast-decay draw),
 // pairwise in log space.
+// Zeroes A (n x n) above the diagonal (and on it when strict).
+void mask_upper(float* A, int64_t n, bool strict) {
+  for (int64_t t = 0; t < n; ++t) std::fill(A + t * n + (strict ? t : t + 1), A + (t + 1) * n, 0.0f);
+}
 constexpr float kFactorSpan = 40.0f;
-bool block_factorable(const float* ref, const float* cy_last, int64_t D) {
-  float span = 0.0f;
+bool block_factorable(const Cum* ref, const Cum* cy_last, int64_t D) {
+  Cum span = 0.0;
   for (int64_t d = 0; d < D; ++d) span = std::max(span, ref[d] - cy_last[d]);
   return span <= kFactorSpan;
 }
@@ -30,23 +39,30 @@ bool block_factorable(const float* ref, const float* cy_last, int64_t D) {
 // A (n x n, row stride n), written: A_ts = sum_d X_t[d] Y_s[d] e^{cx_t[d] - cy_s[d]} for s <= t
 // (s < t when strict), zero elsewhere. cy is a cumulative sum of log decays (non-increasing in
 // s); the caller guarantees cx_t <= cy at the sub-block start for every row t of the sub-block.
-void scores(float* A, const float* X, const float* cx, const float* Y, const float* cy, int64_t n, int64_t D,
+void scores(float* A, const float* X, const Cum* cx, const float* Y, const Cum* cy, int64_t n, int64_t D,
             bool strict, ScoreWork& w) {
   std::fill(A, A + n * n, 0.0f);
-  w.xf.resize(size_t(kDecaySub * D)), w.yf.resize(size_t(n * D)), w.ey.resize(size_t(D));
+  w.xf.resize(size_t(n * D)), w.yf.resize(size_t(n * D));
+  w.ref.assign(size_t(D), 0.0);
+  if (block_factorable(w.ref.data(), cy + (n - 1) * D, D)) {  // the whole chunk as one product
+    for (int64_t o = 0; o < n * D; ++o) w.xf[o] = X[o] * exp_fast(float(cx[o])), w.yf[o] = Y[o] * exp_fast(float(-cy[o]));
+    gemm_nt_acc(A, w.xf.data(), w.yf.data(), n, n, D, D, D, n);
+    mask_upper(A, n, strict);
+    return;
+  }
   for (int64_t i0 = 0; i0 < n; i0 += kDecaySub) {
     const int64_t i1 = std::min(i0 + kDecaySub, n), m = i1 - i0;
-    float* ref = w.ey.data();  // cy at i0 - 1, zeros before the chunk
-    for (int64_t d = 0; d < D; ++d) ref[d] = i0 > 0 ? cy[(i0 - 1) * D + d] : 0.0f;
+    Cum* ref = w.ref.data();  // cy at i0 - 1, zeros before the chunk
+    for (int64_t d = 0; d < D; ++d) ref[d] = i0 > 0 ? cy[(i0 - 1) * D + d] : 0.0;
     const bool fast = block_factorable(ref, cy + (i1 - 1) * D, D);
     const int64_t cols = fast ? i1 : i0;  // columns taken by the product
     if (cols > 0) {  // rows of sub-block i against columns [0, cols), relative to ref
       for (int64_t t = i0; t < i1; ++t)
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) w.xf[(t - i0) * D + d] = X[t * D + d] * exp_fast(cx[t * D + d] - ref[d]);
+        for (int64_t d = 0; d < D; ++d) w.xf[(t - i0) * D + d] = X[t * D + d] * exp_fast(float(cx[t * D + d] - ref[d]));
       for (int64_t s = 0; s < cols; ++s)
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) w.yf[s * D + d] = Y[s * D + d] * exp_fast(ref[d] - cy[s * D + d]);
+        for (int64_t d = 0; d < D; ++d) w.yf[s * D + d] = Y[s * D + d] * exp_fast(float(ref[d] - cy[s * D + d]));
       gemm_nt_acc(A + i0 * n, w.xf.data(), w.yf.data(), m, cols, D, D, D, n);
     }
     if (fast) {  // mask the block's upper part
@@ -55,10 +71,11 @@ void scores(float* A, const float* X, const float* cx, const float* Y, const flo
     }
     for (int64_t t = i0; t < i1; ++t)  // the diagonal sub-block, pairwise in log space
       for (int64_t s = i0; s < (strict ? t : t + 1); ++s) {
-        const float *xt = X + t * D, *ys = Y + s * D, *ct = cx + t * D, *cs = cy + s * D;
+        const float *xt = X + t * D, *ys = Y + s * D;
+        const Cum *ct = cx + t * D, *cs = cy + s * D;
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += xt[d] * ys[d] * exp_fast(ct[d] - cs[d]);
+        for (int64_t d = 0; d < D; ++d) acc += xt[d] * ys[d] * exp_fast(float(ct[d] - cs[d]));
         A[t * n + s] = acc;
       }
   }
@@ -66,17 +83,30 @@ void scores(float* A, const float* X, const float* cx, const float* Y, const flo
 
 // Backward of scores: given dA (n x n, masked as A), adds dX_t += sum_s dA_ts Y_s e^{cx_t - cy_s}
 // and dY_s += sum_t dA_ts X_t e^{cx_t - cy_s}.
-void scores_backward(float* dX, float* dY, const float* dA, const float* X, const float* cx, const float* Y,
-                     const float* cy, int64_t n, int64_t D, bool strict, ScoreWork& w) {
+void scores_backward(float* dX, float* dY, const float* dA, const float* X, const Cum* cx, const float* Y,
+                     const Cum* cy, int64_t n, int64_t D, bool strict, ScoreWork& w) {
   w.ex.resize(size_t(kDecaySub * D)), w.xf.resize(size_t(kDecaySub * D));
   w.ey.resize(size_t(n * D)), w.yf.resize(size_t(n * D));
   w.t1.resize(size_t(kDecaySub * D)), w.t2.resize(size_t(n * D));
-  std::vector<float>& refv = w.t3;
-  refv.resize(size_t(D));
+  w.ref.assign(size_t(D), 0.0);
+  if (block_factorable(w.ref.data(), cy + (n - 1) * D, D)) {  // the whole chunk as one product
+    w.ex.resize(size_t(n * D)), w.xf.resize(size_t(n * D)), w.t1.resize(size_t(n * D));
+    for (int64_t o = 0; o < n * D; ++o) {
+      w.ex[o] = exp_fast(float(cx[o])), w.xf[o] = X[o] * w.ex[o];
+      w.ey[o] = exp_fast(float(-cy[o])), w.yf[o] = Y[o] * w.ey[o];
+    }
+    std::fill(w.t1.begin(), w.t1.begin() + n * D, 0.0f);
+    gemm_nn_acc(w.t1.data(), dA, w.yf.data(), n, D, n, n, D, D);
+    for (int64_t o = 0; o < n * D; ++o) dX[o] += w.t1[o] * w.ex[o];
+    std::fill(w.t2.begin(), w.t2.begin() + n * D, 0.0f);
+    gemm_tn_acc(w.t2.data(), dA, w.xf.data(), n, D, n, n, D, D);
+    for (int64_t o = 0; o < n * D; ++o) dY[o] += w.t2[o] * w.ey[o];
+    return;
+  }
   for (int64_t i0 = 0; i0 < n; i0 += kDecaySub) {
     const int64_t i1 = std::min(i0 + kDecaySub, n), m = i1 - i0;
-    float* ref = refv.data();
-    for (int64_t d = 0; d < D; ++d) ref[d] = i0 > 0 ? cy[(i0 - 1) * D + d] : 0.0f;
+    Cum* ref = w.ref.data();
+    for (int64_t d = 0; d < D; ++d) ref[d] = i0 > 0 ? cy[(i0 - 1) * D + d] : 0.0;
     const bool fast = block_factorable(ref, cy + (i1 - 1) * D, D);
     const int64_t cols = fast ? i1 : i0;
     if (cols > 0) {  // dA is zero above the diagonal: the block's masked entries add nothing
@@ -84,13 +114,13 @@ void scores_backward(float* dX, float* dY, const float* dA, const float* X, cons
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
           const int64_t o = (t - i0) * D + d;
-          w.ex[o] = exp_fast(cx[t * D + d] - ref[d]), w.xf[o] = X[t * D + d] * w.ex[o];
+          w.ex[o] = exp_fast(float(cx[t * D + d] - ref[d])), w.xf[o] = X[t * D + d] * w.ex[o];
         }
       for (int64_t s = 0; s < cols; ++s)
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
           const int64_t o = s * D + d;
-          w.ey[o] = exp_fast(ref[d] - cy[o]), w.yf[o] = Y[o] * w.ey[o];
+          w.ey[o] = exp_fast(float(ref[d] - cy[o])), w.yf[o] = Y[o] * w.ey[o];
         }
       std::fill(w.t1.begin(), w.t1.begin() + m * D, 0.0f);
       gemm_nn_acc(w.t1.data(), dA + i0 * n, w.yf.data(), m, D, cols, n, D, D);  // (m,cols)(cols,D)
@@ -104,11 +134,12 @@ void scores_backward(float* dX, float* dY, const float* dA, const float* X, cons
       for (int64_t s = i0; s < (strict ? t : t + 1); ++s) {
         const float g = dA[t * n + s];
         if (g == 0.0f) continue;
-        const float *xt = X + t * D, *ys = Y + s * D, *ct = cx + t * D, *cs = cy + s * D;
+        const float *xt = X + t * D, *ys = Y + s * D;
+        const Cum *ct = cx + t * D, *cs = cy + s * D;
         float *dxt = dX + t * D, *dys = dY + s * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
-          const float e = g * exp_fast(ct[d] - cs[d]);
+          const float e = g * exp_fast(float(ct[d] - cs[d]));
           dxt[d] += e * ys[d], dys[d] += e * xt[d];
         }
       }
@@ -116,36 +147,32 @@ void scores_backward(float* dX, float* dY, const float* dA, const float* X, cons
 }
 
 // Cumulative sums of a chunk's log decays g (n rows of D): c inclusive, cp exclusive (c - g).
-void cumsums(float* c, float* cp, const float* g, int64_t n, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) cp[d] = 0.0f, c[d] = g[d];
+void cumsums(Cum* c, Cum* cp, const float* g, int64_t n, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) cp[d] = 0.0, c[d] = g[d];
   for (int64_t t = 1; t < n; ++t)
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) cp[t * D + d] = c[(t - 1) * D + d], c[t * D + d] = cp[t * D + d] + g[t * D + d];
 }
 
 // out (n,D) = X o e^{c}
-void times_exp(float* out, const float* X, const float* c, int64_t n, int64_t D) {
+void times_exp(float* out, const float* X, const Cum* c, int64_t n, int64_t D) {
 #pragma omp simd
-  for (int64_t o = 0; o < n * D; ++o) out[o] = X[o] * exp_fast(c[o]);
+  for (int64_t o = 0; o < n * D; ++o) out[o] = X[o] * exp_fast(float(c[o]));
 }
 // out (n,D) = X o e^{cL - c}
-void times_exp_to_end(float* out, const float* X, const float* c, int64_t n, int64_t D) {
-  const float* cl = c + (n - 1) * D;
+void times_exp_to_end(float* out, const float* X, const Cum* c, int64_t n, int64_t D) {
+  const Cum* cl = c + (n - 1) * D;
   for (int64_t t = 0; t < n; ++t)
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[t * D + d] = X[t * D + d] * exp_fast(cl[d] - c[t * D + d]);
+    for (int64_t d = 0; d < D; ++d) out[t * D + d] = X[t * D + d] * exp_fast(float(cl[d] - c[t * D + d]));
 }
 // S (D,E) rows scaled by e^{cL}.
-void decay_rows(float* S, const float* cl, int64_t D, int64_t E) {
+void decay_rows(float* S, const Cum* cl, int64_t D, int64_t E) {
   for (int64_t d = 0; d < D; ++d) {
-    const float f = exp_fast(cl[d]);
+    const float f = exp_fast(float(cl[d]));
 #pragma omp simd
     for (int64_t e = 0; e < E; ++e) S[d * E + e] *= f;
   }
-}
-// Zeroes A (n x n) above the diagonal (and on it when strict).
-void mask_upper(float* A, int64_t n, bool strict) {
-  for (int64_t t = 0; t < n; ++t) std::fill(A + t * n + (strict ? t : t + 1), A + (t + 1) * n, 0.0f);
 }
 // dg of a chunk from the gradients of its cumulative sums: dg_tau = sum_{t >= tau} dc_t
 // + sum_{t > tau} dcp_t + dcL (dc, dcp: (n,D); dcL: (D)).
@@ -177,14 +204,15 @@ std::vector<Chunk> chunks_of(int64_t T) {
 void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
                    int64_t D, int64_t E, bool shift) {
   const int64_t L = kDecayChunk;
-  std::vector<float> c(L * D), cp(L * D), qd(L * D), kt(L * D), A(L * L);
+  std::vector<Cum> c(L * D), cp(L * D);
+  std::vector<float> qd(L * D), kt(L * D), A(L * L);
   ScoreWork w;
   for (const Chunk& ch : chunks_of(T)) {
     const int64_t t0 = ch.t0, n = ch.n;
     const float *qc = q + t0 * D, *kc = k + t0 * D, *vc = v + t0 * E;
     float* yc = y + t0 * E;
     cumsums(c.data(), cp.data(), g + t0 * D, n, D);
-    const float* cq = shift ? cp.data() : c.data();
+    const Cum* cq = shift ? cp.data() : c.data();
     times_exp(qd.data(), qc, cq, n, D);
     std::fill(yc, yc + n * E, 0.0f);
     gemm_nn_acc(yc, qd.data(), S, n, E, D, D, E, E);  // (q o e^{cq}) S0
@@ -201,7 +229,8 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
                     bool shift) {
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
-  std::vector<float> c(L * D), cp(L * D), qd(L * D), kt(L * D), A(L * L), dA(L * L), dkt(L * D), dc(L * D),
+  std::vector<Cum> c(L * D), cp(L * D);
+  std::vector<float> qd(L * D), kt(L * D), A(L * L), dA(L * L), dkt(L * D), dc(L * D),
       dcp(L * D), dcL(D), dS(D * E, 0.0f);
   std::vector<float> states(chunks.size() * D * E);  // the state at every chunk start
   {
@@ -222,8 +251,8 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     const float* Sc = states.data() + int64_t(i) * D * E;
     float *dqc = dq + t0 * D, *dkc = dk + t0 * D, *dvc = dv + t0 * E;
     cumsums(c.data(), cp.data(), g + t0 * D, n, D);
-    const float* cq = shift ? cp.data() : c.data();
-    const float* cl = c.data() + (n - 1) * D;
+    const Cum* cq = shift ? cp.data() : c.data();
+    const Cum* cl = c.data() + (n - 1) * D;
     times_exp(qd.data(), qc, cq, n, D);
     times_exp_to_end(kt.data(), kc, c.data(), n, D);
     scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
@@ -231,7 +260,7 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     std::fill(dqc, dqc + n * D, 0.0f);
     std::fill(dkc, dkc + n * D, 0.0f);
     gemm_nt_acc(dqc, dyc, Sc, n, D, E, E, E, D);
-    for (int64_t o = 0; o < n * D; ++o) dqc[o] *= exp_fast(cq[o]);
+    for (int64_t o = 0; o < n * D; ++o) dqc[o] *= exp_fast(float(cq[o]));
     // dA = dy V^T (masked); dv = A^T dy + kt dS
     std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
     gemm_nt_acc(dA.data(), dyc, vc, n, n, E, E, E, n);
@@ -248,13 +277,13 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
       for (int64_t d = 0; d < D; ++d) {
         const int64_t o = t * D + d;
         dcL[size_t(d)] += kt[o] * dkt[o];
-        dkc[o] += dkt[o] * exp_fast(cl[d] - c[o]);
+        dkc[o] += dkt[o] * exp_fast(float(cl[d] - c[o]));
       }
     // decay gradients: q carries e^{cq}, k carries e^{-c} everywhere; S0 and kt carry e^{cL}
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.0f;
       for (int64_t e = 0; e < E; ++e) s += Sc[d * E + e] * dS[d * E + e];
-      dcL[size_t(d)] += s * exp_fast(cl[d]);
+      dcL[size_t(d)] += s * exp_fast(float(cl[d]));
     }
     for (int64_t o = 0; o < n * D; ++o) {
       const float qq = qc[o] * dqc[o];
@@ -275,7 +304,8 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
 namespace {
 
 struct DplrChunk {  // everything of one chunk that the forward and the backward both need
-  std::vector<float> c, cp, Aab, Aak, Arb, Ark, ad, rd, U, kt, bt;
+  std::vector<Cum> c, cp;
+  std::vector<float> Aab, Aak, Arb, Ark, ad, rd, U, kt, bt;
   explicit DplrChunk(int64_t D, int64_t E)
       : c(kDecayChunk * D), cp(kDecayChunk * D), Aab(kDecayChunk * kDecayChunk), Aak(kDecayChunk * kDecayChunk),
         Arb(kDecayChunk * kDecayChunk), Ark(kDecayChunk * kDecayChunk), ad(kDecayChunk * D), rd(kDecayChunk * D),
@@ -353,7 +383,7 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     const float *rc = r + oD, *kc = k + oD, *vc = v + oE, *ac = a + oD, *bc = b + oD, *dyc = dy + oE;
     float *drc = dr + oD, *dkc = dk + oD, *dvc = dv + oE, *dac = da + oD, *dbc = db + oD;
     dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw);
-    const float* cl = z.c.data() + (n - 1) * D;
+    const Cum* cl = z.c.data() + (n - 1) * D;
     // dU = Arb^T dY + bt dS; (I - Aab)^T dR = dU by backward substitution
     std::fill(dU.begin(), dU.begin() + n * E, 0.0f);
     gemm_tn_acc(dU.data(), z.Arb.data(), dyc, n, E, n, n, E, E);
@@ -375,8 +405,8 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     std::fill(dkc, dkc + n * D, 0.0f), std::fill(dbc, dbc + n * D, 0.0f);
     gemm_nt_acc(drc, dyc, Sc, n, D, E, E, E, D);
     gemm_nt_acc(dac, dR.data(), Sc, n, D, E, E, E, D);
-    for (int64_t o = 0; o < n * D; ++o) drc[o] *= exp_fast(z.c[o]), dac[o] *= exp_fast(z.cp[o]);
-    auto score_grad = [&](const float* G, const float* U, bool strict, float* dX, const float* X, const float* cx,
+    for (int64_t o = 0; o < n * D; ++o) drc[o] *= exp_fast(float(z.c[o])), dac[o] *= exp_fast(float(z.cp[o]));
+    auto score_grad = [&](const float* G, const float* U, bool strict, float* dX, const float* X, const Cum* cx,
                           float* dY, const float* Y) {
       std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
       gemm_nt_acc(dA.data(), G, U, n, n, E, E, E, n);
@@ -399,13 +429,13 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
         for (int64_t d = 0; d < D; ++d) {
           const int64_t o = t * D + d;
           dcL[size_t(d)] += Xt[o] * tmp[o];
-          dX[o] += tmp[o] * exp_fast(cl[d] - z.c[o]);
+          dX[o] += tmp[o] * exp_fast(float(cl[d] - z.c[o]));
         }
     }
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.0f;
       for (int64_t e = 0; e < E; ++e) s += Sc[d * E + e] * dS[d * E + e];
-      dcL[size_t(d)] += s * exp_fast(cl[d]);
+      dcL[size_t(d)] += s * exp_fast(float(cl[d]));
     }
     for (int64_t o = 0; o < n * D; ++o) {
       dc[o] = rc[o] * drc[o] - kc[o] * dkc[o] - bc[o] * dbc[o];

@@ -1,14 +1,21 @@
 // The layer of the eight decaying / delta-rule mechanisms (retention, gla, deltanet,
-// gated_deltanet, rwkv5, rwkv6, rwkv7, mamba2), in one recipe-driven form:
-//   every per-token input of the mixer = map(a W^T (+ b)), a learned projection of the block's
-//   normalised input a through the map that puts it in the mechanism's domain;
-//   every per-head weight = map(raw) of a learned raw parameter, or fixed (RetNet's gammas);
-//   y = mixer(...) (B,T,H,E);  out = y Wo^T.
+// gated_deltanet, rwkv5, rwkv6, rwkv7, mamba2), one recipe per mechanism over these stages:
+//   1. token shift (RWKV): each projection reads its own lerp a mu + a_prev (1 - mu), a_prev the
+//      previous token's input (RWKV-5's static mix; RWKV-6's data-dependent LoRA mix is not here);
+//   2. projections: raw = x W^T (+ b); a short causal depthwise convolution (kernel 4, no bias)
+//      and SiLU where the paper has one (DeltaNet, Gated DeltaNet: q, k, v; Mamba-2: x, B, C);
+//      then the map into the mechanism's domain (sigmoid for beta, logsigmoid / 16 for GLA's
+//      gate, -exp for RWKV decays, ...). RWKV-7's a = -kk, b = kk sigmoid(iclr), kk = l2norm(kk)
+//      per head. Per-head weights: map(raw) of a learned raw parameter, or RetNet's fixed
+//      gammas 1 - 2^(-5-h);
+//   3. the mixer (parallel form; the stepper in recurrent use);
+//   4. output: Mamba-2 gates first (y silu(z)), then the norm: per-head RMSNorm (fla's GLA,
+//      DeltaNet, Gated DeltaNet), per-head GroupNorm (RetNet; RWKV's ln_x, eps 64e-5) or RMSNorm
+//      over all channels (Mamba-2's gated RMSNorm); then the output gate (swish: RetNet, GLA,
+//      DeltaNet, Gated DeltaNet, RWKV-5/6; sigmoid: RWKV-7); out = . Wo^T.
 // Heads of D = E = d_model / n_head (mamba2: E = d_model / n_head, N = the "state" knob, one group).
-// RWKV-7's a, b come from two projections: kk = l2norm(a Wkk^T) per head, a = -kk,
-// b = kk o sigmoid(a Wiclr^T) (its in-context learning rate), as in the RWKV-7 model.
-// What the papers' layers add on top (short convolutions, token shift and LoRA mixes, GroupNorm /
-// RMSNorm and output gates) is not in this form yet (docs: issue 13's note).
+// Recurrent state: the mixer's, the token shift's previous input ("shift", C) and the last three
+// raw rows of each convolved projection ("conv.<input>", 3 width).
 #include <cmath>
 #include <map>
 
@@ -18,6 +25,8 @@
 namespace linmix {
 
 namespace {
+
+constexpr int64_t kConv = 4;  // the short convolution's kernel
 
 enum class Map { Id, Sigmoid, LogSig16, NegExp, Rwkv7Decay };
 
@@ -43,49 +52,99 @@ float map_df(Map m, float x) {  // d map / dx
   return 1.0f;
 }
 
-struct Proj {  // a per-token input: its projection (with a bias initialised to bias0 when has_bias)
+enum class Role { Mixer, Gate, PreGate };  // a mixer input, the output gate, Mamba-2's z
+struct Proj {
   std::string input;
-  Map map;
+  Map map = Map::Id;
   bool has_bias = false;
   float bias0 = 0.0f;
+  bool conv = false;  // short convolution + SiLU before the map
+  Role role = Role::Mixer;
 };
-enum class Init { Zero, One, Normal, RetnetGamma, DecaySpread, MambaALog, MambaDtBias };
+enum class Init { Normal, RetnetGamma, DecaySpread, MambaALog, MambaDtBias, One };
 struct Weight {  // a per-head weight input: map(raw), raw learned (or fixed: computed, not a parameter)
   std::string input;
   Map map;
   Init init;
   bool learned = true;
 };
+enum class Norm { RmsHead, GroupHead, RmsAll };
+enum class Gate { None, Swish, Sigmoid };
 struct Recipe {
   std::vector<Proj> proj;
   std::vector<Weight> weights;
+  Norm norm;
+  float eps;
+  Gate gate;
+  bool shift = false;     // RWKV token shift before every projection
   bool rwkv7_ab = false;  // a, b from the kk and iclr projections
 };
 
+Proj mix(const char* n, Map m = Map::Id) { return {n, m}; }
+Proj biased(const char* n, Map m, float b0) { return {n, m, true, b0}; }
+Proj conv(const char* n) { return {n, Map::Id, false, 0.0f, true}; }
+Proj gate() { return {"gate", Map::Id, false, 0.0f, false, Role::Gate}; }
+
 const std::map<std::string, Recipe>& recipes() {
   static const std::map<std::string, Recipe> r = {
-      {"retention", {{{"q", Map::Id}, {"k", Map::Id}, {"v", Map::Id}}, {{"gamma", Map::Id, Init::RetnetGamma, false}}}},
-      {"gla", {{{"q", Map::Id}, {"k", Map::Id}, {"v", Map::Id}, {"g", Map::LogSig16, true, 0.0f}}, {}}},
-      {"deltanet", {{{"q", Map::Id}, {"k", Map::Id}, {"v", Map::Id}, {"beta", Map::Sigmoid, true, 0.0f}}, {}}},
+      {"retention",
+       {{mix("q"), mix("k"), mix("v"), gate()}, {{"gamma", Map::Id, Init::RetnetGamma, false}}, Norm::GroupHead, 1e-5f,
+        Gate::Swish}},
+      {"gla", {{mix("q"), mix("k"), mix("v"), biased("g", Map::LogSig16, 0.0f), gate()}, {}, Norm::RmsHead, 1e-5f, Gate::Swish}},
+      {"deltanet",
+       {{conv("q"), conv("k"), conv("v"), biased("beta", Map::Sigmoid, 0.0f), gate()}, {}, Norm::RmsHead, 1e-5f, Gate::Swish}},
       {"gated_deltanet",
-       {{{"q", Map::Id}, {"k", Map::Id}, {"v", Map::Id}, {"beta", Map::Sigmoid, true, 0.0f}, {"g", Map::LogSig16, true, 0.0f}},
-        {}}},
-      {"rwkv5",
-       {{{"r", Map::Id}, {"k", Map::Id}, {"v", Map::Id}},
-        {{"w", Map::NegExp, Init::DecaySpread}, {"u", Map::Id, Init::Normal}}}},
-      {"rwkv6",
-       {{{"r", Map::Id}, {"k", Map::Id}, {"v", Map::Id}, {"w", Map::NegExp, true, -3.0f}}, {{"u", Map::Id, Init::Normal}}}},
-      {"rwkv7",
-       {{{"r", Map::Id}, {"w", Map::Rwkv7Decay, true, 0.0f}, {"k", Map::Id}, {"v", Map::Id}, {"kk", Map::Id},
-         {"iclr", Map::Id, true, 0.0f}},
+       {{conv("q"), conv("k"), conv("v"), biased("beta", Map::Sigmoid, 0.0f), biased("g", Map::LogSig16, 0.0f), gate()},
         {},
+        Norm::RmsHead,
+        1e-5f,
+        Gate::Swish}},
+      {"rwkv5",
+       {{mix("r"), mix("k"), mix("v"), gate()},
+        {{"w", Map::NegExp, Init::DecaySpread}, {"u", Map::Id, Init::Normal}},
+        Norm::GroupHead,
+        64e-5f,
+        Gate::Swish,
+        true}},
+      {"rwkv6",
+       {{mix("r"), mix("k"), mix("v"), biased("w", Map::NegExp, -3.0f), gate()},
+        {{"u", Map::Id, Init::Normal}},
+        Norm::GroupHead,
+        64e-5f,
+        Gate::Swish,
+        true}},
+      {"rwkv7",
+       {{mix("r"), biased("w", Map::Rwkv7Decay, 0.0f), mix("k"), mix("v"), mix("kk"), biased("iclr", Map::Id, 0.0f), gate()},
+        {},
+        Norm::GroupHead,
+        64e-5f,
+        Gate::Sigmoid,
+        true,
         true}},
       {"mamba2",
-       {{{"x", Map::Id}, {"dt", Map::Id}, {"Bm", Map::Id}, {"Cm", Map::Id}, {"z", Map::Id}},
-        {{"A", Map::NegExp, Init::MambaALog}, {"D", Map::Id, Init::One}, {"dt_bias", Map::Id, Init::MambaDtBias}}}},
+       {{conv("x"), mix("dt"), conv("Bm"), conv("Cm"), {"z", Map::Id, false, 0.0f, false, Role::PreGate}},
+        {{"A", Map::NegExp, Init::MambaALog}, {"D", Map::Id, Init::One}, {"dt_bias", Map::Id, Init::MambaDtBias}},
+        Norm::RmsAll,
+        1e-5f,
+        Gate::None}},
   };
   return r;
 }
+
+float silu_f(float x) { return x / (1.0f + std::exp(-x)); }
+float gate_f(Gate g, float x) { return g == Gate::Sigmoid ? 1.0f / (1.0f + std::exp(-x)) : silu_f(x); }
+float gate_df(Gate g, float x) {
+  const float s = 1.0f / (1.0f + std::exp(-x));
+  return g == Gate::Sigmoid ? s * (1.0f - s) : s * (1.0f + x * (1.0f - s));
+}
+
+// What one forward keeps per projection for its backward.
+struct ProjAct {
+  std::vector<float> xin;  // the shifted lerp (token shift only)
+  std::vector<float> raw;  // x W^T + b
+  std::vector<float> cv;   // the convolution's output, before SiLU (conv only)
+  std::vector<float> act;  // the map's argument: raw, or silu(cv)
+};
 
 class DecayLayer : public MixerLayer {
  public:
@@ -94,15 +153,18 @@ class DecayLayer : public MixerLayer {
 
   int64_t H() const { return cfg_.n_head; }
   int64_t Dh() const { return C_ / cfg_.n_head; }
+  int64_t C() const { return C_; }
+  const Recipe& recipe() const { return r_; }
   // The per-token shape (after B, T) of a projected input, and its width.
   std::vector<int64_t> row_shape(const std::string& input) const {
     if (input == "kk" || input == "iclr") return {H(), Dh()};
+    if (input == "gate") return {C_};
     for (const auto& ts : spec_.inputs)
       if (ts.name == input) {
         std::vector<int64_t> s;
-        std::string dims = ts.dims.substr(4);  // after "B,T,"
+        const std::string dims = ts.dims.substr(4);  // after "B,T,"
         size_t at = 0;
-        while (at <= dims.size()) {
+        while (true) {
           const size_t comma = dims.find(',', at);
           const std::string d = dims.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
           s.push_back(d == "H" ? H() : d == "G" ? 1 : d == "N" ? cfg_.knob(lc_, "state") : Dh());
@@ -119,60 +181,91 @@ class DecayLayer : public MixerLayer {
       if (ts.name == input) return ts.dims == "H" ? std::vector<int64_t>{H()} : std::vector<int64_t>{H(), Dh()};
     throw Error("decay layer: no weight '" + input + "'");
   }
+  int64_t norm_width() const { return r_.norm == Norm::RmsHead ? Dh() : C_; }
 
   ParamShapes shapes() const override {
     ParamShapes s;
     for (const Proj& p : r_.proj) {
+      if (r_.shift) s.push_back({"att." + p.input + ".mix", {C_}});
       s.push_back({"att." + p.input + ".weight", {width(p.input), C_}});
       if (p.has_bias) s.push_back({"att." + p.input + ".bias", {width(p.input)}});
+      if (p.conv) s.push_back({"att." + p.input + ".conv", {width(p.input), kConv}});
     }
     for (const Weight& w : r_.weights)
       if (w.learned) s.push_back({"att." + w.input, weight_shape(w.input)});
+    s.push_back({"att.ln_x.weight", {norm_width()}});
+    if (r_.norm == Norm::GroupHead) s.push_back({"att.ln_x.bias", {C_}});
     s.push_back({"att.o.weight", {C_, C_}});
     return s;
   }
 
   bool init(const std::string& name, Tensor& t, InitCtx& ctx) const override {
-    for (const Proj& p : r_.proj)
+    for (const Proj& p : r_.proj) {
       if (p.has_bias && name == "att." + p.input + ".bias") {
         std::fill(t.data.begin(), t.data.end(), p.bias0);
         return true;
       }
+      if (name == "att." + p.input + ".mix") {  // RWKV: mixes spread over channels, shallower layers mix more
+        for (int64_t c = 0; c < C_; ++c) t.data[size_t(c)] = std::pow(float(c) / float(C_), 0.5f * (1.0f - ctx.depth));
+        return true;
+      }
+      if (name == "att." + p.input + ".conv") {  // PyTorch's Conv1d default: U(-1/sqrt(K), 1/sqrt(K))
+        std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+        for (float& x : t.data) x = u(ctx.rng);
+        return true;
+      }
+    }
     for (const Weight& w : r_.weights)
       if (name == "att." + w.input) {
         fill_weight(w.init, t, &ctx);
         return true;
       }
+    if (name == "att.ln_x.weight") {
+      std::fill(t.data.begin(), t.data.end(), 1.0f);
+      return true;
+    }
+    if (name == "att.ln_x.bias") {
+      std::fill(t.data.begin(), t.data.end(), 0.0f);
+      return true;
+    }
     return false;
   }
 
+  // ---- forward / backward over (B,T) rows
+
   void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) override {
     a_ = a;
-    raw_.clear();
-    const TensorMap in = inputs(io, a, B, T, &raw_);
-    y_ = mixer_forward(lc_, in).data;
-    nn::matmul_forward(out, y_.data(), io.w("att.o.weight"), nullptr, B * T, C_, C_);
+    const int64_t N = B * T;
+    acts_.clear();
+    if (r_.shift) {
+      prev_.resize(size_t(N * C_));
+      nn::shift_forward(prev_.data(), a, B, T, C_);
+    }
+    for (const Proj& p : r_.proj) acts_[p.input] = project(io, p, a, prev_.data(), B, T);
+    in_ = mixer_inputs(io, B, T);
+    y0_ = mixer_forward(lc_, in_).data;
+    output_forward(io, out, N);
   }
 
   void backward(const LayerIO& io, const float* dout, float* da, int64_t B, int64_t T) override {
     const int64_t N = B * T;
-    std::vector<float> dy(N * C_);
-    nn::matmul_backward(dy.data(), io.g("att.o.weight"), nullptr, dout, y_.data(), io.w("att.o.weight"), N, C_, C_);
-    const TensorMap in = inputs(io, a_, B, T, nullptr);
-    const std::vector<int64_t> yshape{B, T, H(), Dh()};
-    const TensorMap g = mixer_backward(lc_, in, yshape, dy.data());
-    std::map<std::string, std::vector<float>> dmapped;  // d(mapped input) per projected input
+    std::vector<float> dy0(size_t(N * C_));
+    std::map<std::string, std::vector<float>> dact;  // d(map argument) of the gate projections
+    output_backward(io, dout, dy0.data(), dact, N);
+    const TensorMap g = mixer_backward(lc_, in_, {B, T, H(), Dh()}, dy0.data());
+    std::map<std::string, std::vector<float>> dmapped;
     for (const Proj& p : r_.proj)
-      if (g.count("d" + p.input)) dmapped[p.input] = g.at("d" + p.input).data;
+      if (p.role == Role::Mixer && g.count("d" + p.input)) dmapped[p.input] = g.at("d" + p.input).data;
     if (r_.rwkv7_ab) rwkv7_ab_backward(dmapped, g, N);
+    std::vector<float> dprev(r_.shift ? size_t(N * C_) : 0, 0.0f);
     for (const Proj& p : r_.proj) {
-      const std::vector<float>& raw = raw_.at(p.input);
-      std::vector<float> d = dmapped.at(p.input);
-      for (size_t i = 0; i < d.size(); ++i) d[i] *= map_df(p.map, raw[i]);
-      const int64_t W = width(p.input);
-      nn::matmul_backward(da, io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
-                          d.data(), a_, io.w("att." + p.input + ".weight"), N, C_, W, true);
+      const ProjAct& z = acts_.at(p.input);
+      std::vector<float> d = p.role == Role::Mixer ? dmapped.at(p.input) : dact.at(p.input);
+      if (p.role == Role::Mixer)
+        for (size_t i = 0; i < d.size(); ++i) d[i] *= map_df(p.map, z.act[i]);
+      project_backward(io, p, z, d, da, dprev.data(), B, T);
     }
+    if (r_.shift) nn::shift_backward(da, dprev.data(), B, T, C_);
     for (const Weight& w : r_.weights) {
       if (!w.learned || !g.count("d" + w.input)) continue;
       const Tensor& raw = io.t("att." + w.input);
@@ -184,24 +277,105 @@ class DecayLayer : public MixerLayer {
 
   std::unique_ptr<LayerRun> start(const LayerIO& io, const TensorMap& state) const override;
 
-  // The mixer's inputs for (B,T) rows of a: the projections through their maps (the raw
-  // projections into *raw when given), the weights, rwkv7's a and b.
-  TensorMap inputs(const LayerIO& io, const float* a, int64_t B, int64_t T,
-                   std::map<std::string, std::vector<float>>* raw_out) const {
+  // One projection of (B,T) rows: the shifted lerp, x W^T + b, the convolution (+ SiLU).
+  ProjAct project(const LayerIO& io, const Proj& p, const float* a, const float* prev, int64_t B, int64_t T) const {
+    const int64_t N = B * T, W = width(p.input);
+    ProjAct z;
+    const float* x = a;
+    if (r_.shift) {
+      const float* mu = io.w("att." + p.input + ".mix");
+      z.xin.resize(size_t(N * C_));
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t c = 0; c < C_; ++c)
+          z.xin[size_t(i * C_ + c)] = a[i * C_ + c] * mu[c] + prev[i * C_ + c] * (1.0f - mu[c]);
+      x = z.xin.data();
+    }
+    z.raw.resize(size_t(N * W));
+    nn::matmul_forward(z.raw.data(), x, io.w("att." + p.input + ".weight"),
+                       p.has_bias ? io.w("att." + p.input + ".bias") : nullptr, N, C_, W);
+    if (!p.conv) {
+      z.act = z.raw;
+      return z;
+    }
+    const float* cw = io.w("att." + p.input + ".conv");
+    z.cv.assign(size_t(N * W), 0.0f);
+    z.act.resize(size_t(N * W));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        float* o = &z.cv[size_t((b * T + t) * W)];
+        for (int64_t j = 0; j < kConv; ++j) {  // out[t] = sum_j w[:, j] raw[t - 3 + j]
+          const int64_t s = t - (kConv - 1) + j;
+          if (s < 0) continue;
+          const float* in = &z.raw[size_t((b * T + s) * W)];
+          for (int64_t c = 0; c < W; ++c) o[c] += cw[c * kConv + j] * in[c];
+        }
+        for (int64_t c = 0; c < W; ++c) z.act[size_t((b * T + t) * W + c)] = silu_f(o[c]);
+      }
+    return z;
+  }
+
+  // d is the gradient of the projection's map argument (act); adds into da (and dprev).
+  void project_backward(const LayerIO& io, const Proj& p, const ProjAct& z, std::vector<float>& d, float* da,
+                        float* dprev, int64_t B, int64_t T) const {
+    const int64_t N = B * T, W = width(p.input);
+    if (p.conv) {  // through SiLU and the convolution, back to raw
+      const float* cw = io.w("att." + p.input + ".conv");
+      float* gw = io.g("att." + p.input + ".conv");
+      std::vector<float> draw(size_t(N * W), 0.0f);
+      for (size_t i = 0; i < d.size(); ++i) {
+        const float x = z.cv[i], s = 1.0f / (1.0f + std::exp(-x));
+        d[i] *= s * (1.0f + x * (1.0f - s));
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+          const float* go = &d[size_t((b * T + t) * W)];
+          for (int64_t j = 0; j < kConv; ++j) {
+            const int64_t s = t - (kConv - 1) + j;
+            if (s < 0) continue;
+            const float* in = &z.raw[size_t((b * T + s) * W)];
+            float* gi = &draw[size_t((b * T + s) * W)];
+            for (int64_t c = 0; c < W; ++c) gi[c] += cw[c * kConv + j] * go[c], gw[c * kConv + j] += go[c] * in[c];
+          }
+        }
+      d = std::move(draw);
+    }
+    const float* x = r_.shift ? z.xin.data() : a_;
+    if (!r_.shift) {
+      nn::matmul_backward(da, io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
+                          d.data(), x, io.w("att." + p.input + ".weight"), N, C_, W, true);
+      return;
+    }
+    std::vector<float> dx(size_t(N * C_));
+    nn::matmul_backward(dx.data(), io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
+                        d.data(), x, io.w("att." + p.input + ".weight"), N, C_, W, false);
+    const float* mu = io.w("att." + p.input + ".mix");
+    float* gmu = io.g("att." + p.input + ".mix");
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = 0; c < C_; ++c) {
+        const float g = dx[size_t(i * C_ + c)];
+        da[i * C_ + c] += g * mu[c];
+        dprev[i * C_ + c] += g * (1.0f - mu[c]);
+        gmu[c] += g * (a_[i * C_ + c] - prev_[size_t(i * C_ + c)]);
+      }
+  }
+
+  // The mixer's inputs from the kept projections (mapped), rwkv7's a and b, the weights.
+  TensorMap mixer_inputs(const LayerIO& io, int64_t B, int64_t T) const {
     const int64_t N = B * T;
     TensorMap in;
     std::map<std::string, std::vector<float>> mapped;
     for (const Proj& p : r_.proj) {
-      const int64_t W = width(p.input);
-      std::vector<float> raw(size_t(N * W));
-      nn::matmul_forward(raw.data(), a, io.w("att." + p.input + ".weight"),
-                         p.has_bias ? io.w("att." + p.input + ".bias") : nullptr, N, C_, W);
-      std::vector<float> m(raw.size());
-      for (size_t i = 0; i < raw.size(); ++i) m[i] = map_f(p.map, raw[i]);
+      if (p.role != Role::Mixer) continue;
+      const ProjAct& z = acts_.at(p.input);
+      std::vector<float> m(z.act.size());
+      for (size_t i = 0; i < m.size(); ++i) m[i] = map_f(p.map, z.act[i]);
       mapped[p.input] = std::move(m);
-      if (raw_out) (*raw_out)[p.input] = std::move(raw);
     }
-    if (r_.rwkv7_ab) rwkv7_ab(mapped, N);
+    if (r_.rwkv7_ab) {
+      std::vector<float> av(mapped.at("kk").size()), bv(av.size());
+      rwkv7_ab_rows(av.data(), bv.data(), mapped.at("kk").data(), mapped.at("iclr").data(), N);
+      mapped["a"] = std::move(av), mapped["b"] = std::move(bv);
+    }
     for (auto& [name, m] : mapped) {
       if (name == "kk" || name == "iclr") continue;
       std::vector<int64_t> shape{B, T};
@@ -212,6 +386,104 @@ class DecayLayer : public MixerLayer {
     }
     for (const Weight& w : r_.weights) in[w.input] = weight_value(io, w);
     return in;
+  }
+
+  // ---- the output stage: [pre-gate] -> norm -> [gate] -> Wo, rows of C
+
+  // One row: y0 (C) -> y3 (C), keeping y1 (after the pre-gate), the norm's rstd per group and
+  // its normalised x-hat (C), and y2 (after the norm). zr, gr: the raw pre-gate / gate rows.
+  void output_row(const float* lnw, const float* lnb, const float* y0, const float* zr, const float* gr, float* y1,
+                  float* xhat, float* rstd, float* y2, float* y3) const {
+    for (int64_t c = 0; c < C_; ++c) y1[c] = zr ? y0[c] * silu_f(zr[c]) : y0[c];
+    const int64_t G = r_.norm == Norm::RmsAll ? 1 : H(), W = C_ / G;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* x = y1 + g * W;
+      float mean = 0.0f, sq = 0.0f;
+      if (r_.norm == Norm::GroupHead) {
+        for (int64_t i = 0; i < W; ++i) mean += x[i];
+        mean /= float(W);
+      }
+      for (int64_t i = 0; i < W; ++i) sq += (x[i] - mean) * (x[i] - mean);
+      const float r = 1.0f / std::sqrt(sq / float(W) + r_.eps);
+      rstd[g] = r;
+      for (int64_t i = 0; i < W; ++i) {
+        const int64_t c = g * W + i;
+        xhat[c] = (x[i] - mean) * r;
+        const float w = r_.norm == Norm::RmsHead ? lnw[i] : lnw[c];
+        y2[c] = xhat[c] * w + (lnb ? lnb[c] : 0.0f);
+      }
+    }
+    for (int64_t c = 0; c < C_; ++c) y3[c] = gr ? y2[c] * gate_f(r_.gate, gr[c]) : y2[c];
+  }
+
+  void output_forward(const LayerIO& io, float* out, int64_t N) {
+    const int64_t G = r_.norm == Norm::RmsAll ? 1 : H();
+    y1_.resize(size_t(N * C_)), xhat_.resize(size_t(N * C_)), y2_.resize(size_t(N * C_)), rstd_.resize(size_t(N * G));
+    std::vector<float> y3(size_t(N * C_));
+    const float *zr = pre_raw(), *gr = gate_raw();
+    const float* lnb = r_.norm == Norm::GroupHead ? io.w("att.ln_x.bias") : nullptr;
+    for (int64_t i = 0; i < N; ++i)
+      output_row(io.w("att.ln_x.weight"), lnb, &y0_[size_t(i * C_)], zr ? zr + i * C_ : nullptr,
+                 gr ? gr + i * C_ : nullptr, &y1_[size_t(i * C_)], &xhat_[size_t(i * C_)], &rstd_[size_t(i * G)],
+                 &y2_[size_t(i * C_)], &y3[size_t(i * C_)]);
+    y3_ = std::move(y3);
+    nn::matmul_forward(out, y3_.data(), io.w("att.o.weight"), nullptr, N, C_, C_);
+  }
+
+  void output_backward(const LayerIO& io, const float* dout, float* dy0,
+                       std::map<std::string, std::vector<float>>& dact, int64_t N) const {
+    std::vector<float> dy3(size_t(N * C_));
+    nn::matmul_backward(dy3.data(), io.g("att.o.weight"), nullptr, dout, y3_.data(), io.w("att.o.weight"), N, C_, C_);
+    const float *zr = pre_raw(), *gr = gate_raw();
+    if (gr) dact["gate"].assign(size_t(N * C_), 0.0f);
+    if (zr) dact["z"].assign(size_t(N * C_), 0.0f);
+    const int64_t G = r_.norm == Norm::RmsAll ? 1 : H(), W = C_ / G;
+    const float* lnw = io.w("att.ln_x.weight");
+    float* glnw = io.g("att.ln_x.weight");
+    float* glnb = r_.norm == Norm::GroupHead ? io.g("att.ln_x.bias") : nullptr;
+    std::vector<float> dx(static_cast<size_t>(W));
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t o = i * C_;
+      for (int64_t g = 0; g < G; ++g) {
+        float sd = 0.0f, sdx = 0.0f;
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t c = g * W + j;
+          float d2 = dy3[size_t(o + c)];
+          if (gr) {
+            dact["gate"][size_t(o + c)] = d2 * y2_[size_t(o + c)] * gate_df(r_.gate, gr[o + c]);
+            d2 *= gate_f(r_.gate, gr[o + c]);
+          }
+          const int64_t wi = r_.norm == Norm::RmsHead ? j : c;
+          glnw[wi] += d2 * xhat_[size_t(o + c)];
+          if (glnb) glnb[c] += d2;
+          dx[size_t(j)] = d2 * lnw[wi];  // d x-hat
+          sd += dx[size_t(j)], sdx += dx[size_t(j)] * xhat_[size_t(o + c)];
+        }
+        const float r = rstd_[size_t(i * G + g)], mean_d = r_.norm == Norm::GroupHead ? sd / float(W) : 0.0f;
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t c = g * W + j;
+          const float d1 = r * (dx[size_t(j)] - mean_d - xhat_[size_t(o + c)] * sdx / float(W));
+          if (zr) {
+            const float z = zr[o + c], s = 1.0f / (1.0f + std::exp(-z));
+            dact["z"][size_t(o + c)] = d1 * y0_[size_t(o + c)] * s * (1.0f + z * (1.0f - s));
+            dy0[o + c] = d1 * z * s;
+          } else {
+            dy0[o + c] = d1;
+          }
+        }
+      }
+    }
+  }
+
+  const float* pre_raw() const {
+    for (const Proj& p : r_.proj)
+      if (p.role == Role::PreGate) return acts_.at(p.input).act.data();
+    return nullptr;
+  }
+  const float* gate_raw() const {
+    for (const Proj& p : r_.proj)
+      if (p.role == Role::Gate) return acts_.at(p.input).act.data();
+    return nullptr;
   }
 
   Tensor weight_value(const LayerIO& io, const Weight& w) const {
@@ -232,7 +504,6 @@ class DecayLayer : public MixerLayer {
       const float frac = float(h) / float(std::max<int64_t>(H() - 1, 1));
       float v = 0.0f;
       switch (init) {
-        case Init::Zero: v = 0.0f; break;
         case Init::One: v = 1.0f; break;
         case Init::Normal: v = ctx ? 0.5f * ctx->normal(ctx->rng) : 0.0f; break;
         case Init::RetnetGamma: v = 1.0f - std::exp2(-5.0f - float(h)); break;  // RetNet: 1 - 2^(-5-h)
@@ -248,8 +519,7 @@ class DecayLayer : public MixerLayer {
     }
   }
 
-  // rwkv7: a = -kk, b = kk o sigmoid(iclr), kk = l2norm(kk raw) per head, for `rows` rows of
-  // H heads (kr, ic: the raw kk and iclr projections).
+  // rwkv7: a = -kk, b = kk o sigmoid(iclr), kk = l2norm(kk raw) per head, for `rows` rows of H heads.
   void rwkv7_ab_rows(float* av, float* bv, const float* kr, const float* ic, int64_t rows) const {
     const int64_t D = Dh();
     for (int64_t row = 0; row < rows * H(); ++row) {
@@ -263,24 +533,17 @@ class DecayLayer : public MixerLayer {
       }
     }
   }
-  void rwkv7_ab(std::map<std::string, std::vector<float>>& mapped, int64_t N) const {
-    const std::vector<float>& kr = mapped.at("kk");
-    std::vector<float> av(kr.size()), bv(kr.size());
-    rwkv7_ab_rows(av.data(), bv.data(), kr.data(), mapped.at("iclr").data(), N);
-    mapped["a"] = std::move(av), mapped["b"] = std::move(bv);
-  }
   void rwkv7_ab_backward(std::map<std::string, std::vector<float>>& dmapped, const TensorMap& g, int64_t N) const {
-    const int64_t Hh = H(), D = Dh();
-    const std::vector<float>& kr = raw_.at("kk");
-    const std::vector<float>& ic = raw_.at("iclr");
+    const int64_t D = Dh();
+    const std::vector<float>& kr = acts_.at("kk").act;
+    const std::vector<float>& ic = acts_.at("iclr").act;
     const std::vector<float>&da = g.at("da").data, &db = g.at("db").data;
-    std::vector<float> dkr(kr.size()), dic(kr.size());
-    for (int64_t row = 0; row < N * Hh; ++row) {
+    std::vector<float> dkr(kr.size()), dic(kr.size()), dkk(static_cast<size_t>(D));
+    for (int64_t row = 0; row < N * H(); ++row) {
       float s = 1e-6f;
       for (int64_t d = 0; d < D; ++d) s += kr[size_t(row * D + d)] * kr[size_t(row * D + d)];
       const float inv = 1.0f / std::sqrt(s);
       float dot = 0.0f;
-      std::vector<float> dkk(static_cast<size_t>(D));
       for (int64_t d = 0; d < D; ++d) {
         const size_t o = size_t(row * D + d);
         const float sg = 1.0f / (1.0f + std::exp(-ic[o])), kk = kr[o] * inv;
@@ -296,70 +559,121 @@ class DecayLayer : public MixerLayer {
     dmapped["kk"] = std::move(dkr), dmapped["iclr"] = std::move(dic);
   }
 
+ private:
   const Recipe& r_;
   const MixerSpec& spec_;
-  std::map<std::string, std::vector<float>> raw_;  // the projections before their maps (forward)
-  std::vector<float> y_;
+  std::map<std::string, ProjAct> acts_;
+  TensorMap in_;
+  std::vector<float> prev_, y0_, y1_, xhat_, rstd_, y2_, y3_;
   const float* a_ = nullptr;
 };
 
-// The recurrent runtime: one token's projections into preallocated buffers, mapped straight
-// into the stepper's inputs (no allocation per token).
+// The recurrent runtime: one token through every stage with preallocated buffers (no
+// allocation per token); the token shift's previous input and the convolutions' last three raw
+// rows are its own state.
 class DecayRun : public LayerRun {
  public:
-  DecayRun(const DecayLayer& L, const LayerIO& io, const TensorMap& state, const LayerConfig& lc, int64_t C,
-           int64_t index)
-      : L_(L), C_(C), wo_(io.w("att.o.weight")), y_(size_t(C)) {
-    const std::vector<float> zero(size_t(C), 0.0f);
-    TensorMap in = L_.inputs(io, zero.data(), 1, 1, nullptr);
-    for (const Proj& p : L_.r_.proj) {
-      projs_.push_back({&p, io.w("att." + p.input + ".weight"), p.has_bias ? io.w("att." + p.input + ".bias") : nullptr,
-                        L_.width(p.input)});
-      raw_.emplace_back(size_t(L_.width(p.input)));
-    }
+  DecayRun(const DecayLayer& L, const LayerIO& io, const TensorMap& state, const LayerConfig& lc, int64_t index)
+      : L_(L), r_(L.recipe()), C_(L.C()), wo_(io.w("att.o.weight")), lnw_(io.w("att.ln_x.weight")),
+        lnb_(r_.norm == Norm::GroupHead ? io.w("att.ln_x.bias") : nullptr), y_(size_t(5 * C_)),
+        rstd_(size_t(L.H())), prev_(size_t(C_), 0.0f), xin_(size_t(C_)) {
+    std::vector<std::pair<std::string, int64_t>> own_names;
+    if (r_.shift) own_names.push_back({"shift", C_});
+    for (const Proj& p : r_.proj)
+      if (p.conv) own_names.push_back({"conv." + p.input, (kConv - 1) * L.width(p.input)});
     TensorMap own;
-    mix_ = std::make_unique<MixerStep>(lc, std::move(in), split_layer_state(state, {}, own, index));
-    for (size_t i = 0; i < projs_.size(); ++i) {
-      const std::string& n = projs_[i].p->input;
-      if (n == "kk") kk_ = raw_[i].data();
-      if (n == "iclr") ic_ = raw_[i].data();
-      dst_.push_back(n == "kk" || n == "iclr" ? nullptr : mix_->buf(n));
+    const TensorMap mix_state = split_layer_state(state, own_names, own, index);
+    // the stepper's inputs: per-token rows (written each step) and the weights
+    TensorMap in;
+    for (const Proj& p : r_.proj) {
+      if (p.role != Role::Mixer || p.input == "kk" || p.input == "iclr") continue;
+      std::vector<int64_t> shape{1, 1};
+      for (int64_t d : L.row_shape(p.input)) shape.push_back(d);
+      in[p.input] = Tensor(shape);
     }
-    if (L_.r_.rwkv7_ab) a_ = mix_->buf("a"), b_ = mix_->buf("b");
+    if (r_.rwkv7_ab) in["a"] = Tensor({1, 1, L.H(), L.Dh()}), in["b"] = Tensor({1, 1, L.H(), L.Dh()});
+    for (const Weight& w : r_.weights) in[w.input] = L.weight_value(io, w);
+    mix_ = std::make_unique<MixerStep>(lc, std::move(in), mix_state);
+    for (const Proj& p : r_.proj) {
+      const int64_t W = L.width(p.input);
+      P q{&p, io.w("att." + p.input + ".weight"), p.has_bias ? io.w("att." + p.input + ".bias") : nullptr,
+          p.conv ? io.w("att." + p.input + ".conv") : nullptr, r_.shift ? io.w("att." + p.input + ".mix") : nullptr, W,
+          std::vector<float>(size_t(W)), std::vector<float>(size_t(W)), std::vector<float>(size_t((kConv - 1) * W), 0.0f),
+          nullptr};
+      if (p.conv && own.count("conv." + p.input)) q.hist = own.at("conv." + p.input).data;
+      if (p.role == Role::Mixer && p.input != "kk" && p.input != "iclr") q.dst = mix_->buf(p.input);
+      projs_.push_back(std::move(q));
+    }
+    if (r_.shift && own.count("shift")) prev_ = own.at("shift").data;
+    if (r_.rwkv7_ab) a_ = mix_->buf("a"), b_ = mix_->buf("b");
   }
+
   void step(const float* a, float* out) override {
-    for (size_t i = 0; i < projs_.size(); ++i) {
-      const P& p = projs_[i];
-      float* raw = raw_[i].data();
-      nn::matmul_forward(raw, a, p.W, p.bias, 1, C_, p.width);
-      if (dst_[i])
-        for (int64_t j = 0; j < p.width; ++j) dst_[i][j] = map_f(p.p->map, raw[j]);
+    const float *kk = nullptr, *ic = nullptr, *zr = nullptr, *gr = nullptr;
+    for (P& p : projs_) {
+      const float* x = a;
+      if (p.mix) {
+        for (int64_t c = 0; c < C_; ++c) xin_[size_t(c)] = a[c] * p.mix[c] + prev_[size_t(c)] * (1.0f - p.mix[c]);
+        x = xin_.data();
+      }
+      float* raw = p.raw.data();
+      nn::matmul_forward(raw, x, p.W, p.bias, 1, C_, p.width);
+      float* act = p.act.data();
+      if (p.conv) {  // out = sum_j w[:, j] raw[t - 3 + j] over the history and this row
+        const int64_t W = p.width;
+        for (int64_t c = 0; c < W; ++c) {
+          float o = p.conv[c * kConv + kConv - 1] * raw[c];
+          for (int64_t j = 0; j < kConv - 1; ++j) o += p.conv[c * kConv + j] * p.hist[size_t(j * W + c)];
+          act[c] = silu_f(o);
+        }
+        std::copy(p.hist.begin() + W, p.hist.end(), p.hist.begin());  // shift the history by one row
+        std::copy(raw, raw + W, p.hist.end() - W);
+      } else {
+        std::copy(raw, raw + p.width, act);
+      }
+      if (p.dst)
+        for (int64_t j = 0; j < p.width; ++j) p.dst[j] = map_f(p.p->map, act[j]);
+      if (p.p->input == "kk") kk = act;
+      if (p.p->input == "iclr") ic = act;
+      if (p.p->role == Role::PreGate) zr = act;
+      if (p.p->role == Role::Gate) gr = act;
     }
-    if (a_) L_.rwkv7_ab_rows(a_, b_, kk_, ic_, 1);
-    mix_->step(y_.data());
-    nn::matmul_forward(out, y_.data(), wo_, nullptr, 1, C_, C_);
+    if (r_.shift) std::copy(a, a + C_, prev_.begin());
+    if (a_) L_.rwkv7_ab_rows(a_, b_, kk, ic, 1);
+    float *y0 = y_.data(), *y1 = y0 + C_, *xh = y1 + C_, *y2 = xh + C_, *y3 = y2 + C_;
+    mix_->step(y0);
+    L_.output_row(lnw_, lnb_, y0, zr, gr, y1, xh, rstd_.data(), y2, y3);
+    nn::matmul_forward(out, y3, wo_, nullptr, 1, C_, C_);
   }
-  TensorMap save() const override { return mix_->save(); }
+
+  TensorMap save() const override {
+    TensorMap m = mix_->save();
+    if (r_.shift) m["shift"] = tensor_of({C_}, prev_.data());
+    for (const P& p : projs_)
+      if (p.conv) m["conv." + p.p->input] = tensor_of({int64_t(p.hist.size())}, p.hist.data());
+    return m;
+  }
 
  private:
   struct P {
     const Proj* p;
-    const float *W, *bias;
+    const float *W, *bias, *conv, *mix;
     int64_t width;
+    std::vector<float> raw, act, hist;  // hist: the last kConv - 1 raw rows, oldest first
+    float* dst;                          // the stepper's input buffer (mixer inputs)
   };
   const DecayLayer& L_;
+  const Recipe& r_;
   int64_t C_;
-  const float* wo_;
-  std::vector<float> y_;
+  const float *wo_, *lnw_, *lnb_;
+  std::vector<float> y_, rstd_, prev_, xin_;
   std::vector<P> projs_;
-  std::vector<std::vector<float>> raw_;
-  std::vector<float*> dst_;
-  float *kk_ = nullptr, *ic_ = nullptr, *a_ = nullptr, *b_ = nullptr;
+  float *a_ = nullptr, *b_ = nullptr;
   std::unique_ptr<MixerStep> mix_;
 };
 
 std::unique_ptr<LayerRun> DecayLayer::start(const LayerIO& io, const TensorMap& state) const {
-  return std::make_unique<DecayRun>(*this, io, state, lc_, C_, index_);
+  return std::make_unique<DecayRun>(*this, io, state, lc_, index_);
 }
 
 }  // namespace
