@@ -253,7 +253,14 @@ TEST(RegistryCli, JsonListsEveryMechanismAndExampleWritesItsInputs) {
       TensorMap want = example_inputs(spec, example_dims(spec, Scale::Test, 9, causal), 4);
       stress_inputs(spec, want, false);
       const TensorMap got = read_safetensors(out).tensors;
-      for (const auto& [n, t] : want) EXPECT_EQ(got.at(n).data, t.data) << spec.name << " " << n;
+      // Equal up to rounding: std::normal_distribution is instantiated per translation unit and
+      // the two executables may link differently contracted copies (the sanitizer build's draws
+      // differed by 2e-6 relative); a different seed or size would differ by O(1).
+      for (const auto& [n, t] : want) {
+        ASSERT_EQ(got.at(n).shape, t.shape) << spec.name << " " << n;
+        for (size_t i = 0; i < t.data.size(); ++i)
+          ASSERT_NEAR(got.at(n).data[i], t.data[i], 1e-5f * std::max(1.0f, std::fabs(t.data[i]))) << spec.name << " " << n;
+      }
       EXPECT_TRUE(got.count("dy")) << spec.name;
     }
   }

@@ -437,6 +437,8 @@ class DecayLayer : public MixerLayer {
     const float *zr = pre_raw(), *gr = gate_raw();
     if (gr) dact["gate"].assign(size_t(N * C_), 0.0f);
     if (zr) dact["z"].assign(size_t(N * C_), 0.0f);
+    float* dgate = gr ? dact["gate"].data() : nullptr;
+    float* dz = zr ? dact["z"].data() : nullptr;
     const int64_t G = r_.norm == Norm::RmsAll ? 1 : H(), W = C_ / G;
     const float* lnw = io.w("att.ln_x.weight");
     float* glnw = io.g("att.ln_x.weight");
@@ -450,7 +452,7 @@ class DecayLayer : public MixerLayer {
           const int64_t c = g * W + j;
           float d2 = dy3[size_t(o + c)];
           if (gr) {
-            dact["gate"][size_t(o + c)] = d2 * y2_[size_t(o + c)] * gate_df(r_.gate, gr[o + c]);
+            dgate[o + c] = d2 * y2_[size_t(o + c)] * gate_df(r_.gate, gr[o + c]);
             d2 *= gate_f(r_.gate, gr[o + c]);
           }
           const int64_t wi = r_.norm == Norm::RmsHead ? j : c;
@@ -465,7 +467,7 @@ class DecayLayer : public MixerLayer {
           const float d1 = r * (dx[size_t(j)] - mean_d - xhat_[size_t(o + c)] * sdx / float(W));
           if (zr) {
             const float z = zr[o + c], s = 1.0f / (1.0f + std::exp(-z));
-            dact["z"][size_t(o + c)] = d1 * y0_[size_t(o + c)] * s * (1.0f + z * (1.0f - s));
+            dz[o + c] = d1 * y0_[size_t(o + c)] * s * (1.0f + z * (1.0f - s));
             dy0[o + c] = d1 * z * s;
           } else {
             dy0[o + c] = d1;
