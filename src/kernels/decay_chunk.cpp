@@ -36,6 +36,25 @@ bool block_factorable(const Cum* ref, const Cum* cy_last, int64_t D) {
   return span <= kFactorSpan;
 }
 
+// Whether every row of c (n x D) holds one value (a scalar decay per step: retention, mamba2,
+// gated_deltanet): the decay then factors out of the sum over d, and the scores are
+// (X Y^T) o Gamma with Gamma_ts = e^{cx_t - cy_s} evaluated once per pair (SSD's form), exact for
+// any decay.
+bool uniform_rows(const Cum* c, int64_t n, int64_t D) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 1; d < D; ++d)
+      if (c[t * D + d] != c[t * D]) return false;
+  return true;
+}
+// Gamma (n x n) o A in place, masked (s <= t; s < t when strict).
+void times_gamma(float* A, const Cum* cx, const Cum* cy, int64_t n, int64_t D, bool strict) {
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t end = strict ? t : t + 1;
+    for (int64_t s = 0; s < end; ++s) A[t * n + s] *= exp_fast(float(cx[t * D] - cy[s * D]));
+    std::fill(A + t * n + end, A + (t + 1) * n, 0.0f);
+  }
+}
+
 // A (n x n, row stride n), written: A_ts = sum_d X_t[d] Y_s[d] e^{cx_t[d] - cy_s[d]} for s <= t
 // (s < t when strict), zero elsewhere. cy is a cumulative sum of log decays (non-increasing in
 // s); the caller guarantees cx_t <= cy at the sub-block start for every row t of the sub-block.
@@ -43,6 +62,11 @@ void scores(float* A, const float* X, const Cum* cx, const float* Y, const Cum* 
             bool strict, ScoreWork& w) {
   std::fill(A, A + n * n, 0.0f);
   w.xf.resize(size_t(n * D)), w.yf.resize(size_t(n * D));
+  if (uniform_rows(cx, n, D) && uniform_rows(cy, n, D)) {  // a scalar decay: (X Y^T) o Gamma
+    gemm_nt_acc(A, X, Y, n, n, D, D, D, n);
+    times_gamma(A, cx, cy, n, D, strict);
+    return;
+  }
   w.ref.assign(size_t(D), 0.0);
   if (block_factorable(w.ref.data(), cy + (n - 1) * D, D)) {  // the whole chunk as one product
     for (int64_t o = 0; o < n * D; ++o) w.xf[o] = X[o] * exp_fast(float(cx[o])), w.yf[o] = Y[o] * exp_fast(float(-cy[o]));
@@ -88,6 +112,14 @@ void scores_backward(float* dX, float* dY, const float* dA, const float* X, cons
   w.ex.resize(size_t(kDecaySub * D)), w.xf.resize(size_t(kDecaySub * D));
   w.ey.resize(size_t(n * D)), w.yf.resize(size_t(n * D));
   w.t1.resize(size_t(kDecaySub * D)), w.t2.resize(size_t(n * D));
+  if (uniform_rows(cx, n, D) && uniform_rows(cy, n, D)) {  // a scalar decay: G = dA o Gamma
+    w.t1.resize(size_t(n * n));
+    std::copy(dA, dA + n * n, w.t1.begin());
+    times_gamma(w.t1.data(), cx, cy, n, D, strict);
+    gemm_nn_acc(dX, w.t1.data(), Y, n, D, n, n, D, D);  // dX += G Y
+    gemm_tn_acc(dY, w.t1.data(), X, n, D, n, n, D, D);  // dY += G^T X
+    return;
+  }
   w.ref.assign(size_t(D), 0.0);
   if (block_factorable(w.ref.data(), cy + (n - 1) * D, D)) {  // the whole chunk as one product
     w.ex.resize(size_t(n * D)), w.xf.resize(size_t(n * D)), w.t1.resize(size_t(n * D));

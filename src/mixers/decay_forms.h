@@ -20,6 +20,12 @@ inline std::vector<float> head_rows(const Call& c, const std::string& name, int6
   gather_head(out.data(), c.t(name).ptr(), b * T * H + h, T, H, W, identity_fn);
   return out;
 }
+// The same into an existing buffer (its capacity reused: no page faults per call).
+inline void rows_into(std::vector<float>& out, const Call& c, const std::string& name, int64_t b, int64_t h, int64_t W) {
+  const int64_t T = c.d("T"), H = c.d("H");
+  out.resize(size_t(T * W));
+  gather_head(out.data(), c.t(name).ptr(), b * T * H + h, T, H, W, identity_fn);
+}
 inline std::vector<float> head_rows(const Tensor& t, int64_t b, int64_t h, int64_t T, int64_t H, int64_t W) {
   std::vector<float> out(size_t(T * W));
   gather_head(out.data(), t.ptr(), b * T * H + h, T, H, W, identity_fn);
@@ -57,14 +63,17 @@ template <class Prep, class Post>
 void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool shift, Prep prep, Post post) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
   each_head(B, H, [&](int64_t b, int64_t h) {
-    GatedHead z;
-    z.b = b, z.h = h;
+    thread_local GatedHead z;  // buffers reused across heads and calls
+    z.b = b, z.h = h, z.dy.clear();
     prep(z);
     z.S = z.S0;
     z.y.resize(size_t(T * E));
     gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift);
     if (dy) {
-      if (z.dy.empty()) z.dy = head_rows(*dy, b, h, T, H, E);  // prep may give the kernel's own dy
+      if (z.dy.empty()) {  // prep may give the kernel's own dy
+        z.dy.resize(size_t(T * E));
+        gather_head(z.dy.data(), dy->ptr(), b * T * H + h, T, H, E, identity_fn);
+      }
       z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
       z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
       gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
@@ -83,15 +92,16 @@ template <class Prep, class Post>
 void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep, Post post) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
   each_head(B, H, [&](int64_t b, int64_t h) {
-    DplrHead z;
-    z.b = b, z.h = h;
+    thread_local DplrHead z;  // buffers reused across heads and calls
+    z.b = b, z.h = h, z.dy.clear();
     prep(z);
     z.S = z.S0;
     z.y.resize(size_t(T * E));
     dplr_forward(z.y.data(), z.S.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(), T,
                  D, E);
     if (dy) {
-      z.dy = head_rows(*dy, b, h, T, H, E);
+      z.dy.resize(size_t(T * E));
+      gather_head(z.dy.data(), dy->ptr(), b * T * H + h, T, H, E, identity_fn);
       for (auto* x : {&z.dr, &z.dw, &z.dk, &z.da, &z.db}) x->resize(size_t(T * D));
       z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(D * E));
       dplr_backward(z.dr.data(), z.dw.data(), z.dk.data(), z.dv.data(), z.da.data(), z.db.data(), z.dS0.data(),

@@ -86,7 +86,7 @@ inline TensorMap delta_run(const Call& c, const Tensor* dy, bool gated) {
         z.r[o] *= scale, z.k[o] *= beta[size_t(t)], z.bb[o] *= -std::exp(g[size_t(t)]) * beta[size_t(t)];
         z.w[o] = g[size_t(t)];
       }
-    z.v = head_rows(c, "v", z.b, z.h, E);
+    rows_into(z.v, c, "v", z.b, z.h, E);
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
   };
   auto post = [&](DplrHead& z) {

@@ -48,8 +48,8 @@ TensorMap gla_run(const Call& c, const Tensor* dy) {
   TensorMap out = decay_outputs(c, dy, {{"dq", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dg", {B, T, H, D}}, {"dstate.S", {B, H, D, E}}});
   auto prep = [&](GatedHead& z) {
-    z.q = head_rows(c, "q", z.b, z.h, D), z.k = head_rows(c, "k", z.b, z.h, D);
-    z.v = head_rows(c, "v", z.b, z.h, E), z.g = head_rows(c, "g", z.b, z.h, D);
+    rows_into(z.q, c, "q", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D);
+    rows_into(z.v, c, "v", z.b, z.h, E), rows_into(z.g, c, "g", z.b, z.h, D);
     for (float& x : z.q) x *= scale;
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
   };

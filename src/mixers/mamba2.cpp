@@ -59,14 +59,14 @@ namespace linmix {
 namespace {
 
 float softplus1(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
-float sigmoid_1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+float sigmoid_1(float x) { return sigmoidf(x); }  // exp_fast: the gate loops vectorise
 
 TensorMap mamba2_run(const Call& c, const Tensor* dy) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), E = c.d("E"), G = c.d("G"), N = c.d("N");
   const bool sp = c.p("dt_softplus") != 0;
   const float *A = c.t("A").ptr(), *Dp = c.has("D") ? c.t("D").ptr() : nullptr,
               *bias = c.has("dt_bias") ? c.t("dt_bias").ptr() : nullptr, *Bm = c.t("Bm").ptr(), *Cm = c.t("Cm").ptr(),
-              *zz = c.has("z") ? c.t("z").ptr() : nullptr;
+              *zz = c.has("z") ? c.t("z").ptr() : nullptr, *dtp = c.t("dt").ptr();
   TensorMap out{{"y", Tensor({B, T, H, E})}, {"state.h", Tensor({B, H, E, N})}};
   if (dy) {
     out["dx"] = Tensor({B, T, H, E}), out["ddt"] = Tensor({B, T, H}), out["dA"] = Tensor({H});
@@ -76,14 +76,18 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     if (bias) out["ddt_bias"] = Tensor({H});
     if (c.has("state.h")) out["dstate.h"] = Tensor({B, H, E, N});
   }
+  // output pointers taken once (a map lookup per token cost more than the chunked kernel)
+  auto ptr = [&](const char* n) { return out.count(n) ? out[n].ptr() : nullptr; };
+  float *py = ptr("y"), *phs = ptr("state.h"), *pdx = ptr("dx"), *pdz = ptr("dz"), *pddt = ptr("ddt"),
+        *pdh = ptr("dstate.h"), *pdB = ptr("dBm"), *pdC = ptr("dCm");
   auto row_of = [&](auto* p, int64_t b, int64_t t, int64_t h, int64_t W) { return p + ((b * T + t) * H + h) * W; };
   auto grp = [&](const float* p, int64_t b, int64_t t, int64_t h) { return p + ((b * T + t) * G + h / (H / G)) * N; };
   auto prep = [&](GatedHead& z) {
     const int64_t b = z.b, h = z.h;
     z.q.resize(size_t(T * N)), z.k.resize(size_t(T * N)), z.g.resize(size_t(T * N));
-    z.v = head_rows(c, "x", b, h, E);
+    rows_into(z.v, c, "x", b, h, E);
     for (int64_t t = 0; t < T; ++t) {
-      const float pre = *row_of(c.t("dt").ptr(), b, t, h, 1) + (bias ? bias[h] : 0.0f);
+      const float pre = *row_of(dtp, b, t, h, 1) + (bias ? bias[h] : 0.0f);
       const float d = sp ? softplus1(pre) : pre;
       const float *bm = grp(Bm, b, t, h), *cm = grp(Cm, b, t, h);
       for (int64_t n = 0; n < N; ++n) z.q[t * N + n] = cm[n], z.k[t * N + n] = d * bm[n], z.g[t * N + n] = d * A[h];
@@ -105,13 +109,13 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
   };
   auto post = [&](GatedHead& z) {
     const int64_t b = z.b, h = z.h;
-    float* hs = out["state.h"].ptr() + (b * H + h) * E * N;
+    float* hs = phs + (b * H + h) * E * N;
     for (int64_t e = 0; e < E; ++e)
       for (int64_t n = 0; n < N; ++n) hs[e * N + n] = z.S[n * E + e];
     std::vector<float> gy = dy ? head_rows(*dy, b, h, T, H, E) : std::vector<float>();
     float dD = 0.0f;
     for (int64_t t = 0; t < T; ++t) {
-      float* yo = row_of(out["y"].ptr(), b, t, h, E);
+      float* yo = row_of(py, b, t, h, E);
       const float* xr = &z.v[t * E];
       for (int64_t e = 0; e < E; ++e) {
         const float y1 = z.y[t * E + e] + (Dp ? Dp[h] * xr[e] : 0.0f);
@@ -121,10 +125,10 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
         }
         const float zv = row_of(zz, b, t, h, E)[e], s = sigmoid_1(zv);
         yo[e] = y1 * zv * s;
-        if (dy) row_of(out["dz"].ptr(), b, t, h, E)[e] = gy[t * E + e] * y1 * s * (1.0f + zv * (1.0f - s));
+        if (dy) row_of(pdz, b, t, h, E)[e] = gy[t * E + e] * y1 * s * (1.0f + zv * (1.0f - s));
       }
       if (!dy) continue;
-      float* dx = row_of(out["dx"].ptr(), b, t, h, E);
+      float* dx = row_of(pdx, b, t, h, E);
       for (int64_t e = 0; e < E; ++e) {
         const float dy1 = z.dy[t * E + e];  // dy through the gate (or dy)
         dx[e] = z.dv[t * E + e] + (Dp ? Dp[h] * dy1 : 0.0f);
@@ -135,7 +139,7 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     float dA = 0.0f, dbias = 0.0f;
     std::vector<float> dBm(size_t(T * N)), dCm(size_t(T * N));
     for (int64_t t = 0; t < T; ++t) {
-      const float pre = *row_of(c.t("dt").ptr(), b, t, h, 1) + (bias ? bias[h] : 0.0f);
+      const float pre = *row_of(dtp, b, t, h, 1) + (bias ? bias[h] : 0.0f);
       const float d = sp ? softplus1(pre) : pre;
       const float* bm = grp(Bm, b, t, h);
       float dd = 0.0f, dg = 0.0f;
@@ -145,11 +149,11 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
       }
       dd += A[h] * dg, dA += d * dg;
       const float dpre = sp ? dd * sigmoid_1(pre) : dd;
-      *row_of(out["ddt"].ptr(), b, t, h, 1) = dpre;
+      *row_of(pddt, b, t, h, 1) = dpre;
       dbias += dpre;
     }
     if (c.has("state.h")) {
-      float* dh = out["dstate.h"].ptr() + (b * H + h) * E * N;
+      float* dh = pdh + (b * H + h) * E * N;
       for (int64_t e = 0; e < E; ++e)
         for (int64_t n = 0; n < N; ++n) dh[e * N + n] = z.dS0[n * E + e];
     }
@@ -159,8 +163,7 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
       if (Dp) out["dD"].data[size_t(h)] += dD;
       if (bias) out["ddt_bias"].data[size_t(h)] += dbias;
       for (int64_t t = 0; t < T; ++t) {
-        float *gb = out["dBm"].ptr() + ((b * T + t) * G + h / (H / G)) * N,
-              *gc = out["dCm"].ptr() + ((b * T + t) * G + h / (H / G)) * N;
+        float *gb = pdB + ((b * T + t) * G + h / (H / G)) * N, *gc = pdC + ((b * T + t) * G + h / (H / G)) * N;
         for (int64_t n = 0; n < N; ++n) gb[n] += dBm[size_t(t * N + n)], gc[n] += dCm[size_t(t * N + n)];
       }
     }
@@ -231,7 +234,7 @@ MixerSpec make_spec() {
         gated_step(S + h * N * E, y + h * E, Cm + g * N, kd, x + h * E, f, N, E, false);
         for (int64_t e = 0; e < E; ++e) {
           float v = y[h * E + e] + (Dp ? Dp[h] * x[h * E + e] : 0.0f);
-          if (zz) v *= zz[h * E + e] / (1.0f + std::exp(-zz[h * E + e]));
+          if (zz) v *= zz[h * E + e] * sigmoidf(zz[h * E + e]);
           y[h * E + e] = v;
         }
       }

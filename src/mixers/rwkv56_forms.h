@@ -49,9 +49,9 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
   TensorMap out = decay_outputs(c, dy, {{"dr", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dw", wshape}, {"du", {H, D}}, {"dstate.S", {B, H, D, E}}});
   auto prep = [&](GatedHead& z) {
-    z.q = head_rows(c, "r", z.b, z.h, D), z.k = head_rows(c, "k", z.b, z.h, D), z.v = head_rows(c, "v", z.b, z.h, E);
+    rows_into(z.q, c, "r", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D), rows_into(z.v, c, "v", z.b, z.h, E);
     for (float& x : z.q) x *= scale;
-    if (per_token) z.g = head_rows(c, "w", z.b, z.h, D);
+    if (per_token) rows_into(z.g, c, "w", z.b, z.h, D);
     else {
       z.g.resize(size_t(T * D));
       for (int64_t t = 0; t < T; ++t) std::copy(c.t("w").ptr() + z.h * D, c.t("w").ptr() + (z.h + 1) * D, &z.g[t * D]);

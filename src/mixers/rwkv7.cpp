@@ -53,8 +53,8 @@ TensorMap rwkv7_run(const Call& c, const Tensor* dy) {
                                         {"dv", {B, T, H, E}}, {"da", {B, T, H, D}}, {"db", {B, T, H, D}},
                                         {"dstate.S", {B, H, D, E}}});
   auto prep = [&](DplrHead& z) {
-    z.r = head_rows(c, "r", z.b, z.h, D), z.w = head_rows(c, "w", z.b, z.h, D), z.k = head_rows(c, "k", z.b, z.h, D);
-    z.a = head_rows(c, "a", z.b, z.h, D), z.bb = head_rows(c, "b", z.b, z.h, D), z.v = head_rows(c, "v", z.b, z.h, E);
+    rows_into(z.r, c, "r", z.b, z.h, D), rows_into(z.w, c, "w", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D);
+    rows_into(z.a, c, "a", z.b, z.h, D), rows_into(z.bb, c, "b", z.b, z.h, D), rows_into(z.v, c, "v", z.b, z.h, E);
     for (float& x : z.r) x *= scale;
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
   };
