@@ -345,19 +345,30 @@ struct DplrChunk {  // everything of one chunk that the forward and the backward
 };
 
 // Scores, decayed factors and U of a chunk (rows [0, n) of the given pointers) from state S0.
+// readout: also Arb, Ark (what y needs; the state update does not). saved: Aab, Aak and U of this
+// chunk kept by an earlier sweep (n^2, n^2, n E floats), copied instead of recomputed.
 void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, const float* k, const float* v,
-                const float* a, const float* b, int64_t n, int64_t D, int64_t E, ScoreWork& sw) {
+                const float* a, const float* b, int64_t n, int64_t D, int64_t E, ScoreWork& sw, bool readout = true,
+                const float* saved = nullptr) {
   cumsums(z.c.data(), z.cp.data(), w, n, D);
-  scores(z.Aab.data(), a, z.cp.data(), b, z.c.data(), n, D, true, sw);
-  scores(z.Aak.data(), a, z.cp.data(), k, z.c.data(), n, D, true, sw);
-  scores(z.Arb.data(), r, z.c.data(), b, z.c.data(), n, D, false, sw);
-  scores(z.Ark.data(), r, z.c.data(), k, z.c.data(), n, D, false, sw);
   times_exp(z.ad.data(), a, z.cp.data(), n, D);
   times_exp(z.rd.data(), r, z.c.data(), n, D);
   times_exp_to_end(z.kt.data(), k, z.c.data(), n, D);
   times_exp_to_end(z.bt.data(), b, z.c.data(), n, D);
-  // (I - Aab) U = Aak V + ad S0, by forward substitution
+  if (readout) {
+    scores(z.Arb.data(), r, z.c.data(), b, z.c.data(), n, D, false, sw);
+    scores(z.Ark.data(), r, z.c.data(), k, z.c.data(), n, D, false, sw);
+  }
   float* U = z.U.data();
+  if (saved) {
+    std::copy(saved, saved + n * n, z.Aab.begin());
+    std::copy(saved + n * n, saved + 2 * n * n, z.Aak.begin());
+    std::copy(saved + 2 * n * n, saved + 2 * n * n + n * E, U);
+    return;
+  }
+  scores(z.Aab.data(), a, z.cp.data(), b, z.c.data(), n, D, true, sw);
+  scores(z.Aak.data(), a, z.cp.data(), k, z.c.data(), n, D, true, sw);
+  // (I - Aab) U = Aak V + ad S0, by forward substitution
   std::fill(U, U + n * E, 0.0f);
   gemm_nn_acc(U, z.Aak.data(), v, n, E, n, n, E, E);
   gemm_nn_acc(U, z.ad.data(), S0, n, E, D, D, E, E);
@@ -397,12 +408,19 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
   const auto chunks = chunks_of(T);
   DplrChunk z(D, E);
   ScoreWork sw;
-  std::vector<float> states(chunks.size() * D * E), S(S0, S0 + D * E);
-  for (size_t i = 0; i < chunks.size(); ++i) {  // the state at every chunk start
+  // the state at every chunk start, and each chunk's Aab, Aak, U (memory linear in T: 2 L + E
+  // floats a token), so the backward sweep recomputes only the read-out scores
+  const int64_t per = 2 * L * L + L * E;
+  std::vector<float> states(chunks.size() * D * E), S(S0, S0 + D * E), kept(chunks.size() * per);
+  for (size_t i = 0; i < chunks.size(); ++i) {
     const int64_t t0 = chunks[i].t0, n = chunks[i].n;
     const int64_t oD = t0 * D, oE = t0 * E;
     std::copy(S.begin(), S.end(), states.begin() + int64_t(i) * D * E);
-    dplr_chunk(z, S.data(), r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, sw);
+    dplr_chunk(z, S.data(), r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, sw, false);
+    float* keep = kept.data() + int64_t(i) * per;
+    std::copy(z.Aab.begin(), z.Aab.begin() + n * n, keep);
+    std::copy(z.Aak.begin(), z.Aak.begin() + n * n, keep + n * n);
+    std::copy(z.U.begin(), z.U.begin() + n * E, keep + 2 * n * n);
     decay_rows(S.data(), z.c.data() + (n - 1) * D, D, E);
     gemm_tn_acc(S.data(), z.kt.data(), v + oE, D, E, n, D, E, E);
     gemm_tn_acc(S.data(), z.bt.data(), z.U.data(), D, E, n, D, E, E);
@@ -414,7 +432,7 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     const float* Sc = states.data() + int64_t(i) * D * E;
     const float *rc = r + oD, *kc = k + oD, *vc = v + oE, *ac = a + oD, *bc = b + oD, *dyc = dy + oE;
     float *drc = dr + oD, *dkc = dk + oD, *dvc = dv + oE, *dac = da + oD, *dbc = db + oD;
-    dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw);
+    dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw, true, kept.data() + int64_t(i) * per);
     const Cum* cl = z.c.data() + (n - 1) * D;
     // dU = Arb^T dY + bt dS; (I - Aab)^T dR = dU by backward substitution
     std::fill(dU.begin(), dU.begin() + n * E, 0.0f);
