@@ -340,6 +340,19 @@ def main():
                    lambda x: oracle.rwkv4(x["k"], x["v"], x["w"], x["u"])),
                   ("aft_simple", {}, dict(q=normal(1, T, 3), k=kk, v=vv),
                    lambda x: oracle.aft_simple(x["q"], x["k"], x["v"], True))]
+    # the chunked decaying forms over 64 chunks, from a state, against the float64 recurrences
+    for name in ("gla", "rwkv6", "rwkv7", "mamba2", "gated_deltanet"):
+        if name not in state_specs():
+            continue
+        x = example(name, True, T)
+        x = {n: (a[:1] if a.ndim >= 3 else a) for n, a in x.items()}  # one sequence
+        x.update(initial_state(state_specs()[name], x))
+        y_ref, fin = oracle.STATE_ORACLES[name]({n: torch.from_numpy(a.astype(np.float64)) for n, a in x.items()}, {})
+        for mode in ("parallel", "recurrent"):
+            got = run(name, True, mode, {}, x)
+            check(f"{name} T={T} causal long scan {mode}", got["y"], y_ref.numpy(), 1e-4)
+            for n, S in fin.items():
+                check(f"{name} T={T} long scan {mode} {n}", got[n], S.numpy(), 1e-4)
     for mixer, params, tensors, fn in long_cases:
         ref = fn({n: torch.from_numpy(a.astype(np.float64)) for n, a in tensors.items()}).numpy()
         for mode in ("parallel", "recurrent"):
