@@ -133,6 +133,17 @@ inline float readout_scale(const Call& c, bool def_sqrt) {
   return def_sqrt ? float(1.0 / std::sqrt(double(c.d("D")))) : 1.0f;
 }
 
+// A stepper whose state is state.S (1,H,D,E), kept at the front of buf.
+template <class Step>
+Stepper s_stepper(std::shared_ptr<std::vector<float>> buf, int64_t H, int64_t D, int64_t E, Step step) {
+  auto save = [=] { return TensorMap{{"state.S", state_tensor({1, H, D, E}, buf->data())}}; };
+  auto load = [=](const TensorMap& m) {
+    const Tensor& t = m.at("state.S");
+    std::copy(t.data.begin(), t.data.end(), buf->begin());
+  };
+  return Stepper{step, save, load};
+}
+
 // Domain: every value of `name` is <= 0 (a log decay).
 inline void check_log_decay(const Call& c, const std::string& name) {
   if (!c.has(name)) return;

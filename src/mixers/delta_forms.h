@@ -182,12 +182,7 @@ inline void delta_spec(MixerSpec& s, bool gated) {
         dplr_step(S + h * D * E, y + h * E, u, r, f, kb, v + h * E, kn, bb, D, E);
       }
     };
-    auto save = [=] { return TensorMap{{"state.S", state_tensor({1, H, D, E}, buf->data())}}; };
-    auto load = [=](const TensorMap& m) {
-      const Tensor& t = m.at("state.S");
-      std::copy(t.data.begin(), t.data.end(), buf->begin());
-    };
-    return Stepper{step, save, load};
+    return s_stepper(buf, H, D, E, step);
   };
 }
 

@@ -124,12 +124,7 @@ MixerSpec make_spec() {
         gated_step(S + h * D * E, y + h * E, qs, k + h * D, v + h * E, f + h * D, D, E, false);
       }
     };
-    auto save = [=] { return TensorMap{{"state.S", state_tensor({1, H, D, E}, buf->data())}}; };
-    auto load = [=](const TensorMap& m) {
-      const Tensor& t = m.at("state.S");
-      std::copy(t.data.begin(), t.data.end(), buf->begin());
-    };
-    return Stepper{step, save, load};
+    return s_stepper(buf, H, D, E, step);
   };
   return s;
 }

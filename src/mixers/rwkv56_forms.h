@@ -113,7 +113,7 @@ inline void rwkv56_spec(MixerSpec& s, bool per_token) {
   set_reference(s, [per_token](const Call& c, const auto& x) { return ref::rwkv56_ref(c, x, per_token); });
   s.parallel = [per_token](const Call& c) { return rwkv56_run(c, nullptr, per_token); };
   s.backward = [per_token](const Call& c, const Tensor& dy) { return rwkv56_run(c, &dy, per_token); };
-  s.stepper = [per_token](const Call& c) {
+  s.stepper = [](const Call& c) {  // w is read through one pointer: per token (overwritten each step) or (H,D)
     const int64_t H = c.d("H"), D = c.d("D"), E = c.d("E");
     const float scale = readout_scale(c, false);
     auto buf = std::make_shared<std::vector<float>>(H * D * E + 2 * D, 0.0f);  // S, scaled r, decays
@@ -130,13 +130,7 @@ inline void rwkv56_spec(MixerSpec& s, bool per_token) {
         for (int64_t e = 0; e < E; ++e) y[h * E + e] += beta * v[h * E + e];
       }
     };
-    auto save = [=] { return TensorMap{{"state.S", state_tensor({1, H, D, E}, buf->data())}}; };
-    auto load = [=](const TensorMap& m) {
-      const Tensor& t = m.at("state.S");
-      std::copy(t.data.begin(), t.data.end(), buf->begin());
-    };
-    (void)per_token;  // w is read through the same pointer: per token (overwritten per step) or fixed (H,D)
-    return Stepper{step, save, load};
+    return s_stepper(buf, H, D, E, step);
   };
 }
 
