@@ -99,15 +99,18 @@ _MAPS = {
     "logsig16": lambda x: F.logsigmoid(x) / 16,
     "negexp": lambda x: -torch.exp(x),
     "rwkv7w": lambda x: -math.exp(-0.5) * torch.sigmoid(x),
+    "softplus": F.softplus,
 }
 # name: per-token projections (name, map, conv), weights (name, map), norm, eps, gate, token shift
 _QKV = [("q", "id", False), ("k", "id", False), ("v", "id", False)]
 _CQKV = [("q", "id", True), ("k", "id", True), ("v", "id", True)]
 _DECAY = {
     "retention": (_QKV, [("gamma", "fixed")], "group", 1e-5, "swish", False),
+    # GLA's gate through a rank-16 projection (att.g.lora then att.g.weight, bias)
     "gla": (_QKV + [("g", "logsig16", False)], [], "rms_head", 1e-5, "swish", False),
     "deltanet": (_CQKV + [("beta", "sigmoid", False)], [], "rms_head", 1e-5, "swish", False),
-    "gated_deltanet": (_CQKV + [("beta", "sigmoid", False), ("g", "logsig16", False)], [], "rms_head", 1e-5, "swish",
+    # Gated DeltaNet's gate: g = -exp(A_log) softplus(x W^T + dt_bias)
+    "gated_deltanet": (_CQKV + [("beta", "sigmoid", False), ("g", "softplus", False)], [], "rms_head", 1e-5, "swish",
                        False),
     "rwkv5": ([("r", "id", False), ("k", "id", False), ("v", "id", False)], [("w", "negexp"), ("u", "id")], "group",
               64e-5, "swish", True),
@@ -130,6 +133,8 @@ def _decay(m):
 
         def proj(n, conv):
             xin = a * P(f"att.{n}.mix") + prev * (1 - P(f"att.{n}.mix")) if shift else a
+            if f"att.{n}.lora" in Pd:  # low rank: x W1^T W2^T
+                xin = xin @ P(f"att.{n}.lora").T
             raw = xin @ P(f"att.{n}.weight").T
             if f"att.{n}.bias" in Pd:
                 raw = raw + P(f"att.{n}.bias")
@@ -142,6 +147,8 @@ def _decay(m):
         x = {}
         for n, mp, conv in projs:
             val = _MAPS[mp](proj(n, conv))
+            if f"att.{n}.A_log" in Pd:
+                val = -torch.exp(P(f"att.{n}.A_log")) * val
             if n in ("Bm", "Cm"):
                 x[n] = val.reshape(B, T, 1, -1)
             elif val.shape[-1] == H and n in ("beta", "dt", "g") and m != "gla":

@@ -76,7 +76,7 @@ def main():
         g = np.random.default_rng(5)
         # (the SSM time steps and decays keep their init: scaled, dt falls to 1e-12..1e-4 and the
         # SSM path goes dead, its true gradients far below any tolerance)
-        ssm_time = ("att.log_dt", "att.log_A_re", "att.dt_proj.bias", "att.A_log")
+        ssm_time = ("att.log_dt", "att.log_A_re", "att.dt_proj.bias", "A_log", "att.A", "att.dt_bias")
         for n in w:
             if n.startswith("opt.") or ".ln" in n or n.startswith("ln_out") or n.endswith("att.proj") or \
                     n.endswith(ssm_time):

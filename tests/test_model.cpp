@@ -70,7 +70,7 @@ std::unique_ptr<Model> make(const ModelCase& c, bool ln0 = false) {
   // RWKV's bonus u, whose x8 puts the loss in a regime too curved for a float32 difference)
   auto ssm_time = [](const std::string& n) {
     for (const char* k : {"att.log_dt", "att.log_A_re", "att.dt_proj.bias", "att.A_log", "att.A", "att.dt_bias",
-                          "att.w", "att.w.bias", "att.u"})
+                          "att.w", "att.w.bias", "att.u", "g.A_log"})
       if (n.size() >= std::strlen(k) && n.compare(n.size() - std::strlen(k), std::string::npos, k) == 0) return true;
     return false;
   };

@@ -28,7 +28,7 @@ namespace {
 
 constexpr int64_t kConv = 4;  // the short convolution's kernel
 
-enum class Map { Id, Sigmoid, LogSig16, NegExp, Rwkv7Decay };
+enum class Map { Id, Sigmoid, LogSig16, NegExp, Rwkv7Decay, Softplus };
 
 float map_f(Map m, float x) {
   switch (m) {
@@ -37,6 +37,7 @@ float map_f(Map m, float x) {
     case Map::LogSig16: return -(x > 20.0f ? std::exp(-x) : std::log1p(std::exp(-x))) / 16.0f;
     case Map::NegExp: return -std::exp(x);
     case Map::Rwkv7Decay: return -std::exp(-0.5f) / (1.0f + std::exp(-x));
+    case Map::Softplus: return x > 20.0f ? x : std::log1p(std::exp(x));
   }
   return x;
 }
@@ -48,6 +49,7 @@ float map_df(Map m, float x) {  // d map / dx
     case Map::LogSig16: return (1.0f - s) / 16.0f;
     case Map::NegExp: return -std::exp(x);
     case Map::Rwkv7Decay: return -std::exp(-0.5f) * s * (1.0f - s);
+    case Map::Softplus: return s;
   }
   return 1.0f;
 }
@@ -60,6 +62,9 @@ struct Proj {
   float bias0 = 0.0f;
   bool conv = false;  // short convolution + SiLU before the map
   Role role = Role::Mixer;
+  int64_t rank = 0;    // > 0: a low-rank projection x W1^T W2^T (GLA's gate: W1 "lora" (rank, C))
+  bool a_log = false;  // the mapped value times -exp(A_log) per channel (Gated DeltaNet's gate; the
+                       // bias is Mamba's dt_bias, initialised as Mamba-2's)
 };
 enum class Init { Normal, RetnetGamma, DecaySpread, MambaALog, MambaDtBias, One };
 struct Weight {  // a per-head weight input: map(raw), raw learned (or fixed: computed, not a parameter)
@@ -84,17 +89,19 @@ Proj mix(const char* n, Map m = Map::Id) { return {n, m}; }
 Proj biased(const char* n, Map m, float b0) { return {n, m, true, b0}; }
 Proj conv(const char* n) { return {n, Map::Id, false, 0.0f, true}; }
 Proj gate() { return {"gate", Map::Id, false, 0.0f, false, Role::Gate}; }
+Proj lowrank(const char* n, Map m, int64_t rank) { return {n, m, true, 0.0f, false, Role::Mixer, rank}; }
+Proj mamba_gate(const char* n) { return {n, Map::Softplus, true, 0.0f, false, Role::Mixer, 0, true}; }
 
 const std::map<std::string, Recipe>& recipes() {
   static const std::map<std::string, Recipe> r = {
       {"retention",
        {{mix("q"), mix("k"), mix("v"), gate()}, {{"gamma", Map::Id, Init::RetnetGamma, false}}, Norm::GroupHead, 1e-5f,
         Gate::Swish}},
-      {"gla", {{mix("q"), mix("k"), mix("v"), biased("g", Map::LogSig16, 0.0f), gate()}, {}, Norm::RmsHead, 1e-5f, Gate::Swish}},
+      {"gla", {{mix("q"), mix("k"), mix("v"), lowrank("g", Map::LogSig16, 16), gate()}, {}, Norm::RmsHead, 1e-5f, Gate::Swish}},
       {"deltanet",
        {{conv("q"), conv("k"), conv("v"), biased("beta", Map::Sigmoid, 0.0f), gate()}, {}, Norm::RmsHead, 1e-5f, Gate::Swish}},
       {"gated_deltanet",
-       {{conv("q"), conv("k"), conv("v"), biased("beta", Map::Sigmoid, 0.0f), biased("g", Map::LogSig16, 0.0f), gate()},
+       {{conv("q"), conv("k"), conv("v"), biased("beta", Map::Sigmoid, 0.0f), mamba_gate("g"), gate()},
         {},
         Norm::RmsHead,
         1e-5f,
@@ -141,6 +148,7 @@ float gate_df(Gate g, float x) {
 // What one forward keeps per projection for its backward.
 struct ProjAct {
   std::vector<float> xin;  // the shifted lerp (token shift only)
+  std::vector<float> mid;  // x W1^T (low rank only)
   std::vector<float> raw;  // x W^T + b
   std::vector<float> cv;   // the convolution's output, before SiLU (conv only)
   std::vector<float> act;  // the map's argument: raw, or silu(cv)
@@ -187,7 +195,9 @@ class DecayLayer : public MixerLayer {
     ParamShapes s;
     for (const Proj& p : r_.proj) {
       if (r_.shift) s.push_back({"att." + p.input + ".mix", {C_}});
-      s.push_back({"att." + p.input + ".weight", {width(p.input), C_}});
+      if (p.rank) s.push_back({"att." + p.input + ".lora", {p.rank, C_}});
+      s.push_back({"att." + p.input + ".weight", {width(p.input), p.rank ? p.rank : C_}});
+      if (p.a_log) s.push_back({"att." + p.input + ".A_log", {width(p.input)}});
       if (p.has_bias) s.push_back({"att." + p.input + ".bias", {width(p.input)}});
       if (p.conv) s.push_back({"att." + p.input + ".conv", {width(p.input), kConv}});
     }
@@ -202,7 +212,13 @@ class DecayLayer : public MixerLayer {
   bool init(const std::string& name, Tensor& t, InitCtx& ctx) const override {
     for (const Proj& p : r_.proj) {
       if (p.has_bias && name == "att." + p.input + ".bias") {
-        std::fill(t.data.begin(), t.data.end(), p.bias0);
+        if (p.a_log) fill_weight(Init::MambaDtBias, t, &ctx);  // Mamba-2's dt_bias
+        else std::fill(t.data.begin(), t.data.end(), p.bias0);
+        return true;
+      }
+      if (p.a_log && name == "att." + p.input + ".A_log") {  // Gated DeltaNet: A uniform in (0, 16)
+        std::uniform_real_distribution<float> u(1.0f, 16.0f);
+        for (float& x : t.data) x = std::log(u(ctx.rng));
         return true;
       }
       if (name == "att." + p.input + ".mix") {  // RWKV: mixes spread over channels, shallower layers mix more
@@ -261,6 +277,16 @@ class DecayLayer : public MixerLayer {
     for (const Proj& p : r_.proj) {
       const ProjAct& z = acts_.at(p.input);
       std::vector<float> d = p.role == Role::Mixer ? dmapped.at(p.input) : dact.at(p.input);
+      if (p.a_log) {  // value = -exp(A_log) map(act): dA_log += d value, d map = d (-exp(A_log))
+        const float* al = io.w("att." + p.input + ".A_log");
+        float* gal = io.g("att." + p.input + ".A_log");
+        const int64_t W = width(p.input);
+        for (size_t i = 0; i < d.size(); ++i) {
+          const float f = -std::exp(al[int64_t(i) % W]);
+          gal[int64_t(i) % W] += d[i] * f * map_f(p.map, z.act[i]);
+          d[i] *= f;
+        }
+      }
       if (p.role == Role::Mixer)
         for (size_t i = 0; i < d.size(); ++i) d[i] *= map_df(p.map, z.act[i]);
       project_backward(io, p, z, d, da, dprev.data(), B, T);
@@ -291,8 +317,12 @@ class DecayLayer : public MixerLayer {
       x = z.xin.data();
     }
     z.raw.resize(size_t(N * W));
-    nn::matmul_forward(z.raw.data(), x, io.w("att." + p.input + ".weight"),
-                       p.has_bias ? io.w("att." + p.input + ".bias") : nullptr, N, C_, W);
+    if (p.rank) {
+      z.mid.resize(size_t(N * p.rank));
+      nn::matmul_forward(z.mid.data(), x, io.w("att." + p.input + ".lora"), nullptr, N, C_, p.rank);
+    }
+    nn::matmul_forward(z.raw.data(), p.rank ? z.mid.data() : x, io.w("att." + p.input + ".weight"),
+                       p.has_bias ? io.w("att." + p.input + ".bias") : nullptr, N, p.rank ? p.rank : C_, W);
     if (!p.conv) {
       z.act = z.raw;
       return z;
@@ -340,6 +370,14 @@ class DecayLayer : public MixerLayer {
       d = std::move(draw);
     }
     const float* x = r_.shift ? z.xin.data() : a_;
+    if (p.rank) {  // through W2 to the low-rank middle, then W1 (no token shift with low rank)
+      std::vector<float> dmid(size_t(N * p.rank));
+      nn::matmul_backward(dmid.data(), io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
+                          d.data(), z.mid.data(), io.w("att." + p.input + ".weight"), N, p.rank, W, false);
+      nn::matmul_backward(da, io.g("att." + p.input + ".lora"), nullptr, dmid.data(), x, io.w("att." + p.input + ".lora"), N,
+                          C_, p.rank, true);
+      return;
+    }
     if (!r_.shift) {
       nn::matmul_backward(da, io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
                           d.data(), x, io.w("att." + p.input + ".weight"), N, C_, W, true);
@@ -369,6 +407,11 @@ class DecayLayer : public MixerLayer {
       const ProjAct& z = acts_.at(p.input);
       std::vector<float> m(z.act.size());
       for (size_t i = 0; i < m.size(); ++i) m[i] = map_f(p.map, z.act[i]);
+      if (p.a_log) {
+        const float* al = io.w("att." + p.input + ".A_log");
+        const int64_t W = width(p.input);
+        for (size_t i = 0; i < m.size(); ++i) m[i] *= -std::exp(al[int64_t(i) % W]);
+      }
       mapped[p.input] = std::move(m);
     }
     if (r_.rwkv7_ab) {
@@ -598,9 +641,18 @@ class DecayRun : public LayerRun {
     mix_ = std::make_unique<MixerStep>(lc, std::move(in), mix_state);
     for (const Proj& p : r_.proj) {
       const int64_t W = L.width(p.input);
-      P q{&p, io.w("att." + p.input + ".weight"), p.has_bias ? io.w("att." + p.input + ".bias") : nullptr,
-          p.conv ? io.w("att." + p.input + ".conv") : nullptr, r_.shift ? io.w("att." + p.input + ".mix") : nullptr, W,
-          std::vector<float>(size_t(W)), std::vector<float>(size_t(W)), std::vector<float>(size_t((kConv - 1) * W), 0.0f),
+      P q{&p,
+          io.w("att." + p.input + ".weight"),
+          p.has_bias ? io.w("att." + p.input + ".bias") : nullptr,
+          p.conv ? io.w("att." + p.input + ".conv") : nullptr,
+          r_.shift ? io.w("att." + p.input + ".mix") : nullptr,
+          p.rank ? io.w("att." + p.input + ".lora") : nullptr,
+          p.a_log ? io.w("att." + p.input + ".A_log") : nullptr,
+          W,
+          std::vector<float>(size_t(W)),
+          std::vector<float>(size_t(W)),
+          std::vector<float>(size_t((kConv - 1) * W), 0.0f),
+          std::vector<float>(size_t(p.rank)),
           nullptr};
       if (p.conv && own.count("conv." + p.input)) q.hist = own.at("conv." + p.input).data;
       if (p.role == Role::Mixer && p.input != "kk" && p.input != "iclr") q.dst = mix_->buf(p.input);
@@ -619,7 +671,12 @@ class DecayRun : public LayerRun {
         x = xin_.data();
       }
       float* raw = p.raw.data();
-      nn::matmul_forward(raw, x, p.W, p.bias, 1, C_, p.width);
+      if (p.lora) {
+        nn::matmul_forward(p.mid.data(), x, p.lora, nullptr, 1, C_, p.p->rank);
+        nn::matmul_forward(raw, p.mid.data(), p.W, p.bias, 1, p.p->rank, p.width);
+      } else {
+        nn::matmul_forward(raw, x, p.W, p.bias, 1, C_, p.width);
+      }
       float* act = p.act.data();
       if (p.conv) {  // out = sum_j w[:, j] raw[t - 3 + j] over the history and this row
         const int64_t W = p.width;
@@ -634,7 +691,8 @@ class DecayRun : public LayerRun {
         std::copy(raw, raw + p.width, act);
       }
       if (p.dst)
-        for (int64_t j = 0; j < p.width; ++j) p.dst[j] = map_f(p.p->map, act[j]);
+        for (int64_t j = 0; j < p.width; ++j)
+          p.dst[j] = map_f(p.p->map, act[j]) * (p.alog ? -std::exp(p.alog[j]) : 1.0f);
       if (p.p->input == "kk") kk = act;
       if (p.p->input == "iclr") ic = act;
       if (p.p->role == Role::PreGate) zr = act;
@@ -659,9 +717,9 @@ class DecayRun : public LayerRun {
  private:
   struct P {
     const Proj* p;
-    const float *W, *bias, *conv, *mix;
+    const float *W, *bias, *conv, *mix, *lora, *alog;
     int64_t width;
-    std::vector<float> raw, act, hist;  // hist: the last kConv - 1 raw rows, oldest first
+    std::vector<float> raw, act, hist, mid;  // hist: the last kConv - 1 raw rows, oldest first
     float* dst;                          // the stepper's input buffer (mixer inputs)
   };
   const DecayLayer& L_;
