@@ -84,12 +84,16 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
     put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E);
     put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
     if (per_token) put_head(out["dw"], z.dg.data(), z.b, z.h, T, H, D);
+    if (!per_token)  // the constant decay: its gradient summed over time, outside the lock
+      for (int64_t t = 1; t < T; ++t)
+        for (int64_t d = 0; d < D; ++d) z.dg[d] += z.dg[t * D + d];
 #pragma omp critical(rwkv56_weights)
     {
-      for (int64_t d = 0; d < D; ++d) out["du"].data[size_t(z.h * D + d)] += du[size_t(d)];
-      if (!per_token)
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t d = 0; d < D; ++d) out["dw"].data[size_t(z.h * D + d)] += z.dg[t * D + d];
+      float *gu = out["du"].ptr() + z.h * D, *gw = per_token ? nullptr : out["dw"].ptr() + z.h * D;
+      for (int64_t d = 0; d < D; ++d) {
+        gu[d] += du[size_t(d)];
+        if (gw) gw[d] += z.dg[d];
+      }
     }
   };
   gated_heads(c, dy, D, E, true, prep, post);
