@@ -214,12 +214,11 @@ def refusals():
     for name in specs:
         x = example(name, True, 5)
         refused(name, False, {}, x, "a call without --causal")
-    for name, decay in (("gla", "g"), ("gated_deltanet", "g"), ("rwkv5", "w"), ("rwkv6", "w"), ("rwkv7", "w"),
-                        ("mamba2", "A")):
-        if name in specs:
-            x = example(name, True, 5)
+    for spec in SPECS:  # every log decay the registry declares, made positive
+        for decay in spec.get("log_decays", []):
+            x = example(spec["name"], True, 5)
             x[decay] = np.abs(x[decay]) + 0.1
-            refused(name, True, {}, x, f"a positive log decay {decay}")
+            refused(spec["name"], True, {}, x, f"a positive log decay {decay}")
     if "retention" in specs:
         for bad in (0.0, 1.5, -0.5):
             x = example("retention", True, 5)

@@ -74,6 +74,8 @@ struct MixerSpec {
   // final state (a chunked prefill from any state); with --grad the gradient includes d(state.*).
   // Otherwise state.* is accepted only by the recurrent form.
   bool state_all_modes = false;
+  // Inputs whose every value must be <= 0 (log decays): refused otherwise, by the registry.
+  std::vector<std::string> log_decays;
   std::string time, memory, state_size;
   // Demo/test inputs: example_params are the params to run with; example_fix maps N(0,1)
   // draws into the mechanism's domain (e.g. rwkv4's decay w > 0).

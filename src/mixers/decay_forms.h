@@ -144,13 +144,6 @@ Stepper s_stepper(std::shared_ptr<std::vector<float>> buf, int64_t H, int64_t D,
   return Stepper{step, save, load};
 }
 
-// Domain: every value of `name` is <= 0 (a log decay).
-inline void check_log_decay(const Call& c, const std::string& name) {
-  if (!c.has(name)) return;
-  for (float x : c.t(name).data)
-    LINMIX_CHECK(x <= 0.0f, "tensor '" + name + "': log decays must be <= 0 (decay exp(" + name +
-                                ") in (0, 1]), found " + std::to_string(x));
-}
 inline void check_flag(const Call& c, const std::string& p) {
   LINMIX_CHECK(c.p(p) == 0.0 || c.p(p) == 1.0, "param '" + p + "': must be 0 or 1");
 }

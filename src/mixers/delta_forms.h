@@ -150,9 +150,9 @@ inline void delta_spec(MixerSpec& s, bool gated) {
     if (gated) fast_log_decay(in["g"], for_grad, 9);
     for (float& x : in["beta"].data) x = 2.0f * x;  // beta in (0, 2): the edge of the contraction
   };
-  s.check = [gated](const Call& c) {
+  if (gated) s.log_decays = {"g"};
+  s.check = [](const Call& c) {
     check_flag(c, "l2norm");
-    if (gated) check_log_decay(c, "g");
   };
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     return double(d.at("H")) * dplr_flops(double(d.at("T")), double(d.at("D")), double(d.at("E")));

@@ -79,7 +79,7 @@ MixerSpec make_spec() {
     for (float& x : in["g"].data) x = -std::log1p(std::exp(-x)) / 16.0f;
   };
   s.stress = [](TensorMap& in, bool for_grad) { fast_log_decay(in["g"], for_grad, 1); };
-  s.check = [](const Call& c) { check_log_decay(c, "g"); };
+  s.log_decays = {"g"};
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     return double(d.at("H")) * gated_flops(double(d.at("T")), double(d.at("D")), double(d.at("E")));
   };

@@ -203,11 +203,11 @@ MixerSpec make_spec() {
     const auto x = stress_draw(A.data.size(), 8);
     for (size_t i = 0; i < x.size(); ++i) A.data[i] = -std::exp(std::min(2.0f * x[i], for_grad ? 2.0f : 3.5f));
   };
+  s.log_decays = {"A"};
   s.check = [](const Call& c) {
     check_flag(c, "dt_softplus");
     LINMIX_CHECK(c.d("H") % c.d("G") == 0, "mamba2: H = " + std::to_string(c.d("H")) + " heads is not a multiple of G = " +
                                                std::to_string(c.d("G")) + " groups");
-    check_log_decay(c, "A");
   };
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     return double(d.at("H")) * gated_flops(double(d.at("T")), double(d.at("N")), double(d.at("E")));

@@ -208,6 +208,12 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
                                         (tn == "dy" ? " (dy is read only with --grad)" : ""));
     check_finite(tn, t);
   }
+  for (const std::string& n : spec.log_decays) {
+    if (!in.count(n)) continue;
+    for (float x : in.at(n).data)
+      LINMIX_CHECK(x <= 0.0f, "tensor '" + n + "': log decays must be <= 0 (decay exp(" + n + ") in (0, 1]), found " +
+                                  std::to_string(x));
+  }
   if (spec.check) spec.check(call);
   return call;
 }
@@ -420,6 +426,7 @@ std::string mixers_json() {
     if (m.stepper) j["forms"].push_back("recurrent");
     j["backward"] = bool(m.backward);
     j["state_all_modes"] = m.state_all_modes;
+    j["log_decays"] = m.log_decays;
     j["inputs"] = json::array();
     for (const auto& t : m.inputs) j["inputs"].push_back({{"name", t.name}, {"dims", t.dims}, {"optional", t.optional}});
     j["state"] = json::array();

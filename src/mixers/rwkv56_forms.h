@@ -110,7 +110,7 @@ inline void rwkv56_spec(MixerSpec& s, bool per_token) {
     for (float& x : in["w"].data) x = -std::exp(x - 3.0f);
   };
   s.stress = [per_token](TensorMap& in, bool for_grad) { fast_log_decay(in["w"], for_grad, per_token ? 6 : 5); };
-  s.check = [](const Call& c) { check_log_decay(c, "w"); };
+  s.log_decays = {"w"};
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     return double(d.at("H")) * gated_flops(double(d.at("T")), double(d.at("D")), double(d.at("E")));
   };
