@@ -13,22 +13,24 @@
 
 namespace linmix {
 
-// One head's rows of a (B,T,H,W) (or (B,T,H) with W = 1) input, contiguous (T,W).
-inline std::vector<float> head_rows(const Call& c, const std::string& name, int64_t b, int64_t h, int64_t W) {
-  const int64_t T = c.d("T"), H = c.d("H");
-  std::vector<float> out(size_t(T * W));
-  gather_head(out.data(), c.t(name).ptr(), b * T * H + h, T, H, W, identity_fn);
+// One head's rows of a (B,T,H,W) (or (B,T,H) with W = 1) tensor, contiguous (T,W), into an
+// existing buffer (its capacity reused across heads and calls: no page faults per call).
+inline void rows_into(std::vector<float>& out, const Tensor& t, int64_t b, int64_t h, int64_t T, int64_t H, int64_t W) {
+  out.resize(size_t(T * W));
+  gather_head(out.data(), t.ptr(), b * T * H + h, T, H, W, identity_fn);
+}
+inline void rows_into(std::vector<float>& out, const Call& c, const std::string& name, int64_t b, int64_t h, int64_t W) {
+  rows_into(out, c.t(name), b, h, c.d("T"), c.d("H"), W);
+}
+// The same as a new vector.
+inline std::vector<float> head_rows(const Tensor& t, int64_t b, int64_t h, int64_t T, int64_t H, int64_t W) {
+  std::vector<float> out;
+  rows_into(out, t, b, h, T, H, W);
   return out;
 }
-// The same into an existing buffer (its capacity reused: no page faults per call).
-inline void rows_into(std::vector<float>& out, const Call& c, const std::string& name, int64_t b, int64_t h, int64_t W) {
-  const int64_t T = c.d("T"), H = c.d("H");
-  out.resize(size_t(T * W));
-  gather_head(out.data(), c.t(name).ptr(), b * T * H + h, T, H, W, identity_fn);
-}
-inline std::vector<float> head_rows(const Tensor& t, int64_t b, int64_t h, int64_t T, int64_t H, int64_t W) {
-  std::vector<float> out(size_t(T * W));
-  gather_head(out.data(), t.ptr(), b * T * H + h, T, H, W, identity_fn);
+inline std::vector<float> head_rows(const Call& c, const std::string& name, int64_t b, int64_t h, int64_t W) {
+  std::vector<float> out;
+  rows_into(out, c, name, b, h, W);
   return out;
 }
 // Writes (T,W) rows of one head into a (B,T,H,W) tensor.
@@ -70,10 +72,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
     z.y.resize(size_t(T * E));
     gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift);
     if (dy) {
-      if (z.dy.empty()) {  // prep may give the kernel's own dy
-        z.dy.resize(size_t(T * E));
-        gather_head(z.dy.data(), dy->ptr(), b * T * H + h, T, H, E, identity_fn);
-      }
+      if (z.dy.empty()) rows_into(z.dy, *dy, b, h, T, H, E);  // prep may give the kernel's own dy
       z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
       z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
       gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
@@ -100,8 +99,7 @@ void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep
     dplr_forward(z.y.data(), z.S.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(), T,
                  D, E);
     if (dy) {
-      z.dy.resize(size_t(T * E));
-      gather_head(z.dy.data(), dy->ptr(), b * T * H + h, T, H, E, identity_fn);
+      rows_into(z.dy, *dy, b, h, T, H, E);
       for (auto* x : {&z.dr, &z.dw, &z.dk, &z.da, &z.db}) x->resize(size_t(T * D));
       z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(D * E));
       dplr_backward(z.dr.data(), z.dw.data(), z.dk.data(), z.dv.data(), z.da.data(), z.db.data(), z.dS0.data(),
