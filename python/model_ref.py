@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import oracle
+import rwkv_ref
 
 
 def _ln(x, p, name):
@@ -98,7 +99,6 @@ _MAPS = {
     "sigmoid": torch.sigmoid,
     "logsig16": lambda x: F.logsigmoid(x) / 16,
     "negexp": lambda x: -torch.exp(x),
-    "rwkv7w": lambda x: -math.exp(-0.5) * torch.sigmoid(x),
     "softplus": F.softplus,
 }
 # name: per-token projections (name, map, conv), weights (name, map), norm, eps, gate, token shift
@@ -112,12 +112,6 @@ _DECAY = {
     # Gated DeltaNet's gate: g = -exp(A_log) softplus(x W^T + dt_bias)
     "gated_deltanet": (_CQKV + [("beta", "sigmoid", False), ("g", "softplus", False)], [], "rms_head", 1e-5, "swish",
                        False),
-    "rwkv5": ([("r", "id", False), ("k", "id", False), ("v", "id", False)], [("w", "negexp"), ("u", "id")], "group",
-              64e-5, "swish", True),
-    "rwkv6": ([("r", "id", False), ("k", "id", False), ("v", "id", False), ("w", "negexp", False)], [("u", "id")],
-              "group", 64e-5, "swish", True),
-    "rwkv7": ([("r", "id", False), ("w", "rwkv7w", False), ("k", "id", False), ("v", "id", False), ("kk", "id", False),
-               ("iclr", "id", False)], [], "group", 64e-5, "sigmoid", True),
     "mamba2": ([("x", "id", True), ("dt", "id", False), ("Bm", "id", True), ("Cm", "id", True), ("z", "id", False)],
                [("A", "negexp"), ("D", "id"), ("dt_bias", "id")], "rms_all", 1e-5, None, False),
 }
@@ -157,10 +151,6 @@ def _decay(m):
                 x[n] = val.reshape(B, T, H, Dh)
         for n, mp in weights:
             x[n] = 1 - torch.pow(2.0, -5.0 - torch.arange(H, dtype=a.dtype)) if mp == "fixed" else _MAPS[mp](P(f"att.{n}"))
-        if m == "rwkv7":
-            kk = x.pop("kk")
-            kk = kk / torch.sqrt((kk * kk).sum(-1, keepdim=True) + 1e-6)
-            x["a"], x["b"] = -kk, kk * torch.sigmoid(x.pop("iclr"))
         z = x.pop("z", None)
         y = oracle.ORACLES[m](x, True, {k: v for k, v in prm.items() if k != "state"}).reshape(B, T, C)
         if z is not None:
@@ -181,12 +171,32 @@ def _decay(m):
     return f
 
 
+def _rwkv(m):  # RWKV-5/6/7 time mix with BlinkDL's names: python/rwkv_ref.py token by token
+    ver = {"rwkv5": "5", "rwkv6": "6.0", "rwkv7": "7.0"}[m]
+
+    def f(a, P, prm, cfg, carry):
+        B, T, C = a.shape
+        H = cfg["n_head"]
+        s = {"att_x": torch.zeros(B, C, dtype=a.dtype), "S": torch.zeros(B, H, C // H, C // H, dtype=a.dtype)}
+        eps = float(prm.get("gn_eps", 64e-5))
+        outs, vf = [], []
+        for t in range(T):
+            y, v_first = rwkv_ref.time_mix(ver, P, a[:, t], s, carry[t] if carry else None, H, eps)
+            outs.append(y)
+            vf.append(v_first)
+        if not carry:  # the first rwkv7 layer sets v_first for the later ones
+            carry.extend(vf)
+        return torch.stack(outs, 1)
+    return f
+
+
 # The layer of every mechanism that can be a language-model layer, keyed by registry name (as
 # src/model/mixer_layer.cpp); tests/model_grad_test.py fails naming a causal mechanism missing here.
 LAYERS = {m: _attention(m) for m in ("softmax", "linear", "performer", "flow", "norm_linear", "block_softmax")}
 LAYERS.update({m: _aft(m) for m in ("aft_full", "aft_local", "aft_simple", "aft_conv")})
 LAYERS.update({"rwkv4": _rwkv4, "s4d": _s4d, "flash": _gau, "mamba": _mamba})
 LAYERS.update({m: _decay(m) for m in _DECAY})
+LAYERS.update({m: _rwkv(m) for m in ("rwkv5", "rwkv6", "rwkv7")})
 # layers with no order of their own: learned positions by default
 POSITIONS = {"softmax", "linear", "performer", "flow", "norm_linear", "block_softmax", "flash"}
 
@@ -205,11 +215,14 @@ def loss(cfg, p, inputs, targets):
         x = x + p["pos.weight"][:T]
     if cfg["ln0"]:
         x = _ln(x, p, "blocks.0.ln0")
+    carry = []  # RWKV-7's v_first per token
     for i, layer in enumerate(cfg["layers"]):
         m, prm = layer["mixer"], layer.get("params", {})
         P = lambda n, i=i: p[f"blocks.{i}.{n}"]  # noqa: E731
         fn = LAYERS[m]
-        if m in _DECAY:  # it reads which optional parameters (biases) the checkpoint has
+        if m in ("rwkv5", "rwkv6", "rwkv7"):
+            out = fn(_ln(x, p, f"blocks.{i}.ln1"), lambda n, i=i: p.get(f"blocks.{i}.{n}"), prm, cfg, carry)
+        elif m in _DECAY:  # it reads which optional parameters (biases) the checkpoint has
             out = fn(_ln(x, p, f"blocks.{i}.ln1"), P, prm, cfg, {n[len(f"blocks.{i}."):] for n in p if n.startswith(f"blocks.{i}.")})
         else:
             out = fn(_ln(x, p, f"blocks.{i}.ln1"), P, prm, cfg)
@@ -221,6 +234,8 @@ def loss(cfg, p, inputs, targets):
             xr = b2 * P("ffn.time_mix_r") + xx * (1 - P("ffn.time_mix_r"))
             kk = torch.relu(xk @ P("ffn.key.weight").T) ** 2
             x = x + torch.sigmoid(xr @ P("ffn.receptance.weight").T) * (kk @ P("ffn.value.weight").T)
+        elif cfg["channel_mix"] in ("rwkv6", "rwkv7"):
+            x = x + rwkv_ref.channel_mix(cfg["channel_mix"][4] + ".0", P, b2, {"ffn_x": _shift(b2)})
         else:
             h = F.gelu(b2 @ P("mlp.fc.weight").T + P("mlp.fc.bias"), approximate="tanh")
             x = x + h @ P("mlp.proj.weight").T + P("mlp.proj.bias")

@@ -28,6 +28,11 @@ SPECS = json.loads(subprocess.run([LINMIX, "mixers", "--json"], capture_output=T
 # blocks / groups / windows in T = 11), and the RWKV channel mix with three of them
 CASES = [(s["name"], "mlp", {**s["example_params"], **s["small_params"]}) for s in SPECS if s["causal"]]
 CASES += [("softmax", "rwkv", {"window": 5}), ("aft_conv", "rwkv", {}), ("rwkv4", "rwkv", {})]
+# the RWKV-5/6/7 blocks as BlinkDL's (their channel mixes; the gateless v5.1 layout; small LoRAs)
+CASES += [("rwkv5", "rwkv", {}), ("rwkv5", "rwkv", {"gate": 0}), ("rwkv6", "rwkv6", {"d_mix": 4, "d_decay": 6}),
+          ("rwkv7", "rwkv7", {"d_w": 4, "d_a": 5, "d_v": 6, "d_g": 7})]
+if os.environ.get("LINMIX_ONLY"):  # a comma-separated list of mixers to check (debugging)
+    CASES = [c for c in CASES if c[0] in os.environ["LINMIX_ONLY"].split(",")]
 
 
 def check(name, ok, detail=""):
@@ -59,8 +64,8 @@ def main():
             continue
         cfg = {"vocab": 128, "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "features": 8, "kernel": 3,
                "ffn_mult": 2, "state": 4, "qk_dim": 8, "mixer": mixer, "channel_mix": cm, "params": params,
-               "ln0": mixer == "rwkv4"}
-        run = os.path.join(TMP, mixer + cm)
+               "ln0": mixer in ("rwkv4", "rwkv5", "rwkv6", "rwkv7")}
+        run = os.path.join(TMP, f"{mixer}-{cm}-{len(os.listdir(TMP))}")
         cfg_path = os.path.join(TMP, "cfg.json")
         with open(cfg_path, "w") as f:
             json.dump(cfg, f)

@@ -29,8 +29,13 @@ struct ModelConfig {
   int64_t n_layer = 4;
   int64_t n_head = 4;    // multi-head mixers: D = E = d_model / n_head; aft_conv: its kernel heads
   int64_t ctx = 256;     // longest training context (aft_full / aft_local store w for it)
-  std::string channel_mix = "mlp";  // "mlp" (GELU, ffn_mult x) or "rwkv" (RWKV-4 channel-mix)
+  // "mlp" (GELU), "rwkv" (the RWKV-4/5 channel mix: time_mix_k/r, receptance), "rwkv6" (its
+  // time_maa_k/r form: u + (p - u) maa) or "rwkv7" (ffn.x_k, no receptance)
+  std::string channel_mix = "mlp";
   int64_t ffn_mult = 4;
+  int64_t ffn_dim = 0;   // the channel mix's hidden width F; 0: ffn_mult * d_model
+  int64_t ffn_width() const { return ffn_dim > 0 ? ffn_dim : ffn_mult * d_model; }
+  bool rwkv_channel_mix() const { return channel_mix != "mlp"; }  // a token-shifted RWKV channel mix
   // model-wide defaults of the layers' knobs (a layer's params may override them):
   int64_t features = 32;  // performer random features M
   int64_t kernel = 7;     // aft_conv kernel size K

@@ -5,10 +5,22 @@
 namespace linmix {
 
 ParamShapes ChannelMix::shapes() const {
+  if (rwkv_ && !recept_) return {{mk_, {1, 1, C_}}, {"ffn.key.weight", {F_, C_}}, {"ffn.value.weight", {C_, F_}}};
+  if (rwkv_ && maa_)
+    return {{mk_, {1, 1, C_}}, {mr_, {1, 1, C_}}, {"ffn.key.weight", {F_, C_}}, {"ffn.value.weight", {C_, F_}},
+            {"ffn.receptance.weight", {C_, C_}}};
   if (rwkv_)
     return {{"ffn.time_mix_k", {C_}}, {"ffn.time_mix_r", {C_}}, {"ffn.key.weight", {F_, C_}},
             {"ffn.value.weight", {C_, F_}}, {"ffn.receptance.weight", {C_, C_}}};
   return {{"mlp.fc.weight", {F_, C_}}, {"mlp.fc.bias", {F_}}, {"mlp.proj.weight", {C_, F_}}, {"mlp.proj.bias", {C_}}};
+}
+
+void ChannelMix::lerp(float* x, const float* u, const float* p, const float* m, int64_t N) const {
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t c = 0; c < C_; ++c) {
+      const int64_t j = i * C_ + c;
+      x[j] = maa_ ? u[j] + (p[j] - u[j]) * m[c] : u[j] * m[c] + p[j] * (1.0f - m[c]);
+    }
 }
 
 void ChannelMix::forward(const LayerIO& io, const float* b, float* out, int64_t B, int64_t T) {
@@ -18,13 +30,17 @@ void ChannelMix::forward(const LayerIO& io, const float* b, float* out, int64_t 
     for (auto* v : {&xx_, &xk_, &xr_, &vv_, &r_}) v->assign(N * C, 0.0f);
     kpre_.assign(N * F, 0.0f), kk_.assign(N * F, 0.0f);
     nn::shift_forward(xx_.data(), b, B, T, C);
-    mix_shift(xk_.data(), b, xx_.data(), io.w("ffn.time_mix_k"), N, C);
-    mix_shift(xr_.data(), b, xx_.data(), io.w("ffn.time_mix_r"), N, C);
+    lerp(xk_.data(), b, xx_.data(), io.w(mk_), N);
+    if (recept_) lerp(xr_.data(), b, xx_.data(), io.w(mr_), N);
     nn::matmul_forward(kpre_.data(), xk_.data(), io.w("ffn.key.weight"), nullptr, N, C, F);
     for (int64_t i = 0; i < N * F; ++i) kk_[i] = kpre_[i] > 0 ? kpre_[i] * kpre_[i] : 0.0f;
     nn::matmul_forward(vv_.data(), kk_.data(), io.w("ffn.value.weight"), nullptr, N, F, C);
-    nn::matmul_forward(r_.data(), xr_.data(), io.w("ffn.receptance.weight"), nullptr, N, C, C);
-    for (int64_t i = 0; i < N * C; ++i) r_[i] = sigmoid1(r_[i]), out[i] = r_[i] * vv_[i];
+    if (recept_) {
+      nn::matmul_forward(r_.data(), xr_.data(), io.w("ffn.receptance.weight"), nullptr, N, C, C);
+      for (int64_t i = 0; i < N * C; ++i) r_[i] = sigmoid1(r_[i]), out[i] = r_[i] * vv_[i];
+    } else {
+      std::copy(vv_.begin(), vv_.end(), out);
+    }
   } else {
     h_pre_.assign(N * F, 0.0f), h_.assign(N * F, 0.0f);
     nn::matmul_forward(h_pre_.data(), b, io.w("mlp.fc.weight"), io.w("mlp.fc.bias"), N, C, F);
@@ -38,25 +54,30 @@ void ChannelMix::backward(const LayerIO& io, const float* dout, float* db, int64
   if (rwkv_) {
     std::vector<float> dvv(N * C), dr2(N * C), dkk(N * F), dxk2(N * C), dxr2(N * C), dxx2(N * C, 0.0f);
     for (int64_t i = 0; i < N * C; ++i) {
-      dvv[i] = dout[i] * r_[i];
-      dr2[i] = dout[i] * vv_[i] * r_[i] * (1.0f - r_[i]);
+      dvv[i] = recept_ ? dout[i] * r_[i] : dout[i];
+      dr2[i] = recept_ ? dout[i] * vv_[i] * r_[i] * (1.0f - r_[i]) : 0.0f;
     }
-    nn::matmul_backward(dxr2.data(), io.g("ffn.receptance.weight"), nullptr, dr2.data(), xr_.data(),
-                        io.w("ffn.receptance.weight"), N, C, C);
+    if (recept_)
+      nn::matmul_backward(dxr2.data(), io.g("ffn.receptance.weight"), nullptr, dr2.data(), xr_.data(),
+                          io.w("ffn.receptance.weight"), N, C, C);
     nn::matmul_backward(dkk.data(), io.g("ffn.value.weight"), nullptr, dvv.data(), kk_.data(),
                         io.w("ffn.value.weight"), N, F, C);
     for (int64_t i = 0; i < N * F; ++i) dkk[i] = kpre_[i] > 0 ? dkk[i] * 2.0f * kpre_[i] : 0.0f;
     nn::matmul_backward(dxk2.data(), io.g("ffn.key.weight"), nullptr, dkk.data(), xk_.data(), io.w("ffn.key.weight"),
                         N, C, F);
-    const float *mk = io.w("ffn.time_mix_k"), *mr = io.w("ffn.time_mix_r");
-    float *gmk = io.g("ffn.time_mix_k"), *gmr = io.g("ffn.time_mix_r");
+    // x = u m + p (1 - m): du = dx m, dp = dx (1 - m), dm = dx (u - p); the maa form swaps the
+    // roles of u and p (x = p m + u (1 - m))
+    const float *mk = io.w(mk_), *mr = recept_ ? io.w(mr_) : nullptr;
+    float *gmk = io.g(mk_), *gmr = recept_ ? io.g(mr_) : nullptr;
     for (int64_t i = 0; i < N; ++i)
       for (int64_t ch = 0; ch < C; ++ch) {
         const int64_t j = i * C + ch;
-        db[j] = dxk2[j] * mk[ch] + dxr2[j] * mr[ch];
-        dxx2[j] = dxk2[j] * (1.0f - mk[ch]) + dxr2[j] * (1.0f - mr[ch]);
-        gmk[ch] += dxk2[j] * (b_[j] - xx_[j]);
-        gmr[ch] += dxr2[j] * (b_[j] - xx_[j]);
+        const float fk = maa_ ? 1.0f - mk[ch] : mk[ch], fr = mr ? (maa_ ? 1.0f - mr[ch] : mr[ch]) : 0.0f;
+        const float diff = maa_ ? xx_[j] - b_[j] : b_[j] - xx_[j];
+        db[j] = dxk2[j] * fk + dxr2[j] * fr;
+        dxx2[j] = dxk2[j] * (1.0f - fk) + dxr2[j] * (1.0f - fr);
+        gmk[ch] += dxk2[j] * diff;
+        if (gmr) gmr[ch] += dxr2[j] * diff;
       }
     nn::shift_backward(db, dxx2.data(), B, T, C);
   } else {
@@ -72,19 +93,19 @@ void ChannelMix::step(const LayerIO& io, const float* b, float* out, std::vector
   const int64_t C = C_, F = F_;
   sh_.resize(F), so_.resize(C), sk_.resize(C), sr_.resize(C);
   if (rwkv_) {
-    const float *mk = io.w("ffn.time_mix_k"), *mr = io.w("ffn.time_mix_r");
-    for (int64_t ch = 0; ch < C; ++ch) {
-      const float p = prev[ch];
-      sk_[ch] = b[ch] * mk[ch] + p * (1 - mk[ch]);
-      sr_[ch] = b[ch] * mr[ch] + p * (1 - mr[ch]);
-    }
+    lerp(sk_.data(), b, prev.data(), io.w(mk_), 1);
+    if (recept_) lerp(sr_.data(), b, prev.data(), io.w(mr_), 1);
     std::copy(b, b + C, prev.begin());
     nn::matmul_forward(sh_.data(), sk_.data(), io.w("ffn.key.weight"), nullptr, 1, C, F);
     for (float& e : sh_) e = e > 0 ? e * e : 0.0f;
     nn::matmul_forward(so_.data(), sh_.data(), io.w("ffn.value.weight"), nullptr, 1, F, C);
     sg_.resize(C);
-    nn::matmul_forward(sg_.data(), sr_.data(), io.w("ffn.receptance.weight"), nullptr, 1, C, C);
-    for (int64_t ch = 0; ch < C; ++ch) out[ch] = sigmoid1(sg_[ch]) * so_[ch];
+    if (recept_) {
+      nn::matmul_forward(sg_.data(), sr_.data(), io.w("ffn.receptance.weight"), nullptr, 1, C, C);
+      for (int64_t ch = 0; ch < C; ++ch) out[ch] = sigmoid1(sg_[ch]) * so_[ch];
+    } else {
+      std::copy(so_.begin(), so_.end(), out);
+    }
   } else {
     std::vector<float>& h2 = sk_;
     h2.resize(F);

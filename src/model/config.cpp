@@ -23,7 +23,8 @@ ModelConfig from_json_impl(const std::string& text) {
   ModelConfig c;
   static const std::vector<std::string> known = {"vocab",   "d_model",  "n_layer",  "n_head", "ctx",
                                                  "channel_mix", "ffn_mult", "features", "kernel", "ln0",
-                                                 "mixer",   "params",   "layers", "state", "qk_dim", "expand", "pos_emb"};
+                                                 "mixer",   "params",   "layers", "state", "qk_dim", "expand", "pos_emb",
+                                                 "ffn_dim"};
   for (auto it = j.begin(); it != j.end(); ++it)
     LINMIX_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
                  "model config: unknown field '" + it.key() + "'");
@@ -33,7 +34,7 @@ ModelConfig from_json_impl(const std::string& text) {
     dst = j[k].get<int64_t>();
   };
   geti("vocab", c.vocab), geti("d_model", c.d_model), geti("n_layer", c.n_layer), geti("n_head", c.n_head);
-  geti("ctx", c.ctx), geti("ffn_mult", c.ffn_mult), geti("features", c.features), geti("kernel", c.kernel);
+  geti("ctx", c.ctx), geti("ffn_mult", c.ffn_mult), geti("ffn_dim", c.ffn_dim), geti("features", c.features), geti("kernel", c.kernel);
   geti("state", c.state), geti("qk_dim", c.qk_dim), geti("expand", c.expand);
   if (j.contains("channel_mix")) {
     LINMIX_CHECK(j["channel_mix"].is_string(), "model config: 'channel_mix' must be a string");
@@ -90,13 +91,17 @@ ModelConfig ModelConfig::for_mixer(const std::string& mixer) {
   find_mixer(mixer);  // unknown names fail here, naming the known ones
   c.channel_mix = layer_channel_mix(mixer);
   c.layers.assign(size_t(c.n_layer), LayerConfig{mixer, {}});
+  if (mixer == "rwkv5" || mixer == "rwkv6" || mixer == "rwkv7") {  // BlinkDL's models: ln0, F = 3.5 C (v5.2, v6)
+    c.ln0 = true;
+    if (mixer != "rwkv7") c.ffn_dim = int64_t(3.5 * double(c.d_model)) / 32 * 32;
+  }
   c.validate();
   return c;
 }
 
 std::string ModelConfig::to_json() const {
   json j = {{"vocab", vocab},       {"d_model", d_model},   {"n_layer", n_layer}, {"n_head", n_head},
-            {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"features", features},
+            {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"ffn_dim", ffn_dim}, {"features", features},
             {"kernel", kernel},     {"ln0", ln0}, {"state", state}, {"qk_dim", qk_dim}, {"expand", expand},
             {"pos_emb", uses_pos_emb()}};
   j["layers"] = json::array();
@@ -111,16 +116,18 @@ void ModelConfig::validate() const {
   LINMIX_CHECK(n_head >= 1 && d_model % n_head == 0, "model config: n_head must divide d_model");
   LINMIX_CHECK(ctx >= 1 && ctx <= (1 << 20), "model config: ctx must be in [1, 2^20]");
   LINMIX_CHECK(ffn_mult >= 1 && ffn_mult <= 64, "model config: ffn_mult must be in [1, 64]");
+  LINMIX_CHECK(ffn_dim >= 0 && ffn_dim <= 64 * d_model, "model config: ffn_dim must be in [0, 64 d_model] (0: ffn_mult d_model)");
   LINMIX_CHECK(features >= 1 && kernel >= 1, "model config: features and kernel must be >= 1");
   LINMIX_CHECK(state >= 1 && state <= 1024 && qk_dim >= 1 && qk_dim <= 4096 && expand >= 1 && expand <= 16,
                "model config: state in [1, 1024], qk_dim in [1, 4096], expand in [1, 16]");
-  LINMIX_CHECK(channel_mix == "mlp" || channel_mix == "rwkv",
-               "model config: channel_mix must be \"mlp\" or \"rwkv\", found \"" + channel_mix + "\"");
+  LINMIX_CHECK(channel_mix == "mlp" || channel_mix == "rwkv" || channel_mix == "rwkv6" || channel_mix == "rwkv7",
+               "model config: channel_mix must be \"mlp\", \"rwkv\", \"rwkv6\" or \"rwkv7\", found \"" + channel_mix + "\"");
   LINMIX_CHECK(static_cast<int64_t>(layers.size()) == n_layer,
                "model config: " + std::to_string(layers.size()) + " layers given for n_layer = " + std::to_string(n_layer));
   for (const auto& l : layers) {
     has_mixer_layer(l.mixer);  // unknown names and mixers without a layer fail here
-    for (const char* k : {"features", "kernel", "state", "qk_dim", "expand"})
+    for (const char* k : {"features", "kernel", "state", "qk_dim", "expand", "gate", "d_mix", "d_decay", "d_w", "d_a",
+                          "d_v", "d_g"})
       if (l.params.count(k)) knob(l, k);  // malformed knobs fail here
   }  const double n = double(param_count());
   LINMIX_CHECK(n <= double(kMaxParams), "model config: " + std::to_string(int64_t(n)) +
@@ -136,9 +143,11 @@ int64_t ModelConfig::param_count() const {  // the shapes Model's constructor al
   double n = 2.0 * double(vocab) * double(d_model) + 2.0 * double(d_model);  // emb, head, ln_out
   if (uses_pos_emb()) n += double(ctx) * double(d_model);
   if (ln0) n += 2.0 * double(d_model);
-  const double F = double(ffn_mult) * double(d_model), C = double(d_model);
+  const double F = double(ffn_width()), C = double(d_model);
   for (int64_t i = 0; i < n_layer; ++i) {
-    n += 4 * C + (channel_mix == "rwkv" ? 2 * C + 2 * F * C + C * C : 2 * F * C + F + C);
+    n += 4 * C + (channel_mix == "rwkv" || channel_mix == "rwkv6" ? 2 * C + 2 * F * C + C * C
+                  : channel_mix == "rwkv7"                        ? C + 2 * F * C
+                                                                  : 2 * F * C + F + C);
     for (const auto& [name, shape] : make_mixer_layer(*this, i)->shapes()) n += numel(shape);
     if (n > 1e18) break;
   }
@@ -162,7 +171,8 @@ int64_t ModelConfig::context_limit() const {
 int64_t ModelConfig::knob(const LayerConfig& l, const std::string& name) const {
   const std::map<std::string, std::pair<int64_t, int64_t>> bounds = {
       {"features", {1, 1 << 16}}, {"kernel", {1, 1 << 16}}, {"state", {1, 1024}}, {"qk_dim", {1, 4096}},
-      {"expand", {1, 16}}};
+      {"expand", {1, 16}}, {"gate", {0, 1}}, {"d_mix", {1, 4096}}, {"d_decay", {1, 4096}}, {"d_w", {1, 4096}},
+      {"d_a", {1, 4096}}, {"d_v", {1, 4096}}, {"d_g", {1, 4096}}};
   auto it = l.params.find(name);
   if (it == l.params.end()) {
     if (name == "features") return features;

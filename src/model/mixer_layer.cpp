@@ -14,6 +14,7 @@ std::unique_ptr<MixerLayer> s4d_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> gau_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> mamba_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> decay_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> rwkv_layer(const ModelConfig& cfg, int64_t index);
 
 namespace {
 
@@ -45,9 +46,9 @@ const std::map<std::string, Kind>& table() {
       {"gla", {decay_layer, false, "mlp"}},
       {"deltanet", {decay_layer, false, "mlp"}},
       {"gated_deltanet", {decay_layer, false, "mlp"}},
-      {"rwkv5", {decay_layer, false, "rwkv"}},
-      {"rwkv6", {decay_layer, false, "rwkv"}},
-      {"rwkv7", {decay_layer, false, "mlp"}},
+      {"rwkv5", {rwkv_layer, false, "rwkv"}},
+      {"rwkv6", {rwkv_layer, false, "rwkv6"}},
+      {"rwkv7", {rwkv_layer, false, "rwkv7"}},
       {"mamba2", {decay_layer, false, "mlp"}},
   };
   return t;
@@ -79,7 +80,8 @@ float* LayerIO::g(const std::string& n) const {
 
 namespace {
 // The layer's knobs, which are not the mixer's params.
-const char* const kKnobs[] = {"features", "kernel", "state", "qk_dim", "expand"};
+const char* const kKnobs[] = {"features", "kernel", "state", "qk_dim", "expand", "gate",  "d_mix",
+                              "d_decay",  "d_w",    "d_a",   "d_v",    "d_g",    "gn_eps"};
 std::map<std::string, std::string> mixer_params(const LayerConfig& lc) {
   auto p = lc.params;
   for (const char* k : kKnobs) p.erase(k);

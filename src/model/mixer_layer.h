@@ -18,11 +18,19 @@
 
 namespace linmix {
 
+// What crosses layers besides the residual stream, per forward (rows of C): RWKV-7's value
+// residual v_first (set by the first rwkv7 layer, read by the later ones) and its gradient
+// (added by the later layers' backward, read by the first's, which runs last).
+struct Carry {
+  std::vector<float> v_first, dv_first;
+};
+
 // A layer's view of the model's parameters and gradients: names relative to "blocks.<i>.".
 struct LayerIO {
   const TensorMap& params;
   TensorMap* grads;    // null in forward-only and recurrent use
   std::string prefix;  // "blocks.<i>."
+  Carry* carry = nullptr;  // the model's, in forward and backward
   const float* w(const std::string& n) const { return params.at(prefix + n).ptr(); }
   const Tensor& t(const std::string& n) const { return params.at(prefix + n); }
   float* g(const std::string& n) const;  // d(loss)/d(param): the accumulator, created as zeros
@@ -36,6 +44,7 @@ class LayerRun {
   virtual void step(const float* a, float* out) = 0;  // a: the block's normalised input (C); out (C)
   // The layer's state as tensors: its own ("att_prev", "conv", ...) and the mixer's "state.*".
   virtual TensorMap save() const = 0;
+  float* carry = nullptr;  // this token's cross-layer values (C; RWKV-7's v_first), set by Model::step
 };
 
 // What a layer's init reads: the model's generator (shared, so the draws are in the model's

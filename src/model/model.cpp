@@ -66,6 +66,9 @@ void Model::init(uint64_t seed) {
       std::fill(t.data.begin(), t.data.end(), 0.0f);
     } else if (ends("ffn.time_mix_k") || ends("ffn.time_mix_r")) {
       init_time_mix(t, false, depth);
+    } else if (ends("ffn.time_maa_k") || ends("ffn.time_maa_r") || ends("ffn.x_k")) {  // 1 - a mix
+      init_time_mix(t, false, depth);
+      for (float& m : t.data) m = 1.0f - m;
     } else if (block && layers_[size_t(layer)]->init(local, t, ctx)) {
       // the layer's own rule
     } else {
@@ -86,6 +89,8 @@ struct Model::Acts {
   };
   std::vector<Layer> layers;
   std::vector<ChannelMix> cmix;
+  Carry carry;                  // forward / backward
+  std::vector<float> carry_step;  // Model::step (C)
   std::vector<float> x0, e0, mean0, rstd0, xf, lnf, meanf, rstdf, logits;
 };
 
@@ -110,7 +115,7 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   A.layers.resize(c.n_layer);
   if (A.cmix.empty()) A.cmix.assign(size_t(c.n_layer), ChannelMix(c));
   auto W = [&](const std::string& n) { return params_.at(n).ptr(); };
-  auto io = [&](int64_t l) { return LayerIO{params_, grads, "blocks." + std::to_string(l) + "."}; };
+  auto io = [&](int64_t l) { return LayerIO{params_, grads, "blocks." + std::to_string(l) + ".", &A.carry}; };
 
   // embedding (+ positions, + ln0)
   float* x = sized(A.x0, N * C);
@@ -224,7 +229,7 @@ TensorMap Model::state_tensors(const State& st) const {
   out["pos"] = Tensor({1}, float(st.pos));
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     const std::string p = "layer." + std::to_string(l) + ".";
-    if (cfg_.channel_mix == "rwkv") out[p + "ffn_prev"] = tensor_of({cfg_.d_model}, st.ffn_prev[l].data());
+    if (cfg_.rwkv_channel_mix()) out[p + "ffn_prev"] = tensor_of({cfg_.d_model}, st.ffn_prev[l].data());
     for (const auto& [n, t] : st.run[l] ? st.run[l]->save() : st.layer[l]) out[p + n] = t;
   }
   return out;
@@ -249,7 +254,7 @@ Model::State Model::state_from_tensors(const TensorMap& t) const {
     const bool zeros = std::all_of(x.data.begin(), x.data.end(), [](float v) { return v == 0.0f; });
     if (rest == "ffn_prev") {
       check_shape(n, x, {cfg_.d_model});
-      LINMIX_CHECK(cfg_.channel_mix == "rwkv" || zeros, "state: unexpected tensor '" + n + "' (no token shift here)");
+      LINMIX_CHECK(cfg_.rwkv_channel_mix() || zeros, "state: unexpected tensor '" + n + "' (no token shift here)");
       st.ffn_prev[l] = x.data;
     } else if (rest == "att_prev" && cfg_.layers[l].mixer != "rwkv4" && zeros && x.numel() == cfg_.d_model) {
       // states saved before layers kept their own: a zero token shift for every layer
@@ -282,7 +287,7 @@ void Model::step(int32_t token, State& st, float* logits_out) {
   float mean, rstd;
   A.x0.assign(W("emb.weight") + token * C, W("emb.weight") + (token + 1) * C);
   float* x = A.x0.data();
-  A.lnf.resize(C), A.logits.resize(C), A.xf.resize(C);
+  A.lnf.resize(C), A.logits.resize(C), A.xf.resize(C), A.carry_step.resize(C);
   float *a = A.lnf.data(), *o = A.xf.data();
   if (c.uses_pos_emb()) {
     LINMIX_CHECK(st.pos < c.ctx, "position " + std::to_string(st.pos) + " is past the model's ctx " +
@@ -297,6 +302,7 @@ void Model::step(int32_t token, State& st, float* logits_out) {
       st.layer[l].clear();
     }
     nn::layernorm_forward(a, &mean, &rstd, x, io.w("ln1.weight"), io.w("ln1.bias"), 1, C);
+    st.run[l]->carry = A.carry_step.data();
     st.run[l]->step(a, o);
     for (int64_t ch = 0; ch < C; ++ch) x[ch] += o[ch];
     nn::layernorm_forward(a, &mean, &rstd, x, io.w("ln2.weight"), io.w("ln2.bias"), 1, C);

@@ -92,7 +92,7 @@ Rwkv4Engine::Rwkv4Engine(const Model& m, WType wtype) : cfg_(m.config()), p_(std
   LINMIX_CHECK(supports(cfg_, &why), "the RWKV-4 engine cannot run this model: " + why);
   Impl& I = *p_;
   I.wt = wtype;
-  I.V = cfg_.vocab, I.C = cfg_.d_model, I.F = cfg_.ffn_mult * cfg_.d_model, I.L = cfg_.n_layer;
+  I.V = cfg_.vocab, I.C = cfg_.d_model, I.F = cfg_.ffn_width(), I.L = cfg_.n_layer;
   const TensorMap& W = m.params();
   auto vec = [&](const std::string& n) { return W.at(n).data; };
   auto mat = [&](const std::string& n, WType t) {
