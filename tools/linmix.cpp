@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
 
   auto* lg = app.add_subcommand("logits", "logits [T,V] of a token sequence, for cross-checks");
   std::string tokens_csv, logits_mode = "parallel";
-  lg->add_option("--model", model_path, "checkpoint (linmix, or RWKV-4 safetensors with BlinkDL or HF names)")->required();
+  lg->add_option("--model", model_path, "checkpoint (linmix, or RWKV-4/5/6/7 safetensors with BlinkDL or HF names)")->required();
   lg->add_option("--tokens", tokens_csv, "comma-separated token ids")->required();
   int64_t logits_chunk = 64;
   lg->add_option("--mode", logits_mode,
@@ -182,7 +182,9 @@ int main(int argc, char** argv) {
   auto* bn = app.add_subcommand("bench", "benchmarks against the machine's limits measured in the same run");
   bool bench_model_flag = false;
   ModelBenchOptions mbo;
-  bn->add_flag("--model", bench_model_flag, "the RWKV-4 inference engine on the 169M shape (random weights)");
+  bn->add_flag("--model", bench_model_flag, "the RWKV inference engine (random weights; RWKV-4 169M unless --version / --size)");
+  bn->add_option("--version", mbo.version, "RWKV version of --model: 4, 5 (5.2), 6 or 7")->capture_default_str();
+  bn->add_option("--size", mbo.size, "a released model's shape for --model: 0.1B, 0.4B or 1.5B");
   bn->add_option("--threads", mbo.threads, "threads (OpenMP and OpenBLAS)")->capture_default_str()->check(CLI::Range(1, 1024));
   bn->add_option("--decode-tokens", mbo.decode_tokens, "tokens timed in decode")->capture_default_str()->check(CLI::Range(1, 1 << 20));
   bn->add_option("--rounds", mbo.rounds, "decode rounds, each beside its own bandwidth measurement")->capture_default_str()->check(CLI::Range(1, 1000));
@@ -191,7 +193,7 @@ int main(int argc, char** argv) {
   bn->add_option("--d-model", mbo.d_model, "model width (768 = 169M)")->capture_default_str()->check(CLI::Range(1, 1 << 16));
   bn->add_option("--vocab", mbo.vocab, "vocabulary (50277 = 169M)")->capture_default_str()->check(CLI::Range(1, 1 << 24));
   bn->add_option("--dtypes", mbo.dtypes, "weight types to run")->capture_default_str()->delimiter(',');
-  bn->add_option("--checkpoint", mbo.checkpoint, "also: perplexity of this trained RWKV-4 in each weight type");
+  bn->add_option("--checkpoint", mbo.checkpoint, "also: perplexity of this trained RWKV model in each weight type");
   bn->add_option("--data", mbo.data, "text file for --checkpoint");
   bn->add_option("--eval-seq", mbo.eval_seq, "window length for --checkpoint")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   bn->add_option("--eval-windows", mbo.eval_windows, "windows for --checkpoint")->capture_default_str()->check(CLI::PositiveNumber);

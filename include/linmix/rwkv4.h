@@ -12,12 +12,11 @@
 #include <string>
 #include <vector>
 
-#include "linmix/model.h"
-#include "linmix/quant.h"
+#include "linmix/engine.h"
 
 namespace linmix {
 
-class Rwkv4Engine {
+class Rwkv4Engine : public Engine {
  public:
   // The blocking of sequence(): internal passes of kPass tokens (bound its memory), scan tasks of
   // kScanBlock channels. Tests run sizes that cross both.
@@ -27,20 +26,20 @@ class Rwkv4Engine {
   static bool supports(const ModelConfig& c, std::string* why = nullptr);
   // Copies (and converts) the weights of `m`; throws Error when !supports(m.config()).
   Rwkv4Engine(const Model& m, WType wtype);
-  ~Rwkv4Engine();
+  ~Rwkv4Engine() override;
 
   // Feeds T >= 1 tokens. logits: (T,V) when all_logits, else (V) for the last token; may be null.
-  void sequence(const int32_t* tokens, int64_t T, Model::State& st, float* logits, bool all_logits = false);
+  void sequence(const int32_t* tokens, int64_t T, Model::State& st, float* logits, bool all_logits = false) override;
   // Feeds one token; logits (V).
-  void step(int32_t token, Model::State& st, float* logits);
+  void step(int32_t token, Model::State& st, float* logits) override;
 
-  const ModelConfig& config() const { return cfg_; }
-  Model::State new_state() const;  // the zero state (as Model::new_state)
+  const ModelConfig& config() const override { return cfg_; }
+  Model::State new_state() const override;
   // Bytes of weights step() reads per token (all matrices, one embedding row, the vectors).
-  double step_bytes() const;
+  double step_bytes() const override;
   // Multiply-add FLOPs (2 per MAC) of sequence() per token: projections, and the head when
   // the logits of that token are computed.
-  double flops_per_token(bool with_head) const;
+  double flops_per_token(bool with_head) const override;
 
  private:
   struct Impl;

@@ -12,7 +12,7 @@
 
 namespace linmix {
 
-class Rwkv4Engine;
+class Engine;
 
 // ---- data
 // A byte corpus split by bytes: the first 90% train, the last 10% validation.
@@ -47,7 +47,7 @@ struct Checkpoint {
   AdamW opt;
   int64_t step = 0;
   std::string meta_json;  // the run's options, as saved
-  bool imported = false;  // an RWKV-4 checkpoint (BlinkDL or Hugging Face names)
+  bool imported = false;  // an RWKV-4/5/6/7 checkpoint (BlinkDL or Hugging Face names)
   // The tokenizer the model was trained or imported with, from the metadata "tokenizer":
   // "bytes", "task:<name>", a tokenizer file, or "" when the file does not say.
   std::string tokenizer;
@@ -56,13 +56,15 @@ struct Checkpoint {
 void save_checkpoint(const std::string& path, const Model& model, const AdamW& opt, int64_t step,
                      const std::string& meta_json, const std::string& tokenizer = "bytes");
 // Refuses (Error naming the problem) anything truncated, corrupt, or not matching its config.
-// Also loads plain RWKV-4 checkpoints (BlinkDL or Hugging Face names, see rwkv_import.cpp).
+// Also loads plain RWKV-4/5/6/7 checkpoints (BlinkDL or Hugging Face names, see rwkv_import.cpp).
 Checkpoint load_checkpoint(const std::string& path);
 
 // RWKV-4 import (src/model/rwkv_import.cpp): shape (V, C, L, F) inferred from the tensors; every
 // missing or mis-shaped tensor is an Error naming it.
-bool looks_like_rwkv4(const TensorMap& tensors);
-std::unique_ptr<Model> import_rwkv4(TensorMap tensors, const std::string& what);
+bool looks_like_rwkv(const TensorMap& tensors);
+std::string rwkv_version(const TensorMap& tensors);  // "4", "5.1", "5.2", "6.0", "7.0" (docs/RWKV.md)
+// gn_eps: the v5/6/7 group-norm eps as text ("" = 64e-5)
+std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, const std::string& gn_eps = "");
 
 // ---- training
 struct TrainOptions {
@@ -98,12 +100,12 @@ void clip_grad_norm(TensorMap& grads, double norm, double max_norm);  // warm-up
 // The windows: min(max_windows, (n - 1) / seq) of them, spread evenly (eval_windows).
 double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows, bool recurrent);
 // The same windows through the RWKV-4 inference engine's sequence mode (any weight type).
-double evaluate_split(Rwkv4Engine& e, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows);
+double evaluate_split(Engine& e, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows);
 inline double evaluate_split(Model& m, const std::vector<uint8_t>& bytes, int64_t seq, int64_t max_windows,
                              bool recurrent) {
   return evaluate_split(m, std::vector<int32_t>(bytes.begin(), bytes.end()), seq, max_windows, recurrent);
 }
-inline double evaluate_split(Rwkv4Engine& e, const std::vector<uint8_t>& bytes, int64_t seq, int64_t max_windows) {
+inline double evaluate_split(Engine& e, const std::vector<uint8_t>& bytes, int64_t seq, int64_t max_windows) {
   return evaluate_split(e, std::vector<int32_t>(bytes.begin(), bytes.end()), seq, max_windows);
 }
 // How many windows of seq tokens, and where (window w starts at w * stride), evaluate_split

@@ -12,7 +12,7 @@
 
 #include "linmix/bench.h"
 #include "linmix/error.h"
-#include "linmix/rwkv4.h"
+#include "linmix/engine.h"
 #include "linmix/safetensors.h"
 #include "linmix/train.h"
 
@@ -29,14 +29,23 @@ double median(std::vector<double> v) {
 }
 }  // namespace
 
-int bench_model(const ModelBenchOptions& o) {
+int bench_model(const ModelBenchOptions& opt) {
+  ModelBenchOptions o = opt;
+  LINMIX_CHECK(o.version == "4" || o.version == "5" || o.version == "6" || o.version == "7",
+               "--version must be 4, 5, 6 or 7, found '" + o.version + "'");
+  if (!o.size.empty()) {  // the released models' shapes (BlinkDL: L12 C768, L24 C1024, L24 C2048)
+    LINMIX_CHECK(o.size == "0.1B" || o.size == "0.4B" || o.size == "1.5B", "--size must be 0.1B, 0.4B or 1.5B, found '" + o.size + "'");
+    o.n_layer = o.size == "0.1B" ? 12 : 24, o.d_model = o.size == "0.1B" ? 768 : o.size == "0.4B" ? 1024 : 2048;
+    o.vocab = o.version == "4" ? 50277 : 65536;
+  }
+  LINMIX_CHECK(o.version == "4" || o.d_model % 64 == 0, "--d-model must be a multiple of the head size 64 for RWKV-" + o.version);
   // the optional quality check's inputs are read first: a bad path fails before any timing
   std::optional<Checkpoint> ck;
   std::vector<uint8_t> text;  // --data, for the perplexity of --checkpoint
   if (!o.checkpoint.empty()) {
     ck = load_checkpoint(o.checkpoint);
     std::string why;
-    LINMIX_CHECK(Rwkv4Engine::supports(ck->model->config(), &why), o.checkpoint + ": not an RWKV-4 model: " + why);
+    LINMIX_CHECK(engine_supports(ck->model->config(), &why), o.checkpoint + ": no inference engine runs it: " + why);
     std::ifstream f(o.data, std::ios::binary);
     LINMIX_CHECK(f.good(), o.data + ": cannot open");
     text.assign((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
@@ -44,9 +53,10 @@ int bench_model(const ModelBenchOptions& o) {
   set_threads(o.threads);
   nlohmann::json rep;
   rep["threads"] = o.threads;
-  std::printf("linmix bench --model: RWKV-4 L=%lld C=%lld V=%lld F=%lld, random weights, %d threads\n",
-              (long long)o.n_layer, (long long)o.d_model, (long long)o.vocab, (long long)(o.ffn_mult * o.d_model),
-              o.threads);
+  const int64_t F = o.version == "5" || o.version == "6" ? int64_t(3.5 * double(o.d_model)) / 32 * 32 : o.ffn_mult * o.d_model;
+  std::printf("linmix bench --model: RWKV-%s L=%lld C=%lld V=%lld F=%lld, random weights, %d threads\n",
+              o.version.c_str(), (long long)o.n_layer, (long long)o.d_model, (long long)o.vocab, (long long)F, o.threads);
+  rep["version"] = o.version, rep["n_layer"] = o.n_layer, rep["d_model"] = o.d_model, rep["vocab"] = o.vocab;
   // The machine is shared: its bandwidth drifts by tens of percent within a minute. Each limit is
   // therefore measured again right beside what is compared with it (decode rounds interleave
   // triad, read stream and decode; prefill follows its own sgemm), and ratios are per round.
@@ -55,10 +65,12 @@ int bench_model(const ModelBenchOptions& o) {
   std::printf("limits at start: triad %.1f GB/s, read stream %.1f GB/s, sgemm (2048^3) %.1f GFLOP/s\n", bw0, rd0, gf0);
   rep["triad_gbs"] = bw0, rep["read_gbs"] = rd0, rep["sgemm_gflops"] = gf0;
 
+  const std::string mixer = "rwkv" + o.version, cm = o.version == "4" || o.version == "5" ? "rwkv" : mixer;
   ModelConfig cfg = ModelConfig::from_json(
       "{\"vocab\": " + std::to_string(o.vocab) + ", \"d_model\": " + std::to_string(o.d_model) +
-      ", \"n_layer\": " + std::to_string(o.n_layer) + ", \"ffn_mult\": " + std::to_string(o.ffn_mult) +
-      ", \"mixer\": \"rwkv4\", \"channel_mix\": \"rwkv\", \"ln0\": true}");
+      ", \"n_layer\": " + std::to_string(o.n_layer) + ", \"ffn_dim\": " + std::to_string(F) +
+      ", \"n_head\": " + std::to_string(o.version == "4" ? 1 : o.d_model / 64) + ", \"mixer\": \"" + mixer +
+      "\", \"channel_mix\": \"" + cm + "\", \"ln0\": true}");
   Model model(cfg);
   model.init(1);
   std::printf("%lld parameters\n\n", (long long)model.num_params());
@@ -76,7 +88,8 @@ int bench_model(const ModelBenchOptions& o) {
               "GFLOP/s", "");
   double f32_ms = 0;
   for (const std::string& dt : o.dtypes) {
-    Rwkv4Engine eng(model, parse_wtype(dt));
+    const auto engp = make_engine(model, parse_wtype(dt));
+    Engine& eng = *engp;
     nlohmann::json r;
     // decode: 4 warm-up tokens, then rounds of (limits, decode_tokens tokens)
     Model::State st = eng.new_state();
@@ -139,8 +152,8 @@ int bench_model(const ModelBenchOptions& o) {
                 (long long)o.eval_windows, (long long)o.eval_seq);
     double base = 0;
     for (const std::string& dt : o.dtypes) {
-      Rwkv4Engine eng(*ck->model, parse_wtype(dt));
-      const double loss = evaluate_split(eng, text, o.eval_seq, o.eval_windows), ppl = std::exp(loss);
+      const auto eng = make_engine(*ck->model, parse_wtype(dt));
+      const double loss = evaluate_split(*eng, text, o.eval_seq, o.eval_windows), ppl = std::exp(loss);
       if (dt == "f32") base = ppl;
       std::printf("  %-5s loss %.6f nats/token, perplexity %.5f", dt.c_str(), loss, ppl);
       if (base > 0 && dt != "f32") std::printf(" (%+.3f%% vs f32)", 100.0 * (ppl / base - 1.0));

@@ -6,7 +6,7 @@
 #include <random>
 
 #include "linmix/quant.h"
-#include "linmix/rwkv4.h"
+#include "linmix/engine.h"
 #include "linmix/safetensors.h"
 #include "linmix/tokenizer.h"
 
@@ -31,9 +31,9 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
   LINMIX_CHECK(tk->vocab_size() <= V, "tokenizer " + tk->name() + " has " + std::to_string(tk->vocab_size()) +
                                           " tokens, the model only " + std::to_string(V));
   const WType wt = parse_wtype(o.dtype);
-  std::unique_ptr<Rwkv4Engine> eng;
-  if (Rwkv4Engine::supports(m.config())) eng = std::make_unique<Rwkv4Engine>(m, wt);
-  else LINMIX_CHECK(wt == WType::F32, "--dtype " + o.dtype + " needs an RWKV-4 model");
+  std::unique_ptr<Engine> eng;
+  if (engine_supports(m.config())) eng = make_engine(m, wt);
+  else LINMIX_CHECK(wt == WType::F32, "--dtype " + o.dtype + " needs an RWKV model (the inference engine)");
   const std::vector<int32_t> pids = tk->encode(o.prompt);
   LINMIX_CHECK(!pids.empty(), "the prompt encodes to no tokens");
   std::vector<float> lg(static_cast<size_t>(V));
@@ -90,13 +90,13 @@ Tensor sequence_logits(Model& m, const std::vector<int32_t>& toks, const std::st
     Model::State st = m.new_state();
     for (int64_t t = 0; t < T; ++t) m.step(toks[t], st, out.ptr() + t * V);
   } else {
-    Rwkv4Engine eng(m, wt);
+    const auto eng = make_engine(m, wt);
     Model::State st = m.new_state();
     if (mode == "decode")
-      for (int64_t t = 0; t < T; ++t) eng.step(toks[t], st, out.ptr() + t * V);
+      for (int64_t t = 0; t < T; ++t) eng->step(toks[t], st, out.ptr() + t * V);
     else
       for (int64_t t0 = 0; t0 < T; t0 += chunk)
-        eng.sequence(toks.data() + t0, std::min(chunk, T - t0), st, out.ptr() + t0 * V, true);
+        eng->sequence(toks.data() + t0, std::min(chunk, T - t0), st, out.ptr() + t0 * V, true);
   }
   return out;
 }
@@ -122,8 +122,8 @@ EvalResult evaluate_file(Model& m, const std::vector<uint8_t>& bytes, const std:
   for (int64_t w = 0; w < nw; ++w)  // the bytes of the scored targets
     for (int64_t t = 1; t <= seq; ++t) r.bytes += int64_t(tk->decode({ids[size_t(w * stride + t)]}).size());
   if (mode == "sequence") {
-    Rwkv4Engine eng(m, parse_wtype(dtype));
-    r.loss = evaluate_split(eng, ids, seq, windows);
+    const auto eng = make_engine(m, parse_wtype(dtype));
+    r.loss = evaluate_split(*eng, ids, seq, windows);
   } else {
     LINMIX_CHECK(dtype == "f32", "--dtype applies to --mode sequence only");
     r.loss = evaluate_split(m, ids, seq, windows, mode == "recurrent");

@@ -9,12 +9,14 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/gemv.h"
-#include "kernels/vmath.h"
+#include "engine_util.h"
 #include "linmix/error.h"
 #include "linmix/kernels.h"
 
 namespace linmix {
+
+using engine::layernorm_rows;
+using engine::sigmoidf;
 
 namespace {
 
@@ -23,27 +25,6 @@ constexpr int64_t kChunk = Rwkv4Engine::kPass;  // rows per internal pass of seq
 constexpr int64_t kScanBlock = Rwkv4Engine::kScanBlock;  // channels per scan task
 
 std::string P(int64_t i, const char* name) { return "blocks." + std::to_string(i) + "." + name; }
-
-// exp_fast (kernels/vmath.h, ~1 ulp) so that the loops over channels vectorise
-inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
-
-// LayerNorm (eps 1e-5) of N rows, rows in parallel; two passes in float with SIMD partial sums.
-void layernorm_rows(float* out, const float* x, const float* w, const float* b, int64_t N, int64_t C) {
-#pragma omp parallel for schedule(static) if (N > 8)
-  for (int64_t i = 0; i < N; ++i) {
-    const float* xi = x + i * C;
-    float m = 0, v = 0;
-#pragma omp simd reduction(+ : m)
-    for (int64_t c = 0; c < C; ++c) m += xi[c];
-    m /= float(C);
-#pragma omp simd reduction(+ : v)
-    for (int64_t c = 0; c < C; ++c) v += (xi[c] - m) * (xi[c] - m);
-    v /= float(C);
-    const float s = 1.0f / std::sqrt(v + 1e-5f);
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[i * C + c] = (xi[c] - m) * s * w[c] + b[c];
-  }
-}
 
 }  // namespace
 
@@ -64,14 +45,7 @@ struct Rwkv4Engine::Impl {
 
   // out (N,OC) (+)= in (N,IC) W^T
   void matmul(float* out, const float* in, const QMatrix& W, int64_t N, bool accumulate) {
-    const float* w = W.f32.data();
-    if (W.type != WType::F32) {
-      deq.resize(size_t(W.rows * W.cols));
-      W.to_f32(deq.data());
-      w = deq.data();
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(W.rows), int(W.cols), 1.0f, in, int(W.cols), w,
-                int(W.cols), accumulate ? 1.0f : 0.0f, out, int(W.rows));
+    engine::matmul(out, in, W, N, accumulate, deq);
   }
 };
 

@@ -1,8 +1,12 @@
-// RWKV-4 checkpoints as their users have them: BlinkDL's names (as in the .pth files of
-// ChatRWKV / rwkv.cpp, converted to safetensors by scripts/convert_rwkv4.py) or Hugging Face's
-// RwkvForCausalLM names. Semantics: MIXERS.md "The RWKV-4 language model" (linmix's Model with
-// rwkv4 time-mix, RWKV channel-mix and ln0), so both naming schemes map onto linmix's
-// parameter names, which are BlinkDL's.
+// RWKV-4/5/6/7 checkpoints as their users have them: BlinkDL's names (the .pth files of
+// RWKV-LM / ChatRWKV / rwkv.cpp, converted to safetensors by scripts/convert_rwkv.py) or Hugging
+// Face's (RwkvForCausalLM, RWKV/v5-*, RWKV/v6-*: rwkv.blocks.N.attention.*). The version comes
+// from the tensors (docs/RWKV.md), every size from their shapes; the model is linmix's Model
+// with the rwkv4 or rwkv5/6/7 layers, whose parameter names are BlinkDL's. Every v5 layout is
+// stored as 5.2's (per-channel decay and bonus, time_faaaa); a missing, extra or mis-shaped
+// tensor is refused by name with the version.
+#include <algorithm>
+#include <cmath>
 #include <regex>
 
 #include "linmix/model.h"
@@ -33,58 +37,157 @@ std::string from_hf(const std::string& n) {
   };
   for (const auto& [re, fmt] : rules)
     if (std::regex_match(n, re)) return std::regex_replace(n, re, fmt);
+  // RWKV-5/6 (RWKV/v5-*, RWKV/v6-*): attention.* / feed_forward.* keep BlinkDL's tensor names
+  // after the part, but for the mixes' long names
+  static const std::regex part(R"(^rwkv\.blocks\.(\d+)\.(attention|feed_forward)\.(.+)$)");
+  std::smatch m;
+  if (std::regex_match(n, m, part)) {
+    std::string rest = m[3];
+    static const std::vector<std::pair<std::string, std::string>> longn = {
+        {"time_mix_key", "time_mix_k"}, {"time_mix_value", "time_mix_v"}, {"time_mix_receptance", "time_mix_r"},
+        {"time_mix_gate", "time_mix_g"}};
+    for (const auto& [a, b] : longn)
+      if (rest == a) rest = b;
+    return "blocks." + std::string(m[1]) + (m[2] == "attention" ? ".att." : ".ffn.") + rest;
+  }
   return "";
 }
 
 }  // namespace
 
-bool looks_like_rwkv4(const TensorMap& t) {
-  return (t.count("emb.weight") && t.count("blocks.0.att.time_decay")) ||
-         (t.count("rwkv.embeddings.weight") && t.count("rwkv.blocks.0.attention.time_decay"));
+bool looks_like_rwkv(const TensorMap& t) {
+  return (t.count("emb.weight") && t.count("blocks.0.ln1.weight")) ||
+         (t.count("rwkv.embeddings.weight") && t.count("rwkv.blocks.0.ln1.weight"));
 }
 
-std::unique_ptr<Model> import_rwkv4(TensorMap tensors, const std::string& what) {
+std::string rwkv_version(const TensorMap& t) {  // docs/RWKV.md: the first tensor present decides
+  if (t.count("blocks.0.att.k_k")) return "7.0";
+  if (t.count("blocks.0.att.time_maa_x")) return "6.0";
+  if (t.count("blocks.0.att.gate.weight") && t.count("blocks.0.att.ln_x.weight")) return "5.2";
+  if (t.count("blocks.0.att.ln_x.weight")) return "5.1";
+  return "4";
+}
+
+std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, const std::string& gn_eps) {
   if (tensors.count("rwkv.embeddings.weight")) {  // Hugging Face names
     TensorMap renamed;
     for (auto& [n, t] : tensors) {
       const std::string b = from_hf(n);
-      if (!b.empty()) renamed[b] = std::move(t);
+      LINMIX_CHECK(!b.empty(), what + ": Hugging Face RWKV checkpoint with an unknown tensor '" + n + "'");
+      renamed[b] = std::move(t);
     }
     tensors = std::move(renamed);
   }
-  auto need = [&](const std::string& n) -> const Tensor& {
+  const std::string ver = rwkv_version(tensors);
+  const std::string tag = what + ": RWKV-" + ver + " checkpoint: ";
+  auto need = [&](const std::string& n) -> Tensor& {
     auto it = tensors.find(n);
-    LINMIX_CHECK(it != tensors.end(), what + ": RWKV-4 checkpoint without tensor '" + n + "'");
+    LINMIX_CHECK(it != tensors.end(), tag + "no tensor '" + n + "'");
     return it->second;
   };
   const Tensor& emb = need("emb.weight");
-  LINMIX_CHECK(emb.rank() == 2, what + ": tensor 'emb.weight': expected rank 2 [V,C], found " + shape_str(emb.shape));
+  LINMIX_CHECK(emb.rank() == 2, tag + "tensor 'emb.weight': expected rank 2 [V,C], found " + shape_str(emb.shape));
   const int64_t V = emb.dim(0), C = emb.dim(1);
-  LINMIX_CHECK(V >= 2 && C >= 1, what + ": tensor 'emb.weight': expected [V,C] with V >= 2 and C >= 1, found " +
+  LINMIX_CHECK(V >= 2 && C >= 1, tag + "tensor 'emb.weight': expected [V,C] with V >= 2 and C >= 1, found " +
                                      shape_str(emb.shape));
   int64_t L = 0;
   while (tensors.count("blocks." + std::to_string(L) + ".ln1.weight")) ++L;
-  LINMIX_CHECK(L >= 1, what + ": RWKV-4 checkpoint without blocks (no 'blocks.0.ln1.weight')");
+  LINMIX_CHECK(L >= 1, tag + "no blocks (no 'blocks.0.ln1.weight')");
   const Tensor& fk = need("blocks.0.ffn.key.weight");
-  LINMIX_CHECK(fk.rank() == 2 && fk.dim(1) == C && fk.dim(0) % C == 0,
-               what + ": tensor 'blocks.0.ffn.key.weight': expected [F," + std::to_string(C) +
-                   "] with F a multiple of C, found " + shape_str(fk.shape));
+  LINMIX_CHECK(fk.rank() == 2 && fk.dim(1) == C && fk.dim(0) >= 1,
+               tag + "tensor 'blocks.0.ffn.key.weight': expected [F," + std::to_string(C) + "], found " +
+                   shape_str(fk.shape));
   ModelConfig cfg;
   cfg.vocab = V, cfg.d_model = C, cfg.n_layer = L, cfg.n_head = 1, cfg.ctx = 1;
-  cfg.channel_mix = "rwkv", cfg.ffn_mult = fk.dim(0) / C, cfg.ln0 = true, cfg.pos_emb = 0;
-  cfg.layers.assign(L, LayerConfig{"rwkv4", {}});
-  auto model = std::make_unique<Model>(cfg);
+  cfg.ffn_dim = fk.dim(0), cfg.ln0 = true, cfg.pos_emb = 0;
+  if (ver == "4") {
+    cfg.channel_mix = "rwkv";
+    cfg.layers.assign(size_t(L), LayerConfig{"rwkv4", {}});
+  } else {
+    // heads: v5 time_decay [H] or [H,N]; v6 time_faaaa [H,N]; v7 r_k [H,N]
+    const Tensor& ht = need(ver[0] == '5' ? "blocks.0.att.time_decay" : ver == "6.0" ? "blocks.0.att.time_faaaa"
+                                                                                      : "blocks.0.att.r_k");
+    const int64_t H = ht.rank() >= 1 ? ht.dim(0) : 0;
+    LINMIX_CHECK(H >= 1 && C % H == 0, tag + "its " + std::to_string(H) + " heads (the first dimension of the "
+                                           "head tensor) do not divide C = " + std::to_string(C));
+    const int64_t N = C / H;
+    cfg.n_head = H;
+    LayerConfig lc{ver[0] == '5' ? "rwkv5" : ver == "6.0" ? "rwkv6" : "rwkv7", {}};
+    cfg.channel_mix = ver[0] == '5' ? "rwkv" : ver == "6.0" ? "rwkv6" : "rwkv7";
+    if (ver == "5.1") lc.params["gate"] = "0";
+    if (!gn_eps.empty()) lc.params["gn_eps"] = gn_eps;
+    auto width = [&](const char* n, int d) {
+      const Tensor& t = need(std::string("blocks.0.att.") + n);
+      LINMIX_CHECK(t.rank() >= 2, tag + "tensor 'blocks.0.att." + n + "': expected a matrix, found " + shape_str(t.shape));
+      return std::to_string(t.dim(d));
+    };
+    if (ver == "6.0") {
+      const Tensor& w2 = need("blocks.0.att.time_maa_w2");
+      LINMIX_CHECK(w2.rank() == 3 && w2.dim(0) == 5, tag + "tensor 'blocks.0.att.time_maa_w2': expected [5,D_mix," +
+                                                         std::to_string(C) + "], found " + shape_str(w2.shape));
+      lc.params["d_mix"] = std::to_string(w2.dim(1)), lc.params["d_decay"] = width("time_decay_w1", 1);
+    }
+    if (ver == "7.0") {
+      lc.params["d_w"] = width("w1", 1), lc.params["d_a"] = width("a1", 1), lc.params["d_g"] = width("g1", 1);
+      lc.params["d_v"] = "32";  // (unused with one layer)
+      if (L > 1) {
+        const Tensor& v1 = need("blocks.1.att.v1");
+        LINMIX_CHECK(v1.rank() == 2, tag + "tensor 'blocks.1.att.v1': expected [C,D_v], found " + shape_str(v1.shape));
+        lc.params["d_v"] = std::to_string(v1.dim(1));
+      }
+      for (const char* n : {"v0", "v1", "v2"})  // layer 0's value-residual LoRA: trained code makes it, unused
+        tensors.erase(std::string("blocks.0.att.") + n);
+    }
+    cfg.layers.assign(size_t(L), lc);
+    if (ver[0] == '5')  // every v5 layout as 5.2's: per-head decay and bonus broadcast, time_first -> e^time_first
+      for (int64_t l = 0; l < L; ++l) {
+        const std::string p = "blocks." + std::to_string(l) + ".att.";
+        auto to_hn = [&](Tensor& t, const std::string& n, bool exp_of) {
+          LINMIX_CHECK(t.numel() == H || t.numel() == C,
+                       tag + "tensor '" + n + "': expected [" + std::to_string(H) + "] or [" + std::to_string(H) + "," +
+                           std::to_string(N) + "], found " + shape_str(t.shape));
+          check_finite(n, t);
+          Tensor o({H, N});
+          for (int64_t i = 0; i < C; ++i) {
+            const float x = t.numel() == H ? t.data[size_t(i / N)] : t.data[size_t(i)];
+            o.data[size_t(i)] = exp_of ? std::exp(x) : x;
+          }
+          t = std::move(o);
+        };
+        to_hn(need(p + "time_decay"), p + "time_decay", false);
+        const bool first = tensors.count(p + "time_first") > 0;
+        LINMIX_CHECK(first != (tensors.count(p + "time_faaaa") > 0),
+                     tag + "layer " + std::to_string(l) + " needs exactly one bonus tensor, '" + p + "time_first' or '" +
+                         p + "time_faaaa'");
+        Tensor& b = need(p + (first ? "time_first" : "time_faaaa"));
+        to_hn(b, p + (first ? "time_first" : "time_faaaa"), first);
+        if (first) tensors[p + "time_faaaa"] = std::move(b), tensors.erase(p + "time_first");
+      }
+  }
+  std::unique_ptr<Model> model;
+  try {
+    model = std::make_unique<Model>(cfg);
+  } catch (const Error& e) {
+    throw Error(tag + e.what());
+  }
   for (auto& [n, p] : model->params()) {
     const Tensor& t = need(n);
-    // BlinkDL stores the mixes as (1,1,C) and time_decay/first as (C) or (1,1,C): any shape with
-    // the same elements in the same order is the same vector.
-    const bool vector_like = p.rank() == 1 && t.numel() == p.numel() &&
-                             std::count_if(t.shape.begin(), t.shape.end(), [](int64_t d) { return d != 1; }) <= 1;
-    LINMIX_CHECK(t.shape == p.shape || vector_like, what + ": tensor '" + n + "': expected shape " +
-                                                        shape_str(p.shape) + ", found " + shape_str(t.shape));
+    // BlinkDL stores vectors as [1,1,C] (time_decay/first of RWKV-4 as [C] or [1,1,C]): any shape
+    // with the same elements in the same order is the same vector
+    auto vector_like = [](const Tensor& a, const Tensor& b) {
+      auto ones = [](const Tensor& x) { return std::count_if(x.shape.begin(), x.shape.end(), [](int64_t d) { return d != 1; }); };
+      return a.numel() == b.numel() && ones(a) <= 1 && ones(b) <= 1;
+    };
+    LINMIX_CHECK(t.shape == p.shape || vector_like(t, p),
+                 tag + "tensor '" + n + "': expected shape " + shape_str(p.shape) + ", found " + shape_str(t.shape));
     check_finite(n, t);
     p.data = t.data;
   }
+  for (const auto& [n, t] : tensors)
+    LINMIX_CHECK(model->params().count(n), tag + "unexpected tensor '" + n + "'" +
+                                               (n.find("time_state") != std::string::npos ? " (a state-tuned initial "
+                                                                                           "state: not supported)"
+                                                                                         : ""));
   return model;
 }
 

@@ -1,6 +1,6 @@
 // Data, AdamW, checkpoints, the training loop, evaluation and sampling.
 #include "linmix/train.h"
-#include "linmix/rwkv4.h"
+#include "linmix/engine.h"
 
 #include <unistd.h>
 
@@ -153,13 +153,13 @@ Checkpoint load_checkpoint(const std::string& path) {
   Checkpoint ck;
   const bool ours = st.metadata.count("linmix") && st.metadata.at("linmix") == "checkpoint" && st.metadata.count("config");
   ck.tokenizer = st.metadata.count("tokenizer") ? st.metadata.at("tokenizer") : "";
-  if (!ours && looks_like_rwkv4(st.tensors)) {
-    ck.model = import_rwkv4(std::move(st.tensors), path);
+  if (!ours && looks_like_rwkv(st.tensors)) {
+    ck.model = import_rwkv(std::move(st.tensors), path, st.metadata.count("gn_eps") ? st.metadata.at("gn_eps") : "");
     ck.imported = true;
     return ck;
   }
   if (ck.tokenizer.empty()) ck.tokenizer = "bytes";  // linmix checkpoints before the field: byte-level
-  LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV-4 checkpoint");
+  LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV checkpoint");
   const ModelConfig cfg = ModelConfig::from_json(st.metadata.at("config"));
   {  // the file must hold the parameters its config declares: a tiny file cannot make us allocate
     int64_t held = 0;
@@ -242,7 +242,7 @@ double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, 
   return total / double(count);
 }
 
-double evaluate_split(Rwkv4Engine& e, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows) {
+double evaluate_split(Engine& e, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows) {
   const int64_t n = static_cast<int64_t>(split.size()) - 1;
   LINMIX_CHECK(n >= seq, "evaluation split shorter than one window of " + std::to_string(seq));
   const auto [windows, stride] = eval_windows(n + 1, seq, max_windows);  // spread evenly over the split

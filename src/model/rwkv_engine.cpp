@@ -1,0 +1,451 @@
+// The RWKV-5/6/7 inference engine (include/linmix/engine.h): the models of docs/RWKV.md as the
+// Model's rwkv_layer.cpp computes them, for inference. Rows of C, u = LN1(x), p the previous
+// row's u (the state's "shift" for row 0), d = p - u; per layer
+//   mixes -> r, k, v (+ gate) GEMMs -> decay and the v7 vectors -> WKV -> GN (+ v7 bonus) ->
+//   gate -> x += W_o y;  u2 = LN2(x), x += channel mix.
+// sequence(): passes of up to kPass rows; the WKV through the registry's mechanism (rwkv5,
+// rwkv6, rwkv7: their chunked parallel form from the state, which returns the final state).
+// step(): one row with gemv and the WKV recurrence inline; buffers sized once, no allocation.
+// The state is the Model's: per layer "shift" (C), "state.S" (1,H,N,N; key index first, as the
+// mechanisms keep it) and the channel mix's ffn_prev.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "engine_util.h"
+#include "linmix/error.h"
+#include "linmix/mixer.h"
+#include "linmix/rwkv4.h"
+
+namespace linmix {
+
+using engine::layernorm_rows;
+using engine::sigmoidf;
+
+namespace {
+
+constexpr int64_t kPass = 512;  // rows per internal pass of sequence(): bounds its memory
+const float kE05 = std::exp(-0.5f);
+
+// out (n, r) = x (n, in) A (in, r), A stored [in, out] with leading dimension lda
+void xa(float* out, const float* x, const float* A, int64_t n, int64_t in, int64_t r, int64_t ldx, int64_t lda) {
+  if (n == 1) {
+    cblas_sgemv(CblasRowMajor, CblasTrans, int(in), int(r), 1.0f, A, int(lda), x, 1, 0.0f, out, 1);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(r), int(in), 1.0f, x, int(ldx), A, int(lda), 0.0f,
+              out, int(r));
+}
+
+class RwkvEngine : public Engine {
+ public:
+  RwkvEngine(const Model& m, WType wt) : cfg_(m.config()) {
+    const ModelConfig& c = cfg_;
+    C_ = c.d_model, V_ = c.vocab, L_ = c.n_layer, F_ = c.ffn_width(), H_ = c.n_head, N_ = C_ / H_;
+    const std::string& mixer = c.layers[0].mixer;
+    ver_ = mixer == "rwkv5" ? 5 : mixer == "rwkv6" ? 6 : 7;
+    const TensorMap& W = m.params();
+    auto has = [&](const std::string& n) { return W.count(n) > 0; };
+    auto vec = [&](const std::string& n) { return W.at(n).data; };
+    auto mat = [&](const std::string& n) {
+      const Tensor& x = W.at(n);
+      return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], wt);
+    };
+    emb_ = vec("emb.weight"), ln0w_ = vec("blocks.0.ln0.weight"), ln0b_ = vec("blocks.0.ln0.bias");
+    lnfw_ = vec("ln_out.weight"), lnfb_ = vec("ln_out.bias");
+    head_ = mat("head.weight");
+    layers_.resize(size_t(L_));
+    for (int64_t l = 0; l < L_; ++l) {
+      Layer& y = layers_[size_t(l)];
+      const std::string p = "blocks." + std::to_string(l) + ".";
+      y.gate = ver_ != 5 || has(p + "att.gate.weight");
+      y.mixes = ver_ == 5 ? (y.gate ? "rkvg" : "rkv") : ver_ == 6 ? "wkvrg" : "rwkvag";
+      for (size_t i = 0; i < y.mixes.size(); ++i)
+        y.mix.push_back(vec(p + (ver_ == 5 ? "att.time_mix_" : ver_ == 6 ? "att.time_maa_" : "att.x_") + y.mixes[i]));
+      y.ln1w = vec(p + "ln1.weight"), y.ln1b = vec(p + "ln1.bias"), y.ln2w = vec(p + "ln2.weight");
+      y.ln2b = vec(p + "ln2.bias"), y.lnxw = vec(p + "att.ln_x.weight"), y.lnxb = vec(p + "att.ln_x.bias");
+      y.Wr = mat(p + "att.receptance.weight"), y.Wk = mat(p + "att.key.weight"), y.Wv = mat(p + "att.value.weight");
+      y.Wo = mat(p + "att.output.weight");
+      if (y.gate && ver_ != 7) y.Wg = mat(p + "att.gate.weight");
+      if (ver_ == 5) {
+        y.decay = vec(p + "att.time_decay");
+        y.logw = y.decay;
+        for (size_t i = 0; i < y.decay.size(); ++i) y.logw[i] = -std::exp(y.decay[i]), y.decay[i] = std::exp(y.logw[i]);
+      }
+      if (ver_ != 7) y.bonus = vec(p + "att.time_faaaa");
+      if (ver_ == 6) {
+        y.maa_x = vec(p + "att.time_maa_x"), y.A1 = vec(p + "att.time_maa_w1"), y.A2 = vec(p + "att.time_maa_w2");
+        y.td = vec(p + "att.time_decay"), y.B1 = vec(p + "att.time_decay_w1"), y.B2 = vec(p + "att.time_decay_w2");
+        y.dmix = W.at(p + "att.time_maa_w2").dim(1), y.ddecay = W.at(p + "att.time_decay_w1").dim(1);
+      }
+      if (ver_ == 7) {
+        y.w0 = vec(p + "att.w0"), y.w1 = vec(p + "att.w1"), y.w2 = vec(p + "att.w2");
+        y.a0 = vec(p + "att.a0"), y.a1 = vec(p + "att.a1"), y.a2 = vec(p + "att.a2");
+        y.g1 = vec(p + "att.g1"), y.g2 = vec(p + "att.g2");
+        y.kk = vec(p + "att.k_k"), y.ka = vec(p + "att.k_a"), y.rk = vec(p + "att.r_k");
+        y.dw = W.at(p + "att.w1").dim(1), y.da = W.at(p + "att.a1").dim(1), y.dg = W.at(p + "att.g1").dim(1);
+        if (l > 0) y.v0 = vec(p + "att.v0"), y.v1 = vec(p + "att.v1"), y.v2 = vec(p + "att.v2"), y.dv = W.at(p + "att.v1").dim(1);
+      }
+      const char* fm = ver_ == 5 ? "ffn.time_mix_" : ver_ == 6 ? "ffn.time_maa_" : "ffn.x_";
+      y.fmk = vec(p + fm + "k");
+      if (ver_ != 7) y.fmr = vec(p + fm + "r"), y.Fr = mat(p + "ffn.receptance.weight");
+      y.Fk = mat(p + "ffn.key.weight"), y.Fv = mat(p + "ffn.value.weight");
+      y.eps = 64e-5f;
+      const auto& lp = c.layers[size_t(l)].params;
+      if (lp.count("gn_eps")) y.eps = std::strtof(lp.at("gn_eps").c_str(), nullptr);
+      lora_ = std::max({lora_, 5 * y.dmix, y.ddecay, y.dw, y.da, y.dv, y.dg});
+    }
+    grow(1);
+  }
+
+  const ModelConfig& config() const override { return cfg_; }
+  Model::State new_state() const override { return Model::State(L_, C_); }
+
+  double step_bytes() const override {
+    double b = double(head_.bytes()) + 4.0 * double(C_) * 5;
+    for (const Layer& y : layers_) {
+      for (const QMatrix* q : {&y.Wr, &y.Wk, &y.Wv, &y.Wo, &y.Wg, &y.Fk, &y.Fv, &y.Fr}) b += double(q->bytes());
+      for (const auto* v : {&y.A1, &y.A2, &y.B1, &y.B2, &y.w1, &y.w2, &y.a1, &y.a2, &y.v1, &y.v2, &y.g1, &y.g2})
+        b += 4.0 * double(v->size());
+      b += 4.0 * double(C_) * 20 + 2 * 4.0 * double(H_ * N_ * N_);  // vectors; the state read and written
+    }
+    return b;
+  }
+
+  double flops_per_token(bool with_head) const override {
+    double f = 0;
+    for (const Layer& y : layers_) {
+      f += 2.0 * double(C_) * double(C_) * (4 + (y.Wg.rows ? 1 : 0) + (y.Fr.rows ? 1 : 0)) + 4.0 * double(C_) * double(F_);
+      f += 2.0 * double(C_) * double(5 * y.dmix + y.ddecay + y.dw + y.da + y.dv + y.dg) * 2;
+    }
+    return f + (with_head ? 2.0 * double(V_) * double(C_) : 0.0);
+  }
+
+  void step(int32_t token, Model::State& st, float* logits) override {
+    LINMIX_CHECK(token >= 0 && token < V_, "token " + std::to_string(token) + " is outside the vocabulary");
+    ensure_state(st);
+    rows(&token, 1, st, logits, false);
+    st.pos += 1;
+  }
+
+  void sequence(const int32_t* tokens, int64_t T, Model::State& st, float* logits, bool all_logits) override {
+    LINMIX_CHECK(T >= 1, "sequence: no tokens");
+    for (int64_t t = 0; t < T; ++t)
+      LINMIX_CHECK(tokens[t] >= 0 && tokens[t] < V_, "token " + std::to_string(tokens[t]) + " is outside the vocabulary");
+    ensure_state(st);
+    for (int64_t t0 = 0; t0 < T; t0 += kPass) {
+      const int64_t n = std::min(kPass, T - t0);
+      const bool last = t0 + n == T;
+      rows(tokens + t0, n, st, all_logits && logits ? logits + t0 * V_ : (last ? logits : nullptr), all_logits);
+    }
+    st.pos += T;
+  }
+
+ private:
+  struct Layer {
+    std::string mixes;
+    bool gate = true;
+    float eps = 64e-5f;
+    int64_t dmix = 0, ddecay = 0, dw = 0, da = 0, dv = 0, dg = 0;
+    std::vector<std::vector<float>> mix;
+    std::vector<float> ln1w, ln1b, ln2w, ln2b, lnxw, lnxb, decay, logw, bonus, maa_x, A1, A2, td, B1, B2, w0, w1, w2,
+        a0, a1, a2, v0, v1, v2, g1, g2, kk, ka, rk, fmk, fmr;
+    QMatrix Wr, Wk, Wv, Wo, Wg, Fk, Fv, Fr;
+  };
+
+  // Buffers for n rows (grown only: after the first call of a size nothing is allocated).
+  void grow(int64_t n) {
+    if (n <= cap_) return;
+    cap_ = n;
+    const size_t nc = size_t(n * C_);
+    for (auto* v : {&X_, &U_, &P_, &D_, &R_, &K_, &Vv_, &G_, &LW_, &A7_, &KAP_, &BB_, &VF_, &O_, &Y_, &TMP_})
+      v->resize(nc);
+    XS_.resize(6 * nc);
+    Z_.resize(size_t(n * lora_));
+    Hf_.resize(size_t(n * F_));
+  }
+
+  void ensure_state(Model::State& st) const {
+    LINMIX_CHECK(int64_t(st.layer.size()) == L_ && int64_t(st.ffn_prev.size()) == L_ && int64_t(st.run.size()) == L_,
+                 "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L_));
+    st.flush();
+    for (int64_t l = 0; l < L_; ++l) {
+      auto& m = st.layer[size_t(l)];
+      if (m.empty()) m["shift"] = Tensor({C_}, 0.0f), m["state.S"] = Tensor({1, H_, N_, N_}, 0.0f);
+      for (auto [n, sz] : {std::pair<const char*, int64_t>{"shift", C_}, {"state.S", H_ * N_ * N_}}) {
+        auto it = m.find(n);
+        LINMIX_CHECK(it != m.end() && it->second.numel() == sz,
+                     "state: layer " + std::to_string(l) + " lacks a well-formed '" + n + "'");
+      }
+      LINMIX_CHECK(int64_t(st.ffn_prev[size_t(l)].size()) == C_,
+                   "state: layer " + std::to_string(l) + " has a token-shift vector of the wrong size");
+    }
+  }
+
+  // d = p - u with p the previous row (row 0: prev); prev <- the last row
+  void shift_rows(const float* u, float* p, float* d, float* prev, int64_t n) const {
+    const int64_t C = C_;
+    std::copy(prev, prev + C, p);
+    if (n > 1) std::copy(u, u + (n - 1) * C, p + C);
+    std::copy(u + (n - 1) * C, u + n * C, prev);
+    for (int64_t i = 0; i < n * C; ++i) d[i] = p[i] - u[i];
+  }
+
+  void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) {
+    grow(n);
+    const int64_t C = C_;
+    float* X = X_.data();
+    for (int64_t t = 0; t < n; ++t) std::copy(&emb_[size_t(tokens[t] * C)], &emb_[size_t((tokens[t] + 1) * C)], X + t * C);
+    layernorm_rows(X, X, ln0w_.data(), ln0b_.data(), n, C);
+    for (int64_t l = 0; l < L_; ++l) {
+      time_mix(layers_[size_t(l)], l, n, st.layer[size_t(l)]);
+      channel_mix(layers_[size_t(l)], n, st.ffn_prev[size_t(l)].data());
+    }
+    if (!logits) return;
+    if (all_logits) {
+      layernorm_rows(U_.data(), X, lnfw_.data(), lnfb_.data(), n, C);
+      engine::matmul(logits, U_.data(), head_, n, false, deq_);
+    } else {
+      layernorm_rows(U_.data(), X + (n - 1) * C, lnfw_.data(), lnfb_.data(), 1, C);
+      gemv(head_, U_.data(), logits);
+    }
+    for (int64_t i = 0; i < (all_logits ? n : 1) * V_; ++i)
+      LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
+  }
+
+  void time_mix(const Layer& y, int64_t l, int64_t n, TensorMap& ls) {
+    const int64_t C = C_, NC = n * C;
+    float *X = X_.data(), *U = U_.data(), *P = P_.data(), *D = D_.data(), *R = R_.data(), *K = K_.data(),
+          *Vv = Vv_.data(), *G = G_.data(), *LW = LW_.data(), *A7 = A7_.data(), *KAP = KAP_.data(), *BB = BB_.data(),
+          *O = O_.data(), *Y = Y_.data(), *Z = Z_.data(), *TMP = TMP_.data();
+    layernorm_rows(U, X, y.ln1w.data(), y.ln1b.data(), n, C);
+    shift_rows(U, P, D, ls.at("shift").ptr(), n);
+    auto xs = [&](char c) { return XS_.data() + (y.mixes.find(c)) * NC; };
+    // the mixed inputs
+    if (ver_ == 6) {
+      const int64_t D5 = 5 * y.dmix;
+      for (int64_t i = 0; i < NC; ++i) TMP[i] = U[i] + D[i] * y.maa_x[size_t(i % C)];
+      xa(Z, TMP, y.A1.data(), n, C, D5, C, D5);
+      for (int64_t i = 0; i < n * D5; ++i) Z[i] = std::tanh(Z[i]);
+      for (int c = 0; c < 5; ++c) {
+        xa(TMP, Z + c * y.dmix, y.A2.data() + c * y.dmix * C, n, y.dmix, C, D5, C);
+        float* x = xs("wkvrg"[c]);
+        const float* m = y.mix[size_t(c)].data();
+        for (int64_t i = 0; i < NC; ++i) x[i] = U[i] + D[i] * (m[i % C] + TMP[i]);
+      }
+    } else {
+      for (size_t c = 0; c < y.mixes.size(); ++c) {
+        float* x = XS_.data() + c * NC;
+        const float* m = y.mix[c].data();
+        if (ver_ == 5)
+          for (int64_t i = 0; i < NC; ++i) x[i] = U[i] * m[i % C] + P[i] * (1.0f - m[i % C]);
+        else
+          for (int64_t i = 0; i < NC; ++i) x[i] = U[i] + D[i] * m[i % C];
+      }
+    }
+    engine::matmul(R, xs('r'), y.Wr, n, false, deq_);
+    engine::matmul(K, xs('k'), y.Wk, n, false, deq_);
+    engine::matmul(Vv, xs('v'), y.Wv, n, false, deq_);
+    if (y.gate && ver_ != 7) engine::matmul(G, xs('g'), y.Wg, n, false, deq_);
+    if (ver_ == 6) {  // log w = -exp(time_decay + tanh(x_w B1) B2)
+      xa(Z, xs('w'), y.B1.data(), n, C, y.ddecay, C, y.ddecay);
+      for (int64_t i = 0; i < n * y.ddecay; ++i) Z[i] = std::tanh(Z[i]);
+      xa(LW, Z, y.B2.data(), n, y.ddecay, C, y.ddecay, C);
+      for (int64_t i = 0; i < NC; ++i) LW[i] = -std::exp(LW[i] + y.td[size_t(i % C)]);
+    }
+    if (ver_ == 7) {
+      xa(Z, xs('w'), y.w1.data(), n, C, y.dw, C, y.dw);
+      for (int64_t i = 0; i < n * y.dw; ++i) Z[i] = std::tanh(Z[i]);
+      xa(LW, Z, y.w2.data(), n, y.dw, C, y.dw, C);
+      for (int64_t i = 0; i < NC; ++i) LW[i] = -kE05 * sigmoidf(LW[i] + y.w0[size_t(i % C)]);
+      xa(Z, xs('a'), y.a1.data(), n, C, y.da, C, y.da);
+      xa(A7, Z, y.a2.data(), n, y.da, C, y.da, C);
+      for (int64_t i = 0; i < NC; ++i) A7[i] = sigmoidf(A7[i] + y.a0[size_t(i % C)]);
+      xa(Z, xs('g'), y.g1.data(), n, C, y.dg, C, y.dg);
+      for (int64_t i = 0; i < n * y.dg; ++i) Z[i] = sigmoidf(Z[i]);
+      xa(G, Z, y.g2.data(), n, y.dg, C, y.dg, C);
+      for (int64_t hr = 0; hr < n * H_; ++hr) {
+        const int64_t o = hr * N_, h = hr % H_;
+        double s = 0;
+        for (int64_t j = 0; j < N_; ++j) {
+          const float x = K[o + j] * y.kk[size_t(h * N_ + j)];
+          s += double(x) * x;
+        }
+        const float inv = 1.0f / std::max(float(std::sqrt(s)), 1e-12f);
+        for (int64_t j = 0; j < N_; ++j) {
+          const int64_t i = o + j, c = h * N_ + j;
+          KAP[i] = K[i] * y.kk[size_t(c)] * inv, BB[i] = -KAP[i] * A7[i];
+          K[i] *= 1.0f + (A7[i] - 1.0f) * y.ka[size_t(c)];
+        }
+      }
+      if (l == 0) {
+        std::copy(Vv, Vv + NC, VF_.data());
+      } else {
+        xa(Z, xs('v'), y.v1.data(), n, C, y.dv, C, y.dv);
+        xa(TMP, Z, y.v2.data(), n, y.dv, C, y.dv, C);
+        for (int64_t i = 0; i < NC; ++i) Vv[i] += (VF_[size_t(i)] - Vv[i]) * sigmoidf(TMP[i] + y.v0[size_t(i % C)]);
+      }
+    }
+    // WKV
+    float* S = ls.at("state.S").ptr();
+    if (n == 1) wkv_step(y, S);
+    else wkv_chunked(y, n, ls);
+    // GN (+ bonus) (+ gate)
+    for (int64_t hr = 0; hr < n * H_; ++hr) {
+      const int64_t o = hr * N_, h = hr % H_;
+      float m = 0, var = 0, bonus = 0;
+      for (int64_t j = 0; j < N_; ++j) m += O[o + j];
+      m /= float(N_);
+      for (int64_t j = 0; j < N_; ++j) var += (O[o + j] - m) * (O[o + j] - m);
+      const float rs = 1.0f / std::sqrt(var / float(N_) + y.eps);
+      if (ver_ == 7)
+        for (int64_t j = 0; j < N_; ++j) bonus += R[o + j] * K[o + j] * y.rk[size_t(h * N_ + j)];
+      for (int64_t j = 0; j < N_; ++j) {
+        const int64_t i = o + j, c = h * N_ + j;
+        float v = (O[i] - m) * rs * y.lnxw[size_t(c)] + y.lnxb[size_t(c)];
+        if (ver_ == 7) v = (v + bonus * Vv[i]) * G[i];
+        else if (y.gate) v *= G[i] * sigmoidf(G[i]);
+        Y[i] = v;
+      }
+    }
+    engine::matmul(X, Y, y.Wo, n, true, deq_);
+  }
+
+  // One token: the recurrence of docs/RWKV.md on the state S[h][key d][value e].
+  void wkv_step(const Layer& y, float* S) {
+    const float *R = R_.data(), *K = K_.data(), *Vv = Vv_.data();
+    float* O = O_.data();
+    for (int64_t h = 0; h < H_; ++h) {
+      float* Sh = S + h * N_ * N_;
+      const int64_t o = h * N_;
+      float* out = O + o;
+      std::fill(out, out + N_, 0.0f);
+      if (ver_ != 7) {  // o = r (S + b k v^T); S = w S + k v^T
+        for (int64_t d = 0; d < N_; ++d) {
+          const float r = R[o + d], k = K[o + d], b = y.bonus[size_t(o + d)];
+          const float w = ver_ == 5 ? y.decay[size_t(o + d)] : std::exp(LW_[size_t(o + d)]);
+          float* row = Sh + d * N_;
+#pragma omp simd
+          for (int64_t e = 0; e < N_; ++e) {
+            const float kv = k * Vv[o + e];
+            out[e] += r * (row[e] + b * kv);
+            row[e] = w * row[e] + kv;
+          }
+        }
+      } else {  // S = diag(w) S + b (a^T S) + k v^T (a = kappa, b = -kappa a7); o = S^T r
+        float* sa = TMP_.data();
+        std::fill(sa, sa + N_, 0.0f);
+        for (int64_t d = 0; d < N_; ++d) {
+          const float a = KAP_[size_t(o + d)];
+          const float* row = Sh + d * N_;
+#pragma omp simd
+          for (int64_t e = 0; e < N_; ++e) sa[e] += a * row[e];
+        }
+        for (int64_t d = 0; d < N_; ++d) {
+          const float w = std::exp(LW_[size_t(o + d)]), b = BB_[size_t(o + d)], k = K[o + d], r = R[o + d];
+          float* row = Sh + d * N_;
+#pragma omp simd
+          for (int64_t e = 0; e < N_; ++e) {
+            row[e] = w * row[e] + b * sa[e] + k * Vv[o + e];
+            out[e] += r * row[e];
+          }
+        }
+      }
+    }
+  }
+
+  // n rows from the state through the mechanism's chunked parallel form (final state back).
+  void wkv_chunked(const Layer& y, int64_t n, TensorMap& ls) {
+    const int64_t NC = n * C_;
+    auto rows = [&](const float* src) {
+      Tensor t({1, n, H_, N_});
+      std::copy(src, src + NC, t.data.begin());
+      return t;
+    };
+    TensorMap in;
+    in["r"] = rows(R_.data()), in["k"] = rows(K_.data()), in["v"] = rows(Vv_.data());
+    if (ver_ == 5) {
+      Tensor w({H_, N_});
+      std::copy(y.logw.begin(), y.logw.end(), w.data.begin());
+      in["w"] = std::move(w);
+    } else {
+      in["w"] = rows(LW_.data());
+    }
+    if (ver_ != 7) {
+      Tensor u({H_, N_});
+      std::copy(y.bonus.begin(), y.bonus.end(), u.data.begin());
+      in["u"] = std::move(u);
+    } else {
+      in["a"] = rows(KAP_.data()), in["b"] = rows(BB_.data());
+    }
+    in["state.S"] = ls.at("state.S");
+    in["state.S"].shape = {1, H_, N_, N_};
+    TensorMap out = run_mixer(ver_ == 5 ? "rwkv5" : ver_ == 6 ? "rwkv6" : "rwkv7", Mode::Parallel, true, {}, in);
+    std::copy(out.at("y").data.begin(), out.at("y").data.end(), O_.begin());
+    std::copy(out.at("state.S").data.begin(), out.at("state.S").data.end(), ls.at("state.S").data.begin());
+  }
+
+  void channel_mix(const Layer& y, int64_t n, float* prev) {
+    const int64_t C = C_, NC = n * C;
+    float *X = X_.data(), *U = U_.data(), *P = P_.data(), *D = D_.data(), *XK = XS_.data(), *XR = XS_.data() + NC,
+          *Hf = Hf_.data(), *O = O_.data(), *R = R_.data();
+    layernorm_rows(U, X, y.ln2w.data(), y.ln2b.data(), n, C);
+    shift_rows(U, P, D, prev, n);
+    for (int64_t i = 0; i < NC; ++i) {
+      const float mk = y.fmk[size_t(i % C)];
+      XK[i] = ver_ == 5 ? U[i] * mk + P[i] * (1.0f - mk) : U[i] + D[i] * mk;
+      if (ver_ != 7) {
+        const float mr = y.fmr[size_t(i % C)];
+        XR[i] = ver_ == 5 ? U[i] * mr + P[i] * (1.0f - mr) : U[i] + D[i] * mr;
+      }
+    }
+    engine::matmul(Hf, XK, y.Fk, n, false, deq_);
+    for (int64_t i = 0; i < n * F_; ++i) Hf[i] = Hf[i] > 0 ? Hf[i] * Hf[i] : 0.0f;
+    if (ver_ == 7) {
+      engine::matmul(X, Hf, y.Fv, n, true, deq_);
+      return;
+    }
+    engine::matmul(O, Hf, y.Fv, n, false, deq_);
+    engine::matmul(R, XR, y.Fr, n, false, deq_);
+    for (int64_t i = 0; i < NC; ++i) X[i] += sigmoidf(R[i]) * O[i];
+  }
+
+  ModelConfig cfg_;
+  int ver_ = 5;
+  int64_t C_ = 0, V_ = 0, L_ = 0, F_ = 0, H_ = 1, N_ = 1, lora_ = 1, cap_ = 0;
+  std::vector<float> emb_, ln0w_, ln0b_, lnfw_, lnfb_;
+  QMatrix head_;
+  std::vector<Layer> layers_;
+  std::vector<float> X_, U_, P_, D_, R_, K_, Vv_, G_, LW_, A7_, KAP_, BB_, VF_, O_, Y_, TMP_, XS_, Z_, Hf_, deq_;
+};
+
+}  // namespace
+
+bool engine_supports(const ModelConfig& c, std::string* why) {
+  auto no = [&](const std::string& s) {
+    if (why) *why = s;
+    return false;
+  };
+  const std::string& m = c.layers.empty() ? std::string() : c.layers[0].mixer;
+  if (m == "rwkv4") return Rwkv4Engine::supports(c, why);
+  if (m != "rwkv5" && m != "rwkv6" && m != "rwkv7")
+    return no("layer mixer '" + m + "' has no inference engine (rwkv4, rwkv5, rwkv6, rwkv7 have)");
+  for (const auto& l : c.layers)
+    if (l.mixer != m) return no("the layers mix mechanisms ('" + m + "' and '" + l.mixer + "')");
+  const std::string cm = m == "rwkv5" ? "rwkv" : m;
+  if (c.channel_mix != cm) return no("channel mix is '" + c.channel_mix + "', not " + cm + "'s ('" + cm + "')");
+  if (!c.ln0) return no("the model has no ln0 (BlinkDL's models have)");
+  if (c.uses_pos_emb()) return no("the model has learned positions");
+  return true;
+}
+
+std::unique_ptr<Engine> make_engine(const Model& m, WType wtype) {
+  std::string why;
+  LINMIX_CHECK(engine_supports(m.config(), &why), "no inference engine runs this model: " + why);
+  if (m.config().layers[0].mixer == "rwkv4") return std::make_unique<Rwkv4Engine>(m, wtype);
+  return std::make_unique<RwkvEngine>(m, wtype);
+}
+
+}  // namespace linmix
