@@ -100,7 +100,7 @@ def to_hf(w):
     return out
 
 
-QUANTIZED = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
+QUANTIZED = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight", "att.gate.weight",
              "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 
 

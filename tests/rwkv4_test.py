@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """RWKV-4 checkpoints: random-weight models in BlinkDL names (through a .pth and
-scripts/convert_rwkv4.py) and in Hugging Face names load into linmix, whose logits in both
+scripts/convert_rwkv.py) and in Hugging Face names load into linmix, whose logits in both
 modes equal an independent float64 PyTorch RWKV-4 (python/rwkv4_ref.py) within 1e-4
 relative; bad files are refused.  Usage: rwkv4_test.py PATH/TO/linmix"""
 import os
@@ -38,12 +38,12 @@ def main():
     tokens = [int(x) for x in np.random.default_rng(1).integers(0, V, 150)]
     ref = rwkv4_ref.rwkv4_logits(w, tokens).numpy()
     scale = max(1.0, float(np.abs(ref).max()))
-    # BlinkDL names: .pth -> convert_rwkv4.py -> safetensors
+    # BlinkDL names: .pth -> convert_rwkv.py -> safetensors
     pth, blink = os.path.join(TMP, "m.pth"), os.path.join(TMP, "blink.safetensors")
     torch.save({n: t.float() for n, t in w.items()}, pth)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_rwkv4.py"), pth, blink],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_rwkv.py"), pth, blink],
                        capture_output=True, text=True)
-    check("convert_rwkv4.py", r.returncode == 0, r.stderr.strip())
+    check("convert_rwkv.py", r.returncode == 0, r.stderr.strip())
     hf = os.path.join(TMP, "hf.safetensors")
     st.save(hf, {n: t.numpy() for n, t in rwkv4_ref.to_hf(w).items()})
     # the training model's two forms, and the inference engine: sequence mode in chunks of
@@ -99,7 +99,7 @@ def main():
         head = f.read(1000)
     with open(pth + ".cut", "wb") as f:
         f.write(head)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_rwkv4.py"), pth + ".cut", p],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_rwkv.py"), pth + ".cut", p],
                        capture_output=True, text=True)
     check("truncated .pth refused by the converter", r.returncode == 2 and "cannot load" in r.stderr, r.stderr.strip())
     generate_with_bpe()

@@ -165,3 +165,95 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
   EXPECT_EQ(f32_to_bf16(bf16_to_f32(0x3f81)), 0x3f81);
   EXPECT_THROW(parse_wtype("fp8"), Error);
 }
+
+// ---- the RWKV-5/6/7 engine (make_engine): the same contract against the training model's
+// recurrent step (the models' blocks as BlinkDL's, random weights made larger than the init)
+
+namespace {
+std::unique_ptr<Model> rwkvx_model(const std::string& v, int64_t C, int64_t H) {
+  const std::string cm = v == "5" ? "rwkv" : "rwkv" + v;
+  auto m = std::make_unique<Model>(ModelConfig::from_json(
+      R"({"vocab": 50, "d_model": )" + std::to_string(C) + R"(, "n_layer": 3, "n_head": )" + std::to_string(H) +
+      R"(, "ffn_dim": 72, "mixer": "rwkv)" + v + R"(", "channel_mix": ")" + cm +
+      R"(", "ln0": true, "layers": [)" +
+      [&] {
+        std::string s;
+        for (int i = 0; i < 3; ++i)
+          s += std::string(i ? "," : "") + R"({"mixer": "rwkv)" + v + R"(", "params": {"d_mix": "4", "d_decay": "6", "d_w": "5", "d_a": "6", "d_v": "7", "d_g": "8"}})";
+        return s;
+      }() + "]}"));
+  m->init(7);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> n(0.0f, 0.3f);
+  for (auto& [name, t] : m->params())
+    if (name.find("ln") == std::string::npos && name.find("decay") == std::string::npos && name.find("w0") == std::string::npos)
+      for (float& x : t.data) x = x * 3.0f + n(rng) * 0.3f;
+  return m;
+}
+}  // namespace
+
+class RwkvEngineVersion : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(RwkvEngineVersion, SequenceChunksDecodeAndStatesEqualTheModelsStep) {
+  auto m = rwkvx_model(GetParam(), 48, 3);
+  ASSERT_TRUE(engine_supports(m->config()));
+  const int64_t T = 150, V = 50;
+  std::vector<int32_t> toks(T);
+  std::mt19937 rng(3);
+  for (auto& t : toks) t = int32_t(rng() % V);
+  Model::State ref = m->new_state();
+  std::vector<float> want(T * V);
+  for (int64_t t = 0; t < T; ++t) m->step(toks[t], ref, want.data() + t * V);
+  const auto eng = make_engine(*m, WType::F32);
+  for (int64_t chunk : {1, 7, 64, 150}) {
+    Model::State st = eng->new_state();
+    std::vector<float> got(T * V);
+    for (int64_t t0 = 0; t0 < T; t0 += chunk)
+      eng->sequence(toks.data() + t0, std::min(chunk, T - t0), st, got.data() + t0 * V, true);
+    EXPECT_LE(max_rel(got, want), 1e-4) << "chunk " << chunk;
+    expect_same_state(*m, st, ref, 1e-4);
+  }
+  Model::State st = eng->new_state();
+  std::vector<float> got(T * V);
+  for (int64_t t = 0; t < T; ++t) eng->step(toks[t], st, got.data() + t * V);
+  EXPECT_LE(max_rel(got, want), 1e-4);
+  expect_same_state(*m, st, ref, 1e-4);
+  // states cross: 33 tokens by the model's step (saved, reloaded), the rest by the engine; and
+  // the engine's state continued by the model's step
+  Model::State half = m->new_state();
+  std::vector<float> lg(V);
+  for (int64_t t = 0; t < 33; ++t) m->step(toks[t], half, lg.data());
+  Model::State s2 = m->state_from_tensors(m->state_tensors(half));
+  eng->sequence(toks.data() + 33, T - 33, s2, lg.data());
+  EXPECT_LE(max_rel(lg, std::vector<float>(want.end() - V, want.end())), 1e-4);
+  Model::State e = eng->new_state();
+  eng->sequence(toks.data(), 50, e, nullptr);
+  for (int64_t t = 50; t < T; ++t) m->step(toks[t], e, lg.data());
+  EXPECT_LE(max_rel(lg, std::vector<float>(want.end() - V, want.end())), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(V567, RwkvEngineVersion, ::testing::Values("5", "6", "7"));
+
+TEST(RwkvEngine, OnePrefillCrossesAnInternalPass) {
+  auto m = rwkvx_model("7", 32, 2);
+  const int64_t T = 600, V = 50;  // passes of 512 rows
+  std::vector<int32_t> toks(T);
+  for (int64_t t = 0; t < T; ++t) toks[t] = int32_t((t * 13 + 5) % V);
+  Model::State ref = m->new_state();
+  std::vector<float> want(T * V), got(T * V);
+  for (int64_t t = 0; t < T; ++t) m->step(toks[t], ref, want.data() + t * V);
+  const auto eng = make_engine(*m, WType::F32);
+  Model::State st = eng->new_state();
+  eng->sequence(toks.data(), T, st, got.data(), true);
+  EXPECT_LE(max_rel(got, want), 1e-4);
+  expect_same_state(*m, st, ref, 1e-4);
+}
+
+TEST(RwkvEngine, RefusesModelsItDoesNotRun) {
+  std::string why;
+  EXPECT_FALSE(engine_supports(ModelConfig::from_json(R"({"vocab": 20, "d_model": 16, "n_layer": 1, "mixer": "rwkv7", "channel_mix": "mlp", "ln0": true})"), &why));
+  EXPECT_NE(why.find("channel mix"), std::string::npos) << why;
+  EXPECT_FALSE(engine_supports(ModelConfig::from_json(R"({"vocab": 20, "d_model": 16, "n_layer": 1, "mixer": "gla"})"), &why));
+  Model gla(ModelConfig::from_json(R"({"vocab": 20, "d_model": 16, "n_layer": 1, "mixer": "gla"})"));
+  EXPECT_THROW(make_engine(gla, WType::F32), Error);
+}
