@@ -93,6 +93,7 @@ int main(int argc, char** argv) {
   tr->add_option("--config", config_path, "model config JSON file (default: a 4-layer RWKV-4, d_model 128)");
   tr->add_option("--mixer", mixer, "shorthand: every layer uses this token mixer (MLP channel mix unless rwkv4)");
   tr->add_option("--out", topt.out, "run directory: ckpt.safetensors, log.jsonl")->capture_default_str();
+  tr->add_option("--init", topt.init, "start from this checkpoint's weights and config (linmix, or RWKV-4/5/6/7 safetensors): fine-tune it");
   tr->add_flag("--resume", topt.resume, "continue from OUT/ckpt.safetensors (with the run's arguments)");
   tr->add_flag("--force", topt.force, "start a new run in an OUT that holds one (replacing its checkpoint and log)");
   tr->add_option("--steps", topt.steps, "optimizer steps")->capture_default_str()->check(CLI::PositiveNumber);
@@ -259,7 +260,7 @@ int main(int argc, char** argv) {
     if (*demo) return cmd_demo(demo_T, dir, seed);
     if (*ex) return cmd_example(mixer, causal, ex_T, ex_seed, ex_scale, ex_dims, ex_stress, ex_dy, out_path);
     if (*tr) {
-      for (const char* k : {"data", "task", "config", "mixer", "steps", "batch", "seq", "accum", "lr", "warmup",
+      for (const char* k : {"data", "task", "config", "mixer", "init", "steps", "batch", "seq", "accum", "lr", "warmup",
                             "weight-decay", "clip", "seed"})
         if (tr->get_option(std::string("--") + k)->count()) {
           std::string key = k;

@@ -73,6 +73,7 @@ struct TrainOptions {
   std::string config = R"({"mixer": "rwkv4", "channel_mix": "rwkv", "d_model": 128, "n_layer": 4, "n_head": 4, "ctx": 256})";
   std::string out = "linmix-run";  // directory: ckpt.safetensors, log.jsonl
   bool resume = false;
+  std::string init;    // start from this checkpoint's weights and config (linmix or an RWKV checkpoint): fine-tuning
   bool force = false;  // start a new run in an --out that holds one (its checkpoint and log are replaced)
   // The options the user gave explicitly (the CLI's names without dashes: "batch", "lr", ...): on
   // --resume the others are taken from the run, and a given one that differs is refused.

@@ -421,8 +421,12 @@ TrainResult train(const TrainOptions& opts) {
   const json run = {{"data", o.data},   {"task", o.task}, {"seed", o.seed},   {"steps", o.steps},
                     {"batch", o.batch}, {"seq", o.seq},   {"accum", o.accum}, {"lr", o.lr},
                     {"warmup", o.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
-                    {"min_lr_ratio", o.min_lr_ratio}, {"schedule_steps", schedule_steps}};
-  if (!o.resume) {
+                    {"min_lr_ratio", o.min_lr_ratio}, {"schedule_steps", schedule_steps}, {"init", o.init}};
+  if (!o.resume && !o.init.empty()) {  // fine-tuning: the checkpoint's model, a fresh optimizer
+    LINMIX_CHECK(!o.given.count("config") && !o.given.count("mixer"),
+                 "--init takes the model (and its config) from the checkpoint: drop --config / --mixer");
+    model = load_checkpoint(o.init).model;
+  } else if (!o.resume) {
     model = std::make_unique<Model>(ModelConfig::from_json(o.config));
     model->init(o.seed);
   } else {
