@@ -121,9 +121,11 @@ TEST(Train, RefusesTruncatedOrCorruptCheckpoints) {
   st.tensors.erase("ln_out.bias");
   expect_refused(serialize_safetensors(st.tensors, st.metadata), "missing tensor 'ln_out.bias'");
   // without linmix's metadata it is read as a plain RWKV-4 file, which needs ln0
-  expect_refused(serialize_safetensors(st.tensors, {}), "RWKV-4 checkpoint without tensor 'blocks.0.ln0.");
+  expect_refused(serialize_safetensors(st.tensors, {}), "RWKV-4 checkpoint: no tensor 'blocks.0.ln0.");
   st.tensors.erase("blocks.0.att.time_decay");
-  expect_refused(serialize_safetensors(st.tensors, {}), "nor an RWKV-4 checkpoint");
+  expect_refused(serialize_safetensors(st.tensors, {}), "RWKV-4 checkpoint: no tensor 'blocks.0.att.time_decay'");
+  st.tensors.erase("emb.weight");
+  expect_refused(serialize_safetensors(st.tensors, {}), "nor an RWKV checkpoint");
 }
 
 TEST(Train, KilledMidCheckpointLeavesThePreviousIntact) {
