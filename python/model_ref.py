@@ -89,11 +89,10 @@ def _mamba(a, P, prm, cfg):
                         delta_softplus=bool(int(prm.get("delta_softplus", 1)))) @ P("att.out_proj.weight").T
 
 
-# ---- the layer of the eight decaying / delta-rule mechanisms (src/model/decay_layer.cpp, written
-# here from its description): [RWKV token shift: x = a mu + a_prev (1 - mu) per projection] ->
-# projections (+ bias) [-> short causal depthwise conv, kernel 4, no bias, then SiLU] -> the map
+# ---- the layer of the decaying / delta-rule mechanisms (src/model/decay_layer.cpp, written
+# here from its description): projections (+ bias) [-> short causal depthwise conv, kernel 4, no bias, then SiLU] -> the map
 # into the domain -> the mixer -> [Mamba-2: y silu(z)] -> norm (per-head RMSNorm, per-head
-# GroupNorm, or RMSNorm over all channels) -> [gate: swish or sigmoid of its projection] -> Wo.
+# GroupNorm, or RMSNorm over all channels) -> [gate: swish of its projection] -> Wo.
 _MAPS = {
     "id": lambda x: x,
     "sigmoid": torch.sigmoid,
@@ -101,19 +100,19 @@ _MAPS = {
     "negexp": lambda x: -torch.exp(x),
     "softplus": F.softplus,
 }
-# name: per-token projections (name, map, conv), weights (name, map), norm, eps, gate, token shift
+# name: per-token projections (name, map, conv), weights (name, map), norm, eps, gate
 _QKV = [("q", "id", False), ("k", "id", False), ("v", "id", False)]
 _CQKV = [("q", "id", True), ("k", "id", True), ("v", "id", True)]
 _DECAY = {
-    "retention": (_QKV, [("gamma", "fixed")], "group", 1e-5, "swish", False),
+    "retention": (_QKV, [("gamma", "fixed")], "group", 1e-5, "swish"),
     # GLA's gate through a rank-16 projection (att.g.lora then att.g.weight, bias)
-    "gla": (_QKV + [("g", "logsig16", False)], [], "rms_head", 1e-5, "swish", False),
-    "deltanet": (_CQKV + [("beta", "sigmoid", False)], [], "rms_head", 1e-5, "swish", False),
+    "gla": (_QKV + [("g", "logsig16", False)], [], "rms_head", 1e-5, "swish"),
+    "deltanet": (_CQKV + [("beta", "sigmoid", False)], [], "rms_head", 1e-5, "swish"),
     # Gated DeltaNet's gate: g = -exp(A_log) softplus(x W^T + dt_bias)
-    "gated_deltanet": (_CQKV + [("beta", "sigmoid", False), ("g", "softplus", False)], [], "rms_head", 1e-5, "swish",
-                       False),
+    "gated_deltanet": (_CQKV + [("beta", "sigmoid", False), ("g", "softplus", False)], [], "rms_head", 1e-5,
+                       "swish"),
     "mamba2": ([("x", "id", True), ("dt", "id", False), ("Bm", "id", True), ("Cm", "id", True), ("z", "id", False)],
-               [("A", "negexp"), ("D", "id"), ("dt_bias", "id")], "rms_all", 1e-5, None, False),
+               [("A", "negexp"), ("D", "id"), ("dt_bias", "id")], "rms_all", 1e-5, None),
 }
 
 
@@ -122,11 +121,10 @@ def _decay(m):
         B, T, C = a.shape
         H = cfg["n_head"]
         Dh = C // H
-        projs, weights, norm, eps, gate, shift = _DECAY[m]
-        prev = _shift(a)
+        projs, weights, norm, eps, gate = _DECAY[m]
 
         def proj(n, conv):
-            xin = a * P(f"att.{n}.mix") + prev * (1 - P(f"att.{n}.mix")) if shift else a
+            xin = a
             if f"att.{n}.lora" in Pd:  # low rank: x W1^T W2^T
                 xin = xin @ P(f"att.{n}.lora").T
             raw = xin @ P(f"att.{n}.weight").T
@@ -166,7 +164,7 @@ def _decay(m):
             y = (yh * w).reshape(B, T, C) if norm == "rms_head" else yh.reshape(B, T, C) * w + P("att.ln_x.bias")
         if gate is not None:
             g = proj("gate", False)
-            y = y * (F.silu(g) if gate == "swish" else torch.sigmoid(g))
+            y = y * F.silu(g)
         return y @ P("att.o.weight").T
     return f
 

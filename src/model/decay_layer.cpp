@@ -1,21 +1,18 @@
-// The layer of the eight decaying / delta-rule mechanisms (retention, gla, deltanet,
-// gated_deltanet, rwkv5, rwkv6, rwkv7, mamba2), one recipe per mechanism over these stages:
-//   1. token shift (RWKV): each projection reads its own lerp a mu + a_prev (1 - mu), a_prev the
-//      previous token's input (RWKV-5's static mix; RWKV-6's data-dependent LoRA mix is not here);
-//   2. projections: raw = x W^T (+ b); a short causal depthwise convolution (kernel 4, no bias)
+// The layer of the decaying / delta-rule mechanisms as fla builds them (retention, gla, deltanet,
+// gated_deltanet, mamba2; the RWKV-5/6/7 blocks, BlinkDL's, are rwkv_layer.cpp), one recipe per
+// mechanism over these stages:
+//   1. projections: raw = x W^T (+ b); a short causal depthwise convolution (kernel 4, no bias)
 //      and SiLU where the paper has one (DeltaNet, Gated DeltaNet: q, k, v; Mamba-2: x, B, C);
 //      then the map into the mechanism's domain (sigmoid for beta, logsigmoid / 16 for GLA's
-//      gate, -exp for RWKV decays, ...). RWKV-7's a = -kk, b = kk sigmoid(iclr), kk = l2norm(kk)
-//      per head. Per-head weights: map(raw) of a learned raw parameter, or RetNet's fixed
+//      gate, ...). Per-head weights: map(raw) of a learned raw parameter, or RetNet's fixed
 //      gammas 1 - 2^(-5-h);
-//   3. the mixer (parallel form; the stepper in recurrent use);
-//   4. output: Mamba-2 gates first (y silu(z)), then the norm: per-head RMSNorm (fla's GLA,
-//      DeltaNet, Gated DeltaNet), per-head GroupNorm (RetNet; RWKV's ln_x, eps 64e-5) or RMSNorm
-//      over all channels (Mamba-2's gated RMSNorm); then the output gate (swish: RetNet, GLA,
-//      DeltaNet, Gated DeltaNet, RWKV-5/6; sigmoid: RWKV-7); out = . Wo^T.
+//   2. the mixer (parallel form; the stepper in recurrent use);
+//   3. output: Mamba-2 gates first (y silu(z)), then the norm: per-head RMSNorm (fla's GLA,
+//      DeltaNet, Gated DeltaNet), per-head GroupNorm (RetNet) or RMSNorm over all channels
+//      (Mamba-2's gated RMSNorm); then the swish output gate; out = . Wo^T.
 // Heads of D = E = d_model / n_head (mamba2: E = d_model / n_head, N = the "state" knob, one group).
-// Recurrent state: the mixer's, the token shift's previous input ("shift", C) and the last three
-// raw rows of each convolved projection ("conv.<input>", 3 width).
+// Recurrent state: the mixer's and the last three raw rows of each convolved projection
+// ("conv.<input>", 3 width).
 #include <cmath>
 #include <map>
 
@@ -28,7 +25,7 @@ namespace {
 
 constexpr int64_t kConv = 4;  // the short convolution's kernel
 
-enum class Map { Id, Sigmoid, LogSig16, NegExp, Rwkv7Decay, Softplus };
+enum class Map { Id, Sigmoid, LogSig16, NegExp, Softplus };
 
 float map_f(Map m, float x) {
   switch (m) {
@@ -36,7 +33,6 @@ float map_f(Map m, float x) {
     case Map::Sigmoid: return 1.0f / (1.0f + std::exp(-x));
     case Map::LogSig16: return -(x > 20.0f ? std::exp(-x) : std::log1p(std::exp(-x))) / 16.0f;
     case Map::NegExp: return -std::exp(x);
-    case Map::Rwkv7Decay: return -std::exp(-0.5f) / (1.0f + std::exp(-x));
     case Map::Softplus: return x > 20.0f ? x : std::log1p(std::exp(x));
   }
   return x;
@@ -48,7 +44,6 @@ float map_df(Map m, float x) {  // d map / dx
     case Map::Sigmoid: return s * (1.0f - s);
     case Map::LogSig16: return (1.0f - s) / 16.0f;
     case Map::NegExp: return -std::exp(x);
-    case Map::Rwkv7Decay: return -std::exp(-0.5f) * s * (1.0f - s);
     case Map::Softplus: return s;
   }
   return 1.0f;
@@ -66,7 +61,7 @@ struct Proj {
   bool a_log = false;  // the mapped value times -exp(A_log) per channel (Gated DeltaNet's gate; the
                        // bias is Mamba's dt_bias, initialised as Mamba-2's)
 };
-enum class Init { Normal, RetnetGamma, DecaySpread, MambaALog, MambaDtBias, One };
+enum class Init { Normal, RetnetGamma, MambaALog, MambaDtBias, One };
 struct Weight {  // a per-head weight input: map(raw), raw learned (or fixed: computed, not a parameter)
   std::string input;
   Map map;
@@ -74,15 +69,13 @@ struct Weight {  // a per-head weight input: map(raw), raw learned (or fixed: co
   bool learned = true;
 };
 enum class Norm { RmsHead, GroupHead, RmsAll };
-enum class Gate { None, Swish, Sigmoid };
+enum class Gate { None, Swish };
 struct Recipe {
   std::vector<Proj> proj;
   std::vector<Weight> weights;
   Norm norm;
   float eps;
   Gate gate;
-  bool shift = false;     // RWKV token shift before every projection
-  bool rwkv7_ab = false;  // a, b from the kk and iclr projections
 };
 
 Proj mix(const char* n, Map m = Map::Id) { return {n, m}; }
@@ -106,28 +99,6 @@ const std::map<std::string, Recipe>& recipes() {
         Norm::RmsHead,
         1e-5f,
         Gate::Swish}},
-      {"rwkv5",
-       {{mix("r"), mix("k"), mix("v"), gate()},
-        {{"w", Map::NegExp, Init::DecaySpread}, {"u", Map::Id, Init::Normal}},
-        Norm::GroupHead,
-        64e-5f,
-        Gate::Swish,
-        true}},
-      {"rwkv6",
-       {{mix("r"), mix("k"), mix("v"), biased("w", Map::NegExp, -3.0f), gate()},
-        {{"u", Map::Id, Init::Normal}},
-        Norm::GroupHead,
-        64e-5f,
-        Gate::Swish,
-        true}},
-      {"rwkv7",
-       {{mix("r"), biased("w", Map::Rwkv7Decay, 0.0f), mix("k"), mix("v"), mix("kk"), biased("iclr", Map::Id, 0.0f), gate()},
-        {},
-        Norm::GroupHead,
-        64e-5f,
-        Gate::Sigmoid,
-        true,
-        true}},
       {"mamba2",
        {{conv("x"), mix("dt"), conv("Bm"), conv("Cm"), {"z", Map::Id, false, 0.0f, false, Role::PreGate}},
         {{"A", Map::NegExp, Init::MambaALog}, {"D", Map::Id, Init::One}, {"dt_bias", Map::Id, Init::MambaDtBias}},
@@ -139,15 +110,14 @@ const std::map<std::string, Recipe>& recipes() {
 }
 
 float silu_f(float x) { return x / (1.0f + std::exp(-x)); }
-float gate_f(Gate g, float x) { return g == Gate::Sigmoid ? 1.0f / (1.0f + std::exp(-x)) : silu_f(x); }
-float gate_df(Gate g, float x) {
+float gate_f(Gate, float x) { return silu_f(x); }
+float gate_df(Gate, float x) {
   const float s = 1.0f / (1.0f + std::exp(-x));
-  return g == Gate::Sigmoid ? s * (1.0f - s) : s * (1.0f + x * (1.0f - s));
+  return s * (1.0f + x * (1.0f - s));
 }
 
 // What one forward keeps per projection for its backward.
 struct ProjAct {
-  std::vector<float> xin;  // the shifted lerp (token shift only)
   std::vector<float> mid;  // x W1^T (low rank only)
   std::vector<float> raw;  // x W^T + b
   std::vector<float> cv;   // the convolution's output, before SiLU (conv only)
@@ -165,7 +135,6 @@ class DecayLayer : public MixerLayer {
   const Recipe& recipe() const { return r_; }
   // The per-token shape (after B, T) of a projected input, and its width.
   std::vector<int64_t> row_shape(const std::string& input) const {
-    if (input == "kk" || input == "iclr") return {H(), Dh()};
     if (input == "gate") return {C_};
     for (const auto& ts : spec_.inputs)
       if (ts.name == input) {
@@ -194,7 +163,6 @@ class DecayLayer : public MixerLayer {
   ParamShapes shapes() const override {
     ParamShapes s;
     for (const Proj& p : r_.proj) {
-      if (r_.shift) s.push_back({"att." + p.input + ".mix", {C_}});
       if (p.rank) s.push_back({"att." + p.input + ".lora", {p.rank, C_}});
       s.push_back({"att." + p.input + ".weight", {width(p.input), p.rank ? p.rank : C_}});
       if (p.a_log) s.push_back({"att." + p.input + ".A_log", {width(p.input)}});
@@ -219,10 +187,6 @@ class DecayLayer : public MixerLayer {
       if (p.a_log && name == "att." + p.input + ".A_log") {  // Gated DeltaNet: A uniform in (0, 16)
         std::uniform_real_distribution<float> u(1.0f, 16.0f);
         for (float& x : t.data) x = std::log(u(ctx.rng));
-        return true;
-      }
-      if (name == "att." + p.input + ".mix") {  // RWKV: mixes spread over channels, shallower layers mix more
-        for (int64_t c = 0; c < C_; ++c) t.data[size_t(c)] = std::pow(float(c) / float(C_), 0.5f * (1.0f - ctx.depth));
         return true;
       }
       if (name == "att." + p.input + ".conv") {  // PyTorch's Conv1d default: U(-1/sqrt(K), 1/sqrt(K))
@@ -253,11 +217,7 @@ class DecayLayer : public MixerLayer {
     a_ = a;
     const int64_t N = B * T;
     acts_.clear();
-    if (r_.shift) {
-      prev_.resize(size_t(N * C_));
-      nn::shift_forward(prev_.data(), a, B, T, C_);
-    }
-    for (const Proj& p : r_.proj) acts_[p.input] = project(io, p, a, prev_.data(), B, T);
+    for (const Proj& p : r_.proj) acts_[p.input] = project(io, p, a, B, T);
     in_ = mixer_inputs(io, B, T);
     y0_ = mixer_forward(lc_, in_).data;
     output_forward(io, out, N);
@@ -272,8 +232,6 @@ class DecayLayer : public MixerLayer {
     std::map<std::string, std::vector<float>> dmapped;
     for (const Proj& p : r_.proj)
       if (p.role == Role::Mixer && g.count("d" + p.input)) dmapped[p.input] = g.at("d" + p.input).data;
-    if (r_.rwkv7_ab) rwkv7_ab_backward(dmapped, g, N);
-    std::vector<float> dprev(r_.shift ? size_t(N * C_) : 0, 0.0f);
     for (const Proj& p : r_.proj) {
       const ProjAct& z = acts_.at(p.input);
       std::vector<float> d = p.role == Role::Mixer ? dmapped.at(p.input) : dact.at(p.input);
@@ -289,9 +247,8 @@ class DecayLayer : public MixerLayer {
       }
       if (p.role == Role::Mixer)
         for (size_t i = 0; i < d.size(); ++i) d[i] *= map_df(p.map, z.act[i]);
-      project_backward(io, p, z, d, da, dprev.data(), B, T);
+      project_backward(io, p, z, d, da, B, T);
     }
-    if (r_.shift) nn::shift_backward(da, dprev.data(), B, T, C_);
     for (const Weight& w : r_.weights) {
       if (!w.learned || !g.count("d" + w.input)) continue;
       const Tensor& raw = io.t("att." + w.input);
@@ -303,19 +260,11 @@ class DecayLayer : public MixerLayer {
 
   std::unique_ptr<LayerRun> start(const LayerIO& io, const TensorMap& state) const override;
 
-  // One projection of (B,T) rows: the shifted lerp, x W^T + b, the convolution (+ SiLU).
-  ProjAct project(const LayerIO& io, const Proj& p, const float* a, const float* prev, int64_t B, int64_t T) const {
+  // One projection of (B,T) rows: x W^T + b, the convolution (+ SiLU).
+  ProjAct project(const LayerIO& io, const Proj& p, const float* a, int64_t B, int64_t T) const {
     const int64_t N = B * T, W = width(p.input);
     ProjAct z;
     const float* x = a;
-    if (r_.shift) {
-      const float* mu = io.w("att." + p.input + ".mix");
-      z.xin.resize(size_t(N * C_));
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t c = 0; c < C_; ++c)
-          z.xin[size_t(i * C_ + c)] = a[i * C_ + c] * mu[c] + prev[i * C_ + c] * (1.0f - mu[c]);
-      x = z.xin.data();
-    }
     z.raw.resize(size_t(N * W));
     if (p.rank) {
       z.mid.resize(size_t(N * p.rank));
@@ -344,9 +293,9 @@ class DecayLayer : public MixerLayer {
     return z;
   }
 
-  // d is the gradient of the projection's map argument (act); adds into da (and dprev).
+  // d is the gradient of the projection's map argument (act); adds into da.
   void project_backward(const LayerIO& io, const Proj& p, const ProjAct& z, std::vector<float>& d, float* da,
-                        float* dprev, int64_t B, int64_t T) const {
+                        int64_t B, int64_t T) const {
     const int64_t N = B * T, W = width(p.input);
     if (p.conv) {  // through SiLU and the convolution, back to raw
       const float* cw = io.w("att." + p.input + ".conv");
@@ -369,8 +318,8 @@ class DecayLayer : public MixerLayer {
         }
       d = std::move(draw);
     }
-    const float* x = r_.shift ? z.xin.data() : a_;
-    if (p.rank) {  // through W2 to the low-rank middle, then W1 (no token shift with low rank)
+    const float* x = a_;
+    if (p.rank) {  // through W2 to the low-rank middle, then W1
       std::vector<float> dmid(size_t(N * p.rank));
       nn::matmul_backward(dmid.data(), io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
                           d.data(), z.mid.data(), io.w("att." + p.input + ".weight"), N, p.rank, W, false);
@@ -378,28 +327,12 @@ class DecayLayer : public MixerLayer {
                           C_, p.rank, true);
       return;
     }
-    if (!r_.shift) {
-      nn::matmul_backward(da, io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
-                          d.data(), x, io.w("att." + p.input + ".weight"), N, C_, W, true);
-      return;
-    }
-    std::vector<float> dx(size_t(N * C_));
-    nn::matmul_backward(dx.data(), io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
-                        d.data(), x, io.w("att." + p.input + ".weight"), N, C_, W, false);
-    const float* mu = io.w("att." + p.input + ".mix");
-    float* gmu = io.g("att." + p.input + ".mix");
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t c = 0; c < C_; ++c) {
-        const float g = dx[size_t(i * C_ + c)];
-        da[i * C_ + c] += g * mu[c];
-        dprev[i * C_ + c] += g * (1.0f - mu[c]);
-        gmu[c] += g * (a_[i * C_ + c] - prev_[size_t(i * C_ + c)]);
-      }
+    nn::matmul_backward(da, io.g("att." + p.input + ".weight"), p.has_bias ? io.g("att." + p.input + ".bias") : nullptr,
+                        d.data(), x, io.w("att." + p.input + ".weight"), N, C_, W, true);
   }
 
-  // The mixer's inputs from the kept projections (mapped), rwkv7's a and b, the weights.
+  // The mixer's inputs from the kept projections (mapped) and the weights.
   TensorMap mixer_inputs(const LayerIO& io, int64_t B, int64_t T) const {
-    const int64_t N = B * T;
     TensorMap in;
     std::map<std::string, std::vector<float>> mapped;
     for (const Proj& p : r_.proj) {
@@ -414,13 +347,7 @@ class DecayLayer : public MixerLayer {
       }
       mapped[p.input] = std::move(m);
     }
-    if (r_.rwkv7_ab) {
-      std::vector<float> av(mapped.at("kk").size()), bv(av.size());
-      rwkv7_ab_rows(av.data(), bv.data(), mapped.at("kk").data(), mapped.at("iclr").data(), N);
-      mapped["a"] = std::move(av), mapped["b"] = std::move(bv);
-    }
     for (auto& [name, m] : mapped) {
-      if (name == "kk" || name == "iclr") continue;
       std::vector<int64_t> shape{B, T};
       for (int64_t d : row_shape(name)) shape.push_back(d);
       Tensor t(shape);
@@ -552,7 +479,6 @@ class DecayLayer : public MixerLayer {
         case Init::One: v = 1.0f; break;
         case Init::Normal: v = ctx ? 0.5f * ctx->normal(ctx->rng) : 0.0f; break;
         case Init::RetnetGamma: v = 1.0f - std::exp2(-5.0f - float(h)); break;  // RetNet: 1 - 2^(-5-h)
-        case Init::DecaySpread: v = -6.0f + 5.0f * frac; break;                  // w = -exp(v): slow to fast heads
         case Init::MambaALog: v = std::log(1.0f + 15.0f * frac); break;          // A = -(1 .. 16)
         case Init::MambaDtBias: {  // softplus^-1 of dt log-spaced in [1e-3, 1e-1]
           const float dt = std::exp(std::log(1e-3f) + std::log(100.0f) * frac);
@@ -564,66 +490,24 @@ class DecayLayer : public MixerLayer {
     }
   }
 
-  // rwkv7: a = -kk, b = kk o sigmoid(iclr), kk = l2norm(kk raw) per head, for `rows` rows of H heads.
-  void rwkv7_ab_rows(float* av, float* bv, const float* kr, const float* ic, int64_t rows) const {
-    const int64_t D = Dh();
-    for (int64_t row = 0; row < rows * H(); ++row) {
-      float s = 1e-6f;
-      for (int64_t d = 0; d < D; ++d) s += kr[row * D + d] * kr[row * D + d];
-      const float inv = 1.0f / std::sqrt(s);
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t o = row * D + d;
-        const float kk = kr[o] * inv;
-        av[o] = -kk, bv[o] = kk / (1.0f + std::exp(-ic[o]));
-      }
-    }
-  }
-  void rwkv7_ab_backward(std::map<std::string, std::vector<float>>& dmapped, const TensorMap& g, int64_t N) const {
-    const int64_t D = Dh();
-    const std::vector<float>& kr = acts_.at("kk").act;
-    const std::vector<float>& ic = acts_.at("iclr").act;
-    const std::vector<float>&da = g.at("da").data, &db = g.at("db").data;
-    std::vector<float> dkr(kr.size()), dic(kr.size()), dkk(static_cast<size_t>(D));
-    for (int64_t row = 0; row < N * H(); ++row) {
-      float s = 1e-6f;
-      for (int64_t d = 0; d < D; ++d) s += kr[size_t(row * D + d)] * kr[size_t(row * D + d)];
-      const float inv = 1.0f / std::sqrt(s);
-      float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) {
-        const size_t o = size_t(row * D + d);
-        const float sg = 1.0f / (1.0f + std::exp(-ic[o])), kk = kr[o] * inv;
-        dkk[size_t(d)] = -da[o] + db[o] * sg;
-        dic[o] = db[o] * kk * sg * (1.0f - sg);
-        dot += kk * dkk[size_t(d)];
-      }
-      for (int64_t d = 0; d < D; ++d) {
-        const size_t o = size_t(row * D + d);
-        dkr[o] = (dkk[size_t(d)] - kr[o] * inv * dot) * inv;
-      }
-    }
-    dmapped["kk"] = std::move(dkr), dmapped["iclr"] = std::move(dic);
-  }
-
  private:
   const Recipe& r_;
   const MixerSpec& spec_;
   std::map<std::string, ProjAct> acts_;
   TensorMap in_;
-  std::vector<float> prev_, y0_, y1_, xhat_, rstd_, y2_, y3_;
+  std::vector<float> y0_, y1_, xhat_, rstd_, y2_, y3_;
   const float* a_ = nullptr;
 };
 
 // The recurrent runtime: one token through every stage with preallocated buffers (no
-// allocation per token); the token shift's previous input and the convolutions' last three raw
-// rows are its own state.
+// allocation per token); the convolutions' last three raw rows are its own state.
 class DecayRun : public LayerRun {
  public:
   DecayRun(const DecayLayer& L, const LayerIO& io, const TensorMap& state, const LayerConfig& lc, int64_t index)
       : L_(L), r_(L.recipe()), C_(L.C()), wo_(io.w("att.o.weight")), lnw_(io.w("att.ln_x.weight")),
         lnb_(r_.norm == Norm::GroupHead ? io.w("att.ln_x.bias") : nullptr), y_(size_t(5 * C_)),
-        rstd_(size_t(L.H())), prev_(size_t(C_), 0.0f), xin_(size_t(C_)) {
+        rstd_(size_t(L.H())) {
     std::vector<std::pair<std::string, int64_t>> own_names;
-    if (r_.shift) own_names.push_back({"shift", C_});
     for (const Proj& p : r_.proj)
       if (p.conv) own_names.push_back({"conv." + p.input, (kConv - 1) * L.width(p.input)});
     TensorMap own;
@@ -631,12 +515,11 @@ class DecayRun : public LayerRun {
     // the stepper's inputs: per-token rows (written each step) and the weights
     TensorMap in;
     for (const Proj& p : r_.proj) {
-      if (p.role != Role::Mixer || p.input == "kk" || p.input == "iclr") continue;
+      if (p.role != Role::Mixer) continue;
       std::vector<int64_t> shape{1, 1};
       for (int64_t d : L.row_shape(p.input)) shape.push_back(d);
       in[p.input] = Tensor(shape);
     }
-    if (r_.rwkv7_ab) in["a"] = Tensor({1, 1, L.H(), L.Dh()}), in["b"] = Tensor({1, 1, L.H(), L.Dh()});
     for (const Weight& w : r_.weights) in[w.input] = L.weight_value(io, w);
     mix_ = std::make_unique<MixerStep>(lc, std::move(in), mix_state);
     for (const Proj& p : r_.proj) {
@@ -645,7 +528,6 @@ class DecayRun : public LayerRun {
           io.w("att." + p.input + ".weight"),
           p.has_bias ? io.w("att." + p.input + ".bias") : nullptr,
           p.conv ? io.w("att." + p.input + ".conv") : nullptr,
-          r_.shift ? io.w("att." + p.input + ".mix") : nullptr,
           p.rank ? io.w("att." + p.input + ".lora") : nullptr,
           p.a_log ? io.w("att." + p.input + ".A_log") : nullptr,
           W,
@@ -655,21 +537,15 @@ class DecayRun : public LayerRun {
           std::vector<float>(size_t(p.rank)),
           nullptr};
       if (p.conv && own.count("conv." + p.input)) q.hist = own.at("conv." + p.input).data;
-      if (p.role == Role::Mixer && p.input != "kk" && p.input != "iclr") q.dst = mix_->buf(p.input);
+      if (p.role == Role::Mixer) q.dst = mix_->buf(p.input);
       projs_.push_back(std::move(q));
     }
-    if (r_.shift && own.count("shift")) prev_ = own.at("shift").data;
-    if (r_.rwkv7_ab) a_ = mix_->buf("a"), b_ = mix_->buf("b");
   }
 
   void step(const float* a, float* out) override {
-    const float *kk = nullptr, *ic = nullptr, *zr = nullptr, *gr = nullptr;
+    const float *zr = nullptr, *gr = nullptr;
     for (P& p : projs_) {
       const float* x = a;
-      if (p.mix) {
-        for (int64_t c = 0; c < C_; ++c) xin_[size_t(c)] = a[c] * p.mix[c] + prev_[size_t(c)] * (1.0f - p.mix[c]);
-        x = xin_.data();
-      }
       float* raw = p.raw.data();
       if (p.lora) {
         nn::matmul_forward(p.mid.data(), x, p.lora, nullptr, 1, C_, p.p->rank);
@@ -693,13 +569,9 @@ class DecayRun : public LayerRun {
       if (p.dst)
         for (int64_t j = 0; j < p.width; ++j)
           p.dst[j] = map_f(p.p->map, act[j]) * (p.alog ? -std::exp(p.alog[j]) : 1.0f);
-      if (p.p->input == "kk") kk = act;
-      if (p.p->input == "iclr") ic = act;
       if (p.p->role == Role::PreGate) zr = act;
       if (p.p->role == Role::Gate) gr = act;
     }
-    if (r_.shift) std::copy(a, a + C_, prev_.begin());
-    if (a_) L_.rwkv7_ab_rows(a_, b_, kk, ic, 1);
     float *y0 = y_.data(), *y1 = y0 + C_, *xh = y1 + C_, *y2 = xh + C_, *y3 = y2 + C_;
     mix_->step(y0);
     L_.output_row(lnw_, lnb_, y0, zr, gr, y1, xh, rstd_.data(), y2, y3);
@@ -708,7 +580,6 @@ class DecayRun : public LayerRun {
 
   TensorMap save() const override {
     TensorMap m = mix_->save();
-    if (r_.shift) m["shift"] = tensor_of({C_}, prev_.data());
     for (const P& p : projs_)
       if (p.conv) m["conv." + p.p->input] = tensor_of({int64_t(p.hist.size())}, p.hist.data());
     return m;
@@ -717,7 +588,7 @@ class DecayRun : public LayerRun {
  private:
   struct P {
     const Proj* p;
-    const float *W, *bias, *conv, *mix, *lora, *alog;
+    const float *W, *bias, *conv, *lora, *alog;
     int64_t width;
     std::vector<float> raw, act, hist, mid;  // hist: the last kConv - 1 raw rows, oldest first
     float* dst;                          // the stepper's input buffer (mixer inputs)
@@ -726,9 +597,8 @@ class DecayRun : public LayerRun {
   const Recipe& r_;
   int64_t C_;
   const float *wo_, *lnw_, *lnb_;
-  std::vector<float> y_, rstd_, prev_, xin_;
+  std::vector<float> y_, rstd_;
   std::vector<P> projs_;
-  float *a_ = nullptr, *b_ = nullptr;
   std::unique_ptr<MixerStep> mix_;
 };
 
