@@ -207,6 +207,11 @@ def loss(cfg, p, inputs, targets):
     """cfg: the checkpoint's config dict; p: name -> float64 tensor (requires_grad as wanted);
     inputs, targets: LongTensor [B, T] (targets < 0 ignored). Returns the mean cross-entropy."""
     B, T = inputs.shape
+    if cfg.get("norm", "layernorm") == "rmsnorm":  # Mamba's: x / sqrt(mean x^2 + 1e-5) w
+        def _ln(x, p, name):
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * p[name + ".weight"]
+    else:
+        _ln = globals()["_ln"]
     C, H = cfg["d_model"], cfg["n_head"]
     x = p["emb.weight"][inputs]
     if cfg.get("pos_emb", _attention_like(cfg)):
@@ -225,6 +230,8 @@ def loss(cfg, p, inputs, targets):
         else:
             out = fn(_ln(x, p, f"blocks.{i}.ln1"), P, prm, cfg)
         x = x + out
+        if cfg["channel_mix"] == "none":  # Mamba's blocks: the mixer only
+            continue
         b2 = _ln(x, p, f"blocks.{i}.ln2")
         if cfg["channel_mix"] == "rwkv":
             xx = _shift(b2)

@@ -30,7 +30,7 @@ CASES = [(s["name"], "mlp", {**s["example_params"], **s["small_params"]}) for s 
 CASES += [("softmax", "rwkv", {"window": 5}), ("aft_conv", "rwkv", {}), ("rwkv4", "rwkv", {})]
 # the RWKV-5/6/7 blocks as BlinkDL's (their channel mixes; the gateless v5.1 layout; small LoRAs)
 CASES += [("rwkv5", "rwkv", {}), ("rwkv5", "rwkv", {"gate": 0}), ("rwkv6", "rwkv6", {"d_mix": 4, "d_decay": 6}),
-          ("rwkv7", "rwkv7", {"d_w": 4, "d_a": 5, "d_v": 6, "d_g": 7})]
+          ("rwkv7", "rwkv7", {"d_w": 4, "d_a": 5, "d_v": 6, "d_g": 7}), ("mamba", "none", {"dt_rank": 3})]
 if os.environ.get("LINMIX_ONLY"):  # a comma-separated list of mixers to check (debugging)
     CASES = [c for c in CASES if c[0] in os.environ["LINMIX_ONLY"].split(",")]
 
@@ -65,6 +65,8 @@ def main():
         cfg = {"vocab": 128, "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "features": 8, "kernel": 3,
                "ffn_mult": 2, "state": 4, "qk_dim": 8, "mixer": mixer, "channel_mix": cm, "params": params,
                "ln0": mixer in ("rwkv4", "rwkv5", "rwkv6", "rwkv7")}
+        if cm == "none":  # Mamba as Hugging Face's: RMSNorm, no channel mix
+            cfg["norm"] = "rmsnorm"
         run = os.path.join(TMP, f"{mixer}-{cm}-{len(os.listdir(TMP))}")
         cfg_path = os.path.join(TMP, "cfg.json")
         with open(cfg_path, "w") as f:

@@ -125,7 +125,7 @@ TEST(Train, RefusesTruncatedOrCorruptCheckpoints) {
   st.tensors.erase("blocks.0.att.time_decay");
   expect_refused(serialize_safetensors(st.tensors, {}), "RWKV-4 checkpoint: no tensor 'blocks.0.att.time_decay'");
   st.tensors.erase("emb.weight");
-  expect_refused(serialize_safetensors(st.tensors, {}), "nor an RWKV checkpoint");
+  expect_refused(serialize_safetensors(st.tensors, {}), "nor an RWKV or Mamba checkpoint");
 }
 
 TEST(Train, KilledMidCheckpointLeavesThePreviousIntact) {

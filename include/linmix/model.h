@@ -30,12 +30,16 @@ struct ModelConfig {
   int64_t n_head = 4;    // multi-head mixers: D = E = d_model / n_head; aft_conv: its kernel heads
   int64_t ctx = 256;     // longest training context (aft_full / aft_local store w for it)
   // "mlp" (GELU), "rwkv" (the RWKV-4/5 channel mix: time_mix_k/r, receptance), "rwkv6" (its
-  // time_maa_k/r form: u + (p - u) maa) or "rwkv7" (ffn.x_k, no receptance)
+  // time_maa_k/r form: u + (p - u) maa), "rwkv7" (ffn.x_k, no receptance) or "none" (Mamba's
+  // blocks: the mixer only, no ln2)
   std::string channel_mix = "mlp";
+  std::string norm = "layernorm";  // the blocks' and final norm: "layernorm" (weight, bias) or "rmsnorm" (weight)
   int64_t ffn_mult = 4;
   int64_t ffn_dim = 0;   // the channel mix's hidden width F; 0: ffn_mult * d_model
   int64_t ffn_width() const { return ffn_dim > 0 ? ffn_dim : ffn_mult * d_model; }
-  bool rwkv_channel_mix() const { return channel_mix != "mlp"; }  // a token-shifted RWKV channel mix
+  bool rwkv_channel_mix() const { return channel_mix == "rwkv" || channel_mix == "rwkv6" || channel_mix == "rwkv7"; }
+  bool has_channel_mix() const { return channel_mix != "none"; }
+  bool rms() const { return norm == "rmsnorm"; }
   // model-wide defaults of the layers' knobs (a layer's params may override them):
   int64_t features = 32;  // performer random features M
   int64_t kernel = 7;     // aft_conv kernel size K
@@ -112,6 +116,9 @@ class Model {
   void step(int32_t token, State& st, float* logits);
 
  private:
+  void norm_forward(const std::string& name, float* out, float* mean, float* rstd, const float* x, int64_t N) const;
+  void norm_backward(const std::string& name, float* dx, const float* dout, const float* x, const float* mean,
+                     const float* rstd, TensorMap* grads, int64_t N) const;
   struct Acts;
   ModelConfig cfg_;
   TensorMap params_;

@@ -63,6 +63,9 @@ Checkpoint load_checkpoint(const std::string& path);
 // missing or mis-shaped tensor is an Error naming it.
 bool looks_like_rwkv(const TensorMap& tensors);
 std::string rwkv_version(const TensorMap& tensors);  // "4", "5.1", "5.2", "6.0", "7.0" (docs/RWKV.md)
+// Hugging Face MambaForCausalLM checkpoints (src/model/mamba_import.cpp).
+bool looks_like_mamba(const TensorMap& tensors);
+std::unique_ptr<Model> import_mamba(TensorMap tensors, const std::string& what);
 // gn_eps: the v5/6/7 group-norm eps as text ("" = 64e-5)
 std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, const std::string& gn_eps = "");
 

@@ -24,7 +24,7 @@ ModelConfig from_json_impl(const std::string& text) {
   static const std::vector<std::string> known = {"vocab",   "d_model",  "n_layer",  "n_head", "ctx",
                                                  "channel_mix", "ffn_mult", "features", "kernel", "ln0",
                                                  "mixer",   "params",   "layers", "state", "qk_dim", "expand", "pos_emb",
-                                                 "ffn_dim"};
+                                                 "ffn_dim", "norm"};
   for (auto it = j.begin(); it != j.end(); ++it)
     LINMIX_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
                  "model config: unknown field '" + it.key() + "'");
@@ -39,6 +39,10 @@ ModelConfig from_json_impl(const std::string& text) {
   if (j.contains("channel_mix")) {
     LINMIX_CHECK(j["channel_mix"].is_string(), "model config: 'channel_mix' must be a string");
     c.channel_mix = j["channel_mix"].get<std::string>();
+  }
+  if (j.contains("norm")) {
+    LINMIX_CHECK(j["norm"].is_string(), "model config: 'norm' must be a string");
+    c.norm = j["norm"].get<std::string>();
   }
   if (j.contains("pos_emb")) {
     LINMIX_CHECK(j["pos_emb"].is_boolean(), "model config: 'pos_emb' must be true or false");
@@ -103,7 +107,7 @@ std::string ModelConfig::to_json() const {
   json j = {{"vocab", vocab},       {"d_model", d_model},   {"n_layer", n_layer}, {"n_head", n_head},
             {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"ffn_dim", ffn_dim}, {"features", features},
             {"kernel", kernel},     {"ln0", ln0}, {"state", state}, {"qk_dim", qk_dim}, {"expand", expand},
-            {"pos_emb", uses_pos_emb()}};
+            {"pos_emb", uses_pos_emb()}, {"norm", norm}};
   j["layers"] = json::array();
   for (const auto& l : layers) j["layers"].push_back({{"mixer", l.mixer}, {"params", l.params}});
   return j.dump();
@@ -120,14 +124,18 @@ void ModelConfig::validate() const {
   LINMIX_CHECK(features >= 1 && kernel >= 1, "model config: features and kernel must be >= 1");
   LINMIX_CHECK(state >= 1 && state <= 1024 && qk_dim >= 1 && qk_dim <= 4096 && expand >= 1 && expand <= 16,
                "model config: state in [1, 1024], qk_dim in [1, 4096], expand in [1, 16]");
-  LINMIX_CHECK(channel_mix == "mlp" || channel_mix == "rwkv" || channel_mix == "rwkv6" || channel_mix == "rwkv7",
-               "model config: channel_mix must be \"mlp\", \"rwkv\", \"rwkv6\" or \"rwkv7\", found \"" + channel_mix + "\"");
+  LINMIX_CHECK(channel_mix == "mlp" || channel_mix == "rwkv" || channel_mix == "rwkv6" || channel_mix == "rwkv7" ||
+                   channel_mix == "none",
+               "model config: channel_mix must be \"mlp\", \"rwkv\", \"rwkv6\", \"rwkv7\" or \"none\", found \"" +
+                   channel_mix + "\"");
+  LINMIX_CHECK(norm == "layernorm" || norm == "rmsnorm",
+               "model config: norm must be \"layernorm\" or \"rmsnorm\", found \"" + norm + "\"");
   LINMIX_CHECK(static_cast<int64_t>(layers.size()) == n_layer,
                "model config: " + std::to_string(layers.size()) + " layers given for n_layer = " + std::to_string(n_layer));
   for (const auto& l : layers) {
     has_mixer_layer(l.mixer);  // unknown names and mixers without a layer fail here
     for (const char* k : {"features", "kernel", "state", "qk_dim", "expand", "gate", "d_mix", "d_decay", "d_w", "d_a",
-                          "d_v", "d_g"})
+                          "d_v", "d_g", "dt_rank"})
       if (l.params.count(k)) knob(l, k);  // malformed knobs fail here
   }  const double n = double(param_count());
   LINMIX_CHECK(n <= double(kMaxParams), "model config: " + std::to_string(int64_t(n)) +
@@ -140,14 +148,17 @@ int64_t ModelConfig::param_count() const {  // the shapes Model's constructor al
     for (int64_t d : s) n *= double(d);
     return n;
   };
-  double n = 2.0 * double(vocab) * double(d_model) + 2.0 * double(d_model);  // emb, head, ln_out
+  const double nw = rms() ? 1.0 : 2.0;  // a norm's vectors: weight (and bias)
+  double n = 2.0 * double(vocab) * double(d_model) + nw * double(d_model);  // emb, head, ln_out
   if (uses_pos_emb()) n += double(ctx) * double(d_model);
-  if (ln0) n += 2.0 * double(d_model);
+  if (ln0) n += nw * double(d_model);
   const double F = double(ffn_width()), C = double(d_model);
   for (int64_t i = 0; i < n_layer; ++i) {
-    n += 4 * C + (channel_mix == "rwkv" || channel_mix == "rwkv6" ? 2 * C + 2 * F * C + C * C
-                  : channel_mix == "rwkv7"                        ? C + 2 * F * C
-                                                                  : 2 * F * C + F + C);
+    n += nw * C * (has_channel_mix() ? 2 : 1) +
+         (channel_mix == "rwkv" || channel_mix == "rwkv6" ? 2 * C + 2 * F * C + C * C
+          : channel_mix == "rwkv7"                        ? C + 2 * F * C
+          : channel_mix == "none"                         ? 0.0
+                                                          : 2 * F * C + F + C);
     for (const auto& [name, shape] : make_mixer_layer(*this, i)->shapes()) n += numel(shape);
     if (n > 1e18) break;
   }
@@ -172,7 +183,7 @@ int64_t ModelConfig::knob(const LayerConfig& l, const std::string& name) const {
   const std::map<std::string, std::pair<int64_t, int64_t>> bounds = {
       {"features", {1, 1 << 16}}, {"kernel", {1, 1 << 16}}, {"state", {1, 1024}}, {"qk_dim", {1, 4096}},
       {"expand", {1, 16}}, {"gate", {0, 1}}, {"d_mix", {1, 4096}}, {"d_decay", {1, 4096}}, {"d_w", {1, 4096}},
-      {"d_a", {1, 4096}}, {"d_v", {1, 4096}}, {"d_g", {1, 4096}}};
+      {"d_a", {1, 4096}}, {"d_v", {1, 4096}}, {"d_g", {1, 4096}}, {"dt_rank", {1, 4096}}};
   auto it = l.params.find(name);
   if (it == l.params.end()) {
     if (name == "features") return features;

@@ -72,6 +72,33 @@ void layernorm_backward(float* dx, float* dw, float* db, const float* dout, cons
   }
 }
 
+void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t N, int64_t C) {
+  for (int64_t i = 0; i < N; ++i) {
+    const float* xi = x + i * C;
+    float ms = 0.0f;
+    for (int64_t c = 0; c < C; ++c) ms += xi[c] * xi[c];
+    const float r = 1.0f / std::sqrt(ms / float(C) + 1e-5f);
+    rstd[i] = r;
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = xi[c] * r * w[c];
+  }
+}
+
+void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,
+                      int64_t N, int64_t C) {
+  for (int64_t i = 0; i < N; ++i) {
+    const float *g = dout + i * C, *xi = x + i * C;
+    // xhat = x rstd; dx = rstd (g w - xhat mean(g w xhat))
+    float m2 = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float xh = xi[c] * rstd[i];
+      m2 += g[c] * w[c] * xh;
+      dw[c] += g[c] * xh;
+    }
+    m2 /= float(C);
+    for (int64_t c = 0; c < C; ++c) dx[i * C + c] += rstd[i] * (g[c] * w[c] - xi[c] * rstd[i] * m2);
+  }
+}
+
 namespace {
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 }

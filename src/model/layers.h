@@ -20,6 +20,11 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* x, con
 void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
                         const float* mean, const float* rstd, int64_t N, int64_t C);
 
+// RMSNorm over C (eps 1e-5, no bias; Mamba's): out = x rstd * w; rstd (N) saved.
+void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t N, int64_t C);
+void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,
+                      int64_t N, int64_t C);  // dx +=, dw +=
+
 // GELU, tanh approximation (as GPT-2).
 void gelu_forward(float* out, const float* x, int64_t n);
 void gelu_backward(float* dx, const float* x, const float* dout, int64_t n);  // dx written

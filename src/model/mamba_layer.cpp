@@ -47,7 +47,7 @@ class MambaLayer : public MixerLayer {
  public:
   MambaLayer(const ModelConfig& cfg, int64_t index)
       : MixerLayer(cfg, index), Ei_(cfg.knob(lc_, "expand") * cfg.d_model), N_(cfg.knob(lc_, "state")),
-        R_((cfg.d_model + 15) / 16) {}
+        R_(lc_.params.count("dt_rank") ? cfg.knob(lc_, "dt_rank") : (cfg.d_model + 15) / 16) {}
 
   ParamShapes shapes() const override {
     return {{"att.in_proj.weight", {2 * Ei_, C_}}, {"att.conv.weight", {Ei_, 4}},    {"att.conv.bias", {Ei_}},

@@ -81,7 +81,7 @@ float* LayerIO::g(const std::string& n) const {
 namespace {
 // The layer's knobs, which are not the mixer's params.
 const char* const kKnobs[] = {"features", "kernel", "state", "qk_dim", "expand", "gate",  "d_mix",
-                              "d_decay",  "d_w",    "d_a",   "d_v",    "d_g",    "gn_eps"};
+                              "d_decay",  "d_w",    "d_a",   "d_v",    "d_g",    "gn_eps", "dt_rank"};
 std::map<std::string, std::string> mixer_params(const LayerConfig& lc) {
   auto p = lc.params;
   for (const char* k : kKnobs) p.erase(k);

@@ -28,15 +28,21 @@ Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
   auto add = [&](const std::string& n, std::vector<int64_t> s) { params_[n] = Tensor(std::move(s)); };
   add("emb.weight", {V, C});
   if (cfg_.uses_pos_emb()) add("pos.weight", {cfg_.ctx, C});
-  if (cfg_.ln0) add("blocks.0.ln0.weight", {C}), add("blocks.0.ln0.bias", {C});
+  auto add_norm = [&](const std::string& n) {
+    add(n + ".weight", {C});
+    if (!cfg_.rms()) add(n + ".bias", {C});
+  };
+  if (cfg_.ln0) add_norm("blocks.0.ln0");
   const ChannelMix cm(cfg_);
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
     layers_.push_back(make_mixer_layer(cfg_, i));
-    for (const char* n : {"ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"}) add(P(i, n), {C});
+    add_norm(P(i, "ln1"));
+    if (cfg_.has_channel_mix()) add_norm(P(i, "ln2"));
     for (const auto& [n, shape] : layers_.back()->shapes()) add(P(i, n), shape);
-    for (const auto& [n, shape] : cm.shapes()) add(P(i, n), shape);
+    if (cfg_.has_channel_mix())
+      for (const auto& [n, shape] : cm.shapes()) add(P(i, n), shape);
   }
-  add("ln_out.weight", {C}), add("ln_out.bias", {C});
+  add_norm("ln_out");
   add("head.weight", {V, C});
 }
 
@@ -78,6 +84,33 @@ void Model::init(uint64_t seed) {
       for (float& x : t.data) x = s * normal(rng);
     }
   }
+}
+
+// ---------------------------------------------------------------- norms
+
+// The norm `name` ("blocks.0.ln0", "blocks.<i>.ln1", ..., "ln_out") of N rows: LayerNorm, or
+// RMSNorm (mean left 0) when the config says so.
+void Model::norm_forward(const std::string& name, float* out, float* mean, float* rstd, const float* x,
+                         int64_t N) const {
+  const int64_t C = cfg_.d_model;
+  if (cfg_.rms()) {
+    nn::rmsnorm_forward(out, rstd, x, params_.at(name + ".weight").ptr(), N, C);
+    std::fill(mean, mean + N, 0.0f);
+    return;
+  }
+  nn::layernorm_forward(out, mean, rstd, x, params_.at(name + ".weight").ptr(), params_.at(name + ".bias").ptr(), N, C);
+}
+
+void Model::norm_backward(const std::string& name, float* dx, const float* dout, const float* x, const float* mean,
+                          const float* rstd, TensorMap* grads, int64_t N) const {
+  const int64_t C = cfg_.d_model;
+  const LayerIO top{params_, grads, ""};
+  if (cfg_.rms()) {
+    nn::rmsnorm_backward(dx, top.g(name + ".weight"), dout, x, params_.at(name + ".weight").ptr(), rstd, N, C);
+    return;
+  }
+  nn::layernorm_backward(dx, top.g(name + ".weight"), top.g(name + ".bias"), dout, x, params_.at(name + ".weight").ptr(),
+                         mean, rstd, N, C);
 }
 
 // ---------------------------------------------------------------- forward / backward
@@ -128,29 +161,29 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   }
   if (c.ln0) {
     sized(A.e0, N * C), sized(A.mean0, N), sized(A.rstd0, N);
-    nn::layernorm_forward(A.e0.data(), A.mean0.data(), A.rstd0.data(), A.x0.data(), W("blocks.0.ln0.weight"),
-                          W("blocks.0.ln0.bias"), N, C);
+    norm_forward("blocks.0.ln0", A.e0.data(), A.mean0.data(), A.rstd0.data(), A.x0.data(), N);
   }
   std::vector<float> cur(c.ln0 ? A.e0 : A.x0), out2(N * C);
   for (int64_t l = 0; l < c.n_layer; ++l) {  // x_mid = x + mix(ln1(x)); x' = x_mid + channel(ln2(x_mid))
     auto& L = A.layers[l];
     L.x_in = cur;
     sized(L.a, N * C), sized(L.mean1, N), sized(L.rstd1, N), sized(L.att_out, N * C);
-    nn::layernorm_forward(L.a.data(), L.mean1.data(), L.rstd1.data(), L.x_in.data(), W(P(l, "ln1.weight")),
-                          W(P(l, "ln1.bias")), N, C);
+    norm_forward(P(l, "ln1"), L.a.data(), L.mean1.data(), L.rstd1.data(), L.x_in.data(), N);
     layers_[l]->forward(io(l), L.a.data(), L.att_out.data(), B, T);
     sized(L.x_mid, N * C);
     for (int64_t i = 0; i < N * C; ++i) L.x_mid[i] = L.x_in[i] + L.att_out[i];
+    if (!c.has_channel_mix()) {  // Mamba's blocks: the mixer only
+      cur = L.x_mid;
+      continue;
+    }
     sized(L.b, N * C), sized(L.mean2, N), sized(L.rstd2, N);
-    nn::layernorm_forward(L.b.data(), L.mean2.data(), L.rstd2.data(), L.x_mid.data(), W(P(l, "ln2.weight")),
-                          W(P(l, "ln2.bias")), N, C);
+    norm_forward(P(l, "ln2"), L.b.data(), L.mean2.data(), L.rstd2.data(), L.x_mid.data(), N);
     A.cmix[l].forward(io(l), L.b.data(), out2.data(), B, T);
     for (int64_t i = 0; i < N * C; ++i) cur[i] = L.x_mid[i] + out2[i];
   }
   A.xf = cur;
   sized(A.lnf, N * C), sized(A.meanf, N), sized(A.rstdf, N), sized(A.logits, N * V);
-  nn::layernorm_forward(A.lnf.data(), A.meanf.data(), A.rstdf.data(), A.xf.data(), W("ln_out.weight"),
-                        W("ln_out.bias"), N, C);
+  norm_forward("ln_out", A.lnf.data(), A.meanf.data(), A.rstdf.data(), A.xf.data(), N);
   nn::matmul_forward(A.logits.data(), A.lnf.data(), W("head.weight"), nullptr, N, C, V);
   if (!targets) return 0.0;
 
@@ -170,25 +203,23 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   std::vector<float> dlnf(N * C), dx(N * C, 0.0f), db(N * C), da(N * C);
   nn::matmul_backward(dlnf.data(), top.g("head.weight"), nullptr, dlogits.data(), A.lnf.data(), W("head.weight"), N, C,
                       V);
-  nn::layernorm_backward(dx.data(), top.g("ln_out.weight"), top.g("ln_out.bias"), dlnf.data(), A.xf.data(),
-                         W("ln_out.weight"), A.meanf.data(), A.rstdf.data(), N, C);
+  norm_backward("ln_out", dx.data(), dlnf.data(), A.xf.data(), A.meanf.data(), A.rstdf.data(), grads, N);
   for (int64_t l = c.n_layer - 1; l >= 0; --l) {
     auto& L = A.layers[l];
     const LayerIO lio = io(l);
-    A.cmix[l].backward(lio, dx.data(), db.data(), B, T);  // dx holds d x_out
-    // dx (d x_mid) = dx + ln2 backward(db)
-    nn::layernorm_backward(dx.data(), lio.g("ln2.weight"), lio.g("ln2.bias"), db.data(), L.x_mid.data(),
-                           W(P(l, "ln2.weight")), L.mean2.data(), L.rstd2.data(), N, C);
+    if (c.has_channel_mix()) {
+      A.cmix[l].backward(lio, dx.data(), db.data(), B, T);  // dx holds d x_out
+      // dx (d x_mid) = dx + ln2 backward(db)
+      norm_backward(P(l, "ln2"), dx.data(), db.data(), L.x_mid.data(), L.mean2.data(), L.rstd2.data(), grads, N);
+    }
     std::fill(da.begin(), da.end(), 0.0f);
     layers_[l]->backward(lio, dx.data(), da.data(), B, T);
     // dx (d x_in) = dx + ln1 backward(da)
-    nn::layernorm_backward(dx.data(), lio.g("ln1.weight"), lio.g("ln1.bias"), da.data(), L.x_in.data(),
-                           W(P(l, "ln1.weight")), L.mean1.data(), L.rstd1.data(), N, C);
+    norm_backward(P(l, "ln1"), dx.data(), da.data(), L.x_in.data(), L.mean1.data(), L.rstd1.data(), grads, N);
   }
   std::vector<float> demb(N * C, 0.0f);
   if (c.ln0) {
-    nn::layernorm_backward(demb.data(), top.g("blocks.0.ln0.weight"), top.g("blocks.0.ln0.bias"), dx.data(),
-                           A.x0.data(), W("blocks.0.ln0.weight"), A.mean0.data(), A.rstd0.data(), N, C);
+    norm_backward("blocks.0.ln0", demb.data(), dx.data(), A.x0.data(), A.mean0.data(), A.rstd0.data(), grads, N);
   } else {
     demb = dx;
   }
@@ -294,22 +325,23 @@ void Model::step(int32_t token, State& st, float* logits_out) {
                                      std::to_string(c.ctx) + " (learned positions end there)");
     for (int64_t ch = 0; ch < C; ++ch) x[ch] += W("pos.weight")[st.pos * C + ch];
   }
-  if (c.ln0) nn::layernorm_forward(x, &mean, &rstd, x, W("blocks.0.ln0.weight"), W("blocks.0.ln0.bias"), 1, C);
+  if (c.ln0) norm_forward("blocks.0.ln0", x, &mean, &rstd, x, 1);
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LayerIO io{params_, nullptr, "blocks." + std::to_string(l) + "."};
     if (!st.run[l]) {  // the layer's runtime takes over its state
       st.run[l] = layers_[l]->start(io, st.layer[l]);
       st.layer[l].clear();
     }
-    nn::layernorm_forward(a, &mean, &rstd, x, io.w("ln1.weight"), io.w("ln1.bias"), 1, C);
+    norm_forward(io.prefix + "ln1", a, &mean, &rstd, x, 1);
     st.run[l]->carry = A.carry_step.data();
     st.run[l]->step(a, o);
     for (int64_t ch = 0; ch < C; ++ch) x[ch] += o[ch];
-    nn::layernorm_forward(a, &mean, &rstd, x, io.w("ln2.weight"), io.w("ln2.bias"), 1, C);
+    if (!c.has_channel_mix()) continue;
+    norm_forward(io.prefix + "ln2", a, &mean, &rstd, x, 1);
     A.cmix[l].step(io, a, o, st.ffn_prev[l]);
     for (int64_t ch = 0; ch < C; ++ch) x[ch] += o[ch];
   }
-  nn::layernorm_forward(a, &mean, &rstd, x, W("ln_out.weight"), W("ln_out.bias"), 1, C);
+  norm_forward("ln_out", a, &mean, &rstd, x, 1);
   nn::matmul_forward(logits_out, a, W("head.weight"), nullptr, 1, C, V);
   for (int64_t i = 0; i < V; ++i)  // a model (or state) whose numbers overflow float32 is refused, not sampled
     LINMIX_CHECK(std::isfinite(logits_out[i]), "the logits are not finite at position " + std::to_string(st.pos) +

@@ -58,6 +58,7 @@ bool Rwkv4Engine::supports(const ModelConfig& c, std::string* why) {
     if (l.mixer != "rwkv4") return no("layer mixer '" + l.mixer + "' is not rwkv4");
   if (c.channel_mix != "rwkv") return no("channel mix is '" + c.channel_mix + "', not rwkv");
   if (c.uses_pos_emb()) return no("the model has learned positions");
+  if (c.rms()) return no("the model uses RMSNorm, RWKV-4 LayerNorm");
   return true;
 }
 

@@ -29,14 +29,41 @@ namespace {
 constexpr int64_t kPass = 512;  // rows per internal pass of sequence(): bounds its memory
 const float kE05 = std::exp(-0.5f);
 
-// out (n, r) = x (n, in) A (in, r), A stored [in, out] with leading dimension lda
-void xa(float* out, const float* x, const float* A, int64_t n, int64_t in, int64_t r, int64_t ldx, int64_t lda) {
-  if (n == 1) {
-    cblas_sgemv(CblasRowMajor, CblasTrans, int(in), int(r), 1.0f, A, int(lda), x, 1, 0.0f, out, 1);
-    return;
+// f(t) for the rows t < n, in parallel when there are enough of them (prefill); inline for decode.
+template <class F>
+void par_rows(int64_t n, F&& f) {
+#pragma omp parallel for schedule(static) if (n >= 16)
+  for (int64_t t = 0; t < n; ++t) f(t);
+}
+
+// f(i) for the i < count elements of n rows, in parallel when the rows are many.
+template <class F>
+void par_elems(int64_t n, int64_t count, F&& f) {
+#pragma omp parallel for schedule(static) if (n >= 16)
+  for (int64_t i = 0; i < count; ++i) f(i);
+}
+
+// A LoRA / mixing matrix A (in, out), stored [in, out] as BlinkDL does (applied as x A), kept in
+// FP32 (rwkv.cpp does not quantise v7's either); also as A^T for one-token gemv (the engine's
+// OpenMP kernels: no BLAS thread pool woken for each small product).
+struct Lora {
+  std::vector<float> A;
+  int64_t in = 0, out = 0;
+  QMatrix t;
+  Lora() = default;
+  Lora(const float* a, int64_t in_, int64_t out_) : A(a, a + in_ * out_), in(in_), out(out_) {
+    std::vector<float> tr(size_t(in * out));
+    for (int64_t i = 0; i < in; ++i)
+      for (int64_t o = 0; o < out; ++o) tr[size_t(o * in + i)] = A[size_t(i * out + o)];
+    t = QMatrix::from_f32(tr.data(), out, in, WType::F32);
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(r), int(in), 1.0f, x, int(ldx), A, int(lda), 0.0f,
-              out, int(r));
+};
+
+// out (n, L.out) = x (n, L.in) L.A, x rows ldx apart
+void xa(float* out, const float* x, const Lora& L, int64_t n, int64_t ldx) {
+  if (n == 1) return gemv(L.t, x, out);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(L.out), int(L.in), 1.0f, x, int(ldx), L.A.data(),
+              int(L.out), 0.0f, out, int(L.out));
 }
 
 class RwkvEngine : public Engine {
@@ -49,6 +76,10 @@ class RwkvEngine : public Engine {
     const TensorMap& W = m.params();
     auto has = [&](const std::string& n) { return W.count(n) > 0; };
     auto vec = [&](const std::string& n) { return W.at(n).data; };
+    auto lora = [&](const std::string& n) {
+      const Tensor& x = W.at(n);
+      return Lora(x.ptr(), x.shape[0], x.shape[1]);
+    };
     auto mat = [&](const std::string& n) {
       const Tensor& x = W.at(n);
       return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], wt);
@@ -76,17 +107,18 @@ class RwkvEngine : public Engine {
       }
       if (ver_ != 7) y.bonus = vec(p + "att.time_faaaa");
       if (ver_ == 6) {
-        y.maa_x = vec(p + "att.time_maa_x"), y.A1 = vec(p + "att.time_maa_w1"), y.A2 = vec(p + "att.time_maa_w2");
-        y.td = vec(p + "att.time_decay"), y.B1 = vec(p + "att.time_decay_w1"), y.B2 = vec(p + "att.time_decay_w2");
         y.dmix = W.at(p + "att.time_maa_w2").dim(1), y.ddecay = W.at(p + "att.time_decay_w1").dim(1);
+        y.maa_x = vec(p + "att.time_maa_x"), y.td = vec(p + "att.time_decay");
+        y.A1 = lora(p + "att.time_maa_w1"), y.B1 = lora(p + "att.time_decay_w1"), y.B2 = lora(p + "att.time_decay_w2");
+        for (int64_t c = 0; c < 5; ++c) y.A2[c] = Lora(W.at(p + "att.time_maa_w2").ptr() + c * y.dmix * C_, y.dmix, C_);
       }
       if (ver_ == 7) {
-        y.w0 = vec(p + "att.w0"), y.w1 = vec(p + "att.w1"), y.w2 = vec(p + "att.w2");
-        y.a0 = vec(p + "att.a0"), y.a1 = vec(p + "att.a1"), y.a2 = vec(p + "att.a2");
-        y.g1 = vec(p + "att.g1"), y.g2 = vec(p + "att.g2");
+        y.w0 = vec(p + "att.w0"), y.w1 = lora(p + "att.w1"), y.w2 = lora(p + "att.w2");
+        y.a0 = vec(p + "att.a0"), y.a1 = lora(p + "att.a1"), y.a2 = lora(p + "att.a2");
+        y.g1 = lora(p + "att.g1"), y.g2 = lora(p + "att.g2");
         y.kk = vec(p + "att.k_k"), y.ka = vec(p + "att.k_a"), y.rk = vec(p + "att.r_k");
         y.dw = W.at(p + "att.w1").dim(1), y.da = W.at(p + "att.a1").dim(1), y.dg = W.at(p + "att.g1").dim(1);
-        if (l > 0) y.v0 = vec(p + "att.v0"), y.v1 = vec(p + "att.v1"), y.v2 = vec(p + "att.v2"), y.dv = W.at(p + "att.v1").dim(1);
+        if (l > 0) y.v0 = vec(p + "att.v0"), y.v1 = lora(p + "att.v1"), y.v2 = lora(p + "att.v2"), y.dv = W.at(p + "att.v1").dim(1);
       }
       const char* fm = ver_ == 5 ? "ffn.time_mix_" : ver_ == 6 ? "ffn.time_maa_" : "ffn.x_";
       y.fmk = vec(p + fm + "k");
@@ -107,8 +139,9 @@ class RwkvEngine : public Engine {
     double b = double(head_.bytes()) + 4.0 * double(C_) * 5;
     for (const Layer& y : layers_) {
       for (const QMatrix* q : {&y.Wr, &y.Wk, &y.Wv, &y.Wo, &y.Wg, &y.Fk, &y.Fv, &y.Fr}) b += double(q->bytes());
-      for (const auto* v : {&y.A1, &y.A2, &y.B1, &y.B2, &y.w1, &y.w2, &y.a1, &y.a2, &y.v1, &y.v2, &y.g1, &y.g2})
-        b += 4.0 * double(v->size());
+      for (const Lora* v : {&y.A1, &y.A2[0], &y.A2[1], &y.A2[2], &y.A2[3], &y.A2[4], &y.B1, &y.B2, &y.w1, &y.w2, &y.a1,
+                            &y.a2, &y.v1, &y.v2, &y.g1, &y.g2})
+        b += 4.0 * double(v->A.size());
       b += 4.0 * double(C_) * 20 + 2 * 4.0 * double(H_ * N_ * N_);  // vectors; the state read and written
     }
     return b;
@@ -150,8 +183,8 @@ class RwkvEngine : public Engine {
     float eps = 64e-5f;
     int64_t dmix = 0, ddecay = 0, dw = 0, da = 0, dv = 0, dg = 0;
     std::vector<std::vector<float>> mix;
-    std::vector<float> ln1w, ln1b, ln2w, ln2b, lnxw, lnxb, decay, logw, bonus, maa_x, A1, A2, td, B1, B2, w0, w1, w2,
-        a0, a1, a2, v0, v1, v2, g1, g2, kk, ka, rk, fmk, fmr;
+    std::vector<float> ln1w, ln1b, ln2w, ln2b, lnxw, lnxb, decay, logw, bonus, maa_x, td, w0, a0, v0, kk, ka, rk, fmk, fmr;
+    Lora A1, A2[5], B1, B2, w1, w2, a1, a2, v1, v2, g1, g2;
     QMatrix Wr, Wk, Wv, Wo, Wg, Fk, Fv, Fr;
   };
 
@@ -190,7 +223,7 @@ class RwkvEngine : public Engine {
     std::copy(prev, prev + C, p);
     if (n > 1) std::copy(u, u + (n - 1) * C, p + C);
     std::copy(u + (n - 1) * C, u + n * C, prev);
-    for (int64_t i = 0; i < n * C; ++i) d[i] = p[i] - u[i];
+    par_elems(n, n * C, [&](int64_t i) { d[i] = p[i] - u[i]; });
   }
 
   void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) {
@@ -226,23 +259,31 @@ class RwkvEngine : public Engine {
     // the mixed inputs
     if (ver_ == 6) {
       const int64_t D5 = 5 * y.dmix;
-      for (int64_t i = 0; i < NC; ++i) TMP[i] = U[i] + D[i] * y.maa_x[size_t(i % C)];
-      xa(Z, TMP, y.A1.data(), n, C, D5, C, D5);
-      for (int64_t i = 0; i < n * D5; ++i) Z[i] = std::tanh(Z[i]);
+      par_rows(n, [&](int64_t t) {
+        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) TMP[i] = U[i] + D[i] * y.maa_x[size_t(c)];
+      });
+      xa(Z, TMP, y.A1, n, C);
+      par_elems(n, n * D5, [&](int64_t i) { Z[i] = std::tanh(Z[i]); });
       for (int c = 0; c < 5; ++c) {
-        xa(TMP, Z + c * y.dmix, y.A2.data() + c * y.dmix * C, n, y.dmix, C, D5, C);
+        xa(TMP, Z + c * y.dmix, y.A2[c], n, D5);
         float* x = xs("wkvrg"[c]);
         const float* m = y.mix[size_t(c)].data();
-        for (int64_t i = 0; i < NC; ++i) x[i] = U[i] + D[i] * (m[i % C] + TMP[i]);
+        par_rows(n, [&](int64_t t) {
+          for (int64_t c = 0, i = t * C; c < C; ++c, ++i) x[i] = U[i] + D[i] * (m[c] + TMP[i]);
+        });
       }
     } else {
       for (size_t c = 0; c < y.mixes.size(); ++c) {
         float* x = XS_.data() + c * NC;
         const float* m = y.mix[c].data();
         if (ver_ == 5)
-          for (int64_t i = 0; i < NC; ++i) x[i] = U[i] * m[i % C] + P[i] * (1.0f - m[i % C]);
+          par_rows(n, [&](int64_t t) {
+            for (int64_t c = 0, i = t * C; c < C; ++c, ++i) x[i] = U[i] * m[c] + P[i] * (1.0f - m[c]);
+          });
         else
-          for (int64_t i = 0; i < NC; ++i) x[i] = U[i] + D[i] * m[i % C];
+          par_rows(n, [&](int64_t t) {
+            for (int64_t c = 0, i = t * C; c < C; ++c, ++i) x[i] = U[i] + D[i] * m[c];
+          });
       }
     }
     engine::matmul(R, xs('r'), y.Wr, n, false, deq_);
@@ -250,23 +291,29 @@ class RwkvEngine : public Engine {
     engine::matmul(Vv, xs('v'), y.Wv, n, false, deq_);
     if (y.gate && ver_ != 7) engine::matmul(G, xs('g'), y.Wg, n, false, deq_);
     if (ver_ == 6) {  // log w = -exp(time_decay + tanh(x_w B1) B2)
-      xa(Z, xs('w'), y.B1.data(), n, C, y.ddecay, C, y.ddecay);
-      for (int64_t i = 0; i < n * y.ddecay; ++i) Z[i] = std::tanh(Z[i]);
-      xa(LW, Z, y.B2.data(), n, y.ddecay, C, y.ddecay, C);
-      for (int64_t i = 0; i < NC; ++i) LW[i] = -std::exp(LW[i] + y.td[size_t(i % C)]);
+      xa(Z, xs('w'), y.B1, n, C);
+      par_elems(n, n * y.ddecay, [&](int64_t i) { Z[i] = std::tanh(Z[i]); });
+      xa(LW, Z, y.B2, n, y.ddecay);
+      par_rows(n, [&](int64_t t) {
+        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) LW[i] = -std::exp(LW[i] + y.td[size_t(c)]);
+      });
     }
     if (ver_ == 7) {
-      xa(Z, xs('w'), y.w1.data(), n, C, y.dw, C, y.dw);
-      for (int64_t i = 0; i < n * y.dw; ++i) Z[i] = std::tanh(Z[i]);
-      xa(LW, Z, y.w2.data(), n, y.dw, C, y.dw, C);
-      for (int64_t i = 0; i < NC; ++i) LW[i] = -kE05 * sigmoidf(LW[i] + y.w0[size_t(i % C)]);
-      xa(Z, xs('a'), y.a1.data(), n, C, y.da, C, y.da);
-      xa(A7, Z, y.a2.data(), n, y.da, C, y.da, C);
-      for (int64_t i = 0; i < NC; ++i) A7[i] = sigmoidf(A7[i] + y.a0[size_t(i % C)]);
-      xa(Z, xs('g'), y.g1.data(), n, C, y.dg, C, y.dg);
-      for (int64_t i = 0; i < n * y.dg; ++i) Z[i] = sigmoidf(Z[i]);
-      xa(G, Z, y.g2.data(), n, y.dg, C, y.dg, C);
-      for (int64_t hr = 0; hr < n * H_; ++hr) {
+      xa(Z, xs('w'), y.w1, n, C);
+      par_elems(n, n * y.dw, [&](int64_t i) { Z[i] = std::tanh(Z[i]); });
+      xa(LW, Z, y.w2, n, y.dw);
+      par_rows(n, [&](int64_t t) {
+        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) LW[i] = -kE05 * sigmoidf(LW[i] + y.w0[size_t(c)]);
+      });
+      xa(Z, xs('a'), y.a1, n, C);
+      xa(A7, Z, y.a2, n, y.da);
+      par_rows(n, [&](int64_t t) {
+        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) A7[i] = sigmoidf(A7[i] + y.a0[size_t(c)]);
+      });
+      xa(Z, xs('g'), y.g1, n, C);
+      par_elems(n, n * y.dg, [&](int64_t i) { Z[i] = sigmoidf(Z[i]); });
+      xa(G, Z, y.g2, n, y.dg);
+      par_elems(n, n * H_, [&](int64_t hr) {
         const int64_t o = hr * N_, h = hr % H_;
         double s = 0;
         for (int64_t j = 0; j < N_; ++j) {
@@ -279,13 +326,15 @@ class RwkvEngine : public Engine {
           KAP[i] = K[i] * y.kk[size_t(c)] * inv, BB[i] = -KAP[i] * A7[i];
           K[i] *= 1.0f + (A7[i] - 1.0f) * y.ka[size_t(c)];
         }
-      }
+      });
       if (l == 0) {
         std::copy(Vv, Vv + NC, VF_.data());
       } else {
-        xa(Z, xs('v'), y.v1.data(), n, C, y.dv, C, y.dv);
-        xa(TMP, Z, y.v2.data(), n, y.dv, C, y.dv, C);
-        for (int64_t i = 0; i < NC; ++i) Vv[i] += (VF_[size_t(i)] - Vv[i]) * sigmoidf(TMP[i] + y.v0[size_t(i % C)]);
+        xa(Z, xs('v'), y.v1, n, C);
+        xa(TMP, Z, y.v2, n, y.dv);
+        par_rows(n, [&](int64_t t) {
+          for (int64_t c = 0, i = t * C; c < C; ++c, ++i) Vv[i] += (VF_[size_t(i)] - Vv[i]) * sigmoidf(TMP[i] + y.v0[size_t(c)]);
+        });
       }
     }
     // WKV
@@ -293,7 +342,7 @@ class RwkvEngine : public Engine {
     if (n == 1) wkv_step(y, S);
     else wkv_chunked(y, n, ls);
     // GN (+ bonus) (+ gate)
-    for (int64_t hr = 0; hr < n * H_; ++hr) {
+    par_elems(n, n * H_, [&](int64_t hr) {
       const int64_t o = hr * N_, h = hr % H_;
       float m = 0, var = 0, bonus = 0;
       for (int64_t j = 0; j < N_; ++j) m += O[o + j];
@@ -309,7 +358,7 @@ class RwkvEngine : public Engine {
         else if (y.gate) v *= G[i] * sigmoidf(G[i]);
         Y[i] = v;
       }
-    }
+    });
     engine::matmul(X, Y, y.Wo, n, true, deq_);
   }
 
@@ -393,23 +442,27 @@ class RwkvEngine : public Engine {
           *Hf = Hf_.data(), *O = O_.data(), *R = R_.data();
     layernorm_rows(U, X, y.ln2w.data(), y.ln2b.data(), n, C);
     shift_rows(U, P, D, prev, n);
-    for (int64_t i = 0; i < NC; ++i) {
-      const float mk = y.fmk[size_t(i % C)];
-      XK[i] = ver_ == 5 ? U[i] * mk + P[i] * (1.0f - mk) : U[i] + D[i] * mk;
-      if (ver_ != 7) {
-        const float mr = y.fmr[size_t(i % C)];
-        XR[i] = ver_ == 5 ? U[i] * mr + P[i] * (1.0f - mr) : U[i] + D[i] * mr;
+    par_rows(n, [&](int64_t t) {
+      for (int64_t c = 0, i = t * C; c < C; ++c, ++i) {
+        const float mk = y.fmk[size_t(c)];
+        XK[i] = ver_ == 5 ? U[i] * mk + P[i] * (1.0f - mk) : U[i] + D[i] * mk;
+        if (ver_ != 7) {
+          const float mr = y.fmr[size_t(c)];
+          XR[i] = ver_ == 5 ? U[i] * mr + P[i] * (1.0f - mr) : U[i] + D[i] * mr;
+        }
       }
-    }
+    });
     engine::matmul(Hf, XK, y.Fk, n, false, deq_);
-    for (int64_t i = 0; i < n * F_; ++i) Hf[i] = Hf[i] > 0 ? Hf[i] * Hf[i] : 0.0f;
+    par_elems(n, n * F_, [&](int64_t i) { Hf[i] = Hf[i] > 0 ? Hf[i] * Hf[i] : 0.0f; });
     if (ver_ == 7) {
       engine::matmul(X, Hf, y.Fv, n, true, deq_);
       return;
     }
     engine::matmul(O, Hf, y.Fv, n, false, deq_);
     engine::matmul(R, XR, y.Fr, n, false, deq_);
-    for (int64_t i = 0; i < NC; ++i) X[i] += sigmoidf(R[i]) * O[i];
+    par_rows(n, [&](int64_t t) {
+      for (int64_t c = 0, i = t * C; c < C; ++c, ++i) X[i] += sigmoidf(R[i]) * O[i];
+    });
   }
 
   ModelConfig cfg_;
@@ -423,29 +476,6 @@ class RwkvEngine : public Engine {
 
 }  // namespace
 
-bool engine_supports(const ModelConfig& c, std::string* why) {
-  auto no = [&](const std::string& s) {
-    if (why) *why = s;
-    return false;
-  };
-  const std::string& m = c.layers.empty() ? std::string() : c.layers[0].mixer;
-  if (m == "rwkv4") return Rwkv4Engine::supports(c, why);
-  if (m != "rwkv5" && m != "rwkv6" && m != "rwkv7")
-    return no("layer mixer '" + m + "' has no inference engine (rwkv4, rwkv5, rwkv6, rwkv7 have)");
-  for (const auto& l : c.layers)
-    if (l.mixer != m) return no("the layers mix mechanisms ('" + m + "' and '" + l.mixer + "')");
-  const std::string cm = m == "rwkv5" ? "rwkv" : m;
-  if (c.channel_mix != cm) return no("channel mix is '" + c.channel_mix + "', not " + cm + "'s ('" + cm + "')");
-  if (!c.ln0) return no("the model has no ln0 (BlinkDL's models have)");
-  if (c.uses_pos_emb()) return no("the model has learned positions");
-  return true;
-}
-
-std::unique_ptr<Engine> make_engine(const Model& m, WType wtype) {
-  std::string why;
-  LINMIX_CHECK(engine_supports(m.config(), &why), "no inference engine runs this model: " + why);
-  if (m.config().layers[0].mixer == "rwkv4") return std::make_unique<Rwkv4Engine>(m, wtype);
-  return std::make_unique<RwkvEngine>(m, wtype);
-}
+std::unique_ptr<Engine> rwkv_engine(const Model& m, WType wtype) { return std::make_unique<RwkvEngine>(m, wtype); }
 
 }  // namespace linmix

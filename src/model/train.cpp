@@ -153,13 +153,18 @@ Checkpoint load_checkpoint(const std::string& path) {
   Checkpoint ck;
   const bool ours = st.metadata.count("linmix") && st.metadata.at("linmix") == "checkpoint" && st.metadata.count("config");
   ck.tokenizer = st.metadata.count("tokenizer") ? st.metadata.at("tokenizer") : "";
+  if (!ours && looks_like_mamba(st.tensors)) {
+    ck.model = import_mamba(std::move(st.tensors), path);
+    ck.imported = true;
+    return ck;
+  }
   if (!ours && looks_like_rwkv(st.tensors)) {
     ck.model = import_rwkv(std::move(st.tensors), path, st.metadata.count("gn_eps") ? st.metadata.at("gn_eps") : "");
     ck.imported = true;
     return ck;
   }
   if (ck.tokenizer.empty()) ck.tokenizer = "bytes";  // linmix checkpoints before the field: byte-level
-  LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV checkpoint");
+  LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV or Mamba checkpoint");
   const ModelConfig cfg = ModelConfig::from_json(st.metadata.at("config"));
   {  // the file must hold the parameters its config declares: a tiny file cannot make us allocate
     int64_t held = 0;

@@ -1,0 +1,46 @@
+// Which engine runs a model (include/linmix/engine.h): RWKV-4 (rwkv4_engine.cpp), RWKV-5/6/7
+// as BlinkDL's (rwkv_engine.cpp), Mamba as Hugging Face's (mamba_engine.cpp).
+#include "linmix/engine.h"
+
+#include "linmix/error.h"
+#include "linmix/rwkv4.h"
+
+namespace linmix {
+
+std::unique_ptr<Engine> rwkv_engine(const Model& m, WType wtype);
+std::unique_ptr<Engine> mamba_engine(const Model& m, WType wtype);
+
+bool engine_supports(const ModelConfig& c, std::string* why) {
+  auto no = [&](const std::string& s) {
+    if (why) *why = s;
+    return false;
+  };
+  const std::string& m = c.layers.empty() ? std::string() : c.layers[0].mixer;
+  if (m == "rwkv4") return Rwkv4Engine::supports(c, why);
+  if (m != "rwkv5" && m != "rwkv6" && m != "rwkv7" && m != "mamba")
+    return no("layer mixer '" + m + "' has no inference engine (rwkv4, rwkv5, rwkv6, rwkv7 and mamba have)");
+  for (const auto& l : c.layers)
+    if (l.mixer != m) return no("the layers mix mechanisms ('" + m + "' and '" + l.mixer + "')");
+  if (c.uses_pos_emb()) return no("the model has learned positions");
+  if (m == "mamba") {
+    if (c.channel_mix != "none" || !c.rms() || c.ln0)
+      return no("a Mamba model runs as Hugging Face's: RMSNorm, no channel mix, no ln0 (this one has channel mix '" +
+                c.channel_mix + "', norm '" + c.norm + "')");
+    return true;
+  }
+  const std::string cm = m == "rwkv5" ? "rwkv" : m;
+  if (c.channel_mix != cm) return no("channel mix is '" + c.channel_mix + "', not " + m + "'s ('" + cm + "')");
+  if (!c.ln0 || c.rms()) return no("the model has no ln0 or not LayerNorm (BlinkDL's models have both)");
+  return true;
+}
+
+std::unique_ptr<Engine> make_engine(const Model& m, WType wtype) {
+  std::string why;
+  LINMIX_CHECK(engine_supports(m.config(), &why), "no inference engine runs this model: " + why);
+  const std::string& mixer = m.config().layers[0].mixer;
+  if (mixer == "rwkv4") return std::make_unique<Rwkv4Engine>(m, wtype);
+  if (mixer == "mamba") return mamba_engine(m, wtype);
+  return rwkv_engine(m, wtype);
+}
+
+}  // namespace linmix

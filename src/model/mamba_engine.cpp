@@ -1,0 +1,198 @@
+// The Mamba inference engine (include/linmix/engine.h): the Mamba language model (Hugging Face
+// MambaForCausalLM, imported by mamba_import.cpp; the Model's mamba layers with RMSNorm and no
+// channel mix) for inference. Rows of C; per layer
+//   a = RMSNorm(x); [u, z] = a W_in^T; u = silu(conv4(u) + b) (the window continues the state's
+//   last three rows); [dt, B, C] = u W_x^T; dt = softplus(dt W_dt^T + b_dt);
+//   s = exp(dt A) s + dt B u, y = s C + D u (per channel, the state s (E, N)); x += (y silu(z)) W_out^T
+// sequence(): passes of up to kPass rows, every projection one GEMM, the scan per channel block
+// over the rows (channels in parallel); step(): gemv, the scan inline, no allocation.
+// The state is the Model's: per layer "conv" (3 E, oldest row first) and "state.h" (1, E, N).
+#include <algorithm>
+#include <cmath>
+
+#include "engine_util.h"
+#include "linmix/engine.h"
+#include "linmix/error.h"
+
+namespace linmix {
+
+namespace {
+
+constexpr int64_t kPass = 512, kConvK = 4;
+
+void rmsnorm_rows(float* out, const float* x, const float* w, int64_t n, int64_t C) {
+#pragma omp parallel for schedule(static) if (n > 8)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * C;
+    float ms = 0;
+#pragma omp simd reduction(+ : ms)
+    for (int64_t c = 0; c < C; ++c) ms += xi[c] * xi[c];
+    const float r = 1.0f / std::sqrt(ms / float(C) + 1e-5f);
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = xi[c] * r * w[c];
+  }
+}
+float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+class MambaEngine : public Engine {
+ public:
+  MambaEngine(const Model& m, WType wt) : cfg_(m.config()) {
+    const TensorMap& W = m.params();
+    C_ = cfg_.d_model, V_ = cfg_.vocab, L_ = cfg_.n_layer;
+    auto mat = [&](const std::string& n) {
+      const Tensor& x = W.at(n);
+      return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], wt);
+    };
+    emb_ = W.at("emb.weight").data, lnf_ = W.at("ln_out.weight").data, head_ = mat("head.weight");
+    for (int64_t l = 0; l < L_; ++l) {
+      const std::string p = "blocks." + std::to_string(l) + ".";
+      Layer y;
+      y.norm = W.at(p + "ln1.weight").data;
+      y.in = mat(p + "att.in_proj.weight"), y.xp = mat(p + "att.x_proj.weight"), y.dtp = mat(p + "att.dt_proj.weight");
+      y.out = mat(p + "att.out_proj.weight");
+      y.conv = W.at(p + "att.conv.weight").data, y.conv_b = W.at(p + "att.conv.bias").data;
+      y.dt_b = W.at(p + "att.dt_proj.bias").data, y.D = W.at(p + "att.D").data, y.A = W.at(p + "att.A_log").data;
+      for (float& a : y.A) a = -std::exp(a);
+      E_ = y.in.rows / 2, N_ = W.at(p + "att.A_log").dim(1), R_ = y.dtp.cols;
+      layers_.push_back(std::move(y));
+    }
+    grow(1);
+  }
+
+  const ModelConfig& config() const override { return cfg_; }
+  Model::State new_state() const override { return Model::State(L_, C_); }
+  double step_bytes() const override {
+    double b = double(head_.bytes()) + 4.0 * double(C_) * 2;
+    for (const Layer& y : layers_)
+      b += double(y.in.bytes() + y.xp.bytes() + y.dtp.bytes() + y.out.bytes()) + 4.0 * double(C_) +
+           4.0 * double(E_) * (kConvK + 3 + N_) + 2 * 4.0 * double(E_ * N_) + 4.0 * double(3 * E_) * 2;
+    return b;
+  }
+  double flops_per_token(bool with_head) const override {
+    const double per = 2.0 * (double(2 * E_ * C_) + double(E_ * (R_ + 2 * N_)) + double(E_ * R_) + double(C_ * E_));
+    return double(L_) * per + (with_head ? 2.0 * double(V_ * C_) : 0.0);
+  }
+
+  void step(int32_t token, Model::State& st, float* logits) override {
+    LINMIX_CHECK(token >= 0 && token < V_, "token " + std::to_string(token) + " is outside the vocabulary");
+    ensure_state(st);
+    rows(&token, 1, st, logits, false);
+    st.pos += 1;
+  }
+  void sequence(const int32_t* tokens, int64_t T, Model::State& st, float* logits, bool all_logits) override {
+    LINMIX_CHECK(T >= 1, "sequence: no tokens");
+    for (int64_t t = 0; t < T; ++t)
+      LINMIX_CHECK(tokens[t] >= 0 && tokens[t] < V_, "token " + std::to_string(tokens[t]) + " is outside the vocabulary");
+    ensure_state(st);
+    for (int64_t t0 = 0; t0 < T; t0 += kPass) {
+      const int64_t n = std::min(kPass, T - t0);
+      rows(tokens + t0, n, st, all_logits && logits ? logits + t0 * V_ : (t0 + n == T ? logits : nullptr), all_logits);
+    }
+    st.pos += T;
+  }
+
+ private:
+  struct Layer {
+    std::vector<float> norm, conv, conv_b, dt_b, D, A;
+    QMatrix in, xp, dtp, out;
+  };
+
+  void grow(int64_t n) {
+    if (n <= cap_) return;
+    cap_ = n;
+    X_.resize(size_t(n * C_)), A_.resize(size_t(n * C_)), UZ_.resize(size_t(n * 2 * E_)), U_.resize(size_t(n * E_));
+    DBC_.resize(size_t(n * (R_ + 2 * N_))), DT_.resize(size_t(n * E_)), Y_.resize(size_t(n * E_));
+    XR_.resize(size_t(n * R_)), hist_tmp_.resize(size_t(3 * E_));
+  }
+
+  void ensure_state(Model::State& st) const {
+    LINMIX_CHECK(int64_t(st.layer.size()) == L_ && int64_t(st.run.size()) == L_,
+                 "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L_));
+    st.flush();
+    for (int64_t l = 0; l < L_; ++l) {
+      auto& m = st.layer[size_t(l)];
+      if (m.empty()) m["conv"] = Tensor({3 * E_}, 0.0f), m["state.h"] = Tensor({1, E_, N_}, 0.0f);
+      for (auto [n, sz] : {std::pair<const char*, int64_t>{"conv", 3 * E_}, {"state.h", E_ * N_}}) {
+        auto it = m.find(n);
+        LINMIX_CHECK(it != m.end() && it->second.numel() == sz,
+                     "state: layer " + std::to_string(l) + " lacks a well-formed '" + n + "'");
+      }
+    }
+  }
+
+  void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) {
+    grow(n);
+    const int64_t C = C_, E = E_, N = N_, R = R_, W = R + 2 * N;
+    float* X = X_.data();
+    for (int64_t t = 0; t < n; ++t) std::copy(&emb_[size_t(tokens[t] * C)], &emb_[size_t((tokens[t] + 1) * C)], X + t * C);
+    for (int64_t l = 0; l < L_; ++l) {
+      const Layer& y = layers_[size_t(l)];
+      float *hist = st.layer[size_t(l)].at("conv").ptr(), *S = st.layer[size_t(l)].at("state.h").ptr();
+      rmsnorm_rows(A_.data(), X, y.norm.data(), n, C);
+      engine::matmul(UZ_.data(), A_.data(), y.in, n, false, deq_);
+      // the causal conv over [history (3 rows) ; u rows], then the history keeps the last 3 rows
+      float* U = U_.data();
+#pragma omp parallel for schedule(static) if (n >= 16)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t e = 0; e < E; ++e) {
+          float acc = y.conv_b[size_t(e)];
+          for (int64_t j = 0; j < kConvK; ++j) {
+            const int64_t s = t - (kConvK - 1) + j;  // row s of u, or history row 3 + s
+            const float v = s >= 0 ? UZ_[size_t(s * 2 * E + e)] : hist[(3 + s) * E + e];
+            acc += y.conv[size_t(e * kConvK + j)] * v;
+          }
+          U[t * E + e] = silu(acc);
+        }
+      for (int64_t r = 0; r < 3; ++r) {  // new history: the last 3 rows of [history ; u]
+        const int64_t s = n - 3 + r;
+        for (int64_t e = 0; e < E; ++e) XR_tmp(r, e) = s >= 0 ? UZ_[size_t(s * 2 * E + e)] : hist[(3 + s) * E + e];
+      }
+      std::copy(hist_tmp_.begin(), hist_tmp_.begin() + 3 * E, hist);
+      engine::matmul(DBC_.data(), U, y.xp, n, false, deq_);
+      for (int64_t t = 0; t < n; ++t) std::copy(&DBC_[size_t(t * W)], &DBC_[size_t(t * W + R)], &XR_[size_t(t * R)]);
+      engine::matmul(DT_.data(), XR_.data(), y.dtp, n, false, deq_);
+      // the scan, channels in parallel
+#pragma omp parallel for schedule(static) if (E >= 64)
+      for (int64_t e = 0; e < E; ++e) {
+        float* s = S + e * N;
+        const float* A = &y.A[size_t(e * N)];
+        for (int64_t t = 0; t < n; ++t) {
+          const float dt = softplus(DT_[size_t(t * E + e)] + y.dt_b[size_t(e)]), u = U[t * E + e];
+          const float *Bm = &DBC_[size_t(t * W + R)], *Cm = Bm + N;
+          float acc = 0;
+          for (int64_t k = 0; k < N; ++k) {
+            s[k] = std::exp(dt * A[k]) * s[k] + dt * Bm[k] * u;
+            acc += s[k] * Cm[k];
+          }
+          const float z = UZ_[size_t(t * 2 * E + E + e)];
+          Y_[size_t(t * E + e)] = (acc + y.D[size_t(e)] * u) * silu(z);
+        }
+      }
+      engine::matmul(X, Y_.data(), y.out, n, true, deq_);
+    }
+    if (!logits) return;
+    if (all_logits) {
+      rmsnorm_rows(A_.data(), X, lnf_.data(), n, C);
+      engine::matmul(logits, A_.data(), head_, n, false, deq_);
+    } else {
+      rmsnorm_rows(A_.data(), X + (n - 1) * C, lnf_.data(), 1, C);
+      gemv(head_, A_.data(), logits);
+    }
+    for (int64_t i = 0; i < (all_logits ? n : 1) * V_; ++i)
+      LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
+  }
+  float& XR_tmp(int64_t r, int64_t e) { return hist_tmp_[size_t(r * E_ + e)]; }
+
+  ModelConfig cfg_;
+  int64_t C_ = 0, V_ = 0, L_ = 0, E_ = 0, N_ = 0, R_ = 0, cap_ = 0;
+  std::vector<float> emb_, lnf_;
+  QMatrix head_;
+  std::vector<Layer> layers_;
+  std::vector<float> X_, A_, UZ_, U_, DBC_, DT_, Y_, XR_, deq_, hist_tmp_;
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> mamba_engine(const Model& m, WType wtype) { return std::make_unique<MambaEngine>(m, wtype); }
+
+}  // namespace linmix

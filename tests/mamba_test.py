@@ -1,0 +1,150 @@
+#!/usr/bin/python3
+"""Mamba checkpoints (Hugging Face MambaForCausalLM names, random weights, tied and separate
+lm_head): linmix's logits in every mode (the training model's parallel and recurrent forms, the
+engine's sequence mode in chunks of 1, 7, 100 and decode) and weight type equal an independent
+float64 PyTorch Mamba (python/mamba_ref.py) within 1e-4 relative; generation with the GPT-NeoX
+tokenizer equals the reference's greedy text, also continued from a saved state; bad files are
+refused by name.  Usage: mamba_test.py PATH/TO/linmix"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import mamba_ref  # noqa: E402
+import st  # noqa: E402
+
+LINMIX = os.path.abspath(sys.argv[1])
+TMP = tempfile.mkdtemp(prefix="linmix-mamba-")
+passed = failed = 0
+QUANTIZED = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight", "lm_head.weight")
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    passed += bool(ok)
+    failed += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+
+
+def linmix(*args):
+    return subprocess.run([LINMIX, *args], capture_output=True, text=True)
+
+
+def save(w, name):
+    path = os.path.join(TMP, name)
+    st.save(path, {n: t.float().numpy() for n, t in w.items()})
+    return path
+
+
+def quantize(w, dtype):
+    """The weights the engine's dtype stands for: every projection and the head rounded (bf16:
+    nearest even; int8: per row, scale max|w|/127, round half even); a tied head is the
+    embedding rounded."""
+    out = dict(w)
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = w["backbone.embeddings.weight"]
+    for n, t in out.items():
+        if n.endswith(QUANTIZED):
+            t32 = t.float()
+            if dtype == "bf16":
+                t32 = t32.to(torch.bfloat16).float()
+            else:
+                s = t32.abs().amax(dim=1, keepdim=True) / 127.0
+                s = torch.where(s > 0, s, torch.ones_like(s))
+                t32 = torch.clamp(torch.round(t32 / s), -127, 127) * s
+            out[n] = t32.to(t.dtype)
+    return out
+
+
+def logits(path, tokens, mode, extra=()):
+    out = os.path.join(TMP, "logits.safetensors")
+    r = linmix("logits", "--model", path, "--tokens", ",".join(map(str, tokens)), "--mode", mode, *extra, "--out", out)
+    return (st.load(out)["logits"], "") if r.returncode == 0 else (None, r.stderr.strip())
+
+
+def every_mode():
+    tokens = [int(x) for x in np.random.default_rng(2).integers(0, 70, 120)]
+    for tied, (C, L, S, R) in ((False, (32, 3, 8, 2)), (True, (48, 2, 16, 3))):
+        w = mamba_ref.random_mamba(70, C, L, S=S, R=R, seed=4, tied=tied)
+        path = save(w, "m.safetensors")
+        ref = mamba_ref.forward(w, tokens)[0].numpy()
+        scale = max(1.0, float(np.abs(ref).max()))
+        label = f"C={C} N={S} R={R} {'tied' if tied else 'separate'} head"
+        for mode, extra in (("parallel", []), ("recurrent", []), ("sequence", ["--chunk", "1"]),
+                            ("sequence", ["--chunk", "7"]), ("sequence", ["--chunk", "100"]), ("decode", [])):
+            got, err = logits(path, tokens, mode, extra)
+            e = float(np.abs(got - ref).max()) / scale if got is not None else 1.0
+            check(f"{label}: {mode} {' '.join(extra)}: logits vs PyTorch float64", e <= 1e-4, err or f"max rel err {e:.2e}")
+        for dt in ("bf16", "int8"):
+            refq = mamba_ref.forward(quantize(w, dt), tokens)[0].numpy()
+            for mode, extra in (("sequence", ["--chunk", "7"]), ("decode", [])):
+                got, err = logits(path, tokens, mode, [*extra, "--dtype", dt])
+                e = float(np.abs(got - refq).max()) / scale if got is not None else 1.0
+                far = float(np.abs(refq - ref).max()) / scale
+                check(f"{label}: {dt} weights, {mode}: logits vs PyTorch float64 of the rounded weights", e <= 1e-4,
+                      err or f"max rel err {e:.2e} (rounding itself moves them {far:.2e})")
+
+
+def generate_neox():
+    tok_path = os.path.join(ROOT, "data", "20B_tokenizer.json")
+    import bpe_tokenizer
+    bpe = bpe_tokenizer.Bpe(tok_path)
+    w = mamba_ref.random_mamba(50280, 16, 2, S=4, seed=6, tied=True)
+    path = save(w, "neox.safetensors")
+    prompt, n = "The quick brown fox", 10
+    ids = bpe.encode(prompt)
+    want = bpe.decode(ids + mamba_ref.greedy(w, ids, n))
+    r = subprocess.run([LINMIX, "generate", "--model", path, "--tokenizer", tok_path, "--prompt", prompt, "--tokens",
+                        str(n), "--temperature", "0"], capture_output=True)
+    check("generate with 20B_tokenizer.json equals the reference's greedy text",
+          r.returncode == 0 and r.stdout.rstrip(b"\n") == want, repr(r.stdout[:80]) + " vs " + repr(want[:80]))
+    sp = os.path.join(TMP, "state.safetensors")
+    r1 = subprocess.run([LINMIX, "generate", "--model", path, "--tokenizer", tok_path, "--prompt", "Once upon",
+                         "--tokens", "0", "--state-out", sp], capture_output=True)
+    r2 = subprocess.run([LINMIX, "generate", "--model", path, "--tokenizer", tok_path, "--prompt", " a time",
+                         "--tokens", str(n), "--temperature", "0", "--state-in", sp], capture_output=True)
+    both = bpe.encode("Once upon") + bpe.encode(" a time")
+    want2 = b" a time" + bpe.decode(mamba_ref.greedy(w, both, n))
+    check("--state-out then --state-in continues as the reference over both prompts",
+          r1.returncode == 0 and r2.returncode == 0 and r2.stdout.rstrip(b"\n") == want2,
+          repr(r2.stdout[:80]) + " vs " + repr(want2[:80]) + (r1.stderr + r2.stderr).decode()[-200:])
+
+
+def refusals():
+    w = mamba_ref.random_mamba(20, 16, 2, S=4, seed=1)
+
+    def refused(name, bad, *needles):
+        r = linmix("logits", "--model", save(bad, "bad.safetensors"), "--tokens", "1", "--out",
+                   os.path.join(TMP, "x.safetensors"))
+        check(f"refused: {name}", r.returncode == 2 and all(s in r.stderr for s in needles) and r.stderr.count("\n") == 1,
+              r.stderr.strip())
+
+    bad = dict(w)
+    del bad["backbone.layers.1.mixer.x_proj.weight"]
+    refused("missing tensor", bad, "Mamba", "blocks.1.att.x_proj.weight")
+    bad = dict(w)
+    bad["backbone.layers.0.mixer.in_proj.bias"] = torch.zeros(64, dtype=torch.float64)
+    refused("a bias linmix's block has not", bad, "Mamba", "in_proj.bias")
+    bad = dict(w)
+    bad["backbone.layers.0.mixer.D"] = bad["backbone.layers.0.mixer.D"][:5]
+    refused("mis-shaped tensor", bad, "Mamba", "att.D")
+    bad = dict(w)
+    bad["backbone.layers.0.mixer.A_log"] = torch.zeros(33, 4, dtype=torch.float64)
+    refused("inner width not a multiple of C", bad, "Mamba", "inner width")
+
+
+def main():
+    every_mode()
+    generate_neox()
+    refusals()
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
