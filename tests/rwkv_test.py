@@ -196,6 +196,9 @@ def refusals():
     w = rwkv_ref.random_rwkv("6.0", 17, 16, 1, 2, seed=1)
     w["blocks.0.att.time_faaaa"] = torch.zeros(3, 5, dtype=torch.float64)
     refused("heads that do not divide C", w, "RWKV-6.0", "heads")
+    w = rwkv_ref.random_rwkv("7.0", 17, 16, 1, 2, seed=1)
+    w["blocks.0.att.r_k"] = w["blocks.0.att.r_k"].reshape(-1)
+    refused("v7 r_k not [H,N]", w, "RWKV-7.0", "r_k")
     w = rwkv_ref.random_rwkv("5.2", 17, 16, 1, 2, seed=1)
     w["blocks.0.att.time_first"] = w["blocks.0.att.time_faaaa"]
     refused("two bonus tensors", w, "RWKV-5.2", "time_first")

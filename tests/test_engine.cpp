@@ -2,6 +2,9 @@
 // the same state as the training model's recurrent step token by token, from a zero state and
 // from a state half-way through; states cross between the two paths; the gemv kernels of every
 // weight type equal a float64 product of the weights they stand for.
+#include <atomic>
+#include <cstdlib>
+#include <new>
 #include <random>
 
 #include "../src/kernels/gemv.h"
@@ -256,4 +259,39 @@ TEST(RwkvEngine, RefusesModelsItDoesNotRun) {
   EXPECT_FALSE(engine_supports(ModelConfig::from_json(R"({"vocab": 20, "d_model": 16, "n_layer": 1, "mixer": "gla"})"), &why));
   Model gla(ModelConfig::from_json(R"({"vocab": 20, "d_model": 16, "n_layer": 1, "mixer": "gla"})"));
   EXPECT_THROW(make_engine(gla, WType::F32), Error);
+}
+
+// ---- decode allocates nothing: operator new counted while engines step (after a warm-up step)
+
+namespace {
+std::atomic<long> g_news{0};
+}  // namespace
+void* operator new(std::size_t n) {
+  g_news.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) { return operator new(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+TEST(Engines, DecodeAllocatesNothing) {
+  std::vector<std::unique_ptr<Model>> models;
+  models.push_back(rwkv_model());
+  for (const char* v : {"5", "6", "7"}) models.push_back(rwkvx_model(v, 32, 2));
+  models.push_back(std::make_unique<Model>(ModelConfig::from_json(
+      R"({"vocab": 50, "d_model": 32, "n_layer": 2, "mixer": "mamba", "channel_mix": "none", "norm": "rmsnorm", "ln0": false, "pos_emb": false})")));
+  models.back()->init(3);
+  for (const auto& m : models)
+    for (WType wt : {WType::F32, WType::I8}) {
+      const auto eng = make_engine(*m, wt);
+      Model::State st = eng->new_state();
+      std::vector<float> lg(size_t(m->config().vocab));
+      eng->step(1, st, lg.data());  // the first step sizes the buffers and the state
+      const long before = g_news.load();
+      for (int32_t t = 2; t < 7; ++t) eng->step(t, st, lg.data());
+      EXPECT_EQ(g_news.load() - before, 0) << m->config().layers[0].mixer << " " << int(wt);
+    }
 }

@@ -107,7 +107,11 @@ std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, c
     // heads: v5 time_decay [H] or [H,N]; v6 time_faaaa [H,N]; v7 r_k [H,N]
     const Tensor& ht = need(ver[0] == '5' ? "blocks.0.att.time_decay" : ver == "6.0" ? "blocks.0.att.time_faaaa"
                                                                                       : "blocks.0.att.r_k");
-    const int64_t H = ht.rank() >= 1 ? ht.dim(0) : 0;
+    const std::string hname = ver[0] == '5' ? "time_decay" : ver == "6.0" ? "time_faaaa" : "r_k";
+    LINMIX_CHECK(ver[0] == '5' ? (ht.rank() == 1 || ht.rank() == 2) : ht.rank() == 2,
+                 tag + "tensor 'blocks.0.att." + hname + "': expected [H,N]" + (ver[0] == '5' ? " or [H]" : "") +
+                     ", found " + shape_str(ht.shape));
+    const int64_t H = ht.dim(0);
     LINMIX_CHECK(H >= 1 && C % H == 0, tag + "its " + std::to_string(H) + " heads (the first dimension of the "
                                            "head tensor) do not divide C = " + std::to_string(C));
     const int64_t N = C / H;
