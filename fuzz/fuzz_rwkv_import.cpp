@@ -1,4 +1,5 @@
-// RWKV-4 tensors -> a model: the import's naming (BlinkDL or Hugging Face) and shape inference.
+// RWKV-4/5/6/7 and Mamba tensors -> a model: the imports' naming (BlinkDL or Hugging Face),
+// version detection and shape inference.
 #include "fuzz_util.h"
 #include "linmix/safetensors.h"
 #include "linmix/train.h"
@@ -6,6 +7,7 @@
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   return fuzz::guarded([&] {
     linmix::SafeTensors st = linmix::parse_safetensors(fuzz::bytes(data, size), "fuzz");
-    if (linmix::looks_like_rwkv4(st.tensors)) linmix::import_rwkv4(std::move(st.tensors), "fuzz");
+    if (linmix::looks_like_mamba(st.tensors)) linmix::import_mamba(std::move(st.tensors), "fuzz");
+    else if (linmix::looks_like_rwkv(st.tensors)) linmix::import_rwkv(std::move(st.tensors), "fuzz");
   });
 }

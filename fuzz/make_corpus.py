@@ -13,7 +13,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
+import mamba_ref  # noqa: E402
 import rwkv4_ref  # noqa: E402
+import rwkv_ref  # noqa: E402
 import st  # noqa: E402
 
 LINMIX = os.path.abspath(sys.argv[1])
@@ -37,6 +39,17 @@ def byte_level_chars():
     return b2c
 
 
+def rwkvx_and_mamba(d):
+    """RWKV-5.1, 5.2, 6.0, 7.0 (BlinkDL names) and Mamba (Hugging Face names), tiny."""
+    for layout in ("5.1", "5.2", "6.0", "7.0"):
+        w = rwkv_ref.random_rwkv(layout, 12, 8, 2, 2, seed=1, F_dim=16, loras=(2, 3) if layout == "6.0" else None)
+        for h in ("checkpoint", "rwkv_import"):
+            st.save(os.path.join(d(h), "rwkv" + layout), {n: t.numpy() for n, t in w.items()})
+    w = mamba_ref.random_mamba(12, 8, 1, S=2, seed=1)
+    for h in ("checkpoint", "rwkv_import"):
+        st.save(os.path.join(d(h), "mamba_hf"), {n: t.numpy() for n, t in w.items()})
+
+
 def main():
     rng = np.random.default_rng(0)
     tmp = tempfile.mkdtemp()
@@ -49,6 +62,7 @@ def main():
     for h in ("checkpoint", "rwkv_import"):
         st.save(os.path.join(d(h), "rwkv4_blink"), {n: t.numpy() for n, t in w.items()})
         st.save(os.path.join(d(h), "rwkv4_hf"), {n: t.numpy() for n, t in rwkv4_ref.to_hf(w).items()})
+    rwkvx_and_mamba(d)
     # linmix checkpoints: tiny models of several layer kinds, trained one step on a synthetic task
     for name, cfg in (("linear", {"mixer": "linear"}), ("rwkv", {"mixer": "rwkv4", "channel_mix": "rwkv", "ln0": True}),
                       ("mamba", {"mixer": "mamba", "state": 2}), ("aft_conv", {"mixer": "aft_conv", "kernel": 3})):
@@ -102,5 +116,7 @@ def main():
     shutil.rmtree(tmp)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[2] == "--imports-only":
+    rwkvx_and_mamba(d)  # only the RWKV-5/6/7 and Mamba seeds (added after the rest)
+elif __name__ == "__main__":
     main()
