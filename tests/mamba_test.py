@@ -71,10 +71,14 @@ def every_mode():
     tokens = [int(x) for x in np.random.default_rng(2).integers(0, 70, 120)]
     for tied, (C, L, S, R) in ((False, (32, 3, 8, 2)), (True, (48, 2, 16, 3))):
         w = mamba_ref.random_mamba(70, C, L, S=S, R=R, seed=4, tied=tied)
-        path = save(w, "m.safetensors")
+        if tied:  # and in mamba_ssm's own names (backbone.embedding)
+            ws = {("backbone.embedding.weight" if n == "backbone.embeddings.weight" else n): t for n, t in w.items()}
+            path = save(ws, "m.safetensors")
+        else:
+            path = save(w, "m.safetensors")
         ref = mamba_ref.forward(w, tokens)[0].numpy()
         scale = max(1.0, float(np.abs(ref).max()))
-        label = f"C={C} N={S} R={R} {'tied' if tied else 'separate'} head"
+        label = f"C={C} N={S} R={R} {'tied head, mamba_ssm names' if tied else 'separate head, HF names'}"
         for mode, extra in (("parallel", []), ("recurrent", []), ("sequence", ["--chunk", "1"]),
                             ("sequence", ["--chunk", "7"]), ("sequence", ["--chunk", "100"]), ("decode", [])):
             got, err = logits(path, tokens, mode, extra)

@@ -317,7 +317,7 @@ int cmd_info(const std::string& path) {
   Checkpoint ck = load_checkpoint(path);
   const ModelConfig& c = ck.model->config();
   std::printf("%s\n  kind:       %s\n  config:     %s\n  parameters: %lld\n  tokenizer:  %s\n  step:       %lld\n",
-              path.c_str(), ck.imported ? "RWKV-4 checkpoint (imported)" : "linmix checkpoint", c.to_json().c_str(),
+              path.c_str(), ck.kind.c_str(), c.to_json().c_str(),
               static_cast<long long>(ck.model->num_params()), ck.tokenizer.c_str(), static_cast<long long>(ck.step));
   return 0;
 }

@@ -47,7 +47,8 @@ struct Checkpoint {
   AdamW opt;
   int64_t step = 0;
   std::string meta_json;  // the run's options, as saved
-  bool imported = false;  // an RWKV-4/5/6/7 checkpoint (BlinkDL or Hugging Face names)
+  bool imported = false;  // an RWKV-4/5/6/7 checkpoint (BlinkDL or Hugging Face names) or a Mamba one
+  std::string kind;       // what it was: "linmix checkpoint", "RWKV-7.0 checkpoint (imported)", ...
   // The tokenizer the model was trained or imported with, from the metadata "tokenizer":
   // "bytes", "task:<name>", a tokenizer file, or "" when the file does not say.
   std::string tokenizer;

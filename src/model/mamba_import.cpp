@@ -1,5 +1,5 @@
 // Mamba checkpoints as Hugging Face publishes them (MambaForCausalLM safetensors: state-spaces/
-// mamba-*-hf): backbone.embeddings, backbone.layers.N.norm (RMSNorm), backbone.layers.N.mixer.
+// mamba-*-hf; mamba_ssm's own files differ only in backbone.embedding): backbone.embeddings, backbone.layers.N.norm (RMSNorm), backbone.layers.N.mixer.
 // {in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj}, backbone.norm_f, lm_head (or tied to
 // the embeddings). They become linmix's Model with mamba layers, RMSNorm and no channel mix;
 // E, N, R, V, C, L come from the shapes; a missing, extra or mis-shaped tensor is refused by name.
@@ -12,11 +12,17 @@
 namespace linmix {
 
 bool looks_like_mamba(const TensorMap& t) {
-  return t.count("backbone.embeddings.weight") && t.count("backbone.layers.0.mixer.A_log");
+  return (t.count("backbone.embeddings.weight") || t.count("backbone.embedding.weight")) &&
+         t.count("backbone.layers.0.mixer.A_log");
 }
 
 std::unique_ptr<Model> import_mamba(TensorMap tensors, const std::string& what) {
   const std::string tag = what + ": Mamba checkpoint: ";
+  if (!tensors.count("backbone.embeddings.weight") && tensors.count("backbone.embedding.weight")) {
+    // mamba_ssm's own names (state-spaces/mamba-*): the same but for the embedding's
+    tensors["backbone.embeddings.weight"] = std::move(tensors.at("backbone.embedding.weight"));
+    tensors.erase("backbone.embedding.weight");
+  }
   auto need = [&](const std::string& n) -> Tensor& {
     auto it = tensors.find(n);
     LINMIX_CHECK(it != tensors.end(), tag + "no tensor '" + n + "'");
