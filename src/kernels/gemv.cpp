@@ -216,16 +216,22 @@ bool has_avx512() {
   return ok;
 }
 
-template <class T>
-void gemv_t(const T* W, const float* x, float* y, int64_t rows, int64_t cols) {
-  constexpr int64_t kRows = 16;  // rows per work item: 4 kernel calls of 4 rows
-  const int64_t nblk = (rows + kRows - 1) / kRows;
-  const bool wide = has_avx512();
-#pragma omp parallel for schedule(static) if (rows * cols > 32768)
-  for (int64_t b = 0; b < nblk; ++b) {
-    const int64_t r0 = b * kRows, r1 = std::min(rows, r0 + kRows);
-    if (wide) rows_avx512(W, x, y, r0, r1, cols, rows);
-    else rows_avx2(W, x, y, r0, r1, cols);
+// Rows [r0, r1) of y = W x (the int8 scales applied).
+void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1, bool wide) {
+  switch (W.type) {
+    case WType::F32:
+      if (wide) rows_avx512(W.f32.data(), x, y, r0, r1, W.cols, W.rows);
+      else rows_avx2(W.f32.data(), x, y, r0, r1, W.cols);
+      break;
+    case WType::BF16:
+      if (wide) rows_avx512(W.bf16.data(), x, y, r0, r1, W.cols, W.rows);
+      else rows_avx2(W.bf16.data(), x, y, r0, r1, W.cols);
+      break;
+    case WType::I8:
+      if (wide) rows_avx512(W.i8.data(), x, y, r0, r1, W.cols, W.rows);
+      else rows_avx2(W.i8.data(), x, y, r0, r1, W.cols);
+      for (int64_t r = r0; r < r1; ++r) y[r] *= W.scale[size_t(r)];
+      break;
   }
 }
 
@@ -233,19 +239,29 @@ void gemv_t(const T* W, const float* x, float* y, int64_t rows, int64_t cols) {
 
 const char* gemv_isa() { return has_avx512() ? "avx512" : "avx2"; }
 
-void gemv(const QMatrix& W, const float* x, float* y) {
-  switch (W.type) {
-    case WType::F32:
-      gemv_t(W.f32.data(), x, y, W.rows, W.cols);
-      break;
-    case WType::BF16:
-      gemv_t(W.bf16.data(), x, y, W.rows, W.cols);
-      break;
-    case WType::I8:
-      gemv_t(W.i8.data(), x, y, W.rows, W.cols);
-      for (int64_t r = 0; r < W.rows; ++r) y[r] *= W.scale[r];
-      break;
+void gemv_many(const GemvJob* jobs, int n) {
+  constexpr int64_t kRows = 16;  // rows per work item: 4 kernel calls of 4 rows
+  int64_t first[17] = {0}, work = 0;
+  LINMIX_CHECK(n >= 0 && n <= 16, "gemv_many: at most 16 products");
+  for (int j = 0; j < n; ++j) {
+    first[j + 1] = first[j] + (jobs[j].W->rows + kRows - 1) / kRows;
+    work += jobs[j].W->rows * jobs[j].W->cols;
   }
+  const bool wide = has_avx512();
+  // one parallel region (one barrier) for every product: their row blocks share the threads
+#pragma omp parallel for schedule(static) if (work > 32768)
+  for (int64_t b = 0; b < first[n]; ++b) {
+    int j = 0;
+    while (b >= first[j + 1]) ++j;
+    const QMatrix& W = *jobs[j].W;
+    const int64_t r0 = (b - first[j]) * kRows;
+    rows_of(W, jobs[j].x, jobs[j].y, r0, std::min(W.rows, r0 + kRows), wide);
+  }
+}
+
+void gemv(const QMatrix& W, const float* x, float* y) {
+  const GemvJob job{&W, x, y};
+  gemv_many(&job, 1);
 }
 
 }  // namespace linmix

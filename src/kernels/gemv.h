@@ -27,6 +27,14 @@ struct QMatrix {
 
 // y (rows) = W x. Parallel over row blocks (OpenMP).
 void gemv(const QMatrix& W, const float* x, float* y);
+// Several independent products y_j = W_j x_j in one parallel region (one barrier instead of
+// one each: decode's many small products per layer); at most 16.
+struct GemvJob {
+  const QMatrix* W;
+  const float* x;
+  float* y;
+};
+void gemv_many(const GemvJob* jobs, int n);
 // Name of the kernel family gemv uses on this CPU ("avx512" | "avx2").
 const char* gemv_isa();
 

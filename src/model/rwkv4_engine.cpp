@@ -163,7 +163,8 @@ void Rwkv4Engine::step(int32_t token, Model::State& st, float* logits) {
       xr[c] = a[c] * Y.amr[c] + prev[c] * (1 - Y.amr[c]);
     }
     std::copy(a, a + C, prev);
-    gemv(Y.Wk, xk, k), gemv(Y.Wv, xv, v), gemv(Y.Wr, xr, r);
+    const GemvJob kvr[] = {{&Y.Wk, xk, k}, {&Y.Wv, xv, v}, {&Y.Wr, xr, r}};
+    gemv_many(kvr, 3);  // one parallel region for the three
     auto& ms = st.layer[l];
     rwkv4_scan(y, ms["state.a"].ptr(), ms["state.b"].ptr(), ms["state.p"].ptr(), k, v, Y.w.data(), Y.u.data(), 1, C,
                C);
@@ -179,7 +180,8 @@ void Rwkv4Engine::step(int32_t token, Model::State& st, float* logits) {
     std::copy(a, a + C, prev2);
     gemv(Y.Fk, xk, h);
     for (int64_t i = 0; i < F; ++i) h[i] = h[i] > 0 ? h[i] * h[i] : 0.0f;
-    gemv(Y.Fv, h, o), gemv(Y.Fr, xr, r);
+    const GemvJob vr[] = {{&Y.Fv, h, o}, {&Y.Fr, xr, r}};
+    gemv_many(vr, 2);
     for (int64_t c = 0; c < C; ++c) x[c] += sigmoidf(r[c]) * o[c];
   }
   layernorm_rows(a, x, I.lnfw.data(), I.lnfb.data(), 1, C);

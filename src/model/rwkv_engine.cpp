@@ -127,7 +127,7 @@ class RwkvEngine : public Engine {
       y.eps = 64e-5f;
       const auto& lp = c.layers[size_t(l)].params;
       if (lp.count("gn_eps")) y.eps = std::strtof(lp.at("gn_eps").c_str(), nullptr);
-      lora_ = std::max({lora_, 5 * y.dmix, y.ddecay, y.dw, y.da, y.dv, y.dg});
+      lora_ = std::max({lora_, 5 * y.dmix + y.ddecay, y.dw + y.da + y.dv + y.dg});
     }
     grow(1);
   }
@@ -248,6 +248,27 @@ class RwkvEngine : public Engine {
       LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
   }
 
+  // The products of one stage: for one row (decode) gathered and run as one gemv_many (one
+  // parallel region); for many rows each one GEMM at once.
+  struct Stage {
+    RwkvEngine& e;
+    int64_t n;
+    GemvJob jobs[16];
+    int k = 0;
+    void mm(float* out, const float* in, const QMatrix& W) {
+      if (n == 1) jobs[k++] = {&W, in, out};
+      else engine::matmul(out, in, W, n, false, e.deq_);
+    }
+    void la(float* out, const float* in, const Lora& L, int64_t ldx) {
+      if (n == 1) jobs[k++] = {&L.t, in, out};
+      else xa(out, in, L, n, ldx);
+    }
+    void run() {
+      if (k) gemv_many(jobs, k);
+      k = 0;
+    }
+  };
+
   void time_mix(const Layer& y, int64_t l, int64_t n, TensorMap& ls) {
     const int64_t C = C_, NC = n * C;
     float *X = X_.data(), *U = U_.data(), *P = P_.data(), *D = D_.data(), *R = R_.data(), *K = K_.data(),
@@ -256,63 +277,64 @@ class RwkvEngine : public Engine {
     layernorm_rows(U, X, y.ln1w.data(), y.ln1b.data(), n, C);
     shift_rows(U, P, D, ls.at("shift").ptr(), n);
     auto xs = [&](char c) { return XS_.data() + (y.mixes.find(c)) * NC; };
+    Stage st{*this, n};
     // the mixed inputs
-    if (ver_ == 6) {
+    if (ver_ == 6) {  // x_c = u + d (maa_c + tanh((u + d maa_x) A1)_c A2[c])
       const int64_t D5 = 5 * y.dmix;
       par_rows(n, [&](int64_t t) {
         for (int64_t c = 0, i = t * C; c < C; ++c, ++i) TMP[i] = U[i] + D[i] * y.maa_x[size_t(c)];
       });
       xa(Z, TMP, y.A1, n, C);
       par_elems(n, n * D5, [&](int64_t i) { Z[i] = std::tanh(Z[i]); });
+      for (int c = 0; c < 5; ++c) st.la(xs("wkvrg"[c]), Z + c * y.dmix, y.A2[c], D5);
+      st.run();
       for (int c = 0; c < 5; ++c) {
-        xa(TMP, Z + c * y.dmix, y.A2[c], n, D5);
         float* x = xs("wkvrg"[c]);
         const float* m = y.mix[size_t(c)].data();
         par_rows(n, [&](int64_t t) {
-          for (int64_t c = 0, i = t * C; c < C; ++c, ++i) x[i] = U[i] + D[i] * (m[c] + TMP[i]);
+          for (int64_t cc = 0, i = t * C; cc < C; ++cc, ++i) x[i] = U[i] + D[i] * (m[cc] + x[i]);
         });
       }
     } else {
       for (size_t c = 0; c < y.mixes.size(); ++c) {
         float* x = XS_.data() + c * NC;
         const float* m = y.mix[c].data();
-        if (ver_ == 5)
-          par_rows(n, [&](int64_t t) {
-            for (int64_t c = 0, i = t * C; c < C; ++c, ++i) x[i] = U[i] * m[c] + P[i] * (1.0f - m[c]);
-          });
-        else
-          par_rows(n, [&](int64_t t) {
-            for (int64_t c = 0, i = t * C; c < C; ++c, ++i) x[i] = U[i] + D[i] * m[c];
-          });
+        par_rows(n, [&](int64_t t) {
+          for (int64_t cc = 0, i = t * C; cc < C; ++cc, ++i)
+            x[i] = ver_ == 5 ? U[i] * m[cc] + P[i] * (1.0f - m[cc]) : U[i] + D[i] * m[cc];
+        });
       }
     }
-    engine::matmul(R, xs('r'), y.Wr, n, false, deq_);
-    engine::matmul(K, xs('k'), y.Wk, n, false, deq_);
-    engine::matmul(Vv, xs('v'), y.Wv, n, false, deq_);
-    if (y.gate && ver_ != 7) engine::matmul(G, xs('g'), y.Wg, n, false, deq_);
+    // r, k, v (and the gate) with every first LoRA stage, in one go
+    st.mm(R, xs('r'), y.Wr), st.mm(K, xs('k'), y.Wk), st.mm(Vv, xs('v'), y.Wv);
+    if (y.gate && ver_ != 7) st.mm(G, xs('g'), y.Wg);
+    float *zd = Z + n * 5 * y.dmix, *zw = Z, *za = zw + n * y.dw, *zg = za + n * y.da, *zv = zg + n * y.dg;
+    if (ver_ == 6) st.la(zd, xs('w'), y.B1, C);
+    if (ver_ == 7) {
+      st.la(zw, xs('w'), y.w1, C), st.la(za, xs('a'), y.a1, C), st.la(zg, xs('g'), y.g1, C);
+      if (l > 0) st.la(zv, xs('v'), y.v1, C);
+    }
+    st.run();
     if (ver_ == 6) {  // log w = -exp(time_decay + tanh(x_w B1) B2)
-      xa(Z, xs('w'), y.B1, n, C);
-      par_elems(n, n * y.ddecay, [&](int64_t i) { Z[i] = std::tanh(Z[i]); });
-      xa(LW, Z, y.B2, n, y.ddecay);
+      par_elems(n, n * y.ddecay, [&](int64_t i) { zd[i] = std::tanh(zd[i]); });
+      st.la(LW, zd, y.B2, y.ddecay);
+      st.run();
       par_rows(n, [&](int64_t t) {
         for (int64_t c = 0, i = t * C; c < C; ++c, ++i) LW[i] = -std::exp(LW[i] + y.td[size_t(c)]);
       });
     }
     if (ver_ == 7) {
-      xa(Z, xs('w'), y.w1, n, C);
-      par_elems(n, n * y.dw, [&](int64_t i) { Z[i] = std::tanh(Z[i]); });
-      xa(LW, Z, y.w2, n, y.dw);
+      par_elems(n, n * y.dw, [&](int64_t i) { zw[i] = std::tanh(zw[i]); });
+      par_elems(n, n * y.dg, [&](int64_t i) { zg[i] = sigmoidf(zg[i]); });
+      st.la(LW, zw, y.w2, y.dw), st.la(A7, za, y.a2, y.da), st.la(G, zg, y.g2, y.dg);
+      if (l > 0) st.la(TMP, zv, y.v2, y.dv);
+      st.run();
       par_rows(n, [&](int64_t t) {
-        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) LW[i] = -kE05 * sigmoidf(LW[i] + y.w0[size_t(c)]);
+        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) {
+          LW[i] = -kE05 * sigmoidf(LW[i] + y.w0[size_t(c)]);
+          A7[i] = sigmoidf(A7[i] + y.a0[size_t(c)]);
+        }
       });
-      xa(Z, xs('a'), y.a1, n, C);
-      xa(A7, Z, y.a2, n, y.da);
-      par_rows(n, [&](int64_t t) {
-        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) A7[i] = sigmoidf(A7[i] + y.a0[size_t(c)]);
-      });
-      xa(Z, xs('g'), y.g1, n, C);
-      par_elems(n, n * y.dg, [&](int64_t i) { Z[i] = sigmoidf(Z[i]); });
-      xa(G, Z, y.g2, n, y.dg);
       par_elems(n, n * H_, [&](int64_t hr) {
         const int64_t o = hr * N_, h = hr % H_;
         double s = 0;
@@ -330,10 +352,9 @@ class RwkvEngine : public Engine {
       if (l == 0) {
         std::copy(Vv, Vv + NC, VF_.data());
       } else {
-        xa(Z, xs('v'), y.v1, n, C);
-        xa(TMP, Z, y.v2, n, y.dv);
         par_rows(n, [&](int64_t t) {
-          for (int64_t c = 0, i = t * C; c < C; ++c, ++i) Vv[i] += (VF_[size_t(i)] - Vv[i]) * sigmoidf(TMP[i] + y.v0[size_t(c)]);
+          for (int64_t c = 0, i = t * C; c < C; ++c, ++i)
+            Vv[i] += (VF_[size_t(i)] - Vv[i]) * sigmoidf(TMP[i] + y.v0[size_t(c)]);
         });
       }
     }
@@ -458,8 +479,9 @@ class RwkvEngine : public Engine {
       engine::matmul(X, Hf, y.Fv, n, true, deq_);
       return;
     }
-    engine::matmul(O, Hf, y.Fv, n, false, deq_);
-    engine::matmul(R, XR, y.Fr, n, false, deq_);
+    Stage st{*this, n};
+    st.mm(O, Hf, y.Fv), st.mm(R, XR, y.Fr);
+    st.run();
     par_rows(n, [&](int64_t t) {
       for (int64_t c = 0, i = t * C; c < C; ++c, ++i) X[i] += sigmoidf(R[i]) * O[i];
     });
