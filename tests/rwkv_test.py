@@ -172,6 +172,23 @@ def generate_world():
         check(f"{layout}: --state-out then --state-in continues as the reference over both prompts",
               r1.returncode == 0 and r2.returncode == 0 and r2.stdout.rstrip(b"\n") == want2,
               repr(r2.stdout[:80]) + " vs " + repr(want2[:80]) + (r1.stderr + r2.stderr).decode()[-200:])
+        # a state whose saved config predates the "norm" / "ffn_dim" fields is the same config
+        import json
+        import struct
+        with open(sp, "rb") as f:
+            (hn,) = struct.unpack("<Q", f.read(8))
+            meta = json.loads(f.read(hn))["__metadata__"]
+        cfg = json.loads(meta["config"])
+        cfg.pop("norm"), cfg.pop("ffn_dim")
+        cfg["ffn_mult"] = 4  # (v7's F = 4C: the old field alone said it)
+        meta["config"] = json.dumps(cfg)
+        old = os.path.join(TMP, "old_state.safetensors")
+        st.save(old, st.load(sp), metadata=meta)
+        r3 = subprocess.run([LINMIX, "generate", "--model", path, "--tokenizer", vocab, "--prompt", " a time",
+                             "--tokens", str(n), "--temperature", "0", "--state-in", old], capture_output=True)
+        if layout == "7.0":
+            check(f"{layout}: a state saved before the config's norm / ffn_dim fields loads",
+                  r3.returncode == 0 and r3.stdout.rstrip(b"\n") == want2, r3.stderr.decode()[-200:])
 
 
 def refusals():

@@ -20,7 +20,13 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
   Model::State st = m.new_state();
   if (!o.state_in.empty()) {
     SafeTensors s = read_safetensors(o.state_in);
-    LINMIX_CHECK(s.metadata.count("config") && s.metadata.at("config") == m.config().to_json(),
+    // compared as models, not as text: a state saved before a config field existed (norm,
+    // ffn_dim) has the same model with the field at its default, F = ffn_mult C
+    auto canon = [](ModelConfig c) {
+      c.ffn_dim = c.ffn_width(), c.ffn_mult = 1;
+      return c.to_json();
+    };
+    LINMIX_CHECK(s.metadata.count("config") && canon(ModelConfig::from_json(s.metadata.at("config"))) == canon(m.config()),
                  o.state_in + ": the state was saved by a model with another config");
     st = m.state_from_tensors(s.tensors);
   }
