@@ -104,13 +104,14 @@ QUANTIZED = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att
              "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 
 
-def quantize(w, dtype):
+def quantize(w, dtype, names=None):
     """The weights an inference engine with `dtype` storage stands for: every block matrix and
     the head rounded (bf16: to nearest even; int8: per output row, scale = max|w| / 127,
-    q = round-half-even(w / scale) clamped to +-127, w' = q * scale in float32)."""
+    q = round-half-even(w / scale) clamped to +-127, w' = q * scale in float32). names: the suffixes of
+    the rounded matrices (default: the RWKV blocks')."""
     out = {}
     for n, t in w.items():
-        if n == "head.weight" or n.endswith(QUANTIZED):
+        if n == "head.weight" or n.endswith(names or QUANTIZED):
             t32 = t.float()
             if dtype == "bf16":
                 t32 = t32.to(torch.bfloat16).float()

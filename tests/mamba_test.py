@@ -16,6 +16,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "python"))
 import mamba_ref  # noqa: E402
+import rwkv4_ref  # noqa: E402  (quantize: the rounding of the engine's weight types)
 import st  # noqa: E402
 
 LINMIX = os.path.abspath(sys.argv[1])
@@ -42,23 +43,12 @@ def save(w, name):
 
 
 def quantize(w, dtype):
-    """The weights the engine's dtype stands for: every projection and the head rounded (bf16:
-    nearest even; int8: per row, scale max|w|/127, round half even); a tied head is the
-    embedding rounded."""
+    """The weights the engine's dtype stands for: every projection and the head rounded as
+    python/rwkv4_ref.py rounds them; a tied head is the embedding rounded."""
     out = dict(w)
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = w["backbone.embeddings.weight"]
-    for n, t in out.items():
-        if n.endswith(QUANTIZED):
-            t32 = t.float()
-            if dtype == "bf16":
-                t32 = t32.to(torch.bfloat16).float()
-            else:
-                s = t32.abs().amax(dim=1, keepdim=True) / 127.0
-                s = torch.where(s > 0, s, torch.ones_like(s))
-                t32 = torch.clamp(torch.round(t32 / s), -127, 127) * s
-            out[n] = t32.to(t.dtype)
-    return out
+    return rwkv4_ref.quantize(out, dtype, QUANTIZED)
 
 
 def logits(path, tokens, mode, extra=()):

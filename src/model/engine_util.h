@@ -9,6 +9,8 @@
 
 #include "kernels/gemv.h"
 #include "kernels/vmath.h"
+#include "linmix/engine.h"
+#include "linmix/error.h"
 
 namespace linmix::engine {
 
@@ -52,5 +54,39 @@ inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, boo
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(W.rows), int(W.cols), 1.0f, in, int(W.cols), w,
               int(W.cols), accumulate ? 1.0f : 0.0f, out, int(W.rows));
 }
+
+// An engine that runs rows of tokens: step() is one row, sequence() passes of up to kPass rows;
+// the token checks, the state's validation and its position are here, the model in rows().
+class RowsEngine : public Engine {
+ public:
+  static constexpr int64_t kPass = 512;  // rows per internal pass of sequence(): bounds its memory
+
+  void step(int32_t token, Model::State& st, float* logits) override {
+    LINMIX_CHECK(token >= 0 && token < vocab(), "token " + std::to_string(token) + " is outside the vocabulary");
+    ensure_state(st);
+    rows(&token, 1, st, logits, false);
+    st.pos += 1;
+  }
+  void sequence(const int32_t* tokens, int64_t T, Model::State& st, float* logits, bool all_logits) override {
+    LINMIX_CHECK(T >= 1, "sequence: no tokens");
+    for (int64_t t = 0; t < T; ++t)
+      LINMIX_CHECK(tokens[t] >= 0 && tokens[t] < vocab(),
+                   "token " + std::to_string(tokens[t]) + " is outside the vocabulary");
+    ensure_state(st);
+    for (int64_t t0 = 0; t0 < T; t0 += kPass) {
+      const int64_t n = std::min(kPass, T - t0);
+      rows(tokens + t0, n, st, all_logits && logits ? logits + t0 * vocab() : (t0 + n == T ? logits : nullptr),
+           all_logits);
+    }
+    st.pos += T;
+  }
+
+ protected:
+  int64_t vocab() const { return config().vocab; }
+  // Validates the state (and fills a fresh one) before any row runs.
+  virtual void ensure_state(Model::State& st) const = 0;
+  // n rows from the state; logits: (n,V) when all_logits, else (V) of the last row; may be null.
+  virtual void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) = 0;
+};
 
 }  // namespace linmix::engine

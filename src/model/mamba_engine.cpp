@@ -18,7 +18,7 @@ namespace linmix {
 
 namespace {
 
-constexpr int64_t kPass = 512, kConvK = 4;
+constexpr int64_t kConvK = 4;
 
 void rmsnorm_rows(float* out, const float* x, const float* w, int64_t n, int64_t C) {
 #pragma omp parallel for schedule(static) if (n > 8)
@@ -34,7 +34,7 @@ void rmsnorm_rows(float* out, const float* x, const float* w, int64_t n, int64_t
 float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
-class MambaEngine : public Engine {
+class MambaEngine : public engine::RowsEngine {
  public:
   MambaEngine(const Model& m, WType wt) : cfg_(m.config()) {
     const TensorMap& W = m.params();
@@ -73,24 +73,6 @@ class MambaEngine : public Engine {
     return double(L_) * per + (with_head ? 2.0 * double(V_ * C_) : 0.0);
   }
 
-  void step(int32_t token, Model::State& st, float* logits) override {
-    LINMIX_CHECK(token >= 0 && token < V_, "token " + std::to_string(token) + " is outside the vocabulary");
-    ensure_state(st);
-    rows(&token, 1, st, logits, false);
-    st.pos += 1;
-  }
-  void sequence(const int32_t* tokens, int64_t T, Model::State& st, float* logits, bool all_logits) override {
-    LINMIX_CHECK(T >= 1, "sequence: no tokens");
-    for (int64_t t = 0; t < T; ++t)
-      LINMIX_CHECK(tokens[t] >= 0 && tokens[t] < V_, "token " + std::to_string(tokens[t]) + " is outside the vocabulary");
-    ensure_state(st);
-    for (int64_t t0 = 0; t0 < T; t0 += kPass) {
-      const int64_t n = std::min(kPass, T - t0);
-      rows(tokens + t0, n, st, all_logits && logits ? logits + t0 * V_ : (t0 + n == T ? logits : nullptr), all_logits);
-    }
-    st.pos += T;
-  }
-
  private:
   struct Layer {
     std::vector<float> norm, conv, conv_b, dt_b, D, A;
@@ -105,7 +87,7 @@ class MambaEngine : public Engine {
     XR_.resize(size_t(n * R_)), hist_tmp_.resize(size_t(3 * E_));
   }
 
-  void ensure_state(Model::State& st) const {
+  void ensure_state(Model::State& st) const override {
     LINMIX_CHECK(int64_t(st.layer.size()) == L_ && int64_t(st.run.size()) == L_,
                  "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L_));
     st.flush();
@@ -120,7 +102,7 @@ class MambaEngine : public Engine {
     }
   }
 
-  void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) {
+  void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) override {
     grow(n);
     const int64_t C = C_, E = E_, N = N_, R = R_, W = R + 2 * N;
     float* X = X_.data();

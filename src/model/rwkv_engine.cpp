@@ -26,7 +26,6 @@ using engine::sigmoidf;
 
 namespace {
 
-constexpr int64_t kPass = 512;  // rows per internal pass of sequence(): bounds its memory
 const float kE05 = std::exp(-0.5f);
 
 // f(t) for the rows t < n, in parallel when there are enough of them (prefill); inline for decode.
@@ -66,7 +65,7 @@ void xa(float* out, const float* x, const Lora& L, int64_t n, int64_t ldx) {
               int(L.out), 0.0f, out, int(L.out));
 }
 
-class RwkvEngine : public Engine {
+class RwkvEngine : public engine::RowsEngine {
  public:
   RwkvEngine(const Model& m, WType wt) : cfg_(m.config()) {
     const ModelConfig& c = cfg_;
@@ -156,26 +155,6 @@ class RwkvEngine : public Engine {
     return f + (with_head ? 2.0 * double(V_) * double(C_) : 0.0);
   }
 
-  void step(int32_t token, Model::State& st, float* logits) override {
-    LINMIX_CHECK(token >= 0 && token < V_, "token " + std::to_string(token) + " is outside the vocabulary");
-    ensure_state(st);
-    rows(&token, 1, st, logits, false);
-    st.pos += 1;
-  }
-
-  void sequence(const int32_t* tokens, int64_t T, Model::State& st, float* logits, bool all_logits) override {
-    LINMIX_CHECK(T >= 1, "sequence: no tokens");
-    for (int64_t t = 0; t < T; ++t)
-      LINMIX_CHECK(tokens[t] >= 0 && tokens[t] < V_, "token " + std::to_string(tokens[t]) + " is outside the vocabulary");
-    ensure_state(st);
-    for (int64_t t0 = 0; t0 < T; t0 += kPass) {
-      const int64_t n = std::min(kPass, T - t0);
-      const bool last = t0 + n == T;
-      rows(tokens + t0, n, st, all_logits && logits ? logits + t0 * V_ : (last ? logits : nullptr), all_logits);
-    }
-    st.pos += T;
-  }
-
  private:
   struct Layer {
     std::string mixes;
@@ -200,7 +179,7 @@ class RwkvEngine : public Engine {
     Hf_.resize(size_t(n * F_));
   }
 
-  void ensure_state(Model::State& st) const {
+  void ensure_state(Model::State& st) const override {
     LINMIX_CHECK(int64_t(st.layer.size()) == L_ && int64_t(st.ffn_prev.size()) == L_ && int64_t(st.run.size()) == L_,
                  "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L_));
     st.flush();
@@ -226,7 +205,7 @@ class RwkvEngine : public Engine {
     par_elems(n, n * C, [&](int64_t i) { d[i] = p[i] - u[i]; });
   }
 
-  void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) {
+  void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) override {
     grow(n);
     const int64_t C = C_;
     float* X = X_.data();
