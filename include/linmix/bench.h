@@ -28,7 +28,7 @@ double peak_extra_bytes();
 struct ModelBenchOptions {
   int threads = 2;
   int64_t vocab = 50277, d_model = 768, n_layer = 12, ffn_mult = 4;  // RWKV-4 169M
-  std::string version = "4";  // RWKV 4, 5 (5.2), 6 or 7: the blocks BlinkDL publishes (heads of 64)
+  std::string version = "4";  // RWKV 4, 5 (5.2), 6 or 7 (the blocks BlinkDL publishes, heads of 64) or "mamba"
   std::string size;           // "0.1B", "0.4B", "1.5B": a released model's L, C (and V = 65536 past v4)
   int64_t decode_tokens = 32, prefill_tokens = 1024;
   int rounds = 5;  // decode: rounds of (triad, read, decode_tokens tokens), interleaved
