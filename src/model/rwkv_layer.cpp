@@ -156,7 +156,7 @@ class RwkvLayer : public MixerLayer {
 
   void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) override {
     const int64_t N = B * T, C = C_;
-    a_ = a, B_ = B, T_ = T;
+    a_ = a;
     p_.resize(size_t(N * C));
     nn::shift_forward(p_.data(), a, B, T, C);
     d_.resize(size_t(N * C));
@@ -436,19 +436,14 @@ class RwkvLayer : public MixerLayer {
       const Tensor& dw = g.at("dw");
       float* gtd = io.g("att.time_decay");
       for (int64_t i = 0; i < N * C; ++i) dl[size_t(i)] = dw.data[size_t(i)] * lw_[size_t(i)], gtd[i % C] += dl[size_t(i)];
-      lora_backward(io, "att.time_decay_w1", "att.time_decay_w2", xs_.at('w').data(), zd_, dl, ddecay_, dx['w'], true, N);
+      lora_backward(io, "att.time_decay_w1", "att.time_decay_w2", xs_.at('w').data(), zd_, dl, ddecay_, dx['w'], Act::Tanh, N);
     } else {
       backward7(io, g, dproj, dk2, dv2, dx, N);
     }
     // the gate
     if (gate_) {
       if (ver_ == 7) {  // g = sigmoid(x G1) G2
-        std::vector<float> dzg(size_t(N * dg_));
-        gemm(false, true, N, dg_, C, dg.data(), C, io.w("att.g2"), C, dzg.data(), dg_, false);
-        gemm(true, false, dg_, C, N, zg_.data(), dg_, dg.data(), C, io.g("att.g2"), C, true);
-        for (size_t i = 0; i < dzg.size(); ++i) dzg[i] *= zg_[i] * (1.0f - zg_[i]);
-        gemm(false, true, N, C, dg_, dzg.data(), dg_, io.w("att.g1"), dg_, dx['g'].data(), C, true);
-        gemm(true, false, C, dg_, N, xs_.at('g').data(), C, dzg.data(), dg_, io.g("att.g1"), dg_, true);
+        lora_backward(io, "att.g1", "att.g2", xs_.at('g').data(), zg_, dg, dg_, dx['g'], Act::Sigmoid, N);
       } else {
         nn::matmul_backward(dx['g'].data(), io.g("att.gate.weight"), nullptr, dg.data(), xs_.at('g').data(),
                             io.w("att.gate.weight"), N, C, C, true);
@@ -507,15 +502,16 @@ class RwkvLayer : public MixerLayer {
     nn::shift_backward(da, dp.data(), B, T, C);
   }
 
-  // out = f(x A1) A2 with f = tanh (d_pre_out: d out; z: f(x A1)): adds dx, dA1, dA2.
+  // out = f(x A1) A2 (dout: d out; z: f(x A1), f none, tanh or sigmoid): adds dx, dA1, dA2.
+  enum class Act { None, Tanh, Sigmoid };
   void lora_backward(const LayerIO& io, const char* n1, const char* n2, const float* x, const std::vector<float>& z,
-                     const std::vector<float>& dout, int64_t r, std::vector<float>& dx, bool tanh_f, int64_t N) {
+                     const std::vector<float>& dout, int64_t r, std::vector<float>& dx, Act f, int64_t N) {
     const int64_t C = C_;
     std::vector<float> dz(size_t(N * r));
     gemm(false, true, N, r, C, dout.data(), C, io.w(n2), C, dz.data(), r, false);
     gemm(true, false, r, C, N, z.data(), r, dout.data(), C, io.g(n2), C, true);
-    if (tanh_f)
-      for (size_t i = 0; i < dz.size(); ++i) dz[i] *= 1.0f - z[i] * z[i];
+    for (size_t i = 0; i < dz.size(); ++i)
+      dz[i] *= f == Act::Tanh ? 1.0f - z[i] * z[i] : f == Act::Sigmoid ? z[i] * (1.0f - z[i]) : 1.0f;
     gemm(false, true, N, C, r, dz.data(), r, io.w(n1), r, dx.data(), C, true);
     gemm(true, false, C, r, N, x, C, dz.data(), r, io.g(n1), r, true);
   }
@@ -563,7 +559,7 @@ class RwkvLayer : public MixerLayer {
         dpre[size_t(i)] = da7[size_t(i)] * a7_[size_t(i)] * (1.0f - a7_[size_t(i)]);
         ga0[i % C] += dpre[size_t(i)];
       }
-      lora_backward(io, "att.a1", "att.a2", xs_.at('a').data(), za_, dpre, da_, dx['a'], false, N);
+      lora_backward(io, "att.a1", "att.a2", xs_.at('a').data(), za_, dpre, da_, dx['a'], Act::None, N);
     }
     // log w = -e^-1/2 sigmoid(lambda): d lambda = d logw * logw * (1 - sigmoid)
     {
@@ -574,7 +570,7 @@ class RwkvLayer : public MixerLayer {
         dl[size_t(i)] = G("dw")[size_t(i)] * lw_[size_t(i)] * (1.0f - s);
         gw0[i % C] += dl[size_t(i)];
       }
-      lora_backward(io, "att.w1", "att.w2", xs_.at('w').data(), zw_, dl, dw_, dx['w'], true, N);
+      lora_backward(io, "att.w1", "att.w2", xs_.at('w').data(), zw_, dl, dw_, dx['w'], Act::Tanh, N);
     }
     // v' = v (layer 0: plus what later layers send back through v_first) or v + (vf - v) sv
     Carry& cy = *io.carry;
@@ -592,7 +588,7 @@ class RwkvLayer : public MixerLayer {
       dpre[size_t(i)] = d * (vf_[size_t(i)] - proj_['v'][size_t(i)]) * s * (1.0f - s);
       gv0[i % C] += dpre[size_t(i)];
     }
-    lora_backward(io, "att.v1", "att.v2", xs_.at('v').data(), zv_, dpre, dv_, dx['v'], false, N);
+    lora_backward(io, "att.v1", "att.v2", xs_.at('v').data(), zv_, dpre, dv_, dx['v'], Act::None, N);
   }
 
   std::unique_ptr<LayerRun> start(const LayerIO& io, const TensorMap& state) const override;
@@ -604,7 +600,6 @@ class RwkvLayer : public MixerLayer {
 
  private:
   const float* a_ = nullptr;
-  int64_t B_ = 0, T_ = 0;
   std::vector<float> p_, d_, z6_, m6_, zd_, lw_, zw_, za_, a7_, zg_, zv_, sv_, vf_, kap_, knorm_, k2_, v2_, o_, xhat_,
       rstd_, yn_, bonus_, y_;
   std::map<char, std::vector<float>> xs_, proj_;
