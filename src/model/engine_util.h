@@ -1,5 +1,6 @@
-// What the RWKV engines (rwkv4_engine.cpp, rwkv_engine.cpp) share: LayerNorm over rows and the
-// GEMM of rows against a (possibly quantised) weight matrix.
+// What the engines (rwkv4_engine.cpp, rwkv_engine.cpp, mamba_engine.cpp) share: LayerNorm over
+// rows, the GEMM of rows against a (possibly quantised) weight matrix, the state's validation,
+// and (RowsEngine) step / sequence around a model that runs rows.
 #pragma once
 #include <cblas.h>
 
@@ -53,6 +54,34 @@ inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, boo
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(W.rows), int(W.cols), 1.0f, in, int(W.cols), w,
               int(W.cols), accumulate ? 1.0f : 0.0f, out, int(W.rows));
+}
+
+// One tensor of a layer's engine state: its name, the shape a fresh state gets, its fill.
+struct StateEntry {
+  const char* name;
+  std::vector<int64_t> shape;
+  float fill;
+};
+// Validates a Model::State for an engine of L layers whose layers hold `entries` (flushing any
+// runtime first; a layer without state gets them freshly filled), and, with ffn_C > 0, the
+// channel mix's token shift of ffn_C. No allocation once the state is complete.
+inline void ensure_layer_states(Model::State& st, int64_t L, const std::vector<StateEntry>& entries, int64_t ffn_C) {
+  LINMIX_CHECK(int64_t(st.layer.size()) == L && int64_t(st.run.size()) == L &&
+                   (ffn_C == 0 || int64_t(st.ffn_prev.size()) == L),
+               "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L));
+  st.flush();
+  for (int64_t l = 0; l < L; ++l) {
+    auto& m = st.layer[size_t(l)];
+    if (m.empty())
+      for (const StateEntry& e : entries) m[e.name] = Tensor(e.shape, e.fill);
+    for (const StateEntry& e : entries) {
+      auto it = m.find(e.name);
+      LINMIX_CHECK(it != m.end() && it->second.numel() == numel_of(e.shape),
+                   "state: layer " + std::to_string(l) + " lacks a well-formed '" + e.name + "'");
+    }
+    LINMIX_CHECK(ffn_C == 0 || int64_t(st.ffn_prev[size_t(l)].size()) == ffn_C,
+                 "state: layer " + std::to_string(l) + " has a token-shift vector of the wrong size");
+  }
 }
 
 // An engine that runs rows of tokens: step() is one row, sequence() passes of up to kPass rows;

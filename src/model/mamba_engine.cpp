@@ -56,6 +56,7 @@ class MambaEngine : public engine::RowsEngine {
       E_ = y.in.rows / 2, N_ = W.at(p + "att.A_log").dim(1), R_ = y.dtp.cols;
       layers_.push_back(std::move(y));
     }
+    state_ = {{"conv", {3 * E_}, 0.0f}, {"state.h", {1, E_, N_}, 0.0f}};
     grow(1);
   }
 
@@ -87,20 +88,7 @@ class MambaEngine : public engine::RowsEngine {
     XR_.resize(size_t(n * R_)), hist_tmp_.resize(size_t(3 * E_));
   }
 
-  void ensure_state(Model::State& st) const override {
-    LINMIX_CHECK(int64_t(st.layer.size()) == L_ && int64_t(st.run.size()) == L_,
-                 "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L_));
-    st.flush();
-    for (int64_t l = 0; l < L_; ++l) {
-      auto& m = st.layer[size_t(l)];
-      if (m.empty()) m["conv"] = Tensor({3 * E_}, 0.0f), m["state.h"] = Tensor({1, E_, N_}, 0.0f);
-      for (auto [n, sz] : {std::pair<const char*, int64_t>{"conv", 3 * E_}, {"state.h", E_ * N_}}) {
-        auto it = m.find(n);
-        LINMIX_CHECK(it != m.end() && it->second.numel() == sz,
-                     "state: layer " + std::to_string(l) + " lacks a well-formed '" + n + "'");
-      }
-    }
-  }
+  void ensure_state(Model::State& st) const override { engine::ensure_layer_states(st, L_, state_, 0); }
 
   void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) override {
     grow(n);
@@ -127,7 +115,7 @@ class MambaEngine : public engine::RowsEngine {
         }
       for (int64_t r = 0; r < 3; ++r) {  // new history: the last 3 rows of [history ; u]
         const int64_t s = n - 3 + r;
-        for (int64_t e = 0; e < E; ++e) XR_tmp(r, e) = s >= 0 ? UZ_[size_t(s * 2 * E + e)] : hist[(3 + s) * E + e];
+        for (int64_t e = 0; e < E; ++e) hist_tmp_[size_t(r * E + e)] = s >= 0 ? UZ_[size_t(s * 2 * E + e)] : hist[(3 + s) * E + e];
       }
       std::copy(hist_tmp_.begin(), hist_tmp_.begin() + 3 * E, hist);
       engine::matmul(DBC_.data(), U, y.xp, n, false, deq_);
@@ -164,13 +152,13 @@ class MambaEngine : public engine::RowsEngine {
     for (int64_t i = 0; i < (all_logits ? n : 1) * V_; ++i)
       LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
   }
-  float& XR_tmp(int64_t r, int64_t e) { return hist_tmp_[size_t(r * E_ + e)]; }
 
   ModelConfig cfg_;
   int64_t C_ = 0, V_ = 0, L_ = 0, E_ = 0, N_ = 0, R_ = 0, cap_ = 0;
   std::vector<float> emb_, lnf_;
   QMatrix head_;
   std::vector<Layer> layers_;
+  std::vector<engine::StateEntry> state_;  // per layer: "conv" (3 E), "state.h" (1,E,N)
   std::vector<float> X_, A_, UZ_, U_, DBC_, DT_, Y_, XR_, deq_, hist_tmp_;
 };
 

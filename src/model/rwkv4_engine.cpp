@@ -38,6 +38,9 @@ struct Rwkv4Engine::Impl {
   std::vector<float> emb, ln0w, ln0b, lnfw, lnfb;
   std::vector<Layer> layers;
   QMatrix head;
+  // the layers' state as the model's RWKV-4 time-mix layers keep it: "att_prev" (C) and the rwkv4
+  // mixer's "state.a", "state.b", "state.p" (1, C); zeros (p = -1e38) where a layer has none yet
+  std::vector<engine::StateEntry> state;
   // step() scratch
   std::vector<float> x, a, xk, xv, xr, k, v, r, y, h, o;
   // sequence() scratch
@@ -78,6 +81,7 @@ Rwkv4Engine::Rwkv4Engine(const Model& m, WType wtype) : cfg_(m.config()), p_(std
   if (cfg_.ln0) I.ln0w = vec("blocks.0.ln0.weight"), I.ln0b = vec("blocks.0.ln0.bias");
   I.lnfw = vec("ln_out.weight"), I.lnfb = vec("ln_out.bias");
   I.head = mat("head.weight", wtype);
+  I.state = {{"att_prev", {I.C}, 0.0f}, {"state.a", {1, I.C}, 0.0f}, {"state.b", {1, I.C}, 0.0f}, {"state.p", {1, I.C}, kInitP}};
   I.layers.resize(I.L);
   for (int64_t l = 0; l < I.L; ++l) {
     Impl::Layer& y = I.layers[l];
@@ -117,38 +121,12 @@ double Rwkv4Engine::flops_per_token(bool with_head) const {
   return 2.0 * double(I.L) * double(5 * I.C * I.C + 2 * I.C * I.F) + (with_head ? 2.0 * double(I.V * I.C) : 0.0);
 }
 
-namespace {
-// The layers' state as the model's RWKV-4 time-mix layers keep it (a Model::step runtime's
-// state is flushed back into tensors first): "att_prev" (C) and the rwkv4 mixer's
-// "state.a", "state.b", "state.p" (1, C); zeros (p = -1e38) where a layer has none yet.
-void ensure_state(Model::State& st, int64_t L, int64_t C) {
-  LINMIX_CHECK(int64_t(st.layer.size()) == L && int64_t(st.ffn_prev.size()) == L && int64_t(st.run.size()) == L,
-               "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L));
-  st.flush();
-  for (int64_t l = 0; l < L; ++l) {
-    auto& m = st.layer[l];
-    if (m.empty()) {
-      m["att_prev"] = Tensor({C}, 0.0f);
-      m["state.a"] = Tensor({1, C}, 0.0f);
-      m["state.b"] = Tensor({1, C}, 0.0f);
-      m["state.p"] = Tensor({1, C}, kInitP);
-    }
-    for (const char* n : {"att_prev", "state.a", "state.b", "state.p"}) {
-      auto it = m.find(n);
-      LINMIX_CHECK(it != m.end() && it->second.numel() == C,
-                   "state: layer " + std::to_string(l) + " lacks a well-formed '" + n + "'");
-    }
-    LINMIX_CHECK(int64_t(st.ffn_prev[l].size()) == C,
-                 "state: layer " + std::to_string(l) + " has a token-shift vector of the wrong size");
-  }
-}
-}  // namespace
 
 void Rwkv4Engine::step(int32_t token, Model::State& st, float* logits) {
   Impl& I = *p_;
   const int64_t C = I.C, F = I.F;
   LINMIX_CHECK(token >= 0 && token < I.V, "token " + std::to_string(token) + " is outside the vocabulary");
-  ensure_state(st, I.L, C);
+  engine::ensure_layer_states(st, I.L, I.state, C);
   float *x = I.x.data(), *a = I.a.data(), *xk = I.xk.data(), *xv = I.xv.data(), *xr = I.xr.data(), *k = I.k.data(),
         *v = I.v.data(), *r = I.r.data(), *y = I.y.data(), *h = I.h.data(), *o = I.o.data();
   if (cfg_.ln0) layernorm_rows(x, I.emb.data() + int64_t(token) * C, I.ln0w.data(), I.ln0b.data(), 1, C);
@@ -195,7 +173,7 @@ void Rwkv4Engine::sequence(const int32_t* tokens, int64_t T, Model::State& st, f
   LINMIX_CHECK(T >= 1, "sequence: no tokens");
   for (int64_t t = 0; t < T; ++t)
     LINMIX_CHECK(tokens[t] >= 0 && tokens[t] < V, "token " + std::to_string(tokens[t]) + " is outside the vocabulary");
-  ensure_state(st, I.L, C);
+  engine::ensure_layer_states(st, I.L, I.state, C);
   for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
     const int64_t n = std::min(kChunk, T - t0), NC = n * C;
     for (auto* s : {&I.X, &I.A, &I.XK, &I.XV, &I.XR, &I.K, &I.Vv, &I.R, &I.Y}) s->resize(size_t(NC));

@@ -128,6 +128,7 @@ class RwkvEngine : public engine::RowsEngine {
       if (lp.count("gn_eps")) y.eps = std::strtof(lp.at("gn_eps").c_str(), nullptr);
       lora_ = std::max({lora_, 5 * y.dmix + y.ddecay, y.dw + y.da + y.dv + y.dg});
     }
+    state_ = {{"shift", {C_}, 0.0f}, {"state.S", {1, H_, N_, N_}, 0.0f}};
     grow(1);
   }
 
@@ -179,22 +180,7 @@ class RwkvEngine : public engine::RowsEngine {
     Hf_.resize(size_t(n * F_));
   }
 
-  void ensure_state(Model::State& st) const override {
-    LINMIX_CHECK(int64_t(st.layer.size()) == L_ && int64_t(st.ffn_prev.size()) == L_ && int64_t(st.run.size()) == L_,
-                 "state: it has " + std::to_string(st.layer.size()) + " layers, the model " + std::to_string(L_));
-    st.flush();
-    for (int64_t l = 0; l < L_; ++l) {
-      auto& m = st.layer[size_t(l)];
-      if (m.empty()) m["shift"] = Tensor({C_}, 0.0f), m["state.S"] = Tensor({1, H_, N_, N_}, 0.0f);
-      for (auto [n, sz] : {std::pair<const char*, int64_t>{"shift", C_}, {"state.S", H_ * N_ * N_}}) {
-        auto it = m.find(n);
-        LINMIX_CHECK(it != m.end() && it->second.numel() == sz,
-                     "state: layer " + std::to_string(l) + " lacks a well-formed '" + n + "'");
-      }
-      LINMIX_CHECK(int64_t(st.ffn_prev[size_t(l)].size()) == C_,
-                   "state: layer " + std::to_string(l) + " has a token-shift vector of the wrong size");
-    }
-  }
+  void ensure_state(Model::State& st) const override { engine::ensure_layer_states(st, L_, state_, C_); }
 
   // d = p - u with p the previous row (row 0: prev); prev <- the last row
   void shift_rows(const float* u, float* p, float* d, float* prev, int64_t n) const {
@@ -472,6 +458,7 @@ class RwkvEngine : public engine::RowsEngine {
   std::vector<float> emb_, ln0w_, ln0b_, lnfw_, lnfb_;
   QMatrix head_;
   std::vector<Layer> layers_;
+  std::vector<engine::StateEntry> state_;  // per layer: "shift" (C), "state.S" (1,H,N,N)
   std::vector<float> X_, U_, P_, D_, R_, K_, Vv_, G_, LW_, A7_, KAP_, BB_, VF_, O_, Y_, TMP_, XS_, Z_, Hf_, deq_;
 };
 
