@@ -67,8 +67,9 @@ std::string rwkv_version(const TensorMap& tensors);  // "4", "5.1", "5.2", "6.0"
 // Hugging Face MambaForCausalLM checkpoints (src/model/mamba_import.cpp).
 bool looks_like_mamba(const TensorMap& tensors);
 std::unique_ptr<Model> import_mamba(TensorMap tensors, const std::string& what);
-// gn_eps: the v5/6/7 group-norm eps as text ("" = 64e-5)
-std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, const std::string& gn_eps = "");
+// gn_eps: the v5/6/7 group-norm eps as text ("" = 64e-5); version: the detected one ("4" .. "7.0").
+std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, const std::string& gn_eps = "",
+                                   std::string* version = nullptr);
 
 // ---- training
 struct TrainOptions {

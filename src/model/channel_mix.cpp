@@ -16,10 +16,11 @@ ParamShapes ChannelMix::shapes() const {
 }
 
 void ChannelMix::lerp(float* x, const float* u, const float* p, const float* m, int64_t N) const {
+  if (!maa_) return mix_shift(x, u, p, m, N, C_);  // RWKV-4/5's u m + p (1 - m)
   for (int64_t i = 0; i < N; ++i)
     for (int64_t c = 0; c < C_; ++c) {
       const int64_t j = i * C_ + c;
-      x[j] = maa_ ? u[j] + (p[j] - u[j]) * m[c] : u[j] * m[c] + p[j] * (1.0f - m[c]);
+      x[j] = u[j] + (p[j] - u[j]) * m[c];
     }
 }
 

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "linmix/model.h"
+#include "channel_mix.h"
 #include "mixer_layer.h"
 
 namespace linmix {
@@ -152,13 +153,12 @@ int64_t ModelConfig::param_count() const {  // the shapes Model's constructor al
   double n = 2.0 * double(vocab) * double(d_model) + nw * double(d_model);  // emb, head, ln_out
   if (uses_pos_emb()) n += double(ctx) * double(d_model);
   if (ln0) n += nw * double(d_model);
-  const double F = double(ffn_width()), C = double(d_model);
+  const double C = double(d_model);
+  double cm = 0;  // one block's channel mix, from its own shapes
+  if (has_channel_mix())
+    for (const auto& [name, shape] : ChannelMix(*this).shapes()) cm += numel(shape);
   for (int64_t i = 0; i < n_layer; ++i) {
-    n += nw * C * (has_channel_mix() ? 2 : 1) +
-         (channel_mix == "rwkv" || channel_mix == "rwkv6" ? 2 * C + 2 * F * C + C * C
-          : channel_mix == "rwkv7"                        ? C + 2 * F * C
-          : channel_mix == "none"                         ? 0.0
-                                                          : 2 * F * C + F + C);
+    n += nw * C * (has_channel_mix() ? 2 : 1) + cm;
     for (const auto& [name, shape] : make_mixer_layer(*this, i)->shapes()) n += numel(shape);
     if (n > 1e18) break;
   }

@@ -68,7 +68,8 @@ std::string rwkv_version(const TensorMap& t) {  // docs/RWKV.md: the first tenso
   return "4";
 }
 
-std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, const std::string& gn_eps) {
+std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, const std::string& gn_eps,
+                                   std::string* version) {
   if (tensors.count("rwkv.embeddings.weight")) {  // Hugging Face names
     TensorMap renamed;
     for (auto& [n, t] : tensors) {
@@ -79,6 +80,7 @@ std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, c
     tensors = std::move(renamed);
   }
   const std::string ver = rwkv_version(tensors);
+  if (version) *version = ver;
   const std::string tag = what + ": RWKV-" + ver + " checkpoint: ";
   auto need = [&](const std::string& n) -> Tensor& {
     auto it = tensors.find(n);
@@ -105,9 +107,8 @@ std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, c
     cfg.layers.assign(size_t(L), LayerConfig{"rwkv4", {}});
   } else {
     // heads: v5 time_decay [H] or [H,N]; v6 time_faaaa [H,N]; v7 r_k [H,N]
-    const Tensor& ht = need(ver[0] == '5' ? "blocks.0.att.time_decay" : ver == "6.0" ? "blocks.0.att.time_faaaa"
-                                                                                      : "blocks.0.att.r_k");
     const std::string hname = ver[0] == '5' ? "time_decay" : ver == "6.0" ? "time_faaaa" : "r_k";
+    const Tensor& ht = need("blocks.0.att." + hname);
     LINMIX_CHECK(ver[0] == '5' ? (ht.rank() == 1 || ht.rank() == 2) : ht.rank() == 2,
                  tag + "tensor 'blocks.0.att." + hname + "': expected [H,N]" + (ver[0] == '5' ? " or [H]" : "") +
                      ", found " + shape_str(ht.shape));

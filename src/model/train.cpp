@@ -160,14 +160,9 @@ Checkpoint load_checkpoint(const std::string& path) {
     return ck;
   }
   if (!ours && looks_like_rwkv(st.tensors)) {
-    ck.model = import_rwkv(std::move(st.tensors), path, st.metadata.count("gn_eps") ? st.metadata.at("gn_eps") : "");
-    ck.imported = true;
-    const LayerConfig& l0 = ck.model->config().layers[0];  // the version, whatever the names were
-    const std::string v = l0.mixer == "rwkv4"   ? "4"
-                          : l0.mixer == "rwkv5" ? (l0.params.count("gate") ? "5.1" : "5.2")
-                          : l0.mixer == "rwkv6" ? "6.0"
-                                                : "7.0";
-    ck.kind = "RWKV-" + v + " checkpoint (imported)";
+    std::string v;  // the version, whatever the names were (detected after Hugging Face's are mapped)
+    ck.model = import_rwkv(std::move(st.tensors), path, st.metadata.count("gn_eps") ? st.metadata.at("gn_eps") : "", &v);
+    ck.imported = true, ck.kind = "RWKV-" + v + " checkpoint (imported)";
     return ck;
   }
   if (ck.tokenizer.empty()) ck.tokenizer = "bytes";  // linmix checkpoints before the field: byte-level
