@@ -1,7 +1,8 @@
-// The RWKV-4 inference engine: sequence mode in chunks of 1, 7 and 64 gives the same logits and
-// the same state as the training model's recurrent step token by token, from a zero state and
-// from a state half-way through; states cross between the two paths; the gemv kernels of every
-// weight type equal a float64 product of the weights they stand for.
+// The inference engines (RWKV-4, RWKV-5/6/7, Mamba): sequence mode in chunks of 1, 7 and 64 gives
+// the same logits and the same state as the training model's recurrent step token by token, from
+// a zero state and from a state half-way through; states cross between the two paths; decode
+// allocates nothing; the gemv kernels of every weight type equal a float64 product of the weights
+// they stand for.
 #include <atomic>
 #include <cstdlib>
 #include <new>
@@ -44,39 +45,55 @@ void expect_same_state(const Model& m, const Model::State& a, const Model::State
   }
 }
 
+// The engine against the training model's recurrent step on 150 tokens: sequence mode in
+// chunks of 1, 7, 64 and 150 (logits, position and state), decode, a prefill asked for its last
+// logits only, and states crossing both ways (33 tokens by the model's step, saved and reloaded,
+// the rest by the engine; 50 by the engine, the rest by the model's step).
+void expect_engine_equals_step(Model& m, Engine& eng, double tol) {
+  const int64_t T = 150, V = m.config().vocab;
+  std::vector<int32_t> toks(T);
+  std::mt19937 rng(3);
+  for (auto& t : toks) t = int32_t(rng() % V);
+  Model::State ref = m.new_state();
+  std::vector<float> want(T * V);
+  for (int64_t t = 0; t < T; ++t) m.step(toks[t], ref, want.data() + t * V);
+  const std::vector<float> want_last(want.end() - V, want.end());
+  for (int64_t chunk : {1, 7, 64, 150}) {
+    Model::State st = eng.new_state();
+    std::vector<float> got(T * V);
+    for (int64_t t0 = 0; t0 < T; t0 += chunk)
+      eng.sequence(toks.data() + t0, std::min(chunk, T - t0), st, got.data() + t0 * V, true);
+    EXPECT_LE(max_rel(got, want), tol) << "chunk " << chunk;
+    EXPECT_EQ(st.pos, T);
+    expect_same_state(m, st, ref, tol);
+  }
+  Model::State st = eng.new_state();
+  std::vector<float> got(T * V), lg(V);
+  for (int64_t t = 0; t < T; ++t) eng.step(toks[t], st, got.data() + t * V);
+  EXPECT_LE(max_rel(got, want), tol);
+  expect_same_state(m, st, ref, tol);
+  Model::State st2 = eng.new_state();
+  eng.sequence(toks.data(), T, st2, lg.data());
+  EXPECT_LE(max_rel(lg, want_last), tol);
+  Model::State half = m.new_state();
+  for (int64_t t = 0; t < 33; ++t) m.step(toks[t], half, lg.data());
+  Model::State s2 = m.state_from_tensors(m.state_tensors(half));
+  eng.sequence(toks.data() + 33, T - 33, s2, lg.data());
+  EXPECT_LE(max_rel(lg, want_last), tol);
+  Model::State e = eng.new_state();
+  eng.sequence(toks.data(), 50, e, nullptr);
+  for (int64_t t = 50; t < T; ++t) m.step(toks[t], e, lg.data());
+  EXPECT_LE(max_rel(lg, want_last), tol);
+}
+
 }  // namespace
 
 class Rwkv4EngineLn0 : public ::testing::TestWithParam<bool> {};
 
 TEST_P(Rwkv4EngineLn0, SequenceChunksEqualTokenByToken) {
   auto m = rwkv_model(GetParam());
-  const int64_t T = 150, V = 50;
-  std::vector<int32_t> toks(T);
-  std::mt19937 rng(3);
-  for (auto& t : toks) t = int32_t(rng() % V);
-  // the reference: the training model's recurrent step
-  Model::State ref = m->new_state();
-  std::vector<float> want(T * V);
-  for (int64_t t = 0; t < T; ++t) m->step(toks[t], ref, want.data() + t * V);
   Rwkv4Engine eng(*m, WType::F32);
-  for (int64_t chunk : {1, 7, 64, 150}) {
-    Model::State st = eng.new_state();
-    std::vector<float> got(T * V);
-    for (int64_t t0 = 0; t0 < T; t0 += chunk)
-      eng.sequence(toks.data() + t0, std::min(chunk, T - t0), st, got.data() + t0 * V, true);
-    EXPECT_LE(max_rel(got, want), 1e-5) << "chunk " << chunk;
-    EXPECT_EQ(st.pos, T);
-    expect_same_state(*m, st, ref, 1e-5);
-  }
-  // decode, and a prefill whose last logits only are asked for
-  Model::State st = eng.new_state();
-  std::vector<float> got(T * V), last(V);
-  for (int64_t t = 0; t < T; ++t) eng.step(toks[t], st, got.data() + t * V);
-  EXPECT_LE(max_rel(got, want), 1e-5);
-  expect_same_state(*m, st, ref, 1e-5);
-  Model::State st2 = eng.new_state();
-  eng.sequence(toks.data(), T, st2, last.data());
-  EXPECT_LE(max_rel(last, std::vector<float>(want.end() - V, want.end())), 1e-5);
+  expect_engine_equals_step(*m, eng, 1e-5);
 }
 
 INSTANTIATE_TEST_SUITE_P(WithAndWithoutLn0, Rwkv4EngineLn0, ::testing::Bool());
@@ -200,39 +217,8 @@ class RwkvEngineVersion : public ::testing::TestWithParam<std::string> {};
 TEST_P(RwkvEngineVersion, SequenceChunksDecodeAndStatesEqualTheModelsStep) {
   auto m = rwkvx_model(GetParam(), 48, 3);
   ASSERT_TRUE(engine_supports(m->config()));
-  const int64_t T = 150, V = 50;
-  std::vector<int32_t> toks(T);
-  std::mt19937 rng(3);
-  for (auto& t : toks) t = int32_t(rng() % V);
-  Model::State ref = m->new_state();
-  std::vector<float> want(T * V);
-  for (int64_t t = 0; t < T; ++t) m->step(toks[t], ref, want.data() + t * V);
   const auto eng = make_engine(*m, WType::F32);
-  for (int64_t chunk : {1, 7, 64, 150}) {
-    Model::State st = eng->new_state();
-    std::vector<float> got(T * V);
-    for (int64_t t0 = 0; t0 < T; t0 += chunk)
-      eng->sequence(toks.data() + t0, std::min(chunk, T - t0), st, got.data() + t0 * V, true);
-    EXPECT_LE(max_rel(got, want), 1e-4) << "chunk " << chunk;
-    expect_same_state(*m, st, ref, 1e-4);
-  }
-  Model::State st = eng->new_state();
-  std::vector<float> got(T * V);
-  for (int64_t t = 0; t < T; ++t) eng->step(toks[t], st, got.data() + t * V);
-  EXPECT_LE(max_rel(got, want), 1e-4);
-  expect_same_state(*m, st, ref, 1e-4);
-  // states cross: 33 tokens by the model's step (saved, reloaded), the rest by the engine; and
-  // the engine's state continued by the model's step
-  Model::State half = m->new_state();
-  std::vector<float> lg(V);
-  for (int64_t t = 0; t < 33; ++t) m->step(toks[t], half, lg.data());
-  Model::State s2 = m->state_from_tensors(m->state_tensors(half));
-  eng->sequence(toks.data() + 33, T - 33, s2, lg.data());
-  EXPECT_LE(max_rel(lg, std::vector<float>(want.end() - V, want.end())), 1e-4);
-  Model::State e = eng->new_state();
-  eng->sequence(toks.data(), 50, e, nullptr);
-  for (int64_t t = 50; t < T; ++t) m->step(toks[t], e, lg.data());
-  EXPECT_LE(max_rel(lg, std::vector<float>(want.end() - V, want.end())), 1e-4);
+  expect_engine_equals_step(*m, *eng, 1e-4);
 }
 
 INSTANTIATE_TEST_SUITE_P(V567, RwkvEngineVersion, ::testing::Values("5", "6", "7"));
