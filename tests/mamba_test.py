@@ -19,27 +19,15 @@ import mamba_ref  # noqa: E402
 import rwkv4_ref  # noqa: E402  (quantize: the rounding of the engine's weight types)
 import st  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkpoint_checks  # noqa: E402
+
 LINMIX = os.path.abspath(sys.argv[1])
 TMP = tempfile.mkdtemp(prefix="linmix-mamba-")
-passed = failed = 0
+check = checkpoint_checks.Checks()
+linmix = checkpoint_checks.Linmix(LINMIX, TMP)
+save, logits = linmix.save, linmix.logits
 QUANTIZED = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight", "lm_head.weight")
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
-
-
-def linmix(*args):
-    return subprocess.run([LINMIX, *args], capture_output=True, text=True)
-
-
-def save(w, name):
-    path = os.path.join(TMP, name)
-    st.save(path, {n: t.float().numpy() for n, t in w.items()})
-    return path
 
 
 def quantize(w, dtype):
@@ -49,12 +37,6 @@ def quantize(w, dtype):
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = w["backbone.embeddings.weight"]
     return rwkv4_ref.quantize(out, dtype, QUANTIZED)
-
-
-def logits(path, tokens, mode, extra=()):
-    out = os.path.join(TMP, "logits.safetensors")
-    r = linmix("logits", "--model", path, "--tokens", ",".join(map(str, tokens)), "--mode", mode, *extra, "--out", out)
-    return (st.load(out)["logits"], "") if r.returncode == 0 else (None, r.stderr.strip())
 
 
 def every_mode():
@@ -136,8 +118,7 @@ def main():
     every_mode()
     generate_neox()
     refusals()
-    print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    return check.summary()
 
 
 if __name__ == "__main__":

@@ -21,33 +21,15 @@ import rwkv4_ref  # noqa: E402  (quantize: the rounding of the engine's weight t
 import rwkv_ref  # noqa: E402
 import st  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkpoint_checks  # noqa: E402
+
 LINMIX = os.path.abspath(sys.argv[1])
 TMP = tempfile.mkdtemp(prefix="linmix-rwkvx-")
 CONVERT = os.path.join(ROOT, "scripts", "convert_rwkv.py")
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
-
-
-def linmix(*args):
-    return subprocess.run([LINMIX, *args], capture_output=True, text=True)
-
-
-def save(w, name, meta=None):
-    path = os.path.join(TMP, name)
-    st.save(path, {n: t.float().numpy() for n, t in w.items()}, metadata=meta)
-    return path
-
-
-def logits(path, tokens, mode, extra=()):
-    out = os.path.join(TMP, "logits.safetensors")
-    r = linmix("logits", "--model", path, "--tokens", ",".join(map(str, tokens)), "--mode", mode, *extra, "--out", out)
-    return (st.load(out)["logits"], "") if r.returncode == 0 else (None, r.stderr.strip())
+check = checkpoint_checks.Checks()
+linmix = checkpoint_checks.Linmix(LINMIX, TMP)
+save, logits = linmix.save, linmix.logits
 
 
 def to_hf(w):
@@ -264,8 +246,7 @@ def main():
     gn_eps()
     generate_world()
     refusals()
-    print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    return check.summary()
 
 
 if __name__ == "__main__":

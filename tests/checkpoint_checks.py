@@ -1,0 +1,47 @@
+"""What the checkpoint tests (rwkv_test.py, mamba_test.py) share: a pass/fail count, running
+linmix, writing a weight dict as safetensors and reading back `linmix logits`."""
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import st  # noqa: E402
+
+
+class Checks:
+    """check(name, ok, detail) prints one line and counts; summary() prints the count and gives
+    the exit status."""
+
+    def __init__(self):
+        self.passed = self.failed = 0
+
+    def __call__(self, name, ok, detail=""):
+        self.passed += bool(ok)
+        self.failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+
+    def summary(self):
+        print(f"{self.passed} passed, {self.failed} failed")
+        return 0 if self.failed == 0 else 1
+
+
+class Linmix:
+    """The linmix binary and a scratch folder."""
+
+    def __init__(self, binary, tmp):
+        self.binary, self.tmp = os.path.abspath(binary), tmp
+
+    def __call__(self, *args):
+        return subprocess.run([self.binary, *args], capture_output=True, text=True)
+
+    def save(self, w, name, meta=None):
+        """w (name -> torch tensor) as float32 safetensors in the scratch folder; its path."""
+        path = os.path.join(self.tmp, name)
+        st.save(path, {n: t.float().numpy() for n, t in w.items()}, metadata=meta)
+        return path
+
+    def logits(self, path, tokens, mode, extra=()):
+        """(logits [T, V], "") of `linmix logits`, or (None, its error)."""
+        out = os.path.join(self.tmp, "logits.safetensors")
+        r = self("logits", "--model", path, "--tokens", ",".join(map(str, tokens)), "--mode", mode, *extra, "--out", out)
+        return (st.load(out)["logits"], "") if r.returncode == 0 else (None, r.stderr.strip())
