@@ -3,9 +3,9 @@
 // {in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj}, backbone.norm_f, lm_head (or tied to
 // the embeddings). They become linmix's Model with mamba layers, RMSNorm and no channel mix;
 // E, N, R, V, C, L come from the shapes; a missing, extra or mis-shaped tensor is refused by name.
-#include <algorithm>
 #include <regex>
 
+#include "import_util.h"
 #include "linmix/model.h"
 #include "linmix/train.h"
 
@@ -66,25 +66,13 @@ std::unique_ptr<Model> import_mamba(TensorMap tensors, const std::string& what) 
     renamed[to] = std::move(t);
   }
   if (!renamed.count("head.weight")) renamed["head.weight"] = renamed.at("emb.weight");  // tied
-  std::unique_ptr<Model> model;
-  try {
-    model = std::make_unique<Model>(cfg);
-  } catch (const Error& e) {
-    throw Error(tag + e.what());
-  }
-  for (auto& [n, p] : model->params()) {
-    auto it = renamed.find(n);
-    LINMIX_CHECK(it != renamed.end(), tag + "no tensor for '" + n + "'");
-    const Tensor& t = it->second;
-    const bool conv = n.size() > 15 && n.compare(n.size() - 15, 15, "att.conv.weight") == 0;
-    LINMIX_CHECK(t.shape == p.shape || (conv && t.rank() == 3 && t.dim(0) == p.dim(0) && t.dim(1) == 1 && t.dim(2) == p.dim(1)),
-                 tag + "tensor '" + n + "': expected shape " + shape_str(p.shape) + ", found " + shape_str(t.shape));
-    check_finite(n, t);
-    p.data = t.data;
-  }
-  for (const auto& [n, t] : renamed)
-    LINMIX_CHECK(model->params().count(n), tag + "unexpected tensor '" + n + "' (a bias linmix's Mamba block has not?)");
-  return model;
+  // the conv weight [E,1,K] is linmix's [E,K]
+  auto conv = [](const std::string& n, const Tensor& t, const Tensor& p) {
+    return n.size() > 15 && n.compare(n.size() - 15, 15, "att.conv.weight") == 0 && t.rank() == 3 &&
+           t.dim(0) == p.dim(0) && t.dim(1) == 1 && t.dim(2) == p.dim(1);
+  };
+  return model_from_tensors(cfg, renamed, tag, conv,
+                            [](const std::string&) { return std::string(" (a bias linmix's Mamba block has not?)"); });
 }
 
 }  // namespace linmix

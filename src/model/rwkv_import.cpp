@@ -9,6 +9,7 @@
 #include <cmath>
 #include <regex>
 
+#include "import_util.h"
 #include "linmix/model.h"
 #include "linmix/train.h"
 
@@ -169,31 +170,15 @@ std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, c
         if (first) tensors[p + "time_faaaa"] = std::move(b), tensors.erase(p + "time_first");
       }
   }
-  std::unique_ptr<Model> model;
-  try {
-    model = std::make_unique<Model>(cfg);
-  } catch (const Error& e) {
-    throw Error(tag + e.what());
-  }
-  for (auto& [n, p] : model->params()) {
-    const Tensor& t = need(n);
-    // BlinkDL stores vectors as [1,1,C] (time_decay/first of RWKV-4 as [C] or [1,1,C]): any shape
-    // with the same elements in the same order is the same vector
-    auto vector_like = [](const Tensor& a, const Tensor& b) {
-      auto ones = [](const Tensor& x) { return std::count_if(x.shape.begin(), x.shape.end(), [](int64_t d) { return d != 1; }); };
-      return a.numel() == b.numel() && ones(a) <= 1 && ones(b) <= 1;
-    };
-    LINMIX_CHECK(t.shape == p.shape || vector_like(t, p),
-                 tag + "tensor '" + n + "': expected shape " + shape_str(p.shape) + ", found " + shape_str(t.shape));
-    check_finite(n, t);
-    p.data = t.data;
-  }
-  for (const auto& [n, t] : tensors)
-    LINMIX_CHECK(model->params().count(n), tag + "unexpected tensor '" + n + "'" +
-                                               (n.find("time_state") != std::string::npos ? " (a state-tuned initial "
-                                                                                           "state: not supported)"
-                                                                                         : ""));
-  return model;
+  // BlinkDL stores vectors as [1,1,C] (time_decay/first of RWKV-4 as [C] or [1,1,C]): any shape
+  // with the same elements in the same order is the same vector
+  auto vector_like = [](const std::string&, const Tensor& a, const Tensor& b) {
+    auto ones = [](const Tensor& x) { return std::count_if(x.shape.begin(), x.shape.end(), [](int64_t d) { return d != 1; }); };
+    return a.numel() == b.numel() && ones(a) <= 1 && ones(b) <= 1;
+  };
+  return model_from_tensors(cfg, tensors, tag, vector_like, [](const std::string& n) {
+    return n.find("time_state") != std::string::npos ? std::string(" (a state-tuned initial state: not supported)") : "";
+  });
 }
 
 }  // namespace linmix
