@@ -13,6 +13,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
+import mamba2_ref  # noqa: E402
 import mamba_ref  # noqa: E402
 import rwkv4_ref  # noqa: E402
 import rwkv_ref  # noqa: E402
@@ -40,7 +41,8 @@ def byte_level_chars():
 
 
 def rwkvx_and_mamba(d):
-    """RWKV-5.1, 5.2, 6.0, 7.0 (BlinkDL names) and Mamba (Hugging Face names), tiny."""
+    """RWKV-5.1, 5.2, 6.0, 7.0 (BlinkDL names), Mamba and Mamba-2 (Hugging Face names; Mamba-2 with
+    two groups), tiny."""
     for layout in ("5.1", "5.2", "6.0", "7.0"):
         w = rwkv_ref.random_rwkv(layout, 12, 8, 2, 2, seed=1, F_dim=16, loras=(2, 3) if layout == "6.0" else None)
         for h in ("checkpoint", "rwkv_import"):
@@ -48,6 +50,9 @@ def rwkvx_and_mamba(d):
     w = mamba_ref.random_mamba(12, 8, 1, S=2, seed=1)
     for h in ("checkpoint", "rwkv_import"):
         st.save(os.path.join(d(h), "mamba_hf"), {n: t.numpy() for n, t in w.items()})
+    w = mamba2_ref.random_mamba2(12, 8, 1, S=2, H=2, G=2, seed=1)
+    for h in ("checkpoint", "rwkv_import"):
+        st.save(os.path.join(d(h), "mamba2_hf"), {n: t.numpy() for n, t in w.items()}, metadata={"n_groups": "2"})
 
 
 def main():
@@ -117,6 +122,6 @@ def main():
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[2] == "--imports-only":
-    rwkvx_and_mamba(d)  # only the RWKV-5/6/7 and Mamba seeds (added after the rest)
+    rwkvx_and_mamba(d)  # only the RWKV-5/6/7, Mamba and Mamba-2 seeds (added after the rest)
 elif __name__ == "__main__":
     main()

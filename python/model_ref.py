@@ -61,6 +61,28 @@ def _s4d(a, P, prm, cfg):
     return F.gelu(y, approximate="tanh") @ P("att.o.weight").T
 
 
+def _mamba2(a, P, prm, cfg):
+    """mamba_ssm's Mamba2 block (src/model/mamba2_layer.cpp, written here from mamba_ssm's
+    description): [z, xBC, dt] = a W_in^T; xBC = silu(conv4(xBC) + b); [x, B, C] = xBC; SSD;
+    RMSNorm per group of (y silu(z)) times w; W_out."""
+    Bsz, T, _ = a.shape
+    H, Ei = P("att.A_log").shape[0], P("att.norm.weight").shape[0]
+    G = int(prm.get("groups", 1))
+    Wc = P("att.conv.weight").shape[0]
+    GN = (Wc - Ei) // 2
+    zxbcdt = a @ P("att.in_proj.weight").T
+    z, xbc, dt = zxbcdt[..., :Ei], zxbcdt[..., Ei:Ei + Wc], zxbcdt[..., Ei + Wc:]
+    w = P("att.conv.weight")
+    xpad = F.pad(xbc, (0, 0, 3, 0))
+    xbc = F.silu(P("att.conv.bias") + sum(w[:, j] * xpad[:, j:j + T] for j in range(4)))
+    x, Bm, Cm = xbc[..., :Ei], xbc[..., Ei:Ei + GN], xbc[..., Ei + GN:]
+    y, _ = oracle.mamba2(x.reshape(Bsz, T, H, Ei // H), dt, -torch.exp(P("att.A_log")), Bm.reshape(Bsz, T, G, -1),
+                         Cm.reshape(Bsz, T, G, -1), D=P("att.D"), dt_bias=P("att.dt_bias"))
+    y = y.reshape(Bsz, T, G, Ei // G) * F.silu(z.reshape(Bsz, T, G, Ei // G))
+    y = (y / torch.sqrt((y * y).mean(-1, keepdim=True) + 1e-5)).reshape(Bsz, T, Ei) * P("att.norm.weight")
+    return y @ P("att.out_proj.weight").T
+
+
 def _gau(a, P, prm, cfg):
     U = F.silu(a @ P("att.wu.weight").T + P("att.wu.bias"))
     V = F.silu(a @ P("att.wv.weight").T + P("att.wv.bias"))
@@ -91,8 +113,8 @@ def _mamba(a, P, prm, cfg):
 
 # ---- the layer of the decaying / delta-rule mechanisms (src/model/decay_layer.cpp, written
 # here from its description): projections (+ bias) [-> short causal depthwise conv, kernel 4, no bias, then SiLU] -> the map
-# into the domain -> the mixer -> [Mamba-2: y silu(z)] -> norm (per-head RMSNorm, per-head
-# GroupNorm, or RMSNorm over all channels) -> [gate: swish of its projection] -> Wo.
+# into the domain -> the mixer -> norm (per-head RMSNorm or per-head GroupNorm) -> [gate: swish
+# of its projection] -> Wo.
 _MAPS = {
     "id": lambda x: x,
     "sigmoid": torch.sigmoid,
@@ -111,8 +133,6 @@ _DECAY = {
     # Gated DeltaNet's gate: g = -exp(A_log) softplus(x W^T + dt_bias)
     "gated_deltanet": (_CQKV + [("beta", "sigmoid", False), ("g", "softplus", False)], [], "rms_head", 1e-5,
                        "swish"),
-    "mamba2": ([("x", "id", True), ("dt", "id", False), ("Bm", "id", True), ("Cm", "id", True), ("z", "id", False)],
-               [("A", "negexp"), ("D", "id"), ("dt_bias", "id")], "rms_all", 1e-5, None),
 }
 
 
@@ -192,7 +212,7 @@ def _rwkv(m):  # RWKV-5/6/7 time mix with BlinkDL's names: python/rwkv_ref.py to
 # src/model/mixer_layer.cpp); tests/model_grad_test.py fails naming a causal mechanism missing here.
 LAYERS = {m: _attention(m) for m in ("softmax", "linear", "performer", "flow", "norm_linear", "block_softmax")}
 LAYERS.update({m: _aft(m) for m in ("aft_full", "aft_local", "aft_simple", "aft_conv")})
-LAYERS.update({"rwkv4": _rwkv4, "s4d": _s4d, "flash": _gau, "mamba": _mamba})
+LAYERS.update({"rwkv4": _rwkv4, "s4d": _s4d, "flash": _gau, "mamba": _mamba, "mamba2": _mamba2})
 LAYERS.update({m: _decay(m) for m in _DECAY})
 LAYERS.update({m: _rwkv(m) for m in ("rwkv5", "rwkv6", "rwkv7")})
 # layers with no order of their own: learned positions by default

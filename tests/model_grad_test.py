@@ -28,9 +28,11 @@ SPECS = json.loads(subprocess.run([LINMIX, "mixers", "--json"], capture_output=T
 # blocks / groups / windows in T = 11), and the RWKV channel mix with three of them
 CASES = [(s["name"], "mlp", {**s["example_params"], **s["small_params"]}) for s in SPECS if s["causal"]]
 CASES += [("softmax", "rwkv", {"window": 5}), ("aft_conv", "rwkv", {}), ("rwkv4", "rwkv", {})]
-# the RWKV-5/6/7 blocks as BlinkDL's (their channel mixes; the gateless v5.1 layout; small LoRAs)
+# the RWKV-5/6/7 blocks as BlinkDL's (their channel mixes; the gateless v5.1 layout; small LoRAs);
+# Mamba and Mamba-2 as their published models (no channel mix; Mamba-2 with one and two groups)
 CASES += [("rwkv5", "rwkv", {}), ("rwkv5", "rwkv", {"gate": 0}), ("rwkv6", "rwkv6", {"d_mix": 4, "d_decay": 6}),
-          ("rwkv7", "rwkv7", {"d_w": 4, "d_a": 5, "d_v": 6, "d_g": 7}), ("mamba", "none", {"dt_rank": 3})]
+          ("rwkv7", "rwkv7", {"d_w": 4, "d_a": 5, "d_v": 6, "d_g": 7}), ("mamba", "none", {"dt_rank": 3}),
+          ("mamba2", "none", {}), ("mamba2", "none", {"groups": 2})]
 if os.environ.get("LINMIX_ONLY"):  # a comma-separated list of mixers to check (debugging)
     CASES = [c for c in CASES if c[0] in os.environ["LINMIX_ONLY"].split(",")]
 

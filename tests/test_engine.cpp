@@ -1,4 +1,4 @@
-// The inference engines (RWKV-4, RWKV-5/6/7, Mamba): sequence mode in chunks of 1, 7 and 64 gives
+// The inference engines (RWKV-4, RWKV-5/6/7, Mamba, Mamba-2): sequence mode in chunks of 1, 7 and 64 gives
 // the same logits and the same state as the training model's recurrent step token by token, from
 // a zero state and from a state half-way through; states cross between the two paths; decode
 // allocates nothing; the gemv kernels of every weight type equal a float64 product of the weights
@@ -247,6 +247,34 @@ TEST(RwkvEngine, RefusesModelsItDoesNotRun) {
   EXPECT_THROW(make_engine(gla, WType::F32), Error);
 }
 
+// Mamba and Mamba-2 as their published models (RMSNorm, no channel mix); Mamba-2 with two groups
+// of state 6 over 4 heads of 12 (150 tokens cross the chunked SSD's chunks of 64).
+namespace {
+std::unique_ptr<Model> mamba_model(const std::string& mixer) {
+  auto m = std::make_unique<Model>(ModelConfig::from_json(
+      R"({"vocab": 50, "d_model": 24, "n_layer": 2, "n_head": 4, "state": 6, "mixer": ")" + mixer +
+      R"(", "params": {)" + (mixer == "mamba2" ? R"("groups": "2")" : "") +
+      R"(}, "channel_mix": "none", "norm": "rmsnorm", "ln0": false, "pos_emb": false})"));
+  m->init(3);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> n(0.0f, 0.3f);
+  for (auto& [name, t] : m->params())  // the projections larger than the init; the time steps kept alive
+    if (name.find("proj") != std::string::npos)
+      for (float& x : t.data) x = x * 6.0f + n(rng) * 0.1f;
+  return m;
+}
+}  // namespace
+
+TEST(MambaEngines, SequenceChunksDecodeAndStatesEqualTheModelsStep) {
+  for (const char* mixer : {"mamba", "mamba2"}) {
+    SCOPED_TRACE(mixer);
+    auto m = mamba_model(mixer);
+    ASSERT_TRUE(engine_supports(m->config()));
+    const auto eng = make_engine(*m, WType::F32);
+    expect_engine_equals_step(*m, *eng, 1e-4);
+  }
+}
+
 // ---- decode allocates nothing: operator new counted while engines step (after a warm-up step)
 
 namespace {
@@ -267,9 +295,8 @@ TEST(Engines, DecodeAllocatesNothing) {
   std::vector<std::unique_ptr<Model>> models;
   models.push_back(rwkv_model());
   for (const char* v : {"5", "6", "7"}) models.push_back(rwkvx_model(v, 32, 2));
-  models.push_back(std::make_unique<Model>(ModelConfig::from_json(
-      R"({"vocab": 50, "d_model": 32, "n_layer": 2, "mixer": "mamba", "channel_mix": "none", "norm": "rmsnorm", "ln0": false, "pos_emb": false})")));
-  models.back()->init(3);
+  models.push_back(mamba_model("mamba"));
+  models.push_back(mamba_model("mamba2"));
   for (const auto& m : models)
     for (WType wt : {WType::F32, WType::I8}) {
       const auto eng = make_engine(*m, wt);

@@ -184,7 +184,7 @@ int main(int argc, char** argv) {
   bool bench_model_flag = false;
   ModelBenchOptions mbo;
   bn->add_flag("--model", bench_model_flag, "the RWKV inference engine (random weights; RWKV-4 169M unless --version / --size)");
-  bn->add_option("--version", mbo.version, "the model of --model: RWKV 4, 5 (5.2), 6, 7, or mamba")->capture_default_str();
+  bn->add_option("--version", mbo.version, "the model of --model: RWKV 4, 5 (5.2), 6, 7, mamba or mamba2")->capture_default_str();
   bn->add_option("--size", mbo.size, "a released model's shape for --model: 0.1B, 0.4B or 1.5B");
   bn->add_option("--threads", mbo.threads, "threads (OpenMP and OpenBLAS)")->capture_default_str()->check(CLI::Range(1, 1024));
   bn->add_option("--decode-tokens", mbo.decode_tokens, "tokens timed in decode")->capture_default_str()->check(CLI::Range(1, 1 << 20));

@@ -44,9 +44,9 @@ struct ModelConfig {
   int64_t features = 32;  // performer random features M
   int64_t kernel = 7;     // aft_conv kernel size K
   bool ln0 = false;       // LayerNorm on the embedding (RWKV-4's blocks.0.ln0)
-  int64_t state = 16;     // s4d / mamba state size N
+  int64_t state = 16;     // s4d / mamba / mamba2 state size N
   int64_t qk_dim = 32;    // flash (GAU) shared query/key width S
-  int64_t expand = 2;     // flash (GAU) and mamba inner width = expand * d_model
+  int64_t expand = 2;     // flash (GAU), mamba and mamba2 inner width = expand * d_model
   int pos_emb = -1;       // learned absolute positions: 1 on, 0 off, -1 = on iff a layer is
                           // attention-like (softmax, linear, performer, flow, TransNormer, flash)
   bool uses_pos_emb() const;

@@ -64,9 +64,12 @@ Checkpoint load_checkpoint(const std::string& path);
 // missing or mis-shaped tensor is an Error naming it.
 bool looks_like_rwkv(const TensorMap& tensors);
 std::string rwkv_version(const TensorMap& tensors);  // "4", "5.1", "5.2", "6.0", "7.0" (docs/RWKV.md)
-// Hugging Face MambaForCausalLM checkpoints (src/model/mamba_import.cpp).
+// Mamba and Mamba-2 checkpoints: Hugging Face MambaForCausalLM / Mamba2ForCausalLM or mamba_ssm's
+// names (src/model/mamba_import.cpp). n_groups: Mamba-2's number of groups as text ("" = 1: the
+// shapes hold only groups x state); version: "1" or "2".
 bool looks_like_mamba(const TensorMap& tensors);
-std::unique_ptr<Model> import_mamba(TensorMap tensors, const std::string& what);
+std::unique_ptr<Model> import_mamba(TensorMap tensors, const std::string& what, const std::string& n_groups = "",
+                                    std::string* version = nullptr);
 // gn_eps: the v5/6/7 group-norm eps as text ("" = 64e-5); version: the detected one ("4" .. "7.0").
 std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, const std::string& gn_eps = "",
                                    std::string* version = nullptr);

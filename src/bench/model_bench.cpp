@@ -31,18 +31,19 @@ double median(std::vector<double> v) {
 
 int bench_model(const ModelBenchOptions& opt) {
   ModelBenchOptions o = opt;
-  const bool mamba = o.version == "mamba";
+  const bool mamba2 = o.version == "mamba2", mamba = o.version == "mamba" || mamba2;
   LINMIX_CHECK(o.version == "4" || o.version == "5" || o.version == "6" || o.version == "7" || mamba,
-               "--version must be 4, 5, 6, 7 or mamba, found '" + o.version + "'");
+               "--version must be 4, 5, 6, 7, mamba or mamba2, found '" + o.version + "'");
   if (!o.size.empty()) {  // the released models' shapes (BlinkDL: L12 C768, L24 C1024, L24 C2048;
-                          // state-spaces/mamba: L24 C768 (130m), L48 C1024 (370m), L48 C2048 (1.4b))
+                          // state-spaces/mamba and mamba2: L24 C768 (130m), L48 C1024 (370m), L48 C2048
+                          // (1.4b / 1.3b); Mamba-2 with state 128, heads of 64, one group)
     LINMIX_CHECK(o.size == "0.1B" || o.size == "0.4B" || o.size == "1.5B", "--size must be 0.1B, 0.4B or 1.5B, found '" + o.size + "'");
     o.n_layer = o.size == "0.1B" ? 12 : 24, o.d_model = o.size == "0.1B" ? 768 : o.size == "0.4B" ? 1024 : 2048;
     o.vocab = o.version == "4" ? 50277 : 65536;
     if (mamba) o.n_layer *= 2, o.vocab = 50280;
   }
-  LINMIX_CHECK(o.version == "4" || mamba || o.d_model % 64 == 0,
-               "--d-model must be a multiple of the head size 64 for RWKV-" + o.version);
+  LINMIX_CHECK(o.version == "4" || (mamba && !mamba2) || o.d_model % 64 == 0,
+               "--d-model must be a multiple of the head size 64 for " + std::string(mamba2 ? "Mamba-2" : "RWKV-" + o.version));
   // the optional quality check's inputs are read first: a bad path fails before any timing
   std::optional<Checkpoint> ck;
   std::vector<uint8_t> text;  // --data, for the perplexity of --checkpoint
@@ -59,7 +60,7 @@ int bench_model(const ModelBenchOptions& opt) {
   rep["threads"] = o.threads;
   const int64_t F = mamba ? 0 : o.version == "5" || o.version == "6" ? int64_t(3.5 * double(o.d_model)) / 32 * 32 : o.ffn_mult * o.d_model;
   std::printf("linmix bench --model: %s%s L=%lld C=%lld V=%lld F=%lld, random weights, %d threads\n",
-              mamba ? "" : "RWKV-", mamba ? "Mamba" : o.version.c_str(), (long long)o.n_layer, (long long)o.d_model, (long long)o.vocab, (long long)F, o.threads);
+              mamba ? "" : "RWKV-", mamba2 ? "Mamba-2" : mamba ? "Mamba" : o.version.c_str(), (long long)o.n_layer, (long long)o.d_model, (long long)o.vocab, (long long)F, o.threads);
   rep["version"] = o.version, rep["n_layer"] = o.n_layer, rep["d_model"] = o.d_model, rep["vocab"] = o.vocab;
   // The machine is shared: its bandwidth drifts by tens of percent within a minute. Each limit is
   // therefore measured again right beside what is compared with it (decode rounds interleave
@@ -69,13 +70,14 @@ int bench_model(const ModelBenchOptions& opt) {
   std::printf("limits at start: triad %.1f GB/s, read stream %.1f GB/s, sgemm (2048^3) %.1f GFLOP/s\n", bw0, rd0, gf0);
   rep["triad_gbs"] = bw0, rep["read_gbs"] = rd0, rep["sgemm_gflops"] = gf0;
 
-  const std::string mixer = mamba ? "mamba" : "rwkv" + o.version,
+  const std::string mixer = mamba ? o.version : "rwkv" + o.version,
                     cm = mamba ? "none" : o.version == "4" || o.version == "5" ? "rwkv" : mixer;
   ModelConfig cfg = ModelConfig::from_json(
       "{\"vocab\": " + std::to_string(o.vocab) + ", \"d_model\": " + std::to_string(o.d_model) +
       ", \"n_layer\": " + std::to_string(o.n_layer) + ", \"ffn_dim\": " + std::to_string(F) +
-      ", \"n_head\": " + std::to_string(o.version == "4" || mamba ? 1 : o.d_model / 64) + ", \"mixer\": \"" + mixer +
-      "\", \"channel_mix\": \"" + cm + "\", \"ln0\": " + (mamba ? "false, \"norm\": \"rmsnorm\", \"state\": 16" : "true") + "}");
+      ", \"n_head\": " + std::to_string(mamba2 ? 2 * o.d_model / 64 : o.version == "4" || mamba ? 1 : o.d_model / 64) +
+      ", \"mixer\": \"" + mixer + "\", \"channel_mix\": \"" + cm + "\", \"ln0\": " +
+      (mamba ? "false, \"norm\": \"rmsnorm\", \"state\": " + std::string(mamba2 ? "128" : "16") : "true") + "}");
   Model model(cfg);
   model.init(1);
   std::printf("%lld parameters\n\n", (long long)model.num_params());

@@ -136,7 +136,7 @@ void ModelConfig::validate() const {
   for (const auto& l : layers) {
     has_mixer_layer(l.mixer);  // unknown names and mixers without a layer fail here
     for (const char* k : {"features", "kernel", "state", "qk_dim", "expand", "gate", "d_mix", "d_decay", "d_w", "d_a",
-                          "d_v", "d_g", "dt_rank"})
+                          "d_v", "d_g", "dt_rank", "groups"})
       if (l.params.count(k)) knob(l, k);  // malformed knobs fail here
   }  const double n = double(param_count());
   LINMIX_CHECK(n <= double(kMaxParams), "model config: " + std::to_string(int64_t(n)) +
@@ -183,7 +183,7 @@ int64_t ModelConfig::knob(const LayerConfig& l, const std::string& name) const {
   const std::map<std::string, std::pair<int64_t, int64_t>> bounds = {
       {"features", {1, 1 << 16}}, {"kernel", {1, 1 << 16}}, {"state", {1, 1024}}, {"qk_dim", {1, 4096}},
       {"expand", {1, 16}}, {"gate", {0, 1}}, {"d_mix", {1, 4096}}, {"d_decay", {1, 4096}}, {"d_w", {1, 4096}},
-      {"d_a", {1, 4096}}, {"d_v", {1, 4096}}, {"d_g", {1, 4096}}, {"dt_rank", {1, 4096}}};
+      {"d_a", {1, 4096}}, {"d_v", {1, 4096}}, {"d_g", {1, 4096}}, {"dt_rank", {1, 4096}}, {"groups", {1, 1024}}};
   auto it = l.params.find(name);
   if (it == l.params.end()) {
     if (name == "features") return features;
@@ -191,6 +191,7 @@ int64_t ModelConfig::knob(const LayerConfig& l, const std::string& name) const {
     if (name == "state") return state;
     if (name == "qk_dim") return qk_dim;
     if (name == "expand") return expand;
+    if (name == "groups") return 1;
     throw Error("model config: unknown layer knob '" + name + "'");
   }
   char* end = nullptr;

@@ -1,16 +1,15 @@
 // The layer of the decaying / delta-rule mechanisms as fla builds them (retention, gla, deltanet,
-// gated_deltanet, mamba2; the RWKV-5/6/7 blocks, BlinkDL's, are rwkv_layer.cpp), one recipe per
-// mechanism over these stages:
+// gated_deltanet; the RWKV-5/6/7 blocks, BlinkDL's, are rwkv_layer.cpp, and Mamba-2's, mamba_ssm's,
+// mamba2_layer.cpp), one recipe per mechanism over these stages:
 //   1. projections: raw = x W^T (+ b); a short causal depthwise convolution (kernel 4, no bias)
-//      and SiLU where the paper has one (DeltaNet, Gated DeltaNet: q, k, v; Mamba-2: x, B, C);
+//      and SiLU where the paper has one (DeltaNet, Gated DeltaNet: q, k, v);
 //      then the map into the mechanism's domain (sigmoid for beta, logsigmoid / 16 for GLA's
 //      gate, ...). Per-head weights: map(raw) of a learned raw parameter, or RetNet's fixed
 //      gammas 1 - 2^(-5-h);
 //   2. the mixer (parallel form; the stepper in recurrent use);
-//   3. output: Mamba-2 gates first (y silu(z)), then the norm: per-head RMSNorm (fla's GLA,
-//      DeltaNet, Gated DeltaNet), per-head GroupNorm (RetNet) or RMSNorm over all channels
-//      (Mamba-2's gated RMSNorm); then the swish output gate; out = . Wo^T.
-// Heads of D = E = d_model / n_head (mamba2: E = d_model / n_head, N = the "state" knob, one group).
+//   3. output: the norm: per-head RMSNorm (fla's GLA, DeltaNet, Gated DeltaNet) or per-head
+//      GroupNorm (RetNet); then the swish output gate; out = . Wo^T.
+// Heads of D = E = d_model / n_head.
 // Recurrent state: the mixer's and the last three raw rows of each convolved projection
 // ("conv.<input>", 3 width).
 #include <cmath>
@@ -25,14 +24,13 @@ namespace {
 
 constexpr int64_t kConv = 4;  // the short convolution's kernel
 
-enum class Map { Id, Sigmoid, LogSig16, NegExp, Softplus };
+enum class Map { Id, Sigmoid, LogSig16, Softplus };
 
 float map_f(Map m, float x) {
   switch (m) {
     case Map::Id: return x;
     case Map::Sigmoid: return 1.0f / (1.0f + std::exp(-x));
     case Map::LogSig16: return -(x > 20.0f ? std::exp(-x) : std::log1p(std::exp(-x))) / 16.0f;
-    case Map::NegExp: return -std::exp(x);
     case Map::Softplus: return x > 20.0f ? x : std::log1p(std::exp(x));
   }
   return x;
@@ -43,13 +41,12 @@ float map_df(Map m, float x) {  // d map / dx
     case Map::Id: return 1.0f;
     case Map::Sigmoid: return s * (1.0f - s);
     case Map::LogSig16: return (1.0f - s) / 16.0f;
-    case Map::NegExp: return -std::exp(x);
     case Map::Softplus: return s;
   }
   return 1.0f;
 }
 
-enum class Role { Mixer, Gate, PreGate };  // a mixer input, the output gate, Mamba-2's z
+enum class Role { Mixer, Gate };  // a mixer input, the output gate
 struct Proj {
   std::string input;
   Map map = Map::Id;
@@ -61,14 +58,14 @@ struct Proj {
   bool a_log = false;  // the mapped value times -exp(A_log) per channel (Gated DeltaNet's gate; the
                        // bias is Mamba's dt_bias, initialised as Mamba-2's)
 };
-enum class Init { Normal, RetnetGamma, MambaALog, MambaDtBias, One };
+enum class Init { Normal, RetnetGamma, MambaDtBias };
 struct Weight {  // a per-head weight input: map(raw), raw learned (or fixed: computed, not a parameter)
   std::string input;
   Map map;
   Init init;
   bool learned = true;
 };
-enum class Norm { RmsHead, GroupHead, RmsAll };
+enum class Norm { RmsHead, GroupHead };
 enum class Gate { None, Swish };
 struct Recipe {
   std::vector<Proj> proj;
@@ -99,12 +96,6 @@ const std::map<std::string, Recipe>& recipes() {
         Norm::RmsHead,
         1e-5f,
         Gate::Swish}},
-      {"mamba2",
-       {{conv("x"), mix("dt"), conv("Bm"), conv("Cm"), {"z", Map::Id, false, 0.0f, false, Role::PreGate}},
-        {{"A", Map::NegExp, Init::MambaALog}, {"D", Map::Id, Init::One}, {"dt_bias", Map::Id, Init::MambaDtBias}},
-        Norm::RmsAll,
-        1e-5f,
-        Gate::None}},
   };
   return r;
 }
@@ -144,7 +135,7 @@ class DecayLayer : public MixerLayer {
         while (true) {
           const size_t comma = dims.find(',', at);
           const std::string d = dims.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
-          s.push_back(d == "H" ? H() : d == "G" ? 1 : d == "N" ? cfg_.knob(lc_, "state") : Dh());
+          s.push_back(d == "H" ? H() : Dh());
           if (comma == std::string::npos) break;
           at = comma + 1;
         }
@@ -358,16 +349,15 @@ class DecayLayer : public MixerLayer {
     return in;
   }
 
-  // ---- the output stage: [pre-gate] -> norm -> [gate] -> Wo, rows of C
+  // ---- the output stage: norm -> [gate] -> Wo, rows of C
 
-  // One row: y0 (C) -> y3 (C), keeping y1 (after the pre-gate), the norm's rstd per group and
-  // its normalised x-hat (C), and y2 (after the norm). zr, gr: the raw pre-gate / gate rows.
-  void output_row(const float* lnw, const float* lnb, const float* y0, const float* zr, const float* gr, float* y1,
-                  float* xhat, float* rstd, float* y2, float* y3) const {
-    for (int64_t c = 0; c < C_; ++c) y1[c] = zr ? y0[c] * silu_f(zr[c]) : y0[c];
-    const int64_t G = r_.norm == Norm::RmsAll ? 1 : H(), W = C_ / G;
+  // One row: y0 (C) -> y3 (C), keeping the norm's rstd per head, its normalised x-hat (C) and
+  // y2 (after the norm). gr: the raw gate row.
+  void output_row(const float* lnw, const float* lnb, const float* y0, const float* gr, float* xhat, float* rstd,
+                  float* y2, float* y3) const {
+    const int64_t G = H(), W = C_ / G;
     for (int64_t g = 0; g < G; ++g) {
-      const float* x = y1 + g * W;
+      const float* x = y0 + g * W;
       float mean = 0.0f, sq = 0.0f;
       if (r_.norm == Norm::GroupHead) {
         for (int64_t i = 0; i < W; ++i) mean += x[i];
@@ -387,15 +377,14 @@ class DecayLayer : public MixerLayer {
   }
 
   void output_forward(const LayerIO& io, float* out, int64_t N) {
-    const int64_t G = r_.norm == Norm::RmsAll ? 1 : H();
-    y1_.resize(size_t(N * C_)), xhat_.resize(size_t(N * C_)), y2_.resize(size_t(N * C_)), rstd_.resize(size_t(N * G));
+    const int64_t G = H();
+    xhat_.resize(size_t(N * C_)), y2_.resize(size_t(N * C_)), rstd_.resize(size_t(N * G));
     std::vector<float> y3(size_t(N * C_));
-    const float *zr = pre_raw(), *gr = gate_raw();
+    const float* gr = gate_raw();
     const float* lnb = r_.norm == Norm::GroupHead ? io.w("att.ln_x.bias") : nullptr;
     for (int64_t i = 0; i < N; ++i)
-      output_row(io.w("att.ln_x.weight"), lnb, &y0_[size_t(i * C_)], zr ? zr + i * C_ : nullptr,
-                 gr ? gr + i * C_ : nullptr, &y1_[size_t(i * C_)], &xhat_[size_t(i * C_)], &rstd_[size_t(i * G)],
-                 &y2_[size_t(i * C_)], &y3[size_t(i * C_)]);
+      output_row(io.w("att.ln_x.weight"), lnb, &y0_[size_t(i * C_)], gr ? gr + i * C_ : nullptr,
+                 &xhat_[size_t(i * C_)], &rstd_[size_t(i * G)], &y2_[size_t(i * C_)], &y3[size_t(i * C_)]);
     y3_ = std::move(y3);
     nn::matmul_forward(out, y3_.data(), io.w("att.o.weight"), nullptr, N, C_, C_);
   }
@@ -404,12 +393,10 @@ class DecayLayer : public MixerLayer {
                        std::map<std::string, std::vector<float>>& dact, int64_t N) const {
     std::vector<float> dy3(size_t(N * C_));
     nn::matmul_backward(dy3.data(), io.g("att.o.weight"), nullptr, dout, y3_.data(), io.w("att.o.weight"), N, C_, C_);
-    const float *zr = pre_raw(), *gr = gate_raw();
+    const float* gr = gate_raw();
     if (gr) dact["gate"].assign(size_t(N * C_), 0.0f);
-    if (zr) dact["z"].assign(size_t(N * C_), 0.0f);
     float* dgate = gr ? dact["gate"].data() : nullptr;
-    float* dz = zr ? dact["z"].data() : nullptr;
-    const int64_t G = r_.norm == Norm::RmsAll ? 1 : H(), W = C_ / G;
+    const int64_t G = H(), W = C_ / G;
     const float* lnw = io.w("att.ln_x.weight");
     float* glnw = io.g("att.ln_x.weight");
     float* glnb = r_.norm == Norm::GroupHead ? io.g("att.ln_x.bias") : nullptr;
@@ -434,24 +421,12 @@ class DecayLayer : public MixerLayer {
         const float r = rstd_[size_t(i * G + g)], mean_d = r_.norm == Norm::GroupHead ? sd / float(W) : 0.0f;
         for (int64_t j = 0; j < W; ++j) {
           const int64_t c = g * W + j;
-          const float d1 = r * (dx[size_t(j)] - mean_d - xhat_[size_t(o + c)] * sdx / float(W));
-          if (zr) {
-            const float z = zr[o + c], s = 1.0f / (1.0f + std::exp(-z));
-            dz[o + c] = d1 * y0_[size_t(o + c)] * s * (1.0f + z * (1.0f - s));
-            dy0[o + c] = d1 * z * s;
-          } else {
-            dy0[o + c] = d1;
-          }
+          dy0[o + c] = r * (dx[size_t(j)] - mean_d - xhat_[size_t(o + c)] * sdx / float(W));
         }
       }
     }
   }
 
-  const float* pre_raw() const {
-    for (const Proj& p : r_.proj)
-      if (p.role == Role::PreGate) return acts_.at(p.input).act.data();
-    return nullptr;
-  }
   const float* gate_raw() const {
     for (const Proj& p : r_.proj)
       if (p.role == Role::Gate) return acts_.at(p.input).act.data();
@@ -476,10 +451,8 @@ class DecayLayer : public MixerLayer {
       const float frac = float(h) / float(std::max<int64_t>(H() - 1, 1));
       float v = 0.0f;
       switch (init) {
-        case Init::One: v = 1.0f; break;
         case Init::Normal: v = ctx ? 0.5f * ctx->normal(ctx->rng) : 0.0f; break;
         case Init::RetnetGamma: v = 1.0f - std::exp2(-5.0f - float(h)); break;  // RetNet: 1 - 2^(-5-h)
-        case Init::MambaALog: v = std::log(1.0f + 15.0f * frac); break;          // A = -(1 .. 16)
         case Init::MambaDtBias: {  // softplus^-1 of dt log-spaced in [1e-3, 1e-1]
           const float dt = std::exp(std::log(1e-3f) + std::log(100.0f) * frac);
           v = dt + std::log(-std::expm1(-dt));
@@ -495,7 +468,7 @@ class DecayLayer : public MixerLayer {
   const MixerSpec& spec_;
   std::map<std::string, ProjAct> acts_;
   TensorMap in_;
-  std::vector<float> y0_, y1_, xhat_, rstd_, y2_, y3_;
+  std::vector<float> y0_, xhat_, rstd_, y2_, y3_;
   const float* a_ = nullptr;
 };
 
@@ -505,7 +478,7 @@ class DecayRun : public LayerRun {
  public:
   DecayRun(const DecayLayer& L, const LayerIO& io, const TensorMap& state, const LayerConfig& lc, int64_t index)
       : L_(L), r_(L.recipe()), C_(L.C()), wo_(io.w("att.o.weight")), lnw_(io.w("att.ln_x.weight")),
-        lnb_(r_.norm == Norm::GroupHead ? io.w("att.ln_x.bias") : nullptr), y_(size_t(5 * C_)),
+        lnb_(r_.norm == Norm::GroupHead ? io.w("att.ln_x.bias") : nullptr), y_(size_t(4 * C_)),
         rstd_(size_t(L.H())) {
     std::vector<std::pair<std::string, int64_t>> own_names;
     for (const Proj& p : r_.proj)
@@ -543,7 +516,7 @@ class DecayRun : public LayerRun {
   }
 
   void step(const float* a, float* out) override {
-    const float *zr = nullptr, *gr = nullptr;
+    const float* gr = nullptr;
     for (P& p : projs_) {
       const float* x = a;
       float* raw = p.raw.data();
@@ -569,12 +542,11 @@ class DecayRun : public LayerRun {
       if (p.dst)
         for (int64_t j = 0; j < p.width; ++j)
           p.dst[j] = map_f(p.p->map, act[j]) * (p.alog ? -std::exp(p.alog[j]) : 1.0f);
-      if (p.p->role == Role::PreGate) zr = act;
       if (p.p->role == Role::Gate) gr = act;
     }
-    float *y0 = y_.data(), *y1 = y0 + C_, *xh = y1 + C_, *y2 = xh + C_, *y3 = y2 + C_;
+    float *y0 = y_.data(), *xh = y0 + C_, *y2 = xh + C_, *y3 = y2 + C_;
     mix_->step(y0);
-    L_.output_row(lnw_, lnb_, y0, zr, gr, y1, xh, rstd_.data(), y2, y3);
+    L_.output_row(lnw_, lnb_, y0, gr, xh, rstd_.data(), y2, y3);
     nn::matmul_forward(out, y3, wo_, nullptr, 1, C_, C_);
   }
 

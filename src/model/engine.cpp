@@ -1,5 +1,6 @@
 // Which engine runs a model (include/linmix/engine.h): RWKV-4 (rwkv4_engine.cpp), RWKV-5/6/7
-// as BlinkDL's (rwkv_engine.cpp), Mamba as Hugging Face's (mamba_engine.cpp).
+// as BlinkDL's (rwkv_engine.cpp), Mamba as Hugging Face's (mamba_engine.cpp), Mamba-2 as mamba_ssm's
+// (mamba2_engine.cpp).
 #include "linmix/engine.h"
 
 #include "linmix/error.h"
@@ -9,6 +10,7 @@ namespace linmix {
 
 std::unique_ptr<Engine> rwkv_engine(const Model& m, WType wtype);
 std::unique_ptr<Engine> mamba_engine(const Model& m, WType wtype);
+std::unique_ptr<Engine> mamba2_engine(const Model& m, WType wtype);
 
 bool engine_supports(const ModelConfig& c, std::string* why) {
   auto no = [&](const std::string& s) {
@@ -17,15 +19,17 @@ bool engine_supports(const ModelConfig& c, std::string* why) {
   };
   const std::string& m = c.layers.empty() ? std::string() : c.layers[0].mixer;
   if (m == "rwkv4") return Rwkv4Engine::supports(c, why);
-  if (m != "rwkv5" && m != "rwkv6" && m != "rwkv7" && m != "mamba")
-    return no("layer mixer '" + m + "' has no inference engine (rwkv4, rwkv5, rwkv6, rwkv7 and mamba have)");
+  if (m != "rwkv5" && m != "rwkv6" && m != "rwkv7" && m != "mamba" && m != "mamba2")
+    return no("layer mixer '" + m + "' has no inference engine (rwkv4, rwkv5, rwkv6, rwkv7, mamba and mamba2 have)");
   for (const auto& l : c.layers)
     if (l.mixer != m) return no("the layers mix mechanisms ('" + m + "' and '" + l.mixer + "')");
   if (c.uses_pos_emb()) return no("the model has learned positions");
-  if (m == "mamba") {
+  if (m == "mamba" || m == "mamba2") {
+    for (const auto& l : c.layers)
+      if (l.params != c.layers[0].params) return no("the layers have different shapes");
     if (c.channel_mix != "none" || !c.rms() || c.ln0)
-      return no("a Mamba model runs as Hugging Face's: RMSNorm, no channel mix, no ln0 (this one has channel mix '" +
-                c.channel_mix + "', norm '" + c.norm + "')");
+      return no(std::string(m == "mamba" ? "a Mamba model runs as Hugging Face's" : "a Mamba-2 model runs as mamba_ssm's") +
+                ": RMSNorm, no channel mix, no ln0 (this one has channel mix '" + c.channel_mix + "', norm '" + c.norm + "')");
     return true;
   }
   const std::string cm = m == "rwkv5" ? "rwkv" : m;
@@ -40,6 +44,7 @@ std::unique_ptr<Engine> make_engine(const Model& m, WType wtype) {
   const std::string& mixer = m.config().layers[0].mixer;
   if (mixer == "rwkv4") return std::make_unique<Rwkv4Engine>(m, wtype);
   if (mixer == "mamba") return mamba_engine(m, wtype);
+  if (mixer == "mamba2") return mamba2_engine(m, wtype);
   return rwkv_engine(m, wtype);
 }
 

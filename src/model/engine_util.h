@@ -1,5 +1,5 @@
-// What the engines (rwkv4_engine.cpp, rwkv_engine.cpp, mamba_engine.cpp) share: LayerNorm over
-// rows, the GEMM of rows against a (possibly quantised) weight matrix, the state's validation,
+// What the engines (rwkv4_engine.cpp, rwkv_engine.cpp, mamba_engine.cpp, mamba2_engine.cpp) share:
+// LayerNorm and RMSNorm over rows, the GEMM of rows against a (possibly quantised) weight matrix, the state's validation,
 // and (RowsEngine) step / sequence around a model that runs rows.
 #pragma once
 #include <cblas.h>
@@ -36,6 +36,18 @@ inline void layernorm_rows(float* out, const float* x, const float* w, const flo
   }
 }
 
+// RMSNorm (eps 1e-5, Mamba's) of N rows, rows in parallel.
+inline void rmsnorm_rows(float* out, const float* x, const float* w, int64_t n, int64_t C) {
+#pragma omp parallel for schedule(static) if (n > 8)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * C;
+    float ms = 0;
+#pragma omp simd reduction(+ : ms)
+    for (int64_t c = 0; c < C; ++c) ms += xi[c] * xi[c];
+    const float r = 1.0f / std::sqrt(ms / float(C) + 1e-5f);
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = xi[c] * r * w[c];
+  }
+}
 // out (N,OC) (+)= in (N,IC) W^T; a quantised W is expanded into deq first (one GEMM then), and
 // one row goes through gemv (the weights streamed once).
 inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, bool accumulate, std::vector<float>& deq) {

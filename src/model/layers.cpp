@@ -131,6 +131,34 @@ void shift_backward(float* dx, const float* dout, int64_t B, int64_t T, int64_t 
       for (int64_t c = 0; c < C; ++c) dx[(b * T + t) * C + c] += dout[(b * T + t + 1) * C + c];
 }
 
+void conv4_forward(float* out, const float* x, const float* w, const float* b, int64_t B, int64_t T, int64_t E) {
+  for (int64_t bb = 0; bb < B; ++bb)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < E; ++c) {
+        float acc = b[c];
+        for (int64_t j = 0; j < 4; ++j) {
+          const int64_t s = t - 3 + j;
+          if (s >= 0) acc += w[c * 4 + j] * x[(bb * T + s) * E + c];
+        }
+        out[(bb * T + t) * E + c] = acc;
+      }
+}
+void conv4_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int64_t B,
+                    int64_t T, int64_t E) {
+  for (int64_t bb = 0; bb < B; ++bb)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < E; ++c) {
+        const float g = dout[(bb * T + t) * E + c];
+        db[c] += g;
+        for (int64_t j = 0; j < 4; ++j) {
+          const int64_t s = t - 3 + j;
+          if (s < 0) continue;
+          dw[c * 4 + j] += g * x[(bb * T + s) * E + c];
+          dx[(bb * T + s) * E + c] += g * w[c * 4 + j];
+        }
+      }
+}
+
 double crossentropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
                                      int64_t V, float scale, int64_t* counted) {
   double loss = 0;

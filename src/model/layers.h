@@ -34,6 +34,13 @@ void shift_forward(float* out, const float* x, int64_t B, int64_t T, int64_t C);
 // dx[b,t] += dout[b,t+1]
 void shift_backward(float* dx, const float* dout, int64_t B, int64_t T, int64_t C);
 
+// Mamba's short convolution: causal, depthwise, kernel 4, over (B,T,E) rows:
+// out[t,c] = b[c] + sum_j w[c,j] x[t-3+j, c] (rows before the sequence start are zeros).
+void conv4_forward(float* out, const float* x, const float* w, const float* b, int64_t B, int64_t T, int64_t E);
+// dx += , dw += , db +=
+void conv4_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int64_t B,
+                    int64_t T, int64_t E);
+
 // Cross-entropy of logits (N,V) against targets (N, -1 = ignored): returns the summed loss and
 // the number of counted rows; dlogits (N,V) = (softmax - onehot) * scale where counted.
 double crossentropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,

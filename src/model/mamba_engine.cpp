@@ -20,17 +20,6 @@ namespace {
 
 constexpr int64_t kConvK = 4;
 
-void rmsnorm_rows(float* out, const float* x, const float* w, int64_t n, int64_t C) {
-#pragma omp parallel for schedule(static) if (n > 8)
-  for (int64_t i = 0; i < n; ++i) {
-    const float* xi = x + i * C;
-    float ms = 0;
-#pragma omp simd reduction(+ : ms)
-    for (int64_t c = 0; c < C; ++c) ms += xi[c] * xi[c];
-    const float r = 1.0f / std::sqrt(ms / float(C) + 1e-5f);
-    for (int64_t c = 0; c < C; ++c) out[i * C + c] = xi[c] * r * w[c];
-  }
-}
 float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
@@ -98,7 +87,7 @@ class MambaEngine : public engine::RowsEngine {
     for (int64_t l = 0; l < L_; ++l) {
       const Layer& y = layers_[size_t(l)];
       float *hist = st.layer[size_t(l)].at("conv").ptr(), *S = st.layer[size_t(l)].at("state.h").ptr();
-      rmsnorm_rows(A_.data(), X, y.norm.data(), n, C);
+      engine::rmsnorm_rows(A_.data(), X, y.norm.data(), n, C);
       engine::matmul(UZ_.data(), A_.data(), y.in, n, false, deq_);
       // the causal conv over [history (3 rows) ; u rows], then the history keeps the last 3 rows
       float* U = U_.data();
@@ -143,10 +132,10 @@ class MambaEngine : public engine::RowsEngine {
     }
     if (!logits) return;
     if (all_logits) {
-      rmsnorm_rows(A_.data(), X, lnf_.data(), n, C);
+      engine::rmsnorm_rows(A_.data(), X, lnf_.data(), n, C);
       engine::matmul(logits, A_.data(), head_, n, false, deq_);
     } else {
-      rmsnorm_rows(A_.data(), X + (n - 1) * C, lnf_.data(), 1, C);
+      engine::rmsnorm_rows(A_.data(), X + (n - 1) * C, lnf_.data(), 1, C);
       gemv(head_, A_.data(), logits);
     }
     for (int64_t i = 0; i < (all_logits ? n : 1) * V_; ++i)

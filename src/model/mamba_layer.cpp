@@ -14,35 +14,6 @@ namespace linmix {
 
 namespace {
 
-// out[t,c] = b[c] + sum_j w[c,j] x[t-3+j, c], rows before the sequence start are zeros.
-void conv4_forward(float* out, const float* x, const float* w, const float* b, int64_t B, int64_t T, int64_t E) {
-  for (int64_t bb = 0; bb < B; ++bb)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t c = 0; c < E; ++c) {
-        float acc = b[c];
-        for (int64_t j = 0; j < 4; ++j) {
-          const int64_t s = t - 3 + j;
-          if (s >= 0) acc += w[c * 4 + j] * x[(bb * T + s) * E + c];
-        }
-        out[(bb * T + t) * E + c] = acc;
-      }
-}
-void conv4_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int64_t B,
-                    int64_t T, int64_t E) {
-  for (int64_t bb = 0; bb < B; ++bb)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t c = 0; c < E; ++c) {
-        const float g = dout[(bb * T + t) * E + c];
-        db[c] += g;
-        for (int64_t j = 0; j < 4; ++j) {
-          const int64_t s = t - 3 + j;
-          if (s < 0) continue;
-          dw[c * 4 + j] += g * x[(bb * T + s) * E + c];
-          dx[(bb * T + s) * E + c] += g * w[c * 4 + j];
-        }
-      }
-}
-
 class MambaLayer : public MixerLayer {
  public:
   MambaLayer(const ModelConfig& cfg, int64_t index)
@@ -79,7 +50,7 @@ class MambaLayer : public MixerLayer {
       std::copy(&xz_[i * 2 * Ei], &xz_[i * 2 * Ei] + Ei, &xp_[i * Ei]);
       std::copy(&xz_[i * 2 * Ei] + Ei, &xz_[(i + 1) * 2 * Ei], &z_[i * Ei]);
     }
-    conv4_forward(xc_.data(), xp_.data(), io.w("att.conv.weight"), io.w("att.conv.bias"), B, T, Ei);
+    nn::conv4_forward(xc_.data(), xp_.data(), io.w("att.conv.weight"), io.w("att.conv.bias"), B, T, Ei);
     for (int64_t i = 0; i < NR * Ei; ++i) xs_[i] = silu1(xc_[i]);
     nn::matmul_forward(dbc_.data(), xs_.data(), io.w("att.x_proj.weight"), nullptr, NR, Ei, R + 2 * N);
     for (int64_t i = 0; i < NR; ++i) std::copy(&dbc_[i * (R + 2 * N)], &dbc_[i * (R + 2 * N)] + R, &dtr_[i * R]);
@@ -113,7 +84,7 @@ class MambaLayer : public MixerLayer {
                         io.w("att.x_proj.weight"), NR, Ei, R + 2 * N, true);
     std::vector<float> dxc(NR * Ei), dxp(NR * Ei, 0.0f);
     for (int64_t i = 0; i < NR * Ei; ++i) dxc[i] = dxs[i] * dsilu1(xc_[i]);
-    conv4_backward(dxp.data(), io.g("att.conv.weight"), io.g("att.conv.bias"), dxc.data(), xp_.data(),
+    nn::conv4_backward(dxp.data(), io.g("att.conv.weight"), io.g("att.conv.bias"), dxc.data(), xp_.data(),
                    io.w("att.conv.weight"), B, T, Ei);
     for (int64_t i = 0; i < NR; ++i)
       for (int64_t c = 0; c < Ei; ++c) {

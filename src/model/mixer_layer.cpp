@@ -15,6 +15,7 @@ std::unique_ptr<MixerLayer> gau_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> mamba_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> decay_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> rwkv_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> mamba2_layer(const ModelConfig& cfg, int64_t index);
 
 namespace {
 
@@ -49,7 +50,7 @@ const std::map<std::string, Kind>& table() {
       {"rwkv5", {rwkv_layer, false, "rwkv"}},
       {"rwkv6", {rwkv_layer, false, "rwkv6"}},
       {"rwkv7", {rwkv_layer, false, "rwkv7"}},
-      {"mamba2", {decay_layer, false, "mlp"}},
+      {"mamba2", {mamba2_layer, false, "mlp"}},
   };
   return t;
 }
@@ -80,8 +81,8 @@ float* LayerIO::g(const std::string& n) const {
 
 namespace {
 // The layer's knobs, which are not the mixer's params.
-const char* const kKnobs[] = {"features", "kernel", "state", "qk_dim", "expand", "gate",  "d_mix",
-                              "d_decay",  "d_w",    "d_a",   "d_v",    "d_g",    "gn_eps", "dt_rank"};
+const char* const kKnobs[] = {"features", "kernel", "state", "qk_dim", "expand", "gate",    "d_mix",  "d_decay",
+                              "d_w",      "d_a",    "d_v",   "d_g",    "gn_eps", "dt_rank", "groups"};
 std::map<std::string, std::string> mixer_params(const LayerConfig& lc) {
   auto p = lc.params;
   for (const char* k : kKnobs) p.erase(k);

@@ -1,6 +1,8 @@
 // The token-mixing layer of a language-model block, one class per layer kind (one file each
 // under src/model/): attention-like q/k/v/o (attention_layer.cpp), AFT (aft_layer.cpp), RWKV-4
-// time-mix (rwkv4_layer.cpp), S4D (s4d_layer.cpp), GAU (gau_layer.cpp), Mamba (mamba_layer.cpp).
+// time-mix (rwkv4_layer.cpp), S4D (s4d_layer.cpp), GAU (gau_layer.cpp), Mamba (mamba_layer.cpp),
+// Mamba-2 (mamba2_layer.cpp), the decaying / delta-rule family (decay_layer.cpp), RWKV-5/6/7
+// (rwkv_layer.cpp).
 // Each declares its parameters and their initialisation, runs forward and backward on the
 // block's normalised input (keeping its own activations between the two), and starts a
 // recurrent runtime (LayerRun) with its own state. make_mixer_layer() picks the class from a

@@ -155,8 +155,11 @@ Checkpoint load_checkpoint(const std::string& path) {
   ck.tokenizer = st.metadata.count("tokenizer") ? st.metadata.at("tokenizer") : "";
   ck.kind = "linmix checkpoint";
   if (!ours && looks_like_mamba(st.tensors)) {
-    ck.model = import_mamba(std::move(st.tensors), path);
-    ck.imported = true, ck.kind = "Mamba checkpoint (imported)";
+    std::string v, groups;
+    for (const char* key : {"n_groups", "ngroups"})
+      if (st.metadata.count(key)) groups = st.metadata.at(key);
+    ck.model = import_mamba(std::move(st.tensors), path, groups, &v);
+    ck.imported = true, ck.kind = std::string(v == "2" ? "Mamba-2" : "Mamba") + " checkpoint (imported)";
     return ck;
   }
   if (!ours && looks_like_rwkv(st.tensors)) {
