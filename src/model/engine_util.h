@@ -17,6 +17,8 @@ namespace linmix::engine {
 
 // exp_fast (kernels/vmath.h, ~1 ulp) so that the loops over channels vectorise
 inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 // LayerNorm (eps 1e-5) of N rows, rows in parallel; two passes in float with SIMD partial sums.
 inline void layernorm_rows(float* out, const float* x, const float* w, const float* b, int64_t N, int64_t C) {
@@ -68,6 +70,43 @@ inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, boo
               int(W.cols), accumulate ? 1.0f : 0.0f, out, int(W.rows));
 }
 
+// X (n, C) = the embedding rows of the tokens.
+inline void embed_rows(float* X, const std::vector<float>& emb, const int32_t* tokens, int64_t n, int64_t C) {
+  for (int64_t t = 0; t < n; ++t) std::copy(&emb[size_t(tokens[t] * C)], &emb[size_t((tokens[t] + 1) * C)], X + t * C);
+}
+// The logits of the residual rows X (n, C): norm(out, x, rows) normalises rows into buf, then the
+// head: every row's (n, V) by one GEMM when all, else the last row's (V) by gemv. Non-finite
+// logits are an Error.
+template <class Norm>
+void head_logits(float* logits, float* buf, const float* X, int64_t n, int64_t C, int64_t V, bool all,
+                 const QMatrix& head, std::vector<float>& deq, Norm norm) {
+  if (all) {
+    norm(buf, X, n);
+    matmul(logits, buf, head, n, false, deq);
+  } else {
+    norm(buf, X + (n - 1) * C, 1);
+    gemv(head, buf, logits);
+  }
+  for (int64_t i = 0; i < (all ? n : 1) * V; ++i)
+    LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
+}
+// Mamba's convolution (causal, depthwise, kernel 4, bias, then SiLU) over n rows of W channels,
+// row t read at in + t stride, continuing the history hist (the previous 3 rows, oldest first):
+// out (n, W); hist then holds the last 3 rows of [hist ; rows] (tmp: 3 W floats).
+inline void conv4_silu_rows(float* out, const float* in, int64_t stride, float* hist, const float* w, const float* b,
+                            int64_t n, int64_t W, float* tmp) {
+  auto row = [&](int64_t s, int64_t c) { return s >= 0 ? in[s * stride + c] : hist[(3 + s) * W + c]; };
+#pragma omp parallel for schedule(static) if (n >= 16)
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < W; ++c) {
+      float acc = b[c];
+      for (int64_t j = 0; j < 4; ++j) acc += w[c * 4 + j] * row(t - 3 + j, c);
+      out[t * W + c] = acc / (1.0f + std::exp(-acc));
+    }
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t c = 0; c < W; ++c) tmp[r * W + c] = row(n - 3 + r, c);
+  std::copy(tmp, tmp + 3 * W, hist);
+}
 // One tensor of a layer's engine state: its name, the shape a fresh state gets, its fill.
 struct StateEntry {
   const char* name;

@@ -22,10 +22,10 @@ namespace linmix {
 
 namespace {
 
+using engine::silu;
+using engine::softplus;
 constexpr int64_t kConvK = 4;
 
-float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 class Mamba2Engine : public engine::RowsEngine {
  public:
@@ -87,32 +87,16 @@ class Mamba2Engine : public engine::RowsEngine {
     grow(n);
     const int64_t C = C_, E = E_, Wc = Wc_, Win = Win_;
     float* X = X_.data();
-    for (int64_t t = 0; t < n; ++t) std::copy(&emb_[size_t(tokens[t] * C)], &emb_[size_t((tokens[t] + 1) * C)], X + t * C);
+    engine::embed_rows(X, emb_, tokens, n, C);
     for (int64_t l = 0; l < L_; ++l) {
       const Layer& y = layers_[size_t(l)];
       TensorMap& ls = st.layer[size_t(l)];
       float* hist = ls.at("conv").ptr();
       engine::rmsnorm_rows(A_.data(), X, y.norm.data(), n, C);
       engine::matmul(ZX_.data(), A_.data(), y.in, n, false, deq_);
-      // the causal conv over [history (3 rows) ; xBC rows], then the history keeps the last 3 rows
-      float* XS = XS_.data();
-#pragma omp parallel for schedule(static) if (n >= 16)
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t c = 0; c < Wc; ++c) {
-          float acc = y.conv_b[size_t(c)];
-          for (int64_t j = 0; j < kConvK; ++j) {
-            const int64_t s = t - (kConvK - 1) + j;  // row s of xBC, or history row 3 + s
-            const float v = s >= 0 ? ZX_[size_t(s * Win + E + c)] : hist[(3 + s) * Wc + c];
-            acc += y.conv[size_t(c * kConvK + j)] * v;
-          }
-          XS[t * Wc + c] = silu(acc);
-        }
-      for (int64_t r = 0; r < 3; ++r) {  // new history: the last 3 rows of [history ; xBC]
-        const int64_t s = n - 3 + r;
-        for (int64_t c = 0; c < Wc; ++c)
-          hist_tmp_[size_t(r * Wc + c)] = s >= 0 ? ZX_[size_t(s * Win + E + c)] : hist[(3 + s) * Wc + c];
-      }
-      std::copy(hist_tmp_.begin(), hist_tmp_.begin() + 3 * Wc, hist);
+      // the conv over xBC's rows continuing the history
+      engine::conv4_silu_rows(XS_.data(), ZX_.data() + E, Win, hist, y.conv.data(), y.conv_b.data(), n, Wc,
+                              hist_tmp_.data());
       if (n == 1) ssd_step(y, ls.at("state.h").ptr());
       else ssd_chunked(y, n, ls);
       // the gated RMSNorm per group, rows in parallel
@@ -133,15 +117,9 @@ class Mamba2Engine : public engine::RowsEngine {
       engine::matmul(X, Y_.data(), y.out, n, true, deq_);
     }
     if (!logits) return;
-    if (all_logits) {
-      engine::rmsnorm_rows(A_.data(), X, lnf_.data(), n, C);
-      engine::matmul(logits, A_.data(), head_, n, false, deq_);
-    } else {
-      engine::rmsnorm_rows(A_.data(), X + (n - 1) * C, lnf_.data(), 1, C);
-      gemv(head_, A_.data(), logits);
-    }
-    for (int64_t i = 0; i < (all_logits ? n : 1) * V_; ++i)
-      LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
+    engine::head_logits(logits, A_.data(), X, n, C, V_, all_logits, head_, deq_, [&](float* o, const float* x, int64_t k) {
+      engine::rmsnorm_rows(o, x, lnf_.data(), k, C);
+    });
   }
 
   // One token: the recurrence per head on the state s (H, P, N), into Y_ (E).

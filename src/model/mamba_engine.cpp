@@ -18,10 +18,10 @@ namespace linmix {
 
 namespace {
 
+using engine::silu;
+using engine::softplus;
 constexpr int64_t kConvK = 4;
 
-float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 class MambaEngine : public engine::RowsEngine {
  public:
@@ -83,30 +83,14 @@ class MambaEngine : public engine::RowsEngine {
     grow(n);
     const int64_t C = C_, E = E_, N = N_, R = R_, W = R + 2 * N;
     float* X = X_.data();
-    for (int64_t t = 0; t < n; ++t) std::copy(&emb_[size_t(tokens[t] * C)], &emb_[size_t((tokens[t] + 1) * C)], X + t * C);
+    engine::embed_rows(X, emb_, tokens, n, C);
     for (int64_t l = 0; l < L_; ++l) {
       const Layer& y = layers_[size_t(l)];
       float *hist = st.layer[size_t(l)].at("conv").ptr(), *S = st.layer[size_t(l)].at("state.h").ptr();
       engine::rmsnorm_rows(A_.data(), X, y.norm.data(), n, C);
       engine::matmul(UZ_.data(), A_.data(), y.in, n, false, deq_);
-      // the causal conv over [history (3 rows) ; u rows], then the history keeps the last 3 rows
-      float* U = U_.data();
-#pragma omp parallel for schedule(static) if (n >= 16)
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t e = 0; e < E; ++e) {
-          float acc = y.conv_b[size_t(e)];
-          for (int64_t j = 0; j < kConvK; ++j) {
-            const int64_t s = t - (kConvK - 1) + j;  // row s of u, or history row 3 + s
-            const float v = s >= 0 ? UZ_[size_t(s * 2 * E + e)] : hist[(3 + s) * E + e];
-            acc += y.conv[size_t(e * kConvK + j)] * v;
-          }
-          U[t * E + e] = silu(acc);
-        }
-      for (int64_t r = 0; r < 3; ++r) {  // new history: the last 3 rows of [history ; u]
-        const int64_t s = n - 3 + r;
-        for (int64_t e = 0; e < E; ++e) hist_tmp_[size_t(r * E + e)] = s >= 0 ? UZ_[size_t(s * 2 * E + e)] : hist[(3 + s) * E + e];
-      }
-      std::copy(hist_tmp_.begin(), hist_tmp_.begin() + 3 * E, hist);
+      float* U = U_.data();  // the conv over u's rows continuing the history
+      engine::conv4_silu_rows(U, UZ_.data(), 2 * E, hist, y.conv.data(), y.conv_b.data(), n, E, hist_tmp_.data());
       engine::matmul(DBC_.data(), U, y.xp, n, false, deq_);
       for (int64_t t = 0; t < n; ++t) std::copy(&DBC_[size_t(t * W)], &DBC_[size_t(t * W + R)], &XR_[size_t(t * R)]);
       engine::matmul(DT_.data(), XR_.data(), y.dtp, n, false, deq_);
@@ -131,15 +115,9 @@ class MambaEngine : public engine::RowsEngine {
       engine::matmul(X, Y_.data(), y.out, n, true, deq_);
     }
     if (!logits) return;
-    if (all_logits) {
-      engine::rmsnorm_rows(A_.data(), X, lnf_.data(), n, C);
-      engine::matmul(logits, A_.data(), head_, n, false, deq_);
-    } else {
-      engine::rmsnorm_rows(A_.data(), X + (n - 1) * C, lnf_.data(), 1, C);
-      gemv(head_, A_.data(), logits);
-    }
-    for (int64_t i = 0; i < (all_logits ? n : 1) * V_; ++i)
-      LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
+    engine::head_logits(logits, A_.data(), X, n, C, V_, all_logits, head_, deq_, [&](float* o, const float* x, int64_t k) {
+      engine::rmsnorm_rows(o, x, lnf_.data(), k, C);
+    });
   }
 
   ModelConfig cfg_;

@@ -195,22 +195,16 @@ class RwkvEngine : public engine::RowsEngine {
     grow(n);
     const int64_t C = C_;
     float* X = X_.data();
-    for (int64_t t = 0; t < n; ++t) std::copy(&emb_[size_t(tokens[t] * C)], &emb_[size_t((tokens[t] + 1) * C)], X + t * C);
+    engine::embed_rows(X, emb_, tokens, n, C);
     layernorm_rows(X, X, ln0w_.data(), ln0b_.data(), n, C);
     for (int64_t l = 0; l < L_; ++l) {
       time_mix(layers_[size_t(l)], l, n, st.layer[size_t(l)]);
       channel_mix(layers_[size_t(l)], n, st.ffn_prev[size_t(l)].data());
     }
     if (!logits) return;
-    if (all_logits) {
-      layernorm_rows(U_.data(), X, lnfw_.data(), lnfb_.data(), n, C);
-      engine::matmul(logits, U_.data(), head_, n, false, deq_);
-    } else {
-      layernorm_rows(U_.data(), X + (n - 1) * C, lnfw_.data(), lnfb_.data(), 1, C);
-      gemv(head_, U_.data(), logits);
-    }
-    for (int64_t i = 0; i < (all_logits ? n : 1) * V_; ++i)
-      LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
+    engine::head_logits(logits, U_.data(), X, n, C, V_, all_logits, head_, deq_, [&](float* o, const float* x, int64_t k) {
+      layernorm_rows(o, x, lnfw_.data(), lnfb_.data(), k, C);
+    });
   }
 
   // The products of one stage: for one row (decode) gathered and run as one gemv_many (one
