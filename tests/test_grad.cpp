@@ -52,7 +52,8 @@ std::map<std::string, int64_t> dims_for(const Case& c, int64_t T) {
 
 TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
   // mechanisms whose parallel form starts from a given state: a random one, so that every
-  // gradient test also checks d(state.*)
+  // gradient test also checks d(state.*); and a random gradient of the final state (dfinal.*,
+  // fla's dht) beside dy
   const MixerSpec& spec = find_mixer(c.mixer);
   std::map<std::string, int64_t> dims;
   if (spec.state_all_modes) {
@@ -66,6 +67,8 @@ TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
   std::normal_distribution<float> normal;
   for (float& x : dy.data) x = normal(rng);
   in["dy"] = std::move(dy);
+  if (spec.state_all_modes)
+    for (const auto& [n, t] : example_state(spec, dims, seed + 8)) in["dfinal." + n.substr(6)] = t;
   return in;
 }
 
@@ -106,15 +109,17 @@ TEST_P(Grad, ReferenceBackwardMatchesFiniteDifferences) {
   const TensorMap in = with_dy(example_inputs(spec, dims_for(c, 5), 17), c, 18);
   const TensorMap g = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in, true);
   std::map<std::string, std::vector<double>> x64;
+  TensorMap in_nody;  // the call's inputs (and initial state) without the output gradients
   for (const auto& [n, t] : in)
-    if (n != "dy") x64[n] = std::vector<double>(t.data.begin(), t.data.end());
-  const Tensor& dy = in.at("dy");
-  TensorMap in_nody = in;
-  in_nody.erase("dy");
+    if (n != "dy" && n.rfind("dfinal.", 0) != 0) x64[n] = std::vector<double>(t.data.begin(), t.data.end()), in_nody[n] = t;
+  // loss = sum y dy + sum final state dfinal, from the float64 reference's outputs
   auto loss = [&](const std::map<std::string, std::vector<double>>& x) {
-    const std::vector<double> y = reference_f64(c.mixer, c.causal, c.params, in_nody, x);
+    const auto out = reference_f64_all(c.mixer, c.causal, c.params, in_nody, x, nullptr);
     double l = 0;
-    for (size_t i = 0; i < y.size(); ++i) l += y[i] * dy.data[i];
+    for (const auto& [n, v] : out) {
+      const Tensor& d = n == "y" ? in.at("dy") : in.at("dfinal." + n.substr(6));
+      for (size_t i = 0; i < v.size(); ++i) l += v[i] * d.data[i];
+    }
     return l;
   };
   for (const auto& [n, vals] : x64) {

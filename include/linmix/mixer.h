@@ -93,6 +93,12 @@ struct MixerSpec {
   // The reference on float64 inputs (same names as the call's tensors), returning y: what
   // finite-difference checks perturb.
   std::function<std::vector<double>(const Call&, const std::map<std::string, std::vector<double>>&)> reference64;
+  // The reference on float64 values x (as reference64), returning y and the final state.* (where
+  // state_all_modes); with dout (the gradient of the loss with respect to y followed by the
+  // final states, in spec.state order) also d<name> of every tensor of x, in float64 (the tape).
+  std::function<std::map<std::string, std::vector<double>>(const Call&, const std::map<std::string, std::vector<double>>&,
+                                                           const std::vector<double>& dout)>
+      reference64_grad;
   // The recurrent form, one token at a time (where defined): stepper(call), given a validated
   // recurrent call with B = 1 and T = 1, returns a Stepper that keeps the state of one sequence
   // itself. step(y) reads the call's per-token input tensors (the caller overwrites their values
@@ -148,6 +154,15 @@ std::vector<double> reference_f64(const std::string& name, bool causal,
                                   const std::map<std::string, std::string>& raw_params, const TensorMap& in,
                                   const std::map<std::string, std::vector<double>>& x64);
 
+// reference_f64 returning every output in float64: "y", the final "state.<name>" (state_all_modes)
+// and, when dout is given (name -> values: "dy" and optionally "dfinal.<name>", the gradient of
+// the final state), "d<name>" of every tensor of x64 (the float64 tape). x64 holds every input
+// tensor of the call (and its state.* when given); `in` gives the shapes and is validated.
+std::map<std::string, std::vector<double>> reference_f64_all(const std::string& name, bool causal,
+                                                             const std::map<std::string, std::string>& raw_params,
+                                                             const TensorMap& in,
+                                                             const std::map<std::string, std::vector<double>>& x64,
+                                                             const std::map<std::string, std::vector<double>>* dout);
 // The concrete shape of symbolic dims ("B,T,C") under a call's bound dims.
 std::vector<int64_t> dims_shape(const std::string& dims, const Call& c);
 

@@ -258,12 +258,13 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
 
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
                     const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
-                    bool shift) {
+                    bool shift, const float* dST) {
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
   std::vector<Cum> c(L * D), cp(L * D);
   std::vector<float> qd(L * D), kt(L * D), A(L * L), dA(L * L), dkt(L * D), dc(L * D),
       dcp(L * D), dcL(D), dS(D * E, 0.0f);
+  if (dST) std::copy(dST, dST + D * E, dS.begin());  // the sweep starts from the final state's gradient
   std::vector<float> states(chunks.size() * D * E);  // the state at every chunk start
   {
     std::vector<float> S(S0, S0 + D * E);
@@ -403,7 +404,7 @@ void dplr_forward(float* y, float* S, const float* r, const float* w, const floa
 
 void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float* db, float* dS0, const float* dy,
                    const float* S0, const float* r, const float* w, const float* k, const float* v, const float* a,
-                   const float* b, int64_t T, int64_t D, int64_t E) {
+                   const float* b, int64_t T, int64_t D, int64_t E, const float* dST) {
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
   DplrChunk z(D, E);
@@ -426,6 +427,7 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     gemm_tn_acc(S.data(), z.bt.data(), z.U.data(), D, E, n, D, E, E);
   }
   std::vector<float> dS(D * E, 0.0f), dU(L * E), dR(L * E), dA(L * L), tmp(L * D), dc(L * D), dcp(L * D), dcL(D);
+  if (dST) std::copy(dST, dST + D * E, dS.begin());  // the sweep starts from the final state's gradient
   for (size_t i = chunks.size(); i-- > 0;) {
     const int64_t t0 = chunks[i].t0, n = chunks[i].n;
     const int64_t oD = t0 * D, oE = t0 * E;

@@ -46,18 +46,18 @@ inline double dplr_flops(double T, double D, double E) {
 // entry and after the last token on return. g <= 0 (log decays), one row per token.
 void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
                    int64_t D, int64_t E, bool shift);
-// Backward of gated_forward from the initial state S0 (D,E): given dy (T,E), writes dq, dk, dg
-// (T,D), dv (T,E), dS0 (D,E).
+// Backward of gated_forward from the initial state S0 (D,E): given dy (T,E) and the gradient of
+// the final state dST (D,E; null = zeros: fla's dht), writes dq, dk, dg (T,D), dv (T,E), dS0 (D,E).
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
                     const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
-                    bool shift);
+                    bool shift, const float* dST = nullptr);
 
 // One head. r, w, k, a, b: (T,D); v: (T,E); y: (T,E) written; S (D,E) in and out as above.
 void dplr_forward(float* y, float* S, const float* r, const float* w, const float* k, const float* v, const float* a,
                   const float* b, int64_t T, int64_t D, int64_t E);
 void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float* db, float* dS0, const float* dy,
                    const float* S0, const float* r, const float* w, const float* k, const float* v, const float* a,
-                   const float* b, int64_t T, int64_t D, int64_t E);
+                   const float* b, int64_t T, int64_t D, int64_t E, const float* dST = nullptr);
 
 // The recurrent steps (one token, one head; allocation-free).
 // gated: S = diag(e^{g}) S + k v^T, y = S^T q (shift: y = S_old^T q, read before the update).

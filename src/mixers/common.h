@@ -139,67 +139,86 @@ const S* opt_in(const RefIn<S>& x, const char* name) {
   auto it = x.find(name);
   return it == x.end() ? nullptr : it->second.data();
 }
-inline bool is_input_name(const std::string& n) { return n != "dy" && n.rfind("state.", 0) != 0; }
+inline bool is_input_name(const std::string& n) {
+  return n != "dy" && n.rfind("state.", 0) != 0 && n.rfind("dfinal.", 0) != 0;
+}
 
-// Installs spec.reference (float64) and spec.reference_grad (the same template run on
-// ad::Var, differentiated by the tape) from one generic reference
+// Installs spec.reference (float64 inside), spec.reference64 (float64 values in, y out),
+// spec.reference64_grad (the same template run on ad::Var, differentiated by the tape, float64
+// in and out) and spec.reference_grad (its float view) from one generic reference
 //   f(const Call&, const RefIn<S>&) -> std::vector<S> y  (laid out as spec.y_dims).
 // With spec.state_all_modes, f also sees the call's state.* tensors (the state before token 0,
 // absent = zeros) and returns y followed by the final state tensors in spec.state order; the
-// reference then returns them as state.*, and the tape gives d(state.*) too.
+// reference then returns them as state.*, the tape gives d(state.*) too, and the gradient of
+// the final state (dfinal.*, fla's dht) enters the loss beside dy.
 template <class F>
 void set_reference(MixerSpec& s, F f) {
   const std::string yd = s.y_dims;
   const bool with_state = s.state_all_modes;
-  std::vector<std::pair<std::string, std::string>> states;  // name, dims
-  for (const auto& t : s.state) states.emplace_back("state." + t.name, t.dims);
+  std::vector<std::pair<std::string, std::string>> outs{{"y", yd}};  // f's outputs in order: name, dims
+  for (const auto& t : s.state)
+    if (with_state) outs.emplace_back("state." + t.name, t.dims);
   auto input = [with_state](const std::string& n) { return is_input_name(n) || (with_state && n.rfind("state.", 0) == 0); };
+  // f's flat output split by name
+  auto split = [outs](const Call& c, const std::vector<double>& all) {
+    std::map<std::string, std::vector<double>> out;
+    size_t at = 0;
+    for (const auto& [n, d] : outs) {
+      const size_t m = size_t(numel_of(dims_shape(d, c)));
+      LINMIX_CHECK(all.size() >= at + m, "reference: output '" + n + "' missing");
+      out[n].assign(all.begin() + int64_t(at), all.begin() + int64_t(at + m));
+      at += m;
+    }
+    return out;
+  };
   s.reference64 = [f, yd](const Call& c, const RefIn<double>& x) {
     std::vector<double> y = f(c, x);
     y.resize(size_t(numel_of(dims_shape(yd, c))));
     return y;
   };
-  s.reference = [f, yd, input, with_state, states](const Call& c) {
-    RefIn<double> x;
-    for (const auto& [n, t] : c.in)
-      if (input(n)) x[n] = to_double(t);
-    const std::vector<double> all = f(c, x);
-    const auto ys = dims_shape(yd, c);
-    const size_t ny = size_t(numel_of(ys));
-    TensorMap out{{"y", from_double(ys, {all.begin(), all.begin() + int64_t(ny)})}};
-    if (with_state) {
-      size_t at = ny;
-      for (const auto& [n, d] : states) {
-        const auto sh = dims_shape(d, c);
-        const size_t m = size_t(numel_of(sh));
-        LINMIX_CHECK(all.size() >= at + m, "reference: final state '" + n + "' missing");
-        out[n] = from_double(sh, {all.begin() + int64_t(at), all.begin() + int64_t(at + m)});
-        at += m;
-      }
+  s.reference64_grad = [f, split](const Call& c, const RefIn<double>& x, const std::vector<double>& dout) {
+    if (dout.empty()) return split(c, f(c, x));
+    ad::TapeScope scope;
+    RefIn<ad::Var> xv;
+    for (const auto& [n, v] : x)
+      for (double e : v) xv[n].push_back(ad::Var::leaf(e));
+    const std::vector<ad::Var> y = f(c, xv);
+    ad::Var loss = 0.0;
+    for (size_t i = 0; i < std::min(y.size(), dout.size()); ++i) loss += y[i] * dout[i];
+    const std::vector<double> g = ad::backward(scope.tape, loss);
+    std::vector<double> vals(y.size());
+    for (size_t i = 0; i < y.size(); ++i) vals[i] = y[i].v;
+    auto out = split(c, vals);
+    for (const auto& [n, vars] : xv) {
+      auto& d = out["d" + n];
+      d.resize(vars.size());
+      for (size_t i = 0; i < vars.size(); ++i) d[i] = vars[i].i < 0 ? 0.0 : g[vars[i].i];
     }
     return out;
   };
-  s.reference_grad = [f, yd, input](const Call& c, const Tensor& dy) {
-    ad::TapeScope scope;
-    RefIn<ad::Var> x;
-    for (const auto& [n, t] : c.in) {
-      if (!input(n)) continue;
-      auto& v = x[n];
-      for (float e : t.data) v.push_back(ad::Var::leaf(e));
-    }
-    const std::vector<ad::Var> y = f(c, x);
-    ad::Var loss = 0.0;
-    for (size_t i = 0; i < size_t(dy.numel()); ++i) loss += y[i] * double(dy.data[i]);
-    const std::vector<double> g = ad::backward(scope.tape, loss);
+  s.reference = [f, split, input, outs](const Call& c) {
+    RefIn<double> x;
+    for (const auto& [n, t] : c.in)
+      if (input(n)) x[n] = to_double(t);
+    const auto all = split(c, f(c, x));
     TensorMap out;
-    Tensor yt(dims_shape(yd, c));
-    for (size_t i = 0; i < size_t(yt.numel()); ++i) yt.data[i] = float(y[i].v);
-    out["y"] = std::move(yt);
-    for (const auto& [n, vars] : x) {
-      Tensor gt(c.in.at(n).shape);
-      for (size_t i = 0; i < vars.size(); ++i) gt.data[i] = vars[i].i < 0 ? 0.0f : float(g[vars[i].i]);
-      out["d" + n] = std::move(gt);
+    for (const auto& [n, d] : outs) out[n] = from_double(dims_shape(d, c), all.at(n));
+    return out;
+  };
+  // float view: dy (and dfinal.*) as the output gradient; y and d<input> back as float
+  s.reference_grad = [g64 = s.reference64_grad, input, outs](const Call& c, const Tensor& dy) {
+    RefIn<double> x;
+    for (const auto& [n, t] : c.in)
+      if (input(n)) x[n] = to_double(t);
+    std::vector<double> dout = to_double(dy);
+    for (size_t i = 1; i < outs.size(); ++i) {  // the final states' gradients, zeros when absent
+      const std::string dn = "dfinal." + outs[i].first.substr(6);
+      const auto d = c.has(dn) ? to_double(c.t(dn)) : std::vector<double>(size_t(numel_of(dims_shape(outs[i].second, c))), 0.0);
+      dout.insert(dout.end(), d.begin(), d.end());
     }
+    const auto all = g64(c, x, dout);
+    TensorMap out{{"y", from_double(dims_shape(outs[0].second, c), all.at("y"))}};
+    for (const auto& [n, v] : x) out["d" + n] = from_double(c.in.at(n).shape, all.at("d" + n));
     return out;
   };
 }

@@ -56,17 +56,26 @@ void each_head(int64_t B, int64_t H, F f) {
 // One head of a gated mechanism (kernels/decay_chunk.h gated_*): prep fills the kernel's
 // operands (q with the read-out scale folded in, k, g: (T,Dk); v: (T,E); S0: (Dk,E)); the
 // driver runs the chunked forward (y, the final S) and, with dy, the backward (dq, dk, dg,
-// dv, dS0, with respect to the operands); post maps them to the mechanism's tensors.
+// dv, dS0, with respect to the operands); post maps them to the mechanism's tensors. dST, the
+// gradient of the final state (fla's dht), is the call's dfinal.S of the head unless prep fills it
+// (a state of another layout); empty: zeros.
 struct GatedHead {
   int64_t b = 0, h = 0;
-  std::vector<float> q, k, v, g, S0, y, S, dy, dq, dk, dv, dg, dS0;
+  std::vector<float> q, k, v, g, S0, y, S, dy, dST, dq, dk, dv, dg, dS0;
 };
+// The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
+template <class Z>
+void final_grad(Z& z, const Call& c, int64_t n) {
+  if (!z.dST.empty() || !c.has("dfinal.S")) return;
+  const float* p = c.t("dfinal.S").ptr() + (z.b * c.d("H") + z.h) * n;
+  z.dST.assign(p, p + n);
+}
 template <class Prep, class Post>
 void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool shift, Prep prep, Post post) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
   each_head(B, H, [&](int64_t b, int64_t h) {
     thread_local GatedHead z;  // buffers reused across heads and calls
-    z.b = b, z.h = h, z.dy.clear();
+    z.b = b, z.h = h, z.dy.clear(), z.dST.clear();
     prep(z);
     z.S = z.S0;
     z.y.resize(size_t(T * E));
@@ -75,8 +84,9 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
       if (z.dy.empty()) rows_into(z.dy, *dy, b, h, T, H, E);  // prep may give the kernel's own dy
       z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
       z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
+      final_grad(z, c, Dk * E);
       gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
-                     z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift);
+                     z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift, z.dST.empty() ? nullptr : z.dST.data());
     }
     post(z);
   });
@@ -85,14 +95,14 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
 // One head of a delta-rule mechanism (kernels/decay_chunk.h dplr_*), as GatedHead.
 struct DplrHead {
   int64_t b = 0, h = 0;
-  std::vector<float> r, w, k, v, a, bb, S0, y, S, dy, dr, dw, dk, dv, da, db, dS0;
+  std::vector<float> r, w, k, v, a, bb, S0, y, S, dy, dST, dr, dw, dk, dv, da, db, dS0;
 };
 template <class Prep, class Post>
 void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep, Post post) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
   each_head(B, H, [&](int64_t b, int64_t h) {
     thread_local DplrHead z;  // buffers reused across heads and calls
-    z.b = b, z.h = h, z.dy.clear();
+    z.b = b, z.h = h, z.dy.clear(), z.dST.clear();
     prep(z);
     z.S = z.S0;
     z.y.resize(size_t(T * E));
@@ -102,9 +112,10 @@ void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep
       rows_into(z.dy, *dy, b, h, T, H, E);
       for (auto* x : {&z.dr, &z.dw, &z.dk, &z.da, &z.db}) x->resize(size_t(T * D));
       z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(D * E));
+      final_grad(z, c, D * E);
       dplr_backward(z.dr.data(), z.dw.data(), z.dk.data(), z.dv.data(), z.da.data(), z.db.data(), z.dS0.data(),
                     z.dy.data(), z.S0.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(),
-                    T, D, E);
+                    T, D, E, z.dST.empty() ? nullptr : z.dST.data());
     }
     post(z);
   });

@@ -98,6 +98,12 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
       for (int64_t e = 0; e < E; ++e)
         for (int64_t n = 0; n < N; ++n) z.S0[n * E + e] = h0[e * N + n];
     }
+    if (dy && c.has("dfinal.h")) {  // the final state's gradient, key-first too
+      const float* d = c.t("dfinal.h").ptr() + (b * H + h) * E * N;
+      z.dST.resize(size_t(N * E));
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t n = 0; n < N; ++n) z.dST[n * E + e] = d[e * N + n];
+    }
     if (dy && zz) {  // the kernel's dy: through the gate
       z.dy = head_rows(*dy, b, h, T, H, E);
       for (int64_t t = 0; t < T; ++t)

@@ -202,6 +202,12 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
     allowed.insert("dy");
     LINMIX_CHECK(in.count("dy"), "--grad needs the tensor 'dy' (the gradient of the loss with respect to y, shaped like y)");
     bind_dims("dy", spec.y_dims, in.at("dy"), call.dims);
+    if (spec.state_all_modes)  // optional: the gradient of the final state (fla's dht), shaped like it
+      for (const auto& ts : spec.state) {
+        const std::string dn = "dfinal." + ts.name;
+        allowed.insert(dn);
+        if (in.count(dn)) bind_dims(dn, ts.dims, in.at(dn), call.dims);
+      }
   }
   for (const auto& [tn, t] : in) {
     LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'" +
@@ -229,6 +235,34 @@ std::vector<double> reference_f64(const std::string& name, bool causal,
     LINMIX_CHECK(in.count(n) && static_cast<int64_t>(v.size()) == in.at(n).numel(),
                  "reference_f64: '" + n + "' does not match the call's tensors");
   return spec.reference64(call, x64);
+}
+
+std::map<std::string, std::vector<double>> reference_f64_all(const std::string& name, bool causal,
+                                                             const std::map<std::string, std::string>& raw_params,
+                                                             const TensorMap& in,
+                                                             const std::map<std::string, std::vector<double>>& x64,
+                                                             const std::map<std::string, std::vector<double>>* dout) {
+  const MixerSpec& spec = find_mixer(name);
+  LINMIX_CHECK(spec.reference64_grad, "mixer '" + name + "' has no float64 reference");
+  const Call call = validate(spec, Mode::Reference, causal, raw_params, in, false);
+  for (const auto& [n, t] : in)
+    LINMIX_CHECK(x64.count(n) && static_cast<int64_t>(x64.at(n).size()) == t.numel(),
+                 "reference_f64_all: no float64 values for '" + n + "' of its size");
+  std::vector<double> d;
+  if (dout) {
+    auto add = [&](const std::string& n, const std::vector<int64_t>& shape) {
+      const int64_t m = numel_of(shape);
+      auto it = dout->find(n);
+      LINMIX_CHECK(it == dout->end() || static_cast<int64_t>(it->second.size()) == m,
+                   "reference_f64_all: '" + n + "' should have " + std::to_string(m) + " values");
+      if (it == dout->end()) d.insert(d.end(), size_t(m), 0.0);
+      else d.insert(d.end(), it->second.begin(), it->second.end());
+    };
+    add("dy", dims_shape(spec.y_dims, call));
+    if (spec.state_all_modes)
+      for (const auto& ts : spec.state) add("dfinal." + ts.name, dims_shape(ts.dims, call));
+  }
+  return spec.reference64_grad(call, x64, d);
 }
 
 Call validate_call(const std::string& name, Mode mode, bool causal,
