@@ -1,0 +1,162 @@
+// linmix._C: the PyTorch extension over the linmix library (python/linmix/ is the package around
+// it). Three calls, everything else is Python:
+//   mixers_json()                  the registry (linmix mixers --json)
+//   run(name, mode, causal, params, tensors, grad, threads)
+//                                  a float32 call of the mechanism's parallel / recurrent form
+//                                  (with grad: its hand-written backward; tensors then hold dy
+//                                  and optionally dfinal.<state>); returns y, state.*, d<name>
+//   run64(name, causal, params, tensors, dout, threads)
+//                                  the float64 reference on float64 tensors, and with dout
+//                                  (dy, dfinal.<state>) its gradients from the float64 tape
+// Tensors are CPU and contiguous (the Python side makes them so); they are copied in and out.
+// linmix::Error becomes ValueError (one line, naming the tensor); the GIL is released while
+// the mechanism runs.
+#include <torch/extension.h>
+
+#include <map>
+#include <string>
+
+#include "linmix/bench.h"
+#include "linmix/error.h"
+#include "linmix/mixer.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using linmix::Tensor;
+using linmix::TensorMap;
+
+std::vector<int64_t> shape_of(const at::Tensor& t) { return {t.sizes().begin(), t.sizes().end()}; }
+
+void check_cpu(const std::string& name, const at::Tensor& t, at::ScalarType want) {
+  if (t.device().type() != at::kCPU) throw linmix::Error("tensor '" + name + "' is on " + t.device().str() + ", linmix runs on the CPU");
+  if (t.scalar_type() != want)
+    throw linmix::Error("tensor '" + name + "' is " + std::string(c10::toString(t.scalar_type())) + ", expected " +
+                        c10::toString(want));
+}
+
+Tensor to_linmix(const std::string& name, const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kFloat).contiguous();
+  Tensor out(shape_of(c));
+  std::memcpy(out.data.data(), c.data_ptr<float>(), sizeof(float) * size_t(out.numel()));
+  (void)name;
+  return out;
+}
+
+at::Tensor to_torch(const Tensor& t) {
+  at::Tensor out = at::empty(t.shape, at::kFloat);
+  std::memcpy(out.data_ptr<float>(), t.data.data(), sizeof(float) * size_t(t.numel()));
+  return out;
+}
+
+at::Tensor to_torch64(const std::vector<double>& v, const std::vector<int64_t>& shape) {
+  at::Tensor out = at::empty(shape, at::kDouble);
+  TORCH_CHECK(out.numel() == int64_t(v.size()), "linmix: output size mismatch");
+  std::memcpy(out.data_ptr<double>(), v.data(), sizeof(double) * v.size());
+  return out;
+}
+
+std::map<std::string, at::Tensor> run(const std::string& name, const std::string& mode, bool causal,
+                                      const std::map<std::string, std::string>& params,
+                                      const std::map<std::string, at::Tensor>& tensors, bool grad, int threads) {
+  TensorMap in;
+  for (const auto& [n, t] : tensors) {
+    check_cpu(n, t, at::kFloat);
+    in[n] = to_linmix(n, t);
+  }
+  TensorMap out;
+  {
+    py::gil_scoped_release nogil;
+    if (threads > 0) linmix::set_threads(threads);
+    out = linmix::run_mixer(name, linmix::parse_mode(mode), causal, params, in, grad);
+  }
+  std::map<std::string, at::Tensor> res;
+  for (const auto& [n, t] : out) res[n] = to_torch(t);
+  return res;
+}
+
+std::map<std::string, at::Tensor> run64(const std::string& name, bool causal, const std::map<std::string, std::string>& params,
+                                        const std::map<std::string, at::Tensor>& tensors,
+                                        const std::optional<std::map<std::string, at::Tensor>>& dout, int threads) {
+  TensorMap in;  // float32 views give the call its shapes and its checks
+  std::map<std::string, std::vector<double>> x64, d64;
+  std::map<std::string, std::vector<int64_t>> shapes;
+  auto doubles = [](const at::Tensor& t) {
+    const at::Tensor c = t.contiguous();
+    const double* p = c.data_ptr<double>();
+    return std::vector<double>(p, p + c.numel());
+  };
+  for (const auto& [n, t] : tensors) {
+    check_cpu(n, t, at::kDouble);
+    in[n] = to_linmix(n, t);
+    x64[n] = doubles(t);
+    shapes[n] = shape_of(t);
+  }
+  if (dout)
+    for (const auto& [n, t] : *dout) {
+      check_cpu(n, t, at::kDouble);
+      d64[n] = doubles(t);
+    }
+  std::map<std::string, std::vector<double>> out;
+  linmix::Call call = linmix::validate_call(name, linmix::Mode::Reference, causal, params, in);
+  {
+    py::gil_scoped_release nogil;
+    if (threads > 0) linmix::set_threads(threads);
+    out = linmix::reference_f64_all(name, causal, params, in, x64, dout ? &d64 : nullptr);
+  }
+  const linmix::MixerSpec& spec = linmix::find_mixer(name);
+  std::map<std::string, at::Tensor> res;
+  for (const auto& [n, v] : out) {
+    std::vector<int64_t> shape;
+    if (n == "y") shape = linmix::dims_shape(spec.y_dims, call);
+    else if (n.rfind("state.", 0) == 0) {
+      for (const auto& ts : spec.state)
+        if ("state." + ts.name == n) shape = linmix::dims_shape(ts.dims, call);
+    } else {
+      shape = shapes.at(n.substr(1));  // d<name>
+    }
+    res[n] = to_torch64(v, shape);
+  }
+  return res;
+}
+
+// The mechanism's example inputs (linmix example): N(0,1) draws sized for a harness scale at
+// length T (dims overrides them), mapped into its domain, with stress its stability inputs, and
+// with state a random initial state (the eight whose parallel form takes one).
+std::map<std::string, at::Tensor> example(const std::string& name, bool causal, int64_t T, uint64_t seed,
+                                          const std::string& scale, const std::map<std::string, int64_t>& dims,
+                                          int stress, bool state) {
+  const linmix::MixerSpec& spec = linmix::find_mixer(name);
+  LINMIX_CHECK(causal ? spec.causal_ok : spec.noncausal_ok,
+               "mixer '" + name + "' has no " + (causal ? "causal" : "non-causal") + " form");
+  LINMIX_CHECK(stress >= 0 && stress <= 2, "stress must be 0, 1 or 2");
+  auto d = linmix::example_dims(spec, linmix::parse_scale(scale), T, causal);
+  for (const auto& [k, v] : dims) d[k] = v;
+  TensorMap in = linmix::example_inputs(spec, d, seed);
+  if (stress) linmix::stress_inputs(spec, in, stress == 2);
+  if (state && spec.state_all_modes) {
+    const linmix::Call call = linmix::validate_call(name, linmix::Mode::Parallel, causal, spec.example_params, in);
+    for (auto& [n, t] : linmix::example_state(spec, call.dims, seed + 7)) in[n] = std::move(t);
+  }
+  std::map<std::string, at::Tensor> res;
+  for (const auto& [n, t] : in) res[n] = to_torch(t);
+  return res;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "linmix: linear-time token mixers on the CPU (the C++ library under linmix.ops)";
+  py::register_exception<linmix::Error>(m, "LinmixError", PyExc_ValueError);
+  m.def("mixers_json", &linmix::mixers_json, "the registry as JSON (linmix mixers --json)");
+  m.def("run", &run, py::arg("name"), py::arg("mode"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
+        py::arg("grad") = false, py::arg("threads") = 0,
+        "a float32 call: the parallel or recurrent form, or with grad the hand-written backward");
+  m.def("example", &example, py::arg("name"), py::arg("causal"), py::arg("T"), py::arg("seed") = 0,
+        py::arg("scale") = "test", py::arg("dims") = std::map<std::string, int64_t>{}, py::arg("stress") = 0,
+        py::arg("state") = false, "the mechanism's example inputs in its domain (linmix example)");
+  m.def("run64", &run64, py::arg("name"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
+        py::arg("dout") = py::none(), py::arg("threads") = 0,
+        "the float64 reference, and with dout its float64 gradients");
+}

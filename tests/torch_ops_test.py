@@ -1,0 +1,267 @@
+"""linmix.ops (the PyTorch binding) against plain PyTorch: python/oracle.py, an independent float64
+implementation of docs/MIXERS.md, run through torch.autograd. For every mechanism of the registry
+and each of its forms (causal, non-causal):
+- outputs and the gradients of every input (the initial state and, through the final state,
+  fla's dht included) of the float32 ops vs the float64 oracle, fla's relative RMS error per
+  tensor: outputs 1e-4 (float32 kernels accumulate ~1e-6 relative; MIXERS.md's output tolerance
+  is 1e-4), gradients 1e-3 (MIXERS.md's float32 gradient tolerance), a vanishing gradient
+  compared at 1e-3 of the largest one's RMS;
+- torch.autograd.gradcheck of the float64 ops (the reference and its tape) on tiny shapes;
+- cu_seqlens (packed sequences) equal to the sequences run one by one, outputs, final states
+  and gradients; chunked calls with the state handed on equal one call;
+- bad inputs raise ValueError naming the tensor.
+Run: PYTHONPATH=python python3 -m pytest tests/torch_ops_test.py (CTest: torch_ops)."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import linmix  # noqa: E402
+import oracle  # noqa: E402
+
+OPS = linmix.ops
+SPECS = OPS.SPECS
+STATEFUL = sorted(OPS.STATEFUL)
+
+
+def forms():
+    out = []
+    for name, s in sorted(SPECS.items()):
+        for causal in (False, True):
+            if s["causal" if causal else "noncausal"]:
+                out.append(pytest.param(name, causal, id=f"{name}-{'causal' if causal else 'noncausal'}"))
+    return out
+
+
+def numbers(params):
+    return {k: float(v) for k, v in params.items()}
+
+
+def rel_rms(got, want, floor=0.0):
+    err = (got.double() - want.double()).pow(2).mean().sqrt().item()
+    if err == 0:
+        return 0.0
+    return err / max(want.double().pow(2).mean().sqrt().item(), floor, 1e-30)
+
+
+def oracle_outputs(name, causal, x64, params):
+    """y and the final state(s) of the plain PyTorch oracle (float64, autograd)."""
+    if name in OPS.STATEFUL:
+        return oracle.STATE_ORACLES[name](x64, params)
+    return oracle.ORACLES[name](x64, causal, params), {}
+
+
+def split_state(name, x):
+    inputs = {n: t for n, t in x.items() if not n.startswith("state.")}
+    state = {n[6:]: t for n, t in x.items() if n.startswith("state.")}
+    if not state:
+        return inputs, None
+    return inputs, (next(iter(state.values())) if len(state) == 1 else state)
+
+
+def run_op(name, causal, x, params, want_final):
+    inputs, state = split_state(name, x)
+    kw = {"initial_state": state, "output_final_state": want_final} if SPECS[name]["state"] else {}
+    out = OPS.call(name, inputs, causal=causal, **kw, **numbers(params))
+    if not SPECS[name]["state"]:
+        return out, None
+    y, final = out
+    if isinstance(final, torch.Tensor):
+        final = {SPECS[name]["state"][0]["name"]: final}
+    elif final is not None:
+        final = {"state." + k: v for k, v in final.items()}
+    return y, final
+
+
+@pytest.mark.parametrize("name,causal", forms())
+@pytest.mark.parametrize("T", [7, 70])
+def test_outputs_and_gradients_vs_plain_pytorch(name, causal, T):
+    spec = SPECS[name]
+    params = dict(spec["example_params"])
+    stateful = name in OPS.STATEFUL
+    x = OPS.example(name, T, causal=causal, seed=T, state=stateful)
+    x64 = {n: t.double().requires_grad_(True) for n, t in x.items()}
+    y_ref, fin_ref = oracle_outputs(name, causal, x64, params)
+    x32 = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    y, fin = run_op(name, causal, x32, params, stateful)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape
+    assert rel_rms(y, y_ref) <= 1e-4, f"y rel-rms {rel_rms(y, y_ref):.2e}"
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    loss_ref, loss = (y_ref * dy).sum(), (y * dy.float()).sum()
+    for n, S in fin_ref.items():  # the final state: value, and a gradient flowing into it (dht)
+        assert rel_rms(fin[n], S) <= 1e-4, f"{n} rel-rms {rel_rms(fin[n], S):.2e}"
+        dS = torch.randn(S.shape, generator=g, dtype=torch.float64)
+        loss_ref = loss_ref + (S * dS).sum()
+        loss = loss + (fin[n] * dS.float()).sum()
+    loss_ref.backward()
+    loss.backward()
+    want = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in x64.items()}
+    floor = 1e-3 * max(w.pow(2).mean().sqrt().item() for w in want.values())
+    for n, t in x32.items():
+        got = t.grad if t.grad is not None else torch.zeros_like(t)
+        e = rel_rms(got, want[n], floor)
+        assert e <= 1e-3, f"d{n} rel-rms {e:.2e}"
+
+
+def tiny(name, causal, T=4):
+    x = OPS.example(name, T, causal=causal, seed=3, scale="grad", state=name in OPS.STATEFUL)
+    return {n: t.double().requires_grad_(True) for n, t in x.items()}
+
+
+@pytest.mark.parametrize("name,causal", forms())
+def test_gradcheck_float64(name, causal):
+    spec = SPECS[name]
+    params = numbers(spec["example_params"])
+    x = tiny(name, causal)
+    names = list(x)
+    stateful = name in OPS.STATEFUL
+
+    def f(*ts):
+        inputs, state = split_state(name, dict(zip(names, ts)))
+        if not spec["state"]:
+            return OPS.call(name, inputs, causal=causal, **params)
+        y, fin = OPS.call(name, inputs, causal=causal, initial_state=state, output_final_state=stateful, **params)
+        if not stateful:
+            return y
+        return (y, *(fin.values() if isinstance(fin, dict) else (fin,)))
+
+    assert torch.autograd.gradcheck(f, tuple(x[n] for n in names), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def packed(name, T_parts, seed=5):
+    """B = 1 inputs of total length sum(T_parts) and per-sequence initial states."""
+    x = OPS.example(name, sum(T_parts), causal=True, seed=seed, dims={"B": 1}, state=False)
+    st = OPS.example(name, 2, causal=True, seed=seed + 1, dims={"B": len(T_parts)}, state=True)
+    return x, {n[6:]: t for n, t in st.items() if n.startswith("state.")}
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_cu_seqlens_equals_sequences_one_by_one(name):
+    spec = SPECS[name]
+    params = numbers(spec["example_params"])
+    parts = [5, 0, 70, 1, 13]
+    x, st = packed(name, parts)
+    sname = next(iter(st))
+    cu = torch.tensor([0] + list(torch.tensor(parts).cumsum(0)), dtype=torch.int64)
+    per_token = {i["name"] for i in spec["inputs"] if i["dims"].startswith("B,T")}
+    xa = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    h0a = st[sname].clone().requires_grad_(True)
+    y, fin = OPS.call(name, xa, initial_state=h0a, output_final_state=True, cu_seqlens=cu, **params)
+    g = torch.Generator().manual_seed(2)
+    dy, dfin = torch.randn(y.shape, generator=g), torch.randn(fin.shape, generator=g)
+    ((y * dy).sum() + (fin * dfin).sum()).backward()
+    xb = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    h0b = st[sname].clone().requires_grad_(True)
+    ys, fins = [], []
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if e == s:
+            fins.append(h0b[i:i + 1])
+            continue
+        sub = {n: (t[:, s:e] if n in per_token else t) for n, t in xb.items()}
+        yi, fi = OPS.call(name, sub, initial_state=h0b[i:i + 1], output_final_state=True, **params)
+        ys.append(yi)
+        fins.append(fi)
+    y2, fin2 = torch.cat(ys, 1), torch.cat(fins, 0)
+    ((y2 * dy).sum() + (fin2 * dfin).sum()).backward()
+    assert torch.allclose(y, y2, rtol=0, atol=0) and torch.allclose(fin, fin2, rtol=0, atol=0)
+    for n in x:
+        assert torch.equal(xa[n].grad, xb[n].grad), f"d{n}"
+    assert torch.equal(h0a.grad, h0b.grad)
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_chunks_with_the_state_handed_on_equal_one_call(name):
+    spec = SPECS[name]
+    params = numbers(spec["example_params"])
+    x = OPS.example(name, 150, causal=True, seed=9, state=True)
+    inputs, h0 = split_state(name, x)
+    per_token = {i["name"] for i in spec["inputs"] if i["dims"].startswith("B,T")}
+    xa = {n: t.clone().requires_grad_(True) for n, t in inputs.items()}
+    y, fin = OPS.call(name, xa, initial_state=h0, output_final_state=True, **params)
+    g = torch.Generator().manual_seed(4)
+    dy, dfin = torch.randn(y.shape, generator=g), torch.randn(fin.shape, generator=g)
+    ((y * dy).sum() + (fin * dfin).sum()).backward()
+    xb = {n: t.clone().requires_grad_(True) for n, t in inputs.items()}
+    state, ys = h0, []
+    for s, e in ((0, 37), (37, 101), (101, 150)):  # crossing the kernels' chunk of 64
+        sub = {n: (t[:, s:e] if n in per_token else t) for n, t in xb.items()}
+        yi, state = OPS.call(name, sub, initial_state=state, output_final_state=True, **params)
+        ys.append(yi)
+    y2 = torch.cat(ys, 1)
+    ((y2 * dy).sum() + (state * dfin).sum()).backward()
+    assert rel_rms(y2, y) <= 1e-5 and rel_rms(state, fin) <= 1e-5
+    for n in inputs:
+        assert rel_rms(xb[n].grad, xa[n].grad) <= 1e-4, f"d{n}"
+
+
+@pytest.mark.parametrize("name", ["rwkv4", "mamba", "linear"])
+def test_recurrent_state_for_the_others_forward_only(name):
+    spec = SPECS[name]
+    params = numbers(spec["example_params"])
+    x = OPS.example(name, 20, causal=True, seed=2)
+    per_token = {i["name"] for i in spec["inputs"] if i["dims"].startswith("B,T")}
+    y_full = OPS.call(name, x, causal=True, **params)[0]
+    with torch.no_grad():
+        y1, st = OPS.call(name, {n: (t[:, :8] if n in per_token else t) for n, t in x.items()}, causal=True,
+                          output_final_state=True, **params)
+        y2, _ = OPS.call(name, {n: (t[:, 8:] if n in per_token else t) for n, t in x.items()}, causal=True,
+                         initial_state=st, output_final_state=True, **params)
+    assert rel_rms(torch.cat([y1, y2], 1), y_full) <= 1e-5
+    xg = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    with pytest.raises(NotImplementedError):
+        OPS.call(name, xg, causal=True, output_final_state=True, **params)
+
+
+def test_threads_follow_torch():
+    x = OPS.example("gla", 70, seed=1)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = OPS.gla(**x)[0]
+    finally:
+        torch.set_num_threads(n)
+    assert torch.allclose(y1, OPS.gla(**x)[0], atol=1e-6)
+
+
+def test_non_contiguous_inputs_are_handled():
+    x = OPS.example("gla", 20, seed=1)
+    q = x["q"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    assert not q.is_contiguous()
+    assert torch.equal(OPS.gla(**{**x, "q": q})[0], OPS.gla(**x)[0])
+
+
+def raises(match, f):
+    with pytest.raises(ValueError, match=match):
+        f()
+
+
+def test_bad_inputs_raise_naming_the_tensor():
+    x = OPS.example("gla", 9, seed=1)
+    raises("'v'", lambda: OPS.gla(**{**x, "v": x["v"][:, :, :1, :]}))            # wrong shape
+    raises("'k'", lambda: OPS.gla(**{**x, "k": x["k"].double()}))                # mixed dtypes
+    raises("'q'", lambda: OPS.gla(**{**x, "q": x["q"].int()}))                   # not floating
+    bad = x["q"].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    raises("'q'", lambda: OPS.gla(**{**x, "q": bad}))                            # NaN
+    raises("'g'", lambda: OPS.gla(**{**x, "g": x["g"].abs() + 1}))               # positive log decay
+    raises("missing input", lambda: OPS.gla(x["q"], x["k"]))
+    raises("unknown param", lambda: OPS.gla(**x, nosuch=1))
+    raises("unknown mechanism", lambda: OPS.mix("nosuch", q=x["q"]))
+    raises("initial_state", lambda: OPS.gla(**x, initial_state={"Z": x["q"]}))
+    raises("causal", lambda: OPS.gla(**x, causal=False))
+    raises("cu_seqlens", lambda: OPS.gla(**x, cu_seqlens=torch.tensor([0, 3, 9], dtype=torch.int32)))
+    raises("batch is 1", lambda: OPS.gla(**x, cu_seqlens=torch.tensor([0, 3, 9])))
+    x1 = OPS.example("gla", 9, seed=1, dims={"B": 1})
+    raises("rise from 0", lambda: OPS.gla(**x1, cu_seqlens=torch.tensor([0, 5, 3, 9])))
+    raises("'state.S'", lambda: OPS.gla(**x, initial_state=torch.zeros(2, 1, 1, 1)))
+
+
+def test_mix_by_name_equals_the_op():
+    x = OPS.example("retention", 30, seed=2)
+    y1, _ = OPS.mix("retention", **x)
+    y2, _ = OPS.retention(**x)
+    assert torch.equal(y1, y2)
