@@ -13,7 +13,7 @@ PKGS=(
   clang libclang-rt-14-dev libomp-14-dev
   fortunes
   python3 python3-numpy python3-torch python3-matplotlib python3-regex
-  libtorch-dev pybind11-dev python3-pytest python3-venv python3-pip
+  libtorch-dev pybind11-dev python3-pytest python3-venv python3-pip python3-wheel
 )
 
 missing=()

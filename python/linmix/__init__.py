@@ -11,4 +11,7 @@ release build into this folder, or by ``pip install`` from the checkout).
 from . import _C  # noqa: F401
 from . import ops  # noqa: F401
 
-__all__ = ["ops"]
+
+from . import nn  # noqa: F401,E402
+
+__all__ = ["ops", "nn"]

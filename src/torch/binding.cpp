@@ -8,6 +8,9 @@
 //   run64(name, causal, params, tensors, dout, threads)
 //                                  the float64 reference on float64 tensors, and with dout
 //                                  (dy, dfinal.<state>) its gradients from the float64 tape
+//   init_model(config, seed)      a model's parameters as linmix train initialises them
+//   load_checkpoint(path)          a linmix / RWKV / Mamba checkpoint: config, kind, tokenizer, tensors
+//   save_checkpoint(path, config, tensors, tokenizer)   one linmix generate / logits / train reads
 // Tensors are CPU and contiguous (the Python side makes them so); they are copied in and out.
 // linmix::Error becomes ValueError (one line, naming the tensor); the GIL is released while
 // the mechanism runs.
@@ -19,6 +22,8 @@
 #include "linmix/bench.h"
 #include "linmix/error.h"
 #include "linmix/mixer.h"
+#include "linmix/model.h"
+#include "linmix/train.h"
 
 namespace py = pybind11;
 
@@ -144,6 +149,49 @@ std::map<std::string, at::Tensor> example(const std::string& name, bool causal, 
   return res;
 }
 
+std::map<std::string, at::Tensor> torch_params(const linmix::Model& model) {
+  std::map<std::string, at::Tensor> res;
+  for (const auto& [n, t] : model.params()) res[n] = to_torch(t);
+  return res;
+}
+
+py::tuple init_model(const std::string& config_json, uint64_t seed) {
+  linmix::Model model(linmix::ModelConfig::from_json(config_json));
+  model.init(seed);
+  return py::make_tuple(model.config().to_json(), torch_params(model));
+}
+
+py::dict load_checkpoint(const std::string& path) {
+  linmix::Checkpoint ck = linmix::load_checkpoint(path);
+  py::dict d;
+  d["config"] = ck.model->config().to_json();
+  d["kind"] = ck.kind;
+  d["tokenizer"] = ck.tokenizer;
+  d["step"] = ck.step;
+  d["tensors"] = torch_params(*ck.model);
+  return d;
+}
+
+// A checkpoint of the model `config` holding `tensors` (every parameter, by name and shape; no
+// optimizer state: training resumed from it starts AdamW afresh), written atomically.
+void save_checkpoint(const std::string& path, const std::string& config_json,
+                     const std::map<std::string, at::Tensor>& tensors, const std::string& tokenizer) {
+  linmix::Model model(linmix::ModelConfig::from_json(config_json));
+  for (auto& [n, p] : model.params()) {
+    auto it = tensors.find(n);
+    LINMIX_CHECK(it != tensors.end(), "save_checkpoint: no tensor '" + n + "'");
+    check_cpu(n, it->second, at::kFloat);
+    Tensor t = to_linmix(n, it->second);
+    LINMIX_CHECK(t.shape == p.shape, "save_checkpoint: tensor '" + n + "' has shape " + linmix::shape_str(t.shape) +
+                                         ", the model's is " + linmix::shape_str(p.shape));
+    linmix::check_finite(n, t);
+    p = std::move(t);
+  }
+  for (const auto& [n, t] : tensors)
+    LINMIX_CHECK(model.params().count(n), "save_checkpoint: unexpected tensor '" + n + "'");
+  linmix::save_checkpoint(path, model, linmix::AdamW{}, 0, "{}", tokenizer);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -156,6 +204,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("example", &example, py::arg("name"), py::arg("causal"), py::arg("T"), py::arg("seed") = 0,
         py::arg("scale") = "test", py::arg("dims") = std::map<std::string, int64_t>{}, py::arg("stress") = 0,
         py::arg("state") = false, "the mechanism's example inputs in its domain (linmix example)");
+  m.def("init_model", &init_model, py::arg("config"), py::arg("seed") = 0);
+  m.def("load_checkpoint", &load_checkpoint, py::arg("path"));
+  m.def("save_checkpoint", &save_checkpoint, py::arg("path"), py::arg("config"), py::arg("tensors"),
+        py::arg("tokenizer") = "bytes");
   m.def("run64", &run64, py::arg("name"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
         py::arg("dout") = py::none(), py::arg("threads") = 0,
         "the float64 reference, and with dout its float64 gradients");
