@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole benchmark from a clean clone: linmix bench (every mechanism, 1 and 2 threads, T =
 # 256 ... 65536, the machine's sgemm and triad in the same run), tiled softmax at T = 65536,
-# the PyTorch peers (bench/peer.py) and the report (bench/report.py: table, targets, plot).
+# the PyTorch peers (bench/peer.py) and the report (bench/report.py: table, targets, plot), then
+# linmix.ops against the same kernels and the peers (bench/torch_ops.py: docs/torch_ops.md).
 #
 #   bash bench/run.sh                 # full run (about an hour on 2 cores): docs/bench.md, docs/bench.png
 #   bash bench/run.sh --quick         # smoke run (a minute): T = 256, 512, one thread, into build/bench-quick
@@ -40,6 +41,9 @@ if [ "$quick" = 1 ]; then
   "$py" bench/peer.py --bin "$bin" --T 256,512 --threads 1 --step-tokens 8 --out "$dir/peer.json"
   "$py" bench/report.py --bin "$bin" --linmix "$dir/linmix.json" --peer "$dir/peer.json" --T 512 \
     --md "$dir/bench.md" --png "$dir/bench.png"
+  if ls python/linmix/_C*.so >/dev/null 2>&1; then  # the PyTorch package, where it is built
+    "$py" bench/torch_ops.py --bin "$bin" --T 256 --threads 1 --out "$dir/torch_ops.json" --md "$dir/torch_ops.md"
+  fi
   exit 0
 fi
 
@@ -57,3 +61,9 @@ png="$dir/bench.png"
 "$py" bench/peer.py --bin "$bin" --T 256,512,1024,2048,4096,8192,16384 --threads 1,2 --out "$dir/peer.json"
 "$py" bench/report.py --bin "$bin" --linmix "$dir/linmix.json" "$dir/softmax_65536.json" --peer "$dir/peer.json" \
   --md "$md" --png "$png"
+# linmix.ops (the PyTorch package, built by the release preset) against the same kernels of the
+# same build and against the plain-PyTorch peers, T = 4096, 2 threads
+bash scripts/build.sh release
+tops_md="$dir/torch_ops.md"
+[ "$dir" = build/bench ] && tops_md=docs/torch_ops.md
+"$py" bench/torch_ops.py --bin build/release/linmix --T 4096 --threads 2 --out "$dir/torch_ops.json" --md "$tops_md"

@@ -1,0 +1,155 @@
+#!/usr/bin/python3
+"""linmix.ops measured, in one run on this machine: for every mechanism at T = 4096 (d_model 512,
+`linmix bench`'s shapes and params), forward and forward + backward
+  - of the same kernels timed by `linmix bench` (the C++ call, no Python),
+  - through linmix.ops (torch tensors in and out, autograd): the binding's overhead, target <= 10%,
+  - of the plain-PyTorch implementation a user would write (bench/peer.py's, checked there against
+    the float64 oracle): linmix.ops' speed-up, target >= 3x for the chunked and scan mechanisms
+    (every one but the quadratic softmax, aft_full, aft_local, block_softmax and fnet's FFT).
+Times are the best of up to 5 runs (at most ~1 s of repeats), 2 threads for all three.
+
+Usage: bench/torch_ops.py --bin build/release/linmix [--T 4096] [--threads 2] [--mixers a,b]
+                          --out build/bench/torch_ops.json [--md docs/torch_ops.md]"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import linmix  # noqa: E402
+import peer  # noqa: E402
+
+OPS = linmix.ops
+NOT_CHUNKED = {"softmax", "aft_full", "aft_local", "block_softmax", "fnet"}  # quadratic or FFT: no 3x target
+
+
+def best(f, limit=1.0):
+    f()  # warm-up
+    b, total = float("inf"), 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f()
+        t = time.perf_counter() - t0
+        b, total = min(b, t), total + t
+        if total > limit:
+            break
+    return b
+
+
+def kernel_times(binary, names, T, threads):
+    """`linmix bench`'s fwd and fwdbwd seconds per mechanism (the C++ kernels, same run)."""
+    out = os.path.join(tempfile.mkdtemp(prefix="linmix-tops-"), "bench.json")
+    subprocess.run([binary, "bench", "--mixers", ",".join(names), "--T", str(T), "--thread-counts", str(threads),
+                    "--no-step", "--out", out], check=True, capture_output=True)
+    res = {}
+    for r in json.load(open(out))["runs"]:
+        if r["T"] == T and r["threads"] == threads:
+            res.setdefault(r["mixer"], {})[r["form"]] = r["seconds"]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mixers", default="")
+    ap.add_argument("--max-seconds", type=float, default=30.0, help="skip a peer form slower than this")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--md", default="")
+    a = ap.parse_args()
+    names = a.mixers.split(",") if a.mixers else sorted(OPS.SPECS)
+    torch.set_num_threads(a.threads)
+    kern = kernel_times(os.path.abspath(a.bin), names, a.T, a.threads)
+    rows = []
+    for name in names:
+        spec = OPS.SPECS[name]
+        causal = spec["causal"]
+        params = {k: float(v) for k, v in spec["bench_params"].items()}
+        x = OPS.example(name, a.T, causal=causal, scale="bench", seed=1)
+        row = {"mixer": name, "kernel_fwd": kern.get(name, {}).get("fwd"), "kernel_fwdbwd": kern.get(name, {}).get("fwdbwd")}
+
+        def op(xs):
+            out = OPS.call(name, xs, causal=causal, **params)
+            return out[0] if isinstance(out, tuple) else out
+
+        with torch.no_grad():
+            row["ops_fwd"] = best(lambda: op(x))
+            dy = torch.randn_like(op(x))
+        xg = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+
+        def fb_ops():
+            (op(xg) * dy).sum().backward()
+        row["ops_fwdbwd"] = best(fb_ops)
+        # the plain PyTorch peer (bench/peer.py), its forward timed once first: skipped when too slow
+        px = {n: t.clone() for n, t in x.items()}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            peer.FWD[name](**px)
+        once = time.perf_counter() - t0
+        if once < a.max_seconds:
+            with torch.no_grad():
+                row["peer_fwd"] = best(lambda: peer.FWD[name](**px))
+            pg = {n: t.clone().requires_grad_(n not in ("proj",)) for n, t in x.items()}
+
+            def fb_peer():
+                (peer.FWD[name](**pg) * dy).sum().backward()
+            if once * 4 < a.max_seconds:
+                row["peer_fwdbwd"] = best(fb_peer)
+        for f in ("fwd", "fwdbwd"):
+            if row.get("kernel_" + f):
+                row["overhead_" + f] = row["ops_" + f] / row["kernel_" + f] - 1
+            if row.get("peer_" + f):
+                row["speedup_" + f] = row["peer_" + f] / row["ops_" + f]
+        rows.append(row)
+        fmt = lambda v: f"{v * 1e3:9.2f}" if v else "        -"  # noqa: E731
+        print(f"{name:15s} kernel {fmt(row['kernel_fwd'])} {fmt(row['kernel_fwdbwd'])} ms | ops {fmt(row['ops_fwd'])} "
+              f"{fmt(row['ops_fwdbwd'])} ms | peer {fmt(row.get('peer_fwd'))} {fmt(row.get('peer_fwdbwd'))} ms", flush=True)
+    rep = {"T": a.T, "threads": a.threads, "torch": torch.__version__, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(rep, f, indent=1)
+    if a.md:
+        write_md(rep, a.md)
+
+
+def write_md(rep, path):
+    pct = lambda v: "-" if v is None else f"{100 * v:+.0f}%"  # noqa: E731
+    ms = lambda v: "-" if not v else f"{v * 1e3:.1f}"  # noqa: E731
+    sx = lambda v: "-" if v is None else f"{v:.1f}x"  # noqa: E731
+    lines = [f"# linmix.ops: the binding's overhead and its speed-up over plain PyTorch",
+             "",
+             f"T = {rep['T']}, d_model 512 (`linmix bench`'s shapes and params), {rep['threads']} threads, torch "
+             f"{rep['torch']}; best of up to 5 runs. Produced by `bench/torch_ops.py` (`bash bench/run.sh` runs it).",
+             "kernel: the C++ call timed by `linmix bench`; ops: the same through `linmix.ops` (torch tensors, autograd);",
+             "peer: bench/peer.py's plain-PyTorch implementation. Targets: overhead <= 10%; speed-up >= 3x for the",
+             "chunked and scan mechanisms (not softmax, aft_full, aft_local, block_softmax, fnet).",
+             "",
+             "| mechanism | kernel fwd ms | ops fwd ms | overhead | kernel fwd+bwd ms | ops fwd+bwd ms | overhead | "
+             "peer fwd ms | peer fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        ok = []
+        for f in ("fwd", "fwdbwd"):
+            o = r.get("overhead_" + f)
+            ok.append(o is not None and o <= 0.10)
+            if r["mixer"] not in NOT_CHUNKED:
+                s = r.get("speedup_" + f)
+                ok.append(s is not None and s >= 3)
+        lines.append(f"| {r['mixer']} | {ms(r['kernel_fwd'])} | {ms(r['ops_fwd'])} | {pct(r.get('overhead_fwd'))} | "
+                     f"{ms(r['kernel_fwdbwd'])} | {ms(r['ops_fwdbwd'])} | {pct(r.get('overhead_fwdbwd'))} | "
+                     f"{ms(r.get('peer_fwd'))} | {ms(r.get('peer_fwdbwd'))} | {sx(r.get('speedup_fwd'))} | "
+                     f"{sx(r.get('speedup_fwdbwd'))} | {'met' if all(ok) else 'NOT met'} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
