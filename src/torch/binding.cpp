@@ -54,6 +54,11 @@ at::Tensor to_torch(const Tensor& t) {
   std::memcpy(out.data_ptr<float>(), t.data.data(), sizeof(float) * size_t(t.numel()));
   return out;
 }
+// The same without a copy: the tensor's buffer moves into the torch tensor, which frees it.
+at::Tensor into_torch(Tensor&& t) {
+  auto* buf = new std::vector<float>(std::move(t.data));
+  return at::from_blob(buf->data(), t.shape, [buf](void*) { delete buf; }, at::TensorOptions().dtype(at::kFloat));
+}
 
 at::Tensor to_torch64(const std::vector<double>& v, const std::vector<int64_t>& shape) {
   at::Tensor out = at::empty(shape, at::kDouble);
@@ -77,7 +82,7 @@ std::map<std::string, at::Tensor> run(const std::string& name, const std::string
     out = linmix::run_mixer(name, linmix::parse_mode(mode), causal, params, in, grad);
   }
   std::map<std::string, at::Tensor> res;
-  for (const auto& [n, t] : out) res[n] = to_torch(t);
+  for (auto& [n, t] : out) res[n] = into_torch(std::move(t));
   return res;
 }
 
