@@ -216,7 +216,12 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
   }
   for (const std::string& n : spec.log_decays) {
     if (!in.count(n)) continue;
-    for (float x : in.at(n).data)
+    const std::vector<float>& v = in.at(n).data;
+    float top = -INFINITY;  // one vectorised pass; the offending value searched only if there is one
+#pragma omp simd reduction(max : top)
+    for (size_t i = 0; i < v.size(); ++i) top = std::max(top, v[i]);
+    if (top <= 0.0f) continue;
+    for (float x : v)
       LINMIX_CHECK(x <= 0.0f, "tensor '" + n + "': log decays must be <= 0 (decay exp(" + n + ") in (0, 1]), found " +
                                   std::to_string(x));
   }

@@ -14,8 +14,11 @@
 // Tensors are CPU and contiguous (the Python side makes them so); they are copied in and out.
 // linmix::Error becomes ValueError (one line, naming the tensor); the GIL is released while
 // the mechanism runs.
+#include <cblas.h>
+#include <malloc.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
 #include <map>
 #include <string>
 
@@ -39,6 +42,18 @@ void check_cpu(const std::string& name, const at::Tensor& t, at::ScalarType want
   if (t.scalar_type() != want)
     throw linmix::Error("tensor '" + name + "' is " + std::string(c10::toString(t.scalar_type())) + ", expected " +
                         c10::toString(want));
+}
+
+// Threads for one call. Under torch, the OpenBLAS in the process is the one torch loaded
+// (Debian's: the pthread build, whose own thread pool would spin against linmix's OpenMP threads
+// and serialises the GEMMs linmix calls from inside its parallel loops: measured 30x slower
+// backward for the linear family): BLAS then runs in its caller's thread, linmix's OpenMP
+// loops giving the parallelism; an OpenMP OpenBLAS (openblas_get_parallel() == 2) shares the
+// pool and keeps n.
+void call_threads(int n) {
+  if (n <= 0) return;
+  linmix::set_threads(n);
+  if (openblas_get_parallel() != 2) openblas_set_num_threads(1);
 }
 
 Tensor to_linmix(const std::string& name, const at::Tensor& t) {
@@ -78,7 +93,7 @@ std::map<std::string, at::Tensor> run(const std::string& name, const std::string
   TensorMap out;
   {
     py::gil_scoped_release nogil;
-    if (threads > 0) linmix::set_threads(threads);
+    call_threads(threads);
     out = linmix::run_mixer(name, linmix::parse_mode(mode), causal, params, in, grad);
   }
   std::map<std::string, at::Tensor> res;
@@ -112,7 +127,7 @@ std::map<std::string, at::Tensor> run64(const std::string& name, bool causal, co
   linmix::Call call = linmix::validate_call(name, linmix::Mode::Reference, causal, params, in);
   {
     py::gil_scoped_release nogil;
-    if (threads > 0) linmix::set_threads(threads);
+    call_threads(threads);
     out = linmix::reference_f64_all(name, causal, params, in, x64, dout ? &d64 : nullptr);
   }
   const linmix::MixerSpec& spec = linmix::find_mixer(name);
@@ -200,6 +215,15 @@ void save_checkpoint(const std::string& path, const std::string& config_json,
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  // The kernels allocate their buffers per call (tens of MB at T = 4096): with glibc's defaults
+  // they are mmapped and unmapped each time and every call page-faults them in again (measured:
+  // gla at T = 4096, 19 ms instead of 12). Keep freed memory in the heap for the next call, as
+  // `linmix bench` does (up to 1 GiB kept; allocations over 256 MiB still mmapped);
+  // LINMIX_KEEP_MEMORY=0 leaves glibc's defaults.
+  if (const char* k = std::getenv("LINMIX_KEEP_MEMORY"); !(k && std::string(k) == "0")) {
+    mallopt(M_MMAP_THRESHOLD, 256 << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  }
   m.doc() = "linmix: linear-time token mixers on the CPU (the C++ library under linmix.ops)";
   py::register_exception<linmix::Error>(m, "LinmixError", PyExc_ValueError);
   m.def("mixers_json", &linmix::mixers_json, "the registry as JSON (linmix mixers --json)");
