@@ -8,7 +8,7 @@
   - of the plain-PyTorch implementation a user would write (bench/peer.py's, checked there against
     the float64 oracle): linmix.ops' speed-up, target >= 3x for the chunked and scan mechanisms
     (every one but the quadratic softmax, aft_full, aft_local, block_softmax and fnet's FFT).
-Times are the best of up to 5 runs (at most ~1 s of repeats), 2 threads for all three.
+Times are peer.py's: the best of up to 5 runs after a warm-up (at most ~1 s of repeats), 2 threads for all three.
 
 Usage: bench/torch_ops.py --bin build/release/linmix [--T 4096] [--threads 2] [--mixers a,b]
                           --out build/bench/torch_ops.json [--md docs/torch_ops.md]"""
@@ -30,19 +30,6 @@ import peer  # noqa: E402
 
 OPS = linmix.ops
 NOT_CHUNKED = {"softmax", "aft_full", "aft_local", "block_softmax", "fnet"}  # quadratic or FFT: no 3x target
-
-
-def best(f, limit=1.0):
-    f()  # warm-up
-    b, total = float("inf"), 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f()
-        t = time.perf_counter() - t0
-        b, total = min(b, t), total + t
-        if total > limit:
-            break
-    return b
 
 
 def kernel_times(binary, names, T, threads):
@@ -87,13 +74,13 @@ def main():
             return out[0] if isinstance(out, tuple) else out
 
         with torch.no_grad():
-            row["ops_fwd"] = best(lambda: op(x))
+            row["ops_fwd"] = peer.time_best(lambda: op(x))
             dy = torch.randn_like(op(x))
         xg = {n: t.clone().requires_grad_(True) for n, t in x.items()}
 
         def fb_ops():
             (op(xg) * dy).sum().backward()
-        row["ops_fwdbwd"] = best(fb_ops)
+        row["ops_fwdbwd"] = peer.time_best(fb_ops)
         # the plain PyTorch peer (bench/peer.py), its forward timed once first: skipped when too slow
         px = {n: t.clone() for n, t in x.items()}
         t0 = time.perf_counter()
@@ -102,7 +89,7 @@ def main():
         once = time.perf_counter() - t0
         if once < a.max_seconds:
             with torch.no_grad():
-                row["peer_fwd"] = best(lambda: peer.FWD[name](**px))
+                row["peer_fwd"] = peer.time_best(lambda: peer.FWD[name](**px))
             pg = {n: t.clone().requires_grad_(n not in ("proj",)) for n, t in x.items()}
 
             def fb_peer():
@@ -111,7 +98,7 @@ def main():
             fb_peer()
             once_fb = time.perf_counter() - t0
             if once_fb < a.max_seconds / 3:
-                row["peer_fwdbwd"] = min(once_fb, best(fb_peer))
+                row["peer_fwdbwd"] = min(once_fb, peer.time_best(fb_peer))
             elif once_fb < a.max_seconds:
                 row["peer_fwdbwd"] = once_fb  # one run: the peer is that slow
             else:
