@@ -90,10 +90,8 @@ struct MixerSpec {
   // backward: the hand-written backward of the parallel form (absent where not written yet).
   std::function<TensorMap(const Call&, const Tensor& dy)> reference_grad;
   std::function<TensorMap(const Call&, const Tensor& dy)> backward;
-  // The reference on float64 inputs (same names as the call's tensors), returning y: what
-  // finite-difference checks perturb.
-  std::function<std::vector<double>(const Call&, const std::map<std::string, std::vector<double>>&)> reference64;
-  // The reference on float64 values x (as reference64), returning y and the final state.* (where
+  // The reference on float64 values x (same names and layouts as the call's tensors: what
+  // finite-difference checks perturb), returning y and the final state.* (where
   // state_all_modes); with dout (the gradient of the loss with respect to y followed by the
   // final states, in spec.state order) also d<name> of every tensor of x, in float64 (the tape).
   std::function<std::map<std::string, std::vector<double>>(const Call&, const std::map<std::string, std::vector<double>>&,
@@ -148,13 +146,9 @@ TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
 Call validate_call(const std::string& name, Mode mode, bool causal,
                    const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false);
 
-// Validates like run_mixer, then evaluates the float64 reference on x64 (tensor name ->
-// values, laid out like the same-named tensors of `in`, which give the shapes). Returns y.
-std::vector<double> reference_f64(const std::string& name, bool causal,
-                                  const std::map<std::string, std::string>& raw_params, const TensorMap& in,
-                                  const std::map<std::string, std::vector<double>>& x64);
-
-// reference_f64 returning every output in float64: "y", the final "state.<name>" (state_all_modes)
+// Validates like run_mixer, then evaluates the float64 reference on x64 (tensor name -> values,
+// laid out like the same-named tensors of `in`, which give the shapes), returning every output in
+// float64: "y", the final "state.<name>" (state_all_modes)
 // and, when dout is given (name -> values: "dy" and optionally "dfinal.<name>", the gradient of
 // the final state), "d<name>" of every tensor of x64 (the float64 tape). x64 holds every input
 // tensor of the call (and its state.* when given); `in` gives the shapes and is validated.

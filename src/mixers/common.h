@@ -143,9 +143,9 @@ inline bool is_input_name(const std::string& n) {
   return n != "dy" && n.rfind("state.", 0) != 0 && n.rfind("dfinal.", 0) != 0;
 }
 
-// Installs spec.reference (float64 inside), spec.reference64 (float64 values in, y out),
-// spec.reference64_grad (the same template run on ad::Var, differentiated by the tape, float64
-// in and out) and spec.reference_grad (its float view) from one generic reference
+// Installs spec.reference (float64 inside), spec.reference64_grad (float64 values in and out; with
+// an output gradient the same template run on ad::Var, differentiated by the tape) and
+// spec.reference_grad (its float view) from one generic reference
 //   f(const Call&, const RefIn<S>&) -> std::vector<S> y  (laid out as spec.y_dims).
 // With spec.state_all_modes, f also sees the call's state.* tensors (the state before token 0,
 // absent = zeros) and returns y followed by the final state tensors in spec.state order; the
@@ -170,11 +170,6 @@ void set_reference(MixerSpec& s, F f) {
       at += m;
     }
     return out;
-  };
-  s.reference64 = [f, yd](const Call& c, const RefIn<double>& x) {
-    std::vector<double> y = f(c, x);
-    y.resize(size_t(numel_of(dims_shape(yd, c))));
-    return y;
   };
   s.reference64_grad = [f, split](const Call& c, const RefIn<double>& x, const std::vector<double>& dout) {
     if (dout.empty()) return split(c, f(c, x));

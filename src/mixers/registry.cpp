@@ -231,17 +231,6 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
 
 }  // namespace
 
-std::vector<double> reference_f64(const std::string& name, bool causal,
-                                  const std::map<std::string, std::string>& raw_params, const TensorMap& in,
-                                  const std::map<std::string, std::vector<double>>& x64) {
-  const MixerSpec& spec = find_mixer(name);
-  const Call call = validate(spec, Mode::Reference, causal, raw_params, in, false);
-  for (const auto& [n, v] : x64)
-    LINMIX_CHECK(in.count(n) && static_cast<int64_t>(v.size()) == in.at(n).numel(),
-                 "reference_f64: '" + n + "' does not match the call's tensors");
-  return spec.reference64(call, x64);
-}
-
 std::map<std::string, std::vector<double>> reference_f64_all(const std::string& name, bool causal,
                                                              const std::map<std::string, std::string>& raw_params,
                                                              const TensorMap& in,
