@@ -70,6 +70,11 @@ inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, boo
               int(W.cols), accumulate ? 1.0f : 0.0f, out, int(W.rows));
 }
 
+// The engine's copy of the model's matrix `name` in weight type t.
+inline QMatrix weight_matrix(const TensorMap& W, const std::string& name, WType t) {
+  const Tensor& x = W.at(name);
+  return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], t);
+}
 // X (n, C) = the embedding rows of the tokens.
 inline void embed_rows(float* X, const std::vector<float>& emb, const int32_t* tokens, int64_t n, int64_t C) {
   for (int64_t t = 0; t < n; ++t) std::copy(&emb[size_t(tokens[t] * C)], &emb[size_t((tokens[t] + 1) * C)], X + t * C);

@@ -28,10 +28,7 @@ class MambaEngine : public engine::RowsEngine {
   MambaEngine(const Model& m, WType wt) : cfg_(m.config()) {
     const TensorMap& W = m.params();
     C_ = cfg_.d_model, V_ = cfg_.vocab, L_ = cfg_.n_layer;
-    auto mat = [&](const std::string& n) {
-      const Tensor& x = W.at(n);
-      return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], wt);
-    };
+    auto mat = [&](const std::string& n) { return engine::weight_matrix(W, n, wt); };
     emb_ = W.at("emb.weight").data, lnf_ = W.at("ln_out.weight").data, head_ = mat("head.weight");
     for (int64_t l = 0; l < L_; ++l) {
       const std::string p = "blocks." + std::to_string(l) + ".";

@@ -73,10 +73,7 @@ Rwkv4Engine::Rwkv4Engine(const Model& m, WType wtype) : cfg_(m.config()), p_(std
   I.V = cfg_.vocab, I.C = cfg_.d_model, I.F = cfg_.ffn_width(), I.L = cfg_.n_layer;
   const TensorMap& W = m.params();
   auto vec = [&](const std::string& n) { return W.at(n).data; };
-  auto mat = [&](const std::string& n, WType t) {
-    const Tensor& x = W.at(n);
-    return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], t);
-  };
+  auto mat = [&](const std::string& n, WType t) { return engine::weight_matrix(W, n, t); };
   I.emb = vec("emb.weight");
   if (cfg_.ln0) I.ln0w = vec("blocks.0.ln0.weight"), I.ln0b = vec("blocks.0.ln0.bias");
   I.lnfw = vec("ln_out.weight"), I.lnfb = vec("ln_out.bias");

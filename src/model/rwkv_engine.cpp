@@ -79,10 +79,7 @@ class RwkvEngine : public engine::RowsEngine {
       const Tensor& x = W.at(n);
       return Lora(x.ptr(), x.shape[0], x.shape[1]);
     };
-    auto mat = [&](const std::string& n) {
-      const Tensor& x = W.at(n);
-      return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], wt);
-    };
+    auto mat = [&](const std::string& n) { return engine::weight_matrix(W, n, wt); };
     emb_ = vec("emb.weight"), ln0w_ = vec("blocks.0.ln0.weight"), ln0b_ = vec("blocks.0.ln0.bias");
     lnfw_ = vec("ln_out.weight"), lnfb_ = vec("ln_out.bias");
     head_ = mat("head.weight");
