@@ -14,6 +14,7 @@ PKGS=(
   fortunes
   python3 python3-numpy python3-torch python3-matplotlib python3-regex
   libtorch-dev pybind11-dev python3-pytest python3-venv python3-pip python3-wheel
+  libopenmpi-dev openmpi-bin
 )
 
 missing=()

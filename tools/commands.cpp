@@ -9,6 +9,7 @@
 #include <iostream>
 #include <sstream>
 #include <random>
+#include <thread>
 
 #include "linmix/bench.h"
 #include "linmix/generate.h"
@@ -20,6 +21,7 @@
 #include "linmix/safetensors.h"
 #include "linmix/tokenizer.h"
 #include "linmix/train.h"
+#include "mpi_comm.h"
 
 #include "commands.h"
 
@@ -190,20 +192,37 @@ int cmd_example(const std::string& mixer, bool causal, int64_t T, uint64_t seed,
   return 0;
 }
 
-int cmd_train(TrainOptions topt, const std::string& config_path, const std::string& mixer) {
-  if (!config_path.empty()) {
-    std::ifstream f(config_path);
-    LINMIX_CHECK(f.good(), config_path + ": cannot open the model config");
-    topt.config.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-  } else if (!mixer.empty()) {
-    topt.config = ModelConfig::for_mixer(mixer).to_json();
+int cmd_train(TrainOptions topt, const std::string& config_path, const std::string& mixer, int threads) {
+  // several ranks when mpirun started this process (docs/distributed.md); the cores shared among
+  // this machine's ranks unless --threads says otherwise
+  std::unique_ptr<Comm> comm = mpi_start();
+  if (comm && threads <= 0)
+    set_threads(std::max(1, int(std::thread::hardware_concurrency()) / local_ranks()));
+  topt.comm = comm.get();
+  TrainResult r;
+  try {
+    if (!config_path.empty()) {
+      std::ifstream f(config_path);
+      LINMIX_CHECK(f.good(), config_path + ": cannot open the model config");
+      topt.config.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    } else if (!mixer.empty()) {
+      topt.config = ModelConfig::for_mixer(mixer).to_json();
+    }
+    r = train(topt);
+  } catch (const std::exception& e) {
+    if (comm) mpi_fail(*comm, e.what());  // one rank's error ends every rank's run
+    throw;
   }
-  const TrainResult r = train(topt);
+  if (comm && comm->rank() != 0) return 0;
   std::printf("trained %lld steps in %.1f s (%.0f tok/s): train loss %.4f", static_cast<long long>(r.steps_done),
               r.seconds, r.tokens_per_s, r.train_loss);
   if (topt.task.empty()) std::printf(", validation loss %.4f = %.4f bpc\n", r.val_loss, r.val_bpc);
   else std::printf(", %s accuracy %.4f\n", topt.task.c_str(), r.val_acc);
-  std::printf("checkpoint: %s/ckpt.safetensors; peak memory %.1f MiB\n", topt.out.c_str(), peak_rss_mib());
+  if (r.ranks > 1)
+    std::printf("%d ranks: gradient allreduce %.2f ms per step (%.1f%% of the time)\n", r.ranks,
+                1e3 * r.allreduce_s / double(std::max<int64_t>(1, r.losses.size())), 100 * r.allreduce_s / r.seconds);
+  std::printf("checkpoint: %s/ckpt.safetensors; peak memory %.1f MiB%s\n", topt.out.c_str(), peak_rss_mib(),
+              r.ranks > 1 ? " (rank 0)" : "");
   return 0;
 }
 

@@ -16,7 +16,7 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
 int cmd_demo(int64_t T, const std::string& dir, uint64_t seed);
 int cmd_mixers(bool json);
 int cmd_example(const std::string& mixer, bool causal, int64_t T, uint64_t seed, const std::string& scale, const std::vector<std::string>& dim_overrides, int stress, bool with_dy, const std::string& out);
-int cmd_train(TrainOptions topt, const std::string& config_path, const std::string& mixer);
+int cmd_train(TrainOptions topt, const std::string& config_path, const std::string& mixer, int threads);
 int cmd_generate(const std::string& model_path, GenerateOptions o, bool stats);
 int cmd_eval(const std::string& model_path, const std::string& file, const std::string& split, const std::string& tokenizer, const std::string& mode, const std::string& dtype, int64_t seq, int64_t windows);
 int cmd_tokenize(const std::string& tokenizer, const std::string& text, const std::string& file, std::string decode);

@@ -267,7 +267,7 @@ int main(int argc, char** argv) {
           std::replace(key.begin(), key.end(), '-', '_');
           topt.given.insert(key);
         }
-      return cmd_train(topt, config_path, mixer);
+      return cmd_train(topt, config_path, mixer, threads);
     }
     if (*gen) {
       gopt.tokenizer = tokenizer_path, gopt.state_in = state_in, gopt.state_out = state_out, gopt.dtype = dtype;

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "linmix/comm.h"
 #include "linmix/model.h"
 
 namespace linmix {
@@ -92,10 +93,20 @@ struct TrainOptions {
   double time_budget_s = 0;  // > 0: stop (and checkpoint) once training time passes this
   uint64_t seed = 1;
   bool quiet = false;
+  // Data-parallel training (null: one process). Each step's batch (the same --batch sequences one
+  // process draws) is split by rows across the ranks (rank r: rows [B r / N, B (r+1) / N)); each
+  // rank's gradient is weighted by its share of the scored positions and the gradients summed
+  // (comm->allreduce_sum), so every rank applies the same AdamW step as one process would; the
+  // evaluation windows are split across ranks and reduced. Rank 0 alone writes the log and the
+  // checkpoints (in which all ranks' parameters are first made equal to rank 0's); --data and,
+  // for --resume, --out must be readable at the same path on every rank.
+  Comm* comm = nullptr;
 };
 struct TrainResult {
   int64_t steps_done = 0;
   double train_loss = 0, val_loss = 0, val_bpc = 0, val_acc = -1, tokens_per_s = 0, seconds = 0;
+  int ranks = 1;
+  double allreduce_s = 0;  // time spent in the gradient allreduce, all steps (0 with one process)
   std::vector<std::pair<int64_t, double>> losses;  // (step, train loss)
 };
 TrainResult train(const TrainOptions& opt);

@@ -221,7 +221,11 @@ double lr_at(const TrainOptions& o, int64_t step) {
   return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine);
 }
 
-double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows, bool recurrent) {
+namespace {
+// The loss summed over the windows w of evaluate_split with w % size == rank, and the count of
+// positions scored (a rank's share of an evaluation split across ranks).
+std::pair<double, int64_t> eval_share(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows,
+                                      bool recurrent, int rank, int size) {
   const int64_t n = static_cast<int64_t>(split.size()) - 1;
   LINMIX_CHECK(n >= seq, "evaluation split shorter than one window of " + std::to_string(seq));
   const auto [windows, stride] = eval_windows(n + 1, seq, max_windows);  // spread evenly over the split
@@ -229,7 +233,7 @@ double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, 
   int64_t count = 0;
   const int64_t V = m.config().vocab;
   std::vector<float> lg(V);
-  for (int64_t w = 0; w < windows; ++w) {
+  for (int64_t w = rank; w < windows; w += size) {
     const int64_t p = w * stride;
     if (recurrent) {
       Model::State st = m.new_state();
@@ -249,6 +253,12 @@ double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, 
       count += c;
     }
   }
+  return {total, count};
+}
+}  // namespace
+
+double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows, bool recurrent) {
+  const auto [total, count] = eval_share(m, split, seq, max_windows, recurrent, 0, 1);
   return total / double(count);
 }
 
@@ -378,7 +388,13 @@ TrainResult train(const TrainOptions& opts) {
   LINMIX_CHECK(double(o.batch) * double(o.seq) <= double(1 << 24),
                "--batch x --seq = " + std::to_string(double(o.batch) * double(o.seq)) +
                    " tokens per micro-batch, more than 2^24 (use --accum for larger steps)");
-  prepare_out(o.out);
+  Comm* comm = o.comm;
+  const int rank = comm ? comm->rank() : 0, nranks = comm ? comm->size() : 1;
+  const bool root = rank == 0;
+  LINMIX_CHECK(o.batch >= nranks, "--batch " + std::to_string(o.batch) + " is smaller than the " +
+                                      std::to_string(nranks) + " ranks (each rank takes at least one sequence of a step's batch)");
+  if (!root) o.quiet = true;
+  if (root) prepare_out(o.out);
   const std::string ckpt = o.out + "/ckpt.safetensors", logp = o.out + "/log.jsonl";
   const bool has_run = std::filesystem::exists(ckpt) || std::filesystem::exists(logp);
   LINMIX_CHECK(o.resume || o.force || !has_run, o.out + " holds a run (ckpt.safetensors / log.jsonl): pass --resume to "
@@ -439,16 +455,17 @@ TrainResult train(const TrainOptions& opts) {
   } else if (!o.resume) {
     model = std::make_unique<Model>(ModelConfig::from_json(o.config));
     model->init(o.seed);
-  } else {
-    trim_log(logp, start);
   }
+  if (comm) comm->barrier();  // every rank has read the run before rank 0 writes to it
+  if (o.resume && root) trim_log(logp, start);
   const ModelConfig& cfg = model->config();
   LINMIX_CHECK(o.seq <= cfg.ctx || [&] {
     for (const auto& l : cfg.layers)
       if (l.mixer == "aft_full" || l.mixer == "aft_local") return false;
     return true;
   }(), "seq " + std::to_string(o.seq) + " exceeds the model's ctx " + std::to_string(cfg.ctx) + " (aft_full/aft_local)");
-  std::ofstream log(logp, o.resume ? std::ios::app : std::ios::trunc);
+  std::ofstream log;
+  if (root) log.open(logp, o.resume ? std::ios::app : std::ios::trunc);
   const bool tty = !o.quiet && isatty(STDERR_FILENO);
   if (!o.quiet)
     std::fprintf(stderr, "linmix train: %lld parameters, %s, %s; steps %lld..%lld, batch %lld x %lld x %lld\n",
@@ -460,21 +477,29 @@ TrainResult train(const TrainOptions& opts) {
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto evaluate = [&](json& rec) {
-    if (o.task.empty()) {
-      res.val_loss = evaluate_split(*model, corpus.val, o.seq, o.eval_batches * o.batch, false);
+    if (o.task.empty()) {  // the windows split across the ranks, the sums reduced
+      const auto [total, count] = eval_share(*model, std::vector<int32_t>(corpus.val.begin(), corpus.val.end()), o.seq,
+                                             o.eval_batches * o.batch, false, rank, nranks);
+      double sums[2] = {total, double(count)};
+      if (comm) comm->allreduce_sum(sums, 2);
+      res.val_loss = sums[0] / sums[1];
       res.val_bpc = res.val_loss / std::log(2.0);
       rec["val_loss"] = res.val_loss, rec["val_bpc"] = res.val_bpc;
     } else {
-      double acc = 0, loss = 0;
-      for (int64_t i = 0; i < o.eval_batches; ++i) {
+      double sums[2] = {0, 0};  // accuracy, loss: the means over eval batches, split across the ranks
+      for (int64_t i = rank; i < o.eval_batches; i += nranks) {
         const auto [a, l] = task_metrics(*model, synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, mix_seed(o.seed, 1u << 30, i)));
-        acc += a / double(o.eval_batches), loss += l / double(o.eval_batches);
+        sums[0] += a / double(o.eval_batches), sums[1] += l / double(o.eval_batches);
       }
+      if (comm) comm->allreduce_sum(sums, 2);
+      const double acc = sums[0], loss = sums[1];
       res.val_acc = acc, res.val_loss = loss;
       rec["val_loss"] = loss, rec["val_acc"] = acc;
     }
   };
   int64_t tokens = 0, step = start;
+  std::vector<float> flat;  // the gradients of every rank, one buffer (one allreduce per step)
+  res.ranks = nranks;
   for (; step < o.steps; ++step) {
     TensorMap grads;
     double loss = 0;
@@ -482,15 +507,43 @@ TrainResult train(const TrainOptions& opts) {
       const uint64_t s = mix_seed(o.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(a));
       const Batch b = o.task.empty() ? corpus_batch(corpus.train, o.batch, o.seq, s)
                                      : synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, s);
+      // this rank's rows, weighted by its share of the batch's scored positions: the ranks' weighted
+      // mean gradients sum to the gradient of the whole batch's mean loss (exactly, for any split)
+      const int64_t r0 = b.B * rank / nranks, r1 = b.B * (rank + 1) / nranks;
+      const auto scored = [&](int64_t i0, int64_t i1) {
+        return std::count_if(b.targets.begin() + i0 * b.T, b.targets.begin() + i1 * b.T, [](int32_t x) { return x >= 0; });
+      };
+      const double share = nranks == 1 ? 1.0 : double(scored(r0, r1)) / double(std::max<int64_t>(1, scored(0, b.B)));
       try {
-        loss += model->forward_backward(b.inputs.data(), b.targets.data(), b.B, b.T, &grads, 1.0f / float(o.accum)) /
-                double(o.accum);
+        if (share > 0)
+          loss += model->forward_backward(&b.inputs[r0 * b.T], &b.targets[r0 * b.T], r1 - r0, b.T, &grads,
+                                          float(share) / float(o.accum)) *
+                  share / double(o.accum);
       } catch (const Error& e) {  // a non-finite activation: the run diverged
         if (std::string(e.what()).find("finite") == std::string::npos) throw;
         throw Error("training diverged: loss is NaN/inf at step " + std::to_string(step + 1) + " (" + e.what() +
                     "); the last checkpoint is kept in " + o.out);
       }
       tokens += b.B * b.T;
+    }
+    if (comm) {  // sum the ranks' gradients and losses
+      const auto c0 = std::chrono::steady_clock::now();
+      int64_t n = 0;
+      for (const auto& [name, g] : grads) n += g.numel();
+      if (flat.empty()) {  // the first step: every rank holds gradients of the same size?
+        double sizes[2] = {double(n), double(n) * double(n)};
+        comm->allreduce_sum(sizes, 2);
+        LINMIX_CHECK(sizes[0] == double(n) * nranks && sizes[1] == double(n) * double(n) * nranks,
+                     "the ranks' gradients differ in size: every rank must run the same model");
+      }
+      flat.resize(static_cast<size_t>(n));
+      int64_t at = 0;
+      for (const auto& [name, g] : grads) std::copy(g.data.begin(), g.data.end(), flat.begin() + at), at += g.numel();
+      comm->allreduce_sum(flat.data(), n);
+      at = 0;
+      for (auto& [name, g] : grads) std::copy(flat.begin() + at, flat.begin() + at + g.numel(), g.data.begin()), at += g.numel();
+      comm->allreduce_sum(&loss, 1);
+      res.allreduce_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
     }
     const double gn = grad_norm(grads);
     LINMIX_CHECK(std::isfinite(loss) && std::isfinite(gn), "training diverged: loss is NaN/inf at step " +
@@ -506,10 +559,16 @@ TrainResult train(const TrainOptions& opts) {
     res.tokens_per_s = double(tokens) / std::max(secs, 1e-9);
     json rec = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", gn}, {"tok_s", res.tokens_per_s},
                 {"time_s", secs}};
-    const bool last = step + 1 == o.steps || (o.time_budget_s > 0 && secs >= o.time_budget_s);
+    bool last = step + 1 == o.steps;
+    if (o.time_budget_s > 0) {  // every rank stops at the same step: when any has spent the budget
+      double over = secs >= o.time_budget_s ? 1.0 : 0.0;
+      if (comm) comm->allreduce_sum(&over, 1);
+      last = last || over > 0;
+    }
+    if (comm) rec["allreduce_s"] = res.allreduce_s;
     const bool do_eval = (o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last;
     if (do_eval) evaluate(rec);
-    log << rec.dump() << "\n" << std::flush;
+    if (root) log << rec.dump() << "\n" << std::flush;
     if (!o.quiet) {
       const double eta = double(o.steps - step - 1) * secs / double(step + 1 - start);
       if (tty) {
@@ -527,7 +586,13 @@ TrainResult train(const TrainOptions& opts) {
         std::fprintf(stderr, "\n");
       }
     }
-    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last) save_checkpoint(ckpt, *model, opt, step + 1, run.dump(), o.task.empty() ? "bytes" : "task:" + o.task);
+    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last) {
+      if (comm) {  // the ranks applied the same steps; make them bit-equal to what rank 0 saves
+        for (auto* group : {&model->params(), &opt.m, &opt.v})
+          for (auto& [name, t] : *group) comm->broadcast(t.ptr(), t.numel());
+      }
+      if (root) save_checkpoint(ckpt, *model, opt, step + 1, run.dump(), o.task.empty() ? "bytes" : "task:" + o.task);
+    }
     if (last) {
       ++step;
       break;
