@@ -31,19 +31,25 @@ def phi_elu(x):
     return F.elu(x) + 1.0
 
 
-def linear(q, k, v, causal, eps=1e-6):
-    # S = sum_s phi(k_s) v_s^T, z = sum_s phi(k_s); prefix sums when causal.
+def linear(q, k, v, causal, eps=1e-6, S0=None, z0=None, final=False):
+    # S = sum_s phi(k_s) v_s^T, z = sum_s phi(k_s); prefix sums when causal, from the state
+    # (S0, z0) before token 0; with final also the state after the last token.
     fq, fk = phi_elu(q), phi_elu(k)
     kv = torch.einsum("bshd,bshe->bshde", fk, v)
     if causal:
         S, z = kv.cumsum(dim=1), fk.cumsum(dim=1)
+        if S0 is not None:
+            S = S + S0.unsqueeze(1)
+        if z0 is not None:
+            z = z + z0.unsqueeze(1)
         num = torch.einsum("bthd,bthde->bthe", fq, S)
         den = torch.einsum("bthd,bthd->bth", fq, z)
     else:
         S, z = kv.sum(dim=1), fk.sum(dim=1)
         num = torch.einsum("bthd,bhde->bthe", fq, S)
         den = torch.einsum("bthd,bhd->bth", fq, z)
-    return num / (den + eps).unsqueeze(-1)
+    y = num / (den + eps).unsqueeze(-1)
+    return (y, S[:, -1], z[:, -1]) if final else y
 
 
 def _aft(q, k, v, w_tsc, causal):
@@ -176,14 +182,16 @@ def q_dtype(x):
     return x.dtype
 
 
-def norm_linear(q, k, v, causal, eps=1e-6):
+def norm_linear(q, k, v, causal, eps=1e-6, S0=None, final=False):
     fq, fk = phi_elu(q), phi_elu(k)
     kv = torch.einsum("bshd,bshe->bshde", fk, v)
     if causal:
-        o = torch.einsum("bthd,bthde->bthe", fq, kv.cumsum(dim=1))
+        S = kv.cumsum(dim=1) + (0 if S0 is None else S0.unsqueeze(1))
+        o = torch.einsum("bthd,bthde->bthe", fq, S)
     else:
         o = torch.einsum("bthd,bhde->bthe", fq, kv.sum(dim=1))
-    return o / torch.sqrt((o * o).mean(-1, keepdim=True) + eps)
+    y = o / torch.sqrt((o * o).mean(-1, keepdim=True) + eps)
+    return (y, S[:, -1]) if final else y
 
 
 def block_softmax(q, k, v, causal, block):
@@ -373,6 +381,10 @@ STATE_ORACLES = {
         *rwkv56(x["r"], x["k"], x["v"], x["w"], x["u"], _scale(p, 0, False), _st(x))),
     "rwkv7": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
         *rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], _scale(p, 0, False), _st(x))),
+    "linear": lambda x, p: (lambda y, S, z: (y, {"state.S": S, "state.z": z}))(
+        *linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z"), final=True)),
+    "norm_linear": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
+        *norm_linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), final=True)),
     "mamba2": lambda x, p: (lambda y, h: (y, {"state.h": h}))(
         *mamba2(x["x"], x["dt"], x["A"], x["Bm"], x["Cm"], x.get("D"), x.get("z"), x.get("dt_bias"),
                 _num(p, "dt_softplus", 1) != 0, x.get("state.h"))),
@@ -386,7 +398,7 @@ STATE_ORACLES = {
 ORACLES = {
     "softmax": lambda x, c, p: softmax(x["q"], x["k"], x["v"], c, scale=float(p["scale"]) if "scale" in p else None,
                                        window=int(_num(p, "window", 0))),
-    "linear": lambda x, c, p: linear(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6)),
+    "linear": lambda x, c, p: linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z")),
     "aft_full": lambda x, c, p: aft_full(x["q"], x["k"], x["v"], x["w"], c),
     "aft_local": lambda x, c, p: aft_local(x["q"], x["k"], x["v"], x["w"], c, int(p["window"])),
     "aft_simple": lambda x, c, p: aft_simple(x["q"], x["k"], x["v"], c),
@@ -396,10 +408,16 @@ ORACLES = {
     "flow": lambda x, c, p: flow(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6)),
     "flash": lambda x, c, p: flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], c,
                                    int(_num(p, "group", 256))),
-    "norm_linear": lambda x, c, p: norm_linear(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6)),
+    "norm_linear": lambda x, c, p: norm_linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S")),
     "block_softmax": lambda x, c, p: block_softmax(x["q"], x["k"], x["v"], c, int(_num(p, "block", 64))),
     "s4d": lambda x, c, p: s4d(**x),
     "mamba": lambda x, c, p: mamba(**x, delta_softplus=_num(p, "delta_softplus", 1) != 0),
     "fnet": lambda x, c, p: fnet(x["x"]),
 }
-ORACLES.update({n: (lambda x, c, p, f=f: f(x, p)[0]) for n, f in STATE_ORACLES.items()})
+# the causal-only state mechanisms: their state oracle is their oracle (linear and norm_linear,
+# which also have a non-causal form, keep theirs above)
+ORACLES.update({n: (lambda x, c, p, f=f: f(x, p)[0]) for n, f in STATE_ORACLES.items() if n not in ORACLES})
+
+# The domain of a random initial state where not every value is one: linear's normaliser z is a
+# sum of positive features (as the registry's state_fix draws it).
+STATE_DOMAIN = {"linear": {"state.z": lambda t: t.abs() + 0.5}}

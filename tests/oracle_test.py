@@ -173,7 +173,10 @@ def initial_state(spec, tensors):
         if inp["name"] in tensors:
             for d, n in zip(inp["dims"].split(","), tensors[inp["name"]].shape):
                 dims[d] = n
-    return {st_["name"]: normal(*[dims[d] for d in st_["dims"].split(",")]) for st_ in spec["state"]}
+    out = {st_["name"]: normal(*[dims[d] for d in st_["dims"].split(",")]) for st_ in spec["state"]}
+    for n, f in oracle.STATE_DOMAIN.get(spec["name"], {}).items():
+        out[n] = f(torch.from_numpy(out[n])).numpy()
+    return out
 
 
 def state_checks():
@@ -211,9 +214,13 @@ def state_checks():
 def refusals():
     """Every domain error of MIXERS.md's new section: exit 2, one line."""
     specs = state_specs()
-    for name in specs:
+    for name, spec in specs.items():
         x = example(name, True, 5)
-        refused(name, False, {}, x, "a call without --causal")
+        if spec["noncausal"]:  # a non-causal form exists, but no state in it
+            x.update(initial_state(spec, x))
+            refused(name, False, {}, x, "a state in a call without --causal")
+        else:
+            refused(name, False, {}, x, "a call without --causal")
     for spec in SPECS:  # every log decay the registry declares, made positive
         for decay in spec.get("log_decays", []):
             x = example(spec["name"], True, 5)
@@ -307,10 +314,11 @@ def main():
     # Gradients: `linmix mix --grad` against torch.autograd of the same float64 oracle (from a
     # random initial state where the parallel form takes one: d(state.*) too).
     for T in (1, 7, 64, 257):
-        for mixer, flags, params, tensors, fn in cases(T, False):
-            if mixer in state_specs():
-                tensors = dict(tensors, **initial_state(state_specs()[mixer], tensors))
+        for mixer, flags, params, stateless, fn in cases(T, False):
             for causal in flags:
+                tensors = stateless
+                if mixer in state_specs() and causal:  # a state exists in the causal form
+                    tensors = dict(tensors, **initial_state(state_specs()[mixer], tensors))
                 x64 = {n: torch.from_numpy(a.astype(np.float64)).requires_grad_(True) for n, a in tensors.items()}
                 y = fn(x64, causal)
                 dy = normal(*y.shape)

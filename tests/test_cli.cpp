@@ -80,12 +80,16 @@ TEST_F(MixCli, RejectsBadTensors) {
   m = good;
   m["extra"] = Tensor({1});
   expect_rejected(serialize_safetensors(m), "--mixer linear", "unexpected tensor 'extra'");
-  m = good;
+  m = good;  // linear's parallel form takes a state, in the causal form only
   m["state.S"] = Tensor({2, 2, 3, 4});
   m["state.z"] = Tensor({2, 2, 3});
-  expect_rejected(serialize_safetensors(m), "--mixer linear --causal", "only with --mode recurrent");
+  expect_rejected(serialize_safetensors(m), "--mixer linear", "accepted only by the causal form");
   m.erase("state.z");
   expect_rejected(serialize_safetensors(m), "--mixer linear --causal --mode recurrent", "missing state tensor 'state.z'");
+  m = good;  // softmax's KV cache: only the recurrent form
+  m["state.k"] = Tensor({2, 3, 2, 3});
+  m["state.v"] = Tensor({2, 3, 2, 4});
+  expect_rejected(serialize_safetensors(m), "--mixer softmax --causal", "only with --mode recurrent");
 }
 
 TEST_F(MixCli, RejectsBadArguments) {

@@ -56,18 +56,20 @@ TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
   // fla's dht) beside dy
   const MixerSpec& spec = find_mixer(c.mixer);
   std::map<std::string, int64_t> dims;
-  if (spec.state_all_modes) {
+  const bool with_state = spec.state_all_modes && c.causal;  // a state exists in the causal form
+  if (with_state) {
     const Call call = validate_call(c.mixer, Mode::Reference, c.causal, c.params, in);
     dims = call.dims;
   }
-  for (auto& [n, t] : example_state(spec, dims, seed + 7)) in[n] = std::move(t);
+  if (with_state)
+    for (auto& [n, t] : example_state(spec, dims, seed + 7)) in[n] = std::move(t);
   const Tensor y = run_mixer(c.mixer, Mode::Reference, c.causal, c.params, in).at("y");
   Tensor dy(y.shape);
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal;
   for (float& x : dy.data) x = normal(rng);
   in["dy"] = std::move(dy);
-  if (spec.state_all_modes)
+  if (with_state)
     for (const auto& [n, t] : example_state(spec, dims, seed + 8)) in["dfinal." + n.substr(6)] = t;
   return in;
 }

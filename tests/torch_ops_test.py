@@ -49,7 +49,7 @@ def rel_rms(got, want, floor=0.0):
 
 def oracle_outputs(name, causal, x64, params):
     """y and the final state(s) of the plain PyTorch oracle (float64, autograd)."""
-    if name in OPS.STATEFUL:
+    if name in OPS.STATEFUL and causal:
         return oracle.STATE_ORACLES[name](x64, params)
     return oracle.ORACLES[name](x64, causal, params), {}
 
@@ -81,7 +81,7 @@ def run_op(name, causal, x, params, want_final):
 def test_outputs_and_gradients_vs_plain_pytorch(name, causal, T):
     spec = SPECS[name]
     params = dict(spec["example_params"])
-    stateful = name in OPS.STATEFUL
+    stateful = name in OPS.STATEFUL and causal
     x = OPS.example(name, T, causal=causal, seed=T, state=stateful)
     x64 = {n: t.double().requires_grad_(True) for n, t in x.items()}
     y_ref, fin_ref = oracle_outputs(name, causal, x64, params)
@@ -108,7 +108,7 @@ def test_outputs_and_gradients_vs_plain_pytorch(name, causal, T):
 
 
 def tiny(name, causal, T=4):
-    x = OPS.example(name, T, causal=causal, seed=3, scale="grad", state=name in OPS.STATEFUL)
+    x = OPS.example(name, T, causal=causal, seed=3, scale="grad", state=name in OPS.STATEFUL and causal)
     return {n: t.double().requires_grad_(True) for n, t in x.items()}
 
 
@@ -118,7 +118,7 @@ def test_gradcheck_float64(name, causal):
     params = numbers(spec["example_params"])
     x = tiny(name, causal)
     names = list(x)
-    stateful = name in OPS.STATEFUL
+    stateful = name in OPS.STATEFUL and causal
 
     def f(*ts):
         inputs, state = split_state(name, dict(zip(names, ts)))
@@ -139,38 +139,51 @@ def packed(name, T_parts, seed=5):
     return x, {n[6:]: t for n, t in st.items() if n.startswith("state.")}
 
 
+def _state_arg(st):
+    """A state dict {name: tensor} as the op takes it: the tensor when there is one."""
+    return next(iter(st.values())) if len(st) == 1 else st
+
+
+def _state_dict(final, like):
+    return {next(iter(like)): final} if isinstance(final, torch.Tensor) else final
+
+
 @pytest.mark.parametrize("name", STATEFUL)
 def test_cu_seqlens_equals_sequences_one_by_one(name):
     spec = SPECS[name]
     params = numbers(spec["example_params"])
     parts = [5, 0, 70, 1, 13]
     x, st = packed(name, parts)
-    sname = next(iter(st))
     cu = torch.tensor([0] + list(torch.tensor(parts).cumsum(0)), dtype=torch.int64)
     per_token = {i["name"] for i in spec["inputs"] if i["dims"].startswith("B,T")}
     xa = {n: t.clone().requires_grad_(True) for n, t in x.items()}
-    h0a = st[sname].clone().requires_grad_(True)
-    y, fin = OPS.call(name, xa, initial_state=h0a, output_final_state=True, cu_seqlens=cu, **params)
+    h0a = {n: t.clone().requires_grad_(True) for n, t in st.items()}
+    y, fin = OPS.call(name, xa, initial_state=_state_arg(h0a), output_final_state=True, cu_seqlens=cu, **params)
+    fin = _state_dict(fin, st)
     g = torch.Generator().manual_seed(2)
-    dy, dfin = torch.randn(y.shape, generator=g), torch.randn(fin.shape, generator=g)
-    ((y * dy).sum() + (fin * dfin).sum()).backward()
+    dy = torch.randn(y.shape, generator=g)
+    dfin = {n: torch.randn(f.shape, generator=g) for n, f in fin.items()}
+    ((y * dy).sum() + sum((fin[n] * dfin[n]).sum() for n in fin)).backward()
     xb = {n: t.clone().requires_grad_(True) for n, t in x.items()}
-    h0b = st[sname].clone().requires_grad_(True)
+    h0b = {n: t.clone().requires_grad_(True) for n, t in st.items()}
     ys, fins = [], []
     for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        init = {n: t[i:i + 1] for n, t in h0b.items()}
         if e == s:
-            fins.append(h0b[i:i + 1])
+            fins.append(init)
             continue
         sub = {n: (t[:, s:e] if n in per_token else t) for n, t in xb.items()}
-        yi, fi = OPS.call(name, sub, initial_state=h0b[i:i + 1], output_final_state=True, **params)
+        yi, fi = OPS.call(name, sub, initial_state=_state_arg(init), output_final_state=True, **params)
         ys.append(yi)
-        fins.append(fi)
-    y2, fin2 = torch.cat(ys, 1), torch.cat(fins, 0)
-    ((y2 * dy).sum() + (fin2 * dfin).sum()).backward()
-    assert torch.allclose(y, y2, rtol=0, atol=0) and torch.allclose(fin, fin2, rtol=0, atol=0)
+        fins.append(_state_dict(fi, st))
+    y2 = torch.cat(ys, 1)
+    fin2 = {n: torch.cat([f[n] for f in fins], 0) for n in st}
+    ((y2 * dy).sum() + sum((fin2[n] * dfin[n]).sum() for n in fin2)).backward()
+    assert torch.equal(y, y2) and all(torch.equal(fin[n], fin2[n]) for n in st)
     for n in x:
         assert torch.equal(xa[n].grad, xb[n].grad), f"d{n}"
-    assert torch.equal(h0a.grad, h0b.grad)
+    for n in st:
+        assert torch.equal(h0a[n].grad, h0b[n].grad), f"d initial {n}"
 
 
 @pytest.mark.parametrize("name", STATEFUL)
@@ -178,27 +191,31 @@ def test_chunks_with_the_state_handed_on_equal_one_call(name):
     spec = SPECS[name]
     params = numbers(spec["example_params"])
     x = OPS.example(name, 150, causal=True, seed=9, state=True)
-    inputs, h0 = split_state(name, x)
+    inputs = {n: t for n, t in x.items() if not n.startswith("state.")}
+    h0 = {n[6:]: t for n, t in x.items() if n.startswith("state.")}
     per_token = {i["name"] for i in spec["inputs"] if i["dims"].startswith("B,T")}
     xa = {n: t.clone().requires_grad_(True) for n, t in inputs.items()}
-    y, fin = OPS.call(name, xa, initial_state=h0, output_final_state=True, **params)
+    y, fin = OPS.call(name, xa, initial_state=_state_arg(h0), output_final_state=True, **params)
+    fin = _state_dict(fin, h0)
     g = torch.Generator().manual_seed(4)
-    dy, dfin = torch.randn(y.shape, generator=g), torch.randn(fin.shape, generator=g)
-    ((y * dy).sum() + (fin * dfin).sum()).backward()
+    dy = torch.randn(y.shape, generator=g)
+    dfin = {n: torch.randn(f.shape, generator=g) for n, f in fin.items()}
+    ((y * dy).sum() + sum((fin[n] * dfin[n]).sum() for n in fin)).backward()
     xb = {n: t.clone().requires_grad_(True) for n, t in inputs.items()}
     state, ys = h0, []
     for s, e in ((0, 37), (37, 101), (101, 150)):  # crossing the kernels' chunk of 64
         sub = {n: (t[:, s:e] if n in per_token else t) for n, t in xb.items()}
-        yi, state = OPS.call(name, sub, initial_state=state, output_final_state=True, **params)
+        yi, state = OPS.call(name, sub, initial_state=_state_arg(state), output_final_state=True, **params)
+        state = _state_dict(state, h0)
         ys.append(yi)
     y2 = torch.cat(ys, 1)
-    ((y2 * dy).sum() + (state * dfin).sum()).backward()
-    assert rel_rms(y2, y) <= 1e-5 and rel_rms(state, fin) <= 1e-5
+    ((y2 * dy).sum() + sum((state[n] * dfin[n]).sum() for n in state)).backward()
+    assert rel_rms(y2, y) <= 1e-5 and all(rel_rms(state[n], fin[n]) <= 1e-5 for n in fin)
     for n in inputs:
         assert rel_rms(xb[n].grad, xa[n].grad) <= 1e-4, f"d{n}"
 
 
-@pytest.mark.parametrize("name", ["rwkv4", "mamba", "linear"])
+@pytest.mark.parametrize("name", ["rwkv4", "mamba", "aft_simple"])
 def test_recurrent_state_for_the_others_forward_only(name):
     spec = SPECS[name]
     params = numbers(spec["example_params"])

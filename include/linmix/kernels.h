@@ -36,12 +36,23 @@ void softmax_step(float* y, KVCache& cache, const float* q, const float* k, cons
                   std::vector<float>& scratch);
 
 // ---- linear (src/mixers/linear.cpp) ----
+// The state of the causal forms of linear and norm_linear, all sequences and heads: S (B,H,D,E)
+// and z (B,H,D) (linear only) before token 0 (null: zeros) and after the last token (null: not
+// wanted); in the backward the gradient of the final state (null: zero, fla's dht) and the
+// gradient of the initial one (written where not null, fla's dh0).
+struct LinearStateIO {
+  const float *S0 = nullptr, *z0 = nullptr;
+  float *ST = nullptr, *zT = nullptr;
+  const float *dST = nullptr, *dzT = nullptr;
+  float *dS0 = nullptr, *dz0 = nullptr;
+};
 // Chunked linear attention (intra-chunk quadratic, inter-chunk state S, z), phi = elu + 1.
 void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
-                    bool causal);
-// Gradient of sum(y * dy): dq, dk (B,T,H,D), dv (B,T,H,E), written. O(T) extra memory.
+                    bool causal, const LinearStateIO& st = {});
+// Gradient of sum(y * dy) (+ the final state's with st.dST / st.dzT): dq, dk (B,T,H,D), dv
+// (B,T,H,E), written; st.dS0 / st.dz0 written when given. O(T) extra memory.
 void linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                     const float* dy, const AttnDims& d, float eps, bool causal);
+                     const float* dy, const AttnDims& d, float eps, bool causal, const LinearStateIO& st = {});
 // State of one sequence: S: (H,D,E), z: (H,D).
 struct LinearState {
   int64_t H = 0, D = 0, E = 0;

@@ -81,6 +81,9 @@ struct MixerSpec {
   // draws into the mechanism's domain (e.g. rwkv4's decay w > 0).
   std::map<std::string, std::string> example_params;
   std::function<void(TensorMap&)> example_fix;
+  // Maps the N(0,1) draws of example_state into the state's domain (e.g. linear's normaliser z,
+  // a sum of positive features, > 0); unset: any value is a state.
+  std::function<void(TensorMap&)> state_fix;
   std::function<void(const Call&)> check;  // mechanism-specific checks beyond shapes (optional)
   std::string y_dims;  // symbolic shape of the output y, e.g. "B,T,H,E"
   std::function<TensorMap(const Call&)> reference;  // float64 inside; returns {"y"}

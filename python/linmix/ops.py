@@ -10,9 +10,9 @@ output_final_state=False, cu_seqlens=None, **params)``.
 - float32 runs the mechanism's fast parallel form and its hand-written backward; float64 runs the
   float64 reference and its tape gradient (``torch.autograd.gradcheck`` works on small shapes).
   Gradients reach every floating input, ``initial_state`` and, through ``final_state``, fla's
-  ``dht``, for the eight mechanisms whose parallel form carries a state (retention, gla,
-  deltanet, gated_deltanet, rwkv5, rwkv6, rwkv7, mamba2). The others take a state through their
-  recurrent form, forward only (a backward through it raises).
+  ``dht``, for the mechanisms whose parallel form carries a state (STATEFUL: linear,
+  norm_linear, retention, gla, deltanet, gated_deltanet, rwkv5, rwkv6, rwkv7, mamba2). The
+  others take a state through their recurrent form, forward only (a backward through it raises).
 - ``cu_seqlens`` (int64 ``[N+1]``, B = 1): N packed sequences, each from its own initial state
   (row i of ``initial_state``), final states stacked in the same order.
 - Threads follow ``torch.get_num_threads()``. Bad input raises ValueError naming the tensor.
@@ -25,7 +25,7 @@ import torch
 from . import _C
 
 SPECS = {s["name"]: s for s in json.loads(_C.mixers_json())}
-# the eight whose parallel form starts from a state and returns the final one (and differentiates both)
+# those whose parallel form starts from a state and returns the final one (and differentiates both)
 STATEFUL = {n for n, s in SPECS.items() if s.get("state_all_modes")}
 
 
@@ -141,8 +141,6 @@ def _one(name, spec, given, causal, state, want, params):
         names = tuple(given)
         return _Mix.apply((name, causal, params, names, (), False), *given.values())[0], None
     # a state through the recurrent form: float32, forward only
-    if not causal:
-        raise ValueError(f"linmix.ops.{name}: a state exists only in the causal form (causal=True)")
     tensors = {**given, **state}
     if any(t.requires_grad for t in tensors.values()) and torch.is_grad_enabled():
         raise NotImplementedError(
@@ -210,6 +208,8 @@ def call(name, tensors, causal=None, initial_state=None, output_final_state=Fals
     _check(name, {**given, **state})
     if (state or output_final_state) and not spec["state"]:
         raise ValueError(f"linmix.ops.{name}: the mechanism has no recurrent state")
+    if (state or output_final_state) and not causal:
+        raise ValueError(f"linmix.ops.{name}: a state exists only in the causal form (causal=True)")
     p = _params_text(params)
     if cu_seqlens is not None:
         y, final = _varlen(name, spec, given, bool(causal), state, bool(output_final_state), p, cu_seqlens)

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/vmath.h"
+#include "linmix/error.h"
 
 namespace linmix {
 
@@ -74,6 +75,9 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
   // S: (D,E) running sum of k v^T; z: (D) running sum of k; A: (chunk,chunk) intra-chunk
   // scores; Ks: (chunk,D) keys scaled by e^{g_j - g_last} (only with g).
   std::vector<float> S(D * E, 0.0f), z(D, 0.0f), A(kLinearChunk * kLinearChunk), Ks(g ? kLinearChunk * D : 0);
+  LINMIX_CHECK(!g || !(a.S0 || a.z0 || a.ST || a.zT), "linear_product: a state with a log scale g is not supported");
+  if (a.S0) std::copy(a.S0, a.S0 + D * E, S.begin());
+  if (a.z0) std::copy(a.z0, a.z0 + D, z.begin());
   float g_state = g && T > 0 ? g[0] : 0.0f;  // the state is scaled by e^{-g_state}
   auto absorb = [&](int64_t t0, int64_t n) {  // S += K^T V, z += sum K over rows [t0, t0+n)
     const float* kk = k + t0 * a.ldk;
@@ -134,6 +138,8 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
       emit(t0, n, true);
       absorb(t0, n);
     }
+    if (a.ST) std::copy(S.begin(), S.end(), a.ST);
+    if (a.zT) std::copy(z.begin(), z.end(), a.zT);
   } else {
     for (int64_t t0 = 0; t0 < T; t0 += kLinearChunk) absorb(t0, std::min(kLinearChunk, T - t0));
     for (int64_t t0 = 0; t0 < T; t0 += kLinearChunk) emit(t0, std::min(kLinearChunk, T - t0), false);
@@ -182,6 +188,34 @@ void linear_product_backward(float* dq, float* dk, float* dv, const float* q, co
   linear_product(out.data(), nullptr, kr.data(), qr.data(), dr.data(), {T, D, E, D, D, E, E, a.causal},
                  g ? grev.data() : nullptr);
   for (int64_t i = 0; i < T; ++i) std::copy(&out[i * E], &out[(i + 1) * E], dv + (T - 1 - i) * E);
+}
+
+void linear_product_state_backward(float* dQ, float* dK, float* dV, const float* Qf, const float* Kf, const float* Vh,
+                         const float* dnum, const float* dden, int64_t T, int64_t D, int64_t E, const float* S0,
+                         const float* z0, const float* dST, const float* dzT, float* dS0, float* dz0) {
+  if (S0) gemm_nt_acc(dQ, dnum, S0, T, D, E, E, E, D);
+  if (z0 && dden)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t x = 0; x < D; ++x) dQ[t * D + x] += dden[t] * z0[x];
+  if (dST) {
+    gemm_nt_acc(dK, Vh, dST, T, D, E, E, E, D);
+    gemm_nn_acc(dV, Kf, dST, T, E, D, D, E, E);
+  }
+  if (dzT)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t x = 0; x < D; ++x) dK[t * D + x] += dzT[x];
+  if (dS0) {
+    if (dST) std::copy(dST, dST + D * E, dS0);
+    else std::fill(dS0, dS0 + D * E, 0.0f);
+    gemm_tn_acc(dS0, Qf, dnum, D, E, T, D, E, E);
+  }
+  if (dz0) {
+    if (dzT) std::copy(dzT, dzT + D, dz0);
+    else std::fill(dz0, dz0 + D, 0.0f);
+    if (dden)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t x = 0; x < D; ++x) dz0[x] += Qf[t * D + x] * dden[t];
+  }
 }
 
 }  // namespace linmix

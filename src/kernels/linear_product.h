@@ -32,6 +32,14 @@ struct LinearProductArgs {
   int64_t T, D, E;
   int64_t ldq, ldk, ldv, ldy;  // row strides in elements
   bool causal;
+  // Causal, without g: the state before row 0, S0 (D,E) = sum k v^T and z0 (D) = sum k over the
+  // rows before (null: zeros), which every row sees; the final state after row T-1, written to
+  // ST, zT where not null (the running state the chunks carry: no extra work). The backward
+  // ignores these: linear_product_state_backward adds their part.
+  const float* S0 = nullptr;
+  const float* z0 = nullptr;
+  float* ST = nullptr;
+  float* zT = nullptr;
 };
 
 void linear_product(float* y, float* den, const float* q, const float* k, const float* v, const LinearProductArgs& a,
@@ -64,5 +72,17 @@ namespace linmix {
 void linear_product_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
                              const float* dnum, int64_t lddn, const float* dden, const LinearProductArgs& a,
                              const float* g = nullptr);
+
+// The part of the initial and final state (LinearProductArgs S0, z0, ST, zT) in the backward
+// of one head of the causal product (linear, norm_linear), given dnum (T,E) and dden (T, or
+// null): dq += dnum S0^T + dden z0^T; the final state's gradient into the keys and values,
+// dk += V dST^T + 1 dzT^T, dv += K dST; and dS0 = Q^T dnum + dST, dz0 = Q^T dden + dzT (written where not null).
+void linear_product_state_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                                   const float* dnum, const float* dden, int64_t T, int64_t D, int64_t E,
+                                   const float* S0, const float* z0, const float* dST, const float* dzT, float* dS0,
+                                   float* dz0);
+// The rows of sequence-head bh in a (B,H,n) state tensor, or null.
+inline const float* state_rows(const float* p, int64_t bh, int64_t n) { return p ? p + bh * n : nullptr; }
+inline float* state_rows(float* p, int64_t bh, int64_t n) { return p ? p + bh * n : nullptr; }
 
 }  // namespace linmix

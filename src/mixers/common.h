@@ -148,7 +148,8 @@ inline bool is_input_name(const std::string& n) {
 // spec.reference_grad (its float view) from one generic reference
 //   f(const Call&, const RefIn<S>&) -> std::vector<S> y  (laid out as spec.y_dims).
 // With spec.state_all_modes, f also sees the call's state.* tensors (the state before token 0,
-// absent = zeros) and returns y followed by the final state tensors in spec.state order; the
+// absent = zeros) and returns y followed by the final state tensors in spec.state order (in
+// the causal form; a non-causal call, where the mechanism has one, returns y alone); the
 // reference then returns them as state.*, the tape gives d(state.*) too, and the gradient of
 // the final state (dfinal.*, fla's dht) enters the loss beside dy.
 template <class F>
@@ -159,11 +160,14 @@ void set_reference(MixerSpec& s, F f) {
   for (const auto& t : s.state)
     if (with_state) outs.emplace_back("state." + t.name, t.dims);
   auto input = [with_state](const std::string& n) { return is_input_name(n) || (with_state && n.rfind("state.", 0) == 0); };
+  // the outputs of a call: the final states only in the causal form (where a state exists)
+  using Outs = std::vector<std::pair<std::string, std::string>>;
+  auto live = [outs](const Call& c) { return c.causal ? outs : Outs{outs.front()}; };
   // f's flat output split by name
-  auto split = [outs](const Call& c, const std::vector<double>& all) {
+  auto split = [live](const Call& c, const std::vector<double>& all) {
     std::map<std::string, std::vector<double>> out;
     size_t at = 0;
-    for (const auto& [n, d] : outs) {
+    for (const auto& [n, d] : live(c)) {
       const size_t m = size_t(numel_of(dims_shape(d, c)));
       LINMIX_CHECK(all.size() >= at + m, "reference: output '" + n + "' missing");
       out[n].assign(all.begin() + int64_t(at), all.begin() + int64_t(at + m));
@@ -191,17 +195,18 @@ void set_reference(MixerSpec& s, F f) {
     }
     return out;
   };
-  s.reference = [f, split, input, outs](const Call& c) {
+  s.reference = [f, split, input, live](const Call& c) {
     RefIn<double> x;
     for (const auto& [n, t] : c.in)
       if (input(n)) x[n] = to_double(t);
     const auto all = split(c, f(c, x));
     TensorMap out;
-    for (const auto& [n, d] : outs) out[n] = from_double(dims_shape(d, c), all.at(n));
+    for (const auto& [n, d] : live(c)) out[n] = from_double(dims_shape(d, c), all.at(n));
     return out;
   };
   // float view: dy (and dfinal.*) as the output gradient; y and d<input> back as float
-  s.reference_grad = [g64 = s.reference64_grad, input, outs](const Call& c, const Tensor& dy) {
+  s.reference_grad = [g64 = s.reference64_grad, input, live](const Call& c, const Tensor& dy) {
+    const Outs outs = live(c);
     RefIn<double> x;
     for (const auto& [n, t] : c.in)
       if (input(n)) x[n] = to_double(t);
@@ -222,26 +227,55 @@ void set_reference(MixerSpec& s, F f) {
 inline AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 
 // parallel and backward for the q, k, v mechanisms with one `eps` param (linear, norm_linear):
-// y (B,T,H,E) from forward; backward returns y and dq, dk, dv.
+// y (B,T,H,E) from forward; backward returns y and dq, dk, dv. Their causal form carries the
+// state (state_all_modes): S (B,H,D,E) and, where the spec declares it, z (B,H,D); from the
+// call's state.* (zeros without), the final state returned as state.*, and in the backward the
+// call's dfinal.* taken in and dstate.* returned.
 using QkvForward = void (*)(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
-                            bool causal);
+                            bool causal, const LinearStateIO& st);
 using QkvBackward = void (*)(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                             const float* dy, const AttnDims& d, float eps, bool causal);
+                             const float* dy, const AttnDims& d, float eps, bool causal, const LinearStateIO& st);
 inline void set_qkv_eps_forms(MixerSpec& s, QkvForward fwd, QkvBackward bwd) {
   auto dims = attn_dims;
-  s.parallel = [fwd, dims](const Call& c) {
-    const AttnDims d = dims(c);
-    Tensor y({d.B, d.T, d.H, d.E});
-    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
-    return TensorMap{{"y", std::move(y)}};
+  bool has_z = false;
+  for (const auto& t : s.state) has_z = has_z || t.name == "z";
+  // the state pointers of a call; out gets the final state (and with grad the initial state's gradient)
+  auto state_io = [has_z](const Call& c, const AttnDims& d, TensorMap& out, bool grad) {
+    LinearStateIO st;
+    if (!c.causal) return st;
+    auto in = [&](const char* n) { return c.has(n) ? c.t(n).ptr() : nullptr; };
+    st.S0 = in("state.S"), st.dST = in("dfinal.S");
+    out["state.S"] = Tensor({d.B, d.H, d.D, d.E});
+    st.ST = out["state.S"].ptr();
+    if (grad) out["dstate.S"] = Tensor({d.B, d.H, d.D, d.E}), st.dS0 = out["dstate.S"].ptr();
+    if (has_z) {
+      st.z0 = in("state.z"), st.dzT = in("dfinal.z");
+      out["state.z"] = Tensor({d.B, d.H, d.D});
+      st.zT = out["state.z"].ptr();
+      if (grad) out["dstate.z"] = Tensor({d.B, d.H, d.D}), st.dz0 = out["dstate.z"].ptr();
+    }
+    return st;
   };
-  s.backward = [fwd, bwd, dims](const Call& c, const Tensor& dy) {
+  s.parallel = [fwd, dims, state_io](const Call& c) {
     const AttnDims d = dims(c);
+    TensorMap out;
+    const LinearStateIO st = state_io(c, d, out, false);
+    Tensor y({d.B, d.T, d.H, d.E});
+    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal, st);
+    out["y"] = std::move(y);
+    return out;
+  };
+  s.backward = [fwd, bwd, dims, state_io](const Call& c, const Tensor& dy) {
+    const AttnDims d = dims(c);
+    TensorMap out;
+    const LinearStateIO st = state_io(c, d, out, true);
     Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
-    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal);
+    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal, st);
     bwd(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d, float(c.p("eps")),
-        c.causal);
-    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
+        c.causal, st);
+    out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
+    if (!c.has("state.S")) out.erase("dstate.S"), out.erase("dstate.z");  // no initial state, no gradient of it
+    return out;
   };
 }
 

@@ -2,7 +2,10 @@
 // parallel: phi applied once per row, then the chunked product of kernels/linear_product.h
 // (intra-chunk masked quadratic, inter-chunk state S = sum phi(k) v^T, z = sum phi(k);
 // paper eq. 10-12). Non-causal: one S, z for all positions.
-// recurrent: S, z per head, one token at a time (paper eq. 18-20).
+// recurrent: S, z per head, one token at a time (paper eq. 18-20). The causal form starts
+// from a given state (S0, z0) and returns the final one in every mode (state_all_modes): the
+// chunked product carries them (kernels/linear_product.h), and the backward adds the state's
+// part (dS0, dz0 and the final state's gradient into k, v).
 #include "../ref/ref_util.h"
 #include "../kernels/linear_product.h"
 #include "common.h"
@@ -11,23 +14,46 @@
 namespace linmix::ref {
 
 // ---- linear: the float64 reference (the literal formula, templated for the tape) ----
-// y_t = sum_s A_ts v_s / (sum_s A_ts + eps), A_ts = phi(q_t) . phi(k_s), s <= t when causal.
-// (Equal to phi(q_t)^T S / (phi(q_t) . z + eps) of MIXERS.md by linearity.)
+// y_t = (sum_s A_ts v_s + phi(q_t)^T S0) / (sum_s A_ts + phi(q_t) . z0 + eps),
+// A_ts = phi(q_t) . phi(k_s), s <= t when causal; S0, z0: the state before token 0 (causal, null
+// = zeros). (Equal to phi(q_t)^T S_t / (phi(q_t) . z_t + eps) of MIXERS.md by linearity.) ST, zT
+// (null = not wanted): the final state S0 + sum_s phi(k_s) v_s^T, z0 + sum_s phi(k_s).
 template <class S>
-void linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S eps, bool causal) {
-  const int64_t T = d.T, H = d.H, E = d.E;
+void linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S eps, bool causal, const S* S0 = nullptr,
+                const S* z0 = nullptr, S* ST = nullptr, S* zT = nullptr) {
+  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
   std::vector<S> A(static_cast<size_t>(T * T));
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
       phi_kernel_matrix(A.data(), q, k, d, b, h, causal);
       for (int64_t t = 0; t < T; ++t) {
+        const S* qt = q + ((b * T + t) * H + h) * D;
         S den = 0;
         for (int64_t s = 0; s < T; ++s) den += A[t * T + s];
+        if (z0)
+          for (int64_t x = 0; x < D; ++x) den += phi_elu_ref(qt[x]) * z0[bh * D + x];
         for (int64_t e = 0; e < E; ++e) {
           S num = 0;
           for (int64_t s = 0; s < T; ++s) num += A[t * T + s] * v[((b * T + s) * H + h) * E + e];
+          if (S0)
+            for (int64_t x = 0; x < D; ++x) num += phi_elu_ref(qt[x]) * S0[(bh * D + x) * E + e];
           y[((b * T + t) * H + h) * E + e] = num / (den + eps);
         }
+      }
+      for (int64_t x = 0; x < D; ++x) {
+        if (zT) {
+          S z = z0 ? z0[bh * D + x] : S(0);
+          for (int64_t s = 0; s < T; ++s) z += phi_elu_ref(k[((b * T + s) * H + h) * D + x]);
+          zT[bh * D + x] = z;
+        }
+        if (ST)
+          for (int64_t e = 0; e < E; ++e) {
+            S acc = S0 ? S0[(bh * D + x) * E + e] : S(0);
+            for (int64_t s = 0; s < T; ++s)
+              acc += phi_elu_ref(k[((b * T + s) * H + h) * D + x]) * v[((b * T + s) * H + h) * E + e];
+            ST[(bh * D + x) * E + e] = acc;
+          }
       }
     }
 }
@@ -36,8 +62,9 @@ void linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S e
 
 namespace linmix {
 
+
 void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
-                    bool causal) {
+                    bool causal, const LinearStateIO& st) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -47,11 +74,13 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h;
+        const int64_t row0 = b * T * H + h, bh = b * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
         gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
-        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E, causal});
+        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(),
+                       {T, D, E, D, D, E, E, causal, state_rows(st.S0, bh, D * E), state_rows(st.z0, bh, D),
+                        state_rows(st.ST, bh, D * E), state_rows(st.zT, bh, D)});
         // y_t = phi(q_t)^T S / (phi(q_t) . z + eps)
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return 1.0f / (den[t] + eps); });
       }
@@ -60,10 +89,11 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
 
 // Backward of linear_forward. Per head: phi rows and the forward product are recomputed,
 // then with r_t = 1 / (den_t + eps):  dnum_t = dy_t r_t,  dden_t = -(dy_t . y_t) r_t,
-// the product's backward (kernels/linear_product.h), and phi'(x) = 1 (x > 0) or e^x.
-// dq, dk: (B,T,H,D); dv: (B,T,H,E), written. Extra memory O(T (D + E)) per thread.
+// the product's backward (kernels/linear_product.h), the state's part (state_head_backward)
+// and phi'(x) = 1 (x > 0) or e^x. dq, dk: (B,T,H,D); dv: (B,T,H,E), written. Extra memory
+// O(T (D + E)) per thread.
 void linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                     const float* dy, const AttnDims& d, float eps, bool causal) {
+                     const float* dy, const AttnDims& d, float eps, bool causal, const LinearStateIO& st) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -72,12 +102,13 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h;
+        const int64_t row0 = b * T * H + h, bh = b * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
         gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
         gather_head(G.data(), dy, row0, T, H, E, identity_fn);
-        const LinearProductArgs args{T, D, E, D, D, E, E, causal};
+        const float *S0 = state_rows(st.S0, bh, D * E), *z0 = state_rows(st.z0, bh, D);
+        const LinearProductArgs args{T, D, E, D, D, E, E, causal, S0, z0};
         linear_product(num.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), args);
         for (int64_t t = 0; t < T; ++t) {
           const float r = 1.0f / (den[t] + eps);
@@ -89,6 +120,9 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
         }
         linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dnum.data(), E,
                                 dden.data(), args);
+        linear_product_state_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dnum.data(),
+                                      dden.data(), T, D, E, S0, z0, state_rows(st.dST, bh, D * E),
+                                      state_rows(st.dzT, bh, D), state_rows(st.dS0, bh, D * E), state_rows(st.dz0, bh, D));
         scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);
         scatter_head_dphi(dk, dK.data(), k, row0, T, H, D);
         scatter_head(dv, dV.data(), row0, T, H, E, [](int64_t) { return 1.0f; });
@@ -141,11 +175,20 @@ MixerSpec make_spec() {
   s.time = "O(T H D E) (+ O(T chunk H D) intra-chunk when causal)";
   s.memory = "O(T D) per head (phi rows) + O(chunk^2 + D E)";
   s.y_dims = "B,T,H,E";
+  // the causal form carries the state in every mode: y followed by the final S, z
+  s.state_all_modes = true;
+  s.state_fix = [](TensorMap& st) {  // z, a sum of phi(k) > 0 over the tokens before: positive
+    for (float& x : st["state.z"].data) x = std::abs(x) + 0.5f;
+  };
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<S> y(d.B * d.T * d.H * d.E);
-    ref::linear_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, S(c.p("eps")), c.causal);
+    const int64_t nS = c.causal ? d.B * d.H * d.D * d.E : 0, nz = c.causal ? d.B * d.H * d.D : 0;
+    std::vector<S> y(d.B * d.T * d.H * d.E + nS + nz);
+    S* fin = y.data() + d.B * d.T * d.H * d.E;
+    ref::linear_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, S(c.p("eps")), c.causal,
+                       opt_in(x, "state.S"), opt_in(x, "state.z"), c.causal ? fin : nullptr,
+                       c.causal ? fin + nS : nullptr);
     return y;
   });
   set_qkv_eps_forms(s, linear_forward, linear_backward);

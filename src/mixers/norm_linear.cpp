@@ -1,7 +1,8 @@
 // norm_linear — TransNormer's NormAttention (Qin et al. 2022, "The Devil in Linear
 // Transformer", sec. 4.1): linear attention without the denominator, its output normalised by
 // SRMSNorm. parallel: phi = elu + 1 per row, the chunked product of kernels/linear_product.h
-// without normaliser, then SRMS per head; recurrent: S (D,E) per head.
+// without normaliser, then SRMS per head; recurrent: S (D,E) per head. The causal form starts
+// from a given S and returns the final one in every mode, as linear's.
 #include "../kernels/linear_product.h"
 #include "../ref/ref_util.h"
 #include "common.h"
@@ -13,23 +14,37 @@ namespace linmix::ref {
 // TransNormer NormAttention: y_t = srms(sum_s A_ts v_s), A_ts = phi(q_t) . phi(k_s)
 // (s <= t when causal), srms(x) = x / sqrt(mean(x^2) + eps) over the E values of a head.
 template <class S>
-void norm_linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S eps, bool causal) {
-  const int64_t T = d.T, H = d.H, E = d.E;
+void norm_linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S eps, bool causal,
+                     const S* S0 = nullptr, S* ST = nullptr) {
+  // S0: the state before token 0 (causal; null = zeros), o_t += phi(q_t)^T S0; ST (null = not
+  // wanted): the final state S0 + sum_s phi(k_s) v_s^T
+  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
   std::vector<S> A(static_cast<size_t>(T * T)), o(static_cast<size_t>(E));
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
       phi_kernel_matrix(A.data(), q, k, d, b, h, causal);
       for (int64_t t = 0; t < T; ++t) {
         S ms = 0;
         for (int64_t e = 0; e < E; ++e) {
           S acc = 0;
           for (int64_t s = 0; s < T; ++s) acc += A[t * T + s] * v[((b * T + s) * H + h) * E + e];
+          if (S0)
+            for (int64_t x = 0; x < D; ++x) acc += phi_elu_ref(q[((b * T + t) * H + h) * D + x]) * S0[(bh * D + x) * E + e];
           o[e] = acc;
           ms += acc * acc;
         }
         const S inv = 1 / sqrt(ms / S(E) + eps);
         for (int64_t e = 0; e < E; ++e) y[((b * T + t) * H + h) * E + e] = o[e] * inv;
       }
+      if (ST)
+        for (int64_t x = 0; x < D; ++x)
+          for (int64_t e = 0; e < E; ++e) {
+            S acc = S0 ? S0[(bh * D + x) * E + e] : S(0);
+            for (int64_t s = 0; s < T; ++s)
+              acc += phi_elu_ref(k[((b * T + s) * H + h) * D + x]) * v[((b * T + s) * H + h) * E + e];
+            ST[(bh * D + x) * E + e] = acc;
+          }
     }
 }
 
@@ -61,7 +76,7 @@ void norm_linear_step(float* S, float* y, const float* q, const float* k, const 
 }
 
 void norm_linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
-                         bool causal) {
+                         bool causal, const LinearStateIO& st) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -70,11 +85,12 @@ void norm_linear_forward(float* y, const float* q, const float* k, const float* 
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h;
+        const int64_t row0 = b * T * H + h, bh = b * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
         gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
-        linear_product(Yh.data(), nullptr, Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E, causal});
+        linear_product(Yh.data(), nullptr, Qf.data(), Kf.data(), Vh.data(),
+                       {T, D, E, D, D, E, E, causal, state_rows(st.S0, bh, D * E), nullptr, state_rows(st.ST, bh, D * E)});
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return srms_scale(Yh.data() + t * E, E, eps); });
       }
   }
@@ -85,19 +101,21 @@ void norm_linear_forward(float* y, const float* q, const float* k, const float* 
 //   do = r (dy - y (dy . y) / E);
 // then the product's backward and phi'(x) = 1 (x > 0) or e^x.
 void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                          const float* dy, const AttnDims& d, float eps, bool causal) {
+                          const float* dy, const AttnDims& d, float eps, bool causal, const LinearStateIO& st) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    std::vector<float> Qf(T * D), Kf(T * D), o(T * E), dO(T * E), dQ(T * D), dK(T * D), dV(T * E);
+    std::vector<float> Qf(T * D), Kf(T * D), Vh(T * E), o(T * E), dO(T * E), dQ(T * D), dK(T * D), dV(T * E);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h;
+        const int64_t row0 = b * T * H + h, bh = b * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
-        const LinearProductArgs args{T, D, E, D, D, H * E, E, causal};
-        linear_product(o.data(), nullptr, Qf.data(), Kf.data(), v + row0 * E, args);
+        gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
+        const float* S0 = state_rows(st.S0, bh, D * E);
+        const LinearProductArgs args{T, D, E, D, D, E, E, causal, S0};
+        linear_product(o.data(), nullptr, Qf.data(), Kf.data(), Vh.data(), args);
         for (int64_t t = 0; t < T; ++t) {
           const float* ot = &o[t * E];
           const float* g = dy + (row0 + t * H) * E;
@@ -108,8 +126,11 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
           for (int64_t e = 0; e < E; ++e) gy += g[e] * ot[e] * r;
           for (int64_t e = 0; e < E; ++e) dO[t * E + e] = r * (g[e] - ot[e] * r * gy / float(E));
         }
-        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dO.data(), E,
+        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dO.data(), E,
                                 nullptr, args);
+        linear_product_state_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dO.data(),
+                                      nullptr, T, D, E, S0, nullptr, state_rows(st.dST, bh, D * E), nullptr,
+                                      state_rows(st.dS0, bh, D * E), nullptr);
         scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);
         scatter_head_dphi(dk, dK.data(), k, row0, T, H, D);
         for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
@@ -136,12 +157,14 @@ MixerSpec norm_linear() {
   s.time = "O(T H D E)";
   s.memory = "O(T D) per head + O(chunk^2 + D E)";
   s.y_dims = "B,T,H,E";
+  s.state_all_modes = true;  // the causal form carries S in every mode: y followed by the final S
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<S> y(d.B * d.T * d.H * d.E);
+    const int64_t ny = d.B * d.T * d.H * d.E;
+    std::vector<S> y(ny + (c.causal ? d.B * d.H * d.D * d.E : 0));
     ref::norm_linear_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, S(c.p("eps")),
-                            c.causal);
+                            c.causal, opt_in(x, "state.S"), c.causal ? y.data() + ny : nullptr);
     return y;
   });
   set_qkv_eps_forms(s, norm_linear_forward, norm_linear_backward);

@@ -192,6 +192,7 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
   if (n_state > 0) {
     LINMIX_CHECK(mode == Mode::Recurrent || spec.state_all_modes,
                  "state tensors are accepted only with --mode recurrent (mixer '" + name + "')");
+    LINMIX_CHECK(causal, "state tensors are accepted only by the causal form (--causal; mixer '" + name + "')");
     for (const auto& ts : spec.state) {
       const std::string sn = "state." + ts.name;
       LINMIX_CHECK(in.count(sn), "missing state tensor '" + sn + "' (state tensors must be given together)");
@@ -202,7 +203,7 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
     allowed.insert("dy");
     LINMIX_CHECK(in.count("dy"), "--grad needs the tensor 'dy' (the gradient of the loss with respect to y, shaped like y)");
     bind_dims("dy", spec.y_dims, in.at("dy"), call.dims);
-    if (spec.state_all_modes)  // optional: the gradient of the final state (fla's dht), shaped like it
+    if (spec.state_all_modes && causal)  // optional: the gradient of the final state (fla's dht), shaped like it
       for (const auto& ts : spec.state) {
         const std::string dn = "dfinal." + ts.name;
         allowed.insert(dn);
@@ -253,7 +254,7 @@ std::map<std::string, std::vector<double>> reference_f64_all(const std::string& 
       else d.insert(d.end(), it->second.begin(), it->second.end());
     };
     add("dy", dims_shape(spec.y_dims, call));
-    if (spec.state_all_modes)
+    if (spec.state_all_modes && causal)
       for (const auto& ts : spec.state) add("dfinal." + ts.name, dims_shape(ts.dims, call));
   }
   return spec.reference64_grad(call, x64, d);
@@ -397,6 +398,7 @@ TensorMap example_state(const MixerSpec& spec, const std::map<std::string, int64
     for (auto& x : t.data) x = normal(rng);
     out["state." + ts.name] = std::move(t);
   }
+  if (spec.state_fix) spec.state_fix(out);
   return out;
 }
 

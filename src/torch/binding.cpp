@@ -154,7 +154,7 @@ std::map<std::string, at::Tensor> run64(const std::string& name, bool causal, co
 
 // The mechanism's example inputs (linmix example): N(0,1) draws sized for a harness scale at
 // length T (dims overrides them), mapped into its domain, with stress its stability inputs, and
-// with state a random initial state (the eight whose parallel form takes one).
+// with state a random initial state (the mechanisms whose parallel form takes one, causal).
 std::map<std::string, at::Tensor> example(const std::string& name, bool causal, int64_t T, uint64_t seed,
                                           const std::string& scale, const std::map<std::string, int64_t>& dims,
                                           int stress, bool state) {
@@ -166,7 +166,7 @@ std::map<std::string, at::Tensor> example(const std::string& name, bool causal, 
   for (const auto& [k, v] : dims) d[k] = v;
   TensorMap in = linmix::example_inputs(spec, d, seed);
   if (stress) linmix::stress_inputs(spec, in, stress == 2);
-  if (state && spec.state_all_modes) {
+  if (state && spec.state_all_modes && causal) {
     const linmix::Call call = linmix::validate_call(name, linmix::Mode::Parallel, causal, spec.example_params, in);
     for (auto& [n, t] : linmix::example_state(spec, call.dims, seed + 7)) in[n] = std::move(t);
   }
