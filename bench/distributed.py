@@ -16,12 +16,12 @@ import sys
 import tempfile
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-SHAPES = {  # name: (config, batch, seq)
-    "rwkv4 d128 L4 (the default, 0.9M)": ({"mixer": "rwkv4", "channel_mix": "rwkv", "d_model": 128, "n_layer": 4,
+SHAPES = {  # key: (label, config, batch, seq)
+    "rwkv4": ("rwkv4 d128 L4 (the default, 0.9M)", {"mixer": "rwkv4", "channel_mix": "rwkv", "d_model": 128, "n_layer": 4,
                                            "n_head": 4, "ctx": 256}, 16, 128),
-    "gla d256 L6 (5.3M)": ({"mixer": "gla", "channel_mix": "mlp", "d_model": 256, "n_layer": 6, "n_head": 4,
+    "gla": ("gla d256 L6 (5.3M)", {"mixer": "gla", "channel_mix": "mlp", "d_model": 256, "n_layer": 6, "n_head": 4,
                             "ctx": 256}, 16, 128),
-    "softmax d512 L8 (25.6M)": ({"mixer": "softmax", "channel_mix": "mlp", "d_model": 512, "n_layer": 8, "n_head": 8,
+    "softmax": ("softmax d512 L8 (25.6M)", {"mixer": "softmax", "channel_mix": "mlp", "d_model": 512, "n_layer": 8, "n_head": 8,
                                  "ctx": 256}, 8, 128),
 }
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -55,7 +55,7 @@ def main():
     p.add_argument("--bin", default=os.path.join(ROOT, "build", "release", "linmix"))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated keys of SHAPES")
     p.add_argument("--md", default="")
     a = p.parse_args()
     if shutil.which("mpirun") is None:
@@ -63,18 +63,20 @@ def main():
     tmp = tempfile.mkdtemp(prefix="linmix-distbench-")
     rows = []
     for name in a.shapes.split(","):
-        cfg, batch, seq = SHAPES[name]
+        if name not in SHAPES:
+            sys.exit(f"distributed.py: unknown shape '{name}' (known: {', '.join(SHAPES)})")
+        label, cfg, batch, seq = SHAPES[name]
         setups = (("1 process, 1 thread", 1, 1), ("mpirun -np 2, 1 thread each", 2, 1), ("1 process, 2 threads", 1, 2))
         got = {s[0]: [] for s in setups}
         for _ in range(a.rounds):  # in alternation: the machine's noise falls on all three alike
-            for label, ranks, threads in setups:
-                got[label].append(run(a.bin, cfg, batch, seq, a.steps, ranks, threads, tmp))
+            for setup, ranks, threads in setups:
+                got[setup].append(run(a.bin, cfg, batch, seq, a.steps, ranks, threads, tmp))
         med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in got.items()}
         base = med["1 process, 1 thread"][0]
-        for label, _, _ in setups:
-            tok_s, ar, step_s = med[label]
-            rows.append((name, label, tok_s, tok_s / base, 1e3 * ar, 100 * ar / step_s))
-            print(f"{name:36s} {label:30s} {tok_s:9.0f} tok/s  {tok_s / base:4.2f}x  allreduce {1e3 * ar:6.2f} ms/step "
+        for setup, _, _ in setups:
+            tok_s, ar, step_s = med[setup]
+            rows.append((label, setup, tok_s, tok_s / base, 1e3 * ar, 100 * ar / step_s))
+            print(f"{label:36s} {setup:30s} {tok_s:9.0f} tok/s  {tok_s / base:4.2f}x  allreduce {1e3 * ar:6.2f} ms/step "
                   f"({100 * ar / step_s:4.1f}%)", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     if a.md:
@@ -85,8 +87,8 @@ def main():
                  "2 cores, shared and noisy: compare rows of one run, not runs.", "",
                  "| model | setup | tokens/s | vs 1 process, 1 thread | allreduce ms / step | share of the step |",
                  "|---|---|---|---|---|---|"]
-        for name, label, tok_s, ratio, ar, share in rows:
-            lines.append(f"| {name} | {label} | {tok_s:.0f} | {ratio:.2f}x | {ar:.2f} | {share:.1f}% |")
+        for label, setup, tok_s, ratio, ar, share in rows:
+            lines.append(f"| {label} | {setup} | {tok_s:.0f} | {ratio:.2f}x | {ar:.2f} | {share:.1f}% |")
         tmpmd = a.md + ".tmp"
         with open(tmpmd, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -217,14 +217,15 @@ def s4d(u, log_dt, A_re, A_im, C_re, C_im, D):
     return y + D * u
 
 
-def mamba(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=True):
-    # the selective_scan_ref recurrence, vectorised over batch, channels and state
+def mamba(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=True, h0=None, final=False):
+    # the selective_scan_ref recurrence, vectorised over batch, channels and state, from the
+    # state h0 [B,C,N] before token 0 (zeros when None); with final also the last h
     if delta_bias is not None:
         delta = delta + delta_bias
     dt = F.softplus(delta) if delta_softplus else delta
     dA = torch.exp(torch.einsum("btc,cn->btcn", dt, A))
     dBu = torch.einsum("btc,btn,btc->btcn", dt, Bm, u)
-    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=u.dtype)
+    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=u.dtype) if h0 is None else h0
     ys = []
     for t in range(u.shape[1]):
         h = dA[:, t] * h + dBu[:, t]
@@ -234,7 +235,11 @@ def mamba(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=T
         y = y + D * u
     if z is not None:
         y = y * F.silu(z)
-    return y
+    return (y, h) if final else y
+
+
+def _mamba_x(x):  # the tensors of a mamba call, its state apart
+    return {n: t for n, t in x.items() if not n.startswith("state.")}
 
 
 def fnet(x):
@@ -385,6 +390,8 @@ STATE_ORACLES = {
         *linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z"), final=True)),
     "norm_linear": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
         *norm_linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), final=True)),
+    "mamba": lambda x, p: (lambda y, h: (y, {"state.h": h}))(
+        *mamba(**_mamba_x(x), delta_softplus=_num(p, "delta_softplus", 1) != 0, h0=x.get("state.h"), final=True)),
     "mamba2": lambda x, p: (lambda y, h: (y, {"state.h": h}))(
         *mamba2(x["x"], x["dt"], x["A"], x["Bm"], x["Cm"], x.get("D"), x.get("z"), x.get("dt_bias"),
                 _num(p, "dt_softplus", 1) != 0, x.get("state.h"))),
@@ -411,7 +418,8 @@ ORACLES = {
     "norm_linear": lambda x, c, p: norm_linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S")),
     "block_softmax": lambda x, c, p: block_softmax(x["q"], x["k"], x["v"], c, int(_num(p, "block", 64))),
     "s4d": lambda x, c, p: s4d(**x),
-    "mamba": lambda x, c, p: mamba(**x, delta_softplus=_num(p, "delta_softplus", 1) != 0),
+    "mamba": lambda x, c, p: mamba(**_mamba_x(x), delta_softplus=_num(p, "delta_softplus", 1) != 0,
+                                   h0=x.get("state.h")),
     "fnet": lambda x, c, p: fnet(x["x"]),
 }
 # the causal-only state mechanisms: their state oracle is their oracle (linear and norm_linear,

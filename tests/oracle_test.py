@@ -243,8 +243,12 @@ def refusals():
         x = example("mamba2", True, 5)
         x["state.h"] = normal(2, 4, 3, 3)  # E, N swapped
         refused("mamba2", True, {}, x, "a transposed state")
+    if "mamba" in specs:
+        x = example("mamba", True, 5)
+        x["state.h"] = normal(x["u"].shape[0], x["A"].shape[1], x["A"].shape[0])  # [B,N,C]: transposed
+        refused("mamba", True, {}, x, "a transposed state")
     for name in specs:
-        if name == "mamba2":
+        if name in ("mamba", "mamba2"):
             continue
         x = example(name, True, 5)
         first = next(i for i in SPECS if i["name"] == name)["inputs"][0]["name"]
@@ -278,8 +282,8 @@ def ssm_inputs(T, Bsz=B, Cn=C, N=4):
 
 
 def split_at(tensors, t1, t2):
-    """Slices the time axis (axis 1 of every [B,T,...] input) to [t1, t2)."""
-    return {n: (a[:, t1:t2] if a.ndim >= 3 else a) for n, a in tensors.items()}
+    """Slices the time axis (axis 1 of every [B,T,...] input; not of the state) to [t1, t2)."""
+    return {n: (a[:, t1:t2] if a.ndim >= 3 and not n.startswith("state.") else a) for n, a in tensors.items()}
 
 
 def main():

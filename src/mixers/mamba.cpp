@@ -4,7 +4,9 @@
 //   y_t = Cm_t . h_t + D u_t;   y_t *= silu(z_t) when z is given
 // parallel: threads over (batch, channel block); per chunk of kChunk steps the decays
 // exp(dt A) and inputs dt Bm u of the block are computed in one vectorisable pass, then the
-// scan runs over them. recurrent: one token for all channels, h carried as state.
+// scan runs over them, from the given state h_{-1} (zeros without), the final h handed out;
+// the backward's reverse scan ends with the initial state's gradient. recurrent: one token for
+// all channels, h carried as state.
 #include "../kernels/vmath.h"
 #include "../ref/ref_util.h"
 #include "common.h"
@@ -15,10 +17,13 @@ namespace linmix::ref {
 // ---- mamba: the float64 reference (the literal formula, templated for the tape) ----
 // Mamba's selective scan as T x T weights: with cum_t = sum_{r<=t} dt_r,
 //   W_ts = sum_n Cm_t[n] exp(A[c,n] (cum_t - cum_s)) dt_s Bm_s[n]   (s <= t)
-//   y_t = (sum_s W_ts u_s + D u_t) * silu(z_t).   D, z, bias may be null.
+//   y_t = (sum_s W_ts u_s + sum_n Cm_t[n] exp(A[c,n] cum_t) h0[c,n] + D u_t) * silu(z_t).
+// D, z, bias, h0 (the state before token 0, (B,C,N)) may be null; hT (null: not wanted) gets
+// the final state exp(A cum_{T-1}) h0 + sum_s exp(A (cum_{T-1} - cum_s)) dt_s Bm_s u_s.
 template <class S>
 void mamba_ref(S* y, const S* u, const S* delta, const S* A, const S* Bm, const S* Cm, const S* D, const S* z,
-               const S* bias, bool use_softplus, int64_t B, int64_t T, int64_t C, int64_t N) {
+               const S* bias, bool use_softplus, int64_t B, int64_t T, int64_t C, int64_t N, const S* h0 = nullptr,
+               S* hT = nullptr) {
   std::vector<S> cum(T), dt(T), W(T * T);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c) {
@@ -36,14 +41,24 @@ void mamba_ref(S* y, const S* u, const S* delta, const S* A, const S* Bm, const 
               w += Cm[(b * T + t) * N + n] * exp(A[c * N + n] * (cum[t] - cum[s])) * dt[s] * Bm[(b * T + s) * N + n];
           W[t * T + s] = w;
         }
+      const S* h0c = h0 ? h0 + (b * C + c) * N : nullptr;
       for (int64_t t = 0; t < T; ++t) {
         S acc = 0;
         for (int64_t s = 0; s < T; ++s) acc += W[t * T + s] * u[(b * T + s) * C + c];
+        if (h0c)
+          for (int64_t n = 0; n < N; ++n) acc += Cm[(b * T + t) * N + n] * exp(A[c * N + n] * cum[t]) * h0c[n];
         const int64_t i = (b * T + t) * C + c;
         if (D) acc += D[c] * u[i];
         if (z) acc *= z[i] / (1 + exp(-z[i]));
         y[i] = acc;
       }
+      if (hT)
+        for (int64_t n = 0; n < N; ++n) {
+          S h = h0c ? exp(A[c * N + n] * cum[T - 1]) * h0c[n] : S(0);
+          for (int64_t s = 0; s < T; ++s)
+            h += exp(A[c * N + n] * (cum[T - 1] - cum[s])) * dt[s] * Bm[(b * T + s) * N + n] * u[(b * T + s) * C + c];
+          hT[(b * C + c) * N + n] = h;
+        }
     }
 }
 
@@ -64,6 +79,9 @@ struct MambaArgs {
   const float *u, *delta, *A, *Bm, *Cm, *D, *z, *bias;
   int64_t B, T, C, N;
   bool use_softplus;
+  const float* h0 = nullptr;  // the state before token 0 (B,C,N), null: zeros
+  float* hT = nullptr;        // the final state (B,C,N), written when not null
+  const float* dhT = nullptr;  // backward: the gradient of the final state (dfinal.h), null: zero
   float dt(int64_t b, int64_t t, int64_t c) const {
     const float x = delta[(b * T + t) * C + c] + (bias ? bias[c] : 0.0f);
     return use_softplus ? softplus_fast(x) : x;
@@ -87,7 +105,8 @@ struct MambaArgs {
 MambaArgs args_of(const Call& c) {
   auto opt = [&](const char* n) { return c.has(n) ? c.t(n).ptr() : nullptr; };
   return {c.t("u").ptr(), c.t("delta").ptr(), c.t("A").ptr(), c.t("Bm").ptr(), c.t("Cm").ptr(), opt("D"), opt("z"),
-          opt("delta_bias"), c.d("B"), c.d("T"), c.d("C"), c.d("N"), c.ip("delta_softplus") != 0};
+          opt("delta_bias"), c.d("B"), c.d("T"), c.d("C"), c.d("N"), c.ip("delta_softplus") != 0, opt("state.h"),
+          nullptr, opt("dfinal.h")};
 }
 
 void mamba_forward(float* y, const MambaArgs& a) {
@@ -104,6 +123,9 @@ void mamba_forward(float* y, const MambaArgs& a) {
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t c0 = blk * kFBlock, nc = std::min(kFBlock, C - c0);
         std::fill(h.begin(), h.end(), 0.0f);
+        if (a.h0)
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t j = 0; j < nc; ++j) h[n * kFBlock + j] = a.h0[(b * C + c0 + j) * N + n];
         std::fill(At.begin(), At.end(), 0.0f);
         for (int64_t n = 0; n < N; ++n)
           for (int64_t j = 0; j < nc; ++j) At[n * kFBlock + j] = a.A[(c0 + j) * N + n];
@@ -140,6 +162,9 @@ void mamba_forward(float* y, const MambaArgs& a) {
             for (int64_t j = 0; j < nc; ++j) y[(b * T + t) * C + c0 + j] = a.out(acc[j], b, t, c0 + j);
           }
         }
+        if (a.hT)
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t j = 0; j < nc; ++j) a.hT[(b * C + c0 + j) * N + n] = h[n * kFBlock + j];
       }
   }
 }
@@ -155,6 +180,7 @@ void mamba_forward(float* y, const MambaArgs& a) {
 // Extra memory O(T/chunk C N + chunk C N) per task plus per-thread parameter accumulators.
 struct MambaGrads {
   float *du, *ddelta, *dA, *dBm, *dCm, *dD, *dz, *dbias;  // dD, dz, dbias null when absent
+  float* dh0 = nullptr;  // the initial state's gradient (B,C,N), written when not null
 };
 
 void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
@@ -192,6 +218,8 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
           }
         };
         std::fill(hc.begin(), hc.begin() + kCBlock * N, 0.0f);
+        if (a.h0)  // the scan starts from the given state; hc, hs, dh are (channel, n)
+          std::copy(a.h0 + (b * C + c0) * N, a.h0 + (b * C + c0 + nc) * N, hc.begin());
         for (int64_t ch = 0; ch < nchunks; ++ch) {  // checkpoints: h before each chunk
           std::copy(&hc[ch * kCBlock * N], &hc[(ch + 1) * kCBlock * N], hs.begin());
           const int64_t t0 = ch * kChunk, nt = std::min(kChunk, T - t0);
@@ -199,6 +227,7 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
           std::copy(&hs[(nt % 2) * kCBlock * N], &hs[(nt % 2) * kCBlock * N] + kCBlock * N, &hc[(ch + 1) * kCBlock * N]);
         }
         std::fill(dh.begin(), dh.end(), 0.0f);
+        if (a.dhT) std::copy(a.dhT + (b * C + c0) * N, a.dhT + (b * C + c0 + nc) * N, dh.begin());
         for (int64_t ch = nchunks - 1; ch >= 0; --ch) {
           const int64_t t0 = ch * kChunk, nt = std::min(kChunk, T - t0);
           std::copy(&hc[ch * kCBlock * N], &hc[(ch + 1) * kCBlock * N], hs.begin());  // hs[i] = h_{t0+i-1}
@@ -249,6 +278,7 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
             }
           }
         }
+        if (g.dh0) std::copy(dh.begin(), dh.begin() + nc * N, g.dh0 + (b * C + c0) * N);  // dh of h_{-1}
       }
 #pragma omp critical
     {
@@ -292,20 +322,22 @@ MixerSpec make_spec() {
                                           "] = " + std::to_string(A.data[i]));
   };
   s.y_dims = "B,T,C";
+  s.state_all_modes = true;  // every form starts from state.h and returns the final h
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
-    const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-    std::vector<S> y(B * T * C);
+    const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
+    std::vector<S> y(B * T * C + B * C * N);
     ref::mamba_ref<S>(y.data(), x.at("u").data(), x.at("delta").data(), x.at("A").data(), x.at("Bm").data(),
                       x.at("Cm").data(), opt_in(x, "D"), opt_in(x, "z"), opt_in(x, "delta_bias"),
-                      c.ip("delta_softplus") != 0, B, T, C, c.d("N"));
+                      c.ip("delta_softplus") != 0, B, T, C, N, opt_in(x, "state.h"), y.data() + B * T * C);
     return y;
   });
   s.parallel = [](const Call& c) {
-    const MambaArgs a = args_of(c);
-    Tensor y({a.B, a.T, a.C});
-    mamba_forward(y.ptr(), a);
-    return TensorMap{{"y", std::move(y)}};
+    MambaArgs a = args_of(c);
+    TensorMap out{{"y", Tensor({a.B, a.T, a.C})}, {"state.h", Tensor({a.B, a.C, a.N})}};
+    a.hT = out["state.h"].ptr();
+    mamba_forward(out["y"].ptr(), a);
+    return out;
   };
   s.stepper = [](const Call& c) {
     // Channels innermost, as in the forward: h and A stored (N, C), so every inner loop runs
@@ -346,11 +378,14 @@ MixerSpec make_spec() {
     return Stepper{step, save, load};
   };
   s.backward = [](const Call& c, const Tensor& dy) {
-    const MambaArgs a = args_of(c);
+    MambaArgs a = args_of(c);
     const int64_t B = a.B, T = a.T, C = a.C, N = a.N;
     TensorMap out;
     out["y"] = Tensor({B, T, C});
+    out["state.h"] = Tensor({B, C, N});
+    a.hT = out["state.h"].ptr();
     mamba_forward(out["y"].ptr(), a);
+    if (a.h0) out["dstate.h"] = Tensor({B, C, N});
     for (const char* n : {"du", "ddelta"}) out[n] = Tensor({B, T, C});
     out["dA"] = Tensor({C, N});
     out["dBm"] = Tensor({B, T, N});
@@ -359,8 +394,8 @@ MixerSpec make_spec() {
     if (a.z) out["dz"] = Tensor({B, T, C});
     if (a.bias) out["ddelta_bias"] = Tensor({C});
     auto p = [&](const char* n) { return out.count(n) ? out[n].ptr() : nullptr; };
-    mamba_backward({p("du"), p("ddelta"), p("dA"), p("dBm"), p("dCm"), p("dD"), p("dz"), p("ddelta_bias")}, a,
-                   dy.ptr());
+    mamba_backward({p("du"), p("ddelta"), p("dA"), p("dBm"), p("dCm"), p("dD"), p("dz"), p("ddelta_bias"), p("dstate.h")},
+                   a, dy.ptr());
     return out;
   };
   return s;
