@@ -200,8 +200,10 @@ def block_softmax(q, k, v, causal, block):
     return torch.cat(parts, dim=1)
 
 
-def s4d(u, log_dt, A_re, A_im, C_re, C_im, D):
-    # kernel by a Vandermonde product, convolution by torch.fft (zero-padded to 2T)
+def s4d(u, log_dt, A_re, A_im, C_re, C_im, D, x0=None, final=False):
+    # kernel by a Vandermonde product, convolution by torch.fft (zero-padded to 2T); from the
+    # complex state x0 [B,C,N] before token 0 (None: zeros), whose part is the recurrence
+    # x_t = Abar x_{t-1} (+ u_t) run on x0 alone; with final also the last x.
     T = u.shape[1]
     dt = torch.exp(log_dt).unsqueeze(-1)  # [C,1]
     A = torch.complex(A_re, A_im)
@@ -213,8 +215,18 @@ def s4d(u, log_dt, A_re, A_im, C_re, C_im, D):
     n = 2 * T
     Uf = torch.fft.rfft(u.transpose(1, 2), n=n)  # [B,C,F]
     Kf = torch.fft.rfft(K, n=n)
-    y = torch.fft.irfft(Uf * Kf, n=n)[..., :T].transpose(1, 2)
-    return y + D * u
+    y = torch.fft.irfft(Uf * Kf, n=n)[..., :T].transpose(1, 2) + D * u
+    if x0 is None and not final:
+        return y
+    Abar = torch.exp(dtA)  # [C,N]
+    x = torch.zeros(u.shape[0], *A.shape, dtype=Cc.dtype) if x0 is None else x0
+    for t in range(T):  # the recurrence, step by step (independent of the kernel and the FFT)
+        x = Abar * x + u[:, t].unsqueeze(-1)
+    if x0 is not None:  # the state's part of y_t: 2 Re(Ct Abar^{t+1} x0)
+        pw = torch.exp(dtA.unsqueeze(-1) * (l + 1))  # [C,N,T]: Abar^{t+1}
+        ys = 2 * torch.einsum("cn,cnt,bcn->btc", Ct, pw, x0).real
+        y = y + ys
+    return (y, x) if final else y
 
 
 def mamba(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=True, h0=None, final=False):
@@ -236,6 +248,14 @@ def mamba(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=T
     if z is not None:
         y = y * F.silu(z)
     return (y, h) if final else y
+
+
+def _s4d_state(x):  # the complex state of an s4d call, or None
+    return torch.complex(x["state.x_re"], x["state.x_im"]) if "state.x_re" in x else None
+
+
+def _no_state(x):
+    return {n: t for n, t in x.items() if not n.startswith("state.")}
 
 
 def _mamba_x(x):  # the tensors of a mamba call, its state apart
@@ -390,6 +410,8 @@ STATE_ORACLES = {
         *linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z"), final=True)),
     "norm_linear": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
         *norm_linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), final=True)),
+    "s4d": lambda x, p: (lambda y, xs: (y, {"state.x_re": xs.real, "state.x_im": xs.imag}))(
+        *s4d(**_no_state(x), x0=_s4d_state(x), final=True)),
     "mamba": lambda x, p: (lambda y, h: (y, {"state.h": h}))(
         *mamba(**_mamba_x(x), delta_softplus=_num(p, "delta_softplus", 1) != 0, h0=x.get("state.h"), final=True)),
     "mamba2": lambda x, p: (lambda y, h: (y, {"state.h": h}))(
@@ -417,7 +439,7 @@ ORACLES = {
                                    int(_num(p, "group", 256))),
     "norm_linear": lambda x, c, p: norm_linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S")),
     "block_softmax": lambda x, c, p: block_softmax(x["q"], x["k"], x["v"], c, int(_num(p, "block", 64))),
-    "s4d": lambda x, c, p: s4d(**x),
+    "s4d": lambda x, c, p: s4d(**_no_state(x), x0=_s4d_state(x)),
     "mamba": lambda x, c, p: mamba(**_mamba_x(x), delta_softplus=_num(p, "delta_softplus", 1) != 0,
                                    h0=x.get("state.h")),
     "fnet": lambda x, c, p: fnet(x["x"]),

@@ -247,8 +247,13 @@ def refusals():
         x = example("mamba", True, 5)
         x["state.h"] = normal(x["u"].shape[0], x["A"].shape[1], x["A"].shape[0])  # [B,N,C]: transposed
         refused("mamba", True, {}, x, "a transposed state")
+    if "s4d" in specs:
+        x = example("s4d", True, 5)
+        B_, N_, C_ = x["u"].shape[0], x["A_re"].shape[1], x["A_re"].shape[0]
+        x["state.x_re"], x["state.x_im"] = normal(B_, N_, C_), normal(B_, N_, C_)  # [B,N,C]: transposed
+        refused("s4d", True, {}, x, "a transposed state")
     for name in specs:
-        if name in ("mamba", "mamba2"):
+        if name in ("mamba", "mamba2", "s4d"):
             continue
         x = example(name, True, 5)
         first = next(i for i in SPECS if i["name"] == name)["inputs"][0]["name"]

@@ -5,6 +5,9 @@
 // parallel: the kernel in O(T N) per channel (powers by repeated multiplication, float64),
 // then the causal convolution as an FFT product zero-padded to 2T (no wrap-around).
 // recurrent: x_t = Abar x_{t-1} + u_t (complex, (C,N)), y_t = 2 Re(Ct . x_t) + D u_t.
+// Every form starts from a given state x_{-1} (zeros without): its part of the output,
+// 2 Re(Ct Abar^{t+1} x_{-1}), and the final state Abar^T x_{-1} + sum_s Abar^{T-1-s} u_s are
+// O(T N) per channel and sequence beside the convolution, and differentiated by hand.
 #include <complex>
 
 #include "../kernels/fft.h"
@@ -19,13 +22,17 @@ namespace linmix::ref {
 // written out in real and imaginary parts so it also runs on ad::Var):
 //   K_l = 2 Re sum_n Ct_n exp(l dt A_n),  Ct = C (exp(dt A) - 1) / A,  W_ts = K_{t-s} (s <= t)
 //   y_t = sum_s W_ts u_s + D u_t.   u, y: (B,T,C); log_dt, D: (C); A_*, C_*: (C,N).
+// From a state x0 = (x0r, x0i) (B,C,N) (null: zeros): y_t += 2 Re sum_n Ct_n exp((t+1) dt A_n) x0_n;
+// the final state xT (null: not wanted) = exp(T dt A) x0 + sum_s exp((T-1-s) dt A) u_s.
 template <class S>
 void s4d_ref(S* y, const S* u, const S* log_dt, const S* A_re, const S* A_im, const S* C_re, const S* C_im,
-             const S* D, int64_t B, int64_t T, int64_t C, int64_t N) {
-  std::vector<S> K(T), W(T * T);
+             const S* D, int64_t B, int64_t T, int64_t C, int64_t N, const S* x0r = nullptr, const S* x0i = nullptr,
+             S* xTr = nullptr, S* xTi = nullptr) {
+  std::vector<S> K(T), W(T * T), Sy(B * T);
   for (int64_t c = 0; c < C; ++c) {
     const S dt = exp(log_dt[c]);
     for (int64_t l = 0; l < T; ++l) K[l] = 0;
+    for (auto& v : Sy) v = 0;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t i = c * N + n;
       const S ar = A_re[i], ai = A_im[i], cr = C_re[i], ci = C_im[i];
@@ -38,12 +45,34 @@ void s4d_ref(S* y, const S* u, const S* log_dt, const S* A_re, const S* A_im, co
         const S mag = exp(double(l) * dt * ar), ph = double(l) * dt * ai;
         K[l] += 2 * mag * (tr * cos(ph) - ti * sin(ph));
       }
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t si = (b * C + c) * N + n;
+        if (x0r)
+          for (int64_t t = 0; t < T; ++t) {  // 2 Re(Ct exp((t+1) dt A) x0)
+            const S mag = exp(double(t + 1) * dt * ar), ph = double(t + 1) * dt * ai;
+            const S pr = mag * cos(ph), pi = mag * sin(ph);  // exp((t+1) dt A)
+            const S wr = tr * pr - ti * pi, wi = tr * pi + ti * pr;
+            Sy[b * T + t] += 2 * (wr * x0r[si] - wi * x0i[si]);
+          }
+        if (xTr) {
+          S fr = 0, fi = 0;
+          if (x0r) {
+            const S mag = exp(double(T) * dt * ar), ph = double(T) * dt * ai;
+            fr = mag * (cos(ph) * x0r[si] - sin(ph) * x0i[si]), fi = mag * (cos(ph) * x0i[si] + sin(ph) * x0r[si]);
+          }
+          for (int64_t s2 = 0; s2 < T; ++s2) {
+            const S mag = exp(double(T - 1 - s2) * dt * ar), ph = double(T - 1 - s2) * dt * ai;
+            fr += mag * cos(ph) * u[(b * T + s2) * C + c], fi += mag * sin(ph) * u[(b * T + s2) * C + c];
+          }
+          xTr[si] = fr, xTi[si] = fi;
+        }
+      }
     }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t s = 0; s < T; ++s) W[t * T + s] = s <= t ? K[t - s] : S(0);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < T; ++t) {
-        S acc = D[c] * u[(b * T + t) * C + c];
+        S acc = D[c] * u[(b * T + t) * C + c] + Sy[b * T + t];
         for (int64_t s = 0; s < T; ++s) acc += W[t * T + s] * u[(b * T + s) * C + c];
         y[(b * T + t) * C + c] = acc;
       }
@@ -102,9 +131,89 @@ void s4d_kernel(const S4dParams& p, int64_t ch, int64_t T, double* K, double* w)
   }
 }
 
+// A (B,C,N) complex state as its two float tensors; null pointers where absent.
+struct S4dState {
+  Tensor re, im;
+  const float* r() const { return re.numel() ? re.ptr() : nullptr; }
+  const float* i() const { return im.numel() ? im.ptr() : nullptr; }
+};
+S4dState state_in(const Call& c, const char* re, const char* im) {
+  S4dState s;
+  if (c.has(re)) s.re = c.t(re), s.im = c.t(im);
+  return s;
+}
+
+// The state's part of sequence b, channel ch: y[t] += 2 Re sum_n Ct_n Abar_n^{t+1} x0_n (x0 from
+// the call's state, if any), and the final state xT = Abar^T x0 + sum_s Abar^{T-1-s} u_s into
+// xT.re / xT.im (B,C,N).
+void state_forward(const S4dParams& p, const S4dState& x0, S4dState& xT, const float* u, double* y, int64_t b,
+                   int64_t ch, int64_t T) {
+  const int64_t C = p.C, N = p.N;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t i = ch * N + n, si = (b * C + ch) * N + n;
+    const cd z = p.Abar[i];
+    cd x = x0.r() ? cd(x0.r()[si], x0.i()[si]) : cd(0.0);
+    if (x0.r()) {
+      const cd w0 = p.Ct[i] * x;  // Ct x0, then times z^{t+1}
+      cd zl = z;
+      for (int64_t t = 0; t < T; ++t, zl *= z) y[t] += 2.0 * (w0 * zl).real();
+    }
+    for (int64_t t = 0; t < T; ++t) x = z * x + double(u[(b * T + t) * C + ch]);  // the recurrence
+    xT.re.data[si] = float(x.real()), xT.im.data[si] = float(x.imag());
+  }
+}
+
+// The backward of state_forward for sequence b, channel ch, given g = dy and the final state's
+// gradient dT (the call's dfinal.*, if any), in the complex-gradient convention of s4d_grad:
+//   y_t += 2 Re(Ct z^{t+1} x0):  G_Ct += 2 conj(x0) S,  G_z += 2 conj(Ct x0) S',  G_x0 = 2 conj(Ct) S
+//     with S = sum_t g_t conj(z)^{t+1}, S' = sum_t g_t (t+1) conj(z)^t;
+//   xT = z^T x0 + sum_s z^{T-1-s} u_s:  du_s += Re(conj(G_xT) z^{T-1-s}),  G_x0 += conj(z^T) G_xT,
+//     G_z += conj(T z^{T-1} x0 + sum_s (T-1-s) z^{T-2-s} u_s) G_xT.
+// Also adds the state's part of y (yd, the backward's y). GCt, Gz: (N) accumulators of the
+// channel; dx0 (B,C,N): written where the call has a state.
+void state_backward(const S4dParams& p, const S4dState& x0, const S4dState& dT, const float* u, const float* g,
+                    double* yd, float* du, int64_t b, int64_t ch, int64_t T, cd* GCt, cd* Gz, S4dState* dx0) {
+  const int64_t C = p.C, N = p.N;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t i = ch * N + n, si = (b * C + ch) * N + n;
+    const cd z = p.Abar[i], Ct = p.Ct[i];
+    const cd x = x0.r() ? cd(x0.r()[si], x0.i()[si]) : cd(0.0);
+    cd Gx0 = 0.0;
+    if (x0.r()) {
+      cd S = 0, S1 = 0, zl = 1.0;  // zl = z^t
+      for (int64_t t = 0; t < T; ++t) {
+        const double gt = g[(b * T + t) * C + ch];
+        S1 += gt * double(t + 1) * std::conj(zl);
+        zl *= z;
+        S += gt * std::conj(zl);
+        yd[t] += 2.0 * (Ct * x * zl).real();
+      }
+      GCt[n] += 2.0 * std::conj(x) * S, Gz[n] += 2.0 * std::conj(Ct * x) * S1, Gx0 = 2.0 * std::conj(Ct) * S;
+    }
+    if (dT.r()) {
+      const cd G(dT.r()[si], dT.i()[si]);
+      // walking s from T-1 down: zp = z^{T-1-s}; dxz = d xT / dz accumulated
+      cd zp = 1.0, dxz = 0.0, zprev = 0.0;  // zprev = z^{T-2-s} (0 for s = T-1)
+      for (int64_t s2 = T - 1; s2 >= 0; --s2) {
+        const int64_t it = (b * T + s2) * C + ch;
+        du[it] += float((std::conj(G) * zp).real());
+        dxz += double(T - 1 - s2) * zprev * double(u[it]);
+        zprev = zp, zp *= z;
+      }
+      // now zp = z^T, zprev = z^{T-1}
+      dxz += double(T) * zprev * x;
+      Gz[n] += std::conj(dxz) * G;
+      Gx0 += std::conj(zp) * G;
+    }
+    if (dx0) dx0->re.data[si] = float(Gx0.real()), dx0->im.data[si] = float(Gx0.imag());
+  }
+}
+
 TensorMap s4d_parallel(const Call& c) {
   const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
   const S4dParams p = discretise(c);
+  const S4dState x0 = state_in(c, "state.x_re", "state.x_im");
+  S4dState xT{Tensor({B, C, N}), Tensor({B, C, N})};
   const int64_t L = 2 * T, F = L / 2 + 1;
   const RealFft fft(L);
   // Kf: (C, F) spectrum of each channel's kernel, zero-padded to 2T.
@@ -135,13 +244,17 @@ TensorMap s4d_parallel(const Call& c) {
           spec[f][0] = z.real(), spec[f][1] = z.imag();
         }
         fft.inverse(spec.get(), buf.get());
+        for (int64_t t = 0; t < T; ++t) buf[t] /= double(L);
+        state_forward(p, x0, xT, u, buf.get(), b, ch, T);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t i = (b * T + t) * C + ch;
-          y.data[i] = float(buf[t] / double(L) + double(D[ch]) * u[i]);
+          y.data[i] = float(buf[t] + double(D[ch]) * u[i]);
         }
       }
   }
-  return {{"y", std::move(y)}};
+  TensorMap out{{"y", std::move(y)}};
+  out["state.x_re"] = std::move(xT.re), out["state.x_im"] = std::move(xT.im);
+  return out;
 }
 
 // Backward. With g = dy and the causal convolution y = K * u + D u:
@@ -160,12 +273,17 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
   const float *u = c.t("u").ptr(), *D = c.t("D").ptr(), *g = dy.ptr();
   Tensor y({B, T, C}), du({B, T, C}), dlog_dt({C}), dA_re({C, N}), dA_im({C, N}), dC_re({C, N}), dC_im({C, N}),
       dD({C});
+  const S4dState x0 = state_in(c, "state.x_re", "state.x_im"), dT = state_in(c, "dfinal.x_re", "dfinal.x_im");
+  const bool with_state = x0.r() || dT.r();
+  S4dState dx0;
+  if (x0.r()) dx0 = S4dState{Tensor({B, C, N}), Tensor({B, C, N})};
 #pragma omp parallel
   {
     RealBuf buf = alloc_real(L);
     ComplexBuf Kf = alloc_complex(F), Uf = alloc_complex(F), Gf = alloc_complex(F), tmp = alloc_complex(F);
     std::vector<double> K(T), dK(T);
     std::vector<double> w(6 * N);
+    std::vector<cd> GCt_s(N), Gz_s(N);  // the state's parts of G_Ct, G_z of the channel
     auto spectrum = [&](fftw_complex* out, auto value) {  // FFT of a length-T signal, zero-padded
       for (int64_t t = 0; t < T; ++t) buf[t] = value(t);
       for (int64_t l = T; l < L; ++l) buf[l] = 0;
@@ -185,15 +303,20 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
       s4d_kernel(p, ch, T, K.data(), w.data());
       spectrum(Kf.get(), [&](int64_t t) { return K[t]; });
       std::fill(dK.begin(), dK.end(), 0.0);
+      std::fill(GCt_s.begin(), GCt_s.end(), cd(0.0)), std::fill(Gz_s.begin(), Gz_s.end(), cd(0.0));
       double dDc = 0;
       for (int64_t b = 0; b < B; ++b) {
         auto at = [&](int64_t t) { return (b * T + t) * C + ch; };
         spectrum(Uf.get(), [&](int64_t t) { return double(u[at(t)]); });
         spectrum(Gf.get(), [&](int64_t t) { return double(g[at(t)]); });
-        product(Uf.get(), Kf.get(), false);  // y = K * u + D u
-        for (int64_t t = 0; t < T; ++t) y.data[at(t)] = float(buf[t] + double(D[ch]) * u[at(t)]);
+        product(Uf.get(), Kf.get(), false);  // y = K * u + D u (+ the state's part)
+        std::vector<double> ys(buf.get(), buf.get() + T);
         product(Gf.get(), Kf.get(), true);  // du_s = sum_{t>=s} K_{t-s} g_t + D g_s
         for (int64_t t = 0; t < T; ++t) du.data[at(t)] = float(buf[t] + double(D[ch]) * g[at(t)]);
+        if (with_state)
+          state_backward(p, x0, dT, u, g, ys.data(), du.ptr(), b, ch, T, GCt_s.data(), Gz_s.data(),
+                         x0.r() ? &dx0 : nullptr);
+        for (int64_t t = 0; t < T; ++t) y.data[at(t)] = float(ys[t] + double(D[ch]) * u[at(t)]);
         product(Gf.get(), Uf.get(), true);  // dK_l += sum_t g_t u_{t-l}
         for (int64_t l = 0; l < T; ++l) dK[l] += buf[l];
         for (int64_t t = 0; t < T; ++t) dDc += double(g[at(t)]) * u[at(t)];
@@ -211,8 +334,8 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
           if (l + 1 < T) S1 += dK[l + 1] * double(l + 1) * std::conj(zl);
           zl *= z;
         }
-        const cd GCt = 2.0 * S0;
-        const cd Gz = 2.0 * std::conj(Ct) * S1 + std::conj(Cc / A) * GCt;
+        const cd GCt = 2.0 * S0 + GCt_s[n];
+        const cd Gz = 2.0 * std::conj(Ct) * S1 + Gz_s[n] + std::conj(Cc / A) * GCt;
         const cd GC = std::conj((z - 1.0) / A) * GCt;
         const cd GA = std::conj(-Cc * (z - 1.0) / (A * A)) * GCt + std::conj(dt * z) * Gz;
         ddt += (std::conj(Gz) * A * z).real();
@@ -222,9 +345,11 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
       dlog_dt.data[ch] = float(dt * ddt);
     }
   }
-  return {{"y", std::move(y)},         {"du", std::move(du)},       {"dlog_dt", std::move(dlog_dt)},
-          {"dA_re", std::move(dA_re)}, {"dA_im", std::move(dA_im)}, {"dC_re", std::move(dC_re)},
-          {"dC_im", std::move(dC_im)}, {"dD", std::move(dD)}};
+  TensorMap out{{"y", std::move(y)},         {"du", std::move(du)},       {"dlog_dt", std::move(dlog_dt)},
+                {"dA_re", std::move(dA_re)}, {"dA_im", std::move(dA_im)}, {"dC_re", std::move(dC_re)},
+                {"dC_im", std::move(dC_im)}, {"dD", std::move(dD)}};
+  if (x0.r()) out["dstate.x_re"] = std::move(dx0.re), out["dstate.x_im"] = std::move(dx0.im);
+  return out;
 }
 
 
@@ -256,12 +381,15 @@ MixerSpec make_spec() {
                                          "] = " + std::to_string(a.data[i]));
   };
   s.y_dims = "B,T,C";
+  s.state_all_modes = true;  // every form starts from state.x_re / x_im and returns the final x
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
-    const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-    std::vector<S> y(B * T * C);
+    const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
+    std::vector<S> y(B * T * C + 2 * B * C * N);
+    S* fin = y.data() + B * T * C;
     ref::s4d_ref<S>(y.data(), x.at("u").data(), x.at("log_dt").data(), x.at("A_re").data(), x.at("A_im").data(),
-                    x.at("C_re").data(), x.at("C_im").data(), x.at("D").data(), B, T, C, c.d("N"));
+                    x.at("C_re").data(), x.at("C_im").data(), x.at("D").data(), B, T, C, N, opt_in(x, "state.x_re"),
+                    opt_in(x, "state.x_im"), fin, fin + B * C * N);
     return y;
   });
   s.parallel = s4d_parallel;
