@@ -96,14 +96,17 @@ def aft_conv(q, k, v, u, causal):
     return _aft(q, k, v, w_tsc, causal)
 
 
-def rwkv4(k, v, w, u):
+def rwkv4(k, v, w, u, a0=None, b0=None, p0=None, final=False):
     # The plain (unstabilised) recurrence in float64, token by token:
     #   y_t = (a + e^{u+k_t} v_t) / (b + e^{u+k_t});  a <- e^{-w} a + e^{k_t} v_t (same for b)
     # float64 holds e^{+-60 * few} easily, so no max-shift is needed here; where the
-    # stabilised C++ scan and this literal recurrence agree, both are right.
+    # stabilised C++ scan and this literal recurrence agree, both are right. From the state
+    # (a0, b0, p0), the scaled sums of MIXERS.md: a = a0 e^{p0}, b = b0 e^{p0}; with final also
+    # the final state in that form, p the running max max(p - w, k_t) and a, b scaled by e^{-p}.
     B, T, C = k.shape
-    a = torch.zeros(B, C, dtype=k.dtype)
-    b = torch.zeros(B, C, dtype=k.dtype)
+    a = torch.zeros(B, C, dtype=k.dtype) if a0 is None else a0 * torch.exp(p0)
+    b = torch.zeros(B, C, dtype=k.dtype) if b0 is None else b0 * torch.exp(p0)
+    p = torch.full((B, C), -1e38, dtype=k.dtype) if p0 is None else p0
     decay = torch.exp(-w)
     ys = []
     for t in range(T):
@@ -112,7 +115,9 @@ def rwkv4(k, v, w, u):
         ys.append((a + bonus * v[:, t]) / (b + bonus))
         a = decay * a + ek * v[:, t]
         b = decay * b + ek
-    return torch.stack(ys, dim=1)
+        p = torch.maximum(p - w, k[:, t])
+    y = torch.stack(ys, dim=1)
+    return (y, a * torch.exp(-p), b * torch.exp(-p), p) if final else y
 
 
 def performer(q, k, v, proj, causal):
@@ -410,6 +415,8 @@ STATE_ORACLES = {
         *linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z"), final=True)),
     "norm_linear": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
         *norm_linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), final=True)),
+    "rwkv4": lambda x, p: (lambda y, a, b, pp: (y, {"state.a": a, "state.b": b, "state.p": pp}))(
+        *rwkv4(x["k"], x["v"], x["w"], x["u"], x.get("state.a"), x.get("state.b"), x.get("state.p"), final=True)),
     "s4d": lambda x, p: (lambda y, xs: (y, {"state.x_re": xs.real, "state.x_im": xs.imag}))(
         *s4d(**_no_state(x), x0=_s4d_state(x), final=True)),
     "mamba": lambda x, p: (lambda y, h: (y, {"state.h": h}))(
@@ -432,7 +439,7 @@ ORACLES = {
     "aft_local": lambda x, c, p: aft_local(x["q"], x["k"], x["v"], x["w"], c, int(p["window"])),
     "aft_simple": lambda x, c, p: aft_simple(x["q"], x["k"], x["v"], c),
     "aft_conv": lambda x, c, p: aft_conv(x["q"], x["k"], x["v"], x["u"], c),
-    "rwkv4": lambda x, c, p: rwkv4(x["k"], x["v"], x["w"], x["u"]),
+    "rwkv4": lambda x, c, p: rwkv4(x["k"], x["v"], x["w"], x["u"], x.get("state.a"), x.get("state.b"), x.get("state.p")),
     "performer": lambda x, c, p: performer(x["q"], x["k"], x["v"], x["proj"], c),
     "flow": lambda x, c, p: flow(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6)),
     "flash": lambda x, c, p: flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], c,
@@ -450,4 +457,5 @@ ORACLES.update({n: (lambda x, c, p, f=f: f(x, p)[0]) for n, f in STATE_ORACLES.i
 
 # The domain of a random initial state where not every value is one: linear's normaliser z is a
 # sum of positive features (as the registry's state_fix draws it).
-STATE_DOMAIN = {"linear": {"state.z": lambda t: t.abs() + 0.5}}
+STATE_DOMAIN = {"linear": {"state.z": lambda t: t.abs() + 0.5},
+                "rwkv4": {"state.b": lambda t: t.abs() + 0.5, "state.p": lambda t: 2 + 4 * t}}

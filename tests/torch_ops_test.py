@@ -215,7 +215,7 @@ def test_chunks_with_the_state_handed_on_equal_one_call(name):
         assert rel_rms(xb[n].grad, xa[n].grad) <= 1e-4, f"d{n}"
 
 
-@pytest.mark.parametrize("name", ["rwkv4", "performer", "aft_simple"])
+@pytest.mark.parametrize("name", ["flow", "performer", "aft_simple"])
 def test_recurrent_state_for_the_others_forward_only(name):
     spec = SPECS[name]
     params = numbers(spec["example_params"])

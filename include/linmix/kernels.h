@@ -117,9 +117,12 @@ void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const f
                 const float* u, int64_t T, int64_t C, int64_t stride, float* mo = nullptr, float* dn = nullptr);
 // Backward of a scan from the initial state: dk, dv (T,C) written; dw, du (C) written (this
 // sequence's share). Needs the forward's y, mo, dn. A reverse scan, O(C) extra memory.
+// carry (5 C, optional): the reverse scan's sums (G, H, G', H' scaled by e^q, and q; see the
+// definition) before the last token on entry (zeros and q = -1e38 without) and after the first
+// on return: how the gradients of the initial and the final state enter and leave.
 void rwkv4_backward(float* dk, float* dv, float* dw, float* du, const float* k, const float* v, const float* w,
                     const float* u, const float* y, const float* mo, const float* dn, const float* dy, int64_t T,
-                    int64_t C, int64_t stride);
+                    int64_t C, int64_t stride, float* carry = nullptr);
 
 }  // namespace linmix
 

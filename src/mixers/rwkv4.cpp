@@ -3,8 +3,9 @@
 // Numerically stable scan (as the paper's CUDA kernel): the running sums a (numerator) and
 // b (denominator) are kept scaled by exp(-p), p the running max exponent, so no exp ever
 // sees a positive argument. parallel: the scan over T, vectorised over channels and
-// threaded over (batch, channel block); recurrent: the same update one token at a time with
-// the state (a, b, p) carried across calls.
+// threaded over (batch, channel block), from the given state (a, b, p) (zeros, p = -1e38
+// without) to the final one; recurrent: the same update one token at a time with the state
+// carried across calls.
 #include "../ref/ref_util.h"
 #include "../kernels/vmath.h"
 #include "common.h"
@@ -14,25 +15,49 @@ namespace linmix::ref {
 
 // ---- rwkv4: the float64 reference (the literal formula, templated for the tape) ----
 // RWKV-4 WKV: y_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) / (same without v).
+// From a state (a0, b0, p0) (B,C) before token 0 (null: zeros, p0 = -1e38): the past sums
+// gain e^{p0 - t w} a0 and e^{p0 - t w} b0. The final state (null: not wanted):
+// pT = max(p0 - T w, max_i k_i - (T-1-i) w), aT = (e^{p0 - T w} a0 + sum_i e^{k_i - (T-1-i) w} v_i) e^{-pT},
+// bT likewise without v (the scan's (a, b, p): the sums scaled by their running maximum).
 template <class S>
-void rwkv4_ref(S* y, const S* k, const S* v, const S* w, const S* u, int64_t B, int64_t T, int64_t C) {
+void rwkv4_ref(S* y, const S* k, const S* v, const S* w, const S* u, int64_t B, int64_t T, int64_t C,
+               const S* a0 = nullptr, const S* b0 = nullptr, const S* p0 = nullptr, S* aT = nullptr, S* bT = nullptr,
+               S* pT = nullptr) {
   std::vector<S> L(static_cast<size_t>(T * T));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c) {
       auto at = [&](const S* x, int64_t t) { return x[(b * T + t) * C + c]; };
+      const int64_t sc = b * C + c;
       for (int64_t t = 0; t < T; ++t) {
         S mx = -std::numeric_limits<S>::infinity();
         for (int64_t i = 0; i <= t; ++i) {
           L[t * T + i] = i < t ? -S(t - 1 - i) * w[c] + at(k, i) : u[c] + at(k, t);
           mx = std::max(mx, L[t * T + i]);
         }
+        const S ls = a0 ? p0[sc] - S(t) * w[c] : S(0);  // the state's exponent at t
+        if (a0) mx = std::max(mx, ls);
         S num = 0, den = 0;
         for (int64_t i = 0; i <= t; ++i) {
           const S e = exp(L[t * T + i] - mx);
           num += e * at(v, i);
           den += e;
         }
+        if (a0) {
+          const S e = exp(ls - mx);
+          num += e * a0[sc], den += e * b0[sc];
+        }
         y[(b * T + t) * C + c] = num / den;
+      }
+      if (aT) {
+        const S ls = (a0 ? p0[sc] : S(-1e38)) - S(T) * w[c];
+        S p = ls;
+        for (int64_t i = 0; i < T; ++i) p = std::max(p, at(k, i) - S(T - 1 - i) * w[c]);
+        S na = a0 ? exp(ls - p) * a0[sc] : S(0), nb = a0 ? exp(ls - p) * b0[sc] : S(0);
+        for (int64_t i = 0; i < T; ++i) {
+          const S e = exp(at(k, i) - S(T - 1 - i) * w[c] - p);
+          na += e * at(v, i), nb += e;
+        }
+        aT[sc] = na, bT[sc] = nb, pT[sc] = p;
       }
     }
 }
@@ -89,7 +114,8 @@ void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const f
 void rwkv4_backward(float* __restrict dk, float* __restrict dv, float* __restrict dw, float* __restrict du,
                     const float* __restrict k, const float* __restrict v, const float* __restrict w,
                     const float* __restrict u, const float* __restrict y, const float* __restrict mo,
-                    const float* __restrict dn, const float* __restrict dy, int64_t T, int64_t C, int64_t stride) {
+                    const float* __restrict dn, const float* __restrict dy, int64_t T, int64_t C, int64_t stride,
+                    float* carry) {
   // Reverse scan. With D_s = dn_s e^{m_s} and g_s = dy_s:
   //   G_t = sum_{s>t} e^{-(s-1-t) w} g_s / D_s,       H_t = same with g_s y_s
   //   G'_t = sum_{s>t} (s-1-t) e^{-(s-1-t) w} g_s / D_s, H'_t likewise
@@ -100,13 +126,15 @@ void rwkv4_backward(float* __restrict dk, float* __restrict dv, float* __restric
   // exponential has a non-positive argument; G_{t-1} = g_t / D_t + e^{-w} G_t and
   // G'_{t-1} = e^{-w} (G'_t + G_t).
   for (int64_t c = 0; c < C; ++c) du[c] = 0.0f, dw[c] = 0.0f;
-  std::vector<float> state(5 * C, 0.0f);
-  float* __restrict gg = state.data();
+  std::vector<float> own(carry ? 0 : 5 * C, 0.0f);
+  float* state = carry ? carry : own.data();
+  float* __restrict gg = state;
   float* __restrict hh = gg + C;
   float* __restrict gg2 = hh + C;
   float* __restrict hh2 = gg2 + C;
   float* __restrict q = hh2 + C;
-  for (int64_t c = 0; c < C; ++c) q[c] = -1e38f;
+  if (!carry)
+    for (int64_t c = 0; c < C; ++c) q[c] = -1e38f;
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t o = t * stride;
     if (stride > C && t >= kPrefetchRows) {  // strided rows, walked backwards (common.h)
@@ -142,6 +170,17 @@ namespace {
 constexpr float kInitP = -1e38f;  // MIXERS.md: initial p = -1e38
 constexpr int64_t kBlock = 256;
 
+// The scan's (a, b, p) of n channels from row r0 of the call's state (B,C), or the zero state.
+void initial_state(const Call& c, int64_t r0, int64_t n, float* a, float* bb, float* p) {
+  if (!c.has("state.a")) {
+    std::fill(a, a + n, 0.0f), std::fill(bb, bb + n, 0.0f), std::fill(p, p + n, kInitP);
+    return;
+  }
+  std::copy(c.t("state.a").ptr() + r0, c.t("state.a").ptr() + r0 + n, a);
+  std::copy(c.t("state.b").ptr() + r0, c.t("state.b").ptr() + r0 + n, bb);
+  std::copy(c.t("state.p").ptr() + r0, c.t("state.p").ptr() + r0 + n, p);
+}
+
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "rwkv4";
@@ -173,50 +212,105 @@ MixerSpec make_spec() {
                                          std::to_string(i) + "] = " + std::to_string(w.data[i]));
   };
   s.y_dims = "B,T,C";
+  s.state_all_modes = true;  // every form starts from (a, b, p) and returns the final (a, b, p)
+  s.state_fix = [](TensorMap& st) {
+    for (float& x : st["state.b"].data) x = std::abs(x) + 0.5f;  // b, a sum of e^{k}, scaled: > 0
+    // p spread wide (N(2, 4^2)): in some channels the state's term p - t w stays the largest
+    // exponent (the running max p_T then comes from p0), in others a key takes over
+    for (float& x : st["state.p"].data) x = 2.0f + 4.0f * x;
+  };
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
     const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-    std::vector<S> y(B * T * C);
-    ref::rwkv4_ref<S>(y.data(), x.at("k").data(), x.at("v").data(), x.at("w").data(), x.at("u").data(), B, T, C);
+    std::vector<S> y(B * T * C + 3 * B * C);
+    S* fin = y.data() + B * T * C;
+    ref::rwkv4_ref<S>(y.data(), x.at("k").data(), x.at("v").data(), x.at("w").data(), x.at("u").data(), B, T, C,
+                      opt_in(x, "state.a"), opt_in(x, "state.b"), opt_in(x, "state.p"), fin, fin + B * C,
+                      fin + 2 * B * C);
     return y;
   });
   s.parallel = [](const Call& c) {
     const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-    Tensor y({B, T, C});
+    TensorMap out{{"y", Tensor({B, T, C})}, {"state.a", Tensor({B, C})}, {"state.b", Tensor({B, C})},
+                  {"state.p", Tensor({B, C})}};
+    float *y = out["y"].ptr(), *fa = out["state.a"].ptr(), *fb = out["state.b"].ptr(), *fp = out["state.p"].ptr();
     const int64_t nblk = (C + kBlock - 1) / kBlock;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t c0 = blk * kBlock, n = std::min(kBlock, C - c0);
-        float a[kBlock] = {}, bb[kBlock] = {}, p[kBlock];
-        std::fill(p, p + kBlock, kInitP);
+        float a[kBlock], bb[kBlock], p[kBlock];
+        initial_state(c, b * C + c0, n, a, bb, p);
         const int64_t off = b * T * C + c0;
-        rwkv4_scan(y.ptr() + off, a, bb, p, c.t("k").ptr() + off, c.t("v").ptr() + off, c.t("w").ptr() + c0,
+        rwkv4_scan(y + off, a, bb, p, c.t("k").ptr() + off, c.t("v").ptr() + off, c.t("w").ptr() + c0,
                    c.t("u").ptr() + c0, T, n, C);
+        std::copy(a, a + n, fa + b * C + c0), std::copy(bb, bb + n, fb + b * C + c0), std::copy(p, p + n, fp + b * C + c0);
       }
-    return TensorMap{{"y", std::move(y)}};
+    return out;
   };
+  // The backward with the state: the reverse scan starts from the final state's gradient, as
+  // if it were one more output at position T (G = da_T e^{-p_T}, H = -db_T e^{-p_T}: the
+  // gradients of the unscaled sums), and ends with the sums G, H, G', H' before token 0, which
+  // give the initial state's: with A0 = a0 e^{p0}, B0 = b0 e^{p0}, dA0 = G, dB0 = -H, so
+  // da0 = e^{p0} G, db0 = -e^{p0} H, dp0 = a0 da0 + b0 db0 and dw -= A0 G' - B0 H'. p_T itself
+  // is a running max: d p_T - da_T a_T - db_T b_T flows to the term that attains it (a key
+  // k_i with dw -= (T-1-i) times it, or p0 with dw -= T times it).
   s.backward = [](const Call& c, const Tensor& dy) {
     const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
     Tensor y({B, T, C}), dk({B, T, C}), dv({B, T, C}), dw({C}), du({C});
+    const bool s0 = c.has("state.a"), sT = c.has("dfinal.a");
+    Tensor da0, db0, dp0;
+    if (s0) da0 = Tensor({B, C}), db0 = Tensor({B, C}), dp0 = Tensor({B, C});
     std::vector<float> mo(B * T * C), dn(B * T * C), dwb(B * C), dub(B * C);  // saved: O(T C)
     const int64_t nblk = (C + kBlock - 1) / kBlock;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t blk = 0; blk < nblk; ++blk) {
-        const int64_t c0 = blk * kBlock, n = std::min(kBlock, C - c0), off = b * T * C + c0;
-        float a[kBlock] = {}, bb[kBlock] = {}, p[kBlock];
-        std::fill(p, p + kBlock, kInitP);
+        const int64_t c0 = blk * kBlock, n = std::min(kBlock, C - c0), off = b * T * C + c0, r0 = b * C + c0;
+        float a[kBlock], bb[kBlock], p[kBlock], carry[5 * kBlock];
+        initial_state(c, r0, n, a, bb, p);
         const float *k = c.t("k").ptr() + off, *v = c.t("v").ptr() + off, *w = c.t("w").ptr() + c0,
                     *u = c.t("u").ptr() + c0;
         rwkv4_scan(y.ptr() + off, a, bb, p, k, v, w, u, T, n, C, mo.data() + off, dn.data() + off);
-        rwkv4_backward(dk.ptr() + off, dv.ptr() + off, dwb.data() + b * C + c0, dub.data() + b * C + c0, k, v, w, u,
-                       y.ptr() + off, mo.data() + off, dn.data() + off, dy.ptr() + off, T, n, C);
+        float *gg = carry, *hh = gg + n, *gg2 = hh + n, *hh2 = gg2 + n, *q = hh2 + n;
+        std::fill(carry, carry + 4 * n, 0.0f), std::fill(q, q + n, -1e38f);
+        if (sT)
+          for (int64_t j = 0; j < n; ++j)  // a, bb, p now hold the final state
+            gg[j] = c.t("dfinal.a").data[r0 + j], hh[j] = -c.t("dfinal.b").data[r0 + j], q[j] = -p[j];
+        float* dwj = dwb.data() + r0;
+        rwkv4_backward(dk.ptr() + off, dv.ptr() + off, dwj, dub.data() + r0, k, v, w, u, y.ptr() + off, mo.data() + off,
+                       dn.data() + off, dy.ptr() + off, T, n, C, carry);
+        for (int64_t j = 0; j < n; ++j) {
+          float dp_init = 0.0f;
+          if (s0) {
+            const float a0 = c.t("state.a").data[r0 + j], b0 = c.t("state.b").data[r0 + j],
+                        p0 = c.t("state.p").data[r0 + j], e = std::exp(q[j] + p0);
+            da0.data[r0 + j] = e * gg[j], db0.data[r0 + j] = -e * hh[j];
+            dp_init = a0 * e * gg[j] - b0 * e * hh[j];
+            dwj[j] -= e * (a0 * gg2[j] - b0 * hh2[j]);
+          }
+          if (sT) {  // the running max p_T: its gradient to the term that attains it (the scan's comparisons)
+            const float dpt = c.t("dfinal.p").data[r0 + j] - c.t("dfinal.a").data[r0 + j] * a[j] -
+                              c.t("dfinal.b").data[r0 + j] * bb[j];
+            float pm = s0 ? c.t("state.p").data[r0 + j] : kInitP;
+            int64_t arg = -1;
+            for (int64_t t = 0; t < T; ++t) {
+              const float wd = pm - w[j], kc = k[t * C + j];
+              if (wd < kc) pm = kc, arg = t;
+              else pm = wd;
+            }
+            if (arg >= 0) dk.data[off + arg * C + j] += dpt, dwj[j] -= float(T - 1 - arg) * dpt;
+            else dp_init += dpt, dwj[j] -= float(T) * dpt;
+          }
+          if (s0) dp0.data[r0 + j] = dp_init;
+        }
       }
     for (int64_t b = 0; b < B; ++b)  // parameter gradients accumulate over the batch
       for (int64_t ch = 0; ch < C; ++ch) dw.data[ch] += dwb[b * C + ch], du.data[ch] += dub[b * C + ch];
-    return TensorMap{{"y", std::move(y)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}, {"dw", std::move(dw)},
-                     {"du", std::move(du)}};
+    TensorMap out{{"y", std::move(y)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}, {"dw", std::move(dw)},
+                  {"du", std::move(du)}};
+    if (s0) out["dstate.a"] = std::move(da0), out["dstate.b"] = std::move(db0), out["dstate.p"] = std::move(dp0);
+    return out;
   };
   s.stepper = [](const Call& c) {
     const int64_t C = c.d("C");
