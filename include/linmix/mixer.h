@@ -46,6 +46,9 @@ struct Call {
   std::map<std::string, double> params;  // every declared param, defaults filled in
   std::map<std::string, bool> given;     // which params the user set explicitly
   bool causal = false;
+  // The caller wants the final state (state_all_modes mechanisms, causal). A model's layer does
+  // not: a form whose final state costs work of its own (s4d) skips it when this is false.
+  bool final_state = true;
 
   const Tensor& t(const std::string& name) const;
   bool has(const std::string& name) const { return in.count(name) != 0; }
@@ -140,8 +143,10 @@ const MixerSpec& find_mixer(const std::string& name);
 // Validates and runs one mixer call. raw_params are the user's KEY=VALUE strings. With
 // grad, `in` must also hold dy (shaped like y) and the result adds d<name> for every input
 // tensor (reference: float64 tape; parallel: the hand-written backward).
+// final_state = false: the final state may be left out of the result (see Call::final_state).
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
-                    const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false);
+                    const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false,
+                    bool final_state = true);
 
 // Validates like run_mixer and returns the bound call without running it (benchmarks time the
 // spec's forms on it). The call refers to `in`, which must outlive it; tensors of `in` may be

@@ -58,7 +58,7 @@ class _Mix(torch.autograd.Function):
         if f64:
             out = _C.run64(name, causal, params, given, None, _threads())
         else:
-            out = _C.run(name, "parallel", causal, params, given, False, _threads())
+            out = _C.run(name, "parallel", causal, params, given, False, _threads(), bool(want))
         ctx.meta, ctx.f64 = meta, f64
         ctx.save_for_backward(*tensors)
         return (out["y"],) + (tuple(out[s] for s in snames) if want else ())

@@ -266,9 +266,11 @@ Call validate_call(const std::string& name, Mode mode, bool causal,
 }
 
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
-                    const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad) {
+                    const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad,
+                    bool final_state) {
   const MixerSpec& spec = find_mixer(name);
-  const Call call = validate(spec, mode, causal, raw_params, in, grad);
+  Call call = validate(spec, mode, causal, raw_params, in, grad);
+  call.final_state = final_state;
   if (grad) {
     const Tensor& dy = in.at("dy");
     if (mode == Mode::Reference) return spec.reference_grad(call, dy);

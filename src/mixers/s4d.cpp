@@ -145,7 +145,8 @@ S4dState state_in(const Call& c, const char* re, const char* im) {
 
 // The state's part of sequence b, channel ch: y[t] += 2 Re sum_n Ct_n Abar_n^{t+1} x0_n (x0 from
 // the call's state, if any), and the final state xT = Abar^T x0 + sum_s Abar^{T-1-s} u_s into
-// xT.re / xT.im (B,C,N).
+// xT.re / xT.im (B,C,N) when they are allocated (an O(T N) recurrence per channel: as much
+// work as the convolution, so only when the caller wants it, Call::final_state).
 void state_forward(const S4dParams& p, const S4dState& x0, S4dState& xT, const float* u, double* y, int64_t b,
                    int64_t ch, int64_t T) {
   const int64_t C = p.C, N = p.N;
@@ -158,6 +159,7 @@ void state_forward(const S4dParams& p, const S4dState& x0, S4dState& xT, const f
       cd zl = z;
       for (int64_t t = 0; t < T; ++t, zl *= z) y[t] += 2.0 * (w0 * zl).real();
     }
+    if (!xT.r()) continue;
     for (int64_t t = 0; t < T; ++t) x = z * x + double(u[(b * T + t) * C + ch]);  // the recurrence
     xT.re.data[si] = float(x.real()), xT.im.data[si] = float(x.imag());
   }
@@ -213,7 +215,8 @@ TensorMap s4d_parallel(const Call& c) {
   const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), N = c.d("N");
   const S4dParams p = discretise(c);
   const S4dState x0 = state_in(c, "state.x_re", "state.x_im");
-  S4dState xT{Tensor({B, C, N}), Tensor({B, C, N})};
+  S4dState xT;
+  if (c.final_state) xT = S4dState{Tensor({B, C, N}), Tensor({B, C, N})};
   const int64_t L = 2 * T, F = L / 2 + 1;
   const RealFft fft(L);
   // Kf: (C, F) spectrum of each channel's kernel, zero-padded to 2T.
@@ -253,7 +256,7 @@ TensorMap s4d_parallel(const Call& c) {
       }
   }
   TensorMap out{{"y", std::move(y)}};
-  out["state.x_re"] = std::move(xT.re), out["state.x_im"] = std::move(xT.im);
+  if (c.final_state) out["state.x_re"] = std::move(xT.re), out["state.x_im"] = std::move(xT.im);
   return out;
 }
 

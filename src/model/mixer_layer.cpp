@@ -91,12 +91,12 @@ std::map<std::string, std::string> mixer_params(const LayerConfig& lc) {
 }  // namespace
 
 Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in) {
-  return run_mixer(lc.mixer, Mode::Parallel, true, mixer_params(lc), in).at("y");
+  return run_mixer(lc.mixer, Mode::Parallel, true, mixer_params(lc), in, false, false).at("y");
 }
 
 TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy) {
   in["dy"] = tensor_of(std::move(y_shape), dy);
-  return run_mixer(lc.mixer, Mode::Parallel, true, mixer_params(lc), in, true);
+  return run_mixer(lc.mixer, Mode::Parallel, true, mixer_params(lc), in, true, false);
 }
 
 Tensor tensor_of(std::vector<int64_t> shape, const float* src) {
