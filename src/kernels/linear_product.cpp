@@ -191,14 +191,15 @@ void linear_product_backward(float* dq, float* dk, float* dv, const float* q, co
 }
 
 void linear_product_state_backward(float* dQ, float* dK, float* dV, const float* Qf, const float* Kf, const float* Vh,
-                         const float* dnum, const float* dden, int64_t T, int64_t D, int64_t E, const float* S0,
-                         const float* z0, const float* dST, const float* dzT, float* dS0, float* dz0) {
+                                   int64_t ldv, const float* dnum, const float* dden, int64_t T, int64_t D, int64_t E,
+                                   const float* S0, const float* z0, const float* dST, const float* dzT, float* dS0,
+                                   float* dz0) {
   if (S0) gemm_nt_acc(dQ, dnum, S0, T, D, E, E, E, D);
   if (z0 && dden)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t x = 0; x < D; ++x) dQ[t * D + x] += dden[t] * z0[x];
   if (dST) {
-    gemm_nt_acc(dK, Vh, dST, T, D, E, E, E, D);
+    gemm_nt_acc(dK, Vh, dST, T, D, E, ldv, E, D);
     gemm_nn_acc(dV, Kf, dST, T, E, D, D, E, E);
   }
   if (dzT)

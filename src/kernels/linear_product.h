@@ -77,8 +77,9 @@ void linear_product_backward(float* dq, float* dk, float* dv, const float* q, co
 // of one head of the causal product (linear, norm_linear), given dnum (T,E) and dden (T, or
 // null): dq += dnum S0^T + dden z0^T; the final state's gradient into the keys and values,
 // dk += V dST^T + 1 dzT^T, dv += K dST; and dS0 = Q^T dnum + dST, dz0 = Q^T dden + dzT (written where not null).
+// v: rows of stride ldv.
 void linear_product_state_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                                   const float* dnum, const float* dden, int64_t T, int64_t D, int64_t E,
+                                   int64_t ldv, const float* dnum, const float* dden, int64_t T, int64_t D, int64_t E,
                                    const float* S0, const float* z0, const float* dST, const float* dzT, float* dS0,
                                    float* dz0);
 // The rows of sequence-head bh in a (B,H,n) state tensor, or null.

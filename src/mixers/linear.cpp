@@ -89,7 +89,7 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
 
 // Backward of linear_forward. Per head: phi rows and the forward product are recomputed,
 // then with r_t = 1 / (den_t + eps):  dnum_t = dy_t r_t,  dden_t = -(dy_t . y_t) r_t,
-// the product's backward (kernels/linear_product.h), the state's part (state_head_backward)
+// the product's backward (kernels/linear_product.h), the state's part (linear_product_state_backward)
 // and phi'(x) = 1 (x > 0) or e^x. dq, dk: (B,T,H,D); dv: (B,T,H,E), written. Extra memory
 // O(T (D + E)) per thread.
 void linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
@@ -120,7 +120,7 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
         }
         linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dnum.data(), E,
                                 dden.data(), args);
-        linear_product_state_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dnum.data(),
+        linear_product_state_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), E, dnum.data(),
                                       dden.data(), T, D, E, S0, z0, state_rows(st.dST, bh, D * E),
                                       state_rows(st.dzT, bh, D), state_rows(st.dS0, bh, D * E), state_rows(st.dz0, bh, D));
         scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);

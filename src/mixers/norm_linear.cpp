@@ -105,17 +105,17 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    std::vector<float> Qf(T * D), Kf(T * D), Vh(T * E), o(T * E), dO(T * E), dQ(T * D), dK(T * D), dV(T * E);
+    std::vector<float> Qf(T * D), Kf(T * D), o(T * E), dO(T * E), dQ(T * D), dK(T * D), dV(T * E);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row0 = b * T * H + h, bh = b * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
-        gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
         const float* S0 = state_rows(st.S0, bh, D * E);
-        const LinearProductArgs args{T, D, E, D, D, E, E, causal, S0};
-        linear_product(o.data(), nullptr, Qf.data(), Kf.data(), Vh.data(), args);
+        const float* vh = v + row0 * E;  // the head's value rows, stride H E
+        const LinearProductArgs args{T, D, E, D, D, H * E, E, causal, S0};
+        linear_product(o.data(), nullptr, Qf.data(), Kf.data(), vh, args);
         for (int64_t t = 0; t < T; ++t) {
           const float* ot = &o[t * E];
           const float* g = dy + (row0 + t * H) * E;
@@ -126,9 +126,9 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
           for (int64_t e = 0; e < E; ++e) gy += g[e] * ot[e] * r;
           for (int64_t e = 0; e < E; ++e) dO[t * E + e] = r * (g[e] - ot[e] * r * gy / float(E));
         }
-        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dO.data(), E,
+        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), vh, dO.data(), E,
                                 nullptr, args);
-        linear_product_state_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dO.data(),
+        linear_product_state_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), vh, H * E, dO.data(),
                                       nullptr, T, D, E, S0, nullptr, state_rows(st.dST, bh, D * E), nullptr,
                                       state_rows(st.dS0, bh, D * E), nullptr);
         scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);

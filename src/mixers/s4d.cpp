@@ -284,7 +284,7 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
   {
     RealBuf buf = alloc_real(L);
     ComplexBuf Kf = alloc_complex(F), Uf = alloc_complex(F), Gf = alloc_complex(F), tmp = alloc_complex(F);
-    std::vector<double> K(T), dK(T);
+    std::vector<double> K(T), dK(T), ys(T);  // ys: y of one row before D u (the state's part added)
     std::vector<double> w(6 * N);
     std::vector<cd> GCt_s(N), Gz_s(N);  // the state's parts of G_Ct, G_z of the channel
     auto spectrum = [&](fftw_complex* out, auto value) {  // FFT of a length-T signal, zero-padded
@@ -313,7 +313,7 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
         spectrum(Uf.get(), [&](int64_t t) { return double(u[at(t)]); });
         spectrum(Gf.get(), [&](int64_t t) { return double(g[at(t)]); });
         product(Uf.get(), Kf.get(), false);  // y = K * u + D u (+ the state's part)
-        std::vector<double> ys(buf.get(), buf.get() + T);
+        std::copy(buf.get(), buf.get() + T, ys.begin());
         product(Gf.get(), Kf.get(), true);  // du_s = sum_{t>=s} K_{t-s} g_t + D g_s
         for (int64_t t = 0; t < T; ++t) du.data[at(t)] = float(buf[t] + double(D[ch]) * g[at(t)]);
         if (with_state)
