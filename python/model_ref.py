@@ -30,7 +30,7 @@ def _attention(m):  # q, k, v, o projections, heads of C / n_head
         x = dict(q=q, k=k, v=v)
         if m == "performer":
             x["proj"] = P("att.proj")
-        return oracle.ORACLES[m](x, True, prm).reshape(B, T, C) @ P("att.o.weight").T
+        return oracle.ORACLES[m](x, cfg.get("causal", True), prm).reshape(B, T, C) @ P("att.o.weight").T
     return f
 
 
@@ -41,7 +41,7 @@ def _aft(m):  # q, k, v, o projections per channel, the variant's learned bias w
             x["w"] = P("att.w")
         if m == "aft_conv":
             x["u"] = P("att.u")
-        return oracle.ORACLES[m](x, True, prm) @ P("att.o.weight").T
+        return oracle.ORACLES[m](x, cfg.get("causal", True), prm) @ P("att.o.weight").T
     return f
 
 
@@ -88,7 +88,7 @@ def _gau(a, P, prm, cfg):
     V = F.silu(a @ P("att.wv.weight").T + P("att.wv.bias"))
     Z = F.silu(a @ P("att.wz.weight").T + P("att.wz.bias"))
     g, b = P("att.gamma"), P("att.beta")
-    A = oracle.flash(Z * g[0] + b[0], Z * g[1] + b[1], Z * g[2] + b[2], Z * g[3] + b[3], V, True,
+    A = oracle.flash(Z * g[0] + b[0], Z * g[1] + b[1], Z * g[2] + b[2], Z * g[3] + b[3], V, cfg.get("causal", True),
                      int(prm.get("group", 256)))
     return (U * A) @ P("att.o.weight").T
 
@@ -215,17 +215,42 @@ LAYERS.update({m: _aft(m) for m in ("aft_full", "aft_local", "aft_simple", "aft_
 LAYERS.update({"rwkv4": _rwkv4, "s4d": _s4d, "flash": _gau, "mamba": _mamba, "mamba2": _mamba2})
 LAYERS.update({m: _decay(m) for m in _DECAY})
 LAYERS.update({m: _rwkv(m) for m in ("rwkv5", "rwkv6", "rwkv7")})
+LAYERS["fnet"] = lambda a, P, prm, cfg: oracle.fnet(a)  # no parameters: Re(DFT_T DFT_C a)
 # layers with no order of their own: learned positions by default
-POSITIONS = {"softmax", "linear", "performer", "flow", "norm_linear", "block_softmax", "flash"}
+POSITIONS = {"softmax", "linear", "performer", "flow", "norm_linear", "block_softmax", "flash", "fnet"}
 
 
-def _attention_like(cfg):
-    return any(l["mixer"] in POSITIONS for l in cfg["layers"])
+def _attention_like(cfg):  # a non-causal model has positions by default too
+    return not cfg.get("causal", True) or any(l["mixer"] in POSITIONS for l in cfg["layers"])
 
 
 def loss(cfg, p, inputs, targets):
     """cfg: the checkpoint's config dict; p: name -> float64 tensor (requires_grad as wanted);
     inputs, targets: LongTensor [B, T] (targets < 0 ignored). Returns the mean cross-entropy."""
+    B, T = inputs.shape
+    logits = _trunk(cfg, p, inputs) @ p["head.weight"].T
+    return F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(-1), ignore_index=-1)
+
+
+def classify_loss(cfg, p, inputs, lengths, labels):
+    """The encoder classifier (README "Classifiers"): inputs LongTensor [B, T] padded past
+    lengths [B]; labels [B]. Mean pooling over each sequence's own rows of the final norm, or the
+    final row of the learned cls vector prepended at position 0; then head.weight, head.bias.
+    Returns the mean cross-entropy over the batch."""
+    B, T = inputs.shape
+    cls = cfg.get("pool", "mean") == "cls"
+    h = _trunk(cfg, p, inputs, p["cls.weight"] if cls else None)
+    if cls:
+        pooled = h[:, 0]
+    else:
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).to(h.dtype)
+        pooled = (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+    logits = pooled @ p["head.weight"].T + p["head.bias"]
+    return F.cross_entropy(logits, labels)
+
+
+def _trunk(cfg, p, inputs, cls=None):
+    """The final-norm rows [B, T (+1 with cls), C] of the embedding and blocks."""
     B, T = inputs.shape
     if cfg.get("norm", "layernorm") == "rmsnorm":  # Mamba's: x / sqrt(mean x^2 + 1e-5) w
         def _ln(x, p, name):
@@ -234,6 +259,9 @@ def loss(cfg, p, inputs, targets):
         _ln = globals()["_ln"]
     C, H = cfg["d_model"], cfg["n_head"]
     x = p["emb.weight"][inputs]
+    if cls is not None:
+        x = torch.cat([cls.expand(B, 1, -1), x], 1)
+        T += 1
     if cfg.get("pos_emb", _attention_like(cfg)):
         x = x + p["pos.weight"][:T]
     if cfg["ln0"]:
@@ -264,5 +292,4 @@ def loss(cfg, p, inputs, targets):
         else:
             h = F.gelu(b2 @ P("mlp.fc.weight").T + P("mlp.fc.bias"), approximate="tanh")
             x = x + h @ P("mlp.proj.weight").T + P("mlp.proj.bias")
-    logits = _ln(x, p, "ln_out") @ p["head.weight"].T
-    return F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(-1), ignore_index=-1)
+    return _ln(x, p, "ln_out")

@@ -15,6 +15,7 @@ PKGS=(
   python3 python3-numpy python3-torch python3-matplotlib python3-regex
   libtorch-dev pybind11-dev python3-pytest python3-venv python3-pip python3-wheel
   libopenmpi-dev openmpi-bin
+  zlib1g-dev dataset-fashion-mnist
 )
 
 missing=()

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
-"""The whole language model's gradient, for every causal token mixer of the registry
-(`linmix mixers --json`; one missing from python/model_ref.py fails by name): `linmix grad` (the
-hand-written backward, float32) against torch.autograd of an independent float64 PyTorch
+"""The whole model's gradient: the language model for every causal token mixer of the registry
+and the encoder classifier for every non-causal one (`linmix mixers --json`; one missing from
+python/model_ref.py fails by name), plus the cls pooling and the causal classifier: `linmix grad`
+(the hand-written backward, float32) against torch.autograd of an independent float64 PyTorch
 implementation of the model (python/model_ref.py). Per parameter tensor, relative RMS error
 <= 1e-3 (MIXERS.md's gradient tolerance) against its own RMS; the losses agree to 1e-5.  Usage: model_grad_test.py PATH/TO/linmix"""
 import json
@@ -33,6 +34,14 @@ CASES += [("softmax", "rwkv", {"window": 5}), ("aft_conv", "rwkv", {}), ("rwkv4"
 CASES += [("rwkv5", "rwkv", {}), ("rwkv5", "rwkv", {"gate": 0}), ("rwkv6", "rwkv6", {"d_mix": 4, "d_decay": 6}),
           ("rwkv7", "rwkv7", {"d_w": 4, "d_a": 5, "d_v": 6, "d_g": 7}), ("mamba", "none", {"dt_rank": 3}),
           ("mamba2", "none", {}), ("mamba2", "none", {"groups": 2})]
+# the encoder classifier (2 classes, non-causal, mean pooling) around every non-causal mechanism;
+# the cls pooling; the causal classifier around causal-only mechanisms
+ENC = {"causal": False, "classes": 2}  # one training step on the order task (2 classes) makes the checkpoint
+CASES += [(s["name"], "mlp", {**s["example_params"], **s["small_params"]}, ENC) for s in SPECS if s["noncausal"]]
+CASES += [("softmax", "mlp", {}, {**ENC, "pool": "cls"}), ("fnet", "mlp", {}, {**ENC, "pool": "cls"}),
+          ("aft_full", "mlp", {}, {**ENC, "pool": "cls"}), ("rwkv4", "rwkv", {}, {"causal": True, "classes": 2}),
+          ("mamba2", "none", {}, {"causal": True, "classes": 2, "pool": "cls"})]
+CASES = [c if len(c) == 4 else (*c, {}) for c in CASES]
 if os.environ.get("LINMIX_ONLY"):  # a comma-separated list of mixers to check (debugging)
     CASES = [c for c in CASES if c[0] in os.environ["LINMIX_ONLY"].split(",")]
 
@@ -59,22 +68,25 @@ def main():
     inputs = rng.integers(0, 64, (B, T))
     targets = rng.integers(0, 64, (B, T))
     targets[0, 4] = -1
-    for mixer, cm, params in CASES:
-        name = f"{mixer}/{cm}{'' if not params else ' ' + json.dumps(params)}"
+    lengths = np.array([T, 7])  # the classifier's second sequence: 7 tokens and padding
+    labels = np.array([1, 0])
+    for mixer, cm, params, head in CASES:
+        name = f"{mixer}/{cm}{'' if not params else ' ' + json.dumps(params)}{'' if not head else ' ' + json.dumps(head)}"
         if mixer not in model_ref.LAYERS:
             check(name, False, "no layer in python/model_ref.py LAYERS (every causal mechanism needs one)")
             continue
         cfg = {"vocab": 128, "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "features": 8, "kernel": 3,
                "ffn_mult": 2, "state": 4, "qk_dim": 8, "mixer": mixer, "channel_mix": cm, "params": params,
-               "ln0": mixer in ("rwkv4", "rwkv5", "rwkv6", "rwkv7")}
+               "ln0": mixer in ("rwkv4", "rwkv5", "rwkv6", "rwkv7"), **head}
         if cm == "none":  # Mamba as Hugging Face's: RMSNorm, no channel mix
             cfg["norm"] = "rmsnorm"
         run = os.path.join(TMP, f"{mixer}-{cm}-{len(os.listdir(TMP))}")
         cfg_path = os.path.join(TMP, "cfg.json")
         with open(cfg_path, "w") as f:
             json.dump(cfg, f)
-        r = subprocess.run([LINMIX, "train", "--data", corpus, "--config", cfg_path, "--steps", "1", "--batch", "2",
-                            "--seq", "8", "--out", run], capture_output=True, text=True)
+        data = ["--task", "order", "--seq", "12"] if head else ["--data", corpus, "--seq", "8"]
+        r = subprocess.run([LINMIX, "train", *data, "--config", cfg_path, "--steps", "1", "--batch", "2",
+                            "--out", run], capture_output=True, text=True)
         if r.returncode != 0:
             check(name, False, r.stderr.strip())
             continue
@@ -94,9 +106,11 @@ def main():
         big = os.path.join(run, "big.safetensors")
         st.save(big, {n: t for n, t in w.items() if not n.startswith("opt.")}, metadata=meta)
         out = os.path.join(run, "grads.safetensors")
-        r = subprocess.run([LINMIX, "grad", "--model", big, "--tokens", ",".join(map(str, inputs.ravel())),
-                            "--targets", ",".join(map(str, targets.ravel())), "--batch", str(B), "--out", out],
-                           capture_output=True, text=True)
+        csv = lambda a: ",".join(map(str, a.ravel()))  # noqa: E731
+        what = ["--labels", csv(labels), "--lengths", csv(lengths)] if head else \
+            ["--targets", csv(targets)]
+        r = subprocess.run([LINMIX, "grad", "--model", big, "--tokens", csv(inputs), *what, "--batch", str(B),
+                            "--out", out], capture_output=True, text=True)
         if r.returncode != 0:
             check(name, False, r.stderr.strip())
             continue
@@ -104,7 +118,12 @@ def main():
         got_loss = float(header(out)["__metadata__"]["loss"])
         p = {n: torch.tensor(t.astype(np.float64), requires_grad=not n.endswith("att.proj"))
              for n, t in w.items() if not n.startswith("opt.")}
-        loss = model_ref.loss(json.loads(meta["config"]), p, torch.tensor(inputs), torch.tensor(targets))
+        config = json.loads(meta["config"])
+        if head:
+            loss = model_ref.classify_loss(config, p, torch.tensor(inputs), torch.tensor(lengths),
+                                           torch.tensor(labels))
+        else:
+            loss = model_ref.loss(config, p, torch.tensor(inputs), torch.tensor(targets))
         loss.backward()
         check(f"{name}: loss", abs(got_loss - loss.item()) <= 1e-5 * max(1, abs(loss.item())),
               f"{got_loss:.7f} vs {loss.item():.7f}")

@@ -1,5 +1,6 @@
 // The commands of the `linmix` binary: each calls the library and prints (tools/commands.h).
 #include <malloc.h>
+#include <nlohmann/json.hpp>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -205,6 +206,8 @@ int cmd_train(TrainOptions topt, const std::string& config_path, const std::stri
       std::ifstream f(config_path);
       LINMIX_CHECK(f.good(), config_path + ": cannot open the model config");
       topt.config.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    } else if (is_class_task(topt.task)) {  // the classifier around the mixer (softmax: LRA's Transformer)
+      topt.mixer = mixer.empty() ? "softmax" : mixer;
     } else if (!mixer.empty()) {
       topt.config = ModelConfig::for_mixer(mixer).to_json();
     }
@@ -262,6 +265,8 @@ int cmd_eval(const std::string& model_path, const std::string& file, const std::
              int64_t windows) {
   LINMIX_CHECK(split == "val" || split == "train" || split == "all", "--split must be val, train or all");
   Checkpoint ck = load_checkpoint(model_path);
+  LINMIX_CHECK(!ck.model->config().classifier(), model_path + ": a classifier: evaluate it on its task's split "
+                                                              "without --data (linmix eval --model M [--split test])");
   const std::string tk = tokenizer_for(ck, tokenizer);
   std::vector<uint8_t> bytes = read_bytes(file);
   if (split != "all") {  // split by bytes as training does: the first 90% train, the last 10% validation
@@ -278,6 +283,53 @@ int cmd_eval(const std::string& model_path, const std::string& file, const std::
                 "bits/byte\n",
                 file.c_str(), split.c_str(), mode.c_str(), static_cast<long long>(r.windows), static_cast<long long>(seq),
                 static_cast<long long>(r.bytes), r.loss, r.bits_per_byte);
+  return 0;
+}
+
+int cmd_eval_class(const std::string& model_path, const std::string& split, int64_t examples, bool json,
+                   int64_t batch) {
+  Checkpoint ck = load_checkpoint(model_path);
+  Model& m = *ck.model;
+  LINMIX_CHECK(m.config().classifier(), model_path + ": a language model: give --data FILE to score it (--split val | "
+                                                     "train | all)");
+  const std::string task_name = ck.tokenizer.rfind("task:", 0) == 0 ? ck.tokenizer.substr(5) : "";
+  LINMIX_CHECK(is_class_task(task_name), model_path + ": the checkpoint does not name its classification task");
+  int64_t seq = 0;  // the run's sequence length (the task's own for fmnist)
+  try {
+    const auto run = nlohmann::json::parse(ck.meta_json);
+    if (run.contains("seq") && run["seq"].is_number_integer()) seq = run["seq"].get<int64_t>();
+  } catch (const nlohmann::json::exception&) {
+    throw Error(model_path + ": malformed run arguments in the checkpoint metadata");
+  }
+  const auto task = make_class_task(task_name, seq);
+  const Split s = parse_split(split);
+  const int64_t n = examples ? examples : task->size(s);
+  const auto t0 = std::chrono::steady_clock::now();
+  const ClassEval r = evaluate_class(m, *task, s, n, batch);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double acc = double(r.correct) / double(r.n), loss = r.loss_sum / double(r.n);
+  if (json) {
+    const nlohmann::json j = {{"task", task_name}, {"split", split},       {"examples", r.n}, {"accuracy", acc},
+                              {"loss", loss},      {"seq", task->seq()},   {"seconds", secs}, {"lengths", r.lengths},
+                              {"right", r.right},  {"peak_rss_mib", peak_rss_mib()}};
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("%s (%s, %lld examples of up to %lld tokens): accuracy %.4f, loss %.4f (%.1f s)\n", task_name.c_str(),
+              split.c_str(), static_cast<long long>(r.n), static_cast<long long>(task->seq()), acc, loss, secs);
+  const int32_t lo = *std::min_element(r.lengths.begin(), r.lengths.end()),
+                hi = *std::max_element(r.lengths.begin(), r.lengths.end());
+  if (hi > lo) {  // accuracy against length: four equal-width bins
+    std::printf("by length:");
+    for (int b = 0; b < 4; ++b) {
+      const double a = lo + (hi - lo + 1) * b / 4.0, z = lo + (hi - lo + 1) * (b + 1) / 4.0;
+      int64_t k = 0, ok = 0;
+      for (size_t i = 0; i < r.lengths.size(); ++i)
+        if (r.lengths[i] >= a && r.lengths[i] < z) ++k, ok += r.right[i];
+      if (k) std::printf(" [%.0f, %.0f): %.4f (%lld)", a, z, double(ok) / double(k), static_cast<long long>(k));
+    }
+    std::printf("\n");
+  }
   return 0;
 }
 
@@ -304,18 +356,31 @@ int cmd_tokenize(const std::string& tokenizer, const std::string& text, const st
   return 0;
 }
 
-int cmd_grad(const std::string& model_path, const std::string& tokens, const std::string& targets, int64_t batch,
-             const std::string& out_path) {
+int cmd_grad(const std::string& model_path, const std::string& tokens, const std::string& targets,
+             const std::string& labels, const std::string& lengths, int64_t batch, const std::string& out_path) {
   Checkpoint ck = load_checkpoint(model_path);
   Model& m = *ck.model;
   const std::vector<int32_t> in = parse_ids(tokens, m.config().vocab, "--tokens");
-  const std::vector<int32_t> tg = parse_ids(targets, m.config().vocab, "--targets", true);
-  LINMIX_CHECK(in.size() == tg.size(), "--tokens and --targets differ in length");
   LINMIX_CHECK(static_cast<int64_t>(in.size()) % batch == 0, "--batch does not divide the token count");
-  LINMIX_CHECK(std::any_of(tg.begin(), tg.end(), [](int32_t t) { return t >= 0; }),
-               "--targets: every target is -1, nothing is scored (the loss would be undefined)");
+  const int64_t T = static_cast<int64_t>(in.size()) / batch;
   TensorMap grads;
-  const double loss = m.forward_backward(in.data(), tg.data(), batch, static_cast<int64_t>(in.size()) / batch, &grads);
+  double loss = 0;
+  if (m.config().classifier()) {
+    LINMIX_CHECK(targets.empty() && !labels.empty(), "a classifier's gradient takes --labels (one per sequence), not --targets");
+    const std::vector<int32_t> lb = parse_ids(labels, m.config().classes, "--labels");
+    std::vector<int32_t> len = lengths.empty() ? std::vector<int32_t>(size_t(batch), int32_t(T))
+                                               : parse_ids(lengths, int64_t(T) + 1, "--lengths");
+    LINMIX_CHECK(int64_t(lb.size()) == batch && int64_t(len.size()) == batch, "--labels and --lengths need --batch values");
+    loss = m.classify(in.data(), len.data(), lb.data(), batch, T, &grads);
+  } else {
+    LINMIX_CHECK(labels.empty() && lengths.empty() && !targets.empty(),
+                 "a language model's gradient takes --targets (one per token), not --labels / --lengths");
+    const std::vector<int32_t> tg = parse_ids(targets, m.config().vocab, "--targets", true);
+    LINMIX_CHECK(in.size() == tg.size(), "--tokens and --targets differ in length");
+    LINMIX_CHECK(std::any_of(tg.begin(), tg.end(), [](int32_t t) { return t >= 0; }),
+                 "--targets: every target is -1, nothing is scored (the loss would be undefined)");
+    loss = m.forward_backward(in.data(), tg.data(), batch, T, &grads);
+  }
   TensorMap out;
   for (auto& [n, t] : grads) out["d" + n] = std::move(t);
   char buf[64];

@@ -136,14 +136,21 @@ int main(int argc, char** argv) {
   tok->add_option("--file", tok_file, "file to encode");
   tok->add_option("--decode", tok_decode, "comma-separated ids to decode (@FILE reads them from a file)");
 
-  auto* ev = app.add_subcommand("eval", "bits per character of a checkpoint on a text file");
+  auto* ev = app.add_subcommand("eval", "bits per character of a checkpoint on a text file; a classifier's accuracy on its task's test split");
   std::string eval_file, eval_mode = "parallel";
   int64_t eval_seq = 128, eval_windows = 64;
   ev->add_option("--model", model_path, "checkpoint")->required();
-  ev->add_option("--data", eval_file, "text file")->required();
-  std::string eval_split = "val";
-  ev->add_option("--split", eval_split, "val (the last 10%, training's validation) | train (the first 90%) | all")
-      ->capture_default_str();
+  ev->add_option("--data", eval_file, "text file (a language model)");
+  std::string eval_split;
+  ev->add_option("--split", eval_split, "a language model: val (the last 10%, training's validation; default) | train "
+                                        "(the first 90%) | all; a classifier: test (default) | val | train");
+  int64_t eval_examples = 0;
+  bool eval_json = false;
+  ev->add_option("--examples", eval_examples, "a classifier: the first N examples of the split (default: all)")
+      ->check(CLI::PositiveNumber);
+  int64_t eval_batch = 16;
+  ev->add_option("--batch", eval_batch, "a classifier: sequences per forward")->capture_default_str()->check(CLI::Range(1, 1 << 16));
+  ev->add_flag("--json", eval_json, "a classifier: print the result as one JSON object (with each example's length and outcome)");
   ev->add_option("--tokenizer", tokenizer_path, "bytes, or the model's tokenizer (tokenizer.json or an RWKV World vocabulary); default: the one the checkpoint names, else bytes");
   ev->add_option("--mode", eval_mode, "parallel | recurrent | sequence (the RWKV-4 engine; all agree)")
       ->capture_default_str();
@@ -171,7 +178,10 @@ int main(int argc, char** argv) {
   int64_t grad_batch = 1;
   gr->add_option("--model", model_path, "checkpoint")->required();
   gr->add_option("--tokens", tokens_csv, "B*T comma-separated input ids, batch-major")->required();
-  gr->add_option("--targets", targets_csv, "B*T target ids (-1 = not scored)")->required();
+  gr->add_option("--targets", targets_csv, "B*T target ids (-1 = not scored); a language model");
+  std::string labels_csv, lengths_csv;
+  gr->add_option("--labels", labels_csv, "B class labels; a classifier");
+  gr->add_option("--lengths", lengths_csv, "B sequence lengths (default: T each; the rest is padding); a classifier");
   gr->add_option("--batch", grad_batch, "B")->capture_default_str()->check(CLI::PositiveNumber);
   gr->add_option("--out", out_path, "output safetensors: d<param> for every trained parameter")->required();
 
@@ -273,9 +283,13 @@ int main(int argc, char** argv) {
       gopt.tokenizer = tokenizer_path, gopt.state_in = state_in, gopt.state_out = state_out, gopt.dtype = dtype;
       return cmd_generate(model_path, gopt, stats);
     }
-    if (*ev) return cmd_eval(model_path, eval_file, eval_split, tokenizer_path, eval_mode, dtype, eval_seq, eval_windows);
+    if (*ev) {
+      if (eval_file.empty()) return cmd_eval_class(model_path, eval_split.empty() ? "test" : eval_split, eval_examples, eval_json, eval_batch);
+      return cmd_eval(model_path, eval_file, eval_split.empty() ? "val" : eval_split, tokenizer_path, eval_mode, dtype,
+                      eval_seq, eval_windows);
+    }
     if (*tok) return cmd_tokenize(tokenizer_path, tok_text, tok_file, tok_decode);
-    if (*gr) return cmd_grad(model_path, tokens_csv, targets_csv, grad_batch, out_path);
+    if (*gr) return cmd_grad(model_path, tokens_csv, targets_csv, labels_csv, lengths_csv, grad_batch, out_path);
     if (*lg) return cmd_logits(model_path, tokens_csv, logits_mode, logits_chunk, dtype, out_path);
     if (*bn) {
       xbo.backward = !no_backward, xbo.step = !no_step, xbo.out = mbo.out;

@@ -49,6 +49,17 @@ struct ModelConfig {
   int64_t expand = 2;     // flash (GAU), mamba and mamba2 inner width = expand * d_model
   int pos_emb = -1;       // learned absolute positions: 1 on, 0 off, -1 = on iff a layer is
                           // attention-like (softmax, linear, performer, flow, TransNormer, flash)
+                          // or the model is non-causal
+  // The encoder classifier (docs/lra.md): classes > 0 replaces the language-model head by a
+  // classification head (head.weight [classes, C], head.bias) on the pooled final-norm rows;
+  // causal = false runs every token mixer in its non-causal form (a language model must be
+  // causal; a classifier may be either: a causal one reads left to right, like an RNN).
+  bool causal = true;
+  int64_t classes = 0;
+  std::string pool = "mean";  // classifier: "mean" (over each sequence's own tokens) or "cls" (a
+                              // learned vector cls.weight prepended at position 0, its final row)
+  bool classifier() const { return classes > 0; }
+  int64_t cls_rows() const { return classifier() && pool == "cls" ? 1 : 0; }
   bool uses_pos_emb() const;
   // The longest sequence the model's parameters cover (learned positions, AFT's bias w): ctx,
   // or 0 when unbounded (a recurrent model).
@@ -62,6 +73,10 @@ struct ModelConfig {
   // The default model around one mechanism (`linmix train --mixer NAME`): 4 layers of d_model
   // 128, 4 heads, ctx 256, the channel mix the mechanism's layer prefers.
   static ModelConfig for_mixer(const std::string& mixer);
+  // The default encoder classifier around one mechanism (`linmix train --task listops --mixer
+  // NAME`): for_mixer's shape, non-causal (causal when the mixer has no non-causal layer: RWKV,
+  // the SSMs and the decaying family then read left to right), mean pooling, ctx = seq.
+  static ModelConfig for_classifier(const std::string& mixer, int64_t vocab, int64_t classes, int64_t seq);
   std::string to_json() const;
   void validate() const;  // throws Error naming the bad field (and a model past kMaxParams)
   int64_t param_count() const;  // floats the model's parameters take (computed, nothing allocated)
@@ -91,6 +106,14 @@ class Model {
   // logits (B,T,V) of the parallel form.
   std::vector<float> logits(const int32_t* inputs, int64_t B, int64_t T);
 
+  // The classifier (config classes > 0). inputs: (B,T) tokens, padded past lengths[b] (1 <=
+  // lengths[b] <= T; the padding is seen by the mixers, not pooled); labels (B) in [0, classes) or
+  // null. Writes class logits (B, classes) when logits_out is given; returns the mean
+  // cross-entropy over the batch (0 without labels); with grads, adds d(mean loss)/d(param) *
+  // grad_scale into them.
+  double classify(const int32_t* inputs, const int32_t* lengths, const int32_t* labels, int64_t B, int64_t T,
+                  TensorMap* grads, float grad_scale = 1.0f, float* logits_out = nullptr);
+
   // Recurrent form, one sequence: the whole state of every layer. Each layer's own state lives in
   // `layer` as tensors (the RWKV-4 time-mix token shift "att_prev", Mamba's "conv" window, the
   // mechanism's "state.*"; empty = zero) until Model::step starts the layer's runtime (its
@@ -119,6 +142,11 @@ class Model {
   void norm_forward(const std::string& name, float* out, float* mean, float* rstd, const float* x, int64_t N) const;
   void norm_backward(const std::string& name, float* dx, const float* dout, const float* x, const float* mean,
                      const float* rstd, TensorMap* grads, int64_t N) const;
+  // The trunk shared by both heads: embedding (+ cls row, positions, ln0), the blocks and the
+  // final norm, on B sequences of Tp = T + cls_rows() rows; the final-norm rows land in acts_->lnf.
+  void trunk_forward(const int32_t* inputs, int64_t B, int64_t T);
+  // d(final-norm rows) -> every trunk parameter's gradient (into grads).
+  void trunk_backward(const int32_t* inputs, std::vector<float>& dlnf, int64_t B, int64_t T, TensorMap* grads);
   struct Acts;
   ModelConfig cfg_;
   TensorMap params_;

@@ -10,6 +10,7 @@
 
 #include "linmix/comm.h"
 #include "linmix/model.h"
+#include "linmix/tasks.h"
 
 namespace linmix {
 
@@ -78,7 +79,8 @@ std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, c
 // ---- training
 struct TrainOptions {
   std::string data;      // text file; empty with a task
-  std::string task;      // "", "recall" or "copy"
+  std::string task;      // "", "recall" or "copy" (a language model), "listops", "fmnist" or "order" (a classifier)
+  std::string mixer;     // a classification task's model: the default classifier around this mixer (--mixer)
   std::string config = R"({"mixer": "rwkv4", "channel_mix": "rwkv", "d_model": 128, "n_layer": 4, "n_head": 4, "ctx": 256})";
   std::string out = "linmix-run";  // directory: ckpt.safetensors, log.jsonl
   bool resume = false;
@@ -110,6 +112,16 @@ struct TrainResult {
   std::vector<std::pair<int64_t, double>> losses;  // (step, train loss)
 };
 TrainResult train(const TrainOptions& opt);
+
+// A classifier on the first n examples of a split (batches of `batch`, batch i evaluated by the
+// rank i % size): counts, summed loss and, per example evaluated here, its length and whether it
+// was right (for accuracy against length).
+struct ClassEval {
+  int64_t n = 0, correct = 0;
+  double loss_sum = 0;
+  std::vector<int32_t> lengths, right;
+};
+ClassEval evaluate_class(Model& m, const ClassTask& task, Split s, int64_t n, int64_t batch, int rank = 0, int size = 1);
 
 double lr_at(const TrainOptions& o, int64_t step);
 // --clip: scales every gradient by max_norm / norm when the global norm exceeds max_norm > 0.

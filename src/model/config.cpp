@@ -25,7 +25,7 @@ ModelConfig from_json_impl(const std::string& text) {
   static const std::vector<std::string> known = {"vocab",   "d_model",  "n_layer",  "n_head", "ctx",
                                                  "channel_mix", "ffn_mult", "features", "kernel", "ln0",
                                                  "mixer",   "params",   "layers", "state", "qk_dim", "expand", "pos_emb",
-                                                 "ffn_dim", "norm"};
+                                                 "ffn_dim", "norm", "causal", "classes", "pool"};
   for (auto it = j.begin(); it != j.end(); ++it)
     LINMIX_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
                  "model config: unknown field '" + it.key() + "'");
@@ -36,7 +36,15 @@ ModelConfig from_json_impl(const std::string& text) {
   };
   geti("vocab", c.vocab), geti("d_model", c.d_model), geti("n_layer", c.n_layer), geti("n_head", c.n_head);
   geti("ctx", c.ctx), geti("ffn_mult", c.ffn_mult), geti("ffn_dim", c.ffn_dim), geti("features", c.features), geti("kernel", c.kernel);
-  geti("state", c.state), geti("qk_dim", c.qk_dim), geti("expand", c.expand);
+  geti("state", c.state), geti("qk_dim", c.qk_dim), geti("expand", c.expand), geti("classes", c.classes);
+  if (j.contains("causal")) {
+    LINMIX_CHECK(j["causal"].is_boolean(), "model config: 'causal' must be true or false");
+    c.causal = j["causal"].get<bool>();
+  }
+  if (j.contains("pool")) {
+    LINMIX_CHECK(j["pool"].is_string(), "model config: 'pool' must be a string");
+    c.pool = j["pool"].get<std::string>();
+  }
   if (j.contains("channel_mix")) {
     LINMIX_CHECK(j["channel_mix"].is_string(), "model config: 'channel_mix' must be a string");
     c.channel_mix = j["channel_mix"].get<std::string>();
@@ -104,11 +112,35 @@ ModelConfig ModelConfig::for_mixer(const std::string& mixer) {
   return c;
 }
 
+ModelConfig ModelConfig::for_classifier(const std::string& mixer, int64_t vocab, int64_t classes, int64_t seq) {
+  ModelConfig c = [&] {
+    try {
+      return for_mixer(mixer);
+    } catch (const Error&) {  // fnet: no causal form, so no language model
+      ModelConfig f;
+      f.d_model = 128, f.n_layer = 4, f.n_head = 4;
+      f.channel_mix = layer_channel_mix(mixer);
+      f.layers.assign(size_t(f.n_layer), LayerConfig{mixer, {}});
+      return f;
+    }
+  }();
+  c.vocab = vocab, c.classes = classes, c.ctx = seq;
+  c.causal = false;
+  try {
+    check_mixer_layer(mixer, false);
+  } catch (const Error&) {
+    c.causal = true;
+  }
+  c.validate();
+  return c;
+}
+
 std::string ModelConfig::to_json() const {
   json j = {{"vocab", vocab},       {"d_model", d_model},   {"n_layer", n_layer}, {"n_head", n_head},
             {"ctx", ctx},           {"channel_mix", channel_mix}, {"ffn_mult", ffn_mult}, {"ffn_dim", ffn_dim}, {"features", features},
             {"kernel", kernel},     {"ln0", ln0}, {"state", state}, {"qk_dim", qk_dim}, {"expand", expand},
             {"pos_emb", uses_pos_emb()}, {"norm", norm}};
+  if (classifier() || !causal) j["causal"] = causal, j["classes"] = classes, j["pool"] = pool;
   j["layers"] = json::array();
   for (const auto& l : layers) j["layers"].push_back({{"mixer", l.mixer}, {"params", l.params}});
   return j.dump();
@@ -133,8 +165,15 @@ void ModelConfig::validate() const {
                "model config: norm must be \"layernorm\" or \"rmsnorm\", found \"" + norm + "\"");
   LINMIX_CHECK(static_cast<int64_t>(layers.size()) == n_layer,
                "model config: " + std::to_string(layers.size()) + " layers given for n_layer = " + std::to_string(n_layer));
+  LINMIX_CHECK(classes >= 0 && classes <= (1 << 16), "model config: classes must be in [0, 2^16] (0: a language model)");
+  LINMIX_CHECK(classes != 1, "model config: a classifier needs at least 2 classes");
+  LINMIX_CHECK(pool == "mean" || pool == "cls", "model config: pool must be \"mean\" or \"cls\", found \"" + pool + "\"");
+  LINMIX_CHECK(causal || classifier(),
+               "model config: a non-causal model must be a classifier (\"classes\" > 0): a language model that sees "
+               "the token it predicts learns nothing");
+  LINMIX_CHECK(pool == "mean" || classifier(), "model config: \"pool\" is a classifier's (set \"classes\")");
   for (const auto& l : layers) {
-    has_mixer_layer(l.mixer);  // unknown names and mixers without a layer fail here
+    check_mixer_layer(l.mixer, causal);  // unknown names and mixers without such a layer fail here
     for (const char* k : {"features", "kernel", "state", "qk_dim", "expand", "gate", "d_mix", "d_decay", "d_w", "d_a",
                           "d_v", "d_g", "dt_rank", "groups"})
       if (l.params.count(k)) knob(l, k);  // malformed knobs fail here
@@ -150,7 +189,9 @@ int64_t ModelConfig::param_count() const {  // the shapes Model's constructor al
     return n;
   };
   const double nw = rms() ? 1.0 : 2.0;  // a norm's vectors: weight (and bias)
-  double n = 2.0 * double(vocab) * double(d_model) + nw * double(d_model);  // emb, head, ln_out
+  double n = double(vocab) * double(d_model) + nw * double(d_model);  // emb, ln_out
+  n += classifier() ? double(classes) * (double(d_model) + 1) + double(cls_rows() * d_model)  // head (+ bias), cls
+                    : double(vocab) * double(d_model);
   if (uses_pos_emb()) n += double(ctx) * double(d_model);
   if (ln0) n += nw * double(d_model);
   const double C = double(d_model);
@@ -167,6 +208,7 @@ int64_t ModelConfig::param_count() const {  // the shapes Model's constructor al
 
 bool ModelConfig::uses_pos_emb() const {
   if (pos_emb >= 0) return pos_emb == 1;
+  if (!causal) return true;  // a non-causal mixer has no order of its own
   for (const auto& l : layers)  // default: the attention-like mixers carry no order of their own
     if (layer_wants_positions(l.mixer)) return true;
   return false;

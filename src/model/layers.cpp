@@ -6,6 +6,8 @@
 #include <cmath>
 #include <vector>
 
+#include "../kernels/vmath.h"
+
 namespace linmix::nn {
 
 void matmul_forward(float* out, const float* in, const float* W, const float* bias, int64_t N, int64_t IC,
@@ -103,19 +105,38 @@ namespace {
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 }
 
-void gelu_forward(float* out, const float* x, int64_t n) {
+// tanh(a) = 1 - 2 / (e^{2a} + 1) through exp_fast, so that the loops vectorise (std::tanh, a libm
+// call per element, was 60% of a small model's forward); absolute error ~1e-7, exact limits +-1.
+[[gnu::always_inline]] inline float tanh_fast(float a) { return 1.0f - 2.0f / (exp_fast(2.0f * a) + 1.0f); }
+
+namespace {
+void gelu_block(float* __restrict out, const float* __restrict x, int64_t n) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float u = x[i];
-    out[i] = 0.5f * u * (1.0f + std::tanh(kGeluScale * (u + 0.044715f * u * u * u)));
+    out[i] = 0.5f * u * (1.0f + tanh_fast(kGeluScale * (u + 0.044715f * u * u * u)));
   }
 }
-
-void gelu_backward(float* dx, const float* x, const float* dout, int64_t n) {
+void gelu_back_block(float* __restrict dx, const float* __restrict x, const float* __restrict dout, int64_t n) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float u = x[i], a = kGeluScale * (u + 0.044715f * u * u * u), th = std::tanh(a);
+    const float u = x[i], a = kGeluScale * (u + 0.044715f * u * u * u), th = tanh_fast(a);
     const float da = kGeluScale * (1.0f + 3.0f * 0.044715f * u * u);
     dx[i] = dout[i] * (0.5f * (1.0f + th) + 0.5f * u * (1.0f - th * th) * da);
   }
+}
+constexpr int64_t kGeluBlock = 4096;
+}  // namespace
+
+void gelu_forward(float* out, const float* x, int64_t n) {
+#pragma omp parallel for if (n >= 16 * kGeluBlock) schedule(static)
+  for (int64_t i0 = 0; i0 < n; i0 += kGeluBlock) gelu_block(out + i0, x + i0, std::min(kGeluBlock, n - i0));
+}
+
+void gelu_backward(float* dx, const float* x, const float* dout, int64_t n) {
+#pragma omp parallel for if (n >= 16 * kGeluBlock) schedule(static)
+  for (int64_t i0 = 0; i0 < n; i0 += kGeluBlock)
+    gelu_back_block(dx + i0, x + i0, dout + i0, std::min(kGeluBlock, n - i0));
 }
 
 void shift_forward(float* out, const float* x, int64_t B, int64_t T, int64_t C) {

@@ -16,6 +16,7 @@ std::unique_ptr<MixerLayer> mamba_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> decay_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> rwkv_layer(const ModelConfig& cfg, int64_t index);
 std::unique_ptr<MixerLayer> mamba2_layer(const ModelConfig& cfg, int64_t index);
+std::unique_ptr<MixerLayer> fnet_layer(const ModelConfig& cfg, int64_t index);
 
 namespace {
 
@@ -24,24 +25,28 @@ struct Kind {
   bool positions;           // learned absolute positions by default (the mixer has no order of its own)
   const char* channel_mix;  // the channel mix `linmix train --mixer NAME` pairs it with
   bool bounded = false;     // its parameters cover ctx positions only (AFT's learned bias w)
+  bool noncausal = false;   // the layer also runs its mixer's non-causal form (an encoder's layer)
+  bool causal = true;       // the layer runs its mixer's causal form (a language model's layer)
 };
 
-// One line per mechanism that can be a language-model layer (causal ones only).
+// One line per mechanism that can be a model's layer: of a language model (causal) and / or of
+// an encoder (non-causal).
 const std::map<std::string, Kind>& table() {
   static const std::map<std::string, Kind> t = {
-      {"softmax", {attention_layer, true, "mlp"}},
-      {"linear", {attention_layer, true, "mlp"}},
-      {"performer", {attention_layer, true, "mlp"}},
-      {"flow", {attention_layer, true, "mlp"}},
-      {"norm_linear", {attention_layer, true, "mlp"}},
-      {"block_softmax", {attention_layer, true, "mlp"}},
-      {"aft_full", {aft_layer, false, "mlp", true}},
-      {"aft_local", {aft_layer, false, "mlp", true}},
-      {"aft_simple", {aft_layer, false, "mlp"}},
-      {"aft_conv", {aft_layer, false, "mlp"}},
+      {"softmax", {attention_layer, true, "mlp", false, true}},
+      {"linear", {attention_layer, true, "mlp", false, true}},
+      {"performer", {attention_layer, true, "mlp", false, true}},
+      {"flow", {attention_layer, true, "mlp", false, true}},
+      {"norm_linear", {attention_layer, true, "mlp", false, true}},
+      {"block_softmax", {attention_layer, true, "mlp", false, true}},
+      {"aft_full", {aft_layer, false, "mlp", true, true}},
+      {"aft_local", {aft_layer, false, "mlp", true, true}},
+      {"aft_simple", {aft_layer, false, "mlp", false, true}},
+      {"aft_conv", {aft_layer, false, "mlp", false, true}},
+      {"fnet", {fnet_layer, true, "mlp", false, true, false}},
       {"rwkv4", {rwkv4_layer, false, "rwkv"}},
       {"s4d", {s4d_layer, false, "mlp"}},
-      {"flash", {gau_layer, true, "mlp"}},
+      {"flash", {gau_layer, true, "mlp", false, true}},
       {"mamba", {mamba_layer, false, "mlp"}},
       {"retention", {decay_layer, false, "mlp"}},
       {"gla", {decay_layer, false, "mlp"}},
@@ -58,11 +63,30 @@ const std::map<std::string, Kind>& table() {
 const Kind& kind(const std::string& mixer) {
   find_mixer(mixer);  // unknown names fail here, naming the known ones
   auto it = table().find(mixer);
-  LINMIX_CHECK(it != table().end(), "mixer '" + mixer + "' has no causal form, so it cannot be a language-model layer");
+  LINMIX_CHECK(it != table().end(), "mixer '" + mixer + "' has no model layer");
   return it->second;
 }
 
+std::string layer_names(bool causal) {
+  std::string s;
+  for (const auto& [n, k] : table())
+    if (causal ? k.causal : k.noncausal) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
 }  // namespace
+
+void check_mixer_layer(const std::string& mixer, bool causal) {
+  const Kind& k = kind(mixer);
+  const MixerSpec& spec = find_mixer(mixer);
+  if (causal ? k.causal && spec.causal_ok : k.noncausal && spec.noncausal_ok) return;
+  throw Error(causal ? "mixer '" + mixer + "' has no causal form, so it cannot be a layer of a language model or a "
+                                            "causal classifier (it can be an encoder's: \"causal\": false); causal "
+                                            "layers: " + layer_names(true)
+                      : "mixer '" + mixer + "' has no non-causal form, so it cannot be an encoder layer (\"causal\": "
+                                            "false); a causal classifier (\"causal\": true) can use it; non-causal "
+                                            "layers: " + layer_names(false));
+}
 
 std::unique_ptr<MixerLayer> make_mixer_layer(const ModelConfig& cfg, int64_t index) {
   return kind(cfg.layers.at(size_t(index)).mixer).make(cfg, index);
@@ -90,13 +114,14 @@ std::map<std::string, std::string> mixer_params(const LayerConfig& lc) {
 }
 }  // namespace
 
-Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in) {
-  return run_mixer(lc.mixer, Mode::Parallel, true, mixer_params(lc), in, false, false).at("y");
+Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal) {
+  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, false, false).at("y");
 }
 
-TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy) {
+TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy,
+                         bool causal) {
   in["dy"] = tensor_of(std::move(y_shape), dy);
-  return run_mixer(lc.mixer, Mode::Parallel, true, mixer_params(lc), in, true, false);
+  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, true, false);
 }
 
 Tensor tensor_of(std::vector<int64_t> shape, const float* src) {

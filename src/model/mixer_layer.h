@@ -93,15 +93,20 @@ std::unique_ptr<MixerLayer> make_mixer_layer(const ModelConfig& cfg, int64_t ind
 // Table facts used by ModelConfig: whether the mixer has a layer, whether that layer needs
 // learned positions (attention-like: no order of its own), its preferred channel mix.
 bool has_mixer_layer(const std::string& mixer);
+// Throws Error unless the mixer can be a layer of a causal (language model, causal classifier) or
+// non-causal (encoder) model, naming the ones that can.
+void check_mixer_layer(const std::string& mixer, bool causal);
 bool layer_wants_positions(const std::string& mixer);
 std::string layer_channel_mix(const std::string& mixer);
 bool layer_bounded_by_ctx(const std::string& mixer);  // its parameters cover ctx positions only
 
 // ---- helpers the layer files share
 
-// The mixer's parallel forward / hand-written backward on `in` (validated like any call).
-Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in);
-TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy);
+// The mixer's parallel forward / hand-written backward on `in` (validated like any call), in its
+// causal or non-causal form.
+Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal = true);
+TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy,
+                         bool causal = true);
 // A tensor of `shape` holding a copy of src.
 Tensor tensor_of(std::vector<int64_t> shape, const float* src);
 

@@ -43,7 +43,13 @@ Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
       for (const auto& [n, shape] : cm.shapes()) add(P(i, n), shape);
   }
   add_norm("ln_out");
-  add("head.weight", {V, C});
+  if (cfg_.classifier()) {
+    add("head.weight", {cfg_.classes, C});
+    add("head.bias", {cfg_.classes});
+    if (cfg_.cls_rows()) add("cls.weight", {C});
+  } else {
+    add("head.weight", {V, C});
+  }
 }
 
 int64_t Model::num_params() const {
@@ -136,40 +142,47 @@ float* sized(std::vector<float>& v, int64_t n) {
 }
 }  // namespace
 
-double Model::forward_backward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,
-                               TensorMap* grads, float grad_scale, int64_t* counted_out) {
+void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
   const ModelConfig& c = cfg_;
-  const int64_t C = c.d_model, V = c.vocab, N = B * T;
+  const int64_t C = c.d_model, V = c.vocab, R = c.cls_rows(), Tp = T + R, N = B * Tp;
   LINMIX_CHECK(T >= 1 && B >= 1, "forward: empty batch");
-  for (int64_t i = 0; i < N; ++i)
+  for (int64_t i = 0; i < B * T; ++i)
     LINMIX_CHECK(inputs[i] >= 0 && inputs[i] < V, "token " + std::to_string(inputs[i]) + " is outside the vocabulary");
   if (!acts_) acts_ = std::make_unique<Acts>();
   Acts& A = *acts_;
   A.layers.resize(c.n_layer);
   if (A.cmix.empty()) A.cmix.assign(size_t(c.n_layer), ChannelMix(c));
   auto W = [&](const std::string& n) { return params_.at(n).ptr(); };
-  auto io = [&](int64_t l) { return LayerIO{params_, grads, "blocks." + std::to_string(l) + ".", &A.carry}; };
 
-  // embedding (+ positions, + ln0)
+  // embedding (+ the cls row, + positions, + ln0)
   float* x = sized(A.x0, N * C);
-  for (int64_t i = 0; i < N; ++i) std::copy(W("emb.weight") + inputs[i] * C, W("emb.weight") + (inputs[i] + 1) * C, x + i * C);
+  const float* emb = W("emb.weight");
+  for (int64_t b = 0; b < B; ++b) {
+    if (R) std::copy(W("cls.weight"), W("cls.weight") + C, x + b * Tp * C);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t tok = inputs[b * T + t];
+      std::copy(emb + tok * C, emb + (tok + 1) * C, x + (b * Tp + R + t) * C);
+    }
+  }
   if (c.uses_pos_emb()) {  // learned absolute positions (GPT-2 style)
-    LINMIX_CHECK(T <= c.ctx, "sequence of " + std::to_string(T) + " tokens is longer than the model's ctx " +
-                                 std::to_string(c.ctx) + " (it has learned positions)");
+    LINMIX_CHECK(Tp <= c.ctx, "sequence of " + std::to_string(Tp) + " positions is longer than the model's ctx " +
+                                  std::to_string(c.ctx) + " (it has learned positions)");
+    const float* pw = W("pos.weight");
     for (int64_t i = 0; i < N; ++i)
-      for (int64_t ch = 0; ch < C; ++ch) x[i * C + ch] += W("pos.weight")[(i % T) * C + ch];
+      for (int64_t ch = 0; ch < C; ++ch) x[i * C + ch] += pw[(i % Tp) * C + ch];
   }
   if (c.ln0) {
     sized(A.e0, N * C), sized(A.mean0, N), sized(A.rstd0, N);
     norm_forward("blocks.0.ln0", A.e0.data(), A.mean0.data(), A.rstd0.data(), A.x0.data(), N);
   }
+  auto io = [&](int64_t l) { return LayerIO{params_, nullptr, "blocks." + std::to_string(l) + ".", &A.carry}; };
   std::vector<float> cur(c.ln0 ? A.e0 : A.x0), out2(N * C);
   for (int64_t l = 0; l < c.n_layer; ++l) {  // x_mid = x + mix(ln1(x)); x' = x_mid + channel(ln2(x_mid))
     auto& L = A.layers[l];
     L.x_in = cur;
     sized(L.a, N * C), sized(L.mean1, N), sized(L.rstd1, N), sized(L.att_out, N * C);
     norm_forward(P(l, "ln1"), L.a.data(), L.mean1.data(), L.rstd1.data(), L.x_in.data(), N);
-    layers_[l]->forward(io(l), L.a.data(), L.att_out.data(), B, T);
+    layers_[l]->forward(io(l), L.a.data(), L.att_out.data(), B, Tp);
     sized(L.x_mid, N * C);
     for (int64_t i = 0; i < N * C; ++i) L.x_mid[i] = L.x_in[i] + L.att_out[i];
     if (!c.has_channel_mix()) {  // Mamba's blocks: the mixer only
@@ -178,13 +191,68 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
     }
     sized(L.b, N * C), sized(L.mean2, N), sized(L.rstd2, N);
     norm_forward(P(l, "ln2"), L.b.data(), L.mean2.data(), L.rstd2.data(), L.x_mid.data(), N);
-    A.cmix[l].forward(io(l), L.b.data(), out2.data(), B, T);
+    A.cmix[l].forward(io(l), L.b.data(), out2.data(), B, Tp);
     for (int64_t i = 0; i < N * C; ++i) cur[i] = L.x_mid[i] + out2[i];
   }
   A.xf = cur;
-  sized(A.lnf, N * C), sized(A.meanf, N), sized(A.rstdf, N), sized(A.logits, N * V);
+  sized(A.lnf, N * C), sized(A.meanf, N), sized(A.rstdf, N);
   norm_forward("ln_out", A.lnf.data(), A.meanf.data(), A.rstdf.data(), A.xf.data(), N);
-  nn::matmul_forward(A.logits.data(), A.lnf.data(), W("head.weight"), nullptr, N, C, V);
+}
+
+void Model::trunk_backward(const int32_t* inputs, std::vector<float>& dlnf, int64_t B, int64_t T, TensorMap* grads) {
+  const ModelConfig& c = cfg_;
+  const int64_t C = c.d_model, R = c.cls_rows(), Tp = T + R, N = B * Tp;
+  Acts& A = *acts_;
+  const LayerIO top{params_, grads, ""};
+  std::vector<float> dx(N * C, 0.0f), db(N * C), da(N * C);
+  norm_backward("ln_out", dx.data(), dlnf.data(), A.xf.data(), A.meanf.data(), A.rstdf.data(), grads, N);
+  for (int64_t l = c.n_layer - 1; l >= 0; --l) {
+    auto& L = A.layers[l];
+    const LayerIO lio{params_, grads, "blocks." + std::to_string(l) + ".", &A.carry};
+    if (c.has_channel_mix()) {
+      A.cmix[l].backward(lio, dx.data(), db.data(), B, Tp);  // dx holds d x_out
+      // dx (d x_mid) = dx + ln2 backward(db)
+      norm_backward(P(l, "ln2"), dx.data(), db.data(), L.x_mid.data(), L.mean2.data(), L.rstd2.data(), grads, N);
+    }
+    std::fill(da.begin(), da.end(), 0.0f);
+    layers_[l]->backward(lio, dx.data(), da.data(), B, Tp);
+    // dx (d x_in) = dx + ln1 backward(da)
+    norm_backward(P(l, "ln1"), dx.data(), da.data(), L.x_in.data(), L.mean1.data(), L.rstd1.data(), grads, N);
+  }
+  std::vector<float> demb(N * C, 0.0f);
+  if (c.ln0) {
+    norm_backward("blocks.0.ln0", demb.data(), dx.data(), A.x0.data(), A.mean0.data(), A.rstd0.data(), grads, N);
+  } else {
+    demb = dx;
+  }
+  if (c.uses_pos_emb()) {
+    float* gp = top.g("pos.weight");
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t ch = 0; ch < C; ++ch) gp[(i % Tp) * C + ch] += demb[i * C + ch];
+  }
+  float* ge = top.g("emb.weight");
+  float* gc = R ? top.g("cls.weight") : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    if (R)
+      for (int64_t ch = 0; ch < C; ++ch) gc[ch] += demb[b * Tp * C + ch];
+    for (int64_t t = 0; t < T; ++t) {
+      const float* d = &demb[(b * Tp + R + t) * C];
+      float* g = ge + int64_t(inputs[b * T + t]) * C;
+      for (int64_t ch = 0; ch < C; ++ch) g[ch] += d[ch];
+    }
+  }
+}
+
+double Model::forward_backward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,
+                               TensorMap* grads, float grad_scale, int64_t* counted_out) {
+  const ModelConfig& c = cfg_;
+  LINMIX_CHECK(!c.classifier(), "this model is a classifier (" + std::to_string(c.classes) +
+                                    " classes): it has no next-token logits");
+  const int64_t C = c.d_model, V = c.vocab, N = B * T;
+  trunk_forward(inputs, B, T);
+  Acts& A = *acts_;
+  sized(A.logits, N * V);
+  nn::matmul_forward(A.logits.data(), A.lnf.data(), params_.at("head.weight").ptr(), nullptr, N, C, V);
   if (!targets) return 0.0;
 
   // loss; dlogits scaled so that the gradient is of the mean over counted positions
@@ -198,39 +266,67 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   const double loss = counted ? loss_sum / double(counted) : 0.0;
   if (!grads) return loss;
 
-  // ---------------- backward
   const LayerIO top{params_, grads, ""};
-  std::vector<float> dlnf(N * C), dx(N * C, 0.0f), db(N * C), da(N * C);
-  nn::matmul_backward(dlnf.data(), top.g("head.weight"), nullptr, dlogits.data(), A.lnf.data(), W("head.weight"), N, C,
-                      V);
-  norm_backward("ln_out", dx.data(), dlnf.data(), A.xf.data(), A.meanf.data(), A.rstdf.data(), grads, N);
-  for (int64_t l = c.n_layer - 1; l >= 0; --l) {
-    auto& L = A.layers[l];
-    const LayerIO lio = io(l);
-    if (c.has_channel_mix()) {
-      A.cmix[l].backward(lio, dx.data(), db.data(), B, T);  // dx holds d x_out
-      // dx (d x_mid) = dx + ln2 backward(db)
-      norm_backward(P(l, "ln2"), dx.data(), db.data(), L.x_mid.data(), L.mean2.data(), L.rstd2.data(), grads, N);
+  std::vector<float> dlnf(N * C);
+  nn::matmul_backward(dlnf.data(), top.g("head.weight"), nullptr, dlogits.data(), A.lnf.data(),
+                      params_.at("head.weight").ptr(), N, C, V);
+  trunk_backward(inputs, dlnf, B, T, grads);
+  return loss;
+}
+
+double Model::classify(const int32_t* inputs, const int32_t* lengths, const int32_t* labels, int64_t B, int64_t T,
+                       TensorMap* grads, float grad_scale, float* logits_out) {
+  const ModelConfig& c = cfg_;
+  LINMIX_CHECK(c.classifier(), "this model is a language model, not a classifier (its config has no \"classes\")");
+  LINMIX_CHECK(!grads || labels, "classify: gradients need labels");
+  const int64_t C = c.d_model, K = c.classes, R = c.cls_rows(), Tp = T + R;
+  for (int64_t b = 0; b < B; ++b) {
+    LINMIX_CHECK(lengths[b] >= 1 && lengths[b] <= T, "sequence " + std::to_string(b) + " has length " +
+                                                         std::to_string(lengths[b]) + ", outside [1, " +
+                                                         std::to_string(T) + "]");
+    LINMIX_CHECK(!labels || (labels[b] >= 0 && labels[b] < K),
+                 "label " + std::to_string(labels ? labels[b] : 0) + " is outside the model's " + std::to_string(K) +
+                     " classes");
+  }
+  trunk_forward(inputs, B, T);
+  Acts& A = *acts_;
+  // pool: each sequence's cls row, or the mean of its own (unpadded) rows
+  std::vector<float> pooled(B * C, 0.0f), logits(B * K);
+  for (int64_t b = 0; b < B; ++b) {
+    float* p = &pooled[b * C];
+    if (R) {
+      std::copy(&A.lnf[b * Tp * C], &A.lnf[b * Tp * C] + C, p);
+      continue;
     }
-    std::fill(da.begin(), da.end(), 0.0f);
-    layers_[l]->backward(lio, dx.data(), da.data(), B, T);
-    // dx (d x_in) = dx + ln1 backward(da)
-    norm_backward(P(l, "ln1"), dx.data(), da.data(), L.x_in.data(), L.mean1.data(), L.rstd1.data(), grads, N);
+    for (int64_t t = 0; t < lengths[b]; ++t)
+      for (int64_t ch = 0; ch < C; ++ch) p[ch] += A.lnf[(b * Tp + t) * C + ch];
+    for (int64_t ch = 0; ch < C; ++ch) p[ch] /= float(lengths[b]);
   }
-  std::vector<float> demb(N * C, 0.0f);
-  if (c.ln0) {
-    norm_backward("blocks.0.ln0", demb.data(), dx.data(), A.x0.data(), A.mean0.data(), A.rstd0.data(), grads, N);
-  } else {
-    demb = dx;
+  nn::matmul_forward(logits.data(), pooled.data(), params_.at("head.weight").ptr(), params_.at("head.bias").ptr(), B,
+                     C, K);
+  for (float v : logits)
+    LINMIX_CHECK(std::isfinite(v), "the class logits are not finite: the model's weights overflow float32");
+  if (logits_out) std::copy(logits.begin(), logits.end(), logits_out);
+  if (!labels) return 0.0;
+  std::vector<float> dlogits(grads ? B * K : 0);
+  const double loss = nn::crossentropy_forward_backward(grads ? dlogits.data() : nullptr, logits.data(), labels, B, K,
+                                                        grad_scale / float(B), nullptr) /
+                      double(B);
+  if (!grads) return loss;
+  const LayerIO top{params_, grads, ""};
+  std::vector<float> dpooled(B * C), dlnf(B * Tp * C, 0.0f);
+  nn::matmul_backward(dpooled.data(), top.g("head.weight"), top.g("head.bias"), dlogits.data(), pooled.data(),
+                      params_.at("head.weight").ptr(), B, C, K);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* dp = &dpooled[b * C];
+    if (R) {
+      std::copy(dp, dp + C, &dlnf[b * Tp * C]);
+      continue;
+    }
+    for (int64_t t = 0; t < lengths[b]; ++t)
+      for (int64_t ch = 0; ch < C; ++ch) dlnf[(b * Tp + t) * C + ch] = dp[ch] / float(lengths[b]);
   }
-  if (c.uses_pos_emb()) {
-    float* gp = top.g("pos.weight");
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t ch = 0; ch < C; ++ch) gp[(i % T) * C + ch] += demb[i * C + ch];
-  }
-  float* ge = top.g("emb.weight");
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t ch = 0; ch < C; ++ch) ge[inputs[i] * C + ch] += demb[i * C + ch];
+  trunk_backward(inputs, dlnf, B, T, grads);
   return loss;
 }
 
@@ -306,6 +402,8 @@ Model::State Model::state_from_tensors(const TensorMap& t) const {
 
 void Model::step(int32_t token, State& st, float* logits_out) {
   const ModelConfig& c = cfg_;
+  LINMIX_CHECK(!c.classifier() && c.causal, "this model is a classifier (" + std::to_string(c.classes) +
+                                                " classes): it has no recurrent next-token form");
   const int64_t C = c.d_model, V = c.vocab;
   LINMIX_CHECK(token >= 0 && token < V, "token " + std::to_string(token) + " is outside the vocabulary");
   LINMIX_CHECK(int64_t(st.run.size()) == c.n_layer && int64_t(st.layer.size()) == c.n_layer &&
@@ -323,7 +421,8 @@ void Model::step(int32_t token, State& st, float* logits_out) {
   if (c.uses_pos_emb()) {
     LINMIX_CHECK(st.pos < c.ctx, "position " + std::to_string(st.pos) + " is past the model's ctx " +
                                      std::to_string(c.ctx) + " (learned positions end there)");
-    for (int64_t ch = 0; ch < C; ++ch) x[ch] += W("pos.weight")[st.pos * C + ch];
+    const float* pw = W("pos.weight") + st.pos * C;
+    for (int64_t ch = 0; ch < C; ++ch) x[ch] += pw[ch];
   }
   if (c.ln0) norm_forward("blocks.0.ln0", x, &mean, &rstd, x, 1);
   for (int64_t l = 0; l < c.n_layer; ++l) {

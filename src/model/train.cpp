@@ -311,6 +311,33 @@ std::pair<double, double> task_metrics(Model& m, const Batch& b) {
   return {n ? double(right) / double(n) : 0.0, loss};
 }
 
+}  // namespace
+
+ClassEval evaluate_class(Model& m, const ClassTask& task, Split s, int64_t n, int64_t batch, int rank, int size) {
+  LINMIX_CHECK(n >= 1 && n <= task.size(s), "the " + std::string(split_name(s)) + " split of " + task.name() + " has " +
+                                                std::to_string(task.size(s)) + " examples, asked for " + std::to_string(n));
+  LINMIX_CHECK(batch >= 1, "evaluation batch must be >= 1");
+  ClassEval r;
+  const int64_t K = m.config().classes;
+  for (int64_t i0 = int64_t(rank) * batch; i0 < n; i0 += int64_t(size) * batch) {
+    std::vector<int64_t> idx;
+    for (int64_t i = i0; i < std::min(n, i0 + batch); ++i) idx.push_back(i);
+    const ClassBatch b = class_batch(task, s, idx);
+    std::vector<float> lg(b.B * K);
+    r.loss_sum += m.classify(b.inputs.data(), b.lengths.data(), b.labels.data(), b.B, b.T, nullptr, 1.0f, lg.data()) *
+                  double(b.B);
+    for (int64_t j = 0; j < b.B; ++j) {
+      const float* l = &lg[j * K];
+      const bool ok = std::max_element(l, l + K) - l == b.labels[j];
+      r.correct += ok, r.n += 1;
+      r.lengths.push_back(b.lengths[j]), r.right.push_back(ok);
+    }
+  }
+  return r;
+}
+
+namespace {
+
 std::string fmt_time(double s) {
   char buf[32];
   const int64_t t = static_cast<int64_t>(s);
@@ -357,7 +384,7 @@ void merge_run_args(TrainOptions& o, const json& run, const std::string& ckpt) {
     }
     field = stored;
   };
-  take("data", o.data), take("task", o.task), take("seed", o.seed), take("batch", o.batch), take("seq", o.seq);
+  take("data", o.data), take("task", o.task), take("mixer", o.mixer), take("seed", o.seed), take("batch", o.batch), take("seq", o.seq);
   take("accum", o.accum), take("lr", o.lr), take("warmup", o.warmup), take("weight_decay", o.weight_decay);
   take("clip", o.clip), take("min_lr_ratio", o.min_lr_ratio);
   if (run.contains("steps") && !o.given.count("steps")) o.steps = run.at("steps").get<int64_t>();
@@ -403,6 +430,16 @@ TrainResult train(const TrainOptions& opts) {
   std::unique_ptr<Model> model;
   AdamW opt;
   int64_t start = 0, schedule_steps = o.steps;
+  // a classification task: its data (seq: the task's default unless given), and with --mixer
+  // the default classifier around that mixer
+  std::unique_ptr<ClassTask> ctask;
+  const auto resolve_task = [&] {
+    if (!is_class_task(o.task) || ctask) return;
+    ctask = make_class_task(o.task, o.given.count("seq") || o.resume ? o.seq : 0);
+    o.seq = ctask->seq();
+    if (!o.mixer.empty())
+      o.config = ModelConfig::for_classifier(o.mixer, ctask->vocab(), ctask->classes(), ctask->seq()).to_json();
+  };
   if (o.resume) {
     Checkpoint ck = load_checkpoint(ckpt);
     json stored;
@@ -419,6 +456,7 @@ TrainResult train(const TrainOptions& opts) {
     } catch (const json::exception& e) {
       throw Error(ckpt + ": malformed run arguments in the checkpoint metadata (" + e.what() + ")");
     }
+    resolve_task();
     if (o.given.count("config") || o.given.count("mixer")) {
       const std::string want = ModelConfig::from_json(o.config).to_json();
       LINMIX_CHECK(want == ck.model->config().to_json(),
@@ -431,9 +469,11 @@ TrainResult train(const TrainOptions& opts) {
     LINMIX_CHECK(start <= o.steps, "the run is at step " + std::to_string(start) + ", past --steps " +
                                         std::to_string(o.steps));
   }
-  LINMIX_CHECK(o.data.empty() != o.task.empty(), "give exactly one of --data FILE or --task recall|copy");
-  LINMIX_CHECK(o.task.empty() || o.task == "recall" || o.task == "copy",
-               "unknown task '" + o.task + "' (expected recall or copy)");
+  LINMIX_CHECK(o.data.empty() != o.task.empty(), "give exactly one of --data FILE or --task NAME");
+  LINMIX_CHECK(o.task.empty() || o.task == "recall" || o.task == "copy" || is_class_task(o.task),
+               "unknown task '" + o.task + "' (expected recall or copy (language model), listops, fmnist or order "
+               "(classifier))");
+  resolve_task();
   LINMIX_CHECK(o.data.empty() || (!same_file(o.data, ckpt) && !same_file(o.data, logp)),
                "--data " + o.data + " is the run's own checkpoint or log");
   opt.lr = o.lr, opt.weight_decay = o.weight_decay;
@@ -444,7 +484,7 @@ TrainResult train(const TrainOptions& opts) {
   }
   TrainOptions sched = o;  // the learning-rate schedule of the run as it was started
   sched.steps = schedule_steps;
-  const json run = {{"data", o.data},   {"task", o.task}, {"seed", o.seed},   {"steps", o.steps},
+  const json run = {{"data", o.data},   {"task", o.task}, {"mixer", o.mixer}, {"seed", o.seed},   {"steps", o.steps},
                     {"batch", o.batch}, {"seq", o.seq},   {"accum", o.accum}, {"lr", o.lr},
                     {"warmup", o.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
                     {"min_lr_ratio", o.min_lr_ratio}, {"schedule_steps", schedule_steps}, {"init", o.init}};
@@ -459,6 +499,19 @@ TrainResult train(const TrainOptions& opts) {
   if (comm) comm->barrier();  // every rank has read the run before rank 0 writes to it
   if (o.resume && root) trim_log(logp, start);
   const ModelConfig& cfg = model->config();
+  if (ctask) {
+    LINMIX_CHECK(cfg.classifier() && cfg.classes == ctask->classes() && cfg.vocab >= ctask->vocab(),
+                 "task " + o.task + " needs a classifier of " + std::to_string(ctask->classes()) + " classes over " +
+                     std::to_string(ctask->vocab()) + " tokens (\"classes\": " + std::to_string(ctask->classes()) +
+                     ", \"vocab\": " + std::to_string(ctask->vocab()) + "); the model has classes " +
+                     std::to_string(cfg.classes) + ", vocab " + std::to_string(cfg.vocab) + " (--mixer NAME builds one)");
+    LINMIX_CHECK(!cfg.uses_pos_emb() || o.seq + cfg.cls_rows() <= cfg.ctx,
+                 "task " + o.task + ": sequences of " + std::to_string(o.seq + cfg.cls_rows()) +
+                     " positions, longer than the model's ctx " + std::to_string(cfg.ctx));
+  } else {
+    LINMIX_CHECK(!cfg.classifier(), "the model is a classifier: train it on a classification task (--task listops | "
+                                    "fmnist | order)");
+  }
   LINMIX_CHECK(o.seq <= cfg.ctx || [&] {
     for (const auto& l : cfg.layers)
       if (l.mixer == "aft_full" || l.mixer == "aft_local") return false;
@@ -468,8 +521,11 @@ TrainResult train(const TrainOptions& opts) {
   if (root) log.open(logp, o.resume ? std::ios::app : std::ios::trunc);
   const bool tty = !o.quiet && isatty(STDERR_FILENO);
   if (!o.quiet)
-    std::fprintf(stderr, "linmix train: %lld parameters, %s, %s; steps %lld..%lld, batch %lld x %lld x %lld\n",
+    std::fprintf(stderr, "linmix train: %lld parameters, %s%s, %s; steps %lld..%lld, batch %lld x %lld x %lld\n",
                  static_cast<long long>(model->num_params()), cfg.layers[0].mixer.c_str(),
+                 !cfg.classifier() ? ""
+                 : cfg.causal      ? " (a causal classifier: the mixer reads left to right, it has no non-causal form)"
+                                   : " (encoder classifier, non-causal)",
                  o.task.empty() ? o.data.c_str() : ("task " + o.task).c_str(), static_cast<long long>(start),
                  static_cast<long long>(o.steps), static_cast<long long>(o.accum), static_cast<long long>(o.batch),
                  static_cast<long long>(o.seq));
@@ -485,6 +541,13 @@ TrainResult train(const TrainOptions& opts) {
       res.val_loss = sums[0] / sums[1];
       res.val_bpc = res.val_loss / std::log(2.0);
       rec["val_loss"] = res.val_loss, rec["val_bpc"] = res.val_bpc;
+    } else if (ctask) {  // the validation split's first eval_batches x batch examples, split across the ranks
+      const ClassEval e = evaluate_class(*model, *ctask, Split::Val, std::min(ctask->size(Split::Val), o.eval_batches * o.batch),
+                                         o.batch, rank, nranks);
+      double sums[3] = {double(e.correct), e.loss_sum, double(e.n)};
+      if (comm) comm->allreduce_sum(sums, 3);
+      res.val_acc = sums[0] / sums[2], res.val_loss = sums[1] / sums[2];
+      rec["val_loss"] = res.val_loss, rec["val_acc"] = res.val_acc;
     } else {
       double sums[2] = {0, 0};  // accuracy, loss: the means over eval batches, split across the ranks
       for (int64_t i = rank; i < o.eval_batches; i += nranks) {
@@ -505,6 +568,29 @@ TrainResult train(const TrainOptions& opts) {
     double loss = 0;
     for (int64_t a = 0; a < o.accum; ++a) {  // the batch of a step depends only on (seed, step, a)
       const uint64_t s = mix_seed(o.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(a));
+      if (ctask) {  // B training examples drawn uniformly; this rank's rows, weighted by their share
+        std::mt19937_64 rng(s);
+        std::uniform_int_distribution<int64_t> pick(0, ctask->size(Split::Train) - 1);
+        std::vector<int64_t> idx(static_cast<size_t>(o.batch));
+        for (auto& i : idx) i = pick(rng);
+        const int64_t r0 = o.batch * rank / nranks, r1 = o.batch * (rank + 1) / nranks;
+        const ClassBatch b = class_batch(*ctask, Split::Train, std::vector<int64_t>(idx.begin() + r0, idx.begin() + r1));
+        const double share = double(r1 - r0) / double(o.batch);
+        try {
+          loss += model->classify(b.inputs.data(), b.lengths.data(), b.labels.data(), b.B, b.T, &grads,
+                                  float(share) / float(o.accum)) *
+                  share / double(o.accum);
+        } catch (const Error& e) {
+          if (std::string(e.what()).find("finite") == std::string::npos) throw;
+          throw Error("training diverged: loss is NaN/inf at step " + std::to_string(step + 1) + " (" + e.what() +
+                      "); the last checkpoint is kept in " + o.out);
+        }
+        double real = 0;  // the batch's own tokens (not its padding), over the ranks
+        for (int32_t l : b.lengths) real += l;
+        if (comm) comm->allreduce_sum(&real, 1);
+        tokens += int64_t(real);
+        continue;
+      }
       const Batch b = o.task.empty() ? corpus_batch(corpus.train, o.batch, o.seq, s)
                                      : synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, s);
       // this rank's rows, weighted by its share of the batch's scored positions: the ranks' weighted
