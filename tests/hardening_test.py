@@ -173,6 +173,59 @@ def cli(corpus, model):
     refused("generate from a model with overflowing logits", ["generate", "--model", huge, "--tokens", "3"], "finite")
 
 
+def classifiers(corpus, lm):
+    """The encoder classifier and its tasks (issue 17): refusals by name, the commands that do not
+    apply to a classifier, and eval's answers."""
+    refused("train --task listops --mixer rwkv4 with \"causal\": false",
+            ["train", "--task", "listops", "--config", write(path("enc_rwkv.json"), json.dumps(
+                {"mixer": "rwkv4", "causal": False, "classes": 10, "vocab": 16})), "--out", path("enc0")],
+            "no non-causal form")
+    refused("a language model of fnet", ["train", "--data", corpus, "--mixer", "fnet", "--out", path("enc1")],
+            "no causal form")
+    refused("a non-causal language model", ["train", "--data", corpus, "--config", write(path("nc.json"), json.dumps(
+        {"mixer": "linear", "causal": False})), "--out", path("enc2")], "must be a classifier")
+    refused("an unknown task", ["train", "--task", "lisops", "--mixer", "fnet", "--out", path("enc3")], "unknown task")
+    refused("listops --seq 4", ["train", "--task", "listops", "--mixer", "fnet", "--seq", "4", "--out", path("enc4")],
+            "--seq")
+    refused("fmnist --seq 100", ["train", "--task", "fmnist", "--mixer", "fnet", "--seq", "100", "--out", path("enc5")],
+            "784")
+    refused("a classifier of the wrong classes", ["train", "--task", "order", "--config", write(path("k3.json"), json.dumps(
+        {"mixer": "linear", "causal": False, "classes": 3, "vocab": 16})), "--out", path("enc6")], "2 classes")
+    refused("a language model on a classification task",
+            ["train", "--task", "order", "--config", write(path("lmc.json"), json.dumps({"mixer": "linear"})),
+             "--out", path("enc7")], "classifier")
+    run = path("order")
+    r = linmix("train", "--task", "order", "--mixer", "fnet", "--seq", "24", "--steps", "2", "--batch", "4",
+               "--out", run)
+    check("train --task order --mixer fnet", r.returncode == 0 and "encoder classifier" in r.stderr, r.stderr[-300:])
+    ck = os.path.join(run, "ckpt.safetensors")
+    r = linmix("eval", "--model", ck, "--examples", "40", "--json")
+    try:
+        j = json.loads(r.stdout)
+        ok = j["split"] == "test" and j["examples"] == 40 and j["seq"] == 24 and len(j["lengths"]) == 40 and \
+            abs(j["accuracy"] - sum(j["right"]) / 40) < 1e-12 and all(12 <= n <= 24 for n in j["lengths"])
+    except (ValueError, KeyError):
+        ok = False
+    check("eval of a classifier: the test split at the run's --seq, per-example outcomes", ok, r.stdout[:200] + r.stderr)
+    refused("eval of a classifier with --data", ["eval", "--model", ck, "--data", corpus], "classifier")
+    refused("eval of a language model without --data", ["eval", "--model", lm], "language model")
+    refused("eval --split nonsense", ["eval", "--model", ck, "--split", "dev"], "--split")
+    refused("eval --examples past the split", ["eval", "--model", ck, "--examples", "2001"], "2000 examples")
+    refused("generate from a classifier", ["generate", "--model", ck, "--tokens", "3"], "classifier")
+    refused("logits of a classifier", ["logits", "--model", ck, "--tokens", "1,2", "--out", path("lg.safetensors")],
+            "classifier")
+    refused("grad of a classifier with --targets", ["grad", "--model", ck, "--tokens", "1,2", "--targets", "1,2",
+                                                    "--out", path("g.safetensors")], "--labels")
+    refused("grad of a classifier with a label past its classes",
+            ["grad", "--model", ck, "--tokens", "1,2", "--labels", "2", "--out", path("g.safetensors")], "--labels")
+    refused("a classifier resumed with another mixer",
+            ["train", "--task", "order", "--mixer", "linear", "--seq", "24", "--steps", "3", "--batch", "4",
+             "--out", run, "--resume"], "mixer")
+    r = linmix("train", "--task", "order", "--seq", "24", "--steps", "3", "--batch", "4", "--out", run, "--resume")
+    check("a classifier resumes with the run's arguments", r.returncode == 0 and "trained 3 steps" in r.stdout,
+          r.stdout + r.stderr[-300:])
+
+
 def main():
     corpus = write(path("corpus.txt"), "the quick brown fox jumps over the lazy dog. " * 300)
     run = path("run")
@@ -286,6 +339,7 @@ def main():
 
     lost_work(corpus, model)
     cli(corpus, model)
+    classifiers(corpus, model)
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

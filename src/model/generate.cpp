@@ -14,6 +14,8 @@ namespace linmix {
 
 GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<void(const std::string&)>& emit) {
   const int64_t V = m.config().vocab;
+  LINMIX_CHECK(!m.config().classifier(), "the model is a classifier (" + std::to_string(m.config().classes) +
+                                             " classes): it does not generate text (linmix eval --model M scores it)");
   LINMIX_CHECK(!o.prompt.empty(), "--prompt must not be empty");
   LINMIX_CHECK(o.tokens >= 0, "--tokens must be >= 0");
   o.sample.validate();
