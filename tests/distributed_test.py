@@ -4,7 +4,8 @@
 the evaluations, the final parameters and AdamW moments), for N = 2 and for N = 3 with a batch
 that 3 does not divide (handled exactly: rows split 2/1/1, each rank's gradient weighted by its
 share of the scored positions), on the corpus and on a synthetic task (recall: only the values
-after queried keys are scored), with --accum; --resume with another N continues the same run; rank 0
+after queried keys are scored), an encoder classifier (task order: accuracy evaluated over the
+ranks), with --accum; --resume with another N continues the same run; rank 0
 alone writes; more ranks than sequences are refused; a rank killed or stopped ends the job
 with a message instead of a hang.
 
@@ -45,10 +46,16 @@ with open(CFG, "w") as f:  # two mixers: a scan (rwkv4) and a chunked one (gla) 
                "layers": [{"mixer": "rwkv4"}, {"mixer": "gla"}]}, f)
 
 
-def train(ranks, out, *extra, steps=8, batch=4, task=None, timeout=300):
+ENC = os.path.join(TMP, "enc.json")
+with open(ENC, "w") as f:  # the encoder classifier (non-causal linear attention) of the order task
+    json.dump({"vocab": 13, "d_model": 32, "n_layer": 2, "n_head": 2, "ctx": 32, "causal": False, "classes": 2,
+               "layers": [{"mixer": "linear"}, {"mixer": "aft_conv"}]}, f)
+
+
+def train(ranks, out, *extra, steps=8, batch=4, task=None, timeout=300, cfg=CFG):
     """linmix train with `ranks` processes (1: no mpirun); (returncode, stdout + stderr)."""
     src = ["--task", task] if task else ["--data", DATA]
-    args = [LINMIX, "train", *src, "--config", CFG, "--steps", str(steps), "--batch", str(batch), "--seq", "32",
+    args = [LINMIX, "train", *src, "--config", cfg, "--steps", str(steps), "--batch", str(batch), "--seq", "32",
             "--eval-every", "4", "--out", os.path.join(TMP, out), *extra]
     if ranks > 1:
         args = [MPIRUN, "--oversubscribe", "-np", str(ranks), *args]
@@ -116,6 +123,11 @@ def main():
     rc2, out = train(2, "two_task", task="recall", batch=5)
     check("task recall on 2 ranks", rc1 == 0 and rc2 == 0, out[-600:] if rc2 else "")
     same_run("task recall (rows scoring different counts), batch 5: -np 2 = one process", "one_task", "two_task")
+
+    rc1, _ = train(1, "one_enc", task="order", batch=5, cfg=ENC)
+    rc2, out = train(3, "three_enc", task="order", batch=5, cfg=ENC)
+    check("an encoder classifier (task order) on 3 ranks", rc1 == 0 and rc2 == 0, out[-600:] if rc2 else "")
+    same_run("encoder classifier, batch 5 on 3 ranks (rows 1/2/2) = one process", "one_enc", "three_enc")
 
     # --resume with another number of ranks continues the same run
     rc_a, _ = train(1, "resume_one", steps=4)

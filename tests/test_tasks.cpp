@@ -238,3 +238,22 @@ TEST(Classifier, ResumeEqualsUninterrupted) {
   for (const auto& [n, t] : a.model->params()) EXPECT_EQ(t.data, b.model->params().at(n).data) << n;
   EXPECT_EQ(a.tokenizer, "task:order");
 }
+
+TEST(Classifier, FnetEncoderBeatsTheMajorityClassOnListOps) {
+  // issue 17's first claim at toy size: `--task listops --mixer fnet` learns more than the label
+  // prior (the most frequent class of the very examples scored, counted here)
+  TrainOptions o;
+  o.task = "listops", o.out = test::tmp_dir() + "/run", o.quiet = true;
+  o.config = R"({"mixer": "fnet", "d_model": 32, "n_layer": 2, "n_head": 2, "ctx": 64, "causal": false, "classes": 10,
+                 "vocab": 16})";
+  o.seq = 64, o.given = {"seq"};
+  o.steps = 200, o.batch = 16, o.warmup = 20, o.lr = 3e-3, o.eval_every = 200, o.ckpt_every = 200, o.eval_batches = 16;
+  const TrainResult r = train(o);
+  const auto task = make_class_task("listops", 64);
+  std::vector<int64_t> count(10);
+  std::vector<int32_t> t;
+  int32_t label;
+  for (int64_t i = 0; i < 256; ++i) task->example(Split::Val, i, t, label), ++count[size_t(label)];
+  const double majority = double(*std::max_element(count.begin(), count.end())) / 256.0;
+  EXPECT_GT(r.val_acc, majority + 0.05) << "majority class rate " << majority;
+}

@@ -149,3 +149,11 @@ def test_bad_input_raises():
         linmix.nn.LanguageModel.from_checkpoint(os.path.join(TMP, "missing.safetensors"))
     with pytest.raises(ValueError, match="mixer"):
         linmix.nn.LanguageModel({"vocab": 16, "d_model": 8, "n_layer": 1, "mixer": "nosuch"})
+
+
+def test_a_classifier_config_is_refused_by_name():
+    # linmix.nn holds the language model; an encoder classifier's config is refused, not misread
+    for cfg in ({"mixer": "fnet", "causal": False, "classes": 3, "d_model": 16, "n_layer": 1, "n_head": 2},
+                {"mixer": "rwkv4", "classes": 3, "d_model": 16, "n_layer": 1, "n_head": 2}):
+        with pytest.raises(ValueError, match="classifier"):
+            linmix.nn.LanguageModel(cfg)

@@ -314,7 +314,7 @@ int cmd_eval_class(const std::string& model_path, const std::string& split, int6
   if (json) {
     const nlohmann::json j = {{"task", task_name}, {"split", split},       {"examples", r.n}, {"accuracy", acc},
                               {"loss", loss},      {"seq", task->seq()},   {"seconds", secs}, {"lengths", r.lengths},
-                              {"right", r.right},  {"peak_rss_mib", peak_rss_mib()}};
+                              {"right", r.right},  {"labels", r.labels}, {"peak_rss_mib", peak_rss_mib()}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }

@@ -119,7 +119,7 @@ TrainResult train(const TrainOptions& opt);
 struct ClassEval {
   int64_t n = 0, correct = 0;
   double loss_sum = 0;
-  std::vector<int32_t> lengths, right;
+  std::vector<int32_t> lengths, right, labels;
 };
 ClassEval evaluate_class(Model& m, const ClassTask& task, Split s, int64_t n, int64_t batch, int rank = 0, int size = 1);
 

@@ -333,6 +333,10 @@ class LanguageModel(nn.Module):
         text = config if isinstance(config, str) else json.dumps(config)
         text, init = _C.init_model(text, int(seed))  # the normalised config and its parameters
         self.config = json.loads(text)
+        if self.config.get("classes", 0) or not self.config.get("causal", True):
+            raise ValueError("linmix.nn.LanguageModel: the config is a classifier (\"classes\": "
+                             f"{self.config.get('classes', 0)}): linmix.nn holds the language model only; train and "
+                             "score classifiers with `linmix train --task` and `linmix eval`")
         if tensors is not None:
             missing = sorted(set(init) - set(tensors))
             extra = sorted(set(tensors) - set(init))

@@ -330,7 +330,7 @@ ClassEval evaluate_class(Model& m, const ClassTask& task, Split s, int64_t n, in
       const float* l = &lg[j * K];
       const bool ok = std::max_element(l, l + K) - l == b.labels[j];
       r.correct += ok, r.n += 1;
-      r.lengths.push_back(b.lengths[j]), r.right.push_back(ok);
+      r.lengths.push_back(b.lengths[j]), r.right.push_back(ok), r.labels.push_back(b.labels[j]);
     }
   }
   return r;
