@@ -565,7 +565,13 @@ TrainResult train(const TrainOptions& opts) {
   res.ranks = nranks;
   for (; step < o.steps; ++step) {
     TensorMap grads;
-    double loss = 0;
+    double loss = 0, real = 0;  // real: a classifier batch's own tokens (not its padding), this rank's rows
+    // a non-finite activation in a forward: the run diverged
+    const auto diverged = [&](const Error& e) {
+      if (std::string(e.what()).find("finite") == std::string::npos) throw e;
+      throw Error("training diverged: loss is NaN/inf at step " + std::to_string(step + 1) + " (" + e.what() +
+                  "); the last checkpoint is kept in " + o.out);
+    };
     for (int64_t a = 0; a < o.accum; ++a) {  // the batch of a step depends only on (seed, step, a)
       const uint64_t s = mix_seed(o.seed, static_cast<uint64_t>(step), static_cast<uint64_t>(a));
       if (ctask) {  // B training examples drawn uniformly; this rank's rows, weighted by their share
@@ -581,14 +587,9 @@ TrainResult train(const TrainOptions& opts) {
                                   float(share) / float(o.accum)) *
                   share / double(o.accum);
         } catch (const Error& e) {
-          if (std::string(e.what()).find("finite") == std::string::npos) throw;
-          throw Error("training diverged: loss is NaN/inf at step " + std::to_string(step + 1) + " (" + e.what() +
-                      "); the last checkpoint is kept in " + o.out);
+          diverged(e);
         }
-        double real = 0;  // the batch's own tokens (not its padding), over the ranks
         for (int32_t l : b.lengths) real += l;
-        if (comm) comm->allreduce_sum(&real, 1);
-        tokens += int64_t(real);
         continue;
       }
       const Batch b = o.task.empty() ? corpus_batch(corpus.train, o.batch, o.seq, s)
@@ -605,10 +606,8 @@ TrainResult train(const TrainOptions& opts) {
           loss += model->forward_backward(&b.inputs[r0 * b.T], &b.targets[r0 * b.T], r1 - r0, b.T, &grads,
                                           float(share) / float(o.accum)) *
                   share / double(o.accum);
-      } catch (const Error& e) {  // a non-finite activation: the run diverged
-        if (std::string(e.what()).find("finite") == std::string::npos) throw;
-        throw Error("training diverged: loss is NaN/inf at step " + std::to_string(step + 1) + " (" + e.what() +
-                    "); the last checkpoint is kept in " + o.out);
+      } catch (const Error& e) {
+        diverged(e);
       }
       tokens += b.B * b.T;
     }
@@ -628,9 +627,12 @@ TrainResult train(const TrainOptions& opts) {
       comm->allreduce_sum(flat.data(), n);
       at = 0;
       for (auto& [name, g] : grads) std::copy(flat.begin() + at, flat.begin() + at + g.numel(), g.data.begin()), at += g.numel();
-      comm->allreduce_sum(&loss, 1);
+      double sums[2] = {loss, real};  // the classifier's tokens travel with the loss: no extra collective
+      comm->allreduce_sum(sums, 2);
+      loss = sums[0], real = sums[1];
       res.allreduce_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
     }
+    tokens += int64_t(real);
     const double gn = grad_norm(grads);
     LINMIX_CHECK(std::isfinite(loss) && std::isfinite(gn), "training diverged: loss is NaN/inf at step " +
                                                                std::to_string(step + 1) + " (loss " + std::to_string(loss) +
