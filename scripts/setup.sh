@@ -12,7 +12,7 @@ PKGS=(
   libhwy-dev libfftw3-dev
   clang libclang-rt-14-dev libomp-14-dev
   fortunes
-  python3 python3-numpy python3-torch python3-matplotlib python3-regex
+  python3 python3-numpy python3-torch python3-matplotlib python3-regex python3-scipy
   libtorch-dev pybind11-dev python3-pytest python3-venv python3-pip python3-wheel
   libopenmpi-dev openmpi-bin
   zlib1g-dev dataset-fashion-mnist

@@ -14,6 +14,7 @@
 
 #include "linmix/bench.h"
 #include "linmix/generate.h"
+#include "linmix/hippo.h"
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "linmix/model.h"
@@ -22,6 +23,7 @@
 #include "linmix/safetensors.h"
 #include "linmix/tokenizer.h"
 #include "linmix/train.h"
+#include "linmix/viz.h"
 #include "mpi_comm.h"
 
 #include "commands.h"
@@ -419,6 +421,85 @@ int cmd_features(int64_t M, int64_t D, uint64_t seed, const std::string& out) {
   Tensor proj({M, D});
   proj.data = orthogonal_gaussian_features(M, D, seed);
   write_safetensors(out, {{"proj", proj}}, {{"generator", "orthogonal_gaussian"}, {"seed", std::to_string(seed)}});
+  return 0;
+}
+
+int cmd_hippo(int64_t N) {
+  const hippo::DiagonalLegs d = hippo::diagonal_legs(N);
+  nlohmann::json j = {{"state", N}, {"A_re", -0.5}, {"A_im", d.w}, {"B_re", d.B_re}, {"B_im", d.B_im}};
+  std::printf("%s\n", j.dump().c_str());
+  return 0;
+}
+
+namespace {
+// A dark-to-bright colour map (magma-like anchors) of v in [0, 1].
+void colour(double v, uint8_t* px) {
+  static const double anchors[5][3] = {{0, 0, 4}, {80, 18, 123}, {182, 54, 121}, {251, 136, 97}, {252, 253, 191}};
+  v = std::clamp(v, 0.0, 1.0) * 4;
+  const int i = std::min(3, int(v));
+  const double f = v - i;
+  for (int c = 0; c < 3; ++c) px[c] = uint8_t(anchors[i][c] + f * (anchors[i + 1][c] - anchors[i][c]));
+}
+}  // namespace
+
+int cmd_viz(const std::string& model_path, const std::string& data, int64_t offset, const std::string& prompt,
+            int64_t T, const std::string& out, bool force) {
+  LINMIX_CHECK(data.empty() != prompt.empty(), "viz: give the text as --data FILE or --prompt TEXT (one of them)");
+  Checkpoint ck = load_checkpoint(model_path);
+  const ModelConfig& cfg = ck.model->config();
+  LINMIX_CHECK(!cfg.classifier() && cfg.causal, "viz: " + model_path + " is a classifier; viz reads language models");
+  const auto tk = Tokenizer::load(tokenizer_for(ck, ""));
+  std::string text = prompt;
+  if (!data.empty()) {
+    std::ifstream f(data, std::ios::binary);
+    LINMIX_CHECK(f.good(), "viz: cannot read " + data);
+    const std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const int64_t start = offset >= 0 ? offset : int64_t(all.size()) * 9 / 10;  // default: the validation split
+    LINMIX_CHECK(start < int64_t(all.size()), "viz: --offset " + std::to_string(start) + " is past the end of " + data);
+    text = all.substr(size_t(start), size_t(std::min<int64_t>(int64_t(all.size()) - start, 16 * T)));
+  }
+  std::vector<int32_t> ids = tk->encode(text);
+  LINMIX_CHECK(int64_t(ids.size()) >= T || !prompt.empty(),
+               "viz: the text gives " + std::to_string(ids.size()) + " tokens, fewer than --tokens " + std::to_string(T));
+  if (int64_t(ids.size()) > T) ids.resize(size_t(T));
+  const std::filesystem::path dir(out);
+  LINMIX_CHECK(force || !std::filesystem::exists(dir / "viz.json"),
+               "viz: " + (dir / "viz.json").string() + " exists (pass --force to replace it)");
+  std::filesystem::create_directories(dir);
+  const std::vector<LayerAttention> layers = effective_attention(*ck.model, ids);
+  const int64_t n = int64_t(ids.size());
+  TensorMap weights;
+  nlohmann::json j = {{"model", model_path}, {"tokens", n}, {"text", tk->decode(ids)}, {"layers", nlohmann::json::array()}};
+  std::printf("layer  mixer            unit           mean look-back (tokens) per head / channel group\n");
+  for (const auto& la : layers) {
+    Tensor w({la.groups, n, n});
+    w.data = la.weights;
+    weights["layer." + std::to_string(la.layer)] = w;
+    double mean = 0;
+    for (double d : la.lookback) mean += d / double(la.lookback.size());
+    j["layers"].push_back({{"layer", la.layer}, {"mixer", la.mixer}, {"unit", la.unit}, {"groups", la.groups},
+                           {"lookback", la.lookback}, {"mean_lookback", mean}});
+    std::printf("%5lld  %-15s  %-13s  %7.2f  [", static_cast<long long>(la.layer), la.mixer.c_str(), la.unit.c_str(), mean);
+    for (size_t g = 0; g < la.lookback.size(); ++g) std::printf("%s%.2f", g ? " " : "", la.lookback[g]);
+    std::printf("]\n");
+    // heat map: one panel per group, log10 share from -4 to 0, s > t (the future) white
+    const int64_t k = std::max<int64_t>(1, std::min<int64_t>(4, 384 / n)), P = n * k, gap = 6;
+    const int64_t W = la.groups * P + (la.groups - 1) * gap;
+    std::vector<uint8_t> img(size_t(W * P * 3), 255);
+    for (int64_t g = 0; g < la.groups; ++g)
+      for (int64_t y = 0; y < P; ++y)
+        for (int64_t x = 0; x < P; ++x) {
+          const int64_t t = y / k, s = x / k;
+          if (s > t) continue;
+          const double share = la.weights[size_t((g * n + t) * n + s)];
+          colour((std::log10(std::max(share, 1e-6)) + 4) / 4, &img[size_t((y * W + g * (P + gap) + x) * 3)]);
+        }
+    write_png((dir / ("layer" + std::to_string(la.layer) + ".png")).string(), W, P, img);
+  }
+  write_safetensors((dir / "weights.safetensors").string(), weights, {{"model", model_path}});
+  write_file_atomic((dir / "viz.json").string(), j.dump(1) + "\n");
+  std::printf("wrote %s: viz.json, weights.safetensors (layer.L [groups, T, T]), layer<L>.png (rows t, columns s <= t; "
+              "log10 share, -4 black .. 0 white)\n", out.c_str());
   return 0;
 }
 

@@ -26,6 +26,9 @@ int cmd_logits(const std::string& model_path, const std::string& tokens, const s
 int cmd_info(const std::string& path);
 int cmd_bench(bool model, const ModelBenchOptions& mbo, const MixerBenchOptions& xbo);
 int cmd_features(int64_t M, int64_t D, uint64_t seed, const std::string& out);
+int cmd_hippo(int64_t N);
+int cmd_viz(const std::string& model_path, const std::string& data, int64_t offset, const std::string& prompt,
+            int64_t T, const std::string& out, bool force);
 void refuse_same(const std::string& out, const std::vector<std::string>& inputs, const std::string& what);
 std::map<std::string, std::string> parse_params(const std::vector<std::string>& kvs);
 double peak_rss_mib();

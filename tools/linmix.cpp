@@ -85,6 +85,22 @@ int main(int argc, char** argv) {
   feats->add_option("--seed", fseed, "random seed")->capture_default_str();
   feats->add_option("--out", fout, "output safetensors (tensor 'proj' [M,D])")->required();
 
+  auto* hip = app.add_subcommand("hippo", "the S4D-LegS initialisation: HiPPO-LegS's diagonal (eigenvalues, B in its eigenbasis) as JSON");
+  int64_t hip_N = 32;
+  hip->add_option("--state", hip_N, "complex state size N (the LegS matrix is 2N x 2N)")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1024)));
+
+  auto* viz = app.add_subcommand("viz", "how far each layer looks back: every layer's effective attention (heat maps, JSON)");
+  std::string viz_model, viz_data, viz_prompt, viz_out = "linmix-viz";
+  int64_t viz_offset = -1, viz_T = 128;
+  bool viz_force = false;
+  viz->add_option("--model", viz_model, "checkpoint (a causal language model)")->required();
+  viz->add_option("--data", viz_data, "text file: --tokens tokens from --offset (default: its last 10%, the validation split)");
+  viz->add_option("--offset", viz_offset, "byte offset in --data")->check(CLI::NonNegativeNumber);
+  viz->add_option("--prompt", viz_prompt, "the text itself (instead of --data)");
+  viz->add_option("--tokens", viz_T, "sequence length T")->capture_default_str()->check(CLI::Range(int64_t(2), int64_t(1024)));
+  viz->add_option("--out", viz_out, "output directory")->capture_default_str();
+  viz->add_flag("--force", viz_force, "replace the output of an earlier viz in --out");
+
   auto* tr = app.add_subcommand("train", "train a language model (byte-level) on a text file or a synthetic task");
   TrainOptions topt;
   std::string config_path;
@@ -221,7 +237,7 @@ int main(int argc, char** argv) {
 
   // --threads on every command that computes (bench has its own --threads / --thread-counts)
   int threads = 0;
-  for (auto* sc : {mix, demo, ex, tr, gen, ev, lg, gr})
+  for (auto* sc : {mix, demo, ex, tr, gen, ev, lg, gr, viz})
     sc->add_option("--threads", threads, "threads (OpenMP and OpenBLAS; default: all cores)")->check(CLI::Range(1, 1024));
   app.set_version_flag("--version", std::string("linmix ") + LINMIX_VERSION);
   // an unknown command names the commands
@@ -296,6 +312,8 @@ int main(int argc, char** argv) {
       return cmd_bench(bench_model_flag, mbo, xbo);
     }
     if (*feats) return cmd_features(fM, fD, fseed, fout);
+    if (*hip) return cmd_hippo(hip_N);
+    if (*viz) return cmd_viz(viz_model, viz_data, viz_offset, viz_prompt, viz_T, viz_out, viz_force);
   } catch (const Error& e) {
     std::fprintf(stderr, "linmix: %s\n", e.what());
     return 2;

@@ -177,6 +177,10 @@ void ModelConfig::validate() const {
     for (const char* k : {"features", "kernel", "state", "qk_dim", "expand", "gate", "d_mix", "d_decay", "d_w", "d_a",
                           "d_v", "d_g", "dt_rank", "groups"})
       if (l.params.count(k)) knob(l, k);  // malformed knobs fail here
+    if (l.params.count("init"))
+      LINMIX_CHECK(l.mixer == "s4d" && (l.params.at("init") == "lin" || l.params.at("init") == "legs"),
+                   std::string("model config: layer param 'init' is s4d's: \"lin\" (S4D-Lin) or \"legs\" (S4D-LegS), "
+                               "found '") + l.params.at("init") + "' for " + l.mixer);
   }  const double n = double(param_count());
   LINMIX_CHECK(n <= double(kMaxParams), "model config: " + std::to_string(int64_t(n)) +
                                             " parameters, more than linmix's limit of 2^32");

@@ -106,7 +106,7 @@ float* LayerIO::g(const std::string& n) const {
 namespace {
 // The layer's knobs, which are not the mixer's params.
 const char* const kKnobs[] = {"features", "kernel", "state", "qk_dim", "expand", "gate",    "d_mix",  "d_decay",
-                              "d_w",      "d_a",    "d_v",   "d_g",    "gn_eps", "dt_rank", "groups"};
+                              "d_w",      "d_a",    "d_v",   "d_g",    "gn_eps", "dt_rank", "groups", "init"};
 std::map<std::string, std::string> mixer_params(const LayerConfig& lc) {
   auto p = lc.params;
   for (const char* k : kKnobs) p.erase(k);
@@ -114,7 +114,14 @@ std::map<std::string, std::string> mixer_params(const LayerConfig& lc) {
 }
 }  // namespace
 
+namespace {
+std::vector<CapturedCall>* g_capture = nullptr;
+}  // namespace
+
+void set_mixer_capture(std::vector<CapturedCall>* sink) { g_capture = sink; }
+
 Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal) {
+  if (g_capture) g_capture->push_back({lc.mixer, mixer_params(lc), causal, in});
   return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, false, false).at("y");
 }
 

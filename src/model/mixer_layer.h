@@ -74,6 +74,9 @@ class MixerLayer {
     (void)name, (void)t, (void)ctx;
     return false;
   }
+  // After every parameter's init: a rule that couples several of the layer's parameters
+  // (S4D-LegS: C = C0 B). params: the model's; prefix "blocks.<i>.".
+  virtual void finish_init(TensorMap& params, const std::string& prefix) const { (void)params, (void)prefix; }
   // a (B*T, C) -> out (B*T, C), written; keeps what backward needs (a must stay valid).
   virtual void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) = 0;
   // dout (B*T, C) -> da (B*T, C), added; parameter gradients into io.grads.
@@ -104,6 +107,14 @@ bool layer_bounded_by_ctx(const std::string& mixer);  // its parameters cover ct
 
 // The mixer's parallel forward / hand-written backward on `in` (validated like any call), in its
 // causal or non-causal form.
+// linmix viz: while a sink is set, every mixer_forward appends its call (in layer order).
+struct CapturedCall {
+  std::string mixer;
+  std::map<std::string, std::string> params;  // the mixer's (the layer's knobs removed)
+  bool causal;
+  TensorMap in;
+};
+void set_mixer_capture(std::vector<CapturedCall>* sink);
 Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal = true);
 TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy,
                          bool causal = true);

@@ -90,6 +90,7 @@ void Model::init(uint64_t seed) {
       for (float& x : t.data) x = s * normal(rng);
     }
   }
+  for (size_t i = 0; i < layers_.size(); ++i) layers_[i]->finish_init(params_, "blocks." + std::to_string(i) + ".");
 }
 
 // ---------------------------------------------------------------- norms

@@ -1,9 +1,13 @@
 // The S4D layer (Gu et al. 2022): y = s4d(a) per channel with state size N (the layer's knob
 // "state"), out = gelu(y) Wo^T. A_re = -exp(log_A_re), as S4D parametrises it, so training
-// cannot make the SSM unstable. Init: S4D-Lin (A_n = -1/2 + i pi n), dt log-uniform in
-// [1e-3, 1e-1].
+// cannot make the SSM unstable. Init (the layer param "init"): "lin", S4D-Lin (A_n = -1/2 +
+// i pi n, B = 1), the default, or "legs", S4D-LegS (A_n = -1/2 + i w_n, the eigenvalues of
+// HiPPO-LegS's normal part, and B = V^* B_LegS in its eigenbasis, hippo.h); the kernel holds
+// B only through C B, so B is folded into C's init (as S4D's own code does): C = C0 B with C0
+// complex normal. dt log-uniform in [1e-3, 1e-1].
 #include <cmath>
 
+#include "linmix/hippo.h"
 #include "layers.h"
 #include "mixer_layer.h"
 
@@ -31,9 +35,11 @@ class S4dLayer : public MixerLayer {
     } else if (name == "att.log_A_re") {
       std::fill(t.data.begin(), t.data.end(), std::log(0.5f));
     } else if (name == "att.A_im") {
+      const int64_t N = t.dim(1);
+      const std::vector<double> w = legs() ? hippo::diagonal_legs(N).w : std::vector<double>();
       for (int64_t r = 0; r < t.dim(0); ++r)
-        for (int64_t n = 0; n < t.dim(1); ++n) t.data[r * t.dim(1) + n] = 3.14159265f * float(n);
-    } else if (name == "att.C_re" || name == "att.C_im") {
+        for (int64_t n = 0; n < N; ++n) t.data[r * N + n] = legs() ? float(w[n]) : 3.14159265f * float(n);
+    } else if (name == "att.C_re" || name == "att.C_im") {  // C0; times B in finish_init
       for (float& x : t.data) x = 0.5f * normal(rng);
     } else if (name == "att.D") {
       for (float& x : t.data) x = 1.0f + 0.02f * normal(rng);
@@ -41,6 +47,19 @@ class S4dLayer : public MixerLayer {
       return false;
     }
     return true;
+  }
+
+  void finish_init(TensorMap& params, const std::string& prefix) const override {
+    if (!legs()) return;
+    Tensor& cr = params.at(prefix + "att.C_re");
+    Tensor& ci = params.at(prefix + "att.C_im");
+    const int64_t N = cr.dim(1);
+    const hippo::DiagonalLegs d = hippo::diagonal_legs(N);
+    for (int64_t i = 0; i < cr.numel(); ++i) {
+      const double re = cr.data[i], im = ci.data[i], br = d.B_re[i % N], bi = d.B_im[i % N];
+      cr.data[i] = float(re * br - im * bi);
+      ci.data[i] = float(re * bi + im * br);
+    }
   }
 
   void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) override {
@@ -83,6 +102,10 @@ class S4dLayer : public MixerLayer {
   }
 
  private:
+  bool legs() const {
+    auto it = lc_.params.find("init");
+    return it != lc_.params.end() && it->second == "legs";
+  }
   std::vector<float> y_, gelu_;
   const float* a_ = nullptr;
 };
