@@ -226,6 +226,56 @@ def classifiers(corpus, lm):
           r.stdout + r.stderr[-300:])
 
 
+def viz_and_recall(corpus, lm):
+    """linmix viz (issue 18): its refusals, its files (PNG readable by matplotlib, every row of
+    the weights a distribution), no silent overwrite; the recall task's --pairs and its eval."""
+    out = path("viz")
+    refused("viz without text", ["viz", "--model", lm, "--out", out], "--data")
+    refused("viz with --data and --prompt", ["viz", "--model", lm, "--data", corpus, "--prompt", "hi", "--out", out],
+            "one of them")
+    refused("viz --tokens 1", ["viz", "--model", lm, "--prompt", "hi", "--tokens", "1", "--out", out])
+    refused("viz past the model's positions", ["viz", "--model", lm, "--data", corpus, "--tokens", "1000",
+                                               "--out", out], "context")
+    refused("viz of a missing checkpoint", ["viz", "--model", path("nope.safetensors"), "--prompt", "hi", "--out", out])
+    r = linmix("viz", "--model", lm, "--prompt", "the quick brown fox jumps", "--tokens", "20", "--out", out)
+    ok = r.returncode == 0
+    try:
+        import matplotlib.image
+        j = json.load(open(os.path.join(out, "viz.json")))
+        img = matplotlib.image.imread(os.path.join(out, "layer0.png"))
+        w = st.load(os.path.join(out, "weights.safetensors"))["layer.0"]
+        ok = ok and j["tokens"] == 20 and len(j["layers"]) >= 1 and img.ndim == 3 and img.shape[2] == 3 and \
+            w.shape[1:] == (20, 20) and abs(w.sum(axis=2) - 1).max() < 1e-4 and abs(np.triu(w[0], 1)).max() == 0
+    except Exception as e:  # noqa: BLE001
+        ok = False
+        r.stderr += repr(e)
+    check("viz: viz.json, a readable PNG, rows of shares over the past", ok, r.stderr[-300:])
+    refused("viz into an earlier viz's --out", ["viz", "--model", lm, "--prompt", "hello", "--out", out], "--force")
+    r = linmix("viz", "--model", lm, "--prompt", "hello there", "--out", out, "--force")
+    check("viz --force replaces it", r.returncode == 0 and json.load(open(os.path.join(out, "viz.json")))["tokens"] == 11,
+          r.stderr[-200:])
+    refused("recall with more pairs than keys", ["train", "--task", "recall", "--pairs", "200", "--seq", "512",
+                                                 "--steps", "1", "--out", path("rc0")], "do not fit")
+    refused("recall pairs past the sequence", ["train", "--task", "recall", "--pairs", "-40", "--seq", "64",
+                                               "--steps", "1", "--out", path("rc1")], "do not fit")
+    refused("--pairs on the copy task", ["train", "--task", "copy", "--pairs", "3", "--steps", "1",
+                                         "--out", path("rc2")], "recall")
+    run = path("rc3")
+    r = linmix("train", "--task", "recall", "--mixer", "gla", "--pairs", "-6", "--seq", "32", "--steps", "2",
+               "--batch", "2", "--out", run)
+    check("train --task recall --pairs -6", r.returncode == 0, r.stderr[-300:])
+    ck = os.path.join(run, "ckpt.safetensors")
+    r = linmix("eval", "--model", ck, "--pairs", "4", "--seq", "16", "--examples", "32", "--json")
+    try:
+        j = json.loads(r.stdout)
+        ok = j["task"] == "recall" and j["pairs"] == 4 and j["seq"] == 16 and 0 <= j["accuracy"] <= 1
+    except (ValueError, KeyError):
+        ok = False
+    check("eval of a recall model at another --pairs and --seq", ok, r.stdout + r.stderr[-200:])
+    refused("eval of a recall model with pairs past its --seq", ["eval", "--model", ck, "--pairs", "9", "--seq", "16"],
+            "do not fit")
+
+
 def main():
     corpus = write(path("corpus.txt"), "the quick brown fox jumps over the lazy dog. " * 300)
     run = path("run")
@@ -340,6 +390,7 @@ def main():
     lost_work(corpus, model)
     cli(corpus, model)
     classifiers(corpus, model)
+    viz_and_recall(corpus, model)
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 

@@ -291,9 +291,35 @@ int cmd_eval(const std::string& model_path, const std::string& file, const std::
 }
 
 int cmd_eval_class(const std::string& model_path, const std::string& split, int64_t examples, bool json,
-                   int64_t batch) {
+                   int64_t batch, int64_t seq_given, int64_t pairs) {
   Checkpoint ck = load_checkpoint(model_path);
   Model& m = *ck.model;
+  if (!m.config().classifier() && (ck.tokenizer == "task:recall" || ck.tokenizer == "task:copy")) {
+    // a synthetic task's language model: accuracy on fresh draws (seed 7: not the training stream)
+    const std::string task = ck.tokenizer.substr(5);
+    int64_t seq = seq_given;
+    if (seq == 0) {
+      const auto run = nlohmann::json::parse(ck.meta_json, nullptr, false);
+      seq = run.is_object() && run.contains("seq") && run["seq"].is_number_integer() ? run["seq"].get<int64_t>() : 128;
+    }
+    const int64_t lim = m.config().context_limit();
+    LINMIX_CHECK(lim == 0 || seq <= lim, "--seq " + std::to_string(seq) + " is past the model's context of " +
+                                             std::to_string(lim));
+    const int64_t n = examples > 0 ? examples : 512, batches = (n + batch - 1) / batch;
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto [acc, loss] = evaluate_task(m, task, batch, seq, pairs, batches, 7);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (json) {
+      const nlohmann::json j = {{"task", task}, {"seq", seq}, {"pairs", pairs}, {"examples", batches * batch},
+                                {"accuracy", acc}, {"loss", loss}};
+      std::printf("%s\n", j.dump().c_str());
+    } else {
+      std::printf("%s (seq %lld, pairs %lld, %lld examples): accuracy %.4f, loss %.4f (%.1f s)\n", task.c_str(),
+                  static_cast<long long>(seq), static_cast<long long>(pairs), static_cast<long long>(batches * batch),
+                  acc, loss, secs);
+    }
+    return 0;
+  }
   LINMIX_CHECK(m.config().classifier(), model_path + ": a language model: give --data FILE to score it (--split val | "
                                                      "train | all)");
   const std::string task_name = ck.tokenizer.rfind("task:", 0) == 0 ? ck.tokenizer.substr(5) : "";

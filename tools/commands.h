@@ -19,7 +19,8 @@ int cmd_example(const std::string& mixer, bool causal, int64_t T, uint64_t seed,
 int cmd_train(TrainOptions topt, const std::string& config_path, const std::string& mixer, int threads);
 int cmd_generate(const std::string& model_path, GenerateOptions o, bool stats);
 int cmd_eval(const std::string& model_path, const std::string& file, const std::string& split, const std::string& tokenizer, const std::string& mode, const std::string& dtype, int64_t seq, int64_t windows);
-int cmd_eval_class(const std::string& model_path, const std::string& split, int64_t examples, bool json, int64_t batch);
+int cmd_eval_class(const std::string& model_path, const std::string& split, int64_t examples, bool json,
+                   int64_t batch, int64_t seq = 0, int64_t pairs = 0);
 int cmd_tokenize(const std::string& tokenizer, const std::string& text, const std::string& file, std::string decode);
 int cmd_grad(const std::string& model_path, const std::string& tokens, const std::string& targets, const std::string& labels, const std::string& lengths, int64_t batch, const std::string& out_path);
 int cmd_logits(const std::string& model_path, const std::string& tokens, const std::string& mode, int64_t chunk, const std::string& dtype, const std::string& out_path);

@@ -112,6 +112,8 @@ int main(int argc, char** argv) {
   tr->add_option("--init", topt.init, "start from this checkpoint's weights and config (linmix, or RWKV-4/5/6/7 safetensors): fine-tune it");
   tr->add_flag("--resume", topt.resume, "continue from OUT/ckpt.safetensors (with the run's arguments)");
   tr->add_flag("--force", topt.force, "start a new run in an OUT that holds one (replacing its checkpoint and log)");
+  tr->add_option("--pairs", topt.pairs, "recall: key-value pairs per sequence (0: seq/4; -K: 1..K at random)")
+      ->capture_default_str()->check(CLI::Range(int64_t(-1) << 20, int64_t(1) << 20));
   tr->add_option("--steps", topt.steps, "optimizer steps")->capture_default_str()->check(CLI::PositiveNumber);
   tr->add_option("--batch", topt.batch, "sequences per micro-batch")->capture_default_str()->check(CLI::PositiveNumber);
   tr->add_option("--seq", topt.seq, "tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 20));
@@ -172,6 +174,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   ev->add_option("--dtype", dtype, "weights of the RWKV-4 engine (sequence mode): f32 | bf16 | int8")
       ->capture_default_str();
+  int64_t eval_pairs = 0;
+  ev->add_option("--pairs", eval_pairs, "a recall model: key-value pairs per sequence (0: seq/4)")
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 20));
   ev->add_option("--seq", eval_seq, "window length")->capture_default_str()->check(CLI::Range(2, 1 << 20));
   ev->add_option("--windows", eval_windows, "windows, spread over the file")->capture_default_str()->check(CLI::PositiveNumber);
 
@@ -286,7 +291,7 @@ int main(int argc, char** argv) {
     if (*demo) return cmd_demo(demo_T, dir, seed);
     if (*ex) return cmd_example(mixer, causal, ex_T, ex_seed, ex_scale, ex_dims, ex_stress, ex_dy, out_path);
     if (*tr) {
-      for (const char* k : {"data", "task", "config", "mixer", "init", "steps", "batch", "seq", "accum", "lr", "warmup",
+      for (const char* k : {"data", "task", "config", "mixer", "init", "steps", "batch", "seq", "pairs", "accum", "lr", "warmup",
                             "weight-decay", "clip", "seed"})
         if (tr->get_option(std::string("--") + k)->count()) {
           std::string key = k;
@@ -300,7 +305,9 @@ int main(int argc, char** argv) {
       return cmd_generate(model_path, gopt, stats);
     }
     if (*ev) {
-      if (eval_file.empty()) return cmd_eval_class(model_path, eval_split.empty() ? "test" : eval_split, eval_examples, eval_json, eval_batch);
+      if (eval_file.empty())
+        return cmd_eval_class(model_path, eval_split.empty() ? "test" : eval_split, eval_examples, eval_json, eval_batch,
+                              ev->get_option("--seq")->count() ? eval_seq : 0, eval_pairs);
       return cmd_eval(model_path, eval_file, eval_split.empty() ? "val" : eval_split, tokenizer_path, eval_mode, dtype,
                       eval_seq, eval_windows);
     }

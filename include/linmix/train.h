@@ -32,8 +32,14 @@ struct Batch {
 
 // Synthetic tasks generated in-process (Zoology-style): "recall" (multi-query associative
 // recall: key-value pairs, then queried keys whose values are scored) and "copy" (a random
-// string, a separator, the string again, scored).
-Batch synthetic_batch(const std::string& task, int64_t B, int64_t T, int64_t vocab, uint64_t seed);
+// string, a separator, the string again, scored). recall's pairs: 0 = T/4 (at most the keys
+// there are: (vocab - 2) / 2), K > 0 = K per sequence, K < 0 = uniform in [1, -K] per sequence;
+// the queries fill the rest of the sequence.
+Batch synthetic_batch(const std::string& task, int64_t B, int64_t T, int64_t vocab, uint64_t seed, int64_t pairs = 0);
+// A language model's accuracy (argmax at the scored positions) and mean loss on `batches`
+// synthetic batches of `task` (the same draws for the same seed).
+std::pair<double, double> evaluate_task(Model& m, const std::string& task, int64_t batch, int64_t T, int64_t pairs,
+                                        int64_t batches, uint64_t seed);
 Batch corpus_batch(const std::vector<uint8_t>& split, int64_t B, int64_t T, uint64_t seed);
 
 // ---- optimizer / checkpoint
@@ -90,6 +96,7 @@ struct TrainOptions {
   // --resume the others are taken from the run, and a given one that differs is refused.
   std::set<std::string> given;
   int64_t steps = 600, batch = 16, seq = 128, accum = 1;
+  int64_t pairs = 0;  // the recall task's key-value pairs (synthetic_batch)
   double lr = 3e-3, min_lr_ratio = 0.1, weight_decay = 0.1, clip = 1.0;
   int64_t warmup = 30, eval_every = 100, eval_batches = 8, ckpt_every = 100;
   double time_budget_s = 0;  // > 0: stop (and checkpoint) once training time passes this

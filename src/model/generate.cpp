@@ -36,14 +36,20 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
   LINMIX_CHECK(o.tokenizer != "bytes" || V <= 256, "this model has " + std::to_string(V) +
                                                       " tokens, not bytes: pass its --tokenizer (a tokenizer.json or an "
                                                       "RWKV World vocabulary)");
-  LINMIX_CHECK(tk->vocab_size() <= V, "tokenizer " + tk->name() + " has " + std::to_string(tk->vocab_size()) +
-                                          " tokens, the model only " + std::to_string(V));
+  // a byte-level model may have fewer than 256 tokens (ASCII, a synthetic task's): its prompt's
+  // bytes must be among them; what it samples always is
+  LINMIX_CHECK(tk->vocab_size() <= V || o.tokenizer == "bytes", "tokenizer " + tk->name() + " has " +
+                                                                    std::to_string(tk->vocab_size()) +
+                                                                    " tokens, the model only " + std::to_string(V));
   const WType wt = parse_wtype(o.dtype);
   std::unique_ptr<Engine> eng;
   if (engine_supports(m.config())) eng = make_engine(m, wt);
   else LINMIX_CHECK(wt == WType::F32, "--dtype " + o.dtype + " needs an RWKV model (the inference engine)");
   const std::vector<int32_t> pids = tk->encode(o.prompt);
   LINMIX_CHECK(!pids.empty(), "the prompt encodes to no tokens");
+  for (int32_t id : pids)
+    LINMIX_CHECK(id < V, "the prompt holds byte " + std::to_string(id) + ", past this model's " + std::to_string(V) +
+                             " tokens");
   std::vector<float> lg(static_cast<size_t>(V));
   // A model whose parameters cover ctx positions (learned positions, AFT's bias) continues past
   // them as nanoGPT does: the context is cropped to its last ctx/2 tokens, which are fed again

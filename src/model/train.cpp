@@ -59,9 +59,14 @@ Batch corpus_batch(const std::vector<uint8_t>& split, int64_t B, int64_t T, uint
   return b;
 }
 
-Batch synthetic_batch(const std::string& task, int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
+Batch synthetic_batch(const std::string& task, int64_t B, int64_t T, int64_t vocab, uint64_t seed, int64_t pairs) {
   LINMIX_CHECK(task == "recall" || task == "copy", "unknown task '" + task + "' (expected recall or copy)");
   LINMIX_CHECK(vocab >= 16 && T >= 8, "synthetic tasks need vocab >= 16 and seq >= 8");
+  LINMIX_CHECK(pairs == 0 || task == "recall", "--pairs is the recall task's");
+  const int64_t kmax = std::abs(pairs);
+  LINMIX_CHECK(kmax <= (vocab - 2) / 2 && 2 * kmax + 2 <= T + 1,
+               "recall: " + std::to_string(kmax) + " pairs do not fit: at most " + std::to_string((vocab - 2) / 2) +
+                   " keys (vocab " + std::to_string(vocab) + ") and 2 pairs + 2 <= seq + 1 (seq " + std::to_string(T) + ")");
   Batch b{B, T, std::vector<int32_t>(B * T, 0), std::vector<int32_t>(B * T, -1)};
   std::mt19937_64 rng(seed);
   const int32_t sep = 1, half = int32_t((vocab - 2) / 2);
@@ -82,11 +87,12 @@ Batch synthetic_batch(const std::string& task, int64_t B, int64_t T, int64_t voc
         if (t >= n && t < 2 * n) tg[t] = seq[t + 1];
       }
     } else {  // multi-query associative recall: k v pairs, then queried keys, score their values
-      const int64_t pairs = std::max<int64_t>(1, T / 4);
+      int64_t n = pairs > 0 ? pairs : std::max<int64_t>(1, T / 4);
+      if (pairs < 0) n = std::uniform_int_distribution<int64_t>(1, -pairs)(rng);
       std::vector<int32_t> keys(half);
       for (int32_t k = 0; k < half; ++k) keys[k] = 2 + k;
       std::shuffle(keys.begin(), keys.end(), rng);
-      keys.resize(std::min<int64_t>(pairs, half));
+      keys.resize(std::min<int64_t>(n, half));
       std::uniform_int_distribution<int32_t> val(2 + half, 2 + 2 * half - 1);
       std::vector<int32_t> vals(keys.size());
       for (auto& x : vals) x = val(rng);
@@ -313,6 +319,17 @@ std::pair<double, double> task_metrics(Model& m, const Batch& b) {
 
 }  // namespace
 
+std::pair<double, double> evaluate_task(Model& m, const std::string& task, int64_t batch, int64_t T, int64_t pairs,
+                                        int64_t batches, uint64_t seed) {
+  LINMIX_CHECK(batch >= 1 && batches >= 1, "evaluation batch and batches must be >= 1");
+  double acc = 0, loss = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    const auto [a, l] = task_metrics(m, synthetic_batch(task, batch, T, m.config().vocab, mix_seed(seed, 1u << 30, i), pairs));
+    acc += a / double(batches), loss += l / double(batches);
+  }
+  return {acc, loss};
+}
+
 ClassEval evaluate_class(Model& m, const ClassTask& task, Split s, int64_t n, int64_t batch, int rank, int size) {
   LINMIX_CHECK(n >= 1 && n <= task.size(s), "the " + std::string(split_name(s)) + " split of " + task.name() + " has " +
                                                 std::to_string(task.size(s)) + " examples, asked for " + std::to_string(n));
@@ -385,6 +402,7 @@ void merge_run_args(TrainOptions& o, const json& run, const std::string& ckpt) {
     field = stored;
   };
   take("data", o.data), take("task", o.task), take("mixer", o.mixer), take("seed", o.seed), take("batch", o.batch), take("seq", o.seq);
+  take("pairs", o.pairs);
   take("accum", o.accum), take("lr", o.lr), take("warmup", o.warmup), take("weight_decay", o.weight_decay);
   take("clip", o.clip), take("min_lr_ratio", o.min_lr_ratio);
   if (run.contains("steps") && !o.given.count("steps")) o.steps = run.at("steps").get<int64_t>();
@@ -473,6 +491,7 @@ TrainResult train(const TrainOptions& opts) {
   LINMIX_CHECK(o.task.empty() || o.task == "recall" || o.task == "copy" || is_class_task(o.task),
                "unknown task '" + o.task + "' (expected recall or copy (language model), listops, fmnist or order "
                "(classifier))");
+  LINMIX_CHECK(o.pairs == 0 || o.task == "recall", "--pairs is the recall task's (--task recall)");
   resolve_task();
   LINMIX_CHECK(o.data.empty() || (!same_file(o.data, ckpt) && !same_file(o.data, logp)),
                "--data " + o.data + " is the run's own checkpoint or log");
@@ -487,7 +506,8 @@ TrainResult train(const TrainOptions& opts) {
   const json run = {{"data", o.data},   {"task", o.task}, {"mixer", o.mixer}, {"seed", o.seed},   {"steps", o.steps},
                     {"batch", o.batch}, {"seq", o.seq},   {"accum", o.accum}, {"lr", o.lr},
                     {"warmup", o.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
-                    {"min_lr_ratio", o.min_lr_ratio}, {"schedule_steps", schedule_steps}, {"init", o.init}};
+                    {"min_lr_ratio", o.min_lr_ratio}, {"schedule_steps", schedule_steps}, {"init", o.init},
+                    {"pairs", o.pairs}};
   if (!o.resume && !o.init.empty()) {  // fine-tuning: the checkpoint's model, a fresh optimizer
     LINMIX_CHECK(!o.given.count("config") && !o.given.count("mixer"),
                  "--init takes the model (and its config) from the checkpoint: drop --config / --mixer");
@@ -517,6 +537,7 @@ TrainResult train(const TrainOptions& opts) {
       if (l.mixer == "aft_full" || l.mixer == "aft_local") return false;
     return true;
   }(), "seq " + std::to_string(o.seq) + " exceeds the model's ctx " + std::to_string(cfg.ctx) + " (aft_full/aft_local)");
+  if (o.task == "recall" || o.task == "copy") synthetic_batch(o.task, 1, o.seq, cfg.vocab, 0, o.pairs);  // its checks
   std::ofstream log;
   if (root) log.open(logp, o.resume ? std::ios::app : std::ios::trunc);
   const bool tty = !o.quiet && isatty(STDERR_FILENO);
@@ -551,7 +572,7 @@ TrainResult train(const TrainOptions& opts) {
     } else {
       double sums[2] = {0, 0};  // accuracy, loss: the means over eval batches, split across the ranks
       for (int64_t i = rank; i < o.eval_batches; i += nranks) {
-        const auto [a, l] = task_metrics(*model, synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, mix_seed(o.seed, 1u << 30, i)));
+        const auto [a, l] = task_metrics(*model, synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, mix_seed(o.seed, 1u << 30, i), o.pairs));
         sums[0] += a / double(o.eval_batches), sums[1] += l / double(o.eval_batches);
       }
       if (comm) comm->allreduce_sum(sums, 2);
@@ -593,7 +614,7 @@ TrainResult train(const TrainOptions& opts) {
         continue;
       }
       const Batch b = o.task.empty() ? corpus_batch(corpus.train, o.batch, o.seq, s)
-                                     : synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, s);
+                                     : synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, s, o.pairs);
       // this rank's rows, weighted by its share of the batch's scored positions: the ranks' weighted
       // mean gradients sum to the gradient of the whole batch's mean loss (exactly, for any split)
       const int64_t r0 = b.B * rank / nranks, r1 = b.B * (rank + 1) / nranks;
