@@ -13,44 +13,16 @@ import argparse
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from exp_common import causal_rows, state_floats  # noqa: E402
 MODEL = {"vocab": 128, "d_model": 64, "n_layer": 2, "n_head": 2, "ctx": 256, "channel_mix": "mlp", "kernel": 7}
-# Where a mechanism's registry example does not fit (as in scripts/results.py).
-SETTINGS = {
-    "performer": {"features": 32},
-    "block_softmax": {"params": {"block": 32}},
-    "aft_local": {"params": {"window": 32}},
-    "flash": {"params": {"group": 32}, "qk_dim": 32, "expand": 2},
-    "s4d": {"state": 32},
-    "mamba": {"state": 16, "expand": 2},
-}
 TRAIN_SEQ, TRAIN_PAIRS = 256, 48  # training: pairs uniform in 1..48 per sequence
 GRID_SEQ = [64, 128, 256]
 GRID_PAIRS = [4, 8, 16, 32, 48]
-
-
-def rows(linmix):
-    specs = json.loads(subprocess.run([linmix, "mixers", "--json"], capture_output=True, text=True, check=True).stdout)
-    return [(m["name"], {"mixer": m["name"], **SETTINGS.get(m["name"], {"params": m["example_params"]})})
-            for m in specs if m["causal"]]
-
-
-def state_floats(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        head = json.loads(f.read(n))
-    total = 0
-    for k, v in head.items():
-        if k != "__metadata__":
-            size = 1
-            for d in v["shape"]:
-                size *= d
-            total += size
-    return total
 
 
 def train(a, cfg_path, out, steps, budget, eval_every):
@@ -120,7 +92,7 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--plot-only", action="store_true")
     a = ap.parse_args()
-    defs = rows(a.linmix)
+    defs = causal_rows(a.linmix)
     names = [n for n, _ in defs]
     only = [x for x in a.only.split(",") if x]
     for x in only:

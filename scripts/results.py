@@ -16,24 +16,14 @@ import argparse
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from exp_common import causal_rows, state_floats  # noqa: E402
 BASE = {"d_model": 128, "n_layer": 4, "n_head": 4, "ctx": 128, "channel_mix": "mlp", "kernel": 7}
 TRAIN = {"batch": 16, "seq": 128, "lr": 3e-3, "warmup": 30, "eval-every": 250}
-# The experiment's settings where a mechanism's registry example does not fit a 128-token context
-# (every other causal mechanism of `linmix mixers --json` runs with its example params).
-SETTINGS = {
-    "performer": {"features": 32},
-    "block_softmax": {"params": {"block": 32}},
-    "aft_local": {"params": {"window": 32}},
-    "flash": {"params": {"group": 32}, "qk_dim": 32, "expand": 2},
-    "s4d": {"state": 32, "params": {"init": "lin"}},
-    "mamba": {"state": 16, "expand": 2},
-}
 # Extra rows: the TransNormer stack (2 block_softmax + 2 norm_linear layers) and S4D with the
 # S4D-LegS initialisation (the diagonal of HiPPO-LegS's normal part) beside S4D-Lin.
 EXTRA = [("transnormer", {"layers": [{"mixer": "block_softmax", "params": {"block": 32}}] * 2 +
@@ -45,25 +35,7 @@ TARGET = ("rwkv4_target", {"mixer": "rwkv4", "d_model": 192, "n_layer": 6, "n_he
 
 
 def mixers(linmix):
-    specs = json.loads(subprocess.run([linmix, "mixers", "--json"], capture_output=True, text=True, check=True).stdout)
-    out = [(m["name"], {"mixer": m["name"], **SETTINGS.get(m["name"], {"params": m["example_params"]})})
-           for m in specs if m["causal"]]
-    return out + EXTRA
-
-
-def state_floats(path):
-    """The recurrent state's size: floats in a state file (safetensors: 8-byte header length, JSON)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        head = json.loads(f.read(n))
-    total = 0
-    for k, v in head.items():
-        if k != "__metadata__":
-            size = 1
-            for d in v["shape"]:
-                size *= d
-            total += size
-    return total
+    return causal_rows(linmix) + EXTRA
 
 
 def train(a, cfg_path, out, steps, budget, train_args):

@@ -41,6 +41,12 @@ CASES += [(s["name"], "mlp", {**s["example_params"], **s["small_params"]}, ENC) 
 CASES += [("softmax", "mlp", {}, {**ENC, "pool": "cls"}), ("fnet", "mlp", {}, {**ENC, "pool": "cls"}),
           ("aft_full", "mlp", {}, {**ENC, "pool": "cls"}), ("rwkv4", "rwkv", {}, {"causal": True, "classes": 2}),
           ("mamba2", "none", {}, {"causal": True, "classes": 2, "pool": "cls"})]
+# one stack of every layer kind, knobs per layer (test_model.cpp's mixed model)
+MIXED = [{"mixer": "softmax", "params": {"window": 4}}, {"mixer": "rwkv4"},
+         {"mixer": "mamba", "params": {"state": 3, "expand": 1}}, {"mixer": "aft_conv", "params": {"kernel": 2}},
+         {"mixer": "flash", "params": {"group": 4, "qk_dim": 4}}, {"mixer": "s4d", "params": {"state": 2}},
+         {"mixer": "performer", "params": {"features": 5}}]
+CASES += [("mixed", "rwkv", {}), ("mixed", "mlp", {})]
 CASES = [c if len(c) == 4 else (*c, {}) for c in CASES]
 if os.environ.get("LINMIX_ONLY"):  # a comma-separated list of mixers to check (debugging)
     CASES = [c for c in CASES if c[0] in os.environ["LINMIX_ONLY"].split(",")]
@@ -72,12 +78,15 @@ def main():
     labels = np.array([1, 0])
     for mixer, cm, params, head in CASES:
         name = f"{mixer}/{cm}{'' if not params else ' ' + json.dumps(params)}{'' if not head else ' ' + json.dumps(head)}"
-        if mixer not in model_ref.LAYERS:
+        if mixer not in model_ref.LAYERS and mixer != "mixed":
             check(name, False, "no layer in python/model_ref.py LAYERS (every causal mechanism needs one)")
             continue
         cfg = {"vocab": 128, "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "features": 8, "kernel": 3,
                "ffn_mult": 2, "state": 4, "qk_dim": 8, "mixer": mixer, "channel_mix": cm, "params": params,
                "ln0": mixer in ("rwkv4", "rwkv5", "rwkv6", "rwkv7"), **head}
+        if mixer == "mixed":
+            del cfg["mixer"], cfg["params"]
+            cfg["layers"], cfg["n_layer"] = MIXED, len(MIXED)
         if cm == "none":  # Mamba as Hugging Face's: RMSNorm, no channel mix
             cfg["norm"] = "rmsnorm"
         run = os.path.join(TMP, f"{mixer}-{cm}-{len(os.listdir(TMP))}")

@@ -7,6 +7,8 @@
 // weights, the SSMs' (data-dependent) kernels, AFT's position biases. norm_linear's output
 // normalisation is not linear in v: its weights are its kernel products phi(q_t) . phi(k_s)
 // before the normalisation (linear attention's, which agree after the row normalisation below).
+// The SSMs' skip term D u_t (s4d, mamba, mamba2) is left out: it is a per-channel residual
+// around the state, not memory (with it, a young Mamba's every row is almost all diagonal).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -3,8 +3,9 @@
 // 4); [dt_r, Bm, Cm] = x W_x; delta = dt_r W_dt; y = selective_scan(x, delta, A = -exp(A_log),
 // Bm, Cm, D, z, dt bias); out = y W_out. Its recurrent state: the scan's h and the last three
 // conv inputs ("conv", (3, Ei) oldest first).
-// (dt_proj.bias starts at 0, the model's rule for every bias, not at Mamba's softplus^-1 of a
-// log-uniform dt: kept as it was trained so far.)
+// Init as mamba_ssm's: A = -(1..N), D = 1, dt_proj.bias = softplus^-1(dt) with dt log-uniform
+// in [1e-3, 1e-1] (floored at 1e-4), so that the scan starts with memories of 10 to 1000
+// tokens (a zero bias, the model's rule for biases, gives dt = 0.69: a memory of about a token).
 #include <cmath>
 
 #include "layers.h"
@@ -38,6 +39,14 @@ class MambaLayer : public MixerLayer {
       return false;
     }
     return true;
+  }
+
+  void finish_init(TensorMap& params, const std::string& prefix, std::mt19937_64& rng) const override {
+    std::uniform_real_distribution<float> u01(0.0f, 1.0f);
+    for (float& x : params.at(prefix + "att.dt_proj.bias").data) {
+      const float dt = std::max(std::exp(std::log(1e-3f) + std::log(100.0f) * u01(rng)), 1e-4f);
+      x = dt + std::log(-std::expm1(-dt));
+    }
   }
 
   void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) override {

@@ -74,9 +74,12 @@ class MixerLayer {
     (void)name, (void)t, (void)ctx;
     return false;
   }
-  // After every parameter's init: a rule that couples several of the layer's parameters
-  // (S4D-LegS: C = C0 B). params: the model's; prefix "blocks.<i>.".
-  virtual void finish_init(TensorMap& params, const std::string& prefix) const { (void)params, (void)prefix; }
+  // After every parameter's init: a rule that couples several of the layer's parameters (S4D-LegS:
+  // C = C0 B) or overrides the model's rule for a bias (Mamba's dt_proj.bias); params: the model's,
+  // prefix "blocks.<i>.", rng: the layer's own generator (seeded from the model's seed and index).
+  virtual void finish_init(TensorMap& params, const std::string& prefix, std::mt19937_64& rng) const {
+    (void)params, (void)prefix, (void)rng;
+  }
   // a (B*T, C) -> out (B*T, C), written; keeps what backward needs (a must stay valid).
   virtual void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) = 0;
   // dout (B*T, C) -> da (B*T, C), added; parameter gradients into io.grads.

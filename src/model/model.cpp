@@ -90,7 +90,10 @@ void Model::init(uint64_t seed) {
       for (float& x : t.data) x = s * normal(rng);
     }
   }
-  for (size_t i = 0; i < layers_.size(); ++i) layers_[i]->finish_init(params_, "blocks." + std::to_string(i) + ".");
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    std::mt19937_64 own(seed ^ (0x9e3779b97f4a7c15ULL * (i + 1)));
+    layers_[i]->finish_init(params_, "blocks." + std::to_string(i) + ".", own);
+  }
 }
 
 // ---------------------------------------------------------------- norms

@@ -49,7 +49,7 @@ class S4dLayer : public MixerLayer {
     return true;
   }
 
-  void finish_init(TensorMap& params, const std::string& prefix) const override {
+  void finish_init(TensorMap& params, const std::string& prefix, std::mt19937_64&) const override {
     if (!legs()) return;
     Tensor& cr = params.at(prefix + "att.C_re");
     Tensor& ci = params.at(prefix + "att.C_im");

@@ -102,6 +102,7 @@ std::vector<LayerAttention> effective_attention(Model& m, const std::vector<int3
   for (int64_t l = 0; l < cfg.n_layer; ++l) {
     CapturedCall c = calls[size_t(l)];
     if (c.mixer == "norm_linear") c.mixer = "linear", c.params.clear();  // its weights before the output norm
+    if (c.in.count("D")) std::fill(c.in["D"].data.begin(), c.in["D"].data.end(), 0.0f);  // the SSM's skip: not memory
     const Tensor& v = c.in.at(value_input(c.mixer));
     LayerAttention la;
     la.layer = l, la.mixer = calls[size_t(l)].mixer, la.T = T;
