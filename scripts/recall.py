@@ -64,7 +64,8 @@ def run_row(a, name, cfg):
             acc[f"{T}/{K}"] = json.loads(r.stdout)["accuracy"]
     st = os.path.join(run, "state.safetensors")
     g = subprocess.run([a.linmix, "generate", "--model", ck, "--prompt", "ab", "--tokens", str(TRAIN_SEQ - 2),
-                        "--state-out", st, "--threads", "1"], capture_output=True, text=True)
+                        "--state-out", st, "--threads", "1"], capture_output=True, text=True,
+                       errors="replace")
     if g.returncode != 0:
         raise RuntimeError(g.stderr[-600:])
     log = [json.loads(l) for l in open(os.path.join(run, "log.jsonl"))]

@@ -30,7 +30,8 @@ float map_f(Map m, float x) {
   switch (m) {
     case Map::Id: return x;
     case Map::Sigmoid: return 1.0f / (1.0f + std::exp(-x));
-    case Map::LogSig16: return -(x > 20.0f ? std::exp(-x) : std::log1p(std::exp(-x))) / 16.0f;
+    // logsigmoid(x) = -softplus(-x): x itself below -20 (exp(-x) overflows below -88)
+    case Map::LogSig16: return (x > 20.0f ? -std::exp(-x) : x < -20.0f ? x : -std::log1p(std::exp(-x))) / 16.0f;
     case Map::Softplus: return x > 20.0f ? x : std::log1p(std::exp(x));
   }
   return x;
