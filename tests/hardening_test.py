@@ -234,7 +234,7 @@ def viz_and_recall(corpus, lm):
     refused("viz with --data and --prompt", ["viz", "--model", lm, "--data", corpus, "--prompt", "hi", "--out", out],
             "one of them")
     refused("viz --tokens 1", ["viz", "--model", lm, "--prompt", "hi", "--tokens", "1", "--out", out])
-    refused("viz past the model's positions", ["viz", "--model", lm, "--data", corpus, "--tokens", "1000",
+    refused("viz past the model's positions", ["viz", "--model", lm, "--data", corpus, "--tokens", "300",
                                                "--out", out], "context")
     refused("viz of a missing checkpoint", ["viz", "--model", path("nope.safetensors"), "--prompt", "hi", "--out", out])
     r = linmix("viz", "--model", lm, "--prompt", "the quick brown fox jumps", "--tokens", "20", "--out", out)

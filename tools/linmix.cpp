@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
   viz->add_option("--data", viz_data, "text file: --tokens tokens from --offset (default: its last 10%, the validation split)");
   viz->add_option("--offset", viz_offset, "byte offset in --data")->check(CLI::NonNegativeNumber);
   viz->add_option("--prompt", viz_prompt, "the text itself (instead of --data)");
-  viz->add_option("--tokens", viz_T, "sequence length T")->capture_default_str()->check(CLI::Range(int64_t(2), int64_t(1024)));
+  viz->add_option("--tokens", viz_T, "sequence length T")->capture_default_str()->check(CLI::Range(int64_t(2), int64_t(512)));
   viz->add_option("--out", viz_out, "output directory")->capture_default_str();
   viz->add_flag("--force", viz_force, "replace the output of an earlier viz in --out");
 

@@ -80,7 +80,8 @@ std::vector<LayerAttention> effective_attention(Model& m, const std::vector<int3
   const ModelConfig& cfg = m.config();
   LINMIX_CHECK(!cfg.classifier() && cfg.causal, "viz: the model must be a causal language model");
   const int64_t T = static_cast<int64_t>(tokens.size());
-  LINMIX_CHECK(T >= 2 && T <= 1024, "viz: the sequence must have 2..1024 tokens, found " + std::to_string(T));
+  LINMIX_CHECK(T >= 2 && T <= 512, "viz: the sequence must have 2..512 tokens (it holds T x T weights per value unit), "
+                                    "found " + std::to_string(T));
   const int64_t lim = cfg.context_limit();
   LINMIX_CHECK(lim == 0 || T <= lim, "viz: " + std::to_string(T) + " tokens are more than the model's context of " +
                                          std::to_string(lim));
