@@ -1,7 +1,8 @@
 """What scripts/results.py and scripts/recall.py share: the causal mechanisms of the registry
 with the experiment settings where a registry example does not fit a short context, and the
-size of a saved recurrent state."""
+size of a saved recurrent state, --only checking, a fresh run directory."""
 import json
+import os
 import struct
 import subprocess
 
@@ -37,3 +38,25 @@ def state_floats(path):
                 size *= d
             total += size
     return total
+
+
+def selected(prog, rows, only):
+    """The names of --only (comma-separated), each checked against the rows; exits naming the rows."""
+    names = [n for n, _ in rows]
+    picked = [x for x in only.split(",") if x]
+    for x in picked:
+        if x not in names:
+            raise SystemExit(f"{prog}: unknown row '{x}' (rows: {', '.join(names)})")
+    return picked
+
+
+def fresh_run(runs, name, config):
+    """The run directory of a row, its old row.json gone, the model config written: (dir, config path)."""
+    run = os.path.join(runs, name)
+    os.makedirs(run, exist_ok=True)
+    if os.path.exists(os.path.join(run, "row.json")):
+        os.remove(os.path.join(run, "row.json"))
+    cfg_path = os.path.join(run, "config.json")
+    with open(cfg_path, "w") as f:
+        json.dump(config, f)
+    return run, cfg_path

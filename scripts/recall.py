@@ -18,7 +18,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exp_common import causal_rows, state_floats  # noqa: E402
+from exp_common import causal_rows, fresh_run, selected, state_floats  # noqa: E402
 MODEL = {"vocab": 128, "d_model": 64, "n_layer": 2, "n_head": 2, "ctx": 256, "channel_mix": "mlp", "kernel": 7}
 TRAIN_SEQ, TRAIN_PAIRS = 256, 48  # training: pairs uniform in 1..48 per sequence
 GRID_SEQ = [64, 128, 256]
@@ -40,13 +40,7 @@ def train(a, cfg_path, out, steps, budget, eval_every):
 def run_row(a, name, cfg):
     base = dict(MODEL)
     base.update(cfg)
-    run = os.path.join(a.runs, name)
-    os.makedirs(run, exist_ok=True)
-    if os.path.exists(os.path.join(run, "row.json")):
-        os.remove(os.path.join(run, "row.json"))
-    cfg_path = os.path.join(run, "config.json")
-    with open(cfg_path, "w") as f:
-        json.dump(base, f)
+    run, cfg_path = fresh_run(a.runs, name, base)
     _, s_steps, s_secs, _ = train(a, cfg_path, run + "-calib", 100000, a.calibrate, 0)
     steps = max(50, int(a.budget * s_steps / s_secs))
     cmd, done, secs, tok_s = train(a, cfg_path, run, steps, a.budget * 1.15, max(50, steps // 8))
@@ -94,11 +88,7 @@ def main():
     ap.add_argument("--plot-only", action="store_true")
     a = ap.parse_args()
     defs = causal_rows(a.linmix)
-    names = [n for n, _ in defs]
-    only = [x for x in a.only.split(",") if x]
-    for x in only:
-        if x not in names:
-            sys.exit(f"recall.py: unknown row '{x}' (rows: {', '.join(names)})")
+    only = selected("recall.py", defs, a.only)
     if not a.plot_only:
         for name, cfg in defs:
             if only and name not in only:

@@ -21,7 +21,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exp_common import causal_rows, state_floats  # noqa: E402
+from exp_common import causal_rows, fresh_run, selected, state_floats  # noqa: E402
 BASE = {"d_model": 128, "n_layer": 4, "n_head": 4, "ctx": 128, "channel_mix": "mlp", "kernel": 7}
 TRAIN = {"batch": 16, "seq": 128, "lr": 3e-3, "warmup": 30, "eval-every": 250}
 # Extra rows: the TransNormer stack (2 block_softmax + 2 norm_linear layers) and S4D with the
@@ -66,13 +66,7 @@ def run_row(a, name, cfg, runs_dir, overrides=None):
     train_args = dict(TRAIN)
     train_args.update({k: v for k, v in overrides.items() if k in ("batch", "seq", "lr", "warmup", "budget")})
     budget = float(train_args.get("budget", a.budget))
-    run = os.path.join(runs_dir, name)
-    os.makedirs(run, exist_ok=True)
-    if os.path.exists(os.path.join(run, "row.json")):
-        os.remove(os.path.join(run, "row.json"))
-    cfg_path = os.path.join(run, "config.json")
-    with open(cfg_path, "w") as f:
-        json.dump(base, f)
+    run, cfg_path = fresh_run(runs_dir, name, base)
     # calibration: seconds per step at these settings, then the steps that fit the budget
     _, _, s_steps, s_secs, _ = train(a, cfg_path, run + "-calib", 100000, a.calibrate, dict(train_args, **{"eval-every": 0}))
     steps = max(50, int(budget * s_steps / s_secs))
@@ -114,11 +108,7 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     rows_def = mixers(a.linmix)
-    names = [n for n, _ in rows_def]
-    only = [x for x in a.only.split(",") if x]
-    for x in only:
-        if x not in names:
-            sys.exit(f"results.py: unknown row '{x}' (rows: {', '.join(names)})")
+    only = selected("results.py", rows_def, a.only)
     if not a.plot_only:
         for name, cfg in rows_def:
             if (only and name not in only) or (a.target and not only):
