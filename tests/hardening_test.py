@@ -86,6 +86,13 @@ def lost_work(corpus, model):
     refused("--resume with another --lr", ["train", "--resume", "--out", run, "--lr", "2e-3", "--steps", "6"], "lr")
     refused("--resume with another model", ["train", "--resume", "--out", run, "--mixer", "softmax", "--steps", "6"],
             "config")
+    refused("--resume with another --tokenizer", ["train", "--resume", "--out", run, "--tokenizer",
+                                                  os.path.join(ROOT, "data", "rwkv_vocab_v20230424.txt"), "--steps", "6"],
+            "tokenizer")
+    refused("train --tokenizer that is not there", [*args[:-1], path("lw-tk"), "--tokenizer", path("no-such-vocab.txt"),
+                                                    "--steps", "1"], "no-such-vocab")
+    refused("train --tokenizer with a task", ["train", "--task", "copy", "--tokenizer", "bytes", "--steps", "1",
+                                              "--out", path("lw-task")], "--tokenizer is for a text")
     # a log that ran past the checkpoint (a kill between the two): one record per step after resuming
     with open(os.path.join(run, "log.jsonl"), "a") as f:
         f.write(json.dumps({"step": 5, "loss": 9}) + "\n" + '{"step": 6, "lo')

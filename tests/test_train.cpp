@@ -5,9 +5,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 
+#include "linmix/generate.h"
 #include "linmix/safetensors.h"
+#include "linmix/tokenizer.h"
 #include "linmix/train.h"
 #include "test_util.h"
 
@@ -84,6 +88,74 @@ TEST(Train, ResumeEqualsUninterrupted) {
   // the resumed run's losses (steps 2..60) equal the uninterrupted run's, bit for bit
   for (const auto& [step, loss] : resumed.losses) EXPECT_EQ(loss, full.losses[step - 1].second) << "step " << step;
   EXPECT_EQ(resumed.val_loss, full.val_loss);
+}
+
+// An RWKV World vocabulary file (every byte, then tiny_corpus's words) of 266 tokens: more than
+// bytes, so a model of it is not a byte model.
+std::string write_vocab(const std::string& dir) {
+  const std::string p = dir + "/vocab.txt";
+  std::ofstream f(p);
+  char hex[8];
+  for (int b = 0; b < 256; ++b) std::snprintf(hex, sizeof hex, "\\x%02x", b), f << b + 1 << " b'" << hex << "' 1\n";
+  int id = 257;
+  for (const char* w : {"the ", "cat ", "sat ", "on ", "mat ", "and ", "dog ", "ran ", "far ", "away. "})
+    f << id++ << " '" << w << "' " << std::strlen(w) << "\n";
+  return p;
+}
+
+TEST(Train, TextOfATokenizerTrainsAndFineTunesWithIt) {
+  const std::string dir = test::tmp_dir();
+  const std::string data = write_corpus(dir), vocab = write_vocab(dir);
+  TrainOptions o = small(dir, data);
+  o.tokenizer = vocab, o.steps = 30, o.seq = 16;
+  const TrainResult r = train(o);
+  Checkpoint ck = load_checkpoint(o.out + "/ckpt.safetensors");
+  EXPECT_EQ(ck.tokenizer, vocab);                  // generate / eval find it
+  EXPECT_EQ(ck.model->config().vocab, 267);        // the default shape took the tokenizer's ids
+  // val_bpc is bits per byte of text: linmix eval's path (its own tokenizing of the validation
+  // half, its own byte count of the scored targets) gives the same number
+  std::ifstream f(data, std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const EvalResult e = evaluate_file(*ck.model, split_text(bytes).second, vocab, "parallel", "f32", o.seq,
+                                     o.eval_batches * o.batch);
+  EXPECT_NEAR(r.val_loss, e.loss, 1e-6);
+  EXPECT_NEAR(r.val_bpc, e.bits_per_byte, 1e-6);
+  EXPECT_LT(e.tokens * 3, e.bytes);  // words, not bytes: a token stands for several bytes
+  // fine-tuning takes the checkpoint's tokenizer without being told
+  TrainOptions ft = small(dir + "/ft", data);
+  ft.init = o.out + "/ckpt.safetensors", ft.steps = 2, ft.seq = 16;
+  train(ft);
+  EXPECT_EQ(load_checkpoint(ft.out + "/ckpt.safetensors").tokenizer, vocab);
+  // a model of more ids than bytes whose checkpoint names no tokenizer: refused, not trained on bytes
+  save_checkpoint(dir + "/anon.safetensors", *ck.model, AdamW{}, 0, "{}", "");
+  ft.init = dir + "/anon.safetensors", ft.force = true;
+  try {
+    train(ft);
+    FAIL() << "a 267-token model trained on bytes";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("not bytes: pass its --tokenizer"), std::string::npos) << err.what();
+  }
+  // a tokenizer the checkpoint names but that is gone: refused by name
+  std::filesystem::rename(vocab, vocab + ".moved");
+  ft.init = o.out + "/ckpt.safetensors";
+  try {
+    train(ft);
+    FAIL() << "trained without its tokenizer";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("which is not there"), std::string::npos) << err.what();
+  }
+}
+
+TEST(Train, SplitTextCutsBetweenCharacters) {
+  // 90% of 100 bytes is byte 90: inside a 4-byte character there, the cut moves past it
+  std::string s(88, 'a');
+  s += "\xF0\x9F\x98\x80";  // U+1F600 at bytes 88..91
+  s += std::string(8, 'b');
+  const auto [train_part, val_part] = split_text(std::vector<uint8_t>(s.begin(), s.end()));
+  EXPECT_EQ(train_part.size(), 92u);
+  EXPECT_EQ(val_part.size(), 8u);
+  const std::string ascii(100, 'c');  // a cut between characters stays at 90%
+  EXPECT_EQ(split_text(std::vector<uint8_t>(ascii.begin(), ascii.end())).first.size(), 90u);
 }
 
 TEST(Train, RefusesTruncatedOrCorruptCheckpoints) {

@@ -273,9 +273,9 @@ int cmd_eval(const std::string& model_path, const std::string& file, const std::
                                                               "without --data (linmix eval --model M [--split test])");
   const std::string tk = tokenizer_for(ck, tokenizer);
   std::vector<uint8_t> bytes = read_bytes(file);
-  if (split != "all") {  // split by bytes as training does: the first 90% train, the last 10% validation
-    const Corpus c = Corpus::from_bytes(std::move(bytes));
-    bytes = split == "val" ? c.val : c.train;
+  if (split != "all") {  // split as training does: the first 90% train, the last 10% validation
+    auto halves = split_text(std::move(bytes));
+    bytes = split == "val" ? std::move(halves.second) : std::move(halves.first);
   }
   const EvalResult r = evaluate_file(*ck.model, bytes, tk, mode, dtype, seq, windows);
   if (tk == "bytes")

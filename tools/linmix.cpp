@@ -101,7 +101,7 @@ int main(int argc, char** argv) {
   viz->add_option("--out", viz_out, "output directory")->capture_default_str();
   viz->add_flag("--force", viz_force, "replace the output of an earlier viz in --out");
 
-  auto* tr = app.add_subcommand("train", "train a language model (byte-level) on a text file or a synthetic task");
+  auto* tr = app.add_subcommand("train", "train a language model on a text file (bytes or --tokenizer) or a task");
   TrainOptions topt;
   std::string config_path;
   tr->add_option("--data", topt.data, "text file (first 90% train, last 10% validation)");
@@ -110,6 +110,9 @@ int main(int argc, char** argv) {
   tr->add_option("--mixer", mixer, "shorthand: every layer uses this token mixer (MLP channel mix unless rwkv4)");
   tr->add_option("--out", topt.out, "run directory: ckpt.safetensors, log.jsonl")->capture_default_str();
   tr->add_option("--init", topt.init, "start from this checkpoint's weights and config (linmix, or RWKV-4/5/6/7 safetensors): fine-tune it");
+  tr->add_option("--tokenizer", topt.tokenizer,
+                 "the text's tokenizer: bytes, an RWKV World vocabulary or a Hugging Face tokenizer.json (byte-level BPE); "
+                 "default: the --init checkpoint's, else bytes (a new model's vocab becomes the tokenizer's)");
   tr->add_flag("--resume", topt.resume, "continue from OUT/ckpt.safetensors (with the run's arguments)");
   tr->add_flag("--force", topt.force, "start a new run in an OUT that holds one (replacing its checkpoint and log)");
   tr->add_option("--pairs", topt.pairs, "recall: key-value pairs per sequence (0: seq/4; -K: 1..K at random)")
@@ -291,8 +294,8 @@ int main(int argc, char** argv) {
     if (*demo) return cmd_demo(demo_T, dir, seed);
     if (*ex) return cmd_example(mixer, causal, ex_T, ex_seed, ex_scale, ex_dims, ex_stress, ex_dy, out_path);
     if (*tr) {
-      for (const char* k : {"data", "task", "config", "mixer", "init", "steps", "batch", "seq", "pairs", "accum", "lr", "warmup",
-                            "weight-decay", "clip", "seed"})
+      for (const char* k : {"data", "task", "config", "mixer", "init", "tokenizer", "steps", "batch", "seq", "pairs", "accum",
+                            "lr", "warmup", "weight-decay", "clip", "seed"})
         if (tr->get_option(std::string("--") + k)->count()) {
           std::string key = k;
           std::replace(key.begin(), key.end(), '-', '_');

@@ -43,8 +43,12 @@ class WorldTokenizer : public Tokenizer {
  private:
   std::vector<bool> seen_;           // ids given by the file
   std::vector<std::string> tokens_;  // id -> bytes
-  std::unordered_map<std::string, int32_t> ids_;
-  int64_t max_len_ = 0, vocab_ = 0;
+  // A byte trie of the tokens: (node << 8 | byte) -> child node (the root is node 0), and the
+  // token id that ends at each node (-1: none). Encoding walks it once per token.
+  static uint64_t edge(int32_t node, unsigned char c) { return uint64_t(uint32_t(node)) << 8 | c; }
+  std::unordered_map<uint64_t, int32_t> trie_;
+  std::vector<int32_t> node_token_{-1};
+  int64_t vocab_ = 0;
 };
 
 // Byte-level BPE (Radford et al. 2019; Hugging Face `tokenizers` JSON, model type "BPE"):

@@ -6,6 +6,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "linmix/comm.h"
@@ -17,11 +18,20 @@ namespace linmix {
 class Engine;
 
 // ---- data
-// A byte corpus split by bytes: the first 90% train, the last 10% validation.
+// A text split by bytes: the first 90% train, the last 10% validation (the cut moved forward to
+// the next UTF-8 character boundary, so a tokenizer sees whole characters; training and
+// `linmix eval --split` cut the same way).
+std::pair<std::vector<uint8_t>, std::vector<uint8_t>> split_text(std::vector<uint8_t> bytes);
+
+class Tokenizer;
+// A corpus of token ids: split_text's halves, each encoded by a tokenizer (null: the bytes
+// themselves). bytes_of[id]: the bytes token `id` stands for (empty: one byte each), so a
+// loss per token converts to bits per byte.
 struct Corpus {
-  std::vector<uint8_t> train, val;
-  static Corpus from_file(const std::string& path);
-  static Corpus from_bytes(std::vector<uint8_t> bytes);
+  std::vector<int32_t> train, val;
+  std::vector<int32_t> bytes_of;
+  static Corpus from_file(const std::string& path, const Tokenizer* tk = nullptr);
+  static Corpus from_bytes(std::vector<uint8_t> bytes, const Tokenizer* tk = nullptr);
 };
 
 // One batch: inputs and targets (B,T); targets < 0 are not scored.
@@ -40,7 +50,7 @@ Batch synthetic_batch(const std::string& task, int64_t B, int64_t T, int64_t voc
 // synthetic batches of `task` (the same draws for the same seed).
 std::pair<double, double> evaluate_task(Model& m, const std::string& task, int64_t batch, int64_t T, int64_t pairs,
                                         int64_t batches, uint64_t seed);
-Batch corpus_batch(const std::vector<uint8_t>& split, int64_t B, int64_t T, uint64_t seed);
+Batch corpus_batch(const std::vector<int32_t>& split, int64_t B, int64_t T, uint64_t seed);
 
 // ---- optimizer / checkpoint
 struct AdamW {
@@ -91,6 +101,9 @@ struct TrainOptions {
   std::string out = "linmix-run";  // directory: ckpt.safetensors, log.jsonl
   bool resume = false;
   std::string init;    // start from this checkpoint's weights and config (linmix or an RWKV checkpoint): fine-tuning
+  // --data's tokenizer: "bytes" or a file (Tokenizer::load); empty: the --init checkpoint's (or
+  // the resumed run's), else bytes. The checkpoint records it for generate / eval.
+  std::string tokenizer;
   bool force = false;  // start a new run in an --out that holds one (its checkpoint and log are replaced)
   // The options the user gave explicitly (the CLI's names without dashes: "batch", "lr", ...): on
   // --resume the others are taken from the run, and a given one that differs is refused.

@@ -117,27 +117,40 @@ WorldTokenizer::WorldTokenizer(const std::string& path) {
     LINMIX_CHECK(id >= 1 && id < (1 << 20), where + ": token id " + std::to_string(id) + " outside [1, 2^20)");
     if (static_cast<int64_t>(tokens_.size()) <= id) tokens_.resize(id + 1), seen_.resize(id + 1, false);
     LINMIX_CHECK(!seen_[size_t(id)], where + ": token id " + std::to_string(id) + " is given twice");
+    LINMIX_CHECK(!tok.empty(), where + ": empty token");
     tokens_[id] = tok, seen_[size_t(id)] = true;
-    LINMIX_CHECK(ids_.emplace(tok, int32_t(id)).second, where + ": duplicate token");
-    max_len_ = std::max<int64_t>(max_len_, len);
+    int32_t node = 0;  // the token's path in the trie, created as needed
+    for (unsigned char c : tok) {
+      auto [it, added] = trie_.try_emplace(edge(node, c), int32_t(node_token_.size()));
+      if (added) node_token_.push_back(-1);
+      node = it->second;
+    }
+    LINMIX_CHECK(node_token_[size_t(node)] < 0, where + ": duplicate token");
+    node_token_[size_t(node)] = int32_t(id);
   }
   vocab_ = static_cast<int64_t>(tokens_.size());
-  for (int b = 0; b < 256; ++b)
-    LINMIX_CHECK(ids_.count(std::string(1, char(b))), path + ": every single byte must be a token (byte " +
-                                                          std::to_string(b) + " is missing)");
+  for (int b = 0; b < 256; ++b) {
+    const auto it = trie_.find(edge(0, static_cast<unsigned char>(b)));
+    LINMIX_CHECK(it != trie_.end() && node_token_[size_t(it->second)] >= 0,
+                 path + ": every single byte must be a token (byte " + std::to_string(b) + " is missing)");
+  }
 }
 
 std::vector<int32_t> WorldTokenizer::encode(const std::string& text) const {
   std::vector<int32_t> out;
+  out.reserve(text.size() / 3);
   size_t i = 0;
-  while (i < text.size()) {  // greedy: the longest token that matches here
-    for (int64_t n = std::min<int64_t>(max_len_, static_cast<int64_t>(text.size() - i)); n >= 1; --n) {
-      auto it = ids_.find(text.substr(i, static_cast<size_t>(n)));
-      if (it == ids_.end()) continue;
-      out.push_back(it->second);
-      i += static_cast<size_t>(n);
-      break;
+  while (i < text.size()) {  // greedy: the longest token that matches here, one walk down the trie
+    int32_t node = 0, best = -1;
+    size_t len = 0;
+    for (size_t j = i; j < text.size(); ++j) {
+      const auto it = trie_.find(edge(node, static_cast<unsigned char>(text[j])));
+      if (it == trie_.end()) break;
+      node = it->second;
+      if (node_token_[size_t(node)] >= 0) best = node_token_[size_t(node)], len = j - i + 1;
     }
+    out.push_back(best);  // every byte is a token (checked at load): len >= 1
+    i += len;
   }
   return out;
 }

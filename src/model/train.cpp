@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "linmix/safetensors.h"
+#include "linmix/tokenizer.h"
 
 namespace linmix {
 
@@ -29,25 +30,45 @@ uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c = 0) {  // splitmix64 over 
 
 // ---------------------------------------------------------------- data
 
-Corpus Corpus::from_bytes(std::vector<uint8_t> bytes) {
+std::pair<std::vector<uint8_t>, std::vector<uint8_t>> split_text(std::vector<uint8_t> bytes) {
   LINMIX_CHECK(bytes.size() >= 100, "corpus too small (" + std::to_string(bytes.size()) + " bytes; need at least 100)");
+  size_t cut = bytes.size() * 9 / 10;
+  for (int i = 0; i < 3 && cut < bytes.size() && (bytes[cut] & 0xC0) == 0x80; ++i) ++cut;  // not inside a character
+  std::vector<uint8_t> val(bytes.begin() + static_cast<std::ptrdiff_t>(cut), bytes.end());
+  bytes.resize(cut);
+  return {std::move(bytes), std::move(val)};
+}
+
+Corpus Corpus::from_bytes(std::vector<uint8_t> bytes, const Tokenizer* tk) {
+  auto [train, val] = split_text(std::move(bytes));
   Corpus c;
-  const size_t cut = bytes.size() * 9 / 10;
-  c.train.assign(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(cut));
-  c.val.assign(bytes.begin() + static_cast<std::ptrdiff_t>(cut), bytes.end());
+  const auto ids = [&](const std::vector<uint8_t>& part) {
+    if (!tk) return std::vector<int32_t>(part.begin(), part.end());
+    return tk->encode(std::string(part.begin(), part.end()));
+  };
+  c.train = ids(train), c.val = ids(val);
+  if (tk) {
+    c.bytes_of.resize(static_cast<size_t>(tk->vocab_size()));
+    for (int32_t i = 0; i < int32_t(c.bytes_of.size()); ++i) {
+      try {
+        c.bytes_of[i] = int32_t(tk->decode({i}).size());
+      } catch (const Error&) {  // an id the tokenizer leaves unused (World's 0): never in the text
+      }
+    }
+  }
   return c;
 }
 
-Corpus Corpus::from_file(const std::string& path) {
+Corpus Corpus::from_file(const std::string& path, const Tokenizer* tk) {
   std::ifstream f(path, std::ios::binary);
   LINMIX_CHECK(f.good(), path + ": cannot open the data file");
   std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  return from_bytes(std::move(bytes));
+  return from_bytes(std::move(bytes), tk);
 }
 
-Batch corpus_batch(const std::vector<uint8_t>& split, int64_t B, int64_t T, uint64_t seed) {
+Batch corpus_batch(const std::vector<int32_t>& split, int64_t B, int64_t T, uint64_t seed) {
   LINMIX_CHECK(static_cast<int64_t>(split.size()) > T + 1,
-               "data split of " + std::to_string(split.size()) + " bytes is shorter than a window of " +
+               "data split of " + std::to_string(split.size()) + " tokens is shorter than a window of " +
                    std::to_string(T + 1));
   Batch b{B, T, std::vector<int32_t>(B * T), std::vector<int32_t>(B * T)};
   std::mt19937_64 rng(seed);
@@ -228,19 +249,25 @@ double lr_at(const TrainOptions& o, int64_t step) {
 }
 
 namespace {
-// The loss summed over the windows w of evaluate_split with w % size == rank, and the count of
-// positions scored (a rank's share of an evaluation split across ranks).
-std::pair<double, int64_t> eval_share(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows,
-                                      bool recurrent, int rank, int size) {
+// The loss summed over the windows w of evaluate_split with w % size == rank, the count of
+// positions scored and the bytes their targets stand for (bytes_of, Corpus's; empty: one byte a
+// token): a rank's share of an evaluation split across ranks.
+struct EvalShare {
+  double total = 0;
+  int64_t count = 0, bytes = 0;
+};
+EvalShare eval_share(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows, bool recurrent,
+                     int rank, int size, const std::vector<int32_t>& bytes_of = {}) {
   const int64_t n = static_cast<int64_t>(split.size()) - 1;
   LINMIX_CHECK(n >= seq, "evaluation split shorter than one window of " + std::to_string(seq));
   const auto [windows, stride] = eval_windows(n + 1, seq, max_windows);  // spread evenly over the split
   double total = 0;
-  int64_t count = 0;
+  int64_t count = 0, nbytes = 0;
   const int64_t V = m.config().vocab;
   std::vector<float> lg(V);
   for (int64_t w = rank; w < windows; w += size) {
     const int64_t p = w * stride;
+    for (int64_t t = 1; t <= seq; ++t) nbytes += bytes_of.empty() ? 1 : bytes_of[size_t(split[p + t])];
     if (recurrent) {
       Model::State st = m.new_state();
       for (int64_t t = 0; t < seq; ++t) {
@@ -259,13 +286,13 @@ std::pair<double, int64_t> eval_share(Model& m, const std::vector<int32_t>& spli
       count += c;
     }
   }
-  return {total, count};
+  return {total, count, nbytes};
 }
 }  // namespace
 
 double evaluate_split(Model& m, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows, bool recurrent) {
-  const auto [total, count] = eval_share(m, split, seq, max_windows, recurrent, 0, 1);
-  return total / double(count);
+  const EvalShare e = eval_share(m, split, seq, max_windows, recurrent, 0, 1);
+  return e.total / double(e.count);
 }
 
 double evaluate_split(Engine& e, const std::vector<int32_t>& split, int64_t seq, int64_t max_windows) {
@@ -402,7 +429,7 @@ void merge_run_args(TrainOptions& o, const json& run, const std::string& ckpt) {
     field = stored;
   };
   take("data", o.data), take("task", o.task), take("mixer", o.mixer), take("seed", o.seed), take("batch", o.batch), take("seq", o.seq);
-  take("pairs", o.pairs);
+  take("pairs", o.pairs), take("tokenizer", o.tokenizer);
   take("accum", o.accum), take("lr", o.lr), take("warmup", o.warmup), take("weight_decay", o.weight_decay);
   take("clip", o.clip), take("min_lr_ratio", o.min_lr_ratio);
   if (run.contains("steps") && !o.given.count("steps")) o.steps = run.at("steps").get<int64_t>();
@@ -496,10 +523,48 @@ TrainResult train(const TrainOptions& opts) {
   LINMIX_CHECK(o.data.empty() || (!same_file(o.data, ckpt) && !same_file(o.data, logp)),
                "--data " + o.data + " is the run's own checkpoint or log");
   opt.lr = o.lr, opt.weight_decay = o.weight_decay;
+  Checkpoint init_ck;  // fine-tuning: the checkpoint's model, a fresh optimizer
+  if (!o.resume && !o.init.empty()) {
+    LINMIX_CHECK(!o.given.count("config") && !o.given.count("mixer"),
+                 "--init takes the model (and its config) from the checkpoint: drop --config / --mixer");
+    init_ck = load_checkpoint(o.init);
+  }
+  // The text's tokenizer: --tokenizer, else the resumed run's or the --init checkpoint's, else bytes.
+  std::unique_ptr<Tokenizer> tk;
+  if (!o.task.empty()) {
+    LINMIX_CHECK(o.tokenizer.empty(), "--tokenizer is for a text (--data), not --task " + o.task);
+  } else {
+    const std::string& named = init_ck.tokenizer;
+    if (o.tokenizer.empty() && !named.empty() && named != "bytes" && named.rfind("task:", 0) != 0) {
+      LINMIX_CHECK(std::filesystem::exists(named), o.init + " names its tokenizer " + named +
+                                                       ", which is not there: pass --tokenizer FILE");
+      o.tokenizer = named;
+    }
+    if (o.tokenizer.empty()) o.tokenizer = "bytes";
+    if (o.tokenizer != "bytes") tk = Tokenizer::load(o.tokenizer);
+  }
+  if (init_ck.model) {
+    model = std::move(init_ck.model);
+  } else if (!o.resume) {
+    ModelConfig c = ModelConfig::from_json(o.config);
+    if (tk && !o.given.count("config")) c.vocab = tk->vocab_size();  // the default shape or --mixer: the tokenizer's ids
+    model = std::make_unique<Model>(c);
+    model->init(o.seed);
+  }
   Corpus corpus;
   if (!o.data.empty()) {
+    const int64_t V = model->config().vocab;
+    LINMIX_CHECK(tk || V <= 256 || o.resume || o.given.count("tokenizer"),
+                 "the model has " + std::to_string(V) + " tokens, not bytes: pass its --tokenizer (a tokenizer.json or "
+                 "an RWKV World vocabulary), or --tokenizer bytes");
+    LINMIX_CHECK(!tk || tk->vocab_size() <= V, "tokenizer " + o.tokenizer + " has " + std::to_string(tk->vocab_size()) +
+                                                   " tokens, the model only " + std::to_string(V));
     LINMIX_CHECK(std::filesystem::is_regular_file(o.data), o.data + ": --data must be a readable file");
-    corpus = Corpus::from_file(o.data);
+    corpus = Corpus::from_file(o.data, tk.get());
+    for (const auto* part : {&corpus.train, &corpus.val})
+      for (int32_t id : *part)
+        LINMIX_CHECK(id >= 0 && id < V, o.data + ": token id " + std::to_string(id) + " (" + o.tokenizer +
+                                            ") is past the model's vocabulary of " + std::to_string(V));
   }
   TrainOptions sched = o;  // the learning-rate schedule of the run as it was started
   sched.steps = schedule_steps;
@@ -507,15 +572,7 @@ TrainResult train(const TrainOptions& opts) {
                     {"batch", o.batch}, {"seq", o.seq},   {"accum", o.accum}, {"lr", o.lr},
                     {"warmup", o.warmup}, {"weight_decay", o.weight_decay}, {"clip", o.clip},
                     {"min_lr_ratio", o.min_lr_ratio}, {"schedule_steps", schedule_steps}, {"init", o.init},
-                    {"pairs", o.pairs}};
-  if (!o.resume && !o.init.empty()) {  // fine-tuning: the checkpoint's model, a fresh optimizer
-    LINMIX_CHECK(!o.given.count("config") && !o.given.count("mixer"),
-                 "--init takes the model (and its config) from the checkpoint: drop --config / --mixer");
-    model = load_checkpoint(o.init).model;
-  } else if (!o.resume) {
-    model = std::make_unique<Model>(ModelConfig::from_json(o.config));
-    model->init(o.seed);
-  }
+                    {"pairs", o.pairs}, {"tokenizer", o.tokenizer}};
   if (comm) comm->barrier();  // every rank has read the run before rank 0 writes to it
   if (o.resume && root) trim_log(logp, start);
   const ModelConfig& cfg = model->config();
@@ -555,12 +612,12 @@ TrainResult train(const TrainOptions& opts) {
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto evaluate = [&](json& rec) {
     if (o.task.empty()) {  // the windows split across the ranks, the sums reduced
-      const auto [total, count] = eval_share(*model, std::vector<int32_t>(corpus.val.begin(), corpus.val.end()), o.seq,
-                                             o.eval_batches * o.batch, false, rank, nranks);
-      double sums[2] = {total, double(count)};
-      if (comm) comm->allreduce_sum(sums, 2);
-      res.val_loss = sums[0] / sums[1];
-      res.val_bpc = res.val_loss / std::log(2.0);
+      const EvalShare e = eval_share(*model, corpus.val, o.seq, o.eval_batches * o.batch, false, rank, nranks,
+                                     corpus.bytes_of);
+      double sums[3] = {e.total, double(e.count), double(e.bytes)};
+      if (comm) comm->allreduce_sum(sums, 3);
+      res.val_loss = sums[0] / sums[1];                        // nats per token
+      res.val_bpc = sums[0] / sums[2] / std::log(2.0);         // bits per byte of text
       rec["val_loss"] = res.val_loss, rec["val_bpc"] = res.val_bpc;
     } else if (ctask) {  // the validation split's first eval_batches x batch examples, split across the ranks
       const ClassEval e = evaluate_class(*model, *ctask, Split::Val, std::min(ctask->size(Split::Val), o.eval_batches * o.batch),
@@ -700,7 +757,7 @@ TrainResult train(const TrainOptions& opts) {
         for (auto* group : {&model->params(), &opt.m, &opt.v})
           for (auto& [name, t] : *group) comm->broadcast(t.ptr(), t.numel());
       }
-      if (root) save_checkpoint(ckpt, *model, opt, step + 1, run.dump(), o.task.empty() ? "bytes" : "task:" + o.task);
+      if (root) save_checkpoint(ckpt, *model, opt, step + 1, run.dump(), o.task.empty() ? o.tokenizer : "task:" + o.task);
     }
     if (last) {
       ++step;
