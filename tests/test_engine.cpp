@@ -3,6 +3,7 @@
 // a zero state and from a state half-way through; states cross between the two paths; decode
 // allocates nothing; the gemv kernels of every weight type equal a float64 product of the weights
 // they stand for.
+#include <functional>
 #include <atomic>
 #include <cstdlib>
 #include <new>
@@ -306,5 +307,37 @@ TEST(Engines, DecodeAllocatesNothing) {
       const long before = g_news.load();
       for (int32_t t = 2; t < 7; ++t) eng->step(t, st, lg.data());
       EXPECT_EQ(g_news.load() - before, 0) << m->config().layers[0].mixer << " " << int(wt);
+    }
+}
+
+// An engine that takes the model's weights (make_engine(m, wt, true): one copy in memory) runs
+// exactly as one that copies them, for every engine and weight type; the model it took them from
+// keeps its state functions but refuses to run.
+TEST(Engines, TakingTheWeightsEqualsCopyingThem) {
+  std::vector<std::function<std::unique_ptr<Model>()>> makers = {[] { return rwkv_model(); },
+                                                                  [] { return mamba_model("mamba"); },
+                                                                  [] { return mamba_model("mamba2"); }};
+  for (const char* v : {"5", "6", "7"}) makers.push_back([v] { return rwkvx_model(v, 32, 2); });
+  const std::vector<int32_t> toks = {3, 1, 4, 1, 5, 9, 2};
+  for (const auto& make : makers)
+    for (WType wt : {WType::F32, WType::BF16, WType::I8}) {
+      auto kept = make(), given = make();
+      const std::string what = kept->config().layers[0].mixer + " " + wtype_name(wt);
+      const auto a = make_engine(*kept, wt);
+      const auto b = make_engine(*given, wt, true);
+      const int64_t V = kept->config().vocab, T = int64_t(toks.size());
+      std::vector<float> la(size_t(T * V)), lb(size_t(T * V));
+      Model::State sa = a->new_state(), sb = given->new_state();
+      a->sequence(toks.data(), T, sa, la.data(), true);
+      b->sequence(toks.data(), T, sb, lb.data(), true);
+      EXPECT_EQ(la, lb) << what;
+      a->step(2, sa, la.data()), b->step(2, sb, lb.data());
+      EXPECT_TRUE(std::equal(la.begin(), la.begin() + V, lb.begin())) << what;
+      for (const auto& [n, t] : given->params()) EXPECT_TRUE(t.data.empty()) << what << ": " << n << " still held";
+      EXPECT_EQ(given->state_tensors(sb).size(), kept->state_tensors(sa).size()) << what;
+      std::vector<float> lg(static_cast<size_t>(V));
+      Model::State st = given->new_state();
+      EXPECT_THROW(given->step(1, st, lg.data()), Error) << what;
+      EXPECT_NO_THROW(kept->step(1, st, lg.data())) << what;
     }
 }

@@ -38,5 +38,10 @@ class Engine {
 bool engine_supports(const ModelConfig& c, std::string* why = nullptr);
 // The engine of `m` (copies and converts the weights); throws Error when !engine_supports.
 std::unique_ptr<Engine> make_engine(const Model& m, WType wtype);
+// take_weights: the engine takes m's weights instead of copying them (each FP32 tensor moved, or
+// freed once converted to BF16 / INT8), so the peak memory is one copy of the weights, not two;
+// m keeps its config and state functions (new_state, state_tensors, ...) but its forward and
+// step refuse to run (Model::release_weights).
+std::unique_ptr<Engine> make_engine(Model& m, WType wtype, bool take_weights);
 
 }  // namespace linmix

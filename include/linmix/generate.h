@@ -26,8 +26,10 @@ struct GenerateResult {
   double ms_per_token = 0;  // the sampling loop: one model step, one sample, one decode per token
   double seconds = 0;       // the sampling loop in all
 };
-// Feeds the prompt (the engine's sequence mode for RWKV-4 models, else the model's recurrent
-// step), then samples `tokens` tokens, each decoded and passed to `emit` as it comes.
+// Feeds the prompt (the engine's sequence mode for the models an engine runs, else the model's
+// recurrent step), then samples `tokens` tokens, each decoded and passed to `emit` as it comes.
+// Where an engine runs (here, and the sequence / decode modes below), it takes m's weights
+// (make_engine's take_weights: one copy of the weights in memory): m runs no forward afterwards.
 GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<void(const std::string&)>& emit);
 
 // logits [T, V] of one sequence: "parallel" | "recurrent" (the model) | "sequence" (the RWKV-4

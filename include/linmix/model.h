@@ -88,7 +88,10 @@ bool is_buffer_param(const std::string& name);
 
 class Model {
  public:
-  explicit Model(ModelConfig cfg);
+  explicit Model(ModelConfig cfg) : Model(std::move(cfg), true) {}
+  // allocate = false: every parameter has its shape but no values (a loader moves each one in:
+  // the file's tensors are not copied beside a zeroed model).
+  Model(ModelConfig cfg, bool allocate);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -97,6 +100,9 @@ class Model {
   TensorMap& params() { return params_; }
   const TensorMap& params() const { return params_; }
   void init(uint64_t seed);  // GPT-2 / RWKV style initialisation, deterministic
+  // Frees every parameter (an engine took them: make_engine(m, wtype, true)); the config and the
+  // state functions stay, forward and step refuse to run.
+  void release_weights();
   int64_t num_params() const;
 
   // inputs, targets: (B,T) tokens (targets < 0 are not counted). Returns the mean loss over
@@ -150,6 +156,7 @@ class Model {
   struct Acts;
   ModelConfig cfg_;
   TensorMap params_;
+  bool released_ = false;  // release_weights() ran
   std::unique_ptr<Acts> acts_;
   std::vector<std::unique_ptr<MixerLayer>> layers_;
 };

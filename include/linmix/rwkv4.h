@@ -25,7 +25,8 @@ class Rwkv4Engine : public Engine {
   // positions; ln0 or not); otherwise `why` says what differs.
   static bool supports(const ModelConfig& c, std::string* why = nullptr);
   // Copies (and converts) the weights of `m`; throws Error when !supports(m.config()).
-  Rwkv4Engine(const Model& m, WType wtype);
+  // take: the weights are taken from m (make_engine's take_weights), not copied.
+  Rwkv4Engine(const Model& m, WType wtype, bool take = false);
   ~Rwkv4Engine() override;
 
   // Feeds T >= 1 tokens. logits: (T,V) when all_logits, else (V) for the last token; may be null.

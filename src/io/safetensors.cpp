@@ -1,6 +1,8 @@
 #include "linmix/safetensors.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -10,6 +12,8 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
+#include <string_view>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -21,6 +25,7 @@ using json = nlohmann::json;
 
 // Upper bound on the JSON header, as in the reference implementation (100 MB).
 constexpr uint64_t kMaxHeader = 100u * 1000u * 1000u;
+constexpr uint64_t kSlice = uint64_t(1) << 22;  // values copied between two drops of the mapping's pages
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -42,9 +47,21 @@ float bf16_to_float(uint16_t h) {
   return v;
 }
 
+// parse_safetensors over any bytes; done(p, n) is told each tensor's bytes once they are copied
+// (read_safetensors drops those pages of its file mapping: the file is never resident whole
+// beside the tensors).
+SafeTensors parse_view(std::string_view bytes, const std::string& what,
+                       const std::function<void(const char*, size_t)>& done);
+
 }  // namespace
 
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& what) {
+  return parse_view(bytes, what, nullptr);
+}
+
+namespace {
+SafeTensors parse_view(std::string_view bytes, const std::string& what,
+                       const std::function<void(const char*, size_t)>& done) {
   const uint64_t size = bytes.size();
   LINMIX_CHECK(size >= 8, what + ": truncated safetensors file (" + std::to_string(size) +
                               " bytes; the 8-byte header length is missing)");
@@ -121,14 +138,20 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& what)
     t.shape = shape;
     t.data.resize(numel);
     const char* p = data + b;
-    if (item == 4) {
-      if (numel) std::memcpy(t.data.data(), p, numel * 4);
-    } else {
-      for (uint64_t i = 0; i < numel; ++i) {
-        uint16_t v;
-        std::memcpy(&v, p + 2 * i, 2);
-        t.data[i] = dtype == "F16" ? half_to_float(v) : bf16_to_float(v);
+    const bool f16 = dtype == "F16";
+    // in slices of 4M values, each slice's source bytes handed to done() once copied
+    for (uint64_t i0 = 0; i0 < numel; i0 += kSlice) {
+      const uint64_t i1 = std::min(numel, i0 + kSlice);
+      if (item == 4) {
+        std::memcpy(t.data.data() + i0, p + 4 * i0, (i1 - i0) * 4);
+      } else {
+        for (uint64_t i = i0; i < i1; ++i) {
+          uint16_t v;
+          std::memcpy(&v, p + 2 * i, 2);
+          t.data[i] = f16 ? half_to_float(v) : bf16_to_float(v);
+        }
       }
+      if (done) done(p + item * i0, size_t((i1 - i0) * item));
     }
     out.tensors[name] = std::move(t);
   }
@@ -148,13 +171,44 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& what)
   return out;
 }
 
+}  // namespace
+
+// The file is mapped read-only and each tensor copied straight from the mapping into its own
+// buffer, the pages it came from dropped as soon as it is copied: the peak is the tensors plus a
+// tensor's pages, not the file read into a buffer (and copied) beside them.
 SafeTensors read_safetensors(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  LINMIX_CHECK(f.good(), path + ": cannot open (" + std::strerror(errno) + ")");
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  LINMIX_CHECK(!f.bad(), path + ": read error");
-  return parse_safetensors(ss.str(), path);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  LINMIX_CHECK(fd >= 0, path + ": cannot open (" + std::strerror(errno) + ")");
+  struct stat sb {};
+  if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    const int err = errno;
+    ::close(fd);
+    throw Error(path + ": cannot open (" + (S_ISREG(sb.st_mode) ? std::strerror(err) : "not a regular file") + ")");
+  }
+  const size_t size = size_t(sb.st_size);
+  if (size == 0) {
+    ::close(fd);
+    return parse_view(std::string_view(), path, nullptr);  // refused there: truncated
+  }
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const int err = errno;
+  ::close(fd);
+  LINMIX_CHECK(map != MAP_FAILED, path + ": cannot map (" + std::strerror(err) + ")");
+  ::madvise(map, size, MADV_SEQUENTIAL);
+  const long page = ::sysconf(_SC_PAGESIZE);
+  const auto drop = [&](const char* p, size_t n) {  // the whole pages inside [p, p + n)
+    const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + uintptr_t(page) - 1) / uintptr_t(page) * uintptr_t(page);
+    const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + n) / uintptr_t(page) * uintptr_t(page);
+    if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+  };
+  try {
+    SafeTensors out = parse_view(std::string_view(static_cast<const char*>(map), size), path, drop);
+    ::munmap(map, size);
+    return out;
+  } catch (...) {
+    ::munmap(map, size);
+    throw;
+  }
 }
 
 std::string serialize_safetensors(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {

@@ -8,9 +8,9 @@
 
 namespace linmix {
 
-std::unique_ptr<Engine> rwkv_engine(const Model& m, WType wtype);
-std::unique_ptr<Engine> mamba_engine(const Model& m, WType wtype);
-std::unique_ptr<Engine> mamba2_engine(const Model& m, WType wtype);
+std::unique_ptr<Engine> rwkv_engine(const Model& m, WType wtype, bool take);
+std::unique_ptr<Engine> mamba_engine(const Model& m, WType wtype, bool take);
+std::unique_ptr<Engine> mamba2_engine(const Model& m, WType wtype, bool take);
 
 bool engine_supports(const ModelConfig& c, std::string* why) {
   auto no = [&](const std::string& s) {
@@ -38,14 +38,24 @@ bool engine_supports(const ModelConfig& c, std::string* why) {
   return true;
 }
 
-std::unique_ptr<Engine> make_engine(const Model& m, WType wtype) {
+namespace {
+std::unique_ptr<Engine> build(const Model& m, WType wtype, bool take) {
   std::string why;
   LINMIX_CHECK(engine_supports(m.config(), &why), "no inference engine runs this model: " + why);
   const std::string& mixer = m.config().layers[0].mixer;
-  if (mixer == "rwkv4") return std::make_unique<Rwkv4Engine>(m, wtype);
-  if (mixer == "mamba") return mamba_engine(m, wtype);
-  if (mixer == "mamba2") return mamba2_engine(m, wtype);
-  return rwkv_engine(m, wtype);
+  if (mixer == "rwkv4") return std::make_unique<Rwkv4Engine>(m, wtype, take);
+  if (mixer == "mamba") return mamba_engine(m, wtype, take);
+  if (mixer == "mamba2") return mamba2_engine(m, wtype, take);
+  return rwkv_engine(m, wtype, take);
+}
+}  // namespace
+
+std::unique_ptr<Engine> make_engine(const Model& m, WType wtype) { return build(m, wtype, false); }
+
+std::unique_ptr<Engine> make_engine(Model& m, WType wtype, bool take_weights) {
+  auto e = build(m, wtype, take_weights);
+  if (take_weights) m.release_weights();
+  return e;
 }
 
 }  // namespace linmix

@@ -70,11 +70,45 @@ inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, boo
               int(W.cols), accumulate ? 1.0f : 0.0f, out, int(W.rows));
 }
 
-// The engine's copy of the model's matrix `name` in weight type t.
-inline QMatrix weight_matrix(const TensorMap& W, const std::string& name, WType t) {
-  const Tensor& x = W.at(name);
-  return QMatrix::from_f32(x.ptr(), x.shape[0], x.shape[1], t);
-}
+// The weights an engine reads from a model: copied (the model keeps them), or taken (make_engine's
+// take_weights): each tensor moved out of the model (FP32) or freed as soon as it is converted
+// (BF16, INT8), so the model's FP32 weights and the engine's are never all resident together.
+class Weights {
+ public:
+  // take: the caller gave up m's weights (make_engine(Model&, WType, true): m is not const there)
+  Weights(const Model& m, bool take) : W_(const_cast<TensorMap&>(m.params())), take_(take) {}
+  bool has(const std::string& n) const { return W_.count(n) > 0; }
+  // shape only (a taken tensor keeps its shape)
+  const Tensor& at(const std::string& n) const { return W_.at(n); }
+  // its values, for a read that does not take them (LoRAs); a tensor already taken is an error
+  const float* ptr(const std::string& n) const {
+    const Tensor& t = W_.at(n);
+    LINMIX_CHECK(numel_of(t.shape) == 0 || !t.data.empty(), "engine: weight '" + n + "' read after it was taken");
+    return t.ptr();
+  }
+  std::vector<float> vec(const std::string& n) {
+    ptr(n);
+    Tensor& t = W_.at(n);
+    return take_ ? std::move(t.data) : t.data;
+  }
+  // the matrix `n` in weight type t
+  QMatrix mat(const std::string& n, WType t) {
+    const float* p = ptr(n);
+    Tensor& x = W_.at(n);
+    QMatrix q;
+    if (take_ && t == WType::F32) {
+      q.rows = x.shape[0], q.cols = x.shape[1], q.type = t, q.f32 = std::move(x.data);
+      return q;
+    }
+    q = QMatrix::from_f32(p, x.shape[0], x.shape[1], t);
+    if (take_) std::vector<float>().swap(x.data);
+    return q;
+  }
+
+ private:
+  TensorMap& W_;
+  bool take_;
+};
 // X (n, C) = the embedding rows of the tokens.
 inline void embed_rows(float* X, const std::vector<float>& emb, const int32_t* tokens, int64_t n, int64_t C) {
   for (int64_t t = 0; t < n; ++t) std::copy(&emb[size_t(tokens[t] * C)], &emb[size_t((tokens[t] + 1) * C)], X + t * C);

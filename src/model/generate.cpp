@@ -43,7 +43,7 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
                                                                     " tokens, the model only " + std::to_string(V));
   const WType wt = parse_wtype(o.dtype);
   std::unique_ptr<Engine> eng;
-  if (engine_supports(m.config())) eng = make_engine(m, wt);
+  if (engine_supports(m.config())) eng = make_engine(m, wt, true);  // one copy of the weights: the engine's
   else LINMIX_CHECK(wt == WType::F32, "--dtype " + o.dtype + " needs an RWKV model (the inference engine)");
   const std::vector<int32_t> pids = tk->encode(o.prompt);
   LINMIX_CHECK(!pids.empty(), "the prompt encodes to no tokens");
@@ -104,7 +104,7 @@ Tensor sequence_logits(Model& m, const std::vector<int32_t>& toks, const std::st
     Model::State st = m.new_state();
     for (int64_t t = 0; t < T; ++t) m.step(toks[t], st, out.ptr() + t * V);
   } else {
-    const auto eng = make_engine(m, wt);
+    const auto eng = make_engine(m, wt, true);
     Model::State st = m.new_state();
     if (mode == "decode")
       for (int64_t t = 0; t < T; ++t) eng->step(toks[t], st, out.ptr() + t * V);
@@ -136,7 +136,7 @@ EvalResult evaluate_file(Model& m, const std::vector<uint8_t>& bytes, const std:
   for (int64_t w = 0; w < nw; ++w)  // the bytes of the scored targets
     for (int64_t t = 1; t <= seq; ++t) r.bytes += int64_t(tk->decode({ids[size_t(w * stride + t)]}).size());
   if (mode == "sequence") {
-    const auto eng = make_engine(m, parse_wtype(dtype));
+    const auto eng = make_engine(m, parse_wtype(dtype), true);
     r.loss = evaluate_split(*eng, ids, seq, windows);
   } else {
     LINMIX_CHECK(dtype == "f32", "--dtype applies to --mode sequence only");

@@ -25,19 +25,19 @@ constexpr int64_t kConvK = 4;
 
 class MambaEngine : public engine::RowsEngine {
  public:
-  MambaEngine(const Model& m, WType wt) : cfg_(m.config()) {
-    const TensorMap& W = m.params();
+  MambaEngine(const Model& m, WType wt, bool take) : cfg_(m.config()) {
+    engine::Weights W(m, take);
     C_ = cfg_.d_model, V_ = cfg_.vocab, L_ = cfg_.n_layer;
-    auto mat = [&](const std::string& n) { return engine::weight_matrix(W, n, wt); };
-    emb_ = W.at("emb.weight").data, lnf_ = W.at("ln_out.weight").data, head_ = mat("head.weight");
+    auto mat = [&](const std::string& n) { return W.mat(n, wt); };
+    emb_ = W.vec("emb.weight"), lnf_ = W.vec("ln_out.weight"), head_ = mat("head.weight");
     for (int64_t l = 0; l < L_; ++l) {
       const std::string p = "blocks." + std::to_string(l) + ".";
       Layer y;
-      y.norm = W.at(p + "ln1.weight").data;
+      y.norm = W.vec(p + "ln1.weight");
       y.in = mat(p + "att.in_proj.weight"), y.xp = mat(p + "att.x_proj.weight"), y.dtp = mat(p + "att.dt_proj.weight");
       y.out = mat(p + "att.out_proj.weight");
-      y.conv = W.at(p + "att.conv.weight").data, y.conv_b = W.at(p + "att.conv.bias").data;
-      y.dt_b = W.at(p + "att.dt_proj.bias").data, y.D = W.at(p + "att.D").data, y.A = W.at(p + "att.A_log").data;
+      y.conv = W.vec(p + "att.conv.weight"), y.conv_b = W.vec(p + "att.conv.bias");
+      y.dt_b = W.vec(p + "att.dt_proj.bias"), y.D = W.vec(p + "att.D"), y.A = W.vec(p + "att.A_log");
       for (float& a : y.A) a = -std::exp(a);
       E_ = y.in.rows / 2, N_ = W.at(p + "att.A_log").dim(1), R_ = y.dtp.cols;
       layers_.push_back(std::move(y));
@@ -128,6 +128,8 @@ class MambaEngine : public engine::RowsEngine {
 
 }  // namespace
 
-std::unique_ptr<Engine> mamba_engine(const Model& m, WType wtype) { return std::make_unique<MambaEngine>(m, wtype); }
+std::unique_ptr<Engine> mamba_engine(const Model& m, WType wtype, bool take) {
+  return std::make_unique<MambaEngine>(m, wtype, take);
+}
 
 }  // namespace linmix

@@ -22,10 +22,14 @@ bool is_buffer_param(const std::string& name) { return name.size() > 9 && name.r
 
 // ---------------------------------------------------------------- parameters
 
-Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
+Model::Model(ModelConfig cfg, bool allocate) : cfg_(std::move(cfg)) {
   cfg_.validate();
   const int64_t C = cfg_.d_model, V = cfg_.vocab;
-  auto add = [&](const std::string& n, std::vector<int64_t> s) { params_[n] = Tensor(std::move(s)); };
+  auto add = [&](const std::string& n, std::vector<int64_t> s) {
+    Tensor& t = params_[n];
+    if (allocate) t = Tensor(std::move(s));
+    else t.shape = std::move(s);
+  };
   add("emb.weight", {V, C});
   if (cfg_.uses_pos_emb()) add("pos.weight", {cfg_.ctx, C});
   auto add_norm = [&](const std::string& n) {
@@ -146,7 +150,13 @@ float* sized(std::vector<float>& v, int64_t n) {
 }
 }  // namespace
 
+void Model::release_weights() {
+  for (auto& [name, t] : params_) std::vector<float>().swap(t.data);
+  released_ = true;
+}
+
 void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
+  LINMIX_CHECK(!released_, "the model's weights were given to an inference engine");
   const ModelConfig& c = cfg_;
   const int64_t C = c.d_model, V = c.vocab, R = c.cls_rows(), Tp = T + R, N = B * Tp;
   LINMIX_CHECK(T >= 1 && B >= 1, "forward: empty batch");
@@ -405,6 +415,7 @@ Model::State Model::state_from_tensors(const TensorMap& t) const {
 // ---------------------------------------------------------------- recurrent step
 
 void Model::step(int32_t token, State& st, float* logits_out) {
+  LINMIX_CHECK(!released_, "the model's weights were given to an inference engine");
   const ModelConfig& c = cfg_;
   LINMIX_CHECK(!c.classifier() && c.causal, "this model is a classifier (" + std::to_string(c.classes) +
                                                 " classes): it has no recurrent next-token form");

@@ -65,15 +65,15 @@ bool Rwkv4Engine::supports(const ModelConfig& c, std::string* why) {
   return true;
 }
 
-Rwkv4Engine::Rwkv4Engine(const Model& m, WType wtype) : cfg_(m.config()), p_(std::make_unique<Impl>()) {
+Rwkv4Engine::Rwkv4Engine(const Model& m, WType wtype, bool take) : cfg_(m.config()), p_(std::make_unique<Impl>()) {
   std::string why;
   LINMIX_CHECK(supports(cfg_, &why), "the RWKV-4 engine cannot run this model: " + why);
   Impl& I = *p_;
   I.wt = wtype;
   I.V = cfg_.vocab, I.C = cfg_.d_model, I.F = cfg_.ffn_width(), I.L = cfg_.n_layer;
-  const TensorMap& W = m.params();
-  auto vec = [&](const std::string& n) { return W.at(n).data; };
-  auto mat = [&](const std::string& n, WType t) { return engine::weight_matrix(W, n, t); };
+  engine::Weights W(m, take);
+  auto vec = [&](const std::string& n) { return W.vec(n); };
+  auto mat = [&](const std::string& n, WType t) { return W.mat(n, t); };
   I.emb = vec("emb.weight");
   if (cfg_.ln0) I.ln0w = vec("blocks.0.ln0.weight"), I.ln0b = vec("blocks.0.ln0.bias");
   I.lnfw = vec("ln_out.weight"), I.lnfb = vec("ln_out.bias");

@@ -67,19 +67,16 @@ void xa(float* out, const float* x, const Lora& L, int64_t n, int64_t ldx) {
 
 class RwkvEngine : public engine::RowsEngine {
  public:
-  RwkvEngine(const Model& m, WType wt) : cfg_(m.config()) {
+  RwkvEngine(const Model& m, WType wt, bool take) : cfg_(m.config()) {
     const ModelConfig& c = cfg_;
     C_ = c.d_model, V_ = c.vocab, L_ = c.n_layer, F_ = c.ffn_width(), H_ = c.n_head, N_ = C_ / H_;
     const std::string& mixer = c.layers[0].mixer;
     ver_ = mixer == "rwkv5" ? 5 : mixer == "rwkv6" ? 6 : 7;
-    const TensorMap& W = m.params();
-    auto has = [&](const std::string& n) { return W.count(n) > 0; };
-    auto vec = [&](const std::string& n) { return W.at(n).data; };
-    auto lora = [&](const std::string& n) {
-      const Tensor& x = W.at(n);
-      return Lora(x.ptr(), x.shape[0], x.shape[1]);
-    };
-    auto mat = [&](const std::string& n) { return engine::weight_matrix(W, n, wt); };
+    engine::Weights W(m, take);
+    auto has = [&](const std::string& n) { return W.has(n); };
+    auto vec = [&](const std::string& n) { return W.vec(n); };
+    auto lora = [&](const std::string& n) { return Lora(W.ptr(n), W.at(n).shape[0], W.at(n).shape[1]); };
+    auto mat = [&](const std::string& n) { return W.mat(n, wt); };
     emb_ = vec("emb.weight"), ln0w_ = vec("blocks.0.ln0.weight"), ln0b_ = vec("blocks.0.ln0.bias");
     lnfw_ = vec("ln_out.weight"), lnfb_ = vec("ln_out.bias");
     head_ = mat("head.weight");
@@ -106,7 +103,7 @@ class RwkvEngine : public engine::RowsEngine {
         y.dmix = W.at(p + "att.time_maa_w2").dim(1), y.ddecay = W.at(p + "att.time_decay_w1").dim(1);
         y.maa_x = vec(p + "att.time_maa_x"), y.td = vec(p + "att.time_decay");
         y.A1 = lora(p + "att.time_maa_w1"), y.B1 = lora(p + "att.time_decay_w1"), y.B2 = lora(p + "att.time_decay_w2");
-        for (int64_t c = 0; c < 5; ++c) y.A2[c] = Lora(W.at(p + "att.time_maa_w2").ptr() + c * y.dmix * C_, y.dmix, C_);
+        for (int64_t c = 0; c < 5; ++c) y.A2[c] = Lora(W.ptr(p + "att.time_maa_w2") + c * y.dmix * C_, y.dmix, C_);
       }
       if (ver_ == 7) {
         y.w0 = vec(p + "att.w0"), y.w1 = lora(p + "att.w1"), y.w2 = lora(p + "att.w2");
@@ -455,6 +452,8 @@ class RwkvEngine : public engine::RowsEngine {
 
 }  // namespace
 
-std::unique_ptr<Engine> rwkv_engine(const Model& m, WType wtype) { return std::make_unique<RwkvEngine>(m, wtype); }
+std::unique_ptr<Engine> rwkv_engine(const Model& m, WType wtype, bool take) {
+  return std::make_unique<RwkvEngine>(m, wtype, take);
+}
 
 }  // namespace linmix

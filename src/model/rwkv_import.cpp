@@ -174,7 +174,7 @@ std::unique_ptr<Model> import_rwkv(TensorMap tensors, const std::string& what, c
   // with the same elements in the same order is the same vector
   auto vector_like = [](const std::string&, const Tensor& a, const Tensor& b) {
     auto ones = [](const Tensor& x) { return std::count_if(x.shape.begin(), x.shape.end(), [](int64_t d) { return d != 1; }); };
-    return a.numel() == b.numel() && ones(a) <= 1 && ones(b) <= 1;
+    return numel_of(a.shape) == numel_of(b.shape) && ones(a) <= 1 && ones(b) <= 1;
   };
   return model_from_tensors(cfg, tensors, tag, vector_like, [](const std::string& n) {
     return n.find("time_state") != std::string::npos ? std::string(" (a state-tuned initial state: not supported)") : "";

@@ -204,7 +204,7 @@ Checkpoint load_checkpoint(const std::string& path) {
     LINMIX_CHECK(cfg.param_count() <= held, path + ": its config declares " + std::to_string(cfg.param_count()) +
                                                 " parameters, the file holds " + std::to_string(held) + " numbers");
   }
-  ck.model = std::make_unique<Model>(cfg);
+  ck.model = std::make_unique<Model>(cfg, false);  // each parameter moved in from the file below
   // step and adam_t: plain non-negative decimal integers ("-5" or "3abc" are refused)
   auto count = [&](const char* key) -> int64_t {
     if (!st.metadata.count(key)) return 0;
