@@ -10,6 +10,8 @@
 #pragma once
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "linmix/tensor.h"
 
@@ -30,5 +32,7 @@ void write_safetensors(const std::string& path, const TensorMap& tensors,
 
 // Writes `bytes` to `path` atomically (temp file in the same directory + fsync + rename).
 void write_file_atomic(const std::string& path, const std::string& bytes);
+// The same for a file made of pieces written one after the other (no copy into one buffer).
+void write_pieces_atomic(const std::string& path, const std::vector<std::pair<const char*, size_t>>& pieces);
 
 }  // namespace linmix

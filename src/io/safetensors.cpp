@@ -211,7 +211,10 @@ SafeTensors read_safetensors(const std::string& path) {
   }
 }
 
-std::string serialize_safetensors(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
+namespace {
+// The header of a safetensors file of `tensors` (8-byte length, JSON padded so the data section
+// is 8-byte aligned); the data section is the tensors' values in name order.
+std::string safetensors_header(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
   json h = json::object();
   if (!metadata.empty()) h["__metadata__"] = metadata;
   uint64_t off = 0;
@@ -227,8 +230,15 @@ std::string serialize_safetensors(const TensorMap& tensors, const std::map<std::
   std::string out(8, '\0');
   const uint64_t n = hs.size();
   for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
-  out += hs;
-  out.reserve(out.size() + off);
+  return out + hs;
+}
+}  // namespace
+
+std::string serialize_safetensors(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
+  std::string out = safetensors_header(tensors, metadata);
+  size_t total = out.size();
+  for (const auto& [name, t] : tensors) total += t.data.size() * 4;
+  out.reserve(total);
   for (const auto& [name, t] : tensors) out.append(reinterpret_cast<const char*>(t.data.data()), t.data.size() * 4);
   return out;
 }
@@ -253,21 +263,27 @@ void remove_stale_tmp(const std::string& path) {
 }  // namespace
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {
+  write_pieces_atomic(path, {{bytes.data(), bytes.size()}});
+}
+
+void write_pieces_atomic(const std::string& path, const std::vector<std::pair<const char*, size_t>>& pieces) {
   remove_stale_tmp(path);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   LINMIX_CHECK(fd >= 0, path + ": cannot create temporary file " + tmp + " (" + std::strerror(errno) + ")");
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) {
-      const std::string err = std::strerror(errno);
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw Error(path + ": write failed (" + err + ")");
+  for (const auto& [data, size] : pieces) {
+    size_t done = 0;
+    while (done < size) {
+      const ssize_t w = ::write(fd, data + done, size - done);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        const std::string err = std::strerror(errno);
+        ::close(fd);
+        ::unlink(tmp.c_str());
+        throw Error(path + ": write failed (" + err + ")");
+      }
+      done += static_cast<size_t>(w);
     }
-    done += static_cast<size_t>(w);
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
     const std::string err = std::strerror(errno);
@@ -283,7 +299,11 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
 
 void write_safetensors(const std::string& path, const TensorMap& tensors,
                        const std::map<std::string, std::string>& metadata) {
-  write_file_atomic(path, serialize_safetensors(tensors, metadata));
+  // the header, then each tensor's values straight from its buffer (no copy of the whole file)
+  const std::string header = safetensors_header(tensors, metadata);
+  std::vector<std::pair<const char*, size_t>> pieces = {{header.data(), header.size()}};
+  for (const auto& [name, t] : tensors) pieces.emplace_back(reinterpret_cast<const char*>(t.data.data()), t.data.size() * 4);
+  write_pieces_atomic(path, pieces);
 }
 
 }  // namespace linmix
