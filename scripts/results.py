@@ -14,6 +14,7 @@ Byte-level (= char-level for this ASCII text); first 90% train, last 10% validat
 """
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -131,6 +132,72 @@ def load(runs, name):
     return row, [(x["time_s"], x["val_bpc"]) for x in log if "val_bpc" in x]
 
 
+def ngram_bits(path):
+    """Validation bits per byte of the unigram and the bigram model counted on the training split
+    (the first 90% of the bytes, as linmix train splits; add-1/256 smoothing): the plateaus a
+    language model passes on its way to using context."""
+    data = open(path, "rb").read()
+    cut = len(data) * 9 // 10
+    train, val = data[:cut], data[cut:]
+    uni = [0.0] * 256
+    for b in train:
+        uni[b] += 1
+    big = {}
+    for x, y in zip(train, train[1:]):
+        big[(x, y)] = big.get((x, y), 0) + 1
+    n, al = len(train), 1.0 / 256
+    u_bits = -sum(math.log2((uni[b] + al) / (n + 1)) for b in val) / len(val)
+    b_bits = -sum(math.log2((big.get((x, y), 0) + al) / (uni[x] + 1)) for x, y in zip(val, val[1:])) / (len(val) - 1)
+    return u_bits, b_bits
+
+
+def reading(a, done):
+    """The section that reads the table: numbers computed from the rows, nothing typed in."""
+    if len(done) < 3:
+        return []
+    got = dict(done)
+    uni, big = ngram_bits(a.data)
+    by_time = sorted(done, key=lambda x: x[1]["bpc"])
+    at = {}
+    for name, _ in done:  # validation bpc at step 500 (every row's first evaluations): quality per step
+        log = [json.loads(l) for l in open(os.path.join(a.runs, name, "log.jsonl"))]
+        pts = [x["val_bpc"] for x in log if "val_bpc" in x and x["step"] == 500]
+        if pts:
+            at[name] = pts[0]
+    by_step = sorted(at.items(), key=lambda x: x[1])
+    below = [n for n, r in done if r["bpc"] < big]
+    soft = got.get("softmax")
+    lines = ["", "## Reading the table", "",
+             f"- Plateaus (counted on the same split, `ngram_bits` in the script): a unigram model scores "
+             f"{uni:.3f} bits per byte, a bigram model {big:.3f}. {len(below)} of {len(done)} mechanisms end "
+             f"below the bigram plateau within the budget; "
+             + (", ".join(f"{n} ({got[n]['bpc']:.3f})" for n, r in done if r['bpc'] >= big) or "none")
+             + (" do not." if any(r['bpc'] >= big for _, r in done) else " stay above it.")]
+    if by_step:
+        lines.append("- Per step (validation bpc after 500 steps: the same batches seen by all, though each "
+                     "row's cosine schedule spans its own step count, so the rows with fewer steps have decayed "
+                     "their learning rate further by then): best "
+                     + ", ".join(f"{n} {v:.3f}" for n, v in by_step[:4]) + "; worst "
+                     + ", ".join(f"{n} {v:.3f}" for n, v in by_step[-3:]) + ".")
+    lines.append("- Per second (the table, equal wall-clock): best "
+                 + ", ".join(f"{n} {r['bpc']:.3f} ({r['steps']} steps)" for n, r in by_time[:4]) + ".")
+    if by_step:
+        rank_s = {n: i for i, (n, _) in enumerate(by_step)}
+        rank_t = {n: i for i, (n, _) in enumerate(by_time)}
+        moved = sorted((rank_t[n] - rank_s[n], n) for n in rank_s)
+        lines.append("- Speed decides much of the ranking: falling most from per-step to per-second rank "
+                     + ", ".join(f"{n} ({rank_s[n] + 1} -> {rank_t[n] + 1}, {got[n]['tok_s']:.0f} tok/s)"
+                                 for d, n in moved[::-1][:3] if d > 0)
+                     + "; rising most " + ", ".join(f"{n} ({rank_s[n] + 1} -> {rank_t[n] + 1}, "
+                                                     f"{got[n]['tok_s']:.0f} tok/s)" for d, n in moved[:3] if d < 0)
+                     + ".")
+    if soft:
+        beat = [n for n, r in by_time if r["bpc"] < soft["bpc"] and n != "softmax"]
+        lines.append(f"- Against softmax attention ({soft['bpc']:.3f} at equal time): {len(beat)} linear-time "
+                     f"mechanisms reach a lower bpc (" + ", ".join(beat) + ").")
+    return lines
+
+
 def report(a, rows_def):
     rows, curves = [], {}
     for name, _ in rows_def:
@@ -173,6 +240,7 @@ def report(a, rows_def):
     if missing:
         lines += ["", f"Not run at this budget yet: {', '.join(missing)} (`scripts/results.py --only "
                   f"{','.join(missing)}`)."]
+    lines += reading(a, done)
     got = dict(done)
     if "s4d" in got and "s4d_legs" in got:
         lines += ["", f"S4D's initialisation (docs/hippo.md): S4D-Lin {got['s4d']['bpc']:.4f} bpc, S4D-LegS "
