@@ -136,19 +136,26 @@ SafeTensors parse_view(std::string_view bytes, const std::string& what,
     ranges.push_back({b, en, name});
     Tensor t;
     t.shape = shape;
-    t.data.resize(numel);
+    t.data.reserve(numel);  // filled by appending: no zero-fill pass before the copy
     const char* p = data + b;
     const bool f16 = dtype == "F16";
     // in slices of 4M values, each slice's source bytes handed to done() once copied
     for (uint64_t i0 = 0; i0 < numel; i0 += kSlice) {
       const uint64_t i1 = std::min(numel, i0 + kSlice);
-      if (item == 4) {
-        std::memcpy(t.data.data() + i0, p + 4 * i0, (i1 - i0) * 4);
+      if (item == 4 && reinterpret_cast<uintptr_t>(p) % alignof(float) == 0) {
+        const float* f = reinterpret_cast<const float*>(p);
+        t.data.insert(t.data.end(), f + i0, f + i1);
       } else {
         for (uint64_t i = i0; i < i1; ++i) {
+          if (item == 4) {
+            float v;
+            std::memcpy(&v, p + 4 * i, 4);
+            t.data.push_back(v);
+            continue;
+          }
           uint16_t v;
           std::memcpy(&v, p + 2 * i, 2);
-          t.data[i] = f16 ? half_to_float(v) : bf16_to_float(v);
+          t.data.push_back(f16 ? half_to_float(v) : bf16_to_float(v));
         }
       }
       if (done) done(p + item * i0, size_t((i1 - i0) * item));
