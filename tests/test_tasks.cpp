@@ -111,7 +111,9 @@ TEST(Fmnist, SplitsHoldThePublishedClassCounts) {
       task->example(s, i, t, label);
       ASSERT_TRUE(label >= 0 && label < 10);
       ++train[size_t(label)];
-      if (s == Split::Train && i == 0) EXPECT_EQ(label, 9);
+      if (s == Split::Train && i == 0) {
+        EXPECT_EQ(label, 9);
+      }
     }
   for (int64_t i = 0; i < task->size(Split::Test); ++i) {
     task->example(Split::Test, i, t, label);

@@ -149,12 +149,17 @@ void AdamW::step(TensorMap& params, const TensorMap& grads, double lr_now) {
     Tensor& m2 = v[name];
     if (m1.numel() != p.numel()) m1 = Tensor(p.shape), m2 = Tensor(p.shape);
     const bool decay = p.rank() >= 2;  // matrices and embeddings; not gains, biases, mixes
-    for (int64_t i = 0; i < p.numel(); ++i) {
-      const float gi = g->second.data[i];
-      m1.data[i] = float(beta1 * m1.data[i] + (1 - beta1) * gi);
-      m2.data[i] = float(beta2 * m2.data[i] + (1 - beta2) * gi * gi);
-      const double upd = (m1.data[i] / bc1) / (std::sqrt(m2.data[i] / bc2) + eps);
-      p.data[i] = float(p.data[i] - lr_now * (upd + (decay ? weight_decay * p.data[i] : 0.0)));
+    const int64_t n = p.numel();
+    float *pw = p.ptr(), *a = m1.ptr(), *b = m2.ptr();
+    const float* gw = g->second.ptr();
+    // element by element: the threads' split changes no value
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = gw[i];
+      a[i] = float(beta1 * a[i] + (1 - beta1) * gi);
+      b[i] = float(beta2 * b[i] + (1 - beta2) * gi * gi);
+      const double upd = (a[i] / bc1) / (std::sqrt(b[i] / bc2) + eps);
+      pw[i] = float(pw[i] - lr_now * (upd + (decay ? weight_decay * pw[i] : 0.0)));
     }
   }
 }
