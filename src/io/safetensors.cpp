@@ -187,10 +187,11 @@ SafeTensors read_safetensors(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   LINMIX_CHECK(fd >= 0, path + ": cannot open (" + std::strerror(errno) + ")");
   struct stat sb {};
-  if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+  const bool stated = ::fstat(fd, &sb) == 0;
+  if (!stated || !S_ISREG(sb.st_mode)) {
     const int err = errno;
     ::close(fd);
-    throw Error(path + ": cannot open (" + (S_ISREG(sb.st_mode) ? std::strerror(err) : "not a regular file") + ")");
+    throw Error(path + ": cannot open (" + (stated ? "not a regular file" : std::strerror(err)) + ")");
   }
   const size_t size = size_t(sb.st_size);
   if (size == 0) {
