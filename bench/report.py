@@ -15,6 +15,19 @@ import sys
 # linear-time = not quadratic; FLOP-bound = its forward reports GFLOP/s (the spec has a FLOP
 # count) and is linear-time; bandwidth-bound = its forward reports GB/s.
 CHUNKED, RECURRENCES, LINEAR_TIME = [], [], []
+# The targets are the issues': a chunked form >= 2x its peer (issue 7) and forward+backward
+# <= 3.5x the forward (issue 19); the eight mechanisms of issue 13 >= 3x their peer and
+# forward+backward <= 4x. Every chunked form >= 50% of the sgemm rate of the same run.
+PEER_X, FWDBWD_X = 2.0, 3.5
+ISSUE13 = ("retention", "gla", "deltanet", "gated_deltanet", "rwkv5", "rwkv6", "rwkv7", "mamba2")
+
+
+def peer_x(m):
+    return 3.0 if m in ISSUE13 else PEER_X
+
+
+def fwdbwd_x(m):
+    return 4.0 if m in ISSUE13 else FWDBWD_X
 
 
 def classify(specs, L):
@@ -123,7 +136,7 @@ def main():
         f, pf = g(m, "fwd"), g(m, "fwd", src=P)
         if f and pf and "of_sgemm" in f:
             r = pf["seconds"] / f["seconds"]
-            target(f"{m}: ≥ 2x peer and ≥ 50% of sgemm at T={T0}", r >= 2 and f["of_sgemm"] >= 0.5,
+            target(f"{m}: ≥ {peer_x(m):g}x peer and ≥ 50% of sgemm at T={T0}", r >= peer_x(m) and f["of_sgemm"] >= 0.5,
                    f"{r:.2f}x peer, {100 * f['of_sgemm']:.0f}% of sgemm ({f['gflops']:.0f} GFLOP/s)")
     for m in RECURRENCES:
         f, pf = g(m, "fwd"), g(m, "fwd", src=P)
@@ -167,7 +180,7 @@ def main():
         f, fb = g(m, "fwd"), g(m, "fwdbwd")
         if f and fb:
             r = fb["seconds"] / f["seconds"]
-            target(f"{m}: fwd+bwd ≤ 3.5x fwd at T={T0}", r <= 3.5, f"{r:.2f}")
+            target(f"{m}: fwd+bwd ≤ {fwdbwd_x(m):g}x fwd at T={T0}", r <= fwdbwd_x(m), f"{r:.2f}")
     out += [f"## Targets ({th} threads)", "", "| target | status | measured |", "|---|---|---|"] + res + [""]
     n_met = sum("| met |" in r for r in res)
     out.insert(2, f"Targets met: {n_met} of {len(res)} (see the end).")

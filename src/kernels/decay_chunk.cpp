@@ -186,17 +186,108 @@ void cumsums(Cum* c, Cum* cp, const float* g, int64_t n, int64_t D) {
     for (int64_t d = 0; d < D; ++d) cp[t * D + d] = c[(t - 1) * D + d], c[t * D + d] = cp[t * D + d] + g[t * D + d];
 }
 
-// out (n,D) = X o e^{c}
-void times_exp(float* out, const float* X, const Cum* c, int64_t n, int64_t D) {
-#pragma omp simd
-  for (int64_t o = 0; o < n * D; ++o) out[o] = X[o] * exp_fast(float(c[o]));
-}
 // out (n,D) = X o e^{cL - c}
 void times_exp_to_end(float* out, const float* X, const Cum* c, int64_t n, int64_t D) {
   const Cum* cl = c + (n - 1) * D;
   for (int64_t t = 0; t < n; ++t)
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) out[t * D + d] = X[t * D + d] * exp_fast(float(cl[d] - c[t * D + d]));
+}
+// How one chunk's decays are evaluated. Every form is exact in float32; they differ in cost.
+//   factored: the chunk's total decay e^{cL} >= e^{-kFactorSpan} on every channel: every factor
+//             e^{c}, e^{-c} stays inside float32, so X o e^{c} and Y o e^{-c} are formed once a
+//             chunk and each score matrix is one GEMM of them (then masked). With one log decay
+//             per step shared by the D channels (retention, mamba2, gated_deltanet) the factors
+//             take one exp a row.
+//   scalar:   a shared decay faster than that: the scores' decays e^{c_t - c_s} pairwise, one
+//             exp a pair (scores()'s (X Y^T) o Gamma, SSD's form);
+//   general:  per-channel decays faster than that (the fast-decay draw): scores() and its
+//             secondary chunking.
+enum class Form { scalar, factored, general };
+
+// The exponentials of one chunk's cumulative log decays, each computed once a chunk and shared
+// by every product, their backward and the decays of the state (c inclusive, cp exclusive; cq
+// the read-out's: c, or cp for RWKV's read-before-update).
+struct Decays {
+  Form form = Form::general;
+  std::vector<float> eq;  // e^{cq} (n,D)
+  std::vector<float> ea;  // e^{cp} (n,D): the delta rule's a (when asked)
+  std::vector<float> en;  // e^{-c} (n,D): the factored form's key side
+  std::vector<float> et;  // e^{cL - c} (n,D): a key's decay to the chunk's end
+  std::vector<float> el;  // e^{cL} (D)
+  void compute(const Cum* c, const Cum* cp, const Cum* cq, bool with_a, int64_t n, int64_t D) {
+    const Cum* cl = c + (n - 1) * D;
+    Cum span = 0.0;
+    for (int64_t d = 0; d < D; ++d) span = std::max(span, -cl[d]);
+    const bool uniform = uniform_rows(c, n, D), fac = span <= kFactorSpan;
+    form = fac ? Form::factored : uniform ? Form::scalar : Form::general;
+    eq.resize(size_t(n * D)), et.resize(size_t(n * D)), el.resize(size_t(D));
+    if (with_a) ea.resize(size_t(n * D));
+    if (fac) en.resize(size_t(n * D));
+    for (int64_t d = 0; d < D; ++d) el[size_t(d)] = exp_fast(float(cl[d]));
+    if (uniform) {  // one exp a row, broadcast
+      for (int64_t t = 0; t < n; ++t) {
+        const auto row = [&](std::vector<float>& f, float x) {
+          std::fill(f.begin() + t * D, f.begin() + (t + 1) * D, exp_fast(x));
+        };
+        row(eq, float(cq[t * D])), row(et, float(cl[0] - c[t * D]));
+        if (with_a) row(ea, float(cp[t * D]));
+        if (fac) row(en, float(-c[t * D]));
+      }
+      return;
+    }
+#pragma omp simd
+    for (int64_t o = 0; o < n * D; ++o) eq[size_t(o)] = exp_fast(float(cq[o]));
+    if (with_a) {
+#pragma omp simd
+      for (int64_t o = 0; o < n * D; ++o) ea[size_t(o)] = exp_fast(float(cp[o]));
+    }
+    if (fac) {
+      for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t o = t * D + d;
+          en[size_t(o)] = exp_fast(float(-c[o]));
+          et[size_t(o)] = en[size_t(o)] * el[size_t(d)];
+        }
+      return;
+    }
+    for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) et[size_t(t * D + d)] = exp_fast(float(cl[d] - c[t * D + d]));
+  }
+};
+
+// out (n,D) = X o F
+void times(float* out, const float* X, const std::vector<float>& F, int64_t n, int64_t D) {
+  const float* f = F.data();
+#pragma omp simd
+  for (int64_t o = 0; o < n * D; ++o) out[o] = X[o] * f[o];
+}
+
+// A (n x n) = Xf Yf^T masked (s <= t; s < t when strict): the factored form's scores, Xf = X o
+// e^{cx} and Yf = Y o e^{-cy} formed by the caller.
+void factored_scores(float* A, const float* Xf, const float* Yf, int64_t n, int64_t D, bool strict) {
+  std::fill(A, A + n * n, 0.0f);
+  gemm_nt_acc(A, Xf, Yf, n, n, D, D, D, n);
+  mask_upper(A, n, strict);
+}
+// Its backward: dX += (dA Yf) o ex, dY += (dA^T Xf) o ey (t1, t2: n D floats of scratch).
+void factored_scores_backward(float* dX, float* dY, const float* dA, const float* Xf, const float* ex,
+                              const float* Yf, const float* ey, int64_t n, int64_t D, float* t1, float* t2) {
+  std::fill(t1, t1 + n * D, 0.0f), std::fill(t2, t2 + n * D, 0.0f);
+  gemm_nn_acc(t1, dA, Yf, n, D, n, n, D, D);
+  gemm_tn_acc(t2, dA, Xf, n, D, n, n, D, D);
+#pragma omp simd
+  for (int64_t o = 0; o < n * D; ++o) dX[o] += t1[o] * ex[o], dY[o] += t2[o] * ey[o];
+}
+
+// S (D,E) rows scaled by f (D).
+void scale_rows(float* S, const float* f, int64_t D, int64_t E) {
+  for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) S[d * E + e] *= f[d];
+  }
 }
 // S (D,E) rows scaled by e^{cL}.
 void decay_rows(float* S, const Cum* cl, int64_t D, int64_t E) {
@@ -237,7 +328,8 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
                    int64_t D, int64_t E, bool shift) {
   const int64_t L = kDecayChunk;
   std::vector<Cum> c(L * D), cp(L * D);
-  std::vector<float> qd(L * D), kt(L * D), A(L * L);
+  std::vector<float> qd(L * D), kf(L * D), kt(L * D), A(L * L);
+  Decays x;
   ScoreWork w;
   for (const Chunk& ch : chunks_of(T)) {
     const int64_t t0 = ch.t0, n = ch.n;
@@ -245,13 +337,19 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
     float* yc = y + t0 * E;
     cumsums(c.data(), cp.data(), g + t0 * D, n, D);
     const Cum* cq = shift ? cp.data() : c.data();
-    times_exp(qd.data(), qc, cq, n, D);
+    x.compute(c.data(), cp.data(), cq, false, n, D);
+    times(qd.data(), qc, x.eq, n, D);  // q o e^{cq}
+    times(kt.data(), kc, x.et, n, D);  // k o e^{cL - c}
+    if (x.form == Form::factored) {
+      times(kf.data(), kc, x.en, n, D);
+      factored_scores(A.data(), qd.data(), kf.data(), n, D, shift);
+    } else {
+      scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
+    }
     std::fill(yc, yc + n * E, 0.0f);
     gemm_nn_acc(yc, qd.data(), S, n, E, D, D, E, E);  // (q o e^{cq}) S0
-    scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
     gemm_nn_acc(yc, A.data(), vc, n, E, n, n, E, E);  // + A V
-    decay_rows(S, c.data() + (n - 1) * D, D, E);      // S = e^{cL} S0 + (k o e^{cL - c})^T V
-    times_exp_to_end(kt.data(), kc, c.data(), n, D);
+    scale_rows(S, x.el.data(), D, E);                 // S = e^{cL} S0 + (k o e^{cL - c})^T V
     gemm_tn_acc(S, kt.data(), vc, D, E, n, D, E, E);
   }
 }
@@ -262,8 +360,9 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
   std::vector<Cum> c(L * D), cp(L * D);
-  std::vector<float> qd(L * D), kt(L * D), A(L * L), dA(L * L), dkt(L * D), dc(L * D),
-      dcp(L * D), dcL(D), dS(D * E, 0.0f);
+  std::vector<float> qd(L * D), kf(L * D), kt(L * D), A(L * L), dA(L * L), dkt(L * D), dc(L * D), dcp(L * D),
+      dcL(D), dS(D * E, 0.0f), t1(L * D), t2(L * D);
+  Decays x;
   if (dST) std::copy(dST, dST + D * E, dS.begin());  // the sweep starts from the final state's gradient
   std::vector<float> states(chunks.size() * D * E);  // the state at every chunk start
   {
@@ -285,15 +384,21 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     float *dqc = dq + t0 * D, *dkc = dk + t0 * D, *dvc = dv + t0 * E;
     cumsums(c.data(), cp.data(), g + t0 * D, n, D);
     const Cum* cq = shift ? cp.data() : c.data();
-    const Cum* cl = c.data() + (n - 1) * D;
-    times_exp(qd.data(), qc, cq, n, D);
-    times_exp_to_end(kt.data(), kc, c.data(), n, D);
-    scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
+    x.compute(c.data(), cp.data(), cq, false, n, D);
+    const bool fac = x.form == Form::factored;
+    times(qd.data(), qc, x.eq, n, D);
+    times(kt.data(), kc, x.et, n, D);
+    if (fac) {
+      times(kf.data(), kc, x.en, n, D);
+      factored_scores(A.data(), qd.data(), kf.data(), n, D, shift);
+    } else {
+      scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
+    }
     // dq = (dy S0^T) o e^{cq}  (+ the intra part below)
     std::fill(dqc, dqc + n * D, 0.0f);
     std::fill(dkc, dkc + n * D, 0.0f);
     gemm_nt_acc(dqc, dyc, Sc, n, D, E, E, E, D);
-    for (int64_t o = 0; o < n * D; ++o) dqc[o] *= exp_fast(float(cq[o]));
+    for (int64_t o = 0; o < n * D; ++o) dqc[o] *= x.eq[size_t(o)];
     // dA = dy V^T (masked); dv = A^T dy + kt dS
     std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
     gemm_nt_acc(dA.data(), dyc, vc, n, n, E, E, E, n);
@@ -301,22 +406,28 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     std::fill(dvc, dvc + n * E, 0.0f);
     gemm_tn_acc(dvc, A.data(), dyc, n, E, n, n, E, E);
     gemm_nn_acc(dvc, kt.data(), dS.data(), n, E, D, D, E, E);
-    scores_backward(dqc, dkc, dA.data(), qc, cq, kc, c.data(), n, D, shift, w);
+    if (fac)
+      factored_scores_backward(dqc, dkc, dA.data(), qd.data(), x.eq.data(), kf.data(), x.en.data(), n, D, t1.data(),
+                               t2.data());
+    else
+      scores_backward(dqc, dkc, dA.data(), qc, cq, kc, c.data(), n, D, shift, w);
     // dkt = V dS^T; dk += dkt o e^{cL - c}
     std::fill(dkt.begin(), dkt.begin() + n * D, 0.0f);
     gemm_nt_acc(dkt.data(), vc, dS.data(), n, D, E, E, E, D);
     std::fill(dcL.begin(), dcL.end(), 0.0f);
     for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
         const int64_t o = t * D + d;
         dcL[size_t(d)] += kt[o] * dkt[o];
-        dkc[o] += dkt[o] * exp_fast(float(cl[d] - c[o]));
+        dkc[o] += dkt[o] * x.et[size_t(o)];
       }
     // decay gradients: q carries e^{cq}, k carries e^{-c} everywhere; S0 and kt carry e^{cL}
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.0f;
+#pragma omp simd reduction(+ : s)
       for (int64_t e = 0; e < E; ++e) s += Sc[d * E + e] * dS[d * E + e];
-      dcL[size_t(d)] += s * exp_fast(float(cl[d]));
+      dcL[size_t(d)] += s * x.el[size_t(d)];
     }
     for (int64_t o = 0; o < n * D; ++o) {
       const float qq = qc[o] * dqc[o];
@@ -325,7 +436,7 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     }
     decay_grad(dg + t0 * D, dc.data(), dcp.data(), dcL.data(), n, D);
     // dS0 of this chunk = e^{cL} o dS + qd^T dy
-    decay_rows(dS.data(), cl, D, E);
+    scale_rows(dS.data(), x.el.data(), D, E);
     gemm_tn_acc(dS.data(), qd.data(), dyc, D, E, n, D, E, E);
   }
   std::copy(dS.begin(), dS.end(), dS0);
@@ -338,11 +449,14 @@ namespace {
 
 struct DplrChunk {  // everything of one chunk that the forward and the backward both need
   std::vector<Cum> c, cp;
-  std::vector<float> Aab, Aak, Arb, Ark, ad, rd, U, kt, bt;
+  Decays x;
+  // ad = a o e^{cp}, rd = r o e^{c}; kt, bt = (k, b) o e^{cL - c}; kf, bf = (k, b) o e^{-c} (factored form)
+  std::vector<float> Aab, Aak, Arb, Ark, ad, rd, U, kt, bt, kf, bf;
   explicit DplrChunk(int64_t D, int64_t E)
       : c(kDecayChunk * D), cp(kDecayChunk * D), Aab(kDecayChunk * kDecayChunk), Aak(kDecayChunk * kDecayChunk),
         Arb(kDecayChunk * kDecayChunk), Ark(kDecayChunk * kDecayChunk), ad(kDecayChunk * D), rd(kDecayChunk * D),
-        U(kDecayChunk * E), kt(kDecayChunk * D), bt(kDecayChunk * D) {}
+        U(kDecayChunk * E), kt(kDecayChunk * D), bt(kDecayChunk * D), kf(kDecayChunk * D), bf(kDecayChunk * D) {}
+  bool factored() const { return x.form == Form::factored; }
 };
 
 // Scores, decayed factors and U of a chunk (rows [0, n) of the given pointers) from state S0.
@@ -352,11 +466,17 @@ void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, c
                 const float* a, const float* b, int64_t n, int64_t D, int64_t E, ScoreWork& sw, bool readout = true,
                 const float* saved = nullptr) {
   cumsums(z.c.data(), z.cp.data(), w, n, D);
-  times_exp(z.ad.data(), a, z.cp.data(), n, D);
-  times_exp(z.rd.data(), r, z.c.data(), n, D);
-  times_exp_to_end(z.kt.data(), k, z.c.data(), n, D);
-  times_exp_to_end(z.bt.data(), b, z.c.data(), n, D);
-  if (readout) {
+  z.x.compute(z.c.data(), z.cp.data(), z.c.data(), true, n, D);
+  times(z.ad.data(), a, z.x.ea, n, D);
+  times(z.rd.data(), r, z.x.eq, n, D);
+  times(z.kt.data(), k, z.x.et, n, D);
+  times(z.bt.data(), b, z.x.et, n, D);
+  const bool fac = z.factored();
+  if (fac) times(z.kf.data(), k, z.x.en, n, D), times(z.bf.data(), b, z.x.en, n, D);
+  if (readout && fac) {
+    factored_scores(z.Arb.data(), z.rd.data(), z.bf.data(), n, D, false);
+    factored_scores(z.Ark.data(), z.rd.data(), z.kf.data(), n, D, false);
+  } else if (readout) {
     scores(z.Arb.data(), r, z.c.data(), b, z.c.data(), n, D, false, sw);
     scores(z.Ark.data(), r, z.c.data(), k, z.c.data(), n, D, false, sw);
   }
@@ -367,8 +487,13 @@ void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, c
     std::copy(saved + 2 * n * n, saved + 2 * n * n + n * E, U);
     return;
   }
-  scores(z.Aab.data(), a, z.cp.data(), b, z.c.data(), n, D, true, sw);
-  scores(z.Aak.data(), a, z.cp.data(), k, z.c.data(), n, D, true, sw);
+  if (fac) {
+    factored_scores(z.Aab.data(), z.ad.data(), z.bf.data(), n, D, true);
+    factored_scores(z.Aak.data(), z.ad.data(), z.kf.data(), n, D, true);
+  } else {
+    scores(z.Aab.data(), a, z.cp.data(), b, z.c.data(), n, D, true, sw);
+    scores(z.Aak.data(), a, z.cp.data(), k, z.c.data(), n, D, true, sw);
+  }
   // (I - Aab) U = Aak V + ad S0, by forward substitution
   std::fill(U, U + n * E, 0.0f);
   gemm_nn_acc(U, z.Aak.data(), v, n, E, n, n, E, E);
@@ -396,7 +521,7 @@ void dplr_forward(float* y, float* S, const float* r, const float* w, const floa
     gemm_nn_acc(yc, z.rd.data(), S, n, E, D, D, E, E);      // (r o e^c) S0
     gemm_nn_acc(yc, z.Ark.data(), v + oE, n, E, n, n, E, E);  // + Ark V
     gemm_nn_acc(yc, z.Arb.data(), z.U.data(), n, E, n, n, E, E);  // + Arb U
-    decay_rows(S, z.c.data() + (n - 1) * D, D, E);  // S = e^{cL} S0 + kt^T V + bt^T U
+    scale_rows(S, z.x.el.data(), D, E);  // S = e^{cL} S0 + kt^T V + bt^T U
     gemm_tn_acc(S, z.kt.data(), v + oE, D, E, n, D, E, E);
     gemm_tn_acc(S, z.bt.data(), z.U.data(), D, E, n, D, E, E);
   }
@@ -422,11 +547,11 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     std::copy(z.Aab.begin(), z.Aab.begin() + n * n, keep);
     std::copy(z.Aak.begin(), z.Aak.begin() + n * n, keep + n * n);
     std::copy(z.U.begin(), z.U.begin() + n * E, keep + 2 * n * n);
-    decay_rows(S.data(), z.c.data() + (n - 1) * D, D, E);
+    scale_rows(S.data(), z.x.el.data(), D, E);
     gemm_tn_acc(S.data(), z.kt.data(), v + oE, D, E, n, D, E, E);
     gemm_tn_acc(S.data(), z.bt.data(), z.U.data(), D, E, n, D, E, E);
   }
-  std::vector<float> dS(D * E, 0.0f), dU(L * E), dR(L * E), dA(L * L), tmp(L * D), dc(L * D), dcp(L * D), dcL(D);
+  std::vector<float> dS(D * E, 0.0f), dU(L * E), dR(L * E), dA(L * L), tmp(L * D), tmp2(L * D), dc(L * D), dcp(L * D), dcL(D);
   if (dST) std::copy(dST, dST + D * E, dS.begin());  // the sweep starts from the final state's gradient
   for (size_t i = chunks.size(); i-- > 0;) {
     const int64_t t0 = chunks[i].t0, n = chunks[i].n;
@@ -435,7 +560,6 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     const float *rc = r + oD, *kc = k + oD, *vc = v + oE, *ac = a + oD, *bc = b + oD, *dyc = dy + oE;
     float *drc = dr + oD, *dkc = dk + oD, *dvc = dv + oE, *dac = da + oD, *dbc = db + oD;
     dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw, true, kept.data() + int64_t(i) * per);
-    const Cum* cl = z.c.data() + (n - 1) * D;
     // dU = Arb^T dY + bt dS; (I - Aab)^T dR = dU by backward substitution
     std::fill(dU.begin(), dU.begin() + n * E, 0.0f);
     gemm_tn_acc(dU.data(), z.Arb.data(), dyc, n, E, n, n, E, E);
@@ -457,18 +581,22 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     std::fill(dkc, dkc + n * D, 0.0f), std::fill(dbc, dbc + n * D, 0.0f);
     gemm_nt_acc(drc, dyc, Sc, n, D, E, E, E, D);
     gemm_nt_acc(dac, dR.data(), Sc, n, D, E, E, E, D);
-    for (int64_t o = 0; o < n * D; ++o) drc[o] *= exp_fast(float(z.c[o])), dac[o] *= exp_fast(float(z.cp[o]));
+    for (int64_t o = 0; o < n * D; ++o) drc[o] *= z.x.eq[size_t(o)], dac[o] *= z.x.ea[size_t(o)];
+    // the score matrices' gradients; X's factored operand Xf = X o ex, Y's Yf = Y o e^{-c}
     auto score_grad = [&](const float* G, const float* U, bool strict, float* dX, const float* X, const Cum* cx,
-                          float* dY, const float* Y) {
+                          const float* Xf, const std::vector<float>& ex, float* dY, const float* Y, const float* Yf) {
       std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
       gemm_nt_acc(dA.data(), G, U, n, n, E, E, E, n);
       mask_upper(dA.data(), n, strict);
-      scores_backward(dX, dY, dA.data(), X, cx, Y, z.c.data(), n, D, strict, sw);
+      if (z.factored())
+        factored_scores_backward(dX, dY, dA.data(), Xf, ex.data(), Yf, z.x.en.data(), n, D, tmp.data(), tmp2.data());
+      else
+        scores_backward(dX, dY, dA.data(), X, cx, Y, z.c.data(), n, D, strict, sw);
     };
-    score_grad(dyc, z.U.data(), false, drc, rc, z.c.data(), dbc, bc);      // Arb
-    score_grad(dyc, vc, false, drc, rc, z.c.data(), dkc, kc);              // Ark
-    score_grad(dR.data(), z.U.data(), true, dac, ac, z.cp.data(), dbc, bc);  // Aab
-    score_grad(dR.data(), vc, true, dac, ac, z.cp.data(), dkc, kc);          // Aak
+    score_grad(dyc, z.U.data(), false, drc, rc, z.c.data(), z.rd.data(), z.x.eq, dbc, bc, z.bf.data());  // Arb
+    score_grad(dyc, vc, false, drc, rc, z.c.data(), z.rd.data(), z.x.eq, dkc, kc, z.kf.data());          // Ark
+    score_grad(dR.data(), z.U.data(), true, dac, ac, z.cp.data(), z.ad.data(), z.x.ea, dbc, bc, z.bf.data());  // Aab
+    score_grad(dR.data(), vc, true, dac, ac, z.cp.data(), z.ad.data(), z.x.ea, dkc, kc, z.kf.data());          // Aak
     // kt, bt: dkt = V dS^T, dbt = U dS^T
     std::fill(dcL.begin(), dcL.end(), 0.0f);
     for (int pass = 0; pass < 2; ++pass) {
@@ -481,13 +609,13 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
         for (int64_t d = 0; d < D; ++d) {
           const int64_t o = t * D + d;
           dcL[size_t(d)] += Xt[o] * tmp[o];
-          dX[o] += tmp[o] * exp_fast(float(cl[d] - z.c[o]));
+          dX[o] += tmp[o] * z.x.et[size_t(o)];
         }
     }
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.0f;
       for (int64_t e = 0; e < E; ++e) s += Sc[d * E + e] * dS[d * E + e];
-      dcL[size_t(d)] += s * exp_fast(float(cl[d]));
+      dcL[size_t(d)] += s * z.x.el[size_t(d)];
     }
     for (int64_t o = 0; o < n * D; ++o) {
       dc[o] = rc[o] * drc[o] - kc[o] * dkc[o] - bc[o] * dbc[o];
@@ -495,7 +623,7 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     }
     decay_grad(dw + oD, dc.data(), dcp.data(), dcL.data(), n, D);
     // dS0 of this chunk = e^{cL} o dS + rd^T dY + ad^T dR
-    decay_rows(dS.data(), cl, D, E);
+    scale_rows(dS.data(), z.x.el.data(), D, E);
     gemm_tn_acc(dS.data(), z.rd.data(), dyc, D, E, n, D, E, E);
     gemm_tn_acc(dS.data(), z.ad.data(), dR.data(), D, E, n, D, E, E);
   }
