@@ -75,11 +75,19 @@ def main():
     ap.add_argument("--png")
     ap.add_argument("--T", type=int, default=4096, help="the length the targets are read at")
     ap.add_argument("--bin", required=True, help="the linmix binary (its registry names the mechanisms)")
+    ap.add_argument("--only", help="comma-separated mechanisms: a report of these alone (a partial run)")
+    ap.add_argument("--produced-by", default="bash bench/run.sh", help="the command the report names")
     a = ap.parse_args()
     L, limits, _ = load(a.linmix)
     P, _, pinfo = load(a.peer) if a.peer else ({}, {}, {})
     out = subprocess.run([a.bin, "mixers", "--json"], capture_output=True, text=True, check=True).stdout
     specs = {m["name"]: m for m in json.loads(out)}
+    if a.only:
+        want = a.only.split(",")
+        unknown = [m for m in want if m not in specs]
+        if unknown:
+            sys.exit("report.py: --only names unknown mechanisms: " + ", ".join(unknown))
+        specs = {m: specs[m] for m in want}
     # every mechanism of the registry is in the report, with its peer: a missing one fails by name
     missing = [f"{m} (no linmix bench run)" for m in specs if not any(k[0] == m for k in L)]
     if a.peer:
@@ -91,7 +99,7 @@ def main():
     threads = sorted({k[2] for k in L})
     T0 = a.T
     out = ["# linmix bench", "",
-           "Produced by `bash bench/run.sh` (`linmix bench`, `bench/peer.py`, `bench/report.py`): B = 1, "
+           f"Produced by `{a.produced_by}` (`linmix bench`, `bench/peer.py`, `bench/report.py`): B = 1, "
            "d_model 512 (H = 8, D = E = 64; C = 512 per channel), causal. Peers: plain PyTorch "
            f"{pinfo.get('torch', '?')} on the CPU, same thread count, each checked against the float64 oracle first. "
            "Times are the best of 5 to 50 runs after a warm-up (short runs are repeated until ~0.5 s), steps the best of 5 sequences of 256 tokens; `extra` is the peak resident memory a run added "

@@ -42,7 +42,7 @@ inline void state_step(float* __restrict S, float* __restrict y, const float* __
   }
 }
 
-inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }  // exp_fast: loops vectorise
+[[gnu::always_inline]] inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }  // loops vectorise
 inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : exp_fast(x); }  // elu(x) + 1
 // The same maps as function objects for gather_head: a function pointer is not inlined there,
 // and phi then runs out of line and scalar.

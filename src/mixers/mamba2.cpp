@@ -59,7 +59,6 @@ namespace linmix {
 namespace {
 
 float softplus1(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
-float sigmoid_1(float x) { return sigmoidf(x); }  // exp_fast: the gate loops vectorise
 
 TensorMap mamba2_run(const Call& c, const Tensor* dy) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), E = c.d("E"), G = c.d("G"), N = c.d("N");
@@ -106,11 +105,12 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     }
     if (dy && zz) {  // the kernel's dy: through the gate
       z.dy = head_rows(*dy, b, h, T, H, E);
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t e = 0; e < E; ++e) {
-          const float zv = row_of(zz, b, t, h, E)[e];
-          z.dy[t * E + e] *= zv * sigmoid_1(zv);
-        }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* zr = row_of(zz, b, t, h, E);
+        float* d = &z.dy[t * E];
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) d[e] *= zr[e] * sigmoidf(zr[e]);
+      }
     }
   };
   auto post = [&](GatedHead& z) {
@@ -119,26 +119,37 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     for (int64_t e = 0; e < E; ++e)
       for (int64_t n = 0; n < N; ++n) hs[e * N + n] = z.S[n * E + e];
     std::vector<float> gy = dy ? head_rows(*dy, b, h, T, H, E) : std::vector<float>();
+    // per row, branch-free inner loops over e (they vectorise: the gate's sigmoid had run scalar,
+    // with a division per element, and cost twice the chunked kernel)
     float dD = 0.0f;
+    const float dh = Dp ? Dp[h] : 0.0f;
     for (int64_t t = 0; t < T; ++t) {
       float* yo = row_of(py, b, t, h, E);
-      const float* xr = &z.v[t * E];
-      for (int64_t e = 0; e < E; ++e) {
-        const float y1 = z.y[t * E + e] + (Dp ? Dp[h] * xr[e] : 0.0f);
-        if (!zz) {
-          yo[e] = y1;
-          continue;
+      const float *xr = &z.v[t * E], *yr = &z.y[t * E];
+      if (!zz) {
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) yo[e] = yr[e] + dh * xr[e];
+      } else if (!dy) {
+        const float* zr = row_of(zz, b, t, h, E);
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) yo[e] = (yr[e] + dh * xr[e]) * zr[e] * sigmoidf(zr[e]);
+      } else {
+        const float *zr = row_of(zz, b, t, h, E), *gr = &gy[t * E];
+        float* dzr = row_of(pdz, b, t, h, E);
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) {
+          const float y1 = yr[e] + dh * xr[e], zv = zr[e], sg = sigmoidf(zv);
+          yo[e] = y1 * zv * sg;
+          dzr[e] = gr[e] * y1 * sg * (1.0f + zv * (1.0f - sg));
         }
-        const float zv = row_of(zz, b, t, h, E)[e], s = sigmoid_1(zv);
-        yo[e] = y1 * zv * s;
-        if (dy) row_of(pdz, b, t, h, E)[e] = gy[t * E + e] * y1 * s * (1.0f + zv * (1.0f - s));
       }
       if (!dy) continue;
       float* dx = row_of(pdx, b, t, h, E);
+      const float *dy1 = &z.dy[t * E], *dvr = &z.dv[t * E];  // dy through the gate (or dy)
+#pragma omp simd reduction(+ : dD)
       for (int64_t e = 0; e < E; ++e) {
-        const float dy1 = z.dy[t * E + e];  // dy through the gate (or dy)
-        dx[e] = z.dv[t * E + e] + (Dp ? Dp[h] * dy1 : 0.0f);
-        dD += dy1 * xr[e];
+        dx[e] = dvr[e] + dh * dy1[e];
+        dD += dy1[e] * xr[e];
       }
     }
     if (!dy) return;
@@ -154,7 +165,7 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
         dd += bm[n] * z.dk[t * N + n], dg += z.dg[t * N + n];
       }
       dd += A[h] * dg, dA += d * dg;
-      const float dpre = sp ? dd * sigmoid_1(pre) : dd;
+      const float dpre = sp ? dd * sigmoidf(pre) : dd;
       *row_of(pddt, b, t, h, 1) = dpre;
       dbias += dpre;
     }
