@@ -178,12 +178,13 @@ void scores_backward(float* dX, float* dY, const float* dA, const float* X, cons
   }
 }
 
-// Cumulative sums of a chunk's log decays g (n rows of D): c inclusive, cp exclusive (c - g).
-void cumsums(Cum* c, Cum* cp, const float* g, int64_t n, int64_t D) {
+// Cumulative sums of a chunk's log decays g (n rows of D, row stride ldg: D when contiguous, 0
+// for one row repeated): c inclusive, cp exclusive (c - g).
+void cumsums(Cum* c, Cum* cp, const float* g, int64_t n, int64_t D, int64_t ldg) {
   for (int64_t d = 0; d < D; ++d) cp[d] = 0.0, c[d] = g[d];
   for (int64_t t = 1; t < n; ++t)
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) cp[t * D + d] = c[(t - 1) * D + d], c[t * D + d] = cp[t * D + d] + g[t * D + d];
+    for (int64_t d = 0; d < D; ++d) cp[t * D + d] = c[(t - 1) * D + d], c[t * D + d] = cp[t * D + d] + g[t * ldg + d];
 }
 
 // out (n,D) = X o e^{cL - c}
@@ -326,16 +327,30 @@ std::vector<Chunk> chunks_of(int64_t T) {
 
 void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
                    int64_t D, int64_t E, bool shift) {
+  gated_forward(y, S, q, k, v, g, T, D, E, shift, GatedRows{D, D, E, D, E});
+}
+
+void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
+                   int64_t D, int64_t E, bool shift, const GatedRows& ld) {
   const int64_t L = kDecayChunk;
   std::vector<Cum> c(L * D), cp(L * D);
-  std::vector<float> qd(L * D), kf(L * D), kt(L * D), A(L * L);
+  std::vector<float> qd(L * D), kf(L * D), kt(L * D), A(L * L), qrows, krows, vrows;
   Decays x;
   ScoreWork w;
+  // a chunk's rows of X (width W, row stride ldx) as contiguous (n,W): in place, or copied into
+  // buf (a strided operand also slows OpenBLAS's small-matrix kernel: 64^3 2.5 -> 3.3-3.7 us)
+  const auto rows = [](const float* X, int64_t W, int64_t ldx, int64_t n, std::vector<float>& buf) {
+    if (ldx == W) return X;
+    buf.resize(size_t(kDecayChunk * W));
+    for (int64_t t = 0; t < n; ++t) std::copy(X + t * ldx, X + t * ldx + W, buf.begin() + t * W);
+    return static_cast<const float*>(buf.data());
+  };
   for (const Chunk& ch : chunks_of(T)) {
     const int64_t t0 = ch.t0, n = ch.n;
-    const float *qc = q + t0 * D, *kc = k + t0 * D, *vc = v + t0 * E;
-    float* yc = y + t0 * E;
-    cumsums(c.data(), cp.data(), g + t0 * D, n, D);
+    const float *qc = rows(q + t0 * ld.q, D, ld.q, n, qrows), *kc = rows(k + t0 * ld.k, D, ld.k, n, krows);
+    const float* vc = rows(v + t0 * ld.v, E, ld.v, n, vrows);
+    float* yc = y + t0 * ld.y;
+    cumsums(c.data(), cp.data(), g + t0 * ld.g, n, D, ld.g);
     const Cum* cq = shift ? cp.data() : c.data();
     x.compute(c.data(), cp.data(), cq, false, n, D);
     times(qd.data(), qc, x.eq, n, D);  // q o e^{cq}
@@ -346,10 +361,14 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
     } else {
       scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
     }
-    std::fill(yc, yc + n * E, 0.0f);
-    gemm_nn_acc(yc, qd.data(), S, n, E, D, D, E, E);  // (q o e^{cq}) S0
-    gemm_nn_acc(yc, A.data(), vc, n, E, n, n, E, E);  // + A V
-    scale_rows(S, x.el.data(), D, E);                 // S = e^{cL} S0 + (k o e^{cL - c})^T V
+    for (int64_t t = 0; t < n; ++t) std::fill(yc + t * ld.y, yc + t * ld.y + E, 0.0f);
+    gemm_nn_acc(yc, qd.data(), S, n, E, D, D, E, ld.y);    // (q o e^{cq}) S0
+    gemm_nn_acc(yc, A.data(), vc, n, E, n, n, E, ld.y);  // + A V
+    if (ld.yscale != 1.0f)
+      for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) yc[t * ld.y + e] *= ld.yscale;
+    scale_rows(S, x.el.data(), D, E);  // S = e^{cL} S0 + (k o e^{cL - c})^T V
     gemm_tn_acc(S, kt.data(), vc, D, E, n, D, E, E);
   }
 }
@@ -370,7 +389,7 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     for (size_t i = 0; i < chunks.size(); ++i) {
       const int64_t t0 = chunks[i].t0, n = chunks[i].n;
       std::copy(S.begin(), S.end(), states.begin() + int64_t(i) * D * E);
-      cumsums(c.data(), cp.data(), g + t0 * D, n, D);
+      cumsums(c.data(), cp.data(), g + t0 * D, n, D, D);
       decay_rows(S.data(), c.data() + (n - 1) * D, D, E);
       times_exp_to_end(kt.data(), k + t0 * D, c.data(), n, D);
       gemm_tn_acc(S.data(), kt.data(), v + t0 * E, D, E, n, D, E, E);
@@ -382,7 +401,7 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     const float *qc = q + t0 * D, *kc = k + t0 * D, *vc = v + t0 * E, *dyc = dy + t0 * E;
     const float* Sc = states.data() + int64_t(i) * D * E;
     float *dqc = dq + t0 * D, *dkc = dk + t0 * D, *dvc = dv + t0 * E;
-    cumsums(c.data(), cp.data(), g + t0 * D, n, D);
+    cumsums(c.data(), cp.data(), g + t0 * D, n, D, D);
     const Cum* cq = shift ? cp.data() : c.data();
     x.compute(c.data(), cp.data(), cq, false, n, D);
     const bool fac = x.form == Form::factored;
@@ -465,7 +484,7 @@ struct DplrChunk {  // everything of one chunk that the forward and the backward
 void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, const float* k, const float* v,
                 const float* a, const float* b, int64_t n, int64_t D, int64_t E, ScoreWork& sw, bool readout = true,
                 const float* saved = nullptr) {
-  cumsums(z.c.data(), z.cp.data(), w, n, D);
+  cumsums(z.c.data(), z.cp.data(), w, n, D, D);
   z.x.compute(z.c.data(), z.cp.data(), z.c.data(), true, n, D);
   times(z.ad.data(), a, z.x.ea, n, D);
   times(z.rd.data(), r, z.x.eq, n, D);

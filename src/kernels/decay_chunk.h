@@ -46,6 +46,15 @@ inline double dplr_flops(double T, double D, double E) {
 // entry and after the last token on return. g <= 0 (log decays), one row per token.
 void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
                    int64_t D, int64_t E, bool shift);
+// The same on rows in place: row t of q at q + t ldq (a head of a (B,T,H,D) tensor: ldq = H D),
+// and so on (ldg = 0: one row of log decays for every step); y's rows written at y + t ldy and
+// scaled by yscale (a read-out scale of q).
+struct GatedRows {
+  int64_t q, k, v, g, y;
+  float yscale = 1.0f;
+};
+void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
+                   int64_t D, int64_t E, bool shift, const GatedRows& ld);
 // Backward of gated_forward from the initial state S0 (D,E): given dy (T,E) and the gradient of
 // the final state dST (D,E; null = zeros: fla's dht), writes dq, dk, dg (T,D), dv (T,E), dS0 (D,E).
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,

@@ -62,6 +62,12 @@ void each_head(int64_t B, int64_t H, F f) {
 struct GatedHead {
   int64_t b = 0, h = 0;
   std::vector<float> q, k, v, g, S0, y, S, dy, dST, dq, dk, dv, dg, dS0;
+  // A forward alone (no dy) may run on the call's rows in place: prep points these at them (and
+  // oy at the output's rows, with their strides and the read-out scale) instead of filling q, k,
+  // v, g; y is then written there and left empty.
+  const float *iq = nullptr, *ik = nullptr, *iv = nullptr, *ig = nullptr;
+  float* oy = nullptr;
+  GatedRows ld{0, 0, 0, 0, 0};
 };
 // The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
 template <class Z>
@@ -75,9 +81,16 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
   each_head(B, H, [&](int64_t b, int64_t h) {
     thread_local GatedHead z;  // buffers reused across heads and calls
-    z.b = b, z.h = h, z.dy.clear(), z.dST.clear();
+    z.b = b, z.h = h, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
     prep(z);
     z.S = z.S0;
+    if (z.iq) {
+      LINMIX_CHECK(!dy && z.oy, "gated_heads: rows in place are for a forward alone, with its output");
+      z.y.clear();
+      gated_forward(z.oy, z.S.data(), z.iq, z.ik, z.iv, z.ig, T, Dk, E, shift, z.ld);
+      post(z);
+      return;
+    }
     z.y.resize(size_t(T * E));
     gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift);
     if (dy) {

@@ -47,14 +47,23 @@ TensorMap gla_run(const Call& c, const Tensor* dy) {
   const float scale = readout_scale(c, true);
   TensorMap out = decay_outputs(c, dy, {{"dq", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dg", {B, T, H, D}}, {"dstate.S", {B, H, D, E}}});
+  float* py = out["y"].ptr();
   auto prep = [&](GatedHead& z) {
+    if (!dy) {  // the forward reads the heads' rows in place and writes y there
+      const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
+      z.iq = c.t("q").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.ig = c.t("g").ptr() + r0 * D;
+      z.iv = c.t("v").ptr() + r0 * E, z.oy = py + r0 * E;
+      z.ld = {H * D, H * D, H * E, H * D, H * E, scale};
+      z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+      return;
+    }
     rows_into(z.q, c, "q", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D);
     rows_into(z.v, c, "v", z.b, z.h, E), rows_into(z.g, c, "g", z.b, z.h, D);
     for (float& x : z.q) x *= scale;
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
   };
   auto post = [&](GatedHead& z) {
-    put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
+    if (!z.oy) put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
     if (!dy) return;
     for (float& x : z.dq) x *= scale;

@@ -60,14 +60,24 @@ TensorMap retention_run(const Call& c, const Tensor* dy) {
   const float* gamma = c.t("gamma").ptr();
   TensorMap out = decay_outputs(c, dy, {{"dq", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dgamma", {H}}, {"dstate.S", {B, H, D, E}}});
+  float* py = out["y"].ptr();
   auto prep = [&](GatedHead& z) {
+    if (!dy) {  // the forward reads the heads' rows in place (one row of log gamma) and writes y there
+      const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
+      z.iq = c.t("q").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.iv = c.t("v").ptr() + r0 * E;
+      z.g.assign(size_t(D), std::log(gamma[z.h]));
+      z.ig = z.g.data(), z.oy = py + r0 * E;
+      z.ld = {H * D, H * D, H * E, 0, H * E, scale};
+      z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+      return;
+    }
     rows_into(z.q, c, "q", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D), rows_into(z.v, c, "v", z.b, z.h, E);
     for (float& x : z.q) x *= scale;
     z.g.assign(size_t(T * D), std::log(gamma[z.h]));
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
   };
   auto post = [&](GatedHead& z) {
-    put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
+    if (!z.oy) put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
     if (!dy) return;
     for (float& x : z.dq) x *= scale;

@@ -48,7 +48,16 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
   const std::vector<int64_t> wshape = per_token ? std::vector<int64_t>{B, T, H, D} : std::vector<int64_t>{H, D};
   TensorMap out = decay_outputs(c, dy, {{"dr", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dw", wshape}, {"du", {H, D}}, {"dstate.S", {B, H, D, E}}});
+  float* py = out["y"].ptr();
   auto prep = [&](GatedHead& z) {
+    if (!dy) {  // the forward reads the heads' rows in place (w: one row when constant), writes y there
+      const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
+      z.iq = c.t("r").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.iv = c.t("v").ptr() + r0 * E;
+      z.ig = per_token ? c.t("w").ptr() + r0 * D : c.t("w").ptr() + z.h * D, z.oy = py + r0 * E;
+      z.ld = {H * D, H * D, H * E, per_token ? H * D : 0, H * E, scale};
+      z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+      return;
+    }
     rows_into(z.q, c, "r", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D), rows_into(z.v, c, "v", z.b, z.h, E);
     for (float& x : z.q) x *= scale;
     if (per_token) rows_into(z.g, c, "w", z.b, z.h, D);
@@ -60,6 +69,20 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
   };
   auto post = [&](GatedHead& z) {
     const float* uh = u + z.h * D;
+    if (z.oy) {  // the forward in place: the bonus scale (r . (u o k)) v from the call's rows
+      for (int64_t t = 0; t < T; ++t) {
+        const float *rt = z.iq + t * z.ld.q, *kt = z.ik + t * z.ld.k, *vt = z.iv + t * z.ld.v;
+        float* yt = z.oy + t * z.ld.y;
+        float beta = 0.0f;
+#pragma omp simd reduction(+ : beta)
+        for (int64_t d = 0; d < D; ++d) beta += rt[d] * uh[d] * kt[d];
+        beta *= scale;
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) yt[e] += beta * vt[e];
+      }
+      put_state(out, "state.S", z.S, z.b * H + z.h);
+      return;
+    }
     std::vector<float> du(dy ? D : 0, 0.0f);
     for (int64_t t = 0; t < T; ++t) {  // the bonus (q holds scale r)
       const float *qt = &z.q[t * D], *kt = &z.k[t * D], *vt = &z.v[t * E];
