@@ -361,6 +361,14 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
     } else {
       scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
     }
+    if (ld.u)  // the bonus on the (strict) scores' diagonal
+      for (int64_t t = 0; t < n; ++t) {
+        const float *qt = qc + t * D, *kt_ = kc + t * D;
+        float b = 0.0f;
+#pragma omp simd reduction(+ : b)
+        for (int64_t d = 0; d < D; ++d) b += qt[d] * ld.u[d] * kt_[d];
+        A[size_t(t * n + t)] = b;
+      }
     for (int64_t t = 0; t < n; ++t) std::fill(yc + t * ld.y, yc + t * ld.y + E, 0.0f);
     gemm_nn_acc(yc, qd.data(), S, n, E, D, D, E, ld.y);    // (q o e^{cq}) S0
     gemm_nn_acc(yc, A.data(), vc, n, E, n, n, E, ld.y);  // + A V

@@ -52,6 +52,9 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
 struct GatedRows {
   int64_t q, k, v, g, y;
   float yscale = 1.0f;
+  // RWKV-5/6's bonus (shift only): y_t += (q_t . (u o k_t)) v_t, u (D), as the diagonal of the
+  // chunk's scores
+  const float* u = nullptr;
 };
 void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
                    int64_t D, int64_t E, bool shift, const GatedRows& ld);

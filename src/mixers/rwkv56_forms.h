@@ -54,7 +54,7 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
       const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
       z.iq = c.t("r").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.iv = c.t("v").ptr() + r0 * E;
       z.ig = per_token ? c.t("w").ptr() + r0 * D : c.t("w").ptr() + z.h * D, z.oy = py + r0 * E;
-      z.ld = {H * D, H * D, H * E, per_token ? H * D : 0, H * E, scale};
+      z.ld = {H * D, H * D, H * E, per_token ? H * D : 0, H * E, scale, u + z.h * D};
       z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
       return;
     }
@@ -69,17 +69,7 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
   };
   auto post = [&](GatedHead& z) {
     const float* uh = u + z.h * D;
-    if (z.oy) {  // the forward in place: the bonus scale (r . (u o k)) v from the call's rows
-      for (int64_t t = 0; t < T; ++t) {
-        const float *rt = z.iq + t * z.ld.q, *kt = z.ik + t * z.ld.k, *vt = z.iv + t * z.ld.v;
-        float* yt = z.oy + t * z.ld.y;
-        float beta = 0.0f;
-#pragma omp simd reduction(+ : beta)
-        for (int64_t d = 0; d < D; ++d) beta += rt[d] * uh[d] * kt[d];
-        beta *= scale;
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) yt[e] += beta * vt[e];
-      }
+    if (z.oy) {  // the forward in place: the kernel added the bonus (ld.u)
       put_state(out, "state.S", z.S, z.b * H + z.h);
       return;
     }
