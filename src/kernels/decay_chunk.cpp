@@ -48,10 +48,15 @@ bool uniform_rows(const Cum* c, int64_t n, int64_t D) {
 }
 // Gamma (n x n) o A in place, masked (s <= t; s < t when strict).
 void times_gamma(float* A, const Cum* cx, const Cum* cy, int64_t n, int64_t D, bool strict) {
+  Cum ys[kDecayChunk];  // the key side's sums, contiguous: the loop over s vectorises
+  for (int64_t s = 0; s < n; ++s) ys[s] = cy[s * D];
   for (int64_t t = 0; t < n; ++t) {
     const int64_t end = strict ? t : t + 1;
-    for (int64_t s = 0; s < end; ++s) A[t * n + s] *= exp_fast(float(cx[t * D] - cy[s * D]));
-    std::fill(A + t * n + end, A + (t + 1) * n, 0.0f);
+    const Cum xt = cx[t * D];
+    float* a = A + t * n;
+#pragma omp simd
+    for (int64_t s = 0; s < end; ++s) a[s] *= exp_fast(float(xt - ys[s]));
+    std::fill(a + end, a + n, 0.0f);
   }
 }
 
@@ -345,12 +350,41 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
     for (int64_t t = 0; t < n; ++t) std::copy(X + t * ldx, X + t * ldx + W, buf.begin() + t * W);
     return static_cast<const float*>(buf.data());
   };
+  // the next chunk's strided rows, fetched while this one computes (rows kilobytes apart: the
+  // hardware prefetchers lose such a stride at every page)
+  const auto prefetch = [](const float* X, int64_t W, int64_t ldx, int64_t n) {
+    if (ldx == W) return;
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t i = 0; i < W; i += 16) __builtin_prefetch(X + t * ldx + i);
+  };
   for (const Chunk& ch : chunks_of(T)) {
     const int64_t t0 = ch.t0, n = ch.n;
+    if (t0 + n < T) {
+      const int64_t t1 = t0 + n, m = std::min(kDecayChunk, T - t1);
+      prefetch(q + t1 * ld.q, D, ld.q, m), prefetch(k + t1 * ld.k, D, ld.k, m), prefetch(v + t1 * ld.v, E, ld.v, m);
+    }
     const float *qc = rows(q + t0 * ld.q, D, ld.q, n, qrows), *kc = rows(k + t0 * ld.k, D, ld.k, n, krows);
     const float* vc = rows(v + t0 * ld.v, E, ld.v, n, vrows);
     float* yc = y + t0 * ld.y;
-    cumsums(c.data(), cp.data(), g + t0 * ld.g, n, D, ld.g);
+    if (ld.kscale) {  // k's rows scaled
+      krows.resize(size_t(kDecayChunk * D));
+      for (int64_t t = 0; t < n; ++t) {
+        const float f = ld.kscale[t0 + t], *src = k + (t0 + t) * ld.k;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) krows[size_t(t * D + d)] = f * src[d];
+      }
+      kc = krows.data();
+    }
+    if (ld.g_row) {  // one log decay a step, broadcast over the channels
+      Cum run = 0.0;
+      for (int64_t t = 0; t < n; ++t) {
+        std::fill(cp.begin() + t * D, cp.begin() + (t + 1) * D, run);
+        run += g[(t0 + t) * ld.g];
+        std::fill(c.begin() + t * D, c.begin() + (t + 1) * D, run);
+      }
+    } else {
+      cumsums(c.data(), cp.data(), g + t0 * ld.g, n, D, ld.g);
+    }
     const Cum* cq = shift ? cp.data() : c.data();
     x.compute(c.data(), cp.data(), cq, false, n, D);
     times(qd.data(), qc, x.eq, n, D);  // q o e^{cq}
@@ -376,6 +410,7 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
       for (int64_t t = 0; t < n; ++t)
 #pragma omp simd
         for (int64_t e = 0; e < E; ++e) yc[t * ld.y + e] *= ld.yscale;
+    if (ld.epilogue) (*ld.epilogue)(t0, n);
     scale_rows(S, x.el.data(), D, E);  // S = e^{cL} S0 + (k o e^{cL - c})^T V
     gemm_tn_acc(S, kt.data(), vc, D, E, n, D, E, E);
   }

@@ -22,6 +22,7 @@
 // dg_tau = sum of dc over the cumulative sums that contain g_tau.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace linmix {
@@ -55,6 +56,13 @@ struct GatedRows {
   // RWKV-5/6's bonus (shift only): y_t += (q_t . (u o k_t)) v_t, u (D), as the diagonal of the
   // chunk's scores
   const float* u = nullptr;
+  // Mamba-2: row t of k scaled by kscale[t] (its step d_t); g_row: one log decay per step at
+  // g + t ldg, shared by the D channels
+  const float* kscale = nullptr;
+  bool g_row = false;
+  // called with (t0, n) once the chunk's rows [t0, t0 + n) of y are written, while they are in
+  // cache (Mamba-2's skip and gate)
+  const std::function<void(int64_t, int64_t)>* epilogue = nullptr;
 };
 void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
                    int64_t D, int64_t E, bool shift, const GatedRows& ld);

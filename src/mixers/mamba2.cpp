@@ -81,8 +81,51 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
         *pdh = ptr("dstate.h"), *pdB = ptr("dBm"), *pdC = ptr("dCm");
   auto row_of = [&](auto* p, int64_t b, int64_t t, int64_t h, int64_t W) { return p + ((b * T + t) * H + h) * W; };
   auto grp = [&](const float* p, int64_t b, int64_t t, int64_t h) { return p + ((b * T + t) * G + h / (H / G)) * N; };
+  const float* xp = c.t("x").ptr();
+  // y = (y + D x) o silu(z) on rows [t0, t0 + n) of head (b, h) in place
+  auto skip_gate = [&](int64_t b, int64_t h, int64_t t0, int64_t n) {
+    const float dh = Dp ? Dp[h] : 0.0f;
+    if (zz)  // the next chunk's gate rows, strided, fetched while the kernel runs it
+      for (int64_t t = t0 + n; t < std::min(T, t0 + 2 * n); ++t)
+        for (int64_t e = 0; e < E; e += 16) __builtin_prefetch(row_of(zz, b, t, h, E) + e);
+    for (int64_t t = t0; t < t0 + n; ++t) {
+      float* yo = row_of(py, b, t, h, E);
+      const float* xr = row_of(xp, b, t, h, E);
+      if (!zz) {
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) yo[e] += dh * xr[e];
+        continue;
+      }
+      const float* zr = row_of(zz, b, t, h, E);
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) yo[e] = (yo[e] + dh * xr[e]) * zr[e] * sigmoidf(zr[e]);
+    }
+  };
+  auto initial_state = [&](GatedHead& z) {  // key-first: h^T
+    z.S0.assign(size_t(N * E), 0.0f);
+    if (!c.has("state.h")) return;
+    const float* h0 = c.t("state.h").ptr() + (z.b * H + z.h) * E * N;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t n = 0; n < N; ++n) z.S0[n * E + e] = h0[e * N + n];
+  };
   auto prep = [&](GatedHead& z) {
     const int64_t b = z.b, h = z.h;
+    if (!dy) {  // the forward on the call's rows in place: q = Cm, k = d Bm
+      z.k.resize(size_t(T)), z.g.resize(size_t(T));  // d_t and d_t A, one a step
+      for (int64_t t = 0; t < T; ++t) {
+        const float pre = *row_of(dtp, b, t, h, 1) + (bias ? bias[h] : 0.0f);
+        z.k[size_t(t)] = sp ? softplus1(pre) : pre, z.g[size_t(t)] = z.k[size_t(t)] * A[h];
+      }
+      z.iq = grp(Cm, b, 0, h), z.ik = grp(Bm, b, 0, h), z.iv = row_of(xp, b, 0, h, E), z.ig = z.g.data();
+      z.oy = row_of(py, b, 0, h, E);
+      z.ld = {G * N, G * N, H * E, 1, H * E};
+      z.ld.kscale = z.k.data(), z.ld.g_row = true;
+      thread_local std::function<void(int64_t, int64_t)> epilogue;  // the skip and gate per chunk
+      epilogue = [&skip_gate, b, h](int64_t t0, int64_t n) { skip_gate(b, h, t0, n); };
+      z.ld.epilogue = &epilogue;
+      initial_state(z);
+      return;
+    }
     z.q.resize(size_t(T * N)), z.k.resize(size_t(T * N)), z.g.resize(size_t(T * N));
     rows_into(z.v, c, "x", b, h, E);
     for (int64_t t = 0; t < T; ++t) {
@@ -91,12 +134,7 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
       const float *bm = grp(Bm, b, t, h), *cm = grp(Cm, b, t, h);
       for (int64_t n = 0; n < N; ++n) z.q[t * N + n] = cm[n], z.k[t * N + n] = d * bm[n], z.g[t * N + n] = d * A[h];
     }
-    z.S0.assign(size_t(N * E), 0.0f);  // key-first: h^T
-    if (c.has("state.h")) {
-      const float* h0 = c.t("state.h").ptr() + (b * H + h) * E * N;
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t n = 0; n < N; ++n) z.S0[n * E + e] = h0[e * N + n];
-    }
+    initial_state(z);
     if (dy && c.has("dfinal.h")) {  // the final state's gradient, key-first too
       const float* d = c.t("dfinal.h").ptr() + (b * H + h) * E * N;
       z.dST.resize(size_t(N * E));
@@ -118,6 +156,7 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     float* hs = phs + (b * H + h) * E * N;
     for (int64_t e = 0; e < E; ++e)
       for (int64_t n = 0; n < N; ++n) hs[e * N + n] = z.S[n * E + e];
+    if (z.oy) return;  // the kernel wrote y, skip and gate included (its epilogue)
     std::vector<float> gy = dy ? head_rows(*dy, b, h, T, H, E) : std::vector<float>();
     // per row, branch-free inner loops over e (they vectorise: the gate's sigmoid had run scalar,
     // with a division per element, and cost twice the chunked kernel)
