@@ -6,7 +6,7 @@
 #
 #   bash bench/run.sh                 # full run (about an hour on 2 cores): docs/bench.md, docs/bench.png
 #   bash bench/run.sh --quick         # smoke run (a minute): T = 256, 512, one thread, into build/bench-quick
-#   bash bench/run.sh --only A,B,...  # these mechanisms alone, T = 1024 and 4096, 2 threads, with their
+#   bash bench/run.sh --only A,B,...  # these mechanisms alone, T = 1024, 4096, 16384, 2 threads, with their
 #                                     # peers and targets (minutes): into build/bench-only (or --dir)
 #   options: --dir DIR (JSON, markdown and plot go here; default build/bench, docs/ for the
 #            report of a full run), --bin PATH (a built linmix; skips setup and the native build)
@@ -54,8 +54,8 @@ fi
 if [ -n "$only" ]; then
   dir="${dir:-build/bench-only}"
   mkdir -p "$dir"
-  "$bin" bench --mixers ${only//,/ } --T 1024,4096 --thread-counts 2 --out "$dir/linmix.json"
-  "$py" bench/peer.py --bin "$bin" --mixers "$only" --T 1024,4096 --threads 2 --out "$dir/peer.json"
+  "$bin" bench --mixers ${only//,/ } --T 1024,4096,16384 --thread-counts 2 --out "$dir/linmix.json"
+  "$py" bench/peer.py --bin "$bin" --mixers "$only" --T 1024,4096,16384 --threads 2 --out "$dir/peer.json"
   "$py" bench/report.py --bin "$bin" --linmix "$dir/linmix.json" --peer "$dir/peer.json" --only "$only" \
     --produced-by "bash bench/run.sh --only $only" --md "$dir/bench.md" --png "$dir/bench.png"
   exit 0
