@@ -81,6 +81,10 @@ struct AftBand {
 // for the backward.
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
                  bool causal, const AftBand& band, float* o_out = nullptr, float* lse_out = nullptr);
+// AFT-full's forward as GEMMs over blocks of key positions (kernels/aft_full_gemm.cpp): w is
+// (Tw, Tw) with Tw >= T, row t at w + t Tw; exact for any range (underflowing (t, c) recomputed).
+void aft_full_forward(float* y, const float* q, const float* k, const float* v, const float* w, int64_t Tw, int64_t B,
+                      int64_t T, int64_t C, bool causal);
 // Backward for q, k, v (the bias gradient is the variant's own, in aft.cpp): dq, dk, dv
 // (B,T,C) written. Extra memory O(T C) per (batch, channel block) task.
 void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,

@@ -81,7 +81,10 @@ TensorMap aft_parallel(Variant var, const Call& c) {
   BiasCtx ctx;
   const AftBand band = make_band(var, c, ctx);
   Tensor y({B, T, C});
-  aft_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), B, T, C, c.causal, band);
+  if (var == Variant::Full)  // the pairwise bias factors out of the channel sum: GEMMs
+    aft_full_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), ctx.w, ctx.Tw, B, T, C, c.causal);
+  else
+    aft_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), B, T, C, c.causal, band);
   return {{"y", std::move(y)}};
 }
 
