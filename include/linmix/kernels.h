@@ -84,7 +84,11 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
 // AFT-full's forward as GEMMs over blocks of key positions (kernels/aft_full_gemm.cpp): w is
 // (Tw, Tw) with Tw >= T, row t at w + t Tw; exact for any range (underflowing (t, c) recomputed).
 void aft_full_forward(float* y, const float* q, const float* k, const float* v, const float* w, int64_t Tw, int64_t B,
-                      int64_t T, int64_t C, bool causal);
+                      int64_t T, int64_t C, bool causal, float* o_out = nullptr, float* lse_out = nullptr);
+// Its backward from the saved o = num / den and lse (B,T,C): dq, dk, dv (B,T,C) and dw (Tw,Tw) written.
+void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* q, const float* k, const float* v,
+                       const float* w, int64_t Tw, const float* o, const float* lse, const float* dy, int64_t B,
+                       int64_t T, int64_t C, bool causal);
 // Backward for q, k, v (the bias gradient is the variant's own, in aft.cpp): dq, dk, dv
 // (B,T,C) written. Extra memory O(T C) per (batch, channel block) task.
 void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,

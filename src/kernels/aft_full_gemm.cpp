@@ -21,12 +21,12 @@
 namespace linmix {
 
 namespace {
-constexpr int64_t kKeyBlock = 256;            // key positions per product
+constexpr int64_t kKeyBlock = 256;  // key positions per product (tests/oracle_test.py crosses it at T = 257)
 constexpr float kUnderflow = 8.75651e-27f;  // e^{-60}: below it, a (t, c) is recomputed exactly
 }  // namespace
 
 void aft_full_forward(float* y, const float* q, const float* k, const float* v, const float* w, int64_t Tw, int64_t B,
-                      int64_t T, int64_t C, bool causal) {
+                      int64_t T, int64_t C, bool causal, float* o_out, float* lse_out) {
   const int64_t S = kKeyBlock;
   std::vector<float> m(static_cast<size_t>(T)), ew(static_cast<size_t>(T * S)), kv(static_cast<size_t>(S * 2 * C)),
       part(static_cast<size_t>(T * 2 * C)), Mc(static_cast<size_t>(C)), num(static_cast<size_t>(T * C)),
@@ -91,6 +91,7 @@ void aft_full_forward(float* y, const float* q, const float* k, const float* v, 
       const int64_t end = causal ? t + 1 : T;
       for (int64_t c = 0; c < C; ++c) {
         float n = num[size_t(t * C + c)], d = den[size_t(t * C + c)];
+        float scale = m[size_t(t)] + mu[size_t(t * C + c)];  // log of den's scale
         if (!(d >= kUnderflow)) {  // every term underflowed against the two maxima: exactly
           float mx = kAftEmptyMax;
           for (int64_t s = 0; s < end; ++s) mx = vmax(mx, kb[s * C + c] + w[t * Tw + s]);
@@ -99,8 +100,110 @@ void aft_full_forward(float* y, const float* q, const float* k, const float* v, 
             const float e = exp_fast(kb[s * C + c] + w[t * Tw + s] - mx);
             n += e * vb[s * C + c], d += e;
           }
+          scale = mx;
         }
         yb[t * C + c] = sigmoidf(qb[t * C + c]) * n / d;
+        if (o_out) o_out[(b * T + t) * C + c] = n / d, lse_out[(b * T + t) * C + c] = scale + std::log(d);
+      }
+    }
+  }
+}
+
+// The backward from the forward's o and lse (log sum_s e^{k_sc + w_ts}), g = dy o sigma(q):
+//   P_ts,c = e^{w_ts + k_sc - lse_tc} = e^{w_ts - m_t} e^{k_sc - M_c} F_tc,  F = e^{m_t + M_c - lse}
+//   dv_s = e^{k_s - M} o (EW^T G),  dk_s = v_s o dv_s - e^{k_s - M} o (EW^T (G o o)),
+//   dw_ts = e^{w_ts - m_t} (G (e^{k - M} o v)^T - (G o o) e^{k - M}^T)_ts,   G = g o F,
+// as GEMMs over blocks of key positions, with M_c the column max of k over all positions. Where
+// F > e^{60} (the sum of the kept terms is below e^{-60} of the largest: some dominant term
+// underflowed) the (t, c) is taken out of G and its contributions added exactly, term by term.
+void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* q, const float* k, const float* v,
+                       const float* w, int64_t Tw, const float* o, const float* lse, const float* dy, int64_t B,
+                       int64_t T, int64_t C, bool causal) {
+  const int64_t S = kKeyBlock;
+  std::vector<float> m(static_cast<size_t>(T)), M(static_cast<size_t>(C)), G(static_cast<size_t>(T * 2 * C)),
+      ek(static_cast<size_t>(T * 2 * C)), ew(static_cast<size_t>(T * S)), part(static_cast<size_t>(T * 2 * C)),
+      dwb(static_cast<size_t>(T * S));
+  std::fill(dw, dw + Tw * Tw, 0.0f);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o0 = b * T * C;
+    const float *kb = k + o0, *vb = v + o0, *qb = q + o0, *ob = o + o0, *lb = lse + o0, *gb = dy + o0;
+    float *dqb = dq + o0, *dkb = dk + o0, *dvb = dv + o0;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t end = causal ? t + 1 : T;
+      float mx = w[t * Tw];
+      for (int64_t s = 1; s < end; ++s) mx = vmax(mx, w[t * Tw + s]);
+      m[size_t(t)] = mx;
+    }
+    for (int64_t c = 0; c < C; ++c) M[size_t(c)] = kb[c];
+    for (int64_t s = 1; s < T; ++s)
+      for (int64_t c = 0; c < C; ++c) M[size_t(c)] = vmax(M[size_t(c)], kb[s * C + c]);
+    std::vector<std::pair<int64_t, int64_t>> exact;  // the (t, c) taken term by term
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {  // dq; [G | G o o]; [e^{k - M} o v | e^{k - M}] (row s = t)
+      float *gt = &G[size_t(t * 2 * C)], *et = &ek[size_t(t * 2 * C)];
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = t * C + c;
+        const float sg = sigmoidf(qb[i]), g = gb[i] * sg, lf = m[size_t(t)] + M[size_t(c)] - lb[i];
+        dqb[i] = gb[i] * ob[i] * sg * (1.0f - sg);
+        const bool ok = lf <= 60.0f;
+        const float F = ok ? exp_fast(lf) : 0.0f;
+        gt[c] = g * F, gt[C + c] = g * F * ob[i];
+        const float e = exp_fast(kb[i] - M[size_t(c)]);
+        et[c] = e * vb[i], et[C + c] = e;
+        if (!ok) {
+#pragma omp critical(aft_full_exact)
+          exact.emplace_back(t, c);
+        }
+      }
+    }
+    for (int64_t s0 = 0; s0 < T; s0 += S) {
+      const int64_t ns = std::min(S, T - s0), t0 = causal ? s0 : 0, nt = T - t0;  // rows that see the block
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < nt; ++i) {  // e^{w_ts - m_t}, zero where s is not allowed
+        const int64_t t = t0 + i;
+        const float* wt = w + t * Tw + s0;
+        float* e = &ew[size_t(i * S)];
+        const int64_t lim = causal ? std::min(ns, t - s0 + 1) : ns;
+#pragma omp simd
+        for (int64_t s = 0; s < lim; ++s) e[s] = exp_fast(wt[s] - m[size_t(t)]);
+        std::fill(e + lim, e + ns, 0.0f);
+      }
+      // [EW^T G | EW^T (G o o)] for the block's positions: (ns, 2C)
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(ns), int(2 * C), int(nt), 1.0f, ew.data(), int(S),
+                  &G[size_t(t0 * 2 * C)], int(2 * C), 0.0f, part.data(), int(2 * C));
+#pragma omp parallel for schedule(static)
+      for (int64_t s = 0; s < ns; ++s) {
+        const int64_t r = (s0 + s) * C;
+        const float *p = &part[size_t(s * 2 * C)], *e = &ek[size_t((s0 + s) * 2 * C)];
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float dvv = e[C + c] * p[c];
+          dvb[r + c] = dvv;
+          dkb[r + c] = vb[r + c] * dvv - e[C + c] * p[C + c];
+        }
+      }
+      // dw[:, block] = EW o ([G | G o o] [e^{k-M} o v | -e^{k-M}]^T): the second half's sign in the sum
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nt), int(ns), int(C), 1.0f, &G[size_t(t0 * 2 * C)],
+                  int(2 * C), &ek[size_t(s0 * 2 * C)], int(2 * C), 0.0f, dwb.data(), int(S));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nt), int(ns), int(C), -1.0f, &G[size_t(t0 * 2 * C + C)],
+                  int(2 * C), &ek[size_t(s0 * 2 * C + C)], int(2 * C), 1.0f, dwb.data(), int(S));
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = t0 + i;
+        float* d = dw + t * Tw + s0;
+        const float *e = &ew[size_t(i * S)], *p = &dwb[size_t(i * S)];
+#pragma omp simd
+        for (int64_t s = 0; s < ns; ++s) d[s] += e[s] * p[s];
+      }
+    }
+    for (const auto& [t, c] : exact) {  // term by term: P = e^{k_sc + w_ts - lse_tc}
+      const int64_t i = t * C + c, end = causal ? t + 1 : T;
+      const float g = gb[i] * sigmoidf(qb[i]);
+      for (int64_t s = 0; s < end; ++s) {
+        const int64_t j = s * C + c;
+        const float P = exp_fast(kb[j] + w[t * Tw + s] - lb[i]), pg = P * g;
+        dvb[j] += pg, dkb[j] += pg * (vb[j] - ob[i]), dw[t * Tw + s] += pg * (vb[j] - ob[i]);
       }
     }
   }

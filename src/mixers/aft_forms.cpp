@@ -130,6 +130,13 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy) {
   const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
   Tensor y({B, T, C}), dq({B, T, C}), dk({B, T, C}), dv({B, T, C});
   std::vector<float> o(B * T * C), lse(B * T * C);  // saved by the forward: O(T C)
+  if (var == Variant::Full) {  // GEMMs over key blocks (kernels/aft_full_gemm.cpp)
+    Tensor dw(c.t("w").shape);
+    aft_full_forward(y.ptr(), q, k, v, ctx.w, ctx.Tw, B, T, C, c.causal, o.data(), lse.data());
+    aft_full_backward(dq.ptr(), dk.ptr(), dv.ptr(), dw.ptr(), q, k, v, ctx.w, ctx.Tw, o.data(), lse.data(), dy.ptr(), B,
+                      T, C, c.causal);
+    return {{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}, {"dw", std::move(dw)}};
+  }
   aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.data(), lse.data());
   aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band);
   TensorMap out{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
