@@ -23,6 +23,33 @@ namespace linmix {
 namespace {
 constexpr int64_t kKeyBlock = 256;  // key positions per product (tests/oracle_test.py crosses it at T = 257)
 constexpr float kUnderflow = 8.75651e-27f;  // e^{-60}: below it, a (t, c) is recomputed exactly
+
+// m_t = max of w_ts over the allowed s, t < T
+void row_max(float* m, const float* w, int64_t Tw, int64_t T, bool causal) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t end = causal ? t + 1 : T;
+    float mx = w[t * Tw];
+    for (int64_t s = 1; s < end; ++s) mx = vmax(mx, w[t * Tw + s]);
+    m[t] = mx;
+  }
+}
+
+// ew (nt rows of kKeyBlock) = e^{w_ts - m_t} for rows t0 + i and key positions s0 + s, s < ns;
+// zero where s is not allowed (s > t when causal)
+void bias_block(float* ew, const float* w, int64_t Tw, const float* m, int64_t t0, int64_t nt, int64_t s0, int64_t ns,
+                bool causal) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t t = t0 + i;
+    const float* wt = w + t * Tw + s0;
+    float* e = ew + i * kKeyBlock;
+    const int64_t lim = causal ? std::min(ns, t - s0 + 1) : ns;
+#pragma omp simd
+    for (int64_t s = 0; s < lim; ++s) e[s] = exp_fast(wt[s] - m[t]);
+    std::fill(e + lim, e + ns, 0.0f);
+  }
+}
 }  // namespace
 
 void aft_full_forward(float* y, const float* q, const float* k, const float* v, const float* w, int64_t Tw, int64_t B,
@@ -34,13 +61,7 @@ void aft_full_forward(float* y, const float* q, const float* k, const float* v, 
   for (int64_t b = 0; b < B; ++b) {
     const float *kb = k + b * T * C, *vb = v + b * T * C, *qb = q + b * T * C;
     float* yb = y + b * T * C;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {  // the row max of w over the allowed s
-      const int64_t end = causal ? t + 1 : T;
-      float mx = w[t * Tw];
-      for (int64_t s = 1; s < end; ++s) mx = vmax(mx, w[t * Tw + s]);
-      m[size_t(t)] = mx;
-    }
+    row_max(m.data(), w, Tw, T, causal);
     std::fill(num.begin(), num.end(), 0.0f), std::fill(den.begin(), den.end(), 0.0f);
     std::fill(mu.begin(), mu.end(), kAftEmptyMax);
     for (int64_t s0 = 0; s0 < T; s0 += S) {
@@ -58,16 +79,7 @@ void aft_full_forward(float* y, const float* q, const float* k, const float* v, 
           row[c] = e, row[C + c] = e * vs[c];
         }
       }
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < nt; ++i) {  // e^{w_ts - m_t}, zero where s is not allowed
-        const int64_t t = t0 + i;
-        const float* wt = w + t * Tw + s0;
-        float* e = &ew[size_t(i * S)];
-        const int64_t lim = causal ? std::min(ns, t - s0 + 1) : ns;
-#pragma omp simd
-        for (int64_t s = 0; s < lim; ++s) e[s] = exp_fast(wt[s] - m[size_t(t)]);
-        std::fill(e + lim, e + ns, 0.0f);
-      }
+      bias_block(ew.data(), w, Tw, m.data(), t0, nt, s0, ns, causal);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(nt), int(2 * C), int(ns), 1.0f, ew.data(), int(S),
                   kv.data(), int(2 * C), 0.0f, part.data(), int(2 * C));
 #pragma omp parallel for schedule(static)
@@ -128,13 +140,7 @@ void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* 
     const int64_t o0 = b * T * C;
     const float *kb = k + o0, *vb = v + o0, *qb = q + o0, *ob = o + o0, *lb = lse + o0, *gb = dy + o0;
     float *dqb = dq + o0, *dkb = dk + o0, *dvb = dv + o0;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t end = causal ? t + 1 : T;
-      float mx = w[t * Tw];
-      for (int64_t s = 1; s < end; ++s) mx = vmax(mx, w[t * Tw + s]);
-      m[size_t(t)] = mx;
-    }
+    row_max(m.data(), w, Tw, T, causal);
     for (int64_t c = 0; c < C; ++c) M[size_t(c)] = kb[c];
     for (int64_t s = 1; s < T; ++s)
       for (int64_t c = 0; c < C; ++c) M[size_t(c)] = vmax(M[size_t(c)], kb[s * C + c]);
@@ -159,16 +165,7 @@ void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* 
     }
     for (int64_t s0 = 0; s0 < T; s0 += S) {
       const int64_t ns = std::min(S, T - s0), t0 = causal ? s0 : 0, nt = T - t0;  // rows that see the block
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < nt; ++i) {  // e^{w_ts - m_t}, zero where s is not allowed
-        const int64_t t = t0 + i;
-        const float* wt = w + t * Tw + s0;
-        float* e = &ew[size_t(i * S)];
-        const int64_t lim = causal ? std::min(ns, t - s0 + 1) : ns;
-#pragma omp simd
-        for (int64_t s = 0; s < lim; ++s) e[s] = exp_fast(wt[s] - m[size_t(t)]);
-        std::fill(e + lim, e + ns, 0.0f);
-      }
+      bias_block(ew.data(), w, Tw, m.data(), t0, nt, s0, ns, causal);
       // [EW^T G | EW^T (G o o)] for the block's positions: (ns, 2C)
       cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(ns), int(2 * C), int(nt), 1.0f, ew.data(), int(S),
                   &G[size_t(t0 * 2 * C)], int(2 * C), 0.0f, part.data(), int(2 * C));
