@@ -156,8 +156,9 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     float* hs = phs + (b * H + h) * E * N;
     for (int64_t e = 0; e < E; ++e)
       for (int64_t n = 0; n < N; ++n) hs[e * N + n] = z.S[n * E + e];
-    if (z.oy) return;  // the kernel wrote y, skip and gate included (its epilogue)
-    std::vector<float> gy = dy ? head_rows(*dy, b, h, T, H, E) : std::vector<float>();
+    if (z.oy) return;  // a forward alone: the kernel wrote y, skip and gate included (its epilogue)
+    // here with dy: y and the gradients through the skip and the gate
+    const std::vector<float> gy = head_rows(*dy, b, h, T, H, E);
     // per row, branch-free inner loops over e (they vectorise: the gate's sigmoid had run scalar,
     // with a division per element, and cost twice the chunked kernel)
     float dD = 0.0f;
@@ -168,10 +169,6 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
       if (!zz) {
 #pragma omp simd
         for (int64_t e = 0; e < E; ++e) yo[e] = yr[e] + dh * xr[e];
-      } else if (!dy) {
-        const float* zr = row_of(zz, b, t, h, E);
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) yo[e] = (yr[e] + dh * xr[e]) * zr[e] * sigmoidf(zr[e]);
       } else {
         const float *zr = row_of(zz, b, t, h, E), *gr = &gy[t * E];
         float* dzr = row_of(pdz, b, t, h, E);
@@ -182,7 +179,6 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
           dzr[e] = gr[e] * y1 * sg * (1.0f + zv * (1.0f - sg));
         }
       }
-      if (!dy) continue;
       float* dx = row_of(pdx, b, t, h, E);
       const float *dy1 = &z.dy[t * E], *dvr = &z.dv[t * E];  // dy through the gate (or dy)
 #pragma omp simd reduction(+ : dD)
@@ -191,7 +187,6 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
         dD += dy1[e] * xr[e];
       }
     }
-    if (!dy) return;
     float dA = 0.0f, dbias = 0.0f;
     std::vector<float> dBm(size_t(T * N)), dCm(size_t(T * N));
     for (int64_t t = 0; t < T; ++t) {
