@@ -83,6 +83,26 @@ def aft_simple(q, k, v, causal):
     return _aft(q, k, v, torch.zeros(T, T, dtype=q.dtype), causal)
 
 
+def aft_simple_state(q, k, v, num0=None, den0=None, max0=None):
+    # Causal AFT-simple as the literal running sums in float64, token by token, from the state of
+    # MIXERS.md (num0, den0 scaled by e^{-max0}: the unscaled sums are num0 e^{max0}, den0 e^{max0});
+    # returns y and the final state in that form, max the largest exponent seen.
+    B, T, C = k.shape
+    if num0 is None:
+        N, D, m = (torch.zeros(B, C, dtype=k.dtype), torch.zeros(B, C, dtype=k.dtype),
+                   torch.full((B, C), -1e38, dtype=k.dtype))
+    else:
+        N, D, m = num0 * torch.exp(max0), den0 * torch.exp(max0), max0
+    ys = []
+    for t in range(T):
+        e = torch.exp(k[:, t])
+        N = N + e * v[:, t]
+        D = D + e
+        ys.append(torch.sigmoid(q[:, t]) * N / D)
+        m = torch.maximum(m, k[:, t])
+    return torch.stack(ys, dim=1), N * torch.exp(-m), D * torch.exp(-m), m
+
+
 def aft_conv(q, k, v, u, causal):
     T, C = q.shape[1], q.shape[2]
     H, K = u.shape
@@ -120,16 +140,36 @@ def rwkv4(k, v, w, u, a0=None, b0=None, p0=None, final=False):
     return (y, a * torch.exp(-p), b * torch.exp(-p), p) if final else y
 
 
-def performer(q, k, v, proj, causal):
-    # phi(x)_m = exp(omega_m . x' - |x'|^2 / 2) / sqrt(M), x' = x D^(-1/4); no shifts (float64)
+def performer(q, k, v, proj, causal, S0=None, z0=None, kmax0=None, final=False):
+    # phi(x)_m = exp(omega_m . x' - |x'|^2 / 2) / sqrt(M), x' = x D^(-1/4); no shifts (float64).
+    # Causal, from the state (S0 [B,H,M,E], z0 [B,H,M] scaled by e^{-kmax0} [B,H]: the sums over
+    # the tokens before 0 are S0 e^{kmax0}, z0 e^{kmax0}); with final also the state after the
+    # last token in that form, kmax the largest key logit seen (or kmax0).
     D, M = q.shape[-1], proj.shape[0]
 
-    def phi(x):
+    def logits(x):
         xs = x * D ** -0.25
-        return torch.exp(xs @ proj.T - (xs * xs).sum(-1, keepdim=True) / 2) / math.sqrt(M)
+        return xs @ proj.T - (xs * xs).sum(-1, keepdim=True) / 2
 
-    fq, fk = phi(q), phi(k)
+    fq, lk = torch.exp(logits(q)) / math.sqrt(M), logits(k)
+    fk = torch.exp(lk) / math.sqrt(M)
     kv = torch.einsum("bshm,bshe->bshme", fk, v)
+    if causal and (S0 is not None or final):
+        B, T, H, E = v.shape
+        S = torch.zeros(B, H, M, E, dtype=q.dtype) if S0 is None else S0 * torch.exp(kmax0)[..., None, None]
+        z = torch.zeros(B, H, M, dtype=q.dtype) if z0 is None else z0 * torch.exp(kmax0)[..., None]
+        ys = []
+        for t in range(T):
+            S = S + kv[:, t]
+            z = z + fk[:, t]
+            ys.append(torch.einsum("bhm,bhme->bhe", fq[:, t], S) / torch.einsum("bhm,bhm->bh", fq[:, t], z)[..., None])
+        y = torch.stack(ys, dim=1)
+        if not final:
+            return y
+        kmax = lk.amax(dim=(1, 3))
+        if kmax0 is not None:
+            kmax = torch.maximum(kmax0, kmax)
+        return y, S * torch.exp(-kmax)[..., None, None], z * torch.exp(-kmax)[..., None], kmax
     if causal:
         S, z = kv.cumsum(dim=1), fk.cumsum(dim=1)
         return torch.einsum("bthm,bthme->bthe", fq, S) / torch.einsum("bthm,bthm->bth", fq, z).unsqueeze(-1)
@@ -137,8 +177,11 @@ def performer(q, k, v, proj, causal):
     return torch.einsum("bthm,bhme->bthe", fq, S) / torch.einsum("bthm,bhm->bth", fq, z).unsqueeze(-1)
 
 
-def flow(q, k, v, causal, eps=1e-6):
-    # MIXERS.md "flow", as tensor algebra (the official Flowformer code's shape of it)
+def flow(q, k, v, causal, eps=1e-6, st=None, final=False):
+    # MIXERS.md "flow", as tensor algebra (the official Flowformer code's shape of it). Causal,
+    # from a state st ({"state.sumK": [B,H,D], ..., "state.sumexp": [B,H], "state.KV": [B,H,D,E],
+    # "state.pos": [B]}: the sums over the pos tokens before 0): every prefix sum starts from the
+    # state's and positions count on from pos; with final also the final state (by name).
     Q, K = torch.sigmoid(q), torch.sigmoid(k)
     T = q.shape[1]
     dot = lambda a, b: (a * b).sum(-1)  # noqa: E731  over D, broadcasting [B,T,H,D]
@@ -151,15 +194,29 @@ def flow(q, k, v, causal, eps=1e-6):
         comp = torch.softmax(Ohat, dim=1) * T
         kv = torch.einsum("bthd,bthe->bhde", K, v * comp.unsqueeze(-1))
         return torch.einsum("bthd,bhde->bthe", Q * I.unsqueeze(-1), kv) * alloc.unsqueeze(-1)
-    r = torch.arange(1, T + 1, dtype=q.dtype).view(1, T, 1)
-    I = r / dot(Q + eps, K.cumsum(1) + eps)
-    O = r / dot(K + eps, Q.cumsum(1) + eps)
-    Ihat = dot(Q + eps, (K * O.unsqueeze(-1)).cumsum(1) + eps) / r
-    Ohat = torch.clamp(dot(K + eps, (Q * I.unsqueeze(-1)).cumsum(1) + eps) / r, -1.0, 1.0)
+    B, _, H, D = q.shape
+    pos = st["state.pos"].detach().round() if st else torch.zeros(B, dtype=q.dtype)  # counts: no gradient
+    zero = lambda *shape: torch.zeros(*shape, dtype=q.dtype)  # noqa: E731
+    E = v.shape[3]
+    s0 = st or {"state.sumK": zero(B, H, D), "state.sumQ": zero(B, H, D), "state.sumKO": zero(B, H, D),
+                "state.sumQI": zero(B, H, D), "state.sumexp": zero(B, H), "state.KV": zero(B, H, D, E)}
+    scan = lambda x, n: x.cumsum(1) + s0[n].unsqueeze(1)  # noqa: E731  a prefix sum from the state's
+    r = pos.view(B, 1, 1) + torch.arange(1, T + 1, dtype=q.dtype).view(1, T, 1)
+    cK, cQ = scan(K, "state.sumK"), scan(Q, "state.sumQ")
+    I = r / dot(Q + eps, cK + eps)
+    O = r / dot(K + eps, cQ + eps)
+    cKO, cQI = scan(K * O.unsqueeze(-1), "state.sumKO"), scan(Q * I.unsqueeze(-1), "state.sumQI")
+    Ihat = dot(Q + eps, cKO + eps) / r
+    Ohat = torch.clamp(dot(K + eps, cQI + eps) / r, -1.0, 1.0)
     alloc = torch.sigmoid(Ihat)
-    comp = torch.exp(Ohat) / torch.exp(Ohat).cumsum(1) * r
-    kv = torch.einsum("bthd,bthe->bthde", K, v * comp.unsqueeze(-1)).cumsum(1)
-    return torch.einsum("bthd,bthde->bthe", Q * (I / r).unsqueeze(-1), kv) * alloc.unsqueeze(-1)
+    Z = scan(torch.exp(Ohat), "state.sumexp")
+    comp = torch.exp(Ohat) / Z * r
+    kv = scan(torch.einsum("bthd,bthe->bthde", K, v * comp.unsqueeze(-1)), "state.KV")
+    y = torch.einsum("bthd,bthde->bthe", Q * (I / r).unsqueeze(-1), kv) * alloc.unsqueeze(-1)
+    if not final:
+        return y
+    return y, {"state.sumK": cK[:, -1], "state.sumQ": cQ[:, -1], "state.sumKO": cKO[:, -1], "state.sumQI": cQI[:, -1],
+               "state.sumexp": Z[:, -1], "state.KV": kv[:, -1], "state.pos": pos + T}
 
 
 def flash(quad_q, quad_k, lin_q, lin_k, v, causal, group):
@@ -388,6 +445,10 @@ def mamba2(x, dt, A, Bm, Cm, D=None, z=None, dt_bias=None, dt_softplus=True, h0=
     return y, h
 
 
+def _flow_state(x):  # flow's state tensors of a call, or None
+    return {n: t for n, t in x.items() if n.startswith("state.")} or None
+
+
 def _st(x):
     return x.get("state.S")
 
@@ -415,6 +476,12 @@ STATE_ORACLES = {
         *linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z"), final=True)),
     "norm_linear": lambda x, p: (lambda y, S: (y, {"state.S": S}))(
         *norm_linear(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), x.get("state.S"), final=True)),
+    "aft_simple": lambda x, p: (lambda y, n, d, m: (y, {"state.num": n, "state.den": d, "state.max": m}))(
+        *aft_simple_state(x["q"], x["k"], x["v"], x.get("state.num"), x.get("state.den"), x.get("state.max"))),
+    "flow": lambda x, p: flow(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), _flow_state(x), final=True),
+    "performer": lambda x, p: (lambda y, S, z, km: (y, {"state.S": S, "state.z": z, "state.kmax": km}))(
+        *performer(x["q"], x["k"], x["v"], x["proj"], True, x.get("state.S"), x.get("state.z"), x.get("state.kmax"),
+                   final=True)),
     "rwkv4": lambda x, p: (lambda y, a, b, pp: (y, {"state.a": a, "state.b": b, "state.p": pp}))(
         *rwkv4(x["k"], x["v"], x["w"], x["u"], x.get("state.a"), x.get("state.b"), x.get("state.p"), final=True)),
     "s4d": lambda x, p: (lambda y, xs: (y, {"state.x_re": xs.real, "state.x_im": xs.imag}))(
@@ -437,11 +504,14 @@ ORACLES = {
     "linear": lambda x, c, p: linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z")),
     "aft_full": lambda x, c, p: aft_full(x["q"], x["k"], x["v"], x["w"], c),
     "aft_local": lambda x, c, p: aft_local(x["q"], x["k"], x["v"], x["w"], c, int(p["window"])),
-    "aft_simple": lambda x, c, p: aft_simple(x["q"], x["k"], x["v"], c),
+    "aft_simple": lambda x, c, p: (aft_simple_state(x["q"], x["k"], x["v"], x["state.num"], x["state.den"],
+                                                    x["state.max"])[0] if "state.num" in x else
+                                   aft_simple(x["q"], x["k"], x["v"], c)),
     "aft_conv": lambda x, c, p: aft_conv(x["q"], x["k"], x["v"], x["u"], c),
     "rwkv4": lambda x, c, p: rwkv4(x["k"], x["v"], x["w"], x["u"], x.get("state.a"), x.get("state.b"), x.get("state.p")),
-    "performer": lambda x, c, p: performer(x["q"], x["k"], x["v"], x["proj"], c),
-    "flow": lambda x, c, p: flow(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6)),
+    "performer": lambda x, c, p: performer(x["q"], x["k"], x["v"], x["proj"], c, x.get("state.S"), x.get("state.z"),
+                                           x.get("state.kmax")),
+    "flow": lambda x, c, p: flow(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6), st=_flow_state(x)),
     "flash": lambda x, c, p: flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], c,
                                    int(_num(p, "group", 256))),
     "norm_linear": lambda x, c, p: norm_linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S")),
@@ -458,4 +528,12 @@ ORACLES.update({n: (lambda x, c, p, f=f: f(x, p)[0]) for n, f in STATE_ORACLES.i
 # The domain of a random initial state where not every value is one: linear's normaliser z is a
 # sum of positive features (as the registry's state_fix draws it).
 STATE_DOMAIN = {"linear": {"state.z": lambda t: t.abs() + 0.5},
+                "aft_simple": {"state.den": lambda t: t.abs() + 0.5, "state.max": lambda t: 2 + 4 * t},
+                "performer": {"state.z": lambda t: t.abs() + 0.5, "state.kmax": lambda t: 1 + 2 * t},
+                # flow: pos tokens before 0 (as the registry's state_fix draws them), sums of sigmoids
+                # in (0, pos), positive flows, sumexp a sum of pos values in [1/e, e]
+                "flow": {"state.pos": lambda t: 2 + torch.round(torch.clamp(t.abs() * 3, max=7)),
+                         "state.sumK": lambda t: 4 * torch.sigmoid(t), "state.sumQ": lambda t: 4 * torch.sigmoid(t),
+                         "state.sumKO": lambda t: t.abs() + 0.5, "state.sumQI": lambda t: t.abs() + 0.5,
+                         "state.sumexp": lambda t: 4 * torch.exp(torch.tanh(t))},
                 "rwkv4": {"state.b": lambda t: t.abs() + 0.5, "state.p": lambda t: 2 + 4 * t}}

@@ -252,8 +252,14 @@ def refusals():
         B_, N_, C_ = x["u"].shape[0], x["A_re"].shape[1], x["A_re"].shape[0]
         x["state.x_re"], x["state.x_im"] = normal(B_, N_, C_), normal(B_, N_, C_)  # [B,N,C]: transposed
         refused("s4d", True, {}, x, "a transposed state")
+    for name in ("aft_simple",):  # per-channel sums [B,C]: one of another width
+        if name in specs:
+            x = example(name, True, 5)
+            B_, T_, C_ = x["q"].shape
+            x.update({"state.num": normal(B_, C_), "state.den": np.abs(normal(B_, C_)) + 0.5, "state.max": normal(B_, C_ + 1)})
+            refused(name, True, {}, x, "a state of the wrong width")
     for name in specs:
-        if name in ("mamba", "mamba2", "s4d", "rwkv4"):  # rwkv4's state is per channel: nothing to transpose
+        if "S" not in [st_["name"] for st_ in specs[name]["state"]]:  # no key-first S to transpose
             continue
         x = example(name, True, 5)
         first = next(i for i in SPECS if i["name"] == name)["inputs"][0]["name"]

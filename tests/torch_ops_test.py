@@ -109,7 +109,8 @@ def test_outputs_and_gradients_vs_plain_pytorch(name, causal, T):
 
 def tiny(name, causal, T=4):
     x = OPS.example(name, T, causal=causal, seed=3, scale="grad", state=name in OPS.STATEFUL and causal)
-    return {n: t.double().requires_grad_(True) for n, t in x.items()}
+    counts = {s["name"] for s in SPECS[name]["state"] if s.get("count")}  # a position: not differentiable
+    return {n: t.double().requires_grad_(n not in counts) for n, t in x.items()}
 
 
 @pytest.mark.parametrize("name,causal", forms())
@@ -215,7 +216,7 @@ def test_chunks_with_the_state_handed_on_equal_one_call(name):
         assert rel_rms(xb[n].grad, xa[n].grad) <= 1e-4, f"d{n}"
 
 
-@pytest.mark.parametrize("name", ["flow", "performer", "aft_simple"])
+@pytest.mark.parametrize("name", ["aft_conv", "aft_local", "softmax"])
 def test_recurrent_state_for_the_others_forward_only(name):
     spec = SPECS[name]
     params = numbers(spec["example_params"])

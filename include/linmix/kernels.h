@@ -76,11 +76,24 @@ struct AftBand {
   float (*bias)(const void* ctx, int64_t t, int64_t s, int64_t bi);
   const void* ctx;
 };
+// The causal form's running sums as a state (aft_simple's state.num, den, max; (B,C) each, row
+// b at b C): num, den are sums of e^{k_s} (v_s, 1) over the positions before the band, scaled by
+// e^{-max}. Every pointer may be null: no initial state (empty sums), final state not wanted, no
+// gradient wanted or given.
+struct AftSumsIO {
+  const float *num0 = nullptr, *den0 = nullptr, *max0 = nullptr;  // before token 0
+  float *numT = nullptr, *denT = nullptr, *maxT = nullptr;        // after the last token (forward writes)
+  const float *dnumT = nullptr, *ddenT = nullptr, *dmaxT = nullptr;  // the final sums' gradient
+  float *dnum0 = nullptr, *dden0 = nullptr, *dmax0 = nullptr;        // the initial sums' (backward writes)
+};
 // y, q, k, v: (B,T,C). Extra memory O(T C) (the suffix sums, non-causal only).
 // o_out, lse_out (B,T,C), optional: o = num / den and lse = log sum_s exp(k_s + w_ts), saved
-// for the backward.
+// for the backward. sums (causal only): the running sums start from num0/den0/max0 and, with
+// numT, the sums over every position that has left the band after the last token are written
+// (aft_simple's band is empty: all of them).
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
-                 bool causal, const AftBand& band, float* o_out = nullptr, float* lse_out = nullptr);
+                 bool causal, const AftBand& band, float* o_out = nullptr, float* lse_out = nullptr,
+                 AftSumsIO* sums = nullptr);
 // AFT-full's forward as GEMMs over blocks of key positions (kernels/aft_full_gemm.cpp): w is
 // (Tw, Tw) with Tw >= T, row t at w + t Tw; exact for any range (underflowing (t, c) recomputed).
 void aft_full_forward(float* y, const float* q, const float* k, const float* v, const float* w, int64_t Tw, int64_t B,
@@ -91,9 +104,11 @@ void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* 
                        int64_t T, int64_t C, bool causal);
 // Backward for q, k, v (the bias gradient is the variant's own, in aft.cpp): dq, dk, dv
 // (B,T,C) written. Extra memory O(T C) per (batch, channel block) task.
+// sums (causal only): the forward's AftSumsIO (its initial and final sums); with dnum0 the
+// initial sums' gradient is written, with dnumT the final sums' gradient is taken in.
 void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
                   const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
-                  const AftBand& band);
+                  const AftBand& band, const AftSumsIO* sums = nullptr);
 
 // The max of an empty running sum: stands in for -inf so that saved states stay finite
 // (MIXERS.md uses the same convention, p = -1e38, for RWKV).
@@ -140,8 +155,23 @@ namespace linmix {
 // FAVOR+ positive random features. proj: (M,D) rows omega_m. y, q, k, v as softmax.
 // Queries are stabilised by their row max, keys by the running max over s <= t (the global
 // max when non-causal), with the carried state rescaled when it grows.
+// st (causal only): the state before token 0 and after the last, as the stepper's (S (B,H,M,E),
+// z (B,H,M) scaled by e^{-kmax}, kmax (B,H): the largest key logit so far, -1e38 when empty);
+// lin holds S, z and their gradients, the rest kmax's.
+struct PerformerStateIO {
+  LinearStateIO lin;
+  const float* kmax0 = nullptr;
+  float* kmaxT = nullptr;
+  const float* dkmaxT = nullptr;
+  float* dkmax0 = nullptr;
+};
 void performer_forward(float* y, const float* q, const float* k, const float* v, const float* proj,
-                       const AttnDims& d, int64_t M, bool causal);
+                       const AttnDims& d, int64_t M, bool causal, const PerformerStateIO& st = {});
+// Gradient of sum(y * dy) (+ the final state's, st.lin.dST / dzT / dkmaxT): dq, dk, dv, dproj
+// written; st.lin.dS0 / dz0 and st.dkmax0 written when given.
+void performer_backward(float* dq, float* dk, float* dv, float* dproj, const float* q, const float* k, const float* v,
+                        const float* proj, const float* dy, const AttnDims& d, int64_t M, bool causal,
+                        const PerformerStateIO& st = {});
 // State of one sequence: S: (H,M,E), z: (H,M), both scaled by exp(-kmax[h]); kmax: (H).
 struct PerformerState {
   int64_t H = 0, M = 0, E = 0;

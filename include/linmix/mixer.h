@@ -28,6 +28,8 @@ struct TensorSpec {
   std::string name;
   std::string dims;  // comma-separated symbolic dims, e.g. "B,T,H,D"; letters bind across tensors
   bool optional = false;
+  // An integer count (a state's position): read as a number, not differentiated (its d<name> is 0).
+  bool count = false;
 };
 
 struct ParamSpec {

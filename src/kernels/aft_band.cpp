@@ -51,7 +51,7 @@ inline void running_add2(float* __restrict m, float* __restrict s1, float* __res
 }  // namespace
 
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
-                 bool causal, const AftBand& band, float* o_out, float* lse_out) {
+                 bool causal, const AftBand& band, float* o_out, float* lse_out, AftSumsIO* sums) {
   const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
@@ -66,6 +66,12 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
       // loop and does not vectorise it
       float *__restrict pM = M.data(), *__restrict pnum = num.data(), *__restrict pden = den.data();
       float *__restrict ppm = pm.data(), *__restrict ppn = pn.data(), *__restrict ppd = pd.data();
+      if (causal && sums && sums->num0) {  // the prefix sums start from the initial state
+        const int64_t o0 = b * C + c0;
+        std::copy(sums->max0 + o0, sums->max0 + o0 + n, ppm);
+        std::copy(sums->num0 + o0, sums->num0 + o0 + n, ppn);
+        std::copy(sums->den0 + o0, sums->den0 + o0 + n, ppd);
+      }
       if (!causal) {
         sm.assign((T + 1) * n, kEmptyMax);
         sn.assign((T + 1) * n, 0.0f);
@@ -132,12 +138,20 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
             lse_out[(b * T + t) * C + c0 + c] = pM[c] + log_fast(pden[c]);
           }
       }
+      if (causal && sums && sums->numT) {  // the final state: the sums over what left the band
+        const int64_t end = T - std::min(T, std::max<int64_t>(band.lo, 0));
+        for (; next < end; ++next) running_add(ppm, ppn, ppd, row(k, next), row(v, next), n);
+        const int64_t o0 = b * C + c0;
+        std::copy(ppm, ppm + n, sums->maxT + o0);
+        std::copy(ppn, ppn + n, sums->numT + o0);
+        std::copy(ppd, ppd + n, sums->denT + o0);
+      }
     }
 }
 
 void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
                   const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
-                  const AftBand& band) {
+                  const AftBand& band, const AftSumsIO* sums) {
   // With h_t = dy_t sigma(q_t) and P_ts = exp(k_s + w_ts - lse_t):
   //   dq_t = dy_t o_t sigma'(q_t),  dv_s = sum_t P_ts h_t = A_s,
   //   dk_s = sum_t P_ts h_t (v_s - o_t) = v_s A_s - B_s,  B_s = sum_t P_ts h_t o_t.
@@ -178,6 +192,23 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
         if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
         far(s);
       }
+      const int64_t o0 = b * C + c0;
+      const bool init = causal && sums && sums->num0 && sums->dnum0;
+      if (init) {
+        // The initial sums are far from every t (a position before 0 outside every band): with
+        // N0 = num0 e^{max0}, D0 = den0 e^{max0} in every numerator and denominator,
+        // dN0 = sum_t e^{-lse_t} h_t, dD0 = -sum_t e^{-lse_t} h_t o_t; the suffix sums above hold
+        // t >= lo + 1, the rest of t joins them here.
+        for (int64_t t = std::min(T, band.lo + 1); t-- > 0;)
+          running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
+        for (int64_t c = 0; c < n; ++c) {
+          const float e = exp_fast(sums->max0[o0 + c] + m[c]);
+          const float A0 = e * s1[c], B0 = e * s2[c];
+          sums->dnum0[o0 + c] = A0;
+          sums->dden0[o0 + c] = -B0;
+          sums->dmax0[o0 + c] = sums->num0[o0 + c] * A0 - sums->den0[o0 + c] * B0;
+        }
+      }
       if (!causal) {
         reset();
         for (int64_t s = 0; s < T; ++s) {  // prefix: t <= s - hi - 1
@@ -203,6 +234,33 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           dv[at(s) + c] = A[s * n + c];
           dk[at(s) + c] = v[at(s) + c] * A[s * n + c] - Bs[s * n + c];
         }
+      if (causal && sums && sums->dnumT) {
+        // The final sums numT = num0 e^{max0 - maxT} + sum_s e^{k_s - maxT} v_s (denT alike, over
+        // the positions s < end that left the band), maxT = max(max0, k_s): their gradient
+        // (Gn, Gd, Gm) reaches v_s, k_s and the initial sums; maxT's own, Gm - Gn numT - Gd denT,
+        // goes to the term that attains it (the first, as the running max keeps it).
+        const int64_t end = T - std::min(T, std::max<int64_t>(band.lo, 0));
+        const bool s0 = sums->num0 != nullptr;
+        for (int64_t c = 0; c < n; ++c) {
+          const float mT = sums->maxT[o0 + c], Gn = sums->dnumT[o0 + c], Gd = sums->ddenT[o0 + c];
+          const float R = sums->dmaxT[o0 + c] - Gn * sums->numT[o0 + c] - Gd * sums->denT[o0 + c];
+          int64_t arg = -1;  // the attaining key; -1: the initial state
+          if (!s0 || sums->max0[o0 + c] != mT)
+            for (int64_t s = 0; s < end && arg < 0; ++s)
+              if (k[at(s) + c] == mT) arg = s;
+          for (int64_t s = 0; s < end; ++s) {
+            const float e = exp_fast(k[at(s) + c] - mT);
+            dv[at(s) + c] += Gn * e;
+            dk[at(s) + c] += e * (Gn * v[at(s) + c] + Gd) + (s == arg ? R : 0.0f);
+          }
+          if (init) {
+            const float e = exp_fast(sums->max0[o0 + c] - mT);
+            sums->dnum0[o0 + c] += Gn * e;
+            sums->dden0[o0 + c] += Gd * e;
+            sums->dmax0[o0 + c] += e * (Gn * sums->num0[o0 + c] + Gd * sums->den0[o0 + c]) + (arg < 0 ? R : 0.0f);
+          }
+        }
+      }
     }
 }
 

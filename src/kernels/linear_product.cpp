@@ -87,10 +87,9 @@ void linear_product(float* y, float* den, const float* q, const float* k, const 
   // S: (D,E) running sum of k v^T; z: (D) running sum of k; A: (chunk,chunk) intra-chunk
   // scores; Ks: (chunk,D) keys scaled by e^{g_j - g_last} (only with g).
   std::vector<float> S(D * E, 0.0f), z(D, 0.0f), A(kLinearChunk * kLinearChunk), Ks(g ? kLinearChunk * D : 0);
-  LINMIX_CHECK(!g || !(a.S0 || a.z0 || a.ST || a.zT), "linear_product: a state with a log scale g is not supported");
   if (a.S0) std::copy(a.S0, a.S0 + D * E, S.begin());
   if (a.z0) std::copy(a.z0, a.z0 + D, z.begin());
-  float g_state = g && T > 0 ? g[0] : 0.0f;  // the state is scaled by e^{-g_state}
+  float g_state = g && T > 0 ? (a.S0 ? a.g0 : g[0]) : 0.0f;  // the state is scaled by e^{-g_state}
   auto absorb = [&](int64_t t0, int64_t n) {  // S += K^T V, z += sum K over rows [t0, t0+n)
     const float* kk = k + t0 * a.ldk;
     int64_t ldk = a.ldk;

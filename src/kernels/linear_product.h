@@ -32,7 +32,7 @@ struct LinearProductArgs {
   int64_t T, D, E;
   int64_t ldq, ldk, ldv, ldy;  // row strides in elements
   bool causal;
-  // Causal, without g: the state before row 0, S0 (D,E) = sum k v^T and z0 (D) = sum k over the
+  // Causal: the state before row 0, S0 (D,E) = sum k v^T and z0 (D) = sum k over the
   // rows before (null: zeros), which every row sees; the final state after row T-1, written to
   // ST, zT where not null (the running state the chunks carry: no extra work). The backward
   // ignores these: linear_product_state_backward adds their part.
@@ -40,6 +40,9 @@ struct LinearProductArgs {
   const float* z0 = nullptr;
   float* ST = nullptr;
   float* zT = nullptr;
+  // With g (performer): S0, z0 are scaled by e^{-g0} (g0 <= g[0]), and ST, zT come out scaled
+  // by e^{-g[T-1]}.
+  float g0 = 0.0f;
 };
 
 void linear_product(float* y, float* den, const float* q, const float* k, const float* v, const LinearProductArgs& a,

@@ -76,16 +76,38 @@ AftBand make_band(Variant var, const Call& c, BiasCtx& ctx) {
   return band;
 }
 
-TensorMap aft_parallel(Variant var, const Call& c) {
+// The running sums as a state in every form (state_all_modes: aft_simple): the call's state.num,
+// den, max in, the final ones out as state.* (and, with grad, the initial ones' gradient as
+// dstate.* and the final ones' dfinal.* in). No state in a non-causal call.
+AftSumsIO sums_io(const Call& c, TensorMap& out, bool grad) {
+  AftSumsIO io;
+  if (!c.causal) return io;
+  const std::vector<int64_t> shape{c.d("B"), c.d("C")};
+  auto in = [&](const char* n) { return c.has(n) ? c.t(n).ptr() : nullptr; };
+  auto make = [&](const std::string& n) { return (out[n] = Tensor(shape)).ptr(); };
+  io.num0 = in("state.num"), io.den0 = in("state.den"), io.max0 = in("state.max");
+  io.numT = make("state.num"), io.denT = make("state.den"), io.maxT = make("state.max");
+  if (grad) {
+    io.dnumT = in("dfinal.num"), io.ddenT = in("dfinal.den"), io.dmaxT = in("dfinal.max");
+    if (io.num0) io.dnum0 = make("dstate.num"), io.dden0 = make("dstate.den"), io.dmax0 = make("dstate.max");
+  }
+  return io;
+}
+
+TensorMap aft_parallel(Variant var, const Call& c, bool with_state) {
   const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
   BiasCtx ctx;
   const AftBand band = make_band(var, c, ctx);
+  TensorMap out;
   Tensor y({B, T, C});
-  if (var == Variant::Full)  // the pairwise bias factors out of the channel sum: GEMMs
+  if (var == Variant::Full) {  // the pairwise bias factors out of the channel sum: GEMMs
     aft_full_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), ctx.w, ctx.Tw, B, T, C, c.causal);
-  else
-    aft_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), B, T, C, c.causal, band);
-  return {{"y", std::move(y)}};
+  } else {
+    AftSumsIO io = with_state ? sums_io(c, out, false) : AftSumsIO{};
+    aft_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), B, T, C, c.causal, band, nullptr, nullptr, &io);
+  }
+  out["y"] = std::move(y);
+  return out;
 }
 
 // Gradient of the band's bias: sum over batch and the block's channels of
@@ -123,7 +145,7 @@ void aft_bias_grad(float* dbias, int64_t dbias_size, Variant var, const BiasCtx&
   }
 }
 
-TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy) {
+TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state) {
   const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
   BiasCtx ctx;
   const AftBand band = make_band(var, c, ctx);
@@ -137,9 +159,11 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy) {
                       T, C, c.causal);
     return {{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}, {"dw", std::move(dw)}};
   }
-  aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.data(), lse.data());
-  aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band);
-  TensorMap out{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
+  TensorMap out;
+  AftSumsIO io = with_state ? sums_io(c, out, true) : AftSumsIO{};
+  aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.data(), lse.data(), &io);
+  aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band, &io);
+  out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
   if (var == Variant::Full || var == Variant::Local) {
     Tensor dw(c.t("w").shape);
     aft_bias_grad(dw.ptr(), dw.numel(), var, ctx, band, q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal);
@@ -161,8 +185,9 @@ bool has_ring(Variant var) { return var != Variant::Simple; }
 void set_aft_forms(MixerSpec& s, AftVariant var) {
   s.y_dims = "B,T,C";
   s.blocking = {{"C", kBlock}};  // channel blocks (aft_conv: within each head)
-  s.parallel = [var](const Call& c) { return aft_parallel(var, c); };
-  s.backward = [var](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy); };
+  const bool with_state = s.state_all_modes;  // aft_simple: its sums are a state in every form
+  s.parallel = [var, with_state](const Call& c) { return aft_parallel(var, c, with_state); };
+  s.backward = [var, with_state](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy, with_state); };
   s.stepper = [var](const Call& c) {
     const int64_t C = c.d("C");
     auto ctx = std::make_shared<BiasCtx>();

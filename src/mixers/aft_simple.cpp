@@ -16,12 +16,26 @@ MixerSpec aft_simple_spec() {
   s.time = "O(T C)";
   s.memory = "O(T C) non-causal (suffix sums), O(C) causal";
   s.y_dims = "B,T,C";
+  // every causal form starts from the running sums (num, den, max) and returns the final ones
+  s.state_all_modes = true;
+  s.state_fix = [](TensorMap& st) {
+    for (float& x : st["state.den"].data) x = std::abs(x) + 0.5f;  // a sum of e^{k}, scaled: > 0
+    // max spread wide (N(2, 4^2)): in some channels the state's sums hold the largest exponent
+    // (the final max stays the state's), in others a key takes over
+    for (float& x : st["state.max"].data) x = 2.0f + 4.0f * x;
+  };
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
     const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-    std::vector<S> y(B * T * C);
+    std::vector<S> y(B * T * C + (c.causal ? 3 * B * C : 0));
+    const S *num0 = opt_in(x, "state.num"), *den0 = opt_in(x, "state.den"), *max0 = opt_in(x, "state.max");
     ref::aft_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), B, T, C, c.causal,
-                    [](int64_t, int64_t, int64_t) { return S(0); });
+                    [](int64_t, int64_t, int64_t) { return S(0); }, num0, den0, max0);
+    if (c.causal) {  // the final state: every position has entered the sums
+      S* fin = y.data() + B * T * C;
+      ref::aft_sums_ref<S>(fin, fin + B * C, fin + 2 * B * C, x.at("k").data(), x.at("v").data(), B, T, C, T, num0,
+                           den0, max0);
+    }
     return y;
   });
   set_aft_forms(s, AftVariant::Simple);

@@ -112,6 +112,13 @@ inline int64_t position_of(const Tensor& t, const std::string& name) {
   return static_cast<int64_t>(p);
 }
 
+// Every value of t a position (flow's per-sequence state.pos), or a one-line error naming it.
+inline std::vector<int64_t> positions_of(const Tensor& t, const std::string& name) {
+  std::vector<int64_t> out;
+  for (float p : t.data) out.push_back(position_of(Tensor({1}, p), name));
+  return out;
+}
+
 // Steppers' state as tensors of one sequence (MixerSpec::stepper save / load).
 inline Tensor state_tensor(std::vector<int64_t> shape, const float* src) {
   Tensor t(std::move(shape));

@@ -5,6 +5,8 @@
 // Ihat / Ohat, allocation, competition), then the kernelised product
 // y_i = alloc_i (Q_i I_i / r_i)^T sum_j K_j (v_j comp_j)^T through kernels/linear_product.
 // recurrent: the prefix sums and KV (D,E) as state.
+#include <array>
+
 #include "../kernels/linear_product.h"
 #include "../ref/ref_util.h"
 #include "common.h"
@@ -16,16 +18,26 @@ namespace linmix::ref {
 // Flow-Attention, the literal formula of MIXERS.md: every sum written out over its index set
 // (j < lim(i): all j, or j <= i when causal), then the T x T weights
 // W_ij = (Q_i I_i / r_i) . K_j comp_j, y_i = alloc_i sum_j W_ij v_j.
+// A causal state (st: sumK, sumQ, sumKO, sumQI (B,H,D), sumexp (B,H), KV (B,H,D,E), pos (B): the
+// sums over the pos tokens before 0; null: none) is every prefix sum's value before token 0,
+// and positions count on from pos (r_i = pos + i + 1); with fin the final state is written in
+// the same order (pos + T last).
 template <class S>
-void flow_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, bool causal) {
-  const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
+void flow_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, bool causal,
+              const std::array<const S*, 7>& st = {}, S* fin = nullptr) {
+  const int64_t T = d.T, H = d.H, D = d.D, E = d.E, BH = d.B * H;
   const double eps = 1e-6;
+  const bool s0 = st[0] != nullptr;
+  double pos = 0.0;  // of the batch row b below: a count, not differentiated
   std::vector<S> Q(T * D), K(T * D), I(T), O(T), Ih(T), Oh(T), comp(T), W(T * T);
   auto sig = [](const S& x) { return S(1) / (1 + exp(-x)); };
   auto lim = [&](int64_t i) { return causal ? i + 1 : T; };
-  auto r = [&](int64_t i) { return causal ? double(i + 1) : 1.0; };
+  auto r = [&](int64_t i) { return causal ? pos + double(i + 1) : 1.0; };
+  auto base = [&](int n, int64_t bh, int64_t x) { return s0 ? st[n][bh * D + x] : S(0); };  // a sum's state
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
+      pos = s0 ? ad::value(st[6][b]) : 0.0;
       for (int64_t t = 0; t < T; ++t)
         for (int64_t x = 0; x < D; ++x) {
           Q[t * D + x] = sig(q[((b * T + t) * H + h) * D + x]);
@@ -34,7 +46,7 @@ void flow_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, bool 
       for (int64_t i = 0; i < T; ++i) {
         S a = 0, c = 0;
         for (int64_t x = 0; x < D; ++x) {
-          S sk = 0, sq = 0;
+          S sk = base(0, bh, x), sq = base(1, bh, x);
           for (int64_t j = 0; j < lim(i); ++j) sk += K[j * D + x], sq += Q[j * D + x];
           a += (Q[i * D + x] + eps) * (sk + eps);
           c += (K[i * D + x] + eps) * (sq + eps);
@@ -45,7 +57,7 @@ void flow_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, bool 
       for (int64_t i = 0; i < T; ++i) {
         S a = 0, c = 0;
         for (int64_t x = 0; x < D; ++x) {
-          S sko = 0, sqi = 0;
+          S sko = base(2, bh, x), sqi = base(3, bh, x);
           for (int64_t j = 0; j < lim(i); ++j) sko += K[j * D + x] * O[j], sqi += Q[j * D + x] * I[j];
           a += (Q[i * D + x] + eps) * (sko + eps);
           c += (K[i * D + x] + eps) * (sqi + eps);
@@ -54,7 +66,7 @@ void flow_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, bool 
         Oh[i] = std::clamp(c / r(i), S(-1.0), S(1.0));
       }
       for (int64_t i = 0; i < T; ++i) {
-        S z = 0;
+        S z = s0 ? st[4][bh] : S(0);
         for (int64_t j = 0; j < lim(i); ++j) z += exp(Oh[j]);
         comp[i] = exp(Oh[i]) / z * (causal ? r(i) : double(T));
       }
@@ -69,8 +81,32 @@ void flow_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, bool 
         for (int64_t e = 0; e < E; ++e) {
           S acc = 0;
           for (int64_t j = 0; j < T; ++j) acc += W[i * T + j] * v[((b * T + j) * H + h) * E + e];
+          if (s0)  // the state's KV = sum over the tokens before 0 of K_j (v_j comp_j)^T
+            for (int64_t x = 0; x < D; ++x) acc += Q[i * D + x] * I[i] / r(i) * st[5][(bh * D + x) * E + e];
           y[((b * T + i) * H + h) * E + e] = acc * sig(Ih[i]);
         }
+      if (fin) {  // the final state: every sum over all T tokens on top of the state's
+        S* f = fin;
+        for (int n = 0; n < 4; ++n, f += BH * D)
+          for (int64_t x = 0; x < D; ++x) {
+            S acc = base(n, bh, x);
+            for (int64_t j = 0; j < T; ++j)
+              acc += n == 0 ? K[j * D + x] : n == 1 ? Q[j * D + x] : n == 2 ? K[j * D + x] * O[j] : Q[j * D + x] * I[j];
+            f[bh * D + x] = acc;
+          }
+        S z = s0 ? st[4][bh] : S(0);
+        for (int64_t j = 0; j < T; ++j) z += exp(Oh[j]);
+        f[bh] = z;
+        f += BH;
+        for (int64_t x = 0; x < D; ++x)
+          for (int64_t e = 0; e < E; ++e) {
+            S acc = s0 ? st[5][(bh * D + x) * E + e] : S(0);
+            for (int64_t j = 0; j < T; ++j) acc += K[j * D + x] * v[((b * T + j) * H + h) * E + e] * comp[j];
+            f[(bh * D + x) * E + e] = acc;
+          }
+        f += BH * D * E;
+        f[b] = S(pos + double(T));
+      }
     }
 }
 
@@ -128,7 +164,24 @@ void flow_step(float* y, FlowState& st, const float* q, const float* k, const fl
   st.pos += 1;
 }
 
-void flow_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, bool causal) {
+// The state of a causal call in every form, in the spec's order: sumK, sumQ, sumKO, sumQI (B,H,D),
+// sumexp (B,H), KV (B,H,D,E) (each null where absent: zeros, no final wanted, no gradient), and
+// pos (B), the tokens before 0 of each sequence (positions count on from it; it has no gradient).
+struct FlowStateIO {
+  std::array<const float*, 6> s0{};  // before token 0
+  std::array<float*, 6> sT{};        // after the last token
+  std::array<const float*, 6> dT{};  // the final state's gradient
+  std::array<float*, 6> d0{};        // the initial state's gradient
+  std::vector<int64_t> pos;          // (B) tokens before 0 per sequence (empty: 0)
+  int64_t at(int64_t b) const { return pos.empty() ? 0 : pos[size_t(b)]; }
+};
+constexpr int kSumexp = 4, kKV = 5;
+const std::string kFlowState[7] = {"sumK", "sumQ", "sumKO", "sumQI", "sumexp", "KV", "pos"};  // the spec's order
+// the rows of state tensor n for head bh (width D, 1 or D E)
+inline int64_t flow_state_width(int n, int64_t D, int64_t E) { return n < kSumexp ? D : n == kSumexp ? 1 : D * E; }
+
+void flow_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, bool causal,
+                  const FlowStateIO& st = {}) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -139,17 +192,21 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h;
+        const int64_t row0 = b * T * H + h, bh = b * H + h;
         gather_head(Q.data(), q, row0, T, H, D, sigmoid_fn);
         gather_head(K.data(), k, row0, T, H, D, sigmoid_fn);
-        std::fill(sK.begin(), sK.end(), 0.0f);
-        std::fill(sQ.begin(), sQ.end(), 0.0f);
-        std::fill(sKO.begin(), sKO.end(), 0.0f);
-        std::fill(sQI.begin(), sQI.end(), 0.0f);
+        std::vector<float>* sums[4] = {&sK, &sQ, &sKO, &sQI};
+        for (int n = 0; n < 4; ++n) {  // the prefix sums start from the state's (causal)
+          const float* s0 = causal ? state_rows(st.s0[n], bh, D) : nullptr;
+          if (s0) std::copy(s0, s0 + D, sums[n]->begin());
+          else std::fill(sums[n]->begin(), sums[n]->end(), 0.0f);
+        }
+        LinearProductArgs args{T, D, E, D, D, E, E, causal};
         if (causal) {
-          float sumexp = 0.0f;
+          args.S0 = state_rows(st.s0[kKV], bh, D * E), args.ST = state_rows(st.sT[kKV], bh, D * E);
+          float sumexp = st.s0[kSumexp] ? st.s0[kSumexp][bh] : 0.0f;
           for (int64_t t = 0; t < T; ++t) {
-            const float r = float(t + 1);
+            const float r = float(st.at(b) + t + 1);
             const float *Qt = &Q[t * D], *Kt = &K[t * D];
             for (int64_t x = 0; x < D; ++x) sK[x] += Kt[x], sQ[x] += Qt[x];
             I[t] = r / dot_eps(Qt, sK.data(), D);
@@ -162,6 +219,9 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
             for (int64_t e = 0; e < E; ++e) Vc[t * E + e] = v[(row0 + t * H) * E + e] * comp;
             for (int64_t x = 0; x < D; ++x) Q[t * D + x] *= I[t] / r;
           }
+          for (int n = 0; n < 4; ++n)
+            if (float* f = state_rows(st.sT[n], bh, D)) std::copy(sums[n]->begin(), sums[n]->end(), f);
+          if (st.sT[kSumexp]) st.sT[kSumexp][bh] = sumexp;
         } else {
           for (int64_t t = 0; t < T; ++t)
             for (int64_t x = 0; x < D; ++x) sK[x] += K[t * D + x], sQ[x] += Q[t * D + x];
@@ -183,8 +243,8 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
             for (int64_t x = 0; x < D; ++x) Q[t * D + x] *= I[t];
           }
         }
-        // the product into contiguous rows, then scaled by alloc into y's strided rows
-        linear_product(Yh.data(), nullptr, Q.data(), K.data(), Vc.data(), {T, D, E, D, D, E, E, causal});
+        // the product (from the state's KV) into contiguous rows, then scaled by alloc into y's strided rows
+        linear_product(Yh.data(), nullptr, Q.data(), K.data(), Vc.data(), args);
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return alloc[t]; });
       }
   }
@@ -199,8 +259,12 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
 //   e = exp(Oh), Z = scan e, comp_i = e_i / Z_i n_i;  alloc = sigma(Ih)
 //   o_i = sum_j (Q_i I_i / R_i . K_j) (v_j comp_j) over j <= i (or all);  y = o alloc
 // and the backward walks these lines in reverse (each adjoint written next to its line).
+// With a state (causal) every scan starts from the state's sum, R_i = n_i = pos + i + 1, and the
+// product from the state's KV; the final state is each scan's last row (and the product's KV),
+// so its gradient joins the last row of each adjoint before the reverse scan, and the initial
+// state's gradient is each reverse scan's first row.
 void flow_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* dy,
-                   const AttnDims& d, bool causal) {
+                   const AttnDims& d, bool causal, const FlowStateIO& st = {}) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -234,20 +298,37 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h;
-        auto R = [&](int64_t t) { return causal ? float(t + 1) : 1.0f; };
-        auto ncomp = [&](int64_t t) { return causal ? float(t + 1) : float(T); };
+        const int64_t row0 = b * T * H + h, bh = b * H + h;
+        auto R = [&](int64_t t) { return causal ? float(st.at(b) + t + 1) : 1.0f; };
+        auto ncomp = [&](int64_t t) { return causal ? float(st.at(b) + t + 1) : float(T); };
+        // a scanned tensor x (rows of width w) from state tensor n: + the state's sum in every row
+        auto from_state = [&](float* x, int n, int64_t w) {
+          if (const float* s0 = causal ? state_rows(st.s0[n], bh, w) : nullptr)
+            for (int64_t t = 0; t < T; ++t)
+              for (int64_t j = 0; j < w; ++j) x[t * w + j] += s0[j];
+        };
+        // an adjoint dx of a scan from state tensor n: the final state's gradient joins its last
+        // row before the reverse scan (to_final), the initial state's is its first row after (to_initial)
+        auto to_final = [&](float* dx, int n, int64_t w) {
+          if (const float* g = causal ? state_rows(st.dT[n], bh, w) : nullptr)
+            for (int64_t j = 0; j < w; ++j) dx[(T - 1) * w + j] += g[j];
+        };
+        auto to_initial = [&](const float* dx, int n, int64_t w) {
+          if (float* g = causal ? state_rows(st.d0[n], bh, w) : nullptr) std::copy(dx, dx + w, g);
+        };
         // ---- forward, keeping intermediates
         gather_head(Q.data(), q, row0, T, H, D, sigmoid_fn);
         gather_head(K.data(), k, row0, T, H, D, sigmoid_fn);
         cK = K, cQ = Q;
         scan(cK.data(), D), scan(cQ.data(), D);
+        from_state(cK.data(), 0, D), from_state(cQ.data(), 1, D);
         for (int64_t t = 0; t < T; ++t) {
           a[t] = dot_e(&Q[t * D], &cK[t * D]), I[t] = R(t) / a[t];
           c[t] = dot_e(&K[t * D], &cQ[t * D]), O[t] = R(t) / c[t];
           for (int64_t j = 0; j < D; ++j) cKO[t * D + j] = K[t * D + j] * O[t], cQI[t * D + j] = Q[t * D + j] * I[t];
         }
         scan(cKO.data(), D), scan(cQI.data(), D);
+        from_state(cKO.data(), 2, D), from_state(cQI.data(), 3, D);
         for (int64_t t = 0; t < T; ++t) {
           Ih[t] = dot_e(&Q[t * D], &cKO[t * D]) / R(t);
           Oraw[t] = dot_e(&K[t * D], &cQI[t * D]) / R(t);
@@ -256,12 +337,15 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
         }
         Z = e;
         scan(Z.data(), 1);
+        from_state(Z.data(), kSumexp, 1);
         for (int64_t t = 0; t < T; ++t) {
           comp[t] = e[t] / Z[t] * ncomp(t);
           for (int64_t x = 0; x < E; ++x) Vc[t * E + x] = v[(row0 + t * H) * E + x] * comp[t];
           for (int64_t j = 0; j < D; ++j) Qs[t * D + j] = Q[t * D + j] * I[t] / R(t);
         }
-        const LinearProductArgs args{T, D, E, D, D, E, E, causal};
+        LinearProductArgs args{T, D, E, D, D, E, E, causal};
+        const float* KV0 = causal ? state_rows(st.s0[kKV], bh, D * E) : nullptr;
+        args.S0 = KV0;
         linear_product(o.data(), nullptr, Qs.data(), K.data(), Vc.data(), args);
         // ---- backward
         std::fill(dQ.begin(), dQ.end(), 0.0f);
@@ -275,6 +359,10 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
         }
         linear_product_backward(dQs.data(), dKp.data(), dVc.data(), Qs.data(), K.data(), Vc.data(), dO_.data(), E,
                                 nullptr, args);
+        if (causal)  // the state's KV: read by every row, handed on as the final KV
+          linear_product_state_backward(dQs.data(), dKp.data(), dVc.data(), Qs.data(), K.data(), Vc.data(), E,
+                                        dO_.data(), nullptr, T, D, E, KV0, nullptr, state_rows(st.dT[kKV], bh, D * E),
+                                        nullptr, state_rows(st.d0[kKV], bh, D * E), nullptr);
         for (int64_t t = 0; t < T; ++t) {  // Vc = v comp; Qs = Q I / R
           float dcomp = 0.0f, di = 0.0f;
           for (int64_t x = 0; x < E; ++x) {
@@ -290,7 +378,9 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
           de[t] = dcomp * ncomp(t) / Z[t];  // comp = e / Z n
           dZ[t] = -dcomp * e[t] * ncomp(t) / (Z[t] * Z[t]);
         }
+        to_final(dZ.data(), kSumexp, 1);
         rscan(dZ.data(), 1);  // Z = scan e
+        to_initial(dZ.data(), kSumexp, 1);
         for (int64_t t = 0; t < T; ++t) {
           de[t] += dZ[t];
           const float dOh = de[t] * e[t];
@@ -303,7 +393,9 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
             dcQI[t * D + j] = dOraw * (K[t * D + j] + kEps) / R(t);
           }
         }
+        to_final(dcKO.data(), 2, D), to_final(dcQI.data(), 3, D);
         rscan(dcKO.data(), D), rscan(dcQI.data(), D);
+        to_initial(dcKO.data(), 2, D), to_initial(dcQI.data(), 3, D);
         for (int64_t t = 0; t < T; ++t) {  // cKO = scan(K O), cQI = scan(Q I)
           float dO2 = 0.0f;
           for (int64_t j = 0; j < D; ++j) {
@@ -323,7 +415,9 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
             dcQ[t * D + j] = dc * (K[t * D + j] + kEps);
           }
         }
+        to_final(dcK.data(), 0, D), to_final(dcQ.data(), 1, D);
         rscan(dcK.data(), D), rscan(dcQ.data(), D);
+        to_initial(dcK.data(), 0, D), to_initial(dcQ.data(), 1, D);
         for (int64_t t = 0; t < T; ++t)  // cK = scan K, cQ = scan Q; then the sigmoids
           for (int64_t j = 0; j < D; ++j) {
             const float gq = dQ[t * D + j] + dcQ[t * D + j], gk = dK[t * D + j] + dcK[t * D + j];
@@ -352,34 +446,80 @@ MixerSpec make_spec() {
   s.summary = "Flow-Attention: sigmoid kernels with flow conservation (competition, allocation)";
   s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};
   s.state = {{"sumK", "B,H,D"}, {"sumQ", "B,H,D"}, {"sumKO", "B,H,D"}, {"sumQI", "B,H,D"},
-             {"sumexp", "B,H"},  {"KV", "B,H,D,E"},  {"pos", "1"}};
+             {"sumexp", "B,H"},  {"KV", "B,H,D,E"},  {"pos", "B", false, true}};
   s.state_size = "H (D E + 4 D + 1) + 1 per sequence";
   s.time = "O(T H D E)";
   s.memory = "O(T (D + E)) per head";
   s.check = [](const Call& c) {
-    if (c.has("state.pos")) position_of(c.t("state.pos"), "state.pos");
+    if (c.has("state.pos")) positions_of(c.t("state.pos"), "state.pos");
   };
   s.y_dims = "B,T,H,E";
+  // the causal form starts from the state in every mode and returns the final one
+  s.state_all_modes = true;
+  s.state_fix = [](TensorMap& st) {
+    // pos tokens before 0 (2..9); sums of sigmoids in (0, pos) (sumK, sumQ), positive flows
+    // (sumKO, sumQI), sumexp a sum of pos values of e^{Ohat} in [e^-1, e]
+    for (float& p : st["state.pos"].data) p = 2.0f + std::round(std::min(7.0f, std::abs(p) * 3.0f));
+    for (const char* n : {"state.sumK", "state.sumQ"})
+      for (float& x : st[n].data) x = 4.0f / (1.0f + std::exp(-x));
+    for (const char* n : {"state.sumKO", "state.sumQI"})
+      for (float& x : st[n].data) x = std::abs(x) + 0.5f;
+    for (float& x : st["state.sumexp"].data) x = 4.0f * std::exp(std::tanh(x));
+  };
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<S> y(d.B * d.T * d.H * d.E);
-    ref::flow_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, c.causal);
+    const int64_t ny = d.B * d.T * d.H * d.E, BH = d.B * d.H;
+    std::vector<S> y(ny + (c.causal ? BH * (4 * d.D + 1 + d.D * d.E) + d.B : 0));
+    std::array<const S*, 7> st{};
+    for (size_t n = 0; n < 7; ++n) st[n] = opt_in(x, ("state." + kFlowState[n]).c_str());
+    ref::flow_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), d, c.causal, st,
+                     c.causal ? y.data() + ny : nullptr);
     return y;
   });
-  s.parallel = [](const Call& c) {
+  // the call's state pointers (causal); out gets the final state and, with grad, the initial
+  // one's gradient (pos's is 0: a count)
+  auto state_io = [](const Call& c, TensorMap& out, bool grad) {
+    FlowStateIO st;
+    if (!c.causal) return st;
     const AttnDims d = attn_dims(c);
-    Tensor y({d.B, d.T, d.H, d.E});
-    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, c.causal);
-    return TensorMap{{"y", std::move(y)}};
+    const bool s0 = c.has("state.pos");
+    if (s0) st.pos = positions_of(c.t("state.pos"), "state.pos");
+    for (int n = 0; n < 6; ++n) {
+      const std::string name = "state." + kFlowState[n];
+      std::vector<int64_t> shape{d.B, d.H};
+      if (n != kSumexp) shape.push_back(d.D);
+      if (n == kKV) shape.push_back(d.E);
+      if (s0) st.s0[n] = c.t(name).ptr();
+      st.sT[n] = (out[name] = Tensor(shape)).ptr();
+      if (grad && c.has("dfinal." + kFlowState[n])) st.dT[n] = c.t("dfinal." + kFlowState[n]).ptr();
+      if (grad && s0) st.d0[n] = (out["d" + name] = Tensor(shape)).ptr();
+    }
+    Tensor pos({d.B});
+    for (int64_t b = 0; b < d.B; ++b) pos.data[size_t(b)] = float(st.at(b) + d.T);
+    out["state.pos"] = std::move(pos);
+    if (grad && s0) out["dstate.pos"] = Tensor({d.B});
+    return st;
   };
-  s.backward = [](const Call& c, const Tensor& dy) {
+  s.parallel = [state_io](const Call& c) {
     const AttnDims d = attn_dims(c);
+    TensorMap out;
+    const FlowStateIO st = state_io(c, out, false);
+    Tensor y({d.B, d.T, d.H, d.E});
+    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, c.causal, st);
+    out["y"] = std::move(y);
+    return out;
+  };
+  s.backward = [state_io](const Call& c, const Tensor& dy) {
+    const AttnDims d = attn_dims(c);
+    TensorMap out;
+    const FlowStateIO st = state_io(c, out, true);
     Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
-    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, c.causal);
+    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, c.causal, st);
     flow_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d,
-                  c.causal);
-    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
+                  c.causal, st);
+    out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
+    return out;
   };
   s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);

@@ -20,26 +20,35 @@ namespace linmix::ref {
 // Performer: y_t = sum_s A_ts v_s / sum_s A_ts, A_ts = phi(q_t) . phi(k_s) (s <= t when
 // causal), phi(x)_m = exp(omega_m . x' - |x'|^2 / 2) / sqrt(M), x' = x D^(-1/4): the features
 // exactly as the paper writes them (no shifts). proj: (M,D).
+// A causal state (S0 (B,H,M,E), z0 (B,H,M), kmax0 (B,H); null: none) is the sums
+// e^{kmax0} (S0, z0) of phi(k_s) (v_s^T, 1) over the tokens before 0, which every t sees; with ST
+// the final state is written in the same form, kmaxT the largest of kmax0 and every key logit
+// omega_m . k'_s - |k'_s|^2 / 2 (-1e38 without a state and keys).
 template <class S>
-void performer_ref(S* y, const S* q, const S* k, const S* v, const S* proj, const AttnDims& d, int64_t M,
-                   bool causal) {
+void performer_ref(S* y, const S* q, const S* k, const S* v, const S* proj, const AttnDims& d, int64_t M, bool causal,
+                   const S* S0 = nullptr, const S* z0 = nullptr, const S* kmax0 = nullptr, S* ST = nullptr,
+                   S* zT = nullptr, S* kmaxT = nullptr) {
   const int64_t T = d.T, H = d.H, D = d.D, E = d.E;
   const double sc = std::pow(double(D), -0.25);
-  auto phi = [&](const S* x, S* out) {
+  auto logits = [&](const S* x, S* out) {
     S sq = 0;
     for (int64_t j = 0; j < D; ++j) sq += x[j] * sc * x[j] * sc;
     for (int64_t m = 0; m < M; ++m) {
       S a = 0;
       for (int64_t j = 0; j < D; ++j) a += proj[m * D + j] * x[j] * sc;
-      out[m] = exp(a - sq / 2) / std::sqrt(double(M));
+      out[m] = a - sq / 2;
     }
   };
-  std::vector<S> fq(T * M), fk(T * M), A(T * T);
+  const double inv_sqrt_m = 1.0 / std::sqrt(double(M));
+  std::vector<S> fq(T * M), lk(T * M), fk(T * M), A(T * T);
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
       for (int64_t t = 0; t < T; ++t) {
-        phi(q + ((b * T + t) * H + h) * D, &fq[t * M]);
-        phi(k + ((b * T + t) * H + h) * D, &fk[t * M]);
+        logits(q + ((b * T + t) * H + h) * D, &fq[t * M]);
+        logits(k + ((b * T + t) * H + h) * D, &lk[t * M]);
+        for (int64_t m = 0; m < M; ++m)
+          fq[t * M + m] = exp(fq[t * M + m]) * inv_sqrt_m, fk[t * M + m] = exp(lk[t * M + m]) * inv_sqrt_m;
       }
       for (int64_t t = 0; t < T; ++t) {
         S den = 0;
@@ -50,11 +59,30 @@ void performer_ref(S* y, const S* q, const S* k, const S* v, const S* proj, cons
           A[t * T + s2] = a;
           den += a;
         }
+        if (S0)
+          for (int64_t m = 0; m < M; ++m) den += fq[t * M + m] * z0[bh * M + m] * exp(kmax0[bh]);
         for (int64_t e = 0; e < E; ++e) {
           S num = 0;
           for (int64_t s2 = 0; s2 < T; ++s2) num += A[t * T + s2] * v[((b * T + s2) * H + h) * E + e];
+          if (S0)
+            for (int64_t m = 0; m < M; ++m) num += fq[t * M + m] * S0[(bh * M + m) * E + e] * exp(kmax0[bh]);
           y[((b * T + t) * H + h) * E + e] = num / den;
         }
+      }
+      if (ST) {
+        S kT = S0 ? kmax0[bh] : S(-1e38);
+        for (int64_t i = 0; i < T * M; ++i) kT = std::max(kT, lk[i]);
+        for (int64_t m = 0; m < M; ++m) {
+          S zs = S0 ? exp(kmax0[bh] - kT) * z0[bh * M + m] : S(0);
+          for (int64_t s2 = 0; s2 < T; ++s2) zs += exp(lk[s2 * M + m] - kT) * inv_sqrt_m;
+          zT[bh * M + m] = zs;
+          for (int64_t e = 0; e < E; ++e) {
+            S ss = S0 ? exp(kmax0[bh] - kT) * S0[(bh * M + m) * E + e] : S(0);
+            for (int64_t s2 = 0; s2 < T; ++s2) ss += exp(lk[s2 * M + m] - kT) * inv_sqrt_m * v[((b * T + s2) * H + h) * E + e];
+            ST[(bh * M + m) * E + e] = ss;
+          }
+        }
+        kmaxT[bh] = kT;
       }
     }
 }
@@ -94,9 +122,10 @@ inline float row_max(const float* r, int64_t n) {
 
 // Stabilised features of one head (row0 = b*T*H + h): Qf, Kf (T,M). Queries: exp(l - row max);
 // keys: exp(l - g_t) with g_t the running max over keys s <= t (causal, saved in g) or the max
-// over all keys (non-causal). All / sqrt(M).
+// over all keys (non-causal). All / sqrt(M). kmax0: the largest key logit before token 0 (a
+// state's; kEmptyMax without), where the causal running max starts.
 void head_features(float* Qf, float* Kf, float* g, const float* q, const float* k, const float* proj, int64_t row0,
-                   int64_t T, int64_t H, int64_t D, int64_t M, bool causal) {
+                   int64_t T, int64_t H, int64_t D, int64_t M, bool causal, float kmax0 = kEmptyMax) {
   const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
   feature_logits(Qf, q + row0 * D, H * D, T, proj, M, D);
   feature_logits(Kf, k + row0 * D, H * D, T, proj, M, D);
@@ -106,7 +135,7 @@ void head_features(float* Qf, float* Kf, float* g, const float* q, const float* 
     for (int64_t m = 0; m < M; ++m) r[m] = exp_fast(r[m] - mx) * inv_sqrt_m;
   }
   if (causal) {
-    float run = kEmptyMax;
+    float run = kmax0;
     for (int64_t t = 0; t < T; ++t) {
       float* r = Kf + t * M;
       g[t] = run = std::max(run, row_max(r, M));
@@ -118,10 +147,101 @@ void head_features(float* Qf, float* Kf, float* g, const float* q, const float* 
   }
 }
 
+
+// The chunked product's arguments for head bh (= b H + h) of a call, with its state's rows.
+LinearProductArgs head_args(const PerformerStateIO& st, int64_t bh, int64_t T, int64_t M, int64_t E, int64_t ldv,
+                            bool causal, float kmax0) {
+  LinearProductArgs a{T, M, E, M, M, ldv, E, causal};
+  if (!causal) return a;
+  a.S0 = state_rows(st.lin.S0, bh, M * E), a.z0 = state_rows(st.lin.z0, bh, M);
+  a.ST = state_rows(st.lin.ST, bh, M * E), a.zT = state_rows(st.lin.zT, bh, M);
+  a.g0 = kmax0;
+  return a;
+}
+
+// The state's part of one head's backward (see performer_backward): adds into dQ, dK (T,M) and
+// dV (T,E) (the features' and values' gradients), writes the head's dS0, dz0, dkmax0 where
+// wanted, and returns the key logit (arg_s, arg_m; -1: kmax0 itself) that the final kmax g_T
+// comes from with g_T's own gradient R (added into the logits' gradient by the caller). ST, zT:
+// the final state (M,E), (M); W: scratch.
+void performer_state_backward(float* dQ, float* dK, float* dV, int64_t& arg_s, int64_t& arg_m, float& R,
+                              const PerformerStateIO& st, int64_t bh, const float* Qf, const float* Kf, const float* g,
+                              const float* dnum, const float* dden, const float* v, int64_t ldv, const float* ST,
+                              const float* zT, float kmax0, const float* k, int64_t ldk, const float* proj, int64_t T,
+                              int64_t M, int64_t D, int64_t E, std::vector<float>& W) {
+  const float *S0 = state_rows(st.lin.S0, bh, M * E), *z0 = state_rows(st.lin.z0, bh, M);
+  float *dS0 = state_rows(st.lin.dS0, bh, M * E), *dz0 = state_rows(st.lin.dz0, bh, M);
+  const float *GS = state_rows(st.lin.dST, bh, M * E), *Gz = state_rows(st.lin.dzT, bh, M);
+  W.resize(2 * T * M);
+  float *Wq = W.data(), *P = W.data() + T * M;
+  auto dot = [](const float* a, const float* b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+  };
+  float dkm0 = 0.0f;
+  if (S0) {  // every row sees the initial state at the scale w_t = e^{kmax0 - g_t}
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(M), int(E), 1.0f, dnum, int(E), S0, int(E), 0.0f,
+                P, int(M));  // dnum S0^T
+    for (int64_t t = 0; t < T; ++t) {
+      const float w = exp_fast(kmax0 - g[t]);
+      for (int64_t m = 0; m < M; ++m) {
+        dQ[t * M + m] += w * (P[t * M + m] + dden[t] * z0[m]);
+        Wq[t * M + m] = w * Qf[t * M + m];
+      }
+    }
+    if (dS0) {
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(E), int(T), 1.0f, Wq, int(M), dnum, int(E), 0.0f,
+                  dS0, int(E));
+      for (int64_t m = 0; m < M; ++m) {
+        float s = 0.0f;
+        for (int64_t t = 0; t < T; ++t) s += Wq[t * M + m] * dden[t];
+        dz0[m] = s;
+      }
+      dkm0 = dot(S0, dS0, M * E) + dot(z0, dz0, M);
+    }
+  }
+  arg_s = arg_m = -1, R = 0.0f;
+  if (GS || Gz || st.dkmaxT) {
+    const float gT = g[T - 1];
+    if (GS)  // P = V G_S^T: (T,M)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(M), int(E), 1.0f, v, int(ldv), GS, int(E), 0.0f,
+                  P, int(M));
+    for (int64_t s = 0; s < T; ++s) {
+      const float u = exp_fast(g[s] - gT);
+      for (int64_t m = 0; m < M; ++m) {
+        dK[s * M + m] += u * ((GS ? P[s * M + m] : 0.0f) + (Gz ? Gz[m] : 0.0f));
+        Wq[s * M + m] = u * Kf[s * M + m];
+      }
+    }
+    if (GS)  // dV += (u o Kf) G_S
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(E), int(M), 1.0f, Wq, int(M), GS, int(E), 1.0f,
+                  dV, int(E));
+    R = (st.dkmaxT ? st.dkmaxT[bh] : 0.0f) - (GS ? dot(GS, ST, M * E) : 0.0f) - (Gz ? dot(Gz, zT, M) : 0.0f);
+    if (S0) {
+      const float wT = exp_fast(kmax0 - gT);
+      if (dS0) {
+        for (int64_t i = 0; GS && i < M * E; ++i) dS0[i] += wT * GS[i];
+        for (int64_t m = 0; Gz && m < M; ++m) dz0[m] += wT * Gz[m];
+      }
+      dkm0 += wT * ((GS ? dot(GS, S0, M * E) : 0.0f) + (Gz ? dot(Gz, z0, M) : 0.0f));
+    }
+    if (S0 && kmax0 == gT) {
+      dkm0 += R;  // the state's kmax is still the largest
+    } else {  // the first key row whose logits reach g_T, and its largest logit
+      arg_s = 0;
+      while (arg_s < T - 1 && g[arg_s] < gT) ++arg_s;
+      feature_logits(P, k + arg_s * ldk, ldk, 1, proj, M, D);
+      arg_m = std::max_element(P, P + M) - P;
+    }
+  }
+  if (st.dkmax0) st.dkmax0[bh] = dkm0;
+}
+
 }  // namespace
 
 void performer_forward(float* y, const float* q, const float* k, const float* v, const float* proj,
-                       const AttnDims& d, int64_t M, bool causal) {
+                       const AttnDims& d, int64_t M, bool causal, const PerformerStateIO& st) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -131,11 +251,13 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h;
-        head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal);
+        const int64_t row0 = b * T * H + h, bh = b * H + h;
+        const float kmax0 = causal && st.kmax0 ? st.kmax0[bh] : kEmptyMax;
+        head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal, kmax0);
         gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
-        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, M, E, M, M, E, E, causal},
+        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), head_args(st, bh, T, M, E, E, causal, kmax0),
                        causal ? g.data() : nullptr);
+        if (causal && st.kmaxT) st.kmaxT[bh] = T > 0 ? g[T - 1] : kmax0;
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return 1.0f / den[t]; });
       }
   }
@@ -147,23 +269,34 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
 // gives d(features); a feature f = exp(l - shift) gives dl = df f; and
 // l_m(x) = omega_m . x' - |x'|^2 / 2, x' = x D^(-1/4) gives
 //   dx = D^(-1/4) (sum_m dl_m omega_m - (sum_m dl_m) x'),  dproj_m += sum over rows dl_m x'.
+// The state (causal): every row t sees S0, z0 at the scale w_t = e^{kmax0 - g_t}:
+//   dQf_t += w_t (S0 dnum_t + z0 dden_t),  dS0 = sum_t w_t Qf_t dnum_t^T,  dz0 = sum_t w_t Qf_t dden_t,
+// and kmax0 scales them: dkmax0 = <S0, dS0> + <z0, dz0>. The final state S_T = e^{kmax0 - g_T} S0 +
+// sum_s u_s Kf_s v_s^T (u_s = e^{g_s - g_T}; z_T alike) takes (G_S, G_z): dKf_s += u_s (G_S v_s + G_z),
+// dv_s += u_s G_S^T Kf_s, dS0 += e^{kmax0 - g_T} G_S (dz0, dkmax0 alike); g_T, the largest logit,
+// takes G_kmax - <G_S, S_T> - <G_z, z_T> into the logit that attains it (or kmax0).
 void performer_backward(float* dq, float* dk, float* dv, float* dproj, const float* q, const float* k, const float* v,
-                        const float* proj, const float* dy, const AttnDims& d, int64_t M, bool causal) {
+                        const float* proj, const float* dy, const AttnDims& d, int64_t M, bool causal,
+                        const PerformerStateIO& st) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
   const float sc = std::pow(float(D), -0.25f);
   std::fill(dproj, dproj + M * D, 0.0f);
 #pragma omp parallel
   {
     std::vector<float> Qf(T * M), Kf(T * M), g(T), num(T * E), den(T), dnum(T * E), dden(T), dQ(T * M), dK(T * M),
-        dV(T * E), dp(M * D, 0.0f);
+        dV(T * E), dp(M * D, 0.0f), ST, zT, W;
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h;
-        head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal);
+        const int64_t row0 = b * T * H + h, bh = b * H + h;
+        const float kmax0 = causal && st.kmax0 ? st.kmax0[bh] : kEmptyMax;
+        head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal, kmax0);
         const float* gp = causal ? g.data() : nullptr;
-        const LinearProductArgs args{T, M, E, M, M, H * E, E, causal};
+        LinearProductArgs args = head_args(st, bh, T, M, E, H * E, causal, kmax0);
+        const bool final_grad = causal && (st.lin.dST || st.lin.dzT || st.dkmaxT);
+        if (final_grad) ST.assign(M * E, 0.0f), zT.assign(M, 0.0f), args.ST = ST.data(), args.zT = zT.data();
         linear_product(num.data(), den.data(), Qf.data(), Kf.data(), v + row0 * E, args, gp);
+        args.ST = nullptr, args.zT = nullptr;
         for (int64_t t = 0; t < T; ++t) {
           const float* gy = dy + (row0 + t * H) * E;
           float s = 0.0f;
@@ -173,6 +306,12 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
         }
         linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dnum.data(), E,
                                 dden.data(), args, gp);
+        int64_t arg_s = -1, arg_m = -1;  // the key logit g_T comes from (none: kmax0)
+        float R = 0.0f;                  // g_T's own gradient
+        if (causal && (args.S0 || final_grad))
+          performer_state_backward(dQ.data(), dK.data(), dV.data(), arg_s, arg_m, R, st, bh, Qf.data(), Kf.data(),
+                                   g.data(), dnum.data(), dden.data(), v + row0 * E, H * E, ST.data(), zT.data(), kmax0,
+                                   k + row0 * D, H * D, proj, T, M, D, E, W);
         for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
         // per pass: dl = df f (T,M); dx = sc (dl proj - rowsum(dl) sc x) (one GEMM);
         // dproj += sc dl^T x (one GEMM)
@@ -182,6 +321,7 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
           float* dl = (pass == 0 ? dQ : dK).data();  // overwritten with dl
           const float* f = (pass == 0 ? Qf : Kf).data();
           for (int64_t i = 0; i < T * M; ++i) dl[i] *= f[i];
+          if (pass == 1 && arg_s >= 0) dl[arg_s * M + arg_m] += R;  // the final kmax's logit
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(D), int(M), sc, dl, int(M), proj, int(D),
                       0.0f, dx, int(H * D));
           for (int64_t t = 0; t < T; ++t) {
@@ -217,8 +357,11 @@ void performer_step(float* y, PerformerState& st, const float* q, const float* k
     feature_logits(fq, q + h * D, D, 1, proj, M, D);
     const float qmax = row_max(fq, M);
     float den = 0.0f;
-    for (int64_t m = 0; m < M; ++m) {  // features: fk = e^{logit - running key max}, fq = e^{logit - row max}
-      fk[m] = exp_fast(fk[m] - mnew), fq[m] = exp_fast(fq[m] - qmax);
+    // features: fk = e^{logit - running key max} / sqrt(M) (the state holds phi(k) e^{-kmax}, as
+    // the parallel form's), fq = e^{logit - row max} (its scale cancels in y)
+    const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
+    for (int64_t m = 0; m < M; ++m) {
+      fk[m] = exp_fast(fk[m] - mnew) * inv_sqrt_m, fq[m] = exp_fast(fq[m] - qmax);
       z[m] = z[m] * shrink + fk[m];
       den += fq[m] * z[m];
     }
@@ -298,34 +441,67 @@ MixerSpec make_spec() {
     in["proj"].data = orthogonal_gaussian_features(M, D, 42);
   };
   s.y_dims = "B,T,H,E";
+  // the causal form starts from (S, z, kmax) in every mode and returns the final state
+  s.state_all_modes = true;
+  s.state_fix = [](TensorMap& st) {
+    for (float& x : st["state.z"].data) x = std::abs(x) + 0.5f;  // a sum of positive features: > 0
+    // kmax spread (N(1, 2^2)) over the key logits' range: in some heads the state's scale stays
+    // the largest (the final kmax is the state's), in others a key logit takes over
+    for (float& x : st["state.kmax"].data) x = 1.0f + 2.0f * x;
+  };
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
     const AttnDims d = attn_dims(c);
-    std::vector<S> y(d.B * d.T * d.H * d.E);
-    ref::performer_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), x.at("proj").data(), d,
-                          c.d("M"), c.causal);
+    const int64_t M = c.d("M"), BH = d.B * d.H, ny = d.B * d.T * d.H * d.E;
+    std::vector<S> y(ny + (c.causal ? BH * (M * d.E + M + 1) : 0));
+    S* fin = y.data() + ny;
+    ref::performer_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), x.at("proj").data(), d, M,
+                          c.causal, opt_in(x, "state.S"), opt_in(x, "state.z"), opt_in(x, "state.kmax"),
+                          c.causal ? fin : nullptr, fin + BH * M * d.E, fin + BH * (M * d.E + M));
     return y;
   });
-  s.parallel = [](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    Tensor y({d.B, d.T, d.H, d.E});
-    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, c.d("M"),
-                      c.causal);
-    return TensorMap{{"y", std::move(y)}};
-  };
-  s.backward = [](const Call& c, const Tensor& dy) {
+  // the call's state pointers (causal); out gets the final state and, with grad, the initial one's gradient
+  auto state_io = [](const Call& c, TensorMap& out, bool grad) {
+    PerformerStateIO st;
+    if (!c.causal) return st;
     const AttnDims d = attn_dims(c);
     const int64_t M = c.d("M");
+    auto in = [&](const char* n) { return c.has(n) ? c.t(n).ptr() : nullptr; };
+    auto make = [&](const std::string& n, std::vector<int64_t> shape) { return (out[n] = Tensor(std::move(shape))).ptr(); };
+    st.lin.S0 = in("state.S"), st.lin.z0 = in("state.z"), st.kmax0 = in("state.kmax");
+    st.lin.ST = make("state.S", {d.B, d.H, M, d.E}), st.lin.zT = make("state.z", {d.B, d.H, M});
+    st.kmaxT = make("state.kmax", {d.B, d.H});
+    if (grad) {
+      st.lin.dST = in("dfinal.S"), st.lin.dzT = in("dfinal.z"), st.dkmaxT = in("dfinal.kmax");
+      if (st.lin.S0)
+        st.lin.dS0 = make("dstate.S", {d.B, d.H, M, d.E}), st.lin.dz0 = make("dstate.z", {d.B, d.H, M}),
+        st.dkmax0 = make("dstate.kmax", {d.B, d.H});
+    }
+    return st;
+  };
+  s.parallel = [state_io](const Call& c) {
+    const AttnDims d = attn_dims(c);
+    TensorMap out;
+    const PerformerStateIO st = state_io(c, out, false);
+    Tensor y({d.B, d.T, d.H, d.E});
+    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, c.d("M"),
+                      c.causal, st);
+    out["y"] = std::move(y);
+    return out;
+  };
+  s.backward = [state_io](const Call& c, const Tensor& dy) {
+    const AttnDims d = attn_dims(c);
+    const int64_t M = c.d("M");
+    TensorMap out;
+    const PerformerStateIO st = state_io(c, out, true);
     Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E}),
         dproj({M, d.D});
-    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, M, c.causal);
+    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, M, c.causal, st);
     performer_backward(dq.ptr(), dk.ptr(), dv.ptr(), dproj.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(),
-                       c.t("proj").ptr(), dy.ptr(), d, M, c.causal);
-    return TensorMap{{"y", std::move(y)},
-                     {"dq", std::move(dq)},
-                     {"dk", std::move(dk)},
-                     {"dv", std::move(dv)},
-                     {"dproj", std::move(dproj)}};
+                       c.t("proj").ptr(), dy.ptr(), d, M, c.causal, st);
+    out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
+    out["dproj"] = std::move(dproj);
+    return out;
   };
   s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);

@@ -136,7 +136,8 @@ double parse_number(const std::string& key, const std::string& value) {
 
 std::vector<int64_t> dims_shape(const std::string& dims, const Call& c) {
   std::vector<int64_t> shape;
-  for (const auto& d : split_dims(dims)) shape.push_back(c.d(d));
+  for (const auto& d : split_dims(dims))  // a literal size ("1": flow's pos) or a bound dim
+    shape.push_back(!d.empty() && std::isdigit(static_cast<unsigned char>(d[0])) ? std::stoll(d) : c.d(d));
   return shape;
 }
 
@@ -290,7 +291,7 @@ TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
 
 namespace {
 bool per_token(const std::string& dims) { return dims.rfind("B,T,", 0) == 0 || dims == "B,T"; }
-bool per_batch(const std::string& dims) { return dims.rfind("B,", 0) == 0; }
+bool per_batch(const std::string& dims) { return dims.rfind("B,", 0) == 0 || dims == "B"; }
 }  // namespace
 
 TensorMap recurrent_by_steps(const MixerSpec& spec, const Call& c) {
@@ -395,7 +396,8 @@ TensorMap example_state(const MixerSpec& spec, const std::map<std::string, int64
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const auto& ts : spec.state) {
     std::vector<int64_t> shape;
-    for (const auto& d : split_dims(ts.dims)) shape.push_back(dims.at(d));
+    for (const auto& d : split_dims(ts.dims))
+      shape.push_back(!d.empty() && std::isdigit(static_cast<unsigned char>(d[0])) ? std::stoll(d) : dims.at(d));
     Tensor t(shape);
     for (auto& x : t.data) x = normal(rng);
     out["state." + ts.name] = std::move(t);
@@ -462,7 +464,8 @@ std::string mixers_json() {
     j["inputs"] = json::array();
     for (const auto& t : m.inputs) j["inputs"].push_back({{"name", t.name}, {"dims", t.dims}, {"optional", t.optional}});
     j["state"] = json::array();
-    for (const auto& t : m.state) j["state"].push_back({{"name", "state." + t.name}, {"dims", t.dims}});
+    for (const auto& t : m.state)
+      j["state"].push_back({{"name", "state." + t.name}, {"dims", t.dims}, {"count", t.count}});
     j["params"] = json::array();
     for (const auto& p : m.params) {
       json pj{{"name", p.name}, {"default", p.def}, {"integer", p.integer}, {"min", p.min}, {"help", p.help}};

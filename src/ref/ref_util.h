@@ -90,8 +90,12 @@ void phi_kernel_matrix(S* A, const S* q, const S* k, const AttnDims& d, int64_t 
 // The AFT formula for a given pairwise bias bias(t, s, c) (each variant writes its own):
 // y_t = sigma(q_t) * sum_s exp(k_s + w_ts) v_s / sum_s exp(k_s + w_ts), elementwise in C, over
 // s <= t when causal (AFT never excludes any other position: far ones just get w = 0).
+// A causal state (num0, den0, max0: (B,C), the sums of e^{k_s} (v_s, 1) over the positions before
+// token 0, scaled by e^{-max0}; null: none) adds num0 e^{max0} and den0 e^{max0} to every t's
+// numerator and denominator: those positions are far from every t (bias 0).
 template <class S, class Bias>
-void aft_ref(S* y, const S* q, const S* k, const S* v, int64_t B, int64_t T, int64_t C, bool causal, Bias bias) {
+void aft_ref(S* y, const S* q, const S* k, const S* v, int64_t B, int64_t T, int64_t C, bool causal, Bias bias,
+             const S* num0 = nullptr, const S* den0 = nullptr, const S* max0 = nullptr) {
   std::vector<S> W(static_cast<size_t>(T * T));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c) {
@@ -102,14 +106,40 @@ void aft_ref(S* y, const S* q, const S* k, const S* v, int64_t B, int64_t T, int
           W[t * T + s] = !causal || s <= t ? at(k, s) + bias(t, s, c) : -std::numeric_limits<S>::infinity();
           mx = std::max(mx, W[t * T + s]);
         }
+        if (num0) mx = std::max(mx, max0[b * C + c]);
         S den = 0, num = 0;
         for (int64_t s = 0; s < T; ++s) {
           const S e = exp(W[t * T + s] - mx);
           den += e;
           num += e * at(v, s);
         }
+        if (num0) {
+          const S e = exp(max0[b * C + c] - mx);
+          num += e * num0[b * C + c], den += e * den0[b * C + c];
+        }
         y[(b * T + t) * C + c] = num / den / (1 + exp(-at(q, t)));
       }
+    }
+}
+
+// The AFT state's sums after position end - 1 (B,C each): maxT = max(max0, k_s), numT = num0
+// e^{max0 - maxT} + sum_{s < end} e^{k_s - maxT} v_s, denT alike; without an initial state the
+// sums start empty (max -1e38).
+template <class S>
+void aft_sums_ref(S* numT, S* denT, S* maxT, const S* k, const S* v, int64_t B, int64_t T, int64_t C, int64_t end,
+                  const S* num0 = nullptr, const S* den0 = nullptr, const S* max0 = nullptr) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      auto at = [&](const S* x, int64_t t) { return x[(b * T + t) * C + c]; };
+      const int64_t i = b * C + c;
+      S m = num0 ? max0[i] : S(-1e38);
+      for (int64_t s = 0; s < end; ++s) m = std::max(m, at(k, s));
+      S num = num0 ? exp(max0[i] - m) * num0[i] : S(0), den = num0 ? exp(max0[i] - m) * den0[i] : S(0);
+      for (int64_t s = 0; s < end; ++s) {
+        const S e = exp(at(k, s) - m);
+        num += e * at(v, s), den += e;
+      }
+      numT[i] = num, denT[i] = den, maxT[i] = m;
     }
 }
 
