@@ -11,20 +11,33 @@ import torch
 F = torch.nn.functional
 
 
-def softmax(q, k, v, causal, scale=None, window=0):
-    # q, k: [B,T,H,D]; v: [B,T,H,E]
+def softmax(q, k, v, causal, scale=None, window=0, k0=None, v0=None, final=False, block=0):
+    # q, k: [B,T,H,D]; v: [B,T,H,E]. From a key/value cache k0 [B,L,H,D], v0 [B,L,H,E] (the rows
+    # of the L tokens before 0): query t is position L + t and sees the cache's rows as positions
+    # 0..L-1; with final also the cache after the last token (every row; the last window - 1 with
+    # a window; the rows of the unfinished block with block > 0, block_softmax's).
     T, D = q.shape[1], q.shape[3]
+    L = 0 if k0 is None else k0.shape[1]
+    if k0 is not None:
+        k, v = torch.cat([k0, k], 1), torch.cat([v0, v], 1)
+    n = L + T
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     logits = torch.einsum("bthd,bshd->bhts", q, k) * scale
-    t = torch.arange(T).view(T, 1)
-    s = torch.arange(T).view(1, T)
-    allowed = torch.ones(T, T, dtype=torch.bool)
+    t = torch.arange(T).view(T, 1) + L
+    s = torch.arange(n).view(1, n)
+    allowed = torch.ones(T, n, dtype=torch.bool)
+    if block > 0:
+        allowed &= t // block == s // block
     if causal:
         allowed &= s <= t
     if window > 0:
         allowed &= (t - s < window) & (s - t < window)
     logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("bhts,bshe->bthe", torch.softmax(logits, dim=-1), v)
+    y = torch.einsum("bhts,bshe->bthe", torch.softmax(logits, dim=-1), v)
+    if not final:
+        return y
+    keep = n % block if block > 0 else min(n, window - 1) if window > 0 else n
+    return y, {"state.k": k[:, n - keep:], "state.v": v[:, n - keep:]}
 
 
 def phi_elu(x):
@@ -65,9 +78,21 @@ def _aft(q, k, v, w_tsc, causal):
     return torch.sigmoid(q) * (weights * v.unsqueeze(1)).sum(dim=2)
 
 
-def aft_full(q, k, v, w, causal):
+def aft_full(q, k, v, w, causal, k0=None, v0=None, final=False):
+    # From a cache k0, v0 [B,L,C] (every row before token 0): query t is position L + t, its
+    # bias row w[L + t]; with final also the cache after the last token (all L + T rows).
     T = q.shape[1]
-    return _aft(q, k, v, w[:T, :T], causal)
+    if k0 is None and not final:
+        return _aft(q, k, v, w[:T, :T], causal)
+    L = 0 if k0 is None else k0.shape[1]
+    if k0 is not None:
+        k, v = torch.cat([k0, k], 1), torch.cat([v0, v], 1)
+    n = L + T
+    logits = k.unsqueeze(1) + w[L:n, :n].unsqueeze(0).unsqueeze(-1)  # [B,T,n,C]
+    later = torch.arange(n).view(1, n) > torch.arange(L, n).view(T, 1)
+    logits = logits.masked_fill(later.view(1, T, n, 1), float("-inf"))
+    y = torch.sigmoid(q) * (torch.softmax(logits, dim=2) * v.unsqueeze(1)).sum(dim=2)
+    return (y, {"state.k": k, "state.v": v}) if final else y
 
 
 def aft_local(q, k, v, w, causal, window):
@@ -256,7 +281,9 @@ def norm_linear(q, k, v, causal, eps=1e-6, S0=None, final=False):
     return (y, S[:, -1]) if final else y
 
 
-def block_softmax(q, k, v, causal, block):
+def block_softmax(q, k, v, causal, block, k0=None, v0=None, final=False):
+    if k0 is not None or final:  # from the cache of the unfinished block's rows (causal)
+        return softmax(q, k, v, True, k0=k0, v0=v0, final=final, block=block)
     T = q.shape[1]
     parts = [softmax(q[:, i:i + block], k[:, i:i + block], v[:, i:i + block], causal) for i in range(0, T, block)]
     return torch.cat(parts, dim=1)
@@ -479,6 +506,11 @@ STATE_ORACLES = {
     "aft_simple": lambda x, p: (lambda y, n, d, m: (y, {"state.num": n, "state.den": d, "state.max": m}))(
         *aft_simple_state(x["q"], x["k"], x["v"], x.get("state.num"), x.get("state.den"), x.get("state.max"))),
     "flow": lambda x, p: flow(x["q"], x["k"], x["v"], True, _num(p, "eps", 1e-6), _flow_state(x), final=True),
+    "softmax": lambda x, p: softmax(x["q"], x["k"], x["v"], True, float(p["scale"]) if "scale" in p else None,
+                                    int(_num(p, "window", 0)), x.get("state.k"), x.get("state.v"), final=True),
+    "block_softmax": lambda x, p: block_softmax(x["q"], x["k"], x["v"], True, int(_num(p, "block", 64)),
+                                                x.get("state.k"), x.get("state.v"), final=True),
+    "aft_full": lambda x, p: aft_full(x["q"], x["k"], x["v"], x["w"], True, x.get("state.k"), x.get("state.v"), final=True),
     "performer": lambda x, p: (lambda y, S, z, km: (y, {"state.S": S, "state.z": z, "state.kmax": km}))(
         *performer(x["q"], x["k"], x["v"], x["proj"], True, x.get("state.S"), x.get("state.z"), x.get("state.kmax"),
                    final=True)),
@@ -500,9 +532,9 @@ STATE_ORACLES = {
 # missing here.
 ORACLES = {
     "softmax": lambda x, c, p: softmax(x["q"], x["k"], x["v"], c, scale=float(p["scale"]) if "scale" in p else None,
-                                       window=int(_num(p, "window", 0))),
+                                       window=int(_num(p, "window", 0)), k0=x.get("state.k"), v0=x.get("state.v")),
     "linear": lambda x, c, p: linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z")),
-    "aft_full": lambda x, c, p: aft_full(x["q"], x["k"], x["v"], x["w"], c),
+    "aft_full": lambda x, c, p: aft_full(x["q"], x["k"], x["v"], x["w"], c, x.get("state.k"), x.get("state.v")),
     "aft_local": lambda x, c, p: aft_local(x["q"], x["k"], x["v"], x["w"], c, int(p["window"])),
     "aft_simple": lambda x, c, p: (aft_simple_state(x["q"], x["k"], x["v"], x["state.num"], x["state.den"],
                                                     x["state.max"])[0] if "state.num" in x else
@@ -515,7 +547,8 @@ ORACLES = {
     "flash": lambda x, c, p: flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], c,
                                    int(_num(p, "group", 256))),
     "norm_linear": lambda x, c, p: norm_linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S")),
-    "block_softmax": lambda x, c, p: block_softmax(x["q"], x["k"], x["v"], c, int(_num(p, "block", 64))),
+    "block_softmax": lambda x, c, p: block_softmax(x["q"], x["k"], x["v"], c, int(_num(p, "block", 64)),
+                                                   x.get("state.k"), x.get("state.v")),
     "s4d": lambda x, c, p: s4d(**_no_state(x), x0=_s4d_state(x)),
     "mamba": lambda x, c, p: mamba(**_mamba_x(x), delta_softplus=_num(p, "delta_softplus", 1) != 0,
                                    h0=x.get("state.h")),

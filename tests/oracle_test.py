@@ -173,7 +173,10 @@ def initial_state(spec, tensors):
         if inp["name"] in tensors:
             for d, n in zip(inp["dims"].split(","), tensors[inp["name"]].shape):
                 dims[d] = n
-    out = {st_["name"]: normal(*[dims[d] for d in st_["dims"].split(",")]) for st_ in spec["state"]}
+    for d, n in spec["test_dims"]["causal"].items():  # dims only a state has (a cache's L rows)
+        dims.setdefault(d, n)
+    out = {st_["name"]: normal(*[int(d) if d.isdigit() else dims[d] for d in st_["dims"].split(",")])
+           for st_ in spec["state"]}
     for n, f in oracle.STATE_DOMAIN.get(spec["name"], {}).items():
         out[n] = f(torch.from_numpy(out[n])).numpy()
     return out

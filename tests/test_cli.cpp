@@ -86,10 +86,10 @@ TEST_F(MixCli, RejectsBadTensors) {
   expect_rejected(serialize_safetensors(m), "--mixer linear", "accepted only by the causal form");
   m.erase("state.z");
   expect_rejected(serialize_safetensors(m), "--mixer linear --causal --mode recurrent", "missing state tensor 'state.z'");
-  m = good;  // softmax's KV cache: only the recurrent form
+  m = good;  // softmax's KV cache (every causal form): no longer than its window - 1
   m["state.k"] = Tensor({2, 3, 2, 3});
   m["state.v"] = Tensor({2, 3, 2, 4});
-  expect_rejected(serialize_safetensors(m), "--mixer softmax --causal", "only with --mode recurrent");
+  expect_rejected(serialize_safetensors(m), "--mixer softmax --causal --param window=3", "holds at most 2 positions");
 }
 
 TEST_F(MixCli, RejectsBadArguments) {

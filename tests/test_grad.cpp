@@ -60,6 +60,7 @@ TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
   if (with_state) {
     const Call call = validate_call(c.mixer, Mode::Reference, c.causal, c.params, in);
     dims = call.dims;
+    for (const auto& [n, v] : example_dims(spec, Scale::Grad, 1, c.causal)) dims.emplace(n, v);  // a cache's L
   }
   if (with_state)
     for (auto& [n, t] : example_state(spec, dims, seed + 7)) in[n] = std::move(t);
@@ -69,8 +70,14 @@ TensorMap with_dy(TensorMap in, const Case& c, uint64_t seed) {
   std::normal_distribution<float> normal;
   for (float& x : dy.data) x = normal(rng);
   in["dy"] = std::move(dy);
-  if (with_state)
-    for (const auto& [n, t] : example_state(spec, dims, seed + 8)) in["dfinal." + n.substr(6)] = t;
+  if (with_state) {  // shaped like the final state (a cache's has grown)
+    const Call call = validate_call(c.mixer, Mode::Reference, c.causal, c.params, in, true);
+    for (const auto& ts : spec.state) {
+      Tensor d(final_state_shape(spec, call, ts));
+      for (float& x : d.data) x = normal(rng);
+      in["dfinal." + ts.name] = std::move(d);
+    }
+  }
   return in;
 }
 

@@ -79,6 +79,9 @@ struct MixerSpec {
   // final state (a chunked prefill from any state); with --grad the gradient includes d(state.*).
   // Otherwise state.* is accepted only by the recurrent form.
   bool state_all_modes = false;
+  // Where the final state's dims differ from the initial one's (a key/value cache grows: its L),
+  // the final state's dims for a call (unset: the call's own).
+  std::function<std::map<std::string, int64_t>(const Call&)> final_dims;
   // Inputs whose every value must be <= 0 (log decays): refused otherwise, by the registry.
   std::vector<std::string> log_decays;
   std::string time, memory, state_size;
@@ -169,6 +172,8 @@ std::map<std::string, std::vector<double>> reference_f64_all(const std::string& 
                                                              const std::map<std::string, std::vector<double>>* dout);
 // The concrete shape of symbolic dims ("B,T,C") under a call's bound dims.
 std::vector<int64_t> dims_shape(const std::string& dims, const Call& c);
+// The shape of state tensor ts after a call (spec.final_dims over the call's dims).
+std::vector<int64_t> final_state_shape(const MixerSpec& spec, const Call& c, const TensorSpec& ts);
 
 // N(0,1) inputs for every input of `spec` (optional ones included), sized by `dims` (B, T, H, D, E,
 // C, Tw, K, ...), passed through spec.example_fix. Deterministic in `seed`.

@@ -12,7 +12,8 @@ output_final_state=False, cu_seqlens=None, **params)``.
   Gradients reach every floating input, ``initial_state`` and, through ``final_state``, fla's
   ``dht``, for the mechanisms whose parallel form carries a state (STATEFUL: linear,
   norm_linear, rwkv4, s4d, mamba, retention, gla, deltanet, gated_deltanet, rwkv5, rwkv6, rwkv7, mamba2,
-  aft_simple, performer, flow). The
+  aft_simple, performer, flow, softmax, block_softmax, aft_full: their key/value cache grows, so with
+  cu_seqlens the final caches must end equally long). The
   others take a state through their recurrent form, forward only (a backward through it raises).
 - ``cu_seqlens`` (int64 ``[N+1]``, B = 1): N packed sequences, each from its own initial state
   (row i of ``initial_state``), final states stacked in the same order.
@@ -190,6 +191,11 @@ def _varlen(name, spec, given, causal, state, want, params, cu):
         return y, None
     some = next(f for f in finals if f is not None)
     finals = [f if f is not None else {k: torch.zeros_like(v) for k, v in some.items()} for f in finals]
+    for k in some:
+        if len({tuple(f[k].shape) for f in finals}) > 1:
+            raise ValueError(f"linmix.ops.{name}: the packed sequences' final states differ in length ('{k[6:]}', "
+                             f"a key/value cache grows with each sequence's tokens): output_final_state=True with "
+                             f"cu_seqlens needs caches that end equally long; run the sequences one by one")
     return y, {k: torch.cat([f[k] for f in finals], 0) for k in some}
 
 

@@ -5,6 +5,7 @@
 #include "aft_forms.h"
 
 #include "common.h"
+#include "row_cache.h"
 #include "linmix/kernels.h"
 
 namespace linmix {
@@ -188,6 +189,8 @@ void set_aft_forms(MixerSpec& s, AftVariant var) {
   const bool with_state = s.state_all_modes;  // aft_simple: its sums are a state in every form
   s.parallel = [var, with_state](const Call& c) { return aft_parallel(var, c, with_state); };
   s.backward = [var, with_state](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy, with_state); };
+  // aft_full: every past (k, v) row is its state, in every causal form
+  if (var == Variant::Full) set_row_cache(s, {{{"k", "k"}, {"v", "v"}}, [](const Call&, int64_t n) { return n; }});
   s.stepper = [var](const Call& c) {
     const int64_t C = c.d("C");
     auto ctx = std::make_shared<BiasCtx>();

@@ -22,8 +22,8 @@ MixerSpec aft_full_spec() {
                  "tensor 'w': Tw = " + std::to_string(c.d("Tw")) + " is smaller than the sequence length " +
                      std::to_string(c.d("T") + (c.has("state.k") ? c.d("L") : 0)));
   };
-  s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {  // w longer than T, as a model's
-    d["Tw"] = d["T"] + (scale == Scale::Test ? 2 : scale == Scale::Grad ? 1 : 0);
+  s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {  // w longer than T (and a cache), as a model's
+    d["Tw"] = d["T"] + (scale == Scale::Test ? 2 + d["L"] : scale == Scale::Grad ? 1 + d["L"] : 0);
   };
   s.y_dims = "B,T,C";
   set_reference(s, [](const Call& c, const auto& x) {

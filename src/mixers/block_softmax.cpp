@@ -4,6 +4,7 @@
 // kernel on each block; recurrent: the current block's key/value rows (< block).
 #include "../ref/ref_util.h"
 #include "common.h"
+#include "row_cache.h"
 #include "linmix/kernels.h"
 
 namespace linmix {
@@ -75,6 +76,8 @@ MixerSpec block_softmax() {
       }
     return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
   };
+  // the current block's rows are the state, in every causal form
+  set_row_cache(s, {{{"k", "k"}, {"v", "v"}}, [](const Call& c, int64_t n) { return n % c.ip("block"); }});
   s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t blk = c.ip("block");

@@ -134,6 +134,16 @@ double parse_number(const std::string& key, const std::string& value) {
 
 }  // namespace
 
+std::vector<int64_t> final_state_shape(const MixerSpec& spec, const Call& c, const TensorSpec& ts) {
+  if (!spec.final_dims) return dims_shape(ts.dims, c);
+  std::map<std::string, int64_t> d = c.dims;
+  for (const auto& [n, v] : spec.final_dims(c)) d[n] = v;
+  std::vector<int64_t> shape;
+  for (const auto& x : split_dims(ts.dims))
+    shape.push_back(!x.empty() && std::isdigit(static_cast<unsigned char>(x[0])) ? std::stoll(x) : d.at(x));
+  return shape;
+}
+
 std::vector<int64_t> dims_shape(const std::string& dims, const Call& c) {
   std::vector<int64_t> shape;
   for (const auto& d : split_dims(dims))  // a literal size ("1": flow's pos) or a bound dim
@@ -208,7 +218,14 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
       for (const auto& ts : spec.state) {
         const std::string dn = "dfinal." + ts.name;
         allowed.insert(dn);
-        if (in.count(dn)) bind_dims(dn, ts.dims, in.at(dn), call.dims);
+        if (!in.count(dn)) continue;
+        if (!spec.final_dims) {
+          bind_dims(dn, ts.dims, in.at(dn), call.dims);
+          continue;
+        }
+        const std::vector<int64_t> want = final_state_shape(spec, call, ts);  // a cache: its final length
+        LINMIX_CHECK(in.at(dn).shape == want, "tensor '" + dn + "': expected shape " + shape_str(want) +
+                                                  " (the final state's), found " + shape_str(in.at(dn).shape));
       }
   }
   for (const auto& [tn, t] : in) {
@@ -256,7 +273,7 @@ std::map<std::string, std::vector<double>> reference_f64_all(const std::string& 
     };
     add("dy", dims_shape(spec.y_dims, call));
     if (spec.state_all_modes && causal)
-      for (const auto& ts : spec.state) add("dfinal." + ts.name, dims_shape(ts.dims, call));
+      for (const auto& ts : spec.state) add("dfinal." + ts.name, final_state_shape(spec, call, ts));
   }
   return spec.reference64_grad(call, x64, d);
 }
@@ -423,6 +440,7 @@ std::map<std::string, int64_t> example_dims(const MixerSpec& spec, Scale scale, 
     case Scale::Bench: d = {{"B", 1}, {"H", 8}, {"D", 64}, {"E", 64}, {"C", 512}}; break;
   }
   d["T"] = T;
+  d["L"] = 2;  // the rows of a key/value cache state (the window and block tests allow 2)
   if (spec.own_dims) spec.own_dims(d, scale, causal);
   return d;
 }

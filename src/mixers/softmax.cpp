@@ -10,6 +10,7 @@
 #include "../ref/ref_util.h"
 #include "../kernels/vmath.h"
 #include "common.h"
+#include "row_cache.h"
 #include "linmix/kernels.h"
 
 namespace linmix {
@@ -292,6 +293,10 @@ MixerSpec softmax_spec() {
   });
   s.parallel = softmax_parallel;
   s.backward = softmax_grad;
+  // the key/value cache in every causal form: all past rows (the last window - 1 with a window)
+  set_row_cache(s, {{{"k", "k"}, {"v", "v"}}, [](const Call& c, int64_t n) {
+                      return c.ip("window") > 0 ? std::min(n, c.ip("window") - 1) : n;
+                    }});
   s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     auto kc = std::make_shared<KVCache>();

@@ -144,7 +144,7 @@ std::map<std::string, at::Tensor> run64(const std::string& name, bool causal, co
     if (n == "y") shape = linmix::dims_shape(spec.y_dims, call);
     else if (n.rfind("state.", 0) == 0) {
       for (const auto& ts : spec.state)
-        if ("state." + ts.name == n) shape = linmix::dims_shape(ts.dims, call);
+        if ("state." + ts.name == n) shape = linmix::final_state_shape(spec, call, ts);
     } else {
       shape = shapes.at(n.substr(1));  // d<name>
     }
@@ -169,7 +169,9 @@ std::map<std::string, at::Tensor> example(const std::string& name, bool causal, 
   if (stress) linmix::stress_inputs(spec, in, stress == 2);
   if (state && spec.state_all_modes && causal) {
     const linmix::Call call = linmix::validate_call(name, linmix::Mode::Parallel, causal, spec.example_params, in);
-    for (auto& [n, t] : linmix::example_state(spec, call.dims, seed + 7)) in[n] = std::move(t);
+    auto sd = call.dims;
+    for (const auto& [k, v] : d) sd.emplace(k, v);  // dims only a state has (a cache's L)
+    for (auto& [n, t] : linmix::example_state(spec, sd, seed + 7)) in[n] = std::move(t);
   }
   std::map<std::string, at::Tensor> res;
   for (const auto& [n, t] : in) res[n] = to_torch(t);
