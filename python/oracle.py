@@ -95,7 +95,54 @@ def aft_full(q, k, v, w, causal, k0=None, v0=None, final=False):
     return (y, {"state.k": k, "state.v": v}) if final else y
 
 
-def aft_local(q, k, v, w, causal, window):
+def aft_ring_state(q, k, v, bias, lo, st=None, final=False, with_pos=True):
+    # Causal aft_local / aft_conv from a state (MIXERS.md): st holds the far sums num, den, max
+    # [B,C] (unscaled: num e^{max}, den e^{max}), the ring k, v [B,L,C] (positions pos - L ..
+    # pos - 1) and, for aft_local, pos [B]; bias(t, s) [len(t), len(s), C] at absolute positions.
+    # Every position sees the far sums plus the ring and its own past with their bias; with final
+    # also the state after the last token: the last min(L + T, lo) rows as the ring, the rows
+    # before them folded into the sums (max the largest exponent), pos + T.
+    B, T, C = q.shape
+    st = st or {}
+    L = st["state.k"].shape[1] if "state.k" in st else 0
+    n, keep = L + T, min(L + T, lo)
+    ys, fin = [], {n_: [] for n_ in ("state.num", "state.den", "state.max", "state.k", "state.v", "state.pos")}
+    for b in range(B):
+        pos = int(st["state.pos"][b].item()) if "state.pos" in st else L
+        K = torch.cat([st["state.k"][b], k[b]], 0) if L else k[b]  # [n,C], positions pos - L ..
+        V = torch.cat([st["state.v"][b], v[b]], 0) if L else v[b]
+        t = torch.arange(pos, pos + T)
+        s = torch.arange(pos - L, pos + T)
+        logits = K.unsqueeze(0) + bias(t, s)  # [T,n,C]
+        logits = logits.masked_fill((s.view(1, n) > t.view(T, 1)).unsqueeze(-1), float("-inf"))
+        if "state.num" in st:
+            N0, D0, m0 = st["state.num"][b] * torch.exp(st["state.max"][b]), st["state.den"][b] * torch.exp(st["state.max"][b]), st["state.max"][b]
+        else:
+            N0, D0, m0 = torch.zeros(C, dtype=q.dtype), torch.zeros(C, dtype=q.dtype), torch.full((C,), -1e38, dtype=q.dtype)
+        e = torch.exp(logits)
+        ys.append(torch.sigmoid(q[b]) * ((e * V.unsqueeze(0)).sum(1) + N0) / (e.sum(1) + D0))
+        if final:
+            old = K[:n - keep]
+            m = torch.maximum(m0, old.amax(0)) if n > keep else m0
+            ee = torch.exp(old - m)
+            fin["state.num"].append(N0 * torch.exp(-m) + (ee * V[:n - keep]).sum(0))
+            fin["state.den"].append(D0 * torch.exp(-m) + ee.sum(0))
+            fin["state.max"].append(m)
+            fin["state.k"].append(K[n - keep:])
+            fin["state.v"].append(V[n - keep:])
+            fin["state.pos"].append(torch.tensor(float(pos + T), dtype=q.dtype))
+    y = torch.stack(ys)
+    if not final:
+        return y
+    out = {n_: torch.stack(f) for n_, f in fin.items() if with_pos or n_ != "state.pos"}
+    return y, out
+
+
+def aft_local(q, k, v, w, causal, window, st=None, final=False):
+    if st or final:  # causal, from a state: the bias at absolute positions inside the window
+        near = lambda t, s: ((t.view(-1, 1) - s.view(1, -1)).abs() < window).unsqueeze(-1)  # noqa: E731
+        bias = lambda t, s: torch.where(near(t, s), w[t][:, s].unsqueeze(-1), torch.zeros(1, dtype=q.dtype))  # noqa: E731
+        return aft_ring_state(q, k, v, bias, window - 1, st, final)
     T = q.shape[1]
     t = torch.arange(T).view(T, 1)
     s = torch.arange(T).view(1, T)
@@ -128,9 +175,16 @@ def aft_simple_state(q, k, v, num0=None, den0=None, max0=None):
     return torch.stack(ys, dim=1), N * torch.exp(-m), D * torch.exp(-m), m
 
 
-def aft_conv(q, k, v, u, causal):
+def aft_conv(q, k, v, u, causal, st=None, final=False):
     T, C = q.shape[1], q.shape[2]
     H, K = u.shape
+    if st or final:  # causal, from a state: u[h, t - s] for 0 <= t - s < K
+        def bias(t, s):
+            d = t.view(-1, 1) - s.view(1, -1)
+            valid = ((d >= 0) & (d < K)).unsqueeze(0)
+            b = torch.where(valid, u[:, d.clamp(0, K - 1)], torch.zeros(1, dtype=q.dtype))  # [H,T,n]
+            return b.repeat_interleave(C // H, dim=0).permute(1, 2, 0)
+        return aft_ring_state(q, k, v, bias, K - 1, st, final, with_pos=False)
     diff = torch.arange(T).view(T, 1) - torch.arange(T).view(1, T)  # t - s
     idx = diff if causal else diff + (K - 1) // 2
     valid = (idx >= 0) & (idx < K)
@@ -472,7 +526,7 @@ def mamba2(x, dt, A, Bm, Cm, D=None, z=None, dt_bias=None, dt_softplus=True, h0=
     return y, h
 
 
-def _flow_state(x):  # flow's state tensors of a call, or None
+def _flow_state(x):  # the state tensors of a call (flow's, aft_local's, aft_conv's), or None
     return {n: t for n, t in x.items() if n.startswith("state.")} or None
 
 
@@ -511,6 +565,8 @@ STATE_ORACLES = {
     "block_softmax": lambda x, p: block_softmax(x["q"], x["k"], x["v"], True, int(_num(p, "block", 64)),
                                                 x.get("state.k"), x.get("state.v"), final=True),
     "aft_full": lambda x, p: aft_full(x["q"], x["k"], x["v"], x["w"], True, x.get("state.k"), x.get("state.v"), final=True),
+    "aft_local": lambda x, p: aft_local(x["q"], x["k"], x["v"], x["w"], True, int(p["window"]), _flow_state(x), final=True),
+    "aft_conv": lambda x, p: aft_conv(x["q"], x["k"], x["v"], x["u"], True, _flow_state(x), final=True),
     "performer": lambda x, p: (lambda y, S, z, km: (y, {"state.S": S, "state.z": z, "state.kmax": km}))(
         *performer(x["q"], x["k"], x["v"], x["proj"], True, x.get("state.S"), x.get("state.z"), x.get("state.kmax"),
                    final=True)),
@@ -535,11 +591,11 @@ ORACLES = {
                                        window=int(_num(p, "window", 0)), k0=x.get("state.k"), v0=x.get("state.v")),
     "linear": lambda x, c, p: linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S"), x.get("state.z")),
     "aft_full": lambda x, c, p: aft_full(x["q"], x["k"], x["v"], x["w"], c, x.get("state.k"), x.get("state.v")),
-    "aft_local": lambda x, c, p: aft_local(x["q"], x["k"], x["v"], x["w"], c, int(p["window"])),
+    "aft_local": lambda x, c, p: aft_local(x["q"], x["k"], x["v"], x["w"], c, int(p["window"]), _flow_state(x)),
     "aft_simple": lambda x, c, p: (aft_simple_state(x["q"], x["k"], x["v"], x["state.num"], x["state.den"],
                                                     x["state.max"])[0] if "state.num" in x else
                                    aft_simple(x["q"], x["k"], x["v"], c)),
-    "aft_conv": lambda x, c, p: aft_conv(x["q"], x["k"], x["v"], x["u"], c),
+    "aft_conv": lambda x, c, p: aft_conv(x["q"], x["k"], x["v"], x["u"], c, _flow_state(x)),
     "rwkv4": lambda x, c, p: rwkv4(x["k"], x["v"], x["w"], x["u"], x.get("state.a"), x.get("state.b"), x.get("state.p")),
     "performer": lambda x, c, p: performer(x["q"], x["k"], x["v"], x["proj"], c, x.get("state.S"), x.get("state.z"),
                                            x.get("state.kmax")),
@@ -563,6 +619,10 @@ ORACLES.update({n: (lambda x, c, p, f=f: f(x, p)[0]) for n, f in STATE_ORACLES.i
 STATE_DOMAIN = {"linear": {"state.z": lambda t: t.abs() + 0.5},
                 "aft_simple": {"state.den": lambda t: t.abs() + 0.5, "state.max": lambda t: 2 + 4 * t},
                 "performer": {"state.z": lambda t: t.abs() + 0.5, "state.kmax": lambda t: 1 + 2 * t},
+                "aft_conv": {"state.den": lambda t: t.abs() + 0.5, "state.max": lambda t: 2 + 4 * t},
+                # aft_local: pos 0..3 tokens past the ring's 2 rows (the test dims' L)
+                "aft_local": {"state.den": lambda t: t.abs() + 0.5, "state.max": lambda t: 2 + 4 * t,
+                              "state.pos": lambda t: 2 + torch.round(torch.clamp(t.abs() * 2, max=3))},
                 # flow: pos tokens before 0 (as the registry's state_fix draws them), sums of sigmoids
                 # in (0, pos), positive flows, sumexp a sum of pos values in [1/e, e]
                 "flow": {"state.pos": lambda t: 2 + torch.round(torch.clamp(t.abs() * 3, max=7)),

@@ -226,7 +226,7 @@ def test_chunks_with_the_state_handed_on_equal_one_call(name):
         assert rel_rms(xb[n].grad, xa[n].grad) <= 1e-4, f"d{n}"
 
 
-@pytest.mark.parametrize("name", ["aft_conv", "aft_local", "flash"])
+@pytest.mark.parametrize("name", ["flash"])
 def test_recurrent_state_for_the_others_forward_only(name):
     spec = SPECS[name]
     params = numbers(spec["example_params"])

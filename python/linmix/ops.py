@@ -12,8 +12,8 @@ output_final_state=False, cu_seqlens=None, **params)``.
   Gradients reach every floating input, ``initial_state`` and, through ``final_state``, fla's
   ``dht``, for the mechanisms whose parallel form carries a state (STATEFUL: linear,
   norm_linear, rwkv4, s4d, mamba, retention, gla, deltanet, gated_deltanet, rwkv5, rwkv6, rwkv7, mamba2,
-  aft_simple, performer, flow, softmax, block_softmax, aft_full: their key/value cache grows, so with
-  cu_seqlens the final caches must end equally long). The
+  aft_simple, aft_local, aft_conv, performer, flow, softmax, block_softmax, aft_full: a cache or ring
+  grows, so with cu_seqlens the final caches must end equally long). The
   others take a state through their recurrent form, forward only (a backward through it raises).
 - ``cu_seqlens`` (int64 ``[N+1]``, B = 1): N packed sequences, each from its own initial state
   (row i of ``initial_state``), final states stacked in the same order.

@@ -35,19 +35,31 @@ MixerSpec aft_conv_spec() {
       case Scale::Demo: d["K"] = 7; break;
       case Scale::Bench: d["K"] = 64; break;
     }
+    d["L"] = std::min<int64_t>(2, d["K"] - 1);  // a ring within the kernel's K - 1 rows
   };
+  // every causal form starts from the sums and the ring (K - 1 rows), and returns the final ones
+  set_ring_state(s, [](const Call& c) { return c.d("K") - 1; });
   s.y_dims = "B,T,C";
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
     const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C"), H = c.d("H"), K = c.d("K"), half = (K - 1) / 2;
     const S* u = x.at("u").data();
-    std::vector<S> y(B * T * C);
-    ref::aft_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), B, T, C, c.causal,
-                    [&](int64_t t, int64_t s, int64_t ch) {
-                      const int64_t h = ch / (C / H);
-                      if (c.causal) return t - s >= 0 && t - s < K ? u[h * K + (t - s)] : S(0);
-                      return t - s <= half && s - t <= half ? u[h * K + (t - s + half)] : S(0);
-                    });
+    auto bias = [&](int64_t t, int64_t s, int64_t ch) {
+      const int64_t h = ch / (C / H);
+      if (c.causal) return t - s >= 0 && t - s < K ? u[h * K + (t - s)] : S(0);
+      return t - s <= half && s - t <= half ? u[h * K + (t - s + half)] : S(0);
+    };
+    if (!c.causal) {
+      std::vector<S> y(B * T * C);
+      ref::aft_ref<S>(y.data(), x.at("q").data(), x.at("k").data(), x.at("v").data(), B, T, C, false, bias);
+      return y;
+    }
+    // from the sums and the ring (none: L = 0); the bias depends on t - s only
+    const int64_t L = x.count("state.num") ? c.d("L") : 0, keep = std::min(L + T, K - 1);
+    std::vector<S> y(B * T * C + B * C * 3 + 2 * B * keep * C);
+    ref::aft_ring_ref<S>(y.data(), y.data() + B * T * C, x.at("q").data(), x.at("k").data(), x.at("v").data(), B, T,
+                         C, L, K - 1, opt_in(x, "state.num"), opt_in(x, "state.den"), opt_in(x, "state.max"),
+                         opt_in(x, "state.k"), opt_in(x, "state.v"), std::vector<int64_t>(size_t(B), L), false, bias);
     return y;
   });
   set_aft_forms(s, AftVariant::Conv);

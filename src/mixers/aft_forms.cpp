@@ -21,11 +21,12 @@ struct BiasCtx {
   const float* u = nullptr;
   int64_t K = 0, shift = 0;   // conv: index = t - s + shift
   std::vector<int64_t> head;  // conv: head of each channel block
+  int64_t off = 0;            // w: the absolute position of row 0 (a call after a state's ring)
 };
 
 float bias_w(const void* ctx, int64_t t, int64_t s, int64_t) {
   const auto* c = static_cast<const BiasCtx*>(ctx);
-  return c->w[t * c->Tw + s];
+  return c->w[(t + c->off) * c->Tw + (s + c->off)];
 }
 float bias_u(const void* ctx, int64_t t, int64_t s, int64_t bi) {
   const auto* c = static_cast<const BiasCtx*>(ctx);
@@ -104,7 +105,7 @@ TensorMap aft_parallel(Variant var, const Call& c, bool with_state) {
   if (var == Variant::Full) {  // the pairwise bias factors out of the channel sum: GEMMs
     aft_full_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), ctx.w, ctx.Tw, B, T, C, c.causal);
   } else {
-    AftSumsIO io = with_state ? sums_io(c, out, false) : AftSumsIO{};
+    AftSumsIO io = with_state && var == Variant::Simple ? sums_io(c, out, false) : AftSumsIO{};
     aft_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), B, T, C, c.causal, band, nullptr, nullptr, &io);
   }
   out["y"] = std::move(y);
@@ -136,7 +137,7 @@ void aft_bias_grad(float* dbias, int64_t dbias_size, Variant var, const BiasCtx&
               acc += P * dy[it] * sigmoidf(q[it]) * (v[is] - o[it]);
             }
           if (var == Variant::Conv) local[ctx.head[bi] * ctx.K + (t - s + ctx.shift)] += acc;
-          else dbias[t * ctx.Tw + s] += acc;
+          else dbias[(t + ctx.off) * ctx.Tw + (s + ctx.off)] += acc;
         }
     }
     if (var == Variant::Conv) {
@@ -161,7 +162,7 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
     return {{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}, {"dw", std::move(dw)}};
   }
   TensorMap out;
-  AftSumsIO io = with_state ? sums_io(c, out, true) : AftSumsIO{};
+  AftSumsIO io = with_state && var == Variant::Simple ? sums_io(c, out, true) : AftSumsIO{};
   aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.data(), lse.data(), &io);
   aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band, &io);
   out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
@@ -180,6 +181,91 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
 bool has_sums(Variant var) { return var != Variant::Full; }
 bool has_ring(Variant var) { return var != Variant::Simple; }
 
+// Row b of the (B,C) sums' pointers.
+AftSumsIO sums_row(const AftSumsIO& a, int64_t off) {
+  auto at = [off](auto* p) { return p ? p + off : p; };
+  return {at(a.num0), at(a.den0), at(a.max0), at(a.numT), at(a.denT), at(a.maxT),
+          at(a.dnumT), at(a.ddenT), at(a.dmaxT), at(a.dnum0), at(a.dden0), at(a.dmax0)};
+}
+
+// aft_local and aft_conv: the sums and the ring (and aft_local's pos) as the state of every
+// causal form. The ring's L rows (positions pos - L .. pos - 1) join before the call's rows (q
+// gets zero rows there) and the sums start the prefix sums: the banded kernel over the n = L + T
+// rows gives y (the ring rows' outputs dropped), the final sums (every row but the last
+// min(n, lo)) and the final ring (those rows). The backward runs the same with dy = 0 on the ring
+// rows; dfinal's ring rows join the rows they copy, the ring rows' gradient is dstate's. One batch
+// row at a time: its pos places w (aft_local reads w at absolute positions).
+TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
+  const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
+  const bool s0 = c.has("state.num"), grad = dy != nullptr;
+  const int64_t L = s0 ? c.d("L") : 0, n = L + T;
+  BiasCtx probe;
+  const int64_t keep = std::min(n, make_band(var, c, probe).lo);
+  std::vector<int64_t> pos(size_t(B), L);
+  if (var == Variant::Local && s0) pos = positions_of(c.t("state.pos"), "state.pos");
+  TensorMap out;
+  const AftSumsIO sums = sums_io(c, out, grad);
+  Tensor y({B, T, C}), fk({B, keep, C}), fv({B, keep, C}), dq, dk, dv, dbias, dk0, dv0;
+  const std::string bias_name = var == Variant::Local ? "w" : "u";
+  if (grad) {
+    dq = Tensor({B, T, C}), dk = Tensor({B, T, C}), dv = Tensor({B, T, C}), dbias = Tensor(c.t(bias_name).shape);
+    if (s0) dk0 = Tensor({B, L, C}), dv0 = Tensor({B, L, C});
+  }
+  const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+  const float *rk = s0 ? c.t("state.k").ptr() : nullptr, *rv = s0 ? c.t("state.v").ptr() : nullptr;
+  const float *gk = grad && c.has("dfinal.k") ? c.t("dfinal.k").ptr() : nullptr;
+  const float *gv = grad && c.has("dfinal.v") ? c.t("dfinal.v").ptr() : nullptr;
+  std::vector<float> cq(n * C, 0.0f), ck(n * C), cv(n * C), yc(n * C), o, lse, dyc, dqc, dkc, dvc, db;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = L * C, m = T * C;  // the ring's and the call's values of row b
+    std::copy(q + b * m, q + (b + 1) * m, cq.begin() + r);
+    if (s0) std::copy(rk + b * r, rk + (b + 1) * r, ck.begin()), std::copy(rv + b * r, rv + (b + 1) * r, cv.begin());
+    std::copy(k + b * m, k + (b + 1) * m, ck.begin() + r), std::copy(v + b * m, v + (b + 1) * m, cv.begin() + r);
+    BiasCtx ctx;
+    const AftBand band = make_band(var, c, ctx);
+    ctx.off = pos[size_t(b)] - L;
+    AftSumsIO io = sums_row(sums, b * C);
+    if (!grad) {
+      aft_forward(yc.data(), cq.data(), ck.data(), cv.data(), 1, n, C, true, band, nullptr, nullptr, &io);
+    } else {
+      o.resize(n * C), lse.resize(n * C), dyc.assign(n * C, 0.0f), dqc.resize(n * C), dkc.resize(n * C), dvc.resize(n * C);
+      std::copy(dy->ptr() + b * m, dy->ptr() + (b + 1) * m, dyc.begin() + r);
+      aft_forward(yc.data(), cq.data(), ck.data(), cv.data(), 1, n, C, true, band, o.data(), lse.data(), &io);
+      aft_backward(dqc.data(), dkc.data(), dvc.data(), cq.data(), ck.data(), cv.data(), o.data(), lse.data(),
+                   dyc.data(), 1, n, C, true, band, &io);
+      const int64_t f0 = (n - keep) * C, fm = keep * C;  // the final ring: the last keep rows
+      for (int64_t i = 0; i < fm; ++i) {
+        if (gk) dkc[size_t(f0 + i)] += gk[b * fm + i];
+        if (gv) dvc[size_t(f0 + i)] += gv[b * fm + i];
+      }
+      std::copy(dqc.begin() + r, dqc.end(), dq.ptr() + b * m);
+      std::copy(dkc.begin() + r, dkc.end(), dk.ptr() + b * m), std::copy(dvc.begin() + r, dvc.end(), dv.ptr() + b * m);
+      if (s0) std::copy(dkc.begin(), dkc.begin() + r, dk0.ptr() + b * r), std::copy(dvc.begin(), dvc.begin() + r, dv0.ptr() + b * r);
+      db.resize(size_t(dbias.numel()));
+      aft_bias_grad(db.data(), dbias.numel(), var, ctx, band, cq.data(), ck.data(), cv.data(), o.data(), lse.data(),
+                    dyc.data(), 1, n, C, true);
+      for (int64_t i = 0; i < dbias.numel(); ++i) dbias.data[size_t(i)] += db[size_t(i)];
+    }
+    std::copy(yc.begin() + r, yc.end(), y.ptr() + b * m);
+    std::copy(ck.end() - keep * C, ck.end(), fk.ptr() + b * keep * C);
+    std::copy(cv.end() - keep * C, cv.end(), fv.ptr() + b * keep * C);
+  }
+  out["y"] = std::move(y), out["state.k"] = std::move(fk), out["state.v"] = std::move(fv);
+  if (var == Variant::Local) {
+    Tensor p({B});
+    for (int64_t b = 0; b < B; ++b) p.data[size_t(b)] = float(pos[size_t(b)] + T);
+    out["state.pos"] = std::move(p);
+  }
+  if (grad) {
+    out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv), out["d" + bias_name] = std::move(dbias);
+    if (s0) {
+      out["dstate.k"] = std::move(dk0), out["dstate.v"] = std::move(dv0);
+      if (var == Variant::Local) out["dstate.pos"] = Tensor({B});  // a count: no gradient
+    }
+  }
+  return out;
+}
+
 
 }  // namespace
 
@@ -187,8 +273,15 @@ void set_aft_forms(MixerSpec& s, AftVariant var) {
   s.y_dims = "B,T,C";
   s.blocking = {{"C", kBlock}};  // channel blocks (aft_conv: within each head)
   const bool with_state = s.state_all_modes;  // aft_simple: its sums are a state in every form
-  s.parallel = [var, with_state](const Call& c) { return aft_parallel(var, c, with_state); };
-  s.backward = [var, with_state](const Call& c, const Tensor& dy) { return aft_grad(var, c, dy, with_state); };
+  // aft_local, aft_conv: the sums and the ring, when given or when the final state is wanted
+  const bool ring = with_state && (var == Variant::Local || var == Variant::Conv);
+  auto ring_call = [ring](const Call& c) { return ring && c.causal && (c.has("state.num") || c.final_state); };
+  s.parallel = [var, with_state, ring_call](const Call& c) {
+    return ring_call(c) ? aft_ring(var, c, nullptr) : aft_parallel(var, c, with_state);
+  };
+  s.backward = [var, with_state, ring_call](const Call& c, const Tensor& dy) {
+    return ring_call(c) ? aft_ring(var, c, &dy) : aft_grad(var, c, dy, with_state);
+  };
   // aft_full: every past (k, v) row is its state, in every causal form
   if (var == Variant::Full) set_row_cache(s, {{{"k", "k"}, {"v", "v"}}, [](const Call&, int64_t n) { return n; }});
   s.stepper = [var](const Call& c) {

@@ -170,12 +170,19 @@ void set_reference(MixerSpec& s, F f) {
   // the outputs of a call: the final states only in the causal form (where a state exists)
   using Outs = std::vector<std::pair<std::string, std::string>>;
   auto live = [outs](const Call& c) { return c.causal ? outs : Outs{outs.front()}; };
+  // an output's shape: y by the call's dims, a final state by spec.final_dims over them (a ring grows)
+  auto shape = [fd = s.final_dims](const std::string& n, const std::string& d, const Call& c) {
+    if (n == "y" || !fd) return dims_shape(d, c);
+    Call cf = c;
+    for (const auto& [k, v] : fd(c)) cf.dims[k] = v;
+    return dims_shape(d, cf);
+  };
   // f's flat output split by name
-  auto split = [live](const Call& c, const std::vector<double>& all) {
+  auto split = [live, shape](const Call& c, const std::vector<double>& all) {
     std::map<std::string, std::vector<double>> out;
     size_t at = 0;
     for (const auto& [n, d] : live(c)) {
-      const size_t m = size_t(numel_of(dims_shape(d, c)));
+      const size_t m = size_t(numel_of(shape(n, d, c)));
       LINMIX_CHECK(all.size() >= at + m, "reference: output '" + n + "' missing");
       out[n].assign(all.begin() + int64_t(at), all.begin() + int64_t(at + m));
       at += m;
@@ -202,17 +209,17 @@ void set_reference(MixerSpec& s, F f) {
     }
     return out;
   };
-  s.reference = [f, split, input, live](const Call& c) {
+  s.reference = [f, split, input, live, shape](const Call& c) {
     RefIn<double> x;
     for (const auto& [n, t] : c.in)
       if (input(n)) x[n] = to_double(t);
     const auto all = split(c, f(c, x));
     TensorMap out;
-    for (const auto& [n, d] : live(c)) out[n] = from_double(dims_shape(d, c), all.at(n));
+    for (const auto& [n, d] : live(c)) out[n] = from_double(shape(n, d, c), all.at(n));
     return out;
   };
   // float view: dy (and dfinal.*) as the output gradient; y and d<input> back as float
-  s.reference_grad = [g64 = s.reference64_grad, input, live](const Call& c, const Tensor& dy) {
+  s.reference_grad = [g64 = s.reference64_grad, input, live, shape](const Call& c, const Tensor& dy) {
     const Outs outs = live(c);
     RefIn<double> x;
     for (const auto& [n, t] : c.in)
@@ -220,7 +227,8 @@ void set_reference(MixerSpec& s, F f) {
     std::vector<double> dout = to_double(dy);
     for (size_t i = 1; i < outs.size(); ++i) {  // the final states' gradients, zeros when absent
       const std::string dn = "dfinal." + outs[i].first.substr(6);
-      const auto d = c.has(dn) ? to_double(c.t(dn)) : std::vector<double>(size_t(numel_of(dims_shape(outs[i].second, c))), 0.0);
+      const auto d = c.has(dn) ? to_double(c.t(dn))
+                               : std::vector<double>(size_t(numel_of(shape(outs[i].first, outs[i].second, c))), 0.0);
       dout.insert(dout.end(), d.begin(), d.end());
     }
     const auto all = g64(c, x, dout);

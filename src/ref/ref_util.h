@@ -143,4 +143,31 @@ void aft_sums_ref(S* numT, S* denT, S* maxT, const S* k, const S* v, int64_t B, 
     }
 }
 
+// aft_local / aft_conv from a sums-and-ring state, causal (the float64 reference): per batch row
+// b, the ring's L rows (rk, rv (B,L,C); null when L = 0) are positions pos[b] - L .. pos[b] - 1
+// before the call's, every position sees the sums (num0, den0, max0; null: none) as far terms,
+// and bias(t, s, c) reads absolute positions. y (B,T,C); fin: the final num, den, max (B,C each),
+// the final ring k, v (B,keep,C each: the last keep = min(L + T, lo) rows) and, with_pos, pos + T (B).
+template <class S, class Bias>
+void aft_ring_ref(S* y, S* fin, const S* q, const S* k, const S* v, int64_t B, int64_t T, int64_t C, int64_t L,
+                  int64_t lo, const S* num0, const S* den0, const S* max0, const S* rk, const S* rv,
+                  const std::vector<int64_t>& pos, bool with_pos, Bias bias) {
+  const int64_t n = L + T, keep = std::min(n, lo);
+  std::vector<S> cq(n * C, S(0)), ck(n * C), cv(n * C), yc(n * C);
+  S *numT = fin, *denT = fin + B * C, *maxT = fin + 2 * B * C, *fk = fin + 3 * B * C, *fv = fk + B * keep * C;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < L * C; ++i) ck[i] = rk[b * L * C + i], cv[i] = rv[b * L * C + i];
+    for (int64_t i = 0; i < T * C; ++i)
+      cq[L * C + i] = q[b * T * C + i], ck[L * C + i] = k[b * T * C + i], cv[L * C + i] = v[b * T * C + i];
+    const int64_t first = pos[size_t(b)] - L;  // the absolute position of row 0
+    const S *n0 = num0 ? num0 + b * C : nullptr, *d0 = num0 ? den0 + b * C : nullptr, *m0 = num0 ? max0 + b * C : nullptr;
+    aft_ref<S>(yc.data(), cq.data(), ck.data(), cv.data(), 1, n, C, true,
+               [&](int64_t t, int64_t s, int64_t c) { return bias(t + first, s + first, c); }, n0, d0, m0);
+    for (int64_t i = 0; i < T * C; ++i) y[b * T * C + i] = yc[L * C + i];
+    aft_sums_ref<S>(numT + b * C, denT + b * C, maxT + b * C, ck.data(), cv.data(), 1, n, C, n - keep, n0, d0, m0);
+    for (int64_t i = 0; i < keep * C; ++i) fk[b * keep * C + i] = ck[(n - keep) * C + i], fv[b * keep * C + i] = cv[(n - keep) * C + i];
+    if (with_pos) fv[B * keep * C + b] = S(double(pos[size_t(b)] + T));
+  }
+}
+
 }  // namespace linmix::ref
