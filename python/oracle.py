@@ -298,8 +298,26 @@ def flow(q, k, v, causal, eps=1e-6, st=None, final=False):
                "state.sumexp": Z[:, -1], "state.KV": kv[:, -1], "state.pos": pos + T}
 
 
-def flash(quad_q, quad_k, lin_q, lin_k, v, causal, group):
-    # the paper's mixed-chunk pseudo-code: pad T to a multiple of G, reshape into groups
+def flash(quad_q, quad_k, lin_q, lin_k, v, causal, group, st=None, final=False):
+    # the paper's mixed-chunk pseudo-code: pad T to a multiple of G, reshape into groups. Causal,
+    # from a state (MIXERS.md: the unfinished group's rows quad_k, lin_k, v [B,L,.] and M [B,S,E],
+    # the groups before as sum lin_k^T V / G): the rows go first (zero query rows, outputs
+    # dropped) and every position adds lin_q . M; with final also the state after the last token.
+    if causal and (st or final):
+        B, T, S = quad_q.shape
+        L = st["state.v"].shape[1] if st else 0
+        cat = lambda x, n: torch.cat([st["state." + n] if n else torch.zeros(B, L, x.shape[2], dtype=x.dtype), x], 1) if L else x  # noqa: E731
+        qq, qk, lq, lk, vv = cat(quad_q, None), cat(quad_k, "quad_k"), cat(lin_q, None), cat(lin_k, "lin_k"), cat(v, "v")
+        y = flash(qq, qk, lq, lk, vv, True, group)
+        M0 = st["state.M"] if st else torch.zeros(B, S, v.shape[2], dtype=v.dtype)
+        y = (y + torch.einsum("bts,bse->bte", lq, M0))[:, L:]
+        if not final:
+            return y
+        n = L + T
+        full, keep = n // group * group, n % group
+        M = M0 + torch.einsum("bts,bte->bse", lk[:, :full], vv[:, :full]) / group
+        return y, {"state.quad_k": qk[:, n - keep:], "state.lin_k": lk[:, n - keep:], "state.v": vv[:, n - keep:],
+                   "state.M": M}
     B, T, S = quad_q.shape
     G = group
     pad = (-T) % G
@@ -567,6 +585,8 @@ STATE_ORACLES = {
     "aft_full": lambda x, p: aft_full(x["q"], x["k"], x["v"], x["w"], True, x.get("state.k"), x.get("state.v"), final=True),
     "aft_local": lambda x, p: aft_local(x["q"], x["k"], x["v"], x["w"], True, int(p["window"]), _flow_state(x), final=True),
     "aft_conv": lambda x, p: aft_conv(x["q"], x["k"], x["v"], x["u"], True, _flow_state(x), final=True),
+    "flash": lambda x, p: flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], True,
+                                int(_num(p, "group", 256)), _flow_state(x), final=True),
     "performer": lambda x, p: (lambda y, S, z, km: (y, {"state.S": S, "state.z": z, "state.kmax": km}))(
         *performer(x["q"], x["k"], x["v"], x["proj"], True, x.get("state.S"), x.get("state.z"), x.get("state.kmax"),
                    final=True)),
@@ -601,7 +621,7 @@ ORACLES = {
                                            x.get("state.kmax")),
     "flow": lambda x, c, p: flow(x["q"], x["k"], x["v"], c, eps=_num(p, "eps", 1e-6), st=_flow_state(x)),
     "flash": lambda x, c, p: flash(x["quad_q"], x["quad_k"], x["lin_q"], x["lin_k"], x["v"], c,
-                                   int(_num(p, "group", 256))),
+                                   int(_num(p, "group", 256)), _flow_state(x)),
     "norm_linear": lambda x, c, p: norm_linear(x["q"], x["k"], x["v"], c, _num(p, "eps", 1e-6), x.get("state.S")),
     "block_softmax": lambda x, c, p: block_softmax(x["q"], x["k"], x["v"], c, int(_num(p, "block", 64)),
                                                    x.get("state.k"), x.get("state.v")),

@@ -12,9 +12,9 @@ output_final_state=False, cu_seqlens=None, **params)``.
   Gradients reach every floating input, ``initial_state`` and, through ``final_state``, fla's
   ``dht``, for the mechanisms whose parallel form carries a state (STATEFUL: linear,
   norm_linear, rwkv4, s4d, mamba, retention, gla, deltanet, gated_deltanet, rwkv5, rwkv6, rwkv7, mamba2,
-  aft_simple, aft_local, aft_conv, performer, flow, softmax, block_softmax, aft_full: a cache or ring
-  grows, so with cu_seqlens the final caches must end equally long). The
-  others take a state through their recurrent form, forward only (a backward through it raises).
+  aft_simple, aft_local, aft_conv, performer, flow, flash, softmax, block_softmax, aft_full: every
+  mechanism with a state; a cache or ring grows, so with cu_seqlens the final caches must end
+  equally long).
 - ``cu_seqlens`` (int64 ``[N+1]``, B = 1): N packed sequences, each from its own initial state
   (row i of ``initial_state``), final states stacked in the same order.
 - Threads follow ``torch.get_num_threads()``. Bad input raises ValueError naming the tensor.
@@ -139,19 +139,10 @@ def _one(name, spec, given, causal, state, want, params):
         names = tuple(tensors)
         outs = _Mix.apply((name, causal, params, names, snames, want), *tensors.values())
         return outs[0], (dict(zip(snames, outs[1:])) if want else None)
-    if not state and not want:
-        names = tuple(given)
-        return _Mix.apply((name, causal, params, names, (), False), *given.values())[0], None
-    # a state through the recurrent form: float32, forward only
-    tensors = {**given, **state}
-    if any(t.requires_grad for t in tensors.values()) and torch.is_grad_enabled():
-        raise NotImplementedError(
-            f"linmix.ops.{name}: its parallel form takes no state, and the recurrent form it runs with "
-            "initial_state / output_final_state has no backward: call it under torch.no_grad() or without a state")
-    if next(iter(tensors.values())).dtype != torch.float32:
-        raise ValueError(f"linmix.ops.{name}: with a state it runs the float32 recurrent form: pass float32 tensors")
-    out = _C.run(name, "recurrent", True, params, {n: t.detach() for n, t in tensors.items()}, False, _threads())
-    return out["y"], ({s: out[s] for s in snames} if want else None)
+    if state or want:  # (every mechanism with a state carries it in its parallel form: STATEFUL)
+        raise ValueError(f"linmix.ops.{name}: its parallel form takes no state")
+    names = tuple(given)
+    return _Mix.apply((name, causal, params, names, (), False), *given.values())[0], None
 
 
 def _varlen(name, spec, given, causal, state, want, params, cu):

@@ -10,6 +10,7 @@
 #include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
+#include "row_cache.h"
 
 namespace linmix::ref {
 
@@ -17,9 +18,11 @@ namespace linmix::ref {
 // FLASH mixed-chunk attention as T x T weights: W_ij = [same group, j <= i if causal]
 // relu(qq_i . qk_j / G)^2 + lin_q_i . lin_k_j / G for earlier groups (causal) or / T for all
 // j (non-causal). qq, qk, lq, lk: (B,T,S); v, y: (B,T,E).
+// M0 (B,S,E; causal, null: none): the linear state of the groups before, which every position
+// reads (y_i += lin_q_i . M0); with MT also the final one, M0 + the complete groups' lin_k^T V / G.
 template <class S>
 void flash_ref(S* y, const S* qq, const S* qk, const S* lq, const S* lk, const S* v, int64_t B, int64_t T,
-               int64_t Sd, int64_t E, int64_t G, bool causal) {
+               int64_t Sd, int64_t E, int64_t G, bool causal, const S* M0 = nullptr, S* MT = nullptr) {
   std::vector<S> W(T * T);
   for (int64_t b = 0; b < B; ++b) {
     auto dot = [&](const S* a, const S* c, int64_t i, int64_t j) {
@@ -42,8 +45,18 @@ void flash_ref(S* y, const S* qq, const S* qk, const S* lq, const S* lk, const S
       for (int64_t e = 0; e < E; ++e) {
         S acc = 0;
         for (int64_t j = 0; j < T; ++j) acc += W[i * T + j] * v[(b * T + j) * E + e];
+        for (int64_t x = 0; M0 && x < Sd; ++x) acc += lq[(b * T + i) * Sd + x] * M0[(b * Sd + x) * E + e];
         y[(b * T + i) * E + e] = acc;
       }
+    if (MT) {
+      const int64_t full = T / G * G;  // the rows of complete groups
+      for (int64_t x = 0; x < Sd; ++x)
+        for (int64_t e = 0; e < E; ++e) {
+          S m = M0 ? M0[(b * Sd + x) * E + e] : S(0);
+          for (int64_t j = 0; j < full; ++j) m += lk[(b * T + j) * Sd + x] * v[(b * T + j) * E + e] / double(G);
+          MT[(b * Sd + x) * E + e] = m;
+        }
+    }
   }
 }
 
@@ -57,8 +70,9 @@ struct FlashDims {
   int64_t B, T, S, E, G;
 };
 
+// M0, MT (B,S,E; causal, null: none / not wanted): the linear state before and after.
 void flash_forward(float* y, const float* qq, const float* qk, const float* lq, const float* lk, const float* v,
-                   const FlashDims& d, bool causal) {
+                   const FlashDims& d, bool causal, const float* M0 = nullptr, float* MT = nullptr) {
   const int64_t T = d.T, S = d.S, E = d.E, G = d.G;
 #pragma omp parallel
   {
@@ -67,7 +81,8 @@ void flash_forward(float* y, const float* qq, const float* qk, const float* lq, 
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < d.B; ++b) {
       const int64_t o = b * T;
-      std::fill(M.begin(), M.end(), 0.0f);
+      if (causal && M0) std::copy(M0 + b * S * E, M0 + (b + 1) * S * E, M.begin());
+      else std::fill(M.begin(), M.end(), 0.0f);
       std::fill(y + o * E, y + (o + T) * E, 0.0f);
       if (!causal) {
         gemm_tn_acc(M.data(), lk + o * S, v + o * E, S, E, T, S, E, E);
@@ -85,12 +100,13 @@ void flash_forward(float* y, const float* qq, const float* qk, const float* lq, 
         gemm_nn_acc(y + (o + g0) * E, A.data(), v + (o + g0) * E, n, E, n, ld, E, E);
         // linear part: causal sees the groups before this one only
         gemm_nn_acc(y + (o + g0) * E, lq + (o + g0) * S, M.data(), n, E, S, S, E, E);
-        if (causal) {
+        if (causal && n == G) {  // a complete group joins the linear state (a partial one is the last)
           std::vector<float> add(S * E, 0.0f);
           gemm_tn_acc(add.data(), lk + (o + g0) * S, v + (o + g0) * E, S, E, n, S, E, E);
           for (int64_t x = 0; x < S * E; ++x) M[x] += add[x] / float(G);
         }
       }
+      if (causal && MT) std::copy(M.begin(), M.end(), MT + b * S * E);
     }
   }
 }
@@ -104,8 +120,11 @@ struct FlashGrads {
   float *dqq, *dqk, *dlq, *dlk, *dv;
 };
 
+// The state (causal): M0 is read by every row, so dM0 = sum_t lin_q_t^T dy_t + dMT; the final
+// state's gradient dMT reaches the complete groups' lin_k and v (as a later group's dM would).
 void flash_backward(const FlashGrads& g, const float* qq, const float* qk, const float* lq, const float* lk,
-                    const float* v, const float* dy, const FlashDims& d, bool causal) {
+                    const float* v, const float* dy, const FlashDims& d, bool causal, const float* M0 = nullptr,
+                    const float* dMT = nullptr, float* dM0 = nullptr) {
   const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ld = std::min(G, T);
 #pragma omp parallel
   {
@@ -116,7 +135,8 @@ void flash_backward(const FlashGrads& g, const float* qq, const float* qk, const
       const int64_t o = b * T;
       for (float* p : {g.dqq, g.dqk, g.dlq, g.dlk}) std::fill(p + o * S, p + (o + T) * S, 0.0f);
       std::fill(g.dv + o * E, g.dv + (o + T) * E, 0.0f);
-      std::fill(M.begin(), M.end(), 0.0f);
+      if (causal && M0) std::copy(M0 + b * S * E, M0 + (b + 1) * S * E, M.begin());
+      else std::fill(M.begin(), M.end(), 0.0f);
       if (!causal) {
         gemm_tn_acc(M.data(), lk + o * S, v + o * E, S, E, T, S, E, E);
         for (float& m : M) m /= float(T);
@@ -158,17 +178,81 @@ void flash_backward(const FlashGrads& g, const float* qq, const float* qk, const
         for (int64_t g0 = 0; g0 < T; g0 += G) lin_k_grad(o + g0, std::min(G, T - g0));
       } else {
         const int64_t last = ((T - 1) / G) * G;
+        bool final_added = false;  // dMT joins R from the last complete group on
+        auto add_final = [&] {
+          if (dMT && !final_added)
+            for (int64_t x = 0; x < S * E; ++x) R[x] += dMT[b * S * E + x];
+          final_added = true;
+        };
         for (int64_t g0 = last; g0 >= 0; g0 -= G) {  // R = sum of dM over later groups
           const int64_t n = std::min(G, T - g0), r0 = o + g0;
+          if (n == G) add_final();
           lin_k_grad(r0, n);
           gemm_tn_acc(R.data(), lq + r0 * S, dy + r0 * E, S, E, n, S, E, E);
         }
+        add_final();  // no complete group: dMT is M0's alone
+        if (dM0) std::copy(R.begin(), R.end(), dM0 + b * S * E);
       }
     }
   }
 }
 
 FlashDims flash_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("S"), c.d("E"), c.ip("group")}; }
+
+// The state in every causal form: the unfinished group's L rows (quad_k, lin_k, v) join before the
+// call's rows (quad_q, lin_q get zero rows: those rows' outputs are dropped), and M, the linear
+// state of the groups before, is read by every row. After the call: the last (L + T) mod G rows,
+// and M with the complete groups of the joined rows. The backward runs over the joined rows with
+// dy = 0 on the state's; dfinal's rows join the rows they copy, the state's rows give dstate.
+const char* const kFlashIn[5] = {"quad_q", "quad_k", "lin_q", "lin_k", "v"};
+const char* flash_state_of(const std::string& in) {  // the state tensor caching an input's rows
+  return in == "quad_k" ? "quad_k" : in == "lin_k" ? "lin_k" : in == "v" ? "v" : nullptr;
+}
+
+TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
+  const FlashDims d = flash_dims(c);
+  const bool s0 = c.has("state.M");
+  const int64_t L = s0 ? c.d("L") : 0, n = L + d.T, keep = n % d.G;
+  TensorMap cat;
+  for (const char* name : kFlashIn) {
+    const char* st = flash_state_of(name);
+    cat[name] = join_rows(st && s0 ? &c.t(std::string("state.") + st) : nullptr, L, c.t(name));
+  }
+  const FlashDims dn{d.B, n, d.S, d.E, d.G};
+  const float* M0 = s0 ? c.t("state.M").ptr() : nullptr;
+  TensorMap out;
+  Tensor yc({d.B, n, d.E}), MT({d.B, d.S, d.E});
+  flash_forward(yc.ptr(), cat["quad_q"].ptr(), cat["quad_k"].ptr(), cat["lin_q"].ptr(), cat["lin_k"].ptr(),
+                cat["v"].ptr(), dn, true, M0, MT.ptr());
+  out["y"] = rows_of(yc, L, n);
+  for (const char* name : kFlashIn)
+    if (const char* st = flash_state_of(name)) out[std::string("state.") + st] = rows_of(cat[name], n - keep, n);
+  out["state.M"] = std::move(MT);
+  if (!dy) return out;
+  TensorMap g;
+  for (const char* name : kFlashIn) g[name] = Tensor(cat[name].shape);
+  const Tensor dyc = join_rows(nullptr, L, *dy);
+  Tensor dM0({d.B, d.S, d.E});
+  flash_backward({g["quad_q"].ptr(), g["quad_k"].ptr(), g["lin_q"].ptr(), g["lin_k"].ptr(), g["v"].ptr()},
+                 cat["quad_q"].ptr(), cat["quad_k"].ptr(), cat["lin_q"].ptr(), cat["lin_k"].ptr(), cat["v"].ptr(),
+                 dyc.ptr(), dn, true, M0, c.has("dfinal.M") ? c.t("dfinal.M").ptr() : nullptr, dM0.ptr());
+  for (const char* name : kFlashIn) {
+    Tensor& gi = g[name];
+    if (const char* st = flash_state_of(name)) {
+      const std::string fin = std::string("dfinal.") + st;
+      if (c.has(fin)) {  // the final rows are copies of the joined rows' last keep
+        const Tensor& f = c.t(fin);
+        const int64_t row = gi.numel() / (d.B * n);
+        for (int64_t b = 0; b < d.B; ++b)
+          for (int64_t i = 0; i < keep * row; ++i) gi.data[size_t((b * n + n - keep) * row + i)] += f.data[size_t(b * keep * row + i)];
+      }
+      if (s0) out[std::string("dstate.") + st] = rows_of(gi, 0, L);
+    }
+    out[std::string("d") + name] = rows_of(gi, L, n);
+  }
+  if (s0) out["dstate.M"] = std::move(dM0);
+  return out;
+}
 
 MixerSpec make_spec() {
   MixerSpec s;
@@ -200,15 +284,44 @@ MixerSpec make_spec() {
                                                  std::to_string(c.d("L")));
   };
   s.y_dims = "B,T,E";
+  // the causal form starts from the unfinished group's rows and M in every mode
+  s.state_all_modes = true;
+  s.final_dims = [](const Call& c) {
+    const int64_t L = c.has("state.M") ? c.d("L") : 0;
+    return std::map<std::string, int64_t>{{"L", (L + c.d("T")) % c.ip("group")}};
+  };
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
     const FlashDims d = flash_dims(c);
-    std::vector<S> y(d.B * d.T * d.E);
-    ref::flash_ref<S>(y.data(), x.at("quad_q").data(), x.at("quad_k").data(), x.at("lin_q").data(),
-                      x.at("lin_k").data(), x.at("v").data(), d.B, d.T, d.S, d.E, d.G, c.causal);
-    return y;
+    if (!c.causal) {
+      std::vector<S> y(d.B * d.T * d.E);
+      ref::flash_ref<S>(y.data(), x.at("quad_q").data(), x.at("quad_k").data(), x.at("lin_q").data(),
+                        x.at("lin_k").data(), x.at("v").data(), d.B, d.T, d.S, d.E, d.G, false);
+      return y;
+    }
+    // from the state: its rows before the call's (zero query rows there), M read by every row
+    const bool s0 = x.count("state.M") != 0;
+    const int64_t L = s0 ? c.d("L") : 0, n = L + d.T, keep = n % d.G;
+    std::map<std::string, std::vector<S>> cat;
+    for (const char* name : kFlashIn) {
+      const char* st = flash_state_of(name);
+      const std::vector<S>* before = st && s0 ? &x.at(std::string("state.") + st) : nullptr;
+      const int64_t row = int64_t(x.at(name).size()) / (d.B * d.T);
+      cat[name] = cat_rows(before, L, x.at(name), d.T, d.B, row);
+    }
+    std::vector<S> yc(d.B * n * d.E), MT(d.B * d.S * d.E);
+    ref::flash_ref<S>(yc.data(), cat["quad_q"].data(), cat["quad_k"].data(), cat["lin_q"].data(), cat["lin_k"].data(),
+                      cat["v"].data(), d.B, n, d.S, d.E, d.G, true, opt_in(x, "state.M"), MT.data());
+    std::vector<S> out = slice_rows(yc, d.B, n, L, n);  // y, then the final state in spec order
+    for (const char* name : {"quad_k", "lin_k", "v"}) {
+      const std::vector<S> r = slice_rows(cat[name], d.B, n, n - keep, n);
+      out.insert(out.end(), r.begin(), r.end());
+    }
+    out.insert(out.end(), MT.begin(), MT.end());
+    return out;
   });
   s.parallel = [](const Call& c) {
+    if (c.causal && (c.has("state.M") || c.final_state)) return flash_state_forms(c, nullptr);
     const FlashDims d = flash_dims(c);
     Tensor y({d.B, d.T, d.E});
     flash_forward(y.ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
@@ -216,6 +329,7 @@ MixerSpec make_spec() {
     return TensorMap{{"y", std::move(y)}};
   };
   s.backward = [](const Call& c, const Tensor& dy) {
+    if (c.causal && (c.has("state.M") || c.final_state)) return flash_state_forms(c, &dy);
     const FlashDims d = flash_dims(c);
     TensorMap out;
     out["y"] = Tensor({d.B, d.T, d.E});

@@ -11,27 +11,6 @@ namespace {
 
 bool per_token(const std::string& dims) { return dims.rfind("B,T,", 0) == 0 || dims == "B,T"; }
 
-// Rows [r0, r1) of every batch of x (B, n, row).
-template <class V>
-V slice_rows(const V& x, int64_t B, int64_t n, int64_t r0, int64_t r1) {
-  const int64_t row = B * n ? int64_t(x.size()) / (B * n) : 0;
-  V out(size_t(B * (r1 - r0) * row));
-  for (int64_t b = 0; b < B; ++b)
-    std::copy(x.begin() + (b * n + r0) * row, x.begin() + (b * n + r1) * row, out.begin() + b * (r1 - r0) * row);
-  return out;
-}
-
-// The concatenation along time of a (B, La, row; null: zeros) and b (B, Lb, row).
-template <class V>
-V cat_rows(const V* a, int64_t La, const V& b, int64_t Lb, int64_t B, int64_t row) {
-  V out(size_t(B * (La + Lb) * row));
-  for (int64_t i = 0; i < B; ++i) {
-    if (a) std::copy(a->begin() + i * La * row, a->begin() + (i + 1) * La * row, out.begin() + i * (La + Lb) * row);
-    std::copy(b.begin() + i * Lb * row, b.begin() + (i + 1) * Lb * row, out.begin() + (i * (La + Lb) + La) * row);
-  }
-  return out;
-}
-
 // x (B, n, row) rows [r0, r0 + m) += src (B, m, row).
 template <class V, class W>
 void add_rows(V& x, const W& src, int64_t B, int64_t n, int64_t r0, int64_t m) {
