@@ -24,6 +24,9 @@ double measure_sgemm_gflops(int64_t n, int reps);
 // reset, in bytes: what a kernel allocated and touched. Uses /proc/self/clear_refs (Linux).
 void reset_peak_rss();
 double peak_extra_bytes();
+// The resident memory now and its peak since the last reset_peak_rss() (or the start), in bytes.
+double rss_bytes();
+double peak_rss_bytes();
 
 struct ModelBenchOptions {
   int threads = 2;

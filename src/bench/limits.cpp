@@ -101,5 +101,7 @@ void reset_peak_rss() {
 }
 
 double peak_extra_bytes() { return std::max(0.0, status_kb("VmHWM:") - rss_at_reset); }
+double rss_bytes() { return status_kb("VmRSS:"); }
+double peak_rss_bytes() { return status_kb("VmHWM:"); }
 
 }  // namespace linmix

@@ -2,6 +2,9 @@
 //   decode: ms per token in each weight type, as a fraction of the bandwidth bound
 //           (bytes of weights read per token / triad bandwidth measured beside it);
 //   prefill: sequence mode over prefill_tokens, GFLOP/s as a fraction of the measured sgemm.
+//   memory: the peak resident set of decode (the high-water mark reset before it) against the
+//           engine's resident weights + state + logits; each type's engine takes a fresh model's
+//           weights, so no FP32 copy stays beside a BF16 / INT8 one.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -27,6 +30,7 @@ double median(std::vector<double> v) {
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
+constexpr double kMiB = 1024.0 * 1024.0;
 }  // namespace
 
 int bench_model(const ModelBenchOptions& opt) {
@@ -78,10 +82,13 @@ int bench_model(const ModelBenchOptions& opt) {
       ", \"n_head\": " + std::to_string(mamba2 ? 2 * o.d_model / 64 : o.version == "4" || mamba ? 1 : o.d_model / 64) +
       ", \"mixer\": \"" + mixer + "\", \"channel_mix\": \"" + cm + "\", \"ln0\": " +
       (mamba ? "false, \"norm\": \"rmsnorm\", \"state\": " + std::string(mamba2 ? "128" : "16") : "true") + "}");
-  Model model(cfg);
-  model.init(1);
-  std::printf("%lld parameters\n\n", (long long)model.num_params());
-  rep["params"] = model.num_params();
+  const double rss0 = rss_bytes() / kMiB;  // the process before any model: code, libraries, buffers
+  {
+    const Model model(cfg);
+    std::printf("%lld parameters\n\n", (long long)model.num_params());
+    rep["params"] = model.num_params();
+  }
+  const Model shell(cfg, false);  // the config's state layout, no weights
 
   std::vector<int32_t> toks(std::max(o.prefill_tokens, o.decode_tokens + 4));
   for (size_t i = 0; i < toks.size(); ++i) toks[i] = int32_t((i * 7919 + 13) % o.vocab);
@@ -94,10 +101,33 @@ int bench_model(const ModelBenchOptions& opt) {
   std::printf("%-6s %9s %10s %8s %9s %8s %8s %12s %9s %9s %10s %9s\n", "", "", "", "", "", "", "GB/s", "", "", "",
               "GFLOP/s", "");
   double f32_ms = 0;
+  std::vector<std::string> mem_lines;
   for (const std::string& dt : o.dtypes) {
-    const auto engp = make_engine(model, parse_wtype(dt));
+    std::unique_ptr<Engine> engp;
+    {  // the same random weights for every type (seed 1); the engine takes them, the model goes
+      Model model(cfg);
+      model.init(1);
+      engp = make_engine(model, parse_wtype(dt), true);
+    }
     Engine& eng = *engp;
     nlohmann::json r;
+    // memory of decode: the high-water mark reset, a state and decode_tokens tokens
+    {
+      reset_peak_rss();
+      Model::State sm = eng.new_state();
+      for (int64_t i = 0; i < o.decode_tokens; ++i) eng.step(toks[i % toks.size()], sm, lg.data());
+      const double peak = peak_rss_bytes() / kMiB;
+      double state_b = 0;
+      for (const auto& [n, t] : shell.state_tensors(sm)) state_b += 4.0 * double(t.numel());
+      // resident weights: what a token reads, plus the embedding rows it does not (FP32)
+      const double weights_b = eng.step_bytes() + 4.0 * double(o.vocab - 1) * double(o.d_model);
+      const double bound = (weights_b + state_b + 4.0 * double(o.vocab)) / kMiB;
+      r["decode_peak_rss_mib"] = peak, r["decode_rss_bound_mib"] = bound, r["process_base_rss_mib"] = rss0;
+      char line[200];
+      std::snprintf(line, sizeof line, "%-6s %12.1f %14.1f %9.2fx %18.2fx", dt.c_str(), peak, bound, peak / bound,
+                    (peak - rss0) / bound);
+      mem_lines.push_back(line);
+    }
     // decode: 4 warm-up tokens, then rounds of (limits, decode_tokens tokens)
     Model::State st = eng.new_state();
     for (int i = 0; i < 4; ++i) eng.step(toks[i], st, lg.data());
@@ -153,6 +183,11 @@ int bench_model(const ModelBenchOptions& opt) {
     for (const std::string& dt : o.dtypes)
       if (dt != "f32")
         std::printf("%s decode is %.2fx the f32 decode\n", dt.c_str(), rep["dtypes"][dt]["decode_speedup_vs_f32"].get<double>());
+  std::printf("\nmemory of decode (MiB): peak RSS over %lld tokens from a fresh state; bound = the engine's weights\n"
+              "(the FP32 embedding included) + state + logits; the process held %.1f MiB before any model\n",
+              (long long)o.decode_tokens, rss0);
+  std::printf("%-6s %12s %14s %10s %19s\n", "dtype", "peak RSS", "bound", "of bound", "above base, of bound");
+  for (const std::string& l : mem_lines) std::printf("%s\n", l.c_str());
 
   if (ck) {  // quality of the rounded weights on a trained model
     std::printf("\nperplexity of %s on %s (%lld windows of %lld):\n", o.checkpoint.c_str(), o.data.c_str(),

@@ -1,6 +1,9 @@
 // Which engine runs a model (include/linmix/engine.h): RWKV-4 (rwkv4_engine.cpp), RWKV-5/6/7
 // as BlinkDL's (rwkv_engine.cpp), Mamba as Hugging Face's (mamba_engine.cpp), Mamba-2 as mamba_ssm's
 // (mamba2_engine.cpp).
+#if __has_include(<malloc.h>)
+#include <malloc.h>  // malloc_trim (glibc)
+#endif
 #include "linmix/engine.h"
 
 #include "linmix/error.h"
@@ -54,7 +57,16 @@ std::unique_ptr<Engine> make_engine(const Model& m, WType wtype) { return build(
 
 std::unique_ptr<Engine> make_engine(Model& m, WType wtype, bool take_weights) {
   auto e = build(m, wtype, take_weights);
-  if (take_weights) m.release_weights();
+  if (take_weights) {
+    m.release_weights();
+#ifdef __GLIBC__
+    // the FP32 tensors freed during the conversion sit in malloc's heap (the smaller ones under
+    // its mmap threshold): handed back to the system, so that only the engine's weights stay
+    // resident (RWKV-4 169M, decode peak RSS in bench --model: bf16 481 -> 415 MiB, int8 420 -> 291 MiB,
+    // 1.04x and 1.06x of the engine's weights + state + logits)
+    malloc_trim(0);
+#endif
+  }
   return e;
 }
 
