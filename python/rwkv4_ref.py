@@ -1,6 +1,7 @@
 """An independent PyTorch implementation of the RWKV-4 language model of MIXERS.md ("The
 RWKV-4 language model"), token by token, in float64, with the plain (unstabilised) WKV
 recurrence. Weights by BlinkDL's names."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,17 +105,46 @@ QUANTIZED = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att
              "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 
 
+def _f16(x, direction):
+    """float32 values rounded to fp16 downwards (-1) or upwards (+1), back as float32."""
+    a = x.numpy().astype(np.float32)
+    h = a.astype(np.float16)  # to nearest
+    off = (h.astype(np.float32) > a) if direction < 0 else (h.astype(np.float32) < a)
+    h = np.where(off, np.nextafter(h, np.float16(-np.inf if direction < 0 else np.inf)), h)
+    return torch.from_numpy(h.astype(np.float32))
+
+
+def _q4(t32):
+    """q4: per group of 32 along a row (the last one short), m = min rounded down to fp16,
+    d = (max - m) / 15 rounded up to fp16, q = round-half-even((w - m) / d) clamped to 0..15,
+    w' = d q + m (all in float32)."""
+    R, C = t32.shape
+    G = (C + 31) // 32
+    pad = G * 32 - C
+    lo = torch.nn.functional.pad(t32, (0, pad), value=float("inf")).view(R, G, 32).amin(-1)
+    hi = torch.nn.functional.pad(t32, (0, pad), value=float("-inf")).view(R, G, 32).amax(-1)
+    m = _f16(lo, -1)
+    d = _f16((hi - m) / 15.0, +1)
+    md = m.repeat_interleave(32, dim=1)[:, :C]
+    dd = d.repeat_interleave(32, dim=1)[:, :C]
+    q = torch.where(dd > 0, torch.clamp(torch.round((t32 - md) / torch.where(dd > 0, dd, torch.ones_like(dd))), 0, 15),
+                    torch.zeros_like(t32))
+    return dd * q + md
+
+
 def quantize(w, dtype, names=None):
     """The weights an inference engine with `dtype` storage stands for: every block matrix and
     the head rounded (bf16: to nearest even; int8: per output row, scale = max|w| / 127,
-    q = round-half-even(w / scale) clamped to +-127, w' = q * scale in float32). names: the suffixes of
-    the rounded matrices (default: the RWKV blocks')."""
+    q = round-half-even(w / scale) clamped to +-127, w' = q * scale in float32; q4: see _q4).
+    names: the suffixes of the rounded matrices (default: the RWKV blocks')."""
     out = {}
     for n, t in w.items():
         if n == "head.weight" or n.endswith(names or QUANTIZED):
             t32 = t.float()
             if dtype == "bf16":
                 t32 = t32.to(torch.bfloat16).float()
+            elif dtype == "q4":
+                t32 = _q4(t32)
             else:
                 s = t32.abs().amax(dim=1, keepdim=True) / 127.0
                 s = torch.where(s > 0, s, torch.ones_like(s))

@@ -51,7 +51,7 @@ def check_modes(label, path, w, tokens, forward):
         got, err = logits(path, tokens, mode, extra)
         e = float(np.abs(got - ref).max()) / scale if got is not None else 1.0
         check(f"{label}: {mode} {' '.join(extra)}: logits vs PyTorch float64", e <= 1e-4, err or f"max rel err {e:.2e}")
-    for dt in ("bf16", "int8"):
+    for dt in ("bf16", "int8", "q4"):
         refq = forward(quantize(w, dt), tokens)[0].numpy()
         for mode, extra in (("sequence", ["--chunk", "7"]), ("decode", [])):
             got, err = logits(path, tokens, mode, [*extra, "--dtype", dt])

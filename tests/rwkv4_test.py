@@ -62,9 +62,10 @@ def main():
             got = st.load(out)["logits"]
             err = float(np.abs(got - ref).max()) / scale
             check(f"{name}: logits vs PyTorch float64", err <= 1e-4, f"max rel err {err:.2e}")
-    # BF16 / INT8 weights: the engine equals the float64 reference run on weights rounded the
-    # same way here (bf16: round to nearest even; int8: per-row scale max|w|/127, round half even)
-    for dt in ("bf16", "int8"):
+    # BF16 / INT8 / Q4 weights: the engine equals the float64 reference run on weights rounded the
+    # same way here (bf16: round to nearest even; int8: per-row scale max|w|/127, round half even;
+    # q4: groups of 32 with an fp16 step and offset)
+    for dt in ("bf16", "int8", "q4"):
         wq = rwkv4_ref.quantize(w, dt)
         refq = rwkv4_ref.rwkv4_logits(wq, tokens).numpy()
         for mode, extra in (("sequence", ["--chunk", "7"]), ("decode", [])):

@@ -84,7 +84,7 @@ def every_mode():
                 continue
             e = float(np.abs(got - ref).max()) / scale
             check(f"{name}: logits vs PyTorch float64", e <= 1e-4, f"max rel err {e:.2e}")
-        for dt in ("bf16", "int8"):  # against the reference on the weights rounded the same way
+        for dt in ("bf16", "int8", "q4"):  # against the reference on the weights rounded the same way
             refq = rwkv_ref.forward(rwkv4_ref.quantize(w, dt), tokens)[0].numpy()
             for mode, extra in (("sequence", ["--chunk", "7"]), ("decode", [])):
                 got, err = logits(path, tokens, mode, [*extra, "--dtype", dt])

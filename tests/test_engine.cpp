@@ -166,7 +166,7 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
     std::vector<float> W(rows * cols), x(cols), y(rows), deq(rows * cols);
     for (auto& e : W) e = n(rng);
     for (auto& e : x) e = n(rng);
-    for (WType t : {WType::F32, WType::BF16, WType::I8}) {
+    for (WType t : {WType::F32, WType::BF16, WType::I8, WType::Q4}) {
       const QMatrix q = QMatrix::from_f32(W.data(), rows, cols, t);
       q.to_f32(deq.data());
       gemv(q, x.data(), y.data());
@@ -175,16 +175,28 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
         for (int64_t c = 0; c < cols; ++c) want += double(deq[r * cols + c]) * x[c], mag += std::fabs(deq[r * cols + c] * x[c]);
         EXPECT_NEAR(y[r], want, 1e-5 * mag + 1e-6) << wtype_name(t) << " " << rows << "x" << cols << " row " << r;
       }
-      // the rounding itself: bf16 keeps 8 bits of mantissa, int8 steps of max|w_row| / 127
+      // the rounding itself: bf16 keeps 8 bits of mantissa, int8 steps of max|w_row| / 127, q4
+      // half a step of its group of 32, the step (max - min) / 15 (min rounded down and the step
+      // rounded up to fp16: a relative 2^-10 each, and fp16's smallest step 6e-8)
+      const int64_t G = (cols + 31) / 32;
       for (int64_t i = 0; i < rows * cols; ++i) {
-        const float tol = t == WType::F32 ? 0.0f : t == WType::BF16 ? std::fabs(W[i]) / 256.0f : q.scale[i / cols] * 0.5f;
-        EXPECT_LE(std::fabs(deq[i] - W[i]), tol * 1.0001f) << wtype_name(t);
+        const int64_t r = i / cols, g = (i % cols) / 32;
+        float lo = W[r * cols + g * 32], hi = lo;
+        for (int64_t c = g * 32; c < std::min(cols, g * 32 + 32); ++c) lo = std::min(lo, W[r * cols + c]), hi = std::max(hi, W[r * cols + c]);
+        const float tol = t == WType::F32    ? 0.0f
+                          : t == WType::BF16 ? std::fabs(W[i]) / 256.0f
+                          : t == WType::I8   ? q.scale[i / cols] * 0.5f
+                                             : f16_to_f32(q.q4d[size_t(r * G + g)]) * 0.5f;
+        EXPECT_LE(std::fabs(deq[i] - W[i]), tol * 1.0001f + 1e-7f) << wtype_name(t);
+        if (t == WType::Q4)
+          EXPECT_LE(tol, (hi - lo + std::fabs(lo) / 1024.0f) / 30.0f * 1.001f + 4e-7f) << "q4 step, row " << r << " group " << g;
       }
     }
   }
   EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
   EXPECT_EQ(f32_to_bf16(bf16_to_f32(0x3f81)), 0x3f81);
   EXPECT_THROW(parse_wtype("fp8"), Error);
+  EXPECT_EQ(parse_wtype("q4"), WType::Q4);
 }
 
 // ---- the RWKV-5/6/7 engine (make_engine): the same contract against the training model's

@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
   gen->add_option("--state-in", state_in, "continue from a saved state (safetensors)");
   gen->add_option("--state-out", state_out, "save the final state (safetensors, written atomically)");
   std::string dtype = "f32";
-  gen->add_option("--dtype", dtype, "weights of the RWKV-4 engine: f32 | bf16 | int8 (RWKV-4 models only)")
+  gen->add_option("--dtype", dtype, "weights of the inference engine: f32 | bf16 | int8 | q4 (RWKV and Mamba models)")
       ->capture_default_str();
 
   auto* tok = app.add_subcommand("tokenize", "encode text to token ids (or --decode ids to text)");
@@ -175,7 +175,7 @@ int main(int argc, char** argv) {
   ev->add_option("--tokenizer", tokenizer_path, "bytes, or the model's tokenizer (tokenizer.json or an RWKV World vocabulary); default: the one the checkpoint names, else bytes");
   ev->add_option("--mode", eval_mode, "parallel | recurrent | sequence (the RWKV-4 engine; all agree)")
       ->capture_default_str();
-  ev->add_option("--dtype", dtype, "weights of the RWKV-4 engine (sequence mode): f32 | bf16 | int8")
+  ev->add_option("--dtype", dtype, "weights of the inference engine (sequence mode): f32 | bf16 | int8 | q4")
       ->capture_default_str();
   int64_t eval_pairs = 0;
   ev->add_option("--pairs", eval_pairs, "a recall model: key-value pairs per sequence (0: seq/4)")
@@ -194,7 +194,7 @@ int main(int argc, char** argv) {
   lg->add_option("--chunk", logits_chunk, "sequence mode: tokens per call, the state carried between calls")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  lg->add_option("--dtype", dtype, "weights of the RWKV-4 engine: f32 | bf16 | int8")->capture_default_str();
+  lg->add_option("--dtype", dtype, "weights of the inference engine: f32 | bf16 | int8 | q4")->capture_default_str();
   lg->add_option("--out", out_path, "output safetensors (tensor 'logits' [T,V])")->required();
 
   auto* gr = app.add_subcommand("grad", "mean loss and every parameter's gradient on given tokens (for cross-checks)");

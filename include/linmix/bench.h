@@ -35,7 +35,7 @@ struct ModelBenchOptions {
   std::string size;           // "0.1B", "0.4B", "1.5B": a released model's L, C (and V = 65536 past v4)
   int64_t decode_tokens = 32, prefill_tokens = 1024;
   int rounds = 5;  // decode: rounds of (triad, read, decode_tokens tokens), interleaved
-  std::vector<std::string> dtypes{"f32", "bf16", "int8"};
+  std::vector<std::string> dtypes{"f32", "bf16", "int8", "q4"};
   std::string checkpoint, data;  // optional: perplexity of a trained RWKV-4 in each dtype
   int64_t eval_seq = 256, eval_windows = 32;
   std::string out;                // JSON report path ("" = none)

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "linmix/error.h"
 
@@ -16,10 +18,15 @@ WType parse_wtype(const std::string& s) {
   if (s == "f32" || s == "fp32") return WType::F32;
   if (s == "bf16") return WType::BF16;
   if (s == "int8" || s == "i8") return WType::I8;
-  throw Error("unknown weight type '" + s + "' (expected f32, bf16 or int8)");
+  if (s == "q4") return WType::Q4;
+  throw Error("unknown weight type '" + s + "' (expected f32, bf16, int8 or q4)");
 }
 
-const char* wtype_name(WType t) { return t == WType::F32 ? "f32" : t == WType::BF16 ? "bf16" : "int8"; }
+const char* wtype_name(WType t) {
+  return t == WType::F32 ? "f32" : t == WType::BF16 ? "bf16" : t == WType::I8 ? "int8" : "q4";
+}
+
+float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 
 float bf16_to_f32(uint16_t h) {
   const uint32_t u = uint32_t(h) << 16;
@@ -60,6 +67,31 @@ QMatrix QMatrix::from_f32(const float* W, int64_t rows, int64_t cols, WType type
           q.i8[r * cols + c] = int8_t(std::lrint(std::clamp(w[c] / s, -127.0f, 127.0f)));
       }
       break;
+    case WType::Q4: {
+      const int64_t G = (cols + kQ4Group - 1) / kQ4Group;
+      q.q4.assign(size_t(rows * G * 16), 0), q.q4d.resize(size_t(rows * G)), q.q4m.resize(size_t(rows * G));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < G; ++g) {
+          const float* w = W + r * cols + g * kQ4Group;
+          const int64_t n = std::min(kQ4Group, cols - g * kQ4Group);
+          float lo = w[0], hi = w[0];
+          for (int64_t i = 1; i < n; ++i) lo = std::min(lo, w[i]), hi = std::max(hi, w[i]);
+          // m rounded down, d rounded up: [m, m + 15 d] covers [lo, hi]
+          const uint16_t mh = _cvtss_sh(lo, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+          const float m = _cvtsh_ss(mh);
+          const uint16_t dh = _cvtss_sh((hi - m) / 15.0f, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+          const float d = _cvtsh_ss(dh);
+          LINMIX_CHECK(std::isfinite(m) && std::isfinite(d),
+                       "q4: weights past fp16's range (|w| > 65504) in row " + std::to_string(r));
+          q.q4d[size_t(r * G + g)] = dh, q.q4m[size_t(r * G + g)] = mh;
+          uint8_t* b = &q.q4[size_t((r * G + g) * 16)];
+          for (int64_t i = 0; i < n; ++i) {
+            const int v = d > 0.0f ? int(std::clamp(std::lrint((w[i] - m) / d), 0L, 15L)) : 0;
+            b[i % 16] = uint8_t(b[i % 16] | (i < 16 ? v : v << 4));
+          }
+        }
+      break;
+    }
   }
   return q;
 }
@@ -79,11 +111,23 @@ void QMatrix::to_f32(float* out) const {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = float(i8[r * cols + c]) * scale[r];
       break;
+    case WType::Q4: {
+      const int64_t G = (cols + kQ4Group - 1) / kQ4Group;
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t g = c / kQ4Group, i = c % kQ4Group, at = r * G + g;
+          const uint8_t b = q4[size_t(at * 16 + i % 16)];
+          const int v = i < 16 ? b & 15 : b >> 4;
+          out[r * cols + c] = f16_to_f32(q4d[size_t(at)]) * float(v) + f16_to_f32(q4m[size_t(at)]);
+        }
+      break;
+    }
   }
 }
 
 size_t QMatrix::bytes() const {
-  return f32.size() * 4 + bf16.size() * 2 + i8.size() + scale.size() * 4;
+  return f32.size() * 4 + bf16.size() * 2 + i8.size() + scale.size() * 4 + q4.size() + (q4d.size() + q4m.size()) * 2;
 }
 
 namespace {
@@ -145,6 +189,42 @@ void rows_avx2(const T* W, const float* x, float* y, int64_t r0, int64_t r1, int
     float s = hsum8(a);
     for (int64_t i = cv; i < cols; ++i) s += scalar_w(w, i) * x[i];
     y[r] = s;
+  }
+}
+
+// Q4 rows [r0, r1): per group of 32, w = d q + m from the packed nibbles and the fp16 (d, m).
+// The last group of a row whose length is not a multiple of 32 reads x only up to cols.
+inline float q4_tail(const QMatrix& W, const float* x, int64_t r, int64_t g) {  // the short last group
+  const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, at = r * G + g;
+  const float d = f16_to_f32(W.q4d[size_t(at)]), m = f16_to_f32(W.q4m[size_t(at)]);
+  float s = 0.0f;
+  for (int64_t c = g * QMatrix::kQ4Group, i = 0; c < W.cols; ++c, ++i) {
+    const uint8_t b = W.q4[size_t(at * 16 + i % 16)];
+    s += (d * float(i < 16 ? b & 15 : b >> 4) + m) * x[c];
+  }
+  return s;
+}
+
+void rows_q4_avx2(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1) {
+  const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, full = W.cols / QMatrix::kQ4Group;
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* q = W.q4.data() + r * G * 16;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (int64_t g = 0; g < full; ++g) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
+      const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+      const __m256 d = _mm256_set1_ps(f16_to_f32(W.q4d[size_t(r * G + g)]));
+      const __m256 m = _mm256_set1_ps(f16_to_f32(W.q4m[size_t(r * G + g)]));
+      const float* xg = x + g * QMatrix::kQ4Group;
+      auto part = [&](__m128i bytes8, const float* xp, __m256& acc) {
+        const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8));
+        acc = _mm256_fmadd_ps(_mm256_fmadd_ps(qv, d, m), _mm256_loadu_ps(xp), acc);
+      };
+      part(lo, xg, a0), part(_mm_srli_si128(lo, 8), xg + 8, a1);
+      part(hi, xg + 16, a0), part(_mm_srli_si128(hi, 8), xg + 24, a1);
+    }
+    y[r] = hsum8(_mm256_add_ps(a0, a1)) + (full < G ? q4_tail(W, x, r, full) : 0.0f);
   }
 }
 
@@ -210,9 +290,58 @@ LINMIX_AVX512 void rows_avx512(const T* W, const float* x, float* y, int64_t r0,
   }
 }
 
+// y_r = sum_g d_g (q_g . x_g) + sum_g m_g sx_g with sx_g the sum of x over group g (once per
+// call): per group of 32 a product, an FMA and one FMA by the group's step, the offsets at the
+// end as one dot product over the groups.
+LINMIX_AVX512 void rows_q4_avx512(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1) {
+  const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, full = W.cols / QMatrix::kQ4Group;
+  const int64_t rem = W.cols - full * QMatrix::kQ4Group;
+  const __mmask16 k0 = __mmask16(rem >= 16 ? 0xFFFFu : (1u << rem) - 1u), k1 = __mmask16(rem > 16 ? (1u << (rem - 16)) - 1u : 0u);
+  const __mmask16 kg = __mmask16(G % 16 ? (1u << (G % 16)) - 1u : 0xFFFFu);  // the last 16 groups' lanes
+  thread_local std::vector<float> scratch;  // sx (G, padded to 16), a row's steps (G): grown once
+  const int64_t Gp = (G + 15) / 16 * 16;
+  if (scratch.size() < size_t(2 * Gp)) scratch.resize(size_t(2 * Gp));
+  float *sx = scratch.data(), *df = sx + Gp;
+  auto xs = [&](int64_t g, __m512& x0, __m512& x1) LINMIX_AVX512 {  // x of group g, zero past cols
+    const float* xg = x + g * QMatrix::kQ4Group;
+    if (g < full) x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
+    else x0 = _mm512_maskz_loadu_ps(k0, xg), x1 = _mm512_maskz_loadu_ps(k1, xg + 16);
+  };
+  for (int64_t g = 0; g < Gp; ++g) {
+    __m512 x0 = _mm512_setzero_ps(), x1 = x0;
+    if (g < G) xs(g, x0, x1);
+    sx[g] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
+  }
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* q = W.q4.data() + r * G * 16;
+    const uint16_t *dh = W.q4d.data() + r * G, *mh = W.q4m.data() + r * G;
+    __m512 am = _mm512_setzero_ps();  // the offsets: sum_g m_g sx_g, 16 groups a step
+    for (int64_t g = 0; g < G; g += 16) {
+      const __mmask16 k = g + 16 <= G ? __mmask16(0xFFFF) : kg;
+      _mm512_storeu_ps(df + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, dh + g)));
+      am = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mh + g)), _mm512_loadu_ps(sx + g), am);
+    }
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
+      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, m4)));
+      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+      __m512 x0, x1;
+      xs(g, x0, x1);
+      const __m512 t = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
+      if (g & 1) a1 = _mm512_fmadd_ps(t, _mm512_set1_ps(df[g]), a1);
+      else a0 = _mm512_fmadd_ps(t, _mm512_set1_ps(df[g]), a0);
+    }
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), am));
+  }
+}
+
+// LINMIX_NO_AVX512=1 keeps the AVX2 kernels (the tests run them so on an AVX-512 machine too).
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         !(std::getenv("LINMIX_NO_AVX512") && std::string(std::getenv("LINMIX_NO_AVX512")) == "1");
   return ok;
 }
 
@@ -231,6 +360,10 @@ void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1,
       if (wide) rows_avx512(W.i8.data(), x, y, r0, r1, W.cols, W.rows);
       else rows_avx2(W.i8.data(), x, y, r0, r1, W.cols);
       for (int64_t r = r0; r < r1; ++r) y[r] *= W.scale[size_t(r)];
+      break;
+    case WType::Q4:
+      if (wide) rows_q4_avx512(W, x, y, r0, r1);
+      else rows_q4_avx2(W, x, y, r0, r1);
       break;
   }
 }

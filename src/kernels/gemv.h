@@ -1,5 +1,5 @@
-// Matrix-vector products for one-token decode, with weights in FP32, BF16 or INT8 (per-row
-// scales). Accumulation is FP32 in every case; activations stay FP32. AVX-512 kernels are
+// Matrix-vector products for one-token decode, with weights in FP32, BF16, INT8 (per-row
+// scales) or Q4 (4 bits, a step and an offset per group of 32). Accumulation is FP32 in every case; activations stay FP32. AVX-512 kernels are
 // chosen at run time when the CPU has AVX-512 (F + BW), AVX2 + FMA otherwise (the baseline).
 #pragma once
 #include <cstddef>
@@ -19,6 +19,13 @@ struct QMatrix {
   std::vector<uint16_t> bf16;  // BF16: the upper half of the FP32 word, rounded to nearest even
   std::vector<int8_t> i8;      // I8: round(w / scale[row]), scale = max|w_row| / 127
   std::vector<float> scale;    // I8: (rows)
+  // Q4: (rows, groups, 16) bytes, groups = ceil(cols / 32): value i of a group in the low nibble
+  // of byte i, value 16 + i in its high nibble (a short last group padded with 0);
+  // q4d, q4m (rows, groups): the group's step d and offset m as fp16, w = d q + m. m is min(w)
+  // rounded down and d = (max(w) - m) / 15 rounded up, so every |w - (d q + m)| <= d / 2.
+  std::vector<uint8_t> q4;
+  std::vector<uint16_t> q4d, q4m;
+  static constexpr int64_t kQ4Group = 32;
 
   static QMatrix from_f32(const float* W, int64_t rows, int64_t cols, WType type);
   void to_f32(float* out) const;        // the weights this matrix stands for, (rows, cols)
@@ -40,5 +47,6 @@ const char* gemv_isa();
 
 float bf16_to_f32(uint16_t h);
 uint16_t f32_to_bf16(float f);  // round to nearest even; NaN stays NaN
+float f16_to_f32(uint16_t h);   // IEEE half
 
 }  // namespace linmix
