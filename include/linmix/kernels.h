@@ -76,7 +76,7 @@ struct AftBand {
   float (*bias)(const void* ctx, int64_t t, int64_t s, int64_t bi);
   const void* ctx;
 };
-// The causal form's running sums as a state (aft_simple's state.num, den, max; (B,C) each, row
+// The causal form's running sums as a state (the AFTs' state.num, den, max; (B,C) each, row
 // b at b C): num, den are sums of e^{k_s} (v_s, 1) over the positions before the band, scaled by
 // e^{-max}. Every pointer may be null: no initial state (empty sums), final state not wanted, no
 // gradient wanted or given.
@@ -90,7 +90,7 @@ struct AftSumsIO {
 // o_out, lse_out (B,T,C), optional: o = num / den and lse = log sum_s exp(k_s + w_ts), saved
 // for the backward. sums (causal only): the running sums start from num0/den0/max0 and, with
 // numT, the sums over every position that has left the band after the last token are written
-// (aft_simple's band is empty: all of them).
+// (aft_simple's band is empty: all of them; aft_local's and aft_conv's keep their last lo rows).
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
                  bool causal, const AftBand& band, float* o_out = nullptr, float* lse_out = nullptr,
                  AftSumsIO* sums = nullptr);

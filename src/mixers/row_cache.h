@@ -21,7 +21,7 @@ namespace linmix {
 // Rows [r0, r1) of every batch of x (B, n, row).
 template <class V>
 V slice_rows(const V& x, int64_t B, int64_t n, int64_t r0, int64_t r1) {
-  const int64_t row = B * n ? int64_t(x.size()) / (B * n) : 0;
+  const int64_t row = B > 0 && n > 0 ? int64_t(x.size()) / (B * n) : 0;
   V out(size_t(B * (r1 - r0) * row));
   for (int64_t b = 0; b < B; ++b)
     std::copy(x.begin() + (b * n + r0) * row, x.begin() + (b * n + r1) * row, out.begin() + b * (r1 - r0) * row);
@@ -45,7 +45,7 @@ inline Tensor join_rows(const Tensor* before, int64_t L, const Tensor& t) {
   Tensor out;
   out.shape = t.shape;
   out.shape[1] = L + T;
-  out.data = cat_rows(before ? &before->data : nullptr, L, t.data, T, B, B * T ? t.numel() / (B * T) : 0);
+  out.data = cat_rows(before ? &before->data : nullptr, L, t.data, T, B, B > 0 && T > 0 ? t.numel() / (B * T) : 0);
   return out;
 }
 inline Tensor rows_of(const Tensor& t, int64_t r0, int64_t r1) {
