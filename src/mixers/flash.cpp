@@ -240,12 +240,7 @@ TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
     Tensor& gi = g[name];
     if (const char* st = flash_state_of(name)) {
       const std::string fin = std::string("dfinal.") + st;
-      if (c.has(fin)) {  // the final rows are copies of the joined rows' last keep
-        const Tensor& f = c.t(fin);
-        const int64_t row = gi.numel() / (d.B * n);
-        for (int64_t b = 0; b < d.B; ++b)
-          for (int64_t i = 0; i < keep * row; ++i) gi.data[size_t((b * n + n - keep) * row + i)] += f.data[size_t(b * keep * row + i)];
-      }
+      if (c.has(fin)) add_rows(gi.data, c.t(fin).data, d.B, n, n - keep, keep);  // the final rows copy the last keep
       if (s0) out[std::string("dstate.") + st] = rows_of(gi, 0, L);
     }
     out[std::string("d") + name] = rows_of(gi, L, n);

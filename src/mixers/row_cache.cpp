@@ -11,14 +11,6 @@ namespace {
 
 bool per_token(const std::string& dims) { return dims.rfind("B,T,", 0) == 0 || dims == "B,T"; }
 
-// x (B, n, row) rows [r0, r0 + m) += src (B, m, row).
-template <class V, class W>
-void add_rows(V& x, const W& src, int64_t B, int64_t n, int64_t r0, int64_t m) {
-  const int64_t row = B > 0 && m > 0 ? int64_t(src.size()) / (B * m) : 0;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < m * row; ++i) x[size_t((b * n + r0) * row + i)] += src[size_t(b * m * row + i)];
-}
-
 // One call's plan: L cache rows (0 without a state) before its T rows, n = L + T, the final
 // cache's keep rows, and the dims of the stateless call over the concatenation.
 struct Plan {

@@ -39,6 +39,14 @@ V cat_rows(const V* a, int64_t La, const V& b, int64_t Lb, int64_t B, int64_t ro
   return out;
 }
 
+// x (B, n, row) rows [r0, r0 + m) += src (B, m, row).
+template <class V, class W>
+void add_rows(V& x, const W& src, int64_t B, int64_t n, int64_t r0, int64_t m) {
+  const int64_t row = B > 0 && m > 0 ? int64_t(src.size()) / (B * m) : 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < m * row; ++i) x[size_t((b * n + r0) * row + i)] += src[size_t(b * m * row + i)];
+}
+
 // The same on tensors (B, rows, ...): `before`'s L rows (null: zeros) then t's; rows [r0, r1) of t.
 inline Tensor join_rows(const Tensor* before, int64_t L, const Tensor& t) {
   const int64_t B = t.shape[0], T = t.shape[1];
