@@ -172,8 +172,11 @@ std::map<std::string, std::vector<double>> reference_f64_all(const std::string& 
                                                              const std::map<std::string, std::vector<double>>* dout);
 // The concrete shape of symbolic dims ("B,T,C") under a call's bound dims.
 std::vector<int64_t> dims_shape(const std::string& dims, const Call& c);
-// The shape of state tensor ts after a call (spec.final_dims over the call's dims).
+// The shape of state tensor ts after a call (spec.final_dims over the call's dims); the same for
+// symbolic dims and a final_dims function (unset: the call's own dims).
 std::vector<int64_t> final_state_shape(const MixerSpec& spec, const Call& c, const TensorSpec& ts);
+std::vector<int64_t> final_state_shape(const std::function<std::map<std::string, int64_t>(const Call&)>& final_dims,
+                                       const Call& c, const std::string& dims);
 
 // N(0,1) inputs for every input of `spec` (optional ones included), sized by `dims` (B, T, H, D, E,
 // C, Tw, K, ...), passed through spec.example_fix. Deterministic in `seed`.

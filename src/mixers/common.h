@@ -172,10 +172,7 @@ void set_reference(MixerSpec& s, F f) {
   auto live = [outs](const Call& c) { return c.causal ? outs : Outs{outs.front()}; };
   // an output's shape: y by the call's dims, a final state by spec.final_dims over them (a ring grows)
   auto shape = [fd = s.final_dims](const std::string& n, const std::string& d, const Call& c) {
-    if (n == "y" || !fd) return dims_shape(d, c);
-    Call cf = c;
-    for (const auto& [k, v] : fd(c)) cf.dims[k] = v;
-    return dims_shape(d, cf);
+    return n == "y" ? dims_shape(d, c) : final_state_shape(fd, c, d);
   };
   // f's flat output split by name
   auto split = [live, shape](const Call& c, const std::vector<double>& all) {

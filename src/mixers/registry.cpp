@@ -2,6 +2,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -90,6 +91,21 @@ std::vector<std::string> split_dims(const std::string& dims) {
   return out;
 }
 
+// A symbolic dim's literal size ("1": flow's pos) or, for a letter, nullopt.
+std::optional<int64_t> literal_dim(const std::string& d) {
+  if (d.empty() || !std::isdigit(static_cast<unsigned char>(d[0]))) return std::nullopt;
+  return std::atoll(d.c_str());
+}
+// The shape of symbolic dims under bound dims (literal sizes as written).
+std::vector<int64_t> shape_of_dims(const std::string& dims, const std::map<std::string, int64_t>& bound) {
+  std::vector<int64_t> shape;
+  for (const auto& d : split_dims(dims)) {
+    shape.push_back(literal_dim(d).value_or(bound.count(d) ? bound.at(d) : -1));
+    LINMIX_CHECK(shape.back() >= 0, "dim '" + d + "' of [" + dims + "] is not bound");
+  }
+  return shape;
+}
+
 // Binds the symbolic dims of `spec` against `t`, or throws naming the tensor.
 void bind_dims(const std::string& name, const std::string& dims_text, const Tensor& t,
                std::map<std::string, int64_t>& dims) {
@@ -110,8 +126,8 @@ void bind_dims(const std::string& name, const std::string& dims_text, const Tens
                    ", found rank " + std::to_string(t.rank()) + " " + shape_str(t.shape));
   for (size_t i = 0; i < dims_v.size(); ++i) {
     const std::string& d = dims_v[i];
-    const bool literal = !d.empty() && std::isdigit(static_cast<unsigned char>(d[0]));
-    const int64_t want = literal ? std::atoll(d.c_str()) : (dims.count(d) ? dims.at(d) : -1);
+    const bool literal = literal_dim(d).has_value();
+    const int64_t want = literal_dim(d).value_or(dims.count(d) ? dims.at(d) : -1);
     if (want >= 0 && want != t.shape[i]) {
       throw Error("tensor '" + name + "': expected shape " + expected() + ", found " + shape_str(t.shape) +
                   " (dim " + std::to_string(i) + " '" + d + "' should be " + std::to_string(want) + ")");
@@ -134,21 +150,20 @@ double parse_number(const std::string& key, const std::string& value) {
 
 }  // namespace
 
-std::vector<int64_t> final_state_shape(const MixerSpec& spec, const Call& c, const TensorSpec& ts) {
-  if (!spec.final_dims) return dims_shape(ts.dims, c);
+std::vector<int64_t> final_state_shape(const std::function<std::map<std::string, int64_t>(const Call&)>& final_dims,
+                                       const Call& c, const std::string& dims) {
+  if (!final_dims) return shape_of_dims(dims, c.dims);
   std::map<std::string, int64_t> d = c.dims;
-  for (const auto& [n, v] : spec.final_dims(c)) d[n] = v;
-  std::vector<int64_t> shape;
-  for (const auto& x : split_dims(ts.dims))
-    shape.push_back(!x.empty() && std::isdigit(static_cast<unsigned char>(x[0])) ? std::stoll(x) : d.at(x));
-  return shape;
+  for (const auto& [n, v] : final_dims(c)) d[n] = v;
+  return shape_of_dims(dims, d);
+}
+
+std::vector<int64_t> final_state_shape(const MixerSpec& spec, const Call& c, const TensorSpec& ts) {
+  return final_state_shape(spec.final_dims, c, ts.dims);
 }
 
 std::vector<int64_t> dims_shape(const std::string& dims, const Call& c) {
-  std::vector<int64_t> shape;
-  for (const auto& d : split_dims(dims))  // a literal size ("1": flow's pos) or a bound dim
-    shape.push_back(!d.empty() && std::isdigit(static_cast<unsigned char>(d[0])) ? std::stoll(d) : c.d(d));
-  return shape;
+  return shape_of_dims(dims, c.dims);
 }
 
 namespace {
@@ -412,10 +427,7 @@ TensorMap example_state(const MixerSpec& spec, const std::map<std::string, int64
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const auto& ts : spec.state) {
-    std::vector<int64_t> shape;
-    for (const auto& d : split_dims(ts.dims))
-      shape.push_back(!d.empty() && std::isdigit(static_cast<unsigned char>(d[0])) ? std::stoll(d) : dims.at(d));
-    Tensor t(shape);
+    Tensor t(shape_of_dims(ts.dims, dims));
     for (auto& x : t.data) x = normal(rng);
     out["state." + ts.name] = std::move(t);
   }
