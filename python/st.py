@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-_DT = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64}
+_DT = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I8": np.int8, "U8": np.uint8}
 
 
 def save(path, tensors, metadata=None, dtype="F32"):
@@ -28,6 +28,13 @@ def save(path, tensors, metadata=None, dtype="F32"):
             f.write(b)
 
 
+def header(path):
+    """The JSON header: name -> {"dtype", "shape", "data_offsets"}, and "__metadata__"."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
 def load(path):
     with open(path, "rb") as f:
         raw = f.read()
@@ -39,5 +46,9 @@ def load(path):
         if name == "__metadata__":
             continue
         b, en = e["data_offsets"]
+        if e["dtype"] == "BF16":  # the upper half of a float32
+            h = np.frombuffer(data[b:en], dtype=np.uint16).astype(np.uint32) << 16
+            out[name] = h.view(np.float32).reshape(e["shape"]).copy()
+            continue
         out[name] = np.frombuffer(data[b:en], dtype=_DT[e["dtype"]]).reshape(e["shape"]).copy()
     return out

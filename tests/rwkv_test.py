@@ -63,6 +63,31 @@ MODES = [("parallel", []), ("recurrent", []), ("sequence", ["--chunk", "1"]), ("
          ("sequence", ["--chunk", "100"]), ("decode", [])]
 
 
+def dequantize(path):
+    """The matrices a `linmix convert` file holds converted, as float32, read from the layout
+    src/model/packed.cpp documents: bf16 NAME (BF16); int8 NAME (I8) times NAME.scale (F32, a row's);
+    q4 NAME (U8 [R, G, 16]: value i of a group in the low nibble of byte i, value 16 + i in the high
+    one) with NAME.q4_d and NAME.q4_m (F16 [R, G]): w = d q + m."""
+    h, t = st.header(path), st.load(path)
+    kind = h["__metadata__"]["linmix_packed"]
+    out = {}
+    for n, e in h.items():
+        if n == "__metadata__" or e["dtype"] not in ("BF16", "I8", "U8"):
+            continue
+        if kind == "bf16":
+            out[n] = t[n]
+        elif kind == "int8":
+            out[n] = t[n].astype(np.float32) * t[n + ".scale"][:, None]
+        else:
+            b = t[n]
+            q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)  # [R, G, 32]
+            d = t[n + ".q4_d"].astype(np.float32)[:, :, None]
+            m = t[n + ".q4_m"].astype(np.float32)[:, :, None]
+            R, G = d.shape[:2]
+            out[n] = (d * q + m).reshape(R, G * 32)  # a short last group: padded columns past the row
+    return out
+
+
 def every_mode():
     tokens = [int(x) for x in np.random.default_rng(1).integers(0, 61, 150)]
     for layout, (V, C, L, H) in CASES.items():
@@ -96,6 +121,22 @@ def every_mode():
                 far = float(np.abs(refq - ref).max()) / scale
                 check(f"{name}: logits vs PyTorch float64 of the {dt}-rounded weights", e <= 1e-4,
                       f"max rel err {e:.2e} (rounding itself moves them {far:.2e})")
+            # linmix convert: the file holds exactly those rounded weights (read here from the
+            # documented layout), and runs without --dtype
+            conv = os.path.join(TMP, f"conv.{dt}.safetensors")
+            r = subprocess.run([LINMIX, "convert", path, "--dtype", dt, "--out", conv, "--force"], capture_output=True, text=True)
+            check(f"{layout}: linmix convert --dtype {dt}", r.returncode == 0, r.stderr.strip())
+            if r.returncode == 0:
+                held = dequantize(conv)
+                want = {n: t.float().numpy() for n, t in rwkv4_ref.quantize(w, dt).items() if n in held}
+                ok = len(held) > 0 and sorted(held) == sorted(n for n in w if n == "head.weight" or n.endswith(rwkv4_ref.QUANTIZED))
+                diff = max(float(np.abs(held[n][:, :want[n].shape[1]] - want[n]).max()) for n in held) if ok else 1.0
+                check(f"{layout}: the {dt} file's matrices (read by st.py) are the {dt}-rounded weights", ok and diff <= 1e-6,
+                      f"{len(held)} matrices, max abs diff {diff:.1e}")
+                got, err = logits(conv, tokens, "decode", [])
+                e = float(np.abs(got - refq).max()) / scale if got is not None else 1.0
+                check(f"{layout}: the {dt} file, decode: logits vs PyTorch float64 of the {dt}-rounded weights", e <= 1e-4,
+                      err or f"max rel err {e:.2e}")
         if layout in ("5.2", "6.0"):  # Hugging Face names
             got, err = logits(save(to_hf(w), "hf.safetensors"), tokens[:40], "sequence", ["--chunk", "16"])
             e = float(np.abs(got - ref[:40]).max()) / scale if got is not None else 1.0

@@ -11,7 +11,10 @@
 
 #include "../src/kernels/gemv.h"
 #include "linmix/model.h"
+#include "linmix/engine.h"
 #include "linmix/rwkv4.h"
+#include "linmix/safetensors.h"
+#include "linmix/train.h"
 #include "test_util.h"
 
 using namespace linmix;
@@ -352,4 +355,128 @@ TEST(Engines, TakingTheWeightsEqualsCopyingThem) {
       EXPECT_THROW(given->step(1, st, lg.data()), Error) << what;
       EXPECT_NO_THROW(kept->step(1, st, lg.data())) << what;
     }
+}
+
+// ---- converted checkpoints (linmix convert, src/model/packed.cpp): the file holds the engine's
+// matrices as the engine would have converted them; loading it gives an engine whose logits and
+// states equal, bit for bit, the engine built from the FP32 model in that type, with no FP32
+// matrix resident; every damaged piece is refused by name.
+
+namespace {
+std::vector<std::function<std::unique_ptr<Model>()>> engine_models() {
+  std::vector<std::function<std::unique_ptr<Model>()>> makers = {[] { return rwkv_model(); },
+                                                                  [] { return mamba_model("mamba"); },
+                                                                  [] { return mamba_model("mamba2"); }};
+  for (const char* v : {"5", "6", "7"}) makers.push_back([v] { return rwkvx_model(v, 40, 2); });
+  return makers;
+}
+
+std::string expect_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no Error thrown";
+  return "";
+}
+}  // namespace
+
+TEST(ConvertedCheckpoint, LoadsAsTheEngineConvertsEveryModelAndType) {
+  const std::string dir = test::tmp_dir();
+  const std::vector<int32_t> toks = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5};
+  for (const auto& make : engine_models())
+    for (WType wt : {WType::BF16, WType::I8, WType::Q4}) {
+      auto m = make();
+      const std::string what = m->config().layers[0].mixer + " " + wtype_name(wt);
+      const std::string src = dir + "/src.safetensors", out = dir + "/out.safetensors";
+      save_checkpoint(src, *m, AdamW{}, 12, "{}");
+      convert_checkpoint(src, out, wt, true);
+      Checkpoint ck = load_checkpoint(out);
+      ASSERT_TRUE(ck.model->packed()) << what;
+      EXPECT_EQ(ck.model->num_params(), m->num_params()) << what;
+      EXPECT_EQ(ck.step, 12) << what;
+      int64_t held = 0;  // the FP32 values loaded: no matrix among them
+      for (const auto& [n, t] : ck.model->params()) held += t.numel();
+      EXPECT_LT(double(held), 0.8 * double(m->num_params())) << what;
+      EXPECT_EQ(resolve_wtype(*ck.model, ""), wt) << what;
+      const auto want = make_engine(*m, wt);
+      const auto got = make_engine(*ck.model, resolve_wtype(*ck.model, ""), true);
+      const int64_t V = m->config().vocab, T = int64_t(toks.size());
+      std::vector<float> la(size_t(T * V)), lb(size_t(T * V));
+      Model::State sa = want->new_state(), sb = got->new_state();
+      want->sequence(toks.data(), T, sa, la.data(), true);
+      got->sequence(toks.data(), T, sb, lb.data(), true);
+      EXPECT_EQ(la, lb) << what;
+      want->step(2, sa, la.data()), got->step(2, sb, lb.data());
+      EXPECT_TRUE(std::equal(la.begin(), la.begin() + V, lb.begin())) << what;
+      const TensorMap ta = m->state_tensors(sa), tb = m->state_tensors(sb);
+      for (const auto& [n, t] : ta) EXPECT_EQ(t.data, tb.at(n).data) << what << " " << n;
+    }
+}
+
+TEST(ConvertedCheckpoint, RunsOnlyInItsTypeAndOnlyInTheEngine) {
+  const std::string dir = test::tmp_dir();
+  auto m = rwkvx_model("6", 40, 2);
+  save_checkpoint(dir + "/src.safetensors", *m, AdamW{}, 0, "{}");
+  convert_checkpoint(dir + "/src.safetensors", dir + "/q.safetensors", WType::I8, false);
+  Checkpoint ck = load_checkpoint(dir + "/q.safetensors");
+  EXPECT_NE(expect_error([&] { resolve_wtype(*ck.model, "q4"); }).find("--dtype int8"), std::string::npos);
+  EXPECT_NE(expect_error([&] { make_engine(*ck.model, WType::F32); }).find("--dtype int8"), std::string::npos);
+  std::vector<float> lg(50);
+  Model::State st = ck.model->new_state();
+  EXPECT_NE(expect_error([&] { ck.model->step(1, st, lg.data()); }).find("stored as int8"), std::string::npos);
+  const int32_t t[2] = {1, 2};
+  EXPECT_NE(expect_error([&] { ck.model->logits(t, 1, 2); }).find("linmix convert"), std::string::npos);
+  // not over an existing file without force, not from a converted file, not into its input
+  EXPECT_NE(expect_error([&] { convert_checkpoint(dir + "/src.safetensors", dir + "/q.safetensors", WType::Q4, false); })
+                .find("--force"), std::string::npos);
+  EXPECT_NE(expect_error([&] { convert_checkpoint(dir + "/q.safetensors", dir + "/r.safetensors", WType::Q4, false); })
+                .find("already converted"), std::string::npos);
+  EXPECT_NE(expect_error([&] { convert_checkpoint(dir + "/src.safetensors", dir + "/src.safetensors", WType::Q4, true); })
+                .find("is the input"), std::string::npos);
+  Model softmax(ModelConfig::from_json(R"({"vocab": 20, "d_model": 16, "n_layer": 1, "mixer": "softmax"})"));
+  save_checkpoint(dir + "/sm.safetensors", softmax, AdamW{}, 0, "{}");
+  EXPECT_NE(expect_error([&] { convert_checkpoint(dir + "/sm.safetensors", dir + "/r.safetensors", WType::I8, false); })
+                .find("no inference engine"), std::string::npos);
+}
+
+TEST(ConvertedCheckpoint, RefusesEveryDamagedPieceByName) {
+  const std::string dir = test::tmp_dir();
+  auto m = rwkv_model();
+  save_checkpoint(dir + "/src.safetensors", *m, AdamW{}, 0, "{}");
+  const std::string W = "blocks.1.ffn.key.weight";  // [160, 40]: two Q4 groups a row, the second short
+  // (type, the damage, what the message must name)
+  struct Case {
+    WType t;
+    std::function<void(SafeTensors&)> damage;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {WType::I8, [&](SafeTensors& s) { s.tensors.erase(W + ".scale"); }, W + ".scale' is missing"},
+      {WType::I8, [&](SafeTensors& s) { s.tensors.at(W + ".scale").data[3] = -1.0f; }, W + ".scale': a scale"},
+      {WType::I8, [&](SafeTensors& s) { s.tensors.at(W + ".scale").data[3] = NAN; }, W + ".scale': a scale"},
+      {WType::I8, [&](SafeTensors& s) { s.raw.at(W).shape = {40, 40}; s.raw.at(W).bytes.resize(1600); }, "expected I8 [160,40]"},
+      {WType::I8, [&](SafeTensors& s) { s.raw.erase(W); s.tensors[W] = Tensor({160, 40}); }, W + ".scale' is no parameter"},
+      {WType::I8, [&](SafeTensors& s) { s.raw["stray"] = RawTensor{"U8", {2}, {1, 2}}; }, "'stray' (U8) is no parameter"},
+      {WType::I8, [&](SafeTensors& s) { s.metadata["linmix_packed"] = "q5"; }, "unknown weight type 'q5'"},
+      {WType::BF16, [&](SafeTensors& s) { s.raw.at(W).bytes[7] = 0x7f, s.raw.at(W).bytes[6] = 0x80; }, W + "': a non-finite"},
+      {WType::BF16, [&](SafeTensors& s) { s.raw.at(W).dtype = "F16"; }, "expected BF16"},
+      {WType::Q4, [&](SafeTensors& s) { s.raw.erase(W + ".q4_m"); }, W + ".q4_m' is missing"},
+      {WType::Q4, [&](SafeTensors& s) { s.raw.at(W + ".q4_d").bytes[1] = 0xbc; }, W + ".q4_d': a negative step"},
+      {WType::Q4, [&](SafeTensors& s) { s.raw.at(W + ".q4_m").bytes[1] = 0x7c; }, W + ".q4_m': a non-finite"},
+      {WType::Q4, [&](SafeTensors& s) { s.raw.at(W).shape = {160, 1, 16}; s.raw.at(W).bytes.resize(160 * 16); }, "expected U8 [160,2,16]"},
+      {WType::Q4, [&](SafeTensors& s) { s.metadata.erase("linmix_packed"); }, "is U8: a checkpoint's tensors are floats"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    SCOPED_TRACE(i);
+    const std::string good = dir + "/good.safetensors", bad = dir + "/bad.safetensors";
+    convert_checkpoint(dir + "/src.safetensors", good, cases[i].t, true);
+    SafeTensors s = read_safetensors(good);
+    ASSERT_NO_THROW(load_checkpoint(good));
+    cases[i].damage(s);
+    write_safetensors(bad, s.tensors, s.raw, s.metadata);
+    const std::string msg = expect_error([&] { load_checkpoint(bad); });
+    EXPECT_NE(msg.find(cases[i].says), std::string::npos) << msg;
+  }
 }

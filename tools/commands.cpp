@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "linmix/bench.h"
+#include "linmix/engine.h"
 #include "linmix/generate.h"
 #include "linmix/hippo.h"
 #include "linmix/kernels.h"
@@ -81,6 +82,8 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
   (void)spec;
   const auto kv = parse_params(params);
   const SafeTensors in = read_safetensors(in_path);
+  for (const auto& [n, r] : in.raw)
+    throw Error(in_path + ": tensor '" + n + "' is " + r.dtype + ": the mixers read F32, F16 or BF16 tensors");
   const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad);
   write_safetensors(out_path, out,
                     {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}});
@@ -433,6 +436,16 @@ int cmd_info(const std::string& path) {
   std::printf("%s\n  kind:       %s\n  config:     %s\n  parameters: %lld\n  tokenizer:  %s\n  step:       %lld\n",
               path.c_str(), ck.kind.c_str(), c.to_json().c_str(),
               static_cast<long long>(ck.model->num_params()), ck.tokenizer.c_str(), static_cast<long long>(ck.step));
+  return 0;
+}
+
+int cmd_convert(const std::string& in, const std::string& out, const std::string& dtype, bool force) {
+  refuse_same(out, {in}, "--out");
+  const auto t0 = std::chrono::steady_clock::now();
+  convert_checkpoint(in, out, parse_wtype(dtype), force);
+  std::printf("%s: %s weights, %.1f MB (%.2f s)\n", out.c_str(), dtype.c_str(),
+              double(std::filesystem::file_size(out)) / 1e6,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return 0;
 }
 

@@ -25,6 +25,7 @@ int cmd_tokenize(const std::string& tokenizer, const std::string& text, const st
 int cmd_grad(const std::string& model_path, const std::string& tokens, const std::string& targets, const std::string& labels, const std::string& lengths, int64_t batch, const std::string& out_path);
 int cmd_logits(const std::string& model_path, const std::string& tokens, const std::string& mode, int64_t chunk, const std::string& dtype, const std::string& out_path);
 int cmd_info(const std::string& path);
+int cmd_convert(const std::string& in, const std::string& out, const std::string& dtype, bool force);
 int cmd_bench(bool model, const ModelBenchOptions& mbo, const MixerBenchOptions& xbo);
 int cmd_features(int64_t M, int64_t D, uint64_t seed, const std::string& out);
 int cmd_hippo(int64_t N);

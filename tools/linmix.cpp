@@ -146,9 +146,10 @@ int main(int argc, char** argv) {
   gen->add_option("--tokenizer", tokenizer_path, "bytes, an RWKV World vocabulary, or a Hugging Face tokenizer.json (byte-level BPE); default: the one the checkpoint names, else bytes");
   gen->add_option("--state-in", state_in, "continue from a saved state (safetensors)");
   gen->add_option("--state-out", state_out, "save the final state (safetensors, written atomically)");
-  std::string dtype = "f32";
-  gen->add_option("--dtype", dtype, "weights of the inference engine: f32 | bf16 | int8 | q4 (RWKV and Mamba models)")
-      ->capture_default_str();
+  std::string dtype;  // "": the checkpoint's own (the type linmix convert stored, else f32)
+  const std::string dtype_help = "weights of the inference engine: f32 | bf16 | int8 | q4 (RWKV and Mamba models); "
+                                 "default: the checkpoint's (the type linmix convert stored it in, else f32)";
+  gen->add_option("--dtype", dtype, dtype_help);
 
   auto* tok = app.add_subcommand("tokenize", "encode text to token ids (or --decode ids to text)");
   std::string tok_text, tok_file, tok_decode;
@@ -175,8 +176,7 @@ int main(int argc, char** argv) {
   ev->add_option("--tokenizer", tokenizer_path, "bytes, or the model's tokenizer (tokenizer.json or an RWKV World vocabulary); default: the one the checkpoint names, else bytes");
   ev->add_option("--mode", eval_mode, "parallel | recurrent | sequence (the RWKV-4 engine; all agree)")
       ->capture_default_str();
-  ev->add_option("--dtype", dtype, "weights of the inference engine (sequence mode): f32 | bf16 | int8 | q4")
-      ->capture_default_str();
+  ev->add_option("--dtype", dtype, "sequence mode: " + dtype_help);
   int64_t eval_pairs = 0;
   ev->add_option("--pairs", eval_pairs, "a recall model: key-value pairs per sequence (0: seq/4)")
       ->check(CLI::Range(int64_t(0), int64_t(1) << 20));
@@ -194,7 +194,7 @@ int main(int argc, char** argv) {
   lg->add_option("--chunk", logits_chunk, "sequence mode: tokens per call, the state carried between calls")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  lg->add_option("--dtype", dtype, "weights of the inference engine: f32 | bf16 | int8 | q4")->capture_default_str();
+  lg->add_option("--dtype", dtype, "sequence and decode modes: " + dtype_help);
   lg->add_option("--out", out_path, "output safetensors (tensor 'logits' [T,V])")->required();
 
   auto* gr = app.add_subcommand("grad", "mean loss and every parameter's gradient on given tokens (for cross-checks)");
@@ -209,6 +209,14 @@ int main(int argc, char** argv) {
   gr->add_option("--batch", grad_batch, "B")->capture_default_str()->check(CLI::PositiveNumber);
   gr->add_option("--out", out_path, "output safetensors: d<param> for every trained parameter")->required();
 
+  auto* cv = app.add_subcommand("convert", "write a checkpoint with the inference engine's weights already in a type "
+                                           "(loading then reads them as they are)");
+  std::string cv_in, cv_out, cv_dtype;
+  bool cv_force = false;
+  cv->add_option("model", cv_in, "checkpoint (linmix, or an RWKV / Mamba checkpoint the engine runs)")->required();
+  cv->add_option("--dtype", cv_dtype, "bf16 | int8 | q4 (the engine's matrices), or f32 (the FP32 model under linmix's names)")->required();
+  cv->add_option("--out", cv_out, "output safetensors (written atomically)")->required();
+  cv->add_flag("--force", cv_force, "replace --out if it exists");
   auto* info = app.add_subcommand("info", "a checkpoint's config, parameter count, tokenizer and step");
   info->add_option("model", model_path, "checkpoint (linmix, or an RWKV-4 safetensors file)")->required();
 
@@ -285,6 +293,7 @@ int main(int argc, char** argv) {
   if (threads > 0) set_threads(threads);
   try {
     if (*info) return cmd_info(model_path);
+    if (*cv) return cmd_convert(cv_in, cv_out, cv_dtype, cv_force);
     if (*mix) refuse_same(out_path, {in_path}, "--out");
     if (*gen) refuse_same(state_out, {model_path, state_in, tokenizer_path}, "--state-out");
     if (*lg || *gr) refuse_same(out_path, {model_path}, "--out");

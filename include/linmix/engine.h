@@ -45,4 +45,13 @@ std::unique_ptr<Engine> make_engine(const Model& m, WType wtype);
 // step refuse to run (Model::release_weights).
 std::unique_ptr<Engine> make_engine(Model& m, WType wtype, bool take_weights);
 
+// The weight type to run m with: `dtype` ("f32" | "bf16" | "int8" | "q4"), or "" for the model's
+// own (the type of a `linmix convert` file, else f32). A converted model runs only in its type.
+WType resolve_wtype(const Model& m, const std::string& dtype);
+// `linmix convert`: the checkpoint `in` (linmix, or an RWKV / Mamba checkpoint the engine runs)
+// written to `out` with every matrix of the engine already in type t, as the engine converts it,
+// so that loading `out` reads the weights as they are (src/model/packed.cpp has the layout);
+// t = f32 writes the FP32 model under linmix's names. `out` is replaced only with force.
+void convert_checkpoint(const std::string& in, const std::string& out, WType t, bool force);
+
 }  // namespace linmix

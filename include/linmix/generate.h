@@ -18,7 +18,7 @@ struct GenerateOptions {
   int64_t tokens = 200;
   SampleOptions sample;
   std::string tokenizer = "bytes";  // bytes, an RWKV World vocabulary, or a tokenizer.json
-  std::string dtype = "f32";        // weights of the RWKV-4 engine (RWKV-4 models only)
+  std::string dtype;  // weights of the inference engine; "": the model's own (resolve_wtype)
   std::string state_in, state_out;  // continue from / save the state (safetensors)
 };
 struct GenerateResult {

@@ -86,6 +86,8 @@ struct ModelConfig {
 // Names of the parameters that are fixed buffers, not trained (performer's features).
 bool is_buffer_param(const std::string& name);
 
+struct PackedWeights;  // kernels/gemv.h: the engine's matrices, pre-converted (linmix convert)
+
 class Model {
  public:
   explicit Model(ModelConfig cfg) : Model(std::move(cfg), true) {}
@@ -104,6 +106,11 @@ class Model {
   // state functions stay, forward and step refuse to run.
   void release_weights();
   int64_t num_params() const;
+  // A model read from a `linmix convert` file: the engine's matrices are held here in their
+  // type (BF16 / INT8 / Q4), the params of those names have a shape and no values; only an
+  // inference engine runs it (forward and step refuse, saying so).
+  void set_packed(std::shared_ptr<PackedWeights> p) { packed_ = std::move(p); }
+  PackedWeights* packed() const { return packed_.get(); }
 
   // inputs, targets: (B,T) tokens (targets < 0 are not counted). Returns the mean loss over
   // counted positions; with grads, adds d(mean loss)/d(param) * grad_scale into them.
@@ -157,6 +164,8 @@ class Model {
   ModelConfig cfg_;
   TensorMap params_;
   bool released_ = false;  // release_weights() ran
+  std::shared_ptr<PackedWeights> packed_;
+  void check_weights() const;  // the FP32 paths: refuses a released or packed model
   std::unique_ptr<Acts> acts_;
   std::vector<std::unique_ptr<MixerLayer>> layers_;
 };

@@ -4,8 +4,10 @@
 // relative to the data section) plus an optional "__metadata__" string map.
 //
 // Reading validates everything against the file size before any data is touched: header
-// length, JSON syntax, dtype (F32; F16 and BF16 are widened to float32), shape, offsets
-// in range, byte count == numel * itemsize, and no two tensors overlapping.
+// length, JSON syntax, dtype (F32; F16 and BF16 are widened to float32; I8 and U8 are kept as
+// bytes, and so are F16 / BF16 in a file whose metadata has "linmix_packed": the engine's
+// pre-converted weights, `linmix convert`), shape, offsets in range, byte count == numel *
+// itemsize, and no two tensors overlapping.
 // Writing is atomic: a temporary file in the same directory, fsync, then rename.
 #pragma once
 #include <map>
@@ -17,8 +19,16 @@
 
 namespace linmix {
 
+// A tensor kept as the file's bytes (little-endian, row-major).
+struct RawTensor {
+  std::string dtype;  // "I8" | "U8" | "F16" | "BF16"
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+
 struct SafeTensors {
   TensorMap tensors;
+  std::map<std::string, RawTensor> raw;
   std::map<std::string, std::string> metadata;
 };
 
@@ -29,6 +39,9 @@ std::string serialize_safetensors(const TensorMap& tensors,
                                   const std::map<std::string, std::string>& metadata = {});
 void write_safetensors(const std::string& path, const TensorMap& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+// The same with raw tensors beside the F32 ones (names must differ between the two maps).
+void write_safetensors(const std::string& path, const TensorMap& tensors, const std::map<std::string, RawTensor>& raw,
+                       const std::map<std::string, std::string>& metadata);
 
 // Writes `bytes` to `path` atomically (temp file in the same directory + fsync + rename).
 void write_file_atomic(const std::string& path, const std::string& bytes);

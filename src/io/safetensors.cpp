@@ -1,5 +1,7 @@
 #include "linmix/safetensors.h"
 
+#include <cstdint>
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -87,6 +89,15 @@ SafeTensors parse_view(std::string_view bytes, const std::string& what,
   const char* data = bytes.data() + 8 + n;
 
   SafeTensors out;
+  if (h.contains("__metadata__")) {  // first: it decides how 16-bit tensors are kept
+    const json& e = h["__metadata__"];
+    LINMIX_CHECK(e.is_object(), what + ": __metadata__ is not an object");
+    for (auto m = e.begin(); m != e.end(); ++m) {
+      LINMIX_CHECK(m.value().is_string(), what + ": __metadata__ value '" + m.key() + "' is not a string");
+      out.metadata[m.key()] = m.value().get<std::string>();
+    }
+  }
+  const bool packed = out.metadata.count("linmix_packed") > 0;
   struct Range {
     uint64_t b, e;
     std::string name;
@@ -95,14 +106,7 @@ SafeTensors parse_view(std::string_view bytes, const std::string& what,
   for (auto it = h.begin(); it != h.end(); ++it) {
     const std::string& name = it.key();
     const json& e = it.value();
-    if (name == "__metadata__") {
-      LINMIX_CHECK(e.is_object(), what + ": __metadata__ is not an object");
-      for (auto m = e.begin(); m != e.end(); ++m) {
-        LINMIX_CHECK(m.value().is_string(), what + ": __metadata__ value '" + m.key() + "' is not a string");
-        out.metadata[m.key()] = m.value().get<std::string>();
-      }
-      continue;
-    }
+    if (name == "__metadata__") continue;
     const std::string tn = what + ": tensor '" + name + "'";
     LINMIX_CHECK(e.is_object() && e.contains("dtype") && e.contains("shape") && e.contains("data_offsets"),
                  tn + ": entry must have dtype, shape and data_offsets");
@@ -111,7 +115,8 @@ SafeTensors parse_view(std::string_view bytes, const std::string& what,
     size_t item = 0;
     if (dtype == "F32") item = 4;
     else if (dtype == "F16" || dtype == "BF16") item = 2;
-    else throw Error(tn + ": unsupported dtype " + dtype + " (expected F32, F16 or BF16)");
+    else if (dtype == "I8" || dtype == "U8") item = 1;
+    else throw Error(tn + ": unsupported dtype " + dtype + " (expected F32, F16, BF16, I8 or U8)");
     LINMIX_CHECK(e["shape"].is_array(), tn + ": shape is not an array");
     std::vector<int64_t> shape;
     uint64_t numel = 1;
@@ -134,6 +139,17 @@ SafeTensors parse_view(std::string_view bytes, const std::string& what,
                                              " bytes but shape " + shape_str(shape) + " of " + dtype +
                                              " needs " + std::to_string(numel * item));
     ranges.push_back({b, en, name});
+    LINMIX_CHECK(!out.tensors.count(name) && !out.raw.count(name), tn + ": named twice");
+    if (item == 1 || (item == 2 && packed)) {  // kept as bytes, one copy
+      RawTensor r{dtype, shape, std::vector<uint8_t>(size_t(en - b))};
+      for (uint64_t i0 = 0; i0 < en - b; i0 += 4 * kSlice) {
+        const uint64_t i1 = std::min(en - b, i0 + 4 * kSlice);
+        std::memcpy(r.bytes.data() + i0, data + b + i0, size_t(i1 - i0));
+        if (done) done(data + b + i0, size_t(i1 - i0));
+      }
+      out.raw[name] = std::move(r);
+      continue;
+    }
     Tensor t;
     t.shape = shape;
     t.data.reserve(numel);  // filled by appending: no zero-fill pass before the copy
@@ -220,18 +236,43 @@ SafeTensors read_safetensors(const std::string& path) {
 }
 
 namespace {
-// The header of a safetensors file of `tensors` (8-byte length, JSON padded so the data section
-// is 8-byte aligned); the data section is the tensors' values in name order.
-std::string safetensors_header(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
-  json h = json::object();
-  if (!metadata.empty()) h["__metadata__"] = metadata;
-  uint64_t off = 0;
+// The header of a safetensors file of `tensors` and `raw` (8-byte length, JSON padded so the data
+// section is 8-byte aligned); the data section is the tensors' bytes in name order (both maps merged).
+struct Piece {
+  const std::string* name;
+  const char* data;
+  uint64_t bytes;
+};
+std::vector<Piece> pieces_of(const TensorMap& tensors, const std::map<std::string, RawTensor>& raw) {
+  std::vector<Piece> p;
   for (const auto& [name, t] : tensors) {
     LINMIX_CHECK(static_cast<int64_t>(t.data.size()) == numel_of(t.shape),
                  "tensor '" + name + "': data size does not match shape " + shape_str(t.shape));
-    const uint64_t nb = t.data.size() * 4;
-    h[name] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {off, off + nb}}};
-    off += nb;
+    LINMIX_CHECK(!raw.count(name), "tensor '" + name + "' given twice (float and raw)");
+    p.push_back({&name, reinterpret_cast<const char*>(t.data.data()), t.data.size() * 4});
+  }
+  for (const auto& [name, r] : raw) {
+    const uint64_t item = r.dtype == "I8" || r.dtype == "U8" ? 1 : r.dtype == "F16" || r.dtype == "BF16" ? 2 : 0;
+    LINMIX_CHECK(item > 0, "tensor '" + name + "': unsupported raw dtype " + r.dtype);
+    LINMIX_CHECK(r.bytes.size() == uint64_t(numel_of(r.shape)) * item,
+                 "tensor '" + name + "': " + std::to_string(r.bytes.size()) + " bytes do not match shape " + shape_str(r.shape));
+    p.push_back({&name, reinterpret_cast<const char*>(r.bytes.data()), r.bytes.size()});
+  }
+  std::sort(p.begin(), p.end(), [](const Piece& a, const Piece& b) { return *a.name < *b.name; });
+  return p;
+}
+
+std::string safetensors_header(const TensorMap& tensors, const std::map<std::string, RawTensor>& raw,
+                               const std::map<std::string, std::string>& metadata) {
+  json h = json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  uint64_t off = 0;
+  for (const Piece& p : pieces_of(tensors, raw)) {
+    const auto r = raw.find(*p.name);
+    h[*p.name] = {{"dtype", r == raw.end() ? std::string("F32") : r->second.dtype},
+                  {"shape", r == raw.end() ? tensors.at(*p.name).shape : r->second.shape},
+                  {"data_offsets", {off, off + p.bytes}}};
+    off += p.bytes;
   }
   std::string hs = h.dump();
   while ((hs.size() + 8) % 8) hs.push_back(' ');  // keep the data section 8-byte aligned
@@ -243,7 +284,7 @@ std::string safetensors_header(const TensorMap& tensors, const std::map<std::str
 }  // namespace
 
 std::string serialize_safetensors(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
-  std::string out = safetensors_header(tensors, metadata);
+  std::string out = safetensors_header(tensors, {}, metadata);
   size_t total = out.size();
   for (const auto& [name, t] : tensors) total += t.data.size() * 4;
   out.reserve(total);
@@ -307,10 +348,15 @@ void write_pieces_atomic(const std::string& path, const std::vector<std::pair<co
 
 void write_safetensors(const std::string& path, const TensorMap& tensors,
                        const std::map<std::string, std::string>& metadata) {
-  // the header, then each tensor's values straight from its buffer (no copy of the whole file)
-  const std::string header = safetensors_header(tensors, metadata);
+  write_safetensors(path, tensors, {}, metadata);
+}
+
+void write_safetensors(const std::string& path, const TensorMap& tensors, const std::map<std::string, RawTensor>& raw,
+                       const std::map<std::string, std::string>& metadata) {
+  // the header, then each tensor's bytes straight from its buffer (no copy of the whole file)
+  const std::string header = safetensors_header(tensors, raw, metadata);
   std::vector<std::pair<const char*, size_t>> pieces = {{header.data(), header.size()}};
-  for (const auto& [name, t] : tensors) pieces.emplace_back(reinterpret_cast<const char*>(t.data.data()), t.data.size() * 4);
+  for (const Piece& p : pieces_of(tensors, raw)) pieces.emplace_back(p.data, size_t(p.bytes));
   write_pieces_atomic(path, pieces);
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,15 @@ struct QMatrix {
   static QMatrix from_f32(const float* W, int64_t rows, int64_t cols, WType type);
   void to_f32(float* out) const;        // the weights this matrix stands for, (rows, cols)
   size_t bytes() const;                 // storage read by one gemv (weights + scales)
+};
+
+// The engine's matrices already in one weight type, by parameter name: read from a file that
+// `linmix convert` wrote (Model::packed), or being recorded while an engine converts a model's
+// FP32 weights (recording: convert_checkpoint).
+struct PackedWeights {
+  WType type = WType::F32;
+  std::map<std::string, QMatrix> mats;
+  bool recording = false;
 };
 
 // y (rows) = W x. Parallel over row blocks (OpenMP).

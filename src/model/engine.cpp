@@ -45,6 +45,7 @@ namespace {
 std::unique_ptr<Engine> build(const Model& m, WType wtype, bool take) {
   std::string why;
   LINMIX_CHECK(engine_supports(m.config(), &why), "no inference engine runs this model: " + why);
+  resolve_wtype(m, wtype_name(wtype));  // a converted model: only its own type
   const std::string& mixer = m.config().layers[0].mixer;
   if (mixer == "rwkv4") return std::make_unique<Rwkv4Engine>(m, wtype, take);
   if (mixer == "mamba") return mamba_engine(m, wtype, take);

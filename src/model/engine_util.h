@@ -76,14 +76,15 @@ inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, boo
 class Weights {
  public:
   // take: the caller gave up m's weights (make_engine(Model&, WType, true): m is not const there)
-  Weights(const Model& m, bool take) : W_(const_cast<TensorMap&>(m.params())), take_(take) {}
+  Weights(const Model& m, bool take) : W_(const_cast<TensorMap&>(m.params())), take_(take), packed_(m.packed()) {}
   bool has(const std::string& n) const { return W_.count(n) > 0; }
   // shape only (a taken tensor keeps its shape)
   const Tensor& at(const std::string& n) const { return W_.at(n); }
   // its values, for a read that does not take them (LoRAs); a tensor already taken is an error
   const float* ptr(const std::string& n) const {
     const Tensor& t = W_.at(n);
-    LINMIX_CHECK(numel_of(t.shape) == 0 || !t.data.empty(), "engine: weight '" + n + "' read after it was taken");
+    LINMIX_CHECK(numel_of(t.shape) == 0 || !t.data.empty(),
+                 "engine: weight '" + n + "' has no FP32 values (taken already, or stored converted)");
     return t.ptr();
   }
   std::vector<float> vec(const std::string& n) {
@@ -91,8 +92,19 @@ class Weights {
     Tensor& t = W_.at(n);
     return take_ ? std::move(t.data) : t.data;
   }
-  // the matrix `n` in weight type t
+  // the matrix `n` in weight type t: as the model's packed weights hold it (a `linmix convert`
+  // file; taken or copied), else converted from its FP32 values (and recorded when converting)
   QMatrix mat(const std::string& n, WType t) {
+    if (packed_ && !packed_->recording && packed_->mats.count(n)) {
+      LINMIX_CHECK(packed_->type == t, std::string("the model's weights are stored as ") + wtype_name(packed_->type) +
+                                           " (linmix convert): run it with --dtype " + wtype_name(packed_->type) +
+                                           ", not " + wtype_name(t));
+      QMatrix& q = packed_->mats.at(n);
+      if (!take_) return q;
+      QMatrix out = std::move(q);
+      packed_->mats.erase(n);
+      return out;
+    }
     const float* p = ptr(n);
     Tensor& x = W_.at(n);
     QMatrix q;
@@ -101,6 +113,7 @@ class Weights {
       return q;
     }
     q = QMatrix::from_f32(p, x.shape[0], x.shape[1], t);
+    if (packed_ && packed_->recording) packed_->mats[n] = q;
     if (take_) std::vector<float>().swap(x.data);
     return q;
   }
@@ -108,6 +121,7 @@ class Weights {
  private:
   TensorMap& W_;
   bool take_;
+  PackedWeights* packed_;
 };
 // X (n, C) = the embedding rows of the tokens.
 inline void embed_rows(float* X, const std::vector<float>& emb, const int32_t* tokens, int64_t n, int64_t C) {

@@ -22,6 +22,7 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
   Model::State st = m.new_state();
   if (!o.state_in.empty()) {
     SafeTensors s = read_safetensors(o.state_in);
+    LINMIX_CHECK(s.raw.empty(), o.state_in + ": a state's tensors are floats (F32, F16 or BF16)");
     // compared as models, not as text: a state saved before a config field existed (norm,
     // ffn_dim) has the same model with the field at its default, F = ffn_mult C
     auto canon = [](ModelConfig c) {
@@ -41,7 +42,7 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
   LINMIX_CHECK(tk->vocab_size() <= V || o.tokenizer == "bytes", "tokenizer " + tk->name() + " has " +
                                                                     std::to_string(tk->vocab_size()) +
                                                                     " tokens, the model only " + std::to_string(V));
-  const WType wt = parse_wtype(o.dtype);
+  const WType wt = resolve_wtype(m, o.dtype);
   std::unique_ptr<Engine> eng;
   if (engine_supports(m.config())) eng = make_engine(m, wt, true);  // one copy of the weights: the engine's
   else LINMIX_CHECK(wt == WType::F32, "--dtype " + o.dtype + " needs an RWKV model (the inference engine)");
@@ -94,9 +95,9 @@ Tensor sequence_logits(Model& m, const std::vector<int32_t>& toks, const std::st
   LINMIX_CHECK(mode == "parallel" || mode == "recurrent" || mode == "sequence" || mode == "decode",
                "--mode must be parallel, recurrent, sequence or decode");
   LINMIX_CHECK(chunk >= 1, "--chunk must be >= 1");
-  const WType wt = parse_wtype(dtype);
-  LINMIX_CHECK(wt == WType::F32 || mode == "sequence" || mode == "decode",
+  LINMIX_CHECK(dtype.empty() || dtype == "f32" || mode == "sequence" || mode == "decode",
                "--dtype applies to the sequence and decode modes only");
+  const WType wt = resolve_wtype(m, mode == "sequence" || mode == "decode" ? dtype : "");
   Tensor out({T, V});
   if (mode == "parallel") {
     out.data = m.logits(toks.data(), 1, T);
@@ -136,10 +137,10 @@ EvalResult evaluate_file(Model& m, const std::vector<uint8_t>& bytes, const std:
   for (int64_t w = 0; w < nw; ++w)  // the bytes of the scored targets
     for (int64_t t = 1; t <= seq; ++t) r.bytes += int64_t(tk->decode({ids[size_t(w * stride + t)]}).size());
   if (mode == "sequence") {
-    const auto eng = make_engine(m, parse_wtype(dtype), true);
+    const auto eng = make_engine(m, resolve_wtype(m, dtype), true);
     r.loss = evaluate_split(*eng, ids, seq, windows);
   } else {
-    LINMIX_CHECK(dtype == "f32", "--dtype applies to --mode sequence only");
+    LINMIX_CHECK(dtype.empty() || dtype == "f32", "--dtype applies to --mode sequence only");
     r.loss = evaluate_split(m, ids, seq, windows, mode == "recurrent");
   }
   r.bits_per_byte = r.loss * double(r.tokens) / double(std::max<int64_t>(r.bytes, 1)) / std::log(2.0);

@@ -8,6 +8,7 @@
 #include <random>
 
 #include "channel_mix.h"
+#include "kernels/gemv.h"
 #include "layers.h"
 #include "linmix/kernels.h"
 #include "mixer_layer.h"
@@ -59,7 +60,7 @@ Model::Model(ModelConfig cfg, bool allocate) : cfg_(std::move(cfg)) {
 int64_t Model::num_params() const {
   int64_t n = 0;
   for (const auto& [name, t] : params_)
-    if (!is_buffer_param(name)) n += t.numel();
+    if (!is_buffer_param(name)) n += numel_of(t.shape);  // by shape: a packed or released model has no values
   return n;
 }
 
@@ -155,8 +156,16 @@ void Model::release_weights() {
   released_ = true;
 }
 
-void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
+void Model::check_weights() const {
+  LINMIX_CHECK(!packed_ || packed_->recording,
+               std::string("the model's weights are stored as ") + wtype_name(packed_ ? packed_->type : WType::F32) +
+                   " for the inference engine (linmix convert): run it with generate, eval --mode sequence or logits "
+                   "--mode sequence|decode, or use the FP32 checkpoint it was converted from");
   LINMIX_CHECK(!released_, "the model's weights were given to an inference engine");
+}
+
+void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
+  check_weights();
   const ModelConfig& c = cfg_;
   const int64_t C = c.d_model, V = c.vocab, R = c.cls_rows(), Tp = T + R, N = B * Tp;
   LINMIX_CHECK(T >= 1 && B >= 1, "forward: empty batch");
@@ -415,7 +424,7 @@ Model::State Model::state_from_tensors(const TensorMap& t) const {
 // ---------------------------------------------------------------- recurrent step
 
 void Model::step(int32_t token, State& st, float* logits_out) {
-  LINMIX_CHECK(!released_, "the model's weights were given to an inference engine");
+  check_weights();
   const ModelConfig& c = cfg_;
   LINMIX_CHECK(!c.classifier() && c.causal, "this model is a classifier (" + std::to_string(c.classes) +
                                                 " classes): it has no recurrent next-token form");

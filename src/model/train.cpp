@@ -15,6 +15,7 @@
 
 #include "linmix/safetensors.h"
 #include "linmix/tokenizer.h"
+#include "packed.h"
 
 namespace linmix {
 
@@ -203,13 +204,24 @@ Checkpoint load_checkpoint(const std::string& path) {
   if (ck.tokenizer.empty()) ck.tokenizer = "bytes";  // linmix checkpoints before the field: byte-level
   LINMIX_CHECK(ours, path + ": not a linmix checkpoint (no config in its metadata) nor an RWKV or Mamba checkpoint");
   const ModelConfig cfg = ModelConfig::from_json(st.metadata.at("config"));
+  ck.model = std::make_unique<Model>(cfg, false);  // shapes only: each parameter moved in from the file below
+  // a `linmix convert` file: the engine's matrices as they are stored (packed.cpp)
+  std::shared_ptr<PackedWeights> packed;
+  if (st.metadata.count(kPackedKey)) {
+    packed = take_packed(st, *ck.model, path);
+    ck.kind = std::string("linmix checkpoint, ") + wtype_name(packed->type) + " weights (linmix convert)";
+  } else if (!st.raw.empty()) {
+    throw Error(path + ": tensor '" + st.raw.begin()->first + "' is " + st.raw.begin()->second.dtype +
+                ": a checkpoint's tensors are floats (unless linmix convert wrote it)");
+  }
   {  // the file must hold the parameters its config declares: a tiny file cannot make us allocate
     int64_t held = 0;
     for (const auto& [n, t] : st.tensors) held += t.numel();
+    if (packed)
+      for (const auto& [n, q] : packed->mats) held += q.rows * q.cols;
     LINMIX_CHECK(cfg.param_count() <= held, path + ": its config declares " + std::to_string(cfg.param_count()) +
                                                 " parameters, the file holds " + std::to_string(held) + " numbers");
   }
-  ck.model = std::make_unique<Model>(cfg, false);  // each parameter moved in from the file below
   // step and adam_t: plain non-negative decimal integers ("-5" or "3abc" are refused)
   auto count = [&](const char* key) -> int64_t {
     if (!st.metadata.count(key)) return 0;
@@ -222,6 +234,7 @@ Checkpoint load_checkpoint(const std::string& path) {
   ck.opt.t = count("adam_t");
   ck.meta_json = st.metadata.count("run") ? st.metadata.at("run") : "{}";
   for (auto& [name, t] : ck.model->params()) {
+    if (packed && packed->mats.count(name)) continue;
     auto it = st.tensors.find(name);
     LINMIX_CHECK(it != st.tensors.end(), path + ": missing tensor '" + name + "'");
     check_shape(name, it->second, t.shape);
@@ -235,6 +248,7 @@ Checkpoint load_checkpoint(const std::string& path) {
       (std::string(pre) == "opt.m." ? ck.opt.m : ck.opt.v)[name] = std::move(o->second);
     }
   }
+  if (packed) ck.model->set_packed(std::move(packed));
   return ck;
 }
 
@@ -533,6 +547,8 @@ TrainResult train(const TrainOptions& opts) {
     LINMIX_CHECK(!o.given.count("config") && !o.given.count("mixer"),
                  "--init takes the model (and its config) from the checkpoint: drop --config / --mixer");
     init_ck = load_checkpoint(o.init);
+    LINMIX_CHECK(!init_ck.model->packed(), o.init + ": its weights are stored converted for the inference engine "
+                                                    "(linmix convert): fine-tune the FP32 checkpoint it came from");
   }
   // The text's tokenizer: --tokenizer, else the resumed run's or the --init checkpoint's, else bytes.
   std::unique_ptr<Tokenizer> tk;

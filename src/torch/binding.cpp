@@ -192,6 +192,8 @@ py::tuple init_model(const std::string& config_json, uint64_t seed) {
 
 py::dict load_checkpoint(const std::string& path) {
   linmix::Checkpoint ck = linmix::load_checkpoint(path);
+  LINMIX_CHECK(!ck.model->packed(), path + ": its weights are stored converted for the inference engine (linmix "
+                                           "convert): load the FP32 checkpoint it came from");
   py::dict d;
   d["config"] = ck.model->config().to_json();
   d["kind"] = ck.kind;
