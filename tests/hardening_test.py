@@ -158,6 +158,32 @@ def cli(corpus, model):
         losses[mode] = float(r.stdout.split("loss ")[1].split()[0]) if r.returncode == 0 else math.nan
     check("eval: parallel, recurrent and sequence modes agree",
           max(losses.values()) - min(losses.values()) < 1e-4 * max(losses.values()), str(losses))
+    # linmix convert: an int8 file runs in the engine in its type, the same as converting at load
+    rwck, conv = os.path.join(rw, "ckpt.safetensors"), path("rw.int8.safetensors")
+    r = linmix("convert", rwck, "--dtype", "int8", "--out", conv)
+    check("convert --dtype int8", r.returncode == 0 and "int8 weights" in r.stdout, r.stderr.strip())
+    a, b = path("la.safetensors"), path("lb.safetensors")
+    ra = linmix("logits", "--model", conv, "--tokens", "1,2,3,4", "--mode", "decode", "--out", a)
+    rb = linmix("logits", "--model", rwck, "--tokens", "1,2,3,4", "--mode", "decode", "--dtype", "int8", "--out", b)
+    check("the int8 file's logits are the FP32 file's at --dtype int8", ra.returncode == 0 and rb.returncode == 0 and
+          open(a, "rb").read() == open(b, "rb").read(), ra.stderr.strip() + rb.stderr.strip())
+    refused("convert over an existing file", ["convert", rwck, "--dtype", "q4", "--out", conv], "--force")
+    refused("convert --dtype q5", ["convert", rwck, "--dtype", "q5", "--out", path("q5.safetensors")], "unknown weight type")
+    refused("convert a model no engine runs", ["convert", model, "--dtype", "int8", "--out", path("lin8.safetensors")],
+            "no inference engine")
+    refused("convert into its own input", ["convert", rwck, "--dtype", "int8", "--out", rwck, "--force"], "overwritten")
+    refused("an int8 file at --dtype q4", ["logits", "--model", conv, "--tokens", "1", "--mode", "decode", "--dtype", "q4",
+                                           "--out", a], "--dtype int8")
+    refused("an int8 file in the training model's parallel form", ["logits", "--model", conv, "--tokens", "1", "--out", a],
+            "linmix convert")
+    refused("train --init from an int8 file", ["train", "--init", conv, "--data", corpus, "--steps", "1", "--out",
+                                               path("ft8")], "FP32 checkpoint")
+    with open(conv, "rb") as f:
+        data = f.read()
+    cut = path("cut.safetensors")
+    with open(cut, "wb") as f:
+        f.write(data[:len(data) - 100])
+    refused("a truncated int8 file", ["logits", "--model", cut, "--tokens", "1", "--mode", "decode", "--out", a], "bytes")
     r = linmix("demo", "--T", "20", "--dir", path("demo"))
     check("linmix demo: every form matches the reference", r.returncode == 0 and "OK: every form" in r.stdout,
           r.stdout.strip()[-200:])

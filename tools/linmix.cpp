@@ -236,6 +236,8 @@ int main(int argc, char** argv) {
   bn->add_option("--d-model", mbo.d_model, "model width (768 = 169M)")->capture_default_str()->check(CLI::Range(1, 1 << 16));
   bn->add_option("--vocab", mbo.vocab, "vocabulary (50277 = 169M)")->capture_default_str()->check(CLI::Range(1, 1 << 24));
   bn->add_option("--dtypes", mbo.dtypes, "weight types to run")->capture_default_str()->delimiter(',');
+  bool no_load = false;
+  bn->add_flag("--no-load", no_load, "skip timing the load of a checkpoint file into each type's engine");
   bn->add_option("--checkpoint", mbo.checkpoint, "also: perplexity of this trained RWKV model in each weight type");
   bn->add_option("--data", mbo.data, "text file for --checkpoint");
   bn->add_option("--eval-seq", mbo.eval_seq, "window length for --checkpoint")->capture_default_str()->check(CLI::Range(2, 1 << 20));
@@ -327,7 +329,7 @@ int main(int argc, char** argv) {
     if (*gr) return cmd_grad(model_path, tokens_csv, targets_csv, labels_csv, lengths_csv, grad_batch, out_path);
     if (*lg) return cmd_logits(model_path, tokens_csv, logits_mode, logits_chunk, dtype, out_path);
     if (*bn) {
-      xbo.backward = !no_backward, xbo.step = !no_step, xbo.out = mbo.out;
+      xbo.backward = !no_backward, xbo.step = !no_step, xbo.out = mbo.out, mbo.load = !no_load;
       return cmd_bench(bench_model_flag, mbo, xbo);
     }
     if (*feats) return cmd_features(fM, fD, fseed, fout);

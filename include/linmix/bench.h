@@ -39,6 +39,7 @@ struct ModelBenchOptions {
   std::string checkpoint, data;  // optional: perplexity of a trained RWKV-4 in each dtype
   int64_t eval_seq = 256, eval_windows = 32;
   std::string out;                // JSON report path ("" = none)
+  bool load = true;               // time loading a checkpoint file into each type's engine
 };
 // `linmix bench --model`: RWKV decode and prefill against the bandwidth and sgemm limits.
 // Prints a table; returns 0.

@@ -10,6 +10,7 @@
 // itemsize, and no two tensors overlapping.
 // Writing is atomic: a temporary file in the same directory, fsync, then rename.
 #pragma once
+#include <cstdint>
 #include <map>
 #include <string>
 #include <utility>
@@ -19,11 +20,19 @@
 
 namespace linmix {
 
-// A tensor kept as the file's bytes (little-endian, row-major).
+// A tensor kept as the file's values (row-major): one of the vectors, by dtype.
 struct RawTensor {
-  std::string dtype;  // "I8" | "U8" | "F16" | "BF16"
+  std::string dtype;  // "U8" | "I8" | "F16" | "BF16"
   std::vector<int64_t> shape;
-  std::vector<uint8_t> bytes;
+  std::vector<uint8_t> u8;    // U8
+  std::vector<int8_t> i8;     // I8
+  std::vector<uint16_t> u16;  // F16, BF16: the bit patterns
+  const char* data() const {
+    return dtype == "U8" ? reinterpret_cast<const char*>(u8.data())
+           : dtype == "I8" ? reinterpret_cast<const char*>(i8.data())
+                           : reinterpret_cast<const char*>(u16.data());
+  }
+  size_t nbytes() const { return u8.size() + i8.size() + 2 * u16.size(); }
 };
 
 struct SafeTensors {

@@ -5,10 +5,13 @@
 //   memory: the peak resident set of decode (the high-water mark reset before it) against the
 //           engine's resident weights + state + logits; each type's engine takes a fresh model's
 //           weights, so no FP32 copy stays beside a BF16 / INT8 one.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -188,6 +191,53 @@ int bench_model(const ModelBenchOptions& opt) {
               (long long)o.decode_tokens, rss0);
   std::printf("%-6s %12s %14s %10s %19s\n", "dtype", "peak RSS", "bound", "of bound", "above base, of bound");
   for (const std::string& l : mem_lines) std::printf("%s\n", l.c_str());
+
+  if (o.load) {  // start-up: these weights as a checkpoint file (in the page cache), loaded into each type's engine
+    namespace fs = std::filesystem;
+    const fs::path dir = fs::temp_directory_path() / ("linmix-bench-load-" + std::to_string(::getpid()));
+    fs::create_directories(dir);
+    struct Remove {
+      fs::path d;
+      ~Remove() {
+        std::error_code ec;
+        fs::remove_all(d, ec);
+      }
+    } remove{dir};
+    const std::string f32_file = (dir / "f32.safetensors").string();
+    {
+      Model model(cfg);
+      model.init(1);
+      save_checkpoint(f32_file, model, AdamW{}, 0, "{}");
+    }
+    // best of 3 of load_checkpoint + make_engine (the engine kept until the clock stops)
+    auto time_load = [&](const std::string& file, WType t) {
+      double best = 1e30;
+      for (int i = 0; i < 3; ++i) {
+        const double t0 = now_s();
+        Checkpoint c = load_checkpoint(file);
+        const auto e = make_engine(*c.model, t, true);
+        best = std::min(best, now_s() - t0);
+      }
+      return best;
+    };
+    std::printf("\nload: a checkpoint file of these weights (in the page cache) into each type's engine, best of 3;\n"
+                "'converted' = the file linmix convert writes for the type (read as stored), 'from f32' = the FP32\n"
+                "checkpoint converted while loading\n");
+    std::printf("%-6s %10s %12s %10s %14s\n", "dtype", "file MB", "converted s", "s per GB", "from f32 s");
+    for (const std::string& dt : o.dtypes) {
+      const WType t = parse_wtype(dt);
+      std::string file = f32_file;
+      if (t != WType::F32) {
+        file = (dir / (dt + ".safetensors")).string();
+        convert_checkpoint(f32_file, file, t, true);
+      }
+      const double mb = double(fs::file_size(file)) / 1e6, s = time_load(file, t);
+      const double from = t == WType::F32 ? s : time_load(f32_file, t);
+      std::printf("%-6s %10.1f %12.3f %10.2f %14.3f\n", dt.c_str(), mb, s, s / (mb / 1e3), from);
+      rep["load"][dt] = {{"file_mb", mb}, {"load_s", s}, {"s_per_gb", s / (mb / 1e3)}, {"from_f32_s", from}};
+      if (t != WType::F32) fs::remove(file);
+    }
+  }
 
   if (ck) {  // quality of the rounded weights on a trained model
     std::printf("\nperplexity of %s on %s (%lld windows of %lld):\n", o.checkpoint.c_str(), o.data.c_str(),

@@ -27,7 +27,7 @@ using json = nlohmann::json;
 
 // Upper bound on the JSON header, as in the reference implementation (100 MB).
 constexpr uint64_t kMaxHeader = 100u * 1000u * 1000u;
-constexpr uint64_t kSlice = uint64_t(1) << 22;  // values copied between two drops of the mapping's pages
+constexpr uint64_t kSlice = uint64_t(1) << 22;  // 16-bit values widened a slice at a time
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -49,60 +49,59 @@ float bf16_to_float(uint16_t h) {
   return v;
 }
 
-// parse_safetensors over any bytes; done(p, n) is told each tensor's bytes once they are copied
-// (read_safetensors drops those pages of its file mapping: the file is never resident whole
-// beside the tensors).
-SafeTensors parse_view(std::string_view bytes, const std::string& what,
-                       const std::function<void(const char*, size_t)>& done);
+// A file's layout, validated: every tensor's dtype, shape and byte range (relative to the data
+// section, which starts at data_start), the metadata.
+struct Entry {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  uint64_t b = 0, e = 0, numel = 0, item = 0;
+  bool raw = false;  // kept as bytes (RawTensor)
+};
+struct Layout {
+  std::vector<Entry> entries;
+  std::map<std::string, std::string> metadata;
+  uint64_t data_start = 0;
+};
 
-}  // namespace
-
-SafeTensors parse_safetensors(const std::string& bytes, const std::string& what) {
-  return parse_view(bytes, what, nullptr);
-}
-
-namespace {
-SafeTensors parse_view(std::string_view bytes, const std::string& what,
-                       const std::function<void(const char*, size_t)>& done) {
-  const uint64_t size = bytes.size();
+// The 8-byte header length of a file of `size` bytes whose first bytes are `first` (>= 8 of them).
+uint64_t header_length(std::string_view first, uint64_t size, const std::string& what) {
   LINMIX_CHECK(size >= 8, what + ": truncated safetensors file (" + std::to_string(size) +
                               " bytes; the 8-byte header length is missing)");
   uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[static_cast<size_t>(i)]);
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(first[static_cast<size_t>(i)]);
   LINMIX_CHECK(n <= size - 8, what + ": header length " + std::to_string(n) +
                                   " runs past the end of the file (" + std::to_string(size) +
                                   " bytes): truncated or not a safetensors file");
   LINMIX_CHECK(n <= kMaxHeader, what + ": header length " + std::to_string(n) + " exceeds the 100 MB limit");
+  return n;
+}
+
+// Everything but the data checked: the JSON header (`header`, its n bytes) of a file of `size` bytes.
+Layout parse_layout(std::string_view header, uint64_t size, const std::string& what) {
+  const uint64_t n = header.size();
   // the header is JSON text, padded with spaces at most: a NUL (and whatever hides after it) is refused
-  const auto hb = bytes.begin() + 8, he = hb + static_cast<std::ptrdiff_t>(n);
-  LINMIX_CHECK(std::find(hb, he, '\0') == he, what + ": the header contains a NUL byte (at " +
-                                                  std::to_string(std::find(hb, he, '\0') - hb) + " of " +
-                                                  std::to_string(n) + ")");
+  const auto nul = std::find(header.begin(), header.end(), '\0');
+  LINMIX_CHECK(nul == header.end(), what + ": the header contains a NUL byte (at " +
+                                        std::to_string(nul - header.begin()) + " of " + std::to_string(n) + ")");
   json h;
   try {
-    h = json::parse(hb, he);
+    h = json::parse(header.begin(), header.end());
   } catch (const json::exception& e) {
     throw Error(what + ": header is not valid JSON (" + std::string(e.what()) + ")");
   }
   LINMIX_CHECK(h.is_object(), what + ": header JSON is not an object");
   const uint64_t data_size = size - 8 - n;
-  const char* data = bytes.data() + 8 + n;
-
-  SafeTensors out;
+  Layout L;
+  L.data_start = 8 + n;
   if (h.contains("__metadata__")) {  // first: it decides how 16-bit tensors are kept
     const json& e = h["__metadata__"];
     LINMIX_CHECK(e.is_object(), what + ": __metadata__ is not an object");
     for (auto m = e.begin(); m != e.end(); ++m) {
       LINMIX_CHECK(m.value().is_string(), what + ": __metadata__ value '" + m.key() + "' is not a string");
-      out.metadata[m.key()] = m.value().get<std::string>();
+      L.metadata[m.key()] = m.value().get<std::string>();
     }
   }
-  const bool packed = out.metadata.count("linmix_packed") > 0;
-  struct Range {
-    uint64_t b, e;
-    std::string name;
-  };
-  std::vector<Range> ranges;
+  const bool packed = L.metadata.count("linmix_packed") > 0;
   for (auto it = h.begin(); it != h.end(); ++it) {
     const std::string& name = it.key();
     const json& e = it.value();
@@ -111,14 +110,14 @@ SafeTensors parse_view(std::string_view bytes, const std::string& what,
     LINMIX_CHECK(e.is_object() && e.contains("dtype") && e.contains("shape") && e.contains("data_offsets"),
                  tn + ": entry must have dtype, shape and data_offsets");
     LINMIX_CHECK(e["dtype"].is_string(), tn + ": dtype is not a string");
-    const std::string dtype = e["dtype"].get<std::string>();
-    size_t item = 0;
-    if (dtype == "F32") item = 4;
-    else if (dtype == "F16" || dtype == "BF16") item = 2;
-    else if (dtype == "I8" || dtype == "U8") item = 1;
-    else throw Error(tn + ": unsupported dtype " + dtype + " (expected F32, F16, BF16, I8 or U8)");
+    Entry en;
+    en.name = name, en.dtype = e["dtype"].get<std::string>();
+    if (en.dtype == "F32") en.item = 4;
+    else if (en.dtype == "F16" || en.dtype == "BF16") en.item = 2;
+    else if (en.dtype == "I8" || en.dtype == "U8") en.item = 1;
+    else throw Error(tn + ": unsupported dtype " + en.dtype + " (expected F32, F16, BF16, I8 or U8)");
+    en.raw = en.item == 1 || (en.item == 2 && packed);
     LINMIX_CHECK(e["shape"].is_array(), tn + ": shape is not an array");
-    std::vector<int64_t> shape;
     uint64_t numel = 1;
     for (const json& d : e["shape"]) {
       LINMIX_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0),
@@ -126,113 +125,139 @@ SafeTensors parse_view(std::string_view bytes, const std::string& what,
       const uint64_t dv = d.get<uint64_t>();
       LINMIX_CHECK(dv < (1ull << 40) && (dv == 0 || numel <= (1ull << 40) / dv), tn + ": shape too large");
       numel *= dv;
-      shape.push_back(static_cast<int64_t>(dv));
+      en.shape.push_back(static_cast<int64_t>(dv));
     }
+    en.numel = numel;
     const json& off = e["data_offsets"];
     LINMIX_CHECK(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(),
                  tn + ": data_offsets must be two non-negative integers");
-    const uint64_t b = off[0].get<uint64_t>(), en = off[1].get<uint64_t>();
-    LINMIX_CHECK(b <= en && en <= data_size,
-                 tn + ": data_offsets [" + std::to_string(b) + "," + std::to_string(en) +
+    en.b = off[0].get<uint64_t>(), en.e = off[1].get<uint64_t>();
+    LINMIX_CHECK(en.b <= en.e && en.e <= data_size,
+                 tn + ": data_offsets [" + std::to_string(en.b) + "," + std::to_string(en.e) +
                      "] out of range (data section is " + std::to_string(data_size) + " bytes)");
-    LINMIX_CHECK(en - b == numel * item, tn + ": data_offsets cover " + std::to_string(en - b) +
-                                             " bytes but shape " + shape_str(shape) + " of " + dtype +
-                                             " needs " + std::to_string(numel * item));
-    ranges.push_back({b, en, name});
-    LINMIX_CHECK(!out.tensors.count(name) && !out.raw.count(name), tn + ": named twice");
-    if (item == 1 || (item == 2 && packed)) {  // kept as bytes, one copy
-      RawTensor r{dtype, shape, std::vector<uint8_t>(size_t(en - b))};
-      for (uint64_t i0 = 0; i0 < en - b; i0 += 4 * kSlice) {
-        const uint64_t i1 = std::min(en - b, i0 + 4 * kSlice);
-        std::memcpy(r.bytes.data() + i0, data + b + i0, size_t(i1 - i0));
-        if (done) done(data + b + i0, size_t(i1 - i0));
-      }
-      out.raw[name] = std::move(r);
-      continue;
-    }
-    Tensor t;
-    t.shape = shape;
-    t.data.reserve(numel);  // filled by appending: no zero-fill pass before the copy
-    const char* p = data + b;
-    const bool f16 = dtype == "F16";
-    // in slices of 4M values, each slice's source bytes handed to done() once copied
-    for (uint64_t i0 = 0; i0 < numel; i0 += kSlice) {
-      const uint64_t i1 = std::min(numel, i0 + kSlice);
-      if (item == 4 && reinterpret_cast<uintptr_t>(p) % alignof(float) == 0) {
-        const float* f = reinterpret_cast<const float*>(p);
-        t.data.insert(t.data.end(), f + i0, f + i1);
-      } else {
-        for (uint64_t i = i0; i < i1; ++i) {
-          if (item == 4) {
-            float v;
-            std::memcpy(&v, p + 4 * i, 4);
-            t.data.push_back(v);
-            continue;
-          }
-          uint16_t v;
-          std::memcpy(&v, p + 2 * i, 2);
-          t.data.push_back(f16 ? half_to_float(v) : bf16_to_float(v));
-        }
-      }
-      if (done) done(p + item * i0, size_t((i1 - i0) * item));
-    }
-    out.tensors[name] = std::move(t);
+    LINMIX_CHECK(en.e - en.b == numel * en.item, tn + ": data_offsets cover " + std::to_string(en.e - en.b) +
+                                                     " bytes but shape " + shape_str(en.shape) + " of " + en.dtype +
+                                                     " needs " + std::to_string(numel * en.item));
+    L.entries.push_back(std::move(en));
   }
   // As the reference implementation: the tensors tile the data section exactly, in offset
   // order, with no overlap, no gap and no trailing bytes.
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.b < b.b || (a.b == b.b && a.e < b.e); });
+  std::vector<const Entry*> by_offset;
+  for (const Entry& en : L.entries) by_offset.push_back(&en);
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const Entry* a, const Entry* b) { return a->b < b->b || (a->b == b->b && a->e < b->e); });
   uint64_t end = 0;
   std::string prev = "the start of the data section";
-  for (const Range& r : ranges) {
-    LINMIX_CHECK(r.b >= end, what + ": tensors " + prev + " and '" + r.name + "' have overlapping data_offsets");
-    LINMIX_CHECK(r.b == end, what + ": a gap of " + std::to_string(r.b - end) + " bytes between " + prev +
-                                 " and tensor '" + r.name + "' (data_offsets must be contiguous)");
-    end = r.e, prev = "'" + r.name + "'";
+  for (const Entry* r : by_offset) {
+    LINMIX_CHECK(r->b >= end, what + ": tensors " + prev + " and '" + r->name + "' have overlapping data_offsets");
+    LINMIX_CHECK(r->b == end, what + ": a gap of " + std::to_string(r->b - end) + " bytes between " + prev +
+                                  " and tensor '" + r->name + "' (data_offsets must be contiguous)");
+    end = r->e, prev = "'" + r->name + "'";
   }
   LINMIX_CHECK(end == data_size, what + ": " + std::to_string(data_size - end) +
                                      " bytes after the last tensor (the data section must end with it)");
+  return L;
+}
+
+// The tensors of a validated layout, each read straight into its own buffer by read(at, n, dst)
+// (at: a byte offset in the file). Tensors are read in parallel, largest first: a fresh buffer's
+// page faults are most of a load's cost (2.4 GB/s a thread on this machine), and two threads take
+// them side by side.
+using ReadAt = std::function<void(uint64_t at, uint64_t n, char* dst)>;
+SafeTensors fill(Layout&& L, const ReadAt& read) {
+  const int64_t N = int64_t(L.entries.size());
+  std::vector<Tensor> tensors(static_cast<size_t>(N));
+  std::vector<RawTensor> raws(static_cast<size_t>(N));
+  std::vector<int64_t> order(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) order[size_t(i)] = i;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return L.entries[size_t(a)].e - L.entries[size_t(a)].b > L.entries[size_t(b)].e - L.entries[size_t(b)].b;
+  });
+  std::vector<std::string> errors(static_cast<size_t>(N));
+#pragma omp parallel for schedule(dynamic, 1) if (N > 1)
+  for (int64_t k = 0; k < N; ++k) {
+    const int64_t i = order[size_t(k)];
+    const Entry& en = L.entries[size_t(i)];
+    const uint64_t at = L.data_start + en.b;
+    try {
+      if (en.raw) {
+        RawTensor& r = raws[size_t(i)];
+        r.dtype = en.dtype, r.shape = en.shape;
+        char* dst = en.dtype == "U8" ? (r.u8.resize(en.numel), reinterpret_cast<char*>(r.u8.data()))
+                    : en.dtype == "I8" ? (r.i8.resize(en.numel), reinterpret_cast<char*>(r.i8.data()))
+                                       : (r.u16.resize(en.numel), reinterpret_cast<char*>(r.u16.data()));
+        read(at, en.e - en.b, dst);
+        continue;
+      }
+      Tensor& t = tensors[size_t(i)];
+      t.shape = en.shape;
+      t.data.resize(en.numel);
+      if (en.item == 4) {
+        read(at, en.e - en.b, reinterpret_cast<char*>(t.data.data()));
+        continue;
+      }
+      // F16 / BF16 widened, a slice at a time through a small buffer
+      std::vector<uint16_t> buf(size_t(std::min<uint64_t>(en.numel, kSlice)));
+      const bool f16 = en.dtype == "F16";
+      for (uint64_t i0 = 0; i0 < en.numel; i0 += kSlice) {
+        const uint64_t i1 = std::min(en.numel, i0 + kSlice);
+        read(at + 2 * i0, 2 * (i1 - i0), reinterpret_cast<char*>(buf.data()));
+        for (uint64_t j = i0; j < i1; ++j) t.data[j] = f16 ? half_to_float(buf[j - i0]) : bf16_to_float(buf[j - i0]);
+      }
+    } catch (const std::exception& ex) {
+      errors[size_t(i)] = ex.what();
+    }
+  }
+  for (const std::string& e : errors) LINMIX_CHECK(e.empty(), e);
+  SafeTensors out;
+  out.metadata = std::move(L.metadata);
+  for (int64_t i = 0; i < N; ++i) {
+    const Entry& en = L.entries[size_t(i)];
+    LINMIX_CHECK(!out.tensors.count(en.name) && !out.raw.count(en.name), "tensor '" + en.name + "' named twice");
+    if (en.raw) out.raw[en.name] = std::move(raws[size_t(i)]);
+    else out.tensors[en.name] = std::move(tensors[size_t(i)]);
+  }
   return out;
 }
 
 }  // namespace
 
-// The file is mapped read-only and each tensor copied straight from the mapping into its own
-// buffer, the pages it came from dropped as soon as it is copied: the peak is the tensors plus a
-// tensor's pages, not the file read into a buffer (and copied) beside them.
+SafeTensors parse_safetensors(const std::string& bytes, const std::string& what) {
+  const uint64_t n = header_length(bytes, bytes.size(), what);
+  Layout L = parse_layout(std::string_view(bytes).substr(8, size_t(n)), bytes.size(), what);
+  return fill(std::move(L), [&](uint64_t at, uint64_t k, char* dst) { std::memcpy(dst, bytes.data() + at, size_t(k)); });
+}
+
+// The header is read first and validated whole; each tensor is then read (pread) straight into
+// its own buffer: no mapping, no copy of the file, nothing resident but the tensors.
 SafeTensors read_safetensors(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   LINMIX_CHECK(fd >= 0, path + ": cannot open (" + std::strerror(errno) + ")");
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
   struct stat sb {};
   const bool stated = ::fstat(fd, &sb) == 0;
-  if (!stated || !S_ISREG(sb.st_mode)) {
-    const int err = errno;
-    ::close(fd);
-    throw Error(path + ": cannot open (" + (stated ? "not a regular file" : std::strerror(err)) + ")");
-  }
-  const size_t size = size_t(sb.st_size);
-  if (size == 0) {
-    ::close(fd);
-    return parse_view(std::string_view(), path, nullptr);  // refused there: truncated
-  }
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int err = errno;
-  ::close(fd);
-  LINMIX_CHECK(map != MAP_FAILED, path + ": cannot map (" + std::strerror(err) + ")");
-  ::madvise(map, size, MADV_SEQUENTIAL);
-  const long page = ::sysconf(_SC_PAGESIZE);
-  const auto drop = [&](const char* p, size_t n) {  // the whole pages inside [p, p + n)
-    const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + uintptr_t(page) - 1) / uintptr_t(page) * uintptr_t(page);
-    const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + n) / uintptr_t(page) * uintptr_t(page);
-    if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+  LINMIX_CHECK(stated && S_ISREG(sb.st_mode),
+               path + ": cannot open (" + (stated ? "not a regular file" : std::strerror(errno)) + ")");
+  const uint64_t size = uint64_t(sb.st_size);
+  const ReadAt read = [&](uint64_t at, uint64_t n, char* dst) {
+    uint64_t done = 0;
+    while (done < n) {
+      const ssize_t r = ::pread(fd, dst + done, size_t(std::min<uint64_t>(n - done, uint64_t(1) << 30)), off_t(at + done));
+      if (r < 0 && errno == EINTR) continue;
+      LINMIX_CHECK(r > 0, path + ": read failed at byte " + std::to_string(at + done) + " (" +
+                              (r < 0 ? std::strerror(errno) : "the file shrank while it was read") + ")");
+      done += uint64_t(r);
+    }
   };
-  try {
-    SafeTensors out = parse_view(std::string_view(static_cast<const char*>(map), size), path, drop);
-    ::munmap(map, size);
-    return out;
-  } catch (...) {
-    ::munmap(map, size);
-    throw;
-  }
+  char first[8] = {};
+  if (size >= 8) read(0, 8, first);
+  const uint64_t n = header_length(std::string_view(first, 8), size, path);
+  std::string header(size_t(n), '\0');
+  read(8, n, header.data());
+  return fill(parse_layout(header, size, path), read);
 }
 
 namespace {
@@ -254,9 +279,10 @@ std::vector<Piece> pieces_of(const TensorMap& tensors, const std::map<std::strin
   for (const auto& [name, r] : raw) {
     const uint64_t item = r.dtype == "I8" || r.dtype == "U8" ? 1 : r.dtype == "F16" || r.dtype == "BF16" ? 2 : 0;
     LINMIX_CHECK(item > 0, "tensor '" + name + "': unsupported raw dtype " + r.dtype);
-    LINMIX_CHECK(r.bytes.size() == uint64_t(numel_of(r.shape)) * item,
-                 "tensor '" + name + "': " + std::to_string(r.bytes.size()) + " bytes do not match shape " + shape_str(r.shape));
-    p.push_back({&name, reinterpret_cast<const char*>(r.bytes.data()), r.bytes.size()});
+    LINMIX_CHECK(r.nbytes() == uint64_t(numel_of(r.shape)) * item && (item == 1) == r.u16.empty(),
+                 "tensor '" + name + "': " + std::to_string(r.nbytes()) + " bytes of " + r.dtype +
+                     " do not match shape " + shape_str(r.shape));
+    p.push_back({&name, r.data(), r.nbytes()});
   }
   std::sort(p.begin(), p.end(), [](const Piece& a, const Piece& b) { return *a.name < *b.name; });
   return p;

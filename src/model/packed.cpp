@@ -31,18 +31,10 @@ std::vector<int64_t> q4_shape(int64_t rows, int64_t cols, bool bytes) {
   return bytes ? std::vector<int64_t>{rows, G, 16} : std::vector<int64_t>{rows, G};
 }
 
-template <class T>
-std::vector<T> raw_values(const RawTensor& r) {
-  std::vector<T> v(r.bytes.size() / sizeof(T));
-  std::memcpy(v.data(), r.bytes.data(), r.bytes.size());
-  return v;
-}
-
-template <class T>
-RawTensor raw_of(const std::string& dtype, std::vector<int64_t> shape, const std::vector<T>& v) {
-  RawTensor r{dtype, std::move(shape), std::vector<uint8_t>(v.size() * sizeof(T))};
-  std::memcpy(r.bytes.data(), v.data(), r.bytes.size());
-  return r;
+// a raw tensor of the file: dtype, shape and its values (whichever vector the dtype uses)
+RawTensor raw_of(const std::string& dtype, std::vector<int64_t> shape, std::vector<uint8_t> u8, std::vector<int8_t> i8,
+                 std::vector<uint16_t> u16) {
+  return RawTensor{dtype, std::move(shape), std::move(u8), std::move(i8), std::move(u16)};
 }
 
 }  // namespace
@@ -64,11 +56,19 @@ std::shared_ptr<PackedWeights> take_packed(SafeTensors& st, const Model& m, cons
     st.raw.erase(it);
     return r;
   };
+  // 16-bit floats (bf16: exponent 0x7f80, fp16: 0x7c00) finite, and >= 0 when nonneg: one
+  // branch-free pass (it vectorises), the first offender looked for only when there is one
   auto finite16 = [&](const std::string& n, const std::vector<uint16_t>& v, bool bf16, bool nonneg) {
+    const uint16_t e = bf16 ? 0x7f80u : 0x7c00u;
+    const int64_t N = int64_t(v.size());
+    unsigned bad = 0;
+#pragma omp parallel for reduction(| : bad) schedule(static) if (N > (1 << 20))
+    for (int64_t i = 0; i < N; ++i)
+      bad |= unsigned((v[size_t(i)] & e) == e) | unsigned(nonneg && v[size_t(i)] > 0x8000u);
+    if (!bad) return;
     for (size_t i = 0; i < v.size(); ++i) {
-      const bool inf_nan = bf16 ? (v[i] & 0x7f80u) == 0x7f80u : (v[i] & 0x7c00u) == 0x7c00u;
-      LINMIX_CHECK(!inf_nan, tag + n + "': a non-finite value at " + std::to_string(i));
-      LINMIX_CHECK(!nonneg || (v[i] & 0x8000u) == 0 || (v[i] & 0x7fffu) == 0, tag + n + "': a negative step at " + std::to_string(i));
+      LINMIX_CHECK((v[i] & e) != e, tag + n + "': a non-finite value at " + std::to_string(i));
+      LINMIX_CHECK(!nonneg || v[i] <= 0x8000u, tag + n + "': a negative step at " + std::to_string(i));
     }
   };
   for (const auto& [n, p] : m.params()) {
@@ -79,10 +79,10 @@ std::shared_ptr<PackedWeights> take_packed(SafeTensors& st, const Model& m, cons
     QMatrix q;
     q.rows = rows, q.cols = cols, q.type = pk->type;
     if (pk->type == WType::BF16) {
-      q.bf16 = raw_values<uint16_t>(piece(n, "BF16", p.shape));
+      q.bf16 = std::move(piece(n, "BF16", p.shape).u16);
       finite16(n, q.bf16, true, false);
     } else if (pk->type == WType::I8) {
-      q.i8 = raw_values<int8_t>(piece(n, "I8", p.shape));
+      q.i8 = std::move(piece(n, "I8", p.shape).i8);
       auto s = st.tensors.find(n + ".scale");
       LINMIX_CHECK(s != st.tensors.end(), tag + n + ".scale' is missing (F32 " + shape_str({rows}) + ")");
       check_shape(n + ".scale", s->second, {rows});
@@ -91,9 +91,9 @@ std::shared_ptr<PackedWeights> take_packed(SafeTensors& st, const Model& m, cons
       q.scale = std::move(s->second.data);
       st.tensors.erase(s);
     } else {
-      q.q4 = std::move(piece(n, "U8", q4_shape(rows, cols, true)).bytes);
-      q.q4d = raw_values<uint16_t>(piece(n + ".q4_d", "F16", q4_shape(rows, cols, false)));
-      q.q4m = raw_values<uint16_t>(piece(n + ".q4_m", "F16", q4_shape(rows, cols, false)));
+      q.q4 = std::move(piece(n, "U8", q4_shape(rows, cols, true)).u8);
+      q.q4d = std::move(piece(n + ".q4_d", "F16", q4_shape(rows, cols, false)).u16);
+      q.q4m = std::move(piece(n + ".q4_m", "F16", q4_shape(rows, cols, false)).u16);
       finite16(n + ".q4_d", q.q4d, false, true), finite16(n + ".q4_m", q.q4m, false, false);
     }
     pk->mats[n] = std::move(q);
@@ -158,15 +158,15 @@ void convert_checkpoint(const std::string& in, const std::string& out, WType t, 
       LINMIX_CHECK(!m.params().count(n + suffix), "convert: the model has a parameter '" + n + suffix +
                                                       "', the name of a converted matrix's piece");
     if (t == WType::BF16) {
-      raw[n] = raw_of("BF16", p.shape, q.bf16);
+      raw[n] = raw_of("BF16", p.shape, {}, {}, q.bf16);
     } else if (t == WType::I8) {
-      raw[n] = raw_of("I8", p.shape, q.i8);
+      raw[n] = raw_of("I8", p.shape, {}, q.i8, {});
       plain[n + ".scale"] = Tensor({q.rows});
       plain[n + ".scale"].data = q.scale;
     } else {
-      raw[n] = raw_of("U8", q4_shape(q.rows, q.cols, true), q.q4);
-      raw[n + ".q4_d"] = raw_of("F16", q4_shape(q.rows, q.cols, false), q.q4d);
-      raw[n + ".q4_m"] = raw_of("F16", q4_shape(q.rows, q.cols, false), q.q4m);
+      raw[n] = raw_of("U8", q4_shape(q.rows, q.cols, true), q.q4, {}, {});
+      raw[n + ".q4_d"] = raw_of("F16", q4_shape(q.rows, q.cols, false), {}, {}, q.q4d);
+      raw[n + ".q4_m"] = raw_of("F16", q4_shape(q.rows, q.cols, false), {}, {}, q.q4m);
     }
   }
   meta[kPackedKey] = wtype_name(t);
