@@ -85,8 +85,9 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
   for (const auto& [n, r] : in.raw)
     throw Error(in_path + ": tensor '" + n + "' is " + r.dtype + ": the mixers read F32, F16 or BF16 tensors");
   const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad);
-  write_safetensors(out_path, out,
-                    {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}});
+  write_safetensors(out_path, out, {},
+                    {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}},
+                    false);  // renamed into place, not waited for on disk: mix computes it again
   if (stats)
     std::fprintf(stderr, "linmix stats: wall_ms=%.3f peak_rss_mib=%.1f\n",
                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(),

@@ -341,7 +341,7 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   write_pieces_atomic(path, {{bytes.data(), bytes.size()}});
 }
 
-void write_pieces_atomic(const std::string& path, const std::vector<std::pair<const char*, size_t>>& pieces) {
+void write_pieces_atomic(const std::string& path, const std::vector<std::pair<const char*, size_t>>& pieces, bool fsync) {
   remove_stale_tmp(path);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -360,7 +360,7 @@ void write_pieces_atomic(const std::string& path, const std::vector<std::pair<co
       done += static_cast<size_t>(w);
     }
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+  if ((fsync && ::fsync(fd) != 0) || ::close(fd) != 0) {
     const std::string err = std::strerror(errno);
     ::unlink(tmp.c_str());
     throw Error(path + ": write failed (" + err + ")");
@@ -378,12 +378,12 @@ void write_safetensors(const std::string& path, const TensorMap& tensors,
 }
 
 void write_safetensors(const std::string& path, const TensorMap& tensors, const std::map<std::string, RawTensor>& raw,
-                       const std::map<std::string, std::string>& metadata) {
+                       const std::map<std::string, std::string>& metadata, bool fsync) {
   // the header, then each tensor's bytes straight from its buffer (no copy of the whole file)
   const std::string header = safetensors_header(tensors, raw, metadata);
   std::vector<std::pair<const char*, size_t>> pieces = {{header.data(), header.size()}};
   for (const Piece& p : pieces_of(tensors, raw)) pieces.emplace_back(p.data, size_t(p.bytes));
-  write_pieces_atomic(path, pieces);
+  write_pieces_atomic(path, pieces, fsync);
 }
 
 }  // namespace linmix
