@@ -34,7 +34,8 @@ std::unique_ptr<Model> rwkv_model(bool ln0 = true) {
   return m;
 }
 
-double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
+template <class A, class B>
+double max_rel(const A& a, const B& b) {
   double m = 0, s = 1e-6;
   for (size_t i = 0; i < a.size(); ++i) m = std::max(m, double(std::fabs(a[i] - b[i]))), s = std::max(s, double(std::fabs(b[i])));
   return m / s;

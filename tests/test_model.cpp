@@ -118,7 +118,7 @@ TEST_P(ModelGrad, MatchesFiniteDifferences) {
     double analytic = 0;
     for (int64_t i = 0; i < p.numel(); ++i) analytic += double(grads.at(name).data[i]) * u[i];
     const float h = 2e-4f;
-    const std::vector<float> saved = p.data;
+    const std::vector<float> saved(p.data.begin(), p.data.end());
     for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] + h * u[i];
     const double lp = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
     for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] - h * u[i];

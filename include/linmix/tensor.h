@@ -5,7 +5,11 @@
 // counts and index arithmetic are int64_t throughout.
 #pragma once
 #include <cstdint>
+#include <algorithm>
+#include <initializer_list>
 #include <map>
+#include <memory>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -15,9 +19,96 @@ namespace linmix {
 
 int64_t numel_of(const std::vector<int64_t>& shape);
 
+// A tensor's floats: owned (a std::vector<float>), or a view of memory that someone else keeps
+// alive (a torch tensor, a file's pages: `keep` holds it while any copy of the view lives).
+// Reads and writes go through data(); anything that changes the size first makes it owned (a
+// copy); copying a Storage copies the values (a view's too), moving keeps what it is.
+class Storage {
+ public:
+  Storage() = default;
+  explicit Storage(size_t n) : v_(n) {}
+  Storage(size_t n, float fill) : v_(n, fill) {}
+  Storage(std::vector<float> v) : v_(std::move(v)) {}  // NOLINT: a vector is a Storage
+  Storage(std::initializer_list<float> l) : v_(l) {}
+  template <class It, class = decltype(*std::declval<It>())>
+  Storage(It a, It b) : v_(a, b) {}
+  // n floats at p, not owned; `keep` (may be null) is held as long as the view is
+  static Storage view(float* p, size_t n, std::shared_ptr<void> keep) {
+    Storage s;
+    s.p_ = p, s.n_ = n, s.keep_ = std::move(keep);
+    return s;
+  }
+  Storage(const Storage& o) : v_(o.begin(), o.end()) {}
+  Storage& operator=(const Storage& o) {
+    if (this != &o) *this = Storage(o);
+    return *this;
+  }
+  Storage(Storage&& o) noexcept : v_(std::move(o.v_)), p_(o.p_), n_(o.n_), keep_(std::move(o.keep_)) { o.p_ = nullptr, o.n_ = 0; }
+  Storage& operator=(Storage&& o) noexcept {
+    v_ = std::move(o.v_), p_ = o.p_, n_ = o.n_, keep_ = std::move(o.keep_);
+    o.p_ = nullptr, o.n_ = 0;
+    return *this;
+  }
+
+  bool is_view() const { return p_ != nullptr; }
+  float* data() { return p_ ? p_ : v_.data(); }
+  const float* data() const { return p_ ? p_ : v_.data(); }
+  size_t size() const { return p_ ? n_ : v_.size(); }
+  bool empty() const { return size() == 0; }
+  float& operator[](size_t i) { return data()[i]; }
+  const float& operator[](size_t i) const { return data()[i]; }
+  float* begin() { return data(); }
+  float* end() { return data() + size(); }
+  const float* begin() const { return data(); }
+  const float* end() const { return data() + size(); }
+
+  void resize(size_t n, float fill = 0.0f) { own().resize(n, fill); }
+  void assign(size_t n, float x) { drop_view(), v_.assign(n, x); }
+  template <class It, class = decltype(*std::declval<It>())>
+  void assign(It a, It b) {
+    std::vector<float> v(a, b);
+    drop_view(), v_ = std::move(v);
+  }
+  void reserve(size_t n) { own().reserve(n); }
+  void push_back(float x) { own().push_back(x); }
+  template <class It>
+  void insert(float* at, It a, It b) {
+    const size_t i = size_t(at - data());
+    std::vector<float>& v = own();
+    v.insert(v.begin() + std::ptrdiff_t(i), a, b);
+  }
+  void clear() { drop_view(), v_.clear(); }
+  // frees the values (the capacity too)
+  void release() { drop_view(), std::vector<float>().swap(v_); }
+  // the values as a vector: moved out when owned, copied from a view
+  std::vector<float> take() && {
+    if (p_) return std::vector<float>(begin(), end());
+    return std::move(v_);
+  }
+  // as a vector (a copy; moved out of an owned rvalue)
+  explicit operator std::vector<float>() const& { return std::vector<float>(begin(), end()); }
+  operator std::vector<float>() && { return std::move(*this).take(); }
+  bool operator==(const Storage& o) const { return size() == o.size() && std::equal(begin(), end(), o.begin()); }
+  bool operator==(const std::vector<float>& o) const { return size() == o.size() && std::equal(begin(), end(), o.begin()); }
+
+ private:
+  std::vector<float>& own() {
+    if (p_) {
+      v_.assign(p_, p_ + n_);
+      drop_view();
+    }
+    return v_;
+  }
+  void drop_view() { p_ = nullptr, n_ = 0, keep_.reset(); }
+  std::vector<float> v_;
+  float* p_ = nullptr;  // a view's values (v_ unused)
+  size_t n_ = 0;
+  std::shared_ptr<void> keep_;
+};
+
 struct Tensor {
   std::vector<int64_t> shape;
-  std::vector<float> data;
+  Storage data;
 
   Tensor() = default;
   explicit Tensor(std::vector<int64_t> s, float fill = 0.0f)

@@ -250,7 +250,7 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
   }
   for (const std::string& n : spec.log_decays) {
     if (!in.count(n)) continue;
-    const std::vector<float>& v = in.at(n).data;
+    const Storage& v = in.at(n).data;
     float top = -INFINITY;  // one vectorised pass; the offending value searched only if there is one
 #pragma omp simd reduction(max : top)
     for (size_t i = 0; i < v.size(); ++i) top = std::max(top, v[i]);

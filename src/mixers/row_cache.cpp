@@ -121,7 +121,7 @@ Backward wrap_backward(const MixerSpec& spec, const RowCache& rc, Backward inner
     Tensor dyc;
     dyc.shape = dy.shape;
     dyc.shape[1] = p.n;
-    dyc.data = cat_rows<std::vector<float>>(nullptr, p.L, dy.data, p.T, p.B, dy.numel() / (p.B * p.T));
+    dyc.data = cat_rows<Storage>(nullptr, p.L, dy.data, p.T, p.B, dy.numel() / (p.B * p.T));
     TensorMap g = inner(ic, p.state ? dyc : dy);
     TensorMap out{{"y", slice_tensor(g.at("y"), p, p.L, p.n)}};
     for (const auto& ts : inputs) {

@@ -223,7 +223,7 @@ class DecayLayer : public MixerLayer {
     const TensorMap g = mixer_backward(lc_, in_, {B, T, H(), Dh()}, dy0.data());
     std::map<std::string, std::vector<float>> dmapped;
     for (const Proj& p : r_.proj)
-      if (p.role == Role::Mixer && g.count("d" + p.input)) dmapped[p.input] = g.at("d" + p.input).data;
+      if (p.role == Role::Mixer && g.count("d" + p.input)) dmapped[p.input] = std::vector<float>(g.at("d" + p.input).data);
     for (const Proj& p : r_.proj) {
       const ProjAct& z = acts_.at(p.input);
       std::vector<float> d = p.role == Role::Mixer ? dmapped.at(p.input) : dact.at(p.input);
@@ -510,7 +510,7 @@ class DecayRun : public LayerRun {
           std::vector<float>(size_t((kConv - 1) * W), 0.0f),
           std::vector<float>(size_t(p.rank)),
           nullptr};
-      if (p.conv && own.count("conv." + p.input)) q.hist = own.at("conv." + p.input).data;
+      if (p.conv && own.count("conv." + p.input)) q.hist = std::vector<float>(own.at("conv." + p.input).data);
       if (p.role == Role::Mixer) q.dst = mix_->buf(p.input);
       projs_.push_back(std::move(q));
     }

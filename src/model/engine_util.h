@@ -90,7 +90,7 @@ class Weights {
   std::vector<float> vec(const std::string& n) {
     ptr(n);
     Tensor& t = W_.at(n);
-    return take_ ? std::move(t.data) : t.data;
+    return take_ ? std::move(t.data).take() : std::vector<float>(t.data.begin(), t.data.end());
   }
   // the matrix `n` in weight type t: as the model's packed weights hold it (a `linmix convert`
   // file; taken or copied), else converted from its FP32 values (and recorded when converting)
@@ -109,12 +109,12 @@ class Weights {
     Tensor& x = W_.at(n);
     QMatrix q;
     if (take_ && t == WType::F32) {
-      q.rows = x.shape[0], q.cols = x.shape[1], q.type = t, q.f32 = std::move(x.data);
+      q.rows = x.shape[0], q.cols = x.shape[1], q.type = t, q.f32 = std::move(x.data).take();
       return q;
     }
     q = QMatrix::from_f32(p, x.shape[0], x.shape[1], t);
     if (packed_ && packed_->recording) packed_->mats[n] = q;
-    if (take_) std::vector<float>().swap(x.data);
+    if (take_) x.data.release();
     return q;
   }
 

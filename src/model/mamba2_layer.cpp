@@ -198,7 +198,7 @@ class Mamba2Run : public LayerRun {
     Mamba2Layer::weights(io, in);
     TensorMap own;
     const TensorMap mix = split_layer_state(state, {{"conv", 3 * L.Wc()}}, own, index);
-    if (own.count("conv")) prev_ = own.at("conv").data;
+    if (own.count("conv")) prev_ = std::vector<float>(own.at("conv").data);
     mix_ = std::make_unique<MixerStep>(lc, std::move(in), mix);
   }
   void step(const float* a, float* out) override {

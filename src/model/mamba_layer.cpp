@@ -147,7 +147,7 @@ class MambaRun : public LayerRun {
                  {"D", io.t("att.D")},      {"delta_bias", io.t("att.dt_proj.bias")}};
     TensorMap own;
     const TensorMap mix = split_layer_state(state, {{"conv", 3 * Ei}}, own, index);
-    if (own.count("conv")) prev_ = own.at("conv").data;
+    if (own.count("conv")) prev_ = std::vector<float>(own.at("conv").data);
     mix_ = std::make_unique<MixerStep>(lc, std::move(in), mix);
   }
   void step(const float* a, float* out) override {

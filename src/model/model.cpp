@@ -152,7 +152,7 @@ float* sized(std::vector<float>& v, int64_t n) {
 }  // namespace
 
 void Model::release_weights() {
-  for (auto& [name, t] : params_) std::vector<float>().swap(t.data);
+  for (auto& [name, t] : params_) t.data.release();
   released_ = true;
 }
 
@@ -405,7 +405,7 @@ Model::State Model::state_from_tensors(const TensorMap& t) const {
     if (rest == "ffn_prev") {
       check_shape(n, x, {cfg_.d_model});
       LINMIX_CHECK(cfg_.rwkv_channel_mix() || zeros, "state: unexpected tensor '" + n + "' (no token shift here)");
-      st.ffn_prev[l] = x.data;
+      st.ffn_prev[l] = std::vector<float>(x.data);
     } else if (rest == "att_prev" && cfg_.layers[l].mixer != "rwkv4" && zeros && x.numel() == cfg_.d_model) {
       // states saved before layers kept their own: a zero token shift for every layer
     } else {

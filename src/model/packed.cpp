@@ -88,7 +88,7 @@ std::shared_ptr<PackedWeights> take_packed(SafeTensors& st, const Model& m, cons
       check_shape(n + ".scale", s->second, {rows});
       for (float v : s->second.data)
         LINMIX_CHECK(std::isfinite(v) && v > 0.0f, tag + n + ".scale': a scale that is not finite and > 0 (" + std::to_string(v) + ")");
-      q.scale = std::move(s->second.data);
+      q.scale = std::move(s->second.data).take();
       st.tensors.erase(s);
     } else {
       q.q4 = std::move(piece(n, "U8", q4_shape(rows, cols, true)).u8);

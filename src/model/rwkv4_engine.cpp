@@ -183,24 +183,24 @@ void Rwkv4Engine::sequence(const int32_t* tokens, int64_t T, Model::State& st, f
     for (int64_t l = 0; l < I.L; ++l) {
       const Impl::Layer& L = I.layers[l];
       // token shift: row t mixes with row t-1, row 0 with the state's last row
-      auto shift_mix = [&](const float* src, std::vector<float>& prev, const std::vector<float>* mixes[],
+      auto shift_mix = [&](const float* src, float* prev, const std::vector<float>* mixes[],
                            float* outs[], int nm) {
 #pragma omp parallel for schedule(static)
         for (int64_t t = 0; t < n; ++t) {
-          const float* p = t ? src + (t - 1) * C : prev.data();
+          const float* p = t ? src + (t - 1) * C : prev;
           for (int j = 0; j < nm; ++j) {
             const float* m = mixes[j]->data();
             float* d = outs[j] + t * C;
             for (int64_t c = 0; c < C; ++c) d[c] = src[t * C + c] * m[c] + p[c] * (1 - m[c]);
           }
         }
-        std::copy(src + (n - 1) * C, src + n * C, prev.begin());
+        std::copy(src + (n - 1) * C, src + n * C, prev);
       };
       layernorm_rows(A, X, L.ln1w.data(), L.ln1b.data(), n, C);
       {
         const std::vector<float>* mixes[] = {&L.amk, &L.amv, &L.amr};
         float* outs[] = {XK, XV, XR};
-        shift_mix(A, st.layer[l].at("att_prev").data, mixes, outs, 3);
+        shift_mix(A, st.layer[l].at("att_prev").data.data(), mixes, outs, 3);
       }
       I.matmul(K, XK, L.Wk, n, false), I.matmul(Vv, XV, L.Wv, n, false), I.matmul(R, XR, L.Wr, n, false);
       auto& ms = st.layer[l];
@@ -218,7 +218,7 @@ void Rwkv4Engine::sequence(const int32_t* tokens, int64_t T, Model::State& st, f
       {
         const std::vector<float>* mixes[] = {&L.fmk, &L.fmr};
         float* outs[] = {XK, XR};
-        shift_mix(A, st.ffn_prev[l], mixes, outs, 2);
+        shift_mix(A, st.ffn_prev[l].data(), mixes, outs, 2);
       }
       I.matmul(H, XK, L.Fk, n, false);
 #pragma omp parallel for schedule(static)

@@ -132,7 +132,7 @@ class Rwkv4Run : public LayerRun {
     TensorMap in{{"k", Tensor({1, 1, C})}, {"v", Tensor({1, 1, C})}, {"w", std::move(w)}, {"u", io.t("att.time_first")}};
     TensorMap own;
     const TensorMap mix = split_layer_state(state, {{"att_prev", C}}, own, index);
-    if (own.count("att_prev")) prev_ = own.at("att_prev").data;
+    if (own.count("att_prev")) prev_ = std::vector<float>(own.at("att_prev").data);
     mix_ = std::make_unique<MixerStep>(lc, std::move(in), mix);
   }
   void step(const float* a, float* out) override {

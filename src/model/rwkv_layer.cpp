@@ -519,7 +519,7 @@ class RwkvLayer : public MixerLayer {
   void backward7(const LayerIO& io, const TensorMap& g, std::map<char, std::vector<float>>& dproj,
                  std::vector<float>& dk2, std::vector<float>& dv2, std::map<char, std::vector<float>>& dx, int64_t N) {
     const int64_t C = C_;
-    auto G = [&](const char* n) -> const std::vector<float>& { return g.at(n).data; };
+    auto G = [&](const char* n) -> const Storage& { return g.at(n).data; };
     for (int64_t i = 0; i < N * C; ++i) dk2[size_t(i)] += G("dk")[size_t(i)], dv2[size_t(i)] += G("dv")[size_t(i)];
     // mechanism a = kappa, b = -kappa a7
     std::vector<float> dkap(size_t(N * C)), da7(size_t(N * C));
@@ -615,7 +615,7 @@ class RwkvRun : public LayerRun {
         lora_(size_t(std::max({5 * L.dmix_, L.ddecay_, L.dw_, L.da_, L.dv_, L.dg_}))) {
     TensorMap own;
     const TensorMap mix_state = split_layer_state(state, {{"shift", C_}}, own, index);
-    if (own.count("shift")) prev_ = own.at("shift").data;
+    if (own.count("shift")) prev_ = std::vector<float>(own.at("shift").data);
     TensorMap in;
     for (const char* n : {"r", "k", "v"}) in[n] = Tensor({1, 1, H_, N_});
     if (L.ver_ == 5) {

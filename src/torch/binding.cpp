@@ -77,7 +77,7 @@ at::Tensor to_torch(const Tensor& t) {
 }
 // The same without a copy: the tensor's buffer moves into the torch tensor, which frees it.
 at::Tensor into_torch(Tensor&& t) {
-  auto* buf = new std::vector<float>(std::move(t.data));
+  auto* buf = new std::vector<float>(std::move(t.data).take());
   return at::from_blob(buf->data(), t.shape, [buf](void*) { delete buf; }, at::TensorOptions().dtype(at::kFloat));
 }
 
