@@ -9,6 +9,7 @@ and each of its forms (causal, non-causal):
 - torch.autograd.gradcheck of the float64 ops (the reference and its tape) on tiny shapes;
 - cu_seqlens (packed sequences) equal to the sequences run one by one, outputs, final states
   and gradients; chunked calls with the state handed on equal one call;
+- inputs (read in place, without a copy) are left as they were by the forward and backward;
 - bad inputs raise ValueError naming the tensor.
 Run: PYTHONPATH=python python3 -m pytest tests/torch_ops_test.py (CTest: torch_ops)."""
 import os
@@ -86,6 +87,7 @@ def test_outputs_and_gradients_vs_plain_pytorch(name, causal, T):
     x64 = {n: t.double().requires_grad_(True) for n, t in x.items()}
     y_ref, fin_ref = oracle_outputs(name, causal, x64, params)
     x32 = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    kept = {n: t.detach().clone() for n, t in x32.items()}  # the op reads its inputs in place: never writes them
     y, fin = run_op(name, causal, x32, params, stateful)
     assert y.dtype == torch.float32 and y.shape == y_ref.shape
     assert rel_rms(y, y_ref) <= 1e-4, f"y rel-rms {rel_rms(y, y_ref):.2e}"
@@ -105,6 +107,7 @@ def test_outputs_and_gradients_vs_plain_pytorch(name, causal, T):
         got = t.grad if t.grad is not None else torch.zeros_like(t)
         e = rel_rms(got, want[n], floor)
         assert e <= 1e-3, f"d{n} rel-rms {e:.2e}"
+        assert torch.equal(t.detach(), kept[n]), f"{n} was written by the forward or backward"
 
 
 def tiny(name, causal, T=4):

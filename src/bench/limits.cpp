@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "kernels/blas.h"
 #include "linmix/bench.h"
 
-extern "C" void openblas_set_num_threads(int);
 
 namespace linmix {
 
@@ -35,7 +35,7 @@ double rss_at_reset = 0.0;
 void set_threads(int n) {
   if (n <= 0) return;
   omp_set_num_threads(n);
-  openblas_set_num_threads(n);
+  blas::library().set_num_threads(n);
 }
 
 double measure_triad_gbs(int64_t n, int reps) {
@@ -85,7 +85,7 @@ double measure_sgemm_gflops(int64_t n, int reps) {
   double best = 1e30;
   for (int r = 0; r < reps + 1; ++r) {
     const double t0 = now_s();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(n), int(n), 1.0f, A.data(), int(n), B.data(),
+    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(n), int(n), 1.0f, A.data(), int(n), B.data(),
                 int(n), 0.0f, C.data(), int(n));
     const double t = now_s() - t0;
     if (r) best = std::min(best, t);

@@ -27,10 +27,12 @@ void check_shape(const std::string& name, const Tensor& t, const std::vector<int
 void check_finite(const std::string& name, const Tensor& t) {
   // x * 0 is 0 for a finite x and NaN otherwise: one vectorised pass, the element searched only
   // when the sum says there is one (measured 3 -> 0.5 ms for four 2M-float inputs)
+  // (threads share a long tensor: one core does not draw the machine's bandwidth; 4 inputs of
+  // 8 MB (gla at T = 4096), warm: 1.17 -> 0.58 ms on 2 threads)
   const float* p = t.data.data();
   const int64_t n = t.numel();
   float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
+#pragma omp parallel for simd reduction(+ : acc) schedule(static) if (n >= (int64_t(1) << 20))
   for (int64_t i = 0; i < n; ++i) acc += p[i] * 0.0f;
   if (acc == 0.0f) return;
   for (int64_t i = 0; i < t.numel(); ++i) {

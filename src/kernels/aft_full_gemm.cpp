@@ -14,6 +14,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/blas.h"
 #include "../mixers/common.h"
 #include "linmix/kernels.h"
 #include "vmath.h"
@@ -80,7 +81,7 @@ void aft_full_forward(float* y, const float* q, const float* k, const float* v, 
         }
       }
       bias_block(ew.data(), w, Tw, m.data(), t0, nt, s0, ns, causal);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(nt), int(2 * C), int(ns), 1.0f, ew.data(), int(S),
+      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(nt), int(2 * C), int(ns), 1.0f, ew.data(), int(S),
                   kv.data(), int(2 * C), 0.0f, part.data(), int(2 * C));
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < nt; ++i) {  // combine the block into (num, den) with a running max
@@ -167,7 +168,7 @@ void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* 
       const int64_t ns = std::min(S, T - s0), t0 = causal ? s0 : 0, nt = T - t0;  // rows that see the block
       bias_block(ew.data(), w, Tw, m.data(), t0, nt, s0, ns, causal);
       // [EW^T G | EW^T (G o o)] for the block's positions: (ns, 2C)
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(ns), int(2 * C), int(nt), 1.0f, ew.data(), int(S),
+      blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(ns), int(2 * C), int(nt), 1.0f, ew.data(), int(S),
                   &G[size_t(t0 * 2 * C)], int(2 * C), 0.0f, part.data(), int(2 * C));
 #pragma omp parallel for schedule(static)
       for (int64_t s = 0; s < ns; ++s) {
@@ -181,9 +182,9 @@ void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* 
         }
       }
       // dw[:, block] = EW o ([G | G o o] [e^{k-M} o v | -e^{k-M}]^T): the second half's sign in the sum
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nt), int(ns), int(C), 1.0f, &G[size_t(t0 * 2 * C)],
+      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nt), int(ns), int(C), 1.0f, &G[size_t(t0 * 2 * C)],
                   int(2 * C), &ek[size_t(s0 * 2 * C)], int(2 * C), 0.0f, dwb.data(), int(S));
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nt), int(ns), int(C), -1.0f, &G[size_t(t0 * 2 * C + C)],
+      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(nt), int(ns), int(C), -1.0f, &G[size_t(t0 * 2 * C + C)],
                   int(2 * C), &ek[size_t(s0 * 2 * C + C)], int(2 * C), 1.0f, dwb.data(), int(S));
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < nt; ++i) {

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/blas.h"
 #include "kernels/vmath.h"
 #include "linmix/error.h"
 
@@ -58,7 +59,7 @@ void gemm_acc(bool ta, bool tb, float* C, const float* A, const float* B, int64_
       for (int64_t i = 0; i < n; ++i) pt[static_cast<size_t>(j * n + i)] = b[i * lb + j];
     b = pt.data(), lb = n, tb = false;
   }
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m), int(n), int(k),
+  blas::sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m), int(n), int(k),
               1.0f, a, int(la), b, int(lb), 1.0f, c, int(lc));
   if (c != C)
     for (int64_t i = 0; i < m; ++i) std::copy(pc.data() + i * n, pc.data() + (i + 1) * n, C + i * ldc);

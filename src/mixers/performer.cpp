@@ -6,6 +6,7 @@
 // s <= t (causal, both forms), the carried S, z being rescaled by exp(old max - new max) <= 1.
 #include <random>
 
+#include "kernels/blas.h"
 #include "../kernels/linear_product.h"
 #include "../ref/ref_util.h"
 #include <cblas.h>
@@ -100,7 +101,7 @@ constexpr float kEmptyMax = -1e38f;  // the max of nothing; finite so a saved st
 void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const float* proj, int64_t M, int64_t D) {
   const float s = std::pow(float(D), -0.25f);
   if (n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(M), int(D), s, x, int(ldx), proj, int(D), 0.0f, out,
+  blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(M), int(D), s, x, int(ldx), proj, int(D), 0.0f, out,
               int(M));
   for (int64_t i = 0; i < n; ++i) {
     const float* xr = x + i * ldx;
@@ -181,7 +182,7 @@ void performer_state_backward(float* dQ, float* dK, float* dV, int64_t& arg_s, i
   };
   float dkm0 = 0.0f;
   if (S0) {  // every row sees the initial state at the scale w_t = e^{kmax0 - g_t}
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(M), int(E), 1.0f, dnum, int(E), S0, int(E), 0.0f,
+    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(M), int(E), 1.0f, dnum, int(E), S0, int(E), 0.0f,
                 P, int(M));  // dnum S0^T
     for (int64_t t = 0; t < T; ++t) {
       const float w = exp_fast(kmax0 - g[t]);
@@ -191,7 +192,7 @@ void performer_state_backward(float* dQ, float* dK, float* dV, int64_t& arg_s, i
       }
     }
     if (dS0) {
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(E), int(T), 1.0f, Wq, int(M), dnum, int(E), 0.0f,
+      blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(E), int(T), 1.0f, Wq, int(M), dnum, int(E), 0.0f,
                   dS0, int(E));
       for (int64_t m = 0; m < M; ++m) {
         float s = 0.0f;
@@ -205,7 +206,7 @@ void performer_state_backward(float* dQ, float* dK, float* dV, int64_t& arg_s, i
   if (GS || Gz || st.dkmaxT) {
     const float gT = g[T - 1];
     if (GS)  // P = V G_S^T: (T,M)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(M), int(E), 1.0f, v, int(ldv), GS, int(E), 0.0f,
+      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(M), int(E), 1.0f, v, int(ldv), GS, int(E), 0.0f,
                   P, int(M));
     for (int64_t s = 0; s < T; ++s) {
       const float u = exp_fast(g[s] - gT);
@@ -215,7 +216,7 @@ void performer_state_backward(float* dQ, float* dK, float* dV, int64_t& arg_s, i
       }
     }
     if (GS)  // dV += (u o Kf) G_S
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(E), int(M), 1.0f, Wq, int(M), GS, int(E), 1.0f,
+      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(E), int(M), 1.0f, Wq, int(M), GS, int(E), 1.0f,
                   dV, int(E));
     R = (st.dkmaxT ? st.dkmaxT[bh] : 0.0f) - (GS ? dot(GS, ST, M * E) : 0.0f) - (Gz ? dot(Gz, zT, M) : 0.0f);
     if (S0) {
@@ -322,7 +323,7 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
           const float* f = (pass == 0 ? Qf : Kf).data();
           for (int64_t i = 0; i < T * M; ++i) dl[i] *= f[i];
           if (pass == 1 && arg_s >= 0) dl[arg_s * M + arg_m] += R;  // the final kmax's logit
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(D), int(M), sc, dl, int(M), proj, int(D),
+          blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(D), int(M), sc, dl, int(M), proj, int(D),
                       0.0f, dx, int(H * D));
           for (int64_t t = 0; t < T; ++t) {
             float sum_dl = 0.0f;
@@ -331,7 +332,7 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
             const float c2 = sc * sc * sum_dl;
             for (int64_t j = 0; j < D; ++j) dx[t * H * D + j] -= c2 * x[t * H * D + j];
           }
-          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(D), int(T), sc, dl, int(M), x, int(H * D), 1.0f,
+          blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(D), int(T), sc, dl, int(M), x, int(H * D), 1.0f,
                       dp.data(), int(D));
         }
       }

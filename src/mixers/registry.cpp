@@ -251,10 +251,14 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
   for (const std::string& n : spec.log_decays) {
     if (!in.count(n)) continue;
     const Storage& v = in.at(n).data;
-    float top = -INFINITY;  // one vectorised pass; the offending value searched only if there is one
-#pragma omp simd reduction(max : top)
-    for (size_t i = 0; i < v.size(); ++i) top = std::max(top, v[i]);
-    if (top <= 0.0f) continue;
+    // one vectorised pass (a count of positives: std::max's reduction stayed scalar, 3 ms for 2M
+    // values), threads sharing a long one; the offending value searched only if there is one
+    const float* p = v.data();
+    const int64_t m = int64_t(v.size());
+    int64_t positive = 0;
+#pragma omp parallel for simd reduction(+ : positive) schedule(static) if (m >= (int64_t(1) << 20))
+    for (int64_t i = 0; i < m; ++i) positive += p[i] > 0.0f;
+    if (positive == 0) continue;
     for (float x : v)
       LINMIX_CHECK(x <= 0.0f, "tensor '" + n + "': log decays must be <= 0 (decay exp(" + n + ") in (0, 1]), found " +
                                   std::to_string(x));

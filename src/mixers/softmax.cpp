@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "kernels/blas.h"
 #include "../kernels/linear_product.h"
 #include "../ref/ref_util.h"
 #include "../kernels/vmath.h"
@@ -189,7 +190,7 @@ void softmax_step(float* y, KVCache& c, const float* q, const float* k, const fl
     // scores = K q and y = V^T p over the cached rows of head h (row stride H D): two GEMVs
     const int64_t n = L - first;
     float* sc = scratch.data() + first;
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(D), scale, &c.k[(first * H + h) * D], int(H * D), q + h * D,
+    blas::sgemv(CblasRowMajor, CblasNoTrans, int(n), int(D), scale, &c.k[(first * H + h) * D], int(H * D), q + h * D,
                 1, 0.0f, sc, 1);
     float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
@@ -201,7 +202,7 @@ void softmax_step(float* y, KVCache& c, const float* q, const float* k, const fl
       sum += sc[s];
     }
     float* yr = y + h * E;
-    cblas_sgemv(CblasRowMajor, CblasTrans, int(n), int(E), 1.0f, &c.v[(first * H + h) * E], int(H * E), sc, 1, 0.0f,
+    blas::sgemv(CblasRowMajor, CblasTrans, int(n), int(E), 1.0f, &c.v[(first * H + h) * E], int(H * E), sc, 1, 0.0f,
                 yr, 1);
     for (int64_t e = 0; e < E; ++e) yr[e] /= sum;
   }

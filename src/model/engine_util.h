@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/blas.h"
 #include "kernels/gemv.h"
 #include "kernels/vmath.h"
 #include "linmix/engine.h"
@@ -66,7 +67,7 @@ inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, boo
     W.to_f32(deq.data());
     w = deq.data();
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(W.rows), int(W.cols), 1.0f, in, int(W.cols), w,
+  blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(W.rows), int(W.cols), 1.0f, in, int(W.cols), w,
               int(W.cols), accumulate ? 1.0f : 0.0f, out, int(W.rows));
 }
 

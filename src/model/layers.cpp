@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/blas.h"
 #include "../kernels/vmath.h"
 
 namespace linmix::nn {
@@ -15,13 +16,13 @@ void matmul_forward(float* out, const float* in, const float* W, const float* bi
   if (N == 0) return;
   if (N == 1) {  // one token (the recurrent step): a matrix-vector product, not a GEMM of one row
     if (bias) std::copy(bias, bias + OC, out);
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(OC), int(IC), 1.0f, W, int(IC), in, 1, bias ? 1.0f : 0.0f, out, 1);
+    blas::sgemv(CblasRowMajor, CblasNoTrans, int(OC), int(IC), 1.0f, W, int(IC), in, 1, bias ? 1.0f : 0.0f, out, 1);
     return;
   }
   if (bias) {
     for (int64_t i = 0; i < N; ++i) std::copy(bias, bias + OC, out + i * OC);
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(OC), int(IC), 1.0f, in, int(IC), W, int(IC),
+  blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(OC), int(IC), 1.0f, in, int(IC), W, int(IC),
               bias ? 1.0f : 0.0f, out, int(OC));
 }
 
@@ -29,9 +30,9 @@ void matmul_backward(float* din, float* dW, float* dbias, const float* dout, con
                      int64_t N, int64_t IC, int64_t OC, bool accumulate) {
   if (N == 0) return;
   if (din)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(IC), int(OC), 1.0f, dout, int(OC), W, int(IC),
+    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(IC), int(OC), 1.0f, dout, int(OC), W, int(IC),
                 accumulate ? 1.0f : 0.0f, din, int(IC));
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(OC), int(IC), int(N), 1.0f, dout, int(OC), in, int(IC),
+  blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(OC), int(IC), int(N), 1.0f, dout, int(OC), in, int(IC),
               1.0f, dW, int(IC));
   if (dbias)
     for (int64_t i = 0; i < N; ++i)

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/blas.h"
 #include "engine_util.h"
 #include "linmix/error.h"
 #include "linmix/mixer.h"
@@ -61,7 +62,7 @@ struct Lora {
 // out (n, L.out) = x (n, L.in) L.A, x rows ldx apart
 void xa(float* out, const float* x, const Lora& L, int64_t n, int64_t ldx) {
   if (n == 1) return gemv(L.t, x, out);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(L.out), int(L.in), 1.0f, x, int(ldx), L.A.data(),
+  blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(L.out), int(L.in), 1.0f, x, int(ldx), L.A.data(),
               int(L.out), 0.0f, out, int(L.out));
 }
 

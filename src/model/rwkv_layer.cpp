@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/blas.h"
 #include "layers.h"
 #include "mixer_layer.h"
 
@@ -30,7 +31,7 @@ namespace {
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
           float* C, int64_t ldc, bool acc) {
   if (M == 0 || N == 0) return;
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(M), int(N), int(K),
+  blas::sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(M), int(N), int(K),
               1.0f, A, int(lda), B, int(ldb), acc ? 1.0f : 0.0f, C, int(ldc));
 }
 float sig(float x) { return 1.0f / (1.0f + std::exp(-x)); }
@@ -664,7 +665,7 @@ class RwkvRun : public LayerRun {
 
   // out (C) = x (C) A (C, r), A stored [in, out]
   void vecmat(float* out, const float* x, const float* A, int64_t in, int64_t r, int64_t lda) const {
-    cblas_sgemv(CblasRowMajor, CblasTrans, int(in), int(r), 1.0f, A, int(lda), x, 1, 0.0f, out, 1);
+    blas::sgemv(CblasRowMajor, CblasTrans, int(in), int(r), 1.0f, A, int(lda), x, 1, 0.0f, out, 1);
   }
 
   void step(const float* u, float* out) override {

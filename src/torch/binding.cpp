@@ -11,17 +11,22 @@
 //   init_model(config, seed)      a model's parameters as linmix train initialises them
 //   load_checkpoint(path)          a linmix / RWKV / Mamba checkpoint: config, kind, tokenizer, tensors
 //   save_checkpoint(path, config, tensors, tokenizer)   one linmix generate / logits / train reads
-// Tensors are CPU and contiguous (the Python side makes them so); they are copied in and out.
+// Tensors are CPU and contiguous (the Python side makes them so); inputs are read where they are
+// (linmix views), outputs handed to torch without a copy.
 // linmix::Error becomes ValueError (one line, naming the tensor); the GIL is released while
 // the mechanism runs.
 #include <cblas.h>
 #include <malloc.h>
 #include <torch/extension.h>
 
+#include <dlfcn.h>
+
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <string>
 
+#include "kernels/blas.h"
 #include "linmix/bench.h"
 #include "linmix/error.h"
 #include "linmix/mixer.h"
@@ -44,29 +49,50 @@ void check_cpu(const std::string& name, const at::Tensor& t, at::ScalarType want
                         c10::toString(want));
 }
 
-// Threads for one call. Under torch, the OpenBLAS in the process is the one torch loaded
-// (Debian's: the pthread build, whose own thread pool would spin against linmix's OpenMP threads
-// and serialises the GEMMs linmix calls from inside its parallel loops: measured 30x slower
-// backward for the linear family): BLAS then runs in its caller's thread, linmix's OpenMP
-// loops giving the parallelism; an OpenMP OpenBLAS (openblas_get_parallel() == 2) shares the
-// pool and keeps n.
+// Threads for one call: linmix's OpenMP loops and its BLAS (kernels/blas.h). When its BLAS is
+// not an OpenMP build (the OpenMP OpenBLAS could not be loaded beside torch's pthread one, see
+// use_openmp_blas), BLAS runs in its caller's thread: a pthread OpenBLAS's own threads would spin
+// against linmix's OpenMP threads and serialise the GEMMs called from inside its parallel loops
+// (measured 30x slower backward for the linear family).
 void call_threads(int n) {
   if (n <= 0) return;
   linmix::set_threads(n);
-  if (openblas_get_parallel() != 2) openblas_set_num_threads(1);
+  if (linmix::blas::library().get_parallel() != 2) linmix::blas::library().set_num_threads(1);
 }
 
-// A float32 copy (the library's tensors own their memory), in parallel blocks of 256 KiB: the
-// copy is memory-bound and one core does not draw the machine's bandwidth.
+// torch loads Debian's pthread OpenBLAS before this module, and it shares the OpenMP build's
+// SONAME, so the module's BLAS calls bind to it: linmix's top-level GEMMs then ran on one thread
+// (gla at T = 4096: 16.4 ms through linmix.ops against 11.2 ms in `linmix bench`). The OpenMP build
+// beside it (LINMIX_BLAS=PATH, else openblas-openmp/ next to the loaded build's folder) serves
+// linmix's calls; torch keeps its own. Returns what linmix's BLAS is, for linmix.ops' info.
+std::string use_openmp_blas() {
+  namespace fs = std::filesystem;
+  if (linmix::blas::library().get_parallel() == 2) return "OpenMP OpenBLAS (the process's)";
+  std::string path;
+  if (const char* e = std::getenv("LINMIX_BLAS")) {
+    path = e;
+  } else {
+    Dl_info info{};  // the file of the OpenBLAS the process bound (.../openblas-pthread/libopenblasp-*.so)
+    void* f = ::dlsym(RTLD_DEFAULT, "openblas_get_parallel");
+    std::error_code ec;  // (dli_fname may be the alternatives link, /lib/<triplet>/libopenblas.so.0)
+    const fs::path real = f && ::dladdr(f, &info) && info.dli_fname ? fs::canonical(info.dli_fname, ec) : fs::path();
+    if (!real.empty() && !ec) path = (real.parent_path().parent_path() / "openblas-openmp" / "libopenblas.so.0").string();
+  }
+  if (!path.empty() && fs::exists(path) && linmix::blas::use_blas_library(path) &&
+      linmix::blas::library().get_parallel() == 2)
+    return "OpenMP OpenBLAS " + path;
+  return "the process's BLAS, one thread a call (no OpenMP OpenBLAS found)";
+}
+
+// The tensor as linmix's, without a copy: a view of its float32 contiguous values (converted
+// first when it is not that) which holds the torch tensor alive. The mixers only read their
+// inputs (tests/torch_ops_test.py checks every one leaves them as they were).
 Tensor to_linmix(const at::Tensor& t) {
   const at::Tensor c = t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
-  Tensor out(shape_of(c));
-  const float* src = c.data_ptr<float>();
-  float* dst = out.data.data();
-  const int64_t n = out.numel(), block = 1 << 16;
-#pragma omp parallel for schedule(static) if (n >= 4 * block)
-  for (int64_t b = 0; b < (n + block - 1) / block; ++b)
-    std::memcpy(dst + b * block, src + b * block, sizeof(float) * size_t(std::min(block, n - b * block)));
+  Tensor out;
+  out.shape = shape_of(c);
+  if (c.numel() > 0)
+    out.data = linmix::Storage::view(c.data_ptr<float>(), size_t(c.numel()), std::make_shared<at::Tensor>(c));
   return out;
 }
 
@@ -235,6 +261,8 @@ PYBIND11_MODULE(_C, m) {
     mallopt(M_MMAP_THRESHOLD, 256 << 20);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
   }
+  static const std::string blas = use_openmp_blas();
+  m.attr("BLAS") = blas;
   m.doc() = "linmix: linear-time token mixers on the CPU (the C++ library under linmix.ops)";
   py::register_exception<linmix::Error>(m, "LinmixError", PyExc_ValueError);
   m.def("mixers_json", &linmix::mixers_json, "the registry as JSON (linmix mixers --json)");

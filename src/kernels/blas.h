@@ -1,0 +1,34 @@
+// The BLAS calls of linmix (sgemm, sgemv) and its BLAS thread count go through here: by default
+// the OpenBLAS the library is linked with; use_blas_library() installs another build at run time.
+// The torch extension does: torch brings Debian's pthread OpenBLAS into the process first (same
+// SONAME, so it is the one the extension's calls bind to), whose threads would run linmix's
+// top-level GEMMs on one thread (set to 1) or spin against linmix's OpenMP threads inside its
+// loops; the extension loads the OpenMP build beside it for linmix's own calls (torch keeps its).
+#pragma once
+#include <cblas.h>
+
+#include <string>
+
+namespace linmix::blas {
+
+struct Library {
+  decltype(&cblas_sgemm) sgemm;
+  decltype(&cblas_sgemv) sgemv;
+  void (*set_num_threads)(int);
+  int (*get_parallel)();  // 0 sequential, 1 pthreads, 2 OpenMP
+};
+const Library& library();
+// Loads the OpenBLAS at `path` (RTLD_LOCAL: its symbols stay its own) and uses it from now on;
+// false (nothing changed) when it cannot be loaded or lacks a function.
+bool use_blas_library(const std::string& path);
+
+template <class... A>
+inline void sgemm(A... a) {
+  library().sgemm(a...);
+}
+template <class... A>
+inline void sgemv(A... a) {
+  library().sgemv(a...);
+}
+
+}  // namespace linmix::blas
