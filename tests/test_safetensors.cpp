@@ -149,3 +149,46 @@ TEST(Safetensors, StrictLayout) {
   expect_error(file_bytes("{" + x + std::string("}\0garbage", 9), data.substr(0, 8)), "NUL byte");
   expect_error(file_bytes(std::string("{}\0", 3), ""), "NUL byte");
 }
+
+// map_safetensors (linmix mix's inputs): the same tensors as read_safetensors, the F32 ones views of
+// the mapping that keep it alive after the map of tensors is gone; F16 and raw ones read as usual;
+// a copy of a view is owned; what read_safetensors refuses, it refuses.
+TEST(Safetensors, MappedTensorsEqualReadOnesAndKeepTheMapping) {
+  const std::string dir = test::tmp_dir();
+  const std::string path = dir + "/m.safetensors";
+  TensorMap m;
+  m["a"] = Tensor({2, 3});
+  m["b"] = Tensor({5});
+  for (size_t i = 0; i < 6; ++i) m["a"].data[i] = float(i) - 2.5f;
+  for (size_t i = 0; i < 5; ++i) m["b"].data[i] = 1.0f / float(i + 1);
+  RawTensor r{"U8", {3}, {7, 8, 9}, {}, {}};
+  write_safetensors(path, m, {{"c", r}}, {{"k", "v"}});
+  const SafeTensors want = read_safetensors(path);
+  Tensor kept;
+  {
+    SafeTensors got = map_safetensors(path);
+    EXPECT_EQ(got.metadata, want.metadata);
+    ASSERT_EQ(got.tensors.size(), 2u);
+    for (const auto& [n, t] : want.tensors) {
+      EXPECT_TRUE(got.tensors.at(n).data.is_view()) << n;
+      EXPECT_EQ(got.tensors.at(n).shape, t.shape) << n;
+      EXPECT_EQ(got.tensors.at(n).data, t.data) << n;
+    }
+    EXPECT_EQ(got.raw.at("c").u8, r.u8);
+    const Tensor copy = got.tensors.at("a");
+    EXPECT_FALSE(copy.data.is_view());
+    kept = std::move(got.tensors.at("b"));
+  }
+  EXPECT_TRUE(kept.data.is_view());
+  EXPECT_EQ(kept.data, want.tensors.at("b").data) << "the mapping outlives the map of tensors";
+  std::string bytes;
+  {
+    std::ifstream f(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(f), {});
+  }
+  write_file_atomic(dir + "/cut.safetensors", bytes.substr(0, bytes.size() - 4));
+  EXPECT_THROW(map_safetensors(dir + "/cut.safetensors"), Error);
+  write_file_atomic(dir + "/tiny.safetensors", "abc");
+  EXPECT_THROW(map_safetensors(dir + "/tiny.safetensors"), Error);
+  EXPECT_THROW(map_safetensors(dir + "/missing.safetensors"), Error);
+}

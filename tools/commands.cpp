@@ -81,7 +81,7 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
   const MixerSpec& spec = find_mixer(mixer);  // unknown names fail before any file is read
   (void)spec;
   const auto kv = parse_params(params);
-  const SafeTensors in = read_safetensors(in_path);
+  const SafeTensors in = map_safetensors(in_path);  // the inputs read where they are (the kernels only read them)
   for (const auto& [n, r] : in.raw)
     throw Error(in_path + ": tensor '" + n + "' is " + r.dtype + ": the mixers read F32, F16 or BF16 tensors");
   const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad);

@@ -44,6 +44,10 @@ struct SafeTensors {
 // Parses an in-memory file image; `what` names it in error messages.
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& what);
 SafeTensors read_safetensors(const std::string& path);
+// The same, the file mapped read-only: its F32 tensors are views of the mapping (no copy; the
+// mapping lives as long as one of them), the rest read as above. For inputs that are only read
+// (linmix mix: a write into one would fault); the file must not be truncated while they live.
+SafeTensors map_safetensors(const std::string& path);
 std::string serialize_safetensors(const TensorMap& tensors,
                                   const std::map<std::string, std::string>& metadata = {});
 void write_safetensors(const std::string& path, const TensorMap& tensors,
