@@ -329,6 +329,21 @@ TEST(Engines, DecodeAllocatesNothing) {
 // An engine that takes the model's weights (make_engine(m, wt, true): one copy in memory) runs
 // exactly as one that copies them, for every engine and weight type; the model it took them from
 // keeps its state functions but refuses to run.
+namespace {
+// Two engines of the same weights fed the same tokens (a sequence with every logit, then a step):
+// the same logits, bit for bit.
+void expect_same_logits(Engine& a, Engine& b, Model::State& sa, Model::State& sb, const std::vector<int32_t>& toks,
+                        int64_t V, const std::string& what) {
+  const int64_t T = int64_t(toks.size());
+  std::vector<float> la(size_t(T * V)), lb(size_t(T * V));
+  a.sequence(toks.data(), T, sa, la.data(), true);
+  b.sequence(toks.data(), T, sb, lb.data(), true);
+  EXPECT_EQ(la, lb) << what;
+  a.step(2, sa, la.data()), b.step(2, sb, lb.data());
+  EXPECT_TRUE(std::equal(la.begin(), la.begin() + V, lb.begin())) << what;
+}
+}  // namespace
+
 TEST(Engines, TakingTheWeightsEqualsCopyingThem) {
   std::vector<std::function<std::unique_ptr<Model>()>> makers = {[] { return rwkv_model(); },
                                                                   [] { return mamba_model("mamba"); },
@@ -341,14 +356,9 @@ TEST(Engines, TakingTheWeightsEqualsCopyingThem) {
       const std::string what = kept->config().layers[0].mixer + " " + wtype_name(wt);
       const auto a = make_engine(*kept, wt);
       const auto b = make_engine(*given, wt, true);
-      const int64_t V = kept->config().vocab, T = int64_t(toks.size());
-      std::vector<float> la(size_t(T * V)), lb(size_t(T * V));
+      const int64_t V = kept->config().vocab;
       Model::State sa = a->new_state(), sb = given->new_state();
-      a->sequence(toks.data(), T, sa, la.data(), true);
-      b->sequence(toks.data(), T, sb, lb.data(), true);
-      EXPECT_EQ(la, lb) << what;
-      a->step(2, sa, la.data()), b->step(2, sb, lb.data());
-      EXPECT_TRUE(std::equal(la.begin(), la.begin() + V, lb.begin())) << what;
+      expect_same_logits(*a, *b, sa, sb, toks, V, what);
       for (const auto& [n, t] : given->params()) EXPECT_TRUE(t.data.empty()) << what << ": " << n << " still held";
       EXPECT_EQ(given->state_tensors(sb).size(), kept->state_tensors(sa).size()) << what;
       std::vector<float> lg(static_cast<size_t>(V));
@@ -403,14 +413,8 @@ TEST(ConvertedCheckpoint, LoadsAsTheEngineConvertsEveryModelAndType) {
       EXPECT_EQ(resolve_wtype(*ck.model, ""), wt) << what;
       const auto want = make_engine(*m, wt);
       const auto got = make_engine(*ck.model, resolve_wtype(*ck.model, ""), true);
-      const int64_t V = m->config().vocab, T = int64_t(toks.size());
-      std::vector<float> la(size_t(T * V)), lb(size_t(T * V));
       Model::State sa = want->new_state(), sb = got->new_state();
-      want->sequence(toks.data(), T, sa, la.data(), true);
-      got->sequence(toks.data(), T, sb, lb.data(), true);
-      EXPECT_EQ(la, lb) << what;
-      want->step(2, sa, la.data()), got->step(2, sb, lb.data());
-      EXPECT_TRUE(std::equal(la.begin(), la.begin() + V, lb.begin())) << what;
+      expect_same_logits(*want, *got, sa, sb, toks, m->config().vocab, what);
       const TensorMap ta = m->state_tensors(sa), tb = m->state_tensors(sb);
       for (const auto& [n, t] : ta) EXPECT_EQ(t.data, tb.at(n).data) << what << " " << n;
     }

@@ -228,6 +228,28 @@ SafeTensors fill(Layout&& L, const ReadAt& read, char* view_base = nullptr, cons
 
 }  // namespace
 
+namespace {
+// A regular file opened for reading (closed with this), and its size; anything else an Error.
+struct OpenFile {
+  int fd = -1;
+  uint64_t size = 0;
+  explicit OpenFile(const std::string& path) : fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+    LINMIX_CHECK(fd >= 0, path + ": cannot open (" + std::strerror(errno) + ")");
+    struct stat sb {};
+    const bool stated = ::fstat(fd, &sb) == 0;
+    const std::string why = stated ? "not a regular file" : std::strerror(errno);
+    if (!stated || !S_ISREG(sb.st_mode)) {
+      ::close(fd);
+      throw Error(path + ": cannot open (" + why + ")");
+    }
+    size = uint64_t(sb.st_size);
+  }
+  ~OpenFile() { ::close(fd); }
+  OpenFile(const OpenFile&) = delete;
+  OpenFile& operator=(const OpenFile&) = delete;
+};
+}  // namespace
+
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& what) {
   const uint64_t n = header_length(bytes, bytes.size(), what);
   Layout L = parse_layout(std::string_view(bytes).substr(8, size_t(n)), bytes.size(), what);
@@ -237,17 +259,9 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& what)
 // The header is read first and validated whole; each tensor is then read (pread) straight into
 // its own buffer: no mapping, no copy of the file, nothing resident but the tensors.
 SafeTensors read_safetensors(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  LINMIX_CHECK(fd >= 0, path + ": cannot open (" + std::strerror(errno) + ")");
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat sb {};
-  const bool stated = ::fstat(fd, &sb) == 0;
-  LINMIX_CHECK(stated && S_ISREG(sb.st_mode),
-               path + ": cannot open (" + (stated ? "not a regular file" : std::strerror(errno)) + ")");
-  const uint64_t size = uint64_t(sb.st_size);
+  const OpenFile file(path);
+  const int fd = file.fd;
+  const uint64_t size = file.size;
   const ReadAt read = [&](uint64_t at, uint64_t n, char* dst) {
     uint64_t done = 0;
     while (done < n) {
@@ -267,17 +281,9 @@ SafeTensors read_safetensors(const std::string& path) {
 }
 
 SafeTensors map_safetensors(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  LINMIX_CHECK(fd >= 0, path + ": cannot open (" + std::strerror(errno) + ")");
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat sb {};
-  const bool stated = ::fstat(fd, &sb) == 0;
-  LINMIX_CHECK(stated && S_ISREG(sb.st_mode),
-               path + ": cannot open (" + (stated ? "not a regular file" : std::strerror(errno)) + ")");
-  const uint64_t size = uint64_t(sb.st_size);
+  const OpenFile file(path);
+  const int fd = file.fd;
+  const uint64_t size = file.size;
   if (size < 8) header_length(std::string_view(), size, path);  // refused there: truncated
   // read-only (writable private pages would be copied by the populate), the pages populated at
   // once: one call instead of a fault per 64 KiB
