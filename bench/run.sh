@@ -2,7 +2,8 @@
 # The whole benchmark from a clean clone: linmix bench (every mechanism, 1 and 2 threads, T =
 # 256 ... 65536, the machine's sgemm and triad in the same run), tiled softmax at T = 65536,
 # the PyTorch peers (bench/peer.py) and the report (bench/report.py: table, targets, plot), then
-# linmix.ops against the same kernels and the peers (bench/torch_ops.py: docs/torch_ops.md).
+# linmix.ops against the same kernels and the peers (bench/torch_ops.py: docs/torch_ops.md), and
+# linmix mix as a whole process against the peers (bench/mix_process.py: docs/mix_process.md).
 #
 #   bash bench/run.sh                 # full run (about an hour on 2 cores): docs/bench.md, docs/bench.png
 #   bash bench/run.sh --quick         # smoke run (a minute): T = 256, 512, one thread, into build/bench-quick
@@ -48,6 +49,8 @@ if [ "$quick" = 1 ]; then
   if ls python/linmix/_C*.so >/dev/null 2>&1; then  # the PyTorch package, where it is built
     "$py" bench/torch_ops.py --bin "$bin" --T 256 --threads 1 --out "$dir/torch_ops.json" --md "$dir/torch_ops.md"
   fi
+  "$py" bench/mix_process.py --bin "$bin" --T 256 --threads 1 --mixers linear,rwkv4 --out "$dir/mix_process.json" \
+    --md "$dir/mix_process.md"
   exit 0
 fi
 
@@ -81,3 +84,8 @@ bash scripts/build.sh release
 tops_md="$dir/torch_ops.md"
 [ "$dir" = build/bench ] && tops_md=docs/torch_ops.md
 "$py" bench/torch_ops.py --bin build/release/linmix --T 4096 --threads 2 --out "$dir/torch_ops.json" --md "$tops_md"
+# linmix mix as a whole process (start, read, validate, kernel, write) against the PyTorch peer
+# computing from memory, the chunked and scan mechanisms at T = 4096 (docs/mix_process.md)
+mixp_md="$dir/mix_process.md"
+[ "$dir" = build/bench ] && mixp_md=docs/mix_process.md
+"$py" bench/mix_process.py --bin "$bin" --T 4096 --threads 2 --out "$dir/mix_process.json" --md "$mixp_md"

@@ -78,8 +78,12 @@ def main():
             dy = torch.randn_like(op(x))
         xg = {n: t.clone().requires_grad_(True) for n, t in x.items()}
 
+        # one training step's worth: the gradients set to None first (optimizer.zero_grad's default
+        # in torch 2), y.backward(dy) (no loss arithmetic of the harness's own in the time)
         def fb_ops():
-            (op(xg) * dy).sum().backward()
+            for t in xg.values():
+                t.grad = None
+            op(xg).backward(dy)
         row["ops_fwdbwd"] = peer.time_best(fb_ops)
         # the plain PyTorch peer (bench/peer.py), its forward timed once first: skipped when too slow
         px = {n: t.clone() for n, t in x.items()}
@@ -93,7 +97,9 @@ def main():
             pg = {n: t.clone().requires_grad_(n not in ("proj",)) for n, t in x.items()}
 
             def fb_peer():
-                (peer.FWD[name](**pg) * dy).sum().backward()
+                for t in pg.values():
+                    t.grad = None
+                peer.FWD[name](**pg).backward(dy)
             t0 = time.perf_counter()
             fb_peer()
             once_fb = time.perf_counter() - t0

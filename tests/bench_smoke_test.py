@@ -4,7 +4,7 @@ and the report run end to end at T = 256, 512 on one thread, and what they write
 every mechanism has a forward at each T, a forward+backward where it has a backward, a
 recurrent step where it has one, limits that were measured, peers for every mechanism (each
 checked against the float64 oracle inside peer.py), a markdown table with the targets and a
-PNG plot.  Speed is not judged here (benchmarks, not timed tests).
+PNG plot, and `linmix mix` timed as a whole process beside its peer (bench/mix_process.py).  Speed is not judged here (benchmarks, not timed tests).
 Usage: bench_smoke_test.py path/to/linmix"""
 import json
 import os
@@ -58,6 +58,12 @@ def main():
             assert f"| {m} |" in md, m
         png = open(os.path.join(d, "bench.png"), "rb").read()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000, len(png)
+        # linmix mix as a whole process against the peer (bench/mix_process.py)
+        mp = json.load(open(os.path.join(d, "mix_process.json")))
+        assert [r["mixer"] for r in mp["rows"]] == ["linear", "rwkv4"], mp
+        assert all(r["kernel"] > 0 and r["process"] > r["kernel"] and r["peer"] > 0 for r in mp["rows"]), mp
+        mmd = open(os.path.join(d, "mix_process.md")).read()
+        assert "| linear |" in mmd and "| rwkv4 |" in mmd, mmd
     print("bench smoke test: ok")
 
 

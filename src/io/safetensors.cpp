@@ -163,7 +163,7 @@ Layout parse_layout(std::string_view header, uint64_t size, const std::string& w
 // (at: a byte offset in the file). Tensors are read in parallel, largest first: a fresh buffer's
 // page faults are most of a load's cost (2.4 GB/s a thread on this machine), and two threads take
 // them side by side.
-using ReadAt = std::function<void(uint64_t at, uint64_t n, char* dst)>;
+using ReadAt = std::function<void(uint64_t at, uint64_t n, char* dst)>;  // never called with n = 0
 // view_base: the file mapped (its first byte), kept alive by `keep`: F32 tensors at 4-byte
 // aligned offsets become views of it instead of copies.
 SafeTensors fill(Layout&& L, const ReadAt& read, char* view_base = nullptr, const std::shared_ptr<void>& keep = nullptr) {
@@ -188,7 +188,7 @@ SafeTensors fill(Layout&& L, const ReadAt& read, char* view_base = nullptr, cons
         char* dst = en.dtype == "U8" ? (r.u8.resize(en.numel), reinterpret_cast<char*>(r.u8.data()))
                     : en.dtype == "I8" ? (r.i8.resize(en.numel), reinterpret_cast<char*>(r.i8.data()))
                                        : (r.u16.resize(en.numel), reinterpret_cast<char*>(r.u16.data()));
-        read(at, en.e - en.b, dst);
+        if (en.e > en.b) read(at, en.e - en.b, dst);
         continue;
       }
       Tensor& t = tensors[size_t(i)];
@@ -199,7 +199,7 @@ SafeTensors fill(Layout&& L, const ReadAt& read, char* view_base = nullptr, cons
       }
       t.data.resize(en.numel);
       if (en.item == 4) {
-        read(at, en.e - en.b, reinterpret_cast<char*>(t.data.data()));
+        if (en.e > en.b) read(at, en.e - en.b, reinterpret_cast<char*>(t.data.data()));
         continue;
       }
       // F16 / BF16 widened, a slice at a time through a small buffer

@@ -231,7 +231,7 @@ class RwkvEngine : public engine::RowsEngine {
     layernorm_rows(U, X, y.ln1w.data(), y.ln1b.data(), n, C);
     shift_rows(U, P, D, ls.at("shift").ptr(), n);
     auto xs = [&](char c) { return XS_.data() + (y.mixes.find(c)) * NC; };
-    Stage st{*this, n};
+    Stage st{*this, n, {}};
     // the mixed inputs
     if (ver_ == 6) {  // x_c = u + d (maa_c + tanh((u + d maa_x) A1)_c A2[c])
       const int64_t D5 = 5 * y.dmix;
@@ -433,7 +433,7 @@ class RwkvEngine : public engine::RowsEngine {
       engine::matmul(X, Hf, y.Fv, n, true, deq_);
       return;
     }
-    Stage st{*this, n};
+    Stage st{*this, n, {}};
     st.mm(O, Hf, y.Fv), st.mm(R, XR, y.Fr);
     st.run();
     par_rows(n, [&](int64_t t) {
