@@ -25,16 +25,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer  # noqa: E402
 
-NOT_CHUNKED = {"softmax", "aft_full", "aft_local", "block_softmax", "fnet"}  # as bench/torch_ops.py
-
-
-def kernel_fwd(binary, names, T, threads):
-    out = os.path.join(tempfile.mkdtemp(prefix="linmix-mixp-"), "bench.json")
-    subprocess.run([binary, "bench", "--mixers", ",".join(names), "--T", str(T), "--thread-counts", str(threads),
-                    "--no-backward", "--no-step", "--out", out], check=True, capture_output=True)
-    return {r["mixer"]: r["seconds"] for r in json.load(open(out))["runs"]
-            if r["T"] == T and r["threads"] == threads and r["form"] == "fwd"}
-
 
 def process_time(binary, spec, path, out, threads, runs=5):
     cmd = [binary, "mix", "--mixer", spec["name"], "--mode", "parallel", "--in", path, "--out", out,
@@ -83,12 +73,12 @@ def main():
     a = ap.parse_args()
     binary = os.path.abspath(a.bin)
     specs = peer.registry(binary)
-    names = a.mixers.split(",") if a.mixers else sorted(n for n in specs if n not in NOT_CHUNKED)
+    names = a.mixers.split(",") if a.mixers else sorted(n for n in specs if n not in peer.NOT_CHUNKED)
     for n in names:
         if n not in specs or n not in peer.FWD:
             sys.exit(f"mix_process.py: unknown mixer or no peer: '{n}'")
     torch.set_num_threads(a.threads)
-    kern = kernel_fwd(binary, names, a.T, a.threads)
+    kern = peer.kernel_times(binary, names, a.T, a.threads, backward=False)
     work = tempfile.mkdtemp(prefix="linmix-mixp-")
     rows = []
     for name in names:
@@ -101,7 +91,7 @@ def main():
         def run():
             with torch.no_grad():
                 peer.FWD[name](**x)
-        row = {"mixer": name, "kernel": kern[name], "process": process_time(binary, spec, path, out, a.threads),
+        row = {"mixer": name, "kernel": kern[name]["fwd"], "process": process_time(binary, spec, path, out, a.threads),
                "peer": peer.time_best(run)}
         rows.append(row)
         print(f"{name:14s} kernel {row['kernel'] * 1e3:8.2f} ms | process {row['process'] * 1e3:8.2f} ms | "

@@ -47,6 +47,24 @@ def inputs(binary, spec, T, seed=1):
     return {n: torch.from_numpy(a) for n, a in st.load(path).items()}
 
 
+# Quadratic or FFT mechanisms: no speed-up target against a chunked peer (bench/torch_ops.py,
+# bench/mix_process.py time the chunked and scan ones against their targets).
+NOT_CHUNKED = {"softmax", "aft_full", "aft_local", "block_softmax", "fnet"}
+
+
+def kernel_times(binary, names, T, threads, backward=True):
+    """`linmix bench`'s seconds per mechanism and form ("fwd", and "fwdbwd" with backward) at T and
+    `threads` (the C++ kernels, measured in the caller's run)."""
+    out = os.path.join(tempfile.mkdtemp(prefix="linmix-kern-"), "bench.json")
+    subprocess.run([binary, "bench", "--mixers", ",".join(names), "--T", str(T), "--thread-counts", str(threads),
+                    "--no-step", "--out", out] + ([] if backward else ["--no-backward"]), check=True, capture_output=True)
+    res = {}
+    for r in json.load(open(out))["runs"]:
+        if r["T"] == T and r["threads"] == threads:
+            res.setdefault(r["mixer"], {})[r["form"]] = r["seconds"]
+    return res
+
+
 # ---------------------------------------------------------------- forwards
 
 def chunked(fq, fk, v, normalize=True, c=CHUNK, eps=EPS):

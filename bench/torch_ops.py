@@ -15,9 +15,7 @@ Usage: bench/torch_ops.py --bin build/release/linmix [--T 4096] [--threads 2] [-
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -29,21 +27,6 @@ import linmix  # noqa: E402
 import peer  # noqa: E402
 
 OPS = linmix.ops
-NOT_CHUNKED = {"softmax", "aft_full", "aft_local", "block_softmax", "fnet"}  # quadratic or FFT: no 3x target
-
-
-def kernel_times(binary, names, T, threads):
-    """`linmix bench`'s fwd and fwdbwd seconds per mechanism (the C++ kernels, same run)."""
-    out = os.path.join(tempfile.mkdtemp(prefix="linmix-tops-"), "bench.json")
-    subprocess.run([binary, "bench", "--mixers", ",".join(names), "--T", str(T), "--thread-counts", str(threads),
-                    "--no-step", "--out", out], check=True, capture_output=True)
-    res = {}
-    for r in json.load(open(out))["runs"]:
-        if r["T"] == T and r["threads"] == threads:
-            res.setdefault(r["mixer"], {})[r["form"]] = r["seconds"]
-    return res
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -60,7 +43,7 @@ def main():
         return
     names = a.mixers.split(",") if a.mixers else sorted(OPS.SPECS)
     torch.set_num_threads(a.threads)
-    kern = kernel_times(os.path.abspath(a.bin), names, a.T, a.threads)
+    kern = peer.kernel_times(os.path.abspath(a.bin), names, a.T, a.threads)
     rows = []
     for name in names:
         spec = OPS.SPECS[name]
@@ -155,7 +138,7 @@ def write_md(rep, path):
         for f in ("fwd", "fwdbwd"):
             o = r.get("overhead_" + f)
             ok.append(o is not None and o <= 0.10)
-            if r["mixer"] not in NOT_CHUNKED:
+            if r["mixer"] not in peer.NOT_CHUNKED:
                 s = r.get("speedup_" + f, r.get("speedup_%s_over" % f))
                 ok.append(s is not None and s >= 3)
             if r.get("peer_%s_over" % f):  # shown as lower bounds

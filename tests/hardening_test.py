@@ -178,6 +178,15 @@ def cli(corpus, model):
             "linmix convert")
     refused("train --init from an int8 file", ["train", "--init", conv, "--data", corpus, "--steps", "1", "--out",
                                                path("ft8")], "FP32 checkpoint")
+    # a file holding an I8 tensor where floats are read: refused by name
+    raw = path("raw_i8.safetensors")
+    h = json.dumps({"q": {"dtype": "I8", "shape": [1, 2, 3], "data_offsets": [0, 6]}}).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(raw, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + bytes(6))
+    refused("mix of an I8 tensor", ["mix", "--mixer", "linear", "--causal", "--in", raw, "--out", a], "tensor 'q' is I8")
+    refused("generate --state-in of an I8 tensor", ["generate", "--model", rwck, "--state-in", raw, "--tokens", "1"],
+            "tensor 'q' is I8")
     with open(conv, "rb") as f:
         data = f.read()
     cut = path("cut.safetensors")

@@ -82,8 +82,7 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
   (void)spec;
   const auto kv = parse_params(params);
   const SafeTensors in = map_safetensors(in_path);  // the inputs read where they are (the kernels only read them)
-  for (const auto& [n, r] : in.raw)
-    throw Error(in_path + ": tensor '" + n + "' is " + r.dtype + ": the mixers read F32, F16 or BF16 tensors");
+  check_floats(in, in_path, "the mixers read F32, F16 or BF16 tensors");
   const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad);
   write_safetensors(out_path, out, {},
                     {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}},

@@ -48,6 +48,9 @@ SafeTensors read_safetensors(const std::string& path);
 // mapping lives as long as one of them), the rest read as above. For inputs that are only read
 // (linmix mix: a write into one would fault); the file must not be truncated while they live.
 SafeTensors map_safetensors(const std::string& path);
+// Where only float tensors are read: an Error "<what>: tensor 'N' is I8: <why>" for the first
+// tensor `s` keeps as bytes.
+void check_floats(const SafeTensors& s, const std::string& what, const std::string& why);
 std::string serialize_safetensors(const TensorMap& tensors,
                                   const std::map<std::string, std::string>& metadata = {});
 void write_safetensors(const std::string& path, const TensorMap& tensors,

@@ -218,8 +218,7 @@ SafeTensors fill(Layout&& L, const ReadAt& read, char* view_base = nullptr, cons
   SafeTensors out;
   out.metadata = std::move(L.metadata);
   for (int64_t i = 0; i < N; ++i) {
-    const Entry& en = L.entries[size_t(i)];
-    LINMIX_CHECK(!out.tensors.count(en.name) && !out.raw.count(en.name), "tensor '" + en.name + "' named twice");
+    const Entry& en = L.entries[size_t(i)];  // (the header's JSON object: no name twice)
     if (en.raw) out.raw[en.name] = std::move(raws[size_t(i)]);
     else out.tensors[en.name] = std::move(tensors[size_t(i)]);
   }
@@ -227,6 +226,10 @@ SafeTensors fill(Layout&& L, const ReadAt& read, char* view_base = nullptr, cons
 }
 
 }  // namespace
+
+void check_floats(const SafeTensors& s, const std::string& what, const std::string& why) {
+  if (!s.raw.empty()) throw Error(what + ": tensor '" + s.raw.begin()->first + "' is " + s.raw.begin()->second.dtype + ": " + why);
+}
 
 namespace {
 // A regular file opened for reading (closed with this), and its size; anything else an Error.

@@ -126,8 +126,9 @@ void bind_dims(const std::string& name, const std::string& dims_text, const Tens
                    ", found rank " + std::to_string(t.rank()) + " " + shape_str(t.shape));
   for (size_t i = 0; i < dims_v.size(); ++i) {
     const std::string& d = dims_v[i];
-    const bool literal = literal_dim(d).has_value();
-    const int64_t want = literal_dim(d).value_or(dims.count(d) ? dims.at(d) : -1);
+    const std::optional<int64_t> lit = literal_dim(d);
+    const bool literal = lit.has_value();
+    const int64_t want = lit.value_or(dims.count(d) ? dims.at(d) : -1);
     if (want >= 0 && want != t.shape[i]) {
       throw Error("tensor '" + name + "': expected shape " + expected() + ", found " + shape_str(t.shape) +
                   " (dim " + std::to_string(i) + " '" + d + "' should be " + std::to_string(want) + ")");

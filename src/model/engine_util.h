@@ -96,10 +96,7 @@ class Weights {
   // the matrix `n` in weight type t: as the model's packed weights hold it (a `linmix convert`
   // file; taken or copied), else converted from its FP32 values (and recorded when converting)
   QMatrix mat(const std::string& n, WType t) {
-    if (packed_ && !packed_->recording && packed_->mats.count(n)) {
-      LINMIX_CHECK(packed_->type == t, std::string("the model's weights are stored as ") + wtype_name(packed_->type) +
-                                           " (linmix convert): run it with --dtype " + wtype_name(packed_->type) +
-                                           ", not " + wtype_name(t));
+    if (packed_ && !packed_->recording && packed_->mats.count(n)) {  // of type t: make_engine checked it
       QMatrix& q = packed_->mats.at(n);
       if (!take_) return q;
       QMatrix out = std::move(q);

@@ -22,7 +22,7 @@ GenerateResult generate(Model& m, const GenerateOptions& o, const std::function<
   Model::State st = m.new_state();
   if (!o.state_in.empty()) {
     SafeTensors s = read_safetensors(o.state_in);
-    LINMIX_CHECK(s.raw.empty(), o.state_in + ": a state's tensors are floats (F32, F16 or BF16)");
+    check_floats(s, o.state_in, "a state's tensors are floats (F32, F16 or BF16)");
     // compared as models, not as text: a state saved before a config field existed (norm,
     // ffn_dim) has the same model with the field at its default, F = ffn_mult C
     auto canon = [](ModelConfig c) {

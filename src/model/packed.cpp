@@ -31,12 +31,6 @@ std::vector<int64_t> q4_shape(int64_t rows, int64_t cols, bool bytes) {
   return bytes ? std::vector<int64_t>{rows, G, 16} : std::vector<int64_t>{rows, G};
 }
 
-// a raw tensor of the file: dtype, shape and its values (whichever vector the dtype uses)
-RawTensor raw_of(const std::string& dtype, std::vector<int64_t> shape, std::vector<uint8_t> u8, std::vector<int8_t> i8,
-                 std::vector<uint16_t> u16) {
-  return RawTensor{dtype, std::move(shape), std::move(u8), std::move(i8), std::move(u16)};
-}
-
 }  // namespace
 
 std::shared_ptr<PackedWeights> take_packed(SafeTensors& st, const Model& m, const std::string& path) {
@@ -158,15 +152,15 @@ void convert_checkpoint(const std::string& in, const std::string& out, WType t, 
       LINMIX_CHECK(!m.params().count(n + suffix), "convert: the model has a parameter '" + n + suffix +
                                                       "', the name of a converted matrix's piece");
     if (t == WType::BF16) {
-      raw[n] = raw_of("BF16", p.shape, {}, {}, q.bf16);
+      raw[n] = RawTensor{"BF16", p.shape, {}, {}, q.bf16};
     } else if (t == WType::I8) {
-      raw[n] = raw_of("I8", p.shape, {}, q.i8, {});
+      raw[n] = RawTensor{"I8", p.shape, {}, q.i8, {}};
       plain[n + ".scale"] = Tensor({q.rows});
       plain[n + ".scale"].data = q.scale;
     } else {
-      raw[n] = raw_of("U8", q4_shape(q.rows, q.cols, true), q.q4, {}, {});
-      raw[n + ".q4_d"] = raw_of("F16", q4_shape(q.rows, q.cols, false), {}, {}, q.q4d);
-      raw[n + ".q4_m"] = raw_of("F16", q4_shape(q.rows, q.cols, false), {}, {}, q.q4m);
+      raw[n] = RawTensor{"U8", q4_shape(q.rows, q.cols, true), q.q4, {}, {}};
+      raw[n + ".q4_d"] = RawTensor{"F16", q4_shape(q.rows, q.cols, false), {}, {}, q.q4d};
+      raw[n + ".q4_m"] = RawTensor{"F16", q4_shape(q.rows, q.cols, false), {}, {}, q.q4m};
     }
   }
   meta[kPackedKey] = wtype_name(t);

@@ -210,9 +210,8 @@ Checkpoint load_checkpoint(const std::string& path) {
   if (st.metadata.count(kPackedKey)) {
     packed = take_packed(st, *ck.model, path);
     ck.kind = std::string("linmix checkpoint, ") + wtype_name(packed->type) + " weights (linmix convert)";
-  } else if (!st.raw.empty()) {
-    throw Error(path + ": tensor '" + st.raw.begin()->first + "' is " + st.raw.begin()->second.dtype +
-                ": a checkpoint's tensors are floats (unless linmix convert wrote it)");
+  } else {
+    check_floats(st, path, "a checkpoint's tensors are floats (unless linmix convert wrote it)");
   }
   {  // the file must hold the parameters its config declares: a tiny file cannot make us allocate
     int64_t held = 0;
