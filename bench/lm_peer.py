@@ -1,12 +1,15 @@
 #!/usr/bin/python3
 """Quality and speed at equal wall-clock: `linmix train` against its PyTorch twin
-(bench/torch_lm.py, what a user would otherwise run), on tiny Shakespeare, same model shape,
-optimizer, schedule, batch and threads, run in alternation on this machine. Each run first
-measures its own seconds per step (a short calibration run), then takes the steps that fit the
-budget (so each finishes its cosine schedule) with the budget as a cap. Writes docs/lm_peer.md
-and docs/lm_peer.png (validation bpc against time).
+(bench/torch_lm.py, what a user would otherwise run), on tiny Shakespeare, per mixer: the same
+model, starting weights (the twin reads linmix's initialised checkpoint), optimizer, schedule,
+batch and threads, run in alternation on this machine (the twin, then linmix, mixer by mixer).
+Each run first measures its own seconds per step (a short calibration run), then takes the steps
+that fit the budget (so each finishes its cosine schedule) with the budget as a cap. Writes
+docs/lm_peer.md and docs/lm_peer.png (validation bpc against time). Mixers without a twin
+(--linmix-only) run linmix alone, for the quality column.
 
-Usage: bench/lm_peer.py [--budget 120] [--mixers softmax,linear,rwkv4,gla] [--threads 2]
+Usage: bench/lm_peer.py [--budget 120] [--mixers softmax,linear,rwkv4,mamba] [--linmix-only gla]
+       [--threads 2]
 """
 import argparse
 import json
@@ -17,7 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPE = "d_model 128, 4 layers, 4 heads, ctx 256, GELU MLP x4 (RWKV-4: its channel mix)"
+SHAPE = ("d_model 128, 4 layers, 4 heads, ctx 256, GELU MLP x4 (RWKV-4: its channel mix; Mamba: expand 2, "
+         "state 16, with the MLP)")
 COMMON = {"batch": 16, "seq": 128, "lr": 3e-3, "warmup": 30}
 
 
@@ -38,15 +42,27 @@ def linmix_run(a, mixer, steps, budget, out):
             "tok_s": float(m.group(3)), "val_bpc": float(m.group(4)), "curve": curve, "wall": wall}
 
 
-def torch_run(a, steps, budget):
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "torch_lm.py"), "--data", a.data, "--steps", str(steps),
+def linmix_init(a, mixer, out):
+    """The initialised model of `linmix train --mixer M` (the run's default seed): one step at a
+    learning rate of 1e-30 moves no weight (AdamW's step is lr times a number of order 1)."""
+    cmd = [a.linmix, "train", "--data", a.data, "--mixer", mixer, "--steps", "1", "--lr", "1e-30", "--batch", "1",
+           "--seq", "8", "--eval-every", "0", "--out", out, "--force"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-400:])
+    return os.path.join(out, "ckpt.safetensors")
+
+
+def torch_run(a, mixer, init, steps, budget):
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "torch_lm.py"), "--init", init, "--data", a.data,
+           "--steps", str(steps),
            "--time-budget", str(budget), "--threads", str(a.threads), "--lr", str(COMMON["lr"]),
            "--warmup", str(COMMON["warmup"]), "--batch", str(COMMON["batch"]), "--seq", str(COMMON["seq"])]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-400:])
     j = json.loads(r.stdout.strip().split("\n")[-1])
-    j["mixer"] = "softmax"
+    j["mixer"] = mixer
     return j
 
 
@@ -60,7 +76,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=120.0)
     ap.add_argument("--calibrate", type=float, default=10.0)
-    ap.add_argument("--mixers", default="softmax,linear,rwkv4,gla")
+    ap.add_argument("--mixers", default="softmax,linear,rwkv4,mamba", help="each with its PyTorch twin")
+    ap.add_argument("--linmix-only", default="gla", help="linmix alone (no twin); '' for none")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--linmix", default=os.path.join(ROOT, "build/release/linmix"))
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "tinyshakespeare.txt"))
@@ -69,13 +86,15 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.runs, exist_ok=True)
     results = []
-    # alternation: the PyTorch twin, then each linmix mechanism (softmax first, beside it)
-    order = [("pytorch", "softmax")] + [("linmix", m) for m in a.mixers.split(",")]
+    # alternation: per mixer, the PyTorch twin then linmix
+    order = [(e, m) for m in a.mixers.split(",") for e in ("pytorch", "linmix")]
+    order += [("linmix", m) for m in a.linmix_only.split(",") if m]
     for engine, mixer in order:
         out = os.path.join(a.runs, mixer)
         if engine == "pytorch":
-            steps = fit(lambda s, b: torch_run(a, s, b), a.calibrate, a.budget)
-            r = torch_run(a, steps, a.budget * 1.1)
+            init = linmix_init(a, mixer, out + "-init")
+            steps = fit(lambda s, b: torch_run(a, mixer, init, s, b), a.calibrate, a.budget)
+            r = torch_run(a, mixer, init, steps, a.budget * 1.1)
         else:
             steps = fit(lambda s, b: linmix_run(a, mixer, s, b, out + "-calib"), a.calibrate, a.budget)
             r = linmix_run(a, mixer, steps, a.budget * 1.1, out)
@@ -90,32 +109,39 @@ def main():
 
 
 def report(a, results):
-    torch_r = next(r for r in results if r["engine"] == "pytorch")
-    lsoft = next((r for r in results if r["engine"] == "linmix" and r["mixer"] == "softmax"), None)
+    twin = {r["mixer"]: r for r in results if r["engine"] == "pytorch"}
+    lin = {r["mixer"]: r for r in results if r["engine"] == "linmix"}
+    tv = next(iter(twin.values()), {}).get("torch", "?")
     lines = ["# linmix train against its PyTorch twin, at equal wall-clock", "",
-             "Produced by `bench/lm_peer.py` (one run on this machine, 2 cores AVX-512, shared; the runs in "
-             "alternation). Tiny Shakespeare, byte level (bpc = bits per character), first 90% train, last 10% "
-             f"validation. Model: {SHAPE}; AdamW (0.9, 0.95, weight decay 0.1 on matrices), peak lr "
-             f"{COMMON['lr']}, warm-up {COMMON['warmup']}, cosine to 0.1, clip 1, batch {COMMON['batch']} x "
+             "Produced by `bench/lm_peer.py` (one run on this machine, 2 cores AVX-512, shared; per mixer the twin "
+             "then linmix, in alternation). Tiny Shakespeare, byte level (bpc = bits per character), first 90% "
+             f"train, last 10% validation. Model: {SHAPE}; AdamW (0.9, 0.95, weight decay 0.1 on matrices), peak "
+             f"lr {COMMON['lr']}, warm-up {COMMON['warmup']}, cosine to 0.1, clip 1, batch {COMMON['batch']} x "
              f"{COMMON['seq']} tokens, {a.threads} threads. **{a.budget:.0f} s per run**: each engine first "
              f"measures its seconds per step ({a.calibrate:.0f} s), then takes the steps that fit (so it finishes "
-             "its schedule). The PyTorch twin (`bench/torch_lm.py`, nanoGPT-style: the same model, initialisation, "
-             "optimizer, schedule and evaluation) runs PyTorch " + torch_r.get("torch", "?") + " on the CPU.", "",
-             "| engine | mixer | steps | seconds | train tokens/s | tokens/s vs PyTorch | validation bpc |",
+             "its schedule). The PyTorch twin (`bench/torch_lm.py`) is the same model from the same initial "
+             "weights (linmix's initialised checkpoint) in PyTorch " + tv + " on the CPU: python/model_ref.py's "
+             "forward in float32 with the mechanisms as a PyTorch user writes them (softmax: masked scores; "
+             "linear: chunks of 64; RWKV-4: ChatRWKV's token loop; Mamba: selective_scan_ref's loop), checked "
+             "against the float64 model by tests/lm_twin_test.py.", "",
+             "| mixer | engine | steps | seconds | train tokens/s | linmix / twin tokens/s | validation bpc |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['engine']} | `{r['mixer']}` | {r['steps']} | {r['seconds']:.1f} | {r['tok_s']:.0f} | "
-                     f"{r['tok_s'] / torch_r['tok_s']:.2f}x | {r['val_bpc']:.4f} |")
-    best = min((r for r in results if r["engine"] == "linmix" and r["mixer"] != "softmax"),
-               key=lambda r: r["val_bpc"], default=None)
+        t = twin.get(r["mixer"])
+        ratio = f"{r['tok_s'] / t['tok_s']:.2f}x" if t and r["engine"] == "linmix" else "—"
+        lines.append(f"| `{r['mixer']}` | {r['engine']} | {r['steps']} | {r['seconds']:.1f} | {r['tok_s']:.0f} | "
+                     f"{ratio} | {r['val_bpc']:.4f} |")
     lines += [""]
-    if lsoft:
-        lines.append(f"- linmix softmax trains at **{lsoft['tok_s'] / torch_r['tok_s']:.2f}x** the PyTorch twin's "
-                     f"tokens/s (target >= 2x) and reaches {lsoft['val_bpc']:.4f} bpc against its "
-                     f"{torch_r['val_bpc']:.4f} in the same time (target: lower).")
-    if best and lsoft:
+    for m, t in twin.items():
+        if m in lin:
+            x = lin[m]["tok_s"] / t["tok_s"]
+            lines.append(f"- `{m}`: linmix trains at **{x:.2f}x** its twin's tokens/s (target >= 2x: "
+                         f"{'met' if x >= 2 else 'NOT met'}); {lin[m]['val_bpc']:.4f} bpc against the twin's "
+                         f"{t['val_bpc']:.4f} in the same time.")
+    best = min((r for r in lin.values() if r["mixer"] != "softmax"), key=lambda r: r["val_bpc"], default=None)
+    if best and "softmax" in lin:
         lines.append(f"- the best linear-time mechanism here, `{best['mixer']}`, reaches {best['val_bpc']:.4f} bpc "
-                     f"against linmix softmax's {lsoft['val_bpc']:.4f} at equal time (target: lower).")
+                     f"against linmix softmax's {lin['softmax']['val_bpc']:.4f} at equal time (target: lower).")
     lines += ["", "![validation bpc against training time](lm_peer.png)", "",
               f"Reproduce: `bash scripts/build.sh && /usr/bin/python3 bench/lm_peer.py --budget {a.budget:.0f}`."]
     with open(os.path.join(a.out, "lm_peer.md"), "w") as f:
@@ -124,9 +150,11 @@ def report(a, results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
+    color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["mixer"] for r in results))}
+    for r in results:  # a mixer's twin dashed, in its linmix run's colour
         ts, bs = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(ts, bs, marker=".", label=f"{r['engine']} {r['mixer']}", ls="--" if r["engine"] == "pytorch" else "-")
+        ax.plot(ts, bs, marker=".", label=f"{r['engine']} {r['mixer']}", color=color[r["mixer"]],
+                ls="--" if r["engine"] == "pytorch" else "-")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation bpc")
     ax.set_title(f"tiny Shakespeare, {a.budget:.0f} s each, {a.threads} threads")

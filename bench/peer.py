@@ -94,7 +94,7 @@ def chunked(fq, fk, v, normalize=True, c=CHUNK, eps=EPS):
 def f_softmax(q, k, v):
     T = q.shape[1]
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    s = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    s = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
     return (torch.softmax(s, -1) @ vh).transpose(1, 2)
 
@@ -185,8 +185,7 @@ def f_rwkv4(k, v, w, u):  # the stabilised RWKV-4 recurrence, a token loop (Chat
     bb = torch.zeros(B, Cc)
     pp = torch.full((B, Cc), -1e38)
     ys = []
-    for t in range(T):
-        kt, vt = k[:, t], v[:, t]
+    for kt, vt in zip(k.unbind(1), v.unbind(1)):  # (unbind: one gradient buffer, not one per k[:, t])
         ww = u + kt
         p = torch.maximum(pp, ww)
         e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
@@ -213,9 +212,10 @@ def f_mamba(u, delta, A, Bm, Cm, D, z=None, delta_bias=None):  # noqa: N803  sel
     for t0 in range(0, u.shape[1], 1024):  # the discretised inputs a block of time at a time
         dA = torch.exp(dt[:, t0:t0 + 1024].unsqueeze(-1) * A)
         dBu = (dt[:, t0:t0 + 1024] * u[:, t0:t0 + 1024]).unsqueeze(-1) * Bm[:, t0:t0 + 1024].unsqueeze(2)
-        for t in range(dA.shape[1]):
-            h = dA[:, t] * h + dBu[:, t]
-            ys.append((h * Cm[:, t0 + t].unsqueeze(1)).sum(-1))
+        # unbind, not dA[:, t]: autograd then makes one gradient buffer per block, not one per token
+        for a_t, bu_t, c_t in zip(dA.unbind(1), dBu.unbind(1), Cm[:, t0:t0 + 1024].unbind(1)):
+            h = a_t * h + bu_t
+            ys.append((h * c_t.unsqueeze(1)).sum(-1))
     y = torch.stack(ys, 1) + D * u
     return y if z is None else y * F.silu(z)
 

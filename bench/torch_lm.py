@@ -1,72 +1,82 @@
 #!/usr/bin/python3
-"""The PyTorch twin of `linmix train --mixer softmax` (nanoGPT-style), for quality and speed at
-equal wall-clock: the same model (byte-level, learned positions, pre-LayerNorm blocks of
-multi-head causal softmax attention without biases and a GELU (tanh) MLP with biases, final
-LayerNorm, an untied head without bias; GPT-2 initialisation: 0.02, output projections
-0.02 / sqrt(2 L)), the same AdamW (betas 0.9 / 0.95, eps 1e-8, decoupled weight decay on matrices
-and embeddings only), warm-up then cosine to 0.1 of the peak, global-norm clipping, the same data
-split (the first 90% of the bytes train, the last 10% validation) and random windows, the same
-validation (the loss on evaluation windows spread evenly over the split, as linmix's
-evaluate_split), on `--threads` CPU threads.
+"""The PyTorch twin of `linmix train` (--mixer softmax, linear, rwkv4 or mamba), for speed and
+quality at equal wall-clock: the same model, initialisation, data, optimizer and evaluation, in
+plain PyTorch on `--threads` CPU threads.
 
-Usage: bench/torch_lm.py --data FILE [--steps 600] [--time-budget S] [--batch 16] [--seq 128]
-       [--d-model 128] [--layers 4] [--heads 4] [--lr 3e-3] [--warmup 30] [--threads 2] [--json OUT]
+- The model and its starting weights: a linmix checkpoint (`--init`, written by `linmix train` with
+  the run's config and seed, see bench/lm_peer.py). The forward is python/model_ref.py's (the
+  independent implementation linmix's whole-model gradients are tested against), in float32, its
+  float64 reference mechanisms swapped for the PyTorch forms a user would write, the peers of
+  `linmix bench` (bench/peer.py, each checked against the float64 oracle there): softmax as masked
+  scores, linear attention chunked (chunks of 64), RWKV-4 as ChatRWKV's token loop, Mamba as
+  mamba_ssm's selective_scan_ref loop. tests/lm_twin_test.py checks this twin's loss and
+  gradients against the float64 model.
+- AdamW (betas 0.9 / 0.95, eps 1e-8, decoupled weight decay on tensors of rank >= 2, as linmix),
+  linear warm-up then cosine to 0.1 of the peak, global-norm clipping; the first 90% of the bytes
+  train, the last 10% validate; random windows; the validation loss on windows spread evenly over
+  the split (linmix's evaluate_split).
+
+Usage: bench/torch_lm.py --init CKPT --data FILE [--steps 600] [--time-budget S] [--batch 16]
+       [--seq 128] [--lr 3e-3] [--warmup 30] [--threads 2]
 Prints one JSON line: steps, seconds, train tokens/s, final train loss, validation loss and bpc,
 and the (time, validation bpc) points of every evaluation.
 """
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
+import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+sys.path.insert(0, HERE)
+import model_ref  # noqa: E402
+import peer  # noqa: E402
+import st  # noqa: E402
 
 
-class Block(nn.Module):
-    def __init__(self, C, H, T):
-        super().__init__()
-        self.H = H
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.q, self.k, self.v, self.o = (nn.Linear(C, C, bias=False) for _ in range(4))
-        self.fc, self.proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-        self.register_buffer("mask", torch.tril(torch.ones(T, T, dtype=torch.bool)))
-
-    def forward(self, x):
-        B, T, C = x.shape
-        a = self.ln1(x)
-        q, k, v = (m(a).view(B, T, self.H, C // self.H).transpose(1, 2) for m in (self.q, self.k, self.v))
-        s = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.H)
-        s = s.masked_fill(~self.mask[:T, :T], float("-inf"))
-        y = (F.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
-        x = x + self.o(y)
-        return x + self.proj(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+def _attention(f):  # the attention-like mechanisms: q, k, v [B, T, H, D] -> [B, T, H, E]
+    def g(x, causal, prm):
+        assert causal and not prm, "the twin runs the causal mechanism with its default params"
+        return f(x["q"], x["k"], x["v"])
+    return g
 
 
-class LM(nn.Module):
-    def __init__(self, V, C, L, H, ctx):
-        super().__init__()
-        self.emb, self.pos = nn.Embedding(V, C), nn.Embedding(ctx, C)
-        self.blocks = nn.ModuleList(Block(C, H, ctx) for _ in range(L))
-        self.ln_out = nn.LayerNorm(C)
-        self.head = nn.Linear(C, V, bias=False)
-        for n, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # LayerNorm weights 1, biases 0 (PyTorch's defaults), as linmix
-            std = 0.02 / math.sqrt(2 * L) if n.endswith(("o.weight", "proj.weight")) else 0.02
-            nn.init.normal_(p, 0.0, std)
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+def _mamba(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, delta_softplus=True):  # noqa: N803
+    assert delta_softplus
+    return peer.f_mamba(u, delta, A, Bm, Cm, D, z, delta_bias)
 
-    def forward(self, idx, targets=None):
-        x = self.emb(idx) + self.pos.weight[: idx.shape[1]]
-        for b in self.blocks:
-            x = b(x)
-        logits = self.head(self.ln_out(x))
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+# the fast forms, by the name model_ref asks for (python/model_ref.py's _mech)
+MECHANISMS = {"softmax": _attention(peer.f_softmax), "linear": _attention(peer.f_linear), "rwkv4": peer.f_rwkv4,
+              "mamba": _mamba}
+
+
+class Twin:
+    """A linmix checkpoint's model in PyTorch: parameters by linmix's names, the config's layers."""
+
+    def __init__(self, path, dtype=torch.float32, fast=True):
+        cfg = json.loads(st.header(path)["__metadata__"]["config"])
+        mixers = {layer["mixer"] for layer in cfg["layers"]}
+        if fast:
+            missing = mixers - set(MECHANISMS)
+            if missing:
+                raise SystemExit(f"torch_lm.py: no PyTorch form for {sorted(missing)} (have {sorted(MECHANISMS)})")
+            cfg["mechanisms"] = MECHANISMS
+        self.cfg = cfg
+        # performer's projection is a buffer, not trained (linmix's is_buffer_param)
+        self.p = {n: torch.tensor(a, dtype=dtype, requires_grad=not n.endswith("att.proj"))
+                  for n, a in st.load(path).items() if not n.startswith("opt.")}
+
+    def parameters(self):
+        return [t for t in self.p.values() if t.requires_grad]
+
+    def loss(self, x, y):
+        return model_ref.loss(self.cfg, self.p, x, y)
 
 
 def lr_at(a, step):  # linmix's lr_at: linear warm-up, then cosine to min_lr_ratio
@@ -83,20 +93,17 @@ def evaluate(model, val, seq, windows):
     with torch.no_grad():
         xs = torch.stack([val[i * stride:i * stride + seq] for i in range(w)])
         ys = torch.stack([val[i * stride + 1:i * stride + seq + 1] for i in range(w)])
-        return sum(model(xs[i:i + 16], ys[i:i + 16]).item() * len(xs[i:i + 16]) for i in range(0, w, 16)) / w
+        return sum(model.loss(xs[i:i + 16], ys[i:i + 16]).item() * len(xs[i:i + 16]) for i in range(0, w, 16)) / w
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--init", required=True, help="a linmix checkpoint: the model's config and starting weights")
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--time-budget", type=float, default=0.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -108,18 +115,18 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    data = torch.tensor(list(open(a.data, "rb").read()), dtype=torch.long)
+    data = torch.from_numpy(np.fromfile(a.data, dtype=np.uint8).astype(np.int64))
     cut = len(data) * 9 // 10
     train, val = data[:cut], data[cut:]
-    model = LM(256, a.d_model, a.layers, a.heads, a.ctx)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    model = Twin(a.init)
+    decay = [t for t in model.parameters() if t.dim() >= 2]
+    rest = [t for t in model.parameters() if t.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     gen = torch.Generator().manual_seed(a.seed)
     # one forward + backward before the clock starts: PyTorch's first call initialises its kernels
     # (~5 s here), a cost linmix's timed loop does not have either (its start-up precedes it)
-    model(train[:a.seq][None], train[1:a.seq + 1][None]).backward()
+    model.loss(train[:a.seq][None], train[1:a.seq + 1][None]).backward()
     opt.zero_grad(set_to_none=True)
     t0, tokens, curve, loss = time.perf_counter(), 0, [], float("nan")
     step = 0
@@ -129,7 +136,7 @@ def main():
         y = torch.stack([train[i + 1:i + a.seq + 1] for i in ix])
         for g in opt.param_groups:
             g["lr"] = lr_at(a, step)
-        loss_t = model(x, y)
+        loss_t = model.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
@@ -146,9 +153,9 @@ def main():
             break
     secs = time.perf_counter() - t0
     vl = curve[-1][1] * math.log(2)
-    print(json.dumps({"engine": "pytorch", "torch": torch.__version__, "steps": step, "seconds": secs,
-                      "tok_s": tokens / secs, "train_loss": loss, "val_loss": vl, "val_bpc": vl / math.log(2),
-                      "curve": curve}))
+    print(json.dumps({"engine": "pytorch", "torch": torch.__version__, "mixers": sorted(
+        {layer["mixer"] for layer in model.cfg["layers"]}), "steps": step, "seconds": secs, "tok_s": tokens / secs,
+        "train_loss": loss, "val_loss": vl, "val_bpc": vl / math.log(2), "curve": curve}))
     return 0
 
 

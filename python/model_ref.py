@@ -19,6 +19,12 @@ def _shift(x):  # x[b, t-1], zeros at t = 0
     return F.pad(x, (0, 0, 1, 0))[:, :-1]
 
 
+def _mech(cfg, name, default):
+    """The mechanism's function: the float64 oracle's, or a faster one of the same signature that a
+    caller puts in cfg["mechanisms"] (bench/torch_lm.py, the PyTorch twin of linmix train)."""
+    return cfg.get("mechanisms", {}).get(name, default)
+
+
 # ---- the token-mixing layer of each kind: fn(a, P, prm, cfg) -> out, a: [B, T, C] (ln1 output),
 # P: parameter by its name under "blocks.<i>.", prm: the layer's params (the mixer's and knobs)
 
@@ -30,7 +36,7 @@ def _attention(m):  # q, k, v, o projections, heads of C / n_head
         x = dict(q=q, k=k, v=v)
         if m == "performer":
             x["proj"] = P("att.proj")
-        return oracle.ORACLES[m](x, cfg.get("causal", True), prm).reshape(B, T, C) @ P("att.o.weight").T
+        return _mech(cfg, m, oracle.ORACLES[m])(x, cfg.get("causal", True), prm).reshape(B, T, C) @ P("att.o.weight").T
     return f
 
 
@@ -51,7 +57,7 @@ def _rwkv4(a, P, prm, cfg):
     r = torch.sigmoid(mix("att.time_mix_r") @ P("att.receptance.weight").T)
     k = mix("att.time_mix_k") @ P("att.key.weight").T
     v = mix("att.time_mix_v") @ P("att.value.weight").T
-    wkv = oracle.rwkv4(k, v, torch.exp(P("att.time_decay")), P("att.time_first"))
+    wkv = _mech(cfg, "rwkv4", oracle.rwkv4)(k, v, torch.exp(P("att.time_decay")), P("att.time_first"))
     return (r * wkv) @ P("att.output.weight").T
 
 
@@ -106,7 +112,7 @@ def _mamba(a, P, prm, cfg):
     xs = F.silu(xc)
     dbc = xs @ P("att.x_proj.weight").T
     delta = dbc[..., :R] @ P("att.dt_proj.weight").T
-    return oracle.mamba(xs, delta, -torch.exp(P("att.A_log")), dbc[..., R:R + N], dbc[..., R + N:],
+    return _mech(cfg, "mamba", oracle.mamba)(xs, delta, -torch.exp(P("att.A_log")), dbc[..., R:R + N], dbc[..., R + N:],
                         D=P("att.D"), z=z, delta_bias=P("att.dt_proj.bias"),
                         delta_softplus=bool(int(prm.get("delta_softplus", 1)))) @ P("att.out_proj.weight").T
 

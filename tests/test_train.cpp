@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <fstream>
 
 #include "linmix/generate.h"
@@ -363,4 +364,36 @@ TEST(Train, ClipGradNorm) {
   EXPECT_NEAR(g.at("a").data[0] / g.at("b").data[0], 3.0 / 4.0, 1e-6);
   clip_grad_norm(g, 1.0, 0.0);  // 0 = off
   EXPECT_NEAR(g.at("b").data[0], 4.0 / norm, 1e-6);
+}
+
+// --profile: the rows nest (every row's parent was recorded, and a parent's time covers its
+// children's), each layer is its own mixer's row, called once per layer per step, with its
+// GEMMs and mechanism under it; off, nothing is recorded.
+TEST(Train, ProfileRowsNestAndCountEveryLayer) {
+  const std::string dir = test::tmp_dir();
+  TrainOptions o = small(dir, write_corpus(dir));
+  o.steps = 3, o.eval_every = 0, o.profile = true;
+  o.config = R"({"layers": [{"mixer": "rwkv4"}, {"mixer": "linear"}, {"mixer": "linear"}], "channel_mix": "mlp",
+                 "d_model": 32, "n_layer": 3, "n_head": 2, "ctx": 64})";
+  const TrainResult r = train(o);
+  std::map<std::string, profile::Row> by;
+  for (const auto& row : r.profile) by[row.path] = row;
+  for (const auto& [path, row] : by) {
+    const size_t cut = path.rfind('/');
+    if (cut == std::string::npos) continue;
+    ASSERT_TRUE(by.count(path.substr(0, cut))) << path;
+    double children = 0;
+    for (const auto& [p2, r2] : by)
+      if (p2.rfind(path + "/", 0) == 0 && p2.find('/', path.size() + 1) == std::string::npos) children += r2.seconds;
+    EXPECT_LE(children, row.seconds * 1.0001 + 1e-6) << path;
+  }
+  ASSERT_TRUE(by.count("step/forward/rwkv4/mechanism") && by.count("step/backward/linear/matmul"));
+  EXPECT_EQ(by["step"].calls, 3);
+  EXPECT_EQ(by["step/forward/rwkv4"].calls, 3);
+  EXPECT_EQ(by["step/forward/linear"].calls, 6);
+  EXPECT_EQ(by["step/backward/linear/mechanism"].calls, 6);
+  EXPECT_EQ(by["step/forward/channel mix"].calls, 9);
+  EXPECT_GT(by["step/forward/linear/mechanism"].seconds, 0.0);
+  o.profile = false, o.force = true;
+  EXPECT_TRUE(train(o).profile.empty());
 }

@@ -1,6 +1,7 @@
 // The commands of the `linmix` binary: each calls the library and prints (tools/commands.h).
 #include <malloc.h>
 #include <nlohmann/json.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -198,6 +199,24 @@ int cmd_example(const std::string& mixer, bool causal, int64_t T, uint64_t seed,
   return 0;
 }
 
+// --profile: every region's time per step (a region's row includes the regions inside it,
+// indented under it) and its share of the time all top-level regions took.
+void print_profile(const TrainResult& r) {
+  const double steps = double(std::max<size_t>(1, r.losses.size()));
+  double total = 0;
+  for (const auto& row : r.profile)
+    if (row.path.find('/') == std::string::npos) total += row.seconds;
+  std::printf("profile, per step (%.0f steps; a row includes the rows under it):\n", steps);
+  std::printf("  %-44s %10s %8s %9s\n", "region", "ms/step", "%", "calls");
+  for (const auto& row : r.profile) {
+    const size_t depth = size_t(std::count(row.path.begin(), row.path.end(), '/'));
+    const size_t cut = row.path.rfind('/');
+    const std::string name = std::string(2 * depth, ' ') + (cut == std::string::npos ? row.path : row.path.substr(cut + 1));
+    std::printf("  %-44s %10.3f %7.1f%% %9.1f\n", name.c_str(), 1e3 * row.seconds / steps,
+                100 * row.seconds / std::max(total, 1e-12), double(row.calls) / steps);
+  }
+}
+
 int cmd_train(TrainOptions topt, const std::string& config_path, const std::string& mixer, int threads) {
   // several ranks when mpirun started this process (docs/distributed.md); the cores shared among
   // this machine's ranks unless --threads says otherwise
@@ -205,6 +224,12 @@ int cmd_train(TrainOptions topt, const std::string& config_path, const std::stri
   if (comm && threads <= 0)
     set_threads(std::max(1, int(std::thread::hardware_concurrency()) / local_ranks()));
   topt.comm = comm.get();
+  // A step allocates its activations and gradients afresh (MBs each): with glibc's defaults
+  // freed buffers go back to the kernel and every step page-faults them in again. Keep freed
+  // memory in the heap for the next step (allocations over 256 MiB still mapped). Measured,
+  // RWKV-4 d_model 128, batch 16 x 128, 2 threads: 9,000 -> 11,600 tokens/s (backward 137 -> 91 ms).
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   TrainResult r;
   try {
     if (!config_path.empty()) {
@@ -233,6 +258,7 @@ int cmd_train(TrainOptions topt, const std::string& config_path, const std::stri
                 1e3 * r.allreduce_s / double(std::max<int64_t>(1, r.losses.size())), 100 * r.allreduce_s / r.seconds);
   std::printf("checkpoint: %s/ckpt.safetensors; peak memory %.1f MiB%s\n", topt.out.c_str(), peak_rss_mib(),
               r.ranks > 1 ? " (rank 0)" : "");
+  if (topt.profile) print_profile(r);
   return 0;
 }
 

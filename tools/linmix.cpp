@@ -129,6 +129,7 @@ int main(int argc, char** argv) {
   tr->add_option("--ckpt-every", topt.ckpt_every, "checkpoint every N steps")->capture_default_str();
   tr->add_option("--time-budget", topt.time_budget_s, "stop after this many seconds of training (0 = off)");
   tr->add_option("--seed", topt.seed, "seed (initialisation and batches)")->capture_default_str();
+  tr->add_flag("--profile", topt.profile, "print where a step's time goes: each layer kind and pass, its GEMMs and mechanism");
 
   auto* gen = app.add_subcommand("generate", "sample text from a checkpoint with the recurrent form, streaming");
   std::string model_path;

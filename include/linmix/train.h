@@ -11,6 +11,7 @@
 
 #include "linmix/comm.h"
 #include "linmix/model.h"
+#include "linmix/profile.h"
 #include "linmix/tasks.h"
 
 namespace linmix {
@@ -115,6 +116,7 @@ struct TrainOptions {
   double time_budget_s = 0;  // > 0: stop (and checkpoint) once training time passes this
   uint64_t seed = 1;
   bool quiet = false;
+  bool profile = false;  // record where the steps' time goes (linmix/profile.h) into TrainResult::profile
   // Data-parallel training (null: one process). Each step's batch (the same --batch sequences one
   // process draws) is split by rows across the ranks (rank r: rows [B r / N, B (r+1) / N)); each
   // rank's gradient is weighted by its share of the scored positions and the gradients summed
@@ -130,6 +132,7 @@ struct TrainResult {
   int ranks = 1;
   double allreduce_s = 0;  // time spent in the gradient allreduce, all steps (0 with one process)
   std::vector<std::pair<int64_t, double>> losses;  // (step, train loss)
+  std::vector<profile::Row> profile;               // with TrainOptions::profile: every region's time, all steps
 };
 TrainResult train(const TrainOptions& opt);
 
@@ -143,9 +146,9 @@ struct ClassEval {
 };
 ClassEval evaluate_class(Model& m, const ClassTask& task, Split s, int64_t n, int64_t batch, int rank = 0, int size = 1);
 
-double lr_at(const TrainOptions& o, int64_t step);
+double lr_at(const TrainOptions& o, int64_t step);  // warm-up, then cosine to min_lr_ratio
 // --clip: scales every gradient by max_norm / norm when the global norm exceeds max_norm > 0.
-void clip_grad_norm(TensorMap& grads, double norm, double max_norm);  // warm-up, then cosine to min_lr_ratio
+void clip_grad_norm(TensorMap& grads, double norm, double max_norm);
 
 // Mean loss (nats per token) of the model on windows of `seq` tokens of a split; in recurrent
 // mode each window runs token by token from a fresh state (so the two modes agree).

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/blas.h"
+#include "linmix/profile.h"
 #include "../kernels/vmath.h"
 
 namespace linmix::nn {
@@ -14,6 +15,7 @@ namespace linmix::nn {
 void matmul_forward(float* out, const float* in, const float* W, const float* bias, int64_t N, int64_t IC,
                     int64_t OC) {
   if (N == 0) return;
+  const profile::Scope prof("matmul");
   if (N == 1) {  // one token (the recurrent step): a matrix-vector product, not a GEMM of one row
     if (bias) std::copy(bias, bias + OC, out);
     blas::sgemv(CblasRowMajor, CblasNoTrans, int(OC), int(IC), 1.0f, W, int(IC), in, 1, bias ? 1.0f : 0.0f, out, 1);
@@ -29,6 +31,7 @@ void matmul_forward(float* out, const float* in, const float* W, const float* bi
 void matmul_backward(float* din, float* dW, float* dbias, const float* dout, const float* in, const float* W,
                      int64_t N, int64_t IC, int64_t OC, bool accumulate) {
   if (N == 0) return;
+  const profile::Scope prof("matmul");
   if (din)
     blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(IC), int(OC), 1.0f, dout, int(OC), W, int(IC),
                 accumulate ? 1.0f : 0.0f, din, int(IC));
@@ -41,6 +44,7 @@ void matmul_backward(float* din, float* dW, float* dbias, const float* dout, con
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
                        int64_t N, int64_t C) {
+  const profile::Scope prof("norm");
   for (int64_t i = 0; i < N; ++i) {
     const float* xi = x + i * C;
     double m = 0, v = 0;
@@ -56,6 +60,7 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* x, con
 
 void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
                         const float* mean, const float* rstd, int64_t N, int64_t C) {
+  const profile::Scope prof("norm");
   for (int64_t i = 0; i < N; ++i) {
     const float *g = dout + i * C, *xi = x + i * C;
     // xhat = (x - mean) rstd;  dxhat = g w;
@@ -76,6 +81,7 @@ void layernorm_backward(float* dx, float* dw, float* db, const float* dout, cons
 }
 
 void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t N, int64_t C) {
+  const profile::Scope prof("norm");
   for (int64_t i = 0; i < N; ++i) {
     const float* xi = x + i * C;
     float ms = 0.0f;
@@ -88,6 +94,7 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
 
 void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,
                       int64_t N, int64_t C) {
+  const profile::Scope prof("norm");
   for (int64_t i = 0; i < N; ++i) {
     const float *g = dout + i * C, *xi = x + i * C;
     // xhat = x rstd; dx = rstd (g w - xhat mean(g w xhat))
@@ -130,11 +137,13 @@ constexpr int64_t kGeluBlock = 4096;
 }  // namespace
 
 void gelu_forward(float* out, const float* x, int64_t n) {
+  const profile::Scope prof("gelu");
 #pragma omp parallel for if (n >= 16 * kGeluBlock) schedule(static)
   for (int64_t i0 = 0; i0 < n; i0 += kGeluBlock) gelu_block(out + i0, x + i0, std::min(kGeluBlock, n - i0));
 }
 
 void gelu_backward(float* dx, const float* x, const float* dout, int64_t n) {
+  const profile::Scope prof("gelu");
 #pragma omp parallel for if (n >= 16 * kGeluBlock) schedule(static)
   for (int64_t i0 = 0; i0 < n; i0 += kGeluBlock)
     gelu_back_block(dx + i0, x + i0, dout + i0, std::min(kGeluBlock, n - i0));
@@ -154,6 +163,7 @@ void shift_backward(float* dx, const float* dout, int64_t B, int64_t T, int64_t 
 }
 
 void conv4_forward(float* out, const float* x, const float* w, const float* b, int64_t B, int64_t T, int64_t E) {
+  const profile::Scope prof("conv4");
   for (int64_t bb = 0; bb < B; ++bb)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < E; ++c) {
@@ -167,6 +177,7 @@ void conv4_forward(float* out, const float* x, const float* w, const float* b, i
 }
 void conv4_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int64_t B,
                     int64_t T, int64_t E) {
+  const profile::Scope prof("conv4");
   for (int64_t bb = 0; bb < B; ++bb)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < E; ++c) {
@@ -183,6 +194,7 @@ void conv4_backward(float* dx, float* dw, float* db, const float* dout, const fl
 
 double crossentropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
                                      int64_t V, float scale, int64_t* counted) {
+  const profile::Scope prof("cross-entropy");
   double loss = 0;
   int64_t n = 0;
   for (int64_t i = 0; i < N; ++i) {

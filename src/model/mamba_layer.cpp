@@ -82,12 +82,12 @@ class MambaLayer : public MixerLayer {
     std::vector<float> ddtr(NR * R), ddbc(NR * (R + 2 * N)), dxs(g.at("du").data), dxz(NR * 2 * Ei, 0.0f);
     nn::matmul_backward(ddtr.data(), io.g("att.dt_proj.weight"), nullptr, g.at("ddelta").ptr(), dtr_.data(),
                         io.w("att.dt_proj.weight"), NR, R, Ei);
+    const float *dBm = g.at("dBm").ptr(), *dCm = g.at("dCm").ptr(), *dz = g.at("dz").ptr();
     for (int64_t i = 0; i < NR; ++i) {
-      std::copy(&ddtr[i * R], &ddtr[i * R] + R, &ddbc[i * (R + 2 * N)]);
-      for (int64_t n = 0; n < N; ++n) {
-        ddbc[i * (R + 2 * N) + R + n] = g.at("dBm").data[i * N + n];
-        ddbc[i * (R + 2 * N) + R + N + n] = g.at("dCm").data[i * N + n];
-      }
+      float* row = &ddbc[i * (R + 2 * N)];
+      std::copy(&ddtr[i * R], &ddtr[i * R] + R, row);
+      std::copy(dBm + i * N, dBm + (i + 1) * N, row + R);
+      std::copy(dCm + i * N, dCm + (i + 1) * N, row + R + N);
     }
     nn::matmul_backward(dxs.data(), io.g("att.x_proj.weight"), nullptr, ddbc.data(), xs_.data(),
                         io.w("att.x_proj.weight"), NR, Ei, R + 2 * N, true);
@@ -95,11 +95,10 @@ class MambaLayer : public MixerLayer {
     for (int64_t i = 0; i < NR * Ei; ++i) dxc[i] = dxs[i] * dsilu1(xc_[i]);
     nn::conv4_backward(dxp.data(), io.g("att.conv.weight"), io.g("att.conv.bias"), dxc.data(), xp_.data(),
                    io.w("att.conv.weight"), B, T, Ei);
-    for (int64_t i = 0; i < NR; ++i)
-      for (int64_t c = 0; c < Ei; ++c) {
-        dxz[i * 2 * Ei + c] = dxp[i * Ei + c];
-        dxz[i * 2 * Ei + Ei + c] = g.at("dz").data[i * Ei + c];
-      }
+    for (int64_t i = 0; i < NR; ++i) {
+      std::copy(&dxp[i * Ei], &dxp[(i + 1) * Ei], &dxz[i * 2 * Ei]);
+      std::copy(dz + i * Ei, dz + (i + 1) * Ei, &dxz[i * 2 * Ei + Ei]);
+    }
     nn::matmul_backward(da, io.g("att.in_proj.weight"), nullptr, dxz.data(), a_, io.w("att.in_proj.weight"), NR, C_,
                         2 * Ei, true);
   }

@@ -5,6 +5,8 @@
 #include <functional>
 #include <map>
 
+#include "linmix/profile.h"
+
 namespace linmix {
 
 std::unique_ptr<MixerLayer> attention_layer(const ModelConfig& cfg, int64_t index);
@@ -121,12 +123,14 @@ std::vector<CapturedCall>* g_capture = nullptr;
 void set_mixer_capture(std::vector<CapturedCall>* sink) { g_capture = sink; }
 
 Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal) {
+  const profile::Scope prof("mechanism");
   if (g_capture) g_capture->push_back({lc.mixer, mixer_params(lc), causal, in});
   return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, false, false).at("y");
 }
 
 TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy,
                          bool causal) {
+  const profile::Scope prof("mechanism");
   in["dy"] = tensor_of(std::move(y_shape), dy);
   return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, true, false);
 }

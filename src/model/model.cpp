@@ -5,12 +5,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <random>
 
 #include "channel_mix.h"
 #include "kernels/gemv.h"
 #include "layers.h"
 #include "linmix/kernels.h"
+#include "linmix/profile.h"
 #include "mixer_layer.h"
 
 namespace linmix {
@@ -176,6 +178,8 @@ void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
   A.layers.resize(c.n_layer);
   if (A.cmix.empty()) A.cmix.assign(size_t(c.n_layer), ChannelMix(c));
   auto W = [&](const std::string& n) { return params_.at(n).ptr(); };
+  const profile::Scope prof("forward");
+  std::optional<profile::Scope> part(std::in_place, "embedding");
 
   // embedding (+ the cls row, + positions, + ln0)
   float* x = sized(A.x0, N * C);
@@ -200,12 +204,15 @@ void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
   }
   auto io = [&](int64_t l) { return LayerIO{params_, nullptr, "blocks." + std::to_string(l) + ".", &A.carry}; };
   std::vector<float> cur(c.ln0 ? A.e0 : A.x0), out2(N * C);
+  part.reset();
   for (int64_t l = 0; l < c.n_layer; ++l) {  // x_mid = x + mix(ln1(x)); x' = x_mid + channel(ln2(x_mid))
     auto& L = A.layers[l];
     L.x_in = cur;
     sized(L.a, N * C), sized(L.mean1, N), sized(L.rstd1, N), sized(L.att_out, N * C);
     norm_forward(P(l, "ln1"), L.a.data(), L.mean1.data(), L.rstd1.data(), L.x_in.data(), N);
+    part.emplace(c.layers[size_t(l)].mixer);
     layers_[l]->forward(io(l), L.a.data(), L.att_out.data(), B, Tp);
+    part.reset();
     sized(L.x_mid, N * C);
     for (int64_t i = 0; i < N * C; ++i) L.x_mid[i] = L.x_in[i] + L.att_out[i];
     if (!c.has_channel_mix()) {  // Mamba's blocks: the mixer only
@@ -214,7 +221,9 @@ void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
     }
     sized(L.b, N * C), sized(L.mean2, N), sized(L.rstd2, N);
     norm_forward(P(l, "ln2"), L.b.data(), L.mean2.data(), L.rstd2.data(), L.x_mid.data(), N);
+    part.emplace("channel mix");
     A.cmix[l].forward(io(l), L.b.data(), out2.data(), B, Tp);
+    part.reset();
     for (int64_t i = 0; i < N * C; ++i) cur[i] = L.x_mid[i] + out2[i];
   }
   A.xf = cur;
@@ -227,21 +236,28 @@ void Model::trunk_backward(const int32_t* inputs, std::vector<float>& dlnf, int6
   const int64_t C = c.d_model, R = c.cls_rows(), Tp = T + R, N = B * Tp;
   Acts& A = *acts_;
   const LayerIO top{params_, grads, ""};
+  const profile::Scope prof("backward");
+  std::optional<profile::Scope> part;
   std::vector<float> dx(N * C, 0.0f), db(N * C), da(N * C);
   norm_backward("ln_out", dx.data(), dlnf.data(), A.xf.data(), A.meanf.data(), A.rstdf.data(), grads, N);
   for (int64_t l = c.n_layer - 1; l >= 0; --l) {
     auto& L = A.layers[l];
     const LayerIO lio{params_, grads, "blocks." + std::to_string(l) + ".", &A.carry};
     if (c.has_channel_mix()) {
+      part.emplace("channel mix");
       A.cmix[l].backward(lio, dx.data(), db.data(), B, Tp);  // dx holds d x_out
+      part.reset();
       // dx (d x_mid) = dx + ln2 backward(db)
       norm_backward(P(l, "ln2"), dx.data(), db.data(), L.x_mid.data(), L.mean2.data(), L.rstd2.data(), grads, N);
     }
     std::fill(da.begin(), da.end(), 0.0f);
+    part.emplace(c.layers[size_t(l)].mixer);
     layers_[l]->backward(lio, dx.data(), da.data(), B, Tp);
+    part.reset();
     // dx (d x_in) = dx + ln1 backward(da)
     norm_backward(P(l, "ln1"), dx.data(), da.data(), L.x_in.data(), L.mean1.data(), L.rstd1.data(), grads, N);
   }
+  part.emplace("embedding");
   std::vector<float> demb(N * C, 0.0f);
   if (c.ln0) {
     norm_backward("blocks.0.ln0", demb.data(), dx.data(), A.x0.data(), A.mean0.data(), A.rstd0.data(), grads, N);
@@ -275,6 +291,7 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   trunk_forward(inputs, B, T);
   Acts& A = *acts_;
   sized(A.logits, N * V);
+  std::optional<profile::Scope> part(std::in_place, "head");
   nn::matmul_forward(A.logits.data(), A.lnf.data(), params_.at("head.weight").ptr(), nullptr, N, C, V);
   if (!targets) return 0.0;
 
@@ -293,6 +310,7 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   std::vector<float> dlnf(N * C);
   nn::matmul_backward(dlnf.data(), top.g("head.weight"), nullptr, dlogits.data(), A.lnf.data(),
                       params_.at("head.weight").ptr(), N, C, V);
+  part.reset();
   trunk_backward(inputs, dlnf, B, T, grads);
   return loss;
 }

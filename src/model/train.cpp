@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "linmix/safetensors.h"
@@ -661,7 +662,10 @@ TrainResult train(const TrainOptions& opts) {
   int64_t tokens = 0, step = start;
   std::vector<float> flat;  // the gradients of every rank, one buffer (one allreduce per step)
   res.ranks = nranks;
+  profile::set_enabled(o.profile);
+  profile::reset();
   for (; step < o.steps; ++step) {
+    std::optional<profile::Scope> prof_step(std::in_place, "step");
     TensorMap grads;
     double loss = 0, real = 0;  // real: a classifier batch's own tokens (not its padding), this rank's rows
     // a non-finite activation in a forward: the run diverged
@@ -690,8 +694,10 @@ TrainResult train(const TrainOptions& opts) {
         for (int32_t l : b.lengths) real += l;
         continue;
       }
+      std::optional<profile::Scope> prof_batch(std::in_place, "batch");
       const Batch b = o.task.empty() ? corpus_batch(corpus.train, o.batch, o.seq, s)
                                      : synthetic_batch(o.task, o.batch, o.seq, cfg.vocab, s, o.pairs);
+      prof_batch.reset();
       // this rank's rows, weighted by its share of the batch's scored positions: the ranks' weighted
       // mean gradients sum to the gradient of the whole batch's mean loss (exactly, for any split)
       const int64_t r0 = b.B * rank / nranks, r1 = b.B * (rank + 1) / nranks;
@@ -731,6 +737,7 @@ TrainResult train(const TrainOptions& opts) {
       res.allreduce_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
     }
     tokens += int64_t(real);
+    std::optional<profile::Scope> prof_opt(std::in_place, "gradient norm, clip, AdamW");
     const double gn = grad_norm(grads);
     LINMIX_CHECK(std::isfinite(loss) && std::isfinite(gn), "training diverged: loss is NaN/inf at step " +
                                                                std::to_string(step + 1) + " (loss " + std::to_string(loss) +
@@ -739,6 +746,8 @@ TrainResult train(const TrainOptions& opts) {
     clip_grad_norm(grads, gn, o.clip);
     const double lr = lr_at(sched, step);
     opt.step(model->params(), grads, lr);
+    prof_opt.reset();
+    prof_step.reset();
     res.train_loss = loss;
     res.losses.push_back({step + 1, loss});
     const double secs = elapsed();
@@ -753,7 +762,10 @@ TrainResult train(const TrainOptions& opts) {
     }
     if (comm) rec["allreduce_s"] = res.allreduce_s;
     const bool do_eval = (o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last;
-    if (do_eval) evaluate(rec);
+    if (do_eval) {
+      const profile::Scope prof("evaluation");
+      evaluate(rec);
+    }
     if (root) log << rec.dump() << "\n" << std::flush;
     if (!o.quiet) {
       const double eta = double(o.steps - step - 1) * secs / double(step + 1 - start);
@@ -777,6 +789,7 @@ TrainResult train(const TrainOptions& opts) {
         for (auto* group : {&model->params(), &opt.m, &opt.v})
           for (auto& [name, t] : *group) comm->broadcast(t.ptr(), t.numel());
       }
+      const profile::Scope prof("checkpoint");
       if (root) save_checkpoint(ckpt, *model, opt, step + 1, run.dump(), o.task.empty() ? o.tokenizer : "task:" + o.task);
     }
     if (last) {
@@ -786,6 +799,8 @@ TrainResult train(const TrainOptions& opts) {
   }
   res.steps_done = step;
   res.seconds = elapsed();
+  res.profile = profile::rows();
+  profile::set_enabled(false);
   return res;
 }
 
