@@ -69,7 +69,7 @@ namespace linmix {
 namespace {
 
 constexpr int64_t kChunk = 32;   // time steps whose decays are computed together
-constexpr int64_t kCBlock = 16;  // channels per task (backward)
+constexpr int64_t kCBlock = 32;  // channels per task (backward)
 constexpr int64_t kFBlock = 64;  // channels per task (forward)
 
 inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
@@ -169,127 +169,182 @@ void mamba_forward(float* y, const MambaArgs& a) {
   }
 }
 
-// Backward of mamba_forward, per (batch, channel block) task. h is checkpointed at chunk
-// starts in a forward sweep, each chunk's states are recomputed from its checkpoint, and the
-// chunk is walked backwards:
+// Backward of mamba_forward, per (batch, block of kCBlock channels) task, the channel innermost
+// as in the forward ((n, j) with j the channel: every inner loop runs over kCBlock lanes, the
+// lanes past C zeros). h is checkpointed at chunk starts in a forward sweep, each chunk's
+// states are recomputed from its checkpoint, and the chunk is walked backwards:
 //   g = dy (times silu(z) with a gate; dz = dy y_pre silu'(z)),  dD += g u,  du = g D
 //   dh += Cm_t g,  dCm_t += g h_t
 //   b = dt Bm u:   dBm_t += dh dt u,  du += sum_n dh dt Bm,  ddt += sum_n dh Bm u
 //   a = exp(dt A): ddt += sum_n dh h_{t-1} a A,  dA += dh h_{t-1} a dt,  then dh *= a
 //   ddelta = ddt sigma(delta + bias) (softplus) or ddt;  dbias += ddelta
-// Extra memory O(T/chunk C N + chunk C N) per task plus per-thread parameter accumulators.
+// du and ddt sum over n in their lanes; only dBm_t and dCm_t (sums over channels) reduce across
+// lanes. Extra memory O(T/chunk C N + chunk C N) per task plus per-thread accumulators of dBm,
+// dCm. (Measured, B 16 x T 128, C 256, N 16, 2 threads: 45 -> 27 ms a call, from the layout of
+// (channel, n) with n in the lanes and two cross-lane sums per (t, channel).)
 struct MambaGrads {
   float *du, *ddelta, *dA, *dBm, *dCm, *dD, *dz, *dbias;  // dD, dz, dbias null when absent
   float* dh0 = nullptr;  // the initial state's gradient (B,C,N), written when not null
 };
 
 void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
-  const int64_t B = a.B, T = a.T, C = a.C, N = a.N, nblk = (C + kCBlock - 1) / kCBlock;
+  constexpr int64_t L = kCBlock;
+  const int64_t B = a.B, T = a.T, C = a.C, N = a.N, nblk = (C + L - 1) / L;
   const int64_t nchunks = (T + kChunk - 1) / kChunk;
-  std::fill(g.dA, g.dA + C * N, 0.0f);
   std::fill(g.dBm, g.dBm + B * T * N, 0.0f);
   std::fill(g.dCm, g.dCm + B * T * N, 0.0f);
+  std::fill(g.dA, g.dA + C * N, 0.0f);
   if (g.dD) std::fill(g.dD, g.dD + C, 0.0f);
   if (g.dbias) std::fill(g.dbias, g.dbias + C, 0.0f);
-  std::vector<float> dts(B * T * C);  // dt of every (b, t, c), once: O(T C) like the gradients
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) a.dt_row(&dts[(b * T + t) * C], b, t, 0, C);
+  // per (block, n, lane): dA; per (block, lane): dD, dbias (each block's own: no reduction)
+  std::vector<float> dAb(nblk * N * L, 0.0f), dDb(nblk * L, 0.0f), dbb(nblk * L, 0.0f);
 #pragma omp parallel
   {
-    // per thread: parameter accumulators; per task: checkpoints hc (nchunks+1, kCBlock, N),
-    // chunk states hs (kChunk+1, kCBlock, N), decays da (kChunk, kCBlock, N), dh (kCBlock, N)
-    std::vector<float> lA(C * N, 0.0f), lB(B * T * N, 0.0f), lC(B * T * N, 0.0f), lD(C, 0.0f), lbias(C, 0.0f);
-    std::vector<float> hc((nchunks + 1) * kCBlock * N), hs((kChunk + 1) * kCBlock * N), da(kChunk * kCBlock * N),
-        dh(kCBlock * N);
+    // per thread: dBm, dCm accumulators; per task: the checkpoints hc (nchunks + 1, N, L), the
+    // chunk's states hs (kChunk + 1, N, L) and decays da (kChunk, N, L), dh (N, L), A (N, L),
+    // the chunk's dt, u, dt u (kChunk, L)
+    std::vector<float> lB(B * T * N, 0.0f), lC(B * T * N, 0.0f);
+    std::vector<float> hc((nchunks + 1) * N * L), hs((kChunk + 1) * N * L), da(kChunk * N * L), dh(N * L), At(N * L),
+        dtc(kChunk * L), uc(kChunk * L), duc(kChunk * L), lA(N * L), lD(L), lb(L), gy(L), du(L), ddt(L);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t blk = 0; blk < nblk; ++blk) {
-        const int64_t c0 = blk * kCBlock, nc = std::min(kCBlock, C - c0);
-        auto step = [&](int64_t t, const float* hp, float* hn, float* dav) {  // h_t from h_{t-1}
-          for (int64_t j = 0; j < nc; ++j) {
-            const int64_t c = c0 + j;
-            const float dt = dts[(b * T + t) * C + c], du = dt * a.u[(b * T + t) * C + c];
-            for (int64_t n = 0; n < N; ++n) {
-              const float e = exp_fast(dt * a.A[c * N + n]);
-              if (dav) dav[j * N + n] = e;
-              hn[j * N + n] = e * hp[j * N + n] + du * a.Bm[(b * T + t) * N + n];
+        const int64_t c0 = blk * L, nc = std::min(L, C - c0);
+        std::fill(At.begin(), At.end(), 0.0f);
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t j = 0; j < nc; ++j) At[n * L + j] = a.A[(c0 + j) * N + n];
+        // the chunk's dt, u and dt u in lanes (zeros past C: those lanes stay zero throughout)
+        auto load = [&](int64_t t0, int64_t nt) {
+          std::fill(dtc.begin(), dtc.end(), 0.0f), std::fill(uc.begin(), uc.end(), 0.0f);
+          std::fill(duc.begin(), duc.end(), 0.0f);
+          for (int64_t i = 0; i < nt; ++i) {
+            a.dt_row(&dtc[i * L], b, t0 + i, c0, nc);
+            const float* ur = a.u + (b * T + t0 + i) * C + c0;
+            for (int64_t j = 0; j < nc; ++j) uc[i * L + j] = ur[j], duc[i * L + j] = dtc[i * L + j] * ur[j];
+          }
+        };
+        // h_t (N, L) from h_{t-1}, the decays into dav when not null
+        auto step = [&](int64_t i, int64_t t, const float* hp, float* hn, float* dav) {
+          const float* Br = a.Bm + (b * T + t) * N;
+          const float *dt = &dtc[i * L], *dv = &duc[i * L];
+          for (int64_t n = 0; n < N; ++n) {
+            const float* __restrict ar = &At[n * L];
+            const float* __restrict hpr = hp + n * L;
+            float* __restrict hr = hn + n * L;
+            const float bn = Br[n];
+#pragma omp simd
+            for (int64_t j = 0; j < L; ++j) {
+              const float e = exp_fast(dt[j] * ar[j]);
+              if (dav) dav[n * L + j] = e;
+              hr[j] = e * hpr[j] + dv[j] * bn;
             }
           }
         };
-        std::fill(hc.begin(), hc.begin() + kCBlock * N, 0.0f);
-        if (a.h0)  // the scan starts from the given state; hc, hs, dh are (channel, n)
-          std::copy(a.h0 + (b * C + c0) * N, a.h0 + (b * C + c0 + nc) * N, hc.begin());
+        std::fill(hc.begin(), hc.begin() + N * L, 0.0f);
+        if (a.h0)  // the scan starts from the given state
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t j = 0; j < nc; ++j) hc[n * L + j] = a.h0[(b * C + c0 + j) * N + n];
         for (int64_t ch = 0; ch < nchunks; ++ch) {  // checkpoints: h before each chunk
-          std::copy(&hc[ch * kCBlock * N], &hc[(ch + 1) * kCBlock * N], hs.begin());
           const int64_t t0 = ch * kChunk, nt = std::min(kChunk, T - t0);
-          for (int64_t i = 0; i < nt; ++i) step(t0 + i, &hs[(i % 2) * kCBlock * N], &hs[((i + 1) % 2) * kCBlock * N], nullptr);
-          std::copy(&hs[(nt % 2) * kCBlock * N], &hs[(nt % 2) * kCBlock * N] + kCBlock * N, &hc[(ch + 1) * kCBlock * N]);
+          load(t0, nt);
+          std::copy(&hc[ch * N * L], &hc[(ch + 1) * N * L], hs.begin());
+          for (int64_t i = 0; i < nt; ++i) step(i, t0 + i, &hs[(i % 2) * N * L], &hs[((i + 1) % 2) * N * L], nullptr);
+          std::copy(&hs[(nt % 2) * N * L], &hs[(nt % 2) * N * L] + N * L, &hc[(ch + 1) * N * L]);
         }
         std::fill(dh.begin(), dh.end(), 0.0f);
-        if (a.dhT) std::copy(a.dhT + (b * C + c0) * N, a.dhT + (b * C + c0 + nc) * N, dh.begin());
+        if (a.dhT)
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t j = 0; j < nc; ++j) dh[n * L + j] = a.dhT[(b * C + c0 + j) * N + n];
+        std::fill(lA.begin(), lA.end(), 0.0f), std::fill(lD.begin(), lD.end(), 0.0f);
+        std::fill(lb.begin(), lb.end(), 0.0f);
         for (int64_t ch = nchunks - 1; ch >= 0; --ch) {
           const int64_t t0 = ch * kChunk, nt = std::min(kChunk, T - t0);
-          std::copy(&hc[ch * kCBlock * N], &hc[(ch + 1) * kCBlock * N], hs.begin());  // hs[i] = h_{t0+i-1}
-          for (int64_t i = 0; i < nt; ++i)
-            step(t0 + i, &hs[i * kCBlock * N], &hs[(i + 1) * kCBlock * N], &da[i * kCBlock * N]);
+          load(t0, nt);
+          std::copy(&hc[ch * N * L], &hc[(ch + 1) * N * L], hs.begin());  // hs[i] = h_{t0+i-1}
+          for (int64_t i = 0; i < nt; ++i) step(i, t0 + i, &hs[i * N * L], &hs[(i + 1) * N * L], &da[i * N * L]);
           for (int64_t i = nt - 1; i >= 0; --i) {
-            const int64_t t = t0 + i;
+            const int64_t t = t0 + i, row = (b * T + t) * C + c0;
             const float* Cr = a.Cm + (b * T + t) * N;
             const float* Br = a.Bm + (b * T + t) * N;
-            for (int64_t j = 0; j < nc; ++j) {
-              const int64_t c = c0 + j, it = (b * T + t) * C + c;
-              const float* h = &hs[(i + 1) * kCBlock * N + j * N];
-              const float* hp = &hs[i * kCBlock * N + j * N];
-              const float* av = &da[i * kCBlock * N + j * N];
-              float* d = &dh[j * N];
-              float gy = dy[it];
-              if (a.z) {
-                float ypre = 0.0f;
-#pragma omp simd reduction(+ : ypre)
-                for (int64_t n = 0; n < N; ++n) ypre += Cr[n] * h[n];
-                if (a.D) ypre += a.D[c] * a.u[it];
-                const float sz = 1.0f / (1.0f + exp_fast(-a.z[it]));
-                g.dz[it] = gy * ypre * sz * (1.0f + a.z[it] * (1.0f - sz));
-                gy *= a.z[it] * sz;
-              }
-              float du = 0.0f;
-              if (a.D) {
-                lD[c] += gy * a.u[it];
-                du = gy * a.D[c];
-              }
-              const float x = a.delta[it] + (a.bias ? a.bias[c] : 0.0f);
-              const float dt = dts[it];
-              float ddt = 0.0f;
-#pragma omp simd reduction(+ : du, ddt)
+            const float *h = &hs[(i + 1) * N * L], *hp = &hs[i * N * L], *av = &da[i * N * L];
+            const float *dt = &dtc[i * L], *uu = &uc[i * L], *dtu = &duc[i * L];
+            std::fill(gy.begin(), gy.end(), 0.0f), std::fill(du.begin(), du.end(), 0.0f);
+            std::fill(ddt.begin(), ddt.end(), 0.0f);
+            for (int64_t j = 0; j < nc; ++j) gy[j] = dy[row + j];
+            if (a.z) {  // the gate: y = y_pre silu(z), y_pre = Cm . h + D u
+              float* ypre = du.data();  // (du's lanes are free until below)
               for (int64_t n = 0; n < N; ++n) {
-                d[n] += Cr[n] * gy;
-                lC[(b * T + t) * N + n] += gy * h[n];
-                lB[(b * T + t) * N + n] += d[n] * dt * a.u[it];
-                du += d[n] * dt * Br[n];
-                ddt += d[n] * (Br[n] * a.u[it] + hp[n] * av[n] * a.A[c * N + n]);
-                lA[c * N + n] += d[n] * hp[n] * av[n] * dt;
-                d[n] *= av[n];
+                const float cn = Cr[n];
+#pragma omp simd
+                for (int64_t j = 0; j < L; ++j) ypre[j] += cn * h[n * L + j];
               }
-              g.du[it] = du;
-              const float dd = a.use_softplus ? ddt / (1.0f + exp_fast(-x)) : ddt;
-              g.ddelta[it] = dd;
-              lbias[c] += dd;
+              for (int64_t j = 0; j < nc; ++j) {
+                const float zz = a.z[row + j], uu = a.u[row + j];
+                const float yp = ypre[j] + (a.D ? a.D[c0 + j] * uu : 0.0f);
+                const float sz = 1.0f / (1.0f + exp_fast(-zz));
+                g.dz[row + j] = gy[j] * yp * sz * (1.0f + zz * (1.0f - sz));
+                gy[j] *= zz * sz;
+              }
+              std::fill(du.begin(), du.end(), 0.0f);
+            }
+            if (a.D)
+              for (int64_t j = 0; j < nc; ++j) {
+                lD[j] += gy[j] * a.u[row + j];
+                du[j] = gy[j] * a.D[c0 + j];
+              }
+            float* lBr = &lB[(b * T + t) * N];
+            float* lCr = &lC[(b * T + t) * N];
+            for (int64_t n = 0; n < N; ++n) {
+              float* __restrict d = &dh[n * L];
+              const float* __restrict hn = h + n * L;
+              const float* __restrict hpn = hp + n * L;
+              const float* __restrict an = av + n * L;
+              const float* __restrict ar = &At[n * L];
+              float* __restrict la = &lA[n * L];
+              const float cn = Cr[n], bn = Br[n];
+              float sc = 0.0f, sb = 0.0f;
+#pragma omp simd reduction(+ : sc, sb)
+              for (int64_t j = 0; j < L; ++j) {
+                const float dj = d[j] + cn * gy[j];
+                sc += gy[j] * hn[j];
+                sb += dj * dtu[j];
+                du[j] += dj * dt[j] * bn;
+                const float q = dj * hpn[j] * an[j];
+                ddt[j] += dj * bn * uu[j] + q * ar[j];
+                la[j] += q * dt[j];
+                d[j] = dj * an[j];
+              }
+              lCr[n] += sc;
+              lBr[n] += sb;
+            }
+            for (int64_t j = 0; j < nc; ++j) {
+              g.du[row + j] = du[j];
+              const float x = a.delta[row + j] + (a.bias ? a.bias[c0 + j] : 0.0f);
+              const float dd = a.use_softplus ? ddt[j] / (1.0f + exp_fast(-x)) : ddt[j];
+              g.ddelta[row + j] = dd;
+              lb[j] += dd;
             }
           }
         }
-        if (g.dh0) std::copy(dh.begin(), dh.begin() + nc * N, g.dh0 + (b * C + c0) * N);  // dh of h_{-1}
+        if (g.dh0)  // dh of h_{-1}
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t j = 0; j < nc; ++j) g.dh0[(b * C + c0 + j) * N + n] = dh[n * L + j];
+#pragma omp critical
+        {  // the block's parameter gradients (a few KB: the tasks of one block add up here)
+          for (int64_t i = 0; i < N * L; ++i) dAb[blk * N * L + i] += lA[i];
+          for (int64_t j = 0; j < L; ++j) dDb[blk * L + j] += lD[j], dbb[blk * L + j] += lb[j];
+        }
       }
 #pragma omp critical
-    {
-      for (int64_t i = 0; i < C * N; ++i) g.dA[i] += lA[i];
-      for (int64_t i = 0; i < B * T * N; ++i) g.dBm[i] += lB[i], g.dCm[i] += lC[i];
-      for (int64_t c = 0; c < C; ++c) {
-        if (g.dD) g.dD[c] += lD[c];
-        if (g.dbias) g.dbias[c] += lbias[c];
-      }
-    }
+    for (int64_t i = 0; i < B * T * N; ++i) g.dBm[i] += lB[i], g.dCm[i] += lC[i];
   }
+  for (int64_t blk = 0; blk < nblk; ++blk)
+    for (int64_t j = 0; j < std::min(L, C - blk * L); ++j) {
+      const int64_t c = blk * L + j;
+      for (int64_t n = 0; n < N; ++n) g.dA[c * N + n] = dAb[(blk * N + n) * L + j];
+      if (g.dD) g.dD[c] = dDb[blk * L + j];
+      if (g.dbias) g.dbias[c] = dbb[blk * L + j];
+    }
 }
 
 
