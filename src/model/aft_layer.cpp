@@ -57,9 +57,9 @@ class AftLayer : public MixerLayer {
     return "";
   }
   TensorMap inputs(const LayerIO& io, int64_t B, int64_t T) const {
-    TensorMap in{{"q", tensor_of({B, T, C_}, q_.data())},
-                 {"k", tensor_of({B, T, C_}, k_.data())},
-                 {"v", tensor_of({B, T, C_}, v_.data())}};
+    TensorMap in{{"q", view_of({B, T, C_}, q_.data())},
+                 {"k", view_of({B, T, C_}, k_.data())},
+                 {"v", view_of({B, T, C_}, v_.data())}};
     if (!bias_name().empty()) in[bias_name()] = io.t("att." + bias_name());
     return in;
   }

@@ -55,9 +55,9 @@ class AttentionLayer : public MixerLayer {
   int64_t D() const { return C_ / cfg_.n_head; }
   bool has_proj() const { return lc_.mixer == "performer"; }
   TensorMap inputs(const LayerIO& io, int64_t B, int64_t T) const {
-    TensorMap in{{"q", tensor_of({B, T, H(), D()}, q_.data())},
-                 {"k", tensor_of({B, T, H(), D()}, k_.data())},
-                 {"v", tensor_of({B, T, H(), D()}, v_.data())}};
+    TensorMap in{{"q", view_of({B, T, H(), D()}, q_.data())},
+                 {"k", view_of({B, T, H(), D()}, k_.data())},
+                 {"v", view_of({B, T, H(), D()}, v_.data())}};
     if (has_proj()) in["proj"] = io.t("att.proj");
     return in;
   }

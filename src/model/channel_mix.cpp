@@ -1,5 +1,7 @@
 #include "channel_mix.h"
 
+#include <algorithm>
+
 #include "layers.h"
 
 namespace linmix {
@@ -17,7 +19,9 @@ ParamShapes ChannelMix::shapes() const {
 
 void ChannelMix::lerp(float* x, const float* u, const float* p, const float* m, int64_t N) const {
   if (!maa_) return mix_shift(x, u, p, m, N, C_);  // RWKV-4/5's u m + p (1 - m)
+#pragma omp parallel for schedule(static) if (N * C_ >= nn::kParallelMin)
   for (int64_t i = 0; i < N; ++i)
+#pragma omp simd
     for (int64_t c = 0; c < C_; ++c) {
       const int64_t j = i * C_ + c;
       x[j] = u[j] + (p[j] - u[j]) * m[c];
@@ -28,17 +32,23 @@ void ChannelMix::forward(const LayerIO& io, const float* b, float* out, int64_t 
   const int64_t N = B * T, C = C_, F = F_;
   b_ = b;
   if (rwkv_) {
-    for (auto* v : {&xx_, &xk_, &xr_, &vv_, &r_}) v->assign(N * C, 0.0f);
-    kpre_.assign(N * F, 0.0f), kk_.assign(N * F, 0.0f);
+    for (auto* v : {&xx_, &xk_, &xr_, &vv_, &r_}) v->resize(N * C);  // each written whole below (when used)
+    kpre_.resize(N * F), kk_.resize(N * F);
     nn::shift_forward(xx_.data(), b, B, T, C);
     lerp(xk_.data(), b, xx_.data(), io.w(mk_), N);
     if (recept_) lerp(xr_.data(), b, xx_.data(), io.w(mr_), N);
     nn::matmul_forward(kpre_.data(), xk_.data(), io.w("ffn.key.weight"), nullptr, N, C, F);
-    for (int64_t i = 0; i < N * F; ++i) kk_[i] = kpre_[i] > 0 ? kpre_[i] * kpre_[i] : 0.0f;
+    const float* kp = kpre_.data();
+    float* kk = kk_.data();
+#pragma omp parallel for simd schedule(static) if (N * F >= nn::kParallelMin)
+    for (int64_t i = 0; i < N * F; ++i) kk[i] = kp[i] > 0 ? kp[i] * kp[i] : 0.0f;
     nn::matmul_forward(vv_.data(), kk_.data(), io.w("ffn.value.weight"), nullptr, N, F, C);
     if (recept_) {
       nn::matmul_forward(r_.data(), xr_.data(), io.w("ffn.receptance.weight"), nullptr, N, C, C);
-      for (int64_t i = 0; i < N * C; ++i) r_[i] = sigmoid1(r_[i]), out[i] = r_[i] * vv_[i];
+      float* r = r_.data();
+      const float* vv = vv_.data();
+#pragma omp parallel for simd schedule(static) if (N * C >= nn::kParallelMin)
+      for (int64_t i = 0; i < N * C; ++i) r[i] = sigmoid1(r[i]), out[i] = r[i] * vv[i];
     } else {
       std::copy(vv_.begin(), vv_.end(), out);
     }
@@ -54,32 +64,59 @@ void ChannelMix::backward(const LayerIO& io, const float* dout, float* db, int64
   const int64_t N = B * T, C = C_, F = F_;
   if (rwkv_) {
     std::vector<float> dvv(N * C), dr2(N * C), dkk(N * F), dxk2(N * C), dxr2(N * C), dxx2(N * C, 0.0f);
-    for (int64_t i = 0; i < N * C; ++i) {
-      dvv[i] = recept_ ? dout[i] * r_[i] : dout[i];
-      dr2[i] = recept_ ? dout[i] * vv_[i] * r_[i] * (1.0f - r_[i]) : 0.0f;
+    {
+      const float *r = r_.data(), *vv = vv_.data();
+      float *dv = dvv.data(), *dr = dr2.data();
+      const bool rec = recept_;
+#pragma omp parallel for simd schedule(static) if (N * C >= nn::kParallelMin)
+      for (int64_t i = 0; i < N * C; ++i) {
+        dv[i] = rec ? dout[i] * r[i] : dout[i];
+        dr[i] = rec ? dout[i] * vv[i] * r[i] * (1.0f - r[i]) : 0.0f;
+      }
     }
     if (recept_)
       nn::matmul_backward(dxr2.data(), io.g("ffn.receptance.weight"), nullptr, dr2.data(), xr_.data(),
                           io.w("ffn.receptance.weight"), N, C, C);
     nn::matmul_backward(dkk.data(), io.g("ffn.value.weight"), nullptr, dvv.data(), kk_.data(),
                         io.w("ffn.value.weight"), N, F, C);
-    for (int64_t i = 0; i < N * F; ++i) dkk[i] = kpre_[i] > 0 ? dkk[i] * 2.0f * kpre_[i] : 0.0f;
+    {
+      const float* kp = kpre_.data();
+      float* d = dkk.data();
+#pragma omp parallel for simd schedule(static) if (N * F >= nn::kParallelMin)
+      for (int64_t i = 0; i < N * F; ++i) d[i] = kp[i] > 0 ? d[i] * 2.0f * kp[i] : 0.0f;
+    }
     nn::matmul_backward(dxk2.data(), io.g("ffn.key.weight"), nullptr, dkk.data(), xk_.data(), io.w("ffn.key.weight"),
                         N, C, F);
     // x = u m + p (1 - m): du = dx m, dp = dx (1 - m), dm = dx (u - p); the maa form swaps the
     // roles of u and p (x = p m + u (1 - m))
     const float *mk = io.w(mk_), *mr = recept_ ? io.w(mr_) : nullptr;
     float *gmk = io.g(mk_), *gmr = recept_ ? io.g(mr_) : nullptr;
+#pragma omp parallel for schedule(static) if (N * C >= nn::kParallelMin)
     for (int64_t i = 0; i < N; ++i)
+#pragma omp simd
       for (int64_t ch = 0; ch < C; ++ch) {
         const int64_t j = i * C + ch;
         const float fk = maa_ ? 1.0f - mk[ch] : mk[ch], fr = mr ? (maa_ ? 1.0f - mr[ch] : mr[ch]) : 0.0f;
-        const float diff = maa_ ? xx_[j] - b_[j] : b_[j] - xx_[j];
         db[j] = dxk2[j] * fk + dxr2[j] * fr;
         dxx2[j] = dxk2[j] * (1.0f - fk) + dxr2[j] * (1.0f - fr);
-        gmk[ch] += dxk2[j] * diff;
-        if (gmr) gmr[ch] += dxr2[j] * diff;
       }
+    // the mixes' gradients: sums over rows, blocks of columns over threads, each in row order
+    constexpr int64_t kCols = 32;
+#pragma omp parallel for schedule(static) if (N * C >= nn::kParallelMin)
+    for (int64_t c0 = 0; c0 < C; c0 += kCols) {
+      const int64_t nc = std::min(kCols, C - c0);
+      float sk[kCols] = {}, sr[kCols] = {};
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t j = i * C + c0 + c;
+          const float diff = maa_ ? xx_[j] - b_[j] : b_[j] - xx_[j];
+          sk[c] += dxk2[j] * diff, sr[c] += dxr2[j] * diff;
+        }
+      for (int64_t c = 0; c < nc; ++c) {
+        gmk[c0 + c] += sk[c];
+        if (gmr) gmr[c0 + c] += sr[c];
+      }
+    }
     nn::shift_backward(db, dxx2.data(), B, T, C);
   } else {
     std::vector<float> dh(N * F);

@@ -14,7 +14,7 @@ class FnetLayer : public MixerLayer {
 
   void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) override {
     (void)io;
-    const Tensor y = mixer_forward(lc_, {{"x", tensor_of({B, T, C_}, a)}}, false);
+    const Tensor y = mixer_forward(lc_, {{"x", view_of({B, T, C_}, a)}}, false);
     std::copy(y.data.begin(), y.data.end(), out);
   }
 

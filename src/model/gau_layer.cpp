@@ -87,7 +87,7 @@ class GauLayer : public MixerLayer {
 
  private:
   TensorMap inputs(const LayerIO& io, int64_t B, int64_t T) const {
-    TensorMap in{{"v", tensor_of({B, T, e_}, V_.data())}};
+    TensorMap in{{"v", view_of({B, T, e_}, V_.data())}};
     put_qk(in, Z_.data(), io.w("att.gamma"), io.w("att.beta"), B, T, S_);
     return in;
   }

@@ -42,25 +42,53 @@ void matmul_backward(float* din, float* dW, float* dbias, const float* dout, con
       for (int64_t o = 0; o < OC; ++o) dbias[o] += dout[i * OC + o];
 }
 
+// The norms run rows over threads; their weight gradients (sums over rows) run columns over
+// threads, each column summed in row order: the same bits for any thread count.
+
+// dw[c] += sum_i g[i, c] xhat[i, c] (and db[c] += sum_i g[i, c] when db), xhat = (x - mean) rstd
+// (mean null: 0), over column blocks in parallel.
+void norm_weight_grads(float* dw, float* db, const float* dout, const float* x, const float* mean, const float* rstd,
+                       int64_t N, int64_t C) {
+  constexpr int64_t kCols = 32;
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+  for (int64_t c0 = 0; c0 < C; c0 += kCols) {
+    const int64_t c1 = std::min(C, c0 + kCols);
+    float sw[kCols] = {}, sb[kCols] = {};
+    for (int64_t i = 0; i < N; ++i) {
+      const float *g = dout + i * C, *xi = x + i * C, m = mean ? mean[i] : 0.0f, r = rstd[i];
+      for (int64_t c = c0; c < c1; ++c) sw[c - c0] += g[c] * ((xi[c] - m) * r), sb[c - c0] += g[c];
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      dw[c] += sw[c - c0];
+      if (db) db[c] += sb[c - c0];
+    }
+  }
+}
+
 void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
                        int64_t N, int64_t C) {
   const profile::Scope prof("norm");
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
   for (int64_t i = 0; i < N; ++i) {
     const float* xi = x + i * C;
-    double m = 0, v = 0;
+    float m = 0, v = 0;  // two passes: the variance of the centred values (no cancellation)
+#pragma omp simd reduction(+ : m)
     for (int64_t c = 0; c < C; ++c) m += xi[c];
-    m /= double(C);
+    m /= float(C);
+#pragma omp simd reduction(+ : v)
     for (int64_t c = 0; c < C; ++c) v += (xi[c] - m) * (xi[c] - m);
-    v /= double(C);
-    const float s = float(1.0 / std::sqrt(v + 1e-5));
-    for (int64_t c = 0; c < C; ++c) out[i * C + c] = (xi[c] - float(m)) * s * w[c] + b[c];
-    mean[i] = float(m), rstd[i] = s;
+    v /= float(C);
+    const float s = 1.0f / std::sqrt(v + 1e-5f);
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = (xi[c] - m) * s * w[c] + b[c];
+    mean[i] = m, rstd[i] = s;
   }
 }
 
 void layernorm_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w,
                         const float* mean, const float* rstd, int64_t N, int64_t C) {
   const profile::Scope prof("norm");
+  norm_weight_grads(dw, db, dout, x, mean, rstd, N, C);
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
   for (int64_t i = 0; i < N; ++i) {
     const float *g = dout + i * C, *xi = x + i * C;
     // xhat = (x - mean) rstd;  dxhat = g w;
@@ -69,8 +97,6 @@ void layernorm_backward(float* dx, float* dw, float* db, const float* dout, cons
     for (int64_t c = 0; c < C; ++c) {
       const float xh = (xi[c] - mean[i]) * rstd[i], dxh = g[c] * w[c];
       m1 += dxh, m2 += dxh * xh;
-      dw[c] += g[c] * xh;
-      db[c] += g[c];
     }
     m1 /= float(C), m2 /= float(C);
     for (int64_t c = 0; c < C; ++c) {
@@ -82,6 +108,7 @@ void layernorm_backward(float* dx, float* dw, float* db, const float* dout, cons
 
 void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t N, int64_t C) {
   const profile::Scope prof("norm");
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
   for (int64_t i = 0; i < N; ++i) {
     const float* xi = x + i * C;
     float ms = 0.0f;
@@ -95,15 +122,13 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
 void rmsnorm_backward(float* dx, float* dw, const float* dout, const float* x, const float* w, const float* rstd,
                       int64_t N, int64_t C) {
   const profile::Scope prof("norm");
+  norm_weight_grads(dw, nullptr, dout, x, nullptr, rstd, N, C);
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
   for (int64_t i = 0; i < N; ++i) {
     const float *g = dout + i * C, *xi = x + i * C;
     // xhat = x rstd; dx = rstd (g w - xhat mean(g w xhat))
     float m2 = 0.0f;
-    for (int64_t c = 0; c < C; ++c) {
-      const float xh = xi[c] * rstd[i];
-      m2 += g[c] * w[c] * xh;
-      dw[c] += g[c] * xh;
-    }
+    for (int64_t c = 0; c < C; ++c) m2 += g[c] * w[c] * (xi[c] * rstd[i]);
     m2 /= float(C);
     for (int64_t c = 0; c < C; ++c) dx[i * C + c] += rstd[i] * (g[c] * w[c] - xi[c] * rstd[i] * m2);
   }
@@ -162,34 +187,69 @@ void shift_backward(float* dx, const float* dout, int64_t B, int64_t T, int64_t 
       for (int64_t c = 0; c < C; ++c) dx[(b * T + t) * C + c] += dout[(b * T + t + 1) * C + c];
 }
 
+// Rows (b, t) over threads, the channels in SIMD lanes (the taps transposed to (j, c)); the
+// weight gradients over blocks of channels, each summed in (b, t) order: the same bits as one
+// thread, whatever the count.
 void conv4_forward(float* out, const float* x, const float* w, const float* b, int64_t B, int64_t T, int64_t E) {
   const profile::Scope prof("conv4");
+  std::vector<float> wt(4 * E);
+  for (int64_t c = 0; c < E; ++c)
+    for (int64_t j = 0; j < 4; ++j) wt[j * E + c] = w[c * 4 + j];
+#pragma omp parallel for collapse(2) schedule(static) if (B * T * E >= kParallelMin)
   for (int64_t bb = 0; bb < B; ++bb)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t c = 0; c < E; ++c) {
-        float acc = b[c];
-        for (int64_t j = 0; j < 4; ++j) {
-          const int64_t s = t - 3 + j;
-          if (s >= 0) acc += w[c * 4 + j] * x[(bb * T + s) * E + c];
-        }
-        out[(bb * T + t) * E + c] = acc;
+    for (int64_t t = 0; t < T; ++t) {
+      float* __restrict o = out + (bb * T + t) * E;
+      std::copy(b, b + E, o);
+      for (int64_t j = 0; j < 4; ++j) {
+        const int64_t s = t - 3 + j;
+        if (s < 0) continue;
+        const float* __restrict xs = x + (bb * T + s) * E;
+        const float* __restrict wj = &wt[j * E];
+        for (int64_t c = 0; c < E; ++c) o[c] += wj[c] * xs[c];
       }
+    }
 }
+
 void conv4_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* w, int64_t B,
                     int64_t T, int64_t E) {
   const profile::Scope prof("conv4");
+  std::vector<float> wt(4 * E);
+  for (int64_t c = 0; c < E; ++c)
+    for (int64_t j = 0; j < 4; ++j) wt[j * E + c] = w[c * 4 + j];
+  // dx[s] += sum_j w[., j] dout[s + 3 - j]
+#pragma omp parallel for collapse(2) schedule(static) if (B * T * E >= kParallelMin)
   for (int64_t bb = 0; bb < B; ++bb)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t c = 0; c < E; ++c) {
-        const float g = dout[(bb * T + t) * E + c];
-        db[c] += g;
+    for (int64_t s = 0; s < T; ++s) {
+      float* __restrict d = dx + (bb * T + s) * E;
+      for (int64_t j = 3; j >= 0; --j) {
+        const int64_t t = s + 3 - j;
+        if (t >= T) continue;
+        const float* __restrict g = dout + (bb * T + t) * E;
+        const float* __restrict wj = &wt[j * E];
+        for (int64_t c = 0; c < E; ++c) d[c] += g[c] * wj[c];
+      }
+    }
+  constexpr int64_t kCols = 64;
+#pragma omp parallel for schedule(static) if (B * T * E >= kParallelMin)
+  for (int64_t c0 = 0; c0 < E; c0 += kCols) {
+    const int64_t nc = std::min(kCols, E - c0);
+    float sw[4][kCols] = {}, sb[kCols] = {};
+    for (int64_t bb = 0; bb < B; ++bb)
+      for (int64_t t = 0; t < T; ++t) {
+        const float* g = dout + (bb * T + t) * E + c0;
+        for (int64_t c = 0; c < nc; ++c) sb[c] += g[c];
         for (int64_t j = 0; j < 4; ++j) {
           const int64_t s = t - 3 + j;
           if (s < 0) continue;
-          dw[c * 4 + j] += g * x[(bb * T + s) * E + c];
-          dx[(bb * T + s) * E + c] += g * w[c * 4 + j];
+          const float* xs = x + (bb * T + s) * E + c0;
+          for (int64_t c = 0; c < nc; ++c) sw[j][c] += g[c] * xs[c];
         }
       }
+    for (int64_t c = 0; c < nc; ++c) {
+      db[c0 + c] += sb[c];
+      for (int64_t j = 0; j < 4; ++j) dw[(c0 + c) * 4 + j] += sw[j][c];
+    }
+  }
 }
 
 double crossentropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
@@ -197,6 +257,8 @@ double crossentropy_forward_backward(float* dlogits, const float* logits, const 
   const profile::Scope prof("cross-entropy");
   double loss = 0;
   int64_t n = 0;
+  // rows over threads; e^{l - max} once per logit (exp_fast, about 2 ulp), its sum in double
+#pragma omp parallel for schedule(static) reduction(+ : loss, n) if (N * V >= kParallelMin)
   for (int64_t i = 0; i < N; ++i) {
     const float* l = logits + i * V;
     float* d = dlogits ? dlogits + i * V : nullptr;
@@ -204,15 +266,20 @@ double crossentropy_forward_backward(float* dlogits, const float* logits, const 
       if (d) std::fill(d, d + V, 0.0f);
       continue;
     }
-    const float mx = *std::max_element(l, l + V);
+    float mx = l[0];
+    for (int64_t v = 1; v < V; ++v) mx = vmax(mx, l[v]);
     double z = 0;
-    for (int64_t v = 0; v < V; ++v) z += std::exp(double(l[v] - mx));
+    if (d) {
+      for (int64_t v = 0; v < V; ++v) d[v] = exp_fast(l[v] - mx);
+      for (int64_t v = 0; v < V; ++v) z += d[v];
+      const float s = float(double(scale) / z);
+      for (int64_t v = 0; v < V; ++v) d[v] *= s;
+      d[targets[i]] -= scale;
+    } else {
+      for (int64_t v = 0; v < V; ++v) z += exp_fast(l[v] - mx);
+    }
     loss += std::log(z) - double(l[targets[i]] - mx);
     ++n;
-    if (d) {
-      for (int64_t v = 0; v < V; ++v) d[v] = float(std::exp(double(l[v] - mx)) / z) * scale;
-      d[targets[i]] -= scale;
-    }
   }
   if (counted) *counted = n;
   return loss;

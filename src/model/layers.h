@@ -6,6 +6,9 @@
 
 namespace linmix::nn {
 
+// Element-wise passes (and row-wise ones) run over threads from this many elements up.
+constexpr int64_t kParallelMin = 1 << 15;
+
 // out (N,OC) = in (N,IC) W^T (+ bias);  W: (OC,IC), bias: (OC) or null.
 void matmul_forward(float* out, const float* in, const float* W, const float* bias, int64_t N, int64_t IC,
                     int64_t OC);

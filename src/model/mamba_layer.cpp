@@ -60,7 +60,12 @@ class MambaLayer : public MixerLayer {
       std::copy(&xz_[i * 2 * Ei] + Ei, &xz_[(i + 1) * 2 * Ei], &z_[i * Ei]);
     }
     nn::conv4_forward(xc_.data(), xp_.data(), io.w("att.conv.weight"), io.w("att.conv.bias"), B, T, Ei);
-    for (int64_t i = 0; i < NR * Ei; ++i) xs_[i] = silu1(xc_[i]);
+    {
+      float* xs = xs_.data();  // (pointers, not the members: the loop then vectorises)
+      const float* xc = xc_.data();
+#pragma omp parallel for simd schedule(static) if (NR * Ei >= nn::kParallelMin)
+      for (int64_t i = 0; i < NR * Ei; ++i) xs[i] = silu1(xc[i]);
+    }
     nn::matmul_forward(dbc_.data(), xs_.data(), io.w("att.x_proj.weight"), nullptr, NR, Ei, R + 2 * N);
     for (int64_t i = 0; i < NR; ++i) std::copy(&dbc_[i * (R + 2 * N)], &dbc_[i * (R + 2 * N)] + R, &dtr_[i * R]);
     nn::matmul_forward(delta_.data(), dtr_.data(), io.w("att.dt_proj.weight"), nullptr, NR, R, Ei);
@@ -92,7 +97,12 @@ class MambaLayer : public MixerLayer {
     nn::matmul_backward(dxs.data(), io.g("att.x_proj.weight"), nullptr, ddbc.data(), xs_.data(),
                         io.w("att.x_proj.weight"), NR, Ei, R + 2 * N, true);
     std::vector<float> dxc(NR * Ei), dxp(NR * Ei, 0.0f);
-    for (int64_t i = 0; i < NR * Ei; ++i) dxc[i] = dxs[i] * dsilu1(xc_[i]);
+    {
+      float* d = dxc.data();
+      const float *ds = dxs.data(), *xc = xc_.data();
+#pragma omp parallel for simd schedule(static) if (NR * Ei >= nn::kParallelMin)
+      for (int64_t i = 0; i < NR * Ei; ++i) d[i] = ds[i] * dsilu1(xc[i]);
+    }
     nn::conv4_backward(dxp.data(), io.g("att.conv.weight"), io.g("att.conv.bias"), dxc.data(), xp_.data(),
                    io.w("att.conv.weight"), B, T, Ei);
     for (int64_t i = 0; i < NR; ++i) {
@@ -108,9 +118,9 @@ class MambaLayer : public MixerLayer {
   // The scan's inputs: u = xs, delta, z, Bm and Cm out of dbc, A = -exp(A_log), D, dt bias.
   TensorMap inputs(const LayerIO& io, int64_t B, int64_t T) const {
     const int64_t N = N_, R = R_, NR = B * T;
-    TensorMap in{{"u", tensor_of({B, T, Ei_}, xs_.data())},
-                 {"delta", tensor_of({B, T, Ei_}, delta_.data())},
-                 {"z", tensor_of({B, T, Ei_}, z_.data())}};
+    TensorMap in{{"u", view_of({B, T, Ei_}, xs_.data())},
+                 {"delta", view_of({B, T, Ei_}, delta_.data())},
+                 {"z", view_of({B, T, Ei_}, z_.data())}};
     Tensor Bm({B, T, N}), Cm({B, T, N});
     for (int64_t i = 0; i < NR; ++i)
       for (int64_t n = 0; n < N; ++n) {

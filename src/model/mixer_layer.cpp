@@ -128,11 +128,20 @@ Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal) {
   return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, false, false).at("y");
 }
 
-TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy,
+TensorMap mixer_backward(const LayerConfig& lc, const TensorMap& in, std::vector<int64_t> y_shape, const float* dy,
                          bool causal) {
   const profile::Scope prof("mechanism");
-  in["dy"] = tensor_of(std::move(y_shape), dy);
-  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, true, false);
+  TensorMap call;
+  for (const auto& [name, t] : in) call.emplace(name, view_of(t.shape, t.ptr()));
+  call["dy"] = view_of(std::move(y_shape), dy);
+  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), call, true, false);
+}
+
+Tensor view_of(std::vector<int64_t> shape, const float* src) {
+  Tensor t;
+  t.shape = std::move(shape);
+  t.data = Storage::view(const_cast<float*>(src), size_t(numel_of(t.shape)), nullptr);
+  return t;
 }
 
 Tensor tensor_of(std::vector<int64_t> shape, const float* src) {
@@ -175,11 +184,5 @@ TensorMap split_layer_state(const TensorMap& state, const std::vector<std::pair<
   return mix;
 }
 
-float sigmoid1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-float silu1(float x) { return x / (1.0f + std::exp(-x)); }
-float dsilu1(float x) {  // d silu / dx
-  const float s = 1.0f / (1.0f + std::exp(-x));
-  return s * (1.0f + x * (1.0f - s));
-}
 
 }  // namespace linmix

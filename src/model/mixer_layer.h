@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/vmath.h"
 #include "linmix/mixer.h"
 #include "linmix/model.h"
 
@@ -119,10 +120,14 @@ struct CapturedCall {
 };
 void set_mixer_capture(std::vector<CapturedCall>* sink);
 Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal = true);
-TensorMap mixer_backward(const LayerConfig& lc, TensorMap in, std::vector<int64_t> y_shape, const float* dy,
+// (`in`'s tensors and dy are viewed, not copied.)
+TensorMap mixer_backward(const LayerConfig& lc, const TensorMap& in, std::vector<int64_t> y_shape, const float* dy,
                          bool causal = true);
 // A tensor of `shape` holding a copy of src.
 Tensor tensor_of(std::vector<int64_t> shape, const float* src);
+// A tensor of `shape` viewing src, no copy: for a call's inputs from a layer's own buffers,
+// which outlive the call (a copy of the tensor copies the values).
+Tensor view_of(std::vector<int64_t> shape, const float* src);
 
 // The mechanism's stepper for one layer: the one-token input buffers it reads (written by the
 // layer before each step), its weights, the validated call. Not movable (the stepper points in).
@@ -148,8 +153,12 @@ class MixerStep {
 TensorMap split_layer_state(const TensorMap& state, const std::vector<std::pair<std::string, int64_t>>& own,
                             TensorMap& own_out, int64_t index);
 
-float sigmoid1(float x);
-float silu1(float x);
-float dsilu1(float x);
+// inline and exp_fast (about 2 ulp): the element-wise loops over them vectorise
+inline float sigmoid1(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
+inline float silu1(float x) { return x / (1.0f + exp_fast(-x)); }
+inline float dsilu1(float x) {  // d silu / dx
+  const float s = 1.0f / (1.0f + exp_fast(-x));
+  return s * (1.0f + x * (1.0f - s));
+}
 
 }  // namespace linmix

@@ -1,6 +1,7 @@
 // The RWKV-4 time-mix layer (Peng et al. 2023): token shift xx = a_{t-1} (zero at t = 0, or the
 // carried "att_prev"), x{k,v,r} = a mix + xx (1 - mix); k, v, r = x{k,v,r} W{k,v,r}^T;
 // out = (sigmoid(r) * wkv(k, v; w = exp(time_decay), u = time_first)) Wo^T.
+#include <algorithm>
 #include <cmath>
 
 #include "layers.h"
@@ -8,8 +9,11 @@
 
 namespace linmix {
 
-void mix_shift(float* out, const float* x, const float* xx, const float* mix, int64_t N, int64_t C) {
+void mix_shift(float* __restrict out, const float* __restrict x, const float* __restrict xx,
+               const float* __restrict mix, int64_t N, int64_t C) {
+#pragma omp parallel for schedule(static) if (N * C >= nn::kParallelMin)
   for (int64_t i = 0; i < N; ++i)
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) out[i * C + c] = x[i * C + c] * mix[c] + xx[i * C + c] * (1.0f - mix[c]);
 }
 
@@ -53,17 +57,31 @@ class Rwkv4Layer : public MixerLayer {
   void forward(const LayerIO& io, const float* a, float* out, int64_t B, int64_t T) override {
     const int64_t N = B * T, C = C_;
     a_ = a;
-    for (auto* v : {&xx_, &xk_, &xv_, &xr_, &k_, &v_, &r_, &rw_}) v->assign(N * C, 0.0f);
+    for (auto* v : {&xx_, &xk_, &xv_, &xr_, &k_, &v_, &r_, &rw_}) v->resize(N * C);  // each written whole below
     nn::shift_forward(xx_.data(), a, B, T, C);
-    mix_shift(xk_.data(), a, xx_.data(), io.w("att.time_mix_k"), N, C);
-    mix_shift(xv_.data(), a, xx_.data(), io.w("att.time_mix_v"), N, C);
-    mix_shift(xr_.data(), a, xx_.data(), io.w("att.time_mix_r"), N, C);
+    const float *mk = io.w("att.time_mix_k"), *mv = io.w("att.time_mix_v"), *mr = io.w("att.time_mix_r");
+    float *__restrict xk = xk_.data(), *__restrict xv = xv_.data(), *__restrict xr = xr_.data();
+    const float* __restrict xx = xx_.data();
+#pragma omp parallel for schedule(static) if (N * C >= nn::kParallelMin)
+    for (int64_t i = 0; i < N; ++i)
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t j = i * C + c;
+        xk[j] = a[j] * mk[c] + xx[j] * (1.0f - mk[c]);
+        xv[j] = a[j] * mv[c] + xx[j] * (1.0f - mv[c]);
+        xr[j] = a[j] * mr[c] + xx[j] * (1.0f - mr[c]);
+      }
     nn::matmul_forward(k_.data(), xk_.data(), io.w("att.key.weight"), nullptr, N, C, C);
     nn::matmul_forward(v_.data(), xv_.data(), io.w("att.value.weight"), nullptr, N, C, C);
     nn::matmul_forward(r_.data(), xr_.data(), io.w("att.receptance.weight"), nullptr, N, C, C);
-    for (float& r : r_) r = sigmoid1(r);
+    float* r = r_.data();
+#pragma omp parallel for simd schedule(static) if (N * C >= nn::kParallelMin)
+    for (int64_t i = 0; i < N * C; ++i) r[i] = sigmoid1(r[i]);
     wkv_ = mixer_forward(lc_, inputs(io, B, T)).data;
-    for (int64_t i = 0; i < N * C; ++i) rw_[i] = r_[i] * wkv_[i];
+    float* rw = rw_.data();
+    const float* wkv = wkv_.data();
+#pragma omp parallel for simd schedule(static) if (N * C >= nn::kParallelMin)
+    for (int64_t i = 0; i < N * C; ++i) rw[i] = r[i] * wkv[i];
     nn::matmul_forward(out, rw_.data(), io.w("att.output.weight"), nullptr, N, C, C);
   }
 
@@ -72,9 +90,14 @@ class Rwkv4Layer : public MixerLayer {
     std::vector<float> drw(N * C), dwkv(N * C), dr(N * C), dxk(N * C), dxv(N * C), dxr(N * C), dxx(N * C, 0.0f);
     nn::matmul_backward(drw.data(), io.g("att.output.weight"), nullptr, dout, rw_.data(), io.w("att.output.weight"),
                         N, C, C);
-    for (int64_t i = 0; i < N * C; ++i) {
-      dwkv[i] = drw[i] * r_[i];
-      dr[i] = drw[i] * wkv_[i] * r_[i] * (1.0f - r_[i]);
+    {
+      const float *r = r_.data(), *wkv = wkv_.data(), *g = drw.data();
+      float *dw = dwkv.data(), *drr = dr.data();
+#pragma omp parallel for simd schedule(static) if (N * C >= nn::kParallelMin)
+      for (int64_t i = 0; i < N * C; ++i) {
+        dw[i] = g[i] * r[i];
+        drr[i] = g[i] * wkv[i] * r[i] * (1.0f - r[i]);
+      }
     }
     const TensorMap in = inputs(io, B, T);
     const TensorMap g = mixer_backward(lc_, in, {B, T, C}, dwkv.data());
@@ -92,16 +115,35 @@ class Rwkv4Layer : public MixerLayer {
     const float *mk = io.w("att.time_mix_k"), *mv = io.w("att.time_mix_v"), *mr = io.w("att.time_mix_r");
     float *gmk = io.g("att.time_mix_k"), *gmv = io.g("att.time_mix_v"), *gmr = io.g("att.time_mix_r");
     std::vector<float> dself(N * C);
+    // (raw pointers in the loops: through the vectors GCC does not vectorise them)
+    const float *__restrict gk = dxk.data(), *__restrict gv = dxv.data(), *__restrict gr = dxr.data();
+    const float *__restrict xa = a_, *__restrict xx = xx_.data();
+    float *__restrict ds = dself.data(), *__restrict dsh = dxx.data();
+#pragma omp parallel for schedule(static) if (N * C >= nn::kParallelMin)
     for (int64_t i = 0; i < N; ++i)
+#pragma omp simd
       for (int64_t ch = 0; ch < C; ++ch) {
         const int64_t j = i * C + ch;
-        dself[j] = dxk[j] * mk[ch] + dxv[j] * mv[ch] + dxr[j] * mr[ch];
-        dxx[j] = dxk[j] * (1.0f - mk[ch]) + dxv[j] * (1.0f - mv[ch]) + dxr[j] * (1.0f - mr[ch]);
-        const float diff = a_[j] - xx_[j];
-        gmk[ch] += dxk[j] * diff, gmv[ch] += dxv[j] * diff, gmr[ch] += dxr[j] * diff;
+        ds[j] = gk[j] * mk[ch] + gv[j] * mv[ch] + gr[j] * mr[ch];
+        dsh[j] = gk[j] * (1.0f - mk[ch]) + gv[j] * (1.0f - mv[ch]) + gr[j] * (1.0f - mr[ch]);
       }
+    // the mixes' gradients: sums over rows, a column per thread, in row order (any thread count, same bits)
+    constexpr int64_t kCols = 32;
+#pragma omp parallel for schedule(static) if (N * C >= nn::kParallelMin)
+    for (int64_t c0 = 0; c0 < C; c0 += kCols) {
+      const int64_t nc = std::min(kCols, C - c0);
+      float sk[kCols] = {}, sv[kCols] = {}, sr[kCols] = {};
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t j = i * C + c0 + c;
+          const float diff = xa[j] - xx[j];
+          sk[c] += gk[j] * diff, sv[c] += gv[j] * diff, sr[c] += gr[j] * diff;
+        }
+      for (int64_t c = 0; c < nc; ++c) gmk[c0 + c] += sk[c], gmv[c0 + c] += sv[c], gmr[c0 + c] += sr[c];
+    }
     nn::shift_backward(dself.data(), dxx.data(), B, T, C);
-    for (int64_t j = 0; j < N * C; ++j) da[j] += dself[j];
+#pragma omp parallel for simd schedule(static) if (N * C >= nn::kParallelMin)
+    for (int64_t j = 0; j < N * C; ++j) da[j] += ds[j];
   }
 
   std::unique_ptr<LayerRun> start(const LayerIO& io, const TensorMap& state) const override;
@@ -111,8 +153,8 @@ class Rwkv4Layer : public MixerLayer {
     Tensor w({C_});
     const float* td = io.w("att.time_decay");
     for (int64_t c = 0; c < C_; ++c) w.data[c] = std::exp(td[c]);
-    return {{"k", tensor_of({B, T, C_}, k_.data())},
-            {"v", tensor_of({B, T, C_}, v_.data())},
+    return {{"k", view_of({B, T, C_}, k_.data())},
+            {"v", view_of({B, T, C_}, v_.data())},
             {"w", std::move(w)},
             {"u", io.t("att.time_first")}};
   }

@@ -93,7 +93,7 @@ class S4dLayer : public MixerLayer {
 
   // The mixer's inputs: u and the SSM's parameters (A_re from log_A_re).
   TensorMap inputs(const LayerIO& io, int64_t B, int64_t T, const float* u) const {
-    TensorMap in{{"u", tensor_of({B, T, C_}, u)}};
+    TensorMap in{{"u", view_of({B, T, C_}, u)}};
     for (const char* n : {"log_dt", "A_im", "C_re", "C_im", "D"}) in[n] = io.t(std::string("att.") + n);
     Tensor A_re = io.t("att.log_A_re");
     for (float& x : A_re.data) x = -std::exp(x);
