@@ -12,7 +12,6 @@
 namespace linmix::profile {
 
 void set_enabled(bool on);
-bool enabled();
 void reset();
 
 struct Row {

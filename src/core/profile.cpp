@@ -15,7 +15,6 @@ std::vector<Row> g_rows;
 }  // namespace
 
 void set_enabled(bool on) { g_on = on; }
-bool enabled() { return g_on; }
 void reset() { g_path.clear(), g_index.clear(), g_rows.clear(); }
 std::vector<Row> rows() { return g_rows; }
 
