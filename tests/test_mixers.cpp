@@ -3,6 +3,8 @@
 //  - a sequence split across two recurrent calls, state passed along, equals one call;
 //  - stability: keys and biases up to +-60 give finite outputs equal to the reference;
 // Mechanism-specific facts (one token, nesting of variants) are in test_mixer_facts.cpp.
+#include <omp.h>
+
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "test_util.h"
@@ -153,6 +155,24 @@ TEST_P(MixerForms, CrossesEveryBlock) {
   test::expect_close(run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in).at("y"), ref, "parallel" + at);
   if (c.causal)
     test::expect_close(run_mixer(c.mixer, Mode::Recurrent, c.causal, c.params, in).at("y"), ref, "recurrent" + at);
+}
+
+// The gated mechanisms' forward splits the (batch, head) pairs into one run of heads per thread:
+// with fewer heads than threads some threads get none (a crash once), the rest still agree.
+TEST(GatedHeads, FewerHeadsThanThreads) {
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(4);
+  for (const std::string name : {"retention", "gla", "rwkv5", "rwkv6", "mamba2"}) {
+    const MixerSpec& spec = find_mixer(name);
+    auto dims = example_dims(spec, Scale::Test, 70, true);
+    dims["B"] = 1, dims["H"] = 1;
+    if (dims.count("G")) dims["G"] = 1;
+    if (dims.count("C")) dims["C"] = dims.at("E");
+    const TensorMap in = example_inputs(spec, dims, 5);
+    test::expect_close(run_mixer(name, Mode::Parallel, true, {}, in).at("y"),
+                       run_mixer(name, Mode::Reference, true, {}, in).at("y"), name + " B = H = 1 on 4 threads");
+  }
+  omp_set_num_threads(before);
 }
 
 // Mechanisms whose every form starts from a given state (state_all_modes): from a random

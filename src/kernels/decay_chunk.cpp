@@ -1,10 +1,14 @@
 #include "decay_chunk.h"
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #include "kernels/linear_product.h"
 #include "kernels/vmath.h"
+
+
 
 namespace linmix {
 
@@ -316,6 +320,168 @@ void decay_grad(float* dg, const float* dc, const float* dcp, const float* dcL, 
     }
 }
 
+// GatedRows' save_*: the chunk's starting state S and its scores A (n x n).
+void save_chunk(const GatedRows& ld, const float* S, const float* A, int64_t t0, int64_t n, int64_t D, int64_t E) {
+  const int64_t j = t0 / kDecayChunk;
+  if (ld.save_states) std::copy(S, S + D * E, ld.save_states + j * D * E);
+  if (ld.save_scores) std::copy(A, A + n * n, ld.save_scores + j * kDecayChunk * kDecayChunk);
+}
+
+// Scratch of factored_chunk, sized once per call of gated_forward_heads.
+struct FactoredWork {
+  std::vector<float> qd, kfT, ek, A, el;
+  std::vector<Cum> run;
+  FactoredWork(int64_t D)
+      : qd(kDecayChunk * D), kfT(D * kDecayChunk), ek(kDecayChunk * D), A(kDecayChunk * kDecayChunk), el(D), run(D) {}
+};
+
+// One chunk of gated_forward in the factored form, when it applies: every channel's total log
+// decay over the chunk is >= -kFactorSpan. qc, kc, vc, gc, yc point at the chunk's first row (row
+// t0 of the sequence; strides of ld, v contiguous). The decays fold into the operands as they are
+// read (qd = yscale q o e^{cq}, kfT = (k o e^{-c})^T, D x n), so the chunk is four GEMMs on them
+// and V:
+//   A = qd kfT (masked, the bonus on its diagonal), y = qd S + A V, S = diag(e^{cL}) (S + kfT V).
+// With one log decay a step (ld.g_row) the factors are one exp a row and e^{cL} folds into the
+// last GEMM's alpha and beta. Returns false, having written nothing, when the chunk decays faster.
+bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const float* kc, const float* vc,
+                    const float* gc, int64_t t0, int64_t n, int64_t D, int64_t E, bool shift, const GatedRows& ld) {
+  const float ys = ld.yscale;
+  float *qd = f.qd.data(), *kfT = f.kfT.data(), *ek = f.ek.data(), *el = f.el.data(), *A = f.A.data();
+  Cum* run = f.run.data();
+  float el0 = 1.0f;  // e^{cL} of a scalar decay
+  if (ld.g_row) {
+    Cum r = 0.0;
+    float eqs[kDecayChunk], ens[kDecayChunk];
+    for (int64_t t = 0; t < n; ++t) {
+      const Cum before = r;
+      r += gc[t * ld.g];
+      eqs[t] = float(shift ? before : r), ens[t] = float(-r);
+    }
+    if (-r > kFactorSpan) return false;
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) eqs[t] = ys * exp_fast(eqs[t]), ens[t] = exp_fast(ens[t]);
+    if (ld.kscale)
+      for (int64_t t = 0; t < n; ++t) ens[t] *= ld.kscale[t0 + t];
+    el0 = exp_fast(float(r));
+    for (int64_t t = 0; t < n; ++t) {
+      const float *qt = qc + t * ld.q, *kt = kc + t * ld.k, a = eqs[t], b = ens[t];
+      float* qo = qd + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * a;
+      for (int64_t d = 0; d < D; ++d) kfT[d * n + t] = kt[d] * b;
+    }
+  } else {
+    std::fill(run, run + D, 0.0);
+    if (ld.g == 0) {  // one row of log decays for every step: the totals first, then the sums
+      for (int64_t d = 0; d < D; ++d)
+        if (-Cum(n) * Cum(gc[d]) > kFactorSpan) return false;
+    }
+    for (int64_t t = 0; t < n; ++t) {  // cq into qd and -c into ek (then their exps in a loop of
+      const float* gt = gc + t * ld.g;   // their own: one mixing double and exp_fast stays scalar)
+      float *qo = qd + t * D, *et = ek + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        const Cum before = run[d], after = before + Cum(gt[d]);
+        run[d] = after;
+        qo[d] = float(shift ? before : after), et[d] = float(-after);
+      }
+    }
+    Cum lo = 0.0;
+    for (int64_t d = 0; d < D; ++d) lo = std::min(lo, run[d]);
+    if (-lo > kFactorSpan) return false;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* qt = qc + t * ld.q;
+      float *qo = qd + t * D, *et = ek + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) qo[d] = ys * qt[d] * exp_fast(qo[d]), et[d] = exp_fast(et[d]);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const float *kt = kc + t * ld.k, *et = ek + t * D, b = ld.kscale ? ld.kscale[t0 + t] : 1.0f;
+      for (int64_t d = 0; d < D; ++d) kfT[d * n + t] = kt[d] * et[d] * b;
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) el[d] = exp_fast(float(run[d]));
+  }
+  gemm_nn(A, qd, kfT, n, n, D, D, n, n, 1.0f, 0.0f);
+  mask_upper(A, n, shift);
+  save_chunk(ld, S, A, t0, n, D, E);
+  if (ld.u)  // RWKV-5/6's bonus on the (strict) scores' diagonal
+    for (int64_t t = 0; t < n; ++t) {
+      const float *qt = qc + t * ld.q, *kt = kc + t * ld.k;
+      float b = 0.0f;
+#pragma omp simd reduction(+ : b)
+      for (int64_t d = 0; d < D; ++d) b += qt[d] * ld.u[d] * kt[d];
+      A[t * n + t] = ys * b * (ld.kscale ? ld.kscale[t0 + t] : 1.0f);
+    }
+  gemm_nn(yc, qd, S, n, E, D, D, E, ld.y, 1.0f, 0.0f);  // (q o e^{cq}) S0
+  gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, 1.0f, 1.0f);  // + A V
+  if (ld.epilogue) (*ld.epilogue)(t0, n);
+  if (ld.g_row) {
+    gemm_nn(S, kfT, vc, D, E, n, n, E, E, el0, el0);
+  } else {
+    gemm_nn(S, kfT, vc, D, E, n, n, E, E, 1.0f, 1.0f);
+    scale_rows(S, el, D, E);
+  }
+  return true;
+}
+
+// Scratch of general_chunk.
+struct GeneralWork {
+  std::vector<Cum> c, cp;
+  std::vector<float> qd, kt, A, krows;
+  Decays x;
+  ScoreWork w;
+  GeneralWork(int64_t D)
+      : c(kDecayChunk * D), cp(kDecayChunk * D), qd(kDecayChunk * D), kt(kDecayChunk * D), A(kDecayChunk * kDecayChunk),
+        krows(kDecayChunk * D) {}
+};
+
+// One chunk of gated_forward that decays faster than the factored form allows (the fast-decay
+// draw), on contiguous q, k, v rows (g, y as ld): scores() with its secondary chunking, the
+// decays from double cumulative sums.
+void general_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const float* kc, const float* vc,
+                   const float* gc, int64_t t0, int64_t n, int64_t D, int64_t E, bool shift, const GatedRows& ld) {
+  float* A = z.A.data();
+  if (ld.kscale) {  // k's rows scaled
+    for (int64_t t = 0; t < n; ++t) {
+      const float f = ld.kscale[t0 + t], *src = kc + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) z.krows[size_t(t * D + d)] = f * src[d];
+    }
+    kc = z.krows.data();
+  }
+  Cum *c = z.c.data(), *cp = z.cp.data();
+  if (ld.g_row) {  // one log decay a step, broadcast over the channels
+    Cum run = 0.0;
+    for (int64_t t = 0; t < n; ++t) {
+      std::fill(cp + t * D, cp + (t + 1) * D, run);
+      run += gc[t * ld.g];
+      std::fill(c + t * D, c + (t + 1) * D, run);
+    }
+  } else {
+    cumsums(c, cp, gc, n, D, ld.g);
+  }
+  const Cum* cq = shift ? cp : c;
+  z.x.compute(c, cp, cq, false, n, D);
+  times(z.qd.data(), qc, z.x.eq, n, D);  // q o e^{cq}
+  times(z.kt.data(), kc, z.x.et, n, D);  // k o e^{cL - c}
+  scores(A, qc, cq, kc, c, n, D, shift, z.w);
+  save_chunk(ld, S, A, t0, n, D, E);
+  if (ld.u)  // the bonus on the (strict) scores' diagonal
+    for (int64_t t = 0; t < n; ++t) {
+      const float *qt = qc + t * D, *kt = kc + t * D;
+      float b = 0.0f;
+#pragma omp simd reduction(+ : b)
+      for (int64_t d = 0; d < D; ++d) b += qt[d] * ld.u[d] * kt[d];
+      A[t * n + t] = b;
+    }
+  gemm_nn(yc, z.qd.data(), S, n, E, D, D, E, ld.y, ld.yscale, 0.0f);  // (q o e^{cq}) S0
+  gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, ld.yscale, 1.0f);          // + A V
+  if (ld.epilogue) (*ld.epilogue)(t0, n);
+  scale_rows(S, z.x.el.data(), D, E);  // S = e^{cL} S0 + (k o e^{cL - c})^T V
+  gemm_tn_acc(S, z.kt.data(), vc, D, E, n, D, E, E);
+}
+
 struct Chunk {
   int64_t t0, n;
 };
@@ -337,88 +503,61 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
 
 void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
                    int64_t D, int64_t E, bool shift, const GatedRows& ld) {
-  const int64_t L = kDecayChunk;
-  std::vector<Cum> c(L * D), cp(L * D);
-  std::vector<float> qd(L * D), kf(L * D), kt(L * D), A(L * L), qrows, krows, vrows;
-  Decays x;
-  ScoreWork w;
-  // a chunk's rows of X (width W, row stride ldx) as contiguous (n,W): in place, or copied into
-  // buf (a strided operand also slows OpenBLAS's small-matrix kernel: 64^3 2.5 -> 3.3-3.7 us)
-  const auto rows = [](const float* X, int64_t W, int64_t ldx, int64_t n, std::vector<float>& buf) {
-    if (ldx == W) return X;
-    buf.resize(size_t(kDecayChunk * W));
-    for (int64_t t = 0; t < n; ++t) std::copy(X + t * ldx, X + t * ldx + W, buf.begin() + t * W);
-    return static_cast<const float*>(buf.data());
-  };
-  // the next chunk's strided rows, fetched while this one computes (rows kilobytes apart: the
-  // hardware prefetchers lose such a stride at every page)
-  const auto prefetch = [](const float* X, int64_t W, int64_t ldx, int64_t n) {
-    if (ldx == W) return;
+  const GatedHeadRows head{y, S, q, k, v, g, ld};
+  gated_forward_heads(&head, 1, T, D, E, shift);
+}
+
+// Every head's chunk rows of q, k, v (and g when it has rows), gathered before the chunk runs: a
+// head's rows lie H D floats apart in a (B,T,H,D) tensor, and read in place by the chunk's
+// compute loops they stall on memory (gla, T = 4096, 1 thread: 24.1 ms; gathered first as one
+// head's rows: 20.2 ms); gathered row by row across the heads, adjacent heads make one run of
+// memory a row.
+void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift) {
+  if (nh <= 0) return;
+  FactoredWork fw(D);
+  std::unique_ptr<GeneralWork> gw;  // made when a chunk first needs it
+  const int64_t L = kDecayChunk, per = L * (3 * D + E);  // a head's gathered q, k, g, v
+  std::vector<float> buf(size_t(nh * per));
+  std::vector<GatedRows> lds(static_cast<size_t>(nh));  // the strides of what is read: gathered rows contiguous
+  for (int64_t i = 0; i < nh; ++i) {
+    const GatedRows& ld = heads[i].ld;
+    lds[size_t(i)] = ld;
+    lds[size_t(i)].q = D, lds[size_t(i)].k = D, lds[size_t(i)].v = E;
+    if (!ld.g_row && ld.g != 0) lds[size_t(i)].g = D;
+  }
+  const auto gather = [&](int64_t t0, int64_t n, int64_t off, int64_t W, auto src, auto stride) {
+    if (stride(heads[0]) == W) return;  // contiguous rows (one head's own buffers): read in place
     for (int64_t t = 0; t < n; ++t)
-      for (int64_t i = 0; i < W; i += 16) __builtin_prefetch(X + t * ldx + i);
+      for (int64_t i = 0; i < nh; ++i)
+        std::memcpy(buf.data() + i * per + off + t * W, src(heads[i]) + (t0 + t) * stride(heads[i]), size_t(W) * 4);
   };
   for (const Chunk& ch : chunks_of(T)) {
     const int64_t t0 = ch.t0, n = ch.n;
-    if (t0 + n < T) {
-      const int64_t t1 = t0 + n, m = std::min(kDecayChunk, T - t1);
-      prefetch(q + t1 * ld.q, D, ld.q, m), prefetch(k + t1 * ld.k, D, ld.k, m), prefetch(v + t1 * ld.v, E, ld.v, m);
+    gather(t0, n, 0, D, [](const GatedHeadRows& h) { return h.q; }, [](const GatedHeadRows& h) { return h.ld.q; });
+    gather(t0, n, L * D, D, [](const GatedHeadRows& h) { return h.k; }, [](const GatedHeadRows& h) { return h.ld.k; });
+    gather(t0, n, 3 * L * D, E, [](const GatedHeadRows& h) { return h.v; }, [](const GatedHeadRows& h) { return h.ld.v; });
+    const bool g_rows = !heads[0].ld.g_row && heads[0].ld.g != 0;
+    if (g_rows)
+      gather(t0, n, 2 * L * D, D, [](const GatedHeadRows& h) { return h.g; }, [](const GatedHeadRows& h) { return h.ld.g; });
+    for (int64_t i = 0; i < nh; ++i) {
+      const GatedHeadRows& h = heads[i];
+      const float* b = buf.data() + i * per;
+      const auto at = [&](const float* x, int64_t ld, int64_t W, int64_t off) {  // gathered or in place
+        return ld == W ? x + t0 * W : b + off;
+      };
+      const float *qc = at(h.q, h.ld.q, D, 0), *kc = at(h.k, h.ld.k, D, L * D), *vc = at(h.v, h.ld.v, E, 3 * L * D);
+      const float* gc = g_rows ? at(h.g, h.ld.g, D, 2 * L * D) : h.g + t0 * h.ld.g;
+      float* yc = h.y + t0 * h.ld.y;
+      if (factored_chunk(fw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)])) continue;
+      if (!gw) gw = std::make_unique<GeneralWork>(D);
+      general_chunk(*gw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)]);
     }
-    const float *qc = rows(q + t0 * ld.q, D, ld.q, n, qrows), *kc = rows(k + t0 * ld.k, D, ld.k, n, krows);
-    const float* vc = rows(v + t0 * ld.v, E, ld.v, n, vrows);
-    float* yc = y + t0 * ld.y;
-    if (ld.kscale) {  // k's rows scaled
-      krows.resize(size_t(kDecayChunk * D));
-      for (int64_t t = 0; t < n; ++t) {
-        const float f = ld.kscale[t0 + t], *src = k + (t0 + t) * ld.k;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) krows[size_t(t * D + d)] = f * src[d];
-      }
-      kc = krows.data();
-    }
-    if (ld.g_row) {  // one log decay a step, broadcast over the channels
-      Cum run = 0.0;
-      for (int64_t t = 0; t < n; ++t) {
-        std::fill(cp.begin() + t * D, cp.begin() + (t + 1) * D, run);
-        run += g[(t0 + t) * ld.g];
-        std::fill(c.begin() + t * D, c.begin() + (t + 1) * D, run);
-      }
-    } else {
-      cumsums(c.data(), cp.data(), g + t0 * ld.g, n, D, ld.g);
-    }
-    const Cum* cq = shift ? cp.data() : c.data();
-    x.compute(c.data(), cp.data(), cq, false, n, D);
-    times(qd.data(), qc, x.eq, n, D);  // q o e^{cq}
-    times(kt.data(), kc, x.et, n, D);  // k o e^{cL - c}
-    if (x.form == Form::factored) {
-      times(kf.data(), kc, x.en, n, D);
-      factored_scores(A.data(), qd.data(), kf.data(), n, D, shift);
-    } else {
-      scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
-    }
-    if (ld.u)  // the bonus on the (strict) scores' diagonal
-      for (int64_t t = 0; t < n; ++t) {
-        const float *qt = qc + t * D, *kt_ = kc + t * D;
-        float b = 0.0f;
-#pragma omp simd reduction(+ : b)
-        for (int64_t d = 0; d < D; ++d) b += qt[d] * ld.u[d] * kt_[d];
-        A[size_t(t * n + t)] = b;
-      }
-    for (int64_t t = 0; t < n; ++t) std::fill(yc + t * ld.y, yc + t * ld.y + E, 0.0f);
-    gemm_nn_acc(yc, qd.data(), S, n, E, D, D, E, ld.y);    // (q o e^{cq}) S0
-    gemm_nn_acc(yc, A.data(), vc, n, E, n, n, E, ld.y);  // + A V
-    if (ld.yscale != 1.0f)
-      for (int64_t t = 0; t < n; ++t)
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) yc[t * ld.y + e] *= ld.yscale;
-    if (ld.epilogue) (*ld.epilogue)(t0, n);
-    scale_rows(S, x.el.data(), D, E);  // S = e^{cL} S0 + (k o e^{cL - c})^T V
-    gemm_tn_acc(S, kt.data(), vc, D, E, n, D, E, E);
   }
 }
 
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
                     const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
-                    bool shift, const float* dST) {
+                    bool shift, const float* dST, const float* saved_states, const float* saved_scores) {
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
   std::vector<Cum> c(L * D), cp(L * D);
@@ -426,8 +565,8 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
       dcL(D), dS(D * E, 0.0f), t1(L * D), t2(L * D);
   Decays x;
   if (dST) std::copy(dST, dST + D * E, dS.begin());  // the sweep starts from the final state's gradient
-  std::vector<float> states(chunks.size() * D * E);  // the state at every chunk start
-  {
+  std::vector<float> states(saved_states ? 0 : chunks.size() * D * E);  // the state at every chunk start
+  if (!saved_states) {
     std::vector<float> S(S0, S0 + D * E);
     for (size_t i = 0; i < chunks.size(); ++i) {
       const int64_t t0 = chunks[i].t0, n = chunks[i].n;
@@ -442,7 +581,7 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
   for (size_t i = chunks.size(); i-- > 0;) {
     const int64_t t0 = chunks[i].t0, n = chunks[i].n;
     const float *qc = q + t0 * D, *kc = k + t0 * D, *vc = v + t0 * E, *dyc = dy + t0 * E;
-    const float* Sc = states.data() + int64_t(i) * D * E;
+    const float* Sc = (saved_states ? saved_states : states.data()) + int64_t(i) * D * E;
     float *dqc = dq + t0 * D, *dkc = dk + t0 * D, *dvc = dv + t0 * E;
     cumsums(c.data(), cp.data(), g + t0 * D, n, D, D);
     const Cum* cq = shift ? cp.data() : c.data();
@@ -450,12 +589,10 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     const bool fac = x.form == Form::factored;
     times(qd.data(), qc, x.eq, n, D);
     times(kt.data(), kc, x.et, n, D);
-    if (fac) {
-      times(kf.data(), kc, x.en, n, D);
-      factored_scores(A.data(), qd.data(), kf.data(), n, D, shift);
-    } else {
-      scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
-    }
+    if (fac) times(kf.data(), kc, x.en, n, D);
+    const float* Ac = saved_scores ? saved_scores + int64_t(i) * L * L : A.data();
+    if (!saved_scores && fac) factored_scores(A.data(), qd.data(), kf.data(), n, D, shift);
+    else if (!saved_scores) scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
     // dq = (dy S0^T) o e^{cq}  (+ the intra part below)
     std::fill(dqc, dqc + n * D, 0.0f);
     std::fill(dkc, dkc + n * D, 0.0f);
@@ -466,7 +603,7 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     gemm_nt_acc(dA.data(), dyc, vc, n, n, E, E, E, n);
     mask_upper(dA.data(), n, shift);
     std::fill(dvc, dvc + n * E, 0.0f);
-    gemm_tn_acc(dvc, A.data(), dyc, n, E, n, n, E, E);
+    gemm_tn_acc(dvc, Ac, dyc, n, E, n, n, E, E);
     gemm_nn_acc(dvc, kt.data(), dS.data(), n, E, D, D, E, E);
     if (fac)
       factored_scores_backward(dqc, dkc, dA.data(), qd.data(), x.eq.data(), kf.data(), x.en.data(), n, D, t1.data(),

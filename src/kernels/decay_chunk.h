@@ -14,7 +14,10 @@
 // never e^{+c}): pairwise in log space inside diagonal sub-blocks of kDecaySub rows, and
 // between sub-blocks as one product whose two factors are both taken relative to the sub-block
 // boundary (Yang et al. 2023, secondary chunking), so a log decay of -30 per step stays finite.
-// The products of a chunk (scores, their application, the state update) are BLAS GEMMs.
+// The products of a chunk (scores, their application, the state update) are BLAS GEMMs. A
+// gated chunk whose total decay stays above e^{-40} on every channel (every chunk of a trained
+// model's slow heads) takes the factored form instead: the decays fold into q and k as they are
+// read, and the chunk is four GEMMs with no pairwise exps (decay_chunk.cpp, factored_chunk).
 //
 // Backward: the states at chunk starts are kept from a forward sweep (T / chunk states of D E:
 // memory linear in T), then chunks run in reverse with the state gradient dS. Decay gradients
@@ -63,14 +66,33 @@ struct GatedRows {
   // called with (t0, n) once the chunk's rows [t0, t0 + n) of y are written, while they are in
   // cache (Mamba-2's skip and gate)
   const std::function<void(int64_t, int64_t)>* epilogue = nullptr;
+  // For gated_backward (contiguous rows, no bonus, yscale 1): chunk j's starting state (D,E) is
+  // written at save_states + j D E and its masked scores (n x n, row stride n) at
+  // save_scores + j kDecayChunk^2, when not null: (T / chunk) (D E + chunk^2) floats.
+  float* save_states = nullptr;
+  float* save_scores = nullptr;
 };
 void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
                    int64_t D, int64_t E, bool shift, const GatedRows& ld);
+// One head's operands of gated_forward_heads.
+struct GatedHeadRows {
+  float* y;
+  float* S;
+  const float *q, *k, *v, *g;
+  GatedRows ld;
+};
+// Several heads of one T, D, E, run chunk by chunk across them (every head's chunk 0, then chunk
+// 1, ...): heads side by side in a (B,T,H,X) tensor then read each chunk's rows as runs of memory
+// that the hardware prefetchers follow, where one head alone reads D of every H D floats a row.
+void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift);
 // Backward of gated_forward from the initial state S0 (D,E): given dy (T,E) and the gradient of
 // the final state dST (D,E; null = zeros: fla's dht), writes dq, dk, dg (T,D), dv (T,E), dS0 (D,E).
+// states, scores: what a gated_forward of the same operands saved (GatedRows save_*), read
+// instead of recomputed when not null.
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
                     const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
-                    bool shift, const float* dST = nullptr);
+                    bool shift, const float* dST = nullptr, const float* states = nullptr,
+                    const float* scores = nullptr);
 
 // One head. r, w, k, a, b: (T,D); v: (T,E); y: (T,E) written; S (D,E) in and out as above.
 void dplr_forward(float* y, float* S, const float* r, const float* w, const float* k, const float* v, const float* a,

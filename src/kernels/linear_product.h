@@ -59,6 +59,9 @@ void gemm_nn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n,
 // C (m,n) += A (k,m)^T . B (k,n)
 void gemm_tn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                  int64_t ldc);
+// C (m,n) = alpha A (m,k) . B (k,n) + beta C, forward row strides only (lda >= k, ldb >= n, ldc >= n)
+void gemm_nn(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+             int64_t ldc, float alpha, float beta);
 
 }  // namespace linmix
 

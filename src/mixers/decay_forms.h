@@ -4,6 +4,9 @@
 // state before token 0 in every mode), the domain checks, the "fast decay" stress draw of
 // MIXERS.md, and the spec fields common to all eight.
 #pragma once
+#include <omp.h>
+
+#include <functional>
 #include <random>
 #include <string>
 
@@ -33,9 +36,10 @@ inline std::vector<float> head_rows(const Call& c, const std::string& name, int6
   rows_into(out, c, name, b, h, W);
   return out;
 }
-// Writes (T,W) rows of one head into a (B,T,H,W) tensor.
-inline void put_head(Tensor& dst, const float* src, int64_t b, int64_t h, int64_t T, int64_t H, int64_t W) {
-  scatter_head(dst.ptr(), src, b * T * H + h, T, H, W, [](int64_t) { return 1.0f; });
+// Writes (T,W) rows of one head, times scale, into a (B,T,H,W) tensor.
+inline void put_head(Tensor& dst, const float* src, int64_t b, int64_t h, int64_t T, int64_t H, int64_t W,
+                     float scale = 1.0f) {
+  scatter_head(dst.ptr(), src, b * T * H + h, T, H, W, [scale](int64_t) { return scale; });
 }
 // The state before token 0 of head bh = b H + h (n floats): state.<name> or zeros.
 inline std::vector<float> head_state(const Call& c, const std::string& name, int64_t bh, int64_t n) {
@@ -61,13 +65,14 @@ void each_head(int64_t B, int64_t H, F f) {
 // (a state of another layout); empty: zeros.
 struct GatedHead {
   int64_t b = 0, h = 0;
-  std::vector<float> q, k, v, g, S0, y, S, dy, dST, dq, dk, dv, dg, dS0;
+  std::vector<float> q, k, v, g, S0, y, S, dy, dST, dq, dk, dv, dg, dS0, states, scores;
   // A forward alone (no dy) may run on the call's rows in place: prep points these at them (and
   // oy at the output's rows, with their strides and the read-out scale) instead of filling q, k,
   // v, g; y is then written there and left empty.
   const float *iq = nullptr, *ik = nullptr, *iv = nullptr, *ig = nullptr;
   float* oy = nullptr;
   GatedRows ld{0, 0, 0, 0, 0};
+  std::function<void(int64_t, int64_t)> epilogue;  // ld.epilogue may point here
 };
 // The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
 template <class Z>
@@ -79,28 +84,48 @@ void final_grad(Z& z, const Call& c, int64_t n) {
 template <class Prep, class Post>
 void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool shift, Prep prep, Post post) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
+  if (!dy) {
+    // The forward on the rows in place: each thread takes a run of adjacent heads (b H + h) and
+    // runs them chunk by chunk together (gated_forward_heads), reading runs of each row.
+#pragma omp parallel
+    {
+      const int64_t nbh = B * H, nth = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t lo = nbh * id / nth, hi = nbh * (id + 1) / nth;
+      thread_local std::vector<GatedHead> zs;  // buffers reused across calls
+      thread_local std::vector<GatedHeadRows> rows;
+      if (int64_t(zs.size()) < hi - lo) zs.resize(size_t(hi - lo));  // before prep: ld may point into z
+      rows.clear();
+      for (int64_t i = lo; i < hi; ++i) {
+        GatedHead& z = zs[size_t(i - lo)];
+        z.b = i / H, z.h = i % H, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
+        prep(z);
+        LINMIX_CHECK(z.iq && z.oy, "gated_heads: a forward alone runs on the rows in place");
+        z.S = z.S0, z.y.clear();
+        rows.push_back({z.oy, z.S.data(), z.iq, z.ik, z.iv, z.ig, z.ld});
+      }
+      if (!rows.empty()) gated_forward_heads(rows.data(), int64_t(rows.size()), T, Dk, E, shift);
+      for (int64_t i = lo; i < hi; ++i) post(zs[size_t(i - lo)]);
+    }
+    return;
+  }
   each_head(B, H, [&](int64_t b, int64_t h) {
     thread_local GatedHead z;  // buffers reused across heads and calls
     z.b = b, z.h = h, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
     prep(z);
     z.S = z.S0;
-    if (z.iq) {
-      LINMIX_CHECK(!dy && z.oy, "gated_heads: rows in place are for a forward alone, with its output");
-      z.y.clear();
-      gated_forward(z.oy, z.S.data(), z.iq, z.ik, z.iv, z.ig, T, Dk, E, shift, z.ld);
-      post(z);
-      return;
-    }
     z.y.resize(size_t(T * E));
-    gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift);
-    if (dy) {
-      if (z.dy.empty()) rows_into(z.dy, *dy, b, h, T, H, E);  // prep may give the kernel's own dy
-      z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
-      z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
-      final_grad(z, c, Dk * E);
-      gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
-                     z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift, z.dST.empty() ? nullptr : z.dST.data());
-    }
+    const int64_t nc = (T + kDecayChunk - 1) / kDecayChunk;  // the forward keeps what the backward reads
+    z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
+    GatedRows ld{Dk, Dk, E, Dk, E};
+    ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
+    gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift, ld);
+    if (z.dy.empty()) rows_into(z.dy, *dy, b, h, T, H, E);  // prep may give the kernel's own dy
+    z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
+    z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
+    final_grad(z, c, Dk * E);
+    gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
+                   z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift, z.dST.empty() ? nullptr : z.dST.data(),
+                   z.states.data(), z.scores.data());
     post(z);
   });
 }

@@ -66,8 +66,7 @@ TensorMap gla_run(const Call& c, const Tensor* dy) {
     if (!z.oy) put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
     if (!dy) return;
-    for (float& x : z.dq) x *= scale;
-    put_head(out["dq"], z.dq.data(), z.b, z.h, T, H, D), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
+    put_head(out["dq"], z.dq.data(), z.b, z.h, T, H, D, scale), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
     put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E), put_head(out["dg"], z.dg.data(), z.b, z.h, T, H, D);
     put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
   };

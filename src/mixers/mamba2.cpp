@@ -120,9 +120,8 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
       z.oy = row_of(py, b, 0, h, E);
       z.ld = {G * N, G * N, H * E, 1, H * E};
       z.ld.kscale = z.k.data(), z.ld.g_row = true;
-      thread_local std::function<void(int64_t, int64_t)> epilogue;  // the skip and gate per chunk
-      epilogue = [&skip_gate, b, h](int64_t t0, int64_t n) { skip_gate(b, h, t0, n); };
-      z.ld.epilogue = &epilogue;
+      z.epilogue = [&skip_gate, b, h](int64_t t0, int64_t n) { skip_gate(b, h, t0, n); };  // per chunk
+      z.ld.epilogue = &z.epilogue;
       initial_state(z);
       return;
     }

@@ -65,9 +65,10 @@ TensorMap retention_run(const Call& c, const Tensor* dy) {
     if (!dy) {  // the forward reads the heads' rows in place (one row of log gamma) and writes y there
       const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
       z.iq = c.t("q").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.iv = c.t("v").ptr() + r0 * E;
-      z.g.assign(size_t(D), std::log(gamma[z.h]));
+      z.g.assign(1, std::log(gamma[z.h]));
       z.ig = z.g.data(), z.oy = py + r0 * E;
       z.ld = {H * D, H * D, H * E, 0, H * E, scale};
+      z.ld.g_row = true;
       z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
       return;
     }
@@ -80,12 +81,13 @@ TensorMap retention_run(const Call& c, const Tensor* dy) {
     if (!z.oy) put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
     if (!dy) return;
-    for (float& x : z.dq) x *= scale;
-    put_head(out["dq"], z.dq.data(), z.b, z.h, T, H, D), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
+    put_head(out["dq"], z.dq.data(), z.b, z.h, T, H, D, scale), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
     put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E);
     put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
     double s = 0;  // d log(gamma) summed over steps and key channels
-    for (float x : z.dg) s += x;
+    const float* dg = z.dg.data();
+#pragma omp simd reduction(+ : s)
+    for (size_t i = 0; i < z.dg.size(); ++i) s += dg[i];
 #pragma omp critical(retention_dgamma)
     out["dgamma"].data[size_t(z.h)] += float(s / gamma[z.h]);
   };

@@ -92,8 +92,7 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
     put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
     if (!dy) return;
-    for (float& x : z.dq) x *= scale;
-    put_head(out["dr"], z.dq.data(), z.b, z.h, T, H, D), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
+    put_head(out["dr"], z.dq.data(), z.b, z.h, T, H, D, scale), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
     put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E);
     put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
     if (per_token) put_head(out["dw"], z.dg.data(), z.b, z.h, T, H, D);
