@@ -299,3 +299,22 @@ def _trunk(cfg, p, inputs, cls=None):
             h = F.gelu(b2 @ P("mlp.fc.weight").T + P("mlp.fc.bias"), approximate="tanh")
             x = x + h @ P("mlp.proj.weight").T + P("mlp.proj.bias")
     return _ln(x, p, "ln_out")
+
+
+# The tests' rule for weights "alive enough to test": a checkpoint's weights times 4 (the 0.02
+# init is nearly linear: every path must carry gradient), the RWKV time_ parameters also moved by
+# N(0, 0.3^2) (numpy rng of seed); norms, output projections and the SSM time steps and decays
+# kept (scaled, dt falls to 1e-12..1e-4 and the SSM path goes dead, its true gradients far below
+# any tolerance). w: name -> numpy array (st.load), changed in place; "opt." entries untouched.
+SSM_TIME = ("att.log_dt", "att.log_A_re", "att.dt_proj.bias", "A_log", "att.A", "att.dt_bias")
+
+
+def alive_weights(w, seed=5):
+    import numpy as np
+    g = np.random.default_rng(seed)
+    for n in w:
+        if n.startswith("opt.") or ".ln" in n or n.startswith("ln_out") or n.endswith("att.proj") or \
+                n.endswith(SSM_TIME):
+            continue
+        w[n] = w[n] * 4 + (0.3 * g.standard_normal(w[n].shape) if "time_" in n else 0)
+    return w

@@ -16,6 +16,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import torch_lm  # noqa: E402  (puts python/ on the path)
+import model_ref  # noqa: E402
 import st  # noqa: E402
 
 LINMIX = os.path.abspath(sys.argv[1])
@@ -37,11 +38,7 @@ def main():
                         "8", "--out", run], check=True, capture_output=True)
         ck = os.path.join(run, "ckpt.safetensors")
         w = st.load(ck)
-        g = np.random.default_rng(5)
-        for n in w:  # larger weights (the 0.02 init is nearly linear); norms and SSM time steps as they are
-            if not (n.startswith("opt.") or ".ln" in n or n.startswith("ln_out") or n.endswith(("dt_proj.bias",
-                                                                                                 "A_log"))):
-                w[n] = w[n] * 4 + (0.3 * g.standard_normal(w[n].shape) if "time_" in n else 0)
+        model_ref.alive_weights(w)
         big = os.path.join(run, "big.safetensors")
         st.save(big, {n: a for n, a in w.items() if not n.startswith("opt.")}, metadata=st.header(ck)["__metadata__"])
         twin, ref = torch_lm.Twin(big), torch_lm.Twin(big, dtype=torch.float64, fast=False)

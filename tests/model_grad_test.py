@@ -102,16 +102,7 @@ def main():
         ck = os.path.join(run, "ckpt.safetensors")
         meta = header(ck)["__metadata__"]
         w = st.load(ck)
-        # weights large enough that every path carries gradient (the 0.02 init is nearly linear)
-        g = np.random.default_rng(5)
-        # (the SSM time steps and decays keep their init: scaled, dt falls to 1e-12..1e-4 and the
-        # SSM path goes dead, its true gradients far below any tolerance)
-        ssm_time = ("att.log_dt", "att.log_A_re", "att.dt_proj.bias", "A_log", "att.A", "att.dt_bias")
-        for n in w:
-            if n.startswith("opt.") or ".ln" in n or n.startswith("ln_out") or n.endswith("att.proj") or \
-                    n.endswith(ssm_time):
-                continue
-            w[n] = w[n] * 4 + (0.3 * g.standard_normal(w[n].shape) if "time_" in n else 0)
+        model_ref.alive_weights(w)
         big = os.path.join(run, "big.safetensors")
         st.save(big, {n: t for n, t in w.items() if not n.startswith("opt.")}, metadata=meta)
         out = os.path.join(run, "grads.safetensors")

@@ -1,5 +1,4 @@
 // The commands of the `linmix` binary: each calls the library and prints (tools/commands.h).
-#include <malloc.h>
 #include <nlohmann/json.hpp>
 #include <algorithm>
 #include <cerrno>
@@ -71,11 +70,7 @@ double peak_rss_mib() {
 int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params,
             bool grad, bool stats, const std::string& in_path, const std::string& out_path) {
   if (stats) {
-    // the peak resident set then is the peak of live memory: every buffer of 64 KiB or more is
-    // mapped when allocated and unmapped when freed (glibc's adaptive threshold otherwise keeps
-    // freed buffers in per-thread heaps, and the peak depends on which thread ran what)
-    mallopt(M_MMAP_THRESHOLD, 1 << 16);
-    mallopt(M_TRIM_THRESHOLD, 0);
+    map_every_buffer();  // the peak resident set is then the peak of live memory
   }
   const auto t0 = std::chrono::steady_clock::now();
   const Mode m = parse_mode(mode);
@@ -226,10 +221,9 @@ int cmd_train(TrainOptions topt, const std::string& config_path, const std::stri
   topt.comm = comm.get();
   // A step allocates its activations and gradients afresh (MBs each): with glibc's defaults
   // freed buffers go back to the kernel and every step page-faults them in again. Keep freed
-  // memory in the heap for the next step (allocations over 256 MiB still mapped). Measured,
-  // RWKV-4 d_model 128, batch 16 x 128, 2 threads: 9,000 -> 11,600 tokens/s (backward 137 -> 91 ms).
-  mallopt(M_MMAP_THRESHOLD, 256 << 20);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  // memory in the heap for the next step. Measured, RWKV-4 d_model 128, batch 16 x 128, 2
+  // threads: 9,000 -> 11,600 tokens/s (backward 137 -> 91 ms).
+  keep_freed_memory();
   TrainResult r;
   try {
     if (!config_path.empty()) {

@@ -28,6 +28,17 @@ double peak_extra_bytes();
 double rss_bytes();
 double peak_rss_bytes();
 
+// glibc heap policies (mallopt), process-wide:
+// keep_freed_memory: freed buffers stay in the heap for the next call or step instead of going
+// back to the kernel, so a loop of calls does not page-fault its buffers in again each time
+// (allocations of 256 MiB and more are still mapped). linmix train, linmix bench's timed runs
+// and the torch extension run under it.
+void keep_freed_memory();
+// map_every_buffer: every buffer of 64 KiB or more is mapped when allocated and unmapped when
+// freed, so the peak resident set is the peak of live memory (glibc's adaptive threshold would
+// otherwise keep freed buffers in per-thread heaps, and the peak depend on which thread ran what).
+void map_every_buffer();
+
 struct ModelBenchOptions {
   int threads = 2;
   int64_t vocab = 50277, d_model = 768, n_layer = 12, ffn_mult = 4;  // RWKV-4 169M

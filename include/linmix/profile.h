@@ -21,15 +21,23 @@ struct Row {
 };
 std::vector<Row> rows();  // in the order each path was first entered
 
+extern bool g_on;  // set_enabled's flag, read inline: a region costs one branch when off
+
 class Scope {
  public:
-  explicit Scope(std::string_view name);
-  ~Scope();
+  explicit Scope(std::string_view name) {
+    if (g_on) enter(name);
+  }
+  ~Scope() {
+    if (on_) leave();
+  }
   Scope(const Scope&) = delete;
   Scope& operator=(const Scope&) = delete;
 
  private:
-  bool on_;
+  void enter(std::string_view name);
+  void leave();
+  bool on_ = false;
   size_t parent_len_ = 0, row_ = 0;
   std::chrono::steady_clock::time_point t0_;
 };

@@ -1,3 +1,4 @@
+#include <malloc.h>
 #include <cblas.h>
 #include <omp.h>
 
@@ -103,5 +104,15 @@ void reset_peak_rss() {
 double peak_extra_bytes() { return std::max(0.0, status_kb("VmHWM:") - rss_at_reset); }
 double rss_bytes() { return status_kb("VmRSS:"); }
 double peak_rss_bytes() { return status_kb("VmHWM:"); }
+
+void keep_freed_memory() {
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+
+void map_every_buffer() {
+  mallopt(M_MMAP_THRESHOLD, 1 << 16);
+  mallopt(M_TRIM_THRESHOLD, 0);
+}
 
 }  // namespace linmix

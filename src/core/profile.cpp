@@ -7,8 +7,9 @@
 
 namespace linmix::profile {
 
-namespace {
 bool g_on = false;
+
+namespace {
 std::string g_path;                               // the current region's path
 std::unordered_map<std::string, size_t> g_index;  // path -> row
 std::vector<Row> g_rows;
@@ -18,7 +19,8 @@ void set_enabled(bool on) { g_on = on; }
 void reset() { g_path.clear(), g_index.clear(), g_rows.clear(); }
 std::vector<Row> rows() { return g_rows; }
 
-Scope::Scope(std::string_view name) : on_(g_on && !omp_in_parallel()) {
+void Scope::enter(std::string_view name) {
+  on_ = !omp_in_parallel();
   if (!on_) return;
   parent_len_ = g_path.size();
   if (!g_path.empty()) g_path += '/';
@@ -29,8 +31,7 @@ Scope::Scope(std::string_view name) : on_(g_on && !omp_in_parallel()) {
   t0_ = std::chrono::steady_clock::now();
 }
 
-Scope::~Scope() {
-  if (!on_) return;
+void Scope::leave() {
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
   g_rows[row_].seconds += s;
   g_rows[row_].calls += 1;

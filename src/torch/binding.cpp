@@ -16,7 +16,6 @@
 // linmix::Error becomes ValueError (one line, naming the tensor); the GIL is released while
 // the mechanism runs.
 #include <cblas.h>
-#include <malloc.h>
 #include <torch/extension.h>
 
 #include <dlfcn.h>
@@ -255,12 +254,8 @@ PYBIND11_MODULE(_C, m) {
   // The kernels allocate their buffers per call (tens of MB at T = 4096): with glibc's defaults
   // they are mmapped and unmapped each time and every call page-faults them in again (measured:
   // gla at T = 4096, 19 ms instead of 12). Keep freed memory in the heap for the next call, as
-  // `linmix bench` does (up to 1 GiB kept; allocations over 256 MiB still mmapped);
-  // LINMIX_KEEP_MEMORY=0 leaves glibc's defaults.
-  if (const char* k = std::getenv("LINMIX_KEEP_MEMORY"); !(k && std::string(k) == "0")) {
-    mallopt(M_MMAP_THRESHOLD, 256 << 20);
-    mallopt(M_TRIM_THRESHOLD, 1 << 30);
-  }
+  // `linmix bench` does (keep_freed_memory); LINMIX_KEEP_MEMORY=0 leaves glibc's defaults.
+  if (const char* k = std::getenv("LINMIX_KEEP_MEMORY"); !(k && std::string(k) == "0")) linmix::keep_freed_memory();
   static const std::string blas = use_openmp_blas();
   m.attr("BLAS") = blas;
   m.doc() = "linmix: linear-time token mixers on the CPU (the C++ library under linmix.ops)";
