@@ -707,58 +707,149 @@ void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, c
 
 }  // namespace
 
+namespace {
+
+// Scratch of dplr_factored.
+struct DplrFactoredWork {
+  std::vector<float> X, KB, G, VU, el;  // [rd; ad] (2n,D), [kf; bf]^T (D,2n), X KB (2n,2n), [V; U] (2n,E)
+  std::vector<Cum> run;
+  DplrFactoredWork(int64_t D, int64_t E)
+      : X(2 * kDecayChunk * D), KB(D * 2 * kDecayChunk), G(4 * kDecayChunk * kDecayChunk), VU(2 * kDecayChunk * E),
+        el(D), run(D) {}
+};
+
+// One chunk of dplr_forward in the factored form, when every channel's total log decay over the
+// chunk is >= -kFactorSpan (else false, nothing written). The decays fold into the operands as
+// they are read: rd = r o e^{c}, ad = a o e^{cp}, kf, bf = (k, b) o e^{-c}; then
+//   [Ark Arb; Aak Aab] = [rd; ad] [kf; bf]^T   one GEMM for the four score matrices (masked)
+//   U = (I - Aab)^{-1} (Aak V + ad S0)          forward substitution
+//   y = rd S0 + [Ark Arb] [V; U]
+//   S = diag(e^{cL}) (S0 + [kf; bf]^T [V; U])
+// six GEMMs where dplr_chunk's form takes eleven of a quarter the size.
+bool dplr_factored(DplrFactoredWork& f, float* y, float* S, const float* r, const float* w, const float* k,
+                   const float* v, const float* a, const float* b, int64_t n, int64_t D, int64_t E, float* keep) {
+  float *X = f.X.data(), *KB = f.KB.data(), *G = f.G.data(), *VU = f.VU.data(), *el = f.el.data();
+  Cum* run = f.run.data();
+  const int64_t n2 = 2 * n;
+  float *rd = X, *ad = X + n * D;
+  std::fill(run, run + D, 0.0);
+  for (int64_t t = 0; t < n; ++t) {  // c into rd's row, cp into ad's, then their exps (as factored_chunk)
+    const float* wt = w + t * D;
+    float *rt = rd + t * D, *at = ad + t * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const Cum before = run[d], after = before + Cum(wt[d]);
+      run[d] = after;
+      rt[d] = float(after), at[d] = float(before);
+    }
+  }
+  Cum lo = 0.0;
+  for (int64_t d = 0; d < D; ++d) lo = std::min(lo, run[d]);
+  if (-lo > kFactorSpan) return false;
+  for (int64_t t = 0; t < n; ++t) {
+    const float *rr = r + t * D, *ar = a + t * D, *kr = k + t * D, *br = b + t * D;
+    float *rt = rd + t * D, *at = ad + t * D;
+    float en[1024];  // e^{-c} of the row (D <= 1024: the registry's limit on a head)
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      en[d] = exp_fast(-rt[d]);
+      rt[d] = rr[d] * exp_fast(rt[d]), at[d] = ar[d] * exp_fast(at[d]);
+    }
+    for (int64_t d = 0; d < D; ++d) KB[d * n2 + t] = kr[d] * en[d], KB[d * n2 + n + t] = br[d] * en[d];
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) el[d] = exp_fast(float(run[d]));
+  gemm_nn(G, X, KB, n2, n2, D, D, n2, n2, 1.0f, 0.0f);
+  for (int64_t t = 0; t < n; ++t) {  // the read-out's blocks keep s <= t, the update's s < t
+    float *top = G + t * n2, *bot = G + (n + t) * n2;
+    std::fill(top + t + 1, top + n, 0.0f), std::fill(top + n + t + 1, top + n2, 0.0f);
+    std::fill(bot + t, bot + n, 0.0f), std::fill(bot + n + t, bot + n2, 0.0f);
+  }
+  const float *Aak = G + n * n2, *Aab = G + n * n2 + n;
+  float* U = VU + n * E;
+  std::copy(v, v + n * E, VU);
+  gemm_nn(U, Aak, v, n, E, n, n2, E, E, 1.0f, 0.0f);
+  gemm_nn(U, ad, S, n, E, D, D, E, E, 1.0f, 1.0f);
+  for (int64_t t = 1; t < n; ++t)  // (I - Aab) U = Aak V + ad S0
+    for (int64_t s2 = 0; s2 < t; ++s2) {
+      const float g = Aab[t * n2 + s2];
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) U[t * E + e] += g * U[s2 * E + e];
+    }
+  if (keep) {
+    for (int64_t t = 0; t < n; ++t) {
+      std::copy(Aab + t * n2, Aab + t * n2 + n, keep + t * n);
+      std::copy(Aak + t * n2, Aak + t * n2 + n, keep + n * n + t * n);
+    }
+    std::copy(U, U + n * E, keep + 2 * n * n);
+  }
+  gemm_nn(y, rd, S, n, E, D, D, E, E, 1.0f, 0.0f);  // rd S0
+  gemm_nn(y, G, VU, n, E, n2, n2, E, E, 1.0f, 1.0f);  // + [Ark Arb] [V; U]
+  gemm_nn(S, KB, VU, D, E, n2, n2, E, E, 1.0f, 1.0f);
+  scale_rows(S, el, D, E);
+  return true;
+}
+
+}  // namespace
+
 void dplr_forward(float* y, float* S, const float* r, const float* w, const float* k, const float* v, const float* a,
-                  const float* b, int64_t T, int64_t D, int64_t E) {
-  DplrChunk z(D, E);
+                  const float* b, int64_t T, int64_t D, int64_t E, float* save_states, float* save_kept) {
+  DplrFactoredWork f(D, E);
+  std::unique_ptr<DplrChunk> z;  // the general form's, made when a chunk first needs it
   ScoreWork sw;
-  for (const Chunk& ch : chunks_of(T)) {
-    const int64_t t0 = ch.t0, n = ch.n;
+  const auto chunks = chunks_of(T);
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const int64_t t0 = chunks[i].t0, n = chunks[i].n;
     const int64_t oD = t0 * D, oE = t0 * E;
-    dplr_chunk(z, S, r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, sw);
-    float* yc = y + oE;
-    std::fill(yc, yc + n * E, 0.0f);
-    gemm_nn_acc(yc, z.rd.data(), S, n, E, D, D, E, E);      // (r o e^c) S0
-    gemm_nn_acc(yc, z.Ark.data(), v + oE, n, E, n, n, E, E);  // + Ark V
-    gemm_nn_acc(yc, z.Arb.data(), z.U.data(), n, E, n, n, E, E);  // + Arb U
-    scale_rows(S, z.x.el.data(), D, E);  // S = e^{cL} S0 + kt^T V + bt^T U
-    gemm_tn_acc(S, z.kt.data(), v + oE, D, E, n, D, E, E);
-    gemm_tn_acc(S, z.bt.data(), z.U.data(), D, E, n, D, E, E);
+    float *yc = y + oE, *keep = save_kept ? save_kept + int64_t(i) * dplr_kept_per(E) : nullptr;
+    if (save_states) std::copy(S, S + D * E, save_states + int64_t(i) * D * E);
+    if (dplr_factored(f, yc, S, r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, keep)) continue;
+    if (!z) z = std::make_unique<DplrChunk>(D, E);
+    dplr_chunk(*z, S, r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, sw);
+    if (keep) {
+      std::copy(z->Aab.begin(), z->Aab.begin() + n * n, keep);
+      std::copy(z->Aak.begin(), z->Aak.begin() + n * n, keep + n * n);
+      std::copy(z->U.begin(), z->U.begin() + n * E, keep + 2 * n * n);
+    }
+    gemm_nn(yc, z->rd.data(), S, n, E, D, D, E, E, 1.0f, 0.0f);                 // (r o e^c) S0
+    gemm_nn_acc(yc, z->Ark.data(), v + oE, n, E, n, n, E, E);                 // + Ark V
+    gemm_nn_acc(yc, z->Arb.data(), z->U.data(), n, E, n, n, E, E);            // + Arb U
+    scale_rows(S, z->x.el.data(), D, E);  // S = e^{cL} S0 + kt^T V + bt^T U
+    gemm_tn_acc(S, z->kt.data(), v + oE, D, E, n, D, E, E);
+    gemm_tn_acc(S, z->bt.data(), z->U.data(), D, E, n, D, E, E);
   }
 }
 
 void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float* db, float* dS0, const float* dy,
                    const float* S0, const float* r, const float* w, const float* k, const float* v, const float* a,
-                   const float* b, int64_t T, int64_t D, int64_t E, const float* dST) {
+                   const float* b, int64_t T, int64_t D, int64_t E, const float* dST, const float* saved_states,
+                   const float* saved_kept) {
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
   DplrChunk z(D, E);
   ScoreWork sw;
   // the state at every chunk start, and each chunk's Aab, Aak, U (memory linear in T: 2 L + E
-  // floats a token), so the backward sweep recomputes only the read-out scores
-  const int64_t per = 2 * L * L + L * E;
-  std::vector<float> states(chunks.size() * D * E), S(S0, S0 + D * E), kept(chunks.size() * per);
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    const int64_t t0 = chunks[i].t0, n = chunks[i].n;
-    const int64_t oD = t0 * D, oE = t0 * E;
-    std::copy(S.begin(), S.end(), states.begin() + int64_t(i) * D * E);
-    dplr_chunk(z, S.data(), r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, sw, false);
-    float* keep = kept.data() + int64_t(i) * per;
-    std::copy(z.Aab.begin(), z.Aab.begin() + n * n, keep);
-    std::copy(z.Aak.begin(), z.Aak.begin() + n * n, keep + n * n);
-    std::copy(z.U.begin(), z.U.begin() + n * E, keep + 2 * n * n);
-    scale_rows(S.data(), z.x.el.data(), D, E);
-    gemm_tn_acc(S.data(), z.kt.data(), v + oE, D, E, n, D, E, E);
-    gemm_tn_acc(S.data(), z.bt.data(), z.U.data(), D, E, n, D, E, E);
+  // floats a token), so the backward sweep recomputes only the read-out scores: from the
+  // forward's saves, or a sweep of their own
+  const int64_t per = dplr_kept_per(E);
+  const bool sweep = !(saved_states && saved_kept);
+  std::vector<float> own_states(sweep ? chunks.size() * D * E : 0), S(S0, S0 + D * E),
+      own_kept(sweep ? chunks.size() * per : 0);  // S: the sweep's state
+  const float* states = sweep ? own_states.data() : saved_states;
+  const float* kept = sweep ? own_kept.data() : saved_kept;
+  if (sweep) {  // (its y unused)
+    std::vector<float> y(size_t(T * E));
+    dplr_forward(y.data(), S.data(), r, w, k, v, a, b, T, D, E, own_states.data(), own_kept.data());
   }
   std::vector<float> dS(D * E, 0.0f), dU(L * E), dR(L * E), dA(L * L), tmp(L * D), tmp2(L * D), dc(L * D), dcp(L * D), dcL(D);
   if (dST) std::copy(dST, dST + D * E, dS.begin());  // the sweep starts from the final state's gradient
   for (size_t i = chunks.size(); i-- > 0;) {
     const int64_t t0 = chunks[i].t0, n = chunks[i].n;
     const int64_t oD = t0 * D, oE = t0 * E;
-    const float* Sc = states.data() + int64_t(i) * D * E;
+    const float* Sc = states + int64_t(i) * D * E;
     const float *rc = r + oD, *kc = k + oD, *vc = v + oE, *ac = a + oD, *bc = b + oD, *dyc = dy + oE;
     float *drc = dr + oD, *dkc = dk + oD, *dvc = dv + oE, *dac = da + oD, *dbc = db + oD;
-    dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw, true, kept.data() + int64_t(i) * per);
+    dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw, true, kept + int64_t(i) * per);
     // dU = Arb^T dY + bt dS; (I - Aab)^T dR = dU by backward substitution
     std::fill(dU.begin(), dU.begin() + n * E, 0.0f);
     gemm_tn_acc(dU.data(), z.Arb.data(), dyc, n, E, n, n, E, E);

@@ -95,11 +95,17 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
                     const float* scores = nullptr);
 
 // One head. r, w, k, a, b: (T,D); v: (T,E); y: (T,E) written; S (D,E) in and out as above.
+// save_states, save_kept (when not null): what dplr_backward reads instead of recomputing, chunk
+// j's starting state at save_states + j D E ((T / chunk) D E floats) and its Aab, Aak (n x n) and
+// U (n x E) at save_kept + j dplr_kept_per(E) ((T / chunk) dplr_kept_per(E) floats).
+inline int64_t dplr_kept_per(int64_t E) { return 2 * kDecayChunk * kDecayChunk + kDecayChunk * E; }
 void dplr_forward(float* y, float* S, const float* r, const float* w, const float* k, const float* v, const float* a,
-                  const float* b, int64_t T, int64_t D, int64_t E);
+                  const float* b, int64_t T, int64_t D, int64_t E, float* save_states = nullptr,
+                  float* save_kept = nullptr);
 void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float* db, float* dS0, const float* dy,
                    const float* S0, const float* r, const float* w, const float* k, const float* v, const float* a,
-                   const float* b, int64_t T, int64_t D, int64_t E, const float* dST = nullptr);
+                   const float* b, int64_t T, int64_t D, int64_t E, const float* dST = nullptr,
+                   const float* saved_states = nullptr, const float* saved_kept = nullptr);
 
 // The recurrent steps (one token, one head; allocation-free).
 // gated: S = diag(e^{g}) S + k v^T, y = S^T q (shift: y = S_old^T q, read before the update).

@@ -133,7 +133,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
 // One head of a delta-rule mechanism (kernels/decay_chunk.h dplr_*), as GatedHead.
 struct DplrHead {
   int64_t b = 0, h = 0;
-  std::vector<float> r, w, k, v, a, bb, S0, y, S, dy, dST, dr, dw, dk, dv, da, db, dS0;
+  std::vector<float> r, w, k, v, a, bb, S0, y, S, dy, dST, dr, dw, dk, dv, da, db, dS0, states, kept;
 };
 template <class Prep, class Post>
 void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep, Post post) {
@@ -144,8 +144,10 @@ void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep
     prep(z);
     z.S = z.S0;
     z.y.resize(size_t(T * E));
+    const int64_t nc = (T + kDecayChunk - 1) / kDecayChunk;  // with dy the forward keeps what the backward reads
+    z.states.resize(dy ? size_t(nc * D * E) : 0), z.kept.resize(dy ? size_t(nc * dplr_kept_per(E)) : 0);
     dplr_forward(z.y.data(), z.S.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(), T,
-                 D, E);
+                 D, E, dy ? z.states.data() : nullptr, dy ? z.kept.data() : nullptr);
     if (dy) {
       rows_into(z.dy, *dy, b, h, T, H, E);
       for (auto* x : {&z.dr, &z.dw, &z.dk, &z.da, &z.db}) x->resize(size_t(T * D));
@@ -153,7 +155,7 @@ void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep
       final_grad(z, c, D * E);
       dplr_backward(z.dr.data(), z.dw.data(), z.dk.data(), z.dv.data(), z.da.data(), z.db.data(), z.dS0.data(),
                     z.dy.data(), z.S0.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(),
-                    T, D, E, z.dST.empty() ? nullptr : z.dST.data());
+                    T, D, E, z.dST.empty() ? nullptr : z.dST.data(), z.states.data(), z.kept.data());
     }
     post(z);
   });
@@ -161,12 +163,19 @@ void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep
 
 // The output tensors of a run: y, the final state.S (B,H,D,E) and with dy the named gradients of the
 // given shapes (dstate.S when the call has state.S).
+// The per-token ones (B, T, ...: y and the inputs' gradients, which every mechanism writes head
+// by head, whole) are left uninitialised; the rest (states, parameters' gradients, which
+// accumulate) start at zero.
 inline TensorMap decay_outputs(const Call& c, bool grad, const std::vector<std::pair<std::string, std::vector<int64_t>>>& grads) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), E = c.d("E");
-  TensorMap out{{"y", Tensor({B, T, H, E})}, {"state.S", Tensor({B, H, c.d("D"), E})}};
+  TensorMap out;  // (an initializer list would copy the values)
+  out.emplace("y", Tensor::uninitialized({B, T, H, E}));
+  out.emplace("state.S", Tensor({B, H, c.d("D"), E}));
   if (grad)
     for (const auto& [n, sh] : grads)
-      if (c.has(n.substr(1))) out[n] = Tensor(sh);  // d<input> for every input present
+      if (c.has(n.substr(1)))  // d<input> for every input present
+        out[n] = n.rfind("dstate.", 0) != 0 && sh.size() >= 3 && sh[0] == B && sh[1] == T ? Tensor::uninitialized(sh)
+                                                                                         : Tensor(sh);
   return out;
 }
 // Copies n floats of one head's state into a (B,H,...) tensor of out, when out has it.
