@@ -38,15 +38,30 @@ class Storage {
     s.p_ = p, s.n_ = n, s.keep_ = std::move(keep);
     return s;
   }
+  // n floats left unset, in a buffer of its own (Tensor::uninitialized): read and written like a
+  // view; owns_buffer() says the buffer is the storage's alone, to hand on (the torch extension's
+  // outputs) instead of copying
+  static Storage uninitialized(size_t n) {
+    std::shared_ptr<float[]> buf(new float[n]);
+    float* p = buf.get();  // before buf is moved (the arguments' order is unspecified)
+    Storage s = view(p, n, std::move(buf));
+    s.own_buffer_ = true;
+    return s;
+  }
+  bool owns_buffer() const { return p_ && own_buffer_; }
+  const std::shared_ptr<void>& keeper() const { return keep_; }
   Storage(const Storage& o) : v_(o.begin(), o.end()) {}
   Storage& operator=(const Storage& o) {
     if (this != &o) *this = Storage(o);
     return *this;
   }
-  Storage(Storage&& o) noexcept : v_(std::move(o.v_)), p_(o.p_), n_(o.n_), keep_(std::move(o.keep_)) { o.p_ = nullptr, o.n_ = 0; }
+  Storage(Storage&& o) noexcept
+      : v_(std::move(o.v_)), p_(o.p_), n_(o.n_), keep_(std::move(o.keep_)), own_buffer_(o.own_buffer_) {
+    o.p_ = nullptr, o.n_ = 0, o.own_buffer_ = false;
+  }
   Storage& operator=(Storage&& o) noexcept {
-    v_ = std::move(o.v_), p_ = o.p_, n_ = o.n_, keep_ = std::move(o.keep_);
-    o.p_ = nullptr, o.n_ = 0;
+    v_ = std::move(o.v_), p_ = o.p_, n_ = o.n_, keep_ = std::move(o.keep_), own_buffer_ = o.own_buffer_;
+    o.p_ = nullptr, o.n_ = 0, o.own_buffer_ = false;
     return *this;
   }
 
@@ -99,11 +114,12 @@ class Storage {
     }
     return v_;
   }
-  void drop_view() { p_ = nullptr, n_ = 0, keep_.reset(); }
+  void drop_view() { p_ = nullptr, n_ = 0, keep_.reset(), own_buffer_ = false; }
   std::vector<float> v_;
   float* p_ = nullptr;  // a view's values (v_ unused)
   size_t n_ = 0;
   std::shared_ptr<void> keep_;
+  bool own_buffer_ = false;
 };
 
 struct Tensor {
@@ -114,15 +130,11 @@ struct Tensor {
   explicit Tensor(std::vector<int64_t> s, float fill = 0.0f)
       : shape(std::move(s)), data(static_cast<size_t>(numel_of(shape)), fill) {}
   // Its values left unset, for an output a kernel writes whole: no serial pass over the memory
-  // first (at T = 4096, d_model 512, 8 MB, about a tenth of a chunked forward on 2 threads). The
-  // buffer is kept by the storage, as a view's owner is.
+  // first (at T = 4096, d_model 512, 8 MB, about a tenth of a chunked forward on 2 threads).
   static Tensor uninitialized(std::vector<int64_t> s) {
     Tensor t;
     t.shape = std::move(s);
-    const size_t n = static_cast<size_t>(numel_of(t.shape));
-    std::shared_ptr<float[]> buf(new float[n]);
-    float* p = buf.get();  // before buf is moved (the arguments' order is unspecified)
-    t.data = Storage::view(p, n, std::move(buf));
+    t.data = Storage::uninitialized(static_cast<size_t>(numel_of(t.shape)));
     return t;
   }
 

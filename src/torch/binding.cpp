@@ -102,6 +102,10 @@ at::Tensor to_torch(const Tensor& t) {
 }
 // The same without a copy: the tensor's buffer moves into the torch tensor, which frees it.
 at::Tensor into_torch(Tensor&& t) {
+  if (t.data.owns_buffer()) {  // a buffer of its own (Tensor::uninitialized): the torch tensor keeps it
+    std::shared_ptr<void> keep = t.data.keeper();
+    return at::from_blob(t.data.data(), t.shape, [keep](void*) {}, at::TensorOptions().dtype(at::kFloat));
+  }
   auto* buf = new std::vector<float>(std::move(t.data).take());
   return at::from_blob(buf->data(), t.shape, [buf](void*) { delete buf; }, at::TensorOptions().dtype(at::kFloat));
 }
