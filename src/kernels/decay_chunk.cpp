@@ -646,6 +646,38 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
 
 namespace {
 
+// The delta rule's substitutions, for strictly lower A (n x n, row stride lda) and X (n x E):
+// solve_lower:  X_t += sum_{s<t} A_ts X_s in order of t, i.e. X = (I - A)^{-1} X;
+// solve_upper:  X_t += sum_{s>t} A_st X_s in reverse, i.e. X = (I - A)^{-T} X.
+// Blocks of kSolveBlock rows: what the rows before (after) a block add is one GEMM, the rest the
+// row loop inside the block (64 x 64, E = 64: 10.5 us as one row loop, 3.9 us blocked).
+constexpr int64_t kSolveBlock = 16;
+void solve_lower(float* X, const float* A, int64_t lda, int64_t n, int64_t E) {
+  for (int64_t b0 = 0; b0 < n; b0 += kSolveBlock) {
+    const int64_t b1 = std::min(n, b0 + kSolveBlock);
+    if (b0 > 0) gemm_nn(X + b0 * E, A + b0 * lda, X, b1 - b0, E, b0, lda, E, E, 1.0f, 1.0f);
+    for (int64_t t = b0 + 1; t < b1; ++t)
+      for (int64_t s = b0; s < t; ++s) {
+        const float f = A[t * lda + s];
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) X[t * E + e] += f * X[s * E + e];
+      }
+  }
+}
+void solve_upper(float* X, const float* A, int64_t lda, int64_t n, int64_t E) {
+  for (int64_t b1 = n; b1 > 0; b1 -= kSolveBlock) {
+    const int64_t b0 = std::max<int64_t>(0, b1 - kSolveBlock);
+    if (b1 < n)  // X[b0, b1) += A[b1:n, b0:b1]^T X[b1:n]
+      gemm_tn_acc(X + b0 * E, A + b1 * lda + b0, X + b1 * E, b1 - b0, E, n - b1, lda, E, E);
+    for (int64_t t = b1 - 1; t >= b0; --t)
+      for (int64_t s = t + 1; s < b1; ++s) {
+        const float f = A[s * lda + t];
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) X[t * E + e] += f * X[s * E + e];
+      }
+  }
+}
+
 struct DplrChunk {  // everything of one chunk that the forward and the backward both need
   std::vector<Cum> c, cp;
   Decays x;
@@ -697,12 +729,7 @@ void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, c
   std::fill(U, U + n * E, 0.0f);
   gemm_nn_acc(U, z.Aak.data(), v, n, E, n, n, E, E);
   gemm_nn_acc(U, z.ad.data(), S0, n, E, D, D, E, E);
-  for (int64_t t = 1; t < n; ++t)
-    for (int64_t s = 0; s < t; ++s) {
-      const float f = z.Aab[t * n + s];
-#pragma omp simd
-      for (int64_t e = 0; e < E; ++e) U[t * E + e] += f * U[s * E + e];
-    }
+  solve_lower(U, z.Aab.data(), n, n, E);
 }
 
 }  // namespace
@@ -770,12 +797,7 @@ bool dplr_factored(DplrFactoredWork& f, float* y, float* S, const float* r, cons
   std::copy(v, v + n * E, VU);
   gemm_nn(U, Aak, v, n, E, n, n2, E, E, 1.0f, 0.0f);
   gemm_nn(U, ad, S, n, E, D, D, E, E, 1.0f, 1.0f);
-  for (int64_t t = 1; t < n; ++t)  // (I - Aab) U = Aak V + ad S0
-    for (int64_t s2 = 0; s2 < t; ++s2) {
-      const float g = Aab[t * n2 + s2];
-#pragma omp simd
-      for (int64_t e = 0; e < E; ++e) U[t * E + e] += g * U[s2 * E + e];
-    }
+  solve_lower(U, Aab, n2, n, E);  // (I - Aab) U = Aak V + ad S0
   if (keep) {
     for (int64_t t = 0; t < n; ++t) {
       std::copy(Aab + t * n2, Aab + t * n2 + n, keep + t * n);
@@ -855,12 +877,7 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     gemm_tn_acc(dU.data(), z.Arb.data(), dyc, n, E, n, n, E, E);
     gemm_nn_acc(dU.data(), z.bt.data(), dS.data(), n, E, D, D, E, E);
     std::copy(dU.begin(), dU.begin() + n * E, dR.begin());
-    for (int64_t t = n - 1; t >= 0; --t)
-      for (int64_t s = t + 1; s < n; ++s) {
-        const float f = z.Aab[s * n + t];
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) dR[t * E + e] += f * dR[s * E + e];
-      }
+    solve_upper(dR.data(), z.Aab.data(), n, n, E);
     // dV = Ark^T dY + Aak^T dR + kt dS
     std::fill(dvc, dvc + n * E, 0.0f);
     gemm_tn_acc(dvc, z.Ark.data(), dyc, n, E, n, n, E, E);

@@ -52,19 +52,24 @@ std::vector<S> delta_ref(const Call& c, const RefIn<S>& x, bool gated) {
 inline void l2norm_rows(std::vector<float>& x, std::vector<float>& inv, int64_t T, int64_t D) {
   inv.resize(size_t(T));
   for (int64_t t = 0; t < T; ++t) {
-    float s = 1e-6f;
-    for (int64_t d = 0; d < D; ++d) s += x[t * D + d] * x[t * D + d];
-    inv[size_t(t)] = 1.0f / std::sqrt(s);
-    for (int64_t d = 0; d < D; ++d) x[t * D + d] *= inv[size_t(t)];
+    float s = 1e-6f, *xt = x.data() + t * D;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; ++d) s += xt[d] * xt[d];
+    const float f = inv[size_t(t)] = 1.0f / std::sqrt(s);
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) xt[d] *= f;
   }
 }
 // d(raw) from d(normalised) xn: (dxn - xn (xn . dxn)) inv, in place in dx.
 inline void l2norm_rows_backward(std::vector<float>& dx, const std::vector<float>& xn, const std::vector<float>& inv,
                                  int64_t T, int64_t D) {
   for (int64_t t = 0; t < T; ++t) {
-    float dot = 0.0f;
-    for (int64_t d = 0; d < D; ++d) dot += xn[t * D + d] * dx[t * D + d];
-    for (int64_t d = 0; d < D; ++d) dx[t * D + d] = (dx[t * D + d] - xn[t * D + d] * dot) * inv[size_t(t)];
+    float dot = 0.0f, *g = dx.data() + t * D;
+    const float *x = xn.data() + t * D, f = inv[size_t(t)];
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += x[d] * g[d];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) g[d] = (g[d] - x[d] * dot) * f;
   }
 }
 
@@ -74,18 +79,20 @@ inline TensorMap delta_run(const Call& c, const Tensor* dy, bool gated) {
   const bool norm = c.p("l2norm") != 0;
   TensorMap out = decay_outputs(c, dy, {{"dq", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dbeta", {B, T, H}}, {"dg", {B, T, H}}, {"dstate.S", {B, H, D, E}}});
-  auto prep = [&](DplrHead& z) {
-    std::vector<float> qn = head_rows(c, "q", z.b, z.h, D), kn = head_rows(c, "k", z.b, z.h, D), iq, ik;
-    const std::vector<float> beta = head_rows(c, "beta", z.b, z.h, 1);
-    const std::vector<float> g = gated ? head_rows(c, "g", z.b, z.h, 1) : std::vector<float>(size_t(T), 0.0f);
-    if (norm) l2norm_rows(qn, iq, T, D), l2norm_rows(kn, ik, T, D);
-    z.r = qn, z.a = kn, z.k = kn, z.bb = kn, z.w.resize(size_t(T * D));
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t o = t * D + d;
-        z.r[o] *= scale, z.k[o] *= beta[size_t(t)], z.bb[o] *= -std::exp(g[size_t(t)]) * beta[size_t(t)];
-        z.w[o] = g[size_t(t)];
-      }
+  auto prep = [&](DplrHead& z) {  // into z's buffers (kept across heads and calls), a pass a row
+    thread_local std::vector<float> beta, g, inv;
+    rows_into(z.r, c, "q", z.b, z.h, D), rows_into(z.a, c, "k", z.b, z.h, D), rows_into(beta, c, "beta", z.b, z.h, 1);
+    if (gated) rows_into(g, c, "g", z.b, z.h, 1);
+    else g.assign(size_t(T), 0.0f);
+    if (norm) l2norm_rows(z.r, inv, T, D), l2norm_rows(z.a, inv, T, D);
+    z.k.resize(size_t(T * D)), z.bb.resize(size_t(T * D)), z.w.resize(size_t(T * D));
+    for (int64_t t = 0; t < T; ++t) {  // r = scale q, a = kn, k = beta kn, b = -e^{g} beta kn, w = g
+      const float bt = beta[size_t(t)], ft = -std::exp(g[size_t(t)]) * bt, gt = g[size_t(t)];
+      float *r = z.r.data() + t * D, *k = z.k.data() + t * D, *b = z.bb.data() + t * D, *w = z.w.data() + t * D;
+      const float* a = z.a.data() + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) r[d] *= scale, k[d] = a[d] * bt, b[d] = a[d] * ft, w[d] = gt;
+    }
     rows_into(z.v, c, "v", z.b, z.h, E);
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
   };
@@ -93,22 +100,28 @@ inline TensorMap delta_run(const Call& c, const Tensor* dy, bool gated) {
     put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
     if (!dy) return;
-    // recover the map's inputs: kn = a, beta, e^{g}
-    std::vector<float> qn = head_rows(c, "q", z.b, z.h, D), kr = head_rows(c, "k", z.b, z.h, D), iq, ik;
+    // recover the map's inputs: kn = a, beta, e^{g} (into buffers kept across heads and calls)
+    thread_local std::vector<float> qn, kr, iq, ik, beta, g, dq, dk, dbeta, dg;
+    rows_into(qn, c, "q", z.b, z.h, D), rows_into(kr, c, "k", z.b, z.h, D);
     if (norm) l2norm_rows(qn, iq, T, D), l2norm_rows(kr, ik, T, D);
-    const std::vector<float> beta = head_rows(c, "beta", z.b, z.h, 1);
-    const std::vector<float> g = gated ? head_rows(c, "g", z.b, z.h, 1) : std::vector<float>(size_t(T), 0.0f);
-    std::vector<float> dq(size_t(T * D)), dk(size_t(T * D)), dbeta(static_cast<size_t>(T)), dg(static_cast<size_t>(T));
+    rows_into(beta, c, "beta", z.b, z.h, 1);
+    if (gated) rows_into(g, c, "g", z.b, z.h, 1);
+    else g.assign(size_t(T), 0.0f);
+    dq.resize(size_t(T * D)), dk.resize(size_t(T * D)), dbeta.resize(size_t(T)), dg.resize(size_t(T));
     for (int64_t t = 0; t < T; ++t) {
       const float bt = beta[size_t(t)], eg = std::exp(g[size_t(t)]);
+      const int64_t o = t * D;
+      const float *dr = z.dr.data() + o, *zk = z.dk.data() + o, *da = z.da.data() + o, *db = z.db.data() + o,
+                  *bb = z.bb.data() + o, *dw = z.dw.data() + o, *kt = kr.data() + o;
+      float *dqt = dq.data() + o, *dkt = dk.data() + o;
       float sb = 0.0f, sw = 0.0f, sbd = 0.0f;
+#pragma omp simd reduction(+ : sb, sw, sbd)
       for (int64_t d = 0; d < D; ++d) {
-        const int64_t o = t * D + d;
-        dq[size_t(o)] = scale * z.dr[o];
-        dk[size_t(o)] = bt * z.dk[o] + z.da[o] - eg * bt * z.db[o];
-        sb += kr[o] * (z.dk[o] - eg * z.db[o]);  // d beta
-        sbd += z.bb[o] * z.db[o];                // d g through b = -e^{g} beta k
-        sw += z.dw[o];
+        dqt[d] = scale * dr[d];
+        dkt[d] = bt * zk[d] + da[d] - eg * bt * db[d];
+        sb += kt[d] * (zk[d] - eg * db[d]);  // d beta
+        sbd += bb[d] * db[d];                // d g through b = -e^{g} beta k
+        sw += dw[d];
       }
       dbeta[size_t(t)] = sb, dg[size_t(t)] = sw + sbd;
     }
