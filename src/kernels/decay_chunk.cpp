@@ -428,13 +428,55 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
 // Scratch of general_chunk.
 struct GeneralWork {
   std::vector<Cum> c, cp;
-  std::vector<float> qd, kt, A, krows;
+  std::vector<float> qd, kt, A, krows, kT;
   Decays x;
   ScoreWork w;
   GeneralWork(int64_t D)
       : c(kDecayChunk * D), cp(kDecayChunk * D), qd(kDecayChunk * D), kt(kDecayChunk * D), A(kDecayChunk * kDecayChunk),
-        krows(kDecayChunk * D) {}
+        krows(kDecayChunk * D), kT(D * kDecayChunk) {}
 };
+
+// general_chunk with one log decay a step (ld.g_row, no bonus; k already scaled): the decays
+// are scalars per row and pair, so the scores are (q k^T) o Gamma with Gamma_ts = e^{cq_t - c_s}
+// from the double sums (exact for any decay: exponents <= 0 only), q's read-out factors e^{cq_t}
+// and k's e^{cL - c_s} one per row.
+void scalar_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const float* kc, const float* vc,
+                  const float* gc, int64_t t0, int64_t n, int64_t D, int64_t E, bool shift, const GatedRows& ld) {
+  Cum c[kDecayChunk], cq[kDecayChunk];
+  Cum run = 0.0;
+  for (int64_t t = 0; t < n; ++t) {
+    const Cum before = run;
+    run += gc[t * ld.g];
+    c[t] = run, cq[t] = shift ? before : run;
+  }
+  float *A = z.A.data(), *qd = z.qd.data(), *kt = z.kt.data(), *kT = z.kT.data();
+  for (int64_t t = 0; t < n; ++t) {
+    const float fq = ld.yscale * exp_fast(float(cq[t])), fk = exp_fast(float(run - c[t]));
+    const float *qt = qc + t * D, *kr = kc + t * D;
+    float *qo = qd + t * D, *ko = kt + t * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * fq, ko[d] = kr[d] * fk;
+    for (int64_t d = 0; d < D; ++d) kT[d * n + t] = kr[d];
+  }
+  gemm_nn(A, qc, kT, n, n, D, D, n, n, 1.0f, 0.0f);  // q k^T, then o Gamma (masked)
+  Cum ys[kDecayChunk];
+  for (int64_t s2 = 0; s2 < n; ++s2) ys[s2] = c[s2];
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t end = shift ? t : t + 1;
+    const Cum xt = cq[t];
+    float* a = A + t * n;
+#pragma omp simd
+    for (int64_t s2 = 0; s2 < end; ++s2) a[s2] *= exp_fast(float(xt - ys[s2]));
+    std::fill(a + end, a + n, 0.0f);
+  }
+  save_chunk(ld, S, A, t0, n, D, E);
+  gemm_nn(yc, qd, S, n, E, D, D, E, ld.y, 1.0f, 0.0f);    // (yscale q o e^{cq}) S0
+  gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, ld.yscale, 1.0f);  // + yscale A V
+  if (ld.epilogue) (*ld.epilogue)(t0, n);
+  const float el = exp_fast(float(run));  // S = e^{cL} S0 + (k o e^{cL - c})^T V
+  for (int64_t o = 0; o < D * E; ++o) S[o] *= el;
+  gemm_tn_acc(S, kt, vc, D, E, n, D, E, E);
+}
 
 // One chunk of gated_forward that decays faster than the factored form allows (the fast-decay
 // draw), on contiguous q, k, v rows (g, y as ld): scores() with its secondary chunking, the
@@ -449,6 +491,10 @@ void general_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const f
       for (int64_t d = 0; d < D; ++d) z.krows[size_t(t * D + d)] = f * src[d];
     }
     kc = z.krows.data();
+  }
+  if (ld.g_row && !ld.u) {  // one log decay a step (Mamba-2's fast heads): SSD's (q k^T) o Gamma
+    scalar_chunk(z, yc, S, qc, kc, vc, gc, t0, n, D, E, shift, ld);
+    return;
   }
   Cum *c = z.c.data(), *cp = z.cp.data();
   if (ld.g_row) {  // one log decay a step, broadcast over the channels
