@@ -17,10 +17,12 @@
 // The products of a chunk (scores, their application, the state update) are BLAS GEMMs. A
 // gated chunk whose total decay stays above e^{-40} on every channel (every chunk of a trained
 // model's slow heads) takes the factored form instead: the decays fold into q and k as they are
-// read, and the chunk is four GEMMs with no pairwise exps (decay_chunk.cpp, factored_chunk).
+// read, and the chunk is four GEMMs with no pairwise exps (decay_chunk.cpp, factored_chunk); a
+// dplr chunk likewise, six GEMMs (dplr_factored).
 //
-// Backward: the states at chunk starts are kept from a forward sweep (T / chunk states of D E:
-// memory linear in T), then chunks run in reverse with the state gradient dS. Decay gradients
+// Backward: the states at chunk starts (and the chunks' scores: GatedRows save_*, dplr_forward's
+// save_*) are kept by the forward (T / chunk (D E + chunk^2) floats: memory linear in T), then
+// chunks run in reverse with the state gradient dS. Decay gradients
 // come from one rule: a factor x e^{c_t} (e^{-c_s}) has d c_t = x . dx (d c_s = -x . dx), then
 // dg_tau = sum of dc over the cumulative sums that contain g_tau.
 #pragma once
