@@ -8,8 +8,6 @@
 #include "kernels/linear_product.h"
 #include "kernels/vmath.h"
 
-
-
 namespace linmix {
 
 namespace {
@@ -327,6 +325,19 @@ void save_chunk(const GatedRows& ld, const float* S, const float* A, int64_t t0,
   if (ld.save_scores) std::copy(A, A + n * n, ld.save_scores + j * kDecayChunk * kDecayChunk);
 }
 
+// RWKV-5/6's bonus on the (strict) scores' diagonal: A_tt = scale f_t (q_t . (u o k_t)), rows of q
+// and k at strides ldq, ldk, f_t = kscale[t] when given (else 1).
+void bonus_diagonal(float* A, const float* q, int64_t ldq, const float* k, int64_t ldk, const float* u,
+                    const float* kscale, float scale, int64_t n, int64_t D) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float *qt = q + t * ldq, *kt = k + t * ldk;
+    float b = 0.0f;
+#pragma omp simd reduction(+ : b)
+    for (int64_t d = 0; d < D; ++d) b += qt[d] * u[d] * kt[d];
+    A[t * n + t] = scale * b * (kscale ? kscale[t] : 1.0f);
+  }
+}
+
 // Scratch of factored_chunk, sized once per call of gated_forward_heads.
 struct FactoredWork {
   std::vector<float> qd, kfT, ek, A, el;
@@ -405,14 +416,7 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
   gemm_nn(A, qd, kfT, n, n, D, D, n, n, 1.0f, 0.0f);
   mask_upper(A, n, shift);
   save_chunk(ld, S, A, t0, n, D, E);
-  if (ld.u)  // RWKV-5/6's bonus on the (strict) scores' diagonal
-    for (int64_t t = 0; t < n; ++t) {
-      const float *qt = qc + t * ld.q, *kt = kc + t * ld.k;
-      float b = 0.0f;
-#pragma omp simd reduction(+ : b)
-      for (int64_t d = 0; d < D; ++d) b += qt[d] * ld.u[d] * kt[d];
-      A[t * n + t] = ys * b * (ld.kscale ? ld.kscale[t0 + t] : 1.0f);
-    }
+  if (ld.u) bonus_diagonal(A, qc, ld.q, kc, ld.k, ld.u, ld.kscale ? ld.kscale + t0 : nullptr, ys, n, D);
   gemm_nn(yc, qd, S, n, E, D, D, E, ld.y, 1.0f, 0.0f);  // (q o e^{cq}) S0
   gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, 1.0f, 1.0f);  // + A V
   if (ld.epilogue) (*ld.epilogue)(t0, n);
@@ -459,16 +463,7 @@ void scalar_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const fl
     for (int64_t d = 0; d < D; ++d) kT[d * n + t] = kr[d];
   }
   gemm_nn(A, qc, kT, n, n, D, D, n, n, 1.0f, 0.0f);  // q k^T, then o Gamma (masked)
-  Cum ys[kDecayChunk];
-  for (int64_t s2 = 0; s2 < n; ++s2) ys[s2] = c[s2];
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t end = shift ? t : t + 1;
-    const Cum xt = cq[t];
-    float* a = A + t * n;
-#pragma omp simd
-    for (int64_t s2 = 0; s2 < end; ++s2) a[s2] *= exp_fast(float(xt - ys[s2]));
-    std::fill(a + end, a + n, 0.0f);
-  }
+  times_gamma(A, cq, c, n, 1, shift);                 // (one sum a row: D = 1)
   save_chunk(ld, S, A, t0, n, D, E);
   gemm_nn(yc, qd, S, n, E, D, D, E, ld.y, 1.0f, 0.0f);    // (yscale q o e^{cq}) S0
   gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, ld.yscale, 1.0f);  // + yscale A V
@@ -513,14 +508,7 @@ void general_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const f
   times(z.kt.data(), kc, z.x.et, n, D);  // k o e^{cL - c}
   scores(A, qc, cq, kc, c, n, D, shift, z.w);
   save_chunk(ld, S, A, t0, n, D, E);
-  if (ld.u)  // the bonus on the (strict) scores' diagonal
-    for (int64_t t = 0; t < n; ++t) {
-      const float *qt = qc + t * D, *kt = kc + t * D;
-      float b = 0.0f;
-#pragma omp simd reduction(+ : b)
-      for (int64_t d = 0; d < D; ++d) b += qt[d] * ld.u[d] * kt[d];
-      A[t * n + t] = b;
-    }
+  if (ld.u) bonus_diagonal(A, qc, D, kc, D, ld.u, nullptr, 1.0f, n, D);  // (k already scaled)
   gemm_nn(yc, z.qd.data(), S, n, E, D, D, E, ld.y, ld.yscale, 0.0f);  // (q o e^{cq}) S0
   gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, ld.yscale, 1.0f);          // + A V
   if (ld.epilogue) (*ld.epilogue)(t0, n);
@@ -737,10 +725,10 @@ struct DplrChunk {  // everything of one chunk that the forward and the backward
 };
 
 // Scores, decayed factors and U of a chunk (rows [0, n) of the given pointers) from state S0.
-// readout: also Arb, Ark (what y needs; the state update does not). saved: Aab, Aak and U of this
-// chunk kept by an earlier sweep (n^2, n^2, n E floats), copied instead of recomputed.
+// saved: Aab, Aak and U of this chunk kept by the forward (n^2, n^2, n E floats), copied instead
+// of recomputed.
 void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, const float* k, const float* v,
-                const float* a, const float* b, int64_t n, int64_t D, int64_t E, ScoreWork& sw, bool readout = true,
+                const float* a, const float* b, int64_t n, int64_t D, int64_t E, ScoreWork& sw,
                 const float* saved = nullptr) {
   cumsums(z.c.data(), z.cp.data(), w, n, D, D);
   z.x.compute(z.c.data(), z.cp.data(), z.c.data(), true, n, D);
@@ -750,10 +738,10 @@ void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, c
   times(z.bt.data(), b, z.x.et, n, D);
   const bool fac = z.factored();
   if (fac) times(z.kf.data(), k, z.x.en, n, D), times(z.bf.data(), b, z.x.en, n, D);
-  if (readout && fac) {
+  if (fac) {
     factored_scores(z.Arb.data(), z.rd.data(), z.bf.data(), n, D, false);
     factored_scores(z.Ark.data(), z.rd.data(), z.kf.data(), n, D, false);
-  } else if (readout) {
+  } else {
     scores(z.Arb.data(), r, z.c.data(), b, z.c.data(), n, D, false, sw);
     scores(z.Ark.data(), r, z.c.data(), k, z.c.data(), n, D, false, sw);
   }
@@ -778,17 +766,13 @@ void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, c
   solve_lower(U, z.Aab.data(), n, n, E);
 }
 
-}  // namespace
-
-namespace {
-
 // Scratch of dplr_factored.
 struct DplrFactoredWork {
-  std::vector<float> X, KB, G, VU, el;  // [rd; ad] (2n,D), [kf; bf]^T (D,2n), X KB (2n,2n), [V; U] (2n,E)
+  std::vector<float> X, KB, G, VU, el, en;  // [rd; ad] (2n,D), [kf; bf]^T (D,2n), X KB (2n,2n), [V; U] (2n,E)
   std::vector<Cum> run;
   DplrFactoredWork(int64_t D, int64_t E)
       : X(2 * kDecayChunk * D), KB(D * 2 * kDecayChunk), G(4 * kDecayChunk * kDecayChunk), VU(2 * kDecayChunk * E),
-        el(D), run(D) {}
+        el(D), en(D), run(D) {}
 };
 
 // One chunk of dplr_forward in the factored form, when every channel's total log decay over the
@@ -801,7 +785,7 @@ struct DplrFactoredWork {
 // six GEMMs where dplr_chunk's form takes eleven of a quarter the size.
 bool dplr_factored(DplrFactoredWork& f, float* y, float* S, const float* r, const float* w, const float* k,
                    const float* v, const float* a, const float* b, int64_t n, int64_t D, int64_t E, float* keep) {
-  float *X = f.X.data(), *KB = f.KB.data(), *G = f.G.data(), *VU = f.VU.data(), *el = f.el.data();
+  float *X = f.X.data(), *KB = f.KB.data(), *G = f.G.data(), *VU = f.VU.data(), *el = f.el.data(), *en = f.en.data();
   Cum* run = f.run.data();
   const int64_t n2 = 2 * n;
   float *rd = X, *ad = X + n * D;
@@ -822,9 +806,8 @@ bool dplr_factored(DplrFactoredWork& f, float* y, float* S, const float* r, cons
   for (int64_t t = 0; t < n; ++t) {
     const float *rr = r + t * D, *ar = a + t * D, *kr = k + t * D, *br = b + t * D;
     float *rt = rd + t * D, *at = ad + t * D;
-    float en[1024];  // e^{-c} of the row (D <= 1024: the registry's limit on a head)
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
+    for (int64_t d = 0; d < D; ++d) {  // en: the row's e^{-c}
       en[d] = exp_fast(-rt[d]);
       rt[d] = rr[d] * exp_fast(rt[d]), at[d] = ar[d] * exp_fast(at[d]);
     }
@@ -917,7 +900,7 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
     const float* Sc = states + int64_t(i) * D * E;
     const float *rc = r + oD, *kc = k + oD, *vc = v + oE, *ac = a + oD, *bc = b + oD, *dyc = dy + oE;
     float *drc = dr + oD, *dkc = dk + oD, *dvc = dv + oE, *dac = da + oD, *dbc = db + oD;
-    dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw, true, kept + int64_t(i) * per);
+    dplr_chunk(z, Sc, rc, w + oD, kc, vc, ac, bc, n, D, E, sw, kept + int64_t(i) * per);
     // dU = Arb^T dY + bt dS; (I - Aab)^T dR = dU by backward substitution
     std::fill(dU.begin(), dU.begin() + n * E, 0.0f);
     gemm_tn_acc(dU.data(), z.Arb.data(), dyc, n, E, n, n, E, E);

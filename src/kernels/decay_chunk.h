@@ -34,6 +34,8 @@ namespace linmix {
 
 constexpr int64_t kDecayChunk = 64;
 constexpr int64_t kDecaySub = 16;
+// Chunks of a sequence of T tokens (the last one partial).
+inline int64_t decay_chunks(int64_t T) { return (T + kDecayChunk - 1) / kDecayChunk; }
 
 // FLOPs of gated_forward per head: Q S, the state update K^T V (2 T D E each), scores (2 T L D)
 // and their product with V (2 T L E), L = kDecayChunk (about half of them masked, counted whole

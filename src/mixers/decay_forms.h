@@ -114,7 +114,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
     prep(z);
     z.S = z.S0;
     z.y.resize(size_t(T * E));
-    const int64_t nc = (T + kDecayChunk - 1) / kDecayChunk;  // the forward keeps what the backward reads
+    const int64_t nc = decay_chunks(T);  // the forward keeps what the backward reads
     z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
     GatedRows ld{Dk, Dk, E, Dk, E};
     ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
@@ -144,7 +144,7 @@ void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep
     prep(z);
     z.S = z.S0;
     z.y.resize(size_t(T * E));
-    const int64_t nc = (T + kDecayChunk - 1) / kDecayChunk;  // with dy the forward keeps what the backward reads
+    const int64_t nc = decay_chunks(T);  // with dy the forward keeps what the backward reads
     z.states.resize(dy ? size_t(nc * D * E) : 0), z.kept.resize(dy ? size_t(nc * dplr_kept_per(E)) : 0);
     dplr_forward(z.y.data(), z.S.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(), T,
                  D, E, dy ? z.states.data() : nullptr, dy ? z.kept.data() : nullptr);
