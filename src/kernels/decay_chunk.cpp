@@ -7,6 +7,7 @@
 
 #include "kernels/linear_product.h"
 #include "kernels/vmath.h"
+#include "linmix/error.h"
 
 namespace linmix {
 
@@ -194,13 +195,6 @@ void cumsums(Cum* c, Cum* cp, const float* g, int64_t n, int64_t D, int64_t ldg)
     for (int64_t d = 0; d < D; ++d) cp[t * D + d] = c[(t - 1) * D + d], c[t * D + d] = cp[t * D + d] + g[t * ldg + d];
 }
 
-// out (n,D) = X o e^{cL - c}
-void times_exp_to_end(float* out, const float* X, const Cum* c, int64_t n, int64_t D) {
-  const Cum* cl = c + (n - 1) * D;
-  for (int64_t t = 0; t < n; ++t)
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[t * D + d] = X[t * D + d] * exp_fast(float(cl[d] - c[t * D + d]));
-}
 // How one chunk's decays are evaluated. Every form is exact in float32; they differ in cost.
 //   factored: the chunk's total decay e^{cL} >= e^{-kFactorSpan} on every channel: every factor
 //             e^{c}, e^{-c} stays inside float32, so X o e^{c} and Y o e^{-c} are formed once a
@@ -297,14 +291,6 @@ void scale_rows(float* S, const float* f, int64_t D, int64_t E) {
     for (int64_t e = 0; e < E; ++e) S[d * E + e] *= f[d];
   }
 }
-// S (D,E) rows scaled by e^{cL}.
-void decay_rows(float* S, const Cum* cl, int64_t D, int64_t E) {
-  for (int64_t d = 0; d < D; ++d) {
-    const float f = exp_fast(float(cl[d]));
-#pragma omp simd
-    for (int64_t e = 0; e < E; ++e) S[d * E + e] *= f;
-  }
-}
 // dg of a chunk from the gradients of its cumulative sums: dg_tau = sum_{t >= tau} dc_t
 // + sum_{t > tau} dcp_t + dcL (dc, dcp: (n,D); dcL: (D)).
 void decay_grad(float* dg, const float* dc, const float* dcp, const float* dcL, int64_t n, int64_t D) {
@@ -318,11 +304,16 @@ void decay_grad(float* dg, const float* dc, const float* dcp, const float* dcL, 
     }
 }
 
-// GatedRows' save_*: the chunk's starting state S and its scores A (n x n).
-void save_chunk(const GatedRows& ld, const float* S, const float* A, int64_t t0, int64_t n, int64_t D, int64_t E) {
+// GatedRows' save_*: the chunk's starting state S and its scores A (n x n) times scale (to hold
+// yscale where A does not).
+void save_chunk(const GatedRows& ld, const float* S, const float* A, int64_t t0, int64_t n, int64_t D, int64_t E,
+                float scale = 1.0f) {
   const int64_t j = t0 / kDecayChunk;
   if (ld.save_states) std::copy(S, S + D * E, ld.save_states + j * D * E);
-  if (ld.save_scores) std::copy(A, A + n * n, ld.save_scores + j * kDecayChunk * kDecayChunk);
+  if (!ld.save_scores) return;
+  float* out = ld.save_scores + j * kDecayChunk * kDecayChunk;
+#pragma omp simd
+  for (int64_t o = 0; o < n * n; ++o) out[o] = A[o] * scale;
 }
 
 // RWKV-5/6's bonus on the (strict) scores' diagonal: A_tt = scale f_t (q_t . (u o k_t)), rows of q
@@ -464,7 +455,7 @@ void scalar_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const fl
   }
   gemm_nn(A, qc, kT, n, n, D, D, n, n, 1.0f, 0.0f);  // q k^T, then o Gamma (masked)
   times_gamma(A, cq, c, n, 1, shift);                 // (one sum a row: D = 1)
-  save_chunk(ld, S, A, t0, n, D, E);
+  save_chunk(ld, S, A, t0, n, D, E, ld.yscale);
   gemm_nn(yc, qd, S, n, E, D, D, E, ld.y, 1.0f, 0.0f);    // (yscale q o e^{cq}) S0
   gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, ld.yscale, 1.0f);  // + yscale A V
   if (ld.epilogue) (*ld.epilogue)(t0, n);
@@ -507,7 +498,7 @@ void general_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const f
   times(z.qd.data(), qc, z.x.eq, n, D);  // q o e^{cq}
   times(z.kt.data(), kc, z.x.et, n, D);  // k o e^{cL - c}
   scores(A, qc, cq, kc, c, n, D, shift, z.w);
-  save_chunk(ld, S, A, t0, n, D, E);
+  save_chunk(ld, S, A, t0, n, D, E, ld.yscale);
   if (ld.u) bonus_diagonal(A, qc, D, kc, D, ld.u, nullptr, 1.0f, n, D);  // (k already scaled)
   gemm_nn(yc, z.qd.data(), S, n, E, D, D, E, ld.y, ld.yscale, 0.0f);  // (q o e^{cq}) S0
   gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, ld.yscale, 1.0f);          // + A V
@@ -592,87 +583,173 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
                     const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
                     bool shift, const float* dST, const float* saved_states, const float* saved_scores) {
+  std::vector<float> own;  // the saves of a forward of its own (its y and final state unused)
+  if (!saved_states || !saved_scores) {
+    const int64_t nc = decay_chunks(T);
+    own.resize(size_t(nc * (D * E + kDecayChunk * kDecayChunk) + T * E + D * E));
+    float *st = own.data(), *sc = st + nc * D * E, *y = sc + nc * kDecayChunk * kDecayChunk, *S = y + T * E;
+    std::copy(S0, S0 + D * E, S);
+    GatedRows ld{D, D, E, D, E};
+    ld.save_states = st, ld.save_scores = sc;
+    gated_forward(y, S, q, k, v, g, T, D, E, shift, ld);
+    saved_states = st, saved_scores = sc;
+  }
+  const GatedGradHead head{q, k, v, g, dy, S0, dST, saved_states, saved_scores, dq, dk, dv, dg, dS0, nullptr,
+                           GatedRows{D, D, E, D, E}};
+  gated_backward_heads(&head, 1, T, D, E, shift);
+}
+
+// The chunks run in reverse, every head's chunk i before any head's chunk i - 1; a chunk's rows are
+// gathered into contiguous buffers first (q times yscale, g spread over the D channels when one a
+// step) and its gradients computed there, then written to the heads' rows (dq times yscale).
+void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift) {
+  if (nh <= 0) return;
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
   std::vector<Cum> c(L * D), cp(L * D);
-  std::vector<float> qd(L * D), kf(L * D), kt(L * D), A(L * L), dA(L * L), dkt(L * D), dc(L * D), dcp(L * D),
-      dcL(D), dS(D * E, 0.0f), t1(L * D), t2(L * D);
+  std::vector<float> qd(L * D), kf(L * D), kt(L * D), dA(L * L), dkt(L * D), dc(L * D), dcp(L * D), dcL(D), t1(L * D),
+      t2(L * D);
+  // the chunk's operands and gradients, contiguous
+  std::vector<float> qb(L * D), kb(L * D), gb(L * D), vb(L * E), yb(L * E), dqc(L * D), dkc(L * D), dgc(L * D),
+      dvc(L * E);
+  std::vector<float> dSs(size_t(nh * D * E));  // every head's state gradient, carried from chunk to chunk
   Decays x;
-  if (dST) std::copy(dST, dST + D * E, dS.begin());  // the sweep starts from the final state's gradient
-  std::vector<float> states(saved_states ? 0 : chunks.size() * D * E);  // the state at every chunk start
-  if (!saved_states) {
-    std::vector<float> S(S0, S0 + D * E);
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      const int64_t t0 = chunks[i].t0, n = chunks[i].n;
-      std::copy(S.begin(), S.end(), states.begin() + int64_t(i) * D * E);
-      cumsums(c.data(), cp.data(), g + t0 * D, n, D, D);
-      decay_rows(S.data(), c.data() + (n - 1) * D, D, E);
-      times_exp_to_end(kt.data(), k + t0 * D, c.data(), n, D);
-      gemm_tn_acc(S.data(), kt.data(), v + t0 * E, D, E, n, D, E, E);
-    }
+  ScoreWork sw;
+  for (int64_t i = 0; i < nh; ++i) {
+    const GatedGradHead& h = heads[i];
+    LINMIX_CHECK(!h.ld.kscale && !h.ld.epilogue && h.states && h.scores,
+                 "gated_backward_heads: kscale and epilogue are the caller's; the forward's saves are needed");
+    float* dS = dSs.data() + i * D * E;
+    if (h.dST) std::copy(h.dST, h.dST + D * E, dS);
+    else std::fill(dS, dS + D * E, 0.0f);
+    if (h.ld.g == 0) std::fill(h.dg, h.dg + (h.ld.g_row ? 1 : D), 0.0f);  // sums over the steps
   }
-  ScoreWork w;
-  for (size_t i = chunks.size(); i-- > 0;) {
-    const int64_t t0 = chunks[i].t0, n = chunks[i].n;
-    const float *qc = q + t0 * D, *kc = k + t0 * D, *vc = v + t0 * E, *dyc = dy + t0 * E;
-    const float* Sc = (saved_states ? saved_states : states.data()) + int64_t(i) * D * E;
-    float *dqc = dq + t0 * D, *dkc = dk + t0 * D, *dvc = dv + t0 * E;
-    cumsums(c.data(), cp.data(), g + t0 * D, n, D, D);
-    const Cum* cq = shift ? cp.data() : c.data();
-    x.compute(c.data(), cp.data(), cq, false, n, D);
-    const bool fac = x.form == Form::factored;
-    times(qd.data(), qc, x.eq, n, D);
-    times(kt.data(), kc, x.et, n, D);
-    if (fac) times(kf.data(), kc, x.en, n, D);
-    const float* Ac = saved_scores ? saved_scores + int64_t(i) * L * L : A.data();
-    if (!saved_scores && fac) factored_scores(A.data(), qd.data(), kf.data(), n, D, shift);
-    else if (!saved_scores) scores(A.data(), qc, cq, kc, c.data(), n, D, shift, w);
-    // dq = (dy S0^T) o e^{cq}  (+ the intra part below)
-    std::fill(dqc, dqc + n * D, 0.0f);
-    std::fill(dkc, dkc + n * D, 0.0f);
-    gemm_nt_acc(dqc, dyc, Sc, n, D, E, E, E, D);
-    for (int64_t o = 0; o < n * D; ++o) dqc[o] *= x.eq[size_t(o)];
-    // dA = dy V^T (masked); dv = A^T dy + kt dS
-    std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
-    gemm_nt_acc(dA.data(), dyc, vc, n, n, E, E, E, n);
-    mask_upper(dA.data(), n, shift);
-    std::fill(dvc, dvc + n * E, 0.0f);
-    gemm_tn_acc(dvc, Ac, dyc, n, E, n, n, E, E);
-    gemm_nn_acc(dvc, kt.data(), dS.data(), n, E, D, D, E, E);
-    if (fac)
-      factored_scores_backward(dqc, dkc, dA.data(), qd.data(), x.eq.data(), kf.data(), x.en.data(), n, D, t1.data(),
-                               t2.data());
-    else
-      scores_backward(dqc, dkc, dA.data(), qc, cq, kc, c.data(), n, D, shift, w);
-    // dkt = V dS^T; dk += dkt o e^{cL - c}
-    std::fill(dkt.begin(), dkt.begin() + n * D, 0.0f);
-    gemm_nt_acc(dkt.data(), vc, dS.data(), n, D, E, E, E, D);
-    std::fill(dcL.begin(), dcL.end(), 0.0f);
-    for (int64_t t = 0; t < n; ++t)
+  const auto gather = [](float* dst, const float* src, int64_t ld, int64_t n, int64_t W, float scale) {
+    for (int64_t t = 0; t < n; ++t) {
+      const float* s = src + t * ld;
+      float* d = dst + t * W;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t o = t * D + d;
-        dcL[size_t(d)] += kt[o] * dkt[o];
-        dkc[o] += dkt[o] * x.et[size_t(o)];
+      for (int64_t j = 0; j < W; ++j) d[j] = s[j] * scale;
+    }
+  };
+  const auto put = [](float* dst, int64_t ld, const float* src, int64_t n, int64_t W, float scale) {
+    for (int64_t t = 0; t < n; ++t) {
+      float* d = dst + t * ld;
+      const float* s = src + t * W;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) d[j] = s[j] * scale;
+    }
+  };
+  for (size_t ci = chunks.size(); ci-- > 0;)
+    for (int64_t hi = 0; hi < nh; ++hi) {
+      const GatedGradHead& h = heads[hi];
+      const GatedRows& ld = h.ld;
+      const int64_t t0 = chunks[ci].t0, n = chunks[ci].n;
+      const float ys = ld.yscale;
+      float* dS = dSs.data() + hi * D * E;
+      const float *qc = qb.data(), *kc = kb.data(), *vc = vb.data(), *dyc = yb.data();
+      gather(qb.data(), h.q + t0 * ld.q, ld.q, n, D, ys);
+      gather(kb.data(), h.k + t0 * ld.k, ld.k, n, D, 1.0f);
+      gather(vb.data(), h.v + t0 * ld.v, ld.v, n, E, 1.0f);
+      gather(yb.data(), h.dy + t0 * ld.y, ld.y, n, E, 1.0f);
+      if (ld.g_row) {  // one log decay a step, spread over the channels
+        for (int64_t t = 0; t < n; ++t) std::fill(gb.data() + t * D, gb.data() + (t + 1) * D, h.g[(t0 + t) * ld.g]);
+        cumsums(c.data(), cp.data(), gb.data(), n, D, D);
+      } else {
+        cumsums(c.data(), cp.data(), h.g + t0 * ld.g, n, D, ld.g);
       }
-    // decay gradients: q carries e^{cq}, k carries e^{-c} everywhere; S0 and kt carry e^{cL}
-    for (int64_t d = 0; d < D; ++d) {
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t e = 0; e < E; ++e) s += Sc[d * E + e] * dS[d * E + e];
-      dcL[size_t(d)] += s * x.el[size_t(d)];
+      const float* Sc = h.states + int64_t(ci) * D * E;
+      const float* Ac = h.scores + int64_t(ci) * L * L;
+      const Cum* cq = shift ? cp.data() : c.data();
+      x.compute(c.data(), cp.data(), cq, false, n, D);
+      const bool fac = x.form == Form::factored;
+      times(qd.data(), qc, x.eq, n, D);
+      times(kt.data(), kc, x.et, n, D);
+      if (fac) times(kf.data(), kc, x.en, n, D);
+      // dq = (dy S0^T) o e^{cq}  (+ the intra part below)
+      std::fill(dqc.begin(), dqc.begin() + n * D, 0.0f);
+      std::fill(dkc.begin(), dkc.begin() + n * D, 0.0f);
+      gemm_nt_acc(dqc.data(), dyc, Sc, n, D, E, E, E, D);
+      for (int64_t o = 0; o < n * D; ++o) dqc[o] *= x.eq[size_t(o)];
+      // dA = dy V^T (masked); dv = A^T dy + kt dS
+      std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
+      gemm_nt_acc(dA.data(), dyc, vc, n, n, E, E, E, n);
+      float dbonus[kDecayChunk];  // the bonus's dA_tt, before the strict mask drops it
+      if (ld.u)
+        for (int64_t t = 0; t < n; ++t) dbonus[t] = dA[t * n + t];
+      mask_upper(dA.data(), n, shift);
+      std::fill(dvc.begin(), dvc.begin() + n * E, 0.0f);
+      gemm_tn_acc(dvc.data(), Ac, dyc, n, E, n, n, E, E);
+      gemm_nn_acc(dvc.data(), kt.data(), dS, n, E, D, D, E, E);
+      if (fac)
+        factored_scores_backward(dqc.data(), dkc.data(), dA.data(), qd.data(), x.eq.data(), kf.data(), x.en.data(), n, D,
+                                 t1.data(), t2.data());
+      else
+        scores_backward(dqc.data(), dkc.data(), dA.data(), qc, cq, kc, c.data(), n, D, shift, sw);
+      // dkt = V dS^T; dk += dkt o e^{cL - c}
+      std::fill(dkt.begin(), dkt.begin() + n * D, 0.0f);
+      gemm_nt_acc(dkt.data(), vc, dS, n, D, E, E, E, D);
+      std::fill(dcL.begin(), dcL.end(), 0.0f);
+      for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t o = t * D + d;
+          dcL[size_t(d)] += kt[o] * dkt[o];
+          dkc[o] += dkt[o] * x.et[size_t(o)];
+        }
+      // decay gradients: q carries e^{cq}, k carries e^{-c} everywhere; S0 and kt carry e^{cL}
+      for (int64_t d = 0; d < D; ++d) {
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t e = 0; e < E; ++e) sum += Sc[d * E + e] * dS[d * E + e];
+        dcL[size_t(d)] += sum * x.el[size_t(d)];
+      }
+      for (int64_t o = 0; o < n * D; ++o) {
+        const float qq = qc[o] * dqc[o];
+        dc[o] = -kc[o] * dkc[o] + (shift ? 0.0f : qq);
+        dcp[o] = shift ? qq : 0.0f;
+      }
+      decay_grad(dgc.data(), dc.data(), dcp.data(), dcL.data(), n, D);
+      // dS0 of this chunk = e^{cL} o dS + qd^T dy
+      scale_rows(dS, x.el.data(), D, E);
+      gemm_tn_acc(dS, qd.data(), dyc, D, E, n, D, E, E);
+      if (ld.u)  // the bonus y_t += (q_t . (u o k_t)) v_t (q with yscale): no decay in it
+        for (int64_t t = 0; t < n; ++t) {
+          const float *qt = qc + t * D, *kr = kc + t * D, *gy = dyc + t * E, *u = ld.u;
+          float beta = 0.0f;
+          for (int64_t d = 0; d < D; ++d) beta += qt[d] * u[d] * kr[d];
+          float* dvt = dvc.data() + t * E;
+#pragma omp simd
+          for (int64_t e = 0; e < E; ++e) dvt[e] += beta * gy[e];
+          const float db = dbonus[t];
+          float *dqt = dqc.data() + t * D, *dkt_ = dkc.data() + t * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            dqt[d] += db * u[d] * kr[d], dkt_[d] += db * u[d] * qt[d];
+            h.du[d] += db * qt[d] * kr[d];
+          }
+        }
+      // the chunk's gradients into the heads' rows
+      put(h.dq + t0 * ld.q, ld.q, dqc.data(), n, D, ys);
+      put(h.dk + t0 * ld.k, ld.k, dkc.data(), n, D, 1.0f);
+      put(h.dv + t0 * ld.v, ld.v, dvc.data(), n, E, 1.0f);
+      if (!ld.g_row && ld.g != 0) {
+        put(h.dg + t0 * ld.g, ld.g, dgc.data(), n, D, 1.0f);
+      } else if (!ld.g_row) {
+        for (int64_t t = 0; t < n; ++t)
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) h.dg[d] += dgc[t * D + d];
+      } else {
+        for (int64_t t = 0; t < n; ++t) {
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t d = 0; d < D; ++d) sum += dgc[t * D + d];
+          if (ld.g != 0) h.dg[(t0 + t) * ld.g] = sum;
+          else h.dg[0] += sum;
+        }
+      }
     }
-    for (int64_t o = 0; o < n * D; ++o) {
-      const float qq = qc[o] * dqc[o];
-      dc[o] = -kc[o] * dkc[o] + (shift ? 0.0f : qq);
-      dcp[o] = shift ? qq : 0.0f;
-    }
-    decay_grad(dg + t0 * D, dc.data(), dcp.data(), dcL.data(), n, D);
-    // dS0 of this chunk = e^{cL} o dS + qd^T dy
-    scale_rows(dS.data(), x.el.data(), D, E);
-    gemm_tn_acc(dS.data(), qd.data(), dyc, D, E, n, D, E, E);
-  }
-  std::copy(dS.begin(), dS.end(), dS0);
+  for (int64_t i = 0; i < nh; ++i) std::copy(dSs.begin() + i * D * E, dSs.begin() + (i + 1) * D * E, heads[i].dS0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -70,8 +70,8 @@ struct GatedRows {
   // called with (t0, n) once the chunk's rows [t0, t0 + n) of y are written, while they are in
   // cache (Mamba-2's skip and gate)
   const std::function<void(int64_t, int64_t)>* epilogue = nullptr;
-  // For gated_backward (contiguous rows, no bonus, yscale 1): chunk j's starting state (D,E) is
-  // written at save_states + j D E and its masked scores (n x n, row stride n) at
+  // For gated_backward: chunk j's starting state (D,E) is written at save_states + j D E and its
+  // masked scores (n x n, row stride n; yscale and kscale in them, the bonus not) at
   // save_scores + j kDecayChunk^2, when not null: (T / chunk) (D E + chunk^2) floats.
   float* save_states = nullptr;
   float* save_scores = nullptr;
@@ -89,10 +89,25 @@ struct GatedHeadRows {
 // 1, ...): heads side by side in a (B,T,H,X) tensor then read each chunk's rows as runs of memory
 // that the hardware prefetchers follow, where one head alone reads D of every H D floats a row.
 void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift);
-// Backward of gated_forward from the initial state S0 (D,E): given dy (T,E) and the gradient of
-// the final state dST (D,E; null = zeros: fla's dht), writes dq, dk, dg (T,D), dv (T,E), dS0 (D,E).
-// states, scores: what a gated_forward of the same operands saved (GatedRows save_*), read
-// instead of recomputed when not null.
+// Backward of gated_forward, several heads of one T, D, E run chunk by chunk across them (in
+// reverse) on their rows in place, as gated_forward_heads. A head's operands q, k, v, g and its
+// dy (rows at ld.y) are read at the strides of ld, yscale folded into q as the forward folds it
+// (kscale and epilogue: not here); its gradients dq (times yscale: with respect to q itself), dk,
+// dv are written at the same strides, and dg at ld.g: D floats a step, or with ld.g = 0 (one row
+// for every step) the sum over the steps; with g_row one float a step (the sum over the D
+// channels), or with ld.g = 0 one float. dS0 (D,E) is written; dST (D,E; null = zeros: fla's
+// dht) is the gradient of the final state. With ld.u (RWKV-5/6's bonus) its gradient is added to
+// du (D). states, scores: what gated_forward saved for these operands (GatedRows save_*).
+struct GatedGradHead {
+  const float *q, *k, *v, *g, *dy;
+  const float *S0, *dST, *states, *scores;
+  float *dq, *dk, *dv, *dg, *dS0, *du;
+  GatedRows ld;
+};
+void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift);
+// One head on contiguous rows (q, k, g: (T,D); v, dy: (T,E)): writes dq, dk, dg (T,D), dv (T,E),
+// dS0 (D,E). states, scores: gated_forward's saves for these operands; null: a forward of its own
+// saves them.
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
                     const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
                     bool shift, const float* dST = nullptr, const float* states = nullptr,

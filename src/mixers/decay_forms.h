@@ -57,20 +57,21 @@ void each_head(int64_t B, int64_t H, F f) {
     for (int64_t h = 0; h < H; ++h) f(b, h);
 }
 
-// One head of a gated mechanism (kernels/decay_chunk.h gated_*): prep fills the kernel's
-// operands (q with the read-out scale folded in, k, g: (T,Dk); v: (T,E); S0: (Dk,E)); the
-// driver runs the chunked forward (y, the final S) and, with dy, the backward (dq, dk, dg,
-// dv, dS0, with respect to the operands); post maps them to the mechanism's tensors. dST, the
-// gradient of the final state (fla's dht), is the call's dfinal.S of the head unless prep fills it
-// (a state of another layout); empty: zeros.
+// One head of a gated mechanism (kernels/decay_chunk.h gated_*). prep points iq, ik, iv, ig at
+// the head's rows in place (with their strides and the read-out scale in ld) and oy at the output's
+// rows; with dy it also points odq, odk, odv, odg (and odu with a bonus) at where the gradients go,
+// the strides of ld again (odg as gated_backward_heads writes dg), and the kernels run on the rows
+// in place. A mechanism whose operands are not its tensors' rows (Mamba-2's d B) instead fills q
+// (with the read-out scale folded in), k, g: (T,Dk), v: (T,E), and with dy maybe dy (the kernel's
+// own, else the call's rows); the driver then runs the forward and the backward on them, giving
+// y, S, dq, dk, dg, dv, dS0 with respect to these operands. post maps the results to the
+// mechanism's tensors. dST, the gradient of the final state (fla's dht), is the call's dfinal.S of
+// the head unless prep fills it (a state of another layout); empty: zeros.
 struct GatedHead {
   int64_t b = 0, h = 0;
-  std::vector<float> q, k, v, g, S0, y, S, dy, dST, dq, dk, dv, dg, dS0, states, scores;
-  // A forward alone (no dy) may run on the call's rows in place: prep points these at them (and
-  // oy at the output's rows, with their strides and the read-out scale) instead of filling q, k,
-  // v, g; y is then written there and left empty.
+  std::vector<float> q, k, v, g, S0, y, S, dy, dST, dq, dk, dv, dg, dS0, du, states, scores;
   const float *iq = nullptr, *ik = nullptr, *iv = nullptr, *ig = nullptr;
-  float* oy = nullptr;
+  float *oy = nullptr, *odq = nullptr, *odk = nullptr, *odv = nullptr, *odg = nullptr, *odu = nullptr;
   GatedRows ld{0, 0, 0, 0, 0};
   std::function<void(int64_t, int64_t)> epilogue;  // ld.epilogue may point here
 };
@@ -81,53 +82,69 @@ void final_grad(Z& z, const Call& c, int64_t n) {
   const float* p = c.t("dfinal.S").ptr() + (z.b * c.d("H") + z.h) * n;
   z.dST.assign(p, p + n);
 }
+// Each thread takes a run of adjacent heads (b H + h) and runs them chunk by chunk together
+// (gated_forward_heads, gated_backward_heads), reading runs of each row.
 template <class Prep, class Post>
 void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool shift, Prep prep, Post post) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
-  if (!dy) {
-    // The forward on the rows in place: each thread takes a run of adjacent heads (b H + h) and
-    // runs them chunk by chunk together (gated_forward_heads), reading runs of each row.
 #pragma omp parallel
-    {
-      const int64_t nbh = B * H, nth = omp_get_num_threads(), id = omp_get_thread_num();
-      const int64_t lo = nbh * id / nth, hi = nbh * (id + 1) / nth;
-      thread_local std::vector<GatedHead> zs;  // buffers reused across calls
-      thread_local std::vector<GatedHeadRows> rows;
-      if (int64_t(zs.size()) < hi - lo) zs.resize(size_t(hi - lo));  // before prep: ld may point into z
-      rows.clear();
+  {
+    const int64_t nbh = B * H, nth = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t lo = nbh * id / nth, hi = nbh * (id + 1) / nth, nc = decay_chunks(T);
+    thread_local std::vector<GatedHead> zs;  // buffers reused across calls
+    thread_local std::vector<GatedHeadRows> rows;
+    thread_local std::vector<GatedGradHead> grads;
+    if (int64_t(zs.size()) < hi - lo) zs.resize(size_t(hi - lo));  // before prep: ld may point into z
+    rows.clear(), grads.clear();
+    for (int64_t i = lo; i < hi; ++i) {
+      GatedHead& z = zs[size_t(i - lo)];
+      z.b = i / H, z.h = i % H, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
+      z.odq = z.odk = z.odv = z.odg = z.odu = nullptr;
+      prep(z);
+      z.S = z.S0;
+      if (!z.iq) {  // the mechanism's own operands, one head at a time
+        LINMIX_CHECK(dy, "gated_heads: a forward alone runs on the rows in place");
+        z.y.resize(size_t(T * E));
+        z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
+        GatedRows ld{Dk, Dk, E, Dk, E};  // the forward keeps what the backward reads
+        ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
+        gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift, ld);
+        if (z.dy.empty()) rows_into(z.dy, *dy, z.b, z.h, T, H, E);
+        z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
+        z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
+        final_grad(z, c, Dk * E);
+        gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
+                       z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift,
+                       z.dST.empty() ? nullptr : z.dST.data(), z.states.data(), z.scores.data());
+        post(z);
+        continue;
+      }
+      LINMIX_CHECK(z.oy, "gated_heads: the rows in place need the output's");
+      z.y.clear();
+      GatedRows ld = z.ld;
+      if (dy) {  // the forward keeps what the backward reads
+        z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
+        ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
+      }
+      rows.push_back({z.oy, z.S.data(), z.iq, z.ik, z.iv, z.ig, ld});
+    }
+    if (!rows.empty()) gated_forward_heads(rows.data(), int64_t(rows.size()), T, Dk, E, shift);
+    if (dy && !rows.empty()) {
       for (int64_t i = lo; i < hi; ++i) {
         GatedHead& z = zs[size_t(i - lo)];
-        z.b = i / H, z.h = i % H, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
-        prep(z);
-        LINMIX_CHECK(z.iq && z.oy, "gated_heads: a forward alone runs on the rows in place");
-        z.S = z.S0, z.y.clear();
-        rows.push_back({z.oy, z.S.data(), z.iq, z.ik, z.iv, z.ig, z.ld});
+        LINMIX_CHECK(z.odq && z.odk && z.odv && z.odg && (z.odu || !z.ld.u) && z.ld.y == H * E,
+                     "gated_heads: the gradients' rows in place are the mechanism's to give");
+        final_grad(z, c, Dk * E);
+        z.dS0.resize(size_t(Dk * E));
+        grads.push_back({z.iq, z.ik, z.iv, z.ig, dy->ptr() + (z.b * T * H + z.h) * E, z.S0.data(),
+                         z.dST.empty() ? nullptr : z.dST.data(), z.states.data(), z.scores.data(), z.odq, z.odk, z.odv,
+                         z.odg, z.dS0.data(), z.odu, z.ld});
       }
-      if (!rows.empty()) gated_forward_heads(rows.data(), int64_t(rows.size()), T, Dk, E, shift);
-      for (int64_t i = lo; i < hi; ++i) post(zs[size_t(i - lo)]);
+      gated_backward_heads(grads.data(), int64_t(grads.size()), T, Dk, E, shift);
     }
-    return;
+    if (!rows.empty())
+      for (int64_t i = lo; i < hi; ++i) post(zs[size_t(i - lo)]);
   }
-  each_head(B, H, [&](int64_t b, int64_t h) {
-    thread_local GatedHead z;  // buffers reused across heads and calls
-    z.b = b, z.h = h, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
-    prep(z);
-    z.S = z.S0;
-    z.y.resize(size_t(T * E));
-    const int64_t nc = decay_chunks(T);  // the forward keeps what the backward reads
-    z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
-    GatedRows ld{Dk, Dk, E, Dk, E};
-    ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
-    gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift, ld);
-    if (z.dy.empty()) rows_into(z.dy, *dy, b, h, T, H, E);  // prep may give the kernel's own dy
-    z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
-    z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
-    final_grad(z, c, Dk * E);
-    gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
-                   z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift, z.dST.empty() ? nullptr : z.dST.data(),
-                   z.states.data(), z.scores.data());
-    post(z);
-  });
 }
 
 // One head of a delta-rule mechanism (kernels/decay_chunk.h dplr_*), as GatedHead.

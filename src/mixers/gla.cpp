@@ -48,27 +48,19 @@ TensorMap gla_run(const Call& c, const Tensor* dy) {
   TensorMap out = decay_outputs(c, dy, {{"dq", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dg", {B, T, H, D}}, {"dstate.S", {B, H, D, E}}});
   float* py = out["y"].ptr();
-  auto prep = [&](GatedHead& z) {
-    if (!dy) {  // the forward reads the heads' rows in place and writes y there
-      const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
-      z.iq = c.t("q").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.ig = c.t("g").ptr() + r0 * D;
-      z.iv = c.t("v").ptr() + r0 * E, z.oy = py + r0 * E;
-      z.ld = {H * D, H * D, H * E, H * D, H * E, scale};
-      z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
-      return;
-    }
-    rows_into(z.q, c, "q", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D);
-    rows_into(z.v, c, "v", z.b, z.h, E), rows_into(z.g, c, "g", z.b, z.h, D);
-    for (float& x : z.q) x *= scale;
+  float* pd[4] = {};  // dq, dk, dv, dg
+  if (dy) pd[0] = out["dq"].ptr(), pd[1] = out["dk"].ptr(), pd[2] = out["dv"].ptr(), pd[3] = out["dg"].ptr();
+  auto prep = [&](GatedHead& z) {  // the kernels read and write the heads' rows in place
+    const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
+    z.iq = c.t("q").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.ig = c.t("g").ptr() + r0 * D;
+    z.iv = c.t("v").ptr() + r0 * E, z.oy = py + r0 * E;
+    z.ld = {H * D, H * D, H * E, H * D, H * E, scale};
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+    if (dy) z.odq = pd[0] + r0 * D, z.odk = pd[1] + r0 * D, z.odv = pd[2] + r0 * E, z.odg = pd[3] + r0 * D;
   };
   auto post = [&](GatedHead& z) {
-    if (!z.oy) put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
-    if (!dy) return;
-    put_head(out["dq"], z.dq.data(), z.b, z.h, T, H, D, scale), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
-    put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E), put_head(out["dg"], z.dg.data(), z.b, z.h, T, H, D);
-    put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
+    if (dy) put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
   };
   gated_heads(c, dy, D, E, false, prep, post);
   return out;

@@ -61,35 +61,25 @@ TensorMap retention_run(const Call& c, const Tensor* dy) {
   TensorMap out = decay_outputs(c, dy, {{"dq", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dgamma", {H}}, {"dstate.S", {B, H, D, E}}});
   float* py = out["y"].ptr();
-  auto prep = [&](GatedHead& z) {
-    if (!dy) {  // the forward reads the heads' rows in place (one row of log gamma) and writes y there
-      const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
-      z.iq = c.t("q").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.iv = c.t("v").ptr() + r0 * E;
-      z.g.assign(1, std::log(gamma[z.h]));
-      z.ig = z.g.data(), z.oy = py + r0 * E;
-      z.ld = {H * D, H * D, H * E, 0, H * E, scale};
-      z.ld.g_row = true;
-      z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
-      return;
-    }
-    rows_into(z.q, c, "q", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D), rows_into(z.v, c, "v", z.b, z.h, E);
-    for (float& x : z.q) x *= scale;
-    z.g.assign(size_t(T * D), std::log(gamma[z.h]));
+  float *pdq = dy ? out["dq"].ptr() : nullptr, *pdk = dy ? out["dk"].ptr() : nullptr, *pdv = dy ? out["dv"].ptr() : nullptr;
+  auto prep = [&](GatedHead& z) {  // the kernels read the heads' rows in place (one row of log gamma)
+    const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
+    z.iq = c.t("q").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.iv = c.t("v").ptr() + r0 * E;
+    z.g.assign(1, std::log(gamma[z.h]));
+    z.ig = z.g.data(), z.oy = py + r0 * E;
+    z.ld = {H * D, H * D, H * E, 0, H * E, scale};
+    z.ld.g_row = true;
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+    if (!dy) return;
+    z.odq = pdq + r0 * D, z.odk = pdk + r0 * D, z.odv = pdv + r0 * E;
+    z.dg.resize(1), z.odg = z.dg.data();  // d log(gamma), summed over the steps and key channels
   };
   auto post = [&](GatedHead& z) {
-    if (!z.oy) put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
     if (!dy) return;
-    put_head(out["dq"], z.dq.data(), z.b, z.h, T, H, D, scale), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
-    put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E);
     put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
-    double s = 0;  // d log(gamma) summed over steps and key channels
-    const float* dg = z.dg.data();
-#pragma omp simd reduction(+ : s)
-    for (size_t i = 0; i < z.dg.size(); ++i) s += dg[i];
 #pragma omp critical(retention_dgamma)
-    out["dgamma"].data[size_t(z.h)] += float(s / gamma[z.h]);
+    out["dgamma"].data[size_t(z.h)] += z.dg[0] / gamma[z.h];
   };
   gated_heads(c, dy, D, E, false, prep, post);
   return out;

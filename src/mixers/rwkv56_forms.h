@@ -2,7 +2,7 @@
 // (H,D) constant in time) and rwkv6.cpp (w (B,T,H,D) per token):
 //   y_t = scale (S_{t-1} + diag(u) k_t v_t^T)^T r_t,  S_t = diag(e^{w_t}) S_{t-1} + k_t v_t^T.
 // parallel: the gated chunked kernel with the read-out one step earlier (shift) plus the
-// diagonal bonus scale (r_t . (u o k_t)) v_t; backward: gated_backward plus the bonus terms.
+// diagonal bonus scale (r_t . (u o k_t)) v_t; backward: gated_backward_heads, the bonus's terms included.
 #pragma once
 #include "decay_forms.h"
 
@@ -49,62 +49,29 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
   TensorMap out = decay_outputs(c, dy, {{"dr", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dw", wshape}, {"du", {H, D}}, {"dstate.S", {B, H, D, E}}});
   float* py = out["y"].ptr();
-  auto prep = [&](GatedHead& z) {
-    if (!dy) {  // the forward reads the heads' rows in place (w: one row when constant), writes y there
-      const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
-      z.iq = c.t("r").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.iv = c.t("v").ptr() + r0 * E;
-      z.ig = per_token ? c.t("w").ptr() + r0 * D : c.t("w").ptr() + z.h * D, z.oy = py + r0 * E;
-      z.ld = {H * D, H * D, H * E, per_token ? H * D : 0, H * E, scale, u + z.h * D};
-      z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
-      return;
-    }
-    rows_into(z.q, c, "r", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D), rows_into(z.v, c, "v", z.b, z.h, E);
-    for (float& x : z.q) x *= scale;
-    if (per_token) rows_into(z.g, c, "w", z.b, z.h, D);
-    else {
-      z.g.resize(size_t(T * D));
-      for (int64_t t = 0; t < T; ++t) std::copy(c.t("w").ptr() + z.h * D, c.t("w").ptr() + (z.h + 1) * D, &z.g[t * D]);
-    }
+  float* pd[4] = {};  // dr, dk, dv, dw (per token)
+  if (dy) pd[0] = out["dr"].ptr(), pd[1] = out["dk"].ptr(), pd[2] = out["dv"].ptr(), pd[3] = out["dw"].ptr();
+  auto prep = [&](GatedHead& z) {  // the kernels read and write the heads' rows in place (w: one row when constant)
+    const int64_t r0 = z.b * T * H + z.h;  // the row of (b, 0, h)
+    z.iq = c.t("r").ptr() + r0 * D, z.ik = c.t("k").ptr() + r0 * D, z.iv = c.t("v").ptr() + r0 * E;
+    z.ig = per_token ? c.t("w").ptr() + r0 * D : c.t("w").ptr() + z.h * D, z.oy = py + r0 * E;
+    z.ld = {H * D, H * D, H * E, per_token ? H * D : 0, H * E, scale, u + z.h * D};
     z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+    if (!dy) return;
+    z.odq = pd[0] + r0 * D, z.odk = pd[1] + r0 * D, z.odv = pd[2] + r0 * E;
+    z.dg.assign(per_token ? 0 : size_t(D), 0.0f), z.du.assign(size_t(D), 0.0f);
+    z.odg = per_token ? pd[3] + r0 * D : z.dg.data(), z.odu = z.du.data();
   };
   auto post = [&](GatedHead& z) {
-    const float* uh = u + z.h * D;
-    if (z.oy) {  // the forward in place: the kernel added the bonus (ld.u)
-      put_state(out, "state.S", z.S, z.b * H + z.h);
-      return;
-    }
-    std::vector<float> du(dy ? D : 0, 0.0f);
-    for (int64_t t = 0; t < T; ++t) {  // the bonus (q holds scale r)
-      const float *qt = &z.q[t * D], *kt = &z.k[t * D], *vt = &z.v[t * E];
-      float beta = 0.0f;
-      for (int64_t d = 0; d < D; ++d) beta += qt[d] * uh[d] * kt[d];
-      for (int64_t e = 0; e < E; ++e) z.y[t * E + e] += beta * vt[e];
-      if (!dy) continue;
-      const float* gy = &z.dy[t * E];
-      float dbeta = 0.0f;
-      for (int64_t e = 0; e < E; ++e) dbeta += gy[e] * vt[e], z.dv[t * E + e] += beta * gy[e];
-      for (int64_t d = 0; d < D; ++d) {
-        z.dq[t * D + d] += dbeta * uh[d] * kt[d];
-        z.dk[t * D + d] += dbeta * uh[d] * qt[d];
-        du[size_t(d)] += dbeta * qt[d] * kt[d];
-      }
-    }
-    put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
     put_state(out, "state.S", z.S, z.b * H + z.h);
     if (!dy) return;
-    put_head(out["dr"], z.dq.data(), z.b, z.h, T, H, D, scale), put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D);
-    put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E);
     put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
-    if (per_token) put_head(out["dw"], z.dg.data(), z.b, z.h, T, H, D);
-    if (!per_token)  // the constant decay: its gradient summed over time, outside the lock
-      for (int64_t t = 1; t < T; ++t)
-        for (int64_t d = 0; d < D; ++d) z.dg[d] += z.dg[t * D + d];
 #pragma omp critical(rwkv56_weights)
-    {
+    {  // u's gradient, and the constant decay's summed over time
       float *gu = out["du"].ptr() + z.h * D, *gw = per_token ? nullptr : out["dw"].ptr() + z.h * D;
       for (int64_t d = 0; d < D; ++d) {
-        gu[d] += du[size_t(d)];
-        if (gw) gw[d] += z.dg[d];
+        gu[d] += z.du[size_t(d)];
+        if (gw) gw[d] += z.dg[size_t(d)];
       }
     }
   };
