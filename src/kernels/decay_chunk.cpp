@@ -580,6 +580,124 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
   }
 }
 
+namespace {
+
+// The chunk buffers of gated_backward_heads that row_decay_backward reads (q with yscale, k, v, dy)
+// and writes (dq, dk, dv, dA: the gradients with respect to them and the masked scores), and its
+// own scratch.
+struct RowWork {
+  const float *q, *k, *v, *dy;
+  float *dq, *dk, *dv, *dA;
+  std::vector<float> qd, kt, kf, t1, t2, G, dg;
+  explicit RowWork(int64_t D)
+      : qd(kDecayChunk * D), kt(kDecayChunk * D), kf(kDecayChunk * D), t1(kDecayChunk * D), t2(kDecayChunk * D),
+        G(kDecayChunk * kDecayChunk), dg(kDecayChunk) {}
+};
+
+// X (n,W) rows scaled: out_t = X_t f_t
+void row_scaled(float* out, const float* X, const float* f, int64_t n, int64_t W) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float a = f[t];
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) out[t * W + j] = X[t * W + j] * a;
+  }
+}
+// sum_j X_tj Y_tj for each row t
+void row_dots(float* out, const float* X, const float* Y, int64_t n, int64_t W) {
+  for (int64_t t = 0; t < n; ++t) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < W; ++j) s += X[t * W + j] * Y[t * W + j];
+    out[t] = s;
+  }
+}
+
+// One chunk of gated_backward_heads with one log decay a step (ld.g_row: retention, Mamba-2):
+// every decay is a scalar of a row (e^{cq_t}, e^{-c_t}, e^{cL - c_t}) or of a pair (the scores'
+// Gamma), so no (n,D) arrays of sums or exponentials. dq, dk, dv, dS as the per-channel body; dg:
+// one a step into z.dg (the sum over the channels of the per-channel rule).
+void row_decay_backward(RowWork& z, const GatedGradHead& h, float* dS, const float* Sc, const float* Ac, int64_t t0,
+                        int64_t n, int64_t D, int64_t E, bool shift, float* dbonus) {
+  Cum c[kDecayChunk], cq[kDecayChunk];
+  Cum run = 0.0;
+  for (int64_t t = 0; t < n; ++t) {
+    const Cum before = run;
+    run += h.g[(t0 + t) * h.ld.g];
+    c[t] = run, cq[t] = shift ? before : run;
+  }
+  const Cum cL = run;
+  const bool fac = -cL <= kFactorSpan;
+  float eq[kDecayChunk], et[kDecayChunk], en[kDecayChunk], dc[kDecayChunk], dcq[kDecayChunk];
+  for (int64_t t = 0; t < n; ++t) {
+    eq[t] = exp_fast(float(cq[t])), et[t] = exp_fast(float(cL - c[t]));
+    en[t] = fac ? exp_fast(float(-c[t])) : 0.0f;
+  }
+  const float el = exp_fast(float(cL));
+  const float *q = z.q, *k = z.k, *v = z.v, *dy = z.dy;
+  float *dq = z.dq, *dk = z.dk, *dv = z.dv, *dA = z.dA, *qd = z.qd.data(), *kt = z.kt.data(), *kf = z.kf.data();
+  row_scaled(qd, q, eq, n, D), row_scaled(kt, k, et, n, D);
+  if (fac) row_scaled(kf, k, en, n, D);
+  // dq = (dy S0^T) e^{cq}  (+ the intra part below)
+  std::fill(dq, dq + n * D, 0.0f), std::fill(dk, dk + n * D, 0.0f);
+  gemm_nt_acc(dq, dy, Sc, n, D, E, E, E, D);
+  row_scaled(dq, dq, eq, n, D);
+  // dA = dy V^T (masked); dv = A^T dy + kt dS
+  std::fill(dA, dA + n * n, 0.0f);
+  gemm_nt_acc(dA, dy, v, n, n, E, E, E, n);
+  if (h.ld.u)
+    for (int64_t t = 0; t < n; ++t) dbonus[t] = dA[t * n + t];
+  mask_upper(dA, n, shift);
+  std::fill(dv, dv + n * E, 0.0f);
+  gemm_tn_acc(dv, Ac, dy, n, E, n, n, E, E);
+  gemm_nn_acc(dv, kt, dS, n, E, D, D, E, E);
+  float *t1 = z.t1.data(), *t2 = z.t2.data();
+  if (fac) {  // A = (q e^{cq}) (k e^{-c})^T: dq += (dA kf) e^{cq}, dk += (dA^T qd) e^{-c}
+    gemm_nn(t1, dA, kf, n, D, n, n, D, D, 1.0f, 0.0f);
+    gemm_tn_acc(t2, dA, qd, n, D, n, n, D, D);
+    for (int64_t t = 0; t < n; ++t) {
+      const float a = eq[t], b = en[t];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) dq[t * D + d] += t1[t * D + d] * a, dk[t * D + d] += t2[t * D + d] * b;
+    }
+    std::fill(t2, t2 + n * D, 0.0f);
+  } else {  // A = (q k^T) o Gamma: G = dA o Gamma, dq += G k, dk += G^T q
+    float* G = z.G.data();
+    std::copy(dA, dA + n * n, G);
+    times_gamma(G, cq, c, n, 1, shift);
+    gemm_nn_acc(dq, G, k, n, D, n, n, D, D);
+    gemm_tn_acc(dk, G, q, n, D, n, n, D, D);
+  }
+  // dkt = V dS^T; dk += dkt e^{cL - c}; dcL = sum kt o dkt + e^{cL} sum S0 o dS
+  gemm_nt_acc(t2, v, dS, n, D, E, E, E, D);  // (t2 zero here)
+  float dcL = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    const float a = et[t];
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; ++d) s += kt[t * D + d] * t2[t * D + d], dk[t * D + d] += t2[t * D + d] * a;
+    dcL += s;
+  }
+  std::fill(t2, t2 + n * D, 0.0f);
+  float sd = 0.0f;
+#pragma omp simd reduction(+ : sd)
+  for (int64_t o = 0; o < D * E; ++o) sd += Sc[o] * dS[o];
+  dcL += sd * el;
+  // q carries e^{cq}, k carries e^{-c}: dcq_t = q_t . dq_t, dc_t = -k_t . dk_t; then
+  // dg_tau = sum of dc over the sums that contain g_tau
+  row_dots(dcq, q, dq, n, D), row_dots(dc, k, dk, n, D);
+  float acc = dcL;
+  for (int64_t t = n - 1; t >= 0; --t) {
+    acc += (shift ? 0.0f : dcq[t]) - dc[t];
+    z.dg[size_t(t)] = acc;
+    if (shift) acc += dcq[t];
+  }
+  // dS0 of this chunk = e^{cL} dS + qd^T dy
+  for (int64_t o = 0; o < D * E; ++o) dS[o] *= el;
+  gemm_tn_acc(dS, qd, dy, D, E, n, D, E, E);
+}
+
+}  // namespace
+
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
                     const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
                     bool shift, const float* dST, const float* saved_states, const float* saved_scores) {
@@ -610,11 +728,13 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
   std::vector<float> qd(L * D), kf(L * D), kt(L * D), dA(L * L), dkt(L * D), dc(L * D), dcp(L * D), dcL(D), t1(L * D),
       t2(L * D);
   // the chunk's operands and gradients, contiguous
-  std::vector<float> qb(L * D), kb(L * D), gb(L * D), vb(L * E), yb(L * E), dqc(L * D), dkc(L * D), dgc(L * D),
-      dvc(L * E);
+  std::vector<float> qb(L * D), kb(L * D), vb(L * E), yb(L * E), dqc(L * D), dkc(L * D), dgc(L * D), dvc(L * E);
   std::vector<float> dSs(size_t(nh * D * E));  // every head's state gradient, carried from chunk to chunk
   Decays x;
   ScoreWork sw;
+  RowWork rw(D);
+  rw.q = qb.data(), rw.k = kb.data(), rw.v = vb.data(), rw.dy = yb.data(), rw.dq = dqc.data(), rw.dk = dkc.data(),
+  rw.dv = dvc.data(), rw.dA = dA.data();
   for (int64_t i = 0; i < nh; ++i) {
     const GatedGradHead& h = heads[i];
     LINMIX_CHECK(!h.ld.kscale && !h.ld.epilogue && h.states && h.scores,
@@ -652,14 +772,13 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
       gather(kb.data(), h.k + t0 * ld.k, ld.k, n, D, 1.0f);
       gather(vb.data(), h.v + t0 * ld.v, ld.v, n, E, 1.0f);
       gather(yb.data(), h.dy + t0 * ld.y, ld.y, n, E, 1.0f);
-      if (ld.g_row) {  // one log decay a step, spread over the channels
-        for (int64_t t = 0; t < n; ++t) std::fill(gb.data() + t * D, gb.data() + (t + 1) * D, h.g[(t0 + t) * ld.g]);
-        cumsums(c.data(), cp.data(), gb.data(), n, D, D);
-      } else {
-        cumsums(c.data(), cp.data(), h.g + t0 * ld.g, n, D, ld.g);
-      }
       const float* Sc = h.states + int64_t(ci) * D * E;
       const float* Ac = h.scores + int64_t(ci) * L * L;
+      float dbonus[kDecayChunk];  // the bonus's dA_tt, before the strict mask drops it
+      if (ld.g_row) {
+        row_decay_backward(rw, h, dS, Sc, Ac, t0, n, D, E, shift, dbonus);
+      } else {
+      cumsums(c.data(), cp.data(), h.g + t0 * ld.g, n, D, ld.g);
       const Cum* cq = shift ? cp.data() : c.data();
       x.compute(c.data(), cp.data(), cq, false, n, D);
       const bool fac = x.form == Form::factored;
@@ -674,7 +793,6 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
       // dA = dy V^T (masked); dv = A^T dy + kt dS
       std::fill(dA.begin(), dA.begin() + n * n, 0.0f);
       gemm_nt_acc(dA.data(), dyc, vc, n, n, E, E, E, n);
-      float dbonus[kDecayChunk];  // the bonus's dA_tt, before the strict mask drops it
       if (ld.u)
         for (int64_t t = 0; t < n; ++t) dbonus[t] = dA[t * n + t];
       mask_upper(dA.data(), n, shift);
@@ -713,6 +831,7 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
       // dS0 of this chunk = e^{cL} o dS + qd^T dy
       scale_rows(dS, x.el.data(), D, E);
       gemm_tn_acc(dS, qd.data(), dyc, D, E, n, D, E, E);
+      }
       if (ld.u)  // the bonus y_t += (q_t . (u o k_t)) v_t (q with yscale): no decay in it
         for (int64_t t = 0; t < n; ++t) {
           const float *qt = qc + t * D, *kr = kc + t * D, *gy = dyc + t * E, *u = ld.u;
@@ -739,14 +858,10 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
         for (int64_t t = 0; t < n; ++t)
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) h.dg[d] += dgc[t * D + d];
-      } else {
-        for (int64_t t = 0; t < n; ++t) {
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t d = 0; d < D; ++d) sum += dgc[t * D + d];
-          if (ld.g != 0) h.dg[(t0 + t) * ld.g] = sum;
-          else h.dg[0] += sum;
-        }
+      } else {  // one a step (row_decay_backward's dg)
+        for (int64_t t = 0; t < n; ++t)
+          if (ld.g != 0) h.dg[(t0 + t) * ld.g] = rw.dg[t];
+          else h.dg[0] += rw.dg[t];
       }
     }
   for (int64_t i = 0; i < nh; ++i) std::copy(dSs.begin() + i * D * E, dSs.begin() + (i + 1) * D * E, heads[i].dS0);
