@@ -410,7 +410,6 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
   if (ld.u) bonus_diagonal(A, qc, ld.q, kc, ld.k, ld.u, ld.kscale ? ld.kscale + t0 : nullptr, ys, n, D);
   gemm_nn(yc, qd, S, n, E, D, D, E, ld.y, 1.0f, 0.0f);  // (q o e^{cq}) S0
   gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, 1.0f, 1.0f);  // + A V
-  if (ld.epilogue) (*ld.epilogue)(t0, n);
   if (ld.g_row) {
     gemm_nn(S, kfT, vc, D, E, n, n, E, E, el0, el0);
   } else {
@@ -444,24 +443,29 @@ void scalar_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const fl
     run += gc[t * ld.g];
     c[t] = run, cq[t] = shift ? before : run;
   }
-  float *A = z.A.data(), *qd = z.qd.data(), *kt = z.kt.data(), *kT = z.kT.data();
+  // kT = k^T and ktT = (k o e^{cL - c})^T (D x n): every product A B (the small-matrix kernel;
+  // A^T B runs at about half its rate)
+  float *A = z.A.data(), *qd = z.qd.data(), *ktT = z.kt.data(), *kT = z.kT.data();
+  float fk[kDecayChunk];
   for (int64_t t = 0; t < n; ++t) {
-    const float fq = ld.yscale * exp_fast(float(cq[t])), fk = exp_fast(float(run - c[t]));
+    const float fq = ld.yscale * exp_fast(float(cq[t]));
+    fk[t] = exp_fast(float(run - c[t]));
     const float *qt = qc + t * D, *kr = kc + t * D;
-    float *qo = qd + t * D, *ko = kt + t * D;
+    float* qo = qd + t * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * fq, ko[d] = kr[d] * fk;
+    for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * fq;
     for (int64_t d = 0; d < D; ++d) kT[d * n + t] = kr[d];
   }
+  for (int64_t d = 0; d < D; ++d)
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) ktT[d * n + t] = kT[d * n + t] * fk[t];
   gemm_nn(A, qc, kT, n, n, D, D, n, n, 1.0f, 0.0f);  // q k^T, then o Gamma (masked)
   times_gamma(A, cq, c, n, 1, shift);                 // (one sum a row: D = 1)
   save_chunk(ld, S, A, t0, n, D, E, ld.yscale);
   gemm_nn(yc, qd, S, n, E, D, D, E, ld.y, 1.0f, 0.0f);    // (yscale q o e^{cq}) S0
   gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, ld.yscale, 1.0f);  // + yscale A V
-  if (ld.epilogue) (*ld.epilogue)(t0, n);
   const float el = exp_fast(float(run));  // S = e^{cL} S0 + (k o e^{cL - c})^T V
-  for (int64_t o = 0; o < D * E; ++o) S[o] *= el;
-  gemm_tn_acc(S, kt, vc, D, E, n, D, E, E);
+  gemm_nn(S, ktT, vc, D, E, n, n, E, E, 1.0f, el);
 }
 
 // One chunk of gated_forward that decays faster than the factored form allows (the fast-decay
@@ -502,7 +506,6 @@ void general_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const f
   if (ld.u) bonus_diagonal(A, qc, D, kc, D, ld.u, nullptr, 1.0f, n, D);  // (k already scaled)
   gemm_nn(yc, z.qd.data(), S, n, E, D, D, E, ld.y, ld.yscale, 0.0f);  // (q o e^{cq}) S0
   gemm_nn(yc, A, vc, n, E, n, n, E, ld.y, ld.yscale, 1.0f);          // + A V
-  if (ld.epilogue) (*ld.epilogue)(t0, n);
   scale_rows(S, z.x.el.data(), D, E);  // S = e^{cL} S0 + (k o e^{cL - c})^T V
   gemm_tn_acc(S, z.kt.data(), vc, D, E, n, D, E, E);
 }
@@ -539,15 +542,17 @@ void gated_forward(float* y, float* S, const float* q, const float* k, const flo
 // memory a row.
 void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift) {
   if (nh <= 0) return;
+  const FlushDenormals ftz;
   FactoredWork fw(D);
   std::unique_ptr<GeneralWork> gw;  // made when a chunk first needs it
   const int64_t L = kDecayChunk, per = L * (3 * D + E);  // a head's gathered q, k, g, v
   std::vector<float> buf(size_t(nh * per));
+  std::vector<float> ybuf(size_t(L * E));
   std::vector<GatedRows> lds(static_cast<size_t>(nh));  // the strides of what is read: gathered rows contiguous
   for (int64_t i = 0; i < nh; ++i) {
     const GatedRows& ld = heads[i].ld;
     lds[size_t(i)] = ld;
-    lds[size_t(i)].q = D, lds[size_t(i)].k = D, lds[size_t(i)].v = E;
+    lds[size_t(i)].q = D, lds[size_t(i)].k = D, lds[size_t(i)].v = E, lds[size_t(i)].y = E;
     if (!ld.g_row && ld.g != 0) lds[size_t(i)].g = D;
   }
   const auto gather = [&](int64_t t0, int64_t n, int64_t off, int64_t W, auto src, auto stride) {
@@ -572,10 +577,17 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
       };
       const float *qc = at(h.q, h.ld.q, D, 0), *kc = at(h.k, h.ld.k, D, L * D), *vc = at(h.v, h.ld.v, E, 3 * L * D);
       const float* gc = g_rows ? at(h.g, h.ld.g, D, 2 * L * D) : h.g + t0 * h.ld.g;
-      float* yc = h.y + t0 * h.ld.y;
-      if (factored_chunk(fw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)])) continue;
-      if (!gw) gw = std::make_unique<GeneralWork>(D);
-      general_chunk(*gw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)]);
+      // y into a contiguous chunk of rows, then out: the small-matrix kernel writing strided rows
+      // that are not in cache stalled on them (Mamba-2's forward: its y products 35% of the time)
+      const bool direct = h.ld.y == E;
+      float* yc = direct ? h.y + t0 * E : ybuf.data();
+      if (!factored_chunk(fw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)])) {
+        if (!gw) gw = std::make_unique<GeneralWork>(D);
+        general_chunk(*gw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)]);
+      }
+      if (!direct)
+        for (int64_t t = 0; t < n; ++t) std::memcpy(h.y + (t0 + t) * h.ld.y, yc + t * E, size_t(E) * 4);
+      if (h.ld.epilogue) (*h.ld.epilogue)(t0, n);
     }
   }
 }
@@ -713,7 +725,7 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     saved_states = st, saved_scores = sc;
   }
   const GatedGradHead head{q, k, v, g, dy, S0, dST, saved_states, saved_scores, dq, dk, dv, dg, dS0, nullptr,
-                           GatedRows{D, D, E, D, E}};
+                           GatedRows{D, D, E, D, E}, GatedRows{D, D, E, D, E}};
   gated_backward_heads(&head, 1, T, D, E, shift);
 }
 
@@ -722,6 +734,7 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
 // step) and its gradients computed there, then written to the heads' rows (dq times yscale).
 void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift) {
   if (nh <= 0) return;
+  const FlushDenormals ftz;
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
   std::vector<Cum> c(L * D), cp(L * D);
@@ -737,12 +750,12 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
   rw.dv = dvc.data(), rw.dA = dA.data();
   for (int64_t i = 0; i < nh; ++i) {
     const GatedGradHead& h = heads[i];
-    LINMIX_CHECK(!h.ld.kscale && !h.ld.epilogue && h.states && h.scores,
-                 "gated_backward_heads: kscale and epilogue are the caller's; the forward's saves are needed");
+    LINMIX_CHECK(h.states && h.scores && (h.ld.g == 0) == (h.od.g == 0),
+                 "gated_backward_heads: the forward's saves are needed; dg summed over the steps iff g is one row");
     float* dS = dSs.data() + i * D * E;
     if (h.dST) std::copy(h.dST, h.dST + D * E, dS);
     else std::fill(dS, dS + D * E, 0.0f);
-    if (h.ld.g == 0) std::fill(h.dg, h.dg + (h.ld.g_row ? 1 : D), 0.0f);  // sums over the steps
+    if (h.od.g == 0) std::fill(h.dg, h.dg + (h.ld.g_row ? 1 : D), 0.0f);  // sums over the steps
   }
   const auto gather = [](float* dst, const float* src, int64_t ld, int64_t n, int64_t W, float scale) {
     for (int64_t t = 0; t < n; ++t) {
@@ -770,6 +783,7 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
       const float *qc = qb.data(), *kc = kb.data(), *vc = vb.data(), *dyc = yb.data();
       gather(qb.data(), h.q + t0 * ld.q, ld.q, n, D, ys);
       gather(kb.data(), h.k + t0 * ld.k, ld.k, n, D, 1.0f);
+      if (ld.kscale) row_scaled(kb.data(), kb.data(), ld.kscale + t0, n, D);
       gather(vb.data(), h.v + t0 * ld.v, ld.v, n, E, 1.0f);
       gather(yb.data(), h.dy + t0 * ld.y, ld.y, n, E, 1.0f);
       const float* Sc = h.states + int64_t(ci) * D * E;
@@ -849,18 +863,19 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
           }
         }
       // the chunk's gradients into the heads' rows
-      put(h.dq + t0 * ld.q, ld.q, dqc.data(), n, D, ys);
-      put(h.dk + t0 * ld.k, ld.k, dkc.data(), n, D, 1.0f);
-      put(h.dv + t0 * ld.v, ld.v, dvc.data(), n, E, 1.0f);
-      if (!ld.g_row && ld.g != 0) {
-        put(h.dg + t0 * ld.g, ld.g, dgc.data(), n, D, 1.0f);
+      const GatedRows& od = h.od;
+      put(h.dq + t0 * od.q, od.q, dqc.data(), n, D, ys);
+      put(h.dk + t0 * od.k, od.k, dkc.data(), n, D, 1.0f);
+      put(h.dv + t0 * od.v, od.v, dvc.data(), n, E, 1.0f);
+      if (!ld.g_row && od.g != 0) {
+        put(h.dg + t0 * od.g, od.g, dgc.data(), n, D, 1.0f);
       } else if (!ld.g_row) {
         for (int64_t t = 0; t < n; ++t)
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) h.dg[d] += dgc[t * D + d];
       } else {  // one a step (row_decay_backward's dg)
         for (int64_t t = 0; t < n; ++t)
-          if (ld.g != 0) h.dg[(t0 + t) * ld.g] = rw.dg[t];
+          if (od.g != 0) h.dg[(t0 + t) * od.g] = rw.dg[t];
           else h.dg[0] += rw.dg[t];
       }
     }
@@ -1037,6 +1052,7 @@ bool dplr_factored(DplrFactoredWork& f, float* y, float* S, const float* r, cons
 
 void dplr_forward(float* y, float* S, const float* r, const float* w, const float* k, const float* v, const float* a,
                   const float* b, int64_t T, int64_t D, int64_t E, float* save_states, float* save_kept) {
+  const FlushDenormals ftz;
   DplrFactoredWork f(D, E);
   std::unique_ptr<DplrChunk> z;  // the general form's, made when a chunk first needs it
   ScoreWork sw;
@@ -1067,6 +1083,7 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
                    const float* S0, const float* r, const float* w, const float* k, const float* v, const float* a,
                    const float* b, int64_t T, int64_t D, int64_t E, const float* dST, const float* saved_states,
                    const float* saved_kept) {
+  const FlushDenormals ftz;
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
   DplrChunk z(D, E);

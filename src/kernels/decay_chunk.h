@@ -91,18 +91,19 @@ struct GatedHeadRows {
 void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift);
 // Backward of gated_forward, several heads of one T, D, E run chunk by chunk across them (in
 // reverse) on their rows in place, as gated_forward_heads. A head's operands q, k, v, g and its
-// dy (rows at ld.y) are read at the strides of ld, yscale folded into q as the forward folds it
-// (kscale and epilogue: not here); its gradients dq (times yscale: with respect to q itself), dk,
-// dv are written at the same strides, and dg at ld.g: D floats a step, or with ld.g = 0 (one row
-// for every step) the sum over the steps; with g_row one float a step (the sum over the D
-// channels), or with ld.g = 0 one float. dS0 (D,E) is written; dST (D,E; null = zeros: fla's
-// dht) is the gradient of the final state. With ld.u (RWKV-5/6's bonus) its gradient is added to
-// du (D). states, scores: what gated_forward saved for these operands (GatedRows save_*).
+// dy (rows at ld.y) are read at the strides of ld, yscale and kscale folded in as the forward
+// folds them (epilogue: the caller's). Its gradients go to the strides of od: dq at od.q (times
+// yscale: with respect to q itself), dk at od.k (with respect to k o kscale when ld.kscale), dv at
+// od.v, dg at od.g: D floats a step, or with od.g = 0 (ld.g = 0: one row for every step) the sum
+// over the steps; with g_row one float a step (the sum over the D channels), or with od.g = 0
+// one float. dS0 (D,E) is written; dST (D,E; null = zeros: fla's dht) is the gradient of the
+// final state. With ld.u (RWKV-5/6's bonus) its gradient is added to du (D). states, scores:
+// what gated_forward saved for these operands (GatedRows save_*).
 struct GatedGradHead {
   const float *q, *k, *v, *g, *dy;
   const float *S0, *dST, *states, *scores;
   float *dq, *dk, *dv, *dg, *dS0, *du;
-  GatedRows ld;
+  GatedRows ld, od;
 };
 void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift);
 // One head on contiguous rows (q, k, g: (T,D); v, dy: (T,E)): writes dq, dk, dg (T,D), dv (T,E),

@@ -9,8 +9,26 @@
 #pragma once
 #include <bit>
 #include <cstdint>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace linmix {
+
+// Subnormal floats flushed to zero (FTZ) and read as zero (DAZ) in this thread while in scope,
+// the caller's setting restored after. The decay kernels' products of tiny decays (e^{-100}
+// scores, states decayed by e^{cL}) land in the subnormal range, where every x86 multiply takes a
+// microcode assist: Mamba-2's forward at T = 4096 ran 18.1 ms with them, 13.2 ms flushed. Values
+// below 1.2e-38 are far under float32's resolution of any O(1) sum they join.
+struct FlushDenormals {
+#if defined(__SSE__)
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
 
 // max by value: std::max returns a reference, and a select through a reference keeps GCC
 // from vectorising the loop around it. NaN handling as std::max (a NaN first argument wins).

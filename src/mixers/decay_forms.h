@@ -9,6 +9,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <type_traits>
 
 #include "../kernels/decay_chunk.h"
 #include "../ref/ref_util.h"
@@ -60,7 +61,8 @@ void each_head(int64_t B, int64_t H, F f) {
 // One head of a gated mechanism (kernels/decay_chunk.h gated_*). prep points iq, ik, iv, ig at
 // the head's rows in place (with their strides and the read-out scale in ld) and oy at the output's
 // rows; with dy it also points odq, odk, odv, odg (and odu with a bonus) at where the gradients go,
-// the strides of ld again (odg as gated_backward_heads writes dg), and the kernels run on the rows
+// at the strides of od when prep sets od.q, else of ld (dg as gated_backward_heads writes it), and
+// may fill dy (T,E) with the kernel's own dy (else the call's rows); the kernels run on the rows
 // in place. A mechanism whose operands are not its tensors' rows (Mamba-2's d B) instead fills q
 // (with the read-out scale folded in), k, g: (T,Dk), v: (T,E), and with dy maybe dy (the kernel's
 // own, else the call's rows); the driver then runs the forward and the backward on them, giving
@@ -72,7 +74,7 @@ struct GatedHead {
   std::vector<float> q, k, v, g, S0, y, S, dy, dST, dq, dk, dv, dg, dS0, du, states, scores;
   const float *iq = nullptr, *ik = nullptr, *iv = nullptr, *ig = nullptr;
   float *oy = nullptr, *odq = nullptr, *odk = nullptr, *odv = nullptr, *odg = nullptr, *odu = nullptr;
-  GatedRows ld{0, 0, 0, 0, 0};
+  GatedRows ld{0, 0, 0, 0, 0}, od{0, 0, 0, 0, 0};
   std::function<void(int64_t, int64_t)> epilogue;  // ld.epilogue may point here
 };
 // The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
@@ -83,9 +85,14 @@ void final_grad(Z& z, const Call& c, int64_t n) {
   z.dST.assign(p, p + n);
 }
 // Each thread takes a run of adjacent heads (b H + h) and runs them chunk by chunk together
-// (gated_forward_heads, gated_backward_heads), reading runs of each row.
-template <class Prep, class Post>
-void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool shift, Prep prep, Post post) {
+// (gated_forward_heads, gated_backward_heads), reading runs of each row. finish(id, threads), when
+// given, runs on every thread once every head is posted (a reduction over the heads' results).
+struct NoFinish {
+  void operator()(int64_t, int64_t) const {}
+};
+template <class Prep, class Post, class Finish = NoFinish>
+void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool shift, Prep prep, Post post,
+                 Finish finish = {}) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
 #pragma omp parallel
   {
@@ -99,7 +106,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
     for (int64_t i = lo; i < hi; ++i) {
       GatedHead& z = zs[size_t(i - lo)];
       z.b = i / H, z.h = i % H, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
-      z.odq = z.odk = z.odv = z.odg = z.odu = nullptr;
+      z.odq = z.odk = z.odv = z.odg = z.odu = nullptr, z.od.q = -1;
       prep(z);
       z.S = z.S0;
       if (!z.iq) {  // the mechanism's own operands, one head at a time
@@ -132,18 +139,24 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
     if (dy && !rows.empty()) {
       for (int64_t i = lo; i < hi; ++i) {
         GatedHead& z = zs[size_t(i - lo)];
-        LINMIX_CHECK(z.odq && z.odk && z.odv && z.odg && (z.odu || !z.ld.u) && z.ld.y == H * E,
+        LINMIX_CHECK(z.odq && z.odk && z.odv && z.odg && (z.odu || !z.ld.u) && (!z.dy.empty() || z.ld.y == H * E),
                      "gated_heads: the gradients' rows in place are the mechanism's to give");
         final_grad(z, c, Dk * E);
         z.dS0.resize(size_t(Dk * E));
-        grads.push_back({z.iq, z.ik, z.iv, z.ig, dy->ptr() + (z.b * T * H + z.h) * E, z.S0.data(),
-                         z.dST.empty() ? nullptr : z.dST.data(), z.states.data(), z.scores.data(), z.odq, z.odk, z.odv,
-                         z.odg, z.dS0.data(), z.odu, z.ld});
+        GatedRows ld = z.ld, od = z.od.q < 0 ? z.ld : z.od;
+        const float* gy = dy->ptr() + (z.b * T * H + z.h) * E;  // the call's rows, or the kernel's own dy
+        if (!z.dy.empty()) gy = z.dy.data(), ld.y = E;
+        grads.push_back({z.iq, z.ik, z.iv, z.ig, gy, z.S0.data(), z.dST.empty() ? nullptr : z.dST.data(),
+                         z.states.data(), z.scores.data(), z.odq, z.odk, z.odv, z.odg, z.dS0.data(), z.odu, ld, od});
       }
       gated_backward_heads(grads.data(), int64_t(grads.size()), T, Dk, E, shift);
     }
     if (!rows.empty())
       for (int64_t i = lo; i < hi; ++i) post(zs[size_t(i - lo)]);
+    if constexpr (!std::is_same_v<Finish, NoFinish>) {
+#pragma omp barrier
+      finish(id, nth);
+    }
   }
 }
 

@@ -3,8 +3,8 @@
 //   d_t = softplus(dt_t + dt_bias), h_t = e^{d_t A} h_{t-1} + d_t x_t Bm_t^T, y_t = h_t Cm_t + D x_t,
 //   y_t *= silu(z_t) when z is given.
 // parallel: SSD's block decomposition as the gated chunked kernel with q = Cm, k = d Bm, v = x
-// and log decay d A (the key-first state is h^T); backward: gated_backward and the chain rule
-// through d, D and the gate; recurrent: gated_step.
+// and log decay d A (the key-first state is h^T), on the rows in place; backward:
+// gated_backward_heads and the chain rule through d, D and the gate; recurrent: gated_step.
 #include "decay_forms.h"
 
 namespace linmix::ref {
@@ -66,14 +66,16 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
   const float *A = c.t("A").ptr(), *Dp = c.has("D") ? c.t("D").ptr() : nullptr,
               *bias = c.has("dt_bias") ? c.t("dt_bias").ptr() : nullptr, *Bm = c.t("Bm").ptr(), *Cm = c.t("Cm").ptr(),
               *zz = c.has("z") ? c.t("z").ptr() : nullptr, *dtp = c.t("dt").ptr();
-  TensorMap out{{"y", Tensor({B, T, H, E})}, {"state.h", Tensor({B, H, E, N})}};
+  // every tensor but the parameters' gradients (sums over heads) is written whole: left uninitialised
+  TensorMap out;
+  out.emplace("y", Tensor::uninitialized({B, T, H, E})), out.emplace("state.h", Tensor::uninitialized({B, H, E, N}));
   if (dy) {
-    out["dx"] = Tensor({B, T, H, E}), out["ddt"] = Tensor({B, T, H}), out["dA"] = Tensor({H});
-    out["dBm"] = Tensor({B, T, G, N}), out["dCm"] = Tensor({B, T, G, N});
+    out["dx"] = Tensor::uninitialized({B, T, H, E}), out["ddt"] = Tensor::uninitialized({B, T, H}), out["dA"] = Tensor({H});
+    out["dBm"] = Tensor::uninitialized({B, T, G, N}), out["dCm"] = Tensor::uninitialized({B, T, G, N});
     if (Dp) out["dD"] = Tensor({H});
-    if (zz) out["dz"] = Tensor({B, T, H, E});
+    if (zz) out["dz"] = Tensor::uninitialized({B, T, H, E});
     if (bias) out["ddt_bias"] = Tensor({H});
-    if (c.has("state.h")) out["dstate.h"] = Tensor({B, H, E, N});
+    if (c.has("state.h")) out["dstate.h"] = Tensor::uninitialized({B, H, E, N});
   }
   // output pointers taken once (a map lookup per token cost more than the chunked kernel)
   auto ptr = [&](const char* n) { return out.count(n) ? out[n].ptr() : nullptr; };
@@ -101,6 +103,34 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
       for (int64_t e = 0; e < E; ++e) yo[e] = (yo[e] + dh * xr[e]) * zr[e] * sigmoidf(zr[e]);
     }
   };
+  // With dy, the same rows' skip and gate and what flows back through them, while the rows are in
+  // cache: y1 = y + D x, y = y1 o silu(z), dz, the kernel's dy1 = dy o silu(z) (rows of dy1, (T,E),
+  // or dy itself without a gate) and dD (added to).
+  auto skip_gate_grad = [&](int64_t b, int64_t h, int64_t t0, int64_t n, float* dy1, float& dD) {
+    const float dh = Dp ? Dp[h] : 0.0f;
+    float acc = 0.0f;
+    for (int64_t t = t0; t < t0 + n; ++t) {
+      float* yo = row_of(py, b, t, h, E);
+      const float *xr = row_of(xp, b, t, h, E), *gr = row_of(dy->ptr(), b, t, h, E);
+      if (!zz) {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t e = 0; e < E; ++e) yo[e] += dh * xr[e], acc += gr[e] * xr[e];
+        continue;
+      }
+      const float* zr = row_of(zz, b, t, h, E);
+      float *dzr = row_of(pdz, b, t, h, E), *d1 = dy1 + t * E;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t e = 0; e < E; ++e) {
+        const float y1 = yo[e] + dh * xr[e], zv = zr[e], sg = sigmoidf(zv), g = gr[e];
+        yo[e] = y1 * zv * sg;
+        dzr[e] = g * y1 * sg * (1.0f + zv * (1.0f - sg));
+        d1[e] = g * zv * sg;
+        acc += d1[e] * xr[e];
+      }
+    }
+    dD += acc;
+  };
+  std::vector<float> dDs(size_t(dy ? B * H : 0));  // dD of each head
   auto initial_state = [&](GatedHead& z) {  // key-first: h^T
     z.S0.assign(size_t(N * E), 0.0f);
     if (!c.has("state.h")) return;
@@ -108,46 +138,41 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     for (int64_t e = 0; e < E; ++e)
       for (int64_t n = 0; n < N; ++n) z.S0[n * E + e] = h0[e * N + n];
   };
-  auto prep = [&](GatedHead& z) {
+  // with dy: each head's dCm, d Bm-gradient and d (the kernel's dq, dk and kscale), summed over
+  // the heads of a group by finish
+  std::vector<const float*> hq(size_t(dy ? B * H : 0)), hk(hq.size()), hd(hq.size());
+  auto prep = [&](GatedHead& z) {  // the kernels on the call's rows in place: q = Cm, k = d Bm (kscale d)
     const int64_t b = z.b, h = z.h;
-    if (!dy) {  // the forward on the call's rows in place: q = Cm, k = d Bm
-      z.k.resize(size_t(T)), z.g.resize(size_t(T));  // d_t and d_t A, one a step
-      for (int64_t t = 0; t < T; ++t) {
-        const float pre = *row_of(dtp, b, t, h, 1) + (bias ? bias[h] : 0.0f);
-        z.k[size_t(t)] = sp ? softplus1(pre) : pre, z.g[size_t(t)] = z.k[size_t(t)] * A[h];
-      }
-      z.iq = grp(Cm, b, 0, h), z.ik = grp(Bm, b, 0, h), z.iv = row_of(xp, b, 0, h, E), z.ig = z.g.data();
-      z.oy = row_of(py, b, 0, h, E);
-      z.ld = {G * N, G * N, H * E, 1, H * E};
-      z.ld.kscale = z.k.data(), z.ld.g_row = true;
-      z.epilogue = [&skip_gate, b, h](int64_t t0, int64_t n) { skip_gate(b, h, t0, n); };  // per chunk
-      z.ld.epilogue = &z.epilogue;
-      initial_state(z);
-      return;
-    }
-    z.q.resize(size_t(T * N)), z.k.resize(size_t(T * N)), z.g.resize(size_t(T * N));
-    rows_into(z.v, c, "x", b, h, E);
+    z.k.resize(size_t(T)), z.g.resize(size_t(T));  // d_t and d_t A, one a step
     for (int64_t t = 0; t < T; ++t) {
       const float pre = *row_of(dtp, b, t, h, 1) + (bias ? bias[h] : 0.0f);
-      const float d = sp ? softplus1(pre) : pre;
-      const float *bm = grp(Bm, b, t, h), *cm = grp(Cm, b, t, h);
-      for (int64_t n = 0; n < N; ++n) z.q[t * N + n] = cm[n], z.k[t * N + n] = d * bm[n], z.g[t * N + n] = d * A[h];
+      z.k[size_t(t)] = sp ? softplus1(pre) : pre, z.g[size_t(t)] = z.k[size_t(t)] * A[h];
     }
+    z.iq = grp(Cm, b, 0, h), z.ik = grp(Bm, b, 0, h), z.iv = row_of(xp, b, 0, h, E), z.ig = z.g.data();
+    z.oy = row_of(py, b, 0, h, E);
+    z.ld = {G * N, G * N, H * E, 1, H * E};
+    z.ld.kscale = z.k.data(), z.ld.g_row = true;
+    if (!dy) {
+      z.epilogue = [&skip_gate, b, h](int64_t t0, int64_t n) { skip_gate(b, h, t0, n); };  // per chunk
+    } else {
+      z.dy.resize(zz ? size_t(T * E) : 0);  // the kernel's dy through the gate, filled by the epilogue
+      float *dy1 = z.dy.data(), &dD = dDs[size_t(b * H + h)];
+      dD = 0.0f;
+      z.epilogue = [&skip_gate_grad, b, h, dy1, &dD](int64_t t0, int64_t n) { skip_gate_grad(b, h, t0, n, dy1, dD); };
+    }
+    z.ld.epilogue = &z.epilogue;
     initial_state(z);
-    if (dy && c.has("dfinal.h")) {  // the final state's gradient, key-first too
+    if (!dy) return;
+    // dCm and the d Bm-gradient per head (summed over the group by finish), dx in place (post adds
+    // D dy), d(d A) one a step
+    z.dq.resize(size_t(T * N)), z.dk.resize(size_t(T * N)), z.dg.resize(size_t(T));
+    z.odq = z.dq.data(), z.odk = z.dk.data(), z.odv = row_of(pdx, b, 0, h, E), z.odg = z.dg.data();
+    z.od = {N, N, H * E, 1, 0};
+    if (c.has("dfinal.h")) {  // the final state's gradient, key-first too
       const float* d = c.t("dfinal.h").ptr() + (b * H + h) * E * N;
       z.dST.resize(size_t(N * E));
       for (int64_t e = 0; e < E; ++e)
         for (int64_t n = 0; n < N; ++n) z.dST[n * E + e] = d[e * N + n];
-    }
-    if (dy && zz) {  // the kernel's dy: through the gate
-      z.dy = head_rows(*dy, b, h, T, H, E);
-      for (int64_t t = 0; t < T; ++t) {
-        const float* zr = row_of(zz, b, t, h, E);
-        float* d = &z.dy[t * E];
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) d[e] *= zr[e] * sigmoidf(zr[e]);
-      }
     }
   };
   auto post = [&](GatedHead& z) {
@@ -155,70 +180,61 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     float* hs = phs + (b * H + h) * E * N;
     for (int64_t e = 0; e < E; ++e)
       for (int64_t n = 0; n < N; ++n) hs[e * N + n] = z.S[n * E + e];
-    if (z.oy) return;  // a forward alone: the kernel wrote y, skip and gate included (its epilogue)
-    // here with dy: y and the gradients through the skip and the gate
-    const std::vector<float> gy = head_rows(*dy, b, h, T, H, E);
-    // per row, branch-free inner loops over e (they vectorise: the gate's sigmoid had run scalar,
-    // with a division per element, and cost twice the chunked kernel)
-    float dD = 0.0f;
-    const float dh = Dp ? Dp[h] : 0.0f;
-    for (int64_t t = 0; t < T; ++t) {
-      float* yo = row_of(py, b, t, h, E);
-      const float *xr = &z.v[t * E], *yr = &z.y[t * E];
-      if (!zz) {
+    if (!dy) return;  // a forward alone: the kernel wrote y, skip and gate included (its epilogue)
+    // dx = dv (the kernel's, in place) + D dy1, dy1 the kernel's dy (the epilogue did the rest)
+    if (Dp)
+      for (int64_t t = 0; t < T; ++t) {
+        float* dx = row_of(pdx, b, t, h, E);
+        const float *dy1 = zz ? &z.dy[t * E] : row_of(dy->ptr(), b, t, h, E), dh = Dp[h];
 #pragma omp simd
-        for (int64_t e = 0; e < E; ++e) yo[e] = yr[e] + dh * xr[e];
-      } else {
-        const float *zr = row_of(zz, b, t, h, E), *gr = &gy[t * E];
-        float* dzr = row_of(pdz, b, t, h, E);
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) {
-          const float y1 = yr[e] + dh * xr[e], zv = zr[e], sg = sigmoidf(zv);
-          yo[e] = y1 * zv * sg;
-          dzr[e] = gr[e] * y1 * sg * (1.0f + zv * (1.0f - sg));
-        }
+        for (int64_t e = 0; e < E; ++e) dx[e] += dh * dy1[e];
       }
-      float* dx = row_of(pdx, b, t, h, E);
-      const float *dy1 = &z.dy[t * E], *dvr = &z.dv[t * E];  // dy through the gate (or dy)
-#pragma omp simd reduction(+ : dD)
-      for (int64_t e = 0; e < E; ++e) {
-        dx[e] = dvr[e] + dh * dy1[e];
-        dD += dy1[e] * xr[e];
-      }
-    }
+    // d: through k = d Bm (dk is the gradient of the scaled rows) and the log decay d A
     float dA = 0.0f, dbias = 0.0f;
-    std::vector<float> dBm(size_t(T * N)), dCm(size_t(T * N));
     for (int64_t t = 0; t < T; ++t) {
       const float pre = *row_of(dtp, b, t, h, 1) + (bias ? bias[h] : 0.0f);
-      const float d = sp ? softplus1(pre) : pre;
-      const float* bm = grp(Bm, b, t, h);
-      float dd = 0.0f, dg = 0.0f;
-      for (int64_t n = 0; n < N; ++n) {
-        dBm[size_t(t * N + n)] = d * z.dk[t * N + n], dCm[size_t(t * N + n)] = z.dq[t * N + n];
-        dd += bm[n] * z.dk[t * N + n], dg += z.dg[t * N + n];
-      }
+      const float d = z.k[size_t(t)], *bm = grp(Bm, b, t, h), *dk = &z.dk[t * N];
+      float dd = 0.0f;
+#pragma omp simd reduction(+ : dd)
+      for (int64_t n = 0; n < N; ++n) dd += bm[n] * dk[n];
+      const float dg = z.dg[size_t(t)];
       dd += A[h] * dg, dA += d * dg;
       const float dpre = sp ? dd * sigmoidf(pre) : dd;
       *row_of(pddt, b, t, h, 1) = dpre;
       dbias += dpre;
     }
     if (c.has("state.h")) {
-      float* dh = pdh + (b * H + h) * E * N;
+      float* dhp = pdh + (b * H + h) * E * N;
       for (int64_t e = 0; e < E; ++e)
-        for (int64_t n = 0; n < N; ++n) dh[e * N + n] = z.dS0[n * E + e];
+        for (int64_t n = 0; n < N; ++n) dhp[e * N + n] = z.dS0[n * E + e];
     }
+    hq[size_t(b * H + h)] = z.dq.data(), hk[size_t(b * H + h)] = z.dk.data(), hd[size_t(b * H + h)] = z.k.data();
 #pragma omp critical(mamba2_shared)
     {
       out["dA"].data[size_t(h)] += dA;
-      if (Dp) out["dD"].data[size_t(h)] += dD;
+      if (Dp) out["dD"].data[size_t(h)] += dDs[size_t(b * H + h)];
       if (bias) out["ddt_bias"].data[size_t(h)] += dbias;
-      for (int64_t t = 0; t < T; ++t) {
-        float *gb = pdB + ((b * T + t) * G + h / (H / G)) * N, *gc = pdC + ((b * T + t) * G + h / (H / G)) * N;
-        for (int64_t n = 0; n < N; ++n) gb[n] += dBm[size_t(t * N + n)], gc[n] += dCm[size_t(t * N + n)];
+    }
+  };
+  // dBm, dCm: each row (b, t) of a group the sum over its heads, rows split across the threads
+  auto finish = [&](int64_t id, int64_t nth) {
+    if (!dy) return;
+    const int64_t rows = B * T, r0 = rows * id / nth, r1 = rows * (id + 1) / nth, per = H / G;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        float *gb = pdB + (r * G + gi) * N, *gc = pdC + (r * G + gi) * N;
+        std::fill(gb, gb + N, 0.0f), std::fill(gc, gc + N, 0.0f);
+        for (int64_t h = gi * per; h < (gi + 1) * per; ++h) {
+          const size_t bh = size_t(b * H + h);
+          const float d = hd[bh][t], *dk = hk[bh] + t * N, *dq = hq[bh] + t * N;
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) gb[n] += d * dk[n], gc[n] += dq[n];
+        }
       }
     }
   };
-  gated_heads(c, dy, N, E, false, prep, post);
+  gated_heads(c, dy, N, E, false, prep, post, finish);
   return out;
 }
 
