@@ -215,4 +215,36 @@ TEST_P(Grad, ParallelBackwardCrossesEveryBlock) {
 
 INSTANTIATE_TEST_SUITE_P(All, Grad, ::testing::ValuesIn(grad_cases()), case_name);
 
+// The gated kernel's factored form with a few channels too fast for it (kernels/decay_chunk.cpp
+// fast_channel: one channel of a head decaying at e^{-5} a step among slow ones, as RWKV-5's
+// fastest channels): y, the final state and every gradient agree with the reference, past every
+// chunk boundary, with D = 16 (two fast channels allowed there) and D = 9 (one).
+TEST(DecayKernels, FewFastChannels) {
+  for (const auto& [name, decay] : std::vector<std::pair<std::string, std::string>>{{"gla", "g"}, {"rwkv5", "w"}, {"rwkv6", "w"}})
+    for (const int64_t D : {16, 9}) {
+      const Case c{name, true, {}};
+      const MixerSpec& spec = find_mixer(name);
+      auto dims = crossing_dims(spec, Scale::Grad, true);
+      dims["D"] = D;
+      TensorMap in = example_inputs(spec, dims, 11);
+      for (size_t i = 0; i < in[decay].data.size(); ++i)
+        if (int64_t(i) % D == 3) in[decay].data[i] = -5.0f;
+      in = with_dy(in, c, 12);
+      const TensorMap want = run_mixer(name, Mode::Reference, true, {}, in, true);
+      const TensorMap got = run_mixer(name, Mode::Parallel, true, {}, in, true);
+      const std::string at = name + " D=" + std::to_string(D) + " T=" + std::to_string(dims.at("T"));
+      test::expect_close(got.at("y"), want.at("y"), "y " + at);
+      for (const auto& [n, t] : want) {
+        if (n == "y") continue;
+        EXPECT_LE(rel_rms(got.at(n), t, grad_floor(want)), 1e-3) << n << " " << at;
+      }
+      TensorMap fin = in;  // the forward alone: no dy, no dfinal
+      for (auto it = fin.begin(); it != fin.end();)
+        it = it->first == "dy" || it->first.rfind("dfinal.", 0) == 0 ? fin.erase(it) : std::next(it);
+      const TensorMap fwd = run_mixer(name, Mode::Parallel, true, {}, fin);
+      const TensorMap ref = run_mixer(name, Mode::Reference, true, {}, fin);
+      test::expect_close(fwd.at("state.S"), ref.at("state.S"), "final state " + at);
+    }
+}
+
 }  // namespace

@@ -331,11 +331,44 @@ void bonus_diagonal(float* A, const float* q, int64_t ldq, const float* k, int64
 
 // Scratch of factored_chunk, sized once per call of gated_forward_heads.
 struct FactoredWork {
-  std::vector<float> qd, kfT, ek, A, el;
-  std::vector<Cum> run;
+  std::vector<float> qd, kfT, ek, A, el, kfast, diff, kb;
+  std::vector<Cum> run, cf;
+  std::vector<int64_t> fast;
   FactoredWork(int64_t D)
-      : qd(kDecayChunk * D), kfT(D * kDecayChunk), ek(kDecayChunk * D), A(kDecayChunk * kDecayChunk), el(D), run(D) {}
+      : qd(kDecayChunk * D), kfT(D * kDecayChunk), ek(kDecayChunk * D), A(kDecayChunk * kDecayChunk), el(D),
+        kfast(kDecayChunk * D), diff(kDecayChunk), kb(kDecayChunk), run(D), cf(2 * kDecayChunk), fast(D) {}
 };
+
+// A chunk whose total decay is below e^{-kFactorSpan} on a few channels only (RWKV-5's fastest
+// channels in a head of slow ones: the whole chunk had gone to the general form, pairwise in log
+// space on every channel) keeps the factored form for the rest; each fast channel d is taken
+// apart, exactly, with exponents <= 0 only: its scores A_ts += yscale q_td k_sd f_s e^{cq_td - c_sd}
+// (s <= t; s < t with shift; f = kscale) pair by pair from double sums, and its row of the state
+// update from k_td f_t e^{cL_d - c_td}, kept in kfast row i (the caller's).
+inline int64_t max_fast_channels(int64_t D) { return D / 8; }
+void fast_channel(FactoredWork& f, float* A, const float* qc, const float* kc, const float* gc, int64_t t0, int64_t n,
+                  int64_t d, int64_t i, bool shift, const GatedRows& ld) {
+  Cum *c = f.cf.data(), *cq = c + kDecayChunk;
+  float *diff = f.diff.data(), *kb = f.kb.data(), *kl = f.kfast.data() + i * n;
+  Cum run = 0.0;
+  for (int64_t t = 0; t < n; ++t) {
+    const Cum before = run;
+    run += gc[t * ld.g + d];
+    c[t] = run, cq[t] = shift ? before : run;
+    kb[t] = kc[t * ld.k + d] * (ld.kscale ? ld.kscale[t0 + t] : 1.0f);
+  }
+  for (int64_t t = 0; t < n; ++t) kl[t] = kb[t] * exp_fast(float(run - c[t]));
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t end = shift ? t : t + 1;
+    const Cum x = cq[t];
+#pragma omp simd
+    for (int64_t s = 0; s < end; ++s) diff[s] = float(x - c[s]);  // <= 0
+    const float a = ld.yscale * qc[t * ld.q + d];
+    float* row = A + t * n;
+#pragma omp simd
+    for (int64_t s = 0; s < end; ++s) row[s] += a * kb[s] * exp_fast(diff[s]);
+  }
+}
 
 // One chunk of gated_forward in the factored form, when it applies: every channel's total log
 // decay over the chunk is >= -kFactorSpan. qc, kc, vc, gc, yc point at the chunk's first row (row
@@ -351,6 +384,8 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
   float *qd = f.qd.data(), *kfT = f.kfT.data(), *ek = f.ek.data(), *el = f.el.data(), *A = f.A.data();
   Cum* run = f.run.data();
   float el0 = 1.0f;  // e^{cL} of a scalar decay
+  int64_t* fast = f.fast.data();  // channels too fast for the factors, taken apart (fast_channel)
+  int64_t nf = 0;
   if (ld.g_row) {
     Cum r = 0.0;
     float eqs[kDecayChunk], ens[kDecayChunk];
@@ -375,8 +410,9 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
   } else {
     std::fill(run, run + D, 0.0);
     if (ld.g == 0) {  // one row of log decays for every step: the totals first, then the sums
-      for (int64_t d = 0; d < D; ++d)
-        if (-Cum(n) * Cum(gc[d]) > kFactorSpan) return false;
+      int64_t nfast = 0;
+      for (int64_t d = 0; d < D; ++d) nfast += -Cum(n) * Cum(gc[d]) > kFactorSpan;
+      if (nfast > max_fast_channels(D)) return false;
     }
     for (int64_t t = 0; t < n; ++t) {  // cq into qd and -c into ek (then their exps in a loop of
       const float* gt = gc + t * ld.g;   // their own: one mixing double and exp_fast stays scalar)
@@ -388,9 +424,12 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
         qo[d] = float(shift ? before : after), et[d] = float(-after);
       }
     }
-    Cum lo = 0.0;
-    for (int64_t d = 0; d < D; ++d) lo = std::min(lo, run[d]);
-    if (-lo > kFactorSpan) return false;
+    nf = 0;
+    for (int64_t d = 0; d < D; ++d)
+      if (-run[d] > kFactorSpan) {
+        if (nf == max_fast_channels(D)) return false;
+        fast[nf++] = d;
+      }
     for (int64_t t = 0; t < n; ++t) {
       const float* qt = qc + t * ld.q;
       float *qo = qd + t * D, *et = ek + t * D;
@@ -403,9 +442,11 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
     }
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) el[d] = exp_fast(float(run[d]));
+    for (int64_t i = 0; i < nf; ++i) std::fill(kfT + fast[i] * n, kfT + (fast[i] + 1) * n, 0.0f);  // (inf there)
   }
   gemm_nn(A, qd, kfT, n, n, D, D, n, n, 1.0f, 0.0f);
   mask_upper(A, n, shift);
+  for (int64_t i = 0; i < nf; ++i) fast_channel(f, A, qc, kc, gc, t0, n, fast[i], i, shift, ld);
   save_chunk(ld, S, A, t0, n, D, E);
   if (ld.u) bonus_diagonal(A, qc, ld.q, kc, ld.k, ld.u, ld.kscale ? ld.kscale + t0 : nullptr, ys, n, D);
   gemm_nn(yc, qd, S, n, E, D, D, E, ld.y, 1.0f, 0.0f);  // (q o e^{cq}) S0
@@ -415,6 +456,8 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
   } else {
     gemm_nn(S, kfT, vc, D, E, n, n, E, E, 1.0f, 1.0f);
     scale_rows(S, el, D, E);
+    for (int64_t i = 0; i < nf; ++i)  // a fast channel's row: + sum_t k_t e^{cL - c_t} v_t
+      gemm_nn(S + fast[i] * E, f.kfast.data() + i * n, vc, 1, E, n, n, E, E, 1.0f, 1.0f);
   }
   return true;
 }
