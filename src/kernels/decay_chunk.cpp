@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <memory>
 #include <vector>
 
@@ -16,6 +19,44 @@ namespace {
 // The in-chunk cumulative sums of log decays are kept in double: a decay is a difference of two
 // of them, and in float32 a sum of -1e4 leaves 1e-3 of absolute error in a step of -0.01.
 using Cum = double;
+
+// dst (cols x rows, row stride ldd) = src^T, src (rows x cols, row stride lds): the chunk's key
+// factors are built as rows and multiply as columns (D x n, so that every product is A B). Blocks
+// of 8 x 8 through AVX2 shuffles; element by element the column writes were 5% of GLA's forward.
+void transpose(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows, int64_t cols) {
+  int64_t r0 = 0;
+#if defined(__AVX2__)
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {
+      const float* s = src + r0 * lds + c0;
+      __m256 a0 = _mm256_loadu_ps(s), a1 = _mm256_loadu_ps(s + lds), a2 = _mm256_loadu_ps(s + 2 * lds),
+             a3 = _mm256_loadu_ps(s + 3 * lds), a4 = _mm256_loadu_ps(s + 4 * lds), a5 = _mm256_loadu_ps(s + 5 * lds),
+             a6 = _mm256_loadu_ps(s + 6 * lds), a7 = _mm256_loadu_ps(s + 7 * lds);
+      const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1), t2 = _mm256_unpacklo_ps(a2, a3),
+                   t3 = _mm256_unpackhi_ps(a2, a3), t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5),
+                   t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                   u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                   u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* d = dst + c0 * ldd + r0;
+      _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (int64_t r = r0; r < r0 + 8; ++r)
+      for (int64_t c = c0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+#endif
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
 
 // Per-thread scratch of the score builders.
 struct ScoreWork {
@@ -402,11 +443,11 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
     el0 = exp_fast(float(r));
     for (int64_t t = 0; t < n; ++t) {
       const float *qt = qc + t * ld.q, *kt = kc + t * ld.k, a = eqs[t], b = ens[t];
-      float* qo = qd + t * D;
+      float *qo = qd + t * D, *ko = ek + t * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * a;
-      for (int64_t d = 0; d < D; ++d) kfT[d * n + t] = kt[d] * b;
+      for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * a, ko[d] = kt[d] * b;
     }
+    transpose(kfT, n, ek, D, n, D);
   } else {
     std::fill(run, run + D, 0.0);
     if (ld.g == 0) {  // one row of log decays for every step: the totals first, then the sums
@@ -437,9 +478,12 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
       for (int64_t d = 0; d < D; ++d) qo[d] = ys * qt[d] * exp_fast(qo[d]), et[d] = exp_fast(et[d]);
     }
     for (int64_t t = 0; t < n; ++t) {
-      const float *kt = kc + t * ld.k, *et = ek + t * D, b = ld.kscale ? ld.kscale[t0 + t] : 1.0f;
-      for (int64_t d = 0; d < D; ++d) kfT[d * n + t] = kt[d] * et[d] * b;
+      const float *kt = kc + t * ld.k, b = ld.kscale ? ld.kscale[t0 + t] : 1.0f;
+      float* et = ek + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) et[d] *= kt[d] * b;
     }
+    transpose(kfT, n, ek, D, n, D);
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) el[d] = exp_fast(float(run[d]));
     for (int64_t i = 0; i < nf; ++i) std::fill(kfT + fast[i] * n, kfT + (fast[i] + 1) * n, 0.0f);  // (inf there)
@@ -493,12 +537,12 @@ void scalar_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const fl
   for (int64_t t = 0; t < n; ++t) {
     const float fq = ld.yscale * exp_fast(float(cq[t]));
     fk[t] = exp_fast(float(run - c[t]));
-    const float *qt = qc + t * D, *kr = kc + t * D;
+    const float* qt = qc + t * D;
     float* qo = qd + t * D;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * fq;
-    for (int64_t d = 0; d < D; ++d) kT[d * n + t] = kr[d];
   }
+  transpose(kT, n, kc, D, n, D);
   for (int64_t d = 0; d < D; ++d)
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) ktT[d * n + t] = kT[d * n + t] * fk[t];
@@ -1018,11 +1062,12 @@ void dplr_chunk(DplrChunk& z, const float* S0, const float* r, const float* w, c
 
 // Scratch of dplr_factored.
 struct DplrFactoredWork {
-  std::vector<float> X, KB, G, VU, el, en;  // [rd; ad] (2n,D), [kf; bf]^T (D,2n), X KB (2n,2n), [V; U] (2n,E)
+  // [rd; ad] (2n,D), [kf; bf]^T (D,2n) and as rows, X KB (2n,2n), [V; U] (2n,E)
+  std::vector<float> X, KB, KBr, G, VU, el, en;
   std::vector<Cum> run;
   DplrFactoredWork(int64_t D, int64_t E)
-      : X(2 * kDecayChunk * D), KB(D * 2 * kDecayChunk), G(4 * kDecayChunk * kDecayChunk), VU(2 * kDecayChunk * E),
-        el(D), en(D), run(D) {}
+      : X(2 * kDecayChunk * D), KB(D * 2 * kDecayChunk), KBr(2 * kDecayChunk * D), G(4 * kDecayChunk * kDecayChunk),
+        VU(2 * kDecayChunk * E), el(D), en(D), run(D) {}
 };
 
 // One chunk of dplr_forward in the factored form, when every channel's total log decay over the
@@ -1061,8 +1106,11 @@ bool dplr_factored(DplrFactoredWork& f, float* y, float* S, const float* r, cons
       en[d] = exp_fast(-rt[d]);
       rt[d] = rr[d] * exp_fast(rt[d]), at[d] = ar[d] * exp_fast(at[d]);
     }
-    for (int64_t d = 0; d < D; ++d) KB[d * n2 + t] = kr[d] * en[d], KB[d * n2 + n + t] = br[d] * en[d];
+    float *kt = f.KBr.data() + t * D, *bt = kt + n * D;  // [kf; bf] as rows, then transposed
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) kt[d] = kr[d] * en[d], bt[d] = br[d] * en[d];
   }
+  transpose(KB, n2, f.KBr.data(), D, n2, D);
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) el[d] = exp_fast(float(run[d]));
   gemm_nn(G, X, KB, n2, n2, D, D, n2, n2, 1.0f, 0.0f);
