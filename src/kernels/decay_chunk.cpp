@@ -370,6 +370,26 @@ void bonus_diagonal(float* A, const float* q, int64_t ldq, const float* k, int64
   }
 }
 
+// A head's log decays constant in time (ld.g = 0: RWKV-5's w): every full chunk has the same
+// factors, made once a call: eq = yscale e^{cq_t}, en = e^{-c_t} (t < kDecayChunk, c_t = (t + 1) g;
+// inf on a fast channel, whose factors are not used), el = e^{cL}, and the fast channels.
+struct FixedDecays {
+  std::vector<float> eq, en, el;
+  std::vector<int64_t> fast;
+  void make(const float* g, int64_t D, bool shift, float yscale) {
+    const int64_t L = kDecayChunk;
+    eq.resize(size_t(L * D)), en.resize(size_t(L * D)), el.resize(size_t(D)), fast.clear();
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t t = 0; t < L; ++t) {
+        const Cum c = Cum(t + 1) * Cum(g[d]), cq = shift ? Cum(t) * Cum(g[d]) : c;
+        eq[size_t(t * D + d)] = yscale * exp_fast(float(cq)), en[size_t(t * D + d)] = exp_fast(float(-c));
+      }
+      el[size_t(d)] = exp_fast(float(Cum(L) * Cum(g[d])));
+      if (-Cum(L) * Cum(g[d]) > kFactorSpan) fast.push_back(d);
+    }
+  }
+};
+
 // Scratch of factored_chunk, sized once per call of gated_forward_heads.
 struct FactoredWork {
   std::vector<float> qd, kfT, ek, A, el, kfast, diff, kb;
@@ -420,7 +440,8 @@ void fast_channel(FactoredWork& f, float* A, const float* qc, const float* kc, c
 // With one log decay a step (ld.g_row) the factors are one exp a row and e^{cL} folds into the
 // last GEMM's alpha and beta. Returns false, having written nothing, when the chunk decays faster.
 bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const float* kc, const float* vc,
-                    const float* gc, int64_t t0, int64_t n, int64_t D, int64_t E, bool shift, const GatedRows& ld) {
+                    const float* gc, int64_t t0, int64_t n, int64_t D, int64_t E, bool shift, const GatedRows& ld,
+                    const FixedDecays* fixed) {
   const float ys = ld.yscale;
   float *qd = f.qd.data(), *kfT = f.kfT.data(), *ek = f.ek.data(), *el = f.el.data(), *A = f.A.data();
   Cum* run = f.run.data();
@@ -448,6 +469,20 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
       for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * a, ko[d] = kt[d] * b;
     }
     transpose(kfT, n, ek, D, n, D);
+  } else if (fixed && n == kDecayChunk) {  // a decay constant in time: the head's factors, made once
+    if (int64_t(fixed->fast.size()) > max_fast_channels(D)) return false;
+    nf = int64_t(fixed->fast.size());
+    std::copy(fixed->fast.begin(), fixed->fast.end(), fast);
+    for (int64_t t = 0; t < n; ++t) {
+      const float *qt = qc + t * ld.q, *kt = kc + t * ld.k, *eq = fixed->eq.data() + t * D,
+                  *en = fixed->en.data() + t * D, b = ld.kscale ? ld.kscale[t0 + t] : 1.0f;
+      float *qo = qd + t * D, *ko = ek + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * eq[d], ko[d] = kt[d] * en[d] * b;
+    }
+    transpose(kfT, n, ek, D, n, D);
+    std::copy(fixed->el.begin(), fixed->el.end(), el);
+    for (int64_t i = 0; i < nf; ++i) std::fill(kfT + fast[i] * n, kfT + (fast[i] + 1) * n, 0.0f);  // (inf there)
   } else {
     std::fill(run, run + D, 0.0);
     if (ld.g == 0) {  // one row of log decays for every step: the totals first, then the sums
@@ -455,14 +490,13 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
       for (int64_t d = 0; d < D; ++d) nfast += -Cum(n) * Cum(gc[d]) > kFactorSpan;
       if (nfast > max_fast_channels(D)) return false;
     }
-    for (int64_t t = 0; t < n; ++t) {  // cq into qd and -c into ek (then their exps in a loop of
-      const float* gt = gc + t * ld.g;   // their own: one mixing double and exp_fast stays scalar)
-      float *qo = qd + t * D, *et = ek + t * D;
+    for (int64_t t = 0; t < n; ++t) {  // c into ek (then the exps in a loop of their own: one
+      const float* gt = gc + t * ld.g;   // mixing double and exp_fast stays scalar)
+      float* et = ek + t * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
-        const Cum before = run[d], after = before + Cum(gt[d]);
-        run[d] = after;
-        qo[d] = float(shift ? before : after), et[d] = float(-after);
+        const Cum after = run[d] + Cum(gt[d]);
+        run[d] = after, et[d] = float(after);
       }
     }
     nf = 0;
@@ -471,21 +505,23 @@ bool factored_chunk(FactoredWork& f, float* yc, float* S, const float* qc, const
         if (nf == max_fast_channels(D)) return false;
         fast[nf++] = d;
       }
+    // one exp an entry: e^{c_t}; the read-out's e^{cq_t} is it (or the row before's, with shift)
+    // and the key's e^{-c_t} its reciprocal; el ends as e^{cL}
+    std::fill(el, el + D, 1.0f);
     for (int64_t t = 0; t < n; ++t) {
-      const float* qt = qc + t * ld.q;
+      const float *qt = qc + t * ld.q, *kt = kc + t * ld.k, b = ld.kscale ? ld.kscale[t0 + t] : 1.0f;
       float *qo = qd + t * D, *et = ek + t * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) qo[d] = ys * qt[d] * exp_fast(qo[d]), et[d] = exp_fast(et[d]);
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      const float *kt = kc + t * ld.k, b = ld.kscale ? ld.kscale[t0 + t] : 1.0f;
-      float* et = ek + t * D;
+      for (int64_t d = 0; d < D; ++d) et[d] = exp_fast(et[d]);
+      if (shift) {
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) et[d] *= kt[d] * b;
+        for (int64_t d = 0; d < D; ++d) qo[d] = ys * qt[d] * el[d], el[d] = et[d], et[d] = kt[d] * b / et[d];
+      } else {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) qo[d] = ys * qt[d] * et[d], el[d] = et[d], et[d] = kt[d] * b / et[d];
+      }
     }
     transpose(kfT, n, ek, D, n, D);
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) el[d] = exp_fast(float(run[d]));
     for (int64_t i = 0; i < nf; ++i) std::fill(kfT + fast[i] * n, kfT + (fast[i] + 1) * n, 0.0f);  // (inf there)
   }
   gemm_nn(A, qd, kfT, n, n, D, D, n, n, 1.0f, 0.0f);
@@ -635,6 +671,11 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
   const int64_t L = kDecayChunk, per = L * (3 * D + E);  // a head's gathered q, k, g, v
   std::vector<float> buf(size_t(nh * per));
   std::vector<float> ybuf(size_t(L * E));
+  std::vector<FixedDecays> fixed;  // heads whose log decays are one row for every step
+  if (!heads[0].ld.g_row && heads[0].ld.g == 0) {
+    fixed.resize(size_t(nh));
+    for (int64_t i = 0; i < nh; ++i) fixed[size_t(i)].make(heads[i].g, D, shift, heads[i].ld.yscale);
+  }
   std::vector<GatedRows> lds(static_cast<size_t>(nh));  // the strides of what is read: gathered rows contiguous
   for (int64_t i = 0; i < nh; ++i) {
     const GatedRows& ld = heads[i].ld;
@@ -668,7 +709,8 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
       // that are not in cache stalled on them (Mamba-2's forward: its y products 35% of the time)
       const bool direct = h.ld.y == E;
       float* yc = direct ? h.y + t0 * E : ybuf.data();
-      if (!factored_chunk(fw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)])) {
+      if (!factored_chunk(fw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)],
+                          fixed.empty() ? nullptr : &fixed[size_t(i)])) {
         if (!gw) gw = std::make_unique<GeneralWork>(D);
         general_chunk(*gw, yc, h.S, qc, kc, vc, gc, t0, n, D, E, shift, lds[size_t(i)]);
       }
