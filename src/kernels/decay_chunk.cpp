@@ -2,13 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 #include <memory>
 #include <vector>
 
 #include "kernels/linear_product.h"
+#include "kernels/transpose.h"
 #include "kernels/vmath.h"
 #include "linmix/error.h"
 
@@ -20,43 +18,6 @@ namespace {
 // of them, and in float32 a sum of -1e4 leaves 1e-3 of absolute error in a step of -0.01.
 using Cum = double;
 
-// dst (cols x rows, row stride ldd) = src^T, src (rows x cols, row stride lds): the chunk's key
-// factors are built as rows and multiply as columns (D x n, so that every product is A B). Blocks
-// of 8 x 8 through AVX2 shuffles; element by element the column writes were 5% of GLA's forward.
-void transpose(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows, int64_t cols) {
-  int64_t r0 = 0;
-#if defined(__AVX2__)
-  for (; r0 + 8 <= rows; r0 += 8) {
-    int64_t c0 = 0;
-    for (; c0 + 8 <= cols; c0 += 8) {
-      const float* s = src + r0 * lds + c0;
-      __m256 a0 = _mm256_loadu_ps(s), a1 = _mm256_loadu_ps(s + lds), a2 = _mm256_loadu_ps(s + 2 * lds),
-             a3 = _mm256_loadu_ps(s + 3 * lds), a4 = _mm256_loadu_ps(s + 4 * lds), a5 = _mm256_loadu_ps(s + 5 * lds),
-             a6 = _mm256_loadu_ps(s + 6 * lds), a7 = _mm256_loadu_ps(s + 7 * lds);
-      const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1), t2 = _mm256_unpacklo_ps(a2, a3),
-                   t3 = _mm256_unpackhi_ps(a2, a3), t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5),
-                   t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
-                   u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
-                   u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
-                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      float* d = dst + c0 * ldd + r0;
-      _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(d + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
-    }
-    for (int64_t r = r0; r < r0 + 8; ++r)
-      for (int64_t c = c0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-  }
-#endif
-  for (int64_t r = r0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-}
 
 // Per-thread scratch of the score builders.
 struct ScoreWork {
@@ -248,6 +209,13 @@ void cumsums(Cum* c, Cum* cp, const float* g, int64_t n, int64_t D, int64_t ldg)
 //             secondary chunking.
 enum class Form { scalar, factored, general };
 
+// D ones (D <= the widths the kernels see; grown on demand, per thread).
+const float* one_row(int64_t D) {
+  thread_local std::vector<float> ones;
+  if (int64_t(ones.size()) < D) ones.assign(size_t(D), 1.0f);
+  return ones.data();
+}
+
 // The exponentials of one chunk's cumulative log decays, each computed once a chunk and shared
 // by every product, their backward and the decays of the state (c inclusive, cp exclusive; cq
 // the read-out's: c, or cp for RWKV's read-before-update).
@@ -279,21 +247,29 @@ struct Decays {
       }
       return;
     }
+    if (fac) {  // one exp an entry, E = e^{c}: e^{cq} and e^{cp} are E or the row before's, e^{-c} 1 / E
+      float* ex = en.data();
+#pragma omp simd
+      for (int64_t o = 0; o < n * D; ++o) ex[o] = exp_fast(float(c[o]));
+      const bool qs = cq != c;  // cq is cp
+      for (int64_t t = 0; t < n; ++t) {
+        const float* prev = t > 0 ? ex + (t - 1) * D : one_row(D);
+        float *q = eq.data() + t * D, *a = with_a ? ea.data() + t * D : nullptr, *x = ex + t * D, *tt = et.data() + t * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) q[d] = qs ? prev[d] : x[d];
+        if (a) std::copy(prev, prev + D, a);
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) tt[d] = el[size_t(d)] / x[d];
+      }
+#pragma omp simd
+      for (int64_t o = 0; o < n * D; ++o) ex[o] = 1.0f / ex[o];
+      return;
+    }
 #pragma omp simd
     for (int64_t o = 0; o < n * D; ++o) eq[size_t(o)] = exp_fast(float(cq[o]));
     if (with_a) {
 #pragma omp simd
       for (int64_t o = 0; o < n * D; ++o) ea[size_t(o)] = exp_fast(float(cp[o]));
-    }
-    if (fac) {
-      for (int64_t t = 0; t < n; ++t)
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t o = t * D + d;
-          en[size_t(o)] = exp_fast(float(-c[o]));
-          et[size_t(o)] = en[size_t(o)] * el[size_t(d)];
-        }
-      return;
     }
     for (int64_t t = 0; t < n; ++t)
 #pragma omp simd

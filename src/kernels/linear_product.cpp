@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/blas.h"
+#include "kernels/transpose.h"
 #include "kernels/vmath.h"
 #include "linmix/error.h"
 
@@ -55,8 +56,7 @@ void gemm_acc(bool ta, bool tb, float* C, const float* A, const float* B, int64_
     // a per-thread buffer (about 1 us at 64 x 64) and the product taken as A B.
     thread_local std::vector<float> pt;
     pt.resize(static_cast<size_t>(n * k));
-    for (int64_t j = 0; j < k; ++j)
-      for (int64_t i = 0; i < n; ++i) pt[static_cast<size_t>(j * n + i)] = b[i * lb + j];
+    transpose(pt.data(), n, b, lb, n, k);
     b = pt.data(), lb = n, tb = false;
   }
   blas::sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m), int(n), int(k),
