@@ -699,6 +699,70 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
 
 namespace {
 
+// One chunk of gated_backward_heads in the factored form with per-channel decays (eq = e^{cq},
+// en = e^{-c}, el = e^{cL}; q with yscale): the eight products of the chunk's gradients as five,
+// three of them over stacked operands (inner dimension n + E or n + D), every one A B:
+//   dA = dy V^T (masked)                 dq = ([dy | dA] [S0^T; kf]) o eq
+//   dk = ([dA^T | V] [qd; dSe^T]) o en   dv = [A^T | kf] [dy; dSe]      dSe = diag(e^{cL}) dS
+//   dS <- dSe + qd^T dy
+// and the total decay's gradient dcL_d = <dS_d, S1_d> with S1 the state after the chunk (the
+// chunk's own update kt^T V = S1 - diag(e^{cL}) S0 folded in). dbonus: dA's diagonal before the
+// mask, when bonus.
+struct FactoredGrad {
+  std::vector<float> XQ, BQ, XK, BK, XV, BV, VT, qdT;
+  FactoredGrad(int64_t D, int64_t E)
+      : XQ(kDecayChunk * (E + kDecayChunk)), BQ((E + kDecayChunk) * D), XK(kDecayChunk * (kDecayChunk + E)),
+        BK((kDecayChunk + E) * D), XV(kDecayChunk * (kDecayChunk + D)), BV((kDecayChunk + D) * E), VT(E * kDecayChunk),
+        qdT(D * kDecayChunk) {}
+};
+void factored_backward(FactoredGrad& w, float* dq, float* dk, float* dv, float* dcL, float* dbonus, float* dS,
+                       const float* q, const float* k, const float* v, const float* dy, const float* S0, const float* S1,
+                       const float* A, const float* eq, const float* en, const float* el, int64_t n, int64_t D,
+                       int64_t E, bool shift, bool bonus) {
+  const int64_t lq = E + n, lk = n + E, lv = n + D;
+  float *XQ = w.XQ.data(), *BQ = w.BQ.data(), *XK = w.XK.data(), *BK = w.BK.data(), *XV = w.XV.data(),
+        *BV = w.BV.data();
+  for (int64_t d = 0; d < D; ++d) {  // dcL, then dS scaled by e^{cL} (dSe), also BV's lower rows
+    float* r = dS + d * E;
+    const float* s1 = S1 + d * E;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t e = 0; e < E; ++e) sum += r[e] * s1[e];
+    dcL[d] = sum;
+    const float f = el[d];
+    float* o = BV + (n + d) * E;
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) r[e] *= f, o[e] = r[e];
+  }
+  for (int64_t t = 0; t < n; ++t) {  // the stacked operands' rows
+    const float *qt = q + t * D, *kt = k + t * D, *et = eq + t * D, *nt = en + t * D, *yt = dy + t * E, *vt = v + t * E;
+    float *qo = BK + t * D, *ko = BQ + (E + t) * D, *kv = XV + t * lv + n, *yq = XQ + t * lq, *yv = BV + t * E,
+          *vk = XK + t * lk + n;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) qo[d] = qt[d] * et[d], ko[d] = kt[d] * nt[d], kv[d] = ko[d];
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) yq[e] = yt[e], yv[e] = yt[e], vk[e] = vt[e];
+  }
+  transpose(BQ, D, S0, E, D, E);          // S0^T
+  transpose(w.VT.data(), n, v, E, n, E);  // V^T
+  transpose(BK + n * D, D, dS, E, D, E);  // dSe^T
+  transpose(XV, lv, A, n, n, n);          // A^T
+  gemm_nn(XQ + E, dy, w.VT.data(), n, n, E, E, n, lq, 1.0f, 0.0f);  // dA = dy V^T
+  for (int64_t t = 0; t < n; ++t) {
+    float* r = XQ + t * lq + E;
+    if (bonus) dbonus[t] = r[t];
+    std::fill(r + (shift ? t : t + 1), r + n, 0.0f);
+  }
+  transpose(XK, lk, XQ + E, lq, n, n);  // dA^T
+  gemm_nn(dq, XQ, BQ, n, D, E + n, lq, D, D, 1.0f, 0.0f);
+  gemm_nn(dk, XK, BK, n, D, n + E, lk, D, D, 1.0f, 0.0f);
+  gemm_nn(dv, XV, BV, n, E, n + D, lv, E, E, 1.0f, 0.0f);
+#pragma omp simd
+  for (int64_t o = 0; o < n * D; ++o) dq[o] *= eq[o], dk[o] *= en[o];
+  transpose(w.qdT.data(), n, BK, D, n, D);  // qd^T
+  gemm_nn(dS, w.qdT.data(), dy, D, E, n, n, E, E, 1.0f, 1.0f);
+}
+
 // The chunk buffers of gated_backward_heads that row_decay_backward reads (q with yscale, k, v, dy)
 // and writes (dq, dk, dv, dA: the gradients with respect to them and the masked scores), and its
 // own scratch.
@@ -818,7 +882,8 @@ void row_decay_backward(RowWork& z, const GatedGradHead& h, float* dS, const flo
 void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
                     const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
                     bool shift, const float* dST, const float* saved_states, const float* saved_scores) {
-  std::vector<float> own;  // the saves of a forward of its own (its y and final state unused)
+  std::vector<float> own;  // the saves of a forward of its own (its y unused)
+  const float* ST = nullptr;
   if (!saved_states || !saved_scores) {
     const int64_t nc = decay_chunks(T);
     own.resize(size_t(nc * (D * E + kDecayChunk * kDecayChunk) + T * E + D * E));
@@ -827,9 +892,9 @@ void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, cons
     GatedRows ld{D, D, E, D, E};
     ld.save_states = st, ld.save_scores = sc;
     gated_forward(y, S, q, k, v, g, T, D, E, shift, ld);
-    saved_states = st, saved_scores = sc;
+    saved_states = st, saved_scores = sc, ST = S;
   }
-  const GatedGradHead head{q, k, v, g, dy, S0, dST, saved_states, saved_scores, dq, dk, dv, dg, dS0, nullptr,
+  const GatedGradHead head{q, k, v, g, dy, S0, dST, saved_states, saved_scores, ST, dq, dk, dv, dg, dS0, nullptr,
                            GatedRows{D, D, E, D, E}, GatedRows{D, D, E, D, E}};
   gated_backward_heads(&head, 1, T, D, E, shift);
 }
@@ -851,6 +916,7 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
   Decays x;
   ScoreWork sw;
   RowWork rw(D);
+  FactoredGrad fg(D, E);
   rw.q = qb.data(), rw.k = kb.data(), rw.v = vb.data(), rw.dy = yb.data(), rw.dq = dqc.data(), rw.dk = dkc.data(),
   rw.dv = dvc.data(), rw.dA = dA.data();
   for (int64_t i = 0; i < nh; ++i) {
@@ -901,6 +967,12 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
       const Cum* cq = shift ? cp.data() : c.data();
       x.compute(c.data(), cp.data(), cq, false, n, D);
       const bool fac = x.form == Form::factored;
+      const float* S1 = ci + 1 < chunks.size() ? h.states + int64_t(ci + 1) * D * E : h.ST;  // the state after
+      const bool stacked = fac && S1;
+      if (stacked) {
+        factored_backward(fg, dqc.data(), dkc.data(), dvc.data(), dcL.data(), dbonus, dS, qc, kc, vc, dyc, Sc, S1, Ac,
+                          x.eq.data(), x.en.data(), x.el.data(), n, D, E, shift, ld.u != nullptr);
+      } else {
       times(qd.data(), qc, x.eq, n, D);
       times(kt.data(), kc, x.et, n, D);
       if (fac) times(kf.data(), kc, x.en, n, D);
@@ -941,15 +1013,17 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
         for (int64_t e = 0; e < E; ++e) sum += Sc[d * E + e] * dS[d * E + e];
         dcL[size_t(d)] += sum * x.el[size_t(d)];
       }
+      }
       for (int64_t o = 0; o < n * D; ++o) {
         const float qq = qc[o] * dqc[o];
         dc[o] = -kc[o] * dkc[o] + (shift ? 0.0f : qq);
         dcp[o] = shift ? qq : 0.0f;
       }
       decay_grad(dgc.data(), dc.data(), dcp.data(), dcL.data(), n, D);
-      // dS0 of this chunk = e^{cL} o dS + qd^T dy
-      scale_rows(dS, x.el.data(), D, E);
-      gemm_tn_acc(dS, qd.data(), dyc, D, E, n, D, E, E);
+      if (!stacked) {  // dS0 of this chunk = e^{cL} o dS + qd^T dy
+        scale_rows(dS, x.el.data(), D, E);
+        gemm_tn_acc(dS, qd.data(), dyc, D, E, n, D, E, E);
+      }
       }
       if (ld.u)  // the bonus y_t += (q_t . (u o k_t)) v_t (q with yscale): no decay in it
         for (int64_t t = 0; t < n; ++t) {

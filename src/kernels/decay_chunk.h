@@ -98,10 +98,11 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
 // over the steps; with g_row one float a step (the sum over the D channels), or with od.g = 0
 // one float. dS0 (D,E) is written; dST (D,E; null = zeros: fla's dht) is the gradient of the
 // final state. With ld.u (RWKV-5/6's bonus) its gradient is added to du (D). states, scores:
-// what gated_forward saved for these operands (GatedRows save_*).
+// what gated_forward saved for these operands (GatedRows save_*); ST: the final state it
+// returned (null: the chunks' decay gradients take the longer way, without it).
 struct GatedGradHead {
   const float *q, *k, *v, *g, *dy;
-  const float *S0, *dST, *states, *scores;
+  const float *S0, *dST, *states, *scores, *ST;
   float *dq, *dk, *dv, *dg, *dS0, *du;
   GatedRows ld, od;
 };

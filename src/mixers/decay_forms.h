@@ -147,7 +147,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
         const float* gy = dy->ptr() + (z.b * T * H + z.h) * E;  // the call's rows, or the kernel's own dy
         if (!z.dy.empty()) gy = z.dy.data(), ld.y = E;
         grads.push_back({z.iq, z.ik, z.iv, z.ig, gy, z.S0.data(), z.dST.empty() ? nullptr : z.dST.data(),
-                         z.states.data(), z.scores.data(), z.odq, z.odk, z.odv, z.odg, z.dS0.data(), z.odu, ld, od});
+                         z.states.data(), z.scores.data(), z.S.data(), z.odq, z.odk, z.odv, z.odg, z.dS0.data(), z.odu, ld, od});
       }
       gated_backward_heads(grads.data(), int64_t(grads.size()), T, Dk, E, shift);
     }
