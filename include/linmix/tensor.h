@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <map>
 #include <memory>
+#include <new>
 #include <utility>
 #include <string>
 #include <vector>
@@ -41,8 +42,9 @@ class Storage {
   // n floats left unset, in a buffer of its own (Tensor::uninitialized): read and written like a
   // view; owns_buffer() says the buffer is the storage's alone, to hand on (the torch extension's
   // outputs) instead of copying
-  static Storage uninitialized(size_t n) {
-    std::shared_ptr<float[]> buf(new float[n]);
+  static Storage uninitialized(size_t n) {  // 64-byte aligned: rows of cache lines (streaming stores)
+    std::shared_ptr<float> buf(new (std::align_val_t(64)) float[n],
+                               [](float* q) { ::operator delete[](q, std::align_val_t(64)); });
     float* p = buf.get();  // before buf is moved (the arguments' order is unspecified)
     Storage s = view(p, n, std::move(buf));
     s.own_buffer_ = true;

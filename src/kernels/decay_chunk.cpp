@@ -937,6 +937,17 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
     }
   };
   const auto put = [](float* dst, int64_t ld, const float* src, int64_t n, int64_t W, float scale) {
+#if defined(__AVX2__)
+    // rows of whole cache lines: streamed (not read for ownership first; the gradients are not
+    // read again here)
+    if (W % 16 == 0 && ld % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+      const __m256 f = _mm256_set1_ps(scale);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < W; j += 8)
+          _mm256_stream_ps(dst + t * ld + j, _mm256_mul_ps(_mm256_loadu_ps(src + t * W + j), f));
+      return;
+    }
+#endif
     for (int64_t t = 0; t < n; ++t) {
       float* d = dst + t * ld;
       const float* s = src + t * W;
@@ -1058,6 +1069,9 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
           else h.dg[0] += rw.dg[t];
       }
     }
+#if defined(__AVX2__)
+  _mm_sfence();  // the streamed rows, ordered before the caller reads them
+#endif
   for (int64_t i = 0; i < nh; ++i) std::copy(dSs.begin() + i * D * E, dSs.begin() + (i + 1) * D * E, heads[i].dS0);
 }
 
