@@ -907,13 +907,19 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
   const FlushDenormals ftz;
   const int64_t L = kDecayChunk;
   const auto chunks = chunks_of(T);
-  std::vector<Cum> c(L * D), cp(L * D);
   std::vector<float> qd(L * D), kf(L * D), kt(L * D), dA(L * L), dkt(L * D), dc(L * D), dcp(L * D), dcL(D), t1(L * D),
       t2(L * D);
   // the chunk's operands and gradients, contiguous
   std::vector<float> qb(L * D), kb(L * D), vb(L * E), yb(L * E), dqc(L * D), dkc(L * D), dgc(L * D), dvc(L * E);
   std::vector<float> dSs(size_t(nh * D * E));  // every head's state gradient, carried from chunk to chunk
-  Decays x;
+  struct ChunkDecays {
+    std::vector<Cum> c, cp;
+    Decays x;
+    bool made = false;
+    explicit ChunkDecays(int64_t D) : c(kDecayChunk * D), cp(kDecayChunk * D) {}
+  };
+  ChunkDecays own(D);
+  std::vector<ChunkDecays> kept(static_cast<size_t>(nh), ChunkDecays(D));
   ScoreWork sw;
   RowWork rw(D);
   FactoredGrad fg(D, E);
@@ -974,9 +980,17 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
       if (ld.g_row) {
         row_decay_backward(rw, h, dS, Sc, Ac, t0, n, D, E, shift, dbonus);
       } else {
-      cumsums(c.data(), cp.data(), h.g + t0 * ld.g, n, D, ld.g);
-      const Cum* cq = shift ? cp.data() : c.data();
-      x.compute(c.data(), cp.data(), cq, false, n, D);
+      // a decay constant in time (RWKV-5): every full chunk's sums and exponentials are the same,
+      // made at the head's first full chunk and kept
+      const bool keep = ld.g == 0 && n == kDecayChunk;
+      ChunkDecays& K = keep ? kept[size_t(hi)] : own;
+      if (!keep || !K.made) {
+        cumsums(K.c.data(), K.cp.data(), h.g + t0 * ld.g, n, D, ld.g);
+        K.x.compute(K.c.data(), K.cp.data(), shift ? K.cp.data() : K.c.data(), false, n, D);
+        K.made = keep;
+      }
+      const Decays& x = K.x;
+      const Cum *cc = K.c.data(), *cq = shift ? K.cp.data() : K.c.data();
       const bool fac = x.form == Form::factored;
       const float* S1 = ci + 1 < chunks.size() ? h.states + int64_t(ci + 1) * D * E : h.ST;  // the state after
       const bool stacked = fac && S1;
@@ -1005,7 +1019,7 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
         factored_scores_backward(dqc.data(), dkc.data(), dA.data(), qd.data(), x.eq.data(), kf.data(), x.en.data(), n, D,
                                  t1.data(), t2.data());
       else
-        scores_backward(dqc.data(), dkc.data(), dA.data(), qc, cq, kc, c.data(), n, D, shift, sw);
+        scores_backward(dqc.data(), dkc.data(), dA.data(), qc, cq, kc, cc, n, D, shift, sw);
       // dkt = V dS^T; dk += dkt o e^{cL - c}
       std::fill(dkt.begin(), dkt.begin() + n * D, 0.0f);
       gemm_nt_acc(dkt.data(), vc, dS, n, D, E, E, E, D);
