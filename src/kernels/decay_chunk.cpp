@@ -407,7 +407,7 @@ void fast_channel(FactoredWork& f, float* A, const float* qc, const float* kc, c
   }
 }
 
-// One chunk of gated_forward in the factored form, when it applies: every channel's total log
+// One chunk of gated_forward_heads in the factored form, when it applies: every channel's total log
 // decay over the chunk is >= -kFactorSpan. qc, kc, vc, gc, yc point at the chunk's first row (row
 // t0 of the sequence; strides of ld, v contiguous). The decays fold into the operands as they are
 // read (qd = yscale q o e^{cq}, kfT = (k o e^{-c})^T, D x n), so the chunk is four GEMMs on them
@@ -567,7 +567,7 @@ void scalar_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const fl
   gemm_nn(S, ktT, vc, D, E, n, n, E, E, 1.0f, el);
 }
 
-// One chunk of gated_forward that decays faster than the factored form allows (the fast-decay
+// One chunk of gated_forward_heads that decays faster than the factored form allows (the fast-decay
 // draw), on contiguous q, k, v rows (g, y as ld): scores() with its secondary chunking, the
 // decays from double cumulative sums.
 void general_chunk(GeneralWork& z, float* yc, float* S, const float* qc, const float* kc, const float* vc,
@@ -622,17 +622,6 @@ std::vector<Chunk> chunks_of(int64_t T) {
 
 // ---------------------------------------------------------------------------------------------
 // gated
-
-void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
-                   int64_t D, int64_t E, bool shift) {
-  gated_forward(y, S, q, k, v, g, T, D, E, shift, GatedRows{D, D, E, D, E});
-}
-
-void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
-                   int64_t D, int64_t E, bool shift, const GatedRows& ld) {
-  const GatedHeadRows head{y, S, q, k, v, g, ld};
-  gated_forward_heads(&head, 1, T, D, E, shift);
-}
 
 // Every head's chunk rows of q, k, v (and g when it has rows), gathered before the chunk runs: a
 // head's rows lie H D floats apart in a (B,T,H,D) tensor, and read in place by the chunk's
@@ -878,26 +867,6 @@ void row_decay_backward(RowWork& z, const GatedGradHead& h, float* dS, const flo
 }
 
 }  // namespace
-
-void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
-                    const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
-                    bool shift, const float* dST, const float* saved_states, const float* saved_scores) {
-  std::vector<float> own;  // the saves of a forward of its own (its y unused)
-  const float* ST = nullptr;
-  if (!saved_states || !saved_scores) {
-    const int64_t nc = decay_chunks(T);
-    own.resize(size_t(nc * (D * E + kDecayChunk * kDecayChunk) + T * E + D * E));
-    float *st = own.data(), *sc = st + nc * D * E, *y = sc + nc * kDecayChunk * kDecayChunk, *S = y + T * E;
-    std::copy(S0, S0 + D * E, S);
-    GatedRows ld{D, D, E, D, E};
-    ld.save_states = st, ld.save_scores = sc;
-    gated_forward(y, S, q, k, v, g, T, D, E, shift, ld);
-    saved_states = st, saved_scores = sc, ST = S;
-  }
-  const GatedGradHead head{q, k, v, g, dy, S0, dST, saved_states, saved_scores, ST, dq, dk, dv, dg, dS0, nullptr,
-                           GatedRows{D, D, E, D, E}, GatedRows{D, D, E, D, E}};
-  gated_backward_heads(&head, 1, T, D, E, shift);
-}
 
 // The chunks run in reverse, every head's chunk i before any head's chunk i - 1; a chunk's rows are
 // gathered into contiguous buffers first (q times yscale, g spread over the D channels when one a

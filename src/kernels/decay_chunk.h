@@ -37,7 +37,7 @@ constexpr int64_t kDecaySub = 16;
 // Chunks of a sequence of T tokens (the last one partial).
 inline int64_t decay_chunks(int64_t T) { return (T + kDecayChunk - 1) / kDecayChunk; }
 
-// FLOPs of gated_forward per head: Q S, the state update K^T V (2 T D E each), scores (2 T L D)
+// FLOPs of gated_forward_heads per head: Q S, the state update K^T V (2 T D E each), scores (2 T L D)
 // and their product with V (2 T L E), L = kDecayChunk (about half of them masked, counted whole
 // as the other chunked forms count them).
 inline double gated_flops(double T, double D, double E) {
@@ -50,13 +50,10 @@ inline double dplr_flops(double T, double D, double E) {
   return T * (8 * D * E + 8 * L * D + 6 * L * E);
 }
 
-// One head. q, k, g: (T,D); v: (T,E); y: (T,E) written; S: (D,E), the state before token 0 on
-// entry and after the last token on return. g <= 0 (log decays), one row per token.
-void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
-                   int64_t D, int64_t E, bool shift);
-// The same on rows in place: row t of q at q + t ldq (a head of a (B,T,H,D) tensor: ldq = H D),
-// and so on (ldg = 0: one row of log decays for every step); y's rows written at y + t ldy and
-// scaled by yscale (a read-out scale of q).
+// A head's operands at row strides in place: row t of q at q + t ldq (a head of a (B,T,H,D)
+// tensor: ldq = H D), and so on (ldg = 0: one row of log decays for every step); y's rows written
+// at y + t ldy, scaled by yscale (a read-out scale of q). q, k, g: D floats a row, v, y: E; g <= 0
+// (log decays).
 struct GatedRows {
   int64_t q, k, v, g, y;
   float yscale = 1.0f;
@@ -70,14 +67,12 @@ struct GatedRows {
   // called with (t0, n) once the chunk's rows [t0, t0 + n) of y are written, while they are in
   // cache (Mamba-2's skip and gate)
   const std::function<void(int64_t, int64_t)>* epilogue = nullptr;
-  // For gated_backward: chunk j's starting state (D,E) is written at save_states + j D E and its
+  // For gated_backward_heads: chunk j's starting state (D,E) is written at save_states + j D E and its
   // masked scores (n x n, row stride n; yscale and kscale in them, the bonus not) at
   // save_scores + j kDecayChunk^2, when not null: (T / chunk) (D E + chunk^2) floats.
   float* save_states = nullptr;
   float* save_scores = nullptr;
 };
-void gated_forward(float* y, float* S, const float* q, const float* k, const float* v, const float* g, int64_t T,
-                   int64_t D, int64_t E, bool shift, const GatedRows& ld);
 // One head's operands of gated_forward_heads.
 struct GatedHeadRows {
   float* y;
@@ -89,7 +84,7 @@ struct GatedHeadRows {
 // 1, ...): heads side by side in a (B,T,H,X) tensor then read each chunk's rows as runs of memory
 // that the hardware prefetchers follow, where one head alone reads D of every H D floats a row.
 void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift);
-// Backward of gated_forward, several heads of one T, D, E run chunk by chunk across them (in
+// Backward of gated_forward_heads, several heads of one T, D, E run chunk by chunk across them (in
 // reverse) on their rows in place, as gated_forward_heads. A head's operands q, k, v, g and its
 // dy (rows at ld.y) are read at the strides of ld, yscale and kscale folded in as the forward
 // folds them (epilogue: the caller's). Its gradients go to the strides of od: dq at od.q (times
@@ -98,7 +93,7 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
 // over the steps; with g_row one float a step (the sum over the D channels), or with od.g = 0
 // one float. dS0 (D,E) is written; dST (D,E; null = zeros: fla's dht) is the gradient of the
 // final state. With ld.u (RWKV-5/6's bonus) its gradient is added to du (D). states, scores:
-// what gated_forward saved for these operands (GatedRows save_*); ST: the final state it
+// what gated_forward_heads saved for these operands (GatedRows save_*); ST: the final state it
 // returned (null: the chunks' decay gradients take the longer way, without it).
 struct GatedGradHead {
   const float *q, *k, *v, *g, *dy;
@@ -107,14 +102,6 @@ struct GatedGradHead {
   GatedRows ld, od;
 };
 void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift);
-// One head on contiguous rows (q, k, g: (T,D); v, dy: (T,E)): writes dq, dk, dg (T,D), dv (T,E),
-// dS0 (D,E). states, scores: gated_forward's saves for these operands; null: a forward of its own
-// saves them.
-void gated_backward(float* dq, float* dk, float* dv, float* dg, float* dS0, const float* dy, const float* S0,
-                    const float* q, const float* k, const float* v, const float* g, int64_t T, int64_t D, int64_t E,
-                    bool shift, const float* dST = nullptr, const float* states = nullptr,
-                    const float* scores = nullptr);
-
 // One head. r, w, k, a, b: (T,D); v: (T,E); y: (T,E) written; S (D,E) in and out as above.
 // save_states, save_kept (when not null): what dplr_backward reads instead of recomputing, chunk
 // j's starting state at save_states + j D E ((T / chunk) D E floats) and its Aab, Aak (n x n) and

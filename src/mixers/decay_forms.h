@@ -59,19 +59,18 @@ void each_head(int64_t B, int64_t H, F f) {
 }
 
 // One head of a gated mechanism (kernels/decay_chunk.h gated_*). prep points iq, ik, iv, ig at
-// the head's rows in place (with their strides and the read-out scale in ld) and oy at the output's
-// rows; with dy it also points odq, odk, odv, odg (and odu with a bonus) at where the gradients go,
-// at the strides of od when prep sets od.q, else of ld (dg as gated_backward_heads writes it), and
-// may fill dy (T,E) with the kernel's own dy (else the call's rows); the kernels run on the rows
-// in place. A mechanism whose operands are not its tensors' rows (Mamba-2's d B) instead fills q
-// (with the read-out scale folded in), k, g: (T,Dk), v: (T,E), and with dy maybe dy (the kernel's
-// own, else the call's rows); the driver then runs the forward and the backward on them, giving
-// y, S, dq, dk, dg, dv, dS0 with respect to these operands. post maps the results to the
-// mechanism's tensors. dST, the gradient of the final state (fla's dht), is the call's dfinal.S of
-// the head unless prep fills it (a state of another layout); empty: zeros.
+// the head's rows in place (with their strides, the read-out scale and the rest in ld) and oy at
+// the output's rows; with dy it also points odq, odk, odv, odg (and odu with a bonus) at where
+// the gradients go, at the strides of od when prep sets od.q, else of ld (dg as
+// gated_backward_heads writes it), and may fill dy (T,E) with the kernel's own dy (else the call's
+// rows). k, g, dq, dk, dg, du are the mechanism's own buffers (kept across calls) for what it
+// points the kernels at (Mamba-2's steps d and log decays d A, its per-head dCm and dk). post
+// maps the rest to the mechanism's tensors (the final state S, dS0, parameters' gradients). dST,
+// the gradient of the final state (fla's dht), is the call's dfinal.S of the head unless prep
+// fills it (a state of another layout); empty: zeros.
 struct GatedHead {
   int64_t b = 0, h = 0;
-  std::vector<float> q, k, v, g, S0, y, S, dy, dST, dq, dk, dv, dg, dS0, du, states, scores;
+  std::vector<float> k, g, S0, S, dy, dST, dq, dk, dg, dS0, du, states, scores;
   const float *iq = nullptr, *ik = nullptr, *iv = nullptr, *ig = nullptr;
   float *oy = nullptr, *odq = nullptr, *odk = nullptr, *odv = nullptr, *odg = nullptr, *odu = nullptr;
   GatedRows ld{0, 0, 0, 0, 0}, od{0, 0, 0, 0, 0};
@@ -109,25 +108,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
       z.odq = z.odk = z.odv = z.odg = z.odu = nullptr, z.od.q = -1;
       prep(z);
       z.S = z.S0;
-      if (!z.iq) {  // the mechanism's own operands, one head at a time
-        LINMIX_CHECK(dy, "gated_heads: a forward alone runs on the rows in place");
-        z.y.resize(size_t(T * E));
-        z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
-        GatedRows ld{Dk, Dk, E, Dk, E};  // the forward keeps what the backward reads
-        ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
-        gated_forward(z.y.data(), z.S.data(), z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift, ld);
-        if (z.dy.empty()) rows_into(z.dy, *dy, z.b, z.h, T, H, E);
-        z.dq.resize(size_t(T * Dk)), z.dk.resize(size_t(T * Dk)), z.dg.resize(size_t(T * Dk));
-        z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(Dk * E));
-        final_grad(z, c, Dk * E);
-        gated_backward(z.dq.data(), z.dk.data(), z.dv.data(), z.dg.data(), z.dS0.data(), z.dy.data(), z.S0.data(),
-                       z.q.data(), z.k.data(), z.v.data(), z.g.data(), T, Dk, E, shift,
-                       z.dST.empty() ? nullptr : z.dST.data(), z.states.data(), z.scores.data());
-        post(z);
-        continue;
-      }
-      LINMIX_CHECK(z.oy, "gated_heads: the rows in place need the output's");
-      z.y.clear();
+      LINMIX_CHECK(z.iq && z.oy, "gated_heads: the kernels run on the rows in place");
       GatedRows ld = z.ld;
       if (dy) {  // the forward keeps what the backward reads
         z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
@@ -151,8 +132,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
       }
       gated_backward_heads(grads.data(), int64_t(grads.size()), T, Dk, E, shift);
     }
-    if (!rows.empty())
-      for (int64_t i = lo; i < hi; ++i) post(zs[size_t(i - lo)]);
+    for (int64_t i = lo; i < hi; ++i) post(zs[size_t(i - lo)]);
     if constexpr (!std::is_same_v<Finish, NoFinish>) {
 #pragma omp barrier
       finish(id, nth);

@@ -1,7 +1,7 @@
 // gla — Gated Linear Attention (Yang et al. 2023, "Gated Linear Attention Transformers with
 // Hardware-Efficient Training"). S_t = diag(e^{g_t}) S_{t-1} + k_t v_t^T, y_t = scale S_t^T q_t.
-// parallel: the chunked form with secondary chunking (kernels/decay_chunk.h, gated_forward),
-// from state.S and handing the final state on; backward: gated_backward; recurrent: gated_step.
+// parallel: the chunked form with secondary chunking (kernels/decay_chunk.h, gated_forward_heads),
+// from state.S and handing the final state on; backward: gated_backward_heads; recurrent: gated_step.
 #include "decay_forms.h"
 
 namespace linmix::ref {

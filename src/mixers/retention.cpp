@@ -1,7 +1,7 @@
 // retention — RetNet retention (Sun et al. 2023, "Retentive Network"): a fixed decay gamma_h
 // per head. S_t = gamma S_{t-1} + k_t v_t^T, y_t = scale S_t^T q_t.
 // parallel: RetNet's chunkwise recurrent form, run by the gated chunked kernel with the log
-// decay log gamma on every step (powers gamma^n with n >= 0 only); backward: gated_backward,
+// decay log gamma on every step (powers gamma^n with n >= 0 only); backward: gated_backward_heads,
 // dgamma = sum of the log-decay gradients / gamma; recurrent: gated_step.
 #include "decay_forms.h"
 
