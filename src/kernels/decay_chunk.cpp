@@ -764,7 +764,7 @@ struct RowWork {
         G(kDecayChunk * kDecayChunk), dg(kDecayChunk) {}
 };
 
-// X (n,W) rows scaled: out_t = X_t f_t
+// X (n,W) rows scaled into out: out_t = X_t f_t (in place: scale_rows)
 void row_scaled(float* out, const float* X, const float* f, int64_t n, int64_t W) {
   for (int64_t t = 0; t < n; ++t) {
     const float a = f[t];
@@ -810,7 +810,7 @@ void row_decay_backward(RowWork& z, const GatedGradHead& h, float* dS, const flo
   // dq = (dy S0^T) e^{cq}  (+ the intra part below)
   std::fill(dq, dq + n * D, 0.0f), std::fill(dk, dk + n * D, 0.0f);
   gemm_nt_acc(dq, dy, Sc, n, D, E, E, E, D);
-  row_scaled(dq, dq, eq, n, D);
+  scale_rows(dq, eq, n, D);
   // dA = dy V^T (masked); dv = A^T dy + kt dS
   std::fill(dA, dA + n * n, 0.0f);
   gemm_nt_acc(dA, dy, v, n, n, E, E, E, n);
@@ -940,7 +940,7 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
       const float *qc = qb.data(), *kc = kb.data(), *vc = vb.data(), *dyc = yb.data();
       gather(qb.data(), h.q + t0 * ld.q, ld.q, n, D, ys);
       gather(kb.data(), h.k + t0 * ld.k, ld.k, n, D, 1.0f);
-      if (ld.kscale) row_scaled(kb.data(), kb.data(), ld.kscale + t0, n, D);
+      if (ld.kscale) scale_rows(kb.data(), ld.kscale + t0, n, D);
       gather(vb.data(), h.v + t0 * ld.v, ld.v, n, E, 1.0f);
       gather(yb.data(), h.dy + t0 * ld.y, ld.y, n, E, 1.0f);
       const float* Sc = h.states + int64_t(ci) * D * E;
