@@ -1230,32 +1230,74 @@ bool dplr_factored(DplrFactoredWork& f, float* y, float* S, const float* r, cons
 
 }  // namespace
 
+namespace {
+
+// The scratch of one thread's dplr chunks.
+struct DplrWork {
+  DplrFactoredWork f;
+  std::unique_ptr<DplrChunk> z;  // the general form's, made when a chunk first needs it
+  ScoreWork sw;
+  DplrWork(int64_t D, int64_t E) : f(D, E) {}
+};
+// One chunk of n rows (r, w, k, a, b: n x D; v, y: n x E; contiguous) from state S, which it
+// advances; keep: the chunk's Aab, Aak, U for the backward (dplr_kept_per floats), when not null.
+void dplr_forward_chunk(DplrWork& W, float* y, float* S, const float* r, const float* w, const float* k,
+                        const float* v, const float* a, const float* b, int64_t n, int64_t D, int64_t E, float* keep) {
+  if (dplr_factored(W.f, y, S, r, w, k, v, a, b, n, D, E, keep)) return;
+  if (!W.z) W.z = std::make_unique<DplrChunk>(D, E);
+  DplrChunk& z = *W.z;
+  dplr_chunk(z, S, r, w, k, v, a, b, n, D, E, W.sw);
+  if (keep) {
+    std::copy(z.Aab.begin(), z.Aab.begin() + n * n, keep);
+    std::copy(z.Aak.begin(), z.Aak.begin() + n * n, keep + n * n);
+    std::copy(z.U.begin(), z.U.begin() + n * E, keep + 2 * n * n);
+  }
+  gemm_nn(y, z.rd.data(), S, n, E, D, D, E, E, 1.0f, 0.0f);      // (r o e^c) S0
+  gemm_nn_acc(y, z.Ark.data(), v, n, E, n, n, E, E);           // + Ark V
+  gemm_nn_acc(y, z.Arb.data(), z.U.data(), n, E, n, n, E, E);  // + Arb U
+  scale_rows(S, z.x.el.data(), D, E);  // S = e^{cL} S0 + kt^T V + bt^T U
+  gemm_tn_acc(S, z.kt.data(), v, D, E, n, D, E, E);
+  gemm_tn_acc(S, z.bt.data(), z.U.data(), D, E, n, D, E, E);
+}
+
+}  // namespace
+
 void dplr_forward(float* y, float* S, const float* r, const float* w, const float* k, const float* v, const float* a,
                   const float* b, int64_t T, int64_t D, int64_t E, float* save_states, float* save_kept) {
   const FlushDenormals ftz;
-  DplrFactoredWork f(D, E);
-  std::unique_ptr<DplrChunk> z;  // the general form's, made when a chunk first needs it
-  ScoreWork sw;
+  DplrWork W(D, E);
   const auto chunks = chunks_of(T);
   for (size_t i = 0; i < chunks.size(); ++i) {
-    const int64_t t0 = chunks[i].t0, n = chunks[i].n;
-    const int64_t oD = t0 * D, oE = t0 * E;
-    float *yc = y + oE, *keep = save_kept ? save_kept + int64_t(i) * dplr_kept_per(E) : nullptr;
+    const int64_t t0 = chunks[i].t0, n = chunks[i].n, oD = t0 * D, oE = t0 * E;
     if (save_states) std::copy(S, S + D * E, save_states + int64_t(i) * D * E);
-    if (dplr_factored(f, yc, S, r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, keep)) continue;
-    if (!z) z = std::make_unique<DplrChunk>(D, E);
-    dplr_chunk(*z, S, r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E, sw);
-    if (keep) {
-      std::copy(z->Aab.begin(), z->Aab.begin() + n * n, keep);
-      std::copy(z->Aak.begin(), z->Aak.begin() + n * n, keep + n * n);
-      std::copy(z->U.begin(), z->U.begin() + n * E, keep + 2 * n * n);
+    dplr_forward_chunk(W, y + oE, S, r + oD, w + oD, k + oD, v + oE, a + oD, b + oD, n, D, E,
+                       save_kept ? save_kept + int64_t(i) * dplr_kept_per(E) : nullptr);
+  }
+}
+
+// Every head's chunk j loaded and run before any head's chunk j + 1 (as gated_forward_heads):
+// the chunk's operands, made by the mechanism's load from its inputs, stay in cache while the
+// chunk runs, where one head's whole rows (six T x D arrays) made before the chunks ran from
+// memory.
+void dplr_forward_heads(const DplrHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E) {
+  if (nh <= 0) return;
+  const FlushDenormals ftz;
+  const int64_t L = kDecayChunk;
+  DplrWork W(D, E);
+  const int64_t per = L * (5 * D + E);  // a head's r, w, k, a, b, v
+  std::vector<float> buf(size_t(nh * per)), y(size_t(L * E));
+  const auto rows = [&](int64_t i) {
+    float* r = buf.data() + i * per;
+    return DplrChunkRows{r, r + L * D, r + 2 * L * D, r + 5 * L * D, r + 3 * L * D, r + 4 * L * D};
+  };
+  for (const Chunk& ch : chunks_of(T)) {
+    for (int64_t i = 0; i < nh; ++i) heads[i].load(ch.t0, ch.n, rows(i));  // every head's loads in flight together
+    for (int64_t i = 0; i < nh; ++i) {
+      const DplrHeadRows& h = heads[i];
+      const DplrChunkRows x = rows(i);
+      dplr_forward_chunk(W, y.data(), h.S, x.r, x.w, x.k, x.v, x.a, x.b, ch.n, D, E, nullptr);
+      for (int64_t t = 0; t < ch.n; ++t) std::memcpy(h.y + (ch.t0 + t) * h.ldy, y.data() + t * E, size_t(E) * 4);
     }
-    gemm_nn(yc, z->rd.data(), S, n, E, D, D, E, E, 1.0f, 0.0f);                 // (r o e^c) S0
-    gemm_nn_acc(yc, z->Ark.data(), v + oE, n, E, n, n, E, E);                 // + Ark V
-    gemm_nn_acc(yc, z->Arb.data(), z->U.data(), n, E, n, n, E, E);            // + Arb U
-    scale_rows(S, z->x.el.data(), D, E);  // S = e^{cL} S0 + kt^T V + bt^T U
-    gemm_tn_acc(S, z->kt.data(), v + oE, D, E, n, D, E, E);
-    gemm_tn_acc(S, z->bt.data(), z->U.data(), D, E, n, D, E, E);
   }
 }
 

@@ -115,6 +115,22 @@ void dplr_backward(float* dr, float* dw, float* dk, float* dv, float* da, float*
                    const float* b, int64_t T, int64_t D, int64_t E, const float* dST = nullptr,
                    const float* saved_states = nullptr, const float* saved_kept = nullptr);
 
+// Several heads of one T, D, E run chunk by chunk across them (forward only, as
+// gated_forward_heads). A head's operands are made a chunk at a time by its load(t0, n, rows):
+// rows [t0, t0 + n) of r, w, k, a, b (n x D) and v (n x E), contiguous, into the given buffers
+// (the mechanism maps its own inputs there: deltanet's normalised keys and so on); y's rows are
+// written at y + t ldy; S (D,E) in and out.
+struct DplrChunkRows {
+  float *r, *w, *k, *v, *a, *b;
+};
+struct DplrHeadRows {
+  float* y;
+  int64_t ldy;
+  float* S;
+  std::function<void(int64_t, int64_t, const DplrChunkRows&)> load;
+};
+void dplr_forward_heads(const DplrHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E);
+
 // The recurrent steps (one token, one head; allocation-free).
 // gated: S = diag(e^{g}) S + k v^T, y = S^T q (shift: y = S_old^T q, read before the update).
 inline void gated_step(float* __restrict S, float* __restrict y, const float* q, const float* k, const float* v,

@@ -140,37 +140,6 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
   }
 }
 
-// One head of a delta-rule mechanism (kernels/decay_chunk.h dplr_*), as GatedHead.
-struct DplrHead {
-  int64_t b = 0, h = 0;
-  std::vector<float> r, w, k, v, a, bb, S0, y, S, dy, dST, dr, dw, dk, dv, da, db, dS0, states, kept;
-};
-template <class Prep, class Post>
-void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, Prep prep, Post post) {
-  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
-  each_head(B, H, [&](int64_t b, int64_t h) {
-    thread_local DplrHead z;  // buffers reused across heads and calls
-    z.b = b, z.h = h, z.dy.clear(), z.dST.clear();
-    prep(z);
-    z.S = z.S0;
-    z.y.resize(size_t(T * E));
-    const int64_t nc = decay_chunks(T);  // with dy the forward keeps what the backward reads
-    z.states.resize(dy ? size_t(nc * D * E) : 0), z.kept.resize(dy ? size_t(nc * dplr_kept_per(E)) : 0);
-    dplr_forward(z.y.data(), z.S.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(), T,
-                 D, E, dy ? z.states.data() : nullptr, dy ? z.kept.data() : nullptr);
-    if (dy) {
-      rows_into(z.dy, *dy, b, h, T, H, E);
-      for (auto* x : {&z.dr, &z.dw, &z.dk, &z.da, &z.db}) x->resize(size_t(T * D));
-      z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(D * E));
-      final_grad(z, c, D * E);
-      dplr_backward(z.dr.data(), z.dw.data(), z.dk.data(), z.dv.data(), z.da.data(), z.db.data(), z.dS0.data(),
-                    z.dy.data(), z.S0.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(),
-                    T, D, E, z.dST.empty() ? nullptr : z.dST.data(), z.states.data(), z.kept.data());
-    }
-    post(z);
-  });
-}
-
 // The output tensors of a run: y, the final state.S (B,H,D,E) and with dy the named gradients of the
 // given shapes (dstate.S when the call has state.S).
 // The per-token ones (B, T, ...: y and the inputs' gradients, which every mechanism writes head
@@ -193,6 +162,67 @@ inline void put_state(TensorMap& out, const std::string& name, const std::vector
   auto it = out.find(name);
   if (it != out.end()) std::copy(S.begin(), S.end(), it->second.ptr() + bh * int64_t(S.size()));
 }
+// One head of a delta-rule mechanism (kernels/decay_chunk.h dplr_*) on the backward's way: its
+// whole rows of the kernel's operands (r, w, k, a, bb: (T,D); v: (T,E)), its state S0, the
+// kernel's gradients (dr, dw, dk, da, db, dv, dS0) that the mechanism's post maps to its own.
+struct DplrHead {
+  int64_t b = 0, h = 0;
+  std::vector<float> r, w, k, v, a, bb, S0, y, S, dy, dST, dr, dw, dk, dv, da, db, dS0, states, kept;
+};
+// A delta-rule mechanism run: load(b, h, t0, n, rows) maps rows [t0, t0 + n) of head (b, h) of
+// the call's inputs to the kernel's operands (DplrChunkRows); y and the final state.S go to out.
+// The forward runs each thread's run of adjacent heads chunk by chunk (dplr_forward_heads), its
+// operands made a chunk at a time; with dy a head at a time on its whole rows (loaded once), then
+// post(z) maps the kernel's gradients to the mechanism's.
+template <class Load, class Post>
+void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, TensorMap& out, Load load, Post post) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
+  Tensor& Y = out.at("y");
+  if (!dy) {
+#pragma omp parallel
+    {
+      const int64_t nbh = B * H, nth = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t lo = nbh * id / nth, hi = nbh * (id + 1) / nth;
+      thread_local std::vector<std::vector<float>> Ss;  // buffers reused across calls
+      if (int64_t(Ss.size()) < hi - lo) Ss.resize(size_t(hi - lo));
+      std::vector<DplrHeadRows> rows;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t b = i / H, h = i % H;
+        Ss[size_t(i - lo)] = head_state(c, "S", i, D * E);
+        rows.push_back({Y.ptr() + (b * T * H + h) * E, H * E, Ss[size_t(i - lo)].data(),
+                        [&load, b, h](int64_t t0, int64_t n, const DplrChunkRows& x) { load(b, h, t0, n, x); }});
+      }
+      dplr_forward_heads(rows.data(), int64_t(rows.size()), T, D, E);
+      for (int64_t i = lo; i < hi; ++i) put_state(out, "state.S", Ss[size_t(i - lo)], i);
+    }
+    return;
+  }
+  each_head(B, H, [&](int64_t b, int64_t h) {
+    thread_local DplrHead z;  // buffers reused across heads and calls
+    z.b = b, z.h = h, z.dy.clear(), z.dST.clear();
+    for (auto* x : {&z.r, &z.w, &z.k, &z.a, &z.bb}) x->resize(size_t(T * D));
+    z.v.resize(size_t(T * E));
+    load(b, h, 0, T, DplrChunkRows{z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data()});
+    z.S0 = head_state(c, "S", b * H + h, D * E);
+    z.S = z.S0;
+    z.y.resize(size_t(T * E));
+    const int64_t nc = decay_chunks(T);  // the forward keeps what the backward reads
+    z.states.resize(size_t(nc * D * E)), z.kept.resize(size_t(nc * dplr_kept_per(E)));
+    dplr_forward(z.y.data(), z.S.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(), T,
+                 D, E, z.states.data(), z.kept.data());
+    put_head(Y, z.y.data(), b, h, T, H, E);
+    put_state(out, "state.S", z.S, b * H + h);
+    rows_into(z.dy, *dy, b, h, T, H, E);
+    for (auto* x : {&z.dr, &z.dw, &z.dk, &z.da, &z.db}) x->resize(size_t(T * D));
+    z.dv.resize(size_t(T * E)), z.dS0.resize(size_t(D * E));
+    final_grad(z, c, D * E);
+    dplr_backward(z.dr.data(), z.dw.data(), z.dk.data(), z.dv.data(), z.da.data(), z.db.data(), z.dS0.data(),
+                  z.dy.data(), z.S0.data(), z.r.data(), z.w.data(), z.k.data(), z.v.data(), z.a.data(), z.bb.data(),
+                  T, D, E, z.dST.empty() ? nullptr : z.dST.data(), z.states.data(), z.kept.data());
+    post(z);
+  });
+}
+
 // The read-out scale: the param when given, else 1/sqrt(D) (def_sqrt) or 1.
 inline float readout_scale(const Call& c, bool def_sqrt) {
   if (c.given.at("scale")) return float(c.p("scale"));

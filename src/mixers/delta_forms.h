@@ -6,6 +6,8 @@
 // UT-transform form generalised) with r = scale q, w = g, k' = beta k, a = k, b = -e^{g} beta k;
 // backward: dplr_backward and the chain rule through that map and the normalisation.
 #pragma once
+#include <cstring>
+
 #include "decay_forms.h"
 
 namespace linmix {
@@ -79,27 +81,30 @@ inline TensorMap delta_run(const Call& c, const Tensor* dy, bool gated) {
   const bool norm = c.p("l2norm") != 0;
   TensorMap out = decay_outputs(c, dy, {{"dq", {B, T, H, D}}, {"dk", {B, T, H, D}}, {"dv", {B, T, H, E}},
                                         {"dbeta", {B, T, H}}, {"dg", {B, T, H}}, {"dstate.S", {B, H, D, E}}});
-  auto prep = [&](DplrHead& z) {  // into z's buffers (kept across heads and calls), a pass a row
-    thread_local std::vector<float> beta, g, inv;
-    rows_into(z.r, c, "q", z.b, z.h, D), rows_into(z.a, c, "k", z.b, z.h, D), rows_into(beta, c, "beta", z.b, z.h, 1);
-    if (gated) rows_into(g, c, "g", z.b, z.h, 1);
-    else g.assign(size_t(T), 0.0f);
-    if (norm) l2norm_rows(z.r, inv, T, D), l2norm_rows(z.a, inv, T, D);
-    z.k.resize(size_t(T * D)), z.bb.resize(size_t(T * D)), z.w.resize(size_t(T * D));
-    for (int64_t t = 0; t < T; ++t) {  // r = scale q, a = kn, k = beta kn, b = -e^{g} beta kn, w = g
-      const float bt = beta[size_t(t)], ft = -std::exp(g[size_t(t)]) * bt, gt = g[size_t(t)];
-      float *r = z.r.data() + t * D, *k = z.k.data() + t * D, *b = z.bb.data() + t * D, *w = z.w.data() + t * D;
-      const float* a = z.a.data() + t * D;
+  const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *beta = c.t("beta").ptr(),
+              *g = gated ? c.t("g").ptr() : nullptr;
+  // r = scale qn, a = kn, k' = beta kn, b = -e^{g} beta kn, w = g (qn, kn: q, k l2-normalised)
+  auto load = [&](int64_t b, int64_t h, int64_t t0, int64_t n, const DplrChunkRows& x) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t row = (b * T + t0 + t) * H + h, to = t * D;
+      const float *qt = q + row * D, *kt = k + row * D;
+      float sq = 1e-6f, sk = 1e-6f;
+      if (norm) {
+#pragma omp simd reduction(+ : sq, sk)
+        for (int64_t d = 0; d < D; ++d) sq += qt[d] * qt[d], sk += kt[d] * kt[d];
+      }
+      const float fq = norm ? scale / std::sqrt(sq) : scale, fk = norm ? 1.0f / std::sqrt(sk) : 1.0f;
+      const float gt = gated ? g[row] : 0.0f, bt = beta[row], ft = -std::exp(gt) * bt;
+      float *r = x.r + to, *a = x.a + to, *kb = x.k + to, *bb = x.b + to, *w = x.w + to;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) r[d] *= scale, k[d] = a[d] * bt, b[d] = a[d] * ft, w[d] = gt;
+      for (int64_t d = 0; d < D; ++d) {
+        const float kn = kt[d] * fk;
+        r[d] = qt[d] * fq, a[d] = kn, kb[d] = kn * bt, bb[d] = kn * ft, w[d] = gt;
+      }
+      std::memcpy(x.v + t * E, v + row * E, size_t(E) * 4);
     }
-    rows_into(z.v, c, "v", z.b, z.h, E);
-    z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
   };
   auto post = [&](DplrHead& z) {
-    put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
-    put_state(out, "state.S", z.S, z.b * H + z.h);
-    if (!dy) return;
     // recover the map's inputs: kn = a, beta, e^{g} (into buffers kept across heads and calls)
     thread_local std::vector<float> qn, kr, iq, ik, beta, g, dq, dk, dbeta, dg;
     rows_into(qn, c, "q", z.b, z.h, D), rows_into(kr, c, "k", z.b, z.h, D);
@@ -131,7 +136,7 @@ inline TensorMap delta_run(const Call& c, const Tensor* dy, bool gated) {
     if (gated) put_head(out["dg"], dg.data(), z.b, z.h, T, H, 1);
     put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
   };
-  dplr_heads(c, dy, D, E, prep, post);
+  dplr_heads(c, dy, D, E, out, load, post);
   return out;
 }
 

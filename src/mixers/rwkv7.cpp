@@ -4,6 +4,8 @@
 // (fla's chunk_rwkv7(r, w, k, v, a, b) layout; the state is key-first, the transpose of
 // BlinkDL's value-first one). parallel: the DPLR chunked kernel (kernels/decay_chunk.h);
 // backward: dplr_backward; recurrent: dplr_step.
+#include <cstring>
+
 #include "decay_forms.h"
 
 namespace linmix::ref {
@@ -52,23 +54,26 @@ TensorMap rwkv7_run(const Call& c, const Tensor* dy) {
   TensorMap out = decay_outputs(c, dy, {{"dr", {B, T, H, D}}, {"dw", {B, T, H, D}}, {"dk", {B, T, H, D}},
                                         {"dv", {B, T, H, E}}, {"da", {B, T, H, D}}, {"db", {B, T, H, D}},
                                         {"dstate.S", {B, H, D, E}}});
-  auto prep = [&](DplrHead& z) {
-    rows_into(z.r, c, "r", z.b, z.h, D), rows_into(z.w, c, "w", z.b, z.h, D), rows_into(z.k, c, "k", z.b, z.h, D);
-    rows_into(z.a, c, "a", z.b, z.h, D), rows_into(z.bb, c, "b", z.b, z.h, D), rows_into(z.v, c, "v", z.b, z.h, E);
-    for (float& x : z.r) x *= scale;
-    z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+  const float *r = c.t("r").ptr(), *w = c.t("w").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *a = c.t("a").ptr(),
+              *bb = c.t("b").ptr();
+  auto load = [&](int64_t b, int64_t h, int64_t t0, int64_t n, const DplrChunkRows& x) {  // the inputs' rows, r scaled
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t row = (b * T + t0 + t) * H + h, o = row * D, to = t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) x.r[to + d] = scale * r[o + d];
+      std::memcpy(x.w + to, w + o, size_t(D) * 4), std::memcpy(x.k + to, k + o, size_t(D) * 4);
+      std::memcpy(x.a + to, a + o, size_t(D) * 4), std::memcpy(x.b + to, bb + o, size_t(D) * 4);
+      std::memcpy(x.v + t * E, v + row * E, size_t(E) * 4);
+    }
   };
   auto post = [&](DplrHead& z) {
-    put_head(out["y"], z.y.data(), z.b, z.h, T, H, E);
-    put_state(out, "state.S", z.S, z.b * H + z.h);
-    if (!dy) return;
     for (float& x : z.dr) x *= scale;
     put_head(out["dr"], z.dr.data(), z.b, z.h, T, H, D), put_head(out["dw"], z.dw.data(), z.b, z.h, T, H, D);
     put_head(out["dk"], z.dk.data(), z.b, z.h, T, H, D), put_head(out["dv"], z.dv.data(), z.b, z.h, T, H, E);
     put_head(out["da"], z.da.data(), z.b, z.h, T, H, D), put_head(out["db"], z.db.data(), z.b, z.h, T, H, D);
     put_state(out, "dstate.S", z.dS0, z.b * H + z.h);
   };
-  dplr_heads(c, dy, D, E, prep, post);
+  dplr_heads(c, dy, D, E, out, load, post);
   return out;
 }
 
