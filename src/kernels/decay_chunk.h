@@ -64,6 +64,9 @@ struct GatedRows {
   // g + t ldg, shared by the D channels
   const float* kscale = nullptr;
   bool g_row = false;
+  // Mamba-2's skip: y_t has vskip v_t added (by the caller's epilogue in the forward);
+  // gated_backward_heads adds its gradient vskip dy_t to dv
+  float vskip = 0.0f;
   // called with (t0, n) once the chunk's rows [t0, t0 + n) of y are written, while they are in
   // cache (Mamba-2's skip and gate)
   const std::function<void(int64_t, int64_t)>* epilogue = nullptr;

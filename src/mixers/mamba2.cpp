@@ -152,6 +152,7 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     z.oy = row_of(py, b, 0, h, E);
     z.ld = {G * N, G * N, H * E, 1, H * E};
     z.ld.kscale = z.k.data(), z.ld.g_row = true;
+    z.ld.vskip = Dp ? Dp[h] : 0.0f;  // dx = the kernel's dv + D dy1, in place
     if (!dy) {
       z.epilogue = [&skip_gate, b, h](int64_t t0, int64_t n) { skip_gate(b, h, t0, n); };  // per chunk
     } else {
@@ -163,8 +164,8 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     z.ld.epilogue = &z.epilogue;
     initial_state(z);
     if (!dy) return;
-    // dCm and the d Bm-gradient per head (summed over the group by finish), dx in place (post adds
-    // D dy), d(d A) one a step
+    // dCm and the d Bm-gradient per head (summed over the group by finish), dx in place (the
+    // skip's D dy1 in it), d(d A) one a step
     z.dq.resize(size_t(T * N)), z.dk.resize(size_t(T * N)), z.dg.resize(size_t(T));
     z.odq = z.dq.data(), z.odk = z.dk.data(), z.odv = row_of(pdx, b, 0, h, E), z.odg = z.dg.data();
     z.od = {N, N, H * E, 1, 0};
@@ -181,14 +182,6 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     for (int64_t e = 0; e < E; ++e)
       for (int64_t n = 0; n < N; ++n) hs[e * N + n] = z.S[n * E + e];
     if (!dy) return;  // a forward alone: the kernel wrote y, skip and gate included (its epilogue)
-    // dx = dv (the kernel's, in place) + D dy1, dy1 the kernel's dy (the epilogue did the rest)
-    if (Dp)
-      for (int64_t t = 0; t < T; ++t) {
-        float* dx = row_of(pdx, b, t, h, E);
-        const float *dy1 = zz ? &z.dy[t * E] : row_of(dy->ptr(), b, t, h, E), dh = Dp[h];
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) dx[e] += dh * dy1[e];
-      }
     // d: through k = d Bm (dk is the gradient of the scaled rows) and the log decay d A
     float dA = 0.0f, dbias = 0.0f;
     for (int64_t t = 0; t < T; ++t) {
