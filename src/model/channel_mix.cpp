@@ -100,23 +100,11 @@ void ChannelMix::backward(const LayerIO& io, const float* dout, float* db, int64
         db[j] = dxk2[j] * fk + dxr2[j] * fr;
         dxx2[j] = dxk2[j] * (1.0f - fk) + dxr2[j] * (1.0f - fr);
       }
-    // the mixes' gradients: sums over rows, blocks of columns over threads, each in row order
-    constexpr int64_t kCols = 32;
-#pragma omp parallel for schedule(static) if (N * C >= nn::kParallelMin)
-    for (int64_t c0 = 0; c0 < C; c0 += kCols) {
-      const int64_t nc = std::min(kCols, C - c0);
-      float sk[kCols] = {}, sr[kCols] = {};
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t c = 0; c < nc; ++c) {
-          const int64_t j = i * C + c0 + c;
-          const float diff = maa_ ? xx_[j] - b_[j] : b_[j] - xx_[j];
-          sk[c] += dxk2[j] * diff, sr[c] += dxr2[j] * diff;
-        }
-      for (int64_t c = 0; c < nc; ++c) {
-        gmk[c0 + c] += sk[c];
-        if (gmr) gmr[c0 + c] += sr[c];
-      }
-    }
+    nn::column_sums<2>({gmk, gmr}, N, C, [&](int64_t i, int64_t ch) {  // the mixes' gradients
+      const int64_t j = i * C + ch;
+      const float diff = maa_ ? xx_[j] - b_[j] : b_[j] - xx_[j];
+      return std::array<float, 2>{dxk2[j] * diff, dxr2[j] * diff};
+    });
     nn::shift_backward(db, dxx2.data(), B, T, C);
   } else {
     std::vector<float> dh(N * F);

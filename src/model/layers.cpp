@@ -43,26 +43,16 @@ void matmul_backward(float* din, float* dW, float* dbias, const float* dout, con
 }
 
 // The norms run rows over threads; their weight gradients (sums over rows) run columns over
-// threads, each column summed in row order: the same bits for any thread count.
+// threads (column_sums).
 
 // dw[c] += sum_i g[i, c] xhat[i, c] (and db[c] += sum_i g[i, c] when db), xhat = (x - mean) rstd
-// (mean null: 0), over column blocks in parallel.
+// (mean null: 0).
 void norm_weight_grads(float* dw, float* db, const float* dout, const float* x, const float* mean, const float* rstd,
                        int64_t N, int64_t C) {
-  constexpr int64_t kCols = 32;
-#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
-  for (int64_t c0 = 0; c0 < C; c0 += kCols) {
-    const int64_t c1 = std::min(C, c0 + kCols);
-    float sw[kCols] = {}, sb[kCols] = {};
-    for (int64_t i = 0; i < N; ++i) {
-      const float *g = dout + i * C, *xi = x + i * C, m = mean ? mean[i] : 0.0f, r = rstd[i];
-      for (int64_t c = c0; c < c1; ++c) sw[c - c0] += g[c] * ((xi[c] - m) * r), sb[c - c0] += g[c];
-    }
-    for (int64_t c = c0; c < c1; ++c) {
-      dw[c] += sw[c - c0];
-      if (db) db[c] += sb[c - c0];
-    }
-  }
+  column_sums<2>({dw, db}, N, C, [&](int64_t i, int64_t c) {
+    const float g = dout[i * C + c];
+    return std::array<float, 2>{g * ((x[i * C + c] - (mean ? mean[i] : 0.0f)) * rstd[i]), g};
+  });
 }
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
@@ -229,27 +219,20 @@ void conv4_backward(float* dx, float* dw, float* db, const float* dout, const fl
         for (int64_t c = 0; c < E; ++c) d[c] += g[c] * wj[c];
       }
     }
-  constexpr int64_t kCols = 64;
-#pragma omp parallel for schedule(static) if (B * T * E >= kParallelMin)
-  for (int64_t c0 = 0; c0 < E; c0 += kCols) {
-    const int64_t nc = std::min(kCols, E - c0);
-    float sw[4][kCols] = {}, sb[kCols] = {};
-    for (int64_t bb = 0; bb < B; ++bb)
-      for (int64_t t = 0; t < T; ++t) {
-        const float* g = dout + (bb * T + t) * E + c0;
-        for (int64_t c = 0; c < nc; ++c) sb[c] += g[c];
-        for (int64_t j = 0; j < 4; ++j) {
-          const int64_t s = t - 3 + j;
-          if (s < 0) continue;
-          const float* xs = x + (bb * T + s) * E + c0;
-          for (int64_t c = 0; c < nc; ++c) sw[j][c] += g[c] * xs[c];
-        }
-      }
-    for (int64_t c = 0; c < nc; ++c) {
-      db[c0 + c] += sb[c];
-      for (int64_t j = 0; j < 4; ++j) dw[(c0 + c) * 4 + j] += sw[j][c];
-    }
-  }
+  // db[c] += sum of dout[., c]; dw[c, j] += sum_t dout[t, c] x[t - 3 + j, c] (taps as rows, then
+  // into dw's (E,4))
+  std::vector<float> taps(size_t(4 * E), 0.0f);
+  column_sums<5>({db, &taps[0], &taps[size_t(E)], &taps[size_t(2 * E)], &taps[size_t(3 * E)]}, B * T, E,
+                 [&](int64_t i, int64_t c) {
+                   const int64_t t = i % T;
+                   const float g = dout[i * E + c];
+                   std::array<float, 5> v{g, 0.0f, 0.0f, 0.0f, 0.0f};
+                   for (int64_t j = 0; j < 4; ++j)
+                     if (t - 3 + j >= 0) v[size_t(1 + j)] = g * x[(i - 3 + j) * E + c];
+                   return v;
+                 });
+  for (int64_t c = 0; c < E; ++c)
+    for (int64_t j = 0; j < 4; ++j) dw[c * 4 + j] += taps[size_t(j * E + c)];
 }
 
 double crossentropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,

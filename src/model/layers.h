@@ -2,12 +2,36 @@
 // on row-major buffers of N = B*T rows. Activation gradients are written (=), parameter
 // gradients accumulate (+=). GEMMs go to OpenBLAS.
 #pragma once
+#include <algorithm>
+#include <array>
 #include <cstdint>
 
 namespace linmix::nn {
 
 // Element-wise passes (and row-wise ones) run over threads from this many elements up.
 constexpr int64_t kParallelMin = 1 << 15;
+
+// Parameter gradients that are sums over rows: out[k][c] += sum over i of term(i, c)[k] for the
+// N rows and C columns (out[k] null: that sum dropped). Blocks of columns run over threads and
+// every column is summed in row order: the same bits for any thread count. The norms' weights,
+// the token-shift mixes, the short convolution's taps.
+template <int K, class Term>
+void column_sums(const std::array<float*, K>& out, int64_t N, int64_t C, Term term) {
+  constexpr int64_t kCols = 32;
+#pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
+  for (int64_t c0 = 0; c0 < C; c0 += kCols) {
+    const int64_t nc = std::min(kCols, C - c0);
+    float s[K][kCols] = {};
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = 0; c < nc; ++c) {
+        const std::array<float, K> v = term(i, c0 + c);
+        for (int k = 0; k < K; ++k) s[k][c] += v[k];
+      }
+    for (int k = 0; k < K; ++k)
+      if (out[k])
+        for (int64_t c = 0; c < nc; ++c) out[k][c0 + c] += s[k][c];
+  }
+}
 
 // out (N,OC) = in (N,IC) W^T (+ bias);  W: (OC,IC), bias: (OC) or null.
 void matmul_forward(float* out, const float* in, const float* W, const float* bias, int64_t N, int64_t IC,

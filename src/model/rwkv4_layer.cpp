@@ -127,20 +127,11 @@ class Rwkv4Layer : public MixerLayer {
         ds[j] = gk[j] * mk[ch] + gv[j] * mv[ch] + gr[j] * mr[ch];
         dsh[j] = gk[j] * (1.0f - mk[ch]) + gv[j] * (1.0f - mv[ch]) + gr[j] * (1.0f - mr[ch]);
       }
-    // the mixes' gradients: sums over rows, a column per thread, in row order (any thread count, same bits)
-    constexpr int64_t kCols = 32;
-#pragma omp parallel for schedule(static) if (N * C >= nn::kParallelMin)
-    for (int64_t c0 = 0; c0 < C; c0 += kCols) {
-      const int64_t nc = std::min(kCols, C - c0);
-      float sk[kCols] = {}, sv[kCols] = {}, sr[kCols] = {};
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t c = 0; c < nc; ++c) {
-          const int64_t j = i * C + c0 + c;
-          const float diff = xa[j] - xx[j];
-          sk[c] += gk[j] * diff, sv[c] += gv[j] * diff, sr[c] += gr[j] * diff;
-        }
-      for (int64_t c = 0; c < nc; ++c) gmk[c0 + c] += sk[c], gmv[c0 + c] += sv[c], gmr[c0 + c] += sr[c];
-    }
+    nn::column_sums<3>({gmk, gmv, gmr}, N, C, [&](int64_t i, int64_t ch) {  // the mixes' gradients
+      const int64_t j = i * C + ch;
+      const float diff = xa[j] - xx[j];
+      return std::array<float, 3>{gk[j] * diff, gv[j] * diff, gr[j] * diff};
+    });
     nn::shift_backward(dself.data(), dxx.data(), B, T, C);
 #pragma omp parallel for simd schedule(static) if (N * C >= nn::kParallelMin)
     for (int64_t j = 0; j < N * C; ++j) da[j] += ds[j];
