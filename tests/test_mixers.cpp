@@ -157,6 +157,26 @@ TEST_P(MixerForms, CrossesEveryBlock) {
     test::expect_close(run_mixer(c.mixer, Mode::Recurrent, c.causal, c.params, in).at("y"), ref, "recurrent" + at);
 }
 
+// The decay mechanisms' steps run their heads over the threads once the state reaches 2^14
+// floats (step_heads): at H = 4, D = E = 64 every head's per-head scratch must stay its own.
+TEST(DecaySteps, HeadsOverThreadsAgree) {
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(2);
+  for (const std::string name : {"retention", "gla", "rwkv5", "rwkv6", "mamba2", "deltanet", "gated_deltanet", "rwkv7"}) {
+    const MixerSpec& spec = find_mixer(name);
+    auto dims = example_dims(spec, Scale::Test, 7, true);
+    dims["B"] = 1, dims["H"] = 4, dims["E"] = 64;
+    for (const char* k : {"D", "N"})
+      if (dims.count(k)) dims[k] = 64;
+    if (dims.count("G")) dims["G"] = 2;
+    if (dims.count("C")) dims["C"] = 4 * 64;
+    const TensorMap in = example_inputs(spec, dims, 9);
+    test::expect_close(run_mixer(name, Mode::Recurrent, true, {}, in).at("y"),
+                       run_mixer(name, Mode::Reference, true, {}, in).at("y"), name + " H = 4, D = E = 64, 2 threads");
+  }
+  omp_set_num_threads(before);
+}
+
 // The gated mechanisms' forward splits the (batch, head) pairs into one run of heads per thread:
 // with fewer heads than threads some threads get none (a crash once), the rest still agree.
 TEST(GatedHeads, FewerHeadsThanThreads) {

@@ -136,22 +136,37 @@ void dplr_forward_heads(const DplrHeadRows* heads, int64_t nh, int64_t T, int64_
 
 // The recurrent steps (one token, one head; allocation-free).
 // gated: S = diag(e^{g}) S + k v^T, y = S^T q (shift: y = S_old^T q, read before the update).
+// Blocks of 16 values, rows two at a time into two sums each held in registers: one running sum
+// a row chained the FMAs through y in memory (gla, H 8, D = E = 64: 3.9 us a token).
 inline void gated_step(float* __restrict S, float* __restrict y, const float* q, const float* k, const float* v,
                        const float* decay /* e^{g}, (D) */, int64_t D, int64_t E, bool shift) {
-  for (int64_t e = 0; e < E; ++e) y[e] = 0.0f;
-  for (int64_t x = 0; x < D; ++x) {
-    float* __restrict s = S + x * E;
-    const float qx = q[x], kx = k[x], f = decay[x];
-    if (shift) {
+  constexpr int64_t W = 16;
+  for (int64_t e0 = 0; e0 < E; e0 += W) {
+    const int64_t ne = E - e0 < W ? E - e0 : W;
+    const float* ve = v + e0;
+    float a[W] = {}, b[W] = {};
+    int64_t x = 0;
+    if (ne == W)
+      for (; x + 2 <= D; x += 2) {
+        float* __restrict s0 = S + x * E + e0;
+        float* __restrict s1 = s0 + E;
+        const float q0 = q[x], q1 = q[x + 1], k0 = k[x], k1 = k[x + 1], f0 = decay[x], f1 = decay[x + 1];
 #pragma omp simd
-      for (int64_t e = 0; e < E; ++e) y[e] += qx * s[e], s[e] = s[e] * f + kx * v[e];
-    } else {
-#pragma omp simd
-      for (int64_t e = 0; e < E; ++e) {
-        const float n = s[e] * f + kx * v[e];
-        s[e] = n, y[e] += qx * n;
+        for (int64_t j = 0; j < W; ++j) {
+          const float o0 = s0[j], o1 = s1[j], n0 = o0 * f0 + k0 * ve[j], n1 = o1 * f1 + k1 * ve[j];
+          s0[j] = n0, s1[j] = n1;
+          a[j] += q0 * (shift ? o0 : n0), b[j] += q1 * (shift ? o1 : n1);
+        }
+      }
+    for (; x < D; ++x) {
+      float* __restrict s0 = S + x * E + e0;
+      const float q0 = q[x], k0 = k[x], f0 = decay[x];
+      for (int64_t j = 0; j < ne; ++j) {
+        const float o0 = s0[j], n0 = o0 * f0 + k0 * ve[j];
+        s0[j] = n0, a[j] += q0 * (shift ? o0 : n0);
       }
     }
+    for (int64_t j = 0; j < ne; ++j) y[e0 + j] = a[j] + b[j];
   }
 }
 // dplr: u = a^T S (E, scratch), S = diag(e^{w}) S + b u^T + k v^T, y = S^T r.

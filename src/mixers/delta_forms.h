@@ -183,12 +183,13 @@ inline void delta_spec(MixerSpec& s, bool gated) {
     const float scale = readout_scale(c, true);
     const bool norm = c.p("l2norm") != 0;
     // S; then per head scratch: r, k', b, kn, decay (D each), u (E)
-    auto buf = std::make_shared<std::vector<float>>(H * D * E + 5 * D + E, 0.0f);
+    auto buf = std::make_shared<std::vector<float>>(H * D * E + H * (5 * D + E), 0.0f);
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *beta = c.t("beta").ptr(),
                 *g = gated ? c.t("g").ptr() : nullptr;
     auto step = [=](float* y) {
-      float *S = buf->data(), *r = S + H * D * E, *kb = r + D, *bb = kb + D, *kn = bb + D, *f = kn + D, *u = f + D;
-      for (int64_t h = 0; h < H; ++h) {
+      float* S = buf->data();
+      step_heads(H, H * D * E, [&](int64_t h) {
+        float *r = S + H * D * E + h * (5 * D + E), *kb = r + D, *bb = kb + D, *kn = bb + D, *f = kn + D, *u = f + D;
         float sq = 1e-6f, sk = 1e-6f;
         for (int64_t d = 0; d < D; ++d) sq += q[h * D + d] * q[h * D + d], sk += k[h * D + d] * k[h * D + d];
         const float iq = norm ? 1.0f / std::sqrt(sq) : 1.0f, ik = norm ? 1.0f / std::sqrt(sk) : 1.0f;
@@ -198,7 +199,7 @@ inline void delta_spec(MixerSpec& s, bool gated) {
           kb[d] = bt * kn[d], bb[d] = -eg * bt * kn[d], f[d] = eg;
         }
         dplr_step(S + h * D * E, y + h * E, u, r, f, kb, v + h * E, kn, bb, D, E);
-      }
+      });
     };
     return s_stepper(buf, H, D, E, step);
   };

@@ -89,14 +89,15 @@ MixerSpec make_spec() {
   s.stepper = [](const Call& c) {
     const int64_t H = c.d("H"), D = c.d("D"), E = c.d("E");
     const float scale = readout_scale(c, true);
-    auto buf = std::make_shared<std::vector<float>>(H * D * E + 2 * D, 0.0f);  // S, scaled q, decay
+    auto buf = std::make_shared<std::vector<float>>(H * D * E + H * 2 * D, 0.0f);  // S; a head's scaled q, decay
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *g = c.t("g").ptr();
     auto step = [=](float* y) {
-      float *S = buf->data(), *qs = S + H * D * E, *f = qs + D;
-      for (int64_t h = 0; h < H; ++h) {
+      float* S = buf->data();
+      step_heads(H, H * D * E, [&](int64_t h) {
+        float *qs = S + H * D * E + h * 2 * D, *f = qs + D;
         for (int64_t d = 0; d < D; ++d) qs[d] = scale * q[h * D + d], f[d] = exp_fast(g[h * D + d]);
         gated_step(S + h * D * E, y + h * E, qs, k + h * D, v + h * E, f, D, E, false);
-      }
+      });
     };
     return s_stepper(buf, H, D, E, step);
   };

@@ -277,14 +277,15 @@ MixerSpec make_spec() {
   s.stepper = [](const Call& c) {
     const int64_t H = c.d("H"), E = c.d("E"), G = c.d("G"), N = c.d("N");
     const bool sp = c.p("dt_softplus") != 0;
-    // S: H key-first states (N,E); kd: d Bm; f: decays; acc: y before D and the gate
-    auto buf = std::make_shared<std::vector<float>>(H * N * E + 2 * N, 0.0f);
+    // S: H key-first states (N,E); then a head's kd: d Bm, f: decays
+    auto buf = std::make_shared<std::vector<float>>(H * N * E + H * 2 * N, 0.0f);
     const float *x = c.t("x").ptr(), *dt = c.t("dt").ptr(), *A = c.t("A").ptr(), *Bm = c.t("Bm").ptr(),
                 *Cm = c.t("Cm").ptr(), *Dp = c.has("D") ? c.t("D").ptr() : nullptr,
                 *zz = c.has("z") ? c.t("z").ptr() : nullptr, *bias = c.has("dt_bias") ? c.t("dt_bias").ptr() : nullptr;
     auto step = [=](float* y) {
-      float *S = buf->data(), *kd = S + H * N * E, *f = kd + N;
-      for (int64_t h = 0; h < H; ++h) {
+      float* S = buf->data();
+      step_heads(H, H * N * E, [&](int64_t h) {
+        float *kd = S + H * N * E + h * 2 * N, *f = kd + N;
         const float pre = dt[h] + (bias ? bias[h] : 0.0f);
         const float d = sp ? (pre > 20.0f ? pre : std::log1p(std::exp(pre))) : pre;
         const float fd = exp_fast(d * A[h]);
@@ -296,7 +297,7 @@ MixerSpec make_spec() {
           if (zz) v *= zz[h * E + e] * sigmoidf(zz[h * E + e]);
           y[h * E + e] = v;
         }
-      }
+      });
     };
     auto save = [=] {  // (1,H,E,N) from the key-first (N,E) states
       Tensor t({1, H, E, N});

@@ -115,16 +115,17 @@ MixerSpec make_spec() {
   s.stepper = [](const Call& c) {
     const int64_t H = c.d("H"), D = c.d("D"), E = c.d("E");
     const float scale = readout_scale(c, true);
-    auto buf = std::make_shared<std::vector<float>>(H * D * E + D + H * D, 0.0f);  // S, scaled q, decays
+    auto buf = std::make_shared<std::vector<float>>(H * D * E + H * 2 * D, 0.0f);  // S; a head's scaled q, decays
     for (int64_t h = 0; h < H; ++h)
-      std::fill(buf->begin() + H * D * E + D + h * D, buf->begin() + H * D * E + D + (h + 1) * D, c.t("gamma").data[size_t(h)]);
+      std::fill(buf->begin() + H * D * E + h * 2 * D + D, buf->begin() + H * D * E + (h + 1) * 2 * D, c.t("gamma").data[size_t(h)]);
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
     auto step = [=](float* y) {
-      float *S = buf->data(), *qs = S + H * D * E, *f = qs + D;
-      for (int64_t h = 0; h < H; ++h) {
+      float* S = buf->data();
+      step_heads(H, H * D * E, [&](int64_t h) {
+        float *qs = S + H * D * E + h * 2 * D, *f = qs + D;
         for (int64_t d = 0; d < D; ++d) qs[d] = scale * q[h * D + d];
-        gated_step(S + h * D * E, y + h * E, qs, k + h * D, v + h * E, f + h * D, D, E, false);
-      }
+        gated_step(S + h * D * E, y + h * E, qs, k + h * D, v + h * E, f, D, E, false);
+      });
     };
     return s_stepper(buf, H, D, E, step);
   };

@@ -99,19 +99,20 @@ inline void rwkv56_spec(MixerSpec& s, bool per_token) {
   s.stepper = [](const Call& c) {  // w is read through one pointer: per token (overwritten each step) or (H,D)
     const int64_t H = c.d("H"), D = c.d("D"), E = c.d("E");
     const float scale = readout_scale(c, false);
-    auto buf = std::make_shared<std::vector<float>>(H * D * E + 2 * D, 0.0f);  // S, scaled r, decays
+    auto buf = std::make_shared<std::vector<float>>(H * D * E + H * 2 * D, 0.0f);  // S; a head's scaled r, decays
     const float *r = c.t("r").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *w = c.t("w").ptr(), *u = c.t("u").ptr();
     auto step = [=](float* y) {
-      float *S = buf->data(), *rs = S + H * D * E, *f = rs + D;
-      for (int64_t h = 0; h < H; ++h) {
-        float beta = 0.0f;
-        for (int64_t d = 0; d < D; ++d) {
-          rs[d] = scale * r[h * D + d], f[d] = exp_fast(w[h * D + d]);
-          beta += rs[d] * u[h * D + d] * k[h * D + d];
-        }
-        gated_step(S + h * D * E, y + h * E, rs, k + h * D, v + h * E, f, D, E, true);
+      float* S = buf->data();
+      step_heads(H, H * D * E, [&](int64_t h) {
+        float *rs = S + H * D * E + h * 2 * D, *f = rs + D, beta = 0.0f;
+        const float *rh = r + h * D, *uh = u + h * D, *kh = k + h * D, *wh = w + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) rs[d] = scale * rh[d], f[d] = exp_fast(wh[d]);
+#pragma omp simd reduction(+ : beta)
+        for (int64_t d = 0; d < D; ++d) beta += rs[d] * uh[d] * kh[d];
+        gated_step(S + h * D * E, y + h * E, rs, kh, v + h * E, f, D, E, true);
         for (int64_t e = 0; e < E; ++e) y[h * E + e] += beta * v[h * E + e];
-      }
+      });
     };
     return s_stepper(buf, H, D, E, step);
   };

@@ -113,15 +113,16 @@ MixerSpec make_spec() {
   s.stepper = [](const Call& c) {
     const int64_t H = c.d("H"), D = c.d("D"), E = c.d("E");
     const float scale = readout_scale(c, false);
-    auto buf = std::make_shared<std::vector<float>>(H * D * E + 2 * D + E, 0.0f);  // S, scaled r, decays, u
+    auto buf = std::make_shared<std::vector<float>>(H * D * E + H * (2 * D + E), 0.0f);  // S; a head's scaled r, decays, u
     const float *r = c.t("r").ptr(), *w = c.t("w").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(),
                 *a = c.t("a").ptr(), *b = c.t("b").ptr();
     auto step = [=](float* y) {
-      float *S = buf->data(), *rs = S + H * D * E, *f = rs + D, *u = f + D;
-      for (int64_t h = 0; h < H; ++h) {
+      float* S = buf->data();
+      step_heads(H, H * D * E, [&](int64_t h) {
+        float *rs = S + H * D * E + h * (2 * D + E), *f = rs + D, *u = f + D;
         for (int64_t d = 0; d < D; ++d) rs[d] = scale * r[h * D + d], f[d] = exp_fast(w[h * D + d]);
         dplr_step(S + h * D * E, y + h * E, u, rs, f, k + h * D, v + h * E, a + h * D, b + h * D, D, E);
-      }
+      });
     };
     return s_stepper(buf, H, D, E, step);
   };
