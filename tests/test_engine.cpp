@@ -485,3 +485,23 @@ TEST(ConvertedCheckpoint, RefusesEveryDamagedPieceByName) {
     EXPECT_NE(msg.find(cases[i].says), std::string::npos) << msg;
   }
 }
+
+// The engines do not check their own tensors on the way (run_mixer's check_values off in
+// sequence mode): a model whose numbers overflow float32 is refused at its logits (head_logits),
+// in sequence mode and in decode, by one error rather than sampled from.
+TEST(Engines, OverflowingModelIsRefusedAtItsLogits) {
+  std::vector<std::unique_ptr<Model>> models;
+  models.push_back(rwkvx_model("7", 32, 2));
+  models.push_back(rwkvx_model("5", 32, 2));
+  models.push_back(mamba_model("mamba2"));
+  for (auto& m : models) {
+    for (float& x : m->params().at("head.weight").data) x = 3e38f;
+    const auto eng = make_engine(*m, WType::F32);
+    std::vector<float> lg(size_t(m->config().vocab));
+    const std::vector<int32_t> toks{1, 2, 3, 4, 5};
+    Model::State st = eng->new_state();
+    EXPECT_THROW(eng->sequence(toks.data(), 5, st, lg.data()), Error) << m->config().layers[0].mixer;
+    Model::State st2 = eng->new_state();
+    EXPECT_THROW(eng->step(1, st2, lg.data()), Error) << m->config().layers[0].mixer;
+  }
+}

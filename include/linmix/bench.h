@@ -51,6 +51,7 @@ struct ModelBenchOptions {
   int64_t eval_seq = 256, eval_windows = 32;
   std::string out;                // JSON report path ("" = none)
   bool load = true;               // time loading a checkpoint file into each type's engine
+  bool profile = false;           // print where one prefill's time goes (profile regions)
 };
 // `linmix bench --model`: RWKV decode and prefill against the bandwidth and sgemm limits.
 // Prints a table; returns 0.

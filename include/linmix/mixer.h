@@ -149,9 +149,12 @@ const MixerSpec& find_mixer(const std::string& name);
 // grad, `in` must also hold dy (shaped like y) and the result adds d<name> for every input
 // tensor (reference: float64 tape; parallel: the hand-written backward).
 // final_state = false: the final state may be left out of the result (see Call::final_state).
+// check_values = false: names, shapes and params are checked, the values are not (no pass over
+// the inputs for NaN or out-of-domain values): for an engine's own tensors made from weights that
+// were checked when loaded, whose logits are checked again at the end.
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false,
-                    bool final_state = true);
+                    bool final_state = true, bool check_values = true);
 
 // Validates like run_mixer and returns the bound call without running it (benchmarks time the
 // spec's forms on it). The call refers to `in`, which must outlive it; tensors of `in` may be

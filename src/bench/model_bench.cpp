@@ -17,6 +17,7 @@
 #include <optional>
 
 #include "linmix/bench.h"
+#include "linmix/profile.h"
 #include "linmix/error.h"
 #include "linmix/engine.h"
 #include "linmix/safetensors.h"
@@ -184,6 +185,19 @@ int bench_model(const ModelBenchOptions& opt) {
       const double p0 = now_s();
       eng.sequence(toks.data(), o.prefill_tokens, s2, lg.data());
       best = std::min(best, now_s() - p0);
+    }
+    if (o.profile) {  // one more prefill, its regions timed
+      Model::State s2 = eng.new_state();
+      profile::reset(), profile::set_enabled(true);
+      {
+        const profile::Scope all("prefill");
+        eng.sequence(toks.data(), o.prefill_tokens, s2, lg.data());
+      }
+      profile::set_enabled(false);
+      std::printf("%s prefill of %lld tokens, ms by region (a row includes the rows under it):\n", dt.c_str(),
+                  (long long)o.prefill_tokens);
+      for (const auto& row : profile::rows())
+        std::printf("  %-40s %9.2f ms %6lld calls\n", row.path.c_str(), row.seconds * 1e3, (long long)row.calls);
     }
     const double flops = eng.flops_per_token(false) * double(o.prefill_tokens) + 2.0 * double(o.vocab * o.d_model);
     const double pgf = flops / best / 1e9, gf = measure_sgemm_gflops(2048, 3);

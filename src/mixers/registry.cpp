@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common.h"
+#include "linmix/profile.h"
 
 namespace linmix {
 
@@ -171,7 +172,7 @@ namespace {
 
 // Every check a call goes through before a kernel runs; returns the bound call.
 Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std::string, std::string>& raw_params,
-              const TensorMap& in, bool grad) {
+              const TensorMap& in, bool grad, bool check_values = true) {
   const std::string& name = spec.name;
   if (grad && mode == Mode::Recurrent)
     throw Error("--grad differentiates the parallel or reference form; use --mode parallel or reference");
@@ -247,9 +248,9 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
   for (const auto& [tn, t] : in) {
     LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'" +
                                         (tn == "dy" ? " (dy is read only with --grad)" : ""));
-    check_finite(tn, t);
+    if (check_values) check_finite(tn, t);
   }
-  for (const std::string& n : spec.log_decays) {
+  for (const std::string& n : check_values ? spec.log_decays : std::vector<std::string>{}) {
     if (!in.count(n)) continue;
     const Storage& v = in.at(n).data;
     // one vectorised pass (a count of positives: std::max's reduction stayed scalar, 3 ms for 2M
@@ -305,9 +306,9 @@ Call validate_call(const std::string& name, Mode mode, bool causal,
 
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad,
-                    bool final_state) {
+                    bool final_state, bool check_values) {
   const MixerSpec& spec = find_mixer(name);
-  Call call = validate(spec, mode, causal, raw_params, in, grad);
+  Call call = validate(spec, mode, causal, raw_params, in, grad, check_values);
   call.final_state = final_state;
   if (grad) {
     const Tensor& dy = in.at("dy");

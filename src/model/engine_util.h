@@ -13,6 +13,7 @@
 #include "kernels/vmath.h"
 #include "linmix/engine.h"
 #include "linmix/error.h"
+#include "linmix/profile.h"
 
 namespace linmix::engine {
 
@@ -54,6 +55,7 @@ inline void rmsnorm_rows(float* out, const float* x, const float* w, int64_t n, 
 // out (N,OC) (+)= in (N,IC) W^T; a quantised W is expanded into deq first (one GEMM then), and
 // one row goes through gemv (the weights streamed once).
 inline void matmul(float* out, const float* in, const QMatrix& W, int64_t N, bool accumulate, std::vector<float>& deq) {
+  const profile::Scope prof("matmul");
   if (N == 1 && !accumulate) return gemv(W, in, out);
   if (N == 1) {  // accumulate through a row of deq (grown once)
     if (deq.size() < size_t(W.rows)) deq.resize(size_t(W.rows));
@@ -138,8 +140,11 @@ void head_logits(float* logits, float* buf, const float* X, int64_t n, int64_t C
     norm(buf, X + (n - 1) * C, 1);
     gemv(head, buf, logits);
   }
-  for (int64_t i = 0; i < (all ? n : 1) * V; ++i)
-    LINMIX_CHECK(std::isfinite(logits[i]), "the logits are not finite: the model's weights or state overflow float32");
+  const int64_t m = (all ? n : 1) * V;  // one vectorised pass: x * 0 is 0 for a finite x, NaN otherwise
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < m; ++i) acc += logits[i] * 0.0f;
+  LINMIX_CHECK(acc == 0.0f, "the logits are not finite: the model's weights or state overflow float32");
 }
 // Mamba's convolution (causal, depthwise, kernel 4, bias, then SiLU) over n rows of W channels,
 // row t read at in + t stride, continuing the history hist (the previous 3 rows, oldest first):

@@ -164,7 +164,7 @@ class Mamba2Engine : public engine::RowsEngine {
     in["A"] = vec(y.A), in["D"] = vec(y.D), in["dt_bias"] = vec(y.dt_b);
     in["state.h"] = ls.at("state.h");
     in["state.h"].shape = {1, H_, P_, N_};
-    TensorMap out = run_mixer("mamba2", Mode::Parallel, true, {}, in);
+    TensorMap out = run_mixer("mamba2", Mode::Parallel, true, {}, in, false, true, false);  // values: the engine's own
     std::copy(out.at("y").data.begin(), out.at("y").data.end(), Y_.begin());
     std::copy(out.at("state.h").data.begin(), out.at("state.h").data.end(), ls.at("state.h").data.begin());
   }

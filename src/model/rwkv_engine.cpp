@@ -16,6 +16,7 @@
 
 #include "kernels/blas.h"
 #include "engine_util.h"
+#include "mixer_layer.h"
 #include "linmix/error.h"
 #include "linmix/mixer.h"
 #include "linmix/rwkv4.h"
@@ -224,6 +225,7 @@ class RwkvEngine : public engine::RowsEngine {
   };
 
   void time_mix(const Layer& y, int64_t l, int64_t n, TensorMap& ls) {
+    const profile::Scope prof("time mix");
     const int64_t C = C_, NC = n * C;
     float *X = X_.data(), *U = U_.data(), *P = P_.data(), *D = D_.data(), *R = R_.data(), *K = K_.data(),
           *Vv = Vv_.data(), *G = G_.data(), *LW = LW_.data(), *A7 = A7_.data(), *KAP = KAP_.data(), *BB = BB_.data(),
@@ -289,18 +291,17 @@ class RwkvEngine : public engine::RowsEngine {
           A7[i] = sigmoidf(A7[i] + y.a0[size_t(c)]);
         }
       });
-      par_elems(n, n * H_, [&](int64_t hr) {
+      par_elems(n, n * H_, [&](int64_t hr) {  // kappa = (k o kk) / |k o kk| a head, b = -kappa a7, k scaled
         const int64_t o = hr * N_, h = hr % H_;
-        double s = 0;
+        const float *kk = y.kk.data() + h * N_, *ka = y.ka.data() + h * N_;
+        float *Ko = K + o, *Ao = A7 + o, *KAo = KAP + o, *Bo = BB + o, s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < N_; ++j) s += Ko[j] * kk[j] * (Ko[j] * kk[j]);
+        const float inv = 1.0f / std::max(std::sqrt(s), 1e-12f);
+#pragma omp simd
         for (int64_t j = 0; j < N_; ++j) {
-          const float x = K[o + j] * y.kk[size_t(h * N_ + j)];
-          s += double(x) * x;
-        }
-        const float inv = 1.0f / std::max(float(std::sqrt(s)), 1e-12f);
-        for (int64_t j = 0; j < N_; ++j) {
-          const int64_t i = o + j, c = h * N_ + j;
-          KAP[i] = K[i] * y.kk[size_t(c)] * inv, BB[i] = -KAP[i] * A7[i];
-          K[i] *= 1.0f + (A7[i] - 1.0f) * y.ka[size_t(c)];
+          KAo[j] = Ko[j] * kk[j] * inv, Bo[j] = -KAo[j] * Ao[j];
+          Ko[j] *= 1.0f + (Ao[j] - 1.0f) * ka[j];
         }
       });
       if (l == 0) {
@@ -382,12 +383,8 @@ class RwkvEngine : public engine::RowsEngine {
 
   // n rows from the state through the mechanism's chunked parallel form (final state back).
   void wkv_chunked(const Layer& y, int64_t n, TensorMap& ls) {
-    const int64_t NC = n * C_;
-    auto rows = [&](const float* src) {
-      Tensor t({1, n, H_, N_});
-      std::copy(src, src + NC, t.data.begin());
-      return t;
-    };
+    const profile::Scope prof("wkv");
+    auto rows = [&](const float* src) { return view_of({1, n, H_, N_}, src); };  // the buffers in place
     TensorMap in;
     in["r"] = rows(R_.data()), in["k"] = rows(K_.data()), in["v"] = rows(Vv_.data());
     if (ver_ == 5) {
@@ -404,14 +401,15 @@ class RwkvEngine : public engine::RowsEngine {
     } else {
       in["a"] = rows(KAP_.data()), in["b"] = rows(BB_.data());
     }
-    in["state.S"] = ls.at("state.S");
-    in["state.S"].shape = {1, H_, N_, N_};
-    TensorMap out = run_mixer(ver_ == 5 ? "rwkv5" : ver_ == 6 ? "rwkv6" : "rwkv7", Mode::Parallel, true, {}, in);
+    in["state.S"] = view_of({1, H_, N_, N_}, ls.at("state.S").ptr());
+    TensorMap out = run_mixer(ver_ == 5 ? "rwkv5" : ver_ == 6 ? "rwkv6" : "rwkv7", Mode::Parallel, true, {}, in, false,
+                              true, false);
     std::copy(out.at("y").data.begin(), out.at("y").data.end(), O_.begin());
     std::copy(out.at("state.S").data.begin(), out.at("state.S").data.end(), ls.at("state.S").data.begin());
   }
 
   void channel_mix(const Layer& y, int64_t n, float* prev) {
+    const profile::Scope prof("channel mix");
     const int64_t C = C_, NC = n * C;
     float *X = X_.data(), *U = U_.data(), *P = P_.data(), *D = D_.data(), *XK = XS_.data(), *XR = XS_.data() + NC,
           *Hf = Hf_.data(), *O = O_.data(), *R = R_.data();
