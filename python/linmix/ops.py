@@ -79,7 +79,9 @@ class _Mix(torch.autograd.Function):
         else:
             if not SPECS[name].get("backward"):
                 raise NotImplementedError(f"linmix.ops.{name}: the parallel form has no backward yet; use float64")
-            g = _C.run(name, "parallel", causal, params, {**given, **dout}, True, _threads())
+            # the inputs' values were checked by the forward (autograd refuses them changed in
+            # place since); dy, like any upstream gradient in torch, is not
+            g = _C.run(name, "parallel", causal, params, {**given, **dout}, True, _threads(), True, False)
         grads = []
         for i, (n, t) in enumerate(zip(names, tensors)):
             grads.append(g.get("d" + n) if t is not None and ctx.needs_input_grad[i + 1] else None)

@@ -120,7 +120,7 @@ at::Tensor to_torch64(const std::vector<double>& v, const std::vector<int64_t>& 
 std::map<std::string, at::Tensor> run(const std::string& name, const std::string& mode, bool causal,
                                       const std::map<std::string, std::string>& params,
                                       const std::map<std::string, at::Tensor>& tensors, bool grad, int threads,
-                                      bool final_state) {
+                                      bool final_state, bool check_values) {
   call_threads(threads);
   TensorMap in;
   for (const auto& [n, t] : tensors) {
@@ -130,7 +130,7 @@ std::map<std::string, at::Tensor> run(const std::string& name, const std::string
   TensorMap out;
   {
     py::gil_scoped_release nogil;
-    out = linmix::run_mixer(name, linmix::parse_mode(mode), causal, params, in, grad, final_state);
+    out = linmix::run_mixer(name, linmix::parse_mode(mode), causal, params, in, grad, final_state, check_values);
   }
   std::map<std::string, at::Tensor> res;
   for (auto& [n, t] : out) res[n] = into_torch(std::move(t));
@@ -266,9 +266,10 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<linmix::Error>(m, "LinmixError", PyExc_ValueError);
   m.def("mixers_json", &linmix::mixers_json, "the registry as JSON (linmix mixers --json)");
   m.def("run", &run, py::arg("name"), py::arg("mode"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
-        py::arg("grad") = false, py::arg("threads") = 0, py::arg("final_state") = true,
+        py::arg("grad") = false, py::arg("threads") = 0, py::arg("final_state") = true, py::arg("check_values") = true,
         "a float32 call: the parallel or recurrent form, or with grad the hand-written backward "
-        "(final_state: whether the final state is wanted)");
+        "(final_state: whether the final state is wanted; check_values = False: names and shapes "
+        "checked, not the values)");
   m.def("example", &example, py::arg("name"), py::arg("causal"), py::arg("T"), py::arg("seed") = 0,
         py::arg("scale") = "test", py::arg("dims") = std::map<std::string, int64_t>{}, py::arg("stress") = 0,
         py::arg("state") = false, "the mechanism's example inputs in its domain (linmix example)");
