@@ -134,7 +134,8 @@ TensorMap mixer_backward(const LayerConfig& lc, const TensorMap& in, std::vector
   TensorMap call;
   for (const auto& [name, t] : in) call.emplace(name, view_of(t.shape, t.ptr()));
   call["dy"] = view_of(std::move(y_shape), dy);
-  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), call, true, false);
+  // the inputs' values were checked by mixer_forward; dy is the model's own (a NaN reaches the loss)
+  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), call, true, false, false);
 }
 
 Tensor view_of(std::vector<int64_t> shape, const float* src) {
