@@ -3,6 +3,8 @@
 // a zero state and from a state half-way through; states cross between the two paths; decode
 // allocates nothing; the gemv kernels of every weight type equal a float64 product of the weights
 // they stand for.
+#include <omp.h>
+
 #include <functional>
 #include <atomic>
 #include <cstdlib>
@@ -10,6 +12,7 @@
 #include <random>
 
 #include "../src/kernels/gemv.h"
+#include "linmix/mixer.h"
 #include "linmix/model.h"
 #include "linmix/engine.h"
 #include "linmix/rwkv4.h"
@@ -504,4 +507,26 @@ TEST(Engines, OverflowingModelIsRefusedAtItsLogits) {
     Model::State st2 = eng->new_state();
     EXPECT_THROW(eng->step(1, st2, lg.data()), Error) << m->config().layers[0].mixer;
   }
+}
+
+// The decay mechanisms' steppers allocate nothing per token (issue: "steps allocation-free"),
+// on one thread and with their heads over two (step_heads: H 8, D = E = 64 crosses its 2^14
+// floats), after a warm-up step.
+TEST(DecaySteps, StepAllocatesNothing) {
+  const int before_threads = omp_get_max_threads();
+  for (int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+    for (const std::string name : {"retention", "gla", "rwkv5", "rwkv6", "mamba2", "deltanet", "gated_deltanet", "rwkv7"}) {
+      const MixerSpec& spec = find_mixer(name);
+      const TensorMap in = example_inputs(spec, example_dims(spec, Scale::Bench, 1, true), 3);
+      const Call call = validate_call(name, Mode::Recurrent, true, {}, in);
+      Stepper st = spec.stepper(call);
+      std::vector<float> y(size_t(1 << 16), 0.0f);
+      st.step(y.data());
+      const long before = g_news.load();
+      for (int i = 0; i < 5; ++i) st.step(y.data());
+      EXPECT_EQ(g_news.load() - before, 0) << name << " on " << threads << " threads";
+    }
+  }
+  omp_set_num_threads(before_threads);
 }
