@@ -5,6 +5,8 @@
 // Mechanism-specific facts (one token, nesting of variants) are in test_mixer_facts.cpp.
 #include <omp.h>
 
+#include <cmath>
+
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "test_util.h"
@@ -244,3 +246,27 @@ INSTANTIATE_TEST_SUITE_P(StateAllModes, InitialState, ::testing::ValuesIn(state_
 
 }  // namespace
 
+
+// A NaN or an infinity in a log-decay tensor is refused by name (validate checks those
+// tensors' values in one pass with their domain, g <= 0, which a NaN passes): every mechanism
+// that declares log decays.
+TEST(Validation, NonFiniteLogDecaysRefused) {
+  int seen = 0;
+  for (const MixerSpec& spec : mixers()) {
+    if (spec.log_decays.empty()) continue;
+    const bool causal = spec.causal_ok;
+    for (float bad : {std::nanf(""), -INFINITY}) {
+      TensorMap in = example_inputs(spec, example_dims(spec, Scale::Test, 9, causal), 2);
+      const std::string& g = spec.log_decays.front();
+      in.at(g).data[in.at(g).data.size() / 2] = bad;
+      try {
+        run_mixer(spec.name, Mode::Parallel, causal, {}, in);
+        ADD_FAILURE() << spec.name << ": " << g << " = " << bad << " accepted";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("'" + g + "'"), std::string::npos) << spec.name << ": " << e.what();
+      }
+    }
+    ++seen;
+  }
+  EXPECT_GE(seen, 6);
+}

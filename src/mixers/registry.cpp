@@ -248,18 +248,22 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
   for (const auto& [tn, t] : in) {
     LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'" +
                                         (tn == "dy" ? " (dy is read only with --grad)" : ""));
-    if (check_values) check_finite(tn, t);
+    const bool log_decay = std::find(spec.log_decays.begin(), spec.log_decays.end(), tn) != spec.log_decays.end();
+    if (check_values && !log_decay) check_finite(tn, t);  // (a log decay's in its own pass below)
   }
   for (const std::string& n : check_values ? spec.log_decays : std::vector<std::string>{}) {
     if (!in.count(n)) continue;
     const Storage& v = in.at(n).data;
-    // one vectorised pass (a count of positives: std::max's reduction stayed scalar, 3 ms for 2M
-    // values), threads sharing a long one; the offending value searched only if there is one
+    // one vectorised pass for both checks (x * 0 is NaN for a non-finite x; a count of positives:
+    // std::max's reduction stayed scalar, 3 ms for 2M values), threads sharing a long one; the
+    // offending value searched only if there is one
     const float* p = v.data();
     const int64_t m = int64_t(v.size());
     int64_t positive = 0;
-#pragma omp parallel for simd reduction(+ : positive) schedule(static) if (m >= (int64_t(1) << 20))
-    for (int64_t i = 0; i < m; ++i) positive += p[i] > 0.0f;
+    float nonfinite = 0.0f;
+#pragma omp parallel for simd reduction(+ : positive, nonfinite) schedule(static) if (m >= (int64_t(1) << 20))
+    for (int64_t i = 0; i < m; ++i) positive += p[i] > 0.0f, nonfinite += p[i] * 0.0f;
+    if (nonfinite != 0.0f) check_finite(n, in.at(n));  // (NaN != 0: it names the element)
     if (positive == 0) continue;
     for (float x : v)
       LINMIX_CHECK(x <= 0.0f, "tensor '" + n + "': log decays must be <= 0 (decay exp(" + n + ") in (0, 1]), found " +
