@@ -1,6 +1,7 @@
 // The chunked forms of the decaying linear recurrences (docs/MIXERS.md, "Decaying linear
-// attention, delta rules, RWKV-5/6/7 and Mamba-2"), for one head on contiguous rows, starting
-// from a given state and handing the final state on. Two primitives serve all eight mechanisms:
+// attention, delta rules, RWKV-5/6/7 and Mamba-2"), for heads run chunk by chunk on their rows
+// (the *_heads entry points) or one head on contiguous rows, starting from a given state and
+// handing the final state on. Two primitives serve all eight mechanisms:
 //
 // gated (retention, gla, rwkv5, rwkv6, mamba2), key-first state S (D,E):
 //   S_t = diag(e^{g_t}) S_{t-1} + k_t v_t^T;  y_t = S_t^T q_t            (shift = false)
