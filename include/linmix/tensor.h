@@ -183,6 +183,8 @@ struct View {
 
 // Throws Error naming the tensor unless t has exactly `expected` shape.
 void check_shape(const std::string& name, const Tensor& t, const std::vector<int64_t>& expected);
+// Whether every one of the n values is finite (one vectorised pass, threads sharing a long one).
+bool all_finite(const float* p, int64_t n);
 // Throws Error naming the tensor and the first non-finite element.
 void check_finite(const std::string& name, const Tensor& t);
 

@@ -10,7 +10,6 @@
 #include <nlohmann/json.hpp>
 
 #include "common.h"
-#include "linmix/profile.h"
 
 namespace linmix {
 

@@ -140,11 +140,8 @@ void head_logits(float* logits, float* buf, const float* X, int64_t n, int64_t C
     norm(buf, X + (n - 1) * C, 1);
     gemv(head, buf, logits);
   }
-  const int64_t m = (all ? n : 1) * V;  // one vectorised pass: x * 0 is 0 for a finite x, NaN otherwise
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < m; ++i) acc += logits[i] * 0.0f;
-  LINMIX_CHECK(acc == 0.0f, "the logits are not finite: the model's weights or state overflow float32");
+  LINMIX_CHECK(all_finite(logits, (all ? n : 1) * V),
+               "the logits are not finite: the model's weights or state overflow float32");
 }
 // Mamba's convolution (causal, depthwise, kernel 4, bias, then SiLU) over n rows of W channels,
 // row t read at in + t stride, continuing the history hist (the previous 3 rows, oldest first):
