@@ -8,9 +8,11 @@
   - of the plain-PyTorch implementation a user would write (bench/peer.py's, checked there against
     the float64 oracle): linmix.ops' speed-up, target >= 3x for the chunked and scan mechanisms
     (every one but the quadratic softmax, aft_full, aft_local, block_softmax and fnet's FFT).
-Times are peer.py's: the best of up to 5 runs after a warm-up (at most ~1 s of repeats), 2 threads for all three.
+The kernels (linmix._C.kernel_seconds: the call `linmix bench` times) and linmix.ops run alternated in
+this process, best of --rounds each after a warm-up; the peer's times are peer.py's (best of up to 5 runs,
+at most ~1 s of repeats). 2 threads for all three.
 
-Usage: bench/torch_ops.py --bin build/release/linmix [--T 4096] [--threads 2] [--mixers a,b]
+Usage: bench/torch_ops.py [--T 4096] [--threads 2] [--mixers a,b] [--rounds 7]
                           --out build/bench/torch_ops.json [--md docs/torch_ops.md]"""
 import argparse
 import json
@@ -27,9 +29,30 @@ import linmix  # noqa: E402
 import peer  # noqa: E402
 
 OPS = linmix.ops
+_C = linmix._C
+
+
+def alternated(forms, rounds, budget):
+    """{name: seconds of one call} -> {name: best seconds}: one warm-up each, then rounds in which
+    every form runs once in turn (stopping early once a round's total exceeds budget / rounds)."""
+    for f in forms.values():
+        f()
+    best = {k: float("inf") for k in forms}
+    for r in range(rounds):
+        total = 0.0
+        for k, f in forms.items():
+            t = f()
+            best[k] = min(best[k], t)
+            total += t
+        if r >= 2 and total * rounds > budget:
+            break
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
+    ap.add_argument("--bin", default="", help="(unused: the kernels are timed in this process through linmix._C)")
+    ap.add_argument("--rounds", type=int, default=7, help="alternated rounds of kernel and ops calls (best of each)")
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mixers", default="")
@@ -43,21 +66,20 @@ def main():
         return
     names = a.mixers.split(",") if a.mixers else sorted(OPS.SPECS)
     torch.set_num_threads(a.threads)
-    kern = peer.kernel_times(os.path.abspath(a.bin), names, a.T, a.threads)
     rows = []
     for name in names:
         spec = OPS.SPECS[name]
         causal = spec["causal"]
         params = {k: float(v) for k, v in spec["bench_params"].items()}
+        ptext = {k: repr(v) for k, v in params.items()}
         x = OPS.example(name, a.T, causal=causal, scale="bench", seed=1)
-        row = {"mixer": name, "kernel_fwd": kern.get(name, {}).get("fwd"), "kernel_fwdbwd": kern.get(name, {}).get("fwdbwd")}
+        row = {"mixer": name}
 
         def op(xs):
             out = OPS.call(name, xs, causal=causal, **params)
             return out[0] if isinstance(out, tuple) else out
 
         with torch.no_grad():
-            row["ops_fwd"] = peer.time_best(lambda: op(x))
             dy = torch.randn_like(op(x))
         xg = {n: t.clone().requires_grad_(True) for n, t in x.items()}
 
@@ -67,7 +89,28 @@ def main():
             for t in xg.values():
                 t.grad = None
             op(xg).backward(dy)
-        row["ops_fwdbwd"] = peer.time_best(fb_ops)
+
+        def timed(f):
+            def run():
+                t0 = time.perf_counter()
+                f()
+                return time.perf_counter() - t0
+            return run
+
+        def ops_fwd():
+            with torch.no_grad():
+                op(x)
+        # the kernels linmix bench times (_C.kernel_seconds: the C++ call on a validated call) and
+        # the same through linmix.ops, alternated in this process: the machine's drift between
+        # runs falls on both alike
+        forms = {"kernel_fwd": lambda: _C.kernel_seconds(name, causal, ptext, x, a.threads),
+                 "ops_fwd": timed(ops_fwd)}
+        if spec.get("backward"):
+            forms["kernel_fwdbwd"] = lambda: _C.kernel_seconds(name, causal, ptext, {**x, "dy": dy}, a.threads)
+            forms["ops_fwdbwd"] = timed(fb_ops)
+        row.update(alternated(forms, a.rounds, a.max_seconds))
+        row.setdefault("kernel_fwdbwd", None)
+        row.setdefault("ops_fwdbwd", None)
         # the plain PyTorch peer (bench/peer.py), its forward timed once first: skipped when too slow
         px = {n: t.clone() for n, t in x.items()}
         t0 = time.perf_counter()
@@ -123,8 +166,9 @@ def write_md(rep, path):
     lines = [f"# linmix.ops: the binding's overhead and its speed-up over plain PyTorch",
              "",
              f"T = {rep['T']}, d_model 512 (`linmix bench`'s shapes and params), {rep['threads']} threads, torch "
-             f"{rep['torch']}; best of up to 5 runs. Produced by `bench/torch_ops.py` (`bash bench/run.sh` runs it).",
-             "kernel: the C++ call timed by `linmix bench` (fwd+bwd: its backward call, which recomputes the forward it needs);",
+             f"{rep['torch']}. Produced by `bench/torch_ops.py` (`bash bench/run.sh` runs it).",
+             "kernel: the C++ call timed by `linmix bench` (fwd+bwd: its backward call, which recomputes the forward it needs),",
+             "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it, best of up to 7 rounds;",
              "ops: the same through `linmix.ops` (torch tensors, autograd; its fwd+bwd runs the forward, then that backward,",
              "so its overhead is against kernel fwd + kernel fwd+bwd);",
              "peer: bench/peer.py's plain-PyTorch implementation. Targets: overhead <= 10%; speed-up >= 3x for the",

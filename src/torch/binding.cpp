@@ -20,6 +20,7 @@
 
 #include <dlfcn.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <map>
@@ -135,6 +136,30 @@ std::map<std::string, at::Tensor> run(const std::string& name, const std::string
   std::map<std::string, at::Tensor> res;
   for (auto& [n, t] : out) res[n] = into_torch(std::move(t));
   return res;
+}
+
+// Seconds of one call of the kernels `linmix bench` times (src/bench/mixer_bench.cpp): the
+// mechanism's parallel forward (final state not asked for) or, with dy among the tensors, its
+// backward, on a call validated beforehand (not timed). bench/torch_ops.py alternates it with
+// linmix.ops calls in one process, so the binding's overhead is not the machine's drift between
+// two processes.
+double kernel_seconds(const std::string& name, bool causal, const std::map<std::string, std::string>& params,
+                      const std::map<std::string, at::Tensor>& tensors, int threads) {
+  call_threads(threads);
+  TensorMap in;
+  for (const auto& [n, t] : tensors) {
+    check_cpu(n, t, at::kFloat);
+    in[n] = to_linmix(t);
+  }
+  const linmix::MixerSpec& spec = linmix::find_mixer(name);
+  const bool grad = in.count("dy") > 0;
+  if (grad && !spec.backward) throw linmix::Error(name + ": the parallel form has no backward");
+  linmix::Call call = linmix::validate_call(name, linmix::Mode::Parallel, causal, params, in, grad);
+  if (!grad) call.final_state = false;  // the forward as a model's layer runs it (as linmix bench)
+  py::gil_scoped_release nogil;
+  const auto t0 = std::chrono::steady_clock::now();
+  { TensorMap out = grad ? spec.backward(call, in.at("dy")) : spec.parallel(call); }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 std::map<std::string, at::Tensor> run64(const std::string& name, bool causal, const std::map<std::string, std::string>& params,
@@ -270,6 +295,9 @@ PYBIND11_MODULE(_C, m) {
         "a float32 call: the parallel or recurrent form, or with grad the hand-written backward "
         "(final_state: whether the final state is wanted; check_values = False: names and shapes "
         "checked, not the values)");
+  m.def("kernel_seconds", &kernel_seconds, py::arg("name"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
+        py::arg("threads") = 0,
+        "seconds of one call of the kernel linmix bench times (the forward; the backward when dy is given)");
   m.def("example", &example, py::arg("name"), py::arg("causal"), py::arg("T"), py::arg("seed") = 0,
         py::arg("scale") = "test", py::arg("dims") = std::map<std::string, int64_t>{}, py::arg("stress") = 0,
         py::arg("state") = false, "the mechanism's example inputs in its domain (linmix example)");
