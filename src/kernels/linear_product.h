@@ -1,4 +1,5 @@
-// Shared primitive of the linear-attention family (linear, performer, norm_linear, flow):
+// Shared primitive of the linear-attention family (performer, flow, and the non-causal linear and
+// norm_linear; their causal forms run on the gated kernels of decay_chunk.h, mixers/linear_forms.h):
 // the kernelised product with its normaliser, for one head, in chunked form.
 //
 //   y_i   = sum_{j in J(i)} (q_i . k_j) v_j          q: (T,D) rows, k: (T,D), v: (T,E), y: (T,E)

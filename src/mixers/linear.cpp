@@ -2,8 +2,7 @@
 // parallel: phi applied once per row, then the chunked product of kernels/linear_product.h
 // (intra-chunk masked quadratic, inter-chunk state S = sum phi(k) v^T, z = sum phi(k);
 // paper eq. 10-12). Non-causal: one S, z for all positions. The causal parallel form and its
-// backward run on the gated chunked kernels of kernels/decay_chunk.h with no decay
-// (linear_causal_run below).
+// backward run on the gated chunked kernels with no decay (linear_forms.h; linear_causal_run below).
 // recurrent: S, z per head, one token at a time (paper eq. 18-20). The causal form starts
 // from a given state (S0, z0) and returns the final one in every mode (state_all_modes): the
 // chunked product carries them (kernels/linear_product.h), and the backward adds the state's
@@ -11,7 +10,7 @@
 #include "../ref/ref_util.h"
 #include "../kernels/linear_product.h"
 #include "common.h"
-#include "decay_forms.h"
+#include "linear_forms.h"
 #include "linmix/kernels.h"
 
 namespace linmix::ref {
@@ -158,37 +157,20 @@ void linear_step(float* y, LinearState& st, const float* q, const float* k, cons
 
 namespace {
 
-// The causal parallel form (and its backward) on the gated chunked kernels (kernels/decay_chunk.h)
-// with a log decay of 0 on every step, so every chunk takes their factored form (four GEMMs, the
-// heads' rows read in place, chunk by chunk across a thread's heads):
-//   num_t = sum_{s<=t} (phi(q_t) . phi(k_s)) v_s + phi(q_t)^T S0   (the kernel; it carries S)
-//   den_t = phi(q_t) . Z_t,  Z_t = z0 + sum_{s<=t} phi(k_s)         (the chunk's epilogue)
-// The epilogue runs while the chunk's rows are in cache: Z as the chunk start's sum plus a running
-// sum within the chunk (the rounding of the chunked product's z), y_t = num_t r_t with
+// The causal parallel form and its backward on the gated chunked kernels with no decay
+// (linear_forms.h): the kernel makes num_t = sum_{s<=t} (phi(q_t) . phi(k_s)) v_s + phi(q_t)^T S0
+// and carries S; the normaliser den_t = phi(q_t) . Z_t, Z_t = z0 + sum_{s<=t} phi(k_s), is the
+// chunk's epilogue's, while the rows are in cache: Z as the chunk start's sum plus a running sum
+// within the chunk (the rounding of the chunked product's z), y_t = num_t r_t with
 // r_t = 1 / (den_t + eps), and with dy the kernel's dy, dnum_t = dy_t r_t, and
-// dden_t = -(dy_t . num_t) r_t^2. The backward then adds the normaliser's part to the kernel's
+// dden_t = -(dy_t . num_t) r_t^2. The backward adds the normaliser's part to the kernel's
 // gradients of phi(q), phi(k): dphi(q)_t += dden_t Z_t, dphi(k)_s += sum_{t>=s} dden_t phi(q_t)
-// + dfinal.z, dz0 = dfinal.z + sum_t dden_t phi(q_t); and phi'. (The chunked product of
-// kernels/linear_product.h ran three more products for the backward, on time-reversed copies:
-// T = 4096, H 8, D = E = 64, 2 threads, in one run each: fwd 10.6 -> 9.5 ms, fwd+bwd 55.9 -> 30.0 ms.)
+// + dfinal.z, dz0 = dfinal.z + sum_t dden_t phi(q_t). (Against the chunked product of
+// kernels/linear_product.h, T = 4096, H 8, D = E = 64, 2 threads, in one run each: fwd 10.6 ->
+// 9.5 ms, fwd+bwd 55.9 -> 30.0 ms.)
 TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
   const float eps = float(c.p("eps"));
-  const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
-  const int64_t nqk = B * T * H * D;
-  thread_local std::vector<float> Qf, Kf;  // phi(q), phi(k) (B,T,H,D): buffers reused across calls
-  Qf.resize(size_t(nqk)), Kf.resize(size_t(nqk));
-  float *qf = Qf.data(), *kf = Kf.data();
-  constexpr int64_t kRun = 4096;  // phi in runs of floats: threads over the runs, SIMD inside
-#pragma omp parallel for schedule(static)
-  for (int64_t i0 = 0; i0 < nqk; i0 += kRun) {
-    const int64_t i1 = std::min(nqk, i0 + kRun);
-#pragma omp simd
-    for (int64_t i = i0; i < i1; ++i) {
-      const float a = q[i], b = k[i];
-      qf[i] = a > 0.0f ? a + 1.0f : exp_fast(a), kf[i] = b > 0.0f ? b + 1.0f : exp_fast(b);
-    }
-  }
   TensorMap out;
   out.emplace("y", Tensor::uninitialized({B, T, H, E}));
   out.emplace("state.S", Tensor({B, H, D, E}));
@@ -200,41 +182,27 @@ TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
     out.emplace("dv", Tensor::uninitialized({B, T, H, E}));
     if (with_s0) out.emplace("dstate.S", Tensor({B, H, D, E})), out.emplace("dstate.z", Tensor({B, H, D}));
   }
-  float* py = out.at("y").ptr();
   struct Norm {  // a head's normaliser: Z at the chunk start (z0 first), the chunk's running sum, dden
     std::vector<float> Z, run, dden;
   };
   std::vector<Norm> norms(size_t(B * H));
-  auto prep = [&](GatedHead& z) {
-    const int64_t r0 = z.b * T * H + z.h, bh = z.b * H + z.h;  // r0: the row of (b, 0, h)
-    z.iq = qf + r0 * D, z.ik = kf + r0 * D, z.iv = v + r0 * E;
-    z.g.assign(1, 0.0f);
-    z.ig = z.g.data(), z.oy = py + r0 * E;
-    z.ld = {H * D, H * D, H * E, 0, H * E, 1.0f};
-    z.ld.g_row = true;
-    z.S0 = head_state(c, "S", bh, D * E);
-    Norm& nm = norms[size_t(bh)];
-    nm.Z = head_state(c, "z", bh, D), nm.run.assign(size_t(D), 0.0f);
-    if (dy) {
-      z.dy.resize(size_t(T * E)), nm.dden.resize(size_t(T));
-      z.odq = out.at("dq").ptr() + r0 * D, z.odk = out.at("dk").ptr() + r0 * D, z.odv = out.at("dv").ptr() + r0 * E;
-      z.dg.resize(1), z.odg = z.dg.data();  // the (zero) decay's gradient: not used
-    }
-    const float* gy = dy ? dy->ptr() + r0 * E : nullptr;
-    float* kdy = dy ? z.dy.data() : nullptr;
-    z.epilogue = [=, &nm](int64_t t0, int64_t n) {
+  auto epilogue = [&](const PhiHead& p) {
+    Norm& nm = norms[size_t(p.bh)];
+    nm.Z = head_state(c, "z", p.bh, D), nm.run.assign(size_t(D), 0.0f);
+    if (p.gy) nm.dden.resize(size_t(T));
+    return [=, &nm](int64_t t0, int64_t n) {
       float *Z = nm.Z.data(), *run = nm.run.data();
       std::fill(run, run + D, 0.0f);
       for (int64_t t = t0; t < t0 + n; ++t) {
-        const float *qr = qf + (r0 + t * H) * D, *kr = kf + (r0 + t * H) * D;
+        const float *qr = p.qf + (p.r0 + t * H) * D, *kr = p.kf + (p.r0 + t * H) * D;
         float den = 0.0f;
 #pragma omp simd reduction(+ : den)
         for (int64_t x = 0; x < D; ++x) run[x] += kr[x], den += qr[x] * (Z[x] + run[x]);
         const float r = 1.0f / (den + eps);
-        float* yr = py + (r0 + t * H) * E;
-        if (gy) {
-          const float* g = gy + t * H * E;
-          float* dn = kdy + t * E;
+        float* yr = p.y + (p.r0 + t * H) * E;
+        if (p.gy) {
+          const float* g = p.gy + t * H * E;
+          float* dn = p.kdy + t * E;
           float gn = 0.0f;
 #pragma omp simd reduction(+ : gn)
           for (int64_t e = 0; e < E; ++e) gn += g[e] * yr[e], dn[e] = g[e] * r;
@@ -245,23 +213,18 @@ TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
       }
       for (int64_t x = 0; x < D; ++x) Z[x] += run[x];
     };
-    z.ld.epilogue = &z.epilogue;
   };
   const float* dzT = c.has("dfinal.z") ? c.t("dfinal.z").ptr() : nullptr;
-  auto post = [&](GatedHead& z) {
-    const int64_t r0 = z.b * T * H + z.h, bh = z.b * H + z.h;
-    Norm& nm = norms[size_t(bh)];
-    put_state(out, "state.S", z.S, bh);
-    put_state(out, "state.z", nm.Z, bh);  // Z after the last chunk: z0 + sum phi(k)
+  auto post = [&](const PhiHead& p, GatedHead&) {
+    Norm& nm = norms[size_t(p.bh)];
+    put_state(out, "state.z", nm.Z, p.bh);  // Z after the last chunk: z0 + sum phi(k)
     if (!dy) return;
-    if (with_s0) put_state(out, "dstate.S", z.dS0, bh);
     float *dq = out.at("dq").ptr(), *dk = out.at("dk").ptr();
     const float* dd = nm.dden.data();
-    // dphi(q)_t += dden_t Z_t (Z rebuilt as the forward summed it), dq = dphi(q) phi'(q)
+    // dphi(q)_t += dden_t Z_t, Z rebuilt as the forward summed it
     float *Z = nm.Z.data(), *run = nm.run.data();
-    std::vector<float> R(size_t(D), 0.0f), Rc(size_t(D), 0.0f);  // sum_{t >= s} dden_t phi(q_t), by chunks
     if (c.has("state.z")) {
-      const float* z0 = c.t("state.z").ptr() + bh * D;
+      const float* z0 = c.t("state.z").ptr() + p.bh * D;
       std::copy(z0, z0 + D, Z);
     } else {
       std::fill(Z, Z + D, 0.0f);
@@ -270,32 +233,34 @@ TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
       const int64_t n = std::min(kDecayChunk, T - t0);
       std::fill(run, run + D, 0.0f);
       for (int64_t t = t0; t < t0 + n; ++t) {
-        const int64_t o = (r0 + t * H) * D;
-        const float *kr = kf + o, *qx = q + o;
+        const int64_t o = (p.r0 + t * H) * D;
+        const float* kr = p.kf + o;
         float* dqr = dq + o;
 #pragma omp simd
-        for (int64_t x = 0; x < D; ++x) run[x] += kr[x], dqr[x] = (dqr[x] + dd[t] * (Z[x] + run[x])) * dphi_elu(qx[x]);
+        for (int64_t x = 0; x < D; ++x) run[x] += kr[x], dqr[x] += dd[t] * (Z[x] + run[x]);
       }
       for (int64_t x = 0; x < D; ++x) Z[x] += run[x];
     }
-    if (dzT) std::copy(dzT + bh * D, dzT + (bh + 1) * D, R.begin());
+    // dphi(k)_s += R_s = dfinal.z + sum_{t >= s} dden_t phi(q_t), summed by chunks in reverse
+    std::vector<float> R(size_t(D), 0.0f), Rc(size_t(D), 0.0f);
+    if (dzT) std::copy(dzT + p.bh * D, dzT + (p.bh + 1) * D, R.begin());
     for (int64_t t0 = (T - 1) / kDecayChunk * kDecayChunk; t0 >= 0; t0 -= kDecayChunk) {
       const int64_t n = std::min(kDecayChunk, T - t0);
-      std::fill(Rc.begin(), Rc.end(), 0.0f);
+      float* rc = Rc.data();
+      const float* rr = R.data();
+      std::fill(rc, rc + D, 0.0f);
       for (int64_t t = t0 + n - 1; t >= t0; --t) {
-        const int64_t o = (r0 + t * H) * D;
-        const float *qr = qf + o, *kx = k + o;
+        const int64_t o = (p.r0 + t * H) * D;
+        const float* qr = p.qf + o;
         float* dkr = dk + o;
-        float* rc = Rc.data();
-        const float* rr = R.data();
 #pragma omp simd
-        for (int64_t x = 0; x < D; ++x) rc[x] += dd[t] * qr[x], dkr[x] = (dkr[x] + rr[x] + rc[x]) * dphi_elu(kx[x]);
+        for (int64_t x = 0; x < D; ++x) rc[x] += dd[t] * qr[x], dkr[x] += rr[x] + rc[x];
       }
-      for (int64_t x = 0; x < D; ++x) R[size_t(x)] += Rc[size_t(x)];
+      for (int64_t x = 0; x < D; ++x) R[size_t(x)] += rc[x];
     }
-    if (with_s0) put_state(out, "dstate.z", R, bh);  // dz0 = dfinal.z + sum_t dden_t phi(q_t)
+    if (with_s0) put_state(out, "dstate.z", R, p.bh);  // dz0 = dfinal.z + sum_t dden_t phi(q_t)
   };
-  gated_heads(c, dy, D, E, false, prep, post);
+  phi_gated_heads(c, dy, out, epilogue, post);
   return out;
 }
 

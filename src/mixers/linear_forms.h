@@ -1,0 +1,107 @@
+// The causal kernelised linear attentions with phi = elu + 1 (linear, norm_linear) on the gated
+// chunked kernels of kernels/decay_chunk.h with a log decay of 0 on every step: every chunk then
+// takes the kernels' factored form (four GEMMs), the heads' rows are read in place and a thread's
+// heads run chunk by chunk together, and the backward is the kernels' fused chunked backward (the
+// chunked product of kernels/linear_product.h, which the non-causal forms keep, ran three more
+// products on time-reversed copies for it). What differs between the mechanisms is what they do
+// with a chunk's rows of phi(q)^T S while those are in cache (the epilogue: the normaliser, the
+// SRMSNorm, and the kernel's dy for the backward) and what they add to the gradients after.
+#pragma once
+#include <algorithm>
+#include <functional>
+#include <vector>
+
+#include "decay_forms.h"
+
+namespace linmix {
+
+// One head as the mechanism's epilogue and post see it: r0, its first row (b, 0, h) of the
+// (B,T,H,X) tensors (row t at r0 + t H); bh = b H + h; qf, kf: phi(q), phi(k) (B,T,H,D); y: the
+// output (B,T,H,E), whose chunk rows the epilogue finds holding num_t = phi(q_t)^T S_t; gy: the
+// call's dy (B,T,H,E) (null in the forward); kdy: (T,E) rows the epilogue fills with the
+// kernel's dy (the gradient of num).
+struct PhiHead {
+  int64_t r0, bh;
+  const float *qf, *kf;
+  float* y;
+  const float* gy;
+  float* kdy;
+};
+
+// phi(q), phi(k) of a call, (B,T,H,D) each: one pair of buffers per thread for every mechanism
+// here, reused across calls (no page faults per call).
+struct PhiBuffers {
+  std::vector<float> q, k;
+};
+inline PhiBuffers& phi_buffers() {
+  thread_local PhiBuffers b;
+  return b;
+}
+
+// Runs the causal form: out holds y (B,T,H,E) and state.S (B,H,D,E), and with dy dq, dk
+// (B,T,H,D), dv (B,T,H,E), and dstate.S when the call has state.S. epilogue(head) returns the
+// head's chunk epilogue (t0, n); post(head, z), with dy, adds the mechanism's terms to the rows
+// of dq, dk (which hold the gradients of phi(q), phi(k) then; phi' is applied after it), z
+// holding the kernel's state and gradients. z.S0 is state.S's head or zeros.
+template <class Epilogue, class Post>
+void phi_gated_heads(const Call& c, const Tensor* dy, TensorMap& out, Epilogue epilogue, Post post) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
+  const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+  const int64_t nqk = B * T * H * D;
+  PhiBuffers& pb = phi_buffers();
+  pb.q.resize(size_t(nqk)), pb.k.resize(size_t(nqk));
+  float *qf = pb.q.data(), *kf = pb.k.data();
+  constexpr int64_t kRun = 4096;  // threads over runs of floats, SIMD inside (phi inlined)
+#pragma omp parallel for schedule(static)
+  for (int64_t i0 = 0; i0 < nqk; i0 += kRun) {
+    const int64_t i1 = std::min(nqk, i0 + kRun);
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      const float a = q[i], b = k[i];
+      qf[i] = a > 0.0f ? a + 1.0f : exp_fast(a), kf[i] = b > 0.0f ? b + 1.0f : exp_fast(b);
+    }
+  }
+  float* py = out.at("y").ptr();
+  auto head = [&](GatedHead& z) {
+    const int64_t r0 = z.b * T * H + z.h;
+    return PhiHead{r0, z.b * H + z.h, qf, kf, py, dy ? dy->ptr() + r0 * E : nullptr,
+                   dy ? z.dy.data() : nullptr};
+  };
+  auto prep = [&](GatedHead& z) {
+    const int64_t r0 = z.b * T * H + z.h;
+    z.iq = qf + r0 * D, z.ik = kf + r0 * D, z.iv = v + r0 * E;
+    z.g.assign(1, 0.0f);
+    z.ig = z.g.data(), z.oy = py + r0 * E;
+    z.ld = {H * D, H * D, H * E, 0, H * E, 1.0f};
+    z.ld.g_row = true;
+    z.S0 = head_state(c, "S", z.b * H + z.h, D * E);
+    if (dy) {
+      z.dy.resize(size_t(T * E));
+      z.odq = out.at("dq").ptr() + r0 * D, z.odk = out.at("dk").ptr() + r0 * D, z.odv = out.at("dv").ptr() + r0 * E;
+      z.dg.resize(1), z.odg = z.dg.data();  // the (zero) decay's gradient: not used
+    }
+    z.epilogue = epilogue(head(z));
+    z.ld.epilogue = &z.epilogue;
+  };
+  auto post_all = [&](GatedHead& z) {
+    const PhiHead ph = head(z);
+    put_state(out, "state.S", z.S, ph.bh);
+    post(ph, z);
+    if (!dy) return;
+    put_state(out, "dstate.S", z.dS0, ph.bh);
+    float *dq = out.at("dq").ptr(), *dk = out.at("dk").ptr();
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t o = (ph.r0 + t * H) * D;
+      const float *qx = q + o, *kx = k + o;
+      float *dqr = dq + o, *dkr = dk + o;
+#pragma omp simd
+      for (int64_t x = 0; x < D; ++x) {
+        const float a = qx[x], b = kx[x];
+        dqr[x] *= a > 0.0f ? 1.0f : exp_fast(a), dkr[x] *= b > 0.0f ? 1.0f : exp_fast(b);
+      }
+    }
+  };
+  gated_heads(c, dy, D, E, false, prep, post_all);
+}
+
+}  // namespace linmix
