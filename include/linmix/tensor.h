@@ -150,6 +150,23 @@ struct Tensor {
 // Ordered by name, which is also the order safetensors files are written in.
 using TensorMap = std::map<std::string, Tensor>;
 
+// A TensorMap of (name, tensor) arguments, the tensors moved in: TensorMap{{"y", std::move(y)}}
+// copies every tensor (an initializer list's elements are const), and a view's copy is a copy
+// of its values (rwkv4's forward at T = 4096, C = 512: 2.0 -> 1.05 ms without the copy of y
+// and the zeroing of a y the scan writes whole).
+inline void put_moved(TensorMap&) {}
+template <class... Rest>
+void put_moved(TensorMap& m, const char* name, Tensor&& t, Rest&&... rest) {
+  m.insert_or_assign(name, std::move(t));
+  put_moved(m, std::forward<Rest>(rest)...);
+}
+template <class... Args>
+TensorMap moved_map(Args&&... args) {
+  TensorMap m;
+  put_moved(m, std::forward<Args>(args)...);
+  return m;
+}
+
 // A strided view over up to 6 dimensions. Strides are in elements.
 template <class S>
 struct View {

@@ -159,7 +159,8 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
     aft_full_forward(y.ptr(), q, k, v, ctx.w, ctx.Tw, B, T, C, c.causal, o.data(), lse.data());
     aft_full_backward(dq.ptr(), dk.ptr(), dv.ptr(), dw.ptr(), q, k, v, ctx.w, ctx.Tw, o.data(), lse.data(), dy.ptr(), B,
                       T, C, c.causal);
-    return {{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}, {"dw", std::move(dw)}};
+    return moved_map("y", std::move(y), "dq", std::move(dq), "dk", std::move(dk), "dv", std::move(dv), "dw",
+                     std::move(dw));
   }
   TensorMap out;
   AftSumsIO io = with_state && var == Variant::Simple ? sums_io(c, out, true) : AftSumsIO{};

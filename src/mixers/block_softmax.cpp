@@ -55,7 +55,7 @@ MixerSpec block_softmax() {
         softmax_forward(y.ptr() + t0 * HE, c.t("q").ptr() + t0 * HD, c.t("k").ptr() + t0 * HD,
                         c.t("v").ptr() + t0 * HE, {1, n, d.H, d.D, d.E}, scale, c.causal, 0);
       }
-    return TensorMap{{"y", std::move(y)}};
+    return moved_map("y", std::move(y));
   };
   s.backward = [](const Call& c, const Tensor& dy) {
     const AttnDims d = attn_dims(c);
@@ -74,7 +74,7 @@ MixerSpec block_softmax() {
                          c.t("k").ptr() + t0 * HD, c.t("v").ptr() + t0 * HE, y.ptr() + t0 * HE, lse.data(),
                          dy.ptr() + t0 * HE, bd, scale, c.causal, 0);
       }
-    return TensorMap{{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
+    return moved_map("y", std::move(y), "dq", std::move(dq), "dk", std::move(dk), "dv", std::move(dv));
   };
   // the current block's rows are the state, in every causal form
   set_row_cache(s, {{{"k", "k"}, {"v", "v"}}, [](const Call& c, int64_t n) { return n % c.ip("block"); }});

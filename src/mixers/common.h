@@ -229,7 +229,7 @@ void set_reference(MixerSpec& s, F f) {
       dout.insert(dout.end(), d.begin(), d.end());
     }
     const auto all = g64(c, x, dout);
-    TensorMap out{{"y", from_double(dims_shape(outs[0].second, c), all.at("y"))}};
+    TensorMap out = moved_map("y", from_double(dims_shape(outs[0].second, c), all.at("y")));
     for (const auto& [n, v] : x) out["d" + n] = from_double(c.in.at(n).shape, all.at("d" + n));
     return out;
   };

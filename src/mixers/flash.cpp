@@ -321,7 +321,7 @@ MixerSpec make_spec() {
     Tensor y({d.B, d.T, d.E});
     flash_forward(y.ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
                   c.t("v").ptr(), d, c.causal);
-    return TensorMap{{"y", std::move(y)}};
+    return moved_map("y", std::move(y));
   };
   s.backward = [](const Call& c, const Tensor& dy) {
     if (c.causal && (c.has("state.M") || c.final_state)) return flash_state_forms(c, &dy);

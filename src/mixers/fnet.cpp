@@ -75,14 +75,14 @@ Tensor fnet_apply(const float* x, int64_t B, int64_t T, int64_t C) {
 }
 
 TensorMap fnet_parallel(const Call& c) {
-  return {{"y", fnet_apply(c.t("x").ptr(), c.d("B"), c.d("T"), c.d("C"))}};
+  return moved_map("y", fnet_apply(c.t("x").ptr(), c.d("B"), c.d("T"), c.d("C")));
 }
 
 // The DFT matrices are symmetric, so y = Re(F_T x F_C) has dx = Re(F_T dy F_C): the same
 // transform applied to dy (MIXERS.md "fnet").
 TensorMap fnet_grad(const Call& c, const Tensor& dy) {
   const int64_t B = c.d("B"), T = c.d("T"), C = c.d("C");
-  return {{"y", fnet_apply(c.t("x").ptr(), B, T, C)}, {"dx", fnet_apply(dy.ptr(), B, T, C)}};
+  return moved_map("y", fnet_apply(c.t("x").ptr(), B, T, C), "dx", fnet_apply(dy.ptr(), B, T, C));
 }
 
 MixerSpec make_spec() {

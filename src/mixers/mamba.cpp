@@ -389,7 +389,7 @@ MixerSpec make_spec() {
   });
   s.parallel = [](const Call& c) {
     MambaArgs a = args_of(c);
-    TensorMap out{{"y", Tensor({a.B, a.T, a.C})}, {"state.h", Tensor({a.B, a.C, a.N})}};
+    TensorMap out = moved_map("y", Tensor({a.B, a.T, a.C}), "state.h", Tensor({a.B, a.C, a.N}));
     a.hT = out["state.h"].ptr();
     mamba_forward(out["y"].ptr(), a);
     return out;
@@ -407,7 +407,7 @@ MixerSpec make_spec() {
       Tensor h({1, C, N});
       for (int64_t ch = 0; ch < C; ++ch)
         for (int64_t n = 0; n < N; ++n) h.data[ch * N + n] = (*buf)[n * C + ch];
-      return TensorMap{{"state.h", std::move(h)}};
+      return moved_map("state.h", std::move(h));
     };
     auto load = [=](const TensorMap& m) {
       const Tensor& h = m.at("state.h");

@@ -304,7 +304,7 @@ MixerSpec make_spec() {
       for (int64_t h = 0; h < H; ++h)
         for (int64_t e = 0; e < E; ++e)
           for (int64_t n = 0; n < N; ++n) t.data[size_t((h * E + e) * N + n)] = (*buf)[size_t((h * N + n) * E + e)];
-      return TensorMap{{"state.h", std::move(t)}};
+      return moved_map("state.h", std::move(t));
     };
     auto load = [=](const TensorMap& m) {
       const Tensor& t = m.at("state.h");

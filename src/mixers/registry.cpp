@@ -391,7 +391,7 @@ TensorMap recurrent_by_steps(const MixerSpec& spec, const Call& c) {
     }
     finals[size_t(b)] = st.save();
   }
-  TensorMap out{{"y", std::move(y)}};
+  TensorMap out = moved_map("y", std::move(y));
   for (const auto& ts : spec.state) {  // stacked over the batch (all sequences have the same length)
     const std::string n = "state." + ts.name;
     const Tensor& first = finals[0].at(n);

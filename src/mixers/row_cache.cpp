@@ -104,7 +104,7 @@ Forward wrap_forward(const MixerSpec& spec, const RowCache& rc, Forward inner) {
     const TensorMap cat = cat_inputs(inputs, rc, c, p);
     const Call ic{cat, p.dims, c.params, c.given, true, false};
     TensorMap res = inner(ic);
-    TensorMap out{{"y", slice_tensor(res.at("y"), p, p.L, p.n)}};
+    TensorMap out = moved_map("y", slice_tensor(res.at("y"), p, p.L, p.n));
     if (c.final_state) add_final_state(rc, cat, p, out);
     return out;
   };
@@ -123,7 +123,7 @@ Backward wrap_backward(const MixerSpec& spec, const RowCache& rc, Backward inner
     dyc.shape[1] = p.n;
     dyc.data = cat_rows<Storage>(nullptr, p.L, dy.data, p.T, p.B, dy.numel() / (p.B * p.T));
     TensorMap g = inner(ic, p.state ? dyc : dy);
-    TensorMap out{{"y", slice_tensor(g.at("y"), p, p.L, p.n)}};
+    TensorMap out = moved_map("y", slice_tensor(g.at("y"), p, p.L, p.n));
     for (const auto& ts : inputs) {
       if (!c.has(ts.name)) continue;
       Tensor& d = g.at("d" + ts.name);

@@ -255,7 +255,7 @@ TensorMap s4d_parallel(const Call& c) {
         }
       }
   }
-  TensorMap out{{"y", std::move(y)}};
+  TensorMap out = moved_map("y", std::move(y));
   if (c.final_state) out["state.x_re"] = std::move(xT.re), out["state.x_im"] = std::move(xT.im);
   return out;
 }
@@ -348,9 +348,9 @@ TensorMap s4d_grad(const Call& c, const Tensor& dy) {
       dlog_dt.data[ch] = float(dt * ddt);
     }
   }
-  TensorMap out{{"y", std::move(y)},         {"du", std::move(du)},       {"dlog_dt", std::move(dlog_dt)},
-                {"dA_re", std::move(dA_re)}, {"dA_im", std::move(dA_im)}, {"dC_re", std::move(dC_re)},
-                {"dC_im", std::move(dC_im)}, {"dD", std::move(dD)}};
+  TensorMap out = moved_map("y", std::move(y), "du", std::move(du), "dlog_dt", std::move(dlog_dt), "dA_re",
+                            std::move(dA_re), "dA_im", std::move(dA_im), "dC_re", std::move(dC_re), "dC_im",
+                            std::move(dC_im), "dD", std::move(dD));
   if (x0.r()) out["dstate.x_re"] = std::move(dx0.re), out["dstate.x_im"] = std::move(dx0.im);
   return out;
 }
@@ -415,7 +415,7 @@ MixerSpec make_spec() {
       for (int64_t ch = 0; ch < C; ++ch)
         for (int64_t n = 0; n < N; ++n)
           xr.data[ch * N + n] = (*x)[n * C + ch], xi.data[ch * N + n] = (*x)[C * N + n * C + ch];
-      return TensorMap{{"state.x_re", std::move(xr)}, {"state.x_im", std::move(xi)}};
+      return moved_map("state.x_re", std::move(xr), "state.x_im", std::move(xi));
     };
     auto load = [=](const TensorMap& m) {
       const Tensor &xr = m.at("state.x_re"), &xi = m.at("state.x_im");

@@ -223,7 +223,7 @@ TensorMap softmax_parallel(const Call& c) {
   Tensor y({d.B, d.T, d.H, d.E});
   softmax_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(softmax_scale(c)), c.causal,
                   c.ip("window"));
-  return {{"y", std::move(y)}};
+  return moved_map("y", std::move(y));
 }
 
 TensorMap softmax_grad(const Call& c, const Tensor& dy) {
@@ -235,7 +235,7 @@ TensorMap softmax_grad(const Call& c, const Tensor& dy) {
                   lse.data());
   softmax_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), y.ptr(), lse.data(),
                    dy.ptr(), d, scale, c.causal, c.ip("window"));
-  return {{"y", std::move(y)}, {"dq", std::move(dq)}, {"dk", std::move(dk)}, {"dv", std::move(dv)}};
+  return moved_map("y", std::move(y), "dq", std::move(dq), "dk", std::move(dk), "dv", std::move(dv));
 }
 
 

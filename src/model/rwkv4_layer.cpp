@@ -144,10 +144,8 @@ class Rwkv4Layer : public MixerLayer {
     Tensor w({C_});
     const float* td = io.w("att.time_decay");
     for (int64_t c = 0; c < C_; ++c) w.data[c] = std::exp(td[c]);
-    return {{"k", view_of({B, T, C_}, k_.data())},
-            {"v", view_of({B, T, C_}, v_.data())},
-            {"w", std::move(w)},
-            {"u", io.t("att.time_first")}};
+    return moved_map("k", view_of({B, T, C_}, k_.data()), "v", view_of({B, T, C_}, v_.data()), "w", std::move(w),
+                     "u", Tensor(io.t("att.time_first")));
   }
   std::vector<float> xx_, xk_, xv_, xr_, k_, v_, r_, wkv_, rw_;
   const float* a_ = nullptr;
