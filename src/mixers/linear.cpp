@@ -166,8 +166,8 @@ namespace {
 // dden_t = -(dy_t . num_t) r_t^2. The backward adds the normaliser's part to the kernel's
 // gradients of phi(q), phi(k): dphi(q)_t += dden_t Z_t, dphi(k)_s += sum_{t>=s} dden_t phi(q_t)
 // + dfinal.z, dz0 = dfinal.z + sum_t dden_t phi(q_t). (Against the chunked product of
-// kernels/linear_product.h, T = 4096, H 8, D = E = 64, 2 threads, in one run each: fwd 10.6 ->
-// 9.5 ms, fwd+bwd 55.9 -> 30.0 ms.)
+// kernels/linear_product.h, T = 4096, H 8, D = E = 64, 2 threads, the two binaries alternated 3
+// times: fwd 8.9-9.4 -> 8.4-9.2 ms, fwd+bwd 49-51 -> 28-31 ms.)
 TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
   const float eps = float(c.p("eps"));

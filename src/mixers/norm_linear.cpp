@@ -144,7 +144,8 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
 // The causal form on the gated kernels (linear_forms.h): the chunk's epilogue normalises
 // o_t = phi(q_t)^T S_t, y_t = o_t r_t with r_t = (mean(o_t^2) + eps)^(-1/2), and with dy makes
 // the kernel's dy, do_t = r_t (dy_t - y_t (dy_t . y_t) / E). (Against the chunked product,
-// T = 4096, H 8, D = E = 64, 2 threads: fwd 8.5 -> 9.0 ms, fwd+bwd 48.8 -> 28.2 ms.)
+// T = 4096, H 8, D = E = 64, 2 threads, the two binaries alternated 3 times: fwd 8.2-8.9 ->
+// 8.3-9.2 ms, fwd+bwd 47-51 -> 26.4-26.6 ms.)
 TensorMap norm_linear_causal_run(const Call& c, const Tensor* dy) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
   const float eps = float(c.p("eps"));
