@@ -171,17 +171,10 @@ namespace {
 TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
   const float eps = float(c.p("eps"));
-  TensorMap out;
-  out.emplace("y", Tensor::uninitialized({B, T, H, E}));
-  out.emplace("state.S", Tensor({B, H, D, E}));
+  TensorMap out = phi_outputs(c, dy);
   out.emplace("state.z", Tensor({B, H, D}));
   const bool with_s0 = c.has("state.S");
-  if (dy) {
-    out.emplace("dq", Tensor::uninitialized({B, T, H, D}));
-    out.emplace("dk", Tensor::uninitialized({B, T, H, D}));
-    out.emplace("dv", Tensor::uninitialized({B, T, H, E}));
-    if (with_s0) out.emplace("dstate.S", Tensor({B, H, D, E})), out.emplace("dstate.z", Tensor({B, H, D}));
-  }
+  if (dy && with_s0) out.emplace("dstate.z", Tensor({B, H, D}));
   struct Norm {  // a head's normaliser: Z at the chunk start (z0 first), the chunk's running sum, dden
     std::vector<float> Z, run, dden;
   };

@@ -38,6 +38,22 @@ inline PhiBuffers& phi_buffers() {
   return b;
 }
 
+// The outputs of a run: y and state.S, and with grad dq, dk, dv (every element of these written by
+// the run) and dstate.S when the call has state.S.
+inline TensorMap phi_outputs(const Call& c, bool grad) {
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
+  TensorMap out;
+  out.emplace("y", Tensor::uninitialized({B, T, H, E}));
+  out.emplace("state.S", Tensor({B, H, D, E}));
+  if (grad) {
+    out.emplace("dq", Tensor::uninitialized({B, T, H, D}));
+    out.emplace("dk", Tensor::uninitialized({B, T, H, D}));
+    out.emplace("dv", Tensor::uninitialized({B, T, H, E}));
+    if (c.has("state.S")) out.emplace("dstate.S", Tensor({B, H, D, E}));
+  }
+  return out;
+}
+
 // Runs the causal form: out holds y (B,T,H,E) and state.S (B,H,D,E), and with dy dq, dk
 // (B,T,H,D), dv (B,T,H,E), and dstate.S when the call has state.S. epilogue(head) returns the
 // head's chunk epilogue (t0, n); post(head, z), with dy, adds the mechanism's terms to the rows

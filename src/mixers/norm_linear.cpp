@@ -147,17 +147,9 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
 // T = 4096, H 8, D = E = 64, 2 threads, the two binaries alternated 3 times: fwd 8.2-8.9 ->
 // 8.3-9.2 ms, fwd+bwd 47-51 -> 26.4-26.6 ms.)
 TensorMap norm_linear_causal_run(const Call& c, const Tensor* dy) {
-  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
+  const int64_t H = c.d("H"), E = c.d("E");
   const float eps = float(c.p("eps"));
-  TensorMap out;
-  out.emplace("y", Tensor::uninitialized({B, T, H, E}));
-  out.emplace("state.S", Tensor({B, H, D, E}));
-  if (dy) {
-    out.emplace("dq", Tensor::uninitialized({B, T, H, D}));
-    out.emplace("dk", Tensor::uninitialized({B, T, H, D}));
-    out.emplace("dv", Tensor::uninitialized({B, T, H, E}));
-    if (c.has("state.S")) out.emplace("dstate.S", Tensor({B, H, D, E}));
-  }
+  TensorMap out = phi_outputs(c, dy);
   auto epilogue = [&](const PhiHead& p) {
     return [=](int64_t t0, int64_t n) {
       for (int64_t t = t0; t < t0 + n; ++t) {
