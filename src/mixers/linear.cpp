@@ -294,14 +294,7 @@ MixerSpec make_spec() {
     return y;
   });
   set_qkv_eps_forms(s, linear_forward, linear_backward);
-  {  // the causal form on the gated chunked kernels
-    auto parallel = s.parallel;
-    auto backward = s.backward;
-    s.parallel = [parallel](const Call& c) { return c.causal ? linear_causal_run(c, nullptr) : parallel(c); };
-    s.backward = [backward](const Call& c, const Tensor& dy) {
-      return c.causal ? linear_causal_run(c, &dy) : backward(c, dy);
-    };
-  }
+  set_causal_forms(s, linear_causal_run);  // the causal form on the gated chunked kernels
   s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     auto st = std::make_shared<LinearState>(LinearState{d.H, d.D, d.E, std::vector<float>(d.H * d.D * d.E, 0.0f),

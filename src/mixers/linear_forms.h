@@ -120,4 +120,13 @@ void phi_gated_heads(const Call& c, const Tensor* dy, TensorMap& out, Epilogue e
   gated_heads(c, dy, D, E, false, prep, post_all);
 }
 
+// The spec's parallel and backward forms: run(c, dy) (dy null: the forward) when causal, the
+// spec's own (the chunked product) otherwise.
+inline void set_causal_forms(MixerSpec& s, TensorMap (*run)(const Call&, const Tensor*)) {
+  auto parallel = s.parallel;
+  auto backward = s.backward;
+  s.parallel = [parallel, run](const Call& c) { return c.causal ? run(c, nullptr) : parallel(c); };
+  s.backward = [backward, run](const Call& c, const Tensor& dy) { return c.causal ? run(c, &dy) : backward(c, dy); };
+}
+
 }  // namespace linmix

@@ -206,14 +206,7 @@ MixerSpec norm_linear() {
     return y;
   });
   set_qkv_eps_forms(s, norm_linear_forward, norm_linear_backward);
-  {  // the causal form on the gated chunked kernels
-    auto parallel = s.parallel;
-    auto backward = s.backward;
-    s.parallel = [parallel](const Call& c) { return c.causal ? norm_linear_causal_run(c, nullptr) : parallel(c); };
-    s.backward = [backward](const Call& c, const Tensor& dy) {
-      return c.causal ? norm_linear_causal_run(c, &dy) : backward(c, dy);
-    };
-  }
+  set_causal_forms(s, norm_linear_causal_run);  // the causal form on the gated chunked kernels
   s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t H = d.H, D = d.D, E = d.E;
