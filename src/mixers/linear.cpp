@@ -215,13 +215,8 @@ TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
     float *dq = out.at("dq").ptr(), *dk = out.at("dk").ptr();
     const float* dd = nm.dden.data();
     // dphi(q)_t += dden_t Z_t, Z rebuilt as the forward summed it
+    nm.Z = head_state(c, "z", p.bh, D);  // z0, as the epilogue started from
     float *Z = nm.Z.data(), *run = nm.run.data();
-    if (c.has("state.z")) {
-      const float* z0 = c.t("state.z").ptr() + p.bh * D;
-      std::copy(z0, z0 + D, Z);
-    } else {
-      std::fill(Z, Z + D, 0.0f);
-    }
     for (int64_t t0 = 0; t0 < T; t0 += kDecayChunk) {
       const int64_t n = std::min(kDecayChunk, T - t0);
       std::fill(run, run + D, 0.0f);
