@@ -2,13 +2,16 @@
 """Byte-level BPE (the real GPT-NeoX 20B_tokenizer.json) of `linmix tokenize` against an
 independent Python implementation (python/bpe_tokenizer.py: the `regex` module runs the GPT-2
 pattern, unicodedata does NFC, the classic merge loop) on all of tiny Shakespeare and on random
-UTF-8, and decode(encode(x)) == x.  Usage: bpe_test.py PATH/TO/linmix"""
+UTF-8, and decode(encode(x)) == x; and a BPE scripts/bpe_train.py learns.  Usage: bpe_test.py PATH/TO/linmix"""
+import collections
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import unicodedata
+
+import regex
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "python"))
@@ -100,8 +103,45 @@ def main():
         f.write(cut)
     r = run("tokenize", "--tokenizer", bad, "--text", "hi", text=True)
     check("truncated tokenizer.json refused", r.returncode == 2 and "not valid JSON" in r.stderr, r.stderr.strip())
+    learned(tmp)
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
+
+
+def learned(tmp):
+    """scripts/bpe_train.py: a 400-token BPE learned on the training split of tiny Shakespeare is
+    read by linmix as by the Python reference, its first merge is the most frequent pair of bytes
+    within a GPT-2 piece (counted here), and it compresses the validation split."""
+    tok = os.path.join(tmp, "learned.json")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bpe_train.py"), "--data", SHAKES, "--vocab",
+                        "400", "--out", tok], capture_output=True, text=True)
+    check("bpe_train.py: learns a 400-token BPE", r.returncode == 0, r.stderr.strip()[-200:])
+    if r.returncode != 0:
+        return
+    py = bpe_tokenizer.Bpe(tok)
+    check("bpe_train.py: 256 bytes + 144 merges", len(py.vocab) == 400 and len(py.ranks) == 144)
+    data = open(SHAKES, "rb").read()
+    train, val = data[: len(data) * 9 // 10].decode("utf-8"), data[len(data) * 9 // 10:].decode("utf-8")
+    pairs = collections.Counter()
+    for m in regex.finditer(bpe_tokenizer.GPT2_PATTERN, train):
+        b = m.group(0).encode("utf-8")
+        pairs.update(zip(b, b[1:]))
+    (a, b), _ = pairs.most_common(1)[0]
+    first = min(py.ranks, key=py.ranks.get)
+    check("bpe_train.py: the first merge is the most frequent pair", first == (py.b2u[a], py.b2u[b]),
+          f"{first} vs {(py.b2u[a], py.b2u[b])}")
+    path = os.path.join(tmp, "val.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(val)
+    r = run("tokenize", "--tokenizer", tok, "--file", path, text=True)
+    ids = [int(x) for x in r.stdout.strip().split(",") if x] if r.returncode == 0 else []
+    check("bpe_train.py: linmix encodes as the Python reference", r.returncode == 0 and ids == py.encode(val),
+          f"({len(ids)} tokens for {len(val.encode('utf-8'))} bytes)")
+    check("bpe_train.py: fewer tokens than bytes (at least 1.5 bytes each)", 0 < len(ids) <= len(val.encode()) / 1.5)
+    with open(path + ".ids", "w") as f:
+        f.write(",".join(map(str, ids)))
+    r = run("tokenize", "--tokenizer", tok, "--decode", "@" + path + ".ids")
+    check("bpe_train.py: decode(encode(x)) == x", r.returncode == 0 and r.stdout == val.encode("utf-8"))
 
 
 if __name__ == "__main__":
