@@ -225,3 +225,90 @@ TEST(ModelInit, GlaGateIsFiniteForLargePreActivations) {
   const double loss = m.forward_backward(in.data(), tg.data(), 1, 12, &grads);
   EXPECT_TRUE(std::isfinite(loss));
 }
+
+// Dropout (config "dropout"): in [0, 1), kept in the config's JSON only when on.
+TEST(Dropout, ConfigChecksAndRoundTrips) {
+  const std::string base = R"({"mixer": "softmax", "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "vocab": 32)";
+  for (const char* bad : {"1.0", "-0.1", "\"0.1\"", "1e400"})
+    EXPECT_THROW(ModelConfig::from_json(base + ", \"dropout\": " + bad + "}"), Error) << bad;
+  const ModelConfig c = ModelConfig::from_json(base + R"(, "dropout": 0.25})");
+  EXPECT_EQ(c.dropout, 0.25);
+  EXPECT_EQ(ModelConfig::from_json(c.to_json()).dropout, 0.25);
+  EXPECT_EQ(ModelConfig::from_json(base + "}").to_json().find("dropout"), std::string::npos);
+}
+
+namespace {
+std::unique_ptr<Model> dropout_model(double p) {
+  auto m = std::make_unique<Model>(ModelConfig::from_json(
+      R"({"mixer": "softmax", "d_model": 16, "n_layer": 2, "n_head": 2, "ctx": 16, "vocab": 32, "dropout": )" +
+      std::to_string(p) + "}"));
+  m->init(7);
+  std::mt19937_64 rng(3);
+  for (auto& [name, t] : m->params())  // x8 the init, as ModelGrad's models: every path carries gradient
+    if (!is_buffer_param(name) && name.find("ln") == std::string::npos)
+      for (float& x : t.data) x *= 8.0f;
+  return m;
+}
+}  // namespace
+
+// The training forward drops only while armed, the same mask for the same key, another for
+// another key; disarmed, the model is the same model without dropout.
+TEST(Dropout, OnlyWhileArmedAndAFunctionOfTheKey) {
+  auto m = dropout_model(0.3), m0 = dropout_model(0.0);
+  const int64_t B = 2, T = 9;
+  std::vector<int32_t> in(B * T), tg(B * T);
+  std::mt19937_64 rng(11);
+  for (auto& x : in) x = int32_t(rng() % 32);
+  for (auto& x : tg) x = int32_t(rng() % 32);
+  const double plain = m0->forward_backward(in.data(), tg.data(), B, T, nullptr);
+  EXPECT_EQ(m->forward_backward(in.data(), tg.data(), B, T, nullptr), plain);
+  m->arm_dropout(42);
+  const double a = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
+  EXPECT_EQ(m->forward_backward(in.data(), tg.data(), B, T, nullptr), a);
+  EXPECT_GT(std::fabs(a - plain), 1e-3);
+  m->arm_dropout(43);
+  EXPECT_GT(std::fabs(m->forward_backward(in.data(), tg.data(), B, T, nullptr) - a), 1e-3);
+  m->disarm_dropout();
+  EXPECT_EQ(m->forward_backward(in.data(), tg.data(), B, T, nullptr), plain);
+  // a batch's rows drop as they would in the whole batch when row0 says where they are (the
+  // ranks of a data-parallel run): the whole batch's mean loss is the mean of its rows' (every
+  // target counted, the same count per row)
+  m->arm_dropout(42, 0);
+  const double r0 = m->forward_backward(in.data(), tg.data(), 1, T, nullptr);
+  m->arm_dropout(42, 1);
+  const double r1 = m->forward_backward(in.data() + T, tg.data() + T, 1, T, nullptr);
+  EXPECT_NEAR((r0 + r1) / 2, a, 1e-6);
+  m->arm_dropout(42, 0);
+  EXPECT_GT(std::fabs(m->forward_backward(in.data() + T, tg.data() + T, 1, T, nullptr) - r1), 1e-4);
+}
+
+// The backward applies the forward's masks: the gradient of the armed model equals finite
+// differences of the armed model's loss (the same masks), for every parameter tensor.
+TEST(Dropout, GradientMatchesFiniteDifferencesOfTheMaskedLoss) {
+  auto m = dropout_model(0.3);
+  const int64_t B = 2, T = 9;
+  std::vector<int32_t> in(B * T), tg(B * T);
+  std::mt19937_64 rng(11);
+  for (auto& x : in) x = int32_t(rng() % 32);
+  for (auto& x : tg) x = int32_t(rng() % 32);
+  m->arm_dropout(42);
+  TensorMap grads;
+  m->forward_backward(in.data(), tg.data(), B, T, &grads);
+  std::normal_distribution<float> n01;
+  for (auto& [name, p] : m->params()) {
+    if (is_buffer_param(name)) continue;
+    std::vector<float> u(p.numel());
+    for (float& x : u) x = n01(rng);
+    double analytic = 0;
+    for (int64_t i = 0; i < p.numel(); ++i) analytic += double(grads.at(name).data[i]) * u[i];
+    const float h = 2e-4f;
+    const std::vector<float> saved(p.data.begin(), p.data.end());
+    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] + h * u[i];
+    const double lp = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
+    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] - h * u[i];
+    const double lm = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
+    p.data = saved;
+    const double fd = (lp - lm) / (2 * h);
+    EXPECT_NEAR(analytic, fd, 2e-2 * std::fabs(fd) + 1e-3) << name;
+  }
+}

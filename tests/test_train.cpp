@@ -397,3 +397,31 @@ TEST(Train, ProfileRowsNestAndCountEveryLayer) {
   o.profile = false, o.force = true;
   EXPECT_TRUE(train(o).profile.empty());
 }
+
+// With dropout the masks follow the batch (seed, step, accumulation index): a resumed run drops
+// what the uninterrupted one did, and its losses are equal bit for bit.
+TEST(Train, ResumeEqualsUninterruptedWithDropout) {
+  const std::string dir = test::tmp_dir();
+  const std::string data = write_corpus(dir);
+  auto with_dropout = [&](const std::string& out) {
+    TrainOptions o = small(out, data);
+    o.config = R"({"mixer": "rwkv4", "channel_mix": "rwkv", "d_model": 32, "n_layer": 2, "n_head": 2, "ctx": 64,
+                   "dropout": 0.2})";
+    o.steps = 20, o.eval_every = 10, o.ckpt_every = 10, o.accum = 2;
+    return o;
+  };
+  const TrainResult full = train(with_dropout(dir + "/a"));
+  TrainOptions part = with_dropout(dir + "/b");
+  part.time_budget_s = 1e-9;
+  ASSERT_EQ(train(part).steps_done, 1);
+  TrainOptions rest = with_dropout(dir + "/b");
+  rest.resume = true;
+  const TrainResult resumed = train(rest);
+  ASSERT_EQ(resumed.losses.back().first, full.losses.back().first);
+  for (const auto& [step, loss] : resumed.losses) EXPECT_EQ(loss, full.losses[step - 1].second) << "step " << step;
+  EXPECT_EQ(resumed.val_loss, full.val_loss);
+  // and the masks are on: the same run without dropout has other losses
+  TrainOptions plain = small(dir + "/c", data);
+  plain.steps = 20, plain.eval_every = 10, plain.ckpt_every = 10, plain.accum = 2;
+  EXPECT_NE(train(plain).losses.back().second, full.losses.back().second);
+}

@@ -44,6 +44,8 @@ struct ModelConfig {
   int64_t features = 32;  // performer random features M
   int64_t kernel = 7;     // aft_conv kernel size K
   bool ln0 = false;       // LayerNorm on the embedding (RWKV-4's blocks.0.ln0)
+  double dropout = 0.0;   // training only: each residual branch's output (mixer, channel mix)
+                          // zeroed with this probability, the rest scaled by 1 / (1 - p)
   int64_t state = 16;     // s4d / mamba / mamba2 state size N
   int64_t qk_dim = 32;    // flash (GAU) shared query/key width S
   int64_t expand = 2;     // flash (GAU), mamba and mamba2 inner width = expand * d_model
@@ -127,6 +129,12 @@ class Model {
   double classify(const int32_t* inputs, const int32_t* lengths, const int32_t* labels, int64_t B, int64_t T,
                   TensorMap* grads, float grad_scale = 1.0f, float* logits_out = nullptr);
 
+  // Dropout (config dropout > 0) in the forward_backward / classify calls between arm_dropout
+  // and disarm_dropout, and in no other: the masks are a hash of (key, layer, branch, element),
+  // the element counted from batch row row0 (a rank's rows drop as the whole batch's would).
+  void arm_dropout(uint64_t key, int64_t row0 = 0) { drop_on_ = true, drop_key_ = key, drop_row0_ = row0; }
+  void disarm_dropout() { drop_on_ = false; }
+
   // Recurrent form, one sequence: the whole state of every layer. Each layer's own state lives in
   // `layer` as tensors (the RWKV-4 time-mix token shift "att_prev", Mamba's "conv" window, the
   // mechanism's "state.*"; empty = zero) until Model::step starts the layer's runtime (its
@@ -167,6 +175,13 @@ class Model {
   std::shared_ptr<PackedWeights> packed_;
   void check_weights() const;  // the FP32 paths: refuses a released or packed model
   std::unique_ptr<Acts> acts_;
+  bool drop_on_ = false;  // arm_dropout
+  uint64_t drop_key_ = 0;
+  int64_t drop_row0_ = 0;
+  // the residual branch `out` (N C values of B sequences of Tp rows) of layer l, branch 0 (mixer)
+  // or 1 (channel mix), masked and scaled: in the forward on its output, in the backward on its
+  // output's gradient
+  void dropout_branch(float* out, int64_t N, int64_t Tp, int64_t l, int branch) const;
   std::vector<std::unique_ptr<MixerLayer>> layers_;
 };
 

@@ -25,7 +25,7 @@ ModelConfig from_json_impl(const std::string& text) {
   static const std::vector<std::string> known = {"vocab",   "d_model",  "n_layer",  "n_head", "ctx",
                                                  "channel_mix", "ffn_mult", "features", "kernel", "ln0",
                                                  "mixer",   "params",   "layers", "state", "qk_dim", "expand", "pos_emb",
-                                                 "ffn_dim", "norm", "causal", "classes", "pool"};
+                                                 "ffn_dim", "norm", "causal", "classes", "pool", "dropout"};
   for (auto it = j.begin(); it != j.end(); ++it)
     LINMIX_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
                  "model config: unknown field '" + it.key() + "'");
@@ -56,6 +56,10 @@ ModelConfig from_json_impl(const std::string& text) {
   if (j.contains("pos_emb")) {
     LINMIX_CHECK(j["pos_emb"].is_boolean(), "model config: 'pos_emb' must be true or false");
     c.pos_emb = j["pos_emb"].get<bool>() ? 1 : 0;
+  }
+  if (j.contains("dropout")) {
+    LINMIX_CHECK(j["dropout"].is_number(), "model config: 'dropout' must be a number");
+    c.dropout = j["dropout"].get<double>();
   }
   if (j.contains("ln0")) {
     LINMIX_CHECK(j["ln0"].is_boolean(), "model config: 'ln0' must be true or false");
@@ -141,6 +145,7 @@ std::string ModelConfig::to_json() const {
             {"kernel", kernel},     {"ln0", ln0}, {"state", state}, {"qk_dim", qk_dim}, {"expand", expand},
             {"pos_emb", uses_pos_emb()}, {"norm", norm}};
   if (classifier() || !causal) j["causal"] = causal, j["classes"] = classes, j["pool"] = pool;
+  if (dropout > 0) j["dropout"] = dropout;
   j["layers"] = json::array();
   for (const auto& l : layers) j["layers"].push_back({{"mixer", l.mixer}, {"params", l.params}});
   return j.dump();
@@ -152,6 +157,7 @@ void ModelConfig::validate() const {
   LINMIX_CHECK(n_layer >= 1 && n_layer <= 256, "model config: n_layer must be in [1, 256]");
   LINMIX_CHECK(n_head >= 1 && d_model % n_head == 0, "model config: n_head must divide d_model");
   LINMIX_CHECK(ctx >= 1 && ctx <= (1 << 20), "model config: ctx must be in [1, 2^20]");
+  LINMIX_CHECK(dropout >= 0.0 && dropout < 1.0, "model config: dropout must be in [0, 1)");  // NaN fails too
   LINMIX_CHECK(ffn_mult >= 1 && ffn_mult <= 64, "model config: ffn_mult must be in [1, 64]");
   LINMIX_CHECK(ffn_dim >= 0 && ffn_dim <= 64 * d_model, "model config: ffn_dim must be in [0, 64 d_model] (0: ffn_mult d_model)");
   LINMIX_CHECK(features >= 1 && kernel >= 1, "model config: features and kernel must be >= 1");

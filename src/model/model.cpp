@@ -166,6 +166,25 @@ void Model::check_weights() const {
   LINMIX_CHECK(!released_, "the model's weights were given to an inference engine");
 }
 
+namespace {
+uint64_t splitmix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+void Model::dropout_branch(float* out, int64_t N, int64_t Tp, int64_t l, int branch) const {
+  const double p = cfg_.dropout;
+  const uint64_t key = splitmix(splitmix(drop_key_ ^ splitmix(uint64_t(l) * 2 + uint64_t(branch))));
+  const uint64_t cut = uint64_t(p * double(uint64_t(1) << 32));  // dropped: the hash's top 32 bits < cut
+  const float scale = float(1.0 / (1.0 - p));
+  const int64_t C = cfg_.d_model, n = N * C, off = drop_row0_ * Tp * C;
+#pragma omp parallel for schedule(static) if (n >= (int64_t(1) << 16))
+  for (int64_t i = 0; i < n; ++i) out[i] = (splitmix(key + uint64_t(off + i)) >> 32) < cut ? 0.0f : out[i] * scale;
+}
+
 void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
   check_weights();
   const ModelConfig& c = cfg_;
@@ -213,6 +232,7 @@ void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
     part.emplace(c.layers[size_t(l)].mixer);
     layers_[l]->forward(io(l), L.a.data(), L.att_out.data(), B, Tp);
     part.reset();
+    if (drop_on_ && cfg_.dropout > 0) dropout_branch(L.att_out.data(), N, Tp, l, 0);
     sized(L.x_mid, N * C);
     for (int64_t i = 0; i < N * C; ++i) L.x_mid[i] = L.x_in[i] + L.att_out[i];
     if (!c.has_channel_mix()) {  // Mamba's blocks: the mixer only
@@ -224,6 +244,7 @@ void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
     part.emplace("channel mix");
     A.cmix[l].forward(io(l), L.b.data(), out2.data(), B, Tp);
     part.reset();
+    if (drop_on_ && cfg_.dropout > 0) dropout_branch(out2.data(), N, Tp, l, 1);
     for (int64_t i = 0; i < N * C; ++i) cur[i] = L.x_mid[i] + out2[i];
   }
   A.xf = cur;
@@ -238,21 +259,28 @@ void Model::trunk_backward(const int32_t* inputs, std::vector<float>& dlnf, int6
   const LayerIO top{params_, grads, ""};
   const profile::Scope prof("backward");
   std::optional<profile::Scope> part;
-  std::vector<float> dx(N * C, 0.0f), db(N * C), da(N * C);
+  std::vector<float> dx(N * C, 0.0f), db(N * C), da(N * C), dmask;
+  const bool drop = drop_on_ && cfg_.dropout > 0;
+  auto branch_grad = [&](int64_t l, int branch) {  // d(branch output) = mask * d(residual sum)
+    if (!drop) return dx.data();
+    dmask = dx;
+    dropout_branch(dmask.data(), N, Tp, l, branch);
+    return dmask.data();
+  };
   norm_backward("ln_out", dx.data(), dlnf.data(), A.xf.data(), A.meanf.data(), A.rstdf.data(), grads, N);
   for (int64_t l = c.n_layer - 1; l >= 0; --l) {
     auto& L = A.layers[l];
     const LayerIO lio{params_, grads, "blocks." + std::to_string(l) + ".", &A.carry};
     if (c.has_channel_mix()) {
       part.emplace("channel mix");
-      A.cmix[l].backward(lio, dx.data(), db.data(), B, Tp);  // dx holds d x_out
+      A.cmix[l].backward(lio, branch_grad(l, 1), db.data(), B, Tp);  // dx holds d x_out
       part.reset();
       // dx (d x_mid) = dx + ln2 backward(db)
       norm_backward(P(l, "ln2"), dx.data(), db.data(), L.x_mid.data(), L.mean2.data(), L.rstd2.data(), grads, N);
     }
     std::fill(da.begin(), da.end(), 0.0f);
     part.emplace(c.layers[size_t(l)].mixer);
-    layers_[l]->backward(lio, dx.data(), da.data(), B, Tp);
+    layers_[l]->backward(lio, branch_grad(l, 0), da.data(), B, Tp);
     part.reset();
     // dx (d x_in) = dx + ln1 backward(da)
     norm_backward(P(l, "ln1"), dx.data(), da.data(), L.x_in.data(), L.mean1.data(), L.rstd1.data(), grads, N);

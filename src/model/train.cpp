@@ -68,6 +68,21 @@ Corpus Corpus::from_file(const std::string& path, const Tokenizer* tk) {
   return from_bytes(std::move(bytes), tk);
 }
 
+namespace {
+// The model's dropout (config dropout > 0) on for one training forward and backward: its masks
+// a function of the batch's seed (seed, step, accumulation index) and the rows' place in the
+// batch, so a resumed run and any number of ranks drop what one uninterrupted process does.
+struct DropoutArmed {
+  Model& m;
+  DropoutArmed(Model& model, uint64_t batch_seed, int64_t row0) : m(model) {
+    m.arm_dropout(mix_seed(batch_seed, 0x64726f70u), row0);
+  }
+  ~DropoutArmed() { m.disarm_dropout(); }
+  DropoutArmed(const DropoutArmed&) = delete;
+  DropoutArmed& operator=(const DropoutArmed&) = delete;
+};
+}  // namespace
+
 Batch corpus_batch(const std::vector<int32_t>& split, int64_t B, int64_t T, uint64_t seed) {
   LINMIX_CHECK(static_cast<int64_t>(split.size()) > T + 1,
                "data split of " + std::to_string(split.size()) + " tokens is shorter than a window of " +
@@ -684,6 +699,7 @@ TrainResult train(const TrainOptions& opts) {
         const int64_t r0 = o.batch * rank / nranks, r1 = o.batch * (rank + 1) / nranks;
         const ClassBatch b = class_batch(*ctask, Split::Train, std::vector<int64_t>(idx.begin() + r0, idx.begin() + r1));
         const double share = double(r1 - r0) / double(o.batch);
+        const DropoutArmed drop(*model, s, r0);
         try {
           loss += model->classify(b.inputs.data(), b.lengths.data(), b.labels.data(), b.B, b.T, &grads,
                                   float(share) / float(o.accum)) *
@@ -705,6 +721,7 @@ TrainResult train(const TrainOptions& opts) {
         return std::count_if(b.targets.begin() + i0 * b.T, b.targets.begin() + i1 * b.T, [](int32_t x) { return x >= 0; });
       };
       const double share = nranks == 1 ? 1.0 : double(scored(r0, r1)) / double(std::max<int64_t>(1, scored(0, b.B)));
+      const DropoutArmed drop(*model, s, r0);
       try {
         if (share > 0)
           loss += model->forward_backward(&b.inputs[r0 * b.T], &b.targets[r0 * b.T], r1 - r0, b.T, &grads,
