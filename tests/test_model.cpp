@@ -90,6 +90,33 @@ std::unique_ptr<Model> make(const ModelCase& c, bool ln0 = false) {
   return m;
 }
 
+// For every parameter tensor, the directional derivative of the mean loss along a random
+// direction (from rng) equals the central difference (L(p + h u) - L(p - h u)) / 2h; see
+// ModelGrad.MatchesFiniteDifferences for h and the tolerance.
+void expect_gradients_match_differences(Model& m, const std::vector<int32_t>& in, const std::vector<int32_t>& tg,
+                                        int64_t B, int64_t T, std::mt19937_64& rng) {
+  TensorMap grads;
+  m.forward_backward(in.data(), tg.data(), B, T, &grads);
+  std::normal_distribution<float> n01;
+  for (auto& [name, p] : m.params()) {
+    if (is_buffer_param(name)) continue;
+    ASSERT_TRUE(grads.count(name)) << name;
+    std::vector<float> u(p.numel());
+    for (float& x : u) x = n01(rng);
+    double analytic = 0;
+    for (int64_t i = 0; i < p.numel(); ++i) analytic += double(grads.at(name).data[i]) * u[i];
+    const float h = 2e-4f;
+    const std::vector<float> saved(p.data.begin(), p.data.end());
+    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] + h * u[i];
+    const double lp = m.forward_backward(in.data(), tg.data(), B, T, nullptr);
+    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] - h * u[i];
+    const double lm = m.forward_backward(in.data(), tg.data(), B, T, nullptr);
+    p.data = saved;
+    const double fd = (lp - lm) / (2 * h);
+    EXPECT_NEAR(analytic, fd, 2e-2 * std::fabs(fd) + 1e-3) << name;
+  }
+}
+
 class ModelGrad : public ::testing::TestWithParam<ModelCase> {};
 
 // For every parameter tensor, the directional derivative along a random direction equals the
@@ -107,26 +134,7 @@ TEST_P(ModelGrad, MatchesFiniteDifferences) {
   for (auto& x : in) x = int32_t(rng() % 32);
   for (auto& x : tg) x = int32_t(rng() % 32);
   tg[3] = -1;  // an ignored position
-  TensorMap grads;
-  m->forward_backward(in.data(), tg.data(), B, T, &grads);
-  std::normal_distribution<float> n01;
-  for (auto& [name, p] : m->params()) {
-    if (is_buffer_param(name)) continue;
-    ASSERT_TRUE(grads.count(name)) << name;
-    std::vector<float> u(p.numel());
-    for (float& x : u) x = n01(rng);
-    double analytic = 0;
-    for (int64_t i = 0; i < p.numel(); ++i) analytic += double(grads.at(name).data[i]) * u[i];
-    const float h = 2e-4f;
-    const std::vector<float> saved(p.data.begin(), p.data.end());
-    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] + h * u[i];
-    const double lp = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
-    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] - h * u[i];
-    const double lm = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
-    p.data = saved;
-    const double fd = (lp - lm) / (2 * h);
-    EXPECT_NEAR(analytic, fd, 2e-2 * std::fabs(fd) + 1e-3) << name;
-  }
+  expect_gradients_match_differences(*m, in, tg, B, T, rng);
 }
 
 // Token-by-token recurrent logits equal the parallel form's, for every position.
@@ -292,23 +300,5 @@ TEST(Dropout, GradientMatchesFiniteDifferencesOfTheMaskedLoss) {
   for (auto& x : in) x = int32_t(rng() % 32);
   for (auto& x : tg) x = int32_t(rng() % 32);
   m->arm_dropout(42);
-  TensorMap grads;
-  m->forward_backward(in.data(), tg.data(), B, T, &grads);
-  std::normal_distribution<float> n01;
-  for (auto& [name, p] : m->params()) {
-    if (is_buffer_param(name)) continue;
-    std::vector<float> u(p.numel());
-    for (float& x : u) x = n01(rng);
-    double analytic = 0;
-    for (int64_t i = 0; i < p.numel(); ++i) analytic += double(grads.at(name).data[i]) * u[i];
-    const float h = 2e-4f;
-    const std::vector<float> saved(p.data.begin(), p.data.end());
-    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] + h * u[i];
-    const double lp = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
-    for (int64_t i = 0; i < p.numel(); ++i) p.data[i] = saved[i] - h * u[i];
-    const double lm = m->forward_backward(in.data(), tg.data(), B, T, nullptr);
-    p.data = saved;
-    const double fd = (lp - lm) / (2 * h);
-    EXPECT_NEAR(analytic, fd, 2e-2 * std::fabs(fd) + 1e-3) << name;
-  }
+  expect_gradients_match_differences(*m, in, tg, B, T, rng);
 }
