@@ -178,6 +178,7 @@ class Model {
   bool drop_on_ = false;  // arm_dropout
   uint64_t drop_key_ = 0;
   int64_t drop_row0_ = 0;
+  bool dropping() const { return drop_on_ && cfg_.dropout > 0; }  // armed, and the config drops
   // the residual branch `out` (N C values of B sequences of Tp rows) of layer l, branch 0 (mixer)
   // or 1 (channel mix), masked and scaled: in the forward on its output, in the backward on its
   // output's gradient

@@ -11,6 +11,7 @@
 #include "channel_mix.h"
 #include "kernels/gemv.h"
 #include "layers.h"
+#include "seed.h"
 #include "linmix/kernels.h"
 #include "linmix/profile.h"
 #include "mixer_layer.h"
@@ -166,23 +167,14 @@ void Model::check_weights() const {
   LINMIX_CHECK(!released_, "the model's weights were given to an inference engine");
 }
 
-namespace {
-uint64_t splitmix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-}  // namespace
-
 void Model::dropout_branch(float* out, int64_t N, int64_t Tp, int64_t l, int branch) const {
   const double p = cfg_.dropout;
-  const uint64_t key = splitmix(splitmix(drop_key_ ^ splitmix(uint64_t(l) * 2 + uint64_t(branch))));
+  const uint64_t key = splitmix64(splitmix64(drop_key_ ^ splitmix64(uint64_t(l) * 2 + uint64_t(branch))));
   const uint64_t cut = uint64_t(p * double(uint64_t(1) << 32));  // dropped: the hash's top 32 bits < cut
   const float scale = float(1.0 / (1.0 - p));
   const int64_t C = cfg_.d_model, n = N * C, off = drop_row0_ * Tp * C;
 #pragma omp parallel for schedule(static) if (n >= (int64_t(1) << 16))
-  for (int64_t i = 0; i < n; ++i) out[i] = (splitmix(key + uint64_t(off + i)) >> 32) < cut ? 0.0f : out[i] * scale;
+  for (int64_t i = 0; i < n; ++i) out[i] = (splitmix64(key + uint64_t(off + i)) >> 32) < cut ? 0.0f : out[i] * scale;
 }
 
 void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
@@ -232,7 +224,7 @@ void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
     part.emplace(c.layers[size_t(l)].mixer);
     layers_[l]->forward(io(l), L.a.data(), L.att_out.data(), B, Tp);
     part.reset();
-    if (drop_on_ && cfg_.dropout > 0) dropout_branch(L.att_out.data(), N, Tp, l, 0);
+    if (dropping()) dropout_branch(L.att_out.data(), N, Tp, l, 0);
     sized(L.x_mid, N * C);
     for (int64_t i = 0; i < N * C; ++i) L.x_mid[i] = L.x_in[i] + L.att_out[i];
     if (!c.has_channel_mix()) {  // Mamba's blocks: the mixer only
@@ -244,7 +236,7 @@ void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
     part.emplace("channel mix");
     A.cmix[l].forward(io(l), L.b.data(), out2.data(), B, Tp);
     part.reset();
-    if (drop_on_ && cfg_.dropout > 0) dropout_branch(out2.data(), N, Tp, l, 1);
+    if (dropping()) dropout_branch(out2.data(), N, Tp, l, 1);
     for (int64_t i = 0; i < N * C; ++i) cur[i] = L.x_mid[i] + out2[i];
   }
   A.xf = cur;
@@ -260,7 +252,7 @@ void Model::trunk_backward(const int32_t* inputs, std::vector<float>& dlnf, int6
   const profile::Scope prof("backward");
   std::optional<profile::Scope> part;
   std::vector<float> dx(N * C, 0.0f), db(N * C), da(N * C), dmask;
-  const bool drop = drop_on_ && cfg_.dropout > 0;
+  const bool drop = dropping();
   auto branch_grad = [&](int64_t l, int branch) {  // d(branch output) = mask * d(residual sum)
     if (!drop) return dx.data();
     dmask = dx;

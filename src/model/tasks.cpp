@@ -10,19 +10,14 @@
 #include <random>
 
 #include "linmix/error.h"
+#include "seed.h"
 
 namespace linmix {
 
 namespace {
 
-uint64_t mix64(uint64_t a, uint64_t b, uint64_t c) {  // splitmix64 over the parts
-  uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) ^ (c * 0xD6E8FEB86659FD93ull);
-  x ^= x >> 30, x *= 0xBF58476D1CE4E5B9ull, x ^= x >> 27, x *= 0x94D049BB133111EBull, x ^= x >> 31;
-  return x;
-}
-
 // every generated task's examples depend only on (task, split, index): the same data in every run
-uint64_t example_seed(uint64_t task, Split s, int64_t i) { return mix64(task, uint64_t(s) + 1, uint64_t(i)); }
+uint64_t example_seed(uint64_t task, Split s, int64_t i) { return mix_seed(task, uint64_t(s) + 1, uint64_t(i)); }
 
 // ---------------------------------------------------------------- listops
 

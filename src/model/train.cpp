@@ -17,17 +17,13 @@
 #include "linmix/safetensors.h"
 #include "linmix/tokenizer.h"
 #include "packed.h"
+#include "seed.h"
 
 namespace linmix {
 
 namespace {
 using json = nlohmann::json;
 
-uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c = 0) {  // splitmix64 over the parts
-  uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) ^ (c * 0xD6E8FEB86659FD93ull);
-  x ^= x >> 30, x *= 0xBF58476D1CE4E5B9ull, x ^= x >> 27, x *= 0x94D049BB133111EBull, x ^= x >> 31;
-  return x;
-}
 }  // namespace
 
 // ---------------------------------------------------------------- data
