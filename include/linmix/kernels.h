@@ -102,13 +102,23 @@ void aft_full_forward(float* y, const float* q, const float* k, const float* v, 
 void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* q, const float* k, const float* v,
                        const float* w, int64_t Tw, const float* o, const float* lse, const float* dy, int64_t B,
                        int64_t T, int64_t C, bool causal);
-// Backward for q, k, v (the bias gradient is the variant's own, in aft.cpp): dq, dk, dv
-// (B,T,C) written. Extra memory O(T C) per (batch, channel block) task.
-// sums (causal only): the forward's AftSumsIO (its initial and final sums); with dnum0 the
-// initial sums' gradient is written, with dnumT the final sums' gradient is taken in.
+// The gradient of the band's bias, summed in aft_backward's band pass (the pass that already
+// forms every P_ts): for each t, s in the band and channel block bi, the sum over the block's
+// channels and the batch of P_ts h_t (v_s - o_t) is added to out[slot(ctx, t, s, bi)]. out
+// (size floats) is written whole; the sums run in per-thread partials of size doubles.
+struct AftBiasGrad {
+  float* out = nullptr;
+  int64_t size = 0;
+  int64_t (*slot)(const void* ctx, int64_t t, int64_t s, int64_t bi) = nullptr;
+  const void* ctx = nullptr;
+};
+// Backward for q, k, v: dq, dk, dv (B,T,C) written. Extra memory O(T C) per (batch, channel
+// block) task. sums (causal only): the forward's AftSumsIO (its initial and final sums); with
+// dnum0 the initial sums' gradient is written, with dnumT the final sums' gradient is taken in.
+// bias_grad, optional: the bias's gradient too (above).
 void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
                   const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
-                  const AftBand& band, const AftSumsIO* sums = nullptr);
+                  const AftBand& band, const AftSumsIO* sums = nullptr, const AftBiasGrad* bias_grad = nullptr);
 
 // The max of an empty running sum: stands in for -inf so that saved states stay finite
 // (MIXERS.md uses the same convention, p = -1e38, for RWKV).

@@ -151,7 +151,7 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
 
 void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
                   const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
-                  const AftBand& band, const AftSumsIO* sums) {
+                  const AftBand& band, const AftSumsIO* sums, const AftBiasGrad* bias_grad) {
   // With h_t = dy_t sigma(q_t) and P_ts = exp(k_s + w_ts - lse_t):
   //   dq_t = dy_t o_t sigma'(q_t),  dv_s = sum_t P_ts h_t = A_s,
   //   dk_s = sum_t P_ts h_t (v_s - o_t) = v_s A_s - B_s,  B_s = sum_t P_ts h_t o_t.
@@ -159,7 +159,11 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
   // far positions as running sums of exp(-lse_t) (h_t, h_t o_t) with their own running max:
   // t >= s + lo + 1 (a suffix), and non-causal also t <= s - hi - 1 (a prefix).
   const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
-#pragma omp parallel for collapse(2) schedule(dynamic)
+  if (bias_grad) std::fill(bias_grad->out, bias_grad->out + bias_grad->size, 0.0f);
+#pragma omp parallel
+  {
+  std::vector<double> part(bias_grad ? size_t(bias_grad->size) : 0, 0.0);  // this thread's bias sums
+#pragma omp for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
       const int64_t c0 = band.blocks[bi].first, n = band.blocks[bi].second - c0;
@@ -220,12 +224,28 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
       for (int64_t t = 0; t < T; ++t) {  // the band, as in the forward
         const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
         const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);
+        const float *__restrict ht = &h[t * n], *__restrict hot = &ho[t * n], *__restrict nlt = &nl[t * n];
         for (int64_t s = s_lo; s <= s_hi; ++s) {
           const float w = band.bias(band.ctx, t, s, bi);
-          for (int64_t c = 0; c < n; ++c) {
-            const float P = exp_fast(k[at(s) + c] + w + nl[t * n + c]);
-            A[s * n + c] += P * h[t * n + c];
-            Bs[s * n + c] += P * ho[t * n + c];
+          const float *__restrict ks = k + at(s), *__restrict vs = v + at(s);
+          float *__restrict As = &A[s * n], *__restrict Bss = &Bs[s * n];
+          if (!bias_grad) {
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              const float P = exp_fast(ks[c] + w + nlt[c]);
+              As[c] += P * ht[c];
+              Bss[c] += P * hot[c];
+            }
+          } else {  // and the bias's gradient: P_ts h_t (v_s - o_t) = P (h_t v_s - (h o)_t)
+            float g = 0.0f;
+#pragma omp simd reduction(+ : g)
+            for (int64_t c = 0; c < n; ++c) {
+              const float P = exp_fast(ks[c] + w + nlt[c]);
+              As[c] += P * ht[c];
+              Bss[c] += P * hot[c];
+              g += P * (ht[c] * vs[c] - hot[c]);
+            }
+            part[size_t(bias_grad->slot(bias_grad->ctx, t, s, bi))] += g;
           }
         }
       }
@@ -262,6 +282,11 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
         }
       }
     }
+  if (bias_grad) {
+#pragma omp critical
+    for (int64_t i = 0; i < bias_grad->size; ++i) bias_grad->out[i] += float(part[size_t(i)]);
+  }
+  }
 }
 
 void aft_step(float* y, AftState& st, const float* q, const float* k, const float* v, int64_t lo,

@@ -112,38 +112,50 @@ TensorMap aft_parallel(Variant var, const Call& c, bool with_state) {
   return out;
 }
 
-// Gradient of the band's bias: sum over batch and the block's channels of
-// P_ts h_t (v_s - o_t), into dw[t, s] (full, local; rows t are owned by one thread) or
-// du[head, t - s + shift] (conv; per-thread partial sums, then reduced).
-void aft_bias_grad(float* dbias, int64_t dbias_size, Variant var, const BiasCtx& ctx, const AftBand& band,
-                   const float* q, const float* k, const float* v, const float* o, const float* lse, const float* dy,
-                   int64_t B, int64_t T, int64_t C, bool causal) {
-  std::fill(dbias, dbias + dbias_size, 0.0f);
-#pragma omp parallel
-  {
-    std::vector<double> local(var == Variant::Conv ? dbias_size : 0, 0.0);
-#pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
-      const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);
-      for (int64_t s = s_lo; s <= s_hi; ++s)
-        for (int64_t bi = 0; bi < static_cast<int64_t>(band.blocks.size()); ++bi) {
-          const float w = band.bias(band.ctx, t, s, bi);
-          float acc = 0.0f;
-          for (int64_t b = 0; b < B; ++b)
-            for (int64_t c = band.blocks[bi].first; c < band.blocks[bi].second; ++c) {
-              const int64_t it = (b * T + t) * C + c, is = (b * T + s) * C + c;
-              const float P = exp_fast(k[is] + w - lse[it]);
-              acc += P * dy[it] * sigmoidf(q[it]) * (v[is] - o[it]);
-            }
-          if (var == Variant::Conv) local[ctx.head[bi] * ctx.K + (t - s + ctx.shift)] += acc;
-          else dbias[(t + ctx.off) * ctx.Tw + (s + ctx.off)] += acc;
-        }
-    }
-    if (var == Variant::Conv) {
-#pragma omp critical
-      for (int64_t i = 0; i < dbias_size; ++i) dbias[i] += float(local[i]);
-    }
+// The bias's gradient, summed by aft_backward in its band pass (AftBiasGrad): aft_conv's slots
+// are du's own entries [head, t - s + shift]; aft_local's the band's (t, s - t + lo), (T, W), added
+// into dw[t + off, s + off] after the pass (a (T, W) buffer, not a (Tw, Tw) one per thread).
+struct BandSlots {
+  int64_t lo = 0, W = 0;
+  const BiasCtx* ctx = nullptr;
+};
+int64_t slot_band(const void* p, int64_t t, int64_t s, int64_t) {
+  const auto* b = static_cast<const BandSlots*>(p);
+  return t * b->W + (s - t + b->lo);
+}
+int64_t slot_u(const void* p, int64_t t, int64_t s, int64_t bi) {
+  const auto* c = static_cast<const BandSlots*>(p)->ctx;
+  return c->head[bi] * c->K + (t - s + c->shift);
+}
+
+// Runs backward(const AftBiasGrad*) with the variant's bias gradient folded in and adds that
+// gradient into dbias (dw or du).
+template <class F>
+void with_bias_grad(Variant var, const BiasCtx& ctx, const AftBand& band, int64_t T, bool causal, Tensor& dbias,
+                    F&& backward) {
+  BandSlots slots;
+  slots.ctx = &ctx;
+  AftBiasGrad bg;
+  bg.ctx = &slots;
+  std::vector<float> buf;
+  if (var == Variant::Conv) {
+    bg.slot = slot_u, bg.size = dbias.numel();
+  } else {
+    slots.lo = std::min(band.lo, T - 1);
+    slots.W = slots.lo + (causal ? 0 : std::min(band.hi, T - 1)) + 1;
+    bg.slot = slot_band, bg.size = T * slots.W;
+  }
+  buf.resize(size_t(bg.size));
+  bg.out = buf.data();
+  backward(&bg);
+  if (var == Variant::Conv) {
+    for (int64_t i = 0; i < bg.size; ++i) dbias.data[size_t(i)] += buf[size_t(i)];
+    return;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t s_lo = std::max<int64_t>(0, t - band.lo), s_hi = causal ? t : std::min(T - 1, t + band.hi);
+    for (int64_t s = s_lo; s <= s_hi; ++s)
+      dbias.data[size_t((t + ctx.off) * ctx.Tw + (s + ctx.off))] += buf[size_t(slot_band(&slots, t, s, 0))];
   }
 }
 
@@ -165,17 +177,18 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
   TensorMap out;
   AftSumsIO io = with_state && var == Variant::Simple ? sums_io(c, out, true) : AftSumsIO{};
   aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.data(), lse.data(), &io);
-  aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band, &io);
-  out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
-  if (var == Variant::Full || var == Variant::Local) {
-    Tensor dw(c.t("w").shape);
-    aft_bias_grad(dw.ptr(), dw.numel(), var, ctx, band, q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal);
-    out["dw"] = std::move(dw);
-  } else if (var == Variant::Conv) {
-    Tensor du(c.t("u").shape);
-    aft_bias_grad(du.ptr(), du.numel(), var, ctx, band, q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal);
-    out["du"] = std::move(du);
+  auto backward = [&](const AftBiasGrad* bg) {
+    aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band, &io, bg);
+  };
+  if (var == Variant::Simple) {
+    backward(nullptr);
+  } else {  // aft_local's dw, aft_conv's du
+    const std::string name = var == Variant::Local ? "w" : "u";
+    Tensor dbias(c.t(name).shape);
+    with_bias_grad(var, ctx, band, T, c.causal, dbias, backward);
+    out["d" + name] = std::move(dbias);
   }
+  out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
   return out;
 }
 
@@ -216,7 +229,7 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
   const float *rk = s0 ? c.t("state.k").ptr() : nullptr, *rv = s0 ? c.t("state.v").ptr() : nullptr;
   const float *gk = grad && c.has("dfinal.k") ? c.t("dfinal.k").ptr() : nullptr;
   const float *gv = grad && c.has("dfinal.v") ? c.t("dfinal.v").ptr() : nullptr;
-  std::vector<float> cq(n * C, 0.0f), ck(n * C), cv(n * C), yc(n * C), o, lse, dyc, dqc, dkc, dvc, db;
+  std::vector<float> cq(n * C, 0.0f), ck(n * C), cv(n * C), yc(n * C), o, lse, dyc, dqc, dkc, dvc;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = L * C, m = T * C;  // the ring's and the call's values of row b
     std::copy(q + b * m, q + (b + 1) * m, cq.begin() + r);
@@ -232,8 +245,10 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
       o.resize(n * C), lse.resize(n * C), dyc.assign(n * C, 0.0f), dqc.resize(n * C), dkc.resize(n * C), dvc.resize(n * C);
       std::copy(dy->ptr() + b * m, dy->ptr() + (b + 1) * m, dyc.begin() + r);
       aft_forward(yc.data(), cq.data(), ck.data(), cv.data(), 1, n, C, true, band, o.data(), lse.data(), &io);
-      aft_backward(dqc.data(), dkc.data(), dvc.data(), cq.data(), ck.data(), cv.data(), o.data(), lse.data(),
-                   dyc.data(), 1, n, C, true, band, &io);
+      with_bias_grad(var, ctx, band, n, true, dbias, [&](const AftBiasGrad* bg) {
+        aft_backward(dqc.data(), dkc.data(), dvc.data(), cq.data(), ck.data(), cv.data(), o.data(), lse.data(),
+                     dyc.data(), 1, n, C, true, band, &io, bg);
+      });
       const int64_t f0 = (n - keep) * C, fm = keep * C;  // the final ring: the last keep rows
       for (int64_t i = 0; i < fm; ++i) {
         if (gk) dkc[size_t(f0 + i)] += gk[b * fm + i];
@@ -242,10 +257,6 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
       std::copy(dqc.begin() + r, dqc.end(), dq.ptr() + b * m);
       std::copy(dkc.begin() + r, dkc.end(), dk.ptr() + b * m), std::copy(dvc.begin() + r, dvc.end(), dv.ptr() + b * m);
       if (s0) std::copy(dkc.begin(), dkc.begin() + r, dk0.ptr() + b * r), std::copy(dvc.begin(), dvc.begin() + r, dv0.ptr() + b * r);
-      db.resize(size_t(dbias.numel()));
-      aft_bias_grad(db.data(), dbias.numel(), var, ctx, band, cq.data(), ck.data(), cv.data(), o.data(), lse.data(),
-                    dyc.data(), 1, n, C, true);
-      for (int64_t i = 0; i < dbias.numel(); ++i) dbias.data[size_t(i)] += db[size_t(i)];
     }
     std::copy(yc.begin() + r, yc.end(), y.ptr() + b * m);
     std::copy(ck.end() - keep * C, ck.end(), fk.ptr() + b * keep * C);
