@@ -168,9 +168,43 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
     for (int64_t bi = 0; bi < nblocks; ++bi) {
       const int64_t c0 = band.blocks[bi].first, n = band.blocks[bi].second - c0;
       auto at = [&](int64_t t) { return (b * T + t) * C + c0; };
-      // h, ho, nl (-lse): (T,n); A, Bs: (T,n); running sums m, s1, s2: (n).
-      std::vector<float> h(T * n), ho(T * n), nl(T * n), A(T * n, 0.0f), Bs(T * n, 0.0f), m(n), s1(n), s2(n);
-      for (int64_t t = 0; t < T; ++t)
+      // No band (aft_simple): every t >= s reaches s through the far sums, so one sweep from the
+      // end forms h, ho, nl of row s, adds them to the running sums and writes row s's gradients;
+      // nothing (T,n) is stored.
+      const bool scan = causal && band.lo < 0;
+      // h, ho, nl (-lse): (T,n) (scan: one row); A, Bs: (T,n) (scan: none); running sums m, s1, s2: (n).
+      const int64_t rows = scan ? 1 : T;
+      std::vector<float> h(rows * n), ho(rows * n), nl(rows * n), A(scan ? 0 : T * n, 0.0f),
+          Bs(scan ? 0 : T * n, 0.0f), m(n), s1(n), s2(n);
+      auto reset = [&] {
+        std::fill(m.begin(), m.end(), -1e38f);
+        std::fill(s1.begin(), s1.end(), 0.0f);
+        std::fill(s2.begin(), s2.end(), 0.0f);
+      };
+      if (scan) {
+        reset();
+        float *__restrict ph = h.data(), *__restrict pho = ho.data(), *__restrict pnl = nl.data();
+        for (int64_t s = T - 1; s >= 0; --s) {
+          const float *__restrict qs = q + at(s), *__restrict gs = dy + at(s), *__restrict os = o + at(s);
+          const float *__restrict ls = lse + at(s), *__restrict ks = k + at(s), *__restrict vs = v + at(s);
+          float *__restrict dqs = dq + at(s), *__restrict dks = dk + at(s), *__restrict dvs = dv + at(s);
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) {
+            const float sg = sigmoidf(qs[c]), g = gs[c];
+            ph[c] = g * sg, pho[c] = g * sg * os[c], pnl[c] = -ls[c];
+            dqs[c] = g * os[c] * sg * (1.0f - sg);
+          }
+          running_add2(m.data(), s1.data(), s2.data(), pnl, ph, pho, n);
+          const float *__restrict pm = m.data(), *__restrict ps1 = s1.data(), *__restrict ps2 = s2.data();
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) {
+            const float e = exp_fast(ks[c] + pm[c]);
+            dvs[c] = e * ps1[c];
+            dks[c] = vs[c] * e * ps1[c] - e * ps2[c];
+          }
+        }
+      }
+      for (int64_t t = 0; t < T && !scan; ++t)
         for (int64_t c = 0; c < n; ++c) {
           const float sg = sigmoidf(q[at(t) + c]), g = dy[at(t) + c];
           h[t * n + c] = g * sg;
@@ -185,13 +219,8 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           Bs[s * n + c] += e * s2[c];
         }
       };
-      auto reset = [&] {
-        std::fill(m.begin(), m.end(), -1e38f);
-        std::fill(s1.begin(), s1.end(), 0.0f);
-        std::fill(s2.begin(), s2.end(), 0.0f);
-      };
-      reset();
-      for (int64_t s = T - 1; s >= 0; --s) {  // suffix: t >= s + lo + 1
+      if (!scan) reset();
+      for (int64_t s = T - 1; s >= 0 && !scan; --s) {  // suffix: t >= s + lo + 1
         const int64_t t = s + band.lo + 1;
         if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
         far(s);
@@ -221,7 +250,7 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           far(s);
         }
       }
-      for (int64_t t = 0; t < T; ++t) {  // the band, as in the forward
+      for (int64_t t = 0; t < T && !scan; ++t) {  // the band, as in the forward
         const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
         const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);
         const float *__restrict ht = &h[t * n], *__restrict hot = &ho[t * n], *__restrict nlt = &nl[t * n];
@@ -249,7 +278,7 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           }
         }
       }
-      for (int64_t s = 0; s < T; ++s)
+      for (int64_t s = 0; s < T && !scan; ++s)
         for (int64_t c = 0; c < n; ++c) {
           dv[at(s) + c] = A[s * n + c];
           dk[at(s) + c] = v[at(s) + c] * A[s * n + c] - Bs[s * n + c];

@@ -164,21 +164,23 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
   BiasCtx ctx;
   const AftBand band = make_band(var, c, ctx);
   const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
-  Tensor y({B, T, C}), dq({B, T, C}), dk({B, T, C}), dv({B, T, C});
-  std::vector<float> o(B * T * C), lse(B * T * C);  // saved by the forward: O(T C)
+  // every element written by the kernels (no zero-filling pass over fresh pages)
+  Tensor y = Tensor::uninitialized({B, T, C}), dq = Tensor::uninitialized({B, T, C}),
+         dk = Tensor::uninitialized({B, T, C}), dv = Tensor::uninitialized({B, T, C});
+  Tensor o = Tensor::uninitialized({B, T, C}), lse = Tensor::uninitialized({B, T, C});  // saved by the forward: O(T C)
   if (var == Variant::Full) {  // GEMMs over key blocks (kernels/aft_full_gemm.cpp)
     Tensor dw(c.t("w").shape);
-    aft_full_forward(y.ptr(), q, k, v, ctx.w, ctx.Tw, B, T, C, c.causal, o.data(), lse.data());
-    aft_full_backward(dq.ptr(), dk.ptr(), dv.ptr(), dw.ptr(), q, k, v, ctx.w, ctx.Tw, o.data(), lse.data(), dy.ptr(), B,
+    aft_full_forward(y.ptr(), q, k, v, ctx.w, ctx.Tw, B, T, C, c.causal, o.ptr(), lse.ptr());
+    aft_full_backward(dq.ptr(), dk.ptr(), dv.ptr(), dw.ptr(), q, k, v, ctx.w, ctx.Tw, o.ptr(), lse.ptr(), dy.ptr(), B,
                       T, C, c.causal);
     return moved_map("y", std::move(y), "dq", std::move(dq), "dk", std::move(dk), "dv", std::move(dv), "dw",
                      std::move(dw));
   }
   TensorMap out;
   AftSumsIO io = with_state && var == Variant::Simple ? sums_io(c, out, true) : AftSumsIO{};
-  aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.data(), lse.data(), &io);
+  aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.ptr(), lse.ptr(), &io);
   auto backward = [&](const AftBiasGrad* bg) {
-    aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.data(), lse.data(), dy.ptr(), B, T, C, c.causal, band, &io, bg);
+    aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.ptr(), lse.ptr(), dy.ptr(), B, T, C, c.causal, band, &io, bg);
   };
   if (var == Variant::Simple) {
     backward(nullptr);
