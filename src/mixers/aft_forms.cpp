@@ -28,9 +28,11 @@ float bias_w(const void* ctx, int64_t t, int64_t s, int64_t) {
   const auto* c = static_cast<const BiasCtx*>(ctx);
   return c->w[(t + c->off) * c->Tw + (s + c->off)];
 }
+// aft_conv: the entry of u (H,K) that is the bias of (t, s) in channel block bi
+int64_t u_index(const BiasCtx* c, int64_t t, int64_t s, int64_t bi) { return c->head[bi] * c->K + (t - s + c->shift); }
 float bias_u(const void* ctx, int64_t t, int64_t s, int64_t bi) {
   const auto* c = static_cast<const BiasCtx*>(ctx);
-  return c->u[c->head[bi] * c->K + (t - s + c->shift)];
+  return c->u[u_index(c, t, s, bi)];
 }
 float bias_zero(const void*, int64_t, int64_t, int64_t) { return 0.0f; }
 
@@ -124,8 +126,7 @@ int64_t slot_band(const void* p, int64_t t, int64_t s, int64_t) {
   return t * b->W + (s - t + b->lo);
 }
 int64_t slot_u(const void* p, int64_t t, int64_t s, int64_t bi) {
-  const auto* c = static_cast<const BandSlots*>(p)->ctx;
-  return c->head[bi] * c->K + (t - s + c->shift);
+  return u_index(static_cast<const BandSlots*>(p)->ctx, t, s, bi);
 }
 
 // Runs backward(const AftBiasGrad*) with the variant's bias gradient folded in and adds that
