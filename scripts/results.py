@@ -32,7 +32,7 @@ EXTRA = [("transnormer", {"layers": [{"mixer": "block_softmax", "params": {"bloc
                           [{"mixer": "norm_linear"}] * 2}),
          ("s4d_legs", {"mixer": "s4d", "state": 32, "params": {"init": "legs"}})]
 # The 10-minute target (--target): RWKV-4, the best per second at 300 s, at `linmix train`'s
-# default shape (d_model 128, 4 layers, ctx 256), on the ids of a 1024-token byte-level BPE
+# default width and depth (d_model 128, 4 layers; context 512, below), on the ids of a 1024-token byte-level BPE
 # learned on the training split (scripts/bpe_train.py): a token is 2.4 bytes of this text, so a
 # step reads 2.4x the text of a byte-level step for ~15% more time (the larger embedding and
 # head). 180 s, weight decay 1.0, dropout 0.1: the training split is only ~414k such tokens, and
