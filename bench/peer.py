@@ -5,7 +5,13 @@ is a recurrence, FFTs where it is a convolution), timed with the same shapes, th
 protocol as linmix: forward, forward + backward (autograd), and the recurrent step per token.
 Each peer is first checked against the independent float64 oracle (python/oracle.py).
 
-Usage: peer.py --bin build/release/linmix [--T 256,512,...] [--threads 1,2] [--mixers a,b] [--max-seconds S] --out peer.json"""
+At --beside T (default 4096, where the targets are read) the C++ kernel of the same mechanism is
+timed again just before and just after its peer (`linmix bench`, one mechanism, same T and
+threads), and each peer run there carries those two times as `kernel_seconds`: the speed ratio
+is then read from one minute of a shared, noisy machine instead of two runs far apart.
+
+Usage: peer.py --bin build/release/linmix [--T 256,512,...] [--threads 1,2] [--mixers a,b] [--max-seconds S]
+               [--beside T] --out peer.json"""
 import argparse
 import json
 import math
@@ -470,6 +476,8 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=20.0)
     ap.add_argument("--step-tokens", type=int, default=256)
     ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--beside", type=int, default=4096,
+                    help="at this T, time linmix's kernel just before and after each peer (0: never)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     Ts = [int(t) for t in a.T.split(",")]
@@ -505,6 +513,10 @@ def main():
                     continue
                 x = inputs(a.bin, specs[name], T)
                 quad = specs[name]["quadratic"] or name == "aft_local"  # aft_local: a T x T dense peer
+                beside = T == a.beside
+                if beside:  # the kernel before the peer (its own process: linmix bench)
+                    kern = [kernel_times(a.bin, [name], T, th, backward=not a.no_backward).get(name, {})]
+                first = len(rep["runs"])
                 for form in ("fwd", "fwdbwd"):
                     if form == "fwdbwd" and a.no_backward:
                         continue
@@ -532,6 +544,14 @@ def main():
                     last[form] = s
                     rep["runs"].append({"mixer": name, "T": T, "threads": th, "form": form, "seconds": s})
                     print(f"{name:14s} {T:6d} {form:7s} {s * 1e3:11.3f} ms", flush=True)
+                if beside:  # and after it: each peer run carries both kernel times
+                    kern.append(kernel_times(a.bin, [name], T, th, backward=not a.no_backward).get(name, {}))
+                    for r in rep["runs"][first:]:
+                        ks = [k[r["form"]] for k in kern if r["form"] in k]
+                        if len(ks) == 2:
+                            r["kernel_seconds"] = ks
+                            print(f"{name:14s} {T:6d} {r['form']:7s} beside: linmix {ks[0] * 1e3:.3f}, "
+                                  f"{ks[1] * 1e3:.3f} ms -> {r['seconds'] / min(ks):.2f}x", flush=True)
                 if T == Ts[0]:
                     xs = inputs(a.bin, specs[name], a.step_tokens + 8, seed=3)
                     step = make_step(name, xs)

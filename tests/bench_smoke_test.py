@@ -58,6 +58,24 @@ def main():
             assert f"| {m} |" in md, m
         png = open(os.path.join(d, "bench.png"), "rb").read()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000, len(png)
+        # the speed ratio read beside the peer (peer.py --beside): the kernel timed just before and
+        # after the peer, and the report's ratio and target taken from those times
+        py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
+        pb = os.path.join(d, "peer_beside.json")
+        subprocess.run([py, os.path.join(ROOT, "bench", "peer.py"), "--bin", binary, "--mixers", "gla", "--T", "512",
+                        "--threads", "1", "--beside", "512", "--out", pb], check=True, cwd=ROOT)
+        bes = {r["form"]: r for r in json.load(open(pb))["runs"] if r["T"] == 512}
+        for form in ("fwd", "fwdbwd"):
+            ks = bes[form].get("kernel_seconds")
+            assert ks and len(ks) == 2 and all(k > 0 for k in ks), (form, bes[form])
+        bmd = os.path.join(d, "beside.md")
+        subprocess.run([py, os.path.join(ROOT, "bench", "report.py"), "--bin", binary, "--linmix",
+                        os.path.join(d, "linmix.json"), "--peer", pb, "--only", "gla", "--T", "512", "--md", bmd],
+                       check=True, cwd=ROOT, capture_output=True)
+        want = bes["fwd"]["seconds"] / min(bes["fwd"]["kernel_seconds"])
+        text = open(bmd).read()
+        assert f"{want:.2f}x peer (kernel timed beside the peer)" in text, (want, text)
+        assert f"| {want:.2f}x * |" in text, text
         # linmix mix as a whole process against the peer (bench/mix_process.py)
         mp = json.load(open(os.path.join(d, "mix_process.json")))
         assert [r["mixer"] for r in mp["rows"]] == ["linear", "rwkv4"], mp
