@@ -136,9 +136,9 @@ void linear_step(float* y, LinearState& st, const float* q, const float* k, cons
                  std::vector<float>& scratch) {
   const int64_t H = st.H, D = st.D, E = st.E;
   scratch.resize(static_cast<size_t>(2 * D * H));
-  // heads in parallel when the state is large (128 KiB at H 8, D = E = 64): each core streams
-  // its heads' state through its own L2
-#pragma omp parallel for schedule(static) if (H * D * E >= (1 << 15))
+  // heads in parallel when the state is large (kStepParallelFloats): each core streams its
+  // heads' state through its own L2
+#pragma omp parallel for schedule(static) if (H * D * E >= kStepParallelFloats)
   for (int64_t h = 0; h < H; ++h) {
     float *kx = scratch.data() + 2 * D * h, *qx = kx + D;
     float* z = &st.z[h * D];

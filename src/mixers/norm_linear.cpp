@@ -218,7 +218,7 @@ MixerSpec norm_linear() {
     auto fx = std::make_shared<std::vector<float>>(2 * D * H);
     auto step = [=](float* y) {
       // heads in parallel when the state is large (each core streams its heads through its L2)
-#pragma omp parallel for schedule(static) if (H * D * E >= (1 << 15))
+#pragma omp parallel for schedule(static) if (H * D * E >= kStepParallelFloats)
       for (int64_t h = 0; h < H; ++h)
         norm_linear_step(S->data() + h * D * E, y + h * E, q + h * D, k + h * D, v + h * E, D, E, eps,
                          fx->data() + 2 * D * h);

@@ -346,7 +346,7 @@ void performer_step(float* y, PerformerState& st, const float* q, const float* k
   const int64_t H = st.H, M = st.M, E = st.E;
   scratch.resize(static_cast<size_t>(2 * M * H));
   // heads in parallel when the state is large (each core streams its heads through its L2)
-#pragma omp parallel for schedule(static) if (H * M * E >= (1 << 15))
+#pragma omp parallel for schedule(static) if (H * M * E >= kStepParallelFloats)
   for (int64_t h = 0; h < H; ++h) {
     float *fq = scratch.data() + 2 * M * h, *fk = fq + M;
     float* S = &st.S[h * M * E];
