@@ -7,8 +7,9 @@ Each peer is first checked against the independent float64 oracle (python/oracle
 
 At --beside T (default 4096, where the targets are read) the C++ kernel of the same mechanism is
 timed again just before and just after its peer (`linmix bench`, one mechanism, same T and
-threads), and each peer run there carries those two times as `kernel_seconds`: the speed ratio
-is then read from one minute of a shared, noisy machine instead of two runs far apart.
+threads), and each peer run there carries those two times as `kernel_seconds` (and the faster
+one's share of the sgemm rate its own run measured, `kernel_of_sgemm`): the speed ratio is then
+read from one minute of a shared, noisy machine instead of two runs far apart.
 
 Usage: peer.py --bin build/release/linmix [--T 256,512,...] [--threads 1,2] [--mixers a,b] [--max-seconds S]
                [--beside T] --out peer.json"""
@@ -58,17 +59,24 @@ def inputs(binary, spec, T, seed=1):
 NOT_CHUNKED = {"softmax", "aft_full", "aft_local", "block_softmax", "fnet"}
 
 
-def kernel_times(binary, names, T, threads, backward=True):
-    """`linmix bench`'s seconds per mechanism and form ("fwd", and "fwdbwd" with backward) at T and
-    `threads` (the C++ kernels, measured in the caller's run)."""
+def kernel_runs(binary, names, T, threads, backward=True):
+    """`linmix bench`'s runs per mechanism and form ("fwd", and "fwdbwd" with backward) at T and
+    `threads` (the C++ kernels, measured in the caller's run): seconds, and GFLOP/s with its share
+    of the sgemm rate that run measured where the mechanism has a FLOP count."""
     out = os.path.join(tempfile.mkdtemp(prefix="linmix-kern-"), "bench.json")
     subprocess.run([binary, "bench", "--mixers", ",".join(names), "--T", str(T), "--thread-counts", str(threads),
                     "--no-step", "--out", out] + ([] if backward else ["--no-backward"]), check=True, capture_output=True)
     res = {}
     for r in json.load(open(out))["runs"]:
         if r["T"] == T and r["threads"] == threads:
-            res.setdefault(r["mixer"], {})[r["form"]] = r["seconds"]
+            res.setdefault(r["mixer"], {})[r["form"]] = r
     return res
+
+
+def kernel_times(binary, names, T, threads, backward=True):
+    """kernel_runs' seconds alone."""
+    return {m: {f: r["seconds"] for f, r in forms.items()}
+            for m, forms in kernel_runs(binary, names, T, threads, backward).items()}
 
 
 # ---------------------------------------------------------------- forwards
@@ -515,7 +523,7 @@ def main():
                 quad = specs[name]["quadratic"] or name == "aft_local"  # aft_local: a T x T dense peer
                 beside = T == a.beside
                 if beside:  # the kernel before the peer (its own process: linmix bench)
-                    kern = [kernel_times(a.bin, [name], T, th, backward=not a.no_backward).get(name, {})]
+                    kern = [kernel_runs(a.bin, [name], T, th, backward=not a.no_backward).get(name, {})]
                 first = len(rep["runs"])
                 for form in ("fwd", "fwdbwd"):
                     if form == "fwdbwd" and a.no_backward:
@@ -545,13 +553,16 @@ def main():
                     rep["runs"].append({"mixer": name, "T": T, "threads": th, "form": form, "seconds": s})
                     print(f"{name:14s} {T:6d} {form:7s} {s * 1e3:11.3f} ms", flush=True)
                 if beside:  # and after it: each peer run carries both kernel times
-                    kern.append(kernel_times(a.bin, [name], T, th, backward=not a.no_backward).get(name, {}))
+                    kern.append(kernel_runs(a.bin, [name], T, th, backward=not a.no_backward).get(name, {}))
                     for r in rep["runs"][first:]:
                         ks = [k[r["form"]] for k in kern if r["form"] in k]
                         if len(ks) == 2:
-                            r["kernel_seconds"] = ks
-                            print(f"{name:14s} {T:6d} {r['form']:7s} beside: linmix {ks[0] * 1e3:.3f}, "
-                                  f"{ks[1] * 1e3:.3f} ms -> {r['seconds'] / min(ks):.2f}x", flush=True)
+                            r["kernel_seconds"] = [k["seconds"] for k in ks]
+                            best = min(ks, key=lambda k: k["seconds"])  # the faster, with its own sgemm share
+                            if "of_sgemm" in best:
+                                r["kernel_of_sgemm"] = best["of_sgemm"]
+                            print(f"{name:14s} {T:6d} {r['form']:7s} beside: linmix {ks[0]['seconds'] * 1e3:.3f}, "
+                                  f"{ks[1]['seconds'] * 1e3:.3f} ms -> {r['seconds'] / best['seconds']:.2f}x", flush=True)
                 if T == Ts[0]:
                     xs = inputs(a.bin, specs[name], a.step_tokens + 8, seed=3)
                     step = make_step(name, xs)

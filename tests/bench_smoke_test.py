@@ -73,8 +73,10 @@ def main():
                         os.path.join(d, "linmix.json"), "--peer", pb, "--only", "gla", "--T", "512", "--md", bmd],
                        check=True, cwd=ROOT, capture_output=True)
         want = bes["fwd"]["seconds"] / min(bes["fwd"]["kernel_seconds"])
+        sg = bes["fwd"]["kernel_of_sgemm"]  # gla has a FLOP count: the faster kernel run's sgemm share
+        assert 0 < sg < 2, bes["fwd"]
         text = open(bmd).read()
-        assert f"{want:.2f}x peer (kernel timed beside the peer)" in text, (want, text)
+        assert f"{want:.2f}x peer (kernel timed beside the peer), {100 * sg:.0f}% of sgemm |" in text, (want, sg, text)
         assert f"| {want:.2f}x * |" in text, text
         # linmix mix as a whole process against the peer (bench/mix_process.py)
         mp = json.load(open(os.path.join(d, "mix_process.json")))
