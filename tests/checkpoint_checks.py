@@ -1,11 +1,21 @@
 """What the checkpoint tests (rwkv_test.py, mamba_test.py) share: a pass/fail count, running
-linmix, writing a weight dict as safetensors and reading back `linmix logits`."""
+linmix, writing a weight dict as safetensors and reading back `linmix logits`, the tolerance of the
+rounded weight types (rwkv4_test.py too)."""
 import os
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import st  # noqa: E402
+
+
+def tolerance(dt, mode):
+    """The relative error allowed between the engine's logits and the float64 reference run on the
+    weights rounded to dt. INT8 decode rounds x to int16 for its integer products on AVX-512
+    (src/kernels/gemv.h: a step of max|x| / 32767): measured 0.7-2.9e-4 of the logits' scale, 10-200x
+    below what the int8 rounding of the weights itself moves them; every other type and mode runs x
+    in FP32."""
+    return 1e-3 if dt == "int8" and mode == "decode" else 1e-4
 
 
 class Checks:

@@ -57,7 +57,7 @@ def check_modes(label, path, w, tokens, forward):
             got, err = logits(path, tokens, mode, [*extra, "--dtype", dt])
             e = float(np.abs(got - refq).max()) / scale if got is not None else 1.0
             far = float(np.abs(refq - ref).max()) / scale
-            check(f"{label}: {dt} weights, {mode}: logits vs PyTorch float64 of the rounded weights", e <= 1e-4,
+            check(f"{label}: {dt} weights, {mode}: logits vs PyTorch float64 of the rounded weights", e <= checkpoint_checks.tolerance(dt, mode),
                   err or f"max rel err {e:.2e} (rounding itself moves them {far:.2e})")
 
 

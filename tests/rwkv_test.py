@@ -119,7 +119,7 @@ def every_mode():
                     continue
                 e = float(np.abs(got - refq).max()) / scale
                 far = float(np.abs(refq - ref).max()) / scale
-                check(f"{name}: logits vs PyTorch float64 of the {dt}-rounded weights", e <= 1e-4,
+                check(f"{name}: logits vs PyTorch float64 of the {dt}-rounded weights", e <= checkpoint_checks.tolerance(dt, mode),
                       f"max rel err {e:.2e} (rounding itself moves them {far:.2e})")
             # linmix convert: the file holds exactly those rounded weights (read here from the
             # documented layout), and runs without --dtype
@@ -135,7 +135,8 @@ def every_mode():
                       f"{len(held)} matrices, max abs diff {diff:.1e}")
                 got, err = logits(conv, tokens, "decode", [])
                 e = float(np.abs(got - refq).max()) / scale if got is not None else 1.0
-                check(f"{layout}: the {dt} file, decode: logits vs PyTorch float64 of the {dt}-rounded weights", e <= 1e-4,
+                check(f"{layout}: the {dt} file, decode: logits vs PyTorch float64 of the {dt}-rounded weights",
+                      e <= checkpoint_checks.tolerance(dt, "decode"),
                       err or f"max rel err {e:.2e}")
         if layout in ("5.2", "6.0"):  # Hugging Face names
             got, err = logits(save(to_hf(w), "hf.safetensors"), tokens[:40], "sequence", ["--chunk", "16"])

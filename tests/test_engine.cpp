@@ -177,10 +177,17 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
       const QMatrix q = QMatrix::from_f32(W.data(), rows, cols, t);
       q.to_f32(deq.data());
       gemv(q, x.data(), y.data());
+      // INT8 on AVX-512 multiplies x rounded to int16: at most half its step max|x| / 32767 off
+      // an element, so sum_c |w_c| of that more off the row
+      float xmax = 0.0f;
+      for (float e : x) xmax = std::max(xmax, std::fabs(e));
+      const double xhalf = t == WType::I8 && std::string(gemv_isa()) == "avx512" ? xmax / 32767.0 / 2.0 : 0.0;
       for (int64_t r = 0; r < rows; ++r) {
-        double want = 0, mag = 0;
-        for (int64_t c = 0; c < cols; ++c) want += double(deq[r * cols + c]) * x[c], mag += std::fabs(deq[r * cols + c] * x[c]);
-        EXPECT_NEAR(y[r], want, 1e-5 * mag + 1e-6) << wtype_name(t) << " " << rows << "x" << cols << " row " << r;
+        double want = 0, mag = 0, wsum = 0;
+        for (int64_t c = 0; c < cols; ++c)
+          want += double(deq[r * cols + c]) * x[c], mag += std::fabs(deq[r * cols + c] * x[c]),
+              wsum += std::fabs(deq[r * cols + c]);
+        EXPECT_NEAR(y[r], want, 1e-5 * mag + xhalf * wsum + 1e-6) << wtype_name(t) << " " << rows << "x" << cols << " row " << r;
       }
       // the rounding itself: bf16 keeps 8 bits of mantissa, int8 steps of max|w_row| / 127, q4
       // half a step of its group of 32, the step (max - min) / 15 (min rounded down and the step
@@ -199,6 +206,19 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
           EXPECT_LE(tol, (hi - lo + std::fabs(lo) / 1024.0f) / 30.0f * 1.001f + 4e-7f) << "q4 step, row " << r << " group " << g;
       }
     }
+  }
+  // INT8's integer products at their largest (every weight and x at its maximum) over rows longer
+  // than one int32 segment of the AVX-512 kernel (8192 columns): exact, no lane overflows; and a
+  // NaN in x reaches y (the FP32 kernel takes such an x)
+  for (int64_t cols : {int64_t(8192), int64_t(3 * 8192 + 17)}) {
+    std::vector<float> W(size_t(5 * cols)), x(size_t(cols), 1.0f), y(5);
+    for (size_t i = 0; i < W.size(); ++i) W[i] = (i / size_t(cols)) % 2 ? -2.0f : 2.0f;
+    const QMatrix q = QMatrix::from_f32(W.data(), 5, cols, WType::I8);
+    gemv(q, x.data(), y.data());
+    for (int64_t r = 0; r < 5; ++r) EXPECT_NEAR(y[r], (r % 2 ? -2.0 : 2.0) * double(cols), 1e-5 * 2.0 * double(cols)) << cols;
+    x[size_t(cols / 2)] = NAN;
+    gemv(q, x.data(), y.data());
+    for (int64_t r = 0; r < 5; ++r) EXPECT_TRUE(std::isnan(y[r])) << cols;
   }
   EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
   EXPECT_EQ(f32_to_bf16(bf16_to_f32(0x3f81)), 0x3f81);

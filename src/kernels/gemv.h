@@ -1,5 +1,7 @@
 // Matrix-vector products for one-token decode, with weights in FP32, BF16, INT8 (per-row
-// scales) or Q4 (4 bits, a step and an offset per group of 32). Accumulation is FP32 in every case; activations stay FP32. AVX-512 kernels are
+// scales) or Q4 (4 bits, a step and an offset per group of 32). Accumulation is FP32, activations
+// FP32, except INT8 on AVX-512: x rounded to int16 (a step max|x| / 32767) and integer products
+// (gemv.cpp, rows_i8_avx512). AVX-512 kernels are
 // chosen at run time when the CPU has AVX-512 (F + BW), AVX2 + FMA otherwise (the baseline).
 #pragma once
 #include <cstddef>
