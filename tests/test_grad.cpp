@@ -171,6 +171,12 @@ TEST_P(Grad, ParallelBackwardMatchesReferenceBackward) {
       EXPECT_LE(rel_rms(got.at(n), t, grad_floor(want)), 1e-3) << n << " T=" << T;
     }
     test::expect_close(got.at("y"), want.at("y"), "y from the backward call T=" + std::to_string(T));
+    // the final state the backward call hands out (its forward's): the reference forward's
+    TensorMap fin = in;
+    for (auto it = fin.begin(); it != fin.end();)
+      it = it->first == "dy" || it->first.rfind("dfinal.", 0) == 0 ? fin.erase(it) : std::next(it);
+    for (const auto& [n, t] : run_mixer(c.mixer, Mode::Reference, c.causal, c.params, fin))
+      if (n != "y" && got.count(n)) test::expect_close(got.at(n), t, n + " from the backward call T=" + std::to_string(T));
   }
 }
 
