@@ -360,7 +360,8 @@ LINMIX_AVX512 void rows_i8_avx512(const int8_t* W, const int16_t* xq, float xs, 
 }
 
 // x as int16 for rows_i8_avx512: xq (cols rounded up to 32, zeros past cols) and its step; false
-// when x holds a NaN or an infinity (the FP32 kernel then runs, and carries it to y).
+// when x holds a NaN or an infinity (the FP32 kernel then runs, and carries it to y) or when its
+// largest |x| is below 1e-30 (zero, or so small that 1 / step would overflow: the FP32 kernel too).
 bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float& xs) {
   float mx = 0.0f;
   bool finite = true;
@@ -368,10 +369,10 @@ bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float&
     const float a = std::fabs(x[c]);
     mx = std::max(mx, a), finite &= a <= std::numeric_limits<float>::max();  // false for NaN too
   }
-  if (!finite) return false;
+  if (!finite || !(mx >= 1e-30f)) return false;
   const size_t n = size_t((cols + 31) / 32 * 32);
   if (xq.size() < n) xq.resize(n);
-  xs = mx > 0.0f ? mx / 32767.0f : 1.0f;
+  xs = mx / 32767.0f;
   const float inv = 1.0f / xs;
   for (int64_t c = 0; c < cols; ++c) xq[size_t(c)] = int16_t(std::clamp(std::nearbyint(x[c] * inv), -32767.0f, 32767.0f));
   std::fill(xq.begin() + cols, xq.begin() + int64_t(n), int16_t(0));
