@@ -144,18 +144,20 @@ void aft_step(float* y, AftState& st, const float* q, const float* k, const floa
 // Scans T tokens starting from (a, bb, p), updating them in place.
 // y, k, v: (T, C) with row stride `stride` (C for one sequence, so B sequences are B calls);
 // w (decay rate > 0), u (bonus): (C); a, bb, p: (C).
-// mo, dn (T,C) with the same stride, optional: the exponent m_t and scaled denominator of each
-// output (D_t = dn_t e^{m_t}), saved for the backward.
+// mo, dn (T,C), optional: the exponent m_t and scaled denominator of each output (D_t = dn_t
+// e^{m_t}), saved for the backward. y, mo, dn have row stride ldy (0: `stride`).
 void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const float* v, const float* w,
-                const float* u, int64_t T, int64_t C, int64_t stride, float* mo = nullptr, float* dn = nullptr);
+                const float* u, int64_t T, int64_t C, int64_t stride, float* mo = nullptr, float* dn = nullptr,
+                int64_t ldy = 0);
 // Backward of a scan from the initial state: dk, dv (T,C) written; dw, du (C) written (this
-// sequence's share). Needs the forward's y, mo, dn. A reverse scan, O(C) extra memory.
-// carry (5 C, optional): the reverse scan's sums (G, H, G', H' scaled by e^q, and q; see the
-// definition) before the last token on entry (zeros and q = -1e38 without) and after the first
-// on return: how the gradients of the initial and the final state enter and leave.
+// sequence's share). Needs the forward's y, mo, dn (row stride ldy, 0: `stride`). A reverse scan,
+// O(C) extra memory. carry (5 C, optional): the reverse scan's sums (G, H, G', H' scaled by e^q,
+// and q; see the definition) before the last token on entry (zeros and q = -1e38 without) and
+// after the first on return: how the gradients of the initial and the final state enter and
+// leave, and how one sequence's backward runs chunk by chunk from the end.
 void rwkv4_backward(float* dk, float* dv, float* dw, float* du, const float* k, const float* v, const float* w,
                     const float* u, const float* y, const float* mo, const float* dn, const float* dy, int64_t T,
-                    int64_t C, int64_t stride, float* carry = nullptr);
+                    int64_t C, int64_t stride, float* carry = nullptr, int64_t ldy = 0);
 
 }  // namespace linmix
 

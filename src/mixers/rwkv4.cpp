@@ -4,8 +4,9 @@
 // b (denominator) are kept scaled by exp(-p), p the running max exponent, so no exp ever
 // sees a positive argument. parallel: the scan over T, vectorised over channels and
 // threaded over (batch, channel block), from the given state (a, b, p) (zeros, p = -1e38
-// without) to the final one; recurrent: the same update one token at a time with the state
-// carried across calls.
+// without) to the final one; backward: the reverse scan, chunk by chunk from the end, each chunk's
+// forward recomputed from the state saved at its start; recurrent: the same update one token at
+// a time with the state carried across calls.
 #include "../ref/ref_util.h"
 #include "../kernels/vmath.h"
 #include "common.h"
@@ -73,14 +74,15 @@ template <bool Save>
 void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, float* __restrict p,
                const float* __restrict k, const float* __restrict v, const float* __restrict w,
                const float* __restrict u, int64_t T, int64_t C, int64_t stride, float* __restrict mo,
-               float* __restrict dn) {
+               float* __restrict dn, int64_t ldy) {
   for (int64_t t = 0; t < T; ++t) {
     const float* kt = k + t * stride;
     const float* vt = v + t * stride;
-    float* yt = y + t * stride;
+    float* yt = y + t * ldy;
     if (stride > C && t + kPrefetchRows < T) {  // rows of a channel block are strided (common.h)
       const int64_t a = kPrefetchRows * stride;
-      prefetch_floats(kt + a, C), prefetch_floats(vt + a, C), prefetch_floats<true>(yt + a, C);
+      prefetch_floats(kt + a, C), prefetch_floats(vt + a, C);
+      if (ldy > C) prefetch_floats<true>(yt + kPrefetchRows * ldy, C);
     }
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
@@ -92,7 +94,7 @@ void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, f
       exp_pair(pc, ww, e1, e2);  // e^{pc - q}, e^{ww - q}
       const float den = e1 * bb[c] + e2;
       yt[c] = (e1 * a[c] + e2 * vt[c]) / den;
-      if constexpr (Save) mo[t * stride + c] = q, dn[t * stride + c] = den;  // D_t = den e^{q}: for backward
+      if constexpr (Save) mo[t * ldy + c] = q, dn[t * ldy + c] = den;  // D_t = den e^{q}: for backward
       // state: decay the past by e^{-w}, add e^{k_t} v_t
       const float wd = pc - w[c], kc = kt[c];
       q = wd < kc ? kc : wd;
@@ -106,16 +108,17 @@ void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, f
 }  // namespace
 
 void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const float* v, const float* w,
-                const float* u, int64_t T, int64_t C, int64_t stride, float* mo, float* dn) {
-  if (mo) scan_impl<true>(y, a, bb, p, k, v, w, u, T, C, stride, mo, dn);
-  else scan_impl<false>(y, a, bb, p, k, v, w, u, T, C, stride, nullptr, nullptr);
+                const float* u, int64_t T, int64_t C, int64_t stride, float* mo, float* dn, int64_t ldy) {
+  if (ldy == 0) ldy = stride;
+  if (mo) scan_impl<true>(y, a, bb, p, k, v, w, u, T, C, stride, mo, dn, ldy);
+  else scan_impl<false>(y, a, bb, p, k, v, w, u, T, C, stride, nullptr, nullptr, ldy);
 }
 
 void rwkv4_backward(float* __restrict dk, float* __restrict dv, float* __restrict dw, float* __restrict du,
                     const float* __restrict k, const float* __restrict v, const float* __restrict w,
                     const float* __restrict u, const float* __restrict y, const float* __restrict mo,
                     const float* __restrict dn, const float* __restrict dy, int64_t T, int64_t C, int64_t stride,
-                    float* carry) {
+                    float* carry, int64_t ldy) {
   // Reverse scan. With D_s = dn_s e^{m_s} and g_s = dy_s:
   //   G_t = sum_{s>t} e^{-(s-1-t) w} g_s / D_s,       H_t = same with g_s y_s
   //   G'_t = sum_{s>t} (s-1-t) e^{-(s-1-t) w} g_s / D_s, H'_t likewise
@@ -135,31 +138,34 @@ void rwkv4_backward(float* __restrict dk, float* __restrict dv, float* __restric
   float* __restrict q = hh2 + C;
   if (!carry)
     for (int64_t c = 0; c < C; ++c) q[c] = -1e38f;
+  if (ldy == 0) ldy = stride;
   for (int64_t t = T - 1; t >= 0; --t) {
-    const int64_t o = t * stride;
+    const int64_t o = t * stride, oy = t * ldy;
     if (stride > C && t >= kPrefetchRows) {  // strided rows, walked backwards (common.h)
       const int64_t a = o - kPrefetchRows * stride;
-      for (const float* r : {k + a, v + a, y + a, mo + a, dn + a, dy + a}) prefetch_floats(r, C);
+      for (const float* r : {k + a, v + a, dy + a}) prefetch_floats(r, C);
       prefetch_floats<true>(dk + a, C), prefetch_floats<true>(dv + a, C);
+      if (ldy > C)
+        for (const float* r : {y, mo, dn}) prefetch_floats(r + oy - kPrefetchRows * ldy, C);
     }
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const float inv = dy[o + c] / dn[o + c];  // g_t / D_t = inv e^{-m_t}
-      const float eb = exp_fast(u[c] + k[o + c] - mo[o + c]);
+      const float inv = dy[o + c] / dn[oy + c];  // g_t / D_t = inv e^{-m_t}
+      const float eb = exp_fast(u[c] + k[o + c] - mo[oy + c]);
       const float ek = exp_fast(k[o + c] + q[c]);
-      const float vy = v[o + c] - y[o + c];
+      const float vy = v[o + c] - y[oy + c];
       dv[o + c] = eb * inv + ek * gg[c];
       dk[o + c] = eb * vy * inv + ek * (v[o + c] * gg[c] - hh[c]);
       du[c] += eb * vy * inv;
       dw[c] -= ek * (v[o + c] * gg2[c] - hh2[c]);
-      const float qa = -mo[o + c], qb = q[c] - w[c];
+      const float qa = -mo[oy + c], qb = q[c] - w[c];
       const float qn = qa < qb ? qb : qa;  // not std::max: its reference result stops vectorisation
       float a1, a2;
       exp_pair(qa, qb, a1, a2);  // e^{qa - qn}, e^{qb - qn}
       gg2[c] = (gg2[c] + gg[c]) * a2;
       hh2[c] = (hh2[c] + hh[c]) * a2;
       gg[c] = inv * a1 + gg[c] * a2;
-      hh[c] = inv * y[o + c] * a1 + hh[c] * a2;
+      hh[c] = inv * y[oy + c] * a1 + hh[c] * a2;
       q[c] = qn;
     }
   }
@@ -169,6 +175,7 @@ namespace {
 
 constexpr float kInitP = -1e38f;  // MIXERS.md: initial p = -1e38
 constexpr int64_t kBlock = 256;
+constexpr int64_t kBwdChunk = 32;  // tokens the backward recomputes at a time (backward above)
 
 // The scan's (a, b, p) of n channels from row r0 of the call's state (B,C), or the zero state.
 void initial_state(const Call& c, int64_t r0, int64_t n, float* a, float* bb, float* p) {
@@ -184,7 +191,7 @@ void initial_state(const Call& c, int64_t r0, int64_t n, float* a, float* bb, fl
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "rwkv4";
-  s.blocking = {{"C", kBlock}};
+  s.blocking = {{"C", kBlock}, {"T", kBwdChunk}};
   // keys and bonuses pushed to +-60 (times 20, clipped); decay rates from tiny to large
   // (the gradients: keys and bonuses only)
   s.stress = [](TensorMap& in, bool for_grad) {
@@ -265,26 +272,49 @@ MixerSpec make_spec() {
     const bool s0 = c.has("state.a"), sT = c.has("dfinal.a");
     Tensor da0, db0, dp0;
     if (s0) da0 = Tensor({B, C}), db0 = Tensor({B, C}), dp0 = Tensor({B, C});
-    Tensor mo = Tensor::uninitialized({B * T * C}), dn = Tensor::uninitialized({B * T * C});  // saved: O(T C)
+    // The forward scan writes y and keeps the state (a, b, p) at every chunk start (3 C floats per
+    // kBwdChunk tokens); the reverse walk recomputes a chunk's m, dn and y from its start into
+    // buffers that stay in cache and runs the backward over the chunk, its sums carried to the
+    // chunk before. Against saving m and dn for all T (two more (T, C) streams written, then read,
+    // and their fresh pages): T = 4096, C = 512, 2 threads, see the commit.
+    const int64_t nch = (T + kBwdChunk - 1) / kBwdChunk;
     std::vector<float> dwb(B * C), dub(B * C);
     const int64_t nblk = (C + kBlock - 1) / kBlock;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t c0 = blk * kBlock, n = std::min(kBlock, C - c0), off = b * T * C + c0, r0 = b * C + c0;
-        float a[kBlock], bb[kBlock], p[kBlock], carry[5 * kBlock];
+        float a[kBlock], bb[kBlock], p[kBlock], carry[5 * kBlock], dwc[kBlock], duc[kBlock];
+        thread_local std::vector<float> ck, ly;  // chunk-start states (nch, 3, n); a chunk's y, m, dn
+        ck.resize(size_t(nch * 3 * n)), ly.resize(size_t(3 * kBwdChunk * n));
         initial_state(c, r0, n, a, bb, p);
         const float *k = c.t("k").ptr() + off, *v = c.t("v").ptr() + off, *w = c.t("w").ptr() + c0,
                     *u = c.t("u").ptr() + c0;
-        rwkv4_scan(y.ptr() + off, a, bb, p, k, v, w, u, T, n, C, mo.ptr() + off, dn.ptr() + off);
+        for (int64_t ch = 0; ch < nch; ++ch) {
+          const int64_t t0 = ch * kBwdChunk, nt = std::min(kBwdChunk, T - t0);
+          float* s0c = ck.data() + ch * 3 * n;
+          std::copy(a, a + n, s0c), std::copy(bb, bb + n, s0c + n), std::copy(p, p + n, s0c + 2 * n);
+          rwkv4_scan(y.ptr() + off + t0 * C, a, bb, p, k + t0 * C, v + t0 * C, w, u, nt, n, C);
+        }
         float *gg = carry, *hh = gg + n, *gg2 = hh + n, *hh2 = gg2 + n, *q = hh2 + n;
         std::fill(carry, carry + 4 * n, 0.0f), std::fill(q, q + n, -1e38f);
         if (sT)
           for (int64_t j = 0; j < n; ++j)  // a, bb, p now hold the final state
             gg[j] = c.t("dfinal.a").data[r0 + j], hh[j] = -c.t("dfinal.b").data[r0 + j], q[j] = -p[j];
         float* dwj = dwb.data() + r0;
-        rwkv4_backward(dk.ptr() + off, dv.ptr() + off, dwj, dub.data() + r0, k, v, w, u, y.ptr() + off, mo.ptr() + off,
-                       dn.ptr() + off, dy.ptr() + off, T, n, C, carry);
+        float* duj = dub.data() + r0;
+        std::fill(dwj, dwj + n, 0.0f), std::fill(duj, duj + n, 0.0f);
+        float *cy = ly.data(), *cm = cy + kBwdChunk * n, *cd = cm + kBwdChunk * n;
+        for (int64_t ch = nch - 1; ch >= 0; --ch) {
+          const int64_t t0 = ch * kBwdChunk, nt = std::min(kBwdChunk, T - t0);
+          float ca[kBlock], cb[kBlock], cp[kBlock];
+          const float* s0c = ck.data() + ch * 3 * n;
+          std::copy(s0c, s0c + n, ca), std::copy(s0c + n, s0c + 2 * n, cb), std::copy(s0c + 2 * n, s0c + 3 * n, cp);
+          rwkv4_scan(cy, ca, cb, cp, k + t0 * C, v + t0 * C, w, u, nt, n, C, cm, cd, n);
+          rwkv4_backward(dk.ptr() + off + t0 * C, dv.ptr() + off + t0 * C, dwc, duc, k + t0 * C, v + t0 * C, w, u, cy,
+                         cm, cd, dy.ptr() + off + t0 * C, nt, n, C, carry, n);
+          for (int64_t j = 0; j < n; ++j) dwj[j] += dwc[j], duj[j] += duc[j];
+        }
         for (int64_t j = 0; j < n; ++j) {
           float dp_init = 0.0f;
           if (s0) {
