@@ -296,7 +296,7 @@ LINMIX_AVX512 void rows_avx512(const T* W, const float* x, float* y, int64_t r0,
 // zeros to a multiple of 32): 32 products a step as integers (weights widened to int16, pairs
 // multiplied and added into int32: vpmaddwd), where the FP32 path takes three instructions per 16
 // (widen, convert, FMA) and is bound by them, not by memory: a 65536 x 768 product (RWKV's head),
-// 2 threads, 53-55 -> 70-82 GB/s, the read stream's rate (VNNI's vpdpwssd, one instruction for the
+// 2 threads, 53-60 -> 70-82 GB/s, the read stream's rate (VNNI's vpdpwssd, one instruction for the
 // multiply and the add, measured no faster: memory-bound either way). The rounding of x adds at most
 // xs / 2 sum_c |w_c| to a row (a relative 2^-16 of max|x|, beside int8's max|w| / 254 per weight).
 // A pair of products is at most 2 127 32767 < 2^23.0, so an int32 lane takes 256 of them: the

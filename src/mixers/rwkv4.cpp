@@ -307,10 +307,8 @@ MixerSpec make_spec() {
         float *cy = ly.data(), *cm = cy + kBwdChunk * n, *cd = cm + kBwdChunk * n;
         for (int64_t ch = nch - 1; ch >= 0; --ch) {
           const int64_t t0 = ch * kBwdChunk, nt = std::min(kBwdChunk, T - t0);
-          float ca[kBlock], cb[kBlock], cp[kBlock];
-          const float* s0c = ck.data() + ch * 3 * n;
-          std::copy(s0c, s0c + n, ca), std::copy(s0c + n, s0c + 2 * n, cb), std::copy(s0c + 2 * n, s0c + 3 * n, cp);
-          rwkv4_scan(cy, ca, cb, cp, k + t0 * C, v + t0 * C, w, u, nt, n, C, cm, cd, n);
+          float* s0c = ck.data() + ch * 3 * n;  // read once: the recompute advances it in place
+          rwkv4_scan(cy, s0c, s0c + n, s0c + 2 * n, k + t0 * C, v + t0 * C, w, u, nt, n, C, cm, cd, n);
           rwkv4_backward(dk.ptr() + off + t0 * C, dv.ptr() + off + t0 * C, dwc, duc, k + t0 * C, v + t0 * C, w, u, cy,
                          cm, cd, dy.ptr() + off + t0 * C, nt, n, C, carry, n);
           for (int64_t j = 0; j < n; ++j) dwj[j] += dwc[j], duj[j] += duc[j];
