@@ -233,6 +233,46 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
   EXPECT_EQ(parse_wtype("q4"), WType::Q4);
 }
 
+// Several products in one gemv_many call share the threads by bytes read (a C x 3.5C FP32 matrix
+// beside narrow INT8 ones, row counts off the 16-row blocks): every row of every product written,
+// each equal to the same product run alone.
+TEST(Gemv, ManyProductsOfMixedShapesAndTypesEqualEachAlone) {
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  struct P {
+    int64_t rows, cols;
+    WType t;
+  };
+  const std::vector<P> ps = {{768, 2688, WType::F32}, {769, 64, WType::I8}, {33, 768, WType::BF16},
+                             {1000, 300, WType::I8}, {5, 7, WType::Q4},    {250, 1024, WType::Q4}};
+  std::vector<QMatrix> qs;
+  std::vector<std::vector<float>> xs, ys, alone;
+  for (const P& p : ps) {
+    std::vector<float> W(size_t(p.rows * p.cols));
+    for (auto& e : W) e = n(rng);
+    qs.push_back(QMatrix::from_f32(W.data(), p.rows, p.cols, p.t));
+    xs.emplace_back(size_t(p.cols));
+    for (auto& e : xs.back()) e = n(rng);
+    ys.emplace_back(size_t(p.rows), NAN);
+    alone.emplace_back(size_t(p.rows));
+  }
+  std::vector<GemvJob> jobs;
+  for (size_t j = 0; j < ps.size(); ++j) {
+    jobs.push_back({&qs[j], xs[j].data(), ys[j].data()});
+    gemv(qs[j], xs[j].data(), alone[j].data());
+  }
+  const int before_threads = omp_get_max_threads();
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    for (auto& y : ys) std::fill(y.begin(), y.end(), NAN);
+    gemv_many(jobs.data(), int(jobs.size()));
+    for (size_t j = 0; j < ps.size(); ++j)
+      for (int64_t r = 0; r < ps[j].rows; ++r)
+        ASSERT_EQ(ys[j][size_t(r)], alone[j][size_t(r)]) << "product " << j << " row " << r << ", " << threads << " threads";
+  }
+  omp_set_num_threads(before_threads);
+}
+
 // ---- the RWKV-5/6/7 engine (make_engine): the same contract against the training model's
 // recurrent step (the models' blocks as BlinkDL's, random weights made larger than the init)
 

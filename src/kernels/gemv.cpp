@@ -3,6 +3,7 @@
 // GCC 12 reports its own _mm512 reduce intrinsics as maybe-uninitialized (a known false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -484,11 +485,17 @@ const char* gemv_isa() { return has_avx512() ? "avx512" : "avx2"; }
 
 void gemv_many(const GemvJob* jobs, int n) {
   constexpr int64_t kRows = 16;  // rows per work item: 4 kernel calls of 4 rows
-  int64_t first[17] = {0}, work = 0;
+  // Each thread takes one contiguous run of row blocks holding an equal share of the bytes read:
+  // the products differ in width and type (FFN value C x 3.5C beside receptance C x C, FP32 LoRAs
+  // beside INT8 matrices), so an equal count of blocks would leave one thread idle at the barrier.
+  int64_t nblk[16] = {0}, bcost[16] = {0}, start[17] = {0}, work = 0;
   LINMIX_CHECK(n >= 0 && n <= 16, "gemv_many: at most 16 products");
   for (int j = 0; j < n; ++j) {
-    first[j + 1] = first[j] + (jobs[j].W->rows + kRows - 1) / kRows;
-    work += jobs[j].W->rows * jobs[j].W->cols;
+    const QMatrix& W = *jobs[j].W;
+    nblk[j] = (W.rows + kRows - 1) / kRows;
+    bcost[j] = std::max<int64_t>(1, int64_t(W.bytes()) / std::max<int64_t>(1, W.rows) * kRows);
+    start[j + 1] = start[j] + nblk[j] * bcost[j];
+    work += W.rows * W.cols;
   }
   const bool wide = has_avx512();
   // INT8 products on AVX-512 take x as int16, rounded once here for all their rows (buffers
@@ -500,13 +507,19 @@ void gemv_many(const GemvJob* jobs, int n) {
     if (jobs[j].W->type == WType::I8 && quantize_x16(jobs[j].x, jobs[j].W->cols, xbuf[j], xs[j]))
       xq[j] = xbuf[j].data();
   // one parallel region (one barrier) for every product: their row blocks share the threads
-#pragma omp parallel for schedule(static) if (work > 32768)
-  for (int64_t b = 0; b < first[n]; ++b) {
-    int j = 0;
-    while (b >= first[j + 1]) ++j;
-    const QMatrix& W = *jobs[j].W;
-    const int64_t r0 = (b - first[j]) * kRows;
-    rows_of(W, jobs[j].x, jobs[j].y, r0, std::min(W.rows, r0 + kRows), wide, xq[j], xs[j]);
+#pragma omp parallel if (work > 32768)
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t lo = start[n] * tid / nt, hi = start[n] * (tid + 1) / nt;
+    // a block belongs to the thread whose share holds the cost at the block's start
+    auto first_at = [](int64_t c, int64_t c0, int64_t bc) { return c <= c0 ? 0 : (c - c0 + bc - 1) / bc; };
+    for (int j = 0; j < n; ++j) {
+      if (start[j + 1] <= lo || start[j] >= hi) continue;
+      const int64_t b0 = first_at(lo, start[j], bcost[j]), b1 = std::min(nblk[j], first_at(hi, start[j], bcost[j]));
+      const QMatrix& W = *jobs[j].W;
+      for (int64_t b = b0; b < b1; ++b)
+        rows_of(W, jobs[j].x, jobs[j].y, b * kRows, std::min(W.rows, (b + 1) * kRows), wide, xq[j], xs[j]);
+    }
   }
 }
 
