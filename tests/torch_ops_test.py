@@ -284,3 +284,37 @@ def test_mix_by_name_equals_the_op():
     y1, _ = OPS.mix("retention", **x)
     y2, _ = OPS.retention(**x)
     assert torch.equal(y1, y2)
+
+
+def test_unchecked_values_reach_the_output_without_a_crash():
+    # set_check_values(False): torch's convention, a NaN in any input comes out in y (and its
+    # gradients) instead of raising; every mechanism, every input, forward and backward survive it
+    # (a mechanism's own domain checks, e.g. rwkv4's w > 0, still refuse a NaN by name)
+    before = OPS.set_check_values(False)
+    try:
+        for name, spec in OPS.SPECS.items():
+            x = OPS.example(name, 9, seed=2)
+            x = {k: v for k, v in x.items() if not k.startswith("state.")}
+            params = numbers(spec["example_params"])
+            clean = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+            y = OPS.mix(name, **clean, **params)
+            (y[0] if isinstance(y, tuple) else y).sum().backward()
+            for n in x:
+                bad = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+                with torch.no_grad():
+                    bad[n].view(-1)[0] = float("nan")
+                try:
+                    y = OPS.mix(name, **bad, **params)
+                except ValueError as e:
+                    assert f"'{n}'" in str(e), f"{name}: NaN in '{n}': {e}"
+                    continue
+                y = y[0] if isinstance(y, tuple) else y
+                if clean[n].grad is not None and clean[n].grad.view(-1)[0] != 0:  # (an element y depends on)
+                    assert not torch.isfinite(y).all(), f"{name}: NaN in '{n}' did not reach y"
+                y.sum().backward()
+        x = OPS.example("gla", 9, seed=1)
+        x["q"][0, 0, 0, 0] = float("nan")
+        assert torch.isnan(OPS.gla(**x)[0]).any()
+    finally:
+        OPS.set_check_values(before)
+    raises("'q'", lambda: OPS.gla(**x))  # checked again

@@ -34,7 +34,7 @@ void flash_ref(S* y, const S* qq, const S* qk, const S* lq, const S* lk, const S
       for (int64_t j = 0; j < T; ++j) {
         S w = 0;
         if (i / G == j / G && (!causal || j <= i)) {
-          const S a = std::max(S(0), dot(qq, qk, i, j) / double(G));
+          const S a = std::max(dot(qq, qk, i, j) / double(G), S(0));  // (this order keeps a NaN, as torch.relu)
           w += a * a;
         }
         if (causal && j / G < i / G) w += dot(lq, lk, i, j) / double(G);
@@ -94,7 +94,7 @@ void flash_forward(float* y, const float* qq, const float* qk, const float* lq, 
         gemm_nt_acc(A.data(), qq + (o + g0) * S, qk + (o + g0) * S, n, n, S, S, S, ld);
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
-            const float a = std::max(0.0f, A[i * ld + j] / float(G));
+            const float a = std::max(A[i * ld + j] / float(G), 0.0f);
             A[i * ld + j] = (causal && j > i) ? 0.0f : a * a;
           }
         gemm_nn_acc(y + (o + g0) * E, A.data(), v + (o + g0) * E, n, E, n, ld, E, E);
@@ -150,7 +150,7 @@ void flash_backward(const FlashGrads& g, const float* qq, const float* qk, const
         gemm_nt_acc(dS.data(), dy + r0 * E, v + r0 * E, n, n, E, E, E, ld);  // dA = dY V^T
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
-            const float r = std::max(0.0f, A[i * ld + j] / float(G));
+            const float r = std::max(A[i * ld + j] / float(G), 0.0f);
             const bool keep = !(causal && j > i);
             A[i * ld + j] = keep ? r * r : 0.0f;
             dS[i * ld + j] = keep ? dS[i * ld + j] * 2.0f * r / float(G) : 0.0f;
@@ -358,7 +358,7 @@ MixerSpec make_spec() {
       for (int64_t j = 0; j < L; ++j) {
         float a = 0.0f;
         for (int64_t x = 0; x < S; ++x) a += qq[x] * z.gk[j * S + x];
-        a = std::max(0.0f, a / float(G));
+        a = std::max(a / float(G), 0.0f);
         for (int64_t e = 0; e < E; ++e) yr[e] += a * a * z.gv[j * E + e];
       }
       for (int64_t x = 0; x < S; ++x)
