@@ -310,6 +310,19 @@ TEST_P(RwkvEngineVersion, SequenceChunksDecodeAndStatesEqualTheModelsStep) {
 
 INSTANTIATE_TEST_SUITE_P(V567, RwkvEngineVersion, ::testing::Values("5", "6", "7"));
 
+// A state of 2^15 floats a layer (2 heads of 128): decode runs its heads' WKV and GN on the
+// threads (kHeadsParallelFloats), each head's v7 a^T S in its own scratch.
+TEST(RwkvEngine, DecodeWithHeadsOverTheThreadsEqualsTheModelsStep) {
+  const int before_threads = omp_get_max_threads();
+  omp_set_num_threads(2);
+  for (const char* v : {"6", "7"}) {
+    auto m = rwkvx_model(v, 256, 2);
+    const auto eng = make_engine(*m, WType::F32);
+    expect_engine_equals_step(*m, *eng, 1e-4);
+  }
+  omp_set_num_threads(before_threads);
+}
+
 TEST(RwkvEngine, OnePrefillCrossesAnInternalPass) {
   auto m = rwkvx_model("7", 32, 2);
   const int64_t T = 600, V = 50;  // passes of 512 rows
