@@ -68,9 +68,12 @@ void rwkv4_ref(S* y, const S* k, const S* v, const S* w, const S* u, int64_t B, 
 namespace linmix {
 
 namespace {
-// One scan; Save: also write mo, dn. Pointers are restrict (distinct arrays, as documented):
-// with possible aliasing (and std::max) GCC ran a scalar loop (17.6 ns/element).
-template <bool Save>
+// One scan of what Kind names: kY the outputs y, kSave also mo and dn, kState only the state
+// (a, b, p) advanced (one exp a step instead of two, no division: the backward's checkpoint sweep).
+// Pointers are restrict (distinct arrays, as documented): with possible aliasing (and std::max)
+// GCC ran a scalar loop (17.6 ns/element).
+enum ScanKind { kY, kSave, kState };
+template <ScanKind Kind>
 void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, float* __restrict p,
                const float* __restrict k, const float* __restrict v, const float* __restrict w,
                const float* __restrict u, int64_t T, int64_t C, int64_t stride, float* __restrict mo,
@@ -78,26 +81,28 @@ void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, f
   for (int64_t t = 0; t < T; ++t) {
     const float* kt = k + t * stride;
     const float* vt = v + t * stride;
-    float* yt = y + t * ldy;
+    float* yt = Kind == kState ? nullptr : y + t * ldy;
     if (stride > C && t + kPrefetchRows < T) {  // rows of a channel block are strided (common.h)
       const int64_t a = kPrefetchRows * stride;
       prefetch_floats(kt + a, C), prefetch_floats(vt + a, C);
-      if (ldy > C) prefetch_floats<true>(yt + kPrefetchRows * ldy, C);
+      if (Kind != kState && ldy > C) prefetch_floats<true>(yt + kPrefetchRows * ldy, C);
     }
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      // output: the past (a, b at exponent p) plus the bonus term e^{u + k_t}
-      const float ww = u[c] + kt[c];
       const float pc = p[c];
-      float q = pc < ww ? ww : pc;  // std::max returns a reference, which GCC cannot vectorise
       float e1, e2;
-      exp_pair(pc, ww, e1, e2);  // e^{pc - q}, e^{ww - q}
-      const float den = e1 * bb[c] + e2;
-      yt[c] = (e1 * a[c] + e2 * vt[c]) / den;
-      if constexpr (Save) mo[t * ldy + c] = q, dn[t * ldy + c] = den;  // D_t = den e^{q}: for backward
+      if constexpr (Kind != kState) {
+        // output: the past (a, b at exponent p) plus the bonus term e^{u + k_t}
+        const float ww = u[c] + kt[c];
+        const float q = pc < ww ? ww : pc;  // std::max returns a reference, which GCC cannot vectorise
+        exp_pair(pc, ww, e1, e2);  // e^{pc - q}, e^{ww - q}
+        const float den = e1 * bb[c] + e2;
+        yt[c] = (e1 * a[c] + e2 * vt[c]) / den;
+        if constexpr (Kind == kSave) mo[t * ldy + c] = q, dn[t * ldy + c] = den;  // D_t = den e^{q}: for backward
+      }
       // state: decay the past by e^{-w}, add e^{k_t} v_t
       const float wd = pc - w[c], kc = kt[c];
-      q = wd < kc ? kc : wd;
+      const float q = wd < kc ? kc : wd;
       exp_pair(wd, kc, e1, e2);
       a[c] = e1 * a[c] + e2 * vt[c];
       bb[c] = e1 * bb[c] + e2;
@@ -110,8 +115,8 @@ void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, f
 void rwkv4_scan(float* y, float* a, float* bb, float* p, const float* k, const float* v, const float* w,
                 const float* u, int64_t T, int64_t C, int64_t stride, float* mo, float* dn, int64_t ldy) {
   if (ldy == 0) ldy = stride;
-  if (mo) scan_impl<true>(y, a, bb, p, k, v, w, u, T, C, stride, mo, dn, ldy);
-  else scan_impl<false>(y, a, bb, p, k, v, w, u, T, C, stride, nullptr, nullptr, ldy);
+  if (mo) scan_impl<kSave>(y, a, bb, p, k, v, w, u, T, C, stride, mo, dn, ldy);
+  else scan_impl<kY>(y, a, bb, p, k, v, w, u, T, C, stride, nullptr, nullptr, ldy);
 }
 
 void rwkv4_backward(float* __restrict dk, float* __restrict dv, float* __restrict dw, float* __restrict du,
@@ -272,11 +277,11 @@ MixerSpec make_spec() {
     const bool s0 = c.has("state.a"), sT = c.has("dfinal.a");
     Tensor da0, db0, dp0;
     if (s0) da0 = Tensor({B, C}), db0 = Tensor({B, C}), dp0 = Tensor({B, C});
-    // The forward scan writes y and keeps the state (a, b, p) at every chunk start (3 C floats per
-    // kBwdChunk tokens); the reverse walk recomputes a chunk's m, dn and y from its start into
-    // buffers that stay in cache and runs the backward over the chunk, its sums carried to the
-    // chunk before. Against saving m and dn for all T (two more (T, C) streams written, then read,
-    // and their fresh pages): T = 4096, C = 512, 2 threads, see the commit.
+    // The forward sweep only advances the state (no outputs) and keeps it at every chunk start (3 C
+    // floats per kBwdChunk tokens); the reverse walk recomputes a chunk's y, m, dn from its start
+    // into buffers that stay in cache, hands y out and runs the backward over the chunk, its sums
+    // carried to the chunk before. Against saving m and dn for all T (two more (T, C) streams
+    // written, then read, and their fresh pages) and computing y twice: see the commits.
     const int64_t nch = (T + kBwdChunk - 1) / kBwdChunk;
     std::vector<float> dwb(B * C), dub(B * C);
     const int64_t nblk = (C + kBlock - 1) / kBlock;
@@ -294,7 +299,7 @@ MixerSpec make_spec() {
           const int64_t t0 = ch * kBwdChunk, nt = std::min(kBwdChunk, T - t0);
           float* s0c = ck.data() + ch * 3 * n;
           std::copy(a, a + n, s0c), std::copy(bb, bb + n, s0c + n), std::copy(p, p + n, s0c + 2 * n);
-          rwkv4_scan(y.ptr() + off + t0 * C, a, bb, p, k + t0 * C, v + t0 * C, w, u, nt, n, C);
+          scan_impl<kState>(nullptr, a, bb, p, k + t0 * C, v + t0 * C, w, u, nt, n, C, nullptr, nullptr, 0);
         }
         float *gg = carry, *hh = gg + n, *gg2 = hh + n, *hh2 = gg2 + n, *q = hh2 + n;
         std::fill(carry, carry + 4 * n, 0.0f), std::fill(q, q + n, -1e38f);
@@ -309,6 +314,7 @@ MixerSpec make_spec() {
           const int64_t t0 = ch * kBwdChunk, nt = std::min(kBwdChunk, T - t0);
           float* s0c = ck.data() + ch * 3 * n;  // read once: the recompute advances it in place
           rwkv4_scan(cy, s0c, s0c + n, s0c + 2 * n, k + t0 * C, v + t0 * C, w, u, nt, n, C, cm, cd, n);
+          for (int64_t t = 0; t < nt; ++t) std::copy(cy + t * n, cy + (t + 1) * n, y.ptr() + off + (t0 + t) * C);
           rwkv4_backward(dk.ptr() + off + t0 * C, dv.ptr() + off + t0 * C, dwc, duc, k + t0 * C, v + t0 * C, w, u, cy,
                          cm, cd, dy.ptr() + off + t0 * C, nt, n, C, carry, n);
           for (int64_t j = 0; j < n; ++j) dwj[j] += dwc[j], duj[j] += duc[j];
