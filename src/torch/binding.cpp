@@ -287,6 +287,7 @@ PYBIND11_MODULE(_C, m) {
   if (const char* k = std::getenv("LINMIX_KEEP_MEMORY"); !(k && std::string(k) == "0")) linmix::keep_freed_memory();
   static const std::string blas = use_openmp_blas();
   m.attr("BLAS") = blas;
+  m.attr("ARCH") = LINMIX_ARCH_BUILT;  // the -march of the build (x86-64-v3: AVX2 kernels; native)
   m.doc() = "linmix: linear-time token mixers on the CPU (the C++ library under linmix.ops)";
   py::register_exception<linmix::Error>(m, "LinmixError", PyExc_ValueError);
   m.def("mixers_json", &linmix::mixers_json, "the registry as JSON (linmix mixers --json)");
