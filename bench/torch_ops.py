@@ -180,7 +180,7 @@ def write_md(rep, path):
              f"The extension's build: `-march={rep.get('arch', '?')}` (`linmix._C.ARCH`; the `release` preset's "
              "x86-64-v3 runs AVX2 kernels, while torch picks AVX-512 at run time where the CPU has it).",
              "kernel: the C++ call timed by `linmix bench` (fwd+bwd: its backward call, which recomputes the forward it needs),",
-             "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it, best of up to 7 rounds;",
+             "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it, best of 7 rounds (up to 40 for forms of a few ms);",
              "ops: the same through `linmix.ops` (torch tensors, autograd; its fwd+bwd runs the forward, then that backward,",
              "so its overhead is against kernel fwd + kernel fwd+bwd); unchecked: the forward with",
              "`linmix.ops.set_check_values(False)` (the inputs' values not checked for NaN / infinity first: one read of",
