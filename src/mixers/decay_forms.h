@@ -63,14 +63,14 @@ void each_head(int64_t B, int64_t H, F f) {
 // the output's rows; with dy it also points odq, odk, odv, odg (and odu with a bonus) at where
 // the gradients go, at the strides of od when prep sets od.q, else of ld (dg as
 // gated_backward_heads writes it), and may fill dy (T,E) with the kernel's own dy (else the call's
-// rows). k, g, dq, dk, dg, du are the mechanism's own buffers (kept across calls) for what it
+// rows). q, k, g, dq, dk, dg, du are the mechanism's own buffers (kept across calls) for what it
 // points the kernels at (Mamba-2's steps d and log decays d A, its per-head dCm and dk). post
 // maps the rest to the mechanism's tensors (the final state S, dS0, parameters' gradients). dST,
 // the gradient of the final state (fla's dht), is the call's dfinal.S of the head unless prep
 // fills it (a state of another layout); empty: zeros.
 struct GatedHead {
   int64_t b = 0, h = 0;
-  std::vector<float> k, g, S0, S, dy, dST, dq, dk, dg, dS0, du, states, scores;
+  std::vector<float> q, k, g, S0, S, dy, dST, dq, dk, dg, dS0, du, states, scores;
   const float *iq = nullptr, *ik = nullptr, *iv = nullptr, *ig = nullptr;
   float *oy = nullptr, *odq = nullptr, *odk = nullptr, *odv = nullptr, *odg = nullptr, *odu = nullptr;
   GatedRows ld{0, 0, 0, 0, 0}, od{0, 0, 0, 0, 0};

@@ -4,6 +4,8 @@
 // Stabilising shifts cancel between numerator and denominator: queries subtract their own
 // row max; keys subtract the max over all keys (non-causal) or the running max over keys
 // s <= t (causal, both forms), the carried S, z being rescaled by exp(old max - new max) <= 1.
+// The causal parallel form and its backward run on the gated chunked kernels, the running key max
+// as the decay (performer_causal_run); the non-causal form on the chunked product.
 #include <random>
 
 #include "kernels/blas.h"
@@ -13,6 +15,7 @@
 
 #include "../kernels/vmath.h"
 #include "common.h"
+#include "linear_forms.h"
 #include "linmix/kernels.h"
 
 namespace linmix::ref {
@@ -410,6 +413,190 @@ std::vector<float> orthogonal_gaussian_features(int64_t M, int64_t D, uint64_t s
 namespace {
 
 
+// The causal form on the gated chunked kernels of kernels/decay_chunk.h. The running key max is a
+// decay: with g_t the largest key logit up to t, the state held as S_t = sum_s e^{l_s - g_t} v_s^T
+// (features of keys e^{l_s - g_s} / sqrt(M), the parallel form's) follows
+//   S_t = e^{g_{t-1} - g_t} S_{t-1} + phi(k_t) v_t^T,
+// a gated recurrence with one log decay a step, g_{t-1} - g_t <= 0, shared by the M features. The
+// state's own scale enters before step 0: S0' = e^{kmax0 - g_0} S0 (z0 alike), so the first step's
+// log decay is 0 and a kmax0 of -1e38 (no state) never meets the chunk's cumulative sums. The
+// normaliser Z_t = e^{g_{t-1} - g_t} Z_{t-1} + phi(k_t) runs in the chunk epilogue beside the kernel's
+// num_t = phi(q_t)^T S_t, giving y_t = num_t / (phi(q_t) . Z_t) while the rows are in cache. The
+// shifts cancel between numerator and denominator, so for the gradient g is a constant (the
+// kernel's decay gradient is not used): the kernel gives d phi(q), d phi(k), dv and dS0'; the
+// normaliser adds dden_t Z_t to d phi(q)_t and sum_{t >= s} (decayed) dden_t phi(q_t) + dfinal.z to
+// d phi(k)_s; then the feature map's gradient as performer_backward's, and the final kmax's
+// own gradient into the logit that attains it.
+TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
+  const AttnDims d = attn_dims(c);
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E, M = c.d("M");
+  const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *proj = c.t("proj").ptr();
+  const float sc = std::pow(float(D), -0.25f);
+  TensorMap out;
+  out.emplace("y", Tensor::uninitialized({B, T, H, E}));
+  out.emplace("state.S", Tensor({B, H, M, E}));
+  out.emplace("state.z", Tensor({B, H, M}));
+  out.emplace("state.kmax", Tensor({B, H}));
+  const bool with_s0 = c.has("state.S");
+  if (dy) {
+    out.emplace("dq", Tensor::uninitialized({B, T, H, D}));
+    out.emplace("dk", Tensor::uninitialized({B, T, H, D}));
+    out.emplace("dv", Tensor::uninitialized({B, T, H, E}));
+    out.emplace("dproj", Tensor({M, D}));
+    if (with_s0) {
+      out.emplace("dstate.S", Tensor({B, H, M, E}));
+      out.emplace("dstate.z", Tensor({B, H, M}));
+      out.emplace("dstate.kmax", Tensor({B, H}));
+    }
+  }
+  const float* dzT = c.has("dfinal.z") ? c.t("dfinal.z").ptr() : nullptr;
+  const float* dkmT = c.has("dfinal.kmax") ? c.t("dfinal.kmax").ptr() : nullptr;
+  const bool final_grad = dy && (c.has("dfinal.S") || dzT || dkmT);
+  struct Head {  // a head's normaliser and the facts of its running max
+    std::vector<float> Z, dden;
+    float kmax0 = kEmptyMax, s0 = 0.0f, gT = kEmptyMax;  // s0 = e^{kmax0 - g_0}; gT: the final max
+    int64_t arg_s = -1;  // the first row whose key logits reach gT (-1: kmax0 itself)
+  };
+  std::vector<Head> heads(size_t(B * H));
+  float* py = out.at("y").ptr();
+  auto prep = [&](GatedHead& z) {
+    const int64_t bh = z.b * H + z.h, row0 = z.b * T * H + z.h;
+    Head& hd = heads[size_t(bh)];
+    hd.kmax0 = c.has("state.kmax") ? c.t("state.kmax").ptr()[bh] : kEmptyMax;
+    z.q.resize(size_t(T * M)), z.k.resize(size_t(T * M)), z.g.resize(size_t(T)), z.dg.resize(size_t(T));
+    float* run = z.dg.data();  // the running max g_t, until the backward writes dg there
+    head_features(z.q.data(), z.k.data(), run, q, k, proj, row0, T, H, D, M, true, hd.kmax0);
+    hd.gT = T > 0 ? run[T - 1] : hd.kmax0;
+    hd.s0 = T > 0 ? std::exp(hd.kmax0 - run[0]) : 1.0f;
+    hd.arg_s = -1;
+    if (!(with_s0 && hd.kmax0 == hd.gT)) {
+      hd.arg_s = 0;
+      while (hd.arg_s < T - 1 && run[hd.arg_s] < hd.gT) ++hd.arg_s;
+    }
+    for (int64_t t = 0; t < T; ++t) z.g[size_t(t)] = t == 0 ? 0.0f : run[t - 1] - run[t];
+    z.S0 = head_state(c, "S", bh, M * E);
+    for (float& x : z.S0) x *= hd.s0;
+    hd.Z = head_state(c, "z", bh, M);
+    for (float& x : hd.Z) x *= hd.s0;
+    z.iq = z.q.data(), z.ik = z.k.data(), z.iv = v + row0 * E, z.ig = z.g.data(), z.oy = py + row0 * E;
+    z.ld = {M, M, H * E, 1, H * E};
+    z.ld.g_row = true;
+    if (dy) {
+      z.dy.resize(size_t(T * E)), hd.dden.resize(size_t(T));
+      z.dq.resize(size_t(T * M)), z.dk.resize(size_t(T * M));
+      z.odq = z.dq.data(), z.odk = z.dk.data(), z.odv = out.at("dv").ptr() + row0 * E, z.odg = z.dg.data();
+      z.od = {M, M, H * E, 1, 0};
+      z.od.g_row = true;
+    }
+    const float* gy = dy ? dy->ptr() + row0 * E : nullptr;
+    float *kdy = dy ? z.dy.data() : nullptr, *yh = py + row0 * E;
+    const float *Qf = z.q.data(), *Kf = z.k.data(), *lg = z.g.data();
+    z.epilogue = [&hd, Qf, Kf, lg, gy, kdy, yh, M, E, H](int64_t t0, int64_t n) {
+      float* Z = hd.Z.data();
+      for (int64_t t = t0; t < t0 + n; ++t) {
+        const float a = std::exp(lg[t]), *qr = Qf + t * M, *kr = Kf + t * M;
+        float den = 0.0f;
+#pragma omp simd reduction(+ : den)
+        for (int64_t m = 0; m < M; ++m) Z[m] = a * Z[m] + kr[m], den += qr[m] * Z[m];
+        const float r = 1.0f / den;
+        float* yr = yh + t * H * E;
+        if (gy) {
+          const float* g = gy + t * H * E;
+          float* dn = kdy + t * E;
+          float gn = 0.0f;
+#pragma omp simd reduction(+ : gn)
+          for (int64_t e = 0; e < E; ++e) gn += g[e] * yr[e], dn[e] = g[e] * r;
+          hd.dden[size_t(t)] = -gn * r * r;
+        }
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) yr[e] *= r;
+      }
+    };
+    z.ld.epilogue = &z.epilogue;
+  };
+  auto dot = [](const float* a, const float* b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+  };
+  auto post = [&](GatedHead& z) {
+    const int64_t bh = z.b * H + z.h, row0 = z.b * T * H + z.h;
+    Head& hd = heads[size_t(bh)];
+    put_state(out, "state.S", z.S, bh);
+    put_state(out, "state.z", hd.Z, bh);
+    out.at("state.kmax").ptr()[bh] = hd.gT;
+    if (!dy) return;
+    const float *Qf = z.q.data(), *Kf = z.k.data(), *lg = z.g.data(), *dd = hd.dden.data();
+    float *dQ = z.dq.data(), *dK = z.dk.data();
+    // the normaliser: dphi(q)_t += dden_t Z_t (Z rebuilt as the epilogue ran it)
+    std::vector<float> Z = head_state(c, "z", bh, M), R(size_t(M), 0.0f);
+    for (float& x : Z) x *= hd.s0;
+    for (int64_t t = 0; t < T; ++t) {
+      const float a = std::exp(lg[t]), *kr = Kf + t * M;
+      float* dq = dQ + t * M;
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) Z[size_t(m)] = a * Z[size_t(m)] + kr[m], dq[m] += dd[t] * Z[size_t(m)];
+    }
+    // dphi(k)_s += R_s = (dfinal.z + sum_{t >= s} dden_t phi(q_t)) decayed from t to s
+    if (dzT) std::copy(dzT + bh * M, dzT + (bh + 1) * M, R.begin());
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const float a = std::exp(lg[t]), *qr = Qf + t * M;
+      float* dk = dK + t * M;
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) R[size_t(m)] += dd[t] * qr[m], dk[m] += R[size_t(m)], R[size_t(m)] *= a;
+    }
+    // the final max g_T's own gradient: dfinal.kmax - <dfinal.S, S_T> - <dfinal.z, z_T>
+    float Rg = 0.0f;
+    if (final_grad) {
+      Rg = (dkmT ? dkmT[bh] : 0.0f) - (dzT ? dot(dzT + bh * M, hd.Z.data(), M) : 0.0f);
+      if (c.has("dfinal.S")) Rg -= dot(c.t("dfinal.S").ptr() + bh * M * E, z.S.data(), M * E);
+    }
+    if (with_s0) {  // S0' = s0 S0: dS0 = s0 dS0'; kmax0 scales both: dkmax0 = <S0, dS0> + <z0, dz0>
+      float *dS0 = out.at("dstate.S").ptr() + bh * M * E, *dz0 = out.at("dstate.z").ptr() + bh * M;
+      const float *S0 = c.t("state.S").ptr() + bh * M * E, *z0 = c.t("state.z").ptr() + bh * M;
+      for (int64_t i = 0; i < M * E; ++i) dS0[i] = hd.s0 * z.dS0[size_t(i)];
+      for (int64_t m = 0; m < M; ++m) dz0[m] = hd.s0 * R[size_t(m)];
+      out.at("dstate.kmax").ptr()[bh] = dot(S0, dS0, M * E) + dot(z0, dz0, M) + (hd.arg_s < 0 ? Rg : 0.0f);
+    }
+    int64_t arg_m = -1;
+    if (final_grad && hd.arg_s >= 0) {  // the logit of row arg_s that is g_T
+      thread_local std::vector<float> l;
+      l.resize(size_t(M));
+      feature_logits(l.data(), k + (row0 + hd.arg_s * H) * D, H * D, 1, proj, M, D);
+      arg_m = std::max_element(l.begin(), l.end()) - l.begin();
+    }
+    // the feature map, queries then keys: dl = dphi o phi; dx = sc (dl proj - rowsum(dl) sc x);
+    // dproj += sc dl^T x
+    thread_local std::vector<float> dp;
+    dp.assign(size_t(M * D), 0.0f);
+    for (int pass = 0; pass < 2; ++pass) {
+      const float* x = (pass == 0 ? q : k) + row0 * D;
+      float* dx = out.at(pass == 0 ? "dq" : "dk").ptr() + row0 * D;
+      float* dl = pass == 0 ? dQ : dK;
+      const float* f = pass == 0 ? Qf : Kf;
+      for (int64_t i = 0; i < T * M; ++i) dl[i] *= f[i];
+      if (pass == 1 && arg_m >= 0) dl[hd.arg_s * M + arg_m] += Rg;
+      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(D), int(M), sc, dl, int(M), proj, int(D), 0.0f,
+                  dx, int(H * D));
+      for (int64_t t = 0; t < T; ++t) {
+        float sum_dl = 0.0f;
+#pragma omp simd reduction(+ : sum_dl)
+        for (int64_t m = 0; m < M; ++m) sum_dl += dl[t * M + m];
+        const float c2 = sc * sc * sum_dl;
+        for (int64_t j = 0; j < D; ++j) dx[t * H * D + j] -= c2 * x[t * H * D + j];
+      }
+      blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(D), int(T), sc, dl, int(M), x, int(H * D), 1.0f,
+                  dp.data(), int(D));
+    }
+    float* dproj = out.at("dproj").ptr();
+#pragma omp critical(performer_dproj)
+    for (int64_t i = 0; i < M * D; ++i) dproj[i] += dp[size_t(i)];
+  };
+  gated_heads(c, dy, M, E, false, prep, post);
+  return out;
+}
+
 MixerSpec make_spec() {
   MixerSpec s;
   s.name = "performer";
@@ -504,6 +691,7 @@ MixerSpec make_spec() {
     out["dproj"] = std::move(dproj);
     return out;
   };
+  set_causal_forms(s, performer_causal_run);  // the causal form on the gated chunked kernels
   s.stepper = [](const Call& c) {
     const AttnDims d = attn_dims(c);
     const int64_t M = c.d("M");
