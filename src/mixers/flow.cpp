@@ -3,13 +3,16 @@
 // normalised by the position count r_i = i + 1). Q = sigma(q), K = sigma(k), eps = 1e-6.
 // parallel: one O(T D) pass for the flow scalars (incoming I, outgoing O, conserved
 // Ihat / Ohat, allocation, competition), then the kernelised product
-// y_i = alloc_i (Q_i I_i / r_i)^T sum_j K_j (v_j comp_j)^T through kernels/linear_product.
+// y_i = alloc_i (Q_i I_i / r_i)^T sum_j K_j (v_j comp_j)^T: causal on the gated chunked kernels
+// with a log decay of 0 and their fused backward (flow_causal_run), non-causal through
+// kernels/linear_product.
 // recurrent: the prefix sums and KV (D,E) as state.
 #include <array>
 
 #include "../kernels/linear_product.h"
 #include "../ref/ref_util.h"
 #include "common.h"
+#include "decay_forms.h"
 #include "linmix/kernels.h"
 
 namespace linmix::ref {
@@ -180,71 +183,43 @@ const std::string kFlowState[7] = {"sumK", "sumQ", "sumKO", "sumQI", "sumexp", "
 // the rows of state tensor n for head bh (width D, 1 or D E)
 inline int64_t flow_state_width(int n, int64_t D, int64_t E) { return n < kSumexp ? D : n == kSumexp ? 1 : D * E; }
 
-void flow_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, bool causal,
-                  const FlowStateIO& st = {}) {
+// The non-causal form (the causal one: flow_causal_run).
+void flow_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    // Q, K: (T,D) sigmoid rows, Q later scaled to Q I / r; Vc: (T,E) = v comp;
-    // alloc: (T); scalars I, O, Ohat: (T); running sums: (D).
+    // Q, K: (T,D) sigmoid rows, Q later scaled to Q I; Vc: (T,E) = v comp;
+    // alloc: (T); scalars I, O, Ohat: (T); the sums: (D).
     std::vector<float> Q(T * D), K(T * D), Vc(T * E), Yh(T * E), alloc(T), I(T), O(T), Oh(T), sK(D), sQ(D), sKO(D),
         sQI(D);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h, bh = b * H + h;
+        const int64_t row0 = b * T * H + h;
         gather_head(Q.data(), q, row0, T, H, D, sigmoid_fn);
         gather_head(K.data(), k, row0, T, H, D, sigmoid_fn);
-        std::vector<float>* sums[4] = {&sK, &sQ, &sKO, &sQI};
-        for (int n = 0; n < 4; ++n) {  // the prefix sums start from the state's (causal)
-          const float* s0 = causal ? state_rows(st.s0[n], bh, D) : nullptr;
-          if (s0) std::copy(s0, s0 + D, sums[n]->begin());
-          else std::fill(sums[n]->begin(), sums[n]->end(), 0.0f);
+        for (auto* x : {&sK, &sQ, &sKO, &sQI}) std::fill(x->begin(), x->end(), 0.0f);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t x = 0; x < D; ++x) sK[x] += K[t * D + x], sQ[x] += Q[t * D + x];
+        for (int64_t t = 0; t < T; ++t) {
+          I[t] = 1.0f / dot_eps(&Q[t * D], sK.data(), D);
+          O[t] = 1.0f / dot_eps(&K[t * D], sQ.data(), D);
+          for (int64_t x = 0; x < D; ++x) sKO[x] += K[t * D + x] * O[t], sQI[x] += Q[t * D + x] * I[t];
         }
-        LinearProductArgs args{T, D, E, D, D, E, E, causal};
-        if (causal) {
-          args.S0 = state_rows(st.s0[kKV], bh, D * E), args.ST = state_rows(st.sT[kKV], bh, D * E);
-          float sumexp = st.s0[kSumexp] ? st.s0[kSumexp][bh] : 0.0f;
-          for (int64_t t = 0; t < T; ++t) {
-            const float r = float(st.at(b) + t + 1);
-            const float *Qt = &Q[t * D], *Kt = &K[t * D];
-            for (int64_t x = 0; x < D; ++x) sK[x] += Kt[x], sQ[x] += Qt[x];
-            I[t] = r / dot_eps(Qt, sK.data(), D);
-            O[t] = r / dot_eps(Kt, sQ.data(), D);
-            for (int64_t x = 0; x < D; ++x) sKO[x] += Kt[x] * O[t], sQI[x] += Qt[x] * I[t];
-            alloc[t] = sigmoidf(dot_eps(Qt, sKO.data(), D) / r);
-            const float ohat = std::clamp(dot_eps(Kt, sQI.data(), D) / r, -1.0f, 1.0f);
-            sumexp += std::exp(ohat);
-            const float comp = std::exp(ohat) / sumexp * r;
-            for (int64_t e = 0; e < E; ++e) Vc[t * E + e] = v[(row0 + t * H) * E + e] * comp;
-            for (int64_t x = 0; x < D; ++x) Q[t * D + x] *= I[t] / r;
-          }
-          for (int n = 0; n < 4; ++n)
-            if (float* f = state_rows(st.sT[n], bh, D)) std::copy(sums[n]->begin(), sums[n]->end(), f);
-          if (st.sT[kSumexp]) st.sT[kSumexp][bh] = sumexp;
-        } else {
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t x = 0; x < D; ++x) sK[x] += K[t * D + x], sQ[x] += Q[t * D + x];
-          for (int64_t t = 0; t < T; ++t) {
-            I[t] = 1.0f / dot_eps(&Q[t * D], sK.data(), D);
-            O[t] = 1.0f / dot_eps(&K[t * D], sQ.data(), D);
-            for (int64_t x = 0; x < D; ++x) sKO[x] += K[t * D + x] * O[t], sQI[x] += Q[t * D + x] * I[t];
-          }
-          float omax = kNegInf, sumexp = 0.0f;
-          for (int64_t t = 0; t < T; ++t) {
-            alloc[t] = sigmoidf(dot_eps(&Q[t * D], sKO.data(), D));
-            Oh[t] = std::clamp(dot_eps(&K[t * D], sQI.data(), D), -1.0f, 1.0f);
-            omax = vmax(omax, Oh[t]);
-          }
-          for (int64_t t = 0; t < T; ++t) sumexp += std::exp(Oh[t] - omax);
-          for (int64_t t = 0; t < T; ++t) {
-            const float comp = std::exp(Oh[t] - omax) / sumexp * float(T);
-            for (int64_t e = 0; e < E; ++e) Vc[t * E + e] = v[(row0 + t * H) * E + e] * comp;
-            for (int64_t x = 0; x < D; ++x) Q[t * D + x] *= I[t];
-          }
+        float omax = kNegInf, sumexp = 0.0f;
+        for (int64_t t = 0; t < T; ++t) {
+          alloc[t] = sigmoidf(dot_eps(&Q[t * D], sKO.data(), D));
+          Oh[t] = std::clamp(dot_eps(&K[t * D], sQI.data(), D), -1.0f, 1.0f);
+          omax = vmax(omax, Oh[t]);
         }
-        // the product (from the state's KV) into contiguous rows, then scaled by alloc into y's strided rows
-        linear_product(Yh.data(), nullptr, Q.data(), K.data(), Vc.data(), args);
+        for (int64_t t = 0; t < T; ++t) sumexp += std::exp(Oh[t] - omax);
+        for (int64_t t = 0; t < T; ++t) {
+          const float comp = std::exp(Oh[t] - omax) / sumexp * float(T);
+          for (int64_t e = 0; e < E; ++e) Vc[t * E + e] = v[(row0 + t * H) * E + e] * comp;
+          for (int64_t x = 0; x < D; ++x) Q[t * D + x] *= I[t];
+        }
+        // the product into contiguous rows, then scaled by alloc into y's strided rows
+        linear_product(Yh.data(), nullptr, Q.data(), K.data(), Vc.data(), {T, D, E, D, D, E, E, false});
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return alloc[t]; });
       }
   }
@@ -263,170 +238,318 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
 // product from the state's KV; the final state is each scan's last row (and the product's KV),
 // so its gradient joins the last row of each adjoint before the reverse scan, and the initial
 // state's gradient is each reverse scan's first row.
+
+// One head's intermediates and adjoints (T,D), (T,E) or (T); buffers reused across heads and calls.
+struct FlowWork {
+  std::vector<float> Q, K, cK, cQ, cKO, cQI, Qs, dQ, dK, dQs, dKp, dcKO, dcQI, dcK, dcQ;  // (T,D)
+  std::vector<float> Vc, dVc;                                                          // (T,E)
+  std::vector<float> a, c, I, O, Ih, Oraw, e, Z, comp, alloc, dalloc, dI, dOv, de, dZ;  // (T)
+  void resize(int64_t T, int64_t D, int64_t E) {
+    for (auto* x : {&Q, &K, &cK, &cQ, &cKO, &cQI, &Qs, &dQ, &dK, &dQs, &dKp, &dcKO, &dcQI, &dcK, &dcQ})
+      x->resize(size_t(T * D));
+    for (auto* x : {&Vc, &dVc}) x->resize(size_t(T * E));
+    for (auto* x : {&a, &c, &I, &O, &Ih, &Oraw, &e, &Z, &comp, &alloc, &dalloc, &dI, &dOv, &de, &dZ})
+      x->resize(size_t(T));
+  }
+};
+
+// The head (b, h) of a call: its positions, its state's rows, the scans.
+struct FlowHead {
+  int64_t b, bh, row0, T, H, D, E;
+  bool causal;
+  const FlowStateIO& st;
+  float R(int64_t t) const { return causal ? float(st.at(b) + t + 1) : 1.0f; }
+  float ncomp(int64_t t) const { return causal ? float(st.at(b) + t + 1) : float(T); }
+  void scan(float* x, int64_t w) const {  // in place, rows of width w
+    if (causal) {
+      for (int64_t t = 1; t < T; ++t)
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) x[t * w + j] += x[(t - 1) * w + j];
+    } else {
+      for (int64_t t = 1; t < T; ++t)
+        for (int64_t j = 0; j < w; ++j) x[j] += x[t * w + j];
+      for (int64_t t = 1; t < T; ++t) std::copy(x, x + w, x + t * w);
+    }
+  }
+  void rscan(float* x, int64_t w) const {
+    if (!causal) return scan(x, w);
+    for (int64_t t = T - 2; t >= 0; --t)
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) x[t * w + j] += x[(t + 1) * w + j];
+  }
+  // a scanned tensor x (rows of width w) from state tensor n: + the state's sum in every row
+  void from_state(float* x, int n, int64_t w) const {
+    if (const float* s0 = causal ? state_rows(st.s0[n], bh, w) : nullptr)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < w; ++j) x[t * w + j] += s0[j];
+  }
+  // an adjoint dx of a scan from state tensor n: the final state's gradient joins its last
+  // row before the reverse scan (to_final), the initial state's is its first row after (to_initial)
+  void to_final(float* dx, int n, int64_t w) const {
+    if (const float* g = causal ? state_rows(st.dT[n], bh, w) : nullptr)
+      for (int64_t j = 0; j < w; ++j) dx[(T - 1) * w + j] += g[j];
+  }
+  void to_initial(const float* dx, int n, int64_t w) const {
+    if (float* g = causal ? state_rows(st.d0[n], bh, w) : nullptr) std::copy(dx, dx + w, g);
+  }
+};
+
+// The forward's intermediates of a head, up to the product's operands Qs = Q I / R and Vc = v comp;
+// causal, the final sums (the scans' last rows) go to the state where wanted.
+void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const float* k, const float* v) {
+  const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0;
+  gather_head(w.Q.data(), q, row0, T, H, D, sigmoid_fn);
+  gather_head(w.K.data(), k, row0, T, H, D, sigmoid_fn);
+  const float *Q = w.Q.data(), *K = w.K.data();
+  float *cK = w.cK.data(), *cQ = w.cQ.data(), *cKO = w.cKO.data(), *cQI = w.cQI.data(), *Qs = w.Qs.data(),
+        *Vc = w.Vc.data();
+  std::copy(Q, Q + T * D, cQ), std::copy(K, K + T * D, cK);
+  hd.scan(cK, D), hd.scan(cQ, D);
+  hd.from_state(cK, 0, D), hd.from_state(cQ, 1, D);
+  for (int64_t t = 0; t < T; ++t) {
+    const float r = hd.R(t), *Qt = Q + t * D, *Kt = K + t * D;
+    const float a = dot_eps(Qt, cK + t * D, D), c = dot_eps(Kt, cQ + t * D, D), I = r / a, O = r / c;
+    w.a[t] = a, w.c[t] = c, w.I[t] = I, w.O[t] = O;
+    float *ko = cKO + t * D, *qi = cQI + t * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) ko[j] = Kt[j] * O, qi[j] = Qt[j] * I;
+  }
+  hd.scan(cKO, D), hd.scan(cQI, D);
+  hd.from_state(cKO, 2, D), hd.from_state(cQI, 3, D);
+  for (int64_t t = 0; t < T; ++t) {
+    const float ir = 1.0f / hd.R(t);
+    w.Ih[t] = dot_eps(Q + t * D, cKO + t * D, D) * ir;
+    w.Oraw[t] = dot_eps(K + t * D, cQI + t * D, D) * ir;
+    w.e[t] = std::exp(std::clamp(w.Oraw[t], -1.0f, 1.0f));
+    w.alloc[t] = sigmoidf(w.Ih[t]);
+  }
+  w.Z = w.e;
+  hd.scan(w.Z.data(), 1);
+  hd.from_state(w.Z.data(), kSumexp, 1);
+  for (int64_t t = 0; t < T; ++t) {
+    const float comp = w.e[t] / w.Z[t] * hd.ncomp(t), qs = w.I[t] / hd.R(t), *vr = v + (row0 + t * H) * E,
+                *Qt = Q + t * D;
+    w.comp[t] = comp;
+    float *vc = Vc + t * E, *qr = Qs + t * D;
+#pragma omp simd
+    for (int64_t x = 0; x < E; ++x) vc[x] = vr[x] * comp;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) qr[j] = Qt[j] * qs;
+  }
+  if (!hd.causal) return;
+  const float* last[5] = {cK, cQ, cKO, cQI, w.Z.data()};
+  for (int n = 0; n < 5; ++n) {
+    const int64_t wd = flow_state_width(n, D, E);
+    float* f = state_rows(hd.st.sT[n], hd.bh, wd);
+    if (!f) continue;
+    if (T > 0) std::copy(last[n] + (T - 1) * wd, last[n] + T * wd, f);
+    else if (const float* s0 = state_rows(hd.st.s0[n], hd.bh, wd)) std::copy(s0, s0 + wd, f);
+    else std::fill(f, f + wd, 0.0f);
+  }
+}
+
+// The backward from the product's gradients on: w.dQs, w.dKp (T,D), w.dVc (T,E) (the gradients of
+// Qs, K, Vc through the product) and w.dalloc (T) = dy . o in; dq, dk, dv of the head written.
+void flow_adjoint(FlowWork& w, const FlowHead& hd, float* dq, float* dk, float* dv, const float* v) {
+  const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0;
+  const float *Q = w.Q.data(), *K = w.K.data(), *cK = w.cK.data(), *cQ = w.cQ.data(), *cKO = w.cKO.data(),
+              *cQI = w.cQI.data(), *dQs = w.dQs.data(), *dKp = w.dKp.data(), *dVc = w.dVc.data();
+  float *dQ = w.dQ.data(), *dK = w.dK.data(), *dcKO = w.dcKO.data(), *dcQI = w.dcQI.data(), *dcK = w.dcK.data(),
+        *dcQ = w.dcQ.data();
+  const float *I = w.I.data(), *O = w.O.data(), *comp = w.comp.data(), *Z = w.Z.data(), *e = w.e.data(),
+              *alloc = w.alloc.data(), *a = w.a.data(), *c = w.c.data(), *Oraw = w.Oraw.data(),
+              *dalloc = w.dalloc.data();
+  float *dI = w.dI.data(), *dOv = w.dOv.data(), *de = w.de.data(), *dZ = w.dZ.data();
+  for (int64_t t = 0; t < T; ++t) {  // Vc = v comp; Qs = Q I / R
+    const float ir = 1.0f / hd.R(t), qs = I[t] * ir, ct = comp[t], *vr = v + (row0 + t * H) * E, *dvc = dVc + t * E,
+                *dqs = dQs + t * D, *Qt = Q + t * D, *dkp = dKp + t * D;
+    float* dvr = dv + (row0 + t * H) * E;
+    float dcomp = 0.0f, di = 0.0f;
+#pragma omp simd reduction(+ : dcomp)
+    for (int64_t x = 0; x < E; ++x) dcomp += dvc[x] * vr[x], dvr[x] = dvc[x] * ct;
+    float *dQt = dQ + t * D, *dKt = dK + t * D;
+#pragma omp simd reduction(+ : di)
+    for (int64_t j = 0; j < D; ++j) dQt[j] = dqs[j] * qs, di += dqs[j] * Qt[j], dKt[j] = dkp[j];
+    dI[t] = di * ir;
+    de[t] = dcomp * hd.ncomp(t) / Z[t];  // comp = e / Z n
+    dZ[t] = -dcomp * e[t] * hd.ncomp(t) / (Z[t] * Z[t]);
+  }
+  hd.to_final(dZ, kSumexp, 1);
+  hd.rscan(dZ, 1);  // Z = scan e
+  hd.to_initial(dZ, kSumexp, 1);
+  for (int64_t t = 0; t < T; ++t) {  // Ih, Oraw: dot products with the scanned sums
+    de[t] += dZ[t];
+    const float ir = 1.0f / hd.R(t), dOh = de[t] * e[t];
+    const float dOraw = ((Oraw[t] > -1.0f && Oraw[t] < 1.0f) ? dOh : 0.0f) * ir;
+    const float dIh = dalloc[t] * alloc[t] * (1.0f - alloc[t]) * ir;
+    const float *Qt = Q + t * D, *Kt = K + t * D, *ko = cKO + t * D, *qi = cQI + t * D;
+    float *dQt = dQ + t * D, *dKt = dK + t * D, *dko = dcKO + t * D, *dqi = dcQI + t * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      dQt[j] += dIh * (ko[j] + kEps), dko[j] = dIh * (Qt[j] + kEps);
+      dKt[j] += dOraw * (qi[j] + kEps), dqi[j] = dOraw * (Kt[j] + kEps);
+    }
+  }
+  hd.to_final(dcKO, 2, D), hd.to_final(dcQI, 3, D);
+  hd.rscan(dcKO, D), hd.rscan(dcQI, D);
+  hd.to_initial(dcKO, 2, D), hd.to_initial(dcQI, 3, D);
+  for (int64_t t = 0; t < T; ++t) {  // cKO = scan(K O), cQI = scan(Q I)
+    const float Ot = O[t], It = I[t], *Qt = Q + t * D, *Kt = K + t * D, *dko = dcKO + t * D, *dqi = dcQI + t * D;
+    float *dQt = dQ + t * D, *dKt = dK + t * D;
+    float dO2 = 0.0f, di = 0.0f;
+#pragma omp simd reduction(+ : dO2, di)
+    for (int64_t j = 0; j < D; ++j) {
+      dKt[j] += dko[j] * Ot, dO2 += dko[j] * Kt[j];
+      dQt[j] += dqi[j] * It, di += dqi[j] * Qt[j];
+    }
+    dI[t] += di, dOv[t] = dO2;
+  }
+  for (int64_t t = 0; t < T; ++t) {  // I = R / a, O = R / c
+    const float da = -dI[t] * hd.R(t) / (a[t] * a[t]), dc = -dOv[t] * hd.R(t) / (c[t] * c[t]);
+    const float *Qt = Q + t * D, *Kt = K + t * D, *ck = cK + t * D, *cq = cQ + t * D;
+    float *dQt = dQ + t * D, *dKt = dK + t * D, *dck = dcK + t * D, *dcq = dcQ + t * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      dQt[j] += da * (ck[j] + kEps), dck[j] = da * (Qt[j] + kEps);
+      dKt[j] += dc * (cq[j] + kEps), dcq[j] = dc * (Kt[j] + kEps);
+    }
+  }
+  hd.to_final(dcK, 0, D), hd.to_final(dcQ, 1, D);
+  hd.rscan(dcK, D), hd.rscan(dcQ, D);
+  hd.to_initial(dcK, 0, D), hd.to_initial(dcQ, 1, D);
+  for (int64_t t = 0; t < T; ++t) {  // cK = scan K, cQ = scan Q; then the sigmoids
+    const float *Qt = Q + t * D, *Kt = K + t * D, *dQt = dQ + t * D, *dKt = dK + t * D, *dcq = dcQ + t * D,
+                *dck = dcK + t * D;
+    float *dqr = dq + (row0 + t * H) * D, *dkr = dk + (row0 + t * H) * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      dqr[j] = (dQt[j] + dcq[j]) * Qt[j] * (1.0f - Qt[j]);
+      dkr[j] = (dKt[j] + dck[j]) * Kt[j] * (1.0f - Kt[j]);
+    }
+  }
+}
+
+FlowWork& flow_work() {
+  thread_local FlowWork w;
+  return w;
+}
+
+// The non-causal backward: the product through kernels/linear_product.h.
 void flow_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* dy,
-                   const AttnDims& d, bool causal, const FlowStateIO& st = {}) {
+                   const AttnDims& d) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+  const FlowStateIO st;
 #pragma omp parallel
   {
-    std::vector<float> Q(T * D), K(T * D), cK(T * D), cQ(T * D), cKO(T * D), cQI(T * D), Qs(T * D), Vc(T * E),
-        o(T * E), a(T), c(T), I(T), O(T), Ih(T), Oraw(T), e(T), Z(T), comp(T), alloc(T), dQ(T * D), dK(T * D),
-        dQs(T * D), dKp(T * D), dVc(T * E), dO_(T * E), dI(T), dOv(T), dcKO(T * D), dcQI(T * D), dcK(T * D),
-        dcQ(T * D), de(T), dZ(T), tmp(T * D);
-    auto scan = [&](float* x, int64_t w) {  // in place, rows of width w
-      if (causal) {
-        for (int64_t t = 1; t < T; ++t)
-          for (int64_t j = 0; j < w; ++j) x[t * w + j] += x[(t - 1) * w + j];
-      } else {
-        for (int64_t t = 1; t < T; ++t)
-          for (int64_t j = 0; j < w; ++j) x[j] += x[t * w + j];
-        for (int64_t t = 1; t < T; ++t) std::copy(x, x + w, x + t * w);
-      }
-    };
-    auto rscan = [&](float* x, int64_t w) {
-      if (causal) {
-        for (int64_t t = T - 2; t >= 0; --t)
-          for (int64_t j = 0; j < w; ++j) x[t * w + j] += x[(t + 1) * w + j];
-      } else {
-        scan(x, w);
-      }
-    };
-    auto dot_e = [&](const float* x, const float* y2) {
-      float s = 0.0f;
-      for (int64_t j = 0; j < D; ++j) s += (x[j] + kEps) * (y2[j] + kEps);
-      return s;
-    };
+    FlowWork& w = flow_work();
+    w.resize(T, D, E);
+    thread_local std::vector<float> o, dO;
+    o.resize(size_t(T * E)), dO.resize(size_t(T * E));
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h, bh = b * H + h;
-        auto R = [&](int64_t t) { return causal ? float(st.at(b) + t + 1) : 1.0f; };
-        auto ncomp = [&](int64_t t) { return causal ? float(st.at(b) + t + 1) : float(T); };
-        // a scanned tensor x (rows of width w) from state tensor n: + the state's sum in every row
-        auto from_state = [&](float* x, int n, int64_t w) {
-          if (const float* s0 = causal ? state_rows(st.s0[n], bh, w) : nullptr)
-            for (int64_t t = 0; t < T; ++t)
-              for (int64_t j = 0; j < w; ++j) x[t * w + j] += s0[j];
-        };
-        // an adjoint dx of a scan from state tensor n: the final state's gradient joins its last
-        // row before the reverse scan (to_final), the initial state's is its first row after (to_initial)
-        auto to_final = [&](float* dx, int n, int64_t w) {
-          if (const float* g = causal ? state_rows(st.dT[n], bh, w) : nullptr)
-            for (int64_t j = 0; j < w; ++j) dx[(T - 1) * w + j] += g[j];
-        };
-        auto to_initial = [&](const float* dx, int n, int64_t w) {
-          if (float* g = causal ? state_rows(st.d0[n], bh, w) : nullptr) std::copy(dx, dx + w, g);
-        };
-        // ---- forward, keeping intermediates
-        gather_head(Q.data(), q, row0, T, H, D, sigmoid_fn);
-        gather_head(K.data(), k, row0, T, H, D, sigmoid_fn);
-        cK = K, cQ = Q;
-        scan(cK.data(), D), scan(cQ.data(), D);
-        from_state(cK.data(), 0, D), from_state(cQ.data(), 1, D);
-        for (int64_t t = 0; t < T; ++t) {
-          a[t] = dot_e(&Q[t * D], &cK[t * D]), I[t] = R(t) / a[t];
-          c[t] = dot_e(&K[t * D], &cQ[t * D]), O[t] = R(t) / c[t];
-          for (int64_t j = 0; j < D; ++j) cKO[t * D + j] = K[t * D + j] * O[t], cQI[t * D + j] = Q[t * D + j] * I[t];
-        }
-        scan(cKO.data(), D), scan(cQI.data(), D);
-        from_state(cKO.data(), 2, D), from_state(cQI.data(), 3, D);
-        for (int64_t t = 0; t < T; ++t) {
-          Ih[t] = dot_e(&Q[t * D], &cKO[t * D]) / R(t);
-          Oraw[t] = dot_e(&K[t * D], &cQI[t * D]) / R(t);
-          e[t] = std::exp(std::clamp(Oraw[t], -1.0f, 1.0f));
-          alloc[t] = sigmoidf(Ih[t]);
-        }
-        Z = e;
-        scan(Z.data(), 1);
-        from_state(Z.data(), kSumexp, 1);
-        for (int64_t t = 0; t < T; ++t) {
-          comp[t] = e[t] / Z[t] * ncomp(t);
-          for (int64_t x = 0; x < E; ++x) Vc[t * E + x] = v[(row0 + t * H) * E + x] * comp[t];
-          for (int64_t j = 0; j < D; ++j) Qs[t * D + j] = Q[t * D + j] * I[t] / R(t);
-        }
-        LinearProductArgs args{T, D, E, D, D, E, E, causal};
-        const float* KV0 = causal ? state_rows(st.s0[kKV], bh, D * E) : nullptr;
-        args.S0 = KV0;
-        linear_product(o.data(), nullptr, Qs.data(), K.data(), Vc.data(), args);
-        // ---- backward
-        std::fill(dQ.begin(), dQ.end(), 0.0f);
-        std::fill(dK.begin(), dK.end(), 0.0f);
-        std::vector<float> dalloc(T);
+        const FlowHead hd{b, b * H + h, b * T * H + h, T, H, D, E, false, st};
+        flow_intermediates(w, hd, q, k, v);
+        const LinearProductArgs args{T, D, E, D, D, E, E, false};
+        linear_product(o.data(), nullptr, w.Qs.data(), w.K.data(), w.Vc.data(), args);
         for (int64_t t = 0; t < T; ++t) {  // y = o alloc
-          const float* g = dy + (row0 + t * H) * E;
+          const float* g = dy + (hd.row0 + t * H) * E;
           float s = 0.0f;
-          for (int64_t x = 0; x < E; ++x) dO_[t * E + x] = g[x] * alloc[t], s += g[x] * o[t * E + x];
-          dalloc[t] = s;
+          for (int64_t x = 0; x < E; ++x) dO[t * E + x] = g[x] * w.alloc[t], s += g[x] * o[t * E + x];
+          w.dalloc[t] = s;
         }
-        linear_product_backward(dQs.data(), dKp.data(), dVc.data(), Qs.data(), K.data(), Vc.data(), dO_.data(), E,
-                                nullptr, args);
-        if (causal)  // the state's KV: read by every row, handed on as the final KV
-          linear_product_state_backward(dQs.data(), dKp.data(), dVc.data(), Qs.data(), K.data(), Vc.data(), E,
-                                        dO_.data(), nullptr, T, D, E, KV0, nullptr, state_rows(st.dT[kKV], bh, D * E),
-                                        nullptr, state_rows(st.d0[kKV], bh, D * E), nullptr);
-        for (int64_t t = 0; t < T; ++t) {  // Vc = v comp; Qs = Q I / R
-          float dcomp = 0.0f, di = 0.0f;
-          for (int64_t x = 0; x < E; ++x) {
-            dv[(row0 + t * H) * E + x] = dVc[t * E + x] * comp[t];
-            dcomp += dVc[t * E + x] * v[(row0 + t * H) * E + x];
-          }
-          for (int64_t j = 0; j < D; ++j) {
-            dQ[t * D + j] += dQs[t * D + j] * I[t] / R(t);
-            di += dQs[t * D + j] * Q[t * D + j] / R(t);
-            dK[t * D + j] += dKp[t * D + j];
-          }
-          dI[t] = di;
-          de[t] = dcomp * ncomp(t) / Z[t];  // comp = e / Z n
-          dZ[t] = -dcomp * e[t] * ncomp(t) / (Z[t] * Z[t]);
-        }
-        to_final(dZ.data(), kSumexp, 1);
-        rscan(dZ.data(), 1);  // Z = scan e
-        to_initial(dZ.data(), kSumexp, 1);
-        for (int64_t t = 0; t < T; ++t) {
-          de[t] += dZ[t];
-          const float dOh = de[t] * e[t];
-          const float dOraw = (Oraw[t] > -1.0f && Oraw[t] < 1.0f) ? dOh : 0.0f;
-          const float dIh = dalloc[t] * alloc[t] * (1.0f - alloc[t]);
-          for (int64_t j = 0; j < D; ++j) {  // Ih, Oraw: dot products with the scanned sums
-            dQ[t * D + j] += dIh * (cKO[t * D + j] + kEps) / R(t);
-            dcKO[t * D + j] = dIh * (Q[t * D + j] + kEps) / R(t);
-            dK[t * D + j] += dOraw * (cQI[t * D + j] + kEps) / R(t);
-            dcQI[t * D + j] = dOraw * (K[t * D + j] + kEps) / R(t);
-          }
-        }
-        to_final(dcKO.data(), 2, D), to_final(dcQI.data(), 3, D);
-        rscan(dcKO.data(), D), rscan(dcQI.data(), D);
-        to_initial(dcKO.data(), 2, D), to_initial(dcQI.data(), 3, D);
-        for (int64_t t = 0; t < T; ++t) {  // cKO = scan(K O), cQI = scan(Q I)
-          float dO2 = 0.0f;
-          for (int64_t j = 0; j < D; ++j) {
-            dK[t * D + j] += dcKO[t * D + j] * O[t];
-            dO2 += dcKO[t * D + j] * K[t * D + j];
-            dQ[t * D + j] += dcQI[t * D + j] * I[t];
-            dI[t] += dcQI[t * D + j] * Q[t * D + j];
-          }
-          dOv[t] = dO2;
-        }
-        for (int64_t t = 0; t < T; ++t) {  // I = R / a, O = R / c
-          const float da = -dI[t] * R(t) / (a[t] * a[t]), dc = -dOv[t] * R(t) / (c[t] * c[t]);
-          for (int64_t j = 0; j < D; ++j) {
-            dQ[t * D + j] += da * (cK[t * D + j] + kEps);
-            dcK[t * D + j] = da * (Q[t * D + j] + kEps);
-            dK[t * D + j] += dc * (cQ[t * D + j] + kEps);
-            dcQ[t * D + j] = dc * (K[t * D + j] + kEps);
-          }
-        }
-        to_final(dcK.data(), 0, D), to_final(dcQ.data(), 1, D);
-        rscan(dcK.data(), D), rscan(dcQ.data(), D);
-        to_initial(dcK.data(), 0, D), to_initial(dcQ.data(), 1, D);
-        for (int64_t t = 0; t < T; ++t)  // cK = scan K, cQ = scan Q; then the sigmoids
-          for (int64_t j = 0; j < D; ++j) {
-            const float gq = dQ[t * D + j] + dcQ[t * D + j], gk = dK[t * D + j] + dcK[t * D + j];
-            const float sq = Q[t * D + j], sk = K[t * D + j];
-            dq[(row0 + t * H) * D + j] = gq * sq * (1.0f - sq);
-            dk[(row0 + t * H) * D + j] = gk * sk * (1.0f - sk);
-          }
+        linear_product_backward(w.dQs.data(), w.dKp.data(), w.dVc.data(), w.Qs.data(), w.K.data(), w.Vc.data(),
+                                dO.data(), E, nullptr, args);
+        flow_adjoint(w, hd, dq, dk, dv, v);
       }
   }
+}
+
+// The causal form on the gated chunked kernels with a log decay of 0 (as linear_forms.h): a thread's
+// heads' intermediates first (each head its own FlowWork, kept until its backward), then the
+// product o = Qs K^T Vc (masked) from the state's KV chunk by chunk across the heads, y = o alloc in
+// the chunk epilogue (and dalloc = dy . o there), then the kernels' fused backward gives dQs, dK,
+// dVc and dKV0, and flow_adjoint the rest.
+TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st, TensorMap out) {
+  const AttnDims d = attn_dims(c);
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
+  const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
+  out.emplace("y", Tensor::uninitialized({B, T, H, E}));
+  if (dy) {
+    out.emplace("dq", Tensor::uninitialized({B, T, H, D}));
+    out.emplace("dk", Tensor::uninitialized({B, T, H, D}));
+    out.emplace("dv", Tensor::uninitialized({B, T, H, E}));
+  }
+  // what a head keeps from its forward to its backward: the kernel's operands Qs, K (T,D), Vc (T,E),
+  // and alloc, dalloc (T); the rest is recomputed in the thread's FlowWork (O(T D), beside the product)
+  struct Kept {
+    std::vector<float> Qs, K, Vc, alloc, dalloc;
+  };
+  thread_local std::vector<Kept> kept;  // one a head, reused across calls (the calling thread's)
+  if (int64_t(kept.size()) < B * H) kept.resize(size_t(B * H));
+  std::vector<Kept>& KP = kept;
+  float* py = out.at("y").ptr();
+  auto head_of = [&](const GatedHead& z) { return FlowHead{z.b, z.b * H + z.h, z.b * T * H + z.h, T, H, D, E, true, st}; };
+  auto prep = [&](GatedHead& z) {
+    const FlowHead hd = head_of(z);
+    FlowWork& w = flow_work();
+    w.resize(T, D, E);
+    flow_intermediates(w, hd, q, k, v);
+    Kept& kp = KP[size_t(hd.bh)];  // the operands move to the head's own buffers (w's next resize remakes them)
+    std::swap(kp.Qs, w.Qs), std::swap(kp.K, w.K), std::swap(kp.Vc, w.Vc), std::swap(kp.alloc, w.alloc);
+    kp.dalloc.resize(size_t(T));
+    z.S0 = head_state(c, "KV", hd.bh, D * E);
+    z.iq = kp.Qs.data(), z.ik = kp.K.data(), z.iv = kp.Vc.data(), z.oy = py + hd.row0 * E;
+    z.g.assign(1, 0.0f), z.ig = z.g.data();
+    z.ld = {D, D, E, 0, H * E};
+    z.ld.g_row = true;
+    const float* gy = dy ? dy->ptr() + hd.row0 * E : nullptr;
+    if (dy) {
+      z.dy.resize(size_t(T * E));
+      for (int64_t t = 0; t < T; ++t)  // the kernel's dy: d o = dy alloc
+        for (int64_t x = 0; x < E; ++x) z.dy[size_t(t * E + x)] = gy[t * H * E + x] * kp.alloc[size_t(t)];
+      if (const float* g = state_rows(st.dT[kKV], hd.bh, D * E)) z.dST.assign(g, g + D * E);
+      z.dg.resize(1);
+      // the product's gradients in the call's rows, gathered and overwritten by flow_adjoint
+      z.odq = out.at("dq").ptr() + hd.row0 * D, z.odk = out.at("dk").ptr() + hd.row0 * D;
+      z.odv = out.at("dv").ptr() + hd.row0 * E, z.odg = z.dg.data();
+      z.od = {H * D, H * D, H * E, 0, 0};
+      z.od.g_row = true;
+    }
+    float *yh = py + hd.row0 * E, *al = kp.alloc.data(), *dal = kp.dalloc.data();
+    z.epilogue = [al, dal, gy, yh, H, E](int64_t t0, int64_t n) {
+      for (int64_t t = t0; t < t0 + n; ++t) {
+        float* yr = yh + t * H * E;
+        if (gy) {
+          const float* g = gy + t * H * E;
+          float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t x = 0; x < E; ++x) s += g[x] * yr[x];
+          dal[t] = s;
+        }
+#pragma omp simd
+        for (int64_t x = 0; x < E; ++x) yr[x] *= al[t];
+      }
+    };
+    z.ld.epilogue = &z.epilogue;
+  };
+  auto post = [&](GatedHead& z) {
+    const FlowHead hd = head_of(z);
+    if (float* f = state_rows(st.sT[kKV], hd.bh, D * E)) std::copy(z.S.begin(), z.S.end(), f);
+    if (!dy) return;
+    if (float* g = state_rows(st.d0[kKV], hd.bh, D * E)) std::copy(z.dS0.begin(), z.dS0.end(), g);
+    FlowWork& w = flow_work();
+    w.resize(T, D, E);
+    flow_intermediates(w, hd, q, k, v);  // again: the same values as prep's
+    w.dalloc = KP[size_t(hd.bh)].dalloc;
+    float *dq = out.at("dq").ptr(), *dk = out.at("dk").ptr(), *dv = out.at("dv").ptr();
+    gather_head(w.dQs.data(), dq, hd.row0, T, H, D, identity_fn);
+    gather_head(w.dKp.data(), dk, hd.row0, T, H, D, identity_fn);
+    gather_head(w.dVc.data(), dv, hd.row0, T, H, E, identity_fn);
+    flow_adjoint(w, hd, dq, dk, dv, v);
+  };
+  gated_heads(c, dy, D, E, false, prep, post);
+  return out;
 }
 
 namespace {
@@ -505,8 +628,9 @@ MixerSpec make_spec() {
     const AttnDims d = attn_dims(c);
     TensorMap out;
     const FlowStateIO st = state_io(c, out, false);
+    if (c.causal) return flow_causal_run(c, nullptr, st, std::move(out));
     Tensor y({d.B, d.T, d.H, d.E});
-    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, c.causal, st);
+    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d);
     out["y"] = std::move(y);
     return out;
   };
@@ -514,10 +638,10 @@ MixerSpec make_spec() {
     const AttnDims d = attn_dims(c);
     TensorMap out;
     const FlowStateIO st = state_io(c, out, true);
+    if (c.causal) return flow_causal_run(c, &dy, st, std::move(out));
     Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
-    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, c.causal, st);
-    flow_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d,
-                  c.causal, st);
+    flow_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d);
+    flow_backward(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d);
     out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
     return out;
   };
