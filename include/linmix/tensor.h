@@ -20,6 +20,35 @@ namespace linmix {
 
 int64_t numel_of(const std::vector<int64_t>& shape);
 
+// Large buffers on transparent huge pages: at 2 MiB or more, 2 MiB aligned and advised
+// MADV_HUGEPAGE (where the kernel's THP mode is "madvise", as Debian's default: one page fault per
+// 2 MiB instead of 512, the faults of a fresh process's buffers being most of a `linmix mix` call
+// beside its kernel), 64-byte aligned below. huge_free takes the same byte count.
+void* huge_alloc(size_t bytes);
+void huge_free(void* p, size_t bytes) noexcept;
+// A std::vector allocator on huge_alloc whose resize leaves the new elements unset (buffers a
+// kernel writes whole before reading: no zeroing pass over fresh pages).
+template <class T>
+struct HugeAllocator {
+  using value_type = T;
+  HugeAllocator() = default;
+  template <class U>
+  HugeAllocator(const HugeAllocator<U>&) noexcept {}  // NOLINT
+  T* allocate(size_t n) { return static_cast<T*>(huge_alloc(n * sizeof(T))); }
+  void deallocate(T* p, size_t n) noexcept { huge_free(p, n * sizeof(T)); }
+  template <class U, class... A>
+  void construct(U* p, A&&... a) {
+    if constexpr (sizeof...(A) == 0) ::new (static_cast<void*>(p)) U;  // default-init: unset
+    else ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+  template <class U>
+  bool operator==(const HugeAllocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const HugeAllocator<U>&) const noexcept { return false; }
+};
+template <class T>
+using scratch_vector = std::vector<T, HugeAllocator<T>>;
+
 // A tensor's floats: owned (a std::vector<float>), or a view of memory that someone else keeps
 // alive (a torch tensor, a file's pages: `keep` holds it while any copy of the view lives).
 // Reads and writes go through data(); anything that changes the size first makes it owned (a
@@ -43,8 +72,8 @@ class Storage {
   // view; owns_buffer() says the buffer is the storage's alone, to hand on (the torch extension's
   // outputs) instead of copying
   static Storage uninitialized(size_t n) {  // 64-byte aligned: rows of cache lines (streaming stores)
-    std::shared_ptr<float> buf(new (std::align_val_t(64)) float[n],
-                               [](float* q) { ::operator delete[](q, std::align_val_t(64)); });
+    std::shared_ptr<float> buf(static_cast<float*>(huge_alloc(n * sizeof(float))),
+                               [n](float* q) { huge_free(q, n * sizeof(float)); });
     float* p = buf.get();  // before buf is moved (the arguments' order is unspecified)
     Storage s = view(p, n, std::move(buf));
     s.own_buffer_ = true;

@@ -1,6 +1,10 @@
 #include "linmix/tensor.h"
 
+#include <sys/mman.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <new>
 
 namespace linmix {
 
@@ -12,6 +16,23 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   }
   return s + "]";
 }
+
+namespace {
+constexpr size_t kHuge = size_t(2) << 20;
+}
+
+void* huge_alloc(size_t bytes) {
+  const size_t align = bytes >= kHuge ? kHuge : 64;
+  const size_t size = (std::max<size_t>(bytes, 1) + align - 1) / align * align;  // aligned_alloc: a multiple
+  void* p = std::aligned_alloc(align, size);
+  if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align == kHuge) ::madvise(p, size, MADV_HUGEPAGE);  // advice only: where refused, 4 KiB pages
+#endif
+  return p;
+}
+
+void huge_free(void* p, size_t) noexcept { std::free(p); }
 
 int64_t numel_of(const std::vector<int64_t>& shape) {
   int64_t n = 1;

@@ -103,7 +103,7 @@ TensorMap aft_parallel(Variant var, const Call& c, bool with_state) {
   BiasCtx ctx;
   const AftBand band = make_band(var, c, ctx);
   TensorMap out;
-  Tensor y({B, T, C});
+  Tensor y = Tensor::uninitialized({B, T, C});  // every element written by the kernels
   if (var == Variant::Full) {  // the pairwise bias factors out of the channel sum: GEMMs
     aft_full_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), ctx.w, ctx.Tw, B, T, C, c.causal);
   } else {

@@ -31,7 +31,7 @@ struct PhiHead {
 // phi(q), phi(k) of a call, (B,T,H,D) each: one pair of buffers per thread for every mechanism
 // here, reused across calls (no page faults per call).
 struct PhiBuffers {
-  std::vector<float> q, k;
+  scratch_vector<float> q, k;
 };
 inline PhiBuffers& phi_buffers() {
   thread_local PhiBuffers b;
