@@ -90,6 +90,22 @@ void gemm_nn(float* C, const float* A, const float* B, int64_t m, int64_t n, int
               C, int(ldc));
 }
 
+void gemm_nt(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+             int64_t ldc, float alpha, float beta) {
+  if (m == 0 || n == 0) return;
+  LINMIX_CHECK(lda >= k && ldb >= k && ldc >= n, "gemm_nt: row strides must be at least the rows' widths");
+  blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C,
+              int(ldc));
+}
+
+void gemm_tn(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+             int64_t ldc, float alpha, float beta) {
+  if (m == 0 || n == 0) return;
+  LINMIX_CHECK(lda >= m && ldb >= n && ldc >= n, "gemm_tn: row strides must be at least the rows' widths");
+  blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C,
+              int(ldc));
+}
+
 void linear_product(float* y, float* den, const float* q, const float* k, const float* v, const LinearProductArgs& a,
                     const float* g) {
   const int64_t T = a.T, D = a.D, E = a.E;

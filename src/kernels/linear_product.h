@@ -63,6 +63,12 @@ void gemm_tn_acc(float* C, const float* A, const float* B, int64_t m, int64_t n,
 // C (m,n) = alpha A (m,k) . B (k,n) + beta C, forward row strides only (lda >= k, ldb >= n, ldc >= n)
 void gemm_nn(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
              int64_t ldc, float alpha, float beta);
+// C (m,n) = alpha A (m,k) . B (n,k)^T + beta C, and C (m,n) = alpha A (k,m)^T . B (k,n) + beta C;
+// forward row strides only (beta 0: C is not read)
+void gemm_nt(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+             int64_t ldc, float alpha, float beta);
+void gemm_tn(float* C, const float* A, const float* B, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+             int64_t ldc, float alpha, float beta);
 
 }  // namespace linmix
 

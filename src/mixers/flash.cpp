@@ -70,84 +70,107 @@ struct FlashDims {
   int64_t B, T, S, E, G;
 };
 
-// M0, MT (B,S,E; causal, null: none / not wanted): the linear state before and after.
+// The linear state each group reads, Ms (B, ng, S, E) for ng = ceil(T / G) groups: causal, group g
+// reads M0 + sum_{h < g, h complete} lin_k_h^T V_h / G (each complete group's product on the threads,
+// then a prefix sum over the groups); non-causal, every group reads lin_k^T V / T. With MT the
+// final state (causal): M0 + every complete group's.
+void flash_states(std::vector<float>& Ms, const float* lk, const float* v, const FlashDims& d, bool causal,
+                  const float* M0, float* MT) {
+  const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ng = (T + G - 1) / G, SE = S * E;
+  Ms.resize(size_t(d.B * ng * SE));
+  if (!causal) {
+    for (int64_t b = 0; b < d.B; ++b)  // one product per sequence (BLAS on the threads)
+      gemm_tn(Ms.data() + b * ng * SE, lk + b * T * S, v + b * T * E, S, E, T, S, E, E, 1.0f / float(T), 0.0f);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t g = 1; g < ng; ++g) std::copy_n(Ms.data() + b * ng * SE, SE, Ms.data() + (b * ng + g) * SE);
+    return;
+  }
+  // slot g + 1 holds group g's own product (complete groups; the last slot's is not needed)
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t r0 = b * T + g * G;
+      float* add = Ms.data() + (b * ng + g) * SE;  // slot g, shifted below
+      if (g * G + G <= T) gemm_tn(add, lk + r0 * S, v + r0 * E, S, E, G, S, E, E, 1.0f / float(G), 0.0f);
+      else std::fill(add, add + SE, 0.0f);
+    }
+#pragma omp parallel for schedule(static)
+  for (int64_t x = 0; x < d.B * SE; ++x) {  // the prefix over the groups, element by element
+    const int64_t b = x / SE, i = x % SE;
+    float* m = Ms.data() + b * ng * SE + i;
+    float run = M0 ? M0[x] : 0.0f;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float own = m[g * SE];
+      m[g * SE] = run;
+      run += own;
+    }
+    if (MT) MT[x] = run;
+  }
+}
+
+// M0, MT (B,S,E; causal, null: none / not wanted): the linear state before and after. Groups of
+// every sequence on the threads, each given its linear state by flash_states (the groups of one
+// sequence ran one after another, so a call of one sequence ran on one core).
 void flash_forward(float* y, const float* qq, const float* qk, const float* lq, const float* lk, const float* v,
                    const FlashDims& d, bool causal, const float* M0 = nullptr, float* MT = nullptr) {
-  const int64_t T = d.T, S = d.S, E = d.E, G = d.G;
+  const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ng = (T + G - 1) / G, ld = std::min(G, T);
+  thread_local std::vector<float> Ms;
+  flash_states(Ms, lk, v, d, causal, M0, MT);
+  const float* pM = Ms.data();
 #pragma omp parallel
   {
-    // A: (G,G) group scores (G is at most T here); M: (S,E) linear state.
-    std::vector<float> A(std::min(G, T) * std::min(G, T)), M(S * E);
-#pragma omp for schedule(dynamic)
-    for (int64_t b = 0; b < d.B; ++b) {
-      const int64_t o = b * T;
-      if (causal && M0) std::copy(M0 + b * S * E, M0 + (b + 1) * S * E, M.begin());
-      else std::fill(M.begin(), M.end(), 0.0f);
-      std::fill(y + o * E, y + (o + T) * E, 0.0f);
-      if (!causal) {
-        gemm_tn_acc(M.data(), lk + o * S, v + o * E, S, E, T, S, E, E);
-        for (float& m : M) m /= float(T);
-      }
-      for (int64_t g0 = 0; g0 < T; g0 += G) {
-        const int64_t n = std::min(G, T - g0), ld = std::min(G, T);
-        std::fill(A.begin(), A.end(), 0.0f);
-        gemm_nt_acc(A.data(), qq + (o + g0) * S, qk + (o + g0) * S, n, n, S, S, S, ld);
+    thread_local std::vector<float> A;  // (G,G) group scores
+    A.resize(size_t(ld * ld));
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t g0 = g * G, n = std::min(G, T - g0), r0 = b * T + g0;
+        gemm_nt(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld, 1.0f, 0.0f);
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
             const float a = std::max(A[i * ld + j] / float(G), 0.0f);
             A[i * ld + j] = (causal && j > i) ? 0.0f : a * a;
           }
-        gemm_nn_acc(y + (o + g0) * E, A.data(), v + (o + g0) * E, n, E, n, ld, E, E);
-        // linear part: causal sees the groups before this one only
-        gemm_nn_acc(y + (o + g0) * E, lq + (o + g0) * S, M.data(), n, E, S, S, E, E);
-        if (causal && n == G) {  // a complete group joins the linear state (a partial one is the last)
-          std::vector<float> add(S * E, 0.0f);
-          gemm_tn_acc(add.data(), lk + (o + g0) * S, v + (o + g0) * E, S, E, n, S, E, E);
-          for (int64_t x = 0; x < S * E; ++x) M[x] += add[x] / float(G);
-        }
+        gemm_nn(y + r0 * E, A.data(), v + r0 * E, n, E, n, ld, E, E, 1.0f, 0.0f);
+        // the linear part: the groups before (causal) or all (non-causal)
+        gemm_nn_acc(y + r0 * E, lq + r0 * S, pM + (b * ng + g) * S * E, n, E, S, S, E, E);
       }
-      if (causal && MT) std::copy(M.begin(), M.end(), MT + b * S * E);
-    }
   }
 }
 
-// Backward, per sequence. Quadratic part per group (s = Q K^T, A = relu(s / G)^2 masked):
+// Backward. Quadratic part per group (s = Q K^T, A = relu(s / G)^2 masked):
 //   dV += A^T dY,  dA = dY V^T,  dS = dA 2 relu(s / G) / G,  dQq = dS Kq,  dKq = dS^T Qq.
 // Linear part, M_g = sum_{h<g} lin_k_h^T V_h / G (causal) or lin_k^T V / T (non-causal):
 //   dlin_q_g = dY_g M_g^T,  dM_g = lin_q_g^T dY_g,  and with R_h the dM of every group that
 //   sees group h (the later ones, or all): dlin_k_h = V_h R_h^T / n,  dV_h += lin_k_h R_h / n.
+// Groups on the threads in two passes: the quadratic part, dlin_q and each group's dM_g; then,
+// after R_h (a suffix sum over the groups), dlin_k and the linear part of dV.
 struct FlashGrads {
   float *dqq, *dqk, *dlq, *dlk, *dv;
 };
 
 // The state (causal): M0 is read by every row, so dM0 = sum_t lin_q_t^T dy_t + dMT; the final
 // state's gradient dMT reaches the complete groups' lin_k and v (as a later group's dM would).
-void flash_backward(const FlashGrads& g, const float* qq, const float* qk, const float* lq, const float* lk,
+void flash_backward(const FlashGrads& gr, const float* qq, const float* qk, const float* lq, const float* lk,
                     const float* v, const float* dy, const FlashDims& d, bool causal, const float* M0 = nullptr,
                     const float* dMT = nullptr, float* dM0 = nullptr) {
-  const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ld = std::min(G, T);
+  const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ld = std::min(G, T), ng = (T + G - 1) / G, SE = S * E;
+  thread_local std::vector<float> Ms, dMs;
+  flash_states(Ms, lk, v, d, causal, M0, nullptr);
+  dMs.resize(size_t(d.B * ng * SE));
+  const float* pM = Ms.data();
+  float* pdM = dMs.data();
 #pragma omp parallel
   {
-    // A, dS: (G,G); M, dM, R: (S,E)
-    std::vector<float> A(ld * ld), dS(ld * ld), M(S * E), dM(S * E), R(S * E);
-#pragma omp for schedule(dynamic)
-    for (int64_t b = 0; b < d.B; ++b) {
-      const int64_t o = b * T;
-      for (float* p : {g.dqq, g.dqk, g.dlq, g.dlk}) std::fill(p + o * S, p + (o + T) * S, 0.0f);
-      std::fill(g.dv + o * E, g.dv + (o + T) * E, 0.0f);
-      if (causal && M0) std::copy(M0 + b * S * E, M0 + (b + 1) * S * E, M.begin());
-      else std::fill(M.begin(), M.end(), 0.0f);
-      if (!causal) {
-        gemm_tn_acc(M.data(), lk + o * S, v + o * E, S, E, T, S, E, E);
-        for (float& m : M) m /= float(T);
-      }
-      std::fill(R.begin(), R.end(), 0.0f);
-      for (int64_t g0 = 0; g0 < T; g0 += G) {  // forward sweep: quadratic part, dlin_q, dM
-        const int64_t n = std::min(G, T - g0), r0 = o + g0;
-        std::fill(A.begin(), A.end(), 0.0f);
-        gemm_nt_acc(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld);
-        std::fill(dS.begin(), dS.end(), 0.0f);
-        gemm_nt_acc(dS.data(), dy + r0 * E, v + r0 * E, n, n, E, E, E, ld);  // dA = dY V^T
+    thread_local std::vector<float> A, dS;  // (G,G)
+    A.resize(size_t(ld * ld)), dS.resize(size_t(ld * ld));
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t g = 0; g < ng; ++g) {  // the quadratic part, dlin_q, dM_g
+        const int64_t g0 = g * G, n = std::min(G, T - g0), r0 = b * T + g0;
+        gemm_nt(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld, 1.0f, 0.0f);
+        gemm_nt(dS.data(), dy + r0 * E, v + r0 * E, n, n, E, E, E, ld, 1.0f, 0.0f);  // dA = dY V^T
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
             const float r = std::max(A[i * ld + j] / float(G), 0.0f);
@@ -155,45 +178,42 @@ void flash_backward(const FlashGrads& g, const float* qq, const float* qk, const
             A[i * ld + j] = keep ? r * r : 0.0f;
             dS[i * ld + j] = keep ? dS[i * ld + j] * 2.0f * r / float(G) : 0.0f;
           }
-        gemm_tn_acc(g.dv + r0 * E, A.data(), dy + r0 * E, n, E, n, ld, E, E);
-        gemm_nn_acc(g.dqq + r0 * S, dS.data(), qk + r0 * S, n, S, n, ld, S, S);
-        gemm_tn_acc(g.dqk + r0 * S, dS.data(), qq + r0 * S, n, S, n, ld, S, S);
-        gemm_nt_acc(g.dlq + r0 * S, dy + r0 * E, M.data(), n, S, E, E, E, S);
-        if (causal) {
-          std::vector<float> add(S * E, 0.0f);
-          gemm_tn_acc(add.data(), lk + r0 * S, v + r0 * E, S, E, n, S, E, E);
-          for (int64_t x = 0; x < S * E; ++x) M[x] += add[x] / float(G);
-        } else {
-          gemm_tn_acc(R.data(), lq + r0 * S, dy + r0 * E, S, E, n, S, E, E);  // total dM
-        }
+        gemm_tn(gr.dv + r0 * E, A.data(), dy + r0 * E, n, E, n, ld, E, E, 1.0f, 0.0f);
+        gemm_nn(gr.dqq + r0 * S, dS.data(), qk + r0 * S, n, S, n, ld, S, S, 1.0f, 0.0f);
+        gemm_tn(gr.dqk + r0 * S, dS.data(), qq + r0 * S, n, S, n, ld, S, S, 1.0f, 0.0f);
+        gemm_nt(gr.dlq + r0 * S, dy + r0 * E, pM + (b * ng + g) * SE, n, S, E, E, E, S, 1.0f, 0.0f);
+        gemm_tn(pdM + (b * ng + g) * SE, lq + r0 * S, dy + r0 * E, S, E, n, S, E, E, 1.0f, 0.0f);
       }
-      const float scale = causal ? 1.0f / float(G) : 1.0f / float(T);
-      auto lin_k_grad = [&](int64_t r0, int64_t n) {  // dlin_k += V R^T scale, dV += lin_k R scale
-        for (float& x : dM) x = 0.0f;
-        for (int64_t x = 0; x < S * E; ++x) dM[x] = R[x] * scale;
-        gemm_nt_acc(g.dlk + r0 * S, v + r0 * E, dM.data(), n, S, E, E, E, S);
-        gemm_nn_acc(g.dv + r0 * E, lk + r0 * S, dM.data(), n, E, S, S, E, E);
-      };
+    // R_h in place of dM_h: causal, dMT (complete groups) + the dM of every later group; non-causal,
+    // the total (every group sees all); scaled by 1 / G or 1 / T. dM0 = dMT + every dM.
+    const float scale = causal ? 1.0f / float(G) : 1.0f / float(T);
+#pragma omp for schedule(static)
+    for (int64_t x = 0; x < d.B * SE; ++x) {
+      const int64_t b = x / SE, i = x % SE;
+      float* m = pdM + b * ng * SE + i;
       if (!causal) {
-        for (int64_t g0 = 0; g0 < T; g0 += G) lin_k_grad(o + g0, std::min(G, T - g0));
-      } else {
-        const int64_t last = ((T - 1) / G) * G;
-        bool final_added = false;  // dMT joins R from the last complete group on
-        auto add_final = [&] {
-          if (dMT && !final_added)
-            for (int64_t x = 0; x < S * E; ++x) R[x] += dMT[b * S * E + x];
-          final_added = true;
-        };
-        for (int64_t g0 = last; g0 >= 0; g0 -= G) {  // R = sum of dM over later groups
-          const int64_t n = std::min(G, T - g0), r0 = o + g0;
-          if (n == G) add_final();
-          lin_k_grad(r0, n);
-          gemm_tn_acc(R.data(), lq + r0 * S, dy + r0 * E, S, E, n, S, E, E);
-        }
-        add_final();  // no complete group: dMT is M0's alone
-        if (dM0) std::copy(R.begin(), R.end(), dM0 + b * S * E);
+        float tot = 0.0f;
+        for (int64_t g = 0; g < ng; ++g) tot += m[g * SE];
+        for (int64_t g = 0; g < ng; ++g) m[g * SE] = tot * scale;
+        continue;
       }
+      const float fin = dMT ? dMT[x] : 0.0f;
+      float later = 0.0f;
+      for (int64_t g = ng - 1; g >= 0; --g) {
+        const float own = m[g * SE];
+        m[g * SE] = ((g * G + G <= T ? fin : 0.0f) + later) * scale;
+        later += own;
+      }
+      if (dM0) dM0[x] = fin + later;
     }
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t g = 0; g < ng; ++g) {  // dlin_k = V R^T, dV += lin_k R (R scaled)
+        const int64_t g0 = g * G, n = std::min(G, T - g0), r0 = b * T + g0;
+        const float* R = pdM + (b * ng + g) * SE;
+        gemm_nt(gr.dlk + r0 * S, v + r0 * E, R, n, S, E, E, E, S, 1.0f, 0.0f);
+        gemm_nn_acc(gr.dv + r0 * E, lk + r0 * S, R, n, E, S, S, E, E);
+      }
   }
 }
 
