@@ -75,6 +75,10 @@ struct AftBand {
   // bias for (t, s) in the block with index bi; only called for s in the band
   float (*bias)(const void* ctx, int64_t t, int64_t s, int64_t bi);
   const void* ctx;
+  // optional: a bias that depends on t - s only (aft_conv), diagonal(ctx, bi)[t - s + hi] for the
+  // band's lo + hi + 1 offsets; aft_forward then takes the band's sums as products of factors
+  // e^{k - kappa} and e^{w - omega} (two GEMMs per block of rows) instead of an exp per (t, s, c)
+  const float* (*diagonal)(const void* ctx, int64_t bi) = nullptr;
 };
 // The causal form's running sums as a state (the AFTs' state.num, den, max; (B,C) each, row
 // b at b C): num, den are sums of e^{k_s} (v_s, 1) over the positions before the band, scaled by
@@ -123,6 +127,8 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
 // The max of an empty running sum: stands in for -inf so that saved states stay finite
 // (MIXERS.md uses the same convention, p = -1e38, for RWKV).
 constexpr float kAftEmptyMax = -1e38f;
+// Rows per block of aft_forward's factored band (AftBand::diagonal).
+constexpr int64_t kAftRows = 64;
 
 // Recurrent AFT state of one sequence: the running sums over positions that left the band
 // (num, den scaled by exp(-max), per channel) and the band's last `lo` (k, v) rows.

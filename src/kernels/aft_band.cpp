@@ -9,6 +9,7 @@
 // catastrophically when the band's k + w dominate). Cost O(T (band + 1) C), extra memory O(T C)
 // for the suffix sums (non-causal) and O(band) otherwise.
 #include "../mixers/common.h"
+#include "linear_product.h"
 #include "vmath.h"
 #include "linmix/kernels.h"
 
@@ -83,8 +84,56 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
           running_add(&sm[j * n], &sn[j * n], &sd[j * n], row(k, j), row(v, j), n);
         }
       }
+      // The factored band (band.diagonal, aft_conv): rows in blocks of kAftRows. A block's key rows
+      // [w0, w1) (its rows' bands together), kap (n) their largest k per channel, P = e^{k - kap}
+      // and P v (window x n), Wt (rows x window) = e^{w_ts - om} inside the band and 0 outside
+      // (om the largest bias), then NUM = Wt (P v) and DEN = Wt P: two GEMMs in place of an exp per
+      // (t, s, c). The band's terms are e^{kap + om} (NUM, DEN); where a row's DEN falls below
+      // 2^-64 (its band far below the block's largest k and bias: terms may have underflowed) that
+      // (t, c) is summed exactly, as the direct form does.
+      const bool fact = band.diagonal != nullptr && band.lo >= 0 && band.lo + band.hi >= 1;
+      const int64_t nb = band.lo + band.hi + 1;  // the band's offsets t - s in [-hi, lo]
+      thread_local std::vector<float> Pk, PV, Wt, NUM, DEN, kap, ew;
+      float om = kEmptyMax;
+      int64_t blk = -1, w0 = 0, w1 = 0;  // the current row block's start and key window
+      const float* dg = fact ? band.diagonal(band.ctx, bi) : nullptr;
+      if (fact) {
+        for (int64_t d = 0; d < nb; ++d) om = vmax(om, dg[d]);
+        ew.resize(size_t(nb));
+        for (int64_t d = 0; d < nb; ++d) ew[size_t(d)] = exp_fast(dg[d] - om);
+        const int64_t win = kAftRows + nb - 1;
+        Pk.resize(size_t(win * n)), PV.resize(size_t(win * n)), Wt.resize(size_t(kAftRows * win));
+        NUM.resize(size_t(kAftRows * n)), DEN.resize(size_t(kAftRows * n)), kap.resize(size_t(n));
+      }
+      auto factor_block = [&](int64_t t0) {
+        const int64_t rows = std::min(kAftRows, T - t0);
+        w0 = std::max<int64_t>(0, t0 - band.lo), w1 = std::min(T, t0 + rows + (causal ? 0 : band.hi));
+        const int64_t W = w1 - w0;
+        float* kp = kap.data();
+        std::fill(kp, kp + n, kEmptyMax);
+        for (int64_t s = w0; s < w1; ++s) {
+          const float* ks = row(k, s);
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) kp[c] = vmax(kp[c], ks[c]);
+        }
+        for (int64_t s = w0; s < w1; ++s) {
+          const float *ks = row(k, s), *vs = row(v, s);
+          float *pk = Pk.data() + (s - w0) * n, *pv = PV.data() + (s - w0) * n;
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) pk[c] = exp_fast(ks[c] - kp[c]), pv[c] = pk[c] * vs[c];
+        }
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t s = w0; s < w1; ++s) {
+            const int64_t d = t0 + i - s;  // in the band when -hi <= d <= lo (causal: 0 <= d)
+            Wt[size_t(i * W + (s - w0))] = d <= band.lo && d >= (causal ? 0 : -band.hi) ? ew[size_t(d + band.hi)] : 0.0f;
+          }
+        gemm_nn(NUM.data(), Wt.data(), PV.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
+        gemm_nn(DEN.data(), Wt.data(), Pk.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
+        blk = t0;
+      };
       int64_t next = 0;  // next position to move into the prefix sums
       for (int64_t t = 0; t < T; ++t) {
+        if (fact && t % kAftRows == 0) factor_block(t);
         if (C > n && t + kPrefetchRows < T) {  // a block's rows are C floats apart (common.h)
           const int64_t ta = t + kPrefetchRows;
           prefetch_floats(row(k, ta), n), prefetch_floats(row(v, ta), n), prefetch_floats(row(q, ta), n);
@@ -99,10 +148,15 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
         if (!causal)
           for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], sm[suf * n + c]);
         wb.resize(static_cast<size_t>(std::max<int64_t>(0, s_hi - s_lo + 1)));
-        for (int64_t s = s_lo; s <= s_hi; ++s) {
-          const float w = wb[s - s_lo] = band.bias(band.ctx, t, s, bi);
-          const float* ks = row(k, s);
-          for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], ks[c] + w);
+        for (int64_t s = s_lo; s <= s_hi; ++s) wb[s - s_lo] = fact ? dg[t - s + band.hi] : band.bias(band.ctx, t, s, bi);
+        if (fact) {  // the band's terms are at most e^{kap + om}
+          for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], kap[c] + om);
+        } else {
+          for (int64_t s = s_lo; s <= s_hi; ++s) {
+            const float w = wb[s - s_lo];
+            const float* ks = row(k, s);
+            for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], ks[c] + w);
+          }
         }
         if (causal && s_lo > s_hi) {  // no band (aft_simple): M is the prefix max, the scale e^0 = 1
           std::copy(ppn, ppn + n, pnum);
@@ -120,13 +174,39 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
             pnum[c] += sn[suf * n + c] * a;
             pden[c] += sd[suf * n + c] * a;
           }
-        for (int64_t s = s_lo; s <= s_hi; ++s) {
-          const float w = wb[s - s_lo];
-          const float *ks = row(k, s), *vs = row(v, s);
+        if (fact) {
+          const float *NUMt = NUM.data() + (t - blk) * n, *DENt = DEN.data() + (t - blk) * n;
           for (int64_t c = 0; c < n; ++c) {
-            const float e = exp_fast(ks[c] + w - pM[c]);
-            pnum[c] += e * vs[c];
-            pden[c] += e;
+            if (DENt[c] >= 0x1p-64f) {
+              const float a = exp_fast(kap[c] + om - pM[c]);
+              pnum[c] += NUMt[c] * a;
+              pden[c] += DENt[c] * a;
+              continue;
+            }
+            // exactly, as the direct form: the max over the far sums' and the band's own terms
+            float mx = ppm[c];
+            if (!causal) mx = vmax(mx, sm[suf * n + c]);
+            for (int64_t s = s_lo; s <= s_hi; ++s) mx = vmax(mx, row(k, s)[c] + wb[s - s_lo]);
+            float nu = ppn[c] * exp_fast(ppm[c] - mx), de = ppd[c] * exp_fast(ppm[c] - mx);
+            if (!causal) {
+              const float a = exp_fast(sm[suf * n + c] - mx);
+              nu += sn[suf * n + c] * a, de += sd[suf * n + c] * a;
+            }
+            for (int64_t s = s_lo; s <= s_hi; ++s) {
+              const float e = exp_fast(row(k, s)[c] + wb[s - s_lo] - mx);
+              nu += e * row(v, s)[c], de += e;
+            }
+            pM[c] = mx, pnum[c] = nu, pden[c] = de;
+          }
+        } else {
+          for (int64_t s = s_lo; s <= s_hi; ++s) {
+            const float w = wb[s - s_lo];
+            const float *ks = row(k, s), *vs = row(v, s);
+            for (int64_t c = 0; c < n; ++c) {
+              const float e = exp_fast(ks[c] + w - pM[c]);
+              pnum[c] += e * vs[c];
+              pden[c] += e;
+            }
           }
         }
         const float* qt = row(q, t);

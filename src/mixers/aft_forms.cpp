@@ -35,6 +35,11 @@ float bias_u(const void* ctx, int64_t t, int64_t s, int64_t bi) {
   return c->u[u_index(c, t, s, bi)];
 }
 float bias_zero(const void*, int64_t, int64_t, int64_t) { return 0.0f; }
+// aft_conv: head(bi)'s row of u, indexed by t - s + shift (= t - s + band.hi)
+const float* diagonal_u(const void* ctx, int64_t bi) {
+  const auto* c = static_cast<const BiasCtx*>(ctx);
+  return c->u + c->head[size_t(bi)] * c->K;
+}
 
 constexpr int64_t kBlock = 256;  // channels per block (aft_simple/full/local; conv: per head): long inner loops
 constexpr int64_t kHuge = int64_t(1) << 40;  // "band covers everything" (aft_full)
@@ -72,7 +77,7 @@ AftBand make_band(Variant var, const Call& c, BiasCtx& ctx) {
       ctx.u = c.t("u").ptr(), ctx.K = K;
       if (c.causal) band.lo = K - 1, band.hi = 0, ctx.shift = 0;
       else band.lo = band.hi = ctx.shift = (K - 1) / 2;
-      band.bias = bias_u;
+      band.bias = bias_u, band.diagonal = diagonal_u;
       for (int64_t h = 0; h < H; ++h) split(h * Ch, (h + 1) * Ch, h);
       break;
     }
