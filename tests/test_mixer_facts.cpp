@@ -1,6 +1,8 @@
 // Facts of particular mechanisms that follow from their formulas alone (one token is its value,
 // the AFT variants nest, a window of one is the identity) and performer's feature generator.
 // The generic form, split and stability tests of every mechanism are in test_mixers.cpp.
+#include <random>
+
 #include "linmix/kernels.h"
 #include "linmix/mixer.h"
 #include "test_util.h"
@@ -98,3 +100,26 @@ TEST(PerformerFeatures, OrthogonalBlocksWithChiNorms) {
 }
 
 }  // namespace
+
+// aft_conv's factored band (aft_band.cpp) scales a block of rows by its largest key: a key of +60
+// inside a block whose other keys are -60 puts every other row's band ~120 below that scale, where
+// e^{k - kappa} underflows and e^{kappa - lse_t} overflows. Those rows take the direct form, in the
+// forward and in the backward; y and every gradient still equal the float64 reference.
+TEST(MixerFacts, AftConvBandFarBelowItsBlockIsExact) {
+  const MixerSpec& spec = find_mixer("aft_conv");
+  for (bool causal : {true, false}) {
+    std::map<std::string, int64_t> dims{{"B", 1}, {"T", 2 * kAftRows + 3}, {"C", 4}, {"H", 2}, {"K", causal ? 8 : 9}};
+    TensorMap in = example_inputs(spec, dims, 3);
+    for (int64_t i = 0; i < in.at("k").numel(); ++i) in["k"].data[size_t(i)] = -60.0f + 0.5f * in.at("k").data[size_t(i)];
+    for (int64_t c = 0; c < 4; ++c) in["k"].data[size_t(60 * 4 + c)] = 60.0f;  // row 60 of block 0
+    Tensor dy({1, dims["T"], 4});
+    std::mt19937_64 rng(4);
+    std::normal_distribution<float> normal;
+    for (float& x : dy.data) x = normal(rng);
+    in["dy"] = std::move(dy);
+    const TensorMap want = run_mixer("aft_conv", Mode::Reference, causal, {}, in, true);
+    const TensorMap got = run_mixer("aft_conv", Mode::Parallel, causal, {}, in, true);
+    for (const char* n : {"y", "dq", "dk", "dv", "du"})
+      test::expect_close(got.at(n), want.at(n), std::string(causal ? "causal " : "non-causal ") + n, 1e-3);
+  }
+}

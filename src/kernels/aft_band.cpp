@@ -330,7 +330,91 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           far(s);
         }
       }
-      for (int64_t t = 0; t < T && !scan; ++t) {  // the band, as in the forward
+      // The band factored as in the forward (band.diagonal): P_ts = e^{k_s - kap} e^{w_ts - om}
+      // e^{kap + om - lse_t} for a block of rows t and its key window s, so A_s += Pk_s o (Wt^T (F h))_s
+      // and B_s alike with F h o (two GEMMs); the bias's gradient sum_c P_ts (h_t v_s - (h o)_t) is
+      // Wt o ((F h) (Pk v)^T - (F h o) Pk^T). A (t, c) with kap + om - lse_t > 20 (F past e^20: terms
+      // whose Pk underflowed could matter) takes the direct form instead, its F set to 0.
+      const bool fact = !scan && band.diagonal != nullptr && band.lo >= 0 && band.lo + band.hi >= 1;
+      if (fact) {
+        const int64_t nb = band.lo + band.hi + 1, win = kAftRows + nb - 1;
+        const float* dg = band.diagonal(band.ctx, bi);
+        float om = kEmptyMax;
+        for (int64_t d = 0; d < nb; ++d) om = vmax(om, dg[d]);
+        thread_local std::vector<float> ew, kap, Pk, PkV, Wt, FH, FHO, GA, GB, G1, G2;
+        thread_local std::vector<int64_t> slow;  // (t, c) of the direct form, as t n + c
+        ew.resize(size_t(nb)), kap.resize(size_t(n));
+        for (int64_t d = 0; d < nb; ++d) ew[size_t(d)] = exp_fast(dg[d] - om);
+        Pk.resize(size_t(win * n)), PkV.resize(size_t(win * n)), Wt.resize(size_t(kAftRows * win));
+        FH.resize(size_t(kAftRows * n)), FHO.resize(size_t(kAftRows * n)), GA.resize(size_t(win * n));
+        GB.resize(size_t(win * n));
+        if (bias_grad) G1.resize(size_t(kAftRows * win)), G2.resize(size_t(kAftRows * win));
+        for (int64_t t0 = 0; t0 < T; t0 += kAftRows) {
+          const int64_t nr = std::min(kAftRows, T - t0);
+          const int64_t w0 = std::max<int64_t>(0, t0 - band.lo), w1 = std::min(T, t0 + nr + (causal ? 0 : band.hi));
+          const int64_t W = w1 - w0;
+          float* kp = kap.data();
+          std::fill(kp, kp + n, kEmptyMax);
+          for (int64_t s = w0; s < w1; ++s) {
+            const float* ks = k + at(s);
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) kp[c] = vmax(kp[c], ks[c]);
+          }
+          for (int64_t s = w0; s < w1; ++s) {
+            const float *ks = k + at(s), *vs = v + at(s);
+            float *pk = Pk.data() + (s - w0) * n, *pv = PkV.data() + (s - w0) * n;
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) pk[c] = exp_fast(ks[c] - kp[c]), pv[c] = pk[c] * vs[c];
+          }
+          for (int64_t i = 0; i < nr; ++i)
+            for (int64_t s = w0; s < w1; ++s) {
+              const int64_t d = t0 + i - s;
+              Wt[size_t(i * W + (s - w0))] = d <= band.lo && d >= (causal ? 0 : -band.hi) ? ew[size_t(d + band.hi)] : 0.0f;
+            }
+          slow.clear();
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t t = t0 + i;
+            for (int64_t c = 0; c < n; ++c) {
+              const float x = kp[c] + om + nl[t * n + c];  // kap + om - lse_t
+              const bool direct = !(x <= 20.0f);
+              const float F = direct ? 0.0f : exp_fast(x);
+              FH[size_t(i * n + c)] = F * h[t * n + c], FHO[size_t(i * n + c)] = F * ho[t * n + c];
+              if (direct) slow.push_back(t * n + c);
+            }
+          }
+          gemm_tn(GA.data(), Wt.data(), FH.data(), W, n, nr, W, n, n, 1.0f, 0.0f);
+          gemm_tn(GB.data(), Wt.data(), FHO.data(), W, n, nr, W, n, n, 1.0f, 0.0f);
+          for (int64_t s = w0; s < w1; ++s) {
+            const float *pk = Pk.data() + (s - w0) * n, *ga = GA.data() + (s - w0) * n, *gb = GB.data() + (s - w0) * n;
+            float *As = &A[s * n], *Bss = &Bs[s * n];
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) As[c] += pk[c] * ga[c], Bss[c] += pk[c] * gb[c];
+          }
+          if (bias_grad) {
+            gemm_nt(G1.data(), FH.data(), PkV.data(), nr, W, n, n, n, W, 1.0f, 0.0f);
+            gemm_nt(G2.data(), FHO.data(), Pk.data(), nr, W, n, n, n, W, 1.0f, 0.0f);
+            for (int64_t i = 0; i < nr; ++i)
+              for (int64_t s = w0; s < w1; ++s) {
+                const float w = Wt[size_t(i * W + (s - w0))];
+                if (w != 0.0f)
+                  part[size_t(bias_grad->slot(bias_grad->ctx, t0 + i, s, bi))] +=
+                      w * (G1[size_t(i * W + (s - w0))] - G2[size_t(i * W + (s - w0))]);
+              }
+          }
+          for (const int64_t tc : slow) {  // the direct form for these (t, c)
+            const int64_t t = tc / n, c = tc % n;
+            const int64_t s_lo = std::max<int64_t>(0, t - band.lo), s_hi = causal ? t : std::min(T - 1, t + band.hi);
+            for (int64_t s = s_lo; s <= s_hi; ++s) {
+              const float P = exp_fast(k[at(s) + c] + dg[t - s + band.hi] + nl[t * n + c]);
+              A[s * n + c] += P * h[t * n + c];
+              Bs[s * n + c] += P * ho[t * n + c];
+              if (bias_grad)
+                part[size_t(bias_grad->slot(bias_grad->ctx, t, s, bi))] += P * (h[t * n + c] * v[at(s) + c] - ho[t * n + c]);
+            }
+          }
+        }
+      }
+      for (int64_t t = 0; t < T && !scan && !fact; ++t) {  // the band, as in the forward
         const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
         const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);
         const float *__restrict ht = &h[t * n], *__restrict hot = &ho[t * n], *__restrict nlt = &nl[t * n];
