@@ -1,7 +1,9 @@
 // fnet — Fourier mixing (Lee-Thorp et al. 2022, "FNet: Mixing Tokens with Fourier
 // Transforms", eq. 3): y = Re(DFT_T(DFT_C(x))). Non-causal only; no state.
-// parallel: one 2-D real-to-complex FFT per sequence (FFTW); the half spectrum suffices since
+// parallel: one 2-D real-to-complex FFT per sequence (FFTW in single precision, on the threads); the half spectrum suffices since
 // for real x, Re X[t, c] = Re X[(T - t) % T, (C - c) % C] (Hermitian symmetry).
+
+#include <omp.h>
 
 #include "../kernels/fft.h"
 #include "../ref/ref_util.h"
@@ -50,26 +52,32 @@ namespace linmix {
 
 namespace {
 
-// y = Re(DFT_T(DFT_C(x))) of x: (B,T,C), one 2-D FFT per sequence.
+// y = Re(DFT_T(DFT_C(x))) of x: (B,T,C), one 2-D FFT per sequence in single precision, each on the
+// threads (FFTW's OpenMP plan, kept across calls; inside a parallel region a single-threaded one),
+// the copies in and out split over the rows.
 Tensor fnet_apply(const float* x, int64_t B, int64_t T, int64_t C) {
   const int64_t Ch = C / 2 + 1;
-  const RealFft fft(T, C);
-  Tensor y({B, T, C});
-#pragma omp parallel
-  {
-    RealBuf in = alloc_real(T * C);
-    ComplexBuf out = alloc_complex(T * Ch);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < T * C; ++i) in[i] = x[b * T * C + i];
-      fft.forward(in.get(), out.get());
-      float* yb = y.ptr() + b * T * C;
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const int64_t tt = ch < Ch ? t : (T - t) % T, cc = ch < Ch ? ch : C - ch;
-          yb[t * C + ch] = float(out[tt * Ch + cc][0]);
-        }
-    }
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const std::shared_ptr<const RealFft2F> fft = RealFft2F::cached(T, C, threads);
+  Tensor y = Tensor::uninitialized({B, T, C});  // every element written below
+  thread_local RealBufF in;
+  thread_local ComplexBufF out;
+  thread_local int64_t cap = 0;
+  if (cap < T * C) in = alloc_real_f(T * C), out = alloc_complex_f(T * Ch), cap = T * C;
+  float* pi = in.get();
+  const fftwf_complex* po = out.get();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * T * C;
+#pragma omp parallel for schedule(static) if (threads > 1)
+    for (int64_t i = 0; i < T * C; ++i) pi[i] = xb[i];
+    fft->forward(pi, out.get());
+    float* yb = y.ptr() + b * T * C;
+#pragma omp parallel for schedule(static) if (threads > 1)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const int64_t tt = ch < Ch ? t : (T - t) % T, cc = ch < Ch ? ch : C - ch;
+        yb[t * C + ch] = po[tt * Ch + cc][0];
+      }
   }
   return y;
 }
