@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <new>
@@ -46,13 +47,14 @@ void check_shape(const std::string& name, const Tensor& t, const std::vector<int
 }
 
 bool all_finite(const float* p, int64_t n) {
-  // x * 0 is 0 for a finite x and NaN otherwise: one vectorised pass (measured 3 -> 0.5 ms for
-  // four 2M-float inputs); threads share a long one: one core does not draw the machine's
-  // bandwidth (4 inputs of 8 MB (gla at T = 4096), warm: 1.17 -> 0.58 ms on 2 threads)
-  float acc = 0.0f;
-#pragma omp parallel for simd reduction(+ : acc) schedule(static) if (n >= (int64_t(1) << 20))
-  for (int64_t i = 0; i < n; ++i) acc += p[i] * 0.0f;
-  return acc == 0.0f;
+  // an exponent of all ones (inf, NaN), tested on the bits: an integer OR reduction, which the
+  // compiler vectorises (the float one, acc += x * 0, compiled to a serial chain of scalar FMAs
+  // in the release build: 2.7 ms for four 0.5M and one 2M-float input, about 6 GB/s); threads
+  // share a long one (one core does not draw the machine's bandwidth)
+  uint32_t bad = 0;
+#pragma omp parallel for simd reduction(| : bad) schedule(static) if (n >= (int64_t(1) << 18))
+  for (int64_t i = 0; i < n; ++i) bad |= uint32_t((std::bit_cast<uint32_t>(p[i]) & 0x7f800000u) == 0x7f800000u);
+  return bad == 0;
 }
 
 void check_finite(const std::string& name, const Tensor& t) {

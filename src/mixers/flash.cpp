@@ -95,18 +95,25 @@ void flash_states(std::vector<float>& Ms, const float* lk, const float* v, const
       if (g * G + G <= T) gemm_tn(add, lk + r0 * S, v + r0 * E, S, E, G, S, E, E, 1.0f / float(G), 0.0f);
       else std::fill(add, add + SE, 0.0f);
     }
-#pragma omp parallel for schedule(static)
-  for (int64_t x = 0; x < d.B * SE; ++x) {  // the prefix over the groups, element by element
-    const int64_t b = x / SE, i = x % SE;
-    float* m = Ms.data() + b * ng * SE + i;
-    float run = M0 ? M0[x] : 0.0f;
-    for (int64_t g = 0; g < ng; ++g) {
-      const float own = m[g * SE];
-      m[g * SE] = run;
-      run += own;
+  // the prefix over the groups, runs of kRun elements of a state at a time (the groups' rows
+  // streamed, the run's sums in a vector; element by element the loads strode S E apart, scalar)
+  constexpr int64_t kRun = 256;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t x0 = 0; x0 < SE; x0 += kRun) {
+      const int64_t nx = std::min(kRun, SE - x0);
+      float run[kRun];
+      for (int64_t i = 0; i < nx; ++i) run[i] = M0 ? M0[b * SE + x0 + i] : 0.0f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float* m = Ms.data() + (b * ng + g) * SE + x0;
+#pragma omp simd
+        for (int64_t i = 0; i < nx; ++i) {
+          const float own = m[i];
+          m[i] = run[i], run[i] += own;
+        }
+      }
+      if (MT) std::copy(run, run + nx, MT + b * SE + x0);
     }
-    if (MT) MT[x] = run;
-  }
 }
 
 // M0, MT (B,S,E; causal, null: none / not wanted): the linear state before and after. Groups of
@@ -187,25 +194,31 @@ void flash_backward(const FlashGrads& gr, const float* qq, const float* qk, cons
     // R_h in place of dM_h: causal, dMT (complete groups) + the dM of every later group; non-causal,
     // the total (every group sees all); scaled by 1 / G or 1 / T. dM0 = dMT + every dM.
     const float scale = causal ? 1.0f / float(G) : 1.0f / float(T);
-#pragma omp for schedule(static)
-    for (int64_t x = 0; x < d.B * SE; ++x) {
-      const int64_t b = x / SE, i = x % SE;
-      float* m = pdM + b * ng * SE + i;
-      if (!causal) {
-        float tot = 0.0f;
-        for (int64_t g = 0; g < ng; ++g) tot += m[g * SE];
-        for (int64_t g = 0; g < ng; ++g) m[g * SE] = tot * scale;
-        continue;
+    constexpr int64_t kRun = 256;  // runs of a state's elements, the groups streamed (as flash_states)
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t x0 = 0; x0 < SE; x0 += kRun) {
+        const int64_t nx = std::min(kRun, SE - x0);
+        float later[kRun], fin[kRun];
+        for (int64_t i = 0; i < nx; ++i) later[i] = 0.0f, fin[i] = causal && dMT ? dMT[b * SE + x0 + i] : 0.0f;
+        for (int64_t g = ng - 1; g >= 0; --g) {  // the sum of every group's dM (causal: of the later ones)
+          float* m = pdM + (b * ng + g) * SE + x0;
+          const float f = g * G + G <= T ? 1.0f : 0.0f;  // dMT reaches the complete groups
+#pragma omp simd
+          for (int64_t i = 0; i < nx; ++i) {
+            const float own = m[i];
+            if (causal) m[i] = (f * fin[i] + later[i]) * scale;
+            later[i] += own;
+          }
+        }
+        if (!causal)
+          for (int64_t g = 0; g < ng; ++g) {
+            float* m = pdM + (b * ng + g) * SE + x0;
+            for (int64_t i = 0; i < nx; ++i) m[i] = later[i] * scale;
+          }
+        if (causal && dM0)
+          for (int64_t i = 0; i < nx; ++i) dM0[b * SE + x0 + i] = fin[i] + later[i];
       }
-      const float fin = dMT ? dMT[x] : 0.0f;
-      float later = 0.0f;
-      for (int64_t g = ng - 1; g >= 0; --g) {
-        const float own = m[g * SE];
-        m[g * SE] = ((g * G + G <= T ? fin : 0.0f) + later) * scale;
-        later += own;
-      }
-      if (dM0) dM0[x] = fin + later;
-    }
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t g = 0; g < ng; ++g) {  // dlin_k = V R^T, dV += lin_k R (R scaled)

@@ -1,4 +1,5 @@
 // The mixer registry and the validation every call goes through before a kernel runs.
+#include <bit>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -258,11 +259,15 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
     // offending value searched only if there is one
     const float* p = v.data();
     const int64_t m = int64_t(v.size());
-    int64_t positive = 0;
-    float nonfinite = 0.0f;
-#pragma omp parallel for simd reduction(+ : positive, nonfinite) schedule(static) if (m >= (int64_t(1) << 20))
-    for (int64_t i = 0; i < m; ++i) positive += p[i] > 0.0f, nonfinite += p[i] * 0.0f;
-    if (nonfinite != 0.0f) check_finite(n, in.at(n));  // (NaN != 0: it names the element)
+    // on the bits (integer OR reductions vectorise): the sign bit clear and the value not +0 is
+    // positive (NaN included, caught first by the finite check); an exponent of all ones is inf / NaN
+    uint32_t positive = 0, nonfinite = 0;
+#pragma omp parallel for simd reduction(| : positive, nonfinite) schedule(static) if (m >= (int64_t(1) << 18))
+    for (int64_t i = 0; i < m; ++i) {
+      const uint32_t b = std::bit_cast<uint32_t>(p[i]);
+      positive |= uint32_t((b >> 31) == 0u && b != 0u), nonfinite |= uint32_t((b & 0x7f800000u) == 0x7f800000u);
+    }
+    if (nonfinite != 0) check_finite(n, in.at(n));  // it names the element
     if (positive == 0) continue;
     for (float x : v)
       LINMIX_CHECK(x <= 0.0f, "tensor '" + n + "': log decays must be <= 0 (decay exp(" + n + ") in (0, 1]), found " +
