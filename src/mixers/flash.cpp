@@ -246,29 +246,34 @@ TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
   const FlashDims d = flash_dims(c);
   const bool s0 = c.has("state.M");
   const int64_t L = s0 ? c.d("L") : 0, n = L + d.T, keep = n % d.G;
+  // the joined rows: with no state's rows (L = 0) the call's own tensors, read in place, and the
+  // outputs written in place (every element written by the kernels); else copies
   TensorMap cat;
-  for (const char* name : kFlashIn) {
-    const char* st = flash_state_of(name);
-    cat[name] = join_rows(st && s0 ? &c.t(std::string("state.") + st) : nullptr, L, c.t(name));
-  }
+  if (L > 0)
+    for (const char* name : kFlashIn) {
+      const char* st = flash_state_of(name);
+      cat[name] = join_rows(st && s0 ? &c.t(std::string("state.") + st) : nullptr, L, c.t(name));
+    }
+  auto rows = [&](const char* name) { return L > 0 ? &cat.at(name) : &c.t(name); };
   const FlashDims dn{d.B, n, d.S, d.E, d.G};
   const float* M0 = s0 ? c.t("state.M").ptr() : nullptr;
   TensorMap out;
-  Tensor yc({d.B, n, d.E}), MT({d.B, d.S, d.E});
-  flash_forward(yc.ptr(), cat["quad_q"].ptr(), cat["quad_k"].ptr(), cat["lin_q"].ptr(), cat["lin_k"].ptr(),
-                cat["v"].ptr(), dn, true, M0, MT.ptr());
-  out["y"] = rows_of(yc, L, n);
+  Tensor yc = Tensor::uninitialized({d.B, n, d.E}), MT({d.B, d.S, d.E});
+  flash_forward(yc.ptr(), rows("quad_q")->ptr(), rows("quad_k")->ptr(), rows("lin_q")->ptr(), rows("lin_k")->ptr(),
+                rows("v")->ptr(), dn, true, M0, MT.ptr());
+  out["y"] = L > 0 ? rows_of(yc, L, n) : std::move(yc);
   for (const char* name : kFlashIn)
-    if (const char* st = flash_state_of(name)) out[std::string("state.") + st] = rows_of(cat[name], n - keep, n);
+    if (const char* st = flash_state_of(name)) out[std::string("state.") + st] = rows_of(*rows(name), n - keep, n);
   out["state.M"] = std::move(MT);
   if (!dy) return out;
   TensorMap g;
-  for (const char* name : kFlashIn) g[name] = Tensor(cat[name].shape);
-  const Tensor dyc = join_rows(nullptr, L, *dy);
+  for (const char* name : kFlashIn) g[name] = Tensor::uninitialized(rows(name)->shape);  // written whole
+  const Tensor dyc = L > 0 ? join_rows(nullptr, L, *dy) : Tensor();
   Tensor dM0({d.B, d.S, d.E});
   flash_backward({g["quad_q"].ptr(), g["quad_k"].ptr(), g["lin_q"].ptr(), g["lin_k"].ptr(), g["v"].ptr()},
-                 cat["quad_q"].ptr(), cat["quad_k"].ptr(), cat["lin_q"].ptr(), cat["lin_k"].ptr(), cat["v"].ptr(),
-                 dyc.ptr(), dn, true, M0, c.has("dfinal.M") ? c.t("dfinal.M").ptr() : nullptr, dM0.ptr());
+                 rows("quad_q")->ptr(), rows("quad_k")->ptr(), rows("lin_q")->ptr(), rows("lin_k")->ptr(),
+                 rows("v")->ptr(), L > 0 ? dyc.ptr() : dy->ptr(), dn, true, M0,
+                 c.has("dfinal.M") ? c.t("dfinal.M").ptr() : nullptr, dM0.ptr());
   for (const char* name : kFlashIn) {
     Tensor& gi = g[name];
     if (const char* st = flash_state_of(name)) {
@@ -276,7 +281,7 @@ TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
       if (c.has(fin)) add_rows(gi.data, c.t(fin).data, d.B, n, n - keep, keep);  // the final rows copy the last keep
       if (s0) out[std::string("dstate.") + st] = rows_of(gi, 0, L);
     }
-    out[std::string("d") + name] = rows_of(gi, L, n);
+    out[std::string("d") + name] = L > 0 ? rows_of(gi, L, n) : std::move(gi);
   }
   if (s0) out["dstate.M"] = std::move(dM0);
   return out;
