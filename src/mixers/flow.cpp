@@ -240,10 +240,10 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
 // state's gradient is each reverse scan's first row.
 
 // One head's intermediates and adjoints (T,D), (T,E) or (T); buffers reused across heads and calls.
-struct FlowWork {
-  std::vector<float> Q, K, cK, cQ, cKO, cQI, Qs, dQ, dK, dQs, dKp, dcKO, dcQI, dcK, dcQ;  // (T,D)
-  std::vector<float> Vc, dVc;                                                          // (T,E)
-  std::vector<float> a, c, I, O, Ih, Oraw, e, Z, comp, alloc, dalloc, dI, dOv, de, dZ;  // (T)
+struct FlowWork {  // (every element written before it is read: scratch_vector leaves them unset)
+  scratch_vector<float> Q, K, cK, cQ, cKO, cQI, Qs, dQ, dK, dQs, dKp, dcKO, dcQI, dcK, dcQ;  // (T,D)
+  scratch_vector<float> Vc, dVc;                                                          // (T,E)
+  scratch_vector<float> a, c, I, O, Ih, Oraw, e, Z, comp, alloc, dalloc, dI, dOv, de, dZ;  // (T)
   void resize(int64_t T, int64_t D, int64_t E) {
     for (auto* x : {&Q, &K, &cK, &cQ, &cKO, &cQI, &Qs, &dQ, &dK, &dQs, &dKp, &dcKO, &dcQI, &dcK, &dcQ})
       x->resize(size_t(T * D));
@@ -483,7 +483,7 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
   // what a head keeps from its forward to its backward: the kernel's operands Qs, K (T,D), Vc (T,E),
   // and alloc, dalloc (T); the rest is recomputed in the thread's FlowWork (O(T D), beside the product)
   struct Kept {
-    std::vector<float> Qs, K, Vc, alloc, dalloc;
+    scratch_vector<float> Qs, K, Vc, alloc, dalloc;
   };
   thread_local std::vector<Kept> kept;  // one a head, reused across calls (the calling thread's)
   if (int64_t(kept.size()) < B * H) kept.resize(size_t(B * H));
