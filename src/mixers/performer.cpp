@@ -124,6 +124,28 @@ inline float row_max(const float* r, int64_t n) {
   return mx;
 }
 
+// The feature map's backward for n rows x (row stride ldx) of one head: dl (n,M) holds d phi on
+// entry and dl = d phi o phi on exit (phi = f; plus `add` at index add_at: the final kmax's logit);
+// l_m(x) = omega_m . x' - |x'|^2 / 2, x' = x D^(-1/4) gives dx = D^(-1/4) (dl proj - rowsum(dl) x')
+// (written at row stride ldx) and dproj += D^(-1/4) dl^T x (into dp (M,D)).
+void feature_backward(float* dx, float* dl, const float* f, const float* x, int64_t ldx, const float* proj, int64_t n,
+                      int64_t M, int64_t D, float* dp, int64_t add_at = -1, float add = 0.0f) {
+  const float sc = std::pow(float(D), -0.25f);
+  for (int64_t i = 0; i < n * M; ++i) dl[i] *= f[i];
+  if (add_at >= 0) dl[add_at] += add;
+  blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(D), int(M), sc, dl, int(M), proj, int(D), 0.0f, dx,
+              int(ldx));
+  for (int64_t t = 0; t < n; ++t) {
+    float sum_dl = 0.0f;
+#pragma omp simd reduction(+ : sum_dl)
+    for (int64_t m = 0; m < M; ++m) sum_dl += dl[t * M + m];
+    const float c2 = sc * sc * sum_dl;
+    for (int64_t j = 0; j < D; ++j) dx[t * ldx + j] -= c2 * x[t * ldx + j];
+  }
+  blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(D), int(n), sc, dl, int(M), x, int(ldx), 1.0f, dp,
+              int(D));
+}
+
 // Stabilised features of one head (row0 = b*T*H + h): Qf, Kf (T,M). Queries: exp(l - row max);
 // keys: exp(l - g_t) with g_t the running max over keys s <= t (causal, saved in g) or the max
 // over all keys (non-causal). All / sqrt(M). kmax0: the largest key logit before token 0 (a
@@ -283,7 +305,6 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
                         const float* proj, const float* dy, const AttnDims& d, int64_t M, bool causal,
                         const PerformerStateIO& st) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
-  const float sc = std::pow(float(D), -0.25f);
   std::fill(dproj, dproj + M * D, 0.0f);
 #pragma omp parallel
   {
@@ -317,27 +338,9 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
                                    g.data(), dnum.data(), dden.data(), v + row0 * E, H * E, ST.data(), zT.data(), kmax0,
                                    k + row0 * D, H * D, proj, T, M, D, E, W);
         for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
-        // per pass: dl = df f (T,M); dx = sc (dl proj - rowsum(dl) sc x) (one GEMM);
-        // dproj += sc dl^T x (one GEMM)
-        for (int pass = 0; pass < 2; ++pass) {  // queries, then keys
-          const float* x = (pass == 0 ? q : k) + row0 * D;
-          float* dx = (pass == 0 ? dq : dk) + row0 * D;
-          float* dl = (pass == 0 ? dQ : dK).data();  // overwritten with dl
-          const float* f = (pass == 0 ? Qf : Kf).data();
-          for (int64_t i = 0; i < T * M; ++i) dl[i] *= f[i];
-          if (pass == 1 && arg_s >= 0) dl[arg_s * M + arg_m] += R;  // the final kmax's logit
-          blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(D), int(M), sc, dl, int(M), proj, int(D),
-                      0.0f, dx, int(H * D));
-          for (int64_t t = 0; t < T; ++t) {
-            float sum_dl = 0.0f;
-#pragma omp simd reduction(+ : sum_dl)
-            for (int64_t m = 0; m < M; ++m) sum_dl += dl[t * M + m];
-            const float c2 = sc * sc * sum_dl;
-            for (int64_t j = 0; j < D; ++j) dx[t * H * D + j] -= c2 * x[t * H * D + j];
-          }
-          blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(D), int(T), sc, dl, int(M), x, int(H * D), 1.0f,
-                      dp.data(), int(D));
-        }
+        feature_backward(dq + row0 * D, dQ.data(), Qf.data(), q + row0 * D, H * D, proj, T, M, D, dp.data());
+        feature_backward(dk + row0 * D, dK.data(), Kf.data(), k + row0 * D, H * D, proj, T, M, D, dp.data(),
+                         arg_s >= 0 ? arg_s * M + arg_m : -1, R);  // with the final kmax's logit
       }
 #pragma omp critical
     for (int64_t i = 0; i < M * D; ++i) dproj[i] += dp[i];
@@ -431,7 +434,6 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
   const AttnDims d = attn_dims(c);
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E, M = c.d("M");
   const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *proj = c.t("proj").ptr();
-  const float sc = std::pow(float(D), -0.25f);
   TensorMap out;
   out.emplace("y", Tensor::uninitialized({B, T, H, E}));
   out.emplace("state.S", Tensor({B, H, M, E}));
@@ -566,29 +568,12 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
       feature_logits(l.data(), k + (row0 + hd.arg_s * H) * D, H * D, 1, proj, M, D);
       arg_m = std::max_element(l.begin(), l.end()) - l.begin();
     }
-    // the feature map, queries then keys: dl = dphi o phi; dx = sc (dl proj - rowsum(dl) sc x);
-    // dproj += sc dl^T x
+    // the feature map, queries then keys (with the final kmax's logit)
     thread_local std::vector<float> dp;
     dp.assign(size_t(M * D), 0.0f);
-    for (int pass = 0; pass < 2; ++pass) {
-      const float* x = (pass == 0 ? q : k) + row0 * D;
-      float* dx = out.at(pass == 0 ? "dq" : "dk").ptr() + row0 * D;
-      float* dl = pass == 0 ? dQ : dK;
-      const float* f = pass == 0 ? Qf : Kf;
-      for (int64_t i = 0; i < T * M; ++i) dl[i] *= f[i];
-      if (pass == 1 && arg_m >= 0) dl[hd.arg_s * M + arg_m] += Rg;
-      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(D), int(M), sc, dl, int(M), proj, int(D), 0.0f,
-                  dx, int(H * D));
-      for (int64_t t = 0; t < T; ++t) {
-        float sum_dl = 0.0f;
-#pragma omp simd reduction(+ : sum_dl)
-        for (int64_t m = 0; m < M; ++m) sum_dl += dl[t * M + m];
-        const float c2 = sc * sc * sum_dl;
-        for (int64_t j = 0; j < D; ++j) dx[t * H * D + j] -= c2 * x[t * H * D + j];
-      }
-      blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(D), int(T), sc, dl, int(M), x, int(H * D), 1.0f,
-                  dp.data(), int(D));
-    }
+    feature_backward(out.at("dq").ptr() + row0 * D, dQ, Qf, q + row0 * D, H * D, proj, T, M, D, dp.data());
+    feature_backward(out.at("dk").ptr() + row0 * D, dK, Kf, k + row0 * D, H * D, proj, T, M, D, dp.data(),
+                     arg_m >= 0 ? hd.arg_s * M + arg_m : -1, Rg);
     float* dproj = out.at("dproj").ptr();
 #pragma omp critical(performer_dproj)
     for (int64_t i = 0; i < M * D; ++i) dproj[i] += dp[size_t(i)];
