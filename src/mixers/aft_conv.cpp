@@ -39,7 +39,6 @@ MixerSpec aft_conv_spec() {
   };
   // every causal form starts from the sums and the ring (K - 1 rows), and returns the final ones
   set_ring_state(s, [](const Call& c) { return c.d("K") - 1; });
-  s.blocking.push_back({"T", kAftRows});  // the factored band's row blocks (aft_band.cpp)
   s.y_dims = "B,T,C";
   set_reference(s, [](const Call& c, const auto& x) {
     using S = scalar_of<decltype(x)>;
@@ -64,6 +63,7 @@ MixerSpec aft_conv_spec() {
     return y;
   });
   set_aft_forms(s, AftVariant::Conv);
+  s.blocking.push_back({"T", kAftRows});  // the factored band's row blocks (aft_band.cpp), after set_aft_forms' C
   return s;
 }
 
