@@ -49,6 +49,57 @@ inline void running_add2(float* __restrict m, float* __restrict s1, float* __res
   }
 }
 
+// The factored band's operands (AftBand::diagonal, aft_conv), the same for the forward and the
+// backward: ew = e^{w - om} for the band's offsets t - s in [-hi, lo] (om the largest bias); for a
+// block of rows [t0, t0 + rows) its key window [w0, w1) (its rows' bands together), kap (n) the
+// window's largest k per channel, Pk = e^{k - kap} and PV = Pk v (window x n), and Wt
+// (rows x window) = ew inside each row's band, 0 outside. kb, vb: the channel block's row 0, rows
+// ld floats apart.
+struct BandFactors {
+  const AftBand* band = nullptr;
+  const float* dg = nullptr;  // the block's biases, dg[t - s + hi]
+  bool causal = false;
+  int64_t n = 0, w0 = 0, w1 = 0;
+  float om = kEmptyMax;
+  std::vector<float> ew, kap, Pk, PV, Wt;
+  // whether band (for channel block bi) takes the factored form, and if so the buffers ready
+  bool init(const AftBand& b, int64_t bi, int64_t width, bool is_causal) {
+    if (b.diagonal == nullptr || b.lo < 0 || b.lo + b.hi < 1) return false;
+    band = &b, causal = is_causal, n = width, dg = b.diagonal(b.ctx, bi);
+    const int64_t nb = b.lo + b.hi + 1, win = kAftRows + nb - 1;
+    om = kEmptyMax;
+    for (int64_t d = 0; d < nb; ++d) om = vmax(om, dg[d]);
+    ew.resize(size_t(nb));
+    for (int64_t d = 0; d < nb; ++d) ew[size_t(d)] = exp_fast(dg[d] - om);
+    kap.resize(size_t(n)), Pk.resize(size_t(win * n)), PV.resize(size_t(win * n)), Wt.resize(size_t(kAftRows * win));
+    return true;
+  }
+  int64_t window() const { return w1 - w0; }
+  void block(const float* kb, const float* vb, int64_t ld, int64_t T, int64_t t0, int64_t rows) {
+    w0 = std::max<int64_t>(0, t0 - band->lo), w1 = std::min(T, t0 + rows + (causal ? 0 : band->hi));
+    const int64_t W = w1 - w0;
+    float* kp = kap.data();
+    std::fill(kp, kp + n, kEmptyMax);
+    for (int64_t s = w0; s < w1; ++s) {
+      const float* ks = kb + s * ld;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) kp[c] = vmax(kp[c], ks[c]);
+    }
+    for (int64_t s = w0; s < w1; ++s) {
+      const float *ks = kb + s * ld, *vs = vb + s * ld;
+      float *pk = Pk.data() + (s - w0) * n, *pv = PV.data() + (s - w0) * n;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) pk[c] = exp_fast(ks[c] - kp[c]), pv[c] = pk[c] * vs[c];
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t s = w0; s < w1; ++s) {
+        const int64_t d = t0 + i - s;  // in the band when -hi <= d <= lo (causal: 0 <= d)
+        Wt[size_t(i * W + (s - w0))] =
+            d <= band->lo && d >= (causal ? 0 : -band->hi) ? ew[size_t(d + band->hi)] : 0.0f;
+      }
+  }
+};
+
 }  // namespace
 
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
@@ -91,44 +142,19 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
       // (t, s, c). The band's terms are e^{kap + om} (NUM, DEN); where a row's DEN falls below
       // 2^-64 (its band far below the block's largest k and bias: terms may have underflowed) that
       // (t, c) is summed exactly, as the direct form does.
-      const bool fact = band.diagonal != nullptr && band.lo >= 0 && band.lo + band.hi >= 1;
-      const int64_t nb = band.lo + band.hi + 1;  // the band's offsets t - s in [-hi, lo]
-      thread_local std::vector<float> Pk, PV, Wt, NUM, DEN, kap, ew;
-      float om = kEmptyMax;
-      int64_t blk = -1, w0 = 0, w1 = 0;  // the current row block's start and key window
-      const float* dg = fact ? band.diagonal(band.ctx, bi) : nullptr;
-      if (fact) {
-        for (int64_t d = 0; d < nb; ++d) om = vmax(om, dg[d]);
-        ew.resize(size_t(nb));
-        for (int64_t d = 0; d < nb; ++d) ew[size_t(d)] = exp_fast(dg[d] - om);
-        const int64_t win = kAftRows + nb - 1;
-        Pk.resize(size_t(win * n)), PV.resize(size_t(win * n)), Wt.resize(size_t(kAftRows * win));
-        NUM.resize(size_t(kAftRows * n)), DEN.resize(size_t(kAftRows * n)), kap.resize(size_t(n));
-      }
+      thread_local BandFactors bf;
+      thread_local std::vector<float> NUM, DEN;
+      const bool fact = bf.init(band, bi, n, causal);
+      const float *dg = bf.dg, *kap = bf.kap.data();
+      const float om = bf.om;
+      int64_t blk = -1;  // the current row block's start
+      if (fact) NUM.resize(size_t(kAftRows * n)), DEN.resize(size_t(kAftRows * n));
       auto factor_block = [&](int64_t t0) {
         const int64_t rows = std::min(kAftRows, T - t0);
-        w0 = std::max<int64_t>(0, t0 - band.lo), w1 = std::min(T, t0 + rows + (causal ? 0 : band.hi));
-        const int64_t W = w1 - w0;
-        float* kp = kap.data();
-        std::fill(kp, kp + n, kEmptyMax);
-        for (int64_t s = w0; s < w1; ++s) {
-          const float* ks = row(k, s);
-#pragma omp simd
-          for (int64_t c = 0; c < n; ++c) kp[c] = vmax(kp[c], ks[c]);
-        }
-        for (int64_t s = w0; s < w1; ++s) {
-          const float *ks = row(k, s), *vs = row(v, s);
-          float *pk = Pk.data() + (s - w0) * n, *pv = PV.data() + (s - w0) * n;
-#pragma omp simd
-          for (int64_t c = 0; c < n; ++c) pk[c] = exp_fast(ks[c] - kp[c]), pv[c] = pk[c] * vs[c];
-        }
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t s = w0; s < w1; ++s) {
-            const int64_t d = t0 + i - s;  // in the band when -hi <= d <= lo (causal: 0 <= d)
-            Wt[size_t(i * W + (s - w0))] = d <= band.lo && d >= (causal ? 0 : -band.hi) ? ew[size_t(d + band.hi)] : 0.0f;
-          }
-        gemm_nn(NUM.data(), Wt.data(), PV.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
-        gemm_nn(DEN.data(), Wt.data(), Pk.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
+        bf.block(row(k, 0), row(v, 0), C, T, t0, rows);
+        const int64_t W = bf.window();
+        gemm_nn(NUM.data(), bf.Wt.data(), bf.PV.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
+        gemm_nn(DEN.data(), bf.Wt.data(), bf.Pk.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
         blk = t0;
       };
       int64_t next = 0;  // next position to move into the prefix sums
@@ -335,42 +361,21 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
       // and B_s alike with F h o (two GEMMs); the bias's gradient sum_c P_ts (h_t v_s - (h o)_t) is
       // Wt o ((F h) (Pk v)^T - (F h o) Pk^T). A (t, c) with kap + om - lse_t > 20 (F past e^20: terms
       // whose Pk underflowed could matter) takes the direct form instead, its F set to 0.
-      const bool fact = !scan && band.diagonal != nullptr && band.lo >= 0 && band.lo + band.hi >= 1;
+      thread_local BandFactors bf;
+      const bool fact = !scan && bf.init(band, bi, n, causal);
       if (fact) {
-        const int64_t nb = band.lo + band.hi + 1, win = kAftRows + nb - 1;
-        const float* dg = band.diagonal(band.ctx, bi);
-        float om = kEmptyMax;
-        for (int64_t d = 0; d < nb; ++d) om = vmax(om, dg[d]);
-        thread_local std::vector<float> ew, kap, Pk, PkV, Wt, FH, FHO, GA, GB, G1, G2;
+        const int64_t win = kAftRows + band.lo + band.hi;
+        const float *dg = bf.dg, *kp = bf.kap.data(), *Pk = bf.Pk.data(), *PkV = bf.PV.data(), *Wt = bf.Wt.data();
+        const float om = bf.om;
+        thread_local std::vector<float> FH, FHO, GA, GB, G1, G2;
         thread_local std::vector<int64_t> slow;  // (t, c) of the direct form, as t n + c
-        ew.resize(size_t(nb)), kap.resize(size_t(n));
-        for (int64_t d = 0; d < nb; ++d) ew[size_t(d)] = exp_fast(dg[d] - om);
-        Pk.resize(size_t(win * n)), PkV.resize(size_t(win * n)), Wt.resize(size_t(kAftRows * win));
         FH.resize(size_t(kAftRows * n)), FHO.resize(size_t(kAftRows * n)), GA.resize(size_t(win * n));
         GB.resize(size_t(win * n));
         if (bias_grad) G1.resize(size_t(kAftRows * win)), G2.resize(size_t(kAftRows * win));
         for (int64_t t0 = 0; t0 < T; t0 += kAftRows) {
           const int64_t nr = std::min(kAftRows, T - t0);
-          const int64_t w0 = std::max<int64_t>(0, t0 - band.lo), w1 = std::min(T, t0 + nr + (causal ? 0 : band.hi));
-          const int64_t W = w1 - w0;
-          float* kp = kap.data();
-          std::fill(kp, kp + n, kEmptyMax);
-          for (int64_t s = w0; s < w1; ++s) {
-            const float* ks = k + at(s);
-#pragma omp simd
-            for (int64_t c = 0; c < n; ++c) kp[c] = vmax(kp[c], ks[c]);
-          }
-          for (int64_t s = w0; s < w1; ++s) {
-            const float *ks = k + at(s), *vs = v + at(s);
-            float *pk = Pk.data() + (s - w0) * n, *pv = PkV.data() + (s - w0) * n;
-#pragma omp simd
-            for (int64_t c = 0; c < n; ++c) pk[c] = exp_fast(ks[c] - kp[c]), pv[c] = pk[c] * vs[c];
-          }
-          for (int64_t i = 0; i < nr; ++i)
-            for (int64_t s = w0; s < w1; ++s) {
-              const int64_t d = t0 + i - s;
-              Wt[size_t(i * W + (s - w0))] = d <= band.lo && d >= (causal ? 0 : -band.hi) ? ew[size_t(d + band.hi)] : 0.0f;
-            }
+          bf.block(k + at(0), v + at(0), C, T, t0, nr);
+          const int64_t w0 = bf.w0, w1 = bf.w1, W = bf.window();
           slow.clear();
           for (int64_t i = 0; i < nr; ++i) {
             const int64_t t = t0 + i;
@@ -382,17 +387,17 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
               if (direct) slow.push_back(t * n + c);
             }
           }
-          gemm_tn(GA.data(), Wt.data(), FH.data(), W, n, nr, W, n, n, 1.0f, 0.0f);
-          gemm_tn(GB.data(), Wt.data(), FHO.data(), W, n, nr, W, n, n, 1.0f, 0.0f);
+          gemm_tn(GA.data(), Wt, FH.data(), W, n, nr, W, n, n, 1.0f, 0.0f);
+          gemm_tn(GB.data(), Wt, FHO.data(), W, n, nr, W, n, n, 1.0f, 0.0f);
           for (int64_t s = w0; s < w1; ++s) {
-            const float *pk = Pk.data() + (s - w0) * n, *ga = GA.data() + (s - w0) * n, *gb = GB.data() + (s - w0) * n;
+            const float *pk = Pk + (s - w0) * n, *ga = GA.data() + (s - w0) * n, *gb = GB.data() + (s - w0) * n;
             float *As = &A[s * n], *Bss = &Bs[s * n];
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) As[c] += pk[c] * ga[c], Bss[c] += pk[c] * gb[c];
           }
           if (bias_grad) {
-            gemm_nt(G1.data(), FH.data(), PkV.data(), nr, W, n, n, n, W, 1.0f, 0.0f);
-            gemm_nt(G2.data(), FHO.data(), Pk.data(), nr, W, n, n, n, W, 1.0f, 0.0f);
+            gemm_nt(G1.data(), FH.data(), PkV, nr, W, n, n, n, W, 1.0f, 0.0f);
+            gemm_nt(G2.data(), FHO.data(), Pk, nr, W, n, n, n, W, 1.0f, 0.0f);
             for (int64_t i = 0; i < nr; ++i)
               for (int64_t s = w0; s < w1; ++s) {
                 const float w = Wt[size_t(i * W + (s - w0))];
