@@ -36,23 +36,14 @@ void softmax_step(float* y, KVCache& cache, const float* q, const float* k, cons
                   std::vector<float>& scratch);
 
 // ---- linear (src/mixers/linear.cpp) ----
-// The state of the causal forms of linear and norm_linear, all sequences and heads: S (B,H,D,E)
-// and z (B,H,D) (linear only) before token 0 (null: zeros) and after the last token (null: not
-// wanted); in the backward the gradient of the final state (null: zero, fla's dht) and the
-// gradient of the initial one (written where not null, fla's dh0).
-struct LinearStateIO {
-  const float *S0 = nullptr, *z0 = nullptr;
-  float *ST = nullptr, *zT = nullptr;
-  const float *dST = nullptr, *dzT = nullptr;
-  float *dS0 = nullptr, *dz0 = nullptr;
-};
-// Chunked linear attention (intra-chunk quadratic, inter-chunk state S, z), phi = elu + 1.
-void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
-                    bool causal, const LinearStateIO& st = {});
-// Gradient of sum(y * dy) (+ the final state's with st.dST / st.dzT): dq, dk (B,T,H,D), dv
-// (B,T,H,E), written; st.dS0 / st.dz0 written when given. O(T) extra memory.
+// Linear attention's non-causal form (every position sees every key), phi = elu + 1: per head
+// S = phi(K)^T V, z = sum phi(k), y_t = phi(q_t)^T S / (phi(q_t) . z + eps) (two GEMMs). The
+// causal form, from a given state and returning the final one, is the registry's "linear" (the
+// gated chunked kernels of decay_chunk.h).
+void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps);
+// Gradient of sum(y * dy): dq, dk (B,T,H,D), dv (B,T,H,E), written. O(T) extra memory.
 void linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                     const float* dy, const AttnDims& d, float eps, bool causal, const LinearStateIO& st = {});
+                     const float* dy, const AttnDims& d, float eps);
 // State of one sequence: S: (H,D,E), z: (H,D).
 struct LinearState {
   int64_t H = 0, D = 0, E = 0;
@@ -171,25 +162,14 @@ namespace linmix {
 
 // ---- performer (src/mixers/performer.cpp) ----
 // FAVOR+ positive random features. proj: (M,D) rows omega_m. y, q, k, v as softmax.
-// Queries are stabilised by their row max, keys by the running max over s <= t (the global
-// max when non-causal), with the carried state rescaled when it grows.
-// st (causal only): the state before token 0 and after the last, as the stepper's (S (B,H,M,E),
-// z (B,H,M) scaled by e^{-kmax}, kmax (B,H): the largest key logit so far, -1e38 when empty);
-// lin holds S, z and their gradients, the rest kmax's.
-struct PerformerStateIO {
-  LinearStateIO lin;
-  const float* kmax0 = nullptr;
-  float* kmaxT = nullptr;
-  const float* dkmaxT = nullptr;
-  float* dkmax0 = nullptr;
-};
+// The non-causal form: queries are stabilised by their row max, keys by the max over all keys.
+// The causal form (the running key max as a decay, from a given state) is the registry's
+// "performer" (the gated chunked kernels of decay_chunk.h).
 void performer_forward(float* y, const float* q, const float* k, const float* v, const float* proj,
-                       const AttnDims& d, int64_t M, bool causal, const PerformerStateIO& st = {});
-// Gradient of sum(y * dy) (+ the final state's, st.lin.dST / dzT / dkmaxT): dq, dk, dv, dproj
-// written; st.lin.dS0 / dz0 and st.dkmax0 written when given.
+                       const AttnDims& d, int64_t M);
+// Gradient of sum(y * dy): dq, dk, dv, dproj written.
 void performer_backward(float* dq, float* dk, float* dv, float* dproj, const float* q, const float* k, const float* v,
-                        const float* proj, const float* dy, const AttnDims& d, int64_t M, bool causal,
-                        const PerformerStateIO& st = {});
+                        const float* proj, const float* dy, const AttnDims& d, int64_t M);
 // State of one sequence: S: (H,M,E), z: (H,M), both scaled by exp(-kmax[h]); kmax: (H).
 struct PerformerState {
   int64_t H = 0, M = 0, E = 0;

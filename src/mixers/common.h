@@ -245,55 +245,29 @@ void set_reference(MixerSpec& s, F f) {
 // (B,T,H,D,E) of a multi-head call.
 inline AttnDims attn_dims(const Call& c) { return {c.d("B"), c.d("T"), c.d("H"), c.d("D"), c.d("E")}; }
 
-// parallel and backward for the q, k, v mechanisms with one `eps` param (linear, norm_linear):
-// y (B,T,H,E) from forward; backward returns y and dq, dk, dv. Their causal form carries the
-// state (state_all_modes): S (B,H,D,E) and, where the spec declares it, z (B,H,D); from the
-// call's state.* (zeros without), the final state returned as state.*, and in the backward the
-// call's dfinal.* taken in and dstate.* returned.
-using QkvForward = void (*)(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
-                            bool causal, const LinearStateIO& st);
+// parallel and backward for the q, k, v mechanisms with one `eps` param (linear, norm_linear), their
+// non-causal forms (the causal ones, with the state, run on the gated kernels: linear_forms.h's
+// set_causal_forms, set after these): y (B,T,H,E) from forward; backward returns y and dq, dk, dv.
+using QkvForward = void (*)(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps);
 using QkvBackward = void (*)(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                             const float* dy, const AttnDims& d, float eps, bool causal, const LinearStateIO& st);
+                             const float* dy, const AttnDims& d, float eps);
 inline void set_qkv_eps_forms(MixerSpec& s, QkvForward fwd, QkvBackward bwd) {
-  auto dims = attn_dims;
-  bool has_z = false;
-  for (const auto& t : s.state) has_z = has_z || t.name == "z";
-  // the state pointers of a call; out gets the final state (and with grad the initial state's gradient)
-  auto state_io = [has_z](const Call& c, const AttnDims& d, TensorMap& out, bool grad) {
-    LinearStateIO st;
-    if (!c.causal) return st;
-    auto in = [&](const char* n) { return c.has(n) ? c.t(n).ptr() : nullptr; };
-    st.S0 = in("state.S"), st.dST = in("dfinal.S");
-    out["state.S"] = Tensor({d.B, d.H, d.D, d.E});
-    st.ST = out["state.S"].ptr();
-    if (grad) out["dstate.S"] = Tensor({d.B, d.H, d.D, d.E}), st.dS0 = out["dstate.S"].ptr();
-    if (has_z) {
-      st.z0 = in("state.z"), st.dzT = in("dfinal.z");
-      out["state.z"] = Tensor({d.B, d.H, d.D});
-      st.zT = out["state.z"].ptr();
-      if (grad) out["dstate.z"] = Tensor({d.B, d.H, d.D}), st.dz0 = out["dstate.z"].ptr();
-    }
-    return st;
-  };
-  s.parallel = [fwd, dims, state_io](const Call& c) {
-    const AttnDims d = dims(c);
-    TensorMap out;
-    const LinearStateIO st = state_io(c, d, out, false);
+  const std::string name = s.name;
+  s.parallel = [fwd, name](const Call& c) {
+    LINMIX_CHECK(!c.causal, name + ": the causal form is set_causal_forms' (linear_forms.h)");
+    const AttnDims d = attn_dims(c);
     Tensor y({d.B, d.T, d.H, d.E});
-    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal, st);
-    out["y"] = std::move(y);
-    return out;
+    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")));
+    return TensorMap{{"y", std::move(y)}};
   };
-  s.backward = [fwd, bwd, dims, state_io](const Call& c, const Tensor& dy) {
-    const AttnDims d = dims(c);
-    TensorMap out;
-    const LinearStateIO st = state_io(c, d, out, true);
+  s.backward = [fwd, bwd, name](const Call& c, const Tensor& dy) {
+    LINMIX_CHECK(!c.causal, name + ": the causal form is set_causal_forms' (linear_forms.h)");
+    const AttnDims d = attn_dims(c);
     Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E});
-    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")), c.causal, st);
-    bwd(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d, float(c.p("eps")),
-        c.causal, st);
+    fwd(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), d, float(c.p("eps")));
+    bwd(dq.ptr(), dk.ptr(), dv.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), dy.ptr(), d, float(c.p("eps")));
+    TensorMap out;
     out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
-    if (!c.has("state.S")) out.erase("dstate.S"), out.erase("dstate.z");  // no initial state, no gradient of it
     return out;
   };
 }

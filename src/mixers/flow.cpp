@@ -219,7 +219,7 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
           for (int64_t x = 0; x < D; ++x) Q[t * D + x] *= I[t];
         }
         // the product into contiguous rows, then scaled by alloc into y's strided rows
-        linear_product(Yh.data(), nullptr, Q.data(), K.data(), Vc.data(), {T, D, E, D, D, E, E, false});
+        linear_product(Yh.data(), nullptr, Q.data(), K.data(), Vc.data(), {T, D, E, D, D, E, E});
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return alloc[t]; });
       }
   }
@@ -450,7 +450,7 @@ void flow_backward(float* dq, float* dk, float* dv, const float* q, const float*
       for (int64_t h = 0; h < H; ++h) {
         const FlowHead hd{b, b * H + h, b * T * H + h, T, H, D, E, false, st};
         flow_intermediates(w, hd, q, k, v);
-        const LinearProductArgs args{T, D, E, D, D, E, E, false};
+        const LinearProductArgs args{T, D, E, D, D, E, E};
         linear_product(o.data(), nullptr, w.Qs.data(), w.K.data(), w.Vc.data(), args);
         for (int64_t t = 0; t < T; ++t) {  // y = o alloc
           const float* g = dy + (hd.row0 + t * H) * E;
@@ -559,7 +559,7 @@ MixerSpec make_spec() {
   MixerSpec s;
   s.name = "flow";
   s.blocking = {{"T", kLinearChunk}};
-  // the chunked product of kernels/linear_product.h
+  // the causal form's chunked product (chunked_product_flops; non-causal: fewer)
   // plus the flow normalisers (2 dot products of D per token and head, q and k)
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));

@@ -1,12 +1,10 @@
 // linear — linear attention, "Transformers are RNNs" (Katharopoulos et al. 2020), phi = elu+1.
-// parallel: phi applied once per row, then the chunked product of kernels/linear_product.h
-// (intra-chunk masked quadratic, inter-chunk state S = sum phi(k) v^T, z = sum phi(k);
-// paper eq. 10-12). Non-causal: one S, z for all positions. The causal parallel form and its
-// backward run on the gated chunked kernels with no decay (linear_forms.h; linear_causal_run below).
+// parallel: phi applied once per row, then, non-causal, the product of kernels/linear_product.h
+// (S = sum phi(k) v^T, z = sum phi(k) over every position: two GEMMs; paper eq. 5-6); the causal
+// form and its backward run on the gated chunked kernels with no decay (linear_forms.h;
+// linear_causal_run below; paper eq. 10-12 chunked as in flash-linear-attention).
 // recurrent: S, z per head, one token at a time (paper eq. 18-20). The causal form starts
-// from a given state (S0, z0) and returns the final one in every mode (state_all_modes): the
-// chunked product carries them (kernels/linear_product.h), and the backward adds the state's
-// part (dS0, dz0 and the final state's gradient into k, v).
+// from a given state (S0, z0) and returns the final one in every mode (state_all_modes).
 #include "../ref/ref_util.h"
 #include "../kernels/linear_product.h"
 #include "common.h"
@@ -65,8 +63,7 @@ void linear_ref(S* y, const S* q, const S* k, const S* v, const AttnDims& d, S e
 namespace linmix {
 
 
-void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
-                    bool causal, const LinearStateIO& st) {
+void linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -76,13 +73,11 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h, bh = b * H + h;
+        const int64_t row0 = b * T * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
         gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
-        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(),
-                       {T, D, E, D, D, E, E, causal, state_rows(st.S0, bh, D * E), state_rows(st.z0, bh, D),
-                        state_rows(st.ST, bh, D * E), state_rows(st.zT, bh, D)});
+        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E});
         // y_t = phi(q_t)^T S / (phi(q_t) . z + eps)
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return 1.0f / (den[t] + eps); });
       }
@@ -91,11 +86,10 @@ void linear_forward(float* y, const float* q, const float* k, const float* v, co
 
 // Backward of linear_forward. Per head: phi rows and the forward product are recomputed,
 // then with r_t = 1 / (den_t + eps):  dnum_t = dy_t r_t,  dden_t = -(dy_t . y_t) r_t,
-// the product's backward (kernels/linear_product.h), the state's part (linear_product_state_backward)
-// and phi'(x) = 1 (x > 0) or e^x. dq, dk: (B,T,H,D); dv: (B,T,H,E), written. Extra memory
-// O(T (D + E)) per thread.
+// the product's backward (kernels/linear_product.h) and phi'(x) = 1 (x > 0) or e^x. dq, dk:
+// (B,T,H,D); dv: (B,T,H,E), written. Extra memory O(T (D + E)) per thread.
 void linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                     const float* dy, const AttnDims& d, float eps, bool causal, const LinearStateIO& st) {
+                     const float* dy, const AttnDims& d, float eps) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -104,13 +98,12 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h, bh = b * H + h;
+        const int64_t row0 = b * T * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
         gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
         gather_head(G.data(), dy, row0, T, H, E, identity_fn);
-        const float *S0 = state_rows(st.S0, bh, D * E), *z0 = state_rows(st.z0, bh, D);
-        const LinearProductArgs args{T, D, E, D, D, E, E, causal, S0, z0};
+        const LinearProductArgs args{T, D, E, D, D, E, E};
         linear_product(num.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), args);
         for (int64_t t = 0; t < T; ++t) {
           const float r = 1.0f / (den[t] + eps);
@@ -122,9 +115,6 @@ void linear_backward(float* dq, float* dk, float* dv, const float* q, const floa
         }
         linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), dnum.data(), E,
                                 dden.data(), args);
-        linear_product_state_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), Vh.data(), E, dnum.data(),
-                                      dden.data(), T, D, E, S0, z0, state_rows(st.dST, bh, D * E),
-                                      state_rows(st.dzT, bh, D), state_rows(st.dS0, bh, D * E), state_rows(st.dz0, bh, D));
         scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);
         scatter_head_dphi(dk, dK.data(), k, row0, T, H, D);
         scatter_head(dv, dV.data(), row0, T, H, E, [](int64_t) { return 1.0f; });
@@ -258,7 +248,7 @@ MixerSpec make_spec() {
   s.name = "linear";
   s.more_params = {{{"eps", "0.5"}}};  // an eps that matters (the default 1e-6 hides a wrong use)
   s.blocking = {{"T", kLinearChunk}};
-  // the chunked product of kernels/linear_product.h
+  // the causal form's chunked product (chunked_product_flops; non-causal: fewer)
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
     return chunked_product_flops(T, H, D, E);

@@ -1,6 +1,6 @@
 // norm_linear — TransNormer's NormAttention (Qin et al. 2022, "The Devil in Linear
 // Transformer", sec. 4.1): linear attention without the denominator, its output normalised by
-// SRMSNorm. parallel: phi = elu + 1 per row, the chunked product of kernels/linear_product.h
+// SRMSNorm. parallel: phi = elu + 1 per row, non-causal the product of kernels/linear_product.h
 // without normaliser, then SRMS per head; recurrent: S (D,E) per head. The causal form starts
 // from a given S and returns the final one in every mode, as linear's. The causal parallel form
 // and its backward run on the gated chunked kernels with no decay (linear_forms.h), the SRMSNorm
@@ -78,8 +78,7 @@ void norm_linear_step(float* S, float* y, const float* q, const float* k, const 
   srms(y, E, eps);
 }
 
-void norm_linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps,
-                         bool causal, const LinearStateIO& st) {
+void norm_linear_forward(float* y, const float* q, const float* k, const float* v, const AttnDims& d, float eps) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -88,23 +87,22 @@ void norm_linear_forward(float* y, const float* q, const float* k, const float* 
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h, bh = b * H + h;
+        const int64_t row0 = b * T * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
         gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
-        linear_product(Yh.data(), nullptr, Qf.data(), Kf.data(), Vh.data(),
-                       {T, D, E, D, D, E, E, causal, state_rows(st.S0, bh, D * E), nullptr, state_rows(st.ST, bh, D * E)});
+        linear_product(Yh.data(), nullptr, Qf.data(), Kf.data(), Vh.data(), {T, D, E, D, D, E, E});
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return srms_scale(Yh.data() + t * E, E, eps); });
       }
   }
 }
 
-// Backward of norm_linear_forward. Per head the product o = phi(Q) phi(K)^T V (masked) is
+// Backward of norm_linear_forward. Per head the product o = phi(Q) phi(K)^T V is
 // recomputed; SRMS backward: with y = o r, r = (mean(o^2) + eps)^(-1/2),
 //   do = r (dy - y (dy . y) / E);
 // then the product's backward and phi'(x) = 1 (x > 0) or e^x.
 void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
-                          const float* dy, const AttnDims& d, float eps, bool causal, const LinearStateIO& st) {
+                          const float* dy, const AttnDims& d, float eps) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
@@ -112,12 +110,11 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h, bh = b * H + h;
+        const int64_t row0 = b * T * H + h;
         gather_head(Qf.data(), q, row0, T, H, D, phi_fn);
         gather_head(Kf.data(), k, row0, T, H, D, phi_fn);
-        const float* S0 = state_rows(st.S0, bh, D * E);
         const float* vh = v + row0 * E;  // the head's value rows, stride H E
-        const LinearProductArgs args{T, D, E, D, D, H * E, E, causal, S0};
+        const LinearProductArgs args{T, D, E, D, D, H * E, E};
         linear_product(o.data(), nullptr, Qf.data(), Kf.data(), vh, args);
         for (int64_t t = 0; t < T; ++t) {
           const float* ot = &o[t * E];
@@ -129,11 +126,7 @@ void norm_linear_backward(float* dq, float* dk, float* dv, const float* q, const
           for (int64_t e = 0; e < E; ++e) gy += g[e] * ot[e] * r;
           for (int64_t e = 0; e < E; ++e) dO[t * E + e] = r * (g[e] - ot[e] * r * gy / float(E));
         }
-        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), vh, dO.data(), E,
-                                nullptr, args);
-        linear_product_state_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), vh, H * E, dO.data(),
-                                      nullptr, T, D, E, S0, nullptr, state_rows(st.dST, bh, D * E), nullptr,
-                                      state_rows(st.dS0, bh, D * E), nullptr);
+        linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), vh, dO.data(), E, nullptr, args);
         scatter_head_dphi(dq, dQ.data(), q, row0, T, H, D);
         scatter_head_dphi(dk, dK.data(), k, row0, T, H, D);
         for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
@@ -181,7 +174,7 @@ MixerSpec norm_linear() {
   s.name = "norm_linear";
   s.more_params = {{{"eps", "0.5"}}};  // an eps that matters (the default 1e-6 hides a wrong use)
   s.blocking = {{"T", kLinearChunk}};
-  // the chunked product of kernels/linear_product.h
+  // the causal form's chunked product (chunked_product_flops; non-causal: fewer)
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
     return chunked_product_flops(T, H, D, E);

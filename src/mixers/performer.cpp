@@ -5,7 +5,8 @@
 // row max; keys subtract the max over all keys (non-causal) or the running max over keys
 // s <= t (causal, both forms), the carried S, z being rescaled by exp(old max - new max) <= 1.
 // The causal parallel form and its backward run on the gated chunked kernels, the running key max
-// as the decay (performer_causal_run); the non-causal form on the chunked product.
+// as the decay (performer_causal_run); the non-causal form on the product of
+// kernels/linear_product.h (two GEMMs).
 #include <random>
 
 #include "kernels/blas.h"
@@ -174,116 +175,23 @@ void head_features(float* Qf, float* Kf, float* g, const float* q, const float* 
 }
 
 
-// The chunked product's arguments for head bh (= b H + h) of a call, with its state's rows.
-LinearProductArgs head_args(const PerformerStateIO& st, int64_t bh, int64_t T, int64_t M, int64_t E, int64_t ldv,
-                            bool causal, float kmax0) {
-  LinearProductArgs a{T, M, E, M, M, ldv, E, causal};
-  if (!causal) return a;
-  a.S0 = state_rows(st.lin.S0, bh, M * E), a.z0 = state_rows(st.lin.z0, bh, M);
-  a.ST = state_rows(st.lin.ST, bh, M * E), a.zT = state_rows(st.lin.zT, bh, M);
-  a.g0 = kmax0;
-  return a;
-}
-
-// The state's part of one head's backward (see performer_backward): adds into dQ, dK (T,M) and
-// dV (T,E) (the features' and values' gradients), writes the head's dS0, dz0, dkmax0 where
-// wanted, and returns the key logit (arg_s, arg_m; -1: kmax0 itself) that the final kmax g_T
-// comes from with g_T's own gradient R (added into the logits' gradient by the caller). ST, zT:
-// the final state (M,E), (M); W: scratch.
-void performer_state_backward(float* dQ, float* dK, float* dV, int64_t& arg_s, int64_t& arg_m, float& R,
-                              const PerformerStateIO& st, int64_t bh, const float* Qf, const float* Kf, const float* g,
-                              const float* dnum, const float* dden, const float* v, int64_t ldv, const float* ST,
-                              const float* zT, float kmax0, const float* k, int64_t ldk, const float* proj, int64_t T,
-                              int64_t M, int64_t D, int64_t E, std::vector<float>& W) {
-  const float *S0 = state_rows(st.lin.S0, bh, M * E), *z0 = state_rows(st.lin.z0, bh, M);
-  float *dS0 = state_rows(st.lin.dS0, bh, M * E), *dz0 = state_rows(st.lin.dz0, bh, M);
-  const float *GS = state_rows(st.lin.dST, bh, M * E), *Gz = state_rows(st.lin.dzT, bh, M);
-  W.resize(2 * T * M);
-  float *Wq = W.data(), *P = W.data() + T * M;
-  auto dot = [](const float* a, const float* b, int64_t n) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-    return s;
-  };
-  float dkm0 = 0.0f;
-  if (S0) {  // every row sees the initial state at the scale w_t = e^{kmax0 - g_t}
-    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(M), int(E), 1.0f, dnum, int(E), S0, int(E), 0.0f,
-                P, int(M));  // dnum S0^T
-    for (int64_t t = 0; t < T; ++t) {
-      const float w = exp_fast(kmax0 - g[t]);
-      for (int64_t m = 0; m < M; ++m) {
-        dQ[t * M + m] += w * (P[t * M + m] + dden[t] * z0[m]);
-        Wq[t * M + m] = w * Qf[t * M + m];
-      }
-    }
-    if (dS0) {
-      blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(E), int(T), 1.0f, Wq, int(M), dnum, int(E), 0.0f,
-                  dS0, int(E));
-      for (int64_t m = 0; m < M; ++m) {
-        float s = 0.0f;
-        for (int64_t t = 0; t < T; ++t) s += Wq[t * M + m] * dden[t];
-        dz0[m] = s;
-      }
-      dkm0 = dot(S0, dS0, M * E) + dot(z0, dz0, M);
-    }
-  }
-  arg_s = arg_m = -1, R = 0.0f;
-  if (GS || Gz || st.dkmaxT) {
-    const float gT = g[T - 1];
-    if (GS)  // P = V G_S^T: (T,M)
-      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(M), int(E), 1.0f, v, int(ldv), GS, int(E), 0.0f,
-                  P, int(M));
-    for (int64_t s = 0; s < T; ++s) {
-      const float u = exp_fast(g[s] - gT);
-      for (int64_t m = 0; m < M; ++m) {
-        dK[s * M + m] += u * ((GS ? P[s * M + m] : 0.0f) + (Gz ? Gz[m] : 0.0f));
-        Wq[s * M + m] = u * Kf[s * M + m];
-      }
-    }
-    if (GS)  // dV += (u o Kf) G_S
-      blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(T), int(E), int(M), 1.0f, Wq, int(M), GS, int(E), 1.0f,
-                  dV, int(E));
-    R = (st.dkmaxT ? st.dkmaxT[bh] : 0.0f) - (GS ? dot(GS, ST, M * E) : 0.0f) - (Gz ? dot(Gz, zT, M) : 0.0f);
-    if (S0) {
-      const float wT = exp_fast(kmax0 - gT);
-      if (dS0) {
-        for (int64_t i = 0; GS && i < M * E; ++i) dS0[i] += wT * GS[i];
-        for (int64_t m = 0; Gz && m < M; ++m) dz0[m] += wT * Gz[m];
-      }
-      dkm0 += wT * ((GS ? dot(GS, S0, M * E) : 0.0f) + (Gz ? dot(Gz, z0, M) : 0.0f));
-    }
-    if (S0 && kmax0 == gT) {
-      dkm0 += R;  // the state's kmax is still the largest
-    } else {  // the first key row whose logits reach g_T, and its largest logit
-      arg_s = 0;
-      while (arg_s < T - 1 && g[arg_s] < gT) ++arg_s;
-      feature_logits(P, k + arg_s * ldk, ldk, 1, proj, M, D);
-      arg_m = std::max_element(P, P + M) - P;
-    }
-  }
-  if (st.dkmax0) st.dkmax0[bh] = dkm0;
-}
-
 }  // namespace
 
 void performer_forward(float* y, const float* q, const float* k, const float* v, const float* proj,
-                       const AttnDims& d, int64_t M, bool causal, const PerformerStateIO& st) {
+                       const AttnDims& d, int64_t M) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
 #pragma omp parallel
   {
-    // Qf, Kf: (T,M) features of one head; den: (T); g: (T) running key max (causal).
-    // Vh, Yh: (T,E) the head's values and outputs, contiguous
-    std::vector<float> Qf(T * M), Kf(T * M), Vh(T * E), Yh(T * E), den(T), g(T);
+    // Qf, Kf: (T,M) features of one head; den: (T); Vh, Yh: (T,E) the head's values and
+    // outputs, contiguous
+    std::vector<float> Qf(T * M), Kf(T * M), Vh(T * E), Yh(T * E), den(T);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h, bh = b * H + h;
-        const float kmax0 = causal && st.kmax0 ? st.kmax0[bh] : kEmptyMax;
-        head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal, kmax0);
+        const int64_t row0 = b * T * H + h;
+        head_features(Qf.data(), Kf.data(), nullptr, q, k, proj, row0, T, H, D, M, false);
         gather_head(Vh.data(), v, row0, T, H, E, identity_fn);
-        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), head_args(st, bh, T, M, E, E, causal, kmax0),
-                       causal ? g.data() : nullptr);
-        if (causal && st.kmaxT) st.kmaxT[bh] = T > 0 ? g[T - 1] : kmax0;
+        linear_product(Yh.data(), den.data(), Qf.data(), Kf.data(), Vh.data(), {T, M, E, M, M, E, E});
         scatter_head(y, Yh.data(), row0, T, H, E, [&](int64_t t) { return 1.0f / den[t]; });
       }
   }
@@ -295,33 +203,21 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
 // gives d(features); a feature f = exp(l - shift) gives dl = df f; and
 // l_m(x) = omega_m . x' - |x'|^2 / 2, x' = x D^(-1/4) gives
 //   dx = D^(-1/4) (sum_m dl_m omega_m - (sum_m dl_m) x'),  dproj_m += sum over rows dl_m x'.
-// The state (causal): every row t sees S0, z0 at the scale w_t = e^{kmax0 - g_t}:
-//   dQf_t += w_t (S0 dnum_t + z0 dden_t),  dS0 = sum_t w_t Qf_t dnum_t^T,  dz0 = sum_t w_t Qf_t dden_t,
-// and kmax0 scales them: dkmax0 = <S0, dS0> + <z0, dz0>. The final state S_T = e^{kmax0 - g_T} S0 +
-// sum_s u_s Kf_s v_s^T (u_s = e^{g_s - g_T}; z_T alike) takes (G_S, G_z): dKf_s += u_s (G_S v_s + G_z),
-// dv_s += u_s G_S^T Kf_s, dS0 += e^{kmax0 - g_T} G_S (dz0, dkmax0 alike); g_T, the largest logit,
-// takes G_kmax - <G_S, S_T> - <G_z, z_T> into the logit that attains it (or kmax0).
 void performer_backward(float* dq, float* dk, float* dv, float* dproj, const float* q, const float* k, const float* v,
-                        const float* proj, const float* dy, const AttnDims& d, int64_t M, bool causal,
-                        const PerformerStateIO& st) {
+                        const float* proj, const float* dy, const AttnDims& d, int64_t M) {
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, E = d.E;
   std::fill(dproj, dproj + M * D, 0.0f);
 #pragma omp parallel
   {
-    std::vector<float> Qf(T * M), Kf(T * M), g(T), num(T * E), den(T), dnum(T * E), dden(T), dQ(T * M), dK(T * M),
-        dV(T * E), dp(M * D, 0.0f), ST, zT, W;
+    std::vector<float> Qf(T * M), Kf(T * M), num(T * E), den(T), dnum(T * E), dden(T), dQ(T * M), dK(T * M),
+        dV(T * E), dp(M * D, 0.0f);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t row0 = b * T * H + h, bh = b * H + h;
-        const float kmax0 = causal && st.kmax0 ? st.kmax0[bh] : kEmptyMax;
-        head_features(Qf.data(), Kf.data(), g.data(), q, k, proj, row0, T, H, D, M, causal, kmax0);
-        const float* gp = causal ? g.data() : nullptr;
-        LinearProductArgs args = head_args(st, bh, T, M, E, H * E, causal, kmax0);
-        const bool final_grad = causal && (st.lin.dST || st.lin.dzT || st.dkmaxT);
-        if (final_grad) ST.assign(M * E, 0.0f), zT.assign(M, 0.0f), args.ST = ST.data(), args.zT = zT.data();
-        linear_product(num.data(), den.data(), Qf.data(), Kf.data(), v + row0 * E, args, gp);
-        args.ST = nullptr, args.zT = nullptr;
+        const int64_t row0 = b * T * H + h;
+        head_features(Qf.data(), Kf.data(), nullptr, q, k, proj, row0, T, H, D, M, false);
+        const LinearProductArgs args{T, M, E, M, M, H * E, E};
+        linear_product(num.data(), den.data(), Qf.data(), Kf.data(), v + row0 * E, args);
         for (int64_t t = 0; t < T; ++t) {
           const float* gy = dy + (row0 + t * H) * E;
           float s = 0.0f;
@@ -330,17 +226,10 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
           dden[t] = -s / (den[t] * den[t]);
         }
         linear_product_backward(dQ.data(), dK.data(), dV.data(), Qf.data(), Kf.data(), v + row0 * E, dnum.data(), E,
-                                dden.data(), args, gp);
-        int64_t arg_s = -1, arg_m = -1;  // the key logit g_T comes from (none: kmax0)
-        float R = 0.0f;                  // g_T's own gradient
-        if (causal && (args.S0 || final_grad))
-          performer_state_backward(dQ.data(), dK.data(), dV.data(), arg_s, arg_m, R, st, bh, Qf.data(), Kf.data(),
-                                   g.data(), dnum.data(), dden.data(), v + row0 * E, H * E, ST.data(), zT.data(), kmax0,
-                                   k + row0 * D, H * D, proj, T, M, D, E, W);
+                                dden.data(), args);
         for (int64_t t = 0; t < T; ++t) std::copy(&dV[t * E], &dV[t * E] + E, dv + (row0 + t * H) * E);
         feature_backward(dq + row0 * D, dQ.data(), Qf.data(), q + row0 * D, H * D, proj, T, M, D, dp.data());
-        feature_backward(dk + row0 * D, dK.data(), Kf.data(), k + row0 * D, H * D, proj, T, M, D, dp.data(),
-                         arg_s >= 0 ? arg_s * M + arg_m : -1, R);  // with the final kmax's logit
+        feature_backward(dk + row0 * D, dK.data(), Kf.data(), k + row0 * D, H * D, proj, T, M, D, dp.data());
       }
 #pragma omp critical
     for (int64_t i = 0; i < M * D; ++i) dproj[i] += dp[i];
@@ -586,7 +475,7 @@ MixerSpec make_spec() {
   MixerSpec s;
   s.name = "performer";
   s.blocking = {{"T", kLinearChunk}};
-  // the chunked product of kernels/linear_product.h
+  // the causal form's chunked product (chunked_product_flops; non-causal: fewer)
   // with M features in place of D, plus the feature logits of q and k (2 T M D each)
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     const double T = double(d.at("T")), H = double(d.at("H")), D = double(d.at("D")), E = double(d.at("E"));
@@ -633,45 +522,24 @@ MixerSpec make_spec() {
                           c.causal ? fin : nullptr, fin + BH * M * d.E, fin + BH * (M * d.E + M));
     return y;
   });
-  // the call's state pointers (causal); out gets the final state and, with grad, the initial one's gradient
-  auto state_io = [](const Call& c, TensorMap& out, bool grad) {
-    PerformerStateIO st;
-    if (!c.causal) return st;
+  // the non-causal forms (the causal ones: set_causal_forms below)
+  s.parallel = [](const Call& c) {
+    LINMIX_CHECK(!c.causal, "performer: the causal form is performer_causal_run");
     const AttnDims d = attn_dims(c);
-    const int64_t M = c.d("M");
-    auto in = [&](const char* n) { return c.has(n) ? c.t(n).ptr() : nullptr; };
-    auto make = [&](const std::string& n, std::vector<int64_t> shape) { return (out[n] = Tensor(std::move(shape))).ptr(); };
-    st.lin.S0 = in("state.S"), st.lin.z0 = in("state.z"), st.kmax0 = in("state.kmax");
-    st.lin.ST = make("state.S", {d.B, d.H, M, d.E}), st.lin.zT = make("state.z", {d.B, d.H, M});
-    st.kmaxT = make("state.kmax", {d.B, d.H});
-    if (grad) {
-      st.lin.dST = in("dfinal.S"), st.lin.dzT = in("dfinal.z"), st.dkmaxT = in("dfinal.kmax");
-      if (st.lin.S0)
-        st.lin.dS0 = make("dstate.S", {d.B, d.H, M, d.E}), st.lin.dz0 = make("dstate.z", {d.B, d.H, M}),
-        st.dkmax0 = make("dstate.kmax", {d.B, d.H});
-    }
-    return st;
-  };
-  s.parallel = [state_io](const Call& c) {
-    const AttnDims d = attn_dims(c);
-    TensorMap out;
-    const PerformerStateIO st = state_io(c, out, false);
     Tensor y({d.B, d.T, d.H, d.E});
-    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, c.d("M"),
-                      c.causal, st);
-    out["y"] = std::move(y);
-    return out;
+    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, c.d("M"));
+    return TensorMap{{"y", std::move(y)}};
   };
-  s.backward = [state_io](const Call& c, const Tensor& dy) {
+  s.backward = [](const Call& c, const Tensor& dy) {
+    LINMIX_CHECK(!c.causal, "performer: the causal form is performer_causal_run");
     const AttnDims d = attn_dims(c);
     const int64_t M = c.d("M");
-    TensorMap out;
-    const PerformerStateIO st = state_io(c, out, true);
     Tensor y({d.B, d.T, d.H, d.E}), dq({d.B, d.T, d.H, d.D}), dk({d.B, d.T, d.H, d.D}), dv({d.B, d.T, d.H, d.E}),
         dproj({M, d.D});
-    performer_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), c.t("proj").ptr(), d, M, c.causal, st);
-    performer_backward(dq.ptr(), dk.ptr(), dv.ptr(), dproj.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(),
-                       c.t("proj").ptr(), dy.ptr(), d, M, c.causal, st);
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *proj = c.t("proj").ptr();
+    performer_forward(y.ptr(), q, k, v, proj, d, M);
+    performer_backward(dq.ptr(), dk.ptr(), dv.ptr(), dproj.ptr(), q, k, v, proj, dy.ptr(), d, M);
+    TensorMap out;
     out["y"] = std::move(y), out["dq"] = std::move(dq), out["dk"] = std::move(dk), out["dv"] = std::move(dv);
     out["dproj"] = std::move(dproj);
     return out;
