@@ -3,8 +3,9 @@
 `linmix bench`'s shapes and params), forward and forward + backward
   - of the same kernels timed by `linmix bench` (the C++ call, no Python),
   - through linmix.ops (torch tensors in and out, autograd): the binding's overhead, target <= 10%
-    (forward+backward against the kernels it runs: the forward, then the hand-written backward,
-    which recomputes what it needs as linmix's own trainer does),
+    (forward+backward against the kernels it runs: the forward keeping its chunk states, then the
+    hand-written backward on them; the forms that keep nothing: the forward, then the backward that
+    recomputes what it needs),
   - of the plain-PyTorch implementation a user would write (bench/peer.py's, checked there against
     the float64 oracle): linmix.ops' speed-up, target >= 3x for the chunked and scan mechanisms
     (every one but the quadratic softmax, aft_full, aft_local, block_softmax and fnet's FFT).
@@ -115,7 +116,8 @@ def main():
         forms = {"kernel_fwd": lambda: _C.kernel_seconds(name, causal, ptext, x, a.threads),
                  "ops_fwd": timed(ops_fwd), "ops_fwd_unchecked": timed(ops_fwd_unchecked)}
         if spec.get("backward"):
-            forms["kernel_fwdbwd"] = lambda: _C.kernel_seconds(name, causal, ptext, {**x, "dy": dy}, a.threads)
+            # the forward keeping what its backward reads, then that backward: what ops runs
+            forms["kernel_fwdbwd"] = lambda: _C.kernel_seconds(name, causal, ptext, {**x, "dy": dy}, a.threads, True)
             forms["ops_fwdbwd"] = timed(fb_ops)
         row.update(alternated(forms, a.rounds, a.max_seconds))
         row.setdefault("kernel_fwdbwd", None)
@@ -144,14 +146,14 @@ def main():
                 row["peer_fwdbwd"] = once_fb  # one run: the peer is that slow
             else:
                 row["peer_fwdbwd_over"] = a.max_seconds  # one run took longer: not repeated
-        # autograd needs y in the forward, and the hand-written backward recomputes what it needs
-        # (as linmix's own trainer does): the kernels of an ops forward+backward are fwd + fwdbwd
+        # the kernels of an ops forward+backward are kernel_fwdbwd's: the forward (keeping its chunk
+        # states where the form can), then the backward
         kf, kb = row["kernel_fwd"], row["kernel_fwdbwd"]
         if kf:
             row["overhead_fwd"] = row["ops_fwd"] / kf - 1
             row["overhead_fwd_unchecked"] = row["ops_fwd_unchecked"] / kf - 1
         if kf and kb:
-            row["overhead_fwdbwd"] = row["ops_fwdbwd"] / (kf + kb) - 1
+            row["overhead_fwdbwd"] = row["ops_fwdbwd"] / kb - 1
         for f in ("fwd", "fwdbwd"):
             if row.get("peer_" + f):
                 row["speedup_" + f] = row["peer_" + f] / row["ops_" + f]
@@ -179,10 +181,11 @@ def write_md(rep, path):
              f"{rep['torch']}. Produced by `bench/torch_ops.py` (`bash bench/run.sh` runs it).",
              f"The extension's build: `-march={rep.get('arch', '?')}` (`linmix._C.ARCH`; the `release` preset's "
              "x86-64-v3 runs AVX2 kernels, while torch picks AVX-512 at run time where the CPU has it).",
-             "kernel: the C++ call timed by `linmix bench` (fwd+bwd: its backward call, which recomputes the forward it needs),",
+             "kernel: the C++ call timed by `linmix bench` (fwd+bwd: the forward keeping what its backward reads, then that",
+             "backward, as linmix.ops and `linmix train` run them: the forms on the gated chunked kernels keep their chunk states,",
+             "scores and rows, fla's way; the others' backward recomputes the forward it needs),",
              "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it, best of 7 rounds (up to 40 for forms of a few ms);",
-             "ops: the same through `linmix.ops` (torch tensors, autograd; its fwd+bwd runs the forward, then that backward,",
-             "so its overhead is against kernel fwd + kernel fwd+bwd); unchecked: the forward with",
+             "ops: the same through `linmix.ops` (torch tensors, autograd); unchecked: the forward with",
              "`linmix.ops.set_check_values(False)` (the inputs' values not checked for NaN / infinity first: one read of",
              "them, what remains of the overhead where the kernel is a few ms);",
              "peer: bench/peer.py's plain-PyTorch implementation. Targets: overhead <= 10%; speed-up >= 3x for the",

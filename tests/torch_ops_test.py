@@ -110,6 +110,37 @@ def test_outputs_and_gradients_vs_plain_pytorch(name, causal, T):
         assert torch.equal(t.detach(), kept[n]), f"{n} was written by the forward or backward"
 
 
+# The causal forms on the gated chunked kernels (mixers/decay_forms.h gated_heads): their float32
+# forward keeps its chunk states, scores and rows for the backward (linmix::RunSaved).
+KEEPS = {"linear", "norm_linear", "performer", "flow", "retention", "gla", "rwkv5", "rwkv6", "mamba2"}
+
+
+@pytest.mark.parametrize("name,causal", forms())
+def test_backward_on_what_the_forward_kept_equals_the_recomputing_one(name, causal):
+    """The backward on a forward's saved chunk states (what linmix.ops runs under autograd) gives
+    exactly what the backward that recomputes the forward gives: every gradient, y, the final state."""
+    if not SPECS[name].get("backward"):
+        pytest.skip("no float32 backward")
+    stateful = name in OPS.STATEFUL and causal
+    x = OPS.example(name, 70, causal=causal, seed=3, state=stateful)  # 70: two chunks of 64
+    p = OPS._params_text(numbers(dict(SPECS[name]["example_params"])))
+    saved = linmix._C.Saved()
+    fwd = linmix._C.run(name, "parallel", causal, p, x, False, 0, True, True, saved)
+    assert saved.kept == (causal and name in KEEPS), f"kept: {saved.kept}"
+    g = torch.Generator().manual_seed(2)
+    dout = {"dy": torch.randn(fwd["y"].shape, generator=g)}
+    for n, t in fwd.items():
+        if n.startswith("state."):
+            dout["dfinal." + n[6:]] = torch.randn(t.shape, generator=g)
+    want = linmix._C.run(name, "parallel", causal, p, {**x, **dout}, True, 0, True, False)
+    got = linmix._C.run(name, "parallel", causal, p, {**x, **dout}, True, 0, True, False, saved)
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), f"{n}: max |diff| {(got[n] - want[n]).abs().max().item():.3e}"
+    if saved.kept:  # the backward's y is the forward's rows under the same epilogue
+        assert torch.equal(fwd["y"], want["y"])
+
+
 def tiny(name, causal, T=4):
     x = OPS.example(name, T, causal=causal, seed=3, scale="grad", state=name in OPS.STATEFUL and causal)
     counts = {s["name"] for s in SPECS[name]["state"] if s.get("count")}  # a position: not differentiable

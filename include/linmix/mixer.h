@@ -8,6 +8,7 @@
 #pragma once
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,13 @@ struct ParamSpec {
   std::string def_text = "";  // shown instead of def when the default is derived (e.g. 1/sqrt(D))
 };
 
+// What a parallel forward kept for its backward (Call::keep, Call::reuse), as fla's chunked ops keep
+// their chunk states between the passes: the form's own type. A form that keeps nothing leaves it
+// unset, and its backward recomputes the forward as it does without one.
+struct RunSaved {
+  virtual ~RunSaved() = default;
+};
+
 // A validated call, as the mechanism sees it.
 struct Call {
   const TensorMap& in;
@@ -51,6 +59,11 @@ struct Call {
   // The caller wants the final state (state_all_modes mechanisms, causal). A model's layer does
   // not: a form whose final state costs work of its own (s4d) skips it when this is false.
   bool final_state = true;
+  // Forward (parallel) only: where a form that can keep what its backward reads puts it. Backward
+  // only: what the forward of these same inputs kept (null: recompute); a form takes it only when it
+  // is its own type and fits the call's shape.
+  std::shared_ptr<RunSaved>* keep = nullptr;
+  const RunSaved* reuse = nullptr;
 
   const Tensor& t(const std::string& name) const;
   bool has(const std::string& name) const { return in.count(name) != 0; }
@@ -152,9 +165,11 @@ const MixerSpec& find_mixer(const std::string& name);
 // check_values = false: names, shapes and params are checked, the values are not (no pass over
 // the inputs for NaN or out-of-domain values): for an engine's own tensors made from weights that
 // were checked when loaded, whose logits are checked again at the end.
+// keep (a parallel forward) / reuse (its backward): Call::keep / Call::reuse.
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false,
-                    bool final_state = true, bool check_values = true);
+                    bool final_state = true, bool check_values = true, std::shared_ptr<RunSaved>* keep = nullptr,
+                    const RunSaved* reuse = nullptr);
 
 // Validates like run_mixer and returns the bound call without running it (benchmarks time the
 // spec's forms on it). The call refers to `in`, which must outlive it; tensors of `in` may be

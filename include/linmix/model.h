@@ -165,7 +165,8 @@ class Model {
                      const float* rstd, TensorMap* grads, int64_t N) const;
   // The trunk shared by both heads: embedding (+ cls row, positions, ln0), the blocks and the
   // final norm, on B sequences of Tp = T + cls_rows() rows; the final-norm rows land in acts_->lnf.
-  void trunk_forward(const int32_t* inputs, int64_t B, int64_t T);
+  // keep: a training forward (the backward follows): the layers keep what their backward reads
+  void trunk_forward(const int32_t* inputs, int64_t B, int64_t T, bool keep = false);
   // d(final-norm rows) -> every trunk parameter's gradient (into grads).
   void trunk_backward(const int32_t* inputs, std::vector<float>& dlnf, int64_t B, int64_t T, TensorMap* grads);
   struct Acts;

@@ -69,20 +69,24 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, *tensors):
-        name, causal, params, names, snames, want = meta
+        name, causal, params, names, snames, want, keep = meta
         given = {n: t for n, t in zip(names, tensors) if t is not None}
         f64 = next(iter(given.values())).dtype == torch.float64
+        # float32 under autograd: the forward keeps what its backward reads (the gated kernels' chunk
+        # states, fla's way), so the backward does not run the forward again
+        # (keep: grad mode on where the op was called, and an input that requires grad)
+        saved = _C.Saved() if keep and not f64 else None
         if f64:
             out = _C.run64(name, causal, params, given, None, _threads())
         else:
-            out = _C.run(name, "parallel", causal, params, given, False, _threads(), bool(want), _check_values)
-        ctx.meta, ctx.f64 = meta, f64
+            out = _C.run(name, "parallel", causal, params, given, False, _threads(), bool(want), _check_values, saved)
+        ctx.meta, ctx.f64, ctx.linmix_saved = meta, f64, saved
         ctx.save_for_backward(*tensors)
         return (out["y"],) + (tuple(out[s] for s in snames) if want else ())
 
     @staticmethod
     def backward(ctx, dy, *dfinal):
-        name, causal, params, names, snames, want = ctx.meta
+        name, causal, params, names, snames, want, _ = ctx.meta
         tensors = ctx.saved_tensors
         given = {n: t for n, t in zip(names, tensors) if t is not None}
         dout = {"dy": dy.contiguous()}
@@ -96,7 +100,8 @@ class _Mix(torch.autograd.Function):
                 raise NotImplementedError(f"linmix.ops.{name}: the parallel form has no backward yet; use float64")
             # the inputs' values were checked by the forward (autograd refuses them changed in
             # place since); dy, like any upstream gradient in torch, is not
-            g = _C.run(name, "parallel", causal, params, {**given, **dout}, True, _threads(), True, False)
+            saved, ctx.linmix_saved = ctx.linmix_saved, None  # (a second backward, retain_graph, recomputes)
+            g = _C.run(name, "parallel", causal, params, {**given, **dout}, True, _threads(), True, False, saved)
         grads = []
         for i, (n, t) in enumerate(zip(names, tensors)):
             grads.append(g.get("d" + n) if t is not None and ctx.needs_input_grad[i + 1] else None)
@@ -148,18 +153,24 @@ def _state_out(spec, finals):
     return {n[6:]: finals[n] for n in names}
 
 
+def _keep(tensors):
+    """Whether the forward keeps what its backward reads: a backward can follow (grad mode on, an
+    input that requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+
+
 def _one(name, spec, given, causal, state, want, params):
     """One sequence batch: (y, {state.<name>: final} or None)."""
     snames = tuple(s["name"] for s in spec["state"])
     if name in STATEFUL:
         tensors = {**given, **state}
         names = tuple(tensors)
-        outs = _Mix.apply((name, causal, params, names, snames, want), *tensors.values())
+        outs = _Mix.apply((name, causal, params, names, snames, want, _keep(tensors)), *tensors.values())
         return outs[0], (dict(zip(snames, outs[1:])) if want else None)
     if state or want:  # (every mechanism with a state carries it in its parallel form: STATEFUL)
         raise ValueError(f"linmix.ops.{name}: its parallel form takes no state")
     names = tuple(given)
-    return _Mix.apply((name, causal, params, names, (), False), *given.values())[0], None
+    return _Mix.apply((name, causal, params, names, (), False, _keep(given)), *given.values())[0], None
 
 
 def _varlen(name, spec, given, causal, state, want, params, cu):

@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -75,6 +76,23 @@ struct GatedHead {
   float *oy = nullptr, *odq = nullptr, *odk = nullptr, *odv = nullptr, *odg = nullptr, *odu = nullptr;
   GatedRows ld{0, 0, 0, 0, 0}, od{0, 0, 0, 0, 0};
   std::function<void(int64_t, int64_t)> epilogue;  // ld.epilogue may point here
+  std::function<void(int64_t, int64_t)> keeping;   // the epilogue that keeps the kernel's rows (Call::keep)
+};
+// What a gated forward keeps for its backward (Call::keep / Call::reuse): per head (b H + h) the
+// kernel's chunk states and scores (what the backward reads), its rows of y as the kernel wrote them
+// (before the mechanism's epilogue) and the final state. The backward then restores y's rows and
+// runs the epilogue on them (the mechanism's normalisers, its dy for the kernel) in place of the
+// forward kernel.
+struct GatedSaved : RunSaved {
+  int64_t nbh = 0, T = 0, Dk = 0, E = 0;
+  bool shift = false;
+  struct Head {
+    std::vector<float> states, scores, rows, S;
+  };
+  std::vector<Head> heads;
+  bool fits(int64_t n, int64_t t, int64_t dk, int64_t e, bool sh) const {
+    return nbh == n && T == t && Dk == dk && E == e && shift == sh && int64_t(heads.size()) == n;
+  }
 };
 // The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
 template <class Z>
@@ -92,11 +110,20 @@ struct NoFinish {
 template <class Prep, class Post, class Finish = NoFinish>
 void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool shift, Prep prep, Post post,
                  Finish finish = {}) {
-  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H");
+  const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), nc = decay_chunks(T);
+  GatedSaved* keep = nullptr;  // the forward keeps what its backward reads
+  if (!dy && c.keep) {
+    auto s = std::make_shared<GatedSaved>();
+    s->nbh = B * H, s->T = T, s->Dk = Dk, s->E = E, s->shift = shift;
+    s->heads.resize(size_t(B * H));
+    keep = s.get(), *c.keep = std::move(s);
+  }
+  const auto* reuse = dy ? dynamic_cast<const GatedSaved*>(c.reuse) : nullptr;  // the backward takes it
+  if (reuse && !reuse->fits(B * H, T, Dk, E, shift)) reuse = nullptr;
 #pragma omp parallel
   {
     const int64_t nbh = B * H, nth = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t lo = nbh * id / nth, hi = nbh * (id + 1) / nth, nc = decay_chunks(T);
+    const int64_t lo = nbh * id / nth, hi = nbh * (id + 1) / nth;
     thread_local std::vector<GatedHead> zs;  // buffers reused across calls
     thread_local std::vector<GatedHeadRows> rows;
     thread_local std::vector<GatedGradHead> grads;
@@ -110,14 +137,40 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
       z.S = z.S0;
       LINMIX_CHECK(z.iq && z.oy, "gated_heads: the kernels run on the rows in place");
       GatedRows ld = z.ld;
-      if (dy) {  // the forward keeps what the backward reads
+      if (keep) {  // the chunk states, scores and the kernel's rows of y go to the saved head
+        GatedSaved::Head& kh = keep->heads[size_t(i)];
+        kh.states.resize(size_t(nc * Dk * E)), kh.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
+        kh.rows.resize(size_t(T * E));
+        ld.save_states = kh.states.data(), ld.save_scores = kh.scores.data();
+        const auto* inner = ld.epilogue;
+        float *oy = z.oy, *kr = kh.rows.data();
+        const int64_t ldy = ld.y;
+        z.keeping = [inner, oy, kr, ldy, E](int64_t t0, int64_t n) {
+          for (int64_t t = t0; t < t0 + n; ++t) std::copy(oy + t * ldy, oy + t * ldy + E, kr + t * E);
+          if (inner) (*inner)(t0, n);
+        };
+        ld.epilogue = &z.keeping;
+      } else if (dy && !reuse) {  // the forward keeps what the backward reads
         z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
         ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
+      }
+      if (reuse) {  // the forward's rows of y back in place, the epilogue over them chunk by chunk
+        const GatedSaved::Head& kh = reuse->heads[size_t(i)];
+        for (int64_t t0 = 0; t0 < T; t0 += kDecayChunk) {
+          const int64_t n = std::min(kDecayChunk, T - t0);
+          for (int64_t t = t0; t < t0 + n; ++t)
+            std::copy(kh.rows.data() + t * E, kh.rows.data() + (t + 1) * E, z.oy + t * ld.y);
+          if (ld.epilogue) (*ld.epilogue)(t0, n);
+        }
+        z.S = kh.S;
+        continue;
       }
       rows.push_back({z.oy, z.S.data(), z.iq, z.ik, z.iv, z.ig, ld});
     }
     if (!rows.empty()) gated_forward_heads(rows.data(), int64_t(rows.size()), T, Dk, E, shift);
-    if (dy && !rows.empty()) {
+    if (keep)
+      for (int64_t i = lo; i < hi; ++i) keep->heads[size_t(i)].S = zs[size_t(i - lo)].S;
+    if (dy && hi > lo) {
       for (int64_t i = lo; i < hi; ++i) {
         GatedHead& z = zs[size_t(i - lo)];
         LINMIX_CHECK(z.odq && z.odk && z.odv && z.odg && (z.odu || !z.ld.u) && (!z.dy.empty() || z.ld.y == H * E),
@@ -127,8 +180,10 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
         GatedRows ld = z.ld, od = z.od.q < 0 ? z.ld : z.od;
         const float* gy = dy->ptr() + (z.b * T * H + z.h) * E;  // the call's rows, or the kernel's own dy
         if (!z.dy.empty()) gy = z.dy.data(), ld.y = E;
-        grads.push_back({z.iq, z.ik, z.iv, z.ig, gy, z.S0.data(), z.dST.empty() ? nullptr : z.dST.data(),
-                         z.states.data(), z.scores.data(), z.S.data(), z.odq, z.odk, z.odv, z.odg, z.dS0.data(), z.odu, ld, od});
+        const float *states = z.states.data(), *scores = z.scores.data();
+        if (reuse) states = reuse->heads[size_t(i)].states.data(), scores = reuse->heads[size_t(i)].scores.data();
+        grads.push_back({z.iq, z.ik, z.iv, z.ig, gy, z.S0.data(), z.dST.empty() ? nullptr : z.dST.data(), states,
+                         scores, z.S.data(), z.odq, z.odk, z.odv, z.odg, z.dS0.data(), z.odu, ld, od});
       }
       gated_backward_heads(grads.data(), int64_t(grads.size()), T, Dk, E, shift);
     }

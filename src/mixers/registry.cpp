@@ -314,10 +314,11 @@ Call validate_call(const std::string& name, Mode mode, bool causal,
 
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad,
-                    bool final_state, bool check_values) {
+                    bool final_state, bool check_values, std::shared_ptr<RunSaved>* keep, const RunSaved* reuse) {
   const MixerSpec& spec = find_mixer(name);
   Call call = validate(spec, mode, causal, raw_params, in, grad, check_values);
   call.final_state = final_state;
+  if (mode == Mode::Parallel) call.keep = grad ? nullptr : keep, call.reuse = grad ? reuse : nullptr;
   if (grad) {
     const Tensor& dy = in.at("dy");
     if (mode == Mode::Reference) return spec.reference_grad(call, dy);

@@ -34,7 +34,7 @@ class AttentionLayer : public MixerLayer {
     nn::matmul_forward(q_.data(), a, io.w("att.q.weight"), nullptr, N, C_, C_);
     nn::matmul_forward(k_.data(), a, io.w("att.k.weight"), nullptr, N, C_, C_);
     nn::matmul_forward(v_.data(), a, io.w("att.v.weight"), nullptr, N, C_, C_);
-    y_ = mixer_forward(lc_, inputs(io, B, T), cfg_.causal).data;
+    y_ = mixer_forward(lc_, inputs(io, B, T), cfg_.causal, io.keep ? &kept_ : nullptr).data;
     nn::matmul_forward(out, y_.data(), io.w("att.o.weight"), nullptr, N, C_, C_);
   }
 
@@ -42,7 +42,8 @@ class AttentionLayer : public MixerLayer {
     const int64_t N = B * T;
     std::vector<float> dy(N * C_);
     nn::matmul_backward(dy.data(), io.g("att.o.weight"), nullptr, dout, y_.data(), io.w("att.o.weight"), N, C_, C_);
-    const TensorMap g = mixer_backward(lc_, inputs(io, B, T), {B, T, H(), D()}, dy.data(), cfg_.causal);
+    const TensorMap g = mixer_backward(lc_, inputs(io, B, T), {B, T, H(), D()}, dy.data(), cfg_.causal, kept_.get());
+    kept_.reset();
     nn::matmul_backward(da, io.g("att.q.weight"), nullptr, g.at("dq").ptr(), a_, io.w("att.q.weight"), N, C_, C_, true);
     nn::matmul_backward(da, io.g("att.k.weight"), nullptr, g.at("dk").ptr(), a_, io.w("att.k.weight"), N, C_, C_, true);
     nn::matmul_backward(da, io.g("att.v.weight"), nullptr, g.at("dv").ptr(), a_, io.w("att.v.weight"), N, C_, C_, true);
@@ -62,6 +63,7 @@ class AttentionLayer : public MixerLayer {
     return in;
   }
   std::vector<float> q_, k_, v_, y_;
+  std::shared_ptr<RunSaved> kept_;  // what the training forward kept for the backward (Call::keep)
   const float* a_ = nullptr;
 };
 

@@ -211,7 +211,7 @@ class DecayLayer : public MixerLayer {
     acts_.clear();
     for (const Proj& p : r_.proj) acts_[p.input] = project(io, p, a, B, T);
     in_ = mixer_inputs(io, B, T);
-    y0_ = mixer_forward(lc_, in_).data;
+    y0_ = mixer_forward(lc_, in_, true, io.keep ? &kept_ : nullptr).data;
     output_forward(io, out, N);
   }
 
@@ -220,7 +220,8 @@ class DecayLayer : public MixerLayer {
     std::vector<float> dy0(size_t(N * C_));
     std::map<std::string, std::vector<float>> dact;  // d(map argument) of the gate projections
     output_backward(io, dout, dy0.data(), dact, N);
-    const TensorMap g = mixer_backward(lc_, in_, {B, T, H(), Dh()}, dy0.data());
+    const TensorMap g = mixer_backward(lc_, in_, {B, T, H(), Dh()}, dy0.data(), true, kept_.get());
+    kept_.reset();
     std::map<std::string, std::vector<float>> dmapped;
     for (const Proj& p : r_.proj)
       if (p.role == Role::Mixer && g.count("d" + p.input)) dmapped[p.input] = std::vector<float>(g.at("d" + p.input).data);
@@ -469,6 +470,7 @@ class DecayLayer : public MixerLayer {
   const MixerSpec& spec_;
   std::map<std::string, ProjAct> acts_;
   TensorMap in_;
+  std::shared_ptr<RunSaved> kept_;  // what the training forward kept for the backward (Call::keep)
   std::vector<float> y0_, xhat_, rstd_, y2_, y3_;
   const float* a_ = nullptr;
 };

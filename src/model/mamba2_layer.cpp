@@ -93,7 +93,7 @@ class Mamba2Layer : public MixerLayer {
     for (int64_t i = 0; i < NR; ++i) std::copy(&zx_[size_t(i * Win + Ei)], &zx_[size_t(i * Win + Ei + Wc)], &xp_[size_t(i * Wc)]);
     nn::conv4_forward(xc_.data(), xp_.data(), io.w("att.conv.weight"), io.w("att.conv.bias"), B, T, Wc);
     for (int64_t i = 0; i < NR * Wc; ++i) xs_[size_t(i)] = silu1(xc_[size_t(i)]);
-    y0_ = mixer_forward(lc_, inputs(io, B, T)).data;
+    y0_ = mixer_forward(lc_, inputs(io, B, T), true, io.keep ? &kept_ : nullptr).data;
     y1_.resize(size_t(NR * Ei)), y2_.resize(size_t(NR * Ei)), rstd_.resize(size_t(NR * G_));
     const float* w = io.w("att.norm.weight");
     for (int64_t i = 0; i < NR; ++i)
@@ -128,7 +128,8 @@ class Mamba2Layer : public MixerLayer {
         }
       }
     const TensorMap in = inputs(io, B, T);
-    const TensorMap g = mixer_backward(lc_, in, {B, T, H_, P_}, dy0.data());
+    const TensorMap g = mixer_backward(lc_, in, {B, T, H_, P_}, dy0.data(), true, kept_.get());
+    kept_.reset();
     float *gal = io.g("att.A_log"), *gD = io.g("att.D"), *gb = io.g("att.dt_bias");
     for (int64_t h = 0; h < H_; ++h) {
       gal[h] += g.at("dA").data[size_t(h)] * in.at("A").data[size_t(h)];  // A = -exp(A_log)
@@ -180,6 +181,7 @@ class Mamba2Layer : public MixerLayer {
  private:
   int64_t Ei_, H_, G_, N_, P_ = 0, Wc_ = 0, Win_ = 0;
   std::vector<float> zx_, xp_, xc_, xs_, y0_, y1_, y2_, rstd_;
+  std::shared_ptr<RunSaved> kept_;  // what the training forward kept for the backward (Call::keep)
   const float* a_ = nullptr;
 };
 

@@ -122,20 +122,21 @@ std::vector<CapturedCall>* g_capture = nullptr;
 
 void set_mixer_capture(std::vector<CapturedCall>* sink) { g_capture = sink; }
 
-Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal) {
+Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal, std::shared_ptr<RunSaved>* keep) {
   const profile::Scope prof("mechanism");
   if (g_capture) g_capture->push_back({lc.mixer, mixer_params(lc), causal, in});
-  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, false, false).at("y");
+  if (keep) keep->reset();
+  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), in, false, false, true, keep).at("y");
 }
 
 TensorMap mixer_backward(const LayerConfig& lc, const TensorMap& in, std::vector<int64_t> y_shape, const float* dy,
-                         bool causal) {
+                         bool causal, const RunSaved* reuse) {
   const profile::Scope prof("mechanism");
   TensorMap call;
   for (const auto& [name, t] : in) call.emplace(name, view_of(t.shape, t.ptr()));
   call["dy"] = view_of(std::move(y_shape), dy);
   // the inputs' values were checked by mixer_forward; dy is the model's own (a NaN reaches the loss)
-  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), call, true, false, false);
+  return run_mixer(lc.mixer, Mode::Parallel, causal, mixer_params(lc), call, true, false, false, nullptr, reuse);
 }
 
 Tensor view_of(std::vector<int64_t> shape, const float* src) {

@@ -34,6 +34,9 @@ struct LayerIO {
   TensorMap* grads;    // null in forward-only and recurrent use
   std::string prefix;  // "blocks.<i>."
   Carry* carry = nullptr;  // the model's, in forward and backward
+  // A training forward: backward follows on the same inputs, so a mixer may keep what its
+  // backward reads (mixer_forward's keep) instead of the backward running the forward again.
+  bool keep = false;
   const float* w(const std::string& n) const { return params.at(prefix + n).ptr(); }
   const Tensor& t(const std::string& n) const { return params.at(prefix + n); }
   float* g(const std::string& n) const;  // d(loss)/d(param): the accumulator, created as zeros
@@ -119,10 +122,13 @@ struct CapturedCall {
   TensorMap in;
 };
 void set_mixer_capture(std::vector<CapturedCall>* sink);
-Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal = true);
+// keep (a training forward: the layer's, until its backward): where a form that can keep what its
+// backward reads puts it (Call::keep); mixer_backward's reuse: that (Call::reuse), or null.
+Tensor mixer_forward(const LayerConfig& lc, const TensorMap& in, bool causal = true,
+                     std::shared_ptr<RunSaved>* keep = nullptr);
 // (`in`'s tensors and dy are viewed, not copied.)
 TensorMap mixer_backward(const LayerConfig& lc, const TensorMap& in, std::vector<int64_t> y_shape, const float* dy,
-                         bool causal = true);
+                         bool causal = true, const RunSaved* reuse = nullptr);
 // A tensor of `shape` holding a copy of src.
 Tensor tensor_of(std::vector<int64_t> shape, const float* src);
 // A tensor of `shape` viewing src, no copy: for a call's inputs from a layer's own buffers,

@@ -177,7 +177,7 @@ void Model::dropout_branch(float* out, int64_t N, int64_t Tp, int64_t l, int bra
   for (int64_t i = 0; i < n; ++i) out[i] = (splitmix64(key + uint64_t(off + i)) >> 32) < cut ? 0.0f : out[i] * scale;
 }
 
-void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
+void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T, bool keep) {
   check_weights();
   const ModelConfig& c = cfg_;
   const int64_t C = c.d_model, V = c.vocab, R = c.cls_rows(), Tp = T + R, N = B * Tp;
@@ -213,7 +213,7 @@ void Model::trunk_forward(const int32_t* inputs, int64_t B, int64_t T) {
     sized(A.e0, N * C), sized(A.mean0, N), sized(A.rstd0, N);
     norm_forward("blocks.0.ln0", A.e0.data(), A.mean0.data(), A.rstd0.data(), A.x0.data(), N);
   }
-  auto io = [&](int64_t l) { return LayerIO{params_, nullptr, "blocks." + std::to_string(l) + ".", &A.carry}; };
+  auto io = [&](int64_t l) { return LayerIO{params_, nullptr, "blocks." + std::to_string(l) + ".", &A.carry, keep}; };
   std::vector<float> cur(c.ln0 ? A.e0 : A.x0), out2(N * C);
   part.reset();
   for (int64_t l = 0; l < c.n_layer; ++l) {  // x_mid = x + mix(ln1(x)); x' = x_mid + channel(ln2(x_mid))
@@ -308,7 +308,7 @@ double Model::forward_backward(const int32_t* inputs, const int32_t* targets, in
   LINMIX_CHECK(!c.classifier(), "this model is a classifier (" + std::to_string(c.classes) +
                                     " classes): it has no next-token logits");
   const int64_t C = c.d_model, V = c.vocab, N = B * T;
-  trunk_forward(inputs, B, T);
+  trunk_forward(inputs, B, T, grads && targets);
   Acts& A = *acts_;
   sized(A.logits, N * V);
   std::optional<profile::Scope> part(std::in_place, "head");
@@ -349,7 +349,7 @@ double Model::classify(const int32_t* inputs, const int32_t* lengths, const int3
                  "label " + std::to_string(labels ? labels[b] : 0) + " is outside the model's " + std::to_string(K) +
                      " classes");
   }
-  trunk_forward(inputs, B, T);
+  trunk_forward(inputs, B, T, grads != nullptr);
   Acts& A = *acts_;
   // pool: each sequence's cls row, or the mean of its own (unpadded) rows
   std::vector<float> pooled(B * C, 0.0f), logits(B * K);

@@ -245,7 +245,7 @@ class RwkvLayer : public MixerLayer {
       for (int64_t i = 0; i < N * C; ++i) ta.data[size_t(i)] = kap_[size_t(i)], tb.data[size_t(i)] = -kap_[size_t(i)] * a7_[size_t(i)];
       in["a"] = std::move(ta), in["b"] = std::move(tb);
     }
-    o_ = mixer_forward(lc_, in).data;
+    o_ = mixer_forward(lc_, in, true, io.keep ? &kept_ : nullptr).data;
     in_ = std::move(in);
     // GN, bonus (v7), gate, output
     gn_forward(io, N);
@@ -412,7 +412,8 @@ class RwkvLayer : public MixerLayer {
         }
       }
     }
-    const TensorMap g = mixer_backward(lc_, in_, {B, T, H_, N_}, dob.data());
+    const TensorMap g = mixer_backward(lc_, in_, {B, T, H_, N_}, dob.data(), true, kept_.get());
+    kept_.reset();
     auto add = [&](std::vector<float>& dst, const std::string& n) {
       const Tensor& t = g.at(n);
       for (int64_t i = 0; i < t.numel(); ++i) dst[size_t(i)] += t.data[size_t(i)];
@@ -605,6 +606,7 @@ class RwkvLayer : public MixerLayer {
       rstd_, yn_, bonus_, y_;
   std::map<char, std::vector<float>> xs_, proj_;
   TensorMap in_;
+  std::shared_ptr<RunSaved> kept_;  // what the training forward kept for the backward (Call::keep)
 };
 
 // The recurrent runtime: one token, no allocation; its state is the token shift ("shift", C)

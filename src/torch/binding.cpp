@@ -118,10 +118,16 @@ at::Tensor to_torch64(const std::vector<double>& v, const std::vector<int64_t>& 
   return out;
 }
 
+// What a float32 forward kept for its backward (linmix::RunSaved): made empty by linmix.ops before
+// the forward, which fills it (the forms that keep their chunk states), handed to the backward.
+struct Saved {
+  std::shared_ptr<linmix::RunSaved> kept;
+};
+
 std::map<std::string, at::Tensor> run(const std::string& name, const std::string& mode, bool causal,
                                       const std::map<std::string, std::string>& params,
                                       const std::map<std::string, at::Tensor>& tensors, bool grad, int threads,
-                                      bool final_state, bool check_values) {
+                                      bool final_state, bool check_values, std::shared_ptr<Saved> saved) {
   call_threads(threads);
   TensorMap in;
   for (const auto& [n, t] : tensors) {
@@ -131,7 +137,8 @@ std::map<std::string, at::Tensor> run(const std::string& name, const std::string
   TensorMap out;
   {
     py::gil_scoped_release nogil;
-    out = linmix::run_mixer(name, linmix::parse_mode(mode), causal, params, in, grad, final_state, check_values);
+    out = linmix::run_mixer(name, linmix::parse_mode(mode), causal, params, in, grad, final_state, check_values,
+                            saved && !grad ? &saved->kept : nullptr, saved && grad ? saved->kept.get() : nullptr);
   }
   std::map<std::string, at::Tensor> res;
   for (auto& [n, t] : out) res[n] = into_torch(std::move(t));
@@ -143,8 +150,11 @@ std::map<std::string, at::Tensor> run(const std::string& name, const std::string
 // backward, on a call validated beforehand (not timed). bench/torch_ops.py alternates it with
 // linmix.ops calls in one process, so the binding's overhead is not the machine's drift between
 // two processes.
+// With keep (dy given): the forward keeping what its backward reads, then that backward on it, the
+// two timed together (what a linmix.ops forward+backward runs); the forms that keep nothing run
+// their forward and then the backward that recomputes it.
 double kernel_seconds(const std::string& name, bool causal, const std::map<std::string, std::string>& params,
-                      const std::map<std::string, at::Tensor>& tensors, int threads) {
+                      const std::map<std::string, at::Tensor>& tensors, int threads, bool keep) {
   call_threads(threads);
   TensorMap in;
   for (const auto& [n, t] : tensors) {
@@ -158,7 +168,16 @@ double kernel_seconds(const std::string& name, bool causal, const std::map<std::
   if (!grad) call.final_state = false;  // the forward as a model's layer runs it (as linmix bench)
   py::gil_scoped_release nogil;
   const auto t0 = std::chrono::steady_clock::now();
-  { TensorMap out = grad ? spec.backward(call, in.at("dy")) : spec.parallel(call); }
+  if (grad && keep) {
+    std::shared_ptr<linmix::RunSaved> kept;
+    linmix::Call fwd = call;
+    fwd.keep = &kept;
+    { TensorMap out = spec.parallel(fwd); }
+    call.reuse = kept.get();
+    { TensorMap out = spec.backward(call, in.at("dy")); }
+  } else {
+    TensorMap out = grad ? spec.backward(call, in.at("dy")) : spec.parallel(call);
+  }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
@@ -290,15 +309,23 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ARCH") = LINMIX_ARCH_BUILT;  // the -march of the build (x86-64-v3: AVX2 kernels; native)
   m.doc() = "linmix: linear-time token mixers on the CPU (the C++ library under linmix.ops)";
   py::register_exception<linmix::Error>(m, "LinmixError", PyExc_ValueError);
+  py::class_<Saved, std::shared_ptr<Saved>>(m, "Saved", "what a float32 forward keeps for its backward")
+      .def(py::init<>())
+      .def_property_readonly("kept", [](const Saved& s) { return bool(s.kept); },
+                             "whether the forward kept anything (the forms on the gated chunked kernels)")
+      .def("drop", [](Saved& s) { s.kept.reset(); }, "frees what was kept");
   m.def("mixers_json", &linmix::mixers_json, "the registry as JSON (linmix mixers --json)");
   m.def("run", &run, py::arg("name"), py::arg("mode"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
         py::arg("grad") = false, py::arg("threads") = 0, py::arg("final_state") = true, py::arg("check_values") = true,
+        py::arg("saved") = nullptr,
         "a float32 call: the parallel or recurrent form, or with grad the hand-written backward "
         "(final_state: whether the final state is wanted; check_values = False: names and shapes "
-        "checked, not the values)");
+        "checked, not the values; saved: a Saved the parallel forward fills with what its backward "
+        "reads, given to that backward)");
   m.def("kernel_seconds", &kernel_seconds, py::arg("name"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
-        py::arg("threads") = 0,
-        "seconds of one call of the kernel linmix bench times (the forward; the backward when dy is given)");
+        py::arg("threads") = 0, py::arg("keep") = false,
+        "seconds of one call of the kernel linmix bench times (the forward; the backward when dy is given; "
+        "with keep the forward keeping its chunk states and then the backward on them)");
   m.def("example", &example, py::arg("name"), py::arg("causal"), py::arg("T"), py::arg("seed") = 0,
         py::arg("scale") = "test", py::arg("dims") = std::map<std::string, int64_t>{}, py::arg("stress") = 0,
         py::arg("state") = false, "the mechanism's example inputs in its domain (linmix example)");
