@@ -2,6 +2,7 @@
 // line "linmix: <message>" on stderr and exit code 2.
 #include <CLI/CLI.hpp>
 #include <malloc.h>
+#include <unistd.h>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -12,6 +13,7 @@
 #include <sstream>
 #include <random>
 
+#include "kernels/blas.h"
 #include "commands.h"
 #include "linmix/bench.h"
 #include "linmix/generate.h"
@@ -29,6 +31,10 @@ using namespace linmix;
 using namespace linmix::cli;
 
 int main(int argc, char** argv) {
+  // OpenBLAS chose its kernels as it loaded: on a CPU its tables do not know it took the SSE3 ones;
+  // the process runs itself again with the AVX-512 ones named (kernels/blas.h avx512_core_wanted)
+  if (const char* core = linmix::blas::avx512_core_wanted(); core && ::setenv("OPENBLAS_CORETYPE", core, 1) == 0)
+    ::execv("/proc/self/exe", argv);  // returns only when it fails: go on with the kernels loaded
   CLI::App app{"linmix: linear-time token mixers (see docs/MIXERS.md for the contract)"};
   app.require_subcommand(1);
 

@@ -2,8 +2,12 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
+#include <cstring>
+
 extern "C" void openblas_set_num_threads(int);
 extern "C" int openblas_get_parallel();
+extern "C" char* openblas_get_corename();
 
 namespace linmix::blas {
 
@@ -15,6 +19,16 @@ Library& current() {
 }  // namespace
 
 const Library& library() { return current(); }
+
+const char* avx512_core_wanted() {
+  if (std::getenv("OPENBLAS_CORETYPE")) return nullptr;  // the user's choice, or set already
+  const char* core = openblas_get_corename();
+  if (!core || strcasecmp(core, "prescott") != 0) return nullptr;
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return avx512 ? "SkylakeX" : nullptr;
+}
 
 bool use_blas_library(const std::string& path) {
   void* h = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);

@@ -18,6 +18,13 @@ struct Library {
   int (*get_parallel)();  // 0 sequential, 1 pthreads, 2 OpenMP
 };
 const Library& library();
+// OpenBLAS 0.3.21 (Debian 12) picks its kernels by the CPU's model when it loads and falls back to
+// its Prescott (SSE3) kernels on Intel CPUs newer than its tables (family 6 model 207, measured here:
+// 2-thread sgemm 64-67 GFLOP/s, 290-314 with its SkylakeX kernels). OPENBLAS_CORETYPE, read as the
+// library loads, chooses them instead. avx512_core_wanted(): the core name to set when the loaded
+// OpenBLAS says Prescott, OPENBLAS_CORETYPE is unset and the CPU has AVX-512 (F, BW, DQ, VL): the
+// SkylakeX kernels; else null.
+const char* avx512_core_wanted();
 // Loads the OpenBLAS at `path` (RTLD_LOCAL: its symbols stay its own) and uses it from now on;
 // false (nothing changed) when it cannot be loaded or lacks a function.
 bool use_blas_library(const std::string& path);

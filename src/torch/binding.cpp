@@ -78,6 +78,9 @@ std::string use_openmp_blas() {
     const fs::path real = f && ::dladdr(f, &info) && info.dli_fname ? fs::canonical(info.dli_fname, ec) : fs::path();
     if (!real.empty() && !ec) path = (real.parent_path().parent_path() / "openblas-openmp" / "libopenblas.so.0").string();
   }
+  // the OpenMP build's kernels are chosen as it loads: the AVX-512 ones where the loaded build
+  // fell back to SSE3 (kernels/blas.h avx512_core_wanted; torch's build keeps its own)
+  if (const char* core = linmix::blas::avx512_core_wanted()) ::setenv("OPENBLAS_CORETYPE", core, 1);
   if (!path.empty() && fs::exists(path) && linmix::blas::use_blas_library(path) &&
       linmix::blas::library().get_parallel() == 2)
     return "OpenMP OpenBLAS " + path;
