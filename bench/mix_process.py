@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import blas_env  # noqa: F401  (before torch: its OpenBLAS on the kernels linmix runs)
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -22,6 +22,7 @@ import tempfile
 import sys
 import time
 
+import blas_env  # noqa: F401  (before torch: its OpenBLAS on the kernels linmix runs)
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -498,7 +499,7 @@ def main():
     missing = [n for n in names if n not in FWD or n not in oracle.ORACLES]
     if missing:
         sys.exit("peer.py: no PyTorch peer (FWD) or oracle for " + ", ".join(missing))
-    rep = {"torch": torch.__version__, "runs": [], "check": {}}
+    rep = {"torch": torch.__version__, "blas": blas_env.describe(), "runs": [], "check": {}}
     # correctness first: each peer against the float64 oracle
     for name in names:
         x = inputs(a.bin, specs[name], 200 if name not in ("block_softmax",) else 256, seed=5)

@@ -62,7 +62,7 @@ def load(paths):
         for x in r["runs"]:
             runs[(x["mixer"], x["T"], x["threads"], x["form"])] = x
         limits.update(r.get("limits", {}))
-        for k in ("check", "torch"):
+        for k in ("check", "torch", "blas"):
             if k in r:
                 extra[k] = r[k]
     return runs, limits, extra
@@ -114,7 +114,8 @@ def main():
     out = ["# linmix bench", "",
            f"Produced by `{a.produced_by}` (`linmix bench`, `bench/peer.py`, `bench/report.py`): B = 1, "
            "d_model 512 (H = 8, D = E = 64; C = 512 per channel), causal. Peers: plain PyTorch "
-           f"{pinfo.get('torch', '?')} on the CPU, same thread count, each checked against the float64 oracle first. "
+           f"{pinfo.get('torch', '?')} on the CPU, same thread count, each checked against the float64 oracle first; "
+           f"{pinfo.get('blas', 'OpenBLAS: not recorded')}. "
            "Times are the best of 5 to 50 runs after a warm-up (short runs are repeated until ~0.5 s), steps the best of 5 sequences of 256 tokens; `extra` is the peak resident memory a run added "
            "(VmHWM). The machine's limits are measured in the same run.", ""]
     for th in threads:

@@ -29,6 +29,7 @@ import sys
 import time
 
 import numpy as np
+import blas_env  # noqa: F401  (before torch: its OpenBLAS on the kernels linmix runs)
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))

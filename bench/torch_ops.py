@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+import blas_env  # noqa: F401  (before torch: its OpenBLAS on the kernels linmix runs)
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -163,7 +164,7 @@ def main():
         fmt = lambda v: f"{v * 1e3:9.2f}" if v else "        -"  # noqa: E731
         print(f"{name:15s} kernel {fmt(row['kernel_fwd'])} {fmt(row['kernel_fwdbwd'])} ms | ops {fmt(row['ops_fwd'])} "
               f"{fmt(row['ops_fwdbwd'])} ms | peer {fmt(row.get('peer_fwd'))} {fmt(row.get('peer_fwdbwd'))} ms", flush=True)
-    rep = {"T": a.T, "threads": a.threads, "torch": torch.__version__, "arch": getattr(_C, "ARCH", "?"), "rows": rows}
+    rep = {"T": a.T, "threads": a.threads, "torch": torch.__version__, "blas": blas_env.describe(), "arch": getattr(_C, "ARCH", "?"), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(rep, f, indent=1)
@@ -178,7 +179,8 @@ def write_md(rep, path):
     lines = [f"# linmix.ops: the binding's overhead and its speed-up over plain PyTorch",
              "",
              f"T = {rep['T']}, d_model 512 (`linmix bench`'s shapes and params), {rep['threads']} threads, torch "
-             f"{rep['torch']}. Produced by `bench/torch_ops.py` (`bash bench/run.sh` runs it).",
+             f"{rep['torch']}. Produced by `bench/torch_ops.py` (`bash bench/run.sh` runs it). "
+             f"{rep.get('blas', 'OpenBLAS: not recorded')}.",
              f"The extension's build: `-march={rep.get('arch', '?')}` (`linmix._C.ARCH`; the `release` preset's "
              "x86-64-v3 runs AVX2 kernels, while torch picks AVX-512 at run time where the CPU has it).",
              "kernel: the C++ call timed by `linmix bench` (fwd+bwd: the forward keeping what its backward reads, then that",
