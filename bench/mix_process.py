@@ -4,7 +4,8 @@
 For every chunked and scan mechanism (not the quadratic softmax, aft_full, aft_local,
 block_softmax, nor fnet's FFT), at T = 4096 (`linmix bench`'s shapes and params), 2 threads:
   - kernel: the parallel forward alone, as `linmix bench` times it (best of up to 5);
-  - process: `linmix mix --mode parallel` from its input file to its output file, the wall time of
+  - process: `linmix mix --mode parallel --no-state` (y alone, as the peer and the kernel compute it)
+    from its input file to its output file, the wall time of
     the whole process as a user's script sees it (start, read, validate, kernel, write), median of
     5 runs after one warm-up (the input file in the page cache);
   - peer: bench/peer.py's plain-PyTorch forward on tensors already in memory (best of up to 5).
@@ -28,7 +29,7 @@ import peer  # noqa: E402
 
 
 def process_time(binary, spec, path, out, threads, runs=5):
-    cmd = [binary, "mix", "--mixer", spec["name"], "--mode", "parallel", "--in", path, "--out", out,
+    cmd = [binary, "mix", "--mixer", spec["name"], "--mode", "parallel", "--no-state", "--in", path, "--out", out,
            "--threads", str(threads)] + (["--causal"] if spec["causal"] else [])
     for k, v in spec["bench_params"].items():
         cmd += ["--param", f"{k}={v}"]
@@ -45,7 +46,8 @@ def write_md(rep, path):
     lines = ["# `linmix mix` as a whole process against PyTorch from memory", "",
              f"T = {rep['T']}, d_model 512 (`linmix bench`'s shapes and params), {rep['threads']} threads, "
              f"torch {rep['torch']}. Produced by `bench/mix_process.py`.",
-             "kernel: the parallel forward as `linmix bench` times it; process: `linmix mix` from file to file, "
+             "kernel: the parallel forward as `linmix bench` times it; process: `linmix mix --no-state` (y alone, "
+             "as the kernel and the peer compute it) from file to file, "
              "wall time of the whole process (median of 5); peer: bench/peer.py's PyTorch forward on tensors "
              "in memory. Targets: process faster than the peer; process - kernel <= 15 ms.", "",
              "| mechanism | kernel ms | process ms | process - kernel ms | peer ms | peer / process | targets |",

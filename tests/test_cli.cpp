@@ -64,6 +64,21 @@ TEST_F(MixCli, GoodInputRuns) {
   EXPECT_EQ(out.metadata.at("mixer"), "linear");
 }
 
+TEST_F(MixCli, NoStateWritesTheSameYAlone) {
+  write_safetensors(in_path, good);
+  const std::string with = dir + "/with.safetensors";
+  for (const char* mode : {"parallel", "recurrent"}) {
+    const std::string flags = std::string("mix --mixer linear --causal --mode ") + mode + " --in " + in_path;
+    ASSERT_EQ(run_linmix(flags + " --out " + with, dir).code, 0);
+    const Result r = run_linmix(flags + " --no-state --out " + out_path, dir);
+    ASSERT_EQ(r.code, 0) << r.err;
+    const auto a = read_safetensors(with), b = read_safetensors(out_path);
+    EXPECT_TRUE(a.tensors.count("state.S")) << mode;
+    ASSERT_EQ(b.tensors.size(), 1u) << mode << ": y alone";
+    EXPECT_EQ(b.tensors.at("y").data, a.tensors.at("y").data) << mode;
+  }
+}
+
 TEST_F(MixCli, RejectsBadTensors) {
   TensorMap m = good;
   m.erase("k");

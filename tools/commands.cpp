@@ -68,7 +68,7 @@ double peak_rss_mib() {
 }
 
 int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params,
-            bool grad, bool stats, const std::string& in_path, const std::string& out_path) {
+            bool grad, bool stats, bool final_state, const std::string& in_path, const std::string& out_path) {
   if (stats) {
     map_every_buffer();  // the peak resident set is then the peak of live memory
   }
@@ -79,7 +79,8 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
   const auto kv = parse_params(params);
   const SafeTensors in = map_safetensors(in_path);  // the inputs read where they are (the kernels only read them)
   check_floats(in, in_path, "the mixers read F32, F16 or BF16 tensors");
-  const TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad);
+  TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad, final_state);
+  if (!final_state && !grad) std::erase_if(out, [](const auto& kv) { return kv.first.rfind("state.", 0) == 0; });
   write_safetensors(out_path, out, {},
                     {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}},
                     false);  // renamed into place, not waited for on disk: mix computes it again

@@ -12,7 +12,7 @@
 
 namespace linmix::cli {
 
-int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params, bool grad, bool stats, const std::string& in_path, const std::string& out_path);
+int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, const std::vector<std::string>& params, bool grad, bool stats, bool final_state, const std::string& in_path, const std::string& out_path);
 int cmd_demo(int64_t T, const std::string& dir, uint64_t seed);
 int cmd_mixers(bool json);
 int cmd_example(const std::string& mixer, bool causal, int64_t T, uint64_t seed, const std::string& scale, const std::vector<std::string>& dim_overrides, int stress, bool with_dy, const std::string& out);

@@ -50,6 +50,9 @@ int main(int argc, char** argv) {
   mix->add_flag("--grad", grad, "also write d<name> = d sum(y * dy) / d<name> for every input (IN holds dy)");
   bool stats = false;
   mix->add_flag("--stats", stats, "print wall time and peak resident memory to stderr");
+  bool no_state = false;
+  mix->add_flag("--no-state", no_state,
+                "y alone: the final state neither computed nor written (fla's output_final_state=False)");
   mix->add_option("--in", in_path, "input safetensors")->required();
   mix->add_option("--out", out_path, "output safetensors (written atomically)")->required();
 
@@ -308,7 +311,7 @@ int main(int argc, char** argv) {
     if (*gen) refuse_same(state_out, {model_path, state_in, tokenizer_path}, "--state-out");
     if (*lg || *gr) refuse_same(out_path, {model_path}, "--out");
     if (*ex) refuse_same(out_path, {}, "--out");
-    if (*mix) return cmd_mix(mixer, causal, mode, params, grad, stats, in_path, out_path);
+    if (*mix) return cmd_mix(mixer, causal, mode, params, grad, stats, !no_state, in_path, out_path);
     if (*list) return cmd_mixers(list_json);
     if (*demo) return cmd_demo(demo_T, dir, seed);
     if (*ex) return cmd_example(mixer, causal, ex_T, ex_seed, ex_scale, ex_dims, ex_stress, ex_dy, out_path);
