@@ -34,6 +34,15 @@ struct FlushDenormals {
 // from vectorising the loop around it. NaN handling as std::max (a NaN first argument wins).
 inline float vmax(float a, float b) { return a < b ? b : a; }
 
+// max(init, p[0..n)) in SIMD partial maxima: with std::max in the body, GCC compiled an omp simd
+// max reduction to a serial chain of vmaxss (performer's feature row maxima: 8% of its forward)
+inline float max_of(const float* p, int64_t n, float init) {
+  float mx = init;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) mx = vmax(mx, p[i]);
+  return mx;
+}
+
 // always_inline: a loop that calls it vectorises only when it is inlined, and GCC sometimes declines
 [[gnu::always_inline]] inline float exp_fast(float x) {
   const float hi = 88.7228391f, lo = -87.3365447f;

@@ -118,12 +118,7 @@ void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const fl
 }
 
 // max of n floats in SIMD partial maxima (std::max_element runs a serial chain of compares)
-inline float row_max(const float* r, int64_t n) {
-  float mx = kEmptyMax;
-#pragma omp simd reduction(max : mx)
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, r[i]);
-  return mx;
-}
+inline float row_max(const float* r, int64_t n) { return max_of(r, n, kEmptyMax); }
 
 // The feature map's backward for n rows x (row stride ldx) of one head: dl (n,M) holds d phi on
 // entry and dl = d phi o phi on exit (phi = f; plus `add` at index add_at: the final kmax's logit);

@@ -77,9 +77,7 @@ void softmax_forward(float* y, const float* q, const float* k, const float* v, c
                 std::fill(srow, srow + nk, 0.0f);
                 continue;
               }
-              float rmax = kNegInf;
-#pragma omp simd reduction(max : rmax)
-              for (int64_t j = lo; j <= hi; ++j) rmax = std::max(rmax, srow[j]);
+              const float rmax = max_of(srow + lo, hi - lo + 1, kNegInf);
               const float mnew = vmax(m[i], rmax);
               const float corr = exp_fast(m[i] - mnew);  // 0 when m was -inf
               float* ar = &acc[i * E];
@@ -192,9 +190,7 @@ void softmax_step(float* y, KVCache& c, const float* q, const float* k, const fl
     float* sc = scratch.data() + first;
     blas::sgemv(CblasRowMajor, CblasNoTrans, int(n), int(D), scale, &c.k[(first * H + h) * D], int(H * D), q + h * D,
                 1, 0.0f, sc, 1);
-    float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, sc[s]);
+    const float mx = max_of(sc, n, kNegInf);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t s = 0; s < n; ++s) {
