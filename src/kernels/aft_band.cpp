@@ -382,15 +382,20 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           bf.block(k + at(0), v + at(0), C, T, t0, nr);
           const int64_t w0 = bf.w0, w1 = bf.w1, W = bf.window();
           slow.clear();
-          for (int64_t i = 0; i < nr; ++i) {
+          for (int64_t i = 0; i < nr; ++i) {  // (the push in the loop's body kept it scalar)
             const int64_t t = t0 + i;
+            const float *nlt = nl.data() + t * n, *ht = h.data() + t * n, *hot = ho.data() + t * n;
+            float *fh = FH.data() + i * n, *fho = FHO.data() + i * n;
+            uint32_t any = 0;
             for (int64_t c = 0; c < n; ++c) {
-              const float x = kp[c] + om + nl[t * n + c];  // kap + om - lse_t
+              const float x = kp[c] + om + nlt[c];  // kap + om - lse_t
               const bool direct = !(x <= 20.0f);
               const float F = direct ? 0.0f : exp_fast(x);
-              FH[size_t(i * n + c)] = F * h[t * n + c], FHO[size_t(i * n + c)] = F * ho[t * n + c];
-              if (direct) slow.push_back(t * n + c);
+              fh[c] = F * ht[c], fho[c] = F * hot[c];
+              any |= uint32_t(direct);
             }
+            for (int64_t c = 0; any && c < n; ++c)
+              if (!(kp[c] + om + nlt[c] <= 20.0f)) slow.push_back(t * n + c);
           }
           gemm_tn(GA.data(), Wt, FH.data(), W, n, nr, W, n, n, 1.0f, 0.0f);
           gemm_tn(GB.data(), Wt, FHO.data(), W, n, nr, W, n, n, 1.0f, 0.0f);
