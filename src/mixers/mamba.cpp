@@ -72,7 +72,7 @@ constexpr int64_t kChunk = 32;   // time steps whose decays are computed togethe
 constexpr int64_t kCBlock = 32;  // channels per task (backward)
 constexpr int64_t kFBlock = 64;  // channels per task (forward)
 
-inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
+[[gnu::always_inline]] inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
 
 // Inputs of one call; optional tensors are null.
 struct MambaArgs {
@@ -99,6 +99,24 @@ struct MambaArgs {
     if (D) acc += D[c] * u[i];
     if (z) acc *= silu(z[i]);
     return acc;
+  }
+  // out() of n channels from c0 at (b, t) into o, in loops that vectorise (out() per element
+  // compiled to scalar code: ~10% of the forward at T = 4096, C 512)
+  void out_row(float* __restrict o, const float* __restrict acc, int64_t b, int64_t t, int64_t c0, int64_t n) const {
+    const int64_t i = (b * T + t) * C + c0;
+    const float *ur = u + i, *zr = z ? z + i : nullptr, *Dr = D ? D + c0 : nullptr;
+    if (Dr && zr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) o[j] = (acc[j] + Dr[j] * ur[j]) * silu(zr[j]);
+    } else if (Dr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + Dr[j] * ur[j];
+    } else if (zr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) o[j] = acc[j] * silu(zr[j]);
+    } else {
+      std::copy(acc, acc + n, o);
+    }
   }
 };
 
@@ -159,7 +177,7 @@ void mamba_forward(float* y, const MambaArgs& a) {
                 ac[j] += cn * hr[j];
               }
             }
-            for (int64_t j = 0; j < nc; ++j) y[(b * T + t) * C + c0 + j] = a.out(acc[j], b, t, c0 + j);
+            a.out_row(y + (b * T + t) * C + c0, acc.data(), b, t, c0, nc);
           }
         }
         if (a.hT)
@@ -287,7 +305,7 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
                 for (int64_t j = 0; j < L; ++j) ypre[j] += cn * h[n * L + j];
               }
               if (g.y)
-                for (int64_t j = 0; j < nc; ++j) g.y[row + j] = a.out(ypre[j], b, t, c0 + j);
+                a.out_row(g.y + row, ypre, b, t, c0, nc);
               if (a.z)
                 for (int64_t j = 0; j < nc; ++j) {
                   const float zz = a.z[row + j], uu = a.u[row + j];
