@@ -11,6 +11,7 @@
 #include <complex>
 
 #include "../kernels/fft.h"
+#include "../kernels/transpose.h"
 #include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
@@ -224,11 +225,23 @@ TensorMap s4d_parallel(const Call& c) {
   Tensor y({B, T, C});
   const float* u = c.t("u").ptr();
   const float* D = c.t("D").ptr();
+  // u and y as (B, C, T) copies, each channel's sequence contiguous: read and written in place at
+  // row stride C, every element of a channel's sequence was a cache line of its own (the
+  // transposes: 8 x 8 blocks, rows over the threads)
+  std::vector<float> uT(size_t(B * C * T)), yT(size_t(B * C * T));
+  constexpr int64_t kRows = 64;
+  const int64_t nrb = (T + kRows - 1) / kRows;
 #pragma omp parallel
   {
     RealBuf buf = alloc_real(L);
     ComplexBuf spec = alloc_complex(F);
     std::vector<double> w(6 * N);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t r = 0; r < nrb; ++r) {
+        const int64_t t0 = r * kRows, nr = std::min(kRows, T - t0);
+        transpose(uT.data() + b * C * T + t0, T, u + (b * T + t0) * C, C, nr, C);
+      }
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < C; ++ch) {
       s4d_kernel(p, ch, T, buf.get(), w.data());  // K_l = 2 Re sum_n Ct_n Abar_n^l
@@ -239,7 +252,9 @@ TensorMap s4d_parallel(const Call& c) {
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t ch = 0; ch < C; ++ch) {
-        for (int64_t t = 0; t < T; ++t) buf[t] = u[(b * T + t) * C + ch];
+        const float* uc = uT.data() + (b * C + ch) * T;
+        float* yc = yT.data() + (b * C + ch) * T;
+        for (int64_t t = 0; t < T; ++t) buf[t] = uc[t];
         for (int64_t l = T; l < L; ++l) buf[l] = 0;
         fft.forward(buf.get(), spec.get());
         for (int64_t f = 0; f < F; ++f) {
@@ -249,10 +264,14 @@ TensorMap s4d_parallel(const Call& c) {
         fft.inverse(spec.get(), buf.get());
         for (int64_t t = 0; t < T; ++t) buf[t] /= double(L);
         state_forward(p, x0, xT, u, buf.get(), b, ch, T);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t i = (b * T + t) * C + ch;
-          y.data[i] = float(buf[t] + double(D[ch]) * u[i]);
-        }
+        const double d = double(D[ch]);
+        for (int64_t t = 0; t < T; ++t) yc[t] = float(buf[t] + d * uc[t]);
+      }
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t r = 0; r < nrb; ++r) {
+        const int64_t t0 = r * kRows, nr = std::min(kRows, T - t0);
+        transpose(y.ptr() + (b * T + t0) * C, C, yT.data() + b * C * T + t0, T, C, nr);
       }
   }
   TensorMap out = moved_map("y", std::move(y));
