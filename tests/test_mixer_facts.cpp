@@ -123,3 +123,38 @@ TEST(MixerFacts, AftConvBandFarBelowItsBlockIsExact) {
       test::expect_close(got.at(n), want.at(n), std::string(causal ? "causal " : "non-causal ") + n, 1e-3);
   }
 }
+
+// aft_local's factored band (aft_band.cpp, AftBand::factor_rows) scales each row by its own
+// largest bias and a block by its largest key: rows whose biases sit 120 apart (+-60), keys of
+// +60 among keys of -60, and a row whose largest bias lies far from its largest key put terms
+// below float's range in the factored sums; those (t, c) take the direct form. y and every
+// gradient (dw included) still equal the float64 reference, in blocks of rows and across them.
+TEST(MixerFacts, AftLocalRowsFarApartAreExact) {
+  const MixerSpec& spec = find_mixer("aft_local");
+  for (bool causal : {true, false}) {
+    const int64_t T = 2 * kAftRows + 3;
+    std::map<std::string, int64_t> dims{{"B", 1}, {"T", T}, {"C", 4}, {"Tw", T}};
+    TensorMap in = example_inputs(spec, dims, 3);
+    for (int64_t i = 0; i < in.at("k").numel(); ++i) in["k"].data[size_t(i)] = -60.0f + 0.5f * in.at("k").data[size_t(i)];
+    // keys of +60 in rows 60 and 120: row 120 is in the key window of rows 64..127 but (causal)
+    // in neither the band nor the prefix of row 70, whose band's terms e^{-60 + 50} then lead
+    // while their factors e^{k - 60} underflow
+    for (int64_t c = 0; c < 4; ++c) in["k"].data[size_t(60 * 4 + c)] = in["k"].data[size_t(120 * 4 + c)] = 60.0f;
+    for (int64_t t = 0; t < T; ++t)  // a row's biases near +60 or -60 by turns of 5 rows; row 70's
+      for (int64_t s = 0; s < T; ++s) {  // largest bias far from its large keys
+        float& w = in["w"].data[size_t(t * T + s)];
+        w = (t / 5) % 2 ? 60.0f + 0.3f * w : -60.0f + 0.3f * w;
+        if (t == 70) w = s == 66 ? 50.0f : -50.0f;
+      }
+    Tensor dy({1, T, 4});
+    std::mt19937_64 rng(5);
+    std::normal_distribution<float> normal;
+    for (float& x : dy.data) x = normal(rng);
+    in["dy"] = std::move(dy);
+    const std::map<std::string, std::string> params{{"window", "9"}};
+    const TensorMap want = run_mixer("aft_local", Mode::Reference, causal, params, in, true);
+    const TensorMap got = run_mixer("aft_local", Mode::Parallel, causal, params, in, true);
+    for (const char* n : {"y", "dq", "dk", "dv", "dw"})
+      test::expect_close(got.at(n), want.at(n), std::string(causal ? "causal " : "non-causal ") + n, 1e-3);
+  }
+}

@@ -70,6 +70,10 @@ struct AftBand {
   // band's lo + hi + 1 offsets; aft_forward then takes the band's sums as products of factors
   // e^{k - kappa} and e^{w - omega} (two GEMMs per block of rows) instead of an exp per (t, s, c)
   const float* (*diagonal)(const void* ctx, int64_t bi) = nullptr;
+  // optional: a bias of any (t, s) in a band of finite width (aft_local) taken in the same
+  // factored form, each row t of a block with its own scale: e^{w_ts - omega_t}, omega_t the
+  // row's largest bias in its band
+  bool factor_rows = false;
 };
 // The causal form's running sums as a state (the AFTs' state.num, den, max; (B,C) each, row
 // b at b C): num, den are sums of e^{k_s} (v_s, 1) over the positions before the band, scaled by
@@ -104,7 +108,7 @@ void aft_full_backward(float* dq, float* dk, float* dv, float* dw, const float* 
 struct AftBiasGrad {
   float* out = nullptr;
   int64_t size = 0;
-  int64_t (*slot)(const void* ctx, int64_t t, int64_t s, int64_t bi) = nullptr;
+  int64_t (*slot)(const void* ctx, int64_t t, int64_t s, int64_t bi) = nullptr;  // affine in s for a fixed t
   const void* ctx = nullptr;
 };
 // Backward for q, k, v: dq, dk, dv (B,T,C) written. Extra memory O(T C) per (batch, channel
@@ -118,7 +122,7 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
 // The max of an empty running sum: stands in for -inf so that saved states stay finite
 // (MIXERS.md uses the same convention, p = -1e38, for RWKV).
 constexpr float kAftEmptyMax = -1e38f;
-// Rows per block of aft_forward's factored band (AftBand::diagonal).
+// Rows per block of the factored band (AftBand::diagonal, AftBand::factor_rows).
 constexpr int64_t kAftRows = 64;
 
 // Recurrent AFT state of one sequence: the running sums over positions that left the band

@@ -8,6 +8,8 @@
 // disjoint, so nothing is ever subtracted (a "global sum minus the band" form would cancel
 // catastrophically when the band's k + w dominate). Cost O(T (band + 1) C), extra memory O(T C)
 // for the suffix sums (non-causal) and O(band) otherwise.
+#include <omp.h>
+
 #include "../mixers/common.h"
 #include "linear_product.h"
 #include "vmath.h"
@@ -49,31 +51,36 @@ inline void running_add2(float* __restrict m, float* __restrict s1, float* __res
   }
 }
 
-// The factored band's operands (AftBand::diagonal, aft_conv), the same for the forward and the
-// backward: ew = e^{w - om} for the band's offsets t - s in [-hi, lo] (om the largest bias); for a
-// block of rows [t0, t0 + rows) its key window [w0, w1) (its rows' bands together), kap (n) the
-// window's largest k per channel, Pk = e^{k - kap} and PV = Pk v (window x n), and Wt
-// (rows x window) = ew inside each row's band, 0 outside. kb, vb: the channel block's row 0, rows
-// ld floats apart.
+// The factored band's operands (AftBand::diagonal: aft_conv; AftBand::factor_rows: aft_local),
+// the same for the forward and the backward: for a block of rows [t0, t0 + rows) its key window
+// [w0, w1) (its rows' bands together), kap (n) the window's largest k per channel, Pk = e^{k - kap}
+// and PV = Pk v (window x n), and Wt (rows x window) = e^{w_ts - omr_t} inside each row's band,
+// 0 outside. omr_t is the largest bias of the diagonal band (one for every row: Wt's entries from
+// ew = e^{w - om}, taken once) or, for a bias of any (t, s), the largest of row t's own band. kb,
+// vb: the channel block's row 0, rows ld floats apart.
 struct BandFactors {
   const AftBand* band = nullptr;
-  const float* dg = nullptr;  // the block's biases, dg[t - s + hi]
+  const float* dg = nullptr;  // diagonal: the block's biases, dg[t - s + hi]; null: band->bias
   bool causal = false;
-  int64_t n = 0, w0 = 0, w1 = 0;
+  int64_t bi = 0, n = 0, w0 = 0, w1 = 0;
   float om = kEmptyMax;
-  std::vector<float> ew, kap, Pk, PV, Wt;
+  std::vector<float> ew, kap, Pk, PV, Wt, omr;
   // whether band (for channel block bi) takes the factored form, and if so the buffers ready
-  bool init(const AftBand& b, int64_t bi, int64_t width, bool is_causal) {
-    if (b.diagonal == nullptr || b.lo < 0 || b.lo + b.hi < 1) return false;
-    band = &b, causal = is_causal, n = width, dg = b.diagonal(b.ctx, bi);
+  bool init(const AftBand& b, int64_t block, int64_t width, bool is_causal) {
+    if ((b.diagonal == nullptr && !b.factor_rows) || b.lo < 0 || b.lo + b.hi < 1) return false;
+    band = &b, causal = is_causal, n = width, bi = block, dg = b.diagonal ? b.diagonal(b.ctx, bi) : nullptr;
     const int64_t nb = b.lo + b.hi + 1, win = kAftRows + nb - 1;
-    om = kEmptyMax;
-    for (int64_t d = 0; d < nb; ++d) om = vmax(om, dg[d]);
-    ew.resize(size_t(nb));
-    for (int64_t d = 0; d < nb; ++d) ew[size_t(d)] = exp_fast(dg[d] - om);
+    if (dg) {
+      om = kEmptyMax;
+      for (int64_t d = 0; d < nb; ++d) om = vmax(om, dg[d]);
+      ew.resize(size_t(nb));
+      for (int64_t d = 0; d < nb; ++d) ew[size_t(d)] = exp_fast(dg[d] - om);
+    }
     kap.resize(size_t(n)), Pk.resize(size_t(win * n)), PV.resize(size_t(win * n)), Wt.resize(size_t(kAftRows * win));
+    omr.resize(size_t(kAftRows));
     return true;
   }
+  float bias(int64_t t, int64_t s) const { return dg ? dg[t - s + band->hi] : band->bias(band->ctx, t, s, bi); }
   int64_t window() const { return w1 - w0; }
   void block(const float* kb, const float* vb, int64_t ld, int64_t T, int64_t t0, int64_t rows) {
     w0 = std::max<int64_t>(0, t0 - band->lo), w1 = std::min(T, t0 + rows + (causal ? 0 : band->hi));
@@ -91,12 +98,24 @@ struct BandFactors {
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) pk[c] = exp_fast(ks[c] - kp[c]), pv[c] = pk[c] * vs[c];
     }
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t s = w0; s < w1; ++s) {
-        const int64_t d = t0 + i - s;  // in the band when -hi <= d <= lo (causal: 0 <= d)
-        Wt[size_t(i * W + (s - w0))] =
-            d <= band->lo && d >= (causal ? 0 : -band->hi) ? ew[size_t(d + band->hi)] : 0.0f;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t t = t0 + i;  // row t's band in the window: s in [a, e)
+      const int64_t a = std::max(w0, t - band->lo), e = std::min(w1, causal ? t + 1 : t + band->hi + 1);
+      float* wt = Wt.data() + i * W;
+      std::fill(wt, wt + (a - w0), 0.0f);
+      std::fill(wt + (e - w0), wt + W, 0.0f);
+      if (dg) {
+        omr[size_t(i)] = om;
+        for (int64_t s = a; s < e; ++s) wt[s - w0] = ew[size_t(t - s + band->hi)];
+        continue;
       }
+      float m = kEmptyMax;
+      for (int64_t s = a; s < e; ++s) wt[s - w0] = band->bias(band->ctx, t, s, bi), m = vmax(m, wt[s - w0]);
+      omr[size_t(i)] = m;
+      float* __restrict r = wt + (a - w0);
+#pragma omp simd
+      for (int64_t j = 0; j < e - a; ++j) r[j] = exp_fast(r[j] - m);
+    }
   }
 };
 
@@ -135,18 +154,18 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
           running_add(&sm[j * n], &sn[j * n], &sd[j * n], row(k, j), row(v, j), n);
         }
       }
-      // The factored band (band.diagonal, aft_conv): rows in blocks of kAftRows. A block's key rows
-      // [w0, w1) (its rows' bands together), kap (n) their largest k per channel, P = e^{k - kap}
-      // and P v (window x n), Wt (rows x window) = e^{w_ts - om} inside the band and 0 outside
-      // (om the largest bias), then NUM = Wt (P v) and DEN = Wt P: two GEMMs in place of an exp per
-      // (t, s, c). The band's terms are e^{kap + om} (NUM, DEN); where a row's DEN falls below
-      // 2^-64 (its band far below the block's largest k and bias: terms may have underflowed) that
-      // (t, c) is summed exactly, as the direct form does.
+      // The factored band (band.diagonal: aft_conv; band.factor_rows: aft_local): rows in blocks
+      // of kAftRows. A block's key rows [w0, w1) (its rows' bands together), kap (n) their largest
+      // k per channel, P = e^{k - kap} and P v (window x n), Wt (rows x window) = e^{w_ts - om_t}
+      // inside the band and 0 outside (om_t: the largest bias of the band, or of row t's own), then
+      // NUM = Wt (P v) and DEN = Wt P: two GEMMs in place of an exp per (t, s, c). Row t's band
+      // terms are e^{kap + om_t} (NUM, DEN); where a row's DEN falls below 2^-64 (its band far
+      // below the block's largest k and bias: terms may have underflowed) that (t, c) is summed
+      // exactly, as the direct form does.
       thread_local BandFactors bf;
       thread_local std::vector<float> NUM, DEN;
       const bool fact = bf.init(band, bi, n, causal);
-      const float *dg = bf.dg, *kap = bf.kap.data();
-      const float om = bf.om;
+      const float *dg = fact ? bf.dg : nullptr, *kap = bf.kap.data();
       int64_t blk = -1;  // the current row block's start
       if (fact) NUM.resize(size_t(kAftRows * n)), DEN.resize(size_t(kAftRows * n));
       auto factor_block = [&](int64_t t0) {
@@ -174,7 +193,8 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
         if (!causal)
           for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], sm[suf * n + c]);
         wb.resize(static_cast<size_t>(std::max<int64_t>(0, s_hi - s_lo + 1)));
-        for (int64_t s = s_lo; s <= s_hi; ++s) wb[s - s_lo] = fact ? dg[t - s + band.hi] : band.bias(band.ctx, t, s, bi);
+        for (int64_t s = s_lo; s <= s_hi; ++s) wb[s - s_lo] = dg ? dg[t - s + band.hi] : band.bias(band.ctx, t, s, bi);
+        const float om = fact ? bf.omr[size_t(t - blk)] : 0.0f;  // row t's bias scale
         if (fact) {  // the band's terms are at most e^{kap + om}
           for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], kap[c] + om);
         } else {
@@ -271,9 +291,24 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
   // t >= s + lo + 1 (a suffix), and non-causal also t <= s - hi - 1 (a prefix).
   const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
   if (bias_grad) std::fill(bias_grad->out, bias_grad->out + bias_grad->size, 0.0f);
+  // Every thread's buffers, taken here on the calling thread in one piece (each written before it
+  // is read: no zeroing pass): per thread h, ho, nl (-lse): (T,n) (no band: one row); A, Bs: (T,n)
+  // (no band: none); and its bias sums (doubles). (Taken inside the region, on the workers' own
+  // malloc arenas, which hand large blocks back to the kernel when freed, 4 MiB blocks on huge
+  // pages made some runs of aft_local's backward 3-4x slower.)
+  const bool scan = causal && band.lo < 0;
+  int64_t nmax = 0;
+  for (const auto& blk : band.blocks) nmax = std::max(nmax, blk.second - blk.first);
+  const int64_t rows = scan ? 1 : T, per = nmax * (3 * rows + (scan ? 0 : 2 * T));
+  const int nth = omp_get_max_threads();
+  const int64_t nbias = bias_grad ? bias_grad->size : 0;
+  scratch_vector<float> work(size_t(per * nth));
+  scratch_vector<double> parts(size_t(nbias * nth));
 #pragma omp parallel
   {
-  std::vector<double> part(bias_grad ? size_t(bias_grad->size) : 0, 0.0);  // this thread's bias sums
+  double* part = parts.data() + nbias * omp_get_thread_num();  // this thread's bias sums
+  std::fill(part, part + nbias, 0.0);
+  float* mine = work.data() + per * omp_get_thread_num();
 #pragma omp for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
@@ -282,11 +317,8 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
       // No band (aft_simple): every t >= s reaches s through the far sums, so one sweep from the
       // end forms h, ho, nl of row s, adds them to the running sums and writes row s's gradients;
       // nothing (T,n) is stored.
-      const bool scan = causal && band.lo < 0;
-      // h, ho, nl (-lse): (T,n) (scan: one row); A, Bs: (T,n) (scan: none); running sums m, s1, s2: (n).
-      const int64_t rows = scan ? 1 : T;
-      std::vector<float> h(rows * n), ho(rows * n), nl(rows * n), A(scan ? 0 : T * n, 0.0f),
-          Bs(scan ? 0 : T * n, 0.0f), m(n), s1(n), s2(n);
+      float *h = mine, *ho = h + rows * n, *nl = ho + rows * n, *A = nl + rows * n, *Bs = A + T * n;
+      std::vector<float> m(n), s1(n), s2(n);  // running sums
       auto reset = [&] {
         std::fill(m.begin(), m.end(), -1e38f);
         std::fill(s1.begin(), s1.end(), 0.0f);
@@ -294,7 +326,7 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
       };
       if (scan) {
         reset();
-        float *__restrict ph = h.data(), *__restrict pho = ho.data(), *__restrict pnl = nl.data();
+        float *__restrict ph = h, *__restrict pho = ho, *__restrict pnl = nl;
         for (int64_t s = T - 1; s >= 0; --s) {
           const float *__restrict qs = q + at(s), *__restrict gs = dy + at(s), *__restrict os = o + at(s);
           const float *__restrict ls = lse + at(s), *__restrict ks = k + at(s), *__restrict vs = v + at(s);
@@ -315,26 +347,41 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           }
         }
       }
-      for (int64_t t = 0; t < T && !scan; ++t)
+      for (int64_t t = 0; t < T && !scan; ++t) {  // (through restrict rows: the indexed form was scalar)
+        const float *__restrict qt = q + at(t), *__restrict gt = dy + at(t), *__restrict ot = o + at(t),
+                    *__restrict lt = lse + at(t);
+        float *__restrict ht = h + t * n, *__restrict hot = ho + t * n, *__restrict nlt = nl + t * n,
+                          *__restrict dqt = dq + at(t);
+#pragma omp simd
         for (int64_t c = 0; c < n; ++c) {
-          const float sg = sigmoidf(q[at(t) + c]), g = dy[at(t) + c];
-          h[t * n + c] = g * sg;
-          ho[t * n + c] = g * sg * o[at(t) + c];
-          nl[t * n + c] = -lse[at(t) + c];
-          dq[at(t) + c] = g * o[at(t) + c] * sg * (1.0f - sg);
+          const float sg = sigmoidf(qt[c]), g = gt[c];
+          ht[c] = g * sg, hot[c] = g * sg * ot[c], nlt[c] = -lt[c];
+          dqt[c] = g * ot[c] * sg * (1.0f - sg);
         }
-      auto far = [&](int64_t s) {  // A_s, B_s += exp(k_s + m) (s1, s2)
+      }
+      auto far = [&](int64_t s, bool first) {  // A_s, B_s (first: =) += exp(k_s + m) (s1, s2)
+        const float *__restrict ks = k + at(s), *__restrict pm = m.data(), *__restrict p1 = s1.data(),
+                    *__restrict p2 = s2.data();
+        float *__restrict As = &A[size_t(s * n)], *__restrict Bss = &Bs[size_t(s * n)];
+        if (first) {
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) {
+            const float e = exp_fast(ks[c] + pm[c]);
+            As[c] = e * p1[c], Bss[c] = e * p2[c];
+          }
+          return;
+        }
+#pragma omp simd
         for (int64_t c = 0; c < n; ++c) {
-          const float e = exp_fast(k[at(s) + c] + m[c]);
-          A[s * n + c] += e * s1[c];
-          Bs[s * n + c] += e * s2[c];
+          const float e = exp_fast(ks[c] + pm[c]);
+          As[c] += e * p1[c], Bss[c] += e * p2[c];
         }
       };
       if (!scan) reset();
       for (int64_t s = T - 1; s >= 0 && !scan; --s) {  // suffix: t >= s + lo + 1
         const int64_t t = s + band.lo + 1;
         if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
-        far(s);
+        far(s, true);  // every s: A and Bs written whole here
       }
       const int64_t o0 = b * C + c0;
       const bool init = causal && sums && sums->num0 && sums->dnum0;
@@ -358,20 +405,19 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
         for (int64_t s = 0; s < T; ++s) {  // prefix: t <= s - hi - 1
           const int64_t t = s - band.hi - 1;
           if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
-          far(s);
+          far(s, false);
         }
       }
-      // The band factored as in the forward (band.diagonal): P_ts = e^{k_s - kap} e^{w_ts - om}
-      // e^{kap + om - lse_t} for a block of rows t and its key window s, so A_s += Pk_s o (Wt^T (F h))_s
+      // The band factored as in the forward (BandFactors): P_ts = e^{k_s - kap} e^{w_ts - om_t}
+      // e^{kap + om_t - lse_t} for a block of rows t and its key window s, so A_s += Pk_s o (Wt^T (F h))_s
       // and B_s alike with F h o (two GEMMs); the bias's gradient sum_c P_ts (h_t v_s - (h o)_t) is
-      // Wt o ((F h) (Pk v)^T - (F h o) Pk^T). A (t, c) with kap + om - lse_t > 20 (F past e^20: terms
+      // Wt o ((F h) (Pk v)^T - (F h o) Pk^T). A (t, c) with kap + om_t - lse_t > 20 (F past e^20: terms
       // whose Pk underflowed could matter) takes the direct form instead, its F set to 0.
       thread_local BandFactors bf;
       const bool fact = !scan && bf.init(band, bi, n, causal);
       if (fact) {
         const int64_t win = kAftRows + band.lo + band.hi;
-        const float *dg = bf.dg, *kp = bf.kap.data(), *Pk = bf.Pk.data(), *PkV = bf.PV.data(), *Wt = bf.Wt.data();
-        const float om = bf.om;
+        const float *kp = bf.kap.data(), *Pk = bf.Pk.data(), *PkV = bf.PV.data(), *Wt = bf.Wt.data();
         thread_local std::vector<float> FH, FHO, GA, GB, G1, G2;
         thread_local std::vector<int64_t> slow;  // (t, c) of the direct form, as t n + c
         FH.resize(size_t(kAftRows * n)), FHO.resize(size_t(kAftRows * n)), GA.resize(size_t(win * n));
@@ -384,8 +430,9 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           slow.clear();
           for (int64_t i = 0; i < nr; ++i) {  // (the push in the loop's body kept it scalar)
             const int64_t t = t0 + i;
-            const float *nlt = nl.data() + t * n, *ht = h.data() + t * n, *hot = ho.data() + t * n;
+            const float *nlt = nl + t * n, *ht = h + t * n, *hot = ho + t * n;
             float *fh = FH.data() + i * n, *fho = FHO.data() + i * n;
+            const float om = bf.omr[size_t(i)];
             uint32_t any = 0;
             for (int64_t c = 0; c < n; ++c) {
               const float x = kp[c] + om + nlt[c];  // kap + om - lse_t
@@ -408,23 +455,24 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           if (bias_grad) {
             gemm_nt(G1.data(), FH.data(), PkV, nr, W, n, n, n, W, 1.0f, 0.0f);
             gemm_nt(G2.data(), FHO.data(), Pk, nr, W, n, n, n, W, 1.0f, 0.0f);
-            for (int64_t i = 0; i < nr; ++i)
-              for (int64_t s = w0; s < w1; ++s) {
-                const float w = Wt[size_t(i * W + (s - w0))];
-                if (w != 0.0f)
-                  part[size_t(bias_grad->slot(bias_grad->ctx, t0 + i, s, bi))] +=
-                      w * (G1[size_t(i * W + (s - w0))] - G2[size_t(i * W + (s - w0))]);
-              }
+            for (int64_t i = 0; i < nr; ++i) {  // row t's band [a, e): slots affine in s
+              const int64_t t = t0 + i, a = std::max(w0, t - band.lo), e = std::min(w1, causal ? t + 1 : t + band.hi + 1);
+              const int64_t base = bias_grad->slot(bias_grad->ctx, t, a, bi);
+              const int64_t step = e - a > 1 ? bias_grad->slot(bias_grad->ctx, t, a + 1, bi) - base : 0;
+              const float *wt = Wt + i * W - w0, *g1 = G1.data() + i * W - w0, *g2 = G2.data() + i * W - w0;
+              double* pt = part + base;
+              for (int64_t s = a; s < e; ++s) pt[(s - a) * step] += wt[s] * (g1[s] - g2[s]);
+            }
           }
           for (const int64_t tc : slow) {  // the direct form for these (t, c)
             const int64_t t = tc / n, c = tc % n;
             const int64_t s_lo = std::max<int64_t>(0, t - band.lo), s_hi = causal ? t : std::min(T - 1, t + band.hi);
             for (int64_t s = s_lo; s <= s_hi; ++s) {
-              const float P = exp_fast(k[at(s) + c] + dg[t - s + band.hi] + nl[t * n + c]);
+              const float P = exp_fast(k[at(s) + c] + bf.bias(t, s) + nl[t * n + c]);
               A[s * n + c] += P * h[t * n + c];
               Bs[s * n + c] += P * ho[t * n + c];
               if (bias_grad)
-                part[size_t(bias_grad->slot(bias_grad->ctx, t, s, bi))] += P * (h[t * n + c] * v[at(s) + c] - ho[t * n + c]);
+                part[bias_grad->slot(bias_grad->ctx, t, s, bi)] += P * (h[t * n + c] * v[at(s) + c] - ho[t * n + c]);
             }
           }
         }
@@ -453,15 +501,16 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
               Bss[c] += P * hot[c];
               g += P * (ht[c] * vs[c] - hot[c]);
             }
-            part[size_t(bias_grad->slot(bias_grad->ctx, t, s, bi))] += g;
+            part[bias_grad->slot(bias_grad->ctx, t, s, bi)] += g;
           }
         }
       }
-      for (int64_t s = 0; s < T && !scan; ++s)
-        for (int64_t c = 0; c < n; ++c) {
-          dv[at(s) + c] = A[s * n + c];
-          dk[at(s) + c] = v[at(s) + c] * A[s * n + c] - Bs[s * n + c];
-        }
+      for (int64_t s = 0; s < T && !scan; ++s) {
+        const float *__restrict As = A + s * n, *__restrict Bss = Bs + s * n, *__restrict vs = v + at(s);
+        float *__restrict dvs = dv + at(s), *__restrict dks = dk + at(s);
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) dvs[c] = As[c], dks[c] = vs[c] * As[c] - Bss[c];
+      }
       if (causal && sums && sums->dnumT) {
         // The final sums numT = num0 e^{max0 - maxT} + sum_s e^{k_s - maxT} v_s (denT alike, over
         // the positions s < end that left the band), maxT = max(max0, k_s): their gradient
@@ -492,7 +541,7 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
     }
   if (bias_grad) {
 #pragma omp critical
-    for (int64_t i = 0; i < bias_grad->size; ++i) bias_grad->out[i] += float(part[size_t(i)]);
+    for (int64_t i = 0; i < bias_grad->size; ++i) bias_grad->out[i] += float(part[i]);
   }
   }
 }

@@ -68,7 +68,7 @@ AftBand make_band(Variant var, const Call& c, BiasCtx& ctx) {
     case Variant::Local: {
       const int64_t win = c.ip("window");
       ctx.w = c.t("w").ptr(), ctx.Tw = c.d("Tw");
-      band.lo = win - 1, band.hi = c.causal ? 0 : win - 1, band.bias = bias_w;
+      band.lo = win - 1, band.hi = c.causal ? 0 : win - 1, band.bias = bias_w, band.factor_rows = true;
       split(0, C, 0);
       break;
     }
@@ -119,6 +119,17 @@ TensorMap aft_parallel(Variant var, const Call& c, bool with_state) {
   return out;
 }
 
+// A gradient of zeros to sum into, on huge pages and zeroed by every thread (aft_local's dw is
+// (Tw, Tw): 64 MiB at T = 4096, whose zeroing on one core took ~6 ms of a ~60 ms backward)
+Tensor zeroed(const std::vector<int64_t>& shape) {
+  Tensor t = Tensor::uninitialized(shape);
+  float* p = t.ptr();
+  const int64_t n = t.numel(), piece = int64_t(1) << 16;
+#pragma omp parallel for schedule(static) if (n > 4 * piece)
+  for (int64_t i = 0; i < n; i += piece) std::fill(p + i, p + std::min(n, i + piece), 0.0f);
+  return t;
+}
+
 // The bias's gradient, summed by aft_backward in its band pass (AftBiasGrad): aft_conv's slots
 // are du's own entries [head, t - s + shift]; aft_local's the band's (t, s - t + lo), (T, W), added
 // into dw[t + off, s + off] after the pass (a (T, W) buffer, not a (Tw, Tw) one per thread).
@@ -143,7 +154,7 @@ void with_bias_grad(Variant var, const BiasCtx& ctx, const AftBand& band, int64_
   slots.ctx = &ctx;
   AftBiasGrad bg;
   bg.ctx = &slots;
-  std::vector<float> buf;
+  scratch_vector<float> buf;  // written whole by the backward
   if (var == Variant::Conv) {
     bg.slot = slot_u, bg.size = dbias.numel();
   } else {
@@ -192,7 +203,7 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
     backward(nullptr);
   } else {  // aft_local's dw, aft_conv's du
     const std::string name = var == Variant::Local ? "w" : "u";
-    Tensor dbias(c.t(name).shape);
+    Tensor dbias = zeroed(c.t(name).shape);
     with_bias_grad(var, ctx, band, T, c.causal, dbias, backward);
     out["d" + name] = std::move(dbias);
   }
@@ -227,48 +238,69 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
   if (var == Variant::Local && s0) pos = positions_of(c.t("state.pos"), "state.pos");
   TensorMap out;
   const AftSumsIO sums = sums_io(c, out, grad);
-  Tensor y({B, T, C}), fk({B, keep, C}), fv({B, keep, C}), dq, dk, dv, dbias, dk0, dv0;
+  // y, dq, dk, dv written whole below (directly or copied); dbias summed into from zero
+  Tensor y = Tensor::uninitialized({B, T, C}), fk({B, keep, C}), fv({B, keep, C}), dq, dk, dv, dbias, dk0, dv0;
   const std::string bias_name = var == Variant::Local ? "w" : "u";
   if (grad) {
-    dq = Tensor({B, T, C}), dk = Tensor({B, T, C}), dv = Tensor({B, T, C}), dbias = Tensor(c.t(bias_name).shape);
+    dq = Tensor::uninitialized({B, T, C}), dk = Tensor::uninitialized({B, T, C}), dv = Tensor::uninitialized({B, T, C});
+    dbias = zeroed(c.t(bias_name).shape);
     if (s0) dk0 = Tensor({B, L, C}), dv0 = Tensor({B, L, C});
   }
   const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
   const float *rk = s0 ? c.t("state.k").ptr() : nullptr, *rv = s0 ? c.t("state.v").ptr() : nullptr;
   const float *gk = grad && c.has("dfinal.k") ? c.t("dfinal.k").ptr() : nullptr;
   const float *gv = grad && c.has("dfinal.v") ? c.t("dfinal.v").ptr() : nullptr;
-  std::vector<float> cq(n * C, 0.0f), ck(n * C), cv(n * C), yc(n * C), o, lse, dyc, dqc, dkc, dvc;
+  // With a ring (L > 0) the kernels run on copies of its rows and the call's; without one
+  // (a first call that wants the final state) on the call's tensors themselves
+  scratch_vector<float> cq, ck, cv, yc, o, lse, dyc, dqc, dkc, dvc;
+  if (L > 0) {
+    cq.resize(size_t(n * C)), ck.resize(size_t(n * C)), cv.resize(size_t(n * C)), yc.resize(size_t(n * C));
+    std::fill(cq.begin(), cq.begin() + L * C, 0.0f);
+    if (grad) dyc.resize(size_t(n * C)), dqc.resize(size_t(n * C)), dkc.resize(size_t(n * C)), dvc.resize(size_t(n * C));
+    if (grad) std::fill(dyc.begin(), dyc.begin() + L * C, 0.0f);
+  }
+  if (grad) o.resize(size_t(n * C)), lse.resize(size_t(n * C));
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = L * C, m = T * C;  // the ring's and the call's values of row b
-    std::copy(q + b * m, q + (b + 1) * m, cq.begin() + r);
-    if (s0) std::copy(rk + b * r, rk + (b + 1) * r, ck.begin()), std::copy(rv + b * r, rv + (b + 1) * r, cv.begin());
-    std::copy(k + b * m, k + (b + 1) * m, ck.begin() + r), std::copy(v + b * m, v + (b + 1) * m, cv.begin() + r);
+    const float *pq = q + b * m, *pk = k + b * m, *pv = v + b * m;
+    float* py = y.ptr() + b * m;
+    if (L > 0) {
+      std::copy(pq, pq + m, cq.begin() + r);
+      std::copy(rk + b * r, rk + (b + 1) * r, ck.begin()), std::copy(rv + b * r, rv + (b + 1) * r, cv.begin());
+      std::copy(pk, pk + m, ck.begin() + r), std::copy(pv, pv + m, cv.begin() + r);
+      pq = cq.data(), pk = ck.data(), pv = cv.data(), py = yc.data();
+    }
     BiasCtx ctx;
     const AftBand band = make_band(var, c, ctx);
     ctx.off = pos[size_t(b)] - L;
     AftSumsIO io = sums_row(sums, b * C);
     if (!grad) {
-      aft_forward(yc.data(), cq.data(), ck.data(), cv.data(), 1, n, C, true, band, nullptr, nullptr, &io);
+      aft_forward(py, pq, pk, pv, 1, n, C, true, band, nullptr, nullptr, &io);
     } else {
-      o.resize(n * C), lse.resize(n * C), dyc.assign(n * C, 0.0f), dqc.resize(n * C), dkc.resize(n * C), dvc.resize(n * C);
-      std::copy(dy->ptr() + b * m, dy->ptr() + (b + 1) * m, dyc.begin() + r);
-      aft_forward(yc.data(), cq.data(), ck.data(), cv.data(), 1, n, C, true, band, o.data(), lse.data(), &io);
+      const float* pdy = dy->ptr() + b * m;
+      float *pdq = dq.ptr() + b * m, *pdk = dk.ptr() + b * m, *pdv = dv.ptr() + b * m;
+      if (L > 0) {
+        std::copy(pdy, pdy + m, dyc.begin() + r);
+        pdy = dyc.data(), pdq = dqc.data(), pdk = dkc.data(), pdv = dvc.data();
+      }
+      aft_forward(py, pq, pk, pv, 1, n, C, true, band, o.data(), lse.data(), &io);
       with_bias_grad(var, ctx, band, n, true, dbias, [&](const AftBiasGrad* bg) {
-        aft_backward(dqc.data(), dkc.data(), dvc.data(), cq.data(), ck.data(), cv.data(), o.data(), lse.data(),
-                     dyc.data(), 1, n, C, true, band, &io, bg);
+        aft_backward(pdq, pdk, pdv, pq, pk, pv, o.data(), lse.data(), pdy, 1, n, C, true, band, &io, bg);
       });
       const int64_t f0 = (n - keep) * C, fm = keep * C;  // the final ring: the last keep rows
       for (int64_t i = 0; i < fm; ++i) {
-        if (gk) dkc[size_t(f0 + i)] += gk[b * fm + i];
-        if (gv) dvc[size_t(f0 + i)] += gv[b * fm + i];
+        if (gk) pdk[f0 + i] += gk[b * fm + i];
+        if (gv) pdv[f0 + i] += gv[b * fm + i];
       }
-      std::copy(dqc.begin() + r, dqc.end(), dq.ptr() + b * m);
-      std::copy(dkc.begin() + r, dkc.end(), dk.ptr() + b * m), std::copy(dvc.begin() + r, dvc.end(), dv.ptr() + b * m);
-      if (s0) std::copy(dkc.begin(), dkc.begin() + r, dk0.ptr() + b * r), std::copy(dvc.begin(), dvc.begin() + r, dv0.ptr() + b * r);
+      if (L > 0) {
+        std::copy(dqc.begin() + r, dqc.end(), dq.ptr() + b * m);
+        std::copy(dkc.begin() + r, dkc.end(), dk.ptr() + b * m), std::copy(dvc.begin() + r, dvc.end(), dv.ptr() + b * m);
+        std::copy(dkc.begin(), dkc.begin() + r, dk0.ptr() + b * r), std::copy(dvc.begin(), dvc.begin() + r, dv0.ptr() + b * r);
+      }
     }
-    std::copy(yc.begin() + r, yc.end(), y.ptr() + b * m);
-    std::copy(ck.end() - keep * C, ck.end(), fk.ptr() + b * keep * C);
-    std::copy(cv.end() - keep * C, cv.end(), fv.ptr() + b * keep * C);
+    if (L > 0) std::copy(yc.begin() + r, yc.end(), y.ptr() + b * m);
+    std::copy(pk + (n - keep) * C, pk + n * C, fk.ptr() + b * keep * C);
+    std::copy(pv + (n - keep) * C, pv + n * C, fv.ptr() + b * keep * C);
   }
   out["y"] = std::move(y), out["state.k"] = std::move(fk), out["state.v"] = std::move(fv);
   if (var == Variant::Local) {
