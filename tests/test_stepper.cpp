@@ -14,7 +14,9 @@ bool per_token(const TensorSpec& ts) { return ts.dims.rfind("B,T", 0) == 0; }
 
 TEST(Stepper, EveryCausalMechanismHasOne) {
   for (const MixerSpec& spec : mixers())
-    if (spec.causal_ok) EXPECT_TRUE(bool(spec.stepper)) << spec.name << " is causal but has no stepper";
+    if (spec.causal_ok) {
+      EXPECT_TRUE(bool(spec.stepper)) << spec.name << " is causal but has no stepper";
+    }
 }
 
 TEST(Stepper, SavedStateContinuesBitForBit) {
@@ -52,6 +54,25 @@ TEST(Stepper, SavedStateContinuesBitForBit) {
       const TensorMap sa = a.save(), sb = b.save();
       ASSERT_EQ(sa.size(), spec.state.size()) << spec.name;
       for (const auto& [n, t] : sa) EXPECT_EQ(t.data, sb.at(n).data) << spec.name << " " << n;
+    }
+  }
+}
+
+// At the benchmark's sizes (H 8, D = E = 64, C 512: 128 KiB of state and more) the steppers split
+// their heads over the threads (kStepParallelFloats, mixers/common.h); the recurrent form, token
+// by token through them, still equals the float64 reference (y and the final state). The test
+// sizes above stay on one thread.
+TEST(Stepper, BenchSizedStatesEqualTheReference) {
+  for (const MixerSpec& spec : mixers()) {
+    if (!spec.stepper) continue;
+    const TensorMap in = example_inputs(spec, example_dims(spec, Scale::Bench, 3, true), 11);
+    std::map<std::string, std::string> params = spec.example_params;
+    for (const auto& [k, v] : spec.bench_params) params[k] = v;
+    const TensorMap want = run_mixer(spec.name, Mode::Reference, true, params, in);
+    const TensorMap got = run_mixer(spec.name, Mode::Recurrent, true, params, in);
+    for (const auto& [n, t] : want) {
+      ASSERT_TRUE(got.count(n)) << spec.name << " " << n;
+      test::expect_close(got.at(n), t, spec.name + " " + n);
     }
   }
 }

@@ -43,6 +43,20 @@ inline float max_of(const float* p, int64_t n, float init) {
   return mx;
 }
 
+// 16 floats as one GCC vector (one AVX-512 register, two AVX2 ones): for the small loops whose
+// accumulators must stay in registers (`omp simd` over a local array left them on the stack).
+using f32x16 = float __attribute__((vector_size(64), aligned(4)));
+inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16*>(p); }
+inline void store16(float* p, f32x16 x) { *reinterpret_cast<f32x16*>(p) = x; }
+inline float hsum16(f32x16 a) {  // a tree: 16 -> 8 -> 4 lanes, then 4 scalars
+  using f32x8 = float __attribute__((vector_size(32)));
+  using f32x4 = float __attribute__((vector_size(16)));
+  const f32x8 h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 g = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (g[0] + g[2]) + (g[1] + g[3]);
+}
+
 // always_inline: a loop that calls it vectorises only when it is inlined, and GCC sometimes declines
 [[gnu::always_inline]] inline float exp_fast(float x) {
   const float hi = 88.7228391f, lo = -87.3365447f;

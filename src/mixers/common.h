@@ -27,14 +27,30 @@ inline Tensor from_double(std::vector<int64_t> shape, const std::vector<double>&
 // 16 KiB at D = E = 64, 128 KiB for 8 heads, more than L1):
 //   S (D,E) = decay S + a v^T, then y (E) = sum_x b_x S_x over the updated rows; y is written.
 // The same operations in the same order as the two-pass form (decay 1 multiplies exactly).
+// Columns in strips of 32: a strip's y and v stay in registers down the D rows (with y in
+// memory every element loads and stores y once more; f32x16: kernels/vmath.h).
 inline void state_step(float* __restrict S, float* __restrict y, const float* __restrict a,
                        const float* __restrict b, const float* __restrict v, float decay, int64_t D, int64_t E) {
-  std::fill(y, y + E, 0.0f);
+  int64_t e0 = 0;
+  for (; e0 + 32 <= E; e0 += 32) {
+    f32x16 acc0 = {}, acc1 = {};
+    const f32x16 v0 = load16(v + e0), v1 = load16(v + e0 + 16);
+    for (int64_t x = 0; x < D; ++x) {
+      f32x16* s = reinterpret_cast<f32x16*>(S + x * E + e0);
+      const float ax = a[x], bx = b[x];
+      const f32x16 n0 = s[0] * decay + ax * v0, n1 = s[1] * decay + ax * v1;
+      s[0] = n0, s[1] = n1;
+      acc0 += bx * n0, acc1 += bx * n1;
+    }
+    store16(y + e0, acc0), store16(y + e0 + 16, acc1);
+  }
+  if (e0 == E) return;
+  std::fill(y + e0, y + E, 0.0f);
   for (int64_t x = 0; x < D; ++x) {
     float* __restrict s = S + x * E;
     const float ax = a[x], bx = b[x];
 #pragma omp simd
-    for (int64_t e = 0; e < E; ++e) {
+    for (int64_t e = e0; e < E; ++e) {
       const float n = s[e] * decay + ax * v[e];
       s[e] = n;
       y[e] += bx * n;
@@ -43,12 +59,15 @@ inline void state_step(float* __restrict S, float* __restrict y, const float* __
 }
 
 [[gnu::always_inline]] inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }  // loops vectorise
-// The recurrent steps split their heads over the threads only from this many state floats a
-// token (1 MiB): below it the state stays in one core's L2 from token to token, and waking a
-// second thread costs more than it saves (measured, AMD EPYC 2 cores, H 8, D = E = 64, 128 KiB of
-// state: gla 3.3 us a token on 1 thread, 6 us on 2 spinning threads, 25 us on 2 with
-// OMP_WAIT_POLICY=passive, where every parallel region wakes a sleeping thread).
-constexpr int64_t kStepParallelFloats = int64_t(1) << 18;
+// The recurrent steps split their heads over the threads from this many state floats a token
+// (128 KiB), where each core then streams half the state through its own L2 (a token's step is
+// bound by the state's trip through L2: ~4 us for 128 KiB on one core). Measured, 2 threads, H 8,
+// D = E = 64 (128 KiB), `linmix bench --T 256 --thread-counts 2`, on the Intel Xeon (one core a
+// thread, 2 MiB of L2 each): linear 4.4 -> 2.7 us, gla 4.0 -> 2.8, mamba2 7.8 -> 4.7, performer
+// 9.9 -> 6.1 against the heads on one thread. (On the AMD EPYC of docs/bench_decay, at the old
+// threshold of 1 MiB: gla 3.3 us on 1 thread, 6 on 2 spinning threads; with OMP_WAIT_POLICY=passive
+// every region wakes a sleeping thread: 25 us.)
+constexpr int64_t kStepParallelFloats = int64_t(1) << 15;
 
 inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : exp_fast(x); }  // elu(x) + 1
 // The same maps as function objects for gather_head: a function pointer is not inlined there,
