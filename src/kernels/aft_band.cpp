@@ -294,21 +294,22 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
   // Every thread's buffers, taken here on the calling thread in one piece (each written before it
   // is read: no zeroing pass): per thread h, ho, nl (-lse): (T,n) (no band: one row); A, Bs: (T,n)
   // (no band: none); and its bias sums (doubles). (Taken inside the region, on the workers' own
-  // malloc arenas, which hand large blocks back to the kernel when freed, 4 MiB blocks on huge
-  // pages made some runs of aft_local's backward 3-4x slower.)
+  // malloc arenas, which hand large blocks back to the kernel when freed, they faulted again in
+  // every call.)
   const bool scan = causal && band.lo < 0;
   int64_t nmax = 0;
   for (const auto& blk : band.blocks) nmax = std::max(nmax, blk.second - blk.first);
   const int64_t rows = scan ? 1 : T, per = nmax * (3 * rows + (scan ? 0 : 2 * T));
   const int nth = omp_get_max_threads();
   const int64_t nbias = bias_grad ? bias_grad->size : 0;
-  scratch_vector<float> work(size_t(per * nth));
-  scratch_vector<double> parts(size_t(nbias * nth));
+  // (ordinary pages: on huge ones a fresh buffer's faults may wait on the kernel's compaction)
+  const std::unique_ptr<float[]> work(new float[size_t(std::max<int64_t>(1, per * nth))]);
+  const std::unique_ptr<double[]> parts(new double[size_t(std::max<int64_t>(1, nbias * nth))]);
 #pragma omp parallel
   {
-  double* part = parts.data() + nbias * omp_get_thread_num();  // this thread's bias sums
+  double* part = parts.get() + nbias * omp_get_thread_num();  // this thread's bias sums
   std::fill(part, part + nbias, 0.0);
-  float* mine = work.data() + per * omp_get_thread_num();
+  float* mine = work.get() + per * omp_get_thread_num();
 #pragma omp for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
@@ -549,6 +550,14 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
 void aft_step(float* y, AftState& st, const float* q, const float* k, const float* v, int64_t lo,
               const AftBand& band, std::vector<float>& scratch) {
   const int64_t C = st.C, t = st.pos;
+  if (lo < 0) {  // no band (aft_simple): the token joins the sums, y reads them
+    running_add(st.max.data(), st.num.data(), st.den.data(), k, v, C);
+    const float *__restrict nm = st.num.data(), *__restrict dn = st.den.data();
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) y[c] = sigmoidf(q[c]) * nm[c] / dn[c];
+    st.pos = t + 1;
+    return;
+  }
   st.k.insert(st.k.end(), k, k + C);
   st.v.insert(st.v.end(), v, v + C);
   // Ring invariant: st.k holds positions [t - len + 1, t]; those before t - lo leave the band.

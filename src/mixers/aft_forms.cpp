@@ -119,17 +119,6 @@ TensorMap aft_parallel(Variant var, const Call& c, bool with_state) {
   return out;
 }
 
-// A gradient of zeros to sum into, on huge pages and zeroed by every thread (aft_local's dw is
-// (Tw, Tw): 64 MiB at T = 4096, whose zeroing on one core took ~6 ms of a ~60 ms backward)
-Tensor zeroed(const std::vector<int64_t>& shape) {
-  Tensor t = Tensor::uninitialized(shape);
-  float* p = t.ptr();
-  const int64_t n = t.numel(), piece = int64_t(1) << 16;
-#pragma omp parallel for schedule(static) if (n > 4 * piece)
-  for (int64_t i = 0; i < n; i += piece) std::fill(p + i, p + std::min(n, i + piece), 0.0f);
-  return t;
-}
-
 // The bias's gradient, summed by aft_backward in its band pass (AftBiasGrad): aft_conv's slots
 // are du's own entries [head, t - s + shift]; aft_local's the band's (t, s - t + lo), (T, W), added
 // into dw[t + off, s + off] after the pass (a (T, W) buffer, not a (Tw, Tw) one per thread).
@@ -203,7 +192,7 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
     backward(nullptr);
   } else {  // aft_local's dw, aft_conv's du
     const std::string name = var == Variant::Local ? "w" : "u";
-    Tensor dbias = zeroed(c.t(name).shape);
+    Tensor dbias(c.t(name).shape);  // (ordinary pages: see aft_ring)
     with_bias_grad(var, ctx, band, T, c.causal, dbias, backward);
     out["d" + name] = std::move(dbias);
   }
@@ -243,7 +232,10 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
   const std::string bias_name = var == Variant::Local ? "w" : "u";
   if (grad) {
     dq = Tensor::uninitialized({B, T, C}), dk = Tensor::uninitialized({B, T, C}), dv = Tensor::uninitialized({B, T, C});
-    dbias = zeroed(c.t(bias_name).shape);
+    // dbias on ordinary pages, zeroed: aft_local's dw is (Tw, Tw), 64 MiB at T = 4096, and on
+    // huge pages (Tensor::uninitialized) a fresh one's faults waited on the kernel's compaction
+    // (THP defrag "madvise"): 250-300 ms for the buffer in some runs
+    dbias = Tensor(c.t(bias_name).shape);
     if (s0) dk0 = Tensor({B, L, C}), dv0 = Tensor({B, L, C});
   }
   const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
