@@ -57,6 +57,31 @@ inline float hsum16(f32x16 a) {  // a tree: 16 -> 8 -> 4 lanes, then 4 scalars
   return (g[0] + g[2]) + (g[1] + g[3]);
 }
 
+// out[r] = scale * (A_r . x) for the rows r < rows of A (row stride ld, n columns): four rows at a
+// time in vector accumulators (one row's `omp simd` reduction waits on its own chain of adds and
+// horizontal sum); n a multiple of 16 takes that path, other n a plain loop.
+inline void dot_rows(float* out, const float* A, int64_t rows, int64_t ld, const float* x, int64_t n, float scale) {
+  int64_t r = 0;
+  for (; n % 16 == 0 && r + 4 <= rows; r += 4) {
+    const float* a = A + r * ld;
+    f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t j = 0; j < n; j += 16) {
+      const f32x16 xv = load16(x + j);
+      a0 += load16(a + j) * xv, a1 += load16(a + ld + j) * xv;
+      a2 += load16(a + 2 * ld + j) * xv, a3 += load16(a + 3 * ld + j) * xv;
+    }
+    out[r] = hsum16(a0) * scale, out[r + 1] = hsum16(a1) * scale;
+    out[r + 2] = hsum16(a2) * scale, out[r + 3] = hsum16(a3) * scale;
+  }
+  for (; r < rows; ++r) {
+    const float* __restrict a = A + r * ld;
+    float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+    for (int64_t j = 0; j < n; ++j) d += a[j] * x[j];
+    out[r] = d * scale;
+  }
+}
+
 // always_inline: a loop that calls it vectorises only when it is inlined, and GCC sometimes declines
 [[gnu::always_inline]] inline float exp_fast(float x) {
   const float hi = 88.7228391f, lo = -87.3365447f;

@@ -105,8 +105,12 @@ constexpr float kEmptyMax = -1e38f;  // the max of nothing; finite so a saved st
 void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const float* proj, int64_t M, int64_t D) {
   const float s = std::pow(float(D), -0.25f);
   if (n == 0) return;
-  blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(M), int(D), s, x, int(ldx), proj, int(D), 0.0f, out,
-              int(M));
+  if (n == 1) {  // the recurrent step: own loops (sgemm's call costs more than the product)
+    dot_rows(out, proj, M, D, x, D, s);
+  } else {
+    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(M), int(D), s, x, int(ldx), proj, int(D), 0.0f, out,
+                int(M));
+  }
   for (int64_t i = 0; i < n; ++i) {
     const float* xr = x + i * ldx;
     float sq = 0.0f;

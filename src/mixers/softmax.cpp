@@ -194,28 +194,7 @@ void softmax_step(float* y, KVCache& c, const float* q, const float* k, const fl
   for (int64_t h = 0; h < H; ++h) {
     float* __restrict sc = scratch.data() + h * n;
     const float* __restrict qh = q + h * D;
-    int64_t s = 0;
-    // four rows at a time in vector accumulators (one row's `omp simd` reduction waited on its
-    // own chain of adds and horizontal sum: 16 us a token at the benchmark's size, one thread)
-    for (; D % 16 == 0 && s + 4 <= n; s += 4) {
-      const float* r = K0 + (s * H + h) * D;
-      const int64_t ld = H * D;
-      f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t j = 0; j < D; j += 16) {
-        const f32x16 qv = load16(qh + j);
-        a0 += load16(r + j) * qv, a1 += load16(r + ld + j) * qv;
-        a2 += load16(r + 2 * ld + j) * qv, a3 += load16(r + 3 * ld + j) * qv;
-      }
-      sc[s] = hsum16(a0) * scale, sc[s + 1] = hsum16(a1) * scale;
-      sc[s + 2] = hsum16(a2) * scale, sc[s + 3] = hsum16(a3) * scale;
-    }
-    for (; s < n; ++s) {
-      const float* __restrict kr = K0 + (s * H + h) * D;
-      float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-      for (int64_t j = 0; j < D; ++j) d += kr[j] * qh[j];
-      sc[s] = d * scale;
-    }
+    dot_rows(sc, K0 + h * D, n, H * D, qh, D, scale);  // the scores, four rows at a time
     const float mx = max_of(sc, n, kNegInf);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
