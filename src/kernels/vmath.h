@@ -45,6 +45,8 @@ inline float max_of(const float* p, int64_t n, float init) {
 
 // 16 floats as one GCC vector (one AVX-512 register, two AVX2 ones): for the small loops whose
 // accumulators must stay in registers (`omp simd` over a local array left them on the stack).
+// (Without AVX-512, GCC notes that passing one by value has another ABI than with it: -Wno-psabi
+// in CMakeLists.txt; these are inline helpers within one build.)
 using f32x16 = float __attribute__((vector_size(64), aligned(4)));
 inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16*>(p); }
 inline void store16(float* p, f32x16 x) { *reinterpret_cast<f32x16*>(p) = x; }
