@@ -143,7 +143,7 @@ void with_bias_grad(Variant var, const BiasCtx& ctx, const AftBand& band, int64_
   slots.ctx = &ctx;
   AftBiasGrad bg;
   bg.ctx = &slots;
-  scratch_vector<float> buf;  // written whole by the backward
+  std::unique_ptr<float[]> buf;  // written whole by the backward (ordinary pages: see aft_ring)
   if (var == Variant::Conv) {
     bg.slot = slot_u, bg.size = dbias.numel();
   } else {
@@ -151,17 +151,17 @@ void with_bias_grad(Variant var, const BiasCtx& ctx, const AftBand& band, int64_
     slots.W = slots.lo + (causal ? 0 : std::min(band.hi, T - 1)) + 1;
     bg.slot = slot_band, bg.size = T * slots.W;
   }
-  buf.resize(size_t(bg.size));
-  bg.out = buf.data();
+  buf.reset(new float[size_t(std::max<int64_t>(bg.size, 1))]);
+  bg.out = buf.get();
   backward(&bg);
   if (var == Variant::Conv) {
-    for (int64_t i = 0; i < bg.size; ++i) dbias.data[size_t(i)] += buf[size_t(i)];
+    for (int64_t i = 0; i < bg.size; ++i) dbias.data[size_t(i)] += buf[i];
     return;
   }
   for (int64_t t = 0; t < T; ++t) {
     const int64_t s_lo = std::max<int64_t>(0, t - band.lo), s_hi = causal ? t : std::min(T - 1, t + band.hi);
     for (int64_t s = s_lo; s <= s_hi; ++s)
-      dbias.data[size_t((t + ctx.off) * ctx.Tw + (s + ctx.off))] += buf[size_t(slot_band(&slots, t, s, 0))];
+      dbias.data[size_t((t + ctx.off) * ctx.Tw + (s + ctx.off))] += buf[slot_band(&slots, t, s, 0)];
   }
 }
 
@@ -244,23 +244,25 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
   const float *gv = grad && c.has("dfinal.v") ? c.t("dfinal.v").ptr() : nullptr;
   // With a ring (L > 0) the kernels run on copies of its rows and the call's; without one
   // (a first call that wants the final state) on the call's tensors themselves
-  scratch_vector<float> cq, ck, cv, yc, o, lse, dyc, dqc, dkc, dvc;
+  // (n C floats each, left unset, on ordinary pages: see dbias)
+  const int64_t nc = n * C;
+  auto rows = [nc] { return std::unique_ptr<float[]>(new float[size_t(std::max<int64_t>(nc, 1))]); };
+  std::unique_ptr<float[]> cq, ck, cv, yc, o, lse, dyc, dqc, dkc, dvc;
   if (L > 0) {
-    cq.resize(size_t(n * C)), ck.resize(size_t(n * C)), cv.resize(size_t(n * C)), yc.resize(size_t(n * C));
-    std::fill(cq.begin(), cq.begin() + L * C, 0.0f);
-    if (grad) dyc.resize(size_t(n * C)), dqc.resize(size_t(n * C)), dkc.resize(size_t(n * C)), dvc.resize(size_t(n * C));
-    if (grad) std::fill(dyc.begin(), dyc.begin() + L * C, 0.0f);
+    cq = rows(), ck = rows(), cv = rows(), yc = rows();
+    std::fill(cq.get(), cq.get() + L * C, 0.0f);
+    if (grad) dyc = rows(), dqc = rows(), dkc = rows(), dvc = rows(), std::fill(dyc.get(), dyc.get() + L * C, 0.0f);
   }
-  if (grad) o.resize(size_t(n * C)), lse.resize(size_t(n * C));
+  if (grad) o = rows(), lse = rows();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = L * C, m = T * C;  // the ring's and the call's values of row b
     const float *pq = q + b * m, *pk = k + b * m, *pv = v + b * m;
     float* py = y.ptr() + b * m;
     if (L > 0) {
-      std::copy(pq, pq + m, cq.begin() + r);
-      std::copy(rk + b * r, rk + (b + 1) * r, ck.begin()), std::copy(rv + b * r, rv + (b + 1) * r, cv.begin());
-      std::copy(pk, pk + m, ck.begin() + r), std::copy(pv, pv + m, cv.begin() + r);
-      pq = cq.data(), pk = ck.data(), pv = cv.data(), py = yc.data();
+      std::copy(pq, pq + m, cq.get() + r);
+      std::copy(rk + b * r, rk + (b + 1) * r, ck.get()), std::copy(rv + b * r, rv + (b + 1) * r, cv.get());
+      std::copy(pk, pk + m, ck.get() + r), std::copy(pv, pv + m, cv.get() + r);
+      pq = cq.get(), pk = ck.get(), pv = cv.get(), py = yc.get();
     }
     BiasCtx ctx;
     const AftBand band = make_band(var, c, ctx);
@@ -272,12 +274,12 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
       const float* pdy = dy->ptr() + b * m;
       float *pdq = dq.ptr() + b * m, *pdk = dk.ptr() + b * m, *pdv = dv.ptr() + b * m;
       if (L > 0) {
-        std::copy(pdy, pdy + m, dyc.begin() + r);
-        pdy = dyc.data(), pdq = dqc.data(), pdk = dkc.data(), pdv = dvc.data();
+        std::copy(pdy, pdy + m, dyc.get() + r);
+        pdy = dyc.get(), pdq = dqc.get(), pdk = dkc.get(), pdv = dvc.get();
       }
-      aft_forward(py, pq, pk, pv, 1, n, C, true, band, o.data(), lse.data(), &io);
+      aft_forward(py, pq, pk, pv, 1, n, C, true, band, o.get(), lse.get(), &io);
       with_bias_grad(var, ctx, band, n, true, dbias, [&](const AftBiasGrad* bg) {
-        aft_backward(pdq, pdk, pdv, pq, pk, pv, o.data(), lse.data(), pdy, 1, n, C, true, band, &io, bg);
+        aft_backward(pdq, pdk, pdv, pq, pk, pv, o.get(), lse.get(), pdy, 1, n, C, true, band, &io, bg);
       });
       const int64_t f0 = (n - keep) * C, fm = keep * C;  // the final ring: the last keep rows
       for (int64_t i = 0; i < fm; ++i) {
@@ -285,12 +287,12 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
         if (gv) pdv[f0 + i] += gv[b * fm + i];
       }
       if (L > 0) {
-        std::copy(dqc.begin() + r, dqc.end(), dq.ptr() + b * m);
-        std::copy(dkc.begin() + r, dkc.end(), dk.ptr() + b * m), std::copy(dvc.begin() + r, dvc.end(), dv.ptr() + b * m);
-        std::copy(dkc.begin(), dkc.begin() + r, dk0.ptr() + b * r), std::copy(dvc.begin(), dvc.begin() + r, dv0.ptr() + b * r);
+        std::copy(dqc.get() + r, dqc.get() + nc, dq.ptr() + b * m);
+        std::copy(dkc.get() + r, dkc.get() + nc, dk.ptr() + b * m), std::copy(dvc.get() + r, dvc.get() + nc, dv.ptr() + b * m);
+        std::copy(dkc.get(), dkc.get() + r, dk0.ptr() + b * r), std::copy(dvc.get(), dvc.get() + r, dv0.ptr() + b * r);
       }
     }
-    if (L > 0) std::copy(yc.begin() + r, yc.end(), y.ptr() + b * m);
+    if (L > 0) std::copy(yc.get() + r, yc.get() + nc, y.ptr() + b * m);
     std::copy(pk + (n - keep) * C, pk + n * C, fk.ptr() + b * keep * C);
     std::copy(pv + (n - keep) * C, pv + n * C, fv.ptr() + b * keep * C);
   }
