@@ -165,7 +165,7 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
       thread_local BandFactors bf;
       thread_local std::vector<float> NUM, DEN;
       const bool fact = bf.init(band, bi, n, causal);
-      const float *dg = fact ? bf.dg : nullptr, *kap = bf.kap.data();
+      const float* kap = bf.kap.data();
       int64_t blk = -1;  // the current row block's start
       if (fact) NUM.resize(size_t(kAftRows * n)), DEN.resize(size_t(kAftRows * n));
       auto factor_block = [&](int64_t t0) {
@@ -192,8 +192,12 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
         std::copy(pm.begin(), pm.end(), M.begin());
         if (!causal)
           for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], sm[suf * n + c]);
-        wb.resize(static_cast<size_t>(std::max<int64_t>(0, s_hi - s_lo + 1)));
-        for (int64_t s = s_lo; s <= s_hi; ++s) wb[s - s_lo] = dg ? dg[t - s + band.hi] : band.bias(band.ctx, t, s, bi);
+        // the band's biases, where the direct form reads them (factored: only for a fallback)
+        auto band_biases = [&] {
+          wb.resize(static_cast<size_t>(std::max<int64_t>(0, s_hi - s_lo + 1)));
+          for (int64_t s = s_lo; s <= s_hi; ++s) wb[s - s_lo] = fact ? bf.bias(t, s) : band.bias(band.ctx, t, s, bi);
+        };
+        if (!fact) band_biases();
         const float om = fact ? bf.omr[size_t(t - blk)] : 0.0f;  // row t's bias scale
         if (fact) {  // the band's terms are at most e^{kap + om}
           for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], kap[c] + om);
@@ -232,6 +236,7 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
             pden[c] += DENt[c] * a;
             exact |= uint32_t(!(DENt[c] >= 0x1p-64f));
           }
+          if (exact) band_biases();
           for (int64_t c = 0; exact && c < n; ++c) {
             if (DENt[c] >= 0x1p-64f) continue;
             // exactly, as the direct form: the max over the far sums' and the band's own terms
