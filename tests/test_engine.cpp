@@ -8,9 +8,11 @@
 #include <functional>
 #include <atomic>
 #include <cstdlib>
+#include <strings.h>
 #include <new>
 #include <random>
 
+#include "../src/kernels/blas.h"
 #include "../src/kernels/gemv.h"
 #include "linmix/mixer.h"
 #include "linmix/model.h"
@@ -609,4 +611,37 @@ TEST(DecaySteps, StepAllocatesNothing) {
     }
   }
   omp_set_num_threads(before_threads);
+}
+
+// OpenBLAS 0.3.21 takes its SSE3 kernels on CPUs newer than its tables; select_avx512_core()
+// switches it to the AVX-512 ones in the running process (no second exec). In a fresh process
+// (the death test's threadsafe style runs this test alone in a new one): where the switch is
+// wanted, the kernels in use after it are the wanted ones, and an sgemm on them equals the sums.
+extern "C" char* openblas_get_corename();
+namespace {
+[[noreturn]] void blas_switch_child() {
+  const char* want = linmix::blas::avx512_core_wanted();
+  const std::string before = openblas_get_corename();
+  const bool ok = linmix::blas::select_avx512_core();
+  const std::string after = openblas_get_corename();
+  std::fprintf(stderr, "before %s, wanted %s, after %s\n", before.c_str(), want ? want : "-", after.c_str());
+  if (!ok || (want && strcasecmp(after.c_str(), want) != 0) || (!want && after != before)) std::_Exit(1);
+  const int n = 67, k = 45, m = 83;  // past the kernels' register blocks
+  std::vector<float> A(size_t(n * k)), B(size_t(k * m)), C(size_t(n * m));
+  for (size_t i = 0; i < A.size(); ++i) A[i] = float(int(i % 7) - 3);
+  for (size_t i = 0; i < B.size(); ++i) B[i] = float(int(i % 5) - 2);
+  linmix::blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, m, k, 1.0f, A.data(), k, B.data(), m, 0.0f,
+                      C.data(), m);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < m; ++j) {
+      float s = 0;  // small integers: exact in float
+      for (int l = 0; l < k; ++l) s += A[size_t(i * k + l)] * B[size_t(l * m + j)];
+      if (C[size_t(i * m + j)] != s) std::_Exit(2);
+    }
+  std::_Exit(0);
+}
+}  // namespace
+TEST(Blas, SwitchesToTheAvx512KernelsInProcess) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(blas_switch_child(), ::testing::ExitedWithCode(0), "before .*, wanted .*, after ");
 }

@@ -32,9 +32,9 @@ using namespace linmix::cli;
 
 int main(int argc, char** argv) {
   // OpenBLAS chose its kernels as it loaded: on a CPU its tables do not know it took the SSE3 ones;
-  // the process runs itself again with the AVX-512 ones named (kernels/blas.h avx512_core_wanted)
-  if (const char* core = linmix::blas::avx512_core_wanted(); core && ::setenv("OPENBLAS_CORETYPE", core, 1) == 0)
-    ::execv("/proc/self/exe", argv);  // returns only when it fails: go on with the kernels loaded
+  // it chooses again, the AVX-512 ones named (kernels/blas.h select_avx512_core), or where it
+  // cannot, the process runs itself again with them named (OPENBLAS_CORETYPE is set by then)
+  if (!linmix::blas::select_avx512_core()) ::execv("/proc/self/exe", argv);  // returns only when it fails
   CLI::App app{"linmix: linear-time token mixers (see docs/MIXERS.md for the contract)"};
   app.require_subcommand(1);
 

@@ -30,6 +30,20 @@ const char* avx512_core_wanted() {
   return avx512 ? "SkylakeX" : nullptr;
 }
 
+bool select_avx512_core() {
+  const char* core = avx512_core_wanted();
+  if (!core) return true;
+  if (::setenv("OPENBLAS_CORETYPE", core, 1) != 0) return false;
+  // the entry points of the OpenBLAS the process bound (looked up: a build without DYNAMIC_ARCH
+  // has neither, and then cannot switch)
+  auto quit = reinterpret_cast<void (*)()>(::dlsym(RTLD_DEFAULT, "gotoblas_dynamic_quit"));
+  auto init = reinterpret_cast<void (*)()>(::dlsym(RTLD_DEFAULT, "gotoblas_dynamic_init"));
+  if (!quit || !init) return false;
+  quit(), init();
+  const char* now = openblas_get_corename();
+  return now && strcasecmp(now, core) == 0;
+}
+
 bool use_blas_library(const std::string& path) {
   void* h = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!h) return false;

@@ -25,6 +25,14 @@ const Library& library();
 // OpenBLAS says Prescott, OPENBLAS_CORETYPE is unset and the CPU has AVX-512 (F, BW, DQ, VL): the
 // SkylakeX kernels; else null.
 const char* avx512_core_wanted();
+// Switches the loaded OpenBLAS (and one loaded later by use_blas_library: its load reads the
+// variable) to the AVX-512 kernels where avx512_core_wanted() says so, in this process: sets
+// OPENBLAS_CORETYPE, then has a DYNAMIC_ARCH OpenBLAS choose its kernel table again
+// (gotoblas_dynamic_quit / gotoblas_dynamic_init, read from the environment; Debian's builds export
+// both). True when the kernels in use are then the wanted ones or nothing was wanted; false when
+// the OpenBLAS cannot switch (the variable stays set: a process run again picks them as it loads).
+// Call it before any BLAS call and before any other thread starts.
+bool select_avx512_core();
 // Loads the OpenBLAS at `path` (RTLD_LOCAL: its symbols stay its own) and uses it from now on;
 // false (nothing changed) when it cannot be loaded or lacks a function.
 bool use_blas_library(const std::string& path);
