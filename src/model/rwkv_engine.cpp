@@ -247,22 +247,31 @@ class RwkvEngine : public engine::RowsEngine {
       par_elems(n, n * D5, [&](int64_t i) { Z[i] = std::tanh(Z[i]); });
       for (int c = 0; c < 5; ++c) st.la(xs("wkvrg"[c]), Z + c * y.dmix, y.A2[c], D5);
       st.run();
-      for (int c = 0; c < 5; ++c) {
-        float* x = xs("wkvrg"[c]);
-        const float* m = y.mix[size_t(c)].data();
-        par_rows(n, [&](int64_t t) {
-          for (int64_t cc = 0, i = t * C; cc < C; ++cc, ++i) x[i] = U[i] + D[i] * (m[cc] + x[i]);
-        });
-      }
-    } else {
-      for (size_t c = 0; c < y.mixes.size(); ++c) {
-        float* x = XS_.data() + c * NC;
-        const float* m = y.mix[c].data();
-        par_rows(n, [&](int64_t t) {
-          for (int64_t cc = 0, i = t * C; cc < C; ++cc, ++i)
-            x[i] = ver_ == 5 ? U[i] * m[cc] + P[i] * (1.0f - m[cc]) : U[i] + D[i] * m[cc];
-        });
-      }
+      par_rows(n, [&](int64_t t) {  // every mix of a row while its u and d are in cache
+        const float *u = U + t * C, *d = D + t * C;
+        for (int c = 0; c < 5; ++c) {
+          float* x = xs("wkvrg"[c]) + t * C;
+          const float* m = y.mix[size_t(c)].data();
+#pragma omp simd
+          for (int64_t j = 0; j < C; ++j) x[j] = u[j] + d[j] * (m[j] + x[j]);
+        }
+      });
+    } else {  // every mix of a row while its u and d are in cache
+      const size_t nm = y.mixes.size();
+      par_rows(n, [&](int64_t t) {
+        const float *u = U + t * C, *p = P + t * C, *d = D + t * C;
+        for (size_t c = 0; c < nm; ++c) {
+          float* x = XS_.data() + c * NC + t * C;
+          const float* m = y.mix[c].data();
+          if (ver_ == 5) {
+#pragma omp simd
+            for (int64_t j = 0; j < C; ++j) x[j] = u[j] * m[j] + p[j] * (1.0f - m[j]);
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < C; ++j) x[j] = u[j] + d[j] * m[j];
+          }
+        }
+      });
     }
     // r, k, v (and the gate) with every first LoRA stage, in one go
     st.mm(R, xs('r'), y.Wr), st.mm(K, xs('k'), y.Wk), st.mm(Vv, xs('v'), y.Wv);
@@ -319,20 +328,28 @@ class RwkvEngine : public engine::RowsEngine {
     // WKV, then per head GN (+ bonus) (+ gate); one token: a head's recurrence and its GN
     // together, heads over the threads once the state is large (0.4B: 256 KiB a layer)
     auto gn = [&](int64_t hr) {
-      const int64_t o = hr * N_, h = hr % H_;
+      const int64_t o = hr * N_, h = hr % H_, N = N_;
+      const float *Oo = O + o, *Ro = R + o, *Ko = K + o, *Vo = Vv + o, *Go = G + o;
+      const float *lw = y.lnxw.data() + h * N, *lb = y.lnxb.data() + h * N, *rk = y.rk.data() + (ver_ == 7 ? h * N : 0);
+      float* Yo = Y + o;
       float m = 0, var = 0, bonus = 0;
-      for (int64_t j = 0; j < N_; ++j) m += O[o + j];
-      m /= float(N_);
-      for (int64_t j = 0; j < N_; ++j) var += (O[o + j] - m) * (O[o + j] - m);
-      const float rs = 1.0f / std::sqrt(var / float(N_) + y.eps);
-      if (ver_ == 7)
-        for (int64_t j = 0; j < N_; ++j) bonus += R[o + j] * K[o + j] * y.rk[size_t(h * N_ + j)];
-      for (int64_t j = 0; j < N_; ++j) {
-        const int64_t i = o + j, c = h * N_ + j;
-        float v = (O[i] - m) * rs * y.lnxw[size_t(c)] + y.lnxb[size_t(c)];
-        if (ver_ == 7) v = (v + bonus * Vv[i]) * G[i];
-        else if (y.gate) v *= G[i] * sigmoidf(G[i]);
-        Y[i] = v;
+#pragma omp simd reduction(+ : m)
+      for (int64_t j = 0; j < N; ++j) m += Oo[j];
+      m /= float(N);
+#pragma omp simd reduction(+ : var)
+      for (int64_t j = 0; j < N; ++j) var += (Oo[j] - m) * (Oo[j] - m);
+      const float rs = 1.0f / std::sqrt(var / float(N) + y.eps);
+      if (ver_ == 7) {
+#pragma omp simd reduction(+ : bonus)
+        for (int64_t j = 0; j < N; ++j) bonus += Ro[j] * Ko[j] * rk[j];
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) Yo[j] = ((Oo[j] - m) * rs * lw[j] + lb[j] + bonus * Vo[j]) * Go[j];
+      } else if (y.gate) {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) Yo[j] = ((Oo[j] - m) * rs * lw[j] + lb[j]) * (Go[j] * sigmoidf(Go[j]));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) Yo[j] = (Oo[j] - m) * rs * lw[j] + lb[j];
       }
     };
     float* S = ls.at("state.S").ptr();
