@@ -18,7 +18,9 @@
 namespace linmix::engine {
 
 // exp_fast (kernels/vmath.h, ~1 ulp) so that the loops over channels vectorise
-inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
+// always inlined: called out of line, it keeps the simd loops around it scalar (RWKV-6 0.1B, the
+// gated group norm of a 1024-token prefill: 44 ms)
+[[gnu::always_inline]] inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 

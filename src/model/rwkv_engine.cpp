@@ -314,8 +314,11 @@ class RwkvEngine : public engine::RowsEngine {
       par_elems(n, n * y.ddecay, [&](int64_t i) { zd[i] = std::tanh(zd[i]); });
       st.la(LW, zd, y.B2, y.ddecay);
       st.run();
-      par_rows(n, [&](int64_t t) {
-        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) LW[i] = -std::exp(LW[i] + y.td[size_t(c)]);
+      par_rows(n, [&](int64_t t) {  // exp_fast (vectorised; std::exp kept this loop scalar: 16 ms of 0.1B's prefill)
+        float* lw = LW + t * C;
+        const float* td = y.td.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) lw[c] = -exp_fast(lw[c] + td[c]);
       });
     }
     if (ver_ == 7) {
