@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -33,8 +34,10 @@ using namespace linmix::cli;
 int main(int argc, char** argv) {
   // OpenBLAS chose its kernels as it loaded: on a CPU its tables do not know it took the SSE3 ones;
   // it chooses again, the AVX-512 ones named (kernels/blas.h select_avx512_core), or where it
-  // cannot, the process runs itself again with them named (OPENBLAS_CORETYPE is set by then)
-  if (!linmix::blas::select_avx512_core()) ::execv("/proc/self/exe", argv);  // returns only when it fails
+  // cannot, the process runs itself again with them named: only once OPENBLAS_CORETYPE is set,
+  // which the process run again finds and so never runs itself a third time
+  if (!linmix::blas::select_avx512_core() && std::getenv("OPENBLAS_CORETYPE"))
+    ::execv("/proc/self/exe", argv);  // returns only when it fails
   CLI::App app{"linmix: linear-time token mixers (see docs/MIXERS.md for the contract)"};
   app.require_subcommand(1);
 

@@ -237,6 +237,7 @@ class RwkvEngine : public engine::RowsEngine {
     void run() {
       if (k) gemv_many(jobs, k);
       k = 0;
+      if (kl == 0) return;
       const profile::Scope prof("loras");
       if (kl == 1) xa(loras[0].out, loras[0].in, *loras[0].L, n, loras[0].ldx);
       if (kl > 1) {
@@ -274,10 +275,12 @@ class RwkvEngine : public engine::RowsEngine {
       par_elems(n, n * D5, [&](int64_t i) { Z[i] = std::tanh(Z[i]); });
       for (int c = 0; c < 5; ++c) st.la(xs("wkvrg"[c]), Z + c * y.dmix, y.A2[c], D5);
       st.run();
+      float* x5[5];
+      for (int c = 0; c < 5; ++c) x5[c] = xs("wkvrg"[c]);
       par_rows(n, [&](int64_t t) {  // every mix of a row while its u and d are in cache
         const float *u = U + t * C, *d = D + t * C;
         for (int c = 0; c < 5; ++c) {
-          float* x = xs("wkvrg"[c]) + t * C;
+          float* x = x5[c] + t * C;
           const float* m = y.mix[size_t(c)].data();
 #pragma omp simd
           for (int64_t j = 0; j < C; ++j) x[j] = u[j] + d[j] * (m[j] + x[j]);
