@@ -1038,6 +1038,7 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
       if (ld.vskip != 0.0f)
 #pragma omp simd
         for (int64_t o = 0; o < n * E; ++o) dvc[o] += ld.vskip * yb[o];
+      if (h.grad_epilogue) (*h.grad_epilogue)(t0, n, qc, kc, dqc.data(), dkc.data());
       // the chunk's gradients into the heads' rows
       const GatedRows& od = h.od;
       put(h.dq + t0 * od.q, od.q, dqc.data(), n, D, ys);

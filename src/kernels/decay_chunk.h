@@ -99,11 +99,18 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
 // final state. With ld.u (RWKV-5/6's bonus) its gradient is added to du (D). states, scores:
 // what gated_forward_heads saved for these operands (GatedRows save_*); ST: the final state it
 // returned (null: the chunks' decay gradients take the longer way, without it).
+// grad_epilogue (when not null): called with (t0, n, q, k, dq, dk) for every chunk, last chunk
+// first, once the chunk's dq and dk are complete in the kernel's own contiguous rows (n x D; q, k
+// as gathered: yscale and kscale folded in, dq with respect to that q), before they go to the
+// heads' rows: the mechanism's own terms and chain rule there while the rows are in cache (the
+// rows go out as streamed stores, not to be read back soon).
+using GradEpilogue = std::function<void(int64_t, int64_t, const float*, const float*, float*, float*)>;
 struct GatedGradHead {
   const float *q, *k, *v, *g, *dy;
   const float *S0, *dST, *states, *scores, *ST;
   float *dq, *dk, *dv, *dg, *dS0, *du;
   GatedRows ld, od;
+  const GradEpilogue* grad_epilogue = nullptr;
 };
 void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int64_t D, int64_t E, bool shift);
 // One head. r, w, k, a, b: (T,D); v: (T,E); y: (T,E) written; S (D,E) in and out as above.

@@ -77,6 +77,7 @@ struct GatedHead {
   GatedRows ld{0, 0, 0, 0, 0}, od{0, 0, 0, 0, 0};
   std::function<void(int64_t, int64_t)> epilogue;  // ld.epilogue may point here
   std::function<void(int64_t, int64_t)> keeping;   // the epilogue that keeps the kernel's rows (Call::keep)
+  GradEpilogue grad_epilogue;                       // the backward's per-chunk hook (GatedGradHead), when set
 };
 // What a gated forward keeps for its backward (Call::keep / Call::reuse): per head (b H + h) the
 // kernel's chunk states and scores (what the backward reads), its rows of y as the kernel wrote them
@@ -132,7 +133,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
     for (int64_t i = lo; i < hi; ++i) {
       GatedHead& z = zs[size_t(i - lo)];
       z.b = i / H, z.h = i % H, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
-      z.odq = z.odk = z.odv = z.odg = z.odu = nullptr, z.od.q = -1;
+      z.odq = z.odk = z.odv = z.odg = z.odu = nullptr, z.od.q = -1, z.grad_epilogue = nullptr;
       prep(z);
       z.S = z.S0;
       LINMIX_CHECK(z.iq && z.oy, "gated_heads: the kernels run on the rows in place");
@@ -183,7 +184,8 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
         const float *states = z.states.data(), *scores = z.scores.data();
         if (reuse) states = reuse->heads[size_t(i)].states.data(), scores = reuse->heads[size_t(i)].scores.data();
         grads.push_back({z.iq, z.ik, z.iv, z.ig, gy, z.S0.data(), z.dST.empty() ? nullptr : z.dST.data(), states,
-                         scores, z.S.data(), z.odq, z.odk, z.odv, z.odg, z.dS0.data(), z.odu, ld, od});
+                         scores, z.S.data(), z.odq, z.odk, z.odv, z.odg, z.dS0.data(), z.odu, ld, od,
+                         z.grad_epilogue ? &z.grad_epilogue : nullptr});
       }
       gated_backward_heads(grads.data(), int64_t(grads.size()), T, Dk, E, shift);
     }

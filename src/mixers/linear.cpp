@@ -165,16 +165,19 @@ TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
   out.emplace("state.z", Tensor({B, H, D}));
   const bool with_s0 = c.has("state.S");
   if (dy && with_s0) out.emplace("dstate.z", Tensor({B, H, D}));
-  struct Norm {  // a head's normaliser: Z at the chunk start (z0 first), the chunk's running sum, dden
-    std::vector<float> Z, run, dden;
+  // A head's normaliser: Z at the chunk start (z0 first), the chunk's running sum, dden; with dy
+  // Zc, Z at every chunk's start, and R, the backward's running sum for dphi(k) (below).
+  struct Norm {
+    std::vector<float> Z, run, dden, Zc, R;
   };
   std::vector<Norm> norms(size_t(B * H));
   auto epilogue = [&](const PhiHead& p) {
     Norm& nm = norms[size_t(p.bh)];
     nm.Z = head_state(c, "z", p.bh, D), nm.run.assign(size_t(D), 0.0f);
-    if (p.gy) nm.dden.resize(size_t(T));
+    if (p.gy) nm.dden.resize(size_t(T)), nm.Zc.resize(size_t(decay_chunks(T) * D));
     return [=, &nm](int64_t t0, int64_t n) {
       float *Z = nm.Z.data(), *run = nm.run.data();
+      if (p.gy) std::copy(Z, Z + D, nm.Zc.begin() + t0 / kDecayChunk * D);
       std::fill(run, run + D, 0.0f);
       for (int64_t t = t0; t < t0 + n; ++t) {
         const float *qr = p.qf + (p.r0 + t * H) * D, *kr = p.kf + (p.r0 + t * H) * D;
@@ -198,47 +201,37 @@ TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
     };
   };
   const float* dzT = c.has("dfinal.z") ? c.t("dfinal.z").ptr() : nullptr;
+  // The normaliser's terms on a chunk's gradients of phi(q), phi(k) (rows t0 + t), last chunk first:
+  //   dphi(q)_t += dden_t Z_t,  Z_t = the chunk's starting Z + its phi(k) rows up to t;
+  //   dphi(k)_s += R_s = dfinal.z + sum_{t >= s} dden_t phi(q_t), R running backwards.
+  auto chunk_terms = [&](const PhiHead& p) -> GradEpilogue {
+    Norm& nm = norms[size_t(p.bh)];
+    nm.R.assign(size_t(D), 0.0f);
+    if (dzT) std::copy(dzT + p.bh * D, dzT + (p.bh + 1) * D, nm.R.begin());
+    return [&nm, D](int64_t t0, int64_t n, const float* qc, const float* kc, float* dqc, float* dkc) {
+      const float *dd = nm.dden.data() + t0, *Z0 = nm.Zc.data() + t0 / kDecayChunk * D;
+      float *run = nm.run.data(), *R = nm.R.data();
+      std::copy(Z0, Z0 + D, run);
+      for (int64_t t = 0; t < n; ++t) {
+        const float* kr = kc + t * D;
+        float* dqr = dqc + t * D;
+#pragma omp simd
+        for (int64_t x = 0; x < D; ++x) run[x] += kr[x], dqr[x] += dd[t] * run[x];
+      }
+      for (int64_t t = n - 1; t >= 0; --t) {
+        const float* qr = qc + t * D;
+        float* dkr = dkc + t * D;
+#pragma omp simd
+        for (int64_t x = 0; x < D; ++x) R[x] += dd[t] * qr[x], dkr[x] += R[x];
+      }
+    };
+  };
   auto post = [&](const PhiHead& p, GatedHead&) {
     Norm& nm = norms[size_t(p.bh)];
     put_state(out, "state.z", nm.Z, p.bh);  // Z after the last chunk: z0 + sum phi(k)
-    if (!dy) return;
-    float *dq = out.at("dq").ptr(), *dk = out.at("dk").ptr();
-    const float* dd = nm.dden.data();
-    // dphi(q)_t += dden_t Z_t, Z rebuilt as the forward summed it
-    nm.Z = head_state(c, "z", p.bh, D);  // z0, as the epilogue started from
-    float *Z = nm.Z.data(), *run = nm.run.data();
-    for (int64_t t0 = 0; t0 < T; t0 += kDecayChunk) {
-      const int64_t n = std::min(kDecayChunk, T - t0);
-      std::fill(run, run + D, 0.0f);
-      for (int64_t t = t0; t < t0 + n; ++t) {
-        const int64_t o = (p.r0 + t * H) * D;
-        const float* kr = p.kf + o;
-        float* dqr = dq + o;
-#pragma omp simd
-        for (int64_t x = 0; x < D; ++x) run[x] += kr[x], dqr[x] += dd[t] * (Z[x] + run[x]);
-      }
-      for (int64_t x = 0; x < D; ++x) Z[x] += run[x];
-    }
-    // dphi(k)_s += R_s = dfinal.z + sum_{t >= s} dden_t phi(q_t), summed by chunks in reverse
-    std::vector<float> R(size_t(D), 0.0f), Rc(size_t(D), 0.0f);
-    if (dzT) std::copy(dzT + p.bh * D, dzT + (p.bh + 1) * D, R.begin());
-    for (int64_t t0 = (T - 1) / kDecayChunk * kDecayChunk; t0 >= 0; t0 -= kDecayChunk) {
-      const int64_t n = std::min(kDecayChunk, T - t0);
-      float* rc = Rc.data();
-      const float* rr = R.data();
-      std::fill(rc, rc + D, 0.0f);
-      for (int64_t t = t0 + n - 1; t >= t0; --t) {
-        const int64_t o = (p.r0 + t * H) * D;
-        const float* qr = p.qf + o;
-        float* dkr = dk + o;
-#pragma omp simd
-        for (int64_t x = 0; x < D; ++x) rc[x] += dd[t] * qr[x], dkr[x] += rr[x] + rc[x];
-      }
-      for (int64_t x = 0; x < D; ++x) R[size_t(x)] += rc[x];
-    }
-    if (with_s0) put_state(out, "dstate.z", R, p.bh);  // dz0 = dfinal.z + sum_t dden_t phi(q_t)
+    if (dy && with_s0) put_state(out, "dstate.z", nm.R, p.bh);  // dz0 = dfinal.z + sum_t dden_t phi(q_t)
   };
-  phi_gated_heads(c, dy, out, epilogue, post);
+  phi_gated_heads(c, dy, out, epilogue, post, chunk_terms);
   return out;
 }
 

@@ -54,13 +54,27 @@ inline TensorMap phi_outputs(const Call& c, bool grad) {
   return out;
 }
 
+// g[i] *= phi'(x_i) = min(phi(x_i), 1) for i < m (f: phi(x), not x).
+inline void phi_prime_times(float* __restrict g, const float* __restrict f, int64_t m) {
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) g[i] *= f[i] < 1.0f ? f[i] : 1.0f;
+}
+
+// A mechanism without terms of its own in the chunks of the backward (phi_gated_heads' chunk_terms).
+struct NoChunkTerms {
+  GradEpilogue operator()(const PhiHead&) const { return nullptr; }
+};
+
 // Runs the causal form: out holds y (B,T,H,E) and state.S (B,H,D,E), and with dy dq, dk
 // (B,T,H,D), dv (B,T,H,E), and dstate.S when the call has state.S. epilogue(head) returns the
-// head's chunk epilogue (t0, n); post(head, z), with dy, adds the mechanism's terms to the rows
-// of dq, dk (which hold the gradients of phi(q), phi(k) then; phi' is applied after it), z
-// holding the kernel's state and gradients. z.S0 is state.S's head or zeros.
-template <class Epilogue, class Post>
-void phi_gated_heads(const Call& c, const Tensor* dy, TensorMap& out, Epilogue epilogue, Post post) {
+// head's chunk epilogue (t0, n); chunk_terms(head), with dy, returns what the backward runs on a
+// chunk's gradients of phi(q), phi(k) while they are in cache (GatedGradHead's grad_epilogue: the
+// mechanism's own terms, chunks last first) or null; phi' is applied after it, in the same place,
+// as phi'(x) = min(phi(x), 1) (1 for x > 0, e^x = phi(x) otherwise) on the gathered phi rows.
+// post(head, z) then has z's state and gradients; z.S0 is state.S's head or zeros.
+template <class Epilogue, class Post, class ChunkTerms = NoChunkTerms>
+void phi_gated_heads(const Call& c, const Tensor* dy, TensorMap& out, Epilogue epilogue, Post post,
+                     ChunkTerms chunk_terms = {}) {
   const int64_t B = c.d("B"), T = c.d("T"), H = c.d("H"), D = c.d("D"), E = c.d("E");
   const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
   const int64_t nqk = B * T * H * D;
@@ -95,6 +109,11 @@ void phi_gated_heads(const Call& c, const Tensor* dy, TensorMap& out, Epilogue e
       z.dy.resize(size_t(T * E));
       z.odq = out.at("dq").ptr() + r0 * D, z.odk = out.at("dk").ptr() + r0 * D, z.odv = out.at("dv").ptr() + r0 * E;
       z.dg.resize(1), z.odg = z.dg.data();  // the (zero) decay's gradient: not used
+      z.grad_epilogue = [terms = GradEpilogue(chunk_terms(head(z))), D](int64_t t0, int64_t n, const float* qc,
+                                                                        const float* kc, float* dqc, float* dkc) {
+        if (terms) terms(t0, n, qc, kc, dqc, dkc);
+        phi_prime_times(dqc, qc, n * D), phi_prime_times(dkc, kc, n * D);
+      };
     }
     z.epilogue = epilogue(head(z));
     z.ld.epilogue = &z.epilogue;
@@ -105,17 +124,6 @@ void phi_gated_heads(const Call& c, const Tensor* dy, TensorMap& out, Epilogue e
     post(ph, z);
     if (!dy) return;
     put_state(out, "dstate.S", z.dS0, ph.bh);
-    float *dq = out.at("dq").ptr(), *dk = out.at("dk").ptr();
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t o = (ph.r0 + t * H) * D;
-      const float *qx = q + o, *kx = k + o;
-      float *dqr = dq + o, *dkr = dk + o;
-#pragma omp simd
-      for (int64_t x = 0; x < D; ++x) {
-        const float a = qx[x], b = kx[x];
-        dqr[x] *= a > 0.0f ? 1.0f : exp_fast(a), dkr[x] *= b > 0.0f ? 1.0f : exp_fast(b);
-      }
-    }
   };
   gated_heads(c, dy, D, E, false, prep, post_all);
 }
