@@ -294,6 +294,15 @@ struct FlowHead {
   }
 };
 
+// Exchanges the buffers of the forward's intermediates (flow_intermediates' outputs) of a and b.
+inline void swap_intermediates(FlowWork& a, FlowWork& b) {
+  for (auto [x, y] : {std::pair{&a.Q, &b.Q}, {&a.K, &b.K}, {&a.cK, &b.cK}, {&a.cQ, &b.cQ}, {&a.cKO, &b.cKO},
+                      {&a.cQI, &b.cQI}, {&a.Qs, &b.Qs}, {&a.Vc, &b.Vc}, {&a.a, &b.a}, {&a.c, &b.c}, {&a.I, &b.I},
+                      {&a.O, &b.O}, {&a.Ih, &b.Ih}, {&a.Oraw, &b.Oraw}, {&a.e, &b.e}, {&a.Z, &b.Z},
+                      {&a.comp, &b.comp}, {&a.alloc, &b.alloc}})
+    std::swap(*x, *y);
+}
+
 // The forward's intermediates of a head, up to the product's operands Qs = Q I / R and Vc = v comp;
 // causal, the final sums (the scans' last rows) go to the state where wanted.
 void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const float* k, const float* v) {
@@ -480,10 +489,13 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     out.emplace("dk", Tensor::uninitialized({B, T, H, D}));
     out.emplace("dv", Tensor::uninitialized({B, T, H, E}));
   }
-  // what a head keeps from its forward to its backward: the kernel's operands Qs, K (T,D), Vc (T,E),
-  // and alloc, dalloc (T); the rest is recomputed in the thread's FlowWork (O(T D), beside the product)
+  // what a head keeps from its forward to its backward: every forward intermediate of its FlowWork
+  // (the kernel's operands Qs, K, Vc among them; moved, not copied) and dalloc (T); the
+  // adjoint's buffers stay the thread's FlowWork's. (Recomputing the intermediates in the backward
+  // instead cost a fifth of flow's forward + backward at T = 4096.)
   struct Kept {
-    scratch_vector<float> Qs, K, Vc, alloc, dalloc;
+    FlowWork f;
+    scratch_vector<float> dalloc;
   };
   thread_local std::vector<Kept> kept;  // one a head, reused across calls (the calling thread's)
   if (int64_t(kept.size()) < B * H) kept.resize(size_t(B * H));
@@ -495,11 +507,12 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     FlowWork& w = flow_work();
     w.resize(T, D, E);
     flow_intermediates(w, hd, q, k, v);
-    Kept& kp = KP[size_t(hd.bh)];  // the operands move to the head's own buffers (w's next resize remakes them)
-    std::swap(kp.Qs, w.Qs), std::swap(kp.K, w.K), std::swap(kp.Vc, w.Vc), std::swap(kp.alloc, w.alloc);
+    Kept& kp = KP[size_t(hd.bh)];  // the intermediates move to the head's own buffers (w's next resize remakes them)
+    if (dy) swap_intermediates(kp.f, w);  // the forward alone keeps the kernel's operands only
+    else std::swap(kp.f.Qs, w.Qs), std::swap(kp.f.K, w.K), std::swap(kp.f.Vc, w.Vc), std::swap(kp.f.alloc, w.alloc);
     kp.dalloc.resize(size_t(T));
     z.S0 = head_state(c, "KV", hd.bh, D * E);
-    z.iq = kp.Qs.data(), z.ik = kp.K.data(), z.iv = kp.Vc.data(), z.oy = py + hd.row0 * E;
+    z.iq = kp.f.Qs.data(), z.ik = kp.f.K.data(), z.iv = kp.f.Vc.data(), z.oy = py + hd.row0 * E;
     z.g.assign(1, 0.0f), z.ig = z.g.data();
     z.ld = {D, D, E, 0, H * E};
     z.ld.g_row = true;
@@ -507,7 +520,7 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     if (dy) {
       z.dy.resize(size_t(T * E));
       for (int64_t t = 0; t < T; ++t)  // the kernel's dy: d o = dy alloc
-        for (int64_t x = 0; x < E; ++x) z.dy[size_t(t * E + x)] = gy[t * H * E + x] * kp.alloc[size_t(t)];
+        for (int64_t x = 0; x < E; ++x) z.dy[size_t(t * E + x)] = gy[t * H * E + x] * kp.f.alloc[size_t(t)];
       if (const float* g = state_rows(st.dT[kKV], hd.bh, D * E)) z.dST.assign(g, g + D * E);
       z.dg.resize(1);
       // the product's gradients in the call's rows, gathered and overwritten by flow_adjoint
@@ -516,7 +529,7 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
       z.od = {H * D, H * D, H * E, 0, 0};
       z.od.g_row = true;
     }
-    float *yh = py + hd.row0 * E, *al = kp.alloc.data(), *dal = kp.dalloc.data();
+    float *yh = py + hd.row0 * E, *al = kp.f.alloc.data(), *dal = kp.dalloc.data();
     z.epilogue = [al, dal, gy, yh, H, E](int64_t t0, int64_t n) {
       for (int64_t t = t0; t < t0 + n; ++t) {
         float* yr = yh + t * H * E;
@@ -540,8 +553,9 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     if (float* g = state_rows(st.d0[kKV], hd.bh, D * E)) std::copy(z.dS0.begin(), z.dS0.end(), g);
     FlowWork& w = flow_work();
     w.resize(T, D, E);
-    flow_intermediates(w, hd, q, k, v);  // again: the same values as prep's
-    w.dalloc = KP[size_t(hd.bh)].dalloc;
+    Kept& kp = KP[size_t(hd.bh)];
+    swap_intermediates(kp.f, w);  // prep's intermediates back (w's own go to the head's buffers)
+    std::swap(w.dalloc, kp.dalloc);
     float *dq = out.at("dq").ptr(), *dk = out.at("dk").ptr(), *dv = out.at("dv").ptr();
     gather_head(w.dQs.data(), dq, hd.row0, T, H, D, identity_fn);
     gather_head(w.dKp.data(), dk, hd.row0, T, H, D, identity_fn);
