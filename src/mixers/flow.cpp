@@ -359,7 +359,77 @@ void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const f
 
 // The backward from the product's gradients on: w.dQs, w.dKp (T,D), w.dVc (T,E) (the gradients of
 // Qs, K, Vc through the product) and w.dalloc (T) = dy . o in; dq, dk, dv of the head written.
+// flow_adjoint of a causal head in one pass over the rows, last first: every reverse scan of
+// the adjoint (of the prefix sums Z, cKO, cQI, cK, cQ) is a running sum carried from row to row
+// (started at the final state's gradient, ended in the initial state's), and a row's dQ, dK are
+// local; the same sums in the same order as the passes of flow_adjoint, without their seven (T,D)
+// arrays (flow fwd+bwd at T = 4096 is memory-bound on them).
+void flow_adjoint_causal(FlowWork& w, const FlowHead& hd, float* dq, float* dk, float* dv, const float* v) {
+  const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0;
+  const float *Q = w.Q.data(), *K = w.K.data(), *cK = w.cK.data(), *cQ = w.cQ.data(), *cKO = w.cKO.data(),
+              *cQI = w.cQI.data(), *dQs = w.dQs.data(), *dKp = w.dKp.data(), *dVc = w.dVc.data();
+  const float *I = w.I.data(), *O = w.O.data(), *comp = w.comp.data(), *Z = w.Z.data(), *e = w.e.data(),
+              *alloc = w.alloc.data(), *a = w.a.data(), *c = w.c.data(), *Oraw = w.Oraw.data(),
+              *dalloc = w.dalloc.data();
+  // the running sums: of dZ (scalar), and of dcKO, dcQI, dcK, dcQ (D each); the row's dQ, dK
+  std::vector<float> sums(size_t(6 * D));
+  float* run = sums.data();
+  float *rKO = run, *rQI = run + D, *rK = run + 2 * D, *rQ = run + 3 * D, *dQt = run + 4 * D, *dKt = run + 5 * D;
+  const auto start = [&](float* r, int n, int64_t wd) {
+    const float* g = state_rows(hd.st.dT[n], hd.bh, wd);
+    for (int64_t j = 0; j < wd; ++j) r[j] = g ? g[j] : 0.0f;
+  };
+  float rZ = 0.0f;
+  start(&rZ, kSumexp, 1), start(rK, 0, D), start(rQ, 1, D), start(rKO, 2, D), start(rQI, 3, D);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const float ir = 1.0f / hd.R(t), qs = I[t] * ir, ct = comp[t], *vr = v + (row0 + t * H) * E, *dvc = dVc + t * E,
+                *dqs = dQs + t * D, *Qt = Q + t * D, *Kt = K + t * D, *dkp = dKp + t * D;
+    float* dvr = dv + (row0 + t * H) * E;
+    float dcomp = 0.0f, di = 0.0f;  // Vc = v comp; Qs = Q I / R
+#pragma omp simd reduction(+ : dcomp)
+    for (int64_t x = 0; x < E; ++x) dcomp += dvc[x] * vr[x], dvr[x] = dvc[x] * ct;
+#pragma omp simd reduction(+ : di)
+    for (int64_t j = 0; j < D; ++j) dQt[j] = dqs[j] * qs, di += dqs[j] * Qt[j], dKt[j] = dkp[j];
+    float dI = di * ir;
+    rZ += -dcomp * e[t] * hd.ncomp(t) / (Z[t] * Z[t]);  // comp = e / Z n, Z = scan e
+    const float de = dcomp * hd.ncomp(t) / Z[t] + rZ;
+    // Ih, Oraw: dot products with the scanned sums cKO, cQI
+    const float dOh = de * e[t], dOraw = ((Oraw[t] > -1.0f && Oraw[t] < 1.0f) ? dOh : 0.0f) * ir;
+    const float dIh = dalloc[t] * alloc[t] * (1.0f - alloc[t]) * ir;
+    const float *ko = cKO + t * D, *qi = cQI + t * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      dQt[j] += dIh * (ko[j] + kEps), rKO[j] += dIh * (Qt[j] + kEps);
+      dKt[j] += dOraw * (qi[j] + kEps), rQI[j] += dOraw * (Kt[j] + kEps);
+    }
+    // cKO = scan(K O), cQI = scan(Q I)
+    float dO = 0.0f, di2 = 0.0f;
+    const float Ot = O[t], It = I[t];
+#pragma omp simd reduction(+ : dO, di2)
+    for (int64_t j = 0; j < D; ++j) {
+      dKt[j] += rKO[j] * Ot, dO += rKO[j] * Kt[j];
+      dQt[j] += rQI[j] * It, di2 += rQI[j] * Qt[j];
+    }
+    dI += di2;
+    // I = R / a, O = R / c; a = Q . cK, c = K . cQ
+    const float da = -dI * hd.R(t) / (a[t] * a[t]), dc = -dO * hd.R(t) / (c[t] * c[t]);
+    const float *ck = cK + t * D, *cq = cQ + t * D;
+    float *dqr = dq + (row0 + t * H) * D, *dkr = dk + (row0 + t * H) * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      dQt[j] += da * (ck[j] + kEps), rK[j] += da * (Qt[j] + kEps);
+      dKt[j] += dc * (cq[j] + kEps), rQ[j] += dc * (Kt[j] + kEps);
+      // cK = scan K, cQ = scan Q; then the sigmoids
+      dqr[j] = (dQt[j] + rQ[j]) * Qt[j] * (1.0f - Qt[j]);
+      dkr[j] = (dKt[j] + rK[j]) * Kt[j] * (1.0f - Kt[j]);
+    }
+  }
+  hd.to_initial(&rZ, kSumexp, 1);
+  hd.to_initial(rK, 0, D), hd.to_initial(rQ, 1, D), hd.to_initial(rKO, 2, D), hd.to_initial(rQI, 3, D);
+}
+
 void flow_adjoint(FlowWork& w, const FlowHead& hd, float* dq, float* dk, float* dv, const float* v) {
+  if (hd.causal) return flow_adjoint_causal(w, hd, dq, dk, dv, v);
   const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0;
   const float *Q = w.Q.data(), *K = w.K.data(), *cK = w.cK.data(), *cQ = w.cQ.data(), *cKO = w.cKO.data(),
               *cQI = w.cQI.data(), *dQs = w.dQs.data(), *dKp = w.dKp.data(), *dVc = w.dVc.data();
