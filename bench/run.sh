@@ -5,7 +5,7 @@
 # linmix.ops against the same kernels and the peers (bench/torch_ops.py: docs/torch_ops.md), and
 # linmix mix as a whole process against the peers (bench/mix_process.py: docs/mix_process.md).
 #
-#   bash bench/run.sh                 # full run (about an hour on 2 cores): docs/bench.md, docs/bench.png
+#   bash bench/run.sh                 # full run (about 40 minutes on 2 cores): docs/bench.md, docs/bench.png
 #   bash bench/run.sh --quick         # smoke run (a minute): T = 256, 512, one thread, into build/bench-quick
 #   bash bench/run.sh --only A,B,...  # these mechanisms alone, T = 1024, 4096, 16384, 2 threads, with their
 #                                     # peers and targets (minutes): into build/bench-only (or --dir)
