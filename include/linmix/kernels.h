@@ -118,6 +118,12 @@ struct AftBiasGrad {
 void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
                   const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
                   const AftBand& band, const AftSumsIO* sums = nullptr, const AftBiasGrad* bias_grad = nullptr);
+// The forward (y) and the backward (dq, dk, dv, bias_grad) in one call, no sums: for a factored
+// band (AftBand::diagonal, factor_rows) each row block's forward rows feed its backward at once,
+// sharing the block's factors, o and lse never written out; other bands run the two above.
+void aft_forward_backward(float* y, float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                          const float* dy, int64_t B, int64_t T, int64_t C, bool causal, const AftBand& band,
+                          const AftBiasGrad* bias_grad = nullptr);
 
 // The max of an empty running sum: stands in for -inf so that saved states stay finite
 // (MIXERS.md uses the same convention, p = -1e38, for RWKV).

@@ -10,6 +10,11 @@
 // for the suffix sums (non-causal) and O(band) otherwise.
 #include <omp.h>
 
+#include <optional>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "../mixers/common.h"
 #include "linear_product.h"
 #include "vmath.h"
@@ -49,6 +54,24 @@ inline void running_add2(float* __restrict m, float* __restrict s1, float* __res
     s2[c] = s2[c] * a + e * v2[c];
     m[c] = mn;
   }
+}
+
+// A row of outputs written once and not read back here (y, dq, dk, dv): whole aligned cache
+// lines go out as streamed stores, not read for ownership first (16 MiB of rows at T = 4096,
+// C 512 in a forward + backward); each task ends with an sfence.
+inline void put_row(float* __restrict dst, const float* __restrict src, int64_t n) {
+#if defined(__AVX2__)
+  if (n % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    for (int64_t c = 0; c < n; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
+    return;
+  }
+#endif
+  std::copy(src, src + n, dst);
+}
+inline void end_streams() {
+#if defined(__AVX2__)
+  _mm_sfence();
+#endif
 }
 
 // The factored band's operands (AftBand::diagonal: aft_conv; AftBand::factor_rows: aft_local),
@@ -119,6 +142,187 @@ struct BandFactors {
   }
 };
 
+// The forward of one (batch row b, channel block bi) task, row by row: every row t takes the
+// prefix sums (and, non-causal, the suffix sums) of the positions outside its band and the band's
+// own terms (factored: from the current row block's GEMMs, factor_block). aft_forward runs it
+// over every row; the fused forward + backward (aft_forward_backward) row block by row block,
+// sharing the block's factors with the backward's band.
+struct ForwardRows {
+  const float *q, *k, *v;
+  float* y;
+  int64_t b, bi, T, C, c0, n;
+  bool causal;
+  const AftBand& band;
+  AftSumsIO* sums;
+  // Prefix sums over s < band start: pm, pn, pd (n). Suffix sums (non-causal) over s >= j,
+  // for every j: sm, sn, sd (T+1, n). M, num, den (n): per-row work; wb: band biases.
+  std::vector<float> pm, pn, pd, M, num, den, yr, wb, sm, sn, sd;
+  // The factored band (band.diagonal: aft_conv; band.factor_rows: aft_local): rows in blocks
+  // of kAftRows. A block's key rows [w0, w1) (its rows' bands together), kap (n) their largest
+  // k per channel, P = e^{k - kap} and P v (window x n), Wt (rows x window) = e^{w_ts - om_t}
+  // inside the band and 0 outside (om_t: the largest bias of the band, or of row t's own), then
+  // NUM = Wt (P v) and DEN = Wt P: two GEMMs in place of an exp per (t, s, c). Row t's band
+  // terms are e^{kap + om_t} (NUM, DEN); where a row's DEN falls below 2^-64 (its band far
+  // below the block's largest k and bias: terms may have underflowed) that (t, c) is summed
+  // exactly, as the direct form does.
+  BandFactors& bf;
+  std::vector<float>&NUM, &DEN;
+  bool fact = false;
+  int64_t blk = -1;   // the current row block's start
+  int64_t next = 0;   // next position to move into the prefix sums
+
+  ForwardRows(const float* q_, const float* k_, const float* v_, float* y_, int64_t b_, int64_t bi_, int64_t T_,
+              int64_t C_, bool causal_, const AftBand& band_, AftSumsIO* sums_, BandFactors& bf_,
+              std::vector<float>& NUM_, std::vector<float>& DEN_)
+      : q(q_), k(k_), v(v_), y(y_), b(b_), bi(bi_), T(T_), C(C_), c0(band_.blocks[bi_].first),
+        n(band_.blocks[bi_].second - c0), causal(causal_), band(band_), sums(sums_), bf(bf_), NUM(NUM_), DEN(DEN_) {
+    pm.assign(n, kEmptyMax), pn.assign(n, 0.0f), pd.assign(n, 0.0f), M.resize(n), num.resize(n), den.resize(n), yr.resize(n);
+    if (causal && sums && sums->num0) {  // the prefix sums start from the initial state
+      const int64_t o0 = b * C + c0;
+      std::copy(sums->max0 + o0, sums->max0 + o0 + n, pm.data());
+      std::copy(sums->num0 + o0, sums->num0 + o0 + n, pn.data());
+      std::copy(sums->den0 + o0, sums->den0 + o0 + n, pd.data());
+    }
+    if (!causal) {
+      sm.assign((T + 1) * n, kEmptyMax);
+      sn.assign((T + 1) * n, 0.0f);
+      sd.assign((T + 1) * n, 0.0f);
+      for (int64_t j = T - 1; j >= 0; --j) {
+        std::copy(&sm[(j + 1) * n], &sm[(j + 2) * n], &sm[j * n]);
+        std::copy(&sn[(j + 1) * n], &sn[(j + 2) * n], &sn[j * n]);
+        std::copy(&sd[(j + 1) * n], &sd[(j + 2) * n], &sd[j * n]);
+        running_add(&sm[j * n], &sn[j * n], &sd[j * n], row(k, j), row(v, j), n);
+      }
+    }
+    fact = bf.init(band, bi, n, causal);
+    if (fact) NUM.resize(size_t(kAftRows * n)), DEN.resize(size_t(kAftRows * n));
+  }
+  const float* row(const float* x, int64_t t) const { return x + (b * T + t) * C + c0; }
+
+  void factor_block(int64_t t0) {
+    const int64_t rows = std::min(kAftRows, T - t0);
+    bf.block(row(k, 0), row(v, 0), C, T, t0, rows);
+    const int64_t W = bf.window();
+    gemm_nn(NUM.data(), bf.Wt.data(), bf.PV.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
+    gemm_nn(DEN.data(), bf.Wt.data(), bf.Pk.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
+    blk = t0;
+  }
+
+  // Row t: y's row, and with o_row (n floats) o = num / den and lse = log(sum_s exp(k_s + w_ts))
+  // (the backward's), each written at their pointer's row.
+  void forward_row(int64_t t, float* o_row, float* lse_row) {
+    float *__restrict pM = M.data(), *__restrict pnum = num.data(), *__restrict pden = den.data();
+    float *__restrict ppm = pm.data(), *__restrict ppn = pn.data(), *__restrict ppd = pd.data();
+    const float* kap = bf.kap.data();
+    if (C > n && t + kPrefetchRows < T) {  // a block's rows are C floats apart (common.h)
+      const int64_t ta = t + kPrefetchRows;
+      prefetch_floats(row(k, ta), n), prefetch_floats(row(v, ta), n), prefetch_floats(row(q, ta), n);
+      prefetch_floats<true>(y + (b * T + ta) * C + c0, n);
+    }
+    const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
+    const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);  // band is [s_lo, s_hi]
+    const int64_t prefix_end = std::min(s_lo, causal ? t + 1 : T);
+    for (; next < prefix_end; ++next) running_add(ppm, ppn, ppd, row(k, next), row(v, next), n);
+    const int64_t suf = causal ? T : std::max(s_hi + 1, s_lo);  // suffix starts after the band
+    std::copy(ppm, ppm + n, pM);
+    if (!causal)
+      for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], sm[suf * n + c]);
+    // the band's biases, where the direct form reads them (factored: only for a fallback)
+    auto band_biases = [&] {
+      wb.resize(static_cast<size_t>(std::max<int64_t>(0, s_hi - s_lo + 1)));
+      for (int64_t s = s_lo; s <= s_hi; ++s) wb[s - s_lo] = fact ? bf.bias(t, s) : band.bias(band.ctx, t, s, bi);
+    };
+    if (!fact) band_biases();
+    const float om = fact ? bf.omr[size_t(t - blk)] : 0.0f;  // row t's bias scale
+    if (fact) {  // the band's terms are at most e^{kap + om}
+      for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], kap[c] + om);
+    } else {
+      for (int64_t s = s_lo; s <= s_hi; ++s) {
+        const float w = wb[s - s_lo];
+        const float* ks = row(k, s);
+        for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], ks[c] + w);
+      }
+    }
+    if (causal && s_lo > s_hi) {  // no band (aft_simple): M is the prefix max, the scale e^0 = 1
+      std::copy(ppn, ppn + n, pnum);
+      std::copy(ppd, ppd + n, pden);
+    } else {
+      for (int64_t c = 0; c < n; ++c) {
+        const float a = exp_fast(ppm[c] - pM[c]);
+        pnum[c] = ppn[c] * a;
+        pden[c] = ppd[c] * a;
+      }
+    }
+    if (!causal)
+      for (int64_t c = 0; c < n; ++c) {
+        const float a = exp_fast(sm[suf * n + c] - pM[c]);
+        pnum[c] += sn[suf * n + c] * a;
+        pden[c] += sd[suf * n + c] * a;
+      }
+    if (fact) {
+      const float *NUMt = NUM.data() + (t - blk) * n, *DENt = DEN.data() + (t - blk) * n;
+      // every channel through the GEMMs' sums in one vectorised pass (with the exact fallback
+      // in its body the loop compiled to scalar code: ~20% of aft_conv's forward), then the
+      // rare channels whose DEN fell below 2^-64 (or is not a number) summed again exactly
+      uint32_t exact = 0;
+      for (int64_t c = 0; c < n; ++c) {
+        const float a = exp_fast(kap[c] + om - pM[c]);
+        pnum[c] += NUMt[c] * a;
+        pden[c] += DENt[c] * a;
+        exact |= uint32_t(!(DENt[c] >= 0x1p-64f));
+      }
+      if (exact) band_biases();
+      for (int64_t c = 0; exact && c < n; ++c) {
+        if (DENt[c] >= 0x1p-64f) continue;
+        // exactly, as the direct form: the max over the far sums' and the band's own terms
+        float mx = ppm[c];
+        if (!causal) mx = vmax(mx, sm[suf * n + c]);
+        for (int64_t s = s_lo; s <= s_hi; ++s) mx = vmax(mx, row(k, s)[c] + wb[s - s_lo]);
+        float nu = ppn[c] * exp_fast(ppm[c] - mx), de = ppd[c] * exp_fast(ppm[c] - mx);
+        if (!causal) {
+          const float a = exp_fast(sm[suf * n + c] - mx);
+          nu += sn[suf * n + c] * a, de += sd[suf * n + c] * a;
+        }
+        for (int64_t s = s_lo; s <= s_hi; ++s) {
+          const float e = exp_fast(row(k, s)[c] + wb[s - s_lo] - mx);
+          nu += e * row(v, s)[c], de += e;
+        }
+        pM[c] = mx, pnum[c] = nu, pden[c] = de;
+      }
+    } else {
+      for (int64_t s = s_lo; s <= s_hi; ++s) {
+        const float w = wb[s - s_lo];
+        const float *ks = row(k, s), *vs = row(v, s);
+        for (int64_t c = 0; c < n; ++c) {
+          const float e = exp_fast(ks[c] + w - pM[c]);
+          pnum[c] += e * vs[c];
+          pden[c] += e;
+        }
+      }
+    }
+    const float* __restrict qt = row(q, t);
+    float* __restrict yt = yr.data();
+    for (int64_t c = 0; c < n; ++c) yt[c] = sigmoidf(qt[c]) * pnum[c] / pden[c];
+    put_row(y + (b * T + t) * C + c0, yt, n);
+    if (o_row)  // saved for backward: o = num / den and lse = log(sum_s exp(k_s + w_ts))
+      for (int64_t c = 0; c < n; ++c) {
+        o_row[c] = pnum[c] / pden[c];
+        lse_row[c] = pM[c] + log_fast(pden[c]);
+      }
+  }
+
+  // The final state: the sums over what left the band
+  void finish() {
+    if (!(causal && sums && sums->numT)) return;
+    const int64_t end = T - std::min(T, std::max<int64_t>(band.lo, 0));
+    for (; next < end; ++next) running_add(pm.data(), pn.data(), pd.data(), row(k, next), row(v, next), n);
+    const int64_t o0 = b * C + c0;
+    std::copy(pm.begin(), pm.end(), sums->maxT + o0);
+    std::copy(pn.begin(), pn.end(), sums->numT + o0);
+    std::copy(pd.begin(), pd.end(), sums->denT + o0);
+  }
+};
+
 }  // namespace
 
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
@@ -127,167 +331,31 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
-      const int64_t c0 = band.blocks[bi].first, n = band.blocks[bi].second - c0;
-      auto row = [&](const float* x, int64_t t) { return x + (b * T + t) * C + c0; };
-      // Prefix sums over s < band start: pm, pn, pd (n). Suffix sums (non-causal) over s >= j,
-      // for every j: sm, sn, sd (T+1, n). M, num, den, x (n): per-row work; wb: band biases.
-      std::vector<float> pm(n, kEmptyMax), pn(n, 0.0f), pd(n, 0.0f), M(n), num(n), den(n), x(n), wb;
-      std::vector<float> sm, sn, sd;
-      // raw restrict views: through std::vector::operator[] GCC reloads the data pointer in every
-      // loop and does not vectorise it
-      float *__restrict pM = M.data(), *__restrict pnum = num.data(), *__restrict pden = den.data();
-      float *__restrict ppm = pm.data(), *__restrict ppn = pn.data(), *__restrict ppd = pd.data();
-      if (causal && sums && sums->num0) {  // the prefix sums start from the initial state
-        const int64_t o0 = b * C + c0;
-        std::copy(sums->max0 + o0, sums->max0 + o0 + n, ppm);
-        std::copy(sums->num0 + o0, sums->num0 + o0 + n, ppn);
-        std::copy(sums->den0 + o0, sums->den0 + o0 + n, ppd);
-      }
-      if (!causal) {
-        sm.assign((T + 1) * n, kEmptyMax);
-        sn.assign((T + 1) * n, 0.0f);
-        sd.assign((T + 1) * n, 0.0f);
-        for (int64_t j = T - 1; j >= 0; --j) {
-          std::copy(&sm[(j + 1) * n], &sm[(j + 2) * n], &sm[j * n]);
-          std::copy(&sn[(j + 1) * n], &sn[(j + 2) * n], &sn[j * n]);
-          std::copy(&sd[(j + 1) * n], &sd[(j + 2) * n], &sd[j * n]);
-          running_add(&sm[j * n], &sn[j * n], &sd[j * n], row(k, j), row(v, j), n);
-        }
-      }
-      // The factored band (band.diagonal: aft_conv; band.factor_rows: aft_local): rows in blocks
-      // of kAftRows. A block's key rows [w0, w1) (its rows' bands together), kap (n) their largest
-      // k per channel, P = e^{k - kap} and P v (window x n), Wt (rows x window) = e^{w_ts - om_t}
-      // inside the band and 0 outside (om_t: the largest bias of the band, or of row t's own), then
-      // NUM = Wt (P v) and DEN = Wt P: two GEMMs in place of an exp per (t, s, c). Row t's band
-      // terms are e^{kap + om_t} (NUM, DEN); where a row's DEN falls below 2^-64 (its band far
-      // below the block's largest k and bias: terms may have underflowed) that (t, c) is summed
-      // exactly, as the direct form does.
       thread_local BandFactors bf;
       thread_local std::vector<float> NUM, DEN;
-      const bool fact = bf.init(band, bi, n, causal);
-      const float* kap = bf.kap.data();
-      int64_t blk = -1;  // the current row block's start
-      if (fact) NUM.resize(size_t(kAftRows * n)), DEN.resize(size_t(kAftRows * n));
-      auto factor_block = [&](int64_t t0) {
-        const int64_t rows = std::min(kAftRows, T - t0);
-        bf.block(row(k, 0), row(v, 0), C, T, t0, rows);
-        const int64_t W = bf.window();
-        gemm_nn(NUM.data(), bf.Wt.data(), bf.PV.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
-        gemm_nn(DEN.data(), bf.Wt.data(), bf.Pk.data(), rows, n, W, W, n, n, 1.0f, 0.0f);
-        blk = t0;
-      };
-      int64_t next = 0;  // next position to move into the prefix sums
+      ForwardRows fr(q, k, v, y, b, bi, T, C, causal, band, sums, bf, NUM, DEN);
       for (int64_t t = 0; t < T; ++t) {
-        if (fact && t % kAftRows == 0) factor_block(t);
-        if (C > n && t + kPrefetchRows < T) {  // a block's rows are C floats apart (common.h)
-          const int64_t ta = t + kPrefetchRows;
-          prefetch_floats(row(k, ta), n), prefetch_floats(row(v, ta), n), prefetch_floats(row(q, ta), n);
-          prefetch_floats<true>(y + (b * T + ta) * C + c0, n);
-        }
-        const int64_t s_lo = std::max<int64_t>(0, t - band.lo);
-        const int64_t s_hi = causal ? t : std::min(T - 1, t + band.hi);  // band is [s_lo, s_hi]
-        const int64_t prefix_end = std::min(s_lo, causal ? t + 1 : T);
-        for (; next < prefix_end; ++next) running_add(pm.data(), pn.data(), pd.data(), row(k, next), row(v, next), n);
-        const int64_t suf = causal ? T : std::max(s_hi + 1, s_lo);  // suffix starts after the band
-        std::copy(pm.begin(), pm.end(), M.begin());
-        if (!causal)
-          for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], sm[suf * n + c]);
-        // the band's biases, where the direct form reads them (factored: only for a fallback)
-        auto band_biases = [&] {
-          wb.resize(static_cast<size_t>(std::max<int64_t>(0, s_hi - s_lo + 1)));
-          for (int64_t s = s_lo; s <= s_hi; ++s) wb[s - s_lo] = fact ? bf.bias(t, s) : band.bias(band.ctx, t, s, bi);
-        };
-        if (!fact) band_biases();
-        const float om = fact ? bf.omr[size_t(t - blk)] : 0.0f;  // row t's bias scale
-        if (fact) {  // the band's terms are at most e^{kap + om}
-          for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], kap[c] + om);
-        } else {
-          for (int64_t s = s_lo; s <= s_hi; ++s) {
-            const float w = wb[s - s_lo];
-            const float* ks = row(k, s);
-            for (int64_t c = 0; c < n; ++c) pM[c] = vmax(pM[c], ks[c] + w);
-          }
-        }
-        if (causal && s_lo > s_hi) {  // no band (aft_simple): M is the prefix max, the scale e^0 = 1
-          std::copy(ppn, ppn + n, pnum);
-          std::copy(ppd, ppd + n, pden);
-        } else {
-          for (int64_t c = 0; c < n; ++c) {
-            const float a = exp_fast(ppm[c] - pM[c]);
-            pnum[c] = ppn[c] * a;
-            pden[c] = ppd[c] * a;
-          }
-        }
-        if (!causal)
-          for (int64_t c = 0; c < n; ++c) {
-            const float a = exp_fast(sm[suf * n + c] - pM[c]);
-            pnum[c] += sn[suf * n + c] * a;
-            pden[c] += sd[suf * n + c] * a;
-          }
-        if (fact) {
-          const float *NUMt = NUM.data() + (t - blk) * n, *DENt = DEN.data() + (t - blk) * n;
-          // every channel through the GEMMs' sums in one vectorised pass (with the exact fallback
-          // in its body the loop compiled to scalar code: ~20% of aft_conv's forward), then the
-          // rare channels whose DEN fell below 2^-64 (or is not a number) summed again exactly
-          uint32_t exact = 0;
-          for (int64_t c = 0; c < n; ++c) {
-            const float a = exp_fast(kap[c] + om - pM[c]);
-            pnum[c] += NUMt[c] * a;
-            pden[c] += DENt[c] * a;
-            exact |= uint32_t(!(DENt[c] >= 0x1p-64f));
-          }
-          if (exact) band_biases();
-          for (int64_t c = 0; exact && c < n; ++c) {
-            if (DENt[c] >= 0x1p-64f) continue;
-            // exactly, as the direct form: the max over the far sums' and the band's own terms
-            float mx = ppm[c];
-            if (!causal) mx = vmax(mx, sm[suf * n + c]);
-            for (int64_t s = s_lo; s <= s_hi; ++s) mx = vmax(mx, row(k, s)[c] + wb[s - s_lo]);
-            float nu = ppn[c] * exp_fast(ppm[c] - mx), de = ppd[c] * exp_fast(ppm[c] - mx);
-            if (!causal) {
-              const float a = exp_fast(sm[suf * n + c] - mx);
-              nu += sn[suf * n + c] * a, de += sd[suf * n + c] * a;
-            }
-            for (int64_t s = s_lo; s <= s_hi; ++s) {
-              const float e = exp_fast(row(k, s)[c] + wb[s - s_lo] - mx);
-              nu += e * row(v, s)[c], de += e;
-            }
-            pM[c] = mx, pnum[c] = nu, pden[c] = de;
-          }
-        } else {
-          for (int64_t s = s_lo; s <= s_hi; ++s) {
-            const float w = wb[s - s_lo];
-            const float *ks = row(k, s), *vs = row(v, s);
-            for (int64_t c = 0; c < n; ++c) {
-              const float e = exp_fast(ks[c] + w - pM[c]);
-              pnum[c] += e * vs[c];
-              pden[c] += e;
-            }
-          }
-        }
-        const float* qt = row(q, t);
-        float* yt = y + (b * T + t) * C + c0;
-        for (int64_t c = 0; c < n; ++c) yt[c] = sigmoidf(qt[c]) * pnum[c] / pden[c];
-        if (o_out)  // saved for backward: o = num / den and lse = log(sum_s exp(k_s + w_ts))
-          for (int64_t c = 0; c < n; ++c) {
-            o_out[(b * T + t) * C + c0 + c] = pnum[c] / pden[c];
-            lse_out[(b * T + t) * C + c0 + c] = pM[c] + log_fast(pden[c]);
-          }
+        if (fr.fact && t % kAftRows == 0) fr.factor_block(t);
+        const int64_t at = (b * T + t) * C + fr.c0;
+        fr.forward_row(t, o_out ? o_out + at : nullptr, o_out ? lse_out + at : nullptr);
       }
-      if (causal && sums && sums->numT) {  // the final state: the sums over what left the band
-        const int64_t end = T - std::min(T, std::max<int64_t>(band.lo, 0));
-        for (; next < end; ++next) running_add(ppm, ppn, ppd, row(k, next), row(v, next), n);
-        const int64_t o0 = b * C + c0;
-        std::copy(ppm, ppm + n, sums->maxT + o0);
-        std::copy(ppn, ppn + n, sums->numT + o0);
-        std::copy(ppd, ppd + n, sums->denT + o0);
-      }
+      fr.finish();
+      end_streams();
     }
 }
 
-void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
-                  const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
-                  const AftBand& band, const AftSumsIO* sums, const AftBiasGrad* bias_grad) {
+namespace {
+
+// Whether a band takes the factored form (BandFactors::init's test)
+bool factored(const AftBand& b) { return (b.diagonal != nullptr || b.factor_rows) && b.lo >= 0 && b.lo + b.hi >= 1; }
+
+// aft_backward, and with y (o = lse = null, a factored band, no sums) the fused forward +
+// backward: each row block's forward rows (ForwardRows) give o and lse of its rows, which the
+// block's band backward uses at once with the same factors; o and lse never leave the task.
+void backward_impl(float* y, float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                   const float* o, const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
+                   const AftBand& band, const AftSumsIO* sums, const AftBiasGrad* bias_grad) {
+  const bool fused = y != nullptr;
   // With h_t = dy_t sigma(q_t) and P_ts = exp(k_s + w_ts - lse_t):
   //   dq_t = dy_t o_t sigma'(q_t),  dv_s = sum_t P_ts h_t = A_s,
   //   dk_s = sum_t P_ts h_t (v_s - o_t) = v_s A_s - B_s,  B_s = sum_t P_ts h_t o_t.
@@ -324,7 +392,7 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
       // end forms h, ho, nl of row s, adds them to the running sums and writes row s's gradients;
       // nothing (T,n) is stored.
       float *h = mine, *ho = h + rows * n, *nl = ho + rows * n, *A = nl + rows * n, *Bs = A + T * n;
-      std::vector<float> m(n), s1(n), s2(n);  // running sums
+      std::vector<float> m(n), s1(n), s2(n), rowbuf(2 * n);  // running sums; a row's outputs
       auto reset = [&] {
         std::fill(m.begin(), m.end(), -1e38f);
         std::fill(s1.begin(), s1.end(), 0.0f);
@@ -353,67 +421,23 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           }
         }
       }
-      for (int64_t t = 0; t < T && !scan; ++t) {  // (through restrict rows: the indexed form was scalar)
-        const float *__restrict qt = q + at(t), *__restrict gt = dy + at(t), *__restrict ot = o + at(t),
-                    *__restrict lt = lse + at(t);
+      // h, ho, nl and dq of row t from its o and lse
+      auto grad_row = [&](int64_t t, const float* __restrict ot, const float* __restrict lt) {
+        const float *__restrict qt = q + at(t), *__restrict gt = dy + at(t);
         float *__restrict ht = h + t * n, *__restrict hot = ho + t * n, *__restrict nlt = nl + t * n,
-                          *__restrict dqt = dq + at(t);
+                          *__restrict dqt = rowbuf.data();
 #pragma omp simd
         for (int64_t c = 0; c < n; ++c) {
           const float sg = sigmoidf(qt[c]), g = gt[c];
           ht[c] = g * sg, hot[c] = g * sg * ot[c], nlt[c] = -lt[c];
           dqt[c] = g * ot[c] * sg * (1.0f - sg);
         }
-      }
-      auto far = [&](int64_t s, bool first) {  // A_s, B_s (first: =) += exp(k_s + m) (s1, s2)
-        const float *__restrict ks = k + at(s), *__restrict pm = m.data(), *__restrict p1 = s1.data(),
-                    *__restrict p2 = s2.data();
-        float *__restrict As = &A[size_t(s * n)], *__restrict Bss = &Bs[size_t(s * n)];
-        if (first) {
-#pragma omp simd
-          for (int64_t c = 0; c < n; ++c) {
-            const float e = exp_fast(ks[c] + pm[c]);
-            As[c] = e * p1[c], Bss[c] = e * p2[c];
-          }
-          return;
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < n; ++c) {
-          const float e = exp_fast(ks[c] + pm[c]);
-          As[c] += e * p1[c], Bss[c] += e * p2[c];
-        }
+        put_row(dq + at(t), dqt, n);
       };
-      if (!scan) reset();
-      for (int64_t s = T - 1; s >= 0 && !scan; --s) {  // suffix: t >= s + lo + 1
-        const int64_t t = s + band.lo + 1;
-        if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
-        far(s, true);  // every s: A and Bs written whole here
-      }
-      const int64_t o0 = b * C + c0;
-      const bool init = causal && sums && sums->num0 && sums->dnum0;
-      if (init) {
-        // The initial sums are far from every t (a position before 0 outside every band): with
-        // N0 = num0 e^{max0}, D0 = den0 e^{max0} in every numerator and denominator,
-        // dN0 = sum_t e^{-lse_t} h_t, dD0 = -sum_t e^{-lse_t} h_t o_t; the suffix sums above hold
-        // t >= lo + 1, the rest of t joins them here.
-        for (int64_t t = std::min(T, band.lo + 1); t-- > 0;)
-          running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
-        for (int64_t c = 0; c < n; ++c) {
-          const float e = exp_fast(sums->max0[o0 + c] + m[c]);
-          const float A0 = e * s1[c], B0 = e * s2[c];
-          sums->dnum0[o0 + c] = A0;
-          sums->dden0[o0 + c] = -B0;
-          sums->dmax0[o0 + c] = sums->num0[o0 + c] * A0 - sums->den0[o0 + c] * B0;
-        }
-      }
-      if (!causal) {
-        reset();
-        for (int64_t s = 0; s < T; ++s) {  // prefix: t <= s - hi - 1
-          const int64_t t = s - band.hi - 1;
-          if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
-          far(s, false);
-        }
-      }
+      if (!fused)  // (through restrict rows: the indexed form was scalar)
+        for (int64_t t = 0; t < T && !scan; ++t) grad_row(t, o + at(t), lse + at(t));
+      // The band first (its rows of A and Bs set where they first appear), then the far sums
+      // added: every row of A and Bs is in some row block's key window.
       // The band factored as in the forward (BandFactors): P_ts = e^{k_s - kap} e^{w_ts - om_t}
       // e^{kap + om_t - lse_t} for a block of rows t and its key window s, so A_s += Pk_s o (Wt^T (F h))_s
       // and B_s alike with F h o (two GEMMs); the bias's gradient sum_c P_ts (h_t v_s - (h o)_t) is
@@ -421,6 +445,7 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
       // whose Pk underflowed could matter) takes the direct form instead, its F set to 0.
       thread_local BandFactors bf;
       const bool fact = !scan && bf.init(band, bi, n, causal);
+      if (!fact && !scan) std::fill(A, A + 2 * T * n, 0.0f);  // A, Bs (adjacent): summed into below
       if (fact) {
         const int64_t win = kAftRows + band.lo + band.hi;
         const float *kp = bf.kap.data(), *Pk = bf.Pk.data(), *PkV = bf.PV.data(), *Wt = bf.Wt.data();
@@ -429,10 +454,26 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
         FH.resize(size_t(kAftRows * n)), FHO.resize(size_t(kAftRows * n)), GA.resize(size_t(win * n));
         GB.resize(size_t(win * n));
         if (bias_grad) G1.resize(size_t(kAftRows * win)), G2.resize(size_t(kAftRows * win));
+        // fused: the task's forward, a row block at a time, its rows' o and lse in ob, lb
+        thread_local std::vector<float> NUM, DEN, ob, lb;
+        std::optional<ForwardRows> fr;
+        if (fused) fr.emplace(q, k, v, y, b, bi, T, C, causal, band, nullptr, bf, NUM, DEN);
+        if (fused) ob.resize(size_t(kAftRows * n)), lb.resize(size_t(kAftRows * n));
+        int64_t fresh = 0;  // the rows of A and Bs from here on are not set yet
         for (int64_t t0 = 0; t0 < T; t0 += kAftRows) {
           const int64_t nr = std::min(kAftRows, T - t0);
-          bf.block(k + at(0), v + at(0), C, T, t0, nr);
+          if (fused) {
+            fr->factor_block(t0);  // bf.block and the forward's GEMMs
+            for (int64_t i = 0; i < nr; ++i) {
+              fr->forward_row(t0 + i, ob.data() + i * n, lb.data() + i * n);
+              grad_row(t0 + i, ob.data() + i * n, lb.data() + i * n);
+            }
+          } else {
+            bf.block(k + at(0), v + at(0), C, T, t0, nr);
+          }
           const int64_t w0 = bf.w0, w1 = bf.w1, W = bf.window();
+          if (w1 > fresh) std::fill(A + fresh * n, A + w1 * n, 0.0f), std::fill(Bs + fresh * n, Bs + w1 * n, 0.0f);
+          fresh = std::max(fresh, w1);
           slow.clear();
           for (int64_t i = 0; i < nr; ++i) {  // (the push in the loop's body kept it scalar)
             const int64_t t = t0 + i;
@@ -511,12 +552,55 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
           }
         }
       }
+      auto far = [&](int64_t s) {  // A_s, B_s += exp(k_s + m) (s1, s2)
+        const float *__restrict ks = k + at(s), *__restrict pm = m.data(), *__restrict p1 = s1.data(),
+                    *__restrict p2 = s2.data();
+        float *__restrict As = &A[size_t(s * n)], *__restrict Bss = &Bs[size_t(s * n)];
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) {
+          const float e = exp_fast(ks[c] + pm[c]);
+          As[c] += e * p1[c], Bss[c] += e * p2[c];
+        }
+      };
+      if (!scan) reset();
+      for (int64_t s = T - 1; s >= 0 && !scan; --s) {  // suffix: t >= s + lo + 1
+        const int64_t t = s + band.lo + 1;
+        if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
+        far(s);
+      }
+      const int64_t o0 = b * C + c0;
+      const bool init = causal && sums && sums->num0 && sums->dnum0;
+      if (init) {
+        // The initial sums are far from every t (a position before 0 outside every band): with
+        // N0 = num0 e^{max0}, D0 = den0 e^{max0} in every numerator and denominator,
+        // dN0 = sum_t e^{-lse_t} h_t, dD0 = -sum_t e^{-lse_t} h_t o_t; the suffix sums above hold
+        // t >= lo + 1, the rest of t joins them here.
+        for (int64_t t = std::min(T, band.lo + 1); t-- > 0;)
+          running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
+        for (int64_t c = 0; c < n; ++c) {
+          const float e = exp_fast(sums->max0[o0 + c] + m[c]);
+          const float A0 = e * s1[c], B0 = e * s2[c];
+          sums->dnum0[o0 + c] = A0;
+          sums->dden0[o0 + c] = -B0;
+          sums->dmax0[o0 + c] = sums->num0[o0 + c] * A0 - sums->den0[o0 + c] * B0;
+        }
+      }
+      if (!causal) {
+        reset();
+        for (int64_t s = 0; s < T; ++s) {  // prefix: t <= s - hi - 1
+          const int64_t t = s - band.hi - 1;
+          if (t >= 0 && t < T) running_add2(m.data(), s1.data(), s2.data(), &nl[t * n], &h[t * n], &ho[t * n], n);
+          far(s);
+        }
+      }
       for (int64_t s = 0; s < T && !scan; ++s) {
         const float *__restrict As = A + s * n, *__restrict Bss = Bs + s * n, *__restrict vs = v + at(s);
-        float *__restrict dvs = dv + at(s), *__restrict dks = dk + at(s);
+        float* __restrict dks = rowbuf.data();
 #pragma omp simd
-        for (int64_t c = 0; c < n; ++c) dvs[c] = As[c], dks[c] = vs[c] * As[c] - Bss[c];
+        for (int64_t c = 0; c < n; ++c) dks[c] = vs[c] * As[c] - Bss[c];
+        put_row(dv + at(s), As, n), put_row(dk + at(s), dks, n);
       }
+      end_streams();  // (the final sums' gradient below adds into dv, dk)
       if (causal && sums && sums->dnumT) {
         // The final sums numT = num0 e^{max0 - maxT} + sum_s e^{k_s - maxT} v_s (denT alike, over
         // the positions s < end that left the band), maxT = max(max0, k_s): their gradient
@@ -550,6 +634,28 @@ void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* 
     for (int64_t i = 0; i < bias_grad->size; ++i) bias_grad->out[i] += float(part[i]);
   }
   }
+}
+
+}  // namespace
+
+void aft_backward(float* dq, float* dk, float* dv, const float* q, const float* k, const float* v, const float* o,
+                  const float* lse, const float* dy, int64_t B, int64_t T, int64_t C, bool causal,
+                  const AftBand& band, const AftSumsIO* sums, const AftBiasGrad* bias_grad) {
+  backward_impl(nullptr, dq, dk, dv, q, k, v, o, lse, dy, B, T, C, causal, band, sums, bias_grad);
+}
+
+void aft_forward_backward(float* y, float* dq, float* dk, float* dv, const float* q, const float* k, const float* v,
+                          const float* dy, int64_t B, int64_t T, int64_t C, bool causal, const AftBand& band,
+                          const AftBiasGrad* bias_grad) {
+  if (factored(band)) {
+    backward_impl(y, dq, dk, dv, q, k, v, nullptr, nullptr, dy, B, T, C, causal, band, nullptr, bias_grad);
+    return;
+  }
+  // the other bands: the forward's o and lse through memory
+  const std::unique_ptr<float[]> o(new float[size_t(std::max<int64_t>(1, B * T * C))]),
+      lse(new float[size_t(std::max<int64_t>(1, B * T * C))]);
+  aft_forward(y, q, k, v, B, T, C, causal, band, o.get(), lse.get());
+  aft_backward(dq, dk, dv, q, k, v, o.get(), lse.get(), dy, B, T, C, causal, band, nullptr, bias_grad);
 }
 
 void aft_step(float* y, AftState& st, const float* q, const float* k, const float* v, int64_t lo,

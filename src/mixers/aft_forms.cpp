@@ -158,6 +158,30 @@ void with_bias_grad(Variant var, const BiasCtx& ctx, const AftBand& band, int64_
     for (int64_t i = 0; i < bg.size; ++i) dbias.data[size_t(i)] += buf[i];
     return;
   }
+  if (dbias.numel() == 0) {  // aft_local's fresh dw (Tw, Tw): every row written once, zeros and band
+    const int64_t Tw = ctx.Tw;
+    // unset, on ordinary pages (see aft_ring), written whole below
+    const size_t nw = size_t(Tw * Tw);
+    const std::shared_ptr<float[]> mem(new float[std::max<size_t>(nw, 1)]);
+    Tensor dw;
+    dw.shape = {Tw, Tw}, dw.data = Storage::view(mem.get(), nw, mem);
+    float* out = mem.get();
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < Tw; ++r) {  // row r = t + off
+      float* row = out + r * Tw;
+      const int64_t t = r - ctx.off;
+      if (t < 0 || t >= T) {
+        std::fill(row, row + Tw, 0.0f);
+        continue;
+      }
+      const int64_t s_lo = std::max<int64_t>(0, t - band.lo), s_hi = causal ? t : std::min(T - 1, t + band.hi);
+      std::fill(row, row + s_lo + ctx.off, 0.0f);
+      for (int64_t s = s_lo; s <= s_hi; ++s) row[s + ctx.off] = buf[slot_band(&slots, t, s, 0)];
+      std::fill(row + s_hi + 1 + ctx.off, row + Tw, 0.0f);
+    }
+    dbias = std::move(dw);
+    return;
+  }
   for (int64_t t = 0; t < T; ++t) {
     const int64_t s_lo = std::max<int64_t>(0, t - band.lo), s_hi = causal ? t : std::min(T - 1, t + band.hi);
     for (int64_t s = s_lo; s <= s_hi; ++s)
@@ -173,8 +197,9 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
   // every element written by the kernels (no zero-filling pass over fresh pages)
   Tensor y = Tensor::uninitialized({B, T, C}), dq = Tensor::uninitialized({B, T, C}),
          dk = Tensor::uninitialized({B, T, C}), dv = Tensor::uninitialized({B, T, C});
-  Tensor o = Tensor::uninitialized({B, T, C}), lse = Tensor::uninitialized({B, T, C});  // saved by the forward: O(T C)
-  if (var == Variant::Full) {  // GEMMs over key blocks (kernels/aft_full_gemm.cpp)
+  if (var == Variant::Full) {
+    // GEMMs over key blocks (kernels/aft_full_gemm.cpp); o and lse saved by the forward: O(T C)
+    Tensor o = Tensor::uninitialized({B, T, C}), lse = Tensor::uninitialized({B, T, C});
     Tensor dw(c.t("w").shape);
     aft_full_forward(y.ptr(), q, k, v, ctx.w, ctx.Tw, B, T, C, c.causal, o.ptr(), lse.ptr());
     aft_full_backward(dq.ptr(), dk.ptr(), dv.ptr(), dw.ptr(), q, k, v, ctx.w, ctx.Tw, o.ptr(), lse.ptr(), dy.ptr(), B,
@@ -183,16 +208,20 @@ TensorMap aft_grad(Variant var, const Call& c, const Tensor& dy, bool with_state
                      std::move(dw));
   }
   TensorMap out;
-  AftSumsIO io = with_state && var == Variant::Simple ? sums_io(c, out, true) : AftSumsIO{};
-  aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.ptr(), lse.ptr(), &io);
-  auto backward = [&](const AftBiasGrad* bg) {
-    aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.ptr(), lse.ptr(), dy.ptr(), B, T, C, c.causal, band, &io, bg);
-  };
   if (var == Variant::Simple) {
-    backward(nullptr);
-  } else {  // aft_local's dw, aft_conv's du
+    AftSumsIO io = with_state ? sums_io(c, out, true) : AftSumsIO{};
+    Tensor o = Tensor::uninitialized({B, T, C}), lse = Tensor::uninitialized({B, T, C});  // saved by the forward
+    aft_forward(y.ptr(), q, k, v, B, T, C, c.causal, band, o.ptr(), lse.ptr(), &io);
+    aft_backward(dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, o.ptr(), lse.ptr(), dy.ptr(), B, T, C, c.causal, band, &io);
+  } else {  // aft_local's dw, aft_conv's du: forward and backward fused (kernels.h)
+    auto backward = [&](const AftBiasGrad* bg) {
+      aft_forward_backward(y.ptr(), dq.ptr(), dk.ptr(), dv.ptr(), q, k, v, dy.ptr(), B, T, C, c.causal, band, bg);
+    };
     const std::string name = var == Variant::Local ? "w" : "u";
-    Tensor dbias(c.t(name).shape);  // (ordinary pages: see aft_ring)
+    // aft_conv's du (H, K) summed into; aft_local's dw (Tw, Tw: 64 MiB at T = 4096) made by
+    // with_bias_grad in one parallel pass over its rows (zero-filled first and then added into,
+    // it was a tenth of the forward + backward)
+    Tensor dbias = var == Variant::Local ? Tensor() : Tensor(c.t(name).shape);
     with_bias_grad(var, ctx, band, T, c.causal, dbias, backward);
     out["d" + name] = std::move(dbias);
   }
