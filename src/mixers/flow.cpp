@@ -227,7 +227,7 @@ void flow_forward(float* y, const float* q, const float* k, const float* v, cons
 
 // Backward of flow_forward, per head. The forward is recomputed with every intermediate kept
 // (O(T (D + E)) per head); "scan" is a prefix sum when causal and the total otherwise, and
-// its adjoint "rscan" a suffix sum or the total. With R_i = r_i (causal) or 1, and the
+// its adjoint a suffix sum (flow_adjoint_causal's running sums) or the total (flow_adjoint). With R_i = r_i (causal) or 1, and the
 // competition multiplier n_i = r_i or T:
 //   cK = scan K, cQ = scan Q;  a_i = (Q_i+eps).(cK_i+eps), I_i = R_i / a_i;  c_i, O_i alike
 //   cKO = scan(K O), cQI = scan(Q I);  Ih_i = (Q_i+eps).(cKO_i+eps) / R_i;  Oraw_i alike, clamped
@@ -271,24 +271,14 @@ struct FlowHead {
       for (int64_t t = 1; t < T; ++t) std::copy(x, x + w, x + t * w);
     }
   }
-  void rscan(float* x, int64_t w) const {
-    if (!causal) return scan(x, w);
-    for (int64_t t = T - 2; t >= 0; --t)
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) x[t * w + j] += x[(t + 1) * w + j];
-  }
   // a scanned tensor x (rows of width w) from state tensor n: + the state's sum in every row
   void from_state(float* x, int n, int64_t w) const {
     if (const float* s0 = causal ? state_rows(st.s0[n], bh, w) : nullptr)
       for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < w; ++j) x[t * w + j] += s0[j];
   }
-  // an adjoint dx of a scan from state tensor n: the final state's gradient joins its last
-  // row before the reverse scan (to_final), the initial state's is its first row after (to_initial)
-  void to_final(float* dx, int n, int64_t w) const {
-    if (const float* g = causal ? state_rows(st.dT[n], bh, w) : nullptr)
-      for (int64_t j = 0; j < w; ++j) dx[(T - 1) * w + j] += g[j];
-  }
+  // the initial state's gradient from the adjoint of a scan from state tensor n: the first row of
+  // its reverse scan (flow_adjoint_causal's running sums, which start from the final state's)
   void to_initial(const float* dx, int n, int64_t w) const {
     if (float* g = causal ? state_rows(st.d0[n], bh, w) : nullptr) std::copy(dx, dx + w, g);
   }
@@ -453,9 +443,7 @@ void flow_adjoint(FlowWork& w, const FlowHead& hd, float* dq, float* dk, float* 
     de[t] = dcomp * hd.ncomp(t) / Z[t];  // comp = e / Z n
     dZ[t] = -dcomp * e[t] * hd.ncomp(t) / (Z[t] * Z[t]);
   }
-  hd.to_final(dZ, kSumexp, 1);
-  hd.rscan(dZ, 1);  // Z = scan e
-  hd.to_initial(dZ, kSumexp, 1);
+  hd.scan(dZ, 1);  // Z = scan e (the total: its adjoint is the total too)
   for (int64_t t = 0; t < T; ++t) {  // Ih, Oraw: dot products with the scanned sums
     de[t] += dZ[t];
     const float ir = 1.0f / hd.R(t), dOh = de[t] * e[t];
@@ -469,9 +457,7 @@ void flow_adjoint(FlowWork& w, const FlowHead& hd, float* dq, float* dk, float* 
       dKt[j] += dOraw * (qi[j] + kEps), dqi[j] = dOraw * (Kt[j] + kEps);
     }
   }
-  hd.to_final(dcKO, 2, D), hd.to_final(dcQI, 3, D);
-  hd.rscan(dcKO, D), hd.rscan(dcQI, D);
-  hd.to_initial(dcKO, 2, D), hd.to_initial(dcQI, 3, D);
+  hd.scan(dcKO, D), hd.scan(dcQI, D);
   for (int64_t t = 0; t < T; ++t) {  // cKO = scan(K O), cQI = scan(Q I)
     const float Ot = O[t], It = I[t], *Qt = Q + t * D, *Kt = K + t * D, *dko = dcKO + t * D, *dqi = dcQI + t * D;
     float *dQt = dQ + t * D, *dKt = dK + t * D;
@@ -493,9 +479,7 @@ void flow_adjoint(FlowWork& w, const FlowHead& hd, float* dq, float* dk, float* 
       dKt[j] += dc * (cq[j] + kEps), dcq[j] = dc * (Kt[j] + kEps);
     }
   }
-  hd.to_final(dcK, 0, D), hd.to_final(dcQ, 1, D);
-  hd.rscan(dcK, D), hd.rscan(dcQ, D);
-  hd.to_initial(dcK, 0, D), hd.to_initial(dcQ, 1, D);
+  hd.scan(dcK, D), hd.scan(dcQ, D);
   for (int64_t t = 0; t < T; ++t) {  // cK = scan K, cQ = scan Q; then the sigmoids
     const float *Qt = Q + t * D, *Kt = K + t * D, *dQt = dQ + t * D, *dKt = dK + t * D, *dcq = dcQ + t * D,
                 *dck = dcK + t * D;
