@@ -648,16 +648,26 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
     lds[size_t(i)].q = D, lds[size_t(i)].k = D, lds[size_t(i)].v = E, lds[size_t(i)].y = E;
     if (!ld.g_row && ld.g != 0) lds[size_t(i)].g = D;
   }
-  const auto gather = [&](int64_t t0, int64_t n, int64_t off, int64_t W, auto src, auto stride) {
-    if (stride(heads[0]) == W) return;  // contiguous rows (one head's own buffers): read in place
+  const bool phi = heads[0].ld.phi;
+  const auto gather = [&](int64_t t0, int64_t n, int64_t off, int64_t W, auto src, auto stride, bool map = false) {
+    if (stride(heads[0]) == W && !map) return;  // contiguous rows (one head's own buffers): read in place
     for (int64_t t = 0; t < n; ++t)
-      for (int64_t i = 0; i < nh; ++i)
-        std::memcpy(buf.data() + i * per + off + t * W, src(heads[i]) + (t0 + t) * stride(heads[i]), size_t(W) * 4);
+      for (int64_t i = 0; i < nh; ++i) {
+        float* __restrict d = buf.data() + i * per + off + t * W;
+        const float* __restrict r = src(heads[i]) + (t0 + t) * stride(heads[i]);
+        if (!map) {
+          std::memcpy(d, r, size_t(W) * 4);
+          continue;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < W; ++j) d[j] = phi_elu(r[j]);
+      }
   };
   for (const Chunk& ch : chunks_of(T)) {
     const int64_t t0 = ch.t0, n = ch.n;
-    gather(t0, n, 0, D, [](const GatedHeadRows& h) { return h.q; }, [](const GatedHeadRows& h) { return h.ld.q; });
-    gather(t0, n, L * D, D, [](const GatedHeadRows& h) { return h.k; }, [](const GatedHeadRows& h) { return h.ld.k; });
+    gather(t0, n, 0, D, [](const GatedHeadRows& h) { return h.q; }, [](const GatedHeadRows& h) { return h.ld.q; }, phi);
+    gather(t0, n, L * D, D, [](const GatedHeadRows& h) { return h.k; }, [](const GatedHeadRows& h) { return h.ld.k; },
+           phi);
     gather(t0, n, 3 * L * D, E, [](const GatedHeadRows& h) { return h.v; }, [](const GatedHeadRows& h) { return h.ld.v; });
     const bool g_rows = !heads[0].ld.g_row && heads[0].ld.g != 0;
     if (g_rows)
@@ -665,10 +675,11 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
     for (int64_t i = 0; i < nh; ++i) {
       const GatedHeadRows& h = heads[i];
       const float* b = buf.data() + i * per;
-      const auto at = [&](const float* x, int64_t ld, int64_t W, int64_t off) {  // gathered or in place
-        return ld == W ? x + t0 * W : b + off;
+      const auto at = [&](const float* x, int64_t ld, int64_t W, int64_t off, bool map = false) {  // gathered or in place
+        return ld == W && !map ? x + t0 * W : b + off;
       };
-      const float *qc = at(h.q, h.ld.q, D, 0), *kc = at(h.k, h.ld.k, D, L * D), *vc = at(h.v, h.ld.v, E, 3 * L * D);
+      const float *qc = at(h.q, h.ld.q, D, 0, phi), *kc = at(h.k, h.ld.k, D, L * D, phi),
+                  *vc = at(h.v, h.ld.v, E, 3 * L * D);
       const float* gc = g_rows ? at(h.g, h.ld.g, D, 2 * L * D) : h.g + t0 * h.ld.g;
       // y into a contiguous chunk of rows, then out: the small-matrix kernel writing strided rows
       // that are not in cache stalled on them (Mamba-2's forward: its y products 35% of the time)
@@ -681,7 +692,7 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
       }
       if (!direct)
         for (int64_t t = 0; t < n; ++t) std::memcpy(h.y + (t0 + t) * h.ld.y, yc + t * E, size_t(E) * 4);
-      if (h.ld.epilogue) (*h.ld.epilogue)(t0, n);
+      if (h.ld.epilogue) (*h.ld.epilogue)(t0, n, qc, kc);
     }
   }
 }
@@ -896,8 +907,9 @@ void gated_backward_heads(const GatedGradHead* heads, int64_t nh, int64_t T, int
   rw.dv = dvc.data(), rw.dA = dA.data();
   for (int64_t i = 0; i < nh; ++i) {
     const GatedGradHead& h = heads[i];
-    LINMIX_CHECK(h.states && h.scores && (h.ld.g == 0) == (h.od.g == 0),
-                 "gated_backward_heads: the forward's saves are needed; dg summed over the steps iff g is one row");
+    LINMIX_CHECK(h.states && h.scores && (h.ld.g == 0) == (h.od.g == 0) && !h.ld.phi,
+                 "gated_backward_heads: the forward's saves are needed; dg summed over the steps iff g is one row; "
+                 "phi(q), phi(k) as rows (ld.phi is the forward's)");
     float* dS = dSs.data() + i * D * E;
     if (h.dST) std::copy(h.dST, h.dST + D * E, dS);
     else std::fill(dS, dS + D * E, 0.0f);

@@ -55,6 +55,7 @@ inline double dplr_flops(double T, double D, double E) {
 // tensor: ldq = H D), and so on (ldg = 0: one row of log decays for every step); y's rows written
 // at y + t ldy, scaled by yscale (a read-out scale of q). q, k, g: D floats a row, v, y: E; g <= 0
 // (log decays).
+using ChunkEpilogue = std::function<void(int64_t, int64_t, const float*, const float*)>;
 struct GatedRows {
   int64_t q, k, v, g, y;
   float yscale = 1.0f;
@@ -68,9 +69,15 @@ struct GatedRows {
   // Mamba-2's skip: y_t has vskip v_t added (by the caller's epilogue in the forward);
   // gated_backward_heads adds its gradient vskip dy_t to dv
   float vskip = 0.0f;
-  // called with (t0, n) once the chunk's rows [t0, t0 + n) of y are written, while they are in
-  // cache (Mamba-2's skip and gate)
-  const std::function<void(int64_t, int64_t)>* epilogue = nullptr;
+  // called with (t0, n, qc, kc) once the chunk's rows [t0, t0 + n) of y are written, while they
+  // are in cache (Mamba-2's skip and gate, the linear attentions' normalisers); qc, kc: the
+  // chunk's rows of q and k as the kernel read them (n x D, contiguous; phi applied with phi)
+  const ChunkEpilogue* epilogue = nullptr;
+  // gated_forward_heads: q and k hold x, and the kernel reads phi(x) = elu(x) + 1 = (x > 0 ?
+  // x + 1 : e^x) (linear attention's feature map), applied as a chunk's rows are gathered: no
+  // (T,D) copies of phi(q), phi(k). (gated_backward_heads takes phi(q), phi(k) as rows: a
+  // backward reads them twice, copies made once cost less than phi in both sweeps.)
+  bool phi = false;
   // For gated_backward_heads: chunk j's starting state (D,E) is written at save_states + j D E and its
   // masked scores (n x n, row stride n; yscale and kscale in them, the bonus not) at
   // save_scores + j kDecayChunk^2, when not null: (T / chunk) (D E + chunk^2) floats.

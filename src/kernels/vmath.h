@@ -112,6 +112,10 @@ inline void dot_rows(float* out, const float* A, int64_t rows, int64_t ld, const
   return nan ? x : out;
 }
 
+// phi(x) = elu(x) + 1 = x + 1 for x > 0, e^x otherwise: linear attention's feature map
+// (Katharopoulos et al. 2020), positive everywhere.
+[[gnu::always_inline]] inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : exp_fast(x); }
+
 // e^{a - m} and e^{b - m} with m = max(a, b): one of them is e^0 = 1 exactly, so one exp_fast of
 // -|a - b| gives both (bit for bit the values of two exp_fast calls, at half the cost).
 // Results through references: a returned struct kept GCC from vectorising the loops around it.

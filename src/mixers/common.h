@@ -69,7 +69,6 @@ inline void state_step(float* __restrict S, float* __restrict y, const float* __
 // every region wakes a sleeping thread: 25 us.)
 constexpr int64_t kStepParallelFloats = int64_t(1) << 15;
 
-inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : exp_fast(x); }  // elu(x) + 1
 // The same maps as function objects for gather_head: a function pointer is not inlined there,
 // and phi then runs out of line and scalar.
 inline constexpr auto phi_fn = [](float x) { return phi_elu(x); };

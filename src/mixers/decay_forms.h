@@ -75,8 +75,8 @@ struct GatedHead {
   const float *iq = nullptr, *ik = nullptr, *iv = nullptr, *ig = nullptr;
   float *oy = nullptr, *odq = nullptr, *odk = nullptr, *odv = nullptr, *odg = nullptr, *odu = nullptr;
   GatedRows ld{0, 0, 0, 0, 0}, od{0, 0, 0, 0, 0};
-  std::function<void(int64_t, int64_t)> epilogue;  // ld.epilogue may point here
-  std::function<void(int64_t, int64_t)> keeping;   // the epilogue that keeps the kernel's rows (Call::keep)
+  ChunkEpilogue epilogue;  // ld.epilogue may point here
+  ChunkEpilogue keeping;   // the epilogue that keeps the kernel's rows (Call::keep)
   GradEpilogue grad_epilogue;                       // the backward's per-chunk hook (GatedGradHead), when set
 };
 // What a gated forward keeps for its backward (Call::keep / Call::reuse): per head (b H + h) the
@@ -146,9 +146,9 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
         const auto* inner = ld.epilogue;
         float *oy = z.oy, *kr = kh.rows.data();
         const int64_t ldy = ld.y;
-        z.keeping = [inner, oy, kr, ldy, E](int64_t t0, int64_t n) {
+        z.keeping = [inner, oy, kr, ldy, E](int64_t t0, int64_t n, const float* qc, const float* kc) {
           for (int64_t t = t0; t < t0 + n; ++t) std::copy(oy + t * ldy, oy + t * ldy + E, kr + t * E);
-          if (inner) (*inner)(t0, n);
+          if (inner) (*inner)(t0, n, qc, kc);
         };
         ld.epilogue = &z.keeping;
       } else if (dy && !reuse) {  // the forward keeps what the backward reads
@@ -156,12 +156,13 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
         ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
       }
       if (reuse) {  // the forward's rows of y back in place, the epilogue over them chunk by chunk
+        // (without the kernel's rows of q and k: null)
         const GatedSaved::Head& kh = reuse->heads[size_t(i)];
         for (int64_t t0 = 0; t0 < T; t0 += kDecayChunk) {
           const int64_t n = std::min(kDecayChunk, T - t0);
           for (int64_t t = t0; t < t0 + n; ++t)
             std::copy(kh.rows.data() + t * E, kh.rows.data() + (t + 1) * E, z.oy + t * ld.y);
-          if (ld.epilogue) (*ld.epilogue)(t0, n);
+          if (ld.epilogue) (*ld.epilogue)(t0, n, nullptr, nullptr);
         }
         z.S = kh.S;
         continue;

@@ -584,7 +584,7 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
       z.od.g_row = true;
     }
     float *yh = py + hd.row0 * E, *al = kp.f.alloc.data(), *dal = kp.dalloc.data();
-    z.epilogue = [al, dal, gy, yh, H, E](int64_t t0, int64_t n) {
+    z.epilogue = [al, dal, gy, yh, H, E](int64_t t0, int64_t n, const float*, const float*) {
       for (int64_t t = t0; t < t0 + n; ++t) {
         float* yr = yh + t * H * E;
         if (gy) {

@@ -154,12 +154,12 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
     z.ld.kscale = z.k.data(), z.ld.g_row = true;
     z.ld.vskip = Dp ? Dp[h] : 0.0f;  // dx = the kernel's dv + D dy1, in place
     if (!dy) {
-      z.epilogue = [&skip_gate, b, h](int64_t t0, int64_t n) { skip_gate(b, h, t0, n); };  // per chunk
+      z.epilogue = [&skip_gate, b, h](int64_t t0, int64_t n, const float*, const float*) { skip_gate(b, h, t0, n); };  // per chunk
     } else {
       z.dy.resize(zz ? size_t(T * E) : 0);  // the kernel's dy through the gate, filled by the epilogue
       float *dy1 = z.dy.data(), &dD = dDs[size_t(b * H + h)];
       dD = 0.0f;
-      z.epilogue = [&skip_gate_grad, b, h, dy1, &dD](int64_t t0, int64_t n) { skip_gate_grad(b, h, t0, n, dy1, dD); };
+      z.epilogue = [&skip_gate_grad, b, h, dy1, &dD](int64_t t0, int64_t n, const float*, const float*) { skip_gate_grad(b, h, t0, n, dy1, dD); };
     }
     z.ld.epilogue = &z.epilogue;
     initial_state(z);

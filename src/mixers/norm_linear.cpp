@@ -144,7 +144,7 @@ TensorMap norm_linear_causal_run(const Call& c, const Tensor* dy) {
   const float eps = float(c.p("eps"));
   TensorMap out = phi_outputs(c, dy);
   auto epilogue = [&](const PhiHead& p) {
-    return [=](int64_t t0, int64_t n) {
+    return [=](int64_t t0, int64_t n, const float*, const float*) {
       for (int64_t t = t0; t < t0 + n; ++t) {
         float* yr = p.y + (p.r0 + t * H) * E;
         float ms = 0.0f;

@@ -381,7 +381,7 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
     const float* gy = dy ? dy->ptr() + row0 * E : nullptr;
     float *kdy = dy ? z.dy.data() : nullptr, *yh = py + row0 * E;
     const float *Qf = z.q.data(), *Kf = z.k.data(), *lg = z.g.data();
-    z.epilogue = [&hd, Qf, Kf, lg, gy, kdy, yh, M, E, H](int64_t t0, int64_t n) {
+    z.epilogue = [&hd, Qf, Kf, lg, gy, kdy, yh, M, E, H](int64_t t0, int64_t n, const float*, const float*) {
       float* Z = hd.Z.data();
       for (int64_t t = t0; t < t0 + n; ++t) {
         const float a = std::exp(lg[t]), *qr = Qf + t * M, *kr = Kf + t * M;
