@@ -149,8 +149,8 @@ std::map<std::string, at::Tensor> run(const std::string& name, const std::string
 }
 
 // Seconds of one call of the kernels `linmix bench` times (src/bench/mixer_bench.cpp): the
-// mechanism's parallel forward (final state not asked for) or, with dy among the tensors, its
-// backward, on a call validated beforehand (not timed). bench/torch_ops.py alternates it with
+// mechanism's parallel forward or, with dy among the tensors, its backward (the final state not
+// asked for in either), on a call validated beforehand (not timed). bench/torch_ops.py alternates it with
 // linmix.ops calls in one process, so the binding's overhead is not the machine's drift between
 // two processes.
 // With keep (dy given): the forward keeping what its backward reads, then that backward on it, the
@@ -168,7 +168,9 @@ double kernel_seconds(const std::string& name, bool causal, const std::map<std::
   const bool grad = in.count("dy") > 0;
   if (grad && !spec.backward) throw linmix::Error(name + ": the parallel form has no backward");
   linmix::Call call = linmix::validate_call(name, linmix::Mode::Parallel, causal, params, in, grad);
-  if (!grad) call.final_state = false;  // the forward as a model's layer runs it (as linmix bench)
+  // no final state: as a model's layer runs the forms, as linmix bench times them, and as
+  // linmix.ops runs them without output_final_state
+  call.final_state = false;
   py::gil_scoped_release nogil;
   const auto t0 = std::chrono::steady_clock::now();
   if (grad && keep) {
