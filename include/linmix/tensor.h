@@ -26,6 +26,9 @@ int64_t numel_of(const std::vector<int64_t>& shape);
 // beside its kernel), 64-byte aligned below. huge_free takes the same byte count.
 void* huge_alloc(size_t bytes);
 void huge_free(void* p, size_t bytes) noexcept;
+// 64-byte aligned, on ordinary pages (no huge-page advice: a fresh buffer's first touch never waits
+// on the kernel compacting memory for a huge page); freed by huge_free too.
+void* plain_alloc(size_t bytes);
 // A std::vector allocator on huge_alloc whose resize leaves the new elements unset (buffers a
 // kernel writes whole before reading: no zeroing pass over fresh pages).
 template <class T>
@@ -71,9 +74,10 @@ class Storage {
   // n floats left unset, in a buffer of its own (Tensor::uninitialized): read and written like a
   // view; owns_buffer() says the buffer is the storage's alone, to hand on (the torch extension's
   // outputs) instead of copying
-  static Storage uninitialized(size_t n) {  // 64-byte aligned: rows of cache lines (streaming stores)
-    std::shared_ptr<float> buf(static_cast<float*>(huge_alloc(n * sizeof(float))),
-                               [n](float* q) { huge_free(q, n * sizeof(float)); });
+  // (huge_pages = false: plain_alloc's ordinary pages)
+  static Storage uninitialized(size_t n, bool huge_pages = true) {  // 64-byte aligned: rows of cache lines (streaming stores)
+    void* mem = huge_pages ? huge_alloc(n * sizeof(float)) : plain_alloc(n * sizeof(float));
+    std::shared_ptr<float> buf(static_cast<float*>(mem), [n](float* q) { huge_free(q, n * sizeof(float)); });
     float* p = buf.get();  // before buf is moved (the arguments' order is unspecified)
     Storage s = view(p, n, std::move(buf));
     s.own_buffer_ = true;
@@ -162,10 +166,10 @@ struct Tensor {
       : shape(std::move(s)), data(static_cast<size_t>(numel_of(shape)), fill) {}
   // Its values left unset, for an output a kernel writes whole: no serial pass over the memory
   // first (at T = 4096, d_model 512, 8 MB, about a tenth of a chunked forward on 2 threads).
-  static Tensor uninitialized(std::vector<int64_t> s) {
+  static Tensor uninitialized(std::vector<int64_t> s, bool huge_pages = true) {
     Tensor t;
     t.shape = std::move(s);
-    t.data = Storage::uninitialized(static_cast<size_t>(numel_of(t.shape)));
+    t.data = Storage::uninitialized(static_cast<size_t>(numel_of(t.shape)), huge_pages);
     return t;
   }
 

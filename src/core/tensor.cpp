@@ -33,6 +33,12 @@ void* huge_alloc(size_t bytes) {
   return p;
 }
 
+void* plain_alloc(size_t bytes) {
+  void* p = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
 void huge_free(void* p, size_t) noexcept { std::free(p); }
 
 int64_t numel_of(const std::vector<int64_t>& shape) {

@@ -160,12 +160,10 @@ void with_bias_grad(Variant var, const BiasCtx& ctx, const AftBand& band, int64_
   }
   if (dbias.numel() == 0) {  // aft_local's fresh dw (Tw, Tw): every row written once, zeros and band
     const int64_t Tw = ctx.Tw;
-    // unset, on ordinary pages (see aft_ring), written whole below
-    const size_t nw = size_t(Tw * Tw);
-    const std::shared_ptr<float[]> mem(new float[std::max<size_t>(nw, 1)]);
-    Tensor dw;
-    dw.shape = {Tw, Tw}, dw.data = Storage::view(mem.get(), nw, mem);
-    float* out = mem.get();
+    // unset, on ordinary pages (see aft_ring), written whole below; a buffer of its own (the torch
+    // extension hands it on: as a view of a buffer it was copied, 64 MiB)
+    Tensor dw = Tensor::uninitialized({Tw, Tw}, false);
+    float* out = dw.ptr();
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < Tw; ++r) {  // row r = t + off
       float* row = out + r * Tw;
