@@ -179,21 +179,12 @@ TensorMap linear_causal_run(const Call& c, const Tensor* dy) {
       float *Z = nm.Z.data(), *run = nm.run.data();
       if (p.gy) std::copy(Z, Z + D, nm.Zc.begin() + t0 / kDecayChunk * D);
       std::fill(run, run + D, 0.0f);
-      // the kernel's phi rows of the chunk; without them (the backward's replay of a kept
-      // forward) phi of the call's rows, made here
-      thread_local std::vector<float> own;
-      if (!qc) {
-        own.resize(size_t(2 * n * D));
-        for (int64_t t = 0; t < n; ++t) {
-          const float *qr = p.q + (p.r0 + (t0 + t) * H) * D, *kr = p.k + (p.r0 + (t0 + t) * H) * D;
-          float *qo = own.data() + t * D, *ko = qo + n * D;
-#pragma omp simd
-          for (int64_t x = 0; x < D; ++x) qo[x] = phi_elu(qr[x]), ko[x] = phi_elu(kr[x]);
-        }
-        qc = own.data(), kc = own.data() + n * D;
-      }
+      // the kernel's phi rows of the chunk (D apart); without them (the backward's replay of a
+      // kept forward) the backward's own phi rows (H D apart)
+      const int64_t ld = qc ? D : H * D;
+      if (!qc) qc = p.qf + (p.r0 + t0 * H) * D, kc = p.kf + (p.r0 + t0 * H) * D;
       for (int64_t t = t0; t < t0 + n; ++t) {
-        const float *qr = qc + (t - t0) * D, *kr = kc + (t - t0) * D;
+        const float *qr = qc + (t - t0) * ld, *kr = kc + (t - t0) * ld;
         float den = 0.0f;
 #pragma omp simd reduction(+ : den)
         for (int64_t x = 0; x < D; ++x) run[x] += kr[x], den += qr[x] * (Z[x] + run[x]);

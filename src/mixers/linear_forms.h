@@ -16,15 +16,15 @@
 namespace linmix {
 
 // One head as the mechanism's epilogue and post see it: r0, its first row (b, 0, h) of the
-// (B,T,H,X) tensors (row t at r0 + t H); bh = b H + h; q, k: the call's q, k (B,T,H,D) (the
-// epilogue gets a chunk's rows of phi(q), phi(k) from the kernel, and makes them from these where
-// it does not: the backward's replay of a kept forward); y: the
+// (B,T,H,X) tensors (row t at r0 + t H); bh = b H + h; qf, kf: a backward's phi(q), phi(k)
+// (B,T,H,D), null in a forward (the epilogue gets a chunk's rows of them from the kernel, and reads
+// them here where it does not: the backward's replay of a kept forward); y: the
 // output (B,T,H,E), whose chunk rows the epilogue finds holding num_t = phi(q_t)^T S_t; gy: the
 // call's dy (B,T,H,E) (null in the forward); kdy: (T,E) rows the epilogue fills with the
 // kernel's dy (the gradient of num).
 struct PhiHead {
   int64_t r0, bh;
-  const float *q, *k;
+  const float *qf, *kf;
   float* y;
   const float* gy;
   float* kdy;
@@ -102,7 +102,7 @@ void phi_gated_heads(const Call& c, const Tensor* dy, TensorMap& out, Epilogue e
   float* py = out.at("y").ptr();
   auto head = [&](GatedHead& z) {
     const int64_t r0 = z.b * T * H + z.h;
-    return PhiHead{r0, z.b * H + z.h, q, k, py, dy ? dy->ptr() + r0 * E : nullptr,
+    return PhiHead{r0, z.b * H + z.h, dy ? iq : nullptr, dy ? ik : nullptr, py, dy ? dy->ptr() + r0 * E : nullptr,
                    dy ? z.dy.data() : nullptr};
   };
   auto prep = [&](GatedHead& z) {
