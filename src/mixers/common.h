@@ -69,6 +69,23 @@ inline void state_step(float* __restrict S, float* __restrict y, const float* __
 // every region wakes a sleeping thread: 25 us.)
 constexpr int64_t kStepParallelFloats = int64_t(1) << 15;
 
+// The layout of the diagonal SSM steps' per-(channel, state) arrays (s4d, mamba): blocks of kBlock
+// channels, channels innermost within each, element (ch, n) of a block from c0, w channels wide,
+// at c0 N + n w + ch - c0. Every inner loop runs over contiguous channels in SIMD lanes (no
+// per-channel horizontal sum), a block's sums stay in registers through its N rows, and a block is
+// one contiguous run per array (rows of all C channels 2 KiB apart, read 64 channels at a time as
+// 16 short streams, ran 40% slower).
+struct ChannelBlocks {
+  static constexpr int64_t kBlock = 64;
+  int64_t C, N;
+  int64_t count() const { return (C + kBlock - 1) / kBlock; }
+  int64_t width(int64_t c0) const { return std::min(kBlock, C - c0); }
+  int64_t at(int64_t ch, int64_t n) const {
+    const int64_t c0 = ch / kBlock * kBlock;
+    return c0 * N + n * width(c0) + ch - c0;
+  }
+};
+
 // The same maps as function objects for gather_head: a function pointer is not inlined there,
 // and phi then runs out of line and scalar.
 inline constexpr auto phi_fn = [](float x) { return phi_elu(x); };

@@ -483,45 +483,56 @@ MixerSpec make_spec() {
   s.stepper = [](const Call& c) {
     const int64_t C = c.d("C"), N = c.d("N");
     const S4dParams p = discretise(c);  // once: the discretised A and C of every channel
-    // Channels innermost ((n, c) layouts): every inner loop runs over C contiguous channels in
-    // SIMD lanes, with no per-channel horizontal sum.
-    auto ab = std::make_shared<std::vector<float>>(4 * C * N);  // Abar re, im; Ct re, im: (N, C)
+    const ChannelBlocks L{C, N};  // the (channel block, n, channel) layout of every array
+    auto at = [L](int64_t ch, int64_t n) { return L.at(ch, n); };
+    auto ab = std::make_shared<std::vector<float>>(4 * C * N);  // Abar re, im; Ct re, im
     for (int64_t ch = 0; ch < C; ++ch)
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t i = ch * N + n, o = n * C + ch;
+        const int64_t i = ch * N + n, o = at(ch, n);
         (*ab)[o] = float(p.Abar[i].real()), (*ab)[C * N + o] = float(p.Abar[i].imag()),
         (*ab)[2 * C * N + o] = float(p.Ct[i].real()), (*ab)[3 * C * N + o] = float(p.Ct[i].imag());
       }
-    auto x = std::make_shared<std::vector<float>>(2 * C * N + C, 0.0f);  // state re, im (N, C); acc (C)
+    auto x = std::make_shared<std::vector<float>>(2 * C * N, 0.0f);  // state re, im
     const float *u = c.t("u").ptr(), *D = c.t("D").ptr();
     auto save = [=] {  // the spec's (1, C, N) layout
       Tensor xr({1, C, N}), xi({1, C, N});
       for (int64_t ch = 0; ch < C; ++ch)
         for (int64_t n = 0; n < N; ++n)
-          xr.data[ch * N + n] = (*x)[n * C + ch], xi.data[ch * N + n] = (*x)[C * N + n * C + ch];
+          xr.data[ch * N + n] = (*x)[at(ch, n)], xi.data[ch * N + n] = (*x)[C * N + at(ch, n)];
       return moved_map("state.x_re", std::move(xr), "state.x_im", std::move(xi));
     };
     auto load = [=](const TensorMap& m) {
       const Tensor &xr = m.at("state.x_re"), &xi = m.at("state.x_im");
       for (int64_t ch = 0; ch < C; ++ch)
         for (int64_t n = 0; n < N; ++n)
-          (*x)[n * C + ch] = xr.data[ch * N + n], (*x)[C * N + n * C + ch] = xi.data[ch * N + n];
+          (*x)[at(ch, n)] = xr.data[ch * N + n], (*x)[C * N + at(ch, n)] = xi.data[ch * N + n];
     };
+    // Block by block, its sums in registers through its N state rows; the blocks over the threads
+    // when the floats a token streams through L2 (Abar, Ct, x: 6 C N) are many
+    // (kStepParallelFloats), each core keeping its channels' state in its own L2. Measured (one
+    // token, C 512, N 16, a driver timing the stepper alone): 3.4 us -> 3.4 on one thread, 2.4 on two.
     auto step = [=](float* y) {
       const float *ar = ab->data(), *ai = ar + C * N, *cr = ai + C * N, *ci = cr + C * N;
-      float *xr = x->data(), *xi = xr + C * N, *acc = xi + C * N;
-      std::fill(acc, acc + C, 0.0f);
-      for (int64_t n = 0; n < N; ++n) {  // x = Abar x + u; acc += Re(Ct x)
-        const int64_t o = n * C;
+      float *xr = x->data(), *xi = xr + C * N;
+      const int64_t nb = L.count();
+#pragma omp parallel for schedule(static) if (nb > 1 && 6 * C * N >= kStepParallelFloats)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t c0 = b * L.kBlock, w = L.width(c0);
+        float acc[L.kBlock] = {};
+        for (int64_t n = 0; n < N; ++n) {  // x = Abar x + u; acc += Re(Ct x)
+          const int64_t o = c0 * N + n * w;
+          const float *__restrict ar_ = ar + o, *__restrict ai_ = ai + o, *__restrict cr_ = cr + o,
+                      *__restrict ci_ = ci + o, *__restrict u_ = u + c0;
+          float *__restrict xr_ = xr + o, *__restrict xi_ = xi + o;
 #pragma omp simd
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const float r = ar[o + ch] * xr[o + ch] - ai[o + ch] * xi[o + ch] + u[ch],
-                      i = ar[o + ch] * xi[o + ch] + ai[o + ch] * xr[o + ch];
-          xr[o + ch] = r, xi[o + ch] = i;
-          acc[ch] += cr[o + ch] * r - ci[o + ch] * i;
+          for (int64_t j = 0; j < w; ++j) {
+            const float r = ar_[j] * xr_[j] - ai_[j] * xi_[j] + u_[j], i = ar_[j] * xi_[j] + ai_[j] * xr_[j];
+            xr_[j] = r, xi_[j] = i;
+            acc[j] += cr_[j] * r - ci_[j] * i;
+          }
         }
+        for (int64_t j = 0; j < w; ++j) y[c0 + j] = 2.0f * acc[j] + D[c0 + j] * u[c0 + j];
       }
-      for (int64_t ch = 0; ch < C; ++ch) y[ch] = 2.0f * acc[ch] + D[ch] * u[ch];
     };
     return Stepper{step, save, load};
   };
