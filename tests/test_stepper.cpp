@@ -77,25 +77,28 @@ TEST(Stepper, BenchSizedStatesEqualTheReference) {
   }
 }
 
-// The channel-wise steps (s4d, mamba: per-(channel, state) arrays in blocks of 64 channels,
-// ChannelBlocks in mixers/common.h) at widths that end in a partial block, on one thread (C 100:
-// a block of 64 and one of 36) and over the threads (C 400: six of 64 and one of 16, past
-// kStepParallelFloats), from a given state: y and the final state equal the float64 reference.
-TEST(Stepper, ChannelBlocksWithAPartialLastBlockEqualTheReference) {
-  for (const char* name : {"s4d", "mamba"}) {
+// Steps that work in blocks, at widths that end in a partial block: the channel-wise steps (s4d,
+// mamba: per-(channel, state) arrays in blocks of 64 channels, ChannelBlocks in mixers/common.h)
+// on one thread (C 100: a block of 64 and one of 36) and over the threads (C 400: six of 64 and
+// one of 16, past kStepParallelFloats); performer's features 64 at a time (M 70: 64 and 6). From a
+// given state, y and the final state equal the float64 reference.
+TEST(Stepper, BlocksWithAPartialLastBlockEqualTheReference) {
+  const std::vector<std::tuple<std::string, std::string, int64_t>> cases = {
+      {"s4d", "C", 100}, {"s4d", "C", 400}, {"mamba", "C", 100}, {"mamba", "C", 400}, {"performer", "M", 70}};
+  for (const auto& [name, dim, size] : cases) {
     const MixerSpec& spec = find_mixer(name);
-    for (int64_t C : {100, 400}) {
-      auto dims = example_dims(spec, Scale::Test, 9, true);
-      dims["C"] = C, dims["N"] = 16;
-      TensorMap in = example_inputs(spec, dims, 13);
-      for (auto& [n, t] : example_state(spec, dims, 14)) in[n] = std::move(t);
-      ASSERT_TRUE(in.count("state." + spec.state.front().name)) << name;
-      const TensorMap want = run_mixer(name, Mode::Reference, true, spec.example_params, in);
-      const TensorMap got = run_mixer(name, Mode::Recurrent, true, spec.example_params, in);
-      for (const auto& [n, t] : want) {
-        ASSERT_TRUE(got.count(n)) << name << " " << n;
-        test::expect_close(got.at(n), t, std::string(name) + " C " + std::to_string(C) + " " + n);
-      }
+    auto dims = example_dims(spec, Scale::Test, 9, true);
+    if (dims.count("N")) dims["N"] = 16;
+    if (name == "performer") dims["D"] = 16;
+    dims[dim] = size;
+    TensorMap in = example_inputs(spec, dims, 13);
+    for (auto& [n, t] : example_state(spec, dims, 14)) in[n] = std::move(t);
+    const TensorMap want = run_mixer(name, Mode::Reference, true, spec.example_params, in);
+    const TensorMap got = run_mixer(name, Mode::Recurrent, true, spec.example_params, in);
+    const std::string what = name + " " + dim + " " + std::to_string(size);
+    for (const auto& [n, t] : want) {
+      ASSERT_TRUE(got.count(n)) << what << " " << n;
+      test::expect_close(got.at(n), t, what + " " + n);
     }
   }
 }

@@ -184,6 +184,7 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
 struct PerformerState {
   int64_t H = 0, M = 0, E = 0;
   std::vector<float> S, z, kmax;
+  std::vector<float> projT;  // proj transposed (D,M), when set (the stepper): features with no horizontal sums
 };
 void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, const float* proj,
                     int64_t D, std::vector<float>& scratch);

@@ -256,6 +256,43 @@ void performer_backward(float* dq, float* dk, float* dv, float* dproj, const flo
   }
 }
 
+// The step's logits of q and k together from proj transposed (D,M): for each d, q_d and k_d times
+// row d of proj^T, into M-wide sums (64 at a time in registers), then less |x|^2 / 2 as
+// feature_logits. proj x as dot products (dot_rows) took a horizontal sum per feature, q's and k's
+// apart: 2 M of them a head, more than the products themselves.
+void step_logits(float* __restrict fq, float* __restrict fk, const float* __restrict q, const float* __restrict k,
+                 const float* __restrict projT, int64_t M, int64_t D) {
+  const float s = std::pow(float(D), -0.25f);
+  float sq = 0.0f, sk = 0.0f;
+#pragma omp simd reduction(+ : sq, sk)
+  for (int64_t j = 0; j < D; ++j) sq += q[j] * q[j], sk += k[j] * k[j];
+  const float hq = 0.5f * s * s * sq, hk = 0.5f * s * s * sk;
+  int64_t m0 = 0;
+  for (; m0 + 64 <= M; m0 += 64) {
+    f32x16 q0 = {}, q1 = {}, q2 = {}, q3 = {}, k0 = {}, k1 = {}, k2 = {}, k3 = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* p = projT + d * M + m0;
+      const f32x16 p0 = load16(p), p1 = load16(p + 16), p2 = load16(p + 32), p3 = load16(p + 48);
+      const float qd = q[d], kd = k[d];
+      q0 += qd * p0, q1 += qd * p1, q2 += qd * p2, q3 += qd * p3;
+      k0 += kd * p0, k1 += kd * p1, k2 += kd * p2, k3 += kd * p3;
+    }
+    store16(fq + m0, q0 * s - hq), store16(fq + m0 + 16, q1 * s - hq);
+    store16(fq + m0 + 32, q2 * s - hq), store16(fq + m0 + 48, q3 * s - hq);
+    store16(fk + m0, k0 * s - hk), store16(fk + m0 + 16, k1 * s - hk);
+    store16(fk + m0 + 32, k2 * s - hk), store16(fk + m0 + 48, k3 * s - hk);
+  }
+  if (m0 == M) return;
+  std::fill(fq + m0, fq + M, 0.0f), std::fill(fk + m0, fk + M, 0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    const float* p = projT + d * M;
+    const float qd = q[d], kd = k[d];
+#pragma omp simd
+    for (int64_t m = m0; m < M; ++m) fq[m] += qd * p[m], fk[m] += kd * p[m];
+  }
+  for (int64_t m = m0; m < M; ++m) fq[m] = fq[m] * s - hq, fk[m] = fk[m] * s - hk;
+}
+
 void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, const float* proj,
                     int64_t D, std::vector<float>& scratch) {
   const int64_t H = st.H, M = st.M, E = st.E;
@@ -266,11 +303,15 @@ void performer_step(float* y, PerformerState& st, const float* q, const float* k
     float *fq = scratch.data() + 2 * M * h, *fk = fq + M;
     float* S = &st.S[h * M * E];
     float* z = &st.z[h * M];
-    feature_logits(fk, k + h * D, D, 1, proj, M, D);
+    if (st.projT.empty()) {
+      feature_logits(fk, k + h * D, D, 1, proj, M, D);
+      feature_logits(fq, q + h * D, D, 1, proj, M, D);
+    } else {
+      step_logits(fq, fk, q + h * D, k + h * D, st.projT.data(), M, D);
+    }
     const float mnew = std::max(st.kmax[h], row_max(fk, M));
     const float shrink = std::exp(st.kmax[h] - mnew);
     st.kmax[h] = mnew;
-    feature_logits(fq, q + h * D, D, 1, proj, M, D);
     const float qmax = row_max(fq, M);
     float den = 0.0f;
     // features: fk = e^{logit - running key max} / sqrt(M) (the state holds phi(k) e^{-kmax}, as
@@ -570,7 +611,11 @@ MixerSpec make_spec() {
     const int64_t M = c.d("M");
     auto st = std::make_shared<PerformerState>(PerformerState{d.H, M, d.E, std::vector<float>(d.H * M * d.E, 0.0f),
                                                               std::vector<float>(d.H * M, 0.0f),
-                                                              std::vector<float>(d.H, kEmptyMax)});
+                                                              std::vector<float>(d.H, kEmptyMax), {}});
+    const Tensor& P = c.t("proj");  // (M,D), fixed for the stepper's life: transposed once
+    st->projT.resize(size_t(M * d.D));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < d.D; ++j) st->projT[j * M + m] = P.data[m * d.D + j];
     auto scratch = std::make_shared<std::vector<float>>();
     const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *proj = c.t("proj").ptr();
     const int64_t D = d.D;
