@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../src/kernels/vmath.h"
 
@@ -51,4 +52,22 @@ TEST(VMath, SoftplusFastMatchesFormula) {
     worst = std::max(worst, std::fabs(double(softplus_fast(xf)) - want) / want);
   }
   EXPECT_LT(worst, 5e-7);  // relative, tails included (softplus(-80) = 1.8e-35)
+}
+
+// dot_rows against float64 dot products: 37 rows (two blocks of 16, one of 4, one row alone) of
+// 64 columns in a strided matrix, and 40 columns (not a multiple of 16: the plain loop). Each
+// row's products differ (row i scaled by i + 1), so a sum landing in another row's lane shows.
+TEST(VMath, DotRowsEqualsDoubleDotProducts) {
+  for (int64_t n : {64, 40}) {
+    const int64_t rows = 37, ld = n + 8;
+    std::vector<float> A(static_cast<size_t>(rows * ld)), x(static_cast<size_t>(n)), out(static_cast<size_t>(rows));
+    for (int64_t i = 0; i < rows * ld; ++i) A[size_t(i)] = float(std::sin(0.37 * double(i)) * double(1 + i / ld));
+    for (int64_t j = 0; j < n; ++j) x[size_t(j)] = float(std::cos(0.11 * double(j)));
+    linmix::dot_rows(out.data(), A.data(), rows, ld, x.data(), n, 0.5f);
+    for (int64_t r = 0; r < rows; ++r) {
+      double want = 0;
+      for (int64_t j = 0; j < n; ++j) want += double(A[size_t(r * ld + j)]) * double(x[size_t(j)]);
+      EXPECT_NEAR(out[size_t(r)], 0.5 * want, 1e-5 * double(1 + r) * double(n)) << "n " << n << " row " << r;
+    }
+  }
 }

@@ -59,11 +59,39 @@ inline float hsum16(f32x16 a) {  // a tree: 16 -> 8 -> 4 lanes, then 4 scalars
   return (g[0] + g[2]) + (g[1] + g[3]);
 }
 
-// out[r] = scale * (A_r . x) for the rows r < rows of A (row stride ld, n columns): four rows at a
-// time in vector accumulators (one row's `omp simd` reduction waits on its own chain of adds and
-// horizontal sum); n a multiple of 16 takes that path, other n a plain loop.
+// The lane sums of 16 vectors as one vector (lane i: the sum of v[i]), a transposing tree: pairs
+// of vectors halve their lanes and interleave at each of 4 levels, 30 two-source shuffles and 15
+// adds for the 16 sums (hsum16 one at a time: ~7 dependent operations each, scalar at the end).
+inline f32x16 hsum16x16(const f32x16* v) {
+  f32x16 u[8], w[4], x[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: v[2i]'s halves added, 8-15: v[2i+1]'s
+    u[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // lanes 4j..4j+3: v[4i+j]
+    w[i] = __builtin_shufflevector(u[2 * i], u[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(u[2 * i], u[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // lanes 2j, 2j+1: v[8i+j]
+    x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// out[r] = scale * (A_r . x) for the rows r < rows of A (row stride ld, n columns): sixteen rows,
+// then four, at a time in vector accumulators (one row's `omp simd` reduction waits on its own
+// chain of adds and horizontal sum), the sixteen summed together (hsum16x16); n a multiple of 16
+// takes those paths, other n a plain loop.
 inline void dot_rows(float* out, const float* A, int64_t rows, int64_t ld, const float* x, int64_t n, float scale) {
   int64_t r = 0;
+  for (; n % 16 == 0 && r + 16 <= rows; r += 16) {
+    const float* a = A + r * ld;
+    f32x16 acc[16] = {};
+    for (int64_t j = 0; j < n; j += 16) {
+      const f32x16 xv = load16(x + j);
+      for (int i = 0; i < 16; ++i) acc[i] += load16(a + i * ld + j) * xv;
+    }
+    store16(out + r, hsum16x16(acc) * scale);
+  }
   for (; n % 16 == 0 && r + 4 <= rows; r += 4) {
     const float* a = A + r * ld;
     f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
