@@ -79,15 +79,20 @@ int cmd_mix(const std::string& mixer, bool causal, const std::string& mode, cons
   const auto kv = parse_params(params);
   const SafeTensors in = map_safetensors(in_path);  // the inputs read where they are (the kernels only read them)
   check_floats(in, in_path, "the mixers read F32, F16 or BF16 tensors");
+  const auto t_read = std::chrono::steady_clock::now();
   TensorMap out = run_mixer(mixer, m, causal, kv, in.tensors, grad, final_state);
+  const auto t_run = std::chrono::steady_clock::now();
   if (!final_state && !grad) std::erase_if(out, [](const auto& kv) { return kv.first.rfind("state.", 0) == 0; });
   write_safetensors(out_path, out, {},
                     {{"mixer", mixer}, {"mode", mode}, {"causal", causal ? "1" : "0"}, {"grad", grad ? "1" : "0"}},
                     false);  // renamed into place, not waited for on disk: mix computes it again
-  if (stats)
-    std::fprintf(stderr, "linmix stats: wall_ms=%.3f peak_rss_mib=%.1f\n",
-                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(),
+  if (stats) {
+    using ms = std::chrono::duration<double, std::milli>;
+    const auto t_end = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "linmix stats: wall_ms=%.3f read_ms=%.3f run_ms=%.3f write_ms=%.3f peak_rss_mib=%.1f\n",
+                 ms(t_end - t0).count(), ms(t_read - t0).count(), ms(t_run - t_read).count(), ms(t_end - t_run).count(),
                  peak_rss_mib());
+  }
   // The output is in place: the process ends here, its buffers and mappings left to the kernel
   // (freeing tens of MB and unmapping the input took ~5 ms of a whole-process call)
   std::fflush(nullptr);
