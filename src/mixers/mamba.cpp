@@ -149,6 +149,12 @@ void mamba_forward(float* y, const MambaArgs& a) {
           const int64_t nt = std::min(kChunk, T - t0);
           for (int64_t i = 0; i < nt; ++i) {
             const int64_t t = t0 + i;
+            if (t + kPrefetchRows < T) {  // rows C floats apart: ahead by hand (kPrefetchRows)
+              const int64_t o = (b * T + t + kPrefetchRows) * C + c0;
+              prefetch_floats(a.delta + o, nc), prefetch_floats(a.u + o, nc);
+              if (a.z) prefetch_floats(a.z + o, nc);
+              prefetch_floats<true>(y + o, nc);
+            }
             a.dt_row(dt.data(), b, t, c0, nc);
             for (int64_t j = 0; j < nc; ++j) du[j] = dt[j] * a.u[(b * T + t) * C + c0 + j];
             const float* Br = a.Bm + (b * T + t) * N;
@@ -239,6 +245,10 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
           std::fill(dtc.begin(), dtc.end(), 0.0f), std::fill(uc.begin(), uc.end(), 0.0f);
           std::fill(duc.begin(), duc.end(), 0.0f);
           for (int64_t i = 0; i < nt; ++i) {
+            if (t0 + i + kPrefetchRows < T) {  // rows C floats apart: ahead by hand (kPrefetchRows)
+              const int64_t o = (b * T + t0 + i + kPrefetchRows) * C + c0;
+              prefetch_floats(a.delta + o, nc), prefetch_floats(a.u + o, nc);
+            }
             a.dt_row(&dtc[i * L], b, t0 + i, c0, nc);
             const float* ur = a.u + (b * T + t0 + i) * C + c0;
             for (int64_t j = 0; j < nc; ++j) uc[i * L + j] = ur[j], duc[i * L + j] = dtc[i * L + j] * ur[j];
@@ -288,6 +298,13 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
           for (int64_t i = 0; i < nt; ++i) step(i, t0 + i, &hs[i * N * L], &hs[(i + 1) * N * L], &da[i * N * L]);
           for (int64_t i = nt - 1; i >= 0; --i) {
             const int64_t t = t0 + i, row = (b * T + t) * C + c0;
+            if (t >= kPrefetchRows) {  // the walk's rows, backwards, ahead by hand
+              const int64_t o = row - kPrefetchRows * C;
+              prefetch_floats(dy + o, nc), prefetch_floats(a.u + o, nc), prefetch_floats(a.delta + o, nc);
+              if (a.z) prefetch_floats(a.z + o, nc), prefetch_floats<true>(g.dz + o, nc);
+              if (g.y) prefetch_floats<true>(g.y + o, nc);
+              prefetch_floats<true>(g.du + o, nc), prefetch_floats<true>(g.ddelta + o, nc);
+            }
             const float* Cr = a.Cm + (b * T + t) * N;
             const float* Br = a.Bm + (b * T + t) * N;
             const float *h = &hs[(i + 1) * N * L], *hp = &hs[i * N * L], *av = &da[i * N * L];
