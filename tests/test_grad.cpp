@@ -254,3 +254,23 @@ TEST(DecayKernels, FewFastChannels) {
 }
 
 }  // namespace
+
+// mamba's backward walks sixteen lanes at a time through every state index n and sums its dCm, dBm
+// terms sixteen n at a time (hsum16x16), the rest of N one by one: at N = 19 (a group of 16 and 3
+// more), C = 70 (a channel block of 64 and one of 6) and T = 40 (a chunk of 32 and one of 8), from
+// a given state, with a gate z, D, a delta bias and a final state's gradient, every gradient and
+// y equal the float64 reference's.
+TEST(MambaBackward, SixteenStatesAtATime) {
+  const Case c{"mamba", true, find_mixer("mamba").example_params};
+  auto dims = dims_for(c, 40);
+  dims["N"] = 19, dims["C"] = 70;
+  const TensorMap in = with_dy(example_inputs(find_mixer("mamba"), dims, 61), c, 62);
+  ASSERT_TRUE(in.count("z") && in.count("D") && in.count("state.h") && in.count("dfinal.h"));
+  const TensorMap want = run_mixer("mamba", Mode::Reference, true, c.params, in, true);
+  const TensorMap got = run_mixer("mamba", Mode::Parallel, true, c.params, in, true);
+  for (const auto& [n, t] : want) {
+    if (n == "y") continue;
+    EXPECT_LE(rel_rms(got.at(n), t, grad_floor(want)), 1e-3) << n;
+  }
+  test::expect_close(got.at("y"), want.at("y"), "y from the backward call");
+}

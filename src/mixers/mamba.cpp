@@ -73,6 +73,7 @@ constexpr int64_t kChunk = 32;   // time steps whose decays are computed togethe
 // (dBm, dCm) then serve 64 channels, not 32 (T = 4096, C 512, N 16, 2 threads: fwd+bwd 64.5, 61.4
 // -> 59.9, 55.6 ms, alternated)
 constexpr int64_t kCBlock = 64;
+static_assert(kCBlock % 16 == 0, "the backward's walk runs sixteen lanes at a time");
 constexpr int64_t kFBlock = 64;  // channels per task (forward)
 
 [[gnu::always_inline]] inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
@@ -232,7 +233,8 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
     // the chunk's dt, u, dt u (kChunk, L)
     std::vector<float> lB(B * T * N, 0.0f), lC(B * T * N, 0.0f);
     std::vector<float> hc((nchunks + 1) * N * L), hs((kChunk + 1) * N * L), da(kChunk * N * L), dh(N * L), At(N * L),
-        dtc(kChunk * L), uc(kChunk * L), duc(kChunk * L), lA(N * L), lD(L), lb(L), gy(L), du(L), ddt(L);
+        dtc(kChunk * L), uc(kChunk * L), duc(kChunk * L), lA(N * L), lD(L), lb(L), gy(L), du(L), ddt(L),
+        scp(N * 16), sbp(N * 16);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t blk = 0; blk < nblk; ++blk) {
@@ -336,31 +338,37 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
                 lD[j] += gy[j] * a.u[row + j];
                 du[j] = gy[j] * a.D[c0 + j];
               }
+            // Sixteen lanes at a time through every n: gy, dt u, dt, u and the sums du, ddt over n
+            // in registers; each n's dCm and dBm terms (sums over the lanes) kept as 16 partial
+            // lanes, then summed sixteen n at a time by one shuffle tree (hsum16x16). (Each n's
+            // two sums over all 64 lanes at the end of its own loop took two horizontal sums a
+            // (t, n), and du, ddt went through memory at every n.)
+            std::fill(scp.begin(), scp.end(), 0.0f), std::fill(sbp.begin(), sbp.end(), 0.0f);
+            for (int64_t j0 = 0; j0 < L; j0 += 16) {
+              const f32x16 gyv = load16(&gy[j0]), dtuv = load16(dtu + j0), dtv = load16(dt + j0), uuv = load16(uu + j0);
+              f32x16 duv = load16(&du[j0]), ddtv = load16(&ddt[j0]);
+              for (int64_t n = 0; n < N; ++n) {
+                const int64_t o = n * L + j0;
+                const float cn = Cr[n], bn = Br[n];
+                const f32x16 dj = load16(&dh[o]) + cn * gyv, an = load16(av + o);
+                store16(&scp[n * 16], load16(&scp[n * 16]) + gyv * load16(h + o));
+                store16(&sbp[n * 16], load16(&sbp[n * 16]) + dj * dtuv);
+                duv += dj * dtv * bn;
+                const f32x16 q = dj * load16(hp + o) * an;
+                ddtv += dj * bn * uuv + q * load16(&At[o]);
+                store16(&lA[o], load16(&lA[o]) + q * dtv);
+                store16(&dh[o], dj * an);
+              }
+              store16(&du[j0], duv), store16(&ddt[j0], ddtv);
+            }
             float* lBr = &lB[(b * T + t) * N];
             float* lCr = &lC[(b * T + t) * N];
-            for (int64_t n = 0; n < N; ++n) {
-              float* __restrict d = &dh[n * L];
-              const float* __restrict hn = h + n * L;
-              const float* __restrict hpn = hp + n * L;
-              const float* __restrict an = av + n * L;
-              const float* __restrict ar = &At[n * L];
-              float* __restrict la = &lA[n * L];
-              const float cn = Cr[n], bn = Br[n];
-              float sc = 0.0f, sb = 0.0f;
-#pragma omp simd reduction(+ : sc, sb)
-              for (int64_t j = 0; j < L; ++j) {
-                const float dj = d[j] + cn * gy[j];
-                sc += gy[j] * hn[j];
-                sb += dj * dtu[j];
-                du[j] += dj * dt[j] * bn;
-                const float q = dj * hpn[j] * an[j];
-                ddt[j] += dj * bn * uu[j] + q * ar[j];
-                la[j] += q * dt[j];
-                d[j] = dj * an[j];
-              }
-              lCr[n] += sc;
-              lBr[n] += sb;
+            int64_t n = 0;
+            for (; n + 16 <= N; n += 16) {
+              store16(lCr + n, load16(lCr + n) + hsum16x16(reinterpret_cast<const f32x16*>(&scp[n * 16])));
+              store16(lBr + n, load16(lBr + n) + hsum16x16(reinterpret_cast<const f32x16*>(&sbp[n * 16])));
             }
+            for (; n < N; ++n) lCr[n] += hsum16(load16(&scp[n * 16])), lBr[n] += hsum16(load16(&sbp[n * 16]));
             for (int64_t j = 0; j < nc; ++j) {
               g.du[row + j] = du[j];
               const float x = a.delta[row + j] + (a.bias ? a.bias[c0 + j] : 0.0f);
