@@ -180,14 +180,15 @@ void performer_forward(float* y, const float* q, const float* k, const float* v,
 // Gradient of sum(y * dy): dq, dk, dv, dproj written.
 void performer_backward(float* dq, float* dk, float* dv, float* dproj, const float* q, const float* k, const float* v,
                         const float* proj, const float* dy, const AttnDims& d, int64_t M);
-// State of one sequence: S: (H,M,E), z: (H,M), both scaled by exp(-kmax[h]); kmax: (H).
+// State of one sequence: S: (H,M,E), z: (H,M), both scaled by exp(-kmax[h]); kmax: (H); projT:
+// the features' proj transposed (D,M), made once with the state (the step's q and k features from
+// it with no horizontal sums).
 struct PerformerState {
   int64_t H = 0, M = 0, E = 0;
-  std::vector<float> S, z, kmax;
-  std::vector<float> projT;  // proj transposed (D,M), when set (the stepper): features with no horizontal sums
+  std::vector<float> S, z, kmax, projT;
 };
-void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, const float* proj,
-                    int64_t D, std::vector<float>& scratch);
+void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, int64_t D,
+                    std::vector<float>& scratch);
 // Orthogonal Gaussian random features (Choromanski et al. 2021, sec. 2.4 / 4): blocks of D
 // orthonormal rows (QR of a Gaussian matrix), each row scaled by an independent chi_D norm.
 // Returns (M,D) row-major, deterministic in seed.

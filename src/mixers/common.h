@@ -80,9 +80,10 @@ struct ChannelBlocks {
   int64_t C, N;
   int64_t count() const { return (C + kBlock - 1) / kBlock; }
   int64_t width(int64_t c0) const { return std::min(kBlock, C - c0); }
+  int64_t row(int64_t c0, int64_t n) const { return c0 * N + n * width(c0); }  // row n of the block from c0
   int64_t at(int64_t ch, int64_t n) const {
     const int64_t c0 = ch / kBlock * kBlock;
-    return c0 * N + n * width(c0) + ch - c0;
+    return row(c0, n) + ch - c0;
   }
 };
 

@@ -480,8 +480,8 @@ MixerSpec make_spec() {
         a.dt_row(dt, 0, 0, c0, w);
         for (int64_t j = 0; j < w; ++j) du[j] = dt[j] * a.u[c0 + j];
         for (int64_t n = 0; n < N; ++n) {
-          float* __restrict hn = h + c0 * N + n * w;
-          const float* __restrict An = At + c0 * N + n * w;
+          float* __restrict hn = h + L.row(c0, n);
+          const float* __restrict An = At + L.row(c0, n);
           const float bn = a.Bm[n], cn = a.Cm[n];
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) {

@@ -107,7 +107,7 @@ void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const fl
                     float* hrow = nullptr) {
   const float s = std::pow(float(D), -0.25f);
   if (n == 0) return;
-  if (n == 1) {  // the recurrent step: own loops (sgemm's call costs more than the product)
+  if (n == 1) {  // one row (T = 1, or the key reaching the final max): own loops (cheaper than sgemm's call)
     dot_rows(out, proj, M, D, x, D, s);
   } else {
     blas::sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(M), int(D), s, x, int(ldx), proj, int(D), 0.0f, out,
@@ -293,8 +293,8 @@ void step_logits(float* __restrict fq, float* __restrict fk, const float* __rest
   for (int64_t m = m0; m < M; ++m) fq[m] = fq[m] * s - hq, fk[m] = fk[m] * s - hk;
 }
 
-void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, const float* proj,
-                    int64_t D, std::vector<float>& scratch) {
+void performer_step(float* y, PerformerState& st, const float* q, const float* k, const float* v, int64_t D,
+                    std::vector<float>& scratch) {
   const int64_t H = st.H, M = st.M, E = st.E;
   scratch.resize(static_cast<size_t>(2 * M * H));
   // heads in parallel when the state is large (each core streams its heads through its L2)
@@ -303,12 +303,7 @@ void performer_step(float* y, PerformerState& st, const float* q, const float* k
     float *fq = scratch.data() + 2 * M * h, *fk = fq + M;
     float* S = &st.S[h * M * E];
     float* z = &st.z[h * M];
-    if (st.projT.empty()) {
-      feature_logits(fk, k + h * D, D, 1, proj, M, D);
-      feature_logits(fq, q + h * D, D, 1, proj, M, D);
-    } else {
-      step_logits(fq, fk, q + h * D, k + h * D, st.projT.data(), M, D);
-    }
+    step_logits(fq, fk, q + h * D, k + h * D, st.projT.data(), M, D);
     const float mnew = std::max(st.kmax[h], row_max(fk, M));
     const float shrink = std::exp(st.kmax[h] - mnew);
     st.kmax[h] = mnew;
@@ -617,7 +612,7 @@ MixerSpec make_spec() {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < d.D; ++j) st->projT[j * M + m] = P.data[m * d.D + j];
     auto scratch = std::make_shared<std::vector<float>>();
-    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *proj = c.t("proj").ptr();
+    const float *q = c.t("q").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr();
     const int64_t D = d.D;
     auto save = [=] {
       return TensorMap{{"state.S", state_tensor({1, st->H, st->M, st->E}, st->S)},
@@ -627,7 +622,7 @@ MixerSpec make_spec() {
     auto load = [=](const TensorMap& m) {
       state_load(st->S, m, "state.S"), state_load(st->z, m, "state.z"), state_load(st->kmax, m, "state.kmax");
     };
-    return Stepper{[=](float* y) { performer_step(y, *st, q, k, v, proj, D, *scratch); }, save, load};
+    return Stepper{[=](float* y) { performer_step(y, *st, q, k, v, D, *scratch); }, save, load};
   };
   return s;
 }

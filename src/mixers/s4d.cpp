@@ -484,11 +484,10 @@ MixerSpec make_spec() {
     const int64_t C = c.d("C"), N = c.d("N");
     const S4dParams p = discretise(c);  // once: the discretised A and C of every channel
     const ChannelBlocks L{C, N};  // the (channel block, n, channel) layout of every array
-    auto at = [L](int64_t ch, int64_t n) { return L.at(ch, n); };
     auto ab = std::make_shared<std::vector<float>>(4 * C * N);  // Abar re, im; Ct re, im
     for (int64_t ch = 0; ch < C; ++ch)
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t i = ch * N + n, o = at(ch, n);
+        const int64_t i = ch * N + n, o = L.at(ch, n);
         (*ab)[o] = float(p.Abar[i].real()), (*ab)[C * N + o] = float(p.Abar[i].imag()),
         (*ab)[2 * C * N + o] = float(p.Ct[i].real()), (*ab)[3 * C * N + o] = float(p.Ct[i].imag());
       }
@@ -498,14 +497,14 @@ MixerSpec make_spec() {
       Tensor xr({1, C, N}), xi({1, C, N});
       for (int64_t ch = 0; ch < C; ++ch)
         for (int64_t n = 0; n < N; ++n)
-          xr.data[ch * N + n] = (*x)[at(ch, n)], xi.data[ch * N + n] = (*x)[C * N + at(ch, n)];
+          xr.data[ch * N + n] = (*x)[L.at(ch, n)], xi.data[ch * N + n] = (*x)[C * N + L.at(ch, n)];
       return moved_map("state.x_re", std::move(xr), "state.x_im", std::move(xi));
     };
     auto load = [=](const TensorMap& m) {
       const Tensor &xr = m.at("state.x_re"), &xi = m.at("state.x_im");
       for (int64_t ch = 0; ch < C; ++ch)
         for (int64_t n = 0; n < N; ++n)
-          (*x)[at(ch, n)] = xr.data[ch * N + n], (*x)[C * N + at(ch, n)] = xi.data[ch * N + n];
+          (*x)[L.at(ch, n)] = xr.data[ch * N + n], (*x)[C * N + L.at(ch, n)] = xi.data[ch * N + n];
     };
     // Block by block, its sums in registers through its N state rows; the blocks over the threads
     // when the floats a token streams through L2 (Abar, Ct, x: 6 C N) are many
@@ -520,7 +519,7 @@ MixerSpec make_spec() {
         const int64_t c0 = b * L.kBlock, w = L.width(c0);
         float acc[L.kBlock] = {};
         for (int64_t n = 0; n < N; ++n) {  // x = Abar x + u; acc += Re(Ct x)
-          const int64_t o = c0 * N + n * w;
+          const int64_t o = L.row(c0, n);
           const float *__restrict ar_ = ar + o, *__restrict ai_ = ai + o, *__restrict cr_ = cr + o,
                       *__restrict ci_ = ci + o, *__restrict u_ = u + c0;
           float *__restrict xr_ = xr + o, *__restrict xi_ = xi + o;
