@@ -24,7 +24,7 @@ setup(
     description="linear-time token mixers on the CPU: every mechanism as a PyTorch autograd op",
     packages=["linmix"],
     package_dir={"": "python"},
-    package_data={"linmix": ["_C*.so"]},
+    package_data={"linmix": ["_C*.so"]},  # _C and, where built, _C_v4
     cmdclass={"build_py": BuildWithCMake},
     python_requires=">=3.9",
 )

@@ -23,9 +23,9 @@ std::string slurp(const std::string& path) {
   return ss.str();
 }
 
-Result run_linmix(const std::string& args, const std::string& dir) {
+Result run_linmix(const std::string& args, const std::string& dir, const std::string& env = "") {
   const std::string err_path = dir + "/stderr.txt";
-  const std::string cmd = std::string(LINMIX_BIN) + " " + args + " > " + dir + "/stdout.txt 2> " + err_path;
+  const std::string cmd = env + " " + std::string(LINMIX_BIN) + " " + args + " > " + dir + "/stdout.txt 2> " + err_path;
   const int status = std::system(cmd.c_str());
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(err_path)};
 }
@@ -238,6 +238,57 @@ TEST(Cli, BenchRejectsBadArgumentsFirst) {
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
     EXPECT_FALSE(std::ifstream(out).good()) << args << ": wrote a report";
     EXPECT_EQ(slurp(dir + "/stdout.txt").find("limits"), std::string::npos) << args << ": measured before refusing";
+  }
+}
+
+// LINMIX_ARCH picks the build: the portable one (x86-64-v3) runs its AVX-512 sibling
+// (linmix-x86-64-v4, built beside it) where the CPU has AVX-512, unless pinned; both compute the
+// same outputs; a bad value is a one-line error.
+TEST(Cli, ArchPicksTheBuildAndBothAgree) {
+  const std::string dir = test::tmp_dir();
+  for (const std::string bad : {"LINMIX_ARCH=avx512", "LINMIX_ARCH="}) {
+    const Result r = run_linmix("--version", dir, bad);
+    EXPECT_EQ(r.code, 2) << bad;
+    EXPECT_EQ(r.err.rfind("linmix: LINMIX_ARCH", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  __builtin_cpu_init();
+  const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+  const bool sibling = std::ifstream(std::string(LINMIX_BIN) + "-x86-64-v4").good();
+  ASSERT_EQ(run_linmix("--version", dir, "LINMIX_ARCH=x86-64-v3").code, 0);
+  EXPECT_EQ(slurp(dir + "/stdout.txt").find("x86-64-v4"), std::string::npos) << "pinned to x86-64-v3";
+  ASSERT_EQ(run_linmix("--version", dir).code, 0);
+  const std::string version = slurp(dir + "/stdout.txt");
+  if (v4 && sibling) EXPECT_NE(version.find("(x86-64-v4)"), std::string::npos) << version;
+  if (!v4) EXPECT_EQ(run_linmix("--version", dir, "LINMIX_ARCH=x86-64-v4").code, 2);
+  if (!(v4 && sibling)) GTEST_SKIP() << "no AVX-512 build to compare here";
+  // the same call through both builds: every mechanism's outputs within float32 rounding
+  for (const auto& spec : mixers()) {
+    const bool causal = spec.causal_ok;  // the form past every block and chunk boundary of the kernels
+    std::map<std::string, int64_t> dims = crossing_dims(spec, Scale::Test, causal);
+    if (dims.empty()) dims = example_dims(spec, Scale::Test, 70, causal);
+    const TensorMap in = example_inputs(spec, dims, 3);
+    const std::string in_path = dir + "/" + spec.name + ".safetensors";
+    write_safetensors(in_path, in);
+    TensorMap outs[2];
+    for (int a = 0; a < 2; ++a) {
+      const std::string out = dir + "/" + spec.name + "_" + std::to_string(a) + ".safetensors";
+      std::string params;
+      for (const auto& [key, value] : spec.example_params) params += " --param " + key + "=" + value;
+      const Result r = run_linmix("mix --mixer " + spec.name + (causal ? " --causal" : "") + params + " --in " + in_path +
+                                      " --out " + out,
+                                  dir, a == 0 ? "LINMIX_ARCH=x86-64-v3" : "LINMIX_ARCH=x86-64-v4");
+      ASSERT_EQ(r.code, 0) << spec.name << ": " << r.err;
+      outs[a] = read_safetensors(out).tensors;
+    }
+    const Storage &y3 = outs[0].at("y").data, &y4 = outs[1].at("y").data;
+    ASSERT_EQ(y3.size(), y4.size());
+    double num = 0, den = 0;
+    for (size_t i = 0; i < y3.size(); ++i) num += double(y3[i] - y4[i]) * (y3[i] - y4[i]), den += double(y3[i]) * y3[i];
+    EXPECT_LE(std::sqrt(num / std::max(den, 1e-300)), 1e-5) << spec.name;
+    EXPECT_GT(den, 0.0) << spec.name;
   }
 }
 

@@ -310,6 +310,18 @@ def test_bad_inputs_raise_naming_the_tensor():
     raises("'state.S'", lambda: OPS.gla(**x, initial_state=torch.zeros(2, 1, 1, 1)))
 
 
+def test_the_extension_is_the_build_the_cpu_and_LINMIX_ARCH_ask_for():
+    # _C_v4 (x86-64-v4, AVX-512) where the CPU has it and it was built, unless LINMIX_ARCH pins the
+    # portable _C (x86-64-v3); a native build reports "native"
+    want = os.environ.get("LINMIX_ARCH", "auto")
+    built_v4 = any(f.startswith("_C_v4.") for f in os.listdir(os.path.dirname(linmix.__file__)))
+    if want == "x86-64-v3" or not (built_v4 and linmix._cpu_has_x86_64_v4()):
+        assert linmix._C.ARCH in ("x86-64-v3", "native") and linmix._C.__name__ == "linmix._C"
+    else:
+        assert linmix._C.ARCH == "x86-64-v4" and linmix._C.__name__ == "linmix._C_v4"
+    assert OPS._C is linmix._C and linmix.nn._C is linmix._C
+
+
 def test_mix_by_name_equals_the_op():
     x = OPS.example("retention", 30, seed=2)
     y1, _ = OPS.mix("retention", **x)

@@ -15,6 +15,7 @@
 #include <random>
 
 #include "kernels/blas.h"
+#include "arch.h"
 #include "commands.h"
 #include "linmix/bench.h"
 #include "linmix/generate.h"
@@ -32,6 +33,20 @@ using namespace linmix;
 using namespace linmix::cli;
 
 int main(int argc, char** argv) {
+  {  // LINMIX_ARCH (tools/arch.h): the launcher has chosen this build by it; checked here too when run directly
+    const char* why = "";
+    if (!requested_arch(&why)) {
+      std::fprintf(stderr, "linmix: %s\n", why);
+      return 2;
+    }
+#ifdef __AVX512F__
+    if (!cpu_has_x86_64_v4()) {
+      std::fprintf(stderr, "linmix: this linmix is built for %s and the CPU has no AVX-512: run the portable build\n",
+                   LINMIX_ARCH_BUILT);
+      return 2;
+    }
+#endif
+  }
   // OpenBLAS chose its kernels as it loaded: on a CPU its tables do not know it took the SSE3 ones;
   // it chooses again, the AVX-512 ones named (kernels/blas.h select_avx512_core), or where it
   // cannot, the process runs itself again with them named: only once OPENBLAS_CORETYPE is set,
@@ -271,7 +286,7 @@ int main(int argc, char** argv) {
   int threads = 0;
   for (auto* sc : {mix, demo, ex, tr, gen, ev, lg, gr, viz})
     sc->add_option("--threads", threads, "threads (OpenMP and OpenBLAS; default: all cores)")->check(CLI::Range(1, 1024));
-  app.set_version_flag("--version", std::string("linmix ") + LINMIX_VERSION);
+  app.set_version_flag("--version", std::string("linmix ") + LINMIX_VERSION + " (" + LINMIX_ARCH_BUILT + ")");
   // an unknown command names the commands
   if (argc >= 2 && argv[1][0] != '-') {
     std::string known;

@@ -303,7 +303,7 @@ void save_checkpoint(const std::string& path, const std::string& config_json,
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // _C, or _C_v4 for the x86-64-v4 build
   // The kernels allocate their buffers per call (tens of MB at T = 4096): with glibc's defaults
   // they are mmapped and unmapped each time and every call page-faults them in again (measured:
   // gla at T = 4096, 19 ms instead of 12). Keep freed memory in the heap for the next call, as
