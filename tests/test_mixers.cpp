@@ -270,3 +270,50 @@ TEST(Validation, NonFiniteLogDecaysRefused) {
   }
   EXPECT_GE(seen, 6);
 }
+
+// A NaN or an infinity anywhere in any input is refused, naming the tensor and the element, in
+// every mechanism's parallel form at sizes past every block and chunk: first element, last (the
+// last head's last row, in the tail chunk) and one between. The forms whose kernel checks its
+// per-token rows as it runs (kernel_checks_values: gated_heads) report exactly what validation
+// reports; a log decay > 0 is refused wherever it is.
+TEST(Validation, EveryBadValueIsRefusedWhereverItIs) {
+  int deferred = 0;
+  for (const MixerSpec& spec : mixers()) {
+    const bool causal = spec.causal_ok;
+    deferred += spec.kernel_checks_values;
+    std::map<std::string, int64_t> dims = crossing_dims(spec, Scale::Test, causal);
+    if (dims.empty()) dims = example_dims(spec, Scale::Test, 70, causal);
+    const TensorMap good = example_inputs(spec, dims, 4);
+    std::map<std::string, std::string> params(spec.example_params.begin(), spec.example_params.end());
+    for (const TensorSpec& ts : spec.inputs) {
+      if (!good.count(ts.name)) continue;
+      const int64_t n = good.at(ts.name).numel();
+      const bool log_decay =
+          std::find(spec.log_decays.begin(), spec.log_decays.end(), ts.name) != spec.log_decays.end();
+      for (int64_t at : {int64_t(0), n - 1, (n * 7) / 11}) {
+        for (float bad : {std::nanf(""), INFINITY, -INFINITY, 0.5f}) {
+          if (bad == 0.5f && !log_decay) continue;
+          TensorMap in = good;
+          in.at(ts.name).data[size_t(at)] = bad;
+          // with the final state and without (the forms differ: aft_local's ring, s4d's state)
+          for (bool final_state : {false, true}) {
+            const std::string what = spec.name + " " + ts.name + "[" + std::to_string(at) + "] = " +
+                                     std::to_string(bad) + (final_state ? ", final state" : "");
+            try {
+              run_mixer(spec.name, Mode::Parallel, causal, params, in, false, final_state);
+              ADD_FAILURE() << what << ": accepted";
+            } catch (const Error& e) {
+              const std::string msg = e.what();
+              const std::string want = bad == 0.5f ? "tensor '" + ts.name + "': log decays must be <= 0"
+                                                   : "tensor '" + ts.name + "': element " + std::to_string(at) + " is ";
+              EXPECT_NE(msg.find(want), std::string::npos) << what << ": " << msg;
+            }
+          }
+        }
+      }
+    }
+  }
+  // linear, norm_linear, performer, flow, retention, gla, rwkv5, rwkv6, mamba2 (gated_heads); rwkv7,
+  // deltanet, gated_deltanet (dplr_heads); rwkv4; aft_simple, aft_local, aft_conv (aft_forward)
+  EXPECT_GE(deferred, 16);
+}

@@ -90,9 +90,10 @@ struct AftSumsIO {
 // for the backward. sums (causal only): the running sums start from num0/den0/max0 and, with
 // numT, the sums over every position that has left the band after the last token are written
 // (aft_simple's band is empty: all of them; aft_local's and aft_conv's keep their last lo rows).
+// bad (optional): set to 1 when a row of q, k or v holds an inf or NaN (checked as the rows are read).
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
                  bool causal, const AftBand& band, float* o_out = nullptr, float* lse_out = nullptr,
-                 AftSumsIO* sums = nullptr);
+                 AftSumsIO* sums = nullptr, uint32_t* bad = nullptr);
 // AFT-full's forward as GEMMs over blocks of key positions (kernels/aft_full_gemm.cpp): w is
 // (Tw, Tw) with Tw >= T, row t at w + t Tw; exact for any range (underflowing (t, c) recomputed).
 void aft_full_forward(float* y, const float* q, const float* k, const float* v, const float* w, int64_t Tw, int64_t B,

@@ -6,6 +6,7 @@
 // missing/extra tensor, rank, shape, NaN, causal flag) and only then calls the mechanism's
 // reference (float64), parallel or recurrent form. Errors are linmix::Error with one line.
 #pragma once
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
@@ -64,6 +65,16 @@ struct Call {
   // is its own type and fits the call's shape.
   std::shared_ptr<RunSaved>* keep = nullptr;
   const RunSaved* reuse = nullptr;
+  // The per-token inputs whose values the kernel checks as it reads them
+  // (MixerSpec::kernel_checks_values; run_mixer only), left unread by validation. The kernel sets
+  // *unchecked_bad when a row holds a value that is not finite (or a log decay > 0), and run_mixer
+  // then checks them as validation would have: the same one-line error, no output.
+  struct Unchecked {
+    std::string name;
+    bool log_decay;  // also <= 0 (MixerSpec::log_decays)
+  };
+  std::vector<Unchecked> unchecked;
+  std::shared_ptr<std::atomic<uint32_t>> unchecked_bad;
 
   const Tensor& t(const std::string& name) const;
   bool has(const std::string& name) const { return in.count(name) != 0; }
@@ -97,6 +108,10 @@ struct MixerSpec {
   std::function<std::map<std::string, int64_t>(const Call&)> final_dims;
   // Inputs whose every value must be <= 0 (log decays): refused otherwise, by the registry.
   std::vector<std::string> log_decays;
+  // The causal parallel forward checks its (B,T,H,...) and (B,T,C) inputs' values as it reads them
+  // (gated_heads, mixers/decay_forms.h, chunk by chunk: the rows just read, in cache; the scans, in
+  // their loops) in place of validation's pass over them before it (Call::unchecked).
+  bool kernel_checks_values = false;
   std::string time, memory, state_size;
   // Demo/test inputs: example_params are the params to run with; example_fix maps N(0,1)
   // draws into the mechanism's domain (e.g. rwkv4's decay w > 0).

@@ -10,6 +10,8 @@
 // for the suffix sums (non-causal) and O(band) otherwise.
 #include <omp.h>
 
+#include <bit>
+
 #include <optional>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -326,7 +328,7 @@ struct ForwardRows {
 }  // namespace
 
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
-                 bool causal, const AftBand& band, float* o_out, float* lse_out, AftSumsIO* sums) {
+                 bool causal, const AftBand& band, float* o_out, float* lse_out, AftSumsIO* sums, uint32_t* bad) {
   const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
@@ -334,11 +336,21 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
       thread_local BandFactors bf;
       thread_local std::vector<float> NUM, DEN;
       ForwardRows fr(q, k, v, y, b, bi, T, C, causal, band, sums, bf, NUM, DEN);
+      uint32_t nonfinite = 0;
       for (int64_t t = 0; t < T; ++t) {
         if (fr.fact && t % kAftRows == 0) fr.factor_block(t);
         const int64_t at = (b * T + t) * C + fr.c0;
         fr.forward_row(t, o_out ? o_out + at : nullptr, o_out ? lse_out + at : nullptr);
+        if (bad) {  // row t of q, k, v, which the row has just read (the band's newest, or the prefix's)
+          const float *qt = q + at, *kt = k + at, *vt = v + at;
+#pragma omp simd reduction(| : nonfinite)
+          for (int64_t c = 0; c < fr.n; ++c)
+            nonfinite |= uint32_t((std::bit_cast<uint32_t>(qt[c]) & 0x7f800000u) == 0x7f800000u) |
+                         uint32_t((std::bit_cast<uint32_t>(kt[c]) & 0x7f800000u) == 0x7f800000u) |
+                         uint32_t((std::bit_cast<uint32_t>(vt[c]) & 0x7f800000u) == 0x7f800000u);
+        }
       }
+      if (nonfinite) __atomic_fetch_or(bad, 1u, __ATOMIC_RELAXED);
       fr.finish();
       end_streams();
     }

@@ -113,7 +113,10 @@ TensorMap aft_parallel(Variant var, const Call& c, bool with_state) {
     aft_full_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), ctx.w, ctx.Tw, B, T, C, c.causal);
   } else {
     AftSumsIO io = with_state && var == Variant::Simple ? sums_io(c, out, false) : AftSumsIO{};
-    aft_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), B, T, C, c.causal, band, nullptr, nullptr, &io);
+    uint32_t bad = 0;  // the values of q, k, v, checked as the rows are read (Call::unchecked)
+    aft_forward(y.ptr(), c.t("q").ptr(), c.t("k").ptr(), c.t("v").ptr(), B, T, C, c.causal, band, nullptr, nullptr, &io,
+                c.unchecked_bad ? &bad : nullptr);
+    if (bad) c.unchecked_bad->fetch_or(1u);
   }
   out["y"] = std::move(y);
   return out;
@@ -296,7 +299,9 @@ TensorMap aft_ring(Variant var, const Call& c, const Tensor* dy) {
     ctx.off = pos[size_t(b)] - L;
     AftSumsIO io = sums_row(sums, b * C);
     if (!grad) {
-      aft_forward(py, pq, pk, pv, 1, n, C, true, band, nullptr, nullptr, &io);
+      uint32_t bad = 0;  // the values of q, k, v (and the ring's, checked before), as the rows are read
+      aft_forward(py, pq, pk, pv, 1, n, C, true, band, nullptr, nullptr, &io, c.unchecked_bad ? &bad : nullptr);
+      if (bad) c.unchecked_bad->fetch_or(1u);
     } else {
       const float* pdy = dy->ptr() + b * m;
       float *pdq = dq.ptr() + b * m, *pdk = dk.ptr() + b * m, *pdv = dv.ptr() + b * m;
@@ -349,6 +354,8 @@ void set_aft_forms(MixerSpec& s, AftVariant var) {
   // aft_local, aft_conv: the sums and the ring, when given or when the final state is wanted
   const bool ring = with_state && (var == Variant::Local || var == Variant::Conv);
   auto ring_call = [ring](const Call& c) { return ring && c.causal && (c.has("state.num") || c.final_state); };
+  // the causal forward checks q, k and v as it reads them (aft_full's GEMMs: validation, before)
+  s.kernel_checks_values = var != Variant::Full;
   s.parallel = [var, with_state, ring_call](const Call& c) {
     return ring_call(c) ? aft_ring(var, c, nullptr) : aft_parallel(var, c, with_state);
   };

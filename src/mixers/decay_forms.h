@@ -6,6 +6,8 @@
 #pragma once
 #include <omp.h>
 
+#include <algorithm>
+#include <bit>
 #include <functional>
 #include <memory>
 #include <random>
@@ -59,6 +61,23 @@ void each_head(int64_t B, int64_t H, F f) {
     for (int64_t h = 0; h < H; ++h) f(b, h);
 }
 
+// What a gated forward keeps for its backward (Call::keep / Call::reuse): per head (b H + h) the
+// kernel's chunk states and scores (what the backward reads), its rows of y as the kernel wrote them
+// (before the mechanism's epilogue) and the final state. The backward then restores y's rows and
+// runs the epilogue on them (the mechanism's normalisers, its dy for the kernel) in place of the
+// forward kernel.
+struct GatedSaved : RunSaved {
+  int64_t nbh = 0, T = 0, Dk = 0, E = 0;
+  bool shift = false;
+  struct Head {
+    std::vector<float> states, scores, rows, S;
+    std::vector<float> own;  // the mechanism's own (performer: its features and running key max)
+  };
+  std::vector<Head> heads;
+  bool fits(int64_t n, int64_t t, int64_t dk, int64_t e, bool sh) const {
+    return nbh == n && T == t && Dk == dk && E == e && shift == sh && int64_t(heads.size()) == n;
+  }
+};
 // One head of a gated mechanism (kernels/decay_chunk.h gated_*). prep points iq, ik, iv, ig at
 // the head's rows in place (with their strides, the read-out scale and the rest in ld) and oy at
 // the output's rows; with dy it also points odq, odk, odv, odg (and odu with a bonus) at where
@@ -76,25 +95,53 @@ struct GatedHead {
   float *oy = nullptr, *odq = nullptr, *odk = nullptr, *odv = nullptr, *odg = nullptr, *odu = nullptr;
   GatedRows ld{0, 0, 0, 0, 0}, od{0, 0, 0, 0, 0};
   ChunkEpilogue epilogue;  // ld.epilogue may point here
-  ChunkEpilogue keeping;   // the epilogue that keeps the kernel's rows (Call::keep)
+  ChunkEpilogue keep_rows;  // the epilogue that keeps the kernel's rows (Call::keep)
   GradEpilogue grad_epilogue;                       // the backward's per-chunk hook (GatedGradHead), when set
+  // the head's saved forward: where prep may keep its own (keeping: the forward keeps) or find
+  // it (kept: the backward on a kept forward); null otherwise
+  GatedSaved::Head* keeping = nullptr;
+  const GatedSaved::Head* kept = nullptr;
+  ChunkEpilogue check_rows;  // the epilogue that checks the call's unchecked rows (Call::unchecked)
+  uint32_t bad = 0;          // ... and what it found: a value not finite, or a log decay > 0
 };
-// What a gated forward keeps for its backward (Call::keep / Call::reuse): per head (b H + h) the
-// kernel's chunk states and scores (what the backward reads), its rows of y as the kernel wrote them
-// (before the mechanism's epilogue) and the final state. The backward then restores y's rows and
-// runs the epilogue on them (the mechanism's normalisers, its dy for the kernel) in place of the
-// forward kernel.
-struct GatedSaved : RunSaved {
-  int64_t nbh = 0, T = 0, Dk = 0, E = 0;
-  bool shift = false;
-  struct Head {
-    std::vector<float> states, scores, rows, S;
-  };
-  std::vector<Head> heads;
-  bool fits(int64_t n, int64_t t, int64_t dk, int64_t e, bool sh) const {
-    return nbh == n && T == t && Dk == dk && E == e && shift == sh && int64_t(heads.size()) == n;
+// The call's inputs whose values the forward checks (Call::unchecked): (B,T,H,W) rows.
+struct UncheckedRows {
+  const float* p;
+  int64_t W;
+  bool log_decay;
+};
+inline std::vector<UncheckedRows> unchecked_rows(const Call& c) {
+  std::vector<UncheckedRows> out;
+  const int64_t BTH = c.d("B") * c.d("T") * c.d("H");
+  for (const Call::Unchecked& u : c.unchecked) {
+    const Tensor& t = c.t(u.name);
+    out.push_back({t.ptr(), BTH > 0 ? t.numel() / BTH : 0, u.log_decay});
   }
-};
+  return out;
+}
+// Rows [t0, t0 + n) of head (b, h) of the unchecked inputs: nonzero when one holds an inf or NaN
+// (an exponent of all ones) or, in a log decay, a value > 0 (sign clear, not +0); on the bits, a
+// vectorised OR. The kernel has just read these rows (or the mechanism's prep, from them): a read
+// from cache, where validation's own pass read them from memory before the kernel.
+inline uint32_t rows_bad(const std::vector<UncheckedRows>& u, int64_t b, int64_t h, int64_t T, int64_t H, int64_t t0,
+                         int64_t n) {
+  uint32_t bad = 0;
+  for (const UncheckedRows& r : u)
+    for (int64_t t = t0; t < t0 + n; ++t) {
+      const float* p = r.p + ((b * T + t) * H + h) * r.W;
+      if (r.log_decay) {
+#pragma omp simd reduction(| : bad)
+        for (int64_t j = 0; j < r.W; ++j) {
+          const uint32_t x = std::bit_cast<uint32_t>(p[j]);
+          bad |= uint32_t((x & 0x7f800000u) == 0x7f800000u) | uint32_t((x >> 31) == 0u && x != 0u);
+        }
+      } else {
+#pragma omp simd reduction(| : bad)
+        for (int64_t j = 0; j < r.W; ++j) bad |= uint32_t((std::bit_cast<uint32_t>(p[j]) & 0x7f800000u) == 0x7f800000u);
+      }
+    }
+  return bad;
+}
 // The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
 template <class Z>
 void final_grad(Z& z, const Call& c, int64_t n) {
@@ -121,6 +168,9 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
   }
   const auto* reuse = dy ? dynamic_cast<const GatedSaved*>(c.reuse) : nullptr;  // the backward takes it
   if (reuse && !reuse->fits(B * H, T, Dk, E, shift)) reuse = nullptr;
+  // the values validation left to the forward (run_mixer reports a bad one after it)
+  const std::vector<UncheckedRows> unchecked =
+      !dy && c.unchecked_bad ? unchecked_rows(c) : std::vector<UncheckedRows>{};
 #pragma omp parallel
   {
     const int64_t nbh = B * H, nth = omp_get_num_threads(), id = omp_get_thread_num();
@@ -134,10 +184,23 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
       GatedHead& z = zs[size_t(i - lo)];
       z.b = i / H, z.h = i % H, z.dy.clear(), z.dST.clear(), z.iq = nullptr, z.oy = nullptr;
       z.odq = z.odk = z.odv = z.odg = z.odu = nullptr, z.od.q = -1, z.grad_epilogue = nullptr;
+      z.keeping = keep ? &keep->heads[size_t(i)] : nullptr;
+      z.kept = reuse ? &reuse->heads[size_t(i)] : nullptr;
       prep(z);
       z.S = z.S0;
       LINMIX_CHECK(z.iq && z.oy, "gated_heads: the kernels run on the rows in place");
       GatedRows ld = z.ld;
+      z.bad = 0;
+      if (!unchecked.empty()) {
+        const auto* inner = ld.epilogue;
+        const int64_t b = z.b, h = z.h;
+        uint32_t* bad = &z.bad;
+        z.check_rows = [inner, &unchecked, b, h, T, H, bad](int64_t t0, int64_t n, const float* qc, const float* kc) {
+          *bad |= rows_bad(unchecked, b, h, T, H, t0, n);
+          if (inner) (*inner)(t0, n, qc, kc);
+        };
+        ld.epilogue = &z.check_rows;
+      }
       if (keep) {  // the chunk states, scores and the kernel's rows of y go to the saved head
         GatedSaved::Head& kh = keep->heads[size_t(i)];
         kh.states.resize(size_t(nc * Dk * E)), kh.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
@@ -146,11 +209,11 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
         const auto* inner = ld.epilogue;
         float *oy = z.oy, *kr = kh.rows.data();
         const int64_t ldy = ld.y;
-        z.keeping = [inner, oy, kr, ldy, E](int64_t t0, int64_t n, const float* qc, const float* kc) {
+        z.keep_rows = [inner, oy, kr, ldy, E](int64_t t0, int64_t n, const float* qc, const float* kc) {
           for (int64_t t = t0; t < t0 + n; ++t) std::copy(oy + t * ldy, oy + t * ldy + E, kr + t * E);
           if (inner) (*inner)(t0, n, qc, kc);
         };
-        ld.epilogue = &z.keeping;
+        ld.epilogue = &z.keep_rows;
       } else if (dy && !reuse) {  // the forward keeps what the backward reads
         z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
         ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
@@ -190,7 +253,10 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
       }
       gated_backward_heads(grads.data(), int64_t(grads.size()), T, Dk, E, shift);
     }
-    for (int64_t i = lo; i < hi; ++i) post(zs[size_t(i - lo)]);
+    for (int64_t i = lo; i < hi; ++i) {
+      if (zs[size_t(i - lo)].bad) c.unchecked_bad->fetch_or(1u);
+      post(zs[size_t(i - lo)]);
+    }
     if constexpr (!std::is_same_v<Finish, NoFinish>) {
 #pragma omp barrier
       finish(id, nth);
@@ -244,13 +310,20 @@ void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, TensorMap
       thread_local std::vector<std::vector<float>> Ss;  // buffers reused across calls
       if (int64_t(Ss.size()) < hi - lo) Ss.resize(size_t(hi - lo));
       std::vector<DplrHeadRows> rows;
+      // the values validation left to the forward (Call::unchecked): a chunk's rows as they are loaded
+      const std::vector<UncheckedRows> unchecked = c.unchecked_bad ? unchecked_rows(c) : std::vector<UncheckedRows>{};
+      uint32_t bad = 0;
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t b = i / H, h = i % H;
         Ss[size_t(i - lo)] = head_state(c, "S", i, D * E);
         rows.push_back({Y.ptr() + (b * T * H + h) * E, H * E, Ss[size_t(i - lo)].data(),
-                        [&load, b, h](int64_t t0, int64_t n, const DplrChunkRows& x) { load(b, h, t0, n, x); }});
+                        [&load, &unchecked, &bad, b, h, T, H](int64_t t0, int64_t n, const DplrChunkRows& x) {
+                          load(b, h, t0, n, x);
+                          if (!unchecked.empty()) bad |= rows_bad(unchecked, b, h, T, H, t0, n);
+                        }});
       }
       dplr_forward_heads(rows.data(), int64_t(rows.size()), T, D, E);
+      if (bad) c.unchecked_bad->fetch_or(1u);
       for (int64_t i = lo; i < hi; ++i) put_state(out, "state.S", Ss[size_t(i - lo)], i);
     }
     return;

@@ -169,6 +169,7 @@ inline void delta_spec(MixerSpec& s, bool gated) {
     for (float& x : in["beta"].data) x = 2.0f * x;  // beta in (0, 2): the edge of the contraction
   };
   if (gated) s.log_decays = {"g"};
+  s.kernel_checks_values = true;  // dplr_heads checks each chunk's rows as it loads them
   s.check = [](const Call& c) {
     check_flag(c, "l2norm");
   };

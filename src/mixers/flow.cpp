@@ -636,6 +636,7 @@ MixerSpec make_spec() {
   s.paper = "Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows";
   s.summary = "Flow-Attention: sigmoid kernels with flow conservation (competition, allocation)";
   s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}};
+  s.kernel_checks_values = true;  // gated_heads checks q, k, v as its causal form runs
   s.state = {{"sumK", "B,H,D"}, {"sumQ", "B,H,D"}, {"sumKO", "B,H,D"}, {"sumQI", "B,H,D"},
              {"sumexp", "B,H"},  {"KV", "B,H,D,E"},  {"pos", "B", false, true}};
   s.state_size = "H (D E + 4 D + 1) + 1 per sequence";

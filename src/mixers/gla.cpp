@@ -80,6 +80,7 @@ MixerSpec make_spec() {
   };
   s.stress = [](TensorMap& in, bool for_grad) { fast_log_decay(in["g"], for_grad, 1); };
   s.log_decays = {"g"};
+  s.kernel_checks_values = true;  // gated_heads checks q, k, v, g as it runs
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     return double(d.at("H")) * gated_flops(double(d.at("T")), double(d.at("D")), double(d.at("E")));
   };

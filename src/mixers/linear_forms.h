@@ -141,6 +141,7 @@ void phi_gated_heads(const Call& c, const Tensor* dy, TensorMap& out, Epilogue e
 inline void set_causal_forms(MixerSpec& s, TensorMap (*run)(const Call&, const Tensor*)) {
   auto parallel = s.parallel;
   auto backward = s.backward;
+  s.kernel_checks_values = true;  // gated_heads checks the per-token inputs' rows as it runs
   s.parallel = [parallel, run](const Call& c) { return c.causal ? run(c, nullptr) : parallel(c); };
   s.backward = [backward, run](const Call& c, const Tensor& dy) { return c.causal ? run(c, &dy) : backward(c, dy); };
 }

@@ -403,6 +403,7 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
     std::vector<float> Z, dden;
     float kmax0 = kEmptyMax, s0 = 0.0f, gT = kEmptyMax;  // s0 = e^{kmax0 - g_0}; gT: the final max
     int64_t arg_s = -1;  // the first row whose key logits reach gT (-1: kmax0 itself)
+    const float *Qf = nullptr, *Kf = nullptr;  // the features (T,M): the head's buffers or the kept forward's
   };
   std::vector<Head> heads(size_t(B * H));
   float* py = out.at("y").ptr();
@@ -410,9 +411,26 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
     const int64_t bh = z.b * H + z.h, row0 = z.b * T * H + z.h;
     Head& hd = heads[size_t(bh)];
     hd.kmax0 = c.has("state.kmax") ? c.t("state.kmax").ptr()[bh] : kEmptyMax;
-    z.q.resize(size_t(T * M)), z.k.resize(size_t(T * M)), z.g.resize(size_t(T)), z.dg.resize(size_t(T));
-    float* run = z.dg.data();  // the running max g_t, until the backward writes dg there
-    head_features(z.q.data(), z.k.data(), run, q, k, proj, row0, T, H, D, M, true, hd.kmax0);
+    z.g.resize(size_t(T)), z.dg.resize(size_t(T));
+    // the features and the running max g_t: a kept forward's (the backward on it), or made here
+    // (the running max in dg until the backward writes dg there), kept when the forward keeps:
+    // 2 T M + T floats a head, where making them again costs two GEMMs and 2 T M exps
+    const size_t own = size_t(2 * T * M + T);
+    const float* run = nullptr;
+    if (z.kept && z.kept->own.size() == own) {
+      hd.Qf = z.kept->own.data(), hd.Kf = hd.Qf + T * M, run = hd.Kf + T * M;
+    } else {
+      z.q.resize(size_t(T * M)), z.k.resize(size_t(T * M));
+      head_features(z.q.data(), z.k.data(), z.dg.data(), q, k, proj, row0, T, H, D, M, true, hd.kmax0);
+      hd.Qf = z.q.data(), hd.Kf = z.k.data(), run = z.dg.data();
+      if (z.keeping) {
+        std::vector<float>& o = z.keeping->own;
+        o.resize(own);
+        std::copy(z.q.begin(), z.q.end(), o.begin());
+        std::copy(z.k.begin(), z.k.end(), o.begin() + T * M);
+        std::copy(run, run + T, o.begin() + 2 * T * M);
+      }
+    }
     hd.gT = T > 0 ? run[T - 1] : hd.kmax0;
     hd.s0 = T > 0 ? std::exp(hd.kmax0 - run[0]) : 1.0f;
     hd.arg_s = -1;
@@ -425,7 +443,7 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
     for (float& x : z.S0) x *= hd.s0;
     hd.Z = head_state(c, "z", bh, M);
     for (float& x : hd.Z) x *= hd.s0;
-    z.iq = z.q.data(), z.ik = z.k.data(), z.iv = v + row0 * E, z.ig = z.g.data(), z.oy = py + row0 * E;
+    z.iq = hd.Qf, z.ik = hd.Kf, z.iv = v + row0 * E, z.ig = z.g.data(), z.oy = py + row0 * E;
     z.ld = {M, M, H * E, 1, H * E};
     z.ld.g_row = true;
     if (dy) {
@@ -437,7 +455,7 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
     }
     const float* gy = dy ? dy->ptr() + row0 * E : nullptr;
     float *kdy = dy ? z.dy.data() : nullptr, *yh = py + row0 * E;
-    const float *Qf = z.q.data(), *Kf = z.k.data(), *lg = z.g.data();
+    const float *Qf = hd.Qf, *Kf = hd.Kf, *lg = z.g.data();
     z.epilogue = [&hd, Qf, Kf, lg, gy, kdy, yh, M, E, H](int64_t t0, int64_t n, const float*, const float*) {
       float* Z = hd.Z.data();
       for (int64_t t = t0; t < t0 + n; ++t) {
@@ -474,7 +492,7 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
     put_state(out, "state.z", hd.Z, bh);
     out.at("state.kmax").ptr()[bh] = hd.gT;
     if (!dy) return;
-    const float *Qf = z.q.data(), *Kf = z.k.data(), *lg = z.g.data(), *dd = hd.dden.data();
+    const float *Qf = hd.Qf, *Kf = hd.Kf, *lg = z.g.data(), *dd = hd.dden.data();
     float *dQ = z.dq.data(), *dK = z.dk.data();
     // the normaliser: dphi(q)_t += dden_t Z_t (Z rebuilt as the epilogue ran it)
     std::vector<float> Z = head_state(c, "z", bh, M), R(size_t(M), 0.0f);

@@ -171,8 +171,36 @@ std::vector<int64_t> dims_shape(const std::string& dims, const Call& c) {
 namespace {
 
 // Every check a call goes through before a kernel runs; returns the bound call.
+// A log decay's values: finite (named at the element) and <= 0. One vectorised pass for both
+// checks (a count of positives: std::max's reduction stayed scalar, 3 ms for 2M values), threads
+// sharing a long one; the offending value searched only if there is one.
+void check_log_decay(const std::string& n, const Tensor& t) {
+  const float* p = t.data.data();
+  const int64_t m = t.numel();
+  // on the bits (integer OR reductions vectorise): the sign bit clear and the value not +0 is
+  // positive (NaN included, caught first by the finite check); an exponent of all ones is inf / NaN
+  uint32_t positive = 0, nonfinite = 0;
+#pragma omp parallel for simd reduction(| : positive, nonfinite) schedule(static) if (m >= (int64_t(1) << 18))
+  for (int64_t i = 0; i < m; ++i) {
+    const uint32_t b = std::bit_cast<uint32_t>(p[i]);
+    positive |= uint32_t((b >> 31) == 0u && b != 0u), nonfinite |= uint32_t((b & 0x7f800000u) == 0x7f800000u);
+  }
+  if (nonfinite != 0) check_finite(n, t);  // it names the element
+  if (positive == 0) return;
+  for (float x : t.data)
+    LINMIX_CHECK(x <= 0.0f, "tensor '" + n + "': log decays must be <= 0 (decay exp(" + n + ") in (0, 1]), found " +
+                                std::to_string(x));
+}
+
+bool is_log_decay(const MixerSpec& spec, const std::string& n) {
+  return std::find(spec.log_decays.begin(), spec.log_decays.end(), n) != spec.log_decays.end();
+}
+
+// Every check a call goes through before a kernel runs; returns the bound call. With defer (run_mixer,
+// whose caller checks Call::unchecked after the kernel), a kernel_checks_values mechanism's
+// per-token (B,T,H,...) inputs are left to its causal parallel forward.
 Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std::string, std::string>& raw_params,
-              const TensorMap& in, bool grad, bool check_values = true) {
+              const TensorMap& in, bool grad, bool check_values = true, bool defer = false) {
   const std::string& name = spec.name;
   if (grad && mode == Mode::Recurrent)
     throw Error("--grad differentiates the parallel or reference form; use --mode parallel or reference");
@@ -245,34 +273,22 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
                                                   " (the final state's), found " + shape_str(in.at(dn).shape));
       }
   }
+  const bool deferring = check_values && defer && spec.kernel_checks_values && causal && mode == Mode::Parallel && !grad;
   for (const auto& [tn, t] : in) {
     LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'" +
                                         (tn == "dy" ? " (dy is read only with --grad)" : ""));
-    const bool log_decay = std::find(spec.log_decays.begin(), spec.log_decays.end(), tn) != spec.log_decays.end();
-    if (check_values && !log_decay) check_finite(tn, t);  // (a log decay's in its own pass below)
-  }
-  for (const std::string& n : check_values ? spec.log_decays : std::vector<std::string>{}) {
-    if (!in.count(n)) continue;
-    const Storage& v = in.at(n).data;
-    // one vectorised pass for both checks (x * 0 is NaN for a non-finite x; a count of positives:
-    // std::max's reduction stayed scalar, 3 ms for 2M values), threads sharing a long one; the
-    // offending value searched only if there is one
-    const float* p = v.data();
-    const int64_t m = int64_t(v.size());
-    // on the bits (integer OR reductions vectorise): the sign bit clear and the value not +0 is
-    // positive (NaN included, caught first by the finite check); an exponent of all ones is inf / NaN
-    uint32_t positive = 0, nonfinite = 0;
-#pragma omp parallel for simd reduction(| : positive, nonfinite) schedule(static) if (m >= (int64_t(1) << 18))
-    for (int64_t i = 0; i < m; ++i) {
-      const uint32_t b = std::bit_cast<uint32_t>(p[i]);
-      positive |= uint32_t((b >> 31) == 0u && b != 0u), nonfinite |= uint32_t((b & 0x7f800000u) == 0x7f800000u);
+    if (!check_values) continue;
+    if (deferring) {  // an input laid out (B,T,H,...) or (B,T,C): its rows are the kernel's to check
+      const auto it = std::find_if(spec.inputs.begin(), spec.inputs.end(), [&](const TensorSpec& s) { return s.name == tn; });
+      if (it != spec.inputs.end() && (it->dims == "B,T,H" || it->dims.rfind("B,T,H,", 0) == 0 || it->dims == "B,T,C")) {
+        call.unchecked.push_back({tn, is_log_decay(spec, tn)});
+        continue;
+      }
     }
-    if (nonfinite != 0) check_finite(n, in.at(n));  // it names the element
-    if (positive == 0) continue;
-    for (float x : v)
-      LINMIX_CHECK(x <= 0.0f, "tensor '" + n + "': log decays must be <= 0 (decay exp(" + n + ") in (0, 1]), found " +
-                                  std::to_string(x));
+    if (is_log_decay(spec, tn)) check_log_decay(tn, t);
+    else check_finite(tn, t);
   }
+  if (!call.unchecked.empty()) call.unchecked_bad = std::make_shared<std::atomic<uint32_t>>(0u);
   if (spec.check) spec.check(call);
   return call;
 }
@@ -316,7 +332,7 @@ TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad,
                     bool final_state, bool check_values, std::shared_ptr<RunSaved>* keep, const RunSaved* reuse) {
   const MixerSpec& spec = find_mixer(name);
-  Call call = validate(spec, mode, causal, raw_params, in, grad, check_values);
+  Call call = validate(spec, mode, causal, raw_params, in, grad, check_values, true);
   call.final_state = final_state;
   if (mode == Mode::Parallel) call.keep = grad ? nullptr : keep, call.reuse = grad ? reuse : nullptr;
   if (grad) {
@@ -328,7 +344,13 @@ TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
 
   switch (mode) {
     case Mode::Reference: return spec.reference(call);
-    case Mode::Parallel: return spec.parallel(call);
+    case Mode::Parallel: {
+      TensorMap out = spec.parallel(call);
+      if (call.unchecked_bad && call.unchecked_bad->load() != 0)  // the kernel met a bad value: which, as validation says it
+        for (const Call::Unchecked& u : call.unchecked)
+          u.log_decay ? check_log_decay(u.name, in.at(u.name)) : check_finite(u.name, in.at(u.name));
+      return out;
+    }
     case Mode::Recurrent:
       LINMIX_CHECK(spec.stepper, "mixer '" + name + "' has no recurrent form");
       return recurrent_by_steps(spec, call);

@@ -92,6 +92,7 @@ MixerSpec make_spec() {
   s.summary = "RetNet retention: linear attention with a fixed exponential decay gamma per head";
   decay_spec_common(s);
   s.inputs = {{"q", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}, {"gamma", "H"}};
+  s.kernel_checks_values = true;  // gated_heads checks q, k, v as it runs
   s.params = {{"scale", 0.0, false, -1e300, "read-out scale", "1/sqrt(D)"}};
   s.more_params = {{{"scale", "0.7"}}};
   s.example_fix = [](TensorMap& in) {  // gamma = sigma(x + 4)

@@ -72,12 +72,15 @@ namespace {
 // (a, b, p) advanced (one exp a step instead of two, no division: the backward's checkpoint sweep).
 // Pointers are restrict (distinct arrays, as documented): with possible aliasing (and std::max)
 // GCC ran a scalar loop (17.6 ns/element).
+// With Check, *bad gets 1 where a k or v read holds an inf or NaN (Call::unchecked: on the bits, as
+// the scan reads them).
 enum ScanKind { kY, kSave, kState };
-template <ScanKind Kind>
+template <ScanKind Kind, bool Check = false>
 void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, float* __restrict p,
                const float* __restrict k, const float* __restrict v, const float* __restrict w,
                const float* __restrict u, int64_t T, int64_t C, int64_t stride, float* __restrict mo,
-               float* __restrict dn, int64_t ldy) {
+               float* __restrict dn, int64_t ldy, uint32_t* bad = nullptr) {
+  uint32_t nonfinite = 0;
   for (int64_t t = 0; t < T; ++t) {
     const float* kt = k + t * stride;
     const float* vt = v + t * stride;
@@ -87,8 +90,11 @@ void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, f
       prefetch_floats(kt + a, C), prefetch_floats(vt + a, C);
       if (Kind != kState && ldy > C) prefetch_floats<true>(yt + kPrefetchRows * ldy, C);
     }
-#pragma omp simd
+#pragma omp simd reduction(| : nonfinite)
     for (int64_t c = 0; c < C; ++c) {
+      if constexpr (Check)
+        nonfinite |= uint32_t((std::bit_cast<uint32_t>(kt[c]) & 0x7f800000u) == 0x7f800000u) |
+                     uint32_t((std::bit_cast<uint32_t>(vt[c]) & 0x7f800000u) == 0x7f800000u);
       const float pc = p[c];
       float e1, e2;
       if constexpr (Kind != kState) {
@@ -109,6 +115,7 @@ void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, f
       p[c] = q;
     }
   }
+  if constexpr (Check) *bad |= nonfinite;
 }
 }  // namespace
 
@@ -217,6 +224,7 @@ MixerSpec make_spec() {
   s.example_fix = [](TensorMap& in) {  // w = exp(time_decay), time_decay ~ N(0,1)
     for (auto& x : in["w"].data) x = std::exp(x);
   };
+  s.kernel_checks_values = true;  // the parallel scan checks k and v as it reads them
   s.check = [](const Call& c) {
     const Tensor& w = c.t("w");
     for (int64_t i = 0; i < w.numel(); ++i)
@@ -255,8 +263,15 @@ MixerSpec make_spec() {
         float a[kBlock], bb[kBlock], p[kBlock];
         initial_state(c, b * C + c0, n, a, bb, p);
         const int64_t off = b * T * C + c0;
-        rwkv4_scan(y + off, a, bb, p, c.t("k").ptr() + off, c.t("v").ptr() + off, c.t("w").ptr() + c0,
-                   c.t("u").ptr() + c0, T, n, C);
+        const float *k = c.t("k").ptr() + off, *v = c.t("v").ptr() + off, *w = c.t("w").ptr() + c0,
+                    *u = c.t("u").ptr() + c0;
+        if (c.unchecked_bad) {  // k's and v's values checked as the scan reads them (Call::unchecked)
+          uint32_t bad = 0;
+          scan_impl<kY, true>(y + off, a, bb, p, k, v, w, u, T, n, C, nullptr, nullptr, C, &bad);
+          if (bad) c.unchecked_bad->fetch_or(1u);
+        } else {
+          rwkv4_scan(y + off, a, bb, p, k, v, w, u, T, n, C);
+        }
         std::copy(a, a + n, fa + b * C + c0), std::copy(bb, bb + n, fb + b * C + c0), std::copy(p, p + n, fp + b * C + c0);
       }
     return out;

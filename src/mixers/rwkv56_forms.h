@@ -83,6 +83,7 @@ inline TensorMap rwkv56_run(const Call& c, const Tensor* dy, bool per_token) {
 inline void rwkv56_spec(MixerSpec& s, bool per_token) {
   decay_spec_common(s);
   s.inputs = {{"r", "B,T,H,D"}, {"k", "B,T,H,D"}, {"v", "B,T,H,E"}, {"w", per_token ? "B,T,H,D" : "H,D"}, {"u", "H,D"}};
+  s.kernel_checks_values = true;  // gated_heads checks r, k, v (and rwkv6's w) as it runs
   s.params = {{"scale", 1.0, false, -1e300, "read-out scale"}};
   s.more_params = {{{"scale", "0.7"}}};
   s.example_fix = [](TensorMap& in) {  // w = -exp(x - 3) (u = x)

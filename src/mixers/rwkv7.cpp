@@ -104,6 +104,7 @@ MixerSpec make_spec() {
   };
   s.stress = [](TensorMap& in, bool for_grad) { fast_log_decay(in["w"], for_grad, 7); };
   s.log_decays = {"w"};
+  s.kernel_checks_values = true;  // dplr_heads checks each chunk's rows as it loads them
   s.flops = [](const std::map<std::string, int64_t>& d, bool) {
     return double(d.at("H")) * dplr_flops(double(d.at("T")), double(d.at("D")), double(d.at("E")));
   };
