@@ -283,8 +283,13 @@ TEST(Validation, EveryBadValueIsRefusedWhereverItIs) {
     deferred += spec.kernel_checks_values;
     std::map<std::string, int64_t> dims = crossing_dims(spec, Scale::Test, causal);
     if (dims.empty()) dims = example_dims(spec, Scale::Test, 70, causal);
-    const TensorMap good = example_inputs(spec, dims, 4);
+    TensorMap good = example_inputs(spec, dims, 4);
     std::map<std::string, std::string> params(spec.example_params.begin(), spec.example_params.end());
+    // with a state before token 0 too, where every form takes one (a key/value cache's rows join
+    // the call's: the forms on the concatenation)
+    TensorMap with_state = good;
+    if (causal)
+      for (auto& [n, t] : example_state(spec, dims, 5)) with_state[n] = t;
     for (const TensorSpec& ts : spec.inputs) {
       if (!good.count(ts.name)) continue;
       const int64_t n = good.at(ts.name).numel();
@@ -293,12 +298,16 @@ TEST(Validation, EveryBadValueIsRefusedWhereverItIs) {
       for (int64_t at : {int64_t(0), n - 1, (n * 7) / 11}) {
         for (float bad : {std::nanf(""), INFINITY, -INFINITY, 0.5f}) {
           if (bad == 0.5f && !log_decay) continue;
-          TensorMap in = good;
-          in.at(ts.name).data[size_t(at)] = bad;
-          // with the final state and without (the forms differ: aft_local's ring, s4d's state)
-          for (bool final_state : {false, true}) {
+          // with the final state and without (the forms differ: aft_local's ring, s4d's state),
+          // then from a state
+          for (int form = 0; form < 3; ++form) {
+            const bool final_state = form > 0;
+            if (form == 2 && with_state.size() == good.size()) continue;
+            TensorMap in = form == 2 ? with_state : good;
+            in.at(ts.name).data[size_t(at)] = bad;
             const std::string what = spec.name + " " + ts.name + "[" + std::to_string(at) + "] = " +
-                                     std::to_string(bad) + (final_state ? ", final state" : "");
+                                     std::to_string(bad) + (final_state ? ", final state" : "") +
+                                     (form == 2 ? ", from a state" : "");
             try {
               run_mixer(spec.name, Mode::Parallel, causal, params, in, false, final_state);
               ADD_FAILURE() << what << ": accepted";
@@ -314,6 +323,7 @@ TEST(Validation, EveryBadValueIsRefusedWhereverItIs) {
     }
   }
   // linear, norm_linear, performer, flow, retention, gla, rwkv5, rwkv6, mamba2 (gated_heads); rwkv7,
-  // deltanet, gated_deltanet (dplr_heads); rwkv4; aft_simple, aft_local, aft_conv (aft_forward)
-  EXPECT_GE(deferred, 16);
+  // deltanet, gated_deltanet (dplr_heads); rwkv4; aft_simple, aft_local, aft_conv (aft_forward);
+  // block_softmax
+  EXPECT_GE(deferred, 17);
 }

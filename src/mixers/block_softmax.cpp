@@ -82,6 +82,7 @@ MixerSpec block_softmax() {
   s.state_size = "the current block's rows: < block (H D + H E) per sequence";
   s.time = "O(T block H D)";
   s.memory = "O(block) (tiled)";
+  s.kernel_checks_values = true;  // the forward checks each block's rows of q, k, v after it
   s.check = [](const Call& c) {
     if (c.has("state.k"))
       LINMIX_CHECK(c.d("L") < c.ip("block"), "tensor 'state.k': holds at most block-1 = " +
@@ -102,13 +103,18 @@ MixerSpec block_softmax() {
     const int64_t blk = c.ip("block"), nblk = (d.T + blk - 1) / blk, HD = d.H * d.D, HE = d.H * d.E;
     Tensor y({d.B, d.T, d.H, d.E});
     const float scale = 1.0f / std::sqrt(float(d.D));
-#pragma omp parallel for collapse(2) schedule(dynamic)
+    const bool check = c.unchecked_bad != nullptr;  // the values of q, k, v (Call::unchecked)
+    bool bad = false;
+#pragma omp parallel for collapse(2) schedule(dynamic) reduction(|| : bad)
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t i = 0; i < nblk; ++i) {  // each block is an independent attention problem
         const int64_t t0 = b * d.T + i * blk, n = std::min(blk, d.T - i * blk);
-        softmax_forward(y.ptr() + t0 * HE, c.t("q").ptr() + t0 * HD, c.t("k").ptr() + t0 * HD,
-                        c.t("v").ptr() + t0 * HE, {1, n, d.H, d.D, d.E}, scale, c.causal, 0);
+        const float *q = c.t("q").ptr() + t0 * HD, *k = c.t("k").ptr() + t0 * HD, *v = c.t("v").ptr() + t0 * HE;
+        softmax_forward(y.ptr() + t0 * HE, q, k, v, {1, n, d.H, d.D, d.E}, scale, c.causal, 0);
+        // the block's rows (one run of memory each), just read: in cache
+        if (check) bad = bad || !all_finite(q, n * HD) || !all_finite(k, n * HD) || !all_finite(v, n * HE);
       }
+    if (bad) c.unchecked_bad->fetch_or(1u);
     return moved_map("y", std::move(y));
   };
   s.backward = [](const Call& c, const Tensor& dy) {

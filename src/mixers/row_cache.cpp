@@ -102,7 +102,9 @@ Forward wrap_forward(const MixerSpec& spec, const RowCache& rc, Forward inner) {
       return out;
     }
     const TensorMap cat = cat_inputs(inputs, rc, c, p);
-    const Call ic{cat, p.dims, c.params, c.given, true, false};
+    Call ic{cat, p.dims, c.params, c.given, true, false};
+    // the values left to the kernel: its concatenation's rows (the cache's, checked before, and the call's)
+    ic.unchecked = c.unchecked, ic.unchecked_bad = c.unchecked_bad;
     TensorMap res = inner(ic);
     TensorMap out = moved_map("y", slice_tensor(res.at("y"), p, p.L, p.n));
     if (c.final_state) add_final_state(rc, cat, p, out);
