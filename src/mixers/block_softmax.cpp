@@ -112,7 +112,7 @@ MixerSpec block_softmax() {
         const float *q = c.t("q").ptr() + t0 * HD, *k = c.t("k").ptr() + t0 * HD, *v = c.t("v").ptr() + t0 * HE;
         softmax_forward(y.ptr() + t0 * HE, q, k, v, {1, n, d.H, d.D, d.E}, scale, c.causal, 0);
         // the block's rows (one run of memory each), just read: in cache
-        if (check) bad = bad || !all_finite(q, n * HD) || !all_finite(k, n * HD) || !all_finite(v, n * HE);
+        if (check) bad = bad || any_nonfinite(q, n * HD) || any_nonfinite(k, n * HD) || any_nonfinite(v, n * HE);
       }
     if (bad) c.unchecked_bad->fetch_or(1u);
     return moved_map("y", std::move(y));

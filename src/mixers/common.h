@@ -1,6 +1,7 @@
 // Internal helpers shared by the mechanism files: float64 copies for the references,
 // small vector math, and the registration hooks of every mechanism.
 #pragma once
+#include <bit>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,16 @@
 #include "linmix/mixer.h"
 
 namespace linmix {
+
+// Whether any of n floats is inf or NaN (an exponent of all ones), on the bits in one vectorised
+// pass, on the calling thread: for the kernels' checks of rows they have just read (Call::unchecked;
+// all_finite opens a parallel region, which nested inside a kernel's costs more than the check).
+inline bool any_nonfinite(const float* p, int64_t n) {
+  uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= uint32_t((std::bit_cast<uint32_t>(p[i]) & 0x7f800000u) == 0x7f800000u);
+  return bad != 0;
+}
 
 inline std::vector<double> to_double(const Tensor& t) { return {t.data.begin(), t.data.end()}; }
 inline Tensor from_double(std::vector<int64_t> shape, const std::vector<double>& d) {

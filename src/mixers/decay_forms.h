@@ -136,8 +136,7 @@ inline uint32_t rows_bad(const std::vector<UncheckedRows>& u, int64_t b, int64_t
           bad |= uint32_t((x & 0x7f800000u) == 0x7f800000u) | uint32_t((x >> 31) == 0u && x != 0u);
         }
       } else {
-#pragma omp simd reduction(| : bad)
-        for (int64_t j = 0; j < r.W; ++j) bad |= uint32_t((std::bit_cast<uint32_t>(p[j]) & 0x7f800000u) == 0x7f800000u);
+        bad |= uint32_t(any_nonfinite(p, r.W));
       }
     }
   return bad;
