@@ -73,8 +73,8 @@ struct Call {
     std::string name;
     bool log_decay;  // also <= 0 (MixerSpec::log_decays)
   };
-  std::vector<Unchecked> unchecked;
-  std::shared_ptr<std::atomic<uint32_t>> unchecked_bad;
+  std::vector<Unchecked> unchecked{};
+  std::shared_ptr<std::atomic<uint32_t>> unchecked_bad{};
 
   const Tensor& t(const std::string& name) const;
   bool has(const std::string& name) const { return in.count(name) != 0; }

@@ -104,18 +104,20 @@ struct GatedHead {
   ChunkEpilogue check_rows;  // the epilogue that checks the call's unchecked rows (Call::unchecked)
   uint32_t bad = 0;          // ... and what it found: a value not finite, or a log decay > 0
 };
-// The call's inputs whose values the forward checks (Call::unchecked): (B,T,H,W) rows.
+// The call's inputs whose values the forward checks (Call::unchecked): (B,T,R,W) rows, R = H (a row
+// a head) or R = G groups of H / G heads (Mamba-2's Bm, Cm: the group's first head checks its rows).
 struct UncheckedRows {
   const float* p;
-  int64_t W;
+  int64_t R, W, per;  // per: heads a row
   bool log_decay;
 };
 inline std::vector<UncheckedRows> unchecked_rows(const Call& c) {
   std::vector<UncheckedRows> out;
-  const int64_t BTH = c.d("B") * c.d("T") * c.d("H");
+  const int64_t BT = c.d("B") * c.d("T"), H = c.d("H");
   for (const Call::Unchecked& u : c.unchecked) {
     const Tensor& t = c.t(u.name);
-    out.push_back({t.ptr(), BTH > 0 ? t.numel() / BTH : 0, u.log_decay});
+    const int64_t R = t.shape.size() >= 3 ? t.shape[2] : 1;
+    out.push_back({t.ptr(), R, BT * R > 0 ? t.numel() / (BT * R) : 0, R > 0 ? H / R : 1, u.log_decay});
   }
   return out;
 }
@@ -123,12 +125,12 @@ inline std::vector<UncheckedRows> unchecked_rows(const Call& c) {
 // (an exponent of all ones) or, in a log decay, a value > 0 (sign clear, not +0); on the bits, a
 // vectorised OR. The kernel has just read these rows (or the mechanism's prep, from them): a read
 // from cache, where validation's own pass read them from memory before the kernel.
-inline uint32_t rows_bad(const std::vector<UncheckedRows>& u, int64_t b, int64_t h, int64_t T, int64_t H, int64_t t0,
-                         int64_t n) {
+inline uint32_t rows_bad(const std::vector<UncheckedRows>& u, int64_t b, int64_t h, int64_t T, int64_t t0, int64_t n) {
   uint32_t bad = 0;
-  for (const UncheckedRows& r : u)
+  for (const UncheckedRows& r : u) {
+    if (h % r.per != 0) continue;  // a group's rows: its first head's to check
     for (int64_t t = t0; t < t0 + n; ++t) {
-      const float* p = r.p + ((b * T + t) * H + h) * r.W;
+      const float* p = r.p + ((b * T + t) * r.R + h / r.per) * r.W;
       if (r.log_decay) {
 #pragma omp simd reduction(| : bad)
         for (int64_t j = 0; j < r.W; ++j) {
@@ -139,6 +141,7 @@ inline uint32_t rows_bad(const std::vector<UncheckedRows>& u, int64_t b, int64_t
         bad |= uint32_t(any_nonfinite(p, r.W));
       }
     }
+  }
   return bad;
 }
 // The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
@@ -195,7 +198,7 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
         const int64_t b = z.b, h = z.h;
         uint32_t* bad = &z.bad;
         z.check_rows = [inner, &unchecked, b, h, T, H, bad](int64_t t0, int64_t n, const float* qc, const float* kc) {
-          *bad |= rows_bad(unchecked, b, h, T, H, t0, n);
+          *bad |= rows_bad(unchecked, b, h, T, t0, n);
           if (inner) (*inner)(t0, n, qc, kc);
         };
         ld.epilogue = &z.check_rows;
@@ -318,7 +321,7 @@ void dplr_heads(const Call& c, const Tensor* dy, int64_t D, int64_t E, TensorMap
         rows.push_back({Y.ptr() + (b * T * H + h) * E, H * E, Ss[size_t(i - lo)].data(),
                         [&load, &unchecked, &bad, b, h, T, H](int64_t t0, int64_t n, const DplrChunkRows& x) {
                           load(b, h, t0, n, x);
-                          if (!unchecked.empty()) bad |= rows_bad(unchecked, b, h, T, H, t0, n);
+                          if (!unchecked.empty()) bad |= rows_bad(unchecked, b, h, T, t0, n);
                         }});
       }
       dplr_forward_heads(rows.data(), int64_t(rows.size()), T, D, E);

@@ -263,7 +263,7 @@ MixerSpec make_spec() {
     for (size_t i = 0; i < x.size(); ++i) A.data[i] = -std::exp(std::min(2.0f * x[i], for_grad ? 2.0f : 3.5f));
   };
   s.log_decays = {"A"};
-  s.kernel_checks_values = true;  // gated_heads checks x and dt as it runs (Bm, Cm: G groups, by validation)
+  s.kernel_checks_values = true;  // gated_heads checks x, dt and (each group's first head) Bm, Cm as it runs
   s.check = [](const Call& c) {
     check_flag(c, "dt_softplus");
     LINMIX_CHECK(c.d("H") % c.d("G") == 0, "mamba2: H = " + std::to_string(c.d("H")) + " heads is not a multiple of G = " +

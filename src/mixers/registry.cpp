@@ -278,9 +278,12 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
     LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'" +
                                         (tn == "dy" ? " (dy is read only with --grad)" : ""));
     if (!check_values) continue;
-    if (deferring) {  // an input laid out (B,T,H,...) or (B,T,C): its rows are the kernel's to check
+    if (deferring) {  // an input laid out (B,T,H,...), (B,T,G,...) with G | H, or (B,T,C): the kernel's to check
       const auto it = std::find_if(spec.inputs.begin(), spec.inputs.end(), [&](const TensorSpec& s) { return s.name == tn; });
-      if (it != spec.inputs.end() && (it->dims == "B,T,H" || it->dims.rfind("B,T,H,", 0) == 0 || it->dims == "B,T,C")) {
+      const bool groups = it != spec.inputs.end() && it->dims.rfind("B,T,G,", 0) == 0 && call.dims.count("G") &&
+                          call.dims.count("H") && call.dims.at("G") > 0 && call.dims.at("H") % call.dims.at("G") == 0;
+      if (it != spec.inputs.end() &&
+          (it->dims == "B,T,H" || it->dims.rfind("B,T,H,", 0) == 0 || it->dims == "B,T,C" || groups)) {
         call.unchecked.push_back({tn, is_log_decay(spec, tn)});
         continue;
       }
