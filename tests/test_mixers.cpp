@@ -295,7 +295,59 @@ TEST(Validation, EveryBadValueIsRefusedWhereverItIs) {
       const int64_t n = good.at(ts.name).numel();
       const bool log_decay =
           std::find(spec.log_decays.begin(), spec.log_decays.end(), ts.name) != spec.log_decays.end();
-      for (int64_t at : {int64_t(0), n - 1, (n * 7) / 11}) {
+      // the elements the forms read: all, or the runs of spec.read_runs (aft_local's band of w)
+      // (read without a state and from one: where both read, first, last and one between)
+      std::vector<int64_t> ats = {0, n - 1, (n * 7) / 11};
+      if (spec.read_runs.count(ts.name)) {
+        std::vector<int> both(size_t(n), 0);
+        // without a state and from one (the rows differ), and the non-causal form (its band)
+        const TensorMap noncausal =
+            spec.noncausal_ok ? example_inputs(spec, example_dims(spec, Scale::Test, 70, false), 4) : TensorMap{};
+        for (int form = 0; form < 3; ++form) {
+          if (form == 2 && noncausal.empty()) continue;
+          const bool cz = form < 2 && causal;
+          const TensorMap& base = form == 0 ? good : form == 1 ? with_state : noncausal;
+          const int64_t nb = base.at(ts.name).numel();
+          const Call call = validate_call(spec.name, Mode::Parallel, cz, params, base, false);
+          const auto runs = spec.read_runs.at(ts.name)(call);
+          ASSERT_FALSE(runs.empty()) << spec.name << " " << ts.name;
+          std::vector<bool> read(size_t(nb), false);
+          for (const auto& [off, len] : runs) std::fill(read.begin() + off, read.begin() + off + len, true);
+          for (int64_t i = 0; i < n && form < 2; ++i) both[size_t(i)] += read[size_t(i)];
+          // every element no form reads NaN at once: accepted, and nothing changes (the forward, its
+          // final state, the backward's gradients): the runs hold every element the forms read
+          TensorMap in = base;
+          for (int64_t i = 0; i < nb; ++i)
+            if (!read[size_t(i)]) in.at(ts.name).data[size_t(i)] = std::nanf("");
+          for (const Mode mode : {Mode::Parallel, Mode::Reference, Mode::Recurrent})
+            for (const bool grad : {false, true}) {
+              if ((grad || !cz) && mode == Mode::Recurrent) continue;
+              if (mode == Mode::Recurrent && form == 1 && !spec.state_all_modes) continue;
+              TensorMap a = base, b = in;
+              if (grad) {
+                Tensor dy = run_mixer(spec.name, Mode::Parallel, cz, params, base).at("y");
+                for (float& x : dy.data) x = 0.5f - 0.25f * x;
+                a["dy"] = dy, b["dy"] = dy;
+              }
+              const TensorMap want = run_mixer(spec.name, mode, cz, params, a, grad, true);
+              const TensorMap got = run_mixer(spec.name, mode, cz, params, b, grad, true);
+              for (const auto& [on, t] : want) {  // (a sum over threads may round differently: not ==)
+                int64_t off = 0;
+                for (size_t e = 0; e < t.data.size(); ++e)
+                  off += !(std::abs(got.at(on).data[e] - t.data[e]) <= 1e-5f * (1.0f + std::abs(t.data[e])));
+                EXPECT_EQ(off, 0) << spec.name << " " << ts.name << (form == 1 ? " from a state" : form == 2 ? " non-causal" : "")
+                                  << " NaN where no form reads (" << mode_name(mode) << (grad ? ", --grad" : "")
+                                  << "): " << on << " changed";
+              }
+            }
+        }
+        std::vector<int64_t> in_both;
+        for (int64_t i = 0; i < n; ++i)
+          if (both[size_t(i)] == 2) in_both.push_back(i);
+        ASSERT_GE(in_both.size(), 3u) << spec.name << " " << ts.name;
+        ats = {in_both.front(), in_both.back(), in_both[in_both.size() * 7 / 11]};
+      }
+      for (int64_t at : ats) {
         for (float bad : {std::nanf(""), INFINITY, -INFINITY, 0.5f}) {
           if (bad == 0.5f && !log_decay) continue;
           // with the final state and without (the forms differ: aft_local's ring, s4d's state),

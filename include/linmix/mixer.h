@@ -112,6 +112,11 @@ struct MixerSpec {
   // (gated_heads, mixers/decay_forms.h, chunk by chunk: the rows just read, in cache; the scans, in
   // their loops) in place of validation's pass over them before it (Call::unchecked).
   bool kernel_checks_values = false;
+  // Inputs of which the forms read a part only, by name: the runs [offset, offset + length) of
+  // elements a call reads (aft_local's w: the band |t - s| < window on the rows the call reaches).
+  // Validation checks the values of these runs alone (a NaN where no form reads changes nothing),
+  // after `check` has checked the dims they depend on.
+  std::map<std::string, std::function<std::vector<std::pair<int64_t, int64_t>>(const Call&)>> read_runs;
   std::string time, memory, state_size;
   // Demo/test inputs: example_params are the params to run with; example_fix maps N(0,1)
   // draws into the mechanism's domain (e.g. rwkv4's decay w > 0).

@@ -237,5 +237,7 @@ void check_shape(const std::string& name, const Tensor& t, const std::vector<int
 bool all_finite(const float* p, int64_t n);
 // Throws Error naming the tensor and the first non-finite element.
 void check_finite(const std::string& name, const Tensor& t);
+// The same over the elements [off, off + n) of t (the error names the element's index in t).
+void check_finite(const std::string& name, const Tensor& t, int64_t off, int64_t n);
 
 }  // namespace linmix

@@ -3,6 +3,8 @@
 // The forms: the banded-sum kernel with the window as its band (aft_forms.cpp).
 #include "../ref/ref_util.h"
 #include "aft_forms.h"
+#include <algorithm>
+
 #include "common.h"
 
 namespace linmix {
@@ -35,6 +37,26 @@ MixerSpec aft_local_spec() {
     LINMIX_CHECK(c.d("Tw") >= last + c.d("T"), "tensor 'w': Tw = " + std::to_string(c.d("Tw")) +
                                                    " is smaller than the sequence length " +
                                                    std::to_string(last + c.d("T")));
+  };
+  // The forms read w only in the band |t - s| < window of the rows the call's positions reach
+  // (causal: s <= t), 0 elsewhere: the values checked are those (T (2 window - 1) of Tw^2, a 64 MB
+  // w at Tw 4096 is 4 MB at window 128). Rows: from the least position's ring (the ring's rows run
+  // through the banded kernel as rows of their own, their outputs dropped: the backward's zero dy
+  // times their w) to the largest position's last.
+  s.read_runs["w"] = [](const Call& c) {
+    const int64_t T = c.d("T"), Tw = c.d("Tw"), win = c.ip("window");
+    int64_t lo = 0, hi = 0;
+    if (c.has("state.pos")) {
+      const std::vector<int64_t> pos = positions_of(c.t("state.pos"), "state.pos");
+      lo = std::max<int64_t>(0, *std::min_element(pos.begin(), pos.end()) - (c.has("state.k") ? c.d("L") : 0));
+      hi = *std::max_element(pos.begin(), pos.end());
+    }
+    std::vector<std::pair<int64_t, int64_t>> runs;
+    for (int64_t t = lo; t < std::min(hi + T, Tw); ++t) {
+      const int64_t s0 = std::max<int64_t>(0, t - win + 1), s1 = std::min(Tw - 1, c.causal ? t : t + win - 1);
+      runs.emplace_back(t * Tw + s0, s1 - s0 + 1);
+    }
+    return runs;
   };
   // a ring of L = 2 rows (1 at the gradient tests' window 2) after up to 3 more tokens: w covers them
   s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {

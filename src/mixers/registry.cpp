@@ -277,7 +277,7 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
   for (const auto& [tn, t] : in) {
     LINMIX_CHECK(allowed.count(tn), "unexpected tensor '" + tn + "' for mixer '" + name + "'" +
                                         (tn == "dy" ? " (dy is read only with --grad)" : ""));
-    if (!check_values) continue;
+    if (!check_values || spec.read_runs.count(tn)) continue;  // read_runs: after spec.check
     if (deferring) {  // an input laid out (B,T,H,...), (B,T,G,...) with G | H, or (B,T,C): the kernel's to check
       const auto it = std::find_if(spec.inputs.begin(), spec.inputs.end(), [&](const TensorSpec& s) { return s.name == tn; });
       const bool groups = it != spec.inputs.end() && it->dims.rfind("B,T,G,", 0) == 0 && call.dims.count("G") &&
@@ -293,6 +293,12 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
   }
   if (!call.unchecked.empty()) call.unchecked_bad = std::make_shared<std::atomic<uint32_t>>(0u);
   if (spec.check) spec.check(call);
+  if (check_values)
+    for (const auto& [tn, runs] : spec.read_runs) {
+      if (!in.count(tn)) continue;
+      LINMIX_CHECK(!is_log_decay(spec, tn), "mixer '" + name + "': a log decay read in part is not supported");
+      for (const auto& [off, n] : runs(call)) check_finite(tn, in.at(tn), off, n);
+    }
   return call;
 }
 
