@@ -78,6 +78,13 @@ struct GatedSaved : RunSaved {
     return nbh == n && T == t && Dk == dk && E == e && shift == sh && int64_t(heads.size()) == n;
   }
 };
+// The call's inputs whose values the forward checks (Call::unchecked): (B,T,R,W) rows, R = H (a row
+// a head) or R = G groups of H / G heads (Mamba-2's Bm, Cm: the group's first head checks its rows).
+struct UncheckedRows {
+  const float* p;
+  int64_t R, W, per;  // per: heads a row
+  bool log_decay;
+};
 // One head of a gated mechanism (kernels/decay_chunk.h gated_*). prep points iq, ik, iv, ig at
 // the head's rows in place (with their strides, the read-out scale and the rest in ld) and oy at
 // the output's rows; with dy it also points odq, odk, odv, odg (and odu with a bonus) at where
@@ -103,13 +110,10 @@ struct GatedHead {
   const GatedSaved::Head* kept = nullptr;
   ChunkEpilogue check_rows;  // the epilogue that checks the call's unchecked rows (Call::unchecked)
   uint32_t bad = 0;          // ... and what it found: a value not finite, or a log decay > 0
-};
-// The call's inputs whose values the forward checks (Call::unchecked): (B,T,R,W) rows, R = H (a row
-// a head) or R = G groups of H / G heads (Mamba-2's Bm, Cm: the group's first head checks its rows).
-struct UncheckedRows {
-  const float* p;
-  int64_t R, W, per;  // per: heads a row
-  bool log_decay;
+  // The call's rows left unchecked (null: none). A prep that reads them itself before the kernel
+  // (flow's intermediates) checks them there (rows_bad_of, OR-ing into bad) and sets this to null;
+  // else the kernel's epilogue checks each chunk's rows as it reads them.
+  const std::vector<UncheckedRows>* unchecked = nullptr;
 };
 inline std::vector<UncheckedRows> unchecked_rows(const Call& c) {
   std::vector<UncheckedRows> out;
@@ -125,23 +129,35 @@ inline std::vector<UncheckedRows> unchecked_rows(const Call& c) {
 // (an exponent of all ones) or, in a log decay, a value > 0 (sign clear, not +0); on the bits, a
 // vectorised OR. The kernel has just read these rows (or the mechanism's prep, from them): a read
 // from cache, where validation's own pass read them from memory before the kernel.
-inline uint32_t rows_bad(const std::vector<UncheckedRows>& u, int64_t b, int64_t h, int64_t T, int64_t t0, int64_t n) {
+inline uint32_t rows_bad(const UncheckedRows& r, int64_t b, int64_t h, int64_t T, int64_t t0, int64_t n) {
   uint32_t bad = 0;
-  for (const UncheckedRows& r : u) {
-    if (h % r.per != 0) continue;  // a group's rows: its first head's to check
-    for (int64_t t = t0; t < t0 + n; ++t) {
-      const float* p = r.p + ((b * T + t) * r.R + h / r.per) * r.W;
-      if (r.log_decay) {
+  if (h % r.per != 0) return 0;  // a group's rows: its first head's to check
+  for (int64_t t = t0; t < t0 + n; ++t) {
+    const float* p = r.p + ((b * T + t) * r.R + h / r.per) * r.W;
+    if (r.log_decay) {
 #pragma omp simd reduction(| : bad)
-        for (int64_t j = 0; j < r.W; ++j) {
-          const uint32_t x = std::bit_cast<uint32_t>(p[j]);
-          bad |= uint32_t((x & 0x7f800000u) == 0x7f800000u) | uint32_t((x >> 31) == 0u && x != 0u);
-        }
-      } else {
-        bad |= uint32_t(any_nonfinite(p, r.W));
+      for (int64_t j = 0; j < r.W; ++j) {
+        const uint32_t x = std::bit_cast<uint32_t>(p[j]);
+        bad |= uint32_t((x & 0x7f800000u) == 0x7f800000u) | uint32_t((x >> 31) == 0u && x != 0u);
       }
+    } else {
+      bad |= uint32_t(any_nonfinite(p, r.W));
     }
   }
+  return bad;
+}
+inline uint32_t rows_bad(const std::vector<UncheckedRows>& u, int64_t b, int64_t h, int64_t T, int64_t t0, int64_t n) {
+  uint32_t bad = 0;
+  for (const UncheckedRows& r : u) bad |= rows_bad(r, b, h, T, t0, n);
+  return bad;
+}
+// The same for the one input whose values start at `base` (a prep checking each input just after
+// its own pass over it: the rows still in cache).
+inline uint32_t rows_bad_of(const std::vector<UncheckedRows>& u, const float* base, int64_t b, int64_t h, int64_t T,
+                            int64_t t0, int64_t n) {
+  uint32_t bad = 0;
+  for (const UncheckedRows& r : u)
+    if (r.p == base) bad |= rows_bad(r, b, h, T, t0, n);
   return bad;
 }
 // The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
@@ -188,12 +204,12 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
       z.odq = z.odk = z.odv = z.odg = z.odu = nullptr, z.od.q = -1, z.grad_epilogue = nullptr;
       z.keeping = keep ? &keep->heads[size_t(i)] : nullptr;
       z.kept = reuse ? &reuse->heads[size_t(i)] : nullptr;
+      z.bad = 0, z.unchecked = unchecked.empty() ? nullptr : &unchecked;
       prep(z);
       z.S = z.S0;
       LINMIX_CHECK(z.iq && z.oy, "gated_heads: the kernels run on the rows in place");
       GatedRows ld = z.ld;
-      z.bad = 0;
-      if (!unchecked.empty()) {
+      if (z.unchecked) {  // not checked by prep: chunk by chunk, as the kernel reads them
         const auto* inner = ld.epilogue;
         const int64_t b = z.b, h = z.h;
         uint32_t* bad = &z.bad;

@@ -295,10 +295,18 @@ inline void swap_intermediates(FlowWork& a, FlowWork& b) {
 
 // The forward's intermediates of a head, up to the product's operands Qs = Q I / R and Vc = v comp;
 // causal, the final sums (the scans' last rows) go to the state where wanted.
-void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const float* k, const float* v) {
-  const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0;
+// unchecked (the call's rows validation left, gated_heads): each input's rows checked for inf / NaN
+// just after the pass that reads them (in cache), found ones OR-ed into *bad.
+void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const float* k, const float* v,
+                        const std::vector<UncheckedRows>* unchecked = nullptr, uint32_t* bad = nullptr) {
+  const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0, h = hd.bh - hd.b * H;
+  auto check = [&](const float* x) {
+    if (unchecked) *bad |= rows_bad_of(*unchecked, x, hd.b, h, T, 0, T);
+  };
   gather_head(w.Q.data(), q, row0, T, H, D, sigmoid_fn);
+  check(q);
   gather_head(w.K.data(), k, row0, T, H, D, sigmoid_fn);
+  check(k);
   const float *Q = w.Q.data(), *K = w.K.data();
   float *cK = w.cK.data(), *cQ = w.cQ.data(), *cKO = w.cKO.data(), *cQI = w.cQI.data(), *Qs = w.Qs.data(),
         *Vc = w.Vc.data();
@@ -335,6 +343,7 @@ void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const f
 #pragma omp simd
     for (int64_t j = 0; j < D; ++j) qr[j] = Qt[j] * qs;
   }
+  check(v);
   if (!hd.causal) return;
   const float* last[5] = {cK, cQ, cKO, cQI, w.Z.data()};
   for (int n = 0; n < 5; ++n) {
@@ -560,7 +569,8 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     const FlowHead hd = head_of(z);
     FlowWork& w = flow_work();
     w.resize(T, D, E);
-    flow_intermediates(w, hd, q, k, v);
+    flow_intermediates(w, hd, q, k, v, z.unchecked, &z.bad);  // the rows checked as it reads them
+    z.unchecked = nullptr;
     Kept& kp = KP[size_t(hd.bh)];  // the intermediates move to the head's own buffers (w's next resize remakes them)
     if (dy) swap_intermediates(kp.f, w);  // the forward alone keeps the kernel's operands only
     else std::swap(kp.f.Qs, w.Qs), std::swap(kp.f.K, w.K), std::swap(kp.f.Vc, w.Vc), std::swap(kp.f.alloc, w.alloc);
