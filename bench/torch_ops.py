@@ -164,7 +164,7 @@ def main():
         fmt = lambda v: f"{v * 1e3:9.2f}" if v else "        -"  # noqa: E731
         print(f"{name:15s} kernel {fmt(row['kernel_fwd'])} {fmt(row['kernel_fwdbwd'])} ms | ops {fmt(row['ops_fwd'])} "
               f"{fmt(row['ops_fwdbwd'])} ms | peer {fmt(row.get('peer_fwd'))} {fmt(row.get('peer_fwdbwd'))} ms", flush=True)
-    rep = {"T": a.T, "threads": a.threads, "torch": torch.__version__, "blas": blas_env.describe(), "arch": getattr(_C, "ARCH", "?"), "rows": rows}
+    rep = {"T": a.T, "threads": a.threads, "rounds": a.rounds, "torch": torch.__version__, "blas": blas_env.describe(), "arch": getattr(_C, "ARCH", "?"), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(rep, f, indent=1)
@@ -181,15 +181,17 @@ def write_md(rep, path):
              f"T = {rep['T']}, d_model 512 (`linmix bench`'s shapes and params), {rep['threads']} threads, torch "
              f"{rep['torch']}. Produced by `bench/torch_ops.py` (`bash bench/run.sh` runs it). "
              f"{rep.get('blas', 'OpenBLAS: not recorded')}.",
-             f"The extension's build: `-march={rep.get('arch', '?')}` (`linmix._C.ARCH`; the `release` preset's "
-             "x86-64-v3 runs AVX2 kernels, while torch picks AVX-512 at run time where the CPU has it).",
+             f"The extension's build: `-march={rep.get('arch', '?')}` (`linmix._C.ARCH`: `import linmix` loads the "
+             "x86-64-v4 build `_C_v4` where the CPU has AVX-512, the x86-64-v3 one elsewhere or with "
+             "`LINMIX_ARCH=x86-64-v3`).",
              "kernel: the C++ call timed by `linmix bench` (fwd+bwd: the forward keeping what its backward reads, then that",
              "backward, as linmix.ops and `linmix train` run them: the forms on the gated chunked kernels keep their chunk states,",
              "scores and rows, fla's way; the others' backward recomputes the forward it needs),",
-             "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it, best of 7 rounds (up to 40 for forms of a few ms);",
+             "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it, best of "
+             f"{rep.get('rounds', 7)} rounds (up to 40 for forms of a few ms);",
              "ops: the same through `linmix.ops` (torch tensors, autograd); unchecked: the forward with",
-             "`linmix.ops.set_check_values(False)` (the inputs' values not checked for NaN / infinity first: one read of",
-             "them, what remains of the overhead where the kernel is a few ms);",
+             "`linmix.ops.set_check_values(False)` (the inputs' values not checked for NaN / infinity: for 17 mechanisms",
+             "the check runs inside the kernel's reads, for the others it is one read of the inputs before it);",
              "peer: bench/peer.py's plain-PyTorch implementation. Targets: overhead <= 10%; speed-up >= 3x for the",
              "chunked and scan mechanisms (not softmax, aft_full, aft_local, block_softmax, fnet).",
              "",
