@@ -279,7 +279,9 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
                                         (tn == "dy" ? " (dy is read only with --grad)" : ""));
     if (!check_values || spec.read_runs.count(tn)) continue;  // read_runs: after spec.check
     if (deferring) {  // an input laid out (B,T,H,...), (B,T,G,...) with G | H, or (B,T,C): the kernel's to check
-      const auto it = std::find_if(spec.inputs.begin(), spec.inputs.end(), [&](const TensorSpec& s) { return s.name == tn; });
+      const std::string& input = tn;  // (clang 14 captures no structured binding)
+      const auto it =
+          std::find_if(spec.inputs.begin(), spec.inputs.end(), [&](const TensorSpec& s) { return s.name == input; });
       const bool groups = it != spec.inputs.end() && it->dims.rfind("B,T,G,", 0) == 0 && call.dims.count("G") &&
                           call.dims.count("H") && call.dims.at("G") > 0 && call.dims.at("H") % call.dims.at("G") == 0;
       if (it != spec.inputs.end() &&
