@@ -266,7 +266,7 @@ int main(int argc, char** argv) {
   bn->add_option("--dtypes", mbo.dtypes, "weight types to run")->capture_default_str()->delimiter(',');
   bool no_load = false;
   bn->add_flag("--no-load", no_load, "skip timing the load of a checkpoint file into each type's engine");
-  bn->add_flag("--profile", mbo.profile, "with --model: print where a prefill's time goes (layers, GEMMs, WKV)");
+  bn->add_flag("--profile", mbo.profile, "with --model: print where a decode token's and a prefill's time go (layers, products, WKV, head)");
   bn->add_option("--checkpoint", mbo.checkpoint, "also: perplexity of this trained RWKV model in each weight type");
   bn->add_option("--data", mbo.data, "text file for --checkpoint");
   bn->add_option("--eval-seq", mbo.eval_seq, "window length for --checkpoint")->capture_default_str()->check(CLI::Range(2, 1 << 20));

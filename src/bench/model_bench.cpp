@@ -159,6 +159,18 @@ int bench_model(const ModelBenchOptions& opt) {
       ms_r.push_back(m), tri_r.push_back(tri), rd_r.push_back(rd);
       of_tri.push_back(bytes / (m * 1e-3) / 1e9 / tri), of_rd.push_back(bytes / (m * 1e-3) / 1e9 / rd);
     }
+    if (o.profile) {  // the same tokens once more, their regions timed
+      profile::reset(), profile::set_enabled(true);
+      for (int64_t i = 0; i < o.decode_tokens; ++i) {
+        const profile::Scope all("decode");
+        eng.step(toks[(4 + i) % toks.size()], st, lg.data());
+      }
+      profile::set_enabled(false);
+      std::printf("%s decode, ms per token by region (a row includes the rows under it):\n", dt.c_str());
+      for (const auto& row : profile::rows())
+        std::printf("  %-40s %9.3f ms %8.1f calls a token\n", row.path.c_str(), row.seconds * 1e3 / double(o.decode_tokens),
+                    double(row.calls) / double(o.decode_tokens));
+    }
     {  // the same tokens, each after the caches were flushed
       std::vector<double> fl;
       for (int64_t i = 0; i < std::min<int64_t>(o.decode_tokens, 16); ++i) {

@@ -202,6 +202,7 @@ class RwkvEngine : public engine::RowsEngine {
       channel_mix(layers_[size_t(l)], n, st.ffn_prev[size_t(l)].data());
     }
     if (!logits) return;
+    const profile::Scope prof("head");
     engine::head_logits(logits, U_.data(), X, n, C, V_, all_logits, head_, deq_, [&](float* o, const float* x, int64_t k) {
       layernorm_rows(o, x, lnfw_.data(), lnfb_.data(), k, C);
     });
@@ -235,7 +236,10 @@ class RwkvEngine : public engine::RowsEngine {
       else loras[kl++] = {out, in, &L, ldx};
     }
     void run() {
-      if (k) gemv_many(jobs, k);
+      if (k) {
+        const profile::Scope prof("gemv");
+        gemv_many(jobs, k);
+      }
       k = 0;
       if (kl == 0) return;
       const profile::Scope prof("loras");
@@ -387,6 +391,7 @@ class RwkvEngine : public engine::RowsEngine {
     };
     float* S = ls.at("state.S").ptr();
     if (n == 1) {
+      const profile::Scope prof("wkv");
 #pragma omp parallel for schedule(static) if (H_ * N_ * N_ >= kHeadsParallelFloats)
       for (int64_t h = 0; h < H_; ++h) wkv_head(y, S, h), gn(h);
     } else {
