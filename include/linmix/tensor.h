@@ -4,6 +4,7 @@
 // safetensors wire). View<S>: a non-owning strided view used by kernels and tests; element
 // counts and index arithmetic are int64_t throughout.
 #pragma once
+#include <bit>
 #include <cstdint>
 #include <algorithm>
 #include <initializer_list>
@@ -19,6 +20,10 @@
 namespace linmix {
 
 int64_t numel_of(const std::vector<int64_t>& shape);
+
+// 1 when f is an infinity or a NaN (its exponent all ones), else 0; on the bits, so that an OR of
+// it over a row vectorises (the value checks inside the kernels' reads, all_finite).
+inline uint32_t nonfinite_bits(float f) { return uint32_t((std::bit_cast<uint32_t>(f) & 0x7f800000u) == 0x7f800000u); }
 
 // Large buffers on transparent huge pages: at 2 MiB or more, 2 MiB aligned and advised
 // MADV_HUGEPAGE (where the kernel's THP mode is "madvise", as Debian's default: one page fault per

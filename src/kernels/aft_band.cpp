@@ -345,9 +345,7 @@ void aft_forward(float* y, const float* q, const float* k, const float* v, int64
           const float *qt = q + at, *kt = k + at, *vt = v + at;
 #pragma omp simd reduction(| : nonfinite)
           for (int64_t c = 0; c < fr.n; ++c)
-            nonfinite |= uint32_t((std::bit_cast<uint32_t>(qt[c]) & 0x7f800000u) == 0x7f800000u) |
-                         uint32_t((std::bit_cast<uint32_t>(kt[c]) & 0x7f800000u) == 0x7f800000u) |
-                         uint32_t((std::bit_cast<uint32_t>(vt[c]) & 0x7f800000u) == 0x7f800000u);
+            nonfinite |= nonfinite_bits(qt[c]) | nonfinite_bits(kt[c]) | nonfinite_bits(vt[c]);
         }
       }
       if (nonfinite) __atomic_fetch_or(bad, 1u, __ATOMIC_RELAXED);

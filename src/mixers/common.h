@@ -22,7 +22,7 @@ namespace linmix {
 inline bool any_nonfinite(const float* p, int64_t n) {
   uint32_t bad = 0;
 #pragma omp simd reduction(| : bad)
-  for (int64_t i = 0; i < n; ++i) bad |= uint32_t((std::bit_cast<uint32_t>(p[i]) & 0x7f800000u) == 0x7f800000u);
+  for (int64_t i = 0; i < n; ++i) bad |= nonfinite_bits(p[i]);
   return bad != 0;
 }
 

@@ -138,7 +138,7 @@ inline uint32_t rows_bad(const UncheckedRows& r, int64_t b, int64_t h, int64_t T
 #pragma omp simd reduction(| : bad)
       for (int64_t j = 0; j < r.W; ++j) {
         const uint32_t x = std::bit_cast<uint32_t>(p[j]);
-        bad |= uint32_t((x & 0x7f800000u) == 0x7f800000u) | uint32_t((x >> 31) == 0u && x != 0u);
+        bad |= nonfinite_bits(p[j]) | uint32_t((x >> 31) == 0u && x != 0u);
       }
     } else {
       bad |= uint32_t(any_nonfinite(p, r.W));

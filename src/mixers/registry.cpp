@@ -183,7 +183,7 @@ void check_log_decay(const std::string& n, const Tensor& t) {
 #pragma omp parallel for simd reduction(| : positive, nonfinite) schedule(static) if (m >= (int64_t(1) << 18))
   for (int64_t i = 0; i < m; ++i) {
     const uint32_t b = std::bit_cast<uint32_t>(p[i]);
-    positive |= uint32_t((b >> 31) == 0u && b != 0u), nonfinite |= uint32_t((b & 0x7f800000u) == 0x7f800000u);
+    positive |= uint32_t((b >> 31) == 0u && b != 0u), nonfinite |= nonfinite_bits(p[i]);
   }
   if (nonfinite != 0) check_finite(n, t);  // it names the element
   if (positive == 0) return;

@@ -93,8 +93,7 @@ void scan_impl(float* __restrict y, float* __restrict a, float* __restrict bb, f
 #pragma omp simd reduction(| : nonfinite)
     for (int64_t c = 0; c < C; ++c) {
       if constexpr (Check)
-        nonfinite |= uint32_t((std::bit_cast<uint32_t>(kt[c]) & 0x7f800000u) == 0x7f800000u) |
-                     uint32_t((std::bit_cast<uint32_t>(vt[c]) & 0x7f800000u) == 0x7f800000u);
+        nonfinite |= nonfinite_bits(kt[c]) | nonfinite_bits(vt[c]);
       const float pc = p[c];
       float e1, e2;
       if constexpr (Kind != kState) {
