@@ -68,6 +68,19 @@ namespace {
 
 struct FlashDims {
   int64_t B, T, S, E, G;
+  bool operator==(const FlashDims&) const = default;
+};
+
+// What a forward keeps for its backward (Call::keep / Call::reuse): the groups' linear states Ms
+// (B, ng, S, E), each group's r = relu(Q K^T / G) (B, ng, ld, ld; A = r^2 masked) and y, so that the
+// backward neither recomputes the forward nor the states and scores (T 4096, S 128, E 512, G 256:
+// 2.4 of its 8 GFLOP).
+struct FlashSaved : RunSaved {
+  FlashDims d{};
+  bool causal = false;
+  std::vector<float> Ms, r;
+  Tensor y, MT;  // the forward's output; the final M (causal forms from a state / with a final state)
+  bool fits(const FlashDims& e, bool c) const { return d == e && causal == c; }
 };
 
 // The linear state each group reads, Ms (B, ng, S, E) for ng = ceil(T / G) groups: causal, group g
@@ -119,12 +132,17 @@ void flash_states(std::vector<float>& Ms, const float* lk, const float* v, const
 // M0, MT (B,S,E; causal, null: none / not wanted): the linear state before and after. Groups of
 // every sequence on the threads, each given its linear state by flash_states (the groups of one
 // sequence ran one after another, so a call of one sequence ran on one core).
+// keep (null: none): the forward keeps its states and scores there (FlashSaved; y is the caller's).
 void flash_forward(float* y, const float* qq, const float* qk, const float* lq, const float* lk, const float* v,
-                   const FlashDims& d, bool causal, const float* M0 = nullptr, float* MT = nullptr) {
+                   const FlashDims& d, bool causal, const float* M0 = nullptr, float* MT = nullptr,
+                   FlashSaved* keep = nullptr) {
   const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ng = (T + G - 1) / G, ld = std::min(G, T);
-  thread_local std::vector<float> Ms;
+  thread_local std::vector<float> own;
+  std::vector<float>& Ms = keep ? keep->Ms : own;
   flash_states(Ms, lk, v, d, causal, M0, MT);
   const float* pM = Ms.data();
+  if (keep) keep->d = d, keep->causal = causal, keep->r.resize(size_t(d.B * ng * ld * ld));
+  float* kr = keep ? keep->r.data() : nullptr;
 #pragma omp parallel
   {
     thread_local std::vector<float> A;  // (G,G) group scores
@@ -134,9 +152,11 @@ void flash_forward(float* y, const float* qq, const float* qk, const float* lq, 
       for (int64_t g = 0; g < ng; ++g) {
         const int64_t g0 = g * G, n = std::min(G, T - g0), r0 = b * T + g0;
         gemm_nt(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld, 1.0f, 0.0f);
+        float* rk = kr ? kr + (b * ng + g) * ld * ld : nullptr;
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
             const float a = std::max(A[i * ld + j] / float(G), 0.0f);
+            if (rk) rk[i * ld + j] = a;
             A[i * ld + j] = (causal && j > i) ? 0.0f : a * a;
           }
         gemm_nn(y + r0 * E, A.data(), v + r0 * E, n, E, n, ld, E, E, 1.0f, 0.0f);
@@ -159,14 +179,15 @@ struct FlashGrads {
 
 // The state (causal): M0 is read by every row, so dM0 = sum_t lin_q_t^T dy_t + dMT; the final
 // state's gradient dMT reaches the complete groups' lin_k and v (as a later group's dM would).
+// reuse (null: recompute): the forward's states and scores (FlashSaved, fitting the call).
 void flash_backward(const FlashGrads& gr, const float* qq, const float* qk, const float* lq, const float* lk,
                     const float* v, const float* dy, const FlashDims& d, bool causal, const float* M0 = nullptr,
-                    const float* dMT = nullptr, float* dM0 = nullptr) {
+                    const float* dMT = nullptr, float* dM0 = nullptr, const FlashSaved* reuse = nullptr) {
   const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ld = std::min(G, T), ng = (T + G - 1) / G, SE = S * E;
   thread_local std::vector<float> Ms, dMs;
-  flash_states(Ms, lk, v, d, causal, M0, nullptr);
+  if (!reuse) flash_states(Ms, lk, v, d, causal, M0, nullptr);
   dMs.resize(size_t(d.B * ng * SE));
-  const float* pM = Ms.data();
+  const float* pM = reuse ? reuse->Ms.data() : Ms.data();
   float* pdM = dMs.data();
 #pragma omp parallel
   {
@@ -176,11 +197,12 @@ void flash_backward(const FlashGrads& gr, const float* qq, const float* qk, cons
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t g = 0; g < ng; ++g) {  // the quadratic part, dlin_q, dM_g
         const int64_t g0 = g * G, n = std::min(G, T - g0), r0 = b * T + g0;
-        gemm_nt(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld, 1.0f, 0.0f);
+        const float* rk = reuse ? reuse->r.data() + (b * ng + g) * ld * ld : nullptr;  // relu(s / G) kept
+        if (!rk) gemm_nt(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld, 1.0f, 0.0f);
         gemm_nt(dS.data(), dy + r0 * E, v + r0 * E, n, n, E, E, E, ld, 1.0f, 0.0f);  // dA = dY V^T
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
-            const float r = std::max(A[i * ld + j] / float(G), 0.0f);
+            const float r = rk ? rk[i * ld + j] : std::max(A[i * ld + j] / float(G), 0.0f);
             const bool keep = !(causal && j > i);
             A[i * ld + j] = keep ? r * r : 0.0f;
             dS[i * ld + j] = keep ? dS[i * ld + j] * 2.0f * r / float(G) : 0.0f;
@@ -242,6 +264,30 @@ const char* flash_state_of(const std::string& in) {  // the state tensor caching
   return in == "quad_k" ? "quad_k" : in == "lin_k" ? "lin_k" : in == "v" ? "v" : nullptr;
 }
 
+// The forward's y as its saved copy: the same buffer where y has one of its own (nothing copied;
+// the backward hands on a copy of it), else a copy.
+Tensor saved_y(const Tensor& y) {
+  if (!y.data.owns_buffer()) return y;
+  Tensor t;
+  t.shape = y.shape;
+  t.data = Storage::view(const_cast<float*>(y.ptr()), y.data.size(), y.data.keeper());
+  return t;
+}
+
+// The call's kept forward (Call::keep, forward only): a FlashSaved for flash_forward to fill, or null.
+FlashSaved* keep_of(const Call& c, bool forward) {
+  if (!forward || !c.keep) return nullptr;
+  auto s = std::make_shared<FlashSaved>();
+  FlashSaved* p = s.get();
+  *c.keep = std::move(s);
+  return p;
+}
+// What the forward of this call kept (backward only), where it fits the rows the backward runs over.
+const FlashSaved* reuse_of(const Call& c, const FlashDims& d, bool causal) {
+  const auto* r = dynamic_cast<const FlashSaved*>(c.reuse);
+  return r && r->fits(d, causal) ? r : nullptr;
+}
+
 TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
   const FlashDims d = flash_dims(c);
   const bool s0 = c.has("state.M");
@@ -258,13 +304,20 @@ TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
   const FlashDims dn{d.B, n, d.S, d.E, d.G};
   const float* M0 = s0 ? c.t("state.M").ptr() : nullptr;
   TensorMap out;
-  Tensor yc = Tensor::uninitialized({d.B, n, d.E}), MT({d.B, d.S, d.E});
-  flash_forward(yc.ptr(), rows("quad_q")->ptr(), rows("quad_k")->ptr(), rows("lin_q")->ptr(), rows("lin_k")->ptr(),
-                rows("v")->ptr(), dn, true, M0, MT.ptr());
-  out["y"] = L > 0 ? rows_of(yc, L, n) : std::move(yc);
+  const FlashSaved* reuse = dy ? reuse_of(c, dn, true) : nullptr;
+  if (reuse) {  // y and the final M as the forward gave them
+    out["y"] = reuse->y, out["state.M"] = reuse->MT;
+  } else {
+    FlashSaved* kept = keep_of(c, !dy);
+    Tensor yc = Tensor::uninitialized({d.B, n, d.E}), MT({d.B, d.S, d.E});
+    flash_forward(yc.ptr(), rows("quad_q")->ptr(), rows("quad_k")->ptr(), rows("lin_q")->ptr(), rows("lin_k")->ptr(),
+                  rows("v")->ptr(), dn, true, M0, MT.ptr(), kept);
+    out["y"] = L > 0 ? rows_of(yc, L, n) : std::move(yc);
+    if (kept) kept->y = saved_y(out["y"]), kept->MT = MT;
+    out["state.M"] = std::move(MT);
+  }
   for (const char* name : kFlashIn)
     if (const char* st = flash_state_of(name)) out[std::string("state.") + st] = rows_of(*rows(name), n - keep, n);
-  out["state.M"] = std::move(MT);
   if (!dy) return out;
   TensorMap g;
   for (const char* name : kFlashIn) g[name] = Tensor::uninitialized(rows(name)->shape);  // written whole
@@ -273,7 +326,7 @@ TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
   flash_backward({g["quad_q"].ptr(), g["quad_k"].ptr(), g["lin_q"].ptr(), g["lin_k"].ptr(), g["v"].ptr()},
                  rows("quad_q")->ptr(), rows("quad_k")->ptr(), rows("lin_q")->ptr(), rows("lin_k")->ptr(),
                  rows("v")->ptr(), L > 0 ? dyc.ptr() : dy->ptr(), dn, true, M0,
-                 c.has("dfinal.M") ? c.t("dfinal.M").ptr() : nullptr, dM0.ptr());
+                 c.has("dfinal.M") ? c.t("dfinal.M").ptr() : nullptr, dM0.ptr(), reuse);
   for (const char* name : kFlashIn) {
     Tensor& gi = g[name];
     if (const char* st = flash_state_of(name)) {
@@ -356,24 +409,32 @@ MixerSpec make_spec() {
   s.parallel = [](const Call& c) {
     if (c.causal && (c.has("state.M") || c.final_state)) return flash_state_forms(c, nullptr);
     const FlashDims d = flash_dims(c);
-    Tensor y({d.B, d.T, d.E});
+    Tensor y = Tensor::uninitialized({d.B, d.T, d.E});  // every row written
+    FlashSaved* kept = keep_of(c, true);
     flash_forward(y.ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
-                  c.t("v").ptr(), d, c.causal);
+                  c.t("v").ptr(), d, c.causal, nullptr, nullptr, kept);
+    if (kept) kept->y = saved_y(y);
     return moved_map("y", std::move(y));
   };
   s.backward = [](const Call& c, const Tensor& dy) {
     if (c.causal && (c.has("state.M") || c.final_state)) return flash_state_forms(c, &dy);
     const FlashDims d = flash_dims(c);
     TensorMap out;
-    out["y"] = Tensor({d.B, d.T, d.E});
-    flash_forward(out["y"].ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
-                  c.t("v").ptr(), d, c.causal);
-    for (const char* n : {"dquad_q", "dquad_k", "dlin_q", "dlin_k"}) out[n] = Tensor({d.B, d.T, d.S});
-    out["dv"] = Tensor({d.B, d.T, d.E});
+    const FlashSaved* reuse = reuse_of(c, d, c.causal);
+    if (reuse) {
+      out["y"] = reuse->y;  // a copy
+    } else {
+      out["y"] = Tensor::uninitialized({d.B, d.T, d.E});
+      flash_forward(out["y"].ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
+                    c.t("v").ptr(), d, c.causal);
+    }
+    // every element written by the backward's products (beta 0, or the accumulation after them)
+    for (const char* n : {"dquad_q", "dquad_k", "dlin_q", "dlin_k"}) out[n] = Tensor::uninitialized({d.B, d.T, d.S});
+    out["dv"] = Tensor::uninitialized({d.B, d.T, d.E});
     flash_backward({out["dquad_q"].ptr(), out["dquad_k"].ptr(), out["dlin_q"].ptr(), out["dlin_k"].ptr(),
                     out["dv"].ptr()},
                    c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(), c.t("v").ptr(),
-                   dy.ptr(), d, c.causal);
+                   dy.ptr(), d, c.causal, nullptr, nullptr, nullptr, reuse);
     return out;
   };
   // one token: the current group's rows (quadratic part) and M, the linear state of the groups

@@ -52,7 +52,7 @@ class GauLayer : public MixerLayer {
     nn::matmul_forward(zp_.data(), a, io.w("att.wz.weight"), io.w("att.wz.bias"), N, C_, S);
     for (int64_t i = 0; i < N * e; ++i) U_[i] = silu1(up_[i]), V_[i] = silu1(vp_[i]);
     for (int64_t i = 0; i < N * S; ++i) Z_[i] = silu1(zp_[i]);
-    y_ = mixer_forward(lc_, inputs(io, B, T), cfg_.causal).data;  // (N, e)
+    y_ = mixer_forward(lc_, inputs(io, B, T), cfg_.causal, io.keep ? &kept_ : nullptr).data;  // (N, e)
     O_.resize(N * e);
     for (int64_t i = 0; i < N * e; ++i) O_[i] = U_[i] * y_[i];
     nn::matmul_forward(out, O_.data(), io.w("att.o.weight"), nullptr, N, e, C_);
@@ -63,7 +63,8 @@ class GauLayer : public MixerLayer {
     std::vector<float> dO(N * e), dU(N * e), dA(N * e), dZ(N * S, 0.0f);
     nn::matmul_backward(dO.data(), io.g("att.o.weight"), nullptr, dout, O_.data(), io.w("att.o.weight"), N, e, C_);
     for (int64_t i = 0; i < N * e; ++i) dU[i] = dO[i] * y_[i], dA[i] = dO[i] * U_[i];
-    const TensorMap g = mixer_backward(lc_, inputs(io, B, T), {B, T, e}, dA.data(), cfg_.causal);
+    const TensorMap g = mixer_backward(lc_, inputs(io, B, T), {B, T, e}, dA.data(), cfg_.causal, kept_.get());
+    kept_.reset();
     const float* gm = io.w("att.gamma");
     float *ggm = io.g("att.gamma"), *gbt = io.g("att.beta");
     for (int j = 0; j < 4; ++j) {
@@ -93,6 +94,7 @@ class GauLayer : public MixerLayer {
   }
   int64_t S_, e_;
   std::vector<float> up_, vp_, zp_, U_, V_, Z_, y_, O_;
+  std::shared_ptr<RunSaved> kept_;  // what the training forward kept for the backward (Call::keep)
   const float* a_ = nullptr;
   friend class GauRun;
 };
