@@ -219,6 +219,39 @@ TEST_P(Grad, ParallelBackwardCrossesEveryBlock) {
   }
 }
 
+// The backward on what its forward kept (Call::keep / Call::reuse: what linmix.ops and linmix train
+// run) gives what the backward that recomputes the forward gives (to float32 rounding), past every blocking
+// constant, from a state where the mechanism takes one: every gradient, y and the final state. Every
+// case whose forward keeps something (the gated kernels' causal forms, flash).
+TEST(GradKept, BackwardOnTheKeptForwardEqualsTheRecomputingOne) {
+  int keeping = 0;
+  for (const Case& c : grad_cases()) {
+    const MixerSpec& spec = find_mixer(c.mixer);
+    if (!spec.backward) continue;
+    SCOPED_TRACE(c.mixer + (c.causal ? " causal" : " non-causal") + (c.params.count("group") ? " group " + c.params.at("group") : ""));
+    auto dims = crossing_dims(spec, Scale::Grad, c.causal);
+    if (dims.empty()) dims = dims_for(c, 40);
+    const TensorMap in = with_dy(example_inputs(spec, dims, 51), c, 52);
+    TensorMap fwd_in;
+    for (const auto& [n, t] : in)
+      if (n != "dy" && n.rfind("dfinal.", 0) != 0) fwd_in[n] = t;
+    std::shared_ptr<RunSaved> kept;
+    run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, fwd_in, false, true, true, &kept);
+    if (!kept) continue;
+    ++keeping;
+    const TensorMap want = run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in, true);
+    const TensorMap got = run_mixer(c.mixer, Mode::Parallel, c.causal, c.params, in, true, true, true, nullptr, kept.get());
+    ASSERT_EQ(got.size(), want.size());
+    for (const auto& [n, t] : want) {
+      ASSERT_TRUE(got.count(n)) << n;
+      EXPECT_EQ(got.at(n).shape, t.shape) << n;
+      // equal but for the order of a sum over the threads (performer's dproj: heads reduced as they finish)
+      EXPECT_LE(rel_rms(got.at(n), t, grad_floor(want)), 1e-6) << n << ", T=" << dims.at("T");
+    }
+  }
+  EXPECT_GE(keeping, 19);  // 10 mechanisms' causal forms (with their more_params), flash's non-causal ones
+}
+
 INSTANTIATE_TEST_SUITE_P(All, Grad, ::testing::ValuesIn(grad_cases()), case_name);
 
 // The gated kernel's factored form with a few channels too fast for it (kernels/decay_chunk.cpp

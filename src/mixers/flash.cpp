@@ -132,6 +132,13 @@ void flash_states(std::vector<float>& Ms, const float* lk, const float* v, const
 // M0, MT (B,S,E; causal, null: none / not wanted): the linear state before and after. Groups of
 // every sequence on the threads, each given its linear state by flash_states (the groups of one
 // sequence ran one after another, so a call of one sequence ran on one core).
+// The rows of a group's sub-block (causal): row block i reads only the column blocks up to its own,
+// so the group's four products over (n, n) scores skip the blocks above the diagonal (G 256: 10 of
+// 16 blocks of 64 computed; the masked elements of the diagonal blocks as before). Non-causal: the
+// whole group at once.
+constexpr int64_t kFlashSub = 64;
+int64_t sub_rows(int64_t n, bool causal) { return causal ? std::min(kFlashSub, n) : n; }
+
 // keep (null: none): the forward keeps its states and scores there (FlashSaved; y is the caller's).
 void flash_forward(float* y, const float* qq, const float* qk, const float* lq, const float* lk, const float* v,
                    const FlashDims& d, bool causal, const float* M0 = nullptr, float* MT = nullptr,
@@ -151,15 +158,19 @@ void flash_forward(float* y, const float* qq, const float* qk, const float* lq, 
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t g = 0; g < ng; ++g) {
         const int64_t g0 = g * G, n = std::min(G, T - g0), r0 = b * T + g0;
-        gemm_nt(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld, 1.0f, 0.0f);
         float* rk = kr ? kr + (b * ng + g) * ld * ld : nullptr;
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) {
-            const float a = std::max(A[i * ld + j] / float(G), 0.0f);
-            if (rk) rk[i * ld + j] = a;
-            A[i * ld + j] = (causal && j > i) ? 0.0f : a * a;
-          }
-        gemm_nn(y + r0 * E, A.data(), v + r0 * E, n, E, n, ld, E, E, 1.0f, 0.0f);
+        const int64_t bs = sub_rows(n, causal);
+        for (int64_t i0 = 0; i0 < n; i0 += bs) {  // row block [i0, i0 + m) reads the columns below c
+          const int64_t m = std::min(bs, n - i0), c = causal ? i0 + m : n;
+          gemm_nt(A.data() + i0 * ld, qq + (r0 + i0) * S, qk + r0 * S, m, c, S, S, S, ld, 1.0f, 0.0f);
+          for (int64_t i = i0; i < i0 + m; ++i)
+            for (int64_t j = 0; j < c; ++j) {
+              const float a = std::max(A[i * ld + j] / float(G), 0.0f);
+              if (rk) rk[i * ld + j] = a;
+              A[i * ld + j] = (causal && j > i) ? 0.0f : a * a;
+            }
+          gemm_nn(y + (r0 + i0) * E, A.data() + i0 * ld, v + r0 * E, m, E, c, ld, E, E, 1.0f, 0.0f);
+        }
         // the linear part: the groups before (causal) or all (non-causal)
         gemm_nn_acc(y + r0 * E, lq + r0 * S, pM + (b * ng + g) * S * E, n, E, S, S, E, E);
       }
@@ -198,18 +209,27 @@ void flash_backward(const FlashGrads& gr, const float* qq, const float* qk, cons
       for (int64_t g = 0; g < ng; ++g) {  // the quadratic part, dlin_q, dM_g
         const int64_t g0 = g * G, n = std::min(G, T - g0), r0 = b * T + g0;
         const float* rk = reuse ? reuse->r.data() + (b * ng + g) * ld * ld : nullptr;  // relu(s / G) kept
-        if (!rk) gemm_nt(A.data(), qq + r0 * S, qk + r0 * S, n, n, S, S, S, ld, 1.0f, 0.0f);
-        gemm_nt(dS.data(), dy + r0 * E, v + r0 * E, n, n, E, E, E, ld, 1.0f, 0.0f);  // dA = dY V^T
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) {
-            const float r = rk ? rk[i * ld + j] : std::max(A[i * ld + j] / float(G), 0.0f);
-            const bool keep = !(causal && j > i);
-            A[i * ld + j] = keep ? r * r : 0.0f;
-            dS[i * ld + j] = keep ? dS[i * ld + j] * 2.0f * r / float(G) : 0.0f;
-          }
-        gemm_tn(gr.dv + r0 * E, A.data(), dy + r0 * E, n, E, n, ld, E, E, 1.0f, 0.0f);
-        gemm_nn(gr.dqq + r0 * S, dS.data(), qk + r0 * S, n, S, n, ld, S, S, 1.0f, 0.0f);
-        gemm_tn(gr.dqk + r0 * S, dS.data(), qq + r0 * S, n, S, n, ld, S, S, 1.0f, 0.0f);
+        const int64_t bs = sub_rows(n, causal);
+        for (int64_t i0 = 0; i0 < n; i0 += bs) {  // row block [i0, i0 + m): A, dS left of c, dQq
+          const int64_t m = std::min(bs, n - i0), c = causal ? i0 + m : n;
+          float *Ai = A.data() + i0 * ld, *dSi = dS.data() + i0 * ld;
+          if (!rk) gemm_nt(Ai, qq + (r0 + i0) * S, qk + r0 * S, m, c, S, S, S, ld, 1.0f, 0.0f);
+          gemm_nt(dSi, dy + (r0 + i0) * E, v + r0 * E, m, c, E, E, E, ld, 1.0f, 0.0f);  // dA = dY V^T
+          for (int64_t i = i0; i < i0 + m; ++i)
+            for (int64_t j = 0; j < c; ++j) {
+              const float r = rk ? rk[i * ld + j] : std::max(A[i * ld + j] / float(G), 0.0f);
+              const bool keep = !(causal && j > i);
+              A[i * ld + j] = keep ? r * r : 0.0f;
+              dS[i * ld + j] = keep ? dS[i * ld + j] * 2.0f * r / float(G) : 0.0f;
+            }
+          gemm_nn(gr.dqq + (r0 + i0) * S, dSi, qk + r0 * S, m, S, c, ld, S, S, 1.0f, 0.0f);
+        }
+        for (int64_t j0 = 0; j0 < n; j0 += bs) {  // column block [j0, j0 + m): the rows from j0 down
+          const int64_t m = std::min(bs, n - j0), k0 = causal ? j0 : 0;
+          gemm_tn(gr.dv + (r0 + j0) * E, A.data() + k0 * ld + j0, dy + (r0 + k0) * E, m, E, n - k0, ld, E, E, 1.0f, 0.0f);
+          gemm_tn(gr.dqk + (r0 + j0) * S, dS.data() + k0 * ld + j0, qq + (r0 + k0) * S, m, S, n - k0, ld, S, S, 1.0f,
+                  0.0f);
+        }
         gemm_nt(gr.dlq + r0 * S, dy + r0 * E, pM + (b * ng + g) * SE, n, S, E, E, E, S, 1.0f, 0.0f);
         gemm_tn(pdM + (b * ng + g) * SE, lq + r0 * S, dy + r0 * E, S, E, n, S, E, E, 1.0f, 0.0f);
       }
@@ -344,6 +364,9 @@ MixerSpec make_spec() {
   MixerSpec s;
   s.name = "flash";
   s.small_params = {{"group", "3"}};  // several groups, a padded last one
+  // groups of several causal sub-blocks (kFlashSub), a short last one in each group
+  s.more_params = {{{"group", "150"}}};
+  s.blocking = {{"T", kFlashSub}};
   s.bench_params = {{"group", "256"}};
   s.own_dims = [](std::map<std::string, int64_t>& d, Scale scale, bool) {
     d["S"] = scale == Scale::Test ? 5 : scale == Scale::Grad ? 3 : scale == Scale::Demo ? 16 : 128;
