@@ -105,7 +105,8 @@ class _Mix(torch.autograd.Function):
             saved, ctx.linmix_saved = ctx.linmix_saved, None  # (a second backward, retain_graph, recomputes)
             # the final state asked for only when the forward returned it (its gradient is then in
             # dout): without it aft_local, aft_conv and flash take their forms without state copies
-            g = _C.run(name, "parallel", causal, params, {**given, **dout}, True, _threads(), bool(want), False, saved)
+            g = _C.run(name, "parallel", causal, params, {**given, **dout}, True, _threads(), bool(want), False, saved,
+                       False)  # the gradients only: y not copied out
         grads = []
         for i, (n, t) in enumerate(zip(names, tensors)):
             grads.append(g.get("d" + n) if t is not None and ctx.needs_input_grad[i + 1] else None)

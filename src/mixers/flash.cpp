@@ -284,10 +284,10 @@ const char* flash_state_of(const std::string& in) {  // the state tensor caching
   return in == "quad_k" ? "quad_k" : in == "lin_k" ? "lin_k" : in == "v" ? "v" : nullptr;
 }
 
-// The forward's y as its saved copy: the same buffer where y has one of its own (nothing copied;
-// the backward hands on a copy of it), else a copy.
+// y shared, not copied: the same buffer where y's storage keeps one alive (the forward's own y, and
+// the saved one the backward hands on as its y), else a copy.
 Tensor saved_y(const Tensor& y) {
-  if (!y.data.owns_buffer()) return y;
+  if (!y.data.keeper()) return y;
   Tensor t;
   t.shape = y.shape;
   t.data = Storage::view(const_cast<float*>(y.ptr()), y.data.size(), y.data.keeper());
@@ -326,7 +326,7 @@ TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
   TensorMap out;
   const FlashSaved* reuse = dy ? reuse_of(c, dn, true) : nullptr;
   if (reuse) {  // y and the final M as the forward gave them
-    out["y"] = reuse->y, out["state.M"] = reuse->MT;
+    out["y"] = saved_y(reuse->y), out["state.M"] = reuse->MT;
   } else {
     FlashSaved* kept = keep_of(c, !dy);
     Tensor yc = Tensor::uninitialized({d.B, n, d.E}), MT({d.B, d.S, d.E});
@@ -445,7 +445,7 @@ MixerSpec make_spec() {
     TensorMap out;
     const FlashSaved* reuse = reuse_of(c, d, c.causal);
     if (reuse) {
-      out["y"] = reuse->y;  // a copy
+      out["y"] = saved_y(reuse->y);  // the forward's buffer
     } else {
       out["y"] = Tensor::uninitialized({d.B, d.T, d.E});
       flash_forward(out["y"].ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),

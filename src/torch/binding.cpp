@@ -130,7 +130,8 @@ struct Saved {
 std::map<std::string, at::Tensor> run(const std::string& name, const std::string& mode, bool causal,
                                       const std::map<std::string, std::string>& params,
                                       const std::map<std::string, at::Tensor>& tensors, bool grad, int threads,
-                                      bool final_state, bool check_values, std::shared_ptr<Saved> saved) {
+                                      bool final_state, bool check_values, std::shared_ptr<Saved> saved,
+                                      bool grad_y) {
   call_threads(threads);
   TensorMap in;
   for (const auto& [n, t] : tensors) {
@@ -143,6 +144,7 @@ std::map<std::string, at::Tensor> run(const std::string& name, const std::string
     out = linmix::run_mixer(name, linmix::parse_mode(mode), causal, params, in, grad, final_state, check_values,
                             saved && !grad ? &saved->kept : nullptr, saved && grad ? saved->kept.get() : nullptr);
   }
+  if (grad && !grad_y) out.erase("y");  // not wanted: not copied into a torch tensor
   std::map<std::string, at::Tensor> res;
   for (auto& [n, t] : out) res[n] = into_torch(std::move(t));
   return res;
@@ -322,11 +324,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // _C, or _C_v4 for the x86-64-v4 bu
   m.def("mixers_json", &linmix::mixers_json, "the registry as JSON (linmix mixers --json)");
   m.def("run", &run, py::arg("name"), py::arg("mode"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
         py::arg("grad") = false, py::arg("threads") = 0, py::arg("final_state") = true, py::arg("check_values") = true,
-        py::arg("saved") = nullptr,
+        py::arg("saved") = nullptr, py::arg("grad_y") = true,
         "a float32 call: the parallel or recurrent form, or with grad the hand-written backward "
         "(final_state: whether the final state is wanted; check_values = False: names and shapes "
         "checked, not the values; saved: a Saved the parallel forward fills with what its backward "
-        "reads, given to that backward)");
+        "reads, given to that backward; grad_y = False: the backward's y left out)");
   m.def("kernel_seconds", &kernel_seconds, py::arg("name"), py::arg("causal"), py::arg("params"), py::arg("tensors"),
         py::arg("threads") = 0, py::arg("keep") = false,
         "seconds of one call of the kernel linmix bench times (the forward; the backward when dy is given; "
