@@ -485,6 +485,7 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
     for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
     return s;
   };
+  std::vector<float> dps;  // (B H, M, D): each head's dproj (a local: the heads run on the threads)
   auto post = [&](GatedHead& z) {
     const int64_t bh = z.b * H + z.h, row0 = z.b * T * H + z.h;
     Head& hd = heads[size_t(bh)];
@@ -531,17 +532,22 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
       feature_logits(l.data(), k + (row0 + hd.arg_s * H) * D, H * D, 1, proj, M, D);
       arg_m = std::max_element(l.begin(), l.end()) - l.begin();
     }
-    // the feature map, queries then keys (with the final kmax's logit)
-    thread_local std::vector<float> dp;
-    dp.assign(size_t(M * D), 0.0f);
-    feature_backward(out.at("dq").ptr() + row0 * D, dQ, Qf, q + row0 * D, H * D, proj, T, M, D, dp.data());
-    feature_backward(out.at("dk").ptr() + row0 * D, dK, Kf, k + row0 * D, H * D, proj, T, M, D, dp.data(),
+    // the feature map, queries then keys (with the final kmax's logit); the head's share of dproj
+    // in its own slot, summed over the heads in their order below (as they finished: the sum's
+    // rounding changed from run to run)
+    float* dp = dps.data() + bh * M * D;
+    std::fill(dp, dp + M * D, 0.0f);
+    feature_backward(out.at("dq").ptr() + row0 * D, dQ, Qf, q + row0 * D, H * D, proj, T, M, D, dp);
+    feature_backward(out.at("dk").ptr() + row0 * D, dK, Kf, k + row0 * D, H * D, proj, T, M, D, dp,
                      arg_m >= 0 ? hd.arg_s * M + arg_m : -1, Rg);
-    float* dproj = out.at("dproj").ptr();
-#pragma omp critical(performer_dproj)
-    for (int64_t i = 0; i < M * D; ++i) dproj[i] += dp[size_t(i)];
   };
+  if (dy) dps.resize(size_t(B * H * M * D));
   gated_heads(c, dy, M, E, false, prep, post);
+  if (dy) {
+    float* dproj = out.at("dproj").ptr();
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t i = 0; i < M * D; ++i) dproj[i] += dps[size_t(bh * M * D + i)];
+  }
   return out;
 }
 
