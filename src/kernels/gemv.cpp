@@ -507,24 +507,6 @@ void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1,
   }
 }
 
-// The first kFarBytes of rows [r0, r1) of W into L2 (the rows are contiguous in every type).
-void prefetch_first(const QMatrix& W, int64_t r0, int64_t r1) {
-  const char* p = nullptr;
-  int64_t row_bytes = 0;
-  switch (W.type) {
-    case WType::F32: p = reinterpret_cast<const char*>(W.f32.data() + r0 * W.cols), row_bytes = 4 * W.cols; break;
-    case WType::BF16: p = reinterpret_cast<const char*>(W.bf16.data() + r0 * W.cols), row_bytes = 2 * W.cols; break;
-    case WType::I8: p = reinterpret_cast<const char*>(W.i8.data() + r0 * W.cols), row_bytes = W.cols; break;
-    case WType::Q4: {
-      const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group;
-      p = reinterpret_cast<const char*>(W.q4.data() + r0 * G * 16), row_bytes = G * 16;
-      break;
-    }
-  }
-  const int64_t bytes = std::min(kFarBytes, (r1 - r0) * row_bytes);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
-}
-
 }  // namespace
 
 const char* gemv_isa() { return has_vnni() ? "avx512+vnni" : has_avx512() ? "avx512" : "avx2"; }
@@ -559,25 +541,12 @@ void gemv_many(const GemvJob* jobs, int n) {
     const int64_t lo = start[n] * tid / nt, hi = start[n] * (tid + 1) / nt;
     // a block belongs to the thread whose share holds the cost at the block's start
     auto first_at = [](int64_t c, int64_t c0, int64_t bc) { return c <= c0 ? 0 : (c - c0 + bc - 1) / bc; };
-    struct Run {
-      int j;
-      int64_t r0, r1;
-    };
-    Run runs[16];
-    int nr = 0;
     for (int j = 0; j < n; ++j) {
       if (start[j + 1] <= lo || start[j] >= hi) continue;
       const int64_t b0 = first_at(lo, start[j], bcost[j]), b1 = std::min(nblk[j], first_at(hi, start[j], bcost[j]));
-      if (b1 > b0) runs[nr++] = {j, b0 * kRows, std::min(jobs[j].W->rows, b1 * kRows)};
-    }
-    for (int k = 0; k < nr; ++k) {
-      // the next run's first rows into L2 while this one is read: the kernels prefetch ahead only
-      // within a product, so each product's first rows otherwise start from memory
-      if (k + 1 < nr) prefetch_first(*jobs[runs[k + 1].j].W, runs[k + 1].r0, runs[k + 1].r1);
-      const Run& u = runs[k];
-      const QMatrix& W = *jobs[u.j].W;
-      for (int64_t r = u.r0; r < u.r1; r += kRows)
-        rows_of(W, jobs[u.j].x, jobs[u.j].y, r, std::min(u.r1, r + kRows), wide, xq[u.j], xs[u.j]);
+      const QMatrix& W = *jobs[j].W;
+      for (int64_t b = b0; b < b1; ++b)
+        rows_of(W, jobs[j].x, jobs[j].y, b * kRows, std::min(W.rows, (b + 1) * kRows), wide, xq[j], xs[j]);
     }
   }
 }
