@@ -129,9 +129,6 @@ void flash_states(std::vector<float>& Ms, const float* lk, const float* v, const
     }
 }
 
-// M0, MT (B,S,E; causal, null: none / not wanted): the linear state before and after. Groups of
-// every sequence on the threads, each given its linear state by flash_states (the groups of one
-// sequence ran one after another, so a call of one sequence ran on one core).
 // The rows of a group's sub-block (causal): row block i reads only the column blocks up to its own,
 // so the group's four products over (n, n) scores skip the blocks above the diagonal (G 256: 10 of
 // 16 blocks of 64 computed; the masked elements of the diagonal blocks as before). Non-causal: the
@@ -139,6 +136,9 @@ void flash_states(std::vector<float>& Ms, const float* lk, const float* v, const
 constexpr int64_t kFlashSub = 64;
 int64_t sub_rows(int64_t n, bool causal) { return causal ? std::min(kFlashSub, n) : n; }
 
+// M0, MT (B,S,E; causal, null: none / not wanted): the linear state before and after. Groups of
+// every sequence on the threads, each given its linear state by flash_states (the groups of one
+// sequence ran one after another, so a call of one sequence ran on one core).
 // keep (null: none): the forward keeps its states and scores there (FlashSaved; y is the caller's).
 void flash_forward(float* y, const float* qq, const float* qk, const float* lq, const float* lk, const float* v,
                    const FlashDims& d, bool causal, const float* M0 = nullptr, float* MT = nullptr,
