@@ -6,7 +6,8 @@ that 3 does not divide (handled exactly: rows split 2/1/1, each rank's gradient 
 share of the scored positions), on the corpus and on a synthetic task (recall: only the values
 after queried keys are scored), an encoder classifier (task order: accuracy evaluated over the
 ranks), with --accum; --resume with another N continues the same run; rank 0
-alone writes; more ranks than sequences are refused; a rank killed or stopped ends the job
+alone writes; more ranks than sequences are refused; without its MPI module (linmix-mpi.so)
+several ranks are refused by name; a rank killed or stopped ends the job
 with a message instead of a hang.
 
 Tolerances. The ranks' gradients are summed by MPI_Allreduce in another order than one process
@@ -141,6 +142,23 @@ def main():
     ok = rc != 0 and "smaller than the 5 ranks" in out
     check("more ranks than sequences refused", ok, "" if ok else out[-300:])
     check("refused before writing", not os.path.exists(os.path.join(TMP, "five", "log.jsonl")))
+
+    # MPI is a module beside the executable (linmix-mpi.so), loaded only under mpirun: a copy of the
+    # executables without it refuses a job of several ranks with one line, and still runs alone
+    lone = os.path.join(TMP, "lone")
+    os.makedirs(lone)
+    here = os.path.dirname(LINMIX)
+    for n in os.listdir(here):
+        if n.startswith(os.path.basename(LINMIX)) and not n.endswith(".so") and os.path.isfile(os.path.join(here, n)):
+            shutil.copy2(os.path.join(here, n), lone)
+    lone_bin = os.path.join(lone, os.path.basename(LINMIX))
+    r = subprocess.run([MPIRUN, "-np", "2", lone_bin, "train", "--data", DATA, "--config", CFG, "--steps", "2",
+                        "--batch", "4", "--seq", "32", "--out", os.path.join(TMP, "lone_out")],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    ok = r.returncode != 0 and "MPI could not be loaded" in r.stderr and "linmix-mpi.so" in r.stderr
+    check("without linmix-mpi.so: several ranks refused by name", ok, "" if ok else (r.stdout + r.stderr)[-400:])
+    r = subprocess.run([lone_bin, "--version"], capture_output=True, text=True, env=ENV, timeout=60)
+    check("without linmix-mpi.so: one process runs", r.returncode == 0, r.stderr[-300:])
 
     # a rank killed mid-run: mpirun ends the job (no hang)
     for how, sig, env in (("killed", signal.SIGKILL, {}), ("stopped", signal.SIGSTOP, {"LINMIX_MPI_TIMEOUT": "3"})):
