@@ -327,9 +327,69 @@ struct ForwardRows {
 
 }  // namespace
 
+namespace {
+
+// aft_simple's causal forward (no band: the running sums alone), one pass over a row: the sums'
+// update, y and the check of the row's values together, where ForwardRows::forward_row took
+// seven (the sums, their copies for the band's scale, y into a staging row, the check) over its
+// channel block's n floats. The same arithmetic, in the same order, as that path.
+void simple_rows(float* y, const float* q, const float* k, const float* v, int64_t b, int64_t T, int64_t C,
+                 int64_t c0, int64_t n, AftSumsIO* sums, uint32_t* bad) {
+  thread_local std::vector<float> buf;
+  buf.resize(size_t(4 * n));
+  float *__restrict pm = buf.data(), *__restrict pn = pm + n, *__restrict pd = pn + n, *__restrict yr = pd + n;
+  const int64_t o0 = b * C + c0;
+  if (sums && sums->num0) {  // the sums start from the initial state
+    std::copy(sums->max0 + o0, sums->max0 + o0 + n, pm);
+    std::copy(sums->num0 + o0, sums->num0 + o0 + n, pn);
+    std::copy(sums->den0 + o0, sums->den0 + o0 + n, pd);
+  } else {
+    std::fill(pm, pm + n, kEmptyMax), std::fill(pn, pn + 2 * n, 0.0f);
+  }
+  uint32_t nonfinite = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t at = (b * T + t) * C + c0;
+    if (C > n && t + kPrefetchRows < T) {  // a block's rows are C floats apart (common.h)
+      const int64_t ta = at + kPrefetchRows * C;
+      prefetch_floats(k + ta, n), prefetch_floats(v + ta, n), prefetch_floats(q + ta, n);
+      prefetch_floats<true>(y + ta, n);
+    }
+    const float *__restrict qt = q + at, *__restrict kt = k + at, *__restrict vt = v + at;
+#pragma omp simd reduction(| : nonfinite)
+    for (int64_t c = 0; c < n; ++c) {
+      const float mn = vmax(pm[c], kt[c]);
+      float a, e;
+      exp_pair(pm[c], kt[c], a, e);  // e^{m - mn}, e^{k - mn}
+      const float nu = pn[c] * a + e * vt[c], de = pd[c] * a + e;
+      pn[c] = nu, pd[c] = de, pm[c] = mn;
+      yr[c] = nu / (de * (1.0f + exp_fast(-qt[c])));  // sigma(q) nu / de, one division
+      nonfinite |= nonfinite_bits(qt[c]) | nonfinite_bits(kt[c]) | nonfinite_bits(vt[c]);
+    }
+    put_row(y + at, yr, n);
+  }
+  if (bad && nonfinite) __atomic_fetch_or(bad, 1u, __ATOMIC_RELAXED);
+  if (sums && sums->numT) {
+    std::copy(pm, pm + n, sums->maxT + o0);
+    std::copy(pn, pn + n, sums->numT + o0);
+    std::copy(pd, pd + n, sums->denT + o0);
+  }
+}
+
+}  // namespace
+
 void aft_forward(float* y, const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t C,
                  bool causal, const AftBand& band, float* o_out, float* lse_out, AftSumsIO* sums, uint32_t* bad) {
   const int64_t nblocks = static_cast<int64_t>(band.blocks.size());
+  if (causal && band.lo < 0 && !o_out) {  // aft_simple's inference forward
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t c0 = band.blocks[bi].first;
+        simple_rows(y, q, k, v, b, T, C, c0, band.blocks[bi].second - c0, sums, bad);
+        end_streams();
+      }
+    return;
+  }
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
