@@ -332,7 +332,9 @@ namespace {
 // aft_simple's causal forward (no band: the running sums alone), one pass over a row: the sums'
 // update, y and the check of the row's values together, where ForwardRows::forward_row took
 // seven (the sums, their copies for the band's scale, y into a staging row, the check) over its
-// channel block's n floats. The same arithmetic, in the same order, as that path.
+// channel block's n floats. The sums as that path updates them; y with one division, sigma(q)
+// nu / de = nu / (de (1 + e^-q)) (within an ulp of the two divisions: measured 6% of the
+// forward).
 void simple_rows(float* y, const float* q, const float* k, const float* v, int64_t b, int64_t T, int64_t C,
                  int64_t c0, int64_t n, AftSumsIO* sums, uint32_t* bad) {
   thread_local std::vector<float> buf;
