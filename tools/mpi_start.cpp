@@ -27,10 +27,11 @@ int launched_size() {
   return env_int(names, 1);
 }
 
-using OpenFn = Comm* (*)();
 using AbortFn = void (*)(int);
 AbortFn g_abort = nullptr;  // the module's MPI_Abort once it is loaded
 
+#ifdef LINMIX_HAVE_MPI
+using OpenFn = Comm* (*)();
 // The module beside this executable (build/<preset>/linmix-mpi.so, whichever linmix-<arch> runs).
 std::string module_path() {
   char self[PATH_MAX];
@@ -39,6 +40,7 @@ std::string module_path() {
   const std::string exe(self, size_t(n));
   return exe.substr(0, exe.rfind('/') + 1) + "linmix-mpi.so";
 }
+#endif
 
 }  // namespace
 

@@ -30,18 +30,21 @@ namespace {
 // (MIXERS.md uses the same convention, p = -1e38, for RWKV).
 constexpr float kEmptyMax = kAftEmptyMax;
 
+// One channel: adds exp(x) * val to the running sum (num, den) kept scaled by exp(-m).
+[[gnu::always_inline]] inline void running_step(float& m, float& num, float& den, float x, float val) {
+  const float mn = vmax(m, x);
+  float a, e;
+  exp_pair(m, x, a, e);  // e^{m - mn}, e^{x - mn}
+  num = num * a + e * val;
+  den = den * a + e;
+  m = mn;
+}
+
 // Adds exp(x) * val to the running sum (num, den) kept scaled by exp(-m), per channel.
 inline void running_add(float* __restrict m, float* __restrict num, float* __restrict den, const float* __restrict x,
                         const float* __restrict val, int64_t n) {
 #pragma omp simd
-  for (int64_t c = 0; c < n; ++c) {
-    const float mn = vmax(m[c], x[c]);
-    float a, e;
-    exp_pair(m[c], x[c], a, e);  // e^{m - mn}, e^{x - mn}
-    num[c] = num[c] * a + e * val[c];
-    den[c] = den[c] * a + e;
-    m[c] = mn;
-  }
+  for (int64_t c = 0; c < n; ++c) running_step(m[c], num[c], den[c], x[c], val[c]);
 }
 
 // Adds exp(x) * (v1, v2) to two running sums kept scaled by exp(-m), per channel.
@@ -359,12 +362,8 @@ void simple_rows(float* y, const float* q, const float* k, const float* v, int64
     const float *__restrict qt = q + at, *__restrict kt = k + at, *__restrict vt = v + at;
 #pragma omp simd reduction(| : nonfinite)
     for (int64_t c = 0; c < n; ++c) {
-      const float mn = vmax(pm[c], kt[c]);
-      float a, e;
-      exp_pair(pm[c], kt[c], a, e);  // e^{m - mn}, e^{k - mn}
-      const float nu = pn[c] * a + e * vt[c], de = pd[c] * a + e;
-      pn[c] = nu, pd[c] = de, pm[c] = mn;
-      yr[c] = nu / (de * (1.0f + exp_fast(-qt[c])));  // sigma(q) nu / de, one division
+      running_step(pm[c], pn[c], pd[c], kt[c], vt[c]);
+      yr[c] = pn[c] / (pd[c] * (1.0f + exp_fast(-qt[c])));  // sigma(q) nu / de, one division
       nonfinite |= nonfinite_bits(qt[c]) | nonfinite_bits(kt[c]) | nonfinite_bits(vt[c]);
     }
     put_row(y + at, yr, n);
