@@ -3,8 +3,8 @@
 // row's u (the state's "shift" for row 0), d = p - u; per layer
 //   mixes -> r, k, v (+ gate) GEMMs -> decay and the v7 vectors -> WKV -> GN (+ v7 bonus) ->
 //   gate -> x += W_o y;  u2 = LN2(x), x += channel mix.
-// sequence(): passes of up to kPass rows; the WKV through the registry's mechanism (rwkv5,
-// rwkv6, rwkv7: their chunked parallel form from the state, which returns the final state).
+// sequence(): passes of up to kPass rows; the WKV through the chunked kernels of the registry's
+// rwkv5, rwkv6, rwkv7 (kernels/decay_chunk.h: gated with the bonus, DPLR) on the engine's buffers.
 // step(): one row with gemv and the WKV recurrence inline; buffers sized once, no allocation.
 // The state is the Model's: per layer "shift" (C), "state.S" (1,H,N,N; key index first, as the
 // mechanisms keep it) and the channel mix's ffn_prev.
@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "kernels/blas.h"
+#include "kernels/decay_chunk.h"
 #include "engine_util.h"
 #include "mixer_layer.h"
 #include "linmix/error.h"
@@ -191,6 +192,28 @@ class RwkvEngine : public engine::RowsEngine {
     par_elems(n, n * C, [&](int64_t i) { d[i] = p[i] - u[i]; });
   }
 
+  // The token shift's mixes of n rows u (v5: x = u m + p (1 - m); v6, v7: x = u + (p - u) m, p
+  // the previous row's u, prev's for row 0), mix c into out + c n C; prev <- the last row. Each
+  // row's mixes made while u and p are in cache (no shifted copy of the rows written first).
+  void mix_rows(const float* U, float* prev, int64_t n, const float* const* mixes, size_t nm, float* out) const {
+    const int64_t C = C_, NC = n * C;
+    par_rows(n, [&](int64_t t) {
+      const float *u = U + t * C, *p = t ? u - C : prev;
+      for (size_t c = 0; c < nm; ++c) {
+        const float* m = mixes[c];
+        float* x = out + int64_t(c) * NC + t * C;
+        if (ver_ == 5) {
+#pragma omp simd
+          for (int64_t j = 0; j < C; ++j) x[j] = u[j] * m[j] + p[j] * (1.0f - m[j]);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < C; ++j) x[j] = u[j] + (p[j] - u[j]) * m[j];
+        }
+      }
+    });
+    std::copy(U + (n - 1) * C, U + n * C, prev);
+  }
+
   void rows(const int32_t* tokens, int64_t n, Model::State& st, float* logits, bool all_logits) override {
     grow(n);
     const int64_t C = C_;
@@ -266,11 +289,12 @@ class RwkvEngine : public engine::RowsEngine {
           *Vv = Vv_.data(), *G = G_.data(), *LW = LW_.data(), *A7 = A7_.data(), *KAP = KAP_.data(), *BB = BB_.data(),
           *O = O_.data(), *Y = Y_.data(), *Z = Z_.data(), *TMP = TMP_.data();
     layernorm_rows(U, X, y.ln1w.data(), y.ln1b.data(), n, C);
-    shift_rows(U, P, D, ls.at("shift").ptr(), n);
+    float* prev = ls.at("shift").ptr();
     auto xs = [&](char c) { return XS_.data() + (y.mixes.find(c)) * NC; };
     Stage st{*this, n};
     // the mixed inputs
     if (ver_ == 6) {  // x_c = u + d (maa_c + tanh((u + d maa_x) A1)_c A2[c])
+      shift_rows(U, P, D, prev, n);
       const int64_t D5 = 5 * y.dmix;
       par_rows(n, [&](int64_t t) {
         for (int64_t c = 0, i = t * C; c < C; ++c, ++i) TMP[i] = U[i] + D[i] * y.maa_x[size_t(c)];
@@ -290,22 +314,10 @@ class RwkvEngine : public engine::RowsEngine {
           for (int64_t j = 0; j < C; ++j) x[j] = u[j] + d[j] * (m[j] + x[j]);
         }
       });
-    } else {  // every mix of a row while its u and d are in cache
-      const size_t nm = y.mixes.size();
-      par_rows(n, [&](int64_t t) {
-        const float *u = U + t * C, *p = P + t * C, *d = D + t * C;
-        for (size_t c = 0; c < nm; ++c) {
-          float* x = XS_.data() + c * NC + t * C;
-          const float* m = y.mix[c].data();
-          if (ver_ == 5) {
-#pragma omp simd
-            for (int64_t j = 0; j < C; ++j) x[j] = u[j] * m[j] + p[j] * (1.0f - m[j]);
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < C; ++j) x[j] = u[j] + d[j] * m[j];
-          }
-        }
-      });
+    } else {  // every mix of a row from its u and the previous row's (no shifted copy, no d)
+      const float* m[6];
+      for (size_t c = 0; c < y.mix.size(); ++c) m[c] = y.mix[c].data();
+      mix_rows(U, prev, n, m, y.mix.size(), XS_.data());
     }
     // r, k, v (and the gate) with every first LoRA stage, in one go
     st.mm(R, xs('r'), y.Wr), st.mm(K, xs('k'), y.Wk), st.mm(Vv, xs('v'), y.Wv);
@@ -334,33 +346,38 @@ class RwkvEngine : public engine::RowsEngine {
       st.la(LW, zw, y.w2, y.dw), st.la(A7, za, y.a2, y.da), st.la(G, zg, y.g2, y.dg);
       if (l > 0) st.la(TMP, zv, y.v2, y.dv);
       st.run();
-      par_rows(n, [&](int64_t t) {
-        for (int64_t c = 0, i = t * C; c < C; ++c, ++i) {
-          LW[i] = -kE05 * sigmoidf(LW[i] + y.w0[size_t(c)]);
-          A7[i] = sigmoidf(A7[i] + y.a0[size_t(c)]);
-        }
-      });
-      par_elems(n, n * H_, [&](int64_t hr) {  // kappa = (k o kk) / |k o kk| a head, b = -kappa a7, k scaled
-        const int64_t o = hr * N_, h = hr % H_;
-        const float *kk = y.kk.data() + h * N_, *ka = y.ka.data() + h * N_;
-        float *Ko = K + o, *Ao = A7 + o, *KAo = KAP + o, *Bo = BB + o, s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < N_; ++j) s += Ko[j] * kk[j] * (Ko[j] * kk[j]);
-        const float inv = 1.0f / std::max(std::sqrt(s), 1e-12f);
+      const float *w0 = y.w0.data(), *a0 = y.a0.data(), *v0 = y.v0.data(), *kk = y.kk.data(), *ka = y.ka.data();
+      float* VF = VF_.data();
+      const int64_t H = H_, N = N_;
+      par_rows(n, [&](int64_t t) {  // a row's decays, a7, kappa, b, scaled k and value residual in one pass
+        const int64_t r0 = t * C;
+        float *lw = LW + r0, *a7 = A7 + r0, *vv = Vv + r0, *vf = VF + r0;
 #pragma omp simd
-        for (int64_t j = 0; j < N_; ++j) {
-          KAo[j] = Ko[j] * kk[j] * inv, Bo[j] = -KAo[j] * Ao[j];
-          Ko[j] *= 1.0f + (Ao[j] - 1.0f) * ka[j];
+        for (int64_t c = 0; c < C; ++c) {
+          lw[c] = -kE05 * sigmoidf(lw[c] + w0[c]);
+          a7[c] = sigmoidf(a7[c] + a0[c]);
+        }
+        for (int64_t h = 0; h < H; ++h) {  // kappa = (k o kk) / |k o kk| a head, b = -kappa a7, k scaled
+          const int64_t o = r0 + h * N;
+          const float *kh = kk + h * N, *kah = ka + h * N;
+          float *Ko = K + o, *Ao = A7 + o, *KAo = KAP + o, *Bo = BB + o, s = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < N; ++j) s += Ko[j] * kh[j] * (Ko[j] * kh[j]);
+          const float inv = 1.0f / std::max(std::sqrt(s), 1e-12f);
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) {
+            KAo[j] = Ko[j] * kh[j] * inv, Bo[j] = -KAo[j] * Ao[j];
+            Ko[j] *= 1.0f + (Ao[j] - 1.0f) * kah[j];
+          }
+        }
+        if (l == 0) {  // the first layer's v is every layer's residual
+          std::copy(vv, vv + C, vf);
+        } else {
+          const float* tm = TMP + r0;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) vv[c] += (vf[c] - vv[c]) * sigmoidf(tm[c] + v0[c]);
         }
       });
-      if (l == 0) {
-        std::copy(Vv, Vv + NC, VF_.data());
-      } else {
-        par_rows(n, [&](int64_t t) {
-          for (int64_t c = 0, i = t * C; c < C; ++c, ++i)
-            Vv[i] += (VF_[size_t(i)] - Vv[i]) * sigmoidf(TMP[i] + y.v0[size_t(c)]);
-        });
-      }
     }
     // WKV, then per head GN (+ bonus) (+ gate); one token: a head's recurrence and its GN
     // together, heads over the threads once the state is large (0.4B: 256 KiB a layer)
@@ -443,50 +460,58 @@ class RwkvEngine : public engine::RowsEngine {
     }
   }
 
-  // n rows from the state through the mechanism's chunked parallel form (final state back).
+  // n rows from the state through the chunked kernels of the registry's rwkv5 / rwkv6 (gated, the
+  // read-out a step early plus the bonus) and rwkv7 (DPLR), on the engine's buffers in place: y
+  // into O_, the state advanced where it lies, the heads over the threads (the mechanisms' parallel
+  // forms less their copies in and out and their fresh output tensors: 0.1B v7, 1024 tokens, 5 ms
+  // of the WKV's 84 were the copy back alone). The values are not checked here, as step()'s
+  // recurrence does not check them.
   void wkv_chunked(const Layer& y, int64_t n, TensorMap& ls) {
     const profile::Scope prof("wkv");
-    auto rows = [&](const float* src) { return view_of({1, n, H_, N_}, src); };  // the buffers in place
-    TensorMap in;
-    in["r"] = rows(R_.data()), in["k"] = rows(K_.data()), in["v"] = rows(Vv_.data());
-    if (ver_ == 5) {
-      Tensor w({H_, N_});
-      std::copy(y.logw.begin(), y.logw.end(), w.data.begin());
-      in["w"] = std::move(w);
-    } else {
-      in["w"] = rows(LW_.data());
+    const int64_t H = H_, N = N_, C = C_;
+    float *S = ls.at("state.S").ptr(), *O = O_.data();
+    const float *R = R_.data(), *K = K_.data(), *V = Vv_.data(), *LW = LW_.data(), *A = KAP_.data(), *B = BB_.data();
+#pragma omp parallel
+    {
+      const int64_t nth = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t lo = H * id / nth, hi = H * (id + 1) / nth;
+      if (ver_ == 7) {
+        std::vector<DplrHeadRows> heads;
+        for (int64_t h = lo; h < hi; ++h) {
+          auto load = [=](int64_t t0, int64_t m, const DplrChunkRows& x) {  // a chunk's rows of head h
+            const size_t bytes = size_t(N) * 4;
+            for (int64_t t = 0; t < m; ++t) {
+              const int64_t o = (t0 + t) * C + h * N, to = t * N;
+              std::memcpy(x.r + to, R + o, bytes), std::memcpy(x.w + to, LW + o, bytes);
+              std::memcpy(x.k + to, K + o, bytes), std::memcpy(x.v + to, V + o, bytes);
+              std::memcpy(x.a + to, A + o, bytes), std::memcpy(x.b + to, B + o, bytes);
+            }
+          };
+          heads.push_back({O + h * N, C, S + h * N * N, load});
+        }
+        dplr_forward_heads(heads.data(), int64_t(heads.size()), n, N, N);
+      } else {
+        std::vector<GatedHeadRows> heads;
+        for (int64_t h = lo; h < hi; ++h) {
+          GatedHeadRows g{O + h * N, S + h * N * N, R + h * N, K + h * N, V + h * N,
+                          ver_ == 5 ? y.logw.data() + h * N : LW + h * N, {}};
+          g.ld.q = g.ld.k = g.ld.v = g.ld.y = C, g.ld.g = ver_ == 5 ? 0 : C;  // v5: one decay row for all t
+          g.ld.u = y.bonus.data() + h * N;
+          heads.push_back(g);
+        }
+        gated_forward_heads(heads.data(), int64_t(heads.size()), n, N, N, true);
+      }
     }
-    if (ver_ != 7) {
-      Tensor u({H_, N_});
-      std::copy(y.bonus.begin(), y.bonus.end(), u.data.begin());
-      in["u"] = std::move(u);
-    } else {
-      in["a"] = rows(KAP_.data()), in["b"] = rows(BB_.data());
-    }
-    in["state.S"] = view_of({1, H_, N_, N_}, ls.at("state.S").ptr());
-    TensorMap out = run_mixer(ver_ == 5 ? "rwkv5" : ver_ == 6 ? "rwkv6" : "rwkv7", Mode::Parallel, true, {}, in, false,
-                              true, false);
-    std::copy(out.at("y").data.begin(), out.at("y").data.end(), O_.begin());
-    std::copy(out.at("state.S").data.begin(), out.at("state.S").data.end(), ls.at("state.S").data.begin());
   }
 
   void channel_mix(const Layer& y, int64_t n, float* prev) {
     const profile::Scope prof("channel mix");
     const int64_t C = C_, NC = n * C;
-    float *X = X_.data(), *U = U_.data(), *P = P_.data(), *D = D_.data(), *XK = XS_.data(), *XR = XS_.data() + NC,
-          *Hf = Hf_.data(), *O = O_.data(), *R = R_.data();
+    float *X = X_.data(), *U = U_.data(), *XK = XS_.data(), *XR = XS_.data() + NC, *Hf = Hf_.data(), *O = O_.data(),
+          *R = R_.data();
     layernorm_rows(U, X, y.ln2w.data(), y.ln2b.data(), n, C);
-    shift_rows(U, P, D, prev, n);
-    par_rows(n, [&](int64_t t) {
-      for (int64_t c = 0, i = t * C; c < C; ++c, ++i) {
-        const float mk = y.fmk[size_t(c)];
-        XK[i] = ver_ == 5 ? U[i] * mk + P[i] * (1.0f - mk) : U[i] + D[i] * mk;
-        if (ver_ != 7) {
-          const float mr = y.fmr[size_t(c)];
-          XR[i] = ver_ == 5 ? U[i] * mr + P[i] * (1.0f - mr) : U[i] + D[i] * mr;
-        }
-      }
-    });
+    const float* m[2] = {y.fmk.data(), y.fmr.data()};
+    mix_rows(U, prev, n, m, ver_ == 7 ? 1 : 2, XK);  // XR follows XK in XS_
     engine::matmul(Hf, XK, y.Fk, n, false, deq_);
     par_elems(n, n * F_, [&](int64_t i) { Hf[i] = Hf[i] > 0 ? Hf[i] * Hf[i] : 0.0f; });
     if (ver_ == 7) {
