@@ -174,8 +174,8 @@ class RwkvEngine : public engine::RowsEngine {
     if (n <= cap_) return;
     cap_ = n;
     const size_t nc = size_t(n * C_);
-    for (auto* v : {&X_, &U_, &P_, &D_, &R_, &K_, &Vv_, &G_, &LW_, &A7_, &KAP_, &BB_, &VF_, &O_, &Y_, &TMP_})
-      v->resize(nc);
+    for (auto* v : {&X_, &U_, &R_, &K_, &Vv_, &G_, &LW_, &A7_, &KAP_, &BB_, &VF_, &O_, &Y_, &TMP_}) v->resize(nc);
+    if (ver_ == 6) P_.resize(nc), D_.resize(nc);  // the shifted rows and d (v6's data-dependent mixes)
     XS_.resize(6 * nc);
     Z_.resize(size_t(n * lora_));
     Hf_.resize(size_t(n * F_));
