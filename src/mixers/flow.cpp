@@ -572,11 +572,14 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     flow_intermediates(w, hd, q, k, v, z.unchecked, &z.bad);  // the rows checked as it reads them
     z.unchecked = nullptr;
     Kept& kp = KP[size_t(hd.bh)];  // the intermediates move to the head's own buffers (w's next resize remakes them)
-    if (dy) swap_intermediates(kp.f, w);  // the forward alone keeps the kernel's operands only
-    else std::swap(kp.f.Qs, w.Qs), std::swap(kp.f.K, w.K), std::swap(kp.f.Vc, w.Vc), std::swap(kp.f.alloc, w.alloc);
-    kp.dalloc.resize(size_t(T));
+    // a forward runs the head at once on the thread's buffers (z.alone: the next head's prep
+    // reuses them; 44 -> ~20 MiB touched by a forward of 8 heads at T 4096); with dy every head's
+    // intermediates are kept until the backward
+    if (dy) swap_intermediates(kp.f, w), kp.dalloc.resize(size_t(T));
+    else z.alone = true;
+    const FlowWork& f = dy ? kp.f : w;
     z.S0 = head_state(c, "KV", hd.bh, D * E);
-    z.iq = kp.f.Qs.data(), z.ik = kp.f.K.data(), z.iv = kp.f.Vc.data(), z.oy = py + hd.row0 * E;
+    z.iq = f.Qs.data(), z.ik = f.K.data(), z.iv = f.Vc.data(), z.oy = py + hd.row0 * E;
     z.g.assign(1, 0.0f), z.ig = z.g.data();
     z.ld = {D, D, E, 0, H * E};
     z.ld.g_row = true;
@@ -584,7 +587,7 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     if (dy) {
       z.dy.resize(size_t(T * E));
       for (int64_t t = 0; t < T; ++t)  // the kernel's dy: d o = dy alloc
-        for (int64_t x = 0; x < E; ++x) z.dy[size_t(t * E + x)] = gy[t * H * E + x] * kp.f.alloc[size_t(t)];
+        for (int64_t x = 0; x < E; ++x) z.dy[size_t(t * E + x)] = gy[t * H * E + x] * f.alloc[size_t(t)];
       if (const float* g = state_rows(st.dT[kKV], hd.bh, D * E)) z.dST.assign(g, g + D * E);
       z.dg.resize(1);
       // the product's gradients in the call's rows, gathered and overwritten by flow_adjoint
@@ -593,7 +596,8 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
       z.od = {H * D, H * D, H * E, 0, 0};
       z.od.g_row = true;
     }
-    float *yh = py + hd.row0 * E, *al = kp.f.alloc.data(), *dal = kp.dalloc.data();
+    float *yh = py + hd.row0 * E, *dal = dy ? kp.dalloc.data() : nullptr;
+    const float* al = f.alloc.data();
     z.epilogue = [al, dal, gy, yh, H, E](int64_t t0, int64_t n, const float*, const float*) {
       for (int64_t t = t0; t < t0 + n; ++t) {
         float* yr = yh + t * H * E;
