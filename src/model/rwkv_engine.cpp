@@ -315,7 +315,8 @@ class RwkvEngine : public engine::RowsEngine {
         }
       });
     } else {  // every mix of a row from its u and the previous row's (no shifted copy, no d)
-      const float* m[6];
+      const float* m[6];  // at most v7's six: r, w, k, v, a, g
+      LINMIX_CHECK(y.mix.size() <= 6, "rwkv engine: more token-shift mixes than a layer has");
       for (size_t c = 0; c < y.mix.size(); ++c) m[c] = y.mix[c].data();
       mix_rows(U, prev, n, m, y.mix.size(), XS_.data());
     }
