@@ -420,14 +420,25 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
     if (z.kept && z.kept->own.size() == own) {
       hd.Qf = z.kept->own.data(), hd.Kf = hd.Qf + T * M, run = hd.Kf + T * M;
     } else {
-      z.q.resize(size_t(T * M)), z.k.resize(size_t(T * M));
-      head_features(z.q.data(), z.k.data(), z.dg.data(), q, k, proj, row0, T, H, D, M, true, hd.kmax0);
-      hd.Qf = z.q.data(), hd.Kf = z.k.data(), run = z.dg.data();
+      // a forward makes them in the thread's buffers and runs the head at once (z.alone: the next
+      // head's prep reuses them; 8 MiB of features a head at T 4096, M 256, where every head kept
+      // its own until the heads ran side by side); the backward keeps each head's until its post
+      thread_local scratch_vector<float> fq, fk;
+      float *Qf = nullptr, *Kf = nullptr;
+      if (dy) {
+        z.q.resize(size_t(T * M)), z.k.resize(size_t(T * M));
+        Qf = z.q.data(), Kf = z.k.data();
+      } else {
+        fq.resize(size_t(T * M)), fk.resize(size_t(T * M));
+        Qf = fq.data(), Kf = fk.data(), z.alone = true;
+      }
+      head_features(Qf, Kf, z.dg.data(), q, k, proj, row0, T, H, D, M, true, hd.kmax0);
+      hd.Qf = Qf, hd.Kf = Kf, run = z.dg.data();
       if (z.keeping) {
         std::vector<float>& o = z.keeping->own;
         o.resize(own);
-        std::copy(z.q.begin(), z.q.end(), o.begin());
-        std::copy(z.k.begin(), z.k.end(), o.begin() + T * M);
+        std::copy(Qf, Qf + T * M, o.begin());
+        std::copy(Kf, Kf + T * M, o.begin() + T * M);
         std::copy(run, run + T, o.begin() + 2 * T * M);
       }
     }
