@@ -423,24 +423,23 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
       // a forward makes them in the thread's buffers and runs the head at once (z.alone: the next
       // head's prep reuses them; 8 MiB of features a head at T 4096, M 256, where every head kept
       // its own until the heads ran side by side); the backward keeps each head's until its post
+      // (a forward that keeps them makes them straight into what it keeps)
       thread_local scratch_vector<float> fq, fk;
-      float *Qf = nullptr, *Kf = nullptr;
-      if (dy) {
+      float *Qf = nullptr, *Kf = nullptr, *rn = z.dg.data();
+      if (z.keeping) {
+        std::vector<float>& o = z.keeping->own;
+        o.resize(own);
+        Qf = o.data(), Kf = Qf + T * M, rn = Kf + T * M;
+      } else if (dy) {
         z.q.resize(size_t(T * M)), z.k.resize(size_t(T * M));
         Qf = z.q.data(), Kf = z.k.data();
       } else {
         fq.resize(size_t(T * M)), fk.resize(size_t(T * M));
-        Qf = fq.data(), Kf = fk.data(), z.alone = true;
+        Qf = fq.data(), Kf = fk.data();
       }
-      head_features(Qf, Kf, z.dg.data(), q, k, proj, row0, T, H, D, M, true, hd.kmax0);
-      hd.Qf = Qf, hd.Kf = Kf, run = z.dg.data();
-      if (z.keeping) {
-        std::vector<float>& o = z.keeping->own;
-        o.resize(own);
-        std::copy(Qf, Qf + T * M, o.begin());
-        std::copy(Kf, Kf + T * M, o.begin() + T * M);
-        std::copy(run, run + T, o.begin() + 2 * T * M);
-      }
+      z.alone = !dy;
+      head_features(Qf, Kf, rn, q, k, proj, row0, T, H, D, M, true, hd.kmax0);
+      hd.Qf = Qf, hd.Kf = Kf, run = rn;
     }
     hd.gT = T > 0 ? run[T - 1] : hd.kmax0;
     hd.s0 = T > 0 ? std::exp(hd.kmax0 - run[0]) : 1.0f;
