@@ -115,18 +115,18 @@ def _f16(x, direction):
 
 
 def _q4(t32):
-    """q4: per group of 32 along a row (the last one short), m = min rounded down to fp16,
+    """q4: per group of 64 along a row (the last one short), m = min rounded down to fp16,
     d = (max - m) / 15 rounded up to fp16, q = round-half-even((w - m) / d) clamped to 0..15,
     w' = d q + m (all in float32)."""
     R, C = t32.shape
-    G = (C + 31) // 32
-    pad = G * 32 - C
-    lo = torch.nn.functional.pad(t32, (0, pad), value=float("inf")).view(R, G, 32).amin(-1)
-    hi = torch.nn.functional.pad(t32, (0, pad), value=float("-inf")).view(R, G, 32).amax(-1)
+    G = (C + 63) // 64
+    pad = G * 64 - C
+    lo = torch.nn.functional.pad(t32, (0, pad), value=float("inf")).view(R, G, 64).amin(-1)
+    hi = torch.nn.functional.pad(t32, (0, pad), value=float("-inf")).view(R, G, 64).amax(-1)
     m = _f16(lo, -1)
     d = _f16((hi - m) / 15.0, +1)
-    md = m.repeat_interleave(32, dim=1)[:, :C]
-    dd = d.repeat_interleave(32, dim=1)[:, :C]
+    md = m.repeat_interleave(64, dim=1)[:, :C]
+    dd = d.repeat_interleave(64, dim=1)[:, :C]
     q = torch.where(dd > 0, torch.clamp(torch.round((t32 - md) / torch.where(dd > 0, dd, torch.ones_like(dd))), 0, 15),
                     torch.zeros_like(t32))
     return dd * q + md

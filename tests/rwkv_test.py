@@ -66,8 +66,8 @@ MODES = [("parallel", []), ("recurrent", []), ("sequence", ["--chunk", "1"]), ("
 def dequantize(path):
     """The matrices a `linmix convert` file holds converted, as float32, read from the layout
     src/model/packed.cpp documents: bf16 NAME (BF16); int8 NAME (I8) times NAME.scale (F32, a row's);
-    q4 NAME (U8 [R, G, 16]: value i of a group in the low nibble of byte i, value 16 + i in the high
-    one) with NAME.q4_d and NAME.q4_m (F16 [R, G]): w = d q + m."""
+    q4 NAME (U8 [R, G, 32]: value i of a group of 64 in the low nibble of byte i, value 32 + i in the
+    high one) with NAME.q4_d and NAME.q4_m (F16 [R, G]): w = d q + m."""
     h, t = st.header(path), st.load(path)
     kind = h["__metadata__"]["linmix_packed"]
     out = {}
@@ -80,11 +80,11 @@ def dequantize(path):
             out[n] = t[n].astype(np.float32) * t[n + ".scale"][:, None]
         else:
             b = t[n]
-            q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)  # [R, G, 32]
+            q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)  # [R, G, 64]
             d = t[n + ".q4_d"].astype(np.float32)[:, :, None]
             m = t[n + ".q4_m"].astype(np.float32)[:, :, None]
             R, G = d.shape[:2]
-            out[n] = (d * q + m).reshape(R, G * 32)  # a short last group: padded columns past the row
+            out[n] = (d * q + m).reshape(R, G * 64)  # a short last group: padded columns past the row
     return out
 
 

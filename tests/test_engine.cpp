@@ -179,26 +179,31 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
       const QMatrix q = QMatrix::from_f32(W.data(), rows, cols, t);
       q.to_f32(deq.data());
       gemv(q, x.data(), y.data());
-      // INT8 on AVX-512 multiplies x rounded to int16: at most half its step max|x| / 32767 off
-      // an element, so sum_c |w_c| of that more off the row
+      // INT8 and Q4 on AVX-512 multiply x rounded to int16: at most half its step max|x| / 32767
+      // off an element, so sum_c |w_c| of that more off the row (Q4: sum_c |d (q_c - 7.5)|, the
+      // rest of x's rounding corrected through its group sums)
       float xmax = 0.0f;
       for (float e : x) xmax = std::max(xmax, std::fabs(e));
-      const double xhalf = t == WType::I8 && std::string(gemv_isa()).rfind("avx512", 0) == 0 ? xmax / 32767.0 / 2.0 : 0.0;
+      const double xhalf =
+          (t == WType::I8 || t == WType::Q4) && std::string(gemv_isa()).rfind("avx512", 0) == 0 ? xmax / 32767.0 / 2.0 : 0.0;
+      const int64_t Gq = (cols + 63) / 64;
       for (int64_t r = 0; r < rows; ++r) {
         double want = 0, mag = 0, wsum = 0;
         for (int64_t c = 0; c < cols; ++c)
           want += double(deq[r * cols + c]) * x[c], mag += std::fabs(deq[r * cols + c] * x[c]),
-              wsum += std::fabs(deq[r * cols + c]);
+              wsum += std::fabs(deq[r * cols + c] - (t == WType::Q4 ? f16_to_f32(q.q4m[size_t(r * Gq + c / 64)]) +
+                                                                             7.5f * f16_to_f32(q.q4d[size_t(r * Gq + c / 64)])
+                                                                       : 0.0f));
         EXPECT_NEAR(y[r], want, 1e-5 * mag + xhalf * wsum + 1e-6) << wtype_name(t) << " " << rows << "x" << cols << " row " << r;
       }
       // the rounding itself: bf16 keeps 8 bits of mantissa, int8 steps of max|w_row| / 127, q4
-      // half a step of its group of 32, the step (max - min) / 15 (min rounded down and the step
+      // half a step of its group of 64, the step (max - min) / 15 (min rounded down and the step
       // rounded up to fp16: a relative 2^-10 each, and fp16's smallest step 6e-8)
-      const int64_t G = (cols + 31) / 32;
+      const int64_t G = (cols + 63) / 64;
       for (int64_t i = 0; i < rows * cols; ++i) {
-        const int64_t r = i / cols, g = (i % cols) / 32;
-        float lo = W[r * cols + g * 32], hi = lo;
-        for (int64_t c = g * 32; c < std::min(cols, g * 32 + 32); ++c) lo = std::min(lo, W[r * cols + c]), hi = std::max(hi, W[r * cols + c]);
+        const int64_t r = i / cols, g = (i % cols) / 64;
+        float lo = W[r * cols + g * 64], hi = lo;
+        for (int64_t c = g * 64; c < std::min(cols, g * 64 + 64); ++c) lo = std::min(lo, W[r * cols + c]), hi = std::max(hi, W[r * cols + c]);
         const float tol = t == WType::F32    ? 0.0f
                           : t == WType::BF16 ? std::fabs(W[i]) / 256.0f
                           : t == WType::I8   ? q.scale[i / cols] * 0.5f
@@ -209,30 +214,66 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
       }
     }
   }
-  // INT8's integer products at their largest (every weight and x at its maximum) over rows longer
-  // than one int32 segment of the AVX-512 kernel (8192 columns): exact, no lane overflows; and a
-  // NaN in x reaches y (the FP32 kernel takes such an x)
-  for (int64_t cols : {int64_t(8192), int64_t(3 * 8192 + 17)}) {
-    std::vector<float> W(size_t(5 * cols)), x(size_t(cols), 1.0f), y(5);
-    for (size_t i = 0; i < W.size(); ++i) W[i] = (i / size_t(cols)) % 2 ? -2.0f : 2.0f;
-    const QMatrix q = QMatrix::from_f32(W.data(), 5, cols, WType::I8);
-    gemv(q, x.data(), y.data());
-    for (int64_t r = 0; r < 5; ++r) EXPECT_NEAR(y[r], (r % 2 ? -2.0 : 2.0) * double(cols), 1e-5 * 2.0 * double(cols)) << cols;
-    x[size_t(cols / 2)] = NAN;
-    gemv(q, x.data(), y.data());
-    for (int64_t r = 0; r < 5; ++r) EXPECT_TRUE(std::isnan(y[r])) << cols;
-    // an x of denormals (1 / its int16 step would overflow): the products stay finite and right
-    // (to the FP32 sum's rounding of 24593 equal terms)
-    const float tiny = 1e-40f;
-    std::fill(x.begin(), x.end(), tiny);
-    gemv(q, x.data(), y.data());
-    for (int64_t r = 0; r < 5; ++r)
-      EXPECT_NEAR(y[r], (r % 2 ? -2.0 : 2.0) * double(tiny) * double(cols), 1e-4 * 2.0 * double(tiny) * double(cols)) << cols;
-  }
+  // INT8's and Q4's integer products at their largest (every weight and x at its maximum: INT8
+  // +-2 everywhere, Q4 rows of 0 and +-15, steps of 1, nibbles 0 and 15) over rows longer than one
+  // int32 segment of the AVX-512 INT8 kernel (8192 columns): exact, no lane overflows; and a NaN
+  // in x reaches y (the FP32 kernel takes such an x)
+  for (WType t : {WType::I8, WType::Q4})
+    for (int64_t cols : {int64_t(8192), int64_t(3 * 8192 + 17)}) {
+      std::vector<float> W(size_t(5 * cols)), x(size_t(cols), 1.0f), y(5), want(5, 0.0f);
+      for (size_t i = 0; i < W.size(); ++i) {
+        const float sign = (i / size_t(cols)) % 2 ? -1.0f : 1.0f;
+        W[i] = t == WType::I8 ? 2.0f * sign : (i % size_t(cols)) % 2 ? 15.0f * sign : 0.0f;
+        want[i / size_t(cols)] += W[i];
+      }
+      const QMatrix q = QMatrix::from_f32(W.data(), 5, cols, t);
+      gemv(q, x.data(), y.data());
+      for (int64_t r = 0; r < 5; ++r) EXPECT_NEAR(y[r], want[size_t(r)], 1e-5 * std::fabs(want[size_t(r)])) << wtype_name(t) << " " << cols;
+      x[size_t(cols / 2)] = NAN;
+      gemv(q, x.data(), y.data());
+      for (int64_t r = 0; r < 5; ++r) EXPECT_TRUE(std::isnan(y[r])) << wtype_name(t) << " " << cols;
+      // an x of denormals (1 / its int16 step would overflow): the products stay finite and right
+      // (to the FP32 sum's rounding of 24593 equal terms)
+      const float tiny = 1e-40f;
+      std::fill(x.begin(), x.end(), tiny);
+      gemv(q, x.data(), y.data());
+      for (int64_t r = 0; r < 5; ++r)
+        EXPECT_NEAR(y[r], double(want[size_t(r)]) * double(tiny), 1e-4 * std::fabs(want[size_t(r)]) * double(tiny)) << wtype_name(t) << " " << cols;
+    }
   EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
   EXPECT_EQ(f32_to_bf16(bf16_to_f32(0x3f81)), 0x3f81);
   EXPECT_THROW(parse_wtype("fp8"), Error);
   EXPECT_EQ(parse_wtype("q4"), WType::Q4);
+}
+
+// Q4 on AVX-512 rounds x to int16 and corrects 7.5 d_g times the rounding of each group's sum of x
+// (q4_group_sums): what is left of x's rounding in a row is sum_c d (q_c - 7.5) e_c. An x whose
+// every element sits 0.49 of a step above a step (e_c all of one sign and near their largest) holds
+// that bound only with the correction there and of the right sign (without it, the row is about
+// twice the bound off; with it of the wrong sign, four times).
+TEST(Gemv, Q4CorrectsTheRoundingOfXThroughItsGroupSums) {
+  std::mt19937_64 rng(13);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::uniform_int_distribution<int> k(-30000, 30000);
+  const int64_t rows = 40, cols = 768 + 64 + 17;
+  std::vector<float> W(static_cast<size_t>(rows * cols)), x(static_cast<size_t>(cols)), y(static_cast<size_t>(rows)),
+      deq(static_cast<size_t>(rows * cols));
+  for (auto& e : W) e = n(rng);
+  for (auto& e : x) e = (float(k(rng)) + 0.49f) / 32767.0f;
+  x[5] = 1.0f;  // max|x|: the step is 1 / 32767
+  const QMatrix q = QMatrix::from_f32(W.data(), rows, cols, WType::Q4);
+  q.to_f32(deq.data());
+  gemv(q, x.data(), y.data());
+  const int64_t G = (cols + 63) / 64;
+  for (int64_t r = 0; r < rows; ++r) {
+    double want = 0, mag = 0, bound = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double d = f16_to_f32(q.q4d[size_t(r * G + c / 64)]), m = f16_to_f32(q.q4m[size_t(r * G + c / 64)]);
+      want += double(deq[size_t(r * cols + c)]) * x[size_t(c)], mag += std::fabs(deq[size_t(r * cols + c)] * x[size_t(c)]);
+      bound += std::fabs(deq[size_t(r * cols + c)] - m - 7.5 * d) / 32767.0 / 2.0;
+    }
+    EXPECT_NEAR(y[size_t(r)], want, bound + 1e-6 * mag) << "row " << r;
+  }
 }
 
 // Several products in one gemv_many call share the threads by bytes read (a C x 3.5C FP32 matrix
@@ -535,7 +576,7 @@ TEST(ConvertedCheckpoint, RefusesEveryDamagedPieceByName) {
   const std::string dir = test::tmp_dir();
   auto m = rwkv_model();
   save_checkpoint(dir + "/src.safetensors", *m, AdamW{}, 0, "{}");
-  const std::string W = "blocks.1.ffn.key.weight";  // [160, 40]: two Q4 groups a row, the second short
+  const std::string W = "blocks.1.ffn.key.weight";  // [160, 40]: one Q4 group a row, short
   // (type, the damage, what the message must name)
   struct Case {
     WType t;
@@ -555,7 +596,8 @@ TEST(ConvertedCheckpoint, RefusesEveryDamagedPieceByName) {
       {WType::Q4, [&](SafeTensors& s) { s.raw.erase(W + ".q4_m"); }, W + ".q4_m' is missing"},
       {WType::Q4, [&](SafeTensors& s) { s.raw.at(W + ".q4_d").u16[0] = 0xbc00; }, W + ".q4_d': a negative step"},
       {WType::Q4, [&](SafeTensors& s) { s.raw.at(W + ".q4_m").u16[0] = 0x7c01; }, W + ".q4_m': a non-finite"},
-      {WType::Q4, [&](SafeTensors& s) { s.raw.at(W).shape = {160, 1, 16}; s.raw.at(W).u8.resize(160 * 16); }, "expected U8 [160,2,16]"},
+      // the layout of groups of 32 that q4 files had before 2026-12-06
+      {WType::Q4, [&](SafeTensors& s) { s.raw.at(W).shape = {160, 2, 16}; s.raw.at(W).u8.resize(160 * 32); }, "expected U8 [160,1,32]"},
       {WType::Q4, [&](SafeTensors& s) { s.metadata.erase("linmix_packed"); }, "is U8: a checkpoint's tensors are floats"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {

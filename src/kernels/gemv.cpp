@@ -71,7 +71,7 @@ QMatrix QMatrix::from_f32(const float* W, int64_t rows, int64_t cols, WType type
       break;
     case WType::Q4: {
       const int64_t G = (cols + kQ4Group - 1) / kQ4Group;
-      q.q4.assign(size_t(rows * G * 16), 0), q.q4d.resize(size_t(rows * G)), q.q4m.resize(size_t(rows * G));
+      q.q4.assign(size_t(rows * G * kQ4Bytes), 0), q.q4d.resize(size_t(rows * G)), q.q4m.resize(size_t(rows * G));
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t g = 0; g < G; ++g) {
           const float* w = W + r * cols + g * kQ4Group;
@@ -86,10 +86,10 @@ QMatrix QMatrix::from_f32(const float* W, int64_t rows, int64_t cols, WType type
           LINMIX_CHECK(std::isfinite(m) && std::isfinite(d),
                        "q4: weights past fp16's range (|w| > 65504) in row " + std::to_string(r));
           q.q4d[size_t(r * G + g)] = dh, q.q4m[size_t(r * G + g)] = mh;
-          uint8_t* b = &q.q4[size_t((r * G + g) * 16)];
+          uint8_t* b = &q.q4[size_t((r * G + g) * kQ4Bytes)];
           for (int64_t i = 0; i < n; ++i) {
             const int v = d > 0.0f ? int(std::clamp(std::lrint((w[i] - m) / d), 0L, 15L)) : 0;
-            b[i % 16] = uint8_t(b[i % 16] | (i < 16 ? v : v << 4));
+            b[i % kQ4Bytes] = uint8_t(b[i % kQ4Bytes] | (i < kQ4Bytes ? v : v << 4));
           }
         }
       break;
@@ -117,12 +117,12 @@ void QMatrix::to_f32(float* out) const {
       const int64_t G = (cols + kQ4Group - 1) / kQ4Group;
 #pragma omp parallel for schedule(static) if (n > (1 << 16))
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t g = 0; g < G; ++g) {  // a group's step and offset once, its 32 values
+        for (int64_t g = 0; g < G; ++g) {  // a group's step and offset once, its 64 values
           const int64_t at = r * G + g, c0 = g * kQ4Group, n_g = std::min(kQ4Group, cols - c0);
           const float d = f16_to_f32(q4d[size_t(at)]), m = f16_to_f32(q4m[size_t(at)]);
-          const uint8_t* b = &q4[size_t(at * 16)];
+          const uint8_t* b = &q4[size_t(at * kQ4Bytes)];
           float* o = out + r * cols + c0;
-          for (int64_t i = 0; i < n_g; ++i) o[i] = d * float(i < 16 ? b[i] & 15 : b[i - 16] >> 4) + m;
+          for (int64_t i = 0; i < n_g; ++i) o[i] = d * float(i < kQ4Bytes ? b[i] & 15 : b[i - kQ4Bytes] >> 4) + m;
         }
       break;
     }
@@ -195,37 +195,43 @@ void rows_avx2(const T* W, const float* x, float* y, int64_t r0, int64_t r1, int
   }
 }
 
-// Q4 rows [r0, r1): per group of 32, w = d q + m from the packed nibbles and the fp16 (d, m).
-// The last group of a row whose length is not a multiple of 32 reads x only up to cols.
+// Q4 rows [r0, r1): per group of 64, w = d q + m from the packed nibbles and the fp16 (d, m).
+// The last group of a row whose length is not a multiple of 64 reads x only up to cols.
 inline float q4_tail(const QMatrix& W, const float* x, int64_t r, int64_t g) {  // the short last group
   const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, at = r * G + g;
   const float d = f16_to_f32(W.q4d[size_t(at)]), m = f16_to_f32(W.q4m[size_t(at)]);
   float s = 0.0f;
   for (int64_t c = g * QMatrix::kQ4Group, i = 0; c < W.cols; ++c, ++i) {
-    const uint8_t b = W.q4[size_t(at * 16 + i % 16)];
-    s += (d * float(i < 16 ? b & 15 : b >> 4) + m) * x[c];
+    const uint8_t b = W.q4[size_t(at * QMatrix::kQ4Bytes + i % QMatrix::kQ4Bytes)];
+    s += (d * float(i < QMatrix::kQ4Bytes ? b & 15 : b >> 4) + m) * x[c];
   }
   return s;
 }
 
+// AVX2, and AVX-512 where x holds a NaN, an infinity or only values below 1e-30 (quantize_x16).
 void rows_q4_avx2(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1) {
+  constexpr int64_t kB = QMatrix::kQ4Bytes;
   const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, full = W.cols / QMatrix::kQ4Group;
-  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* q = W.q4.data() + r * G * 16;
+    const uint8_t* q = W.q4.data() + r * G * kB;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
     for (int64_t g = 0; g < full; ++g) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
-      const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * kB));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
       const __m256 d = _mm256_set1_ps(f16_to_f32(W.q4d[size_t(r * G + g)]));
       const __m256 m = _mm256_set1_ps(f16_to_f32(W.q4m[size_t(r * G + g)]));
       const float* xg = x + g * QMatrix::kQ4Group;
-      auto part = [&](__m128i bytes8, const float* xp, __m256& acc) {
+      auto part = [&](__m128i bytes8, const float* xp, __m256& acc) {  // 8 values from the low 8 bytes
         const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8));
         acc = _mm256_fmadd_ps(_mm256_fmadd_ps(qv, d, m), _mm256_loadu_ps(xp), acc);
       };
-      part(lo, xg, a0), part(_mm_srli_si128(lo, 8), xg + 8, a1);
-      part(hi, xg + 16, a0), part(_mm_srli_si128(hi, 8), xg + 24, a1);
+      for (int h = 0; h < 2; ++h) {  // bytes 16 h .. 16 h + 15: values 16 h + i (lo) and 32 + 16 h + i (hi)
+        const __m128i l = h ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo);
+        const __m128i u = h ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi);
+        part(l, xg + 16 * h, a0), part(_mm_srli_si128(l, 8), xg + 16 * h + 8, a1);
+        part(u, xg + kB + 16 * h, a0), part(_mm_srli_si128(u, 8), xg + kB + 16 * h + 8, a1);
+      }
     }
     y[r] = hsum8(_mm256_add_ps(a0, a1)) + (full < G ? q4_tail(W, x, r, full) : 0.0f);
   }
@@ -381,10 +387,11 @@ LINMIX_AVX512_VNNI void rows_i8_avx512(const int8_t* W, const int16_t* xq, float
   }
 }
 
-// x as int16 for rows_i8_avx512: xq (cols rounded up to 32, zeros past cols) and its step; false
-// when x holds a NaN or an infinity (the FP32 kernel then runs, and carries it to y) or when its
-// largest |x| is below 1e-30 (zero, or so small that 1 / step would overflow: the FP32 kernel too).
-bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float& xs) {
+// x as int16 for rows_i8_avx512 and rows_q4_i16_avx512: xq (cols rounded up to a multiple of
+// pad, 32 for INT8's steps and 64 for Q4's groups, zeros past cols) and its step; false when x
+// holds a NaN or an infinity (the FP32 kernel then runs, and carries it to y) or when its largest
+// |x| is below 1e-30 (zero, or so small that 1 / step would overflow: the FP32 kernel too).
+bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float& xs, int64_t pad) {
   float mx = 0.0f;
   bool finite = true;
   for (int64_t c = 0; c < cols; ++c) {
@@ -392,7 +399,7 @@ bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float&
     mx = std::max(mx, a), finite &= a <= std::numeric_limits<float>::max();  // false for NaN too
   }
   if (!finite || !(mx >= 1e-30f)) return false;
-  const size_t n = size_t((cols + 31) / 32 * 32);
+  const size_t n = size_t((cols + pad - 1) / pad * pad);
   if (xq.size() < n) xq.resize(n);
   xs = mx / 32767.0f;
   const float inv = 1.0f / xs;
@@ -401,68 +408,82 @@ bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float&
   return true;
 }
 
-// y_r = sum_g d_g (q_g . x_g) + sum_g m_g sx_g with sx_g the sum of x over group g (once per
-// call): per group of 32 a product, an FMA and one FMA by the group's step, the offsets at the
-// end as one dot product over the groups.
-constexpr int64_t kQ4Ahead = 2;  // rows ahead that the Q4 kernel prefetches
-LINMIX_AVX512 void rows_q4_avx512(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1) {
-  const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, full = W.cols / QMatrix::kQ4Group;
-  const int64_t rem = W.cols - full * QMatrix::kQ4Group;
-  const __mmask16 k0 = __mmask16(rem >= 16 ? 0xFFFFu : (1u << rem) - 1u), k1 = __mmask16(rem > 16 ? (1u << (rem - 16)) - 1u : 0u);
-  const __mmask16 kg = __mmask16(G % 16 ? (1u << (G % 16)) - 1u : 0xFFFFu);  // the last 16 groups' lanes
-  thread_local std::vector<float> scratch;  // sx (G, padded to 16), a row's steps (G): grown once
-  const int64_t Gp = (G + 15) / 16 * 16;
-  if (scratch.size() < size_t(2 * Gp)) scratch.resize(size_t(2 * Gp));
-  float *sx = scratch.data(), *df = sx + Gp;
-  for (int64_t g = 0; g < Gp; ++g) {  // the sums of x over each group (0 past cols)
-    const float* xg = x + g * QMatrix::kQ4Group;
-    __m512 x0 = _mm512_setzero_ps(), x1 = x0;
-    if (g < full) x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
-    else if (g < G) x0 = _mm512_maskz_loadu_ps(k0, xg), x1 = _mm512_maskz_loadu_ps(k1, xg + 16);
-    sx[g] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
+// For rows_q4_i16_avx512, per Q4 group (each padded with zeros to a multiple of 16 groups): sx,
+// the FP32 sum of x over the group (its offsets' factor), and cx = 7.5 (sx - xs sum xq), 7.5 times
+// the rounding of x's sum over it. A row's integer products carry sum_c q_c e_c off per group (e_c
+// = x_c - xs xq_c); adding d_g cx_g leaves sum_c (q_c - 7.5) e_c, at most half as large and, for
+// values spread over 0..15, mostly a few times smaller. sx then cx, one after the other.
+void q4_group_sums(const float* x, const int16_t* xq, float xs, int64_t cols, std::vector<float>& sums) {
+  const int64_t G = (cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, Gp = (G + 15) / 16 * 16;
+  if (sums.size() < size_t(2 * Gp)) sums.resize(size_t(2 * Gp));
+  std::fill(sums.begin(), sums.begin() + 2 * Gp, 0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    double s = 0.0;
+    int64_t sq = 0;
+    for (int64_t c = g * QMatrix::kQ4Group; c < std::min(cols, (g + 1) * QMatrix::kQ4Group); ++c) s += x[c], sq += xq[c];
+    sums[size_t(g)] = float(s), sums[size_t(Gp + g)] = float(7.5 * (s - double(xs) * double(sq)));
   }
-  const __m128i m4 = _mm_set1_epi8(0x0F);
+}
+
+constexpr int64_t kQ4Ahead = 2;  // rows ahead that the Q4 kernel prefetches
+
+// Q4 rows against x rounded to int16 (quantize_x16, padded to whole groups): y_r = xs sum_g d_g
+// (q_g . xq_g) + sum_g (m_g sx_g + d_g cx_g), sx and cx as q4_group_sums. A group's 32 bytes are widened
+// to 32 words, whose low nibbles (and) and high ones (shift) are its 64 values as int16 in x's own
+// order, multiplied with x in pairs into one int32 accumulator (vpdpwssd, or vpmaddwd + vpaddd
+// without VNNI); one conversion and one FMA by the group's step then take it to FP32: 7 vector
+// operations per 64 weights, where the FP32 form (widen to int32, convert, FMA per 16) took ~22 per
+// 64 and was bound by them. A lane holds 4 products of at most 15 x 32767 (< 2^21). The rounding of
+// x adds at most xs / 2 sum_c |d_g (q_c - 7.5)| to a row (INT8's: xs / 2 sum_c |w_c|).
+// The row kQ4Ahead on is prefetched into L1 and the one about kFarBytes beyond it into L2 at the
+// pace this one is read (as rows_avx512): a 3072 x 768 product, 300 copies past the cache, 2
+// threads, 21.6 -> 27.5 GB/s with the far one.
+template <bool kVnni>
+LINMIX_AVX512_VNNI void rows_q4_i16_avx512(const QMatrix& W, const int16_t* xq, float xs, const float* sx, float* y,
+                                           int64_t r0, int64_t r1) {
+  constexpr int64_t kB = QMatrix::kQ4Bytes;
+  const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, Gp = (G + 15) / 16 * 16;
+  const __mmask16 kg = __mmask16(G % 16 ? (1u << (G % 16)) - 1u : 0xFFFFu);  // the last 16 groups' lanes
+  thread_local std::vector<float> scratch;  // a row's steps (G, padded): grown once
+  if (scratch.size() < size_t(Gp)) scratch.assign(size_t(Gp), 0.0f);
+  float* df = scratch.data();
+  const int64_t nfar = far_blocks(G * kB);
+  const __m512i m4 = _mm512_set1_epi16(0x0F), zero = _mm512_setzero_si512();
+  auto group = [&](const uint8_t* qg, const int16_t* xg) {  // the int32 lanes of one group
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg)));
+    const __m512i s = i8_dot<kVnni>(zero, _mm512_and_si512(b, m4), _mm512_loadu_si512(xg));
+    return _mm512_cvtepi32_ps(i8_dot<kVnni>(s, _mm512_srli_epi16(b, 4), _mm512_loadu_si512(xg + kB)));
+  };
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* q = W.q4.data() + r * G * 16;
+    const uint8_t* q = W.q4.data() + r * G * kB;
     const uint16_t *dh = W.q4d.data() + r * G, *mh = W.q4m.data() + r * G;
-    __m512 am = _mm512_setzero_ps();  // the offsets: sum_g m_g sx_g, 16 groups a step
-    for (int64_t g = 0; g < G; g += 16) {
+    __m512 am = _mm512_setzero_ps();  // sum_g m_g sx_g + d_g cx_g, 16 groups a step
+    for (int64_t g = 0; g < G; g += 16) {  // and the steps to FP32
       const __mmask16 k = g + 16 <= G ? __mmask16(0xFFFF) : kg;
-      _mm512_storeu_ps(df + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, dh + g)));
+      const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, dh + g));
+      _mm512_storeu_ps(df + g, d);
       am = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mh + g)), _mm512_loadu_ps(sx + g), am);
+      am = _mm512_fmadd_ps(d, _mm512_loadu_ps(sx + Gp + g), am);
     }
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    // the row kQ4Ahead rows on is prefetched at the pace this one is read (a cache line per 4
-    // groups): a 98304 x 8192 product past the cache, 2 threads, 63 -> 27 ms (int8: 31 ms);
-    // 4 rows ahead 31-37 ms, 8 rows 28-29 ms
-    const char* ahead = reinterpret_cast<const char*>(q + kQ4Ahead * G * 16);
+    const char* ahead = reinterpret_cast<const char*>(q + kQ4Ahead * G * kB);
+    const char* far = ahead + nfar * G * kB;
+    const bool pf_far = r + kQ4Ahead + nfar < W.rows;
     _mm_prefetch(reinterpret_cast<const char*>(dh + kQ4Ahead * G), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(mh + kQ4Ahead * G), _MM_HINT_T0);
+    if (pf_far) {
+      _mm_prefetch(reinterpret_cast<const char*>(dh + (kQ4Ahead + nfar) * G), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(mh + (kQ4Ahead + nfar) * G), _MM_HINT_T1);
+    }
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0;
     int64_t g = 0;
-    for (; g + 2 <= full; g += 2) {  // two groups a step, one accumulator each
-      if ((g & 3) == 0) _mm_prefetch(ahead + g * 16, _MM_HINT_T0);
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
-      const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16 + 16));
-      const float* xg = x + g * QMatrix::kQ4Group;
-      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, m4)));
-      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m4)));
-      const __m512 q2 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(u, m4)));
-      const __m512 q3 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(u, 4), m4)));
-      const __m512 t0 = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xg + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xg)));
-      const __m512 t1 = _mm512_fmadd_ps(q3, _mm512_loadu_ps(xg + 48), _mm512_mul_ps(q2, _mm512_loadu_ps(xg + 32)));
-      a0 = _mm512_fmadd_ps(t0, _mm512_set1_ps(df[g]), a0);
-      a1 = _mm512_fmadd_ps(t1, _mm512_set1_ps(df[g + 1]), a1);
+    for (; g + 2 <= G; g += 2) {  // two groups (a cache line of nibbles) a step
+      _mm_prefetch(ahead + g * kB, _MM_HINT_T0);
+      if (pf_far) _mm_prefetch(far + g * kB, _MM_HINT_T1);
+      f0 = _mm512_fmadd_ps(group(q + g * kB, xq + g * 64), _mm512_set1_ps(df[g]), f0);
+      f1 = _mm512_fmadd_ps(group(q + (g + 1) * kB, xq + (g + 1) * 64), _mm512_set1_ps(df[g + 1]), f1);
     }
-    for (; g < G; ++g) {  // an odd last full group, and the short one (x read only up to cols)
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
-      const float* xg = x + g * QMatrix::kQ4Group;
-      const __m512 x0 = g < full ? _mm512_loadu_ps(xg) : _mm512_maskz_loadu_ps(k0, xg);
-      const __m512 x1 = g < full ? _mm512_loadu_ps(xg + 16) : _mm512_maskz_loadu_ps(k1, xg + 16);
-      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, m4)));
-      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m4)));
-      a0 = _mm512_fmadd_ps(_mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0)), _mm512_set1_ps(df[g]), a0);
-    }
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), am));
+    if (g < G) f0 = _mm512_fmadd_ps(group(q + g * kB, xq + g * 64), _mm512_set1_ps(df[g]), f0);
+    y[r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_add_ps(f0, f1), _mm512_set1_ps(xs), am));
   }
 }
 
@@ -483,7 +504,7 @@ bool has_vnni() {
 // Rows [r0, r1) of y = W x (the int8 scales applied); xq, xs: x as int16 for the AVX-512 INT8
 // kernel (null: the FP32 kernel).
 void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1, bool wide, const int16_t* xq,
-             float xs) {
+             float xs, const float* sx) {
   switch (W.type) {
     case WType::F32:
       if (wide) rows_avx512(W.f32.data(), x, y, r0, r1, W.cols, W.rows);
@@ -501,7 +522,8 @@ void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1,
       for (int64_t r = r0; r < r1; ++r) y[r] *= W.scale[size_t(r)];
       break;
     case WType::Q4:
-      if (wide) rows_q4_avx512(W, x, y, r0, r1);
+      if (wide && xq && has_vnni()) rows_q4_i16_avx512<true>(W, xq, xs, sx, y, r0, r1);
+      else if (wide && xq) rows_q4_i16_avx512<false>(W, xq, xs, sx, y, r0, r1);
       else rows_q4_avx2(W, x, y, r0, r1);
       break;
   }
@@ -528,12 +550,18 @@ void gemv_many(const GemvJob* jobs, int n) {
   const bool wide = has_avx512();
   // INT8 products on AVX-512 take x as int16, rounded once here for all their rows (buffers
   // grown once: decode allocates nothing)
+  // and Q4 products so too, with the sums of x over their groups (sx)
   thread_local std::vector<int16_t> xbuf[16];
+  thread_local std::vector<float> sxbuf[16];
   const int16_t* xq[16] = {};
+  const float* sx[16] = {};
   float xs[16] = {};
-  for (int j = 0; j < n && wide; ++j)
-    if (jobs[j].W->type == WType::I8 && quantize_x16(jobs[j].x, jobs[j].W->cols, xbuf[j], xs[j]))
-      xq[j] = xbuf[j].data();
+  for (int j = 0; j < n && wide; ++j) {
+    const QMatrix& W = *jobs[j].W;
+    if (W.type == WType::I8 && quantize_x16(jobs[j].x, W.cols, xbuf[j], xs[j], 32)) xq[j] = xbuf[j].data();
+    if (W.type == WType::Q4 && quantize_x16(jobs[j].x, W.cols, xbuf[j], xs[j], QMatrix::kQ4Group))
+      q4_group_sums(jobs[j].x, xbuf[j].data(), xs[j], W.cols, sxbuf[j]), xq[j] = xbuf[j].data(), sx[j] = sxbuf[j].data();
+  }
   // one parallel region (one barrier) for every product: their row blocks share the threads
 #pragma omp parallel if (work > 32768)
   {
@@ -546,7 +574,7 @@ void gemv_many(const GemvJob* jobs, int n) {
       const int64_t b0 = first_at(lo, start[j], bcost[j]), b1 = std::min(nblk[j], first_at(hi, start[j], bcost[j]));
       const QMatrix& W = *jobs[j].W;
       for (int64_t b = b0; b < b1; ++b)
-        rows_of(W, jobs[j].x, jobs[j].y, b * kRows, std::min(W.rows, (b + 1) * kRows), wide, xq[j], xs[j]);
+        rows_of(W, jobs[j].x, jobs[j].y, b * kRows, std::min(W.rows, (b + 1) * kRows), wide, xq[j], xs[j], sx[j]);
     }
   }
 }

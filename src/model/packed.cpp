@@ -7,8 +7,8 @@
 //   bf16: NAME          BF16 [rows, cols]
 //   int8: NAME          I8   [rows, cols]   w = NAME.scale[r] * q
 //         NAME.scale    F32  [rows]
-//   q4:   NAME          U8   [rows, groups, 16]  groups of 32 along a row: value i of a group in
-//                                               the low nibble of byte i, value 16 + i in the high
+//   q4:   NAME          U8   [rows, groups, 32]  groups of 64 along a row: value i of a group in
+//                                               the low nibble of byte i, value 32 + i in the high
 //         NAME.q4_d     F16  [rows, groups]     the group's step d   (w = d q + m)
 //         NAME.q4_m     F16  [rows, groups]     the group's offset m
 // (kernels/gemv.h's QMatrix, byte for byte.)
@@ -28,7 +28,7 @@ namespace {
 
 std::vector<int64_t> q4_shape(int64_t rows, int64_t cols, bool bytes) {
   const int64_t G = (cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group;
-  return bytes ? std::vector<int64_t>{rows, G, 16} : std::vector<int64_t>{rows, G};
+  return bytes ? std::vector<int64_t>{rows, G, QMatrix::kQ4Bytes} : std::vector<int64_t>{rows, G};
 }
 
 }  // namespace
