@@ -66,8 +66,9 @@ MODES = [("parallel", []), ("recurrent", []), ("sequence", ["--chunk", "1"]), ("
 def dequantize(path):
     """The matrices a `linmix convert` file holds converted, as float32, read from the layout
     src/model/packed.cpp documents: bf16 NAME (BF16); int8 NAME (I8) times NAME.scale (F32, a row's);
-    q4 NAME (U8 [R, G, 32]: value i of a group of 64 in the low nibble of byte i, value 32 + i in the
-    high one) with NAME.q4_d and NAME.q4_m (F16 [R, G]): w = d q + m."""
+    q4 NAME (U8 [RB, G, 512], tiles of 16 rows by a group of 64: row n of a tile, value k of its
+    group in byte 64 ((k % 32) / 4) + 4 n + k % 4, the low nibble for k < 32, the high one else)
+    with NAME.q4_d and NAME.q4_m (F16 [RB, G, 16], the tile's rows'): w = d q + m."""
     h, t = st.header(path), st.load(path)
     kind = h["__metadata__"]["linmix_packed"]
     out = {}
@@ -79,12 +80,13 @@ def dequantize(path):
         elif kind == "int8":
             out[n] = t[n].astype(np.float32) * t[n + ".scale"][:, None]
         else:
-            b = t[n]
-            q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)  # [R, G, 64]
-            d = t[n + ".q4_d"].astype(np.float32)[:, :, None]
-            m = t[n + ".q4_m"].astype(np.float32)[:, :, None]
-            R, G = d.shape[:2]
-            out[n] = (d * q + m).reshape(R, G * 64)  # a short last group: padded columns past the row
+            b = t[n].reshape(t[n].shape[0], t[n].shape[1], 8, 16, 4)  # [RB, G, line i, row n, k % 4]
+            q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)  # [RB, G, 16 (k // 4), 16, 4]
+            q = q.transpose(0, 3, 1, 2, 4)  # [RB, row, G, k // 4, k % 4]
+            d = t[n + ".q4_d"].astype(np.float32).transpose(0, 2, 1)[..., None, None]  # [RB, row, G, 1, 1]
+            m = t[n + ".q4_m"].astype(np.float32).transpose(0, 2, 1)[..., None, None]
+            RB, G = q.shape[0], q.shape[2]
+            out[n] = (d * q + m).reshape(RB * 16, G * 64)  # padded rows and columns past the matrix
     return out
 
 
@@ -130,7 +132,7 @@ def every_mode():
                 held = dequantize(conv)
                 want = {n: t.float().numpy() for n, t in rwkv4_ref.quantize(w, dt).items() if n in held}
                 ok = len(held) > 0 and sorted(held) == sorted(n for n in w if n == "head.weight" or n.endswith(rwkv4_ref.QUANTIZED))
-                diff = max(float(np.abs(held[n][:, :want[n].shape[1]] - want[n]).max()) for n in held) if ok else 1.0
+                diff = max(float(np.abs(held[n][:want[n].shape[0], :want[n].shape[1]] - want[n]).max()) for n in held) if ok else 1.0
                 check(f"{layout}: the {dt} file's matrices (read by st.py) are the {dt}-rounded weights", ok and diff <= 1e-6,
                       f"{len(held)} matrices, max abs diff {diff:.1e}")
                 got, err = logits(conv, tokens, "decode", [])

@@ -179,27 +179,26 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
       const QMatrix q = QMatrix::from_f32(W.data(), rows, cols, t);
       q.to_f32(deq.data());
       gemv(q, x.data(), y.data());
-      // INT8 and Q4 on AVX-512 multiply x rounded to int16: at most half its step max|x| / 32767
-      // off an element, so sum_c |w_c| of that more off the row (Q4: sum_c |d (q_c - 7.5)|, the
-      // rest of x's rounding corrected through its group sums)
+      // INT8 on AVX-512 and Q4 on every ISA multiply x rounded to int16: at most half its step
+      // (max|x| / 32767; Q4's max|x| / 32639) off an element, so sum_c |w_c| of that more off the
+      // row (Q4: sum_c |d (q_c - 7.5)|, the rest of x's rounding corrected through its group sums)
       float xmax = 0.0f;
       for (float e : x) xmax = std::max(xmax, std::fabs(e));
-      const double xhalf =
-          (t == WType::I8 || t == WType::Q4) && std::string(gemv_isa()).rfind("avx512", 0) == 0 ? xmax / 32767.0 / 2.0 : 0.0;
-      const int64_t Gq = (cols + 63) / 64;
+      const double xhalf = t == WType::I8 && std::string(gemv_isa()).rfind("avx512", 0) == 0 ? xmax / 32767.0 / 2.0
+                           : t == WType::Q4                                                  ? xmax / 32639.0 / 2.0
+                                                                                             : 0.0;
       for (int64_t r = 0; r < rows; ++r) {
         double want = 0, mag = 0, wsum = 0;
         for (int64_t c = 0; c < cols; ++c)
           want += double(deq[r * cols + c]) * x[c], mag += std::fabs(deq[r * cols + c] * x[c]),
-              wsum += std::fabs(deq[r * cols + c] - (t == WType::Q4 ? f16_to_f32(q.q4m[size_t(r * Gq + c / 64)]) +
-                                                                             7.5f * f16_to_f32(q.q4d[size_t(r * Gq + c / 64)])
+              wsum += std::fabs(deq[r * cols + c] - (t == WType::Q4 ? f16_to_f32(q.q4m[q.q4_at(r, c / 64)]) +
+                                                                             7.5f * f16_to_f32(q.q4d[q.q4_at(r, c / 64)])
                                                                        : 0.0f));
         EXPECT_NEAR(y[r], want, 1e-5 * mag + xhalf * wsum + 1e-6) << wtype_name(t) << " " << rows << "x" << cols << " row " << r;
       }
       // the rounding itself: bf16 keeps 8 bits of mantissa, int8 steps of max|w_row| / 127, q4
       // half a step of its group of 64, the step (max - min) / 15 (min rounded down and the step
       // rounded up to fp16: a relative 2^-10 each, and fp16's smallest step 6e-8)
-      const int64_t G = (cols + 63) / 64;
       for (int64_t i = 0; i < rows * cols; ++i) {
         const int64_t r = i / cols, g = (i % cols) / 64;
         float lo = W[r * cols + g * 64], hi = lo;
@@ -207,7 +206,7 @@ TEST(Gemv, EveryTypeEqualsFloat64ProductOfItsWeights) {
         const float tol = t == WType::F32    ? 0.0f
                           : t == WType::BF16 ? std::fabs(W[i]) / 256.0f
                           : t == WType::I8   ? q.scale[i / cols] * 0.5f
-                                             : f16_to_f32(q.q4d[size_t(r * G + g)]) * 0.5f;
+                                             : f16_to_f32(q.q4d[q.q4_at(r, g)]) * 0.5f;
         EXPECT_LE(std::fabs(deq[i] - W[i]), tol * 1.0001f + 1e-7f) << wtype_name(t);
         if (t == WType::Q4)
           EXPECT_LE(tol, (hi - lo + std::fabs(lo) / 1024.0f) / 30.0f * 1.001f + 4e-7f) << "q4 step, row " << r << " group " << g;
@@ -259,18 +258,17 @@ TEST(Gemv, Q4CorrectsTheRoundingOfXThroughItsGroupSums) {
   std::vector<float> W(static_cast<size_t>(rows * cols)), x(static_cast<size_t>(cols)), y(static_cast<size_t>(rows)),
       deq(static_cast<size_t>(rows * cols));
   for (auto& e : W) e = n(rng);
-  for (auto& e : x) e = (float(k(rng)) + 0.49f) / 32767.0f;
-  x[5] = 1.0f;  // max|x|: the step is 1 / 32767
+  for (auto& e : x) e = (float(k(rng)) + 0.49f) / 32639.0f;
+  x[5] = 1.0f;  // max|x|: the step is 1 / 32639 (quantize_q4x)
   const QMatrix q = QMatrix::from_f32(W.data(), rows, cols, WType::Q4);
   q.to_f32(deq.data());
   gemv(q, x.data(), y.data());
-  const int64_t G = (cols + 63) / 64;
   for (int64_t r = 0; r < rows; ++r) {
     double want = 0, mag = 0, bound = 0;
     for (int64_t c = 0; c < cols; ++c) {
-      const double d = f16_to_f32(q.q4d[size_t(r * G + c / 64)]), m = f16_to_f32(q.q4m[size_t(r * G + c / 64)]);
+      const double d = f16_to_f32(q.q4d[q.q4_at(r, c / 64)]), m = f16_to_f32(q.q4m[q.q4_at(r, c / 64)]);
       want += double(deq[size_t(r * cols + c)]) * x[size_t(c)], mag += std::fabs(deq[size_t(r * cols + c)] * x[size_t(c)]);
-      bound += std::fabs(deq[size_t(r * cols + c)] - m - 7.5 * d) / 32767.0 / 2.0;
+      bound += std::fabs(deq[size_t(r * cols + c)] - m - 7.5 * d) / 32639.0 / 2.0;
     }
     EXPECT_NEAR(y[size_t(r)], want, bound + 1e-6 * mag) << "row " << r;
   }
@@ -596,8 +594,9 @@ TEST(ConvertedCheckpoint, RefusesEveryDamagedPieceByName) {
       {WType::Q4, [&](SafeTensors& s) { s.raw.erase(W + ".q4_m"); }, W + ".q4_m' is missing"},
       {WType::Q4, [&](SafeTensors& s) { s.raw.at(W + ".q4_d").u16[0] = 0xbc00; }, W + ".q4_d': a negative step"},
       {WType::Q4, [&](SafeTensors& s) { s.raw.at(W + ".q4_m").u16[0] = 0x7c01; }, W + ".q4_m': a non-finite"},
-      // the layout of groups of 32 that q4 files had before 2026-12-06
-      {WType::Q4, [&](SafeTensors& s) { s.raw.at(W).shape = {160, 2, 16}; s.raw.at(W).u8.resize(160 * 32); }, "expected U8 [160,1,32]"},
+      // the row-major layouts q4 files had before (groups of 32, then 64): the same bytes, refused
+      {WType::Q4, [&](SafeTensors& s) { s.raw.at(W).shape = {160, 2, 16}; }, "expected U8 [10,1,512]"},
+      {WType::Q4, [&](SafeTensors& s) { s.raw.at(W).shape = {160, 1, 32}; }, "expected U8 [10,1,512]"},
       {WType::Q4, [&](SafeTensors& s) { s.metadata.erase("linmix_packed"); }, "is U8: a checkpoint's tensors are floats"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {

@@ -70,8 +70,8 @@ QMatrix QMatrix::from_f32(const float* W, int64_t rows, int64_t cols, WType type
       }
       break;
     case WType::Q4: {
-      const int64_t G = (cols + kQ4Group - 1) / kQ4Group;
-      q.q4.assign(size_t(rows * G * kQ4Bytes), 0), q.q4d.resize(size_t(rows * G)), q.q4m.resize(size_t(rows * G));
+      const int64_t G = q.q4_groups(), RB = (rows + kQ4Rows - 1) / kQ4Rows;
+      q.q4.assign(size_t(RB * G * kQ4Tile), 0), q.q4d.assign(size_t(RB * G * kQ4Rows), 0), q.q4m.assign(size_t(RB * G * kQ4Rows), 0);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t g = 0; g < G; ++g) {
           const float* w = W + r * cols + g * kQ4Group;
@@ -85,11 +85,13 @@ QMatrix QMatrix::from_f32(const float* W, int64_t rows, int64_t cols, WType type
           const float d = _cvtsh_ss(dh);
           LINMIX_CHECK(std::isfinite(m) && std::isfinite(d),
                        "q4: weights past fp16's range (|w| > 65504) in row " + std::to_string(r));
-          q.q4d[size_t(r * G + g)] = dh, q.q4m[size_t(r * G + g)] = mh;
-          uint8_t* b = &q.q4[size_t((r * G + g) * kQ4Bytes)];
-          for (int64_t i = 0; i < n; ++i) {
-            const int v = d > 0.0f ? int(std::clamp(std::lrint((w[i] - m) / d), 0L, 15L)) : 0;
-            b[i % kQ4Bytes] = uint8_t(b[i % kQ4Bytes] | (i < kQ4Bytes ? v : v << 4));
+          const size_t at = q.q4_at(r, g);
+          q.q4d[at] = dh, q.q4m[at] = mh;
+          uint8_t* tile = &q.q4[at / kQ4Rows * kQ4Tile];
+          for (int64_t k = 0; k < n; ++k) {
+            const int v = d > 0.0f ? int(std::clamp(std::lrint((w[k] - m) / d), 0L, 15L)) : 0;
+            uint8_t& byte = tile[64 * ((k % 32) / 4) + 4 * (r % kQ4Rows) + k % 4];
+            byte = uint8_t(byte | (k < 32 ? v : v << 4));
           }
         }
       break;
@@ -114,15 +116,43 @@ void QMatrix::to_f32(float* out) const {
         for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = float(i8[r * cols + c]) * scale[r];
       break;
     case WType::Q4: {
-      const int64_t G = (cols + kQ4Group - 1) / kQ4Group;
+      const int64_t G = q4_groups(), RB = (rows + kQ4Rows - 1) / kQ4Rows;
 #pragma omp parallel for schedule(static) if (n > (1 << 16))
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t g = 0; g < G; ++g) {  // a group's step and offset once, its 64 values
-          const int64_t at = r * G + g, c0 = g * kQ4Group, n_g = std::min(kQ4Group, cols - c0);
-          const float d = f16_to_f32(q4d[size_t(at)]), m = f16_to_f32(q4m[size_t(at)]);
-          const uint8_t* b = &q4[size_t(at * kQ4Bytes)];
-          float* o = out + r * cols + c0;
-          for (int64_t i = 0; i < n_g; ++i) o[i] = d * float(i < kQ4Bytes ? b[i] & 15 : b[i - kQ4Bytes] >> 4) + m;
+      for (int64_t rb = 0; rb < RB; ++rb)
+        for (int64_t g = 0; g < G; ++g) {  // a tile: 16 rows' steps and offsets once, their 64 values
+          const int64_t c0 = g * kQ4Group, n_g = std::min(kQ4Group, cols - c0), nr = std::min(kQ4Rows, rows - rb * kQ4Rows);
+          const size_t at = size_t((rb * G + g) * kQ4Rows);
+          const uint8_t* tile = &q4[at / kQ4Rows * kQ4Tile];
+          if (n_g == kQ4Group && nr == kQ4Rows) {  // a whole tile: 8 values (4 of two rows) a step
+            __m256 dp[8], mp[8];
+            for (int p = 0; p < 8; ++p)
+              dp[p] = _mm256_setr_m128(_mm_set1_ps(f16_to_f32(q4d[at + size_t(2 * p)])), _mm_set1_ps(f16_to_f32(q4d[at + size_t(2 * p + 1)]))),
+              mp[p] = _mm256_setr_m128(_mm_set1_ps(f16_to_f32(q4m[at + size_t(2 * p)])), _mm_set1_ps(f16_to_f32(q4m[at + size_t(2 * p + 1)])));
+            const __m256i m4 = _mm256_set1_epi8(0x0F);
+            float* o = out + rb * kQ4Rows * cols + c0;
+            alignas(32) uint8_t nib[2][64];  // a line's low nibbles, then its high ones
+            for (int i = 0; i < 8; ++i) {
+              for (int h = 0; h < 2; ++h) {
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 64 * i + 32 * h));
+                _mm256_store_si256(reinterpret_cast<__m256i*>(nib[0] + 32 * h), _mm256_and_si256(v, m4));
+                _mm256_store_si256(reinterpret_cast<__m256i*>(nib[1] + 32 * h), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+              }
+              for (int u = 0; u < 2; ++u)  // values 4 i .. (low) and 32 + 4 i .. (high)
+                for (int p = 0; p < 8; ++p) {
+                  const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(nib[u] + 8 * p))));
+                  const __m256 w = _mm256_fmadd_ps(qv, dp[p], mp[p]);
+                  float* row = o + 2 * p * cols + 32 * u + 4 * i;
+                  _mm_storeu_ps(row, _mm256_castps256_ps128(w)), _mm_storeu_ps(row + cols, _mm256_extractf128_ps(w, 1));
+                }
+            }
+            continue;
+          }
+          for (int64_t j = 0; j < nr; ++j) {
+            const float d = f16_to_f32(q4d[at + size_t(j)]), m = f16_to_f32(q4m[at + size_t(j)]);
+            float* o = out + (rb * kQ4Rows + j) * cols + c0;
+            for (int64_t k = 0; k < std::min<int64_t>(n_g, 32); ++k) o[k] = d * float(tile[64 * (k / 4) + 4 * j + k % 4] & 15) + m;
+            for (int64_t k = 32; k < n_g; ++k) o[k] = d * float(tile[64 * ((k - 32) / 4) + 4 * j + k % 4] >> 4) + m;
+          }
         }
       break;
     }
@@ -195,45 +225,128 @@ void rows_avx2(const T* W, const float* x, float* y, int64_t r0, int64_t r1, int
   }
 }
 
-// Q4 rows [r0, r1): per group of 64, w = d q + m from the packed nibbles and the fp16 (d, m).
-// The last group of a row whose length is not a multiple of 64 reads x only up to cols.
-inline float q4_tail(const QMatrix& W, const float* x, int64_t r, int64_t g) {  // the short last group
-  const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, at = r * G + g;
-  const float d = f16_to_f32(W.q4d[size_t(at)]), m = f16_to_f32(W.q4m[size_t(at)]);
-  float s = 0.0f;
-  for (int64_t c = g * QMatrix::kQ4Group, i = 0; c < W.cols; ++c, ++i) {
-    const uint8_t b = W.q4[size_t(at * QMatrix::kQ4Bytes + i % QMatrix::kQ4Bytes)];
-    s += (d * float(i < QMatrix::kQ4Bytes ? b & 15 : b >> 4) + m) * x[c];
+// Q4 rows [r0, r1) in FP32, value by value: where x holds a NaN, an infinity or only values below
+// 1e-30 (quantize_q4x refuses it; the products carry a NaN to y).
+void rows_q4_f32(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float s = 0.0f;
+    for (int64_t g = 0; g < W.q4_groups(); ++g) {
+      const float d = f16_to_f32(W.q4d[W.q4_at(r, g)]), m = f16_to_f32(W.q4m[W.q4_at(r, g)]);
+      for (int64_t c = g * QMatrix::kQ4Group; c < std::min(W.cols, (g + 1) * QMatrix::kQ4Group); ++c)
+        s += (d * float(W.q4_value(r, c)) + m) * x[c];
+    }
+    y[r] = s;
   }
-  return s;
 }
 
-// AVX2, and AVX-512 where x holds a NaN, an infinity or only values below 1e-30 (quantize_x16).
-void rows_q4_avx2(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1) {
-  constexpr int64_t kB = QMatrix::kQ4Bytes;
-  const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, full = W.cols / QMatrix::kQ4Group;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* q = W.q4.data() + r * G * kB;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    for (int64_t g = 0; g < full; ++g) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * kB));
-      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      const __m256 d = _mm256_set1_ps(f16_to_f32(W.q4d[size_t(r * G + g)]));
-      const __m256 m = _mm256_set1_ps(f16_to_f32(W.q4m[size_t(r * G + g)]));
-      const float* xg = x + g * QMatrix::kQ4Group;
-      auto part = [&](__m128i bytes8, const float* xp, __m256& acc) {  // 8 values from the low 8 bytes
-        const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8));
-        acc = _mm256_fmadd_ps(_mm256_fmadd_ps(qv, d, m), _mm256_loadu_ps(xp), acc);
-      };
-      for (int h = 0; h < 2; ++h) {  // bytes 16 h .. 16 h + 15: values 16 h + i (lo) and 32 + 16 h + i (hi)
-        const __m128i l = h ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo);
-        const __m128i u = h ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi);
-        part(l, xg + 16 * h, a0), part(_mm_srli_si128(l, 8), xg + 16 * h + 8, a1);
-        part(u, xg + kB + 16 * h, a0), part(_mm_srli_si128(u, 8), xg + kB + 16 * h + 8, a1);
-      }
+// x for the Q4 kernels (rows_q4_avx2, rows_q4_avx512): rounded to int16 within +-32639 (a step xs =
+// max|x| / 32639) and split into two signed bytes, x16 = 256 xh + xl (xh = (x16 + 128) >> 8, both in
+// -128..127), so that the products run as bytes (u8 q times s8 x: vpdpbusd, or vpmaddubsw + vpmaddwd):
+// x8 holds per group 128 bytes, its 64 xh then its 64 xl (zeros past cols). sums: per group sx,
+// the FP32 sum of x over it (the offsets' factor), then per group cx = 7.5 (sx - xs sum x16), 7.5
+// times the rounding of x's sum over it. A row's integer products carry sum_c q_c e_c off per
+// group (e_c = x_c - xs x16_c); adding d_g cx_g leaves sum_c (q_c - 7.5) e_c, at most half as large
+// and, for values spread over 0..15, mostly a few times smaller. false (nothing written) where x
+// holds a NaN or an infinity or its largest |x| is below 1e-30 (rows_q4_f32 then runs).
+bool quantize_q4x(const float* x, int64_t cols, std::vector<int8_t>& x8, float& xs, std::vector<float>& sums) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mxv = _mm256_setzero_ps(), nan = mxv;
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + c);
+    mxv = _mm256_max_ps(mxv, _mm256_andnot_ps(sign, xv)), nan = _mm256_or_ps(nan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mxv);
+  float mx = 0.0f;
+  for (float l : lanes) mx = std::max(mx, l);
+  bool finite = _mm256_testz_ps(nan, nan);
+  for (; c < cols; ++c) mx = std::max(mx, std::fabs(x[c])), finite &= !std::isnan(x[c]);
+  if (!finite || !(mx >= 1e-30f) || !(mx <= std::numeric_limits<float>::max())) return false;
+  const int64_t G = (cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group;
+  if (x8.size() < size_t(G * 128)) x8.resize(size_t(G * 128));
+  if (sums.size() < size_t(2 * G)) sums.resize(size_t(2 * G));
+  xs = mx / 32639.0f;
+  const float inv = 1.0f / xs;
+  const __m256 invv = _mm256_set1_ps(inv), xsv = _mm256_set1_ps(xs), lim = _mm256_set1_ps(32639.0f);
+  const __m256i k128 = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  float tail[QMatrix::kQ4Group];
+  for (int64_t g = 0; g < G; ++g) {
+    const float* xg = x + g * QMatrix::kQ4Group;
+    const int64_t n = std::min(QMatrix::kQ4Group, cols - g * QMatrix::kQ4Group);
+    if (n < QMatrix::kQ4Group) {  // the short last group, padded with zeros
+      std::fill(tail, tail + QMatrix::kQ4Group, 0.0f);
+      std::copy(xg, xg + n, tail);
+      xg = tail;
     }
-    y[r] = hsum8(_mm256_add_ps(a0, a1)) + (full < G ? q4_tail(W, x, r, full) : 0.0f);
+    __m256 sx = _mm256_setzero_ps(), se = sx;  // sum x, and sum of x's rounding x - xs x16
+    for (int64_t k = 0; k < QMatrix::kQ4Group; k += 16) {
+      __m256i h[2], l[2];
+      for (int j = 0; j < 2; ++j) {
+        const __m256 xv = _mm256_loadu_ps(xg + k + 8 * j);
+        const __m256 q = _mm256_min_ps(lim, _mm256_max_ps(-lim, _mm256_round_ps(_mm256_mul_ps(xv, invv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        const __m256i v = _mm256_cvtps_epi32(q);
+        h[j] = _mm256_srai_epi32(_mm256_add_epi32(v, k128), 8);
+        l[j] = _mm256_sub_epi32(v, _mm256_slli_epi32(h[j], 8));
+        sx = _mm256_add_ps(sx, xv), se = _mm256_add_ps(se, _mm256_fnmadd_ps(xsv, q, xv));
+      }
+      // 16 int32 -> 16 int8 in order: pack to words (lanes interleaved), reorder, pack to bytes
+      auto bytes16 = [&](__m256i a, __m256i b) {
+        const __m256i w = _mm256_permutevar8x32_epi32(_mm256_packs_epi32(a, b), order);
+        return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi16(w, w), 0x08));
+      };
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(x8.data() + g * 128 + k), bytes16(h[0], h[1]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(x8.data() + g * 128 + 64 + k), bytes16(l[0], l[1]));
+    }
+    sums[size_t(g)] = hsum8(sx), sums[size_t(G + g)] = 7.5f * hsum8(se);
+  }
+  return true;
+}
+
+// Q4 rows [r0, r1) (whole tiles of 16 rows, y written only in [r0, r1)) against x as quantize_q4x
+// makes it, AVX2: y_r = sum_g d_g (xs S_rg + cx_g) + m_g sx_g with S_rg = sum_k q_k x16_k =
+// 256 sum q xh + sum q xl. A tile's 64-byte line holds four values of each of its 16 rows; its two
+// 32-byte halves (rows 0-7, 8-15) are split into low and high nibbles (values 4i..4i+3 and 32 + 4i..)
+// and multiplied with those values' xh and xl broadcast to every row (vpmaddubsw + vpmaddwd: at
+// most 2 x 15 x 128 a pair, no saturation); the rows stay in the lanes to the end (no horizontal sums).
+void rows_q4_avx2(const QMatrix& W, const int8_t* x8, float xs, const float* sums, float* y, int64_t r0, int64_t r1) {
+  const int64_t G = W.q4_groups();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  auto dot = [&](__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+  };
+  for (int64_t rb = r0 / QMatrix::kQ4Rows; rb * QMatrix::kQ4Rows < r1; ++rb) {
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* tile = W.q4.data() + (rb * G + g) * QMatrix::kQ4Tile;
+      const int8_t* xg = x8 + g * 128;
+      __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
+      for (int i = 0; i < 8; ++i) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 64 * i));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 64 * i + 32));
+        const __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+        const __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+        int32_t a, b, c, d;
+        std::memcpy(&a, xg + 4 * i, 4), std::memcpy(&b, xg + 32 + 4 * i, 4);
+        std::memcpy(&c, xg + 64 + 4 * i, 4), std::memcpy(&d, xg + 96 + 4 * i, 4);
+        const __m256i xa = _mm256_set1_epi32(a), xb = _mm256_set1_epi32(b), ya = _mm256_set1_epi32(c), yb = _mm256_set1_epi32(d);
+        h0 = dot(dot(h0, lo0, xa), hi0, xb), h1 = dot(dot(h1, lo1, xa), hi1, xb);
+        l0 = dot(dot(l0, lo0, ya), hi0, yb), l1 = dot(dot(l1, lo1, ya), hi1, yb);
+      }
+      const size_t at = size_t((rb * G + g) * QMatrix::kQ4Rows);
+      const __m256 s0 = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h0, 8), l0));
+      const __m256 s1 = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h1, 8), l1));
+      const __m256 xsv = _mm256_set1_ps(xs), cx = _mm256_set1_ps(sums[G + g]), sx = _mm256_set1_ps(sums[g]);
+      auto half = [&](const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+      f0 = _mm256_fmadd_ps(half(W.q4d.data() + at), _mm256_fmadd_ps(s0, xsv, cx), f0);
+      f1 = _mm256_fmadd_ps(half(W.q4d.data() + at + 8), _mm256_fmadd_ps(s1, xsv, cx), f1);
+      f0 = _mm256_fmadd_ps(half(W.q4m.data() + at), sx, f0);
+      f1 = _mm256_fmadd_ps(half(W.q4m.data() + at + 8), sx, f1);
+    }
+    alignas(32) float out[16];
+    _mm256_store_ps(out, f0), _mm256_store_ps(out + 8, f1);
+    for (int64_t r = std::max(r0, rb * QMatrix::kQ4Rows); r < std::min(r1, (rb + 1) * QMatrix::kQ4Rows); ++r)
+      y[r] = out[r - rb * QMatrix::kQ4Rows];
   }
 }
 
@@ -387,11 +500,10 @@ LINMIX_AVX512_VNNI void rows_i8_avx512(const int8_t* W, const int16_t* xq, float
   }
 }
 
-// x as int16 for rows_i8_avx512 and rows_q4_i16_avx512: xq (cols rounded up to a multiple of
-// pad, 32 for INT8's steps and 64 for Q4's groups, zeros past cols) and its step; false when x
-// holds a NaN or an infinity (the FP32 kernel then runs, and carries it to y) or when its largest
-// |x| is below 1e-30 (zero, or so small that 1 / step would overflow: the FP32 kernel too).
-bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float& xs, int64_t pad) {
+// x as int16 for rows_i8_avx512: xq (cols rounded up to 32, zeros past cols) and its step; false
+// when x holds a NaN or an infinity (the FP32 kernel then runs, and carries it to y) or when its
+// largest |x| is below 1e-30 (zero, or so small that 1 / step would overflow: the FP32 kernel too).
+bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float& xs) {
   float mx = 0.0f;
   bool finite = true;
   for (int64_t c = 0; c < cols; ++c) {
@@ -399,7 +511,7 @@ bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float&
     mx = std::max(mx, a), finite &= a <= std::numeric_limits<float>::max();  // false for NaN too
   }
   if (!finite || !(mx >= 1e-30f)) return false;
-  const size_t n = size_t((cols + pad - 1) / pad * pad);
+  const size_t n = size_t((cols + 31) / 32 * 32);
   if (xq.size() < n) xq.resize(n);
   xs = mx / 32767.0f;
   const float inv = 1.0f / xs;
@@ -408,82 +520,60 @@ bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float&
   return true;
 }
 
-// For rows_q4_i16_avx512, per Q4 group (each padded with zeros to a multiple of 16 groups): sx,
-// the FP32 sum of x over the group (its offsets' factor), and cx = 7.5 (sx - xs sum xq), 7.5 times
-// the rounding of x's sum over it. A row's integer products carry sum_c q_c e_c off per group (e_c
-// = x_c - xs xq_c); adding d_g cx_g leaves sum_c (q_c - 7.5) e_c, at most half as large and, for
-// values spread over 0..15, mostly a few times smaller. sx then cx, one after the other.
-void q4_group_sums(const float* x, const int16_t* xq, float xs, int64_t cols, std::vector<float>& sums) {
-  const int64_t G = (cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, Gp = (G + 15) / 16 * 16;
-  if (sums.size() < size_t(2 * Gp)) sums.resize(size_t(2 * Gp));
-  std::fill(sums.begin(), sums.begin() + 2 * Gp, 0.0f);
-  for (int64_t g = 0; g < G; ++g) {
-    double s = 0.0;
-    int64_t sq = 0;
-    for (int64_t c = g * QMatrix::kQ4Group; c < std::min(cols, (g + 1) * QMatrix::kQ4Group); ++c) s += x[c], sq += xq[c];
-    sums[size_t(g)] = float(s), sums[size_t(Gp + g)] = float(7.5 * (s - double(xs) * double(sq)));
-  }
-}
-
-constexpr int64_t kQ4Ahead = 2;  // rows ahead that the Q4 kernel prefetches
-
-// Q4 rows against x rounded to int16 (quantize_x16, padded to whole groups): y_r = xs sum_g d_g
-// (q_g . xq_g) + sum_g (m_g sx_g + d_g cx_g), sx and cx as q4_group_sums. A group's 32 bytes are widened
-// to 32 words, whose low nibbles (and) and high ones (shift) are its 64 values as int16 in x's own
-// order, multiplied with x in pairs into one int32 accumulator (vpdpwssd, or vpmaddwd + vpaddd
-// without VNNI); one conversion and one FMA by the group's step then take it to FP32: 7 vector
-// operations per 64 weights, where the FP32 form (widen to int32, convert, FMA per 16) took ~22 per
-// 64 and was bound by them. A lane holds 4 products of at most 15 x 32767 (< 2^21). The rounding of
-// x adds at most xs / 2 sum_c |d_g (q_c - 7.5)| to a row (INT8's: xs / 2 sum_c |w_c|).
-// The row kQ4Ahead on is prefetched into L1 and the one about kFarBytes beyond it into L2 at the
-// pace this one is read (as rows_avx512): a 3072 x 768 product, 300 copies past the cache, 2
-// threads, 21.6 -> 27.5 GB/s with the far one.
+// Q4 rows [r0, r1) as rows_q4_avx2, AVX-512: a tile's 64-byte line (four values of each of its 16
+// rows) is one register, its low and high nibbles two, each multiplied with those values' xh and
+// xl broadcast (vpdpbusd on VNNI: u8 q times s8 x, four products a lane into int32; vpmaddubsw +
+// vpmaddwd + vpaddd without). Per 64 weights ~3.5 vector operations (half a shift, an and, two
+// dot products), where the row-major kernel of 6d40174 (words, vpdpwssd, a conversion and an FMA a
+// group, a horizontal sum a row) took ~8 and was bound by them; the 16 rows stay in the lanes, so
+// a tile's step, offset and x's corrections are one FMA each for 16 rows. Eight int32
+// accumulators (the even and odd lines, xh and xl, low and high nibbles) keep the dot products'
+// latency covered. A lane holds at most 64 x 15 x 128 (< 2^17). The next tiles are prefetched
+// into L1 (2 KB ahead) and about kFarBytes ahead into L2 at the pace this one is read.
 template <bool kVnni>
-LINMIX_AVX512_VNNI void rows_q4_i16_avx512(const QMatrix& W, const int16_t* xq, float xs, const float* sx, float* y,
-                                           int64_t r0, int64_t r1) {
-  constexpr int64_t kB = QMatrix::kQ4Bytes;
-  const int64_t G = (W.cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, Gp = (G + 15) / 16 * 16;
-  const __mmask16 kg = __mmask16(G % 16 ? (1u << (G % 16)) - 1u : 0xFFFFu);  // the last 16 groups' lanes
-  thread_local std::vector<float> scratch;  // a row's steps (G, padded): grown once
-  if (scratch.size() < size_t(Gp)) scratch.assign(size_t(Gp), 0.0f);
-  float* df = scratch.data();
-  const int64_t nfar = far_blocks(G * kB);
-  const __m512i m4 = _mm512_set1_epi16(0x0F), zero = _mm512_setzero_si512();
-  auto group = [&](const uint8_t* qg, const int16_t* xg) {  // the int32 lanes of one group
-    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg)));
-    const __m512i s = i8_dot<kVnni>(zero, _mm512_and_si512(b, m4), _mm512_loadu_si512(xg));
-    return _mm512_cvtepi32_ps(i8_dot<kVnni>(s, _mm512_srli_epi16(b, 4), _mm512_loadu_si512(xg + kB)));
-  };
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* q = W.q4.data() + r * G * kB;
-    const uint16_t *dh = W.q4d.data() + r * G, *mh = W.q4m.data() + r * G;
-    __m512 am = _mm512_setzero_ps();  // sum_g m_g sx_g + d_g cx_g, 16 groups a step
-    for (int64_t g = 0; g < G; g += 16) {  // and the steps to FP32
-      const __mmask16 k = g + 16 <= G ? __mmask16(0xFFFF) : kg;
-      const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, dh + g));
-      _mm512_storeu_ps(df + g, d);
-      am = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mh + g)), _mm512_loadu_ps(sx + g), am);
-      am = _mm512_fmadd_ps(d, _mm512_loadu_ps(sx + Gp + g), am);
+LINMIX_AVX512_VNNI inline __m512i u8s8_dot(__m512i acc, __m512i w, __m512i x) {  // acc + 4-byte dots, w u8, x s8
+  if constexpr (kVnni) return _mm512_dpbusd_epi32(acc, w, x);
+  else return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+}
+template <bool kVnni>
+LINMIX_AVX512_VNNI void rows_q4_avx512(const QMatrix& W, const int8_t* x8, float xs, const float* sums, float* y,
+                                       int64_t r0, int64_t r1) {
+  const int64_t G = W.q4_groups();
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512 xsv = _mm512_set1_ps(xs);
+  for (int64_t rb = r0 / QMatrix::kQ4Rows; rb * QMatrix::kQ4Rows < r1; ++rb) {
+    __m512 f = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* tile = W.q4.data() + (rb * G + g) * QMatrix::kQ4Tile;
+      const size_t at = size_t((rb * G + g) * QMatrix::kQ4Rows);
+      _mm_prefetch(reinterpret_cast<const char*>(W.q4d.data() + at + 16 * QMatrix::kQ4Rows), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(W.q4m.data() + at + 16 * QMatrix::kQ4Rows), _MM_HINT_T0);
+      const int32_t* xh = reinterpret_cast<const int32_t*>(x8 + g * 128);
+      const int32_t* xl = xh + 16;
+      __m512i hl[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, hh[2] = {hl[0], hl[0]};
+      __m512i ll[2] = {hl[0], hl[0]}, lh[2] = {hl[0], hl[0]};
+      for (int i = 0; i < 8; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * i + 2048), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * i + kFarBytes), _MM_HINT_T1);
+        const __m512i v = _mm512_loadu_si512(tile + 64 * i);
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        const int p = i & 1;
+        hl[p] = u8s8_dot<kVnni>(hl[p], lo, _mm512_set1_epi32(xh[i]));
+        hh[p] = u8s8_dot<kVnni>(hh[p], hi, _mm512_set1_epi32(xh[8 + i]));
+        ll[p] = u8s8_dot<kVnni>(ll[p], lo, _mm512_set1_epi32(xl[i]));
+        lh[p] = u8s8_dot<kVnni>(lh[p], hi, _mm512_set1_epi32(xl[8 + i]));
+      }
+      const __m512i H = _mm512_add_epi32(_mm512_add_epi32(hl[0], hl[1]), _mm512_add_epi32(hh[0], hh[1]));
+      const __m512i L = _mm512_add_epi32(_mm512_add_epi32(ll[0], ll[1]), _mm512_add_epi32(lh[0], lh[1]));
+      const __m512 S = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(H, 8), L));
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(W.q4d.data() + at)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(W.q4m.data() + at)));
+      f = _mm512_fmadd_ps(d, _mm512_fmadd_ps(S, xsv, _mm512_set1_ps(sums[G + g])), f);
+      f = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[g]), f);
     }
-    const char* ahead = reinterpret_cast<const char*>(q + kQ4Ahead * G * kB);
-    const char* far = ahead + nfar * G * kB;
-    const bool pf_far = r + kQ4Ahead + nfar < W.rows;
-    _mm_prefetch(reinterpret_cast<const char*>(dh + kQ4Ahead * G), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(mh + kQ4Ahead * G), _MM_HINT_T0);
-    if (pf_far) {
-      _mm_prefetch(reinterpret_cast<const char*>(dh + (kQ4Ahead + nfar) * G), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(mh + (kQ4Ahead + nfar) * G), _MM_HINT_T1);
-    }
-    __m512 f0 = _mm512_setzero_ps(), f1 = f0;
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) {  // two groups (a cache line of nibbles) a step
-      _mm_prefetch(ahead + g * kB, _MM_HINT_T0);
-      if (pf_far) _mm_prefetch(far + g * kB, _MM_HINT_T1);
-      f0 = _mm512_fmadd_ps(group(q + g * kB, xq + g * 64), _mm512_set1_ps(df[g]), f0);
-      f1 = _mm512_fmadd_ps(group(q + (g + 1) * kB, xq + (g + 1) * 64), _mm512_set1_ps(df[g + 1]), f1);
-    }
-    if (g < G) f0 = _mm512_fmadd_ps(group(q + g * kB, xq + g * 64), _mm512_set1_ps(df[g]), f0);
-    y[r] = _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_add_ps(f0, f1), _mm512_set1_ps(xs), am));
+    const int64_t lo = std::max(r0, rb * QMatrix::kQ4Rows), hi = std::min(r1, (rb + 1) * QMatrix::kQ4Rows);
+    const __mmask16 k = __mmask16(((1u << (hi - rb * QMatrix::kQ4Rows)) - 1u) & ~((1u << (lo - rb * QMatrix::kQ4Rows)) - 1u));
+    _mm512_mask_storeu_ps(y + rb * QMatrix::kQ4Rows, k, f);
   }
 }
 
@@ -501,10 +591,19 @@ bool has_vnni() {
   return ok;
 }
 
-// Rows [r0, r1) of y = W x (the int8 scales applied); xq, xs: x as int16 for the AVX-512 INT8
-// kernel (null: the FP32 kernel).
-void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1, bool wide, const int16_t* xq,
-             float xs, const float* sx) {
+// x made once per product for the integer kernels: as int16 for AVX-512 INT8 (quantize_x16), as
+// bytes with its group sums for Q4 (quantize_q4x); null where x was refused (the FP32 kernels run)
+struct PreparedX {
+  const int16_t* x16 = nullptr;
+  const int8_t* x8 = nullptr;
+  const float* sums = nullptr;
+  float xs = 0.0f;
+};
+
+// Rows [r0, r1) of y = W x (the int8 scales applied).
+void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1, bool wide, const PreparedX& px) {
+  const int16_t* xq = px.x16;
+  const float xs = px.xs;
   switch (W.type) {
     case WType::F32:
       if (wide) rows_avx512(W.f32.data(), x, y, r0, r1, W.cols, W.rows);
@@ -522,9 +621,10 @@ void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1,
       for (int64_t r = r0; r < r1; ++r) y[r] *= W.scale[size_t(r)];
       break;
     case WType::Q4:
-      if (wide && xq && has_vnni()) rows_q4_i16_avx512<true>(W, xq, xs, sx, y, r0, r1);
-      else if (wide && xq) rows_q4_i16_avx512<false>(W, xq, xs, sx, y, r0, r1);
-      else rows_q4_avx2(W, x, y, r0, r1);
+      if (!px.x8) rows_q4_f32(W, x, y, r0, r1);
+      else if (wide && has_vnni()) rows_q4_avx512<true>(W, px.x8, xs, px.sums, y, r0, r1);
+      else if (wide) rows_q4_avx512<false>(W, px.x8, xs, px.sums, y, r0, r1);
+      else rows_q4_avx2(W, px.x8, xs, px.sums, y, r0, r1);
       break;
   }
 }
@@ -534,7 +634,8 @@ void rows_of(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t r1,
 const char* gemv_isa() { return has_vnni() ? "avx512+vnni" : has_avx512() ? "avx512" : "avx2"; }
 
 void gemv_many(const GemvJob* jobs, int n) {
-  constexpr int64_t kRows = 16;  // rows per work item: 4 kernel calls of 4 rows
+  constexpr int64_t kRows = 16;  // rows per work item: 4 kernel calls of 4 rows, or a Q4 tile
+  static_assert(kRows == QMatrix::kQ4Rows);
   // Each thread takes one contiguous run of row blocks holding an equal share of the bytes read:
   // the products differ in width and type (FFN value C x 3.5C beside receptance C x C, FP32 LoRAs
   // beside INT8 matrices), so an equal count of blocks would leave one thread idle at the barrier.
@@ -548,19 +649,17 @@ void gemv_many(const GemvJob* jobs, int n) {
     work += W.rows * W.cols;
   }
   const bool wide = has_avx512();
-  // INT8 products on AVX-512 take x as int16, rounded once here for all their rows (buffers
-  // grown once: decode allocates nothing)
-  // and Q4 products so too, with the sums of x over their groups (sx)
-  thread_local std::vector<int16_t> xbuf[16];
-  thread_local std::vector<float> sxbuf[16];
-  const int16_t* xq[16] = {};
-  const float* sx[16] = {};
-  float xs[16] = {};
-  for (int j = 0; j < n && wide; ++j) {
+  // INT8 products on AVX-512 take x as int16 and Q4 products (every ISA) as bytes with its group
+  // sums, made once here for all their rows (buffers grown once: decode allocates nothing)
+  thread_local std::vector<int16_t> x16[16];
+  thread_local std::vector<int8_t> x8[16];
+  thread_local std::vector<float> sums[16];
+  PreparedX px[16];
+  for (int j = 0; j < n; ++j) {
     const QMatrix& W = *jobs[j].W;
-    if (W.type == WType::I8 && quantize_x16(jobs[j].x, W.cols, xbuf[j], xs[j], 32)) xq[j] = xbuf[j].data();
-    if (W.type == WType::Q4 && quantize_x16(jobs[j].x, W.cols, xbuf[j], xs[j], QMatrix::kQ4Group))
-      q4_group_sums(jobs[j].x, xbuf[j].data(), xs[j], W.cols, sxbuf[j]), xq[j] = xbuf[j].data(), sx[j] = sxbuf[j].data();
+    if (W.type == WType::I8 && wide && quantize_x16(jobs[j].x, W.cols, x16[j], px[j].xs)) px[j].x16 = x16[j].data();
+    if (W.type == WType::Q4 && quantize_q4x(jobs[j].x, W.cols, x8[j], px[j].xs, sums[j]))
+      px[j].x8 = x8[j].data(), px[j].sums = sums[j].data();
   }
   // one parallel region (one barrier) for every product: their row blocks share the threads
 #pragma omp parallel if (work > 32768)
@@ -574,7 +673,7 @@ void gemv_many(const GemvJob* jobs, int n) {
       const int64_t b0 = first_at(lo, start[j], bcost[j]), b1 = std::min(nblk[j], first_at(hi, start[j], bcost[j]));
       const QMatrix& W = *jobs[j].W;
       for (int64_t b = b0; b < b1; ++b)
-        rows_of(W, jobs[j].x, jobs[j].y, b * kRows, std::min(W.rows, (b + 1) * kRows), wide, xq[j], xs[j], sx[j]);
+        rows_of(W, jobs[j].x, jobs[j].y, b * kRows, std::min(W.rows, (b + 1) * kRows), wide, px[j]);
     }
   }
 }

@@ -1,7 +1,8 @@
 // Matrix-vector products for one-token decode, with weights in FP32, BF16, INT8 (per-row scales) or
-// Q4 (4 bits, a step and an offset per group of 64). Accumulation is FP32, activations FP32,
-// except INT8 and Q4 on AVX-512: x rounded to int16 (a step max|x| / 32767) and integer products
-// (gemv.cpp, rows_i8_avx512 and rows_q4_i16_avx512). AVX-512 kernels are
+// Q4 (4 bits, a step and an offset per group of 64, in tiles of 16 rows). Accumulation is FP32,
+// activations FP32, except INT8 on AVX-512 and Q4 everywhere: x rounded to int16 (a step max|x| /
+// 32767; Q4's max|x| / 32639, as two bytes) and integer products (gemv.cpp, rows_i8_avx512,
+// rows_q4_avx512, rows_q4_avx2). AVX-512 kernels are
 // chosen at run time when the CPU has AVX-512 (F + BW), AVX2 + FMA otherwise (the baseline).
 #pragma once
 #include <cstddef>
@@ -22,13 +23,24 @@ struct QMatrix {
   std::vector<uint16_t> bf16;  // BF16: the upper half of the FP32 word, rounded to nearest even
   std::vector<int8_t> i8;      // I8: round(w / scale[row]), scale = max|w_row| / 127
   std::vector<float> scale;    // I8: (rows)
-  // Q4: (rows, groups, 32) bytes, groups = ceil(cols / 64): value i of a group in the low nibble
-  // of byte i, value 32 + i in its high nibble (a short last group padded with 0);
-  // q4d, q4m (rows, groups): the group's step d and offset m as fp16, w = d q + m. m is min(w)
-  // rounded down and d = (max(w) - m) / 15 rounded up, so every |w - (d q + m)| <= d / 2.
+  // Q4: groups of 64 values along a row, each with a step d and an offset m (fp16), w = d q + m,
+  // q in 0..15; m is min(w) rounded down and d = (max(w) - m) / 15 rounded up, so every
+  // |w - (d q + m)| <= d / 2 (a short last group padded with q = 0). Stored in tiles of 16 rows
+  // by one group, as the AVX-512 VNNI decode kernel multiplies them (16 rows in the 16 lanes, four
+  // values of a row in a lane's 4 bytes): q4 (row_blocks, groups, 512) bytes, row_blocks =
+  // ceil(rows / 16) (the rows past `rows` all zero); row n of the block, value k of the group sits
+  // in byte 64 ((k % 32) / 4) + 4 n + k % 4, in its low nibble for k < 32, its high one else.
+  // q4d, q4m (row_blocks, groups, 16): the steps and offsets of the block's 16 rows.
   std::vector<uint8_t> q4;
   std::vector<uint16_t> q4d, q4m;
-  static constexpr int64_t kQ4Group = 64, kQ4Bytes = kQ4Group / 2;
+  static constexpr int64_t kQ4Group = 64, kQ4Rows = 16, kQ4Tile = kQ4Group * kQ4Rows / 2;
+  int64_t q4_groups() const { return (cols + kQ4Group - 1) / kQ4Group; }
+  size_t q4_at(int64_t r, int64_t g) const { return size_t(((r / kQ4Rows) * q4_groups() + g) * kQ4Rows + r % kQ4Rows); }
+  int q4_value(int64_t r, int64_t c) const {  // q of row r, column c
+    const int64_t k = c % kQ4Group;
+    const uint8_t b = q4[q4_at(r, c / kQ4Group) / kQ4Rows * kQ4Tile + size_t(64 * ((k % 32) / 4) + 4 * (r % kQ4Rows) + k % 4)];
+    return k < 32 ? b & 15 : b >> 4;
+  }
 
   static QMatrix from_f32(const float* W, int64_t rows, int64_t cols, WType type);
   void to_f32(float* out) const;        // the weights this matrix stands for, (rows, cols)

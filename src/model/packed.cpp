@@ -7,10 +7,13 @@
 //   bf16: NAME          BF16 [rows, cols]
 //   int8: NAME          I8   [rows, cols]   w = NAME.scale[r] * q
 //         NAME.scale    F32  [rows]
-//   q4:   NAME          U8   [rows, groups, 32]  groups of 64 along a row: value i of a group in
-//                                               the low nibble of byte i, value 32 + i in the high
-//         NAME.q4_d     F16  [rows, groups]     the group's step d   (w = d q + m)
-//         NAME.q4_m     F16  [rows, groups]     the group's offset m
+//   q4:   NAME          U8   [row_blocks, groups, 512]  tiles of 16 rows by a group of 64 values
+//                                                     (row_blocks = ceil(rows / 16)): row n of the
+//                                                     tile, value k of the group in byte
+//                                                     64 ((k % 32) / 4) + 4 n + k % 4, its low
+//                                                     nibble for k < 32, its high one else
+//         NAME.q4_d     F16  [row_blocks, groups, 16]  the tile's 16 rows' steps d  (w = d q + m)
+//         NAME.q4_m     F16  [row_blocks, groups, 16]  their offsets m
 // (kernels/gemv.h's QMatrix, byte for byte.)
 #include "packed.h"
 
@@ -26,9 +29,9 @@ namespace linmix {
 
 namespace {
 
-std::vector<int64_t> q4_shape(int64_t rows, int64_t cols, bool bytes) {
-  const int64_t G = (cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group;
-  return bytes ? std::vector<int64_t>{rows, G, QMatrix::kQ4Bytes} : std::vector<int64_t>{rows, G};
+std::vector<int64_t> q4_shape(int64_t rows, int64_t cols, bool bytes) {  // the nibbles' or the steps'
+  const int64_t G = (cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group, RB = (rows + QMatrix::kQ4Rows - 1) / QMatrix::kQ4Rows;
+  return {RB, G, bytes ? QMatrix::kQ4Tile : QMatrix::kQ4Rows};
 }
 
 }  // namespace
