@@ -28,6 +28,7 @@
 // dg_tau = sum of dc over the cumulative sums that contain g_tau.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -148,6 +149,21 @@ struct DplrHeadRows {
   std::function<void(int64_t, int64_t, const DplrChunkRows&)> load;
 };
 void dplr_forward_heads(const DplrHeadRows* heads, int64_t nh, int64_t T, int64_t D, int64_t E);
+// The load of a head whose inputs lie in rows as they are (RWKV-7's mixer and engine): n rows of
+// r, w, k, a, b (row t at X + t ld) and v (at v + t ldv) into x, r times rscale.
+inline void dplr_gather(const DplrChunkRows& x, int64_t n, int64_t D, int64_t E, const float* r, const float* w,
+                        const float* k, const float* v, const float* a, const float* b, int64_t ld, int64_t ldv,
+                        float rscale) {
+  const size_t bytes = size_t(D) * 4;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t o = t * ld, to = t * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) x.r[to + d] = rscale * r[o + d];
+    std::memcpy(x.w + to, w + o, bytes), std::memcpy(x.k + to, k + o, bytes);
+    std::memcpy(x.a + to, a + o, bytes), std::memcpy(x.b + to, b + o, bytes);
+    std::memcpy(x.v + t * E, v + t * ldv, size_t(E) * 4);
+  }
+}
 
 // The recurrent steps (one token, one head; allocation-free).
 // gated: S = diag(e^{g}) S + k v^T, y = S^T q (shift: y = S_old^T q, read before the update).

@@ -57,14 +57,8 @@ TensorMap rwkv7_run(const Call& c, const Tensor* dy) {
   const float *r = c.t("r").ptr(), *w = c.t("w").ptr(), *k = c.t("k").ptr(), *v = c.t("v").ptr(), *a = c.t("a").ptr(),
               *bb = c.t("b").ptr();
   auto load = [&](int64_t b, int64_t h, int64_t t0, int64_t n, const DplrChunkRows& x) {  // the inputs' rows, r scaled
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t row = (b * T + t0 + t) * H + h, o = row * D, to = t * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) x.r[to + d] = scale * r[o + d];
-      std::memcpy(x.w + to, w + o, size_t(D) * 4), std::memcpy(x.k + to, k + o, size_t(D) * 4);
-      std::memcpy(x.a + to, a + o, size_t(D) * 4), std::memcpy(x.b + to, bb + o, size_t(D) * 4);
-      std::memcpy(x.v + t * E, v + row * E, size_t(E) * 4);
-    }
+    const int64_t row = (b * T + t0) * H + h, o = row * D;
+    dplr_gather(x, n, D, E, r + o, w + o, k + o, v + row * E, a + o, bb + o, H * D, H * E, scale);
   };
   auto post = [&](DplrHead& z) {
     for (float& x : z.dr) x *= scale;

@@ -480,13 +480,8 @@ class RwkvEngine : public engine::RowsEngine {
         std::vector<DplrHeadRows> heads;
         for (int64_t h = lo; h < hi; ++h) {
           auto load = [=](int64_t t0, int64_t m, const DplrChunkRows& x) {  // a chunk's rows of head h
-            const size_t bytes = size_t(N) * 4;
-            for (int64_t t = 0; t < m; ++t) {
-              const int64_t o = (t0 + t) * C + h * N, to = t * N;
-              std::memcpy(x.r + to, R + o, bytes), std::memcpy(x.w + to, LW + o, bytes);
-              std::memcpy(x.k + to, K + o, bytes), std::memcpy(x.v + to, V + o, bytes);
-              std::memcpy(x.a + to, A + o, bytes), std::memcpy(x.b + to, B + o, bytes);
-            }
+            const int64_t o = t0 * C + h * N;
+            dplr_gather(x, m, N, N, R + o, LW + o, K + o, V + o, A + o, B + o, C, C, 1.0f);
           };
           heads.push_back({O + h * N, C, S + h * N * N, load});
         }
