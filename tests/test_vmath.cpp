@@ -33,6 +33,27 @@ TEST(VMath, ExpFastEdges) {
   EXPECT_TRUE(std::isnan(exp_fast(std::nanf(""))));
 }
 
+#if defined(__AVX512F__)
+// exp16 (the AVX-512 form, Mamba's recurrent step) bit for bit exp_fast: every 1/1024 over the
+// range, the edges (under- and overflow, the clamps' ends, +-inf, NaN, +-0) and 16 lanes of mixed ones.
+TEST(VMath, Exp16EqualsExpFastBitForBit) {
+  std::vector<float> xs = {0.0f, -0.0f, -87.3365447f, -87.34f, 88.7228391f, 88.73f, -1e38f, 1e38f,
+                           std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                           std::nanf(""), 1e-30f, -1e-30f, 0.5f, -0.5f, 20.0f};
+  for (double x = -90.0; x <= 90.0; x += 1.0 / 1024) xs.push_back(float(x));
+  while (xs.size() % 16) xs.push_back(1.0f);
+  for (size_t i = 0; i < xs.size(); i += 16) {
+    alignas(64) float out[16];
+    _mm512_store_ps(out, linmix::exp16(_mm512_loadu_ps(xs.data() + i)));
+    for (size_t j = 0; j < 16; ++j) {
+      const float want = exp_fast(xs[i + j]);
+      if (std::isnan(want)) EXPECT_TRUE(std::isnan(out[j])) << xs[i + j];
+      else ASSERT_EQ(std::bit_cast<uint32_t>(out[j]), std::bit_cast<uint32_t>(want)) << xs[i + j];
+    }
+  }
+}
+#endif
+
 TEST(VMath, LogFastMatchesStdLog) {
   double worst = 0;
   for (double l = -80; l <= 80; l += 1.0 / 512) {  // x from 1.8e-35 to 5.5e34

@@ -12,6 +12,9 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace linmix {
 
@@ -138,6 +141,47 @@ inline void dot_rows(float* out, const float* A, int64_t rows, int64_t ld, const
   out = under ? 0.0f : out;
   out = over ? __builtin_inff() : out;
   return nan ? x : out;
+}
+
+#if defined(__AVX512F__)
+// exp_fast of 16 floats with AVX-512: the same reduction and polynomial, 2^n applied by vscalefps
+// (one instruction for the exponent assembly and its two-step scaling) and the edges by masks:
+// ~14 instructions for 16 values where the auto-vectorised exp_fast takes ~28. Bit for bit equal
+// to exp_fast (tests/test_vmath.cpp).
+[[gnu::always_inline]] inline __m512 exp16(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.7228391f), lo = _mm512_set1_ps(-87.3365447f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ),
+                  nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  // (the maskz forms with every lane: GCC 12's unmasked ones read an undefined source and warn)
+  const __mmask16 all = 0xFFFF;
+  const __m512 xc = _mm512_maskz_min_ps(all, _mm512_maskz_max_ps(all, x, lo), hi);
+  const __m512 n = _mm512_maskz_roundscale_ps(
+      all, _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  __m512 out = _mm512_maskz_scalef_ps(all, p, n);
+  out = _mm512_mask_mov_ps(out, under, _mm512_setzero_ps());
+  out = _mm512_mask_mov_ps(out, over, _mm512_set1_ps(__builtin_inff()));
+  return _mm512_mask_mov_ps(out, nan, x);
+}
+#endif
+
+// out[j] = exp_fast(a[j] b[j]) for j < n: exp16 16 at a time where the build has AVX-512 (Mamba's
+// decays e^{dt A}), the same values bit for bit.
+[[gnu::always_inline]] inline void exp_of_products(float* __restrict out, const float* __restrict a,
+                                                   const float* __restrict b, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(out + j, exp16(_mm512_mul_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j))));
+#endif
+#pragma omp simd
+  for (int64_t i = j; i < n; ++i) out[i] = exp_fast(a[i] * b[i]);
 }
 
 // phi(x) = elu(x) + 1 = x + 1 for x > 0, e^x otherwise: linear attention's feature map

@@ -164,7 +164,8 @@ void mamba_forward(float* y, const MambaArgs& a) {
               float* __restrict db = &dBu[(i * N + n) * kFBlock];
               const float* __restrict ar = &At[n * kFBlock];
               const float bn = Br[n];
-              for (int64_t j = 0; j < kFBlock; ++j) da[j] = exp_fast(dt[j] * ar[j]), db[j] = du[j] * bn;
+              exp_of_products(da, dt.data(), ar, kFBlock);
+              for (int64_t j = 0; j < kFBlock; ++j) db[j] = du[j] * bn;
             }
           }
           for (int64_t i = 0; i < nt; ++i) {
@@ -258,6 +259,7 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
         };
         // h_t (N, L) from h_{t-1}, the decays into dav when not null
         auto step = [&](int64_t i, int64_t t, const float* hp, float* hn, float* dav) {
+          float ebuf[L];  // the decays of a state row when dav is null
           const float* Br = a.Bm + (b * T + t) * N;
           const float *dt = &dtc[i * L], *dv = &duc[i * L];
           for (int64_t n = 0; n < N; ++n) {
@@ -265,12 +267,10 @@ void mamba_backward(const MambaGrads& g, const MambaArgs& a, const float* dy) {
             const float* __restrict hpr = hp + n * L;
             float* __restrict hr = hn + n * L;
             const float bn = Br[n];
+            float* __restrict e = dav ? dav + n * L : ebuf;
+            exp_of_products(e, dt, ar, L);
 #pragma omp simd
-            for (int64_t j = 0; j < L; ++j) {
-              const float e = exp_fast(dt[j] * ar[j]);
-              if (dav) dav[n * L + j] = e;
-              hr[j] = e * hpr[j] + dv[j] * bn;
-            }
+            for (int64_t j = 0; j < L; ++j) hr[j] = e[j] * hpr[j] + dv[j] * bn;
           }
         };
         std::fill(hc.begin(), hc.begin() + N * L, 0.0f);
@@ -479,6 +479,28 @@ MixerSpec make_spec() {
         float dt[L.kBlock], du[L.kBlock], acc[L.kBlock] = {};
         a.dt_row(dt, 0, 0, c0, w);
         for (int64_t j = 0; j < w; ++j) du[j] = dt[j] * a.u[c0 + j];
+#if defined(__AVX512F__)
+        if (w == L.kBlock) {  // a whole block: its sums in registers, exp16 (vmath.h) for the exps
+          constexpr int kV = int(L.kBlock / 16);
+          __m512 dtv[kV], duv[kV], sum[kV];
+          for (int q = 0; q < kV; ++q)
+            dtv[q] = _mm512_loadu_ps(dt + 16 * q), duv[q] = _mm512_loadu_ps(du + 16 * q), sum[q] = _mm512_setzero_ps();
+          for (int64_t n = 0; n < N; ++n) {
+            float* hn = h + L.row(c0, n);
+            const float* An = At + L.row(c0, n);
+            const __m512 bn = _mm512_set1_ps(a.Bm[n]), cn = _mm512_set1_ps(a.Cm[n]);
+            for (int q = 0; q < kV; ++q) {
+              const __m512 e = exp16(_mm512_mul_ps(dtv[q], _mm512_loadu_ps(An + 16 * q)));
+              const __m512 hv = _mm512_fmadd_ps(e, _mm512_loadu_ps(hn + 16 * q), _mm512_mul_ps(duv[q], bn));
+              _mm512_storeu_ps(hn + 16 * q, hv);
+              sum[q] = _mm512_fmadd_ps(cn, hv, sum[q]);
+            }
+          }
+          for (int q = 0; q < kV; ++q) _mm512_storeu_ps(acc + 16 * q, sum[q]);
+          a.out_row(y + c0, acc, 0, 0, c0, w);
+          continue;
+        }
+#endif
         for (int64_t n = 0; n < N; ++n) {
           float* __restrict hn = h + L.row(c0, n);
           const float* __restrict An = At + L.row(c0, n);
