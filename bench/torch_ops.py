@@ -191,8 +191,9 @@ def write_md(rep, path):
              "kernel: the C++ call timed by `linmix bench` (fwd+bwd: the forward keeping what its backward reads, then that",
              "backward, as linmix.ops and `linmix train` run them: the forms on the gated chunked kernels keep their chunk states,",
              "scores and rows, fla's way; the others' backward recomputes the forward it needs),",
-             "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it, best of "
-             f"{rep.get('rounds', 7)} rounds (up to 40 for forms of a few ms);",
+             "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it (the forwards in one",
+             "rotation, the forward+backward pair in its own), best of at least "
+             f"{rep.get('rounds', 7)} rounds (up to 40, ~3 s of them);",
              "ops: the same through `linmix.ops` (torch tensors, autograd); unchecked: the forward with",
              "`linmix.ops.set_check_values(False)` (the inputs' values not checked for NaN / infinity: for 17 mechanisms",
              "the check runs inside the kernel's reads, for the others it is one read of the inputs before it);",
