@@ -1,6 +1,7 @@
 // The inference engine of the RWKV language models (every version: RWKV-4 in rwkv4.h, RWKV-5/6/7
 // in rwkv.h), with weights in FP32, BF16, INT8 (per-row scales) or Q4 (4 bits, groups of 64 with
-// an fp16 step and offset), FP32 accumulation throughout:
+// an fp16 step and offset), FP32 accumulation (decode's INT8 and Q4 products as integers first:
+// kernels/gemv.h):
 //   sequence(): T tokens at once from any state (prefill): every projection is one GEMM over the
 //               rows, the WKV through the chunked kernels (RWKV-4: one scan per channel block);
 //   step():     one token (decode): matrix-vector products that stream the weights once, no

@@ -246,9 +246,12 @@ void rows_q4_f32(const QMatrix& W, const float* x, float* y, int64_t r0, int64_t
 // the FP32 sum of x over it (the offsets' factor), then per group cx = 7.5 (sx - xs sum x16), 7.5
 // times the rounding of x's sum over it. A row's integer products carry sum_c q_c e_c off per
 // group (e_c = x_c - xs x16_c); adding d_g cx_g leaves sum_c (q_c - 7.5) e_c, at most half as large
-// and, for values spread over 0..15, mostly a few times smaller. false (nothing written) where x
-// holds a NaN or an infinity or its largest |x| is below 1e-30 (rows_q4_f32 then runs).
-bool quantize_q4x(const float* x, int64_t cols, std::vector<int8_t>& x8, float& xs, std::vector<float>& sums) {
+// and, for values spread over 0..15, mostly a few times smaller. false (nothing written) as
+// integer_x_max (rows_q4_f32 then runs).
+// max|x| into mx, for the integer kernels' step (quantize_x16, quantize_q4x); false when x holds a
+// NaN or an infinity (the FP32 kernels then run, and carry it to y) or when max|x| is below 1e-30
+// (zero, or so small that 1 / step would overflow: the FP32 kernels too).
+bool integer_x_max(const float* x, int64_t cols, float& mx) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 mxv = _mm256_setzero_ps(), nan = mxv;
   int64_t c = 0;
@@ -258,11 +261,16 @@ bool quantize_q4x(const float* x, int64_t cols, std::vector<int8_t>& x8, float& 
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, mxv);
-  float mx = 0.0f;
+  mx = 0.0f;
   for (float l : lanes) mx = std::max(mx, l);
   bool finite = _mm256_testz_ps(nan, nan);
   for (; c < cols; ++c) mx = std::max(mx, std::fabs(x[c])), finite &= !std::isnan(x[c]);
-  if (!finite || !(mx >= 1e-30f) || !(mx <= std::numeric_limits<float>::max())) return false;
+  return finite && mx >= 1e-30f && mx <= std::numeric_limits<float>::max();
+}
+
+bool quantize_q4x(const float* x, int64_t cols, std::vector<int8_t>& x8, float& xs, std::vector<float>& sums) {
+  float mx;
+  if (!integer_x_max(x, cols, mx)) return false;
   const int64_t G = (cols + QMatrix::kQ4Group - 1) / QMatrix::kQ4Group;
   if (x8.size() < size_t(G * 128)) x8.resize(size_t(G * 128));
   if (sums.size() < size_t(2 * G)) sums.resize(size_t(2 * G));
@@ -501,16 +509,10 @@ LINMIX_AVX512_VNNI void rows_i8_avx512(const int8_t* W, const int16_t* xq, float
 }
 
 // x as int16 for rows_i8_avx512: xq (cols rounded up to 32, zeros past cols) and its step; false
-// when x holds a NaN or an infinity (the FP32 kernel then runs, and carries it to y) or when its
-// largest |x| is below 1e-30 (zero, or so small that 1 / step would overflow: the FP32 kernel too).
+// as integer_x_max.
 bool quantize_x16(const float* x, int64_t cols, std::vector<int16_t>& xq, float& xs) {
-  float mx = 0.0f;
-  bool finite = true;
-  for (int64_t c = 0; c < cols; ++c) {
-    const float a = std::fabs(x[c]);
-    mx = std::max(mx, a), finite &= a <= std::numeric_limits<float>::max();  // false for NaN too
-  }
-  if (!finite || !(mx >= 1e-30f)) return false;
+  float mx;
+  if (!integer_x_max(x, cols, mx)) return false;
   const size_t n = size_t((cols + 31) / 32 * 32);
   if (xq.size() < n) xq.resize(n);
   xs = mx / 32767.0f;
