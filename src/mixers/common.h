@@ -126,6 +126,20 @@ void gather_head(float* dst, const float* src, int64_t row0, int64_t T, int64_t 
     for (int64_t x = 0; x < D; ++x) dst[t * D + x] = f(src[(row0 + t * H) * D + x]);
   }
 }
+// The same, returning nonzero when a value it read is inf or NaN (the kernels' checks of the
+// rows validation left them, Call::unchecked, in the gather's own pass instead of a second read).
+template <class F>
+uint32_t gather_head_checked(float* dst, const float* src, int64_t row0, int64_t T, int64_t H, int64_t D, F f) {
+  uint32_t bad = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (t + kPrefetchRows < T) prefetch_floats(src + (row0 + (t + kPrefetchRows) * H) * D, D);
+    const float* s = src + (row0 + t * H) * D;
+    float* d = dst + t * D;
+#pragma omp simd reduction(| : bad)
+    for (int64_t x = 0; x < D; ++x) bad |= nonfinite_bits(s[x]), d[x] = f(s[x]);
+  }
+  return bad;
+}
 
 // Writes (T,E) rows of one head into a (B,T,H,E) tensor (row0 = b*T*H + h), row t scaled by
 // scale(t); the destination rows are prefetched ahead as gather_head's sources are.
