@@ -71,7 +71,10 @@ struct GatedSaved : RunSaved {
   int64_t nbh = 0, T = 0, Dk = 0, E = 0;
   bool shift = false;
   struct Head {
-    std::vector<float> states, scores, rows, S;
+    // written whole by the forward before the backward reads them: left unset (a zeroing pass over
+    // ~3 MiB a head at T 4096, fresh each call, was ~4% of a kept forward + backward's samples)
+    scratch_vector<float> states, scores, rows;
+    std::vector<float> S;
     std::vector<float> own;  // the mechanism's own (performer: its features and running key max)
   };
   std::vector<Head> heads;
