@@ -185,7 +185,8 @@ const MixerSpec& find_mixer(const std::string& name);
 // check_values = false: names, shapes and params are checked, the values are not (no pass over
 // the inputs for NaN or out-of-domain values): for an engine's own tensors made from weights that
 // were checked when loaded, whose logits are checked again at the end.
-// keep (a parallel forward) / reuse (its backward): Call::keep / Call::reuse.
+// keep (a parallel forward) / reuse (its backward): Call::keep / Call::reuse; a backward given
+// reuse returns the gradients (and final state) without y, which its forward returned.
 TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
                     const std::map<std::string, std::string>& raw_params, const TensorMap& in, bool grad = false,
                     bool final_state = true, bool check_values = true, std::shared_ptr<RunSaved>* keep = nullptr,

@@ -247,11 +247,16 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
         };
         ld.epilogue = &z.check_rows;
       }
-      if (keep) {  // the chunk states, scores and the kernel's rows of y go to the saved head
+      if (keep) {  // the chunk states and scores go to the saved head, and the kernel's rows of y
+        // where the mechanism's epilogue reads them again in the backward (else y is the forward's
+        // alone: a backward on a kept forward returns no y, run_mixer)
         GatedSaved::Head& kh = keep->heads[size_t(i)];
         kh.states.resize(size_t(nc * Dk * E)), kh.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
-        kh.rows.resize(size_t(T * E));
         ld.save_states = kh.states.data(), ld.save_scores = kh.scores.data();
+      }
+      if (keep && z.ld.epilogue) {
+        GatedSaved::Head& kh = keep->heads[size_t(i)];
+        kh.rows.resize(size_t(T * E));
         const auto* inner = ld.epilogue;
         float *oy = z.oy, *kr = kh.rows.data();
         const int64_t ldy = ld.y;
@@ -260,14 +265,14 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
           if (inner) (*inner)(t0, n, qc, kc);
         };
         ld.epilogue = &z.keep_rows;
-      } else if (dy && !reuse) {  // the forward keeps what the backward reads
+      } else if (!keep && dy && !reuse) {  // the forward keeps what the backward reads
         z.states.resize(size_t(nc * Dk * E)), z.scores.resize(size_t(nc * kDecayChunk * kDecayChunk));
         ld.save_states = z.states.data(), ld.save_scores = z.scores.data();
       }
       if (reuse) {  // the forward's rows of y back in place, the epilogue over them chunk by chunk
-        // (without the kernel's rows of q and k: null)
+        // (without the kernel's rows of q and k: null); none kept: no epilogue to run
         const GatedSaved::Head& kh = reuse->heads[size_t(i)];
-        for (int64_t t0 = 0; t0 < T; t0 += kDecayChunk) {
+        for (int64_t t0 = 0; t0 < T && !kh.rows.empty(); t0 += kDecayChunk) {
           const int64_t n = std::min(kDecayChunk, T - t0);
           for (int64_t t = t0; t < t0 + n; ++t)
             std::copy(kh.rows.data() + t * E, kh.rows.data() + (t + 1) * E, z.oy + t * ld.y);

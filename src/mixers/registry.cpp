@@ -350,7 +350,9 @@ TensorMap run_mixer(const std::string& name, Mode mode, bool causal,
     const Tensor& dy = in.at("dy");
     if (mode == Mode::Reference) return spec.reference_grad(call, dy);
     LINMIX_CHECK(spec.backward, "mixer '" + name + "' has no backward for its parallel form yet (use --mode reference)");
-    return spec.backward(call, dy);
+    TensorMap out = spec.backward(call, dy);
+    if (call.reuse) out.erase("y");  // the kept forward gave it (a form may not keep its rows)
+    return out;
   }
 
   switch (mode) {
