@@ -7,6 +7,7 @@
 
 #include "kernels/linear_product.h"
 #include "kernels/transpose.h"
+#include "kernels/value_check.h"
 #include "kernels/vmath.h"
 #include "linmix/error.h"
 
@@ -649,29 +650,48 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
     if (!ld.g_row && ld.g != 0) lds[size_t(i)].g = D;
   }
   const bool phi = heads[0].ld.phi;
-  const auto gather = [&](int64_t t0, int64_t n, int64_t off, int64_t W, auto src, auto stride, bool map = false) {
-    if (stride(heads[0]) == W && !map) return;  // contiguous rows (one head's own buffers): read in place
+  // the value checks of the operands that are a call's unchecked rows (GatedRows::check), a head's
+  // across all its chunks, in the gather's own pass (a pass of their own after the chunk cost
+  // gla's forward through linmix.ops ~7%)
+  std::vector<RowCheck<false>> chk(static_cast<size_t>(nh));
+  std::vector<RowCheck<true>> chk_log(static_cast<size_t>(nh));
+  uint32_t any_check = 0;
+  for (int64_t i = 0; i < nh; ++i) any_check |= heads[i].ld.bad ? heads[i].ld.check : 0u;
+  const auto gather = [&](int64_t t0, int64_t n, int64_t off, int64_t W, auto src, auto stride, uint32_t bit,
+                          bool map = false) {
+    // contiguous rows (one head's own buffers, or H = 1) are read in place: only checked here
+    const bool in_place = stride(heads[0]) == W && !map;
+    if (in_place && !(any_check & bit)) return;
     for (int64_t t = 0; t < n; ++t)
       for (int64_t i = 0; i < nh; ++i) {
+        const GatedRows& ld = heads[i].ld;
+        const bool check = ld.bad && (ld.check & bit), log = bit == kCheckG && (ld.check & kCheckGLog);
         float* __restrict d = buf.data() + i * per + off + t * W;
         const float* __restrict r = src(heads[i]) + (t0 + t) * stride(heads[i]);
-        if (!map) {
-          std::memcpy(d, r, size_t(W) * 4);
-          continue;
-        }
+        if (in_place || map) {
+          if (check) log ? chk_log[size_t(i)].add(r, W) : chk[size_t(i)].add(r, W);
+          if (in_place) continue;
 #pragma omp simd
-        for (int64_t j = 0; j < W; ++j) d[j] = phi_elu(r[j]);
+          for (int64_t j = 0; j < W; ++j) d[j] = phi_elu(r[j]);
+        } else if (check) {
+          log ? chk_log[size_t(i)].copy(d, r, W) : chk[size_t(i)].copy(d, r, W);
+        } else {
+          std::memcpy(d, r, size_t(W) * 4);
+        }
       }
   };
   for (const Chunk& ch : chunks_of(T)) {
     const int64_t t0 = ch.t0, n = ch.n;
-    gather(t0, n, 0, D, [](const GatedHeadRows& h) { return h.q; }, [](const GatedHeadRows& h) { return h.ld.q; }, phi);
+    gather(t0, n, 0, D, [](const GatedHeadRows& h) { return h.q; }, [](const GatedHeadRows& h) { return h.ld.q; },
+           kCheckQ, phi);
     gather(t0, n, L * D, D, [](const GatedHeadRows& h) { return h.k; }, [](const GatedHeadRows& h) { return h.ld.k; },
-           phi);
-    gather(t0, n, 3 * L * D, E, [](const GatedHeadRows& h) { return h.v; }, [](const GatedHeadRows& h) { return h.ld.v; });
+           kCheckK, phi);
+    gather(t0, n, 3 * L * D, E, [](const GatedHeadRows& h) { return h.v; }, [](const GatedHeadRows& h) { return h.ld.v; },
+           kCheckV);
     const bool g_rows = !heads[0].ld.g_row && heads[0].ld.g != 0;
     if (g_rows)
-      gather(t0, n, 2 * L * D, D, [](const GatedHeadRows& h) { return h.g; }, [](const GatedHeadRows& h) { return h.ld.g; });
+      gather(t0, n, 2 * L * D, D, [](const GatedHeadRows& h) { return h.g; }, [](const GatedHeadRows& h) { return h.ld.g; },
+             kCheckG);
     for (int64_t i = 0; i < nh; ++i) {
       const GatedHeadRows& h = heads[i];
       const float* b = buf.data() + i * per;
@@ -695,6 +715,8 @@ void gated_forward_heads(const GatedHeadRows* heads, int64_t nh, int64_t T, int6
       if (h.ld.epilogue) (*h.ld.epilogue)(t0, n, qc, kc);
     }
   }
+  for (int64_t i = 0; i < nh; ++i)
+    if (heads[i].ld.bad && heads[i].ld.check) *heads[i].ld.bad |= chk[size_t(i)].bad() | chk_log[size_t(i)].bad();
 }
 
 namespace {

@@ -84,7 +84,13 @@ struct GatedRows {
   // save_scores + j kDecayChunk^2, when not null: (T / chunk) (D E + chunk^2) floats.
   float* save_states = nullptr;
   float* save_scores = nullptr;
+  // gated_forward_heads: the operands whose rows are a call's inputs left unchecked (Call::unchecked),
+  // checked as the chunk's rows are gathered (kernels/value_check.h): kCheck* bits; g as a log
+  // decay (a value > 0 refused too) with kCheckGLog. A bad value sets *bad nonzero.
+  uint32_t check = 0;
+  uint32_t* bad = nullptr;
 };
+constexpr uint32_t kCheckQ = 1, kCheckK = 2, kCheckV = 4, kCheckG = 8, kCheckGLog = 16;
 // One head's operands of gated_forward_heads.
 struct GatedHeadRows {
   float* y;

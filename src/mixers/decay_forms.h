@@ -9,13 +9,13 @@
 #include <algorithm>
 #include <bit>
 #include <functional>
-#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
 
 #include "../kernels/decay_chunk.h"
+#include "../kernels/value_check.h"
 #include "../ref/ref_util.h"
 #include "common.h"
 
@@ -114,6 +114,10 @@ struct GatedHead {
   const GatedSaved::Head* kept = nullptr;
   ChunkEpilogue check_rows;  // the epilogue that checks the call's unchecked rows (Call::unchecked)
   uint32_t bad = 0;          // ... and what it found: a value not finite, or a log decay > 0
+  std::vector<UncheckedRows> rest;  // the unchecked rows the kernel does not gather (GatedRows::check)
+  // set by prep: unchecked inputs (by their first float) that its own passes check as they read
+  // them, OR-ing into bad (Mamba-2's gate in its epilogue, its steps in prep)
+  std::vector<const float*> self_checked;
   // The call's rows left unchecked (null: none). A prep that reads them itself before the kernel
   // (flow's intermediates) checks them there (rows_bad_of, OR-ing into bad) and sets this to null;
   // else the kernel's epilogue checks each chunk's rows as it reads them.
@@ -134,40 +138,18 @@ inline std::vector<UncheckedRows> unchecked_rows(const Call& c) {
   return out;
 }
 // Rows [t0, t0 + n) of head (b, h) of the unchecked inputs: nonzero when one holds an inf or NaN
-// (an exponent of all ones) or, in a log decay, a value > 0 (sign clear, not +0); on the bits, in
-// 16 lanes kept across the rows and reduced once: the largest |x| (inf or NaN: >= 0x7f800000)
-// and, in a log decay, the smallest x - 1 (x in (0, +NaN]: < 0x7fffffff). (A reduction a row cost
-// ~20 cycles a row: mamba2's forward through linmix.ops read ~5% over its kernel.) The kernel has
-// just read these rows, or the mechanism's prep from them: a read from cache, where validation's
-// own pass read them from memory before the kernel; rows it did not read (a gate the epilogue
-// reads next) are prefetched ahead as gather_head's.
+// or, in a log decay, a value > 0 (kernels/value_check.h). The rows the kernel gathers itself
+// (q, k, v, g as the call's rows: GatedRows::check) it checks as it copies them; these are the
+// others (a gate the epilogue reads next, Mamba-2's steps), prefetched ahead as gather_head's.
 template <bool LogDecay>
 uint32_t rows_bad_bits(const float* p0, int64_t stride, int64_t W, int64_t n) {
-  using u32x16 = uint32_t __attribute__((vector_size(64), aligned(4)));
-  const int64_t W16 = W / 16 * 16;
-  u32x16 mx = {}, mn = ~u32x16{};
-  uint32_t smx = 0, smn = ~0u;
+  RowCheck<LogDecay> chk;
   for (int64_t i = 0; i < n; ++i) {
     const float* p = p0 + i * stride;
     if (i + kPrefetchRows < n) prefetch_floats(p + kPrefetchRows * stride, W);
-    for (int64_t j = 0; j < W16; j += 16) {
-      u32x16 x;
-      std::memcpy(&x, p + j, sizeof x);
-      const u32x16 a = x & 0x7fffffffu;
-      mx = mx > a ? mx : a;
-      if constexpr (LogDecay) {
-        const u32x16 w = x - 1u;
-        mn = w < mn ? w : mn;
-      }
-    }
-    for (int64_t j = W16; j < W; ++j) {
-      const uint32_t x = std::bit_cast<uint32_t>(p[j]);
-      smx = std::max(smx, x & 0x7fffffffu);
-      if constexpr (LogDecay) smn = std::min(smn, x - 1u);
-    }
+    chk.add(p, W);
   }
-  for (int l = 0; l < 16; ++l) smx = std::max(smx, uint32_t(mx[l])), smn = std::min(smn, uint32_t(mn[l]));
-  return uint32_t(smx >= 0x7f800000u) | uint32_t(LogDecay && smn < 0x7fffffffu);
+  return chk.bad();
 }
 inline uint32_t rows_bad(const UncheckedRows& r, int64_t b, int64_t h, int64_t T, int64_t t0, int64_t n) {
   if (h % r.per != 0 || n <= 0) return 0;  // a group's rows: its first head's to check
@@ -232,20 +214,39 @@ void gated_heads(const Call& c, const Tensor* dy, int64_t Dk, int64_t E, bool sh
       z.odq = z.odk = z.odv = z.odg = z.odu = nullptr, z.od.q = -1, z.grad_epilogue = nullptr;
       z.keeping = keep ? &keep->heads[size_t(i)] : nullptr;
       z.kept = reuse ? &reuse->heads[size_t(i)] : nullptr;
-      z.bad = 0, z.unchecked = unchecked.empty() ? nullptr : &unchecked, z.alone = false;
+      z.bad = 0, z.unchecked = unchecked.empty() ? nullptr : &unchecked, z.alone = false, z.self_checked.clear();
       prep(z);
       z.S = z.S0;
       LINMIX_CHECK(z.iq && z.oy, "gated_heads: the kernels run on the rows in place");
       GatedRows ld = z.ld;
-      if (z.unchecked) {  // not checked by prep: chunk by chunk, as the kernel reads them
-        const auto* inner = ld.epilogue;
-        const int64_t b = z.b, h = z.h;
-        uint32_t* bad = &z.bad;
-        z.check_rows = [inner, &unchecked, b, h, T, H, bad](int64_t t0, int64_t n, const float* qc, const float* kc) {
-          *bad |= rows_bad(unchecked, b, h, T, t0, n);
-          if (inner) (*inner)(t0, n, qc, kc);
-        };
-        ld.epilogue = &z.check_rows;
+      if (z.unchecked) {  // not checked by prep: the kernel's operands as it gathers their rows
+        // (GatedRows::check), the rest chunk by chunk in the epilogue, in cache by then
+        z.rest.clear();
+        for (const UncheckedRows& r : *z.unchecked) {
+          if (std::find(z.self_checked.begin(), z.self_checked.end(), r.p) != z.self_checked.end()) continue;
+          const float* row0 = r.p + (z.b * T * r.R + z.h / r.per) * r.W;  // the head's row at t = 0
+          const int64_t st = r.R * r.W;
+          uint32_t bit = 0;
+          if (r.log_decay) bit = z.ig == row0 && !ld.g_row && ld.g == st && r.W == Dk ? kCheckG | kCheckGLog : 0;
+          else if (z.iq == row0 && ld.q == st && r.W == Dk) bit = kCheckQ;
+          else if (z.ik == row0 && ld.k == st && r.W == Dk) bit = kCheckK;
+          else if (z.iv == row0 && ld.v == st && r.W == E) bit = kCheckV;
+          else if (z.ig == row0 && !ld.g_row && ld.g == st && r.W == Dk) bit = kCheckG;
+          if (bit) ld.check |= bit;
+          else z.rest.push_back(r);
+        }
+        ld.bad = &z.bad;
+        if (!z.rest.empty()) {
+          const auto* inner = ld.epilogue;
+          const int64_t b = z.b, h = z.h;
+          uint32_t* bad = &z.bad;
+          const std::vector<UncheckedRows>* rest = &z.rest;
+          z.check_rows = [inner, rest, b, h, T, bad](int64_t t0, int64_t n, const float* qc, const float* kc) {
+            *bad |= rows_bad(*rest, b, h, T, t0, n);
+            if (inner) (*inner)(t0, n, qc, kc);
+          };
+          ld.epilogue = &z.check_rows;
+        }
       }
       if (keep) {  // the chunk states and scores go to the saved head, and the kernel's rows of y
         // where the mechanism's epilogue reads them again in the backward (else y is the forward's

@@ -84,8 +84,10 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
   auto row_of = [&](auto* p, int64_t b, int64_t t, int64_t h, int64_t W) { return p + ((b * T + t) * H + h) * W; };
   auto grp = [&](const float* p, int64_t b, int64_t t, int64_t h) { return p + ((b * T + t) * G + h / (H / G)) * N; };
   const float* xp = c.t("x").ptr();
-  // y = (y + D x) o silu(z) on rows [t0, t0 + n) of head (b, h) in place
-  auto skip_gate = [&](int64_t b, int64_t h, int64_t t0, int64_t n) {
+  // y = (y + D x) o silu(z) on rows [t0, t0 + n) of head (b, h) in place; with bad, z's rows
+  // checked as they are read (an inf or NaN sets *bad: GatedHead::self_checked)
+  auto skip_gate = [&](int64_t b, int64_t h, int64_t t0, int64_t n, uint32_t* bad) {
+    RowCheck<false> chk;
     const float dh = Dp ? Dp[h] : 0.0f;
     if (zz)  // the next chunk's gate rows, strided, fetched while the kernel runs it
       for (int64_t t = t0 + n; t < std::min(T, t0 + 2 * n); ++t)
@@ -99,9 +101,11 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
         continue;
       }
       const float* zr = row_of(zz, b, t, h, E);
+      if (bad) chk.add(zr, E);
 #pragma omp simd
       for (int64_t e = 0; e < E; ++e) yo[e] = (yo[e] + dh * xr[e]) * zr[e] * sigmoidf(zr[e]);
     }
+    if (bad) *bad |= chk.bad();
   };
   // With dy, the same rows' skip and gate and what flows back through them, while the rows are in
   // cache: y1 = y + D x, y = y1 o silu(z), dz, the kernel's dy1 = dy o silu(z) (rows of dy1, (T,E),
@@ -144,17 +148,23 @@ TensorMap mamba2_run(const Call& c, const Tensor* dy) {
   auto prep = [&](GatedHead& z) {  // the kernels on the call's rows in place: q = Cm, k = d Bm (kscale d)
     const int64_t b = z.b, h = z.h;
     z.k.resize(size_t(T)), z.g.resize(size_t(T));  // d_t and d_t A, one a step
+    // the forward's unchecked dt and z are checked here and in the epilogue as they are read
+    uint32_t* bad = z.unchecked ? &z.bad : nullptr;
+    if (bad) z.self_checked = {dtp, zz};
+    RowCheck<false> chk;
     for (int64_t t = 0; t < T; ++t) {
-      const float pre = *row_of(dtp, b, t, h, 1) + (bias ? bias[h] : 0.0f);
+      const float raw = *row_of(dtp, b, t, h, 1), pre = raw + (bias ? bias[h] : 0.0f);
+      chk.take(std::bit_cast<uint32_t>(raw));
       z.k[size_t(t)] = sp ? softplus1(pre) : pre, z.g[size_t(t)] = z.k[size_t(t)] * A[h];
     }
+    if (bad) z.bad |= chk.bad();
     z.iq = grp(Cm, b, 0, h), z.ik = grp(Bm, b, 0, h), z.iv = row_of(xp, b, 0, h, E), z.ig = z.g.data();
     z.oy = row_of(py, b, 0, h, E);
     z.ld = {G * N, G * N, H * E, 1, H * E};
     z.ld.kscale = z.k.data(), z.ld.g_row = true;
     z.ld.vskip = Dp ? Dp[h] : 0.0f;  // dx = the kernel's dv + D dy1, in place
     if (!dy) {
-      z.epilogue = [&skip_gate, b, h](int64_t t0, int64_t n, const float*, const float*) { skip_gate(b, h, t0, n); };  // per chunk
+      z.epilogue = [&skip_gate, b, h, bad](int64_t t0, int64_t n, const float*, const float*) { skip_gate(b, h, t0, n, bad); };  // per chunk
     } else {
       z.dy.resize(zz ? size_t(T * E) : 0);  // the kernel's dy through the gate, filled by the epilogue
       float *dy1 = z.dy.data(), &dD = dDs[size_t(b * H + h)];
