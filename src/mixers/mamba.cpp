@@ -7,6 +7,7 @@
 // scan runs over them, from the given state h_{-1} (zeros without), the final h handed out;
 // the backward's reverse scan ends with the initial state's gradient. recurrent: one token for
 // all channels, h carried as state.
+#include "../kernels/value_check.h"
 #include "../kernels/vmath.h"
 #include "../ref/ref_util.h"
 #include "common.h"
@@ -86,6 +87,9 @@ struct MambaArgs {
   const float* h0 = nullptr;  // the state before token 0 (B,C,N), null: zeros
   float* hT = nullptr;        // the final state (B,C,N), written when not null
   const float* dhT = nullptr;  // backward: the gradient of the final state (dfinal.h), null: zero
+  // forward: u, delta and z left unchecked by validation (Call::unchecked), checked as they are
+  // read (kernels/value_check.h); a value not finite sets *bad
+  std::atomic<uint32_t>* bad = nullptr;
   float dt(int64_t b, int64_t t, int64_t c) const {
     const float x = delta[(b * T + t) * C + c] + (bias ? bias[c] : 0.0f);
     return use_softplus ? softplus_fast(x) : x;
@@ -146,6 +150,7 @@ void mamba_forward(float* y, const MambaArgs& a) {
         std::fill(At.begin(), At.end(), 0.0f);
         for (int64_t n = 0; n < N; ++n)
           for (int64_t j = 0; j < nc; ++j) At[n * kFBlock + j] = a.A[(c0 + j) * N + n];
+        RowCheck<false> chk;
         for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
           const int64_t nt = std::min(kChunk, T - t0);
           for (int64_t i = 0; i < nt; ++i) {
@@ -155,6 +160,11 @@ void mamba_forward(float* y, const MambaArgs& a) {
               prefetch_floats(a.delta + o, nc), prefetch_floats(a.u + o, nc);
               if (a.z) prefetch_floats(a.z + o, nc);
               prefetch_floats<true>(y + o, nc);
+            }
+            if (a.bad) {  // the rows this step reads (z: the output loop below, in cache still)
+              const int64_t o = (b * T + t) * C + c0;
+              chk.add(a.delta + o, nc), chk.add(a.u + o, nc);
+              if (a.z) chk.add(a.z + o, nc);
             }
             a.dt_row(dt.data(), b, t, c0, nc);
             for (int64_t j = 0; j < nc; ++j) du[j] = dt[j] * a.u[(b * T + t) * C + c0 + j];
@@ -189,6 +199,7 @@ void mamba_forward(float* y, const MambaArgs& a) {
         if (a.hT)
           for (int64_t n = 0; n < N; ++n)
             for (int64_t j = 0; j < nc; ++j) a.hT[(b * C + c0 + j) * N + n] = h[n * kFBlock + j];
+        if (a.bad && chk.bad()) a.bad->fetch_or(1u);
       }
   }
 }
@@ -439,9 +450,12 @@ MixerSpec make_spec() {
                       c.ip("delta_softplus") != 0, B, T, C, N, opt_in(x, "state.h"), y.data() + B * T * C);
     return y;
   });
+  s.kernel_checks_values = true;  // mamba_forward checks u, delta and z as it reads them
   s.parallel = [](const Call& c) {
     MambaArgs a = args_of(c);
-    TensorMap out = moved_map("y", Tensor({a.B, a.T, a.C}), "state.h", Tensor({a.B, a.C, a.N}));
+    if (!c.unchecked.empty()) a.bad = c.unchecked_bad.get();
+    // both written whole by mamba_forward: left unset (zeroing y was ~4% of the forward)
+    TensorMap out = moved_map("y", Tensor::uninitialized({a.B, a.T, a.C}), "state.h", Tensor::uninitialized({a.B, a.C, a.N}));
     a.hT = out["state.h"].ptr();
     mamba_forward(out["y"].ptr(), a);
     return out;
