@@ -12,6 +12,7 @@
 
 #include "../kernels/linear_product.h"
 #include "../kernels/transpose.h"
+#include "../kernels/value_check.h"
 #include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
@@ -255,16 +256,20 @@ TensorMap s4d_parallel(const Call& c) {
   // every thread's panels (u, y), taken here in one piece: taken inside the region, on the
   // workers' own malloc arenas, which hand large blocks back when freed, they faulted in every call
   const std::unique_ptr<float[]> panels(new float[size_t(2 * np * omp_get_max_threads())]);
+  // u left unchecked by validation (Call::unchecked): checked in its panels, in cache
+  std::atomic<uint32_t>* bad = c.unchecked.empty() ? nullptr : c.unchecked_bad.get();
 #pragma omp parallel
   {
     S4dTables tb;
     std::vector<float> US(size_t(g.nc * W)), Z(size_t(g.nc * W));
     float *uP = panels.get() + 2 * np * omp_get_thread_num(), *yP = uP + np;
     std::vector<cd> fin(static_cast<size_t>(N));
+    RowCheck<false> chk;
 #pragma omp for schedule(static)
     for (int64_t grp = 0; grp < ngrp; ++grp) {
       const int64_t c0 = grp * kPanel, nch = std::min(kPanel, C - c0);
       panel_in(uP, u, B, T, C, Tp, c0, nch);
+      if (bad) chk.add(uP, B * nch * Tp);  // (zeros past T)
       for (int64_t j = 0; j < nch; ++j) {
         const int64_t ch = c0 + j;
         tb.build(p, g, ch);
@@ -285,6 +290,7 @@ TensorMap s4d_parallel(const Call& c) {
       }
       panel_out(y.ptr(), yP, B, T, C, Tp, c0, nch);
     }
+    if (bad && chk.bad()) bad->fetch_or(1u);
   }
   TensorMap out = moved_map("y", std::move(y));
   if (c.final_state) out["state.x_re"] = std::move(xT.re), out["state.x_im"] = std::move(xT.im);
@@ -480,6 +486,7 @@ MixerSpec make_spec() {
     return y;
   });
   s.parallel = s4d_parallel;
+  s.kernel_checks_values = true;  // s4d_parallel checks u in its panels
   s.stepper = [](const Call& c) {
     const int64_t C = c.d("C"), N = c.d("N");
     const S4dParams p = discretise(c);  // once: the discretised A and C of every channel
