@@ -156,8 +156,12 @@ void feature_backward(float* dx, float* dl, const float* f, const float* x, int6
 // keys: exp(l - g_t) with g_t the running max over keys s <= t (causal, saved in g) or the max
 // over all keys (non-causal). All / sqrt(M). kmax0: the largest key logit before token 0 (a
 // state's; kEmptyMax without), where the causal running max starts.
+// bad (not null): q's and k's rows checked for inf / NaN through their squared norms h (an inf or
+// NaN in a row makes it inf or NaN; a finite row whose square overflows only costs run_mixer's
+// own check of the tensor, which names no element then), OR-ed into *bad.
 void head_features(float* Qf, float* Kf, float* g, const float* q, const float* k, const float* proj, int64_t row0,
-                   int64_t T, int64_t H, int64_t D, int64_t M, bool causal, float kmax0 = kEmptyMax) {
+                   int64_t T, int64_t H, int64_t D, int64_t M, bool causal, float kmax0 = kEmptyMax,
+                   uint32_t* bad = nullptr) {
   const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
   // The rows' norm terms h_t apart (hq, hk), subtracted as the exps read the logits: the same
   // values, l - h_t, one pass fewer over the (T,M) logits (the max of l - h_t is max(l) - h_t:
@@ -167,6 +171,11 @@ void head_features(float* Qf, float* Kf, float* g, const float* q, const float* 
   hq.resize(size_t(T)), hk.resize(size_t(T));
   feature_logits(Qf, q + row0 * D, H * D, T, proj, M, D, hq.data());
   feature_logits(Kf, k + row0 * D, H * D, T, proj, M, D, hk.data());
+  if (bad) {
+    RowCheck<false> chk;
+    chk.add(hq.data(), T), chk.add(hk.data(), T);
+    *bad |= chk.bad();
+  }
   for (int64_t t = 0; t < T; ++t) {
     float* __restrict r = Qf + t * M;
     const float h = hq[size_t(t)], mx = row_max(r, M) - h;
@@ -438,7 +447,9 @@ TensorMap performer_causal_run(const Call& c, const Tensor* dy) {
         Qf = fq.data(), Kf = fk.data();
       }
       z.alone = !dy;
-      head_features(Qf, Kf, rn, q, k, proj, row0, T, H, D, M, true, hd.kmax0);
+      uint32_t* bad = z.unchecked ? &z.bad : nullptr;  // the forward's unchecked q, k: checked here
+      if (bad) z.self_checked = {q, k};
+      head_features(Qf, Kf, rn, q, k, proj, row0, T, H, D, M, true, hd.kmax0, bad);
       hd.Qf = Qf, hd.Kf = Kf, run = rn;
     }
     hd.gT = T > 0 ? run[T - 1] : hd.kmax0;
