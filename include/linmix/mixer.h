@@ -112,6 +112,9 @@ struct MixerSpec {
   // (gated_heads, mixers/decay_forms.h, chunk by chunk: the rows just read, in cache; the scans, in
   // their loops) in place of validation's pass over them before it (Call::unchecked).
   bool kernel_checks_values = false;
+  // ... and every per-token (B,T,...) input, whatever its layout (flash's (B,T,S) and (B,T,E)):
+  // for a kernel that does not go through gated_heads' rows
+  bool kernel_checks_all_rows = false;
   // Inputs of which the forms read a part only, by name: the runs [offset, offset + length) of
   // elements a call reads (aft_local's w: the band |t - s| < window on the rows the call reaches).
   // Validation checks the values of these runs alone (a NaN where no form reads changes nothing),

@@ -7,6 +7,7 @@
 // parallel: per group two small GEMMs for the quadratic part and a carried (S,E) state for
 // the linear part. recurrent: the current group's rows (< G) plus the (S,E) state.
 #include "../kernels/linear_product.h"
+#include "../kernels/value_check.h"
 #include "../ref/ref_util.h"
 #include "common.h"
 #include "linmix/kernels.h"
@@ -87,8 +88,10 @@ struct FlashSaved : RunSaved {
 // reads M0 + sum_{h < g, h complete} lin_k_h^T V_h / G (each complete group's product on the threads,
 // then a prefix sum over the groups); non-causal, every group reads lin_k^T V / T. With MT the
 // final state (causal): M0 + every complete group's.
+// bad (causal; not null): lin_k's and v's rows checked for inf / NaN just before each group's product
+// reads them (every group's, the incomplete last one's too), a bad one setting *bad.
 void flash_states(std::vector<float>& Ms, const float* lk, const float* v, const FlashDims& d, bool causal,
-                  const float* M0, float* MT) {
+                  const float* M0, float* MT, std::atomic<uint32_t>* bad = nullptr) {
   const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ng = (T + G - 1) / G, SE = S * E;
   Ms.resize(size_t(d.B * ng * SE));
   if (!causal) {
@@ -104,6 +107,12 @@ void flash_states(std::vector<float>& Ms, const float* lk, const float* v, const
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t r0 = b * T + g * G;
+      if (bad) {
+        RowCheck<false> chk;
+        const int64_t n = std::min(G, T - g * G);
+        chk.add(lk + r0 * S, n * S), chk.add(v + r0 * E, n * E);
+        if (chk.bad()) bad->fetch_or(1u);
+      }
       float* add = Ms.data() + (b * ng + g) * SE;  // slot g, shifted below
       if (g * G + G <= T) gemm_tn(add, lk + r0 * S, v + r0 * E, S, E, G, S, E, E, 1.0f / float(G), 0.0f);
       else std::fill(add, add + SE, 0.0f);
@@ -140,13 +149,15 @@ int64_t sub_rows(int64_t n, bool causal) { return causal ? std::min(kFlashSub, n
 // every sequence on the threads, each given its linear state by flash_states (the groups of one
 // sequence ran one after another, so a call of one sequence ran on one core).
 // keep (null: none): the forward keeps its states and scores there (FlashSaved; y is the caller's).
+// bad (causal; not null): every input's rows checked for inf / NaN as the group's products are about to
+// read them (kernel_checks_values), a bad one setting *bad.
 void flash_forward(float* y, const float* qq, const float* qk, const float* lq, const float* lk, const float* v,
                    const FlashDims& d, bool causal, const float* M0 = nullptr, float* MT = nullptr,
-                   FlashSaved* keep = nullptr) {
+                   FlashSaved* keep = nullptr, std::atomic<uint32_t>* bad = nullptr) {
   const int64_t T = d.T, S = d.S, E = d.E, G = d.G, ng = (T + G - 1) / G, ld = std::min(G, T);
   thread_local std::vector<float> own;
   std::vector<float>& Ms = keep ? keep->Ms : own;
-  flash_states(Ms, lk, v, d, causal, M0, MT);
+  flash_states(Ms, lk, v, d, causal, M0, MT, bad);
   const float* pM = Ms.data();
   if (keep) keep->d = d, keep->causal = causal, keep->r.resize(size_t(d.B * ng * ld * ld));
   float* kr = keep ? keep->r.data() : nullptr;
@@ -158,6 +169,11 @@ void flash_forward(float* y, const float* qq, const float* qk, const float* lq, 
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t g = 0; g < ng; ++g) {
         const int64_t g0 = g * G, n = std::min(G, T - g0), r0 = b * T + g0;
+        if (bad) {
+          RowCheck<false> chk;
+          chk.add(qq + r0 * S, n * S), chk.add(qk + r0 * S, n * S), chk.add(lq + r0 * S, n * S);
+          if (chk.bad()) bad->fetch_or(1u);
+        }
         float* rk = kr ? kr + (b * ng + g) * ld * ld : nullptr;
         const int64_t bs = sub_rows(n, causal);
         for (int64_t i0 = 0; i0 < n; i0 += bs) {  // row block [i0, i0 + m) reads the columns below c
@@ -308,6 +324,9 @@ const FlashSaved* reuse_of(const Call& c, const FlashDims& d, bool causal) {
   return r && r->fits(d, causal) ? r : nullptr;
 }
 
+// The flag the forward sets when it meets a bad value in the inputs validation left to it.
+std::atomic<uint32_t>* checks(const Call& c) { return c.unchecked.empty() ? nullptr : c.unchecked_bad.get(); }
+
 TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
   const FlashDims d = flash_dims(c);
   const bool s0 = c.has("state.M");
@@ -331,7 +350,7 @@ TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
     FlashSaved* kept = keep_of(c, !dy);
     Tensor yc = Tensor::uninitialized({d.B, n, d.E}), MT({d.B, d.S, d.E});
     flash_forward(yc.ptr(), rows("quad_q")->ptr(), rows("quad_k")->ptr(), rows("lin_q")->ptr(), rows("lin_k")->ptr(),
-                  rows("v")->ptr(), dn, true, M0, MT.ptr(), kept);
+                  rows("v")->ptr(), dn, true, M0, MT.ptr(), kept, checks(c));
     out["y"] = L > 0 ? rows_of(yc, L, n) : std::move(yc);
     if (kept) kept->y = saved_y(out["y"]), kept->MT = MT;
     out["state.M"] = std::move(MT);
@@ -380,6 +399,9 @@ MixerSpec make_spec() {
   s.paper = "Hua et al. 2022, Transformer Quality in Linear Time (FLASH / GAU)";
   s.summary = "mixed-chunk attention: relu^2 attention inside groups of G, linear attention across groups";
   s.inputs = {{"quad_q", "B,T,S"}, {"quad_k", "B,T,S"}, {"lin_q", "B,T,S"}, {"lin_k", "B,T,S"}, {"v", "B,T,E"}};
+  // the causal forward checks every input's rows as its groups' products are about to read them
+  // (validation's pass over the 24 MiB cost its linmix.ops forward ~9% at T 4096)
+  s.kernel_checks_values = true, s.kernel_checks_all_rows = true;
   s.params = {{"group", 256, true, 1, "group size G"}};
   s.example_params = {{"group", "16"}};
   s.state = {{"quad_k", "B,L,S"}, {"lin_k", "B,L,S"}, {"v", "B,L,E"}, {"M", "B,S,E"}};
@@ -435,7 +457,7 @@ MixerSpec make_spec() {
     Tensor y = Tensor::uninitialized({d.B, d.T, d.E});  // every row written
     FlashSaved* kept = keep_of(c, true);
     flash_forward(y.ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
-                  c.t("v").ptr(), d, c.causal, nullptr, nullptr, kept);
+                  c.t("v").ptr(), d, c.causal, nullptr, nullptr, kept, checks(c));
     if (kept) kept->y = saved_y(y);
     return moved_map("y", std::move(y));
   };

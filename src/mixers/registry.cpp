@@ -284,8 +284,8 @@ Call validate(const MixerSpec& spec, Mode mode, bool causal, const std::map<std:
           std::find_if(spec.inputs.begin(), spec.inputs.end(), [&](const TensorSpec& s) { return s.name == input; });
       const bool groups = it != spec.inputs.end() && it->dims.rfind("B,T,G,", 0) == 0 && call.dims.count("G") &&
                           call.dims.count("H") && call.dims.at("G") > 0 && call.dims.at("H") % call.dims.at("G") == 0;
-      if (it != spec.inputs.end() &&
-          (it->dims == "B,T,H" || it->dims.rfind("B,T,H,", 0) == 0 || it->dims == "B,T,C" || groups)) {
+      if (it != spec.inputs.end() && (it->dims == "B,T,H" || it->dims.rfind("B,T,H,", 0) == 0 || it->dims == "B,T,C" ||
+                                      groups || (spec.kernel_checks_all_rows && it->dims.rfind("B,T,", 0) == 0))) {
         call.unchecked.push_back({tn, is_log_decay(spec, tn)});
         continue;
       }
