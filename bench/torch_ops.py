@@ -189,13 +189,15 @@ def write_md(rep, path):
              "x86-64-v4 build `_C_v4` where the CPU has AVX-512, the x86-64-v3 one elsewhere or with "
              "`LINMIX_ARCH=x86-64-v3`).",
              "kernel: the C++ call timed by `linmix bench` (fwd+bwd: the forward keeping what its backward reads, then that",
-             "backward, as linmix.ops and `linmix train` run them: the forms on the gated chunked kernels keep their chunk states,",
-             "scores and rows, fla's way; the others' backward recomputes the forward it needs),",
+             "backward, as linmix.ops and `linmix train` run them: the forms on the gated chunked kernels keep their chunk states",
+             "and scores, fla's way (and y's rows where their epilogue reads them again); the others' backward recomputes the",
+             "forward it needs),",
              "timed in the same process as ops (`linmix._C.kernel_seconds`) and alternated with it (the forwards in one",
              "rotation, the forward+backward pair in its own), best of at least "
              f"{rep.get('rounds', 7)} rounds (up to 40, ~3 s of them);",
              "ops: the same through `linmix.ops` (torch tensors, autograd); unchecked: the forward with",
-             "`linmix.ops.set_check_values(False)` (the inputs' values not checked for NaN / infinity: for 17 mechanisms",
+             "`linmix.ops.set_check_values(False)` (the inputs' values not checked for NaN / infinity: for "
+             f"{sum(1 for s in OPS.SPECS.values() if s.get('kernel_checks_values'))} mechanisms",
              "the check runs inside the kernel's reads, for the others it is one read of the inputs before it);",
              "peer: bench/peer.py's plain-PyTorch implementation. Targets: overhead <= 10%; speed-up >= 3x for the",
              "chunked and scan mechanisms (not softmax, aft_full, aft_local, block_softmax, fnet).",

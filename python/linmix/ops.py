@@ -19,7 +19,7 @@ output_final_state=False, cu_seqlens=None, **params)``.
   (row i of ``initial_state``), final states stacked in the same order.
 - Threads follow ``torch.get_num_threads()``. Bad input raises ValueError naming the tensor.
 - Input values are checked (a NaN or infinity raises ValueError naming the tensor and element;
-  a positive log decay too): for 17 mechanisms' causal forward inside the kernel's own reads of
+  a positive log decay too): for 20 mechanisms' causal forward inside the kernel's own reads of
   the per-token inputs, otherwise one pass over the inputs before it (~0.3-0.5 ms for 24 MB);
   aft_local's ``w`` only in the band the forms read. ``set_check_values(False)`` leaves them
   unchecked, as torch's own ops do: a non-finite input then reaches the

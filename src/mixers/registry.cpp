@@ -540,6 +540,7 @@ std::string mixers_json() {
     if (m.stepper) j["forms"].push_back("recurrent");
     j["backward"] = bool(m.backward);
     j["state_all_modes"] = m.state_all_modes;
+    j["kernel_checks_values"] = m.kernel_checks_values;  // the causal forward checks the per-token inputs itself
     j["log_decays"] = m.log_decays;
     j["inputs"] = json::array();
     for (const auto& t : m.inputs) j["inputs"].push_back({{"name", t.name}, {"dims", t.dims}, {"optional", t.optional}});
