@@ -118,9 +118,10 @@ struct GatedHead {
   // set by prep: unchecked inputs (by their first float) that its own passes check as they read
   // them, OR-ing into bad (Mamba-2's gate in its epilogue, its steps in prep)
   std::vector<const float*> self_checked;
-  // The call's rows left unchecked (null: none). A prep that reads them itself before the kernel
-  // (flow's intermediates) checks them there (rows_bad_of, OR-ing into bad) and sets this to null;
-  // else the kernel's epilogue checks each chunk's rows as it reads them.
+  // The call's rows left unchecked (null: none). A prep that reads them all itself before the
+  // kernel (flow's intermediates) checks them there, OR-ing into bad, and sets this to null (some of
+  // them: self_checked); the kernel checks the rest: its operands as it gathers their rows
+  // (GatedRows::check), the others in its chunk epilogue.
   const std::vector<UncheckedRows>* unchecked = nullptr;
   // Set by prep in a forward: the head's operands are the thread's scratch, which the next head's
   // prep reuses, so the kernel runs it at once, alone, instead of chunk by chunk beside the
@@ -159,15 +160,6 @@ inline uint32_t rows_bad(const UncheckedRows& r, int64_t b, int64_t h, int64_t T
 inline uint32_t rows_bad(const std::vector<UncheckedRows>& u, int64_t b, int64_t h, int64_t T, int64_t t0, int64_t n) {
   uint32_t bad = 0;
   for (const UncheckedRows& r : u) bad |= rows_bad(r, b, h, T, t0, n);
-  return bad;
-}
-// The same for the one input whose values start at `base` (a prep checking each input just after
-// its own pass over it: the rows still in cache).
-inline uint32_t rows_bad_of(const std::vector<UncheckedRows>& u, const float* base, int64_t b, int64_t h, int64_t T,
-                            int64_t t0, int64_t n) {
-  uint32_t bad = 0;
-  for (const UncheckedRows& r : u)
-    if (r.p == base) bad |= rows_bad(r, b, h, T, t0, n);
   return bad;
 }
 // The head's rows of dfinal.S (the gradient of the final state.S), when the call has it.
