@@ -69,6 +69,7 @@ struct Call {
   // (MixerSpec::kernel_checks_values; run_mixer only), left unread by validation. The kernel sets
   // *unchecked_bad when a row holds a value that is not finite (or a log decay > 0), and run_mixer
   // then checks them as validation would have: the same one-line error, no output.
+  // unchecked_bad is set (not null) exactly when unchecked is not empty: a kernel checks iff it is.
   struct Unchecked {
     std::string name;
     bool log_decay;  // also <= 0 (MixerSpec::log_decays)

@@ -11,6 +11,7 @@
 
 #include "../ref/tape.h"
 #include "linmix/kernels.h"
+#include "../kernels/value_check.h"
 #include "../kernels/vmath.h"
 #include "linmix/mixer.h"
 
@@ -118,27 +119,17 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline float dphi_elu(float x) { return x > 0.0f ? 1.0f : exp_fast(x); }  // d(elu(x) + 1)/dx
 
 // Gathers one head of a (B,T,H,D) tensor into contiguous (T,D) rows, mapped by f; row0 is
-// the row index b*T*H + h of the head's first element.
+// the row index b*T*H + h of the head's first element. chk (not null): the values read are
+// checked too (the kernels' checks of the rows validation left them, Call::unchecked, in the
+// gather's own pass instead of a second read).
 template <class F>
-void gather_head(float* dst, const float* src, int64_t row0, int64_t T, int64_t H, int64_t D, F f) {
+void gather_head(float* dst, const float* src, int64_t row0, int64_t T, int64_t H, int64_t D, F f,
+                 RowCheck<false>* chk = nullptr) {
   for (int64_t t = 0; t < T; ++t) {
     if (t + kPrefetchRows < T) prefetch_floats(src + (row0 + (t + kPrefetchRows) * H) * D, D);
+    if (chk) chk->add(src + (row0 + t * H) * D, D);
     for (int64_t x = 0; x < D; ++x) dst[t * D + x] = f(src[(row0 + t * H) * D + x]);
   }
-}
-// The same, returning nonzero when a value it read is inf or NaN (the kernels' checks of the
-// rows validation left them, Call::unchecked, in the gather's own pass instead of a second read).
-template <class F>
-uint32_t gather_head_checked(float* dst, const float* src, int64_t row0, int64_t T, int64_t H, int64_t D, F f) {
-  uint32_t bad = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    if (t + kPrefetchRows < T) prefetch_floats(src + (row0 + (t + kPrefetchRows) * H) * D, D);
-    const float* s = src + (row0 + t * H) * D;
-    float* d = dst + t * D;
-#pragma omp simd reduction(| : bad)
-    for (int64_t x = 0; x < D; ++x) bad |= nonfinite_bits(s[x]), d[x] = f(s[x]);
-  }
-  return bad;
 }
 
 // Writes (T,E) rows of one head into a (B,T,H,E) tensor (row0 = b*T*H + h), row t scaled by

@@ -324,9 +324,6 @@ const FlashSaved* reuse_of(const Call& c, const FlashDims& d, bool causal) {
   return r && r->fits(d, causal) ? r : nullptr;
 }
 
-// The flag the forward sets when it meets a bad value in the inputs validation left to it.
-std::atomic<uint32_t>* checks(const Call& c) { return c.unchecked.empty() ? nullptr : c.unchecked_bad.get(); }
-
 TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
   const FlashDims d = flash_dims(c);
   const bool s0 = c.has("state.M");
@@ -350,7 +347,7 @@ TensorMap flash_state_forms(const Call& c, const Tensor* dy) {
     FlashSaved* kept = keep_of(c, !dy);
     Tensor yc = Tensor::uninitialized({d.B, n, d.E}), MT({d.B, d.S, d.E});
     flash_forward(yc.ptr(), rows("quad_q")->ptr(), rows("quad_k")->ptr(), rows("lin_q")->ptr(), rows("lin_k")->ptr(),
-                  rows("v")->ptr(), dn, true, M0, MT.ptr(), kept, checks(c));
+                  rows("v")->ptr(), dn, true, M0, MT.ptr(), kept, c.unchecked_bad.get());
     out["y"] = L > 0 ? rows_of(yc, L, n) : std::move(yc);
     if (kept) kept->y = saved_y(out["y"]), kept->MT = MT;
     out["state.M"] = std::move(MT);
@@ -457,7 +454,7 @@ MixerSpec make_spec() {
     Tensor y = Tensor::uninitialized({d.B, d.T, d.E});  // every row written
     FlashSaved* kept = keep_of(c, true);
     flash_forward(y.ptr(), c.t("quad_q").ptr(), c.t("quad_k").ptr(), c.t("lin_q").ptr(), c.t("lin_k").ptr(),
-                  c.t("v").ptr(), d, c.causal, nullptr, nullptr, kept, checks(c));
+                  c.t("v").ptr(), d, c.causal, nullptr, nullptr, kept, c.unchecked_bad.get());
     if (kept) kept->y = saved_y(y);
     return moved_map("y", std::move(y));
   };

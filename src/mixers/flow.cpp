@@ -295,21 +295,16 @@ inline void swap_intermediates(FlowWork& a, FlowWork& b) {
 
 // The forward's intermediates of a head, up to the product's operands Qs = Q I / R and Vc = v comp;
 // causal, the final sums (the scans' last rows) go to the state where wanted.
-// unchecked (the call's rows validation left, gated_heads): q, k and v checked for inf / NaN in
-// the passes that read them (a value validation checked is finite: one found is an unchecked
+// bad (not null: the call's rows validation left, gated_heads): q, k and v checked for inf / NaN
+// in the passes that read them (a value validation checked is finite: one found is an unchecked
 // row's), found ones OR-ed into *bad. (A second read of each head's rows after its pass, out of
 // L1 by then, cost flow's forward 10-13% through linmix.ops at T 4096.)
 void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const float* k, const float* v,
-                        const std::vector<UncheckedRows>* unchecked = nullptr, uint32_t* bad = nullptr) {
+                        uint32_t* bad = nullptr) {
   const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0;
-  uint32_t found = 0;
-  if (unchecked) {
-    found |= gather_head_checked(w.Q.data(), q, row0, T, H, D, sigmoid_fn);
-    found |= gather_head_checked(w.K.data(), k, row0, T, H, D, sigmoid_fn);
-  } else {
-    gather_head(w.Q.data(), q, row0, T, H, D, sigmoid_fn);
-    gather_head(w.K.data(), k, row0, T, H, D, sigmoid_fn);
-  }
+  RowCheck<false> chk;
+  gather_head(w.Q.data(), q, row0, T, H, D, sigmoid_fn, bad ? &chk : nullptr);
+  gather_head(w.K.data(), k, row0, T, H, D, sigmoid_fn, bad ? &chk : nullptr);
   const float *Q = w.Q.data(), *K = w.K.data();
   float *cK = w.cK.data(), *cQ = w.cQ.data(), *cKO = w.cKO.data(), *cQI = w.cQI.data(), *Qs = w.Qs.data(),
         *Vc = w.Vc.data();
@@ -341,12 +336,13 @@ void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const f
                 *Qt = Q + t * D;
     w.comp[t] = comp;
     float *vc = Vc + t * E, *qr = Qs + t * D;
-#pragma omp simd reduction(| : found)
-    for (int64_t x = 0; x < E; ++x) found |= nonfinite_bits(vr[x]), vc[x] = vr[x] * comp;
+    if (bad) chk.add(vr, E);
+#pragma omp simd
+    for (int64_t x = 0; x < E; ++x) vc[x] = vr[x] * comp;
 #pragma omp simd
     for (int64_t j = 0; j < D; ++j) qr[j] = Qt[j] * qs;
   }
-  if (unchecked) *bad |= found;
+  if (bad) *bad |= chk.bad();
   if (!hd.causal) return;
   const float* last[5] = {cK, cQ, cKO, cQI, w.Z.data()};
   for (int n = 0; n < 5; ++n) {
@@ -572,7 +568,7 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     const FlowHead hd = head_of(z);
     FlowWork& w = flow_work();
     w.resize(T, D, E);
-    flow_intermediates(w, hd, q, k, v, z.unchecked, &z.bad);  // the rows checked as it reads them
+    flow_intermediates(w, hd, q, k, v, z.unchecked ? &z.bad : nullptr);  // the rows checked as it reads them
     z.unchecked = nullptr;
     Kept& kp = KP[size_t(hd.bh)];  // the intermediates move to the head's own buffers (w's next resize remakes them)
     // a forward runs the head at once on the thread's buffers (z.alone: the next head's prep

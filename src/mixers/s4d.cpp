@@ -257,7 +257,7 @@ TensorMap s4d_parallel(const Call& c) {
   // workers' own malloc arenas, which hand large blocks back when freed, they faulted in every call
   const std::unique_ptr<float[]> panels(new float[size_t(2 * np * omp_get_max_threads())]);
   // u left unchecked by validation (Call::unchecked): checked in its panels, in cache
-  std::atomic<uint32_t>* bad = c.unchecked.empty() ? nullptr : c.unchecked_bad.get();
+  std::atomic<uint32_t>* bad = c.unchecked_bad.get();
 #pragma omp parallel
   {
     S4dTables tb;
