@@ -184,6 +184,34 @@ inline void dot_rows(float* out, const float* A, int64_t rows, int64_t ld, const
   for (int64_t i = j; i < n; ++i) out[i] = exp_fast(a[i] * b[i]);
 }
 
+// p[j] = exp_fast(p[j] - c) for j < n, in place, and their sum (a softmax row's numerators):
+// exp16 16 at a time, the tail under a mask, where the build has AVX-512.
+inline float exp_shift_sum(float* __restrict p, int64_t n, float c) {
+#if defined(__AVX512F__)
+  const __m512 cv = _mm512_set1_ps(c);
+  __m512 s = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), cv));
+    _mm512_storeu_ps(p + j, e), s = _mm512_add_ps(s, e);
+  }
+  if (j < n) {
+    const __mmask16 m = __mmask16((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), cv));
+    _mm512_mask_storeu_ps(p + j, m, e), s = _mm512_add_ps(s, _mm512_maskz_mov_ps(m, e));
+  }
+  return hsum16(f32x16(s));  // (_mm512_reduce_add_ps reads an undefined vector: GCC 12 warns)
+#else
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_fast(p[j] - c);
+    p[j] = e, s += e;
+  }
+  return s;
+#endif
+}
+
 // phi(x) = elu(x) + 1 = x + 1 for x > 0, e^x otherwise: linear attention's feature map
 // (Katharopoulos et al. 2020), positive everywhere.
 [[gnu::always_inline]] inline float phi_elu(float x) { return x > 0.0f ? x + 1.0f : exp_fast(x); }
