@@ -7,6 +7,7 @@
 // The causal parallel form and its backward run on the gated chunked kernels, the running key max
 // as the decay (performer_causal_run); the non-causal form on the product of
 // kernels/linear_product.h (two GEMMs).
+#include <bit>
 #include <random>
 
 #include "kernels/blas.h"
@@ -14,6 +15,8 @@
 #include "../ref/ref_util.h"
 #include <cblas.h>
 
+#include "../kernels/transpose.h"
+#include "../kernels/value_check.h"
 #include "../kernels/vmath.h"
 #include "common.h"
 #include "linear_forms.h"
@@ -137,16 +140,28 @@ inline float row_max(const float* r, int64_t n) { return max_of(r, n, kEmptyMax)
 void feature_backward(float* dx, float* dl, const float* f, const float* x, int64_t ldx, const float* proj, int64_t n,
                       int64_t M, int64_t D, float* dp, int64_t add_at = -1, float add = 0.0f) {
   const float sc = std::pow(float(D), -0.25f);
-  for (int64_t i = 0; i < n * M; ++i) dl[i] *= f[i];
-  if (add_at >= 0) dl[add_at] += add;
-  blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(D), int(M), sc, dl, int(M), proj, int(D), 0.0f, dx,
-              int(ldx));
-  for (int64_t t = 0; t < n; ++t) {
-    float sum_dl = 0.0f;
+  // dl and dx by tiles of 64 rows while they are in L1 (dx = dl proj a small GEMM a tile, as the
+  // forward's logits: one (n,D) product took OpenBLAS's packing path); dproj in one product
+  constexpr int64_t kTile = 64;
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t nt = std::min(kTile, n - t0);
+    float* __restrict dlt = dl + t0 * M;
+    const float* __restrict ft = f + t0 * M;
+#pragma omp simd
+    for (int64_t i = 0; i < nt * M; ++i) dlt[i] *= ft[i];
+    if (add_at >= t0 * M && add_at < (t0 + nt) * M) dl[add_at] += add;
+    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(nt), int(D), int(M), sc, dlt, int(M), proj, int(D), 0.0f,
+                dx + t0 * ldx, int(ldx));
+    for (int64_t t = t0; t < t0 + nt; ++t) {
+      float sum_dl = 0.0f;
 #pragma omp simd reduction(+ : sum_dl)
-    for (int64_t m = 0; m < M; ++m) sum_dl += dl[t * M + m];
-    const float c2 = sc * sc * sum_dl;
-    for (int64_t j = 0; j < D; ++j) dx[t * ldx + j] -= c2 * x[t * ldx + j];
+      for (int64_t m = 0; m < M; ++m) sum_dl += dl[t * M + m];
+      const float c2 = sc * sc * sum_dl;
+      float* __restrict dr = dx + t * ldx;
+      const float* __restrict xr = x + t * ldx;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) dr[j] -= c2 * xr[j];
+    }
   }
   blas::sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(M), int(D), int(n), sc, dl, int(M), x, int(ldx), 1.0f, dp,
               int(D));
@@ -162,44 +177,56 @@ void feature_backward(float* dx, float* dl, const float* f, const float* x, int6
 void head_features(float* Qf, float* Kf, float* g, const float* q, const float* k, const float* proj, int64_t row0,
                    int64_t T, int64_t H, int64_t D, int64_t M, bool causal, float kmax0 = kEmptyMax,
                    uint32_t* bad = nullptr) {
-  const float inv_sqrt_m = 1.0f / std::sqrt(float(M));
-  // The rows' norm terms h_t apart (hq, hk), subtracted as the exps read the logits: the same
-  // values, l - h_t, one pass fewer over the (T,M) logits (the max of l - h_t is max(l) - h_t:
-  // the rounded subtraction is monotonic). (performer's forward at T = 4096, M 256, 2 threads: see
-  // the commit.)
-  thread_local std::vector<float> hq, hk;
-  hq.resize(size_t(T)), hk.resize(size_t(T));
-  feature_logits(Qf, q + row0 * D, H * D, T, proj, M, D, hq.data());
-  feature_logits(Kf, k + row0 * D, H * D, T, proj, M, D, hk.data());
-  if (bad) {
-    RowCheck<false> chk;
-    chk.add(hq.data(), T), chk.add(hk.data(), T);
-    *bad |= chk.bad();
-  }
-  for (int64_t t = 0; t < T; ++t) {
-    float* __restrict r = Qf + t * M;
-    const float h = hq[size_t(t)], mx = row_max(r, M) - h;
-#pragma omp simd
-    for (int64_t m = 0; m < M; ++m) r[m] = exp_fast((r[m] - h) - mx) * inv_sqrt_m;
-  }
-  if (causal) {
-    float run = kmax0;
-    for (int64_t t = 0; t < T; ++t) {
-      float* __restrict r = Kf + t * M;
-      const float h = hk[size_t(t)];
-      g[t] = run = std::max(run, row_max(r, M) - h);
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) r[m] = exp_fast((r[m] - h) - run) * inv_sqrt_m;
-    }
-  } else {
-    float mx = kEmptyMax;
-    for (int64_t t = 0; t < T; ++t) mx = std::max(mx, row_max(Kf + t * M, M) - hk[size_t(t)]);
-    for (int64_t t = 0; t < T; ++t) {
-      float* __restrict r = Kf + t * M;
-      const float h = hk[size_t(t)];
+  const float inv_sqrt_m = 1.0f / std::sqrt(float(M)), s = std::pow(float(D), -0.25f), hs = 0.5f * s * s;
+  const int64_t ldx = H * D;
+  // By tiles of kFeatureTile rows: the logits of the tile's q and k rows (two small GEMMs on
+  // proj^T, straight from the head's strided rows), then their exps while the tile is in L1. One
+  // (T,M) GEMM each (OpenBLAS's packing path, its pass zeroing the output, the exps a second pass
+  // over 1 MiB at T 4096) took 1.2-1.3x as long for the products alone (one thread, a driver).
+  // The rows' norm terms h_t = |x'|^2 / 2 are subtracted as the exps read the logits (the max of
+  // l - h_t is max(l) - h_t: the rounded subtraction is monotonic).
+  constexpr int64_t kFeatureTile = 64;
+  thread_local std::vector<float> pt, hk;
+  pt.resize(size_t(D * M));
+  transpose(pt.data(), M, proj, D, M, D);  // proj^T (D,M)
+  if (!causal) hk.resize(size_t(T));
+  RowCheck<false> chk;  // the rows' squared norms: inf or NaN when a value of the row is
+  float run = kmax0, kmx = kEmptyMax;
+  for (int64_t t0 = 0; t0 < T; t0 += kFeatureTile) {
+    const int64_t n = std::min(kFeatureTile, T - t0);
+    const float *xq = q + (row0 + t0 * H) * D, *xk = k + (row0 + t0 * H) * D;
+    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(M), int(D), s, xq, int(ldx), pt.data(), int(M),
+                0.0f, Qf + t0 * M, int(M));
+    blas::sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(M), int(D), s, xk, int(ldx), pt.data(), int(M),
+                0.0f, Kf + t0 * M, int(M));
+    for (int64_t i = 0; i < n; ++i) {
+      const float *xr = xq + i * ldx, *kr = xk + i * ldx;
+      float sq = 0.0f, sk = 0.0f;
+#pragma omp simd reduction(+ : sq, sk)
+      for (int64_t j = 0; j < D; ++j) sq += xr[j] * xr[j], sk += kr[j] * kr[j];
+      const float h = hs * sq, hk_i = hs * sk;
+      if (bad) chk.take(std::bit_cast<uint32_t>(h)), chk.take(std::bit_cast<uint32_t>(hk_i));
+      float* __restrict r = Qf + (t0 + i) * M;
+      const float mx = row_max(r, M) - h;
 #pragma omp simd
       for (int64_t m = 0; m < M; ++m) r[m] = exp_fast((r[m] - h) - mx) * inv_sqrt_m;
+      float* __restrict rk = Kf + (t0 + i) * M;
+      if (causal) {
+        g[t0 + i] = run = std::max(run, row_max(rk, M) - hk_i);
+#pragma omp simd
+        for (int64_t m = 0; m < M; ++m) rk[m] = exp_fast((rk[m] - hk_i) - run) * inv_sqrt_m;
+      } else {
+        hk[size_t(t0 + i)] = hk_i, kmx = std::max(kmx, row_max(rk, M) - hk_i);
+      }
     }
+  }
+  if (bad) *bad |= chk.bad();
+  if (causal) return;
+  for (int64_t t = 0; t < T; ++t) {  // non-causal: the max over every key first
+    float* __restrict r = Kf + t * M;
+    const float h = hk[size_t(t)];
+#pragma omp simd
+    for (int64_t m = 0; m < M; ++m) r[m] = exp_fast((r[m] - h) - kmx) * inv_sqrt_m;
   }
 }
 
