@@ -260,22 +260,12 @@ struct FlowHead {
   const FlowStateIO& st;
   float R(int64_t t) const { return causal ? float(st.at(b) + t + 1) : 1.0f; }
   float ncomp(int64_t t) const { return causal ? float(st.at(b) + t + 1) : float(T); }
-  void scan(float* x, int64_t w) const {  // in place, rows of width w
-    if (causal) {
-      for (int64_t t = 1; t < T; ++t)
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) x[t * w + j] += x[(t - 1) * w + j];
-    } else {
-      for (int64_t t = 1; t < T; ++t)
-        for (int64_t j = 0; j < w; ++j) x[j] += x[t * w + j];
-      for (int64_t t = 1; t < T; ++t) std::copy(x, x + w, x + t * w);
-    }
-  }
-  // a scanned tensor x (rows of width w) from state tensor n: + the state's sum in every row
-  void from_state(float* x, int n, int64_t w) const {
-    if (const float* s0 = causal ? state_rows(st.s0[n], bh, w) : nullptr)
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t j = 0; j < w; ++j) x[t * w + j] += s0[j];
+  // every row of x (rows of width w) the sum of all: the non-causal forms' sums (the causal ones
+  // run as running sums in flow_causal_rows and flow_adjoint_causal)
+  void scan(float* x, int64_t w) const {
+    for (int64_t t = 1; t < T; ++t)
+      for (int64_t j = 0; j < w; ++j) x[j] += x[t * w + j];
+    for (int64_t t = 1; t < T; ++t) std::copy(x, x + w, x + t * w);
   }
   // the initial state's gradient from the adjoint of a scan from state tensor n: the first row of
   // its reverse scan (flow_adjoint_causal's running sums, which start from the final state's)
@@ -293,14 +283,88 @@ inline void swap_intermediates(FlowWork& a, FlowWork& b) {
     std::swap(*x, *y);
 }
 
-// The forward's intermediates of a head, up to the product's operands Qs = Q I / R and Vc = v comp;
-// causal, the final sums (the scans' last rows) go to the state where wanted.
+// The causal intermediates of a head in one pass over the rows: the prefix sums run in D floats
+// each (in L1) instead of four (T,D) scans written and read again (1 MiB each a head at T 4096,
+// out of L2: flow's forward was bound on them and ran 1.15 in the exponent of T). A forward that
+// no backward follows (all = false) writes only what the product and its epilogue read (K, Qs,
+// Vc, alloc); the backward's (all) every row of FlowWork the adjoint reads, the sums with the
+// state's added (as the scans did, after the sums). Both run the same operations, so the kept
+// forward's product operands are the recomputing backward's bit for bit.
+void flow_causal_rows(FlowWork& w, const FlowHead& hd, const float* q, const float* k, const float* v, uint32_t* bad,
+                      bool all) {
+  const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0;
+  RowCheck<false> chk;
+  thread_local std::vector<float> buf;
+  buf.assign(size_t(8 * D), 0.0f);
+  float *rK = buf.data(), *rQ = rK + D, *rKO = rQ + D, *rQI = rKO + D;  // the running sums
+  float *Qrow = rQI + D, *cKrow = Qrow + D, *cQrow = cKrow + D, *cX = cQrow + D;  // a row's (all: FlowWork's)
+  const float* s0[4];
+  for (int n = 0; n < 4; ++n) s0[n] = state_rows(hd.st.s0[n], hd.bh, D);
+  const float* z0 = state_rows(hd.st.s0[kSumexp], hd.bh, 1);
+  auto with_state = [D](float* out, const float* run, const float* s) {
+    if (!s) return std::copy(run, run + D, out), void();
+#pragma omp simd
+    for (int64_t x = 0; x < D; ++x) out[x] = run[x] + s[x];
+  };
+  float rZ = 0.0f, Zt = z0 ? z0[0] : 0.0f;
+  float *K = w.K.data(), *Qs = w.Qs.data(), *Vc = w.Vc.data();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t r0 = row0 + t * H;
+    if (t + kPrefetchRows < T) {
+      const int64_t ra = row0 + (t + kPrefetchRows) * H;
+      prefetch_floats(q + ra * D, D), prefetch_floats(k + ra * D, D), prefetch_floats(v + ra * E, E);
+    }
+    const float *qr = q + r0 * D, *kr = k + r0 * D, *vr = v + r0 * E;
+    if (bad) chk.add(qr, D), chk.add(kr, D), chk.add(vr, E);
+    float *__restrict Kt = K + t * D, *__restrict Qt = all ? w.Q.data() + t * D : Qrow;
+    float *cK = all ? w.cK.data() + t * D : cKrow, *cQ = all ? w.cQ.data() + t * D : cQrow;
+#pragma omp simd
+    for (int64_t x = 0; x < D; ++x) {
+      Qt[x] = sigmoidf(qr[x]), Kt[x] = sigmoidf(kr[x]);
+      rK[x] += Kt[x], rQ[x] += Qt[x];
+    }
+    with_state(cK, rK, s0[0]), with_state(cQ, rQ, s0[1]);
+    const float r = hd.R(t), a = dot_eps(Qt, cK, D), c = dot_eps(Kt, cQ, D), I = r / a, O = r / c;
+#pragma omp simd
+    for (int64_t x = 0; x < D; ++x) rKO[x] += Kt[x] * O, rQI[x] += Qt[x] * I;
+    const float ir = 1.0f / r;
+    float* cKO = all ? w.cKO.data() + t * D : cX;
+    with_state(cKO, rKO, s0[2]);
+    const float Ih = dot_eps(Qt, cKO, D) * ir;
+    float* cQI = all ? w.cQI.data() + t * D : cX;
+    with_state(cQI, rQI, s0[3]);
+    const float Oraw = dot_eps(Kt, cQI, D) * ir, e = std::exp(std::clamp(Oraw, -1.0f, 1.0f));
+    const float alloc = sigmoidf(Ih);
+    rZ += e;
+    Zt = z0 ? rZ + z0[0] : rZ;
+    const float comp = e / Zt * hd.ncomp(t), qs = I / r;
+    w.alloc[t] = alloc;
+    if (all) {
+      w.a[t] = a, w.c[t] = c, w.I[t] = I, w.O[t] = O, w.Ih[t] = Ih, w.Oraw[t] = Oraw, w.e[t] = e;
+      w.Z[t] = Zt, w.comp[t] = comp;
+    }
+    float *__restrict vc = Vc + t * E, *__restrict qo = Qs + t * D;
+#pragma omp simd
+    for (int64_t x = 0; x < E; ++x) vc[x] = vr[x] * comp;
+#pragma omp simd
+    for (int64_t x = 0; x < D; ++x) qo[x] = Qt[x] * qs;
+  }
+  if (bad) *bad |= chk.bad();
+  const float* last[4] = {rK, rQ, rKO, rQI};  // the final sums (the state's own when T is 0)
+  for (int n = 0; n < 4; ++n)
+    if (float* f = state_rows(hd.st.sT[n], hd.bh, D)) with_state(f, last[n], s0[n]);
+  if (float* f = state_rows(hd.st.sT[kSumexp], hd.bh, 1)) f[0] = Zt;
+}
+
+// The forward's intermediates of a head, up to the product's operands Qs = Q I / R and Vc = v comp
+// (causal: flow_causal_rows, the final sums to the state where wanted).
 // bad (not null: the call's rows validation left, gated_heads): q, k and v checked for inf / NaN
 // in the passes that read them (a value validation checked is finite: one found is an unchecked
 // row's), found ones OR-ed into *bad. (A second read of each head's rows after its pass, out of
 // L1 by then, cost flow's forward 10-13% through linmix.ops at T 4096.)
 void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const float* k, const float* v,
                         uint32_t* bad = nullptr) {
+  if (hd.causal) return flow_causal_rows(w, hd, q, k, v, bad, true);
   const int64_t T = hd.T, H = hd.H, D = hd.D, E = hd.E, row0 = hd.row0;
   RowCheck<false> chk;
   gather_head(w.Q.data(), q, row0, T, H, D, sigmoid_fn, bad ? &chk : nullptr);
@@ -310,7 +374,6 @@ void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const f
         *Vc = w.Vc.data();
   std::copy(Q, Q + T * D, cQ), std::copy(K, K + T * D, cK);
   hd.scan(cK, D), hd.scan(cQ, D);
-  hd.from_state(cK, 0, D), hd.from_state(cQ, 1, D);
   for (int64_t t = 0; t < T; ++t) {
     const float r = hd.R(t), *Qt = Q + t * D, *Kt = K + t * D;
     const float a = dot_eps(Qt, cK + t * D, D), c = dot_eps(Kt, cQ + t * D, D), I = r / a, O = r / c;
@@ -320,7 +383,6 @@ void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const f
     for (int64_t j = 0; j < D; ++j) ko[j] = Kt[j] * O, qi[j] = Qt[j] * I;
   }
   hd.scan(cKO, D), hd.scan(cQI, D);
-  hd.from_state(cKO, 2, D), hd.from_state(cQI, 3, D);
   for (int64_t t = 0; t < T; ++t) {
     const float ir = 1.0f / hd.R(t);
     w.Ih[t] = dot_eps(Q + t * D, cKO + t * D, D) * ir;
@@ -330,7 +392,6 @@ void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const f
   }
   w.Z = w.e;
   hd.scan(w.Z.data(), 1);
-  hd.from_state(w.Z.data(), kSumexp, 1);
   for (int64_t t = 0; t < T; ++t) {
     const float comp = w.e[t] / w.Z[t] * hd.ncomp(t), qs = w.I[t] / hd.R(t), *vr = v + (row0 + t * H) * E,
                 *Qt = Q + t * D;
@@ -343,16 +404,6 @@ void flow_intermediates(FlowWork& w, const FlowHead& hd, const float* q, const f
     for (int64_t j = 0; j < D; ++j) qr[j] = Qt[j] * qs;
   }
   if (bad) *bad |= chk.bad();
-  if (!hd.causal) return;
-  const float* last[5] = {cK, cQ, cKO, cQI, w.Z.data()};
-  for (int n = 0; n < 5; ++n) {
-    const int64_t wd = flow_state_width(n, D, E);
-    float* f = state_rows(hd.st.sT[n], hd.bh, wd);
-    if (!f) continue;
-    if (T > 0) std::copy(last[n] + (T - 1) * wd, last[n] + T * wd, f);
-    else if (const float* s0 = state_rows(hd.st.s0[n], hd.bh, wd)) std::copy(s0, s0 + wd, f);
-    else std::fill(f, f + wd, 0.0f);
-  }
 }
 
 // The backward from the product's gradients on: w.dQs, w.dKp (T,D), w.dVc (T,E) (the gradients of
@@ -568,7 +619,8 @@ TensorMap flow_causal_run(const Call& c, const Tensor* dy, const FlowStateIO& st
     const FlowHead hd = head_of(z);
     FlowWork& w = flow_work();
     w.resize(T, D, E);
-    flow_intermediates(w, hd, q, k, v, z.unchecked ? &z.bad : nullptr);  // the rows checked as it reads them
+    // (the rows checked as they are read)
+    flow_causal_rows(w, hd, q, k, v, z.unchecked ? &z.bad : nullptr, dy != nullptr);
     z.unchecked = nullptr;
     Kept& kp = KP[size_t(hd.bh)];  // the intermediates move to the head's own buffers (w's next resize remakes them)
     // a forward runs the head at once on the thread's buffers (z.alone: the next head's prep
