@@ -1,7 +1,8 @@
 // block_softmax — TransNormer's DiagAttention (Qin et al. 2022, "The Devil in Linear
 // Transformer", sec. 4.2): softmax attention restricted to non-overlapping blocks.
-// reference: the masked softmax of ref_util.h with the block mask; parallel: the tiled softmax
-// kernel on each block; recurrent: the current block's key/value rows (< block).
+// reference: the masked softmax of ref_util.h with the block mask; parallel: each block one tile
+// (block_forward, block_attention), blocks past kFusedBlock the tiled softmax kernels; recurrent:
+// the current block's key/value rows (< block).
 #include "../kernels/linear_product.h"
 #include "../kernels/transpose.h"
 #include "../kernels/value_check.h"

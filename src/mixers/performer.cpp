@@ -104,10 +104,9 @@ namespace {
 constexpr float kEmptyMax = -1e38f;  // the max of nothing; finite so a saved state stays finite
 
 // logits (n,M) = omega . x' - |x'|^2 / 2 for n rows of x with row stride ldx: one GEMM
-// (x' omega^T, OpenBLAS) and the row norms. With hrow (n floats) the rows' |x'|^2 / 2 go there
-// and out keeps omega . x' (the caller subtracts them as it reads the logits).
-void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const float* proj, int64_t M, int64_t D,
-                    float* hrow = nullptr) {
+// (x' omega^T, OpenBLAS) and the row norms (the backward's one row; head_features makes a head's
+// by tiles).
+void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const float* proj, int64_t M, int64_t D) {
   const float s = std::pow(float(D), -0.25f);
   if (n == 0) return;
   if (n == 1) {  // one row (T = 1, or the key reaching the final max): own loops (cheaper than sgemm's call)
@@ -122,10 +121,6 @@ void feature_logits(float* out, const float* x, int64_t ldx, int64_t n, const fl
 #pragma omp simd reduction(+ : sq)
     for (int64_t j = 0; j < D; ++j) sq += xr[j] * xr[j];
     const float h = 0.5f * s * s * sq;
-    if (hrow) {
-      hrow[i] = h;
-      continue;
-    }
     for (int64_t m = 0; m < M; ++m) out[i * M + m] -= h;
   }
 }
