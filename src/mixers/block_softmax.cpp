@@ -42,11 +42,6 @@ struct BlockScratch {
         dS(grad ? n * n : 0), inv(n) {}
 };
 
-inline void copy_row(float* __restrict d, const float* __restrict s, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = s[i];
-}
-
 // f(i0, i1, cols) for the row panels of a block of n rows: rows [i0, i1) see keys < cols
 template <class F>
 void for_panels(int64_t n, bool causal, F f) {
@@ -76,11 +71,10 @@ void block_forward(float* y, const float* q, const float* k, const float* v, int
                    int64_t E, float scale, bool causal, bool check, BlockScratch& w) {
   const int64_t HD = H * D, HE = H * E;
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t i = 0; i < n; ++i) {
-      w.check.copy(w.Q.data() + i * D, q + i * HD + h * D, D);
-      w.check.copy(w.V.data() + i * E, v + i * HE + h * E, E);
-      if (check) w.check.add(k + i * HD + h * D, D);
-    }
+    RowCheck<false>* chk = check ? &w.check : nullptr;
+    gather_head(w.Q.data(), q, h, n, H, D, identity_fn, chk), gather_head(w.V.data(), v, h, n, H, E, identity_fn, chk);
+    if (chk)
+      for (int64_t i = 0; i < n; ++i) chk->add(k + i * HD + h * D, D);
     transpose(w.Kt.data(), n, k + h * D, HD, n, D);
     for_panels(n, causal, [&](int64_t i0, int64_t i1, int64_t cols) {
       panel_probs(w, n, D, scale, causal, i0, i1, cols);
@@ -106,10 +100,8 @@ void block_attention(float* y, float* dq, float* dk, float* dv, const float* q, 
   const int64_t HD = H * D, HE = H * E;
   float *S = w.S.data(), *dS = w.dS.data();
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t i = 0; i < n; ++i) {  // (std::memcpy: a call to memmove a row, 7% of the forward + backward)
-      copy_row(w.Q.data() + i * D, q + i * HD + h * D, D), copy_row(w.K.data() + i * D, k + i * HD + h * D, D);
-      copy_row(w.V.data() + i * E, v + i * HE + h * E, E), copy_row(w.G.data() + i * E, dy + i * HE + h * E, E);
-    }
+    gather_head(w.Q.data(), q, h, n, H, D, identity_fn), gather_head(w.K.data(), k, h, n, H, D, identity_fn);
+    gather_head(w.V.data(), v, h, n, H, E, identity_fn), gather_head(w.G.data(), dy, h, n, H, E, identity_fn);
     transpose(w.Kt.data(), n, w.K.data(), D, n, D);
     transpose(w.Vt.data(), n, w.V.data(), E, n, E);
     float *yh = y + h * E, *dvh = dv + h * E, *dqh = dq + h * D, *dkh = dk + h * D;
